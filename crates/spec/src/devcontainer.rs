@@ -291,15 +291,7 @@ fn unsupported_message(key: &str) -> String {
 }
 
 fn warn_unknown(cx: &mut Cx<'_>, fields: &Fields<'_>) {
-    for entry in fields.untaken() {
-        cx.warn(
-            entry.key_pos,
-            format!(
-                "`{}` is not a devcontainer.json field Warren knows; it is ignored",
-                fields.sub(&entry.key)
-            ),
-        );
-    }
+    fields.warn_unknown(cx, "is not a devcontainer.json field Warren knows");
 }
 
 fn lifecycle(
@@ -474,9 +466,7 @@ fn host_requirements(cx: &mut Cx<'_>, node: &Node, resources: &mut crate::model:
         return;
     };
     if let Some(n) = f.take("cpus") {
-        resources.cpus = cx
-            .integer(n, "hostRequirements.cpus", 1, 1024)
-            .and_then(|n| u32::try_from(n).ok());
+        resources.cpus = fields::cpu_count(cx, n, "hostRequirements.cpus");
     }
     if let Some(n) = f.take("memory") {
         resources.memory = fields::byte_size(cx, n, "hostRequirements.memory");

@@ -185,6 +185,12 @@ pub(crate) fn dedup_ports(cx: &mut Cx<'_>, ports: Vec<(Port, Pos)>) -> Vec<Port>
     out
 }
 
+/// A number of CPUs, 1 to 1024.
+pub(crate) fn cpu_count(cx: &mut Cx<'_>, node: &Node, field: &str) -> Option<u32> {
+    cx.integer(node, field, 1, 1024)
+        .and_then(|n| u32::try_from(n).ok())
+}
+
 /// A size: a string with a unit (`8GiB`), or a whole number of bytes.
 pub(crate) fn byte_size(cx: &mut Cx<'_>, node: &Node, field: &str) -> Option<ByteSize> {
     let parsed = match &node.value {

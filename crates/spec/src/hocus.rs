@@ -19,24 +19,16 @@
 use crate::fields::{self, PathKind};
 use crate::model::{Command, ImageSource, Phase, Shell, Task};
 use crate::reader::{Draft, TaskNames};
-use crate::tree::{Cx, Fields, Node, Value};
+use crate::tree::{Cx, Fields, Node};
 use crate::warren::shell;
 
 const HOCUS_SHELLS: [&str; 4] = ["bash", "zsh", "ash", "fish"];
 
 pub(crate) fn read(cx: &mut Cx<'_>, root: &Node, draft: &mut Draft) {
     let Draft { file, spec, paths } = draft;
-    if root.value == Value::Null {
-        cx.error(
-            root.pos,
-            "the file is empty: expected a mapping with `image` and `tasks`",
-        );
-        return;
-    }
-    let Some(mut top) = cx.map(root, "(top level)") else {
+    let Some(mut top) = cx.top_level(root, "a mapping with `image` and `tasks`") else {
         return;
     };
-    top.path.clear();
     let base = file.parent();
 
     if let Some(image) = top.require(cx, "image", "a mapping with `file` and `buildContext`")
@@ -79,15 +71,7 @@ pub(crate) fn read(cx: &mut Cx<'_>, root: &Node, draft: &mut Draft) {
 }
 
 fn warn_unknown(cx: &mut Cx<'_>, fields: &Fields<'_>) {
-    for entry in fields.untaken() {
-        cx.warn(
-            entry.key_pos,
-            format!(
-                "`{}` is not part of hocus.yml; it is ignored",
-                fields.sub(&entry.key)
-            ),
-        );
-    }
+    fields.warn_unknown(cx, "is not part of hocus.yml");
 }
 
 fn tasks(cx: &mut Cx<'_>, node: &Node) -> Vec<Task> {

@@ -67,6 +67,17 @@ pub(crate) struct Cx<'d> {
 }
 
 impl Cx<'_> {
+    /// The top-level mapping of a YAML file; `empty` is the error for a file with nothing in it.
+    pub(crate) fn top_level<'n>(&mut self, root: &'n Node, empty: &str) -> Option<Fields<'n>> {
+        if root.value == Value::Null {
+            self.error(root.pos, format!("the file is empty: expected {empty}"));
+            return None;
+        }
+        let mut top = self.map(root, "(top level)")?;
+        top.path.clear();
+        Some(top)
+    }
+
     pub(crate) fn error(&mut self, pos: Pos, message: impl Into<String>) {
         self.diags.error(pos, message);
     }
@@ -265,6 +276,16 @@ impl<'n> Fields<'n> {
             .zip(&self.taken)
             .filter(|(_, taken)| !**taken)
             .map(|(e, _)| e)
+    }
+
+    /// Reports every untaken field as a warning: "`path` {why}; it is ignored".
+    pub(crate) fn warn_unknown(&self, cx: &mut Cx<'_>, why: &str) {
+        for entry in self.untaken() {
+            cx.warn(
+                entry.key_pos,
+                format!("`{}` {why}; it is ignored", self.sub(&entry.key)),
+            );
+        }
     }
 
     /// Reports every untaken field as an error naming the known ones (native format: a typo

@@ -27,17 +27,12 @@ const PORT: &[&str] = &["port", "label"];
 
 pub(crate) fn read(cx: &mut Cx<'_>, root: &Node, draft: &mut Draft) {
     let Draft { file, spec, paths } = draft;
-    if root.value == Value::Null {
-        cx.error(
-            root.pos,
-            "the file is empty: expected a mapping with at least `image`, such as `image: debian:bookworm`",
-        );
-        return;
-    }
-    let Some(mut top) = cx.map(root, "(top level)") else {
+    let Some(mut top) = cx.top_level(
+        root,
+        "a mapping with at least `image`, such as `image: debian:bookworm`",
+    ) else {
         return;
     };
-    top.path.clear();
 
     if let Some(n) = top.take("name") {
         spec.name = cx.string(n, "name");
@@ -130,9 +125,7 @@ fn resources(cx: &mut Cx<'_>, node: &Node) -> Resources {
         return out;
     };
     if let Some(n) = f.take("cpus") {
-        out.cpus = cx
-            .integer(n, "resources.cpus", 1, 1024)
-            .and_then(|n| u32::try_from(n).ok());
+        out.cpus = fields::cpu_count(cx, n, "resources.cpus");
     }
     if let Some(n) = f.take("memory") {
         out.memory = fields::byte_size(cx, n, "resources.memory");
