@@ -1,0 +1,288 @@
+//! The host chunk cache: decompressed, verified chunks shared by every image on the host, one
+//! file per chunk under `chunks/<2 hex>/<64 hex>`, so identical chunks are stored once.
+//!
+//! - Which chunks are present survives restarts: it is the set of files (scanned at open).
+//! - Writes are atomic: a chunk is written to `tmp/` and renamed into place; leftovers of a crash
+//!   are removed at open. A half-written chunk is never visible under its name.
+//! - Every chunk is verified against its id when inserted and again when read; a corrupt file is
+//!   deleted and reported as a miss, so the caller fetches it again. It is never served.
+//! - With a size limit, the least recently used chunks that no mounted image pins are evicted.
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use warren_image::ChunkId;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("chunk cache {}: {op} failed", dir.display())]
+    Io {
+        dir: PathBuf,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("refusing to cache chunk {0}: its content does not match its id")]
+    Corrupt(ChunkId),
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CacheStats {
+    pub chunks: u64,
+    pub bytes: u64,
+    pub evicted: u64,
+}
+
+#[derive(Debug)]
+struct Slot {
+    size: u64,
+    used: u64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    slots: HashMap<ChunkId, Slot>,
+    bytes: u64,
+    clock: u64,
+    pinned: HashSet<ChunkId>,
+    evicted: u64,
+}
+
+#[derive(Debug)]
+pub struct ChunkCache {
+    dir: PathBuf,
+    limit: Option<u64>,
+    state: Mutex<State>,
+}
+
+fn parse_id(name: &str) -> Option<ChunkId> {
+    let mut id = [0u8; 32];
+    hex::decode_to_slice(name, &mut id).ok()?;
+    Some(ChunkId(id))
+}
+
+impl ChunkCache {
+    /// Opens (or creates) the cache in `dir`. `limit` caps its size in bytes.
+    pub fn open(dir: &Path, limit: Option<u64>) -> Result<ChunkCache, CacheError> {
+        let io = |op| {
+            move |source| CacheError::Io {
+                dir: dir.to_path_buf(),
+                op,
+                source,
+            }
+        };
+        fs::create_dir_all(dir.join("chunks")).map_err(io("create"))?;
+        let tmp = dir.join("tmp");
+        let _ = fs::remove_dir_all(&tmp);
+        fs::create_dir_all(&tmp).map_err(io("create"))?;
+        let mut state = State::default();
+        for shard in fs::read_dir(dir.join("chunks")).map_err(io("scan"))? {
+            let shard = shard.map_err(io("scan"))?;
+            for file in fs::read_dir(shard.path()).map_err(io("scan"))? {
+                let file = file.map_err(io("scan"))?;
+                let Some(id) = file.file_name().to_str().and_then(parse_id) else {
+                    continue;
+                };
+                let meta = file.metadata().map_err(io("scan"))?;
+                let used = meta
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_secs());
+                state.bytes += meta.len();
+                state.slots.insert(
+                    id,
+                    Slot {
+                        size: meta.len(),
+                        used,
+                    },
+                );
+                state.clock = state.clock.max(used);
+            }
+        }
+        Ok(ChunkCache {
+            dir: dir.to_path_buf(),
+            limit,
+            state: Mutex::new(state),
+        })
+    }
+
+    fn path_of(&self, id: &ChunkId) -> PathBuf {
+        let hex = id.to_hex();
+        self.dir.join("chunks").join(&hex[..2]).join(hex)
+    }
+
+    pub fn contains(&self, id: &ChunkId) -> bool {
+        self.state
+            .lock()
+            .expect("cache lock")
+            .slots
+            .contains_key(id)
+    }
+
+    /// The chunk's content, verified; `None` if absent or found corrupt (then it is removed).
+    pub fn get(&self, id: &ChunkId) -> Option<Vec<u8>> {
+        {
+            let mut state = self.state.lock().expect("cache lock");
+            state.clock += 1;
+            let clock = state.clock;
+            state.slots.get_mut(id)?.used = clock;
+        }
+        let path = self.path_of(id);
+        match fs::read(&path) {
+            Ok(data) if ChunkId::of(&data) == *id => Some(data),
+            Ok(_) => {
+                tracing::warn!(chunk = %id, "cached chunk is corrupt; removing it");
+                let _ = fs::remove_file(&path);
+                self.forget(id);
+                None
+            }
+            Err(_) => {
+                self.forget(id);
+                None
+            }
+        }
+    }
+
+    fn forget(&self, id: &ChunkId) {
+        let mut state = self.state.lock().expect("cache lock");
+        if let Some(slot) = state.slots.remove(id) {
+            state.bytes -= slot.size;
+        }
+    }
+
+    /// Stores a chunk after checking it against `id`.
+    pub fn insert(&self, id: &ChunkId, data: &[u8]) -> Result<(), CacheError> {
+        if ChunkId::of(data) != *id {
+            return Err(CacheError::Corrupt(*id));
+        }
+        if self.contains(id) {
+            return Ok(());
+        }
+        let io = |op| {
+            move |source| CacheError::Io {
+                dir: self.dir.clone(),
+                op,
+                source,
+            }
+        };
+        let path = self.path_of(id);
+        fs::create_dir_all(path.parent().expect("chunk paths have a parent"))
+            .map_err(io("write"))?;
+        let tmp =
+            self.dir
+                .join("tmp")
+                .join(format!("{}.{:?}", id.to_hex(), std::thread::current().id()));
+        let mut f = fs::File::create(&tmp).map_err(io("write"))?;
+        f.write_all(data).map_err(io("write"))?;
+        drop(f);
+        fs::rename(&tmp, &path).map_err(io("write"))?;
+        let mut state = self.state.lock().expect("cache lock");
+        state.clock += 1;
+        let used = state.clock;
+        if state
+            .slots
+            .insert(
+                *id,
+                Slot {
+                    size: data.len() as u64,
+                    used,
+                },
+            )
+            .is_none()
+        {
+            state.bytes += data.len() as u64;
+        }
+        if let Some(limit) = self.limit
+            && state.bytes > limit
+        {
+            self.evict(&mut state, limit - limit / 10);
+        }
+        Ok(())
+    }
+
+    fn evict(&self, state: &mut State, target: u64) {
+        let mut victims: Vec<(u64, ChunkId)> = state
+            .slots
+            .iter()
+            .filter(|(id, _)| !state.pinned.contains(*id))
+            .map(|(id, s)| (s.used, *id))
+            .collect();
+        victims.sort_unstable();
+        for (_, id) in victims {
+            if state.bytes <= target {
+                break;
+            }
+            if fs::remove_file(self.path_of(&id)).is_ok()
+                && let Some(slot) = state.slots.remove(&id)
+            {
+                state.bytes -= slot.size;
+                state.evicted += 1;
+            }
+        }
+    }
+
+    /// Keeps these chunks from eviction (the chunks of a mounted image).
+    pub fn pin(&self, ids: impl IntoIterator<Item = ChunkId>) {
+        self.state.lock().expect("cache lock").pinned.extend(ids);
+    }
+
+    pub fn unpin_all(&self) {
+        self.state.lock().expect("cache lock").pinned.clear();
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        let state = self.state.lock().expect("cache lock");
+        CacheStats {
+            chunks: state.slots.len() as u64,
+            bytes: state.bytes,
+            evicted: state.evicted,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_survive_reopening_and_corruption_is_never_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ChunkCache::open(dir.path(), None).unwrap();
+        let data = b"some chunk".to_vec();
+        let id = ChunkId::of(&data);
+        assert!(matches!(
+            cache.insert(&ChunkId::of(b"other"), &data),
+            Err(CacheError::Corrupt(_))
+        ));
+        cache.insert(&id, &data).unwrap();
+        drop(cache);
+
+        let cache = ChunkCache::open(dir.path(), None).unwrap();
+        assert_eq!(cache.get(&id), Some(data.clone()));
+        assert_eq!(cache.stats().bytes, data.len() as u64);
+        fs::write(cache.path_of(&id), b"bit rot").unwrap();
+        assert_eq!(cache.get(&id), None);
+        assert!(!cache.contains(&id));
+        assert!(!cache.path_of(&id).exists());
+    }
+
+    #[test]
+    fn eviction_keeps_pinned_and_recent_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ChunkCache::open(dir.path(), Some(3000)).unwrap();
+        let chunks: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 1000]).collect();
+        let ids: Vec<ChunkId> = chunks.iter().map(|c| ChunkId::of(c)).collect();
+        cache.pin([ids[0]]);
+        for (id, c) in ids.iter().zip(&chunks) {
+            cache.insert(id, c).unwrap();
+        }
+        assert!(cache.stats().bytes <= 3000);
+        assert!(cache.contains(&ids[0]), "pinned chunk evicted");
+        assert!(cache.contains(&ids[4]), "newest chunk evicted");
+        assert!(!cache.contains(&ids[1]), "oldest unpinned chunk kept");
+    }
+}

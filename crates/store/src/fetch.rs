@@ -1,0 +1,268 @@
+//! Getting chunk data for a reader: from the host cache when present, otherwise from the blob
+//! store. Missing chunks that lie next to each other in a pack are fetched with one range
+//! request (small gaps are read through rather than split), every chunk is verified against its
+//! id before it is cached or returned, and a chunk several readers want at once is fetched once.
+//!
+//! The layers are nydus's: backend ([`BlobStore`]) -> cache ([`ChunkCache`]) -> this fetcher,
+//! which is what the filesystem reads.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use warren_image::{ChunkLoc, TreeIndex, open_chunk};
+
+use crate::blob::{BlobStore, StoreError};
+use crate::cache::{CacheError, ChunkCache};
+
+/// Gaps up to this size between wanted chunks are read through (one request beats two).
+const MAX_GAP: u64 = 64 << 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error("chunk {chunk} from {store} is corrupt even after fetching it again")]
+    Corrupt {
+        chunk: warren_image::ChunkId,
+        store: String,
+    },
+}
+
+/// Counters, readable while the fetcher runs.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Compressed bytes received from the blob store.
+    pub bytes_fetched: AtomicU64,
+    pub requests: AtomicU64,
+    pub cache_hits: AtomicU64,
+    pub cache_misses: AtomicU64,
+    /// On-demand reads in progress: background work yields while this is not zero.
+    pub demand_in_flight: AtomicU64,
+}
+
+#[derive(Debug)]
+pub struct ChunkFetcher {
+    store: Arc<dyn BlobStore>,
+    cache: Arc<ChunkCache>,
+    index: Arc<TreeIndex>,
+    in_flight: Mutex<HashSet<u32>>,
+    landed: Condvar,
+    max_request: u64,
+    pub counters: Counters,
+}
+
+impl std::fmt::Debug for dyn BlobStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+impl ChunkFetcher {
+    /// `max_request` bounds the bytes of one range request.
+    pub fn new(
+        store: Arc<dyn BlobStore>,
+        cache: Arc<ChunkCache>,
+        index: Arc<TreeIndex>,
+        max_request: u64,
+    ) -> ChunkFetcher {
+        ChunkFetcher {
+            store,
+            cache,
+            index,
+            in_flight: Mutex::new(HashSet::new()),
+            landed: Condvar::new(),
+            max_request,
+            counters: Counters::default(),
+        }
+    }
+
+    pub fn index(&self) -> &TreeIndex {
+        &self.index
+    }
+
+    pub fn cache(&self) -> &ChunkCache {
+        &self.cache
+    }
+
+    /// The content of the chunks `wanted` (indices into the index's chunk table), in order.
+    /// `extra` chunks are fetched in the same requests when missing (readahead) but not returned.
+    pub fn read(&self, wanted: &[u32], extra: &[u32]) -> Result<Vec<Vec<u8>>, FetchError> {
+        self.counters
+            .demand_in_flight
+            .fetch_add(1, Ordering::SeqCst);
+        let result = self.read_inner(wanted, extra);
+        self.counters
+            .demand_in_flight
+            .fetch_sub(1, Ordering::SeqCst);
+        result
+    }
+
+    fn read_inner(&self, wanted: &[u32], extra: &[u32]) -> Result<Vec<Vec<u8>>, FetchError> {
+        let mut out: Vec<Option<Vec<u8>>> = wanted.iter().map(|&c| self.cached(c)).collect();
+        if out.iter().all(Option::is_some) {
+            self.counters
+                .cache_hits
+                .fetch_add(wanted.len() as u64, Ordering::Relaxed);
+            return Ok(out.into_iter().map(|c| c.expect("all present")).collect());
+        }
+        let missing: Vec<u32> = wanted
+            .iter()
+            .zip(&out)
+            .filter(|(_, d)| d.is_none())
+            .map(|(c, _)| *c)
+            .chain(
+                extra
+                    .iter()
+                    .copied()
+                    .filter(|c| !self.cache.contains(&self.loc(*c).id)),
+            )
+            .collect();
+        self.counters.cache_hits.fetch_add(
+            out.iter().filter(|d| d.is_some()).count() as u64,
+            Ordering::Relaxed,
+        );
+        let fetched = self.fetch(&missing)?;
+        for (slot, c) in out.iter_mut().zip(wanted) {
+            if slot.is_none() {
+                self.counters.cache_misses.fetch_add(1, Ordering::Relaxed);
+                *slot = fetched
+                    .iter()
+                    .find(|(i, _)| i == c)
+                    .map(|(_, d)| d.clone())
+                    .or_else(|| self.cached(*c));
+            }
+        }
+        out.into_iter()
+            .zip(wanted)
+            .map(|(d, c)| {
+                d.ok_or_else(|| FetchError::Corrupt {
+                    chunk: self.loc(*c).id,
+                    store: self.store.describe(),
+                })
+            })
+            .collect()
+    }
+
+    /// Makes sure the chunks are in the cache (prefetch and background pull).
+    pub fn prefetch(&self, chunks: &[u32]) -> Result<(), FetchError> {
+        let missing: Vec<u32> = chunks
+            .iter()
+            .copied()
+            .filter(|c| !self.cache.contains(&self.loc(*c).id))
+            .collect();
+        self.fetch(&missing).map(|_| ())
+    }
+
+    fn loc(&self, c: u32) -> ChunkLoc {
+        self.index.chunks[c as usize]
+    }
+
+    fn cached(&self, c: u32) -> Option<Vec<u8>> {
+        self.cache.get(&self.loc(c).id)
+    }
+
+    /// Fetches `chunks` (claiming them so concurrent readers wait instead of fetching them too)
+    /// and returns the ones this call fetched.
+    fn fetch(&self, chunks: &[u32]) -> Result<Vec<(u32, Vec<u8>)>, FetchError> {
+        let mut mine: Vec<u32> = Vec::new();
+        {
+            let mut in_flight = self.in_flight.lock().expect("fetch lock");
+            for &c in chunks {
+                if !in_flight.contains(&c) && !mine.contains(&c) {
+                    in_flight.insert(c);
+                    mine.push(c);
+                }
+            }
+        }
+        let result = self.fetch_claimed(&mine);
+        {
+            let mut in_flight = self.in_flight.lock().expect("fetch lock");
+            for c in &mine {
+                in_flight.remove(c);
+            }
+            self.landed.notify_all();
+        }
+        // Wait for the chunks other readers were fetching.
+        let mut in_flight = self.in_flight.lock().expect("fetch lock");
+        while chunks.iter().any(|c| in_flight.contains(c)) {
+            in_flight = self.landed.wait(in_flight).expect("fetch lock");
+        }
+        result
+    }
+
+    fn fetch_claimed(&self, chunks: &[u32]) -> Result<Vec<(u32, Vec<u8>)>, FetchError> {
+        let mut sorted: Vec<u32> = chunks.to_vec();
+        sorted.sort_by_key(|&c| {
+            let l = self.loc(c);
+            (l.blob, l.offset)
+        });
+        sorted.dedup();
+        let mut out = Vec::with_capacity(sorted.len());
+        for run in self.runs(&sorted) {
+            let first = self.loc(run[0]);
+            let last = self.loc(*run.last().expect("runs are not empty"));
+            let start = first.offset;
+            let end = last.offset + u64::from(last.compressed_len);
+            let digest = self.index.blobs[first.blob as usize];
+            let bytes = self.store.read_range(&digest, start, end - start)?;
+            self.counters.requests.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .bytes_fetched
+                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            for &c in &run {
+                let loc = self.loc(c);
+                let at = (loc.offset - start) as usize;
+                let frame = &bytes[at..at + loc.compressed_len as usize];
+                let data = match open_chunk(&loc, frame) {
+                    Ok(d) => d,
+                    Err(_) => self.refetch_one(&loc)?,
+                };
+                self.cache.insert(&loc.id, &data)?;
+                out.push((c, data));
+            }
+        }
+        Ok(out)
+    }
+
+    /// A chunk that arrived corrupt is fetched once more on its own; if it is still corrupt the
+    /// read fails rather than serve it.
+    fn refetch_one(&self, loc: &ChunkLoc) -> Result<Vec<u8>, FetchError> {
+        tracing::warn!(chunk = %loc.id, store = %self.store.describe(), "chunk arrived corrupt; fetching it again");
+        let digest = self.index.blobs[loc.blob as usize];
+        let frame = self
+            .store
+            .read_range(&digest, loc.offset, u64::from(loc.compressed_len))?;
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        open_chunk(loc, &frame).map_err(|_| FetchError::Corrupt {
+            chunk: loc.id,
+            store: self.store.describe(),
+        })
+    }
+
+    /// Splits chunks sorted by (blob, offset) into runs one request each can cover.
+    fn runs(&self, sorted: &[u32]) -> Vec<Vec<u32>> {
+        let mut runs: Vec<Vec<u32>> = Vec::new();
+        for &c in sorted {
+            let loc = self.loc(c);
+            if let Some(run) = runs.last_mut() {
+                let first = self.loc(run[0]);
+                let prev = self.loc(*run.last().expect("runs are not empty"));
+                let prev_end = prev.offset + u64::from(prev.compressed_len);
+                let joins = prev.blob == loc.blob
+                    && loc.offset >= prev_end
+                    && loc.offset - prev_end <= MAX_GAP
+                    && loc.offset + u64::from(loc.compressed_len) - first.offset
+                        <= self.max_request;
+                if joins {
+                    run.push(c);
+                    continue;
+                }
+            }
+            runs.push(vec![c]);
+        }
+        runs
+    }
+}

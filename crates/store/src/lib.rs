@@ -1,0 +1,21 @@
+//! Where Warren images live and how their bytes reach a reader.
+//!
+//! - [`BlobStore`]: blobs and tagged manifests; [`LocalStore`] (an OCI image layout folder, the
+//!   embedded default) and [`RegistryStore`] (any OCI registry).
+//! - [`images`]: a Warren image as an OCI artifact (commit, open, copy).
+//! - [`ChunkCache`]: the host's verified chunk cache, shared by every image.
+//! - [`ChunkFetcher`]: cache first, then merged range requests to the store.
+
+mod blob;
+mod cache;
+mod fetch;
+pub mod images;
+mod local;
+pub mod manifest;
+mod registry;
+
+pub use blob::{BlobStore, StoreError};
+pub use cache::{CacheError, CacheStats, ChunkCache};
+pub use fetch::{ChunkFetcher, Counters, FetchError};
+pub use local::{GcReport, LocalStore};
+pub use registry::{RegistryRef, RegistryStore, Retry};

@@ -1,0 +1,554 @@
+//! An OCI registry (distribution API v2) as a [`BlobStore`]: blobs by digest, range reads,
+//! monolithic uploads, manifests by tag or digest; Basic and Bearer-token authentication from a
+//! `WWW-Authenticate` challenge; retries with exponential backoff on dropped connections, 5xx and
+//! 429 answers.
+//!
+//! Plain HTTP is used for loopback registries (`localhost`, `127.x`) and when asked; HTTPS
+//! otherwise.
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use base64::Engine as _;
+use ureq::Agent;
+use ureq::http::Response;
+use warren_image::Digest;
+
+use crate::blob::{BlobStore, StoreError};
+use crate::manifest::{
+    DOCKER_LIST_MEDIA_TYPE, DOCKER_MANIFEST_MEDIA_TYPE, INDEX_MEDIA_TYPE, MANIFEST_MEDIA_TYPE,
+};
+
+/// `host[:port]/repository[:tag|@digest]`, split.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistryRef {
+    pub host: String,
+    pub repository: String,
+    /// A tag or a digest; `latest` when absent.
+    pub reference: String,
+}
+
+impl RegistryRef {
+    /// Parses `host/repo[:tag|@digest]`. The first component must look like a host (contain a
+    /// `.` or a `:`, or be `localhost`).
+    pub fn parse(text: &str) -> Result<RegistryRef, StoreError> {
+        let bad = |reason: &str| StoreError::BadReference {
+            reference: text.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let (host, rest) = text
+            .split_once('/')
+            .ok_or_else(|| bad("expected host/repository[:tag]"))?;
+        if !(host.contains(['.', ':']) || host == "localhost") {
+            return Err(bad(
+                "the first part must be a registry host such as `127.0.0.1:5000`",
+            ));
+        }
+        let (repository, reference) = if let Some((r, d)) = rest.split_once('@') {
+            (r, d.to_owned())
+        } else {
+            match rest.rsplit_once(':') {
+                Some((r, t)) if !t.contains('/') => (r, t.to_owned()),
+                _ => (rest, "latest".to_owned()),
+            }
+        };
+        if repository.is_empty() || reference.is_empty() {
+            return Err(bad("the repository and tag may not be empty"));
+        }
+        Ok(RegistryRef {
+            host: host.to_owned(),
+            repository: repository.to_owned(),
+            reference,
+        })
+    }
+}
+
+/// Retry policy for requests.
+#[derive(Debug, Clone, Copy)]
+pub struct Retry {
+    pub attempts: u32,
+    pub first_delay: Duration,
+    pub max_delay: Duration,
+}
+
+impl Default for Retry {
+    fn default() -> Retry {
+        Retry {
+            attempts: 6,
+            first_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct RegistryStore {
+    base: String,
+    host: String,
+    repository: String,
+    agent: Agent,
+    credentials: Option<(String, String)>,
+    authorization: Mutex<Option<String>>,
+    retry: Retry,
+}
+
+/// Builds and sends one attempt of a request, given the agent and the current Authorization.
+type Attempt<'a> = &'a dyn Fn(&Agent, Option<&str>) -> Result<Response<ureq::Body>, ureq::Error>;
+
+/// What one attempt of a request came to.
+enum Outcome {
+    Done(Response<ureq::Body>),
+    /// Worth trying again (dropped connection, 5xx, 429).
+    Retry(String),
+}
+
+impl RegistryStore {
+    /// A store for `host/repository`. Credentials, when given, answer Basic challenges and are
+    /// sent to the token endpoint of Bearer challenges.
+    pub fn new(
+        host: &str,
+        repository: &str,
+        credentials: Option<(String, String)>,
+        insecure: bool,
+    ) -> RegistryStore {
+        let loopback =
+            host.starts_with("localhost") || host.starts_with("127.") || host.starts_with("[::1]");
+        let scheme = if insecure || loopback {
+            "http"
+        } else {
+            "https"
+        };
+        let config = Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(Duration::from_secs(10)))
+            .timeout_recv_response(Some(Duration::from_secs(60)))
+            .max_redirects(5)
+            .build();
+        RegistryStore {
+            base: format!("{scheme}://{host}"),
+            host: host.to_owned(),
+            repository: repository.to_owned(),
+            agent: Agent::new_with_config(config),
+            credentials,
+            authorization: Mutex::new(None),
+            retry: Retry::default(),
+        }
+    }
+
+    pub fn with_retry(mut self, retry: Retry) -> RegistryStore {
+        self.retry = retry;
+        self
+    }
+
+    fn url(&self, tail: &str) -> String {
+        format!("{}/v2/{}/{tail}", self.base, self.repository)
+    }
+
+    fn transport(&self, op: &str, message: String) -> StoreError {
+        StoreError::Transport {
+            store: self.describe(),
+            op: op.to_owned(),
+            message,
+        }
+    }
+
+    /// Sends a request built by `make` (called again for each attempt), authenticating on a 401
+    /// challenge and retrying transient failures.
+    fn send(&self, op: &str, make: Attempt<'_>) -> Result<Response<ureq::Body>, StoreError> {
+        let mut delay = self.retry.first_delay;
+        let mut authenticated_once = false;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let auth = self.authorization.lock().expect("auth lock").clone();
+            let outcome = match make(&self.agent, auth.as_deref()) {
+                Ok(resp) if resp.status() == 401 && !authenticated_once => {
+                    let challenge = resp
+                        .headers()
+                        .get("www-authenticate")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned();
+                    self.authenticate(&challenge)?;
+                    authenticated_once = true;
+                    attempt -= 1;
+                    continue;
+                }
+                Ok(resp) if resp.status().is_server_error() || resp.status() == 429 => {
+                    Outcome::Retry(format!("HTTP {}", resp.status().as_u16()))
+                }
+                Ok(resp) => Outcome::Done(resp),
+                Err(e) => Outcome::Retry(e.to_string()),
+            };
+            match outcome {
+                Outcome::Done(resp) => return Ok(resp),
+                Outcome::Retry(why) if attempt >= self.retry.attempts => {
+                    return Err(
+                        self.transport(op, format!("{why} (gave up after {attempt} attempts)"))
+                    );
+                }
+                Outcome::Retry(why) => {
+                    tracing::warn!(registry = %self.describe(), op, attempt, error = %why, "registry request failed; retrying");
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(self.retry.max_delay);
+                }
+            }
+        }
+    }
+
+    /// Answers a `WWW-Authenticate` challenge: Basic with the credentials, or Bearer by fetching
+    /// a token from the realm.
+    fn authenticate(&self, challenge: &str) -> Result<(), StoreError> {
+        let auth_err = |message: String| StoreError::Auth {
+            store: self.describe(),
+            message,
+        };
+        let basic = self.credentials.as_ref().map(|(u, p)| {
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
+            )
+        });
+        let (scheme, params) = challenge.split_once(' ').unwrap_or((challenge, ""));
+        let header = if scheme.eq_ignore_ascii_case("basic") {
+            basic.ok_or_else(|| auth_err("the registry wants a user name and password (set WARREN_REGISTRY_USER and WARREN_REGISTRY_PASSWORD)".into()))?
+        } else if scheme.eq_ignore_ascii_case("bearer") {
+            let param = |name: &str| {
+                params.split(',').find_map(|kv| {
+                    let (k, v) = kv.trim().split_once('=')?;
+                    (k.eq_ignore_ascii_case(name)).then(|| v.trim_matches('"').to_owned())
+                })
+            };
+            let realm = param("realm").ok_or_else(|| {
+                auth_err(format!("bearer challenge without a realm: {challenge}"))
+            })?;
+            let mut url = realm.clone();
+            let mut sep = if realm.contains('?') { '&' } else { '?' };
+            for key in ["service", "scope"] {
+                if let Some(v) = param(key) {
+                    url.push_str(&format!("{sep}{key}={}", v.replace(' ', "%20")));
+                    sep = '&';
+                }
+            }
+            let mut req = self.agent.get(&url);
+            if let Some(b) = &basic {
+                req = req.header("Authorization", b);
+            }
+            let mut resp = req
+                .call()
+                .map_err(|e| auth_err(format!("token request to {realm} failed: {e}")))?;
+            if !resp.status().is_success() {
+                return Err(auth_err(format!(
+                    "token request to {realm} answered HTTP {}",
+                    resp.status().as_u16()
+                )));
+            }
+            let text = resp
+                .body_mut()
+                .with_config()
+                .limit(1 << 20)
+                .read_to_string()
+                .map_err(|e| auth_err(format!("reading the token answer failed: {e}")))?;
+            let body: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| auth_err(format!("the token answer is not JSON: {e}")))?;
+            let token = body
+                .get("token")
+                .or_else(|| body.get("access_token"))
+                .and_then(|t| t.as_str())
+                .ok_or_else(|| auth_err("the token answer holds no token".into()))?;
+            format!("Bearer {token}")
+        } else {
+            return Err(auth_err(format!(
+                "unsupported authentication challenge `{challenge}`"
+            )));
+        };
+        *self.authorization.lock().expect("auth lock") = Some(header);
+        Ok(())
+    }
+
+    fn http_error(&self, op: &str, mut resp: Response<ureq::Body>) -> StoreError {
+        let status = resp.status().as_u16();
+        let body = resp
+            .body_mut()
+            .with_config()
+            .limit(4096)
+            .read_to_string()
+            .unwrap_or_default();
+        if status == 401 || status == 403 {
+            return StoreError::Auth {
+                store: self.describe(),
+                message: format!("{op}: HTTP {status}: {body}"),
+            };
+        }
+        StoreError::Http {
+            store: self.describe(),
+            op: op.to_owned(),
+            status,
+            body,
+        }
+    }
+
+    fn read_body(
+        &self,
+        op: &str,
+        mut resp: Response<ureq::Body>,
+        limit: u64,
+    ) -> Result<Vec<u8>, StoreError> {
+        resp.body_mut()
+            .with_config()
+            .limit(limit)
+            .read_to_vec()
+            .map_err(|e| self.transport(op, e.to_string()))
+    }
+
+    fn upload(&self, digest: &Digest, data: &[u8]) -> Result<(), StoreError> {
+        let op = format!("upload blob {digest}");
+        let start = self.send(&op, &|agent, auth| {
+            let mut req = agent.post(self.url("blobs/uploads/"));
+            if let Some(a) = auth {
+                req = req.header("Authorization", a);
+            }
+            req.send_empty()
+        })?;
+        if start.status() != 202 {
+            return Err(self.http_error(&op, start));
+        }
+        let location = start
+            .headers()
+            .get("location")
+            .and_then(|l| l.to_str().ok())
+            .ok_or_else(|| self.transport(&op, "the registry gave no upload location".into()))?
+            .to_owned();
+        let mut url = if location.starts_with('/') {
+            format!("{}{location}", self.base)
+        } else {
+            location
+        };
+        url.push(if url.contains('?') { '&' } else { '?' });
+        url.push_str(&format!("digest={digest}"));
+        let done = self.send(&op, &|agent, auth| {
+            let mut req = agent
+                .put(&url)
+                .header("Content-Type", "application/octet-stream");
+            if let Some(a) = auth {
+                req = req.header("Authorization", a);
+            }
+            req.send(data)
+        })?;
+        if done.status() != 201 {
+            return Err(self.http_error(&op, done));
+        }
+        Ok(())
+    }
+}
+
+impl BlobStore for RegistryStore {
+    fn describe(&self) -> String {
+        format!("registry {}/{}", self.host, self.repository)
+    }
+
+    fn blob_size(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
+        let op = format!("look up blob {digest}");
+        let resp = self.send(&op, &|agent, auth| {
+            let mut req = agent.head(self.url(&format!("blobs/{digest}")));
+            if let Some(a) = auth {
+                req = req.header("Authorization", a);
+            }
+            req.call()
+        })?;
+        match resp.status().as_u16() {
+            200 => Ok(Some(
+                resp.headers()
+                    .get("content-length")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0),
+            )),
+            404 => Ok(None),
+            _ => Err(self.http_error(&op, resp)),
+        }
+    }
+
+    fn put_blob_file(&self, digest: &Digest, path: &Path) -> Result<(), StoreError> {
+        if self.has_blob(digest)? {
+            return Ok(());
+        }
+        let data = std::fs::read(path).map_err(|source| StoreError::Io {
+            store: self.describe(),
+            op: format!("read {}", path.display()),
+            source,
+        })?;
+        if Digest::of(&data) != *digest {
+            return Err(StoreError::DigestMismatch {
+                digest: *digest,
+                store: self.describe(),
+            });
+        }
+        self.upload(digest, &data)
+    }
+
+    fn put_blob(&self, digest: &Digest, data: &[u8]) -> Result<(), StoreError> {
+        if Digest::of(data) != *digest {
+            return Err(StoreError::DigestMismatch {
+                digest: *digest,
+                store: self.describe(),
+            });
+        }
+        if self.has_blob(digest)? {
+            return Ok(());
+        }
+        self.upload(digest, data)
+    }
+
+    fn get_blob(&self, digest: &Digest) -> Result<Vec<u8>, StoreError> {
+        let op = format!("fetch blob {digest}");
+        let resp = self.send(&op, &|agent, auth| {
+            let mut req = agent.get(self.url(&format!("blobs/{digest}")));
+            if let Some(a) = auth {
+                req = req.header("Authorization", a);
+            }
+            req.call()
+        })?;
+        match resp.status().as_u16() {
+            200 => {
+                let data = self.read_body(&op, resp, 1 << 36)?;
+                if Digest::of(&data) != *digest {
+                    return Err(StoreError::DigestMismatch {
+                        digest: *digest,
+                        store: self.describe(),
+                    });
+                }
+                Ok(data)
+            }
+            404 => Err(StoreError::BlobNotFound {
+                digest: *digest,
+                store: self.describe(),
+            }),
+            _ => Err(self.http_error(&op, resp)),
+        }
+    }
+
+    fn read_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Vec<u8>, StoreError> {
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let op = format!("read {len} bytes at {offset} of blob {digest}");
+        let range = format!("bytes={offset}-{}", offset + len - 1);
+        let resp = self.send(&op, &|agent, auth| {
+            let mut req = agent
+                .get(self.url(&format!("blobs/{digest}")))
+                .header("Range", &range);
+            if let Some(a) = auth {
+                req = req.header("Authorization", a);
+            }
+            req.call()
+        })?;
+        let data = match resp.status().as_u16() {
+            206 => self.read_body(&op, resp, len)?,
+            // A registry that ignores Range sends the whole blob.
+            200 => {
+                let all = self.read_body(&op, resp, 1 << 36)?;
+                all.get(offset as usize..(offset + len) as usize)
+                    .map(<[u8]>::to_vec)
+                    .unwrap_or_default()
+            }
+            404 => {
+                return Err(StoreError::BlobNotFound {
+                    digest: *digest,
+                    store: self.describe(),
+                });
+            }
+            _ => return Err(self.http_error(&op, resp)),
+        };
+        if data.len() as u64 != len {
+            return Err(self.transport(&op, format!("got {} bytes", data.len())));
+        }
+        Ok(data)
+    }
+
+    fn put_manifest(&self, tag: &str, manifest: &[u8]) -> Result<Digest, StoreError> {
+        let op = format!("store manifest {tag}");
+        let media_type = serde_json::from_slice::<serde_json::Value>(manifest)
+            .ok()
+            .and_then(|v| {
+                v.get("mediaType")
+                    .and_then(|m| m.as_str())
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| MANIFEST_MEDIA_TYPE.to_owned());
+        let resp = self.send(&op, &|agent, auth| {
+            let mut req = agent
+                .put(self.url(&format!("manifests/{tag}")))
+                .header("Content-Type", &media_type);
+            if let Some(a) = auth {
+                req = req.header("Authorization", a);
+            }
+            req.send(manifest)
+        })?;
+        if resp.status() != 201 {
+            return Err(self.http_error(&op, resp));
+        }
+        Ok(Digest::of(manifest))
+    }
+
+    fn get_manifest(&self, reference: &str) -> Result<(Vec<u8>, Digest), StoreError> {
+        let op = format!("fetch manifest {reference}");
+        let accept = [
+            MANIFEST_MEDIA_TYPE,
+            INDEX_MEDIA_TYPE,
+            DOCKER_MANIFEST_MEDIA_TYPE,
+            DOCKER_LIST_MEDIA_TYPE,
+        ]
+        .join(", ");
+        let resp = self.send(&op, &|agent, auth| {
+            let mut req = agent
+                .get(self.url(&format!("manifests/{reference}")))
+                .header("Accept", &accept);
+            if let Some(a) = auth {
+                req = req.header("Authorization", a);
+            }
+            req.call()
+        })?;
+        match resp.status().as_u16() {
+            200 => {
+                let data = self.read_body(&op, resp, 4 << 20)?;
+                let digest = Digest::of(&data);
+                if let Ok(expected) = reference.parse::<Digest>()
+                    && expected != digest
+                {
+                    return Err(StoreError::DigestMismatch {
+                        digest: expected,
+                        store: self.describe(),
+                    });
+                }
+                Ok((data, digest))
+            }
+            404 => Err(StoreError::ManifestNotFound {
+                reference: reference.to_owned(),
+                store: self.describe(),
+            }),
+            _ => Err(self.http_error(&op, resp)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_parse() {
+        let r = RegistryRef::parse("127.0.0.1:5000/team/dev:1.2").unwrap();
+        assert_eq!(
+            (r.host.as_str(), r.repository.as_str(), r.reference.as_str()),
+            ("127.0.0.1:5000", "team/dev", "1.2")
+        );
+        let r = RegistryRef::parse("localhost/x").unwrap();
+        assert_eq!(r.reference, "latest");
+        let r = RegistryRef::parse("ghcr.io/a/b@sha256:abc").unwrap();
+        assert_eq!(r.reference, "sha256:abc");
+        assert!(RegistryRef::parse("debian:bookworm").is_err());
+        assert!(RegistryRef::parse("team/dev").is_err());
+    }
+}

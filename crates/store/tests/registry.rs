@@ -1,0 +1,185 @@
+//! Warren images through a real OCI registry (Debian's docker-registry on loopback) and a local
+//! OCI layout, read back chunk by chunk into an empty cache.
+// A test that meets an unexpected error should stop right there.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+
+use warren_image::{ChunkParams, EntryKind, ImageBuilder, Limits, import_dir};
+use warren_store::images::{commit, copy_image, open_image};
+use warren_store::manifest::ImageConfig;
+use warren_store::{
+    BlobStore, ChunkCache, ChunkFetcher, FetchError, LocalStore, RegistryStore, Retry,
+};
+use warren_testkit::Registry;
+
+fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A small image committed to a fresh local store: one 2 MiB file and one small one.
+fn local_image() -> (tempfile::TempDir, LocalStore, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(src.join("data")).unwrap();
+    let big = pseudo_random(2 << 20, 3);
+    std::fs::write(src.join("data/big"), &big).unwrap();
+    std::fs::write(src.join("hello"), b"hello\n").unwrap();
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let mut b = ImageBuilder::new(&work, ChunkParams::default(), Limits::default());
+    import_dir(&mut b, &src).unwrap();
+    let built = b.finish().unwrap();
+    let store = LocalStore::open(&dir.path().join("store")).unwrap();
+    commit(
+        &store,
+        &built,
+        ImageConfig {
+            env: vec!["PATH=/usr/bin".into()],
+            ..Default::default()
+        },
+        "demo:1",
+    )
+    .unwrap();
+    (dir, store, big)
+}
+
+fn file_content(fetcher: &ChunkFetcher, path: &str) -> Vec<u8> {
+    let index = fetcher.index();
+    let e = &index.entries[index.find(path.as_bytes()).unwrap()];
+    assert_eq!(e.kind, EntryKind::File);
+    fetcher.read(&e.chunks, &[]).unwrap().concat()
+}
+
+#[test]
+fn an_image_pushed_to_a_registry_reads_back_lazily_into_an_empty_cache() {
+    let registry = Registry::start();
+    let (dir, local, big) = local_image();
+    let remote = RegistryStore::new(&registry.host(), "team/demo", None, false);
+    copy_image(&local, &remote, "demo:1", "1", |_, _| {}).unwrap();
+
+    let image = open_image(&remote, "1").unwrap();
+    assert_eq!(image.config.env, ["PATH=/usr/bin"]);
+    assert_eq!(image.config.data_bytes, (2 << 20) + 6);
+    let cache = Arc::new(ChunkCache::open(&dir.path().join("cache"), None).unwrap());
+    let fetcher = ChunkFetcher::new(
+        Arc::new(remote),
+        cache.clone(),
+        image.index.clone(),
+        8 << 20,
+    );
+    assert_eq!(file_content(&fetcher, "hello"), b"hello\n");
+    let requests_before = fetcher
+        .counters
+        .requests
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(file_content(&fetcher, "data/big"), big);
+    let requests = fetcher
+        .counters
+        .requests
+        .load(std::sync::atomic::Ordering::Relaxed)
+        - requests_before;
+    let chunks = image.index.entries[image.index.find(b"data/big").unwrap()]
+        .chunks
+        .len();
+    assert!(
+        chunks > 10 && requests == 1,
+        "{chunks} adjacent chunks should be one range request, took {requests}"
+    );
+    // Now local: no more requests.
+    assert_eq!(file_content(&fetcher, "data/big"), big);
+    assert_eq!(
+        fetcher
+            .counters
+            .requests
+            .load(std::sync::atomic::Ordering::Relaxed)
+            - requests_before,
+        1
+    );
+
+    // A full pull into another local store gives the same image.
+    let pulled = LocalStore::open(&dir.path().join("pulled")).unwrap();
+    let remote = RegistryStore::new(&registry.host(), "team/demo", None, false);
+    let digest = copy_image(&remote, &pulled, "1", "demo:1", |_, _| {}).unwrap();
+    assert_eq!(digest, image.digest);
+    assert_eq!(open_image(&pulled, "demo:1").unwrap().index, image.index);
+}
+
+#[test]
+fn a_corrupted_chunk_in_the_registry_is_reported_never_served() {
+    let registry = Registry::start();
+    let (dir, local, _) = local_image();
+    let remote = RegistryStore::new(&registry.host(), "team/demo", None, false);
+    copy_image(&local, &remote, "demo:1", "1", |_, _| {}).unwrap();
+    let image = open_image(&remote, "1").unwrap();
+    // Flip bytes inside the first chunk of `data/big`, in the registry's own storage.
+    let e = &image.index.entries[image.index.find(b"data/big").unwrap()];
+    let loc = image.index.chunks[e.chunks[0] as usize];
+    let pack = registry.blob_file(&image.index.blobs[loc.blob as usize].hex());
+    let mut bytes = std::fs::read(&pack).unwrap();
+    for b in &mut bytes[loc.offset as usize + 20..loc.offset as usize + 40] {
+        *b ^= 0xFF;
+    }
+    std::fs::write(&pack, bytes).unwrap();
+
+    let cache = Arc::new(ChunkCache::open(&dir.path().join("cache"), None).unwrap());
+    let fetcher = ChunkFetcher::new(
+        Arc::new(remote),
+        cache.clone(),
+        image.index.clone(),
+        8 << 20,
+    );
+    let err = fetcher.read(&e.chunks[..1], &[]).unwrap_err();
+    assert!(matches!(err, FetchError::Corrupt { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("is corrupt even after fetching it again"),
+        "{err}"
+    );
+    assert!(
+        !cache.contains(&loc.id),
+        "a corrupt chunk reached the cache"
+    );
+    // The other chunks are fine and served.
+    assert!(fetcher.read(&e.chunks[1..2], &[]).is_ok());
+}
+
+#[test]
+fn a_registry_that_is_down_fails_with_a_clear_error_after_retrying() {
+    let port = warren_testkit::free_port();
+    let remote =
+        RegistryStore::new(&format!("127.0.0.1:{port}"), "x", None, false).with_retry(Retry {
+            attempts: 3,
+            first_delay: std::time::Duration::from_millis(10),
+            max_delay: std::time::Duration::from_millis(20),
+        });
+    let err = remote.get_manifest("latest").unwrap_err().to_string();
+    assert!(
+        err.contains(&format!(
+            "registry 127.0.0.1:{port}/x: fetch manifest latest"
+        )) && err.contains("gave up after 3 attempts"),
+        "{err}"
+    );
+}
+
+#[test]
+fn local_store_tags_and_garbage_collection() {
+    let (_dir, store, _) = local_image();
+    assert!(store.tags().unwrap().contains_key("demo:1"));
+    let blobs = std::fs::read_dir(store.root().join("blobs/sha256"))
+        .unwrap()
+        .count();
+    assert_eq!(store.gc().unwrap().blobs_removed, 0);
+    assert!(store.remove_tag("demo:1").unwrap());
+    let report = store.gc().unwrap();
+    assert_eq!(report.blobs_removed as usize, blobs);
+    assert!(open_image(&store, "demo:1").is_err());
+}

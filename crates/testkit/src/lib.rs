@@ -1,0 +1,182 @@
+//! Real peers for integration tests, started by the tests themselves: Debian's
+//! `docker-registry` on a free loopback port, and Debian root filesystems made with
+//! `mmdebstrap` (cached outside the clone, rebuilt when absent).
+//!
+//! What a test needs and the host lacks is a failure with the reason, never a silent skip:
+//! `./dev deps` installs all of it.
+// Test support: a failure to set up a peer should stop the test with its reason.
+#![allow(clippy::unwrap_used, clippy::print_stderr)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Panics with a clear message unless `program` is on the PATH.
+pub fn require_program(program: &str, package: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|p| p.join(program).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "`{program}` is missing: install the Debian package `{package}` (./dev deps does)"
+    );
+}
+
+/// Panics unless running as root (namespaces, FUSE, mounts).
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "this test needs root (FUSE, mounts): run the suite as root, as ./dev test does"
+    );
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Debian's `docker-registry` (distribution 2.8) serving from a temporary folder on loopback.
+/// Stopped when dropped.
+#[derive(Debug)]
+pub struct Registry {
+    child: Child,
+    pub port: u16,
+    pub storage: tempfile::TempDir,
+}
+
+impl Registry {
+    pub fn start() -> Registry {
+        require_program("docker-registry", "docker-registry");
+        let storage = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let config = storage.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                storage.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let registry = Registry {
+            child,
+            port,
+            storage,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let url = format!("http://127.0.0.1:{port}/v2/");
+        while ureq::get(&url).call().is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "docker-registry did not answer on {url} within 20 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        registry
+    }
+
+    /// `127.0.0.1:<port>`
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The file holding a blob in the registry's storage (to corrupt it in tests).
+    pub fn blob_file(&self, hex: &str) -> PathBuf {
+        self.storage.path().join(format!(
+            "data/docker/registry/v2/blobs/sha256/{}/{hex}/data",
+            &hex[..2]
+        ))
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Where fixtures are cached between runs: `$WARREN_FIXTURES`, default `/var/cache/warren/fixtures`.
+pub fn fixtures_dir() -> PathBuf {
+    let dir = std::env::var_os("WARREN_FIXTURES").map_or_else(
+        || PathBuf::from("/var/cache/warren/fixtures"),
+        PathBuf::from,
+    );
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A Debian bookworm root filesystem (`mmdebstrap --variant=<variant>`, extra packages
+/// `include`), unpacked in the fixtures folder. Built once (a minute or so, from Debian's
+/// mirror) and reused; a lock keeps concurrent tests from building it twice.
+pub fn debian_rootfs(variant: &str, include: &[&str]) -> PathBuf {
+    require_program("mmdebstrap", "mmdebstrap");
+    let name = if include.is_empty() {
+        format!("bookworm-{variant}")
+    } else {
+        format!("bookworm-{variant}-{}", include.join("-"))
+    };
+    let dir = fixtures_dir();
+    let root = dir.join(&name);
+    let lock = std::fs::File::create(dir.join(format!("{name}.lock"))).unwrap();
+    lock.lock().unwrap();
+    let complete = dir.join(format!("{name}.complete"));
+    if complete.exists() && root.is_dir() {
+        return root;
+    }
+    let _ = std::fs::remove_dir_all(&root);
+    let partial = dir.join(format!("{name}.partial"));
+    let _ = std::fs::remove_dir_all(&partial);
+    let mut cmd = Command::new("mmdebstrap");
+    cmd.args(["--variant", variant, "--mode=root", "--quiet"]);
+    if !include.is_empty() {
+        cmd.arg(format!("--include={}", include.join(",")));
+    }
+    cmd.args(["bookworm"])
+        .arg(&partial)
+        .arg("http://deb.debian.org/debian");
+    eprintln!(
+        "building fixture {name} with mmdebstrap (once; cached in {})",
+        dir.display()
+    );
+    let status = cmd.status().unwrap();
+    assert!(status.success(), "mmdebstrap failed building {name}");
+    std::fs::rename(&partial, &root).unwrap();
+    std::fs::write(&complete, b"").unwrap();
+    root
+}
+
+/// Runs a command and returns its stdout, panicking with its stderr if it fails.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// True if `path` is a mount point (listed in /proc/self/mountinfo).
+pub fn is_mounted(path: &Path) -> bool {
+    let target = path.to_string_lossy();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(&target))
+}
