@@ -1,0 +1,408 @@
+//! The FUSE operations.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use fuser::{
+    Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    KernelConfig, LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request, SessionACL,
+};
+use warren_image::{EntryKind, TreeIndex};
+use warren_store::ChunkFetcher;
+
+use crate::trace::Recorder;
+
+/// The image never changes under a mount: the kernel may cache everything for long.
+const TTL: Duration = Duration::from_secs(3600);
+
+#[derive(Debug, Clone)]
+pub struct MountOptions {
+    /// Added to every uid and gid (the workspace's user namespace base); 0 on the host.
+    pub id_offset: u32,
+    /// On a miss, fetch up to this many bytes of the same file beyond the read.
+    pub readahead: u64,
+    /// FUSE worker threads (several requests in flight).
+    pub threads: usize,
+}
+
+impl Default for MountOptions {
+    fn default() -> MountOptions {
+        MountOptions {
+            id_offset: 0,
+            readahead: 1 << 20,
+            threads: 4,
+        }
+    }
+}
+
+struct Node {
+    /// The entry this inode shows (for a hard link: the file it names).
+    entry: usize,
+    parent: u64,
+    nlink: u32,
+    /// Directories: children as (name, inode), sorted by name.
+    children: Vec<(Vec<u8>, u64)>,
+    /// Regular files: the end offset of each chunk, for finding the chunks of a range.
+    chunk_ends: Vec<u64>,
+}
+
+pub struct LazyFs {
+    fetcher: Arc<ChunkFetcher>,
+    nodes: Vec<Node>,
+    options: MountOptions,
+    recorder: Option<Arc<Recorder>>,
+}
+
+impl std::fmt::Debug for LazyFs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LazyFs")
+            .field("inodes", &self.nodes.len())
+            .finish()
+    }
+}
+
+/// Inode numbers are entry positions + 1 (the root, entry 0, is inode 1 as FUSE wants).
+fn ino_of(entry: usize) -> u64 {
+    entry as u64 + 1
+}
+
+impl LazyFs {
+    pub fn new(
+        fetcher: Arc<ChunkFetcher>,
+        options: MountOptions,
+        recorder: Option<Arc<Recorder>>,
+    ) -> LazyFs {
+        let index = fetcher.index();
+        let entries = &index.entries;
+        // Hard links share their file's inode.
+        let target_of = |i: usize| -> usize {
+            if entries[i].kind == EntryKind::Hardlink {
+                index.find(&entries[i].link).unwrap_or(i)
+            } else {
+                i
+            }
+        };
+        let mut nodes: Vec<Node> = (0..entries.len())
+            .map(|i| Node {
+                entry: target_of(i),
+                parent: 1,
+                nlink: 1,
+                children: Vec::new(),
+                chunk_ends: Vec::new(),
+            })
+            .collect();
+        let mut by_path: HashMap<&[u8], usize> = HashMap::with_capacity(entries.len());
+        for (i, e) in entries.iter().enumerate() {
+            by_path.insert(&e.path, i);
+            if e.kind == EntryKind::Dir {
+                nodes[i].nlink = 2;
+            }
+            if e.kind == EntryKind::File {
+                let mut end = 0;
+                nodes[i].chunk_ends = e
+                    .chunks
+                    .iter()
+                    .map(|&c| {
+                        end += u64::from(index.chunks[c as usize].len);
+                        end
+                    })
+                    .collect();
+            }
+        }
+        for (i, e) in entries.iter().enumerate().skip(1) {
+            let parent = e
+                .parent()
+                .and_then(|p| by_path.get(p).copied())
+                .unwrap_or(0);
+            let target = target_of(i);
+            nodes[parent]
+                .children
+                .push((e.name().to_vec(), ino_of(target)));
+            nodes[i].parent = ino_of(parent);
+            if e.kind == EntryKind::Dir {
+                nodes[parent].nlink += 1;
+            }
+            if e.kind == EntryKind::Hardlink && target != i {
+                nodes[target].nlink += 1;
+            }
+        }
+        // Entries are sorted by path, so children are already sorted by name within a folder.
+        LazyFs {
+            fetcher,
+            nodes,
+            options,
+            recorder,
+        }
+    }
+
+    fn index(&self) -> &TreeIndex {
+        self.fetcher.index()
+    }
+
+    fn node(&self, ino: INodeNo) -> Option<&Node> {
+        let i = u64::from(ino).checked_sub(1)?;
+        self.nodes.get(usize::try_from(i).ok()?)
+    }
+
+    fn attr(&self, ino: u64) -> FileAttr {
+        let node = &self.nodes[(ino - 1) as usize];
+        let e = &self.index().entries[node.entry];
+        let kind = match e.kind {
+            EntryKind::Dir => FileType::Directory,
+            EntryKind::File | EntryKind::Hardlink => FileType::RegularFile,
+            EntryKind::Symlink => FileType::Symlink,
+            EntryKind::CharDevice => FileType::CharDevice,
+            EntryKind::BlockDevice => FileType::BlockDevice,
+            EntryKind::Fifo => FileType::NamedPipe,
+            EntryKind::Socket => FileType::Socket,
+        };
+        let size = match e.kind {
+            EntryKind::Symlink => e.link.len() as u64,
+            EntryKind::Dir => 4096,
+            _ => e.size,
+        };
+        let mtime = if e.mtime >= 0 {
+            UNIX_EPOCH + Duration::new(e.mtime as u64, e.mtime_nsec)
+        } else {
+            UNIX_EPOCH
+        };
+        FileAttr {
+            ino: INodeNo(ino_of(node.entry)),
+            size,
+            blocks: size.div_ceil(512),
+            atime: mtime,
+            mtime,
+            ctime: mtime,
+            crtime: mtime,
+            kind,
+            perm: (e.mode & 0o7777) as u16,
+            nlink: node.nlink,
+            uid: e.uid.saturating_add(self.options.id_offset),
+            gid: e.gid.saturating_add(self.options.id_offset),
+            rdev: e.rdev as u32,
+            flags: 0,
+            blksize: 4096,
+        }
+    }
+
+    /// Chunk positions (within the file's chunk list) covering `[offset, offset + len)`.
+    fn chunk_span(node: &Node, offset: u64, len: u64) -> std::ops::Range<usize> {
+        let first = node.chunk_ends.partition_point(|&end| end <= offset);
+        let last = node.chunk_ends.partition_point(|&end| end < offset + len);
+        first..(last + 1).min(node.chunk_ends.len())
+    }
+}
+
+impl Filesystem for LazyFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_readahead(1 << 20);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let Some(dir) = self.node(parent) else {
+            return reply.error(Errno::ENOENT);
+        };
+        match dir
+            .children
+            .binary_search_by(|(n, _)| n.as_slice().cmp(name.as_bytes()))
+        {
+            Ok(i) => reply.entry(&TTL, &self.attr(dir.children[i].1), Generation(0)),
+            Err(_) => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.node(ino) {
+            Some(_) => reply.attr(&TTL, &self.attr(ino.into())),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.node(ino).map(|n| &self.index().entries[n.entry]) {
+            Some(e) if e.kind == EntryKind::Symlink => reply.data(&e.link),
+            Some(_) => reply.error(Errno::EINVAL),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if self.node(ino).is_none() {
+            return reply.error(Errno::ENOENT);
+        }
+        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
+            return reply.error(Errno::EROFS);
+        }
+        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let Some(node) = self.node(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let entry = &self.index().entries[node.entry];
+        if offset >= entry.size || size == 0 {
+            return reply.data(&[]);
+        }
+        let len = u64::from(size).min(entry.size - offset);
+        let span = Self::chunk_span(node, offset, len);
+        let wanted: Vec<u32> = entry.chunks[span.clone()].to_vec();
+        // Readahead: the following chunks of this file up to `readahead` bytes, fetched in the
+        // same request if they are missing.
+        let mut extra = Vec::new();
+        let mut ahead = 0;
+        for (&c, _) in entry.chunks[span.end..]
+            .iter()
+            .zip(&node.chunk_ends[span.end..])
+        {
+            if ahead >= self.options.readahead {
+                break;
+            }
+            ahead += u64::from(self.index().chunks[c as usize].len);
+            extra.push(c);
+        }
+        if let Some(rec) = &self.recorder {
+            rec.record(&wanted);
+        }
+        match self.fetcher.read(&wanted, &extra) {
+            Ok(chunks) => {
+                let start_of_span = if span.start == 0 {
+                    0
+                } else {
+                    node.chunk_ends[span.start - 1]
+                };
+                let data = chunks.concat();
+                let from = (offset - start_of_span) as usize;
+                let to = (from + len as usize).min(data.len());
+                reply.data(&data[from..to]);
+            }
+            Err(err) => {
+                tracing::error!(path = %entry.path_str(), offset, error = %err, "read failed");
+                reply.error(Errno::EIO);
+            }
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.node(ino) {
+            Some(n) if self.index().entries[n.entry].kind == EntryKind::Dir => {
+                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+            }
+            Some(_) => reply.error(Errno::ENOTDIR),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some(dir) = self.node(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let dots = [
+            (b".".to_vec(), u64::from(ino)),
+            (b"..".to_vec(), dir.parent),
+        ];
+        for (i, (name, child)) in dots
+            .iter()
+            .chain(&dir.children)
+            .enumerate()
+            .skip(offset as usize)
+        {
+            let kind = if i < 2 {
+                FileType::Directory
+            } else {
+                self.attr(*child).kind
+            };
+            if reply.add(
+                INodeNo(*child),
+                (i + 1) as u64,
+                kind,
+                OsStr::from_bytes(name),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let blocks = self.index().data_bytes().div_ceil(4096);
+        reply.statfs(blocks, 0, 0, self.nodes.len() as u64, 0, 4096, 255, 4096);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let Some(node) = self.node(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let e = &self.index().entries[node.entry];
+        match e
+            .xattrs
+            .iter()
+            .find(|(n, _)| n.as_bytes() == name.as_bytes())
+        {
+            None => reply.error(Errno::ENODATA),
+            Some((_, v)) if size == 0 => reply.size(v.len() as u32),
+            Some((_, v)) if v.len() <= size as usize => reply.data(v),
+            Some(_) => reply.error(Errno::ERANGE),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let Some(node) = self.node(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let mut list = Vec::new();
+        for (n, _) in &self.index().entries[node.entry].xattrs {
+            list.extend_from_slice(n.as_bytes());
+            list.push(0);
+        }
+        if size == 0 {
+            reply.size(list.len() as u32);
+        } else if list.len() <= size as usize {
+            reply.data(&list);
+        } else {
+            reply.error(Errno::ERANGE);
+        }
+    }
+}
+
+/// Mounts `fs` read-only at `mountpoint` in the background; unmounted when the session drops.
+pub fn mount(fs: LazyFs, mountpoint: &Path) -> std::io::Result<fuser::BackgroundSession> {
+    let threads = fs.options.threads;
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::RO,
+        MountOption::FSName("warren".into()),
+        MountOption::Subtype("warren-image".into()),
+        MountOption::DefaultPermissions,
+        MountOption::Suid,
+        MountOption::Dev,
+        MountOption::Exec,
+    ];
+    config.acl = SessionACL::All;
+    config.n_threads = Some(threads);
+    config.clone_fd = true;
+    fuser::spawn_mount(fs, mountpoint, &config)
+}

@@ -1,0 +1,148 @@
+//! Filling the cache around a mount: first the recorded startup set in trace order (large
+//! merged requests), then everything else in pack order, yielding whenever an on-demand read is
+//! in flight so that the developer's reads never queue behind background work.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::Serialize;
+use warren_store::ChunkFetcher;
+
+use crate::trace::Trace;
+
+/// Bytes (uncompressed) per prefetch batch: the upper bound of one merged request.
+const BATCH_BYTES: u64 = 8 << 20;
+
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub trace_chunks: AtomicU64,
+    pub trace_done: AtomicU64,
+    pub all_chunks: AtomicU64,
+    pub all_done: AtomicU64,
+    pub finished: AtomicBool,
+    pub stop: AtomicBool,
+    pub failures: AtomicU64,
+}
+
+/// A snapshot of a mount's counters, as written to its stats file.
+#[derive(Debug, Clone, Serialize)]
+pub struct Stats {
+    pub bytes_fetched: u64,
+    pub requests: u64,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    pub cached_chunks: u64,
+    pub cached_bytes: u64,
+    pub trace_chunks: u64,
+    pub trace_done: u64,
+    pub all_chunks: u64,
+    pub all_done: u64,
+    pub pull_finished: bool,
+    pub pull_failures: u64,
+}
+
+pub fn stats(fetcher: &ChunkFetcher, progress: &Progress) -> Stats {
+    let c = &fetcher.counters;
+    let cache = fetcher.cache().stats();
+    Stats {
+        bytes_fetched: c.bytes_fetched.load(Ordering::Relaxed),
+        requests: c.requests.load(Ordering::Relaxed),
+        cache_hits: c.cache_hits.load(Ordering::Relaxed),
+        cache_misses: c.cache_misses.load(Ordering::Relaxed),
+        cached_chunks: cache.chunks,
+        cached_bytes: cache.bytes,
+        trace_chunks: progress.trace_chunks.load(Ordering::Relaxed),
+        trace_done: progress.trace_done.load(Ordering::Relaxed),
+        all_chunks: progress.all_chunks.load(Ordering::Relaxed),
+        all_done: progress.all_done.load(Ordering::Relaxed),
+        pull_finished: progress.finished.load(Ordering::Relaxed),
+        pull_failures: progress.failures.load(Ordering::Relaxed),
+    }
+}
+
+/// Replays `trace` (if any), then, with `background`, pulls every other chunk. Runs on its own
+/// thread; failures are counted and logged, and the chunks are left to on-demand reads.
+pub fn spawn(
+    fetcher: Arc<ChunkFetcher>,
+    trace: Option<Trace>,
+    background: bool,
+    progress: Arc<Progress>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("warren-pull".into())
+        .spawn(move || {
+            let index = fetcher.index();
+            let position: HashMap<_, u32> = index
+                .chunks
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (c.id, i as u32))
+                .collect();
+            if let Some(trace) = trace {
+                let order: Vec<u32> = trace
+                    .chunks
+                    .iter()
+                    .filter_map(|id| position.get(id).copied())
+                    .collect();
+                progress
+                    .trace_chunks
+                    .store(order.len() as u64, Ordering::Relaxed);
+                for batch in batches(&fetcher, &order) {
+                    if progress.stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    run_batch(&fetcher, &progress, &batch, &progress.trace_done);
+                }
+            }
+            if background {
+                let mut all: Vec<u32> = (0..index.chunks.len() as u32).collect();
+                all.sort_by_key(|&c| {
+                    (
+                        index.chunks[c as usize].blob,
+                        index.chunks[c as usize].offset,
+                    )
+                });
+                progress
+                    .all_chunks
+                    .store(all.len() as u64, Ordering::Relaxed);
+                for batch in batches(&fetcher, &all) {
+                    if progress.stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    // Yield to on-demand reads.
+                    while fetcher.counters.demand_in_flight.load(Ordering::SeqCst) > 0 {
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    run_batch(&fetcher, &progress, &batch, &progress.all_done);
+                }
+            }
+            progress.finished.store(true, Ordering::Relaxed);
+        })
+        .expect("spawning a thread")
+}
+
+fn run_batch(fetcher: &ChunkFetcher, progress: &Progress, batch: &[u32], done: &AtomicU64) {
+    if let Err(err) = fetcher.prefetch(batch) {
+        progress.failures.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(error = %err, chunks = batch.len(), "prefetch failed; these chunks will be fetched when read");
+    }
+    done.fetch_add(batch.len() as u64, Ordering::Relaxed);
+}
+
+fn batches(fetcher: &ChunkFetcher, order: &[u32]) -> Vec<Vec<u32>> {
+    let index = fetcher.index();
+    let mut out: Vec<Vec<u32>> = Vec::new();
+    let mut bytes = 0;
+    for &c in order {
+        let len = u64::from(index.chunks[c as usize].len);
+        if out.is_empty() || bytes + len > BATCH_BYTES {
+            out.push(Vec::new());
+            bytes = 0;
+        }
+        out.last_mut().expect("just pushed").push(c);
+        bytes += len;
+    }
+    out
+}

@@ -1,0 +1,318 @@
+//! The images issue's proof, for real: a Debian root filesystem made with mmdebstrap is imported,
+//! pushed to Debian's docker-registry on loopback, mounted lazily from there on an empty cache,
+//! used as the lower layer of an overlay to run a program, and compared file by file (content and
+//! metadata) with its source.
+// A test that meets an unexpected error should stop right there.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use warren_image::{ChunkParams, ImageBuilder, Limits, import_dir};
+use warren_lazyfs::{LazyFs, MountOptions, mount, pull, trace};
+use warren_store::images::{commit, copy_image, open_image};
+use warren_store::manifest::ImageConfig;
+use warren_store::{BlobStore, ChunkCache, ChunkFetcher, LocalStore, RegistryStore};
+use warren_testkit::{Registry, debian_rootfs, is_mounted, require_root, run};
+
+/// Compares two trees entry by entry: kind, mode, owner, size, mtime, symlink target, device
+/// number, xattrs, hard-link structure and file content. Returns the number of entries checked.
+fn compare_trees(src: &Path, mounted: &Path) -> usize {
+    let mut checked = 0;
+    let mut links_src: HashMap<u64, PathBuf> = HashMap::new();
+    let mut links_dst: HashMap<u64, PathBuf> = HashMap::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let (a, b) = (src.join(&rel), mounted.join(&rel));
+        let (ma, mb) = (
+            std::fs::symlink_metadata(&a).unwrap(),
+            std::fs::symlink_metadata(&b).unwrap_or_else(|e| panic!("{}: {e}", b.display())),
+        );
+        let what = rel.display();
+        assert_eq!(
+            ma.file_type().is_dir(),
+            mb.file_type().is_dir(),
+            "{what}: kind"
+        );
+        assert_eq!(
+            ma.file_type().is_symlink(),
+            mb.file_type().is_symlink(),
+            "{what}: kind"
+        );
+        assert_eq!(
+            ma.file_type().is_char_device(),
+            mb.file_type().is_char_device(),
+            "{what}: kind"
+        );
+        assert_eq!(ma.mode(), mb.mode(), "{what}: mode");
+        assert_eq!((ma.uid(), ma.gid()), (mb.uid(), mb.gid()), "{what}: owner");
+        assert_eq!(
+            (ma.mtime(), ma.mtime_nsec()),
+            (mb.mtime(), mb.mtime_nsec()),
+            "{what}: mtime"
+        );
+        let xa: Vec<_> = xattr::list(&a)
+            .unwrap()
+            .map(|n| (n.clone(), xattr::get(&a, &n).unwrap()))
+            .collect();
+        let xb: Vec<_> = xattr::list(&b)
+            .unwrap()
+            .map(|n| (n.clone(), xattr::get(&b, &n).unwrap()))
+            .collect();
+        assert_eq!(xa, xb, "{what}: xattrs");
+        if ma.file_type().is_symlink() {
+            assert_eq!(
+                std::fs::read_link(&a).unwrap(),
+                std::fs::read_link(&b).unwrap(),
+                "{what}: target"
+            );
+        } else if ma.file_type().is_char_device() || ma.file_type().is_block_device() {
+            assert_eq!(ma.rdev(), mb.rdev(), "{what}: device");
+        } else if ma.is_file() {
+            assert_eq!(ma.len(), mb.len(), "{what}: size");
+            assert_eq!(ma.nlink(), mb.nlink(), "{what}: links");
+            if ma.nlink() > 1 {
+                let first_a = links_src
+                    .entry(ma.ino())
+                    .or_insert_with(|| rel.clone())
+                    .clone();
+                let first_b = links_dst
+                    .entry(mb.ino())
+                    .or_insert_with(|| rel.clone())
+                    .clone();
+                assert_eq!(first_a, first_b, "{what}: hard links differ");
+            }
+            assert!(
+                std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),
+                "{what}: content"
+            );
+        } else if ma.is_dir() {
+            let mut names_a: Vec<_> = std::fs::read_dir(&a)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            let mut names_b: Vec<_> = std::fs::read_dir(&b)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            names_a.sort();
+            names_b.sort();
+            assert_eq!(names_a, names_b, "{what}: entries");
+            stack.extend(names_a.into_iter().map(|n| rel.join(n)));
+        }
+        checked += 1;
+    }
+    checked
+}
+
+struct Overlay(PathBuf);
+
+impl Drop for Overlay {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_debian_image_from_a_registry_mounts_lazily_runs_through_an_overlay_and_matches_its_source() {
+    require_root();
+    let rootfs = debian_rootfs("minbase", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+
+    let mut builder = ImageBuilder::new(&work, ChunkParams::default(), Limits::default());
+    import_dir(&mut builder, &rootfs).unwrap();
+    let built = builder.finish().unwrap();
+    let local = LocalStore::open(&dir.path().join("images")).unwrap();
+    commit(&local, &built, ImageConfig::default(), "debian:minbase").unwrap();
+
+    let registry = Registry::start();
+    let remote = RegistryStore::new(&registry.host(), "warren/debian", None, false);
+    copy_image(&local, &remote, "debian:minbase", "minbase", |_, _| {}).unwrap();
+
+    // A second host: empty cache, the image only in the registry.
+    let image = open_image(&remote, "minbase").unwrap();
+    let cache = Arc::new(ChunkCache::open(&dir.path().join("cache"), None).unwrap());
+    let store: Arc<dyn BlobStore> = Arc::new(remote);
+    let fetcher = Arc::new(ChunkFetcher::new(
+        store,
+        cache.clone(),
+        image.index.clone(),
+        8 << 20,
+    ));
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let session = mount(
+        LazyFs::new(fetcher.clone(), MountOptions::default(), None),
+        &mnt,
+    )
+    .unwrap();
+    assert!(is_mounted(&mnt));
+
+    // Metadata needs no file data.
+    let listing = run(Command::new("ls").arg("-lR").arg(&mnt));
+    assert!(listing.contains("debian_version"));
+    assert_eq!(
+        fetcher.counters.bytes_fetched.load(Ordering::Relaxed),
+        0,
+        "listing the tree fetched file data"
+    );
+
+    // The writable layer: an overlay over the lazy mount; run a program from it.
+    let (upper, ovl_work, merged) = (
+        dir.path().join("upper"),
+        dir.path().join("ovl-work"),
+        dir.path().join("merged"),
+    );
+    for d in [&upper, &ovl_work, &merged] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    run(Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o"])
+        .arg(format!(
+            "lowerdir={},upperdir={},workdir={}",
+            mnt.display(),
+            upper.display(),
+            ovl_work.display()
+        ))
+        .arg(&merged));
+    let overlay = Overlay(merged.clone());
+    let out = run(Command::new("chroot").arg(&merged).args(["/bin/sh", "-c", "echo written > /root/note && cat /etc/debian_version && /usr/bin/env -i /bin/ls /usr/bin | wc -l"]));
+    let mut lines = out.lines();
+    assert!(lines.next().unwrap().starts_with("12."), "{out}");
+    assert!(
+        lines.next().unwrap().trim().parse::<u32>().unwrap() > 50,
+        "{out}"
+    );
+    assert_eq!(
+        std::fs::read(upper.join("root/note")).unwrap(),
+        b"written\n",
+        "the write did not land in the upper layer"
+    );
+    let fetched_to_run = fetcher.counters.bytes_fetched.load(Ordering::Relaxed);
+    let total: u64 = image
+        .index
+        .chunks
+        .iter()
+        .map(|c| u64::from(c.compressed_len))
+        .sum();
+    assert!(
+        fetched_to_run < total / 2,
+        "running a shell fetched {fetched_to_run} of {total} bytes: not lazy"
+    );
+    drop(overlay);
+
+    let checked = compare_trees(&rootfs, &mnt);
+    assert!(checked > 5000, "only {checked} entries compared");
+
+    drop(session);
+    assert!(
+        !is_mounted(&mnt),
+        "the image is still mounted after the session ended"
+    );
+}
+
+#[test]
+fn a_recorded_trace_is_replayed_and_the_background_pull_fills_the_cache() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    for i in 0..8u8 {
+        std::fs::write(src.join(format!("f{i}")), vec![i; 1 << 20]).unwrap();
+    }
+    // Incompressible and distinct content so that chunks do not dedup away.
+    let mut x: u64 = 99;
+    let noise: Vec<u8> = (0..(4 << 20))
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(src.join("noise"), &noise).unwrap();
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let mut builder = ImageBuilder::new(&work, ChunkParams::default(), Limits::default());
+    import_dir(&mut builder, &src).unwrap();
+    let built = builder.finish().unwrap();
+    let store = Arc::new(LocalStore::open(&dir.path().join("images")).unwrap());
+    let digest = commit(store.as_ref(), &built, ImageConfig::default(), "t:1").unwrap();
+    let image = open_image(store.as_ref(), "t:1").unwrap();
+
+    // First mount: record what reading `noise` touches.
+    let cache = Arc::new(ChunkCache::open(&dir.path().join("cache1"), None).unwrap());
+    let fetcher = Arc::new(ChunkFetcher::new(
+        store.clone(),
+        cache,
+        image.index.clone(),
+        8 << 20,
+    ));
+    let recorder = Arc::new(trace::Recorder::new(Duration::from_secs(60)));
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let session = mount(
+        LazyFs::new(
+            fetcher.clone(),
+            MountOptions::default(),
+            Some(recorder.clone()),
+        ),
+        &mnt,
+    )
+    .unwrap();
+    assert_eq!(std::fs::read(mnt.join("noise")).unwrap(), noise);
+    recorder.stop();
+    let recorded = recorder.trace(&image.index);
+    drop(session);
+    let noise_chunks = &image.index.entries[image.index.find(b"noise").unwrap()].chunks;
+    assert_eq!(recorded.chunks.len(), noise_chunks.len());
+    trace::save(store.as_ref(), &digest, &recorded).unwrap();
+
+    // Second mount on an empty cache: the trace is replayed, then everything else pulled.
+    let loaded = trace::load(store.as_ref(), &digest).unwrap().unwrap();
+    assert_eq!(loaded, recorded);
+    let cache = Arc::new(ChunkCache::open(&dir.path().join("cache2"), None).unwrap());
+    let fetcher = Arc::new(ChunkFetcher::new(
+        store.clone(),
+        cache.clone(),
+        image.index.clone(),
+        8 << 20,
+    ));
+    let progress = Arc::new(pull::Progress::default());
+    pull::spawn(fetcher.clone(), Some(loaded), true, progress.clone())
+        .join()
+        .unwrap();
+    let stats = pull::stats(&fetcher, &progress);
+    assert_eq!(stats.trace_done, noise_chunks.len() as u64);
+    assert!(stats.pull_finished && stats.pull_failures == 0, "{stats:?}");
+    assert_eq!(
+        stats.cached_chunks,
+        image.index.chunks.len() as u64,
+        "{stats:?}"
+    );
+    // Large merged requests: far fewer requests than chunks.
+    assert!(
+        stats.requests * 4 < image.index.chunks.len() as u64,
+        "{stats:?}"
+    );
+    let session = mount(
+        LazyFs::new(fetcher.clone(), MountOptions::default(), None),
+        &mnt,
+    )
+    .unwrap();
+    let before = fetcher.counters.requests.load(Ordering::Relaxed);
+    assert_eq!(std::fs::read(mnt.join("f3")).unwrap(), vec![3u8; 1 << 20]);
+    assert_eq!(
+        fetcher.counters.requests.load(Ordering::Relaxed),
+        before,
+        "a fully pulled image still fetched"
+    );
+    drop(session);
+}
