@@ -3,8 +3,10 @@
 // The terminal is this binary's interface.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+mod image_cmd;
 mod spec_cmd;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -16,6 +18,14 @@ use clap::{Parser, Subcommand};
     about = "Self-hosted development environments"
 )]
 struct Cli {
+    /// Where Warren keeps its state (images, chunk cache)
+    #[arg(
+        long,
+        global = true,
+        env = "WARREN_DATA",
+        default_value = "/var/lib/warren"
+    )]
+    data: PathBuf,
     #[command(subcommand)]
     command: Commands,
 }
@@ -25,12 +35,24 @@ enum Commands {
     /// Environment files (warren.yml, hocus.yml, devcontainer.json)
     #[command(subcommand)]
     Spec(spec_cmd::SpecCommand),
+    /// Images: import, push, pull, mount lazily, list, inspect, remove, collect, export
+    #[command(subcommand)]
+    Image(image_cmd::ImageCommand),
 }
 
 fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("WARREN_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
     let cli = Cli::parse();
     let result = match cli.command {
         Commands::Spec(cmd) => spec_cmd::run(cmd),
+        Commands::Image(cmd) => image_cmd::run(cmd, &cli.data).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

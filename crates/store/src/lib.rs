@@ -19,3 +19,4 @@ pub use cache::{CacheError, CacheStats, ChunkCache};
 pub use fetch::{ChunkFetcher, Counters, FetchError};
 pub use local::{GcReport, LocalStore};
 pub use registry::{RegistryRef, RegistryStore, Retry};
+pub mod oci;

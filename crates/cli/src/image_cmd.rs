@@ -1,0 +1,597 @@
+//! `warren image ...`: import, push, pull, mount, list, inspect, remove, collect and export
+//! images. Local images live in `<data>/images` (an OCI layout); the host chunk cache in
+//! `<data>/cache`. A reference whose first part is a host (`127.0.0.1:5000/team/dev:1`) names an
+//! image in a registry; anything else (`dev:1`) a local one.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::Subcommand;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use warren_image::{ChunkParams, ImageBuilder, Limits, import_dir, import_tar};
+use warren_lazyfs::{LazyFs, MountOptions, pull, trace};
+use warren_spec::ByteSize;
+use warren_store::images::{commit, copy_image, open_image};
+use warren_store::manifest::ImageConfig;
+use warren_store::{BlobStore, ChunkCache, ChunkFetcher, LocalStore, RegistryRef, RegistryStore};
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Import a directory, a tar stream (`-` for stdin; plain, gzip or zstd), an OCI layout
+    /// (`oci:DIR[:TAG]`) or a registry image (`docker://HOST/REPO:TAG`) as NAME:TAG
+    Import {
+        source: String,
+        name: String,
+        /// Reuse the chunks of only this local image (by default: of every local image)
+        #[arg(long)]
+        base: Option<String>,
+    },
+    /// Copy a local image to a registry (only the blobs the registry lacks)
+    Push { name: String, destination: String },
+    /// Copy a registry image, all of it, into the local store
+    Pull {
+        source: String,
+        name: Option<String>,
+    },
+    /// Mount an image read-only, fetching file data on first read; runs until SIGTERM or Ctrl-C
+    Mount {
+        image: String,
+        mountpoint: PathBuf,
+        /// Record which chunks are read during the first SECONDS (or until SIGUSR1) and store
+        /// the trace with the image, to be prefetched on later cold mounts
+        #[arg(long, value_name = "SECONDS")]
+        record_trace: Option<u64>,
+        /// Do not replay the image's stored trace
+        #[arg(long)]
+        no_prefetch: bool,
+        /// Do not pull the rest of the image in the background
+        #[arg(long)]
+        no_background: bool,
+        /// Write the mount's counters as JSON to FILE every half second
+        #[arg(long, value_name = "FILE")]
+        stats: Option<PathBuf>,
+        /// Cap the host chunk cache, e.g. 20GiB (chunks of mounted images are never evicted)
+        #[arg(long)]
+        cache_limit: Option<String>,
+        /// Add N to every uid and gid (for a user namespace starting at N)
+        #[arg(long, default_value_t = 0)]
+        id_offset: u32,
+    },
+    /// List local images
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show an image's manifest, configuration and size
+    Inspect {
+        image: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a local image's tag (its blobs go at the next `gc`)
+    Rm { name: String },
+    /// Delete local blobs no image refers to
+    Gc,
+    /// Write an image as a standard OCI image into an OCI layout (`oci:DIR:TAG`)
+    Export { image: String, destination: String },
+}
+
+fn local_store(data: &Path) -> anyhow::Result<LocalStore> {
+    Ok(LocalStore::open(&data.join("images"))?)
+}
+
+fn credentials() -> Option<(String, String)> {
+    Some((
+        std::env::var("WARREN_REGISTRY_USER").ok()?,
+        std::env::var("WARREN_REGISTRY_PASSWORD").ok()?,
+    ))
+}
+
+fn registry(r: &RegistryRef) -> RegistryStore {
+    let insecure = std::env::var("WARREN_REGISTRY_INSECURE").is_ok_and(|v| v == "1");
+    RegistryStore::new(&r.host, &r.repository, credentials(), insecure)
+}
+
+/// The store holding `reference` and the name of the image inside it.
+fn resolve(data: &Path, reference: &str) -> anyhow::Result<(Arc<dyn BlobStore>, String)> {
+    if let Ok(r) = RegistryRef::parse(reference) {
+        return Ok((Arc::new(registry(&r)), r.reference.clone()));
+    }
+    check_local_name(reference)?;
+    Ok((Arc::new(local_store(data)?), reference.to_owned()))
+}
+
+fn check_local_name(name: &str) -> anyhow::Result<()> {
+    let Some((repo, tag)) = name.rsplit_once(':') else {
+        bail!("`{name}` is not a local image name: expected NAME:TAG, such as `debian:bookworm`");
+    };
+    if warren_spec::check_image_reference(name).is_err() || repo.is_empty() || tag.is_empty() {
+        bail!(
+            "`{name}` is not a local image name: expected NAME:TAG with a lowercase name, such as `debian:bookworm`"
+        );
+    }
+    Ok(())
+}
+
+fn bytes_bar(total: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec})")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_owned());
+    bar
+}
+
+fn spinner(what: &str) -> ProgressBar {
+    let bar = ProgressBar::new_spinner();
+    bar.set_message(what.to_owned());
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar
+}
+
+pub fn run(cmd: ImageCommand, data: &Path) -> anyhow::Result<()> {
+    match cmd {
+        ImageCommand::Import { source, name, base } => {
+            import(data, &source, &name, base.as_deref())
+        }
+        ImageCommand::Push { name, destination } => {
+            check_local_name(&name)?;
+            let r = RegistryRef::parse(&destination)?;
+            let local = local_store(data)?;
+            let bar = bytes_bar(0, "pushing");
+            let digest = copy_image(&local, &registry(&r), &name, &r.reference, |done, total| {
+                bar.set_length(total);
+                bar.set_position(done);
+            })?;
+            bar.finish_and_clear();
+            println!("pushed {name} to {destination} ({digest})");
+            Ok(())
+        }
+        ImageCommand::Pull { source, name } => {
+            let r = RegistryRef::parse(&source)?;
+            let name = name.unwrap_or_else(|| {
+                format!(
+                    "{}:{}",
+                    r.repository.rsplit('/').next().unwrap_or("image"),
+                    r.reference
+                )
+            });
+            check_local_name(&name)?;
+            let local = local_store(data)?;
+            let bar = bytes_bar(0, "pulling");
+            let digest = copy_image(&registry(&r), &local, &r.reference, &name, |done, total| {
+                bar.set_length(total);
+                bar.set_position(done);
+            })?;
+            bar.finish_and_clear();
+            println!("pulled {source} as {name} ({digest})");
+            Ok(())
+        }
+        ImageCommand::Mount {
+            image,
+            mountpoint,
+            record_trace,
+            no_prefetch,
+            no_background,
+            stats,
+            cache_limit,
+            id_offset,
+        } => {
+            let limit = cache_limit
+                .map(|l| {
+                    ByteSize::parse(&l)
+                        .map(|b| b.0)
+                        .with_context(|| format!("`{l}` is not a size such as 20GiB"))
+                })
+                .transpose()?;
+            mount(
+                data,
+                &image,
+                &mountpoint,
+                MountFlags {
+                    record_trace,
+                    prefetch: !no_prefetch,
+                    background: !no_background,
+                    stats,
+                    limit,
+                    id_offset,
+                },
+            )
+        }
+        ImageCommand::Ls { json } => list(data, json),
+        ImageCommand::Inspect { image, json } => inspect(data, &image, json),
+        ImageCommand::Rm { name } => {
+            if !local_store(data)?.remove_tag(&name)? {
+                bail!("there is no local image `{name}`");
+            }
+            println!("removed {name}; run `warren image gc` to free its blobs");
+            Ok(())
+        }
+        ImageCommand::Gc => {
+            let report = local_store(data)?.gc()?;
+            println!(
+                "removed {} blobs, {}",
+                report.blobs_removed,
+                ByteSize(report.bytes_removed)
+            );
+            Ok(())
+        }
+        ImageCommand::Export { image, destination } => export(data, &image, &destination),
+    }
+}
+
+fn import(data: &Path, source: &str, name: &str, base: Option<&str>) -> anyhow::Result<()> {
+    check_local_name(name)?;
+    let local = local_store(data)?;
+    let work = tempfile_dir(data)?;
+    let mut builder = ImageBuilder::new(work.path(), ChunkParams::default(), Limits::default());
+    // Identical content is stored once across all local images.
+    let bases: Vec<String> = match base {
+        Some(b) => vec![b.to_owned()],
+        None => local
+            .tags()?
+            .into_keys()
+            .filter(|t| !t.ends_with(".trace"))
+            .collect(),
+    };
+    for b in &bases {
+        match open_image(&local, b) {
+            Ok(image) => builder.reuse_chunks_of(&image.index),
+            Err(e) if base.is_some() => {
+                return Err(e).with_context(|| format!("cannot reuse the chunks of `{b}`"));
+            }
+            Err(_) => {} // a plain OCI image in the store has no chunks to share
+        }
+    }
+    let started = Instant::now();
+    let bar = spinner(&format!("importing {source}"));
+    let config = if let Some(rest) = source.strip_prefix("docker://") {
+        let r = RegistryRef::parse(rest)?;
+        warren_store::oci::import_oci(&registry(&r), &r.reference, &mut builder, |i, n| {
+            bar.set_message(format!("importing {source}: layer {i}/{n}"))
+        })?
+    } else if let Some(rest) = source.strip_prefix("oci:") {
+        let (dir, tag) = match rest.rsplit_once(':') {
+            Some((d, t)) if !t.contains('/') => (d, t),
+            _ => (rest, "latest"),
+        };
+        let layout = LocalStore::open(Path::new(dir))?;
+        let tag = if layout.tags()?.contains_key(tag) {
+            tag.to_owned()
+        } else {
+            let tags = layout.tags()?;
+            match tags.len() {
+                1 => tags.into_keys().next().expect("one tag"),
+                _ => bail!(
+                    "`{dir}` has no image tagged `{tag}` (it has: {})",
+                    layout.tags()?.into_keys().collect::<Vec<_>>().join(", ")
+                ),
+            }
+        };
+        warren_store::oci::import_oci(&layout, &tag, &mut builder, |i, n| {
+            bar.set_message(format!("importing {source}: layer {i}/{n}"))
+        })?
+    } else if source == "-" {
+        import_tar(
+            &mut builder,
+            decompressed(Box::new(std::io::stdin().lock()))?,
+        )?;
+        ImageConfig::default()
+    } else {
+        let path = Path::new(source);
+        let meta = std::fs::metadata(path).with_context(|| format!("cannot open `{source}`"))?;
+        if meta.is_dir() {
+            import_dir(&mut builder, path)?;
+        } else {
+            let file =
+                std::fs::File::open(path).with_context(|| format!("cannot open `{source}`"))?;
+            import_tar(
+                &mut builder,
+                decompressed(Box::new(std::io::BufReader::new(file)))?,
+            )?;
+        }
+        ImageConfig::default()
+    };
+    let built = builder.finish()?;
+    bar.set_message(format!("storing {name}"));
+    let config = ImageConfig {
+        parent: None,
+        ..config
+    };
+    let digest = commit(&local, &built, config, name)?;
+    bar.finish_and_clear();
+    let s = built.stats;
+    println!(
+        "imported {name} ({digest}) in {:.1}s: {} entries, {} files, {} of data; {} new chunks ({} stored), {} reused",
+        started.elapsed().as_secs_f64(),
+        built.index.entries.len(),
+        s.files,
+        ByteSize(s.file_bytes),
+        s.new_chunks,
+        ByteSize(s.stored_bytes),
+        s.reused_chunks
+    );
+    Ok(())
+}
+
+/// A work folder for pack files, on the same filesystem as the store so packs can be moved in.
+fn tempfile_dir(data: &Path) -> anyhow::Result<TempDir> {
+    let dir = data
+        .join("tmp")
+        .join(format!("build-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create `{}`", dir.display()))?;
+    Ok(TempDir(dir))
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Detects gzip and zstd by their magic numbers.
+fn decompressed(mut input: Box<dyn std::io::BufRead>) -> anyhow::Result<Box<dyn Read>> {
+    let head = input
+        .fill_buf()
+        .context("cannot read the tar stream")?
+        .to_vec();
+    Ok(if head.starts_with(&[0x1f, 0x8b]) {
+        Box::new(flate2_decoder(input))
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Box::new(zstd_decoder(input)?)
+    } else {
+        input
+    })
+}
+
+fn flate2_decoder(input: Box<dyn std::io::BufRead>) -> impl Read {
+    flate2::bufread::GzDecoder::new(input)
+}
+
+fn zstd_decoder(input: Box<dyn std::io::BufRead>) -> anyhow::Result<impl Read> {
+    Ok(zstd::Decoder::with_buffer(input)?)
+}
+
+struct MountFlags {
+    record_trace: Option<u64>,
+    prefetch: bool,
+    background: bool,
+    stats: Option<PathBuf>,
+    limit: Option<u64>,
+    id_offset: u32,
+}
+
+fn mount(data: &Path, reference: &str, mountpoint: &Path, flags: MountFlags) -> anyhow::Result<()> {
+    let (store, name) = resolve(data, reference)?;
+    let image = open_image(store.as_ref(), &name)?;
+    let cache = Arc::new(ChunkCache::open(&data.join("cache"), flags.limit)?);
+    cache.pin(image.index.chunks.iter().map(|c| c.id));
+    let fetcher = Arc::new(ChunkFetcher::new(
+        store.clone(),
+        cache,
+        image.index.clone(),
+        8 << 20,
+    ));
+    let recorder = flags
+        .record_trace
+        .map(|secs| Arc::new(trace::Recorder::new(Duration::from_secs(secs))));
+    let stored_trace = if flags.prefetch {
+        trace::load(store.as_ref(), &image.digest).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot read the image's trace; mounting without prefetch");
+            None
+        })
+    } else {
+        None
+    };
+    let options = MountOptions {
+        id_offset: flags.id_offset,
+        ..MountOptions::default()
+    };
+    let session = warren_lazyfs::mount(
+        LazyFs::new(fetcher.clone(), options, recorder.clone()),
+        mountpoint,
+    )
+    .with_context(|| format!("cannot mount `{reference}` at `{}`", mountpoint.display()))?;
+    let progress = Arc::new(pull::Progress::default());
+    let had_trace = stored_trace.is_some();
+    let puller = pull::spawn(
+        fetcher.clone(),
+        stored_trace,
+        flags.background,
+        progress.clone(),
+    );
+    println!(
+        "mounted {reference} at {} ({} entries, {}; trace {}; background pull {}); SIGTERM or Ctrl-C unmounts",
+        mountpoint.display(),
+        image.index.entries.len(),
+        ByteSize(image.index.data_bytes()),
+        if had_trace { "replaying" } else { "none" },
+        if flags.background { "on" } else { "off" }
+    );
+
+    let term = Arc::new(AtomicBool::new(false));
+    let save_now = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, term.clone())
+            .context("cannot install a signal handler")?;
+    }
+    signal_hook::flag::register(signal_hook::consts::SIGUSR1, save_now.clone())
+        .context("cannot install a signal handler")?;
+    let started = Instant::now();
+    let mut trace_saved = false;
+    while !term.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
+        if let (Some(rec), Some(secs), false) = (&recorder, flags.record_trace, trace_saved)
+            && (save_now.swap(false, Ordering::Relaxed)
+                || started.elapsed() >= Duration::from_secs(secs))
+        {
+            rec.stop();
+            save_trace(store.as_ref(), &image.digest, &rec.trace(&image.index));
+            trace_saved = true;
+        }
+        if let Some(path) = &flags.stats {
+            write_stats(path, &pull::stats(&fetcher, &progress));
+        }
+    }
+    progress.stop.store(true, Ordering::Relaxed);
+    if let (Some(rec), false) = (&recorder, trace_saved) {
+        rec.stop();
+        save_trace(store.as_ref(), &image.digest, &rec.trace(&image.index));
+    }
+    drop(session);
+    let _ = puller.join();
+    let stats = pull::stats(&fetcher, &progress);
+    if let Some(path) = &flags.stats {
+        write_stats(path, &stats);
+    }
+    println!(
+        "unmounted {}: fetched {} in {} requests",
+        mountpoint.display(),
+        ByteSize(stats.bytes_fetched),
+        stats.requests
+    );
+    Ok(())
+}
+
+fn save_trace(store: &dyn BlobStore, image: &warren_image::Digest, t: &trace::Trace) {
+    match trace::save(store, image, t) {
+        Ok(_) => println!("recorded a trace of {} chunks", t.chunks.len()),
+        Err(e) => eprintln!("warning: the trace could not be stored: {e}"),
+    }
+}
+
+fn write_stats(path: &Path, stats: &pull::Stats) {
+    let tmp = path.with_extension("tmp");
+    if std::fs::write(
+        &tmp,
+        serde_json::to_vec_pretty(stats).expect("stats serialize"),
+    )
+    .is_ok()
+    {
+        let _ = std::fs::rename(&tmp, path);
+    }
+}
+
+#[derive(Serialize)]
+struct Listed {
+    name: String,
+    digest: String,
+    kind: String,
+    entries: u64,
+    data_bytes: u64,
+}
+
+fn list(data: &Path, json: bool) -> anyhow::Result<()> {
+    let local = local_store(data)?;
+    let mut rows = Vec::new();
+    for (name, digest) in local.tags()? {
+        if name.ends_with(".trace") {
+            continue;
+        }
+        let row = match open_image(&local, &name) {
+            Ok(img) => Listed {
+                name,
+                digest: digest.to_string(),
+                kind: "warren".into(),
+                entries: img.config.entries,
+                data_bytes: img.config.data_bytes,
+            },
+            Err(_) => Listed {
+                name,
+                digest: digest.to_string(),
+                kind: "oci".into(),
+                entries: 0,
+                data_bytes: 0,
+            },
+        };
+        rows.push(row);
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        println!(
+            "{:<32} {:<19} {:>9} {:>12}",
+            "NAME", "DIGEST", "ENTRIES", "SIZE"
+        );
+        for r in rows {
+            println!(
+                "{:<32} {:<19} {:>9} {:>12}",
+                r.name,
+                &r.digest[..19],
+                r.entries,
+                ByteSize(r.data_bytes).to_string()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn inspect(data: &Path, reference: &str, json: bool) -> anyhow::Result<()> {
+    let (store, name) = resolve(data, reference)?;
+    let image = open_image(store.as_ref(), &name)?;
+    let stored: u64 = image.manifest.layers.iter().map(|l| l.size).sum();
+    let report = serde_json::json!({
+        "reference": reference,
+        "digest": image.digest.to_string(),
+        "config": image.config,
+        "entries": image.index.entries.len(),
+        "dataBytes": image.index.data_bytes(),
+        "chunks": image.index.chunks.len(),
+        "packs": image.index.blobs.len(),
+        "storedBytes": stored,
+        "manifest": image.manifest,
+    });
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "{reference}\n  digest   {}\n  entries  {}\n  data     {}\n  chunks   {} in {} packs ({} stored)",
+            image.digest,
+            image.index.entries.len(),
+            ByteSize(image.index.data_bytes()),
+            image.index.chunks.len(),
+            image.index.blobs.len(),
+            ByteSize(stored)
+        );
+        if !image.config.env.is_empty() {
+            println!("  env      {}", image.config.env.join(" "));
+        }
+    }
+    Ok(())
+}
+
+fn export(data: &Path, reference: &str, destination: &str) -> anyhow::Result<()> {
+    let Some(rest) = destination.strip_prefix("oci:") else {
+        bail!("`{destination}`: expected oci:DIR:TAG");
+    };
+    let (dir, tag) = rest
+        .rsplit_once(':')
+        .filter(|(_, t)| !t.contains('/'))
+        .unwrap_or((rest, "latest"));
+    let (store, name) = resolve(data, reference)?;
+    let image = open_image(store.as_ref(), &name)?;
+    let cache = Arc::new(ChunkCache::open(&data.join("cache"), None)?);
+    let fetcher = ChunkFetcher::new(store.clone(), cache, image.index.clone(), 8 << 20);
+    let dest = LocalStore::open(Path::new(dir))?;
+    let work = tempfile_dir(data)?;
+    let bar = spinner(&format!("exporting {reference}"));
+    let digest = warren_store::oci::export_oci(&fetcher, &image.config, &dest, tag, work.path())?;
+    bar.finish_and_clear();
+    println!("exported {reference} to {destination} ({digest})");
+    Ok(())
+}
