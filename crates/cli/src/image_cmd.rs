@@ -18,7 +18,9 @@ use warren_lazyfs::{LazyFs, MountOptions, pull, trace};
 use warren_spec::ByteSize;
 use warren_store::images::{commit, copy_image, open_image};
 use warren_store::manifest::ImageConfig;
-use warren_store::{BlobStore, ChunkCache, ChunkFetcher, LocalStore, RegistryRef, RegistryStore};
+use warren_store::{
+    BlobStore, ChunkCache, ChunkFetcher, LocalStore, RegistryRef, RegistryStore, Retry,
+};
 
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
@@ -97,10 +99,14 @@ fn registry(r: &RegistryRef) -> RegistryStore {
     RegistryStore::new(&r.host, &r.repository, credentials(), insecure)
 }
 
-/// The store holding `reference` and the name of the image inside it.
+/// The store holding `reference` and the name of the image inside it. Registry reads retry
+/// patiently: a mount must outlive a registry restart.
 fn resolve(data: &Path, reference: &str) -> anyhow::Result<(Arc<dyn BlobStore>, String)> {
     if let Ok(r) = RegistryRef::parse(reference) {
-        return Ok((Arc::new(registry(&r)), r.reference.clone()));
+        return Ok((
+            Arc::new(registry(&r).with_retry(Retry::patient())),
+            r.reference.clone(),
+        ));
     }
     check_local_name(reference)?;
     Ok((Arc::new(local_store(data)?), reference.to_owned()))

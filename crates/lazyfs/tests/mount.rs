@@ -316,3 +316,71 @@ fn a_recorded_trace_is_replayed_and_the_background_pull_fills_the_cache() {
     );
     drop(session);
 }
+
+#[test]
+fn a_mount_survives_the_registry_going_away_and_coming_back() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let mut x: u64 = 7;
+    let content: Vec<u8> = (0..(3 << 20))
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(src.join("data"), &content).unwrap();
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let mut builder = ImageBuilder::new(&work, ChunkParams::default(), Limits::default());
+    import_dir(&mut builder, &src).unwrap();
+    let local = LocalStore::open(&dir.path().join("images")).unwrap();
+    commit(
+        &local,
+        &builder.finish().unwrap(),
+        ImageConfig::default(),
+        "d:1",
+    )
+    .unwrap();
+    let mut registry = Registry::start();
+    let remote = RegistryStore::new(&registry.host(), "w/d", None, false)
+        .with_retry(warren_store::Retry::patient());
+    copy_image(&local, &remote, "d:1", "1", |_, _| {}).unwrap();
+    let image = open_image(&remote, "1").unwrap();
+    let cache = Arc::new(ChunkCache::open(&dir.path().join("cache"), None).unwrap());
+    let fetcher = Arc::new(ChunkFetcher::new(
+        Arc::new(remote),
+        cache,
+        image.index.clone(),
+        8 << 20,
+    ));
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let session = mount(
+        LazyFs::new(fetcher.clone(), MountOptions::default(), None),
+        &mnt,
+    )
+    .unwrap();
+
+    registry.stop();
+    let path = mnt.join("data");
+    let reader = std::thread::spawn(move || std::fs::read(path));
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !reader.is_finished(),
+        "the read did not wait for the registry"
+    );
+    registry.resume();
+    let read = reader
+        .join()
+        .unwrap()
+        .expect("the read failed instead of retrying");
+    assert!(
+        read == content,
+        "wrong content after the registry came back"
+    );
+    drop(session);
+}

@@ -82,6 +82,19 @@ impl Default for Retry {
     }
 }
 
+impl Retry {
+    /// For a mounted image: a read waits while the registry is away (about a minute of
+    /// attempts) rather than fail at once, so a dropped connection or a registry restart is
+    /// survived.
+    pub fn patient() -> Retry {
+        Retry {
+            attempts: 40,
+            first_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(2),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct RegistryStore {
     base: String,

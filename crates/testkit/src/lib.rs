@@ -48,6 +48,7 @@ pub struct Registry {
     child: Child,
     pub port: u16,
     pub storage: tempfile::TempDir,
+    config: PathBuf,
 }
 
 impl Registry {
@@ -64,20 +65,30 @@ impl Registry {
             ),
         )
         .unwrap();
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let child = Self::spawn(&config);
         let registry = Registry {
             child,
             port,
             storage,
+            config,
         };
+        registry.wait_ready();
+        registry
+    }
+
+    fn spawn(config: &Path) -> Child {
+        Command::new("docker-registry")
+            .arg("serve")
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
+    fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
-        let url = format!("http://127.0.0.1:{port}/v2/");
+        let url = format!("http://127.0.0.1:{}/v2/", self.port);
         while ureq::get(&url).call().is_err() {
             assert!(
                 Instant::now() < deadline,
@@ -85,7 +96,18 @@ impl Registry {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        registry
+    }
+
+    /// Kills the registry (connections drop, the port refuses).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same port with the same storage.
+    pub fn resume(&mut self) {
+        self.child = Self::spawn(&self.config);
+        self.wait_ready();
     }
 
     /// `127.0.0.1:<port>`
