@@ -3,6 +3,7 @@
 // The terminal is this binary's interface.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+mod bench;
 mod image_cmd;
 mod spec_cmd;
 
@@ -38,6 +39,9 @@ enum Commands {
     /// Images: import, push, pull, mount lazily, list, inspect, remove, collect, export
     #[command(subcommand)]
     Image(image_cmd::ImageCommand),
+    /// Benchmarks against real peers (needs root)
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 fn main() -> ExitCode {
@@ -53,6 +57,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Commands::Spec(cmd) => spec_cmd::run(cmd),
         Commands::Image(cmd) => image_cmd::run(cmd, &cli.data).map(|()| ExitCode::SUCCESS),
+        Commands::Bench(cmd) => bench::run(cmd).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

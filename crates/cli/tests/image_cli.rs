@@ -39,7 +39,22 @@ fn failed(out: Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-fn spawn_mount(data: &Path, image: &str, mnt: &Path, extra: &[&str]) -> Child {
+/// A running `warren image mount`; a failing test must not leave it behind.
+struct MountProcess(Option<Child>);
+
+impl Drop for MountProcess {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn spawn_mount(data: &Path, image: &str, mnt: &Path, extra: &[&str]) -> MountProcess {
     let child = Command::new(env!("CARGO_BIN_EXE_warren"))
         .arg("--data")
         .arg(data)
@@ -50,6 +65,7 @@ fn spawn_mount(data: &Path, image: &str, mnt: &Path, extra: &[&str]) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let process = MountProcess(Some(child));
     let deadline = Instant::now() + Duration::from_secs(30);
     while !is_mounted(mnt) {
         assert!(
@@ -59,23 +75,24 @@ fn spawn_mount(data: &Path, image: &str, mnt: &Path, extra: &[&str]) -> Child {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    child
+    process
 }
 
-fn signal(child: &Child, sig: &str) {
+fn signal(process: &MountProcess, sig: &str) {
+    let pid = process.0.as_ref().unwrap().id();
     assert!(
         Command::new("kill")
             .arg(format!("-{sig}"))
-            .arg(child.id().to_string())
+            .arg(pid.to_string())
             .status()
             .unwrap()
             .success()
     );
 }
 
-fn stop(child: Child, mnt: &Path) -> String {
-    signal(&child, "TERM");
-    let out = child.wait_with_output().unwrap();
+fn stop(mut process: MountProcess, mnt: &Path) -> String {
+    signal(&process, "TERM");
+    let out = process.0.take().unwrap().wait_with_output().unwrap();
     assert!(
         out.status.success(),
         "mount exited with {:?}: {}",

@@ -14,6 +14,8 @@ use crate::trace::Trace;
 
 /// Bytes (uncompressed) per prefetch batch: the upper bound of one merged request.
 const BATCH_BYTES: u64 = 8 << 20;
+/// Background batches in flight at once.
+const PULL_WORKERS: usize = 3;
 
 #[derive(Debug, Default)]
 pub struct Progress {
@@ -107,15 +109,32 @@ pub fn spawn(
                 progress
                     .all_chunks
                     .store(all.len() as u64, Ordering::Relaxed);
-                for batch in batches(&fetcher, &all) {
-                    if progress.stop.load(Ordering::Relaxed) {
-                        return;
+                let work = batches(&fetcher, &all);
+                let next = AtomicU64::new(0);
+                // Several batches in flight, so the link is busy while a finished batch is
+                // verified and written to the cache.
+                std::thread::scope(|scope| {
+                    for _ in 0..PULL_WORKERS {
+                        scope.spawn(|| {
+                            loop {
+                                if progress.stop.load(Ordering::Relaxed) {
+                                    return;
+                                }
+                                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                                let Some(batch) = work.get(i) else {
+                                    return;
+                                };
+                                // Yield to on-demand reads.
+                                while fetcher.counters.demand_in_flight.load(Ordering::SeqCst) > 0 {
+                                    std::thread::sleep(Duration::from_millis(2));
+                                }
+                                run_batch(&fetcher, &progress, batch, &progress.all_done);
+                            }
+                        });
                     }
-                    // Yield to on-demand reads.
-                    while fetcher.counters.demand_in_flight.load(Ordering::SeqCst) > 0 {
-                        std::thread::sleep(Duration::from_millis(2));
-                    }
-                    run_batch(&fetcher, &progress, &batch, &progress.all_done);
+                });
+                if progress.stop.load(Ordering::Relaxed) {
+                    return;
                 }
             }
             progress.finished.store(true, Ordering::Relaxed);

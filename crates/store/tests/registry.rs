@@ -183,3 +183,38 @@ fn local_store_tags_and_garbage_collection() {
     assert_eq!(report.blobs_removed as usize, blobs);
     assert!(open_image(&store, "demo:1").is_err());
 }
+
+#[test]
+fn a_registry_with_basic_auth_wants_the_right_credentials() {
+    let registry = Registry::start_with_basic_auth("ada", "s3cret");
+    let (_dir, local, _) = local_image();
+    let anonymous = RegistryStore::new(&registry.host(), "team/demo", None, false);
+    let err = copy_image(&local, &anonymous, "demo:1", "1", |_, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("authentication failed") && err.contains("WARREN_REGISTRY_USER"),
+        "{err}"
+    );
+    let wrong = RegistryStore::new(
+        &registry.host(),
+        "team/demo",
+        Some(("ada".into(), "nope".into())),
+        false,
+    );
+    let err = copy_image(&local, &wrong, "demo:1", "1", |_, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("authentication failed") && err.contains("401"),
+        "{err}"
+    );
+    let ada = RegistryStore::new(
+        &registry.host(),
+        "team/demo",
+        Some(("ada".into(), "s3cret".into())),
+        false,
+    );
+    let digest = copy_image(&local, &ada, "demo:1", "1", |_, _| {}).unwrap();
+    assert_eq!(open_image(&ada, "1").unwrap().digest, digest);
+}

@@ -53,6 +53,15 @@ pub struct Registry {
 
 impl Registry {
     pub fn start() -> Registry {
+        Self::start_with(None)
+    }
+
+    /// A registry that requires HTTP Basic authentication (an htpasswd file, bcrypt) for `user`.
+    pub fn start_with_basic_auth(user: &str, password: &str) -> Registry {
+        Self::start_with(Some((user, password)))
+    }
+
+    fn start_with(basic_auth: Option<(&str, &str)>) -> Registry {
         require_program("docker-registry", "docker-registry");
         let storage = tempfile::tempdir().unwrap();
         let port = free_port();
@@ -65,6 +74,18 @@ impl Registry {
             ),
         )
         .unwrap();
+        if let Some((user, password)) = basic_auth {
+            require_program("htpasswd", "apache2-utils");
+            let entry = run(Command::new("htpasswd").args(["-Bbn", user, password]));
+            let htpasswd = storage.path().join("htpasswd");
+            std::fs::write(&htpasswd, entry.trim()).unwrap();
+            let mut text = std::fs::read_to_string(&config).unwrap();
+            text.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: warren-test\n    path: {}\n",
+                htpasswd.display()
+            ));
+            std::fs::write(&config, text).unwrap();
+        }
         let child = Self::spawn(&config);
         let registry = Registry {
             child,
@@ -89,7 +110,13 @@ impl Registry {
     fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         let url = format!("http://127.0.0.1:{}/v2/", self.port);
-        while ureq::get(&url).call().is_err() {
+        // Any HTTP answer (a 401 included) means it is up.
+        let agent = ureq::Agent::new_with_config(
+            ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .build(),
+        );
+        while agent.get(&url).call().is_err() {
             assert!(
                 Instant::now() < deadline,
                 "docker-registry did not answer on {url} within 20 s"

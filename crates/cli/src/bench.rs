@@ -1,0 +1,648 @@
+//! `warren bench lazy`: lazy image mounts against full pulls, on a shaped link, in one run.
+//!
+//! Everything runs in a network namespace of its own (`warren-bench`), whose loopback is shaped
+//! with `tc ... tbf`: Debian's docker-registry serves there on 127.0.0.1, and the peers
+//! (`skopeo copy` + `umoci unpack`, Warren's own full pull) and Warren's lazy mounts fetch
+//! through the same link. The host's own loopback is never shaped.
+//!
+//! The synthetic image is incompressible data of the requested size; its startup set (about
+//! 200 MB: many small files and some whole medium files, interleaved with files nobody reads at
+//! startup, as in a real root filesystem) is read after each kind of start.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::Subcommand;
+use serde::Serialize;
+use warren_spec::ByteSize;
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Lazy mounts (with and without a trace) against full pulls on shaped links
+    Lazy {
+        /// Image size
+        #[arg(long, default_value = "4GiB")]
+        size: String,
+        /// Link rates to measure, as tc understands them
+        #[arg(long, value_delimiter = ',', default_value = "1gbit,100mbit")]
+        rates: Vec<String>,
+        /// Where to build the image and keep the stores (needs about 4 × size free)
+        #[arg(long, default_value = "/var/tmp/warren-bench")]
+        work: PathBuf,
+        /// Write the results as JSON here as well
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
+const NETNS: &str = "warren-bench";
+
+pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
+    match cmd {
+        BenchCommand::Lazy {
+            size,
+            rates,
+            work,
+            json,
+        } => {
+            let size = ByteSize::parse(&size)
+                .with_context(|| format!("`{size}` is not a size"))?
+                .0;
+            if std::env::var_os("WARREN_BENCH_INSIDE").is_none() {
+                return reexec_in_netns();
+            }
+            lazy(size, &rates, &work, json.as_deref())
+        }
+    }
+}
+
+fn sh(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Creates the namespace, runs this same command inside it, and removes the namespace.
+fn reexec_in_netns() -> anyhow::Result<()> {
+    let _ = Command::new("ip")
+        .args(["netns", "del", NETNS])
+        .stderr(Stdio::null())
+        .status();
+    sh(Command::new("ip").args(["netns", "add", NETNS]))?;
+    let result = (|| {
+        sh(Command::new("ip").args(["-n", NETNS, "link", "set", "lo", "up"]))?;
+        let status = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{NETNS}"))
+            .arg(std::env::current_exe()?)
+            .args(std::env::args_os().skip(1))
+            .env("WARREN_BENCH_INSIDE", "1")
+            .status()
+            .context("cannot run nsenter")?;
+        if !status.success() {
+            bail!("the benchmark failed");
+        }
+        Ok(())
+    })();
+    let _ = Command::new("ip").args(["netns", "del", NETNS]).status();
+    result
+}
+
+fn shape(rate: Option<&str>) -> anyhow::Result<()> {
+    let _ = Command::new("tc")
+        .args(["qdisc", "del", "dev", "lo", "root"])
+        .stderr(Stdio::null())
+        .status();
+    if let Some(rate) = rate {
+        // burst must hold at least one loopback frame (64 KiB); the queue holds ~50 ms.
+        sh(Command::new("tc").args([
+            "qdisc", "add", "dev", "lo", "root", "tbf", "rate", rate, "burst", "256kb", "latency",
+            "50ms",
+        ]))?;
+    }
+    Ok(())
+}
+
+fn rate_bits(rate: &str) -> anyhow::Result<f64> {
+    let r = rate.to_ascii_lowercase();
+    let (num, mult) = if let Some(n) = r.strip_suffix("gbit") {
+        (n, 1e9)
+    } else if let Some(n) = r.strip_suffix("mbit") {
+        (n, 1e6)
+    } else if let Some(n) = r.strip_suffix("kbit") {
+        (n, 1e3)
+    } else {
+        bail!("rate `{rate}`: use gbit, mbit or kbit");
+    };
+    Ok(num.parse::<f64>()? * mult)
+}
+
+struct Xorshift(u64);
+
+impl Xorshift {
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            let bytes = self.0.to_le_bytes();
+            chunk.copy_from_slice(&bytes[..chunk.len()]);
+        }
+    }
+}
+
+/// Writes the synthetic tree; returns the startup set (relative paths) and its size.
+fn generate(src: &Path, size: u64) -> anyhow::Result<(Vec<PathBuf>, u64, u64)> {
+    let _ = std::fs::remove_dir_all(src);
+    let mut rng = Xorshift(0x9E37_79B9_7F4A_7C15);
+    let mut startup = Vec::new();
+    let (mut written, mut startup_bytes) = (0u64, 0u64);
+    let mut buf = vec![0u8; 4 << 20];
+    let mut write = |path: &Path, len: u64, rng: &mut Xorshift| -> anyhow::Result<()> {
+        std::fs::create_dir_all(path.parent().expect("has a parent"))?;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            rng.fill(&mut buf[..n]);
+            std::io::Write::write_all(&mut f, &buf[..n])?;
+            left -= n as u64;
+        }
+        Ok(())
+    };
+    // One 256 MiB file for the sequential-read comparison.
+    write(&src.join("data/seq"), 256 << 20, &mut rng)?;
+    written += 256 << 20;
+    // 10,000 small files in 100 folders, one in five read at startup (~80 MB);
+    // 300 files of 2 MiB, one in five read at startup (~120 MB); the rest in 64 MiB files.
+    for i in 0..10_000u64 {
+        let len = 16 * 1024 + (i * 7919 % 48) * 1024;
+        let rel = PathBuf::from(format!("lib/d{:02}/f{i:05}", i % 100));
+        write(&src.join(&rel), len, &mut rng)?;
+        written += len;
+        if i % 5 == 0 {
+            startup.push(rel);
+            startup_bytes += len;
+        }
+    }
+    for i in 0..300u64 {
+        let rel = PathBuf::from(format!("share/m{:02}/file{i:03}", i % 30));
+        write(&src.join(&rel), 2 << 20, &mut rng)?;
+        written += 2 << 20;
+        if i % 5 == 0 {
+            startup.push(rel);
+            startup_bytes += 2 << 20;
+        }
+    }
+    let mut i = 0;
+    while written < size {
+        let len = (64u64 << 20).min(size - written);
+        write(&src.join(format!("data/blob{i:04}")), len, &mut rng)?;
+        written += len;
+        i += 1;
+    }
+    Ok((startup, startup_bytes, written))
+}
+
+fn read_set(root: &Path, set: &[PathBuf]) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    for rel in set {
+        std::fs::read(root.join(rel)).with_context(|| format!("reading {}", rel.display()))?;
+    }
+    Ok(started.elapsed())
+}
+
+fn drop_caches() {
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+}
+
+struct Mount {
+    child: std::process::Child,
+    mountpoint: PathBuf,
+    stats: PathBuf,
+}
+
+fn is_mounted(path: &Path) -> bool {
+    let target = path.to_string_lossy();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(&target))
+}
+
+impl Mount {
+    fn start(data: &Path, image: &str, mountpoint: &Path, args: &[&str]) -> anyhow::Result<Mount> {
+        std::fs::create_dir_all(mountpoint)?;
+        let stats = data.with_extension("stats.json");
+        let _ = std::fs::remove_file(&stats);
+        let child = Command::new(std::env::current_exe()?)
+            .arg("--data")
+            .arg(data)
+            .args(["image", "mount", image])
+            .arg(mountpoint)
+            .arg("--stats")
+            .arg(&stats)
+            .args(args)
+            .stdout(Stdio::null())
+            .spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !is_mounted(mountpoint) {
+            if Instant::now() > deadline {
+                bail!("{image} was not mounted within 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(Mount {
+            child,
+            mountpoint: mountpoint.to_path_buf(),
+            stats,
+        })
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        std::fs::read(&self.stats)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    fn wait_stat(&self, key: &str) -> anyhow::Result<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(3600);
+        loop {
+            let s = self.stats();
+            if s[key] == true {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                bail!("{key} did not become true");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stop(mut self) -> anyhow::Result<serde_json::Value> {
+        sh(Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string()))?;
+        self.child.wait()?;
+        if is_mounted(&self.mountpoint) {
+            bail!(
+                "{} is still mounted after SIGTERM",
+                self.mountpoint.display()
+            );
+        }
+        Ok(self.stats())
+    }
+}
+
+impl Drop for Mount {
+    /// A benchmark that fails half-way must not leave a mount behind.
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(self.child.id().to_string())
+                .status();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct RateResult {
+    rate: String,
+    ideal_startup_s: f64,
+    skopeo_umoci_full_s: f64,
+    warren_full_pull_s: f64,
+    lazy_no_trace_s: f64,
+    lazy_no_trace_fetched: u64,
+    lazy_trace_s: f64,
+    lazy_trace_fetched: u64,
+    background_pull_s: f64,
+    background_rate_of_link: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Results {
+    image_bytes: u64,
+    startup_files: usize,
+    startup_bytes: u64,
+    import_s: f64,
+    stored_bytes: u64,
+    rates: Vec<RateResult>,
+    local_read_mib_s: f64,
+    mount_read_mib_s: f64,
+    dedup_first_bytes: u64,
+    dedup_total_bytes: u64,
+    dedup_budget_bytes: u64,
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let m = e.metadata().ok();
+            if m.as_ref().is_some_and(|m| m.is_dir()) {
+                stack.push(e.path());
+            } else if let Some(m) = m {
+                total += m.len();
+            }
+        }
+    }
+    total
+}
+
+fn lazy(size: u64, rates: &[String], work: &Path, json: Option<&Path>) -> anyhow::Result<()> {
+    for tool in ["skopeo", "umoci", "docker-registry", "tc"] {
+        sh(Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {tool}")))
+        .with_context(|| format!("{tool} is needed (./dev deps installs it)"))?;
+    }
+    let exe = std::env::current_exe()?;
+    let warren = |data: &Path, args: &[&str]| -> anyhow::Result<String> {
+        sh(Command::new(&exe).arg("--data").arg(data).args(args))
+    };
+    std::fs::create_dir_all(work)?;
+    let src = work.join("src");
+    eprintln!("generating a {} image", ByteSize(size));
+    let (startup, startup_bytes, size) = generate(&src, size)?;
+    eprintln!("importing");
+    let base = work.join("base");
+    let _ = std::fs::remove_dir_all(&base);
+    let started = Instant::now();
+    warren(
+        &base,
+        &["image", "import", src.to_str().expect("utf-8"), "bench:1"],
+    )?;
+    let import_s = started.elapsed().as_secs_f64();
+    let stored_bytes = dir_bytes(&base.join("images/blobs"));
+
+    shape(None)?;
+    let reg_dir = work.join("registry");
+    let _ = std::fs::remove_dir_all(&reg_dir);
+    std::fs::create_dir_all(&reg_dir)?;
+    std::fs::write(
+        reg_dir.join("config.yml"),
+        format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:5000\n",
+            reg_dir.join("data").display()
+        ),
+    )?;
+    let mut registry = Command::new("docker-registry")
+        .arg("serve")
+        .arg(reg_dir.join("config.yml"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let result = (|| -> anyhow::Result<Results> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while ureq::get("http://127.0.0.1:5000/v2/").call().is_err() {
+            if Instant::now() > deadline {
+                bail!("docker-registry did not start");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let remote = "127.0.0.1:5000/bench/warren:1";
+        warren(&base, &["image", "push", "bench:1", remote])?;
+        let layout = work.join("layout");
+        let _ = std::fs::remove_dir_all(&layout);
+        warren(
+            &base,
+            &[
+                "image",
+                "export",
+                "bench:1",
+                &format!("oci:{}:1", layout.display()),
+            ],
+        )?;
+        sh(Command::new("skopeo")
+            .args(["copy", "--quiet", "--dest-tls-verify=false"])
+            .arg(format!("oci:{}:1", layout.display()))
+            .arg("docker://127.0.0.1:5000/bench/oci:1"))?;
+
+        // Record the startup trace once (unshaped).
+        let mnt = work.join("mnt");
+        let rec = work.join("rec");
+        let _ = std::fs::remove_dir_all(&rec);
+        let m = Mount::start(
+            &rec,
+            remote,
+            &mnt,
+            &["--record-trace", "3600", "--no-prefetch", "--no-background"],
+        )?;
+        read_set(&mnt, &startup)?;
+        m.stop()?;
+
+        let mut rate_results = Vec::new();
+        for rate in rates {
+            let bits = rate_bits(rate)?;
+            let ideal = startup_bytes as f64 * 8.0 / bits;
+            eprintln!(
+                "link {rate}: startup set {} (ideal {ideal:.1}s)",
+                ByteSize(startup_bytes)
+            );
+            shape(Some(rate))?;
+
+            eprintln!("  skopeo copy + umoci unpack");
+            // Peer: skopeo copy + umoci unpack, then the startup set from disk.
+            let peer = work.join("peer");
+            let _ = std::fs::remove_dir_all(&peer);
+            std::fs::create_dir_all(&peer)?;
+            drop_caches();
+            let t = Instant::now();
+            sh(Command::new("skopeo")
+                .args([
+                    "copy",
+                    "--quiet",
+                    "--src-tls-verify=false",
+                    "docker://127.0.0.1:5000/bench/oci:1",
+                ])
+                .arg(format!("oci:{}:1", peer.join("layout").display())))?;
+            sh(Command::new("umoci")
+                .args(["unpack", "--image"])
+                .arg(format!("{}:1", peer.join("layout").display()))
+                .arg(peer.join("bundle")))?;
+            read_set(&peer.join("bundle/rootfs"), &startup)?;
+            let skopeo_s = t.elapsed().as_secs_f64();
+            let _ = std::fs::remove_dir_all(&peer);
+
+            eprintln!("  warren full pull");
+            // Warren's own full pull, then the startup set from a local mount.
+            let full = work.join("full");
+            let _ = std::fs::remove_dir_all(&full);
+            drop_caches();
+            let t = Instant::now();
+            warren(&full, &["image", "pull", remote, "bench:1"])?;
+            let m = Mount::start(
+                &full,
+                "bench:1",
+                &mnt,
+                &["--no-prefetch", "--no-background"],
+            )?;
+            read_set(&mnt, &startup)?;
+            let full_s = t.elapsed().as_secs_f64();
+            m.stop()?;
+            let _ = std::fs::remove_dir_all(&full);
+
+            eprintln!("  lazy mounts");
+            // Lazy, no trace.
+            let lazy_dir = work.join("lazy");
+            let _ = std::fs::remove_dir_all(&lazy_dir);
+            drop_caches();
+            let t = Instant::now();
+            let m = Mount::start(
+                &lazy_dir,
+                remote,
+                &mnt,
+                &["--no-prefetch", "--no-background"],
+            )?;
+            read_set(&mnt, &startup)?;
+            let lazy_s = t.elapsed().as_secs_f64();
+            let s = m.stop()?;
+            let lazy_fetched = s["bytes_fetched"].as_u64().unwrap_or(0);
+            let _ = std::fs::remove_dir_all(&lazy_dir);
+
+            // Lazy with the trace replayed.
+            drop_caches();
+            let t = Instant::now();
+            let m = Mount::start(&lazy_dir, remote, &mnt, &["--no-background"])?;
+            read_set(&mnt, &startup)?;
+            let trace_s = t.elapsed().as_secs_f64();
+            let s = m.stop()?;
+            let trace_fetched = s["bytes_fetched"].as_u64().unwrap_or(0);
+            let _ = std::fs::remove_dir_all(&lazy_dir);
+
+            eprintln!("  background pull");
+            // Background pull of the whole image.
+            let t = Instant::now();
+            let m = Mount::start(&lazy_dir, remote, &mnt, &["--no-prefetch"])?;
+            let s = m.wait_stat("pull_finished")?;
+            let bg_s = t.elapsed().as_secs_f64();
+            m.stop()?;
+            let bg_rate = s["bytes_fetched"].as_u64().unwrap_or(0) as f64 * 8.0 / bg_s / bits;
+            let _ = std::fs::remove_dir_all(&lazy_dir);
+            rate_results.push(RateResult {
+                rate: rate.clone(),
+                ideal_startup_s: ideal,
+                skopeo_umoci_full_s: skopeo_s,
+                warren_full_pull_s: full_s,
+                lazy_no_trace_s: lazy_s,
+                lazy_no_trace_fetched: lazy_fetched,
+                lazy_trace_s: trace_s,
+                lazy_trace_fetched: trace_fetched,
+                background_pull_s: bg_s,
+                background_rate_of_link: bg_rate,
+            });
+        }
+        shape(None)?;
+
+        // Sequential read of a large file once local: through the mount vs the source on disk.
+        eprintln!("sequential reads once local");
+        let big = PathBuf::from("data/seq");
+        let local_mib_s;
+        let mount_mib_s;
+        {
+            let m = Mount::start(
+                &base,
+                "bench:1",
+                &mnt,
+                &["--no-prefetch", "--no-background"],
+            )?;
+            std::fs::read(mnt.join(&big))?; // warm the chunk cache: "once local"
+            drop_caches();
+            let t = Instant::now();
+            let n = std::fs::read(mnt.join(&big))?.len() as f64;
+            mount_mib_s = n / t.elapsed().as_secs_f64() / (1 << 20) as f64;
+            drop_caches();
+            let t = Instant::now();
+            let n = std::fs::read(src.join(&big))?.len() as f64;
+            local_mib_s = n / t.elapsed().as_secs_f64() / (1 << 20) as f64;
+            m.stop()?;
+        }
+
+        eprintln!("ten successive images");
+        // Dedup: ten successive images that each change one 10 MB file.
+        let dd = work.join("dedup");
+        let _ = std::fs::remove_dir_all(&dd);
+        let first = dir_bytes(&base.join("images/blobs"));
+        std::fs::create_dir_all(&dd)?;
+        sh(Command::new("cp")
+            .arg("-a")
+            .arg(base.join("images"))
+            .arg(dd.join("images")))?;
+        let mut rng = Xorshift(42);
+        let mut ten = vec![0u8; 10 << 20];
+        for v in 2..=11 {
+            rng.fill(&mut ten);
+            std::fs::write(src.join("share/m00/file000"), &ten)?;
+            warren(
+                &dd,
+                &[
+                    "image",
+                    "import",
+                    src.to_str().expect("utf-8"),
+                    &format!("bench:{v}"),
+                ],
+            )?;
+        }
+        let total = dir_bytes(&dd.join("images/blobs"));
+        Ok(Results {
+            image_bytes: size,
+            startup_files: startup.len(),
+            startup_bytes,
+            import_s,
+            stored_bytes,
+            rates: rate_results,
+            local_read_mib_s: local_mib_s,
+            mount_read_mib_s: mount_mib_s,
+            dedup_first_bytes: first,
+            dedup_total_bytes: total,
+            dedup_budget_bytes: ((first + 10 * (10 << 20)) as f64 * 1.1) as u64,
+        })
+    })();
+    let _ = shape(None);
+    let _ = registry.kill();
+    let _ = registry.wait();
+    let results = result?;
+    report(&results);
+    if let Some(path) = json {
+        std::fs::write(path, serde_json::to_vec_pretty(&results)?)?;
+    }
+    Ok(())
+}
+
+fn report(r: &Results) {
+    println!(
+        "image {} ({} stored), imported in {:.1}s; startup set {} files, {}",
+        ByteSize(r.image_bytes),
+        ByteSize(r.stored_bytes),
+        r.import_s,
+        r.startup_files,
+        ByteSize(r.startup_bytes)
+    );
+    println!(
+        "| link | ideal | skopeo+umoci full | warren full pull | lazy, no trace | lazy, trace | fetched no trace / trace | background pull (of link) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for x in &r.rates {
+        println!(
+            "| {} | {:.1}s | {:.1}s | {:.1}s | {:.1}s ({:.2}× ideal+1s) | {:.1}s | {} / {} ({:.2}× / {:.2}× the set) | {:.1}s ({:.0}%) |",
+            x.rate,
+            x.ideal_startup_s,
+            x.skopeo_umoci_full_s,
+            x.warren_full_pull_s,
+            x.lazy_no_trace_s,
+            x.lazy_no_trace_s / (1.5 * x.ideal_startup_s + 1.0),
+            x.lazy_trace_s,
+            ByteSize(x.lazy_no_trace_fetched),
+            ByteSize(x.lazy_trace_fetched),
+            x.lazy_no_trace_fetched as f64 / r.startup_bytes as f64,
+            x.lazy_trace_fetched as f64 / r.startup_bytes as f64,
+            x.background_pull_s,
+            x.background_rate_of_link * 100.0
+        );
+    }
+    println!(
+        "sequential read once local: {:.0} MiB/s through the mount, {:.0} MiB/s from local disk ({:.0}%)",
+        r.mount_read_mib_s,
+        r.local_read_mib_s,
+        r.mount_read_mib_s / r.local_read_mib_s * 100.0
+    );
+    println!(
+        "ten successive images changing one 10 MB file: {} stored, budget 1.1 × (first + 10 × 10 MB) = {} ({})",
+        ByteSize(r.dedup_total_bytes),
+        ByteSize(r.dedup_budget_bytes),
+        if r.dedup_total_bytes <= r.dedup_budget_bytes {
+            "met"
+        } else {
+            "missed"
+        }
+    );
+}
