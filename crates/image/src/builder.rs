@@ -171,21 +171,6 @@ impl ImageBuilder {
         }
     }
 
-    /// Starts from the whole tree of `base` (for layering: later entries change it).
-    pub fn start_from(&mut self, base: &TreeIndex) {
-        self.reuse_chunks_of(base);
-        for entry in &base.entries {
-            let mut e = entry.clone();
-            e.chunks = entry
-                .chunks
-                .iter()
-                .map(|&c| self.chunk_ref(base.chunks[c as usize].id))
-                .collect::<Option<Vec<u32>>>()
-                .expect("every chunk of a validated index is known");
-            self.entries.insert(e.path.clone(), e);
-        }
-    }
-
     pub fn stats(&self) -> BuildStats {
         self.stats
     }

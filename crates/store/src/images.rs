@@ -109,8 +109,8 @@ pub fn open_image(store: &dyn BlobStore, reference: &str) -> Result<OpenImage, S
     })
 }
 
-/// Copies an image's manifest and the blobs `to` lacks. With `metadata_only`, only the
-/// manifest, config and index are copied (the packs stay where they are, for lazy mounts).
+/// Copies an image's manifest and the blobs `to` lacks (push and full pull); `progress(done,
+/// total)` counts bytes.
 pub fn copy_image(
     from: &dyn BlobStore,
     to: &dyn BlobStore,
