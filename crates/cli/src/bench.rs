@@ -34,6 +34,10 @@ pub enum BenchCommand {
         /// Write the results as JSON here as well
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Only the lazy mounts (no full pulls, background pull, local reads or dedup): to compare
+        /// image sizes quickly
+        #[arg(long)]
+        only_lazy: bool,
     },
 }
 
@@ -46,6 +50,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             rates,
             work,
             json,
+            only_lazy,
         } => {
             let size = ByteSize::parse(&size)
                 .with_context(|| format!("`{size}` is not a size"))?
@@ -53,7 +58,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             if std::env::var_os("WARREN_BENCH_INSIDE").is_none() {
                 return reexec_in_netns();
             }
-            lazy(size, &rates, &work, json.as_deref())
+            lazy(size, &rates, &work, json.as_deref(), only_lazy)
         }
     }
 }
@@ -338,7 +343,13 @@ fn dir_bytes(dir: &Path) -> u64 {
     total
 }
 
-fn lazy(size: u64, rates: &[String], work: &Path, json: Option<&Path>) -> anyhow::Result<()> {
+fn lazy(
+    size: u64,
+    rates: &[String],
+    work: &Path,
+    json: Option<&Path>,
+    only_lazy: bool,
+) -> anyhow::Result<()> {
     for tool in ["skopeo", "umoci", "docker-registry", "tc"] {
         sh(Command::new("sh")
             .arg("-c")
@@ -393,19 +404,21 @@ fn lazy(size: u64, rates: &[String], work: &Path, json: Option<&Path>) -> anyhow
         warren(&base, &["image", "push", "bench:1", remote])?;
         let layout = work.join("layout");
         let _ = std::fs::remove_dir_all(&layout);
-        warren(
-            &base,
-            &[
-                "image",
-                "export",
-                "bench:1",
-                &format!("oci:{}:1", layout.display()),
-            ],
-        )?;
-        sh(Command::new("skopeo")
-            .args(["copy", "--quiet", "--dest-tls-verify=false"])
-            .arg(format!("oci:{}:1", layout.display()))
-            .arg("docker://127.0.0.1:5000/bench/oci:1"))?;
+        if !only_lazy {
+            warren(
+                &base,
+                &[
+                    "image",
+                    "export",
+                    "bench:1",
+                    &format!("oci:{}:1", layout.display()),
+                ],
+            )?;
+            sh(Command::new("skopeo")
+                .args(["copy", "--quiet", "--dest-tls-verify=false"])
+                .arg(format!("oci:{}:1", layout.display()))
+                .arg("docker://127.0.0.1:5000/bench/oci:1"))?;
+        }
 
         // Record the startup trace once (unshaped).
         let mnt = work.join("mnt");
@@ -430,46 +443,49 @@ fn lazy(size: u64, rates: &[String], work: &Path, json: Option<&Path>) -> anyhow
             );
             shape(Some(rate))?;
 
-            eprintln!("  skopeo copy + umoci unpack");
-            // Peer: skopeo copy + umoci unpack, then the startup set from disk.
-            let peer = work.join("peer");
-            let _ = std::fs::remove_dir_all(&peer);
-            std::fs::create_dir_all(&peer)?;
-            drop_caches();
-            let t = Instant::now();
-            sh(Command::new("skopeo")
-                .args([
-                    "copy",
-                    "--quiet",
-                    "--src-tls-verify=false",
-                    "docker://127.0.0.1:5000/bench/oci:1",
-                ])
-                .arg(format!("oci:{}:1", peer.join("layout").display())))?;
-            sh(Command::new("umoci")
-                .args(["unpack", "--image"])
-                .arg(format!("{}:1", peer.join("layout").display()))
-                .arg(peer.join("bundle")))?;
-            read_set(&peer.join("bundle/rootfs"), &startup)?;
-            let skopeo_s = t.elapsed().as_secs_f64();
-            let _ = std::fs::remove_dir_all(&peer);
+            let (mut skopeo_s, mut full_s) = (f64::NAN, f64::NAN);
+            if !only_lazy {
+                eprintln!("  skopeo copy + umoci unpack");
+                // Peer: skopeo copy + umoci unpack, then the startup set from disk.
+                let peer = work.join("peer");
+                let _ = std::fs::remove_dir_all(&peer);
+                std::fs::create_dir_all(&peer)?;
+                drop_caches();
+                let t = Instant::now();
+                sh(Command::new("skopeo")
+                    .args([
+                        "copy",
+                        "--quiet",
+                        "--src-tls-verify=false",
+                        "docker://127.0.0.1:5000/bench/oci:1",
+                    ])
+                    .arg(format!("oci:{}:1", peer.join("layout").display())))?;
+                sh(Command::new("umoci")
+                    .args(["unpack", "--image"])
+                    .arg(format!("{}:1", peer.join("layout").display()))
+                    .arg(peer.join("bundle")))?;
+                read_set(&peer.join("bundle/rootfs"), &startup)?;
+                skopeo_s = t.elapsed().as_secs_f64();
+                let _ = std::fs::remove_dir_all(&peer);
 
-            eprintln!("  warren full pull");
-            // Warren's own full pull, then the startup set from a local mount.
-            let full = work.join("full");
-            let _ = std::fs::remove_dir_all(&full);
-            drop_caches();
-            let t = Instant::now();
-            warren(&full, &["image", "pull", remote, "bench:1"])?;
-            let m = Mount::start(
-                &full,
-                "bench:1",
-                &mnt,
-                &["--no-prefetch", "--no-background"],
-            )?;
-            read_set(&mnt, &startup)?;
-            let full_s = t.elapsed().as_secs_f64();
-            m.stop()?;
-            let _ = std::fs::remove_dir_all(&full);
+                eprintln!("  warren full pull");
+                // Warren's own full pull, then the startup set from a local mount.
+                let full = work.join("full");
+                let _ = std::fs::remove_dir_all(&full);
+                drop_caches();
+                let t = Instant::now();
+                warren(&full, &["image", "pull", remote, "bench:1"])?;
+                let m = Mount::start(
+                    &full,
+                    "bench:1",
+                    &mnt,
+                    &["--no-prefetch", "--no-background"],
+                )?;
+                read_set(&mnt, &startup)?;
+                full_s = t.elapsed().as_secs_f64();
+                m.stop()?;
+                let _ = std::fs::remove_dir_all(&full);
+            }
 
             eprintln!("  lazy mounts");
             // Lazy, no trace.
@@ -499,15 +515,18 @@ fn lazy(size: u64, rates: &[String], work: &Path, json: Option<&Path>) -> anyhow
             let trace_fetched = s["bytes_fetched"].as_u64().unwrap_or(0);
             let _ = std::fs::remove_dir_all(&lazy_dir);
 
-            eprintln!("  background pull");
-            // Background pull of the whole image.
-            let t = Instant::now();
-            let m = Mount::start(&lazy_dir, remote, &mnt, &["--no-prefetch"])?;
-            let s = m.wait_stat("pull_finished")?;
-            let bg_s = t.elapsed().as_secs_f64();
-            m.stop()?;
-            let bg_rate = s["bytes_fetched"].as_u64().unwrap_or(0) as f64 * 8.0 / bg_s / bits;
-            let _ = std::fs::remove_dir_all(&lazy_dir);
+            let (mut bg_s, mut bg_rate) = (f64::NAN, f64::NAN);
+            if !only_lazy {
+                eprintln!("  background pull");
+                // Background pull of the whole image.
+                let t = Instant::now();
+                let m = Mount::start(&lazy_dir, remote, &mnt, &["--no-prefetch"])?;
+                let s = m.wait_stat("pull_finished")?;
+                bg_s = t.elapsed().as_secs_f64();
+                m.stop()?;
+                bg_rate = s["bytes_fetched"].as_u64().unwrap_or(0) as f64 * 8.0 / bg_s / bits;
+                let _ = std::fs::remove_dir_all(&lazy_dir);
+            }
             rate_results.push(RateResult {
                 rate: rate.clone(),
                 ideal_startup_s: ideal,
@@ -522,6 +541,21 @@ fn lazy(size: u64, rates: &[String], work: &Path, json: Option<&Path>) -> anyhow
             });
         }
         shape(None)?;
+        if only_lazy {
+            return Ok(Results {
+                image_bytes: size,
+                startup_files: startup.len(),
+                startup_bytes,
+                import_s,
+                stored_bytes,
+                rates: rate_results,
+                local_read_mib_s: f64::NAN,
+                mount_read_mib_s: f64::NAN,
+                dedup_first_bytes: 0,
+                dedup_total_bytes: 0,
+                dedup_budget_bytes: 0,
+            });
+        }
 
         // Sequential read of a large file once local: through the mount vs the source on disk.
         eprintln!("sequential reads once local");

@@ -29,6 +29,11 @@ pub enum FetchError {
         chunk: warren_image::ChunkId,
         store: String,
     },
+    #[error("chunk {chunk} from {store} could not be fetched")]
+    Unavailable {
+        chunk: warren_image::ChunkId,
+        store: String,
+    },
 }
 
 /// Counters, readable while the fetcher runs.
@@ -126,19 +131,29 @@ impl ChunkFetcher {
         );
         let fetched = self.fetch(&missing)?;
         for (slot, c) in out.iter_mut().zip(wanted) {
+            if slot.is_some() {
+                continue;
+            }
+            self.counters.cache_misses.fetch_add(1, Ordering::Relaxed);
+            *slot = fetched
+                .iter()
+                .find(|(i, _)| i == c)
+                .map(|(_, d)| d.clone())
+                .or_else(|| self.cached(*c));
             if slot.is_none() {
-                self.counters.cache_misses.fetch_add(1, Ordering::Relaxed);
-                *slot = fetched
-                    .iter()
-                    .find(|(i, _)| i == c)
-                    .map(|(_, d)| d.clone())
+                // Another reader was fetching it and failed: fetch it here.
+                let again = self.fetch(&[*c])?;
+                *slot = again
+                    .into_iter()
+                    .next()
+                    .map(|(_, d)| d)
                     .or_else(|| self.cached(*c));
             }
         }
         out.into_iter()
             .zip(wanted)
             .map(|(d, c)| {
-                d.ok_or_else(|| FetchError::Corrupt {
+                d.ok_or_else(|| FetchError::Unavailable {
                     chunk: self.loc(*c).id,
                     store: self.store.describe(),
                 })
