@@ -663,6 +663,10 @@ fn report(r: &Results) {
             x.background_rate_of_link * 100.0
         );
     }
+    if r.dedup_budget_bytes == 0 {
+        // --only-lazy: the local-read and storage parts did not run.
+        return;
+    }
     println!(
         "sequential read once local: {:.0} MiB/s through the mount, {:.0} MiB/s from local disk ({:.0}%)",
         r.mount_read_mib_s,
