@@ -225,6 +225,24 @@ impl ChunkCache {
         }
     }
 
+    /// Asks the kernel to start reading the files of these cached chunks. A sequential read of a
+    /// file spans many chunk files, and the kernel's readahead does not cross files by itself.
+    pub fn advise_willneed(&self, ids: &[ChunkId]) {
+        use std::os::fd::AsRawFd as _;
+        for id in ids {
+            if !self.contains(id) {
+                continue;
+            }
+            if let Ok(f) = fs::File::open(self.path_of(id)) {
+                // SAFETY: the descriptor is open for the whole call; fadvise only gives a hint
+                // and reads no memory of ours.
+                unsafe {
+                    libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED);
+                }
+            }
+        }
+    }
+
     /// Keeps these chunks from eviction (the chunks of a mounted image).
     pub fn pin(&self, ids: impl IntoIterator<Item = ChunkId>) {
         self.state.lock().expect("cache lock").pinned.extend(ids);
