@@ -97,9 +97,8 @@ impl LocalStore {
         Ok(())
     }
 
-    /// Runs `change` on `index.json` under an exclusive lock (several Warren processes may share
-    /// a store).
-    fn update_index(&self, change: impl FnOnce(&mut LayoutIndex)) -> Result<(), StoreError> {
+    /// Takes the store's exclusive lock, held until the returned file is dropped.
+    fn lock(&self) -> Result<File, StoreError> {
         let lock = File::options()
             .create(true)
             .truncate(false)
@@ -107,6 +106,13 @@ impl LocalStore {
             .open(self.root.join(".lock"))
             .map_err(self.io("lock the store"))?;
         lock.lock().map_err(self.io("lock the store"))?;
+        Ok(lock)
+    }
+
+    /// Runs `change` on `index.json` under an exclusive lock (several Warren processes may share
+    /// a store).
+    fn update_index(&self, change: impl FnOnce(&mut LayoutIndex)) -> Result<(), StoreError> {
+        let _lock = self.lock()?;
         let mut index = self.read_index()?;
         change(&mut index);
         self.write_index(&index)
@@ -142,13 +148,7 @@ impl LocalStore {
 
     /// Deletes every blob no tagged manifest refers to.
     pub fn gc(&self) -> Result<GcReport, StoreError> {
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(self.root.join(".lock"))
-            .map_err(self.io("lock the store"))?;
-        lock.lock().map_err(self.io("lock the store"))?;
+        let _lock = self.lock()?;
         let mut live: HashSet<Digest> = HashSet::new();
         for d in self.read_index()?.manifests {
             live.insert(d.digest);
@@ -283,13 +283,7 @@ impl BlobStore for LocalStore {
     fn put_manifest(&self, tag: &str, manifest: &[u8]) -> Result<Digest, StoreError> {
         let digest = Digest::of(manifest);
         self.put_blob(&digest, manifest)?;
-        let media_type = serde_json::from_slice::<serde_json::Value>(manifest)
-            .ok()
-            .and_then(|v| {
-                v.get("mediaType")
-                    .and_then(|m| m.as_str())
-                    .map(str::to_owned)
-            })
+        let media_type = crate::manifest::media_type_of(manifest)
             .unwrap_or_else(|| MANIFEST_MEDIA_TYPE.to_owned());
         let mut desc = descriptor(&media_type, digest, manifest.len() as u64);
         desc.annotations.insert(REF_NAME.into(), tag.to_owned());

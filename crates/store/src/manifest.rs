@@ -91,3 +91,9 @@ pub fn descriptor(media_type: &str, digest: Digest, size: u64) -> Descriptor {
         platform: None,
     }
 }
+
+/// The `mediaType` a manifest (or manifest list) declares, if it is JSON and declares one.
+pub fn media_type_of(manifest: &[u8]) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_slice(manifest).ok()?;
+    value.get("mediaType")?.as_str().map(str::to_owned)
+}

@@ -87,14 +87,7 @@ struct RootFs {
 /// Reads the single-platform manifest for `reference`, following a manifest list to linux/amd64.
 fn platform_manifest(src: &dyn BlobStore, reference: &str) -> Result<Manifest, OciError> {
     let (bytes, _) = src.get_manifest(reference)?;
-    let media_type = serde_json::from_slice::<serde_json::Value>(&bytes)
-        .ok()
-        .and_then(|v| {
-            v.get("mediaType")
-                .and_then(|m| m.as_str())
-                .map(str::to_owned)
-        })
-        .unwrap_or_default();
+    let media_type = crate::manifest::media_type_of(&bytes).unwrap_or_default();
     let is_list = media_type == INDEX_MEDIA_TYPE
         || media_type == DOCKER_LIST_MEDIA_TYPE
         || serde_json::from_slice::<serde_json::Value>(&bytes)

@@ -106,6 +106,14 @@ pub struct RegistryStore {
     retry: Retry,
 }
 
+/// Adds the current `Authorization`, if there is one, to a request.
+fn with_auth<B>(req: ureq::RequestBuilder<B>, auth: Option<&str>) -> ureq::RequestBuilder<B> {
+    match auth {
+        Some(a) => req.header("Authorization", a),
+        None => req,
+    }
+}
+
 /// Builds and sends one attempt of a request, given the agent and the current Authorization.
 type Attempt<'a> = &'a dyn Fn(&Agent, Option<&str>) -> Result<Response<ureq::Body>, ureq::Error>;
 
@@ -244,11 +252,7 @@ impl RegistryStore {
                     sep = '&';
                 }
             }
-            let mut req = self.agent.get(&url);
-            if let Some(b) = &basic {
-                req = req.header("Authorization", b);
-            }
-            let mut resp = req
+            let mut resp = with_auth(self.agent.get(&url), basic.as_deref())
                 .call()
                 .map_err(|e| auth_err(format!("token request to {realm} failed: {e}")))?;
             if !resp.status().is_success() {
@@ -315,14 +319,22 @@ impl RegistryStore {
             .map_err(|e| self.transport(op, e.to_string()))
     }
 
+    /// What lands under a digest must be that digest, in both directions.
+    fn check_digest(&self, digest: &Digest, data: &[u8]) -> Result<(), StoreError> {
+        if Digest::of(data) == *digest {
+            Ok(())
+        } else {
+            Err(StoreError::DigestMismatch {
+                digest: *digest,
+                store: self.describe(),
+            })
+        }
+    }
+
     fn upload(&self, digest: &Digest, data: &[u8]) -> Result<(), StoreError> {
         let op = format!("upload blob {digest}");
         let start = self.send(&op, &|agent, auth| {
-            let mut req = agent.post(self.url("blobs/uploads/"));
-            if let Some(a) = auth {
-                req = req.header("Authorization", a);
-            }
-            req.send_empty()
+            with_auth(agent.post(self.url("blobs/uploads/")), auth).send_empty()
         })?;
         if start.status() != 202 {
             return Err(self.http_error(&op, start));
@@ -341,13 +353,13 @@ impl RegistryStore {
         url.push(if url.contains('?') { '&' } else { '?' });
         url.push_str(&format!("digest={digest}"));
         let done = self.send(&op, &|agent, auth| {
-            let mut req = agent
-                .put(&url)
-                .header("Content-Type", "application/octet-stream");
-            if let Some(a) = auth {
-                req = req.header("Authorization", a);
-            }
-            req.send(data)
+            with_auth(
+                agent
+                    .put(&url)
+                    .header("Content-Type", "application/octet-stream"),
+                auth,
+            )
+            .send(data)
         })?;
         if done.status() != 201 {
             return Err(self.http_error(&op, done));
@@ -364,11 +376,7 @@ impl BlobStore for RegistryStore {
     fn blob_size(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
         let op = format!("look up blob {digest}");
         let resp = self.send(&op, &|agent, auth| {
-            let mut req = agent.head(self.url(&format!("blobs/{digest}")));
-            if let Some(a) = auth {
-                req = req.header("Authorization", a);
-            }
-            req.call()
+            with_auth(agent.head(self.url(&format!("blobs/{digest}"))), auth).call()
         })?;
         match resp.status().as_u16() {
             200 => Ok(Some(
@@ -392,22 +400,12 @@ impl BlobStore for RegistryStore {
             op: format!("read {}", path.display()),
             source,
         })?;
-        if Digest::of(&data) != *digest {
-            return Err(StoreError::DigestMismatch {
-                digest: *digest,
-                store: self.describe(),
-            });
-        }
+        self.check_digest(digest, &data)?;
         self.upload(digest, &data)
     }
 
     fn put_blob(&self, digest: &Digest, data: &[u8]) -> Result<(), StoreError> {
-        if Digest::of(data) != *digest {
-            return Err(StoreError::DigestMismatch {
-                digest: *digest,
-                store: self.describe(),
-            });
-        }
+        self.check_digest(digest, data)?;
         if self.has_blob(digest)? {
             return Ok(());
         }
@@ -417,21 +415,12 @@ impl BlobStore for RegistryStore {
     fn get_blob(&self, digest: &Digest) -> Result<Vec<u8>, StoreError> {
         let op = format!("fetch blob {digest}");
         let resp = self.send(&op, &|agent, auth| {
-            let mut req = agent.get(self.url(&format!("blobs/{digest}")));
-            if let Some(a) = auth {
-                req = req.header("Authorization", a);
-            }
-            req.call()
+            with_auth(agent.get(self.url(&format!("blobs/{digest}"))), auth).call()
         })?;
         match resp.status().as_u16() {
             200 => {
                 let data = self.read_body(&op, resp, 1 << 36)?;
-                if Digest::of(&data) != *digest {
-                    return Err(StoreError::DigestMismatch {
-                        digest: *digest,
-                        store: self.describe(),
-                    });
-                }
+                self.check_digest(digest, &data)?;
                 Ok(data)
             }
             404 => Err(StoreError::BlobNotFound {
@@ -449,13 +438,13 @@ impl BlobStore for RegistryStore {
         let op = format!("read {len} bytes at {offset} of blob {digest}");
         let range = format!("bytes={offset}-{}", offset + len - 1);
         let resp = self.send(&op, &|agent, auth| {
-            let mut req = agent
-                .get(self.url(&format!("blobs/{digest}")))
-                .header("Range", &range);
-            if let Some(a) = auth {
-                req = req.header("Authorization", a);
-            }
-            req.call()
+            with_auth(
+                agent
+                    .get(self.url(&format!("blobs/{digest}")))
+                    .header("Range", &range),
+                auth,
+            )
+            .call()
         })?;
         let data = match resp.status().as_u16() {
             206 => self.read_body(&op, resp, len)?,
@@ -482,22 +471,16 @@ impl BlobStore for RegistryStore {
 
     fn put_manifest(&self, tag: &str, manifest: &[u8]) -> Result<Digest, StoreError> {
         let op = format!("store manifest {tag}");
-        let media_type = serde_json::from_slice::<serde_json::Value>(manifest)
-            .ok()
-            .and_then(|v| {
-                v.get("mediaType")
-                    .and_then(|m| m.as_str())
-                    .map(str::to_owned)
-            })
+        let media_type = crate::manifest::media_type_of(manifest)
             .unwrap_or_else(|| MANIFEST_MEDIA_TYPE.to_owned());
         let resp = self.send(&op, &|agent, auth| {
-            let mut req = agent
-                .put(self.url(&format!("manifests/{tag}")))
-                .header("Content-Type", &media_type);
-            if let Some(a) = auth {
-                req = req.header("Authorization", a);
-            }
-            req.send(manifest)
+            with_auth(
+                agent
+                    .put(self.url(&format!("manifests/{tag}")))
+                    .header("Content-Type", &media_type),
+                auth,
+            )
+            .send(manifest)
         })?;
         if resp.status() != 201 {
             return Err(self.http_error(&op, resp));
@@ -515,13 +498,13 @@ impl BlobStore for RegistryStore {
         ]
         .join(", ");
         let resp = self.send(&op, &|agent, auth| {
-            let mut req = agent
-                .get(self.url(&format!("manifests/{reference}")))
-                .header("Accept", &accept);
-            if let Some(a) = auth {
-                req = req.header("Authorization", a);
-            }
-            req.call()
+            with_auth(
+                agent
+                    .get(self.url(&format!("manifests/{reference}")))
+                    .header("Accept", &accept),
+                auth,
+            )
+            .call()
         })?;
         match resp.status().as_u16() {
             200 => {
