@@ -33,25 +33,17 @@ fn read_back(index: &TreeIndex, packs_dir: &Path, path: &str) -> Vec<u8> {
     out
 }
 
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 #[test]
 fn a_directory_round_trips_with_metadata_links_and_xattrs() {
     let src = tempfile::tempdir().unwrap();
     let work = tempfile::tempdir().unwrap();
     let s = src.path();
     std::fs::create_dir_all(s.join("usr/bin")).unwrap();
-    std::fs::write(s.join("usr/bin/tool"), pseudo_random(3 << 20, 7)).unwrap();
+    std::fs::write(
+        s.join("usr/bin/tool"),
+        warren_testkit::pseudo_random(3 << 20, 7),
+    )
+    .unwrap();
     std::fs::set_permissions(
         s.join("usr/bin/tool"),
         std::fs::Permissions::from_mode(0o4755),
@@ -111,7 +103,7 @@ fn a_directory_round_trips_with_metadata_links_and_xattrs() {
 fn a_second_image_reuses_the_chunks_of_the_first() {
     let src = tempfile::tempdir().unwrap();
     let work = tempfile::tempdir().unwrap();
-    let big = pseudo_random(8 << 20, 1);
+    let big = warren_testkit::pseudo_random(8 << 20, 1);
     std::fs::write(src.path().join("big"), &big).unwrap();
     let mut b = ImageBuilder::new(work.path(), ChunkParams::default(), Limits::default());
     import_dir(&mut b, src.path()).unwrap();

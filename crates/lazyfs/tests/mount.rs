@@ -13,12 +13,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use warren_image::{ChunkParams, ImageBuilder, Limits, import_dir};
+use warren_image::{ChunkParams, Digest, ImageBuilder, Limits, import_dir};
 use warren_lazyfs::{LazyFs, MountOptions, mount, pull, trace};
 use warren_store::images::{commit, copy_image, open_image};
 use warren_store::manifest::ImageConfig;
 use warren_store::{BlobStore, ChunkCache, ChunkFetcher, LocalStore, RegistryStore};
-use warren_testkit::{Registry, debian_rootfs, is_mounted, require_root, run};
+use warren_testkit::{Registry, debian_rootfs, is_mounted, pseudo_random, require_root, run};
 
 /// Compares two trees entry by entry: kind, mode, owner, size, mtime, symlink target, device
 /// number, xattrs, hard-link structure and file content. Returns the number of entries checked.
@@ -110,6 +110,24 @@ fn compare_trees(src: &Path, mounted: &Path) -> usize {
     checked
 }
 
+/// Imports the folder `src` into a local store under `dir` as `tag`; returns the store and the
+/// image's manifest digest.
+fn local_image(dir: &Path, src: &Path, tag: &str) -> (LocalStore, Digest) {
+    let work = dir.join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let mut builder = ImageBuilder::new(&work, ChunkParams::default(), Limits::default());
+    import_dir(&mut builder, src).unwrap();
+    let store = LocalStore::open(&dir.join("images")).unwrap();
+    let digest = commit(
+        &store,
+        &builder.finish().unwrap(),
+        ImageConfig::default(),
+        tag,
+    )
+    .unwrap();
+    (store, digest)
+}
+
 struct Overlay(PathBuf);
 
 impl Drop for Overlay {
@@ -123,14 +141,7 @@ fn a_debian_image_from_a_registry_mounts_lazily_runs_through_an_overlay_and_matc
     require_root();
     let rootfs = debian_rootfs("minbase", &[]);
     let dir = tempfile::tempdir().unwrap();
-    let work = dir.path().join("work");
-    std::fs::create_dir_all(&work).unwrap();
-
-    let mut builder = ImageBuilder::new(&work, ChunkParams::default(), Limits::default());
-    import_dir(&mut builder, &rootfs).unwrap();
-    let built = builder.finish().unwrap();
-    let local = LocalStore::open(&dir.path().join("images")).unwrap();
-    commit(&local, &built, ImageConfig::default(), "debian:minbase").unwrap();
+    let (local, _) = local_image(dir.path(), &rootfs, "debian:minbase");
 
     let registry = Registry::start();
     let remote = RegistryStore::new(&registry.host(), "warren/debian", None, false);
@@ -228,23 +239,10 @@ fn a_recorded_trace_is_replayed_and_the_background_pull_fills_the_cache() {
         std::fs::write(src.join(format!("f{i}")), vec![i; 1 << 20]).unwrap();
     }
     // Incompressible and distinct content so that chunks do not dedup away.
-    let mut x: u64 = 99;
-    let noise: Vec<u8> = (0..(4 << 20))
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let noise = pseudo_random(4 << 20, 99);
     std::fs::write(src.join("noise"), &noise).unwrap();
-    let work = dir.path().join("work");
-    std::fs::create_dir_all(&work).unwrap();
-    let mut builder = ImageBuilder::new(&work, ChunkParams::default(), Limits::default());
-    import_dir(&mut builder, &src).unwrap();
-    let built = builder.finish().unwrap();
-    let store = Arc::new(LocalStore::open(&dir.path().join("images")).unwrap());
-    let digest = commit(store.as_ref(), &built, ImageConfig::default(), "t:1").unwrap();
+    let (store, digest) = local_image(dir.path(), &src, "t:1");
+    let store = Arc::new(store);
     let image = open_image(store.as_ref(), "t:1").unwrap();
 
     // First mount: record what reading `noise` touches.
@@ -323,28 +321,9 @@ fn a_mount_survives_the_registry_going_away_and_coming_back() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src");
     std::fs::create_dir_all(&src).unwrap();
-    let mut x: u64 = 7;
-    let content: Vec<u8> = (0..(3 << 20))
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let content = pseudo_random(3 << 20, 7);
     std::fs::write(src.join("data"), &content).unwrap();
-    let work = dir.path().join("work");
-    std::fs::create_dir_all(&work).unwrap();
-    let mut builder = ImageBuilder::new(&work, ChunkParams::default(), Limits::default());
-    import_dir(&mut builder, &src).unwrap();
-    let local = LocalStore::open(&dir.path().join("images")).unwrap();
-    commit(
-        &local,
-        &builder.finish().unwrap(),
-        ImageConfig::default(),
-        "d:1",
-    )
-    .unwrap();
+    let (local, _) = local_image(dir.path(), &src, "d:1");
     let mut registry = Registry::start();
     let remote = RegistryStore::new(&registry.host(), "w/d", None, false)
         .with_retry(warren_store::Retry::patient());

@@ -13,24 +13,12 @@ use warren_store::{
 };
 use warren_testkit::Registry;
 
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// A small image committed to a fresh local store: one 2 MiB file and one small one.
 fn local_image() -> (tempfile::TempDir, LocalStore, Vec<u8>) {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src");
     std::fs::create_dir_all(src.join("data")).unwrap();
-    let big = pseudo_random(2 << 20, 3);
+    let big = warren_testkit::pseudo_random(2 << 20, 3);
     std::fs::write(src.join("data/big"), &big).unwrap();
     std::fs::write(src.join("hello"), b"hello\n").unwrap();
     let work = dir.path().join("work");

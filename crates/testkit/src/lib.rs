@@ -33,6 +33,20 @@ pub fn require_root() {
     );
 }
 
+/// `len` bytes of incompressible, reproducible data (xorshift from `seed`), so that chunks
+/// neither compress nor dedup away.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
