@@ -134,6 +134,19 @@ fn read_extension(
     Ok(buf)
 }
 
+/// A GNU long name or long link: the extension's data without its trailing NULs.
+fn read_long_name(
+    entry: &mut tar::Entry<'_, impl Read>,
+    what: &str,
+    count: u64,
+) -> Result<Vec<u8>, TarImportError> {
+    let mut name = read_extension(entry, what, count)?;
+    while name.last() == Some(&0) {
+        name.pop();
+    }
+    Ok(name)
+}
+
 /// Applies the tar stream `input` to `builder`, as one layer on top of what it holds.
 pub fn import_tar(builder: &mut ImageBuilder, input: impl Read) -> Result<u64, TarImportError> {
     let mut archive = tar::Archive::new(input);
@@ -151,19 +164,11 @@ pub fn import_tar(builder: &mut ImageBuilder, input: impl Read) -> Result<u64, T
         let kind = entry.header().entry_type();
         match kind {
             EntryType::GNULongName => {
-                let mut name = read_extension(&mut entry, "long name", count)?;
-                while name.last() == Some(&0) {
-                    name.pop();
-                }
-                pending.long_name = Some(name);
+                pending.long_name = Some(read_long_name(&mut entry, "long name", count)?);
                 continue;
             }
             EntryType::GNULongLink => {
-                let mut name = read_extension(&mut entry, "long link", count)?;
-                while name.last() == Some(&0) {
-                    name.pop();
-                }
-                pending.long_link = Some(name);
+                pending.long_link = Some(read_long_name(&mut entry, "long link", count)?);
                 continue;
             }
             EntryType::XHeader => {
