@@ -190,13 +190,7 @@ pub fn run(cmd: ImageCommand, data: &Path) -> anyhow::Result<()> {
             cache_limit,
             id_offset,
         } => {
-            let limit = cache_limit
-                .map(|l| {
-                    ByteSize::parse(&l)
-                        .map(|b| b.0)
-                        .with_context(|| format!("`{l}` is not a size such as 20GiB"))
-                })
-                .transpose()?;
+            let limit = cache_limit.as_deref().map(crate::parse_size).transpose()?;
             mount(
                 data,
                 &image,

@@ -5,6 +5,7 @@
 
 mod bench;
 mod image_cmd;
+mod runtime_cmd;
 mod spec_cmd;
 
 use std::path::PathBuf;
@@ -39,16 +40,25 @@ enum Commands {
     /// Images: import, push, pull, mount lazily, list, inspect, remove, collect, export
     #[command(subcommand)]
     Image(image_cmd::ImageCommand),
+    /// Container workspaces by hand: run, exec, stop, rm, ls (needs root)
+    Runtime(runtime_cmd::RuntimeArgs),
     /// Benchmarks against real peers (needs root)
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+}
+
+/// A size given on the command line, such as `512MiB` or `20GiB`.
+fn parse_size(text: &str) -> anyhow::Result<u64> {
+    warren_spec::ByteSize::parse(text)
+        .map(|b| b.0)
+        .ok_or_else(|| anyhow::anyhow!("`{text}` is not a size such as 512MiB or 20GiB"))
 }
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("WARREN_LOG")
-                .unwrap_or_else(|_| "warn".into()),
+                .unwrap_or_else(|_| "warn,libcgroups=error".into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -57,6 +67,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Commands::Spec(cmd) => spec_cmd::run(cmd),
         Commands::Image(cmd) => image_cmd::run(cmd, &cli.data).map(|()| ExitCode::SUCCESS),
+        Commands::Runtime(args) => runtime_cmd::run(args, &cli.data),
         Commands::Bench(cmd) => bench::run(cmd).map(|()| ExitCode::SUCCESS),
     };
     match result {

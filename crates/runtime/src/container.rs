@@ -1,0 +1,545 @@
+//! The system-container backend of [`Runtime`]: workspace records and folders under
+//! `<root>/workspaces/<id>/`, one shim per running workspace, reached through its socket.
+//!
+//! Safe to use from a multithreaded process (the agent): everything that forks happens in the
+//! shim, which is started as a separate executable.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::net::{Ipv4Addr, TcpStream};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+
+use crate::exec::set_window_size;
+use crate::proto::{Channel, Reply, Request};
+use crate::record::{ID_RANGE, Layout, WorkspaceRecord};
+use crate::shim::{create_layout, teardown};
+use crate::slots::Slots;
+use crate::{
+    DeleteReport, Error, Exec, ExecIo, ExecRequest, ExitStatus, Process, RootSource, Runtime,
+    Stats, WinSize, WorkspaceConfig, WorkspaceId, WorkspaceInfo, WorkspaceState, cgroup, net,
+};
+
+/// Where workspaces attach.
+#[derive(Debug, Clone)]
+pub struct NetworkConfig {
+    /// The bridge all workspaces of this host share (created if missing).
+    pub bridge: String,
+    /// Workspace addresses; the first host address is the bridge's (the gateway).
+    pub subnet: Ipv4Net,
+    /// DNS servers given to workspaces; empty means the host's (from `/etc/resolv.conf`,
+    /// loopback resolvers left out since a workspace cannot reach them).
+    pub nameservers: Vec<Ipv4Addr>,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self {
+            bridge: "warren0".into(),
+            subnet: Ipv4Net::new(Ipv4Addr::new(10, 88, 0, 0), 16).unwrap_or_default(),
+            nameservers: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ContainerRuntimeConfig {
+    /// The runtime's folder (`<data>/runtime`).
+    pub root: PathBuf,
+    /// Warren's data folder, where images and the chunk cache live.
+    pub data: PathBuf,
+    /// The `warren` executable: it runs the shims (`warren runtime shim`) and the lazy image
+    /// mounts (`warren image mount`).
+    pub helper: PathBuf,
+    pub network: NetworkConfig,
+    /// The first host uid given to workspaces; workspace `n` gets `base + n * 65536` and the
+    /// 65535 ids after it. Keep it clear of the host's own users and `/etc/subuid` ranges.
+    pub uid_base: u32,
+}
+
+impl ContainerRuntimeConfig {
+    pub const DEFAULT_UID_BASE: u32 = 1_000_000_000;
+}
+
+#[derive(Debug)]
+pub struct ContainerRuntime {
+    config: ContainerRuntimeConfig,
+    slots: Slots,
+}
+
+impl ContainerRuntime {
+    pub fn new(config: ContainerRuntimeConfig) -> Result<Self, Error> {
+        if config.network.subnet.prefix_len() > 29 {
+            return Err(Error::InvalidConfig(format!(
+                "subnet {} is too small for workspaces",
+                config.network.subnet
+            )));
+        }
+        let workspaces = config.root.join("workspaces");
+        std::fs::create_dir_all(&workspaces).map_err(Error::io("cannot create", &workspaces))?;
+        let slots = Slots::new(&config.root);
+        Ok(Self { config, slots })
+    }
+
+    fn layout(&self, id: &WorkspaceId) -> Layout {
+        Layout {
+            dir: self.config.root.join("workspaces").join(id.as_str()),
+        }
+    }
+
+    fn capacity(&self) -> u32 {
+        let net = self.config.network.subnet;
+        let hosts = (1u64 << (32 - net.prefix_len())).saturating_sub(3); // network, gateway, broadcast
+        let ranges = (u64::from(u32::MAX) - u64::from(self.config.uid_base)) / u64::from(ID_RANGE);
+        hosts.min(ranges).min(u64::from(u32::MAX)) as u32
+    }
+
+    fn record(&self, id: &WorkspaceId) -> Result<(WorkspaceRecord, Layout), Error> {
+        let layout = self.layout(id);
+        if !layout.record().exists() {
+            return Err(Error::NotFound(id.to_string()));
+        }
+        Ok((WorkspaceRecord::load(&layout.record())?, layout))
+    }
+
+    /// The running shim's init pid, or `None` when the workspace is stopped.
+    fn status(layout: &Layout) -> Option<i32> {
+        let channel = Channel::connect(&layout.socket()).ok()?;
+        channel.send(&Request::Status, &[]).ok()?;
+        match channel.recv::<Reply>() {
+            Ok(Some((Reply::Status { init_pid }, _))) => Some(init_pid),
+            _ => None,
+        }
+    }
+
+    fn running(&self, id: &WorkspaceId) -> Result<(WorkspaceRecord, Layout, i32), Error> {
+        let (rec, layout) = self.record(id)?;
+        let pid = Self::status(&layout).ok_or_else(|| Error::NotRunning(id.to_string()))?;
+        Ok((rec, layout, pid))
+    }
+
+    fn info_of(rec: WorkspaceRecord, layout: &Layout) -> WorkspaceInfo {
+        let init_pid = Self::status(layout);
+        WorkspaceInfo {
+            state: if init_pid.is_some() {
+                WorkspaceState::Running
+            } else {
+                WorkspaceState::Stopped
+            },
+            uid_base: rec.uid_base,
+            address: rec.address,
+            init_pid,
+            config: rec.config,
+        }
+    }
+
+    fn nameservers(&self) -> Vec<Ipv4Addr> {
+        if !self.config.network.nameservers.is_empty() {
+            return self.config.network.nameservers.clone();
+        }
+        let conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        let found = host_nameservers(&conf);
+        if found.is_empty() {
+            tracing::warn!(
+                "the host has no nameserver a workspace can reach (only loopback ones); workspaces get none"
+            );
+        }
+        found
+    }
+}
+
+fn host_nameservers(resolv_conf: &str) -> Vec<Ipv4Addr> {
+    resolv_conf
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|a| a.trim().parse::<Ipv4Addr>().ok())
+        .filter(|a| !a.is_loopback())
+        .collect()
+}
+
+impl Runtime for ContainerRuntime {
+    fn create(&self, config: &WorkspaceConfig) -> Result<WorkspaceInfo, Error> {
+        match &config.root {
+            RootSource::Dir { path } if !path.is_dir() => {
+                return Err(Error::InvalidConfig(format!(
+                    "`{}` is not a folder",
+                    path.display()
+                )));
+            }
+            RootSource::Image { reference } if reference.trim().is_empty() => {
+                return Err(Error::InvalidConfig("the image reference is empty".into()));
+            }
+            _ => {}
+        }
+        if let Some(cpus) = config.limits.cpus
+            && !(cpus > 0.0 && cpus.is_finite())
+        {
+            return Err(Error::InvalidConfig(format!(
+                "cpus must be positive, not {cpus}"
+            )));
+        }
+        let layout = self.layout(&config.id);
+        match std::fs::create_dir(&layout.dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(Error::AlreadyExists(config.id.to_string()));
+            }
+            Err(e) => return Err(Error::io("cannot create", &layout.dir)(e)),
+        }
+        let made = (|| {
+            let slot = self.slots.allocate(&config.id, self.capacity())?;
+            let net = self.config.network.subnet;
+            let first = u32::from(net.network());
+            let rec = WorkspaceRecord {
+                config: config.clone(),
+                slot,
+                uid_base: self.config.uid_base + slot * ID_RANGE,
+                address: Ipv4Addr::from(first + 2 + slot),
+                prefix_len: net.prefix_len(),
+                gateway: Ipv4Addr::from(first + 1),
+                bridge: self.config.network.bridge.clone(),
+                nameservers: self.nameservers(),
+                data: self.config.data.clone(),
+                helper: self.config.helper.clone(),
+                containers: self.config.root.join("containers"),
+            };
+            create_layout(&rec, &layout)?;
+            rec.save(&layout.record())?;
+            Ok(rec)
+        })();
+        match made {
+            Ok(rec) => {
+                tracing::info!(workspace.id = %config.id, uid_base = rec.uid_base, address = %rec.address, "workspace created");
+                Ok(Self::info_of(rec, &layout))
+            }
+            Err(e) => {
+                let _ = self.slots.release(&config.id);
+                let _ = std::fs::remove_dir_all(&layout.dir);
+                Err(e)
+            }
+        }
+    }
+
+    fn start(&self, id: &WorkspaceId) -> Result<(), Error> {
+        let (rec, layout) = self.record(id)?;
+        if Self::status(&layout).is_some() {
+            return Ok(());
+        }
+        net::ensure_host(
+            &rec.bridge,
+            Ipv4Net::new(rec.gateway, rec.prefix_len)
+                .map_err(|e| Error::InvalidConfig(e.to_string()))?
+                .trunc(),
+            rec.gateway,
+        )?;
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(layout.log())
+            .map_err(Error::io("cannot open", layout.log()))?;
+        let mut cmd = Command::new(&self.config.helper);
+        cmd.args(["runtime", "shim"])
+            .arg(&layout.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log);
+        // The shim is its own session, so a terminal closing does not reach it.
+        cmd.process_group(0);
+        let mut child = cmd
+            .spawn()
+            .map_err(Error::io("cannot run", &self.config.helper))?;
+        let stdout = child.stdout.take();
+        // The first shim process forks the real one and exits at once.
+        let _ = child.wait();
+        let mut line = String::new();
+        if let Some(out) = stdout {
+            let _ = BufReader::new(out).read_line(&mut line);
+        }
+        let line = line.trim();
+        if line == "ready" {
+            return Ok(());
+        }
+        let message = match line.strip_prefix("error: ") {
+            Some(m) => m.to_owned(),
+            None => format!(
+                "the supervisor exited without a word (see {})",
+                layout.log().display()
+            ),
+        };
+        Err(Error::Start {
+            id: id.to_string(),
+            message,
+        })
+    }
+
+    fn exec(&self, id: &WorkspaceId, request: &ExecRequest) -> Result<Exec, Error> {
+        let (_, layout) = self.record(id)?;
+        let channel =
+            Channel::connect(&layout.socket()).map_err(|_| Error::NotRunning(id.to_string()))?;
+        let pipe = || std::io::pipe().map_err(|e| Error::Sys(format!("pipe: {e}")));
+        let (io, theirs): (Option<ExecIo>, Vec<OwnedFd>) = if request.tty.is_some() {
+            (None, Vec::new())
+        } else {
+            let (in_r, in_w) = pipe()?;
+            let (out_r, out_w) = pipe()?;
+            let (err_r, err_w) = pipe()?;
+            (
+                Some(ExecIo::Pipes {
+                    stdin: File::from(OwnedFd::from(in_w)),
+                    stdout: File::from(OwnedFd::from(out_r)),
+                    stderr: File::from(OwnedFd::from(err_r)),
+                }),
+                vec![in_r.into(), out_w.into(), err_w.into()],
+            )
+        };
+        let fds: Vec<_> = theirs.iter().map(|f| f.as_fd()).collect();
+        channel.send(&Request::Exec(request.clone()), &fds)?;
+        drop(theirs);
+        let argv0 = request.argv.first().cloned().unwrap_or_default();
+        match channel.recv::<Reply>()? {
+            Some((Reply::Started { pid }, mut fds)) => {
+                let (io, master) = match io {
+                    Some(io) => (io, None),
+                    None => {
+                        let master = fds.pop().ok_or_else(|| Error::Exec {
+                            argv0: argv0.clone(),
+                            message: "the terminal did not arrive".into(),
+                        })?;
+                        let copy = master.try_clone().map_err(|e| Error::Sys(e.to_string()))?;
+                        (
+                            ExecIo::Pty {
+                                master: File::from(master),
+                            },
+                            Some(copy),
+                        )
+                    }
+                };
+                Ok(Exec {
+                    io,
+                    process: Box::new(ShimProcess {
+                        id: id.to_string(),
+                        pid,
+                        channel,
+                        master,
+                    }),
+                })
+            }
+            Some((Reply::Error(message), _)) => Err(Error::Shim {
+                id: id.to_string(),
+                message,
+            }),
+            Some(_) | None => Err(Error::ShimGone { id: id.to_string() }),
+        }
+    }
+
+    fn connect(&self, id: &WorkspaceId, port: u16) -> Result<TcpStream, Error> {
+        let (_, _, pid) = self.running(id)?;
+        let ns_path = PathBuf::from(format!("/proc/{pid}/ns/net"));
+        let ns = File::open(&ns_path).map_err(Error::io("cannot open", &ns_path))?;
+        // setns(CLONE_NEWNET) changes only the calling thread: a short-lived thread enters the
+        // workspace's network, connects, and the socket stays in that network.
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(
+                    |e| Error::Sys(format!("cannot enter the workspace's network: {e}")),
+                )?;
+                TcpStream::connect((Ipv4Addr::LOCALHOST, port)).map_err(|e| Error::Shim {
+                    id: id.to_string(),
+                    message: format!("nothing answers on port {port} ({e})"),
+                })
+            })
+            .join()
+            .map_err(|_| Error::Sys("the connecting thread panicked".into()))?
+        })
+    }
+
+    fn stop(&self, id: &WorkspaceId, grace: Duration) -> Result<(), Error> {
+        let (rec, layout) = self.record(id)?;
+        if let Ok(channel) = Channel::connect(&layout.socket()) {
+            let grace_ms = grace.as_millis().min(u128::from(u64::MAX)) as u64;
+            channel.send(&Request::Stop { grace_ms }, &[])?;
+            // Stopped, or the shim closing the connection as it exits.
+            let _ = channel.recv::<Reply>();
+        }
+        // Wait for the shim to let go of the workspace, then clear what a crashed one left.
+        let lock_path = layout.shim_lock();
+        if let Ok(lock) = File::options()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+        {
+            lock.lock().map_err(Error::io("cannot lock", &lock_path))?;
+            let leftovers = teardown(&rec, &layout, None);
+            if !leftovers.is_empty() {
+                return Err(Error::Shim {
+                    id: id.to_string(),
+                    message: format!("stopped, but could not remove: {}", leftovers.join(", ")),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn delete(&self, id: &WorkspaceId) -> Result<DeleteReport, Error> {
+        let layout = self.layout(id);
+        if !layout.dir.exists() {
+            return Err(Error::NotFound(id.to_string()));
+        }
+        let mut leftovers = Vec::new();
+        if let Ok((rec, _)) = self.record(id) {
+            if let Err(e) = self.stop(id, Duration::ZERO) {
+                leftovers.push(e.to_string());
+            }
+            leftovers.extend(teardown(&rec, &layout, None));
+            leftovers.extend(net::leftovers(&rec));
+            leftovers.extend(
+                cgroup::dirs(&rec)
+                    .into_iter()
+                    .map(|d| format!("cgroup {}", d.display())),
+            );
+        }
+        let mounts = crate::sys::mounts_under(&layout.dir);
+        if mounts.is_empty() {
+            if let Err(e) = std::fs::remove_dir_all(&layout.dir) {
+                leftovers.push(format!("folder {} ({e})", layout.dir.display()));
+            }
+        } else {
+            // Never delete through a mount.
+            leftovers.extend(mounts.iter().map(|m| format!("mount {}", m.display())));
+            leftovers.push(format!(
+                "folder {} (kept: mounts remain)",
+                layout.dir.display()
+            ));
+        }
+        self.slots.release(id)?;
+        leftovers.sort();
+        leftovers.dedup();
+        if leftovers.is_empty() {
+            tracing::info!(workspace.id = %id, "workspace deleted");
+        }
+        Ok(DeleteReport { leftovers })
+    }
+
+    fn stats(&self, id: &WorkspaceId) -> Result<Stats, Error> {
+        let (rec, layout, _) = self.running(id)?;
+        let mut stats = cgroup::stats(&rec)?;
+        stats.disk_bytes = disk_usage(&layout.upper()) + disk_usage(&layout.docker());
+        Ok(stats)
+    }
+
+    fn info(&self, id: &WorkspaceId) -> Result<WorkspaceInfo, Error> {
+        let (rec, layout) = self.record(id)?;
+        Ok(Self::info_of(rec, &layout))
+    }
+
+    fn list(&self) -> Result<Vec<WorkspaceInfo>, Error> {
+        let dir = self.config.root.join("workspaces");
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&dir).map_err(Error::io("cannot list", &dir))? {
+            let entry = entry.map_err(Error::io("cannot list", &dir))?;
+            let Some(id) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| WorkspaceId::new(n).ok())
+            else {
+                continue;
+            };
+            match self.record(&id) {
+                Ok((rec, layout)) => out.push(Self::info_of(rec, &layout)),
+                Err(e) => {
+                    tracing::warn!(workspace.id = %id, error = %e, "skipping a workspace folder without a usable record")
+                }
+            }
+        }
+        out.sort_by(|a, b| a.config.id.cmp(&b.config.id));
+        Ok(out)
+    }
+}
+
+/// Bytes allocated on disk under `dir` (hard links counted once).
+fn disk_usage(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.nlink() > 1 && !meta.is_dir() && !seen.insert((meta.dev(), meta.ino())) {
+                continue;
+            }
+            total += meta.blocks() * 512;
+            if meta.is_dir() {
+                stack.push(entry.path());
+            }
+        }
+    }
+    total
+}
+
+/// A process in a container workspace, watched through its connection to the shim.
+#[derive(Debug)]
+struct ShimProcess {
+    id: String,
+    pid: i32,
+    channel: Channel,
+    /// A copy of the terminal's master, for resizing.
+    master: Option<OwnedFd>,
+}
+
+impl Process for ShimProcess {
+    fn wait(&self) -> Result<ExitStatus, Error> {
+        loop {
+            match self.channel.recv::<Reply>()? {
+                Some((Reply::Exited(status), _)) => return Ok(status),
+                Some(_) => continue,
+                None => {
+                    return Err(Error::ShimGone {
+                        id: self.id.clone(),
+                    });
+                }
+            }
+        }
+    }
+
+    fn signal(&self, signal: i32) -> Result<(), Error> {
+        self.channel.send(&Request::Signal(signal), &[])
+    }
+
+    fn resize(&self, size: WinSize) -> Result<(), Error> {
+        let master = self.master.as_ref().ok_or_else(|| Error::Exec {
+            argv0: format!("pid {}", self.pid),
+            message: "the process has no terminal to resize".into(),
+        })?;
+        set_window_size(master.as_fd(), size).map_err(|e| {
+            Error::Sys(format!(
+                "cannot resize the terminal (fd {}): {e}",
+                master.as_raw_fd()
+            ))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_resolvers_are_left_out() {
+        let conf =
+            "# c\nnameserver 127.0.0.53\nnameserver 10.255.255.53\nnameserver ::1\nsearch x\n";
+        assert_eq!(
+            host_nameservers(conf),
+            vec![Ipv4Addr::new(10, 255, 255, 53)]
+        );
+    }
+}

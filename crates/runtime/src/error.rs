@@ -1,0 +1,50 @@
+//! The runtime's one error type: every variant names the workspace or the thing that failed.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("`{id}` is not a valid workspace name: {reason}")]
+    InvalidId { id: String, reason: String },
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+    #[error("no workspace `{0}`")]
+    NotFound(String),
+    #[error("workspace `{0}` exists already")]
+    AlreadyExists(String),
+    #[error("workspace `{0}` is not running (start it first)")]
+    NotRunning(String),
+    #[error(
+        "every uid range and address is in use ({0} workspaces); delete one or widen the subnet"
+    )]
+    Exhausted(usize),
+    #[error("{what} `{}`", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{command}` failed: {stderr}")]
+    Command { command: String, stderr: String },
+    #[error("workspace `{id}` did not start: {message}")]
+    Start { id: String, message: String },
+    #[error("workspace `{id}`: {message}")]
+    Shim { id: String, message: String },
+    #[error("workspace `{id}`: lost the connection to its supervisor")]
+    ShimGone { id: String },
+    #[error("cannot run `{argv0}`: {message}")]
+    Exec { argv0: String, message: String },
+    #[error("{0}")]
+    Sys(String),
+}
+
+impl Error {
+    pub(crate) fn io(
+        what: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| Self::Io { what, path, source }
+    }
+}

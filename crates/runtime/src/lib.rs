@@ -1,0 +1,64 @@
+//! Workspace runtimes: the [`Runtime`] trait every backend implements, and the system-container
+//! backend ([`ContainerRuntime`]).
+//!
+//! A container workspace is run by a small single-threaded supervisor process, the shim
+//! (`shim.rs`), one per workspace. The shim mounts the workspace's tree (the lazy image or a
+//! folder, under an overlay whose upper layer is the workspace's writable layer), creates the
+//! container with youki's `libcontainer` (it forks, so it never runs inside a multithreaded
+//! process), wires its network, and then serves exec, status and stop requests on a unix socket.
+//! Workspaces keep running when the process that started them exits; any later process finds
+//! them again through their sockets.
+//!
+//! This crate does not own images (`warren-store`, `warren-lazyfs`) or desired state (the
+//! agent): it turns one workspace record into running processes and back.
+
+mod cgroup;
+mod container;
+mod error;
+mod exec;
+mod init;
+mod net;
+mod proto;
+mod record;
+mod shim;
+mod slots;
+mod spec;
+mod sys;
+mod types;
+
+pub use container::{ContainerRuntime, ContainerRuntimeConfig, NetworkConfig};
+pub use error::Error;
+pub use shim::run_shim;
+pub use types::{
+    DeleteReport, Exec, ExecIo, ExecRequest, ExitStatus, Limits, Process, RootSource, Stats,
+    WinSize, WorkspaceConfig, WorkspaceId, WorkspaceInfo, WorkspaceState,
+};
+
+use std::net::TcpStream;
+use std::time::Duration;
+
+/// What the agent, the SSH gateway and the CLI need from a workspace backend. Both backends
+/// (system container, VM) implement it; every operation names the workspace by id and is safe
+/// to repeat.
+pub trait Runtime: Send + Sync {
+    /// Records a new workspace and reserves what it needs (uid range, address); starts nothing.
+    fn create(&self, config: &WorkspaceConfig) -> Result<WorkspaceInfo, Error>;
+    /// Starts a created or stopped workspace; does nothing if it runs already.
+    fn start(&self, id: &WorkspaceId) -> Result<(), Error>;
+    /// Runs a process inside a running workspace.
+    fn exec(&self, id: &WorkspaceId, request: &ExecRequest) -> Result<Exec, Error>;
+    /// Opens a TCP connection to `port` on the workspace's own loopback (port forwarding).
+    fn connect(&self, id: &WorkspaceId, port: u16) -> Result<TcpStream, Error>;
+    /// Stops the workspace: SIGTERM to everything in it, SIGKILL after `grace`. The writable
+    /// layer is kept. Does nothing if it is stopped.
+    fn stop(&self, id: &WorkspaceId, grace: Duration) -> Result<(), Error>;
+    /// Stops (without grace) and removes the workspace and everything made for it; reports
+    /// what could not be removed.
+    fn delete(&self, id: &WorkspaceId) -> Result<DeleteReport, Error>;
+    /// Resource use of a running workspace.
+    fn stats(&self, id: &WorkspaceId) -> Result<Stats, Error>;
+    /// One workspace's record and state.
+    fn info(&self, id: &WorkspaceId) -> Result<WorkspaceInfo, Error>;
+    /// Every workspace this runtime knows, running or not.
+    fn list(&self) -> Result<Vec<WorkspaceInfo>, Error>;
+}

@@ -1,0 +1,108 @@
+//! A workspace's record on disk and the layout of its folder. The record holds everything the
+//! shim needs, so a shim started by any later process (or after a host restart) needs no other
+//! input.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, WorkspaceConfig};
+
+/// Size of every workspace's uid and gid range: a full 16-bit range, so that nested containers
+/// (Docker inside) find the ids they expect.
+pub(crate) const ID_RANGE: u32 = 65536;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct WorkspaceRecord {
+    pub config: WorkspaceConfig,
+    pub slot: u32,
+    pub uid_base: u32,
+    pub address: Ipv4Addr,
+    pub prefix_len: u8,
+    pub gateway: Ipv4Addr,
+    pub bridge: String,
+    pub nameservers: Vec<Ipv4Addr>,
+    /// Warren's data folder (images and the chunk cache), for lazy image mounts.
+    pub data: PathBuf,
+    /// The `warren` executable that serves lazy image mounts.
+    pub helper: PathBuf,
+    /// libcontainer's state folder (shared by all workspaces of the host).
+    pub containers: PathBuf,
+}
+
+impl WorkspaceRecord {
+    /// The host-side veth name: short (at most 15 bytes) and unique per slot.
+    pub(crate) fn veth(&self) -> String {
+        format!("wv{:x}", self.slot)
+    }
+
+    /// libcontainer's id and the cgroup's name.
+    pub(crate) fn container_id(&self) -> String {
+        format!("warren-{}", self.config.id)
+    }
+
+    pub(crate) fn cgroup_path(&self) -> PathBuf {
+        PathBuf::from("/warren").join(self.config.id.as_str())
+    }
+
+    pub(crate) fn load(path: &Path) -> Result<Self, Error> {
+        let bytes = std::fs::read(path).map_err(Error::io("cannot read", path))?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| Error::InvalidConfig(format!("{} is damaged: {e}", path.display())))
+    }
+
+    pub(crate) fn save(&self, path: &Path) -> Result<(), Error> {
+        let tmp = path.with_extension("json.tmp");
+        let bytes = serde_json::to_vec_pretty(self).map_err(|e| Error::Sys(e.to_string()))?;
+        std::fs::write(&tmp, bytes).map_err(Error::io("cannot write", &tmp))?;
+        std::fs::rename(&tmp, path).map_err(Error::io("cannot replace", path))
+    }
+}
+
+/// The folder of one workspace, `<runtime>/workspaces/<id>/`.
+#[derive(Debug, Clone)]
+pub(crate) struct Layout {
+    pub dir: PathBuf,
+}
+
+impl Layout {
+    pub(crate) fn record(&self) -> PathBuf {
+        self.dir.join("workspace.json")
+    }
+    /// The writable layer (overlay upper); kept across stop and start.
+    pub(crate) fn upper(&self) -> PathBuf {
+        self.dir.join("upper")
+    }
+    pub(crate) fn work(&self) -> PathBuf {
+        self.dir.join("work")
+    }
+    /// Where the read-only tree is mounted (lazy image or idmapped folder).
+    pub(crate) fn lower(&self) -> PathBuf {
+        self.dir.join("lower")
+    }
+    /// The overlay: the workspace's root.
+    pub(crate) fn rootfs(&self) -> PathBuf {
+        self.dir.join("rootfs")
+    }
+    pub(crate) fn bundle(&self) -> PathBuf {
+        self.dir.join("bundle")
+    }
+    /// resolv.conf, hosts and hostname, bind-mounted into `/etc`.
+    pub(crate) fn etc(&self) -> PathBuf {
+        self.dir.join("etc")
+    }
+    /// Bind-mounted at `/var/lib/docker`: a nested engine cannot keep its overlays on an overlay.
+    pub(crate) fn docker(&self) -> PathBuf {
+        self.dir.join("docker")
+    }
+    pub(crate) fn socket(&self) -> PathBuf {
+        self.dir.join("shim.sock")
+    }
+    pub(crate) fn shim_lock(&self) -> PathBuf {
+        self.dir.join("shim.lock")
+    }
+    pub(crate) fn log(&self) -> PathBuf {
+        self.dir.join("shim.log")
+    }
+}

@@ -1,0 +1,548 @@
+//! The per-workspace supervisor. Single-threaded (libcontainer and `exec.rs` fork), detached from
+//! whoever started it, and the parent of the container's init and of every exec'd process, so it
+//! can report their exits. It owns the workspace's mounts while it runs and removes them, with the
+//! container, its cgroups and its network, when the workspace stops.
+//!
+//! Start-up protocol: the starter reads one line from the shim's stdout: `ready`, or
+//! `error: <message>`. The shim forks once more first, so the starter's child exits at once and
+//! the running shim is nobody's zombie.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::{PermissionsExt, chown};
+use std::path::Path;
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use libcontainer::container::Container;
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::syscall::syscall::SyscallType;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{SigSet, Signal, kill};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::socket::{SockFlag, accept4};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::{ForkResult, Pid, fork};
+
+use crate::init::WorkspaceExecutor;
+use crate::proto::{Channel, Reply, Request, listen_at};
+use crate::record::{ID_RANGE, Layout, WorkspaceRecord};
+use crate::{Error, ExitStatus, RootSource, cgroup, exec, net, spec, sys};
+
+/// How long a stop asked for by a signal to the shim waits before killing.
+const SIGNAL_STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Entry point of `warren runtime shim <folder>`. Returns once the workspace has stopped.
+pub fn run_shim(dir: &Path) -> Result<(), Error> {
+    if thread_count() != 1 {
+        return Err(Error::Sys(
+            "the shim must start single-threaded (it forks)".into(),
+        ));
+    }
+    // SAFETY: single-threaded (checked above).
+    match unsafe { fork() }.map_err(|e| Error::Sys(format!("fork: {e}")))? {
+        ForkResult::Parent { .. } => return Ok(()),
+        ForkResult::Child => {}
+    }
+    let _ = nix::unistd::setsid();
+    let layout = Layout {
+        dir: dir.to_path_buf(),
+    };
+    let result = supervise(&layout);
+    if let Err(e) = &result {
+        tracing::error!(workspace.dir = %dir.display(), error = %e, "supervisor failed");
+        // The starter wraps this in its own "did not start".
+        let message = match e {
+            Error::Start { message, .. } => message.clone(),
+            e => e.to_string(),
+        };
+        say(&format!("error: {message}"));
+    }
+    result
+}
+
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn thread_count() -> usize {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Threads:"))
+                .and_then(|n| n.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn supervise(layout: &Layout) -> Result<(), Error> {
+    let lock_path = layout.shim_lock();
+    let lock = File::create(&lock_path).map_err(Error::io("cannot create", &lock_path))?;
+    if lock.try_lock().is_err() {
+        return Err(Error::Sys(
+            "another supervisor runs this workspace already".into(),
+        ));
+    }
+    let rec = WorkspaceRecord::load(&layout.record())?;
+    nix::sys::prctl::set_child_subreaper(true).map_err(|e| Error::Sys(e.to_string()))?;
+    let mut signals = SigSet::empty();
+    for s in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+    ] {
+        signals.add(s);
+    }
+    signals
+        .thread_block()
+        .map_err(|e| Error::Sys(e.to_string()))?;
+    let sigfd = SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+        .map_err(|e| Error::Sys(e.to_string()))?;
+
+    let mut shim = match Shim::start(rec, layout.clone()) {
+        Ok(shim) => shim,
+        Err((e, mut partial)) => {
+            let leftovers = teardown(&partial.rec, &partial.layout, partial.mount.take());
+            if !leftovers.is_empty() {
+                tracing::error!(?leftovers, "could not undo a failed start");
+            }
+            return Err(e);
+        }
+    };
+    let listener = listen_at(&layout.socket())?;
+    tracing::info!(workspace.id = %shim.rec.config.id, init.pid = shim.init_pid, "workspace running");
+    say("ready");
+    // The starter has its answer; nothing more goes to its pipe.
+    if let Ok(null) = File::options().write(true).open("/dev/null") {
+        let _ = nix::unistd::dup2(null.as_raw_fd(), 1);
+    }
+    shim.serve(&listener, &sigfd);
+    let _ = std::fs::remove_file(layout.socket());
+    drop(lock);
+    Ok(())
+}
+
+/// The read-only tree under the overlay.
+pub(crate) enum LowerMount {
+    /// `warren image mount` serving the image (FUSE); its stdout is kept open so that it never
+    /// writes into a closed pipe.
+    Image {
+        child: Child,
+        _stdout: ChildStdout,
+    },
+    Dir,
+}
+
+/// What a failed start leaves for `teardown`.
+struct Partial {
+    rec: WorkspaceRecord,
+    layout: Layout,
+    mount: Option<LowerMount>,
+}
+
+struct Shim {
+    rec: WorkspaceRecord,
+    layout: Layout,
+    init_pid: i32,
+    mount: Option<LowerMount>,
+    /// Exec'd processes by pid, with the connection waiting for their exit.
+    execs: HashMap<i32, Channel>,
+}
+
+impl Shim {
+    fn start(rec: WorkspaceRecord, layout: Layout) -> Result<Self, (Error, Box<Partial>)> {
+        let mut partial = Box::new(Partial {
+            rec,
+            layout,
+            mount: None,
+        });
+        // Whatever an earlier run left (a crash, a host reboot) goes first.
+        let stale = teardown(&partial.rec, &partial.layout, None);
+        if !stale.is_empty() {
+            return Err((
+                Error::Start {
+                    id: partial.rec.config.id.to_string(),
+                    message: format!(
+                        "cannot clear what a previous run left: {}",
+                        stale.join(", ")
+                    ),
+                },
+                partial,
+            ));
+        }
+        match prepare(&partial.rec, &partial.layout, &mut partial.mount) {
+            Ok(init_pid) => Ok(Self {
+                rec: partial.rec,
+                layout: partial.layout,
+                init_pid,
+                mount: partial.mount,
+                execs: HashMap::new(),
+            }),
+            Err(e) => Err((e, partial)),
+        }
+    }
+
+    fn serve(&mut self, listener: &OwnedFd, sigfd: &SignalFd) {
+        let mut pending: Vec<Channel> = Vec::new();
+        loop {
+            let exec_pids: Vec<i32> = self.execs.keys().copied().collect();
+            let mut fds = vec![
+                PollFd::new(listener.as_fd(), PollFlags::POLLIN),
+                PollFd::new(sigfd.as_fd(), PollFlags::POLLIN),
+            ];
+            fds.extend(
+                pending
+                    .iter()
+                    .map(|c| PollFd::new(c.as_fd(), PollFlags::POLLIN)),
+            );
+            fds.extend(
+                exec_pids
+                    .iter()
+                    .map(|p| PollFd::new(self.execs[p].as_fd(), PollFlags::POLLIN)),
+            );
+            if poll(&mut fds, PollTimeout::NONE).is_err() {
+                continue;
+            }
+            let ready: Vec<bool> = fds
+                .iter()
+                .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+                .collect();
+            drop(fds);
+            if ready[1] {
+                while let Ok(Some(info)) = sigfd.read_signal() {
+                    let signal = Signal::try_from(info.ssi_signo as i32).ok();
+                    if matches!(
+                        signal,
+                        Some(Signal::SIGTERM | Signal::SIGINT | Signal::SIGHUP)
+                    ) {
+                        self.stop(SIGNAL_STOP_GRACE);
+                        return;
+                    }
+                }
+                if self.reap() {
+                    self.finish("its init exited");
+                    return;
+                }
+            }
+            let mut keep = Vec::new();
+            if ready[0] {
+                while let Ok(fd) = accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
+                    // SAFETY: accept4 returned a new descriptor that nothing else owns.
+                    keep.push(Channel(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }));
+                }
+            }
+            // Exec connections follow the pending ones in `ready`.
+            let base = 2 + pending.len();
+            for (i, channel) in pending.drain(..).enumerate() {
+                if !ready[2 + i] {
+                    keep.push(channel);
+                    continue;
+                }
+                if let Ok(Some((request, fds))) = channel.recv::<Request>()
+                    && self.handle(channel, request, fds)
+                {
+                    return;
+                }
+            }
+            pending = keep;
+            for (i, pid) in exec_pids.iter().enumerate() {
+                if ready.get(base + i) != Some(&true) {
+                    continue;
+                }
+                let Some(channel) = self.execs.get(pid) else {
+                    continue;
+                };
+                match channel.recv::<Request>() {
+                    Ok(Some((Request::Signal(sig), _))) => {
+                        if let Ok(sig) = Signal::try_from(sig) {
+                            let _ = kill(Pid::from_raw(*pid), sig);
+                        }
+                    }
+                    Ok(Some(_)) => {}
+                    // The caller went away; the process runs on, unwatched.
+                    Ok(None) | Err(_) => {
+                        self.execs.remove(pid);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Answers one request; true when the shim should exit (after a stop).
+    fn handle(&mut self, channel: Channel, request: Request, fds: Vec<OwnedFd>) -> bool {
+        match request {
+            Request::Status => {
+                let _ = channel.send(
+                    &Reply::Status {
+                        init_pid: self.init_pid,
+                    },
+                    &[],
+                );
+            }
+            Request::Exec(request) => match exec::spawn(&self.rec, self.init_pid, &request, fds) {
+                Ok(started) => {
+                    let fds: Vec<_> = started.master.iter().map(|m| m.as_fd()).collect();
+                    if channel
+                        .send(&Reply::Started { pid: started.pid }, &fds)
+                        .is_ok()
+                    {
+                        self.execs.insert(started.pid, channel);
+                    }
+                }
+                Err(e) => {
+                    let _ = channel.send(&Reply::Error(e.to_string()), &[]);
+                }
+            },
+            Request::Stop { grace_ms } => {
+                self.stop(Duration::from_millis(grace_ms));
+                let _ = channel.send(&Reply::Stopped, &[]);
+                return true;
+            }
+            Request::Signal(_) => {
+                let _ = channel.send(&Reply::Error("no process on this connection".into()), &[]);
+            }
+        }
+        false
+    }
+
+    /// Reaps every exited child and reports exec exits; true when init is gone.
+    fn reap(&mut self) -> bool {
+        let mut init_gone = false;
+        loop {
+            let status = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(_) => return init_gone,
+                Ok(s) => s,
+            };
+            let (pid, exit) = match status {
+                WaitStatus::Exited(pid, code) => (pid.as_raw(), ExitStatus::Code(code)),
+                WaitStatus::Signaled(pid, sig, _) => (pid.as_raw(), ExitStatus::Signal(sig as i32)),
+                _ => continue,
+            };
+            if pid == self.init_pid {
+                init_gone = true;
+            } else if let Some(channel) = self.execs.remove(&pid) {
+                let _ = channel.send(&Reply::Exited(exit), &[]);
+            } else if let Some(LowerMount::Image { child, .. }) = &self.mount
+                && child.id() as i32 == pid
+            {
+                tracing::error!(workspace.id = %self.rec.config.id, ?exit, "the image mount exited; the workspace's files are gone");
+            }
+        }
+    }
+
+    /// SIGTERM to init (which passes it to every process), SIGKILL after `grace`, then teardown.
+    fn stop(&mut self, grace: Duration) {
+        let init = Pid::from_raw(self.init_pid);
+        let _ = kill(init, Signal::SIGTERM);
+        let deadline = Instant::now() + grace;
+        let mut killed = false;
+        while !self.reap() {
+            if !killed && Instant::now() >= deadline {
+                // Killing a pid namespace's init kills everything in it.
+                let _ = kill(init, Signal::SIGKILL);
+                killed = true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.finish(if killed {
+            "stopped (killed after the grace period)"
+        } else {
+            "stopped"
+        });
+    }
+
+    fn finish(&mut self, why: &str) {
+        // Exec'd processes die with the pid namespace; collect them.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !self.execs.is_empty() && Instant::now() < deadline {
+            self.reap();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let leftovers = teardown(&self.rec, &self.layout, self.mount.take());
+        if leftovers.is_empty() {
+            tracing::info!(workspace.id = %self.rec.config.id, "workspace {why}");
+        } else {
+            tracing::error!(workspace.id = %self.rec.config.id, ?leftovers, "workspace {why}, but some of it could not be removed");
+        }
+    }
+}
+
+/// Mounts the tree, creates the container, wires it, starts it; returns init's pid.
+fn prepare(
+    rec: &WorkspaceRecord,
+    layout: &Layout,
+    mount: &mut Option<LowerMount>,
+) -> Result<i32, Error> {
+    let start_err = |message: String| Error::Start {
+        id: rec.config.id.to_string(),
+        message,
+    };
+    for dir in [
+        layout.lower(),
+        layout.rootfs(),
+        layout.bundle(),
+        layout.etc(),
+    ] {
+        std::fs::create_dir_all(&dir).map_err(Error::io("cannot create", &dir))?;
+    }
+    *mount = Some(mount_lower(rec, layout)?);
+    sys::mount_overlay(
+        &layout.lower(),
+        &layout.upper(),
+        &layout.work(),
+        &layout.rootfs(),
+    )?;
+    let root = Some(rec.uid_base);
+    for (name, content) in spec::etc_files(rec) {
+        let path = layout.etc().join(name);
+        std::fs::write(&path, content).map_err(Error::io("cannot write", &path))?;
+        chown(&path, root, root).map_err(Error::io("cannot chown", &path))?;
+    }
+    let config = spec::oci_config(rec, layout);
+    let config_path = layout.bundle().join("config.json");
+    std::fs::write(&config_path, config.to_string())
+        .map_err(Error::io("cannot write", &config_path))?;
+    std::fs::create_dir_all(&rec.containers)
+        .map_err(Error::io("cannot create", &rec.containers))?;
+
+    let null = |write: bool| {
+        File::options()
+            .read(!write)
+            .write(write)
+            .open("/dev/null")
+            .map_err(Error::io("cannot open", "/dev/null"))
+    };
+    let mut container = ContainerBuilder::new(rec.container_id(), SyscallType::default())
+        .with_root_path(&rec.containers)
+        .map_err(|e| start_err(e.to_string()))?
+        .with_executor(WorkspaceExecutor)
+        .with_stdin(null(false)?)
+        .with_stdout(null(true)?)
+        .with_stderr(null(true)?)
+        .as_init(layout.bundle())
+        .with_systemd(false)
+        .with_detach(true)
+        .build()
+        .map_err(|e| start_err(format!("cannot create the container: {e}")))?;
+    let init_pid = container
+        .pid()
+        .ok_or_else(|| start_err("the container has no init process".into()))?
+        .as_raw();
+    net::attach(rec, init_pid)?;
+    cgroup::delegate(rec)?;
+    container
+        .start()
+        .map_err(|e| start_err(format!("cannot start the container: {e}")))?;
+    Ok(init_pid)
+}
+
+fn mount_lower(rec: &WorkspaceRecord, layout: &Layout) -> Result<LowerMount, Error> {
+    let lower = layout.lower();
+    match &rec.config.root {
+        RootSource::Dir { path } => {
+            sys::bind_idmapped(path, &lower, rec.uid_base, ID_RANGE)?;
+            Ok(LowerMount::Dir)
+        }
+        RootSource::Image { reference } => {
+            let log = File::options()
+                .create(true)
+                .append(true)
+                .open(layout.log())
+                .map_err(Error::io("cannot open", layout.log()))?;
+            let mut child = Command::new(&rec.helper)
+                .arg("--data")
+                .arg(&rec.data)
+                .args(["image", "mount", reference.as_str()])
+                .arg(&lower)
+                .arg("--id-offset")
+                .arg(rec.uid_base.to_string())
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(log)
+                .spawn()
+                .map_err(Error::io("cannot run", &rec.helper))?;
+            let stdout = child
+                .stdout
+                .take()
+                .ok_or_else(|| Error::Sys("no stdout".into()))?;
+            let mut reader = BufReader::new(stdout);
+            let mut line = String::new();
+            let _ = reader.read_line(&mut line);
+            if !sys::is_mounted(&lower) {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(Error::Start {
+                    id: rec.config.id.to_string(),
+                    message: format!(
+                        "image `{reference}` could not be mounted (see {})",
+                        layout.log().display()
+                    ),
+                });
+            }
+            Ok(LowerMount::Image {
+                child,
+                _stdout: reader.into_inner(),
+            })
+        }
+    }
+}
+
+/// Removes the container, its network, mounts and cgroups; idempotent. Returns what remains.
+pub(crate) fn teardown(
+    rec: &WorkspaceRecord,
+    layout: &Layout,
+    mount: Option<LowerMount>,
+) -> Vec<String> {
+    let mut leftovers = Vec::new();
+    let state = rec.containers.join(rec.container_id());
+    if state.exists() {
+        match Container::load(state.clone()) {
+            Ok(mut container) => {
+                let _ = container.refresh_status();
+                if let Err(e) = container.delete(true) {
+                    leftovers.push(format!("container state {} ({e})", state.display()));
+                }
+            }
+            Err(_) => {
+                if let Err(e) = std::fs::remove_dir_all(&state) {
+                    leftovers.push(format!("container state {} ({e})", state.display()));
+                }
+            }
+        }
+    }
+    leftovers.extend(net::detach(rec));
+    leftovers.extend(sys::unmount_all(&layout.rootfs()));
+    if let Some(LowerMount::Image { mut child, .. }) = mount {
+        // A clean FUSE unmount on SIGTERM; killed if it does not finish.
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    leftovers.extend(sys::unmount_all(&layout.lower()));
+    leftovers.extend(cgroup::remove(rec));
+    leftovers
+}
+
+/// Creates the folders of a new workspace: the writable layer and the nested engine's folder
+/// belong to the workspace's root.
+pub(crate) fn create_layout(rec: &WorkspaceRecord, layout: &Layout) -> Result<(), Error> {
+    let root = Some(rec.uid_base);
+    for dir in [layout.upper(), layout.docker()] {
+        std::fs::create_dir_all(&dir).map_err(Error::io("cannot create", &dir))?;
+        chown(&dir, root, root).map_err(Error::io("cannot chown", &dir))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
+            .map_err(Error::io("cannot set permissions of", &dir))?;
+    }
+    std::fs::create_dir_all(layout.work()).map_err(Error::io("cannot create", layout.work()))?;
+    Ok(())
+}

@@ -1,0 +1,273 @@
+//! Host side effects that are not namespaces or cgroups: mounts and the host commands (`ip`,
+//! `nft`, `mount` for idmapped binds) the runtime runs. Kept in one narrow module so the logic
+//! around them reads plainly and the privileged tests stay few.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+
+use crate::Error;
+
+/// Runs a host command, returning its stdout; an error carries its stderr.
+pub(crate) fn run(cmd: &mut Command) -> Result<String, Error> {
+    run_with_input(cmd, None)
+}
+
+pub(crate) fn run_with_input(cmd: &mut Command, input: Option<&str>) -> Result<String, Error> {
+    let command = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let describe = || command.clone();
+    cmd.stdin(if input.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().map_err(|e| Error::Command {
+        command: describe(),
+        stderr: e.to_string(),
+    })?;
+    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
+        use std::io::Write;
+        stdin
+            .write_all(text.as_bytes())
+            .map_err(|e| Error::Command {
+                command: describe(),
+                stderr: e.to_string(),
+            })?;
+    }
+    let out = child.wait_with_output().map_err(|e| Error::Command {
+        command: describe(),
+        stderr: e.to_string(),
+    })?;
+    if !out.status.success() {
+        return Err(Error::Command {
+            command: describe(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Mount points currently under (or at) `path`, deepest first, from `/proc/self/mountinfo`.
+pub(crate) fn mounts_under(path: &Path) -> Vec<std::path::PathBuf> {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    let mut found: Vec<std::path::PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(unescape_mountinfo)
+        .map(std::path::PathBuf::from)
+        .filter(|m| m.starts_with(path))
+        .collect();
+    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    found.dedup();
+    found
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape_mountinfo(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('\\') {
+        out.push_str(&rest[..i]);
+        let code = rest
+            .get(i + 1..i + 4)
+            .and_then(|o| u8::from_str_radix(o, 8).ok());
+        match code {
+            Some(c) => {
+                out.push(c as char);
+                rest = &rest[i + 4..];
+            }
+            None => {
+                out.push('\\');
+                rest = &rest[i + 1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+pub(crate) fn is_mounted(path: &Path) -> bool {
+    mounts_under(path).iter().any(|m| m == path)
+}
+
+/// The overlay that is the workspace's root: `lower` read-only, changes to `upper`.
+pub(crate) fn mount_overlay(
+    lower: &Path,
+    upper: &Path,
+    work: &Path,
+    target: &Path,
+) -> Result<(), Error> {
+    let data = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.display(),
+        upper.display(),
+        work.display()
+    );
+    if [lower, upper, work]
+        .iter()
+        .any(|p| p.to_string_lossy().contains([',', ':']))
+    {
+        return Err(Error::InvalidConfig(format!(
+            "overlay paths may not contain ',' or ':': {data}"
+        )));
+    }
+    mount(
+        Some("overlay"),
+        target,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(data.as_str()),
+    )
+    .map_err(|e| {
+        Error::Sys(format!(
+            "cannot mount the overlay at {}: {e}",
+            target.display()
+        ))
+    })
+}
+
+/// Binds `source` at `target` with every id shifted by `base` (an idmapped mount), so files
+/// owned by root on the host belong to the workspace's root inside. Forks (for the user
+/// namespace that describes the mapping): call it from the single-threaded shim only.
+pub(crate) fn bind_idmapped(
+    source: &Path,
+    target: &Path,
+    base: u32,
+    count: u32,
+) -> Result<(), Error> {
+    let fail = |what: &str, e: std::io::Error| {
+        Error::Sys(format!(
+            "cannot bind {} at {} with shifted ids ({what}: {e})",
+            source.display(),
+            target.display()
+        ))
+    };
+    let userns = mapping_namespace(base, count).map_err(|e| fail("user namespace", e))?;
+    let c_source = path_cstring(source)?;
+    let c_target = path_cstring(target)?;
+    // SAFETY: open_tree reads a NUL-terminated path and returns a new descriptor or -1.
+    let tree = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            c_source.as_ptr(),
+            libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC | libc::AT_RECURSIVE as libc::c_uint,
+        )
+    };
+    if tree < 0 {
+        return Err(fail("open_tree", std::io::Error::last_os_error()));
+    }
+    // SAFETY: open_tree returned a new descriptor that nothing else owns.
+    let tree = unsafe { OwnedFd::from_raw_fd(tree as i32) };
+    let attr = libc::mount_attr {
+        attr_set: libc::MOUNT_ATTR_IDMAP,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: userns.as_raw_fd() as u64,
+    };
+    // SAFETY: mount_setattr reads `attr` (size given) and the empty path; both outlive the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_RECURSIVE,
+            &attr as *const libc::mount_attr,
+            std::mem::size_of::<libc::mount_attr>(),
+        )
+    };
+    if r < 0 {
+        return Err(fail("mount_setattr", std::io::Error::last_os_error()));
+    }
+    // SAFETY: move_mount attaches the detached tree at the NUL-terminated target path.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            c_target.as_ptr(),
+            libc::MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    if r < 0 {
+        return Err(fail("move_mount", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+fn path_cstring(path: &Path) -> Result<std::ffi::CString, Error> {
+    std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| Error::InvalidConfig(format!("{} contains a NUL byte", path.display())))
+}
+
+/// A user namespace mapping 0..count to base..base+count, held by an open descriptor: a child
+/// unshares it, the parent writes the maps and opens it, and the child exits.
+fn mapping_namespace(base: u32, count: u32) -> std::io::Result<OwnedFd> {
+    use std::io::{Read, Write};
+    let (mut ready_r, mut ready_w) = std::io::pipe()?;
+    let (mut done_r, mut done_w) = std::io::pipe()?;
+    // SAFETY: the caller is single-threaded; the child only calls unshare, read and write.
+    match unsafe { nix::unistd::fork() }.map_err(std::io::Error::from)? {
+        nix::unistd::ForkResult::Child => {
+            drop((ready_r, done_w));
+            let ok = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER).is_ok();
+            let _ = ready_w.write_all(&[u8::from(ok)]);
+            let _ = done_r.read(&mut [0u8; 1]);
+            // SAFETY: ends the forked child without running the parent's destructors.
+            unsafe { libc::_exit(0) }
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            drop((ready_w, done_r));
+            let result = (|| {
+                let mut ok = [0u8; 1];
+                ready_r.read_exact(&mut ok)?;
+                if ok[0] != 1 {
+                    return Err(std::io::Error::other("unshare(CLONE_NEWUSER) failed"));
+                }
+                let proc = format!("/proc/{child}");
+                let map = format!("0 {base} {count}\n");
+                std::fs::write(format!("{proc}/uid_map"), &map)?;
+                std::fs::write(format!("{proc}/setgroups"), "deny")?;
+                std::fs::write(format!("{proc}/gid_map"), &map)?;
+                std::fs::File::open(format!("{proc}/ns/user")).map(OwnedFd::from)
+            })();
+            let _ = done_w.write_all(b"x");
+            let _ = nix::sys::wait::waitpid(child, None);
+            result
+        }
+    }
+}
+
+/// Detaches everything mounted at or under `path` (lazily, so a busy mount cannot block a
+/// stop); returns the mount points that could not be detached.
+pub(crate) fn unmount_all(path: &Path) -> Vec<String> {
+    let mut failed = Vec::new();
+    for m in mounts_under(path) {
+        if let Err(e) = umount2(&m, MntFlags::MNT_DETACH) {
+            failed.push(format!("mount {} ({e})", m.display()));
+        }
+    }
+    failed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_paths_are_unescaped() {
+        assert_eq!(unescape_mountinfo(r"/a\040b/c\134d"), r"/a b/c\d");
+        assert_eq!(unescape_mountinfo(r"/x\"), r"/x\");
+    }
+}

@@ -1,0 +1,229 @@
+//! The values the [`Runtime`](crate::Runtime) trait speaks in.
+
+use std::fmt;
+use std::fs::File;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+
+/// A workspace's name on this host: 1 to 40 characters of `a-z`, `0-9` and `-`, starting with a
+/// letter or digit. It names folders, cgroups and the container, so it is kept that plain.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct WorkspaceId(String);
+
+impl WorkspaceId {
+    pub fn new(id: &str) -> Result<Self, Error> {
+        let invalid = |reason: &str| Error::InvalidId {
+            id: id.to_owned(),
+            reason: reason.to_owned(),
+        };
+        if id.is_empty() || id.len() > 40 {
+            return Err(invalid("it must be 1 to 40 characters long"));
+        }
+        if !id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            return Err(invalid("only a-z, 0-9 and - are allowed"));
+        }
+        if id.starts_with('-') {
+            return Err(invalid("it must start with a letter or digit"));
+        }
+        Ok(Self(id.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for WorkspaceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(&self.0)
+    }
+}
+
+impl TryFrom<String> for WorkspaceId {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Self, Error> {
+        Self::new(&s)
+    }
+}
+
+impl From<WorkspaceId> for String {
+    fn from(id: WorkspaceId) -> String {
+        id.0
+    }
+}
+
+/// The read-only tree a workspace starts from; its changes go to the workspace's own layer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RootSource {
+    /// A Warren image (`name:tag`, digest, or registry reference), mounted lazily.
+    Image { reference: String },
+    /// A folder on the host (for example an unpacked root filesystem), shown inside through an
+    /// idmapped bind mount so that its root-owned files belong to the workspace's root.
+    Dir { path: PathBuf },
+}
+
+/// Resource limits; `None` means unlimited.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Limits {
+    /// CPU time, in CPUs (1.5 = one and a half cores).
+    pub cpus: Option<f64>,
+    /// Memory in bytes; past it the kernel reclaims, then kills a process inside.
+    pub memory: Option<u64>,
+    /// Most processes and threads at once.
+    pub pids: Option<u64>,
+}
+
+/// What to create.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkspaceConfig {
+    pub id: WorkspaceId,
+    pub root: RootSource,
+    /// Defaults to the id.
+    pub hostname: Option<String>,
+    pub limits: Limits,
+    /// `KEY=value` pairs every process inside starts with (before the exec's own).
+    pub env: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkspaceState {
+    Stopped,
+    Running,
+}
+
+impl fmt::Display for WorkspaceState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(match self {
+            Self::Stopped => "stopped",
+            Self::Running => "running",
+        })
+    }
+}
+
+/// A workspace as the runtime knows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkspaceInfo {
+    pub config: WorkspaceConfig,
+    pub state: WorkspaceState,
+    /// Host uid (and gid) that root inside maps to; the range is 65536 ids long.
+    pub uid_base: u32,
+    pub address: Ipv4Addr,
+    /// PID (on the host) of the workspace's init, while running.
+    pub init_pid: Option<i32>,
+}
+
+/// Terminal size in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WinSize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
+/// A process to run in a workspace.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRequest {
+    pub argv: Vec<String>,
+    /// `KEY=value`, on top of the workspace's environment.
+    pub env: Vec<String>,
+    /// Defaults to the user's home folder (or `/`).
+    pub cwd: Option<String>,
+    /// A user name or numeric uid inside the workspace; defaults to root.
+    pub user: Option<String>,
+    /// With a terminal of this size; without, stdin, stdout and stderr are separate pipes.
+    pub tty: Option<WinSize>,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExitStatus {
+    Code(i32),
+    Signal(i32),
+}
+
+impl ExitStatus {
+    /// The shell convention: the code, or 128 + the signal.
+    pub fn as_shell_code(self) -> i32 {
+        match self {
+            Self::Code(c) => c,
+            Self::Signal(s) => 128 + s,
+        }
+    }
+}
+
+/// The caller's ends of a running process's standard streams.
+#[derive(Debug)]
+pub enum ExecIo {
+    Pipes {
+        stdin: File,
+        stdout: File,
+        stderr: File,
+    },
+    /// The terminal's master side: write input, read output (stdout and stderr are merged).
+    Pty { master: File },
+}
+
+/// Control of a running process: wait for it, signal it, resize its terminal.
+pub trait Process: Send + Sync + fmt::Debug {
+    /// Blocks until the process exits.
+    fn wait(&self) -> Result<ExitStatus, Error>;
+    fn signal(&self, signal: i32) -> Result<(), Error>;
+    /// Sets the terminal size (an error for a process without a terminal).
+    fn resize(&self, size: WinSize) -> Result<(), Error>;
+}
+
+/// A process started by [`Runtime::exec`](crate::Runtime::exec).
+#[derive(Debug)]
+pub struct Exec {
+    pub io: ExecIo,
+    pub process: Box<dyn Process>,
+}
+
+/// Resource use of a running workspace.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    pub cpu_ns: u64,
+    pub memory_bytes: u64,
+    pub memory_limit: Option<u64>,
+    pub pids: u64,
+    pub pids_limit: Option<u64>,
+    /// Bytes used on disk by the writable layer.
+    pub disk_bytes: u64,
+}
+
+/// What [`Runtime::delete`](crate::Runtime::delete) could not remove (empty when all is gone).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteReport {
+    pub leftovers: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workspace_ids_are_plain_names() {
+        for ok in [
+            "a",
+            "dev-1",
+            "0x",
+            "abcdefghij-abcdefghij-abcdefghij-abcdefg",
+        ] {
+            assert!(WorkspaceId::new(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "-a", "A", "a_b", "a/b", "..", "a b", &"x".repeat(41)] {
+            let err = WorkspaceId::new(bad).unwrap_err().to_string();
+            assert!(err.contains("workspace name"), "{bad}: {err}");
+        }
+    }
+}
