@@ -243,3 +243,19 @@ pub fn is_mounted(path: &Path) -> bool {
         .lines()
         .any(|l| l.split(' ').nth(4) == Some(&target))
 }
+
+/// Moves the calling test process into a network namespace of its own (loopback up), so that
+/// the bridges, addresses and nftables rules its workspaces make never touch the host's network.
+/// Processes the test starts afterwards inherit it.
+pub fn enter_own_network() {
+    require_root();
+    // SAFETY: unshare only changes this process's namespaces; it takes no pointers.
+    let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+    assert_eq!(
+        r,
+        0,
+        "unshare(CLONE_NEWNET): {}",
+        std::io::Error::last_os_error()
+    );
+    run(Command::new("ip").args(["link", "set", "lo", "up"]));
+}

@@ -1,0 +1,724 @@
+//! Container workspaces for real: user namespaces, cgroups (v1 here), overlay over a folder or
+//! a lazy image, a bridge with nftables rules — each test in a network namespace of its own.
+//! Workspaces are driven with `warren runtime ...` as an operator would, and inspected through
+//! the library's exec and from the host.
+// A test that meets an unexpected error should stop right there.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+use warren_runtime::{
+    ContainerRuntime, ContainerRuntimeConfig, ExecIo, ExecRequest, ExitStatus, NetworkConfig,
+    Runtime, WinSize, WorkspaceId, WorkspaceState,
+};
+use warren_testkit::{debian_rootfs, enter_own_network, require_program};
+
+/// One test's host: its own network namespace and data folder.
+struct Host {
+    data: TempDir,
+    runtime: ContainerRuntime,
+    uid_base: u32,
+}
+
+impl Host {
+    /// `seed` gives each test its own uid ranges: tests run in parallel, and their workspaces'
+    /// processes must not be mistaken for one another's.
+    fn new(seed: u32) -> Self {
+        enter_own_network();
+        for (program, package) in [
+            ("nft", "nftables"),
+            ("ip", "iproute2"),
+            ("nsenter", "util-linux"),
+        ] {
+            require_program(program, package);
+        }
+        let data = tempfile::Builder::new()
+            .prefix("warren-rt-")
+            .tempdir_in("/var/tmp")
+            .unwrap();
+        let uid_base = ContainerRuntimeConfig::DEFAULT_UID_BASE + seed * 16 * 65536;
+        let runtime = ContainerRuntime::new(ContainerRuntimeConfig {
+            root: data.path().join("runtime"),
+            data: data.path().to_path_buf(),
+            helper: env!("CARGO_BIN_EXE_warren").into(),
+            network: NetworkConfig::default(),
+            uid_base,
+        })
+        .unwrap();
+        Self {
+            data,
+            runtime,
+            uid_base,
+        }
+    }
+
+    fn warren(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_warren"))
+            .arg("--data")
+            .arg(self.data.path())
+            .env("WARREN_UID_BASE", self.uid_base.to_string())
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.warren(args);
+        assert!(
+            out.status.success(),
+            "warren {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs `script` with `sh -c` in the workspace; returns status, stdout and stderr.
+    fn sh(&self, ws: &str, script: &str) -> (ExitStatus, String, String) {
+        self.exec_as(ws, None, script)
+    }
+
+    fn exec_as(&self, ws: &str, user: Option<&str>, script: &str) -> (ExitStatus, String, String) {
+        let exec = self
+            .runtime
+            .exec(
+                &id(ws),
+                &ExecRequest {
+                    argv: vec!["sh".into(), "-c".into(), script.into()],
+                    user: user.map(Into::into),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let ExecIo::Pipes {
+            stdin,
+            mut stdout,
+            mut stderr,
+        } = exec.io
+        else {
+            panic!("asked for pipes")
+        };
+        drop(stdin);
+        let err = std::thread::spawn(move || {
+            let mut s = String::new();
+            stderr.read_to_string(&mut s).unwrap();
+            s
+        });
+        let mut out = String::new();
+        stdout.read_to_string(&mut out).unwrap();
+        let status = exec.process.wait().unwrap();
+        (status, out, err.join().unwrap())
+    }
+
+    fn run_dir(&self, ws: &str, extra: &[&str]) {
+        let rootfs = debian_rootfs("minbase", &[]);
+        let mut args = vec!["runtime", "run", ws, "--dir", rootfs.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        self.ok(&args);
+    }
+
+    fn uid_base(&self, ws: &str) -> u32 {
+        self.runtime.info(&id(ws)).unwrap().uid_base
+    }
+
+    /// Everything of `ws` that should be gone after delete.
+    fn traces_of(&self, ws: &str, uid_base: u32, veth: &str) -> Vec<String> {
+        let mut found = Vec::new();
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        for line in mounts.lines() {
+            if line.contains(self.data.path().to_str().unwrap()) {
+                found.push(format!("mount: {line}"));
+            }
+        }
+        for controller in ["memory", "pids", "cpu", "systemd", "unified"] {
+            let dir = Path::new("/sys/fs/cgroup")
+                .join(controller)
+                .join("warren")
+                .join(ws);
+            if dir.exists() {
+                found.push(format!("cgroup {}", dir.display()));
+            }
+        }
+        if Command::new("ip")
+            .args(["link", "show", veth])
+            .output()
+            .unwrap()
+            .status
+            .success()
+        {
+            found.push(format!("interface {veth}"));
+        }
+        let set = Command::new("nft")
+            .args(["list", "set", "bridge", "warren", "addresses"])
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&set.stdout).contains(veth) {
+            found.push(format!("nft element for {veth}"));
+        }
+        for pid in processes_in_range(uid_base) {
+            found.push(format!("process {pid}"));
+        }
+        if self
+            .data
+            .path()
+            .join("runtime/workspaces")
+            .join(ws)
+            .exists()
+        {
+            found.push("workspace folder".into());
+        }
+        found
+    }
+}
+
+/// A failed test must not leave workspaces running on the machine.
+impl Drop for Host {
+    fn drop(&mut self) {
+        for ws in self.runtime.list().unwrap_or_default() {
+            let _ = self.runtime.delete(&ws.config.id);
+        }
+    }
+}
+
+fn id(ws: &str) -> WorkspaceId {
+    WorkspaceId::new(ws).unwrap()
+}
+
+/// Host pids whose real uid lies in the workspace's range.
+fn processes_in_range(base: u32) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
+            continue;
+        };
+        let uid: Option<u32> = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok());
+        if uid.is_some_and(|u| u >= base && u < base + 65536) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Reads from a terminal until `needle` shows up (or panics after 20 s).
+fn read_until(master: &mut std::fs::File, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    while !seen.contains(needle) {
+        assert!(
+            Instant::now() < deadline,
+            "`{needle}` never came; saw {seen:?}"
+        );
+        let n = master.read(&mut buf).unwrap();
+        assert!(n > 0, "terminal closed; saw {seen:?}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    seen
+}
+
+#[test]
+fn lifecycle_exec_pty_stop_start_and_clean_delete() {
+    let host = Host::new(1);
+    host.run_dir("life", &["--memory", "256MiB", "--pids", "500"]);
+    let base = host.uid_base("life");
+
+    // Pipes: separate streams and the exit status.
+    let (status, out, err) = host.sh("life", "echo out; echo err >&2; exit 3");
+    assert_eq!(
+        (status, out.as_str(), err.as_str()),
+        (ExitStatus::Code(3), "out\n", "err\n")
+    );
+    let (_, out, _) = host.sh("life", "id -u; cat /proc/self/uid_map; hostname");
+    let words: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(words, ["0", "0", &base.to_string(), "65536", "life"]);
+
+    // stdin reaches the process.
+    let exec = host
+        .runtime
+        .exec(
+            &id("life"),
+            &ExecRequest {
+                argv: vec!["tr".into(), "a-z".into(), "A-Z".into()],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let ExecIo::Pipes {
+        mut stdin,
+        mut stdout,
+        ..
+    } = exec.io
+    else {
+        panic!()
+    };
+    stdin.write_all(b"through stdin\n").unwrap();
+    drop(stdin);
+    let mut upper = String::new();
+    stdout.read_to_string(&mut upper).unwrap();
+    assert_eq!(upper, "THROUGH STDIN\n");
+    assert_eq!(exec.process.wait().unwrap(), ExitStatus::Code(0));
+
+    // A terminal: its size, a resize, and the status of the shell.
+    let exec = host
+        .runtime
+        .exec(
+            &id("life"),
+            &ExecRequest {
+                argv: vec!["sh".into()],
+                tty: Some(WinSize { rows: 24, cols: 80 }),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let ExecIo::Pty { mut master } = exec.io else {
+        panic!("asked for a terminal")
+    };
+    master.write_all(b"tty; stty size\n").unwrap();
+    let seen = read_until(&mut master, "24 80");
+    assert!(seen.contains("/dev/pts/"), "{seen}");
+    exec.process
+        .resize(WinSize {
+            rows: 40,
+            cols: 100,
+        })
+        .unwrap();
+    master.write_all(b"stty size; exit 7\n").unwrap();
+    read_until(&mut master, "40 100");
+    assert_eq!(exec.process.wait().unwrap(), ExitStatus::Code(7));
+
+    // A signal reaches the process.
+    let exec = host
+        .runtime
+        .exec(
+            &id("life"),
+            &ExecRequest {
+                argv: vec!["sleep".into(), "600".into()],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    exec.process.signal(libc::SIGTERM).unwrap();
+    assert_eq!(
+        exec.process.wait().unwrap(),
+        ExitStatus::Signal(libc::SIGTERM)
+    );
+
+    // The writable layer survives stop and start, and belongs to the workspace's root.
+    assert_eq!(
+        host.sh("life", "echo kept > /root/kept").0,
+        ExitStatus::Code(0)
+    );
+    let kept = host
+        .data
+        .path()
+        .join("runtime/workspaces/life/upper/root/kept");
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&kept).unwrap()),
+        base
+    );
+    host.ok(&["runtime", "stop", "life"]);
+    assert_eq!(
+        host.runtime.info(&id("life")).unwrap().state,
+        WorkspaceState::Stopped
+    );
+    assert!(
+        processes_in_range(base).is_empty(),
+        "stop leaves no process"
+    );
+    assert!(
+        host.runtime
+            .exec(
+                &id("life"),
+                &ExecRequest {
+                    argv: vec!["true".into()],
+                    ..Default::default()
+                }
+            )
+            .is_err()
+    );
+    host.ok(&["runtime", "start", "life"]);
+    assert!(host.ok(&["runtime", "ls"]).contains("running"));
+    assert_eq!(host.sh("life", "cat /root/kept").1, "kept\n");
+    let stats = host.runtime.stats(&id("life")).unwrap();
+    assert_eq!(stats.memory_limit, Some(256 << 20));
+    assert_eq!(stats.pids_limit, Some(500));
+    assert!(stats.pids >= 1 && stats.disk_bytes > 0, "{stats:?}");
+
+    // Delete while running: nothing of it is left on the host.
+    let out = host.warren(&["runtime", "rm", "life"]);
+    assert!(
+        !out.status.success(),
+        "rm refuses a running workspace without --force"
+    );
+    host.ok(&["runtime", "rm", "--force", "life"]);
+    assert_eq!(host.traces_of("life", base, "wv0"), Vec::<String>::new());
+    assert!(!host.ok(&["runtime", "ls"]).contains("life"));
+}
+
+#[test]
+fn a_lazy_image_is_the_lower_layer_with_its_ownership_shifted() {
+    let host = Host::new(2);
+    let rootfs = debian_rootfs("minbase", &[]);
+    host.ok(&["image", "import", rootfs.to_str().unwrap(), "base:1"]);
+    host.ok(&["runtime", "run", "lazy", "--image", "base:1"]);
+    let base = host.uid_base("lazy");
+    let (status, out, err) = host.sh(
+        "lazy",
+        "stat -c '%u %g %a' /etc/shadow /usr/bin/passwd; cat /etc/debian_version; perl -e 'print 6*7, qq(\\n)'",
+    );
+    assert_eq!(status, ExitStatus::Code(0), "{err}");
+    let version = std::fs::read_to_string(rootfs.join("etc/debian_version")).unwrap();
+    assert_eq!(out, format!("0 42 640\n0 0 4755\n{version}42\n"));
+    // Changes go to the workspace's layer, owned by its root on the host.
+    assert_eq!(
+        host.sh("lazy", "echo new > /etc/motd; rm /etc/issue").0,
+        ExitStatus::Code(0)
+    );
+    let upper = host.data.path().join("runtime/workspaces/lazy/upper/etc");
+    assert_eq!(
+        std::fs::read_to_string(upper.join("motd")).unwrap(),
+        "new\n"
+    );
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(upper.join("motd")).unwrap()),
+        base
+    );
+    assert_eq!(host.sh("lazy", "test -e /etc/issue").0, ExitStatus::Code(1));
+    host.ok(&["runtime", "stop", "lazy"]);
+    host.ok(&["runtime", "start", "lazy"]);
+    assert_eq!(host.sh("lazy", "cat /etc/motd").1, "new\n");
+    host.ok(&["runtime", "rm", "-f", "lazy"]);
+    assert_eq!(host.traces_of("lazy", base, "wv0"), Vec::<String>::new());
+}
+
+#[test]
+fn memory_and_pids_limits_stop_at_the_workspace() {
+    let host = Host::new(3);
+    host.run_dir("lim-a", &["--memory", "64MiB", "--pids", "40"]);
+    host.run_dir("lim-b", &[]);
+
+    // 300 MB in one string: the OOM killer ends it inside the workspace only.
+    let (status, _, _) = host.sh(
+        "lim-a",
+        "perl -e '$x = q(a) x (300 * 1024 * 1024); print length $x'",
+    );
+    assert_eq!(
+        status.as_shell_code(),
+        128 + libc::SIGKILL,
+        "the hog is killed"
+    );
+    assert_eq!(host.sh("lim-a", "echo alive").1, "alive\n");
+
+    // A fork bomb fills the pids limit and no more.
+    let bomb = host
+        .runtime
+        .exec(
+            &id("lim-a"),
+            &ExecRequest {
+                argv: vec!["bash".into(), "-c".into(), "b() { b | b & }; b".into()],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let stats = host.runtime.stats(&id("lim-a")).unwrap();
+    assert!(stats.pids <= 40, "{stats:?}");
+    assert!(stats.pids >= 30, "the bomb reached the limit: {stats:?}");
+    // The host and the other workspace keep working.
+    assert!(Command::new("true").status().unwrap().success());
+    assert_eq!(host.sh("lim-b", "echo fine").1, "fine\n");
+    host.ok(&["runtime", "stop", "--time", "0", "lim-a"]);
+    drop(bomb);
+    host.ok(&["runtime", "rm", "lim-a"]);
+    host.ok(&["runtime", "rm", "-f", "lim-b"]);
+}
+
+#[test]
+fn isolation_holds() {
+    let host = Host::new(4);
+    host.run_dir("iso-a", &[]);
+    host.run_dir("iso-b", &[]);
+    let base = host.uid_base("iso-a");
+    let b_addr = host.runtime.info(&id("iso-b")).unwrap().address;
+    let expect_fail = |what: &str, script: &str| {
+        let (status, out, err) = host.sh("iso-a", script);
+        assert_ne!(
+            status,
+            ExitStatus::Code(0),
+            "{what} must fail, but: {out}{err}"
+        );
+        err
+    };
+
+    // No host process is visible.
+    let (_, out, _) = host.sh("iso-a", "ls /proc | grep -c '^[0-9]'");
+    assert!(out.trim().parse::<u32>().unwrap() < 10, "{out}");
+    assert!(
+        !host
+            .sh("iso-a", &format!("ls /proc/{}", std::process::id()))
+            .1
+            .contains("status")
+    );
+
+    // Host sysctls and the host's hostname are out of reach.
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    host.sh(
+        "iso-a",
+        "echo mine > /proc/sys/kernel/hostname; hostname mine",
+    );
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap(),
+        hostname
+    );
+    assert_eq!(
+        host.sh("iso-a", "hostname").1,
+        "mine\n",
+        "the workspace has its own"
+    );
+    expect_fail("a host sysctl", "echo 1 > /proc/sys/vm/drop_caches");
+    expect_fail("a host sysctl", "echo 5 > /proc/sys/kernel/panic");
+
+    // No block device, no kernel module.
+    expect_fail("mknod of a block device", "mknod /tmp/disk b 8 0");
+    expect_fail("mounting a block device", "mount -t ext4 /dev/vda /mnt");
+    // finit_module(2): refused for want of CAP_SYS_MODULE in the host's user namespace; a
+    // kernel built without modules (as this test machine's) answers ENOSYS to everyone.
+    let (status, out, _) = host.sh(
+        "iso-a",
+        "perl -e '$p = q(); syscall(313, 0, $p, 0) == -1 or exit 0; print $!; exit 1'",
+    );
+    assert_eq!(status, ExitStatus::Code(1), "finit_module must fail");
+    let expected = if Path::new("/proc/modules").exists() {
+        "Operation not permitted"
+    } else {
+        "Function not implemented"
+    };
+    assert_eq!(out, expected);
+
+    // Another workspace: reachable by its own loopback and by the host, not by iso-a.
+    let listen = "perl -MIO::Socket::INET -e '$s = IO::Socket::INET->new(LocalAddr => q(0.0.0.0:8000), Listen => 5, ReuseAddr => 1) or die $!; while ($c = $s->accept) { print $c qq(hello\\n); close $c }'";
+    let server = host
+        .runtime
+        .exec(
+            &id("iso-b"),
+            &ExecRequest {
+                argv: vec!["sh".into(), "-c".into(), listen.into()],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let connect = |target: &str| {
+        format!(
+            "timeout 3 perl -MIO::Socket::INET -e '$c = IO::Socket::INET->new(PeerAddr => q({target}), Timeout => 2) or die qq(refused: $!); print <$c>'"
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while host.sh("iso-b", &connect("127.0.0.1:8000")).1 != "hello\n" {
+        assert!(
+            Instant::now() < deadline,
+            "the server in iso-b never came up"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut from_host = String::new();
+    std::net::TcpStream::connect((b_addr, 8000))
+        .unwrap()
+        .read_to_string(&mut from_host)
+        .unwrap();
+    assert_eq!(from_host, "hello\n");
+    let mut forwarded = String::new();
+    host.runtime
+        .connect(&id("iso-b"), 8000)
+        .unwrap()
+        .read_to_string(&mut forwarded)
+        .unwrap();
+    assert_eq!(
+        forwarded, "hello\n",
+        "connect() reaches the workspace's port"
+    );
+    expect_fail(
+        "reaching another workspace",
+        &connect(&format!("{b_addr}:8000")),
+    );
+    drop(server);
+
+    // A port on the host (as Warren's API would listen), by any of the host's addresses.
+    let listener = TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let gateway = "10.88.0.1";
+    assert!(
+        std::net::TcpStream::connect((gateway, port)).is_ok(),
+        "the host reaches it"
+    );
+    expect_fail(
+        "reaching a host port",
+        &connect(&format!("{gateway}:{port}")),
+    );
+
+    // A setuid-root binary started by an unprivileged user is root only inside.
+    host.sh(
+        "iso-a",
+        "cp /bin/sleep /tmp/suid-sleep && chmod 4755 /tmp/suid-sleep",
+    );
+    let sleeper = host
+        .runtime
+        .exec(
+            &id("iso-a"),
+            &ExecRequest {
+                argv: vec!["/tmp/suid-sleep".into(), "30".into()],
+                user: Some("nobody".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let euid = loop {
+        let found = euid_of_command("suid-sleep");
+        if let Some(e) = found {
+            break e;
+        }
+        assert!(Instant::now() < deadline, "suid-sleep never showed up");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        euid, base,
+        "setuid root inside is the workspace's base uid outside"
+    );
+    sleeper.process.signal(libc::SIGKILL).unwrap();
+
+    // Cgroup limits are not the workspace's to change.
+    expect_fail(
+        "raising its memory limit",
+        "echo -1 > /sys/fs/cgroup/memory/memory.limit_in_bytes",
+    );
+    expect_fail(
+        "raising its pids limit",
+        "echo max > /sys/fs/cgroup/pids/pids.max",
+    );
+
+    for ws in ["iso-a", "iso-b"] {
+        host.ok(&["runtime", "rm", "-f", ws]);
+    }
+}
+
+/// The effective uid (on the host) of the process running `comm`.
+fn euid_of_command(comm: &str) -> Option<u32> {
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let dir: PathBuf = entry.path();
+        if std::fs::read_to_string(dir.join("comm")).is_ok_and(|c| c.trim() == comm) {
+            let status = std::fs::read_to_string(dir.join("status")).ok()?;
+            return status
+                .lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|v| v.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok());
+        }
+    }
+    None
+}
+
+#[test]
+fn bad_requests_get_clear_errors() {
+    let host = Host::new(5);
+    let err = |args: &[&str]| {
+        let out = host.warren(args);
+        assert!(!out.status.success(), "{args:?} must fail");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    assert!(
+        err(&["runtime", "run", "Bad_Name", "--dir", "/"]).contains("not a valid workspace name")
+    );
+    assert!(err(&["runtime", "run", "nodir", "--dir", "/nonexistent"]).contains("is not a folder"));
+    assert!(err(&["runtime", "exec", "ghost", "--", "true"]).contains("no workspace `ghost`"));
+    assert!(
+        err(&["runtime", "run", "m", "--dir", "/", "--memory", "lots"]).contains("is not a size")
+    );
+    host.run_dir("dup", &[]);
+    assert!(err(&["runtime", "run", "dup", "--dir", "/"]).contains("exists already"));
+    let e = host
+        .runtime
+        .exec(
+            &id("dup"),
+            &ExecRequest {
+                argv: vec!["/no/such/program".into()],
+                ..Default::default()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not found"), "{e}");
+    let e = host
+        .runtime
+        .exec(
+            &id("dup"),
+            &ExecRequest {
+                argv: vec!["true".into()],
+                user: Some("nosuchuser".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no user `nosuchuser`"), "{e}");
+    host.ok(&["runtime", "rm", "-f", "dup"]);
+}
+
+#[test]
+fn outbound_traffic_leaves_through_the_hosts_address() {
+    let host = Host::new(6);
+    // An "internet" next door: a namespace behind a veth, with a server that reports who called.
+    let upstream = format!("warren-up-{}", std::process::id());
+    let ip = |args: &[&str]| {
+        let out = Command::new("ip").args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ip(&["netns", "add", &upstream]);
+    struct Cleanup(String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+    let _cleanup = Cleanup(upstream.clone());
+    ip(&[
+        "link", "add", "uplink", "type", "veth", "peer", "name", "far", "netns", &upstream,
+    ]);
+    ip(&["addr", "add", "192.0.2.1/24", "dev", "uplink"]);
+    ip(&["link", "set", "uplink", "up"]);
+    for args in [
+        &["addr", "add", "192.0.2.2/24", "dev", "far"][..],
+        &["link", "set", "far", "up"],
+        &["link", "set", "lo", "up"],
+    ] {
+        ip(&[&["-n", upstream.as_str()][..], args].concat());
+    }
+    let server = Command::new("ip")
+        .args(["netns", "exec", &upstream, "python3", "-c"])
+        .arg("import socket\ns = socket.create_server(('0.0.0.0', 8080))\nc, a = s.accept()\nc.sendall((a[0] + '\\n').encode())\n")
+        .spawn()
+        .unwrap();
+    host.run_dir("out", &[]);
+    let fetch = "perl -MIO::Socket::INET -e 'for (1..50) { $c = IO::Socket::INET->new(PeerAddr => q(192.0.2.2:8080), Timeout => 2) and last; select(undef, undef, undef, 0.1) } $c or die qq(no way out: $!); print <$c>'";
+    let (status, out, err) = host.sh("out", fetch);
+    assert_eq!(status, ExitStatus::Code(0), "{err}");
+    assert_eq!(out, "192.0.2.1\n", "masqueraded behind the host's address");
+    let mut server = server;
+    let _ = server.wait();
+    host.ok(&["runtime", "rm", "-f", "out"]);
+}
