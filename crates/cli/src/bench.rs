@@ -39,6 +39,18 @@ pub enum BenchCommand {
         #[arg(long)]
         only_lazy: bool,
     },
+    /// Workspace start → exec → stop cycles against runc and docker; idle workspace memory
+    Runtime {
+        /// Cycles per runtime
+        #[arg(long, default_value_t = 50)]
+        cycles: usize,
+        /// Where to keep the root filesystem, images and docker's folders
+        #[arg(long, default_value = "/var/tmp/warren-bench-runtime")]
+        work: PathBuf,
+        /// Write the results as JSON here as well
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 const NETNS: &str = "warren-bench";
@@ -60,10 +72,16 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             }
             lazy(size, &rates, &work, json.as_deref(), only_lazy)
         }
+        BenchCommand::Runtime { cycles, work, json } => {
+            if std::env::var_os("WARREN_BENCH_INSIDE").is_none() {
+                return reexec_in_netns();
+            }
+            crate::bench_runtime::runtime(cycles, &work, json.as_deref())
+        }
     }
 }
 
-fn sh(cmd: &mut Command) -> anyhow::Result<String> {
+pub(crate) fn sh(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd
         .output()
         .with_context(|| format!("cannot run {cmd:?}"))?;

@@ -377,6 +377,14 @@ struct MountFlags {
 }
 
 fn mount(data: &Path, reference: &str, mountpoint: &Path, flags: MountFlags) -> anyhow::Result<()> {
+    // A mount lives as long as its workspace, mostly idle. Buffers of 256 KiB and more (fetch
+    // batches) come straight from mmap and go back to the kernel when freed, instead of
+    // staying in glibc's heap after the prefetch; one arena bounds what the threads keep.
+    // SAFETY: mallopt only adjusts allocator parameters; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
     let (store, name) = resolve(data, reference)?;
     let image = open_image(store.as_ref(), &name)?;
     let cache = Arc::new(ChunkCache::open(&data.join("cache"), flags.limit)?);

@@ -4,6 +4,7 @@
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod bench;
+mod bench_runtime;
 mod image_cmd;
 mod runtime_cmd;
 mod spec_cmd;

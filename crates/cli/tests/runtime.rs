@@ -115,6 +115,33 @@ impl Host {
         (status, out, err.join().unwrap())
     }
 
+    /// Runs `argv` with `input` on its stdin; returns its status and stdout.
+    fn feed(&self, ws: &str, argv: &[&str], input: Vec<u8>) -> (ExitStatus, String) {
+        let exec = self
+            .runtime
+            .exec(
+                &id(ws),
+                &ExecRequest {
+                    argv: argv.iter().map(|a| a.to_string()).collect(),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let ExecIo::Pipes {
+            mut stdin,
+            mut stdout,
+            ..
+        } = exec.io
+        else {
+            panic!("asked for pipes")
+        };
+        let writer = std::thread::spawn(move || stdin.write_all(&input).unwrap());
+        let mut out = String::new();
+        stdout.read_to_string(&mut out).unwrap();
+        writer.join().unwrap();
+        (exec.process.wait().unwrap(), out)
+    }
+
     fn run_dir(&self, ws: &str, extra: &[&str]) {
         let rootfs = debian_rootfs("minbase", &[]);
         let mut args = vec!["runtime", "run", ws, "--dir", rootfs.to_str().unwrap()];
@@ -245,30 +272,11 @@ fn lifecycle_exec_pty_stop_start_and_clean_delete() {
     assert_eq!(words, ["0", "0", &base.to_string(), "65536", "life"]);
 
     // stdin reaches the process.
-    let exec = host
-        .runtime
-        .exec(
-            &id("life"),
-            &ExecRequest {
-                argv: vec!["tr".into(), "a-z".into(), "A-Z".into()],
-                ..Default::default()
-            },
-        )
-        .unwrap();
-    let ExecIo::Pipes {
-        mut stdin,
-        mut stdout,
-        ..
-    } = exec.io
-    else {
-        panic!()
-    };
-    stdin.write_all(b"through stdin\n").unwrap();
-    drop(stdin);
-    let mut upper = String::new();
-    stdout.read_to_string(&mut upper).unwrap();
-    assert_eq!(upper, "THROUGH STDIN\n");
-    assert_eq!(exec.process.wait().unwrap(), ExitStatus::Code(0));
+    let (status, upper) = host.feed("life", &["tr", "a-z", "A-Z"], b"through stdin\n".to_vec());
+    assert_eq!(
+        (status, upper.as_str()),
+        (ExitStatus::Code(0), "THROUGH STDIN\n")
+    );
 
     // A terminal: its size, a resize, and the status of the shell.
     let exec = host
@@ -709,8 +717,8 @@ fn outbound_traffic_leaves_through_the_hosts_address() {
         ip(&[&["-n", upstream.as_str()][..], args].concat());
     }
     let server = Command::new("ip")
-        .args(["netns", "exec", &upstream, "python3", "-c"])
-        .arg("import socket\ns = socket.create_server(('0.0.0.0', 8080))\nc, a = s.accept()\nc.sendall((a[0] + '\\n').encode())\n")
+        .args(["netns", "exec", &upstream, "perl", "-MIO::Socket::INET", "-e"])
+        .arg("$s = IO::Socket::INET->new(LocalAddr => q(0.0.0.0:8080), Listen => 1, ReuseAddr => 1) or die $!; $c = $s->accept; print $c $c->peerhost, qq(\\n)")
         .spawn()
         .unwrap();
     host.run_dir("out", &[]);
@@ -721,4 +729,100 @@ fn outbound_traffic_leaves_through_the_hosts_address() {
     let mut server = server;
     let _ = server.wait();
     host.ok(&["runtime", "rm", "-f", "out"]);
+}
+
+/// Host processes whose cgroup (memory hierarchy, v1 or v2 path) lies under the workspace's.
+fn processes_of(ws: &str) -> Vec<(u32, u32, String)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cgroup = std::fs::read_to_string(entry.path().join("cgroup")).unwrap_or_default();
+        if !cgroup.lines().any(|l| l.contains(&format!("/warren/{ws}"))) {
+            continue;
+        }
+        let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
+        let uid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+        found.push((pid, uid, comm.trim().to_owned()));
+    }
+    found
+}
+
+#[test]
+fn docker_runs_inside_as_the_workspaces_unprivileged_users() {
+    let host = Host::new(7);
+    let rootfs = debian_rootfs("minbase", &["docker.io", "iproute2", "procps"]);
+    host.ok(&["runtime", "run", "dind", "--dir", rootfs.to_str().unwrap()]);
+    let base = host.uid_base("dind");
+    let (status, _, err) = host.sh("dind", "dockerd > /var/log/dockerd.log 2>&1 &");
+    assert_eq!(status, ExitStatus::Code(0), "{err}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while host.sh("dind", "docker info >/dev/null 2>&1").0 != ExitStatus::Code(0) {
+        if Instant::now() > deadline {
+            panic!(
+                "dockerd never came up: {}",
+                host.sh("dind", "tail -20 /var/log/dockerd.log").1
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+
+    // An image imported from a tar stream (no registry needed), then a container from it.
+    let minbase = debian_rootfs("minbase", &[]);
+    let tar = Command::new("tar")
+        .arg("-C")
+        .arg(&minbase)
+        .args(["-c", "."])
+        .output()
+        .unwrap()
+        .stdout;
+    let (status, digest) = host.feed("dind", &["docker", "import", "-", "deb:1"], tar);
+    assert_eq!(status, ExitStatus::Code(0));
+    assert!(digest.starts_with("sha256:"), "{digest}");
+
+    let (status, out, err) = host.sh(
+        "dind",
+        "docker run --rm deb:1 sh -c 'id -u; echo ran in docker'",
+    );
+    assert_eq!(status, ExitStatus::Code(0), "{err}");
+    assert_eq!(out, "0\nran in docker\n");
+    let (status, _, err) = host.sh("dind", "docker run -d --name nap deb:1 sleep 300");
+    assert_eq!(status, ExitStatus::Code(0), "{err}");
+
+    // On the host, every process of the workspace — dockerd, containerd, the nested
+    // container's — runs under the workspace's range, never as a host user.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let processes = loop {
+        let p = processes_of("dind");
+        if p.iter().any(|(_, _, comm)| comm == "sleep") {
+            break p;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the nested container's sleep never showed: {p:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for wanted in ["dockerd", "containerd", "sleep"] {
+        assert!(
+            processes.iter().any(|(_, _, c)| c == wanted),
+            "{wanted} in {processes:?}"
+        );
+    }
+    for (pid, uid, comm) in &processes {
+        assert!(
+            (base..base + 65536).contains(uid),
+            "{comm} (pid {pid}) runs as host uid {uid}, outside {base}..{}",
+            base + 65536
+        );
+    }
+    host.ok(&["runtime", "rm", "-f", "dind"]);
+    assert!(processes_of("dind").is_empty());
 }

@@ -310,6 +310,22 @@ impl Filesystem for LazyFs {
         reply.ok();
     }
 
+    /// No file ioctls (overlayfs asks for the inode flags of every file it copies up): the
+    /// answer a plain file system gives, without fuser's "not implemented" warning per call.
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        reply.error(Errno::ENOTTY);
+    }
+
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.node(ino) {
             Some(n) if self.index().entries[n.entry].kind == EntryKind::Dir => {

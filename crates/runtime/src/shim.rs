@@ -455,7 +455,7 @@ fn mount_lower(rec: &WorkspaceRecord, layout: &Layout) -> Result<LowerMount, Err
                 .append(true)
                 .open(layout.log())
                 .map_err(Error::io("cannot open", layout.log()))?;
-            let mut child = Command::new(&rec.helper)
+            let mut child = sys::unblock_signals_in_child(&mut Command::new(&rec.helper))
                 .arg("--data")
                 .arg(&rec.data)
                 .args(["image", "mount", reference.as_str()])
@@ -518,8 +518,10 @@ pub(crate) fn teardown(
     }
     leftovers.extend(net::detach(rec));
     leftovers.extend(sys::unmount_all(&layout.rootfs()));
+    // Unmounting first lets the image mount's FUSE session end at once; its process then exits
+    // on SIGTERM (killed if it does not).
+    leftovers.extend(sys::unmount_all(&layout.lower()));
     if let Some(LowerMount::Image { mut child, .. }) = mount {
-        // A clean FUSE unmount on SIGTERM; killed if it does not finish.
         let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
@@ -528,7 +530,6 @@ pub(crate) fn teardown(
         let _ = child.kill();
         let _ = child.wait();
     }
-    leftovers.extend(sys::unmount_all(&layout.lower()));
     leftovers.extend(cgroup::remove(rec));
     leftovers
 }

@@ -15,7 +15,28 @@ pub(crate) fn run(cmd: &mut Command) -> Result<String, Error> {
     run_with_input(cmd, None)
 }
 
+/// Children start with no signal blocked. The shim blocks the signals it reads from a signalfd,
+/// and `std::process::Command` passes the mask on: a helper started from it would never see
+/// SIGTERM.
+pub(crate) fn unblock_signals_in_child(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs between fork and exec and only calls sigprocmask, which is
+    // async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            let empty = nix::sys::signal::SigSet::empty();
+            nix::sys::signal::sigprocmask(
+                nix::sys::signal::SigmaskHow::SIG_SETMASK,
+                Some(&empty),
+                None,
+            )
+            .map_err(std::io::Error::from)
+        })
+    }
+}
+
 pub(crate) fn run_with_input(cmd: &mut Command, input: Option<&str>) -> Result<String, Error> {
+    unblock_signals_in_child(cmd);
     let command = std::iter::once(cmd.get_program())
         .chain(cmd.get_args())
         .map(|a| a.to_string_lossy().into_owned())
