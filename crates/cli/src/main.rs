@@ -5,6 +5,8 @@
 
 mod bench;
 mod bench_runtime;
+mod client;
+mod control_cmd;
 mod image_cmd;
 mod runtime_cmd;
 mod spec_cmd;
@@ -35,6 +37,28 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Commands {
+    /// Bring Warren up on this machine: API, database and agent (needs root)
+    Up(control_cmd::UpArgs),
+    /// Log in to a Warren server and keep the token for the other commands
+    Login(control_cmd::LoginArgs),
+    /// Users (admin)
+    #[command(subcommand)]
+    User(control_cmd::UserCommand),
+    /// Projects: git repositories with an environment file
+    #[command(subcommand)]
+    Project(control_cmd::ProjectCommand),
+    /// Workspaces: create, list, start, stop, delete, exec
+    #[command(subcommand)]
+    Ws(control_cmd::WsCommand),
+    /// Your SSH public keys (for the SSH gateway)
+    #[command(subcommand)]
+    Key(control_cmd::KeyCommand),
+    /// Hosts that run workspaces (admin)
+    #[command(subcommand)]
+    Host(control_cmd::ListCommand),
+    /// Recent jobs of your workspaces
+    #[command(subcommand)]
+    Job(control_cmd::ListCommand),
     /// Environment files (warren.yml, hocus.yml, devcontainer.json)
     #[command(subcommand)]
     Spec(spec_cmd::SpecCommand),
@@ -66,6 +90,14 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Commands::Up(args) => control_cmd::up(args, &cli.data),
+        Commands::Login(args) => control_cmd::login(args),
+        Commands::User(cmd) => control_cmd::user(cmd),
+        Commands::Project(cmd) => control_cmd::project(cmd),
+        Commands::Ws(cmd) => control_cmd::ws(cmd),
+        Commands::Key(cmd) => control_cmd::key(cmd),
+        Commands::Host(cmd) => control_cmd::host(cmd),
+        Commands::Job(cmd) => control_cmd::job(cmd),
         Commands::Spec(cmd) => spec_cmd::run(cmd),
         Commands::Image(cmd) => image_cmd::run(cmd, &cli.data).map(|()| ExitCode::SUCCESS),
         Commands::Runtime(args) => runtime_cmd::run(args, &cli.data),

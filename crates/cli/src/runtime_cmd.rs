@@ -14,8 +14,9 @@ use warren_runtime::{
 };
 use warren_spec::ByteSize;
 
+/// How container workspaces are wired on this host (used by `runtime` and `up`).
 #[derive(Debug, Args)]
-pub struct RuntimeArgs {
+pub struct HostFlags {
     /// Bridge shared by the host's workspaces (created if missing)
     #[arg(long, global = true, env = "WARREN_BRIDGE", default_value = "warren0")]
     bridge: String,
@@ -33,6 +34,29 @@ pub struct RuntimeArgs {
     /// First host uid of workspace uid ranges (65536 ids per workspace)
     #[arg(long, global = true, env = "WARREN_UID_BASE", default_value_t = ContainerRuntimeConfig::DEFAULT_UID_BASE)]
     uid_base: u32,
+}
+
+impl HostFlags {
+    /// The container runtime these flags describe, keeping its state under `data`.
+    pub fn runtime(&self, data: &Path) -> anyhow::Result<ContainerRuntime> {
+        Ok(ContainerRuntime::new(ContainerRuntimeConfig {
+            root: data.join("runtime"),
+            data: data.to_path_buf(),
+            helper: std::env::current_exe().context("cannot find the warren executable")?,
+            network: NetworkConfig {
+                bridge: self.bridge.clone(),
+                subnet: self.subnet,
+                nameservers: self.dns.clone(),
+            },
+            uid_base: self.uid_base,
+        })?)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct RuntimeArgs {
+    #[command(flatten)]
+    host: HostFlags,
     #[command(subcommand)]
     command: RuntimeCommand,
 }
@@ -125,17 +149,7 @@ pub fn run(args: RuntimeArgs, data: &Path) -> anyhow::Result<ExitCode> {
         warren_runtime::run_shim(dir)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let runtime = ContainerRuntime::new(ContainerRuntimeConfig {
-        root: data.join("runtime"),
-        data: data.to_path_buf(),
-        helper: std::env::current_exe().context("cannot find the warren executable")?,
-        network: NetworkConfig {
-            bridge: args.bridge,
-            subnet: args.subnet,
-            nameservers: args.dns,
-        },
-        uid_base: args.uid_base,
-    })?;
+    let runtime = args.host.runtime(data)?;
     match args.command {
         RuntimeCommand::Run {
             name,

@@ -40,7 +40,7 @@ use std::time::Duration;
 /// What the agent, the SSH gateway and the CLI need from a workspace backend. Both backends
 /// (system container, VM) implement it; every operation names the workspace by id and is safe
 /// to repeat.
-pub trait Runtime: Send + Sync {
+pub trait Runtime: Send + Sync + std::fmt::Debug {
     /// Records a new workspace and reserves what it needs (uid range, address); starts nothing.
     fn create(&self, config: &WorkspaceConfig) -> Result<WorkspaceInfo, Error>;
     /// Starts a created or stopped workspace; does nothing if it runs already.

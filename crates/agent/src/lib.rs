@@ -1,0 +1,209 @@
+//! The host agent: claims the control plane's jobs for its host and carries them out with the
+//! host's [`Runtime`]. Every step is idempotent — a job cut short by a crash is simply run again
+//! — and reports an outcome the control plane turns into the workspace's state.
+//!
+//! The agent does not know how the control plane stores jobs: it talks to it through the
+//! [`ControlPlane`] trait (in process on a single host; over HTTP for remote hosts).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, Semaphore};
+use warren_runtime::{
+    Error as RuntimeError, Limits, RootSource, Runtime, WorkspaceConfig, WorkspaceId,
+};
+
+/// What a workspace is made from, as the control plane recorded it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkspaceSpec {
+    /// The runtime's name for it (`ws-<id>`).
+    pub runtime_id: String,
+    pub image: String,
+    pub memory: Option<u64>,
+    pub cpus: Option<f64>,
+    pub pids: Option<u64>,
+}
+
+/// The step a job asks for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "action")]
+pub enum Action {
+    Create,
+    Start,
+    Stop { grace_ms: u64 },
+    Delete,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkspaceJob {
+    pub action: Action,
+    pub workspace: WorkspaceSpec,
+}
+
+/// A claimed job.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub id: String,
+    pub attempt: u32,
+    pub work: WorkspaceJob,
+}
+
+/// Where the workspace ended up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Running,
+    Stopped,
+    /// Gone; anything the runtime could not remove is listed.
+    Deleted {
+        leftovers: Vec<String>,
+    },
+}
+
+/// The agent's view of the control plane.
+pub trait ControlPlane: Send + Sync + 'static {
+    /// The next job for `host`, leased to it; `None` when there is nothing to do.
+    fn claim(&self, host: &str) -> impl Future<Output = Result<Option<Job>, String>> + Send;
+    /// Records how a job went.
+    fn finish(
+        &self,
+        job: &Job,
+        result: Result<Outcome, String>,
+    ) -> impl Future<Output = Result<(), String>> + Send;
+}
+
+/// Carries out one job, blocking (call it on a blocking thread). Safe to repeat.
+pub fn execute(runtime: &dyn Runtime, work: &WorkspaceJob) -> Result<Outcome, String> {
+    let spec = &work.workspace;
+    let id = WorkspaceId::new(&spec.runtime_id).map_err(|e| e.to_string())?;
+    let create = || {
+        let config = WorkspaceConfig {
+            id: id.clone(),
+            root: RootSource::Image {
+                reference: spec.image.clone(),
+            },
+            hostname: None,
+            limits: Limits {
+                cpus: spec.cpus,
+                memory: spec.memory,
+                pids: spec.pids,
+            },
+            env: Vec::new(),
+        };
+        match runtime.create(&config) {
+            Ok(_) | Err(RuntimeError::AlreadyExists(_)) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    match &work.action {
+        Action::Create | Action::Start => {
+            create()?;
+            runtime.start(&id).map_err(|e| e.to_string())?;
+            Ok(Outcome::Running)
+        }
+        Action::Stop { grace_ms } => match runtime.stop(&id, Duration::from_millis(*grace_ms)) {
+            Ok(()) | Err(RuntimeError::NotFound(_)) => Ok(Outcome::Stopped),
+            Err(e) => Err(e.to_string()),
+        },
+        Action::Delete => match runtime.delete(&id) {
+            Ok(report) => Ok(Outcome::Deleted {
+                leftovers: report.leftovers,
+            }),
+            Err(RuntimeError::NotFound(_)) => Ok(Outcome::Deleted {
+                leftovers: Vec::new(),
+            }),
+            Err(e) => Err(e.to_string()),
+        },
+    }
+}
+
+/// Runs jobs for one host until `shutdown` is notified.
+#[derive(Debug)]
+pub struct Agent<C> {
+    host: String,
+    runtime: Arc<dyn Runtime>,
+    plane: Arc<C>,
+    /// Notified by the control plane when it queues a job, so the agent need not poll hard.
+    wake: Arc<Notify>,
+    /// Jobs carried out at once (jobs of one workspace are never claimed together).
+    parallel: usize,
+}
+
+impl<C: ControlPlane> Agent<C> {
+    pub fn new(host: String, runtime: Arc<dyn Runtime>, plane: Arc<C>, wake: Arc<Notify>) -> Self {
+        Self {
+            host,
+            runtime,
+            plane,
+            wake,
+            parallel: 4,
+        }
+    }
+
+    pub async fn run(self, shutdown: Arc<Notify>) {
+        let slots = Arc::new(Semaphore::new(self.parallel));
+        loop {
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let claimed = self.plane.claim(&self.host).await;
+            match claimed {
+                Ok(Some(job)) => {
+                    let runtime = self.runtime.clone();
+                    let plane = self.plane.clone();
+                    let wake = self.wake.clone();
+                    tokio::spawn(async move {
+                        let work = job.work.clone();
+                        let result =
+                            tokio::task::spawn_blocking(move || execute(runtime.as_ref(), &work))
+                                .await
+                                .unwrap_or_else(|e| Err(format!("the job panicked: {e}")));
+                        if let Err(e) = &result {
+                            tracing::warn!(job.id = %job.id, attempt = job.attempt, error = %e, "job failed");
+                        }
+                        if let Err(e) = plane.finish(&job, result).await {
+                            tracing::error!(job.id = %job.id, error = %e, "cannot record a job's result");
+                        }
+                        drop(permit);
+                        // A finished job may unblock the next one of the same workspace.
+                        wake.notify_one();
+                    });
+                    continue;
+                }
+                Ok(None) => drop(permit),
+                Err(e) => {
+                    drop(permit);
+                    tracing::error!(error = %e, "cannot claim jobs");
+                }
+            }
+            tokio::select! {
+                _ = shutdown.notified() => return,
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jobs_read_back_as_written() {
+        let job = WorkspaceJob {
+            action: Action::Stop { grace_ms: 10_000 },
+            workspace: WorkspaceSpec {
+                runtime_id: "ws-1".into(),
+                image: "dev:1".into(),
+                memory: Some(1 << 30),
+                cpus: None,
+                pids: None,
+            },
+        };
+        let text = serde_json::to_string(&job).unwrap_or_default();
+        assert!(text.contains(r#""action":"stop""#), "{text}");
+        assert_eq!(serde_json::from_str::<WorkspaceJob>(&text).ok(), Some(job));
+    }
+}

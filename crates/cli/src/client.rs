@@ -1,0 +1,145 @@
+//! The CLI's side of the API: where the server is, the token `warren login` saved, and calls
+//! that turn the server's `{"error": ...}` answers into plain messages.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use ureq::Agent;
+
+/// Saved by `warren login`: `$XDG_CONFIG_HOME/warren/cli.json` (or `~/.config/...`), mode 0600.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Login {
+    pub server: String,
+    pub token: String,
+}
+
+pub fn login_path() -> PathBuf {
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
+        .unwrap_or_else(|| PathBuf::from("/root/.config"));
+    base.join("warren").join("cli.json")
+}
+
+pub fn save_login(login: &Login) -> anyhow::Result<PathBuf> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = login_path();
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    file.write_all(&serde_json::to_vec_pretty(login)?)?;
+    Ok(path)
+}
+
+#[derive(Debug)]
+pub struct Client {
+    server: String,
+    token: Option<String>,
+    agent: Agent,
+}
+
+impl Client {
+    pub fn anonymous(server: &str) -> Self {
+        Self {
+            server: server.trim_end_matches('/').to_owned(),
+            token: None,
+            agent: Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_connect(Some(Duration::from_secs(10)))
+                .build()
+                .into(),
+        }
+    }
+
+    /// The server and token from `WARREN_SERVER` / `WARREN_TOKEN`, else from `warren login`.
+    pub fn from_login() -> anyhow::Result<Self> {
+        let saved: Option<Login> = std::fs::read(login_path())
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let server = std::env::var("WARREN_SERVER")
+            .ok()
+            .or_else(|| saved.as_ref().map(|l| l.server.clone()))
+            .context("not logged in: run `warren login --server URL` first (or set WARREN_SERVER and WARREN_TOKEN)")?;
+        let token = std::env::var("WARREN_TOKEN")
+            .ok()
+            .or_else(|| saved.map(|l| l.token))
+            .context("not logged in: run `warren login` first")?;
+        let mut client = Self::anonymous(&server);
+        client.token = Some(token);
+        Ok(client)
+    }
+
+    fn send(&self, method: &str, path: &str, body: Option<&Value>) -> anyhow::Result<Value> {
+        let url = format!("{}/api/v1{path}", self.server);
+        let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
+        let result = match (method, body) {
+            ("GET", _) => {
+                let mut req = self.agent.get(&url);
+                if let Some(a) = &auth {
+                    req = req.header("Authorization", a);
+                }
+                req.call()
+            }
+            ("DELETE", _) => {
+                let mut req = self.agent.delete(&url);
+                if let Some(a) = &auth {
+                    req = req.header("Authorization", a);
+                }
+                req.call()
+            }
+            (_, body) => {
+                let mut req = self.agent.post(&url);
+                if let Some(a) = &auth {
+                    req = req.header("Authorization", a);
+                }
+                let body =
+                    serde_json::to_vec(&body.cloned().unwrap_or_else(|| serde_json::json!({})))?;
+                req.header("Content-Type", "application/json")
+                    .send(&body[..])
+            }
+        };
+        let mut resp = result.with_context(|| format!("cannot reach Warren at {}", self.server))?;
+        let status = resp.status();
+        let text = resp
+            .body_mut()
+            .with_config()
+            .limit(64 << 20)
+            .read_to_string()
+            .unwrap_or_default();
+        let value: Value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        if !status.is_success() {
+            let message = value
+                .get("error")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .unwrap_or_else(|| value.to_string());
+            bail!("{message} (HTTP {})", status.as_u16());
+        }
+        Ok(value)
+    }
+
+    pub fn get(&self, path: &str) -> anyhow::Result<Value> {
+        self.send("GET", path, None)
+    }
+    pub fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        self.send("POST", path, Some(body))
+    }
+    pub fn delete(&self, path: &str) -> anyhow::Result<Value> {
+        self.send("DELETE", path, None)
+    }
+}

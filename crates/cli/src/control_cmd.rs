@@ -1,0 +1,600 @@
+//! `warren up` and the commands that talk to it: login, users, projects, workspaces, keys,
+//! hosts, jobs.
+
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+
+use crate::client::{Client, Login, save_login};
+use crate::runtime_cmd::HostFlags;
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Where the API listens
+    #[arg(long, env = "WARREN_LISTEN", default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// sqlite://PATH (default: <data>/warren.db) or postgres://USER:PASSWORD@HOST/DB
+    #[arg(long, env = "WARREN_DATABASE_URL")]
+    database_url: Option<String>,
+    /// This host's name among Warren's hosts (default: the machine's hostname)
+    #[arg(long, env = "WARREN_HOST_NAME")]
+    host_name: Option<String>,
+    #[command(flatten)]
+    host: HostFlags,
+}
+
+pub fn up(args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("warren up runs workspaces (namespaces, mounts, cgroups): run it as root");
+    }
+    std::fs::create_dir_all(data).with_context(|| format!("cannot create {}", data.display()))?;
+    let database_url = args
+        .database_url
+        .unwrap_or_else(|| format!("sqlite://{}", data.join("warren.db").display()));
+    let host_name = match args.host_name {
+        Some(n) => n,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "local".into()),
+    };
+    let runtime = Arc::new(args.host.runtime(data)?);
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    tokio.block_on(async move {
+        let shown_url = database_url.split('@').next_back().unwrap_or("").to_owned();
+        let started = warren_server::start(warren_server::SingleHost {
+            database_url: database_url.clone(),
+            listen: args.listen,
+            host_name,
+            runtime,
+        })
+        .await?;
+        let url = format!("http://{}", started.addr);
+        println!("Warren is up at {url}");
+        println!(
+            "  data: {}   database: {}",
+            data.display(),
+            if database_url.starts_with("sqlite") {
+                &database_url
+            } else {
+                &shown_url
+            }
+        );
+        if let Some(password) = &started.admin_password {
+            println!();
+            println!("First start: an admin was created (the password is shown only now):");
+            println!("  user: admin   password: {password}");
+            println!();
+            println!("Next:");
+            println!("  warren login --server {url} --user admin");
+            println!("  warren image import /path/to/rootfs dev:1");
+            println!("  warren ws create dev --image dev:1 && warren ws exec dev -- uname -a");
+        }
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        eprintln!("stopping (workspaces keep running)");
+        started.shutdown.notify_waiters();
+        let _ = started.serve.await;
+        anyhow::Ok(ExitCode::SUCCESS)
+    })
+}
+
+#[derive(Debug, Args)]
+pub struct LoginArgs {
+    /// The server `warren up` printed
+    #[arg(long, env = "WARREN_SERVER", default_value = "http://127.0.0.1:7070")]
+    server: String,
+    #[arg(long, default_value = "admin")]
+    user: String,
+    /// Read the password from stdin (the first line) instead of asking
+    #[arg(long)]
+    password_stdin: bool,
+}
+
+pub fn login(args: LoginArgs) -> anyhow::Result<ExitCode> {
+    let password = match std::env::var("WARREN_PASSWORD") {
+        Ok(p) => p,
+        Err(_) => read_password(args.password_stdin)?,
+    };
+    let answer = Client::anonymous(&args.server).post(
+        "/login",
+        &json!({"user": args.user, "password": password, "token_name": "cli"}),
+    )?;
+    let token = answer["token"]
+        .as_str()
+        .context("the server sent no token")?
+        .to_owned();
+    let path = save_login(&Login {
+        server: args.server.clone(),
+        token,
+    })?;
+    println!(
+        "logged in to {} as {} (token saved in {})",
+        args.server,
+        args.user,
+        path.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn read_password(from_stdin: bool) -> anyhow::Result<String> {
+    use nix::sys::termios::{LocalFlags, SetArg, tcgetattr, tcsetattr};
+    let stdin = std::io::stdin();
+    let interactive = !from_stdin && std::io::IsTerminal::is_terminal(&stdin);
+    let saved = if interactive {
+        eprint!("password: ");
+        let saved = tcgetattr(&stdin).ok();
+        if let Some(t) = &saved {
+            let mut quiet = t.clone();
+            quiet.local_flags.remove(LocalFlags::ECHO);
+            let _ = tcsetattr(&stdin, SetArg::TCSANOW, &quiet);
+        }
+        saved
+    } else {
+        None
+    };
+    let mut line = String::new();
+    let read = stdin.lock().read_line(&mut line);
+    if let Some(t) = saved {
+        let _ = tcsetattr(&stdin, SetArg::TCSANOW, &t);
+        eprintln!();
+    }
+    read.context("cannot read the password")?;
+    Ok(line.trim_end_matches(['\n', '\r']).to_owned())
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Create a user (admin); the password is read like `login` reads it
+    Add {
+        name: String,
+        #[arg(long)]
+        admin: bool,
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProjectCommand {
+    /// Add a project: a git repository (https://, ssh://, file:// or user@host:path)
+    Add {
+        name: String,
+        git_url: String,
+        /// The folder of the repository the environment lives in
+        #[arg(long)]
+        root: Option<String>,
+        /// The environment file, if not found by the usual names
+        #[arg(long)]
+        env_file: Option<String>,
+    },
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    Rm {
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WsCommand {
+    /// Create a workspace and wait until it runs
+    Create {
+        name: String,
+        #[arg(long)]
+        image: String,
+        #[arg(long)]
+        project: Option<String>,
+        /// e.g. 4GiB
+        #[arg(long)]
+        memory: Option<String>,
+        #[arg(long)]
+        cpus: Option<f64>,
+        /// Return at once instead of waiting
+        #[arg(long)]
+        no_wait: bool,
+    },
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    Show {
+        name: String,
+    },
+    Start {
+        name: String,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    Stop {
+        name: String,
+        /// Kill at once (even if another step is pending)
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    Rm {
+        name: String,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Run a command to its end; exits with its status
+    Exec {
+        name: String,
+        /// Pass this process's stdin to the command
+        #[arg(short = 'i', long)]
+        stdin: bool,
+        #[arg(short = 'u', long)]
+        user: Option<String>,
+        #[arg(short = 'w', long)]
+        workdir: Option<String>,
+        #[arg(trailing_var_arg = true, required = true)]
+        command: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Add an SSH public key (a file such as ~/.ssh/id_ed25519.pub, or - for stdin)
+    Add {
+        name: String,
+        file: String,
+    },
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    Rm {
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ListCommand {
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn print_table(json: bool, value: &Value, columns: &[(&str, &str)]) -> anyhow::Result<ExitCode> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows = value.as_array().cloned().unwrap_or_default();
+    let cell = |row: &Value, key: &str| match &row[key] {
+        Value::Null => "-".to_owned(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let widths: Vec<usize> = columns
+        .iter()
+        .map(|(key, title)| {
+            rows.iter()
+                .map(|r| cell(r, key).len())
+                .max()
+                .unwrap_or(0)
+                .max(title.len())
+        })
+        .collect();
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_owned()
+    };
+    println!(
+        "{}",
+        line(columns.iter().map(|(_, t)| t.to_string()).collect())
+    );
+    for row in &rows {
+        println!(
+            "{}",
+            line(columns.iter().map(|(k, _)| cell(row, k)).collect())
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn user(cmd: UserCommand) -> anyhow::Result<ExitCode> {
+    let client = Client::from_login()?;
+    match cmd {
+        UserCommand::Add {
+            name,
+            admin,
+            password_stdin,
+        } => {
+            let password = match std::env::var("WARREN_PASSWORD") {
+                Ok(p) => p,
+                Err(_) => read_password(password_stdin)?,
+            };
+            client.post(
+                "/users",
+                &json!({"name": name, "password": password, "admin": admin}),
+            )?;
+            println!("user {name} created");
+            Ok(ExitCode::SUCCESS)
+        }
+        UserCommand::Ls { json } => print_table(
+            json,
+            &client.get("/users")?,
+            &[("name", "NAME"), ("admin", "ADMIN")],
+        ),
+    }
+}
+
+pub fn project(cmd: ProjectCommand) -> anyhow::Result<ExitCode> {
+    let client = Client::from_login()?;
+    match cmd {
+        ProjectCommand::Add {
+            name,
+            git_url,
+            root,
+            env_file,
+        } => {
+            client.post(
+                "/projects",
+                &json!({"name": name, "git_url": git_url, "root_folder": root, "env_file": env_file}),
+            )?;
+            println!("project {name} added ({git_url})");
+        }
+        ProjectCommand::Ls { json } => {
+            return print_table(
+                json,
+                &client.get("/projects")?,
+                &[
+                    ("name", "NAME"),
+                    ("owner", "OWNER"),
+                    ("git_url", "GIT URL"),
+                    ("root_folder", "ROOT"),
+                ],
+            );
+        }
+        ProjectCommand::Rm { name } => {
+            client.delete(&format!("/projects/{name}"))?;
+            println!("project {name} removed");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Polls a workspace until `done` says so (or it fails), with a spinner on a terminal.
+fn wait_for(
+    client: &Client,
+    name: &str,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> anyhow::Result<Value> {
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_message(format!("{name}: {what}"));
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let started = Instant::now();
+    let result = loop {
+        match client.get(&format!("/workspaces/{name}")) {
+            Ok(ws) => {
+                if done(&ws) {
+                    break Ok(ws);
+                }
+                if ws["state"] == "failed" {
+                    break Err(anyhow::anyhow!(
+                        "{name} failed: {}",
+                        ws["last_error"].as_str().unwrap_or("no reason recorded")
+                    ));
+                }
+                bar.set_message(format!(
+                    "{name}: {} ({}s)",
+                    ws["state"].as_str().unwrap_or("?"),
+                    started.elapsed().as_secs()
+                ));
+            }
+            Err(e) if e.to_string().contains("HTTP 404") => break Ok(Value::Null),
+            Err(e) => break Err(e),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    bar.finish_and_clear();
+    result
+}
+
+pub fn ws(cmd: WsCommand) -> anyhow::Result<ExitCode> {
+    let client = Client::from_login()?;
+    let state_is = |s: &'static str| move |ws: &Value| ws["state"] == s;
+    match cmd {
+        WsCommand::Create {
+            name,
+            image,
+            project,
+            memory,
+            cpus,
+            no_wait,
+        } => {
+            let memory = memory.as_deref().map(crate::parse_size).transpose()?;
+            client.post(
+                "/workspaces",
+                &json!({"name": name, "image": image, "project": project, "memory": memory, "cpus": cpus}),
+            )?;
+            if !no_wait {
+                wait_for(&client, &name, "creating", state_is("running"))?;
+            }
+            println!(
+                "{name} {}",
+                if no_wait {
+                    "is being created"
+                } else {
+                    "is running"
+                }
+            );
+        }
+        WsCommand::Ls { json } => {
+            return print_table(
+                json,
+                &client.get("/workspaces")?,
+                &[
+                    ("name", "NAME"),
+                    ("owner", "OWNER"),
+                    ("state", "STATE"),
+                    ("image", "IMAGE"),
+                    ("host", "HOST"),
+                    ("last_error", "LAST ERROR"),
+                ],
+            );
+        }
+        WsCommand::Show { name } => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&client.get(&format!("/workspaces/{name}"))?)?
+            );
+        }
+        WsCommand::Start { name, no_wait } => {
+            client.post(&format!("/workspaces/{name}/start"), &json!({}))?;
+            if !no_wait {
+                wait_for(&client, &name, "starting", state_is("running"))?;
+            }
+            println!(
+                "{name} {}",
+                if no_wait { "is starting" } else { "is running" }
+            );
+        }
+        WsCommand::Stop {
+            name,
+            force,
+            no_wait,
+        } => {
+            client.post(
+                &format!("/workspaces/{name}/stop"),
+                &json!({"force": force}),
+            )?;
+            if !no_wait {
+                wait_for(&client, &name, "stopping", state_is("stopped"))?;
+            }
+            println!(
+                "{name} {}",
+                if no_wait { "is stopping" } else { "is stopped" }
+            );
+        }
+        WsCommand::Rm { name, no_wait } => {
+            client.delete(&format!("/workspaces/{name}"))?;
+            if !no_wait {
+                wait_for(&client, &name, "deleting", |ws| ws.is_null())?;
+            }
+            println!(
+                "{name} {}",
+                if no_wait {
+                    "is being deleted"
+                } else {
+                    "is deleted"
+                }
+            );
+        }
+        WsCommand::Exec {
+            name,
+            stdin,
+            user,
+            workdir,
+            command,
+        } => {
+            let input = if stdin {
+                let mut s = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
+                Some(s)
+            } else {
+                None
+            };
+            let out = client.post(
+                &format!("/workspaces/{name}/exec"),
+                &json!({"argv": command, "stdin": input, "user": user, "cwd": workdir}),
+            )?;
+            use std::io::Write;
+            std::io::stdout().write_all(out["stdout"].as_str().unwrap_or("").as_bytes())?;
+            std::io::stderr().write_all(out["stderr"].as_str().unwrap_or("").as_bytes())?;
+            let code = out["exit_code"].as_i64().unwrap_or(1);
+            return Ok(ExitCode::from(code.clamp(0, 255) as u8));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn key(cmd: KeyCommand) -> anyhow::Result<ExitCode> {
+    let client = Client::from_login()?;
+    match cmd {
+        KeyCommand::Add { name, file } => {
+            let public_key = if file == "-" {
+                let mut s = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
+                s
+            } else {
+                std::fs::read_to_string(&file).with_context(|| format!("cannot read {file}"))?
+            };
+            let key = client.post(
+                "/keys",
+                &json!({"name": name, "public_key": public_key.trim()}),
+            )?;
+            println!(
+                "key {name} added ({})",
+                key["fingerprint"].as_str().unwrap_or("?")
+            );
+        }
+        KeyCommand::Ls { json } => {
+            return print_table(
+                json,
+                &client.get("/keys")?,
+                &[("name", "NAME"), ("fingerprint", "FINGERPRINT")],
+            );
+        }
+        KeyCommand::Rm { name } => {
+            client.delete(&format!("/keys/{name}"))?;
+            println!("key {name} removed");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn host(cmd: ListCommand) -> anyhow::Result<ExitCode> {
+    let ListCommand::Ls { json } = cmd;
+    print_table(
+        json,
+        &Client::from_login()?.get("/hosts")?,
+        &[("name", "NAME"), ("workspaces", "WORKSPACES")],
+    )
+}
+
+pub fn job(cmd: ListCommand) -> anyhow::Result<ExitCode> {
+    let ListCommand::Ls { json } = cmd;
+    print_table(
+        json,
+        &Client::from_login()?.get("/jobs")?,
+        &[
+            ("kind", "KIND"),
+            ("workspace", "WORKSPACE"),
+            ("state", "STATE"),
+            ("attempts", "ATTEMPTS"),
+            ("last_error", "LAST ERROR"),
+        ],
+    )
+}

@@ -1,0 +1,1035 @@
+//! `/api/v1`: handlers over the database. Every handler takes the [`Caller`] and touches only
+//! what the caller owns (admins: everything); another user's object answers 404, as a missing
+//! one does, so ids and names do not leak. Request bodies are strict (unknown fields are errors)
+//! and bounded.
+
+use axum::Json;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+use sqlx::any::AnyRow;
+use warren_agent::{Action, WorkspaceJob, WorkspaceSpec};
+
+use crate::AppState;
+use crate::auth::{Caller, hash_password, new_token, verify_password};
+use crate::db::{new_id, now_ms};
+use crate::error::{ApiError, ApiResult};
+use crate::jobs;
+
+/// `Json` whose rejections (bad JSON, unknown fields, wrong content type, too large) become
+/// [`ApiError`]s with a message.
+#[derive(Debug, FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct Body<T>(pub T);
+
+/// Workspace, project and key names: what a person types on a command line.
+pub fn check_name(what: &str, name: &str) -> ApiResult<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 40
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "`{name}` is not a valid {what} name: 1 to 40 of a-z, 0-9 and -, not starting with -"
+        )))
+    }
+}
+
+// ---- login, users, tokens ----
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    user: String,
+    password: String,
+    #[serde(default)]
+    token_name: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LoginResponse {
+    token: String,
+    user: String,
+    admin: bool,
+}
+
+pub async fn login(
+    State(state): State<AppState>,
+    Body(req): Body<LoginRequest>,
+) -> ApiResult<Json<LoginResponse>> {
+    let row = sqlx::query("SELECT id, password_hash, is_admin FROM users WHERE name = $1")
+        .bind(&req.user)
+        .fetch_optional(&state.db.pool)
+        .await?;
+    let refused = || ApiError::new(StatusCode::UNAUTHORIZED, "wrong user name or password");
+    let row = row.ok_or_else(refused)?;
+    let hash: String = row.try_get("password_hash")?;
+    if !verify_password(&req.password, &hash) {
+        return Err(refused());
+    }
+    let (token, token_hash) = new_token();
+    sqlx::query("INSERT INTO api_tokens (id, user_id, name, token_hash, created_at) VALUES ($1, $2, $3, $4, $5)")
+        .bind(new_id())
+        .bind(row.try_get::<String, _>("id")?)
+        .bind(req.token_name.unwrap_or_else(|| "cli".into()))
+        .bind(token_hash)
+        .bind(now_ms())
+        .execute(&state.db.pool)
+        .await?;
+    Ok(Json(LoginResponse {
+        token,
+        user: req.user,
+        admin: row.try_get::<i64, _>("is_admin")? != 0,
+    }))
+}
+
+#[derive(Debug, Serialize)]
+pub struct UserView {
+    id: String,
+    name: String,
+    admin: bool,
+}
+
+fn user_view(row: &AnyRow) -> ApiResult<UserView> {
+    Ok(UserView {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        admin: row.try_get::<i64, _>("is_admin")? != 0,
+    })
+}
+
+pub async fn me(caller: Caller) -> Json<UserView> {
+    Json(UserView {
+        id: caller.user_id,
+        name: caller.name,
+        admin: caller.is_admin,
+    })
+}
+
+pub async fn list_users(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> ApiResult<Json<Vec<UserView>>> {
+    caller.require_admin()?;
+    let rows = sqlx::query("SELECT id, name, is_admin FROM users ORDER BY name")
+        .fetch_all(&state.db.pool)
+        .await?;
+    Ok(Json(rows.iter().map(user_view).collect::<ApiResult<_>>()?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewUser {
+    name: String,
+    password: String,
+    #[serde(default)]
+    admin: bool,
+}
+
+pub async fn create_user(
+    State(state): State<AppState>,
+    caller: Caller,
+    Body(req): Body<NewUser>,
+) -> ApiResult<impl IntoResponse> {
+    caller.require_admin()?;
+    check_name("user", &req.name)?;
+    if req.password.len() < 8 {
+        return Err(ApiError::bad_request(
+            "a password needs at least 8 characters",
+        ));
+    }
+    let id = new_id();
+    sqlx::query("INSERT INTO users (id, name, password_hash, is_admin, created_at) VALUES ($1, $2, $3, $4, $5)")
+        .bind(&id)
+        .bind(&req.name)
+        .bind(hash_password(&req.password)?)
+        .bind(i64::from(req.admin))
+        .bind(now_ms())
+        .execute(&state.db.pool)
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(UserView {
+            id,
+            name: req.name,
+            admin: req.admin,
+        }),
+    ))
+}
+
+#[derive(Debug, Serialize)]
+pub struct TokenView {
+    id: String,
+    name: String,
+    created_at: i64,
+}
+
+pub async fn list_tokens(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> ApiResult<Json<Vec<TokenView>>> {
+    let rows = sqlx::query(
+        "SELECT id, name, created_at FROM api_tokens WHERE user_id = $1 ORDER BY created_at",
+    )
+    .bind(&caller.user_id)
+    .fetch_all(&state.db.pool)
+    .await?;
+    Ok(Json(
+        rows.iter()
+            .map(|r| {
+                Ok(TokenView {
+                    id: r.try_get("id")?,
+                    name: r.try_get("name")?,
+                    created_at: r.try_get("created_at")?,
+                })
+            })
+            .collect::<ApiResult<_>>()?,
+    ))
+}
+
+pub async fn delete_token(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let done = sqlx::query("DELETE FROM api_tokens WHERE id = $1 AND user_id = $2")
+        .bind(&id)
+        .bind(&caller.user_id)
+        .execute(&state.db.pool)
+        .await?;
+    if done.rows_affected() == 0 {
+        return Err(ApiError::not_found(format_args!("token `{id}`")));
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---- SSH keys ----
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewKey {
+    name: String,
+    public_key: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct KeyView {
+    id: String,
+    name: String,
+    public_key: String,
+    fingerprint: String,
+}
+
+/// `type base64 [comment]` → the key's SHA-256 fingerprint as OpenSSH prints it.
+pub fn ssh_fingerprint(public_key: &str) -> ApiResult<String> {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let mut parts = public_key.split_whitespace();
+    let (Some(kind), Some(blob)) = (parts.next(), parts.next()) else {
+        return Err(ApiError::bad_request(
+            "a public key looks like `ssh-ed25519 AAAA... comment`",
+        ));
+    };
+    const KINDS: &[&str] = &[
+        "ssh-ed25519",
+        "ssh-rsa",
+        "ecdsa-sha2-nistp256",
+        "ecdsa-sha2-nistp384",
+        "ecdsa-sha2-nistp521",
+        "sk-ssh-ed25519@openssh.com",
+        "sk-ecdsa-sha2-nistp256@openssh.com",
+    ];
+    if !KINDS.contains(&kind) {
+        return Err(ApiError::bad_request(format!(
+            "unsupported key type `{kind}`"
+        )));
+    }
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(blob)
+        .map_err(|_| ApiError::bad_request("the key's base64 part is not valid"))?;
+    // The blob starts with its own type as an SSH string.
+    let named = bytes.get(4..).zip(bytes.get(..4)).and_then(|(rest, len)| {
+        rest.get(..u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize)
+    });
+    if named != Some(kind.as_bytes()) {
+        return Err(ApiError::bad_request(
+            "the key's data does not match its type",
+        ));
+    }
+    Ok(format!(
+        "SHA256:{}",
+        base64::engine::general_purpose::STANDARD_NO_PAD.encode(sha2::Sha256::digest(&bytes))
+    ))
+}
+
+fn key_view(r: &AnyRow) -> ApiResult<KeyView> {
+    Ok(KeyView {
+        id: r.try_get("id")?,
+        name: r.try_get("name")?,
+        public_key: r.try_get("public_key")?,
+        fingerprint: r.try_get("fingerprint")?,
+    })
+}
+
+pub async fn list_keys(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> ApiResult<Json<Vec<KeyView>>> {
+    let rows = sqlx::query(
+        "SELECT id, name, public_key, fingerprint FROM ssh_keys WHERE user_id = $1 ORDER BY name",
+    )
+    .bind(&caller.user_id)
+    .fetch_all(&state.db.pool)
+    .await?;
+    Ok(Json(rows.iter().map(key_view).collect::<ApiResult<_>>()?))
+}
+
+pub async fn add_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    Body(req): Body<NewKey>,
+) -> ApiResult<impl IntoResponse> {
+    check_name("key", &req.name)?;
+    let public_key = req.public_key.trim().to_owned();
+    let fingerprint = ssh_fingerprint(&public_key)?;
+    let id = new_id();
+    sqlx::query(
+        "INSERT INTO ssh_keys (id, user_id, name, public_key, fingerprint, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(&id)
+    .bind(&caller.user_id)
+    .bind(&req.name)
+    .bind(&public_key)
+    .bind(&fingerprint)
+    .bind(now_ms())
+    .execute(&state.db.pool)
+    .await
+    .map_err(|e| match ApiError::from(e) {
+        c if c.status == StatusCode::CONFLICT => ApiError::conflict("you added this key already"),
+        other => other,
+    })?;
+    Ok((
+        StatusCode::CREATED,
+        Json(KeyView {
+            id,
+            name: req.name,
+            public_key,
+            fingerprint,
+        }),
+    ))
+}
+
+pub async fn delete_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+) -> ApiResult<StatusCode> {
+    let done = sqlx::query("DELETE FROM ssh_keys WHERE (id = $1 OR name = $1) AND user_id = $2")
+        .bind(&key)
+        .bind(&caller.user_id)
+        .execute(&state.db.pool)
+        .await?;
+    if done.rows_affected() == 0 {
+        return Err(ApiError::not_found(format_args!("key `{key}`")));
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---- projects ----
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewProject {
+    name: String,
+    git_url: String,
+    #[serde(default)]
+    root_folder: Option<String>,
+    #[serde(default)]
+    env_file: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ProjectView {
+    id: String,
+    name: String,
+    owner: String,
+    git_url: String,
+    root_folder: String,
+    env_file: Option<String>,
+}
+
+/// `https://`, `ssh://`, `file://` or scp-like `user@host:path`.
+pub fn check_git_url(url: &str) -> ApiResult<()> {
+    let scp_like = url
+        .split_once(':')
+        .is_some_and(|(host, path)| host.contains('@') && !host.contains('/') && !path.is_empty());
+    let ok = ["https://", "ssh://", "file://"]
+        .iter()
+        .any(|scheme| url.strip_prefix(scheme).is_some_and(|rest| rest.len() > 1))
+        || scp_like;
+    if ok && !url.chars().any(char::is_whitespace) && url.len() <= 2048 {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "`{url}` is not a git URL Warren can fetch (https://, ssh://, file:// or user@host:path)"
+        )))
+    }
+}
+
+fn project_view(r: &AnyRow) -> ApiResult<ProjectView> {
+    Ok(ProjectView {
+        id: r.try_get("id")?,
+        name: r.try_get("name")?,
+        owner: r.try_get("owner")?,
+        git_url: r.try_get("git_url")?,
+        root_folder: r.try_get("root_folder")?,
+        env_file: r.try_get("env_file")?,
+    })
+}
+
+const PROJECT_COLUMNS: &str = "p.id, p.name, p.owner_id, u.name AS owner, p.git_url, p.root_folder, p.env_file FROM projects p JOIN users u ON u.id = p.owner_id";
+
+async fn find_project(state: &AppState, caller: &Caller, key: &str) -> ApiResult<AnyRow> {
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {PROJECT_COLUMNS} WHERE p.id = $1 OR p.name = $1"
+    )))
+    .bind(key)
+    .fetch_all(&state.db.pool)
+    .await?;
+    pick_owned(rows, caller, key)
+        .ok_or_else(|| ApiError::not_found(format_args!("project `{key}`")))
+}
+
+/// Of the rows matching an id or a name, the one the caller may see: by id first, then the
+/// caller's own by name, then (admins) any.
+fn pick_owned(rows: Vec<AnyRow>, caller: &Caller, key: &str) -> Option<AnyRow> {
+    let owner = |r: &AnyRow| r.try_get::<String, _>("owner_id").unwrap_or_default();
+    let id = |r: &AnyRow| r.try_get::<String, _>("id").unwrap_or_default();
+    let visible: Vec<AnyRow> = rows
+        .into_iter()
+        .filter(|r| caller.may_touch(&owner(r)))
+        .collect();
+    let by_id = visible.iter().position(|r| id(r) == key);
+    let own = visible.iter().position(|r| owner(r) == caller.user_id);
+    let at = by_id
+        .or(own)
+        .or(if visible.len() == 1 { Some(0) } else { None })?;
+    visible.into_iter().nth(at)
+}
+
+pub async fn list_projects(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> ApiResult<Json<Vec<ProjectView>>> {
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {PROJECT_COLUMNS} WHERE p.owner_id = $1 OR $2 = 1 ORDER BY p.name"
+    )))
+    .bind(&caller.user_id)
+    .bind(i64::from(caller.is_admin))
+    .fetch_all(&state.db.pool)
+    .await?;
+    Ok(Json(
+        rows.iter().map(project_view).collect::<ApiResult<_>>()?,
+    ))
+}
+
+pub async fn create_project(
+    State(state): State<AppState>,
+    caller: Caller,
+    Body(req): Body<NewProject>,
+) -> ApiResult<impl IntoResponse> {
+    check_name("project", &req.name)?;
+    check_git_url(&req.git_url)?;
+    let root_folder = req.root_folder.unwrap_or_default();
+    if root_folder.starts_with('/') || root_folder.split('/').any(|c| c == "..") {
+        return Err(ApiError::bad_request(
+            "root_folder is a relative path inside the repository",
+        ));
+    }
+    let id = new_id();
+    sqlx::query(
+        "INSERT INTO projects (id, owner_id, name, git_url, root_folder, env_file, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(&id)
+    .bind(&caller.user_id)
+    .bind(&req.name)
+    .bind(&req.git_url)
+    .bind(&root_folder)
+    .bind(&req.env_file)
+    .bind(now_ms())
+    .execute(&state.db.pool)
+    .await?;
+    let row = find_project(&state, &caller, &id).await?;
+    Ok((StatusCode::CREATED, Json(project_view(&row)?)))
+}
+
+pub async fn get_project(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+) -> ApiResult<Json<ProjectView>> {
+    Ok(Json(project_view(
+        &find_project(&state, &caller, &key).await?,
+    )?))
+}
+
+pub async fn delete_project(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+) -> ApiResult<StatusCode> {
+    let row = find_project(&state, &caller, &key).await?;
+    let id: String = row.try_get("id")?;
+    sqlx::query("DELETE FROM projects WHERE id = $1")
+        .bind(&id)
+        .execute(&state.db.pool)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---- workspaces ----
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewWorkspace {
+    name: String,
+    image: String,
+    #[serde(default)]
+    project: Option<String>,
+    /// Bytes.
+    #[serde(default)]
+    memory: Option<u64>,
+    #[serde(default)]
+    cpus: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct WorkspaceView {
+    id: String,
+    name: String,
+    owner: String,
+    project: Option<String>,
+    image: String,
+    host: String,
+    state: String,
+    desired: String,
+    last_error: Option<String>,
+    memory: Option<i64>,
+    cpus: Option<f64>,
+    created_at: i64,
+    updated_at: i64,
+}
+
+const WORKSPACE_COLUMNS: &str =
+    "w.id, w.name, w.owner_id, u.name AS owner, p.name AS project, w.image, h.name AS host,
+    w.host_id, w.state, w.desired, w.last_error, w.memory, w.cpus_milli, w.created_at, w.updated_at
+    FROM workspaces w JOIN users u ON u.id = w.owner_id JOIN hosts h ON h.id = w.host_id
+    LEFT JOIN projects p ON p.id = w.project_id";
+
+fn workspace_view(r: &AnyRow) -> ApiResult<WorkspaceView> {
+    Ok(WorkspaceView {
+        id: r.try_get("id")?,
+        name: r.try_get("name")?,
+        owner: r.try_get("owner")?,
+        project: r.try_get("project")?,
+        image: r.try_get("image")?,
+        host: r.try_get("host")?,
+        state: r.try_get("state")?,
+        desired: r.try_get("desired")?,
+        last_error: r.try_get("last_error")?,
+        memory: r.try_get("memory")?,
+        cpus: r
+            .try_get::<Option<i64>, _>("cpus_milli")?
+            .map(|m| m as f64 / 1000.0),
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+    })
+}
+
+fn workspace_spec(r: &AnyRow) -> ApiResult<WorkspaceSpec> {
+    Ok(WorkspaceSpec {
+        runtime_id: format!("ws-{}", r.try_get::<String, _>("id")?),
+        image: r.try_get("image")?,
+        memory: r.try_get::<Option<i64>, _>("memory")?.map(|m| m as u64),
+        cpus: r
+            .try_get::<Option<i64>, _>("cpus_milli")?
+            .map(|m| m as f64 / 1000.0),
+        pids: None,
+    })
+}
+
+async fn find_workspace(state: &AppState, caller: &Caller, key: &str) -> ApiResult<AnyRow> {
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {WORKSPACE_COLUMNS} WHERE w.id = $1 OR w.name = $1"
+    )))
+    .bind(key)
+    .fetch_all(&state.db.pool)
+    .await?;
+    pick_owned(rows, caller, key)
+        .ok_or_else(|| ApiError::not_found(format_args!("workspace `{key}`")))
+}
+
+pub async fn list_workspaces(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> ApiResult<Json<Vec<WorkspaceView>>> {
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {WORKSPACE_COLUMNS} WHERE w.owner_id = $1 OR $2 = 1 ORDER BY w.name"
+    )))
+    .bind(&caller.user_id)
+    .bind(i64::from(caller.is_admin))
+    .fetch_all(&state.db.pool)
+    .await?;
+    Ok(Json(
+        rows.iter().map(workspace_view).collect::<ApiResult<_>>()?,
+    ))
+}
+
+pub async fn get_workspace(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+) -> ApiResult<Json<WorkspaceView>> {
+    Ok(Json(workspace_view(
+        &find_workspace(&state, &caller, &key).await?,
+    )?))
+}
+
+pub async fn create_workspace(
+    State(state): State<AppState>,
+    caller: Caller,
+    Body(req): Body<NewWorkspace>,
+) -> ApiResult<impl IntoResponse> {
+    check_name("workspace", &req.name)?;
+    if req.image.trim().is_empty()
+        || req.image.len() > 512
+        || req.image.chars().any(char::is_whitespace)
+    {
+        return Err(ApiError::bad_request(
+            "image must be an image reference such as dev:1",
+        ));
+    }
+    if let Some(cpus) = req.cpus
+        && !(cpus > 0.0 && cpus <= 1024.0)
+    {
+        return Err(ApiError::bad_request(format!(
+            "cpus must be between 0 and 1024, not {cpus}"
+        )));
+    }
+    if let Some(memory) = req.memory
+        && !(4 << 20..=1 << 50).contains(&memory)
+    {
+        return Err(ApiError::bad_request("memory must be at least 4 MiB"));
+    }
+    let project_id = match &req.project {
+        Some(p) => Some(
+            find_project(&state, &caller, p)
+                .await?
+                .try_get::<String, _>("id")?,
+        ),
+        None => None,
+    };
+    let id = new_id();
+    let now = now_ms();
+    let mut tx = state.db.pool.begin().await?;
+    sqlx::query(
+        "INSERT INTO workspaces (id, owner_id, project_id, name, image, host_id, state, desired, memory, cpus_milli, created_at, updated_at)
+         VALUES ($1, $2, $3, $4, $5, $6, 'creating', 'running', $7, $8, $9, $9)",
+    )
+    .bind(&id)
+    .bind(&caller.user_id)
+    .bind(&project_id)
+    .bind(&req.name)
+    .bind(&req.image)
+    .bind(&state.host_id)
+    .bind(req.memory.map(|m| m as i64))
+    .bind(req.cpus.map(|c| (c * 1000.0).round() as i64))
+    .bind(now)
+    .execute(&mut *tx)
+    .await
+    .map_err(|e| match ApiError::from(e) {
+        c if c.status == StatusCode::CONFLICT => ApiError::conflict(format!("you have a workspace `{}` already", req.name)),
+        other => other,
+    })?;
+    let spec = WorkspaceSpec {
+        runtime_id: format!("ws-{id}"),
+        image: req.image.clone(),
+        memory: req.memory,
+        cpus: req.cpus,
+        pids: None,
+    };
+    jobs::enqueue(
+        &mut tx,
+        &id,
+        &state.host_id,
+        &WorkspaceJob {
+            action: Action::Create,
+            workspace: spec,
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    state.wake.notify_one();
+    let row = find_workspace(&state, &caller, &id).await?;
+    Ok((StatusCode::ACCEPTED, Json(workspace_view(&row)?)))
+}
+
+/// Records the transition (in-between state and desired state) and queues its job, atomically.
+async fn transition(
+    state: &AppState,
+    row: &AnyRow,
+    action: Action,
+    between: &str,
+    desired: &str,
+    supersede: bool,
+) -> ApiResult<()> {
+    let id: String = row.try_get("id")?;
+    let host: String = row.try_get("host_id")?;
+    let mut tx = state.db.pool.begin().await?;
+    if supersede {
+        jobs::cancel_queued(&mut tx, &id).await?;
+    }
+    sqlx::query("UPDATE workspaces SET state = $2, desired = $3, updated_at = $4 WHERE id = $1")
+        .bind(&id)
+        .bind(between)
+        .bind(desired)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+    jobs::enqueue(
+        &mut tx,
+        &id,
+        &host,
+        &WorkspaceJob {
+            action,
+            workspace: workspace_spec(row)?,
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    state.wake.notify_one();
+    Ok(())
+}
+
+pub async fn start_workspace(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    let row = find_workspace(&state, &caller, &key).await?;
+    let current: String = row.try_get("state")?;
+    if current == "deleting" {
+        return Err(ApiError::conflict(format!(
+            "workspace `{key}` is being deleted"
+        )));
+    }
+    if current != "running" {
+        transition(&state, &row, Action::Start, "starting", "running", false).await?;
+    }
+    let row = find_workspace(&state, &caller, &key).await?;
+    Ok((StatusCode::ACCEPTED, Json(workspace_view(&row)?)))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StopRequest {
+    /// Kill at once, dropping whatever else was queued for the workspace.
+    #[serde(default)]
+    force: bool,
+    #[serde(default)]
+    grace_seconds: Option<u64>,
+}
+
+pub async fn stop_workspace(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+    body: Result<Json<StopRequest>, JsonRejection>,
+) -> ApiResult<impl IntoResponse> {
+    // An empty body is a plain stop.
+    let req = match body {
+        Ok(Json(r)) => r,
+        Err(JsonRejection::MissingJsonContentType(_)) => StopRequest::default(),
+        Err(e) => return Err(e.into()),
+    };
+    let row = find_workspace(&state, &caller, &key).await?;
+    let current: String = row.try_get("state")?;
+    if current == "deleting" {
+        return Err(ApiError::conflict(format!(
+            "workspace `{key}` is being deleted"
+        )));
+    }
+    let grace_ms = if req.force {
+        0
+    } else {
+        req.grace_seconds.unwrap_or(10).min(3600) * 1000
+    };
+    if current != "stopped" || req.force {
+        transition(
+            &state,
+            &row,
+            Action::Stop { grace_ms },
+            "stopping",
+            "stopped",
+            req.force,
+        )
+        .await?;
+    }
+    let row = find_workspace(&state, &caller, &key).await?;
+    Ok((StatusCode::ACCEPTED, Json(workspace_view(&row)?)))
+}
+
+pub async fn delete_workspace(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    let row = find_workspace(&state, &caller, &key).await?;
+    transition(&state, &row, Action::Delete, "deleting", "deleted", true).await?;
+    let row = find_workspace(&state, &caller, &key).await?;
+    Ok((StatusCode::ACCEPTED, Json(workspace_view(&row)?)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    argv: Vec<String>,
+    #[serde(default)]
+    stdin: Option<String>,
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    cwd: Option<String>,
+    #[serde(default)]
+    env: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ExecResponse {
+    exit_code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+/// Most output an exec returns per stream; the rest is cut (interactive work goes over SSH).
+const EXEC_OUTPUT_LIMIT: u64 = 8 << 20;
+
+pub async fn exec_workspace(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+    Body(req): Body<ExecRequest>,
+) -> ApiResult<Json<ExecResponse>> {
+    let row = find_workspace(&state, &caller, &key).await?;
+    let current: String = row.try_get("state")?;
+    if current != "running" {
+        return Err(ApiError::conflict(format!(
+            "workspace `{key}` is {current}, not running"
+        )));
+    }
+    if req.argv.is_empty() {
+        return Err(ApiError::bad_request("argv must name a command"));
+    }
+    let runtime = state.runtime.clone().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "exec needs the workspace's host agent in this process",
+        )
+    })?;
+    let id = warren_runtime::WorkspaceId::new(&workspace_spec(&row)?.runtime_id)
+        .map_err(|e| ApiError::internal("workspace id", e))?;
+    let request = warren_runtime::ExecRequest {
+        argv: req.argv,
+        env: req.env,
+        cwd: req.cwd,
+        user: req.user,
+        tty: None,
+    };
+    let stdin = req.stdin.unwrap_or_default();
+    let out =
+        tokio::task::spawn_blocking(move || run_to_end(runtime.as_ref(), &id, &request, stdin))
+            .await
+            .map_err(|e| ApiError::internal("exec", e))?;
+    out.map(Json)
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))
+}
+
+fn run_to_end(
+    runtime: &dyn warren_runtime::Runtime,
+    id: &warren_runtime::WorkspaceId,
+    request: &warren_runtime::ExecRequest,
+    stdin: String,
+) -> Result<ExecResponse, warren_runtime::Error> {
+    use std::io::{Read, Write};
+    let exec = runtime.exec(id, request)?;
+    let warren_runtime::ExecIo::Pipes {
+        stdin: mut input,
+        stdout,
+        stderr,
+    } = exec.io
+    else {
+        return Err(warren_runtime::Error::Sys("expected pipes".into()));
+    };
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(stdin.as_bytes());
+    });
+    let read = |stream: std::fs::File| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let mut limited = stream.take(EXEC_OUTPUT_LIMIT);
+            let _ = limited.read_to_end(&mut buf);
+            // Drain the rest so the process is never blocked on a full pipe.
+            let _ = std::io::copy(&mut limited.into_inner(), &mut std::io::sink());
+            String::from_utf8_lossy(&buf).into_owned()
+        })
+    };
+    let (out, err) = (read(stdout), read(stderr));
+    let status = exec.process.wait()?;
+    let _ = writer.join();
+    Ok(ExecResponse {
+        exit_code: status.as_shell_code(),
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    })
+}
+
+// ---- hosts and jobs ----
+
+#[derive(Debug, Serialize)]
+pub struct HostView {
+    id: String,
+    name: String,
+    workspaces: i64,
+    last_seen_at: Option<i64>,
+}
+
+pub async fn list_hosts(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> ApiResult<Json<Vec<HostView>>> {
+    caller.require_admin()?;
+    let rows = sqlx::query(
+        "SELECT h.id, h.name, h.last_seen_at, (SELECT COUNT(*) FROM workspaces w WHERE w.host_id = h.id) AS n
+         FROM hosts h ORDER BY h.name",
+    )
+    .fetch_all(&state.db.pool)
+    .await?;
+    Ok(Json(
+        rows.iter()
+            .map(|r| {
+                Ok(HostView {
+                    id: r.try_get("id")?,
+                    name: r.try_get("name")?,
+                    workspaces: r.try_get("n")?,
+                    last_seen_at: r.try_get("last_seen_at")?,
+                })
+            })
+            .collect::<ApiResult<_>>()?,
+    ))
+}
+
+#[derive(Debug, Serialize)]
+pub struct JobView {
+    id: String,
+    kind: String,
+    workspace: Option<String>,
+    state: String,
+    attempts: i64,
+    last_error: Option<String>,
+    created_at: i64,
+    finished_at: Option<i64>,
+}
+
+pub async fn list_jobs(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> ApiResult<Json<Vec<JobView>>> {
+    let rows = sqlx::query(
+        "SELECT j.id, j.kind, w.name AS workspace, j.state, j.attempts, j.last_error, j.created_at, j.finished_at
+         FROM jobs j LEFT JOIN workspaces w ON w.id = j.workspace_id
+         WHERE $2 = 1 OR w.owner_id = $1
+         ORDER BY j.created_at DESC LIMIT 200",
+    )
+    .bind(&caller.user_id)
+    .bind(i64::from(caller.is_admin))
+    .fetch_all(&state.db.pool)
+    .await?;
+    Ok(Json(
+        rows.iter()
+            .map(|r| {
+                Ok(JobView {
+                    id: r.try_get("id")?,
+                    kind: r.try_get("kind")?,
+                    workspace: r.try_get("workspace")?,
+                    state: r.try_get("state")?,
+                    attempts: r.try_get("attempts")?,
+                    last_error: r.try_get("last_error")?,
+                    created_at: r.try_get("created_at")?,
+                    finished_at: r.try_get("finished_at")?,
+                })
+            })
+            .collect::<ApiResult<_>>()?,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn git_urls() {
+        for ok in [
+            "https://example.com/a.git",
+            "ssh://git@example.com/a.git",
+            "file:///srv/repo",
+            "git@example.com:team/a.git",
+        ] {
+            assert!(check_git_url(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "ftp://x/y",
+            "/srv/repo",
+            "https://",
+            "http://example.com/a",
+            "a b",
+            "example.com:x",
+        ] {
+            assert!(check_git_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ssh_keys_are_checked_and_fingerprinted() {
+        // `ssh-keygen -lf` of this key prints SHA256:xK6U2Sg9CovItUVxAj+GYpPjKmy/exZ7XALpQnAFgAo.
+        let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKpoURYOUvqDe79NUODlAulUiW6t1Hg2A5JCqOEct8Np alice@laptop";
+        assert_eq!(
+            ssh_fingerprint(key).ok().as_deref(),
+            Some("SHA256:xK6U2Sg9CovItUVxAj+GYpPjKmy/exZ7XALpQnAFgAo")
+        );
+        assert!(ssh_fingerprint("ssh-ed25519").is_err());
+        assert!(
+            ssh_fingerprint(
+                "ssh-rsa AAAAC3NzaC1lZDI1NTE5AAAAIJdD7y3aLq454yWBdwLWbieU1ebz9/cu7/QEXn9OIeZJ"
+            )
+            .is_err()
+        );
+        assert!(ssh_fingerprint("ssh-ed25519 !!!").is_err());
+        assert!(ssh_fingerprint("ssh-dss AAAA").is_err());
+    }
+
+    #[test]
+    fn names() {
+        assert!(check_name("workspace", "dev-1").is_ok());
+        for bad in ["", "Dev", "-x", "a_b", &"x".repeat(41)] {
+            assert!(check_name("workspace", bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! The database: SQLite by default, PostgreSQL when configured — one code path through sqlx's
+//! Any driver, one set of migrations (embedded, applied in order at start, each in a transaction).
+
+use sqlx::any::{AnyPoolOptions, install_default_drivers};
+use sqlx::{AnyPool, Executor, Row};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("unsupported database URL `{0}` (use sqlite://PATH or postgres://...)")]
+    Url(String),
+    #[error("cannot open the database: {0}")]
+    Connect(#[source] sqlx::Error),
+    #[error("migration {version} failed: {source}")]
+    Migrate {
+        version: i64,
+        #[source]
+        source: sqlx::Error,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DbKind {
+    Sqlite,
+    Postgres,
+}
+
+#[derive(Debug, Clone)]
+pub struct Db {
+    pub pool: AnyPool,
+    pub kind: DbKind,
+}
+
+const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../migrations/0001_init.sql"))];
+
+impl Db {
+    pub async fn connect(url: &str) -> Result<Self, DbError> {
+        install_default_drivers();
+        let kind = if url.starts_with("sqlite:") {
+            DbKind::Sqlite
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            DbKind::Postgres
+        } else {
+            return Err(DbError::Url(url.to_owned()));
+        };
+        let mut options =
+            AnyPoolOptions::new().max_connections(if kind == DbKind::Sqlite { 4 } else { 16 });
+        if kind == DbKind::Sqlite {
+            // WAL lets readers run beside the writer; the busy timeout makes writers queue
+            // instead of failing; SQLite enforces foreign keys only when asked.
+            options = options.after_connect(|conn, _| {
+                Box::pin(async move {
+                    conn.execute("PRAGMA journal_mode = WAL").await?;
+                    conn.execute("PRAGMA busy_timeout = 10000").await?;
+                    conn.execute("PRAGMA foreign_keys = ON").await?;
+                    conn.execute("PRAGMA synchronous = NORMAL").await?;
+                    Ok(())
+                })
+            });
+        }
+        let url = if kind == DbKind::Sqlite && !url.contains('?') {
+            format!("{url}?mode=rwc")
+        } else {
+            url.to_owned()
+        };
+        let pool = options.connect(&url).await.map_err(DbError::Connect)?;
+        let db = Self { pool, kind };
+        db.migrate().await?;
+        Ok(db)
+    }
+
+    async fn migrate(&self) -> Result<(), DbError> {
+        let fail = |version| move |source| DbError::Migrate { version, source };
+        sqlx::raw_sql(
+            "CREATE TABLE IF NOT EXISTS warren_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
+        )
+        .execute(&self.pool)
+        .await
+        .map_err(fail(0))?;
+        for &(version, sql) in MIGRATIONS {
+            let mut tx = self.pool.begin().await.map_err(fail(version))?;
+            let applied: Option<i64> =
+                sqlx::query("SELECT version FROM warren_migrations WHERE version = $1")
+                    .bind(version)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(fail(version))?
+                    .map(|r| r.get(0));
+            if applied.is_some() {
+                continue;
+            }
+            sqlx::raw_sql(sql)
+                .execute(&mut *tx)
+                .await
+                .map_err(fail(version))?;
+            sqlx::query("INSERT INTO warren_migrations (version, applied_at) VALUES ($1, $2)")
+                .bind(version)
+                .bind(now_ms())
+                .execute(&mut *tx)
+                .await
+                .map_err(fail(version))?;
+            tx.commit().await.map_err(fail(version))?;
+            tracing::info!(version, "database migrated");
+        }
+        Ok(())
+    }
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// A new random id: 16 lowercase hex digits.
+pub fn new_id() -> String {
+    hex::encode(random_bytes::<8>())
+}
+
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut buf = [0u8; N];
+    // The OS's random source failing is not something Warren can work around.
+    if getrandom::fill(&mut buf).is_err() {
+        panic!("the operating system's random source failed");
+    }
+    buf
+}

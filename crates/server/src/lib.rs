@@ -1,0 +1,374 @@
+//! Warren's control plane: the REST API (`/api/v1`), the database, users and tokens, projects,
+//! workspaces as stored state machines, and durable jobs that the host agent carries out.
+//!
+//! On a single host (`warren up`) the agent runs in this process and claims jobs straight from
+//! the database; the runtime it drives is given by the caller. This crate owns no workspace
+//! mechanics (`warren-runtime`) and no job execution (`warren-agent`).
+
+pub mod api;
+pub mod auth;
+pub mod db;
+pub mod error;
+pub mod jobs;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{delete, get, post};
+use sqlx::Row;
+use tokio::sync::Notify;
+use warren_agent::{Action, Agent, WorkspaceJob};
+use warren_runtime::{Runtime, WorkspaceId, WorkspaceState};
+
+use crate::db::{Db, new_id, now_ms};
+use crate::error::ApiError;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub db: Db,
+    /// Wakes the agent when a job is queued.
+    pub wake: Arc<Notify>,
+    /// This process's host (where new workspaces go on a single host).
+    pub host_id: String,
+    /// The local runtime, for exec (single host).
+    pub runtime: Option<Arc<dyn Runtime>>,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("host_id", &self.host_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Largest request body (names, keys and exec stdin; not files).
+const BODY_LIMIT: usize = 1 << 20;
+
+/// Every route: the router below and the OpenAPI document are both built from it.
+const ROUTES: &[(&str, &str, &str)] = &[
+    (
+        "post",
+        "/api/v1/login",
+        "Exchange a user name and password for an API token",
+    ),
+    ("get", "/api/v1/me", "The calling user"),
+    ("get", "/api/v1/users", "All users (admin)"),
+    ("post", "/api/v1/users", "Create a user (admin)"),
+    ("get", "/api/v1/tokens", "The caller's API tokens"),
+    (
+        "delete",
+        "/api/v1/tokens/{id}",
+        "Revoke one of the caller's tokens",
+    ),
+    ("get", "/api/v1/keys", "The caller's SSH public keys"),
+    ("post", "/api/v1/keys", "Add an SSH public key"),
+    (
+        "delete",
+        "/api/v1/keys/{key}",
+        "Remove an SSH public key (by id or name)",
+    ),
+    ("get", "/api/v1/projects", "Projects the caller may see"),
+    (
+        "post",
+        "/api/v1/projects",
+        "Add a project (a git repository)",
+    ),
+    (
+        "get",
+        "/api/v1/projects/{project}",
+        "One project (by id or name)",
+    ),
+    ("delete", "/api/v1/projects/{project}", "Remove a project"),
+    ("get", "/api/v1/workspaces", "Workspaces the caller may see"),
+    (
+        "post",
+        "/api/v1/workspaces",
+        "Create a workspace from an image (202: it starts in the background)",
+    ),
+    (
+        "get",
+        "/api/v1/workspaces/{workspace}",
+        "One workspace (by id or name)",
+    ),
+    (
+        "delete",
+        "/api/v1/workspaces/{workspace}",
+        "Delete a workspace",
+    ),
+    (
+        "post",
+        "/api/v1/workspaces/{workspace}/start",
+        "Start a workspace",
+    ),
+    (
+        "post",
+        "/api/v1/workspaces/{workspace}/stop",
+        "Stop a workspace (`force` kills at once)",
+    ),
+    (
+        "post",
+        "/api/v1/workspaces/{workspace}/exec",
+        "Run a command to its end and return its output",
+    ),
+    ("get", "/api/v1/hosts", "Hosts (admin)"),
+    (
+        "get",
+        "/api/v1/jobs",
+        "Recent jobs of the caller's workspaces",
+    ),
+    ("get", "/api/v1/openapi.json", "This document"),
+];
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/api/v1/login", post(api::login))
+        .route("/api/v1/me", get(api::me))
+        .route("/api/v1/users", get(api::list_users).post(api::create_user))
+        .route("/api/v1/tokens", get(api::list_tokens))
+        .route("/api/v1/tokens/{id}", delete(api::delete_token))
+        .route("/api/v1/keys", get(api::list_keys).post(api::add_key))
+        .route("/api/v1/keys/{key}", delete(api::delete_key))
+        .route(
+            "/api/v1/projects",
+            get(api::list_projects).post(api::create_project),
+        )
+        .route(
+            "/api/v1/projects/{project}",
+            get(api::get_project).delete(api::delete_project),
+        )
+        .route(
+            "/api/v1/workspaces",
+            get(api::list_workspaces).post(api::create_workspace),
+        )
+        .route(
+            "/api/v1/workspaces/{workspace}",
+            get(api::get_workspace).delete(api::delete_workspace),
+        )
+        .route(
+            "/api/v1/workspaces/{workspace}/start",
+            post(api::start_workspace),
+        )
+        .route(
+            "/api/v1/workspaces/{workspace}/stop",
+            post(api::stop_workspace),
+        )
+        .route(
+            "/api/v1/workspaces/{workspace}/exec",
+            post(api::exec_workspace),
+        )
+        .route("/api/v1/hosts", get(api::list_hosts))
+        .route("/api/v1/jobs", get(api::list_jobs))
+        .route("/api/v1/openapi.json", get(openapi))
+        .fallback(|| async { ApiError::not_found("such endpoint (see /api/v1/openapi.json)") })
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(state)
+}
+
+async fn openapi() -> axum::Json<serde_json::Value> {
+    let mut paths = serde_json::Map::new();
+    for (method, path, summary) in ROUTES {
+        let entry = paths
+            .entry(path.to_string())
+            .or_insert_with(|| serde_json::json!({}));
+        let mut op = serde_json::json!({
+            "summary": summary,
+            "responses": {"default": {"description": "JSON; errors are {\"error\": message}"}},
+        });
+        if !path.ends_with("/login") && !path.ends_with("/openapi.json") {
+            op["security"] = serde_json::json!([{"token": []}]);
+        }
+        entry[*method] = op;
+    }
+    axum::Json(serde_json::json!({
+        "openapi": "3.0.3",
+        "info": {"title": "Warren", "version": env!("CARGO_PKG_VERSION")},
+        "components": {"securitySchemes": {"token": {"type": "http", "scheme": "bearer"}}},
+        "paths": paths,
+    }))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Db(#[from] db::DbError),
+    #[error("database: {0}")]
+    Sql(#[from] sqlx::Error),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A single-host Warren: API, database and the in-process agent.
+#[derive(Clone)]
+pub struct SingleHost {
+    pub database_url: String,
+    pub listen: SocketAddr,
+    pub host_name: String,
+    pub runtime: Arc<dyn Runtime>,
+}
+
+impl std::fmt::Debug for SingleHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SingleHost")
+            .field("listen", &self.listen)
+            .field("host_name", &self.host_name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A started server.
+#[derive(Debug)]
+pub struct Started {
+    pub addr: SocketAddr,
+    /// The first admin's password, when this start created it (shown once).
+    pub admin_password: Option<String>,
+    pub serve: tokio::task::JoinHandle<Result<(), std::io::Error>>,
+    pub shutdown: Arc<Notify>,
+}
+
+pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
+    let db = Db::connect(&config.database_url).await?;
+    let admin_password = auth::bootstrap_admin(&db)
+        .await
+        .map_err(|e| ServerError::Other(e.message))?;
+    let host_id = register_host(&db, &config.host_name).await?;
+    let wake = Arc::new(Notify::new());
+    let plane = Arc::new(jobs::DbControlPlane {
+        db: db.clone(),
+        wake: wake.clone(),
+    });
+    let resumed = plane.resume_host(&host_id).await?;
+    if resumed > 0 {
+        tracing::info!(jobs = resumed, "resuming jobs cut short by the last stop");
+    }
+    reconcile(&db, &host_id, config.runtime.clone()).await?;
+    let shutdown = Arc::new(Notify::new());
+    let agent = Agent::new(host_id.clone(), config.runtime.clone(), plane, wake.clone());
+    tokio::spawn(agent.run(shutdown.clone()));
+
+    let state = AppState {
+        db,
+        wake,
+        host_id,
+        runtime: Some(config.runtime),
+    };
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServerError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| ServerError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let stop = shutdown.clone();
+    let serve = tokio::spawn(async move {
+        axum::serve(listener, router(state))
+            .with_graceful_shutdown(async move { stop.notified().await })
+            .await
+    });
+    Ok(Started {
+        addr,
+        admin_password,
+        serve,
+        shutdown,
+    })
+}
+
+async fn register_host(db: &Db, name: &str) -> Result<String, sqlx::Error> {
+    if let Some(row) = sqlx::query("SELECT id FROM hosts WHERE name = $1")
+        .bind(name)
+        .fetch_optional(&db.pool)
+        .await?
+    {
+        let id: String = row.try_get("id")?;
+        sqlx::query("UPDATE hosts SET last_seen_at = $2 WHERE id = $1")
+            .bind(&id)
+            .bind(now_ms())
+            .execute(&db.pool)
+            .await?;
+        return Ok(id);
+    }
+    let id = new_id();
+    sqlx::query("INSERT INTO hosts (id, name, created_at, last_seen_at) VALUES ($1, $2, $3, $3)")
+        .bind(&id)
+        .bind(name)
+        .bind(now_ms())
+        .execute(&db.pool)
+        .await?;
+    Ok(id)
+}
+
+/// After a start: a settled workspace whose runtime disagrees (the host rebooted, a process died)
+/// gets the job that brings it back to what its owner asked for.
+async fn reconcile(db: &Db, host_id: &str, runtime: Arc<dyn Runtime>) -> Result<(), ServerError> {
+    let rows = sqlx::query(
+        "SELECT w.id, w.image, w.memory, w.cpus_milli, w.state FROM workspaces w
+         WHERE w.host_id = $1 AND w.state IN ('running', 'stopped')
+           AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.workspace_id = w.id AND j.state IN ('queued', 'running'))",
+    )
+    .bind(host_id)
+    .fetch_all(&db.pool)
+    .await?;
+    for row in rows {
+        let id: String = row.try_get("id")?;
+        let stored: String = row.try_get("state")?;
+        let runtime_id = format!("ws-{id}");
+        let rt = runtime.clone();
+        let actual = tokio::task::spawn_blocking(move || {
+            WorkspaceId::new(&runtime_id)
+                .ok()
+                .and_then(|w| rt.info(&w).ok())
+                .map(|i| i.state)
+        })
+        .await
+        .map_err(|e| ServerError::Other(e.to_string()))?;
+        let (action, between) = match (stored.as_str(), actual) {
+            ("running", Some(WorkspaceState::Running))
+            | ("stopped", Some(WorkspaceState::Stopped) | None) => continue,
+            ("running", _) => (Action::Start, "starting"),
+            _ => (Action::Stop { grace_ms: 10_000 }, "stopping"),
+        };
+        tracing::info!(workspace.id = %id, stored, ?actual, "reconciling a workspace with its runtime");
+        let spec = warren_agent::WorkspaceSpec {
+            runtime_id: format!("ws-{id}"),
+            image: row.try_get("image")?,
+            memory: row.try_get::<Option<i64>, _>("memory")?.map(|m| m as u64),
+            cpus: row
+                .try_get::<Option<i64>, _>("cpus_milli")?
+                .map(|m| m as f64 / 1000.0),
+            pids: None,
+        };
+        let mut tx = db.pool.begin().await?;
+        sqlx::query("UPDATE workspaces SET state = $2, updated_at = $3 WHERE id = $1")
+            .bind(&id)
+            .bind(between)
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?;
+        jobs::enqueue(
+            &mut tx,
+            &id,
+            host_id,
+            &WorkspaceJob {
+                action,
+                workspace: spec,
+            },
+        )
+        .await?;
+        tx.commit().await?;
+    }
+    Ok(())
+}
