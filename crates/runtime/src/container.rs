@@ -66,6 +66,14 @@ impl ContainerRuntimeConfig {
     pub const DEFAULT_UID_BASE: u32 = 1_000_000_000;
 }
 
+/// How long a starting shim may hold a workspace before answering on its socket.
+const SHIM_START_WAIT: Duration = Duration::from_secs(60);
+
+enum Shim {
+    Serving(Channel),
+    Absent(File),
+}
+
 #[derive(Debug)]
 pub struct ContainerRuntime {
     config: ContainerRuntimeConfig,
@@ -114,6 +122,40 @@ impl ContainerRuntime {
         match channel.recv::<Reply>() {
             Ok(Some((Reply::Status { init_pid }, _))) => Some(init_pid),
             _ => None,
+        }
+    }
+
+    fn lock_file(layout: &Layout) -> Result<File, Error> {
+        File::options()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(layout.shim_lock())
+            .map_err(Error::io("cannot open", layout.shim_lock()))
+    }
+
+    /// The workspace's shim: serving on its socket, or absent (its lock then held by us). A
+    /// shim that holds the lock but does not serve yet is starting: wait for it.
+    fn find_shim(id: &WorkspaceId, layout: &Layout) -> Result<Shim, Error> {
+        let deadline = std::time::Instant::now() + SHIM_START_WAIT;
+        loop {
+            if let Ok(channel) = Channel::connect(&layout.socket()) {
+                return Ok(Shim::Serving(channel));
+            }
+            let lock = Self::lock_file(layout)?;
+            if lock.try_lock().is_ok() {
+                return Ok(Shim::Absent(lock));
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(Error::Shim {
+                    id: id.to_string(),
+                    message: format!(
+                        "its supervisor holds the workspace but does not answer (see {})",
+                        layout.log().display()
+                    ),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
@@ -184,13 +226,19 @@ impl Runtime for ContainerRuntime {
             )));
         }
         let layout = self.layout(&config.id);
-        match std::fs::create_dir(&layout.dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+        let mut made = std::fs::create_dir(&layout.dir);
+        if matches!(&made, Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists) {
+            if layout.record().exists() {
                 return Err(Error::AlreadyExists(config.id.to_string()));
             }
-            Err(e) => return Err(Error::io("cannot create", &layout.dir)(e)),
+            // A create cut short before its record was written (the record comes last): redo it.
+            tracing::warn!(workspace.id = %config.id, "clearing a workspace folder left by an interrupted create");
+            if crate::sys::mounts_under(&layout.dir).is_empty() {
+                let _ = std::fs::remove_dir_all(&layout.dir);
+            }
+            made = std::fs::create_dir(&layout.dir);
         }
+        made.map_err(Error::io("cannot create", &layout.dir))?;
         let made = (|| {
             let slot = self.slots.allocate(&config.id, self.capacity())?;
             let net = self.config.network.subnet;
@@ -227,8 +275,10 @@ impl Runtime for ContainerRuntime {
 
     fn start(&self, id: &WorkspaceId) -> Result<(), Error> {
         let (rec, layout) = self.record(id)?;
-        if Self::status(&layout).is_some() {
-            return Ok(());
+        match Self::find_shim(id, &layout)? {
+            Shim::Serving(_) => return Ok(()),
+            // The new shim takes the lock itself.
+            Shim::Absent(lock) => drop(lock),
         }
         net::ensure_host(
             &rec.bridge,
@@ -360,28 +410,28 @@ impl Runtime for ContainerRuntime {
 
     fn stop(&self, id: &WorkspaceId, grace: Duration) -> Result<(), Error> {
         let (rec, layout) = self.record(id)?;
-        if let Ok(channel) = Channel::connect(&layout.socket()) {
-            let grace_ms = grace.as_millis().min(u128::from(u64::MAX)) as u64;
-            channel.send(&Request::Stop { grace_ms }, &[])?;
-            // Stopped, or the shim closing the connection as it exits.
-            let _ = channel.recv::<Reply>();
-        }
-        // Wait for the shim to let go of the workspace, then clear what a crashed one left.
-        let lock_path = layout.shim_lock();
-        if let Ok(lock) = File::options()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-        {
-            lock.lock().map_err(Error::io("cannot lock", &lock_path))?;
-            let leftovers = teardown(&rec, &layout, None);
-            if !leftovers.is_empty() {
-                return Err(Error::Shim {
-                    id: id.to_string(),
-                    message: format!("stopped, but could not remove: {}", leftovers.join(", ")),
-                });
+        let lock = match Self::find_shim(id, &layout)? {
+            Shim::Serving(channel) => {
+                let grace_ms = grace.as_millis().min(u128::from(u64::MAX)) as u64;
+                channel.send(&Request::Stop { grace_ms }, &[])?;
+                // Stopped, or the shim closing the connection as it exits.
+                let _ = channel.recv::<Reply>();
+                // Wait for it to let go of the workspace.
+                let lock = Self::lock_file(&layout)?;
+                lock.lock()
+                    .map_err(Error::io("cannot lock", layout.shim_lock()))?;
+                lock
             }
+            Shim::Absent(lock) => lock,
+        };
+        // Clear what a crashed shim may have left, while no shim can start.
+        let leftovers = teardown(&rec, &layout, None);
+        drop(lock);
+        if !leftovers.is_empty() {
+            return Err(Error::Shim {
+                id: id.to_string(),
+                message: format!("stopped, but could not remove: {}", leftovers.join(", ")),
+            });
         }
         Ok(())
     }

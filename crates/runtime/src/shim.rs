@@ -41,6 +41,10 @@ pub fn run_shim(dir: &Path) -> Result<(), Error> {
             "the shim must start single-threaded (it forks)".into(),
         ));
     }
+    // Nothing but stdin, stdout and stderr is the shim's: descriptors its starter leaked
+    // (without close-on-exec) would otherwise live as long as the workspace.
+    // SAFETY: close_range only closes descriptors; this process has opened none it still uses.
+    unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
     // SAFETY: single-threaded (checked above).
     match unsafe { fork() }.map_err(|e| Error::Sys(format!("fork: {e}")))? {
         ForkResult::Parent { .. } => return Ok(()),

@@ -57,14 +57,11 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
+/// axum's own statuses: 400 for malformed JSON, 415 without a JSON content type, 413 for a body
+/// over the limit, 422 for JSON of the wrong shape (unknown or missing fields, wrong types).
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> Self {
-        let status = match &rejection {
-            JsonRejection::MissingJsonContentType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            JsonRejection::BytesRejection(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            _ => StatusCode::BAD_REQUEST,
-        };
-        Self::new(status, rejection.body_text())
+        Self::new(rejection.status(), rejection.body_text())
     }
 }
 

@@ -259,3 +259,67 @@ pub fn enter_own_network() {
     );
     run(Command::new("ip").args(["link", "set", "lo", "up"]));
 }
+
+/// A throwaway PostgreSQL server (Debian's, run as the `postgres` user) on a free loopback port,
+/// trusting local connections. Stopped and removed when dropped.
+#[derive(Debug)]
+pub struct Postgres {
+    dir: tempfile::TempDir,
+    port: u16,
+    bin: PathBuf,
+}
+
+impl Postgres {
+    pub fn start() -> Self {
+        require_root();
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .and_then(|d| d.flatten().map(|e| e.path().join("bin")).find(|b| b.join("initdb").exists()))
+            .expect("PostgreSQL's server is missing: install the Debian package `postgresql` (./dev deps does)");
+        let dir = tempfile::Builder::new()
+            .prefix("warren-pg-")
+            .tempdir_in("/var/tmp")
+            .unwrap();
+        run(Command::new("chown").arg("postgres:").arg(dir.path()));
+        let port = free_port();
+        let data = dir.path().join("data");
+        let as_postgres = |program: &str| {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(bin.join(program));
+            c
+        };
+        run(as_postgres("initdb")
+            .args(["--auth=trust", "-U", "postgres", "-D"])
+            .arg(&data));
+        run(as_postgres("pg_ctl")
+            .arg("-D")
+            .arg(&data)
+            .arg("-o")
+            .arg(format!(
+                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+                dir.path().display()
+            ))
+            .arg("-l")
+            .arg(dir.path().join("log"))
+            .args(["-w", "start"]));
+        Self { dir, port, bin }
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-m", "immediate", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}

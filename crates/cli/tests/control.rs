@@ -1,0 +1,765 @@
+//! `warren up` end to end, driven with the CLI and with plain HTTP: users, projects from a local
+//! git repository, workspaces through their whole life, on SQLite and on PostgreSQL; who may
+//! touch what; bad input; and `kill -9` of the server in the middle of every lifecycle step.
+// A test that meets an unexpected error should stop right there.
+#![allow(clippy::unwrap_used)]
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tempfile::TempDir;
+use warren_testkit::{Postgres, debian_rootfs, enter_own_network, free_port, require_program};
+
+/// A `warren up` of this test, in the test's own network namespace.
+struct Warren {
+    data: TempDir,
+    database_url: Option<String>,
+    uid_base: u32,
+    port: u16,
+    child: Option<Child>,
+    /// Where each logged-in user keeps its CLI token.
+    configs: TempDir,
+}
+
+impl Warren {
+    fn new(seed: u32, database_url: Option<String>) -> Self {
+        let data = tempfile::Builder::new()
+            .prefix("warren-up-")
+            .tempdir_in("/var/tmp")
+            .unwrap();
+        Self {
+            data,
+            database_url,
+            uid_base: 2_000_000_000 + seed * 64 * 65536,
+            port: free_port(),
+            child: None,
+            configs: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts `warren up`; returns the admin password when this start created the admin.
+    fn start(&mut self) -> Option<String> {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_warren"));
+        cmd.arg("--data")
+            .arg(self.data.path())
+            .args(["up", "--listen", &format!("127.0.0.1:{}", self.port)])
+            .env("WARREN_UID_BASE", self.uid_base.to_string())
+            .env("WARREN_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(
+                std::fs::File::options()
+                    .create(true)
+                    .append(true)
+                    .open(self.data.path().join("up.log"))
+                    .unwrap(),
+            );
+        if let Some(url) = &self.database_url {
+            cmd.args(["--database-url", url]);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let line = rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .unwrap_or_else(|_| panic!("warren up did not come up: {}", self.log()));
+            if line.starts_with("  data:") {
+                break;
+            }
+        }
+        // A first start prints the admin's password next; a later one prints nothing more.
+        let mut password = None;
+        while let Ok(line) = rx.recv_timeout(Duration::from_millis(500)) {
+            if let Some(rest) = line.trim().strip_prefix("user: admin   password: ") {
+                password = Some(rest.trim().to_owned());
+            }
+            if line.starts_with("Next:") {
+                break;
+            }
+        }
+        password
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.data.path().join("up.log")).unwrap_or_default()
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// The CLI as `user` (each user has its own saved login).
+    fn cli(&self, user: &str, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_warren"))
+            .arg("--data")
+            .arg(self.data.path())
+            .args(args)
+            .env("XDG_CONFIG_HOME", self.configs.path().join(user))
+            .env("WARREN_SERVER", self.url())
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, user: &str, args: &[&str]) -> String {
+        let out = self.cli(user, args);
+        assert!(
+            out.status.success(),
+            "warren {args:?} as {user} failed: {}{}\n--- server log ---\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn login(&self, user: &str, password: &str) {
+        let out = Command::new(env!("CARGO_BIN_EXE_warren"))
+            .args(["login", "--server", &self.url(), "--user", user])
+            .env("XDG_CONFIG_HOME", self.configs.path().join(user))
+            .env("WARREN_PASSWORD", password)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "login {user}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The token `warren login` saved for `user`.
+    fn token(&self, user: &str) -> String {
+        let saved: Value = serde_json::from_slice(
+            &std::fs::read(self.configs.path().join(user).join("warren/cli.json")).unwrap(),
+        )
+        .unwrap();
+        saved["token"].as_str().unwrap().to_owned()
+    }
+
+    /// A raw API call; returns the status and the JSON body.
+    fn http(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&[u8]>,
+    ) -> (u16, Value) {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let url = format!("{}{path}", self.url());
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let mut resp = match method {
+            "GET" | "DELETE" => {
+                let mut req = if method == "GET" {
+                    agent.get(&url)
+                } else {
+                    agent.delete(&url)
+                };
+                if let Some(a) = &auth {
+                    req = req.header("Authorization", a);
+                }
+                req.call().unwrap()
+            }
+            _ => {
+                let mut req = agent.post(&url).header("Content-Type", "application/json");
+                if let Some(a) = &auth {
+                    req = req.header("Authorization", a);
+                }
+                req.send(body.unwrap_or(b"{}")).unwrap()
+            }
+        };
+        let status = resp.status().as_u16();
+        let text = resp.body_mut().read_to_string().unwrap_or_default();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    fn workspace_processes(&self) -> usize {
+        let mut n = 0;
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
+                continue;
+            };
+            let uid: u32 = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            if (self.uid_base..self.uid_base + 64 * 65536).contains(&uid) {
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+impl Drop for Warren {
+    fn drop(&mut self) {
+        self.kill9();
+        // Whatever workspaces a failed test left: remove them with the runtime's own command.
+        let dir = self.data.path().join("runtime/workspaces");
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let _ = Command::new(env!("CARGO_BIN_EXE_warren"))
+                .arg("--data")
+                .arg(self.data.path())
+                .args(["runtime", "rm", "-f"])
+                .arg(entry.file_name())
+                .env("WARREN_UID_BASE", self.uid_base.to_string())
+                .output();
+        }
+    }
+}
+
+fn setup() {
+    enter_own_network();
+    require_program("git", "git");
+}
+
+/// A git repository with one commit on `main`, as a project's source.
+fn git_repo(dir: &Path) -> PathBuf {
+    let repo = dir.join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(repo.join("warren.yml"), "image: dev:1\n").unwrap();
+    for args in [
+        &["init", "-q", "-b", "main"][..],
+        &["add", "."],
+        &[
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "commit",
+            "-q",
+            "-m",
+            "first",
+        ],
+    ] {
+        assert!(
+            Command::new("git")
+                .args(args)
+                .current_dir(&repo)
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+    repo
+}
+
+fn end_to_end(seed: u32, database_url: Option<String>) {
+    let mut warren = Warren::new(seed, database_url);
+    let password = warren.start().expect("a first start creates the admin");
+    warren.login("admin", &password);
+    let rootfs = debian_rootfs("minbase", &[]);
+    warren.ok(
+        "admin",
+        &["image", "import", rootfs.to_str().unwrap(), "dev:1"],
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_warren"))
+        .args(["user", "add", "alice"])
+        .env("XDG_CONFIG_HOME", warren.configs.path().join("admin"))
+        .env("WARREN_SERVER", warren.url())
+        .env("WARREN_PASSWORD", "alice-secret-1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    warren.login("alice", "alice-secret-1");
+
+    let repo = git_repo(warren.data.path());
+    warren.ok(
+        "alice",
+        &[
+            "project",
+            "add",
+            "app",
+            &format!("file://{}", repo.display()),
+        ],
+    );
+    assert!(warren.ok("alice", &["project", "ls"]).contains("app"));
+
+    warren.ok(
+        "alice",
+        &[
+            "ws",
+            "create",
+            "dev",
+            "--image",
+            "dev:1",
+            "--project",
+            "app",
+            "--memory",
+            "512MiB",
+        ],
+    );
+    let list: Value = serde_json::from_str(&warren.ok("alice", &["ws", "ls", "--json"])).unwrap();
+    assert_eq!(list[0]["name"], "dev");
+    assert_eq!(list[0]["state"], "running");
+    assert_eq!(list[0]["project"], "app");
+    let out = warren.cli(
+        "alice",
+        &[
+            "ws",
+            "exec",
+            "dev",
+            "--",
+            "sh",
+            "-c",
+            "echo kept > /root/kept; echo out; echo err >&2; exit 4",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(4));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "out\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
+    warren.ok("alice", &["ws", "stop", "dev"]);
+    assert_eq!(
+        warren.workspace_processes(),
+        0,
+        "a stopped workspace runs nothing"
+    );
+    warren.ok("alice", &["ws", "start", "dev"]);
+    assert_eq!(
+        warren.ok("alice", &["ws", "exec", "dev", "--", "cat", "/root/kept"]),
+        "kept\n"
+    );
+    warren.ok("alice", &["ws", "rm", "dev"]);
+    assert!(!warren.ok("alice", &["ws", "ls"]).contains("dev"));
+    assert_eq!(warren.workspace_processes(), 0);
+    let left: Vec<_> = std::fs::read_dir(warren.data.path().join("runtime/workspaces"))
+        .unwrap()
+        .collect();
+    assert!(left.is_empty(), "nothing left of the workspace: {left:?}");
+    let jobs: Value = serde_json::from_str(&warren.ok("admin", &["job", "ls", "--json"])).unwrap();
+    assert!(
+        jobs.as_array()
+            .unwrap()
+            .iter()
+            .all(|j| j["state"] == "done"),
+        "{jobs}"
+    );
+}
+
+#[test]
+fn end_to_end_on_sqlite() {
+    setup();
+    end_to_end(1, None);
+}
+
+#[test]
+fn end_to_end_on_postgres() {
+    setup();
+    let pg = Postgres::start();
+    end_to_end(2, Some(pg.url()));
+}
+
+#[test]
+fn every_endpoint_refuses_strangers_and_other_users() {
+    setup();
+    let mut warren = Warren::new(3, None);
+    let password = warren.start().unwrap();
+    warren.login("admin", &password);
+    let admin = warren.token("admin");
+    for user in ["alice", "bob"] {
+        let (status, _) = warren.http(
+            "POST",
+            "/api/v1/users",
+            Some(&admin),
+            Some(
+                json!({"name": user, "password": format!("{user}-password")})
+                    .to_string()
+                    .as_bytes(),
+            ),
+        );
+        assert_eq!(status, 201);
+        warren.login(user, &format!("{user}-password"));
+    }
+    let (alice, bob) = (warren.token("alice"), warren.token("bob"));
+    let rootfs = debian_rootfs("minbase", &[]);
+    warren.ok(
+        "admin",
+        &["image", "import", rootfs.to_str().unwrap(), "dev:1"],
+    );
+    let post = |path: &str, token: &str, body: Value| {
+        warren.http("POST", path, Some(token), Some(body.to_string().as_bytes()))
+    };
+    assert_eq!(
+        post(
+            "/api/v1/projects",
+            &alice,
+            json!({"name": "app", "git_url": "https://example.com/app.git"})
+        )
+        .0,
+        201
+    );
+    let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKpoURYOUvqDe79NUODlAulUiW6t1Hg2A5JCqOEct8Np alice@laptop";
+    assert_eq!(
+        post(
+            "/api/v1/keys",
+            &alice,
+            json!({"name": "laptop", "public_key": key})
+        )
+        .0,
+        201
+    );
+    let (status, ws) = post(
+        "/api/v1/workspaces",
+        &alice,
+        json!({"name": "mine", "image": "dev:1"}),
+    );
+    assert_eq!(status, 202, "{ws}");
+    let ws_id = ws["id"].as_str().unwrap().to_owned();
+
+    // Without a token (or with a wrong one), every endpoint but login answers 401.
+    let protected = [
+        ("GET", "/api/v1/me"),
+        ("GET", "/api/v1/users"),
+        ("POST", "/api/v1/users"),
+        ("GET", "/api/v1/tokens"),
+        ("GET", "/api/v1/keys"),
+        ("POST", "/api/v1/keys"),
+        ("DELETE", "/api/v1/keys/laptop"),
+        ("GET", "/api/v1/projects"),
+        ("POST", "/api/v1/projects"),
+        ("GET", "/api/v1/projects/app"),
+        ("DELETE", "/api/v1/projects/app"),
+        ("GET", "/api/v1/workspaces"),
+        ("POST", "/api/v1/workspaces"),
+        ("GET", "/api/v1/workspaces/mine"),
+        ("POST", "/api/v1/workspaces/mine/start"),
+        ("POST", "/api/v1/workspaces/mine/stop"),
+        ("POST", "/api/v1/workspaces/mine/exec"),
+        ("DELETE", "/api/v1/workspaces/mine"),
+        ("GET", "/api/v1/hosts"),
+        ("GET", "/api/v1/jobs"),
+    ];
+    for (method, path) in protected {
+        for token in [None, Some("wrn_not-a-token")] {
+            let (status, body) = warren.http(method, path, token, None);
+            assert_eq!(status, 401, "{method} {path} with {token:?}: {body}");
+            assert!(body["error"].as_str().is_some(), "{body}");
+        }
+    }
+
+    // Bob sees none of Alice's things, by name or by id, and cannot act on them.
+    for (method, path) in [
+        ("GET", "/api/v1/projects/app".to_owned()),
+        ("DELETE", "/api/v1/projects/app".to_owned()),
+        ("DELETE", "/api/v1/keys/laptop".to_owned()),
+        ("GET", "/api/v1/workspaces/mine".to_owned()),
+        ("GET", format!("/api/v1/workspaces/{ws_id}")),
+        ("POST", format!("/api/v1/workspaces/{ws_id}/start")),
+        ("POST", format!("/api/v1/workspaces/{ws_id}/stop")),
+        ("POST", "/api/v1/workspaces/mine/exec".to_owned()),
+        ("DELETE", format!("/api/v1/workspaces/{ws_id}")),
+    ] {
+        let body = if path.ends_with("/exec") {
+            json!({"argv": ["true"]})
+        } else {
+            json!({})
+        }
+        .to_string();
+        let (status, answer) = warren.http(method, &path, Some(&bob), Some(body.as_bytes()));
+        assert_eq!(status, 404, "bob: {method} {path}: {answer}");
+    }
+    for path in [
+        "/api/v1/workspaces",
+        "/api/v1/projects",
+        "/api/v1/keys",
+        "/api/v1/jobs",
+    ] {
+        let (status, list) = warren.http("GET", path, Some(&bob), None);
+        assert_eq!(
+            (status, list.as_array().map(Vec::len)),
+            (200, Some(0)),
+            "bob lists {path}: {list}"
+        );
+    }
+    for path in ["/api/v1/users", "/api/v1/hosts"] {
+        assert_eq!(
+            warren.http("GET", path, Some(&bob), None).0,
+            403,
+            "{path} is for admins"
+        );
+    }
+    assert_eq!(
+        post(
+            "/api/v1/users",
+            &bob,
+            json!({"name": "eve", "password": "eve-password"})
+        )
+        .0,
+        403
+    );
+    // Alice and the admin do see it.
+    assert_eq!(
+        warren
+            .http("GET", "/api/v1/workspaces/mine", Some(&alice), None)
+            .0,
+        200
+    );
+    assert_eq!(
+        warren
+            .http(
+                "GET",
+                &format!("/api/v1/workspaces/{ws_id}"),
+                Some(&admin),
+                None
+            )
+            .0,
+        200
+    );
+    let (status, _) = warren.http("DELETE", "/api/v1/workspaces/mine", Some(&alice), None);
+    assert_eq!(status, 202);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while warren
+        .http("GET", "/api/v1/workspaces/mine", Some(&alice), None)
+        .0
+        != 404
+    {
+        assert!(Instant::now() < deadline, "the workspace was never deleted");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn bad_input_gets_a_4xx_with_a_message() {
+    setup();
+    let mut warren = Warren::new(4, None);
+    let password = warren.start().unwrap();
+    warren.login("admin", &password);
+    let token = warren.token("admin");
+    let big = format!(r#"{{"name": "x", "image": "{}"}}"#, "a".repeat(2 << 20));
+    let cases: Vec<(&str, String, u16)> = vec![
+        ("/api/v1/workspaces", "{not json".into(), 400),
+        (
+            "/api/v1/workspaces",
+            r#"{"name": "a", "image": "dev:1", "colour": "red"}"#.into(),
+            422,
+        ),
+        (
+            "/api/v1/workspaces",
+            r#"{"name": 5, "image": "dev:1"}"#.into(),
+            422,
+        ),
+        ("/api/v1/workspaces", big, 413),
+        (
+            "/api/v1/workspaces",
+            r#"{"name": "Bad Name", "image": "dev:1"}"#.into(),
+            400,
+        ),
+        (
+            "/api/v1/workspaces",
+            r#"{"name": "ok", "image": ""}"#.into(),
+            400,
+        ),
+        (
+            "/api/v1/workspaces",
+            r#"{"name": "ok", "image": "dev:1", "cpus": -1}"#.into(),
+            400,
+        ),
+        (
+            "/api/v1/workspaces",
+            r#"{"name": "ok", "image": "dev:1", "project": "nope"}"#.into(),
+            404,
+        ),
+        (
+            "/api/v1/projects",
+            r#"{"name": "p", "git_url": "ftp://example.com/x"}"#.into(),
+            400,
+        ),
+        (
+            "/api/v1/projects",
+            r#"{"name": "p", "git_url": "https://x/y", "root_folder": "../up"}"#.into(),
+            400,
+        ),
+        (
+            "/api/v1/keys",
+            r#"{"name": "k", "public_key": "ssh-ed25519 notbase64!"}"#.into(),
+            400,
+        ),
+        (
+            "/api/v1/users",
+            r#"{"name": "u", "password": "short"}"#.into(),
+            400,
+        ),
+        (
+            "/api/v1/login",
+            r#"{"user": "admin", "password": "wrong"}"#.into(),
+            401,
+        ),
+    ];
+    for (path, body, expected) in cases {
+        let (status, answer) = warren.http("POST", path, Some(&token), Some(body.as_bytes()));
+        let shown: String = body.chars().take(80).collect();
+        assert_eq!(status, expected, "POST {path} {shown}: {answer}");
+        assert!(
+            answer["error"].as_str().is_some_and(|m| !m.is_empty()),
+            "POST {path} {shown} must say what was wrong: {answer}"
+        );
+    }
+    let (status, answer) = warren.http("GET", "/api/v1/no/such/thing", Some(&token), None);
+    assert_eq!(status, 404, "{answer}");
+    let (status, doc) = warren.http("GET", "/api/v1/openapi.json", None, None);
+    assert_eq!(status, 200);
+    assert!(
+        doc["paths"]["/api/v1/workspaces/{workspace}/stop"]["post"].is_object(),
+        "{doc}"
+    );
+}
+
+/// Polls until every workspace has settled in the state its owner asked for (or is gone).
+fn settled(warren: &Warren, token: &str, within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let (status, list) = warren.http("GET", "/api/v1/workspaces", Some(token), None);
+        if status == 200 {
+            let all = list.as_array().unwrap();
+            if all.iter().all(|w| w["state"] == w["desired"]) {
+                return list;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not settled in {within:?}: {list}\n{}",
+                warren.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_killed_server_resumes_every_step() {
+    setup();
+    let mut warren = Warren::new(5, None);
+    let password = warren.start().unwrap();
+    warren.login("admin", &password);
+    let token = warren.token("admin");
+    let rootfs = debian_rootfs("minbase", &[]);
+    warren.ok(
+        "admin",
+        &["image", "import", rootfs.to_str().unwrap(), "dev:1"],
+    );
+    let call = |warren: &Warren, method: &str, path: &str, body: Value| {
+        let (status, answer) = warren.http(
+            method,
+            path,
+            Some(&token),
+            Some(body.to_string().as_bytes()),
+        );
+        assert!((200..300).contains(&status), "{method} {path}: {answer}");
+    };
+    // Kill at several points after each request: at once, and a little later (mid-step).
+    for (round, delay_ms) in [0u64, 40, 150].into_iter().enumerate() {
+        let name = format!("crash-{round}");
+        let kill_restart = |warren: &mut Warren| {
+            std::thread::sleep(Duration::from_millis(delay_ms));
+            warren.kill9();
+            assert!(warren.start().is_none(), "the admin is made only once");
+        };
+        call(
+            &warren,
+            "POST",
+            "/api/v1/workspaces",
+            json!({"name": name, "image": "dev:1"}),
+        );
+        kill_restart(&mut warren);
+        settled(&warren, &token, Duration::from_secs(30));
+        let out = warren.cli(
+            "admin",
+            &[
+                "ws",
+                "exec",
+                &name,
+                "--",
+                "sh",
+                "-c",
+                "echo data > /root/data",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+
+        call(
+            &warren,
+            "POST",
+            &format!("/api/v1/workspaces/{name}/stop"),
+            json!({}),
+        );
+        kill_restart(&mut warren);
+        let list = settled(&warren, &token, Duration::from_secs(30));
+        assert_eq!(
+            list.as_array()
+                .unwrap()
+                .iter()
+                .find(|w| w["name"] == name.as_str())
+                .unwrap()["state"],
+            "stopped"
+        );
+
+        call(
+            &warren,
+            "POST",
+            &format!("/api/v1/workspaces/{name}/start"),
+            json!({}),
+        );
+        kill_restart(&mut warren);
+        settled(&warren, &token, Duration::from_secs(30));
+        assert_eq!(
+            warren.ok("admin", &["ws", "exec", &name, "--", "cat", "/root/data"]),
+            "data\n",
+            "data written before the kill is kept"
+        );
+
+        call(
+            &warren,
+            "DELETE",
+            &format!("/api/v1/workspaces/{name}"),
+            json!({}),
+        );
+        kill_restart(&mut warren);
+        let list = settled(&warren, &token, Duration::from_secs(30));
+        assert!(
+            list.as_array()
+                .unwrap()
+                .iter()
+                .all(|w| w["name"] != name.as_str()),
+            "{list}"
+        );
+    }
+    assert_eq!(warren.workspace_processes(), 0);
+    let left: Vec<_> = std::fs::read_dir(warren.data.path().join("runtime/workspaces"))
+        .unwrap()
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
