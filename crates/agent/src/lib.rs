@@ -162,8 +162,18 @@ impl<C: ControlPlane> Agent<C> {
                         if let Err(e) = &result {
                             tracing::warn!(job.id = %job.id, attempt = job.attempt, error = %e, "job failed");
                         }
-                        if let Err(e) = plane.finish(&job, result).await {
-                            tracing::error!(job.id = %job.id, error = %e, "cannot record a job's result");
+                        // The step is done: recording it must not be lost to a passing
+                        // database error (the job would wait for its lease to run out).
+                        let mut delay = Duration::from_millis(100);
+                        for attempt in 1..=10 {
+                            match plane.finish(&job, result.clone()).await {
+                                Ok(()) => break,
+                                Err(e) => {
+                                    tracing::warn!(job.id = %job.id, attempt, error = %e, "cannot record a job's result; retrying");
+                                    tokio::time::sleep(delay).await;
+                                    delay = (delay * 2).min(Duration::from_secs(5));
+                                }
+                            }
                         }
                         drop(permit);
                         // A finished job may unblock the next one of the same workspace.

@@ -39,6 +39,24 @@ pub enum BenchCommand {
         #[arg(long)]
         only_lazy: bool,
     },
+    /// A real `warren up`: workspaces created at once, then API latency under a fixed read rate
+    Api {
+        /// Workspaces created concurrently
+        #[arg(long, default_value_t = 20)]
+        workspaces: usize,
+        /// Mixed read requests per second
+        #[arg(long, default_value_t = 100.0)]
+        rate: f64,
+        /// How long to send them
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// Where to keep the root filesystem and Warren's data
+        #[arg(long, default_value = "/var/tmp/warren-bench-runtime")]
+        work: PathBuf,
+        /// Write the results as JSON here as well
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Workspace start → exec → stop cycles against runc and docker; idle workspace memory
     Runtime {
         /// Cycles per runtime
@@ -71,6 +89,18 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                 return reexec_in_netns();
             }
             lazy(size, &rates, &work, json.as_deref(), only_lazy)
+        }
+        BenchCommand::Api {
+            workspaces,
+            rate,
+            seconds,
+            work,
+            json,
+        } => {
+            if std::env::var_os("WARREN_BENCH_INSIDE").is_none() {
+                return reexec_in_netns();
+            }
+            crate::bench_api::api(workspaces, rate, seconds, &work, json.as_deref())
         }
         BenchCommand::Runtime { cycles, work, json } => {
             if std::env::var_os("WARREN_BENCH_INSIDE").is_none() {

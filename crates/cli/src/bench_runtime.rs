@@ -214,7 +214,7 @@ fn timed(
 }
 
 /// A Debian minbase root filesystem, made once with mmdebstrap and kept in the work folder.
-fn debian_rootfs(work: &Path) -> anyhow::Result<PathBuf> {
+pub(crate) fn debian_rootfs(work: &Path) -> anyhow::Result<PathBuf> {
     let rootfs = work.join("rootfs");
     let done = work.join("rootfs.complete");
     if done.exists() {

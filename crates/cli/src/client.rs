@@ -62,6 +62,12 @@ impl Client {
         }
     }
 
+    pub fn with_token(server: &str, token: &str) -> Self {
+        let mut client = Self::anonymous(server);
+        client.token = Some(token.to_owned());
+        client
+    }
+
     /// The server and token from `WARREN_SERVER` / `WARREN_TOKEN`, else from `warren login`.
     pub fn from_login() -> anyhow::Result<Self> {
         let saved: Option<Login> = std::fs::read(login_path())
@@ -75,9 +81,7 @@ impl Client {
             .ok()
             .or_else(|| saved.map(|l| l.token))
             .context("not logged in: run `warren login` first")?;
-        let mut client = Self::anonymous(&server);
-        client.token = Some(token);
-        Ok(client)
+        Ok(Self::with_token(&server, &token))
     }
 
     fn send(&self, method: &str, path: &str, body: Option<&Value>) -> anyhow::Result<Value> {
@@ -131,6 +135,10 @@ impl Client {
             bail!("{message} (HTTP {})", status.as_u16());
         }
         Ok(value)
+    }
+
+    pub fn server(&self) -> &str {
+        &self.server
     }
 
     pub fn get(&self, path: &str) -> anyhow::Result<Value> {

@@ -26,6 +26,9 @@ pub struct UpArgs {
     /// This host's name among Warren's hosts (default: the machine's hostname)
     #[arg(long, env = "WARREN_HOST_NAME")]
     host_name: Option<String>,
+    /// Seconds between readings of every project's branch heads
+    #[arg(long, env = "WARREN_GIT_POLL_SECONDS", default_value_t = 60)]
+    git_poll_seconds: u64,
     #[command(flatten)]
     host: HostFlags,
 }
@@ -57,6 +60,8 @@ pub fn up(args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
             listen: args.listen,
             host_name,
             runtime,
+            git_poll: Duration::from_secs(args.git_poll_seconds.max(1)),
+            secret_key: data.join("secret.key"),
         })
         .await?;
         let url = format!("http://{}", started.addr);
@@ -194,6 +199,15 @@ pub enum ProjectCommand {
     Rm {
         name: String,
     },
+    /// The project's branches and head commits
+    Branches {
+        name: String,
+        /// Read them from the repository now
+        #[arg(long)]
+        refresh: bool,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -252,6 +266,77 @@ pub enum WsCommand {
         #[arg(trailing_var_arg = true, required = true)]
         command: Vec<String>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EnvCommand {
+    /// Set a variable for your workspaces (or, with --project, for a project's)
+    Set {
+        /// NAME=VALUE; for a secret, give NAME alone and the value is read like a password
+        assignment: String,
+        /// Seal the value at rest; it is never shown again
+        #[arg(long)]
+        secret: bool,
+        #[arg(long)]
+        project: Option<String>,
+    },
+    Ls {
+        #[arg(long)]
+        project: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    Rm {
+        name: String,
+        #[arg(long)]
+        project: Option<String>,
+    },
+}
+
+pub fn env(cmd: EnvCommand) -> anyhow::Result<ExitCode> {
+    let client = Client::from_login()?;
+    let query = |project: &Option<String>| {
+        project
+            .as_ref()
+            .map(|p| format!("?project={p}"))
+            .unwrap_or_default()
+    };
+    match cmd {
+        EnvCommand::Set {
+            assignment,
+            secret,
+            project,
+        } => {
+            let (name, value) = match assignment.split_once('=') {
+                Some((n, v)) => (n.to_owned(), v.to_owned()),
+                None if secret => (assignment.clone(), read_password(false)?),
+                None => bail!("give NAME=VALUE (or --secret NAME to type the value)"),
+            };
+            client.post(
+                "/env",
+                &json!({"name": name, "value": value, "secret": secret, "project": project}),
+            )?;
+            println!("{name} set{}", if secret { " (sealed)" } else { "" });
+        }
+        EnvCommand::Ls { project, json } => {
+            return print_table(
+                json,
+                &client.get(&format!("/env{}", query(&project)))?,
+                &[
+                    ("name", "NAME"),
+                    ("scope", "SCOPE"),
+                    ("secret", "SECRET"),
+                    ("value", "VALUE"),
+                    ("hint", "HINT"),
+                ],
+            );
+        }
+        EnvCommand::Rm { name, project } => {
+            client.delete(&format!("/env/{name}{}", query(&project)))?;
+            println!("{name} removed");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Debug, Subcommand)]
@@ -358,11 +443,29 @@ pub fn project(cmd: ProjectCommand) -> anyhow::Result<ExitCode> {
             root,
             env_file,
         } => {
-            client.post(
+            let project = client.post(
                 "/projects",
                 &json!({"name": name, "git_url": git_url, "root_folder": root, "env_file": env_file}),
             )?;
             println!("project {name} added ({git_url})");
+            if let Some(hook) = project["webhook"].as_str() {
+                println!(
+                    "webhook (shown once; point the repository's push hook here): {}{hook}",
+                    client.server()
+                );
+            }
+        }
+        ProjectCommand::Branches {
+            name,
+            refresh,
+            json,
+        } => {
+            let branches = if refresh {
+                client.post(&format!("/projects/{name}/refresh"), &json!({}))?
+            } else {
+                client.get(&format!("/projects/{name}/branches"))?
+            };
+            return print_table(json, &branches, &[("name", "BRANCH"), ("head", "HEAD")]);
         }
         ProjectCommand::Ls { json } => {
             return print_table(

@@ -4,6 +4,7 @@
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod bench;
+mod bench_api;
 mod bench_runtime;
 mod client;
 mod control_cmd;
@@ -53,6 +54,9 @@ enum Commands {
     /// Your SSH public keys (for the SSH gateway)
     #[command(subcommand)]
     Key(control_cmd::KeyCommand),
+    /// Environment variables and secrets (yours, or a project's)
+    #[command(subcommand)]
+    Env(control_cmd::EnvCommand),
     /// Hosts that run workspaces (admin)
     #[command(subcommand)]
     Host(control_cmd::ListCommand),
@@ -96,6 +100,7 @@ fn main() -> ExitCode {
         Commands::Project(cmd) => control_cmd::project(cmd),
         Commands::Ws(cmd) => control_cmd::ws(cmd),
         Commands::Key(cmd) => control_cmd::key(cmd),
+        Commands::Env(cmd) => control_cmd::env(cmd),
         Commands::Host(cmd) => control_cmd::host(cmd),
         Commands::Job(cmd) => control_cmd::job(cmd),
         Commands::Spec(cmd) => spec_cmd::run(cmd),

@@ -240,34 +240,24 @@ fn setup() {
     require_program("git", "git");
 }
 
+fn git(repo: &Path, args: &[&str]) {
+    let status = Command::new("git")
+        .args(["-c", "user.name=t", "-c", "user.email=t@t"])
+        .args(args)
+        .current_dir(repo)
+        .status()
+        .unwrap();
+    assert!(status.success(), "git {args:?}");
+}
+
 /// A git repository with one commit on `main`, as a project's source.
 fn git_repo(dir: &Path) -> PathBuf {
     let repo = dir.join("repo");
     std::fs::create_dir_all(&repo).unwrap();
     std::fs::write(repo.join("warren.yml"), "image: dev:1\n").unwrap();
-    for args in [
-        &["init", "-q", "-b", "main"][..],
-        &["add", "."],
-        &[
-            "-c",
-            "user.name=t",
-            "-c",
-            "user.email=t@t",
-            "commit",
-            "-q",
-            "-m",
-            "first",
-        ],
-    ] {
-        assert!(
-            Command::new("git")
-                .args(args)
-                .current_dir(&repo)
-                .status()
-                .unwrap()
-                .success()
-        );
-    }
+    git(&repo, &["init", "-q", "-b", "main"]);
+    git(&repo, &["add", "."]);
+    git(&repo, &["commit", "-q", "-m", "first"]);
     repo
 }
 
@@ -295,7 +285,7 @@ fn end_to_end(seed: u32, database_url: Option<String>) {
     warren.login("alice", "alice-secret-1");
 
     let repo = git_repo(warren.data.path());
-    warren.ok(
+    let added = warren.ok(
         "alice",
         &[
             "project",
@@ -305,6 +295,88 @@ fn end_to_end(seed: u32, database_url: Option<String>) {
         ],
     );
     assert!(warren.ok("alice", &["project", "ls"]).contains("app"));
+    let hook = added
+        .lines()
+        .find_map(|l| l.split_once(&warren.url()).map(|(_, path)| path.to_owned()))
+        .expect("the webhook is shown once");
+    // The branch heads are read at once, and again when the webhook is called.
+    let head = |rev: &str| {
+        let out = Command::new("git")
+            .args(["rev-parse", rev])
+            .current_dir(&repo)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let branches = |refresh: bool| -> Value {
+        let mut args = vec!["project", "branches", "app", "--json"];
+        if refresh {
+            args.push("--refresh");
+        }
+        serde_json::from_str(&warren.ok("alice", &args)).unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while branches(false).as_array().unwrap().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the first branch heads were never read"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(branches(false)[0]["head"], head("main").as_str());
+    git(&repo, &["checkout", "-q", "-b", "feature"]);
+    git(&repo, &["commit", "-q", "--allow-empty", "-m", "second"]);
+    let wrong = hook.replace("secret=", "secret=0");
+    assert_eq!(
+        warren.http("POST", &wrong, None, None).0,
+        404,
+        "a wrong secret is refused"
+    );
+    assert_eq!(warren.http("POST", &hook, None, None).0, 204);
+    let listed = branches(false);
+    let feature = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == "feature")
+        .expect("the hook read the new branch");
+    assert_eq!(feature["head"], head("feature").as_str());
+    assert_eq!(branches(true).as_array().unwrap().len(), 2);
+
+    // Variables: plain ones are shown, secrets are sealed at rest and never sent back.
+    warren.ok("alice", &["env", "set", "API_URL=https://api.example.com"]);
+    warren.ok(
+        "alice",
+        &[
+            "env",
+            "set",
+            "--secret",
+            "--project",
+            "app",
+            "DEPLOY_TOKEN=hunter2-very-secret",
+        ],
+    );
+    let mine: Value = serde_json::from_str(&warren.ok("alice", &["env", "ls", "--json"])).unwrap();
+    assert_eq!(mine[0]["value"], "https://api.example.com");
+    let project_vars = warren.ok("alice", &["env", "ls", "--project", "app", "--json"]);
+    assert!(!project_vars.contains("hunter2"), "{project_vars}");
+    let project_vars: Value = serde_json::from_str(&project_vars).unwrap();
+    assert_eq!(project_vars[0]["secret"], true);
+    assert_eq!(project_vars[0]["hint"], "19 characters");
+    if warren.database_url.is_none() {
+        for file in ["warren.db", "warren.db-wal"] {
+            let bytes = std::fs::read(warren.data.path().join(file)).unwrap_or_default();
+            assert!(
+                !bytes.windows(7).any(|w| w == b"hunter2"),
+                "{file} holds the secret in clear"
+            );
+        }
+    }
+    let key = std::fs::metadata(warren.data.path().join("secret.key")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&key.permissions()) & 0o777,
+        0o600
+    );
 
     warren.ok(
         "alice",
@@ -459,6 +531,11 @@ fn every_endpoint_refuses_strangers_and_other_users() {
         ("DELETE", "/api/v1/workspaces/mine"),
         ("GET", "/api/v1/hosts"),
         ("GET", "/api/v1/jobs"),
+        ("GET", "/api/v1/env"),
+        ("POST", "/api/v1/env"),
+        ("DELETE", "/api/v1/env/X"),
+        ("GET", "/api/v1/projects/app/branches"),
+        ("POST", "/api/v1/projects/app/refresh"),
     ];
     for (method, path) in protected {
         for token in [None, Some("wrn_not-a-token")] {
@@ -479,6 +556,10 @@ fn every_endpoint_refuses_strangers_and_other_users() {
         ("POST", format!("/api/v1/workspaces/{ws_id}/stop")),
         ("POST", "/api/v1/workspaces/mine/exec".to_owned()),
         ("DELETE", format!("/api/v1/workspaces/{ws_id}")),
+        ("GET", "/api/v1/env?project=app".to_owned()),
+        ("DELETE", "/api/v1/env/X?project=app".to_owned()),
+        ("GET", "/api/v1/projects/app/branches".to_owned()),
+        ("POST", "/api/v1/projects/app/refresh".to_owned()),
     ] {
         let body = if path.ends_with("/exec") {
             json!({"argv": ["true"]})

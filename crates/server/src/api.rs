@@ -363,6 +363,9 @@ pub struct ProjectView {
     git_url: String,
     root_folder: String,
     env_file: Option<String>,
+    /// The webhook's URL path with its secret: shown once, when the project is created.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    webhook: Option<String>,
 }
 
 /// `https://`, `ssh://`, `file://` or scp-like `user@host:path`.
@@ -391,6 +394,7 @@ fn project_view(r: &AnyRow) -> ApiResult<ProjectView> {
         git_url: r.try_get("git_url")?,
         root_folder: r.try_get("root_folder")?,
         env_file: r.try_get("env_file")?,
+        webhook: None,
     })
 }
 
@@ -454,8 +458,10 @@ pub async fn create_project(
         ));
     }
     let id = new_id();
+    let secret = hex::encode(crate::db::random_bytes::<16>());
     sqlx::query(
-        "INSERT INTO projects (id, owner_id, name, git_url, root_folder, env_file, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        "INSERT INTO projects (id, owner_id, name, git_url, root_folder, env_file, created_at, webhook_secret)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
     )
     .bind(&id)
     .bind(&caller.user_id)
@@ -464,10 +470,21 @@ pub async fn create_project(
     .bind(&root_folder)
     .bind(&req.env_file)
     .bind(now_ms())
+    .bind(&secret)
     .execute(&state.db.pool)
     .await?;
+    // The first branch heads, in the background: a slow or unreachable remote must not hold
+    // up the answer (the poller tries again).
+    let (db, url, project) = (state.db.clone(), req.git_url.clone(), id.clone());
+    tokio::spawn(async move {
+        if let Err(e) = crate::git::refresh_project(&db, &project, &url).await {
+            tracing::warn!(project.id = %project, error = %e, "cannot read the new project's branches");
+        }
+    });
     let row = find_project(&state, &caller, &id).await?;
-    Ok((StatusCode::CREATED, Json(project_view(&row)?)))
+    let mut view = project_view(&row)?;
+    view.webhook = Some(format!("/api/v1/hooks/git/{id}?secret={secret}"));
+    Ok((StatusCode::CREATED, Json(view)))
 }
 
 pub async fn get_project(
@@ -491,6 +508,91 @@ pub async fn delete_project(
         .bind(&id)
         .execute(&state.db.pool)
         .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Serialize)]
+pub struct BranchView {
+    name: String,
+    head: String,
+    updated_at: i64,
+}
+
+async fn branches_of(state: &AppState, project_id: &str) -> ApiResult<Vec<BranchView>> {
+    let rows = sqlx::query(
+        "SELECT name, head, updated_at FROM branches WHERE project_id = $1 ORDER BY name",
+    )
+    .bind(project_id)
+    .fetch_all(&state.db.pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(BranchView {
+                name: r.try_get("name")?,
+                head: r.try_get("head")?,
+                updated_at: r.try_get("updated_at")?,
+            })
+        })
+        .collect()
+}
+
+pub async fn project_branches(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+) -> ApiResult<Json<Vec<BranchView>>> {
+    let row = find_project(&state, &caller, &key).await?;
+    Ok(Json(
+        branches_of(&state, &row.try_get::<String, _>("id")?).await?,
+    ))
+}
+
+/// Reads the project's branch heads now (what the poller does on its timer).
+pub async fn refresh_project(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+) -> ApiResult<Json<Vec<BranchView>>> {
+    let row = find_project(&state, &caller, &key).await?;
+    let id: String = row.try_get("id")?;
+    let url: String = row.try_get("git_url")?;
+    crate::git::refresh_project(&state.db, &id, &url)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, e))?;
+    Ok(Json(branches_of(&state, &id).await?))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct HookQuery {
+    secret: String,
+}
+
+/// The git webhook: a push to the repository makes Warren read its branch heads now. Needs
+/// the project's secret instead of a token (git hosts cannot log in).
+pub async fn git_hook(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    axum::extract::Query(query): axum::extract::Query<HookQuery>,
+) -> ApiResult<StatusCode> {
+    let row = sqlx::query("SELECT git_url, webhook_secret FROM projects WHERE id = $1")
+        .bind(&id)
+        .fetch_optional(&state.db.pool)
+        .await?;
+    let refused = || ApiError::not_found(format_args!("project `{id}` with that secret"));
+    let row = row.ok_or_else(refused)?;
+    let secret: Option<String> = row.try_get("webhook_secret")?;
+    let matches = secret.is_some_and(|s| {
+        use sha2::Digest as _;
+        // Compare digests, so the time taken says nothing about the secret.
+        sha2::Sha256::digest(s.as_bytes()) == sha2::Sha256::digest(query.secret.as_bytes())
+    });
+    if !matches {
+        return Err(refused());
+    }
+    let url: String = row.try_get("git_url")?;
+    crate::git::refresh_project(&state.db, &id, &url)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, e))?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -638,7 +740,7 @@ pub async fn create_workspace(
     };
     let id = new_id();
     let now = now_ms();
-    let mut tx = state.db.pool.begin().await?;
+    let mut tx = state.db.begin_write().await?;
     sqlx::query(
         "INSERT INTO workspaces (id, owner_id, project_id, name, image, host_id, state, desired, memory, cpus_milli, created_at, updated_at)
          VALUES ($1, $2, $3, $4, $5, $6, 'creating', 'running', $7, $8, $9, $9)",
@@ -692,7 +794,7 @@ async fn transition(
 ) -> ApiResult<()> {
     let id: String = row.try_get("id")?;
     let host: String = row.try_get("host_id")?;
-    let mut tx = state.db.pool.begin().await?;
+    let mut tx = state.db.begin_write().await?;
     if supersede {
         jobs::cancel_queued(&mut tx, &id).await?;
     }
@@ -898,6 +1000,167 @@ fn run_to_end(
         stdout: out.join().unwrap_or_default(),
         stderr: err.join().unwrap_or_default(),
     })
+}
+
+// ---- environment variables ----
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScopeQuery {
+    #[serde(default)]
+    project: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewVar {
+    name: String,
+    value: String,
+    #[serde(default)]
+    secret: bool,
+    /// Set on a project (its workspaces and prebuilds) instead of on the caller.
+    #[serde(default)]
+    project: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct VarView {
+    name: String,
+    scope: String,
+    secret: bool,
+    /// Plain values only: a secret's value is never sent back.
+    value: Option<String>,
+    /// For a secret: its length, so a person can tell which value is set.
+    hint: Option<String>,
+}
+
+fn check_var_name(name: &str) -> ApiResult<()> {
+    let mut bytes = name.bytes();
+    let ok = name.len() <= 128
+        && bytes
+            .next()
+            .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "`{name}` is not a variable name: letters, digits and _, not starting with a digit"
+        )))
+    }
+}
+
+/// (scope, scope id) of a request: the caller, or a project the caller may touch.
+async fn var_scope(
+    state: &AppState,
+    caller: &Caller,
+    project: Option<&str>,
+) -> ApiResult<(&'static str, String)> {
+    match project {
+        Some(p) => Ok((
+            "project",
+            find_project(state, caller, p).await?.try_get("id")?,
+        )),
+        None => Ok(("user", caller.user_id.clone())),
+    }
+}
+
+pub async fn list_vars(
+    State(state): State<AppState>,
+    caller: Caller,
+    axum::extract::Query(query): axum::extract::Query<ScopeQuery>,
+) -> ApiResult<Json<Vec<VarView>>> {
+    let (scope, scope_id) = var_scope(&state, &caller, query.project.as_deref()).await?;
+    let rows = sqlx::query(
+        "SELECT name, secret, value FROM env_vars WHERE scope = $1 AND scope_id = $2 ORDER BY name",
+    )
+    .bind(scope)
+    .bind(&scope_id)
+    .fetch_all(&state.db.pool)
+    .await?;
+    let mut out = Vec::new();
+    for r in &rows {
+        let name: String = r.try_get("name")?;
+        let secret = r.try_get::<i64, _>("secret")? != 0;
+        let stored: String = r.try_get("value")?;
+        let (value, hint) = if secret {
+            let context = format!("{scope}/{scope_id}/{name}");
+            let hint = match state.secrets.open(&context, &stored) {
+                Ok(plain) => format!("{} characters", plain.chars().count()),
+                Err(e) => e.to_string(),
+            };
+            (None, Some(hint))
+        } else {
+            (Some(stored), None)
+        };
+        out.push(VarView {
+            name,
+            scope: scope.into(),
+            secret,
+            value,
+            hint,
+        });
+    }
+    Ok(Json(out))
+}
+
+pub async fn set_var(
+    State(state): State<AppState>,
+    caller: Caller,
+    Body(req): Body<NewVar>,
+) -> ApiResult<StatusCode> {
+    check_var_name(&req.name)?;
+    if req.value.len() > 64 << 10 {
+        return Err(ApiError::bad_request("a value may be at most 64 KiB"));
+    }
+    let (scope, scope_id) = var_scope(&state, &caller, req.project.as_deref()).await?;
+    let stored = if req.secret {
+        state
+            .secrets
+            .seal(&format!("{scope}/{scope_id}/{}", req.name), &req.value)
+    } else {
+        req.value
+    };
+    let mut tx = state.db.begin_write().await?;
+    sqlx::query("DELETE FROM env_vars WHERE scope = $1 AND scope_id = $2 AND name = $3")
+        .bind(scope)
+        .bind(&scope_id)
+        .bind(&req.name)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "INSERT INTO env_vars (id, scope, scope_id, name, secret, value, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(new_id())
+    .bind(scope)
+    .bind(&scope_id)
+    .bind(&req.name)
+    .bind(i64::from(req.secret))
+    .bind(stored)
+    .bind(now_ms())
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn delete_var(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    axum::extract::Query(query): axum::extract::Query<ScopeQuery>,
+) -> ApiResult<StatusCode> {
+    let (scope, scope_id) = var_scope(&state, &caller, query.project.as_deref()).await?;
+    let done = sqlx::query("DELETE FROM env_vars WHERE scope = $1 AND scope_id = $2 AND name = $3")
+        .bind(scope)
+        .bind(&scope_id)
+        .bind(&name)
+        .execute(&state.db.pool)
+        .await?;
+    if done.rows_affected() == 0 {
+        return Err(ApiError::not_found(format_args!("variable `{name}`")));
+    }
+    Ok(StatusCode::NO_CONTENT)
 }
 
 // ---- hosts and jobs ----

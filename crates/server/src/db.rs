@@ -30,7 +30,10 @@ pub struct Db {
     pub kind: DbKind,
 }
 
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../migrations/0001_init.sql")),
+    (2, include_str!("../migrations/0002_webhooks.sql")),
+];
 
 impl Db {
     pub async fn connect(url: &str) -> Result<Self, DbError> {
@@ -77,7 +80,7 @@ impl Db {
         .await
         .map_err(fail(0))?;
         for &(version, sql) in MIGRATIONS {
-            let mut tx = self.pool.begin().await.map_err(fail(version))?;
+            let mut tx = self.begin_write().await.map_err(fail(version))?;
             let applied: Option<i64> =
                 sqlx::query("SELECT version FROM warren_migrations WHERE version = $1")
                     .bind(version)
@@ -102,6 +105,19 @@ impl Db {
             tracing::info!(version, "database migrated");
         }
         Ok(())
+    }
+}
+
+impl Db {
+    /// A transaction that will write. On SQLite it takes the write lock at `BEGIN IMMEDIATE`:
+    /// a deferred transaction that reads first and then writes fails at once with
+    /// SQLITE_BUSY_SNAPSHOT when another connection wrote in between (the busy timeout does
+    /// not apply to that case).
+    pub async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+        match self.kind {
+            DbKind::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
+            DbKind::Postgres => self.pool.begin().await,
+        }
     }
 }
 

@@ -145,7 +145,7 @@ impl DbControlPlane {
         result: Result<Outcome, String>,
     ) -> Result<(), sqlx::Error> {
         let now = now_ms();
-        let mut tx = self.db.pool.begin().await?;
+        let mut tx = self.db.begin_write().await?;
         let row =
             sqlx::query("SELECT workspace_id, attempts, max_attempts FROM jobs WHERE id = $1")
                 .bind(&job.id)

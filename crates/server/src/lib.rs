@@ -9,7 +9,9 @@ pub mod api;
 pub mod auth;
 pub mod db;
 pub mod error;
+pub mod git;
 pub mod jobs;
+pub mod secrets;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,6 +37,8 @@ pub struct AppState {
     pub host_id: String,
     /// The local runtime, for exec (single host).
     pub runtime: Option<Arc<dyn Runtime>>,
+    /// Seals and opens secret values.
+    pub secrets: secrets::SecretBox,
 }
 
 impl std::fmt::Debug for AppState {
@@ -83,6 +87,21 @@ const ROUTES: &[(&str, &str, &str)] = &[
         "One project (by id or name)",
     ),
     ("delete", "/api/v1/projects/{project}", "Remove a project"),
+    (
+        "get",
+        "/api/v1/projects/{project}/branches",
+        "The project's branches and their head commits",
+    ),
+    (
+        "post",
+        "/api/v1/projects/{project}/refresh",
+        "Read the project's branch heads now",
+    ),
+    (
+        "post",
+        "/api/v1/hooks/git/{id}",
+        "Git webhook (`?secret=` from the project's creation): read branch heads now",
+    ),
     ("get", "/api/v1/workspaces", "Workspaces the caller may see"),
     (
         "post",
@@ -113,6 +132,21 @@ const ROUTES: &[(&str, &str, &str)] = &[
         "post",
         "/api/v1/workspaces/{workspace}/exec",
         "Run a command to its end and return its output",
+    ),
+    (
+        "get",
+        "/api/v1/env",
+        "Environment variables of the caller (or of `?project=`); secrets' values are never returned",
+    ),
+    (
+        "post",
+        "/api/v1/env",
+        "Set a variable (`secret: true` seals it at rest)",
+    ),
+    (
+        "delete",
+        "/api/v1/env/{name}",
+        "Remove a variable (of the caller, or of `?project=`)",
     ),
     ("get", "/api/v1/hosts", "Hosts (admin)"),
     (
@@ -160,6 +194,17 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/workspaces/{workspace}/exec",
             post(api::exec_workspace),
         )
+        .route(
+            "/api/v1/projects/{project}/branches",
+            get(api::project_branches),
+        )
+        .route(
+            "/api/v1/projects/{project}/refresh",
+            post(api::refresh_project),
+        )
+        .route("/api/v1/hooks/git/{id}", post(api::git_hook))
+        .route("/api/v1/env", get(api::list_vars).post(api::set_var))
+        .route("/api/v1/env/{name}", delete(api::delete_var))
         .route("/api/v1/hosts", get(api::list_hosts))
         .route("/api/v1/jobs", get(api::list_jobs))
         .route("/api/v1/openapi.json", get(openapi))
@@ -178,7 +223,10 @@ async fn openapi() -> axum::Json<serde_json::Value> {
             "summary": summary,
             "responses": {"default": {"description": "JSON; errors are {\"error\": message}"}},
         });
-        if !path.ends_with("/login") && !path.ends_with("/openapi.json") {
+        if !path.ends_with("/login")
+            && !path.ends_with("/openapi.json")
+            && !path.contains("/hooks/")
+        {
             op["security"] = serde_json::json!([{"token": []}]);
         }
         entry[*method] = op;
@@ -214,6 +262,10 @@ pub struct SingleHost {
     pub listen: SocketAddr,
     pub host_name: String,
     pub runtime: Arc<dyn Runtime>,
+    /// How often every project's branch heads are read.
+    pub git_poll: std::time::Duration,
+    /// The key that seals secrets (created at first start, mode 0600).
+    pub secret_key: std::path::PathBuf,
 }
 
 impl std::fmt::Debug for SingleHost {
@@ -236,6 +288,8 @@ pub struct Started {
 }
 
 pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
+    let secrets = secrets::SecretBox::open_or_create(&config.secret_key)
+        .map_err(|e| ServerError::Other(e.to_string()))?;
     let db = Db::connect(&config.database_url).await?;
     let admin_password = auth::bootstrap_admin(&db)
         .await
@@ -254,12 +308,14 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
     let shutdown = Arc::new(Notify::new());
     let agent = Agent::new(host_id.clone(), config.runtime.clone(), plane, wake.clone());
     tokio::spawn(agent.run(shutdown.clone()));
+    tokio::spawn(git::poll_forever(db.clone(), config.git_poll));
 
     let state = AppState {
         db,
         wake,
         host_id,
         runtime: Some(config.runtime),
+        secrets,
     };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -351,7 +407,7 @@ async fn reconcile(db: &Db, host_id: &str, runtime: Arc<dyn Runtime>) -> Result<
                 .map(|m| m as f64 / 1000.0),
             pids: None,
         };
-        let mut tx = db.pool.begin().await?;
+        let mut tx = db.begin_write().await?;
         sqlx::query("UPDATE workspaces SET state = $2, updated_at = $3 WHERE id = $1")
             .bind(&id)
             .bind(between)

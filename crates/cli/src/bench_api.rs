@@ -1,0 +1,215 @@
+//! `warren bench api`: a real `warren up` (SQLite by default) in the benchmark's network
+//! namespace; N workspaces created at once must all reach `running`; then API latency under a
+//! fixed rate of mixed reads (open loop: requests are sent on schedule, whatever the answers'
+//! speed, so a slow server shows up in the latency instead of lowering the rate).
+
+use std::io::BufRead;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::bench::sh;
+use crate::client::Client;
+
+#[derive(Debug, Serialize)]
+struct Results {
+    workspaces: usize,
+    all_running_s: f64,
+    requests: usize,
+    rate_per_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    errors: usize,
+}
+
+struct Up(Child);
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.0.wait();
+    }
+}
+
+pub(crate) fn api(
+    workspaces: usize,
+    rate: f64,
+    seconds: u64,
+    work: &Path,
+    json_out: Option<&Path>,
+) -> anyhow::Result<()> {
+    if !(rate > 0.0 && rate <= 10_000.0) {
+        bail!("--rate must be between 0 and 10000 requests per second");
+    }
+    std::fs::create_dir_all(work)?;
+    let rootfs = crate::bench_runtime::debian_rootfs(work)?;
+    let data = work.join("api-data");
+    let _ = std::fs::remove_dir_all(&data);
+    let exe = std::env::current_exe()?;
+    sh(Command::new(&exe)
+        .arg("--data")
+        .arg(&data)
+        .args(["image", "import"])
+        .arg(&rootfs)
+        .arg("bench:1"))?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut child = Command::new(&exe)
+        .arg("--data")
+        .arg(&data)
+        .args(["up", "--listen", &format!("127.0.0.1:{port}")])
+        .env("WARREN_UID_BASE", "3500000000")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(work.join("api-up.log"))?)
+        .spawn()
+        .context("cannot start warren up")?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let up = Up(child);
+    let mut password = None;
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line?;
+        if let Some(p) = line.trim().strip_prefix("user: admin   password: ") {
+            password = Some(p.trim().to_owned());
+        }
+        if line.starts_with("Next:") {
+            break;
+        }
+    }
+    let password = password.context("warren up printed no admin password")?;
+    let url = format!("http://127.0.0.1:{port}");
+    let token = Client::anonymous(&url)
+        .post("/login", &json!({"user": "admin", "password": password}))?["token"]
+        .as_str()
+        .context("no token")?
+        .to_owned();
+    let client = Arc::new(Client::with_token(&url, &token));
+
+    // N creates at once.
+    let started = Instant::now();
+    let handles: Vec<_> = (0..workspaces)
+        .map(|i| {
+            let client = client.clone();
+            std::thread::spawn(move || {
+                client.post(
+                    "/workspaces",
+                    &json!({"name": format!("load-{i}"), "image": "bench:1"}),
+                )
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join()
+            .map_err(|_| anyhow::anyhow!("a create thread panicked"))??;
+    }
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let list = client.get("/workspaces")?;
+        let all = list.as_array().cloned().unwrap_or_default();
+        if let Some(failed) = all.iter().find(|w| w["state"] == "failed") {
+            bail!("{} failed: {}", failed["name"], failed["last_error"]);
+        }
+        if all.len() == workspaces && all.iter().all(|w| w["state"] == "running") {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("not all {workspaces} workspaces ran within 10 minutes");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let all_running = started.elapsed();
+    eprintln!(
+        "{workspaces} workspaces running after {:.1}s",
+        all_running.as_secs_f64()
+    );
+
+    // Mixed reads at a fixed rate.
+    let total = (rate * seconds as f64) as usize;
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let paths: Vec<String> = vec![
+        "/workspaces".into(),
+        "/workspaces/load-0".into(),
+        "/me".into(),
+        "/jobs".into(),
+        "/projects".into(),
+    ];
+    let t0 = Instant::now();
+    let mut handles = Vec::with_capacity(total);
+    for i in 0..total {
+        let due = t0 + interval * i as u32;
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        let client = client.clone();
+        let path = paths[i % paths.len()].clone();
+        handles.push(std::thread::spawn(move || {
+            let t = Instant::now();
+            let ok = client.get(&path).is_ok();
+            (t.elapsed(), ok)
+        }));
+    }
+    let mut latencies = Vec::with_capacity(total);
+    let mut errors = 0;
+    for h in handles {
+        let (d, ok) = h
+            .join()
+            .map_err(|_| anyhow::anyhow!("a request thread panicked"))?;
+        latencies.push(d);
+        errors += usize::from(!ok);
+    }
+    let achieved = total as f64 / t0.elapsed().as_secs_f64();
+    latencies.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let at = |q: f64| {
+        ms(latencies[((q * latencies.len() as f64).ceil() as usize).clamp(1, latencies.len()) - 1])
+    };
+    let results = Results {
+        workspaces,
+        all_running_s: all_running.as_secs_f64(),
+        requests: total,
+        rate_per_s: achieved,
+        p50_ms: at(0.5),
+        p99_ms: at(0.99),
+        max_ms: at(1.0),
+        errors,
+    };
+    for i in 0..workspaces {
+        let _ = client.delete(&format!("/workspaces/load-{i}"));
+    }
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while client
+        .get("/workspaces")?
+        .as_array()
+        .is_some_and(|a| !a.is_empty())
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(up);
+    println!(
+        "{} workspaces created at once: all running after {:.1} s",
+        results.workspaces, results.all_running_s
+    );
+    println!(
+        "{} mixed reads at {:.0}/s (asked {rate}/s): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, {} errors",
+        results.requests,
+        results.rate_per_s,
+        results.p50_ms,
+        results.p99_ms,
+        results.max_ms,
+        results.errors
+    );
+    if let Some(path) = json_out {
+        std::fs::write(path, serde_json::to_vec_pretty(&results)?)?;
+    }
+    Ok(())
+}

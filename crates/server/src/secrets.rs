@@ -1,0 +1,151 @@
+//! Secrets at rest: values of secret environment variables are sealed with ChaCha20-Poly1305
+//! under a key Warren generates at first start and keeps in a file of mode 0600 beside its data.
+//! The variable's scope and name are bound in as associated data, so a sealed value copied to
+//! another variable does not open.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use base64::Engine as _;
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
+
+use crate::db::random_bytes;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("the secret key {path}: {source}")]
+    KeyFile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the secret key {0} is not 32 bytes: it is damaged or not Warren's")]
+    BadKey(String),
+    #[error("a stored secret does not open with this key (wrong key file, or damaged value)")]
+    Open,
+}
+
+#[derive(Clone)]
+pub struct SecretBox {
+    cipher: ChaCha20Poly1305,
+}
+
+impl std::fmt::Debug for SecretBox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretBox(..)")
+    }
+}
+
+const PREFIX: &str = "v1:";
+
+impl SecretBox {
+    /// Opens the key at `path`, creating it (mode 0600, never overwritten) if absent.
+    pub fn open_or_create(path: &Path) -> Result<Self, SecretError> {
+        let shown = path.display().to_string();
+        let err = |source| SecretError::KeyFile {
+            path: shown.clone(),
+            source,
+        };
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Ok(mut file) => {
+                file.write_all(&random_bytes::<32>()).map_err(err)?;
+                file.sync_all().map_err(err)?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(err(e)),
+        }
+        let key = std::fs::read(path).map_err(err)?;
+        if key.len() != 32 {
+            return Err(SecretError::BadKey(shown));
+        }
+        Ok(Self {
+            cipher: ChaCha20Poly1305::new(Key::from_slice(&key)),
+        })
+    }
+
+    pub fn seal(&self, context: &str, value: &str) -> String {
+        let nonce = random_bytes::<12>();
+        let sealed = self
+            .cipher
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: value.as_bytes(),
+                    aad: context.as_bytes(),
+                },
+            )
+            .unwrap_or_default();
+        let mut out = nonce.to_vec();
+        out.extend(sealed);
+        format!(
+            "{PREFIX}{}",
+            base64::engine::general_purpose::STANDARD.encode(out)
+        )
+    }
+
+    pub fn open(&self, context: &str, sealed: &str) -> Result<String, SecretError> {
+        let bytes = sealed
+            .strip_prefix(PREFIX)
+            .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+            .filter(|b| b.len() > 12)
+            .ok_or(SecretError::Open)?;
+        let plain = self
+            .cipher
+            .decrypt(
+                Nonce::from_slice(&bytes[..12]),
+                Payload {
+                    msg: &bytes[12..],
+                    aad: context.as_bytes(),
+                },
+            )
+            .map_err(|_| SecretError::Open)?;
+        String::from_utf8(plain).map_err(|_| SecretError::Open)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn sealed_values_open_only_with_their_key_and_context() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret.key");
+        let a = SecretBox::open_or_create(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+            0o600
+        );
+        let sealed = a.seal("project/p1/TOKEN", "hunter2");
+        assert!(!sealed.contains("hunter2"));
+        assert_ne!(
+            sealed,
+            a.seal("project/p1/TOKEN", "hunter2"),
+            "a fresh nonce each time"
+        );
+        // Reopening reads the same key.
+        let again = SecretBox::open_or_create(&path).unwrap();
+        assert_eq!(again.open("project/p1/TOKEN", &sealed).unwrap(), "hunter2");
+        assert!(
+            again.open("project/p2/TOKEN", &sealed).is_err(),
+            "bound to its variable"
+        );
+        let other = SecretBox::open_or_create(&dir.path().join("other.key")).unwrap();
+        assert!(other.open("project/p1/TOKEN", &sealed).is_err());
+        assert!(a.open("x", "v1:not-base64").is_err());
+        std::fs::write(&path, b"short").unwrap();
+        assert!(matches!(
+            SecretBox::open_or_create(&path),
+            Err(SecretError::BadKey(_))
+        ));
+    }
+}
