@@ -42,7 +42,7 @@ pub struct WorkspaceJob {
 }
 
 /// A claimed job.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Job {
     pub id: String,
     pub attempt: u32,
@@ -63,8 +63,13 @@ pub enum Outcome {
 
 /// The agent's view of the control plane.
 pub trait ControlPlane: Send + Sync + 'static {
-    /// The next job for `host`, leased to it; `None` when there is nothing to do.
-    fn claim(&self, host: &str) -> impl Future<Output = Result<Option<Job>, String>> + Send;
+    /// The next job for `host`, leased to it; `None` when there is nothing to do. `images` are
+    /// the images the host holds locally (for placing later workspaces), when known.
+    fn claim(
+        &self,
+        host: &str,
+        images: Option<Vec<String>>,
+    ) -> impl Future<Output = Result<Option<Job>, String>> + Send;
     /// Records how a job went.
     fn finish(
         &self,
@@ -119,23 +124,44 @@ pub fn execute(runtime: &dyn Runtime, work: &WorkspaceJob) -> Result<Outcome, St
 }
 
 /// Runs jobs for one host until `shutdown` is notified.
-#[derive(Debug)]
+/// Lists the images this host holds locally.
+pub type ImageLister = Arc<dyn Fn() -> Vec<String> + Send + Sync>;
+
 pub struct Agent<C> {
     host: String,
     runtime: Arc<dyn Runtime>,
     plane: Arc<C>,
+    images: ImageLister,
     /// Notified by the control plane when it queues a job, so the agent need not poll hard.
     wake: Arc<Notify>,
     /// Jobs carried out at once (jobs of one workspace are never claimed together).
     parallel: usize,
 }
 
+impl<C> std::fmt::Debug for Agent<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("host", &self.host)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How often the host's image list goes along with a claim.
+const IMAGES_EVERY: Duration = Duration::from_secs(10);
+
 impl<C: ControlPlane> Agent<C> {
-    pub fn new(host: String, runtime: Arc<dyn Runtime>, plane: Arc<C>, wake: Arc<Notify>) -> Self {
+    pub fn new(
+        host: String,
+        runtime: Arc<dyn Runtime>,
+        plane: Arc<C>,
+        wake: Arc<Notify>,
+        images: ImageLister,
+    ) -> Self {
         Self {
             host,
             runtime,
             plane,
+            images,
             wake,
             parallel: 4,
         }
@@ -143,11 +169,19 @@ impl<C: ControlPlane> Agent<C> {
 
     pub async fn run(self, shutdown: Arc<Notify>) {
         let slots = Arc::new(Semaphore::new(self.parallel));
+        let mut images_sent: Option<std::time::Instant> = None;
         loop {
             let Ok(permit) = slots.clone().acquire_owned().await else {
                 return;
             };
-            let claimed = self.plane.claim(&self.host).await;
+            let images = if images_sent.is_none_or(|t| t.elapsed() >= IMAGES_EVERY) {
+                images_sent = Some(std::time::Instant::now());
+                let lister = self.images.clone();
+                tokio::task::spawn_blocking(move || lister()).await.ok()
+            } else {
+                None
+            };
+            let claimed = self.plane.claim(&self.host, images).await;
             match claimed {
                 Ok(Some(job)) => {
                     let runtime = self.runtime.clone();

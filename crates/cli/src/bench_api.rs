@@ -28,6 +28,9 @@ struct Results {
     errors: usize,
 }
 
+/// Far from the default workspace ranges and from `bench runtime`'s.
+const UID_BASE: &str = "3500000000";
+
 struct Up(Child);
 
 impl Drop for Up {
@@ -53,8 +56,23 @@ pub(crate) fn api(
     std::fs::create_dir_all(work)?;
     let rootfs = crate::bench_runtime::debian_rootfs(work)?;
     let data = work.join("api-data");
-    let _ = std::fs::remove_dir_all(&data);
     let exe = std::env::current_exe()?;
+    // Workspaces an interrupted run left behind go first (never delete through their mounts).
+    if let Ok(entries) = std::fs::read_dir(data.join("runtime/workspaces")) {
+        for entry in entries.flatten() {
+            let _ = Command::new(&exe)
+                .arg("--data")
+                .arg(&data)
+                .args(["runtime", "rm", "-f"])
+                .arg(entry.file_name())
+                .env("WARREN_UID_BASE", UID_BASE)
+                .output();
+        }
+    }
+    let _ = std::fs::remove_dir_all(&data);
+    if data.exists() {
+        bail!("cannot clear {} from an earlier run", data.display());
+    }
     sh(Command::new(&exe)
         .arg("--data")
         .arg(&data)
@@ -68,7 +86,7 @@ pub(crate) fn api(
         .arg("--data")
         .arg(&data)
         .args(["up", "--listen", &format!("127.0.0.1:{port}")])
-        .env("WARREN_UID_BASE", "3500000000")
+        .env("WARREN_UID_BASE", UID_BASE)
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(work.join("api-up.log"))?)
         .spawn()
@@ -76,7 +94,8 @@ pub(crate) fn api(
     let stdout = child.stdout.take().context("no stdout")?;
     let up = Up(child);
     let mut password = None;
-    for line in std::io::BufReader::new(stdout).lines() {
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    for line in lines.by_ref() {
         let line = line?;
         if let Some(p) = line.trim().strip_prefix("user: admin   password: ") {
             password = Some(p.trim().to_owned());
@@ -85,6 +104,8 @@ pub(crate) fn api(
             break;
         }
     }
+    // Keep reading, so the server never writes into a closed pipe.
+    std::thread::spawn(move || lines.for_each(drop));
     let password = password.context("warren up printed no admin password")?;
     let url = format!("http://127.0.0.1:{port}");
     let token = Client::anonymous(&url)

@@ -62,31 +62,32 @@ pub fn up(args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
             runtime,
             git_poll: Duration::from_secs(args.git_poll_seconds.max(1)),
             secret_key: data.join("secret.key"),
+            images: crate::agent_cmd::image_lister(data),
         })
         .await?;
         let url = format!("http://{}", started.addr);
-        println!("Warren is up at {url}");
-        println!(
-            "  data: {}   database: {}",
-            data.display(),
-            if database_url.starts_with("sqlite") {
-                &database_url
-            } else {
-                &shown_url
-            }
+        let shown_db = if database_url.starts_with("sqlite") {
+            database_url.as_str()
+        } else {
+            shown_url.as_str()
+        };
+        let mut banner = format!(
+            "Warren is up at {url}\n  data: {}   database: {shown_db}\n",
+            data.display()
         );
         if let Some(password) = &started.admin_password {
-            println!();
-            println!("First start: an admin was created (the password is shown only now):");
-            println!("  user: admin   password: {password}");
-            println!();
-            println!("Next:");
-            println!("  warren login --server {url} --user admin");
-            println!("  warren image import /path/to/rootfs dev:1");
-            println!("  warren ws create dev --image dev:1 && warren ws exec dev -- uname -a");
+            banner.push_str(&format!(
+                "\nFirst start: an admin was created (the password is shown only now):\n  \
+                 user: admin   password: {password}\n\nNext:\n  \
+                 warren login --server {url} --user admin\n  \
+                 warren image import /path/to/rootfs dev:1\n  \
+                 warren ws create dev --image dev:1 && warren ws exec dev -- uname -a\n"
+            ));
         }
+        // A closed stdout (a supervisor that stopped reading) must not bring the server down.
         use std::io::Write;
-        let _ = std::io::stdout().flush();
+        let mut out = std::io::stdout();
+        let _ = out.write_all(banner.as_bytes()).and_then(|()| out.flush());
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
@@ -678,8 +679,31 @@ pub fn key(cmd: KeyCommand) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn host(cmd: ListCommand) -> anyhow::Result<ExitCode> {
-    let ListCommand::Ls { json } = cmd;
+#[derive(Debug, Subcommand)]
+pub enum HostCommand {
+    /// Register a host; run `warren agent --server URL --token TOKEN` there
+    Add { name: String },
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn host(cmd: HostCommand) -> anyhow::Result<ExitCode> {
+    let json = match cmd {
+        HostCommand::Add { name } => {
+            let client = Client::from_login()?;
+            let host = client.post("/hosts", &json!({"name": name}))?;
+            println!("host {name} registered; on it, as root (the token is shown only now):");
+            println!(
+                "  warren agent --server {} --token {}",
+                client.server(),
+                host["token"].as_str().unwrap_or("?")
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        HostCommand::Ls { json } => json,
+    };
     print_table(
         json,
         &Client::from_login()?.get("/hosts")?,

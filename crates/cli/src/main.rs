@@ -3,6 +3,7 @@
 // The terminal is this binary's interface.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+mod agent_cmd;
 mod bench;
 mod bench_api;
 mod bench_runtime;
@@ -59,7 +60,9 @@ enum Commands {
     Env(control_cmd::EnvCommand),
     /// Hosts that run workspaces (admin)
     #[command(subcommand)]
-    Host(control_cmd::ListCommand),
+    Host(control_cmd::HostCommand),
+    /// Run workspaces on this machine for a Warren server elsewhere (needs root)
+    Agent(agent_cmd::AgentArgs),
     /// Recent jobs of your workspaces
     #[command(subcommand)]
     Job(control_cmd::ListCommand),
@@ -102,6 +105,7 @@ fn main() -> ExitCode {
         Commands::Key(cmd) => control_cmd::key(cmd),
         Commands::Env(cmd) => control_cmd::env(cmd),
         Commands::Host(cmd) => control_cmd::host(cmd),
+        Commands::Agent(args) => agent_cmd::agent(args, &cli.data),
         Commands::Job(cmd) => control_cmd::job(cmd),
         Commands::Spec(cmd) => spec_cmd::run(cmd),
         Commands::Image(cmd) => image_cmd::run(cmd, &cli.data).map(|()| ExitCode::SUCCESS),

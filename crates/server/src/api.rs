@@ -738,6 +738,7 @@ pub async fn create_workspace(
         ),
         None => None,
     };
+    let host_id = place(&state, &req.image).await?;
     let id = new_id();
     let now = now_ms();
     let mut tx = state.db.begin_write().await?;
@@ -750,7 +751,7 @@ pub async fn create_workspace(
     .bind(&project_id)
     .bind(&req.name)
     .bind(&req.image)
-    .bind(&state.host_id)
+    .bind(&host_id)
     .bind(req.memory.map(|m| m as i64))
     .bind(req.cpus.map(|c| (c * 1000.0).round() as i64))
     .bind(now)
@@ -770,7 +771,7 @@ pub async fn create_workspace(
     jobs::enqueue(
         &mut tx,
         &id,
-        &state.host_id,
+        &host_id,
         &WorkspaceJob {
             action: Action::Create,
             workspace: spec,
@@ -938,6 +939,12 @@ pub async fn exec_workspace(
     }
     if req.argv.is_empty() {
         return Err(ApiError::bad_request("argv must name a command"));
+    }
+    if row.try_get::<String, _>("host_id")? != state.host_id {
+        return Err(ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "the workspace runs on another host: exec there goes through the SSH gateway (not built yet)",
+        ));
     }
     let runtime = state.runtime.clone().ok_or_else(|| {
         ApiError::new(
@@ -1171,6 +1178,150 @@ pub struct HostView {
     name: String,
     workspaces: i64,
     last_seen_at: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewHost {
+    name: String,
+}
+
+/// Registers a host for `warren agent`; its token is shown once.
+pub async fn add_host(
+    State(state): State<AppState>,
+    caller: Caller,
+    Body(req): Body<NewHost>,
+) -> ApiResult<impl IntoResponse> {
+    caller.require_admin()?;
+    check_name("host", &req.name)?;
+    // Host tokens look like user tokens with another prefix, so neither passes for the other.
+    let token = crate::auth::new_token().0.replacen("wrn_", "wrh_", 1);
+    let id = new_id();
+    sqlx::query("INSERT INTO hosts (id, name, token_hash, created_at) VALUES ($1, $2, $3, $4)")
+        .bind(&id)
+        .bind(&req.name)
+        .bind(crate::auth::token_hash(&token))
+        .bind(now_ms())
+        .execute(&state.db.pool)
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({"id": id, "name": req.name, "token": token})),
+    ))
+}
+
+/// An agent on another host, authenticated by its host token.
+#[derive(Debug)]
+pub struct AgentHost {
+    pub host_id: String,
+}
+
+impl axum::extract::FromRequestParts<AppState> for AgentHost {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &AppState,
+    ) -> Result<Self, ApiError> {
+        let token = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .filter(|t| t.starts_with("wrh_"))
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "agents send their host token (warren host add)",
+                )
+            })?;
+        let row = sqlx::query("SELECT id FROM hosts WHERE token_hash = $1")
+            .bind(crate::auth::token_hash(token.trim()))
+            .fetch_optional(&state.db.pool)
+            .await?
+            .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unknown host token"))?;
+        Ok(Self {
+            host_id: row.try_get("id")?,
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimRequest {
+    #[serde(default)]
+    images: Option<Vec<String>>,
+}
+
+pub async fn agent_claim(
+    State(state): State<AppState>,
+    host: AgentHost,
+    Body(req): Body<ClaimRequest>,
+) -> ApiResult<axum::response::Response> {
+    use warren_agent::ControlPlane as _;
+    let job = state
+        .plane
+        .claim(&host.host_id, req.images)
+        .await
+        .map_err(|e| ApiError::internal("claiming a job", e))?;
+    Ok(match job {
+        Some(job) => Json(job).into_response(),
+        None => StatusCode::NO_CONTENT.into_response(),
+    })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinishRequest {
+    job: String,
+    result: Result<warren_agent::Outcome, String>,
+}
+
+pub async fn agent_finish(
+    State(state): State<AppState>,
+    host: AgentHost,
+    Body(req): Body<FinishRequest>,
+) -> ApiResult<StatusCode> {
+    let job = state
+        .plane
+        .held_job(&host.host_id, &req.job)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format_args!("job `{}` held by this host", req.job)))?;
+    state.plane.finish_job(&job, req.result).await?;
+    state.wake.notify_one();
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Where a new workspace goes: a live host that holds its image, else the least loaded live host
+/// (this process's own host is always live).
+async fn place(state: &AppState, image: &str) -> ApiResult<String> {
+    let alive_since = now_ms() - 60_000;
+    let rows = sqlx::query(
+        "SELECT h.id, h.images, h.last_seen_at, (SELECT COUNT(*) FROM workspaces w WHERE w.host_id = h.id) AS n FROM hosts h",
+    )
+    .fetch_all(&state.db.pool)
+    .await?;
+    let mut best: Option<(bool, i64, String)> = None;
+    for r in rows {
+        let id: String = r.try_get("id")?;
+        let seen: Option<i64> = r.try_get("last_seen_at")?;
+        if id != state.host_id && seen.is_none_or(|t| t < alive_since) {
+            continue;
+        }
+        let images: Option<String> = r.try_get("images")?;
+        let has = images
+            .and_then(|j| serde_json::from_str::<Vec<String>>(&j).ok())
+            .is_some_and(|list| list.iter().any(|i| i == image));
+        let load: i64 = r.try_get("n")?;
+        let better = match &best {
+            None => true,
+            Some((b_has, b_load, _)) => (has, -load) > (*b_has, -b_load),
+        };
+        if better {
+            best = Some((has, load, id));
+        }
+    }
+    Ok(best.map_or_else(|| state.host_id.clone(), |(_, _, id)| id))
 }
 
 pub async fn list_hosts(

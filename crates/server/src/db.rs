@@ -33,6 +33,7 @@ pub struct Db {
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../migrations/0001_init.sql")),
     (2, include_str!("../migrations/0002_webhooks.sql")),
+    (3, include_str!("../migrations/0003_host_images.sql")),
 ];
 
 impl Db {

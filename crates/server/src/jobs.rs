@@ -88,7 +88,47 @@ impl DbControlPlane {
         Ok(done.rows_affected())
     }
 
-    async fn claim_job(&self, host: &str) -> Result<Option<Job>, sqlx::Error> {
+    /// Notes that `host` is alive, and the images it holds when given.
+    pub async fn seen(&self, host: &str, images: Option<Vec<String>>) -> Result<(), sqlx::Error> {
+        match images {
+            Some(images) => {
+                sqlx::query("UPDATE hosts SET last_seen_at = $2, images = $3 WHERE id = $1")
+                    .bind(host)
+                    .bind(now_ms())
+                    .bind(serde_json::to_string(&images).unwrap_or_default())
+                    .execute(&self.db.pool)
+                    .await?
+            }
+            None => {
+                sqlx::query("UPDATE hosts SET last_seen_at = $2 WHERE id = $1")
+                    .bind(host)
+                    .bind(now_ms())
+                    .execute(&self.db.pool)
+                    .await?
+            }
+        };
+        Ok(())
+    }
+
+    /// A job this host holds, as stored (for an agent reporting over HTTP: the server does not
+    /// take the job's content from the agent).
+    pub async fn held_job(&self, host: &str, id: &str) -> Result<Option<Job>, sqlx::Error> {
+        let row = sqlx::query("SELECT payload, attempts FROM jobs WHERE id = $1 AND claimed_by = $2 AND state = 'running'")
+            .bind(id)
+            .bind(host)
+            .fetch_optional(&self.db.pool)
+            .await?;
+        Ok(row.and_then(|r| {
+            let work = serde_json::from_str(&r.get::<String, _>("payload")).ok()?;
+            Some(Job {
+                id: id.to_owned(),
+                attempt: r.get::<i64, _>("attempts") as u32,
+                work,
+            })
+        }))
+    }
+
+    pub async fn claim_job(&self, host: &str) -> Result<Option<Job>, sqlx::Error> {
         let now = now_ms();
         let lock = if self.db.kind == DbKind::Postgres {
             "FOR UPDATE SKIP LOCKED"
@@ -139,7 +179,7 @@ impl DbControlPlane {
         }
     }
 
-    async fn finish_job(
+    pub async fn finish_job(
         &self,
         job: &Job,
         result: Result<Outcome, String>,
@@ -237,7 +277,8 @@ impl DbControlPlane {
 }
 
 impl ControlPlane for DbControlPlane {
-    async fn claim(&self, host: &str) -> Result<Option<Job>, String> {
+    async fn claim(&self, host: &str, images: Option<Vec<String>>) -> Result<Option<Job>, String> {
+        self.seen(host, images).await.map_err(|e| e.to_string())?;
         self.claim_job(host).await.map_err(|e| e.to_string())
     }
 

@@ -39,6 +39,8 @@ pub struct AppState {
     pub runtime: Option<Arc<dyn Runtime>>,
     /// Seals and opens secret values.
     pub secrets: secrets::SecretBox,
+    /// The jobs, as agents see them (in process, or through the agent endpoints).
+    pub plane: Arc<jobs::DbControlPlane>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -150,6 +152,21 @@ const ROUTES: &[(&str, &str, &str)] = &[
     ),
     ("get", "/api/v1/hosts", "Hosts (admin)"),
     (
+        "post",
+        "/api/v1/hosts",
+        "Register a host for `warren agent`; its token is shown once (admin)",
+    ),
+    (
+        "post",
+        "/api/v1/agent/claim",
+        "An agent claims its host's next job (host token)",
+    ),
+    (
+        "post",
+        "/api/v1/agent/finish",
+        "An agent reports how a job went (host token)",
+    ),
+    (
         "get",
         "/api/v1/jobs",
         "Recent jobs of the caller's workspaces",
@@ -205,7 +222,9 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/hooks/git/{id}", post(api::git_hook))
         .route("/api/v1/env", get(api::list_vars).post(api::set_var))
         .route("/api/v1/env/{name}", delete(api::delete_var))
-        .route("/api/v1/hosts", get(api::list_hosts))
+        .route("/api/v1/hosts", get(api::list_hosts).post(api::add_host))
+        .route("/api/v1/agent/claim", post(api::agent_claim))
+        .route("/api/v1/agent/finish", post(api::agent_finish))
         .route("/api/v1/jobs", get(api::list_jobs))
         .route("/api/v1/openapi.json", get(openapi))
         .fallback(|| async { ApiError::not_found("such endpoint (see /api/v1/openapi.json)") })
@@ -234,7 +253,10 @@ async fn openapi() -> axum::Json<serde_json::Value> {
     axum::Json(serde_json::json!({
         "openapi": "3.0.3",
         "info": {"title": "Warren", "version": env!("CARGO_PKG_VERSION")},
-        "components": {"securitySchemes": {"token": {"type": "http", "scheme": "bearer"}}},
+        "components": {"securitySchemes": {
+            "token": {"type": "http", "scheme": "bearer", "description": "a user's API token (wrn_...)"},
+            "host": {"type": "http", "scheme": "bearer", "description": "a host's agent token (wrh_...)"},
+        }},
         "paths": paths,
     }))
 }
@@ -266,6 +288,8 @@ pub struct SingleHost {
     pub git_poll: std::time::Duration,
     /// The key that seals secrets (created at first start, mode 0600).
     pub secret_key: std::path::PathBuf,
+    /// The images this host holds (for placing workspaces).
+    pub images: warren_agent::ImageLister,
 }
 
 impl std::fmt::Debug for SingleHost {
@@ -306,7 +330,13 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
     }
     reconcile(&db, &host_id, config.runtime.clone()).await?;
     let shutdown = Arc::new(Notify::new());
-    let agent = Agent::new(host_id.clone(), config.runtime.clone(), plane, wake.clone());
+    let agent = Agent::new(
+        host_id.clone(),
+        config.runtime.clone(),
+        plane.clone(),
+        wake.clone(),
+        config.images.clone(),
+    );
     tokio::spawn(agent.run(shutdown.clone()));
     tokio::spawn(git::poll_forever(db.clone(), config.git_poll));
 
@@ -316,6 +346,7 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
         host_id,
         runtime: Some(config.runtime),
         secrets,
+        plane,
     };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

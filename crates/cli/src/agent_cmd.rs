@@ -1,0 +1,115 @@
+//! `warren agent`: this machine runs workspaces for a Warren server elsewhere. It claims its
+//! host's jobs over HTTP with the host token from `warren host add`, carries them out with the
+//! local container runtime, and reports the images it holds so workspaces land where their image
+//! already is.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::Args;
+use serde_json::json;
+use warren_agent::{Agent, ControlPlane, ImageLister, Job, Outcome};
+
+use crate::client::Client;
+use crate::runtime_cmd::HostFlags;
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// The Warren server
+    #[arg(long, env = "WARREN_SERVER")]
+    server: String,
+    /// This host's token (printed once by `warren host add`)
+    #[arg(long, env = "WARREN_HOST_TOKEN")]
+    token: String,
+    #[command(flatten)]
+    host: HostFlags,
+}
+
+/// The control plane over HTTP.
+#[derive(Debug)]
+struct HttpControlPlane {
+    client: Arc<Client>,
+}
+
+impl ControlPlane for HttpControlPlane {
+    async fn claim(&self, _host: &str, images: Option<Vec<String>>) -> Result<Option<Job>, String> {
+        let client = self.client.clone();
+        tokio::task::spawn_blocking(move || {
+            let answer = client
+                .post("/agent/claim", &json!({"images": images}))
+                .map_err(|e| format!("{e:#}"))?;
+            if answer.is_null() {
+                return Ok(None);
+            }
+            serde_json::from_value(answer)
+                .map(Some)
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
+    async fn finish(&self, job: &Job, result: Result<Outcome, String>) -> Result<(), String> {
+        let client = self.client.clone();
+        let body = json!({"job": job.id, "result": result});
+        tokio::task::spawn_blocking(move || {
+            client
+                .post("/agent/finish", &body)
+                .map(drop)
+                .map_err(|e| format!("{e:#}"))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+}
+
+/// The names of the images in the local store under `data`.
+pub fn image_lister(data: &Path) -> ImageLister {
+    let images = data.join("images");
+    Arc::new(move || {
+        warren_store::LocalStore::open(&images)
+            .and_then(|s| s.tags())
+            .map(|tags| tags.into_keys().collect())
+            .unwrap_or_default()
+    })
+}
+
+pub fn agent(args: AgentArgs, data: &Path) -> anyhow::Result<ExitCode> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        anyhow::bail!("warren agent runs workspaces (namespaces, mounts, cgroups): run it as root");
+    }
+    let runtime = Arc::new(args.host.runtime(data)?);
+    let client = Arc::new(Client::with_token(&args.server, &args.token));
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    tokio.block_on(async move {
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let shutdown = Arc::new(tokio::sync::Notify::new());
+        let agent = Agent::new(
+            "remote".into(),
+            runtime,
+            Arc::new(HttpControlPlane { client }),
+            wake,
+            image_lister(data),
+        );
+        println!(
+            "agent running for {} (workspaces under {})",
+            args.server,
+            data.display()
+        );
+        let run = tokio::spawn(agent.run(shutdown.clone()));
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        shutdown.notify_waiters();
+        let _ = run.await;
+        anyhow::Ok(ExitCode::SUCCESS)
+    })
+}
