@@ -467,9 +467,14 @@ impl Runtime for ContainerRuntime {
                 layout.dir.display()
             ));
         }
-        self.slots.release(id)?;
         leftovers.sort();
         leftovers.dedup();
+        if leftovers.is_empty() {
+            self.slots.release(id)?;
+        } else {
+            // Something of it may still run as its uids: another workspace must not get them.
+            leftovers.push("uid range and address (kept until the above are gone)".into());
+        }
         if leftovers.is_empty() {
             tracing::info!(workspace.id = %id, "workspace deleted");
         }
