@@ -29,6 +29,9 @@ pub struct UpArgs {
     /// Seconds between readings of every project's branch heads
     #[arg(long, env = "WARREN_GIT_POLL_SECONDS", default_value_t = 60)]
     git_poll_seconds: u64,
+    /// Seconds between comparisons of workspaces with what the runtime reports
+    #[arg(long, env = "WARREN_RECONCILE_SECONDS", default_value_t = 30)]
+    reconcile_seconds: u64,
     #[command(flatten)]
     host: HostFlags,
 }
@@ -63,6 +66,7 @@ pub fn up(args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
             git_poll: Duration::from_secs(args.git_poll_seconds.max(1)),
             secret_key: data.join("secret.key"),
             images: crate::agent_cmd::image_lister(data),
+            reconcile_every: Duration::from_secs(args.reconcile_seconds.max(1)),
         })
         .await?;
         let url = format!("http://{}", started.addr);

@@ -52,6 +52,7 @@ impl Warren {
             .arg(self.data.path())
             .args(["up", "--listen", &format!("127.0.0.1:{}", self.port)])
             .env("WARREN_UID_BASE", self.uid_base.to_string())
+            .env("WARREN_RECONCILE_SECONDS", "1")
             .env("WARREN_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(
@@ -974,4 +975,63 @@ fn a_second_host_runs_the_workspaces_whose_image_it_holds() {
     let listed =
         String::from_utf8_lossy(&on_second(&["runtime", "ls", "--json"]).stdout).into_owned();
     assert_eq!(listed.trim(), "[]", "nothing left on the second host");
+}
+
+#[test]
+fn a_workspace_that_stops_by_itself_is_brought_back() {
+    setup();
+    let mut warren = Warren::new(7, None);
+    let password = warren.start().unwrap();
+    warren.login("admin", &password);
+    let rootfs = debian_rootfs("minbase", &[]);
+    warren.ok(
+        "admin",
+        &["image", "import", rootfs.to_str().unwrap(), "dev:1"],
+    );
+    warren.ok("admin", &["ws", "create", "solo", "--image", "dev:1"]);
+    warren.ok(
+        "admin",
+        &[
+            "ws",
+            "exec",
+            "solo",
+            "--",
+            "sh",
+            "-c",
+            "echo mine > /root/mine",
+        ],
+    );
+    let ws: Value = serde_json::from_str(&warren.ok("admin", &["ws", "show", "solo"])).unwrap();
+    let runtime_id = format!("ws-{}", ws["id"].as_str().unwrap());
+    // Stopped behind Warren's back (as `poweroff` inside or a killed shim would).
+    let out = Command::new(env!("CARGO_BIN_EXE_warren"))
+        .arg("--data")
+        .arg(warren.data.path())
+        .args(["runtime", "stop", "--time", "0", &runtime_id])
+        .env("WARREN_UID_BASE", warren.uid_base.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(warren.workspace_processes(), 0);
+    // Its owner asked for it running: it is started again, with its files.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while warren.workspace_processes() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "never brought back: {}",
+            warren.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let token = warren.token("admin");
+    settled(&warren, &token, Duration::from_secs(30));
+    assert_eq!(
+        warren.ok("admin", &["ws", "exec", "solo", "--", "cat", "/root/mine"]),
+        "mine\n"
+    );
+    warren.ok("admin", &["ws", "rm", "solo"]);
 }

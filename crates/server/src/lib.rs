@@ -290,6 +290,8 @@ pub struct SingleHost {
     pub secret_key: std::path::PathBuf,
     /// The images this host holds (for placing workspaces).
     pub images: warren_agent::ImageLister,
+    /// How often settled workspaces are compared with what the runtime reports.
+    pub reconcile_every: std::time::Duration,
 }
 
 impl std::fmt::Debug for SingleHost {
@@ -329,6 +331,26 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
         tracing::info!(jobs = resumed, "resuming jobs cut short by the last stop");
     }
     reconcile(&db, &host_id, config.runtime.clone()).await?;
+    {
+        // Again on a timer: a workspace can stop on its own (`poweroff` inside, a killed shim).
+        let (db, host_id, runtime, wake) = (
+            db.clone(),
+            host_id.clone(),
+            config.runtime.clone(),
+            wake.clone(),
+        );
+        let every = config.reconcile_every;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                match reconcile(&db, &host_id, runtime.clone()).await {
+                    Ok(0) => {}
+                    Ok(_) => wake.notify_one(),
+                    Err(e) => tracing::warn!(error = %e, "cannot reconcile workspaces"),
+                }
+            }
+        });
+    }
     let shutdown = Arc::new(Notify::new());
     let agent = Agent::new(
         host_id.clone(),
@@ -400,7 +422,12 @@ async fn register_host(db: &Db, name: &str) -> Result<String, sqlx::Error> {
 
 /// After a start: a settled workspace whose runtime disagrees (the host rebooted, a process died)
 /// gets the job that brings it back to what its owner asked for.
-async fn reconcile(db: &Db, host_id: &str, runtime: Arc<dyn Runtime>) -> Result<(), ServerError> {
+/// Returns how many workspaces got a job.
+async fn reconcile(
+    db: &Db,
+    host_id: &str,
+    runtime: Arc<dyn Runtime>,
+) -> Result<usize, ServerError> {
     let rows = sqlx::query(
         "SELECT w.id, w.image, w.memory, w.cpus_milli, w.state FROM workspaces w
          WHERE w.host_id = $1 AND w.state IN ('running', 'stopped')
@@ -409,6 +436,7 @@ async fn reconcile(db: &Db, host_id: &str, runtime: Arc<dyn Runtime>) -> Result<
     .bind(host_id)
     .fetch_all(&db.pool)
     .await?;
+    let mut queued = 0;
     for row in rows {
         let id: String = row.try_get("id")?;
         let stored: String = row.try_get("state")?;
@@ -439,12 +467,20 @@ async fn reconcile(db: &Db, host_id: &str, runtime: Arc<dyn Runtime>) -> Result<
             pids: None,
         };
         let mut tx = db.begin_write().await?;
-        sqlx::query("UPDATE workspaces SET state = $2, updated_at = $3 WHERE id = $1")
-            .bind(&id)
-            .bind(between)
-            .bind(now_ms())
-            .execute(&mut *tx)
-            .await?;
+        // Only if nobody asked for something else while the runtime was being asked.
+        let updated = sqlx::query(
+            "UPDATE workspaces SET state = $2, updated_at = $3 WHERE id = $1 AND state = $4
+               AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.workspace_id = $1 AND j.state IN ('queued', 'running'))",
+        )
+        .bind(&id)
+        .bind(between)
+        .bind(now_ms())
+        .bind(&stored)
+        .execute(&mut *tx)
+        .await?;
+        if updated.rows_affected() == 0 {
+            continue;
+        }
         jobs::enqueue(
             &mut tx,
             &id,
@@ -456,6 +492,7 @@ async fn reconcile(db: &Db, host_id: &str, runtime: Arc<dyn Runtime>) -> Result<
         )
         .await?;
         tx.commit().await?;
+        queued += 1;
     }
-    Ok(())
+    Ok(queued)
 }
