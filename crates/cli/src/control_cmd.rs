@@ -80,12 +80,16 @@ pub fn up(args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
             data.display()
         );
         if let Some(password) = &started.admin_password {
+            // The commands as they can be pasted: the binary may not be on the PATH.
+            let warren = std::env::current_exe()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|_| "warren".into());
             banner.push_str(&format!(
                 "\nFirst start: an admin was created (the password is shown only now):\n  \
                  user: admin   password: {password}\n\nNext:\n  \
-                 warren login --server {url} --user admin\n  \
-                 warren image import /path/to/rootfs dev:1\n  \
-                 warren ws create dev --image dev:1 && warren ws exec dev -- uname -a\n"
+                 {warren} login --server {url} --user admin\n  \
+                 {warren} image import /path/to/rootfs dev:1\n  \
+                 {warren} ws create dev --image dev:1 && {warren} ws exec dev -- uname -a\n"
             ));
         }
         // A closed stdout (a supervisor that stopped reading) must not bring the server down.
