@@ -1035,3 +1035,43 @@ fn a_workspace_that_stops_by_itself_is_brought_back() {
     );
     warren.ok("admin", &["ws", "rm", "solo"]);
 }
+
+#[test]
+fn a_force_stop_does_not_wait_for_a_start_and_everything_settles() {
+    setup();
+    let mut warren = Warren::new(8, None);
+    let password = warren.start().unwrap();
+    warren.login("admin", &password);
+    let rootfs = debian_rootfs("minbase", &[]);
+    warren.ok(
+        "admin",
+        &["image", "import", rootfs.to_str().unwrap(), "dev:1"],
+    );
+    let token = warren.token("admin");
+    for round in 0..3 {
+        let name = format!("hasty-{round}");
+        warren.ok(
+            "admin",
+            &["ws", "create", &name, "--image", "dev:1", "--no-wait"],
+        );
+        std::thread::sleep(Duration::from_millis(50 * round));
+        warren.ok("admin", &["ws", "stop", &name, "--force", "--no-wait"]);
+        let list = settled(&warren, &token, Duration::from_secs(30));
+        let ws = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["name"] == name.as_str())
+            .unwrap()
+            .clone();
+        assert_eq!(ws["state"], "stopped", "{ws}");
+    }
+    assert_eq!(
+        warren.workspace_processes(),
+        0,
+        "force-stopped workspaces run nothing"
+    );
+    for round in 0..3 {
+        warren.ok("admin", &["ws", "rm", &format!("hasty-{round}")]);
+    }
+}

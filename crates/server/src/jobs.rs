@@ -3,7 +3,9 @@
 //! A job is claimed with one `UPDATE ... RETURNING` (with `FOR UPDATE SKIP LOCKED` on
 //! PostgreSQL, so agents on several hosts never take the same row), leased, retried with
 //! exponential backoff, and never claimed while an older job of the same workspace is queued or
-//! running — so a workspace's steps run in the order they were asked for. When a job ends, the
+//! running — so a workspace's steps run in the order they were asked for. A force-stop
+//! (`workspace.kill`) is the exception: it supersedes queued steps and does not wait behind a
+//! running one; the reconciler settles whatever order the two then finish in. When a job ends, the
 //! workspace's state follows in the same transaction; an in-between state (`starting`,
 //! `stopping`, ...) stays while a later job of the workspace is still pending.
 
@@ -34,6 +36,8 @@ pub async fn enqueue(
     let kind = match work.action {
         Action::Create => "workspace.create",
         Action::Start => "workspace.start",
+        // A stop without grace (a force-stop) does not wait behind a step already running.
+        Action::Stop { grace_ms: 0 } => "workspace.kill",
         Action::Stop { .. } => "workspace.stop",
         Action::Delete => "workspace.delete",
     };
@@ -142,11 +146,11 @@ impl DbControlPlane {
                 WHERE (j.state = 'queued' OR (j.state = 'running' AND j.lease_until < $3))
                   AND j.run_at <= $3
                   AND (j.host_id IS NULL OR j.host_id = $1)
-                  AND NOT EXISTS (
+                  AND (j.kind = 'workspace.kill' OR NOT EXISTS (
                       SELECT 1 FROM jobs o
                       WHERE o.workspace_id = j.workspace_id AND o.id <> j.id
                         AND (o.state = 'running' AND o.lease_until >= $3
-                             OR o.state = 'queued' AND (o.created_at < j.created_at OR (o.created_at = j.created_at AND o.id < j.id))))
+                             OR o.state = 'queued' AND (o.created_at < j.created_at OR (o.created_at = j.created_at AND o.id < j.id)))))
                 ORDER BY j.created_at, j.id
                 LIMIT 1 {lock})
              RETURNING id, payload, attempts"

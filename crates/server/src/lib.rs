@@ -429,8 +429,8 @@ async fn reconcile(
     runtime: Arc<dyn Runtime>,
 ) -> Result<usize, ServerError> {
     let rows = sqlx::query(
-        "SELECT w.id, w.image, w.memory, w.cpus_milli, w.state FROM workspaces w
-         WHERE w.host_id = $1 AND w.state IN ('running', 'stopped')
+        "SELECT w.id, w.image, w.memory, w.cpus_milli, w.state, w.desired FROM workspaces w
+         WHERE w.host_id = $1 AND w.state IN ('running', 'stopped') AND w.desired IN ('running', 'stopped')
            AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.workspace_id = w.id AND j.state IN ('queued', 'running'))",
     )
     .bind(host_id)
@@ -450,11 +450,26 @@ async fn reconcile(
         })
         .await
         .map_err(|e| ServerError::Other(e.to_string()))?;
-        let (action, between) = match (stored.as_str(), actual) {
-            ("running", Some(WorkspaceState::Running))
-            | ("stopped", Some(WorkspaceState::Stopped) | None) => continue,
-            ("running", _) => (Action::Start, "starting"),
-            _ => (Action::Stop { grace_ms: 10_000 }, "stopping"),
+        let desired: String = row.try_get("desired")?;
+        let running = actual == Some(WorkspaceState::Running);
+        // What the owner asked for decides; the stored state only says whether to write.
+        let (action, between) = match (desired.as_str(), running) {
+            ("running", false) => (Action::Start, "starting"),
+            ("stopped", true) => (Action::Stop { grace_ms: 10_000 }, "stopping"),
+            _ if stored == desired => continue,
+            _ => {
+                // The runtime already is where the owner wants it: record that.
+                sqlx::query(
+                    "UPDATE workspaces SET state = desired, updated_at = $2 WHERE id = $1 AND state = $3
+                       AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.workspace_id = $1 AND j.state IN ('queued', 'running'))",
+                )
+                .bind(&id)
+                .bind(now_ms())
+                .bind(&stored)
+                .execute(&db.pool)
+                .await?;
+                continue;
+            }
         };
         tracing::info!(workspace.id = %id, stored, ?actual, "reconciling a workspace with its runtime");
         let spec = warren_agent::WorkspaceSpec {
