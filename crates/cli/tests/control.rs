@@ -374,6 +374,20 @@ fn end_to_end(seed: u32, database_url: Option<String>) {
         }
     }
     let key = std::fs::metadata(warren.data.path().join("secret.key")).unwrap();
+    let variables_inside = |warren: &Warren| {
+        warren.ok(
+            "alice",
+            &[
+                "ws",
+                "exec",
+                "dev",
+                "--",
+                "sh",
+                "-c",
+                "echo $API_URL $DEPLOY_TOKEN",
+            ],
+        )
+    };
     assert_eq!(
         std::os::unix::fs::PermissionsExt::mode(&key.permissions()) & 0o777,
         0o600
@@ -397,6 +411,11 @@ fn end_to_end(seed: u32, database_url: Option<String>) {
     assert_eq!(list[0]["name"], "dev");
     assert_eq!(list[0]["state"], "running");
     assert_eq!(list[0]["project"], "app");
+    assert_eq!(
+        variables_inside(&warren),
+        "https://api.example.com hunter2-very-secret\n",
+        "the workspace's processes get the project's and the owner's variables"
+    );
     let out = warren.cli(
         "alice",
         &[

@@ -630,7 +630,7 @@ pub struct WorkspaceView {
 }
 
 const WORKSPACE_COLUMNS: &str =
-    "w.id, w.name, w.owner_id, u.name AS owner, p.name AS project, w.image, h.name AS host,
+    "w.id, w.name, w.owner_id, u.name AS owner, w.project_id, p.name AS project, w.image, h.name AS host,
     w.host_id, w.state, w.desired, w.last_error, w.memory, w.cpus_milli, w.created_at, w.updated_at
     FROM workspaces w JOIN users u ON u.id = w.owner_id JOIN hosts h ON h.id = w.host_id
     LEFT JOIN projects p ON p.id = w.project_id";
@@ -954,9 +954,17 @@ pub async fn exec_workspace(
     })?;
     let id = warren_runtime::WorkspaceId::new(&workspace_spec(&row)?.runtime_id)
         .map_err(|e| ApiError::internal("workspace id", e))?;
+    // The project's variables, then its owner's, then the request's: later ones win.
+    let mut env = workspace_env(
+        &state,
+        &row.try_get::<String, _>("owner_id")?,
+        row.try_get::<Option<String>, _>("project_id")?.as_deref(),
+    )
+    .await?;
+    env.extend(req.env);
     let request = warren_runtime::ExecRequest {
         argv: req.argv,
-        env: req.env,
+        env,
         cwd: req.cwd,
         user: req.user,
         tty: None,
@@ -1109,6 +1117,41 @@ pub async fn list_vars(
         });
     }
     Ok(Json(out))
+}
+
+/// `KEY=value` for a workspace's processes: its project's variables, then its owner's; secrets
+/// are opened here, in memory, and go nowhere else.
+async fn workspace_env(
+    state: &AppState,
+    owner_id: &str,
+    project_id: Option<&str>,
+) -> ApiResult<Vec<String>> {
+    let mut env = Vec::new();
+    let scopes = project_id
+        .map(|p| ("project", p))
+        .into_iter()
+        .chain([("user", owner_id)]);
+    for (scope, scope_id) in scopes {
+        let rows = sqlx::query("SELECT name, secret, value FROM env_vars WHERE scope = $1 AND scope_id = $2 ORDER BY name")
+            .bind(scope)
+            .bind(scope_id)
+            .fetch_all(&state.db.pool)
+            .await?;
+        for r in rows {
+            let name: String = r.try_get("name")?;
+            let stored: String = r.try_get("value")?;
+            let value = if r.try_get::<i64, _>("secret")? != 0 {
+                state
+                    .secrets
+                    .open(&format!("{scope}/{scope_id}/{name}"), &stored)
+                    .map_err(|e| ApiError::internal("opening a secret", e))?
+            } else {
+                stored
+            };
+            env.push(format!("{name}={value}"));
+        }
+    }
+    Ok(env)
 }
 
 pub async fn set_var(
