@@ -471,12 +471,10 @@ impl Runtime for ContainerRuntime {
         leftovers.dedup();
         if leftovers.is_empty() {
             self.slots.release(id)?;
+            tracing::info!(workspace.id = %id, "workspace deleted");
         } else {
             // Something of it may still run as its uids: another workspace must not get them.
             leftovers.push("uid range and address (kept until the above are gone)".into());
-        }
-        if leftovers.is_empty() {
-            tracing::info!(workspace.id = %id, "workspace deleted");
         }
         Ok(DeleteReport { leftovers })
     }
