@@ -655,9 +655,15 @@ fn workspace_view(r: &AnyRow) -> ApiResult<WorkspaceView> {
     })
 }
 
-fn workspace_spec(r: &AnyRow) -> ApiResult<WorkspaceSpec> {
+/// The runtime's name for the workspace with this id.
+pub(crate) fn runtime_id(workspace_id: &str) -> String {
+    format!("ws-{workspace_id}")
+}
+
+/// What the agent needs of a workspace row (`id`, `image`, `memory`, `cpus_milli`).
+pub(crate) fn workspace_spec(r: &AnyRow) -> ApiResult<WorkspaceSpec> {
     Ok(WorkspaceSpec {
-        runtime_id: format!("ws-{}", r.try_get::<String, _>("id")?),
+        runtime_id: runtime_id(&r.try_get::<String, _>("id")?),
         image: r.try_get("image")?,
         memory: r.try_get::<Option<i64>, _>("memory")?.map(|m| m as u64),
         cpus: r
@@ -762,7 +768,7 @@ pub async fn create_workspace(
         other => other,
     })?;
     let spec = WorkspaceSpec {
-        runtime_id: format!("ws-{id}"),
+        runtime_id: runtime_id(&id),
         image: req.image.clone(),
         memory: req.memory,
         cpus: req.cpus,

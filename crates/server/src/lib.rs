@@ -440,7 +440,8 @@ async fn reconcile(
     for row in rows {
         let id: String = row.try_get("id")?;
         let stored: String = row.try_get("state")?;
-        let runtime_id = format!("ws-{id}");
+        let spec = api::workspace_spec(&row).map_err(|e| ServerError::Other(e.message))?;
+        let runtime_id = spec.runtime_id.clone();
         let rt = runtime.clone();
         let actual = tokio::task::spawn_blocking(move || {
             WorkspaceId::new(&runtime_id)
@@ -472,15 +473,6 @@ async fn reconcile(
             }
         };
         tracing::info!(workspace.id = %id, stored, ?actual, "reconciling a workspace with its runtime");
-        let spec = warren_agent::WorkspaceSpec {
-            runtime_id: format!("ws-{id}"),
-            image: row.try_get("image")?,
-            memory: row.try_get::<Option<i64>, _>("memory")?.map(|m| m as u64),
-            cpus: row
-                .try_get::<Option<i64>, _>("cpus_milli")?
-                .map(|m| m as f64 / 1000.0),
-            pids: None,
-        };
         let mut tx = db.begin_write().await?;
         // Only if nobody asked for something else while the runtime was being asked.
         let updated = sqlx::query(
