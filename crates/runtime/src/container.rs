@@ -442,17 +442,12 @@ impl Runtime for ContainerRuntime {
             return Err(Error::NotFound(id.to_string()));
         }
         let mut leftovers = Vec::new();
-        if let Ok((rec, _)) = self.record(id) {
-            if let Err(e) = self.stop(id, Duration::ZERO) {
-                leftovers.push(e.to_string());
-            }
-            leftovers.extend(teardown(&rec, &layout, None));
-            leftovers.extend(net::leftovers(&rec));
-            leftovers.extend(
-                cgroup::dirs(&rec)
-                    .into_iter()
-                    .map(|d| format!("cgroup {}", d.display())),
-            );
+        // Stop tears down (container, network, mounts, cgroups) under the shim's lock and
+        // reports whatever of it remains.
+        if self.record(id).is_ok()
+            && let Err(e) = self.stop(id, Duration::ZERO)
+        {
+            leftovers.push(e.to_string());
         }
         let mounts = crate::sys::mounts_under(&layout.dir);
         if mounts.is_empty() {
