@@ -41,6 +41,23 @@ impl Warren {
         }
     }
 
+    /// A first start, with the admin logged in.
+    fn up_with_admin(seed: u32, database_url: Option<String>) -> Self {
+        let mut warren = Self::new(seed, database_url);
+        let password = warren.start().expect("a first start creates the admin");
+        warren.login("admin", &password);
+        warren
+    }
+
+    /// Imports the Debian minbase fixture into this host's store as `dev:1`.
+    fn import_dev_image(&self) {
+        let rootfs = debian_rootfs("minbase", &[]);
+        self.ok(
+            "admin",
+            &["image", "import", rootfs.to_str().unwrap(), "dev:1"],
+        );
+    }
+
     fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
@@ -263,14 +280,8 @@ fn git_repo(dir: &Path) -> PathBuf {
 }
 
 fn end_to_end(seed: u32, database_url: Option<String>) {
-    let mut warren = Warren::new(seed, database_url);
-    let password = warren.start().expect("a first start creates the admin");
-    warren.login("admin", &password);
-    let rootfs = debian_rootfs("minbase", &[]);
-    warren.ok(
-        "admin",
-        &["image", "import", rootfs.to_str().unwrap(), "dev:1"],
-    );
+    let warren = Warren::up_with_admin(seed, database_url);
+    warren.import_dev_image();
     let out = Command::new(env!("CARGO_BIN_EXE_warren"))
         .args(["user", "add", "alice"])
         .env("XDG_CONFIG_HOME", warren.configs.path().join("admin"))
@@ -475,9 +486,7 @@ fn end_to_end_on_postgres() {
 #[test]
 fn every_endpoint_refuses_strangers_and_other_users() {
     setup();
-    let mut warren = Warren::new(3, None);
-    let password = warren.start().unwrap();
-    warren.login("admin", &password);
+    let warren = Warren::up_with_admin(3, None);
     let admin = warren.token("admin");
     for user in ["alice", "bob"] {
         let (status, _) = warren.http(
@@ -494,11 +503,7 @@ fn every_endpoint_refuses_strangers_and_other_users() {
         warren.login(user, &format!("{user}-password"));
     }
     let (alice, bob) = (warren.token("alice"), warren.token("bob"));
-    let rootfs = debian_rootfs("minbase", &[]);
-    warren.ok(
-        "admin",
-        &["image", "import", rootfs.to_str().unwrap(), "dev:1"],
-    );
+    warren.import_dev_image();
     let post = |path: &str, token: &str, body: Value| {
         warren.http("POST", path, Some(token), Some(body.to_string().as_bytes()))
     };
@@ -653,9 +658,7 @@ fn every_endpoint_refuses_strangers_and_other_users() {
 #[test]
 fn bad_input_gets_a_4xx_with_a_message() {
     setup();
-    let mut warren = Warren::new(4, None);
-    let password = warren.start().unwrap();
-    warren.login("admin", &password);
+    let warren = Warren::up_with_admin(4, None);
     let token = warren.token("admin");
     let cases: Vec<(&str, String, u16)> = vec![
         ("/api/v1/workspaces", "{not json".into(), 400),
@@ -783,15 +786,9 @@ fn settled(warren: &Warren, token: &str, within: Duration) -> Value {
 #[test]
 fn a_killed_server_resumes_every_step() {
     setup();
-    let mut warren = Warren::new(5, None);
-    let password = warren.start().unwrap();
-    warren.login("admin", &password);
+    let mut warren = Warren::up_with_admin(5, None);
     let token = warren.token("admin");
-    let rootfs = debian_rootfs("minbase", &[]);
-    warren.ok(
-        "admin",
-        &["image", "import", rootfs.to_str().unwrap(), "dev:1"],
-    );
+    warren.import_dev_image();
     let call = |warren: &Warren, method: &str, path: &str, body: Value| {
         let (status, answer) = warren.http(
             method,
@@ -892,16 +889,11 @@ fn a_killed_server_resumes_every_step() {
 #[test]
 fn a_second_host_runs_the_workspaces_whose_image_it_holds() {
     setup();
-    let mut warren = Warren::new(6, None);
-    let password = warren.start().unwrap();
-    warren.login("admin", &password);
-    let rootfs = debian_rootfs("minbase", &[]);
-    warren.ok(
-        "admin",
-        &["image", "import", rootfs.to_str().unwrap(), "dev:1"],
-    );
+    let warren = Warren::up_with_admin(6, None);
+    warren.import_dev_image();
 
     // The second host: its own data folder, uid ranges, bridge and addresses.
+    let rootfs = debian_rootfs("minbase", &[]);
     let second = tempfile::Builder::new()
         .prefix("warren-agent-")
         .tempdir_in("/var/tmp")
@@ -999,14 +991,8 @@ fn a_second_host_runs_the_workspaces_whose_image_it_holds() {
 #[test]
 fn a_workspace_that_stops_by_itself_is_brought_back() {
     setup();
-    let mut warren = Warren::new(7, None);
-    let password = warren.start().unwrap();
-    warren.login("admin", &password);
-    let rootfs = debian_rootfs("minbase", &[]);
-    warren.ok(
-        "admin",
-        &["image", "import", rootfs.to_str().unwrap(), "dev:1"],
-    );
+    let warren = Warren::up_with_admin(7, None);
+    warren.import_dev_image();
     warren.ok("admin", &["ws", "create", "solo", "--image", "dev:1"]);
     warren.ok(
         "admin",
@@ -1058,14 +1044,8 @@ fn a_workspace_that_stops_by_itself_is_brought_back() {
 #[test]
 fn a_force_stop_does_not_wait_for_a_start_and_everything_settles() {
     setup();
-    let mut warren = Warren::new(8, None);
-    let password = warren.start().unwrap();
-    warren.login("admin", &password);
-    let rootfs = debian_rootfs("minbase", &[]);
-    warren.ok(
-        "admin",
-        &["image", "import", rootfs.to_str().unwrap(), "dev:1"],
-    );
+    let warren = Warren::up_with_admin(8, None);
+    warren.import_dev_image();
     let token = warren.token("admin");
     for round in 0..3 {
         let name = format!("hasty-{round}");

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use warren_image::{ChunkParams, Digest, ImageBuilder, Limits, import_dir};
+use warren_image::{ChunkParams, Digest, ImageBuilder, Limits, TreeIndex, import_dir};
 use warren_lazyfs::{LazyFs, MountOptions, mount, pull, trace};
 use warren_store::images::{commit, copy_image, open_image};
 use warren_store::manifest::ImageConfig;
@@ -112,6 +112,30 @@ fn compare_trees(src: &Path, mounted: &Path) -> usize {
 
 /// Imports the folder `src` into a local store under `dir` as `tag`; returns the store and the
 /// image's manifest digest.
+/// A fetcher of `index` from `store` into a new, empty chunk cache at `cache_dir`.
+fn fetcher_into(
+    store: Arc<dyn BlobStore>,
+    cache_dir: &Path,
+    index: &Arc<TreeIndex>,
+) -> Arc<ChunkFetcher> {
+    let cache = Arc::new(ChunkCache::open(cache_dir, None).unwrap());
+    Arc::new(ChunkFetcher::new(store, cache, index.clone(), 8 << 20))
+}
+
+/// Mounts what `fetcher` serves at `mnt` (created if missing).
+fn mount_at(
+    fetcher: &Arc<ChunkFetcher>,
+    mnt: &Path,
+    recorder: Option<Arc<trace::Recorder>>,
+) -> fuser::BackgroundSession {
+    std::fs::create_dir_all(mnt).unwrap();
+    mount(
+        LazyFs::new(fetcher.clone(), MountOptions::default(), recorder),
+        mnt,
+    )
+    .unwrap()
+}
+
 fn local_image(dir: &Path, src: &Path, tag: &str) -> (LocalStore, Digest) {
     let work = dir.join("work");
     std::fs::create_dir_all(&work).unwrap();
@@ -149,21 +173,9 @@ fn a_debian_image_from_a_registry_mounts_lazily_runs_through_an_overlay_and_matc
 
     // A second host: empty cache, the image only in the registry.
     let image = open_image(&remote, "minbase").unwrap();
-    let cache = Arc::new(ChunkCache::open(&dir.path().join("cache"), None).unwrap());
-    let store: Arc<dyn BlobStore> = Arc::new(remote);
-    let fetcher = Arc::new(ChunkFetcher::new(
-        store,
-        cache.clone(),
-        image.index.clone(),
-        8 << 20,
-    ));
+    let fetcher = fetcher_into(Arc::new(remote), &dir.path().join("cache"), &image.index);
     let mnt = dir.path().join("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let session = mount(
-        LazyFs::new(fetcher.clone(), MountOptions::default(), None),
-        &mnt,
-    )
-    .unwrap();
+    let session = mount_at(&fetcher, &mnt, None);
     assert!(is_mounted(&mnt));
 
     // Metadata needs no file data.
@@ -246,25 +258,10 @@ fn a_recorded_trace_is_replayed_and_the_background_pull_fills_the_cache() {
     let image = open_image(store.as_ref(), "t:1").unwrap();
 
     // First mount: record what reading `noise` touches.
-    let cache = Arc::new(ChunkCache::open(&dir.path().join("cache1"), None).unwrap());
-    let fetcher = Arc::new(ChunkFetcher::new(
-        store.clone(),
-        cache,
-        image.index.clone(),
-        8 << 20,
-    ));
+    let fetcher = fetcher_into(store.clone(), &dir.path().join("cache1"), &image.index);
     let recorder = Arc::new(trace::Recorder::new(Duration::from_secs(60)));
     let mnt = dir.path().join("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let session = mount(
-        LazyFs::new(
-            fetcher.clone(),
-            MountOptions::default(),
-            Some(recorder.clone()),
-        ),
-        &mnt,
-    )
-    .unwrap();
+    let session = mount_at(&fetcher, &mnt, Some(recorder.clone()));
     assert_eq!(std::fs::read(mnt.join("noise")).unwrap(), noise);
     recorder.stop();
     let recorded = recorder.trace(&image.index);
@@ -276,13 +273,7 @@ fn a_recorded_trace_is_replayed_and_the_background_pull_fills_the_cache() {
     // Second mount on an empty cache: the trace is replayed, then everything else pulled.
     let loaded = trace::load(store.as_ref(), &digest).unwrap().unwrap();
     assert_eq!(loaded, recorded);
-    let cache = Arc::new(ChunkCache::open(&dir.path().join("cache2"), None).unwrap());
-    let fetcher = Arc::new(ChunkFetcher::new(
-        store.clone(),
-        cache.clone(),
-        image.index.clone(),
-        8 << 20,
-    ));
+    let fetcher = fetcher_into(store.clone(), &dir.path().join("cache2"), &image.index);
     let progress = Arc::new(pull::Progress::default());
     pull::spawn(fetcher.clone(), Some(loaded), true, progress.clone())
         .join()
@@ -300,11 +291,7 @@ fn a_recorded_trace_is_replayed_and_the_background_pull_fills_the_cache() {
         stats.requests * 4 < image.index.chunks.len() as u64,
         "{stats:?}"
     );
-    let session = mount(
-        LazyFs::new(fetcher.clone(), MountOptions::default(), None),
-        &mnt,
-    )
-    .unwrap();
+    let session = mount_at(&fetcher, &mnt, None);
     let before = fetcher.counters.requests.load(Ordering::Relaxed);
     assert_eq!(std::fs::read(mnt.join("f3")).unwrap(), vec![3u8; 1 << 20]);
     assert_eq!(
@@ -329,20 +316,9 @@ fn a_mount_survives_the_registry_going_away_and_coming_back() {
         .with_retry(warren_store::Retry::patient());
     copy_image(&local, &remote, "d:1", "1", |_, _| {}).unwrap();
     let image = open_image(&remote, "1").unwrap();
-    let cache = Arc::new(ChunkCache::open(&dir.path().join("cache"), None).unwrap());
-    let fetcher = Arc::new(ChunkFetcher::new(
-        Arc::new(remote),
-        cache,
-        image.index.clone(),
-        8 << 20,
-    ));
+    let fetcher = fetcher_into(Arc::new(remote), &dir.path().join("cache"), &image.index);
     let mnt = dir.path().join("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let session = mount(
-        LazyFs::new(fetcher.clone(), MountOptions::default(), None),
-        &mnt,
-    )
-    .unwrap();
+    let session = mount_at(&fetcher, &mnt, None);
 
     registry.stop();
     let path = mnt.join("data");
