@@ -25,21 +25,30 @@ pub fn login_path() -> PathBuf {
 }
 
 pub fn save_login(login: &Login) -> anyhow::Result<PathBuf> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let path = login_path();
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let mut file = std::fs::OpenOptions::new()
+    write_private(&path, &serde_json::to_vec_pretty(login)?)?;
+    Ok(path)
+}
+
+/// Writes a file only its owner may read (mode 0600), whole or not at all: the bytes go to a
+/// temporary name first and are renamed over `path`.
+pub fn write_private(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("warren-tmp");
+    let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    file.write_all(&serde_json::to_vec_pretty(login)?)?;
-    Ok(path)
+        .open(&tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
 }
 
 #[derive(Debug)]

@@ -34,6 +34,45 @@ pub struct UpArgs {
     reconcile_seconds: u64,
     #[command(flatten)]
     host: HostFlags,
+    #[command(flatten)]
+    ssh: SshFlags,
+}
+
+/// The SSH gateway's settings (`warren up`, `warren gateway`).
+#[derive(Debug, Args)]
+pub struct SshFlags {
+    /// Where the SSH gateway listens (`off`: no gateway)
+    #[arg(long, env = "WARREN_SSH_LISTEN", default_value = "0.0.0.0:2222")]
+    ssh_listen: String,
+    /// The name developers' machines reach this host by, for `warren ssh-config`
+    /// (default: the machine's hostname)
+    #[arg(long, env = "WARREN_SSH_HOST")]
+    ssh_host: Option<String>,
+}
+
+impl SshFlags {
+    pub fn settings(&self, data: &Path) -> anyhow::Result<Option<warren_server::SshSettings>> {
+        if self.ssh_listen == "off" {
+            return Ok(None);
+        }
+        let listen: SocketAddr = self.ssh_listen.parse().with_context(|| {
+            format!(
+                "`{}` is not an address such as 0.0.0.0:2222 (or `off`)",
+                self.ssh_listen
+            )
+        })?;
+        Ok(Some(warren_server::SshSettings {
+            listen,
+            host_key: data.join("ssh_host_ed25519_key"),
+            public_host: self.ssh_host.clone().unwrap_or_else(hostname),
+        }))
+    }
+}
+
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "local".into())
 }
 
 pub fn up(args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
@@ -45,13 +84,9 @@ pub fn up(args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
     let database_url = args
         .database_url
         .unwrap_or_else(|| format!("sqlite://{}", data.join("warren.db").display()));
-    let host_name = match args.host_name {
-        Some(n) => n,
-        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_owned())
-            .unwrap_or_else(|_| "local".into()),
-    };
+    let host_name = args.host_name.unwrap_or_else(hostname);
     let runtime = Arc::new(args.host.runtime(data)?);
+    let ssh = args.ssh.settings(data)?;
     let tokio = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -67,6 +102,7 @@ pub fn up(args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
             secret_key: data.join("secret.key"),
             images: crate::agent_cmd::image_lister(data),
             reconcile_every: Duration::from_secs(args.reconcile_seconds.max(1)),
+            ssh,
         })
         .await?;
         let url = format!("http://{}", started.addr);
@@ -79,6 +115,12 @@ pub fn up(args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
             "Warren is up at {url}\n  data: {}   database: {shown_db}\n",
             data.display()
         );
+        if let Some((addr, _)) = &started.ssh {
+            banner.push_str(&format!(
+                "  ssh gateway: {addr} (`ssh -p {} <workspace>@<this host>`)\n",
+                addr.port()
+            ));
+        }
         if let Some(password) = &started.admin_password {
             // The commands as they can be pasted: the binary may not be on the PATH.
             let warren = std::env::current_exe()
@@ -89,7 +131,8 @@ pub fn up(args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
                  user: admin   password: {password}\n\nNext:\n  \
                  {warren} login --server {url} --user admin\n  \
                  {warren} image import /path/to/rootfs dev:1\n  \
-                 {warren} ws create dev --image dev:1 && {warren} ws exec dev -- uname -a\n"
+                 {warren} ws create dev --image dev:1 && {warren} ws exec dev -- uname -a\n  \
+                 {warren} key add laptop ~/.ssh/id_ed25519.pub && {warren} ssh-config --write && ssh dev.warren\n"
             ));
         }
         // A closed stdout (a supervisor that stopped reading) must not bring the server down.
@@ -261,6 +304,13 @@ pub enum WsCommand {
         name: String,
         #[arg(long)]
         no_wait: bool,
+    },
+    /// Print the link that opens the workspace in VS Code (Remote-SSH)
+    Open {
+        name: String,
+        /// The folder to open
+        #[arg(long, default_value = "/root")]
+        folder: String,
     },
     /// Run a command to its end; exits with its status
     Exec {
@@ -623,6 +673,10 @@ pub fn ws(cmd: WsCommand) -> anyhow::Result<ExitCode> {
                     "is deleted"
                 }
             );
+        }
+        WsCommand::Open { name, folder } => {
+            println!("{}", crate::ssh_cmd::open_link(&client, &name, &folder)?);
+            eprintln!("(needs the entries of `warren ssh-config --write`)");
         }
         WsCommand::Exec {
             name,

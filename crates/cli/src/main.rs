@@ -12,6 +12,7 @@ mod control_cmd;
 mod image_cmd;
 mod runtime_cmd;
 mod spec_cmd;
+mod ssh_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -63,6 +64,10 @@ enum Commands {
     Host(control_cmd::HostCommand),
     /// Run workspaces on this machine for a Warren server elsewhere (needs root)
     Agent(agent_cmd::AgentArgs),
+    /// The SSH gateway alone, for this machine's workspaces (`warren up` runs one already)
+    Gateway(ssh_cmd::GatewayArgs),
+    /// Print (or --write) ~/.ssh/config entries for your workspaces
+    SshConfig(ssh_cmd::SshConfigArgs),
     /// Recent jobs of your workspaces
     #[command(subcommand)]
     Job(control_cmd::ListCommand),
@@ -106,6 +111,8 @@ fn main() -> ExitCode {
         Commands::Env(cmd) => control_cmd::env(cmd),
         Commands::Host(cmd) => control_cmd::host(cmd),
         Commands::Agent(args) => agent_cmd::agent(args, &cli.data),
+        Commands::Gateway(args) => ssh_cmd::gateway(args, &cli.data),
+        Commands::SshConfig(args) => ssh_cmd::ssh_config(args),
         Commands::Job(cmd) => control_cmd::job(cmd),
         Commands::Spec(cmd) => spec_cmd::run(cmd),
         Commands::Image(cmd) => image_cmd::run(cmd, &cli.data).map(|()| ExitCode::SUCCESS),

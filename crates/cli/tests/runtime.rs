@@ -548,7 +548,7 @@ fn isolation_holds() {
     assert_eq!(from_host, "hello\n");
     let mut forwarded = String::new();
     host.runtime
-        .connect(&id("iso-b"), 8000)
+        .connect(&id("iso-b"), "127.0.0.1:8000".parse().unwrap())
         .unwrap()
         .read_to_string(&mut forwarded)
         .unwrap();

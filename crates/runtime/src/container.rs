@@ -5,25 +5,50 @@
 //! shim, which is started as a separate executable.
 
 use std::fs::File;
+use std::io::Read;
 use std::io::{BufRead, BufReader};
-use std::net::{Ipv4Addr, TcpStream};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use ipnet::Ipv4Net;
+use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+use nix::sys::stat::Mode;
 
 use crate::exec::set_window_size;
 use crate::proto::{Channel, Reply, Request};
 use crate::record::{ID_RANGE, Layout, WorkspaceRecord};
 use crate::shim::{create_layout, teardown};
 use crate::slots::Slots;
+use crate::types::WORKSPACE_SOCKET_NAME;
 use crate::{
     DeleteReport, Error, Exec, ExecIo, ExecRequest, ExitStatus, Process, RootSource, Runtime,
-    Stats, WinSize, WorkspaceConfig, WorkspaceId, WorkspaceInfo, WorkspaceState, cgroup, net,
+    Stats, WinSize, WorkspaceConfig, WorkspaceId, WorkspaceInfo, WorkspaceSocket, WorkspaceState,
+    cgroup, net,
 };
+
+/// How long a forwarded connection may take to open.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A name nobody can guess (folder names in a workspace's `/tmp`).
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    // RandomState is seeded from the OS's random source once per process; the counter and the
+    // clock make each call differ.
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    h.finish()
+}
 
 /// Where workspaces attach.
 #[derive(Debug, Clone)]
@@ -387,7 +412,7 @@ impl Runtime for ContainerRuntime {
         }
     }
 
-    fn connect(&self, id: &WorkspaceId, port: u16) -> Result<TcpStream, Error> {
+    fn connect(&self, id: &WorkspaceId, to: SocketAddr) -> Result<TcpStream, Error> {
         let (_, _, pid) = self.running(id)?;
         let ns_path = PathBuf::from(format!("/proc/{pid}/ns/net"));
         let ns = File::open(&ns_path).map_err(Error::io("cannot open", &ns_path))?;
@@ -398,14 +423,113 @@ impl Runtime for ContainerRuntime {
                 nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(
                     |e| Error::Sys(format!("cannot enter the workspace's network: {e}")),
                 )?;
-                TcpStream::connect((Ipv4Addr::LOCALHOST, port)).map_err(|e| Error::Shim {
+                TcpStream::connect_timeout(&to, CONNECT_TIMEOUT).map_err(|e| Error::Shim {
                     id: id.to_string(),
-                    message: format!("nothing answers on port {port} ({e})"),
+                    message: format!("cannot connect to {to} ({e})"),
                 })
             })
             .join()
             .map_err(|_| Error::Sys("the connecting thread panicked".into()))?
         })
+    }
+
+    fn listen_unix(&self, id: &WorkspaceId, user: Option<&str>) -> Result<WorkspaceSocket, Error> {
+        let (rec, _, pid) = self.running(id)?;
+        let root_path = PathBuf::from(format!("/proc/{pid}/root"));
+        let root = File::open(&root_path).map_err(Error::io("cannot open", &root_path))?;
+        // Every path is resolved as if the workspace's root were `/`, so a symlink planted in
+        // the workspace cannot lead outside it.
+        let open_inside = |path: &str, flags: OFlag| -> Result<OwnedFd, Error> {
+            let how = OpenHow::new()
+                .flags(flags | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW)
+                .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+            let fd = nix::fcntl::openat2(root.as_raw_fd(), path, how)
+                .map_err(|e| Error::Sys(format!("cannot open {path} in the workspace: {e}")))?;
+            // SAFETY: openat2 returned a new descriptor that nothing else owns.
+            Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+        };
+        let user = user.unwrap_or("root");
+        let mut passwd = String::new();
+        File::from(open_inside("/etc/passwd", OFlag::O_RDONLY)?)
+            .take(1 << 20)
+            .read_to_string(&mut passwd)
+            .map_err(|e| Error::Sys(format!("cannot read the workspace's /etc/passwd: {e}")))?;
+        let (uid, gid) = match crate::exec::parse_passwd(&passwd, user) {
+            Some(account) => (account.uid, account.gid),
+            None => match user.parse::<u32>() {
+                Ok(uid) => (uid, uid),
+                Err(_) => return Err(Error::Sys(format!("no user `{user}` in the workspace"))),
+            },
+        };
+        if uid >= ID_RANGE || gid >= ID_RANGE {
+            return Err(Error::Sys(format!(
+                "user `{user}` is outside the workspace's id range"
+            )));
+        }
+        let owner = Some(nix::unistd::Uid::from_raw(rec.uid_base + uid));
+        let group = Some(nix::unistd::Gid::from_raw(rec.uid_base + gid));
+        let tmp = open_inside("/tmp", OFlag::O_DIRECTORY | OFlag::O_PATH)?;
+        let folder_name = loop {
+            let name = format!("warren-ssh-{:016x}", random_u64());
+            match nix::sys::stat::mkdirat(Some(tmp.as_raw_fd()), name.as_str(), Mode::S_IRWXU) {
+                Ok(()) => break name,
+                Err(nix::errno::Errno::EEXIST) => continue,
+                Err(e) => {
+                    return Err(Error::Sys(format!(
+                        "cannot make a folder in the workspace's /tmp: {e}"
+                    )));
+                }
+            }
+        };
+        let fd = nix::fcntl::openat(
+            Some(tmp.as_raw_fd()),
+            folder_name.as_str(),
+            OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_RDONLY,
+            Mode::empty(),
+        )
+        .map_err(|e| {
+            Error::Sys(format!(
+                "cannot open /tmp/{folder_name} in the workspace: {e}"
+            ))
+        })?;
+        // SAFETY: openat returned a new descriptor that nothing else owns.
+        let folder = unsafe { OwnedFd::from_raw_fd(fd) };
+        // From here on, dropping the socket removes what was made.
+        let bound = std::os::unix::net::UnixListener::bind(format!(
+            "/proc/self/fd/{}/{WORKSPACE_SOCKET_NAME}",
+            folder.as_raw_fd()
+        ));
+        let path = format!("/tmp/{folder_name}/{WORKSPACE_SOCKET_NAME}");
+        let listener = match bound {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = nix::unistd::unlinkat(
+                    Some(tmp.as_raw_fd()),
+                    folder_name.as_str(),
+                    nix::unistd::UnlinkatFlags::RemoveDir,
+                );
+                return Err(Error::Sys(format!(
+                    "cannot listen on {path} in the workspace: {e}"
+                )));
+            }
+        };
+        let socket = WorkspaceSocket {
+            listener,
+            path,
+            folder,
+            tmp,
+            folder_name,
+        };
+        nix::unistd::fchownat(
+            Some(socket.folder.as_raw_fd()),
+            WORKSPACE_SOCKET_NAME,
+            owner,
+            group,
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .and_then(|()| nix::unistd::fchown(socket.folder.as_raw_fd(), owner, group))
+        .map_err(|e| Error::Sys(format!("cannot give {} to `{user}`: {e}", socket.path)))?;
+        Ok(socket)
     }
 
     fn stop(&self, id: &WorkspaceId, grace: Duration) -> Result<(), Error> {

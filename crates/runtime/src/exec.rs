@@ -39,15 +39,15 @@ pub(crate) struct Started {
 
 /// A user inside the workspace, from its `/etc/passwd`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Account {
+pub(crate) struct Account {
     name: String,
-    uid: u32,
-    gid: u32,
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
     home: String,
     shell: String,
 }
 
-fn parse_passwd(passwd: &str, user: &str) -> Option<Account> {
+pub(crate) fn parse_passwd(passwd: &str, user: &str) -> Option<Account> {
     let numeric: Option<u32> = user.parse().ok();
     passwd.lines().find_map(|line| {
         let f: Vec<&str> = line.split(':').collect();

@@ -31,10 +31,10 @@ pub use error::Error;
 pub use shim::run_shim;
 pub use types::{
     DeleteReport, Exec, ExecIo, ExecRequest, ExitStatus, Limits, Process, RootSource, Stats,
-    WinSize, WorkspaceConfig, WorkspaceId, WorkspaceInfo, WorkspaceState,
+    WinSize, WorkspaceConfig, WorkspaceId, WorkspaceInfo, WorkspaceSocket, WorkspaceState,
 };
 
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 /// What the agent, the SSH gateway and the CLI need from a workspace backend. Both backends
@@ -47,8 +47,12 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
     fn start(&self, id: &WorkspaceId) -> Result<(), Error>;
     /// Runs a process inside a running workspace.
     fn exec(&self, id: &WorkspaceId, request: &ExecRequest) -> Result<Exec, Error>;
-    /// Opens a TCP connection to `port` on the workspace's own loopback (port forwarding).
-    fn connect(&self, id: &WorkspaceId, port: u16) -> Result<TcpStream, Error>;
+    /// Opens a TCP connection from inside the workspace's network (port forwarding): a
+    /// loopback address is the workspace's own loopback.
+    fn connect(&self, id: &WorkspaceId, to: SocketAddr) -> Result<TcpStream, Error>;
+    /// Listens on a fresh unix socket inside a running workspace, owned by `user` (a name or
+    /// uid in the workspace; root when absent) and reachable by nobody else there.
+    fn listen_unix(&self, id: &WorkspaceId, user: Option<&str>) -> Result<WorkspaceSocket, Error>;
     /// Stops the workspace: SIGTERM to everything in it, SIGKILL after `grace`. The writable
     /// layer is kept. Does nothing if it is stopped.
     fn stop(&self, id: &WorkspaceId, grace: Duration) -> Result<(), Error>;

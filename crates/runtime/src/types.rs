@@ -201,6 +201,39 @@ pub struct Stats {
     pub disk_bytes: u64,
 }
 
+/// A unix socket listening inside a running workspace, in a private folder under its `/tmp`
+/// owned by the workspace user (SSH agent forwarding). Dropping it removes the socket and the
+/// folder.
+#[derive(Debug)]
+pub struct WorkspaceSocket {
+    pub listener: std::os::unix::net::UnixListener,
+    /// The socket's path as processes in the workspace see it.
+    pub path: String,
+    /// The private folder, and the `/tmp` it is in (both opened inside the workspace's root).
+    pub(crate) folder: std::os::fd::OwnedFd,
+    pub(crate) tmp: std::os::fd::OwnedFd,
+    pub(crate) folder_name: String,
+}
+
+impl Drop for WorkspaceSocket {
+    fn drop(&mut self) {
+        use nix::unistd::{UnlinkatFlags, unlinkat};
+        use std::os::fd::AsRawFd;
+        let _ = unlinkat(
+            Some(self.folder.as_raw_fd()),
+            WORKSPACE_SOCKET_NAME,
+            UnlinkatFlags::NoRemoveDir,
+        );
+        let _ = unlinkat(
+            Some(self.tmp.as_raw_fd()),
+            self.folder_name.as_str(),
+            UnlinkatFlags::RemoveDir,
+        );
+    }
+}
+
+pub(crate) const WORKSPACE_SOCKET_NAME: &str = "agent.sock";
+
 /// What [`Runtime::delete`](crate::Runtime::delete) could not remove (empty when all is gone).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeleteReport {

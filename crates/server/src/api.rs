@@ -227,10 +227,28 @@ pub struct KeyView {
     fingerprint: String,
 }
 
+/// How developers reach the SSH gateway.
+#[derive(Debug, Clone, Serialize)]
+pub struct SshView {
+    /// The name developers' machines know this host by.
+    pub host: String,
+    pub port: u16,
+    /// The gateway's host key as a `known_hosts` line.
+    pub known_hosts: String,
+}
+
+pub async fn ssh_gateway(
+    State(state): State<AppState>,
+    _caller: Caller,
+) -> ApiResult<Json<SshView>> {
+    state.ssh.clone().map(Json).ok_or_else(|| {
+        ApiError::not_found("SSH gateway in this server (start one with `warren gateway`)")
+    })
+}
+
 /// `type base64 [comment]` → the key's SHA-256 fingerprint as OpenSSH prints it.
 pub fn ssh_fingerprint(public_key: &str) -> ApiResult<String> {
     use base64::Engine as _;
-    use sha2::Digest as _;
     let mut parts = public_key.split_whitespace();
     let (Some(kind), Some(blob)) = (parts.next(), parts.next()) else {
         return Err(ApiError::bad_request(
@@ -263,10 +281,17 @@ pub fn ssh_fingerprint(public_key: &str) -> ApiResult<String> {
             "the key's data does not match its type",
         ));
     }
-    Ok(format!(
+    Ok(blob_fingerprint(&bytes))
+}
+
+/// A key's wire-format blob → its SHA-256 fingerprint as OpenSSH prints it.
+pub fn blob_fingerprint(blob: &[u8]) -> String {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    format!(
         "SHA256:{}",
-        base64::engine::general_purpose::STANDARD_NO_PAD.encode(sha2::Sha256::digest(&bytes))
-    ))
+        base64::engine::general_purpose::STANDARD_NO_PAD.encode(sha2::Sha256::digest(blob))
+    )
 }
 
 fn key_view(r: &AnyRow) -> ApiResult<KeyView> {
@@ -312,7 +337,9 @@ pub async fn add_key(
     .execute(&state.db.pool)
     .await
     .map_err(|e| match ApiError::from(e) {
-        c if c.status == StatusCode::CONFLICT => ApiError::conflict("you added this key already"),
+        c if c.status == StatusCode::CONFLICT => ApiError::conflict(
+            "this key is registered already (the gateway knows a developer by their key, so a key belongs to one user)",
+        ),
         other => other,
     })?;
     Ok((
@@ -629,7 +656,7 @@ pub struct WorkspaceView {
     updated_at: i64,
 }
 
-const WORKSPACE_COLUMNS: &str =
+pub(crate) const WORKSPACE_COLUMNS: &str =
     "w.id, w.name, w.owner_id, u.name AS owner, w.project_id, p.name AS project, w.image, h.name AS host,
     w.host_id, w.state, w.desired, w.last_error, w.memory, w.cpus_milli, w.created_at, w.updated_at
     FROM workspaces w JOIN users u ON u.id = w.owner_id JOIN hosts h ON h.id = w.host_id
@@ -827,21 +854,27 @@ async fn transition(
     Ok(())
 }
 
+/// Asks for a workspace to run (nothing to do if it does).
+pub(crate) async fn start_row(state: &AppState, row: &AnyRow, name: &str) -> ApiResult<()> {
+    let current: String = row.try_get("state")?;
+    if current == "deleting" {
+        return Err(ApiError::conflict(format!(
+            "workspace `{name}` is being deleted"
+        )));
+    }
+    if current != "running" {
+        transition(state, row, Action::Start, "starting", "running", false).await?;
+    }
+    Ok(())
+}
+
 pub async fn start_workspace(
     State(state): State<AppState>,
     caller: Caller,
     Path(key): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
     let row = find_workspace(&state, &caller, &key).await?;
-    let current: String = row.try_get("state")?;
-    if current == "deleting" {
-        return Err(ApiError::conflict(format!(
-            "workspace `{key}` is being deleted"
-        )));
-    }
-    if current != "running" {
-        transition(&state, &row, Action::Start, "starting", "running", false).await?;
-    }
+    start_row(&state, &row, &key).await?;
     let row = find_workspace(&state, &caller, &key).await?;
     Ok((StatusCode::ACCEPTED, Json(workspace_view(&row)?)))
 }
@@ -1127,7 +1160,7 @@ pub async fn list_vars(
 
 /// `KEY=value` for a workspace's processes: its project's variables, then its owner's; secrets
 /// are opened here, in memory, and go nowhere else.
-async fn workspace_env(
+pub(crate) async fn workspace_env(
     state: &AppState,
     owner_id: &str,
     project_id: Option<&str>,

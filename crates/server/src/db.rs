@@ -34,6 +34,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../migrations/0001_init.sql")),
     (2, include_str!("../migrations/0002_webhooks.sql")),
     (3, include_str!("../migrations/0003_host_images.sql")),
+    (4, include_str!("../migrations/0004_unique_ssh_keys.sql")),
 ];
 
 impl Db {

@@ -9,6 +9,7 @@ pub mod api;
 pub mod auth;
 pub mod db;
 pub mod error;
+pub mod gateway;
 pub mod git;
 pub mod jobs;
 pub mod secrets;
@@ -41,6 +42,8 @@ pub struct AppState {
     pub secrets: secrets::SecretBox,
     /// The jobs, as agents see them (in process, or through the agent endpoints).
     pub plane: Arc<jobs::DbControlPlane>,
+    /// How developers reach the SSH gateway, when this process runs one.
+    pub ssh: Option<api::SshView>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -171,6 +174,11 @@ const ROUTES: &[(&str, &str, &str)] = &[
         "/api/v1/jobs",
         "Recent jobs of the caller's workspaces",
     ),
+    (
+        "get",
+        "/api/v1/ssh",
+        "The SSH gateway's address and host key (for `warren ssh-config`)",
+    ),
     ("get", "/api/v1/openapi.json", "This document"),
 ];
 
@@ -226,6 +234,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/agent/claim", post(api::agent_claim))
         .route("/api/v1/agent/finish", post(api::agent_finish))
         .route("/api/v1/jobs", get(api::list_jobs))
+        .route("/api/v1/ssh", get(api::ssh_gateway))
         .route("/api/v1/openapi.json", get(openapi))
         .fallback(|| async { ApiError::not_found("such endpoint (see /api/v1/openapi.json)") })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
@@ -292,6 +301,73 @@ pub struct SingleHost {
     pub images: warren_agent::ImageLister,
     /// How often settled workspaces are compared with what the runtime reports.
     pub reconcile_every: std::time::Duration,
+    /// The SSH gateway, if this process runs one.
+    pub ssh: Option<SshSettings>,
+}
+
+/// Where the SSH gateway listens and how developers reach it.
+#[derive(Debug, Clone)]
+pub struct SshSettings {
+    pub listen: SocketAddr,
+    /// The gateway's host key (made at first start, mode 0600).
+    pub host_key: std::path::PathBuf,
+    /// The name developers' machines know this host by (for `warren ssh-config`).
+    pub public_host: String,
+}
+
+/// Starts the SSH gateway for `state`'s host; returns what the API tells developers about it.
+async fn start_gateway(
+    state: &mut AppState,
+    settings: &SshSettings,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), ServerError> {
+    let key = warren_ssh::load_or_create_host_key(&settings.host_key)
+        .map_err(|e| ServerError::Other(e.to_string()))?;
+    let directory = Arc::new(gateway::GatewayDirectory {
+        state: state.clone(),
+    });
+    let (addr, task) = warren_ssh::listen(settings.listen, key.clone(), directory)
+        .await
+        .map_err(|e| ServerError::Other(e.to_string()))?;
+    state.ssh = Some(api::SshView {
+        host: settings.public_host.clone(),
+        port: addr.port(),
+        known_hosts: warren_ssh::known_hosts_line(&key, &settings.public_host, addr.port()),
+    });
+    Ok((addr, task))
+}
+
+/// Only the SSH gateway (`warren gateway`), for a host whose agent runs elsewhere in its own
+/// process, over the same database.
+#[derive(Debug, Clone)]
+pub struct GatewayOnly {
+    pub database_url: String,
+    pub host_name: String,
+    pub runtime: Arc<dyn Runtime>,
+    pub secret_key: std::path::PathBuf,
+    pub ssh: SshSettings,
+}
+
+pub async fn serve_gateway(
+    config: GatewayOnly,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), ServerError> {
+    let secrets = secrets::SecretBox::open_or_create(&config.secret_key)
+        .map_err(|e| ServerError::Other(e.to_string()))?;
+    let db = Db::connect(&config.database_url).await?;
+    let host_id = register_host(&db, &config.host_name).await?;
+    let wake = Arc::new(Notify::new());
+    let mut state = AppState {
+        plane: Arc::new(jobs::DbControlPlane {
+            db: db.clone(),
+            wake: wake.clone(),
+        }),
+        db,
+        wake,
+        host_id,
+        runtime: Some(config.runtime),
+        secrets,
+        ssh: None,
+    };
+    start_gateway(&mut state, &config.ssh).await
 }
 
 impl std::fmt::Debug for SingleHost {
@@ -311,6 +387,8 @@ pub struct Started {
     pub admin_password: Option<String>,
     pub serve: tokio::task::JoinHandle<Result<(), std::io::Error>>,
     pub shutdown: Arc<Notify>,
+    /// The SSH gateway's address and task, when it runs.
+    pub ssh: Option<(SocketAddr, tokio::task::JoinHandle<()>)>,
 }
 
 pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
@@ -362,13 +440,18 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
     tokio::spawn(agent.run(shutdown.clone()));
     tokio::spawn(git::poll_forever(db.clone(), config.git_poll));
 
-    let state = AppState {
+    let mut state = AppState {
         db,
         wake,
         host_id,
         runtime: Some(config.runtime),
         secrets,
         plane,
+        ssh: None,
+    };
+    let ssh = match &config.ssh {
+        Some(settings) => Some(start_gateway(&mut state, settings).await?),
+        None => None,
     };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -393,6 +476,7 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
         admin_password,
         serve,
         shutdown,
+        ssh,
     })
 }
 

@@ -1,0 +1,243 @@
+//! `warren gateway`, `warren ssh-config` and `warren ws open`: reaching workspaces over SSH.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::Args;
+use serde_json::Value;
+
+use crate::client::{Client, write_private};
+use crate::control_cmd::{SshFlags, hostname};
+use crate::runtime_cmd::HostFlags;
+
+#[derive(Debug, Args)]
+pub struct GatewayArgs {
+    /// The server's database (the gateway reads keys and workspaces from it)
+    #[arg(long, env = "WARREN_DATABASE_URL")]
+    database_url: Option<String>,
+    /// This host's name among Warren's hosts (default: the machine's hostname)
+    #[arg(long, env = "WARREN_HOST_NAME")]
+    host_name: Option<String>,
+    #[command(flatten)]
+    host: HostFlags,
+    #[command(flatten)]
+    ssh: SshFlags,
+}
+
+/// The SSH gateway alone, for this host's workspaces.
+pub fn gateway(args: GatewayArgs, data: &Path) -> anyhow::Result<ExitCode> {
+    let settings = args
+        .ssh
+        .settings(data)?
+        .context("`warren gateway` with --ssh-listen off has nothing to do")?;
+    let database_url = args
+        .database_url
+        .unwrap_or_else(|| format!("sqlite://{}", data.join("warren.db").display()));
+    let runtime = Arc::new(args.host.runtime(data)?);
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    tokio.block_on(async move {
+        let (addr, task) = warren_server::serve_gateway(warren_server::GatewayOnly {
+            database_url,
+            host_name: args.host_name.unwrap_or_else(hostname),
+            runtime,
+            secret_key: data.join("secret.key"),
+            ssh: settings,
+        })
+        .await?;
+        println!("Warren's SSH gateway is listening on {addr}");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        task.abort();
+        anyhow::Ok(ExitCode::SUCCESS)
+    })
+}
+
+#[derive(Debug, Args)]
+pub struct SshConfigArgs {
+    /// Write the entries into ~/.ssh/config (replacing the ones written before) instead of
+    /// printing them
+    #[arg(long)]
+    write: bool,
+    /// Have a stopped workspace started when you connect, instead of refused
+    #[arg(long)]
+    start: bool,
+    /// The ssh config file to write
+    #[arg(long)]
+    file: Option<PathBuf>,
+}
+
+const BEGIN: &str = "# >>> warren: written by `warren ssh-config --write`; edits here are replaced";
+const END: &str = "# <<< warren";
+
+/// One `Host` entry per workspace: `<workspace>.warren` (yours), `<workspace>.<owner>.warren`
+/// (another user's, for admins).
+fn entries(
+    me: &str,
+    gateway: &Value,
+    workspaces: &[Value],
+    known_hosts: &Path,
+    start: bool,
+) -> String {
+    let host = gateway["host"].as_str().unwrap_or("localhost");
+    let port = gateway["port"].as_u64().unwrap_or(2222);
+    let mut out = String::new();
+    for ws in workspaces {
+        let (Some(name), Some(owner)) = (ws["name"].as_str(), ws["owner"].as_str()) else {
+            continue;
+        };
+        let login = if owner == me {
+            name.to_owned()
+        } else {
+            format!("{name}.{owner}")
+        };
+        out.push_str(&format!(
+            "Host {login}.warren\n  HostName {host}\n  Port {port}\n  User {login}\n  \
+             UserKnownHostsFile {}\n  ForwardAgent yes\n",
+            known_hosts.display()
+        ));
+        if start {
+            out.push_str(&format!("  SetEnv {}=1\n", warren_ssh::START_VARIABLE));
+        }
+    }
+    out
+}
+
+/// `config` with Warren's block replaced by `block` (or added at the end).
+fn replace_block(config: &str, block: &str) -> String {
+    let mut kept = String::new();
+    let mut inside = false;
+    for line in config.lines() {
+        if line == BEGIN {
+            inside = true;
+        } else if line == END && inside {
+            inside = false;
+        } else if !inside {
+            kept.push_str(line);
+            kept.push('\n');
+        }
+    }
+    // Warren's block goes first: ssh takes the first value it finds for each option.
+    format!("{BEGIN}\n{block}{END}\n\n{}", kept.trim_start_matches('\n'))
+}
+
+pub fn ssh_config(args: SshConfigArgs) -> anyhow::Result<ExitCode> {
+    let client = Client::from_login()?;
+    let gateway = client.get("/ssh")?;
+    let me = client.get("/me")?;
+    let workspaces = client.get("/workspaces")?;
+    let home = PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?);
+    let ssh_dir = home.join(".ssh");
+    let known_hosts = ssh_dir.join("warren_known_hosts");
+    let block = entries(
+        me["name"].as_str().unwrap_or_default(),
+        &gateway,
+        workspaces.as_array().map(Vec::as_slice).unwrap_or_default(),
+        &known_hosts,
+        args.start,
+    );
+    if !args.write {
+        print!("{block}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let config = args.file.unwrap_or_else(|| ssh_dir.join("config"));
+    if let Some(dir) = config.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(&ssh_dir)?;
+        std::fs::set_permissions(&ssh_dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    let line = gateway["known_hosts"]
+        .as_str()
+        .context("the server sent no host key")?;
+    write_private(&known_hosts, format!("{line}\n").as_bytes())?;
+    let current = match std::fs::read_to_string(&config) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", config.display())),
+    };
+    write_private(&config, replace_block(&current, &block).as_bytes())?;
+    let count = block.matches("\nHost ").count() + usize::from(block.starts_with("Host "));
+    println!(
+        "wrote {count} workspace entr{} to {} (connect with `ssh <workspace>.warren`)",
+        if count == 1 { "y" } else { "ies" },
+        config.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The `vscode://` link that opens a workspace through VS Code's Remote-SSH extension.
+pub fn open_link(client: &Client, name: &str, folder: &str) -> anyhow::Result<String> {
+    let me = client.get("/me")?;
+    // `<workspace>.<owner>` names another user's, as at the gateway.
+    let ws = match name.split_once('.') {
+        Some((ws_name, owner)) => client
+            .get("/workspaces")?
+            .as_array()
+            .and_then(|all| {
+                all.iter()
+                    .find(|w| w["name"] == ws_name && w["owner"] == owner)
+                    .cloned()
+            })
+            .with_context(|| format!("no workspace `{ws_name}` of `{owner}` that you can see"))?,
+        None => client.get(&format!("/workspaces/{name}"))?,
+    };
+    let owner = ws["owner"].as_str().unwrap_or_default();
+    let ws_name = ws["name"].as_str().unwrap_or(name);
+    let alias = if Some(owner) == me["name"].as_str() {
+        format!("{ws_name}.warren")
+    } else {
+        format!("{ws_name}.{owner}.warren")
+    };
+    let folder = if folder.starts_with('/') {
+        folder.to_owned()
+    } else {
+        format!("/{folder}")
+    };
+    Ok(format!("vscode://vscode-remote/ssh-remote+{alias}{folder}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn entries_name_own_and_others_workspaces() {
+        let gateway = json!({"host": "devbox", "port": 2222});
+        let workspaces = [
+            json!({"name": "web", "owner": "alice"}),
+            json!({"name": "api", "owner": "bob"}),
+        ];
+        let text = entries(
+            "alice",
+            &gateway,
+            &workspaces,
+            Path::new("/h/.ssh/warren_known_hosts"),
+            true,
+        );
+        assert!(text.contains("Host web.warren\n  HostName devbox\n  Port 2222\n  User web\n"));
+        assert!(text.contains("Host api.bob.warren\n") && text.contains("User api.bob\n"));
+        assert!(text.contains("SetEnv WARREN_START=1"));
+    }
+
+    #[test]
+    fn the_block_is_replaced_and_the_rest_kept() {
+        let first = replace_block("Host other\n  User me\n", "Host a.warren\n");
+        assert!(first.starts_with(BEGIN));
+        assert!(first.contains("Host a.warren\n") && first.contains("Host other\n  User me\n"));
+        let second = replace_block(&first, "Host b.warren\n");
+        assert!(!second.contains("a.warren"));
+        assert_eq!(second.matches(BEGIN).count(), 1);
+        assert!(second.contains("Host b.warren\n") && second.contains("Host other\n"));
+    }
+}

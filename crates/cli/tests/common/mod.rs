@@ -1,0 +1,275 @@
+//! `warren up` for integration tests: a server of the test's own, its CLI as several users, and
+//! raw API calls. Each test crate uses what it needs of it.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::io::BufRead;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tempfile::TempDir;
+use warren_testkit::{debian_rootfs, free_port};
+
+/// A `warren up` of this test, in the test's own network namespace.
+pub struct Warren {
+    pub data: TempDir,
+    pub database_url: Option<String>,
+    pub uid_base: u32,
+    pub port: u16,
+    /// Where its SSH gateway listens.
+    pub ssh_port: u16,
+    pub child: Option<Child>,
+    /// Where each logged-in user keeps its CLI token.
+    pub configs: TempDir,
+}
+
+impl Warren {
+    pub fn new(seed: u32, database_url: Option<String>) -> Self {
+        let data = tempfile::Builder::new()
+            .prefix("warren-up-")
+            .tempdir_in("/var/tmp")
+            .unwrap();
+        Self {
+            data,
+            database_url,
+            uid_base: 2_000_000_000 + seed * 64 * 65536,
+            port: free_port(),
+            ssh_port: free_port(),
+            child: None,
+            configs: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// A first start, with the admin logged in.
+    pub fn up_with_admin(seed: u32, database_url: Option<String>) -> Self {
+        let mut warren = Self::new(seed, database_url);
+        let password = warren.start().expect("a first start creates the admin");
+        warren.login("admin", &password);
+        warren
+    }
+
+    /// Imports the Debian minbase fixture into this host's store as `dev:1`.
+    pub fn import_dev_image(&self) {
+        self.import_image(&debian_rootfs("minbase", &[]), "dev:1");
+    }
+
+    /// Imports a root filesystem into this host's store under `tag`.
+    pub fn import_image(&self, rootfs: &std::path::Path, tag: &str) {
+        self.ok("admin", &["image", "import", rootfs.to_str().unwrap(), tag]);
+    }
+
+    /// Creates a user (as the admin) and logs it in.
+    pub fn add_user(&self, name: &str) {
+        let password = format!("{name}-password");
+        let (status, body) = self.http(
+            "POST",
+            "/api/v1/users",
+            Some(&self.token("admin")),
+            Some(
+                serde_json::json!({"name": name, "password": password})
+                    .to_string()
+                    .as_bytes(),
+            ),
+        );
+        assert_eq!(status, 201, "{body}");
+        self.login(name, &password);
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts `warren up`; returns the admin password when this start created the admin.
+    pub fn start(&mut self) -> Option<String> {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_warren"));
+        cmd.arg("--data")
+            .arg(self.data.path())
+            .args(["up", "--listen", &format!("127.0.0.1:{}", self.port)])
+            .args(["--ssh-listen", &format!("127.0.0.1:{}", self.ssh_port)])
+            .args(["--ssh-host", "127.0.0.1"])
+            .env("WARREN_UID_BASE", self.uid_base.to_string())
+            .env("WARREN_RECONCILE_SECONDS", "1")
+            .env("WARREN_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(
+                std::fs::File::options()
+                    .create(true)
+                    .append(true)
+                    .open(self.data.path().join("up.log"))
+                    .unwrap(),
+            );
+        if let Some(url) = &self.database_url {
+            cmd.args(["--database-url", url]);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let line = rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .unwrap_or_else(|_| panic!("warren up did not come up: {}", self.log()));
+            if line.starts_with("  data:") {
+                break;
+            }
+        }
+        // A first start prints the admin's password next; a later one prints nothing more.
+        let mut password = None;
+        while let Ok(line) = rx.recv_timeout(Duration::from_millis(500)) {
+            if let Some(rest) = line.trim().strip_prefix("user: admin   password: ") {
+                password = Some(rest.trim().to_owned());
+            }
+            if line.starts_with("Next:") {
+                break;
+            }
+        }
+        password
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data.path().join("up.log")).unwrap_or_default()
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// The CLI as `user` (each user has its own saved login).
+    pub fn cli(&self, user: &str, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_warren"))
+            .arg("--data")
+            .arg(self.data.path())
+            .args(args)
+            .env("XDG_CONFIG_HOME", self.configs.path().join(user))
+            .env("HOME", self.configs.path().join(user))
+            .env("WARREN_SERVER", self.url())
+            .output()
+            .unwrap()
+    }
+
+    pub fn ok(&self, user: &str, args: &[&str]) -> String {
+        let out = self.cli(user, args);
+        assert!(
+            out.status.success(),
+            "warren {args:?} as {user} failed: {}{}\n--- server log ---\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn login(&self, user: &str, password: &str) {
+        let out = Command::new(env!("CARGO_BIN_EXE_warren"))
+            .args(["login", "--server", &self.url(), "--user", user])
+            .env("XDG_CONFIG_HOME", self.configs.path().join(user))
+            .env("WARREN_PASSWORD", password)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "login {user}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The token `warren login` saved for `user`.
+    pub fn token(&self, user: &str) -> String {
+        let saved: Value = serde_json::from_slice(
+            &std::fs::read(self.configs.path().join(user).join("warren/cli.json")).unwrap(),
+        )
+        .unwrap();
+        saved["token"].as_str().unwrap().to_owned()
+    }
+
+    /// A raw API call; returns the status and the JSON body.
+    pub fn http(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&[u8]>,
+    ) -> (u16, Value) {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let url = format!("{}{path}", self.url());
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let mut resp = match method {
+            "GET" | "DELETE" => {
+                let mut req = if method == "GET" {
+                    agent.get(&url)
+                } else {
+                    agent.delete(&url)
+                };
+                if let Some(a) = &auth {
+                    req = req.header("Authorization", a);
+                }
+                req.call().unwrap()
+            }
+            _ => {
+                let mut req = agent.post(&url).header("Content-Type", "application/json");
+                if let Some(a) = &auth {
+                    req = req.header("Authorization", a);
+                }
+                req.send(body.unwrap_or(b"{}")).unwrap()
+            }
+        };
+        let status = resp.status().as_u16();
+        let text = resp.body_mut().read_to_string().unwrap_or_default();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    pub fn workspace_processes(&self) -> usize {
+        let mut n = 0;
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
+                continue;
+            };
+            let uid: u32 = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            if (self.uid_base..self.uid_base + 64 * 65536).contains(&uid) {
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+impl Drop for Warren {
+    fn drop(&mut self) {
+        self.kill9();
+        // Whatever workspaces a failed test left: remove them with the runtime's own command.
+        let dir = self.data.path().join("runtime/workspaces");
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let _ = Command::new(env!("CARGO_BIN_EXE_warren"))
+                .arg("--data")
+                .arg(self.data.path())
+                .args(["runtime", "rm", "-f"])
+                .arg(entry.file_name())
+                .env("WARREN_UID_BASE", self.uid_base.to_string())
+                .output();
+        }
+    }
+}

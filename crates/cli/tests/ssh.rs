@@ -1,0 +1,703 @@
+//! The SSH gateway of `warren up`, driven with the real OpenSSH client (ssh, scp, sftp,
+//! ssh-agent, tmux for the terminal) against real container workspaces: commands and their exit
+//! status, separate streams, a full-screen terminal that resizes, file copies both ways, port
+//! forwarding (`-L`, `-D`), agent forwarding, what VS Code Remote-SSH does, refusals with a
+//! message, and many sessions at once.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::Warren;
+use warren_testkit::{debian_rootfs, enter_own_network, free_port, require_program};
+
+/// A workspace image with what developers' tools expect: OpenSSH's sftp-server and client
+/// (`ssh-add`), `top`, and busybox for a small HTTP server.
+fn dev_image() -> PathBuf {
+    debian_rootfs("minbase", &["busybox", "openssh-server", "procps"])
+}
+
+fn setup() {
+    enter_own_network();
+    for (program, package) in [
+        ("ssh", "openssh-client"),
+        ("scp", "openssh-client"),
+        ("sftp", "openssh-client"),
+        ("ssh-agent", "openssh-client"),
+        ("ssh-keygen", "openssh-client"),
+        ("tmux", "tmux"),
+        ("curl", "curl"),
+    ] {
+        require_program(program, package);
+    }
+}
+
+/// A developer: a key pair, and the ssh config `warren ssh-config --write` made for them.
+struct Developer {
+    name: String,
+    home: PathBuf,
+    key: PathBuf,
+}
+
+impl Developer {
+    /// Makes `name`'s key, registers it, and writes their ssh config.
+    fn new(warren: &Warren, name: &str) -> Self {
+        let home = warren.configs.path().join(name);
+        std::fs::create_dir_all(&home).unwrap();
+        let key = home.join("id_ed25519");
+        keygen(&key);
+        warren.ok(
+            name,
+            &[
+                "key",
+                "add",
+                "laptop",
+                key.with_extension("pub").to_str().unwrap(),
+            ],
+        );
+        Self {
+            name: name.to_owned(),
+            home,
+            key,
+        }
+    }
+
+    fn write_ssh_config(&self, warren: &Warren) {
+        let out = warren.ok(&self.name, &["ssh-config", "--write"]);
+        assert!(out.contains("wrote"), "{out}");
+    }
+
+    /// `ssh` (or `scp`, `sftp`) with this developer's config and key, never asking anything.
+    fn tool(&self, program: &str) -> Command {
+        self.tool_with_key(program, &self.key)
+    }
+
+    fn tool_with_key(&self, program: &str, key: &Path) -> Command {
+        let mut cmd = Command::new(program);
+        cmd.arg("-F")
+            .arg(self.home.join(".ssh/config"))
+            .arg("-i")
+            .arg(key)
+            .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes"]);
+        cmd
+    }
+
+    /// `sftp` puts `local` into the workspace as /root/sftp.bin and gets it back: the same bytes.
+    fn sftp_round_trip(&self, local: &Path, scratch: &Path) {
+        let batch = scratch.join("batch");
+        let back = scratch.join("sftp-back.bin");
+        std::fs::write(
+            &batch,
+            format!(
+                "put {} /root/sftp.bin\nget /root/sftp.bin {}\n",
+                local.display(),
+                back.display()
+            ),
+        )
+        .unwrap();
+        let out = self
+            .tool("sftp")
+            .arg("-b")
+            .arg(&batch)
+            .arg("web.warren")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "sftp: {}", stderr(&out));
+        assert_eq!(sha256(&back), sha256(local));
+        std::fs::remove_file(&back).unwrap();
+    }
+
+    fn ssh(&self, host: &str, command: &str) -> Output {
+        self.tool("ssh")
+            .arg(host)
+            .arg(command)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    fn ssh_ok(&self, host: &str, command: &str) -> String {
+        let out = self.ssh(host, command);
+        assert!(
+            out.status.success(),
+            "ssh {host} {command:?}: {:?}\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+fn keygen(path: &Path) {
+    let out = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "test", "-f"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A background `ssh` (a forwarding), killed when dropped.
+struct Background(Child);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Retries `f` until it returns `Some` (a forwarding's listener takes a moment to appear).
+fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}: gave up after 30 s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn curl(args: &[&str]) -> Option<String> {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10"])
+        .args(args)
+        .output()
+        .unwrap();
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn sha256(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// A file of `mib` MiB that does not compress.
+fn random_file(path: &Path, mib: usize) {
+    let mut f = std::fs::File::create(path).unwrap();
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut block = vec![0u8; 1 << 20];
+    for _ in 0..mib {
+        for b in block.chunks_mut(8) {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            b.copy_from_slice(&state.to_le_bytes()[..b.len()]);
+        }
+        f.write_all(&block).unwrap();
+    }
+}
+
+/// A tmux server of the test's own (its socket in `dir`).
+struct Tmux(PathBuf);
+
+impl Tmux {
+    fn run(&self, args: &[&str]) -> String {
+        let out = Command::new("tmux")
+            .arg("-S")
+            .arg(&self.0)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "tmux {args:?}: {}", stderr(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn screen(&self) -> String {
+        self.run(&["capture-pane", "-p", "-t", "t"])
+    }
+
+    fn wait_for(&self, text: &str) -> String {
+        eventually(&format!("the terminal to show {text:?}"), || {
+            let screen = self.screen();
+            screen.contains(text).then_some(screen)
+        })
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .arg("-S")
+            .arg(&self.0)
+            .arg("kill-server")
+            .output();
+    }
+}
+
+/// One `warren up` with a running workspace `web` owned by alice, bob and the admin as
+/// developers with keys.
+fn with_workspace(seed: u32) -> (Warren, Developer, Developer, Developer) {
+    let warren = Warren::up_with_admin(seed, None);
+    warren.import_image(&dev_image(), "dev:1");
+    warren.add_user("alice");
+    warren.add_user("bob");
+    warren.ok("alice", &["ws", "create", "web", "--image", "dev:1"]);
+    let alice = Developer::new(&warren, "alice");
+    let bob = Developer::new(&warren, "bob");
+    let admin = Developer::new(&warren, "admin");
+    for dev in [&alice, &bob, &admin] {
+        dev.write_ssh_config(&warren);
+    }
+    (warren, alice, bob, admin)
+}
+
+#[test]
+fn ssh_reaches_the_workspace_with_every_channel() {
+    setup();
+    let (warren, alice, bob, admin) = with_workspace(11);
+    warren.ok("alice", &["env", "set", "GREETING=hello from warren"]);
+
+    // exec: the exit status comes back; stdin, stdout and stderr stay apart; variables arrive.
+    let out = alice.ssh("web.warren", "exit 3");
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let mut child = alice
+        .tool("ssh")
+        .args(["-o", "SetEnv=LC_DEMO=set-by-client", "web.warren"])
+        .arg(r#"tr a-z A-Z; echo "to stderr" >&2; echo "$GREETING/$LC_DEMO/$(id -u)""#)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"standard input\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "STANDARD INPUT\nhello from warren/set-by-client/0\n"
+    );
+    assert_eq!(stderr(&out), "to stderr\n");
+    // Killed by a signal: OpenSSH reports no exit status for that (255), and no output is lost.
+    let out = alice.ssh("web.warren", "echo before; kill -KILL $$");
+    assert_eq!(out.status.code(), Some(255));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "before\n");
+
+    // An interactive terminal runs a full-screen program and follows the window's size.
+    let tmux = Tmux(warren.configs.path().join("tmux.sock"));
+    let ssh_line = format!(
+        "ssh -F {} -i {} -o IdentitiesOnly=yes -o BatchMode=yes -t web.warren",
+        alice.home.join(".ssh/config").display(),
+        alice.key.display()
+    );
+    tmux.run(&[
+        "new-session",
+        "-d",
+        "-s",
+        "t",
+        "-x",
+        "100",
+        "-y",
+        "30",
+        &ssh_line,
+    ]);
+    tmux.run(&["send-keys", "-t", "t", "stty size; echo $TERM", "Enter"]);
+    tmux.wait_for("30 100");
+    tmux.run(&["resize-window", "-t", "t", "-x", "120", "-y", "40"]);
+    tmux.run(&["send-keys", "-t", "t", "clear; stty size", "Enter"]);
+    tmux.wait_for("40 120");
+    tmux.run(&["send-keys", "-t", "t", "top -d 1", "Enter"]);
+    tmux.wait_for("load average");
+    tmux.run(&["send-keys", "-t", "t", "q"]);
+    eventually("top to quit", || {
+        (!tmux.screen().contains("load average")).then_some(())
+    });
+    tmux.run(&["send-keys", "-t", "t", "clear; echo done-$((6*7))", "Enter"]);
+    tmux.wait_for("done-42");
+    tmux.run(&["send-keys", "-t", "t", "exit", "Enter"]);
+    drop(tmux);
+
+    // scp and sftp, both ways, the same bytes.
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("data.bin");
+    random_file(&local, 16);
+    let out = alice
+        .tool("scp")
+        .arg(&local)
+        .arg("web.warren:/root/up.bin")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "scp up: {}", stderr(&out));
+    let back = dir.path().join("back.bin");
+    let out = alice
+        .tool("scp")
+        .arg("web.warren:/root/up.bin")
+        .arg(&back)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "scp down: {}", stderr(&out));
+    assert_eq!(sha256(&back), sha256(&local));
+    let inside = alice.ssh_ok("web.warren", "sha256sum /root/up.bin");
+    assert!(inside.starts_with(&sha256(&local)), "{inside}");
+    alice.sftp_round_trip(&local, dir.path());
+
+    // Port forwarding to a server on the workspace's own loopback: -L, and -D as SOCKS.
+    alice.ssh_ok(
+        "web.warren",
+        "mkdir -p /srv && echo served-inside > /srv/index.html && busybox httpd -p 127.0.0.1:8000 -h /srv",
+    );
+    let local_port = free_port();
+    let _forward = Background(
+        alice
+            .tool("ssh")
+            .args([
+                "-N",
+                "-L",
+                &format!("{local_port}:127.0.0.1:8000"),
+                "web.warren",
+            ])
+            .spawn()
+            .unwrap(),
+    );
+    let page = eventually("ssh -L", || {
+        curl(&[&format!("http://127.0.0.1:{local_port}/")])
+    });
+    assert_eq!(page, "served-inside\n");
+    let socks_port = free_port();
+    let _socks = Background(
+        alice
+            .tool("ssh")
+            .args(["-N", "-D", &format!("127.0.0.1:{socks_port}"), "web.warren"])
+            .spawn()
+            .unwrap(),
+    );
+    let page = eventually("ssh -D", || {
+        curl(&[
+            "--socks5-hostname",
+            &format!("127.0.0.1:{socks_port}"),
+            "http://localhost:8000/",
+        ])
+    });
+    assert_eq!(page, "served-inside\n");
+    // Nothing listens there: the channel is refused, with the reason.
+    let out = alice
+        .tool("ssh")
+        .args(["-W", "127.0.0.1:9", "web.warren"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("cannot connect"), "{}", stderr(&out));
+
+    // Agent forwarding: the developer's key is usable inside, and only during the session.
+    let agent_sock = dir.path().join("agent.sock");
+    let mut agent = Background(
+        Command::new("ssh-agent")
+            .args(["-D", "-a"])
+            .arg(&agent_sock)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    eventually("ssh-agent", || agent_sock.exists().then_some(()));
+    let out = Command::new("ssh-add")
+        .arg(&alice.key)
+        .env("SSH_AUTH_SOCK", &agent_sock)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ssh-add: {}", stderr(&out));
+    let out = alice
+        .tool("ssh")
+        .args([
+            "-A",
+            "web.warren",
+            "ssh-add -l; stat -c %a \"$SSH_AUTH_SOCK\" \"$(dirname \"$SSH_AUTH_SOCK\")\"",
+        ])
+        .env("SSH_AUTH_SOCK", &agent_sock)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{listed}{}", stderr(&out));
+    let fingerprint = Command::new("ssh-keygen")
+        .arg("-lf")
+        .arg(alice.key.with_extension("pub"))
+        .output()
+        .unwrap();
+    let fingerprint = String::from_utf8_lossy(&fingerprint.stdout)
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_owned();
+    assert!(listed.contains(&fingerprint), "{listed}");
+    assert!(
+        listed.contains("\n700\n"),
+        "the socket's folder is private: {listed}"
+    );
+    assert_eq!(
+        alice
+            .ssh_ok("web.warren", "ls -d /tmp/warren-ssh-* 2>/dev/null | wc -l")
+            .trim(),
+        "0",
+        "the agent socket goes with its session"
+    );
+    let _ = agent.0.kill();
+
+    // Refusals, each with a message: a key nobody registered, another user's workspace, a
+    // workspace that does not exist. An admin reaches alice's as `web.alice`.
+    let stranger = dir.path().join("stranger");
+    keygen(&stranger);
+    let out = alice
+        .tool_with_key("ssh", &stranger)
+        .args(["web.warren", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(255));
+    assert!(
+        stderr(&out).contains("Permission denied (publickey)"),
+        "{}",
+        stderr(&out)
+    );
+    let port = warren.ssh_port.to_string();
+    // Straight to the gateway, without the config's entries (the host key as `ssh-config`
+    // wrote it).
+    let direct = |dev: &Developer, login: &str, args: &[&str], command: &[&str]| {
+        dev.tool("ssh")
+            .arg("-o")
+            .arg(format!(
+                "UserKnownHostsFile={}",
+                dev.home.join(".ssh/warren_known_hosts").display()
+            ))
+            .args(["-p", &port])
+            .args(args)
+            .arg(format!("{login}@127.0.0.1"))
+            .args(command)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = direct(&bob, "web.alice", &[], &["echo reached"]);
+    assert_eq!(out.status.code(), Some(255));
+    assert!(
+        stderr(&out).contains("no workspace `web.alice` for user `bob`"),
+        "{}",
+        stderr(&out)
+    );
+    let out = direct(&bob, "web", &[], &["echo reached"]);
+    assert!(
+        stderr(&out).contains("no workspace `web` for user `bob`"),
+        "{}",
+        stderr(&out)
+    );
+    let out = direct(&alice, "nope", &[], &["echo reached"]);
+    assert!(
+        stderr(&out).contains("no workspace `nope`"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(out.stdout.is_empty());
+    let out = direct(&admin, "web.alice", &[], &["echo reached"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "reached\n",
+        "{}",
+        stderr(&out)
+    );
+    // -L to another user's workspace is refused too.
+    let out = direct(&bob, "web.alice", &["-W", "127.0.0.1:8000"], &[]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("no workspace"), "{}", stderr(&out));
+
+    // A stopped workspace says so, and starts when the client asks for it.
+    warren.ok("alice", &["ws", "stop", "web"]);
+    let out = alice.ssh("web.warren", "echo reached");
+    assert_eq!(out.status.code(), Some(255));
+    assert!(
+        stderr(&out).contains("workspace `web` is stopped"),
+        "{}",
+        stderr(&out)
+    );
+    let out = alice
+        .tool("ssh")
+        .args([
+            "-o",
+            "SetEnv=WARREN_START=1",
+            "web.warren",
+            "cat /root/up.bin | sha256sum",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with(&sha256(&local)));
+
+    // `warren ws open` names the entry `ssh-config` wrote.
+    let link = warren.ok("alice", &["ws", "open", "web", "--folder", "/srv"]);
+    assert_eq!(
+        link.trim(),
+        "vscode://vscode-remote/ssh-remote+web.warren/srv"
+    );
+    let link = warren.ok("admin", &["ws", "open", "web.alice"]);
+    assert!(
+        link.trim().ends_with("ssh-remote+web.alice.warren/root"),
+        "{link}"
+    );
+}
+
+/// What VS Code Remote-SSH does: a non-pty `bash` fed a script on stdin that starts a server
+/// and prints its port, then a `direct-tcpip` channel (through `-D`) to that port.
+#[test]
+fn vscode_remote_ssh_connects_to_the_server_its_script_started() {
+    setup();
+    let (_warren, alice, _bob, _admin) = with_workspace(12);
+    let socks_port = free_port();
+    let mut child = alice
+        .tool("ssh")
+        .args([
+            "-T",
+            "-D",
+            &format!("127.0.0.1:{socks_port}"),
+            "web.warren",
+            "bash",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(
+            br#"
+set -e
+SERVER_DIR=$HOME/.vscode-server/bin/test-commit
+mkdir -p "$SERVER_DIR/www"
+echo "vscode-server answering" > "$SERVER_DIR/www/index.html"
+PORT=$((20000 + RANDOM % 20000))
+busybox httpd -p 127.0.0.1:$PORT -h "$SERVER_DIR/www"
+echo "0a1b2c: start"
+echo "listeningOn==$PORT=="
+echo "0a1b2c: end"
+"#,
+        )
+        .unwrap();
+    stdin.flush().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let port = loop {
+        let line = lines
+            .next()
+            .expect("the script ended without printing its port")
+            .unwrap();
+        if let Some(rest) = line.strip_prefix("listeningOn==") {
+            break rest.trim_end_matches("==").to_owned();
+        }
+    };
+    let page = eventually("the server through the SOCKS tunnel", || {
+        curl(&[
+            "--socks5-hostname",
+            &format!("127.0.0.1:{socks_port}"),
+            &format!("http://127.0.0.1:{port}/"),
+        ])
+    });
+    assert_eq!(page, "vscode-server answering\n");
+    // The bash session is still there (VS Code keeps it), and ends when its stdin does.
+    stdin.write_all(b"echo still-here\n").unwrap();
+    assert_eq!(lines.next().unwrap().unwrap(), "0a1b2c: end");
+    assert_eq!(lines.next().unwrap().unwrap(), "still-here");
+    drop(stdin);
+    let status = child.wait().unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn fifty_sessions_and_ten_copies_at_once() {
+    setup();
+    let (_warren, alice, _bob, _admin) = with_workspace(13);
+    let alice = std::sync::Arc::new(alice);
+    let sessions: Vec<_> = (0..50)
+        .map(|i| {
+            let alice = alice.clone();
+            std::thread::spawn(move || alice.ssh_ok("web.warren", &format!("echo session-{i}")))
+        })
+        .collect();
+    for (i, s) in sessions.into_iter().enumerate() {
+        assert_eq!(s.join().unwrap(), format!("session-{i}\n"));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let copies: Vec<_> = (0..10)
+        .map(|i| {
+            let alice = alice.clone();
+            let local = dir.path().join(format!("f{i}"));
+            let back = dir.path().join(format!("b{i}"));
+            random_file(&local, 8 + i);
+            std::thread::spawn(move || {
+                for (from, to) in [
+                    (
+                        local.display().to_string(),
+                        format!("web.warren:/root/f{i}"),
+                    ),
+                    (format!("web.warren:/root/f{i}"), back.display().to_string()),
+                ] {
+                    let out = alice.tool("scp").arg(&from).arg(&to).output().unwrap();
+                    assert!(out.status.success(), "scp {from} {to}: {}", stderr(&out));
+                }
+                assert_eq!(sha256(&back), sha256(&local));
+            })
+        })
+        .collect();
+    for c in copies {
+        c.join().unwrap();
+    }
+}
+
+/// 1 GiB each way through scp and sftp, checksums equal.
+#[test]
+fn a_gibibyte_each_way() {
+    setup();
+    let (_warren, alice, _bob, _admin) = with_workspace(14);
+    let dir = tempfile::Builder::new()
+        .prefix("warren-ssh-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let local = dir.path().join("big.bin");
+    random_file(&local, 1024);
+    let want = sha256(&local);
+    let scp_back = dir.path().join("scp-back.bin");
+    for (from, to) in [
+        (
+            local.display().to_string(),
+            "web.warren:/root/big.bin".to_owned(),
+        ),
+        (
+            "web.warren:/root/big.bin".to_owned(),
+            scp_back.display().to_string(),
+        ),
+    ] {
+        let out = alice.tool("scp").arg(&from).arg(&to).output().unwrap();
+        assert!(out.status.success(), "scp {from} {to}: {}", stderr(&out));
+    }
+    assert_eq!(sha256(&scp_back), want);
+    std::fs::remove_file(&scp_back).unwrap();
+    alice.sftp_round_trip(&local, dir.path());
+    assert!(
+        alice
+            .ssh_ok("web.warren", "sha256sum /root/big.bin /root/sftp.bin")
+            .lines()
+            .all(|l| l.starts_with(&want))
+    );
+}

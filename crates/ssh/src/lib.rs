@@ -1,0 +1,376 @@
+//! Warren's SSH gateway: one port in front of every workspace on this host.
+//!
+//! A developer connects with their own key; the SSH user names the workspace
+//! (`ssh -p 2222 myws@devbox`, or `myws.alice@devbox` for an admin reaching alice's `myws`).
+//! Every channel is routed into the workspace through the [`Runtime`]: sessions (shell, exec,
+//! pty, env, signals, the `sftp` subsystem) become processes in the workspace, `direct-tcpip`
+//! channels become connections made from inside its network, and agent forwarding becomes a
+//! unix socket inside it whose connections travel back to the developer's agent.
+//!
+//! Who may reach what is the [`Directory`]'s business (the control plane implements it over its
+//! database); this crate only speaks SSH and moves bytes.
+
+mod session;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use russh::keys::ssh_key::{self, LineEnding, PrivateKey};
+use russh::server::{Auth, ChannelOpenHandle, Msg, Session};
+use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet};
+use tokio::net::TcpListener;
+use warren_runtime::{Runtime, WorkspaceId};
+
+pub use russh::keys::PublicKey;
+
+/// A Warren user, as the [`Directory`] knows them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    pub id: String,
+    pub name: String,
+}
+
+/// The workspace a login names, resolved for one user.
+#[derive(Clone)]
+pub struct Target {
+    /// The workspace's name, as the user wrote it.
+    pub name: String,
+    pub id: WorkspaceId,
+    /// The runtime of the host the workspace is on.
+    pub runtime: Arc<dyn Runtime>,
+    /// Its state in the control plane (`running`, `stopped`, `starting`, ...).
+    pub state: String,
+    /// Variables every process started through the gateway gets (the project's and the owner's).
+    pub env: Vec<String>,
+    /// The user inside the workspace that sessions run as (root when absent).
+    pub user: Option<String>,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("name", &self.name)
+            .field("id", &self.id)
+            .field("state", &self.state)
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Who may reach which workspace. Messages in `Err` are shown to the developer as they are.
+pub trait Directory: Send + Sync + 'static {
+    /// The user who registered this public key, if anyone did.
+    fn user_for_key(
+        &self,
+        key: &PublicKey,
+    ) -> impl Future<Output = Result<Option<User>, String>> + Send;
+    /// The workspace `login` (the SSH user field) names for `user`.
+    fn workspace(
+        &self,
+        user: &User,
+        login: &str,
+    ) -> impl Future<Output = Result<Target, String>> + Send;
+    /// Starts a workspace that is not running and returns it once it runs.
+    fn start(
+        &self,
+        user: &User,
+        login: &str,
+    ) -> impl Future<Output = Result<Target, String>> + Send;
+}
+
+/// The variable a client sends (`ssh -o SetEnv=WARREN_START=1`, or `warren ssh-config --start`)
+/// to have a stopped workspace started instead of refused.
+pub const START_VARIABLE: &str = "WARREN_START";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("host key {path}: {message}")]
+    HostKey { path: String, message: String },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Reads the gateway's host key, or makes one (Ed25519, OpenSSH format, mode 0600) the first
+/// time, so clients see the same host on every start.
+pub fn load_or_create_host_key(path: &Path) -> Result<PrivateKey, Error> {
+    let fail = |message: String| Error::HostKey {
+        path: path.display().to_string(),
+        message,
+    };
+    match std::fs::read_to_string(path) {
+        Ok(text) => return PrivateKey::from_openssh(&text).map_err(|e| fail(e.to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(fail(e.to_string())),
+    }
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).map_err(|e| fail(format!("no random bytes: {e}")))?;
+    let key = PrivateKey::from(ssh_key::private::Ed25519Keypair::from_seed(&seed));
+    let text = key
+        .to_openssh(LineEnding::LF)
+        .map_err(|e| fail(e.to_string()))?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
+    }
+    // Written whole under a temporary name, then renamed: a crash leaves no half key.
+    let tmp = path.with_extension("tmp");
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| fail(e.to_string()))?;
+        f.write_all(text.as_bytes())
+            .and_then(|()| f.sync_all())
+            .map_err(|e| fail(e.to_string()))?;
+    }
+    std::fs::rename(&tmp, path).map_err(|e| fail(e.to_string()))?;
+    Ok(key)
+}
+
+/// The host key's public half as a `known_hosts` line for `[host]:port`.
+pub fn known_hosts_line(key: &PrivateKey, host: &str, port: u16) -> String {
+    let public = key.public_key().to_openssh().unwrap_or_default();
+    if port == 22 {
+        format!("{host} {public}")
+    } else {
+        format!("[{host}]:{port} {public}")
+    }
+}
+
+/// A gateway listening on `listener` until the returned task is aborted.
+pub fn serve<D: Directory>(
+    listener: TcpListener,
+    host_key: PrivateKey,
+    directory: Arc<D>,
+) -> tokio::task::JoinHandle<()> {
+    let config = Arc::new(russh::server::Config {
+        server_id: russh::SshId::Standard(
+            concat!("SSH-2.0-Warren_", env!("CARGO_PKG_VERSION")).into(),
+        ),
+        methods: MethodSet::from(&[MethodKind::PublicKey][..]),
+        keys: vec![host_key],
+        // OpenSSH probes with "none" first: no reason to make that slow.
+        auth_rejection_time: Duration::from_millis(300),
+        auth_rejection_time_initial: Some(Duration::ZERO),
+        // An idle terminal is normal; a dead peer is found by keepalives instead.
+        inactivity_timeout: None,
+        keepalive_interval: Some(Duration::from_secs(30)),
+        keepalive_max: 4,
+        nodelay: true,
+        window_size: 8 << 20,
+        ..Default::default()
+    });
+    tokio::spawn(async move {
+        loop {
+            let (socket, peer) = match listener.accept().await {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors and the like: keep serving the others.
+                    tracing::warn!(error = %e, "ssh gateway: cannot accept");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = socket.set_nodelay(true);
+            let connection = Connection {
+                directory: directory.clone(),
+                peer,
+                user: None,
+                login: String::new(),
+            };
+            let config = config.clone();
+            tokio::spawn(async move {
+                match russh::server::run_stream(config, socket, connection).await {
+                    Ok(session) => {
+                        if let Err(e) = session.await {
+                            tracing::debug!(%peer, error = %e, "ssh connection ended");
+                        }
+                    }
+                    Err(e) => tracing::debug!(%peer, error = %e, "ssh handshake failed"),
+                }
+            });
+        }
+    })
+}
+
+/// Binds `addr` and serves on it (see [`serve`]); returns the bound address too.
+pub async fn listen<D: Directory>(
+    addr: SocketAddr,
+    host_key: PrivateKey,
+    directory: Arc<D>,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), Error> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Listen { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| Error::Listen { addr, source })?;
+    Ok((bound, serve(listener, host_key, directory)))
+}
+
+/// One client connection.
+struct Connection<D> {
+    directory: Arc<D>,
+    peer: SocketAddr,
+    /// Set once a key has been verified.
+    user: Option<User>,
+    /// The SSH user field: which workspace.
+    login: String,
+}
+
+impl<D: Directory> Connection<D> {
+    async fn known_user(&self, key: &PublicKey) -> Option<User> {
+        match self.directory.user_for_key(key).await {
+            Ok(user) => user,
+            Err(e) => {
+                tracing::warn!(error = %e, "ssh gateway: cannot look a key up");
+                None
+            }
+        }
+    }
+
+    /// The workspace this connection names, for a new channel.
+    async fn target(&self) -> Result<(User, Target), String> {
+        let user = self
+            .user
+            .clone()
+            .ok_or_else(|| "not authenticated".to_owned())?;
+        let target = self.directory.workspace(&user, &self.login).await?;
+        Ok((user, target))
+    }
+}
+
+impl<D: Directory> russh::server::Handler for Connection<D> {
+    type Error = russh::Error;
+
+    async fn auth_publickey_offered(
+        &mut self,
+        _user: &str,
+        offer: russh::server::PublicKeyOffer<'_>,
+    ) -> Result<Auth, Self::Error> {
+        // Only keys someone registered are worth a signature check.
+        Ok(match self.known_user(offer.public_key).await {
+            Some(_) => Auth::Accept,
+            None => Auth::reject(),
+        })
+    }
+
+    async fn auth_publickey(
+        &mut self,
+        login: &str,
+        key: russh::server::VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        let Some(user) = self.known_user(key.public_key).await else {
+            tracing::info!(peer = %self.peer, login, "ssh: unknown key refused");
+            return Ok(Auth::reject());
+        };
+        tracing::debug!(peer = %self.peer, login, user = user.name, "ssh: key accepted");
+        self.user = Some(user);
+        self.login = login.to_owned();
+        Ok(Auth::Accept)
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(user) = self.user.clone() else {
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        };
+        reply.accept().await;
+        tokio::spawn(session::run(
+            channel,
+            session.handle(),
+            self.directory.clone(),
+            user,
+            self.login.clone(),
+        ));
+        Ok(())
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host: &str,
+        port: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let refuse = |reason: String| ChannelOpenFailure::Other {
+            // SSH_OPEN_CONNECT_FAILED: OpenSSH prints the reason after it.
+            code: 2,
+            reason,
+        };
+        let target = match self.target().await {
+            Ok((_, t)) if t.state == "running" => t,
+            Ok((_, t)) => {
+                reply
+                    .reject(refuse(format!("workspace `{}` is {}", t.name, t.state)))
+                    .await;
+                return Ok(());
+            }
+            Err(message) => {
+                reply.reject(refuse(message)).await;
+                return Ok(());
+            }
+        };
+        let Ok(port) = u16::try_from(port) else {
+            reply.reject(refuse(format!("no port {port}"))).await;
+            return Ok(());
+        };
+        match session::connect(&target, host, port).await {
+            Ok(stream) => {
+                reply.accept().await;
+                tokio::spawn(async move {
+                    let mut channel = channel.into_stream();
+                    let mut stream = stream;
+                    let _ = tokio::io::copy_bidirectional(&mut channel, &mut stream).await;
+                });
+            }
+            Err(message) => reply.reject(refuse(message)).await,
+        }
+        Ok(())
+    }
+
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        _term: &str,
+        _cols: u32,
+        _rows: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        _modes: &[(russh::Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        // The session task has the request already; it takes effect when the process starts.
+        session.channel_success(channel)
+    }
+
+    async fn agent_request(
+        &mut self,
+        _channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        // The session task makes the socket when its process starts.
+        Ok(true)
+    }
+}
