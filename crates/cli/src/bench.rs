@@ -69,6 +69,21 @@ pub enum BenchCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// scp through the SSH gateway against OpenSSH's sshd inside the same workspace
+    Ssh {
+        /// Size of the file copied each way, in MiB
+        #[arg(long, default_value_t = 1024)]
+        mib: u64,
+        /// Copies each way per path (the median is reported)
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Where to keep the root filesystem, the file and Warren's data
+        #[arg(long, default_value = "/var/tmp/warren-bench-runtime")]
+        work: PathBuf,
+        /// Write the results as JSON here as well
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 const NETNS: &str = "warren-bench";
@@ -98,15 +113,33 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             json,
         } => {
             if std::env::var_os("WARREN_BENCH_INSIDE").is_none() {
+                // Built from Debian's mirror before the benchmark's network cuts it off.
+                crate::bench_runtime::debian_rootfs(&work, &[])?;
                 return reexec_in_netns();
             }
             crate::bench_api::api(workspaces, rate, seconds, &work, json.as_deref())
         }
         BenchCommand::Runtime { cycles, work, json } => {
             if std::env::var_os("WARREN_BENCH_INSIDE").is_none() {
+                crate::bench_runtime::debian_rootfs(&work, &[])?;
                 return reexec_in_netns();
             }
             crate::bench_runtime::runtime(cycles, &work, json.as_deref())
+        }
+        BenchCommand::Ssh {
+            mib,
+            runs,
+            work,
+            json,
+        } => {
+            if mib == 0 || runs == 0 {
+                bail!("--mib and --runs must be at least 1");
+            }
+            if std::env::var_os("WARREN_BENCH_INSIDE").is_none() {
+                crate::bench_runtime::debian_rootfs(&work, crate::bench_ssh::PACKAGES)?;
+                return reexec_in_netns();
+            }
+            crate::bench_ssh::ssh(mib, runs, &work, json.as_deref())
         }
     }
 }
@@ -173,6 +206,23 @@ fn rate_bits(rate: &str) -> anyhow::Result<f64> {
         bail!("rate `{rate}`: use gbit, mbit or kbit");
     };
     Ok(num.parse::<f64>()? * mult)
+}
+
+/// Writes `len` bytes that do not compress.
+pub(crate) fn write_random(path: &Path, len: u64) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut rng = Xorshift(0x2545_F491_4F6C_DD1D);
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        rng.fill(&mut buf[..n]);
+        out.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    out.flush()?;
+    Ok(())
 }
 
 struct Xorshift(u64);

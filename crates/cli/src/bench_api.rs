@@ -31,15 +31,138 @@ struct Results {
 /// Far from the default workspace ranges and from `bench runtime`'s.
 const UID_BASE: &str = "3500000000";
 
-struct Up(Child);
+/// A real `warren up` of a benchmark, with the admin logged in; stopped when dropped.
+pub(crate) struct Up {
+    child: Child,
+    pub client: Arc<Client>,
+}
 
 impl Drop for Up {
     fn drop(&mut self) {
         let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
             nix::sys::signal::Signal::SIGTERM,
         );
-        let _ = self.0.wait();
+        let _ = self.child.wait();
+    }
+}
+
+impl Up {
+    /// Clears `<work>/<name>-data` (and workspaces an interrupted run left), imports `rootfs` as
+    /// `bench:1`, starts `warren up` with `args` and logs the admin in.
+    pub(crate) fn start(
+        work: &Path,
+        name: &str,
+        rootfs: &Path,
+        args: &[&str],
+    ) -> anyhow::Result<Self> {
+        let data = work.join(format!("{name}-data"));
+        let exe = std::env::current_exe()?;
+        // Workspaces an interrupted run left behind go first (never delete through their mounts).
+        if let Ok(entries) = std::fs::read_dir(data.join("runtime/workspaces")) {
+            for entry in entries.flatten() {
+                let _ = Command::new(&exe)
+                    .arg("--data")
+                    .arg(&data)
+                    .args(["runtime", "rm", "-f"])
+                    .arg(entry.file_name())
+                    .env("WARREN_UID_BASE", UID_BASE)
+                    .output();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&data);
+        if data.exists() {
+            bail!("cannot clear {} from an earlier run", data.display());
+        }
+        sh(Command::new(&exe)
+            .arg("--data")
+            .arg(&data)
+            .args(["image", "import"])
+            .arg(rootfs)
+            .arg("bench:1"))?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mut child = Command::new(&exe)
+            .arg("--data")
+            .arg(&data)
+            .args(["up", "--listen", &format!("127.0.0.1:{port}")])
+            .args(args)
+            .env("WARREN_UID_BASE", UID_BASE)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(work.join(format!("{name}-up.log")))?)
+            .spawn()
+            .context("cannot start warren up")?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let mut up = Up {
+            child,
+            client: Arc::new(Client::anonymous("http://invalid")),
+        };
+        let mut password = None;
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        for line in lines.by_ref() {
+            let line = line?;
+            if let Some(p) = line.trim().strip_prefix("user: admin   password: ") {
+                password = Some(p.trim().to_owned());
+            }
+            if line.starts_with("Next:") {
+                break;
+            }
+        }
+        // Keep reading, so the server never writes into a closed pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        let password = password.context("warren up printed no admin password")?;
+        let url = format!("http://127.0.0.1:{port}");
+        let token = Client::anonymous(&url)
+            .post("/login", &json!({"user": "admin", "password": password}))?["token"]
+            .as_str()
+            .context("no token")?
+            .to_owned();
+        up.client = Arc::new(Client::with_token(&url, &token));
+        Ok(up)
+    }
+
+    /// Deletes every workspace and waits (up to `within`) until they are gone.
+    pub(crate) fn delete_all(&self, within: Duration) -> anyhow::Result<()> {
+        let list = self.client.get("/workspaces")?;
+        for ws in list.as_array().into_iter().flatten() {
+            if let Some(id) = ws["id"].as_str() {
+                let _ = self.client.delete(&format!("/workspaces/{id}"));
+            }
+        }
+        let deadline = Instant::now() + within;
+        while self
+            .client
+            .get("/workspaces")?
+            .as_array()
+            .is_some_and(|a| !a.is_empty())
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(())
+    }
+
+    /// Waits until every workspace runs (an error as soon as one failed).
+    pub(crate) fn wait_running(&self, count: usize, within: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            let list = self.client.get("/workspaces")?;
+            let all = list.as_array().cloned().unwrap_or_default();
+            if let Some(failed) = all.iter().find(|w| w["state"] == "failed") {
+                bail!("{} failed: {}", failed["name"], failed["last_error"]);
+            }
+            if all.len() == count && all.iter().all(|w| w["state"] == "running") {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "not all {count} workspaces ran within {}s",
+                    within.as_secs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
 
@@ -54,66 +177,9 @@ pub(crate) fn api(
         bail!("--rate must be between 0 and 10000 requests per second");
     }
     std::fs::create_dir_all(work)?;
-    let rootfs = crate::bench_runtime::debian_rootfs(work)?;
-    let data = work.join("api-data");
-    let exe = std::env::current_exe()?;
-    // Workspaces an interrupted run left behind go first (never delete through their mounts).
-    if let Ok(entries) = std::fs::read_dir(data.join("runtime/workspaces")) {
-        for entry in entries.flatten() {
-            let _ = Command::new(&exe)
-                .arg("--data")
-                .arg(&data)
-                .args(["runtime", "rm", "-f"])
-                .arg(entry.file_name())
-                .env("WARREN_UID_BASE", UID_BASE)
-                .output();
-        }
-    }
-    let _ = std::fs::remove_dir_all(&data);
-    if data.exists() {
-        bail!("cannot clear {} from an earlier run", data.display());
-    }
-    sh(Command::new(&exe)
-        .arg("--data")
-        .arg(&data)
-        .args(["image", "import"])
-        .arg(&rootfs)
-        .arg("bench:1"))?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let mut child = Command::new(&exe)
-        .arg("--data")
-        .arg(&data)
-        .args(["up", "--listen", &format!("127.0.0.1:{port}")])
-        .env("WARREN_UID_BASE", UID_BASE)
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(work.join("api-up.log"))?)
-        .spawn()
-        .context("cannot start warren up")?;
-    let stdout = child.stdout.take().context("no stdout")?;
-    let up = Up(child);
-    let mut password = None;
-    let mut lines = std::io::BufReader::new(stdout).lines();
-    for line in lines.by_ref() {
-        let line = line?;
-        if let Some(p) = line.trim().strip_prefix("user: admin   password: ") {
-            password = Some(p.trim().to_owned());
-        }
-        if line.starts_with("Next:") {
-            break;
-        }
-    }
-    // Keep reading, so the server never writes into a closed pipe.
-    std::thread::spawn(move || lines.for_each(drop));
-    let password = password.context("warren up printed no admin password")?;
-    let url = format!("http://127.0.0.1:{port}");
-    let token = Client::anonymous(&url)
-        .post("/login", &json!({"user": "admin", "password": password}))?["token"]
-        .as_str()
-        .context("no token")?
-        .to_owned();
-    let client = Arc::new(Client::with_token(&url, &token));
+    let rootfs = crate::bench_runtime::debian_rootfs(work, &[])?;
+    let up = Up::start(work, "api", &rootfs, &[])?;
+    let client = up.client.clone();
 
     // N creates at once.
     let started = Instant::now();
@@ -132,21 +198,7 @@ pub(crate) fn api(
         h.join()
             .map_err(|_| anyhow::anyhow!("a create thread panicked"))??;
     }
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        let list = client.get("/workspaces")?;
-        let all = list.as_array().cloned().unwrap_or_default();
-        if let Some(failed) = all.iter().find(|w| w["state"] == "failed") {
-            bail!("{} failed: {}", failed["name"], failed["last_error"]);
-        }
-        if all.len() == workspaces && all.iter().all(|w| w["state"] == "running") {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("not all {workspaces} workspaces ran within 10 minutes");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    up.wait_running(workspaces, Duration::from_secs(600))?;
     let all_running = started.elapsed();
     eprintln!(
         "{workspaces} workspaces running after {:.1}s",
@@ -203,18 +255,7 @@ pub(crate) fn api(
         max_ms: at(1.0),
         errors,
     };
-    for i in 0..workspaces {
-        let _ = client.delete(&format!("/workspaces/load-{i}"));
-    }
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while client
-        .get("/workspaces")?
-        .as_array()
-        .is_some_and(|a| !a.is_empty())
-        && Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    up.delete_all(Duration::from_secs(300))?;
     drop(up);
     println!(
         "{} workspaces created at once: all running after {:.1} s",

@@ -87,7 +87,7 @@ pub(crate) fn runtime(cycles: usize, work: &Path, json: Option<&Path>) -> anyhow
         }
     }
     std::fs::create_dir_all(work)?;
-    let rootfs = debian_rootfs(work)?;
+    let rootfs = debian_rootfs(work, &[])?;
     let data = work.join("data");
     let _ = std::fs::remove_dir_all(&data);
     let helper = std::env::current_exe()?;
@@ -214,16 +214,26 @@ fn timed(
 }
 
 /// A Debian minbase root filesystem, made once with mmdebstrap and kept in the work folder.
-pub(crate) fn debian_rootfs(work: &Path) -> anyhow::Result<PathBuf> {
-    let rootfs = work.join("rootfs");
-    let done = work.join("rootfs.complete");
+/// A Debian minbase root filesystem with `include`d packages, built once into `work`.
+pub(crate) fn debian_rootfs(work: &Path, include: &[&str]) -> anyhow::Result<PathBuf> {
+    let name = std::iter::once("rootfs")
+        .chain(include.iter().copied())
+        .collect::<Vec<_>>()
+        .join("-");
+    let rootfs = work.join(&name);
+    let done = work.join(format!("{name}.complete"));
     if done.exists() {
         return Ok(rootfs);
     }
     let _ = std::fs::remove_dir_all(&rootfs);
     eprintln!("building a Debian minbase root filesystem with mmdebstrap (once)");
-    sh(Command::new("mmdebstrap")
-        .args(["--variant=minbase", "--mode=root", "--quiet", "bookworm"])
+    let mut cmd = Command::new("mmdebstrap");
+    cmd.args(["--variant=minbase", "--mode=root", "--quiet"]);
+    if !include.is_empty() {
+        cmd.arg(format!("--include={}", include.join(",")));
+    }
+    sh(cmd
+        .arg("bookworm")
         .arg(&rootfs)
         .arg("http://deb.debian.org/debian"))?;
     std::fs::write(&done, b"")?;

@@ -7,6 +7,7 @@ mod agent_cmd;
 mod bench;
 mod bench_api;
 mod bench_runtime;
+mod bench_ssh;
 mod client;
 mod control_cmd;
 mod image_cmd;

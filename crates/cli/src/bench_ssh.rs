@@ -1,0 +1,198 @@
+//! `warren bench ssh`: `scp` throughput through Warren's SSH gateway against OpenSSH's own
+//! `sshd` started inside the same workspace (the peer), both ways, same client, same file.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::bench::sh;
+use crate::bench_api::Up;
+
+#[derive(Debug, Serialize)]
+struct Throughput {
+    upload_mib_s: f64,
+    download_mib_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Results {
+    file_mib: u64,
+    runs: usize,
+    gateway: Throughput,
+    sshd: Throughput,
+    upload_ratio: f64,
+    download_ratio: f64,
+}
+
+/// What the workspace image holds: the peer.
+pub(crate) const PACKAGES: &[&str] = &["openssh-server"];
+
+/// Where the peer listens inside the workspace.
+const SSHD_PORT: u16 = 2200;
+
+pub(crate) fn ssh(
+    mib: u64,
+    runs: usize,
+    work: &Path,
+    json_out: Option<&Path>,
+) -> anyhow::Result<()> {
+    for program in ["ssh", "scp", "ssh-keygen", "sha256sum"] {
+        if which(program).is_none() {
+            bail!("`{program}` is missing (apt install openssh-client coreutils)");
+        }
+    }
+    std::fs::create_dir_all(work)?;
+    let rootfs = crate::bench_runtime::debian_rootfs(work, PACKAGES)?;
+    let gateway_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let up = Up::start(
+        work,
+        "ssh",
+        &rootfs,
+        &["--ssh-listen", &format!("127.0.0.1:{gateway_port}")],
+    )?;
+    let key = work.join("ssh-bench-key");
+    let _ = std::fs::remove_file(&key);
+    let _ = std::fs::remove_file(key.with_extension("pub"));
+    sh(Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key))?;
+    let public_key = std::fs::read_to_string(key.with_extension("pub"))?;
+    up.client.post(
+        "/keys",
+        &json!({"name": "bench", "public_key": public_key.trim()}),
+    )?;
+    up.client
+        .post("/workspaces", &json!({"name": "ssh", "image": "bench:1"}))?;
+    up.wait_running(1, Duration::from_secs(300))?;
+
+    let client = |program: &str, port: u16| {
+        let mut cmd = Command::new(program);
+        cmd.arg("-i").arg(&key).args([
+            "-F",
+            "/dev/null",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "LogLevel=ERROR",
+        ]);
+        cmd.arg(if program == "scp" { "-P" } else { "-p" })
+            .arg(port.to_string());
+        cmd
+    };
+    // The peer: OpenSSH's sshd in the workspace, with the same key, on the workspace's address.
+    let address = sh(client("ssh", gateway_port)
+        .arg("ssh@127.0.0.1")
+        .arg(format!(
+            "mkdir -p /root/.ssh /run/sshd && chmod 700 /root/.ssh && echo '{}' > /root/.ssh/authorized_keys \
+             && ssh-keygen -A >/dev/null && /usr/sbin/sshd -p {SSHD_PORT} && hostname -I",
+            public_key.trim()
+        ))
+        .stdin(Stdio::null()))?;
+    let address = address
+        .split_whitespace()
+        .next()
+        .context("the workspace has no address")?
+        .to_owned();
+
+    let payload = work.join("ssh-payload");
+    let back = work.join("ssh-payload.back");
+    crate::bench::write_random(&payload, mib << 20)?;
+    let want = sha256(&payload)?;
+    let measure = |label: &str, port: u16, login: &str| -> anyhow::Result<Throughput> {
+        let remote = format!("{login}:/root/payload");
+        let mut up_times = Vec::new();
+        let mut down_times = Vec::new();
+        for _ in 0..runs {
+            let t = Instant::now();
+            sh(client("scp", port).arg(&payload).arg(&remote))?;
+            up_times.push(t.elapsed());
+            let _ = std::fs::remove_file(&back);
+            let t = Instant::now();
+            sh(client("scp", port).arg(&remote).arg(&back))?;
+            down_times.push(t.elapsed());
+            if sha256(&back)? != want {
+                bail!("{label}: the file came back different");
+            }
+        }
+        let rate = |times: &mut Vec<Duration>| {
+            times.sort();
+            mib as f64 / times[times.len() / 2].as_secs_f64()
+        };
+        let result = Throughput {
+            upload_mib_s: rate(&mut up_times),
+            download_mib_s: rate(&mut down_times),
+        };
+        eprintln!(
+            "{label}: up {:.0} MiB/s, down {:.0} MiB/s",
+            result.upload_mib_s, result.download_mib_s
+        );
+        Ok(result)
+    };
+    let gateway = measure("gateway", gateway_port, "ssh@127.0.0.1")?;
+    let sshd = measure(
+        "sshd in the workspace",
+        SSHD_PORT,
+        &format!("root@{address}"),
+    )?;
+    let _ = std::fs::remove_file(&back);
+    let _ = std::fs::remove_file(&payload);
+    let results = Results {
+        file_mib: mib,
+        runs,
+        upload_ratio: gateway.upload_mib_s / sshd.upload_mib_s,
+        download_ratio: gateway.download_mib_s / sshd.download_mib_s,
+        gateway,
+        sshd,
+    };
+    up.delete_all(Duration::from_secs(120))?;
+    drop(up);
+    println!(
+        "scp of {mib} MiB (median of {runs}), MiB/s:\n  \
+         {:<24}{:>8}{:>8}\n  {:<24}{:>8.0}{:>8.0}\n  {:<24}{:>8.0}{:>8.0}\n  \
+         {:<24}{:>7.0}%{:>7.0}%",
+        "",
+        "up",
+        "down",
+        "warren gateway",
+        results.gateway.upload_mib_s,
+        results.gateway.download_mib_s,
+        "sshd in the workspace",
+        results.sshd.upload_mib_s,
+        results.sshd.download_mib_s,
+        "gateway / sshd",
+        results.upload_ratio * 100.0,
+        results.download_ratio * 100.0,
+    );
+    if let Some(path) = json_out {
+        std::fs::write(path, serde_json::to_vec_pretty(&results)?)?;
+    }
+    Ok(())
+}
+
+fn sha256(path: &Path) -> anyhow::Result<String> {
+    Ok(sh(Command::new("sha256sum").arg(path))?
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned())
+}
+
+fn which(program: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(program))
+            .find(|p| p.is_file())
+    })
+}
