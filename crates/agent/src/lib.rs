@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, Semaphore};
+use warren_runtime::tasks::TaskSpec;
 use warren_runtime::{
     Error as RuntimeError, Limits, RootSource, Runtime, WorkspaceConfig, WorkspaceId,
 };
@@ -23,6 +24,9 @@ pub struct WorkspaceSpec {
     pub memory: Option<u64>,
     pub cpus: Option<f64>,
     pub pids: Option<u64>,
+    /// What runs in persistent terminals on each start (the environment's workspace tasks).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tasks: Vec<TaskSpec>,
 }
 
 /// The step a job asks for.
@@ -105,6 +109,9 @@ pub fn execute(runtime: &dyn Runtime, work: &WorkspaceJob) -> Result<Outcome, St
         Action::Create | Action::Start => {
             create()?;
             runtime.start(&id).map_err(|e| e.to_string())?;
+            runtime
+                .start_tasks(&id, &spec.tasks)
+                .map_err(|e| format!("workspace tasks: {e}"))?;
             Ok(Outcome::Running)
         }
         Action::Stop { grace_ms } => match runtime.stop(&id, Duration::from_millis(*grace_ms)) {
@@ -244,6 +251,15 @@ mod tests {
                 memory: Some(1 << 30),
                 cpus: None,
                 pids: None,
+                tasks: vec![TaskSpec {
+                    name: "web".into(),
+                    argv: vec!["sh".into(), "-c".into(), "npm start".into()],
+                    env: vec![],
+                    user: None,
+                    cwd: None,
+                    once: false,
+                    stage: 0,
+                }],
             },
         };
         let text = serde_json::to_string(&job).unwrap_or_default();

@@ -3,7 +3,7 @@
 
 use std::io::BufRead;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -276,6 +276,10 @@ pub enum WsCommand {
         memory: Option<String>,
         #[arg(long)]
         cpus: Option<f64>,
+        /// An environment file (warren.yml, hocus.yml, devcontainer.json) whose workspace tasks
+        /// run on each start
+        #[arg(long)]
+        env_file: Option<PathBuf>,
         /// Return at once instead of waiting
         #[arg(long)]
         no_wait: bool,
@@ -304,6 +308,18 @@ pub enum WsCommand {
         name: String,
         #[arg(long)]
         no_wait: bool,
+    },
+    /// The workspace's tasks, or one task's output (`-f` follows it)
+    Logs {
+        name: String,
+        task: Option<String>,
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Attach your terminal to a running task over SSH (leave with `~.`; the task goes on)
+    Attach {
+        name: String,
+        task: String,
     },
     /// Print the link that opens the workspace in VS Code (Remote-SSH)
     Open {
@@ -594,12 +610,26 @@ pub fn ws(cmd: WsCommand) -> anyhow::Result<ExitCode> {
             project,
             memory,
             cpus,
+            env_file,
             no_wait,
         } => {
             let memory = memory.as_deref().map(crate::parse_size).transpose()?;
+            let environment = match env_file {
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path)
+                        .with_context(|| format!("cannot read {}", path.display()))?;
+                    let file = path
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    Some(json!({"file": file, "text": text}))
+                }
+                None => None,
+            };
             client.post(
                 "/workspaces",
-                &json!({"name": name, "image": image, "project": project, "memory": memory, "cpus": cpus}),
+                &json!({"name": name, "image": image, "project": project, "memory": memory,
+                        "cpus": cpus, "environment": environment}),
             )?;
             if !no_wait {
                 wait_for(&client, &name, "creating", state_is("running"))?;
@@ -674,6 +704,36 @@ pub fn ws(cmd: WsCommand) -> anyhow::Result<ExitCode> {
                 }
             );
         }
+        WsCommand::Logs {
+            name, task: None, ..
+        } => {
+            return print_table(
+                false,
+                &client.get(&format!("/workspaces/{name}/tasks"))?,
+                &[
+                    ("name", "TASK"),
+                    ("state", "STATE"),
+                    ("log_bytes", "LOG BYTES"),
+                ],
+            );
+        }
+        WsCommand::Logs {
+            name,
+            task: Some(task),
+            follow,
+        } => return task_logs(&client, &name, &task, follow),
+        WsCommand::Attach { name, task } => {
+            use std::os::unix::process::CommandExt;
+            let host = crate::ssh_cmd::host_alias(&client, &name)?;
+            let err = std::process::Command::new("ssh")
+                .args(["-t", "-o"])
+                .arg(format!("SetEnv={}={task}", warren_ssh::TASK_VARIABLE))
+                .arg(&host)
+                .exec();
+            bail!(
+                "cannot run ssh: {err} (after `warren ssh-config --write`, `ssh {host}` reaches it)"
+            );
+        }
         WsCommand::Open { name, folder } => {
             println!("{}", crate::ssh_cmd::open_link(&client, &name, &folder)?);
             eprintln!("(needs the entries of `warren ssh-config --write`)");
@@ -704,6 +764,34 @@ pub fn ws(cmd: WsCommand) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Prints a task's output; with `follow`, until the task ends.
+fn task_logs(client: &Client, name: &str, task: &str, follow: bool) -> anyhow::Result<ExitCode> {
+    use base64::Engine as _;
+    use std::io::Write;
+    let mut offset = 0u64;
+    let mut out = std::io::stdout();
+    loop {
+        let chunk = client.get(&format!(
+            "/workspaces/{name}/tasks/{task}/log?offset={offset}"
+        ))?;
+        let data = base64::engine::general_purpose::STANDARD
+            .decode(chunk["data_base64"].as_str().unwrap_or_default())
+            .context("the server sent a log that is not base64")?;
+        out.write_all(&data)?;
+        out.flush()?;
+        let next = chunk["next_offset"].as_u64().unwrap_or(offset);
+        let more = chunk["running"].as_bool().unwrap_or(false);
+        let caught_up = next == offset || data.is_empty();
+        offset = next;
+        if caught_up {
+            if !follow || !more {
+                return Ok(ExitCode::SUCCESS);
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
 }
 
 pub fn key(cmd: KeyCommand) -> anyhow::Result<ExitCode> {

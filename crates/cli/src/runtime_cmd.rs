@@ -138,6 +138,9 @@ enum RuntimeCommand {
     /// The per-workspace supervisor (started by the commands above)
     #[command(hide = true)]
     Shim { dir: PathBuf },
+    /// The supervisor of a workspace's tasks (started with the workspace)
+    #[command(hide = true)]
+    Tasks { name: String },
 }
 
 fn id(name: &str) -> anyhow::Result<WorkspaceId> {
@@ -266,6 +269,11 @@ pub fn run(args: RuntimeArgs, data: &Path) -> anyhow::Result<ExitCode> {
                 );
                 println!("disk    {}", ByteSize(s.disk_bytes));
             }
+        }
+        RuntimeCommand::Tasks { name } => {
+            let id = id(&name)?;
+            let dir = runtime.tasks_dir(&id)?;
+            warren_runtime::tasks::supervise(&runtime, &id, &dir)?;
         }
         RuntimeCommand::Shim { .. } => unreachable!("handled above"),
     }

@@ -177,6 +177,17 @@ pub fn ssh_config(args: SshConfigArgs) -> anyhow::Result<ExitCode> {
 
 /// The `vscode://` link that opens a workspace through VS Code's Remote-SSH extension.
 pub fn open_link(client: &Client, name: &str, folder: &str) -> anyhow::Result<String> {
+    let alias = host_alias(client, name)?;
+    let folder = if folder.starts_with('/') {
+        folder.to_owned()
+    } else {
+        format!("/{folder}")
+    };
+    Ok(format!("vscode://vscode-remote/ssh-remote+{alias}{folder}"))
+}
+
+/// The `Host` that `warren ssh-config` wrote for a workspace.
+pub fn host_alias(client: &Client, name: &str) -> anyhow::Result<String> {
     let me = client.get("/me")?;
     // `<workspace>.<owner>` names another user's, as at the gateway.
     let ws = match name.split_once('.') {
@@ -193,17 +204,11 @@ pub fn open_link(client: &Client, name: &str, folder: &str) -> anyhow::Result<St
     };
     let owner = ws["owner"].as_str().unwrap_or_default();
     let ws_name = ws["name"].as_str().unwrap_or(name);
-    let alias = if Some(owner) == me["name"].as_str() {
+    Ok(if Some(owner) == me["name"].as_str() {
         format!("{ws_name}.warren")
     } else {
         format!("{ws_name}.{owner}.warren")
-    };
-    let folder = if folder.starts_with('/') {
-        folder.to_owned()
-    } else {
-        format!("/{folder}")
-    };
-    Ok(format!("vscode://vscode-remote/ssh-remote+{alias}{folder}"))
+    })
 }
 
 #[cfg(test)]

@@ -701,3 +701,122 @@ fn a_gibibyte_each_way() {
             .all(|l| l.starts_with(&want))
     );
 }
+
+/// Workspace tasks from a devcontainer.json: `postCreateCommand` once, `postStartCommand` on
+/// every start in a persistent terminal whose output `warren ws logs` shows; a developer
+/// attaches over SSH, types into it, leaves, and the task goes on.
+#[test]
+fn workspace_tasks_keep_running_and_take_an_attached_terminal() {
+    setup();
+    let warren = Warren::up_with_admin(15, None);
+    warren.import_image(&dev_image(), "dev:1");
+    warren.add_user("alice");
+    let alice = Developer::new(&warren, "alice");
+    let folder = warren.configs.path().join("repo/.devcontainer");
+    std::fs::create_dir_all(&folder).unwrap();
+    let env_file = folder.join("devcontainer.json");
+    std::fs::write(
+        &env_file,
+        r#"{
+  "image": "dev:1",
+  // Once, on the first start.
+  "postCreateCommand": "echo created >> /root/created",
+  // On every start; it keeps running and answers what it is sent.
+  "postStartCommand": "echo started >> /root/started; echo ready-$(wc -l < /root/started); while read -r line; do echo \"got: $line\"; done"
+}"#,
+    )
+    .unwrap();
+    warren.ok(
+        "alice",
+        &[
+            "ws",
+            "create",
+            "web",
+            "--image",
+            "dev:1",
+            "--env-file",
+            env_file.to_str().unwrap(),
+        ],
+    );
+    alice.write_ssh_config(&warren);
+    let logs = |task: &str| warren.ok("alice", &["ws", "logs", "web", task]);
+    eventually("the first start's tasks", || {
+        logs("postStartCommand").contains("ready-1").then_some(())
+    });
+    let listed = warren.ok("alice", &["ws", "logs", "web"]);
+    assert!(
+        listed.contains("postCreateCommand") && listed.contains("exited"),
+        "{listed}"
+    );
+    assert!(
+        listed.contains("postStartCommand") && listed.contains("running"),
+        "{listed}"
+    );
+
+    // Attach, type a line, leave: the task saw it and still runs.
+    let mut attached = alice
+        .tool("ssh")
+        .args([
+            "-tt",
+            "-o",
+            "SetEnv=WARREN_TASK=postStartCommand",
+            "web.warren",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut typed = attached.stdin.take().unwrap();
+    let mut screen = BufReader::new(attached.stdout.take().unwrap());
+    // The recent past comes first, then what is new.
+    let mut seen = String::new();
+    while !seen.contains("ready-1") {
+        let mut line = String::new();
+        assert!(
+            screen.read_line(&mut line).unwrap() > 0,
+            "attach ended: {seen}"
+        );
+        seen.push_str(&line);
+    }
+    typed.write_all(b"hello task\r").unwrap();
+    while !seen.contains("got: hello task") {
+        let mut line = String::new();
+        assert!(
+            screen.read_line(&mut line).unwrap() > 0,
+            "attach ended: {seen}"
+        );
+        seen.push_str(&line);
+    }
+    let _ = attached.kill();
+    let _ = attached.wait();
+    assert!(logs("postStartCommand").contains("got: hello task"));
+    let listed = warren.ok("alice", &["ws", "logs", "web"]);
+    assert!(
+        listed.contains("running"),
+        "detaching stopped the task: {listed}"
+    );
+    let out = alice
+        .tool("ssh")
+        .args(["-o", "SetEnv=WARREN_TASK=nope", "web.warren"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(stderr(&out).contains("no task `nope`"), "{}", stderr(&out));
+
+    // A second start runs postStartCommand again, postCreateCommand not; the log keeps both.
+    warren.ok("alice", &["ws", "stop", "web"]);
+    warren.ok("alice", &["ws", "start", "web"]);
+    eventually("the second start's tasks", || {
+        logs("postStartCommand").contains("ready-2").then_some(())
+    });
+    let log = logs("postStartCommand");
+    assert!(
+        log.contains("ready-1") && log.contains("got: hello task"),
+        "{log}"
+    );
+    assert_eq!(alice.ssh_ok("web.warren", "cat /root/created"), "created\n");
+    let out = warren.cli("alice", &["ws", "logs", "web", "nope"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("no task `nope`"), "{}", stderr(&out));
+}

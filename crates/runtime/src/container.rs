@@ -433,6 +433,48 @@ impl Runtime for ContainerRuntime {
         })
     }
 
+    fn tasks_dir(&self, id: &WorkspaceId) -> Result<PathBuf, Error> {
+        let (_, layout) = self.record(id)?;
+        Ok(layout.dir.join("tasks"))
+    }
+
+    fn start_tasks(&self, id: &WorkspaceId, tasks: &[crate::tasks::TaskSpec]) -> Result<(), Error> {
+        let dir = self.tasks_dir(id)?;
+        crate::tasks::save_tasks(&dir, tasks)?;
+        if tasks.is_empty() {
+            return Ok(());
+        }
+        let log_path = dir.join("supervisor.log");
+        let log = File::create(&log_path).map_err(Error::io("cannot create", &log_path))?;
+        let mut cmd = Command::new(&self.config.helper);
+        cmd.arg("--data")
+            .arg(&self.config.data)
+            .args(["runtime", "--uid-base"])
+            .arg(self.config.uid_base.to_string())
+            .arg("--bridge")
+            .arg(&self.config.network.bridge)
+            .arg("--subnet")
+            .arg(self.config.network.subnet.to_string())
+            .args(["tasks", id.as_str()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        // Its own session and process group: it outlives the agent, as the shim does.
+        // SAFETY: setsid is async-signal-safe and touches no memory.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::unistd::setsid().map_err(std::io::Error::from)?;
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(Error::io("cannot run", &self.config.helper))?;
+        // Reaped by a thread so it never lingers as a zombie of a long-lived agent.
+        std::thread::spawn(move || child.wait());
+        Ok(())
+    }
+
     fn listen_unix(&self, id: &WorkspaceId, user: Option<&str>) -> Result<WorkspaceSocket, Error> {
         let (rec, _, pid) = self.running(id)?;
         let root_path = PathBuf::from(format!("/proc/{pid}/root"));

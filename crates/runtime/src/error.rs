@@ -10,6 +10,8 @@ pub enum Error {
     InvalidConfig(String),
     #[error("no workspace `{0}`")]
     NotFound(String),
+    #[error("no task `{0}` in this workspace")]
+    NoTask(String),
     #[error("workspace `{0}` exists already")]
     AlreadyExists(String),
     #[error("workspace `{0}` is not running (start it first)")]

@@ -24,6 +24,7 @@ mod shim;
 mod slots;
 mod spec;
 mod sys;
+pub mod tasks;
 mod types;
 
 pub use container::{ContainerRuntime, ContainerRuntimeConfig, NetworkConfig};
@@ -50,6 +51,12 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
     /// Opens a TCP connection from inside the workspace's network (port forwarding): a
     /// loopback address is the workspace's own loopback.
     fn connect(&self, id: &WorkspaceId, to: SocketAddr) -> Result<TcpStream, Error>;
+    /// The workspace's task folder on the host (kept across stops, removed on delete); see
+    /// [`tasks`].
+    fn tasks_dir(&self, id: &WorkspaceId) -> Result<std::path::PathBuf, Error>;
+    /// Runs the workspace's tasks (see [`tasks`]) in the background, in persistent terminals;
+    /// does nothing while the tasks of this start run already.
+    fn start_tasks(&self, id: &WorkspaceId, tasks: &[tasks::TaskSpec]) -> Result<(), Error>;
     /// Listens on a fresh unix socket inside a running workspace, owned by `user` (a name or
     /// uid in the workspace; root when absent) and reachable by nobody else there.
     fn listen_unix(&self, id: &WorkspaceId, user: Option<&str>) -> Result<WorkspaceSocket, Error>;

@@ -3,6 +3,8 @@
 //! one does, so ids and names do not leak. Request bodies are strict (unknown fields are errors)
 //! and bounded.
 
+use std::sync::Arc;
+
 use axum::Json;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Path, State};
@@ -637,6 +639,65 @@ pub struct NewWorkspace {
     memory: Option<u64>,
     #[serde(default)]
     cpus: Option<f64>,
+    /// The environment file whose workspace tasks run on each start.
+    #[serde(default)]
+    environment: Option<EnvironmentFile>,
+}
+
+/// An environment file, as found in a repository.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnvironmentFile {
+    /// Its name in the repository (`hocus.yml`, `.devcontainer/devcontainer.json`, ...).
+    file: String,
+    text: String,
+}
+
+/// The workspace tasks of an environment file: devcontainer `postCreateCommand` (once) and
+/// `postStartCommand`, Hocus `tasks[].workspace` with its `workspaceShell`, warren.yml's
+/// `workspace` commands. Errors name the file, line and column.
+fn environment_tasks(env: &EnvironmentFile) -> ApiResult<Vec<warren_runtime::tasks::TaskSpec>> {
+    use warren_spec::{Phase, RepoPath};
+    let path = RepoPath::resolve(&RepoPath::root(), &env.file)
+        .map_err(|e| ApiError::bad_request(format!("environment file `{}`: {e}", env.file)))?;
+    let name = env.file.rsplit('/').next().unwrap_or_default();
+    let format = warren_spec::format_of(name).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "`{}` is not an environment file (warren.yml, hocus.yml or devcontainer.json)",
+            env.file
+        ))
+    })?;
+    let loaded =
+        warren_spec::parse(&path, format, &env.text, &Default::default()).map_err(|r| {
+            ApiError::bad_request(
+                r.errors
+                    .iter()
+                    .map(|d| d.render(&r.text))
+                    .collect::<Vec<_>>()
+                    .join(""),
+            )
+        })?;
+    let spec = loaded.spec;
+    let env_vars: Vec<String> = spec
+        .env
+        .iter()
+        .chain(spec.remote_env.iter())
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    Ok(spec
+        .tasks
+        .iter()
+        .filter(|t| matches!(t.phase, Phase::FirstStart | Phase::EveryStart))
+        .map(|t| warren_runtime::tasks::TaskSpec {
+            name: t.name.clone(),
+            argv: t.command.argv(t.shell),
+            env: env_vars.clone(),
+            user: spec.user.clone(),
+            cwd: None,
+            once: t.phase == Phase::FirstStart,
+            stage: t.stage,
+        })
+        .collect())
 }
 
 #[derive(Debug, Serialize)]
@@ -658,8 +719,8 @@ pub struct WorkspaceView {
 
 pub(crate) const WORKSPACE_COLUMNS: &str =
     "w.id, w.name, w.owner_id, u.name AS owner, w.project_id, p.name AS project, w.image, h.name AS host,
-    w.host_id, w.state, w.desired, w.last_error, w.memory, w.cpus_milli, w.created_at, w.updated_at
-    FROM workspaces w JOIN users u ON u.id = w.owner_id JOIN hosts h ON h.id = w.host_id
+    w.host_id, w.state, w.desired, w.last_error, w.memory, w.cpus_milli, w.created_at, w.updated_at,
+    w.tasks FROM workspaces w JOIN users u ON u.id = w.owner_id JOIN hosts h ON h.id = w.host_id
     LEFT JOIN projects p ON p.id = w.project_id";
 
 fn workspace_view(r: &AnyRow) -> ApiResult<WorkspaceView> {
@@ -697,6 +758,11 @@ pub(crate) fn workspace_spec(r: &AnyRow) -> ApiResult<WorkspaceSpec> {
             .try_get::<Option<i64>, _>("cpus_milli")?
             .map(|m| m as f64 / 1000.0),
         pids: None,
+        tasks: match r.try_get::<Option<String>, _>("tasks")? {
+            Some(json) => serde_json::from_str(&json)
+                .map_err(|e| ApiError::internal("a workspace's tasks", e))?,
+            None => Vec::new(),
+        },
     })
 }
 
@@ -771,13 +837,17 @@ pub async fn create_workspace(
         ),
         None => None,
     };
+    let tasks = match &req.environment {
+        Some(env) => environment_tasks(env)?,
+        None => Vec::new(),
+    };
     let host_id = place(&state, &req.image).await?;
     let id = new_id();
     let now = now_ms();
     let mut tx = state.db.begin_write().await?;
     sqlx::query(
-        "INSERT INTO workspaces (id, owner_id, project_id, name, image, host_id, state, desired, memory, cpus_milli, created_at, updated_at)
-         VALUES ($1, $2, $3, $4, $5, $6, 'creating', 'running', $7, $8, $9, $9)",
+        "INSERT INTO workspaces (id, owner_id, project_id, name, image, host_id, state, desired, memory, cpus_milli, created_at, updated_at, tasks)
+         VALUES ($1, $2, $3, $4, $5, $6, 'creating', 'running', $7, $8, $9, $9, $10)",
     )
     .bind(&id)
     .bind(&caller.user_id)
@@ -788,6 +858,12 @@ pub async fn create_workspace(
     .bind(req.memory.map(|m| m as i64))
     .bind(req.cpus.map(|c| (c * 1000.0).round() as i64))
     .bind(now)
+    .bind(
+        (!tasks.is_empty())
+            .then(|| serde_json::to_string(&tasks))
+            .transpose()
+            .map_err(|e| ApiError::internal("tasks", e))?,
+    )
     .execute(&mut *tx)
     .await
     .map_err(|e| match ApiError::from(e) {
@@ -800,6 +876,7 @@ pub async fn create_workspace(
         memory: req.memory,
         cpus: req.cpus,
         pids: None,
+        tasks,
     };
     jobs::enqueue(
         &mut tx,
@@ -979,20 +1056,7 @@ pub async fn exec_workspace(
     if req.argv.is_empty() {
         return Err(ApiError::bad_request("argv must name a command"));
     }
-    if row.try_get::<String, _>("host_id")? != state.host_id {
-        return Err(ApiError::new(
-            StatusCode::NOT_IMPLEMENTED,
-            "the workspace runs on another host: exec there goes through the SSH gateway (not built yet)",
-        ));
-    }
-    let runtime = state.runtime.clone().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_IMPLEMENTED,
-            "exec needs the workspace's host agent in this process",
-        )
-    })?;
-    let id = warren_runtime::WorkspaceId::new(&workspace_spec(&row)?.runtime_id)
-        .map_err(|e| ApiError::internal("workspace id", e))?;
+    let (runtime, id) = local_runtime(&state, &row)?;
     // The project's variables, then its owner's, then the request's: later ones win.
     let mut env = workspace_env(
         &state,
@@ -1015,6 +1079,90 @@ pub async fn exec_workspace(
             .map_err(|e| ApiError::internal("exec", e))?;
     out.map(Json)
         .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))
+}
+
+/// The runtime of a workspace on this server's own host, and the workspace's id in it.
+fn local_runtime(
+    state: &AppState,
+    row: &AnyRow,
+) -> ApiResult<(
+    Arc<dyn warren_runtime::Runtime>,
+    warren_runtime::WorkspaceId,
+)> {
+    if row.try_get::<String, _>("host_id")? != state.host_id {
+        return Err(ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "the workspace runs on another host: reach it through that host's SSH gateway",
+        ));
+    }
+    let runtime = state.runtime.clone().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "this needs the workspace's host agent in this process",
+        )
+    })?;
+    let id = warren_runtime::WorkspaceId::new(&runtime_id(&row.try_get::<String, _>("id")?))
+        .map_err(|e| ApiError::internal("workspace id", e))?;
+    Ok((runtime, id))
+}
+
+pub async fn list_tasks(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+) -> ApiResult<Json<Vec<warren_runtime::tasks::TaskInfo>>> {
+    let row = find_workspace(&state, &caller, &key).await?;
+    let (runtime, id) = local_runtime(&state, &row)?;
+    let dir = runtime
+        .tasks_dir(&id)
+        .map_err(|e| ApiError::internal("tasks", e))?;
+    Ok(Json(warren_runtime::tasks::list(&dir)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogQuery {
+    #[serde(default)]
+    offset: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LogView {
+    /// The bytes, base64 (a terminal's output is not always UTF-8).
+    data_base64: String,
+    next_offset: u64,
+    /// Whether more may come.
+    running: bool,
+}
+
+/// Largest piece of a log one request returns.
+const LOG_PIECE: usize = 256 << 10;
+
+pub async fn task_log(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((key, task)): Path<(String, String)>,
+    axum::extract::Query(query): axum::extract::Query<LogQuery>,
+) -> ApiResult<Json<LogView>> {
+    use base64::Engine as _;
+    let row = find_workspace(&state, &caller, &key).await?;
+    let (runtime, id) = local_runtime(&state, &row)?;
+    let dir = runtime
+        .tasks_dir(&id)
+        .map_err(|e| ApiError::internal("tasks", e))?;
+    let chunk = warren_runtime::tasks::read_log(&dir, &task, query.offset, LOG_PIECE).map_err(
+        |e| match e {
+            warren_runtime::Error::NoTask(_) => {
+                ApiError::not_found(format_args!("task `{task}` in workspace `{key}`"))
+            }
+            other => ApiError::internal("task log", other),
+        },
+    )?;
+    Ok(Json(LogView {
+        data_base64: base64::engine::general_purpose::STANDARD.encode(&chunk.data),
+        next_offset: chunk.next_offset,
+        running: chunk.running,
+    }))
 }
 
 fn run_to_end(

@@ -35,6 +35,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (2, include_str!("../migrations/0002_webhooks.sql")),
     (3, include_str!("../migrations/0003_host_images.sql")),
     (4, include_str!("../migrations/0004_unique_ssh_keys.sql")),
+    (5, include_str!("../migrations/0005_workspace_tasks.sql")),
 ];
 
 impl Db {

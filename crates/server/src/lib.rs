@@ -140,6 +140,16 @@ const ROUTES: &[(&str, &str, &str)] = &[
     ),
     (
         "get",
+        "/api/v1/workspaces/{workspace}/tasks",
+        "The workspace's tasks and how each is doing",
+    ),
+    (
+        "get",
+        "/api/v1/workspaces/{workspace}/tasks/{task}/log",
+        "A task's output from `?offset=` (base64), where to continue, and whether more may come",
+    ),
+    (
+        "get",
         "/api/v1/env",
         "Environment variables of the caller (or of `?project=`); secrets' values are never returned",
     ),
@@ -218,6 +228,11 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/api/v1/workspaces/{workspace}/exec",
             post(api::exec_workspace),
+        )
+        .route("/api/v1/workspaces/{workspace}/tasks", get(api::list_tasks))
+        .route(
+            "/api/v1/workspaces/{workspace}/tasks/{task}/log",
+            get(api::task_log),
         )
         .route(
             "/api/v1/projects/{project}/branches",

@@ -85,6 +85,10 @@ pub trait Directory: Send + Sync + 'static {
 /// to have a stopped workspace started instead of refused.
 pub const START_VARIABLE: &str = "WARREN_START";
 
+/// The variable a client sends (`ssh -t -o SetEnv=WARREN_TASK=<task>`, or `warren ws attach`) to
+/// attach to a workspace task's terminal instead of starting a shell; leaving detaches.
+pub const TASK_VARIABLE: &str = "WARREN_TASK";
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("host key {path}: {message}")]

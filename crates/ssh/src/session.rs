@@ -10,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use warren_runtime::{Exec, ExecIo, ExecRequest, ExitStatus, Process, WinSize};
 
-use crate::{Directory, START_VARIABLE, Target, User};
+use crate::{Directory, START_VARIABLE, TASK_VARIABLE, Target, User};
 
 /// What a session channel asked to run.
 #[derive(Debug)]
@@ -135,6 +135,10 @@ pub(crate) async fn run<D: Directory>(
             if let Some(t) = term {
                 env.push(format!("TERM={t}"));
             }
+            let task = env
+                .iter()
+                .find_map(|v| v.strip_prefix(&format!("{TASK_VARIABLE}=")))
+                .map(str::to_owned);
             let session = Session {
                 target,
                 command,
@@ -142,7 +146,11 @@ pub(crate) async fn run<D: Directory>(
                 tty,
                 agent,
             };
-            match session.run(&mut channel, &handle).await {
+            let ran = match task {
+                Some(task) => attach_task(&session.target, &task, &mut channel).await,
+                None => session.run(&mut channel, &handle).await,
+            };
+            match ran {
                 Ok(status) => status,
                 Err(message) => {
                     let _ = handle
@@ -290,6 +298,45 @@ impl Session {
         let _ = handle;
         Ok(status)
     }
+}
+
+/// Attaches the channel to a workspace task's terminal until the client leaves (the task keeps
+/// running: that is a detach) or the task ends.
+async fn attach_task(
+    target: &Target,
+    task: &str,
+    channel: &mut Channel<Msg>,
+) -> Result<ExitStatus, String> {
+    let runtime = target.runtime.clone();
+    let (id, name) = (target.id.clone(), task.to_owned());
+    let stream = tokio::task::spawn_blocking(move || {
+        let dir = runtime.tasks_dir(&id)?;
+        warren_runtime::tasks::attach(&dir, &name)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
+    stream.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let stream = tokio::net::UnixStream::from_std(stream).map_err(|e| e.to_string())?;
+    let (from_task, mut to_task) = stream.into_split();
+    let mut out = tokio::spawn(copy_out(from_task, channel.make_writer()));
+    loop {
+        tokio::select! {
+            _ = &mut out => return Ok(ExitStatus::Code(0)),
+            msg = channel.wait() => match msg {
+                Some(ChannelMsg::Data { data }) => {
+                    if to_task.write_all(&data).await.is_err() {
+                        break;
+                    }
+                }
+                None | Some(ChannelMsg::Close) | Some(ChannelMsg::Eof) => break,
+                Some(_) => {}
+            },
+        }
+    }
+    // Detached: the task goes on without this terminal.
+    out.abort();
+    Ok(ExitStatus::Code(0))
 }
 
 /// A task aborted when its handle goes.
