@@ -820,3 +820,60 @@ fn workspace_tasks_keep_running_and_take_an_attached_terminal() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("no task `nope`"), "{}", stderr(&out));
 }
+
+/// `warren gateway` on its own, over the same database as a `warren up` that runs none.
+#[test]
+fn the_gateway_runs_on_its_own() {
+    setup();
+    let mut warren = Warren::new(16, None);
+    warren.ssh_port = 0;
+    let password = warren.start().expect("a first start creates the admin");
+    warren.login("admin", &password);
+    warren.import_image(&debian_rootfs("minbase", &[]), "dev:1");
+    warren.ok("admin", &["ws", "create", "solo", "--image", "dev:1"]);
+    let out = warren.cli("admin", &["ssh-config"]);
+    assert!(stderr(&out).contains("warren gateway"), "{}", stderr(&out));
+    let admin = Developer::new(&warren, "admin");
+    // No entries to write, but an (empty) config for the tools.
+    std::fs::create_dir_all(admin.home.join(".ssh")).unwrap();
+    std::fs::write(admin.home.join(".ssh/config"), "").unwrap();
+    let port = free_port();
+    let mut gateway = Background(
+        Command::new(env!("CARGO_BIN_EXE_warren"))
+            .arg("--data")
+            .arg(warren.data.path())
+            .args(["gateway", "--ssh-listen", &format!("127.0.0.1:{port}")])
+            .env("WARREN_UID_BASE", warren.uid_base.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut first = String::new();
+    BufReader::new(gateway.0.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(
+        first.contains(&format!("listening on 127.0.0.1:{port}")),
+        "{first}"
+    );
+    let out = admin
+        .tool("ssh")
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+        ])
+        .args([
+            "-p",
+            &port.to_string(),
+            "solo@127.0.0.1",
+            "echo from $(hostname)",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("from "));
+}

@@ -748,7 +748,7 @@ pub(crate) fn runtime_id(workspace_id: &str) -> String {
     format!("ws-{workspace_id}")
 }
 
-/// What the agent needs of a workspace row (`id`, `image`, `memory`, `cpus_milli`).
+/// What the agent needs of a workspace row (`id`, `image`, `memory`, `cpus_milli`, `tasks`).
 pub(crate) fn workspace_spec(r: &AnyRow) -> ApiResult<WorkspaceSpec> {
     Ok(WorkspaceSpec {
         runtime_id: runtime_id(&r.try_get::<String, _>("id")?),

@@ -528,7 +528,7 @@ async fn reconcile(
     runtime: Arc<dyn Runtime>,
 ) -> Result<usize, ServerError> {
     let rows = sqlx::query(
-        "SELECT w.id, w.image, w.memory, w.cpus_milli, w.state, w.desired FROM workspaces w
+        "SELECT w.id, w.image, w.memory, w.cpus_milli, w.tasks, w.state, w.desired FROM workspaces w
          WHERE w.host_id = $1 AND w.state IN ('running', 'stopped') AND w.desired IN ('running', 'stopped')
            AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.workspace_id = w.id AND j.state IN ('queued', 'running'))",
     )

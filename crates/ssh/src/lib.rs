@@ -340,17 +340,19 @@ impl<D: Directory> russh::server::Handler for Connection<D> {
             reply.reject(refuse(format!("no port {port}"))).await;
             return Ok(());
         };
-        match session::connect(&target, host, port).await {
-            Ok(stream) => {
-                reply.accept().await;
-                tokio::spawn(async move {
+        // Connecting may take seconds (a name to resolve, a host that does not answer): done
+        // in a task, so the connection's other channels go on meanwhile.
+        let host = host.to_owned();
+        tokio::spawn(async move {
+            match session::connect(&target, &host, port).await {
+                Ok(mut stream) => {
+                    reply.accept().await;
                     let mut channel = channel.into_stream();
-                    let mut stream = stream;
                     let _ = tokio::io::copy_bidirectional(&mut channel, &mut stream).await;
-                });
+                }
+                Err(message) => reply.reject(refuse(message)).await,
             }
-            Err(message) => reply.reject(refuse(message)).await,
-        }
+        });
         Ok(())
     }
 

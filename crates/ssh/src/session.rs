@@ -31,6 +31,9 @@ const SFTP_SERVERS: &[&str] = &[
 /// The most a session's client may set through `env` requests.
 const MAX_CLIENT_VARIABLES: usize = 64;
 
+/// How long a process may take to end after its client left.
+const HANGUP_WAIT: Duration = Duration::from_secs(5);
+
 /// Read size for a process's output.
 const OUTPUT_BUFFER: usize = 256 << 10;
 
@@ -272,10 +275,14 @@ impl Session {
                         let _ = process.resize(win_size(col_width, row_height));
                     }
                     None | Some(ChannelMsg::Close) => {
-                        // The client is gone: hang up, as a terminal closing would.
+                        // The client is gone: hang up, as a terminal closing would, and let a
+                        // process that ignores it run on without this session.
                         let _ = process.signal(libc::SIGHUP);
                         input = None;
-                        break (&mut exited).await;
+                        match tokio::time::timeout(HANGUP_WAIT, &mut exited).await {
+                            Ok(status) => break status,
+                            Err(_) => return Ok(ExitStatus::Signal(libc::SIGHUP)),
+                        }
                     }
                     Some(_) => {}
                 },
@@ -295,7 +302,6 @@ impl Session {
         if let Some(err) = err {
             let _ = err.await;
         }
-        let _ = handle;
         Ok(status)
     }
 }

@@ -17,7 +17,7 @@ pub struct Warren {
     pub database_url: Option<String>,
     pub uid_base: u32,
     pub port: u16,
-    /// Where its SSH gateway listens.
+    /// Where its SSH gateway listens (0: `warren up` runs none).
     pub ssh_port: u16,
     pub child: Option<Child>,
     /// Where each logged-in user keeps its CLI token.
@@ -86,7 +86,13 @@ impl Warren {
         cmd.arg("--data")
             .arg(self.data.path())
             .args(["up", "--listen", &format!("127.0.0.1:{}", self.port)])
-            .args(["--ssh-listen", &format!("127.0.0.1:{}", self.ssh_port)])
+            .args([
+                "--ssh-listen",
+                &match self.ssh_port {
+                    0 => "off".to_owned(),
+                    port => format!("127.0.0.1:{port}"),
+                },
+            ])
             .args(["--ssh-host", "127.0.0.1"])
             .env("WARREN_UID_BASE", self.uid_base.to_string())
             .env("WARREN_RECONCILE_SECONDS", "1")
