@@ -68,11 +68,11 @@ pub enum Outcome {
 /// The agent's view of the control plane.
 pub trait ControlPlane: Send + Sync + 'static {
     /// The next job for `host`, leased to it; `None` when there is nothing to do. `images` are
-    /// the images the host holds locally (for placing later workspaces), when known.
+    /// the images the host holds (for placing later workspaces), when known.
     fn claim(
         &self,
         host: &str,
-        images: Option<Vec<String>>,
+        images: Option<Vec<HostImage>>,
     ) -> impl Future<Output = Result<Option<Job>, String>> + Send;
     /// Records how a job went.
     fn finish(
@@ -130,9 +130,16 @@ pub fn execute(runtime: &dyn Runtime, work: &WorkspaceJob) -> Result<Outcome, St
     }
 }
 
-/// Runs jobs for one host until `shutdown` is notified.
-/// Lists the images this host holds locally.
-pub type ImageLister = Arc<dyn Fn() -> Vec<String> + Send + Sync>;
+/// An image a host can start workspaces from, and how much of it the host holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostImage {
+    pub image: String,
+    /// The share of its chunks on this host (1 for an image in the host's own store).
+    pub cached: f64,
+}
+
+/// Lists the images this host holds, wholly or in part.
+pub type ImageLister = Arc<dyn Fn() -> Vec<HostImage> + Send + Sync>;
 
 pub struct Agent<C> {
     host: String,

@@ -3,14 +3,17 @@
 //! local container runtime, and reports the images it holds so workspaces land where their image
 //! already is.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
 use clap::Args;
 use serde_json::json;
-use warren_agent::{Agent, ControlPlane, ImageLister, Job, Outcome};
+use warren_agent::{Agent, ControlPlane, HostImage, ImageLister, Job, Outcome};
+use warren_image::ChunkId;
+use warren_store::ChunkCache;
 
 use crate::client::Client;
 use crate::runtime_cmd::HostFlags;
@@ -34,7 +37,11 @@ struct HttpControlPlane {
 }
 
 impl ControlPlane for HttpControlPlane {
-    async fn claim(&self, _host: &str, images: Option<Vec<String>>) -> Result<Option<Job>, String> {
+    async fn claim(
+        &self,
+        _host: &str,
+        images: Option<Vec<HostImage>>,
+    ) -> Result<Option<Job>, String> {
         let client = self.client.clone();
         tokio::task::spawn_blocking(move || {
             let answer = client
@@ -66,13 +73,60 @@ impl ControlPlane for HttpControlPlane {
 }
 
 /// The names of the images in the local store under `data`.
-pub fn image_lister(data: &Path) -> ImageLister {
-    let images = data.join("images");
+/// The images this host holds: every image of its local store (wholly), and the registry images
+/// its workspaces were made from, with the share of their chunks in the host's chunk cache.
+pub fn image_lister(data: &Path, runtime: Arc<dyn warren_runtime::Runtime>) -> ImageLister {
+    let data = data.to_path_buf();
+    // A registry image's chunk list, fetched once per reference (its tree index).
+    let indexes: Mutex<HashMap<String, Arc<Vec<ChunkId>>>> = Mutex::default();
     Arc::new(move || {
-        warren_store::LocalStore::open(&images)
+        let local: Vec<String> = warren_store::LocalStore::open(&data.join("images"))
             .and_then(|s| s.tags())
             .map(|tags| tags.into_keys().collect())
+            .unwrap_or_default();
+        let mut out: Vec<HostImage> = local
+            .iter()
+            .map(|image| HostImage {
+                image: image.clone(),
+                cached: 1.0,
+            })
+            .collect();
+        let mut remote: Vec<String> = runtime
+            .list()
             .unwrap_or_default()
+            .into_iter()
+            .filter_map(|ws| match ws.config.root {
+                warren_runtime::RootSource::Image { reference } => Some(reference),
+                warren_runtime::RootSource::Dir { .. } => None,
+            })
+            .filter(|r| !local.contains(r))
+            .collect();
+        remote.sort();
+        remote.dedup();
+        for reference in remote {
+            let known = indexes.lock().ok().and_then(|m| m.get(&reference).cloned());
+            let ids = match known {
+                Some(ids) => ids,
+                None => match crate::image_cmd::chunk_ids(&reference) {
+                    Ok(ids) => {
+                        let ids = Arc::new(ids);
+                        if let Ok(mut m) = indexes.lock() {
+                            m.insert(reference.clone(), ids.clone());
+                        }
+                        ids
+                    }
+                    Err(e) => {
+                        tracing::debug!(image = reference, error = %e, "cannot read an image's index");
+                        continue;
+                    }
+                },
+            };
+            out.push(HostImage {
+                cached: ChunkCache::share_on_disk(&data.join("cache"), &ids),
+                image: reference,
+            });
+        }
+        out
     })
 }
 
@@ -92,10 +146,10 @@ pub fn agent(args: AgentArgs, data: &Path) -> anyhow::Result<ExitCode> {
         let shutdown = Arc::new(tokio::sync::Notify::new());
         let agent = Agent::new(
             "remote".into(),
-            runtime,
+            runtime.clone(),
             Arc::new(HttpControlPlane { client }),
             wake,
-            image_lister(data),
+            image_lister(data, runtime),
         );
         println!(
             "agent running for {} (workspaces under {})",

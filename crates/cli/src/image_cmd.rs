@@ -112,6 +112,13 @@ fn resolve(data: &Path, reference: &str) -> anyhow::Result<(Arc<dyn BlobStore>, 
     Ok((Arc::new(local_store(data)?), reference.to_owned()))
 }
 
+/// The chunk ids of a registry image (its tree index, fetched once).
+pub(crate) fn chunk_ids(reference: &str) -> anyhow::Result<Vec<warren_image::ChunkId>> {
+    let r = RegistryRef::parse(reference)?;
+    let image = warren_store::images::open_image(&registry(&r), &r.reference)?;
+    Ok(image.index.chunks.iter().map(|c| c.id).collect())
+}
+
 fn check_local_name(name: &str) -> anyhow::Result<()> {
     let Some((repo, tag)) = name.rsplit_once(':') else {
         bail!("`{name}` is not a local image name: expected NAME:TAG, such as `debian:bookworm`");

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 mod common;
 
 use common::Warren;
-use warren_testkit::{Postgres, debian_rootfs, enter_own_network, require_program};
+use warren_testkit::{Postgres, Registry, debian_rootfs, enter_own_network, require_program};
 
 fn setup() {
     enter_own_network();
@@ -739,6 +739,47 @@ fn a_second_host_runs_the_workspaces_whose_image_it_holds() {
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("another host"),
         "{out:?}"
+    );
+
+    // A registry image goes where most of its chunks are cached, even to the busier host: the
+    // second host reads part of it through a workspace of its own.
+    let registry = Registry::start();
+    let remote = format!("{}/team/dev:1", registry.host());
+    warren.ok("admin", &["image", "push", "dev:1", &remote]);
+    assert!(
+        on_second(&["runtime", "run", "reader", "--image", &remote])
+            .status
+            .success()
+    );
+    let read = on_second(&[
+        "runtime",
+        "exec",
+        "reader",
+        "--",
+        "sh",
+        "-c",
+        "cat /usr/bin/* >/dev/null",
+    ]);
+    assert!(
+        read.status.success(),
+        "{}",
+        String::from_utf8_lossy(&read.stderr)
+    );
+    // The second host is the busier one (two workspaces to one).
+    warren.ok(
+        "admin",
+        &["ws", "create", "far2", "--image", "only-second:1"],
+    );
+    // The agent reports its images every 10 s.
+    std::thread::sleep(Duration::from_secs(12));
+    warren.ok("admin", &["ws", "create", "lazy", "--image", &remote]);
+    assert_eq!(show("lazy")["host"], "second");
+    warren.ok("admin", &["ws", "rm", "lazy"]);
+    warren.ok("admin", &["ws", "rm", "far2"]);
+    assert!(
+        on_second(&["runtime", "rm", "-f", "reader"])
+            .status
+            .success()
     );
     warren.ok("admin", &["ws", "stop", "far"]);
     warren.ok("admin", &["ws", "start", "far"]);

@@ -1480,7 +1480,7 @@ impl axum::extract::FromRequestParts<AppState> for AgentHost {
 #[serde(deny_unknown_fields)]
 pub struct ClaimRequest {
     #[serde(default)]
-    images: Option<Vec<String>>,
+    images: Option<Vec<warren_agent::HostImage>>,
 }
 
 pub async fn agent_claim(
@@ -1524,6 +1524,8 @@ pub async fn agent_finish(
 
 /// Where a new workspace goes: a live host that holds its image, else the least loaded live host
 /// (this process's own host is always live).
+/// The host a new workspace goes to: a live host holding the largest share of the image's
+/// chunks, then the least loaded.
 async fn place(state: &AppState, image: &str) -> ApiResult<String> {
     let alive_since = now_ms() - 60_000;
     let rows = sqlx::query(
@@ -1531,7 +1533,7 @@ async fn place(state: &AppState, image: &str) -> ApiResult<String> {
     )
     .fetch_all(&state.db.pool)
     .await?;
-    let mut best: Option<(bool, i64, String)> = None;
+    let mut candidates = Vec::new();
     for r in rows {
         let id: String = r.try_get("id")?;
         let seen: Option<i64> = r.try_get("last_seen_at")?;
@@ -1539,19 +1541,36 @@ async fn place(state: &AppState, image: &str) -> ApiResult<String> {
             continue;
         }
         let images: Option<String> = r.try_get("images")?;
-        let has = images
-            .and_then(|j| serde_json::from_str::<Vec<String>>(&j).ok())
-            .is_some_and(|list| list.iter().any(|i| i == image));
-        let load: i64 = r.try_get("n")?;
-        let better = match &best {
-            None => true,
-            Some((b_has, b_load, _)) => (has, -load) > (*b_has, -b_load),
-        };
-        if better {
-            best = Some((has, load, id));
-        }
+        let cached = images.as_deref().map_or(0.0, |j| cached_share(j, image));
+        candidates.push((id, cached, r.try_get::<i64, _>("n")?));
     }
-    Ok(best.map_or_else(|| state.host_id.clone(), |(_, _, id)| id))
+    Ok(best_host(&candidates).unwrap_or_else(|| state.host_id.clone()))
+}
+
+/// How much of `image` a host's reported image list says it holds (lists from before shares
+/// were reported name whole images).
+fn cached_share(images_json: &str, image: &str) -> f64 {
+    if let Ok(list) = serde_json::from_str::<Vec<warren_agent::HostImage>>(images_json) {
+        return list
+            .iter()
+            .filter(|h| h.image == image)
+            .map(|h| h.cached.clamp(0.0, 1.0))
+            .fold(0.0, f64::max);
+    }
+    let whole = serde_json::from_str::<Vec<String>>(images_json)
+        .is_ok_and(|list| list.iter().any(|i| i == image));
+    if whole { 1.0 } else { 0.0 }
+}
+
+/// The most of the image first, then the fewest workspaces; shares within 5% count as equal, so
+/// a nearly full host does not take every workspace from an idle one that holds as much.
+fn best_host(candidates: &[(String, f64, i64)]) -> Option<String> {
+    let top = candidates.iter().map(|c| c.1).fold(0.0, f64::max);
+    candidates
+        .iter()
+        .filter(|c| c.1 >= top - 0.05)
+        .min_by_key(|c| c.2)
+        .map(|c| c.0.clone())
 }
 
 pub async fn list_hosts(
@@ -1626,6 +1645,29 @@ pub async fn list_jobs(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn placement_prefers_the_host_holding_most_of_the_image_then_the_least_loaded() {
+        let list = r#"[{"image":"dev:1","cached":0.8},{"image":"web:2","cached":1.0}]"#;
+        assert_eq!(cached_share(list, "dev:1"), 0.8);
+        assert_eq!(cached_share(list, "other:1"), 0.0);
+        assert_eq!(cached_share(r#"["dev:1"]"#, "dev:1"), 1.0);
+        assert_eq!(cached_share("not json", "dev:1"), 0.0);
+        let hosts = |c: &[(&str, f64, i64)]| {
+            best_host(
+                &c.iter()
+                    .map(|(h, s, n)| (h.to_string(), *s, *n))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        assert_eq!(hosts(&[("a", 0.2, 0), ("b", 0.9, 5)]).as_deref(), Some("b"));
+        assert_eq!(
+            hosts(&[("a", 0.9, 3), ("b", 0.92, 5)]).as_deref(),
+            Some("a")
+        );
+        assert_eq!(hosts(&[("a", 0.0, 3), ("b", 0.0, 1)]).as_deref(), Some("b"));
+        assert_eq!(hosts(&[]), None);
+    }
 
     #[test]
     fn git_urls() {

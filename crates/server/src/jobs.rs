@@ -93,7 +93,11 @@ impl DbControlPlane {
     }
 
     /// Notes that `host` is alive, and the images it holds when given.
-    pub async fn seen(&self, host: &str, images: Option<Vec<String>>) -> Result<(), sqlx::Error> {
+    pub async fn seen(
+        &self,
+        host: &str,
+        images: Option<Vec<warren_agent::HostImage>>,
+    ) -> Result<(), sqlx::Error> {
         match images {
             Some(images) => {
                 sqlx::query("UPDATE hosts SET last_seen_at = $2, images = $3 WHERE id = $1")
@@ -281,7 +285,11 @@ impl DbControlPlane {
 }
 
 impl ControlPlane for DbControlPlane {
-    async fn claim(&self, host: &str, images: Option<Vec<String>>) -> Result<Option<Job>, String> {
+    async fn claim(
+        &self,
+        host: &str,
+        images: Option<Vec<warren_agent::HostImage>>,
+    ) -> Result<Option<Job>, String> {
         self.seen(host, images).await.map_err(|e| e.to_string())?;
         self.claim_job(host).await.map_err(|e| e.to_string())
     }

@@ -58,6 +58,11 @@ pub struct ChunkCache {
     state: Mutex<State>,
 }
 
+fn chunk_path(dir: &Path, id: &ChunkId) -> PathBuf {
+    let hex = id.to_hex();
+    dir.join("chunks").join(&hex[..2]).join(hex)
+}
+
 fn parse_id(name: &str) -> Option<ChunkId> {
     let mut id = [0u8; 32];
     hex::decode_to_slice(name, &mut id).ok()?;
@@ -111,8 +116,23 @@ impl ChunkCache {
     }
 
     fn path_of(&self, id: &ChunkId) -> PathBuf {
-        let hex = id.to_hex();
-        self.dir.join("chunks").join(&hex[..2]).join(hex)
+        chunk_path(&self.dir, id)
+    }
+
+    /// The share of `ids` present in the cache at `dir`, read from disk without opening the
+    /// cache (opening clears its temporary folder, which a running mount may be writing to).
+    /// Long lists are sampled: up to 4096 evenly spaced ids, enough for placing workspaces.
+    pub fn share_on_disk(dir: &Path, ids: &[ChunkId]) -> f64 {
+        const SAMPLE: usize = 4096;
+        if ids.is_empty() {
+            return 0.0;
+        }
+        let step = ids.len().div_ceil(SAMPLE);
+        let sampled = ids.iter().step_by(step);
+        let (present, total) = sampled.fold((0usize, 0usize), |(p, t), id| {
+            (p + usize::from(chunk_path(dir, id).exists()), t + 1)
+        });
+        present as f64 / total as f64
     }
 
     pub fn contains(&self, id: &ChunkId) -> bool {
@@ -286,6 +306,23 @@ mod tests {
         assert_eq!(cache.get(&id), None);
         assert!(!cache.contains(&id));
         assert!(!cache.path_of(&id).exists());
+    }
+
+    #[test]
+    fn the_share_on_disk_counts_present_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ChunkCache::open(dir.path(), None).unwrap();
+        let chunks: Vec<Vec<u8>> = (0..10u8).map(|i| vec![i; 100]).collect();
+        let ids: Vec<ChunkId> = chunks.iter().map(|c| ChunkId::of(c)).collect();
+        for c in &chunks[..3] {
+            cache.insert(&ChunkId::of(c), c).unwrap();
+        }
+        assert!((ChunkCache::share_on_disk(dir.path(), &ids) - 0.3).abs() < 1e-9);
+        assert_eq!(ChunkCache::share_on_disk(dir.path(), &[]), 0.0);
+        // Long lists are sampled evenly.
+        let many: Vec<ChunkId> = ids.iter().cycle().take(100_000).cloned().collect();
+        let share = ChunkCache::share_on_disk(dir.path(), &many);
+        assert!((share - 0.3).abs() < 0.02, "{share}");
     }
 
     #[test]
