@@ -67,12 +67,13 @@ pub enum Outcome {
 
 /// The agent's view of the control plane.
 pub trait ControlPlane: Send + Sync + 'static {
-    /// The next job for `host`, leased to it; `None` when there is nothing to do. `images` are
-    /// the images the host holds (for placing later workspaces), when known.
+    /// The next job for `host`, leased to it; `None` when there is nothing to do. `report`
+    /// comes along every [`REPORT_EVERY`]: the host's images (for placing later workspaces) and
+    /// its workspaces' actual states and resource use.
     fn claim(
         &self,
         host: &str,
-        images: Option<Vec<HostImage>>,
+        report: Option<HostReport>,
     ) -> impl Future<Output = Result<Option<Job>, String>> + Send;
     /// Records how a job went.
     fn finish(
@@ -141,6 +142,48 @@ pub struct HostImage {
 /// Lists the images this host holds, wholly or in part.
 pub type ImageLister = Arc<dyn Fn() -> Vec<HostImage> + Send + Sync>;
 
+/// What an agent tells the control plane about its host, every [`REPORT_EVERY`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HostReport {
+    pub images: Vec<HostImage>,
+    /// Every workspace the host's runtime knows.
+    pub workspaces: Vec<WorkspaceReport>,
+}
+
+/// One workspace as its host sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkspaceReport {
+    pub runtime_id: String,
+    pub running: bool,
+    /// Resource use, while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<warren_runtime::Stats>,
+}
+
+/// The host's report: its images and its workspaces' actual states and resource use.
+pub fn host_report(runtime: &dyn Runtime, images: &ImageLister) -> HostReport {
+    let workspaces = runtime
+        .list()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|info| {
+            let running = info.state == warren_runtime::WorkspaceState::Running;
+            let stats = running
+                .then(|| runtime.stats(&info.config.id).ok())
+                .flatten();
+            WorkspaceReport {
+                runtime_id: info.config.id.to_string(),
+                running,
+                stats,
+            }
+        })
+        .collect();
+    HostReport {
+        images: images(),
+        workspaces,
+    }
+}
+
 pub struct Agent<C> {
     host: String,
     runtime: Arc<dyn Runtime>,
@@ -160,8 +203,8 @@ impl<C> std::fmt::Debug for Agent<C> {
     }
 }
 
-/// How often the host's image list goes along with a claim.
-const IMAGES_EVERY: Duration = Duration::from_secs(10);
+/// How often the host's report goes along with a claim.
+pub const REPORT_EVERY: Duration = Duration::from_secs(10);
 
 impl<C: ControlPlane> Agent<C> {
     pub fn new(
@@ -183,19 +226,21 @@ impl<C: ControlPlane> Agent<C> {
 
     pub async fn run(self, shutdown: Arc<Notify>) {
         let slots = Arc::new(Semaphore::new(self.parallel));
-        let mut images_sent: Option<std::time::Instant> = None;
+        let mut reported: Option<std::time::Instant> = None;
         loop {
             let Ok(permit) = slots.clone().acquire_owned().await else {
                 return;
             };
-            let images = if images_sent.is_none_or(|t| t.elapsed() >= IMAGES_EVERY) {
-                images_sent = Some(std::time::Instant::now());
-                let lister = self.images.clone();
-                tokio::task::spawn_blocking(move || lister()).await.ok()
+            let report = if reported.is_none_or(|t| t.elapsed() >= REPORT_EVERY) {
+                reported = Some(std::time::Instant::now());
+                let (runtime, lister) = (self.runtime.clone(), self.images.clone());
+                tokio::task::spawn_blocking(move || host_report(runtime.as_ref(), &lister))
+                    .await
+                    .ok()
             } else {
                 None
             };
-            let claimed = self.plane.claim(&self.host, images).await;
+            let claimed = self.plane.claim(&self.host, report).await;
             match claimed {
                 Ok(Some(job)) => {
                     let runtime = self.runtime.clone();

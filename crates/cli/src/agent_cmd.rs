@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context as _;
 use clap::Args;
 use serde_json::json;
-use warren_agent::{Agent, ControlPlane, HostImage, ImageLister, Job, Outcome};
+use warren_agent::{Agent, ControlPlane, HostImage, HostReport, ImageLister, Job, Outcome};
 use warren_image::ChunkId;
 use warren_store::ChunkCache;
 
@@ -37,15 +37,11 @@ struct HttpControlPlane {
 }
 
 impl ControlPlane for HttpControlPlane {
-    async fn claim(
-        &self,
-        _host: &str,
-        images: Option<Vec<HostImage>>,
-    ) -> Result<Option<Job>, String> {
+    async fn claim(&self, _host: &str, report: Option<HostReport>) -> Result<Option<Job>, String> {
         let client = self.client.clone();
         tokio::task::spawn_blocking(move || {
             let answer = client
-                .post("/agent/claim", &json!({"images": images}))
+                .post("/agent/claim", &json!({"report": report}))
                 .map_err(|e| format!("{e:#}"))?;
             if answer.is_null() {
                 return Ok(None);

@@ -188,6 +188,19 @@ fn end_to_end(seed: u32, database_url: Option<String>) {
         "https://api.example.com hunter2-very-secret\n",
         "the workspace's processes get the project's and the owner's variables"
     );
+    // The host reports the workspace's resource use (every 10 s).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let stats = loop {
+        let shown: Value =
+            serde_json::from_str(&warren.ok("alice", &["ws", "show", "dev"])).unwrap();
+        if !shown["stats"].is_null() {
+            break shown["stats"].clone();
+        }
+        assert!(Instant::now() < deadline, "no stats reported: {shown}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(stats["memory_bytes"].as_u64().unwrap() > 0, "{stats}");
+    assert_eq!(stats["memory_limit"].as_u64(), Some(512 << 20), "{stats}");
     let out = warren.cli(
         "alice",
         &[
@@ -735,6 +748,20 @@ fn a_second_host_runs_the_workspaces_whose_image_it_holds() {
     let listed: Value = serde_json::from_str(&listed).unwrap();
     assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
     assert_eq!(listed[0]["state"], "running");
+    // Stopped behind the control plane's back on the second host: its report brings it back.
+    let far_id = format!("ws-{}", show("far")["id"].as_str().unwrap());
+    assert!(on_second(&["runtime", "stop", &far_id]).status.success());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let listed =
+            String::from_utf8_lossy(&on_second(&["runtime", "ls", "--json"]).stdout).into_owned();
+        let listed: Value = serde_json::from_str(&listed).unwrap();
+        if listed[0]["state"] == "running" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never brought back: {listed}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
     let out = warren.cli("admin", &["ws", "exec", "far", "--", "true"]);
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("another host"),

@@ -715,12 +715,16 @@ pub struct WorkspaceView {
     cpus: Option<f64>,
     created_at: i64,
     updated_at: i64,
+    /// Resource use as its host last reported it (cpu_ns, memory_bytes, pids, disk_bytes, ...),
+    /// while it runs.
+    stats: Option<serde_json::Value>,
+    stats_at: Option<i64>,
 }
 
 pub(crate) const WORKSPACE_COLUMNS: &str =
     "w.id, w.name, w.owner_id, u.name AS owner, w.project_id, p.name AS project, w.image, h.name AS host,
     w.host_id, w.state, w.desired, w.last_error, w.memory, w.cpus_milli, w.created_at, w.updated_at,
-    w.tasks FROM workspaces w JOIN users u ON u.id = w.owner_id JOIN hosts h ON h.id = w.host_id
+    w.tasks, w.stats, w.stats_at FROM workspaces w JOIN users u ON u.id = w.owner_id JOIN hosts h ON h.id = w.host_id
     LEFT JOIN projects p ON p.id = w.project_id";
 
 fn workspace_view(r: &AnyRow) -> ApiResult<WorkspaceView> {
@@ -740,6 +744,10 @@ fn workspace_view(r: &AnyRow) -> ApiResult<WorkspaceView> {
             .map(|m| m as f64 / 1000.0),
         created_at: r.try_get("created_at")?,
         updated_at: r.try_get("updated_at")?,
+        stats: r
+            .try_get::<Option<String>, _>("stats")?
+            .and_then(|s| serde_json::from_str(&s).ok()),
+        stats_at: r.try_get("stats_at")?,
     })
 }
 
@@ -1480,7 +1488,7 @@ impl axum::extract::FromRequestParts<AppState> for AgentHost {
 #[serde(deny_unknown_fields)]
 pub struct ClaimRequest {
     #[serde(default)]
-    images: Option<Vec<warren_agent::HostImage>>,
+    report: Option<warren_agent::HostReport>,
 }
 
 pub async fn agent_claim(
@@ -1489,11 +1497,30 @@ pub async fn agent_claim(
     Body(req): Body<ClaimRequest>,
 ) -> ApiResult<axum::response::Response> {
     use warren_agent::ControlPlane as _;
+    // A remote host's workspaces are compared with what the owners asked for as it reports
+    // them (the local host's are compared with its runtime directly).
+    let actual = req.report.as_ref().map(|r| {
+        crate::Actual::Reported(
+            r.workspaces
+                .iter()
+                .map(|w| (w.runtime_id.clone(), w.running))
+                .collect(),
+        )
+    });
     let job = state
         .plane
-        .claim(&host.host_id, req.images)
+        .claim(&host.host_id, req.report)
         .await
         .map_err(|e| ApiError::internal("claiming a job", e))?;
+    if let Some(actual) = actual {
+        match crate::reconcile(&state.db, &host.host_id, actual).await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(host = %host.host_id, workspaces = n, "reconciled from the host's report")
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot reconcile a host's report"),
+        }
+    }
     Ok(match job {
         Some(job) => Json(job).into_response(),
         None => StatusCode::NO_CONTENT.into_response(),

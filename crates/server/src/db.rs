@@ -36,6 +36,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (3, include_str!("../migrations/0003_host_images.sql")),
     (4, include_str!("../migrations/0004_unique_ssh_keys.sql")),
     (5, include_str!("../migrations/0005_workspace_tasks.sql")),
+    (6, include_str!("../migrations/0006_workspace_stats.sql")),
 ];
 
 impl Db {

@@ -92,29 +92,46 @@ impl DbControlPlane {
         Ok(done.rows_affected())
     }
 
-    /// Notes that `host` is alive, and the images it holds when given.
+    /// Notes that `host` is alive and, when it reports, the images it holds and its workspaces'
+    /// resource use.
     pub async fn seen(
         &self,
         host: &str,
-        images: Option<Vec<warren_agent::HostImage>>,
+        report: Option<&warren_agent::HostReport>,
     ) -> Result<(), sqlx::Error> {
-        match images {
-            Some(images) => {
-                sqlx::query("UPDATE hosts SET last_seen_at = $2, images = $3 WHERE id = $1")
-                    .bind(host)
-                    .bind(now_ms())
-                    .bind(serde_json::to_string(&images).unwrap_or_default())
-                    .execute(&self.db.pool)
-                    .await?
-            }
-            None => {
-                sqlx::query("UPDATE hosts SET last_seen_at = $2 WHERE id = $1")
-                    .bind(host)
-                    .bind(now_ms())
-                    .execute(&self.db.pool)
-                    .await?
-            }
+        let now = now_ms();
+        let Some(report) = report else {
+            sqlx::query("UPDATE hosts SET last_seen_at = $2 WHERE id = $1")
+                .bind(host)
+                .bind(now)
+                .execute(&self.db.pool)
+                .await?;
+            return Ok(());
         };
+        sqlx::query("UPDATE hosts SET last_seen_at = $2, images = $3 WHERE id = $1")
+            .bind(host)
+            .bind(now)
+            .bind(serde_json::to_string(&report.images).unwrap_or_default())
+            .execute(&self.db.pool)
+            .await?;
+        for ws in &report.workspaces {
+            let Some(id) = ws.runtime_id.strip_prefix("ws-") else {
+                continue;
+            };
+            sqlx::query(
+                "UPDATE workspaces SET stats = $3, stats_at = $4 WHERE id = $1 AND host_id = $2",
+            )
+            .bind(id)
+            .bind(host)
+            .bind(
+                ws.stats
+                    .as_ref()
+                    .and_then(|s| serde_json::to_string(s).ok()),
+            )
+            .bind(now)
+            .execute(&self.db.pool)
+            .await?;
+        }
         Ok(())
     }
 
@@ -288,9 +305,11 @@ impl ControlPlane for DbControlPlane {
     async fn claim(
         &self,
         host: &str,
-        images: Option<Vec<warren_agent::HostImage>>,
+        report: Option<warren_agent::HostReport>,
     ) -> Result<Option<Job>, String> {
-        self.seen(host, images).await.map_err(|e| e.to_string())?;
+        self.seen(host, report.as_ref())
+            .await
+            .map_err(|e| e.to_string())?;
         self.claim_job(host).await.map_err(|e| e.to_string())
     }
 

@@ -423,7 +423,7 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
     if resumed > 0 {
         tracing::info!(jobs = resumed, "resuming jobs cut short by the last stop");
     }
-    reconcile(&db, &host_id, config.runtime.clone()).await?;
+    reconcile(&db, &host_id, Actual::Runtime(config.runtime.clone())).await?;
     {
         // Again on a timer: a workspace can stop on its own (`poweroff` inside, a killed shim).
         let (db, host_id, runtime, wake) = (
@@ -436,7 +436,7 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
-                match reconcile(&db, &host_id, runtime.clone()).await {
+                match reconcile(&db, &host_id, Actual::Runtime(runtime.clone())).await {
                     Ok(0) => {}
                     Ok(_) => wake.notify_one(),
                     Err(e) => tracing::warn!(error = %e, "cannot reconcile workspaces"),
@@ -519,13 +519,40 @@ async fn register_host(db: &Db, name: &str) -> Result<String, sqlx::Error> {
     Ok(id)
 }
 
-/// After a start: a settled workspace whose runtime disagrees (the host rebooted, a process died)
-/// gets the job that brings it back to what its owner asked for.
-/// Returns how many workspaces got a job.
-async fn reconcile(
+/// Where the actual state of a host's workspaces comes from.
+#[derive(Clone)]
+pub(crate) enum Actual {
+    /// Asked of the runtime in this process.
+    Runtime(Arc<dyn Runtime>),
+    /// As a remote agent reported it: which runtime ids run.
+    Reported(std::collections::HashMap<String, bool>),
+}
+
+impl Actual {
+    async fn running(&self, runtime_id: &str) -> Result<bool, ServerError> {
+        match self {
+            Self::Reported(states) => Ok(states.get(runtime_id).copied().unwrap_or(false)),
+            Self::Runtime(runtime) => {
+                let (rt, runtime_id) = (runtime.clone(), runtime_id.to_owned());
+                tokio::task::spawn_blocking(move || {
+                    WorkspaceId::new(&runtime_id)
+                        .ok()
+                        .and_then(|w| rt.info(&w).ok())
+                        .is_some_and(|i| i.state == WorkspaceState::Running)
+                })
+                .await
+                .map_err(|e| ServerError::Other(e.to_string()))
+            }
+        }
+    }
+}
+
+/// A settled workspace whose runtime disagrees (the host rebooted, a process died) gets the job
+/// that brings it back to what its owner asked for. Returns how many workspaces got a job.
+pub(crate) async fn reconcile(
     db: &Db,
     host_id: &str,
-    runtime: Arc<dyn Runtime>,
+    actual: Actual,
 ) -> Result<usize, ServerError> {
     let rows = sqlx::query(
         "SELECT w.id, w.image, w.memory, w.cpus_milli, w.tasks, w.state, w.desired FROM workspaces w
@@ -540,18 +567,8 @@ async fn reconcile(
         let id: String = row.try_get("id")?;
         let stored: String = row.try_get("state")?;
         let spec = api::workspace_spec(&row).map_err(|e| ServerError::Other(e.message))?;
-        let runtime_id = spec.runtime_id.clone();
-        let rt = runtime.clone();
-        let actual = tokio::task::spawn_blocking(move || {
-            WorkspaceId::new(&runtime_id)
-                .ok()
-                .and_then(|w| rt.info(&w).ok())
-                .map(|i| i.state)
-        })
-        .await
-        .map_err(|e| ServerError::Other(e.to_string()))?;
+        let running = actual.running(&spec.runtime_id).await?;
         let desired: String = row.try_get("desired")?;
-        let running = actual == Some(WorkspaceState::Running);
         // What the owner asked for decides; the stored state only says whether to write.
         let (action, between) = match (desired.as_str(), running) {
             ("running", false) => (Action::Start, "starting"),
@@ -571,7 +588,7 @@ async fn reconcile(
                 continue;
             }
         };
-        tracing::info!(workspace.id = %id, stored, ?actual, "reconciling a workspace with its runtime");
+        tracing::info!(workspace.id = %id, stored, running, "reconciling a workspace with its runtime");
         let mut tx = db.begin_write().await?;
         // Only if nobody asked for something else while the runtime was being asked.
         let updated = sqlx::query(

@@ -47,12 +47,22 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// A loopback port nothing listens on, never the same twice in one test process (two quick
+/// calls can otherwise get the same port back from the kernel).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut given = GIVEN.lock().unwrap();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Debian's `docker-registry` (distribution 2.8) serving from a temporary folder on loopback.
