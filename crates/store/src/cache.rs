@@ -121,18 +121,35 @@ impl ChunkCache {
 
     /// The share of `ids` present in the cache at `dir`, read from disk without opening the
     /// cache (opening clears its temporary folder, which a running mount may be writing to).
-    /// Long lists are sampled: up to 4096 evenly spaced ids, enough for placing workspaces.
+    /// Long lists are sampled: one id at a pseudo-random place in each of 4096 equal stretches
+    /// (a fixed stride could fall in step with a pattern in the list), enough for placing
+    /// workspaces.
     pub fn share_on_disk(dir: &Path, ids: &[ChunkId]) -> f64 {
         const SAMPLE: usize = 4096;
         if ids.is_empty() {
             return 0.0;
         }
-        let step = ids.len().div_ceil(SAMPLE);
-        let sampled = ids.iter().step_by(step);
-        let (present, total) = sampled.fold((0usize, 0usize), |(p, t), id| {
-            (p + usize::from(chunk_path(dir, id).exists()), t + 1)
-        });
-        present as f64 / total as f64
+        let n = ids.len();
+        let picks: Vec<usize> = if n <= SAMPLE {
+            (0..n).collect()
+        } else {
+            (0..SAMPLE)
+                .filter_map(|k| {
+                    let (lo, hi) = (k * n / SAMPLE, (k + 1) * n / SAMPLE);
+                    // splitmix64 of the stretch number: the same picks every time.
+                    let mut z = (k as u64).wrapping_add(0x9E37_79B9_7F4A_7C15);
+                    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                    z ^= z >> 31;
+                    (hi > lo).then(|| lo + (z % (hi - lo) as u64) as usize)
+                })
+                .collect()
+        };
+        let present = picks
+            .iter()
+            .filter(|&&i| chunk_path(dir, &ids[i]).exists())
+            .count();
+        present as f64 / picks.len() as f64
     }
 
     pub fn contains(&self, id: &ChunkId) -> bool {
