@@ -535,6 +535,36 @@ fn bad_input_gets_a_4xx_with_a_message() {
         doc["paths"]["/api/v1/workspaces/{workspace}/stop"]["post"].is_object(),
         "{doc}"
     );
+
+    // Guessing passwords slows down: after five failures in a row, the next attempt must wait
+    // (429, with how long); once it has waited, the right password works.
+    warren.add_user("carol");
+    let login = |password: &str| {
+        warren.http(
+            "POST",
+            "/api/v1/login",
+            None,
+            Some(
+                json!({"user": "carol", "password": password})
+                    .to_string()
+                    .as_bytes(),
+            ),
+        )
+    };
+    for _ in 0..5 {
+        assert_eq!(login("guess").0, 401);
+    }
+    let (status, answer) = login("carol-password");
+    assert_eq!(status, 429, "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .is_some_and(|m| m.contains("too many failed logins for `carol`")),
+        "{answer}"
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(login("carol-password").0, 200);
+    assert_eq!(login("guess").0, 401, "a success starts the count again");
 }
 
 /// Polls until every workspace has settled in the state its owner asked for (or is gone).

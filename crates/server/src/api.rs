@@ -64,18 +64,35 @@ pub struct LoginResponse {
 
 pub async fn login(
     State(state): State<AppState>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
     Body(req): Body<LoginRequest>,
 ) -> ApiResult<Json<LoginResponse>> {
+    let now = std::time::Instant::now();
+    let wait = state.logins.wait(&req.user, peer.ip(), now);
+    if !wait.is_zero() {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "too many failed logins for `{}`: try again in {} s",
+                req.user,
+                wait.as_secs().max(1)
+            ),
+        ));
+    }
     let row = sqlx::query("SELECT id, password_hash, is_admin FROM users WHERE name = $1")
         .bind(&req.user)
         .fetch_optional(&state.db.pool)
         .await?;
-    let refused = || ApiError::new(StatusCode::UNAUTHORIZED, "wrong user name or password");
+    let refused = || {
+        state.logins.failed(&req.user, peer.ip(), now);
+        ApiError::new(StatusCode::UNAUTHORIZED, "wrong user name or password")
+    };
     let row = row.ok_or_else(refused)?;
     let hash: String = row.try_get("password_hash")?;
     if !verify_password(&req.password, &hash) {
         return Err(refused());
     }
+    state.logins.succeeded(&req.user, peer.ip());
     let (token, token_hash) = new_token();
     sqlx::query("INSERT INTO api_tokens (id, user_id, name, token_hash, created_at) VALUES ($1, $2, $3, $4, $5)")
         .bind(new_id())

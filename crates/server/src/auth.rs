@@ -30,6 +30,70 @@ pub fn verify_password(password: &str, hash: &str) -> bool {
     })
 }
 
+/// Slows password guessing: after [`FREE_FAILURES`] failed logins in a row for one user name
+/// from one address, each further attempt waits twice as long as the last (1 s, 2 s, ... up to
+/// 5 minutes). Keyed by address too, so a stranger cannot lock a user out from elsewhere. A
+/// success clears the record. Kept in memory: a restart forgets it.
+#[derive(Debug, Default)]
+pub struct LoginThrottle {
+    failures: std::sync::Mutex<std::collections::HashMap<(String, std::net::IpAddr), Failures>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Failures {
+    count: u32,
+    last: std::time::Instant,
+}
+
+pub const FREE_FAILURES: u32 = 5;
+const LONGEST_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
+/// Records older than this are dropped (and with them, the slowing down).
+const FORGET_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
+
+impl LoginThrottle {
+    fn wait_after(count: u32) -> std::time::Duration {
+        if count < FREE_FAILURES {
+            return std::time::Duration::ZERO;
+        }
+        let exp = (count - FREE_FAILURES).min(16);
+        std::time::Duration::from_secs(1 << exp).min(LONGEST_WAIT)
+    }
+
+    /// How long `user` from `addr` must still wait before its next attempt (zero: go ahead).
+    pub fn wait(
+        &self,
+        user: &str,
+        addr: std::net::IpAddr,
+        now: std::time::Instant,
+    ) -> std::time::Duration {
+        let Ok(mut map) = self.failures.lock() else {
+            return std::time::Duration::ZERO;
+        };
+        map.retain(|_, f| now.duration_since(f.last) < FORGET_AFTER);
+        map.get(&(user.to_owned(), addr))
+            .map_or(std::time::Duration::ZERO, |f| {
+                (f.last + Self::wait_after(f.count)).saturating_duration_since(now)
+            })
+    }
+
+    pub fn failed(&self, user: &str, addr: std::net::IpAddr, now: std::time::Instant) {
+        if let Ok(mut map) = self.failures.lock() {
+            let f = map.entry((user.to_owned(), addr)).or_insert(Failures {
+                count: 0,
+                last: now,
+            });
+            f.count = f.count.saturating_add(1);
+            f.last = now;
+        }
+    }
+
+    pub fn succeeded(&self, user: &str, addr: std::net::IpAddr) {
+        if let Ok(mut map) = self.failures.lock() {
+            map.remove(&(user.to_owned(), addr));
+        }
+    }
+}
+
 /// A new API token (shown once) and the hash that is stored.
 pub fn new_token() -> (String, String) {
     let token = format!(
@@ -120,6 +184,39 @@ impl FromRequestParts<AppState> for Caller {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failed_logins_slow_down_per_user_and_address() {
+        use std::time::{Duration, Instant};
+        let throttle = LoginThrottle::default();
+        let (here, there): (std::net::IpAddr, std::net::IpAddr) =
+            ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let t0 = Instant::now();
+        for _ in 0..FREE_FAILURES {
+            assert_eq!(throttle.wait("alice", here, t0), Duration::ZERO);
+            throttle.failed("alice", here, t0);
+        }
+        assert_eq!(throttle.wait("alice", here, t0), Duration::from_secs(1));
+        assert_eq!(
+            throttle.wait("alice", there, t0),
+            Duration::ZERO,
+            "other addresses"
+        );
+        assert_eq!(
+            throttle.wait("bob", here, t0),
+            Duration::ZERO,
+            "other users"
+        );
+        let t1 = t0 + Duration::from_secs(1);
+        throttle.failed("alice", here, t1);
+        assert_eq!(throttle.wait("alice", here, t1), Duration::from_secs(2));
+        for _ in 0..30 {
+            throttle.failed("alice", here, t1);
+        }
+        assert_eq!(throttle.wait("alice", here, t1), Duration::from_secs(300));
+        throttle.succeeded("alice", here);
+        assert_eq!(throttle.wait("alice", here, t1), Duration::ZERO);
+    }
 
     #[test]
     fn passwords_verify_only_themselves() {

@@ -44,6 +44,8 @@ pub struct AppState {
     pub plane: Arc<jobs::DbControlPlane>,
     /// How developers reach the SSH gateway, when this process runs one.
     pub ssh: Option<api::SshView>,
+    /// Failed logins, to slow guessing down.
+    pub logins: Arc<auth::LoginThrottle>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -381,6 +383,7 @@ pub async fn serve_gateway(
         runtime: Some(config.runtime),
         secrets,
         ssh: None,
+        logins: Arc::default(),
     };
     start_gateway(&mut state, &config.ssh).await
 }
@@ -463,6 +466,7 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
         secrets,
         plane,
         ssh: None,
+        logins: Arc::default(),
     };
     let ssh = match &config.ssh {
         Some(settings) => Some(start_gateway(&mut state, settings).await?),
@@ -482,9 +486,12 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
         })?;
     let stop = shutdown.clone();
     let serve = tokio::spawn(async move {
-        axum::serve(listener, router(state))
-            .with_graceful_shutdown(async move { stop.notified().await })
-            .await
+        axum::serve(
+            listener,
+            router(state).into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { stop.notified().await })
+        .await
     });
     Ok(Started {
         addr,
