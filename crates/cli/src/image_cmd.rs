@@ -33,6 +33,28 @@ pub enum ImageCommand {
         #[arg(long)]
         base: Option<String>,
     },
+    /// Build a Debian base image with mmdebstrap from a Debian mirror (for machines that cannot
+    /// reach a public registry): `debian:bookworm`, `debian:trixie`, ...
+    Bootstrap {
+        /// `debian:SUITE` (also the image's name, unless --tag)
+        image: String,
+        /// The mirror to build from
+        #[arg(
+            long,
+            env = "WARREN_DEBIAN_MIRROR",
+            default_value = "http://deb.debian.org/debian"
+        )]
+        mirror: String,
+        /// mmdebstrap's variant: minbase, buildd, standard, ...
+        #[arg(long, default_value = "minbase")]
+        variant: String,
+        /// More packages (repeat, or separate with commas)
+        #[arg(long, value_delimiter = ',')]
+        include: Vec<String>,
+        /// Store it under this NAME:TAG instead
+        #[arg(long)]
+        tag: Option<String>,
+    },
     /// Copy a local image to a registry (only the blobs the registry lacks)
     Push { name: String, destination: String },
     /// Copy a registry image, all of it, into the local store
@@ -154,6 +176,13 @@ pub fn run(cmd: ImageCommand, data: &Path) -> anyhow::Result<()> {
         ImageCommand::Import { source, name, base } => {
             import(data, &source, &name, base.as_deref())
         }
+        ImageCommand::Bootstrap {
+            image,
+            mirror,
+            variant,
+            include,
+            tag,
+        } => bootstrap(data, &image, &mirror, &variant, &include, tag.as_deref()),
         ImageCommand::Push { name, destination } => {
             check_local_name(&name)?;
             let r = RegistryRef::parse(&destination)?;
@@ -329,6 +358,63 @@ fn import(data: &Path, source: &str, name: &str, base: Option<&str>) -> anyhow::
 }
 
 /// A work folder for pack files, on the same filesystem as the store so packs can be moved in.
+/// What mmdebstrap takes as a suite, a variant or a package name (no options smuggled in).
+fn plain_word(word: &str) -> bool {
+    !word.is_empty()
+        && !word.starts_with('-')
+        && word
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '+' | ':' | '_'))
+}
+
+fn bootstrap(
+    data: &Path,
+    image: &str,
+    mirror: &str,
+    variant: &str,
+    include: &[String],
+    tag: Option<&str>,
+) -> anyhow::Result<()> {
+    let Some(suite) = image.strip_prefix("debian:").filter(|s| plain_word(s)) else {
+        bail!("`{image}`: expected debian:SUITE, such as debian:bookworm");
+    };
+    if !plain_word(variant) {
+        bail!("`{variant}` is not an mmdebstrap variant");
+    }
+    if let Some(bad) = include.iter().find(|p| !plain_word(p)) {
+        bail!("`{bad}` is not a package name");
+    }
+    if !(mirror.starts_with("http://")
+        || mirror.starts_with("https://")
+        || mirror.starts_with("file://"))
+    {
+        bail!("the mirror `{mirror}` should be an http://, https:// or file:// URL");
+    }
+    let name = tag.unwrap_or(image);
+    check_local_name(name)?;
+    let work = tempfile_dir(data)?;
+    let rootfs = work.path().join("rootfs");
+    let mut cmd = std::process::Command::new("mmdebstrap");
+    cmd.args(["--mode=root", "--quiet"])
+        .arg(format!("--variant={variant}"));
+    if !include.is_empty() {
+        cmd.arg(format!("--include={}", include.join(",")));
+    }
+    cmd.arg(suite).arg(&rootfs).arg(mirror);
+    let bar = spinner(&format!("building {image} with mmdebstrap from {mirror}"));
+    let out = cmd
+        .output()
+        .map_err(|e| anyhow::anyhow!("cannot run mmdebstrap ({e}): apt install mmdebstrap"))?;
+    bar.finish_and_clear();
+    if !out.status.success() {
+        bail!(
+            "mmdebstrap could not build {image}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    import(data, &rootfs.display().to_string(), name, None)
+}
+
 fn tempfile_dir(data: &Path) -> anyhow::Result<TempDir> {
     let dir = data
         .join("tmp")

@@ -314,3 +314,63 @@ fn bad_image_commands_say_what_is_wrong() {
         "{err}"
     );
 }
+
+/// `warren image bootstrap`: a Debian base image from Debian's mirror, for machines that reach
+/// no public registry; bad names are refused before anything runs.
+#[test]
+fn bootstrap_builds_a_debian_base_image() {
+    require_root();
+    require_program("mmdebstrap", "mmdebstrap");
+    let data = tempfile::Builder::new()
+        .prefix("warren-bootstrap-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let out = ok(warren(
+        data.path(),
+        &[
+            "image",
+            "bootstrap",
+            "debian:bookworm",
+            "--include",
+            "busybox",
+            "--tag",
+            "base:1",
+        ],
+    ));
+    assert!(out.contains("imported base:1"), "{out}");
+    let shown: serde_json::Value = serde_json::from_str(&ok(warren(
+        data.path(),
+        &["image", "inspect", "base:1", "--json"],
+    )))
+    .unwrap();
+    assert!(shown["entries"].as_u64().unwrap() > 5000, "{shown}");
+    for (args, expected) in [
+        (
+            &["image", "bootstrap", "ubuntu:jammy"][..],
+            "expected debian:SUITE",
+        ),
+        (
+            &["image", "bootstrap", "debian:bookworm", "--include=-x"][..],
+            "not a package name",
+        ),
+        (
+            &["image", "bootstrap", "debian:--help"][..],
+            "expected debian:SUITE",
+        ),
+        (
+            &[
+                "image",
+                "bootstrap",
+                "debian:bookworm",
+                "--mirror",
+                "ftp://x",
+            ][..],
+            "http://",
+        ),
+    ] {
+        let out = warren(data.path(), args);
+        assert!(!out.status.success(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+}
