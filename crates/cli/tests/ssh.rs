@@ -719,10 +719,12 @@ fn workspace_tasks_keep_running_and_take_an_attached_terminal() {
         &env_file,
         r#"{
   "image": "dev:1",
+  // Sessions, commands and tasks run as this user.
+  "remoteUser": "www-data",
   // Once, on the first start.
-  "postCreateCommand": "echo created >> /root/created",
+  "postCreateCommand": "echo created >> /tmp/created",
   // On every start; it keeps running and answers what it is sent.
-  "postStartCommand": "echo started >> /root/started; echo ready-$(wc -l < /root/started); while read -r line; do echo \"got: $line\"; done"
+  "postStartCommand": "echo started >> /tmp/started; echo ready-$(wc -l < /tmp/started)-$(id -un); while read -r line; do echo \"got: $line\"; done"
 }"#,
     )
     .unwrap();
@@ -741,7 +743,9 @@ fn workspace_tasks_keep_running_and_take_an_attached_terminal() {
     alice.write_ssh_config(&warren);
     let logs = |task: &str| warren.ok("alice", &["ws", "logs", "web", task]);
     eventually("the first start's tasks", || {
-        logs("postStartCommand").contains("ready-1").then_some(())
+        logs("postStartCommand")
+            .contains("ready-1-www-data")
+            .then_some(())
     });
     let listed = warren.ok("alice", &["ws", "logs", "web"]);
     assert!(
@@ -808,14 +812,34 @@ fn workspace_tasks_keep_running_and_take_an_attached_terminal() {
     warren.ok("alice", &["ws", "stop", "web"]);
     warren.ok("alice", &["ws", "start", "web"]);
     eventually("the second start's tasks", || {
-        logs("postStartCommand").contains("ready-2").then_some(())
+        logs("postStartCommand")
+            .contains("ready-2-www-data")
+            .then_some(())
     });
     let log = logs("postStartCommand");
     assert!(
         log.contains("ready-1") && log.contains("got: hello task"),
         "{log}"
     );
-    assert_eq!(alice.ssh_ok("web.warren", "cat /root/created"), "created\n");
+    // Commands run as the file's user: through the API directly, over SSH through that user's
+    // own login shell (www-data's is nologin, which answers as it would under sshd).
+    assert_eq!(
+        warren.ok("alice", &["ws", "exec", "web", "--", "cat", "/tmp/created"]),
+        "created\n"
+    );
+    assert_eq!(
+        warren.ok("alice", &["ws", "exec", "web", "--", "id", "-un"]),
+        "www-data\n"
+    );
+    let out = alice.ssh("web.warren", "id -un");
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+    assert!(!out.status.success());
+    assert!(
+        said.contains("This account is currently not available"),
+        "{said}"
+    );
+    let shown = warren.ok("alice", &["ws", "show", "web"]);
+    assert!(shown.contains(r#""user": "www-data""#), "{shown}");
     let out = warren.cli("alice", &["ws", "logs", "web", "nope"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("no task `nope`"), "{}", stderr(&out));

@@ -670,10 +670,17 @@ pub struct EnvironmentFile {
     text: String,
 }
 
-/// The workspace tasks of an environment file: devcontainer `postCreateCommand` (once) and
-/// `postStartCommand`, Hocus `tasks[].workspace` with its `workspaceShell`, warren.yml's
-/// `workspace` commands. Errors name the file, line and column.
-fn environment_tasks(env: &EnvironmentFile) -> ApiResult<Vec<warren_runtime::tasks::TaskSpec>> {
+/// What a workspace takes from its environment file.
+struct Environment {
+    /// Devcontainer `postCreateCommand` (once) and `postStartCommand`, Hocus `tasks[].workspace`
+    /// with its `workspaceShell`, warren.yml's `workspace` commands.
+    tasks: Vec<warren_runtime::tasks::TaskSpec>,
+    /// Who sessions, commands and tasks run as (`remoteUser`, else `containerUser`).
+    user: Option<String>,
+}
+
+/// Reads an environment file; errors name the file, line and column.
+fn read_environment(env: &EnvironmentFile) -> ApiResult<Environment> {
     use warren_spec::{Phase, RepoPath};
     let path = RepoPath::resolve(&RepoPath::root(), &env.file)
         .map_err(|e| ApiError::bad_request(format!("environment file `{}`: {e}", env.file)))?;
@@ -695,13 +702,14 @@ fn environment_tasks(env: &EnvironmentFile) -> ApiResult<Vec<warren_runtime::tas
             )
         })?;
     let spec = loaded.spec;
+    let user = spec.user.clone().or_else(|| spec.container_user.clone());
     let env_vars: Vec<String> = spec
         .env
         .iter()
         .chain(spec.remote_env.iter())
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
-    Ok(spec
+    let tasks = spec
         .tasks
         .iter()
         .filter(|t| matches!(t.phase, Phase::FirstStart | Phase::EveryStart))
@@ -709,12 +717,13 @@ fn environment_tasks(env: &EnvironmentFile) -> ApiResult<Vec<warren_runtime::tas
             name: t.name.clone(),
             argv: t.command.argv(t.shell),
             env: env_vars.clone(),
-            user: spec.user.clone(),
+            user: user.clone(),
             cwd: None,
             once: t.phase == Phase::FirstStart,
             stage: t.stage,
         })
-        .collect())
+        .collect();
+    Ok(Environment { tasks, user })
 }
 
 #[derive(Debug, Serialize)]
@@ -736,12 +745,14 @@ pub struct WorkspaceView {
     /// while it runs.
     stats: Option<serde_json::Value>,
     stats_at: Option<i64>,
+    /// Who sessions, commands and tasks run as inside (root when absent).
+    user: Option<String>,
 }
 
 pub(crate) const WORKSPACE_COLUMNS: &str =
     "w.id, w.name, w.owner_id, u.name AS owner, w.project_id, p.name AS project, w.image, h.name AS host,
     w.host_id, w.state, w.desired, w.last_error, w.memory, w.cpus_milli, w.created_at, w.updated_at,
-    w.tasks, w.stats, w.stats_at FROM workspaces w JOIN users u ON u.id = w.owner_id JOIN hosts h ON h.id = w.host_id
+    w.tasks, w.stats, w.stats_at, w.run_as FROM workspaces w JOIN users u ON u.id = w.owner_id JOIN hosts h ON h.id = w.host_id
     LEFT JOIN projects p ON p.id = w.project_id";
 
 fn workspace_view(r: &AnyRow) -> ApiResult<WorkspaceView> {
@@ -765,6 +776,7 @@ fn workspace_view(r: &AnyRow) -> ApiResult<WorkspaceView> {
             .try_get::<Option<String>, _>("stats")?
             .and_then(|s| serde_json::from_str(&s).ok()),
         stats_at: r.try_get("stats_at")?,
+        user: r.try_get("run_as")?,
     })
 }
 
@@ -862,17 +874,20 @@ pub async fn create_workspace(
         ),
         None => None,
     };
-    let tasks = match &req.environment {
-        Some(env) => environment_tasks(env)?,
-        None => Vec::new(),
+    let Environment { tasks, user } = match &req.environment {
+        Some(env) => read_environment(env)?,
+        None => Environment {
+            tasks: Vec::new(),
+            user: None,
+        },
     };
     let host_id = place(&state, &req.image).await?;
     let id = new_id();
     let now = now_ms();
     let mut tx = state.db.begin_write().await?;
     sqlx::query(
-        "INSERT INTO workspaces (id, owner_id, project_id, name, image, host_id, state, desired, memory, cpus_milli, created_at, updated_at, tasks)
-         VALUES ($1, $2, $3, $4, $5, $6, 'creating', 'running', $7, $8, $9, $9, $10)",
+        "INSERT INTO workspaces (id, owner_id, project_id, name, image, host_id, state, desired, memory, cpus_milli, created_at, updated_at, tasks, run_as)
+         VALUES ($1, $2, $3, $4, $5, $6, 'creating', 'running', $7, $8, $9, $9, $10, $11)",
     )
     .bind(&id)
     .bind(&caller.user_id)
@@ -889,6 +904,7 @@ pub async fn create_workspace(
             .transpose()
             .map_err(|e| ApiError::internal("tasks", e))?,
     )
+    .bind(&user)
     .execute(&mut *tx)
     .await
     .map_err(|e| match ApiError::from(e) {
@@ -1094,7 +1110,7 @@ pub async fn exec_workspace(
         argv: req.argv,
         env,
         cwd: req.cwd,
-        user: req.user,
+        user: req.user.or(row.try_get("run_as")?),
         tty: None,
     };
     let stdin = req.stdin.unwrap_or_default();

@@ -37,6 +37,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (4, include_str!("../migrations/0004_unique_ssh_keys.sql")),
     (5, include_str!("../migrations/0005_workspace_tasks.sql")),
     (6, include_str!("../migrations/0006_workspace_stats.sql")),
+    (7, include_str!("../migrations/0007_workspace_user.sql")),
 ];
 
 impl Db {

@@ -96,7 +96,9 @@ impl GatewayDirectory {
             runtime,
             state: get("state")?,
             env,
-            user: None,
+            user: row
+                .try_get::<Option<String>, _>("run_as")
+                .map_err(|e| e.to_string())?,
         })
     }
 }
