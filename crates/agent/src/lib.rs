@@ -160,19 +160,41 @@ pub struct WorkspaceReport {
     pub stats: Option<warren_runtime::Stats>,
 }
 
+/// How often a workspace's disk use is measured again (it walks the writable layer; cpu,
+/// memory and pids are read on every report).
+const DISK_EVERY: Duration = Duration::from_secs(300);
+
+/// The last disk use measured for each workspace, and when.
+#[derive(Debug, Default)]
+pub struct DiskUse(std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, u64)>>);
+
 /// The host's report: its images and its workspaces' actual states and resource use.
-pub fn host_report(runtime: &dyn Runtime, images: &ImageLister) -> HostReport {
-    let workspaces = runtime
-        .list()
-        .unwrap_or_default()
+pub fn host_report(runtime: &dyn Runtime, images: &ImageLister, disk: &DiskUse) -> HostReport {
+    let listed = runtime.list().unwrap_or_default();
+    let mut measured = disk.0.lock().unwrap_or_else(|e| e.into_inner());
+    measured.retain(|id, _| listed.iter().any(|i| i.config.id.as_str() == id));
+    let workspaces = listed
         .into_iter()
         .map(|info| {
+            let id = &info.config.id;
             let running = info.state == warren_runtime::WorkspaceState::Running;
             let stats = running
-                .then(|| runtime.stats(&info.config.id).ok())
-                .flatten();
+                .then(|| runtime.live_stats(id).ok())
+                .flatten()
+                .map(|mut s| {
+                    let known = measured
+                        .get(id.as_str())
+                        .filter(|(at, _)| at.elapsed() < DISK_EVERY)
+                        .map(|(_, bytes)| *bytes);
+                    s.disk_bytes = known.unwrap_or_else(|| {
+                        let bytes = runtime.stats(id).map(|full| full.disk_bytes).unwrap_or(0);
+                        measured.insert(id.to_string(), (std::time::Instant::now(), bytes));
+                        bytes
+                    });
+                    s
+                });
             WorkspaceReport {
-                runtime_id: info.config.id.to_string(),
+                runtime_id: id.to_string(),
                 running,
                 stats,
             }
@@ -227,14 +249,16 @@ impl<C: ControlPlane> Agent<C> {
     pub async fn run(self, shutdown: Arc<Notify>) {
         let slots = Arc::new(Semaphore::new(self.parallel));
         let mut reported: Option<std::time::Instant> = None;
+        let disk = Arc::new(DiskUse::default());
         loop {
             let Ok(permit) = slots.clone().acquire_owned().await else {
                 return;
             };
             let report = if reported.is_none_or(|t| t.elapsed() >= REPORT_EVERY) {
                 reported = Some(std::time::Instant::now());
-                let (runtime, lister) = (self.runtime.clone(), self.images.clone());
-                tokio::task::spawn_blocking(move || host_report(runtime.as_ref(), &lister))
+                let (runtime, lister, disk) =
+                    (self.runtime.clone(), self.images.clone(), disk.clone());
+                tokio::task::spawn_blocking(move || host_report(runtime.as_ref(), &lister, &disk))
                     .await
                     .ok()
             } else {

@@ -200,6 +200,7 @@ fn end_to_end(seed: u32, database_url: Option<String>) {
         std::thread::sleep(Duration::from_millis(500));
     };
     assert!(stats["memory_bytes"].as_u64().unwrap() > 0, "{stats}");
+    assert!(stats["disk_bytes"].as_u64().unwrap() > 0, "{stats}");
     assert_eq!(stats["memory_limit"].as_u64(), Some(512 << 20), "{stats}");
     let out = warren.cli(
         "alice",

@@ -647,6 +647,11 @@ impl Runtime for ContainerRuntime {
         Ok(stats)
     }
 
+    fn live_stats(&self, id: &WorkspaceId) -> Result<Stats, Error> {
+        let (rec, _, _) = self.running(id)?;
+        cgroup::stats(&rec)
+    }
+
     fn info(&self, id: &WorkspaceId) -> Result<WorkspaceInfo, Error> {
         let (rec, layout) = self.record(id)?;
         Ok(Self::info_of(rec, &layout))

@@ -68,6 +68,11 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
     fn delete(&self, id: &WorkspaceId) -> Result<DeleteReport, Error>;
     /// Resource use of a running workspace.
     fn stats(&self, id: &WorkspaceId) -> Result<Stats, Error>;
+    /// Resource use without the writable layer's size (`disk_bytes` is 0: measuring it walks
+    /// the layer, slow when it is large): cheap enough to ask every few seconds.
+    fn live_stats(&self, id: &WorkspaceId) -> Result<Stats, Error> {
+        self.stats(id)
+    }
     /// One workspace's record and state.
     fn info(&self, id: &WorkspaceId) -> Result<WorkspaceInfo, Error>;
     /// Every workspace this runtime knows, running or not.
