@@ -110,7 +110,9 @@ fn entries(
     out
 }
 
-/// `config` with Warren's block replaced by `block` (or added at the end).
+/// `config` with Warren's block replaced by `block`, at the top: ssh takes the first value it
+/// finds for each option, so Warren's entries win for its hosts. The block ends with `Host *`,
+/// so options the file had before any `Host` line still apply to every host, as they did.
 fn replace_block(config: &str, block: &str) -> String {
     let mut kept = String::new();
     let mut inside = false;
@@ -124,8 +126,10 @@ fn replace_block(config: &str, block: &str) -> String {
             kept.push('\n');
         }
     }
-    // Warren's block goes first: ssh takes the first value it finds for each option.
-    format!("{BEGIN}\n{block}{END}\n\n{}", kept.trim_start_matches('\n'))
+    format!(
+        "{BEGIN}\n{block}Host *\n{END}\n\n{}",
+        kept.trim_start_matches('\n')
+    )
 }
 
 pub fn ssh_config(args: SshConfigArgs) -> anyhow::Result<ExitCode> {
@@ -237,7 +241,15 @@ mod tests {
 
     #[test]
     fn the_block_is_replaced_and_the_rest_kept() {
-        let first = replace_block("Host other\n  User me\n", "Host a.warren\n");
+        let first = replace_block(
+            "ServerAliveInterval 30\nHost other\n  User me\n",
+            "Host a.warren\n",
+        );
+        // The file's global option still comes after a `Host *`, not inside a.warren's entry.
+        assert!(
+            first.contains("Host *\n# <<< warren\n\nServerAliveInterval 30\n"),
+            "{first}"
+        );
         assert!(first.starts_with(BEGIN));
         assert!(first.contains("Host a.warren\n") && first.contains("Host other\n  User me\n"));
         let second = replace_block(&first, "Host b.warren\n");
