@@ -357,7 +357,6 @@ fn import(data: &Path, source: &str, name: &str, base: Option<&str>) -> anyhow::
     Ok(())
 }
 
-/// A work folder for pack files, on the same filesystem as the store so packs can be moved in.
 /// What mmdebstrap takes as a suite, a variant or a package name (no options smuggled in).
 fn plain_word(word: &str) -> bool {
     !word.is_empty()
@@ -415,6 +414,7 @@ fn bootstrap(
     import(data, &rootfs.display().to_string(), name, None)
 }
 
+/// A work folder for pack files, on the same filesystem as the store so packs can be moved in.
 fn tempfile_dir(data: &Path) -> anyhow::Result<TempDir> {
     let dir = data
         .join("tmp")
