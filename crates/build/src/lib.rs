@@ -5,9 +5,11 @@
 //! Warren has its own parser because the crates.io one rejects heredocs and `RUN --mount`, both
 //! of which real environments use.
 
+mod ignore;
 mod parse;
 mod words;
 
+pub use ignore::Ignore;
 pub use parse::{
     ArgDecl, Command, CopySource, Dockerfile, Files, Heredoc, Instruction, Mount, ParseError,
     Stage, Step, parse,
