@@ -1,12 +1,13 @@
-//! Daemonless Dockerfile builds. So far: the parser ([`parse`]) and the build-time word
-//! expansion ([`expand`]); executing the steps in the workspace sandbox, the step cache and
-//! prebuilds come next (issue 7).
+//! Daemonless Dockerfile builds: the parser ([`parse`]), build-time word expansion
+//! ([`expand`]), `.dockerignore` ([`Ignore`]), and a first executor ([`build`]) that runs each
+//! stage in a workspace sandbox of the runtime. The step cache and prebuilds come next.
 //!
 //! Warren has its own parser because the crates.io one rejects heredocs and `RUN --mount`, both
 //! of which real environments use.
 
 mod ignore;
 mod parse;
+mod run;
 mod words;
 
 pub use ignore::Ignore;
@@ -14,4 +15,5 @@ pub use parse::{
     ArgDecl, Command, CopySource, Dockerfile, Files, Heredoc, Instruction, Mount, ParseError,
     Stage, Step, parse,
 };
+pub use run::{BuildError, BuildRequest, ImageSettings, ImageStore, build};
 pub use words::{ExpandError, expand, split_words};

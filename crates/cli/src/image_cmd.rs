@@ -263,12 +263,15 @@ pub fn run(cmd: ImageCommand, data: &Path) -> anyhow::Result<()> {
     }
 }
 
-fn import(data: &Path, source: &str, name: &str, base: Option<&str>) -> anyhow::Result<()> {
-    check_local_name(name)?;
-    let local = local_store(data)?;
+/// An image builder whose chunks already in `base` (by default: in any local image) are not
+/// stored again, and its work folder.
+fn builder_reusing(
+    data: &Path,
+    local: &LocalStore,
+    base: Option<&str>,
+) -> anyhow::Result<(TempDir, ImageBuilder)> {
     let work = tempfile_dir(data)?;
     let mut builder = ImageBuilder::new(work.path(), ChunkParams::default(), Limits::default());
-    // Identical content is stored once across all local images.
     let bases: Vec<String> = match base {
         Some(b) => vec![b.to_owned()],
         None => local
@@ -278,7 +281,7 @@ fn import(data: &Path, source: &str, name: &str, base: Option<&str>) -> anyhow::
             .collect(),
     };
     for b in &bases {
-        match open_image(&local, b) {
+        match open_image(local, b) {
             Ok(image) => builder.reuse_chunks_of(&image.index),
             Err(e) if base.is_some() => {
                 return Err(e).with_context(|| format!("cannot reuse the chunks of `{b}`"));
@@ -286,6 +289,58 @@ fn import(data: &Path, source: &str, name: &str, base: Option<&str>) -> anyhow::
             Err(_) => {} // a plain OCI image in the store has no chunks to share
         }
     }
+    Ok((work, builder))
+}
+
+/// Builds' images, in the local store (`warren build`).
+pub(crate) struct LocalImages {
+    pub data: PathBuf,
+}
+
+impl warren_build::ImageStore for LocalImages {
+    fn settings(&self, reference: &str) -> Result<warren_build::ImageSettings, String> {
+        let local = local_store(&self.data).map_err(|e| e.to_string())?;
+        let image = open_image(&local, reference).map_err(|e| {
+            format!("{e} (build from a local image: `warren image pull`, `import` or `bootstrap` it first)")
+        })?;
+        Ok(warren_build::ImageSettings {
+            env: image.config.env.clone(),
+            user: image.config.user.clone(),
+            workdir: image.config.workdir.clone(),
+            cmd: image.config.cmd.clone(),
+        })
+    }
+
+    fn store(
+        &self,
+        name: &str,
+        tar: &mut dyn Read,
+        settings: &warren_build::ImageSettings,
+    ) -> Result<String, String> {
+        let run = || -> anyhow::Result<String> {
+            check_local_name(name)?;
+            let local = local_store(&self.data)?;
+            let (_work, mut builder) = builder_reusing(&self.data, &local, None)?;
+            import_tar(&mut builder, tar)?;
+            let built = builder.finish()?;
+            let config = ImageConfig {
+                env: settings.env.clone(),
+                user: settings.user.clone(),
+                workdir: settings.workdir.clone(),
+                cmd: settings.cmd.clone(),
+                ..ImageConfig::default()
+            };
+            Ok(commit(&local, &built, config, name)?.to_string())
+        };
+        run().map_err(|e| format!("{e:#}"))
+    }
+}
+
+fn import(data: &Path, source: &str, name: &str, base: Option<&str>) -> anyhow::Result<()> {
+    check_local_name(name)?;
+    let local = local_store(data)?;
+    // Identical content is stored once across all local images.
+    let (_work, mut builder) = builder_reusing(data, &local, base)?;
     let started = Instant::now();
     let bar = spinner(&format!("importing {source}"));
     let config = if let Some(rest) = source.strip_prefix("docker://") {

@@ -8,6 +8,7 @@ mod bench;
 mod bench_api;
 mod bench_runtime;
 mod bench_ssh;
+mod build_cmd;
 mod client;
 mod control_cmd;
 mod image_cmd;
@@ -75,6 +76,8 @@ enum Commands {
     /// Environment files (warren.yml, hocus.yml, devcontainer.json)
     #[command(subcommand)]
     Spec(spec_cmd::SpecCommand),
+    /// Build a Dockerfile with no Docker daemon, each stage in a sandbox (needs root)
+    Build(build_cmd::BuildArgs),
     /// Images: import, push, pull, mount lazily, list, inspect, remove, collect, export
     #[command(subcommand)]
     Image(image_cmd::ImageCommand),
@@ -116,6 +119,7 @@ fn main() -> ExitCode {
         Commands::SshConfig(args) => ssh_cmd::ssh_config(args),
         Commands::Job(cmd) => control_cmd::job(cmd),
         Commands::Spec(cmd) => spec_cmd::run(cmd),
+        Commands::Build(args) => build_cmd::build(args, &cli.data),
         Commands::Image(cmd) => image_cmd::run(cmd, &cli.data).map(|()| ExitCode::SUCCESS),
         Commands::Runtime(args) => runtime_cmd::run(args, &cli.data),
         Commands::Bench(cmd) => bench::run(cmd).map(|()| ExitCode::SUCCESS),

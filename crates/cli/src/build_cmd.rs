@@ -1,0 +1,85 @@
+//! `warren build`: a Dockerfile built with no Docker daemon, each stage in a workspace sandbox.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context as _, bail};
+use clap::Args;
+
+use crate::runtime_cmd::HostFlags;
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// The build context (a folder)
+    context: PathBuf,
+    /// The image to make, NAME:TAG
+    #[arg(short, long)]
+    tag: String,
+    /// The Dockerfile (default: <context>/Dockerfile)
+    #[arg(short, long)]
+    file: Option<PathBuf>,
+    /// KEY=VALUE for the Dockerfile's ARGs (repeat)
+    #[arg(long = "build-arg")]
+    build_args: Vec<String>,
+    #[command(flatten)]
+    host: HostFlags,
+}
+
+pub fn build(args: BuildArgs, data: &Path) -> anyhow::Result<ExitCode> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("warren build runs each step in a sandbox (namespaces, mounts): run it as root");
+    }
+    let file = args
+        .file
+        .clone()
+        .unwrap_or_else(|| args.context.join("Dockerfile"));
+    let text = std::fs::read_to_string(&file)
+        .with_context(|| format!("cannot read {}", file.display()))?;
+    let shown = file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "Dockerfile".into());
+    let dockerfile = warren_build::parse(&shown, &text)?;
+    let ignore = match std::fs::read_to_string(args.context.join(".dockerignore")) {
+        Ok(text) => warren_build::Ignore::parse(&text).map_err(anyhow::Error::msg)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            warren_build::Ignore::parse("").map_err(anyhow::Error::msg)?
+        }
+        Err(e) => return Err(e).context("cannot read .dockerignore"),
+    };
+    let mut build_args = BTreeMap::new();
+    for kv in &args.build_args {
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("--build-arg `{kv}`: expected KEY=VALUE"))?;
+        build_args.insert(k.to_owned(), v.to_owned());
+    }
+    let runtime = args.host.runtime(data)?;
+    let store = crate::image_cmd::LocalImages {
+        data: data.to_path_buf(),
+    };
+    let prefix = format!("build-{}", std::process::id());
+    let started = std::time::Instant::now();
+    let digest = warren_build::build(
+        &runtime,
+        &store,
+        &warren_build::BuildRequest {
+            dockerfile: &dockerfile,
+            file: &shown,
+            context: &args.context,
+            ignore: &ignore,
+            build_args: &build_args,
+            tag: &args.tag,
+            sandbox_prefix: &prefix,
+        },
+        &mut std::io::stderr(),
+    )?;
+    println!(
+        "built {} ({digest}) in {:.1}s",
+        args.tag,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
+}
