@@ -268,24 +268,36 @@ fn run_step(
             if !mounts.is_empty() {
                 return Err("RUN --mount is not run yet (the parser reads it; execution comes with the step cache)".into());
             }
-            let argv = match command {
-                Command::Exec(argv) => argv.clone(),
-                // `RUN <<EOF`: the here-document is the script.
+            let (argv, stdin) = match command {
+                Command::Exec(argv) => (argv.clone(), None),
+                // `RUN <<EOF`: the here-document is the script; `RUN <<EOF python3`: it is the
+                // command's input.
                 Command::Shell(text)
                     if text.trim_start().starts_with("<<") && heredocs.len() == 1 =>
                 {
+                    let rest = text
+                        .trim_start()
+                        .split_once(char::is_whitespace)
+                        .map(|(_, rest)| rest.trim())
+                        .unwrap_or("");
+                    let body = heredocs[0].body.clone();
                     let mut argv = state.shell.clone();
-                    argv.push(heredocs[0].body.clone());
-                    argv
+                    if rest.is_empty() {
+                        argv.push(body);
+                        (argv, None)
+                    } else {
+                        argv.push(rest.to_owned());
+                        (argv, Some(body.into_bytes()))
+                    }
                 }
                 Command::Shell(text) => {
                     let mut argv = state.shell.clone();
                     argv.push(text.clone());
-                    argv
+                    (argv, None)
                 }
             };
             let user = state.user.clone();
-            run(runtime, &state.id, argv, state, user.as_deref(), None, log)?;
+            run(runtime, &state.id, argv, state, user.as_deref(), stdin, log)?;
         }
         Instruction::Copy { files, from } => {
             let tar = match from {

@@ -52,6 +52,9 @@ RUN <<SCRIPT
 set -e
 echo heredoc > /heredoc.txt
 SCRIPT
+RUN <<INPUT tr a-z A-Z > /upper.txt
+fed on stdin
+INPUT
 CMD ["cat", "/app/built.txt"]
 "#;
 
@@ -111,7 +114,10 @@ fn a_multi_stage_dockerfile_builds_in_the_sandbox() {
         inside("stat -c %a /usr/local/bin/run-app && run-app"),
         "755\nrun\n"
     );
-    assert_eq!(inside("cat /exec.txt /heredoc.txt"), "exec-form\nheredoc\n");
+    assert_eq!(
+        inside("cat /exec.txt /heredoc.txt /upper.txt"),
+        "exec-form\nheredoc\nFED ON STDIN\n"
+    );
     assert_eq!(
         inside("ls /ctx | sort | tr '\\n' ' '"),
         "Dockerfile app.txt conf run.sh "
