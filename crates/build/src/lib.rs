@@ -15,5 +15,5 @@ pub use parse::{
     ArgDecl, Command, CopySource, Dockerfile, Files, Heredoc, Instruction, Mount, ParseError,
     Stage, Step, parse,
 };
-pub use run::{BuildError, BuildRequest, ImageSettings, ImageStore, build};
+pub use run::{BuildError, BuildRequest, Built, ImageSettings, ImageStore, build};
 pub use words::{ExpandError, expand, split_words};

@@ -33,6 +33,8 @@ pub struct ImageSettings {
     pub user: Option<String>,
     pub workdir: Option<String>,
     pub cmd: Vec<String>,
+    /// The image's digest (when read from the store).
+    pub digest: String,
 }
 
 #[derive(Debug)]
@@ -73,7 +75,14 @@ impl Drop for Sandboxes<'_> {
 
 /// A stage's state while its steps run.
 struct State {
-    id: WorkspaceId,
+    /// The stage's number (names its sandboxes).
+    stage: usize,
+    /// The image the stage's filesystem is at: its base, or the last step's cache image.
+    image: String,
+    /// A sandbox whose filesystem is `image`, once a step needed one.
+    sandbox: Option<WorkspaceId>,
+    /// What identifies `image` with every setting so far: the step cache's key.
+    key: blake3::Hash,
     env: Vec<(String, String)>,
     args: BTreeMap<String, String>,
     workdir: String,
@@ -83,6 +92,27 @@ struct State {
 }
 
 impl State {
+    /// The key after a step: the one before, the step, and every setting that shapes it.
+    fn chain(&mut self, step: &impl serde::Serialize, content: &[u8]) {
+        let mut h = blake3::Hasher::new();
+        h.update(self.key.as_bytes());
+        h.update(serde_json::to_string(step).unwrap_or_default().as_bytes());
+        let settings = (
+            &self.env,
+            &self.args,
+            &self.workdir,
+            &self.user,
+            &self.shell,
+        );
+        h.update(
+            serde_json::to_string(&settings)
+                .unwrap_or_default()
+                .as_bytes(),
+        );
+        h.update(blake3::hash(content).as_bytes());
+        self.key = h.finalize();
+    }
+
     fn lookup(&self, name: &str) -> Option<String> {
         self.env
             .iter()
@@ -98,13 +128,109 @@ impl State {
     }
 }
 
-/// Builds the Dockerfile; returns the image's digest. `log` gets every step's output.
+/// How a build went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Built {
+    pub digest: String,
+    /// Steps that changed the filesystem (RUN, COPY, WORKDIR) and were run...
+    pub steps_run: usize,
+    /// ...and those taken from the step cache instead.
+    pub steps_cached: usize,
+}
+
+/// The cache image of a step: the image its key names.
+fn cache_tag(key: &blake3::Hash) -> String {
+    format!("warren-build-cache:{}", &key.to_hex()[..32])
+}
+
+/// What the build has so far: its sandboxes, the stages done, the steps run.
+struct Build<'a> {
+    runtime: &'a dyn Runtime,
+    store: &'a dyn ImageStore,
+    req: &'a BuildRequest<'a>,
+    sandboxes: Sandboxes<'a>,
+    /// Stage name (and number) → its final state.
+    stages: BTreeMap<String, usize>,
+    done: Vec<State>,
+    run: usize,
+    cached: usize,
+}
+
+impl Build<'_> {
+    /// A sandbox at `state.image`, started when first needed.
+    fn sandbox(&mut self, state: &mut State) -> Result<WorkspaceId, String> {
+        if let Some(id) = &state.sandbox {
+            return Ok(id.clone());
+        }
+        let id = WorkspaceId::new(&format!(
+            "{}-{}-{}",
+            self.req.sandbox_prefix,
+            state.stage,
+            self.sandboxes.ids.len()
+        ))
+        .map_err(|e| e.to_string())?;
+        let _ = self.runtime.delete(&id);
+        self.runtime
+            .create(&WorkspaceConfig {
+                id: id.clone(),
+                root: RootSource::Image {
+                    reference: state.image.clone(),
+                },
+                hostname: None,
+                limits: Limits::default(),
+                env: Vec::new(),
+            })
+            .map_err(|e| e.to_string())?;
+        self.sandboxes.ids.push(id.clone());
+        self.runtime.start(&id).map_err(|e| e.to_string())?;
+        state.sandbox = Some(id.clone());
+        Ok(id)
+    }
+
+    /// A step that changes the filesystem: taken from the cache when its key is there, else
+    /// run in the sandbox and stored under its key.
+    fn change(
+        &mut self,
+        state: &mut State,
+        log: &mut dyn Write,
+        step: impl FnOnce(&mut Self, &WorkspaceId, &State, &mut dyn Write) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let tag = cache_tag(&state.key);
+        if self.store.settings(&tag).is_ok() {
+            let _ = writeln!(log, "    cached");
+            state.image = tag;
+            // Its filesystem is now behind the image: a later step starts a fresh one.
+            if let Some(old) = state.sandbox.take() {
+                let _ = self.runtime.delete(&old);
+            }
+            self.cached += 1;
+            return Ok(());
+        }
+        let id = self.sandbox(state)?;
+        step(self, &id, state, log)?;
+        commit(
+            self.runtime,
+            self.store,
+            &id,
+            &tag,
+            &ImageSettings::default(),
+        )?;
+        state.image = tag;
+        self.run += 1;
+        Ok(())
+    }
+}
+
+/// Builds the Dockerfile. Every step that changes the filesystem is stored as an image named
+/// by a key of everything that shaped it (the base image's digest, the steps and settings
+/// before, the step, the bytes it copies), so a rebuild runs only what changed and what comes
+/// after it. `log` gets every step's output.
 pub fn build(
     runtime: &dyn Runtime,
     store: &dyn ImageStore,
     req: &BuildRequest<'_>,
     log: &mut dyn Write,
-) -> Result<String, BuildError> {
+) -> Result<Built, BuildError> {
     let escape = req.dockerfile.escape;
     let fail = |line: usize, message: String| BuildError {
         file: req.file.to_owned(),
@@ -123,53 +249,43 @@ pub fn build(
                 .map(|v| (a.name.clone(), v))
         })
         .collect();
-    let mut sandboxes = Sandboxes {
+    let mut b = Build {
         runtime,
-        ids: Vec::new(),
+        store,
+        req,
+        sandboxes: Sandboxes {
+            runtime,
+            ids: Vec::new(),
+        },
+        stages: BTreeMap::new(),
+        done: Vec::new(),
+        run: 0,
+        cached: 0,
     };
-    // Stage name (or index) → its sandbox, for `COPY --from` and `FROM <stage>`.
-    let mut stage_ids: BTreeMap<String, (WorkspaceId, usize)> = BTreeMap::new();
-    let mut last: Option<State> = None;
     let stages = &req.dockerfile.stages;
     for (n, stage) in stages.iter().enumerate() {
         let at = |m: String| fail(stage.line, m);
         let base = expand(&stage.base, escape, &|k| global.get(k).cloned())
             .map_err(|e| at(format!("FROM: {e}")))?;
-        // A later stage can start from an earlier one: store that one as an image first.
-        let base_ref = match stage_ids.get(&base.to_ascii_lowercase()) {
-            Some((id, k)) => {
-                let name = format!("{}-stage{k}", req.tag.replace(':', "-"));
-                let name = format!("{name}:build");
-                commit(runtime, store, id, &name, &ImageSettings::default())
-                    .map_err(|e| at(format!("FROM {base}: {e}")))?;
-                name
+        let (image, key) = match b.stages.get(&base.to_ascii_lowercase()) {
+            Some(&k) => (b.done[k].image.clone(), b.done[k].key),
+            None => {
+                let digest = store
+                    .settings(&base)
+                    .map_err(|e| at(format!("FROM {base}: {e}")))?
+                    .digest;
+                (base.clone(), blake3::hash(digest.as_bytes()))
             }
-            None => base.clone(),
         };
         let settings = store
-            .settings(&base_ref)
-            .map_err(|e| at(format!("FROM {base}: {e}")))?;
-        let id = WorkspaceId::new(&format!("{}-{n}", req.sandbox_prefix))
-            .map_err(|e| at(e.to_string()))?;
-        let _ = runtime.delete(&id);
-        runtime
-            .create(&WorkspaceConfig {
-                id: id.clone(),
-                root: RootSource::Image {
-                    reference: base_ref.clone(),
-                },
-                hostname: None,
-                limits: Limits::default(),
-                env: Vec::new(),
-            })
-            .map_err(|e| at(format!("FROM {base}: {e}")))?;
-        sandboxes.ids.push(id.clone());
-        runtime
-            .start(&id)
+            .settings(&image)
             .map_err(|e| at(format!("FROM {base}: {e}")))?;
         let _ = writeln!(log, "[{n}] FROM {base}");
         let mut state = State {
-            id: id.clone(),
+            stage: n,
+            image,
+            sandbox: None,
+            key,
             env: settings
                 .env
                 .iter()
@@ -185,34 +301,32 @@ pub fn build(
             cmd: settings.cmd.clone(),
         };
         for step in &stage.steps {
-            let at = |m: String| fail(step.line, m);
             let _ = writeln!(log, "[{n}] line {}", step.line);
-            run_step(
-                runtime,
-                req,
-                &mut state,
-                &stage_ids,
-                &step.instruction,
-                log,
-                &global,
-            )
-            .map_err(at)?;
+            run_step(&mut b, &mut state, &step.instruction, log, &global)
+                .map_err(|m| fail(step.line, m))?;
         }
-        stage_ids.insert(n.to_string(), (id.clone(), n));
+        b.stages.insert(n.to_string(), n);
         if let Some(name) = &stage.name {
-            stage_ids.insert(name.to_ascii_lowercase(), (id.clone(), n));
+            b.stages.insert(name.to_ascii_lowercase(), n);
         }
-        last = Some(state);
+        b.done.push(state);
     }
-    let state = last.ok_or_else(|| fail(1, "no stage".into()))?;
+    let line = stages.last().map_or(1, |s| s.line);
+    let mut state = b.done.pop().ok_or_else(|| fail(1, "no stage".into()))?;
     let settings = ImageSettings {
         env: state.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
         user: state.user.clone(),
         workdir: Some(state.workdir.clone()),
         cmd: state.cmd.clone(),
+        digest: String::new(),
     };
-    let line = stages.last().map_or(1, |s| s.line);
-    commit(runtime, store, &state.id, req.tag, &settings).map_err(|e| fail(line, e))
+    let id = b.sandbox(&mut state).map_err(|e| fail(line, e))?;
+    let digest = commit(runtime, store, &id, req.tag, &settings).map_err(|e| fail(line, e))?;
+    Ok(Built {
+        digest,
+        steps_run: b.run,
+        steps_cached: b.cached,
+    })
 }
 
 fn expand_with(state: &State, escape: char, word: &str) -> Result<String, String> {
@@ -220,14 +334,13 @@ fn expand_with(state: &State, escape: char, word: &str) -> Result<String, String
 }
 
 fn run_step(
-    runtime: &dyn Runtime,
-    req: &BuildRequest<'_>,
+    b: &mut Build<'_>,
     state: &mut State,
-    stages: &BTreeMap<String, (WorkspaceId, usize)>,
     instruction: &Instruction,
     log: &mut dyn Write,
     global: &BTreeMap<String, String>,
 ) -> Result<(), String> {
+    let req = b.req;
     let escape = req.dockerfile.escape;
     match instruction {
         Instruction::Arg(decls) => {
@@ -243,22 +356,33 @@ fn run_step(
                     state.args.insert(d.name.clone(), v);
                 }
             }
+            state.chain(instruction, b"");
         }
         Instruction::Env(pairs) => {
             for (k, v) in pairs {
                 let value = expand_with(state, escape, v)?;
                 state.set_env(k.clone(), value);
             }
+            state.chain(instruction, b"");
         }
         Instruction::Workdir(dir) => {
             let dir = inside(&state.workdir, &expand_with(state, escape, dir)?);
+            state.chain(instruction, dir.as_bytes());
             // Made from the folder before, which exists.
-            let mkdir = vec!["mkdir".into(), "-p".into(), dir.clone()];
-            run(runtime, &state.id, mkdir, state, Some("root"), None, log)?;
+            b.change(state, log, |b, id, state, log| {
+                let mkdir = vec!["mkdir".into(), "-p".into(), dir.clone()];
+                run(b.runtime, id, mkdir, state, Some("root"), None, log)
+            })?;
             state.workdir = dir;
         }
-        Instruction::User(user) => state.user = Some(expand_with(state, escape, user)?),
-        Instruction::Shell(argv) => state.shell = argv.clone(),
+        Instruction::User(user) => {
+            state.user = Some(expand_with(state, escape, user)?);
+            state.chain(instruction, b"");
+        }
+        Instruction::Shell(argv) => {
+            state.shell = argv.clone();
+            state.chain(instruction, b"");
+        }
         Instruction::Run {
             command,
             mounts,
@@ -266,7 +390,7 @@ fn run_step(
             heredocs,
         } => {
             if !mounts.is_empty() {
-                return Err("RUN --mount is not run yet (the parser reads it; execution comes with the step cache)".into());
+                return Err("RUN --mount is not run yet (the parser reads it)".into());
             }
             let (argv, stdin) = match command {
                 Command::Exec(argv) => (argv.clone(), None),
@@ -296,17 +420,25 @@ fn run_step(
                     (argv, None)
                 }
             };
-            let user = state.user.clone();
-            run(runtime, &state.id, argv, state, user.as_deref(), stdin, log)?;
+            state.chain(instruction, b"");
+            b.change(state, log, |b, id, state, log| {
+                let user = state.user.clone();
+                run(b.runtime, id, argv, state, user.as_deref(), stdin, log)
+            })?;
         }
         Instruction::Copy { files, from } => {
             let tar = match from {
                 None => context_tar(req, state, files)?,
                 Some(stage) => {
-                    let (source, _) = stages
-                        .get(&stage.to_ascii_lowercase())
-                        .ok_or_else(|| format!("COPY --from={stage}: no earlier stage of that name (images come with the step cache)"))?;
-                    stage_tar(runtime, source, state, files, escape)?
+                    let k = *b.stages.get(&stage.to_ascii_lowercase()).ok_or_else(|| {
+                        format!("COPY --from={stage}: no earlier stage of that name")
+                    })?;
+                    let mut source = std::mem::replace(&mut b.done[k], placeholder(k));
+                    let made = b
+                        .sandbox(&mut source)
+                        .and_then(|id| stage_tar(b.runtime, &id, state, files, escape));
+                    b.done[k] = source;
+                    made?
                 }
             };
             let dest = expand_with(state, escape, &files.dest)?;
@@ -315,28 +447,25 @@ fn run_step(
             } else {
                 parent_of(&inside(&state.workdir, &dest))
             };
-            let argv = vec![
-                "/bin/sh".into(),
-                "-c".into(),
-                r#"mkdir -p "$1" && tar -x -f - -C "$1""#.into(),
-                "sh".into(),
-                into,
-            ];
-            run(
-                runtime,
-                &state.id,
-                argv,
-                state,
-                Some("root"),
-                Some(tar),
-                log,
-            )?;
+            state.chain(instruction, &tar);
+            b.change(state, log, |b, id, state, log| {
+                let argv = vec![
+                    "/bin/sh".into(),
+                    "-c".into(),
+                    r#"mkdir -p "$1" && tar -x -f - -C "$1""#.into(),
+                    "sh".into(),
+                    into,
+                ];
+                run(b.runtime, id, argv, state, Some("root"), Some(tar), log)
+            })?;
         }
         Instruction::Add { .. } => {
             return Err("ADD is not run yet: use COPY (and RUN curl/tar) for now".into());
         }
-        Instruction::Cmd(c) => state.cmd = command_argv(state, c),
-        Instruction::Entrypoint(c) => state.cmd = command_argv(state, c),
+        Instruction::Cmd(c) | Instruction::Entrypoint(c) => {
+            state.cmd = command_argv(state, c);
+            state.chain(instruction, b"");
+        }
         Instruction::Label(_)
         | Instruction::Expose(_)
         | Instruction::Volume(_)
@@ -345,6 +474,22 @@ fn run_step(
         | Instruction::Maintainer(_) => {}
     }
     Ok(())
+}
+
+/// Stands in for a stage's state while it is borrowed.
+fn placeholder(stage: usize) -> State {
+    State {
+        stage,
+        image: String::new(),
+        sandbox: None,
+        key: blake3::hash(b""),
+        env: Vec::new(),
+        args: BTreeMap::new(),
+        workdir: "/".into(),
+        user: None,
+        shell: Vec::new(),
+        cmd: Vec::new(),
+    }
 }
 
 fn command_argv(state: &State, c: &Command) -> Vec<String> {

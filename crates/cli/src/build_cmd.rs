@@ -62,7 +62,7 @@ pub fn build(args: BuildArgs, data: &Path) -> anyhow::Result<ExitCode> {
     };
     let prefix = format!("build-{}", std::process::id());
     let started = std::time::Instant::now();
-    let digest = warren_build::build(
+    let built = warren_build::build(
         &runtime,
         &store,
         &warren_build::BuildRequest {
@@ -77,9 +77,12 @@ pub fn build(args: BuildArgs, data: &Path) -> anyhow::Result<ExitCode> {
         &mut std::io::stderr(),
     )?;
     println!(
-        "built {} ({digest}) in {:.1}s",
+        "built {} ({}) in {:.1}s: {} steps run, {} from the cache",
         args.tag,
-        started.elapsed().as_secs_f64()
+        built.digest,
+        started.elapsed().as_secs_f64(),
+        built.steps_run,
+        built.steps_cached
     );
     Ok(ExitCode::SUCCESS)
 }

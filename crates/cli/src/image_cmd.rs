@@ -308,6 +308,7 @@ impl warren_build::ImageStore for LocalImages {
             user: image.config.user.clone(),
             workdir: image.config.workdir.clone(),
             cmd: image.config.cmd.clone(),
+            digest: image.digest.to_string(),
         })
     }
 

@@ -91,6 +91,7 @@ fn a_multi_stage_dockerfile_builds_in_the_sandbox() {
         ],
     ));
     assert!(out.starts_with("built app:1 (sha256:"), "{out}");
+    assert!(out.contains(": 12 steps run, 0 from the cache"), "{out}");
     // No sandbox is left behind.
     let listed = ok(warren(data.path(), &["runtime", "ls", "--json"]));
     assert_eq!(listed.trim(), "[]", "{listed}");
@@ -136,6 +137,37 @@ fn a_multi_stage_dockerfile_builds_in_the_sandbox() {
         "{shown}"
     );
     ok(warren(data.path(), &["runtime", "rm", "-f", "check"]));
+
+    // The step cache: nothing changed, nothing runs; a file copied late changed, only the
+    // steps from its COPY on run again.
+    let rebuild = || {
+        ok(warren(
+            data.path(),
+            &[
+                "build",
+                ctx.path().to_str().unwrap(),
+                "-t",
+                "app:2",
+                "--build-arg",
+                "GREETING=hi",
+            ],
+        ))
+    };
+    let out = rebuild();
+    assert!(out.contains(": 0 steps run, 12 from the cache"), "{out}");
+    std::fs::write(ctx.path().join("run.sh"), "#!/bin/sh\necho run again\n").unwrap();
+    let out = rebuild();
+    assert!(out.contains(": 8 steps run, 4 from the cache"), "{out}");
+    ok(warren(
+        data.path(),
+        &["runtime", "run", "check2", "--image", "app:2"],
+    ));
+    let again = ok(warren(
+        data.path(),
+        &["runtime", "exec", "check2", "-T", "--", "run-app"],
+    ));
+    assert_eq!(again, "run again\n");
+    ok(warren(data.path(), &["runtime", "rm", "-f", "check2"]));
 
     // Failures name the line and say why.
     std::fs::write(
