@@ -16,7 +16,8 @@ use crate::{Command, CopySource, Dockerfile, Files, Ignore, Instruction, expand}
 
 /// Where images come from and go.
 pub trait ImageStore {
-    /// The environment, user and folder an image was made with.
+    /// The environment, user, folder, command and digest of an image (an error if there is no
+    /// such image: the step cache asks this to know whether a step's image exists).
     fn settings(&self, reference: &str) -> Result<ImageSettings, String>;
     /// Stores a root filesystem (a tar stream) as `name`; returns its digest.
     fn store(
@@ -47,7 +48,7 @@ pub struct BuildRequest<'a> {
     pub build_args: &'a BTreeMap<String, String>,
     /// NAME:TAG of the result.
     pub tag: &'a str,
-    /// Names the build's sandboxes (`<prefix>-<stage>`): a-z, 0-9 and -.
+    /// Names the build's sandboxes (`<prefix>-<stage>-<n>`): a-z, 0-9 and -.
     pub sandbox_prefix: &'a str,
 }
 
