@@ -618,10 +618,7 @@ pub fn ws(cmd: WsCommand) -> anyhow::Result<ExitCode> {
                 Some(path) => {
                     let text = std::fs::read_to_string(&path)
                         .with_context(|| format!("cannot read {}", path.display()))?;
-                    let file = path
-                        .file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_default();
+                    let file = env_file_name(&path);
                     Some(json!({"file": file, "text": text}))
                 }
                 None => None,
@@ -766,6 +763,21 @@ pub fn ws(cmd: WsCommand) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The environment file's name as the repository has it: from the folder holding
+/// `.devcontainer` when it is in one (its paths, such as `"context": ".."`, are relative to
+/// that), else its own name.
+fn env_file_name(path: &Path) -> String {
+    let parts: Vec<String> = path
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    let from = parts
+        .iter()
+        .rposition(|p| p == ".devcontainer")
+        .unwrap_or(parts.len().saturating_sub(1));
+    parts[from..].join("/")
+}
+
 /// Prints a task's output; with `follow`, until the task ends.
 fn task_logs(client: &Client, name: &str, task: &str, follow: bool) -> anyhow::Result<ExitCode> {
     use base64::Engine as _;
@@ -874,4 +886,22 @@ pub fn job(cmd: ListCommand) -> anyhow::Result<ExitCode> {
             ("last_error", "LAST ERROR"),
         ],
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn environment_files_are_named_as_in_their_repository() {
+        assert_eq!(env_file_name(Path::new("/r/app/hocus.yml")), "hocus.yml");
+        assert_eq!(
+            env_file_name(Path::new("/r/app/.devcontainer/devcontainer.json")),
+            ".devcontainer/devcontainer.json"
+        );
+        assert_eq!(
+            env_file_name(Path::new("app/.devcontainer/python/devcontainer.json")),
+            ".devcontainer/python/devcontainer.json"
+        );
+    }
 }
