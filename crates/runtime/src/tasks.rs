@@ -228,8 +228,8 @@ fn supervisor_running(dir: &Path) -> bool {
     }
 }
 
-/// Runs the saved tasks of `id` to their end (the body of `warren runtime tasks`). Returns at
-/// once if another supervisor runs them already.
+/// Runs the saved tasks of `id` to their end (the body of `warren runtime tasks`). Returns
+/// without running anything if another supervisor still runs them after 10 s.
 pub fn supervise(runtime: &dyn Runtime, id: &WorkspaceId, dir: &Path) -> Result<(), Error> {
     let lock_path = dir.join(SUPERVISOR_LOCK);
     let lock = File::options()
@@ -238,8 +238,15 @@ pub fn supervise(runtime: &dyn Runtime, id: &WorkspaceId, dir: &Path) -> Result<
         .write(true)
         .open(&lock_path)
         .map_err(Error::io("cannot open", &lock_path))?;
-    if lock.try_lock().is_err() {
-        return Ok(());
+    // The supervisor of the start before may still be seeing its tasks end (a stop ends them
+    // moments before): wait a little for it. One still there after that runs this start's
+    // tasks already.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while lock.try_lock().is_err() {
+        if std::time::Instant::now() > deadline {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
     let mut tasks = load_tasks(dir);
     let first_start = !dir.join(FIRST_START_DONE).exists();
