@@ -2,7 +2,8 @@
 //! [`Runtime`] started from its base image, every `RUN` a process in it (the same sandbox as
 //! developers' workspaces), `COPY` a tar stream unpacked inside it (so no path is ever resolved on
 //! the host through the sandbox's symlinks), and the result the sandbox's tree streamed out and
-//! stored as an image. Not yet: the step cache, `RUN --mount`, `ADD`, globs in `COPY`.
+//! stored as an image. Each step that changes files is cached (see [`build`]); `COPY` takes
+//! patterns. Not yet: `RUN --mount`, `ADD`.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -533,7 +534,13 @@ fn parent_of(path: &str) -> String {
 
 /// Whether `dest` is a folder the sources go into (rather than a file's new name).
 fn copies_into_folder(dest: &str, files: &Files) -> bool {
-    dest.ends_with('/') || dest == "." || files.sources.len() > 1
+    dest.ends_with('/')
+        || dest == "."
+        || files.sources.len() > 1
+        || files
+            .sources
+            .iter()
+            .any(|s| matches!(s, CopySource::Path(p) if is_glob(p)))
 }
 
 /// Runs a process in the sandbox to its end, its output going to `log`; an error unless it
@@ -694,25 +701,81 @@ fn context_tar(req: &BuildRequest<'_>, state: &State, files: &Files) -> Result<V
             }
             CopySource::Path(raw) => {
                 let source = expand_with(state, escape, raw)?;
-                if source.contains(['*', '?', '[']) {
-                    return Err(format!("`{source}`: globs in COPY are not supported yet"));
-                }
-                let (path, rel) = context_path(req.context, &source)?;
-                if !rel.is_empty() && req.ignore.excludes(&rel) {
-                    return Err(format!("`{source}` is left out by .dockerignore"));
-                }
-                let meta =
-                    std::fs::symlink_metadata(&path).map_err(|e| format!("`{source}`: {e}"))?;
-                if meta.is_dir() {
-                    add_tree(&mut tar, req, &path, &rel, Path::new(""), uid, gid, mode)?;
+                let sources = if is_glob(&source) {
+                    glob_context(req, &source)?
                 } else {
-                    let name = if into_folder { leaf(&rel) } else { leaf(&dest) };
-                    add_one(&mut tar, &path, Path::new(&name), uid, gid, mode)?;
+                    vec![source]
+                };
+                for source in sources {
+                    let (path, rel) = context_path(req.context, &source)?;
+                    if !rel.is_empty() && req.ignore.excludes(&rel) {
+                        return Err(format!("`{source}` is left out by .dockerignore"));
+                    }
+                    let meta =
+                        std::fs::symlink_metadata(&path).map_err(|e| format!("`{source}`: {e}"))?;
+                    if meta.is_dir() {
+                        add_tree(&mut tar, req, &path, &rel, Path::new(""), uid, gid, mode)?;
+                    } else {
+                        let name = if into_folder { leaf(&rel) } else { leaf(&dest) };
+                        add_one(&mut tar, &path, Path::new(&name), uid, gid, mode)?;
+                    }
                 }
             }
         }
     }
     tar.into_inner().map_err(|e| e.to_string())
+}
+
+fn is_glob(source: &str) -> bool {
+    source.contains(['*', '?', '['])
+}
+
+/// The context paths a `COPY` pattern matches (`*`, `?`, `[...]` within a folder, `**` across
+/// them), in order; an error if none does.
+fn glob_context(req: &BuildRequest<'_>, pattern: &str) -> Result<Vec<String>, String> {
+    let cleaned: Vec<&str> = pattern
+        .split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .collect();
+    if cleaned.contains(&"..") {
+        return Err(format!("`{pattern}` is outside the build context"));
+    }
+    let matcher = globset::GlobBuilder::new(&cleaned.join("/"))
+        .literal_separator(true)
+        .build()
+        .map_err(|e| format!("`{pattern}`: {e}"))?
+        .compile_matcher();
+    let mut found = Vec::new();
+    let mut stack = vec![String::new()];
+    while let Some(rel) = stack.pop() {
+        let dir = req.context.join(&rel);
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let child = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
+            if req.ignore.excludes(&child) {
+                continue;
+            }
+            if matcher.is_match(&child) {
+                found.push(child.clone());
+            }
+            // Folders are searched, symlinks to folders not (they could lead out).
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(child);
+            }
+        }
+    }
+    if found.is_empty() {
+        return Err(format!("`{pattern}` matches nothing in the build context"));
+    }
+    found.sort();
+    Ok(found)
 }
 
 fn leaf(path: &str) -> String {
@@ -985,6 +1048,47 @@ mod tests {
         assert_eq!(parent_of("/a/b"), "/a");
         assert_eq!(parent_of("/a"), "/");
         assert_eq!(leaf("conf/"), "conf");
+    }
+
+    #[test]
+    fn copy_patterns_match_inside_the_context_only() {
+        let ctx = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(ctx.path().join("src/deep")).unwrap();
+        for f in [
+            "src/a.rs",
+            "src/b.rs",
+            "src/deep/c.rs",
+            "src/notes.md",
+            "skip.rs",
+        ] {
+            std::fs::write(ctx.path().join(f), b"x").unwrap();
+        }
+        let dockerfile = crate::parse("Dockerfile", "FROM a\n").unwrap();
+        let ignore = Ignore::parse("skip.rs\n").unwrap();
+        let args = BTreeMap::new();
+        let req = BuildRequest {
+            dockerfile: &dockerfile,
+            file: "Dockerfile",
+            context: ctx.path(),
+            ignore: &ignore,
+            build_args: &args,
+            tag: "t:1",
+            sandbox_prefix: "t",
+        };
+        assert_eq!(
+            glob_context(&req, "src/*.rs").unwrap(),
+            ["src/a.rs", "src/b.rs"]
+        );
+        assert_eq!(
+            glob_context(&req, "./src/**/*.rs").unwrap(),
+            ["src/a.rs", "src/b.rs", "src/deep/c.rs"]
+        );
+        assert!(
+            glob_context(&req, "*.rs")
+                .unwrap_err()
+                .contains("matches nothing")
+        );
+        assert!(glob_context(&req, "../*").unwrap_err().contains("outside"));
     }
 
     #[test]

@@ -43,6 +43,7 @@ COPY conf/ /etc/app/
 COPY --chmod=755 run.sh /usr/local/bin/run-app
 COPY --from=tools /tool.txt /opt/tool.txt
 COPY . /ctx/
+COPY conf/*.conf run.s? /globbed/
 COPY <<NOTE /etc/note.txt
 made by $GREETING
 NOTE
@@ -91,7 +92,7 @@ fn a_multi_stage_dockerfile_builds_in_the_sandbox() {
         ],
     ));
     assert!(out.starts_with("built app:1 (sha256:"), "{out}");
-    assert!(out.contains(": 12 steps run, 0 from the cache"), "{out}");
+    assert!(out.contains(": 13 steps run, 0 from the cache"), "{out}");
     // No sandbox is left behind.
     let listed = ok(warren(data.path(), &["runtime", "ls", "--json"]));
     assert_eq!(listed.trim(), "[]", "{listed}");
@@ -122,6 +123,10 @@ fn a_multi_stage_dockerfile_builds_in_the_sandbox() {
     assert_eq!(
         inside("ls /ctx | sort | tr '\\n' ' '"),
         "Dockerfile app.txt conf run.sh "
+    );
+    assert_eq!(
+        inside("ls /globbed | sort | tr '\\n' ' '"),
+        "run.sh x.conf "
     );
     let shown: serde_json::Value = serde_json::from_str(&ok(warren(
         data.path(),
@@ -154,10 +159,10 @@ fn a_multi_stage_dockerfile_builds_in_the_sandbox() {
         ))
     };
     let out = rebuild();
-    assert!(out.contains(": 0 steps run, 12 from the cache"), "{out}");
+    assert!(out.contains(": 0 steps run, 13 from the cache"), "{out}");
     std::fs::write(ctx.path().join("run.sh"), "#!/bin/sh\necho run again\n").unwrap();
     let out = rebuild();
-    assert!(out.contains(": 8 steps run, 4 from the cache"), "{out}");
+    assert!(out.contains(": 9 steps run, 4 from the cache"), "{out}");
     ok(warren(
         data.path(),
         &["runtime", "run", "check2", "--image", "app:2"],
