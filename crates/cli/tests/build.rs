@@ -6,28 +6,15 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
+use common::ok;
 use warren_testkit::{debian_rootfs, enter_own_network, require_program};
 
-fn warren(data: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_warren"))
-        .arg("--data")
-        .arg(data)
-        .args(args)
-        .env("WARREN_UID_BASE", "2900000000")
-        .output()
-        .unwrap()
-}
+mod common;
 
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "warren failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+fn warren(data: &Path, args: &[&str]) -> Output {
+    common::warren_at(data, args, &[("WARREN_UID_BASE", "2900000000")])
 }
 
 const DOCKERFILE: &str = r#"ARG GREETING=hello

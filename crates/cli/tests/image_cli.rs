@@ -8,25 +8,13 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::ok;
 use warren_testkit::{Registry, debian_rootfs, is_mounted, require_program, require_root};
 
-fn warren(data: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_warren"))
-        .arg("--data")
-        .arg(data)
-        .args(args)
-        .output()
-        .unwrap()
-}
+mod common;
 
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "warren failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+fn warren(data: &Path, args: &[&str]) -> Output {
+    common::warren_at(data, args, &[])
 }
 
 fn failed(out: Output) -> String {

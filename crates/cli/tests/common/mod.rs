@@ -11,6 +11,28 @@ use serde_json::Value;
 use tempfile::TempDir;
 use warren_testkit::{debian_rootfs, free_port};
 
+/// `warren --data DATA ARGS...` with these variables set, without a server.
+pub fn warren_at(data: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_warren"))
+        .arg("--data")
+        .arg(data)
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
+/// A command's stdout, once it is known to have succeeded.
+pub fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "warren failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A `warren up` of this test, in the test's own network namespace.
 pub struct Warren {
     pub data: TempDir,
