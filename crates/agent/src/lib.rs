@@ -139,8 +139,9 @@ pub struct HostImage {
     pub cached: f64,
 }
 
-/// Lists the images this host holds, wholly or in part.
-pub type ImageLister = Arc<dyn Fn() -> Vec<HostImage> + Send + Sync>;
+/// Lists the images this host holds, wholly or in part, given the workspaces its runtime knows.
+pub type ImageLister =
+    Arc<dyn Fn(&[warren_runtime::WorkspaceInfo]) -> Vec<HostImage> + Send + Sync>;
 
 /// What an agent tells the control plane about its host, every [`REPORT_EVERY`].
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -171,6 +172,7 @@ pub struct DiskUse(std::sync::Mutex<std::collections::HashMap<String, (std::time
 /// The host's report: its images and its workspaces' actual states and resource use.
 pub fn host_report(runtime: &dyn Runtime, images: &ImageLister, disk: &DiskUse) -> HostReport {
     let listed = runtime.list().unwrap_or_default();
+    let images = images(&listed);
     let mut measured = disk.0.lock().unwrap_or_else(|e| e.into_inner());
     measured.retain(|id, _| listed.iter().any(|i| i.config.id.as_str() == id));
     let workspaces = listed
@@ -200,10 +202,7 @@ pub fn host_report(runtime: &dyn Runtime, images: &ImageLister, disk: &DiskUse) 
             }
         })
         .collect();
-    HostReport {
-        images: images(),
-        workspaces,
-    }
+    HostReport { images, workspaces }
 }
 
 pub struct Agent<C> {

@@ -71,11 +71,11 @@ impl ControlPlane for HttpControlPlane {
 /// The names of the images in the local store under `data`.
 /// The images this host holds: every image of its local store (wholly), and the registry images
 /// its workspaces were made from, with the share of their chunks in the host's chunk cache.
-pub fn image_lister(data: &Path, runtime: Arc<dyn warren_runtime::Runtime>) -> ImageLister {
+pub fn image_lister(data: &Path) -> ImageLister {
     let data = data.to_path_buf();
     // A registry image's chunk list, fetched once per reference (its tree index).
     let indexes: Mutex<HashMap<String, Arc<Vec<ChunkId>>>> = Mutex::default();
-    Arc::new(move || {
+    Arc::new(move |workspaces: &[warren_runtime::WorkspaceInfo]| {
         let local: Vec<String> = warren_store::LocalStore::open(&data.join("images"))
             .and_then(|s| s.tags())
             .map(|tags| tags.into_keys().collect())
@@ -87,12 +87,10 @@ pub fn image_lister(data: &Path, runtime: Arc<dyn warren_runtime::Runtime>) -> I
                 cached: 1.0,
             })
             .collect();
-        let mut remote: Vec<String> = runtime
-            .list()
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|ws| match ws.config.root {
-                warren_runtime::RootSource::Image { reference } => Some(reference),
+        let mut remote: Vec<String> = workspaces
+            .iter()
+            .filter_map(|ws| match &ws.config.root {
+                warren_runtime::RootSource::Image { reference } => Some(reference.clone()),
                 warren_runtime::RootSource::Dir { .. } => None,
             })
             .filter(|r| !local.contains(r))
@@ -142,10 +140,10 @@ pub fn agent(args: AgentArgs, data: &Path) -> anyhow::Result<ExitCode> {
         let shutdown = Arc::new(tokio::sync::Notify::new());
         let agent = Agent::new(
             "remote".into(),
-            runtime.clone(),
+            runtime,
             Arc::new(HttpControlPlane { client }),
             wake,
-            image_lister(data, runtime),
+            image_lister(data),
         );
         println!(
             "agent running for {} (workspaces under {})",

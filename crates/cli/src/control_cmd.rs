@@ -97,10 +97,10 @@ pub fn up(args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
             database_url: database_url.clone(),
             listen: args.listen,
             host_name,
-            runtime: runtime.clone(),
+            runtime,
             git_poll: Duration::from_secs(args.git_poll_seconds.max(1)),
             secret_key: data.join("secret.key"),
-            images: crate::agent_cmd::image_lister(data, runtime),
+            images: crate::agent_cmd::image_lister(data),
             reconcile_every: Duration::from_secs(args.reconcile_seconds.max(1)),
             ssh,
         })
