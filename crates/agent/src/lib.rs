@@ -6,6 +6,7 @@
 //! [`ControlPlane`] trait (in process on a single host; over HTTP for remote hosts).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -45,12 +46,53 @@ pub struct WorkspaceJob {
     pub workspace: WorkspaceSpec,
 }
 
+/// A prebuild to make: a project's environment at one commit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrebuildJob {
+    pub prebuild_id: String,
+    pub git_url: String,
+    pub commit: String,
+    /// The project's root folder or environment file, relative to the repository.
+    pub target: String,
+    /// The project's environment variables (`KEY`, value); never a user's secrets.
+    #[serde(default)]
+    pub variables: Vec<(String, String)>,
+    /// How long the first start is recorded for the prebuild's access trace (0: not at all).
+    #[serde(default)]
+    pub record_trace_secs: u64,
+}
+
+/// What a job is about.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Work {
+    Workspace(WorkspaceJob),
+    Prebuild(PrebuildJob),
+    /// Removes images of archived prebuilds from the host's store.
+    Archive {
+        images: Vec<String>,
+    },
+}
+
 /// A claimed job.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Job {
     pub id: String,
     pub attempt: u32,
-    pub work: WorkspaceJob,
+    pub work: Work,
+}
+
+/// Makes prebuilds on this host (the build crate with the host's runtime and image store).
+pub trait Prebuilder: Send + Sync {
+    /// Makes the prebuild, its log going to `log`; stops soon after `cancel` turns true.
+    fn prebuild(
+        &self,
+        job: &PrebuildJob,
+        log: &mut dyn std::io::Write,
+        cancel: &AtomicBool,
+    ) -> Result<Outcome, String>;
+    /// Removes these images from the host's store (their chunks go at the next collection).
+    fn remove_images(&self, images: &[String]) -> Result<(), String>;
 }
 
 /// Where the workspace ended up.
@@ -63,6 +105,18 @@ pub enum Outcome {
     Deleted {
         leftovers: Vec<String>,
     },
+    /// A prebuild is made (or was found made before under its key: `reused`).
+    Prebuilt {
+        image: String,
+        digest: String,
+        env_file: String,
+        env_text: String,
+        reused: bool,
+        steps_run: usize,
+        steps_cached: usize,
+    },
+    /// Images of archived prebuilds are removed.
+    Removed,
 }
 
 /// The agent's view of the control plane.
@@ -75,6 +129,8 @@ pub trait ControlPlane: Send + Sync + 'static {
         host: &str,
         report: Option<HostReport>,
     ) -> impl Future<Output = Result<Option<Job>, String>> + Send;
+    /// Adds to a running job's log; `false` when the job was cancelled and should stop.
+    fn log(&self, job: &Job, text: Vec<u8>) -> impl Future<Output = Result<bool, String>> + Send;
     /// Records how a job went.
     fn finish(
         &self,
@@ -83,7 +139,7 @@ pub trait ControlPlane: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), String>> + Send;
 }
 
-/// Carries out one job, blocking (call it on a blocking thread). Safe to repeat.
+/// Carries out one workspace job, blocking (call it on a blocking thread). Safe to repeat.
 pub fn execute(runtime: &dyn Runtime, work: &WorkspaceJob) -> Result<Outcome, String> {
     let spec = &work.workspace;
     let id = WorkspaceId::new(&spec.runtime_id).map_err(|e| e.to_string())?;
@@ -92,6 +148,8 @@ pub fn execute(runtime: &dyn Runtime, work: &WorkspaceJob) -> Result<Outcome, St
             id: id.clone(),
             root: RootSource::Image {
                 reference: spec.image.clone(),
+                record_trace_secs: None,
+                lazy_only: false,
             },
             hostname: None,
             limits: Limits {
@@ -208,6 +266,7 @@ pub fn host_report(runtime: &dyn Runtime, images: &ImageLister, disk: &DiskUse) 
 pub struct Agent<C> {
     host: String,
     runtime: Arc<dyn Runtime>,
+    prebuilder: Arc<dyn Prebuilder>,
     plane: Arc<C>,
     images: ImageLister,
     /// Notified by the control plane when it queues a job, so the agent need not poll hard.
@@ -231,6 +290,7 @@ impl<C: ControlPlane> Agent<C> {
     pub fn new(
         host: String,
         runtime: Arc<dyn Runtime>,
+        prebuilder: Arc<dyn Prebuilder>,
         plane: Arc<C>,
         wake: Arc<Notify>,
         images: ImageLister,
@@ -238,6 +298,7 @@ impl<C: ControlPlane> Agent<C> {
         Self {
             host,
             runtime,
+            prebuilder,
             plane,
             images,
             wake,
@@ -267,14 +328,25 @@ impl<C: ControlPlane> Agent<C> {
             match claimed {
                 Ok(Some(job)) => {
                     let runtime = self.runtime.clone();
+                    let prebuilder = self.prebuilder.clone();
                     let plane = self.plane.clone();
                     let wake = self.wake.clone();
                     tokio::spawn(async move {
-                        let work = job.work.clone();
-                        let result =
-                            tokio::task::spawn_blocking(move || execute(runtime.as_ref(), &work))
-                                .await
-                                .unwrap_or_else(|e| Err(format!("the job panicked: {e}")));
+                        let result = match job.work.clone() {
+                            Work::Workspace(work) => tokio::task::spawn_blocking(move || {
+                                execute(runtime.as_ref(), &work)
+                            })
+                            .await
+                            .unwrap_or_else(|e| Err(format!("the job panicked: {e}"))),
+                            Work::Prebuild(work) => {
+                                prebuild(prebuilder, plane.as_ref(), &job, work).await
+                            }
+                            Work::Archive { images } => tokio::task::spawn_blocking(move || {
+                                prebuilder.remove_images(&images).map(|()| Outcome::Removed)
+                            })
+                            .await
+                            .unwrap_or_else(|e| Err(format!("the job panicked: {e}"))),
+                        };
                         if let Err(e) = &result {
                             tracing::warn!(job.id = %job.id, attempt = job.attempt, error = %e, "job failed");
                         }
@@ -310,6 +382,72 @@ impl<C: ControlPlane> Agent<C> {
             }
         }
     }
+}
+
+/// Sends a blocking job's log to the channel the agent forwards from.
+struct LogSender(tokio::sync::mpsc::UnboundedSender<Vec<u8>>);
+
+impl std::io::Write for LogSender {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // The forwarder outlives the job; a send can only fail once it gave up.
+        let _ = self.0.send(buf.to_vec());
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// How often a running prebuild's log goes to the control plane (and a cancel comes back).
+const LOG_EVERY: Duration = Duration::from_millis(500);
+
+/// Runs a prebuild on a blocking thread while its log goes to the control plane, which also
+/// says when it is cancelled.
+async fn prebuild<C: ControlPlane>(
+    prebuilder: Arc<dyn Prebuilder>,
+    plane: &C,
+    job: &Job,
+    work: PrebuildJob,
+) -> Result<Outcome, String> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let cancel = Arc::new(AtomicBool::new(false));
+    let flag = cancel.clone();
+    let mut run = tokio::task::spawn_blocking(move || {
+        let mut log = LogSender(tx);
+        prebuilder.prebuild(&work, &mut log, &flag)
+    });
+    let mut pending: Vec<u8> = Vec::new();
+    let mut tick = tokio::time::interval(LOG_EVERY);
+    let result = loop {
+        tokio::select! {
+            done = &mut run => {
+                break done.unwrap_or_else(|e| Err(format!("the prebuild panicked: {e}")));
+            }
+            Some(bytes) = rx.recv() => pending.extend_from_slice(&bytes),
+            _ = tick.tick() => {
+                if !pending.is_empty() || !cancel.load(Ordering::Relaxed) {
+                    match plane.log(job, std::mem::take(&mut pending)).await {
+                        Ok(true) => {}
+                        Ok(false) => cancel.store(true, Ordering::Relaxed),
+                        Err(e) => tracing::warn!(job.id = %job.id, error = %e, "cannot send a prebuild's log"),
+                    }
+                }
+            }
+        }
+    };
+    while let Ok(bytes) = rx.try_recv() {
+        pending.extend_from_slice(&bytes);
+    }
+    if let Err(e) = &result {
+        pending.extend_from_slice(format!("prebuild failed: {e}\n").as_bytes());
+    }
+    if !pending.is_empty()
+        && let Err(e) = plane.log(job, pending).await
+    {
+        tracing::warn!(job.id = %job.id, error = %e, "cannot send a prebuild's log");
+    }
+    result
 }
 
 #[cfg(test)]

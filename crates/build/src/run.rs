@@ -3,17 +3,22 @@
 //! developers' workspaces), `COPY` a tar stream unpacked inside it (so no path is ever resolved on
 //! the host through the sandbox's symlinks), and the result the sandbox's tree streamed out and
 //! stored as an image. Each step that changes files is cached (see [`build`]); `COPY` takes
-//! patterns. Not yet: `RUN --mount`, `ADD`.
+//! patterns; `RUN --mount` is in [`mounts`], `ADD`'s remote files and archives in [`add`].
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use warren_runtime::{
     ExecIo, ExecRequest, ExitStatus, Limits, RootSource, Runtime, WorkspaceConfig, WorkspaceId,
 };
 
 use crate::{Command, CopySource, Dockerfile, Files, Ignore, Instruction, expand};
+
+mod add;
+mod mounts;
 
 /// Where images come from and go.
 pub trait ImageStore {
@@ -27,6 +32,19 @@ pub trait ImageStore {
         tar: &mut dyn Read,
         settings: &ImageSettings,
     ) -> Result<String, String>;
+    /// Names the tree of the image `from` as `name`, with these settings (no tree is read).
+    fn retag(&self, name: &str, from: &str, settings: &ImageSettings) -> Result<String, String>;
+    /// Stores the image a writable layer lies over with the layer applied, reading only what
+    /// the layer holds; `None` when this store cannot (the caller streams the whole tree).
+    fn store_changes(
+        &self,
+        name: &str,
+        layer: &warren_runtime::WritableLayer,
+        settings: &ImageSettings,
+    ) -> Result<Option<String>, String> {
+        let _ = (name, layer, settings);
+        Ok(None)
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -51,6 +69,11 @@ pub struct BuildRequest<'a> {
     pub tag: &'a str,
     /// Names the build's sandboxes (`<prefix>-<stage>-<n>`): a-z, 0-9 and -.
     pub sandbox_prefix: &'a str,
+    /// Stops the build (the running step is killed) when it turns true.
+    pub cancel: Option<&'a AtomicBool>,
+    /// Where `RUN --mount=type=cache` folders are kept between builds (none: such a mount is
+    /// refused).
+    pub mount_cache: Option<&'a Path>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -177,6 +200,8 @@ impl Build<'_> {
                 id: id.clone(),
                 root: RootSource::Image {
                     reference: state.image.clone(),
+                    record_trace_secs: None,
+                    lazy_only: true,
                 },
                 hostname: None,
                 limits: Limits::default(),
@@ -187,6 +212,27 @@ impl Build<'_> {
         self.runtime.start(&id).map_err(|e| e.to_string())?;
         state.sandbox = Some(id.clone());
         Ok(id)
+    }
+
+    /// The tar stream of `files` taken from an earlier stage's sandbox.
+    fn stage_files(
+        &mut self,
+        stage: &str,
+        state: &State,
+        files: &Files,
+        what: &str,
+    ) -> Result<Vec<u8>, String> {
+        let k = *self
+            .stages
+            .get(&stage.to_ascii_lowercase())
+            .ok_or_else(|| format!("{what}={stage}: no earlier stage of that name"))?;
+        let mut source = std::mem::replace(&mut self.done[k], placeholder(k));
+        let escape = self.req.dockerfile.escape;
+        let made = self
+            .sandbox(&mut source)
+            .and_then(|id| stage_tar(self.runtime, &id, state, files, escape));
+        self.done[k] = source;
+        made
     }
 
     /// A step that changes the filesystem: taken from the cache when its key is there, else
@@ -209,7 +255,9 @@ impl Build<'_> {
             return Ok(());
         }
         let id = self.sandbox(state)?;
+        let started = std::time::Instant::now();
         step(self, &id, state, log)?;
+        tracing::debug!(ms = started.elapsed().as_millis() as u64, "step run");
         commit(
             self.runtime,
             self.store,
@@ -303,6 +351,9 @@ pub fn build(
             cmd: settings.cmd.clone(),
         };
         for step in &stage.steps {
+            if req.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+                return Err(fail(step.line, CANCELLED.into()));
+            }
             let _ = writeln!(log, "[{n}] line {}", step.line);
             run_step(&mut b, &mut state, &step.instruction, log, &global)
                 .map_err(|m| fail(step.line, m))?;
@@ -314,7 +365,7 @@ pub fn build(
         b.done.push(state);
     }
     let line = stages.last().map_or(1, |s| s.line);
-    let mut state = b.done.pop().ok_or_else(|| fail(1, "no stage".into()))?;
+    let state = b.done.pop().ok_or_else(|| fail(1, "no stage".into()))?;
     let settings = ImageSettings {
         env: state.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
         user: state.user.clone(),
@@ -322,8 +373,10 @@ pub fn build(
         cmd: state.cmd.clone(),
         digest: String::new(),
     };
-    let id = b.sandbox(&mut state).map_err(|e| fail(line, e))?;
-    let digest = commit(runtime, store, &id, req.tag, &settings).map_err(|e| fail(line, e))?;
+    // The last stage's tree is its last step's image (or its base): only the settings change.
+    let digest = store
+        .retag(req.tag, &state.image, &settings)
+        .map_err(|e| fail(line, e))?;
     Ok(Built {
         digest,
         steps_run: b.run,
@@ -373,7 +426,13 @@ fn run_step(
             // Made from the folder before, which exists.
             b.change(state, log, |b, id, state, log| {
                 let mkdir = vec!["mkdir".into(), "-p".into(), dir.clone()];
-                run(b.runtime, id, mkdir, state, Some("root"), None, log)
+                run(
+                    b.runtime,
+                    id,
+                    state.step(mkdir, Some("root"), None),
+                    log,
+                    b.req.cancel,
+                )
             })?;
             state.workdir = dir;
         }
@@ -391,9 +450,7 @@ fn run_step(
             network: _,
             heredocs,
         } => {
-            if !mounts.is_empty() {
-                return Err("RUN --mount is not run yet (the parser reads it)".into());
-            }
+            let mounts = b.prepare_mounts(state, mounts)?;
             let (argv, stdin) = match command {
                 Command::Exec(argv) => (argv.clone(), None),
                 // `RUN <<EOF`: the here-document is the script; `RUN <<EOF python3`: it is the
@@ -422,26 +479,25 @@ fn run_step(
                     (argv, None)
                 }
             };
-            state.chain(instruction, b"");
+            let bound: Vec<u8> = mounts.iter().flat_map(|m| m.key()).collect();
+            state.chain(instruction, &bound);
             b.change(state, log, |b, id, state, log| {
                 let user = state.user.clone();
-                run(b.runtime, id, argv, state, user.as_deref(), stdin, log)
+                b.mount(id, &mounts)?;
+                run(
+                    b.runtime,
+                    id,
+                    state.step(argv, user.as_deref(), stdin),
+                    log,
+                    b.req.cancel,
+                )?;
+                b.unmount(id, &mounts)
             })?;
         }
         Instruction::Copy { files, from } => {
             let tar = match from {
                 None => context_tar(req, state, files)?,
-                Some(stage) => {
-                    let k = *b.stages.get(&stage.to_ascii_lowercase()).ok_or_else(|| {
-                        format!("COPY --from={stage}: no earlier stage of that name")
-                    })?;
-                    let mut source = std::mem::replace(&mut b.done[k], placeholder(k));
-                    let made = b
-                        .sandbox(&mut source)
-                        .and_then(|id| stage_tar(b.runtime, &id, state, files, escape));
-                    b.done[k] = source;
-                    made?
-                }
+                Some(stage) => b.stage_files(stage, state, files, "COPY --from")?,
             };
             let dest = expand_with(state, escape, &files.dest)?;
             let into = if copies_into_folder(&dest, files) {
@@ -449,20 +505,72 @@ fn run_step(
             } else {
                 parent_of(&inside(&state.workdir, &dest))
             };
-            state.chain(instruction, &tar);
+            state.chain(instruction, tar_key(&tar[..])?.as_bytes());
+            let meta = Meta::of(files)?;
             b.change(state, log, |b, id, state, log| {
-                let argv = vec![
-                    "/bin/sh".into(),
-                    "-c".into(),
-                    r#"mkdir -p "$1" && tar -x -f - -C "$1""#.into(),
-                    "sh".into(),
-                    into,
-                ];
-                run(b.runtime, id, argv, state, Some("root"), Some(tar), log)
+                unpack(
+                    b,
+                    id,
+                    state,
+                    log,
+                    Box::new(std::io::Cursor::new(tar)),
+                    &into,
+                    &meta,
+                )
             })?;
         }
-        Instruction::Add { .. } => {
-            return Err("ADD is not run yet: use COPY (and RUN curl/tar) for now".into());
+        Instruction::Add { files, checksum } => {
+            let dest = expand_with(state, escape, &files.dest)?;
+            let folder = inside(&state.workdir, &dest);
+            let into = if copies_into_folder(&dest, files) {
+                folder.clone()
+            } else {
+                parent_of(&folder)
+            };
+            let meta = Meta::of(files)?;
+            let (plain, remote, archives) =
+                add::sort_sources(req, state, files, checksum.as_deref())?;
+            let mut key = Vec::new();
+            let mut parts: Vec<(Vec<u8>, String)> = Vec::new();
+            if !plain.sources.is_empty() {
+                parts.push((context_tar(req, state, &plain)?, into.clone()));
+            }
+            if !remote.is_empty() {
+                parts.push((add::remote_tar(&remote, &dest, files, &meta)?, into.clone()));
+            }
+            for (tar, _) in &parts {
+                key.extend_from_slice(tar_key(&tar[..])?.as_bytes());
+            }
+            for archive in &archives {
+                key.extend_from_slice(tar_key(archive.open()?)?.as_bytes());
+            }
+            state.chain(instruction, &key);
+            b.change(state, log, |b, id, state, log| {
+                for (tar, to) in parts {
+                    unpack(
+                        b,
+                        id,
+                        state,
+                        log,
+                        Box::new(std::io::Cursor::new(tar)),
+                        &to,
+                        &meta,
+                    )?;
+                }
+                // An archive's own owners and modes are kept, as Docker keeps them.
+                for archive in &archives {
+                    unpack(
+                        b,
+                        id,
+                        state,
+                        log,
+                        archive.open()?,
+                        &folder,
+                        &Meta::default(),
+                    )?;
+                }
+                Ok(())
+            })?;
         }
         Instruction::Cmd(c) | Instruction::Entrypoint(c) => {
             state.cmd = command_argv(state, c);
@@ -543,24 +651,47 @@ fn copies_into_folder(dest: &str, files: &Files) -> bool {
             .any(|s| matches!(s, CopySource::Path(p) if is_glob(p)))
 }
 
-/// Runs a process in the sandbox to its end, its output going to `log`; an error unless it
-/// exits 0.
-fn run(
+/// A process for [`run`].
+pub(crate) struct Step {
+    pub argv: Vec<String>,
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub user: Option<String>,
+    pub stdin: Option<Box<dyn Read + Send>>,
+}
+
+impl State {
+    /// A process run with the stage's variables, in its folder.
+    fn step(&self, argv: Vec<String>, user: Option<&str>, stdin: Option<Vec<u8>>) -> Step {
+        let mut env: Vec<String> = self.args.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        env.extend(self.env.iter().map(|(k, v)| format!("{k}={v}")));
+        Step {
+            argv,
+            env,
+            cwd: self.workdir.clone(),
+            user: user.map(str::to_owned),
+            stdin: stdin.map(|b| Box::new(std::io::Cursor::new(b)) as Box<dyn Read + Send>),
+        }
+    }
+}
+
+/// How much of a failed process's error output its error repeats.
+const TAIL_LINES: usize = 5;
+
+/// Runs a process in the sandbox to its end, its output going to `log` as it comes; an error
+/// unless it exits 0. When `cancel` turns true the process is killed and the step fails.
+pub(crate) fn run(
     runtime: &dyn Runtime,
     id: &WorkspaceId,
-    argv: Vec<String>,
-    state: &State,
-    user: Option<&str>,
-    stdin: Option<Vec<u8>>,
+    step: Step,
     log: &mut dyn Write,
+    cancel: Option<&AtomicBool>,
 ) -> Result<(), String> {
-    let mut env: Vec<String> = state.args.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    env.extend(state.env.iter().map(|(k, v)| format!("{k}={v}")));
     let request = ExecRequest {
-        argv: argv.clone(),
-        env,
-        cwd: Some(state.workdir.clone()),
-        user: user.map(str::to_owned),
+        argv: step.argv.clone(),
+        env: step.env,
+        cwd: Some(step.cwd),
+        user: step.user,
         tty: None,
     };
     let exec = runtime.exec(id, &request).map_err(|e| e.to_string())?;
@@ -572,38 +703,67 @@ fn run(
     else {
         return Err("the sandbox gave a terminal".into());
     };
+    let stdin = step.stdin;
     let feeder = std::thread::spawn(move || {
-        if let Some(bytes) = stdin {
-            let _ = input.write_all(&bytes);
+        if let Some(mut from) = stdin {
+            let _ = std::io::copy(&mut from, &mut input);
         }
     });
-    let err_thread = std::thread::spawn(move || {
-        let mut bytes = Vec::new();
-        let _ = { stderr }.read_to_end(&mut bytes);
-        bytes
-    });
-    let mut out = Vec::new();
-    let _ = { stdout }.read_to_end(&mut out);
-    let err = err_thread.join().unwrap_or_default();
+    // Both outputs into one channel, so the log gets them in the order they came.
+    let (tx, rx) = std::sync::mpsc::channel::<(bool, Vec<u8>)>();
+    let readers: Vec<_> = [(false, stdout), (true, stderr)]
+        .into_iter()
+        .map(|(is_err, mut from)| {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n @ 1..) = from.read(&mut buf) {
+                    if tx.send((is_err, buf[..n].to_vec())).is_err() {
+                        break;
+                    }
+                }
+            })
+        })
+        .collect();
+    drop(tx);
+    let mut tail: Vec<u8> = Vec::new();
+    let mut cancelled = false;
+    loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok((is_err, bytes)) => {
+                let _ = log.write_all(&bytes);
+                if is_err {
+                    tail.extend_from_slice(&bytes);
+                    let keep = tail.len().saturating_sub(16 * 1024);
+                    tail.drain(..keep);
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if !cancelled && cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+                    cancelled = true;
+                    let _ = exec.process.signal(libc::SIGKILL);
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    for r in readers {
+        let _ = r.join();
+    }
     let _ = feeder.join();
-    let _ = log.write_all(&out);
-    let _ = log.write_all(&err);
-    match exec.process.wait().map_err(|e| e.to_string())? {
+    let status = exec.process.wait().map_err(|e| e.to_string())?;
+    if cancelled {
+        return Err(CANCELLED.into());
+    }
+    match status {
         ExitStatus::Code(0) => Ok(()),
         status => {
-            let tail = String::from_utf8_lossy(&err);
-            let tail: String = tail
-                .lines()
-                .rev()
-                .take(5)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect::<Vec<_>>()
-                .join("\n");
+            let tail = String::from_utf8_lossy(&tail);
+            let lines: Vec<&str> = tail.lines().collect();
+            let tail = lines[lines.len().saturating_sub(TAIL_LINES)..].join("\n");
             Err(format!(
                 "`{}` ended with {} {}",
-                argv.join(" "),
+                step.argv.join(" "),
                 match status {
                     ExitStatus::Code(c) => format!("exit {c}"),
                     ExitStatus::Signal(s) => format!("signal {s}"),
@@ -616,6 +776,73 @@ fn run(
             ))
         }
     }
+}
+
+/// The error of a step stopped by a cancel.
+pub const CANCELLED: &str = "cancelled";
+
+/// Unpacks a tar stream into the folder `into` of the sandbox (as root: owners come from the
+/// stream, names resolved by the image's own users and groups, which must exist).
+fn unpack(
+    b: &Build<'_>,
+    id: &WorkspaceId,
+    state: &State,
+    log: &mut dyn Write,
+    tar: Box<dyn Read + Send>,
+    into: &str,
+    meta: &Meta,
+) -> Result<(), String> {
+    const SCRIPT: &str = r#"set -e
+if [ -n "$2" ] && ! getent passwd "$2" >/dev/null; then echo "--chown: the image has no user $2" >&2; exit 1; fi
+if [ -n "$3" ] && ! getent group "$3" >/dev/null; then echo "--chown: the image has no group $3" >&2; exit 1; fi
+mkdir -p "$1"
+tar -x -f - -C "$1"
+"#;
+    let argv = [
+        "/bin/sh",
+        "-c",
+        SCRIPT,
+        "sh",
+        into,
+        meta.user.as_deref().unwrap_or(""),
+        meta.group.as_deref().unwrap_or(""),
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut step = state.step(argv, Some("root"), None);
+    step.stdin = Some(tar);
+    run(b.runtime, id, step, log, b.req.cancel)
+}
+
+/// What a COPY's files are for the step cache: every entry's name, type, mode, owner, link and
+/// content, but not its modification time — a fresh checkout of the same files hits the cache.
+fn tar_key(tar: impl Read) -> Result<blake3::Hash, String> {
+    let mut h = blake3::Hasher::new();
+    let mut archive = tar::Archive::new(tar);
+    for entry in archive.entries().map_err(|e| e.to_string())? {
+        let mut entry = entry.map_err(|e| e.to_string())?;
+        let header = entry.header().clone();
+        h.update(&entry.path_bytes());
+        for name in [header.username_bytes(), header.groupname_bytes()] {
+            h.update(name.unwrap_or_default());
+            h.update(&[0]);
+        }
+        h.update(&[0, header.entry_type().as_byte()]);
+        for n in [
+            header.mode().unwrap_or(0).into(),
+            header.uid().unwrap_or(0),
+            header.gid().unwrap_or(0),
+            header.size().unwrap_or(0),
+        ] {
+            h.update(&n.to_le_bytes());
+        }
+        if let Some(link) = entry.link_name_bytes() {
+            h.update(&link);
+        }
+        h.update(&[0]);
+        std::io::copy(&mut entry, &mut h).map_err(|e| e.to_string())?;
+    }
+    Ok(h.finalize())
 }
 
 /// A context path, checked: inside the context, through no symlink.
@@ -647,28 +874,79 @@ fn context_path(context: &Path, source: &str) -> Result<(PathBuf, String), Strin
     Ok((context.join(&rel), rel_text))
 }
 
-fn owner(chown: Option<&str>) -> Result<(u64, u64), String> {
-    let Some(spec) = chown else {
-        return Ok((0, 0));
-    };
-    let (u, g) = spec.split_once(':').unwrap_or((spec, spec));
-    match (u.parse(), g.parse()) {
-        (Ok(u), Ok(g)) => Ok((u, g)),
-        _ => Err(format!(
-            "--chown={spec}: give numeric ids for now (names are resolved in a later version)"
-        )),
+/// The owner and mode `--chown` and `--chmod` give copied files.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Meta {
+    uid: u64,
+    gid: u64,
+    /// Names, resolved by the image's own users and groups when unpacked inside.
+    user: Option<String>,
+    group: Option<String>,
+    mode: Option<u32>,
+}
+
+impl Meta {
+    fn of(files: &Files) -> Result<Meta, String> {
+        let mode = files
+            .chmod
+            .as_deref()
+            .map(|m| {
+                u32::from_str_radix(m, 8).map_err(|_| format!("--chmod={m}: not an octal mode"))
+            })
+            .transpose()?;
+        let Some(spec) = files.chown.as_deref() else {
+            return Ok(Meta {
+                mode,
+                ..Meta::default()
+            });
+        };
+        // `--chown=user` alone: the group of the same name (or number).
+        let (u, g) = spec.split_once(':').unwrap_or((spec, spec));
+        let name_ok = |n: &str| {
+            !n.is_empty()
+                && n.len() <= 32
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        };
+        let mut meta = Meta {
+            mode,
+            ..Meta::default()
+        };
+        match u.parse() {
+            Ok(n) => meta.uid = n,
+            Err(_) if name_ok(u) => meta.user = Some(u.to_owned()),
+            Err(_) => return Err(format!("--chown={spec}: `{u}` is not a user name or id")),
+        }
+        match g.parse() {
+            Ok(n) => meta.gid = n,
+            Err(_) if name_ok(g) => meta.group = Some(g.to_owned()),
+            Err(_) => return Err(format!("--chown={spec}: `{g}` is not a group name or id")),
+        }
+        Ok(meta)
+    }
+
+    fn apply(&self, header: &mut tar::Header, is_symlink: bool) -> Result<(), String> {
+        header.set_uid(self.uid);
+        header.set_gid(self.gid);
+        if let Some(u) = &self.user {
+            header.set_username(u).map_err(|e| e.to_string())?;
+        }
+        if let Some(g) = &self.group {
+            header.set_groupname(g).map_err(|e| e.to_string())?;
+        }
+        if let Some(m) = self.mode
+            && !is_symlink
+        {
+            header.set_mode(m);
+        }
+        Ok(())
     }
 }
 
 /// The tar stream of `COPY` sources from the build context.
 fn context_tar(req: &BuildRequest<'_>, state: &State, files: &Files) -> Result<Vec<u8>, String> {
     let escape = req.dockerfile.escape;
-    let (uid, gid) = owner(files.chown.as_deref())?;
-    let mode = files
-        .chmod
-        .as_deref()
-        .map(|m| u32::from_str_radix(m, 8).map_err(|_| format!("--chmod={m}: not an octal mode")))
-        .transpose()?;
+    let given = Meta::of(files)?;
     let dest = expand_with(state, escape, &files.dest)?;
     let into_folder = copies_into_folder(&dest, files);
     let mut tar = tar::Builder::new(Vec::new());
@@ -692,9 +970,8 @@ fn context_tar(req: &BuildRequest<'_>, state: &State, files: &Files) -> Result<V
                 };
                 let mut header = tar::Header::new_gnu();
                 header.set_size(body.len() as u64);
-                header.set_mode(mode.unwrap_or(0o644));
-                header.set_uid(uid);
-                header.set_gid(gid);
+                header.set_mode(0o644);
+                given.apply(&mut header, false)?;
                 header.set_mtime(0);
                 tar.append_data(&mut header, &name, body.as_bytes())
                     .map_err(|e| e.to_string())?;
@@ -714,10 +991,10 @@ fn context_tar(req: &BuildRequest<'_>, state: &State, files: &Files) -> Result<V
                     let meta =
                         std::fs::symlink_metadata(&path).map_err(|e| format!("`{source}`: {e}"))?;
                     if meta.is_dir() {
-                        add_tree(&mut tar, req, &path, &rel, Path::new(""), uid, gid, mode)?;
+                        add_tree(&mut tar, req, &path, &rel, Path::new(""), &given)?;
                     } else {
                         let name = if into_folder { leaf(&rel) } else { leaf(&dest) };
-                        add_one(&mut tar, &path, Path::new(&name), uid, gid, mode)?;
+                        add_one(&mut tar, &path, Path::new(&name), &given)?;
                     }
                 }
             }
@@ -793,9 +1070,7 @@ fn add_tree(
     dir: &Path,
     rel: &str,
     name: &Path,
-    uid: u64,
-    gid: u64,
-    mode: Option<u32>,
+    meta: &Meta,
 ) -> Result<(), String> {
     let mut entries: Vec<_> = std::fs::read_dir(dir)
         .map_err(|e| format!("{}: {e}", dir.display()))?
@@ -814,9 +1089,9 @@ fn add_tree(
         }
         let child_name = name.join(&file_name);
         let path = entry.path();
-        add_one(tar, &path, &child_name, uid, gid, mode)?;
+        add_one(tar, &path, &child_name, meta)?;
         if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-            add_tree(tar, req, &path, &child_rel, &child_name, uid, gid, mode)?;
+            add_tree(tar, req, &path, &child_rel, &child_name, meta)?;
         }
     }
     Ok(())
@@ -826,20 +1101,12 @@ fn add_one(
     tar: &mut tar::Builder<Vec<u8>>,
     path: &Path,
     name: &Path,
-    uid: u64,
-    gid: u64,
-    mode: Option<u32>,
+    given: &Meta,
 ) -> Result<(), String> {
     let meta = std::fs::symlink_metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut header = tar::Header::new_gnu();
     header.set_metadata(&meta);
-    header.set_uid(uid);
-    header.set_gid(gid);
-    if let Some(m) = mode
-        && !meta.file_type().is_symlink()
-    {
-        header.set_mode(m);
-    }
+    given.apply(&mut header, meta.file_type().is_symlink())?;
     if meta.file_type().is_symlink() {
         let target = std::fs::read_link(path).map_err(|e| e.to_string())?;
         tar.append_link(&mut header, name, target)
@@ -898,7 +1165,11 @@ fn stage_tar(
         let rename = (!into_folder).then(|| (name, leaf(&dest)));
         all.push((out, rename));
     }
-    // One archive of them all, with a file renamed where the destination names it.
+    // One archive of them all, with a file renamed where the destination names it, and
+    // `--chown` / `--chmod` applied.
+    let given = (files.chown.is_some() || files.chmod.is_some())
+        .then(|| Meta::of(files))
+        .transpose()?;
     let mut joined = tar::Builder::new(Vec::new());
     for (bytes, rename) in all {
         let mut archive = tar::Archive::new(&bytes[..]);
@@ -910,6 +1181,10 @@ fn stage_tar(
                 && path == Path::new(from)
             {
                 path = PathBuf::from(to);
+            }
+            if let Some(given) = &given {
+                let is_symlink = header.entry_type().is_symlink();
+                given.apply(&mut header, is_symlink)?;
             }
             if header.entry_type().is_symlink() || header.entry_type().is_hard_link() {
                 let target = entry
@@ -1001,15 +1276,28 @@ fn capture(
     Ok((code, out, err))
 }
 
-/// Streams the sandbox's tree out (its own filesystem only: not /proc, /sys, /dev or binds)
-/// and stores it.
-fn commit(
+/// Stores the sandbox's tree: its writable layer over its image when the runtime and the store
+/// can (what the steps wrote is read, nothing else), else the whole tree streamed out (its own
+/// filesystem only: not /proc, /sys, /dev or binds).
+pub(crate) fn commit(
     runtime: &dyn Runtime,
     store: &dyn ImageStore,
     id: &WorkspaceId,
     name: &str,
     settings: &ImageSettings,
 ) -> Result<String, String> {
+    let started = std::time::Instant::now();
+    if let Ok(Some(layer)) = runtime.writable_layer(id)
+        && let Some(digest) = store.store_changes(name, &layer, settings)?
+    {
+        tracing::debug!(
+            image = name,
+            ms = started.elapsed().as_millis() as u64,
+            "stored the sandbox's changes"
+        );
+        return Ok(digest);
+    }
+    tracing::debug!(image = name, "storing the sandbox's whole tree");
     let argv = [
         "tar",
         "-c",
@@ -1038,6 +1326,24 @@ fn commit(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_copy_key_ignores_modification_times_only() {
+        let tar = |mtime: u64, content: &[u8], mode: u32| {
+            let mut b = tar::Builder::new(Vec::new());
+            let mut header = tar::Header::new_gnu();
+            header.set_size(content.len() as u64);
+            header.set_mode(mode);
+            header.set_mtime(mtime);
+            header.set_cksum();
+            b.append_data(&mut header, "a.txt", content).unwrap();
+            b.into_inner().unwrap()
+        };
+        let key = tar_key(&tar(1, b"x", 0o644)[..]).unwrap();
+        assert_eq!(key, tar_key(&tar(2, b"x", 0o644)[..]).unwrap());
+        assert_ne!(key, tar_key(&tar(1, b"y", 0o644)[..]).unwrap());
+        assert_ne!(key, tar_key(&tar(1, b"x", 0o755)[..]).unwrap());
+    }
 
     #[test]
     fn paths_resolve_inside_the_sandbox() {
@@ -1074,6 +1380,8 @@ mod tests {
             build_args: &args,
             tag: "t:1",
             sandbox_prefix: "t",
+            cancel: None,
+            mount_cache: None,
         };
         assert_eq!(
             glob_context(&req, "src/*.rs").unwrap(),
@@ -1115,7 +1423,25 @@ mod tests {
         );
         // The symlink itself is copied as a link, not followed.
         assert!(context_path(ctx.path(), "escape").is_ok());
-        assert_eq!(owner(Some("1000:100")).unwrap(), (1000, 100));
-        assert!(owner(Some("dev")).is_err());
+        let chown = |c: &str| {
+            Meta::of(&Files {
+                sources: Vec::new(),
+                dest: "/".into(),
+                chown: Some(c.into()),
+                chmod: None,
+                link: false,
+                exclude: Vec::new(),
+            })
+        };
+        let m = chown("1000:100").unwrap();
+        assert_eq!((m.uid, m.gid, m.user, m.group), (1000, 100, None, None));
+        let m = chown("dev").unwrap();
+        assert_eq!(
+            (m.user.as_deref(), m.group.as_deref()),
+            (Some("dev"), Some("dev"))
+        );
+        let m = chown("dev:100").unwrap();
+        assert_eq!((m.user.as_deref(), m.gid), (Some("dev"), 100));
+        assert!(chown("a b").is_err());
     }
 }

@@ -54,6 +54,19 @@ impl ControlPlane for HttpControlPlane {
         .map_err(|e| e.to_string())?
     }
 
+    async fn log(&self, job: &Job, text: Vec<u8>) -> Result<bool, String> {
+        let client = self.client.clone();
+        let body = json!({"job": job.id, "text": String::from_utf8_lossy(&text)});
+        tokio::task::spawn_blocking(move || {
+            let answer = client
+                .post("/agent/log", &body)
+                .map_err(|e| format!("{e:#}"))?;
+            Ok(answer["go_on"].as_bool().unwrap_or(true))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
     async fn finish(&self, job: &Job, result: Result<Outcome, String>) -> Result<(), String> {
         let client = self.client.clone();
         let body = json!({"job": job.id, "result": result});
@@ -90,7 +103,7 @@ pub fn image_lister(data: &Path) -> ImageLister {
         let mut remote: Vec<String> = workspaces
             .iter()
             .filter_map(|ws| match &ws.config.root {
-                warren_runtime::RootSource::Image { reference } => Some(reference.clone()),
+                warren_runtime::RootSource::Image { reference, .. } => Some(reference.clone()),
                 warren_runtime::RootSource::Dir { .. } => None,
             })
             .filter(|r| !local.contains(r))
@@ -138,9 +151,14 @@ pub fn agent(args: AgentArgs, data: &Path) -> anyhow::Result<ExitCode> {
     tokio.block_on(async move {
         let wake = Arc::new(tokio::sync::Notify::new());
         let shutdown = Arc::new(tokio::sync::Notify::new());
+        let prebuilder = Arc::new(crate::prebuild_cmd::HostPrebuilder {
+            data: data.to_path_buf(),
+            runtime: runtime.clone(),
+        });
         let agent = Agent::new(
             "remote".into(),
             runtime,
+            prebuilder,
             Arc::new(HttpControlPlane { client }),
             wake,
             image_lister(data),

@@ -69,6 +69,19 @@ pub enum BenchCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// The devcontainer example's Dockerfile cold and cached against `docker build`; bytes a
+    /// one-file prebuild stores
+    Build {
+        /// Builds of each kind (the median is reported)
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Where to keep the root filesystem, Warren's data and docker's folders
+        #[arg(long, default_value = "/var/tmp/warren-bench-build")]
+        work: PathBuf,
+        /// Write the results as JSON here as well
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// scp through the SSH gateway against OpenSSH's sshd inside the same workspace
     Ssh {
         /// Size of the file copied each way, in MiB
@@ -126,6 +139,13 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             }
             crate::bench_runtime::runtime(cycles, &work, json.as_deref())
         }
+        BenchCommand::Build { runs, work, json } => {
+            if std::env::var_os("WARREN_BENCH_INSIDE").is_none() {
+                crate::bench_runtime::debian_rootfs(&work, &[])?;
+                return reexec_in_netns();
+            }
+            crate::bench_build::build(runs, &work, json.as_deref())
+        }
         BenchCommand::Ssh {
             mib,
             runs,
@@ -142,6 +162,23 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             crate::bench_ssh::ssh(mib, runs, &work, json.as_deref())
         }
     }
+}
+
+/// Fails naming the Debian package of the first of these `(program, package)` that is missing.
+pub(crate) fn require_programs(programs: &[(&str, &str)]) -> anyhow::Result<()> {
+    for (program, package) in programs {
+        if Command::new("sh")
+            .args(["-c", &format!("command -v {program}")])
+            .output()?
+            .stdout
+            .is_empty()
+        {
+            bail!(
+                "`{program}` is missing: install the Debian package `{package}` (./dev deps does)"
+            );
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn sh(cmd: &mut Command) -> anyhow::Result<String> {
@@ -448,12 +485,12 @@ fn lazy(
     json: Option<&Path>,
     only_lazy: bool,
 ) -> anyhow::Result<()> {
-    for tool in ["skopeo", "umoci", "docker-registry", "tc"] {
-        sh(Command::new("sh")
-            .arg("-c")
-            .arg(format!("command -v {tool}")))
-        .with_context(|| format!("{tool} is needed (./dev deps installs it)"))?;
-    }
+    require_programs(&[
+        ("skopeo", "skopeo"),
+        ("umoci", "umoci"),
+        ("docker-registry", "docker-registry"),
+        ("tc", "iproute2"),
+    ])?;
     let exe = std::env::current_exe()?;
     let warren = |data: &Path, args: &[&str]| -> anyhow::Result<String> {
         sh(Command::new(&exe).arg("--data").arg(data).args(args))

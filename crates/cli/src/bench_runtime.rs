@@ -70,22 +70,11 @@ pub(crate) fn runtime(cycles: usize, work: &Path, json: Option<&Path>) -> anyhow
     if cycles == 0 {
         bail!("--cycles must be at least 1");
     }
-    for (program, package) in [
+    crate::bench::require_programs(&[
         ("runc", "runc"),
         ("dockerd", "docker.io"),
         ("mmdebstrap", "mmdebstrap"),
-    ] {
-        if Command::new("sh")
-            .args(["-c", &format!("command -v {program}")])
-            .output()?
-            .stdout
-            .is_empty()
-        {
-            bail!(
-                "`{program}` is missing: install the Debian package `{package}` (./dev deps does)"
-            );
-        }
-    }
+    ])?;
     std::fs::create_dir_all(work)?;
     let rootfs = debian_rootfs(work, &[])?;
     let data = work.join("data");
@@ -117,6 +106,8 @@ pub(crate) fn runtime(cycles: usize, work: &Path, json: Option<&Path>) -> anyhow
             "warren (lazy image)",
             RootSource::Image {
                 reference: "bench:1".into(),
+                record_trace_secs: None,
+                lazy_only: false,
             },
         ),
     ] {
@@ -220,6 +211,7 @@ pub(crate) fn debian_rootfs(work: &Path, include: &[&str]) -> anyhow::Result<Pat
         .chain(include.iter().copied())
         .collect::<Vec<_>>()
         .join("-");
+    std::fs::create_dir_all(work)?;
     let rootfs = work.join(&name);
     let done = work.join(format!("{name}.complete"));
     if done.exists() {
@@ -267,7 +259,7 @@ fn runc(cycles: usize, work: &Path, rootfs: &Path) -> anyhow::Result<Vec<Duratio
 }
 
 /// dockerd in the benchmark's namespace with its own folders, stopped on drop.
-struct Dockerd {
+pub(crate) struct Dockerd {
     child: Child,
     socket: PathBuf,
 }
@@ -282,67 +274,84 @@ impl Drop for Dockerd {
     }
 }
 
-fn docker(cycles: usize, work: &Path, rootfs: &Path) -> anyhow::Result<Vec<Duration>> {
-    let dir = work.join("docker");
-    std::fs::create_dir_all(&dir)?;
-    let socket = dir.join("docker.sock");
-    let log = std::fs::File::create(dir.join("dockerd.log"))?;
-    let child = Command::new("dockerd")
-        .arg("--data-root")
-        .arg(dir.join("root"))
-        .arg("--exec-root")
-        .arg(dir.join("exec"))
-        .arg("--pidfile")
-        .arg(dir.join("dockerd.pid"))
-        .arg("-H")
-        .arg(format!("unix://{}", socket.display()))
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()
-        .context("cannot start dockerd")?;
-    let dockerd = Dockerd { child, socket };
-    let client = || {
-        let mut c = Command::new("docker");
-        c.arg("-H")
-            .arg(format!("unix://{}", dockerd.socket.display()));
-        c
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !client()
-        .arg("info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()?
-        .success()
-    {
-        if Instant::now() > deadline {
-            bail!(
-                "dockerd did not come up (see {})",
-                dir.join("dockerd.log").display()
-            );
+impl Dockerd {
+    /// Starts dockerd with its folders under `dir` and waits until it answers.
+    pub(crate) fn start(dir: &Path) -> anyhow::Result<Dockerd> {
+        std::fs::create_dir_all(dir)?;
+        let socket = dir.join("docker.sock");
+        let log = std::fs::File::create(dir.join("dockerd.log"))?;
+        let child = Command::new("dockerd")
+            .arg("--data-root")
+            .arg(dir.join("root"))
+            .arg("--exec-root")
+            .arg(dir.join("exec"))
+            .arg("--pidfile")
+            .arg(dir.join("dockerd.pid"))
+            .arg("-H")
+            .arg(format!("unix://{}", socket.display()))
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("cannot start dockerd")?;
+        let dockerd = Dockerd { child, socket };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !dockerd
+            .client()
+            .arg("info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()?
+            .success()
+        {
+            if Instant::now() > deadline {
+                bail!(
+                    "dockerd did not come up (see {})",
+                    dir.join("dockerd.log").display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
         }
-        std::thread::sleep(Duration::from_millis(200));
+        Ok(dockerd)
     }
-    let mut import = client()
-        .args(["import", "-", "warren-bench:1"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()?;
-    let mut tar = Command::new("tar")
-        .arg("-C")
-        .arg(rootfs)
-        .args(["-c", "."])
-        .stdout(Stdio::piped())
-        .spawn()?;
-    if let (Some(mut from), Some(mut to)) = (tar.stdout.take(), import.stdin.take()) {
-        std::io::copy(&mut from, &mut to)?;
-        to.flush()?;
+
+    /// `docker` talking to this dockerd.
+    pub(crate) fn client(&self) -> Command {
+        let mut c = Command::new("docker");
+        c.arg("-H").arg(format!("unix://{}", self.socket.display()));
+        c
     }
-    if !tar.wait()?.success() || !import.wait()?.success() {
-        bail!("docker import of the root filesystem failed");
+
+    /// Imports a root filesystem folder as the image `tag`.
+    pub(crate) fn import(&self, rootfs: &Path, tag: &str) -> anyhow::Result<()> {
+        let mut import = self
+            .client()
+            .args(["import", "-", tag])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()?;
+        let mut tar = Command::new("tar")
+            .arg("-C")
+            .arg(rootfs)
+            .args(["-c", "."])
+            .stdout(Stdio::piped())
+            .spawn()?;
+        if let (Some(mut from), Some(mut to)) = (tar.stdout.take(), import.stdin.take()) {
+            std::io::copy(&mut from, &mut to)?;
+            to.flush()?;
+        }
+        if !tar.wait()?.success() || !import.wait()?.success() {
+            bail!("docker import of the root filesystem failed");
+        }
+        Ok(())
     }
+}
+
+fn docker(cycles: usize, work: &Path, rootfs: &Path) -> anyhow::Result<Vec<Duration>> {
+    let dockerd = Dockerd::start(&work.join("docker"))?;
+    dockerd.import(rootfs, "warren-bench:1")?;
     timed(cycles, "docker run", || {
-        sh(client()
+        sh(dockerd
+            .client()
             .args(["run", "--rm", "warren-bench:1", "true"])
             .stdin(Stdio::null()))?;
         Ok(())
@@ -360,6 +369,8 @@ fn idle_memory(runtime: &ContainerRuntime, count: usize) -> anyhow::Result<IdleM
             id: id.clone(),
             root: RootSource::Image {
                 reference: "bench:1".into(),
+                record_trace_secs: None,
+                lazy_only: false,
             },
             hostname: None,
             limits: Default::default(),

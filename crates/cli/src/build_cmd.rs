@@ -73,6 +73,8 @@ pub fn build(args: BuildArgs, data: &Path) -> anyhow::Result<ExitCode> {
             build_args: &build_args,
             tag: &args.tag,
             sandbox_prefix: &prefix,
+            cancel: None,
+            mount_cache: Some(&data.join("build-mounts")),
         },
         &mut std::io::stderr(),
     )?;

@@ -85,8 +85,12 @@ pub fn up(args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
         .database_url
         .unwrap_or_else(|| format!("sqlite://{}", data.join("warren.db").display()));
     let host_name = args.host_name.unwrap_or_else(hostname);
-    let runtime = Arc::new(args.host.runtime(data)?);
+    let runtime: Arc<dyn warren_runtime::Runtime> = Arc::new(args.host.runtime(data)?);
     let ssh = args.ssh.settings(data)?;
+    let prebuilder = Arc::new(crate::prebuild_cmd::HostPrebuilder {
+        data: data.to_path_buf(),
+        runtime: runtime.clone(),
+    });
     let tokio = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -103,6 +107,8 @@ pub fn up(args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
             images: crate::agent_cmd::image_lister(data),
             reconcile_every: Duration::from_secs(args.reconcile_seconds.max(1)),
             ssh,
+            prebuilder,
+            git_mirrors: data.join("git/server"),
         })
         .await?;
         let url = format!("http://{}", started.addr);
@@ -267,10 +273,16 @@ pub enum WsCommand {
     /// Create a workspace and wait until it runs
     Create {
         name: String,
+        /// The image to start from (without one: the newest succeeded prebuild of the
+        /// project's branch)
         #[arg(long)]
-        image: String,
+        image: Option<String>,
         #[arg(long)]
         project: Option<String>,
+        /// The branch whose prebuild to start from and check out (default: main, master, or the
+        /// only one)
+        #[arg(long)]
+        branch: Option<String>,
         /// e.g. 4GiB
         #[arg(long)]
         memory: Option<String>,
@@ -438,7 +450,11 @@ pub enum ListCommand {
     },
 }
 
-fn print_table(json: bool, value: &Value, columns: &[(&str, &str)]) -> anyhow::Result<ExitCode> {
+pub(crate) fn print_table(
+    json: bool,
+    value: &Value,
+    columns: &[(&str, &str)],
+) -> anyhow::Result<ExitCode> {
     if json {
         println!("{}", serde_json::to_string_pretty(value)?);
         return Ok(ExitCode::SUCCESS);
@@ -608,6 +624,7 @@ pub fn ws(cmd: WsCommand) -> anyhow::Result<ExitCode> {
             name,
             image,
             project,
+            branch,
             memory,
             cpus,
             env_file,
@@ -625,8 +642,8 @@ pub fn ws(cmd: WsCommand) -> anyhow::Result<ExitCode> {
             };
             client.post(
                 "/workspaces",
-                &json!({"name": name, "image": image, "project": project, "memory": memory,
-                        "cpus": cpus, "environment": environment}),
+                &json!({"name": name, "image": image, "project": project, "branch": branch,
+                        "memory": memory, "cpus": cpus, "environment": environment}),
             )?;
             if !no_wait {
                 wait_for(&client, &name, "creating", state_is("running"))?;

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+use tempfile::TempDir;
 
 use anyhow::{Context as _, bail};
 use clap::Subcommand;
@@ -124,7 +125,10 @@ fn registry(r: &RegistryRef) -> RegistryStore {
 /// The store holding `reference` and the name of the image inside it. Registry reads retry
 /// patiently: a mount must outlive a registry restart.
 fn resolve(data: &Path, reference: &str) -> anyhow::Result<(Arc<dyn BlobStore>, String)> {
-    if let Ok(r) = RegistryRef::parse(reference) {
+    // A registry image a build brought in is read from here.
+    if let Ok(r) = RegistryRef::parse(reference)
+        && !local_store(data)?.tags()?.contains_key(reference)
+    {
         return Ok((
             Arc::new(registry(&r).with_retry(Retry::patient())),
             r.reference.clone(),
@@ -292,17 +296,59 @@ fn builder_reusing(
     Ok((work, builder))
 }
 
+/// An image's settings as its stored config.
+fn settings_config(settings: &warren_build::ImageSettings) -> ImageConfig {
+    ImageConfig {
+        env: settings.env.clone(),
+        user: settings.user.clone(),
+        workdir: settings.workdir.clone(),
+        cmd: settings.cmd.clone(),
+        ..ImageConfig::default()
+    }
+}
+
 /// Builds' images, in the local store (`warren build`).
 pub(crate) struct LocalImages {
     pub data: PathBuf,
 }
 
+impl LocalImages {
+    /// Copies a registry image into the local store under its reference: a Warren image as it
+    /// is, a standard OCI image imported.
+    fn fetch_base(&self, reference: &str) -> anyhow::Result<()> {
+        let r = RegistryRef::parse(reference)?;
+        let local = local_store(&self.data)?;
+        let remote = registry(&r);
+        if copy_image(&remote, &local, &r.reference, reference, |_, _| {}).is_ok()
+            && open_image(&local, reference).is_ok()
+        {
+            return Ok(());
+        }
+        let (_work, mut builder) = builder_reusing(&self.data, &local, None)?;
+        let config = warren_store::oci::import_oci(&remote, &r.reference, &mut builder, |_, _| {})
+            .with_context(|| format!("cannot bring {reference} from its registry"))?;
+        let built = builder.finish()?;
+        commit(&local, &built, config, reference)?;
+        Ok(())
+    }
+}
+
 impl warren_build::ImageStore for LocalImages {
     fn settings(&self, reference: &str) -> Result<warren_build::ImageSettings, String> {
         let local = local_store(&self.data).map_err(|e| e.to_string())?;
-        let image = open_image(&local, reference).map_err(|e| {
-            format!("{e} (build from a local image: `warren image pull`, `import` or `bootstrap` it first)")
-        })?;
+        let image = match open_image(&local, reference) {
+            Ok(image) => image,
+            // A registry image is brought into the local store under its reference.
+            Err(_) if RegistryRef::parse(reference).is_ok() => {
+                self.fetch_base(reference).map_err(|e| format!("{e:#}"))?;
+                open_image(&local, reference).map_err(|e| e.to_string())?
+            }
+            Err(e) => {
+                return Err(format!(
+                    "{e} (a base is a local image — `warren image pull`, `import` or `bootstrap` it — or a registry image, HOST/REPOSITORY:TAG)"
+                ));
+            }
+        };
         Ok(warren_build::ImageSettings {
             env: image.config.env.clone(),
             user: image.config.user.clone(),
@@ -324,14 +370,59 @@ impl warren_build::ImageStore for LocalImages {
             let (_work, mut builder) = builder_reusing(&self.data, &local, None)?;
             import_tar(&mut builder, tar)?;
             let built = builder.finish()?;
-            let config = ImageConfig {
-                env: settings.env.clone(),
-                user: settings.user.clone(),
-                workdir: settings.workdir.clone(),
-                cmd: settings.cmd.clone(),
-                ..ImageConfig::default()
-            };
+            let config = settings_config(settings);
             Ok(commit(&local, &built, config, name)?.to_string())
+        };
+        run().map_err(|e| format!("{e:#}"))
+    }
+
+    fn retag(
+        &self,
+        name: &str,
+        from: &str,
+        settings: &warren_build::ImageSettings,
+    ) -> Result<String, String> {
+        let run = || -> anyhow::Result<String> {
+            check_local_name(name)?;
+            let local = local_store(&self.data)?;
+            let image = open_image(&local, from)?;
+            let built = warren_image::Built {
+                index: (*image.index).clone(),
+                new_packs: Vec::new(),
+                stats: Default::default(),
+            };
+            Ok(commit(&local, &built, settings_config(settings), name)?.to_string())
+        };
+        run().map_err(|e| format!("{e:#}"))
+    }
+
+    fn store_changes(
+        &self,
+        name: &str,
+        layer: &warren_runtime::WritableLayer,
+        settings: &warren_build::ImageSettings,
+    ) -> Result<Option<String>, String> {
+        let run = || -> anyhow::Result<Option<String>> {
+            check_local_name(name)?;
+            let local = local_store(&self.data)?;
+            // A sandbox over a registry image: its tree is not here to start from.
+            let Ok(parent) = open_image(&local, &layer.image) else {
+                return Ok(None);
+            };
+            // Every local image's chunks: a prebuild's checkout is mostly the last one's.
+            let (_work, mut builder) = builder_reusing(&self.data, &local, None)?;
+            builder.start_from(&parent.index);
+            match warren_image::apply_overlay_upper(&mut builder, &layer.upper, layer.id_offset) {
+                Ok(()) => {}
+                Err(e @ warren_image::OverlayImportError::NotSelfContained { .. }) => {
+                    tracing::info!(error = %e, "storing the whole tree");
+                    return Ok(None);
+                }
+                Err(e) => return Err(e.into()),
+            }
+            let built = builder.finish()?;
+            let config = settings_config(settings);
+            Ok(Some(commit(&local, &built, config, name)?.to_string()))
         };
         run().map_err(|e| format!("{e:#}"))
     }
@@ -471,26 +562,15 @@ fn bootstrap(
 }
 
 /// A work folder for pack files, on the same filesystem as the store so packs can be moved in.
+/// A work folder of its own under `<data>/tmp` (builds may run side by side in one process),
+/// removed when dropped.
 fn tempfile_dir(data: &Path) -> anyhow::Result<TempDir> {
-    let dir = data
-        .join("tmp")
-        .join(format!("build-{}", std::process::id()));
+    let dir = data.join("tmp");
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create `{}`", dir.display()))?;
-    Ok(TempDir(dir))
-}
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+    tempfile::Builder::new()
+        .prefix("build-")
+        .tempdir_in(&dir)
+        .with_context(|| format!("cannot create a folder in `{}`", dir.display()))
 }
 
 /// Detects gzip and zstd by their magic numbers.

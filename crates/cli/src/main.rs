@@ -6,12 +6,14 @@
 mod agent_cmd;
 mod bench;
 mod bench_api;
+mod bench_build;
 mod bench_runtime;
 mod bench_ssh;
 mod build_cmd;
 mod client;
 mod control_cmd;
 mod image_cmd;
+mod prebuild_cmd;
 mod runtime_cmd;
 mod spec_cmd;
 mod ssh_cmd;
@@ -55,6 +57,9 @@ enum Commands {
     /// Workspaces: create, list, start, stop, delete, exec
     #[command(subcommand)]
     Ws(control_cmd::WsCommand),
+    /// Prebuilds: a project's environment made ready per commit; list, follow, cancel, retry
+    #[command(subcommand)]
+    Prebuild(prebuild_cmd::PrebuildCommand),
     /// Your SSH public keys (for the SSH gateway)
     #[command(subcommand)]
     Key(control_cmd::KeyCommand),
@@ -111,6 +116,7 @@ fn main() -> ExitCode {
         Commands::User(cmd) => control_cmd::user(cmd),
         Commands::Project(cmd) => control_cmd::project(cmd),
         Commands::Ws(cmd) => control_cmd::ws(cmd),
+        Commands::Prebuild(cmd) => prebuild_cmd::prebuild(cmd),
         Commands::Key(cmd) => control_cmd::key(cmd),
         Commands::Env(cmd) => control_cmd::env(cmd),
         Commands::Host(cmd) => control_cmd::host(cmd),

@@ -166,7 +166,11 @@ pub fn run(args: RuntimeArgs, data: &Path) -> anyhow::Result<ExitCode> {
         } => {
             let memory = memory.as_deref().map(crate::parse_size).transpose()?;
             let root = match (image, dir) {
-                (Some(reference), _) => RootSource::Image { reference },
+                (Some(reference), _) => RootSource::Image {
+                    reference,
+                    record_trace_secs: None,
+                    lazy_only: false,
+                },
                 (None, Some(path)) => RootSource::Dir {
                     path: std::path::absolute(&path)?,
                 },
@@ -238,7 +242,7 @@ pub fn run(args: RuntimeArgs, data: &Path) -> anyhow::Result<ExitCode> {
                 );
                 for w in list {
                     let root = match &w.config.root {
-                        RootSource::Image { reference } => format!("image {reference}"),
+                        RootSource::Image { reference, .. } => format!("image {reference}"),
                         RootSource::Dir { path } => format!("dir {}", path.display()),
                     };
                     println!(

@@ -47,6 +47,7 @@ pub fn gateway(args: GatewayArgs, data: &Path) -> anyhow::Result<ExitCode> {
             runtime,
             secret_key: data.join("secret.key"),
             ssh: settings,
+            git_mirrors: data.join("git/server"),
         })
         .await?;
         println!("Warren's SSH gateway is listening on {addr}");

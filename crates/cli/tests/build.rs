@@ -210,3 +210,262 @@ fn a_multi_stage_dockerfile_builds_in_the_sandbox() {
         "a failed build leaves no sandbox: {listed}"
     );
 }
+
+/// Serves `body` to every HTTP request on 127.0.0.1 (for `ADD <url>`); its port.
+fn serve(body: &'static [u8]) -> u16 {
+    use std::io::{Read as _, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut request = [0u8; 4096];
+            let _ = conn.read(&mut request);
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = conn.write_all(body);
+        }
+    });
+    port
+}
+
+#[test]
+fn mounts_add_chown_and_isolation_inside_run_steps() {
+    enter_own_network();
+    let run = |data: &Path, args: &[&str]| {
+        common::warren_at(data, args, &[("WARREN_UID_BASE", "3000000000")])
+    };
+    let data = tempfile::Builder::new()
+        .prefix("warren-build-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let rootfs = debian_rootfs("minbase", &[]);
+    ok(run(
+        data.path(),
+        &["image", "import", rootfs.to_str().unwrap(), "base:1"],
+    ));
+    let ctx = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(ctx.path().join("files")).unwrap();
+    std::fs::write(ctx.path().join("files/a.txt"), "bound\n").unwrap();
+    std::fs::write(ctx.path().join("plain.txt"), "plain\n").unwrap();
+    let bundle = tempfile::tempdir().unwrap();
+    std::fs::write(bundle.path().join("inner.txt"), "from the archive\n").unwrap();
+    let status = std::process::Command::new("tar")
+        .arg("-czf")
+        .arg(ctx.path().join("bundle.tar.gz"))
+        .arg("-C")
+        .arg(bundle.path())
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let body: &[u8] = b"remote body\n";
+    let port = serve(body);
+    let sum = {
+        use sha2::Digest as _;
+        hex::encode(sha2::Sha256::digest(body))
+    };
+    // A port on the host, where a sandbox must not reach it.
+    let host_port = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let dockerfile = format!(
+        r#"FROM base:1
+RUN echo 'app:x:1234:1234::/home/app:/bin/sh' >> /etc/passwd && echo 'app:x:1234:' >> /etc/group
+COPY --chown=app:app files/ /home/app/files/
+RUN rm -r /usr/share/doc /etc/debian_version && mkdir /usr/share/doc && echo fresh > /usr/share/doc/only
+ADD bundle.tar.gz /opt/bundle/
+ADD --checksum=sha256:{sum} http://127.0.0.1:{port}/remote.txt /opt/
+ADD plain.txt /opt/plain.txt
+ARG BUMP
+RUN --mount=type=cache,target=/var/cache/thing n=$(cat /var/cache/thing/n 2>/dev/null || echo 0); echo $((n+1)) > /var/cache/thing/n; cp /var/cache/thing/n /cache-count
+RUN --mount=type=bind,source=files,target=/src cat /src/a.txt > /bound.txt
+RUN --mount=type=tmpfs,target=/scratch echo x > /scratch/y
+ARG HOSTPORT={hp}
+RUN <<'CHECK'
+set -u
+bad() {{ echo "ESCAPE: $*" >&2; exit 1; }}
+command -v perl >/dev/null && command -v mknod >/dev/null || {{ echo "the checks need perl and mknod" >&2; exit 1; }}
+[ "$(ls /proc | grep -c '^[0-9]')" -lt 10 ] || bad "host processes are visible"
+echo 1 > /proc/sys/vm/drop_caches 2>/dev/null && bad "a host sysctl is writable"
+mknod /tmp/disk b 8 0 2>/dev/null && bad "a block device was made"
+read -r inside outside count < /proc/self/uid_map
+[ "$outside" != 0 ] || bad "root inside is root outside"
+hostname sandboxed 2>/dev/null || true
+perl -MIO::Socket::INET -e 'exit(IO::Socket::INET->new(PeerAddr => "10.88.0.1:$ARGV[0]", Timeout => 2) ? 0 : 1)' "$HOSTPORT" && bad "a host port answers"
+echo isolated > /isolation.txt
+CHECK
+"#,
+        hp = host_port.local_addr().unwrap().port()
+    );
+    std::fs::write(ctx.path().join("Dockerfile"), dockerfile).unwrap();
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let build = |bump: &str| {
+        ok(run(
+            data.path(),
+            &[
+                "build",
+                ctx.path().to_str().unwrap(),
+                "-t",
+                "mounts:1",
+                "--build-arg",
+                &format!("BUMP={bump}"),
+            ],
+        ))
+    };
+    build("1");
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap(),
+        hostname
+    );
+    ok(run(
+        data.path(),
+        &["runtime", "run", "check", "--image", "mounts:1"],
+    ));
+    let inside = |cmd: &str| {
+        ok(run(
+            data.path(),
+            &["runtime", "exec", "check", "-T", "--", "sh", "-c", cmd],
+        ))
+    };
+    assert_eq!(
+        inside("stat -c %u:%g:%U /home/app/files/a.txt"),
+        "1234:1234:app\n"
+    );
+    assert_eq!(
+        inside("cat /opt/bundle/inner.txt /opt/remote.txt /opt/plain.txt"),
+        "from the archive\nremote body\nplain\n"
+    );
+    assert_eq!(inside("stat -c %a /opt/remote.txt"), "600\n");
+    assert_eq!(inside("cat /cache-count /bound.txt"), "1\nbound\n");
+    // Nothing a mount held is in the image.
+    assert_eq!(
+        inside("ls -A /var/cache/thing /src /scratch | grep -v : | grep -c . || true"),
+        "0\n"
+    );
+    assert_eq!(inside("cat /isolation.txt"), "isolated\n");
+    // What a step removed is gone from the image; a folder made anew holds only the new.
+    assert_eq!(
+        inside("ls /usr/share/doc; test -e /etc/debian_version || echo removed"),
+        "only\nremoved\n"
+    );
+    ok(run(data.path(), &["runtime", "rm", "-f", "check"]));
+
+    // The cache outlives the build: the rerun step finds what the last one left.
+    let out = build("2");
+    assert!(out.contains("from the cache"), "{out}");
+    ok(run(
+        data.path(),
+        &["runtime", "run", "check", "--image", "mounts:1"],
+    ));
+    assert_eq!(inside("cat /cache-count"), "2\n");
+    ok(run(data.path(), &["runtime", "rm", "-f", "check"]));
+
+    // A wrong checksum, an unknown user and a secret mount are refused, naming the line.
+    for (bad, expected) in [
+        (
+            format!(
+                "FROM base:1\nADD --checksum=sha256:{} http://127.0.0.1:{port}/r.txt /r\n",
+                "0".repeat(64)
+            ),
+            "Dockerfile:2",
+        ),
+        (
+            "FROM base:1\nCOPY --chown=nobody-here plain.txt /p\n".to_owned(),
+            "no user nobody-here",
+        ),
+        (
+            "FROM base:1\nRUN --mount=type=secret,id=x,target=/s true\n".to_owned(),
+            "without secrets",
+        ),
+    ] {
+        std::fs::write(ctx.path().join("Dockerfile"), bad).unwrap();
+        let out = run(
+            data.path(),
+            &["build", ctx.path().to_str().unwrap(), "-t", "bad:1"],
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(expected), "{err}");
+    }
+}
+
+#[test]
+fn a_base_image_comes_from_a_registry_when_it_is_not_local() {
+    enter_own_network();
+    require_program("skopeo", "skopeo");
+    let run = |data: &Path, args: &[&str]| {
+        common::warren_at(data, args, &[("WARREN_UID_BASE", "3100000000")])
+    };
+    let registry = warren_testkit::Registry::start();
+    let source = tempfile::Builder::new()
+        .prefix("warren-build-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let rootfs = debian_rootfs("minbase", &[]);
+    ok(run(
+        source.path(),
+        &["image", "import", rootfs.to_str().unwrap(), "base:1"],
+    ));
+    // The same base as a Warren image and as a standard OCI image.
+    let warren_ref = format!("{}/team/base:1", registry.host());
+    let oci_ref = format!("{}/std/base:1", registry.host());
+    ok(run(
+        source.path(),
+        &["image", "push", "base:1", &warren_ref],
+    ));
+    let layout = source.path().join("layout");
+    ok(run(
+        source.path(),
+        &[
+            "image",
+            "export",
+            "base:1",
+            &format!("oci:{}:base", layout.display()),
+        ],
+    ));
+    warren_testkit::run(
+        std::process::Command::new("skopeo")
+            .args(["copy", "--quiet", "--dest-tls-verify=false"])
+            .arg(format!("oci:{}:base", layout.display()))
+            .arg(format!("docker://{oci_ref}")),
+    );
+    let data = tempfile::Builder::new()
+        .prefix("warren-build-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let ctx = tempfile::tempdir().unwrap();
+    for (n, base) in [&warren_ref, &oci_ref].into_iter().enumerate() {
+        std::fs::write(
+            ctx.path().join("Dockerfile"),
+            format!("FROM {base}\nRUN echo {n} > /n\n"),
+        )
+        .unwrap();
+        let out = ok(run(
+            data.path(),
+            &[
+                "build",
+                ctx.path().to_str().unwrap(),
+                "-t",
+                &format!("from-registry:{n}"),
+            ],
+        ));
+        assert!(out.contains("1 steps run"), "{out}");
+    }
+    let listed = ok(run(data.path(), &["image", "ls"]));
+    assert!(
+        listed.contains(&warren_ref) && listed.contains(&oci_ref),
+        "{listed}"
+    );
+    // A name that is neither local nor a registry reference says what a base may be.
+    std::fs::write(ctx.path().join("Dockerfile"), "FROM nowhere:1\n").unwrap();
+    let out = run(
+        data.path(),
+        &["build", ctx.path().to_str().unwrap(), "-t", "x:1"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("Dockerfile:1") && err.contains("registry image"),
+        "{err}"
+    );
+}

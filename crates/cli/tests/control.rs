@@ -12,21 +12,11 @@ use serde_json::{Value, json};
 mod common;
 
 use common::Warren;
-use warren_testkit::{Postgres, Registry, debian_rootfs, enter_own_network, require_program};
+use warren_testkit::{Postgres, Registry, debian_rootfs, enter_own_network, git, require_program};
 
 fn setup() {
     enter_own_network();
     require_program("git", "git");
-}
-
-fn git(repo: &Path, args: &[&str]) {
-    let status = Command::new("git")
-        .args(["-c", "user.name=t", "-c", "user.email=t@t"])
-        .args(args)
-        .current_dir(repo)
-        .status()
-        .unwrap();
-    assert!(status.success(), "git {args:?}");
 }
 
 /// A git repository with one commit on `main`, as a project's source.
@@ -115,6 +105,22 @@ fn end_to_end(seed: u32, database_url: Option<String>) {
         .expect("the hook read the new branch");
     assert_eq!(feature["head"], head("feature").as_str());
     assert_eq!(branches(true).as_array().unwrap().len(), 2);
+    // Each head's commit is prebuilt (the project's environment is `image: dev:1`).
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let list: Value =
+            serde_json::from_str(&warren.ok("alice", &["prebuild", "ls", "app", "--json"]))
+                .unwrap();
+        let list = list.as_array().unwrap();
+        if list.len() == 2 && list.iter().all(|p| p["state"] == "succeeded") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline && !list.iter().any(|p| p["state"] == "failed"),
+            "{list:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
 
     // Variables: plain ones are shown, secrets are sealed at rest and never sent back.
     warren.ok("alice", &["env", "set", "API_URL=https://api.example.com"]);

@@ -12,8 +12,14 @@ use std::time::{Duration, Instant};
 use common::Warren;
 use warren_testkit::{debian_rootfs, enter_own_network};
 
+/// This crate's folder, as the test runner gives it (not as compiled in: the target folder is
+/// shared between checkouts, and a binary built for another may be reused).
+fn manifest_dir() -> std::ffi::OsString {
+    std::env::var_os("CARGO_MANIFEST_DIR").expect("tests run under cargo test or nextest")
+}
+
 fn examples() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples")
+    Path::new(&manifest_dir()).join("../../examples")
 }
 
 #[test]

@@ -171,6 +171,24 @@ impl ImageBuilder {
         }
     }
 
+    /// Starts from `base`'s whole tree (its chunks referenced, not stored again), for layering
+    /// changes on top of it.
+    pub fn start_from(&mut self, base: &TreeIndex) {
+        self.reuse_chunks_of(base);
+        for e in &base.entries {
+            let mut e = e.clone();
+            e.chunks = e
+                .chunks
+                .iter()
+                .filter_map(|&c| {
+                    let id = base.chunks.get(c as usize)?.id;
+                    self.chunk_ref(id)
+                })
+                .collect();
+            self.entries.insert(e.path.clone(), e);
+        }
+    }
+
     pub fn stats(&self) -> BuildStats {
         self.stats
     }

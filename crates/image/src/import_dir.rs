@@ -35,7 +35,26 @@ pub fn import_dir(builder: &mut ImageBuilder, root: &Path) -> Result<(), DirImpo
     let mut top = entry_from(Vec::new(), &meta, root)?;
     top.kind = EntryKind::Dir;
     builder.add(top)?;
-    let mut seen_inodes: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
+    let mut links = HardLinks::default();
+    walk(root, |path, rel, meta| {
+        let entry = entry_from(rel, meta, path)?;
+        let is_dir = entry.kind == EntryKind::Dir;
+        add_entry(builder, &mut links, entry, path, meta)?;
+        Ok(is_dir)
+    })
+}
+
+/// The first path seen of each multiply linked file, by inode.
+#[derive(Default)]
+pub(crate) struct HardLinks(HashMap<(u64, u64), Vec<u8>>);
+
+/// Visits every entry under `root` (not `root` itself), each folder's children by name, with
+/// its path on disk, its path in the image and its metadata (symlinks not followed); `visit`
+/// says whether to go into a folder.
+pub(crate) fn walk<E: From<DirImportError>>(
+    root: &Path,
+    mut visit: impl FnMut(&Path, Vec<u8>, &fs::Metadata) -> Result<bool, E>,
+) -> Result<(), E> {
     let mut stack = vec![(root.to_path_buf(), Vec::<u8>::new())];
     while let Some((dir, rel)) = stack.pop() {
         let mut children: Vec<_> = fs::read_dir(&dir)
@@ -51,34 +70,44 @@ pub fn import_dir(builder: &mut ImageBuilder, root: &Path) -> Result<(), DirImpo
             }
             child_rel.extend_from_slice(child.file_name().as_bytes());
             let meta = fs::symlink_metadata(&path).map_err(io_err(&path))?;
-            let mut entry = entry_from(child_rel.clone(), &meta, &path)?;
-            match entry.kind {
-                EntryKind::Dir => {
-                    builder.add(entry)?;
-                    stack.push((path, child_rel));
-                }
-                EntryKind::File => {
-                    let key = (meta.dev(), meta.ino());
-                    if meta.nlink() > 1 {
-                        if let Some(first) = seen_inodes.get(&key) {
-                            entry.kind = EntryKind::Hardlink;
-                            entry.link = first.clone();
-                            builder.add(entry)?;
-                            continue;
-                        }
-                        seen_inodes.insert(key, child_rel);
-                    }
-                    let file = File::open(&path).map_err(io_err(&path))?;
-                    builder.add_file(entry, std::io::BufReader::with_capacity(1 << 20, file))?;
-                }
-                _ => builder.add(entry)?,
+            if visit(&path, child_rel.clone(), &meta)? && meta.is_dir() {
+                stack.push((path, child_rel));
             }
         }
     }
     Ok(())
 }
 
-fn entry_from(rel: Vec<u8>, meta: &fs::Metadata, path: &Path) -> Result<Entry, DirImportError> {
+/// Adds one entry read from disk: a regular file with its content (or as a hard link to the
+/// first path of its inode), anything else as it is.
+pub(crate) fn add_entry(
+    builder: &mut ImageBuilder,
+    links: &mut HardLinks,
+    mut entry: crate::index::Entry,
+    path: &Path,
+    meta: &fs::Metadata,
+) -> Result<(), DirImportError> {
+    if entry.kind != EntryKind::File {
+        return Ok(builder.add(entry)?);
+    }
+    let key = (meta.dev(), meta.ino());
+    if meta.nlink() > 1 {
+        if let Some(first) = links.0.get(&key) {
+            entry.kind = EntryKind::Hardlink;
+            entry.link = first.clone();
+            return Ok(builder.add(entry)?);
+        }
+        links.0.insert(key, entry.path.clone());
+    }
+    let file = File::open(path).map_err(io_err(path))?;
+    Ok(builder.add_file(entry, std::io::BufReader::with_capacity(1 << 20, file))?)
+}
+
+pub(crate) fn entry_from(
+    rel: Vec<u8>,
+    meta: &fs::Metadata,
+    path: &Path,
+) -> Result<Entry, DirImportError> {
     let ft = meta.file_type();
     let kind = if ft.is_dir() {
         EntryKind::Dir

@@ -12,12 +12,14 @@
 mod builder;
 mod digest;
 mod import_dir;
+mod import_overlay;
 mod import_tar;
 mod index;
 
 pub use builder::{BuildError, BuildStats, Built, ChunkParams, ImageBuilder, Limits, NewPack};
 pub use digest::{BadDigest, ChunkId, Digest, Hasher};
 pub use import_dir::{DirImportError, import_dir};
+pub use import_overlay::{OverlayImportError, apply_overlay_upper};
 pub use import_tar::{TarImportError, import_tar};
 pub use index::{ChunkLoc, Entry, EntryKind, IndexError, TreeIndex, is_clean_path};
 

@@ -27,7 +27,7 @@ use crate::types::WORKSPACE_SOCKET_NAME;
 use crate::{
     DeleteReport, Error, Exec, ExecIo, ExecRequest, ExitStatus, Process, RootSource, Runtime,
     Stats, WinSize, WorkspaceConfig, WorkspaceId, WorkspaceInfo, WorkspaceSocket, WorkspaceState,
-    cgroup, net,
+    WritableLayer, cgroup, net,
 };
 
 /// How long a forwarded connection may take to open.
@@ -238,7 +238,7 @@ impl Runtime for ContainerRuntime {
                     path.display()
                 )));
             }
-            RootSource::Image { reference } if reference.trim().is_empty() => {
+            RootSource::Image { reference, .. } if reference.trim().is_empty() => {
                 return Err(Error::InvalidConfig("the image reference is empty".into()));
             }
             _ => {}
@@ -655,6 +655,18 @@ impl Runtime for ContainerRuntime {
     fn info(&self, id: &WorkspaceId) -> Result<WorkspaceInfo, Error> {
         let (rec, layout) = self.record(id)?;
         Ok(Self::info_of(rec, &layout))
+    }
+
+    fn writable_layer(&self, id: &WorkspaceId) -> Result<Option<WritableLayer>, Error> {
+        let (rec, layout) = self.record(id)?;
+        Ok(match &rec.config.root {
+            RootSource::Image { reference, .. } => Some(WritableLayer {
+                image: reference.clone(),
+                upper: layout.upper(),
+                id_offset: rec.uid_base,
+            }),
+            RootSource::Dir { .. } => None,
+        })
     }
 
     fn list(&self) -> Result<Vec<WorkspaceInfo>, Error> {

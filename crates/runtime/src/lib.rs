@@ -33,6 +33,7 @@ pub use shim::run_shim;
 pub use types::{
     DeleteReport, Exec, ExecIo, ExecRequest, ExitStatus, Limits, Process, RootSource, Stats,
     WinSize, WorkspaceConfig, WorkspaceId, WorkspaceInfo, WorkspaceSocket, WorkspaceState,
+    WritableLayer,
 };
 
 use std::net::{SocketAddr, TcpStream};
@@ -77,4 +78,10 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
     fn info(&self, id: &WorkspaceId) -> Result<WorkspaceInfo, Error>;
     /// Every workspace this runtime knows, running or not.
     fn list(&self) -> Result<Vec<WorkspaceInfo>, Error>;
+    /// The workspace's writable layer as a folder on the host, for storing only what changed
+    /// over its image (`None` when the backend has no such folder).
+    fn writable_layer(&self, id: &WorkspaceId) -> Result<Option<WritableLayer>, Error> {
+        let _ = id;
+        Ok(None)
+    }
 }

@@ -453,7 +453,11 @@ fn mount_lower(rec: &WorkspaceRecord, layout: &Layout) -> Result<LowerMount, Err
             sys::bind_idmapped(path, &lower, rec.uid_base, ID_RANGE)?;
             Ok(LowerMount::Dir)
         }
-        RootSource::Image { reference } => {
+        RootSource::Image {
+            reference,
+            record_trace_secs,
+            lazy_only,
+        } => {
             let log = File::options()
                 .create(true)
                 .append(true)
@@ -466,6 +470,12 @@ fn mount_lower(rec: &WorkspaceRecord, layout: &Layout) -> Result<LowerMount, Err
                 .arg(&lower)
                 .arg("--id-offset")
                 .arg(rec.uid_base.to_string())
+                .args(
+                    record_trace_secs
+                        .iter()
+                        .flat_map(|s| ["--record-trace".to_owned(), s.to_string()]),
+                )
+                .args(lazy_only.then_some("--no-background"))
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(log)

@@ -65,10 +65,30 @@ impl From<WorkspaceId> for String {
 #[serde(rename_all = "snake_case")]
 pub enum RootSource {
     /// A Warren image (`name:tag`, digest, or registry reference), mounted lazily.
-    Image { reference: String },
+    Image {
+        reference: String,
+        /// Record which chunks the first this many seconds read, and store that trace with
+        /// the image (for prefetching on later cold starts).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        record_trace_secs: Option<u64>,
+        /// Fetch only what is read, with no background pull of the rest: for short-lived
+        /// sandboxes (build steps), which read little of their image.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        lazy_only: bool,
+    },
     /// A folder on the host (for example an unpacked root filesystem), shown inside through an
     /// idmapped bind mount so that its root-owned files belong to the workspace's root.
     Dir { path: PathBuf },
+}
+
+/// A workspace's writable layer, as an overlayfs upper folder on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WritableLayer {
+    /// The image the layer lies over.
+    pub image: String,
+    pub upper: PathBuf,
+    /// The host id of the workspace's root (ids in the layer are shifted by it).
+    pub id_offset: u32,
 }
 
 /// Resource limits; `None` means unlimited.

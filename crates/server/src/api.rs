@@ -446,7 +446,11 @@ fn project_view(r: &AnyRow) -> ApiResult<ProjectView> {
 
 const PROJECT_COLUMNS: &str = "p.id, p.name, p.owner_id, u.name AS owner, p.git_url, p.root_folder, p.env_file FROM projects p JOIN users u ON u.id = p.owner_id";
 
-async fn find_project(state: &AppState, caller: &Caller, key: &str) -> ApiResult<AnyRow> {
+pub(crate) async fn find_project(
+    state: &AppState,
+    caller: &Caller,
+    key: &str,
+) -> ApiResult<AnyRow> {
     let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
         "SELECT {PROJECT_COLUMNS} WHERE p.id = $1 OR p.name = $1"
     )))
@@ -522,9 +526,13 @@ pub async fn create_project(
     // The first branch heads, in the background: a slow or unreachable remote must not hold
     // up the answer (the poller tries again).
     let (db, url, project) = (state.db.clone(), req.git_url.clone(), id.clone());
+    let (mirrors, wake) = (state.git_mirrors.clone(), state.wake.clone());
     tokio::spawn(async move {
-        if let Err(e) = crate::git::refresh_project(&db, &project, &url).await {
-            tracing::warn!(project.id = %project, error = %e, "cannot read the new project's branches");
+        match crate::git::refresh_project(&db, &mirrors, &project, &url).await {
+            Ok(_) => wake.notify_one(),
+            Err(e) => {
+                tracing::warn!(project.id = %project, error = %e, "cannot read the new project's branches")
+            }
         }
     });
     let row = find_project(&state, &caller, &id).await?;
@@ -602,9 +610,10 @@ pub async fn refresh_project(
     let row = find_project(&state, &caller, &key).await?;
     let id: String = row.try_get("id")?;
     let url: String = row.try_get("git_url")?;
-    crate::git::refresh_project(&state.db, &id, &url)
+    crate::git::refresh_project(&state.db, &state.git_mirrors, &id, &url)
         .await
         .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, e))?;
+    state.wake.notify_one();
     Ok(Json(branches_of(&state, &id).await?))
 }
 
@@ -636,9 +645,10 @@ pub async fn git_hook(
         return Err(refused());
     }
     let url: String = row.try_get("git_url")?;
-    crate::git::refresh_project(&state.db, &id, &url)
+    crate::git::refresh_project(&state.db, &state.git_mirrors, &id, &url)
         .await
         .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, e))?;
+    state.wake.notify_one();
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -648,9 +658,16 @@ pub async fn git_hook(
 #[serde(deny_unknown_fields)]
 pub struct NewWorkspace {
     name: String,
-    image: String,
+    /// The image to start from; when absent, the newest succeeded prebuild of the project's
+    /// branch.
+    #[serde(default)]
+    image: Option<String>,
     #[serde(default)]
     project: Option<String>,
+    /// The branch whose prebuild to start from and check out (the project's default branch
+    /// when absent).
+    #[serde(default)]
+    branch: Option<String>,
     /// Bytes.
     #[serde(default)]
     memory: Option<u64>,
@@ -677,11 +694,14 @@ struct Environment {
     tasks: Vec<warren_runtime::tasks::TaskSpec>,
     /// Who sessions, commands and tasks run as (`remoteUser`, else `containerUser`).
     user: Option<String>,
+    /// Where the repository is checked out.
+    folder: String,
 }
 
-/// Reads an environment file; errors name the file, line and column.
-fn read_environment(env: &EnvironmentFile) -> ApiResult<Environment> {
-    use warren_spec::{Phase, RepoPath};
+/// Reads an environment file (of the repository at `repository`, when it comes from one);
+/// errors name the file, line and column.
+fn read_environment(env: &EnvironmentFile, repository: Option<&str>) -> ApiResult<Environment> {
+    use warren_spec::RepoPath;
     let path = RepoPath::resolve(&RepoPath::root(), &env.file)
         .map_err(|e| ApiError::bad_request(format!("environment file `{}`: {e}", env.file)))?;
     let name = env.file.rsplit('/').next().unwrap_or_default();
@@ -691,39 +711,69 @@ fn read_environment(env: &EnvironmentFile) -> ApiResult<Environment> {
             env.file
         ))
     })?;
-    let loaded =
-        warren_spec::parse(&path, format, &env.text, &Default::default()).map_err(|r| {
-            ApiError::bad_request(
-                r.errors
-                    .iter()
-                    .map(|d| d.render(&r.text))
-                    .collect::<Vec<_>>()
-                    .join(""),
-            )
-        })?;
-    let spec = loaded.spec;
-    let user = spec.user.clone().or_else(|| spec.container_user.clone());
-    let env_vars: Vec<String> = spec
-        .env
-        .iter()
-        .chain(spec.remote_env.iter())
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
-    let tasks = spec
-        .tasks
-        .iter()
-        .filter(|t| matches!(t.phase, Phase::FirstStart | Phase::EveryStart))
-        .map(|t| warren_runtime::tasks::TaskSpec {
-            name: t.name.clone(),
-            argv: t.command.argv(t.shell),
-            env: env_vars.clone(),
-            user: user.clone(),
-            cwd: None,
-            once: t.phase == Phase::FirstStart,
-            stage: t.stage,
-        })
-        .collect();
-    Ok(Environment { tasks, user })
+    let options = repository
+        .map(warren_build::read_options)
+        .unwrap_or_default();
+    let loaded = warren_spec::parse(&path, format, &env.text, &options).map_err(|r| {
+        ApiError::bad_request(
+            r.errors
+                .iter()
+                .map(|d| d.render(&r.text))
+                .collect::<Vec<_>>()
+                .join(""),
+        )
+    })?;
+    Ok(Environment {
+        tasks: warren_build::workspace_tasks(&loaded.spec),
+        user: warren_build::session_user(&loaded.spec),
+        folder: loaded.spec.workspace_folder,
+    })
+}
+
+/// Checks out the workspace's branch at the prebuild's commit and sets the owner's git
+/// identity: the first task of the first start, so every other task sees the branch.
+fn git_task(
+    env: &Environment,
+    branch: &str,
+    commit: &str,
+    name: &str,
+    email: &str,
+) -> warren_runtime::tasks::TaskSpec {
+    const SCRIPT: &str = r#"set -e
+cd "$1"
+if ! command -v git >/dev/null; then
+  echo "warren: git is not installed in the image: branch $2 is not checked out" >&2
+  exit 1
+fi
+git config --global user.name "$4"
+git config --global user.email "$5"
+git checkout -q -B "$2" "$3"
+if git rev-parse -q --verify "refs/remotes/origin/$2" >/dev/null; then
+  git branch -q --set-upstream-to="origin/$2" "$2"
+fi
+echo "on branch $2 at $(git rev-parse --short HEAD), committing as $4 <$5>"
+"#;
+    warren_runtime::tasks::TaskSpec {
+        name: "warren-git".into(),
+        argv: [
+            "/bin/sh",
+            "-c",
+            SCRIPT,
+            "warren-git",
+            &env.folder,
+            branch,
+            commit,
+            name,
+            email,
+        ]
+        .map(String::from)
+        .to_vec(),
+        env: Vec::new(),
+        user: env.user.clone(),
+        cwd: None,
+        once: true,
+        stage: 0,
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -747,13 +797,20 @@ pub struct WorkspaceView {
     stats_at: Option<i64>,
     /// Who sessions, commands and tasks run as inside (root when absent).
     user: Option<String>,
+    /// The prebuild it was made from, and the branch it is on.
+    prebuild: Option<String>,
+    branch: Option<String>,
+    /// Commits the branch's head has that the prebuild lacks.
+    behind: Option<u64>,
 }
 
 pub(crate) const WORKSPACE_COLUMNS: &str =
     "w.id, w.name, w.owner_id, u.name AS owner, w.project_id, p.name AS project, w.image, h.name AS host,
     w.host_id, w.state, w.desired, w.last_error, w.memory, w.cpus_milli, w.created_at, w.updated_at,
-    w.tasks, w.stats, w.stats_at, w.run_as FROM workspaces w JOIN users u ON u.id = w.owner_id JOIN hosts h ON h.id = w.host_id
-    LEFT JOIN projects p ON p.id = w.project_id";
+    w.tasks, w.stats, w.stats_at, w.run_as, w.prebuild_id, w.branch, pb.commit_sha AS prebuild_commit, p.git_url,
+    (SELECT b.head FROM branches b WHERE b.project_id = w.project_id AND b.name = w.branch) AS branch_head
+    FROM workspaces w JOIN users u ON u.id = w.owner_id JOIN hosts h ON h.id = w.host_id
+    LEFT JOIN projects p ON p.id = w.project_id LEFT JOIN prebuilds pb ON pb.id = w.prebuild_id";
 
 fn workspace_view(r: &AnyRow) -> ApiResult<WorkspaceView> {
     Ok(WorkspaceView {
@@ -777,7 +834,22 @@ fn workspace_view(r: &AnyRow) -> ApiResult<WorkspaceView> {
             .and_then(|s| serde_json::from_str(&s).ok()),
         stats_at: r.try_get("stats_at")?,
         user: r.try_get("run_as")?,
+        prebuild: r.try_get("prebuild_id")?,
+        branch: r.try_get("branch")?,
+        behind: None,
     })
+}
+
+/// The view, with how far the workspace's prebuild is behind its branch.
+async fn workspace_view_now(state: &AppState, r: &AnyRow) -> ApiResult<WorkspaceView> {
+    let mut view = workspace_view(r)?;
+    let commit: Option<String> = r.try_get("prebuild_commit")?;
+    let head: Option<String> = r.try_get("branch_head")?;
+    let url: Option<String> = r.try_get("git_url")?;
+    if let (Some(commit), Some(head), Some(url)) = (commit, head, url) {
+        view.behind = crate::prebuilds::behind(state, &url, &commit, &head).await;
+    }
+    Ok(view)
 }
 
 /// The runtime's name for the workspace with this id.
@@ -825,9 +897,11 @@ pub async fn list_workspaces(
     .bind(i64::from(caller.is_admin))
     .fetch_all(&state.db.pool)
     .await?;
-    Ok(Json(
-        rows.iter().map(workspace_view).collect::<ApiResult<_>>()?,
-    ))
+    let mut out = Vec::with_capacity(rows.len());
+    for r in &rows {
+        out.push(workspace_view_now(&state, r).await?);
+    }
+    Ok(Json(out))
 }
 
 pub async fn get_workspace(
@@ -835,9 +909,9 @@ pub async fn get_workspace(
     caller: Caller,
     Path(key): Path<String>,
 ) -> ApiResult<Json<WorkspaceView>> {
-    Ok(Json(workspace_view(
-        &find_workspace(&state, &caller, &key).await?,
-    )?))
+    Ok(Json(
+        workspace_view_now(&state, &find_workspace(&state, &caller, &key).await?).await?,
+    ))
 }
 
 pub async fn create_workspace(
@@ -846,12 +920,16 @@ pub async fn create_workspace(
     Body(req): Body<NewWorkspace>,
 ) -> ApiResult<impl IntoResponse> {
     check_name("workspace", &req.name)?;
-    if req.image.trim().is_empty()
-        || req.image.len() > 512
-        || req.image.chars().any(char::is_whitespace)
+    if let Some(image) = &req.image
+        && (image.trim().is_empty() || image.len() > 512 || image.chars().any(char::is_whitespace))
     {
         return Err(ApiError::bad_request(
             "image must be an image reference such as dev:1",
+        ));
+    }
+    if req.image.is_some() && req.branch.is_some() {
+        return Err(ApiError::bad_request(
+            "a branch's workspace starts from the branch's prebuild: give a branch or an image, not both",
         ));
     }
     if let Some(cpus) = req.cpus
@@ -866,34 +944,116 @@ pub async fn create_workspace(
     {
         return Err(ApiError::bad_request("memory must be at least 4 MiB"));
     }
-    let project_id = match &req.project {
-        Some(p) => Some(
-            find_project(&state, &caller, p)
-                .await?
-                .try_get::<String, _>("id")?,
-        ),
+    let project = match &req.project {
+        Some(p) => Some(find_project(&state, &caller, p).await?),
         None => None,
     };
-    let Environment { tasks, user } = match &req.environment {
-        Some(env) => read_environment(env)?,
+    let project_id = project
+        .as_ref()
+        .map(|p| p.try_get::<String, _>("id"))
+        .transpose()?;
+    // Without an image: the newest succeeded prebuild of the branch, its environment file,
+    // and a first task that checks the branch out.
+    let mut from_prebuild = None;
+    let image = match (&req.image, &project_id) {
+        (Some(image), _) => image.clone(),
+        (None, None) => {
+            return Err(ApiError::bad_request(
+                "a workspace needs an image, or a project whose prebuild it starts from",
+            ));
+        }
+        (None, Some(pid)) => {
+            let (branch, head) =
+                crate::prebuilds::branch_head(&state, pid, req.branch.as_deref()).await?;
+            let Some(pb) = crate::prebuilds::for_branch(&state, pid, &branch, &head).await? else {
+                let latest: Option<String> = sqlx::query(
+                    "SELECT state FROM prebuilds WHERE project_id = $1 AND (branch = $2 OR commit_sha = $3) ORDER BY created_at DESC LIMIT 1",
+                )
+                .bind(pid)
+                .bind(&branch)
+                .bind(&head)
+                .fetch_optional(&state.db.pool)
+                .await?
+                .map(|r| r.get(0));
+                return Err(ApiError::conflict(format!(
+                    "branch `{branch}` has no succeeded prebuild yet{} (warren prebuild ls {})",
+                    latest
+                        .map(|s| format!(" (the latest is {s})"))
+                        .unwrap_or_default(),
+                    req.project.as_deref().unwrap_or_default()
+                )));
+            };
+            let image: String = pb
+                .try_get::<Option<String>, _>("image")?
+                .unwrap_or_default();
+            from_prebuild = Some((
+                pb.try_get::<String, _>("id")?,
+                branch,
+                pb.try_get::<String, _>("commit_sha")?,
+                pb.try_get::<Option<String>, _>("env_file")?,
+                pb.try_get::<Option<String>, _>("env_text")?,
+            ));
+            image
+        }
+    };
+    let prebuild_env = from_prebuild.as_ref().and_then(|(_, _, _, file, text)| {
+        Some(EnvironmentFile {
+            file: file.clone()?,
+            text: text.clone()?,
+        })
+    });
+    let Environment {
+        mut tasks,
+        user,
+        folder,
+    } = match req.environment.as_ref().or(prebuild_env.as_ref()) {
+        Some(env) => read_environment(
+            env,
+            project
+                .as_ref()
+                .map(|p| p.try_get::<String, _>("git_url"))
+                .transpose()?
+                .as_deref(),
+        )?,
         None => Environment {
             tasks: Vec::new(),
             user: None,
+            folder: "/workspace".into(),
         },
     };
-    let host_id = place(&state, &req.image).await?;
+    if let Some((_, branch, commit, _, _)) = &from_prebuild {
+        let (name, email) = git_identity(&state, &caller).await?;
+        let git = git_task(
+            &Environment {
+                tasks: Vec::new(),
+                user: user.clone(),
+                folder: folder.clone(),
+            },
+            branch,
+            commit,
+            &name,
+            &email,
+        );
+        // The tasks run in the checkout, after the branch is checked out.
+        for t in &mut tasks {
+            t.stage += 1;
+            t.cwd = Some(folder.clone());
+        }
+        tasks.insert(0, git);
+    }
+    let host_id = place(&state, &image).await?;
     let id = new_id();
     let now = now_ms();
     let mut tx = state.db.begin_write().await?;
     sqlx::query(
-        "INSERT INTO workspaces (id, owner_id, project_id, name, image, host_id, state, desired, memory, cpus_milli, created_at, updated_at, tasks, run_as)
-         VALUES ($1, $2, $3, $4, $5, $6, 'creating', 'running', $7, $8, $9, $9, $10, $11)",
+        "INSERT INTO workspaces (id, owner_id, project_id, name, image, host_id, state, desired, memory, cpus_milli, created_at, updated_at, tasks, run_as, prebuild_id, branch)
+         VALUES ($1, $2, $3, $4, $5, $6, 'creating', 'running', $7, $8, $9, $9, $10, $11, $12, $13)",
     )
     .bind(&id)
     .bind(&caller.user_id)
     .bind(&project_id)
     .bind(&req.name)
-    .bind(&req.image)
+    .bind(&image)
     .bind(&host_id)
     .bind(req.memory.map(|m| m as i64))
     .bind(req.cpus.map(|c| (c * 1000.0).round() as i64))
@@ -905,6 +1065,8 @@ pub async fn create_workspace(
             .map_err(|e| ApiError::internal("tasks", e))?,
     )
     .bind(&user)
+    .bind(from_prebuild.as_ref().map(|p| &p.0))
+    .bind(from_prebuild.as_ref().map(|p| &p.1))
     .execute(&mut *tx)
     .await
     .map_err(|e| match ApiError::from(e) {
@@ -913,7 +1075,7 @@ pub async fn create_workspace(
     })?;
     let spec = WorkspaceSpec {
         runtime_id: runtime_id(&id),
-        image: req.image.clone(),
+        image: image.clone(),
         memory: req.memory,
         cpus: req.cpus,
         pids: None,
@@ -932,7 +1094,27 @@ pub async fn create_workspace(
     tx.commit().await?;
     state.wake.notify_one();
     let row = find_workspace(&state, &caller, &id).await?;
-    Ok((StatusCode::ACCEPTED, Json(workspace_view(&row)?)))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(workspace_view_now(&state, &row).await?),
+    ))
+}
+
+/// The name and email the owner commits as in their workspaces: their `GIT_AUTHOR_NAME` and
+/// `GIT_AUTHOR_EMAIL` variables when set, else their Warren name and `<name>@<this host>`.
+async fn git_identity(state: &AppState, caller: &Caller) -> ApiResult<(String, String)> {
+    let vars = crate::secrets::variables(&state.db, &state.secrets, &[("user", &caller.user_id)])
+        .await
+        .map_err(|e| ApiError::internal("reading variables", e))?;
+    let var = |k: &str| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let host = state
+        .ssh
+        .as_ref()
+        .map_or_else(|| "warren.invalid".to_owned(), |s| s.host.clone());
+    Ok((
+        var("GIT_AUTHOR_NAME").unwrap_or_else(|| caller.name.clone()),
+        var("GIT_AUTHOR_EMAIL").unwrap_or_else(|| format!("{}@{host}", caller.name)),
+    ))
 }
 
 /// Records the transition (in-between state and desired state) and queues its job, atomically.
@@ -1354,32 +1536,15 @@ pub(crate) async fn workspace_env(
     owner_id: &str,
     project_id: Option<&str>,
 ) -> ApiResult<Vec<String>> {
-    let mut env = Vec::new();
-    let scopes = project_id
+    let scopes: Vec<(&str, &str)> = project_id
         .map(|p| ("project", p))
         .into_iter()
-        .chain([("user", owner_id)]);
-    for (scope, scope_id) in scopes {
-        let rows = sqlx::query("SELECT name, secret, value FROM env_vars WHERE scope = $1 AND scope_id = $2 ORDER BY name")
-            .bind(scope)
-            .bind(scope_id)
-            .fetch_all(&state.db.pool)
-            .await?;
-        for r in rows {
-            let name: String = r.try_get("name")?;
-            let stored: String = r.try_get("value")?;
-            let value = if r.try_get::<i64, _>("secret")? != 0 {
-                state
-                    .secrets
-                    .open(&format!("{scope}/{scope_id}/{name}"), &stored)
-                    .map_err(|e| ApiError::internal("opening a secret", e))?
-            } else {
-                stored
-            };
-            env.push(format!("{name}={value}"));
-        }
-    }
-    Ok(env)
+        .chain([("user", owner_id)])
+        .collect();
+    let vars = crate::secrets::variables(&state.db, &state.secrets, &scopes)
+        .await
+        .map_err(|e| ApiError::internal("reading variables", e))?;
+    Ok(vars.into_iter().map(|(k, v)| format!("{k}={v}")).collect())
 }
 
 pub async fn set_var(
@@ -1580,6 +1745,36 @@ pub async fn agent_finish(
     state.plane.finish_job(&job, req.result).await?;
     state.wake.notify_one();
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogRequest {
+    job: String,
+    text: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LogAnswer {
+    /// `false` once the job was cancelled: the agent stops it.
+    pub go_on: bool,
+}
+
+pub async fn agent_log(
+    State(state): State<AppState>,
+    host: AgentHost,
+    Body(req): Body<LogRequest>,
+) -> ApiResult<Json<LogAnswer>> {
+    state
+        .plane
+        .held_job(&host.host_id, &req.job)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format_args!("job `{}` held by this host", req.job)))?;
+    let go_on = state
+        .plane
+        .append_log(&req.job, req.text.as_bytes())
+        .await?;
+    Ok(Json(LogAnswer { go_on }))
 }
 
 /// Where a new workspace goes: a live host that holds its image, else the least loaded live host

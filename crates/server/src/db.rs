@@ -38,6 +38,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (5, include_str!("../migrations/0005_workspace_tasks.sql")),
     (6, include_str!("../migrations/0006_workspace_stats.sql")),
     (7, include_str!("../migrations/0007_workspace_user.sql")),
+    (8, include_str!("../migrations/0008_prebuilds.sql")),
 ];
 
 impl Db {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use sqlx::{Any, Row, Transaction};
 use tokio::sync::Notify;
-use warren_agent::{Action, ControlPlane, Job, Outcome, WorkspaceJob};
+use warren_agent::{Action, ControlPlane, Job, Outcome, PrebuildJob, Work, WorkspaceJob};
 
 use crate::db::{Db, DbKind, new_id, now_ms};
 
@@ -58,6 +58,68 @@ pub async fn enqueue(
     Ok(id)
 }
 
+/// Queues a prebuild: any host may take it, and it is tried once (a failed build fails the
+/// same way again; `retry` asks for another).
+pub async fn enqueue_prebuild(
+    tx: &mut Transaction<'static, Any>,
+    work: &PrebuildJob,
+) -> Result<String, sqlx::Error> {
+    let id = new_id();
+    let now = now_ms();
+    sqlx::query(
+        "INSERT INTO jobs (id, kind, prebuild_id, payload, state, attempts, max_attempts, run_at, created_at)
+         VALUES ($1, 'prebuild.run', $2, $3, 'queued', 0, 1, $4, $4)",
+    )
+    .bind(&id)
+    .bind(&work.prebuild_id)
+    .bind(serde_json::to_string(work).unwrap_or_default())
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    Ok(id)
+}
+
+/// Queues the removal of archived prebuilds' images on the host that holds them.
+pub async fn enqueue_removal(
+    tx: &mut Transaction<'static, Any>,
+    host_id: &str,
+    images: &[String],
+) -> Result<String, sqlx::Error> {
+    let id = new_id();
+    let now = now_ms();
+    sqlx::query(
+        "INSERT INTO jobs (id, kind, host_id, payload, state, attempts, max_attempts, run_at, created_at)
+         VALUES ($1, 'prebuild.archive', $2, $3, 'queued', 0, $4, $5, $5)",
+    )
+    .bind(&id)
+    .bind(host_id)
+    .bind(serde_json::to_string(images).unwrap_or_default())
+    .bind(MAX_ATTEMPTS)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    Ok(id)
+}
+
+/// The work a stored job asks for.
+fn read_work(kind: &str, payload: &str) -> Result<Work, String> {
+    let err = |e: serde_json::Error| format!("unreadable {kind} job: {e}");
+    match kind {
+        "prebuild.run" => serde_json::from_str(payload)
+            .map(Work::Prebuild)
+            .map_err(err),
+        "prebuild.archive" => serde_json::from_str(payload)
+            .map(|images| Work::Archive { images })
+            .map_err(err),
+        _ => serde_json::from_str(payload)
+            .map(Work::Workspace)
+            .map_err(err),
+    }
+}
+
+/// Largest prebuild log kept; past it, pieces are dropped and the log says so once.
+const LOG_LIMIT: i64 = 32 << 20;
+
 /// Drops the workspace's queued jobs (a force-stop or a delete supersedes them).
 pub async fn cancel_queued(
     tx: &mut Transaction<'static, Any>,
@@ -78,6 +140,8 @@ pub async fn cancel_queued(
 pub struct DbControlPlane {
     pub db: Db,
     pub wake: Arc<Notify>,
+    /// Opens the project secrets a prebuild gets.
+    pub secrets: crate::secrets::SecretBox,
 }
 
 impl DbControlPlane {
@@ -138,13 +202,14 @@ impl DbControlPlane {
     /// A job this host holds, as stored (for an agent reporting over HTTP: the server does not
     /// take the job's content from the agent).
     pub async fn held_job(&self, host: &str, id: &str) -> Result<Option<Job>, sqlx::Error> {
-        let row = sqlx::query("SELECT payload, attempts FROM jobs WHERE id = $1 AND claimed_by = $2 AND state = 'running'")
+        let row = sqlx::query("SELECT kind, payload, attempts FROM jobs WHERE id = $1 AND claimed_by = $2 AND state = 'running'")
             .bind(id)
             .bind(host)
             .fetch_optional(&self.db.pool)
             .await?;
         Ok(row.and_then(|r| {
-            let work = serde_json::from_str(&r.get::<String, _>("payload")).ok()?;
+            let work =
+                read_work(&r.get::<String, _>("kind"), &r.get::<String, _>("payload")).ok()?;
             Some(Job {
                 id: id.to_owned(),
                 attempt: r.get::<i64, _>("attempts") as u32,
@@ -174,7 +239,7 @@ impl DbControlPlane {
                              OR o.state = 'queued' AND (o.created_at < j.created_at OR (o.created_at = j.created_at AND o.id < j.id)))))
                 ORDER BY j.created_at, j.id
                 LIMIT 1 {lock})
-             RETURNING id, payload, attempts"
+             RETURNING id, kind, payload, attempts, prebuild_id"
         );
         let row = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(host)
@@ -184,9 +249,35 @@ impl DbControlPlane {
             .await?;
         let Some(row) = row else { return Ok(None) };
         let id: String = row.try_get("id")?;
+        let kind: String = row.try_get("kind")?;
         let payload: String = row.try_get("payload")?;
         let attempts: i64 = row.try_get("attempts")?;
-        match serde_json::from_str::<WorkspaceJob>(&payload) {
+        let prebuild_id: Option<String> = row.try_get("prebuild_id")?;
+        let work = match read_work(&kind, &payload) {
+            Ok(Work::Prebuild(mut work)) => {
+                let project: Option<String> =
+                    sqlx::query("UPDATE prebuilds SET state = 'running', started_at = $2, host_id = $3 WHERE id = $1 RETURNING project_id")
+                        .bind(prebuild_id.as_deref().unwrap_or_default())
+                        .bind(now)
+                        .bind(host)
+                        .fetch_optional(&self.db.pool)
+                        .await?
+                        .map(|r| r.get(0));
+                // Opened only now, in memory, for the agent: the queue never holds secrets.
+                work.variables = match project {
+                    Some(p) => crate::secrets::variables(&self.db, &self.secrets, &[("project", &p)])
+                        .await
+                        .unwrap_or_else(|e| {
+                            tracing::error!(error = %e, "cannot read a project's variables for its prebuild");
+                            Vec::new()
+                        }),
+                    None => Vec::new(),
+                };
+                Ok(Work::Prebuild(work))
+            }
+            other => other,
+        };
+        match work {
             Ok(work) => Ok(Some(Job {
                 id,
                 attempt: attempts as u32,
@@ -195,13 +286,57 @@ impl DbControlPlane {
             Err(e) => {
                 sqlx::query("UPDATE jobs SET state = 'failed', last_error = $2, finished_at = $3 WHERE id = $1")
                     .bind(&id)
-                    .bind(format!("unreadable job: {e}"))
+                    .bind(e)
                     .bind(now)
                     .execute(&self.db.pool)
                     .await?;
                 Ok(None)
             }
         }
+    }
+
+    /// Appends to a running prebuild's log and extends its job's lease (a long build must not
+    /// be taken over); `false` once the prebuild is cancelled.
+    pub async fn append_log(&self, job_id: &str, text: &[u8]) -> Result<bool, sqlx::Error> {
+        let now = now_ms();
+        let mut tx = self.db.begin_write().await?;
+        sqlx::query("UPDATE jobs SET lease_until = $2 WHERE id = $1 AND state = 'running'")
+            .bind(job_id)
+            .bind(now + LEASE_MS)
+            .execute(&mut *tx)
+            .await?;
+        let row = sqlx::query(
+            "SELECT p.id, p.log_size, p.cancel_requested, j.state FROM jobs j JOIN prebuilds p ON p.id = j.prebuild_id WHERE j.id = $1",
+        )
+        .bind(job_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Ok(false);
+        };
+        let prebuild: String = row.try_get("id")?;
+        let size: i64 = row.try_get("log_size")?;
+        let cancelled = row.try_get::<i64, _>("cancel_requested")? != 0
+            || row.try_get::<String, _>("state")? != "running";
+        if !text.is_empty() && size < LOG_LIMIT {
+            let mut piece = String::from_utf8_lossy(text).into_owned();
+            if size + piece.len() as i64 >= LOG_LIMIT {
+                piece.push_str("\n[warren: the log is longer than 32 MiB; the rest is not kept]\n");
+            }
+            sqlx::query("INSERT INTO prebuild_logs (prebuild_id, at, text) VALUES ($1, $2, $3)")
+                .bind(&prebuild)
+                .bind(size)
+                .bind(&piece)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("UPDATE prebuilds SET log_size = $2 WHERE id = $1")
+                .bind(&prebuild)
+                .bind(size + piece.len() as i64)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(!cancelled)
     }
 
     pub async fn finish_job(
@@ -211,12 +346,17 @@ impl DbControlPlane {
     ) -> Result<(), sqlx::Error> {
         let now = now_ms();
         let mut tx = self.db.begin_write().await?;
-        let row =
-            sqlx::query("SELECT workspace_id, attempts, max_attempts FROM jobs WHERE id = $1")
-                .bind(&job.id)
-                .fetch_optional(&mut *tx)
-                .await?;
+        let row = sqlx::query(
+            "SELECT workspace_id, prebuild_id, attempts, max_attempts FROM jobs WHERE id = $1",
+        )
+        .bind(&job.id)
+        .fetch_optional(&mut *tx)
+        .await?;
         let Some(row) = row else { return Ok(()) };
+        if let Some(prebuild) = row.try_get::<Option<String>, _>("prebuild_id")? {
+            crate::prebuilds::finish(&mut tx, &job.id, &prebuild, result).await?;
+            return tx.commit().await;
+        }
         let workspace_id: Option<String> = row.try_get("workspace_id")?;
         let attempts: i64 = row.try_get("attempts")?;
         let max_attempts: i64 = row.try_get("max_attempts")?;
@@ -266,6 +406,7 @@ impl DbControlPlane {
                                 .await?;
                         }
                         Outcome::Running | Outcome::Stopped => {}
+                        Outcome::Prebuilt { .. } | Outcome::Removed => {}
                     }
                 }
             }
@@ -311,6 +452,12 @@ impl ControlPlane for DbControlPlane {
             .await
             .map_err(|e| e.to_string())?;
         self.claim_job(host).await.map_err(|e| e.to_string())
+    }
+
+    async fn log(&self, job: &Job, text: Vec<u8>) -> Result<bool, String> {
+        self.append_log(&job.id, &text)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     async fn finish(&self, job: &Job, result: Result<Outcome, String>) -> Result<(), String> {

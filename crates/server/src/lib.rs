@@ -12,6 +12,7 @@ pub mod error;
 pub mod gateway;
 pub mod git;
 pub mod jobs;
+pub mod prebuilds;
 pub mod secrets;
 
 use std::net::SocketAddr;
@@ -46,6 +47,8 @@ pub struct AppState {
     pub ssh: Option<api::SshView>,
     /// Failed logins, to slow guessing down.
     pub logins: Arc<auth::LoginThrottle>,
+    /// The server's mirrors of project repositories (branch heads, how far behind).
+    pub git_mirrors: std::path::PathBuf,
 }
 
 impl std::fmt::Debug for AppState {
@@ -182,6 +185,37 @@ const ROUTES: &[(&str, &str, &str)] = &[
         "An agent reports how a job went (host token)",
     ),
     (
+        "post",
+        "/api/v1/agent/log",
+        "An agent adds to a running prebuild's log; answers whether to go on (host token)",
+    ),
+    (
+        "get",
+        "/api/v1/projects/{project}/prebuilds",
+        "The project's prebuilds, newest first, with how far each is behind its branch",
+    ),
+    (
+        "post",
+        "/api/v1/projects/{project}/prebuilds",
+        "Prebuild a branch's head now ({branch}; the default branch when absent)",
+    ),
+    ("get", "/api/v1/prebuilds/{id}", "One prebuild"),
+    (
+        "get",
+        "/api/v1/prebuilds/{id}/log",
+        "A prebuild's log from ?offset= on; `done` once it ended",
+    ),
+    (
+        "post",
+        "/api/v1/prebuilds/{id}/cancel",
+        "Stop a queued or running prebuild",
+    ),
+    (
+        "post",
+        "/api/v1/prebuilds/{id}/retry",
+        "A new prebuild of a failed or cancelled one's commit",
+    ),
+    (
         "get",
         "/api/v1/jobs",
         "Recent jobs of the caller's workspaces",
@@ -250,6 +284,15 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/hosts", get(api::list_hosts).post(api::add_host))
         .route("/api/v1/agent/claim", post(api::agent_claim))
         .route("/api/v1/agent/finish", post(api::agent_finish))
+        .route("/api/v1/agent/log", post(api::agent_log))
+        .route(
+            "/api/v1/projects/{project}/prebuilds",
+            get(prebuilds::list).post(prebuilds::create),
+        )
+        .route("/api/v1/prebuilds/{id}", get(prebuilds::get))
+        .route("/api/v1/prebuilds/{id}/log", get(prebuilds::log))
+        .route("/api/v1/prebuilds/{id}/cancel", post(prebuilds::cancel))
+        .route("/api/v1/prebuilds/{id}/retry", post(prebuilds::retry))
         .route("/api/v1/jobs", get(api::list_jobs))
         .route("/api/v1/ssh", get(api::ssh_gateway))
         .route("/api/v1/openapi.json", get(openapi))
@@ -320,6 +363,10 @@ pub struct SingleHost {
     pub reconcile_every: std::time::Duration,
     /// The SSH gateway, if this process runs one.
     pub ssh: Option<SshSettings>,
+    /// Makes this host's prebuilds.
+    pub prebuilder: Arc<dyn warren_agent::Prebuilder>,
+    /// Where the server keeps its mirrors of project repositories.
+    pub git_mirrors: std::path::PathBuf,
 }
 
 /// Where the SSH gateway listens and how developers reach it.
@@ -362,6 +409,7 @@ pub struct GatewayOnly {
     pub runtime: Arc<dyn Runtime>,
     pub secret_key: std::path::PathBuf,
     pub ssh: SshSettings,
+    pub git_mirrors: std::path::PathBuf,
 }
 
 pub async fn serve_gateway(
@@ -376,6 +424,7 @@ pub async fn serve_gateway(
         plane: Arc::new(jobs::DbControlPlane {
             db: db.clone(),
             wake: wake.clone(),
+            secrets: secrets.clone(),
         }),
         db,
         wake,
@@ -384,6 +433,7 @@ pub async fn serve_gateway(
         secrets,
         ssh: None,
         logins: Arc::default(),
+        git_mirrors: config.git_mirrors,
     };
     start_gateway(&mut state, &config.ssh).await
 }
@@ -421,6 +471,7 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
     let plane = Arc::new(jobs::DbControlPlane {
         db: db.clone(),
         wake: wake.clone(),
+        secrets: secrets.clone(),
     });
     let resumed = plane.resume_host(&host_id).await?;
     if resumed > 0 {
@@ -451,12 +502,18 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
     let agent = Agent::new(
         host_id.clone(),
         config.runtime.clone(),
+        config.prebuilder.clone(),
         plane.clone(),
         wake.clone(),
         config.images.clone(),
     );
     tokio::spawn(agent.run(shutdown.clone()));
-    tokio::spawn(git::poll_forever(db.clone(), config.git_poll));
+    tokio::spawn(git::poll_forever(
+        db.clone(),
+        config.git_mirrors.clone(),
+        config.git_poll,
+        wake.clone(),
+    ));
 
     let mut state = AppState {
         db,
@@ -467,6 +524,7 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
         plane,
         ssh: None,
         logins: Arc::default(),
+        git_mirrors: config.git_mirrors,
     };
     let ssh = match &config.ssh {
         Some(settings) => Some(start_gateway(&mut state, settings).await?),

@@ -110,6 +110,38 @@ impl SecretBox {
     }
 }
 
+/// The variables of these scopes (`("project", id)`, `("user", id)`), in order, secrets opened:
+/// they stay in memory and go only to the processes they are for.
+pub(crate) async fn variables(
+    db: &crate::db::Db,
+    secrets: &SecretBox,
+    scopes: &[(&str, &str)],
+) -> Result<Vec<(String, String)>, String> {
+    use sqlx::Row as _;
+    let mut out = Vec::new();
+    for (scope, scope_id) in scopes {
+        let rows = sqlx::query("SELECT name, secret, value FROM env_vars WHERE scope = $1 AND scope_id = $2 ORDER BY name")
+            .bind(scope)
+            .bind(scope_id)
+            .fetch_all(&db.pool)
+            .await
+            .map_err(|e| e.to_string())?;
+        for r in rows {
+            let name: String = r.try_get("name").map_err(|e| e.to_string())?;
+            let stored: String = r.try_get("value").map_err(|e| e.to_string())?;
+            let value = if r.try_get::<i64, _>("secret").map_err(|e| e.to_string())? != 0 {
+                secrets
+                    .open(&format!("{scope}/{scope_id}/{name}"), &stored)
+                    .map_err(|e| format!("variable {name}: {e}"))?
+            } else {
+                stored
+            };
+            out.push((name, value));
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -13,6 +13,12 @@ use std::path::Path;
 
 use warren_spec::{Loaded, ReadOptions, RepoPath, SpecError, load};
 
+/// This crate's folder, as the test runner gives it (not as compiled in: the target folder is
+/// shared between checkouts, and a binary built for another may be reused).
+fn manifest_dir() -> std::ffi::OsString {
+    std::env::var_os("CARGO_MANIFEST_DIR").expect("tests run under cargo test or nextest")
+}
+
 fn render_case(dir: &Path) -> String {
     let name = dir.file_name().unwrap().to_str().unwrap();
     let target = std::fs::read_to_string(dir.join("_target"))
@@ -49,7 +55,7 @@ fn render_case(dir: &Path) -> String {
 
 #[test]
 fn corpus_matches_snapshots() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus");
+    let root = Path::new(&manifest_dir()).join("tests/corpus");
     let mut cases: Vec<_> = std::fs::read_dir(&root)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -74,7 +80,7 @@ fn corpus_matches_snapshots() {
 /// how, this says that the corpus means what its names say.
 #[test]
 fn corpus_names_match_outcomes() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus");
+    let root = Path::new(&manifest_dir()).join("tests/corpus");
     for entry in std::fs::read_dir(&root).unwrap() {
         let dir = entry.unwrap().path();
         let name = dir.file_name().unwrap().to_str().unwrap().to_owned();

@@ -232,6 +232,17 @@ pub fn debian_rootfs(variant: &str, include: &[&str]) -> PathBuf {
     root
 }
 
+/// Runs git in `dir` as a fixed author; its trimmed output (panics if git fails).
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    run(Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["-c", "user.name=dev", "-c", "user.email=dev@example.org"])
+        .args(args))
+    .trim()
+    .to_owned()
+}
+
 /// Runs a command and returns its stdout, panicking with its stderr if it fails.
 pub fn run(cmd: &mut Command) -> String {
     let out = cmd

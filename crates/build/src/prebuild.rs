@@ -1,0 +1,451 @@
+//! A prebuild: a project's environment at one commit, made ready ahead of time. From a
+//! checkout of the commit (see [`crate::git`]), it reads the environment file, builds the
+//! environment's image, copies the checkout into the workspace folder, runs the prebuild tasks
+//! and stores the result as the prebuild image — every step in a sandbox of the runtime. It can
+//! then start the image once, running the workspace tasks, to record which chunks a start
+//! reads, so later cold starts prefetch them.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use warren_runtime::tasks::TaskSpec;
+use warren_runtime::{Limits, RootSource, Runtime, WorkspaceConfig, WorkspaceId};
+use warren_spec::{EnvSpec, ImageSource, Phase, RepoPath};
+
+use crate::run::{CANCELLED, Step, commit, run};
+use crate::{BuildRequest, Ignore, ImageStore};
+
+/// What to prebuild.
+#[derive(Debug)]
+pub struct PrebuildRequest<'a> {
+    /// The repository's work tree at the commit, with its `.git`.
+    pub checkout: &'a Path,
+    /// Identifies the repository in the prebuild's key (its URL).
+    pub repository: &'a str,
+    pub commit: &'a str,
+    /// The project's root folder, or its environment file, relative to the repository.
+    pub target: &'a str,
+    /// The project's environment variables (never a user's secrets).
+    pub variables: &'a [(String, String)],
+    /// Names the prebuild's sandboxes: a-z, 0-9 and -.
+    pub sandbox_prefix: &'a str,
+    /// Start the result once for this long to record its access trace (`None`: do not).
+    pub record_trace: Option<Duration>,
+    pub cancel: Option<&'a AtomicBool>,
+    /// Where the builds' `RUN --mount=type=cache` folders are kept.
+    pub mount_cache: Option<&'a Path>,
+}
+
+/// A finished prebuild.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prebuilt {
+    /// The prebuild image (`warren-prebuild:<key>`).
+    pub image: String,
+    pub digest: String,
+    /// The environment file, relative to the repository, and its text.
+    pub env_file: String,
+    pub env_text: String,
+    /// The image was there already: a prebuild of the same key was made before.
+    pub reused: bool,
+    pub steps_run: usize,
+    pub steps_cached: usize,
+}
+
+/// The key a prebuild is stored and reused by: the repository, the commit, where the
+/// environment is read from, and the environment file's content.
+pub fn prebuild_key(repository: &str, commit: &str, target: &str, env_text: &str) -> String {
+    let mut h = blake3::Hasher::new();
+    for part in [repository, commit, target] {
+        h.update(part.as_bytes());
+        h.update(b"\0");
+    }
+    h.update(blake3::hash(env_text.as_bytes()).as_bytes());
+    h.finalize().to_hex()[..32].to_owned()
+}
+
+/// The workspace tasks of an environment: what runs on first start (once) and on every start,
+/// as the user sessions run as.
+pub fn workspace_tasks(spec: &EnvSpec) -> Vec<TaskSpec> {
+    let user = session_user(spec);
+    let env: Vec<String> = spec
+        .env
+        .iter()
+        .chain(spec.remote_env.iter())
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    spec.tasks
+        .iter()
+        .filter(|t| matches!(t.phase, Phase::FirstStart | Phase::EveryStart))
+        .map(|t| TaskSpec {
+            name: t.name.clone(),
+            argv: t.command.argv(t.shell),
+            env: env.clone(),
+            user: user.clone(),
+            cwd: None,
+            once: t.phase == Phase::FirstStart,
+            stage: t.stage,
+        })
+        .collect()
+}
+
+/// How a repository's environment file is read, the same way by the prebuild and by the
+/// control plane when it makes a workspace of it: `${localWorkspaceFolder}` is
+/// `/src/<repository name>` (so a devcontainer's default folder is `/workspaces/<name>`).
+pub fn read_options(repository: &str) -> warren_spec::ReadOptions {
+    let name = repository
+        .trim_end_matches('/')
+        .trim_end_matches(".git")
+        .rsplit(['/', ':'])
+        .next()
+        .filter(|n| !n.is_empty())
+        .unwrap_or("repository");
+    warren_spec::ReadOptions {
+        local_env: Default::default(),
+        local_workspace_folder: Some(format!("/src/{name}")),
+    }
+}
+
+/// Who developers' sessions, commands and tasks run as (`remoteUser`, else `containerUser`;
+/// the image's user when neither is set).
+pub fn session_user(spec: &EnvSpec) -> Option<String> {
+    spec.user.clone().or_else(|| spec.container_user.clone())
+}
+
+fn cancelled(req: &PrebuildRequest<'_>) -> Result<(), String> {
+    if req.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+        Err(CANCELLED.into())
+    } else {
+        Ok(())
+    }
+}
+
+/// The environment file of the checkout, read and checked; errors name the file, line and
+/// column.
+fn environment(req: &PrebuildRequest<'_>) -> Result<(EnvSpec, String), String> {
+    let target = if req.target.is_empty() {
+        RepoPath::root()
+    } else {
+        RepoPath::resolve(&RepoPath::root(), req.target)
+            .map_err(|e| format!("`{}`: {e}", req.target))?
+    };
+    match warren_spec::load(req.checkout, &target, &read_options(req.repository)) {
+        Ok(loaded) => {
+            let text = std::fs::read_to_string(loaded.spec.source.path.on_disk(req.checkout))
+                .map_err(|e| format!("{}: {e}", loaded.spec.source.path))?;
+            Ok((loaded.spec, text))
+        }
+        Err(warren_spec::SpecError::Rejected(r)) => Err(r
+            .errors
+            .iter()
+            .map(|d| d.render(&r.text))
+            .collect::<Vec<_>>()
+            .join("")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A path of the checkout named by the environment file, which must stay inside it.
+fn in_checkout(checkout: &Path, path: &RepoPath) -> Result<PathBuf, String> {
+    let root = checkout.canonicalize().map_err(|e| e.to_string())?;
+    let real = path
+        .on_disk(&root)
+        .canonicalize()
+        .map_err(|e| format!("{path}: {e}"))?;
+    if real.starts_with(&root) {
+        Ok(real)
+    } else {
+        Err(format!("{path} leads out of the repository"))
+    }
+}
+
+/// Builds the environment's image (or checks the named one is here); its reference.
+fn environment_image(
+    runtime: &dyn Runtime,
+    store: &dyn ImageStore,
+    req: &PrebuildRequest<'_>,
+    spec: &EnvSpec,
+    key: &str,
+    log: &mut dyn Write,
+) -> Result<(String, usize, usize), String> {
+    match &spec.image {
+        ImageSource::Reference { reference } => {
+            store
+                .settings(reference)
+                .map_err(|e| format!("image {reference}: {e}"))?;
+            Ok((reference.clone(), 0, 0))
+        }
+        ImageSource::Dockerfile {
+            dockerfile,
+            context,
+            args,
+            target,
+        } => {
+            let file = in_checkout(req.checkout, dockerfile)?;
+            let context_dir = in_checkout(req.checkout, context)?;
+            let text = std::fs::read_to_string(&file).map_err(|e| format!("{dockerfile}: {e}"))?;
+            let shown = dockerfile.to_string();
+            let mut parsed = crate::parse(&shown, &text).map_err(|e| e.to_string())?;
+            if let Some(target) = target {
+                let at = parsed
+                    .stages
+                    .iter()
+                    .position(|s| {
+                        s.name
+                            .as_deref()
+                            .is_some_and(|n| n.eq_ignore_ascii_case(target))
+                    })
+                    .ok_or_else(|| format!("{shown} has no stage named `{target}`"))?;
+                parsed.stages.truncate(at + 1);
+            }
+            let ignore = match std::fs::read_to_string(context_dir.join(".dockerignore")) {
+                Ok(text) => Ignore::parse(&text)?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ignore::parse("")?,
+                Err(e) => return Err(format!("{context}/.dockerignore: {e}")),
+            };
+            let tag = format!("warren-env:{key}");
+            let prefix = format!("{}-env", req.sandbox_prefix);
+            let build_args: BTreeMap<String, String> = args.clone();
+            let _ = writeln!(log, "building the environment from {shown}");
+            let built = crate::build(
+                runtime,
+                store,
+                &BuildRequest {
+                    dockerfile: &parsed,
+                    file: &shown,
+                    context: &context_dir,
+                    ignore: &ignore,
+                    build_args: &build_args,
+                    tag: &tag,
+                    sandbox_prefix: &prefix,
+                    cancel: req.cancel,
+                    mount_cache: req.mount_cache,
+                },
+                log,
+            )
+            .map_err(|e| e.to_string())?;
+            Ok((tag, built.steps_run, built.steps_cached))
+        }
+    }
+}
+
+/// The checkout as a tar stream (symlinks as symlinks, never followed).
+fn checkout_tar(checkout: &Path) -> Result<Vec<u8>, String> {
+    let mut tar = tar::Builder::new(Vec::new());
+    tar.follow_symlinks(false);
+    tar.mode(tar::HeaderMode::Complete);
+    tar.append_dir_all(".", checkout)
+        .map_err(|e| format!("cannot pack the checkout: {e}"))?;
+    tar.into_inner().map_err(|e| e.to_string())
+}
+
+/// Makes the prebuild (or finds it made before under the same key).
+pub fn prebuild(
+    runtime: &dyn Runtime,
+    store: &dyn ImageStore,
+    req: &PrebuildRequest<'_>,
+    log: &mut dyn Write,
+) -> Result<Prebuilt, String> {
+    let (spec, env_text) = environment(req)?;
+    let env_file = spec.source.path.to_string();
+    let key = prebuild_key(req.repository, req.commit, req.target, &env_text);
+    let image = format!("warren-prebuild:{key}");
+    let _ = writeln!(log, "environment file {env_file}; prebuild {image}");
+    if let Ok(found) = store.settings(&image) {
+        let _ = writeln!(log, "made before: reusing it");
+        return Ok(Prebuilt {
+            image,
+            digest: found.digest,
+            env_file,
+            env_text,
+            reused: true,
+            steps_run: 0,
+            steps_cached: 0,
+        });
+    }
+    let (base, steps_run, steps_cached) = environment_image(runtime, store, req, &spec, &key, log)?;
+    let _ = writeln!(
+        log,
+        "environment: {steps_run} steps run, {steps_cached} from the cache"
+    );
+    cancelled(req)?;
+    let settings = store.settings(&base)?;
+    let sandbox = Sandbox::new(runtime, &format!("{}-pb", req.sandbox_prefix), &base, None)?;
+    let folder = spec.workspace_folder.clone();
+    let user = session_user(&spec);
+    let _ = writeln!(log, "checking out {} into {folder}", req.commit);
+    let unpack =
+        r#"mkdir -p "$1" && tar -x -f - -C "$1" && if [ -n "$2" ]; then chown -R "$2:" "$1"; fi"#;
+    run(
+        runtime,
+        &sandbox.id,
+        Step {
+            argv: [
+                "/bin/sh",
+                "-c",
+                unpack,
+                "sh",
+                &folder,
+                user.as_deref().unwrap_or(""),
+            ]
+            .map(String::from)
+            .to_vec(),
+            env: Vec::new(),
+            cwd: "/".into(),
+            user: Some("root".into()),
+            stdin: Some(Box::new(std::io::Cursor::new(checkout_tar(req.checkout)?))),
+        },
+        log,
+        req.cancel,
+    )?;
+    let mut env = settings.env.clone();
+    env.extend(spec.env.iter().map(|(k, v)| format!("{k}={v}")));
+    env.extend(req.variables.iter().map(|(k, v)| format!("{k}={v}")));
+    let mut tasks: Vec<_> = spec.tasks_in(Phase::Prebuild).collect();
+    tasks.sort_by_key(|t| t.stage);
+    for task in tasks {
+        cancelled(req)?;
+        let _ = writeln!(log, "prebuild task {}", task.name);
+        run(
+            runtime,
+            &sandbox.id,
+            Step {
+                argv: task.command.argv(task.shell),
+                env: env.clone(),
+                cwd: folder.clone(),
+                user: user.clone(),
+                stdin: None,
+            },
+            log,
+            req.cancel,
+        )
+        .map_err(|e| format!("prebuild task `{}`: {e}", task.name))?;
+    }
+    cancelled(req)?;
+    let _ = writeln!(log, "storing {image}");
+    let digest = commit(runtime, store, &sandbox.id, &image, &settings)?;
+    drop(sandbox);
+    if let Some(duration) = req.record_trace {
+        record_trace(runtime, req, &spec, &image, duration, log)?;
+    }
+    Ok(Prebuilt {
+        image,
+        digest,
+        env_file,
+        env_text,
+        reused: false,
+        steps_run,
+        steps_cached,
+    })
+}
+
+/// Starts the prebuild image once with its workspace tasks, recording what the start reads;
+/// the image mount stores the trace with the image when the sandbox goes.
+fn record_trace(
+    runtime: &dyn Runtime,
+    req: &PrebuildRequest<'_>,
+    spec: &EnvSpec,
+    image: &str,
+    duration: Duration,
+    log: &mut dyn Write,
+) -> Result<(), String> {
+    let _ = writeln!(
+        log,
+        "recording the first start's reads for {}s",
+        duration.as_secs()
+    );
+    let sandbox = Sandbox::new(
+        runtime,
+        &format!("{}-trace", req.sandbox_prefix),
+        image,
+        Some(duration.as_secs().max(1)),
+    )?;
+    if let Err(e) = runtime.start_tasks(&sandbox.id, &workspace_tasks(spec)) {
+        let _ = writeln!(log, "warning: the workspace tasks did not start: {e}");
+    }
+    let until = Instant::now() + duration;
+    while Instant::now() < until {
+        cancelled(req)?;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
+
+/// A started sandbox, deleted when dropped.
+struct Sandbox<'a> {
+    runtime: &'a dyn Runtime,
+    id: WorkspaceId,
+}
+
+impl<'a> Sandbox<'a> {
+    fn new(
+        runtime: &'a dyn Runtime,
+        name: &str,
+        image: &str,
+        record_trace_secs: Option<u64>,
+    ) -> Result<Self, String> {
+        let id = WorkspaceId::new(name).map_err(|e| e.to_string())?;
+        let _ = runtime.delete(&id);
+        runtime
+            .create(&WorkspaceConfig {
+                id: id.clone(),
+                root: RootSource::Image {
+                    reference: image.to_owned(),
+                    record_trace_secs,
+                    // A start recorded for its trace reads like a workspace's first start.
+                    lazy_only: record_trace_secs.is_none(),
+                },
+                hostname: None,
+                limits: Limits::default(),
+                env: Vec::new(),
+            })
+            .map_err(|e| e.to_string())?;
+        let sandbox = Sandbox { runtime, id };
+        runtime.start(&sandbox.id).map_err(|e| e.to_string())?;
+        Ok(sandbox)
+    }
+}
+
+impl Drop for Sandbox<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.runtime.delete(&self.id) {
+            tracing::warn!(sandbox = %self.id, error = %e, "cannot delete a prebuild sandbox");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_local_folder_is_named_after_the_repository() {
+        for (url, folder) in [
+            ("https://example.org/team/app.git", "/src/app"),
+            ("file:///srv/git/notes/", "/src/notes"),
+            ("git@example.org:team/tool.git", "/src/tool"),
+        ] {
+            assert_eq!(
+                read_options(url).local_workspace_folder.as_deref(),
+                Some(folder)
+            );
+        }
+    }
+
+    #[test]
+    fn the_key_follows_every_part() {
+        let k = prebuild_key("u", "c", "", "env");
+        assert_eq!(k.len(), 32);
+        assert_eq!(k, prebuild_key("u", "c", "", "env"));
+        for other in [
+            prebuild_key("v", "c", "", "env"),
+            prebuild_key("u", "d", "", "env"),
+            prebuild_key("u", "c", "sub", "env"),
+            prebuild_key("u", "c", "", "env2"),
+        ] {
+            assert_ne!(k, other);
+        }
+    }
+}

@@ -1,0 +1,244 @@
+//! Prebuilds: how this host makes them (the agent's [`HostPrebuilder`]) and `warren prebuild`,
+//! which lists, follows, cancels and retries them.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use anyhow::bail;
+use clap::Subcommand;
+use serde_json::{Value, json};
+use warren_agent::{Outcome, PrebuildJob, Prebuilder};
+use warren_runtime::Runtime;
+
+use crate::client::Client;
+use crate::image_cmd::LocalImages;
+
+/// Makes prebuilds with this host's runtime into its local image store.
+pub struct HostPrebuilder {
+    pub data: PathBuf,
+    pub runtime: Arc<dyn Runtime>,
+}
+
+impl Prebuilder for HostPrebuilder {
+    fn prebuild(
+        &self,
+        job: &PrebuildJob,
+        log: &mut dyn Write,
+        cancel: &AtomicBool,
+    ) -> Result<Outcome, String> {
+        let tmp = self.data.join("tmp");
+        std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        let work = tempfile::Builder::new()
+            .prefix("prebuild-")
+            .tempdir_in(&tmp)
+            .map_err(|e| e.to_string())?;
+        let checkout = work.path().join("repo");
+        warren_build::git::checkout(
+            &self.data.join("git/agent"),
+            &job.git_url,
+            &job.commit,
+            &checkout,
+            log,
+        )?;
+        let id: String = job
+            .prebuild_id
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric())
+            .take(16)
+            .collect::<String>()
+            .to_ascii_lowercase();
+        let prefix = format!("pb-{id}");
+        let store = LocalImages {
+            data: self.data.clone(),
+        };
+        let made = warren_build::prebuild(
+            self.runtime.as_ref(),
+            &store,
+            &warren_build::PrebuildRequest {
+                checkout: &checkout,
+                repository: &job.git_url,
+                commit: &job.commit,
+                target: &job.target,
+                variables: &job.variables,
+                sandbox_prefix: &prefix,
+                record_trace: (job.record_trace_secs > 0)
+                    .then(|| Duration::from_secs(job.record_trace_secs)),
+                cancel: Some(cancel),
+                mount_cache: Some(&self.data.join("build-mounts")),
+            },
+            log,
+        )?;
+        let _ = writeln!(
+            log,
+            "prebuild {} ({}){}",
+            made.image,
+            made.digest,
+            if made.reused { ", reused" } else { "" }
+        );
+        Ok(Outcome::Prebuilt {
+            image: made.image,
+            digest: made.digest,
+            env_file: made.env_file,
+            env_text: made.env_text,
+            reused: made.reused,
+            steps_run: made.steps_run,
+            steps_cached: made.steps_cached,
+        })
+    }
+
+    fn remove_images(&self, images: &[String]) -> Result<(), String> {
+        let store =
+            warren_store::LocalStore::open(&self.data.join("images")).map_err(|e| e.to_string())?;
+        for image in images {
+            store.remove_tag(image).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PrebuildCommand {
+    /// A project's prebuilds, newest first
+    Ls {
+        project: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Prebuild a branch's head now (when it has none yet)
+    Run {
+        project: String,
+        /// The branch (default: main, master, or the only one)
+        #[arg(long)]
+        branch: Option<String>,
+        /// Follow its log until it ends
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// One prebuild, as JSON
+    Show { id: String },
+    /// A prebuild's log
+    Logs {
+        id: String,
+        /// Keep printing what comes until the prebuild ends
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Stop a queued or running prebuild
+    Cancel { id: String },
+    /// Prebuild a failed or cancelled prebuild's commit again
+    Retry { id: String },
+}
+
+pub fn prebuild(cmd: PrebuildCommand) -> anyhow::Result<ExitCode> {
+    let client = Client::from_login()?;
+    match cmd {
+        PrebuildCommand::Ls { project, json } => {
+            let list = client.get(&format!("/projects/{project}/prebuilds"))?;
+            let mut rows = list.as_array().cloned().unwrap_or_default();
+            for row in &mut rows {
+                let short: String = row["commit"]
+                    .as_str()
+                    .unwrap_or("")
+                    .chars()
+                    .take(10)
+                    .collect();
+                row["commit"] = Value::String(short);
+            }
+            crate::control_cmd::print_table(
+                json,
+                &if json { list } else { Value::Array(rows) },
+                &[
+                    ("id", "ID"),
+                    ("branch", "BRANCH"),
+                    ("commit", "COMMIT"),
+                    ("state", "STATE"),
+                    ("behind", "BEHIND"),
+                    ("image", "IMAGE"),
+                    ("error", "ERROR"),
+                ],
+            )
+        }
+        PrebuildCommand::Run {
+            project,
+            branch,
+            follow,
+        } => {
+            let pb = client.post(
+                &format!("/projects/{project}/prebuilds"),
+                &json!({ "branch": branch }),
+            )?;
+            let id = pb["id"].as_str().unwrap_or_default().to_owned();
+            println!("prebuild {id}: {}", pb["state"].as_str().unwrap_or("?"));
+            if follow {
+                return follow_log(&client, &id, true);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        PrebuildCommand::Show { id } => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&client.get(&format!("/prebuilds/{id}"))?)?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        PrebuildCommand::Logs { id, follow } => follow_log(&client, &id, follow),
+        PrebuildCommand::Cancel { id } => {
+            let pb = client.post(&format!("/prebuilds/{id}/cancel"), &json!({}))?;
+            println!(
+                "prebuild {id}: {}",
+                if pb["state"] == "running" {
+                    "cancelling"
+                } else {
+                    pb["state"].as_str().unwrap_or("?")
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        PrebuildCommand::Retry { id } => {
+            let pb = client.post(&format!("/prebuilds/{id}/retry"), &json!({}))?;
+            println!("prebuild {} queued", pb["id"].as_str().unwrap_or("?"));
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Prints the log (and, with `follow`, what comes until the prebuild ends); fails when the
+/// prebuild did not succeed.
+fn follow_log(client: &Client, id: &str, follow: bool) -> anyhow::Result<ExitCode> {
+    let mut offset = 0u64;
+    let mut out = std::io::stdout();
+    loop {
+        let piece = client.get(&format!("/prebuilds/{id}/log?offset={offset}"))?;
+        let text = piece["text"].as_str().unwrap_or_default();
+        out.write_all(text.as_bytes())?;
+        out.flush()?;
+        offset = piece["offset"].as_u64().unwrap_or(offset);
+        if !follow || piece["done"] == true && text.is_empty() {
+            break;
+        }
+        if piece["done"] != true {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+    if follow {
+        let pb = client.get(&format!("/prebuilds/{id}"))?;
+        match pb["state"].as_str() {
+            Some("succeeded") => {
+                eprintln!(
+                    "prebuild {id} succeeded: {}",
+                    pb["image"].as_str().unwrap_or("")
+                );
+            }
+            state => bail!(
+                "prebuild {id} {}: {}",
+                state.unwrap_or("?"),
+                pb["error"].as_str().unwrap_or("no reason recorded")
+            ),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

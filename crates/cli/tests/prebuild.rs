@@ -1,0 +1,333 @@
+//! Prebuilds end to end, as root, against real git repositories (file://), real sandboxes and
+//! a real `warren up`: each example in `examples/` is prebuilt when its project is added,
+//! a workspace started from the prebuild has the prebuild's output, its branch checked out and
+//! its task running; a new commit makes a new prebuild and the older workspace shows it is
+//! behind; the same (repository, commit, environment) is reused, not rebuilt. Failures: a
+//! failing `RUN` fails the prebuild with its Dockerfile line and the error's tail, a COPY out of
+//! the repository is refused, a running prebuild is cancelled, a failed one retried.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::Warren;
+use serde_json::Value;
+use warren_testkit::{debian_rootfs, enter_own_network, git};
+
+/// This crate's folder, as the test runner gives it (not as compiled in: the target folder is
+/// shared between checkouts, and a binary built for another may be reused).
+fn manifest_dir() -> std::ffi::OsString {
+    std::env::var_os("CARGO_MANIFEST_DIR").expect("tests run under cargo test or nextest")
+}
+
+fn examples() -> PathBuf {
+    Path::new(&manifest_dir()).join("../../examples")
+}
+
+/// A repository on `main` holding a copy of `source`; its URL.
+fn repository(root: &Path, name: &str, source: &Path) -> (PathBuf, String) {
+    let repo = root.join(name);
+    std::fs::create_dir_all(&repo).unwrap();
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", source.display()))
+        .arg(&repo)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    git(&repo, &["init", "-q", "-b", "main"]);
+    commit_all(&repo, "first");
+    let url = format!("file://{}", repo.display());
+    (repo, url)
+}
+
+fn commit_all(repo: &Path, message: &str) -> String {
+    git(repo, &["add", "-A"]);
+    git(repo, &["commit", "-q", "-m", message]);
+    git(repo, &["rev-parse", "HEAD"])
+}
+
+fn json(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+/// The project's prebuilds, newest first.
+fn prebuilds(warren: &Warren, project: &str) -> Vec<Value> {
+    let list = json(&warren.ok("admin", &["prebuild", "ls", project, "--json"]));
+    list.as_array().unwrap().clone()
+}
+
+/// Waits for the prebuild `pick` chooses to show up and end; returns it.
+fn ended(warren: &Warren, project: &str, pick: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        if let Some(pb) = prebuilds(warren, project).into_iter().find(&pick)
+            && !matches!(pb["state"].as_str(), Some("queued" | "running"))
+        {
+            return pb;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no prebuild ended: {:?}",
+            prebuilds(warren, project)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The prebuild of `commit`, once it ended.
+fn prebuild_of(warren: &Warren, project: &str, commit: &str) -> Value {
+    ended(warren, project, |p| p["commit"] == commit)
+}
+
+fn wait_for_log(warren: &Warren, ws: &str, task: &str, expected: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let log = warren.ok("admin", &["ws", "logs", ws, task]);
+        if log.contains(expected) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{ws}/{task}: {expected:?} never came: {log}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn every_example_prebuilds_and_a_workspace_starts_from_it_on_its_branch() {
+    enter_own_network();
+    let warren = Warren::up_with_admin(22, None);
+    // What `warren image bootstrap debian:bookworm --include git` makes, from a fixture.
+    warren.import_image(&debian_rootfs("minbase", &["git"]), "debian:bookworm");
+    let repos = tempfile::tempdir().unwrap();
+    // (example, task, what the task shows, a file the prebuild made and what it holds)
+    let cases = [
+        (
+            "hocus-app",
+            "greeter",
+            "prebuilt at",
+            "/workspace/prebuilt.txt",
+            "prebuilt at",
+        ),
+        (
+            "devcontainer-app",
+            "postStartCommand",
+            "prebuilt.txt: 1 line(s)",
+            "/srv/notes/prebuilt.txt",
+            "made by the prebuild",
+        ),
+        (
+            "warren-app",
+            "counter",
+            "counter starts at 100",
+            "/var/tmp/counter",
+            "100",
+        ),
+    ];
+    for (n, (example, task, shown, file, content)) in cases.into_iter().enumerate() {
+        let (repo, url) = repository(repos.path(), example, &examples().join(example));
+        let commit = git(&repo, &["rev-parse", "HEAD"]);
+        // Adding the project reads its branches; the new head is prebuilt.
+        warren.ok("admin", &["project", "add", example, &url]);
+        let pb = prebuild_of(&warren, example, &commit);
+        let id = pb["id"].as_str().unwrap();
+        let log = warren.ok("admin", &["prebuild", "logs", id]);
+        assert_eq!(pb["state"], "succeeded", "{example}: {pb}\n{log}");
+        assert_eq!(pb["branch"], "main");
+        assert_eq!(pb["behind"], 0);
+        assert!(log.contains("checking out"), "{log}");
+        assert!(
+            pb["image"]
+                .as_str()
+                .unwrap()
+                .starts_with("warren-prebuild:"),
+            "{pb}"
+        );
+
+        let ws = format!("pb{n}");
+        warren.ok("admin", &["ws", "create", &ws, "--project", example]);
+        let out = warren.ok("admin", &["ws", "exec", &ws, "--", "cat", file]);
+        assert!(out.contains(content), "{example}: {file}: {out}");
+        wait_for_log(&warren, &ws, task, shown);
+        wait_for_log(&warren, &ws, "warren-git", "on branch main");
+        let shown_ws = json(&warren.ok("admin", &["ws", "show", &ws]));
+        assert_eq!(shown_ws["branch"], "main", "{shown_ws}");
+        assert_eq!(shown_ws["behind"], 0, "{shown_ws}");
+        assert_eq!(shown_ws["prebuild"], pb["id"]);
+    }
+
+    // The hocus example's workspace is on `main` with git set up for its owner.
+    let folder = "/workspace";
+    let out = warren.ok(
+        "admin",
+        &[
+            "ws", "exec", "pb0", "--", "sh", "-c",
+            &format!("cd {folder} && git rev-parse --abbrev-ref HEAD && git config user.name && git status --porcelain | grep -v prebuilt.txt | wc -l"),
+        ],
+    );
+    assert_eq!(out, "main\nadmin\n0\n", "{out}");
+
+    // A new commit is prebuilt; the earlier workspace is one commit behind.
+    let repo = repos.path().join("hocus-app");
+    std::fs::write(repo.join("NOTES.md"), "not in the image\n").unwrap();
+    let second = commit_all(&repo, "second");
+    warren.ok("admin", &["project", "branches", "hocus-app", "--refresh"]);
+    let pb = prebuild_of(&warren, "hocus-app", &second);
+    let log = warren.ok("admin", &["prebuild", "logs", pb["id"].as_str().unwrap()]);
+    assert_eq!(pb["state"], "succeeded", "{pb}\n{log}");
+    // Nothing the Dockerfile reads changed: its image comes whole from the step cache.
+    assert!(log.contains("environment: 0 steps run"), "{log}");
+    let shown_ws = json(&warren.ok("admin", &["ws", "show", "pb0"]));
+    assert_eq!(shown_ws["behind"], 1, "{shown_ws}");
+    warren.ok(
+        "admin",
+        &[
+            "ws",
+            "create",
+            "pb0new",
+            "--project",
+            "hocus-app",
+            "--branch",
+            "main",
+        ],
+    );
+    let out = warren.ok(
+        "admin",
+        &["ws", "exec", "pb0new", "--", "cat", "/workspace/NOTES.md"],
+    );
+    assert_eq!(out, "not in the image\n");
+
+    // Another project on the same repository and folder: the same prebuild, reused.
+    let url = format!("file://{}", repo.display());
+    warren.ok("admin", &["project", "add", "hocus-again", &url]);
+    let again = prebuild_of(&warren, "hocus-again", &second);
+    assert_eq!(again["state"], "succeeded", "{again}");
+    assert_eq!(again["reused"], true, "{again}");
+    assert_eq!(again["image"], pb["image"]);
+
+    // The first prebuild is still needed by pb0; once pb0 goes, it is archived and its image
+    // removed from the host.
+    let first = prebuilds(&warren, "hocus-app")
+        .into_iter()
+        .find(|p| p["commit"] != second.as_str())
+        .unwrap();
+    warren.ok("admin", &["project", "branches", "hocus-app", "--refresh"]);
+    let state = |id: &Value| -> Value {
+        json(&warren.ok("admin", &["prebuild", "show", id.as_str().unwrap()]))["state"].clone()
+    };
+    assert_eq!(state(&first["id"]), "succeeded");
+    for ws in ["pb0", "pb0new", "pb1", "pb2"] {
+        warren.ok("admin", &["ws", "rm", ws]);
+    }
+    warren.ok("admin", &["project", "branches", "hocus-app", "--refresh"]);
+    assert_eq!(state(&first["id"]), "archived");
+    assert_eq!(state(&pb["id"]), "succeeded", "the head's prebuild stays");
+    let image = first["image"].as_str().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while warren.ok("admin", &["image", "ls"]).contains(image) {
+        assert!(Instant::now() < deadline, "{image} was never removed");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn failing_cancelled_and_refused_prebuilds_say_why() {
+    enter_own_network();
+    let warren = Warren::up_with_admin(23, None);
+    warren.import_image(&debian_rootfs("minbase", &["git"]), "debian:bookworm");
+    let repos = tempfile::tempdir().unwrap();
+    let source = tempfile::tempdir().unwrap();
+    std::fs::write(
+        source.path().join("warren.yml"),
+        "image:\n  file: Dockerfile\ntasks:\n  - name: slow\n    prebuild: sleep 600\n",
+    )
+    .unwrap();
+    std::fs::write(
+        source.path().join("Dockerfile"),
+        "FROM debian:bookworm\nRUN echo about to fail >&2 && exit 3\n",
+    )
+    .unwrap();
+    let (repo, url) = repository(repos.path(), "app", source.path());
+    let first = git(&repo, &["rev-parse", "HEAD"]);
+    warren.ok("admin", &["project", "add", "app", &url]);
+
+    // A failing RUN: the line and the error's tail, in the prebuild and from `logs -f`.
+    let pb = prebuild_of(&warren, "app", &first);
+    assert_eq!(pb["state"], "failed", "{pb}");
+    let error = pb["error"].as_str().unwrap();
+    assert!(error.contains("Dockerfile:2"), "{error}");
+    assert!(error.contains("about to fail"), "{error}");
+    let id = pb["id"].as_str().unwrap().to_owned();
+    let follow = warren.cli("admin", &["prebuild", "logs", &id, "--follow"]);
+    assert!(!follow.status.success());
+    assert!(String::from_utf8_lossy(&follow.stdout).contains("about to fail"));
+    assert!(String::from_utf8_lossy(&follow.stderr).contains("failed"));
+    // No workspace from a branch with no succeeded prebuild.
+    let refused = warren.cli("admin", &["ws", "create", "w", "--project", "app"]);
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("no succeeded prebuild"),
+        "{refused:?}"
+    );
+    // A retry is a new prebuild of the same commit (which fails the same way).
+    let retried = warren.ok("admin", &["prebuild", "retry", &id]);
+    let new_id = retried
+        .trim()
+        .strip_prefix("prebuild ")
+        .and_then(|s| s.strip_suffix(" queued"))
+        .unwrap_or_else(|| panic!("{retried}"));
+    assert_ne!(new_id, id);
+    let again = ended(&warren, "app", |p| p["id"] == new_id);
+    assert_eq!(again["state"], "failed", "{again}");
+
+    // A COPY out of the repository is refused.
+    std::fs::write(
+        repo.join("Dockerfile"),
+        "FROM debian:bookworm\nCOPY ../../etc/shadow /x\n",
+    )
+    .unwrap();
+    let escaping = commit_all(&repo, "escape");
+    warren.ok("admin", &["project", "branches", "app", "--refresh"]);
+    let pb = prebuild_of(&warren, "app", &escaping);
+    assert_eq!(pb["state"], "failed");
+    assert!(
+        pb["error"].as_str().unwrap().contains("Dockerfile:2"),
+        "{pb}"
+    );
+
+    // A prebuild task that would run for ten minutes, cancelled while it runs.
+    std::fs::write(repo.join("Dockerfile"), "FROM debian:bookworm\n").unwrap();
+    let slow = commit_all(&repo, "slow");
+    warren.ok("admin", &["project", "branches", "app", "--refresh"]);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let id = loop {
+        let found = prebuilds(&warren, "app")
+            .into_iter()
+            .find(|p| p["commit"] == slow.as_str());
+        if let Some(pb) = &found
+            && warren
+                .ok("admin", &["prebuild", "logs", pb["id"].as_str().unwrap()])
+                .contains("prebuild task slow")
+        {
+            break pb["id"].as_str().unwrap().to_owned();
+        }
+        assert!(Instant::now() < deadline, "the slow task never started");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let cancelled_at = Instant::now();
+    warren.ok("admin", &["prebuild", "cancel", &id]);
+    let pb = prebuild_of(&warren, "app", &slow);
+    assert_eq!(pb["state"], "cancelled", "{pb}");
+    assert!(cancelled_at.elapsed() < Duration::from_secs(60));
+    // Its sandboxes are gone.
+    let left: Vec<String> = std::fs::read_dir(warren.data.path().join("runtime/workspaces"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("pb-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
