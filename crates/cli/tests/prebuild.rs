@@ -236,9 +236,20 @@ fn every_example_prebuilds_and_a_workspace_starts_from_it_on_its_branch() {
 }
 
 #[test]
-fn failing_cancelled_and_refused_prebuilds_say_why() {
+fn failing_cancelled_and_refused_prebuilds_say_why_on_sqlite() {
     enter_own_network();
-    let warren = Warren::up_with_admin(23, None);
+    failing_cancelled_and_refused(23, None);
+}
+
+#[test]
+fn failing_cancelled_and_refused_prebuilds_say_why_on_postgres() {
+    enter_own_network();
+    let pg = warren_testkit::Postgres::start();
+    failing_cancelled_and_refused(24, Some(pg.url()));
+}
+
+fn failing_cancelled_and_refused(seed: u32, database_url: Option<String>) {
+    let warren = Warren::up_with_admin(seed, database_url);
     warren.import_image(&debian_rootfs("minbase", &["git"]), "debian:bookworm");
     let repos = tempfile::tempdir().unwrap();
     let source = tempfile::tempdir().unwrap();

@@ -155,13 +155,13 @@ pub async fn finish(
         }
         Err(message) => {
             sqlx::query(
-                "UPDATE prebuilds SET state = CASE WHEN cancel_requested = 1 OR $2 = $4 THEN 'cancelled' ELSE 'failed' END,
+                "UPDATE prebuilds SET state = CASE WHEN cancel_requested = 1 OR $4 = 1 THEN 'cancelled' ELSE 'failed' END,
                  error = $2, finished_at = $3 WHERE id = $1",
             )
             .bind(prebuild_id)
             .bind(&message)
             .bind(now)
-            .bind(warren_build::CANCELLED)
+            .bind(i64::from(message == warren_build::CANCELLED))
             .execute(&mut **tx)
             .await?;
             tracing::info!(prebuild.id = prebuild_id, error = %message, "prebuild did not succeed");
