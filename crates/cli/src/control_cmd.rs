@@ -272,6 +272,8 @@ pub enum ProjectCommand {
 pub enum WsCommand {
     /// Create a workspace and wait until it runs
     Create {
+        /// The workspace's name; without --image or --project, the project to start from
+        /// (the workspace is named after it, and after --branch)
         name: String,
         /// The image to start from (without one: the newest succeeded prebuild of the
         /// project's branch)
@@ -578,6 +580,20 @@ pub fn project(cmd: ProjectCommand) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// A branch name as part of a workspace name: lowercase letters, digits and `-`.
+fn workspace_name_part(branch: &str) -> String {
+    let mut out = String::new();
+    for c in branch.chars() {
+        let c = c.to_ascii_lowercase();
+        if c.is_ascii_alphanumeric() {
+            out.push(c);
+        } else if !out.ends_with('-') {
+            out.push('-');
+        }
+    }
+    out.trim_matches('-').to_owned()
+}
+
 /// Polls a workspace until `done` says so (or it fails), with a spinner on a terminal.
 fn wait_for(
     client: &Client,
@@ -630,6 +646,18 @@ pub fn ws(cmd: WsCommand) -> anyhow::Result<ExitCode> {
             env_file,
             no_wait,
         } => {
+            // `ws create PROJECT [--branch B]`: a workspace of the project's prebuild, named
+            // after the project (and the branch).
+            let (name, project) = match (&image, project) {
+                (None, None) => {
+                    let ws = match &branch {
+                        Some(b) => format!("{name}-{}", workspace_name_part(b)),
+                        None => name.clone(),
+                    };
+                    (ws, Some(name))
+                }
+                (_, project) => (name, project),
+            };
             let memory = memory.as_deref().map(crate::parse_size).transpose()?;
             let environment = match env_file {
                 Some(path) => {

@@ -184,21 +184,18 @@ fn every_example_prebuilds_and_a_workspace_starts_from_it_on_its_branch() {
     assert!(log.contains("environment: 0 steps run"), "{log}");
     let shown_ws = json(&warren.ok("admin", &["ws", "show", "pb0"]));
     assert_eq!(shown_ws["behind"], 1, "{shown_ws}");
-    warren.ok(
+    // `ws create PROJECT --branch B`: a workspace named after both.
+    warren.ok("admin", &["ws", "create", "hocus-app", "--branch", "main"]);
+    let out = warren.ok(
         "admin",
         &[
             "ws",
-            "create",
-            "pb0new",
-            "--project",
-            "hocus-app",
-            "--branch",
-            "main",
+            "exec",
+            "hocus-app-main",
+            "--",
+            "cat",
+            "/workspace/NOTES.md",
         ],
-    );
-    let out = warren.ok(
-        "admin",
-        &["ws", "exec", "pb0new", "--", "cat", "/workspace/NOTES.md"],
     );
     assert_eq!(out, "not in the image\n");
 
@@ -221,7 +218,7 @@ fn every_example_prebuilds_and_a_workspace_starts_from_it_on_its_branch() {
         json(&warren.ok("admin", &["prebuild", "show", id.as_str().unwrap()]))["state"].clone()
     };
     assert_eq!(state(&first["id"]), "succeeded");
-    for ws in ["pb0", "pb0new", "pb1", "pb2"] {
+    for ws in ["pb0", "hocus-app-main", "pb1", "pb2"] {
         warren.ok("admin", &["ws", "rm", ws]);
     }
     warren.ok("admin", &["project", "branches", "hocus-app", "--refresh"]);
