@@ -207,6 +207,13 @@ pub struct HostReport {
     pub images: Vec<HostImage>,
     /// Every workspace the host's runtime knows.
     pub workspaces: Vec<WorkspaceReport>,
+    /// Whether the host takes prebuild jobs.
+    #[serde(default = "yes")]
+    pub makes_prebuilds: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// One workspace as its host sees it.
@@ -260,13 +267,18 @@ pub fn host_report(runtime: &dyn Runtime, images: &ImageLister, disk: &DiskUse) 
             }
         })
         .collect();
-    HostReport { images, workspaces }
+    HostReport {
+        images,
+        workspaces,
+        makes_prebuilds: true,
+    }
 }
 
 pub struct Agent<C> {
     host: String,
     runtime: Arc<dyn Runtime>,
-    prebuilder: Arc<dyn Prebuilder>,
+    /// `None`: this host makes no prebuilds (they go to other hosts).
+    prebuilder: Option<Arc<dyn Prebuilder>>,
     plane: Arc<C>,
     images: ImageLister,
     /// Notified by the control plane when it queues a job, so the agent need not poll hard.
@@ -290,7 +302,7 @@ impl<C: ControlPlane> Agent<C> {
     pub fn new(
         host: String,
         runtime: Arc<dyn Runtime>,
-        prebuilder: Arc<dyn Prebuilder>,
+        prebuilder: Option<Arc<dyn Prebuilder>>,
         plane: Arc<C>,
         wake: Arc<Notify>,
         images: ImageLister,
@@ -318,9 +330,13 @@ impl<C: ControlPlane> Agent<C> {
                 reported = Some(std::time::Instant::now());
                 let (runtime, lister, disk) =
                     (self.runtime.clone(), self.images.clone(), disk.clone());
-                tokio::task::spawn_blocking(move || host_report(runtime.as_ref(), &lister, &disk))
-                    .await
-                    .ok()
+                let makes_prebuilds = self.prebuilder.is_some();
+                tokio::task::spawn_blocking(move || HostReport {
+                    makes_prebuilds,
+                    ..host_report(runtime.as_ref(), &lister, &disk)
+                })
+                .await
+                .ok()
             } else {
                 None
             };
@@ -338,14 +354,18 @@ impl<C: ControlPlane> Agent<C> {
                             })
                             .await
                             .unwrap_or_else(|e| Err(format!("the job panicked: {e}"))),
-                            Work::Prebuild(work) => {
-                                prebuild(prebuilder, plane.as_ref(), &job, work).await
-                            }
-                            Work::Archive { images } => tokio::task::spawn_blocking(move || {
-                                prebuilder.remove_images(&images).map(|()| Outcome::Removed)
-                            })
-                            .await
-                            .unwrap_or_else(|e| Err(format!("the job panicked: {e}"))),
+                            Work::Prebuild(work) => match prebuilder {
+                                Some(p) => prebuild(p, plane.as_ref(), &job, work).await,
+                                None => Err("this host makes no prebuilds".into()),
+                            },
+                            Work::Archive { images } => match prebuilder {
+                                Some(p) => tokio::task::spawn_blocking(move || {
+                                    p.remove_images(&images).map(|()| Outcome::Removed)
+                                })
+                                .await
+                                .unwrap_or_else(|e| Err(format!("the job panicked: {e}"))),
+                                None => Err("this host makes no prebuilds".into()),
+                            },
                         };
                         if let Err(e) = &result {
                             tracing::warn!(job.id = %job.id, attempt = job.attempt, error = %e, "job failed");

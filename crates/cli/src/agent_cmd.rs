@@ -26,6 +26,9 @@ pub struct AgentArgs {
     /// This host's token (printed once by `warren host add`)
     #[arg(long, env = "WARREN_HOST_TOKEN")]
     token: String,
+    /// Whether this host makes prebuilds
+    #[arg(long, env = "WARREN_PREBUILDS", default_value_t = true, action = clap::ArgAction::Set)]
+    prebuilds: bool,
     #[command(flatten)]
     host: HostFlags,
 }
@@ -151,9 +154,11 @@ pub fn agent(args: AgentArgs, data: &Path) -> anyhow::Result<ExitCode> {
     tokio.block_on(async move {
         let wake = Arc::new(tokio::sync::Notify::new());
         let shutdown = Arc::new(tokio::sync::Notify::new());
-        let prebuilder = Arc::new(crate::prebuild_cmd::HostPrebuilder {
-            data: data.to_path_buf(),
-            runtime: runtime.clone(),
+        let prebuilder = args.prebuilds.then(|| {
+            Arc::new(crate::prebuild_cmd::HostPrebuilder {
+                data: data.to_path_buf(),
+                runtime: runtime.clone(),
+            }) as Arc<dyn warren_agent::Prebuilder>
         });
         let agent = Agent::new(
             "remote".into(),

@@ -32,6 +32,9 @@ pub struct UpArgs {
     /// Seconds between comparisons of workspaces with what the runtime reports
     #[arg(long, env = "WARREN_RECONCILE_SECONDS", default_value_t = 30)]
     reconcile_seconds: u64,
+    /// Whether this host makes prebuilds (`false`: leave them to other hosts' agents)
+    #[arg(long, env = "WARREN_PREBUILDS", default_value_t = true, action = clap::ArgAction::Set)]
+    prebuilds: bool,
     #[command(flatten)]
     host: HostFlags,
     #[command(flatten)]
@@ -87,9 +90,11 @@ pub fn up(args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
     let host_name = args.host_name.unwrap_or_else(hostname);
     let runtime: Arc<dyn warren_runtime::Runtime> = Arc::new(args.host.runtime(data)?);
     let ssh = args.ssh.settings(data)?;
-    let prebuilder = Arc::new(crate::prebuild_cmd::HostPrebuilder {
-        data: data.to_path_buf(),
-        runtime: runtime.clone(),
+    let prebuilder = args.prebuilds.then(|| {
+        Arc::new(crate::prebuild_cmd::HostPrebuilder {
+            data: data.to_path_buf(),
+            runtime: runtime.clone(),
+        }) as Arc<dyn warren_agent::Prebuilder>
     });
     let tokio = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -5,13 +5,13 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 mod common;
 
-use common::Warren;
+use common::{SecondHost, Warren};
 use warren_testkit::{Postgres, Registry, debian_rootfs, enter_own_network, git, require_program};
 
 fn setup() {
@@ -705,70 +705,15 @@ fn a_second_host_runs_the_workspaces_whose_image_it_holds() {
 
     // The second host: its own data folder, uid ranges, bridge and addresses.
     let rootfs = debian_rootfs("minbase", &[]);
-    let second = tempfile::Builder::new()
-        .prefix("warren-agent-")
-        .tempdir_in("/var/tmp")
-        .unwrap();
-    let second_uids = warren.uid_base + 32 * 65536;
-    let on_second = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_warren"))
-            .arg("--data")
-            .arg(second.path())
-            .args(args)
-            .env("WARREN_UID_BASE", second_uids.to_string())
-            .env("WARREN_BRIDGE", "warren1")
-            .env("WARREN_SUBNET", "10.89.0.0/16")
-            .output()
-            .unwrap()
-    };
+    let mut second = SecondHost::new(&warren);
     assert!(
-        on_second(&["image", "import", rootfs.to_str().unwrap(), "only-second:1"])
+        second
+            .run(&["image", "import", rootfs.to_str().unwrap(), "only-second:1"])
             .status
             .success()
     );
-    let added = warren.ok("admin", &["host", "add", "second"]);
-    let token = added
-        .split_whitespace()
-        .find(|w| w.starts_with("wrh_"))
-        .expect("the host token is printed once")
-        .to_owned();
-    struct Stop(Child);
-    impl Drop for Stop {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _agent = Stop(
-        Command::new(env!("CARGO_BIN_EXE_warren"))
-            .arg("--data")
-            .arg(second.path())
-            .args(["agent", "--server", &warren.url(), "--token", &token])
-            .env("WARREN_UID_BASE", second_uids.to_string())
-            .env("WARREN_BRIDGE", "warren1")
-            .env("WARREN_SUBNET", "10.89.0.0/16")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let admin = warren.token("admin");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (_, hosts) = warren.http("GET", "/api/v1/hosts", Some(&admin), None);
-        if hosts
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|h| h["name"] == "second" && !h["last_seen_at"].is_null())
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the agent never called in: {hosts}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    second.join(&warren, "second");
+    let on_second = |args: &[&str]| second.run(args);
     // The image decides the host.
     warren.ok(
         "admin",

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::Warren;
+use common::{SecondHost, Warren, ok};
 use serde_json::Value;
 use warren_testkit::{debian_rootfs, enter_own_network, git};
 
@@ -338,4 +338,45 @@ fn failing_cancelled_and_refused(seed: u32, database_url: Option<String>) {
         .filter(|n| n.starts_with("pb-"))
         .collect();
     assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn a_host_that_makes_no_prebuilds_leaves_them_to_another_agent() {
+    enter_own_network();
+    let mut warren = Warren::new(25, None);
+    warren.env.push(("WARREN_PREBUILDS".into(), "false".into()));
+    let password = warren.start().expect("a first start creates the admin");
+    warren.login("admin", &password);
+    let mut second = SecondHost::new(&warren);
+    let base = debian_rootfs("minbase", &["git"]);
+    ok(second.run(&["image", "import", base.to_str().unwrap(), "debian:bookworm"]));
+    second.join(&warren, "builder");
+
+    let repos = tempfile::tempdir().unwrap();
+    let (repo, url) = repository(repos.path(), "counter", &examples().join("warren-app"));
+    let commit = git(&repo, &["rev-parse", "HEAD"]);
+    warren.ok("admin", &["project", "add", "counter", &url]);
+    let pb = prebuild_of(&warren, "counter", &commit);
+    let log = warren.ok("admin", &["prebuild", "logs", pb["id"].as_str().unwrap()]);
+    assert_eq!(pb["state"], "succeeded", "{pb}\n{log}");
+    assert_eq!(pb["host"], "builder", "{pb}");
+    // The log came over HTTP from the agent, as it ran.
+    assert!(log.contains("prebuild task counter"), "{log}");
+    // The workspace goes where the prebuild's image is.
+    warren.ok("admin", &["ws", "create", "counter"]);
+    let shown = json(&warren.ok("admin", &["ws", "show", "counter"]));
+    assert_eq!(shown["host"], "builder", "{shown}");
+    // (Commands through the API run on the server's own host; this one is read there.)
+    let runtime_id = format!("ws-{}", shown["id"].as_str().unwrap());
+    let out = ok(second.run(&[
+        "runtime",
+        "exec",
+        &runtime_id,
+        "-T",
+        "--",
+        "cat",
+        "/var/tmp/counter",
+    ]));
+    assert_eq!(out, "100\n");
+    warren.ok("admin", &["ws", "rm", "counter"]);
 }

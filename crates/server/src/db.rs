@@ -39,6 +39,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (6, include_str!("../migrations/0006_workspace_stats.sql")),
     (7, include_str!("../migrations/0007_workspace_user.sql")),
     (8, include_str!("../migrations/0008_prebuilds.sql")),
+    (9, include_str!("../migrations/0009_host_prebuilds.sql")),
 ];
 
 impl Db {

@@ -172,12 +172,15 @@ impl DbControlPlane {
                 .await?;
             return Ok(());
         };
-        sqlx::query("UPDATE hosts SET last_seen_at = $2, images = $3 WHERE id = $1")
-            .bind(host)
-            .bind(now)
-            .bind(serde_json::to_string(&report.images).unwrap_or_default())
-            .execute(&self.db.pool)
-            .await?;
+        sqlx::query(
+            "UPDATE hosts SET last_seen_at = $2, images = $3, prebuilds = $4 WHERE id = $1",
+        )
+        .bind(host)
+        .bind(now)
+        .bind(serde_json::to_string(&report.images).unwrap_or_default())
+        .bind(i64::from(report.makes_prebuilds))
+        .execute(&self.db.pool)
+        .await?;
         for ws in &report.workspaces {
             let Some(id) = ws.runtime_id.strip_prefix("ws-") else {
                 continue;
@@ -232,6 +235,8 @@ impl DbControlPlane {
                 WHERE (j.state = 'queued' OR (j.state = 'running' AND j.lease_until < $3))
                   AND j.run_at <= $3
                   AND (j.host_id IS NULL OR j.host_id = $1)
+                  AND (j.kind <> 'prebuild.run'
+                       OR (SELECT h.prebuilds FROM hosts h WHERE h.id = $1) = 1)
                   AND (j.kind = 'workspace.kill' OR NOT EXISTS (
                       SELECT 1 FROM jobs o
                       WHERE o.workspace_id = j.workspace_id AND o.id <> j.id

@@ -363,8 +363,8 @@ pub struct SingleHost {
     pub reconcile_every: std::time::Duration,
     /// The SSH gateway, if this process runs one.
     pub ssh: Option<SshSettings>,
-    /// Makes this host's prebuilds.
-    pub prebuilder: Arc<dyn warren_agent::Prebuilder>,
+    /// Makes this host's prebuilds (`None`: other hosts make them).
+    pub prebuilder: Option<Arc<dyn warren_agent::Prebuilder>>,
     /// Where the server keeps its mirrors of project repositories.
     pub git_mirrors: std::path::PathBuf,
 }

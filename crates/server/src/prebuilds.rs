@@ -229,6 +229,8 @@ pub struct PrebuildView {
     /// Made before under the same key and taken as it was.
     pub reused: bool,
     pub env_file: Option<String>,
+    /// The host that made it (and holds its image).
+    pub host: Option<String>,
     pub created_at: i64,
     pub started_at: Option<i64>,
     pub finished_at: Option<i64>,
@@ -238,7 +240,8 @@ pub struct PrebuildView {
 
 const COLUMNS: &str = "p.id, p.project_id, pr.name AS project, pr.owner_id, pr.git_url, p.branch, p.commit_sha, p.state, p.image,
     p.error, p.reused, p.env_file, p.env_text, p.created_at, p.started_at, p.finished_at,
-    (SELECT b.head FROM branches b WHERE b.project_id = p.project_id AND b.name = p.branch) AS head
+    (SELECT b.head FROM branches b WHERE b.project_id = p.project_id AND b.name = p.branch) AS head,
+    (SELECT h.name FROM hosts h WHERE h.id = p.host_id) AS host
     FROM prebuilds p JOIN projects pr ON pr.id = p.project_id";
 
 async fn view(state: &AppState, r: &AnyRow) -> ApiResult<PrebuildView> {
@@ -259,6 +262,7 @@ async fn view(state: &AppState, r: &AnyRow) -> ApiResult<PrebuildView> {
         error: r.try_get("error")?,
         reused: r.try_get::<i64, _>("reused")? != 0,
         env_file: r.try_get("env_file")?,
+        host: r.try_get("host")?,
         created_at: r.try_get("created_at")?,
         started_at: r.try_get("started_at")?,
         finished_at: r.try_get("finished_at")?,

@@ -44,6 +44,8 @@ pub struct Warren {
     pub child: Option<Child>,
     /// Where each logged-in user keeps its CLI token.
     pub configs: TempDir,
+    /// More variables for `warren up`.
+    pub env: Vec<(String, String)>,
 }
 
 impl Warren {
@@ -60,6 +62,7 @@ impl Warren {
             ssh_port: free_port(),
             child: None,
             configs: tempfile::tempdir().unwrap(),
+            env: Vec::new(),
         }
     }
 
@@ -119,6 +122,7 @@ impl Warren {
             .env("WARREN_UID_BASE", self.uid_base.to_string())
             .env("WARREN_RECONCILE_SECONDS", "1")
             .env("WARREN_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(
                 std::fs::File::options()
@@ -298,6 +302,88 @@ impl Drop for Warren {
                 .arg(entry.file_name())
                 .env("WARREN_UID_BASE", self.uid_base.to_string())
                 .output();
+        }
+    }
+}
+
+/// A second host for a test's `warren up`: its own data folder, uid ranges, bridge and
+/// addresses, and a `warren agent` serving the server (stopped when dropped).
+pub struct SecondHost {
+    pub data: TempDir,
+    pub uid_base: u32,
+    agent: Option<Child>,
+}
+
+impl SecondHost {
+    pub fn new(warren: &Warren) -> Self {
+        Self {
+            data: tempfile::Builder::new()
+                .prefix("warren-agent-")
+                .tempdir_in("/var/tmp")
+                .unwrap(),
+            uid_base: warren.uid_base + 32 * 65536,
+            agent: None,
+        }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_warren"));
+        cmd.arg("--data")
+            .arg(self.data.path())
+            .args(args)
+            .env("WARREN_UID_BASE", self.uid_base.to_string())
+            .env("WARREN_BRIDGE", "warren1")
+            .env("WARREN_SUBNET", "10.89.0.0/16");
+        cmd
+    }
+
+    /// `warren ARGS` on this host.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
+    }
+
+    /// Registers the host as `name` and starts its agent; returns once it called in.
+    pub fn join(&mut self, warren: &Warren, name: &str) {
+        let added = warren.ok("admin", &["host", "add", name]);
+        let token = added
+            .split_whitespace()
+            .find(|w| w.starts_with("wrh_"))
+            .expect("the host token is printed once")
+            .to_owned();
+        self.agent = Some(
+            self.command(&["agent", "--server", &warren.url(), "--token", &token])
+                .env("WARREN_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(self.data.path().join("agent.log")).unwrap())
+                .spawn()
+                .unwrap(),
+        );
+        let admin = warren.token("admin");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (_, hosts) = warren.http("GET", "/api/v1/hosts", Some(&admin), None);
+            if hosts
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|h| h["name"] == name && !h["last_seen_at"].is_null())
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent never called in: {hosts}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for SecondHost {
+    fn drop(&mut self) {
+        if let Some(mut agent) = self.agent.take() {
+            let _ = agent.kill();
+            let _ = agent.wait();
         }
     }
 }
