@@ -344,3 +344,168 @@ impl Drop for Postgres {
             .status();
     }
 }
+
+/// Debian's cloud kernel for VM tests: its `vmlinuz` and the modules a guest needs (virtio
+/// transport, vsock, virtiofs, balloon, overlay), dependencies first. Downloaded once from
+/// Debian's mirror (`apt-get download`) into the fixtures folder.
+#[derive(Debug, Clone)]
+pub struct GuestKernel {
+    pub vmlinuz: PathBuf,
+    pub modules: Vec<PathBuf>,
+}
+
+/// The modules a VM workspace loads, by name (their dependencies come along).
+pub const GUEST_MODULES: [&str; 7] = [
+    "virtio_pci",
+    "virtio_net",
+    "virtio_blk",
+    "vmw_vsock_virtio_transport",
+    "virtiofs",
+    "virtio_balloon",
+    "overlay",
+];
+
+pub fn guest_kernel() -> GuestKernel {
+    let dir = fixtures_dir();
+    let root = dir.join("guest-kernel");
+    let lock = std::fs::File::create(dir.join("guest-kernel.lock")).unwrap();
+    lock.lock().unwrap();
+    let complete = dir.join("guest-kernel.complete");
+    if !(complete.exists() && root.is_dir()) {
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let depends = run(Command::new("apt-cache").args(["depends", "linux-image-cloud-amd64"]));
+        let package = depends
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Depends: "))
+            .expect("linux-image-cloud-amd64 names its kernel package")
+            .trim()
+            .to_owned();
+        eprintln!(
+            "downloading {package} for the VM tests (once; cached in {})",
+            dir.display()
+        );
+        run(Command::new("apt-get")
+            .args(["download", "-q", &package])
+            .current_dir(&root));
+        let deb = std::fs::read_dir(&root)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|e| e == "deb"))
+            .expect("the package was downloaded");
+        run(Command::new("dpkg-deb")
+            .arg("-x")
+            .arg(&deb)
+            .arg(root.join("x")));
+        std::fs::remove_file(&deb).unwrap();
+        std::fs::write(&complete, b"").unwrap();
+    }
+    let boot = root.join("x/boot");
+    let vmlinuz = std::fs::read_dir(&boot)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        })
+        .expect("the package holds a vmlinuz");
+    let mut by_name = std::collections::HashMap::new();
+    let mut stack = vec![root.join("x/lib/modules")];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Some(name) = p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".ko"))
+            {
+                by_name.insert(name.replace('-', "_"), p);
+            }
+        }
+    }
+    let mut modules = Vec::new();
+    for name in GUEST_MODULES {
+        add_module(name, &by_name, &mut modules);
+    }
+    GuestKernel { vmlinuz, modules }
+}
+
+/// Adds a module after its dependencies (read from its `.modinfo` `depends=` entry).
+fn add_module(
+    name: &str,
+    by_name: &std::collections::HashMap<String, PathBuf>,
+    out: &mut Vec<PathBuf>,
+) {
+    let path = by_name
+        .get(&name.replace('-', "_"))
+        .unwrap_or_else(|| panic!("the kernel package has no module {name}"));
+    if out.contains(path) {
+        return;
+    }
+    let bytes = std::fs::read(path).unwrap();
+    let needle = b"depends=";
+    if let Some(at) = bytes.windows(needle.len()).position(|w| w == needle) {
+        let rest = &bytes[at + needle.len()..];
+        let end = rest.iter().position(|&b| b == 0).unwrap_or(0);
+        let deps = String::from_utf8_lossy(&rest[..end]).into_owned();
+        for dep in deps.split(',').filter(|d| !d.is_empty()) {
+            add_module(dep, by_name, out);
+        }
+    }
+    out.push(path.clone());
+}
+
+/// A `newc` cpio archive (an initramfs) of `files`: (path inside, mode, content); folders are
+/// made for every parent.
+pub fn initramfs(files: &[(&str, u32, Vec<u8>)]) -> Vec<u8> {
+    fn entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, data: &[u8]) {
+        let header = format!(
+            "070701{ino:08X}{mode:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}",
+            0,
+            0,
+            1,
+            0,
+            data.len(),
+            0,
+            0,
+            0,
+            0,
+            name.len() + 1,
+            0
+        );
+        out.extend_from_slice(header.as_bytes());
+        out.extend_from_slice(name.as_bytes());
+        out.push(0);
+        while !out.len().is_multiple_of(4) {
+            out.push(0);
+        }
+        out.extend_from_slice(data);
+        while !out.len().is_multiple_of(4) {
+            out.push(0);
+        }
+    }
+    let mut out = Vec::new();
+    let mut dirs = std::collections::BTreeSet::new();
+    for (path, _, _) in files {
+        let mut p = Path::new(path).parent();
+        while let Some(d) = p.filter(|d| !d.as_os_str().is_empty()) {
+            dirs.insert(d.to_string_lossy().into_owned());
+            p = d.parent();
+        }
+    }
+    let mut ino = 1;
+    for d in &dirs {
+        entry(&mut out, ino, d, 0o040755, &[]);
+        ino += 1;
+    }
+    for (path, mode, data) in files {
+        entry(&mut out, ino, path, 0o100000 | mode, data);
+        ino += 1;
+    }
+    entry(&mut out, ino, "TRAILER!!!", 0, &[]);
+    out
+}
