@@ -1,6 +1,8 @@
-//! The host agent: claims the control plane's jobs for its host and carries them out with the
-//! host's [`Runtime`]. Every step is idempotent — a job cut short by a crash is simply run again
-//! — and reports an outcome the control plane turns into the workspace's state.
+//! The host agent: claims the control plane's jobs for its host and carries them out — workspace
+//! steps with the host's [`Runtime`], prebuilds with its [`Prebuilder`] (their log sent as they
+//! run, a cancel heard in the answer). Every step is idempotent — a job cut short by a crash is
+//! simply run again — and reports an outcome the control plane turns into the workspace's or
+//! prebuild's state.
 //!
 //! The agent does not know how the control plane stores jobs: it talks to it through the
 //! [`ControlPlane`] trait (in process on a single host; over HTTP for remote hosts).

@@ -32,6 +32,10 @@ pub struct UpArgs {
     /// Seconds between comparisons of workspaces with what the runtime reports
     #[arg(long, env = "WARREN_RECONCILE_SECONDS", default_value_t = 30)]
     reconcile_seconds: u64,
+    /// Folders (`:`-separated) whose git repositories any user may add as file:// projects
+    /// (admins may add any)
+    #[arg(long, env = "WARREN_FILE_REPOS", value_delimiter = ':')]
+    file_repos: Vec<PathBuf>,
     /// Whether this host makes prebuilds (`false`: leave them to other hosts' agents)
     #[arg(long, env = "WARREN_PREBUILDS", default_value_t = true, action = clap::ArgAction::Set)]
     prebuilds: bool,
@@ -114,6 +118,7 @@ pub fn up(args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
             ssh,
             prebuilder,
             git_mirrors: data.join("git/server"),
+            file_repos: args.file_repos,
         })
         .await?;
         let url = format!("http://{}", started.addr);

@@ -31,7 +31,15 @@ fn git_repo(dir: &Path) -> PathBuf {
 }
 
 fn end_to_end(seed: u32, database_url: Option<String>) {
-    let warren = Warren::up_with_admin(seed, database_url);
+    // Users may add file:// repositories only from the folders the server allows.
+    let repos = tempfile::tempdir().unwrap();
+    let mut warren = Warren::new(seed, database_url);
+    warren.env.push((
+        "WARREN_FILE_REPOS".into(),
+        repos.path().display().to_string(),
+    ));
+    let password = warren.start().expect("a first start creates the admin");
+    warren.login("admin", &password);
     warren.import_dev_image();
     let out = Command::new(env!("CARGO_BIN_EXE_warren"))
         .args(["user", "add", "alice"])
@@ -47,7 +55,22 @@ fn end_to_end(seed: u32, database_url: Option<String>) {
     );
     warren.login("alice", "alice-secret-1");
 
-    let repo = git_repo(warren.data.path());
+    let repo = git_repo(repos.path());
+    // Elsewhere on the server's disk (here: its own mirrors) is refused to a user.
+    let elsewhere = git_repo(warren.data.path());
+    let refused = warren.cli(
+        "alice",
+        &[
+            "project",
+            "add",
+            "other",
+            &format!("file://{}", elsewhere.display()),
+        ],
+    );
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("only an admin may add it"),
+        "{refused:?}"
+    );
     let added = warren.ok(
         "alice",
         &[

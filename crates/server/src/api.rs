@@ -432,6 +432,36 @@ pub fn check_git_url(url: &str) -> ApiResult<()> {
     }
 }
 
+/// A `file://` repository is on this host's disk: an admin may name any, other users only one
+/// inside the folders the server allows (`WARREN_FILE_REPOS`) — else a user could have any
+/// repository here, other projects' mirrors among them, cloned into their workspace.
+fn check_file_repo(state: &AppState, caller: &Caller, url: &str) -> ApiResult<()> {
+    let Some(path) = url.strip_prefix("file://") else {
+        return Ok(());
+    };
+    if caller.is_admin {
+        return Ok(());
+    }
+    let real = std::fs::canonicalize(path).ok();
+    let allowed = real.as_ref().is_some_and(|real| {
+        state
+            .file_repos
+            .iter()
+            .filter_map(|d| std::fs::canonicalize(d).ok())
+            .any(|d| real.starts_with(d))
+    });
+    if allowed {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "`{url}` is on the server's own disk: only an admin may add it (or an admin allows its folder with WARREN_FILE_REPOS)"
+            ),
+        ))
+    }
+}
+
 fn project_view(r: &AnyRow) -> ApiResult<ProjectView> {
     Ok(ProjectView {
         id: r.try_get("id")?,
@@ -501,6 +531,7 @@ pub async fn create_project(
 ) -> ApiResult<impl IntoResponse> {
     check_name("project", &req.name)?;
     check_git_url(&req.git_url)?;
+    check_file_repo(&state, &caller, &req.git_url)?;
     let root_folder = req.root_folder.unwrap_or_default();
     if root_folder.starts_with('/') || root_folder.split('/').any(|c| c == "..") {
         return Err(ApiError::bad_request(

@@ -49,6 +49,9 @@ pub struct AppState {
     pub logins: Arc<auth::LoginThrottle>,
     /// The server's mirrors of project repositories (branch heads, how far behind).
     pub git_mirrors: std::path::PathBuf,
+    /// Folders of this host whose git repositories any user may name as `file://` projects
+    /// (admins may name any).
+    pub file_repos: Arc<Vec<std::path::PathBuf>>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -367,6 +370,8 @@ pub struct SingleHost {
     pub prebuilder: Option<Arc<dyn warren_agent::Prebuilder>>,
     /// Where the server keeps its mirrors of project repositories.
     pub git_mirrors: std::path::PathBuf,
+    /// Folders whose repositories any user may add as `file://` projects.
+    pub file_repos: Vec<std::path::PathBuf>,
 }
 
 /// Where the SSH gateway listens and how developers reach it.
@@ -434,6 +439,7 @@ pub async fn serve_gateway(
         ssh: None,
         logins: Arc::default(),
         git_mirrors: config.git_mirrors,
+        file_repos: Arc::default(),
     };
     start_gateway(&mut state, &config.ssh).await
 }
@@ -525,6 +531,7 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
         ssh: None,
         logins: Arc::default(),
         git_mirrors: config.git_mirrors,
+        file_repos: Arc::new(config.file_repos),
     };
     let ssh = match &config.ssh {
         Some(settings) => Some(start_gateway(&mut state, settings).await?),
