@@ -2,8 +2,10 @@
 //! file per chunk under `chunks/<2 hex>/<64 hex>`, so identical chunks are stored once.
 //!
 //! - Which chunks are present survives restarts: it is the set of files (scanned at open).
-//! - Writes are atomic: a chunk is written to `tmp/` and renamed into place; leftovers of a crash
-//!   are removed at open. A half-written chunk is never visible under its name.
+//! - Writes are atomic: a chunk is written to `tmp/` (named by process and thread) and renamed
+//!   into place; leftovers of a crash older than ten minutes are removed at open — never newer
+//!   ones, which another process sharing the cache may be writing. A half-written chunk is
+//!   never visible under its name.
 //! - Every chunk is verified against its id when inserted and again when read; a corrupt file is
 //!   deleted and reported as a miss, so the caller fetches it again. It is never served.
 //! - With a size limit, the least recently used chunks that no mounted image pins are evicted.
@@ -80,9 +82,23 @@ impl ChunkCache {
             }
         };
         fs::create_dir_all(dir.join("chunks")).map_err(io("create"))?;
+        // Partial chunks a crash left behind. Other processes may share this cache (every
+        // image mount of the host does) and be writing theirs right now: only old ones go.
         let tmp = dir.join("tmp");
-        let _ = fs::remove_dir_all(&tmp);
         fs::create_dir_all(&tmp).map_err(io("create"))?;
+        if let Ok(entries) = fs::read_dir(&tmp) {
+            for e in entries.flatten() {
+                let stale = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > std::time::Duration::from_secs(600));
+                if stale {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
         let mut state = State::default();
         for shard in fs::read_dir(dir.join("chunks")).map_err(io("scan"))? {
             let shard = shard.map_err(io("scan"))?;
@@ -209,10 +225,12 @@ impl ChunkCache {
         let path = self.path_of(id);
         fs::create_dir_all(path.parent().expect("chunk paths have a parent"))
             .map_err(io("write"))?;
-        let tmp =
-            self.dir
-                .join("tmp")
-                .join(format!("{}.{:?}", id.to_hex(), std::thread::current().id()));
+        let tmp = self.dir.join("tmp").join(format!(
+            "{}.{}.{:?}",
+            id.to_hex(),
+            std::process::id(),
+            std::thread::current().id()
+        ));
         let mut f = fs::File::create(&tmp).map_err(io("write"))?;
         f.write_all(data).map_err(io("write"))?;
         drop(f);
@@ -323,6 +341,22 @@ mod tests {
         assert_eq!(cache.get(&id), None);
         assert!(!cache.contains(&id));
         assert!(!cache.path_of(&id).exists());
+    }
+
+    #[test]
+    fn opening_the_cache_again_leaves_other_writers_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = ChunkCache::open(dir.path(), None).unwrap();
+        // Another process's chunk being written as a second mount opens the cache.
+        let in_flight = dir.path().join("tmp/abc.1.ThreadId(2)");
+        std::fs::write(&in_flight, b"partial").unwrap();
+        let second = ChunkCache::open(dir.path(), None).unwrap();
+        assert!(in_flight.exists(), "a write in flight was removed");
+        let data = b"shared chunk".to_vec();
+        let id = ChunkId::of(&data);
+        first.insert(&id, &data).unwrap();
+        second.insert(&id, &data).unwrap();
+        assert_eq!(second.get(&id), Some(data));
     }
 
     #[test]
