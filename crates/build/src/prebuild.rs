@@ -11,11 +11,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use warren_runtime::Runtime;
 use warren_runtime::tasks::TaskSpec;
-use warren_runtime::{Limits, RootSource, Runtime, WorkspaceConfig, WorkspaceId};
 use warren_spec::{EnvSpec, ImageSource, Phase, RepoPath};
 
-use crate::run::{CANCELLED, Step, commit, run};
+use crate::run::{CANCELLED, Sandbox, Step, commit, run};
 use crate::{BuildRequest, Ignore, ImageStore};
 
 /// What to prebuild.
@@ -137,12 +137,7 @@ fn environment(req: &PrebuildRequest<'_>) -> Result<(EnvSpec, String), String> {
                 .map_err(|e| format!("{}: {e}", loaded.spec.source.path))?;
             Ok((loaded.spec, text))
         }
-        Err(warren_spec::SpecError::Rejected(r)) => Err(r
-            .errors
-            .iter()
-            .map(|d| d.render(&r.text))
-            .collect::<Vec<_>>()
-            .join("")),
+        Err(warren_spec::SpecError::Rejected(r)) => Err(r.render_errors()),
         Err(e) => Err(e.to_string()),
     }
 }
@@ -272,7 +267,7 @@ pub fn prebuild(
     );
     cancelled(req)?;
     let settings = store.settings(&base)?;
-    let sandbox = Sandbox::new(runtime, &format!("{}-pb", req.sandbox_prefix), &base, None)?;
+    let sandbox = Sandbox::start(runtime, &format!("{}-pb", req.sandbox_prefix), &base, None)?;
     let folder = spec.workspace_folder.clone();
     let user = session_user(&spec);
     let _ = writeln!(log, "checking out {} into {folder}", req.commit);
@@ -356,7 +351,7 @@ fn record_trace(
         "recording the first start's reads for {}s",
         duration.as_secs()
     );
-    let sandbox = Sandbox::new(
+    let sandbox = Sandbox::start(
         runtime,
         &format!("{}-trace", req.sandbox_prefix),
         image,
@@ -371,49 +366,6 @@ fn record_trace(
         std::thread::sleep(Duration::from_millis(200));
     }
     Ok(())
-}
-
-/// A started sandbox, deleted when dropped.
-struct Sandbox<'a> {
-    runtime: &'a dyn Runtime,
-    id: WorkspaceId,
-}
-
-impl<'a> Sandbox<'a> {
-    fn new(
-        runtime: &'a dyn Runtime,
-        name: &str,
-        image: &str,
-        record_trace_secs: Option<u64>,
-    ) -> Result<Self, String> {
-        let id = WorkspaceId::new(name).map_err(|e| e.to_string())?;
-        let _ = runtime.delete(&id);
-        runtime
-            .create(&WorkspaceConfig {
-                id: id.clone(),
-                root: RootSource::Image {
-                    reference: image.to_owned(),
-                    record_trace_secs,
-                    // A start recorded for its trace reads like a workspace's first start.
-                    lazy_only: record_trace_secs.is_none(),
-                },
-                hostname: None,
-                limits: Limits::default(),
-                env: Vec::new(),
-            })
-            .map_err(|e| e.to_string())?;
-        let sandbox = Sandbox { runtime, id };
-        runtime.start(&sandbox.id).map_err(|e| e.to_string())?;
-        Ok(sandbox)
-    }
-}
-
-impl Drop for Sandbox<'_> {
-    fn drop(&mut self) {
-        if let Err(e) = self.runtime.delete(&self.id) {
-            tracing::warn!(sandbox = %self.id, error = %e, "cannot delete a prebuild sandbox");
-        }
-    }
 }
 
 #[cfg(test)]

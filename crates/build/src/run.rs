@@ -84,16 +84,48 @@ pub struct BuildError {
     pub message: String,
 }
 
-/// Deletes the build's sandboxes, whatever happens.
-struct Sandboxes<'a> {
+/// A started sandbox of a build or prebuild, deleted when dropped, whatever happens.
+pub(crate) struct Sandbox<'a> {
     runtime: &'a dyn Runtime,
-    ids: Vec<WorkspaceId>,
+    pub id: WorkspaceId,
 }
 
-impl Drop for Sandboxes<'_> {
+impl<'a> Sandbox<'a> {
+    /// Creates (after removing any left by an earlier run) and starts the sandbox `name` over
+    /// `image`. Only a start recorded for its trace pulls the image in the background; a
+    /// step reads little of it.
+    pub(crate) fn start(
+        runtime: &'a dyn Runtime,
+        name: &str,
+        image: &str,
+        record_trace_secs: Option<u64>,
+    ) -> Result<Self, String> {
+        let id = WorkspaceId::new(name).map_err(|e| e.to_string())?;
+        let _ = runtime.delete(&id);
+        runtime
+            .create(&WorkspaceConfig {
+                id: id.clone(),
+                root: RootSource::Image {
+                    reference: image.to_owned(),
+                    record_trace_secs,
+                    lazy_only: record_trace_secs.is_none(),
+                },
+                hostname: None,
+                limits: Limits::default(),
+                env: Vec::new(),
+            })
+            .map_err(|e| e.to_string())?;
+        let sandbox = Sandbox { runtime, id };
+        runtime.start(&sandbox.id).map_err(|e| e.to_string())?;
+        Ok(sandbox)
+    }
+}
+
+impl Drop for Sandbox<'_> {
     fn drop(&mut self) {
-        for id in &self.ids {
-            let _ = self.runtime.delete(id);
+        match self.runtime.delete(&self.id) {
+            Ok(_) | Err(warren_runtime::Error::NotFound(_)) => {}
+            Err(e) => tracing::warn!(sandbox = %self.id, error = %e, "cannot delete a sandbox"),
         }
     }
 }
@@ -173,7 +205,8 @@ struct Build<'a> {
     runtime: &'a dyn Runtime,
     store: &'a dyn ImageStore,
     req: &'a BuildRequest<'a>,
-    sandboxes: Sandboxes<'a>,
+    /// Every sandbox the build started, deleted when the build ends.
+    sandboxes: Vec<Sandbox<'a>>,
     /// Stage name (and number) → its final state.
     stages: BTreeMap<String, usize>,
     done: Vec<State>,
@@ -187,29 +220,15 @@ impl Build<'_> {
         if let Some(id) = &state.sandbox {
             return Ok(id.clone());
         }
-        let id = WorkspaceId::new(&format!(
+        let name = format!(
             "{}-{}-{}",
             self.req.sandbox_prefix,
             state.stage,
-            self.sandboxes.ids.len()
-        ))
-        .map_err(|e| e.to_string())?;
-        let _ = self.runtime.delete(&id);
-        self.runtime
-            .create(&WorkspaceConfig {
-                id: id.clone(),
-                root: RootSource::Image {
-                    reference: state.image.clone(),
-                    record_trace_secs: None,
-                    lazy_only: true,
-                },
-                hostname: None,
-                limits: Limits::default(),
-                env: Vec::new(),
-            })
-            .map_err(|e| e.to_string())?;
-        self.sandboxes.ids.push(id.clone());
-        self.runtime.start(&id).map_err(|e| e.to_string())?;
+            self.sandboxes.len()
+        );
+        let sandbox = Sandbox::start(self.runtime, &name, &state.image, None)?;
+        let id = sandbox.id.clone();
+        self.sandboxes.push(sandbox);
         state.sandbox = Some(id.clone());
         Ok(id)
     }
@@ -303,10 +322,7 @@ pub fn build(
         runtime,
         store,
         req,
-        sandboxes: Sandboxes {
-            runtime,
-            ids: Vec::new(),
-        },
+        sandboxes: Vec::new(),
         stages: BTreeMap::new(),
         done: Vec::new(),
         run: 0,

@@ -745,15 +745,8 @@ fn read_environment(env: &EnvironmentFile, repository: Option<&str>) -> ApiResul
     let options = repository
         .map(warren_build::read_options)
         .unwrap_or_default();
-    let loaded = warren_spec::parse(&path, format, &env.text, &options).map_err(|r| {
-        ApiError::bad_request(
-            r.errors
-                .iter()
-                .map(|d| d.render(&r.text))
-                .collect::<Vec<_>>()
-                .join(""),
-        )
-    })?;
+    let loaded = warren_spec::parse(&path, format, &env.text, &options)
+        .map_err(|r| ApiError::bad_request(r.render_errors()))?;
     Ok(Environment {
         tasks: warren_build::workspace_tasks(&loaded.spec),
         user: warren_build::session_user(&loaded.spec),

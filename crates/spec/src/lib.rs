@@ -72,6 +72,13 @@ pub struct Rejected {
     pub warnings: Vec<Diagnostic>,
 }
 
+impl Rejected {
+    /// Every error with its position and source line, as a user reads them.
+    pub fn render_errors(&self) -> String {
+        self.errors.iter().map(|d| d.render(&self.text)).collect()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
     #[error("no environment file in `{dir}`: expected one of {}", CANDIDATES.join(", "))]
