@@ -160,6 +160,7 @@ pub fn execute(runtime: &dyn Runtime, work: &WorkspaceJob) -> Result<Outcome, St
                 pids: spec.pids,
             },
             env: Vec::new(),
+            vm: None,
         };
         match runtime.create(&config) {
             Ok(_) | Err(RuntimeError::AlreadyExists(_)) => Ok(()),

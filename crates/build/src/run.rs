@@ -113,6 +113,7 @@ impl<'a> Sandbox<'a> {
                 hostname: None,
                 limits: Limits::default(),
                 env: Vec::new(),
+                vm: None,
             })
             .map_err(|e| e.to_string())?;
         let sandbox = Sandbox { runtime, id };

@@ -223,6 +223,7 @@ fn one_file_prebuild(work: &Path, rootfs: &Path) -> anyhow::Result<(u64, u64)> {
         helper: std::env::current_exe()?,
         network: NetworkConfig::default(),
         uid_base: BENCH_UID_BASE,
+        vm: Default::default(),
     })?);
     let prebuilder = crate::prebuild_cmd::HostPrebuilder {
         data: data.clone(),

@@ -86,6 +86,7 @@ pub(crate) fn runtime(cycles: usize, work: &Path, json: Option<&Path>) -> anyhow
         helper: helper.clone(),
         network: NetworkConfig::default(),
         uid_base: BENCH_UID_BASE,
+        vm: Default::default(),
     })?;
     sh(Command::new(&helper)
         .arg("--data")
@@ -122,6 +123,7 @@ pub(crate) fn runtime(cycles: usize, work: &Path, json: Option<&Path>) -> anyhow
             hostname: None,
             limits: Default::default(),
             env: Vec::new(),
+            vm: None,
         })?;
         let samples = timed(cycles, name, || {
             runtime.start(&id)?;
@@ -375,6 +377,7 @@ fn idle_memory(runtime: &ContainerRuntime, count: usize) -> anyhow::Result<IdleM
             hostname: None,
             limits: Default::default(),
             env: Vec::new(),
+            vm: None,
         })?;
         runtime.start(id)?;
     }

@@ -10,7 +10,7 @@ use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
 use warren_runtime::{
     ContainerRuntime, ContainerRuntimeConfig, ExecIo, ExecRequest, Limits, NetworkConfig,
-    RootSource, Runtime, WinSize, WorkspaceConfig, WorkspaceId, WorkspaceState,
+    RootSource, Runtime, VmOptions, WinSize, WorkspaceConfig, WorkspaceId, WorkspaceState,
 };
 use warren_spec::ByteSize;
 
@@ -49,6 +49,8 @@ impl HostFlags {
                 nameservers: self.dns.clone(),
             },
             uid_base: self.uid_base,
+            // WARREN_VM_KERNEL, WARREN_GUEST and WARREN_VM_ACCEL, else the defaults.
+            vm: Default::default(),
         })?)
     }
 }
@@ -86,6 +88,13 @@ enum RuntimeCommand {
         /// KEY=value for every process in the workspace (repeatable)
         #[arg(long = "env", short = 'e')]
         env: Vec<String>,
+        /// A virtual machine (its own kernel) instead of a system container
+        #[arg(long)]
+        vm: bool,
+        /// Let the host's KSM merge this VM's memory with others' (a side channel between
+        /// tenants: only for VMs that trust each other)
+        #[arg(long, requires = "vm")]
+        ksm: bool,
     },
     /// Start a stopped workspace
     Start { name: String },
@@ -163,6 +172,8 @@ pub fn run(args: RuntimeArgs, data: &Path) -> anyhow::Result<ExitCode> {
             pids,
             hostname,
             env,
+            vm,
+            ksm,
         } => {
             let memory = memory.as_deref().map(crate::parse_size).transpose()?;
             let root = match (image, dir) {
@@ -182,6 +193,7 @@ pub fn run(args: RuntimeArgs, data: &Path) -> anyhow::Result<ExitCode> {
                 hostname,
                 limits: Limits { cpus, memory, pids },
                 env,
+                vm: vm.then_some(VmOptions { ksm }),
             };
             let info = runtime.create(&config)?;
             runtime.start(&config.id).with_context(|| {

@@ -1,7 +1,8 @@
-//! Container workspaces for real: user namespaces, cgroups (v1 here), overlay over a folder or
-//! a lazy image, a bridge with nftables rules — each test in a network namespace of its own.
-//! Workspaces are driven with `warren runtime ...` as an operator would, and inspected through
-//! the library's exec and from the host.
+//! Workspaces for real: system containers (user namespaces, cgroups — v1 here — overlay over a
+//! folder or a lazy image) and VMs (QEMU under TCG here, the same tree over virtiofs), on a
+//! bridge with nftables rules — each test in a network namespace of its own. The lifecycle and
+//! isolation tests run against both backends. Workspaces are driven with `warren runtime ...`
+//! as an operator would, and inspected through the library's exec and from the host.
 // A test that meets an unexpected error should stop right there.
 #![allow(clippy::unwrap_used)]
 
@@ -14,21 +15,35 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 use warren_runtime::{
     ContainerRuntime, ContainerRuntimeConfig, ExecIo, ExecRequest, ExitStatus, NetworkConfig,
-    Runtime, WinSize, WorkspaceId, WorkspaceState,
+    Runtime, VmSettings, WinSize, WorkspaceId, WorkspaceState,
 };
 use warren_testkit::{debian_rootfs, enter_own_network, require_program};
+
+/// Which kind of workspace a test makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Container,
+    Vm,
+}
 
 /// One test's host: its own network namespace and data folder.
 struct Host {
     data: TempDir,
     runtime: ContainerRuntime,
     uid_base: u32,
+    backend: Backend,
+    /// The guest kernel and agent (VM tests).
+    vm: Option<(PathBuf, PathBuf)>,
 }
 
 impl Host {
     /// `seed` gives each test its own uid ranges: tests run in parallel, and their workspaces'
     /// processes must not be mistaken for one another's.
     fn new(seed: u32) -> Self {
+        Self::with_backend(seed, Backend::Container)
+    }
+
+    fn with_backend(seed: u32, backend: Backend) -> Self {
         enter_own_network();
         for (program, package) in [
             ("nft", "nftables"),
@@ -42,18 +57,32 @@ impl Host {
             .tempdir_in("/var/tmp")
             .unwrap();
         let uid_base = ContainerRuntimeConfig::DEFAULT_UID_BASE + seed * 16 * 65536;
+        let vm = (backend == Backend::Vm).then(|| {
+            warren_testkit::require_vm_tools();
+            (
+                warren_testkit::guest_kernel(),
+                warren_testkit::static_guest(),
+            )
+        });
         let runtime = ContainerRuntime::new(ContainerRuntimeConfig {
             root: data.path().join("runtime"),
             data: data.path().to_path_buf(),
             helper: env!("CARGO_BIN_EXE_warren").into(),
             network: NetworkConfig::default(),
             uid_base,
+            vm: VmSettings {
+                kernel: vm.as_ref().map(|v| v.0.clone()),
+                guest: vm.as_ref().map(|v| v.1.clone()),
+                accel: None,
+            },
         })
         .unwrap();
         Self {
             data,
             runtime,
             uid_base,
+            backend,
+            vm,
         }
     }
 
@@ -62,6 +91,9 @@ impl Host {
             .arg("--data")
             .arg(self.data.path())
             .env("WARREN_UID_BASE", self.uid_base.to_string())
+            .envs(self.vm.iter().flat_map(|(kernel, guest)| {
+                [("WARREN_VM_KERNEL", kernel), ("WARREN_GUEST", guest)]
+            }))
             .args(args)
             .output()
             .unwrap()
@@ -145,6 +177,9 @@ impl Host {
     fn run_dir(&self, ws: &str, extra: &[&str]) {
         let rootfs = debian_rootfs("minbase", &[]);
         let mut args = vec!["runtime", "run", ws, "--dir", rootfs.to_str().unwrap()];
+        if self.backend == Backend::Vm {
+            args.push("--vm");
+        }
         args.extend_from_slice(extra);
         self.ok(&args);
     }
@@ -205,7 +240,22 @@ impl Host {
 
 /// A failed test must not leave workspaces running on the machine.
 impl Drop for Host {
+    #[allow(clippy::print_stderr)] // a failing test's output is where this belongs
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // What the supervisors said is the first thing a failure needs.
+            let dir = self.data.path().join("runtime/workspaces");
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let log =
+                    std::fs::read_to_string(entry.path().join("shim.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                eprintln!(
+                    "--- {} shim.log (last lines):\n{}",
+                    entry.file_name().to_string_lossy(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+        }
         for ws in self.runtime.list().unwrap_or_default() {
             let _ = self.runtime.delete(&ws.config.id);
         }
@@ -257,7 +307,16 @@ fn read_until(master: &mut std::fs::File, needle: &str) -> String {
 
 #[test]
 fn lifecycle_exec_pty_stop_start_and_clean_delete() {
-    let host = Host::new(1);
+    lifecycle(Host::with_backend(1, Backend::Container));
+}
+
+#[test]
+fn lifecycle_exec_pty_stop_start_and_clean_delete_of_a_vm() {
+    lifecycle(Host::with_backend(5, Backend::Vm));
+}
+
+fn lifecycle(host: Host) {
+    let vm = host.backend == Backend::Vm;
     host.run_dir("life", &["--memory", "256MiB", "--pids", "500"]);
     let base = host.uid_base("life");
 
@@ -269,7 +328,20 @@ fn lifecycle_exec_pty_stop_start_and_clean_delete() {
     );
     let (_, out, _) = host.sh("life", "id -u; cat /proc/self/uid_map; hostname");
     let words: Vec<&str> = out.split_whitespace().collect();
-    assert_eq!(words, ["0", "0", &base.to_string(), "65536", "life"]);
+    if vm {
+        // Root of its own kernel: no user namespace inside.
+        assert_eq!(words, ["0", "0", "0", "4294967295", "life"]);
+        let info = host.runtime.info(&id("life")).unwrap();
+        assert_eq!(
+            info.accel.as_deref(),
+            Some("tcg"),
+            "nested KVM here cannot boot it"
+        );
+        let (_, out, _) = host.sh("life", "uname -r; grep MemTotal /proc/meminfo");
+        assert!(out.contains("cloud-amd64"), "the guest kernel runs: {out}");
+    } else {
+        assert_eq!(words, ["0", "0", &base.to_string(), "65536", "life"]);
+    }
 
     // stdin reaches the process.
     let (status, upper) = host.feed("life", &["tr", "a-z", "A-Z"], b"through stdin\n".to_vec());
@@ -361,8 +433,15 @@ fn lifecycle_exec_pty_stop_start_and_clean_delete() {
     assert_eq!(host.sh("life", "cat /root/kept").1, "kept\n");
     let stats = host.runtime.stats(&id("life")).unwrap();
     assert_eq!(stats.memory_limit, Some(256 << 20));
-    assert_eq!(stats.pids_limit, Some(500));
+    // A VM's processes are its kernel's business: the limit is its memory.
+    assert_eq!(stats.pids_limit, if vm { None } else { Some(500) });
     assert!(stats.pids >= 1 && stats.disk_bytes > 0, "{stats:?}");
+    if vm {
+        assert!(
+            stats.memory_bytes > 16 << 20 && stats.cpu_ns > 0,
+            "QEMU's memory and CPU time: {stats:?}"
+        );
+    }
 
     // Delete while running: nothing of it is left on the host.
     let out = host.warren(&["runtime", "rm", "life"]);
@@ -455,7 +534,16 @@ fn memory_and_pids_limits_stop_at_the_workspace() {
 
 #[test]
 fn isolation_holds() {
-    let host = Host::new(4);
+    isolation(Host::with_backend(4, Backend::Container));
+}
+
+#[test]
+fn isolation_holds_for_a_vm() {
+    isolation(Host::with_backend(6, Backend::Vm));
+}
+
+fn isolation(host: Host) {
+    let vm = host.backend == Backend::Vm;
     host.run_dir("iso-a", &[]);
     host.run_dir("iso-b", &[]);
     let base = host.uid_base("iso-a");
@@ -470,8 +558,11 @@ fn isolation_holds() {
         err
     };
 
-    // No host process is visible.
-    let (_, out, _) = host.sh("iso-a", "ls /proc | grep -c '^[0-9]'");
+    // No host process is visible (user processes: a VM's kernel has threads of its own).
+    let (_, out, _) = host.sh(
+        "iso-a",
+        "grep -l . /proc/[0-9]*/cmdline 2>/dev/null | wc -l",
+    );
     assert!(out.trim().parse::<u32>().unwrap() < 10, "{out}");
     assert!(
         !host
@@ -495,26 +586,13 @@ fn isolation_holds() {
         "mine\n",
         "the workspace has its own"
     );
-    expect_fail("a host sysctl", "echo 1 > /proc/sys/vm/drop_caches");
-    expect_fail("a host sysctl", "echo 5 > /proc/sys/kernel/panic");
-
-    // No block device, no kernel module.
-    expect_fail("mknod of a block device", "mknod /tmp/disk b 8 0");
-    expect_fail("mounting a block device", "mount -t ext4 /dev/vda /mnt");
-    // finit_module(2): refused for want of CAP_SYS_MODULE in the host's user namespace; a
-    // kernel built without modules (as this test machine's) answers ENOSYS to everyone.
-    let (status, out, _) = host.sh(
-        "iso-a",
-        "perl -e '$p = q(); syscall(313, 0, $p, 0) == -1 or exit 0; print $!; exit 1'",
-    );
-    assert_eq!(status, ExitStatus::Code(1), "finit_module must fail");
-    let expected = if Path::new("/proc/modules").exists() {
-        "Operation not permitted"
+    if vm {
+        vm_isolation(&host, base);
     } else {
-        "Function not implemented"
-    };
-    assert_eq!(out, expected);
+        container_isolation(&host, base);
+    }
 
+    // Another workspace: reachable by its own loopback and by the host, not by iso-a.
     // Another workspace: reachable by its own loopback and by the host, not by iso-a.
     let listen = "perl -MIO::Socket::INET -e '$s = IO::Socket::INET->new(LocalAddr => q(0.0.0.0:8000), Listen => 5, ReuseAddr => 1) or die $!; while ($c = $s->accept) { print $c qq(hello\\n); close $c }'";
     let server = host
@@ -575,6 +653,42 @@ fn isolation_holds() {
         &connect(&format!("{gateway}:{port}")),
     );
 
+    for ws in ["iso-a", "iso-b"] {
+        host.ok(&["runtime", "rm", "-f", ws]);
+    }
+}
+
+/// What only a container must refuse: its kernel is the host's.
+fn container_isolation(host: &Host, base: u32) {
+    let expect_fail = |what: &str, script: &str| {
+        let (status, out, err) = host.sh("iso-a", script);
+        assert_ne!(
+            status,
+            ExitStatus::Code(0),
+            "{what} must fail, but: {out}{err}"
+        );
+        err
+    };
+    expect_fail("a host sysctl", "echo 1 > /proc/sys/vm/drop_caches");
+    expect_fail("a host sysctl", "echo 5 > /proc/sys/kernel/panic");
+
+    // No block device, no kernel module.
+    expect_fail("mknod of a block device", "mknod /tmp/disk b 8 0");
+    expect_fail("mounting a block device", "mount -t ext4 /dev/vda /mnt");
+    // finit_module(2): refused for want of CAP_SYS_MODULE in the host's user namespace; a
+    // kernel built without modules (as this test machine's) answers ENOSYS to everyone.
+    let (status, out, _) = host.sh(
+        "iso-a",
+        "perl -e '$p = q(); syscall(313, 0, $p, 0) == -1 or exit 0; print $!; exit 1'",
+    );
+    assert_eq!(status, ExitStatus::Code(1), "finit_module must fail");
+    let expected = if Path::new("/proc/modules").exists() {
+        "Operation not permitted"
+    } else {
+        "Function not implemented"
+    };
+    assert_eq!(out, expected);
+
     // A setuid-root binary started by an unprivileged user is root only inside.
     host.sh(
         "iso-a",
@@ -615,10 +729,43 @@ fn isolation_holds() {
         "raising its pids limit",
         "echo max > /sys/fs/cgroup/pids/pids.max",
     );
+}
 
-    for ws in ["iso-a", "iso-b"] {
-        host.ok(&["runtime", "rm", "-f", ws]);
-    }
+/// A VM has its own kernel: what a container must refuse is the guest's own business there,
+/// and on the host the VM is only unprivileged processes.
+fn vm_isolation(host: &Host, base: u32) {
+    let info = host.runtime.info(&id("iso-a")).unwrap();
+    let qemu = info.init_pid.unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{qemu}/status")).unwrap();
+    let uids: Vec<u32> = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .unwrap()
+        .split_whitespace()
+        .map(|v| v.parse().unwrap())
+        .collect();
+    assert_eq!(
+        uids, [base; 4],
+        "QEMU runs as the workspace's root on the host"
+    );
+    let host_kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let (status, out, err) = host.sh(
+        "iso-a",
+        "uname -r; mknod /dev/wdisk b 8 0 && echo made; echo 3 > /proc/sys/vm/drop_caches && echo dropped",
+    );
+    assert_eq!(status, ExitStatus::Code(0), "{out}{err}");
+    assert_ne!(
+        out.lines().next().unwrap(),
+        host_kernel.trim(),
+        "its own kernel"
+    );
+    assert!(
+        out.contains("made\ndropped"),
+        "root of its own kernel: {out}"
+    );
+    // The block devices it sees are its own: its scratch disk, not the host's.
+    let (_, out, _) = host.sh("iso-a", "cat /proc/partitions");
+    assert!(out.contains("vda") && !out.contains("sda"), "{out}");
 }
 
 /// The effective uid (on the host) of the process running `comm`.

@@ -1,25 +1,24 @@
 //! `warren-guest`: PID 1 of a VM workspace, built as a static binary
 //! (`-C target-feature=+crt-static`) so that it runs from an initramfs with nothing else in it.
 //!
-//! What it does so far: mounts `/proc`, `/sys` and `/dev`, loads the kernel modules listed in
-//! `/lib/warren/modules` (in order: the virtio transport, vsock, virtiofs, balloon, ...), says
-//! on the console that the guest is up, and answers the host on vsock port [`CONTROL_PORT`]: a
-//! line `ping` gets `pong`, a line `poweroff` shuts the VM down cleanly. It powers off at once
-//! when the kernel command line asks (`warren.poweroff=1`, for boot tests). The guest agent
-//! proper (exec, pty, connect, stats), the workspace's root from virtiofs and networking come
-//! next (the VM issue).
+//! Boot: mount `/proc`, `/sys`, `/dev`; load the modules listed in [`proto::MODULE_LIST`]
+//! (virtio transport, vsock, virtiofs, balloon, net, block); read [`proto::GuestConfig`]; mount
+//! the workspace's tree from virtiofs and make it the root (its scratch disk at
+//! `/var/lib/docker`, `/etc/resolv.conf`, `hosts` and `hostname` bound over from the config);
+//! configure `eth0`; then serve the host on vsock port [`proto::AGENT_PORT`] (`agent.rs`).
+//! With `warren.poweroff=1` on the kernel command line it powers off right after the modules
+//! (boot tests).
+
+mod agent;
+mod net;
 
 use std::ffi::CString;
 use std::io::Write;
+use std::path::Path;
 use std::time::Instant;
 
 use nix::mount::{MsFlags, mount};
-
-/// The vsock port the host reaches the guest on.
-const CONTROL_PORT: u32 = 1024;
-
-/// Modules to load, one path per line, dependencies first.
-const MODULE_LIST: &str = "/lib/warren/modules";
+use warren_guest::proto::{self, GuestConfig};
 
 fn console(line: &str) {
     let mut out = std::io::stdout();
@@ -27,16 +26,16 @@ fn console(line: &str) {
     let _ = out.flush();
 }
 
-fn mount_fs(source: &str, target: &str, fstype: &str) -> Result<(), String> {
+fn mount_fs(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), String> {
     let _ = std::fs::create_dir_all(target);
-    mount(
-        Some(source),
-        target,
-        Some(fstype),
-        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        None::<&str>,
-    )
-    .map_err(|e| format!("cannot mount {fstype} at {target}: {e}"))
+    mount(Some(source), target, Some(fstype), flags, data)
+        .map_err(|e| format!("cannot mount {fstype} at {target}: {e}"))
 }
 
 /// Loads one module file (`finit_module`); one already loaded is fine.
@@ -63,7 +62,8 @@ fn load_module(path: &str) -> Result<(), String> {
     }
 }
 
-fn power_off() -> ! {
+/// Syncs and powers the VM off; never returns.
+pub(crate) fn power_off() -> ! {
     // SAFETY: sync and reboot take no pointers.
     unsafe {
         libc::sync();
@@ -77,17 +77,18 @@ fn power_off() -> ! {
 
 fn main() {
     let started = Instant::now();
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
     for (source, target, fstype) in [
         ("proc", "/proc", "proc"),
         ("sysfs", "/sys", "sysfs"),
         ("devtmpfs", "/dev", "devtmpfs"),
     ] {
-        if let Err(e) = mount_fs(source, target, fstype) {
+        if let Err(e) = mount_fs(source, target, fstype, nosuid, None) {
             console(&e);
         }
     }
     let mut loaded = 0;
-    if let Ok(list) = std::fs::read_to_string(MODULE_LIST) {
+    if let Ok(list) = std::fs::read_to_string(proto::MODULE_LIST) {
         for path in list.lines().map(str::trim).filter(|l| !l.is_empty()) {
             match load_module(path) {
                 Ok(()) => loaded += 1,
@@ -102,82 +103,140 @@ fn main() {
         uptime.split_whitespace().next().unwrap_or("?")
     ));
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    let vsock = std::path::Path::new("/dev/vsock").exists();
     console(&format!(
         "vsock device: {}",
-        if vsock { "present" } else { "absent" }
+        if Path::new("/dev/vsock").exists() {
+            "present"
+        } else {
+            "absent"
+        }
     ));
     if cmdline.split_whitespace().any(|w| w == "warren.poweroff=1") {
         console("powering off");
         power_off();
     }
-    match control_listener() {
-        Ok(listener) => {
-            console(&format!("listening on vsock port {CONTROL_PORT}"));
-            serve(listener);
+    let config: GuestConfig = std::fs::read(proto::CONFIG_PATH)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    if let Err(e) = enter_root(&config) {
+        // Without its tree the workspace is useless: say why on the console and stop.
+        console(&format!("cannot set up the workspace's root: {e}"));
+        power_off();
+    }
+    if let Some(network) = &config.network
+        && let Err(e) = net::configure(network)
+    {
+        console(&format!("network: {e}"));
+    }
+    if !config.hostname.is_empty() {
+        // SAFETY: the pointer and length describe the hostname's bytes.
+        let rc =
+            unsafe { libc::sethostname(config.hostname.as_ptr().cast(), config.hostname.len()) };
+        if rc < 0 {
+            console(&format!("hostname: {}", std::io::Error::last_os_error()));
         }
-        Err(e) => console(&format!("no control channel: {e}")),
+    }
+    match agent::listen() {
+        Ok(listener) => {
+            console(&format!(
+                "agent listening on vsock port {} after {} ms",
+                proto::AGENT_PORT,
+                started.elapsed().as_millis()
+            ));
+            agent::serve(listener);
+        }
+        Err(e) => console(&format!("no agent: {e}")),
     }
     loop {
         std::thread::sleep(std::time::Duration::from_secs(3600));
     }
 }
 
-fn control_listener() -> Result<std::os::fd::OwnedFd, String> {
-    use nix::sys::socket::{
-        AddressFamily, Backlog, SockFlag, SockType, VsockAddr, bind, listen, socket,
+/// Mounts the workspace's tree and makes it the root, with the kernel filesystems, the scratch
+/// disk and the `/etc` files in it. Without a root tag the initramfs stays the root (tests).
+fn enter_root(config: &GuestConfig) -> Result<(), String> {
+    let Some(tag) = &config.root_tag else {
+        return Ok(());
     };
-    let fd = socket(
-        AddressFamily::Vsock,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .map_err(|e| format!("vsock socket: {e}"))?;
-    bind(
-        std::os::fd::AsRawFd::as_raw_fd(&fd),
-        &VsockAddr::new(libc::VMADDR_CID_ANY, CONTROL_PORT),
-    )
-    .map_err(|e| format!("vsock bind: {e}"))?;
-    listen(&fd, Backlog::new(16).map_err(|e| e.to_string())?)
-        .map_err(|e| format!("vsock listen: {e}"))?;
-    Ok(fd)
-}
-
-/// Answers the host's control connections, one line each way.
-fn serve(listener: std::os::fd::OwnedFd) -> ! {
-    use std::io::BufRead;
-    loop {
-        let conn = match nix::sys::socket::accept(std::os::fd::AsRawFd::as_raw_fd(&listener)) {
-            Ok(fd) => {
-                // SAFETY: accept returned a new descriptor that nothing else owns.
-                unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) }
-            }
-            Err(e) => {
-                console(&format!("vsock accept: {e}"));
-                continue;
-            }
-        };
-        std::thread::spawn(move || {
-            let mut out = match conn.try_clone() {
-                Ok(c) => c,
-                Err(_) => return,
-            };
-            for line in std::io::BufReader::new(conn).lines().map_while(Result::ok) {
-                match line.trim() {
-                    "ping" => {
-                        let _ = writeln!(out, "pong");
-                    }
-                    "poweroff" => {
-                        let _ = writeln!(out, "powering off");
-                        console("powering off (asked by the host)");
-                        power_off();
-                    }
-                    other => {
-                        let _ = writeln!(out, "unknown request `{other}`");
-                    }
-                }
-            }
-        });
+    let new = "/newroot";
+    mount_fs(tag, new, "virtiofs", MsFlags::empty(), None)?;
+    if let Some(device) = &config.scratch_device {
+        let target = format!("{new}/var/lib/docker");
+        mount_fs(device, &target, "ext4", MsFlags::empty(), Some("discard"))?;
     }
+    // The /etc files live in a tmpfs, so nothing of them lands in the writable layer.
+    let run = format!("{new}/run");
+    mount_fs(
+        "tmpfs",
+        &run,
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=755"),
+    )?;
+    let files = format!("{run}/warren");
+    std::fs::create_dir_all(&files).map_err(|e| format!("{files}: {e}"))?;
+    for (name, content) in &config.etc {
+        if name.contains('/') {
+            continue;
+        }
+        let source = format!("{files}/{name}");
+        std::fs::write(&source, content).map_err(|e| format!("{source}: {e}"))?;
+        let target = format!("{new}/etc/{name}");
+        if std::fs::symlink_metadata(&target).is_err() {
+            std::fs::write(&target, "").map_err(|e| format!("{target}: {e}"))?;
+        }
+        mount(
+            Some(source.as_str()),
+            target.as_str(),
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|e| format!("cannot bind {target}: {e}"))?;
+    }
+    // Switch: the new root moves over `/`, and this process chroots into it (the initramfs's
+    // files stay in memory; they are small).
+    std::env::set_current_dir(new).map_err(|e| format!("chdir {new}: {e}"))?;
+    for fs in ["/proc", "/sys", "/dev"] {
+        let target = format!("{new}{fs}");
+        let _ = std::fs::create_dir_all(&target);
+        mount(
+            Some(fs),
+            target.as_str(),
+            None::<&str>,
+            MsFlags::MS_MOVE,
+            None::<&str>,
+        )
+        .map_err(|e| format!("cannot move {fs}: {e}"))?;
+    }
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(|e| format!("cannot move the root: {e}"))?;
+    nix::unistd::chroot(".").map_err(|e| format!("chroot: {e}"))?;
+    std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
+    let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
+    mount_fs(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        nodev,
+        Some("ptmxmode=0666,mode=620,gid=5"),
+    )?;
+    mount_fs(
+        "tmpfs",
+        "/dev/shm",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    )?;
+    if let Err(e) = mount_fs(
+        "cgroup2",
+        "/sys/fs/cgroup",
+        "cgroup2",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None,
+    ) {
+        console(&e);
+    }
+    Ok(())
 }

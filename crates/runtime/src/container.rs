@@ -24,10 +24,11 @@ use crate::record::{ID_RANGE, Layout, WorkspaceRecord};
 use crate::shim::{create_layout, teardown};
 use crate::slots::Slots;
 use crate::types::WORKSPACE_SOCKET_NAME;
+use crate::vm::VmFiles;
 use crate::{
     DeleteReport, Error, Exec, ExecIo, ExecRequest, ExitStatus, Process, RootSource, Runtime,
     Stats, WinSize, WorkspaceConfig, WorkspaceId, WorkspaceInfo, WorkspaceSocket, WorkspaceState,
-    WritableLayer, cgroup, net,
+    WritableLayer, cgroup, net, vm,
 };
 
 /// How long a forwarded connection may take to open.
@@ -85,6 +86,8 @@ pub struct ContainerRuntimeConfig {
     /// The first host uid given to workspaces; workspace `n` gets `base + n * 65536` and the
     /// 65535 ids after it. Keep it clear of the host's own users and `/etc/subuid` ranges.
     pub uid_base: u32,
+    /// What VM workspaces boot from (used only by workspaces that ask for a VM).
+    pub vm: crate::VmSettings,
 }
 
 impl ContainerRuntimeConfig {
@@ -200,6 +203,9 @@ impl ContainerRuntime {
             },
             uid_base: rec.uid_base,
             address: rec.address,
+            accel: init_pid
+                .and(rec.vm.as_ref())
+                .and_then(|_| vm::client::read_state(&VmFiles::of(layout).state(), "accel")),
             init_pid,
             config: rec.config,
         }
@@ -243,6 +249,14 @@ impl Runtime for ContainerRuntime {
             }
             _ => {}
         }
+        let vm = match &config.vm {
+            Some(_) => Some(self.config.vm.resolve(
+                &self.config.data,
+                &self.config.helper,
+                &self.config.root,
+            )?),
+            None => None,
+        };
         if let Some(cpus) = config.limits.cpus
             && !(cpus > 0.0 && cpus.is_finite())
         {
@@ -280,6 +294,7 @@ impl Runtime for ContainerRuntime {
                 data: self.config.data.clone(),
                 helper: self.config.helper.clone(),
                 containers: self.config.root.join("containers"),
+                vm: vm.clone(),
             };
             create_layout(&rec, &layout)?;
             rec.save(&layout.record())?;
@@ -353,7 +368,29 @@ impl Runtime for ContainerRuntime {
     }
 
     fn exec(&self, id: &WorkspaceId, request: &ExecRequest) -> Result<Exec, Error> {
-        let (_, layout) = self.record(id)?;
+        let (rec, layout) = self.record(id)?;
+        if rec.vm.is_some() {
+            if Self::status(&layout).is_none() {
+                return Err(Error::NotRunning(id.to_string()));
+            }
+            let env = crate::exec::merge_env(&[
+                &[crate::spec::DEFAULT_PATH.to_owned()],
+                &rec.config.env,
+                &request.env,
+            ])
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+            return vm::client::exec(&VmFiles::of(&layout).agent(), request, env).map_err(
+                |e| match e {
+                    Error::Exec { .. } => e,
+                    other => Error::Shim {
+                        id: id.to_string(),
+                        message: other.to_string(),
+                    },
+                },
+            );
+        }
         let channel =
             Channel::connect(&layout.socket()).map_err(|_| Error::NotRunning(id.to_string()))?;
         let pipe = || std::io::pipe().map_err(|e| Error::Sys(format!("pipe: {e}")));
@@ -413,7 +450,15 @@ impl Runtime for ContainerRuntime {
     }
 
     fn connect(&self, id: &WorkspaceId, to: SocketAddr) -> Result<TcpStream, Error> {
-        let (_, _, pid) = self.running(id)?;
+        let (rec, layout, pid) = self.running(id)?;
+        if rec.vm.is_some() {
+            return vm::client::connect(&VmFiles::of(&layout).agent(), to).map_err(|e| {
+                Error::Shim {
+                    id: id.to_string(),
+                    message: format!("cannot connect to {to} ({e})"),
+                }
+            });
+        }
         let ns_path = PathBuf::from(format!("/proc/{pid}/ns/net"));
         let ns = File::open(&ns_path).map_err(Error::io("cannot open", &ns_path))?;
         // setns(CLONE_NEWNET) changes only the calling thread: a short-lived thread enters the
@@ -477,6 +522,12 @@ impl Runtime for ContainerRuntime {
 
     fn listen_unix(&self, id: &WorkspaceId, user: Option<&str>) -> Result<WorkspaceSocket, Error> {
         let (rec, _, pid) = self.running(id)?;
+        if rec.vm.is_some() {
+            return Err(Error::Shim {
+                id: id.to_string(),
+                message: "agent forwarding into a VM workspace is not supported yet".into(),
+            });
+        }
         let root_path = PathBuf::from(format!("/proc/{pid}/root"));
         let root = File::open(&root_path).map_err(Error::io("cannot open", &root_path))?;
         // Every path is resolved as if the workspace's root were `/`, so a symlink planted in
@@ -496,7 +547,7 @@ impl Runtime for ContainerRuntime {
             .take(1 << 20)
             .read_to_string(&mut passwd)
             .map_err(|e| Error::Sys(format!("cannot read the workspace's /etc/passwd: {e}")))?;
-        let (uid, gid) = match crate::exec::parse_passwd(&passwd, user) {
+        let (uid, gid) = match warren_guest::accounts::parse_passwd(&passwd, user) {
             Some(account) => (account.uid, account.gid),
             None => match user.parse::<u32>() {
                 Ok(uid) => (uid, uid),
@@ -641,15 +692,30 @@ impl Runtime for ContainerRuntime {
     }
 
     fn stats(&self, id: &WorkspaceId) -> Result<Stats, Error> {
-        let (rec, layout, _) = self.running(id)?;
-        let mut stats = cgroup::stats(&rec)?;
-        stats.disk_bytes = disk_usage(&layout.upper()) + disk_usage(&layout.docker());
+        let mut stats = self.live_stats(id)?;
+        let (_, layout) = self.record(id)?;
+        stats.disk_bytes = disk_usage(&layout.upper())
+            + disk_usage(&layout.docker())
+            + disk_usage(&VmFiles::of(&layout).dir);
         Ok(stats)
     }
 
     fn live_stats(&self, id: &WorkspaceId) -> Result<Stats, Error> {
-        let (rec, _, _) = self.running(id)?;
-        cgroup::stats(&rec)
+        let (rec, layout, pid) = self.running(id)?;
+        if rec.vm.is_none() {
+            return cgroup::stats(&rec);
+        }
+        // What the host pays for the VM (QEMU's resident memory and CPU time), and what the
+        // guest runs.
+        let guest = vm::client::stats(&VmFiles::of(&layout).agent()).unwrap_or_default();
+        Ok(Stats {
+            cpu_ns: vm::cpu_ns_of(pid),
+            memory_bytes: vm::rss_of(pid),
+            memory_limit: Some(vm::memory_limit(&rec)),
+            pids: guest.tasks,
+            pids_limit: None,
+            disk_bytes: 0,
+        })
     }
 
     fn info(&self, id: &WorkspaceId) -> Result<WorkspaceInfo, Error> {

@@ -26,15 +26,17 @@ mod spec;
 mod sys;
 pub mod tasks;
 mod types;
+pub mod vm;
 
 pub use container::{ContainerRuntime, ContainerRuntimeConfig, NetworkConfig};
 pub use error::Error;
 pub use shim::run_shim;
 pub use types::{
     DeleteReport, Exec, ExecIo, ExecRequest, ExitStatus, Limits, Process, RootSource, Stats,
-    WinSize, WorkspaceConfig, WorkspaceId, WorkspaceInfo, WorkspaceSocket, WorkspaceState,
-    WritableLayer,
+    VmOptions, WinSize, WorkspaceConfig, WorkspaceId, WorkspaceInfo, WorkspaceSocket,
+    WorkspaceState, WritableLayer,
 };
+pub use vm::{Accel, VmSettings};
 
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;

@@ -129,6 +129,31 @@ pub(crate) fn attach(rec: &WorkspaceRecord, pid: i32) -> Result<(), Error> {
     Ok(())
 }
 
+/// Gives a VM workspace a tap on the bridge, named like a container's veth (so the same rules
+/// hold it to its address) and usable by the workspace's host uid, which QEMU runs as.
+pub(crate) fn attach_tap(rec: &WorkspaceRecord) -> Result<(), Error> {
+    let tap = rec.veth();
+    if run(Command::new("ip").args(["link", "show", "dev", &tap])).is_ok() {
+        run(Command::new("ip").args(["link", "del", &tap]))?;
+    }
+    run(Command::new("ip").args([
+        "tuntap",
+        "add",
+        "dev",
+        &tap,
+        "mode",
+        "tap",
+        "user",
+        &rec.uid_base.to_string(),
+        "group",
+        &rec.uid_base.to_string(),
+    ]))?;
+    run(Command::new("ip").args(["link", "set", &tap, "master", &rec.bridge, "up"]))?;
+    run(Command::new("bridge").args(["link", "set", "dev", &tap, "isolated", "on"]))?;
+    run(Command::new("nft").arg(format!("add {}", element(rec))))?;
+    Ok(())
+}
+
 /// Removes the workspace's address rule and interface; returns what could not be removed.
 pub(crate) fn detach(rec: &WorkspaceRecord) -> Vec<String> {
     let mut failed = Vec::new();

@@ -29,6 +29,9 @@ pub(crate) struct WorkspaceRecord {
     pub helper: PathBuf,
     /// libcontainer's state folder (shared by all workspaces of the host).
     pub containers: PathBuf,
+    /// What a VM workspace boots from; `None` for a container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<crate::vm::VmRecord>,
 }
 
 impl WorkspaceRecord {

@@ -31,6 +31,9 @@ use crate::proto::{Channel, Reply, Request, listen_at};
 use crate::record::{ID_RANGE, Layout, WorkspaceRecord};
 use crate::{Error, ExitStatus, RootSource, cgroup, exec, net, spec, sys};
 
+/// How long a VM may take to power off after its processes' grace period.
+const VM_POWEROFF_SLACK: Duration = Duration::from_secs(15);
+
 /// How long a stop asked for by a signal to the shim waits before killing.
 const SIGNAL_STOP_GRACE: Duration = Duration::from_secs(10);
 
@@ -112,6 +115,7 @@ fn supervise(layout: &Layout) -> Result<(), Error> {
     let mut shim = match Shim::start(rec, layout.clone()) {
         Ok(shim) => shim,
         Err((e, mut partial)) => {
+            crate::vm::stop_helpers(&mut partial.helpers);
             let leftovers = teardown(&partial.rec, &partial.layout, partial.mount.take());
             if !leftovers.is_empty() {
                 tracing::error!(?leftovers, "could not undo a failed start");
@@ -148,6 +152,8 @@ struct Partial {
     rec: WorkspaceRecord,
     layout: Layout,
     mount: Option<LowerMount>,
+    /// A VM's helper processes (virtiofsd, the vsock device) started so far.
+    helpers: Vec<Child>,
 }
 
 struct Shim {
@@ -155,6 +161,8 @@ struct Shim {
     layout: Layout,
     init_pid: i32,
     mount: Option<LowerMount>,
+    /// A VM workspace's QEMU (its `init_pid`) and helpers.
+    vm: Option<crate::vm::RunningVm>,
     /// Exec'd processes by pid, with the connection waiting for their exit.
     execs: HashMap<i32, Channel>,
 }
@@ -165,6 +173,7 @@ impl Shim {
             rec,
             layout,
             mount: None,
+            helpers: Vec::new(),
         });
         // Whatever an earlier run left (a crash, a host reboot) goes first.
         let stale = teardown(&partial.rec, &partial.layout, None);
@@ -180,12 +189,26 @@ impl Shim {
                 partial,
             ));
         }
-        match prepare(&partial.rec, &partial.layout, &mut partial.mount) {
-            Ok(init_pid) => Ok(Self {
+        let prepared = match partial.rec.vm.clone() {
+            Some(vm) => prepare_vm(
+                &partial.rec,
+                &vm,
+                &partial.layout,
+                &mut partial.mount,
+                &mut partial.helpers,
+            )
+            .map(|running| (running.qemu.id() as i32, Some(running))),
+            None => {
+                prepare(&partial.rec, &partial.layout, &mut partial.mount).map(|pid| (pid, None))
+            }
+        };
+        match prepared {
+            Ok((init_pid, vm)) => Ok(Self {
                 rec: partial.rec,
                 layout: partial.layout,
                 init_pid,
                 mount: partial.mount,
+                vm,
                 execs: HashMap::new(),
             }),
             Err(e) => Err((e, partial)),
@@ -289,6 +312,12 @@ impl Shim {
                     &[],
                 );
             }
+            Request::Exec(_) if self.vm.is_some() => {
+                let _ = channel.send(
+                    &Reply::Error("a VM workspace runs processes through its guest agent".into()),
+                    &[],
+                );
+            }
             Request::Exec(request) => match exec::spawn(&self.rec, self.init_pid, &request, fds) {
                 Ok(started) => {
                     let fds: Vec<_> = started.master.iter().map(|m| m.as_fd()).collect();
@@ -342,6 +371,9 @@ impl Shim {
 
     /// SIGTERM to init (which passes it to every process), SIGKILL after `grace`, then teardown.
     fn stop(&mut self, grace: Duration) {
+        if self.vm.is_some() {
+            return self.stop_vm(grace);
+        }
         let init = Pid::from_raw(self.init_pid);
         let _ = kill(init, Signal::SIGTERM);
         let deadline = Instant::now() + grace;
@@ -361,7 +393,37 @@ impl Shim {
         });
     }
 
+    /// A clean shutdown by the guest (its processes get SIGTERM, then SIGKILL after `grace`),
+    /// and QEMU killed if the guest has not powered off a while after that.
+    fn stop_vm(&mut self, grace: Duration) {
+        let agent = crate::vm::VmFiles::of(&self.layout).agent();
+        let asked = crate::vm::client::poweroff(&agent, grace).is_ok();
+        let deadline = Instant::now()
+            + if asked {
+                grace + VM_POWEROFF_SLACK
+            } else {
+                Duration::ZERO
+            };
+        let mut killed = false;
+        while !self.reap() {
+            if !killed && Instant::now() >= deadline {
+                let _ = kill(Pid::from_raw(self.init_pid), Signal::SIGKILL);
+                killed = true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.finish(if killed {
+            "stopped (the VM was killed)"
+        } else {
+            "stopped (the guest powered off)"
+        });
+    }
+
     fn finish(&mut self, why: &str) {
+        if let Some(mut vm) = self.vm.take() {
+            crate::vm::stop_helpers(&mut vm.helpers);
+            let _ = std::fs::remove_file(crate::vm::VmFiles::of(&self.layout).state());
+        }
         // Exec'd processes die with the pid namespace; collect them.
         let deadline = Instant::now() + Duration::from_secs(2);
         while !self.execs.is_empty() && Instant::now() < deadline {
@@ -395,13 +457,7 @@ fn prepare(
     ] {
         std::fs::create_dir_all(&dir).map_err(Error::io("cannot create", &dir))?;
     }
-    *mount = Some(mount_lower(rec, layout)?);
-    sys::mount_overlay(
-        &layout.lower(),
-        &layout.upper(),
-        &layout.work(),
-        &layout.rootfs(),
-    )?;
+    mount_tree(rec, layout, mount)?;
     let root = Some(rec.uid_base);
     for (name, content) in spec::etc_files(rec) {
         let path = layout.etc().join(name);
@@ -444,6 +500,38 @@ fn prepare(
         .start()
         .map_err(|e| start_err(format!("cannot start the container: {e}")))?;
     Ok(init_pid)
+}
+
+/// Mounts the tree as for a container, wires a tap on the bridge, and boots the VM over it.
+fn prepare_vm(
+    rec: &WorkspaceRecord,
+    vm: &crate::vm::VmRecord,
+    layout: &Layout,
+    mount: &mut Option<LowerMount>,
+    helpers: &mut Vec<Child>,
+) -> Result<crate::vm::RunningVm, Error> {
+    for dir in [layout.lower(), layout.rootfs()] {
+        std::fs::create_dir_all(&dir).map_err(Error::io("cannot create", &dir))?;
+    }
+    mount_tree(rec, layout, mount)?;
+    net::attach_tap(rec)?;
+    crate::vm::start(rec, vm, layout, helpers)
+}
+
+/// The workspace's tree at `layout.rootfs()`: its read-only tree under an overlay whose upper
+/// layer is the workspace's writable layer.
+fn mount_tree(
+    rec: &WorkspaceRecord,
+    layout: &Layout,
+    mount: &mut Option<LowerMount>,
+) -> Result<(), Error> {
+    *mount = Some(mount_lower(rec, layout)?);
+    sys::mount_overlay(
+        &layout.lower(),
+        &layout.upper(),
+        &layout.work(),
+        &layout.rootfs(),
+    )
 }
 
 fn mount_lower(rec: &WorkspaceRecord, layout: &Layout) -> Result<LowerMount, Error> {
@@ -544,7 +632,11 @@ pub(crate) fn teardown(
         let _ = child.kill();
         let _ = child.wait();
     }
-    leftovers.extend(cgroup::remove(rec));
+    // A VM has no cgroup of its own (its QEMU's memory is its size); its name may be a
+    // container's of another runtime on the host.
+    if rec.vm.is_none() {
+        leftovers.extend(cgroup::remove(rec));
+    }
     leftovers
 }
 

@@ -171,6 +171,7 @@ mod tests {
                     pids: Some(100),
                 },
                 env: vec!["LANG=C.UTF-8".into()],
+                vm: None,
             },
             slot: 3,
             uid_base: 1_000_196_608,
@@ -182,6 +183,7 @@ mod tests {
             data: "/var/lib/warren".into(),
             helper: "/usr/bin/warren".into(),
             containers: "/var/lib/warren/runtime/containers".into(),
+            vm: None,
         }
     }
 

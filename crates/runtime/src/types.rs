@@ -112,6 +112,25 @@ pub struct WorkspaceConfig {
     pub limits: Limits,
     /// `KEY=value` pairs every process inside starts with (before the exec's own).
     pub env: Vec<String>,
+    /// Run it as a virtual machine (its own kernel) rather than a system container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<VmOptions>,
+}
+
+/// What a VM workspace has beyond a container's. Its memory is `limits.memory` (default
+/// [`VmOptions::DEFAULT_MEMORY`]), its CPUs `limits.cpus` rounded up (default 2).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmOptions {
+    /// Mark the VM's memory mergeable by the host's Kernel Samepage Merging. Off unless the
+    /// admin trusts every tenant whose VMs share the host: merged pages let one VM detect what
+    /// another holds in memory (a timing side channel).
+    #[serde(default)]
+    pub ksm: bool,
+}
+
+impl VmOptions {
+    pub const DEFAULT_MEMORY: u64 = 2 << 30;
+    pub const DEFAULT_CPUS: u32 = 2;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -138,8 +157,11 @@ pub struct WorkspaceInfo {
     /// Host uid (and gid) that root inside maps to; the range is 65536 ids long.
     pub uid_base: u32,
     pub address: Ipv4Addr,
-    /// PID (on the host) of the workspace's init, while running.
+    /// PID (on the host) of the workspace's init (a VM's QEMU), while running.
     pub init_pid: Option<i32>,
+    /// How a running VM workspace is accelerated (`kvm` or `tcg`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accel: Option<String>,
 }
 
 /// Terminal size in character cells.

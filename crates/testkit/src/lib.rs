@@ -345,27 +345,10 @@ impl Drop for Postgres {
     }
 }
 
-/// Debian's cloud kernel for VM tests: its `vmlinuz` and the modules a guest needs (virtio
-/// transport, vsock, virtiofs, balloon, overlay), dependencies first. Downloaded once from
-/// Debian's mirror (`apt-get download`) into the fixtures folder.
-#[derive(Debug, Clone)]
-pub struct GuestKernel {
-    pub vmlinuz: PathBuf,
-    pub modules: Vec<PathBuf>,
-}
-
-/// The modules a VM workspace loads, by name (their dependencies come along).
-pub const GUEST_MODULES: [&str; 7] = [
-    "virtio_pci",
-    "virtio_net",
-    "virtio_blk",
-    "vmw_vsock_virtio_transport",
-    "virtiofs",
-    "virtio_balloon",
-    "overlay",
-];
-
-pub fn guest_kernel() -> GuestKernel {
+/// Debian's cloud kernel for VM tests, unpacked (`boot/vmlinuz-*`, `lib/modules/<version>/`):
+/// downloaded once from Debian's mirror (`apt-get download`) into the fixtures folder. Returns
+/// the folder to give the runtime as its guest kernel.
+pub fn guest_kernel() -> PathBuf {
     let dir = fixtures_dir();
     let root = dir.join("guest-kernel");
     let lock = std::fs::File::create(dir.join("guest-kernel.lock")).unwrap();
@@ -401,111 +384,49 @@ pub fn guest_kernel() -> GuestKernel {
         std::fs::remove_file(&deb).unwrap();
         std::fs::write(&complete, b"").unwrap();
     }
-    let boot = root.join("x/boot");
-    let vmlinuz = std::fs::read_dir(&boot)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
-        })
-        .expect("the package holds a vmlinuz");
-    let mut by_name = std::collections::HashMap::new();
-    let mut stack = vec![root.join("x/lib/modules")];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if let Some(name) = p
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(".ko"))
-            {
-                by_name.insert(name.replace('-', "_"), p);
-            }
-        }
-    }
-    let mut modules = Vec::new();
-    for name in GUEST_MODULES {
-        add_module(name, &by_name, &mut modules);
-    }
-    GuestKernel { vmlinuz, modules }
+    root.join("x")
 }
 
-/// Adds a module after its dependencies (read from its `.modinfo` `depends=` entry).
-fn add_module(
-    name: &str,
-    by_name: &std::collections::HashMap<String, PathBuf>,
-    out: &mut Vec<PathBuf>,
-) {
-    let path = by_name
-        .get(&name.replace('-', "_"))
-        .unwrap_or_else(|| panic!("the kernel package has no module {name}"));
-    if out.contains(path) {
-        return;
-    }
-    let bytes = std::fs::read(path).unwrap();
-    let needle = b"depends=";
-    if let Some(at) = bytes.windows(needle.len()).position(|w| w == needle) {
-        let rest = &bytes[at + needle.len()..];
-        let end = rest.iter().position(|&b| b == 0).unwrap_or(0);
-        let deps = String::from_utf8_lossy(&rest[..end]).into_owned();
-        for dep in deps.split(',').filter(|d| !d.is_empty()) {
-            add_module(dep, by_name, out);
-        }
-    }
-    out.push(path.clone());
+/// `warren-guest` built static (`+crt-static` on the gnu target), as a VM's initramfs needs;
+/// built by a nested cargo into the shared target folder.
+pub fn static_guest() -> PathBuf {
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/warren/target"));
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "--quiet",
+            "--release",
+            "-p",
+            "warren-guest",
+            "--target",
+            "x86_64-unknown-linux-gnu",
+        ])
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .env(
+            "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
+            "-C target-feature=+crt-static",
+        )
+        .status()
+        .unwrap();
+    assert!(status.success(), "cannot build the static guest");
+    target_dir.join("x86_64-unknown-linux-gnu/release/warren-guest")
 }
 
-/// A `newc` cpio archive (an initramfs) of `files`: (path inside, mode, content); folders are
-/// made for every parent.
-pub fn initramfs(files: &[(&str, u32, Vec<u8>)]) -> Vec<u8> {
-    fn entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, data: &[u8]) {
-        let header = format!(
-            "070701{ino:08X}{mode:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}",
-            0,
-            0,
-            1,
-            0,
-            data.len(),
-            0,
-            0,
-            0,
-            0,
-            name.len() + 1,
-            0
+/// Fails (never skips) when a VM test's programs are missing.
+pub fn require_vm_tools() {
+    require_program("qemu-system-x86_64", "qemu-system-x86");
+    for tool in ["virtiofsd", "vhost-device-vsock"] {
+        assert!(
+            Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .stdout(Stdio::null())
+                .status()
+                .unwrap()
+                .success(),
+            "{tool} is missing: `cargo install --locked {tool}` (./dev deps does)"
         );
-        out.extend_from_slice(header.as_bytes());
-        out.extend_from_slice(name.as_bytes());
-        out.push(0);
-        while !out.len().is_multiple_of(4) {
-            out.push(0);
-        }
-        out.extend_from_slice(data);
-        while !out.len().is_multiple_of(4) {
-            out.push(0);
-        }
     }
-    let mut out = Vec::new();
-    let mut dirs = std::collections::BTreeSet::new();
-    for (path, _, _) in files {
-        let mut p = Path::new(path).parent();
-        while let Some(d) = p.filter(|d| !d.as_os_str().is_empty()) {
-            dirs.insert(d.to_string_lossy().into_owned());
-            p = d.parent();
-        }
-    }
-    let mut ino = 1;
-    for d in &dirs {
-        entry(&mut out, ino, d, 0o040755, &[]);
-        ino += 1;
-    }
-    for (path, mode, data) in files {
-        entry(&mut out, ino, path, 0o100000 | mode, data);
-        ino += 1;
-    }
-    entry(&mut out, ino, "TRAILER!!!", 0, &[]);
-    out
 }

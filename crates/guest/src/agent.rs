@@ -1,0 +1,468 @@
+//! The guest agent: one vsock connection per request (see `warren_guest::proto`).
+//!
+//! As PID 1 the agent inherits every orphan, so one reaper thread collects every child with
+//! `waitpid(-1)` and hands an exec'd process's status to the connection waiting for it. A
+//! process is spawned and registered under the same lock the reaper takes, so its exit is never
+//! collected before someone waits for it.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use warren_guest::accounts::{parse_groups, resolve_account};
+use warren_guest::proto::{
+    AGENT_PORT, Control, GuestStats, Kind, Reply, Request, read_frame, read_json, write_frame,
+    write_json,
+};
+
+/// How a process ended: (code, signal).
+type Exit = (Option<i32>, Option<i32>);
+
+fn waiters() -> &'static Mutex<HashMap<i32, Sender<Exit>>> {
+    static WAITERS: OnceLock<Mutex<HashMap<i32, Sender<Exit>>>> = OnceLock::new();
+    WAITERS.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+fn reap_forever() {
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid writes the status into a local integer.
+        let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if pid <= 0 {
+            // No children at all: look again shortly.
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        let exit = if libc::WIFEXITED(status) {
+            (Some(libc::WEXITSTATUS(status)), None)
+        } else if libc::WIFSIGNALED(status) {
+            (None, Some(libc::WTERMSIG(status)))
+        } else {
+            continue;
+        };
+        let waiter = waiters()
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&pid);
+        if let Some(tx) = waiter {
+            let _ = tx.send(exit);
+        }
+    }
+}
+
+pub(crate) fn listen() -> Result<OwnedFd, String> {
+    use nix::sys::socket::{
+        AddressFamily, Backlog, SockFlag, SockType, VsockAddr, bind, listen, socket,
+    };
+    let fd = socket(
+        AddressFamily::Vsock,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| format!("vsock socket: {e}"))?;
+    bind(
+        fd.as_raw_fd(),
+        &VsockAddr::new(libc::VMADDR_CID_ANY, AGENT_PORT),
+    )
+    .map_err(|e| format!("vsock bind: {e}"))?;
+    listen(&fd, Backlog::new(64).map_err(|e| e.to_string())?)
+        .map_err(|e| format!("vsock listen: {e}"))?;
+    Ok(fd)
+}
+
+pub(crate) fn serve(listener: OwnedFd) -> ! {
+    std::thread::spawn(reap_forever);
+    loop {
+        let conn = match nix::sys::socket::accept4(
+            listener.as_raw_fd(),
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        ) {
+            // SAFETY: accept returned a new descriptor that nothing else owns.
+            Ok(fd) => unsafe { File::from_raw_fd(fd) },
+            Err(e) => {
+                crate::console(&format!("vsock accept: {e}"));
+                continue;
+            }
+        };
+        std::thread::spawn(move || {
+            if let Err(e) = handle(conn) {
+                crate::console(&format!("request failed: {e}"));
+            }
+        });
+    }
+}
+
+fn handle(mut conn: File) -> std::io::Result<()> {
+    let request: Request = read_json(&mut conn, Kind::Request)?;
+    match request {
+        Request::Ping => write_json(&mut conn, Kind::Reply, &Reply::Pong),
+        Request::Stats => write_json(&mut conn, Kind::Reply, &Reply::Stats(stats())),
+        Request::Poweroff { grace_ms } => {
+            write_json(&mut conn, Kind::Reply, &Reply::PoweringOff)?;
+            drop(conn);
+            crate::console("stopping (asked by the host)");
+            stop_everything(Duration::from_millis(grace_ms));
+            crate::power_off();
+        }
+        Request::Connect { address } => match connect(&address) {
+            Ok(stream) => {
+                write_json(&mut conn, Kind::Reply, &Reply::Started)?;
+                splice(conn, stream)
+            }
+            Err(message) => write_json(&mut conn, Kind::Reply, &Reply::Error { message }),
+        },
+        Request::Exec {
+            argv,
+            env,
+            cwd,
+            user,
+            tty,
+        } => exec(conn, &argv, env, cwd, user.as_deref(), tty),
+    }
+}
+
+fn connect(address: &str) -> Result<TcpStream, String> {
+    let addr = address
+        .to_socket_addrs()
+        .map_err(|e| format!("{address}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{address}: no address"))?;
+    TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .map_err(|e| format!("cannot connect to {address}: {e}"))
+}
+
+/// Copies both ways until both sides are done.
+fn splice(conn: File, stream: TcpStream) -> std::io::Result<()> {
+    let mut to_tcp = conn.try_clone()?;
+    let mut tcp_in = stream.try_clone()?;
+    let mut tcp_out = stream;
+    let mut conn_out = conn;
+    let up = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut to_tcp, &mut tcp_out);
+        let _ = tcp_out.shutdown(std::net::Shutdown::Write);
+    });
+    let _ = std::io::copy(&mut tcp_in, &mut conn_out);
+    // vhost-device-vsock does not pass a half-close on to the host's socket: once the far end
+    // is done sending, the whole connection closes (which also ends the copy the other way).
+    let _ = nix::sys::socket::shutdown(conn_out.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+    let _ = up.join();
+    Ok(())
+}
+
+fn stats() -> GuestStats {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let field = |name: &str| -> u64 {
+        meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    let total = field("MemTotal:");
+    let available = field("MemAvailable:");
+    let tasks = std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+                .map(|e| std::fs::read_dir(e.path().join("task")).map_or(0, |t| t.count() as u64))
+                .sum()
+        })
+        .unwrap_or(0);
+    GuestStats {
+        memory_used: total.saturating_sub(available),
+        memory_total: total,
+        tasks,
+    }
+}
+
+/// Every process but this one: SIGTERM, then SIGKILL once `grace` is over.
+fn stop_everything(grace: Duration) {
+    let others = || {
+        std::fs::read_dir("/proc").map_or(0, |d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+                .filter(|&pid| pid != 1 && !is_kernel_thread(pid))
+                .count()
+        })
+    };
+    // SAFETY: kill takes no pointers; -1 is every process but init (this one).
+    unsafe { libc::kill(-1, libc::SIGTERM) };
+    let deadline = Instant::now() + grace;
+    while others() > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(-1, libc::SIGKILL) };
+    // SAFETY: sync takes no arguments.
+    unsafe { libc::sync() };
+    for target in ["/var/lib/docker", "/"] {
+        let _ = nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+fn is_kernel_thread(pid: u32) -> bool {
+    // Kernel threads have an empty command line.
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.is_empty())
+}
+
+/// Output pumps report here when their stream ends.
+type Done = (Sender<()>, Receiver<()>);
+
+fn pump(mut from: File, conn: Arc<Mutex<File>>, kind: Kind, done: Sender<()>) {
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let mut out = conn
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if write_frame(&mut *out, kind, &buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = done.send(());
+    });
+}
+
+fn exec(
+    mut conn: File,
+    argv: &[String],
+    env: Vec<String>,
+    cwd: Option<String>,
+    user: Option<&str>,
+    tty: Option<(u16, u16)>,
+) -> std::io::Result<()> {
+    let fail =
+        |conn: &mut File, message: String| write_json(conn, Kind::Reply, &Reply::Error { message });
+    let Some(program) = argv.first() else {
+        return fail(&mut conn, "no command given".into());
+    };
+    let account = match resolve_account(user) {
+        Ok(a) => a,
+        Err(e) => return fail(&mut conn, e),
+    };
+    let mut env: Vec<(String, String)> = env
+        .iter()
+        .map(|e| {
+            let (k, v) = e.split_once('=').unwrap_or((e, ""));
+            (k.to_owned(), v.to_owned())
+        })
+        .collect();
+    for (k, v) in [
+        ("HOME", account.home.as_str()),
+        ("USER", account.name.as_str()),
+        ("LOGNAME", account.name.as_str()),
+        ("SHELL", account.shell.as_str()),
+    ] {
+        if !env.iter().any(|(key, _)| key == k) {
+            env.push((k.into(), v.into()));
+        }
+    }
+    if tty.is_some() && !env.iter().any(|(k, _)| k == "TERM") {
+        env.push(("TERM".into(), "xterm-256color".into()));
+    }
+    let dir = cwd.clone().unwrap_or_else(|| account.home.clone());
+    let dir = if std::path::Path::new(&dir).is_dir() {
+        dir
+    } else if cwd.is_some() {
+        return fail(&mut conn, format!("no folder `{dir}` in the workspace"));
+    } else {
+        "/".into()
+    };
+    let mut command = Command::new(program);
+    command
+        .args(&argv[1..])
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&dir);
+    let groups = parse_groups(
+        &std::fs::read_to_string("/etc/group").unwrap_or_default(),
+        &account.name,
+        account.gid,
+    );
+    let (uid, gid) = (account.uid, account.gid);
+    let with_tty = tty.is_some();
+    // SAFETY: the closure only makes async-signal-safe system calls.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setsid() < 0
+                || (with_tty && libc::ioctl(0, libc::TIOCSCTTY as _, 0) < 0)
+                || libc::setgroups(groups.len(), groups.as_ptr()) < 0
+                || libc::setresgid(gid, gid, gid) < 0
+                || libc::setresuid(uid, uid, uid) < 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let (done_tx, done_rx): Done = channel();
+    let shared = Arc::new(Mutex::new(conn.try_clone()?));
+    let mut input: Option<File> = None;
+    let mut master: Option<File> = None;
+    let mut pumps = 0;
+    let (exit_tx, exit_rx) = channel();
+    let pid = {
+        let mut waiting = waiters()
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let spawned = match tty {
+            Some((rows, cols)) => {
+                let size = nix::pty::Winsize {
+                    ws_row: rows,
+                    ws_col: cols,
+                    ws_xpixel: 0,
+                    ws_ypixel: 0,
+                };
+                let pty = nix::pty::openpty(Some(&size), None).map_err(std::io::Error::from)?;
+                let slave = File::from(pty.slave);
+                let _ = nix::unistd::fchown(
+                    slave.as_raw_fd(),
+                    Some(nix::unistd::Uid::from_raw(uid)),
+                    None,
+                );
+                command
+                    .stdin(Stdio::from(slave.try_clone()?))
+                    .stdout(Stdio::from(slave.try_clone()?))
+                    .stderr(Stdio::from(slave));
+                let spawned = command.spawn();
+                master = Some(File::from(pty.master));
+                spawned
+            }
+            None => {
+                command
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped());
+                command.spawn().map(|mut child| {
+                    input = child.stdin.take().map(|s| File::from(OwnedFd::from(s)));
+                    if let Some(out) = child.stdout.take() {
+                        pump(
+                            File::from(OwnedFd::from(out)),
+                            shared.clone(),
+                            Kind::Stdout,
+                            done_tx.clone(),
+                        );
+                        pumps += 1;
+                    }
+                    if let Some(err) = child.stderr.take() {
+                        pump(
+                            File::from(OwnedFd::from(err)),
+                            shared.clone(),
+                            Kind::Stderr,
+                            done_tx.clone(),
+                        );
+                        pumps += 1;
+                    }
+                    child
+                })
+            }
+        };
+        match spawned {
+            Ok(child) => {
+                let pid = child.id() as i32;
+                // The reaper collects it; dropping `Child` neither waits nor kills.
+                drop(child);
+                waiting.insert(pid, exit_tx);
+                pid
+            }
+            Err(e) => {
+                drop(waiting);
+                return fail(&mut conn, format!("cannot run `{program}`: {e}"));
+            }
+        }
+    };
+    // The terminal's slave end must close here, or the master never reports the end.
+    drop(command);
+    if let Some(m) = &master {
+        pump(
+            m.try_clone()?,
+            shared.clone(),
+            Kind::Stdout,
+            done_tx.clone(),
+        );
+        pumps += 1;
+    }
+    drop(done_tx);
+    {
+        let mut out = shared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        write_json(&mut *out, Kind::Reply, &Reply::Started)?;
+    }
+    // The host's frames: input, signals, resizes. Ends when the host closes the connection.
+    let mut to_child = match &master {
+        Some(m) => Some(m.try_clone()?),
+        None => input,
+    };
+    let resize_fd = master.as_ref().map(|m| m.as_raw_fd());
+    let mut from_host = conn;
+    std::thread::spawn(move || {
+        while let Ok(Some((kind, payload))) = read_frame(&mut from_host) {
+            match kind {
+                Kind::Stdin if payload.is_empty() && resize_fd.is_none() => to_child = None,
+                Kind::Stdin => {
+                    if let Some(w) = &mut to_child {
+                        let _ = w.write_all(&payload);
+                    }
+                }
+                Kind::Control => match serde_json::from_slice::<Control>(&payload) {
+                    Ok(Control::Signal(sig)) => {
+                        // SAFETY: kill takes no pointers.
+                        unsafe { libc::kill(pid, sig) };
+                    }
+                    Ok(Control::Resize { rows, cols }) => {
+                        if let Some(fd) = resize_fd {
+                            let size = libc::winsize {
+                                ws_row: rows,
+                                ws_col: cols,
+                                ws_xpixel: 0,
+                                ws_ypixel: 0,
+                            };
+                            // SAFETY: the master is open (this thread holds a clone) and
+                            // `size` is a valid winsize.
+                            unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &size) };
+                        }
+                    }
+                    Err(_) => {}
+                },
+                _ => {}
+            }
+        }
+    });
+    let exit = exit_rx.recv().unwrap_or((None, Some(libc::SIGKILL)));
+    // Output written just before the exit still goes first; a background process holding the
+    // streams open does not hold the exit back for long.
+    let deadline = Instant::now() + Duration::from_millis(500);
+    for _ in 0..pumps {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if done_rx.recv_timeout(left).is_err() {
+            break;
+        }
+    }
+    drop(master);
+    let mut out = shared
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    write_json(
+        &mut *out,
+        Kind::Reply,
+        &Reply::Exited {
+            code: exit.0,
+            signal: exit.1,
+        },
+    )
+}

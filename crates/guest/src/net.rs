@@ -1,0 +1,92 @@
+//! `eth0`'s address and default route, and `lo`, set with the classic ioctls: the guest has no
+//! `ip` command of its own (the workspace's image may not either).
+
+use std::net::Ipv4Addr;
+
+use warren_guest::proto::GuestNetwork;
+
+fn sockaddr(address: Ipv4Addr) -> libc::sockaddr {
+    let inet = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(address).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr have the same size; the kernel reads it as sockaddr_in.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(inet) }
+}
+
+fn ifreq(name: &str) -> libc::ifreq {
+    // SAFETY: ifreq is plain data; all zeroes is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (slot, b) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *slot = b as libc::c_char;
+    }
+    req
+}
+
+struct Socket(i32);
+
+impl Drop for Socket {
+    fn drop(&mut self) {
+        // SAFETY: the descriptor is owned by this value.
+        unsafe { libc::close(self.0) };
+    }
+}
+
+fn ioctl<T>(sock: &Socket, request: libc::c_ulong, arg: &mut T, what: &str) -> Result<(), String> {
+    // SAFETY: `arg` is the structure this request reads or writes, valid for the call.
+    let rc = unsafe { libc::ioctl(sock.0, request as _, arg as *mut T) };
+    if rc < 0 {
+        Err(format!("{what}: {}", std::io::Error::last_os_error()))
+    } else {
+        Ok(())
+    }
+}
+
+fn up(sock: &Socket, name: &str) -> Result<(), String> {
+    let mut req = ifreq(name);
+    ioctl(
+        sock,
+        libc::SIOCGIFFLAGS,
+        &mut req,
+        &format!("flags of {name}"),
+    )?;
+    // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+    unsafe { req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short };
+    ioctl(
+        sock,
+        libc::SIOCSIFFLAGS,
+        &mut req,
+        &format!("bring {name} up"),
+    )
+}
+
+pub(crate) fn configure(network: &GuestNetwork) -> Result<(), String> {
+    // SAFETY: socket takes no pointers.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(format!("socket: {}", std::io::Error::last_os_error()));
+    }
+    let sock = Socket(fd);
+    up(&sock, "lo")?;
+    let mut req = ifreq("eth0");
+    req.ifr_ifru.ifru_addr = sockaddr(network.address);
+    ioctl(&sock, libc::SIOCSIFADDR, &mut req, "address of eth0")?;
+    let mask = u32::MAX
+        .checked_shl(32 - u32::from(network.prefix_len.min(32)))
+        .unwrap_or(0);
+    let mut req = ifreq("eth0");
+    req.ifr_ifru.ifru_netmask = sockaddr(Ipv4Addr::from(mask));
+    ioctl(&sock, libc::SIOCSIFNETMASK, &mut req, "netmask of eth0")?;
+    up(&sock, "eth0")?;
+    // SAFETY: rtentry is plain data; all zeroes is a valid value.
+    let mut route: libc::rtentry = unsafe { std::mem::zeroed() };
+    route.rt_dst = sockaddr(Ipv4Addr::UNSPECIFIED);
+    route.rt_genmask = sockaddr(Ipv4Addr::UNSPECIFIED);
+    route.rt_gateway = sockaddr(network.gateway);
+    route.rt_flags = (libc::RTF_UP | libc::RTF_GATEWAY) as libc::c_ushort;
+    ioctl(&sock, libc::SIOCADDRT, &mut route, "default route")
+}

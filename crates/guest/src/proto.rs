@@ -1,0 +1,236 @@
+//! What the host and the guest agent say to each other over vsock.
+//!
+//! The host reaches the guest through `vhost-device-vsock`'s unix socket (`CONNECT <port>`, then
+//! `OK <port>`), one connection per request. Everything after that is frames: a kind byte, a
+//! little-endian `u32` length, the payload. The first frame is a [`Request`] (JSON); the guest
+//! answers with a [`Reply`]. An exec then streams [`Kind::Stdin`] one way and
+//! [`Kind::Stdout`]/[`Kind::Stderr`] the other, with [`Control`] frames from the host, and ends
+//! with a [`Reply::Exited`]. A connect, once `Started`, is raw bytes both ways.
+
+use std::io::{self, Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+/// The vsock port the guest agent listens on.
+pub const AGENT_PORT: u32 = 1024;
+
+/// Largest frame either side accepts.
+pub const MAX_FRAME: usize = 1 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    Request = 1,
+    Reply = 2,
+    /// Input for the process; an empty payload closes its stdin.
+    Stdin = 3,
+    /// Output (a terminal's output is all `Stdout`).
+    Stdout = 4,
+    Stderr = 5,
+    Control = 6,
+}
+
+impl Kind {
+    fn from_byte(b: u8) -> Option<Self> {
+        Some(match b {
+            1 => Self::Request,
+            2 => Self::Reply,
+            3 => Self::Stdin,
+            4 => Self::Stdout,
+            5 => Self::Stderr,
+            6 => Self::Control,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Request {
+    Ping,
+    /// Runs a process. `env` is complete (the host merged the workspace's and the request's);
+    /// the guest adds `HOME`, `USER`, `LOGNAME`, `SHELL` (and `TERM` with a terminal) when absent.
+    Exec {
+        argv: Vec<String>,
+        env: Vec<String>,
+        cwd: Option<String>,
+        /// A name or numeric uid from the guest's `/etc/passwd`; root when absent.
+        user: Option<String>,
+        /// A terminal of (rows, cols); without, three pipes.
+        tty: Option<(u16, u16)>,
+    },
+    /// Opens a TCP connection from inside the guest (`host:port`).
+    Connect {
+        address: String,
+    },
+    Stats,
+    /// Stops every process (SIGTERM, SIGKILL after `grace_ms`), syncs and powers off.
+    Poweroff {
+        grace_ms: u64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reply {
+    Pong,
+    Started,
+    Error {
+        message: String,
+    },
+    /// The process ended: its code, or the signal that ended it.
+    Exited {
+        code: Option<i32>,
+        signal: Option<i32>,
+    },
+    Stats(GuestStats),
+    PoweringOff,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Control {
+    Signal(i32),
+    Resize { rows: u16, cols: u16 },
+}
+
+/// What the guest kernel says about itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestStats {
+    /// `MemTotal - MemAvailable`, bytes.
+    pub memory_used: u64,
+    pub memory_total: u64,
+    /// Processes and threads.
+    pub tasks: u64,
+}
+
+/// Writes one frame.
+pub fn write_frame(out: &mut impl Write, kind: Kind, payload: &[u8]) -> io::Result<()> {
+    let len = u32::try_from(payload.len())
+        .ok()
+        .filter(|&l| l as usize <= MAX_FRAME)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "frame too large"))?;
+    let mut buf = Vec::with_capacity(5 + payload.len());
+    buf.push(kind as u8);
+    buf.extend_from_slice(&len.to_le_bytes());
+    buf.extend_from_slice(payload);
+    out.write_all(&buf)
+}
+
+pub fn write_json<T: Serialize>(out: &mut impl Write, kind: Kind, value: &T) -> io::Result<()> {
+    let bytes = serde_json::to_vec(value).map_err(io::Error::other)?;
+    write_frame(out, kind, &bytes)
+}
+
+/// Reads one frame; `None` at a clean end of the stream.
+pub fn read_frame(input: &mut impl Read) -> io::Result<Option<(Kind, Vec<u8>)>> {
+    let mut head = [0u8; 5];
+    let mut got = 0;
+    while got < head.len() {
+        match input.read(&mut head[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let kind = Kind::from_byte(head[0]).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("unknown frame kind {}", head[0]),
+        )
+    })?;
+    let len = u32::from_le_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    if len > MAX_FRAME {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes is too large"),
+        ));
+    }
+    let mut payload = vec![0u8; len];
+    input.read_exact(&mut payload)?;
+    Ok(Some((kind, payload)))
+}
+
+/// Reads one frame of `kind` holding JSON.
+pub fn read_json<T: for<'de> Deserialize<'de>>(input: &mut impl Read, kind: Kind) -> io::Result<T> {
+    match read_frame(input)? {
+        Some((k, payload)) if k == kind => serde_json::from_slice(&payload)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
+        Some((k, _)) => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("expected a {kind:?} frame, got {k:?}"),
+        )),
+        None => Err(io::ErrorKind::UnexpectedEof.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_bad_ones_are_refused() {
+        let mut buf = Vec::new();
+        write_json(
+            &mut buf,
+            Kind::Request,
+            &Request::Connect {
+                address: "127.0.0.1:22".into(),
+            },
+        )
+        .unwrap();
+        write_frame(&mut buf, Kind::Stdin, b"").unwrap();
+        let mut input = buf.as_slice();
+        let request: Request = read_json(&mut input, Kind::Request).unwrap();
+        assert_eq!(
+            request,
+            Request::Connect {
+                address: "127.0.0.1:22".into()
+            }
+        );
+        assert_eq!(
+            read_frame(&mut input).unwrap(),
+            Some((Kind::Stdin, Vec::new()))
+        );
+        assert_eq!(read_frame(&mut input).unwrap(), None);
+
+        let huge = [9u8, 0, 0, 0, 0];
+        let err = read_frame(&mut huge.as_slice()).unwrap_err();
+        assert!(err.to_string().contains("unknown frame kind 9"), "{err}");
+        let mut too_long = vec![Kind::Stdout as u8];
+        too_long.extend_from_slice(&(MAX_FRAME as u32 + 1).to_le_bytes());
+        let err = read_frame(&mut too_long.as_slice()).unwrap_err();
+        assert!(err.to_string().contains("too large"), "{err}");
+        let truncated = [Kind::Stdout as u8, 4, 0];
+        assert!(read_frame(&mut truncated.as_slice()).is_err());
+    }
+}
+
+/// The guest's settings, written by the host into the initramfs as [`CONFIG_PATH`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestConfig {
+    pub hostname: String,
+    /// `eth0`'s address, prefix length and default gateway; no network when absent.
+    pub network: Option<GuestNetwork>,
+    /// The virtiofs tag of the workspace's tree, made the guest's root.
+    pub root_tag: Option<String>,
+    /// A block device formatted ext4, mounted (with `discard`) at `/var/lib/docker`.
+    pub scratch_device: Option<String>,
+    /// Files bind-mounted over the root's `/etc/<name>` (resolv.conf, hosts, hostname).
+    pub etc: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestNetwork {
+    pub address: std::net::Ipv4Addr,
+    pub prefix_len: u8,
+    pub gateway: std::net::Ipv4Addr,
+}
+
+/// Where the guest finds its [`GuestConfig`] in the initramfs.
+pub const CONFIG_PATH: &str = "/warren/config.json";
+
+/// The modules the guest loads, one path per line, dependencies first.
+pub const MODULE_LIST: &str = "/lib/warren/modules";

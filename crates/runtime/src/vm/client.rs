@@ -1,0 +1,363 @@
+//! The host's side of the guest agent: requests over `vhost-device-vsock`'s unix socket, and
+//! exec'd processes relayed to the caller's pipes or terminal.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use warren_guest::proto::{
+    AGENT_PORT, Control, GuestStats, Kind, Reply, Request, read_frame, read_json, write_frame,
+    write_json,
+};
+
+use crate::{Error, Exec, ExecIo, ExecRequest, ExitStatus, Process, WinSize};
+
+/// Opens a connection to the guest agent and sends `request`; returns the connection and the
+/// first reply.
+pub(crate) fn request(uds: &Path, request: &Request) -> Result<(UnixStream, Reply), Error> {
+    let gone = |e: std::io::Error| Error::Sys(format!("the guest agent does not answer: {e}"));
+    let mut stream = UnixStream::connect(uds).map_err(gone)?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(gone)?;
+    stream
+        .write_all(format!("CONNECT {AGENT_PORT}\n").as_bytes())
+        .map_err(gone)?;
+    // The device answers `OK <port>`; read it byte by byte so nothing after it is consumed.
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while byte[0] != b'\n' {
+        if stream.read(&mut byte).map_err(gone)? == 0 {
+            return Err(Error::Sys(
+                "the guest agent does not answer (the VM is not up yet, or its agent died)".into(),
+            ));
+        }
+        line.push(byte[0]);
+    }
+    if !line.starts_with(b"OK") {
+        return Err(Error::Sys(format!(
+            "the vsock device refused: {}",
+            String::from_utf8_lossy(&line).trim()
+        )));
+    }
+    write_json(&mut stream, Kind::Request, request).map_err(gone)?;
+    let reply: Reply = read_json(&mut stream, Kind::Reply).map_err(gone)?;
+    stream.set_read_timeout(None).map_err(gone)?;
+    Ok((stream, reply))
+}
+
+/// Whether the guest agent answers a ping.
+pub(crate) fn ping(uds: &Path) -> bool {
+    matches!(request(uds, &Request::Ping), Ok((_, Reply::Pong)))
+}
+
+pub(crate) fn stats(uds: &Path) -> Result<GuestStats, Error> {
+    match request(uds, &Request::Stats)? {
+        (_, Reply::Stats(stats)) => Ok(stats),
+        (_, other) => Err(Error::Sys(format!("unexpected answer {other:?}"))),
+    }
+}
+
+/// Asks the guest to stop its processes and power off.
+pub(crate) fn poweroff(uds: &Path, grace: Duration) -> Result<(), Error> {
+    let grace_ms = grace.as_millis().min(u128::from(u64::MAX)) as u64;
+    request(uds, &Request::Poweroff { grace_ms }).map(|_| ())
+}
+
+/// A TCP connection made inside the guest, handed over as a loopback `TcpStream` whose other
+/// end this process relays.
+pub(crate) fn connect(uds: &Path, to: SocketAddr) -> Result<TcpStream, Error> {
+    let (stream, reply) = request(
+        uds,
+        &Request::Connect {
+            address: to.to_string(),
+        },
+    )?;
+    if let Reply::Error { message } = reply {
+        return Err(Error::Sys(message));
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| Error::Sys(e.to_string()))?;
+    let theirs = TcpStream::connect(
+        listener
+            .local_addr()
+            .map_err(|e| Error::Sys(e.to_string()))?,
+    )
+    .map_err(|e| Error::Sys(e.to_string()))?;
+    let expected = theirs.local_addr().map_err(|e| Error::Sys(e.to_string()))?;
+    // Only the socket just connected is accepted: another local process racing to the port
+    // gets nothing.
+    let ours = loop {
+        let (conn, from) = listener.accept().map_err(|e| Error::Sys(e.to_string()))?;
+        if from == expected {
+            break conn;
+        }
+    };
+    let (mut a_in, mut a_out) = (
+        stream.try_clone().map_err(|e| Error::Sys(e.to_string()))?,
+        stream,
+    );
+    let (mut b_in, mut b_out) = (
+        ours.try_clone().map_err(|e| Error::Sys(e.to_string()))?,
+        ours,
+    );
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut a_in, &mut b_out);
+        let _ = b_out.shutdown(std::net::Shutdown::Write);
+    });
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut b_in, &mut a_out);
+        let _ = a_out.shutdown(std::net::Shutdown::Write);
+    });
+    Ok(theirs)
+}
+
+#[derive(Debug, Default)]
+struct ExitSlot {
+    status: Mutex<Option<Result<ExitStatus, String>>>,
+    changed: Condvar,
+}
+
+#[derive(Debug)]
+struct VmProcess {
+    control: Mutex<UnixStream>,
+    exit: Arc<ExitSlot>,
+}
+
+impl Process for VmProcess {
+    fn wait(&self) -> Result<ExitStatus, Error> {
+        let mut slot = self
+            .exit
+            .status
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        while slot.is_none() {
+            slot = self
+                .exit
+                .changed
+                .wait(slot)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        match slot.clone() {
+            Some(Ok(status)) => Ok(status),
+            Some(Err(message)) => Err(Error::Sys(message)),
+            None => Err(Error::Sys("no exit status".into())),
+        }
+    }
+
+    fn signal(&self, signal: i32) -> Result<(), Error> {
+        self.send(&Control::Signal(signal))
+    }
+
+    fn resize(&self, size: WinSize) -> Result<(), Error> {
+        self.send(&Control::Resize {
+            rows: size.rows,
+            cols: size.cols,
+        })
+    }
+}
+
+impl VmProcess {
+    fn send(&self, control: &Control) -> Result<(), Error> {
+        let mut stream = self
+            .control
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        write_json(&mut *stream, Kind::Control, control)
+            .map_err(|e| Error::Sys(format!("the process's connection is gone: {e}")))
+    }
+}
+
+/// Starts `request` in the guest with the complete environment `env`.
+pub(crate) fn exec(uds: &Path, request: &ExecRequest, env: Vec<String>) -> Result<Exec, Error> {
+    let argv0 = request.argv.first().cloned().unwrap_or_default();
+    let (stream, reply) = self::request(
+        uds,
+        &Request::Exec {
+            argv: request.argv.clone(),
+            env,
+            cwd: request.cwd.clone(),
+            user: request.user.clone(),
+            tty: request.tty.map(|t| (t.rows, t.cols)),
+        },
+    )?;
+    match reply {
+        Reply::Started => {}
+        Reply::Error { message } => return Err(Error::Exec { argv0, message }),
+        other => return Err(Error::Sys(format!("unexpected answer {other:?}"))),
+    }
+    let sys = |e: std::io::Error| Error::Sys(e.to_string());
+    let exit = Arc::new(ExitSlot::default());
+    let control = stream.try_clone().map_err(sys)?;
+    // (caller's io, where guest output goes, where caller input comes from)
+    let (io, out, err, input): (ExecIo, File, Option<File>, File) = if request.tty.is_some() {
+        // A real terminal for the caller; its slave side, raw, is this end of the relay.
+        let pty = nix::pty::openpty(None, None).map_err(|e| Error::Sys(format!("openpty: {e}")))?;
+        let slave = File::from(pty.slave);
+        let mut raw = nix::sys::termios::tcgetattr(&slave)
+            .map_err(|e| Error::Sys(format!("tcgetattr: {e}")))?;
+        nix::sys::termios::cfmakeraw(&mut raw);
+        nix::sys::termios::tcsetattr(&slave, nix::sys::termios::SetArg::TCSANOW, &raw)
+            .map_err(|e| Error::Sys(format!("tcsetattr: {e}")))?;
+        (
+            ExecIo::Pty {
+                master: File::from(pty.master),
+            },
+            slave.try_clone().map_err(sys)?,
+            None,
+            slave,
+        )
+    } else {
+        let (in_r, in_w) = std::io::pipe().map_err(sys)?;
+        let (out_r, out_w) = std::io::pipe().map_err(sys)?;
+        let (err_r, err_w) = std::io::pipe().map_err(sys)?;
+        (
+            ExecIo::Pipes {
+                stdin: File::from(OwnedFd::from(in_w)),
+                stdout: File::from(OwnedFd::from(out_r)),
+                stderr: File::from(OwnedFd::from(err_r)),
+            },
+            File::from(OwnedFd::from(out_w)),
+            Some(File::from(OwnedFd::from(err_w))),
+            File::from(OwnedFd::from(in_r)),
+        )
+    };
+    let tty = request.tty.is_some();
+    // Caller input -> guest.
+    let mut to_guest = stream.try_clone().map_err(sys)?;
+    let ended = exit.clone();
+    std::thread::spawn(move || {
+        use std::os::fd::AsFd;
+        let mut input = input;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            // Wake up now and then to let go of the input once the process has ended: a
+            // terminal's caller sees its end only when every slave handle is closed.
+            let mut fds = [nix::poll::PollFd::new(
+                input.as_fd(),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            let ready = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(200u16));
+            if ended
+                .status
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .is_some()
+            {
+                break;
+            }
+            if !matches!(ready, Ok(n) if n > 0) {
+                continue;
+            }
+            match input.read(&mut buf) {
+                Ok(0) | Err(_) => {
+                    if !tty {
+                        let _ = write_frame(&mut to_guest, Kind::Stdin, &[]);
+                    }
+                    break;
+                }
+                Ok(n) => {
+                    if write_frame(&mut to_guest, Kind::Stdin, &buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    // Guest output and the exit -> caller.
+    let slot = exit.clone();
+    std::thread::spawn(move || {
+        let mut from_guest = BufReader::with_capacity(256 * 1024, stream);
+        let (mut out, mut err) = (Some(out), err);
+        let result = loop {
+            match read_frame(&mut from_guest) {
+                Ok(Some((Kind::Stdout, data))) => {
+                    if let Some(w) = &mut out
+                        && w.write_all(&data).is_err()
+                    {
+                        out = None;
+                    }
+                }
+                Ok(Some((Kind::Stderr, data))) => {
+                    if let Some(w) = &mut err
+                        && w.write_all(&data).is_err()
+                    {
+                        err = None;
+                    }
+                }
+                Ok(Some((Kind::Reply, payload))) => {
+                    break match serde_json::from_slice::<Reply>(&payload) {
+                        Ok(Reply::Exited {
+                            signal: Some(s), ..
+                        }) => Ok(ExitStatus::Signal(s)),
+                        Ok(Reply::Exited { code, .. }) => Ok(ExitStatus::Code(code.unwrap_or(0))),
+                        Ok(other) => Err(format!("unexpected answer {other:?}")),
+                        Err(e) => Err(e.to_string()),
+                    };
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => {
+                    break Err("the VM went away before the process ended".to_owned());
+                }
+            }
+        };
+        // The caller's streams end before the status is known, as with a local process.
+        drop(out);
+        drop(err);
+        let _ = from_guest.get_ref().shutdown(std::net::Shutdown::Both);
+        let mut status = slot
+            .status
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *status = Some(result);
+        slot.changed.notify_all();
+    });
+    Ok(Exec {
+        io,
+        process: Box::new(VmProcess {
+            control: Mutex::new(control),
+            exit,
+        }),
+    })
+}
+
+/// Waits until the guest agent answers, the VM process dies, or `limit` passes.
+pub(crate) fn wait_for_agent(
+    uds: &Path,
+    limit: Duration,
+    alive: &mut dyn FnMut() -> bool,
+) -> Result<(), String> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if uds.exists() && ping(uds) {
+            return Ok(());
+        }
+        if !alive() {
+            return Err("the VM exited while booting".into());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!(
+                "its guest agent did not answer within {} s",
+                limit.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Reads a line-based status file written by the VM supervisor (`key=value`).
+pub(crate) fn read_state(path: &Path, key: &str) -> Option<String> {
+    let file = File::open(path).ok()?;
+    BufReader::new(file)
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|l| {
+            l.strip_prefix(key)
+                .and_then(|r| r.strip_prefix('='))
+                .map(str::to_owned)
+        })
+}

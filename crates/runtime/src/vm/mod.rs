@@ -1,0 +1,683 @@
+//! The VM backend: a workspace as a QEMU virtual machine with its own kernel.
+//!
+//! The shim (`shim.rs`) mounts the workspace's tree exactly as for a container (lazy image or
+//! folder, overlay with the workspace's writable layer), then, instead of a container, starts:
+//! `virtiofsd` sharing that tree (in a user namespace mapping the guest's ids onto the
+//! workspace's range), `vhost-device-vsock` (there is no kernel vhost here), and QEMU — as the
+//! workspace's root user on the host, never as root — booting Debian's kernel with an initramfs
+//! holding `warren-guest` (PID 1, see `crates/guest`). The guest makes the virtiofs tree its
+//! root, mounts a sparse ext4 scratch disk at `/var/lib/docker`, and serves exec, connect and
+//! stats on vsock; the host side of that is `client.rs`. Memory: `virtio-balloon` with free page
+//! reporting (the guest returns freed pages; `page_reporting_order=0`, THP off in the guest),
+//! and KSM merging only for a workspace whose options ask for it.
+
+pub(crate) mod client;
+pub mod kernel;
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use warren_guest::proto::{GuestConfig, GuestNetwork};
+
+use crate::record::{ID_RANGE, Layout, WorkspaceRecord};
+use crate::{Error, VmOptions, spec, sys};
+
+/// Where a host finds what VMs need. Unset fields come from the environment
+/// (`WARREN_VM_KERNEL`, `WARREN_GUEST`, `WARREN_VM_ACCEL`) or the defaults: the kernel package
+/// unpacked at `<data>/vm/kernel`, `warren-guest` beside the `warren` executable, and the
+/// accelerator detected.
+#[derive(Debug, Clone, Default)]
+pub struct VmSettings {
+    pub kernel: Option<PathBuf>,
+    pub guest: Option<PathBuf>,
+    pub accel: Option<Accel>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Kvm => "kvm",
+            Self::Tcg => "tcg",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self, Error> {
+        match s {
+            "kvm" => Ok(Self::Kvm),
+            "tcg" => Ok(Self::Tcg),
+            other => Err(Error::InvalidConfig(format!(
+                "unknown VM accelerator `{other}` (kvm or tcg)"
+            ))),
+        }
+    }
+}
+
+/// What a VM workspace's record holds beyond a container's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct VmRecord {
+    /// The unpacked kernel package.
+    pub kernel: PathBuf,
+    pub guest: PathBuf,
+    /// Forced by the settings; detected at start when absent.
+    pub accel: Option<Accel>,
+    /// Where the detected accelerator is remembered (the runtime's folder).
+    pub runtime_root: PathBuf,
+}
+
+impl VmSettings {
+    /// Resolves the settings for a new VM workspace, checking that the files exist.
+    pub(crate) fn resolve(
+        &self,
+        data: &Path,
+        helper: &Path,
+        runtime_root: &Path,
+    ) -> Result<VmRecord, Error> {
+        let kernel = self
+            .kernel
+            .clone()
+            .or_else(|| std::env::var_os("WARREN_VM_KERNEL").map(PathBuf::from))
+            .unwrap_or_else(|| data.join("vm/kernel"));
+        kernel::GuestKernel::find(&kernel)?;
+        let guest = self
+            .guest
+            .clone()
+            .or_else(|| std::env::var_os("WARREN_GUEST").map(PathBuf::from))
+            .unwrap_or_else(|| helper.with_file_name("warren-guest"));
+        if !guest.is_file() {
+            return Err(Error::InvalidConfig(format!(
+                "no guest agent at {} (build it with `./dev up`, or set WARREN_GUEST)",
+                guest.display()
+            )));
+        }
+        let accel = match (self.accel, std::env::var("WARREN_VM_ACCEL")) {
+            (Some(a), _) => Some(a),
+            (None, Ok(s)) if !s.is_empty() => Some(Accel::parse(&s)?),
+            _ => None,
+        };
+        for (program, package) in [
+            ("qemu-system-x86_64", "Debian's qemu-system-x86"),
+            ("virtiofsd", "`cargo install --locked virtiofsd`"),
+            (
+                "vhost-device-vsock",
+                "`cargo install --locked vhost-device-vsock`",
+            ),
+        ] {
+            if which(program).is_none() {
+                return Err(Error::InvalidConfig(format!(
+                    "VM workspaces need {program} ({package}; `./dev deps` installs it)"
+                )));
+            }
+        }
+        Ok(VmRecord {
+            kernel,
+            guest,
+            accel,
+            runtime_root: runtime_root.to_path_buf(),
+        })
+    }
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_string_lossy()
+        .split(':')
+        .map(|d| Path::new(d).join(program))
+        .find(|p| p.is_file())
+}
+
+/// Files of a VM workspace, in `<workspace>/vm/` (owned by the workspace's root on the host,
+/// which QEMU runs as).
+pub(crate) struct VmFiles {
+    pub dir: PathBuf,
+}
+
+impl VmFiles {
+    pub(crate) fn of(layout: &Layout) -> Self {
+        Self {
+            dir: layout.dir.join("vm"),
+        }
+    }
+    pub(crate) fn initrd(&self) -> PathBuf {
+        self.dir.join("initrd.img")
+    }
+    /// The sparse ext4 disk mounted at `/var/lib/docker`; kept across stop and start.
+    pub(crate) fn scratch(&self) -> PathBuf {
+        self.dir.join("scratch.img")
+    }
+    pub(crate) fn fs_socket(&self) -> PathBuf {
+        self.dir.join("fs.sock")
+    }
+    pub(crate) fn vsock_device(&self) -> PathBuf {
+        self.dir.join("vsock-device.sock")
+    }
+    /// Where the host reaches the guest agent (`CONNECT <port>`).
+    pub(crate) fn agent(&self) -> PathBuf {
+        self.dir.join("agent.sock")
+    }
+    pub(crate) fn qmp(&self) -> PathBuf {
+        self.dir.join("qmp.sock")
+    }
+    pub(crate) fn console(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+    /// `accel=kvm|tcg` while it runs.
+    pub(crate) fn state(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+}
+
+/// Size of a new scratch disk (sparse: it takes only what the guest writes).
+const SCRATCH_BYTES: u64 = 64 << 30;
+
+/// How long a guest may take to answer after QEMU starts (TCG on a busy host is slow).
+const BOOT_LIMIT: Duration = Duration::from_secs(120);
+
+/// A running VM's processes, owned by the shim.
+pub(crate) struct RunningVm {
+    pub qemu: Child,
+    pub helpers: Vec<Child>,
+}
+
+fn memory_of(rec: &WorkspaceRecord) -> u64 {
+    rec.config
+        .limits
+        .memory
+        .unwrap_or(VmOptions::DEFAULT_MEMORY)
+        .max(256 << 20)
+        >> 20
+        << 20
+}
+
+fn cpus_of(rec: &WorkspaceRecord) -> u32 {
+    rec.config
+        .limits
+        .cpus
+        .map(|c| c.ceil().clamp(1.0, 64.0) as u32)
+        .unwrap_or(VmOptions::DEFAULT_CPUS)
+}
+
+/// The guest kernel's command line. Free page reporting hands back every freed page (order 0,
+/// not just 2 MiB blocks), and without transparent huge pages the guest frees in pieces it can
+/// report.
+pub const KERNEL_CMDLINE: &str = "console=ttyS0 rdinit=/init panic=-1 quiet page_reporting.page_reporting_order=0 transparent_hugepage=never";
+
+/// The accelerator for this host: forced by the settings, else remembered, else found by
+/// booting the guest kernel under KVM once (a nested KVM that cannot run a stock kernel fails
+/// that test and gets TCG).
+pub(crate) fn accel(vm: &VmRecord) -> Accel {
+    if let Some(a) = vm.accel {
+        return a;
+    }
+    let remembered = vm.runtime_root.join("vm-accel");
+    let key = format!("{}\n", vm.kernel.display());
+    if let Ok(text) = std::fs::read_to_string(&remembered)
+        && let Some(rest) = text.strip_prefix(&key)
+        && let Ok(a) = Accel::parse(rest.trim())
+    {
+        return a;
+    }
+    let found = if kvm_boots(vm) {
+        Accel::Kvm
+    } else {
+        Accel::Tcg
+    };
+    tracing::info!(
+        accel = found.as_str(),
+        "VM accelerator chosen for this host"
+    );
+    let _ = std::fs::write(&remembered, format!("{key}{}\n", found.as_str()));
+    found
+}
+
+fn kvm_boots(vm: &VmRecord) -> bool {
+    if File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        return false;
+    }
+    let Ok(kernel) = kernel::GuestKernel::find(&vm.kernel) else {
+        return false;
+    };
+    let Ok(dir) = tempdir_in(&vm.runtime_root, "kvm-check") else {
+        return false;
+    };
+    let initrd = dir.join("initrd.img");
+    let ok = (|| {
+        let image = kernel::guest_initramfs(&vm.guest, &[], &GuestConfig::default()).ok()?;
+        std::fs::write(&initrd, image).ok()?;
+        let mut child = boot_probe(&kernel.vmlinuz, &initrd, Accel::Kvm)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let mut out = child.stdout.take()?;
+        let reader = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = out.read_to_string(&mut s);
+            s
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                break Some(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let console = reader.join().unwrap_or_default();
+        Some(status?.success() && console.contains("warren-guest: ready"))
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    ok == Some(true)
+}
+
+/// QEMU booting `vmlinuz` and `initrd` with nothing attached, its console on stdout, powering
+/// off once the guest is up (`warren.poweroff=1`): the accelerator check, and the boot test.
+pub fn boot_probe(vmlinuz: &Path, initrd: &Path, accel: Accel) -> Command {
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-machine", &format!("q35,accel={}", accel.as_str())])
+        .args(["-cpu", if accel == Accel::Kvm { "host" } else { "max" }])
+        .args(["-m", "256", "-smp", "1"])
+        .args([
+            "-nographic",
+            "-nodefaults",
+            "-no-reboot",
+            "-serial",
+            "stdio",
+        ])
+        .arg("-kernel")
+        .arg(vmlinuz)
+        .arg("-initrd")
+        .arg(initrd)
+        .arg("-append")
+        .arg(format!("{KERNEL_CMDLINE} warren.poweroff=1"));
+    cmd
+}
+
+fn tempdir_in(parent: &Path, name: &str) -> std::io::Result<PathBuf> {
+    let dir = parent.join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+fn spawn_logged(cmd: &mut Command, log: &Path) -> Result<Child, Error> {
+    let log_file = File::options()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(Error::io("cannot open", log))?;
+    let err = log_file
+        .try_clone()
+        .map_err(Error::io("cannot open", log))?;
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    sys::unblock_signals_in_child(cmd)
+        .stdin(Stdio::null())
+        .stdout(log_file)
+        .stderr(err)
+        .spawn()
+        .map_err(Error::io("cannot run", program))
+}
+
+fn wait_for_path(path: &Path, child: &mut Child, what: &str) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !path.exists() {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("{what} exited ({status})"));
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{what} made no socket in 10 s"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Boots the VM over the mounted tree (`layout.rootfs()`): helpers, QEMU, then waits for the
+/// guest agent. On error, what was started is returned for teardown through `started`.
+pub(crate) fn start(
+    rec: &WorkspaceRecord,
+    vm: &VmRecord,
+    layout: &Layout,
+    started: &mut Vec<Child>,
+) -> Result<RunningVm, Error> {
+    let fail = |message: String| Error::Start {
+        id: rec.config.id.to_string(),
+        message,
+    };
+    let files = VmFiles::of(layout);
+    let owner = Some(rec.uid_base);
+    std::fs::create_dir_all(&files.dir).map_err(Error::io("cannot create", &files.dir))?;
+    std::os::unix::fs::chown(&files.dir, owner, owner)
+        .map_err(Error::io("cannot chown", &files.dir))?;
+    std::fs::set_permissions(&files.dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(Error::io("cannot set permissions of", &files.dir))?;
+    for stale in [
+        files.fs_socket(),
+        files.vsock_device(),
+        files.agent(),
+        files.qmp(),
+        files.state(),
+    ] {
+        let _ = std::fs::remove_file(stale);
+    }
+    let accel = accel(vm);
+    let kernel = kernel::GuestKernel::find(&vm.kernel)?;
+
+    // The scratch disk, made once.
+    let scratch = files.scratch();
+    if !scratch.exists() {
+        let tmp = scratch.with_extension("img.new");
+        let f = File::create(&tmp).map_err(Error::io("cannot create", &tmp))?;
+        f.set_len(SCRATCH_BYTES)
+            .map_err(Error::io("cannot size", &tmp))?;
+        drop(f);
+        sys::run(
+            Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-m", "0", "-E"])
+                .arg("nodiscard,lazy_itable_init=1,lazy_journal_init=1")
+                .arg(&tmp),
+        )?;
+        std::fs::rename(&tmp, &scratch).map_err(Error::io("cannot rename", &tmp))?;
+    }
+    std::os::unix::fs::chown(&scratch, owner, owner)
+        .map_err(Error::io("cannot chown", &scratch))?;
+
+    // The initramfs: the guest, its modules, its settings.
+    let config = GuestConfig {
+        hostname: spec::hostname(rec),
+        network: Some(GuestNetwork {
+            address: rec.address,
+            prefix_len: rec.prefix_len,
+            gateway: rec.gateway,
+        }),
+        root_tag: Some("root".into()),
+        scratch_device: Some("/dev/vda".into()),
+        etc: spec::etc_files(rec)
+            .into_iter()
+            .map(|(name, content)| (name.to_owned(), content))
+            .collect(),
+    };
+    let modules = kernel.module_files(&kernel::BOOT_MODULES)?;
+    let image = kernel::guest_initramfs(&vm.guest, &modules, &config)?;
+    std::fs::write(files.initrd(), image).map_err(Error::io("cannot write", files.initrd()))?;
+    std::os::unix::fs::chown(files.initrd(), owner, owner)
+        .map_err(Error::io("cannot chown", files.initrd()))?;
+
+    let log = layout.log();
+    // Guest ids 0..65535 are the workspace's range on the host, as in a container.
+    let map = format!("map:0:{}:{ID_RANGE}", rec.uid_base);
+    let mut virtiofsd = spawn_logged(
+        Command::new("virtiofsd")
+            .arg("--socket-path")
+            .arg(files.fs_socket())
+            .arg("--shared-dir")
+            .arg(layout.rootfs())
+            .args(["--tag", "root", "--sandbox", "namespace"])
+            .args(["--translate-uid", &map, "--translate-gid", &map])
+            .args(["--xattr", "--cache", "auto", "--log-level", "warn"]),
+        &log,
+    )?;
+    let result = wait_for_path(&files.fs_socket(), &mut virtiofsd, "virtiofsd");
+    started.push(virtiofsd);
+    result.map_err(fail)?;
+    // Unprivileged processes may not reach files under root's home (where `cargo install`
+    // puts the device) or the data folder: they get them as open descriptors.
+    let vsock_bin = inherited(&which("vhost-device-vsock").unwrap_or_default())?;
+    let kernel_file = inherited(&kernel.vmlinuz)?;
+    let mut vsock = spawn_logged(
+        as_workspace_root(
+            std::os::unix::process::CommandExt::arg0(
+                &mut Command::new(format!("/proc/self/fd/{}", vsock_bin.as_raw_fd())),
+                "vhost-device-vsock",
+            ),
+            rec.uid_base,
+            None,
+        )
+        .args(["--guest-cid", "3"])
+        .arg("--socket")
+        .arg(files.vsock_device())
+        .arg("--uds-path")
+        .arg(files.agent()),
+        &log,
+    )?;
+    let result = wait_for_path(&files.vsock_device(), &mut vsock, "vhost-device-vsock");
+    started.push(vsock);
+    result.map_err(fail)?;
+    std::os::unix::fs::chown(files.fs_socket(), owner, owner)
+        .map_err(Error::io("cannot chown", files.fs_socket()))?;
+    // QEMU runs unprivileged: it gets the tap already opened.
+    let tap = open_tap(&rec.veth())?;
+
+    let memory = memory_of(rec);
+    let ksm = rec.config.vm.as_ref().is_some_and(|o| o.ksm);
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args(["-name", &format!("warren-{}", rec.config.id)])
+        .args([
+            "-machine",
+            &format!(
+                "q35,accel={},mem-merge={}",
+                accel.as_str(),
+                if ksm { "on" } else { "off" }
+            ),
+        ])
+        .args(["-cpu", if accel == Accel::Kvm { "host" } else { "max" }])
+        .args(["-smp", &cpus_of(rec).to_string()])
+        .args(["-m", &format!("{}M", memory >> 20)])
+        // vhost-user devices need the guest's memory shared with their processes.
+        .args([
+            "-object",
+            &format!(
+                "memory-backend-memfd,id=mem,size={}M,share=on,merge={}",
+                memory >> 20,
+                if ksm { "on" } else { "off" }
+            ),
+        ])
+        .args(["-numa", "node,memdev=mem"])
+        .args(["-nographic", "-nodefaults", "-no-reboot", "-no-user-config"])
+        .arg("-serial")
+        .arg(format!("file:{}", files.console().display()))
+        .arg("-kernel")
+        .arg(format!("/proc/self/fd/{}", kernel_file.as_raw_fd()))
+        .arg("-initrd")
+        .arg(files.initrd())
+        .args(["-append", KERNEL_CMDLINE])
+        .arg("-chardev")
+        .arg(format!("socket,id=fs,path={}", files.fs_socket().display()))
+        .args(["-device", "vhost-user-fs-pci,chardev=fs,tag=root"])
+        .arg("-chardev")
+        .arg(format!(
+            "socket,id=vsock,path={}",
+            files.vsock_device().display()
+        ))
+        .args(["-device", "vhost-user-vsock-pci,chardev=vsock"])
+        .arg("-drive")
+        .arg(format!(
+            "file={},if=none,id=scratch,format=raw,discard=unmap,detect-zeroes=unmap",
+            scratch.display()
+        ))
+        .args(["-device", "virtio-blk-pci,drive=scratch"])
+        .args(["-netdev", &format!("tap,id=net0,fd={}", tap.as_raw_fd())])
+        .args([
+            "-device",
+            &format!("virtio-net-pci,netdev=net0,mac={}", mac_of(rec)),
+        ])
+        .args([
+            "-device",
+            "virtio-balloon-pci,id=balloon0,free-page-reporting=on,deflate-on-oom=on",
+        ])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", files.qmp().display()));
+    as_workspace_root(&mut qemu, rec.uid_base, group_id("kvm"));
+    let mut qemu = spawn_logged(&mut qemu, &log)?;
+    drop((tap, kernel_file, vsock_bin));
+    let booted = client::wait_for_agent(&files.agent(), BOOT_LIMIT, &mut || {
+        matches!(qemu.try_wait(), Ok(None))
+    });
+    if let Err(e) = booted {
+        let console = std::fs::read_to_string(files.console()).unwrap_or_default();
+        let tail: Vec<&str> = console.lines().rev().take(5).collect();
+        let _ = qemu.kill();
+        let _ = qemu.wait();
+        return Err(fail(format!(
+            "the VM did not come up: {e} (console: {}; see {})",
+            tail.into_iter().rev().collect::<Vec<_>>().join(" | "),
+            log.display()
+        )));
+    }
+    let _ = std::fs::write(files.state(), format!("accel={}\n", accel.as_str()));
+    tracing::info!(workspace.id = %rec.config.id, accel = accel.as_str(), memory, "VM running");
+    Ok(RunningVm {
+        qemu,
+        helpers: std::mem::take(started),
+    })
+}
+
+/// Runs `cmd` as the workspace's root user on the host (with `extra_group` if given).
+fn as_workspace_root(cmd: &mut Command, uid: u32, extra_group: Option<u32>) -> &mut Command {
+    let groups: Vec<libc::gid_t> = extra_group.into_iter().collect();
+    // SAFETY: the closure only makes async-signal-safe system calls.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, move || {
+            if libc::setgroups(groups.len(), groups.as_ptr()) < 0
+                || libc::setresgid(uid, uid, uid) < 0
+                || libc::setresuid(uid, uid, uid) < 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
+/// `path` opened for a child to inherit (its descriptor stays open across exec).
+fn inherited(path: &Path) -> Result<std::os::fd::OwnedFd, Error> {
+    let fd = std::os::fd::OwnedFd::from(File::open(path).map_err(Error::io("cannot open", path))?);
+    keep_across_exec(&fd);
+    Ok(fd)
+}
+
+fn keep_across_exec(fd: &std::os::fd::OwnedFd) {
+    // SAFETY: fcntl on a descriptor the caller owns.
+    unsafe {
+        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFD);
+        libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+    }
+}
+
+/// Opens the workspace's tap (made by `net::attach_tap`) for QEMU to inherit: the descriptor
+/// is left open across exec on purpose.
+fn open_tap(name: &str) -> Result<std::os::fd::OwnedFd, Error> {
+    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+    let tun = File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .map_err(Error::io("cannot open", "/dev/net/tun"))?;
+    // SAFETY: ifreq is plain data; all zeroes is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (slot, b) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *slot = b as libc::c_char;
+    }
+    req.ifr_ifru.ifru_flags =
+        (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+    // SAFETY: `req` is a valid ifreq for TUNSETIFF, alive for the call.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF as _, &mut req) } < 0 {
+        return Err(Error::Sys(format!(
+            "cannot open tap {name}: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    let fd = std::os::fd::OwnedFd::from(tun);
+    keep_across_exec(&fd);
+    Ok(fd)
+}
+
+fn group_id(name: &str) -> Option<u32> {
+    std::fs::read_to_string("/etc/group")
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.first() == Some(&name)).then(|| f.get(2)?.parse().ok())?
+        })
+}
+
+/// A stable, locally administered MAC per slot.
+fn mac_of(rec: &WorkspaceRecord) -> String {
+    let s = rec.slot.to_be_bytes();
+    format!("52:54:{:02x}:{:02x}:{:02x}:{:02x}", s[0], s[1], s[2], s[3])
+}
+
+/// Ends the helpers (they have nothing to serve once QEMU is gone).
+pub(crate) fn stop_helpers(helpers: &mut Vec<Child>) {
+    for child in helpers.iter() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    for child in helpers.iter_mut() {
+        while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    helpers.clear();
+}
+
+/// The QEMU process's resident memory, bytes.
+pub(crate) fn rss_of(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
+/// CPU time the QEMU process used, nanoseconds.
+pub(crate) fn cpu_ns_of(pid: i32) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    // Fields after the command (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    // SAFETY: sysconf takes no pointers.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    ticks * 1_000_000_000 / hz
+}
+
+/// The memory size a VM workspace gets, for its stats.
+pub(crate) fn memory_limit(rec: &WorkspaceRecord) -> u64 {
+    memory_of(rec)
+}
