@@ -30,6 +30,9 @@ pub struct WorkspaceSpec {
     /// What runs in persistent terminals on each start (the environment's workspace tasks).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tasks: Vec<TaskSpec>,
+    /// Run it as a virtual machine rather than a system container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<warren_runtime::VmOptions>,
 }
 
 /// The step a job asks for.
@@ -160,7 +163,7 @@ pub fn execute(runtime: &dyn Runtime, work: &WorkspaceJob) -> Result<Outcome, St
                 pids: spec.pids,
             },
             env: Vec::new(),
-            vm: None,
+            vm: spec.vm.clone(),
         };
         match runtime.create(&config) {
             Ok(_) | Err(RuntimeError::AlreadyExists(_)) => Ok(()),
@@ -496,6 +499,7 @@ mod tests {
                     once: false,
                     stage: 0,
                 }],
+                vm: Some(warren_runtime::VmOptions { ksm: false }),
             },
         };
         let text = serde_json::to_string(&job).unwrap_or_default();

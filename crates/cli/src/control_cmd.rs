@@ -304,6 +304,9 @@ pub enum WsCommand {
         /// run on each start
         #[arg(long)]
         env_file: Option<PathBuf>,
+        /// `container` or `vm` (default: the environment file's `runtime`, else container)
+        #[arg(long, value_parser = ["container", "vm"])]
+        runtime: Option<String>,
         /// Return at once instead of waiting
         #[arg(long)]
         no_wait: bool,
@@ -654,6 +657,7 @@ pub fn ws(cmd: WsCommand) -> anyhow::Result<ExitCode> {
             memory,
             cpus,
             env_file,
+            runtime,
             no_wait,
         } => {
             // `ws create PROJECT [--branch B]`: a workspace of the project's prebuild, named
@@ -681,7 +685,8 @@ pub fn ws(cmd: WsCommand) -> anyhow::Result<ExitCode> {
             client.post(
                 "/workspaces",
                 &json!({"name": name, "image": image, "project": project, "branch": branch,
-                        "memory": memory, "cpus": cpus, "environment": environment}),
+                        "memory": memory, "cpus": cpus, "environment": environment,
+                        "runtime": runtime}),
             )?;
             if !no_wait {
                 wait_for(&client, &name, "creating", state_is("running"))?;
@@ -703,6 +708,7 @@ pub fn ws(cmd: WsCommand) -> anyhow::Result<ExitCode> {
                     ("name", "NAME"),
                     ("owner", "OWNER"),
                     ("state", "STATE"),
+                    ("runtime", "RUNTIME"),
                     ("image", "IMAGE"),
                     ("host", "HOST"),
                     ("last_error", "LAST ERROR"),

@@ -249,17 +249,22 @@ pub fn run(args: RuntimeArgs, data: &Path) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 println!(
-                    "{:<24} {:<8} {:<15} {:<11} ROOT",
-                    "NAME", "STATE", "ADDRESS", "UID BASE"
+                    "{:<24} {:<8} {:<10} {:<15} {:<11} ROOT",
+                    "NAME", "STATE", "KIND", "ADDRESS", "UID BASE"
                 );
                 for w in list {
                     let root = match &w.config.root {
                         RootSource::Image { reference, .. } => format!("image {reference}"),
                         RootSource::Dir { path } => format!("dir {}", path.display()),
                     };
+                    let kind = match (&w.config.vm, &w.accel) {
+                        (None, _) => "container".to_owned(),
+                        (Some(_), Some(accel)) => format!("vm ({accel})"),
+                        (Some(_), None) => "vm".to_owned(),
+                    };
                     println!(
-                        "{:<24} {:<8} {:<15} {:<11} {root}",
-                        w.config.id, w.state, w.address, w.uid_base
+                        "{:<24} {:<8} {:<10} {:<15} {:<11} {root}",
+                        w.config.id, w.state, kind, w.address, w.uid_base
                     );
                 }
             }
@@ -284,6 +289,15 @@ pub fn run(args: RuntimeArgs, data: &Path) -> anyhow::Result<ExitCode> {
                     limit(s.pids_limit, &|v| v.to_string())
                 );
                 println!("disk    {}", ByteSize(s.disk_bytes));
+                if let Some(vm) = &s.vm {
+                    println!(
+                        "vm      {} (memory above: QEMU's on the host); guest {} free of {} ({} available)",
+                        vm.accel,
+                        ByteSize(vm.guest_free),
+                        ByteSize(vm.guest_total),
+                        ByteSize(vm.guest_available)
+                    );
+                }
             }
         }
         RuntimeCommand::Tasks { name } => {

@@ -111,6 +111,76 @@ impl Developer {
         std::fs::remove_file(&back).unwrap();
     }
 
+    /// `scp` puts `local` into the workspace as /root/up.bin and gets it back: the same bytes.
+    fn scp_round_trip(&self, local: &Path, scratch: &Path) {
+        let out = self
+            .tool("scp")
+            .arg(local)
+            .arg("web.warren:/root/up.bin")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "scp up: {}", stderr(&out));
+        let back = scratch.join("back.bin");
+        let out = self
+            .tool("scp")
+            .arg("web.warren:/root/up.bin")
+            .arg(&back)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "scp down: {}", stderr(&out));
+        assert_eq!(sha256(&back), sha256(local));
+    }
+
+    /// An interactive `ssh -t web.warren` in a 100x30 tmux window of the test's own.
+    fn terminal(&self, warren: &Warren) -> Tmux {
+        let tmux = Tmux(warren.configs.path().join("tmux.sock"));
+        let ssh_line = format!(
+            "ssh -F {} -i {} -o IdentitiesOnly=yes -o BatchMode=yes -t web.warren",
+            self.home.join(".ssh/config").display(),
+            self.key.display()
+        );
+        tmux.run(&[
+            "new-session",
+            "-d",
+            "-s",
+            "t",
+            "-x",
+            "100",
+            "-y",
+            "30",
+            &ssh_line,
+        ]);
+        tmux
+    }
+
+    /// Serves `text` on the workspace's own loopback (busybox httpd on port 8000) and reaches
+    /// it through `ssh -L`; the forwarding lasts as long as what is returned.
+    fn forward_to_a_server_inside(&self, text: &str) -> Background {
+        self.ssh_ok(
+            "web.warren",
+            &format!(
+                "mkdir -p /srv && echo {text} > /srv/index.html && busybox httpd -p 127.0.0.1:8000 -h /srv"
+            ),
+        );
+        let local_port = free_port();
+        let forward = Background(
+            self.tool("ssh")
+                .args([
+                    "-N",
+                    "-L",
+                    &format!("{local_port}:127.0.0.1:8000"),
+                    "web.warren",
+                ])
+                .spawn()
+                .unwrap(),
+        );
+        let page = eventually("ssh -L", || {
+            curl(&[&format!("http://127.0.0.1:{local_port}/")])
+        });
+        assert_eq!(page, format!("{text}\n"));
+        forward
+    }
+
     fn ssh(&self, host: &str, command: &str) -> Output {
         self.tool("ssh")
             .arg(host)
@@ -227,6 +297,15 @@ impl Tmux {
         self.run(&["capture-pane", "-p", "-t", "t"])
     }
 
+    /// The terminal's size is the window's, before and after a resize.
+    fn follows_the_window(&self) {
+        self.run(&["send-keys", "-t", "t", "stty size", "Enter"]);
+        self.wait_for("30 100");
+        self.run(&["resize-window", "-t", "t", "-x", "120", "-y", "40"]);
+        self.run(&["send-keys", "-t", "t", "clear; stty size", "Enter"]);
+        self.wait_for("40 120");
+    }
+
     fn wait_for(&self, text: &str) -> String {
         eventually(&format!("the terminal to show {text:?}"), || {
             let screen = self.screen();
@@ -299,28 +378,8 @@ fn ssh_reaches_the_workspace_with_every_channel() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "before\n");
 
     // An interactive terminal runs a full-screen program and follows the window's size.
-    let tmux = Tmux(warren.configs.path().join("tmux.sock"));
-    let ssh_line = format!(
-        "ssh -F {} -i {} -o IdentitiesOnly=yes -o BatchMode=yes -t web.warren",
-        alice.home.join(".ssh/config").display(),
-        alice.key.display()
-    );
-    tmux.run(&[
-        "new-session",
-        "-d",
-        "-s",
-        "t",
-        "-x",
-        "100",
-        "-y",
-        "30",
-        &ssh_line,
-    ]);
-    tmux.run(&["send-keys", "-t", "t", "stty size; echo $TERM", "Enter"]);
-    tmux.wait_for("30 100");
-    tmux.run(&["resize-window", "-t", "t", "-x", "120", "-y", "40"]);
-    tmux.run(&["send-keys", "-t", "t", "clear; stty size", "Enter"]);
-    tmux.wait_for("40 120");
+    let tmux = alice.terminal(&warren);
+    tmux.follows_the_window();
     tmux.run(&["send-keys", "-t", "t", "top -d 1", "Enter"]);
     tmux.wait_for("load average");
     tmux.run(&["send-keys", "-t", "t", "q"]);
@@ -336,48 +395,13 @@ fn ssh_reaches_the_workspace_with_every_channel() {
     let dir = tempfile::tempdir().unwrap();
     let local = dir.path().join("data.bin");
     random_file(&local, 16);
-    let out = alice
-        .tool("scp")
-        .arg(&local)
-        .arg("web.warren:/root/up.bin")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "scp up: {}", stderr(&out));
-    let back = dir.path().join("back.bin");
-    let out = alice
-        .tool("scp")
-        .arg("web.warren:/root/up.bin")
-        .arg(&back)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "scp down: {}", stderr(&out));
-    assert_eq!(sha256(&back), sha256(&local));
+    alice.scp_round_trip(&local, dir.path());
     let inside = alice.ssh_ok("web.warren", "sha256sum /root/up.bin");
     assert!(inside.starts_with(&sha256(&local)), "{inside}");
     alice.sftp_round_trip(&local, dir.path());
 
     // Port forwarding to a server on the workspace's own loopback: -L, and -D as SOCKS.
-    alice.ssh_ok(
-        "web.warren",
-        "mkdir -p /srv && echo served-inside > /srv/index.html && busybox httpd -p 127.0.0.1:8000 -h /srv",
-    );
-    let local_port = free_port();
-    let _forward = Background(
-        alice
-            .tool("ssh")
-            .args([
-                "-N",
-                "-L",
-                &format!("{local_port}:127.0.0.1:8000"),
-                "web.warren",
-            ])
-            .spawn()
-            .unwrap(),
-    );
-    let page = eventually("ssh -L", || {
-        curl(&[&format!("http://127.0.0.1:{local_port}/")])
-    });
-    assert_eq!(page, "served-inside\n");
+    let _forward = alice.forward_to_a_server_inside("served-inside");
     let socks_port = free_port();
     let _socks = Background(
         alice
@@ -900,4 +924,113 @@ fn the_gateway_runs_on_its_own() {
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("from "));
+}
+
+/// A VM workspace (its environment file says `runtime: vm`) is used exactly like a container:
+/// commands with their status and streams, a terminal, copies, port forwarding, its tasks, and
+/// its files kept across a stop and start — through the same gateway.
+#[test]
+fn a_vm_workspace_is_reached_like_a_container() {
+    setup();
+    warren_testkit::require_vm_tools();
+    let mut warren = Warren::new(17, None);
+    warren.env = vec![
+        (
+            "WARREN_VM_KERNEL".into(),
+            warren_testkit::guest_kernel().display().to_string(),
+        ),
+        (
+            "WARREN_GUEST".into(),
+            warren_testkit::static_guest().display().to_string(),
+        ),
+    ];
+    let password = warren.start().unwrap();
+    warren.login("admin", &password);
+    warren.import_image(&dev_image(), "dev:1");
+    warren.add_user("alice");
+    let alice = Developer::new(&warren, "alice");
+    let env_file = warren.configs.path().join("warren.yml");
+    std::fs::write(
+        &env_file,
+        "image: dev:1\nruntime: vm\ntasks:\n  - name: hello\n    workspace: echo \"task in $(uname -r)\"; sleep 600\n",
+    )
+    .unwrap();
+    warren.ok(
+        "alice",
+        &[
+            "ws",
+            "create",
+            "web",
+            "--image",
+            "dev:1",
+            "--env-file",
+            env_file.to_str().unwrap(),
+        ],
+    );
+    alice.write_ssh_config(&warren);
+    let shown: serde_json::Value =
+        serde_json::from_str(&warren.ok("alice", &["ws", "show", "web"])).unwrap();
+    assert_eq!(shown["runtime"], "vm", "{shown}");
+
+    // Commands: status, streams, the guest's own kernel.
+    let out = alice.ssh("web.warren", "exit 3");
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let mut child = alice
+        .tool("ssh")
+        .arg("web.warren")
+        .arg(r#"tr a-z A-Z; echo "to stderr" >&2; uname -r"#)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"in a vm\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        stdout.starts_with("IN A VM\n") && stdout.contains("cloud-amd64"),
+        "{stdout}"
+    );
+    assert_eq!(stderr(&out), "to stderr\n");
+
+    // A terminal that follows the window's size.
+    let tmux = alice.terminal(&warren);
+    tmux.follows_the_window();
+    tmux.run(&["send-keys", "-t", "t", "exit", "Enter"]);
+    drop(tmux);
+
+    // Copies both ways, the same bytes.
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("data.bin");
+    random_file(&local, 16);
+    alice.scp_round_trip(&local, dir.path());
+
+    // -L to a server on the guest's own loopback.
+    drop(alice.forward_to_a_server_inside("served-in-vm"));
+
+    // Its task ran in the guest.
+    eventually("the task's output", || {
+        warren
+            .ok("alice", &["ws", "logs", "web", "hello"])
+            .contains("task in 6.")
+            .then_some(())
+    });
+    // The host reports how it runs.
+    let accel = eventually("the host's report", || {
+        let shown: serde_json::Value =
+            serde_json::from_str(&warren.ok("alice", &["ws", "show", "web"])).unwrap();
+        shown["accel"].as_str().map(str::to_owned)
+    });
+    assert_eq!(
+        accel, "tcg",
+        "this machine's nested KVM cannot boot the guest"
+    );
+
+    // Stop and start: the files are kept.
+    warren.ok("alice", &["ws", "stop", "web"]);
+    warren.ok("alice", &["ws", "start", "web"]);
+    let inside = alice.ssh_ok("web.warren", "sha256sum /root/up.bin");
+    assert!(inside.starts_with(&sha256(&local)), "{inside}");
+    warren.ok("alice", &["ws", "rm", "web"]);
 }

@@ -45,6 +45,7 @@ pub(crate) fn stats(rec: &WorkspaceRecord) -> Result<crate::Stats, Error> {
         pids: s.pids.current,
         pids_limit: limit(s.pids.limit),
         disk_bytes: 0,
+        vm: None,
     })
 }
 

@@ -707,7 +707,10 @@ impl Runtime for ContainerRuntime {
         }
         // What the host pays for the VM (QEMU's resident memory and CPU time), and what the
         // guest runs.
-        let guest = vm::client::stats(&VmFiles::of(&layout).agent()).unwrap_or_default();
+        let files = VmFiles::of(&layout);
+        let guest = vm::client::stats(&files.agent()).unwrap_or_default();
+        let (guest_total, guest_free, guest_available) =
+            vm::qmp::balloon_stats(&files.qmp()).unwrap_or_default();
         Ok(Stats {
             cpu_ns: vm::cpu_ns_of(pid),
             memory_bytes: vm::rss_of(pid),
@@ -715,6 +718,12 @@ impl Runtime for ContainerRuntime {
             pids: guest.tasks,
             pids_limit: None,
             disk_bytes: 0,
+            vm: Some(crate::VmStats {
+                accel: vm::client::read_state(&files.state(), "accel").unwrap_or_default(),
+                guest_total,
+                guest_free,
+                guest_available,
+            }),
         })
     }
 

@@ -33,7 +33,7 @@ pub use error::Error;
 pub use shim::run_shim;
 pub use types::{
     DeleteReport, Exec, ExecIo, ExecRequest, ExitStatus, Limits, Process, RootSource, Stats,
-    VmOptions, WinSize, WorkspaceConfig, WorkspaceId, WorkspaceInfo, WorkspaceSocket,
+    VmOptions, VmStats, WinSize, WorkspaceConfig, WorkspaceId, WorkspaceInfo, WorkspaceSocket,
     WorkspaceState, WritableLayer,
 };
 pub use vm::{Accel, VmSettings};

@@ -241,6 +241,20 @@ pub struct Stats {
     pub pids_limit: Option<u64>,
     /// Bytes used on disk by the writable layer.
     pub disk_bytes: u64,
+    /// A VM's own figures (`memory_bytes` is then what its QEMU holds on the host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<VmStats>,
+}
+
+/// What a running VM workspace reports beyond a container's.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStats {
+    /// `kvm` or `tcg`.
+    pub accel: String,
+    /// The guest's memory as its balloon driver last reported it (every 2 s), bytes.
+    pub guest_total: u64,
+    pub guest_free: u64,
+    pub guest_available: u64,
 }
 
 /// A unix socket listening inside a running workspace, in a private folder under its `/tmp`

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use sqlx::any::AnyRow;
 use warren_agent::{Action, WorkspaceJob, WorkspaceSpec};
+use warren_runtime::VmOptions;
 
 use crate::AppState;
 use crate::auth::{Caller, hash_password, new_token, verify_password};
@@ -707,6 +708,9 @@ pub struct NewWorkspace {
     /// The environment file whose workspace tasks run on each start.
     #[serde(default)]
     environment: Option<EnvironmentFile>,
+    /// `container` or `vm`; when absent, the environment file's `runtime` (else a container).
+    #[serde(default)]
+    runtime: Option<String>,
 }
 
 /// An environment file, as found in a repository.
@@ -727,6 +731,8 @@ struct Environment {
     user: Option<String>,
     /// Where the repository is checked out.
     folder: String,
+    /// What the file asks to run in (`runtime: vm` in warren.yml).
+    runtime: warren_spec::RuntimeKind,
 }
 
 /// Reads an environment file (of the repository at `repository`, when it comes from one);
@@ -750,6 +756,7 @@ fn read_environment(env: &EnvironmentFile, repository: Option<&str>) -> ApiResul
     Ok(Environment {
         tasks: warren_build::workspace_tasks(&loaded.spec),
         user: warren_build::session_user(&loaded.spec),
+        runtime: loaded.spec.runtime,
         folder: loaded.spec.workspace_folder,
     })
 }
@@ -826,17 +833,26 @@ pub struct WorkspaceView {
     branch: Option<String>,
     /// Commits the branch's head has that the prebuild lacks.
     behind: Option<u64>,
+    /// `container` or `vm`.
+    runtime: String,
+    /// How a running VM is accelerated (`kvm`, or `tcg` where the host's KVM cannot run it),
+    /// as its host last reported.
+    accel: Option<String>,
 }
 
 pub(crate) const WORKSPACE_COLUMNS: &str =
     "w.id, w.name, w.owner_id, u.name AS owner, w.project_id, p.name AS project, w.image, h.name AS host,
     w.host_id, w.state, w.desired, w.last_error, w.memory, w.cpus_milli, w.created_at, w.updated_at,
     w.tasks, w.stats, w.stats_at, w.run_as, w.prebuild_id, w.branch, pb.commit_sha AS prebuild_commit, p.git_url,
+    w.runtime, u.vm_ksm AS owner_ksm, p.vm_ksm AS project_ksm,
     (SELECT b.head FROM branches b WHERE b.project_id = w.project_id AND b.name = w.branch) AS branch_head
     FROM workspaces w JOIN users u ON u.id = w.owner_id JOIN hosts h ON h.id = w.host_id
     LEFT JOIN projects p ON p.id = w.project_id LEFT JOIN prebuilds pb ON pb.id = w.prebuild_id";
 
 fn workspace_view(r: &AnyRow) -> ApiResult<WorkspaceView> {
+    let stats: Option<serde_json::Value> = r
+        .try_get::<Option<String>, _>("stats")?
+        .and_then(|s| serde_json::from_str(&s).ok());
     Ok(WorkspaceView {
         id: r.try_get("id")?,
         name: r.try_get("name")?,
@@ -853,14 +869,18 @@ fn workspace_view(r: &AnyRow) -> ApiResult<WorkspaceView> {
             .map(|m| m as f64 / 1000.0),
         created_at: r.try_get("created_at")?,
         updated_at: r.try_get("updated_at")?,
-        stats: r
-            .try_get::<Option<String>, _>("stats")?
-            .and_then(|s| serde_json::from_str(&s).ok()),
         stats_at: r.try_get("stats_at")?,
         user: r.try_get("run_as")?,
         prebuild: r.try_get("prebuild_id")?,
         branch: r.try_get("branch")?,
         behind: None,
+        runtime: r.try_get("runtime")?,
+        accel: stats
+            .as_ref()
+            .and_then(|s| s.pointer("/vm/accel"))
+            .and_then(|a| a.as_str())
+            .map(str::to_owned),
+        stats,
     })
 }
 
@@ -874,6 +894,14 @@ async fn workspace_view_now(state: &AppState, r: &AnyRow) -> ApiResult<Workspace
         view.behind = crate::prebuilds::behind(state, &url, &commit, &head).await;
     }
     Ok(view)
+}
+
+/// A VM workspace's options: KSM merging when its owner's or its project's trust domain has
+/// it on (`None` for a container).
+fn vm_options(runtime: &str, owner_ksm: i64, project_ksm: Option<i64>) -> Option<VmOptions> {
+    (runtime == "vm").then(|| VmOptions {
+        ksm: owner_ksm != 0 || project_ksm.unwrap_or(0) != 0,
+    })
 }
 
 /// The runtime's name for the workspace with this id.
@@ -896,6 +924,11 @@ pub(crate) fn workspace_spec(r: &AnyRow) -> ApiResult<WorkspaceSpec> {
                 .map_err(|e| ApiError::internal("a workspace's tasks", e))?,
             None => Vec::new(),
         },
+        vm: vm_options(
+            &r.try_get::<String, _>("runtime")?,
+            r.try_get("owner_ksm")?,
+            r.try_get("project_ksm")?,
+        ),
     })
 }
 
@@ -1030,6 +1063,7 @@ pub async fn create_workspace(
         mut tasks,
         user,
         folder,
+        runtime: env_runtime,
     } = match req.environment.as_ref().or(prebuild_env.as_ref()) {
         Some(env) => read_environment(
             env,
@@ -1043,7 +1077,17 @@ pub async fn create_workspace(
             tasks: Vec::new(),
             user: None,
             folder: "/workspace".into(),
+            runtime: Default::default(),
         },
+    };
+    let runtime = match req.runtime.as_deref() {
+        None => env_runtime.to_string(),
+        Some(r @ ("container" | "vm")) => r.to_owned(),
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "runtime must be `container` or `vm`, not `{other}`"
+            )));
+        }
     };
     if let Some((_, branch, commit, _, _)) = &from_prebuild {
         let (name, email) = git_identity(&state, &caller).await?;
@@ -1052,6 +1096,7 @@ pub async fn create_workspace(
                 tasks: Vec::new(),
                 user: user.clone(),
                 folder: folder.clone(),
+                runtime: Default::default(),
             },
             branch,
             commit,
@@ -1065,13 +1110,21 @@ pub async fn create_workspace(
         }
         tasks.insert(0, git);
     }
+    let ksm: (i64, Option<i64>) = sqlx::query_as(
+        "SELECT (SELECT vm_ksm FROM users WHERE id = $1), (SELECT vm_ksm FROM projects WHERE id = $2)",
+    )
+    .bind(&caller.user_id)
+    .bind(&project_id)
+    .fetch_one(&state.db.pool)
+    .await?;
+    let vm = vm_options(&runtime, ksm.0, ksm.1);
     let host_id = place(&state, &image).await?;
     let id = new_id();
     let now = now_ms();
     let mut tx = state.db.begin_write().await?;
     sqlx::query(
-        "INSERT INTO workspaces (id, owner_id, project_id, name, image, host_id, state, desired, memory, cpus_milli, created_at, updated_at, tasks, run_as, prebuild_id, branch)
-         VALUES ($1, $2, $3, $4, $5, $6, 'creating', 'running', $7, $8, $9, $9, $10, $11, $12, $13)",
+        "INSERT INTO workspaces (id, owner_id, project_id, name, image, host_id, state, desired, memory, cpus_milli, created_at, updated_at, tasks, run_as, prebuild_id, branch, runtime)
+         VALUES ($1, $2, $3, $4, $5, $6, 'creating', 'running', $7, $8, $9, $9, $10, $11, $12, $13, $14)",
     )
     .bind(&id)
     .bind(&caller.user_id)
@@ -1091,6 +1144,7 @@ pub async fn create_workspace(
     .bind(&user)
     .bind(from_prebuild.as_ref().map(|p| &p.0))
     .bind(from_prebuild.as_ref().map(|p| &p.1))
+    .bind(&runtime)
     .execute(&mut *tx)
     .await
     .map_err(|e| match ApiError::from(e) {
@@ -1104,6 +1158,7 @@ pub async fn create_workspace(
         cpus: req.cpus,
         pids: None,
         tasks,
+        vm,
     };
     jobs::enqueue(
         &mut tx,

@@ -40,6 +40,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (7, include_str!("../migrations/0007_workspace_user.sql")),
     (8, include_str!("../migrations/0008_prebuilds.sql")),
     (9, include_str!("../migrations/0009_host_prebuilds.sql")),
+    (10, include_str!("../migrations/0010_workspace_runtime.sql")),
 ];
 
 impl Db {

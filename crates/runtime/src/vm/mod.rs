@@ -13,6 +13,7 @@
 
 pub(crate) mod client;
 pub mod kernel;
+pub(crate) mod qmp;
 
 use std::fs::File;
 use std::io::Read;
@@ -545,6 +546,9 @@ pub(crate) fn start(
             tail.into_iter().rev().collect::<Vec<_>>().join(" | "),
             log.display()
         )));
+    }
+    if let Err(e) = qmp::enable_balloon_stats(&files.qmp(), 2) {
+        tracing::warn!(workspace.id = %rec.config.id, error = %e, "no memory statistics from the balloon");
     }
     let _ = std::fs::write(files.state(), format!("accel={}\n", accel.as_str()));
     tracing::info!(workspace.id = %rec.config.id, accel = accel.as_str(), memory, "VM running");
