@@ -499,7 +499,7 @@ mod tests {
                     once: false,
                     stage: 0,
                 }],
-                vm: Some(warren_runtime::VmOptions { ksm: false }),
+                vm: Some(warren_runtime::VmOptions::default()),
             },
         };
         let text = serde_json::to_string(&job).unwrap_or_default();

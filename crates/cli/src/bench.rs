@@ -97,6 +97,31 @@ pub enum BenchCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// VM memory: freed memory back to the host with free page reporting on and off; KSM
+    /// across four VMs
+    Memory {
+        /// Seconds to watch after the memory is freed (and after the four VMs boot)
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Where to keep the root filesystem and Warren's data
+        #[arg(long, default_value = "/var/tmp/warren-bench-runtime")]
+        work: PathBuf,
+        /// Write the results as JSON here as well
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// VM boot: start request to the guest agent answering
+    Boot {
+        /// Boots measured (the median is reported)
+        #[arg(long, default_value_t = 10)]
+        boots: usize,
+        /// Where to keep the root filesystem and Warren's data
+        #[arg(long, default_value = "/var/tmp/warren-bench-runtime")]
+        work: PathBuf,
+        /// Write the results as JSON here as well
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 const NETNS: &str = "warren-bench";
@@ -125,24 +150,20 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             work,
             json,
         } => {
-            if std::env::var_os("WARREN_BENCH_INSIDE").is_none() {
-                // Built from Debian's mirror before the benchmark's network cuts it off.
-                crate::bench_runtime::debian_rootfs(&work, &[])?;
-                return reexec_in_netns();
+            if !inside_netns(&work, &[])? {
+                return Ok(());
             }
             crate::bench_api::api(workspaces, rate, seconds, &work, json.as_deref())
         }
         BenchCommand::Runtime { cycles, work, json } => {
-            if std::env::var_os("WARREN_BENCH_INSIDE").is_none() {
-                crate::bench_runtime::debian_rootfs(&work, &[])?;
-                return reexec_in_netns();
+            if !inside_netns(&work, &[])? {
+                return Ok(());
             }
             crate::bench_runtime::runtime(cycles, &work, json.as_deref())
         }
         BenchCommand::Build { runs, work, json } => {
-            if std::env::var_os("WARREN_BENCH_INSIDE").is_none() {
-                crate::bench_runtime::debian_rootfs(&work, &[])?;
-                return reexec_in_netns();
+            if !inside_netns(&work, &[])? {
+                return Ok(());
             }
             crate::bench_build::build(runs, &work, json.as_deref())
         }
@@ -155,11 +176,26 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             if mib == 0 || runs == 0 {
                 bail!("--mib and --runs must be at least 1");
             }
-            if std::env::var_os("WARREN_BENCH_INSIDE").is_none() {
-                crate::bench_runtime::debian_rootfs(&work, crate::bench_ssh::PACKAGES)?;
-                return reexec_in_netns();
+            if !inside_netns(&work, crate::bench_ssh::PACKAGES)? {
+                return Ok(());
             }
             crate::bench_ssh::ssh(mib, runs, &work, json.as_deref())
+        }
+        BenchCommand::Memory {
+            seconds,
+            work,
+            json,
+        } => {
+            if !inside_netns(&work, &[])? {
+                return Ok(());
+            }
+            crate::bench_vm::memory(&work, seconds, json.as_deref())
+        }
+        BenchCommand::Boot { boots, work, json } => {
+            if !inside_netns(&work, &[])? {
+                return Ok(());
+            }
+            crate::bench_vm::boot(boots, &work, json.as_deref())
         }
     }
 }
@@ -192,6 +228,18 @@ pub(crate) fn sh(cmd: &mut Command) -> anyhow::Result<String> {
 }
 
 /// Creates the namespace, runs this same command inside it, and removes the namespace.
+/// Outside the benchmark's namespace: builds the root filesystem with `include`d packages from
+/// Debian's mirror (the namespace has no route out), runs this command again inside, and
+/// returns false; inside, returns true.
+fn inside_netns(work: &Path, include: &[&str]) -> anyhow::Result<bool> {
+    if std::env::var_os("WARREN_BENCH_INSIDE").is_some() {
+        return Ok(true);
+    }
+    crate::bench_runtime::debian_rootfs(work, include)?;
+    reexec_in_netns()?;
+    Ok(false)
+}
+
 fn reexec_in_netns() -> anyhow::Result<()> {
     let _ = Command::new("ip")
         .args(["netns", "del", NETNS])

@@ -23,15 +23,15 @@ use crate::bench::sh;
 const BENCH_UID_BASE: u32 = 3_000_000_000;
 
 #[derive(Debug, Serialize)]
-struct Series {
+pub(crate) struct Series {
     name: String,
-    p50_ms: f64,
-    p99_ms: f64,
-    mean_ms: f64,
+    pub(crate) p50_ms: f64,
+    pub(crate) p99_ms: f64,
+    pub(crate) mean_ms: f64,
 }
 
 impl Series {
-    fn new(name: &str, mut samples: Vec<Duration>) -> Self {
+    pub(crate) fn new(name: &str, mut samples: Vec<Duration>) -> Self {
         samples.sort();
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let at = |q: f64| {

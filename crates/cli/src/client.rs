@@ -111,8 +111,12 @@ impl Client {
                 }
                 req.call()
             }
-            (_, body) => {
-                let mut req = self.agent.post(&url);
+            (method, body) => {
+                let mut req = if method == "PATCH" {
+                    self.agent.patch(&url)
+                } else {
+                    self.agent.post(&url)
+                };
                 if let Some(a) = &auth {
                     req = req.header("Authorization", a);
                 }
@@ -140,7 +144,13 @@ impl Client {
                 .get("error")
                 .and_then(Value::as_str)
                 .map(str::to_owned)
-                .unwrap_or_else(|| value.to_string());
+                .unwrap_or_else(|| match &value {
+                    Value::Null => format!(
+                        "the server refused {method} {path}: {}",
+                        status.canonical_reason().unwrap_or("no reason given")
+                    ),
+                    other => other.to_string(),
+                });
             bail!("{message} (HTTP {})", status.as_u16());
         }
         Ok(value)
@@ -158,5 +168,8 @@ impl Client {
     }
     pub fn delete(&self, path: &str) -> anyhow::Result<Value> {
         self.send("DELETE", path, None)
+    }
+    pub fn patch(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        self.send("PATCH", path, Some(body))
     }
 }

@@ -245,6 +245,14 @@ pub enum UserCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Let KSM merge the memory of this user's VM workspaces (admin; from their next start).
+    /// Merged pages are a side channel between the tenants whose VMs share them: only for
+    /// tenants that trust each other
+    Ksm {
+        name: String,
+        #[arg(value_parser = ["on", "off"])]
+        setting: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -266,6 +274,14 @@ pub enum ProjectCommand {
     },
     Rm {
         name: String,
+    },
+    /// Let KSM merge the memory of this project's VM workspaces (admin; from their next start).
+    /// Merged pages are a side channel between the tenants whose VMs share them: only for
+    /// tenants that trust each other
+    Ksm {
+        name: String,
+        #[arg(value_parser = ["on", "off"])]
+        setting: String,
     },
     /// The project's branches and head commits
     Branches {
@@ -537,6 +553,14 @@ pub fn user(cmd: UserCommand) -> anyhow::Result<ExitCode> {
             &client.get("/users")?,
             &[("name", "NAME"), ("admin", "ADMIN")],
         ),
+        UserCommand::Ksm { name, setting } => {
+            client.patch(
+                &format!("/users/{name}"),
+                &json!({"vm_ksm": setting == "on"}),
+            )?;
+            println!("KSM for {name}'s VM workspaces: {setting} (from their next start)");
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -588,6 +612,13 @@ pub fn project(cmd: ProjectCommand) -> anyhow::Result<ExitCode> {
         ProjectCommand::Rm { name } => {
             client.delete(&format!("/projects/{name}"))?;
             println!("project {name} removed");
+        }
+        ProjectCommand::Ksm { name, setting } => {
+            client.patch(
+                &format!("/projects/{name}"),
+                &json!({"vm_ksm": setting == "on"}),
+            )?;
+            println!("KSM for project {name}'s VM workspaces: {setting} (from their next start)");
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -9,6 +9,7 @@ mod bench_api;
 mod bench_build;
 mod bench_runtime;
 mod bench_ssh;
+mod bench_vm;
 mod build_cmd;
 mod client;
 mod control_cmd;

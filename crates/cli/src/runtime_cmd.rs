@@ -193,7 +193,10 @@ pub fn run(args: RuntimeArgs, data: &Path) -> anyhow::Result<ExitCode> {
                 hostname,
                 limits: Limits { cpus, memory, pids },
                 env,
-                vm: vm.then_some(VmOptions { ksm }),
+                vm: vm.then_some(VmOptions {
+                    ksm,
+                    ..Default::default()
+                }),
             };
             let info = runtime.create(&config)?;
             runtime.start(&config.id).with_context(|| {

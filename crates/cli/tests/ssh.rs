@@ -926,6 +926,27 @@ fn the_gateway_runs_on_its_own() {
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("from "));
 }
 
+/// The command line of the QEMU process named `name` (`-name`).
+fn qemu_command_line(name: &str) -> String {
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|&b| b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args
+            .first()
+            .is_some_and(|a| a.ends_with("qemu-system-x86_64"))
+            && args.windows(2).any(|w| w[0] == "-name" && w[1] == name)
+        {
+            return args.join(" ");
+        }
+    }
+    panic!("no QEMU process named {name}")
+}
+
 /// A VM workspace (its environment file says `runtime: vm`) is used exactly like a container:
 /// commands with their status and streams, a terminal, copies, port forwarding, its tasks, and
 /// its files kept across a stop and start — through the same gateway.
@@ -949,6 +970,10 @@ fn a_vm_workspace_is_reached_like_a_container() {
     warren.import_image(&dev_image(), "dev:1");
     warren.add_user("alice");
     let alice = Developer::new(&warren, "alice");
+    // KSM is the admin's to allow, per trust domain; alice's VMs get mergeable memory.
+    let out = warren.cli("alice", &["user", "ksm", "alice", "on"]);
+    assert!(!out.status.success(), "only an admin may");
+    warren.ok("admin", &["user", "ksm", "alice", "on"]);
     let env_file = warren.configs.path().join("warren.yml");
     std::fs::write(
         &env_file,
@@ -971,6 +996,12 @@ fn a_vm_workspace_is_reached_like_a_container() {
     let shown: serde_json::Value =
         serde_json::from_str(&warren.ok("alice", &["ws", "show", "web"])).unwrap();
     assert_eq!(shown["runtime"], "vm", "{shown}");
+    let qemu = qemu_command_line(&format!("warren-ws-{}", shown["id"].as_str().unwrap()));
+    assert!(
+        qemu.contains("mem-merge=on") && qemu.contains("merge=on"),
+        "{qemu}"
+    );
+    assert!(qemu.contains("free-page-reporting=on"), "{qemu}");
 
     // Commands: status, streams, the guest's own kernel.
     let out = alice.ssh("web.warren", "exit 3");

@@ -119,13 +119,34 @@ pub struct WorkspaceConfig {
 
 /// What a VM workspace has beyond a container's. Its memory is `limits.memory` (default
 /// [`VmOptions::DEFAULT_MEMORY`]), its CPUs `limits.cpus` rounded up (default 2).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmOptions {
     /// Mark the VM's memory mergeable by the host's Kernel Samepage Merging. Off unless the
     /// admin trusts every tenant whose VMs share the host: merged pages let one VM detect what
     /// another holds in memory (a timing side channel).
     #[serde(default)]
     pub ksm: bool,
+    /// The guest hands pages it frees back to the host (virtio-balloon free page reporting).
+    /// On by default; off only to measure what it saves.
+    #[serde(default = "yes", skip_serializing_if = "is_yes")]
+    pub free_page_reporting: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_yes(b: &bool) -> bool {
+    *b
+}
+
+impl Default for VmOptions {
+    fn default() -> Self {
+        Self {
+            ksm: false,
+            free_page_reporting: true,
+        }
+    }
 }
 
 impl VmOptions {

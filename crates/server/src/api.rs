@@ -125,6 +125,52 @@ fn user_view(row: &AnyRow) -> ApiResult<UserView> {
     })
 }
 
+/// An admin's change to a trust domain (a user or a project).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustChange {
+    /// Whether the memory of this domain's VM workspaces may be merged by KSM (from their next
+    /// start). Merged pages are a side channel: a tenant can tell, by timing its own writes,
+    /// whether another VM holds the same page — so only for tenants that trust each other.
+    vm_ksm: bool,
+}
+
+pub async fn update_user(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    Body(req): Body<TrustChange>,
+) -> ApiResult<StatusCode> {
+    caller.require_admin()?;
+    let done = sqlx::query("UPDATE users SET vm_ksm = $1 WHERE name = $2 OR id = $2")
+        .bind(i64::from(req.vm_ksm))
+        .bind(&name)
+        .execute(&state.db.pool)
+        .await?;
+    if done.rows_affected() == 0 {
+        return Err(ApiError::not_found(format_args!("user `{name}`")));
+    }
+    tracing::info!(user = %name, vm_ksm = req.vm_ksm, by = %caller.name, "trust domain changed");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn update_project(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+    Body(req): Body<TrustChange>,
+) -> ApiResult<StatusCode> {
+    caller.require_admin()?;
+    let id: String = find_project(&state, &caller, &key).await?.try_get("id")?;
+    sqlx::query("UPDATE projects SET vm_ksm = $1 WHERE id = $2")
+        .bind(i64::from(req.vm_ksm))
+        .bind(&id)
+        .execute(&state.db.pool)
+        .await?;
+    tracing::info!(project = %key, vm_ksm = req.vm_ksm, by = %caller.name, "trust domain changed");
+    Ok(StatusCode::NO_CONTENT)
+}
+
 pub async fn me(caller: Caller) -> Json<UserView> {
     Json(UserView {
         id: caller.user_id,
@@ -901,6 +947,7 @@ async fn workspace_view_now(state: &AppState, r: &AnyRow) -> ApiResult<Workspace
 fn vm_options(runtime: &str, owner_ksm: i64, project_ksm: Option<i64>) -> Option<VmOptions> {
     (runtime == "vm").then(|| VmOptions {
         ksm: owner_ksm != 0 || project_ksm.unwrap_or(0) != 0,
+        ..Default::default()
     })
 }
 

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, patch, post};
 use sqlx::Row;
 use tokio::sync::Notify;
 use warren_agent::{Action, Agent, WorkspaceJob};
@@ -236,6 +236,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/login", post(api::login))
         .route("/api/v1/me", get(api::me))
         .route("/api/v1/users", get(api::list_users).post(api::create_user))
+        .route("/api/v1/users/{user}", patch(api::update_user))
         .route("/api/v1/tokens", get(api::list_tokens))
         .route("/api/v1/tokens/{id}", delete(api::delete_token))
         .route("/api/v1/keys", get(api::list_keys).post(api::add_key))
@@ -246,7 +247,9 @@ pub fn router(state: AppState) -> Router {
         )
         .route(
             "/api/v1/projects/{project}",
-            get(api::get_project).delete(api::delete_project),
+            get(api::get_project)
+                .delete(api::delete_project)
+                .patch(api::update_project),
         )
         .route(
             "/api/v1/workspaces",

@@ -472,7 +472,8 @@ pub(crate) fn start(
     let tap = open_tap(&rec.veth())?;
 
     let memory = memory_of(rec);
-    let ksm = rec.config.vm.as_ref().is_some_and(|o| o.ksm);
+    let options = rec.config.vm.clone().unwrap_or_default();
+    let ksm = options.ksm;
     let mut qemu = Command::new("qemu-system-x86_64");
     qemu.args(["-name", &format!("warren-{}", rec.config.id)])
         .args([
@@ -526,7 +527,14 @@ pub(crate) fn start(
         ])
         .args([
             "-device",
-            "virtio-balloon-pci,id=balloon0,free-page-reporting=on,deflate-on-oom=on",
+            &format!(
+                "virtio-balloon-pci,id=balloon0,free-page-reporting={},deflate-on-oom=on",
+                if options.free_page_reporting {
+                    "on"
+                } else {
+                    "off"
+                }
+            ),
         ])
         .arg("-qmp")
         .arg(format!("unix:{},server=on,wait=off", files.qmp().display()));
