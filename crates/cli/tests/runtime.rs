@@ -175,7 +175,14 @@ impl Host {
     }
 
     fn run_dir(&self, ws: &str, extra: &[&str]) {
-        let rootfs = debian_rootfs("minbase", &[]);
+        self.run_dir_with(ws, &debian_rootfs("minbase", &[]), extra);
+    }
+
+    fn run_dir_of(&self, ws: &str, rootfs: &Path) {
+        self.run_dir_with(ws, rootfs, &[]);
+    }
+
+    fn run_dir_with(&self, ws: &str, rootfs: &Path, extra: &[&str]) {
         let mut args = vec!["runtime", "run", ws, "--dir", rootfs.to_str().unwrap()];
         if self.backend == Backend::Vm {
             args.push("--vm");
@@ -905,41 +912,7 @@ fn processes_of(ws: &str) -> Vec<(u32, u32, String)> {
 #[test]
 fn docker_runs_inside_as_the_workspaces_unprivileged_users() {
     let host = Host::new(7);
-    let rootfs = debian_rootfs("minbase", &["docker.io", "iproute2", "procps"]);
-    host.ok(&["runtime", "run", "dind", "--dir", rootfs.to_str().unwrap()]);
-    let base = host.uid_base("dind");
-    let (status, _, err) = host.sh("dind", "dockerd > /var/log/dockerd.log 2>&1 &");
-    assert_eq!(status, ExitStatus::Code(0), "{err}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while host.sh("dind", "docker info >/dev/null 2>&1").0 != ExitStatus::Code(0) {
-        if Instant::now() > deadline {
-            panic!(
-                "dockerd never came up: {}",
-                host.sh("dind", "tail -20 /var/log/dockerd.log").1
-            );
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-
-    // An image imported from a tar stream (no registry needed), then a container from it.
-    let minbase = debian_rootfs("minbase", &[]);
-    let tar = Command::new("tar")
-        .arg("-C")
-        .arg(&minbase)
-        .args(["-c", "."])
-        .output()
-        .unwrap()
-        .stdout;
-    let (status, digest) = host.feed("dind", &["docker", "import", "-", "deb:1"], tar);
-    assert_eq!(status, ExitStatus::Code(0));
-    assert!(digest.starts_with("sha256:"), "{digest}");
-
-    let (status, out, err) = host.sh(
-        "dind",
-        "docker run --rm deb:1 sh -c 'id -u; echo ran in docker'",
-    );
-    assert_eq!(status, ExitStatus::Code(0), "{err}");
-    assert_eq!(out, "0\nran in docker\n");
+    let base = docker_runs_a_container(&host);
     let (status, _, err) = host.sh("dind", "docker run -d --name nap deb:1 sleep 300");
     assert_eq!(status, ExitStatus::Code(0), "{err}");
 
@@ -972,4 +945,64 @@ fn docker_runs_inside_as_the_workspaces_unprivileged_users() {
     }
     host.ok(&["runtime", "rm", "-f", "dind"]);
     assert!(processes_of("dind").is_empty());
+}
+
+/// Starts a workspace `dind` from an image with docker.io, starts dockerd in it, imports an
+/// image from a tar stream (no registry) and runs a container of it; returns the workspace's
+/// uid base.
+fn docker_runs_a_container(host: &Host) -> u32 {
+    let rootfs = debian_rootfs("minbase", &["docker.io", "iproute2", "procps"]);
+    host.run_dir_of("dind", &rootfs);
+    let base = host.uid_base("dind");
+    let (status, _, err) = host.sh("dind", "dockerd > /var/log/dockerd.log 2>&1 &");
+    assert_eq!(status, ExitStatus::Code(0), "{err}");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while host.sh("dind", "docker info >/dev/null 2>&1").0 != ExitStatus::Code(0) {
+        if Instant::now() > deadline {
+            panic!(
+                "dockerd never came up: {}",
+                host.sh("dind", "tail -20 /var/log/dockerd.log").1
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+
+    // An image imported from a tar stream (no registry needed), then a container from it.
+    let minbase = debian_rootfs("minbase", &[]);
+    let tar = Command::new("tar")
+        .arg("-C")
+        .arg(&minbase)
+        .args(["-c", "."])
+        .output()
+        .unwrap()
+        .stdout;
+    let (status, digest) = host.feed("dind", &["docker", "import", "-", "deb:1"], tar);
+    assert_eq!(status, ExitStatus::Code(0));
+    assert!(digest.starts_with("sha256:"), "{digest}");
+
+    let (status, out, err) = host.sh(
+        "dind",
+        "docker run --rm deb:1 sh -c 'id -u; echo ran in docker'",
+    );
+    assert_eq!(
+        status,
+        ExitStatus::Code(0),
+        "{err}\n{}",
+        host.sh("dind", "tail -20 /var/log/dockerd.log").1
+    );
+    assert_eq!(out, "0\nran in docker\n");
+    base
+}
+
+#[test]
+fn docker_runs_inside_a_vm() {
+    let host = Host::with_backend(8, Backend::Vm);
+    docker_runs_a_container(&host);
+    // Its storage is the VM's scratch disk (overlay2 on ext4), not the virtiofs tree.
+    let (_, out, _) = host.sh(
+        "dind",
+        "docker info --format '{{.Driver}}'; stat -f -c %T /var/lib/docker",
+    );
+    assert_eq!(out, "overlay2\next2/ext3\n");
+    host.ok(&["runtime", "rm", "-f", "dind"]);
 }

@@ -3,4 +3,5 @@
 //! how a workspace's users are read ([`accounts`]).
 
 pub mod accounts;
+pub mod modules;
 pub mod proto;

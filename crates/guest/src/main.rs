@@ -75,7 +75,48 @@ pub(crate) fn power_off() -> ! {
     }
 }
 
+/// Where the guest's own modprobe and its module index live in the workspace's root.
+const RUN_MODPROBE: &str = "/run/warren/modprobe";
+const RUN_INDEX: &str = "/run/warren/modules.index";
+
+/// `modprobe [-q] [--] NAME`: what the kernel runs to load a module it needs.
+fn modprobe(args: &[String]) -> i32 {
+    let quiet = args.iter().any(|a| a == "-q" || a == "--quiet");
+    let Some(wanted) = args.iter().skip(1).find(|a| !a.starts_with('-')) else {
+        return 1;
+    };
+    let index = warren_guest::modules::Index::parse(
+        &std::fs::read_to_string(RUN_INDEX).unwrap_or_default(),
+    );
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let Some(name) = index.resolve(wanted) else {
+        if !quiet {
+            let _ = writeln!(
+                std::io::stderr(),
+                "modprobe: no module {wanted} for this kernel"
+            );
+        }
+        return 1;
+    };
+    for path in index.load_order(&name) {
+        if let Err(e) = load_module(&format!("/lib/modules/{}/{path}", release.trim())) {
+            if !quiet {
+                let _ = writeln!(std::io::stderr(), "modprobe: {e}");
+            }
+            return 1;
+        }
+    }
+    0
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args
+        .first()
+        .is_some_and(|a| a.rsplit('/').next() == Some("modprobe"))
+    {
+        std::process::exit(modprobe(&args));
+    }
     let started = Instant::now();
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
     for (source, target, fstype) in [
@@ -195,6 +236,18 @@ fn enter_root(config: &GuestConfig) -> Result<(), String> {
         )
         .map_err(|e| format!("cannot bind {target}: {e}"))?;
     }
+    // This binary doubles as the kernel's modprobe (modules on demand, from the index).
+    if let Err(e) = std::fs::copy("/proc/self/exe", format!("{new}{RUN_MODPROBE}"))
+        .and_then(|_| {
+            std::fs::set_permissions(
+                format!("{new}{RUN_MODPROBE}"),
+                std::os::unix::fs::PermissionsExt::from_mode(0o755),
+            )
+        })
+        .and_then(|()| std::fs::copy(proto::MODULE_INDEX, format!("{new}{RUN_INDEX}")))
+    {
+        console(&format!("no modules on demand: {e}"));
+    }
     // Switch: the new root moves over `/`, and this process chroots into it (the initramfs's
     // files stay in memory; they are small).
     std::env::set_current_dir(new).map_err(|e| format!("chdir {new}: {e}"))?;
@@ -214,6 +267,7 @@ fn enter_root(config: &GuestConfig) -> Result<(), String> {
         .map_err(|e| format!("cannot move the root: {e}"))?;
     nix::unistd::chroot(".").map_err(|e| format!("chroot: {e}"))?;
     std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
+    let _ = std::fs::write("/proc/sys/kernel/modprobe", RUN_MODPROBE);
     let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
     mount_fs(
         "devpts",

@@ -234,3 +234,6 @@ pub const CONFIG_PATH: &str = "/warren/config.json";
 
 /// The modules the guest loads, one path per line, dependencies first.
 pub const MODULE_LIST: &str = "/lib/warren/modules";
+
+/// Every module of the guest kernel, for loading on demand (see `modules`).
+pub const MODULE_INDEX: &str = "/lib/warren/modules.index";

@@ -9,7 +9,7 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use warren_runtime::vm::kernel::{BOOT_MODULES, GuestKernel, guest_initramfs};
+use warren_runtime::vm::kernel::{BOOT_MODULES, GuestKernel, guest_initramfs, module_index};
 use warren_runtime::vm::{Accel, boot_probe};
 use warren_testkit::{guest_kernel, require_program, static_guest};
 
@@ -24,12 +24,13 @@ fn the_guest_init_boots_and_loads_its_modules() {
         "{file}"
     );
     let kernel = GuestKernel::find(&guest_kernel()).unwrap();
-    let modules = kernel.module_files(&BOOT_MODULES).unwrap();
     let dir = tempfile::tempdir().unwrap();
+    let index = module_index(&kernel, &dir.path().join("modules.index")).unwrap();
+    let modules = kernel.module_files(&index, &BOOT_MODULES).unwrap();
     let initrd = dir.path().join("initrd.img");
     std::fs::write(
         &initrd,
-        guest_initramfs(&guest, &modules, &Default::default()).unwrap(),
+        guest_initramfs(&guest, &modules, None, &Default::default()).unwrap(),
     )
     .unwrap();
 

@@ -2,10 +2,10 @@
 //! `lib/modules/<version>/`) and the initramfs a VM boots from: `warren-guest` as `/init`, the
 //! modules it loads (every virtio driver is a module in Debian's kernels), and its settings.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use warren_guest::proto::{CONFIG_PATH, GuestConfig, MODULE_LIST};
+use warren_guest::modules::Index;
+use warren_guest::proto::{CONFIG_PATH, GuestConfig, MODULE_INDEX, MODULE_LIST};
 
 use crate::Error;
 
@@ -64,66 +64,100 @@ impl GuestKernel {
         Ok(Self { vmlinuz, modules })
     }
 
-    /// The module files for `names`, each after its dependencies (read from the module's
-    /// `.modinfo` `depends=` entry).
-    pub fn module_files(&self, names: &[&str]) -> Result<Vec<PathBuf>, Error> {
-        let mut by_name = HashMap::new();
-        let mut stack = vec![self.modules.clone()];
-        while let Some(dir) = stack.pop() {
-            let entries = std::fs::read_dir(&dir).map_err(Error::io("cannot list", &dir))?;
-            for entry in entries.flatten() {
-                let path = entry.path();
-                if path.is_dir() {
-                    stack.push(path);
-                } else if let Some(name) = path
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .and_then(|n| n.strip_suffix(".ko"))
-                {
-                    by_name.insert(name.replace('-', "_"), path);
+    /// The module files for `names`, each after its dependencies, from the kernel's index
+    /// (`module_index`).
+    pub fn module_files(&self, index: &str, names: &[&str]) -> Result<Vec<PathBuf>, Error> {
+        let index = Index::parse(index);
+        let mut out: Vec<PathBuf> = Vec::new();
+        for name in names {
+            let found = index.resolve(name).ok_or_else(|| {
+                Error::InvalidConfig(format!("the guest kernel has no module {name}"))
+            })?;
+            for relative in index.load_order(&found) {
+                let path = self.modules.join(relative);
+                if !out.contains(&path) {
+                    out.push(path);
                 }
             }
-        }
-        let mut out = Vec::new();
-        for name in names {
-            add_module(name, &by_name, &mut out, 0)?;
         }
         Ok(out)
     }
 }
 
-fn add_module(
-    name: &str,
-    by_name: &HashMap<String, PathBuf>,
-    out: &mut Vec<PathBuf>,
-    depth: usize,
-) -> Result<(), Error> {
-    let path = by_name
-        .get(&name.replace('-', "_"))
-        .ok_or_else(|| Error::InvalidConfig(format!("the guest kernel has no module {name}")))?;
-    if out.contains(path) || depth > 32 {
-        return Ok(());
+/// Every module of the kernel in the guest's index format (see `warren_guest::modules`):
+/// `m NAME RELATIVE/PATH.ko DEP,DEP` and `a ALIAS-PATTERN NAME` lines, read from each module's
+/// `.modinfo` (the package ships no `modules.dep`; the host may have no `depmod`). Cached in
+/// `cache` (keyed by the modules folder), since it reads every module file.
+pub fn module_index(kernel: &GuestKernel, cache: &Path) -> Result<String, Error> {
+    let key = format!("# {}\n", kernel.modules.display());
+    if let Ok(text) = std::fs::read_to_string(cache)
+        && text.starts_with(&key)
+    {
+        return Ok(text);
     }
-    let bytes = std::fs::read(path).map_err(Error::io("cannot read", path))?;
-    let needle = b"depends=";
-    if let Some(at) = bytes.windows(needle.len()).position(|w| w == needle) {
-        let rest = &bytes[at + needle.len()..];
-        let end = rest.iter().position(|&b| b == 0).unwrap_or(0);
-        let deps = String::from_utf8_lossy(&rest[..end]).into_owned();
-        for dep in deps.split(',').filter(|d| !d.is_empty()) {
-            add_module(dep, by_name, out, depth + 1)?;
+    let mut out = key;
+    let mut stack = vec![kernel.modules.clone()];
+    while let Some(dir) = stack.pop() {
+        let entries = std::fs::read_dir(&dir).map_err(Error::io("cannot list", &dir))?;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let Some(name) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".ko"))
+                .map(|n| n.replace('-', "_"))
+            else {
+                continue;
+            };
+            let Ok(relative) = path.strip_prefix(&kernel.modules) else {
+                continue;
+            };
+            let bytes = std::fs::read(&path).map_err(Error::io("cannot read", &path))?;
+            let field = |key: &[u8]| -> Vec<String> {
+                let mut values = Vec::new();
+                let mut at = 0;
+                while let Some(found) = bytes[at..].windows(key.len()).position(|w| w == key) {
+                    let start = at + found + key.len();
+                    // modinfo entries are NUL-separated `key=value` strings.
+                    if at + found == 0 || bytes[at + found - 1] == 0 {
+                        let end = bytes[start..]
+                            .iter()
+                            .position(|&b| b == 0)
+                            .map_or(bytes.len(), |e| start + e);
+                        values.push(String::from_utf8_lossy(&bytes[start..end]).into_owned());
+                    }
+                    at = start;
+                }
+                values
+            };
+            let depends = field(b"depends=").into_iter().next().unwrap_or_default();
+            out.push_str(&format!(
+                "m {name} {} {}\n",
+                relative.display(),
+                if depends.is_empty() { "-" } else { &depends }
+            ));
+            for alias in field(b"alias=") {
+                if !alias.contains(char::is_whitespace) {
+                    out.push_str(&format!("a {alias} {name}\n"));
+                }
+            }
         }
     }
-    if !out.contains(path) {
-        out.push(path.clone());
-    }
-    Ok(())
+    let tmp = cache.with_extension("tmp");
+    std::fs::write(&tmp, &out).map_err(Error::io("cannot write", &tmp))?;
+    std::fs::rename(&tmp, cache).map_err(Error::io("cannot replace", cache))?;
+    Ok(out)
 }
 
 /// The initramfs of a VM: the guest as `/init`, `modules` (loaded in order) and `config`.
 pub fn guest_initramfs(
     guest: &Path,
     modules: &[PathBuf],
+    index: Option<&str>,
     config: &GuestConfig,
 ) -> Result<Vec<u8>, Error> {
     let init = std::fs::read(guest).map_err(Error::io("cannot read the guest agent", guest))?;
@@ -146,6 +180,13 @@ pub fn guest_initramfs(
         0o644,
         list.into_bytes(),
     ));
+    if let Some(index) = index {
+        files.push((
+            MODULE_INDEX.trim_start_matches('/').into(),
+            0o644,
+            index.as_bytes().to_vec(),
+        ));
+    }
     files.push((
         CONFIG_PATH.trim_start_matches('/').into(),
         0o600,

@@ -260,7 +260,7 @@ fn kvm_boots(vm: &VmRecord) -> bool {
     };
     let initrd = dir.join("initrd.img");
     let ok = (|| {
-        let image = kernel::guest_initramfs(&vm.guest, &[], &GuestConfig::default()).ok()?;
+        let image = kernel::guest_initramfs(&vm.guest, &[], None, &GuestConfig::default()).ok()?;
         std::fs::write(&initrd, image).ok()?;
         let mut child = boot_probe(&kernel.vmlinuz, &initrd, Accel::Kvm)
             .stdin(Stdio::null())
@@ -420,8 +420,10 @@ pub(crate) fn start(
             .map(|(name, content)| (name.to_owned(), content))
             .collect(),
     };
-    let modules = kernel.module_files(&kernel::BOOT_MODULES)?;
-    let image = kernel::guest_initramfs(&vm.guest, &modules, &config)?;
+    let index = kernel::module_index(&kernel, &vm.runtime_root.join("vm-modules.index"))?;
+    let modules = kernel.module_files(&index, &kernel::BOOT_MODULES)?;
+    let image = kernel::guest_initramfs(&vm.guest, &modules, Some(&index), &config)?;
+    share_modules(rec, &kernel, layout)?;
     std::fs::write(files.initrd(), image).map_err(Error::io("cannot write", files.initrd()))?;
     std::os::unix::fs::chown(files.initrd(), owner, owner)
         .map_err(Error::io("cannot chown", files.initrd()))?;
@@ -564,6 +566,42 @@ pub(crate) fn start(
         qemu,
         helpers: std::mem::take(started),
     })
+}
+
+/// The kernel's modules, read-only at `/lib/modules/<release>` in the workspace's tree (a bind
+/// mount over its root, so the guest loads them on demand; removed with the tree's mounts).
+fn share_modules(
+    rec: &WorkspaceRecord,
+    kernel: &kernel::GuestKernel,
+    layout: &Layout,
+) -> Result<(), Error> {
+    use nix::mount::{MsFlags, mount};
+    let release = kernel.modules.file_name().unwrap_or_default();
+    let target = layout.rootfs().join("lib/modules").join(release);
+    if !target.is_dir() {
+        std::fs::create_dir_all(&target).map_err(Error::io("cannot create", &target))?;
+        let root = Some(rec.uid_base);
+        for dir in [target.parent().unwrap_or(&target), &target] {
+            std::os::unix::fs::chown(dir, root, root).map_err(Error::io("cannot chown", dir))?;
+        }
+    }
+    let failed = |e: nix::Error| Error::Sys(format!("cannot share the kernel's modules: {e}"));
+    mount(
+        Some(&kernel.modules),
+        &target,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(failed)?;
+    mount(
+        None::<&str>,
+        &target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+        None::<&str>,
+    )
+    .map_err(failed)
 }
 
 /// Runs `cmd` as the workspace's root user on the host (with `extra_group` if given).
