@@ -365,6 +365,14 @@ impl Shim {
                 && child.id() as i32 == pid
             {
                 tracing::error!(workspace.id = %self.rec.config.id, ?exit, "the image mount exited; the workspace's files are gone");
+            } else if let Some(vm) = &mut self.vm
+                && let Some(at) = vm.helpers.iter().position(|c| c.id() as i32 == pid)
+            {
+                // Reaped by the waitpid above: forgotten, so a later stop never signals its
+                // (reusable) pid.
+                #[allow(clippy::zombie_processes)]
+                let _reaped = vm.helpers.remove(at);
+                tracing::warn!(workspace.id = %self.rec.config.id, ?exit, "a VM device process exited");
             }
         }
     }
