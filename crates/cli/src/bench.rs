@@ -200,6 +200,19 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     }
 }
 
+/// A `/proc/<pid>/status` or `smaps_rollup` figure in kB, as bytes.
+pub(crate) fn proc_kb(path: &str, field: &str) -> u64 {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
 /// Fails naming the Debian package of the first of these `(program, package)` that is missing.
 pub(crate) fn require_programs(programs: &[(&str, &str)]) -> anyhow::Result<()> {
     for (program, package) in programs {

@@ -418,13 +418,6 @@ fn idle_memory(runtime: &ContainerRuntime, count: usize) -> anyhow::Result<IdleM
     })
 }
 
-fn pss_bytes(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Pss:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
+pub(crate) fn pss_bytes(pid: i32) -> u64 {
+    crate::bench::proc_kb(&format!("/proc/{pid}/smaps_rollup"), "Pss:")
 }

@@ -91,31 +91,14 @@ fn create_vm(
     Ok(id)
 }
 
-/// A `/proc/<pid>/status` or `smaps_rollup` figure in kB, as bytes.
-fn proc_kb(path: &str, field: &str) -> u64 {
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix(field))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .unwrap_or(0)
-        * 1024
-}
-
 fn rss(pid: i32) -> u64 {
-    proc_kb(&format!("/proc/{pid}/status"), "VmRSS:")
+    crate::bench::proc_kb(&format!("/proc/{pid}/status"), "VmRSS:")
 }
 
 /// The part of QEMU's resident memory that is the guest's RAM (a shared memfd); the rest is
 /// QEMU's own (TCG's translated code, device state).
 fn guest_ram_held(pid: i32) -> u64 {
-    proc_kb(&format!("/proc/{pid}/status"), "RssShmem:")
-}
-
-fn pss(pid: i32) -> u64 {
-    proc_kb(&format!("/proc/{pid}/smaps_rollup"), "Pss:")
+    crate::bench::proc_kb(&format!("/proc/{pid}/status"), "RssShmem:")
 }
 
 fn mib(bytes: u64) -> f64 {
@@ -395,7 +378,10 @@ fn ksm(runtime: &ContainerRuntime, rootfs: &Path, settle: u64) -> anyhow::Result
             ksm: merge,
             vms: pids.len(),
             total_rss_mib: mib(pids.iter().map(|&p| rss(p)).sum()),
-            total_pss_mib: mib(pids.iter().map(|&p| pss(p)).sum()),
+            total_pss_mib: mib(pids
+                .iter()
+                .map(|&p| crate::bench_runtime::pss_bytes(p))
+                .sum()),
             pages_sharing: pages_sharing().saturating_sub(before),
         });
         for id in &ids {
