@@ -41,7 +41,7 @@ pub(crate) fn ssh(
     json_out: Option<&Path>,
 ) -> anyhow::Result<()> {
     for program in ["ssh", "scp", "ssh-keygen", "sha256sum"] {
-        if which(program).is_none() {
+        if warren_runtime::vm::which(program).is_none() {
             bail!("`{program}` is missing (apt install openssh-client coreutils)");
         }
     }
@@ -187,12 +187,4 @@ fn sha256(path: &Path) -> anyhow::Result<String> {
         .next()
         .unwrap_or_default()
         .to_owned())
-}
-
-fn which(program: &str) -> Option<std::path::PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|p| p.join(program))
-            .find(|p| p.is_file())
-    })
 }

@@ -205,7 +205,7 @@ impl ContainerRuntime {
             address: rec.address,
             accel: init_pid
                 .and(rec.vm.as_ref())
-                .and_then(|_| vm::client::read_state(&VmFiles::of(layout).state(), "accel")),
+                .and_then(|_| VmFiles::of(layout).read_accel()),
             init_pid,
             config: rec.config,
         }
@@ -714,12 +714,12 @@ impl Runtime for ContainerRuntime {
         Ok(Stats {
             cpu_ns: vm::cpu_ns_of(pid),
             memory_bytes: vm::rss_of(pid),
-            memory_limit: Some(vm::memory_limit(&rec)),
+            memory_limit: Some(vm::memory_of(&rec)),
             pids: guest.tasks,
             pids_limit: None,
             disk_bytes: 0,
             vm: Some(crate::VmStats {
-                accel: vm::client::read_state(&files.state(), "accel").unwrap_or_default(),
+                accel: files.read_accel().unwrap_or_default(),
                 guest_total,
                 guest_free,
                 guest_available,

@@ -430,7 +430,7 @@ impl Shim {
     fn finish(&mut self, why: &str) {
         if let Some(mut vm) = self.vm.take() {
             crate::vm::stop_helpers(&mut vm.helpers);
-            let _ = std::fs::remove_file(crate::vm::VmFiles::of(&self.layout).state());
+            let _ = std::fs::remove_file(crate::vm::VmFiles::of(&self.layout).accel());
         }
         // Exec'd processes die with the pid namespace; collect them.
         let deadline = Instant::now() + Duration::from_secs(2);

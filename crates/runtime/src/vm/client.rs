@@ -2,7 +2,7 @@
 //! exec'd processes relayed to the caller's pipes or terminal.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
@@ -347,17 +347,4 @@ pub(crate) fn wait_for_agent(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// Reads a line-based status file written by the VM supervisor (`key=value`).
-pub(crate) fn read_state(path: &Path, key: &str) -> Option<String> {
-    let file = File::open(path).ok()?;
-    BufReader::new(file)
-        .lines()
-        .map_while(Result::ok)
-        .find_map(|l| {
-            l.strip_prefix(key)
-                .and_then(|r| r.strip_prefix('='))
-                .map(str::to_owned)
-        })
 }

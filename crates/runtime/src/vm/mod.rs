@@ -131,11 +131,10 @@ impl VmSettings {
     }
 }
 
-fn which(program: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_string_lossy()
-        .split(':')
-        .map(|d| Path::new(d).join(program))
+/// Where `program` is on `PATH`.
+pub fn which(program: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(program))
         .find(|p| p.is_file())
 }
 
@@ -174,9 +173,16 @@ impl VmFiles {
     pub(crate) fn console(&self) -> PathBuf {
         self.dir.join("console.log")
     }
-    /// `accel=kvm|tcg` while it runs.
-    pub(crate) fn state(&self) -> PathBuf {
-        self.dir.join("state")
+    /// `kvm` or `tcg`, while it runs.
+    pub(crate) fn accel(&self) -> PathBuf {
+        self.dir.join("accel")
+    }
+
+    /// How the running VM is accelerated.
+    pub(crate) fn read_accel(&self) -> Option<String> {
+        std::fs::read_to_string(self.accel())
+            .ok()
+            .map(|a| a.trim().to_owned())
     }
 }
 
@@ -192,7 +198,8 @@ pub(crate) struct RunningVm {
     pub helpers: Vec<Child>,
 }
 
-fn memory_of(rec: &WorkspaceRecord) -> u64 {
+/// The memory a VM workspace gets: `limits.memory`, at least 256 MiB, in whole MiB.
+pub(crate) fn memory_of(rec: &WorkspaceRecord) -> u64 {
     rec.config
         .limits
         .memory
@@ -379,7 +386,7 @@ pub(crate) fn start(
         files.vsock_device(),
         files.agent(),
         files.qmp(),
-        files.state(),
+        files.accel(),
     ] {
         let _ = std::fs::remove_file(stale);
     }
@@ -560,7 +567,7 @@ pub(crate) fn start(
     if let Err(e) = qmp::enable_balloon_stats(&files.qmp(), 2) {
         tracing::warn!(workspace.id = %rec.config.id, error = %e, "no memory statistics from the balloon");
     }
-    let _ = std::fs::write(files.state(), format!("accel={}\n", accel.as_str()));
+    let _ = std::fs::write(files.accel(), accel.as_str());
     tracing::info!(workspace.id = %rec.config.id, accel = accel.as_str(), memory, "VM running");
     Ok(RunningVm {
         qemu,
@@ -725,9 +732,4 @@ pub(crate) fn cpu_ns_of(pid: i32) -> u64 {
     // SAFETY: sysconf takes no pointers.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     ticks * 1_000_000_000 / hz
-}
-
-/// The memory size a VM workspace gets, for its stats.
-pub(crate) fn memory_limit(rec: &WorkspaceRecord) -> u64 {
-    memory_of(rec)
 }
