@@ -190,6 +190,64 @@ impl Developer {
             .unwrap()
     }
 
+    /// With `ssh -A`, the key in the developer's own agent is usable inside `web.warren`,
+    /// through a socket in a private folder that goes away with the session.
+    fn forwards_the_agent(&self, scratch: &Path) {
+        let agent_sock = scratch.join("agent.sock");
+        let mut agent = Background(
+            Command::new("ssh-agent")
+                .args(["-D", "-a"])
+                .arg(&agent_sock)
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        eventually("ssh-agent", || agent_sock.exists().then_some(()));
+        let out = Command::new("ssh-add")
+            .arg(&self.key)
+            .env("SSH_AUTH_SOCK", &agent_sock)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ssh-add: {}", stderr(&out));
+        let out = self
+            .tool("ssh")
+            .args([
+                "-A",
+                "web.warren",
+                "ssh-add -l; stat -c %a \"$SSH_AUTH_SOCK\" \"$(dirname \"$SSH_AUTH_SOCK\")\"",
+            ])
+            .env("SSH_AUTH_SOCK", &agent_sock)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let listed = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{listed}{}", stderr(&out));
+        let fingerprint = Command::new("ssh-keygen")
+            .arg("-lf")
+            .arg(self.key.with_extension("pub"))
+            .output()
+            .unwrap();
+        let fingerprint = String::from_utf8_lossy(&fingerprint.stdout)
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .to_owned();
+        assert!(listed.contains(&fingerprint), "{listed}");
+        assert!(
+            listed.contains("\n700\n"),
+            "the socket's folder is private: {listed}"
+        );
+        // A VM's guest removes it when the host closes the session's request, a moment later.
+        eventually("the agent socket to go with its session", || {
+            (self
+                .ssh_ok("web.warren", "ls -d /tmp/warren-ssh-* 2>/dev/null | wc -l")
+                .trim()
+                == "0")
+                .then_some(())
+        });
+        let _ = agent.0.kill();
+    }
+
     fn ssh_ok(&self, host: &str, command: &str) -> String {
         let out = self.ssh(host, command);
         assert!(
@@ -429,58 +487,7 @@ fn ssh_reaches_the_workspace_with_every_channel() {
     assert!(stderr(&out).contains("cannot connect"), "{}", stderr(&out));
 
     // Agent forwarding: the developer's key is usable inside, and only during the session.
-    let agent_sock = dir.path().join("agent.sock");
-    let mut agent = Background(
-        Command::new("ssh-agent")
-            .args(["-D", "-a"])
-            .arg(&agent_sock)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    eventually("ssh-agent", || agent_sock.exists().then_some(()));
-    let out = Command::new("ssh-add")
-        .arg(&alice.key)
-        .env("SSH_AUTH_SOCK", &agent_sock)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "ssh-add: {}", stderr(&out));
-    let out = alice
-        .tool("ssh")
-        .args([
-            "-A",
-            "web.warren",
-            "ssh-add -l; stat -c %a \"$SSH_AUTH_SOCK\" \"$(dirname \"$SSH_AUTH_SOCK\")\"",
-        ])
-        .env("SSH_AUTH_SOCK", &agent_sock)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let listed = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{listed}{}", stderr(&out));
-    let fingerprint = Command::new("ssh-keygen")
-        .arg("-lf")
-        .arg(alice.key.with_extension("pub"))
-        .output()
-        .unwrap();
-    let fingerprint = String::from_utf8_lossy(&fingerprint.stdout)
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .to_owned();
-    assert!(listed.contains(&fingerprint), "{listed}");
-    assert!(
-        listed.contains("\n700\n"),
-        "the socket's folder is private: {listed}"
-    );
-    assert_eq!(
-        alice
-            .ssh_ok("web.warren", "ls -d /tmp/warren-ssh-* 2>/dev/null | wc -l")
-            .trim(),
-        "0",
-        "the agent socket goes with its session"
-    );
-    let _ = agent.0.kill();
+    alice.forwards_the_agent(dir.path());
 
     // Refusals, each with a message: a key nobody registered, another user's workspace, a
     // workspace that does not exist. An admin reaches alice's as `web.alice`.
@@ -1039,6 +1046,9 @@ fn a_vm_workspace_is_reached_like_a_container() {
 
     // -L to a server on the guest's own loopback.
     drop(alice.forward_to_a_server_inside("served-in-vm"));
+
+    // -A: the developer's key is usable in the guest.
+    alice.forwards_the_agent(dir.path());
 
     // Its task ran in the guest.
     eventually("the task's output", || {

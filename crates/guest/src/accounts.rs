@@ -11,6 +11,28 @@ pub struct Account {
     pub shell: String,
 }
 
+/// The socket of an agent-forwarding session, in its private folder (see
+/// [`agent_folder_name`]).
+pub const AGENT_SOCKET_NAME: &str = "agent.sock";
+
+/// A fresh, unguessable name for the private folder (under the workspace's `/tmp`) that holds
+/// an agent-forwarding socket.
+pub fn agent_folder_name() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    // RandomState is seeded from the OS's random source once per process; the counter and the
+    // clock make each call differ.
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    format!("warren-ssh-{:016x}", h.finish())
+}
+
 pub fn parse_passwd(passwd: &str, user: &str) -> Option<Account> {
     let numeric: Option<u32> = user.parse().ok();
     passwd.lines().find_map(|line| {

@@ -10,13 +10,14 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use warren_guest::accounts::{parse_groups, resolve_account};
+use warren_guest::accounts::{AGENT_SOCKET_NAME, agent_folder_name, parse_groups, resolve_account};
 use warren_guest::proto::{
     AGENT_PORT, Control, GuestStats, Kind, Reply, Request, read_frame, read_json, write_frame,
     write_json,
@@ -115,10 +116,30 @@ fn handle(mut conn: File) -> std::io::Result<()> {
         Request::Connect { address } => match connect(&address) {
             Ok(stream) => {
                 write_json(&mut conn, Kind::Reply, &Reply::Started)?;
-                splice(conn, stream)
+                splice(conn, File::from(OwnedFd::from(stream)))
             }
             Err(message) => write_json(&mut conn, Kind::Reply, &Reply::Error { message }),
         },
+        Request::ListenUnix { user } => listen_unix(conn, user.as_deref()),
+        Request::Attach { id } => {
+            let accepted = pending()
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&id);
+            match accepted {
+                Some(stream) => {
+                    write_json(&mut conn, Kind::Reply, &Reply::Started)?;
+                    splice(conn, File::from(OwnedFd::from(stream)))
+                }
+                None => write_json(
+                    &mut conn,
+                    Kind::Reply,
+                    &Reply::Error {
+                        message: format!("no connection {id} is waiting"),
+                    },
+                ),
+            }
+        }
         Request::Exec {
             argv,
             env,
@@ -139,17 +160,119 @@ fn connect(address: &str) -> Result<TcpStream, String> {
         .map_err(|e| format!("cannot connect to {address}: {e}"))
 }
 
+/// Connections to the sockets of [`Request::ListenUnix`], until the host attaches them.
+fn pending() -> &'static Mutex<HashMap<u64, UnixStream>> {
+    static PENDING: OnceLock<Mutex<HashMap<u64, UnixStream>>> = OnceLock::new();
+    PENDING.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// Serves one [`Request::ListenUnix`]: makes the socket, announces each connection to it, and
+/// removes the socket (and the connections nobody attached) once the host closes `conn`.
+fn listen_unix(mut conn: File, user: Option<&str>) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let fail =
+        |conn: &mut File, message: String| write_json(conn, Kind::Reply, &Reply::Error { message });
+    let account = match resolve_account(user) {
+        Ok(a) => a,
+        Err(e) => return fail(&mut conn, e),
+    };
+    // A folder nobody else can enter: made here (mkdir never follows a planted link) and
+    // only then given to the user.
+    let folder = loop {
+        let folder = format!("/tmp/{}", agent_folder_name());
+        match std::fs::DirBuilder::new().mode(0o700).create(&folder) {
+            Ok(()) => break folder,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return fail(&mut conn, format!("cannot make a folder in /tmp: {e}")),
+        }
+    };
+    let path = format!("{folder}/{AGENT_SOCKET_NAME}");
+    let made = UnixListener::bind(&path).and_then(|listener| {
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        let (uid, gid) = (Some(account.uid), Some(account.gid));
+        std::os::unix::fs::lchown(&path, uid, gid)?;
+        std::os::unix::fs::chown(&folder, uid, gid)?;
+        Ok(listener)
+    });
+    let remove = || {
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_dir(&folder);
+    };
+    let listener = match made {
+        Ok(l) => l,
+        Err(e) => {
+            remove();
+            return fail(&mut conn, format!("cannot listen on {path}: {e}"));
+        }
+    };
+    let result = announce(&mut conn, &listener, &path);
+    remove();
+    result
+}
+
+/// Replies `Listening`, then an `Accepted` per connection, until the host closes `conn`.
+fn announce(conn: &mut File, listener: &UnixListener, path: &str) -> std::io::Result<()> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    write_json(
+        conn,
+        Kind::Reply,
+        &Reply::Listening {
+            path: path.to_owned(),
+        },
+    )?;
+    let mut mine = Vec::new();
+    let result = loop {
+        let mut fds = [
+            PollFd::new(listener.as_fd(), PollFlags::POLLIN),
+            PollFd::new(conn.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => break Err(e.into()),
+        }
+        // The host sends nothing on this connection: readable means it is gone.
+        if fds[1].any().unwrap_or(true) {
+            break Ok(());
+        }
+        if fds[0].any().unwrap_or(false) {
+            let Ok((stream, _)) = listener.accept() else {
+                continue;
+            };
+            let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            pending()
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(id, stream);
+            mine.push(id);
+            if let Err(e) = write_json(conn, Kind::Reply, &Reply::Accepted { id }) {
+                break Err(e);
+            }
+        }
+    };
+    let mut pending = pending()
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for id in mine {
+        pending.remove(&id);
+    }
+    result
+}
+
 /// Copies both ways until both sides are done.
-fn splice(conn: File, stream: TcpStream) -> std::io::Result<()> {
-    let mut to_tcp = conn.try_clone()?;
-    let mut tcp_in = stream.try_clone()?;
-    let mut tcp_out = stream;
+fn splice(conn: File, stream: File) -> std::io::Result<()> {
+    let mut to_stream = conn.try_clone()?;
+    let mut stream_in = stream.try_clone()?;
+    let mut stream_out = stream;
     let mut conn_out = conn;
     let up = std::thread::spawn(move || {
-        let _ = std::io::copy(&mut to_tcp, &mut tcp_out);
-        let _ = tcp_out.shutdown(std::net::Shutdown::Write);
+        let _ = std::io::copy(&mut to_stream, &mut stream_out);
+        let _ =
+            nix::sys::socket::shutdown(stream_out.as_raw_fd(), nix::sys::socket::Shutdown::Write);
     });
-    let _ = std::io::copy(&mut tcp_in, &mut conn_out);
+    let _ = std::io::copy(&mut stream_in, &mut conn_out);
     // vhost-device-vsock does not pass a half-close on to the host's socket: once the far end
     // is done sending, the whole connection closes (which also ends the copy the other way).
     let _ = nix::sys::socket::shutdown(conn_out.as_raw_fd(), nix::sys::socket::Shutdown::Both);

@@ -6,6 +6,12 @@
 //! answers with a [`Reply`]. An exec then streams [`Kind::Stdin`] one way and
 //! [`Kind::Stdout`]/[`Kind::Stderr`] the other, with [`Control`] frames from the host, and ends
 //! with a [`Reply::Exited`]. A connect, once `Started`, is raw bytes both ways.
+//!
+//! Agent forwarding turns the direction around without the guest ever connecting to the host:
+//! a [`Request::ListenUnix`] connection stays open and carries a [`Reply::Accepted`] for every
+//! connection made to the guest's socket; the host then picks each one up with a
+//! [`Request::Attach`] on a new connection, which is raw bytes both ways once `Started`.
+//! Closing the listening connection removes the socket.
 
 use std::io::{self, Read, Write};
 
@@ -64,6 +70,15 @@ pub enum Request {
         address: String,
     },
     Stats,
+    /// Listens on a fresh unix socket in a private folder under `/tmp`, both owned by `user`
+    /// (a name or uid; root when absent); see the module's documentation.
+    ListenUnix {
+        user: Option<String>,
+    },
+    /// Takes over a connection a [`Request::ListenUnix`] announced.
+    Attach {
+        id: u64,
+    },
     /// Stops every process (SIGTERM, SIGKILL after `grace_ms`), syncs and powers off.
     Poweroff {
         grace_ms: u64,
@@ -85,6 +100,14 @@ pub enum Reply {
     },
     Stats(GuestStats),
     PoweringOff,
+    /// The socket a [`Request::ListenUnix`] made, as the guest's processes see it.
+    Listening {
+        path: String,
+    },
+    /// A connection to that socket, waiting for a [`Request::Attach`].
+    Accepted {
+        id: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -23,33 +23,17 @@ use crate::proto::{Channel, Reply, Request};
 use crate::record::{ID_RANGE, Layout, WorkspaceRecord};
 use crate::shim::{create_layout, teardown};
 use crate::slots::Slots;
-use crate::types::WORKSPACE_SOCKET_NAME;
+use crate::types::MadeSocket;
 use crate::vm::VmFiles;
 use crate::{
     DeleteReport, Error, Exec, ExecIo, ExecRequest, ExitStatus, Process, RootSource, Runtime,
     Stats, WinSize, WorkspaceConfig, WorkspaceId, WorkspaceInfo, WorkspaceSocket, WorkspaceState,
     WritableLayer, cgroup, net, vm,
 };
+use warren_guest::accounts::AGENT_SOCKET_NAME;
 
 /// How long a forwarded connection may take to open.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A name nobody can guess (folder names in a workspace's `/tmp`).
-fn random_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    // RandomState is seeded from the OS's random source once per process; the counter and the
-    // clock make each call differ.
-    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos(),
-    );
-    h.finish()
-}
 
 /// Where workspaces attach.
 #[derive(Debug, Clone)]
@@ -521,12 +505,13 @@ impl Runtime for ContainerRuntime {
     }
 
     fn listen_unix(&self, id: &WorkspaceId, user: Option<&str>) -> Result<WorkspaceSocket, Error> {
-        let (rec, _, pid) = self.running(id)?;
+        let (rec, layout, pid) = self.running(id)?;
         if rec.vm.is_some() {
-            return Err(Error::Shim {
-                id: id.to_string(),
-                message: "agent forwarding into a VM workspace is not supported yet".into(),
-            });
+            let relay = layout.dir.join(format!(
+                "{}.sock",
+                warren_guest::accounts::agent_folder_name()
+            ));
+            return vm::client::listen_unix(&VmFiles::of(&layout).agent(), user, &relay);
         }
         let root_path = PathBuf::from(format!("/proc/{pid}/root"));
         let root = File::open(&root_path).map_err(Error::io("cannot open", &root_path))?;
@@ -563,7 +548,7 @@ impl Runtime for ContainerRuntime {
         let group = Some(nix::unistd::Gid::from_raw(rec.uid_base + gid));
         let tmp = open_inside("/tmp", OFlag::O_DIRECTORY | OFlag::O_PATH)?;
         let folder_name = loop {
-            let name = format!("warren-ssh-{:016x}", random_u64());
+            let name = warren_guest::accounts::agent_folder_name();
             match nix::sys::stat::mkdirat(Some(tmp.as_raw_fd()), name.as_str(), Mode::S_IRWXU) {
                 Ok(()) => break name,
                 Err(nix::errno::Errno::EEXIST) => continue,
@@ -589,10 +574,10 @@ impl Runtime for ContainerRuntime {
         let folder = unsafe { OwnedFd::from_raw_fd(fd) };
         // From here on, dropping the socket removes what was made.
         let bound = std::os::unix::net::UnixListener::bind(format!(
-            "/proc/self/fd/{}/{WORKSPACE_SOCKET_NAME}",
+            "/proc/self/fd/{}/{AGENT_SOCKET_NAME}",
             folder.as_raw_fd()
         ));
-        let path = format!("/tmp/{folder_name}/{WORKSPACE_SOCKET_NAME}");
+        let path = format!("/tmp/{folder_name}/{AGENT_SOCKET_NAME}");
         let listener = match bound {
             Ok(l) => l,
             Err(e) => {
@@ -606,21 +591,25 @@ impl Runtime for ContainerRuntime {
                 )));
             }
         };
+        // Stays open as long as `socket`, which owns it.
+        let folder_fd = folder.as_raw_fd();
         let socket = WorkspaceSocket {
             listener,
             path,
-            folder,
-            tmp,
-            folder_name,
+            made: MadeSocket::InRoot {
+                folder,
+                tmp,
+                folder_name,
+            },
         };
         nix::unistd::fchownat(
-            Some(socket.folder.as_raw_fd()),
-            WORKSPACE_SOCKET_NAME,
+            Some(folder_fd),
+            AGENT_SOCKET_NAME,
             owner,
             group,
             nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
         )
-        .and_then(|()| nix::unistd::fchown(socket.folder.as_raw_fd(), owner, group))
+        .and_then(|()| nix::unistd::fchown(folder_fd, owner, group))
         .map_err(|e| Error::Sys(format!("cannot give {} to `{user}`: {e}", socket.path)))?;
         Ok(socket)
     }

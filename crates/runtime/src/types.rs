@@ -283,33 +283,62 @@ pub struct VmStats {
 /// folder.
 #[derive(Debug)]
 pub struct WorkspaceSocket {
+    /// Where the connections made to the socket inside arrive.
     pub listener: std::os::unix::net::UnixListener,
     /// The socket's path as processes in the workspace see it.
     pub path: String,
-    /// The private folder, and the `/tmp` it is in (both opened inside the workspace's root).
-    pub(crate) folder: std::os::fd::OwnedFd,
-    pub(crate) tmp: std::os::fd::OwnedFd,
-    pub(crate) folder_name: String,
+    pub(crate) made: MadeSocket,
+}
+
+/// What a [`WorkspaceSocket`] removes when dropped.
+#[derive(Debug)]
+pub(crate) enum MadeSocket {
+    /// A container's: the socket itself, in the private folder in `/tmp` (both opened inside
+    /// the workspace's root).
+    InRoot {
+        folder: std::os::fd::OwnedFd,
+        tmp: std::os::fd::OwnedFd,
+        folder_name: String,
+    },
+    /// A VM's: the guest agent listens while `announcements` is open; connections are relayed
+    /// to `listener`, bound at `relay` in a host folder only root can enter.
+    InGuest {
+        announcements: std::os::unix::net::UnixStream,
+        relay: std::path::PathBuf,
+    },
 }
 
 impl Drop for WorkspaceSocket {
     fn drop(&mut self) {
         use nix::unistd::{UnlinkatFlags, unlinkat};
         use std::os::fd::AsRawFd;
-        let _ = unlinkat(
-            Some(self.folder.as_raw_fd()),
-            WORKSPACE_SOCKET_NAME,
-            UnlinkatFlags::NoRemoveDir,
-        );
-        let _ = unlinkat(
-            Some(self.tmp.as_raw_fd()),
-            self.folder_name.as_str(),
-            UnlinkatFlags::RemoveDir,
-        );
+        match &self.made {
+            MadeSocket::InRoot {
+                folder,
+                tmp,
+                folder_name,
+            } => {
+                let _ = unlinkat(
+                    Some(folder.as_raw_fd()),
+                    warren_guest::accounts::AGENT_SOCKET_NAME,
+                    UnlinkatFlags::NoRemoveDir,
+                );
+                let _ = unlinkat(
+                    Some(tmp.as_raw_fd()),
+                    folder_name.as_str(),
+                    UnlinkatFlags::RemoveDir,
+                );
+            }
+            MadeSocket::InGuest {
+                announcements,
+                relay,
+            } => {
+                let _ = announcements.shutdown(std::net::Shutdown::Both);
+                let _ = std::fs::remove_file(relay);
+            }
+        }
     }
 }
-
-pub(crate) const WORKSPACE_SOCKET_NAME: &str = "agent.sock";
 
 /// What [`Runtime::delete`](crate::Runtime::delete) could not remove (empty when all is gone).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

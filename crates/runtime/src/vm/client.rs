@@ -4,7 +4,7 @@
 use std::fs::File;
 use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
@@ -15,7 +15,8 @@ use warren_guest::proto::{
     write_json,
 };
 
-use crate::{Error, Exec, ExecIo, ExecRequest, ExitStatus, Process, WinSize};
+use crate::types::MadeSocket;
+use crate::{Error, Exec, ExecIo, ExecRequest, ExitStatus, Process, WinSize, WorkspaceSocket};
 
 /// Opens a connection to the guest agent and sends `request`; returns the connection and the
 /// first reply.
@@ -97,23 +98,79 @@ pub(crate) fn connect(uds: &Path, to: SocketAddr) -> Result<TcpStream, Error> {
             break conn;
         }
     };
-    let (mut a_in, mut a_out) = (
-        stream.try_clone().map_err(|e| Error::Sys(e.to_string()))?,
-        stream,
-    );
-    let (mut b_in, mut b_out) = (
-        ours.try_clone().map_err(|e| Error::Sys(e.to_string()))?,
-        ours,
-    );
-    std::thread::spawn(move || {
-        let _ = std::io::copy(&mut a_in, &mut b_out);
-        let _ = b_out.shutdown(std::net::Shutdown::Write);
-    });
-    std::thread::spawn(move || {
-        let _ = std::io::copy(&mut b_in, &mut a_out);
-        let _ = a_out.shutdown(std::net::Shutdown::Write);
-    });
+    relay_both_ways(stream.into(), ours.into());
     Ok(theirs)
+}
+
+/// Asks the guest for an agent-forwarding socket owned by `user` (see
+/// [`Runtime::listen_unix`](crate::Runtime::listen_unix)). Each connection made to it inside
+/// is attached and relayed to the returned listener, bound at `relay` (a path on the host
+/// only root reaches).
+pub(crate) fn listen_unix(
+    uds: &Path,
+    user: Option<&str>,
+    relay: &Path,
+) -> Result<WorkspaceSocket, Error> {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::net::UnixListener;
+    let (announcements, reply) = request(
+        uds,
+        &Request::ListenUnix {
+            user: user.map(str::to_owned),
+        },
+    )?;
+    let path = match reply {
+        Reply::Listening { path } => path,
+        Reply::Error { message } => return Err(Error::Sys(message)),
+        other => return Err(Error::Sys(format!("unexpected answer {other:?}"))),
+    };
+    let sys = |e: std::io::Error| Error::Sys(format!("{}: {e}", relay.display()));
+    let _ = std::fs::remove_file(relay);
+    let listener = UnixListener::bind(relay).map_err(sys)?;
+    // From here on, dropping the socket ends the guest's listening and removes `relay`.
+    let socket = WorkspaceSocket {
+        listener,
+        path,
+        made: MadeSocket::InGuest {
+            announcements: announcements.try_clone().map_err(sys)?,
+            relay: relay.to_owned(),
+        },
+    };
+    std::fs::set_permissions(relay, std::fs::Permissions::from_mode(0o600)).map_err(sys)?;
+    let (uds, relay) = (uds.to_owned(), relay.to_owned());
+    std::thread::spawn(move || {
+        let mut announcements = BufReader::new(announcements);
+        // Ends when the socket is dropped (its shutdown) or the guest goes away.
+        while let Ok(Reply::Accepted { id }) = read_json(&mut announcements, Kind::Reply) {
+            let attached = request(&uds, &Request::Attach { id }).and_then(|(guest, reply)| {
+                if reply != Reply::Started {
+                    return Err(Error::Sys(format!("unexpected answer {reply:?}")));
+                }
+                let host = UnixStream::connect(&relay).map_err(|e| Error::Sys(e.to_string()))?;
+                Ok((guest, host))
+            });
+            match attached {
+                Ok((guest, host)) => relay_both_ways(guest.into(), host.into()),
+                Err(e) => tracing::warn!(error = %e, "an agent-forwarding connection was lost"),
+            }
+        }
+    });
+    Ok(socket)
+}
+
+/// Copies between the sockets `a` and `b` on two threads until both directions end.
+fn relay_both_ways(a: OwnedFd, b: OwnedFd) {
+    let one_way = |from: &OwnedFd, to: &OwnedFd| -> std::io::Result<()> {
+        let (mut from, mut to) = (File::from(from.try_clone()?), File::from(to.try_clone()?));
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut from, &mut to);
+            let _ = nix::sys::socket::shutdown(to.as_raw_fd(), nix::sys::socket::Shutdown::Write);
+        });
+        Ok(())
+    };
+    if one_way(&a, &b).is_ok() {
+        let _ = one_way(&b, &a);
+    }
 }
 
 #[derive(Debug, Default)]
