@@ -751,6 +751,40 @@ fn vm_isolation(host: &Host, base: u32) {
         uids, [base; 4],
         "QEMU runs as the workspace's root on the host"
     );
+    // So do its device daemons: virtiofsd (root only in a user namespace that maps the guest's
+    // ids onto the workspace's range) and the vsock device.
+    let vm_dir = host.data.path().join("runtime/workspaces/iso-a/vm");
+    let mut daemons = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if !cmdline.contains(vm_dir.to_str().unwrap()) || cmdline.contains("qemu-system") {
+            continue;
+        }
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
+            continue;
+        };
+        let field = |name: &str| -> Vec<u32> {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap()
+                .split_whitespace()
+                .map(|v| v.parse().unwrap())
+                .collect()
+        };
+        let name = cmdline
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        assert_eq!(field("Uid:"), [base; 4], "{cmdline}");
+        assert_eq!(field("Gid:"), [base; 4], "{cmdline}");
+        daemons.push(name);
+    }
+    daemons.sort();
+    daemons.dedup();
+    assert_eq!(daemons, ["vhost-device-vsock", "virtiofsd"], "{vm_dir:?}");
     let host_kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
     let (status, out, err) = host.sh(
         "iso-a",

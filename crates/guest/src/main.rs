@@ -181,7 +181,8 @@ fn main() {
     match agent::listen() {
         Ok(listener) => {
             console(&format!(
-                "agent listening on vsock port {} after {} ms",
+                "{} {} after {} ms",
+                proto::AGENT_READY,
                 proto::AGENT_PORT,
                 started.elapsed().as_millis()
             ));

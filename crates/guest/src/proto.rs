@@ -20,6 +20,11 @@ use serde::{Deserialize, Serialize};
 /// The vsock port the guest agent listens on.
 pub const AGENT_PORT: u32 = 1024;
 
+/// What the guest writes on its console once the agent listens: the host connects only after
+/// it, since a vsock connection made while the guest's driver is still coming up can leave
+/// `vhost-device-vsock` with a connection that is never answered.
+pub const AGENT_READY: &str = "agent listening on vsock port";
+
 /// Largest frame either side accepts.
 pub const MAX_FRAME: usize = 1 << 20;
 

@@ -234,11 +234,12 @@ fn path_cstring(path: &Path) -> Result<std::ffi::CString, Error> {
 
 /// A user namespace mapping 0..count to base..base+count, held by an open descriptor: a child
 /// unshares it, the parent writes the maps and opens it, and the child exits.
-fn mapping_namespace(base: u32, count: u32) -> std::io::Result<OwnedFd> {
+pub(crate) fn mapping_namespace(base: u32, count: u32) -> std::io::Result<OwnedFd> {
     use std::io::{Read, Write};
     let (mut ready_r, mut ready_w) = std::io::pipe()?;
     let (mut done_r, mut done_w) = std::io::pipe()?;
-    // SAFETY: the caller is single-threaded; the child only calls unshare, read and write.
+    // SAFETY: the child only calls unshare, read, write and _exit (async-signal-safe), so it
+    // is sound even if the caller has other threads.
     match unsafe { nix::unistd::fork() }.map_err(std::io::Error::from)? {
         nix::unistd::ForkResult::Child => {
             drop((ready_r, done_w));

@@ -11,8 +11,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use warren_guest::proto::{
-    AGENT_PORT, Control, GuestStats, Kind, Reply, Request, read_frame, read_json, write_frame,
-    write_json,
+    AGENT_PORT, AGENT_READY, Control, GuestStats, Kind, Reply, Request, read_frame, read_json,
+    write_frame, write_json,
 };
 
 use crate::types::MadeSocket;
@@ -385,12 +385,19 @@ pub(crate) fn exec(uds: &Path, request: &ExecRequest, env: Vec<String>) -> Resul
 /// Waits until the guest agent answers, the VM process dies, or `limit` passes.
 pub(crate) fn wait_for_agent(
     uds: &Path,
+    console: &Path,
     limit: Duration,
     alive: &mut dyn FnMut() -> bool,
 ) -> Result<(), String> {
     let deadline = std::time::Instant::now() + limit;
+    let listening = || {
+        std::fs::read(console).is_ok_and(|c| {
+            c.windows(AGENT_READY.len())
+                .any(|w| w == AGENT_READY.as_bytes())
+        })
+    };
     loop {
-        if uds.exists() && ping(uds) {
+        if uds.exists() && listening() && ping(uds) {
             return Ok(());
         }
         if !alive() {

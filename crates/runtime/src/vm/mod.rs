@@ -387,6 +387,8 @@ pub(crate) fn start(
         files.agent(),
         files.qmp(),
         files.accel(),
+        // The last boot's: the host waits for this boot's agent to say it listens.
+        files.console(),
     ] {
         let _ = std::fs::remove_file(stale);
     }
@@ -436,24 +438,40 @@ pub(crate) fn start(
         .map_err(Error::io("cannot chown", files.initrd()))?;
 
     let log = layout.log();
-    // Guest ids 0..65535 are the workspace's range on the host, as in a container.
-    let map = format!("map:0:{}:{ID_RANGE}", rec.uid_base);
-    let mut virtiofsd = spawn_logged(
-        Command::new("virtiofsd")
-            .arg("--socket-path")
-            .arg(files.fs_socket())
-            .arg("--shared-dir")
-            .arg(layout.rootfs())
-            .args(["--tag", "root", "--sandbox", "namespace"])
-            .args(["--translate-uid", &map, "--translate-gid", &map])
-            .args(["--xattr", "--cache", "auto", "--log-level", "warn"]),
-        &log,
-    )?;
+    // virtiofsd is root in a user namespace that maps guest ids 0..65535 onto the workspace's
+    // range, as a container's: files the guest's users make belong to their ids in that range,
+    // and the daemon has no privilege on the host. The data folder may be closed to those ids,
+    // so it starts in the tree (its working folder) and shares `.`; it gets its own binary,
+    // under root's home where `cargo install` puts it, as an open descriptor too.
+    let userns = sys::mapping_namespace(rec.uid_base, ID_RANGE)
+        .map_err(|e| fail(format!("cannot make the user namespace for virtiofsd: {e}")))?;
+    let tree = File::open(layout.rootfs()).map_err(Error::io("cannot open", layout.rootfs()))?;
+    let virtiofsd_bin = inherited(&which("virtiofsd").unwrap_or_default())?;
+    let mut virtiofsd = Command::new(format!("/proc/self/fd/{}", virtiofsd_bin.as_raw_fd()));
+    std::os::unix::process::CommandExt::arg0(&mut virtiofsd, "virtiofsd");
+    // SAFETY: fchdir is async-signal-safe; `tree` lives until the command is dropped.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut virtiofsd, move || {
+            nix::unistd::fchdir(tree.as_raw_fd()).map_err(std::io::Error::from)
+        });
+    }
+    virtiofsd
+        .arg("--socket-path")
+        .arg(files.fs_socket())
+        .args([
+            "--shared-dir",
+            ".",
+            "--tag",
+            "root",
+            "--sandbox",
+            "namespace",
+        ])
+        .args(["--xattr", "--cache", "auto", "--log-level", "warn"]);
+    let mut virtiofsd = spawn_logged(as_root_in(&mut virtiofsd, userns), &log)?;
+    drop(virtiofsd_bin);
     let result = wait_for_path(&files.fs_socket(), &mut virtiofsd, "virtiofsd");
     started.push(virtiofsd);
     result.map_err(fail)?;
-    // Unprivileged processes may not reach files under root's home (where `cargo install`
-    // puts the device) or the data folder: they get them as open descriptors.
     let vsock_bin = inherited(&which("vhost-device-vsock").unwrap_or_default())?;
     let kernel_file = inherited(&kernel.vmlinuz)?;
     let mut vsock = spawn_logged(
@@ -550,7 +568,7 @@ pub(crate) fn start(
     as_workspace_root(&mut qemu, rec.uid_base, group_id("kvm"));
     let mut qemu = spawn_logged(&mut qemu, &log)?;
     drop((tap, kernel_file, vsock_bin));
-    let booted = client::wait_for_agent(&files.agent(), BOOT_LIMIT, &mut || {
+    let booted = client::wait_for_agent(&files.agent(), &files.console(), BOOT_LIMIT, &mut || {
         matches!(qemu.try_wait(), Ok(None))
     });
     if let Err(e) = booted {
@@ -620,6 +638,24 @@ fn as_workspace_root(cmd: &mut Command, uid: u32, extra_group: Option<u32>) -> &
             if libc::setgroups(groups.len(), groups.as_ptr()) < 0
                 || libc::setresgid(uid, uid, uid) < 0
                 || libc::setresuid(uid, uid, uid) < 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Runs `cmd` as root in the user namespace `userns` (no supplementary groups), so as the
+/// namespace's first host id with no privilege outside it.
+fn as_root_in(cmd: &mut Command, userns: std::os::fd::OwnedFd) -> &mut Command {
+    // SAFETY: the closure only makes async-signal-safe system calls.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, move || {
+            if libc::setgroups(0, std::ptr::null()) < 0
+                || libc::setns(userns.as_raw_fd(), libc::CLONE_NEWUSER) < 0
+                || libc::setresgid(0, 0, 0) < 0
+                || libc::setresuid(0, 0, 0) < 0
             {
                 return Err(std::io::Error::last_os_error());
             }
