@@ -214,7 +214,7 @@ impl Developer {
             .args([
                 "-A",
                 "web.warren",
-                "ssh-add -l; stat -c %a \"$SSH_AUTH_SOCK\" \"$(dirname \"$SSH_AUTH_SOCK\")\"",
+                "ssh-add -l; stat -c %a \"$SSH_AUTH_SOCK\" \"$(dirname \"$SSH_AUTH_SOCK\")\"; dirname \"$SSH_AUTH_SOCK\"",
             ])
             .env("SSH_AUTH_SOCK", &agent_sock)
             .stdin(Stdio::null())
@@ -238,12 +238,15 @@ impl Developer {
             "the socket's folder is private: {listed}"
         );
         // A VM's guest removes it when the host closes the session's request, a moment later.
+        let folder = listed.lines().last().unwrap_or_default();
+        let folder = std::path::Path::new(folder);
+        assert!(
+            folder.starts_with("/tmp") || folder.starts_with("/run"),
+            "{listed}"
+        );
         eventually("the agent socket to go with its session", || {
-            (self
-                .ssh_ok("web.warren", "ls -d /tmp/warren-ssh-* 2>/dev/null | wc -l")
-                .trim()
-                == "0")
-                .then_some(())
+            let gone = format!("test -e {} || echo gone", folder.display());
+            (self.ssh_ok("web.warren", &gone).trim() == "gone").then_some(())
         });
         let _ = agent.0.kill();
     }
@@ -933,8 +936,8 @@ fn the_gateway_runs_on_its_own() {
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("from "));
 }
 
-/// The command line of the QEMU process named `name` (`-name`).
-fn qemu_command_line(name: &str) -> String {
+/// The pid and command line of the QEMU process named `name` (`-name`).
+fn qemu_process(name: &str) -> (String, String) {
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
             continue;
@@ -948,7 +951,8 @@ fn qemu_command_line(name: &str) -> String {
             .is_some_and(|a| a.ends_with("qemu-system-x86_64"))
             && args.windows(2).any(|w| w[0] == "-name" && w[1] == name)
         {
-            return args.join(" ");
+            let pid = entry.file_name().to_string_lossy().into_owned();
+            return (pid, args.join(" "));
         }
     }
     panic!("no QEMU process named {name}")
@@ -1003,11 +1007,48 @@ fn a_vm_workspace_is_reached_like_a_container() {
     let shown: serde_json::Value =
         serde_json::from_str(&warren.ok("alice", &["ws", "show", "web"])).unwrap();
     assert_eq!(shown["runtime"], "vm", "{shown}");
-    let qemu = qemu_command_line(&format!("warren-ws-{}", shown["id"].as_str().unwrap()));
+    let runtime_id = format!("ws-{}", shown["id"].as_str().unwrap());
+    let (pid, qemu) = qemu_process(&format!("warren-{runtime_id}"));
     assert!(
         qemu.contains("mem-merge=on") && qemu.contains("merge=on"),
         "{qemu}"
     );
+    // Merging can happen: the guest's RAM is a private mapping marked mergeable (a shared
+    // one, which vhost-user daemons need, KSM never merges), and no such daemon runs for it.
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let mut mergeable_kib = 0u64;
+    let (mut size, mut private) = (0u64, false);
+    for line in smaps.lines() {
+        if let Some(kib) = line.strip_prefix("Size:") {
+            size = kib.trim().trim_end_matches("kB").trim().parse().unwrap();
+        } else if let Some(flags) = line.strip_prefix("VmFlags:") {
+            if private && flags.split_whitespace().any(|f| f == "mg") {
+                mergeable_kib = mergeable_kib.max(size);
+            }
+        } else {
+            // A mapping's first line: `start-end perms offset dev inode [path]`.
+            let mut fields = line.split_whitespace();
+            if let (Some(range), Some(perms)) = (fields.next(), fields.next())
+                && range.contains('-')
+                && !range.ends_with(':')
+                && perms.len() == 4
+            {
+                private = perms.ends_with('p');
+            }
+        }
+    }
+    assert!(
+        mergeable_kib >= 1 << 20,
+        "a private mergeable mapping of the guest's RAM: largest {mergeable_kib} KiB"
+    );
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        assert!(
+            !cmdline.contains(&format!("/{runtime_id}/vm/")) || cmdline.contains("qemu-system"),
+            "no device daemon: {cmdline}"
+        );
+    }
     assert!(qemu.contains("free-page-reporting=on"), "{qemu}");
 
     // Commands: status, streams, the guest's own kernel.
@@ -1027,7 +1068,7 @@ fn a_vm_workspace_is_reached_like_a_container() {
     assert!(out.status.success(), "{}", stderr(&out));
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
-        stdout.starts_with("IN A VM\n") && stdout.contains("cloud-amd64"),
+        stdout.starts_with("IN A VM\n") && stdout.contains("-amd64"),
         "{stdout}"
     );
     assert_eq!(stderr(&out), "to stderr\n");
@@ -1043,6 +1084,18 @@ fn a_vm_workspace_is_reached_like_a_container() {
     let local = dir.path().join("data.bin");
     random_file(&local, 16);
     alice.scp_round_trip(&local, dir.path());
+    // What the guest's root wrote (over 9p here) is in the writable layer, owned on the host by
+    // the workspace's root id, not by root.
+    let upper = warren
+        .data
+        .path()
+        .join(format!("runtime/workspaces/{runtime_id}/upper/root/up.bin"));
+    let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&upper).unwrap());
+    assert!(
+        owner >= warren.uid_base && (owner - warren.uid_base).is_multiple_of(65536),
+        "{} is owned by {owner}",
+        upper.display()
+    );
 
     // -L to a server on the guest's own loopback.
     drop(alice.forward_to_a_server_inside("served-in-vm"));

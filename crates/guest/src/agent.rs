@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use warren_guest::accounts::{AGENT_SOCKET_NAME, agent_folder_name, parse_groups, resolve_account};
 use warren_guest::proto::{
-    AGENT_PORT, Control, GuestStats, Kind, Reply, Request, read_frame, read_json, write_frame,
-    write_json,
+    AGENT_PORT, Control, GuestStats, Kind, Reply, Request, agent_hello, read_frame, read_json,
+    write_frame, write_json,
 };
 
 /// How a process ended: (code, signal).
@@ -79,8 +79,48 @@ pub(crate) fn listen() -> Result<OwnedFd, String> {
     Ok(fd)
 }
 
-pub(crate) fn serve(listener: OwnedFd) -> ! {
+/// A TCP listener on the guest's own address (not loopback: the host reaches it over the
+/// workspace's network).
+pub(crate) fn listen_tcp(address: std::net::Ipv4Addr, port: u16) -> Result<OwnedFd, String> {
+    std::net::TcpListener::bind((address, port))
+        .map(OwnedFd::from)
+        .map_err(|e| format!("tcp bind {address}:{port}: {e}"))
+}
+
+/// Whether the connection starts with the host's hello (see [`proto::agent_hello`]); answers
+/// `OK` if so. Anything else, or nothing within 10 s, is refused.
+fn greeted(conn: &mut File, token: &str) -> bool {
+    use nix::sys::socket::{setsockopt, sockopt::ReceiveTimeout};
+    let expected = agent_hello(token);
+    let _ = setsockopt(&*conn, ReceiveTimeout, &nix::sys::time::TimeVal::new(10, 0));
+    let mut line = Vec::with_capacity(expected.len());
+    let mut byte = [0u8; 1];
+    while line.len() < expected.len() {
+        match conn.read(&mut byte) {
+            Ok(1) => line.push(byte[0]),
+            _ => return false,
+        }
+        if byte[0] == b'\n' {
+            break;
+        }
+    }
+    // Compared in full, whatever differs first.
+    let same = line.len() == expected.len()
+        && line
+            .iter()
+            .zip(expected.as_bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    // The requests that follow may wait as long as they like (a quiet terminal).
+    same && setsockopt(&*conn, ReceiveTimeout, &nix::sys::time::TimeVal::new(0, 0)).is_ok()
+        && conn.write_all(b"OK\n").is_ok()
+}
+
+/// Serves every connection to `listener` on its own thread; with a `token`, only those that
+/// first send it (TCP).
+pub(crate) fn serve(listener: OwnedFd, token: Option<String>) -> ! {
     std::thread::spawn(reap_forever);
+    let token: Arc<Option<String>> = Arc::new(token);
     loop {
         let conn = match nix::sys::socket::accept4(
             listener.as_raw_fd(),
@@ -89,11 +129,18 @@ pub(crate) fn serve(listener: OwnedFd) -> ! {
             // SAFETY: accept returned a new descriptor that nothing else owns.
             Ok(fd) => unsafe { File::from_raw_fd(fd) },
             Err(e) => {
-                crate::console(&format!("vsock accept: {e}"));
+                crate::console(&format!("agent accept: {e}"));
                 continue;
             }
         };
+        let token = token.clone();
         std::thread::spawn(move || {
+            let mut conn = conn;
+            if let Some(token) = token.as_ref()
+                && !greeted(&mut conn, token)
+            {
+                return;
+            }
             if let Err(e) = handle(conn) {
                 crate::console(&format!("request failed: {e}"));
             }
@@ -177,13 +224,14 @@ fn listen_unix(mut conn: File, user: Option<&str>) -> std::io::Result<()> {
         Err(e) => return fail(&mut conn, e),
     };
     // A folder nobody else can enter: made here (mkdir never follows a planted link) and
-    // only then given to the user.
+    // only then given to the user. In /run, the guest's own tmpfs: a socket is nothing to keep
+    // in the writable layer (nor can every root filesystem hold one: 9p cannot).
     let folder = loop {
-        let folder = format!("/tmp/{}", agent_folder_name());
+        let folder = format!("/run/{}", agent_folder_name());
         match std::fs::DirBuilder::new().mode(0o700).create(&folder) {
             Ok(()) => break folder,
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return fail(&mut conn, format!("cannot make a folder in /tmp: {e}")),
+            Err(e) => return fail(&mut conn, format!("cannot make a folder in /run: {e}")),
         }
     };
     let path = format!("{folder}/{AGENT_SOCKET_NAME}");

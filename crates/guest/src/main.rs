@@ -2,10 +2,11 @@
 //! (`-C target-feature=+crt-static`) so that it runs from an initramfs with nothing else in it.
 //!
 //! Boot: mount `/proc`, `/sys`, `/dev`; load the modules listed in [`proto::MODULE_LIST`]
-//! (virtio transport, vsock, virtiofs, balloon, net, block); read [`proto::GuestConfig`]; mount
-//! the workspace's tree from virtiofs and make it the root (its scratch disk at
+//! (virtio transport, vsock, virtiofs or 9p, balloon, net, block); read [`proto::GuestConfig`];
+//! mount the workspace's tree from virtiofs (or 9p) and make it the root (its scratch disk at
 //! `/var/lib/docker`, `/etc/resolv.conf`, `hosts` and `hostname` bound over from the config);
-//! configure `eth0`; then serve the host on vsock port [`proto::AGENT_PORT`] (`agent.rs`).
+//! configure `eth0`; then serve the host on vsock port [`proto::AGENT_PORT`], or on a TCP port
+//! of `eth0` behind a token when the config says so (`agent.rs`).
 //! With `warren.poweroff=1` on the kernel command line it powers off right after the modules
 //! (boot tests).
 
@@ -18,7 +19,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use nix::mount::{MsFlags, mount};
-use warren_guest::proto::{self, GuestConfig};
+use warren_guest::proto::{self, GuestConfig, RootFs};
 
 fn console(line: &str) {
     let mut out = std::io::stdout();
@@ -178,15 +179,27 @@ fn main() {
             console(&format!("hostname: {}", std::io::Error::last_os_error()));
         }
     }
-    match agent::listen() {
-        Ok(listener) => {
+    let listening = match (&config.agent_tcp, &config.network) {
+        (Some(tcp), Some(network)) => agent::listen_tcp(network.address, tcp.port).map(|l| {
+            (
+                l,
+                format!("tcp {}:{}", network.address, tcp.port),
+                Some(tcp.token.clone()),
+            )
+        }),
+        (Some(_), None) => Err("the agent is to serve over TCP, but there is no network".into()),
+        (None, _) => {
+            agent::listen().map(|l| (l, format!("vsock port {}", proto::AGENT_PORT), None))
+        }
+    };
+    match listening {
+        Ok((listener, at, token)) => {
             console(&format!(
-                "{} {} after {} ms",
+                "{} {at} after {} ms",
                 proto::AGENT_READY,
-                proto::AGENT_PORT,
                 started.elapsed().as_millis()
             ));
-            agent::serve(listener);
+            agent::serve(listener, token);
         }
         Err(e) => console(&format!("no agent: {e}")),
     }
@@ -202,7 +215,18 @@ fn enter_root(config: &GuestConfig) -> Result<(), String> {
         return Ok(());
     };
     let new = "/newroot";
-    mount_fs(tag, new, "virtiofs", MsFlags::empty(), None)?;
+    match config.root_fs {
+        RootFs::Virtiofs => mount_fs(tag, new, "virtiofs", MsFlags::empty(), None)?,
+        // The guest's kernel checks permissions itself (`access=client`), as on a local disk;
+        // only the guest writes the tree, so its page cache may keep everything (`loose`).
+        RootFs::NineP => mount_fs(
+            tag,
+            new,
+            "9p",
+            MsFlags::empty(),
+            Some("trans=virtio,version=9p2000.L,access=client,posixacl,cache=loose,msize=524288"),
+        )?,
+    }
     if let Some(device) = &config.scratch_device {
         let target = format!("{new}/var/lib/docker");
         mount_fs(device, &target, "ext4", MsFlags::empty(), Some("discard"))?;

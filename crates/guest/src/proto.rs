@@ -23,7 +23,7 @@ pub const AGENT_PORT: u32 = 1024;
 /// What the guest writes on its console once the agent listens: the host connects only after
 /// it, since a vsock connection made while the guest's driver is still coming up can leave
 /// `vhost-device-vsock` with a connection that is never answered.
-pub const AGENT_READY: &str = "agent listening on vsock port";
+pub const AGENT_READY: &str = "agent listening on";
 
 /// Largest frame either side accepts.
 pub const MAX_FRAME: usize = 1 << 20;
@@ -75,7 +75,7 @@ pub enum Request {
         address: String,
     },
     Stats,
-    /// Listens on a fresh unix socket in a private folder under `/tmp`, both owned by `user`
+    /// Listens on a fresh unix socket in a private folder under `/run`, both owned by `user`
     /// (a name or uid; root when absent); see the module's documentation.
     ListenUnix {
         user: Option<String>,
@@ -242,13 +242,48 @@ pub struct GuestConfig {
     pub hostname: String,
     /// `eth0`'s address, prefix length and default gateway; no network when absent.
     pub network: Option<GuestNetwork>,
-    /// The virtiofs tag of the workspace's tree, made the guest's root.
+    /// The tag of the workspace's tree (virtiofs or 9p, see `root_fs`), made the guest's root.
     pub root_tag: Option<String>,
+    #[serde(default)]
+    pub root_fs: RootFs,
+    /// Serve the host on this TCP port of `network`'s address, to whoever first sends the
+    /// token ([`agent_hello`]), instead of on vsock.
+    #[serde(default)]
+    pub agent_tcp: Option<AgentTcp>,
     /// A block device formatted ext4, mounted (with `discard`) at `/var/lib/docker`.
     pub scratch_device: Option<String>,
     /// Files bind-mounted over the root's `/etc/<name>` (resolv.conf, hosts, hostname).
     pub etc: Vec<(String, String)>,
 }
+
+/// The filesystem the workspace's tree comes over.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RootFs {
+    /// From `virtiofsd` (a vhost-user device: the guest's RAM is shared with it).
+    #[default]
+    Virtiofs,
+    /// From QEMU itself (virtio-9p), so the guest's RAM can stay private (and mergeable).
+    #[serde(rename = "9p")]
+    NineP,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentTcp {
+    pub port: u16,
+    /// What the host sends first on every connection (hex), see [`agent_hello`].
+    pub token: String,
+}
+
+/// The first line the host sends on a TCP connection to the agent; the agent answers `OK\n`
+/// or closes the connection.
+pub fn agent_hello(token: &str) -> String {
+    format!("WARREN {token}\n")
+}
+
+/// The agent's TCP port when it serves over the workspace's network: above Linux's ephemeral
+/// range (32768-60999), so no outgoing connection in the guest takes it.
+pub const AGENT_TCP_PORT: u16 = 61024;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GuestNetwork {

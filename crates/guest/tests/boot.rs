@@ -1,6 +1,8 @@
 //! The guest init boots under QEMU (TCG here: this machine's nested KVM cannot run a stock
 //! kernel) from the initramfs the runtime makes (the guest as `/init`, its modules, its
-//! settings), loads the virtio, vsock, virtiofs and balloon modules, and powers the VM off.
+//! settings), loads every module either kind of VM boots with (virtio, vsock, virtiofs, 9p,
+//! balloon, ext4), and powers the VM off. The kernel boots as the runtime boots it (unpacked
+//! to an ELF when it can).
 //! Everything past boot (the agent, the workspace's root) is tested through the runtime
 //! (`crates/cli/tests/runtime.rs`, the VM backend).
 #![allow(clippy::unwrap_used)]
@@ -9,7 +11,9 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use warren_runtime::vm::kernel::{BOOT_MODULES, GuestKernel, guest_initramfs, module_index};
+use warren_runtime::vm::kernel::{
+    BOOT_MODULES, GuestKernel, IN_QEMU_MODULES, VHOST_USER_MODULES, guest_initramfs, module_index,
+};
 use warren_runtime::vm::{Accel, boot_probe};
 use warren_testkit::{guest_kernel, require_program, static_guest};
 
@@ -26,7 +30,8 @@ fn the_guest_init_boots_and_loads_its_modules() {
     let kernel = GuestKernel::find(&guest_kernel()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let index = module_index(&kernel, &dir.path().join("modules.index")).unwrap();
-    let modules = kernel.module_files(&index, &BOOT_MODULES).unwrap();
+    let every: Vec<&str> = [&BOOT_MODULES[..], &VHOST_USER_MODULES, &IN_QEMU_MODULES].concat();
+    let modules = kernel.module_files(&index, &every).unwrap();
     let initrd = dir.path().join("initrd.img");
     std::fs::write(
         &initrd,
@@ -35,7 +40,8 @@ fn the_guest_init_boots_and_loads_its_modules() {
     .unwrap();
 
     let started = Instant::now();
-    let mut qemu = boot_probe(&kernel.vmlinuz, &initrd, Accel::Tcg)
+    let image = kernel.boot_image(dir.path()).unwrap();
+    let mut qemu = boot_probe(&image, &initrd, Accel::Tcg)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

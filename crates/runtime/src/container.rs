@@ -365,7 +365,7 @@ impl Runtime for ContainerRuntime {
             .into_iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
-            return vm::client::exec(&VmFiles::of(&layout).agent(), request, env).map_err(
+            return vm::client::exec(&VmFiles::of(&layout).agent_addr()?, request, env).map_err(
                 |e| match e {
                     Error::Exec { .. } => e,
                     other => Error::Shim {
@@ -436,7 +436,7 @@ impl Runtime for ContainerRuntime {
     fn connect(&self, id: &WorkspaceId, to: SocketAddr) -> Result<TcpStream, Error> {
         let (rec, layout, pid) = self.running(id)?;
         if rec.vm.is_some() {
-            return vm::client::connect(&VmFiles::of(&layout).agent(), to).map_err(|e| {
+            return vm::client::connect(&VmFiles::of(&layout).agent_addr()?, to).map_err(|e| {
                 Error::Shim {
                     id: id.to_string(),
                     message: format!("cannot connect to {to} ({e})"),
@@ -511,7 +511,7 @@ impl Runtime for ContainerRuntime {
                 "{}.sock",
                 warren_guest::accounts::agent_folder_name()
             ));
-            return vm::client::listen_unix(&VmFiles::of(&layout).agent(), user, &relay);
+            return vm::client::listen_unix(&VmFiles::of(&layout).agent_addr()?, user, &relay);
         }
         let root_path = PathBuf::from(format!("/proc/{pid}/root"));
         let root = File::open(&root_path).map_err(Error::io("cannot open", &root_path))?;
@@ -697,7 +697,10 @@ impl Runtime for ContainerRuntime {
         // What the host pays for the VM (QEMU's resident memory and CPU time), and what the
         // guest runs.
         let files = VmFiles::of(&layout);
-        let guest = vm::client::stats(&files.agent()).unwrap_or_default();
+        let guest = files
+            .agent_addr()
+            .and_then(|agent| vm::client::stats(&agent))
+            .unwrap_or_default();
         let (guest_total, guest_free, guest_available) =
             vm::qmp::balloon_stats(&files.qmp()).unwrap_or_default();
         Ok(Stats {

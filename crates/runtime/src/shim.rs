@@ -404,8 +404,10 @@ impl Shim {
     /// A clean shutdown by the guest (its processes get SIGTERM, then SIGKILL after `grace`),
     /// and QEMU killed if the guest has not powered off a while after that.
     fn stop_vm(&mut self, grace: Duration) {
-        let agent = crate::vm::VmFiles::of(&self.layout).agent();
-        let asked = crate::vm::client::poweroff(&agent, grace).is_ok();
+        let asked = crate::vm::VmFiles::of(&self.layout)
+            .agent_addr()
+            .and_then(|agent| crate::vm::client::poweroff(&agent, grace))
+            .is_ok();
         let deadline = Instant::now()
             + if asked {
                 grace + VM_POWEROFF_SLACK

@@ -278,8 +278,8 @@ pub struct VmStats {
     pub guest_available: u64,
 }
 
-/// A unix socket listening inside a running workspace, in a private folder under its `/tmp`
-/// owned by the workspace user (SSH agent forwarding). Dropping it removes the socket and the
+/// A unix socket listening inside a running workspace, in a private folder under its `/tmp` (a
+/// VM's `/run`) owned by the workspace user (SSH agent forwarding). Dropping it removes the socket and the
 /// folder.
 #[derive(Debug)]
 pub struct WorkspaceSocket {
@@ -303,7 +303,7 @@ pub(crate) enum MadeSocket {
     /// A VM's: the guest agent listens while `announcements` is open; connections are relayed
     /// to `listener`, bound at `relay` in a host folder only root can enter.
     InGuest {
-        announcements: std::os::unix::net::UnixStream,
+        announcements: socket2::Socket,
         relay: std::path::PathBuf,
     },
 }

@@ -345,23 +345,24 @@ impl Drop for Postgres {
     }
 }
 
-/// Debian's cloud kernel for VM tests, unpacked (`boot/vmlinuz-*`, `lib/modules/<version>/`):
-/// downloaded once from Debian's mirror (`apt-get download`) into the fixtures folder. Returns
-/// the folder to give the runtime as its guest kernel.
+/// Debian's kernel for VM tests (the generic one: the cloud kernel has no 9p), unpacked
+/// (`boot/vmlinuz-*`, `lib/modules/<version>/`): downloaded once from Debian's mirror
+/// (`apt-get download`) into the fixtures folder. Returns the folder to give the runtime as its
+/// guest kernel.
 pub fn guest_kernel() -> PathBuf {
     let dir = fixtures_dir();
-    let root = dir.join("guest-kernel");
-    let lock = std::fs::File::create(dir.join("guest-kernel.lock")).unwrap();
+    let root = dir.join("guest-kernel-amd64");
+    let lock = std::fs::File::create(dir.join("guest-kernel-amd64.lock")).unwrap();
     lock.lock().unwrap();
-    let complete = dir.join("guest-kernel.complete");
+    let complete = dir.join("guest-kernel-amd64.complete");
     if !(complete.exists() && root.is_dir()) {
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root).unwrap();
-        let depends = run(Command::new("apt-cache").args(["depends", "linux-image-cloud-amd64"]));
+        let depends = run(Command::new("apt-cache").args(["depends", "linux-image-amd64"]));
         let package = depends
             .lines()
             .find_map(|l| l.trim().strip_prefix("Depends: "))
-            .expect("linux-image-cloud-amd64 names its kernel package")
+            .expect("linux-image-amd64 names its kernel package")
             .trim()
             .to_owned();
         eprintln!(
@@ -418,6 +419,7 @@ pub fn static_guest() -> PathBuf {
 /// Fails (never skips) when a VM test's programs are missing.
 pub fn require_vm_tools() {
     require_program("qemu-system-x86_64", "qemu-system-x86");
+    require_program("xz", "xz-utils");
     for tool in ["virtiofsd", "vhost-device-vsock"] {
         assert!(
             Command::new("sh")

@@ -6,30 +6,55 @@ use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use warren_guest::proto::{
-    AGENT_PORT, AGENT_READY, Control, GuestStats, Kind, Reply, Request, read_frame, read_json,
-    write_frame, write_json,
+    AGENT_PORT, AGENT_READY, Control, GuestStats, Kind, Reply, Request, agent_hello, read_frame,
+    read_json, write_frame, write_json,
 };
 
 use crate::types::MadeSocket;
 use crate::{Error, Exec, ExecIo, ExecRequest, ExitStatus, Process, WinSize, WorkspaceSocket};
 
+/// Where the host reaches a running VM's guest agent (written at each boot, see
+/// `VmFiles::agent_addr`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum AgentAddr {
+    /// `vhost-device-vsock`'s unix socket (`CONNECT <port>`, then `OK <port>`).
+    Vsock(PathBuf),
+    /// The guest's address on the workspace's network; every connection first sends the
+    /// boot's token (`warren_guest::proto::agent_hello`), then `OK` comes back.
+    Tcp { address: SocketAddr, token: String },
+}
+
+/// A connection to the guest agent, whichever way it came.
+pub(crate) type AgentConn = socket2::Socket;
+
 /// Opens a connection to the guest agent and sends `request`; returns the connection and the
 /// first reply.
-pub(crate) fn request(uds: &Path, request: &Request) -> Result<(UnixStream, Reply), Error> {
+pub(crate) fn request(agent: &AgentAddr, request: &Request) -> Result<(AgentConn, Reply), Error> {
     let gone = |e: std::io::Error| Error::Sys(format!("the guest agent does not answer: {e}"));
-    let mut stream = UnixStream::connect(uds).map_err(gone)?;
+    let (mut stream, hello): (AgentConn, String) = match agent {
+        AgentAddr::Vsock(uds) => (
+            OwnedFd::from(UnixStream::connect(uds).map_err(gone)?).into(),
+            format!("CONNECT {AGENT_PORT}\n"),
+        ),
+        AgentAddr::Tcp { address, token } => {
+            let tcp = TcpStream::connect_timeout(address, Duration::from_secs(10)).map_err(gone)?;
+            tcp.set_nodelay(true).map_err(gone)?;
+            (tcp.into(), agent_hello(token))
+        }
+    };
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .map_err(gone)?;
-    stream
-        .write_all(format!("CONNECT {AGENT_PORT}\n").as_bytes())
-        .map_err(gone)?;
-    // The device answers `OK <port>`; read it byte by byte so nothing after it is consumed.
+    stream.write_all(hello.as_bytes()).map_err(gone)?;
+    // `OK ...` comes back (from the device, or the guest); read it byte by byte so nothing
+    // after it is consumed.
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
     while byte[0] != b'\n' {
@@ -42,7 +67,7 @@ pub(crate) fn request(uds: &Path, request: &Request) -> Result<(UnixStream, Repl
     }
     if !line.starts_with(b"OK") {
         return Err(Error::Sys(format!(
-            "the vsock device refused: {}",
+            "the guest agent's transport refused: {}",
             String::from_utf8_lossy(&line).trim()
         )));
     }
@@ -53,28 +78,28 @@ pub(crate) fn request(uds: &Path, request: &Request) -> Result<(UnixStream, Repl
 }
 
 /// Whether the guest agent answers a ping.
-pub(crate) fn ping(uds: &Path) -> bool {
-    matches!(request(uds, &Request::Ping), Ok((_, Reply::Pong)))
+pub(crate) fn ping(agent: &AgentAddr) -> bool {
+    matches!(request(agent, &Request::Ping), Ok((_, Reply::Pong)))
 }
 
-pub(crate) fn stats(uds: &Path) -> Result<GuestStats, Error> {
-    match request(uds, &Request::Stats)? {
+pub(crate) fn stats(agent: &AgentAddr) -> Result<GuestStats, Error> {
+    match request(agent, &Request::Stats)? {
         (_, Reply::Stats(stats)) => Ok(stats),
         (_, other) => Err(Error::Sys(format!("unexpected answer {other:?}"))),
     }
 }
 
 /// Asks the guest to stop its processes and power off.
-pub(crate) fn poweroff(uds: &Path, grace: Duration) -> Result<(), Error> {
+pub(crate) fn poweroff(agent: &AgentAddr, grace: Duration) -> Result<(), Error> {
     let grace_ms = grace.as_millis().min(u128::from(u64::MAX)) as u64;
-    request(uds, &Request::Poweroff { grace_ms }).map(|_| ())
+    request(agent, &Request::Poweroff { grace_ms }).map(|_| ())
 }
 
 /// A TCP connection made inside the guest, handed over as a loopback `TcpStream` whose other
 /// end this process relays.
-pub(crate) fn connect(uds: &Path, to: SocketAddr) -> Result<TcpStream, Error> {
+pub(crate) fn connect(agent: &AgentAddr, to: SocketAddr) -> Result<TcpStream, Error> {
     let (stream, reply) = request(
-        uds,
+        agent,
         &Request::Connect {
             address: to.to_string(),
         },
@@ -107,14 +132,14 @@ pub(crate) fn connect(uds: &Path, to: SocketAddr) -> Result<TcpStream, Error> {
 /// is attached and relayed to the returned listener, bound at `relay` (a path on the host
 /// only root reaches).
 pub(crate) fn listen_unix(
-    uds: &Path,
+    agent: &AgentAddr,
     user: Option<&str>,
     relay: &Path,
 ) -> Result<WorkspaceSocket, Error> {
     use std::os::unix::fs::PermissionsExt;
     use std::os::unix::net::UnixListener;
     let (announcements, reply) = request(
-        uds,
+        agent,
         &Request::ListenUnix {
             user: user.map(str::to_owned),
         },
@@ -137,12 +162,12 @@ pub(crate) fn listen_unix(
         },
     };
     std::fs::set_permissions(relay, std::fs::Permissions::from_mode(0o600)).map_err(sys)?;
-    let (uds, relay) = (uds.to_owned(), relay.to_owned());
+    let (agent, relay) = (agent.clone(), relay.to_owned());
     std::thread::spawn(move || {
         let mut announcements = BufReader::new(announcements);
         // Ends when the socket is dropped (its shutdown) or the guest goes away.
         while let Ok(Reply::Accepted { id }) = read_json(&mut announcements, Kind::Reply) {
-            let attached = request(&uds, &Request::Attach { id }).and_then(|(guest, reply)| {
+            let attached = request(&agent, &Request::Attach { id }).and_then(|(guest, reply)| {
                 if reply != Reply::Started {
                     return Err(Error::Sys(format!("unexpected answer {reply:?}")));
                 }
@@ -181,7 +206,7 @@ struct ExitSlot {
 
 #[derive(Debug)]
 struct VmProcess {
-    control: Mutex<UnixStream>,
+    control: Mutex<AgentConn>,
     exit: Arc<ExitSlot>,
 }
 
@@ -230,10 +255,14 @@ impl VmProcess {
 }
 
 /// Starts `request` in the guest with the complete environment `env`.
-pub(crate) fn exec(uds: &Path, request: &ExecRequest, env: Vec<String>) -> Result<Exec, Error> {
+pub(crate) fn exec(
+    agent: &AgentAddr,
+    request: &ExecRequest,
+    env: Vec<String>,
+) -> Result<Exec, Error> {
     let argv0 = request.argv.first().cloned().unwrap_or_default();
     let (stream, reply) = self::request(
-        uds,
+        agent,
         &Request::Exec {
             argv: request.argv.clone(),
             env,
@@ -384,7 +413,7 @@ pub(crate) fn exec(uds: &Path, request: &ExecRequest, env: Vec<String>) -> Resul
 
 /// Waits until the guest agent answers, the VM process dies, or `limit` passes.
 pub(crate) fn wait_for_agent(
-    uds: &Path,
+    agent: &AgentAddr,
     console: &Path,
     limit: Duration,
     alive: &mut dyn FnMut() -> bool,
@@ -397,7 +426,11 @@ pub(crate) fn wait_for_agent(
         })
     };
     loop {
-        if uds.exists() && listening() && ping(uds) {
+        let ready = match agent {
+            AgentAddr::Vsock(uds) => uds.exists(),
+            AgentAddr::Tcp { .. } => true,
+        };
+        if ready && listening() && ping(agent) {
             return Ok(());
         }
         if !alive() {

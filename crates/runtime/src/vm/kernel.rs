@@ -1,23 +1,35 @@
-//! The guest kernel (Debian's `linux-image-*-cloud-amd64`, unpacked: `boot/vmlinuz-*` and
+//! The guest kernel (Debian's `linux-image-*-amd64`, unpacked: `boot/vmlinuz-*` and
 //! `lib/modules/<version>/`) and the initramfs a VM boots from: `warren-guest` as `/init`, the
 //! modules it loads (every virtio driver is a module in Debian's kernels), and its settings.
 
+use std::fs::File;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 
 use warren_guest::modules::Index;
 use warren_guest::proto::{CONFIG_PATH, GuestConfig, MODULE_INDEX, MODULE_LIST};
 
 use crate::Error;
 
-/// The modules a VM workspace loads at boot, by name (their dependencies come along).
+/// The modules every VM workspace loads at boot, by name (their dependencies come along; one
+/// the kernel has built in is skipped).
 pub const BOOT_MODULES: [&str; 6] = [
     "virtio_pci",
     "virtio_net",
     "virtio_blk",
-    "vmw_vsock_virtio_transport",
-    "virtiofs",
     "virtio_balloon",
+    // The scratch disk is mounted before modules load on demand (from the root's
+    // /lib/modules): ext4 and the checksum it asks the kernel for by name.
+    "ext4",
+    "crc32c_generic",
 ];
+
+/// And those of a VM whose tree and agent go through vhost-user daemons.
+pub const VHOST_USER_MODULES: [&str; 2] = ["vmw_vsock_virtio_transport", "virtiofs"];
+
+/// And those of a VM whose tree QEMU serves itself (9p).
+pub const IN_QEMU_MODULES: [&str; 2] = ["9p", "9pnet_virtio"];
 
 /// An unpacked kernel package.
 #[derive(Debug, Clone)]
@@ -32,7 +44,7 @@ impl GuestKernel {
     pub fn find(root: &Path) -> Result<Self, Error> {
         let missing = |what: &str| {
             Error::InvalidConfig(format!(
-                "no guest kernel in {}: {what} is missing (unpack Debian's linux-image-cloud-amd64 there; `./dev up` does)",
+                "no guest kernel in {}: {what} is missing (unpack Debian's linux-image-amd64 there; `./dev vm` does)",
                 root.display()
             ))
         };
@@ -64,12 +76,90 @@ impl GuestKernel {
         Ok(Self { vmlinuz, modules })
     }
 
+    /// The image QEMU boots. Debian's generic kernel is an XZ-compressed bzImage whose
+    /// decompression takes seconds under TCG, so when the kernel can boot as an ELF (its config
+    /// has `CONFIG_PVH=y`) its payload is unpacked once (`xz`) into `cache_dir` and booted
+    /// directly; any other image boots as it is.
+    pub fn boot_image(&self, cache_dir: &Path) -> Result<PathBuf, Error> {
+        const XZ_MAGIC: &[u8] = b"\xfd7zXZ\0";
+        let file_name = self
+            .vmlinuz
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy();
+        let config = self
+            .vmlinuz
+            .with_file_name(file_name.replacen("vmlinuz-", "config-", 1));
+        let pvh =
+            std::fs::read_to_string(&config).is_ok_and(|c| c.lines().any(|l| l == "CONFIG_PVH=y"));
+        let bytes =
+            std::fs::read(&self.vmlinuz).map_err(Error::io("cannot read", &self.vmlinuz))?;
+        let Some(payload) = bytes.windows(XZ_MAGIC.len()).position(|w| w == XZ_MAGIC) else {
+            return Ok(self.vmlinuz.clone());
+        };
+        if !pvh {
+            return Ok(self.vmlinuz.clone());
+        }
+        let unpacked = cache_dir.join(format!(
+            "{}.{}.vmlinux",
+            file_name.replacen("vmlinuz-", "", 1),
+            bytes.len()
+        ));
+        if unpacked.exists() {
+            return Ok(unpacked);
+        }
+        let tmp = unpacked.with_extension(format!("tmp{}", std::process::id()));
+        let out = File::create(&tmp).map_err(Error::io("cannot create", &tmp))?;
+        let mut xz = Command::new("xz")
+            .args(["--decompress", "--stdout", "--single-stream"])
+            .stdin(Stdio::piped())
+            .stdout(out)
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| Error::Sys(format!("cannot run `xz` (install xz-utils): {e}")))?;
+        let mut stdin = xz.stdin.take().expect("piped");
+        // xz stops reading at the end of the stream; what follows in the image is not its.
+        let _ = stdin.write_all(&bytes[payload..]);
+        drop(stdin);
+        let done = xz
+            .wait_with_output()
+            .map_err(|e| Error::Sys(e.to_string()))?;
+        let mut head = [0u8; 4];
+        let is_elf = File::open(&tmp)
+            .and_then(|mut f| f.read_exact(&mut head))
+            .is_ok()
+            && head == *b"\x7fELF";
+        if !done.status.success() || !is_elf {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(Error::Sys(format!(
+                "cannot unpack {}: {}",
+                self.vmlinuz.display(),
+                String::from_utf8_lossy(&done.stderr).trim()
+            )));
+        }
+        std::fs::rename(&tmp, &unpacked).map_err(Error::io("cannot rename", &tmp))?;
+        Ok(unpacked)
+    }
+
     /// The module files for `names`, each after its dependencies, from the kernel's index
     /// (`module_index`).
     pub fn module_files(&self, index: &str, names: &[&str]) -> Result<Vec<PathBuf>, Error> {
         let index = Index::parse(index);
+        let builtin =
+            std::fs::read_to_string(self.modules.join("modules.builtin")).unwrap_or_default();
+        let is_builtin = |name: &str| {
+            builtin.lines().any(|l| {
+                l.rsplit('/')
+                    .next()
+                    .and_then(|f| f.strip_suffix(".ko"))
+                    .is_some_and(|f| f.replace('-', "_") == name)
+            })
+        };
         let mut out: Vec<PathBuf> = Vec::new();
         for name in names {
+            if is_builtin(name) {
+                continue;
+            }
             let found = index.resolve(name).ok_or_else(|| {
                 Error::InvalidConfig(format!("the guest kernel has no module {name}"))
             })?;

@@ -24,7 +24,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use warren_guest::proto::{GuestConfig, GuestNetwork};
+use std::net::SocketAddr;
+
+use warren_guest::proto::{AGENT_TCP_PORT, AgentTcp, GuestConfig, GuestNetwork, RootFs};
 
 use crate::record::{ID_RANGE, Layout, WorkspaceRecord};
 use crate::{Error, VmOptions, spec, sys};
@@ -163,9 +165,20 @@ impl VmFiles {
     pub(crate) fn vsock_device(&self) -> PathBuf {
         self.dir.join("vsock-device.sock")
     }
-    /// Where the host reaches the guest agent (`CONNECT <port>`).
-    pub(crate) fn agent(&self) -> PathBuf {
+    /// `vhost-device-vsock`'s socket for the host (`CONNECT <port>`).
+    pub(crate) fn vsock_agent(&self) -> PathBuf {
         self.dir.join("agent.sock")
+    }
+    /// How this boot's agent is reached (JSON of [`client::AgentAddr`]), in the workspace's
+    /// own folder, which only root enters: the TCP token is a secret.
+    fn agent_addr_file(&self) -> PathBuf {
+        self.dir.with_file_name("vm-agent.json")
+    }
+    pub(crate) fn agent_addr(&self) -> Result<client::AgentAddr, Error> {
+        let path = self.agent_addr_file();
+        let text = std::fs::read(&path).map_err(Error::io("cannot read", &path))?;
+        serde_json::from_slice(&text)
+            .map_err(|e| Error::Sys(format!("{} is damaged: {e}", path.display())))
     }
     pub(crate) fn qmp(&self) -> PathBuf {
         self.dir.join("qmp.sock")
@@ -269,7 +282,8 @@ fn kvm_boots(vm: &VmRecord) -> bool {
     let ok = (|| {
         let image = kernel::guest_initramfs(&vm.guest, &[], None, &GuestConfig::default()).ok()?;
         std::fs::write(&initrd, image).ok()?;
-        let mut child = boot_probe(&kernel.vmlinuz, &initrd, Accel::Kvm)
+        let image = kernel.boot_image(&vm.runtime_root).ok()?;
+        let mut child = boot_probe(&image, &initrd, Accel::Kvm)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -300,9 +314,9 @@ fn kvm_boots(vm: &VmRecord) -> bool {
     ok == Some(true)
 }
 
-/// QEMU booting `vmlinuz` and `initrd` with nothing attached, its console on stdout, powering
+/// QEMU booting `kernel` (see `GuestKernel::boot_image`) and `initrd` with nothing attached, its console on stdout, powering
 /// off once the guest is up (`warren.poweroff=1`): the accelerator check, and the boot test.
-pub fn boot_probe(vmlinuz: &Path, initrd: &Path, accel: Accel) -> Command {
+pub fn boot_probe(kernel: &Path, initrd: &Path, accel: Accel) -> Command {
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args(["-machine", &format!("q35,accel={}", accel.as_str())])
         .args(["-cpu", if accel == Accel::Kvm { "host" } else { "max" }])
@@ -315,7 +329,7 @@ pub fn boot_probe(vmlinuz: &Path, initrd: &Path, accel: Accel) -> Command {
             "stdio",
         ])
         .arg("-kernel")
-        .arg(vmlinuz)
+        .arg(kernel)
         .arg("-initrd")
         .arg(initrd)
         .arg("-append")
@@ -340,7 +354,9 @@ fn spawn_logged(cmd: &mut Command, log: &Path) -> Result<Child, Error> {
         .try_clone()
         .map_err(Error::io("cannot open", log))?;
     let program = cmd.get_program().to_string_lossy().into_owned();
-    sys::unblock_signals_in_child(cmd)
+    // Its own process group, which `stop_helpers` signals whole: virtiofsd's sandboxed child
+    // must not outlive a stop.
+    std::os::unix::process::CommandExt::process_group(sys::unblock_signals_in_child(cmd), 0)
         .stdin(Stdio::null())
         .stdout(log_file)
         .stderr(err)
@@ -384,7 +400,8 @@ pub(crate) fn start(
     for stale in [
         files.fs_socket(),
         files.vsock_device(),
-        files.agent(),
+        files.vsock_agent(),
+        files.agent_addr_file(),
         files.qmp(),
         files.accel(),
         // The last boot's: the host waits for this boot's agent to say it listens.
@@ -414,6 +431,20 @@ pub(crate) fn start(
     std::os::unix::fs::chown(&scratch, owner, owner)
         .map_err(Error::io("cannot chown", &scratch))?;
 
+    // How the guest's devices reach the host. KSM merges only private memory, and vhost-user
+    // daemons need the guest's RAM shared with them; so a VM allowed to merge gets its tree
+    // from QEMU itself (9p) and serves its agent over the workspace's network instead.
+    let options = rec.config.vm.clone().unwrap_or_default();
+    let ksm = options.ksm;
+    let agent = if ksm {
+        client::AgentAddr::Tcp {
+            address: SocketAddr::from((rec.address, AGENT_TCP_PORT)),
+            token: random_token()?,
+        }
+    } else {
+        client::AgentAddr::Vsock(files.vsock_agent())
+    };
+
     // The initramfs: the guest, its modules, its settings.
     let config = GuestConfig {
         hostname: spec::hostname(rec),
@@ -423,6 +454,14 @@ pub(crate) fn start(
             gateway: rec.gateway,
         }),
         root_tag: Some("root".into()),
+        root_fs: if ksm { RootFs::NineP } else { RootFs::Virtiofs },
+        agent_tcp: match &agent {
+            client::AgentAddr::Tcp { address, token } => Some(AgentTcp {
+                port: address.port(),
+                token: token.clone(),
+            }),
+            client::AgentAddr::Vsock(_) => None,
+        },
         scratch_device: Some("/dev/vda".into()),
         etc: spec::etc_files(rec)
             .into_iter()
@@ -430,99 +469,115 @@ pub(crate) fn start(
             .collect(),
     };
     let index = kernel::module_index(&kernel, &vm.runtime_root.join("vm-modules.index"))?;
-    let modules = kernel.module_files(&index, &kernel::BOOT_MODULES)?;
+    let mut wanted = kernel::BOOT_MODULES.to_vec();
+    wanted.extend(if ksm {
+        kernel::IN_QEMU_MODULES.as_slice()
+    } else {
+        kernel::VHOST_USER_MODULES.as_slice()
+    });
+    let modules = kernel.module_files(&index, &wanted)?;
     let image = kernel::guest_initramfs(&vm.guest, &modules, Some(&index), &config)?;
     share_modules(rec, &kernel, layout)?;
     std::fs::write(files.initrd(), image).map_err(Error::io("cannot write", files.initrd()))?;
     std::os::unix::fs::chown(files.initrd(), owner, owner)
         .map_err(Error::io("cannot chown", files.initrd()))?;
+    let agent_file = files.agent_addr_file();
+    let tmp = agent_file.with_extension("tmp");
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec(&agent).map_err(|e| Error::Sys(e.to_string()))?,
+    )
+    .and_then(|()| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)))
+    .and_then(|()| std::fs::rename(&tmp, &agent_file))
+    .map_err(Error::io("cannot write", &agent_file))?;
 
     let log = layout.log();
-    // virtiofsd is root in a user namespace that maps guest ids 0..65535 onto the workspace's
-    // range, as a container's: files the guest's users make belong to their ids in that range,
-    // and the daemon has no privilege on the host. The data folder may be closed to those ids,
-    // so it starts in the tree (its working folder) and shares `.`; it gets its own binary,
-    // under root's home where `cargo install` puts it, as an open descriptor too.
+    // The device daemons and QEMU are root in a user namespace that maps guest ids 0..65535
+    // onto the workspace's range, as a container's: what the guest's users write lands in the
+    // upper layer under their ids in that range, and no process of the VM has any privilege
+    // on the host. The data folder may be closed to those ids, so whoever serves the tree
+    // starts in it (its working folder) and shares `.`; binaries under root's home (where
+    // `cargo install` puts the daemons) and the kernel come as open descriptors.
     let userns = sys::mapping_namespace(rec.uid_base, ID_RANGE)
-        .map_err(|e| fail(format!("cannot make the user namespace for virtiofsd: {e}")))?;
-    let tree = File::open(layout.rootfs()).map_err(Error::io("cannot open", layout.rootfs()))?;
-    let virtiofsd_bin = inherited(&which("virtiofsd").unwrap_or_default())?;
-    let mut virtiofsd = Command::new(format!("/proc/self/fd/{}", virtiofsd_bin.as_raw_fd()));
-    std::os::unix::process::CommandExt::arg0(&mut virtiofsd, "virtiofsd");
-    // SAFETY: fchdir is async-signal-safe; `tree` lives until the command is dropped.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut virtiofsd, move || {
-            nix::unistd::fchdir(tree.as_raw_fd()).map_err(std::io::Error::from)
-        });
+        .map_err(|e| fail(format!("cannot make the VM's user namespace: {e}")))?;
+    let in_tree = || -> Result<File, Error> {
+        File::open(layout.rootfs()).map_err(Error::io("cannot open", layout.rootfs()))
+    };
+    if !ksm {
+        let virtiofsd_bin = inherited(&which("virtiofsd").unwrap_or_default())?;
+        let mut virtiofsd = Command::new(format!("/proc/self/fd/{}", virtiofsd_bin.as_raw_fd()));
+        std::os::unix::process::CommandExt::arg0(&mut virtiofsd, "virtiofsd");
+        start_in(&mut virtiofsd, in_tree()?);
+        virtiofsd
+            .arg("--socket-path")
+            .arg(files.fs_socket())
+            .args([
+                "--shared-dir",
+                ".",
+                "--tag",
+                "root",
+                "--sandbox",
+                "namespace",
+            ])
+            .args(["--xattr", "--cache", "auto", "--log-level", "warn"]);
+        let userns = userns
+            .try_clone()
+            .map_err(|e| fail(format!("cannot share the user namespace: {e}")))?;
+        let mut virtiofsd = spawn_logged(as_root_in(&mut virtiofsd, userns, None), &log)?;
+        drop(virtiofsd_bin);
+        let result = wait_for_path(&files.fs_socket(), &mut virtiofsd, "virtiofsd");
+        started.push(virtiofsd);
+        result.map_err(fail)?;
+        let vsock_bin = inherited(&which("vhost-device-vsock").unwrap_or_default())?;
+        let mut vsock = spawn_logged(
+            as_workspace_root(
+                std::os::unix::process::CommandExt::arg0(
+                    &mut Command::new(format!("/proc/self/fd/{}", vsock_bin.as_raw_fd())),
+                    "vhost-device-vsock",
+                ),
+                rec.uid_base,
+                None,
+            )
+            .args(["--guest-cid", "3"])
+            .arg("--socket")
+            .arg(files.vsock_device())
+            .arg("--uds-path")
+            .arg(files.vsock_agent()),
+            &log,
+        )?;
+        drop(vsock_bin);
+        let result = wait_for_path(&files.vsock_device(), &mut vsock, "vhost-device-vsock");
+        started.push(vsock);
+        result.map_err(fail)?;
+        std::os::unix::fs::chown(files.fs_socket(), owner, owner)
+            .map_err(Error::io("cannot chown", files.fs_socket()))?;
     }
-    virtiofsd
-        .arg("--socket-path")
-        .arg(files.fs_socket())
-        .args([
-            "--shared-dir",
-            ".",
-            "--tag",
-            "root",
-            "--sandbox",
-            "namespace",
-        ])
-        .args(["--xattr", "--cache", "auto", "--log-level", "warn"]);
-    let mut virtiofsd = spawn_logged(as_root_in(&mut virtiofsd, userns), &log)?;
-    drop(virtiofsd_bin);
-    let result = wait_for_path(&files.fs_socket(), &mut virtiofsd, "virtiofsd");
-    started.push(virtiofsd);
-    result.map_err(fail)?;
-    let vsock_bin = inherited(&which("vhost-device-vsock").unwrap_or_default())?;
-    let kernel_file = inherited(&kernel.vmlinuz)?;
-    let mut vsock = spawn_logged(
-        as_workspace_root(
-            std::os::unix::process::CommandExt::arg0(
-                &mut Command::new(format!("/proc/self/fd/{}", vsock_bin.as_raw_fd())),
-                "vhost-device-vsock",
-            ),
-            rec.uid_base,
-            None,
-        )
-        .args(["--guest-cid", "3"])
-        .arg("--socket")
-        .arg(files.vsock_device())
-        .arg("--uds-path")
-        .arg(files.agent()),
-        &log,
-    )?;
-    let result = wait_for_path(&files.vsock_device(), &mut vsock, "vhost-device-vsock");
-    started.push(vsock);
-    result.map_err(fail)?;
-    std::os::unix::fs::chown(files.fs_socket(), owner, owner)
-        .map_err(Error::io("cannot chown", files.fs_socket()))?;
+    let kernel_file = inherited(&kernel.boot_image(&vm.runtime_root)?)?;
     // QEMU runs unprivileged: it gets the tap already opened.
     let tap = open_tap(&rec.veth())?;
 
     let memory = memory_of(rec);
-    let options = rec.config.vm.clone().unwrap_or_default();
-    let ksm = options.ksm;
+    let on_off = |b: bool| if b { "on" } else { "off" };
     let mut qemu = Command::new("qemu-system-x86_64");
     qemu.args(["-name", &format!("warren-{}", rec.config.id)])
         .args([
             "-machine",
-            &format!(
-                "q35,accel={},mem-merge={}",
-                accel.as_str(),
-                if ksm { "on" } else { "off" }
-            ),
+            &format!("q35,accel={},mem-merge={}", accel.as_str(), on_off(ksm)),
         ])
         .args(["-cpu", if accel == Accel::Kvm { "host" } else { "max" }])
         .args(["-smp", &cpus_of(rec).to_string()])
         .args(["-m", &format!("{}M", memory >> 20)])
-        // vhost-user devices need the guest's memory shared with their processes.
-        .args([
-            "-object",
-            &format!(
-                "memory-backend-memfd,id=mem,size={}M,share=on,merge={}",
-                memory >> 20,
-                if ksm { "on" } else { "off" }
-            ),
-        ])
+        .arg("-object")
+        .arg(if ksm {
+            // Private, so KSM may merge it.
+            format!("memory-backend-ram,id=mem,size={}M,merge=on", memory >> 20)
+        } else {
+            // vhost-user devices need the guest's memory shared with their processes.
+            format!(
+                "memory-backend-memfd,id=mem,size={}M,share=on,merge=off",
+                memory >> 20
+            )
+        })
         .args(["-numa", "node,memdev=mem"])
         .args(["-nographic", "-nodefaults", "-no-reboot", "-no-user-config"])
         .arg("-serial")
@@ -531,17 +586,27 @@ pub(crate) fn start(
         .arg(format!("/proc/self/fd/{}", kernel_file.as_raw_fd()))
         .arg("-initrd")
         .arg(files.initrd())
-        .args(["-append", KERNEL_CMDLINE])
-        .arg("-chardev")
-        .arg(format!("socket,id=fs,path={}", files.fs_socket().display()))
-        .args(["-device", "vhost-user-fs-pci,chardev=fs,tag=root"])
-        .arg("-chardev")
-        .arg(format!(
-            "socket,id=vsock,path={}",
-            files.vsock_device().display()
-        ))
-        .args(["-device", "vhost-user-vsock-pci,chardev=vsock"])
-        .arg("-drive")
+        .args(["-append", KERNEL_CMDLINE]);
+    if ksm {
+        start_in(&mut qemu, in_tree()?);
+        qemu.args([
+            "-fsdev",
+            "local,id=root,path=.,security_model=passthrough,multidevs=remap",
+            "-device",
+            "virtio-9p-pci,fsdev=root,mount_tag=root",
+        ]);
+    } else {
+        qemu.arg("-chardev")
+            .arg(format!("socket,id=fs,path={}", files.fs_socket().display()))
+            .args(["-device", "vhost-user-fs-pci,chardev=fs,tag=root"])
+            .arg("-chardev")
+            .arg(format!(
+                "socket,id=vsock,path={}",
+                files.vsock_device().display()
+            ))
+            .args(["-device", "vhost-user-vsock-pci,chardev=vsock"]);
+    }
+    qemu.arg("-drive")
         .arg(format!(
             "file={},if=none,id=scratch,format=raw,discard=unmap,detect-zeroes=unmap",
             scratch.display()
@@ -556,19 +621,15 @@ pub(crate) fn start(
             "-device",
             &format!(
                 "virtio-balloon-pci,id=balloon0,free-page-reporting={},deflate-on-oom=on",
-                if options.free_page_reporting {
-                    "on"
-                } else {
-                    "off"
-                }
+                on_off(options.free_page_reporting)
             ),
         ])
         .arg("-qmp")
         .arg(format!("unix:{},server=on,wait=off", files.qmp().display()));
-    as_workspace_root(&mut qemu, rec.uid_base, group_id("kvm"));
+    as_root_in(&mut qemu, userns, group_id("kvm"));
     let mut qemu = spawn_logged(&mut qemu, &log)?;
-    drop((tap, kernel_file, vsock_bin));
-    let booted = client::wait_for_agent(&files.agent(), &files.console(), BOOT_LIMIT, &mut || {
+    drop((tap, kernel_file));
+    let booted = client::wait_for_agent(&agent, &files.console(), BOOT_LIMIT, &mut || {
         matches!(qemu.try_wait(), Ok(None))
     });
     if let Err(e) = booted {
@@ -646,13 +707,19 @@ fn as_workspace_root(cmd: &mut Command, uid: u32, extra_group: Option<u32>) -> &
     }
 }
 
-/// Runs `cmd` as root in the user namespace `userns` (no supplementary groups), so as the
-/// namespace's first host id with no privilege outside it.
-fn as_root_in(cmd: &mut Command, userns: std::os::fd::OwnedFd) -> &mut Command {
+/// Runs `cmd` as root in the user namespace `userns`, so as the namespace's first host id
+/// with no privilege outside it (and no supplementary group but `extra_group`).
+fn as_root_in(
+    cmd: &mut Command,
+    userns: std::os::fd::OwnedFd,
+    extra_group: Option<u32>,
+) -> &mut Command {
+    let groups: Vec<libc::gid_t> = extra_group.into_iter().collect();
     // SAFETY: the closure only makes async-signal-safe system calls.
     unsafe {
         std::os::unix::process::CommandExt::pre_exec(cmd, move || {
-            if libc::setgroups(0, std::ptr::null()) < 0
+            // Groups first: the namespace denies setgroups once inside.
+            if libc::setgroups(groups.len(), groups.as_ptr()) < 0
                 || libc::setns(userns.as_raw_fd(), libc::CLONE_NEWUSER) < 0
                 || libc::setresgid(0, 0, 0) < 0
                 || libc::setresuid(0, 0, 0) < 0
@@ -662,6 +729,31 @@ fn as_root_in(cmd: &mut Command, userns: std::os::fd::OwnedFd) -> &mut Command {
             Ok(())
         })
     }
+}
+
+/// Makes `cmd` start in `folder` (its working folder), which it may not be able to reach by
+/// path.
+fn start_in(cmd: &mut Command, folder: File) {
+    // SAFETY: fchdir is async-signal-safe; `folder` lives as long as the command.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, move || {
+            nix::unistd::fchdir(folder.as_raw_fd()).map_err(std::io::Error::from)
+        });
+    }
+}
+
+/// A secret for this boot's agent (hex of 128 random bits).
+fn random_token() -> Result<String, Error> {
+    let mut bytes = [0u8; 16];
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into the local buffer.
+    let got = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if got != bytes.len() as isize {
+        return Err(Error::Sys(format!(
+            "getrandom: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// `path` opened for a child to inherit (its descriptor stays open across exec).
@@ -725,17 +817,26 @@ fn mac_of(rec: &WorkspaceRecord) -> String {
 
 /// Ends the helpers (they have nothing to serve once QEMU is gone).
 pub(crate) fn stop_helpers(helpers: &mut Vec<Child>) {
+    use nix::sys::signal::{Signal, killpg};
+    use nix::unistd::Pid;
+    // Each leads its own process group (see `spawn_logged`).
+    let group = |child: &Child| Pid::from_raw(child.id() as i32);
     for child in helpers.iter() {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
+        let _ = killpg(group(child), Signal::SIGTERM);
     }
     let deadline = Instant::now() + Duration::from_secs(3);
     for child in helpers.iter_mut() {
         while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+    // A process that outlives its leader (virtiofsd's sandbox) goes too, before the caller
+    // says the VM is stopped.
+    while Instant::now() < deadline && helpers.iter().any(|c| killpg(group(c), None).is_ok()) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for child in helpers.iter_mut() {
+        let _ = killpg(group(child), Signal::SIGKILL);
         let _ = child.kill();
         let _ = child.wait();
     }
