@@ -2,8 +2,8 @@
 //!
 //! - memory: a VM with 2 GiB fills 1 GiB of memory (a tmpfs), frees it, and its QEMU process's
 //!   resident memory is sampled every second, with virtio-balloon free page reporting on and
-//!   then off; then four VMs of the same tree with KSM off and on (total RSS, PSS and the
-//!   host's `pages_sharing`).
+//!   then off; then four VMs of the same tree with KSM off, allowed but with ksmd stopped (the
+//!   other device setup alone), and on (total RSS, PSS and the host's `pages_sharing`).
 //! - boot: start request → guest agent answering, over several boots, with the accelerator.
 //!
 //! Runs in the benchmark's own network namespace, like the other benchmarks (see `bench.rs`).
@@ -142,7 +142,11 @@ struct Reclaim {
 
 #[derive(Debug, Serialize)]
 struct Merging {
+    /// The VMs' trust domain allows KSM (private RAM, 9p root, network agent).
     ksm: bool,
+    /// Whether ksmd was scanning: a row with KSM allowed and ksmd stopped separates what
+    /// merging saves from what the different device setup costs or saves.
+    ksmd: bool,
     vms: usize,
     total_rss_mib: f64,
     total_pss_mib: f64,
@@ -295,8 +299,9 @@ fn measure_memory(
     println!("Four VMs of the same tree, {settle} s after boot:");
     for m in &results.merging {
         println!(
-            "  KSM {:<3}  total RSS {:>6.0} MiB  total PSS {:>6.0} MiB  pages_sharing {}",
+            "  KSM {:<3} ksmd {:<7}  total RSS {:>6.0} MiB  total PSS {:>6.0} MiB  pages_sharing {}",
             if m.ksm { "on" } else { "off" },
+            if m.ksmd { "running" } else { "stopped" },
             m.total_rss_mib,
             m.total_pss_mib,
             m.pages_sharing
@@ -348,14 +353,20 @@ fn ksm(runtime: &ContainerRuntime, rootfs: &Path, settle: u64) -> anyhow::Result
         ("sleep_millisecs", "20"),
     ])?;
     let mut out = Vec::new();
-    for merge in [false, true] {
+    for (merge, ksmd) in [(false, true), (true, false), (true, true)] {
+        std::fs::write("/sys/kernel/mm/ksm/run", if ksmd { "1" } else { "0" })
+            .context("/sys/kernel/mm/ksm/run")?;
         let before = pages_sharing();
         let mut ids = Vec::new();
         for i in 0..4 {
             let id = create_vm(
                 runtime,
                 rootfs,
-                &format!("ksm-{}-{i}", if merge { "on" } else { "off" }),
+                &format!(
+                    "ksm-{}{}-{i}",
+                    if merge { "on" } else { "off" },
+                    if ksmd { "" } else { "-idle" }
+                ),
                 1 << 30,
                 VmOptions {
                     ksm: merge,
@@ -366,8 +377,9 @@ fn ksm(runtime: &ContainerRuntime, rootfs: &Path, settle: u64) -> anyhow::Result
             ids.push(id);
         }
         eprintln!(
-            "KSM {}: four VMs up; waiting {settle} s",
-            if merge { "on" } else { "off" }
+            "KSM {}, ksmd {}: four VMs up; waiting {settle} s",
+            if merge { "on" } else { "off" },
+            if ksmd { "running" } else { "stopped" }
         );
         std::thread::sleep(Duration::from_secs(settle));
         let pids: Vec<i32> = ids
@@ -376,6 +388,7 @@ fn ksm(runtime: &ContainerRuntime, rootfs: &Path, settle: u64) -> anyhow::Result
             .collect();
         out.push(Merging {
             ksm: merge,
+            ksmd,
             vms: pids.len(),
             total_rss_mib: mib(pids.iter().map(|&p| rss(p)).sum()),
             total_pss_mib: mib(pids

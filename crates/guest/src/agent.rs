@@ -1,4 +1,4 @@
-//! The guest agent: one vsock connection per request (see `warren_guest::proto`).
+//! The guest agent: one vsock (or TCP) connection per request (see `warren_guest::proto`).
 //!
 //! As PID 1 the agent inherits every orphan, so one reaper thread collects every child with
 //! `waitpid(-1)` and hands an exec'd process's status to the connection waiting for it. A
@@ -636,4 +636,34 @@ fn exec(
             signal: exit.1,
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_boot_token_opens_the_agent() {
+        for (sent, opens) in [
+            ("WARREN 0a1b\n", true),
+            ("WARREN 0a1c\n", false),
+            ("WARREN 0a1\n", false),
+            ("WARREN 0a1bc\n", false),
+            ("", false),
+        ] {
+            let (ours, mut theirs) = UnixStream::pair().unwrap();
+            theirs.write_all(sent.as_bytes()).unwrap();
+            theirs.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut conn = File::from(OwnedFd::from(ours));
+            assert_eq!(greeted(&mut conn, "0a1b"), opens, "{sent:?}");
+            drop(conn);
+            // A refused connection is closed (reset if it sent more than was read): no `OK`.
+            let mut answer = String::new();
+            let read = theirs.read_to_string(&mut answer);
+            if opens {
+                read.unwrap();
+            }
+            assert_eq!(answer, if opens { "OK\n" } else { "" }, "{sent:?}");
+        }
+    }
 }

@@ -1,7 +1,8 @@
-//! What the host and the guest agent say to each other over vsock.
+//! What the host and the guest agent say to each other over vsock (or TCP).
 //!
 //! The host reaches the guest through `vhost-device-vsock`'s unix socket (`CONNECT <port>`, then
-//! `OK <port>`), one connection per request. Everything after that is frames: a kind byte, a
+//! `OK <port>`), or over TCP to the guest's address with the boot's token ([`agent_hello`],
+//! then `OK`); one connection per request. Everything after that is frames: a kind byte, a
 //! little-endian `u32` length, the payload. The first frame is a [`Request`] (JSON); the guest
 //! answers with a [`Reply`]. An exec then streams [`Kind::Stdin`] one way and
 //! [`Kind::Stdout`]/[`Kind::Stderr`] the other, with [`Control`] frames from the host, and ends

@@ -1,5 +1,6 @@
-//! The host's side of the guest agent: requests over `vhost-device-vsock`'s unix socket, and
-//! exec'd processes relayed to the caller's pipes or terminal.
+//! The host's side of the guest agent: requests over `vhost-device-vsock`'s unix socket (or TCP
+//! to the guest, for a VM allowed KSM), and exec'd processes relayed to the caller's pipes or
+//! terminal.
 
 use std::fs::File;
 use std::io::{BufReader, Read, Write};

@@ -2,14 +2,16 @@
 //!
 //! The shim (`shim.rs`) mounts the workspace's tree exactly as for a container (lazy image or
 //! folder, overlay with the workspace's writable layer), then, instead of a container, starts:
-//! `virtiofsd` sharing that tree (in a user namespace mapping the guest's ids onto the
-//! workspace's range), `vhost-device-vsock` (there is no kernel vhost here), and QEMU — as the
-//! workspace's root user on the host, never as root — booting Debian's kernel with an initramfs
-//! holding `warren-guest` (PID 1, see `crates/guest`). The guest makes the virtiofs tree its
-//! root, mounts a sparse ext4 scratch disk at `/var/lib/docker`, and serves exec, connect and
-//! stats on vsock; the host side of that is `client.rs`. Memory: `virtio-balloon` with free page
-//! reporting (the guest returns freed pages; `page_reporting_order=0`, THP off in the guest),
-//! and KSM merging only for a workspace whose options ask for it.
+//! `virtiofsd` sharing that tree, `vhost-device-vsock` (there is no kernel vhost here), and
+//! QEMU — each root only in a user namespace mapping the guest's ids onto the workspace's range
+//! (vhost-device-vsock simply as that range's first uid), never root on the host — booting
+//! Debian's kernel with an initramfs holding `warren-guest` (PID 1, see `crates/guest`). The
+//! guest makes the virtiofs tree its root, mounts a sparse ext4 scratch disk at
+//! `/var/lib/docker`, and serves exec, connect, agent-forwarding sockets and stats on vsock;
+//! the host side of that is `client.rs`. Memory: `virtio-balloon` with free page reporting (the
+//! guest returns freed pages; `page_reporting_order=0`, THP off in the guest). A VM whose
+//! options allow KSM has no vhost-user daemon, whose shared memory KSM could not merge: private
+//! RAM, its tree over 9p from QEMU itself, and its agent on the workspace's network.
 
 pub(crate) mod client;
 pub mod kernel;
@@ -17,6 +19,7 @@ pub(crate) mod qmp;
 
 use std::fs::File;
 use std::io::Read;
+use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -24,8 +27,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use std::net::SocketAddr;
-
 use warren_guest::proto::{AGENT_TCP_PORT, AgentTcp, GuestConfig, GuestNetwork, RootFs};
 
 use crate::record::{ID_RANGE, Layout, WorkspaceRecord};
@@ -314,8 +315,9 @@ fn kvm_boots(vm: &VmRecord) -> bool {
     ok == Some(true)
 }
 
-/// QEMU booting `kernel` (see `GuestKernel::boot_image`) and `initrd` with nothing attached, its console on stdout, powering
-/// off once the guest is up (`warren.poweroff=1`): the accelerator check, and the boot test.
+/// QEMU booting `kernel` (see `GuestKernel::boot_image`) and `initrd` with nothing attached,
+/// its console on stdout, powering off once the guest is up (`warren.poweroff=1`): the
+/// accelerator check, and the boot test.
 pub fn boot_probe(kernel: &Path, initrd: &Path, accel: Accel) -> Command {
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args(["-machine", &format!("q35,accel={}", accel.as_str())])
@@ -475,7 +477,15 @@ pub(crate) fn start(
     } else {
         kernel::VHOST_USER_MODULES.as_slice()
     });
-    let modules = kernel.module_files(&index, &wanted)?;
+    let modules = kernel.module_files(&index, &wanted).map_err(|e| {
+        if ksm {
+            fail(format!(
+                "a VM allowed KSM gets its tree over 9p, which its kernel needs: {e} (Debian's linux-image-amd64 has it, the cloud kernel does not; `./dev vm` unpacks it)"
+            ))
+        } else {
+            e
+        }
+    })?;
     let image = kernel::guest_initramfs(&vm.guest, &modules, Some(&index), &config)?;
     share_modules(rec, &kernel, layout)?;
     std::fs::write(files.initrd(), image).map_err(Error::io("cannot write", files.initrd()))?;
