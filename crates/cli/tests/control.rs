@@ -497,6 +497,11 @@ fn bad_input_gets_a_4xx_with_a_message() {
             404,
         ),
         (
+            "/api/v1/workspaces",
+            json!({"name": "ok", "image": "dev:1", "environment": {"file": "warren.yml", "text": "image: dev:1\nresources:\n  memory: 1MiB\n"}}).to_string(),
+            400,
+        ),
+        (
             "/api/v1/projects",
             r#"{"name": "p", "git_url": "ftp://example.com/x"}"#.into(),
             400,
@@ -530,6 +535,14 @@ fn bad_input_gets_a_4xx_with_a_message() {
             answer["error"].as_str().is_some_and(|m| !m.is_empty()),
             "POST {path} {shown} must say what was wrong: {answer}"
         );
+        if body.contains("resources") {
+            assert!(
+                answer["error"].as_str().is_some_and(|m| {
+                    m.contains("the environment file's resources: memory must be at least 4 MiB")
+                }),
+                "{answer}"
+            );
+        }
     }
     // A body over the limit is refused with 413 once the limit is passed; the rest of the
     // body may meet a closed connection, which is the client's to see.

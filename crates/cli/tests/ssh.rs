@@ -988,7 +988,7 @@ fn a_vm_workspace_is_reached_like_a_container() {
     let env_file = warren.configs.path().join("warren.yml");
     std::fs::write(
         &env_file,
-        "image: dev:1\nruntime: vm\ntasks:\n  - name: hello\n    workspace: echo \"task in $(uname -r)\"; sleep 600\n",
+        "image: dev:1\nruntime: vm\nresources:\n  cpus: 1\n  memory: 1GiB\ntasks:\n  - name: hello\n    workspace: echo \"task in $(uname -r)\"; sleep 600\n",
     )
     .unwrap();
     warren.ok(
@@ -1007,6 +1007,9 @@ fn a_vm_workspace_is_reached_like_a_container() {
     let shown: serde_json::Value =
         serde_json::from_str(&warren.ok("alice", &["ws", "show", "web"])).unwrap();
     assert_eq!(shown["runtime"], "vm", "{shown}");
+    // The environment file's resources size the VM.
+    assert_eq!(shown["memory"], 1 << 30, "{shown}");
+    assert_eq!(shown["cpus"], 1.0, "{shown}");
     let runtime_id = format!("ws-{}", shown["id"].as_str().unwrap());
     let (pid, qemu) = qemu_process(&format!("warren-{runtime_id}"));
     assert!(
@@ -1050,6 +1053,10 @@ fn a_vm_workspace_is_reached_like_a_container() {
         );
     }
     assert!(qemu.contains("free-page-reporting=on"), "{qemu}");
+    assert!(
+        qemu.contains("-smp 1 ") && qemu.contains("-m 1024M "),
+        "{qemu}"
+    );
 
     // Commands: status, streams, the guest's own kernel.
     let out = alice.ssh("web.warren", "exit 3");

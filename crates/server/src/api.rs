@@ -779,6 +779,28 @@ struct Environment {
     folder: String,
     /// What the file asks to run in (`runtime: vm` in warren.yml).
     runtime: warren_spec::RuntimeKind,
+    /// CPUs and memory it asks for (warren.yml's `resources`, devcontainer's
+    /// `hostRequirements`); the request's own values win. `disk` is not enforced.
+    resources: warren_spec::Resources,
+}
+
+/// Refuses CPU and memory requests no host could honour; `source` says where they came from.
+fn check_resources(cpus: Option<f64>, memory: Option<u64>, source: &str) -> ApiResult<()> {
+    if let Some(cpus) = cpus
+        && !(cpus > 0.0 && cpus <= 1024.0)
+    {
+        return Err(ApiError::bad_request(format!(
+            "{source}cpus must be between 0 and 1024, not {cpus}"
+        )));
+    }
+    if let Some(memory) = memory
+        && !(4 << 20..=1 << 50).contains(&memory)
+    {
+        return Err(ApiError::bad_request(format!(
+            "{source}memory must be at least 4 MiB"
+        )));
+    }
+    Ok(())
 }
 
 /// Reads an environment file (of the repository at `repository`, when it comes from one);
@@ -804,6 +826,7 @@ fn read_environment(env: &EnvironmentFile, repository: Option<&str>) -> ApiResul
         user: warren_build::session_user(&loaded.spec),
         runtime: loaded.spec.runtime,
         folder: loaded.spec.workspace_folder,
+        resources: loaded.spec.resources,
     })
 }
 
@@ -1036,18 +1059,7 @@ pub async fn create_workspace(
             "a branch's workspace starts from the branch's prebuild: give a branch or an image, not both",
         ));
     }
-    if let Some(cpus) = req.cpus
-        && !(cpus > 0.0 && cpus <= 1024.0)
-    {
-        return Err(ApiError::bad_request(format!(
-            "cpus must be between 0 and 1024, not {cpus}"
-        )));
-    }
-    if let Some(memory) = req.memory
-        && !(4 << 20..=1 << 50).contains(&memory)
-    {
-        return Err(ApiError::bad_request("memory must be at least 4 MiB"));
-    }
+    check_resources(req.cpus, req.memory, "")?;
     let project = match &req.project {
         Some(p) => Some(find_project(&state, &caller, p).await?),
         None => None,
@@ -1111,6 +1123,7 @@ pub async fn create_workspace(
         user,
         folder,
         runtime: env_runtime,
+        resources,
     } = match req.environment.as_ref().or(prebuild_env.as_ref()) {
         Some(env) => read_environment(
             env,
@@ -1125,8 +1138,16 @@ pub async fn create_workspace(
             user: None,
             folder: "/workspace".into(),
             runtime: Default::default(),
+            resources: Default::default(),
         },
     };
+    check_resources(
+        resources.cpus.map(f64::from),
+        resources.memory.map(|m| m.0),
+        "the environment file's resources: ",
+    )?;
+    let memory = req.memory.or(resources.memory.map(|m| m.0));
+    let cpus = req.cpus.or(resources.cpus.map(f64::from));
     let runtime = match req.runtime.as_deref() {
         None => env_runtime.to_string(),
         Some(r @ ("container" | "vm")) => r.to_owned(),
@@ -1144,6 +1165,7 @@ pub async fn create_workspace(
                 user: user.clone(),
                 folder: folder.clone(),
                 runtime: Default::default(),
+                resources: Default::default(),
             },
             branch,
             commit,
@@ -1179,8 +1201,8 @@ pub async fn create_workspace(
     .bind(&req.name)
     .bind(&image)
     .bind(&host_id)
-    .bind(req.memory.map(|m| m as i64))
-    .bind(req.cpus.map(|c| (c * 1000.0).round() as i64))
+    .bind(memory.map(|m| m as i64))
+    .bind(cpus.map(|c| (c * 1000.0).round() as i64))
     .bind(now)
     .bind(
         (!tasks.is_empty())
@@ -1201,8 +1223,8 @@ pub async fn create_workspace(
     let spec = WorkspaceSpec {
         runtime_id: runtime_id(&id),
         image: image.clone(),
-        memory: req.memory,
-        cpus: req.cpus,
+        memory,
+        cpus,
         pids: None,
         tasks,
         vm,
