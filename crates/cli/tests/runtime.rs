@@ -632,9 +632,9 @@ fn isolation(host: Host) {
         container_isolation(&host, base);
     }
 
-    // Another workspace: reachable by its own loopback and by the host, not by iso-a.
-    // Another workspace: reachable by its own loopback and by the host, not by iso-a.
-    let listen = "perl -MIO::Socket::INET -e '$s = IO::Socket::INET->new(LocalAddr => q(0.0.0.0:8000), Listen => 5, ReuseAddr => 1) or die $!; while ($c = $s->accept) { print $c qq(hello\\n); close $c }'";
+    // Another workspace: reachable by its own loopback and by the host, not by iso-a. Its
+    // server reads a request to its end (the client's half-close) before it answers.
+    let listen = "perl -MIO::Socket::INET -e '$s = IO::Socket::INET->new(LocalAddr => q(0.0.0.0:8000), Listen => 5, ReuseAddr => 1) or die $!; while ($c = $s->accept) { local $/; $d = <$c>; print $c qq(hello ) . length($d) . qq(\\n); close $c }'";
     let server = host
         .runtime
         .exec(
@@ -647,32 +647,39 @@ fn isolation(host: Host) {
         .unwrap();
     let connect = |target: &str| {
         format!(
-            "timeout 3 perl -MIO::Socket::INET -e '$c = IO::Socket::INET->new(PeerAddr => q({target}), Timeout => 2) or die qq(refused: $!); print <$c>'"
+            "timeout 3 perl -MIO::Socket::INET -e '$c = IO::Socket::INET->new(PeerAddr => q({target}), Timeout => 2) or die qq(refused: $!); print $c qq(ping); $c->shutdown(1); print <$c>'"
         )
     };
     let deadline = Instant::now() + Duration::from_secs(10);
-    while host.sh("iso-b", &connect("127.0.0.1:8000")).1 != "hello\n" {
+    while host.sh("iso-b", &connect("127.0.0.1:8000")).1 != "hello 4\n" {
         assert!(
             Instant::now() < deadline,
             "the server in iso-b never came up"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let mut from_host = String::new();
-    std::net::TcpStream::connect((b_addr, 8000))
-        .unwrap()
-        .read_to_string(&mut from_host)
-        .unwrap();
-    assert_eq!(from_host, "hello\n");
-    let mut forwarded = String::new();
-    host.runtime
+    let ask = |mut conn: std::net::TcpStream, request: &str| {
+        conn.write_all(request.as_bytes()).unwrap();
+        conn.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut answer = String::new();
+        conn.read_to_string(&mut answer).unwrap();
+        answer
+    };
+    assert_eq!(
+        ask(
+            std::net::TcpStream::connect((b_addr, 8000)).unwrap(),
+            "ping"
+        ),
+        "hello 4\n"
+    );
+    let forwarded = host
+        .runtime
         .connect(&id("iso-b"), "127.0.0.1:8000".parse().unwrap())
-        .unwrap()
-        .read_to_string(&mut forwarded)
         .unwrap();
     assert_eq!(
-        forwarded, "hello\n",
-        "connect() reaches the workspace's port"
+        ask(forwarded, "a half-closed request"),
+        "hello 21\n",
+        "connect() reaches the workspace's port and passes on a half-close"
     );
     expect_fail(
         "reaching another workspace",
@@ -1027,18 +1034,32 @@ fn docker_runs_a_container(host: &Host) -> u32 {
     };
     host.run_dir_with("dind", &rootfs, cpus);
     let base = host.uid_base("dind");
-    let (status, _, err) = host.sh("dind", "dockerd > /var/log/dockerd.log 2>&1 &");
-    assert_eq!(status, ExitStatus::Code(0), "{err}");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while host.sh("dind", "docker info >/dev/null 2>&1").0 != ExitStatus::Code(0) {
-        if Instant::now() > deadline {
-            panic!(
-                "dockerd never came up: {}",
-                host.sh("dind", "tail -20 /var/log/dockerd.log").1
-            );
+    // containerd first, then dockerd on it: dockerd starting its own gives it 60 s, which a
+    // VM under TCG on a loaded host can overrun.
+    let daemon = |start: &str, ready: &str, log: &str| {
+        let (status, _, err) = host.sh("dind", &format!("{start} > {log} 2>&1 &"));
+        assert_eq!(status, ExitStatus::Code(0), "{err}");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while host.sh("dind", ready).0 != ExitStatus::Code(0) {
+            if Instant::now() > deadline {
+                panic!(
+                    "{start} never came up: {}",
+                    host.sh("dind", &format!("tail -20 {log}")).1
+                );
+            }
+            std::thread::sleep(Duration::from_millis(250));
         }
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    };
+    daemon(
+        "containerd",
+        "test -S /run/containerd/containerd.sock",
+        "/var/log/containerd.log",
+    );
+    daemon(
+        "dockerd --containerd=/run/containerd/containerd.sock",
+        "docker info >/dev/null 2>&1",
+        "/var/log/dockerd.log",
+    );
 
     // An image imported from a tar stream (no registry needed), then a container from it.
     let minbase = debian_rootfs("minbase", &[]);

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use warren_guest::accounts::{AGENT_SOCKET_NAME, agent_folder_name, parse_groups, resolve_account};
 use warren_guest::proto::{
     AGENT_PORT, Control, GuestStats, Kind, Reply, Request, agent_hello, read_frame, read_json,
-    write_frame, write_json,
+    relay, write_frame, write_json,
 };
 
 /// How a process ended: (code, signal).
@@ -161,10 +161,7 @@ fn handle(mut conn: File) -> std::io::Result<()> {
             crate::power_off();
         }
         Request::Connect { address } => match connect(&address) {
-            Ok(stream) => {
-                write_json(&mut conn, Kind::Reply, &Reply::Started)?;
-                splice(conn, File::from(OwnedFd::from(stream)))
-            }
+            Ok(stream) => started_relay(conn, stream),
             Err(message) => write_json(&mut conn, Kind::Reply, &Reply::Error { message }),
         },
         Request::ListenUnix { user } => listen_unix(conn, user.as_deref()),
@@ -174,10 +171,7 @@ fn handle(mut conn: File) -> std::io::Result<()> {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .remove(&id);
             match accepted {
-                Some(stream) => {
-                    write_json(&mut conn, Kind::Reply, &Reply::Started)?;
-                    splice(conn, File::from(OwnedFd::from(stream)))
-                }
+                Some(stream) => started_relay(conn, stream),
                 None => write_json(
                     &mut conn,
                     Kind::Reply,
@@ -195,6 +189,13 @@ fn handle(mut conn: File) -> std::io::Result<()> {
             tty,
         } => exec(conn, &argv, env, cwd, user.as_deref(), tty),
     }
+}
+
+/// Answers `Started`, then relays `stream` over `conn` until both are done.
+fn started_relay(mut conn: File, stream: impl Into<OwnedFd>) -> std::io::Result<()> {
+    write_json(&mut conn, Kind::Reply, &Reply::Started)?;
+    relay(conn, File::from(stream.into()), Kind::Stdin, Kind::Stdout);
+    Ok(())
 }
 
 fn connect(address: &str) -> Result<TcpStream, String> {
@@ -307,25 +308,6 @@ fn announce(conn: &mut File, listener: &UnixListener, path: &str) -> std::io::Re
         pending.remove(&id);
     }
     result
-}
-
-/// Copies both ways until both sides are done.
-fn splice(conn: File, stream: File) -> std::io::Result<()> {
-    let mut to_stream = conn.try_clone()?;
-    let mut stream_in = stream.try_clone()?;
-    let mut stream_out = stream;
-    let mut conn_out = conn;
-    let up = std::thread::spawn(move || {
-        let _ = std::io::copy(&mut to_stream, &mut stream_out);
-        let _ =
-            nix::sys::socket::shutdown(stream_out.as_raw_fd(), nix::sys::socket::Shutdown::Write);
-    });
-    let _ = std::io::copy(&mut stream_in, &mut conn_out);
-    // vhost-device-vsock does not pass a half-close on to the host's socket: once the far end
-    // is done sending, the whole connection closes (which also ends the copy the other way).
-    let _ = nix::sys::socket::shutdown(conn_out.as_raw_fd(), nix::sys::socket::Shutdown::Both);
-    let _ = up.join();
-    Ok(())
 }
 
 fn stats() -> GuestStats {

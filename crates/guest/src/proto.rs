@@ -6,12 +6,13 @@
 //! little-endian `u32` length, the payload. The first frame is a [`Request`] (JSON); the guest
 //! answers with a [`Reply`]. An exec then streams [`Kind::Stdin`] one way and
 //! [`Kind::Stdout`]/[`Kind::Stderr`] the other, with [`Control`] frames from the host, and ends
-//! with a [`Reply::Exited`]. A connect, once `Started`, is raw bytes both ways.
+//! with a [`Reply::Exited`]. A connect, once `Started`, relays a connection in frames (see
+//! [`relay`]): [`Kind::Stdin`] to the guest, [`Kind::Stdout`] from it, an empty one a half-close.
 //!
 //! Agent forwarding turns the direction around without the guest ever connecting to the host:
 //! a [`Request::ListenUnix`] connection stays open and carries a [`Reply::Accepted`] for every
 //! connection made to the guest's socket; the host then picks each one up with a
-//! [`Request::Attach`] on a new connection, which is raw bytes both ways once `Started`.
+//! [`Request::Attach`] on a new connection, relayed like a connect once `Started`.
 //! Closing the listening connection removes the socket.
 
 use std::io::{self, Read, Write};
@@ -133,6 +134,65 @@ pub struct GuestStats {
     pub tasks: u64,
 }
 
+/// Relays the byte stream `raw` over the agent's connection `framed` until both directions are
+/// done: what arrives in `incoming` frames is written to `raw`, what `raw` gives goes out in
+/// `outgoing` frames, and an empty frame ends a direction (`raw` then gets a half-close, and
+/// its own end of input is sent as one). `vhost-device-vsock` passes no half-close of its own,
+/// and protocols that answer only once the request has ended need it. A failed write, or the
+/// connection ending without an empty frame, ends both directions.
+pub fn relay(framed: std::fs::File, raw: std::fs::File, incoming: Kind, outgoing: Kind) {
+    use nix::sys::socket::{Shutdown, shutdown};
+    use std::os::fd::AsRawFd;
+    let (Ok(mut frames_in), Ok(mut raw_out)) = (framed.try_clone(), raw.try_clone()) else {
+        return;
+    };
+    // Both stay open until the inbound thread is joined, below.
+    let (raw_fd, framed_fd) = (raw.as_raw_fd(), framed.as_raw_fd());
+    let end_both = move || {
+        let _ = shutdown(raw_fd, Shutdown::Both);
+        let _ = shutdown(framed_fd, Shutdown::Both);
+    };
+    let end_both_in = end_both;
+    let inbound = std::thread::spawn(move || {
+        loop {
+            match read_frame(&mut frames_in) {
+                Ok(Some((kind, data))) if kind == incoming && !data.is_empty() => {
+                    if raw_out.write_all(&data).is_err() {
+                        return end_both_in();
+                    }
+                }
+                Ok(Some((kind, _))) if kind == incoming => {
+                    let _ = shutdown(raw_out.as_raw_fd(), Shutdown::Write);
+                    return;
+                }
+                _ => return end_both_in(),
+            }
+        }
+    });
+    let (mut raw_in, mut frames_out) = (raw, framed);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match raw_in.read(&mut buf) {
+            Ok(0) => {
+                let _ = write_frame(&mut frames_out, outgoing, &[]);
+                break;
+            }
+            Ok(n) => {
+                if write_frame(&mut frames_out, outgoing, &buf[..n]).is_err() {
+                    end_both();
+                    break;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => {
+                end_both();
+                break;
+            }
+        }
+    }
+    let _ = inbound.join();
+}
+
 /// Writes one frame.
 pub fn write_frame(out: &mut impl Write, kind: Kind, payload: &[u8]) -> io::Result<()> {
     let len = u32::try_from(payload.len())
@@ -198,6 +258,37 @@ pub fn read_json<T: for<'de> Deserialize<'de>>(input: &mut impl Read, kind: Kind
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_relay_passes_half_closes_both_ways() {
+        use std::os::fd::OwnedFd;
+        use std::os::unix::net::UnixStream;
+        let file = |s: UnixStream| std::fs::File::from(OwnedFd::from(s));
+        let (framed, mut host) = UnixStream::pair().unwrap();
+        let (raw, mut service) = UnixStream::pair().unwrap();
+        let relaying = std::thread::spawn(move || {
+            relay(file(framed), file(raw), Kind::Stdin, Kind::Stdout);
+        });
+        // The host's request, then its end: the service reads it whole, up to its end.
+        write_frame(&mut host, Kind::Stdin, b"a request").unwrap();
+        write_frame(&mut host, Kind::Stdin, b"").unwrap();
+        let mut request = String::new();
+        service.read_to_string(&mut request).unwrap();
+        assert_eq!(request, "a request");
+        // The answer still goes back, then the service's own end.
+        service.write_all(b"its answer").unwrap();
+        service.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut answer = Vec::new();
+        while let Some((kind, data)) = read_frame(&mut host).unwrap() {
+            assert_eq!(kind, Kind::Stdout);
+            if data.is_empty() {
+                break;
+            }
+            answer.extend(data);
+        }
+        assert_eq!(answer, b"its answer");
+        relaying.join().unwrap();
+    }
 
     #[test]
     fn frames_round_trip_and_bad_ones_are_refused() {

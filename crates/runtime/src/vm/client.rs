@@ -5,7 +5,7 @@
 use std::fs::File;
 use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use warren_guest::proto::{
     AGENT_PORT, AGENT_READY, Control, GuestStats, Kind, Reply, Request, agent_hello, read_frame,
-    read_json, write_frame, write_json,
+    read_json, relay, write_frame, write_json,
 };
 
 use crate::types::MadeSocket;
@@ -124,18 +124,18 @@ pub(crate) fn connect(agent: &AgentAddr, to: SocketAddr) -> Result<TcpStream, Er
             break conn;
         }
     };
-    relay_both_ways(stream.into(), ours.into());
+    relay_in_background(stream, ours);
     Ok(theirs)
 }
 
 /// Asks the guest for an agent-forwarding socket owned by `user` (see
 /// [`Runtime::listen_unix`](crate::Runtime::listen_unix)). Each connection made to it inside
-/// is attached and relayed to the returned listener, bound at `relay` (a path on the host
+/// is attached and relayed to the returned listener, bound at `relay_at` (a path on the host
 /// only root reaches).
 pub(crate) fn listen_unix(
     agent: &AgentAddr,
     user: Option<&str>,
-    relay: &Path,
+    relay_at: &Path,
 ) -> Result<WorkspaceSocket, Error> {
     use std::os::unix::fs::PermissionsExt;
     use std::os::unix::net::UnixListener;
@@ -150,20 +150,20 @@ pub(crate) fn listen_unix(
         Reply::Error { message } => return Err(Error::Sys(message)),
         other => return Err(Error::Sys(format!("unexpected answer {other:?}"))),
     };
-    let sys = |e: std::io::Error| Error::Sys(format!("{}: {e}", relay.display()));
-    let _ = std::fs::remove_file(relay);
-    let listener = UnixListener::bind(relay).map_err(sys)?;
-    // From here on, dropping the socket ends the guest's listening and removes `relay`.
+    let sys = |e: std::io::Error| Error::Sys(format!("{}: {e}", relay_at.display()));
+    let _ = std::fs::remove_file(relay_at);
+    let listener = UnixListener::bind(relay_at).map_err(sys)?;
+    // From here on, dropping the socket ends the guest's listening and removes `relay_at`.
     let socket = WorkspaceSocket {
         listener,
         path,
         made: MadeSocket::InGuest {
             announcements: announcements.try_clone().map_err(sys)?,
-            relay: relay.to_owned(),
+            relay: relay_at.to_owned(),
         },
     };
-    std::fs::set_permissions(relay, std::fs::Permissions::from_mode(0o600)).map_err(sys)?;
-    let (agent, relay) = (agent.clone(), relay.to_owned());
+    std::fs::set_permissions(relay_at, std::fs::Permissions::from_mode(0o600)).map_err(sys)?;
+    let (agent, relay_at) = (agent.clone(), relay_at.to_owned());
     std::thread::spawn(move || {
         let mut announcements = BufReader::new(announcements);
         // Ends when the socket is dropped (its shutdown) or the guest goes away.
@@ -172,11 +172,11 @@ pub(crate) fn listen_unix(
                 if reply != Reply::Started {
                     return Err(Error::Sys(format!("unexpected answer {reply:?}")));
                 }
-                let host = UnixStream::connect(&relay).map_err(|e| Error::Sys(e.to_string()))?;
+                let host = UnixStream::connect(&relay_at).map_err(|e| Error::Sys(e.to_string()))?;
                 Ok((guest, host))
             });
             match attached {
-                Ok((guest, host)) => relay_both_ways(guest.into(), host.into()),
+                Ok((guest, host)) => relay_in_background(guest, host),
                 Err(e) => tracing::warn!(error = %e, "an agent-forwarding connection was lost"),
             }
         }
@@ -184,19 +184,16 @@ pub(crate) fn listen_unix(
     Ok(socket)
 }
 
-/// Copies between the sockets `a` and `b` on two threads until both directions end.
-fn relay_both_ways(a: OwnedFd, b: OwnedFd) {
-    let one_way = |from: &OwnedFd, to: &OwnedFd| -> std::io::Result<()> {
-        let (mut from, mut to) = (File::from(from.try_clone()?), File::from(to.try_clone()?));
-        std::thread::spawn(move || {
-            let _ = std::io::copy(&mut from, &mut to);
-            let _ = nix::sys::socket::shutdown(to.as_raw_fd(), nix::sys::socket::Shutdown::Write);
-        });
-        Ok(())
-    };
-    if one_way(&a, &b).is_ok() {
-        let _ = one_way(&b, &a);
-    }
+/// Relays `raw` over the agent's connection `agent` (started already) on a thread of its own.
+fn relay_in_background(agent: AgentConn, raw: impl Into<OwnedFd> + Send + 'static) {
+    std::thread::spawn(move || {
+        relay(
+            File::from(OwnedFd::from(agent)),
+            File::from(raw.into()),
+            Kind::Stdout,
+            Kind::Stdin,
+        );
+    });
 }
 
 #[derive(Debug, Default)]
