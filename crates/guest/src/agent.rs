@@ -226,7 +226,7 @@ fn listen_unix(mut conn: File, user: Option<&str>) -> std::io::Result<()> {
     };
     // A folder nobody else can enter: made here (mkdir never follows a planted link) and
     // only then given to the user. In /run, the guest's own tmpfs: a socket is nothing to keep
-    // in the writable layer (nor can every root filesystem hold one: 9p cannot).
+    // in the writable layer (and on a 9p root, making one there failed with ENXIO).
     let folder = loop {
         let folder = format!("/run/{}", agent_folder_name());
         match std::fs::DirBuilder::new().mode(0o700).create(&folder) {
