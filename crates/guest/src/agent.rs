@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use warren_guest::accounts::{AGENT_SOCKET_NAME, agent_folder_name, parse_groups, resolve_account};
 use warren_guest::proto::{
     AGENT_PORT, Control, GuestStats, Kind, Reply, Request, agent_hello, read_frame, read_json,
-    relay, write_frame, write_json,
+    read_line, relay, write_frame, write_json,
 };
 
 /// How a process ended: (code, signal).
@@ -93,17 +93,9 @@ fn greeted(conn: &mut File, token: &str) -> bool {
     use nix::sys::socket::{setsockopt, sockopt::ReceiveTimeout};
     let expected = agent_hello(token);
     let _ = setsockopt(&*conn, ReceiveTimeout, &nix::sys::time::TimeVal::new(10, 0));
-    let mut line = Vec::with_capacity(expected.len());
-    let mut byte = [0u8; 1];
-    while line.len() < expected.len() {
-        match conn.read(&mut byte) {
-            Ok(1) => line.push(byte[0]),
-            _ => return false,
-        }
-        if byte[0] == b'\n' {
-            break;
-        }
-    }
+    let Ok(line) = read_line(conn, expected.len()) else {
+        return false;
+    };
     // Compared in full, whatever differs first.
     let same = line.len() == expected.len()
         && line
@@ -502,23 +494,15 @@ fn exec(
                     .stderr(Stdio::piped());
                 command.spawn().map(|mut child| {
                     input = child.stdin.take().map(|s| File::from(OwnedFd::from(s)));
-                    if let Some(out) = child.stdout.take() {
-                        pump(
-                            File::from(OwnedFd::from(out)),
-                            shared.clone(),
-                            Kind::Stdout,
-                            done_tx.clone(),
-                        );
-                        pumps += 1;
-                    }
-                    if let Some(err) = child.stderr.take() {
-                        pump(
-                            File::from(OwnedFd::from(err)),
-                            shared.clone(),
-                            Kind::Stderr,
-                            done_tx.clone(),
-                        );
-                        pumps += 1;
+                    let outputs = [
+                        (child.stdout.take().map(OwnedFd::from), Kind::Stdout),
+                        (child.stderr.take().map(OwnedFd::from), Kind::Stderr),
+                    ];
+                    for (output, kind) in outputs {
+                        if let Some(output) = output {
+                            pump(File::from(output), shared.clone(), kind, done_tx.clone());
+                            pumps += 1;
+                        }
                     }
                     child
                 })

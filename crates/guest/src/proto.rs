@@ -193,6 +193,22 @@ pub fn relay(framed: std::fs::File, raw: std::fs::File, incoming: Kind, outgoing
     let _ = inbound.join();
 }
 
+/// Reads one line, up to and including its `\n` but never more than `max` bytes, a byte at a
+/// time so that nothing after it is consumed (the handshakes before the frames).
+pub fn read_line(input: &mut impl Read, max: usize) -> io::Result<Vec<u8>> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.len() < max && line.last() != Some(&b'\n') {
+        match input.read(&mut byte) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(_) => line.push(byte[0]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(line)
+}
+
 /// Writes one frame.
 pub fn write_frame(out: &mut impl Write, kind: Kind, payload: &[u8]) -> io::Result<()> {
     let len = u32::try_from(payload.len())

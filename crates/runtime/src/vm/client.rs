@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use warren_guest::proto::{
     AGENT_PORT, AGENT_READY, Control, GuestStats, Kind, Reply, Request, agent_hello, read_frame,
-    read_json, relay, write_frame, write_json,
+    read_json, read_line, relay, write_frame, write_json,
 };
 
 use crate::types::MadeSocket;
@@ -54,18 +54,16 @@ pub(crate) fn request(agent: &AgentAddr, request: &Request) -> Result<(AgentConn
         .set_read_timeout(Some(Duration::from_secs(30)))
         .map_err(gone)?;
     stream.write_all(hello.as_bytes()).map_err(gone)?;
-    // `OK ...` comes back (from the device, or the guest); read it byte by byte so nothing
-    // after it is consumed.
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    while byte[0] != b'\n' {
-        if stream.read(&mut byte).map_err(gone)? == 0 {
-            return Err(Error::Sys(
+    // `OK ...` comes back (from the device, or the guest).
+    let line = read_line(&mut stream, 256).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            Error::Sys(
                 "the guest agent does not answer (the VM is not up yet, or its agent died)".into(),
-            ));
+            )
+        } else {
+            gone(e)
         }
-        line.push(byte[0]);
-    }
+    })?;
     if !line.starts_with(b"OK") {
         return Err(Error::Sys(format!(
             "the guest agent's transport refused: {}",
