@@ -280,23 +280,29 @@ impl Filesystem for LazyFs {
         if let Some(rec) = &self.recorder {
             rec.record(&wanted);
         }
-        match self.fetcher.read(&wanted, &extra) {
-            Ok(chunks) => {
-                let start_of_span = if span.start == 0 {
-                    0
-                } else {
-                    node.chunk_ends[span.start - 1]
-                };
-                let data = chunks.concat();
-                let from = (offset - start_of_span) as usize;
-                let to = (from + len as usize).min(data.len());
-                reply.data(&data[from..to]);
-            }
-            Err(err) => {
-                tracing::error!(path = %entry.path_str(), offset, error = %err, "read failed");
-                reply.error(Errno::EIO);
-            }
+        let start_of_span = if span.start == 0 {
+            0
+        } else {
+            node.chunk_ends[span.start - 1]
+        };
+        let from = (offset - start_of_span) as usize;
+        // One buffer per FUSE thread, reused: a read of 1 MiB allocates nothing.
+        thread_local! {
+            static SPAN: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
+        SPAN.with_borrow_mut(|data| {
+            data.clear();
+            match self.fetcher.read_into(&wanted, &extra, data) {
+                Ok(()) => {
+                    let to = (from + len as usize).min(data.len());
+                    reply.data(&data[from.min(to)..to]);
+                }
+                Err(err) => {
+                    tracing::error!(path = %entry.path_str(), offset, error = %err, "read failed");
+                    reply.error(Errno::EIO);
+                }
+            }
+        });
     }
 
     fn flush(
@@ -431,5 +437,26 @@ pub fn mount(fs: LazyFs, mountpoint: &Path) -> std::io::Result<fuser::Background
     config.acl = SessionACL::All;
     config.n_threads = Some(threads);
     config.clone_fd = true;
-    fuser::spawn_mount(fs, mountpoint, &config)
+    let session = fuser::spawn_mount(fs, mountpoint, &config)?;
+    widen_readahead(mountpoint);
+    Ok(session)
+}
+
+/// FUSE asks for `max_readahead` at init but the kernel caps it at the mount's default of
+/// 128 KiB: a sequential read then costs a request per 128 KiB. The cap is the mount's
+/// `read_ahead_kb` in sysfs (writable by root); raised to 1 MiB, a large read is a few requests.
+fn widen_readahead(mountpoint: &Path) {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(meta) = std::fs::metadata(mountpoint) else {
+        return;
+    };
+    let dev = meta.dev();
+    let path = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        libc::major(dev),
+        libc::minor(dev)
+    );
+    if let Err(e) = std::fs::write(&path, "1024") {
+        tracing::debug!(path, error = %e, "cannot raise the mount's readahead");
+    }
 }

@@ -1,22 +1,45 @@
-//! The host chunk cache: decompressed, verified chunks shared by every image on the host, one
-//! file per chunk under `chunks/<2 hex>/<64 hex>`, so identical chunks are stored once.
+//! The host chunk cache: decompressed, verified chunks shared by every image and every process
+//! on the host; identical chunks are stored once.
 //!
-//! - Which chunks are present survives restarts: it is the set of files (scanned at open).
-//! - Writes are atomic: a chunk is written to `tmp/` (named by process and thread) and renamed
-//!   into place; leftovers of a crash older than ten minutes are removed at open — never newer
-//!   ones, which another process sharing the cache may be writing. A half-written chunk is
-//!   never visible under its name.
-//! - Every chunk is verified against its id when inserted and again when read; a corrupt file is
-//!   deleted and reported as a miss, so the caller fetches it again. It is never served.
-//! - With a size limit, the least recently used chunks that no mounted image pins are evicted.
+//! Chunks live in segments, `segments/<name>.data` with an index `segments/<name>.index`. Each
+//! process that stores chunks appends them to a segment of its own (locked with `flock` while it
+//! writes; a new one every [`SEGMENT_BYTES`]), each at a 4 KiB boundary, and then appends a
+//! 48-byte record (id, offset, length) to the segment's index. Chunks fetched together lie
+//! together, so a file read in order reads its segment in order and the kernel's readahead
+//! works, and a read costs one `pread` on a file that stays open.
+//!
+//! - Which chunks are present survives restarts: the index files, replayed at open. Chunks other
+//!   processes stored since are picked up by [`ChunkCache::refresh`].
+//! - A crash never serves a half chunk: every chunk is verified against its id when inserted and
+//!   again on every read. Bytes that do not match (a write torn by a crash, bit rot, a range
+//!   another process evicted) are a miss: the chunk is dropped and the caller fetches it again.
+//! - With a size limit, the least recently used chunks that no image this process mounts pins
+//!   are evicted: their range is punched out of the segment (`fallocate`), a tombstone record is
+//!   appended to the segment's index, and a segment with nothing left is deleted once no process
+//!   writes to it.
 
 use std::collections::{HashMap, HashSet};
-use std::fs;
-use std::io::Write as _;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read as _, Write as _};
+use std::os::fd::AsRawFd as _;
+use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use warren_image::ChunkId;
+
+/// A process starts a new segment once its current one holds this much.
+const SEGMENT_BYTES: u64 = 1 << 30;
+/// Chunks start at page boundaries: an evicted chunk's pages are freed whole, and reads are
+/// page-aligned.
+const ALIGN: u64 = 4096;
+/// One index record: kind (4 bytes), length (4), offset (8), chunk id (32).
+const RECORD: usize = 48;
+const PRESENT: &[u8; 4] = b"WCC+";
+const EVICTED: &[u8; 4] = b"WCC-";
+/// Looking for other processes' new chunks at most this often.
+const REFRESH_EVERY: Duration = Duration::from_millis(50);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
@@ -34,23 +57,111 @@ pub enum CacheError {
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct CacheStats {
     pub chunks: u64,
+    /// Disk space the present chunks take (each rounded up to 4 KiB).
     pub bytes: u64,
     pub evicted: u64,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Present,
+    Evicted,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Record {
+    kind: Kind,
+    len: u32,
+    offset: u64,
+    id: ChunkId,
+}
+
+impl Record {
+    fn encode(&self) -> [u8; RECORD] {
+        let mut b = [0u8; RECORD];
+        b[..4].copy_from_slice(match self.kind {
+            Kind::Present => PRESENT,
+            Kind::Evicted => EVICTED,
+        });
+        b[4..8].copy_from_slice(&self.len.to_le_bytes());
+        b[8..16].copy_from_slice(&self.offset.to_le_bytes());
+        b[16..].copy_from_slice(&self.id.0);
+        b
+    }
+
+    fn decode(b: &[u8]) -> Option<Record> {
+        let kind = match &b[..4] {
+            m if m == PRESENT => Kind::Present,
+            m if m == EVICTED => Kind::Evicted,
+            _ => return None,
+        };
+        Some(Record {
+            kind,
+            len: u32::from_le_bytes(b[4..8].try_into().ok()?),
+            offset: u64::from_le_bytes(b[8..16].try_into().ok()?),
+            id: ChunkId(b[16..].try_into().ok()?),
+        })
+    }
+}
+
+/// The whole records in `bytes`; a malformed record is skipped, except at the very end, where it
+/// may be one being written right now: the count of bytes consumed stops before it.
+fn records(bytes: &[u8]) -> (Vec<Record>, usize) {
+    let mut out = Vec::with_capacity(bytes.len() / RECORD);
+    let mut used = 0;
+    let whole = bytes.len() / RECORD * RECORD;
+    for (i, b) in bytes[..whole].chunks_exact(RECORD).enumerate() {
+        match Record::decode(b) {
+            Some(r) => out.push(r),
+            None if (i + 1) * RECORD == whole => break,
+            None => {}
+        }
+        used = (i + 1) * RECORD;
+    }
+    (out, used)
+}
+
+fn aligned(len: u32) -> u64 {
+    u64::from(len).div_ceil(ALIGN) * ALIGN
+}
+
+#[derive(Debug)]
+struct Segment {
+    name: String,
+    data: Arc<File>,
+    /// Bytes of its index replayed so far.
+    index_read: u64,
+    /// Its chunks this process counts as present.
+    live: u64,
+}
+
 #[derive(Debug)]
 struct Slot {
-    size: u64,
+    segment: usize,
+    offset: u64,
+    len: u32,
     used: u64,
 }
 
 #[derive(Debug, Default)]
 struct State {
     slots: HashMap<ChunkId, Slot>,
+    /// By position; `None` once deleted.
+    segments: Vec<Option<Segment>>,
     bytes: u64,
     clock: u64,
     pinned: HashSet<ChunkId>,
     evicted: u64,
+    refreshed: Option<Instant>,
+}
+
+/// This process's segment for new chunks.
+#[derive(Debug)]
+struct Writer {
+    segment: usize,
+    data: File,
+    index: File,
+    end: u64,
 }
 
 #[derive(Debug)]
@@ -58,17 +169,46 @@ pub struct ChunkCache {
     dir: PathBuf,
     limit: Option<u64>,
     state: Mutex<State>,
+    /// Taken before `state` when both are needed.
+    writer: Mutex<Option<Writer>>,
 }
 
-fn chunk_path(dir: &Path, id: &ChunkId) -> PathBuf {
-    let hex = id.to_hex();
-    dir.join("chunks").join(&hex[..2]).join(hex)
+fn segments_dir(dir: &Path) -> PathBuf {
+    dir.join("segments")
 }
 
-fn parse_id(name: &str) -> Option<ChunkId> {
-    let mut id = [0u8; 32];
-    hex::decode_to_slice(name, &mut id).ok()?;
-    Some(ChunkId(id))
+/// Takes `flock(LOCK_EX | LOCK_NB)` on `file`: true if no other process holds it.
+fn try_lock(file: &File) -> bool {
+    // SAFETY: flock on a descriptor that is open for the whole call.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
+/// Frees `[offset, offset + len)` of `file`, keeping its size.
+fn punch(file: &File, offset: u64, len: u64) {
+    // SAFETY: fallocate on a descriptor that is open for the whole call; it reads no memory.
+    unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        );
+    }
+}
+
+/// The names of the segments in `dir` (those with an index), oldest first.
+fn segment_names(dir: &Path) -> std::io::Result<Vec<String>> {
+    let mut names: Vec<String> = fs::read_dir(segments_dir(dir))?
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_suffix(".index"))
+                .map(str::to_owned)
+        })
+        .collect();
+    names.sort();
+    Ok(names)
 }
 
 impl ChunkCache {
@@ -81,65 +221,176 @@ impl ChunkCache {
                 source,
             }
         };
-        fs::create_dir_all(dir.join("chunks")).map_err(io("create"))?;
-        // Partial chunks a crash left behind. Other processes may share this cache (every
-        // image mount of the host does) and be writing theirs right now: only old ones go.
-        let tmp = dir.join("tmp");
-        fs::create_dir_all(&tmp).map_err(io("create"))?;
-        if let Ok(entries) = fs::read_dir(&tmp) {
-            for e in entries.flatten() {
-                let stale = e
-                    .metadata()
-                    .and_then(|m| m.modified())
-                    .ok()
-                    .and_then(|t| t.elapsed().ok())
-                    .is_some_and(|age| age > std::time::Duration::from_secs(600));
-                if stale {
-                    let _ = fs::remove_file(e.path());
+        fs::create_dir_all(segments_dir(dir)).map_err(io("create"))?;
+        // The layout before segments: one file per chunk. A cache can always be refilled.
+        for old in ["chunks", "tmp"] {
+            if dir.join(old).exists() {
+                tracing::info!(dir = %dir.display(), "removing a chunk cache of the old layout");
+                let _ = fs::remove_dir_all(dir.join(old));
+            }
+        }
+        let cache = ChunkCache {
+            dir: dir.to_path_buf(),
+            limit,
+            state: Mutex::new(State::default()),
+            writer: Mutex::new(None),
+        };
+        {
+            let mut state = cache.state.lock().expect("cache lock");
+            cache.scan(&mut state).map_err(io("scan"))?;
+            // Segments left with nothing (all evicted, or a crash before the first record).
+            let empty: Vec<usize> = (0..state.segments.len())
+                .filter(|&s| state.segments[s].as_ref().is_some_and(|g| g.live == 0))
+                .collect();
+            for s in empty {
+                cache.delete_segment(&mut state, s);
+            }
+        }
+        Ok(cache)
+    }
+
+    /// Replays the index records added since the last look, in every segment, and takes in the
+    /// segments other processes started.
+    fn scan(&self, state: &mut State) -> std::io::Result<()> {
+        let names = segment_names(&self.dir)?;
+        let known: HashSet<&str> = state.segments.iter().flatten().map(|s| &*s.name).collect();
+        let new: Vec<String> = names
+            .into_iter()
+            .filter(|n| !known.contains(n.as_str()))
+            .collect();
+        for name in new {
+            let path = segments_dir(&self.dir).join(format!("{name}.data"));
+            match File::open(&path) {
+                Ok(data) => state.segments.push(Some(Segment {
+                    name,
+                    data: Arc::new(data),
+                    index_read: 0,
+                    live: 0,
+                })),
+                // An index without its data: left by a crash while a segment was deleted.
+                Err(_) => {
+                    let _ = fs::remove_file(segments_dir(&self.dir).join(format!("{name}.index")));
                 }
             }
         }
-        let mut state = State::default();
-        for shard in fs::read_dir(dir.join("chunks")).map_err(io("scan"))? {
-            let shard = shard.map_err(io("scan"))?;
-            for file in fs::read_dir(shard.path()).map_err(io("scan"))? {
-                let file = file.map_err(io("scan"))?;
-                let Some(id) = file.file_name().to_str().and_then(parse_id) else {
-                    continue;
-                };
-                let meta = file.metadata().map_err(io("scan"))?;
-                let used = meta
-                    .modified()
-                    .ok()
-                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                    .map_or(0, |d| d.as_secs());
-                state.bytes += meta.len();
-                state.slots.insert(
-                    id,
-                    Slot {
-                        size: meta.len(),
-                        used,
-                    },
-                );
-                state.clock = state.clock.max(used);
+        for s in 0..state.segments.len() {
+            self.replay(state, s);
+        }
+        Ok(())
+    }
+
+    /// Applies segment `s`'s index records not yet seen.
+    fn replay(&self, state: &mut State, s: usize) {
+        let Some(seg) = &state.segments[s] else {
+            return;
+        };
+        let path = segments_dir(&self.dir).join(format!("{}.index", seg.name));
+        let mut bytes = Vec::new();
+        let read = File::open(&path).and_then(|mut f| {
+            std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(seg.index_read))?;
+            f.read_to_end(&mut bytes)
+        });
+        if read.is_err() {
+            // Deleted by another process: everything in it was evicted.
+            state.slots.retain(|_, slot| slot.segment != s);
+            state.segments[s] = None;
+            state.bytes = state.slots.values().map(|x| aligned(x.len)).sum();
+            return;
+        }
+        let size = seg.data.metadata().map_or(0, |m| m.len());
+        let (recs, used) = records(&bytes);
+        for r in recs {
+            match r.kind {
+                Kind::Present => {
+                    // A record whose data never reached the file (a crash) is no chunk.
+                    if r.offset + u64::from(r.len) > size || state.slots.contains_key(&r.id) {
+                        continue;
+                    }
+                    state.clock += 1;
+                    let used = state.clock;
+                    state.slots.insert(
+                        r.id,
+                        Slot {
+                            segment: s,
+                            offset: r.offset,
+                            len: r.len,
+                            used,
+                        },
+                    );
+                    state.bytes += aligned(r.len);
+                    if let Some(seg) = &mut state.segments[s] {
+                        seg.live += 1;
+                    }
+                }
+                Kind::Evicted => {
+                    let ours = state
+                        .slots
+                        .get(&r.id)
+                        .is_some_and(|x| x.segment == s && x.offset == r.offset);
+                    if ours {
+                        state.slots.remove(&r.id);
+                        state.bytes -= aligned(r.len);
+                        if let Some(seg) = &mut state.segments[s] {
+                            seg.live -= 1;
+                        }
+                    }
+                }
             }
         }
-        Ok(ChunkCache {
-            dir: dir.to_path_buf(),
-            limit,
-            state: Mutex::new(state),
-        })
+        if let Some(seg) = &mut state.segments[s] {
+            seg.index_read += used as u64;
+        }
     }
 
-    fn path_of(&self, id: &ChunkId) -> PathBuf {
-        chunk_path(&self.dir, id)
+    /// Takes in the chunks other processes stored since the last look (at most every 50 ms).
+    pub fn refresh(&self) {
+        let mut state = self.state.lock().expect("cache lock");
+        if state.refreshed.is_some_and(|t| t.elapsed() < REFRESH_EVERY) {
+            return;
+        }
+        state.refreshed = Some(Instant::now());
+        if let Err(e) = self.scan(&mut state) {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "cannot scan the chunk cache");
+        }
     }
 
-    /// The share of `ids` present in the cache at `dir`, read from disk without opening the
-    /// cache (opening clears its temporary folder, which a running mount may be writing to).
-    /// Long lists are sampled: one id at a pseudo-random place in each of 4096 equal stretches
-    /// (a fixed stride could fall in step with a pattern in the list), enough for placing
-    /// workspaces.
+    /// Appends records to segment `s`'s index (`O_APPEND`: several processes may) and replays
+    /// them.
+    fn append(&self, state: &mut State, s: usize, recs: &[Record]) -> std::io::Result<()> {
+        let Some(seg) = &state.segments[s] else {
+            return Ok(());
+        };
+        let bytes: Vec<u8> = recs.iter().flat_map(|r| r.encode()).collect();
+        OpenOptions::new()
+            .append(true)
+            .open(segments_dir(&self.dir).join(format!("{}.index", seg.name)))?
+            .write_all(&bytes)?;
+        self.replay(state, s);
+        Ok(())
+    }
+
+    /// Deletes segment `s` if no process writes to it any more.
+    fn delete_segment(&self, state: &mut State, s: usize) {
+        let Some(seg) = &state.segments[s] else {
+            return;
+        };
+        let path = segments_dir(&self.dir).join(format!("{}.data", seg.name));
+        let Ok(probe) = File::open(&path) else {
+            return;
+        };
+        if !try_lock(&probe) {
+            return;
+        }
+        let _ = fs::remove_file(segments_dir(&self.dir).join(format!("{}.index", seg.name)));
+        let _ = fs::remove_file(&path);
+        state.slots.retain(|_, slot| slot.segment != s);
+        state.segments[s] = None;
+    }
+
+    /// The share of `ids` present in the cache at `dir`, read from its index files without
+    /// opening the cache. Long lists are sampled: one id at a pseudo-random place in each of 4096
+    /// equal stretches (a fixed stride could fall in step with a pattern in the list), enough for
+    /// placing workspaces.
     pub fn share_on_disk(dir: &Path, ids: &[ChunkId]) -> f64 {
         const SAMPLE: usize = 4096;
         if ids.is_empty() {
@@ -161,9 +412,33 @@ impl ChunkCache {
                 })
                 .collect()
         };
+        let wanted: HashSet<ChunkId> = picks.iter().map(|&i| ids[i]).collect();
+        // Where each wanted chunk is stored: (segment, offset), so a tombstone takes out the
+        // copy it names.
+        let mut found: HashMap<ChunkId, (usize, u64)> = HashMap::new();
+        for (s, name) in segment_names(dir).unwrap_or_default().iter().enumerate() {
+            let Ok(bytes) = fs::read(segments_dir(dir).join(format!("{name}.index"))) else {
+                continue;
+            };
+            for r in records(&bytes).0 {
+                if !wanted.contains(&r.id) {
+                    continue;
+                }
+                match r.kind {
+                    Kind::Present => {
+                        found.entry(r.id).or_insert((s, r.offset));
+                    }
+                    Kind::Evicted => {
+                        if found.get(&r.id) == Some(&(s, r.offset)) {
+                            found.remove(&r.id);
+                        }
+                    }
+                }
+            }
+        }
         let present = picks
             .iter()
-            .filter(|&&i| chunk_path(dir, &ids[i]).exists())
+            .filter(|&&i| found.contains_key(&ids[i]))
             .count();
         present as f64 / picks.len() as f64
     }
@@ -176,35 +451,40 @@ impl ChunkCache {
             .contains_key(id)
     }
 
-    /// The chunk's content, verified; `None` if absent or found corrupt (then it is removed).
-    pub fn get(&self, id: &ChunkId) -> Option<Vec<u8>> {
-        {
+    /// Appends the chunk's content, verified, to `out`; false (and `out` as it was) if it is
+    /// absent or its bytes do not match its id (then it is dropped from the cache).
+    pub fn read_into(&self, id: &ChunkId, out: &mut Vec<u8>) -> bool {
+        let (file, offset, len) = {
             let mut state = self.state.lock().expect("cache lock");
             state.clock += 1;
             let clock = state.clock;
-            state.slots.get_mut(id)?.used = clock;
-        }
-        let path = self.path_of(id);
-        match fs::read(&path) {
-            Ok(data) if ChunkId::of(&data) == *id => Some(data),
-            Ok(_) => {
-                tracing::warn!(chunk = %id, "cached chunk is corrupt; removing it");
-                let _ = fs::remove_file(&path);
-                self.forget(id);
-                None
+            let Some(slot) = state.slots.get_mut(id) else {
+                return false;
+            };
+            slot.used = clock;
+            let (s, offset, len) = (slot.segment, slot.offset, slot.len);
+            match &state.segments[s] {
+                Some(seg) => (seg.data.clone(), offset, len as usize),
+                None => return false,
             }
-            Err(_) => {
-                self.forget(id);
-                None
-            }
+        };
+        let start = out.len();
+        out.resize(start + len, 0);
+        let ok = file.read_exact_at(&mut out[start..], offset).is_ok()
+            && ChunkId::of(&out[start..]) == *id;
+        if !ok {
+            out.truncate(start);
+            tracing::info!(chunk = %id, "cached chunk is gone or corrupt; dropping it");
+            let mut state = self.state.lock().expect("cache lock");
+            self.evict_chunk(&mut state, id);
         }
+        ok
     }
 
-    fn forget(&self, id: &ChunkId) {
-        let mut state = self.state.lock().expect("cache lock");
-        if let Some(slot) = state.slots.remove(id) {
-            state.bytes -= slot.size;
-        }
+    /// The chunk's content, verified; `None` if absent or found corrupt (then it is dropped).
+    pub fn get(&self, id: &ChunkId) -> Option<Vec<u8>> {
+        let mut out = Vec::new();
+        self.read_into(id, &mut out).then_some(out)
     }
 
     /// Stores a chunk after checking it against `id`.
@@ -222,44 +502,96 @@ impl ChunkCache {
                 source,
             }
         };
-        let path = self.path_of(id);
-        fs::create_dir_all(path.parent().expect("chunk paths have a parent"))
-            .map_err(io("write"))?;
-        let tmp = self.dir.join("tmp").join(format!(
-            "{}.{}.{:?}",
-            id.to_hex(),
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        let mut f = fs::File::create(&tmp).map_err(io("write"))?;
-        f.write_all(data).map_err(io("write"))?;
-        drop(f);
-        fs::rename(&tmp, &path).map_err(io("write"))?;
-        let mut state = self.state.lock().expect("cache lock");
-        state.clock += 1;
-        let used = state.clock;
-        if state
-            .slots
-            .insert(
-                *id,
-                Slot {
-                    size: data.len() as u64,
-                    used,
-                },
-            )
-            .is_none()
-        {
-            state.bytes += data.len() as u64;
+        let mut writer = self.writer.lock().expect("cache writer lock");
+        if self.contains(id) {
+            return Ok(());
         }
+        if writer.as_ref().is_none_or(|w| w.end >= SEGMENT_BYTES) {
+            *writer = Some(self.new_segment().map_err(io("start a segment"))?);
+        }
+        let w = writer.as_mut().expect("just made");
+        let offset = w.end;
+        w.data.write_all_at(data, offset).map_err(io("write"))?;
+        let len = u32::try_from(data.len()).expect("chunks are far below 4 GiB");
+        w.end = offset + aligned(len);
+        let record = Record {
+            kind: Kind::Present,
+            len,
+            offset,
+            id: *id,
+        };
+        w.index.write_all(&record.encode()).map_err(io("write"))?;
+        let mut state = self.state.lock().expect("cache lock");
+        self.replay(&mut state, w.segment);
         if let Some(limit) = self.limit
             && state.bytes > limit
         {
-            self.evict(&mut state, limit - limit / 10);
+            self.evict(&mut state, limit - limit / 10, Some(w.segment));
         }
         Ok(())
     }
 
-    fn evict(&self, state: &mut State, target: u64) {
+    /// Starts a segment of this process's own, locked for as long as the process writes to it.
+    fn new_segment(&self) -> std::io::Result<Writer> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let name = format!("{nanos:024}-{}", std::process::id());
+        let dir = segments_dir(&self.dir);
+        let data = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(dir.join(format!("{name}.data")))?;
+        // Locked before its index exists: nobody else takes it for an abandoned segment.
+        if !try_lock(&data) {
+            return Err(std::io::Error::other(
+                "a new segment is locked by another process",
+            ));
+        }
+        let index = OpenOptions::new()
+            .append(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(dir.join(format!("{name}.index")))?;
+        let read = Arc::new(data.try_clone()?);
+        let mut state = self.state.lock().expect("cache lock");
+        state.segments.push(Some(Segment {
+            name,
+            data: read,
+            index_read: 0,
+            live: 0,
+        }));
+        Ok(Writer {
+            segment: state.segments.len() - 1,
+            data,
+            index,
+            end: 0,
+        })
+    }
+
+    /// Drops one chunk: its range punched out, a tombstone in its segment's index.
+    fn evict_chunk(&self, state: &mut State, id: &ChunkId) {
+        let Some(slot) = state.slots.get(id) else {
+            return;
+        };
+        let (s, offset, len) = (slot.segment, slot.offset, slot.len);
+        if let Some(seg) = &state.segments[s] {
+            punch(&seg.data, offset, aligned(len));
+        }
+        let tomb = Record {
+            kind: Kind::Evicted,
+            len,
+            offset,
+            id: *id,
+        };
+        if self.append(state, s, &[tomb]).is_err() {
+            // The index is gone: so is the segment.
+            self.replay(state, s);
+        }
+    }
+
+    fn evict(&self, state: &mut State, target: u64, writing: Option<usize>) {
         let mut victims: Vec<(u64, ChunkId)> = state
             .slots
             .iter()
@@ -267,33 +599,60 @@ impl ChunkCache {
             .map(|(id, s)| (s.used, *id))
             .collect();
         victims.sort_unstable();
+        let mut emptied = HashSet::new();
         for (_, id) in victims {
             if state.bytes <= target {
                 break;
             }
-            if fs::remove_file(self.path_of(&id)).is_ok()
-                && let Some(slot) = state.slots.remove(&id)
-            {
-                state.bytes -= slot.size;
-                state.evicted += 1;
+            // Replaying a tombstone from another process may have dropped it already.
+            let Some(s) = state.slots.get(&id).map(|x| x.segment) else {
+                continue;
+            };
+            self.evict_chunk(state, &id);
+            state.evicted += 1;
+            if state.segments[s].as_ref().is_some_and(|g| g.live == 0) {
+                emptied.insert(s);
+            }
+        }
+        for s in emptied {
+            if Some(s) != writing {
+                self.delete_segment(state, s);
             }
         }
     }
 
-    /// Asks the kernel to start reading the files of these cached chunks. A sequential read of a
-    /// file spans many chunk files, and the kernel's readahead does not cross files by itself.
+    /// Asks the kernel to start reading these chunks (the window ahead of a file being read
+    /// from the cache): one call per run of adjacent chunks in a segment. The kernel's own
+    /// readahead on a segment is shared by every reader of it, and FUSE reads arrive several at a
+    /// time, a little out of order.
     pub fn advise_willneed(&self, ids: &[ChunkId]) {
-        use std::os::fd::AsRawFd as _;
-        for id in ids {
-            if !self.contains(id) {
-                continue;
-            }
-            if let Ok(f) = fs::File::open(self.path_of(id)) {
-                // SAFETY: the descriptor is open for the whole call; fadvise only gives a hint
-                // and reads no memory of ours.
-                unsafe {
-                    libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED);
+        let mut runs: Vec<(Arc<File>, usize, u64, u64)> = Vec::new();
+        {
+            let state = self.state.lock().expect("cache lock");
+            for id in ids {
+                let Some(slot) = state.slots.get(id) else {
+                    continue;
+                };
+                let end = slot.offset + aligned(slot.len);
+                match runs.last_mut() {
+                    Some((_, s, _, e)) if *s == slot.segment && *e == slot.offset => *e = end,
+                    _ => {
+                        if let Some(seg) = &state.segments[slot.segment] {
+                            runs.push((seg.data.clone(), slot.segment, slot.offset, end));
+                        }
+                    }
                 }
+            }
+        }
+        for (file, _, start, end) in runs {
+            // SAFETY: fadvise on a descriptor that is open for the whole call; a hint only.
+            unsafe {
+                libc::posix_fadvise(
+                    file.as_raw_fd(),
+                    start as libc::off_t,
+                    (end - start) as libc::off_t,
+                    libc::POSIX_FADV_WILLNEED,
+                );
             }
         }
     }
@@ -321,53 +680,125 @@ impl ChunkCache {
 mod tests {
     use super::*;
 
+    fn chunk(i: u8, len: usize) -> (ChunkId, Vec<u8>) {
+        let data: Vec<u8> = (0..len).map(|k| (k as u8).wrapping_mul(31) ^ i).collect();
+        (ChunkId::of(&data), data)
+    }
+
+    fn data_files(dir: &Path) -> Vec<PathBuf> {
+        fs::read_dir(segments_dir(dir))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "data"))
+            .collect()
+    }
+
     #[test]
     fn chunks_survive_reopening_and_corruption_is_never_served() {
         let dir = tempfile::tempdir().unwrap();
         let cache = ChunkCache::open(dir.path(), None).unwrap();
-        let data = b"some chunk".to_vec();
-        let id = ChunkId::of(&data);
+        let (id, data) = chunk(1, 10_000);
+        let (id2, data2) = chunk(2, 5000);
         assert!(matches!(
             cache.insert(&ChunkId::of(b"other"), &data),
             Err(CacheError::Corrupt(_))
         ));
         cache.insert(&id, &data).unwrap();
+        cache.insert(&id2, &data2).unwrap();
         drop(cache);
 
         let cache = ChunkCache::open(dir.path(), None).unwrap();
         assert_eq!(cache.get(&id), Some(data.clone()));
-        assert_eq!(cache.stats().bytes, data.len() as u64);
-        fs::write(cache.path_of(&id), b"bit rot").unwrap();
-        assert_eq!(cache.get(&id), None);
+        assert_eq!(cache.get(&id2), Some(data2.clone()));
+        assert_eq!(cache.stats().bytes, 3 * 4096 + 2 * 4096);
+        // Bit rot in the first chunk's bytes.
+        let seg = &data_files(dir.path())[0];
+        let f = OpenOptions::new().write(true).open(seg).unwrap();
+        f.write_all_at(b"bit rot", 100).unwrap();
+        let mut out = b"kept".to_vec();
+        assert!(!cache.read_into(&id, &mut out));
+        assert_eq!(out, b"kept", "a failed read left bytes behind");
         assert!(!cache.contains(&id));
-        assert!(!cache.path_of(&id).exists());
+        assert_eq!(cache.get(&id2), Some(data2.clone()));
+        // The tombstone holds after reopening; the chunk can be stored again.
+        drop(cache);
+        let cache = ChunkCache::open(dir.path(), None).unwrap();
+        assert!(!cache.contains(&id) && cache.contains(&id2));
+        cache.insert(&id, &data).unwrap();
+        assert_eq!(cache.get(&id), Some(data));
     }
 
     #[test]
-    fn opening_the_cache_again_leaves_other_writers_alone() {
+    fn a_record_whose_data_never_landed_is_no_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ChunkCache::open(dir.path(), None).unwrap();
+        let (a, da) = chunk(1, 9000);
+        let (b, db) = chunk(2, 9000);
+        cache.insert(&a, &da).unwrap();
+        cache.insert(&b, &db).unwrap();
+        drop(cache);
+        // A crash after b's index record but before its data: the file ends inside b.
+        let seg = &data_files(dir.path())[0];
+        OpenOptions::new()
+            .write(true)
+            .open(seg)
+            .unwrap()
+            .set_len(3 * 4096 + 100)
+            .unwrap();
+        // And a record torn at the end of the index.
+        let index = seg.with_extension("index");
+        let mut f = OpenOptions::new().append(true).open(&index).unwrap();
+        f.write_all(&[7u8; RECORD]).unwrap();
+        let cache = ChunkCache::open(dir.path(), None).unwrap();
+        assert!(!cache.contains(&b));
+        assert_eq!(cache.get(&a), Some(da));
+        assert_eq!(cache.stats().chunks, 1);
+    }
+
+    #[test]
+    fn processes_sharing_the_cache_see_each_others_chunks_and_evictions() {
         let dir = tempfile::tempdir().unwrap();
         let first = ChunkCache::open(dir.path(), None).unwrap();
-        // Another process's chunk being written as a second mount opens the cache.
-        let in_flight = dir.path().join("tmp/abc.1.ThreadId(2)");
-        std::fs::write(&in_flight, b"partial").unwrap();
-        let second = ChunkCache::open(dir.path(), None).unwrap();
-        assert!(in_flight.exists(), "a write in flight was removed");
-        let data = b"shared chunk".to_vec();
-        let id = ChunkId::of(&data);
-        first.insert(&id, &data).unwrap();
-        second.insert(&id, &data).unwrap();
-        assert_eq!(second.get(&id), Some(data));
+        let second = ChunkCache::open(dir.path(), Some(3 * 4096)).unwrap();
+        let (a, da) = chunk(1, 4000);
+        first.insert(&a, &da).unwrap();
+        assert!(!second.contains(&a));
+        std::thread::sleep(REFRESH_EVERY);
+        second.refresh();
+        assert_eq!(second.get(&a), Some(da.clone()));
+        // The second process fills its limit and evicts the oldest chunk (a, in the first's
+        // segment): the first sees the tombstone and no longer serves the punched range.
+        for i in 2..6 {
+            let (id, d) = chunk(i, 4000);
+            second.insert(&id, &d).unwrap();
+        }
+        assert!(!second.contains(&a));
+        std::thread::sleep(REFRESH_EVERY);
+        first.refresh();
+        assert!(!first.contains(&a), "an evicted chunk is still listed");
+        assert_eq!(first.get(&a), None);
+        // The first process still writes its segment: nobody deleted it.
+        assert_eq!(data_files(dir.path()).len(), 2);
+        drop(first);
+        let third = ChunkCache::open(dir.path(), None).unwrap();
+        // The first's segment held only evicted chunks: gone once nobody writes to it.
+        assert_eq!(data_files(dir.path()).len(), 1);
+        assert!(third.stats().chunks <= 3);
     }
 
     #[test]
     fn the_share_on_disk_counts_present_chunks() {
         let dir = tempfile::tempdir().unwrap();
         let cache = ChunkCache::open(dir.path(), None).unwrap();
-        let chunks: Vec<Vec<u8>> = (0..10u8).map(|i| vec![i; 100]).collect();
-        let ids: Vec<ChunkId> = chunks.iter().map(|c| ChunkId::of(c)).collect();
-        for c in &chunks[..3] {
-            cache.insert(&ChunkId::of(c), c).unwrap();
+        let chunks: Vec<(ChunkId, Vec<u8>)> = (0..10u8).map(|i| chunk(i, 100)).collect();
+        let ids: Vec<ChunkId> = chunks.iter().map(|c| c.0).collect();
+        for (id, c) in &chunks[..4] {
+            cache.insert(id, c).unwrap();
         }
+        let mut state = cache.state.lock().unwrap();
+        cache.evict_chunk(&mut state, &ids[3]);
+        drop(state);
         assert!((ChunkCache::share_on_disk(dir.path(), &ids) - 0.3).abs() < 1e-9);
         assert_eq!(ChunkCache::share_on_disk(dir.path(), &[]), 0.0);
         // Long lists are sampled evenly.
@@ -377,18 +808,26 @@ mod tests {
     }
 
     #[test]
-    fn eviction_keeps_pinned_and_recent_chunks() {
+    fn eviction_keeps_pinned_and_recent_chunks_and_frees_the_space() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = ChunkCache::open(dir.path(), Some(3000)).unwrap();
-        let chunks: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 1000]).collect();
-        let ids: Vec<ChunkId> = chunks.iter().map(|c| ChunkId::of(c)).collect();
-        cache.pin([ids[0]]);
-        for (id, c) in ids.iter().zip(&chunks) {
+        let cache = ChunkCache::open(dir.path(), Some(3 * 65536)).unwrap();
+        let chunks: Vec<(ChunkId, Vec<u8>)> = (0..5u8).map(|i| chunk(i, 65536)).collect();
+        cache.pin([chunks[0].0]);
+        for (id, c) in &chunks {
             cache.insert(id, c).unwrap();
         }
-        assert!(cache.stats().bytes <= 3000);
-        assert!(cache.contains(&ids[0]), "pinned chunk evicted");
-        assert!(cache.contains(&ids[4]), "newest chunk evicted");
-        assert!(!cache.contains(&ids[1]), "oldest unpinned chunk kept");
+        assert!(cache.stats().bytes <= 3 * 65536);
+        assert!(cache.contains(&chunks[0].0), "pinned chunk evicted");
+        assert!(cache.contains(&chunks[4].0), "newest chunk evicted");
+        assert!(!cache.contains(&chunks[1].0), "oldest unpinned chunk kept");
+        // The evicted ranges take no disk space.
+        use std::os::unix::fs::MetadataExt as _;
+        let meta = fs::metadata(&data_files(dir.path())[0]).unwrap();
+        assert!(
+            meta.blocks() * 512 <= 3 * 65536,
+            "{} bytes allocated",
+            meta.blocks() * 512
+        );
+        assert_eq!(cache.get(&chunks[4].0).as_deref(), Some(&chunks[4].1[..]));
     }
 }

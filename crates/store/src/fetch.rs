@@ -92,81 +92,94 @@ impl ChunkFetcher {
         &self.cache
     }
 
-    /// The content of the chunks `wanted` (indices into the index's chunk table), in order.
-    /// `extra` chunks are fetched in the same requests when missing (readahead) but not returned.
-    pub fn read(&self, wanted: &[u32], extra: &[u32]) -> Result<Vec<Vec<u8>>, FetchError> {
+    /// The content of the chunks `wanted` (indices into the index's chunk table), one after
+    /// the other. `extra` chunks are fetched in the same requests when missing (readahead) but
+    /// not returned.
+    pub fn read(&self, wanted: &[u32], extra: &[u32]) -> Result<Vec<u8>, FetchError> {
+        let mut out = Vec::new();
+        self.read_into(wanted, extra, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`ChunkFetcher::read`] into a buffer the caller reuses: the content is appended to `out`.
+    pub fn read_into(
+        &self,
+        wanted: &[u32],
+        extra: &[u32],
+        out: &mut Vec<u8>,
+    ) -> Result<(), FetchError> {
         self.counters
             .demand_in_flight
             .fetch_add(1, Ordering::SeqCst);
-        let result = self.read_inner(wanted, extra);
+        let result = self.read_inner(wanted, extra, out);
         self.counters
             .demand_in_flight
             .fetch_sub(1, Ordering::SeqCst);
         result
     }
 
-    fn read_inner(&self, wanted: &[u32], extra: &[u32]) -> Result<Vec<Vec<u8>>, FetchError> {
-        let mut out: Vec<Option<Vec<u8>>> = wanted.iter().map(|&c| self.cached(c)).collect();
-        if out.iter().all(Option::is_some) {
-            // Everything is local: warm the files of the chunks that come next (the
-            // readahead window), which the kernel would otherwise read one file at a time.
+    fn read_inner(
+        &self,
+        wanted: &[u32],
+        extra: &[u32],
+        out: &mut Vec<u8>,
+    ) -> Result<(), FetchError> {
+        let start = out.len();
+        // The common case: everything local, read straight into `out`.
+        let mut hits = 0;
+        for &c in wanted {
+            if !self.cache.read_into(&self.loc(c).id, out) {
+                break;
+            }
+            hits += 1;
+        }
+        self.counters
+            .cache_hits
+            .fetch_add(hits as u64, Ordering::Relaxed);
+        if hits == wanted.len() {
             let ahead: Vec<_> = extra.iter().map(|&c| self.loc(c).id).collect();
             self.cache.advise_willneed(&ahead);
-            self.counters
-                .cache_hits
-                .fetch_add(wanted.len() as u64, Ordering::Relaxed);
-            return Ok(out.into_iter().map(|c| c.expect("all present")).collect());
+            return Ok(());
         }
-        let missing: Vec<u32> = wanted
+        // Another process may have stored them since.
+        self.cache.refresh();
+        let rest = &wanted[hits..];
+        let missing: Vec<u32> = rest
             .iter()
-            .zip(&out)
-            .filter(|(_, d)| d.is_none())
-            .map(|(c, _)| *c)
-            .chain(
-                extra
-                    .iter()
-                    .copied()
-                    .filter(|c| !self.cache.contains(&self.loc(*c).id)),
-            )
+            .chain(extra)
+            .copied()
+            .filter(|c| !self.cache.contains(&self.loc(*c).id))
             .collect();
-        self.counters.cache_hits.fetch_add(
-            out.iter().filter(|d| d.is_some()).count() as u64,
-            Ordering::Relaxed,
-        );
         let fetched = self.fetch(&missing)?;
-        for (slot, c) in out.iter_mut().zip(wanted) {
-            if slot.is_some() {
+        for &c in rest {
+            if let Some((_, d)) = fetched.iter().find(|(i, _)| *i == c) {
+                self.counters.cache_misses.fetch_add(1, Ordering::Relaxed);
+                out.extend_from_slice(d);
                 continue;
             }
+            if self.cache.read_into(&self.loc(c).id, out) {
+                continue;
+            }
+            // Another reader was fetching it and failed, or it was evicted since: fetch it here.
             self.counters.cache_misses.fetch_add(1, Ordering::Relaxed);
-            *slot = fetched
-                .iter()
-                .find(|(i, _)| i == c)
-                .map(|(_, d)| d.clone())
-                .or_else(|| self.cached(*c));
-            if slot.is_none() {
-                // Another reader was fetching it and failed: fetch it here.
-                let again = self.fetch(&[*c])?;
-                *slot = again
-                    .into_iter()
-                    .next()
-                    .map(|(_, d)| d)
-                    .or_else(|| self.cached(*c));
+            match self.fetch(&[c])?.into_iter().next() {
+                Some((_, d)) => out.extend_from_slice(&d),
+                None if self.cache.read_into(&self.loc(c).id, out) => {}
+                None => {
+                    out.truncate(start);
+                    return Err(FetchError::Unavailable {
+                        chunk: self.loc(c).id,
+                        store: self.store.describe(),
+                    });
+                }
             }
         }
-        out.into_iter()
-            .zip(wanted)
-            .map(|(d, c)| {
-                d.ok_or_else(|| FetchError::Unavailable {
-                    chunk: self.loc(*c).id,
-                    store: self.store.describe(),
-                })
-            })
-            .collect()
+        Ok(())
     }
 
     /// Makes sure the chunks are in the cache (prefetch and background pull).
     pub fn prefetch(&self, chunks: &[u32]) -> Result<(), FetchError> {
+        self.cache.refresh();
         let missing: Vec<u32> = chunks
             .iter()
             .copied()
@@ -177,10 +190,6 @@ impl ChunkFetcher {
 
     fn loc(&self, c: u32) -> ChunkLoc {
         self.index.chunks[c as usize]
-    }
-
-    fn cached(&self, c: u32) -> Option<Vec<u8>> {
-        self.cache.get(&self.loc(c).id)
     }
 
     /// Fetches `chunks` (claiming them so concurrent readers wait instead of fetching them too)

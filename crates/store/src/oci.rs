@@ -248,7 +248,7 @@ pub fn export_oci(
             EntryKind::File => {
                 h.set_entry_type(tar::EntryType::Regular);
                 h.set_size(e.size);
-                let data = fetcher.read(&e.chunks, &[])?.concat();
+                let data = fetcher.read(&e.chunks, &[])?;
                 tar.append_data(&mut h, path, &data[..])
             }
             EntryKind::Symlink => {

@@ -44,7 +44,7 @@ fn file_content(fetcher: &ChunkFetcher, path: &str) -> Vec<u8> {
     let index = fetcher.index();
     let e = &index.entries[index.find(path.as_bytes()).unwrap()];
     assert_eq!(e.kind, EntryKind::File);
-    fetcher.read(&e.chunks, &[]).unwrap().concat()
+    fetcher.read(&e.chunks, &[]).unwrap()
 }
 
 #[test]
