@@ -8,7 +8,7 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use warren_image::{ChunkLoc, TreeIndex, open_chunk};
 
@@ -17,6 +17,14 @@ use crate::cache::{CacheError, ChunkCache};
 
 /// Gaps up to this size between wanted chunks are read through (one request beats two).
 const MAX_GAP: u64 = 64 << 10;
+/// Pack readahead: an on-demand fetch also takes the chunks that follow it in its pack, this
+/// much at first (compressed bytes) ...
+const PACK_AHEAD_MIN: u64 = 128 << 10;
+/// ... doubling while reads keep landing where the last fetch ended, up to this.
+const PACK_AHEAD_MAX: u64 = 2 << 20;
+/// Places in the packs followed at once: a program reading several folders in turn (each
+/// library's files) goes through each of them.
+const PACK_STREAMS: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -48,6 +56,14 @@ pub struct Counters {
     pub demand_in_flight: AtomicU64,
 }
 
+/// Where an on-demand fetch ended in its pack, and how far it read ahead.
+#[derive(Debug)]
+struct PackStream {
+    blob: u32,
+    end: u64,
+    window: u64,
+}
+
 #[derive(Debug)]
 pub struct ChunkFetcher {
     store: Arc<dyn BlobStore>,
@@ -55,6 +71,10 @@ pub struct ChunkFetcher {
     index: Arc<TreeIndex>,
     in_flight: Mutex<HashSet<u32>>,
     landed: Condvar,
+    /// Each pack's chunks in pack order, built on the first miss.
+    pack_order: OnceLock<Vec<Vec<u32>>>,
+    /// The places readers are going through, the most recently used last.
+    ahead: Mutex<Vec<PackStream>>,
     max_request: u64,
     pub counters: Counters,
 }
@@ -79,6 +99,8 @@ impl ChunkFetcher {
             index,
             in_flight: Mutex::new(HashSet::new()),
             landed: Condvar::new(),
+            pack_order: OnceLock::new(),
+            ahead: Mutex::new(Vec::new()),
             max_request,
             counters: Counters::default(),
         }
@@ -144,12 +166,13 @@ impl ChunkFetcher {
         // Another process may have stored them since.
         self.cache.refresh();
         let rest = &wanted[hits..];
-        let missing: Vec<u32> = rest
+        let mut missing: Vec<u32> = rest
             .iter()
             .chain(extra)
             .copied()
             .filter(|c| !self.cache.contains(&self.loc(*c).id))
             .collect();
+        missing.extend(self.pack_ahead(&missing));
         let fetched = self.fetch(&missing)?;
         for &c in rest {
             if let Some((_, d)) = fetched.iter().find(|(i, _)| *i == c) {
@@ -175,6 +198,78 @@ impl ChunkFetcher {
             }
         }
         Ok(())
+    }
+
+    /// The chunks to fetch along with an on-demand miss: those that follow it in its pack.
+    /// Images are packed in path order, so the files next to a file just read (the rest of its
+    /// folder) come with it, and a reader going through a folder needs one request per window
+    /// instead of one per file. The window grows like the kernel's readahead: from
+    /// [`PACK_AHEAD_MIN`], doubling while each miss lands where the last fetch ended (the
+    /// reader is going through the pack). Several such places are followed at once.
+    fn pack_ahead(&self, missing: &[u32]) -> Vec<u32> {
+        let (Some(&first), Some(&last)) = (missing.first(), missing.last()) else {
+            return Vec::new();
+        };
+        let (first, last) = (self.loc(first), self.loc(last));
+        let order = self.pack_order.get_or_init(|| {
+            let mut order = vec![Vec::new(); self.index.blobs.len()];
+            for (c, loc) in self.index.chunks.iter().enumerate() {
+                if let Some(o) = order.get_mut(loc.blob as usize) {
+                    o.push(c as u32);
+                }
+            }
+            for o in &mut order {
+                o.sort_by_key(|&c| self.loc(c).offset);
+                o.dedup_by_key(|c| self.loc(*c).offset);
+            }
+            order
+        });
+        let Some(pack) = order.get(last.blob as usize) else {
+            return Vec::new();
+        };
+        let mut streams = self.ahead.lock().expect("readahead lock");
+        // The stream this miss continues (it lands where that one ended, give or take a gap
+        // the fetch would read through), or a new one in place of the least recently used.
+        let near = |s: &PackStream| {
+            s.blob == first.blob && first.offset >= s.end && first.offset <= s.end + MAX_GAP
+        };
+        let at = match streams.iter().position(near) {
+            Some(i) => {
+                let mut s = streams.remove(i);
+                s.window = (s.window * 2).min(PACK_AHEAD_MAX);
+                s
+            }
+            None => {
+                if streams.len() >= PACK_STREAMS {
+                    streams.remove(0);
+                }
+                PackStream {
+                    blob: first.blob,
+                    end: 0,
+                    window: PACK_AHEAD_MIN,
+                }
+            }
+        };
+        streams.push(at);
+        let stream = streams.last_mut().expect("just pushed");
+        let after = pack.partition_point(|&c| self.loc(c).offset <= last.offset);
+        let mut out = Vec::new();
+        let mut taken = 0;
+        let mut end = last.offset + u64::from(last.compressed_len);
+        for &c in &pack[after..] {
+            if taken >= stream.window {
+                break;
+            }
+            let loc = self.loc(c);
+            taken += u64::from(loc.compressed_len);
+            end = loc.offset + u64::from(loc.compressed_len);
+            if !self.cache.contains(&loc.id) {
+                out.push(c);
+            }
+        }
+        stream.blob = last.blob;
+        stream.end = end;
+        out
     }
 
     /// Makes sure the chunks are in the cache (prefetch and background pull).

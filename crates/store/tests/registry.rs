@@ -13,6 +13,18 @@ use warren_store::{
 };
 use warren_testkit::Registry;
 
+/// The tree at `<dir>/src` imported and committed as `tag` to a fresh local store in `dir`.
+fn commit_tree(dir: &std::path::Path, config: ImageConfig, tag: &str) -> LocalStore {
+    let work = dir.join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let mut b = ImageBuilder::new(&work, ChunkParams::default(), Limits::default());
+    import_dir(&mut b, &dir.join("src")).unwrap();
+    let built = b.finish().unwrap();
+    let store = LocalStore::open(&dir.join("store")).unwrap();
+    commit(&store, &built, config, tag).unwrap();
+    store
+}
+
 /// A small image committed to a fresh local store: one 2 MiB file and one small one.
 fn local_image() -> (tempfile::TempDir, LocalStore, Vec<u8>) {
     let dir = tempfile::tempdir().unwrap();
@@ -21,22 +33,11 @@ fn local_image() -> (tempfile::TempDir, LocalStore, Vec<u8>) {
     let big = warren_testkit::pseudo_random(2 << 20, 3);
     std::fs::write(src.join("data/big"), &big).unwrap();
     std::fs::write(src.join("hello"), b"hello\n").unwrap();
-    let work = dir.path().join("work");
-    std::fs::create_dir_all(&work).unwrap();
-    let mut b = ImageBuilder::new(&work, ChunkParams::default(), Limits::default());
-    import_dir(&mut b, &src).unwrap();
-    let built = b.finish().unwrap();
-    let store = LocalStore::open(&dir.path().join("store")).unwrap();
-    commit(
-        &store,
-        &built,
-        ImageConfig {
-            env: vec!["PATH=/usr/bin".into()],
-            ..Default::default()
-        },
-        "demo:1",
-    )
-    .unwrap();
+    let config = ImageConfig {
+        env: vec!["PATH=/usr/bin".into()],
+        ..Default::default()
+    };
+    let store = commit_tree(dir.path(), config, "demo:1");
     (dir, store, big)
 }
 
@@ -205,4 +206,80 @@ fn a_registry_with_basic_auth_wants_the_right_credentials() {
     );
     let digest = copy_image(&local, &ada, "demo:1", "1", |_, _| {}).unwrap();
     assert_eq!(open_image(&ada, "1").unwrap().digest, digest);
+}
+
+/// Reading files on demand: the files next to one just read come in the same request, the
+/// window growing while a reader goes through a folder (several folders in turn each get their
+/// own), and an isolated read brings little more than itself.
+#[test]
+fn reads_bring_their_neighbours_in_the_pack_and_little_else() {
+    const FILE: usize = 32 << 10;
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    let mut seed = 1;
+    let mut sources = std::collections::HashMap::new();
+    for folder in ["a", "b", "c", "d", "scattered"] {
+        std::fs::create_dir_all(src.join(folder)).unwrap();
+        for i in 0..40 {
+            seed += 2; // odd seeds: the generator ignores the lowest bit
+            let data = warren_testkit::pseudo_random(FILE, seed);
+            let path = format!("{folder}/f{i:02}");
+            std::fs::write(src.join(&path), &data).unwrap();
+            sources.insert(path, data);
+        }
+    }
+    let store = commit_tree(dir.path(), ImageConfig::default(), "n:1");
+    let image = open_image(&store, "n:1").unwrap();
+    let cache = Arc::new(ChunkCache::open(&dir.path().join("cache"), None).unwrap());
+    let fetcher = ChunkFetcher::new(Arc::new(store), cache, image.index.clone(), 8 << 20);
+    let counter = |f: &ChunkFetcher| {
+        (
+            f.counters
+                .requests
+                .load(std::sync::atomic::Ordering::Relaxed),
+            f.counters
+                .bytes_fetched
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+    };
+
+    // Four folders read in turn, a file from each: 160 files.
+    for i in 0..40 {
+        for folder in ["a", "b", "c", "d"] {
+            let path = format!("{folder}/f{i:02}");
+            assert_eq!(file_content(&fetcher, &path), sources[&path], "{path}");
+        }
+    }
+    let (requests, fetched) = counter(&fetcher);
+    // Compressed, as fetched.
+    let stored = |folder: &str| -> u64 {
+        let index = fetcher.index();
+        index
+            .entries
+            .iter()
+            .filter(|e| e.path_str().starts_with(&format!("{folder}/")))
+            .flat_map(|e| &e.chunks)
+            .map(|&c| u64::from(index.chunks[c as usize].compressed_len))
+            .sum()
+    };
+    let read: u64 = ["a", "b", "c", "d"].iter().map(|f| stored(f)).sum();
+    assert!(requests <= 4 * 6, "{requests} requests for 160 files");
+    assert!(
+        fetched <= read + 4 * (2 << 20) && fetched >= read,
+        "{fetched} bytes fetched for {read}"
+    );
+
+    // One file in eight of another folder: each read on its own, with a small window.
+    for i in (0..40).step_by(8) {
+        let path = format!("scattered/f{i:02}");
+        assert_eq!(file_content(&fetcher, &path), sources[&path], "{path}");
+    }
+    let (requests2, fetched2) = counter(&fetcher);
+    assert_eq!(requests2 - requests, 5, "isolated reads were merged");
+    assert!(
+        fetched2 - fetched <= 5 * (stored("scattered") / 40 + (160 << 10)),
+        "{} bytes fetched for five files of {} stored",
+        fetched2 - fetched,
+        stored("scattered") / 40
+    );
 }
