@@ -554,7 +554,9 @@ impl ChunkCache {
             .create_new(true)
             .mode(0o644)
             .open(dir.join(format!("{name}.index")))?;
-        let read = Arc::new(data.try_clone()?);
+        // A handle of its own for reads: the lock goes with the writer's when it moves on to
+        // a new segment, and this one may be deleted once emptied.
+        let read = Arc::new(File::open(dir.join(format!("{name}.data")))?);
         let mut state = self.state.lock().expect("cache lock");
         state.segments.push(Some(Segment {
             name,
@@ -577,7 +579,11 @@ impl ChunkCache {
         };
         let (s, offset, len) = (slot.segment, slot.offset, slot.len);
         if let Some(seg) = &state.segments[s] {
-            punch(&seg.data, offset, aligned(len));
+            // Read handles are read-only; punching takes a writable one.
+            let path = segments_dir(&self.dir).join(format!("{}.data", seg.name));
+            if let Ok(f) = OpenOptions::new().write(true).open(path) {
+                punch(&f, offset, aligned(len));
+            }
         }
         let tomb = Record {
             kind: Kind::Evicted,
