@@ -181,6 +181,7 @@ impl ChunkFetcher {
                 continue;
             }
             if self.cache.read_into(&self.loc(c).id, out) {
+                self.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             // Another reader was fetching it and failed, or it was evicted since: fetch it here.
