@@ -866,7 +866,7 @@ fn report(r: &Results) {
         ByteSize(r.startup_bytes)
     );
     println!(
-        "| link | ideal | skopeo+umoci full | warren full pull | lazy, no trace (of ideal+1s) | lazy, trace (of ideal+1s; speed-up) | requests no trace / trace | fetched no trace / trace | background pull (of link) |"
+        "| link | ideal | skopeo+umoci full | warren full pull | lazy, no trace (of 1.5×ideal+1s) | lazy, trace (of 1.5×ideal+1s; speed-up) | requests no trace / trace | fetched no trace / trace | background pull (of link) |"
     );
     println!("|---|---|---|---|---|---|---|---|---|");
     for x in &r.rates {
