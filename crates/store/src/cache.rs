@@ -177,6 +177,11 @@ fn segments_dir(dir: &Path) -> PathBuf {
     dir.join("segments")
 }
 
+/// A segment's data (`"data"`) or index (`"index"`) file in the cache at `dir`.
+fn segment_file(dir: &Path, name: &str, kind: &str) -> PathBuf {
+    segments_dir(dir).join(format!("{name}.{kind}"))
+}
+
 /// Takes `flock(LOCK_EX | LOCK_NB)` on `file`: true if no other process holds it.
 fn try_lock(file: &File) -> bool {
     // SAFETY: flock on a descriptor that is open for the whole call.
@@ -259,7 +264,7 @@ impl ChunkCache {
             .filter(|n| !known.contains(n.as_str()))
             .collect();
         for name in new {
-            let path = segments_dir(&self.dir).join(format!("{name}.data"));
+            let path = segment_file(&self.dir, &name, "data");
             match File::open(&path) {
                 Ok(data) => state.segments.push(Some(Segment {
                     name,
@@ -269,7 +274,7 @@ impl ChunkCache {
                 })),
                 // An index without its data: left by a crash while a segment was deleted.
                 Err(_) => {
-                    let _ = fs::remove_file(segments_dir(&self.dir).join(format!("{name}.index")));
+                    let _ = fs::remove_file(segment_file(&self.dir, &name, "index"));
                 }
             }
         }
@@ -284,7 +289,7 @@ impl ChunkCache {
         let Some(seg) = &state.segments[s] else {
             return;
         };
-        let path = segments_dir(&self.dir).join(format!("{}.index", seg.name));
+        let path = segment_file(&self.dir, &seg.name, "index");
         let mut bytes = Vec::new();
         let read = File::open(&path).and_then(|mut f| {
             std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(seg.index_read))?;
@@ -354,17 +359,16 @@ impl ChunkCache {
         }
     }
 
-    /// Appends records to segment `s`'s index (`O_APPEND`: several processes may) and replays
-    /// them.
-    fn append(&self, state: &mut State, s: usize, recs: &[Record]) -> std::io::Result<()> {
+    /// Appends a record to segment `s`'s index (`O_APPEND`: several processes may) and replays
+    /// it.
+    fn append(&self, state: &mut State, s: usize, record: Record) -> std::io::Result<()> {
         let Some(seg) = &state.segments[s] else {
             return Ok(());
         };
-        let bytes: Vec<u8> = recs.iter().flat_map(|r| r.encode()).collect();
         OpenOptions::new()
             .append(true)
-            .open(segments_dir(&self.dir).join(format!("{}.index", seg.name)))?
-            .write_all(&bytes)?;
+            .open(segment_file(&self.dir, &seg.name, "index"))?
+            .write_all(&record.encode())?;
         self.replay(state, s);
         Ok(())
     }
@@ -374,14 +378,14 @@ impl ChunkCache {
         let Some(seg) = &state.segments[s] else {
             return;
         };
-        let path = segments_dir(&self.dir).join(format!("{}.data", seg.name));
+        let path = segment_file(&self.dir, &seg.name, "data");
         let Ok(probe) = File::open(&path) else {
             return;
         };
         if !try_lock(&probe) {
             return;
         }
-        let _ = fs::remove_file(segments_dir(&self.dir).join(format!("{}.index", seg.name)));
+        let _ = fs::remove_file(segment_file(&self.dir, &seg.name, "index"));
         let _ = fs::remove_file(&path);
         state.slots.retain(|_, slot| slot.segment != s);
         state.segments[s] = None;
@@ -417,7 +421,7 @@ impl ChunkCache {
         // copy it names.
         let mut found: HashMap<ChunkId, (usize, u64)> = HashMap::new();
         for (s, name) in segment_names(dir).unwrap_or_default().iter().enumerate() {
-            let Ok(bytes) = fs::read(segments_dir(dir).join(format!("{name}.index"))) else {
+            let Ok(bytes) = fs::read(segment_file(dir, name, "index")) else {
                 continue;
             };
             for r in records(&bytes).0 {
@@ -526,7 +530,7 @@ impl ChunkCache {
         if let Some(limit) = self.limit
             && state.bytes > limit
         {
-            self.evict(&mut state, limit - limit / 10, Some(w.segment));
+            self.evict(&mut state, limit - limit / 10);
         }
         Ok(())
     }
@@ -537,12 +541,11 @@ impl ChunkCache {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
         let name = format!("{nanos:024}-{}", std::process::id());
-        let dir = segments_dir(&self.dir);
         let data = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
-            .open(dir.join(format!("{name}.data")))?;
+            .open(segment_file(&self.dir, &name, "data"))?;
         // Locked before its index exists: nobody else takes it for an abandoned segment.
         if !try_lock(&data) {
             return Err(std::io::Error::other(
@@ -553,10 +556,10 @@ impl ChunkCache {
             .append(true)
             .create_new(true)
             .mode(0o644)
-            .open(dir.join(format!("{name}.index")))?;
+            .open(segment_file(&self.dir, &name, "index"))?;
         // A handle of its own for reads: the lock goes with the writer's when it moves on to
         // a new segment, and this one may be deleted once emptied.
-        let read = Arc::new(File::open(dir.join(format!("{name}.data")))?);
+        let read = Arc::new(File::open(segment_file(&self.dir, &name, "data"))?);
         let mut state = self.state.lock().expect("cache lock");
         state.segments.push(Some(Segment {
             name,
@@ -580,7 +583,7 @@ impl ChunkCache {
         let (s, offset, len) = (slot.segment, slot.offset, slot.len);
         if let Some(seg) = &state.segments[s] {
             // Read handles are read-only; punching takes a writable one.
-            let path = segments_dir(&self.dir).join(format!("{}.data", seg.name));
+            let path = segment_file(&self.dir, &seg.name, "data");
             if let Ok(f) = OpenOptions::new().write(true).open(path) {
                 punch(&f, offset, aligned(len));
             }
@@ -591,13 +594,13 @@ impl ChunkCache {
             offset,
             id: *id,
         };
-        if self.append(state, s, &[tomb]).is_err() {
+        if self.append(state, s, tomb).is_err() {
             // The index is gone: so is the segment.
             self.replay(state, s);
         }
     }
 
-    fn evict(&self, state: &mut State, target: u64, writing: Option<usize>) {
+    fn evict(&self, state: &mut State, target: u64) {
         let mut victims: Vec<(u64, ChunkId)> = state
             .slots
             .iter()
@@ -620,10 +623,9 @@ impl ChunkCache {
                 emptied.insert(s);
             }
         }
+        // This process's own segment stays: its writer holds the lock.
         for s in emptied {
-            if Some(s) != writing {
-                self.delete_segment(state, s);
-            }
+            self.delete_segment(state, s);
         }
     }
 
