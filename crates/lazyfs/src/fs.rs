@@ -443,8 +443,11 @@ pub fn mount(fs: LazyFs, mountpoint: &Path) -> std::io::Result<fuser::Background
 }
 
 /// FUSE asks for `max_readahead` at init but the kernel caps it at the mount's default of
-/// 128 KiB: a sequential read then costs a request per 128 KiB. The cap is the mount's
-/// `read_ahead_kb` in sysfs (writable by root); raised to 1 MiB, a large read is a few requests.
+/// 128 KiB: a sequential read then costs a request per 128 KiB, one after another. The cap is the
+/// mount's `read_ahead_kb` in sysfs (writable by root). At 8 MiB a sequential read keeps eight
+/// 1 MiB requests in flight, and the cache's disk reads overlap the hashing and copying of the
+/// requests before them: a cold read of a cached 256 MiB file ran at 1.8 GB/s against 1.25 GB/s
+/// with 1 MiB (4 MiB: 1.65, 16 MiB: 1.5). The window only grows that far for reads in order.
 fn widen_readahead(mountpoint: &Path) {
     use std::os::unix::fs::MetadataExt as _;
     let Ok(meta) = std::fs::metadata(mountpoint) else {
@@ -456,7 +459,7 @@ fn widen_readahead(mountpoint: &Path) {
         libc::major(dev),
         libc::minor(dev)
     );
-    if let Err(e) = std::fs::write(&path, "1024") {
+    if let Err(e) = std::fs::write(&path, "8192") {
         tracing::debug!(path, error = %e, "cannot raise the mount's readahead");
     }
 }

@@ -11,12 +11,18 @@
 //! - Which chunks are present survives restarts: the index files, replayed at open. Chunks other
 //!   processes stored since are picked up by [`ChunkCache::refresh`].
 //! - A crash never serves a half chunk: every chunk is verified against its id when inserted and
-//!   again on every read. Bytes that do not match (a write torn by a crash, bit rot, a range
-//!   another process evicted) are a miss: the chunk is dropped and the caller fetches it again.
+//!   again the first time each process reads it. Bytes that do not match (a write torn by a
+//!   crash, bit rot, a range another process evicted) are a miss: the chunk is dropped and the
+//!   caller fetches it again.
+//! - A process that has verified a chunk holds a lease on it: a shared open-file-description
+//!   lock (`F_OFD_SETLK`) on its byte range, released when the process exits. Eviction takes an
+//!   exclusive lock on the range before punching it, and passes over a chunk it cannot lock, so
+//!   a verified chunk cannot change under its reader and later reads skip the hash. A chunk some
+//!   running process has read is therefore kept, whoever evicts.
 //! - With a size limit, the least recently used chunks that no image this process mounts pins
-//!   are evicted: their range is punched out of the segment (`fallocate`), a tombstone record is
-//!   appended to the segment's index, and a segment with nothing left is deleted once no process
-//!   writes to it.
+//!   and no other process leases are evicted: their range is punched out of the segment
+//!   (`fallocate`), a tombstone record is appended to the segment's index, and a segment with
+//!   nothing left is deleted once no process writes to it.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
@@ -141,6 +147,8 @@ struct Slot {
     offset: u64,
     len: u32,
     used: u64,
+    /// Verified by this process, which holds a lease on its range: reads skip the hash.
+    leased: bool,
 }
 
 #[derive(Debug, Default)]
@@ -186,6 +194,51 @@ fn segment_file(dir: &Path, name: &str, kind: &str) -> PathBuf {
 fn try_lock(file: &File) -> bool {
     // SAFETY: flock on a descriptor that is open for the whole call.
     unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
+/// Takes (`F_RDLCK`, `F_WRLCK`) or drops (`F_UNLCK`) an open-file-description lock on
+/// `[offset, offset + len)` of `file` without waiting: false if another holds a conflicting one.
+/// Such locks belong to the open file, not the thread, and go when it is closed.
+fn range_lock(file: &File, kind: libc::c_int, offset: u64, len: u64) -> bool {
+    let lock = libc::flock {
+        l_type: kind as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: offset as libc::off_t,
+        l_len: len as libc::off_t,
+        l_pid: 0,
+    };
+    // SAFETY: fcntl on a descriptor that is open for the whole call, with a pointer to a lock
+    // description that outlives it.
+    unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) == 0 }
+}
+
+/// Reads `len` bytes at `offset` of `file` onto the end of `out`, without zeroing them first;
+/// false (and `out` as it was) if the file ends before or the read fails.
+fn append_from(file: &File, offset: u64, len: usize, out: &mut Vec<u8>) -> bool {
+    out.reserve(len);
+    let spare = &mut out.spare_capacity_mut()[..len];
+    let mut done = 0;
+    while done < len {
+        // SAFETY: pread on a descriptor open for the whole call, into the `len - done` bytes
+        // of reserved capacity left after `done`; the kernel only writes them.
+        let n = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                spare[done..].as_mut_ptr().cast(),
+                len - done,
+                (offset + done as u64) as libc::off_t,
+            )
+        };
+        match n {
+            n if n > 0 => done += n as usize,
+            -1 if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
+            _ => return false,
+        }
+    }
+    let filled = out.len() + len;
+    // SAFETY: the `len` bytes after the old length were all written by pread above.
+    unsafe { out.set_len(filled) };
+    true
 }
 
 /// Frees `[offset, offset + len)` of `file`, keeping its size.
@@ -320,6 +373,7 @@ impl ChunkCache {
                             offset: r.offset,
                             len: r.len,
                             used,
+                            leased: false,
                         },
                     );
                     state.bytes += aligned(r.len);
@@ -457,8 +511,11 @@ impl ChunkCache {
 
     /// Appends the chunk's content, verified, to `out`; false (and `out` as it was) if it is
     /// absent or its bytes do not match its id (then it is dropped from the cache).
+    ///
+    /// The first read verifies the bytes and takes a lease on them; later reads in this process
+    /// trust them, since no process can punch a leased range.
     pub fn read_into(&self, id: &ChunkId, out: &mut Vec<u8>) -> bool {
-        let (file, offset, len) = {
+        let (file, s, offset, len, leased) = {
             let mut state = self.state.lock().expect("cache lock");
             state.clock += 1;
             let clock = state.clock;
@@ -466,23 +523,53 @@ impl ChunkCache {
                 return false;
             };
             slot.used = clock;
-            let (s, offset, len) = (slot.segment, slot.offset, slot.len);
+            let (s, offset, len, leased) = (slot.segment, slot.offset, slot.len, slot.leased);
             match &state.segments[s] {
-                Some(seg) => (seg.data.clone(), offset, len as usize),
+                Some(seg) => (seg.data.clone(), s, offset, len, leased),
                 None => return false,
             }
         };
+        if leased {
+            return append_from(&file, offset, len as usize, out);
+        }
+        // The lease comes before the read: the bytes verified are the bytes kept. Without it
+        // (an evictor holds the range right now) the read is verified and served all the same.
+        let lease = range_lock(&file, libc::F_RDLCK, offset, aligned(len));
         let start = out.len();
-        out.resize(start + len, 0);
-        let ok = file.read_exact_at(&mut out[start..], offset).is_ok()
-            && ChunkId::of(&out[start..]) == *id;
-        if !ok {
-            out.truncate(start);
-            tracing::info!(chunk = %id, "cached chunk is gone or corrupt; dropping it");
-            let mut state = self.state.lock().expect("cache lock");
-            self.evict_chunk(&mut state, id);
+        let ok = append_from(&file, offset, len as usize, out) && ChunkId::of(&out[start..]) == *id;
+        let mut state = self.state.lock().expect("cache lock");
+        let same = |slot: &Slot| slot.segment == s && slot.offset == offset;
+        match state.slots.get_mut(id) {
+            Some(slot) if ok && lease && same(slot) => slot.leased = true,
+            _ if !ok => {
+                out.truncate(start);
+                tracing::info!(chunk = %id, "cached chunk is gone or corrupt; dropping it");
+                if lease {
+                    range_lock(&file, libc::F_UNLCK, offset, aligned(len));
+                }
+                if state.slots.get(id).is_some_and(same) && !self.evict_chunk(&mut state, id) {
+                    // Others still lease the old bytes: this process forgets them and stores
+                    // a good copy of its own.
+                    self.forget(&mut state, id);
+                }
+            }
+            // Served, but not kept: the chunk moved or went while it was read.
+            _ if lease => {
+                range_lock(&file, libc::F_UNLCK, offset, aligned(len));
+            }
+            _ => {}
         }
         ok
+    }
+
+    /// Drops this process's record of a chunk, leaving the segment as it is.
+    fn forget(&self, state: &mut State, id: &ChunkId) {
+        if let Some(slot) = state.slots.remove(id) {
+            state.bytes -= aligned(slot.len);
+            if let Some(seg) = &mut state.segments[slot.segment] {
+                seg.live -= 1;
+            }
+        }
     }
 
     /// The chunk's content, verified; `None` if absent or found corrupt (then it is dropped).
@@ -575,19 +662,36 @@ impl ChunkCache {
         })
     }
 
-    /// Drops one chunk: its range punched out, a tombstone in its segment's index.
-    fn evict_chunk(&self, state: &mut State, id: &ChunkId) {
-        let Some(slot) = state.slots.get(id) else {
-            return;
+    /// Drops one chunk: its range punched out, a tombstone in its segment's index. False, and
+    /// the chunk kept, if another process leases it.
+    fn evict_chunk(&self, state: &mut State, id: &ChunkId) -> bool {
+        let Some(slot) = state.slots.get_mut(id) else {
+            return true;
         };
         let (s, offset, len) = (slot.segment, slot.offset, slot.len);
+        let range = aligned(len);
         if let Some(seg) = &state.segments[s] {
-            // Read handles are read-only; punching takes a writable one.
-            let path = segment_file(&self.dir, &seg.name, "data");
-            if let Ok(f) = OpenOptions::new().write(true).open(path) {
-                punch(&f, offset, aligned(len));
+            if std::mem::take(&mut slot.leased) {
+                range_lock(&seg.data, libc::F_UNLCK, offset, range);
             }
+            // Read handles are read-only; punching takes a writable one, and its own lock:
+            // held until the tombstone is written and the handle closed.
+            let path = segment_file(&self.dir, &seg.name, "data");
+            let Ok(f) = OpenOptions::new().write(true).open(path) else {
+                return false;
+            };
+            if !range_lock(&f, libc::F_WRLCK, offset, range) {
+                return false;
+            }
+            punch(&f, offset, range);
+            self.tombstone(state, s, offset, len, id);
+            return true;
         }
+        self.tombstone(state, s, offset, len, id);
+        true
+    }
+
+    fn tombstone(&self, state: &mut State, s: usize, offset: u64, len: u32, id: &ChunkId) {
         let tomb = Record {
             kind: Kind::Evicted,
             len,
@@ -617,7 +721,9 @@ impl ChunkCache {
             let Some(s) = state.slots.get(&id).map(|x| x.segment) else {
                 continue;
             };
-            self.evict_chunk(state, &id);
+            if !self.evict_chunk(state, &id) {
+                continue;
+            }
             state.evicted += 1;
             if state.segments[s].as_ref().is_some_and(|g| g.live == 0) {
                 emptied.insert(s);
@@ -717,10 +823,9 @@ mod tests {
         drop(cache);
 
         let cache = ChunkCache::open(dir.path(), None).unwrap();
-        assert_eq!(cache.get(&id), Some(data.clone()));
         assert_eq!(cache.get(&id2), Some(data2.clone()));
         assert_eq!(cache.stats().bytes, 3 * 4096 + 2 * 4096);
-        // Bit rot in the first chunk's bytes.
+        // Bit rot in the first chunk's bytes before this process reads them.
         let seg = &data_files(dir.path())[0];
         let f = OpenOptions::new().write(true).open(seg).unwrap();
         f.write_all_at(b"bit rot", 100).unwrap();
@@ -774,6 +879,8 @@ mod tests {
         assert!(!second.contains(&a));
         std::thread::sleep(REFRESH_EVERY);
         second.refresh();
+        // Read (and so leased) by the second process itself: its own lease does not stop it
+        // evicting the chunk.
         assert_eq!(second.get(&a), Some(da.clone()));
         // The second process fills its limit and evicts the oldest chunk (a, in the first's
         // segment): the first sees the tombstone and no longer serves the punched range.
@@ -793,6 +900,37 @@ mod tests {
         // The first's segment held only evicted chunks: gone once nobody writes to it.
         assert_eq!(data_files(dir.path()).len(), 1);
         assert!(third.stats().chunks <= 3);
+    }
+
+    #[test]
+    fn a_chunk_another_process_has_read_is_not_evicted_under_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let reader = ChunkCache::open(dir.path(), None).unwrap();
+        let (a, da) = chunk(1, 4000);
+        let (b, db) = chunk(2, 4000);
+        reader.insert(&a, &da).unwrap();
+        reader.insert(&b, &db).unwrap();
+        // The reader verifies `a` (and so leases it); `b` it has only stored.
+        assert_eq!(reader.get(&a), Some(da.clone()));
+        // Another process with room for two chunks stores three more: it evicts `b` and its
+        // own oldest, and passes over `a`.
+        let other = ChunkCache::open(dir.path(), Some(2 * 4096)).unwrap();
+        for i in 3..6 {
+            let (id, d) = chunk(i, 4000);
+            other.insert(&id, &d).unwrap();
+        }
+        assert!(other.contains(&a) && !other.contains(&b));
+        assert_eq!(reader.get(&a), Some(da.clone()));
+        std::thread::sleep(REFRESH_EVERY);
+        reader.refresh();
+        assert!(!reader.contains(&b), "the reader missed the tombstone");
+        // Once the reader is gone, so is its lease.
+        drop(reader);
+        for i in 6..8 {
+            let (id, d) = chunk(i, 4000);
+            other.insert(&id, &d).unwrap();
+        }
+        assert!(!other.contains(&a), "the lease outlived its process");
     }
 
     #[test]
