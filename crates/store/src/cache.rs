@@ -46,6 +46,9 @@ const PRESENT: &[u8; 4] = b"WCC+";
 const EVICTED: &[u8; 4] = b"WCC-";
 /// Looking for other processes' new chunks at most this often.
 const REFRESH_EVERY: Duration = Duration::from_millis(50);
+/// After an eviction that could not get under the limit (what is left is pinned or leased),
+/// the next waits this long rather than retry every chunk on every insert.
+const EVICT_RETRY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
@@ -161,6 +164,8 @@ struct State {
     pinned: HashSet<ChunkId>,
     evicted: u64,
     refreshed: Option<Instant>,
+    /// When eviction last stopped short of its target: every chunk left was pinned or leased.
+    evict_blocked: Option<Instant>,
 }
 
 /// This process's segment for new chunks.
@@ -562,13 +567,11 @@ impl ChunkCache {
         ok
     }
 
-    /// Drops this process's record of a chunk, leaving the segment as it is.
+    /// Drops this process's record of a chunk, leaving the segment as it is. The segment still
+    /// counts it as live: others lease it, so it is not this process's to delete.
     fn forget(&self, state: &mut State, id: &ChunkId) {
         if let Some(slot) = state.slots.remove(id) {
             state.bytes -= aligned(slot.len);
-            if let Some(seg) = &mut state.segments[slot.segment] {
-                seg.live -= 1;
-            }
         }
     }
 
@@ -616,6 +619,9 @@ impl ChunkCache {
         self.replay(&mut state, w.segment);
         if let Some(limit) = self.limit
             && state.bytes > limit
+            && state
+                .evict_blocked
+                .is_none_or(|t| t.elapsed() >= EVICT_RETRY)
         {
             self.evict(&mut state, limit - limit / 10);
         }
@@ -733,6 +739,7 @@ impl ChunkCache {
         for s in emptied {
             self.delete_segment(state, s);
         }
+        state.evict_blocked = (state.bytes > target).then(Instant::now);
     }
 
     /// Asks the kernel to start reading these chunks (the window ahead of a file being read
@@ -924,6 +931,20 @@ mod tests {
         std::thread::sleep(REFRESH_EVERY);
         reader.refresh();
         assert!(!reader.contains(&b), "the reader missed the tombstone");
+        // Bit rot in `a` after the reader verified it: another process that reads it now finds
+        // it corrupt, cannot punch it (leased), and keeps a good copy of its own instead.
+        let seg = data_files(dir.path())
+            .into_iter()
+            .find(|p| fs::metadata(p).unwrap().len() == 4096 + 4000)
+            .unwrap();
+        let f = OpenOptions::new().write(true).open(&seg).unwrap();
+        f.write_all_at(b"bit rot", 10).unwrap();
+        let third = ChunkCache::open(dir.path(), None).unwrap();
+        assert_eq!(third.get(&a), None);
+        assert!(!third.contains(&a));
+        third.insert(&a, &da).unwrap();
+        assert_eq!(third.get(&a), Some(da.clone()));
+        drop(third);
         // Once the reader is gone, so is its lease.
         drop(reader);
         for i in 6..8 {
