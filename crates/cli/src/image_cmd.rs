@@ -618,12 +618,7 @@ fn mount(data: &Path, reference: &str, mountpoint: &Path, flags: MountFlags) -> 
     let image = open_image(store.as_ref(), &name)?;
     let cache = Arc::new(ChunkCache::open(&data.join("cache"), flags.limit)?);
     cache.pin(image.index.chunks.iter().map(|c| c.id));
-    let fetcher = Arc::new(ChunkFetcher::new(
-        store.clone(),
-        cache,
-        image.index.clone(),
-        8 << 20,
-    ));
+    let fetcher = ChunkFetcher::new(store.clone(), cache, image.index.clone(), 8 << 20);
     let recorder = flags
         .record_trace
         .map(|secs| Arc::new(trace::Recorder::new(Duration::from_secs(secs))));

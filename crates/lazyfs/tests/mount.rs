@@ -119,7 +119,7 @@ fn fetcher_into(
     index: &Arc<TreeIndex>,
 ) -> Arc<ChunkFetcher> {
     let cache = Arc::new(ChunkCache::open(cache_dir, None).unwrap());
-    Arc::new(ChunkFetcher::new(store, cache, index.clone(), 8 << 20))
+    ChunkFetcher::new(store, cache, index.clone(), 8 << 20)
 }
 
 /// Mounts what `fetcher` serves at `mnt` (created if missing).

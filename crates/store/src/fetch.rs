@@ -8,7 +8,7 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 
 use warren_image::{ChunkLoc, TreeIndex, open_chunk};
 
@@ -25,6 +25,9 @@ const PACK_AHEAD_MAX: u64 = 2 << 20;
 /// Places in the packs followed at once: a program reading several folders in turn (each
 /// library's files) goes through each of them.
 const PACK_STREAMS: usize = 32;
+/// Readahead is fetched behind the reader's back, on threads of its own, this many at once; the
+/// reader waits only for the chunks it asked for.
+const AHEAD_THREADS: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -56,10 +59,13 @@ pub struct Counters {
     pub demand_in_flight: AtomicU64,
 }
 
-/// Where an on-demand fetch ended in its pack, and how far it read ahead.
-#[derive(Debug)]
+/// A place in a pack a reader is going through: where the window before the last began
+/// (`prev`), the last readahead window asked for (`[start, end)`), and its size.
+#[derive(Debug, Clone, Copy)]
 struct PackStream {
     blob: u32,
+    prev: u64,
+    start: u64,
     end: u64,
     window: u64,
 }
@@ -76,6 +82,10 @@ pub struct ChunkFetcher {
     /// The places readers are going through, the most recently used last.
     ahead: Mutex<Vec<PackStream>>,
     max_request: u64,
+    /// Readahead fetches running, and a signal when one ends.
+    behind: Mutex<usize>,
+    behind_done: Condvar,
+    me: Weak<ChunkFetcher>,
     pub counters: Counters,
 }
 
@@ -92,8 +102,8 @@ impl ChunkFetcher {
         cache: Arc<ChunkCache>,
         index: Arc<TreeIndex>,
         max_request: u64,
-    ) -> ChunkFetcher {
-        ChunkFetcher {
+    ) -> Arc<ChunkFetcher> {
+        Arc::new_cyclic(|me| ChunkFetcher {
             store,
             cache,
             index,
@@ -102,8 +112,64 @@ impl ChunkFetcher {
             pack_order: OnceLock::new(),
             ahead: Mutex::new(Vec::new()),
             max_request,
+            behind: Mutex::new(0),
+            behind_done: Condvar::new(),
+            me: me.clone(),
             counters: Counters::default(),
+        })
+    }
+
+    /// Waits until no readahead is being fetched.
+    pub fn settle(&self) {
+        let mut running = self.behind.lock().expect("readahead lock");
+        while *running > 0 {
+            running = self.behind_done.wait(running).expect("readahead lock");
         }
+    }
+
+    /// Fetches `chunks` on a thread of its own, while the reader that asked goes on with the
+    /// chunks it needs; the chunks back if [`AHEAD_THREADS`] already run.
+    fn fetch_behind(&self, chunks: Vec<u32>) -> Result<(), Vec<u32>> {
+        {
+            let mut running = self.behind.lock().expect("readahead lock");
+            if *running >= AHEAD_THREADS {
+                return Err(chunks);
+            }
+            *running += 1;
+        }
+        let done = |me: &ChunkFetcher| {
+            *me.behind.lock().expect("readahead lock") -= 1;
+            me.behind_done.notify_all();
+        };
+        let Some(me) = self.me.upgrade() else {
+            done(self);
+            return Err(chunks);
+        };
+        // Claimed now: a reader that gets to one of them first waits for it rather than
+        // fetch it again.
+        let mine = self.claim(&chunks);
+        let claimed = mine.clone();
+        let worker = me.clone();
+        let spawned = std::thread::Builder::new()
+            .name("readahead".into())
+            .spawn(move || {
+                let me = worker;
+                // On a reader's behalf: the background pull waits for it too.
+                me.counters.demand_in_flight.fetch_add(1, Ordering::SeqCst);
+                // A failure is the reader's to meet, if it gets that far.
+                if let Err(e) = me.fetch_claimed(&mine) {
+                    tracing::debug!(error = %e, "readahead failed");
+                }
+                me.release(&mine);
+                me.counters.demand_in_flight.fetch_sub(1, Ordering::SeqCst);
+                done(&me);
+            });
+        if let Err(e) = spawned {
+            tracing::debug!(error = %e, "cannot start a readahead thread");
+            self.release(&claimed);
+            done(&me);
+        }
+        Ok(())
     }
 
     pub fn index(&self) -> &TreeIndex {
@@ -166,13 +232,17 @@ impl ChunkFetcher {
         // Another process may have stored them since.
         self.cache.refresh();
         let rest = &wanted[hits..];
-        let mut missing: Vec<u32> = rest
-            .iter()
-            .chain(extra)
-            .copied()
-            .filter(|c| !self.cache.contains(&self.loc(*c).id))
-            .collect();
-        missing.extend(self.pack_ahead(&missing));
+        let absent = |c: &u32| !self.cache.contains(&self.loc(*c).id);
+        let mut missing: Vec<u32> = rest.iter().copied().filter(absent).collect();
+        // Readahead (the rest of the file, the pack after it) comes behind the reader's back;
+        // when no thread is free for it, with the chunks wanted.
+        let mut ahead: Vec<u32> = extra.iter().copied().filter(absent).collect();
+        ahead.extend(self.pack_ahead(&missing));
+        if !ahead.is_empty()
+            && let Err(ahead) = self.fetch_behind(ahead)
+        {
+            missing.extend(ahead);
+        }
         let fetched = self.fetch(&missing)?;
         for &c in rest {
             if let Some((_, d)) = fetched.iter().find(|(i, _)| *i == c) {
@@ -201,12 +271,14 @@ impl ChunkFetcher {
         Ok(())
     }
 
-    /// The chunks to fetch along with an on-demand miss: those that follow it in its pack.
-    /// Images are packed in path order, so the files next to a file just read (the rest of its
-    /// folder) come with it, and a reader going through a folder needs one request per window
-    /// instead of one per file. The window grows like the kernel's readahead: from
-    /// [`PACK_AHEAD_MIN`], doubling while each miss lands where the last fetch ended (the
-    /// reader is going through the pack). Several such places are followed at once.
+    /// The chunks to read ahead of an on-demand miss: those that follow it in its pack. Images
+    /// are packed in path order, so the files next to a file just read (the rest of its folder)
+    /// come with it, and a reader going through a folder needs a request per window instead of
+    /// one per file. The window grows like the kernel's readahead: from [`PACK_AHEAD_MIN`],
+    /// doubling while the reader keeps going through the pack, up to [`PACK_AHEAD_MAX`]; the
+    /// next window is asked for as soon as the reader gets into the last one (it then waits for
+    /// chunks still on their way), so one window is always coming. Several such places are
+    /// followed at once.
     fn pack_ahead(&self, missing: &[u32]) -> Vec<u32> {
         let (Some(&first), Some(&last)) = (missing.first(), missing.last()) else {
             return Vec::new();
@@ -229,36 +301,45 @@ impl ChunkFetcher {
             return Vec::new();
         };
         let mut streams = self.ahead.lock().expect("readahead lock");
-        // The stream this miss continues (it lands where that one ended, give or take a gap
-        // the fetch would read through), or a new one in place of the least recently used.
-        let near = |s: &PackStream| {
-            s.blob == first.blob && first.offset >= s.end && first.offset <= s.end + MAX_GAP
+        // The stream this miss belongs to: from the window before its last (the reader waits
+        // for chunks on their way) to where the last ends, give or take a gap a fetch would
+        // read through.
+        let on = |s: &PackStream| {
+            s.blob == first.blob && first.offset >= s.prev && first.offset <= s.end + MAX_GAP
         };
-        let at = match streams.iter().position(near) {
+        let last_end = last.offset + u64::from(last.compressed_len);
+        let (from, window) = match streams.iter().position(on) {
             Some(i) => {
-                let mut s = streams.remove(i);
-                s.window = (s.window * 2).min(PACK_AHEAD_MAX);
-                s
+                let s = streams.remove(i);
+                streams.push(s);
+                if first.offset < s.start {
+                    // Still in the window before: the last one is already coming.
+                    return Vec::new();
+                }
+                // Into the last window, or past it: the next one.
+                (s.end.max(last_end), (s.window * 2).min(PACK_AHEAD_MAX))
             }
             None => {
                 if streams.len() >= PACK_STREAMS {
                     streams.remove(0);
                 }
-                PackStream {
+                streams.push(PackStream {
                     blob: first.blob,
-                    end: 0,
+                    prev: first.offset,
+                    start: first.offset,
+                    end: last_end,
                     window: PACK_AHEAD_MIN,
-                }
+                });
+                (last_end, PACK_AHEAD_MIN)
             }
         };
-        streams.push(at);
         let stream = streams.last_mut().expect("just pushed");
-        let after = pack.partition_point(|&c| self.loc(c).offset <= last.offset);
+        let after = pack.partition_point(|&c| self.loc(c).offset < from);
         let mut out = Vec::new();
         let mut taken = 0;
-        let mut end = last.offset + u64::from(last.compressed_len);
+        let mut end = from;
         for &c in &pack[after..] {
-            if taken >= stream.window {
+            if taken >= window {
                 break;
             }
             let loc = self.loc(c);
@@ -268,8 +349,13 @@ impl ChunkFetcher {
                 out.push(c);
             }
         }
-        stream.blob = last.blob;
-        stream.end = end;
+        *stream = PackStream {
+            blob: last.blob,
+            prev: stream.start,
+            start: from,
+            end,
+            window,
+        };
         out
     }
 
@@ -288,27 +374,35 @@ impl ChunkFetcher {
         self.index.chunks[c as usize]
     }
 
+    /// Marks those of `chunks` nobody is fetching as being fetched by the caller, and returns
+    /// them.
+    fn claim(&self, chunks: &[u32]) -> Vec<u32> {
+        let mut mine: Vec<u32> = Vec::new();
+        let mut in_flight = self.in_flight.lock().expect("fetch lock");
+        for &c in chunks {
+            if !in_flight.contains(&c) && !mine.contains(&c) {
+                in_flight.insert(c);
+                mine.push(c);
+            }
+        }
+        mine
+    }
+
+    /// Ends a claim: the chunks landed (or failed), and those waiting for them look again.
+    fn release(&self, mine: &[u32]) {
+        let mut in_flight = self.in_flight.lock().expect("fetch lock");
+        for c in mine {
+            in_flight.remove(c);
+        }
+        self.landed.notify_all();
+    }
+
     /// Fetches `chunks` (claiming them so concurrent readers wait instead of fetching them too)
     /// and returns the ones this call fetched.
     fn fetch(&self, chunks: &[u32]) -> Result<Vec<(u32, Vec<u8>)>, FetchError> {
-        let mut mine: Vec<u32> = Vec::new();
-        {
-            let mut in_flight = self.in_flight.lock().expect("fetch lock");
-            for &c in chunks {
-                if !in_flight.contains(&c) && !mine.contains(&c) {
-                    in_flight.insert(c);
-                    mine.push(c);
-                }
-            }
-        }
+        let mine = self.claim(chunks);
         let result = self.fetch_claimed(&mine);
-        {
-            let mut in_flight = self.in_flight.lock().expect("fetch lock");
-            for c in &mine {
-                in_flight.remove(c);
-            }
-            self.landed.notify_all();
-        }
+        self.release(&mine);
         // Wait for the chunks other readers were fetching.
         let mut in_flight = self.in_flight.lock().expect("fetch lock");
         while chunks.iter().any(|c| in_flight.contains(c)) {
