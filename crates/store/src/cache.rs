@@ -676,28 +676,23 @@ impl ChunkCache {
         };
         let (s, offset, len) = (slot.segment, slot.offset, slot.len);
         let range = aligned(len);
-        if let Some(seg) = &state.segments[s] {
-            if std::mem::take(&mut slot.leased) {
-                range_lock(&seg.data, libc::F_UNLCK, offset, range);
-            }
-            // Read handles are read-only; punching takes a writable one, and its own lock:
-            // held until the tombstone is written and the handle closed.
-            let path = segment_file(&self.dir, &seg.name, "data");
-            let Ok(f) = OpenOptions::new().write(true).open(path) else {
-                return false;
-            };
-            if !range_lock(&f, libc::F_WRLCK, offset, range) {
-                return false;
-            }
-            punch(&f, offset, range);
-            self.tombstone(state, s, offset, len, id);
+        // A deleted segment has nothing left to punch or record.
+        let Some(seg) = &state.segments[s] else {
             return true;
+        };
+        if std::mem::take(&mut slot.leased) {
+            range_lock(&seg.data, libc::F_UNLCK, offset, range);
         }
-        self.tombstone(state, s, offset, len, id);
-        true
-    }
-
-    fn tombstone(&self, state: &mut State, s: usize, offset: u64, len: u32, id: &ChunkId) {
+        // Read handles are read-only; punching takes a writable one, and its own lock: held
+        // until the tombstone is written and the handle closed.
+        let path = segment_file(&self.dir, &seg.name, "data");
+        let Ok(f) = OpenOptions::new().write(true).open(path) else {
+            return false;
+        };
+        if !range_lock(&f, libc::F_WRLCK, offset, range) {
+            return false;
+        }
+        punch(&f, offset, range);
         let tomb = Record {
             kind: Kind::Evicted,
             len,
@@ -708,6 +703,7 @@ impl ChunkCache {
             // The index is gone: so is the segment.
             self.replay(state, s);
         }
+        true
     }
 
     fn evict(&self, state: &mut State, target: u64) {

@@ -149,11 +149,9 @@ impl ChunkFetcher {
         // fetch it again.
         let mine = self.claim(&chunks);
         let claimed = mine.clone();
-        let worker = me.clone();
         let spawned = std::thread::Builder::new()
             .name("readahead".into())
             .spawn(move || {
-                let me = worker;
                 // On a reader's behalf: the background pull waits for it too.
                 me.counters.demand_in_flight.fetch_add(1, Ordering::SeqCst);
                 // A failure is the reader's to meet, if it gets that far.
@@ -167,7 +165,7 @@ impl ChunkFetcher {
         if let Err(e) = spawned {
             tracing::debug!(error = %e, "cannot start a readahead thread");
             self.release(&claimed);
-            done(&me);
+            done(self);
         }
         Ok(())
     }
