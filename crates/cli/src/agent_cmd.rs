@@ -145,7 +145,7 @@ pub fn agent(args: AgentArgs, data: &Path) -> anyhow::Result<ExitCode> {
     if unsafe { libc::geteuid() } != 0 {
         anyhow::bail!("warren agent runs workspaces (namespaces, mounts, cgroups): run it as root");
     }
-    let runtime = Arc::new(args.host.runtime(data)?);
+    let runtime = Arc::new(args.host.runtime_for_workspaces(data)?);
     let client = Arc::new(Client::with_token(&args.server, &args.token));
     let tokio = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

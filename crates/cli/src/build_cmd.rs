@@ -56,7 +56,7 @@ pub fn build(args: BuildArgs, data: &Path) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("--build-arg `{kv}`: expected KEY=VALUE"))?;
         build_args.insert(k.to_owned(), v.to_owned());
     }
-    let runtime = args.host.runtime(data)?;
+    let runtime = args.host.runtime_for_workspaces(data)?;
     let store = crate::image_cmd::LocalImages {
         data: data.to_path_buf(),
     };

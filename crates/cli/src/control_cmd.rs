@@ -92,7 +92,8 @@ pub fn up(args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
         .database_url
         .unwrap_or_else(|| format!("sqlite://{}", data.join("warren.db").display()));
     let host_name = args.host_name.unwrap_or_else(hostname);
-    let runtime: Arc<dyn warren_runtime::Runtime> = Arc::new(args.host.runtime(data)?);
+    let runtime: Arc<dyn warren_runtime::Runtime> =
+        Arc::new(args.host.runtime_for_workspaces(data)?);
     let ssh = args.ssh.settings(data)?;
     let prebuilder = args.prebuilds.then(|| {
         Arc::new(crate::prebuild_cmd::HostPrebuilder {

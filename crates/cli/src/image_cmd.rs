@@ -36,26 +36,7 @@ pub enum ImageCommand {
     },
     /// Build a Debian base image with mmdebstrap from a Debian mirror (for machines that cannot
     /// reach a public registry): `debian:bookworm`, `debian:trixie`, ...
-    Bootstrap {
-        /// `debian:SUITE` (also the image's name, unless --tag)
-        image: String,
-        /// The mirror to build from
-        #[arg(
-            long,
-            env = "WARREN_DEBIAN_MIRROR",
-            default_value = "http://deb.debian.org/debian"
-        )]
-        mirror: String,
-        /// mmdebstrap's variant: minbase, buildd, standard, ...
-        #[arg(long, default_value = "minbase")]
-        variant: String,
-        /// More packages (repeat, or separate with commas)
-        #[arg(long, value_delimiter = ',')]
-        include: Vec<String>,
-        /// Store it under this NAME:TAG instead
-        #[arg(long)]
-        tag: Option<String>,
-    },
+    Bootstrap(BootstrapArgs),
     /// Copy a local image to a registry (only the blobs the registry lacks)
     Push { name: String, destination: String },
     /// Copy a registry image, all of it, into the local store
@@ -104,6 +85,32 @@ pub enum ImageCommand {
     Gc,
     /// Write an image as a standard OCI image into an OCI layout (`oci:DIR:TAG`)
     Export { image: String, destination: String },
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct BootstrapArgs {
+    /// `debian:SUITE` (also the image's name, unless --tag)
+    image: String,
+    /// The mirror to build from
+    #[arg(
+        long,
+        env = "WARREN_DEBIAN_MIRROR",
+        default_value = "http://deb.debian.org/debian"
+    )]
+    mirror: String,
+    /// A keyring the mirror is signed with (a mirror of your own, signed with your key), kept
+    /// in the image's apt keyrings; Debian's keys are trusted without it
+    #[arg(long)]
+    keyring: Option<PathBuf>,
+    /// mmdebstrap's variant: minbase, buildd, standard, ...
+    #[arg(long, default_value = "minbase")]
+    variant: String,
+    /// More packages (repeat, or separate with commas)
+    #[arg(long, value_delimiter = ',')]
+    include: Vec<String>,
+    /// Store it under this NAME:TAG instead
+    #[arg(long)]
+    tag: Option<String>,
 }
 
 fn local_store(data: &Path) -> anyhow::Result<LocalStore> {
@@ -180,13 +187,7 @@ pub fn run(cmd: ImageCommand, data: &Path) -> anyhow::Result<()> {
         ImageCommand::Import { source, name, base } => {
             import(data, &source, &name, base.as_deref())
         }
-        ImageCommand::Bootstrap {
-            image,
-            mirror,
-            variant,
-            include,
-            tag,
-        } => bootstrap(data, &image, &mirror, &variant, &include, tag.as_deref()),
+        ImageCommand::Bootstrap(args) => bootstrap(data, &args),
         ImageCommand::Push { name, destination } => {
             check_local_name(&name)?;
             let r = RegistryRef::parse(&destination)?;
@@ -513,14 +514,15 @@ fn plain_word(word: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '+' | ':' | '_'))
 }
 
-fn bootstrap(
-    data: &Path,
-    image: &str,
-    mirror: &str,
-    variant: &str,
-    include: &[String],
-    tag: Option<&str>,
-) -> anyhow::Result<()> {
+fn bootstrap(data: &Path, args: &BootstrapArgs) -> anyhow::Result<()> {
+    let BootstrapArgs {
+        image,
+        mirror,
+        keyring,
+        variant,
+        include,
+        tag,
+    } = args;
     let Some(suite) = image.strip_prefix("debian:").filter(|s| plain_word(s)) else {
         bail!("`{image}`: expected debian:SUITE, such as debian:bookworm");
     };
@@ -536,13 +538,62 @@ fn bootstrap(
     {
         bail!("the mirror `{mirror}` should be an http://, https:// or file:// URL");
     }
-    let name = tag.unwrap_or(image);
+    // The keyring goes into the image's apt keyrings (so apt inside trusts the mirror too),
+    // through an mmdebstrap hook: a path it can split on spaces is refused.
+    let keyring = match keyring {
+        Some(path) => {
+            let head = std::fs::read(path)
+                .ok()
+                .filter(|_| path.is_file())
+                .with_context(|| format!("the keyring `{}` is not a file", path.display()))?;
+            if path
+                .to_str()
+                .is_none_or(|p| p.chars().any(char::is_whitespace))
+            {
+                bail!("the keyring's path `{}` has spaces", path.display());
+            }
+            let armored = head.starts_with(b"-----BEGIN PGP");
+            Some((path, if armored { "asc" } else { "gpg" }))
+        }
+        None => None,
+    };
+    let name = tag.as_deref().unwrap_or(image);
     check_local_name(name)?;
     let work = tempfile_dir(data)?;
     let rootfs = work.path().join("rootfs");
     let mut cmd = std::process::Command::new("mmdebstrap");
     cmd.args(["--mode=root", "--quiet"])
         .arg(format!("--variant={variant}"));
+    if let Some((path, kind)) = keyring {
+        // Trusted by the bootstrap, and by apt in the image afterwards.
+        cmd.arg(format!("--keyring={}", path.display()))
+            .arg(r#"--setup-hook=mkdir -p "$1/etc/apt/trusted.gpg.d""#)
+            .arg(format!(
+                "--setup-hook=upload {} /etc/apt/trusted.gpg.d/warren-mirror.{kind}",
+                path.display()
+            ));
+    }
+    // A mirror on this host's disk is bind-mounted into the new tree while apt reads it; in a
+    // mount namespace of mmdebstrap's own, so a failed run leaves no bind mount of the mirror
+    // under the work folder for its removal to delete through.
+    if mirror.starts_with("file://") {
+        cmd.arg("--hook-dir=/usr/share/mmdebstrap/hooks/file-mirror-automount");
+    }
+    // SAFETY: between fork and exec the closure makes only two syscalls (unshare, mount), which
+    // allocate nothing and take no locks.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?;
+            nix::mount::mount(
+                None::<&str>,
+                "/",
+                None::<&str>,
+                nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_PRIVATE,
+                None::<&str>,
+            )?;
+            Ok(())
+        });
+    }
     if !include.is_empty() {
         cmd.arg(format!("--include={}", include.join(",")));
     }

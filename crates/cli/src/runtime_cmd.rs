@@ -53,6 +53,14 @@ impl HostFlags {
             vm: Default::default(),
         })?)
     }
+
+    /// The runtime, for a command that starts workspaces or sandboxes: a data folder they
+    /// cannot reach is refused here, before anything starts, with the folder in the way named.
+    pub fn runtime_for_workspaces(&self, data: &Path) -> anyhow::Result<ContainerRuntime> {
+        let runtime = self.runtime(data)?;
+        runtime.check_reachable_by_workspaces()?;
+        Ok(runtime)
+    }
 }
 
 #[derive(Debug, Args)]
@@ -161,7 +169,12 @@ pub fn run(args: RuntimeArgs, data: &Path) -> anyhow::Result<ExitCode> {
         warren_runtime::run_shim(dir)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let runtime = args.host.runtime(data)?;
+    let runtime = match args.command {
+        RuntimeCommand::Run { .. } | RuntimeCommand::Start { .. } => {
+            args.host.runtime_for_workspaces(data)?
+        }
+        _ => args.host.runtime(data)?,
+    };
     match args.command {
         RuntimeCommand::Run {
             name,

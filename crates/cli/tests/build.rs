@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Output;
 
 use common::ok;
-use warren_testkit::{debian_rootfs, enter_own_network, require_program};
+use warren_testkit::{DebianRootfs, debian_rootfs, enter_own_network, require_program};
 
 mod common;
 
@@ -54,7 +54,7 @@ fn a_multi_stage_dockerfile_builds_in_the_sandbox() {
         .prefix("warren-build-")
         .tempdir_in("/var/tmp")
         .unwrap();
-    let rootfs = debian_rootfs("minbase", &[]);
+    let rootfs = debian_rootfs(DebianRootfs::Minbase);
     ok(warren(
         data.path(),
         &["image", "import", rootfs.to_str().unwrap(), "base:1"],
@@ -242,7 +242,7 @@ fn mounts_add_chown_and_isolation_inside_run_steps() {
         .prefix("warren-build-")
         .tempdir_in("/var/tmp")
         .unwrap();
-    let rootfs = debian_rootfs("minbase", &[]);
+    let rootfs = debian_rootfs(DebianRootfs::Minbase);
     ok(run(
         data.path(),
         &["image", "import", rootfs.to_str().unwrap(), "base:1"],
@@ -402,7 +402,7 @@ fn a_base_image_comes_from_a_registry_when_it_is_not_local() {
         .prefix("warren-build-")
         .tempdir_in("/var/tmp")
         .unwrap();
-    let rootfs = debian_rootfs("minbase", &[]);
+    let rootfs = debian_rootfs(DebianRootfs::Minbase);
     ok(run(
         source.path(),
         &["image", "import", rootfs.to_str().unwrap(), "base:1"],

@@ -12,7 +12,9 @@ use serde_json::{Value, json};
 mod common;
 
 use common::{SecondHost, Warren};
-use warren_testkit::{Postgres, Registry, debian_rootfs, enter_own_network, git, require_program};
+use warren_testkit::{
+    DebianRootfs, Postgres, Registry, debian_rootfs, enter_own_network, git, require_program,
+};
 
 fn setup() {
     enter_own_network();
@@ -740,7 +742,7 @@ fn a_second_host_runs_the_workspaces_whose_image_it_holds() {
     warren.import_dev_image();
 
     // The second host: its own data folder, uid ranges, bridge and addresses.
-    let rootfs = debian_rootfs("minbase", &[]);
+    let rootfs = debian_rootfs(DebianRootfs::Minbase);
     let mut second = SecondHost::new(&warren);
     assert!(
         second

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::Warren;
-use warren_testkit::{debian_rootfs, enter_own_network};
+use warren_testkit::{DebianRootfs, debian_rootfs, enter_own_network};
 
 /// This crate's folder, as the test runner gives it (not as compiled in: the target folder is
 /// shared between checkouts, and a binary built for another may be reused).
@@ -27,7 +27,7 @@ fn every_example_builds_and_runs_its_tasks() {
     enter_own_network();
     let warren = Warren::up_with_admin(21, None);
     // What `warren image bootstrap debian:bookworm` makes, from the fixture built once.
-    warren.import_image(&debian_rootfs("minbase", &[]), "debian:bookworm");
+    warren.import_image(&debian_rootfs(DebianRootfs::Minbase), "debian:bookworm");
     let cases = [
         (
             "hocus-app",

@@ -9,7 +9,10 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::ok;
-use warren_testkit::{Registry, debian_rootfs, is_mounted, require_program, require_root};
+use warren_testkit::{
+    DebianRootfs, Registry, debian_mirror, debian_rootfs, enter_own_network, is_mounted,
+    require_program, require_root,
+};
 
 mod common;
 
@@ -96,7 +99,7 @@ fn import_push_mount_lazily_trace_export_and_reimport() {
     require_root();
     require_program("skopeo", "skopeo");
     require_program("umoci", "umoci");
-    let rootfs = debian_rootfs("minbase", &[]);
+    let rootfs = debian_rootfs(DebianRootfs::Minbase);
     let registry = Registry::start();
     let tmp = tempfile::tempdir().unwrap();
     let (host_a, host_b, host_c) = (
@@ -303,28 +306,43 @@ fn bad_image_commands_say_what_is_wrong() {
     );
 }
 
-/// `warren image bootstrap`: a Debian base image from Debian's mirror, for machines that reach
-/// no public registry; bad names are refused before anything runs.
+/// `warren image bootstrap`: a Debian base image from a Debian mirror, for machines that reach
+/// no public registry — here a signed mirror on disk (a team's own, with its own key), in a
+/// network namespace with no route anywhere; bad names are refused before anything runs.
 #[test]
 fn bootstrap_builds_a_debian_base_image() {
     require_root();
     require_program("mmdebstrap", "mmdebstrap");
+    let (mirror, keyring) = debian_mirror();
+    enter_own_network();
     let data = tempfile::Builder::new()
         .prefix("warren-bootstrap-")
         .tempdir_in("/var/tmp")
         .unwrap();
-    let out = ok(warren(
-        data.path(),
-        &[
-            "image",
-            "bootstrap",
-            "debian:bookworm",
-            "--include",
-            "busybox",
-            "--tag",
-            "base:1",
-        ],
-    ));
+    let bootstrap = |keyring: &Path| {
+        warren(
+            data.path(),
+            &[
+                "image",
+                "bootstrap",
+                "debian:bookworm",
+                "--mirror",
+                &mirror,
+                "--keyring",
+                keyring.to_str().unwrap(),
+                "--include",
+                "busybox",
+                "--tag",
+                "base:1",
+            ],
+        )
+    };
+    // Debian's own keys do not sign this mirror: apt refuses it.
+    let refused = failed(bootstrap(Path::new(
+        "/usr/share/keyrings/debian-archive-keyring.gpg",
+    )));
+    assert!(refused.contains("mmdebstrap could not build"), "{refused}");
+    let out = ok(bootstrap(&keyring));
     assert!(out.contains("imported base:1"), "{out}");
     let shown: serde_json::Value = serde_json::from_str(&ok(warren(
         data.path(),
@@ -340,6 +358,16 @@ fn bootstrap_builds_a_debian_base_image() {
         (
             &["image", "bootstrap", "debian:bookworm", "--include=-x"][..],
             "not a package name",
+        ),
+        (
+            &[
+                "image",
+                "bootstrap",
+                "debian:bookworm",
+                "--keyring",
+                "/nonexistent",
+            ][..],
+            "is not a file",
         ),
         (
             &["image", "bootstrap", "debian:--help"][..],

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::{SecondHost, Warren, ok};
 use serde_json::Value;
-use warren_testkit::{debian_rootfs, enter_own_network, git};
+use warren_testkit::{DebianRootfs, debian_rootfs, enter_own_network, git};
 
 /// This crate's folder, as the test runner gives it (not as compiled in: the target folder is
 /// shared between checkouts, and a binary built for another may be reused).
@@ -103,7 +103,7 @@ fn every_example_prebuilds_and_a_workspace_starts_from_it_on_its_branch() {
     enter_own_network();
     let warren = Warren::up_with_admin(22, None);
     // What `warren image bootstrap debian:bookworm --include git` makes, from a fixture.
-    warren.import_image(&debian_rootfs("minbase", &["git"]), "debian:bookworm");
+    warren.import_image(&debian_rootfs(DebianRootfs::Git), "debian:bookworm");
     let repos = tempfile::tempdir().unwrap();
     // (example, task, what the task shows, a file the prebuild made and what it holds)
     let cases = [
@@ -247,7 +247,7 @@ fn failing_cancelled_and_refused_prebuilds_say_why_on_postgres() {
 
 fn failing_cancelled_and_refused(seed: u32, database_url: Option<String>) {
     let warren = Warren::up_with_admin(seed, database_url);
-    warren.import_image(&debian_rootfs("minbase", &["git"]), "debian:bookworm");
+    warren.import_image(&debian_rootfs(DebianRootfs::Git), "debian:bookworm");
     let repos = tempfile::tempdir().unwrap();
     let source = tempfile::tempdir().unwrap();
     std::fs::write(
@@ -348,7 +348,7 @@ fn a_host_that_makes_no_prebuilds_leaves_them_to_another_agent() {
     let password = warren.start().expect("a first start creates the admin");
     warren.login("admin", &password);
     let mut second = SecondHost::new(&warren);
-    let base = debian_rootfs("minbase", &["git"]);
+    let base = debian_rootfs(DebianRootfs::Git);
     ok(second.run(&["image", "import", base.to_str().unwrap(), "debian:bookworm"]));
     second.join(&warren, "builder");
 

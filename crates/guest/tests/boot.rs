@@ -1,5 +1,5 @@
-//! The guest init boots under QEMU (TCG here: this machine's nested KVM cannot run a stock
-//! kernel) from the initramfs the runtime makes (the guest as `/init`, its modules, its
+//! The guest init boots under QEMU (TCG, which every host can run; which accelerator a host's
+//! VMs get is decided by the runtime and tested with it) from the initramfs the runtime makes (the guest as `/init`, its modules, its
 //! settings), loads every module either kind of VM boots with (virtio, vsock, virtiofs, 9p,
 //! balloon, ext4), and powers the VM off. The kernel boots as the runtime boots it (unpacked
 //! to an ELF when it can).

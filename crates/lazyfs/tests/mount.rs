@@ -18,7 +18,9 @@ use warren_lazyfs::{LazyFs, MountOptions, mount, pull, trace};
 use warren_store::images::{commit, copy_image, open_image};
 use warren_store::manifest::ImageConfig;
 use warren_store::{BlobStore, ChunkCache, ChunkFetcher, LocalStore, RegistryStore};
-use warren_testkit::{Registry, debian_rootfs, is_mounted, pseudo_random, require_root, run};
+use warren_testkit::{
+    DebianRootfs, Registry, debian_rootfs, is_mounted, pseudo_random, require_root, run,
+};
 
 /// Compares two trees entry by entry: kind, mode, owner, size, mtime, symlink target, device
 /// number, xattrs, hard-link structure and file content. Returns the number of entries checked.
@@ -163,7 +165,7 @@ impl Drop for Overlay {
 #[test]
 fn a_debian_image_from_a_registry_mounts_lazily_runs_through_an_overlay_and_matches_its_source() {
     require_root();
-    let rootfs = debian_rootfs("minbase", &[]);
+    let rootfs = debian_rootfs(DebianRootfs::Minbase);
     let dir = tempfile::tempdir().unwrap();
     let (local, _) = local_image(dir.path(), &rootfs, "debian:minbase");
 

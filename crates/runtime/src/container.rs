@@ -106,6 +106,36 @@ impl ContainerRuntime {
         Ok(Self { config, slots })
     }
 
+    /// Refuses a data folder the workspaces' ids cannot reach: a container's root filesystem
+    /// is set up inside its user namespace, as the workspace's own root, so every folder down
+    /// to `<runtime>/workspaces` must be searchable by it (a folder under `mktemp -d`, mode
+    /// 0700, is not). `warren up`, `agent`, `build` and `runtime run`/`start` check this before
+    /// anything starts, and name the folder in the way.
+    pub fn check_reachable_by_workspaces(&self) -> Result<(), Error> {
+        let workspaces = self.config.root.join("workspaces");
+        let uid = self.config.uid_base;
+        if crate::sys::can_enter_as(&workspaces, uid) {
+            return Ok(());
+        }
+        // Name the first folder on the way that is closed to it.
+        let blocked = workspaces
+            .ancestors()
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .find(|dir| !crate::sys::can_enter_as(dir, uid))
+            .unwrap_or(&workspaces)
+            .to_path_buf();
+        let meta = std::fs::metadata(&blocked).map_err(Error::io("cannot read", &blocked))?;
+        Err(Error::DataFolderClosed {
+            data: self.config.data.clone(),
+            blocked,
+            uid,
+            mode: std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777,
+            owner: std::os::unix::fs::MetadataExt::uid(&meta),
+        })
+    }
+
     fn layout(&self, id: &WorkspaceId) -> Layout {
         Layout {
             dir: self.config.root.join("workspaces").join(id.as_str()),

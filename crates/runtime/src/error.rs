@@ -37,6 +37,17 @@ pub enum Error {
     ShimGone { id: String },
     #[error("cannot run `{argv0}`: {message}")]
     Exec { argv0: String, message: String },
+    #[error(
+        "workspaces cannot reach the data folder `{}`: their ids (host uid {uid} and up) cannot enter `{}` (mode {mode:04o}, owner {owner}); let others search it (`chmod o+x {}`) or choose a data folder under one they can (--data / WARREN_DATA)",
+        data.display(), blocked.display(), blocked.display()
+    )]
+    DataFolderClosed {
+        data: PathBuf,
+        blocked: PathBuf,
+        uid: u32,
+        mode: u32,
+        owner: u32,
+    },
     #[error("{0}")]
     Sys(String),
 }

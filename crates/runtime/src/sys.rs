@@ -77,6 +77,24 @@ pub(crate) fn run_with_input(cmd: &mut Command, input: Option<&str>) -> Result<S
 }
 
 /// Mount points currently under (or at) `path`, deepest first, from `/proc/self/mountinfo`.
+/// True if host uid `uid` (with gid `uid` and no other groups, as a workspace's root is) can
+/// enter `dir`: every folder on the way searchable by it, ACLs included. Asked of the kernel
+/// itself, by a child that takes those ids and changes into `dir` (std's spawn does setgid,
+/// setuid, then chdir) before it runs `true`.
+pub(crate) fn can_enter_as(dir: &Path, uid: u32) -> bool {
+    use std::os::unix::process::CommandExt as _;
+    // As root, std also drops the supplementary groups when it sets the uid.
+    Command::new("/bin/true")
+        .uid(uid)
+        .gid(uid)
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 pub(crate) fn mounts_under(path: &Path) -> Vec<std::path::PathBuf> {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return Vec::new();

@@ -1,6 +1,7 @@
 //! Real peers for integration tests, started by the tests themselves: Debian's
-//! `docker-registry` on a free loopback port, and Debian root filesystems made with
-//! `mmdebstrap` (cached outside the clone, rebuilt when absent).
+//! `docker-registry` on a free loopback port, a throwaway PostgreSQL; and the fixtures they
+//! read (`fixtures`: Debian root filesystems, the guest kernel and agent, a local mirror), made
+//! beforehand by `./dev fixtures`.
 //!
 //! What a test needs and the host lacks is a failure with the reason, never a silent skip:
 //! `./dev deps` installs all of it.
@@ -11,6 +12,11 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+mod fixtures;
+pub use fixtures::{
+    DebianRootfs, Fixture, debian_mirror, debian_rootfs, fixtures_dir, guest_kernel, static_guest,
+};
 
 /// Panics with a clear message unless `program` is on the PATH.
 pub fn require_program(program: &str, package: &str) {
@@ -182,56 +188,6 @@ impl Drop for Registry {
     }
 }
 
-/// Where fixtures are cached between runs: `$WARREN_FIXTURES`, default `/var/cache/warren/fixtures`.
-pub fn fixtures_dir() -> PathBuf {
-    let dir = std::env::var_os("WARREN_FIXTURES").map_or_else(
-        || PathBuf::from("/var/cache/warren/fixtures"),
-        PathBuf::from,
-    );
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// A Debian bookworm root filesystem (`mmdebstrap --variant=<variant>`, extra packages
-/// `include`), unpacked in the fixtures folder. Built once (a minute or so, from Debian's
-/// mirror) and reused; a lock keeps concurrent tests from building it twice.
-pub fn debian_rootfs(variant: &str, include: &[&str]) -> PathBuf {
-    require_program("mmdebstrap", "mmdebstrap");
-    let name = if include.is_empty() {
-        format!("bookworm-{variant}")
-    } else {
-        format!("bookworm-{variant}-{}", include.join("-"))
-    };
-    let dir = fixtures_dir();
-    let root = dir.join(&name);
-    let lock = std::fs::File::create(dir.join(format!("{name}.lock"))).unwrap();
-    lock.lock().unwrap();
-    let complete = dir.join(format!("{name}.complete"));
-    if complete.exists() && root.is_dir() {
-        return root;
-    }
-    let _ = std::fs::remove_dir_all(&root);
-    let partial = dir.join(format!("{name}.partial"));
-    let _ = std::fs::remove_dir_all(&partial);
-    let mut cmd = Command::new("mmdebstrap");
-    cmd.args(["--variant", variant, "--mode=root", "--quiet"]);
-    if !include.is_empty() {
-        cmd.arg(format!("--include={}", include.join(",")));
-    }
-    cmd.args(["bookworm"])
-        .arg(&partial)
-        .arg("http://deb.debian.org/debian");
-    eprintln!(
-        "building fixture {name} with mmdebstrap (once; cached in {})",
-        dir.display()
-    );
-    let status = cmd.status().unwrap();
-    assert!(status.success(), "mmdebstrap failed building {name}");
-    std::fs::rename(&partial, &root).unwrap();
-    std::fs::write(&complete, b"").unwrap();
-    root
-}
-
 /// Runs git in `dir` as a fixed author; its trimmed output (panics if git fails).
 pub fn git(dir: &Path, args: &[&str]) -> String {
     run(Command::new("git")
@@ -343,77 +299,6 @@ impl Drop for Postgres {
             .stderr(Stdio::null())
             .status();
     }
-}
-
-/// Debian's kernel for VM tests (the generic one: the cloud kernel has no 9p), unpacked
-/// (`boot/vmlinuz-*`, `lib/modules/<version>/`): downloaded once from Debian's mirror
-/// (`apt-get download`) into the fixtures folder. Returns the folder to give the runtime as its
-/// guest kernel.
-pub fn guest_kernel() -> PathBuf {
-    let dir = fixtures_dir();
-    let root = dir.join("guest-kernel-amd64");
-    let lock = std::fs::File::create(dir.join("guest-kernel-amd64.lock")).unwrap();
-    lock.lock().unwrap();
-    let complete = dir.join("guest-kernel-amd64.complete");
-    if !(complete.exists() && root.is_dir()) {
-        let _ = std::fs::remove_dir_all(&root);
-        std::fs::create_dir_all(&root).unwrap();
-        let depends = run(Command::new("apt-cache").args(["depends", "linux-image-amd64"]));
-        let package = depends
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("Depends: "))
-            .expect("linux-image-amd64 names its kernel package")
-            .trim()
-            .to_owned();
-        eprintln!(
-            "downloading {package} for the VM tests (once; cached in {})",
-            dir.display()
-        );
-        run(Command::new("apt-get")
-            .args(["download", "-q", &package])
-            .current_dir(&root));
-        let deb = std::fs::read_dir(&root)
-            .unwrap()
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| p.extension().is_some_and(|e| e == "deb"))
-            .expect("the package was downloaded");
-        run(Command::new("dpkg-deb")
-            .arg("-x")
-            .arg(&deb)
-            .arg(root.join("x")));
-        std::fs::remove_file(&deb).unwrap();
-        std::fs::write(&complete, b"").unwrap();
-    }
-    root.join("x")
-}
-
-/// `warren-guest` built static (`+crt-static` on the gnu target), as a VM's initramfs needs;
-/// built by a nested cargo into the shared target folder.
-pub fn static_guest() -> PathBuf {
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/cache/warren/target"));
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .args([
-            "build",
-            "--quiet",
-            "--release",
-            "-p",
-            "warren-guest",
-            "--target",
-            "x86_64-unknown-linux-gnu",
-        ])
-        .env("CARGO_TARGET_DIR", &target_dir)
-        .env(
-            "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
-            "-C target-feature=+crt-static",
-        )
-        .status()
-        .unwrap();
-    assert!(status.success(), "cannot build the static guest");
-    target_dir.join("x86_64-unknown-linux-gnu/release/warren-guest")
 }
 
 /// Fails (never skips) when a VM test's programs are missing.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tempfile::TempDir;
-use warren_testkit::{debian_rootfs, free_port};
+use warren_testkit::{DebianRootfs, debian_rootfs, free_port};
 
 /// `warren --data DATA ARGS...` with these variables set, without a server.
 pub fn warren_at(data: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Output {
@@ -76,7 +76,7 @@ impl Warren {
 
     /// Imports the Debian minbase fixture into this host's store as `dev:1`.
     pub fn import_dev_image(&self) {
-        self.import_image(&debian_rootfs("minbase", &[]), "dev:1");
+        self.import_image(&debian_rootfs(DebianRootfs::Minbase), "dev:1");
     }
 
     /// Imports a root filesystem into this host's store under `tag`.

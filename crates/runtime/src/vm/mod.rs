@@ -240,28 +240,41 @@ pub const KERNEL_CMDLINE: &str = "console=ttyS0 rdinit=/init panic=-1 quiet page
 /// booting the guest kernel under KVM once (a nested KVM that cannot run a stock kernel fails
 /// that test and gets TCG).
 pub(crate) fn accel(vm: &VmRecord) -> Accel {
-    if let Some(a) = vm.accel {
-        return a;
+    let remembered = remembered_accel(&vm.runtime_root, &vm.kernel);
+    let found = choose_accel(vm.accel, remembered, || kvm_boots(vm));
+    if vm.accel.is_none() && remembered.is_none() {
+        tracing::info!(
+            accel = found.as_str(),
+            "VM accelerator chosen for this host"
+        );
+        let _ = std::fs::write(
+            vm.runtime_root.join(ACCEL_FILE),
+            format!("{}\n{}\n", vm.kernel.display(), found.as_str()),
+        );
     }
-    let remembered = vm.runtime_root.join("vm-accel");
-    let key = format!("{}\n", vm.kernel.display());
-    if let Ok(text) = std::fs::read_to_string(&remembered)
-        && let Some(rest) = text.strip_prefix(&key)
-        && let Ok(a) = Accel::parse(rest.trim())
-    {
-        return a;
-    }
-    let found = if kvm_boots(vm) {
-        Accel::Kvm
-    } else {
-        Accel::Tcg
-    };
-    tracing::info!(
-        accel = found.as_str(),
-        "VM accelerator chosen for this host"
-    );
-    let _ = std::fs::write(&remembered, format!("{key}{}\n", found.as_str()));
     found
+}
+
+/// Where a runtime remembers the accelerator it found, and for which kernel.
+const ACCEL_FILE: &str = "vm-accel";
+
+/// The accelerator a runtime (its folder `runtime_root`) found for `kernel`, if it has looked.
+pub fn remembered_accel(runtime_root: &Path, kernel: &Path) -> Option<Accel> {
+    let text = std::fs::read_to_string(runtime_root.join(ACCEL_FILE)).ok()?;
+    let rest = text.strip_prefix(&format!("{}\n", kernel.display()))?;
+    Accel::parse(rest.trim()).ok()
+}
+
+/// The decision: what the settings force, else what was found before, else KVM exactly when
+/// the guest kernel boots under it.
+fn choose_accel(
+    forced: Option<Accel>,
+    remembered: Option<Accel>,
+    kvm_boots: impl FnOnce() -> bool,
+) -> Accel {
+    forced
+        .or(remembered)
+        .unwrap_or_else(|| if kvm_boots() { Accel::Kvm } else { Accel::Tcg })
 }
 
 fn kvm_boots(vm: &VmRecord) -> bool {
@@ -879,4 +892,43 @@ pub(crate) fn cpu_ns_of(pid: i32) -> u64 {
     // SAFETY: sysconf takes no pointers.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     ticks * 1_000_000_000 / hz
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kvm_is_chosen_exactly_when_the_guest_kernel_boots_under_it() {
+        assert_eq!(choose_accel(None, None, || true), Accel::Kvm);
+        assert_eq!(choose_accel(None, None, || false), Accel::Tcg);
+    }
+
+    #[test]
+    fn a_forced_or_remembered_accelerator_is_taken_without_a_probe() {
+        let no_probe = || panic!("no boot probe when the answer is known");
+        assert_eq!(
+            choose_accel(Some(Accel::Tcg), Some(Accel::Kvm), no_probe),
+            Accel::Tcg
+        );
+        assert_eq!(choose_accel(Some(Accel::Kvm), None, no_probe), Accel::Kvm);
+        assert_eq!(choose_accel(None, Some(Accel::Kvm), no_probe), Accel::Kvm);
+        assert_eq!(choose_accel(None, Some(Accel::Tcg), no_probe), Accel::Tcg);
+    }
+
+    #[test]
+    fn the_remembered_accelerator_is_per_kernel() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = Path::new("/k/one");
+        assert_eq!(remembered_accel(dir.path(), kernel), None);
+        std::fs::write(dir.path().join(ACCEL_FILE), "/k/one\nkvm\n").unwrap();
+        assert_eq!(remembered_accel(dir.path(), kernel), Some(Accel::Kvm));
+        assert_eq!(remembered_accel(dir.path(), Path::new("/k/two")), None);
+        std::fs::write(dir.path().join(ACCEL_FILE), "/k/one\nhvf\n").unwrap();
+        assert_eq!(
+            remembered_accel(dir.path(), kernel),
+            None,
+            "damaged: probe again"
+        );
+    }
 }
