@@ -8,7 +8,7 @@
 
 use globset::{Glob, GlobMatcher};
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Ignore {
     patterns: Vec<Pattern>,
 }
@@ -28,21 +28,18 @@ impl Ignore {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let (exception, body) = match line.strip_prefix('!') {
-                Some(rest) => (true, rest.trim()),
-                None => (false, line),
-            };
-            let cleaned = clean(body);
-            if cleaned.is_empty() {
-                continue;
-            }
-            let matcher = globset::GlobBuilder::new(&cleaned)
-                .literal_separator(true)
-                .backslash_escape(true)
-                .build()
-                .map(|g: Glob| g.compile_matcher())
-                .map_err(|e| format!(".dockerignore:{}: `{body}`: {e}", n + 1))?;
-            patterns.push(Pattern { matcher, exception });
+            patterns
+                .extend(Pattern::new(line).map_err(|e| format!(".dockerignore:{}: {e}", n + 1))?);
+        }
+        Ok(Ignore { patterns })
+    }
+
+    /// Patterns given one by one (`COPY --exclude`), in the same language; an error names the
+    /// flag and the pattern.
+    pub fn patterns(list: &[String], flag: &str) -> Result<Ignore, String> {
+        let mut patterns = Vec::new();
+        for p in list {
+            patterns.extend(Pattern::new(p.trim()).map_err(|e| format!("{flag}: {e}"))?);
         }
         Ok(Ignore { patterns })
     }
@@ -62,6 +59,27 @@ impl Ignore {
             }
         }
         excluded
+    }
+}
+
+impl Pattern {
+    /// One line's pattern (`!` for an exception); none for one that names nothing.
+    fn new(line: &str) -> Result<Option<Pattern>, String> {
+        let (exception, body) = match line.strip_prefix('!') {
+            Some(rest) => (true, rest.trim()),
+            None => (false, line),
+        };
+        let cleaned = clean(body);
+        if cleaned.is_empty() {
+            return Ok(None);
+        }
+        let matcher = globset::GlobBuilder::new(&cleaned)
+            .literal_separator(true)
+            .backslash_escape(true)
+            .build()
+            .map(|g: Glob| g.compile_matcher())
+            .map_err(|e| format!("`{body}`: {e}"))?;
+        Ok(Some(Pattern { matcher, exception }))
     }
 }
 

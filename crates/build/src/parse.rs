@@ -104,7 +104,8 @@ pub enum Instruction {
     Run {
         command: Command,
         mounts: Vec<Mount>,
-        network: Option<String>,
+        /// `--network=none`: the step runs with no network but its own loopback.
+        no_network: bool,
         /// The here-documents the command refers to.
         heredocs: Vec<Heredoc>,
     },
@@ -112,6 +113,8 @@ pub enum Instruction {
         files: Files,
         /// An earlier stage (or an image) to copy from, instead of the build context.
         from: Option<String>,
+        /// `--parents`: sources keep their folders under the destination.
+        parents: bool,
     },
     Add {
         files: Files,
@@ -125,13 +128,12 @@ pub enum Instruction {
     Workdir(String),
     User(String),
     Shell(Vec<String>),
+    /// Ports as written (`8080`, `53/udp`, `${PORT}`): expanded and normalized at build time.
     Expose(Vec<String>),
-    Volume(Vec<String>),
     Entrypoint(Command),
     Cmd(Command),
-    StopSignal(String),
-    /// Kept as written (`NONE`, or options and a command).
-    Healthcheck(String),
+    /// `HEALTHCHECK NONE`: no check (none is inherited; a check itself is refused).
+    HealthcheckNone,
     Maintainer(String),
 }
 
@@ -471,13 +473,6 @@ fn key_values(rest: &str, escape: char, legacy: bool) -> Result<Vec<(String, Str
         .collect()
 }
 
-fn list(rest: &str, escape: char) -> Result<Vec<String>, String> {
-    match command(rest) {
-        Command::Exec(items) => Ok(items),
-        Command::Shell(text) => split_words(&text, escape),
-    }
-}
-
 /// COPY/ADD sources and destination (exec form, words, or here-documents).
 fn copy_args(
     words: Vec<String>,
@@ -593,11 +588,26 @@ fn instruction(
             if text.is_empty() {
                 return Err("what should it run?".into());
             }
-            let network = flag(&fl, "network");
-            if let Some(n) = &network
-                && !matches!(n.as_str(), "default" | "none" | "host")
-            {
-                return Err(format!("--network={n} (expected default, none or host)"));
+            let no_network = match flag(&fl, "network").as_deref() {
+                None | Some("default") => false,
+                Some("none") => true,
+                Some("host") => {
+                    return Err(
+                        "--network=host is refused: a build step never gets the host's network (default or none)"
+                            .into(),
+                    );
+                }
+                Some(n) => return Err(format!("--network={n} (expected default or none)")),
+            };
+            match flag(&fl, "security").as_deref() {
+                None | Some("sandbox") => {}
+                Some("insecure") => {
+                    return Err(
+                        "--security=insecure is refused: a build step gets no more privilege than a workspace"
+                            .into(),
+                    );
+                }
+                Some(s) => return Err(format!("--security={s} (expected sandbox)")),
             }
             Instruction::Run {
                 mounts: fl
@@ -605,7 +615,7 @@ fn instruction(
                     .filter(|(k, _)| k == "mount")
                     .map(|(_, v)| mount(v))
                     .collect::<Result<_, _>>()?,
-                network,
+                no_network,
                 command: command(&text),
                 heredocs,
             }
@@ -617,9 +627,23 @@ fn instruction(
                 heredocs,
                 &["from", "chown", "chmod", "link", "exclude", "parents"],
             )?;
+            let parents = match flag(&fl, "parents").as_deref() {
+                None | Some("false") => false,
+                Some("" | "true") => true,
+                Some(v) => return Err(format!("--parents={v} (expected true or false)")),
+            };
+            if parents
+                && files
+                    .sources
+                    .iter()
+                    .any(|s| matches!(s, CopySource::Heredoc(_)))
+            {
+                return Err("--parents: a here-document has no folders to keep".into());
+            }
             Instruction::Copy {
                 files,
                 from: flag(&fl, "from"),
+                parents,
             }
         }
         "ADD" => {
@@ -636,6 +660,12 @@ fn instruction(
                     "keep-git-dir",
                 ],
             )?;
+            if fl.iter().any(|(k, _)| k == "keep-git-dir") {
+                return Err(
+                    "--keep-git-dir: ADD does not fetch git repositories here; clone it in a RUN step"
+                        .into(),
+                );
+            }
             Instruction::Add {
                 files,
                 checksum: flag(&fl, "checksum"),
@@ -670,15 +700,34 @@ fn instruction(
         "LABEL" => Instruction::Label(key_values(rest, escape, false)?),
         "WORKDIR" => Instruction::Workdir(one_word(rest, "folder")?),
         "USER" => Instruction::User(one_word(rest, "user")?),
-        "STOPSIGNAL" => Instruction::StopSignal(one_word(rest, "signal")?),
+        "STOPSIGNAL" => {
+            return Err(
+                "STOPSIGNAL is not supported: a workspace's processes are stopped with SIGTERM, then SIGKILL; remove the line"
+                    .into(),
+            );
+        }
         "MAINTAINER" => Instruction::Maintainer(one_word(rest, "maintainer")?),
-        "HEALTHCHECK" => Instruction::Healthcheck(one_word(rest, "check")?),
+        "HEALTHCHECK" => {
+            if one_word(rest, "check")?.eq_ignore_ascii_case("NONE") {
+                Instruction::HealthcheckNone
+            } else {
+                return Err(
+                    "HEALTHCHECK is not supported: Warren does not probe a workspace's processes; remove the line (HEALTHCHECK NONE is accepted)"
+                        .into(),
+                );
+            }
+        }
         "SHELL" => match command(rest) {
             Command::Exec(argv) if !argv.is_empty() => Instruction::Shell(argv),
             _ => return Err(r#"expected a JSON array, such as ["/bin/bash", "-c"]"#.into()),
         },
         "EXPOSE" => Instruction::Expose(split_words(rest, escape)?),
-        "VOLUME" => Instruction::Volume(list(rest, escape)?),
+        "VOLUME" => {
+            return Err(
+                "VOLUME is not supported: every folder of a workspace is kept across stop and start, and a build keeps what steps write there; remove the line"
+                    .into(),
+            );
+        }
         "ENTRYPOINT" => Instruction::Entrypoint(command(rest)),
         "CMD" => Instruction::Cmd(command(rest)),
         "ONBUILD" => {

@@ -39,8 +39,6 @@ LABEL org.opencontainers.image.title="dev env" team=tools
 USER dev
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 EXPOSE 8080/tcp 9000
-VOLUME ["/data"]
-STOPSIGNAL SIGTERM
 HEALTHCHECK NONE
 ENTRYPOINT ["/usr/bin/tini", "--"]
 cmd echo lowercase works
@@ -50,7 +48,7 @@ fn run(command: Command) -> Instruction {
     Instruction::Run {
         command,
         mounts: vec![],
-        network: None,
+        no_network: false,
         heredocs: vec![],
     }
 }
@@ -109,7 +107,7 @@ fn every_instruction_is_read() {
     let Instruction::Run {
         command,
         mounts,
-        network,
+        no_network,
         ..
     } = steps[5]
     else {
@@ -118,7 +116,7 @@ fn every_instruction_is_read() {
     assert_eq!(mounts[0].kind, "cache");
     assert_eq!(mounts[0].target.as_deref(), Some("/root/.cache"));
     assert_eq!(mounts[0].options["sharing"], "locked");
-    assert_eq!(network.as_deref(), Some("none"));
+    assert!(no_network);
     assert_eq!(
         command,
         &Command::Shell("apt-get update &&     apt-get install -y       curl".into())
@@ -150,7 +148,7 @@ fn every_instruction_is_read() {
 
     let last: Vec<&Instruction> = d.stages[1].steps.iter().map(|s| &s.instruction).collect();
     assert!(
-        matches!(last[0], Instruction::Copy { from: Some(f), files } if f == "build" && files.link)
+        matches!(last[0], Instruction::Copy { from: Some(f), files, parents: false } if f == "build" && files.link)
     );
     assert!(matches!(last[1], Instruction::Add { checksum: Some(c), .. } if c == "sha256:abc"));
     assert_eq!(
@@ -176,9 +174,9 @@ fn every_instruction_is_read() {
         last[5],
         &Instruction::Expose(vec!["8080/tcp".into(), "9000".into()])
     );
-    assert_eq!(last[6], &Instruction::Volume(vec!["/data".into()]));
+    assert_eq!(last[6], &Instruction::HealthcheckNone);
     assert_eq!(
-        last[10],
+        last[8],
         &Instruction::Cmd(Command::Shell("echo lowercase works".into()))
     );
 }
@@ -229,6 +227,56 @@ fn errors_name_the_file_and_line() {
     assert!(error("FROM a\nRUN echo \"open\n").contains("unterminated"));
     assert!(error("# escape=x\nFROM a\n").starts_with("Dockerfile:1: escape must be"));
     assert!(error("FROM a\nWORKDIR\n").contains("which folder"));
+}
+
+/// What Warren cannot do as Docker does is refused, with the line, never accepted and ignored.
+#[test]
+fn what_is_not_supported_is_refused_with_its_line() {
+    for (text, expected) in [
+        (
+            "FROM a\nRUN --network=host curl x\n",
+            "Dockerfile:2: RUN: --network=host is refused",
+        ),
+        (
+            "FROM a\nRUN --network=bridge true\n",
+            "Dockerfile:2: RUN: --network=bridge (expected default or none)",
+        ),
+        (
+            "FROM a\nRUN --security=insecure true\n",
+            "Dockerfile:2: RUN: --security=insecure is refused",
+        ),
+        (
+            "FROM a\n\nADD --keep-git-dir=true https://x/y.git /src\n",
+            "Dockerfile:3: ADD: --keep-git-dir: ADD does not fetch git repositories",
+        ),
+        (
+            "FROM a\nSTOPSIGNAL SIGINT\n",
+            "Dockerfile:2: STOPSIGNAL: STOPSIGNAL is not supported",
+        ),
+        (
+            "FROM a\nHEALTHCHECK CMD curl -f http://localhost/\n",
+            "Dockerfile:2: HEALTHCHECK: HEALTHCHECK is not supported",
+        ),
+        (
+            "FROM a\nVOLUME /data\n",
+            "Dockerfile:2: VOLUME: VOLUME is not supported",
+        ),
+        (
+            "FROM a\nCOPY --parents <<EOF /x/\nhi\nEOF\n",
+            "Dockerfile:2: COPY: --parents: a here-document has no folders to keep",
+        ),
+    ] {
+        let err = error(text);
+        assert!(err.starts_with(expected), "{text:?}: {err}");
+    }
+    // What is accepted: the sandbox is the default security, NONE turns no check off.
+    for text in [
+        "FROM a\nRUN --security=sandbox --network=default true\n",
+        "FROM a\nHEALTHCHECK none\n",
+        "FROM a\nCOPY --parents --exclude=*.md ./a/./b /dst/\n",
+    ] {
+        parse("Dockerfile", text).unwrap();
+    }
 }
 
 #[test]

@@ -47,15 +47,26 @@ pub trait ImageStore {
     }
 }
 
+/// What an image says about running it, as Docker's image config does.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ImageSettings {
     pub env: Vec<String>,
     pub user: Option<String>,
     pub workdir: Option<String>,
+    /// What runs: `entrypoint` followed by `cmd` (Docker's rule).
+    pub entrypoint: Vec<String>,
     pub cmd: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    /// `PORT/PROTOCOL`, such as `8080/tcp`.
+    pub exposed_ports: Vec<String>,
+    /// `MAINTAINER`.
+    pub author: Option<String>,
     /// The image's digest (when read from the store).
     pub digest: String,
 }
+
+/// The `PATH` a Linux image without one gets, as Docker gives it.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 #[derive(Debug)]
 pub struct BuildRequest<'a> {
@@ -146,7 +157,13 @@ struct State {
     workdir: String,
     user: Option<String>,
     shell: Vec<String>,
+    entrypoint: Vec<String>,
     cmd: Vec<String>,
+    /// A `CMD` of this stage's own (an `ENTRYPOINT` clears only an inherited one).
+    cmd_set: bool,
+    labels: BTreeMap<String, String>,
+    exposed_ports: std::collections::BTreeSet<String>,
+    author: Option<String>,
 }
 
 impl State {
@@ -183,6 +200,81 @@ impl State {
     fn set_env(&mut self, key: String, value: String) {
         self.env.retain(|(k, _)| *k != key);
         self.env.push((key, value));
+    }
+
+    /// A new stage's state over an image with these settings. An image with no `PATH` gets
+    /// Docker's default one, so `ENV PATH=/opt/bin:${PATH}` and the steps find `sh`.
+    fn over_image(
+        stage: usize,
+        image: String,
+        key: blake3::Hash,
+        settings: &ImageSettings,
+    ) -> State {
+        let mut env: Vec<(String, String)> = settings
+            .env
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                (k.to_owned(), v.to_owned())
+            })
+            .collect();
+        if !env.iter().any(|(k, _)| k == "PATH") {
+            env.insert(0, ("PATH".into(), DEFAULT_PATH.into()));
+        }
+        State {
+            stage,
+            image,
+            sandbox: None,
+            key,
+            env,
+            args: BTreeMap::new(),
+            workdir: settings.workdir.clone().unwrap_or_else(|| "/".into()),
+            user: settings.user.clone(),
+            shell: vec!["/bin/sh".into(), "-c".into()],
+            entrypoint: settings.entrypoint.clone(),
+            cmd: settings.cmd.clone(),
+            cmd_set: false,
+            labels: settings.labels.clone(),
+            exposed_ports: settings.exposed_ports.iter().cloned().collect(),
+            author: settings.author.clone(),
+        }
+    }
+
+    /// A new stage's state over an earlier stage: its filesystem and every setting of it
+    /// (Docker's `FROM <stage>`), its own arguments and sandbox aside.
+    fn over_stage(stage: usize, earlier: &State) -> State {
+        State {
+            stage,
+            image: earlier.image.clone(),
+            sandbox: None,
+            key: earlier.key,
+            env: earlier.env.clone(),
+            args: BTreeMap::new(),
+            workdir: earlier.workdir.clone(),
+            user: earlier.user.clone(),
+            shell: earlier.shell.clone(),
+            entrypoint: earlier.entrypoint.clone(),
+            cmd: earlier.cmd.clone(),
+            cmd_set: false,
+            labels: earlier.labels.clone(),
+            exposed_ports: earlier.exposed_ports.clone(),
+            author: earlier.author.clone(),
+        }
+    }
+
+    /// What the image made of this stage says about running it.
+    fn settings(&self) -> ImageSettings {
+        ImageSettings {
+            env: self.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            user: self.user.clone(),
+            workdir: Some(self.workdir.clone()),
+            entrypoint: self.entrypoint.clone(),
+            cmd: self.cmd.clone(),
+            labels: self.labels.clone(),
+            exposed_ports: self.exposed_ports.iter().cloned().collect(),
+            author: self.author.clone(),
+            digest: String::new(),
+        }
     }
 }
 
@@ -240,6 +332,7 @@ impl Build<'_> {
         stage: &str,
         state: &State,
         files: &Files,
+        how: &CopyHow,
         what: &str,
     ) -> Result<Vec<u8>, String> {
         let k = *self
@@ -250,7 +343,7 @@ impl Build<'_> {
         let escape = self.req.dockerfile.escape;
         let made = self
             .sandbox(&mut source)
-            .and_then(|id| stage_tar(self.runtime, &id, state, files, escape));
+            .and_then(|id| stage_tar(self.runtime, &id, state, files, how, escape));
         self.done[k] = source;
         made
     }
@@ -334,38 +427,16 @@ pub fn build(
         let at = |m: String| fail(stage.line, m);
         let base = expand(&stage.base, escape, &|k| global.get(k).cloned())
             .map_err(|e| at(format!("FROM: {e}")))?;
-        let (image, key) = match b.stages.get(&base.to_ascii_lowercase()) {
-            Some(&k) => (b.done[k].image.clone(), b.done[k].key),
-            None => {
-                let digest = store
-                    .settings(&base)
-                    .map_err(|e| at(format!("FROM {base}: {e}")))?
-                    .digest;
-                (base.clone(), blake3::hash(digest.as_bytes()))
-            }
-        };
-        let settings = store
-            .settings(&image)
-            .map_err(|e| at(format!("FROM {base}: {e}")))?;
         let _ = writeln!(log, "[{n}] FROM {base}");
-        let mut state = State {
-            stage: n,
-            image,
-            sandbox: None,
-            key,
-            env: settings
-                .env
-                .iter()
-                .map(|kv| {
-                    let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-                    (k.to_owned(), v.to_owned())
-                })
-                .collect(),
-            args: BTreeMap::new(),
-            workdir: settings.workdir.clone().unwrap_or_else(|| "/".into()),
-            user: settings.user.clone(),
-            shell: vec!["/bin/sh".into(), "-c".into()],
-            cmd: settings.cmd.clone(),
+        let mut state = match b.stages.get(&base.to_ascii_lowercase()) {
+            Some(&k) => State::over_stage(n, &b.done[k]),
+            None => {
+                let settings = store
+                    .settings(&base)
+                    .map_err(|e| at(format!("FROM {base}: {e}")))?;
+                let key = blake3::hash(settings.digest.as_bytes());
+                State::over_image(n, base.clone(), key, &settings)
+            }
         };
         for step in &stage.steps {
             if req.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
@@ -383,13 +454,7 @@ pub fn build(
     }
     let line = stages.last().map_or(1, |s| s.line);
     let state = b.done.pop().ok_or_else(|| fail(1, "no stage".into()))?;
-    let settings = ImageSettings {
-        env: state.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
-        user: state.user.clone(),
-        workdir: Some(state.workdir.clone()),
-        cmd: state.cmd.clone(),
-        digest: String::new(),
-    };
+    let settings = state.settings();
     // The last stage's tree is its last step's image (or its base): only the settings change.
     let digest = store
         .retag(req.tag, &state.image, &settings)
@@ -464,7 +529,7 @@ fn run_step(
         Instruction::Run {
             command,
             mounts,
-            network: _,
+            no_network,
             heredocs,
         } => {
             let mounts = b.prepare_mounts(state, mounts)?;
@@ -501,23 +566,27 @@ fn run_step(
             b.change(state, log, |b, id, state, log| {
                 let user = state.user.clone();
                 b.mount(id, &mounts)?;
-                run(
-                    b.runtime,
-                    id,
-                    state.step(argv, user.as_deref(), stdin),
-                    log,
-                    b.req.cancel,
-                )?;
+                let mut step = state.step(argv, user.as_deref(), stdin);
+                step.no_network = *no_network;
+                run(b.runtime, id, step, log, b.req.cancel)?;
                 b.unmount(id, &mounts)
             })?;
         }
-        Instruction::Copy { files, from } => {
+        Instruction::Copy {
+            files,
+            from,
+            parents,
+        } => {
+            let how = CopyHow {
+                parents: *parents,
+                exclude: Ignore::patterns(&files.exclude, "--exclude")?,
+            };
             let tar = match from {
-                None => context_tar(req, state, files)?,
-                Some(stage) => b.stage_files(stage, state, files, "COPY --from")?,
+                None => context_tar(req, state, files, &how)?,
+                Some(stage) => b.stage_files(stage, state, files, &how, "COPY --from")?,
             };
             let dest = expand_with(state, escape, &files.dest)?;
-            let into = if copies_into_folder(&dest, files) {
+            let into = if *parents || copies_into_folder(&dest, files) {
                 inside(&state.workdir, &dest)
             } else {
                 parent_of(&inside(&state.workdir, &dest))
@@ -550,7 +619,10 @@ fn run_step(
             let mut key = Vec::new();
             let mut parts: Vec<(Vec<u8>, String)> = Vec::new();
             if !plain.sources.is_empty() {
-                parts.push((context_tar(req, state, &plain)?, into.clone()));
+                parts.push((
+                    context_tar(req, state, &plain, &CopyHow::default())?,
+                    into.clone(),
+                ));
             }
             if !remote.is_empty() {
                 parts.push((add::remote_tar(&remote, &dest, files, &meta)?, into.clone()));
@@ -589,16 +661,34 @@ fn run_step(
                 Ok(())
             })?;
         }
-        Instruction::Cmd(c) | Instruction::Entrypoint(c) => {
-            state.cmd = command_argv(state, c);
-            state.chain(instruction, b"");
+        // Docker's rule: what runs is the entrypoint followed by the command; an entrypoint
+        // clears a command inherited from the base (not one this stage set); a shell-form
+        // entrypoint takes no command.
+        Instruction::Entrypoint(c) => {
+            state.entrypoint = command_argv(state, c);
+            if !state.cmd_set || matches!(c, Command::Shell(_)) {
+                state.cmd.clear();
+            }
         }
-        Instruction::Label(_)
-        | Instruction::Expose(_)
-        | Instruction::Volume(_)
-        | Instruction::StopSignal(_)
-        | Instruction::Healthcheck(_)
-        | Instruction::Maintainer(_) => {}
+        Instruction::Cmd(c) => {
+            state.cmd = command_argv(state, c);
+            state.cmd_set = true;
+        }
+        Instruction::Label(pairs) => {
+            for (k, v) in pairs {
+                let key = expand_with(state, escape, k)?;
+                let value = expand_with(state, escape, v)?;
+                state.labels.insert(key, value);
+            }
+        }
+        Instruction::Expose(ports) => {
+            for port in ports {
+                let port = expand_with(state, escape, port)?;
+                state.exposed_ports.insert(exposed_port(&port)?);
+            }
+        }
+        Instruction::Maintainer(name) => state.author = Some(name.clone()),
+        Instruction::HealthcheckNone => {}
     }
     Ok(())
 }
@@ -615,7 +705,26 @@ fn placeholder(stage: usize) -> State {
         workdir: "/".into(),
         user: None,
         shell: Vec::new(),
+        entrypoint: Vec::new(),
         cmd: Vec::new(),
+        cmd_set: false,
+        labels: BTreeMap::new(),
+        exposed_ports: Default::default(),
+        author: None,
+    }
+}
+
+/// An `EXPOSE` port as Docker keeps it: `8080` is `8080/tcp`; a range is refused, as Docker
+/// keeps each port of one.
+fn exposed_port(word: &str) -> Result<String, String> {
+    let (port, protocol) = word.split_once('/').unwrap_or((word, "tcp"));
+    let protocol = protocol.to_ascii_lowercase();
+    if !matches!(protocol.as_str(), "tcp" | "udp" | "sctp") {
+        return Err(format!("EXPOSE {word}: the protocol is tcp, udp or sctp"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(format!("{p}/{protocol}")),
+        _ => Err(format!("EXPOSE {word}: expected a port from 1 to 65535")),
     }
 }
 
@@ -675,6 +784,8 @@ pub(crate) struct Step {
     pub cwd: String,
     pub user: Option<String>,
     pub stdin: Option<Box<dyn Read + Send>>,
+    /// In a network namespace of its own with only loopback (`RUN --network=none`).
+    pub no_network: bool,
 }
 
 impl State {
@@ -688,6 +799,7 @@ impl State {
             cwd: self.workdir.clone(),
             user: user.map(str::to_owned),
             stdin: stdin.map(|b| Box::new(std::io::Cursor::new(b)) as Box<dyn Read + Send>),
+            no_network: false,
         }
     }
 }
@@ -710,6 +822,7 @@ pub(crate) fn run(
         cwd: Some(step.cwd),
         user: step.user,
         tty: None,
+        no_network: step.no_network,
     };
     let exec = runtime.exec(id, &request).map_err(|e| e.to_string())?;
     let ExecIo::Pipes {
@@ -900,6 +1013,9 @@ struct Meta {
     user: Option<String>,
     group: Option<String>,
     mode: Option<u32>,
+    /// Leave entries' owners as they are (a copy from a stage without `--chown`); else every
+    /// entry gets the owner above (root without `--chown`).
+    keep_owner: bool,
 }
 
 impl Meta {
@@ -943,13 +1059,17 @@ impl Meta {
     }
 
     fn apply(&self, header: &mut tar::Header, is_symlink: bool) -> Result<(), String> {
-        header.set_uid(self.uid);
-        header.set_gid(self.gid);
-        if let Some(u) = &self.user {
-            header.set_username(u).map_err(|e| e.to_string())?;
-        }
-        if let Some(g) = &self.group {
-            header.set_groupname(g).map_err(|e| e.to_string())?;
+        if !self.keep_owner {
+            header.set_uid(self.uid);
+            header.set_gid(self.gid);
+            // A name left in the header would win over the id when unpacked (tar resolves
+            // names in the image): the given name, or none.
+            header
+                .set_username(self.user.as_deref().unwrap_or(""))
+                .map_err(|e| e.to_string())?;
+            header
+                .set_groupname(self.group.as_deref().unwrap_or(""))
+                .map_err(|e| e.to_string())?;
         }
         if let Some(m) = self.mode
             && !is_symlink
@@ -960,12 +1080,45 @@ impl Meta {
     }
 }
 
+/// How a `COPY` lays its sources out: `--parents` keeps each source's folders (from the
+/// context's root, or from a `/./` in the source) under the destination; `--exclude` leaves out
+/// what its patterns match, relative to each source folder (a file source by its name).
+#[derive(Debug, Default)]
+struct CopyHow {
+    parents: bool,
+    exclude: Ignore,
+}
+
+/// What of a matched source `--parents` keeps: all of it, or what follows a `/./` in the
+/// source as written.
+fn kept_path(written: &str, rel: &str) -> String {
+    let Some((pivot, _)) = written.split_once("/./") else {
+        return rel.to_owned();
+    };
+    let pivot = pivot
+        .split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .collect::<Vec<_>>()
+        .join("/");
+    if pivot.is_empty() {
+        return rel.to_owned();
+    }
+    rel.strip_prefix(&format!("{pivot}/"))
+        .unwrap_or(rel)
+        .to_owned()
+}
+
 /// The tar stream of `COPY` sources from the build context.
-fn context_tar(req: &BuildRequest<'_>, state: &State, files: &Files) -> Result<Vec<u8>, String> {
+fn context_tar(
+    req: &BuildRequest<'_>,
+    state: &State,
+    files: &Files,
+    how: &CopyHow,
+) -> Result<Vec<u8>, String> {
     let escape = req.dockerfile.escape;
     let given = Meta::of(files)?;
     let dest = expand_with(state, escape, &files.dest)?;
-    let into_folder = copies_into_folder(&dest, files);
+    let into_folder = how.parents || copies_into_folder(&dest, files);
     let mut tar = tar::Builder::new(Vec::new());
     tar.follow_symlinks(false);
     for source in &files.sources {
@@ -994,11 +1147,11 @@ fn context_tar(req: &BuildRequest<'_>, state: &State, files: &Files) -> Result<V
                     .map_err(|e| e.to_string())?;
             }
             CopySource::Path(raw) => {
-                let source = expand_with(state, escape, raw)?;
-                let sources = if is_glob(&source) {
-                    glob_context(req, &source)?
+                let written = expand_with(state, escape, raw)?;
+                let sources = if is_glob(&written) {
+                    glob_context(req, &written)?
                 } else {
-                    vec![source]
+                    vec![written.clone()]
                 };
                 for source in sources {
                     let (path, rel) = context_path(req.context, &source)?;
@@ -1007,10 +1160,29 @@ fn context_tar(req: &BuildRequest<'_>, state: &State, files: &Files) -> Result<V
                     }
                     let meta =
                         std::fs::symlink_metadata(&path).map_err(|e| format!("`{source}`: {e}"))?;
-                    if meta.is_dir() {
-                        add_tree(&mut tar, req, &path, &rel, Path::new(""), &given)?;
+                    let kept = if how.parents {
+                        kept_path(&written, &rel)
                     } else {
-                        let name = if into_folder { leaf(&rel) } else { leaf(&dest) };
+                        String::new()
+                    };
+                    if meta.is_dir() {
+                        if !kept.is_empty() {
+                            add_one(&mut tar, &path, Path::new(&kept), &given)?;
+                        }
+                        let tree = Tree {
+                            req,
+                            exclude: &how.exclude,
+                            meta: &given,
+                        };
+                        tree.add(&mut tar, &path, &rel, "", Path::new(&kept))?;
+                    } else if !how.exclude.excludes(&leaf(&rel)) {
+                        let name = if how.parents {
+                            kept
+                        } else if into_folder {
+                            leaf(&rel)
+                        } else {
+                            leaf(&dest)
+                        };
                         add_one(&mut tar, &path, Path::new(&name), &given)?;
                     }
                 }
@@ -1080,38 +1252,51 @@ fn leaf(path: &str) -> String {
         .to_owned()
 }
 
-#[allow(clippy::too_many_arguments)]
-fn add_tree(
-    tar: &mut tar::Builder<Vec<u8>>,
-    req: &BuildRequest<'_>,
-    dir: &Path,
-    rel: &str,
-    name: &Path,
-    meta: &Meta,
-) -> Result<(), String> {
-    let mut entries: Vec<_> = std::fs::read_dir(dir)
-        .map_err(|e| format!("{}: {e}", dir.display()))?
-        .flatten()
-        .collect();
-    entries.sort_by_key(|e| e.file_name());
-    for entry in entries {
-        let file_name = entry.file_name();
-        let child_rel = if rel.is_empty() {
-            file_name.to_string_lossy().into_owned()
-        } else {
-            format!("{rel}/{}", file_name.to_string_lossy())
-        };
-        if req.ignore.excludes(&child_rel) {
-            continue;
+/// A context folder's tree going into a `COPY`'s tar stream.
+struct Tree<'a> {
+    req: &'a BuildRequest<'a>,
+    exclude: &'a Ignore,
+    meta: &'a Meta,
+}
+
+impl Tree<'_> {
+    /// Adds what is in `dir` (at `rel` in the context, `below` in the source folder) under
+    /// `name`, leaving out what `.dockerignore` or `--exclude` does.
+    fn add(
+        &self,
+        tar: &mut tar::Builder<Vec<u8>>,
+        dir: &Path,
+        rel: &str,
+        below: &str,
+        name: &Path,
+    ) -> Result<(), String> {
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .map_err(|e| format!("{}: {e}", dir.display()))?
+            .flatten()
+            .collect();
+        entries.sort_by_key(|e| e.file_name());
+        for entry in entries {
+            let file_name = entry.file_name().to_string_lossy().into_owned();
+            let join = |base: &str| {
+                if base.is_empty() {
+                    file_name.clone()
+                } else {
+                    format!("{base}/{file_name}")
+                }
+            };
+            let (child_rel, child_below) = (join(rel), join(below));
+            if self.req.ignore.excludes(&child_rel) || self.exclude.excludes(&child_below) {
+                continue;
+            }
+            let child_name = name.join(&file_name);
+            let path = entry.path();
+            add_one(tar, &path, &child_name, self.meta)?;
+            if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                self.add(tar, &path, &child_rel, &child_below, &child_name)?;
+            }
         }
-        let child_name = name.join(&file_name);
-        let path = entry.path();
-        add_one(tar, &path, &child_name, meta)?;
-        if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-            add_tree(tar, req, &path, &child_rel, &child_name, meta)?;
-        }
+        Ok(())
     }
-    Ok(())
 }
 
 fn add_one(
@@ -1150,26 +1335,28 @@ fn stage_tar(
     source: &WorkspaceId,
     state: &State,
     files: &Files,
+    how: &CopyHow,
     escape: char,
 ) -> Result<Vec<u8>, String> {
     let dest = expand_with(state, escape, &files.dest)?;
-    let into_folder = copies_into_folder(&dest, files);
+    let into_folder = how.parents || copies_into_folder(&dest, files);
     let mut all = Vec::new();
     for s in &files.sources {
         let CopySource::Path(raw) = s else {
             return Err("a here-document cannot come --from a stage".into());
         };
-        let path = inside("/", &expand_with(state, escape, raw)?);
+        let written = expand_with(state, escape, raw)?;
+        let path = inside("/", &written);
         let (parent, name) = (parent_of(&path), leaf(&path));
         // A folder's contents go under the destination; a file goes by its name, or by the
         // destination's when that names a file.
-        let script = r#"if [ -d "$1/$2" ]; then tar -c -f - -C "$1/$2" .; else tar -c -f - -C "$1" "$2"; fi"#;
+        let script = r#"if [ -d "$1/$2" ]; then echo d >&3; tar -c -f - -C "$1/$2" .; else tar -c -f - -C "$1" "$2"; fi 3>&2"#;
         let argv = vec![
             "/bin/sh".into(),
             "-c".into(),
             script.into(),
             "sh".into(),
-            parent,
+            parent.clone(),
             name.clone(),
         ];
         let (code, out, err) = capture(runtime, source, argv)?;
@@ -1179,36 +1366,71 @@ fn stage_tar(
                 String::from_utf8_lossy(&err).trim()
             ));
         }
+        let is_dir = err.starts_with(b"d\n");
+        // `--parents`: a folder's contents go under its own path, a file under its parent's
+        // (from the root, or from a `/./` in the source).
+        let prefix = how.parents.then(|| {
+            let rel = path.trim_start_matches('/');
+            let kept = kept_path(written.trim_start_matches('/'), rel);
+            if is_dir {
+                kept
+            } else {
+                parent_of(&format!("/{kept}"))
+                    .trim_start_matches('/')
+                    .to_owned()
+            }
+        });
         let rename = (!into_folder).then(|| (name, leaf(&dest)));
-        all.push((out, rename));
+        all.push((out, rename, prefix, is_dir));
     }
     // One archive of them all, with a file renamed where the destination names it, and
-    // `--chown` / `--chmod` applied.
-    let given = (files.chown.is_some() || files.chmod.is_some())
-        .then(|| Meta::of(files))
-        .transpose()?;
+    // `--chown` / `--chmod` applied (without `--chown`, owners stay as they are).
+    let given = Meta {
+        keep_owner: files.chown.is_none(),
+        ..Meta::of(files)?
+    };
     let mut joined = tar::Builder::new(Vec::new());
-    for (bytes, rename) in all {
+    for (bytes, rename, prefix, is_dir) in all {
+        let place = |path: &Path| match &prefix {
+            Some(prefix) if !prefix.is_empty() => Path::new(prefix).join(path),
+            _ => path.to_path_buf(),
+        };
         let mut archive = tar::Archive::new(&bytes[..]);
         for entry in archive.entries().map_err(|e| e.to_string())? {
             let mut entry = entry.map_err(|e| e.to_string())?;
             let mut header = entry.header().clone();
             let mut path = entry.path().map_err(|e| e.to_string())?.into_owned();
+            // `--exclude`: a folder's entries by their path in it, a file by its name.
+            let within = path.to_string_lossy().into_owned();
+            let within = within.trim_start_matches("./");
+            let excluded = if is_dir {
+                !within.is_empty() && within != "." && how.exclude.excludes(within)
+            } else {
+                how.exclude.excludes(&leaf(within))
+            };
+            if excluded {
+                continue;
+            }
             if let Some((from, to)) = &rename
                 && path == Path::new(from)
             {
                 path = PathBuf::from(to);
             }
-            if let Some(given) = &given {
-                let is_symlink = header.entry_type().is_symlink();
-                given.apply(&mut header, is_symlink)?;
-            }
+            let path = place(&path);
+            let is_symlink = header.entry_type().is_symlink();
+            given.apply(&mut header, is_symlink)?;
             if header.entry_type().is_symlink() || header.entry_type().is_hard_link() {
                 let target = entry
                     .link_name()
                     .map_err(|e| e.to_string())?
                     .map(|t| t.into_owned())
                     .unwrap_or_default();
+                // A hard link names another entry of this archive, which moved too.
+                let target = if header.entry_type().is_hard_link() {
+                    place(&target)
+                } else {
+                    target
+                };
                 joined
                     .append_link(&mut header, &path, target)
                     .map_err(|e| e.to_string())?;
@@ -1243,6 +1465,7 @@ impl Started {
                     cwd: Some("/".into()),
                     user: Some("root".into()),
                     tty: None,
+                    no_network: false,
                 },
             )
             .map_err(|e| e.to_string())?;

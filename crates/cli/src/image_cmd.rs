@@ -303,7 +303,11 @@ fn settings_config(settings: &warren_build::ImageSettings) -> ImageConfig {
         env: settings.env.clone(),
         user: settings.user.clone(),
         workdir: settings.workdir.clone(),
+        entrypoint: settings.entrypoint.clone(),
         cmd: settings.cmd.clone(),
+        labels: settings.labels.clone(),
+        exposed_ports: settings.exposed_ports.clone(),
+        author: settings.author.clone(),
         ..ImageConfig::default()
     }
 }
@@ -350,11 +354,16 @@ impl warren_build::ImageStore for LocalImages {
                 ));
             }
         };
+        let c = image.config;
         Ok(warren_build::ImageSettings {
-            env: image.config.env.clone(),
-            user: image.config.user.clone(),
-            workdir: image.config.workdir.clone(),
-            cmd: image.config.cmd.clone(),
+            env: c.env,
+            user: c.user,
+            workdir: c.workdir,
+            entrypoint: c.entrypoint,
+            cmd: c.cmd,
+            labels: c.labels,
+            exposed_ports: c.exposed_ports,
+            author: c.author,
             digest: image.digest.to_string(),
         })
     }
@@ -851,8 +860,31 @@ fn inspect(data: &Path, reference: &str, json: bool) -> anyhow::Result<()> {
             image.index.blobs.len(),
             ByteSize(stored)
         );
-        if !image.config.env.is_empty() {
-            println!("  env      {}", image.config.env.join(" "));
+        let c = &image.config;
+        let quoted = |argv: &[String]| serde_json::to_string(argv).unwrap_or_default();
+        if !c.env.is_empty() {
+            println!("  env      {}", c.env.join(" "));
+        }
+        for (name, value) in [
+            ("user", c.user.clone()),
+            ("workdir", c.workdir.clone()),
+            (
+                "entrypoint",
+                (!c.entrypoint.is_empty()).then(|| quoted(&c.entrypoint)),
+            ),
+            ("cmd", (!c.cmd.is_empty()).then(|| quoted(&c.cmd))),
+            (
+                "ports",
+                (!c.exposed_ports.is_empty()).then(|| c.exposed_ports.join(" ")),
+            ),
+            ("author", c.author.clone()),
+        ] {
+            if let Some(value) = value {
+                println!("  {name:<8} {value}");
+            }
+        }
+        for (key, value) in &c.labels {
+            println!("  label    {key}={value}");
         }
     }
     Ok(())

@@ -348,6 +348,7 @@ fn exec(
             cwd,
             user,
             tty: size,
+            no_network: false,
         },
     )?;
     let process = started.process;

@@ -469,3 +469,203 @@ fn a_base_image_comes_from_a_registry_when_it_is_not_local() {
         "{err}"
     );
 }
+
+/// The Dockerfile options Docker users rely on do what Docker does: a base with no `PATH`
+/// gets Docker's default one; `COPY --from --chown --chmod` sets both; `--exclude` and
+/// `--parents` shape a copy; `RUN --network=none` has no network but its loopback; labels,
+/// ports, the entrypoint and the command are kept in the image's config as Docker combines
+/// them; a later stage inherits an earlier one's settings. What Warren does not do is refused
+/// with its line.
+#[test]
+fn dockerfile_options_work_as_docker_or_are_refused() {
+    enter_own_network();
+    let data = tempfile::Builder::new()
+        .prefix("warren-build-options-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    // An image from a folder has no settings at all: no PATH.
+    let rootfs = debian_rootfs(DebianRootfs::Minbase);
+    ok(warren(
+        data.path(),
+        &["image", "import", rootfs.to_str().unwrap(), "bare:1"],
+    ));
+    let ctx = tempfile::tempdir().unwrap();
+    for (path, body) in [
+        ("docs/a.md", "a"),
+        ("docs/b.txt", "b"),
+        ("docs/deep/c.md", "c"),
+        ("docs/deep/d.txt", "d"),
+        ("src/app/main.txt", "main"),
+        ("src/lib/util.txt", "util"),
+    ] {
+        let file = ctx.path().join(path);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(file, body).unwrap();
+    }
+    let dockerfile = r#"FROM bare:1 AS build
+ENV FROM_BUILD=kept
+RUN mkdir -p /src/out /src/notes && echo artifact > /src/artifact \
+ && echo note > /src/notes/n.md && echo keep > /src/notes/k.txt \
+ && echo owned > /src/owned && chown 1234:1234 /src/owned
+CMD ["inherited"]
+
+FROM build AS tools
+ENV PATH="/opt/tools:${PATH}"
+RUN ["sh", "-c", "echo \"$PATH\" > /path.txt"]
+COPY --from=build --chown=1000:1000 --chmod=755 /src/artifact /opt/tools/artifact
+COPY --from=build --chmod=600 /src/owned /opt/owned
+COPY --from=build --exclude=*.md /src/notes /opt/notes/
+COPY --exclude=**/*.md docs /docs/
+COPY --parents ./src/app/main.txt src/lib/util.txt /p/
+COPY --parents ./src/./app/main.txt /q/
+RUN --network=none { cat /proc/net/dev; timeout 5 bash -c 'exec 3<>/dev/tcp/10.88.0.1/9' 2>&1; true; \
+ timeout 5 bash -c 'exec 3<>/dev/tcp/127.0.0.1/9' 2>&1; true; } > /none.txt
+RUN cat /proc/net/dev > /default.txt && echo "$FROM_BUILD" > /from-build.txt
+ARG TEAM=tools
+LABEL org.example.team=$TEAM "org.example.note"="two words"
+EXPOSE 8080 53/udp
+MAINTAINER dev@example.org
+ENTRYPOINT ["/opt/tools/artifact"]
+"#;
+    std::fs::write(ctx.path().join("Dockerfile"), dockerfile).unwrap();
+    ok(warren(
+        data.path(),
+        &["build", ctx.path().to_str().unwrap(), "-t", "opts:1"],
+    ));
+    ok(warren(
+        data.path(),
+        &["runtime", "run", "opts", "--image", "opts:1"],
+    ));
+    let inside = |cmd: &str| {
+        ok(warren(
+            data.path(),
+            &["runtime", "exec", "opts", "-T", "--", "sh", "-c", cmd],
+        ))
+    };
+    assert_eq!(
+        inside("cat /path.txt"),
+        "/opt/tools:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
+    );
+    assert_eq!(
+        inside("stat -c '%u:%g %a' /opt/tools/artifact /opt/owned"),
+        "1000:1000 755\n1234:1234 600\n",
+        "--chown and --chmod both apply; --chmod alone keeps the owner"
+    );
+    assert_eq!(
+        inside("cd /opt/notes && find . -type f | sort"),
+        "./k.txt\n"
+    );
+    assert_eq!(
+        inside("cd /docs && find . -type f | sort"),
+        "./b.txt\n./deep/d.txt\n"
+    );
+    assert_eq!(
+        inside("cd /p && find . -type f | sort; cd /q && find . -type f"),
+        "./src/app/main.txt\n./src/lib/util.txt\n./app/main.txt\n"
+    );
+    let none = inside("cat /none.txt");
+    assert!(
+        none.contains("lo:") && !none.contains("eth0"),
+        "only loopback: {none}"
+    );
+    assert!(none.contains("Network is unreachable"), "{none}");
+    assert!(
+        none.contains("Connection refused"),
+        "loopback is up: {none}"
+    );
+    assert!(inside("cat /default.txt").contains("eth0"));
+    assert_eq!(
+        inside("cat /from-build.txt"),
+        "kept\n",
+        "a stage's ENV in the next"
+    );
+    ok(warren(data.path(), &["runtime", "rm", "-f", "opts"]));
+
+    let shown: serde_json::Value = serde_json::from_str(&ok(warren(
+        data.path(),
+        &["image", "inspect", "opts:1", "--json"],
+    )))
+    .unwrap();
+    let config = &shown["config"];
+    assert_eq!(
+        config["labels"],
+        serde_json::json!({"org.example.team": "tools", "org.example.note": "two words"})
+    );
+    assert_eq!(
+        config["exposedPorts"],
+        serde_json::json!(["53/udp", "8080/tcp"])
+    );
+    assert_eq!(config["author"], "dev@example.org");
+    assert!(
+        config["env"].to_string().contains("FROM_BUILD=kept"),
+        "{config}"
+    );
+    // An entrypoint clears the command the stage inherited.
+    assert_eq!(
+        config["entrypoint"],
+        serde_json::json!(["/opt/tools/artifact"])
+    );
+    assert_eq!(config["cmd"], serde_json::json!([]), "{config}");
+    let text = ok(warren(data.path(), &["image", "inspect", "opts:1"]));
+    for line in [
+        "label    org.example.team=tools",
+        "ports    53/udp 8080/tcp",
+        r#"entrypoint ["/opt/tools/artifact"]"#,
+    ] {
+        assert!(text.contains(line), "{line} in {text}");
+    }
+
+    // A command set in the same stage stays beside a later entrypoint; a shell-form
+    // entrypoint takes none.
+    for (tail, entrypoint, cmd) in [
+        (
+            "CMD [\"--serve\"]\nENTRYPOINT [\"/bin/app\"]\n",
+            serde_json::json!(["/bin/app"]),
+            serde_json::json!(["--serve"]),
+        ),
+        (
+            "ENTRYPOINT [\"/bin/app\"]\nCMD --serve now\n",
+            serde_json::json!(["/bin/app"]),
+            serde_json::json!(["/bin/sh", "-c", "--serve now"]),
+        ),
+        (
+            "CMD [\"--serve\"]\nENTRYPOINT exec /bin/app\n",
+            serde_json::json!(["/bin/sh", "-c", "exec /bin/app"]),
+            serde_json::json!([]),
+        ),
+    ] {
+        std::fs::write(
+            ctx.path().join("Dockerfile"),
+            format!("FROM bare:1\n{tail}"),
+        )
+        .unwrap();
+        ok(warren(
+            data.path(),
+            &["build", ctx.path().to_str().unwrap(), "-t", "run:1"],
+        ));
+        let shown: serde_json::Value = serde_json::from_str(&ok(warren(
+            data.path(),
+            &["image", "inspect", "run:1", "--json"],
+        )))
+        .unwrap();
+        assert_eq!(shown["config"]["entrypoint"], entrypoint, "{tail}");
+        assert_eq!(shown["config"]["cmd"], cmd, "{tail}");
+    }
+
+    // Refused before any step runs, with the line.
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM bare:1\nRUN true\nVOLUME /data\n",
+    )
+    .unwrap();
+    let out = warren(
+        data.path(),
+        &["build", ctx.path().to_str().unwrap(), "-t", "vol:1"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("Dockerfile:3: VOLUME: VOLUME is not supported"),
+        "{err}"
+    );
+}

@@ -1,8 +1,9 @@
-//! `eth0`'s address and default route, and `lo`, set with the classic ioctls: the guest has no
-//! `ip` command of its own (the workspace's image may not either).
+//! `eth0`'s address and default route, and `lo`, set with the classic ioctls (`netif`): the
+//! guest has no `ip` command of its own (the workspace's image may not either).
 
 use std::net::Ipv4Addr;
 
+use warren_guest::netif::{Socket, ifreq, ioctl, up};
 use warren_guest::proto::GuestNetwork;
 
 fn sockaddr(address: Ipv4Addr) -> libc::sockaddr {
@@ -18,59 +19,8 @@ fn sockaddr(address: Ipv4Addr) -> libc::sockaddr {
     unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(inet) }
 }
 
-fn ifreq(name: &str) -> libc::ifreq {
-    // SAFETY: ifreq is plain data; all zeroes is a valid value.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (slot, b) in req.ifr_name.iter_mut().zip(name.bytes()) {
-        *slot = b as libc::c_char;
-    }
-    req
-}
-
-struct Socket(i32);
-
-impl Drop for Socket {
-    fn drop(&mut self) {
-        // SAFETY: the descriptor is owned by this value.
-        unsafe { libc::close(self.0) };
-    }
-}
-
-fn ioctl<T>(sock: &Socket, request: libc::c_ulong, arg: &mut T, what: &str) -> Result<(), String> {
-    // SAFETY: `arg` is the structure this request reads or writes, valid for the call.
-    let rc = unsafe { libc::ioctl(sock.0, request as _, arg as *mut T) };
-    if rc < 0 {
-        Err(format!("{what}: {}", std::io::Error::last_os_error()))
-    } else {
-        Ok(())
-    }
-}
-
-fn up(sock: &Socket, name: &str) -> Result<(), String> {
-    let mut req = ifreq(name);
-    ioctl(
-        sock,
-        libc::SIOCGIFFLAGS,
-        &mut req,
-        &format!("flags of {name}"),
-    )?;
-    // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
-    unsafe { req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short };
-    ioctl(
-        sock,
-        libc::SIOCSIFFLAGS,
-        &mut req,
-        &format!("bring {name} up"),
-    )
-}
-
 pub(crate) fn configure(network: &GuestNetwork) -> Result<(), String> {
-    // SAFETY: socket takes no pointers.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(format!("socket: {}", std::io::Error::last_os_error()));
-    }
-    let sock = Socket(fd);
+    let sock = Socket::inet()?;
     up(&sock, "lo")?;
     let mut req = ifreq("eth0");
     req.ifr_ifru.ifru_addr = sockaddr(network.address);

@@ -228,6 +228,11 @@ fn exec_inside(plan: &Plan<'_>) -> String {
     {
         return "cannot become the workspace's root".into();
     }
+    if request.no_network
+        && let Err(e) = warren_guest::netif::isolate_with_loopback()
+    {
+        return e;
+    }
     let terminal = match request.tty {
         Some(size) => open_terminal(&plan.master_socket, size, account.uid)
             .map_err(|e| format!("cannot open a terminal: {e}")),

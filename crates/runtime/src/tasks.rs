@@ -311,6 +311,7 @@ fn run_to_end(
             rows: 40,
             cols: 120,
         }),
+        no_network: false,
     };
     let exec = runtime.exec(id, &request).map_err(|e| {
         let _ = writeln!(log, "warren: task `{name}` could not start: {e}\r");

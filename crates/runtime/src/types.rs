@@ -204,6 +204,10 @@ pub struct ExecRequest {
     pub user: Option<String>,
     /// With a terminal of this size; without, stdin, stdout and stderr are separate pipes.
     pub tty: Option<WinSize>,
+    /// No network: the process gets a network namespace of its own with only loopback (a
+    /// build step's `RUN --network=none`). Containers only.
+    #[serde(default)]
+    pub no_network: bool,
 }
 
 /// How a process ended.

@@ -1442,6 +1442,7 @@ pub async fn exec_workspace(
         cwd: req.cwd,
         user: req.user.or(row.try_get("run_as")?),
         tty: None,
+        no_network: false,
     };
     let stdin = req.stdin.unwrap_or_default();
     let out =

@@ -237,6 +237,7 @@ impl Session {
             cwd: None,
             user: self.target.user.clone(),
             tty: self.tty,
+            no_network: false,
         };
         let runtime = self.target.runtime.clone();
         let id = self.target.id.clone();

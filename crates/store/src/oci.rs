@@ -55,6 +55,8 @@ struct OciConfig {
     architecture: String,
     #[serde(default)]
     os: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    author: Option<String>,
     #[serde(default)]
     config: RunConfig,
     #[serde(default)]
@@ -74,6 +76,11 @@ struct RunConfig {
     entrypoint: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     cmd: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    labels: Option<BTreeMap<String, String>>,
+    /// `"8080/tcp": {}`, as the image spec writes a set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    exposed_ports: Option<BTreeMap<String, serde_json::Value>>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -167,13 +174,15 @@ pub fn import_oci(
     }
     progress(manifest.layers.len(), manifest.layers.len());
     let run = config.config;
-    let mut cmd = run.entrypoint.unwrap_or_default();
-    cmd.extend(run.cmd.unwrap_or_default());
     Ok(ImageConfig {
         env: run.env.unwrap_or_default(),
         user: run.user.filter(|u| !u.is_empty()),
         workdir: run.working_dir.filter(|w| !w.is_empty()),
-        cmd,
+        entrypoint: run.entrypoint.unwrap_or_default(),
+        cmd: run.cmd.unwrap_or_default(),
+        labels: run.labels.unwrap_or_default(),
+        exposed_ports: run.exposed_ports.unwrap_or_default().into_keys().collect(),
+        author: config.author.filter(|a| !a.is_empty()),
         ..Default::default()
     })
 }
@@ -289,16 +298,25 @@ pub fn export_oci(
     drop(compressed.inner);
     dest.put_blob_file(&layer_digest, &layer_path)?;
 
-    let cmd = (!config.cmd.is_empty()).then(|| config.cmd.clone());
+    let some = |v: &Vec<String>| (!v.is_empty()).then(|| v.clone());
     let oci_config = OciConfig {
         architecture: "amd64".into(),
         os: "linux".into(),
+        author: config.author.clone(),
         config: RunConfig {
             env: Some(config.env.clone()),
             user: config.user.clone(),
             working_dir: config.workdir.clone(),
-            entrypoint: None,
-            cmd,
+            entrypoint: some(&config.entrypoint),
+            cmd: some(&config.cmd),
+            labels: (!config.labels.is_empty()).then(|| config.labels.clone()),
+            exposed_ports: (!config.exposed_ports.is_empty()).then(|| {
+                config
+                    .exposed_ports
+                    .iter()
+                    .map(|p| (p.clone(), serde_json::json!({})))
+                    .collect()
+            }),
         },
         rootfs: RootFs {
             kind: "layers".into(),

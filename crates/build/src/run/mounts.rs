@@ -112,9 +112,15 @@ impl Build<'_> {
                                     "--mount=type=bind,source={source}: only folders are bound"
                                 ));
                             }
-                            super::context_tar(self.req, state, &files)?
+                            super::context_tar(self.req, state, &files, &Default::default())?
                         }
-                        Some(stage) => self.stage_files(stage, state, &files, "--mount from")?,
+                        Some(stage) => self.stage_files(
+                            stage,
+                            state,
+                            &files,
+                            &Default::default(),
+                            "--mount from",
+                        )?,
                     };
                     Content::Bound(tar)
                 }
@@ -201,6 +207,7 @@ if [ -e "$t.warren-hidden" ] || [ -L "$t.warren-hidden" ]; then mv "$t.warren-hi
                 cwd: "/".into(),
                 user: Some("root".into()),
                 stdin,
+                no_network: false,
             },
             &mut std::io::sink(),
             self.req.cancel,

@@ -257,6 +257,12 @@ pub(crate) fn exec(
     env: Vec<String>,
 ) -> Result<Exec, Error> {
     let argv0 = request.argv.first().cloned().unwrap_or_default();
+    if request.no_network {
+        return Err(Error::Exec {
+            argv0,
+            message: "a process with no network runs only in a container".into(),
+        });
+    }
     let (stream, reply) = self::request(
         agent,
         &Request::Exec {
