@@ -59,6 +59,7 @@ pub fn build(args: BuildArgs, data: &Path) -> anyhow::Result<ExitCode> {
     let runtime = args.host.runtime_for_workspaces(data)?;
     let store = crate::image_cmd::LocalImages {
         data: data.to_path_buf(),
+        indexes: Default::default(),
     };
     let prefix = format!("build-{}", std::process::id());
     let started = std::time::Instant::now();

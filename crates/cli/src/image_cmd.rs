@@ -14,7 +14,7 @@ use anyhow::{Context as _, bail};
 use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use warren_image::{ChunkParams, ImageBuilder, Limits, import_dir, import_tar};
+use warren_image::{ChunkParams, ImageBuilder, Limits, TreeIndex, import_dir, import_tar};
 use warren_lazyfs::{LazyFs, MountOptions, pull, trace};
 use warren_spec::ByteSize;
 use warren_store::images::{commit, copy_image, open_image};
@@ -268,12 +268,41 @@ pub fn run(cmd: ImageCommand, data: &Path) -> anyhow::Result<()> {
     }
 }
 
+/// Local images' tree indexes, decoded once per process and kept by image digest: a build
+/// stores an image per step, and each reuses the chunks of every local image, so without it a
+/// build of N steps on a host of M images decodes N × M indexes.
+#[derive(Debug, Default)]
+pub(crate) struct IndexCache(std::sync::Mutex<std::collections::HashMap<String, Arc<TreeIndex>>>);
+
+impl IndexCache {
+    fn index(&self, local: &LocalStore, reference: &str) -> anyhow::Result<Arc<TreeIndex>> {
+        let digest = local.get_manifest(reference)?.1.to_string();
+        if let Some(index) = self.0.lock().ok().and_then(|m| m.get(&digest).cloned()) {
+            return Ok(index);
+        }
+        let image = open_image(local, reference)?;
+        if let Ok(mut m) = self.0.lock() {
+            m.insert(image.digest.to_string(), image.index.clone());
+        }
+        Ok(image.index)
+    }
+}
+
 /// An image builder whose chunks already in `base` (by default: in any local image) are not
 /// stored again, and its work folder.
 fn builder_reusing(
     data: &Path,
     local: &LocalStore,
     base: Option<&str>,
+) -> anyhow::Result<(TempDir, ImageBuilder)> {
+    builder_reusing_cached(data, local, base, &IndexCache::default())
+}
+
+fn builder_reusing_cached(
+    data: &Path,
+    local: &LocalStore,
+    base: Option<&str>,
+    indexes: &IndexCache,
 ) -> anyhow::Result<(TempDir, ImageBuilder)> {
     let work = tempfile_dir(data)?;
     let mut builder = ImageBuilder::new(work.path(), ChunkParams::default(), Limits::default());
@@ -286,8 +315,8 @@ fn builder_reusing(
             .collect(),
     };
     for b in &bases {
-        match open_image(local, b) {
-            Ok(image) => builder.reuse_chunks_of(&image.index),
+        match indexes.index(local, b) {
+            Ok(index) => builder.reuse_chunks_of(&index),
             Err(e) if base.is_some() => {
                 return Err(e).with_context(|| format!("cannot reuse the chunks of `{b}`"));
             }
@@ -315,6 +344,7 @@ fn settings_config(settings: &warren_build::ImageSettings) -> ImageConfig {
 /// Builds' images, in the local store (`warren build`).
 pub(crate) struct LocalImages {
     pub data: PathBuf,
+    pub indexes: IndexCache,
 }
 
 impl LocalImages {
@@ -329,7 +359,7 @@ impl LocalImages {
         {
             return Ok(());
         }
-        let (_work, mut builder) = builder_reusing(&self.data, &local, None)?;
+        let (_work, mut builder) = builder_reusing_cached(&self.data, &local, None, &self.indexes)?;
         let config = warren_store::oci::import_oci(&remote, &r.reference, &mut builder, |_, _| {})
             .with_context(|| format!("cannot bring {reference} from its registry"))?;
         let built = builder.finish()?;
@@ -377,7 +407,8 @@ impl warren_build::ImageStore for LocalImages {
         let run = || -> anyhow::Result<String> {
             check_local_name(name)?;
             let local = local_store(&self.data)?;
-            let (_work, mut builder) = builder_reusing(&self.data, &local, None)?;
+            let (_work, mut builder) =
+                builder_reusing_cached(&self.data, &local, None, &self.indexes)?;
             import_tar(&mut builder, tar)?;
             let built = builder.finish()?;
             let config = settings_config(settings);
@@ -420,7 +451,8 @@ impl warren_build::ImageStore for LocalImages {
                 return Ok(None);
             };
             // Every local image's chunks: a prebuild's checkout is mostly the last one's.
-            let (_work, mut builder) = builder_reusing(&self.data, &local, None)?;
+            let (_work, mut builder) =
+                builder_reusing_cached(&self.data, &local, None, &self.indexes)?;
             builder.start_from(&parent.index);
             match warren_image::apply_overlay_upper(&mut builder, &layer.upper, layer.id_offset) {
                 Ok(()) => {}

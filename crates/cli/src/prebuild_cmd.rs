@@ -54,6 +54,7 @@ impl Prebuilder for HostPrebuilder {
         let prefix = format!("pb-{id}");
         let store = LocalImages {
             data: self.data.clone(),
+            indexes: Default::default(),
         };
         let made = warren_build::prebuild(
             self.runtime.as_ref(),
