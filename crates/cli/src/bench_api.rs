@@ -1,7 +1,9 @@
 //! `warren bench api`: a real `warren up` (SQLite by default) in the benchmark's network
-//! namespace; N workspaces created at once must all reach `running`; then API latency under a
-//! fixed rate of mixed reads (open loop: requests are sent on schedule, whatever the answers'
-//! speed, so a slow server shows up in the latency instead of lowering the rate).
+//! namespace; N workspaces created at once must all reach `running`; then API latency under
+//! fixed rates of mixed reads, open loop: every request has a scheduled send time (one every
+//! 1/rate s), a pool of senders takes them in order, and a request's latency runs from its
+//! scheduled time to its answer. A server (or a sender pool) that falls behind shows up in the
+//! latency instead of lowering the rate: no coordinated omission.
 
 use std::io::BufRead;
 use std::path::Path;
@@ -17,16 +19,27 @@ use crate::bench::sh;
 use crate::client::Client;
 
 #[derive(Debug, Serialize)]
-struct Results {
-    workspaces: usize,
-    all_running_s: f64,
-    requests: usize,
+struct RateResult {
+    /// Requests per second asked for, and the rate their schedule was kept at.
     rate_per_s: f64,
+    achieved_per_s: f64,
+    requests: usize,
     p50_ms: f64,
     p99_ms: f64,
     max_ms: f64,
     errors: usize,
 }
+
+#[derive(Debug, Serialize)]
+struct Results {
+    workspaces: usize,
+    all_running_s: f64,
+    seconds: u64,
+    rates: Vec<RateResult>,
+}
+
+/// Senders in the pool: enough that at 500/s and a few ms per answer none waits for another.
+const SENDERS: usize = 64;
 
 /// Far from the default workspace ranges and from `bench runtime`'s.
 const UID_BASE: &str = "3500000000";
@@ -168,13 +181,16 @@ impl Up {
 
 pub(crate) fn api(
     workspaces: usize,
-    rate: f64,
+    rates: &[f64],
     seconds: u64,
     work: &Path,
     json_out: Option<&Path>,
 ) -> anyhow::Result<()> {
-    if !(rate > 0.0 && rate <= 10_000.0) {
-        bail!("--rate must be between 0 and 10000 requests per second");
+    if rates.is_empty() || rates.iter().any(|r| !(*r > 0.0 && *r <= 10_000.0)) {
+        bail!("--rates must be between 0 and 10000 requests per second");
+    }
+    if seconds == 0 {
+        bail!("--seconds must be at least 1");
     }
     std::fs::create_dir_all(work)?;
     let rootfs = crate::bench_runtime::debian_rootfs(work, &[])?;
@@ -205,56 +221,20 @@ pub(crate) fn api(
         all_running.as_secs_f64()
     );
 
-    // Mixed reads at a fixed rate.
-    let total = (rate * seconds as f64) as usize;
-    let interval = Duration::from_secs_f64(1.0 / rate);
-    let paths: Vec<String> = vec![
-        "/workspaces".into(),
-        "/workspaces/load-0".into(),
-        "/me".into(),
-        "/jobs".into(),
-        "/projects".into(),
-    ];
-    let t0 = Instant::now();
-    let mut handles = Vec::with_capacity(total);
-    for i in 0..total {
-        let due = t0 + interval * i as u32;
-        if let Some(wait) = due.checked_duration_since(Instant::now()) {
-            std::thread::sleep(wait);
-        }
-        let client = client.clone();
-        let path = paths[i % paths.len()].clone();
-        handles.push(std::thread::spawn(move || {
-            let t = Instant::now();
-            let ok = client.get(&path).is_ok();
-            (t.elapsed(), ok)
-        }));
-    }
-    let mut latencies = Vec::with_capacity(total);
-    let mut errors = 0;
-    for h in handles {
-        let (d, ok) = h
-            .join()
-            .map_err(|_| anyhow::anyhow!("a request thread panicked"))?;
-        latencies.push(d);
-        errors += usize::from(!ok);
-    }
-    let achieved = total as f64 / t0.elapsed().as_secs_f64();
-    latencies.sort();
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    let at = |q: f64| {
-        ms(latencies[((q * latencies.len() as f64).ceil() as usize).clamp(1, latencies.len()) - 1])
-    };
-    let results = Results {
+    let mut results = Results {
         workspaces,
         all_running_s: all_running.as_secs_f64(),
-        requests: total,
-        rate_per_s: achieved,
-        p50_ms: at(0.5),
-        p99_ms: at(0.99),
-        max_ms: at(1.0),
-        errors,
+        seconds,
+        rates: Vec::new(),
     };
+    for &rate in rates {
+        let r = open_loop(&client, rate, seconds)?;
+        eprintln!(
+            "{rate}/s: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            r.p50_ms, r.p99_ms, r.max_ms
+        );
+        results.rates.push(r);
+    }
     up.delete_all(Duration::from_secs(300))?;
     drop(up);
     println!(
@@ -262,16 +242,77 @@ pub(crate) fn api(
         results.workspaces, results.all_running_s
     );
     println!(
-        "{} mixed reads at {:.0}/s (asked {rate}/s): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, {} errors",
-        results.requests,
-        results.rate_per_s,
-        results.p50_ms,
-        results.p99_ms,
-        results.max_ms,
-        results.errors
+        "mixed reads (/workspaces, /workspaces/NAME, /me, /jobs, /projects) for {seconds} s each, open loop (latency from each request's scheduled send time, {SENDERS} senders):"
     );
+    for r in &results.rates {
+        println!(
+            "  {:>5.0}/s (kept {:>5.0}/s, {} requests): p50 {:>6.1} ms   p99 {:>6.1} ms   max {:>6.1} ms   {} errors",
+            r.rate_per_s, r.achieved_per_s, r.requests, r.p50_ms, r.p99_ms, r.max_ms, r.errors
+        );
+    }
     if let Some(path) = json_out {
         std::fs::write(path, serde_json::to_vec_pretty(&results)?)?;
     }
     Ok(())
+}
+
+/// `rate` requests a second for `seconds`, each timed from when it was due.
+fn open_loop(client: &Arc<Client>, rate: f64, seconds: u64) -> anyhow::Result<RateResult> {
+    let total = (rate * seconds as f64) as usize;
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    const PATHS: [&str; 5] = [
+        "/workspaces",
+        "/workspaces/load-0",
+        "/me",
+        "/jobs",
+        "/projects",
+    ];
+    let t0 = Instant::now() + Duration::from_millis(100);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let senders: Vec<_> = (0..SENDERS)
+        .map(|_| {
+            let (client, next) = (client.clone(), next.clone());
+            std::thread::spawn(move || {
+                let mut done = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= total {
+                        break done;
+                    }
+                    let due = t0 + interval.mul_f64(i as f64);
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    let ok = client.get(PATHS[i % PATHS.len()]).is_ok();
+                    done.push((Instant::now().saturating_duration_since(due), ok));
+                }
+            })
+        })
+        .collect();
+    let mut latencies = Vec::with_capacity(total);
+    let mut errors = 0;
+    for sender in senders {
+        for (latency, ok) in sender
+            .join()
+            .map_err(|_| anyhow::anyhow!("a sender panicked"))?
+        {
+            latencies.push(latency);
+            errors += usize::from(!ok);
+        }
+    }
+    let achieved = total as f64 / t0.elapsed().as_secs_f64();
+    latencies.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let at = |q: f64| {
+        ms(latencies[((q * latencies.len() as f64).ceil() as usize).clamp(1, latencies.len()) - 1])
+    };
+    Ok(RateResult {
+        rate_per_s: rate,
+        achieved_per_s: achieved,
+        requests: total,
+        p50_ms: at(0.5),
+        p99_ms: at(0.99),
+        max_ms: at(1.0),
+        errors,
+    })
 }

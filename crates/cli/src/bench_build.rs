@@ -1,6 +1,10 @@
-//! `warren bench build`: the devcontainer example's Dockerfile built cold and cached by
-//! `warren build` and by `docker build` (dockerd in the benchmark's namespace), from the same
-//! Debian base; and the bytes a prebuild of a commit changing one source file newly stores.
+//! `warren bench build`: two Dockerfiles built by `warren build` and by Docker's classic builder
+//! (`DOCKER_BUILDKIT=0 docker build`, dockerd in the benchmark's namespace) from the same Debian
+//! base, each cold (nothing cached), cached (nothing changed) and after one source file
+//! changed; and the bytes a prebuild of a commit changing one source file newly stores.
+//!
+//! BuildKit is not the peer: it needs `docker-buildx`, which neither Debian bookworm nor its
+//! backports ship, so it cannot be installed on the machines this runs on.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -16,24 +20,37 @@ use warren_runtime::{ContainerRuntime, ContainerRuntimeConfig, NetworkConfig};
 use crate::bench::sh;
 use crate::bench_runtime::{Dockerd, debian_rootfs};
 
-/// The example, compiled in so the benchmark runs from the binary alone.
+/// The examples, compiled in so the benchmark runs from the binary alone.
 const DOCKERFILE: &str =
     include_str!("../../../examples/devcontainer-app/.devcontainer/Dockerfile");
 const DEVCONTAINER: &str =
     include_str!("../../../examples/devcontainer-app/.devcontainer/devcontainer.json");
 const NOTES_INDEX: &str = include_str!("../../../examples/devcontainer-app/tools/notes-index");
+const BENCH_DOCKERFILE: &str = include_str!("../../../examples/build-bench/Dockerfile");
 
 const BENCH_UID_BASE: u32 = 3_500_000_000;
+
+/// One Dockerfile with its context, and how one of its source files changes.
+struct Case {
+    name: &'static str,
+    context: PathBuf,
+    /// A source file the Dockerfile copies early, rewritten with new content per run.
+    source_file: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+struct Row {
+    dockerfile: &'static str,
+    builder: &'static str,
+    cold_s: f64,
+    cached_s: f64,
+    one_file_changed_s: f64,
+}
 
 #[derive(Debug, Serialize)]
 struct Results {
     runs: usize,
-    warren_cold_s: f64,
-    warren_cached_s: f64,
-    docker_cold_s: f64,
-    docker_cached_s: f64,
-    cold_over_docker: f64,
-    cached_over_docker: f64,
+    rows: Vec<Row>,
     image_bytes: u64,
     one_file_prebuild_new_bytes: u64,
     one_file_prebuild_share: f64,
@@ -50,7 +67,7 @@ fn timed(f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<f64> {
     Ok(t.elapsed().as_secs_f64())
 }
 
-/// The example's files as a build context (its Dockerfile at the top).
+/// The devcontainer example's files as a build context (its Dockerfile at the top).
 fn context(work: &Path) -> anyhow::Result<PathBuf> {
     let ctx = work.join("context");
     let _ = std::fs::remove_dir_all(&ctx);
@@ -60,6 +77,26 @@ fn context(work: &Path) -> anyhow::Result<PathBuf> {
     std::fs::write(ctx.join(".devcontainer/Dockerfile"), DOCKERFILE)?;
     std::fs::write(ctx.join(".devcontainer/devcontainer.json"), DEVCONTAINER)?;
     std::fs::write(ctx.join("tools/notes-index"), NOTES_INDEX)?;
+    Ok(ctx)
+}
+
+/// `examples/build-bench`'s context: 2,000 source files in 40 folders (1 to 8 KiB of text
+/// each) and a 20 MB file that does not compress.
+fn bench_context(work: &Path) -> anyhow::Result<PathBuf> {
+    let ctx = work.join("bench-context");
+    let _ = std::fs::remove_dir_all(&ctx);
+    std::fs::create_dir_all(ctx.join("assets"))?;
+    std::fs::write(ctx.join("Dockerfile"), BENCH_DOCKERFILE)?;
+    for i in 0..2000u32 {
+        let dir = ctx.join(format!("src/pkg{:02}", i % 40));
+        std::fs::create_dir_all(&dir)?;
+        let lines = 16 + (i * 7919) % 112;
+        let body: String = (0..lines)
+            .map(|l| format!("fn item_{i}_{l}() -> u32 {{ {} }}\n", i * 31 + l))
+            .collect();
+        std::fs::write(dir.join(format!("mod{i:04}.rs")), body)?;
+    }
+    crate::bench::write_random(&ctx.join("assets/data.bin"), 20_000_000)?;
     Ok(ctx)
 }
 
@@ -90,6 +127,15 @@ fn stored_bytes(data: &Path) -> u64 {
     walk(&data.join("images/blobs"))
 }
 
+/// Gives the case's source file new content (a different one each `run`).
+fn change_one(case: &Case, builder: &str, run: usize) -> anyhow::Result<()> {
+    let path = case.context.join(case.source_file);
+    let mut text = std::fs::read_to_string(&path)?;
+    text.push_str(&format!("# changed for {builder}, run {run}\n"));
+    std::fs::write(&path, text)?;
+    Ok(())
+}
+
 pub(crate) fn build(runs: usize, work: &Path, json: Option<&Path>) -> anyhow::Result<()> {
     if runs == 0 {
         bail!("--runs must be at least 1");
@@ -97,68 +143,107 @@ pub(crate) fn build(runs: usize, work: &Path, json: Option<&Path>) -> anyhow::Re
     crate::bench::require_programs(&[("dockerd", "docker.io"), ("git", "git")])?;
     std::fs::create_dir_all(work)?;
     let rootfs = debian_rootfs(work, &[])?;
-    let ctx = context(work)?;
-    let ctx_s = ctx.to_str().context("a UTF-8 work folder")?;
+    let cases = [
+        Case {
+            name: "examples/devcontainer-app",
+            context: context(work)?,
+            source_file: "tools/notes-index",
+        },
+        Case {
+            name: "examples/build-bench",
+            context: bench_context(work)?,
+            source_file: "src/pkg07/mod0007.rs",
+        },
+    ];
+    let mut rows = Vec::new();
+    for case in &cases {
+        let ctx = case.context.to_str().context("a UTF-8 work folder")?;
+        // Warren: a fresh store holding only the base for each cold build.
+        let (mut cold, mut cached, mut one) = (Vec::new(), Vec::new(), Vec::new());
+        for run in 0..runs {
+            let data = work.join("data");
+            let _ = std::fs::remove_dir_all(&data);
+            sh(warren(&data, &["image", "import"])
+                .arg(&rootfs)
+                .arg("debian:bookworm"))?;
+            let build = || sh(&mut warren(&data, &["build", ctx, "-t", "bench:1"])).map(drop);
+            cold.push(timed(build)?);
+            cached.push(timed(build)?);
+            change_one(case, "warren", run)?;
+            one.push(timed(build)?);
+        }
+        rows.push(Row {
+            dockerfile: case.name,
+            builder: "warren build",
+            cold_s: median(cold),
+            cached_s: median(cached),
+            one_file_changed_s: median(one),
+        });
 
-    // Warren: a fresh store with the base each cold run; the cached run right after it.
-    let (mut w_cold, mut w_cached) = (Vec::new(), Vec::new());
-    for _ in 0..runs {
-        let data = work.join("data");
-        let _ = std::fs::remove_dir_all(&data);
-        sh(warren(&data, &["image", "import"])
-            .arg(&rootfs)
-            .arg("debian:bookworm"))?;
-        let build = || sh(&mut warren(&data, &["build", ctx_s, "-t", "notes:1"])).map(drop);
-        w_cold.push(timed(build)?);
-        w_cached.push(timed(build)?);
+        // Docker's classic builder, from the same base imported into a dockerd of its own.
+        let dockerd = Dockerd::start(&work.join("docker-build"))?;
+        dockerd.import(&rootfs, "debian:bookworm")?;
+        let (mut cold, mut cached, mut one) = (Vec::new(), Vec::new(), Vec::new());
+        for run in 0..runs {
+            let build = |extra: &[&str]| {
+                sh(dockerd
+                    .client()
+                    .arg("build")
+                    .args(extra)
+                    .args(["-q", "-t", "bench:1", ctx])
+                    .env("DOCKER_BUILDKIT", "0")
+                    .stdin(Stdio::null()))
+                .map(drop)
+            };
+            cold.push(timed(|| build(&["--no-cache"]))?);
+            cached.push(timed(|| build(&[]))?);
+            change_one(case, "docker", run)?;
+            one.push(timed(|| build(&[]))?);
+        }
+        drop(dockerd);
+        rows.push(Row {
+            dockerfile: case.name,
+            builder: "docker build (classic)",
+            cold_s: median(cold),
+            cached_s: median(cached),
+            one_file_changed_s: median(one),
+        });
     }
-
-    // docker build, from the same base imported into a dockerd of its own.
-    let dockerd = Dockerd::start(&work.join("docker-build"))?;
-    dockerd.import(&rootfs, "debian:bookworm")?;
-    let (mut d_cold, mut d_cached) = (Vec::new(), Vec::new());
-    for _ in 0..runs {
-        let build = |extra: &[&str]| {
-            sh(dockerd
-                .client()
-                .arg("build")
-                .args(extra)
-                .args(["-q", "-t", "notes:1", ctx_s])
-                .env("DOCKER_BUILDKIT", "0")
-                .stdin(Stdio::null()))
-            .map(drop)
-        };
-        d_cold.push(timed(|| build(&["--no-cache"]))?);
-        d_cached.push(timed(|| build(&[]))?);
-    }
-    drop(dockerd);
 
     let (image_bytes, new_bytes) = one_file_prebuild(work, &rootfs)?;
     let r = Results {
         runs,
-        warren_cold_s: median(w_cold),
-        warren_cached_s: median(w_cached),
-        docker_cold_s: median(d_cold),
-        docker_cached_s: median(d_cached),
-        cold_over_docker: 0.0,
-        cached_over_docker: 0.0,
+        rows,
         image_bytes,
         one_file_prebuild_new_bytes: new_bytes,
         one_file_prebuild_share: new_bytes as f64 / image_bytes.max(1) as f64,
     };
-    let r = Results {
-        cold_over_docker: r.warren_cold_s / r.docker_cold_s,
-        cached_over_docker: r.warren_cached_s / r.docker_cached_s,
-        ..r
-    };
-    println!("examples/devcontainer-app's Dockerfile from a Debian minbase, median of {runs}:");
     println!(
-        "  cold:   warren build {:.2} s   docker build --no-cache {:.2} s   ratio {:.2} (target ≤ 1.2)",
-        r.warren_cold_s, r.docker_cold_s, r.cold_over_docker
+        "Dockerfiles from a Debian minbase base, seconds, median of {runs} (cold: nothing cached; cached: nothing changed; one file: one source file changed):"
     );
     println!(
-        "  cached: warren build {:.2} s   docker build {:.2} s   ratio {:.2} (target ≤ 1)",
-        r.warren_cached_s, r.docker_cached_s, r.cached_over_docker
+        "  {:<26} {:<24} {:>8} {:>8} {:>9}",
+        "dockerfile", "builder", "cold", "cached", "one file"
+    );
+    for row in &r.rows {
+        println!(
+            "  {:<26} {:<24} {:>8.2} {:>8.2} {:>9.2}",
+            row.dockerfile, row.builder, row.cold_s, row.cached_s, row.one_file_changed_s
+        );
+    }
+    for pair in r.rows.chunks(2) {
+        if let [w, d] = pair {
+            println!(
+                "  {}: warren over docker: cold {:.2}, cached {:.2}, one file {:.2} (target ≤ 1)",
+                w.dockerfile,
+                w.cold_s / d.cold_s,
+                w.cached_s / d.cached_s,
+                w.one_file_changed_s / d.one_file_changed_s
+            );
+        }
+    }
+    println!(
+        "(the peer is the classic builder: BuildKit needs docker-buildx, which Debian bookworm and its backports do not ship)"
     );
     println!(
         "prebuild of a commit changing one source file: {} new bytes stored for a {} image = {:.3}% (target ≤ 1%)",

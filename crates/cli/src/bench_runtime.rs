@@ -1,9 +1,18 @@
-//! `warren bench runtime`: workspace start → exec `true` → stop cycles against `runc run` and
-//! `docker run --rm` on the same Debian root filesystem, in one run, plus the host memory an
-//! idle workspace costs.
+//! `warren bench runtime`: what a workspace's lifecycle costs, against `docker` and `runc` on
+//! the same Debian root filesystem, in one run, each driven through its own command-line tool
+//! (a new process per step, as a user or a script drives it):
 //!
-//! Runs in the benchmark's own network namespace (see `bench.rs`): Warren's bridge and rules and
-//! dockerd's `docker0` and iptables rules live and die there.
+//! - full lifecycle: `warren runtime run` + `runtime exec -- true` + `runtime rm --force`,
+//!   against `docker run --rm IMAGE true` and against `runc run` of `true` on what Warren sets
+//!   up (an overlay over the root filesystem, a network namespace of its own with a veth on a
+//!   bridge), made and removed each cycle;
+//! - warm restart of an existing workspace or container: `runtime start` + `exec -- true` +
+//!   `stop`, against `docker start` + `docker exec true` + `docker stop` (`--init`, so the
+//!   container's process ends on SIGTERM as a workspace's init ends it);
+//!
+//! plus the host memory an idle workspace costs. Runs in the benchmark's own network namespace
+//! (see `bench.rs`): Warren's bridge and rules, runc's bridge and dockerd's `docker0` and
+//! iptables rules live and die there.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -13,8 +22,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use serde::Serialize;
 use warren_runtime::{
-    ContainerRuntime, ContainerRuntimeConfig, ExecIo, ExecRequest, ExitStatus, NetworkConfig,
-    RootSource, Runtime, WorkspaceConfig, WorkspaceId,
+    ContainerRuntime, ContainerRuntimeConfig, NetworkConfig, RootSource, Runtime, WorkspaceConfig,
+    WorkspaceId,
 };
 
 use crate::bench::sh;
@@ -22,11 +31,16 @@ use crate::bench::sh;
 /// Far from the default workspace ranges, so a benchmark never meets real workspaces' ids.
 const BENCH_UID_BASE: u32 = 3_000_000_000;
 
+/// The p50 and the tail of a set of timings: the p99 from 100 samples on, else the p95 (a p99
+/// of fewer samples is its largest or second-largest value, not a percentile).
 #[derive(Debug, Serialize)]
 pub(crate) struct Series {
-    name: String,
+    pub(crate) name: String,
+    pub(crate) samples: usize,
     pub(crate) p50_ms: f64,
-    pub(crate) p99_ms: f64,
+    /// `p95` or `p99`.
+    pub(crate) tail: &'static str,
+    pub(crate) tail_ms: f64,
     pub(crate) mean_ms: f64,
 }
 
@@ -37,12 +51,26 @@ impl Series {
         let at = |q: f64| {
             ms(samples[((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len()) - 1])
         };
+        let (tail, q) = if samples.len() >= 100 {
+            ("p99", 0.99)
+        } else {
+            ("p95", 0.95)
+        };
         Self {
             name: name.into(),
+            samples: samples.len(),
             p50_ms: at(0.5),
-            p99_ms: at(0.99),
+            tail,
+            tail_ms: at(q),
             mean_ms: samples.iter().map(|d| ms(*d)).sum::<f64>() / samples.len() as f64,
         }
+    }
+
+    fn line(&self) -> String {
+        format!(
+            "  {:<34} p50 {:>7.1} ms   {} {:>7.1} ms   mean {:>7.1} ms",
+            self.name, self.p50_ms, self.tail, self.tail_ms, self.mean_ms
+        )
     }
 }
 
@@ -59,132 +87,166 @@ struct IdleMemory {
 #[derive(Debug, Serialize)]
 struct Results {
     cycles: usize,
-    series: Vec<Series>,
-    /// Warren's p50 over docker's, from a folder and from a lazy image.
-    folder_p50_over_docker: f64,
-    image_p50_over_docker: f64,
+    lifecycle: Vec<Series>,
+    warm_restart: Vec<Series>,
+    /// Warren's p50 (lazy image) over docker's, per row kind.
+    lifecycle_p50_over_docker: f64,
+    warm_restart_p50_over_docker: f64,
     idle: IdleMemory,
 }
 
 pub(crate) fn runtime(cycles: usize, work: &Path, json: Option<&Path>) -> anyhow::Result<()> {
-    if cycles == 0 {
-        bail!("--cycles must be at least 1");
+    if cycles < 30 {
+        bail!("--cycles must be at least 30 (a tail percentile needs them)");
     }
     crate::bench::require_programs(&[
         ("runc", "runc"),
         ("dockerd", "docker.io"),
+        ("docker-init", "docker.io"),
         ("mmdebstrap", "mmdebstrap"),
     ])?;
     std::fs::create_dir_all(work)?;
     let rootfs = debian_rootfs(work, &[])?;
     let data = work.join("data");
+    let exe = std::env::current_exe()?;
+    // Workspaces an interrupted run left behind go first (never delete through their mounts).
+    if let Ok(entries) = std::fs::read_dir(data.join("runtime/workspaces")) {
+        for entry in entries.flatten() {
+            let _ = warren(&exe, &data)
+                .args(["runtime", "rm", "-f"])
+                .arg(entry.file_name())
+                .output();
+        }
+    }
     let _ = std::fs::remove_dir_all(&data);
-    let helper = std::env::current_exe()?;
+    sh(warren(&exe, &data)
+        .args(["image", "import"])
+        .arg(&rootfs)
+        .arg("bench:1"))?;
+    let rootfs_s = rootfs.to_str().context("a UTF-8 work folder")?;
+    let cli = |args: &[&str]| sh(warren(&exe, &data).args(args).stdin(Stdio::null())).map(drop);
+
+    // (a) Full lifecycle through each tool's command line.
+    let mut lifecycle = Vec::new();
+    for (name, source) in [
+        ("warren (lazy image)", ["--image", "bench:1"]),
+        ("warren (folder)", ["--dir", rootfs_s]),
+    ] {
+        let samples = timed(cycles, name, || {
+            cli(&["runtime", "run", "life", source[0], source[1]])?;
+            cli(&["runtime", "exec", "life", "-T", "--", "true"])?;
+            cli(&["runtime", "rm", "--force", "life"])
+        })?;
+        lifecycle.push(Series::new(name, samples));
+    }
+    lifecycle.push(Series::new(
+        "runc run (overlay, netns, veth)",
+        runc(cycles, work, &rootfs)?,
+    ));
+    let dockerd = Dockerd::start(&work.join("docker"))?;
+    dockerd.import(&rootfs, "warren-bench:1")?;
+    lifecycle.push(Series::new(
+        "docker run --rm",
+        timed(cycles, "docker run --rm", || {
+            sh(dockerd
+                .client()
+                .args(["run", "--rm", "warren-bench:1", "true"])
+                .stdin(Stdio::null()))
+            .map(drop)
+        })?,
+    ));
+
+    // (b) Warm restart of an existing workspace or container.
+    let mut warm_restart = Vec::new();
+    cli(&["runtime", "run", "warm", "--image", "bench:1"])?;
+    cli(&["runtime", "stop", "warm"])?;
+    warm_restart.push(Series::new(
+        "warren (lazy image)",
+        timed(cycles, "warren warm restart", || {
+            cli(&["runtime", "start", "warm"])?;
+            cli(&["runtime", "exec", "warm", "-T", "--", "true"])?;
+            cli(&["runtime", "stop", "warm"])
+        })?,
+    ));
+    cli(&["runtime", "rm", "--force", "warm"])?;
+    let docker = |args: &[&str]| sh(dockerd.client().args(args).stdin(Stdio::null())).map(drop);
+    let _ = docker(&["rm", "-f", "warm"]);
+    docker(&[
+        "create",
+        "--init",
+        "--name",
+        "warm",
+        "warren-bench:1",
+        "sleep",
+        "infinity",
+    ])?;
+    warm_restart.push(Series::new(
+        "docker start / exec / stop",
+        timed(cycles, "docker warm restart", || {
+            docker(&["start", "warm"])?;
+            docker(&["exec", "warm", "true"])?;
+            docker(&["stop", "warm"])
+        })?,
+    ));
+    docker(&["rm", "-f", "warm"])?;
+    drop(dockerd);
+
     let runtime = ContainerRuntime::new(ContainerRuntimeConfig {
         root: data.join("runtime"),
         data: data.clone(),
-        helper: helper.clone(),
+        helper: exe.clone(),
         network: NetworkConfig::default(),
         uid_base: BENCH_UID_BASE,
         vm: Default::default(),
     })?;
-    sh(Command::new(&helper)
-        .arg("--data")
-        .arg(&data)
-        .args(["image", "import"])
-        .arg(&rootfs)
-        .arg("bench:1"))?;
-
-    let mut series = Vec::new();
-    for (name, root) in [
-        (
-            "warren (folder)",
-            RootSource::Dir {
-                path: rootfs.clone(),
-            },
-        ),
-        (
-            "warren (lazy image)",
-            RootSource::Image {
-                reference: "bench:1".into(),
-                record_trace_secs: None,
-                lazy_only: false,
-            },
-        ),
-    ] {
-        let id = WorkspaceId::new(if matches!(root, RootSource::Dir { .. }) {
-            "bench-dir"
-        } else {
-            "bench-image"
-        })?;
-        runtime.create(&WorkspaceConfig {
-            id: id.clone(),
-            root,
-            hostname: None,
-            limits: Default::default(),
-            env: Vec::new(),
-            vm: None,
-        })?;
-        let samples = timed(cycles, name, || {
-            runtime.start(&id)?;
-            let exec = runtime.exec(
-                &id,
-                &ExecRequest {
-                    argv: vec!["true".into()],
-                    ..Default::default()
-                },
-            )?;
-            if let ExecIo::Pipes { stdin, .. } = exec.io {
-                drop(stdin);
-            }
-            let status = exec.process.wait()?;
-            if status != ExitStatus::Code(0) {
-                bail!("`true` exited with {status:?}");
-            }
-            runtime.stop(&id, Duration::from_secs(10))?;
-            Ok(())
-        })?;
-        runtime.delete(&id)?;
-        series.push(Series::new(name, samples));
-    }
-
-    series.push(Series::new("runc run", runc(cycles, work, &rootfs)?));
-    series.push(Series::new(
-        "docker run --rm",
-        docker(cycles, work, &rootfs)?,
-    ));
     let idle = idle_memory(&runtime, 5)?;
 
-    let docker_p50 = series[3].p50_ms;
+    let p50 = |rows: &[Series], name: &str| {
+        rows.iter()
+            .find(|s| s.name.starts_with(name))
+            .map_or(f64::NAN, |s| s.p50_ms)
+    };
     let results = Results {
         cycles,
-        folder_p50_over_docker: series[0].p50_ms / docker_p50,
-        image_p50_over_docker: series[1].p50_ms / docker_p50,
-        series,
+        lifecycle_p50_over_docker: p50(&lifecycle, "warren (lazy") / p50(&lifecycle, "docker"),
+        warm_restart_p50_over_docker: p50(&warm_restart, "warren") / p50(&warm_restart, "docker"),
+        lifecycle,
+        warm_restart,
         idle,
     };
     println!(
-        "start → exec `true` → stop, {cycles} cycles each, the same Debian minbase root filesystem:"
+        "The same Debian minbase root filesystem, {cycles} cycles each, every step a new process of the tool's CLI:"
     );
-    for s in &results.series {
-        println!(
-            "  {:<22} p50 {:>7.1} ms   p99 {:>7.1} ms   mean {:>7.1} ms",
-            s.name, s.p50_ms, s.p99_ms, s.mean_ms
-        );
+    println!("full lifecycle: create and start, exec `true`, stop and delete");
+    for s in &results.lifecycle {
+        println!("{}", s.line());
+    }
+    println!("warm restart of an existing workspace or container: start, exec `true`, stop");
+    for s in &results.warm_restart {
+        println!("{}", s.line());
     }
     println!(
-        "  p50 over docker's: warren (folder) {:.2}, warren (lazy image) {:.2} (target ≤ 1)",
-        results.folder_p50_over_docker, results.image_p50_over_docker
+        "  warren (lazy image) p50 over docker's: full lifecycle {:.2}, warm restart {:.2} (target ≤ 1)",
+        results.lifecycle_p50_over_docker, results.warm_restart_p50_over_docker
     );
     let m = &results.idle;
     println!(
-        "idle workspace on the host (PSS, mean of {}): shim {:.2} MiB + image mount {:.2} MiB + init {:.2} MiB = {:.2} MiB (target ≤ 10 MiB)",
+        "idle workspace on the host (PSS, mean of {}): shim {:.2} MiB + image mount {:.2} MiB + init {:.2} MiB = {:.2} MiB",
         m.workspaces, m.shim_mib, m.image_mount_mib, m.init_mib, m.total_mib
     );
     if let Some(path) = json {
         std::fs::write(path, serde_json::to_vec_pretty(&results)?)?;
     }
     Ok(())
+}
+
+/// `warren --data DATA` with the benchmark's uid range.
+fn warren(exe: &Path, data: &Path) -> Command {
+    let mut c = Command::new(exe);
+    c.arg("--data")
+        .arg(data)
+        .env("WARREN_UID_BASE", BENCH_UID_BASE.to_string());
+    c
 }
 
 fn timed(
@@ -234,21 +296,74 @@ pub(crate) fn debian_rootfs(work: &Path, include: &[&str]) -> anyhow::Result<Pat
     Ok(rootfs)
 }
 
+/// `runc run` of `true` on what Warren sets up for a workspace, made and removed each cycle as a
+/// runc-based tool would: an overlay over the root filesystem with a fresh upper layer, and a
+/// network namespace of its own with a veth on a bridge and an address (`ip`, as CNI's plugins
+/// and Warren's network code run it).
 fn runc(cycles: usize, work: &Path, rootfs: &Path) -> anyhow::Result<Vec<Duration>> {
+    const BRIDGE: &str = "rbench0";
+    const NETNS: &str = "rbench-ws";
     let bundle = work.join("runc-bundle");
     let state = work.join("runc-state");
+    let layers = work.join("runc-layers");
+    let _ = nix::mount::umount2(&bundle.join("rootfs"), nix::mount::MntFlags::MNT_DETACH);
     let _ = std::fs::remove_dir_all(&bundle);
-    std::fs::create_dir_all(&bundle)?;
+    std::fs::create_dir_all(bundle.join("rootfs"))?;
     sh(Command::new("runc").arg("spec").current_dir(&bundle))?;
     let path = bundle.join("config.json");
     let mut spec: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
-    spec["root"] = serde_json::json!({ "path": rootfs, "readonly": true });
+    spec["root"] = serde_json::json!({ "path": "rootfs", "readonly": false });
     spec["process"]["args"] = serde_json::json!(["true"]);
     spec["process"]["terminal"] = serde_json::json!(false);
+    for ns in spec["linux"]["namespaces"]
+        .as_array_mut()
+        .context("runc spec wrote no namespaces")?
+    {
+        if ns["type"] == "network" {
+            ns["path"] = serde_json::json!(format!("/run/netns/{NETNS}"));
+        }
+    }
     std::fs::write(&path, serde_json::to_vec(&spec)?)?;
+    let ip = |args: &[&str]| sh(Command::new("ip").args(args)).map(drop);
+    let _ = ip(&["link", "del", BRIDGE]);
+    ip(&["link", "add", BRIDGE, "type", "bridge"])?;
+    ip(&["addr", "add", "10.77.0.1/24", "dev", BRIDGE])?;
+    ip(&["link", "set", BRIDGE, "up"])?;
+    let _ = ip(&["link", "del", "rbv0"]);
+    let _ = ip(&["netns", "del", NETNS]);
+    let merged = bundle.join("rootfs");
     let mut n = 0;
-    timed(cycles, "runc run", || {
+    let result = timed(cycles, "runc run", || {
         n += 1;
+        // The workspace's layers: a fresh upper over the root filesystem.
+        let (upper, workdir) = (layers.join("upper"), layers.join("work"));
+        let _ = std::fs::remove_dir_all(&layers);
+        std::fs::create_dir_all(&upper)?;
+        std::fs::create_dir_all(&workdir)?;
+        nix::mount::mount(
+            Some("overlay"),
+            &merged,
+            Some("overlay"),
+            nix::mount::MsFlags::empty(),
+            Some(
+                format!(
+                    "lowerdir={},upperdir={},workdir={}",
+                    rootfs.display(),
+                    upper.display(),
+                    workdir.display()
+                )
+                .as_str(),
+            ),
+        )?;
+        // Its network: a namespace, a veth on the bridge, an address.
+        ip(&["netns", "add", NETNS])?;
+        ip(&[
+            "link", "add", "rbv0", "type", "veth", "peer", "name", "eth0", "netns", NETNS,
+        ])?;
+        ip(&["link", "set", "rbv0", "master", BRIDGE, "up"])?;
+        ip(&["-n", NETNS, "addr", "add", "10.77.0.2/24", "dev", "eth0"])?;
+        ip(&["-n", NETNS, "link", "set", "eth0", "up"])?;
+        ip(&["-n", NETNS, "link", "set", "lo", "up"])?;
         sh(Command::new("runc")
             .arg("--root")
             .arg(&state)
@@ -256,8 +371,18 @@ fn runc(cycles: usize, work: &Path, rootfs: &Path) -> anyhow::Result<Vec<Duratio
             .arg(&bundle)
             .arg(format!("bench-{n}"))
             .stdin(Stdio::null()))?;
+        // And all of it gone again (the veth first: a namespace's devices go with it only
+        // later, in the kernel's cleanup work).
+        ip(&["link", "del", "rbv0"])?;
+        ip(&["netns", "del", NETNS])?;
+        nix::mount::umount2(&merged, nix::mount::MntFlags::empty())?;
+        std::fs::remove_dir_all(&layers)?;
         Ok(())
-    })
+    });
+    let _ = ip(&["netns", "del", NETNS]);
+    let _ = nix::mount::umount2(&merged, nix::mount::MntFlags::MNT_DETACH);
+    let _ = ip(&["link", "del", BRIDGE]);
+    result
 }
 
 /// dockerd in the benchmark's namespace with its own folders, stopped on drop.
@@ -316,9 +441,15 @@ impl Dockerd {
         Ok(dockerd)
     }
 
-    /// `docker` talking to this dockerd.
+    /// `docker` talking to this dockerd: the client of the same package (`docker.io` puts it in
+    /// /usr/bin; another one earlier on the PATH may be of another version, or only a client).
     pub(crate) fn client(&self) -> Command {
-        let mut c = Command::new("docker");
+        let same_package = Path::new("/usr/bin/docker");
+        let mut c = Command::new(if same_package.exists() {
+            same_package
+        } else {
+            Path::new("docker")
+        });
         c.arg("-H").arg(format!("unix://{}", self.socket.display()));
         c
     }
@@ -346,18 +477,6 @@ impl Dockerd {
         }
         Ok(())
     }
-}
-
-fn docker(cycles: usize, work: &Path, rootfs: &Path) -> anyhow::Result<Vec<Duration>> {
-    let dockerd = Dockerd::start(&work.join("docker"))?;
-    dockerd.import(rootfs, "warren-bench:1")?;
-    timed(cycles, "docker run", || {
-        sh(dockerd
-            .client()
-            .args(["run", "--rm", "warren-bench:1", "true"])
-            .stdin(Stdio::null()))?;
-        Ok(())
-    })
 }
 
 /// Starts `count` idle workspaces from the image and measures what their processes add to the
