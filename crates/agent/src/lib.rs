@@ -328,23 +328,36 @@ impl<C: ControlPlane> Agent<C> {
         let slots = Arc::new(Semaphore::new(self.parallel));
         let mut reported: Option<std::time::Instant> = None;
         let disk = Arc::new(DiskUse::default());
+        // The report is made beside the claims, never in their way: a workspace that answers
+        // slowly delays only the report, not other workspaces' jobs.
+        let mut making: Option<tokio::task::JoinHandle<HostReport>> = None;
         loop {
             let Ok(permit) = slots.clone().acquire_owned().await else {
                 return;
             };
-            let report = if reported.is_none_or(|t| t.elapsed() >= REPORT_EVERY) {
+            let mut wait = Duration::ZERO;
+            if making.is_none() && reported.is_none_or(|t| t.elapsed() >= REPORT_EVERY) {
                 reported = Some(std::time::Instant::now());
                 let (runtime, lister, disk) =
                     (self.runtime.clone(), self.images.clone(), disk.clone());
                 let makes_prebuilds = self.prebuilder.is_some();
-                tokio::task::spawn_blocking(move || HostReport {
+                making = Some(tokio::task::spawn_blocking(move || HostReport {
                     makes_prebuilds,
                     ..host_report(runtime.as_ref(), &lister, &disk)
-                })
-                .await
-                .ok()
-            } else {
-                None
+                }));
+                // A healthy host's report is ready at once and goes with this claim; a slow
+                // one goes with a later claim.
+                wait = Duration::from_millis(500);
+            }
+            let report = match making.as_mut() {
+                Some(handle) => match tokio::time::timeout(wait, handle).await {
+                    Ok(done) => {
+                        making = None;
+                        done.ok()
+                    }
+                    Err(_) => None,
+                },
+                None => None,
             };
             let claimed = self.plane.claim(&self.host, report).await;
             match claimed {

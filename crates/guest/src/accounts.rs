@@ -70,9 +70,53 @@ pub fn parse_groups(group: &str, name: &str, primary: u32) -> Vec<u32> {
     gids
 }
 
+/// The most of an account file (`/etc/passwd`, `/etc/group`) that is read: a workspace's
+/// root writes these files, so a reader must not be made to hold gigabytes.
+pub const ACCOUNT_FILE_LIMIT: u64 = 1 << 20;
+
+/// Reads an account file already opened (without blocking: `O_NONBLOCK`): only a regular file
+/// of at most [`ACCOUNT_FILE_LIMIT`] bytes. A FIFO, a device or a socket put in its place by a
+/// workspace's root is refused, never waited on.
+pub fn read_account_fd(file: std::fs::File, path: &str) -> Result<String, String> {
+    use std::io::Read;
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("cannot read the workspace's {path}: {e}"))?;
+    if !meta.file_type().is_file() {
+        return Err(format!(
+            "the workspace's {path} is not a regular file; refusing to read it"
+        ));
+    }
+    let mut text = String::new();
+    file.take(ACCOUNT_FILE_LIMIT + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("cannot read the workspace's {path}: {e}"))?;
+    if text.len() as u64 > ACCOUNT_FILE_LIMIT {
+        return Err(format!(
+            "the workspace's {path} is larger than {ACCOUNT_FILE_LIMIT} bytes; refusing to read it"
+        ));
+    }
+    Ok(text)
+}
+
+/// Reads an account file of the workspace this process is in (see [`read_account_fd`]); a
+/// missing file reads as empty.
+pub fn read_account_file(path: &str) -> Result<String, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+    {
+        Ok(file) => read_account_fd(file, path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        Err(e) => Err(format!("cannot open the workspace's {path}: {e}")),
+    }
+}
+
 pub fn resolve_account(user: Option<&str>) -> Result<Account, String> {
     let user = user.unwrap_or("root");
-    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let passwd = read_account_file("/etc/passwd")?;
     if let Some(account) = parse_passwd(&passwd, user) {
         return Ok(account);
     }
@@ -117,6 +161,26 @@ mod tests {
         );
         assert_eq!(parse_passwd(PASSWD, "nobody"), None);
         assert_eq!(parse_passwd("broken:line\n", "broken"), None);
+    }
+
+    #[test]
+    fn a_fifo_or_an_oversized_file_is_refused_not_waited_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("passwd");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        // Nobody writes to it: a blocking read would never return.
+        let err = read_account_file(fifo.to_str().unwrap()).unwrap_err();
+        assert!(err.contains("not a regular file"), "{err}");
+        let big = dir.path().join("group");
+        std::fs::write(&big, vec![b'x'; ACCOUNT_FILE_LIMIT as usize + 1]).unwrap();
+        let err = read_account_file(big.to_str().unwrap()).unwrap_err();
+        assert!(err.contains("larger than"), "{err}");
+        assert_eq!(
+            read_account_file(dir.path().join("none").to_str().unwrap()),
+            Ok(String::new())
+        );
+        std::fs::write(&big, PASSWD).unwrap();
+        assert_eq!(read_account_file(big.to_str().unwrap()).unwrap(), PASSWD);
     }
 
     #[test]

@@ -17,7 +17,9 @@ use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use warren_guest::accounts::{AGENT_SOCKET_NAME, agent_folder_name, parse_groups, resolve_account};
+use warren_guest::accounts::{
+    AGENT_SOCKET_NAME, agent_folder_name, parse_groups, read_account_file, resolve_account,
+};
 use warren_guest::proto::{
     AGENT_PORT, Control, GuestStats, Kind, Reply, Request, agent_hello, read_frame, read_json,
     read_line, relay, write_frame, write_json,
@@ -433,11 +435,11 @@ fn exec(
         .env_clear()
         .envs(env.iter().map(|(k, v)| (k, v)))
         .current_dir(&dir);
-    let groups = parse_groups(
-        &std::fs::read_to_string("/etc/group").unwrap_or_default(),
-        &account.name,
-        account.gid,
-    );
+    let group_file = match read_account_file("/etc/group") {
+        Ok(text) => text,
+        Err(e) => return fail(&mut conn, e),
+    };
+    let groups = parse_groups(&group_file, &account.name, account.gid);
     let (uid, gid) = (account.uid, account.gid);
     let with_tty = tty.is_some();
     // SAFETY: the closure only makes async-signal-safe system calls.

@@ -5,7 +5,6 @@
 //! shim, which is started as a separate executable.
 
 use std::fs::File;
-use std::io::Read;
 use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
@@ -19,7 +18,7 @@ use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
 use nix::sys::stat::Mode;
 
 use crate::exec::set_window_size;
-use crate::proto::{Channel, Reply, Request};
+use crate::proto::{ANSWER_LIMIT, Channel, Reply, Request};
 use crate::record::{ID_RANGE, Layout, WorkspaceRecord};
 use crate::shim::{create_layout, teardown};
 use crate::slots::Slots;
@@ -34,6 +33,8 @@ use warren_guest::accounts::AGENT_SOCKET_NAME;
 
 /// How long a forwarded connection may take to open.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A status is one small answer from an idle loop.
+const STATUS_LIMIT: Duration = Duration::from_secs(5);
 
 /// Where workspaces attach.
 #[derive(Debug, Clone)]
@@ -159,11 +160,15 @@ impl ContainerRuntime {
 
     /// The running shim's init pid, or `None` when the workspace is stopped.
     fn status(layout: &Layout) -> Option<i32> {
-        let channel = Channel::connect(&layout.socket()).ok()?;
+        let channel = Channel::connect(&layout.socket(), STATUS_LIMIT).ok()?;
         channel.send(&Request::Status, &[]).ok()?;
         match channel.recv::<Reply>() {
             Ok(Some((Reply::Status { init_pid }, _))) => Some(init_pid),
-            _ => None,
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(socket = %layout.socket().display(), error = %e, "a workspace's supervisor does not answer; counted as not running");
+                None
+            }
         }
     }
 
@@ -181,7 +186,7 @@ impl ContainerRuntime {
     fn find_shim(id: &WorkspaceId, layout: &Layout) -> Result<Shim, Error> {
         let deadline = std::time::Instant::now() + SHIM_START_WAIT;
         loop {
-            if let Ok(channel) = Channel::connect(&layout.socket()) {
+            if let Ok(channel) = Channel::connect(&layout.socket(), ANSWER_LIMIT) {
                 return Ok(Shim::Serving(channel));
             }
             let lock = Self::lock_file(layout)?;
@@ -405,8 +410,8 @@ impl Runtime for ContainerRuntime {
                 },
             );
         }
-        let channel =
-            Channel::connect(&layout.socket()).map_err(|_| Error::NotRunning(id.to_string()))?;
+        let channel = Channel::connect(&layout.socket(), ANSWER_LIMIT)
+            .map_err(|_| Error::NotRunning(id.to_string()))?;
         let pipe = || std::io::pipe().map_err(|e| Error::Sys(format!("pipe: {e}")));
         let (io, theirs): (Option<ExecIo>, Vec<OwnedFd>) = if request.tty.is_some() {
             (None, Vec::new())
@@ -429,6 +434,10 @@ impl Runtime for ContainerRuntime {
         let argv0 = request.argv.first().cloned().unwrap_or_default();
         match channel.recv::<Reply>()? {
             Some((Reply::Started { pid }, mut fds)) => {
+                // From here the connection waits for the process's exit, however long it runs.
+                channel
+                    .set_limit(None)
+                    .map_err(|e| Error::Sys(e.to_string()))?;
                 let (io, master) = match io {
                     Some(io) => (io, None),
                     None => {
@@ -557,11 +566,16 @@ impl Runtime for ContainerRuntime {
             Ok(unsafe { OwnedFd::from_raw_fd(fd) })
         };
         let user = user.unwrap_or("root");
-        let mut passwd = String::new();
-        File::from(open_inside("/etc/passwd", OFlag::O_RDONLY)?)
-            .take(1 << 20)
-            .read_to_string(&mut passwd)
-            .map_err(|e| Error::Sys(format!("cannot read the workspace's /etc/passwd: {e}")))?;
+        // Opened without blocking and read only if a small regular file: a FIFO planted there
+        // must not hold this host-root process.
+        let passwd = warren_guest::accounts::read_account_fd(
+            File::from(open_inside(
+                "/etc/passwd",
+                OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY,
+            )?),
+            "/etc/passwd",
+        )
+        .map_err(Error::Sys)?;
         let (uid, gid) = match warren_guest::accounts::parse_passwd(&passwd, user) {
             Some(account) => (account.uid, account.gid),
             None => match user.parse::<u32>() {
@@ -649,13 +663,29 @@ impl Runtime for ContainerRuntime {
         let lock = match Self::find_shim(id, &layout)? {
             Shim::Serving(channel) => {
                 let grace_ms = grace.as_millis().min(u128::from(u64::MAX)) as u64;
+                let limit = grace.saturating_add(ANSWER_LIMIT);
+                channel
+                    .set_limit(Some(limit))
+                    .map_err(|e| Error::Sys(e.to_string()))?;
                 channel.send(&Request::Stop { grace_ms }, &[])?;
                 // Stopped, or the shim closing the connection as it exits.
                 let _ = channel.recv::<Reply>();
-                // Wait for it to let go of the workspace.
+                // Wait for it to let go of the workspace, so long.
                 let lock = Self::lock_file(&layout)?;
-                lock.lock()
-                    .map_err(Error::io("cannot lock", layout.shim_lock()))?;
+                let deadline = std::time::Instant::now() + limit;
+                while lock.try_lock().is_err() {
+                    if std::time::Instant::now() > deadline {
+                        return Err(Error::Shim {
+                            id: id.to_string(),
+                            message: format!(
+                                "its supervisor did not stop within {} s (see {})",
+                                limit.as_secs(),
+                                layout.log().display()
+                            ),
+                        });
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
                 lock
             }
             Shim::Absent(lock) => lock,

@@ -29,7 +29,7 @@ use crate::proto::Channel;
 use crate::record::WorkspaceRecord;
 use crate::spec::DEFAULT_PATH;
 use crate::{Error, ExecRequest, WinSize, cgroup};
-use warren_guest::accounts::{parse_groups, resolve_account};
+use warren_guest::accounts::{parse_groups, read_account_file, resolve_account};
 
 /// A process started in the workspace.
 #[derive(Debug)]
@@ -124,8 +124,15 @@ pub(crate) fn spawn(
             let got_pid = released.is_ok() && reader.read_exact(&mut pid_bytes).is_ok();
             let _ = waitpid(child, None);
             released?;
+            let pid = i32::from_ne_bytes(pid_bytes);
+            // B runs on the workspace's files until it execs: the single-threaded shim waits
+            // for it only so long, then kills it, so no workspace can wedge its own shim (and
+            // whoever asks that shim for anything).
+            let deadline = std::time::Instant::now() + START_LIMIT;
             let master = if got_pid && request.tty.is_some() {
-                Channel(master_here)
+                let master_here = Channel(master_here);
+                set_receive_timeout(&master_here, START_LIMIT);
+                master_here
                     .recv::<()>()
                     .ok()
                     .flatten()
@@ -133,7 +140,19 @@ pub(crate) fn spawn(
             } else {
                 None
             };
-            let _ = reader.read_to_end(&mut report);
+            if !read_until_closed(&reader, &mut report, deadline) {
+                if got_pid {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                return Err(fail(format!(
+                    "the process was not started within {} s (killed): something in the \
+                     workspace held it before it ran",
+                    START_LIMIT.as_secs()
+                )));
+            }
             if !report.is_empty() || !got_pid {
                 let message = String::from_utf8_lossy(&report).trim().to_owned();
                 return Err(fail(if message.is_empty() {
@@ -142,11 +161,51 @@ pub(crate) fn spawn(
                     message
                 }));
             }
-            let pid = i32::from_ne_bytes(pid_bytes);
             if request.tty.is_some() && master.is_none() {
                 return Err(fail("no terminal was opened".into()));
             }
             Ok(Started { pid, master })
+        }
+    }
+}
+
+/// How long a new process may take from entering the workspace to its exec.
+const START_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn set_receive_timeout(channel: &Channel, limit: std::time::Duration) {
+    let limit = nix::sys::time::TimeVal::new(limit.as_secs() as _, 0);
+    let _ =
+        nix::sys::socket::setsockopt(channel, nix::sys::socket::sockopt::ReceiveTimeout, &limit);
+}
+
+/// Reads `pipe` to its end (every writer closed it, or exec'd); false when `deadline` passes
+/// first.
+fn read_until_closed(
+    pipe: &std::io::PipeReader,
+    into: &mut Vec<u8>,
+    deadline: std::time::Instant,
+) -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let mut fds = [PollFd::new(pipe.as_fd(), PollFlags::POLLIN)];
+        let timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
+        match poll(&mut fds, timeout) {
+            Ok(0) => return false,
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return false,
+        }
+        match (&*pipe).read(&mut buf) {
+            Ok(0) => return true,
+            Ok(n) => {
+                if into.len() < 64 * 1024 {
+                    into.extend_from_slice(&buf[..n]);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return true,
         }
     }
 }
@@ -168,6 +227,18 @@ fn enter_and_fork(
     mut report: std::io::PipeWriter,
     plan: &Plan<'_>,
 ) -> i32 {
+    // Not dumpable: B runs as host root inside the workspace's pid and user namespaces until
+    // it drops to the workspace's ids, and the workspace's root (CAP_SYS_PTRACE there) could
+    // otherwise attach to it. The flag passes to B with the fork; exec resets it.
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        let _ = write!(
+            report,
+            "cannot make the helper non-dumpable: {}",
+            std::io::Error::last_os_error()
+        );
+        return 1;
+    }
     let mut byte = [0u8; 1];
     if (&go).read_exact(&mut byte).is_err() {
         return 1;
@@ -213,20 +284,28 @@ fn exec_inside(plan: &Plan<'_>) -> String {
     let request = plan.request;
     // The shim blocks the signals it waits for; the new process starts with none blocked.
     let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
-    let account = match resolve_account(request.user.as_deref()) {
-        Ok(a) => a,
-        Err(e) => return e,
-    };
-    if nix::unistd::setsid().is_err() {
-        return "setsid failed".into();
-    }
-    // Joining the user namespace left this process with its host ids, which are unmapped there:
-    // become the workspace's root first, so the terminal it opens belongs to a mapped user.
+    // Joining the user namespace left this process with its host ids (host root), which are
+    // unmapped there: become the workspace's root before touching any of the workspace's
+    // files, so nothing it reads is read with the host's rights, and the terminal it opens
+    // belongs to a mapped user.
     let root = (Gid::from_raw(0), Uid::from_raw(0));
     if nix::unistd::setresgid(root.0, root.0, root.0).is_err()
         || nix::unistd::setresuid(root.1, root.1, root.1).is_err()
     {
         return "cannot become the workspace's root".into();
+    }
+    // Read without blocking and refused unless a small regular file: a FIFO there must not
+    // hold this process, and the shim waiting for it.
+    let account = match resolve_account(request.user.as_deref()) {
+        Ok(a) => a,
+        Err(e) => return e,
+    };
+    let group_file = match read_account_file("/etc/group") {
+        Ok(text) => text,
+        Err(e) => return e,
+    };
+    if nix::unistd::setsid().is_err() {
+        return "setsid failed".into();
     }
     if request.no_network
         && let Err(e) = warren_guest::netif::isolate_with_loopback()
@@ -241,11 +320,7 @@ fn exec_inside(plan: &Plan<'_>) -> String {
     if let Err(e) = terminal {
         return e;
     }
-    let groups = parse_groups(
-        &std::fs::read_to_string("/etc/group").unwrap_or_default(),
-        &account.name,
-        account.gid,
-    );
+    let groups = parse_groups(&group_file, &account.name, account.gid);
     let groups: Vec<Gid> = groups.into_iter().map(Gid::from_raw).collect();
     if let Err(e) = nix::unistd::setgroups(&groups) {
         return format!("setgroups: {e}");

@@ -7,11 +7,13 @@
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
+use std::time::Duration;
 
 use nix::sys::socket::{
     AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr,
-    bind, connect, listen, recvmsg, sendmsg, socket,
+    bind, connect, listen, recvmsg, sendmsg, setsockopt, socket, sockopt,
 };
+use nix::sys::time::TimeVal;
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, ExecRequest, ExitStatus};
@@ -50,8 +52,14 @@ pub(crate) enum Reply {
 #[derive(Debug)]
 pub(crate) struct Channel(pub OwnedFd);
 
+/// How long a client waits for the shim to take or answer a request: a shim is
+/// single-threaded, and one that does not answer (wedged by its workspace) must not hold the
+/// host's agent, its reports or other workspaces' jobs.
+pub(crate) const ANSWER_LIMIT: Duration = Duration::from_secs(30);
+
 impl Channel {
-    pub(crate) fn connect(path: &Path) -> std::io::Result<Self> {
+    /// Connects to a shim; sending and each receive give up after `limit`.
+    pub(crate) fn connect(path: &Path, limit: Duration) -> std::io::Result<Self> {
         let fd = socket(
             AddressFamily::Unix,
             SockType::SeqPacket,
@@ -59,7 +67,18 @@ impl Channel {
             None,
         )?;
         connect(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
-        Ok(Self(fd))
+        let channel = Self(fd);
+        channel.set_limit(Some(limit))?;
+        Ok(channel)
+    }
+
+    /// How long a send or a receive may wait; `None`: for ever (a process's exit).
+    pub(crate) fn set_limit(&self, limit: Option<Duration>) -> std::io::Result<()> {
+        let limit = limit.unwrap_or_default();
+        let time = TimeVal::new(limit.as_secs() as _, limit.subsec_micros() as _);
+        setsockopt(self, sockopt::ReceiveTimeout, &time)?;
+        setsockopt(self, sockopt::SendTimeout, &time)?;
+        Ok(())
     }
 
     pub(crate) fn send<T: Serialize>(
@@ -96,7 +115,12 @@ impl Channel {
                 Some(&mut cmsg_space),
                 MsgFlags::MSG_CMSG_CLOEXEC,
             )
-            .map_err(|e| Error::Sys(format!("cannot read from the shim socket: {e}")))?;
+            .map_err(|e| match e {
+                nix::errno::Errno::EAGAIN => {
+                    Error::Sys("the workspace's supervisor did not answer in time".into())
+                }
+                e => Error::Sys(format!("cannot read from the shim socket: {e}")),
+            })?;
             let mut fds = Vec::new();
             for cmsg in msg.cmsgs().map_err(|e| Error::Sys(e.to_string()))? {
                 if let ControlMessageOwned::ScmRights(raw) = cmsg {

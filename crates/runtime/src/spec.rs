@@ -72,6 +72,11 @@ pub(crate) fn hostname(rec: &WorkspaceRecord) -> String {
 pub(crate) fn oci_config(rec: &WorkspaceRecord, layout: &Layout) -> Value {
     let mut env = vec![DEFAULT_PATH.to_owned()];
     env.extend(rec.config.env.iter().cloned());
+    // Without HOME, libcontainer looks init's up in the workspace's /etc/passwd, which the
+    // workspace's root may have made a FIFO: the start would hang on it.
+    if !env.iter().any(|e| e.starts_with("HOME=")) {
+        env.push("HOME=/root".into());
+    }
     let etc = layout.etc();
     let bind = |dest: &str, source: std::path::PathBuf| json!({"destination": dest, "type": "bind", "source": source, "options": ["rbind", "rw"]});
     let limits = &rec.config.limits;

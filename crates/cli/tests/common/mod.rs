@@ -181,15 +181,43 @@ impl Warren {
 
     /// The CLI as `user` (each user has its own saved login).
     pub fn cli(&self, user: &str, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_warren"))
-            .arg("--data")
+        self.cli_command(user, args).output().unwrap()
+    }
+
+    pub fn cli_command(&self, user: &str, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_warren"));
+        cmd.arg("--data")
             .arg(self.data.path())
             .args(args)
             .env("XDG_CONFIG_HOME", self.configs.path().join(user))
             .env("HOME", self.configs.path().join(user))
-            .env("WARREN_SERVER", self.url())
-            .output()
-            .unwrap()
+            .env("WARREN_SERVER", self.url());
+        cmd
+    }
+
+    /// The CLI as `user`, which must finish within `limit` (else it is killed and the test
+    /// fails): for commands that a hostile workspace could make hang.
+    pub fn cli_within(&self, user: &str, args: &[&str], limit: Duration) -> Output {
+        let mut child = self
+            .cli_command(user, args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + limit;
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let out = child.wait_with_output().unwrap();
+                panic!(
+                    "warren {args:?} as {user} did not finish within {limit:?}: {}\n--- server log ---\n{}",
+                    String::from_utf8_lossy(&out.stderr),
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        child.wait_with_output().unwrap()
     }
 
     pub fn ok(&self, user: &str, args: &[&str]) -> String {
