@@ -615,7 +615,7 @@ fn run_step(
             };
             let meta = Meta::of(files)?;
             let (plain, remote, archives) =
-                add::sort_sources(req, state, files, checksum.as_deref())?;
+                add::sort_sources(req, state, files, checksum.as_deref(), &b.runtime.egress())?;
             let mut key = Vec::new();
             let mut parts: Vec<(Vec<u8>, String)> = Vec::new();
             if !plain.sources.is_empty() {

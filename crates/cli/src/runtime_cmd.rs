@@ -31,6 +31,24 @@ pub struct HostFlags {
     /// DNS server for workspaces (repeat for more); default: the host's non-loopback ones
     #[arg(long = "dns", global = true, env = "WARREN_DNS", value_delimiter = ',')]
     dns: Vec<Ipv4Addr>,
+    /// A network workspaces and build steps may not reach (repeatable), besides link-local
+    /// 169.254.0.0/16 and the host's own addresses, which are always refused
+    #[arg(
+        long = "deny-net",
+        global = true,
+        env = "WARREN_DENY_NETS",
+        value_delimiter = ','
+    )]
+    deny_nets: Vec<ipnet::Ipv4Net>,
+    /// A network workspaces and build steps may reach even though it is refused above
+    /// (repeatable), e.g. a package mirror on a link-local address
+    #[arg(
+        long = "allow-net",
+        global = true,
+        env = "WARREN_ALLOW_NETS",
+        value_delimiter = ','
+    )]
+    allow_nets: Vec<ipnet::Ipv4Net>,
     /// First host uid of workspace uid ranges (65536 ids per workspace)
     #[arg(long, global = true, env = "WARREN_UID_BASE", default_value_t = ContainerRuntimeConfig::DEFAULT_UID_BASE)]
     uid_base: u32,
@@ -47,11 +65,20 @@ impl HostFlags {
                 bridge: self.bridge.clone(),
                 subnet: self.subnet,
                 nameservers: self.dns.clone(),
+                egress: self.egress(),
             },
             uid_base: self.uid_base,
             // WARREN_VM_KERNEL, WARREN_GUEST and WARREN_VM_ACCEL, else the defaults.
             vm: Default::default(),
         })?)
+    }
+
+    /// Where workspaces, build steps and `ADD <url>` may not go.
+    pub fn egress(&self) -> warren_runtime::EgressPolicy {
+        warren_runtime::EgressPolicy {
+            denied: self.deny_nets.clone(),
+            allowed: self.allow_nets.clone(),
+        }
     }
 
     /// The runtime, for a command that starts workspaces or sandboxes: a data folder they

@@ -235,8 +235,17 @@ fn serve(body: &'static [u8]) -> u16 {
 #[test]
 fn mounts_add_chown_and_isolation_inside_run_steps() {
     enter_own_network();
+    // `ADD <url>` below fetches from this test's loopback, which the egress policy refuses
+    // unless an admin allows it.
     let run = |data: &Path, args: &[&str]| {
-        common::warren_at(data, args, &[("WARREN_UID_BASE", "3000000000")])
+        common::warren_at(
+            data,
+            args,
+            &[
+                ("WARREN_UID_BASE", "3000000000"),
+                ("WARREN_ALLOW_NETS", "127.0.0.1/32"),
+            ],
+        )
     };
     let data = tempfile::Builder::new()
         .prefix("warren-build-")

@@ -232,7 +232,7 @@ impl Host {
             let dir = Path::new("/sys/fs/cgroup")
                 .join(controller)
                 .join("warren")
-                .join(ws);
+                .join(format!("{ws}-{:x}", uid_base >> 16));
             if dir.exists() {
                 found.push(format!("cgroup {}", dir.display()));
             }
@@ -589,7 +589,10 @@ fn lifecycle(host: Host) {
         "rm refuses a running workspace without --force"
     );
     host.ok(&["runtime", "rm", "--force", "life"]);
-    assert_eq!(host.traces_of("life", base, "wv0"), Vec::<String>::new());
+    assert_eq!(
+        host.traces_of("life", base, &format!("wv{:x}", base >> 16)),
+        Vec::<String>::new()
+    );
     assert!(!host.ok(&["runtime", "ls"]).contains("life"));
 }
 
@@ -626,7 +629,10 @@ fn a_lazy_image_is_the_lower_layer_with_its_ownership_shifted() {
     host.ok(&["runtime", "start", "lazy"]);
     assert_eq!(host.sh("lazy", "cat /etc/motd").1, "new\n");
     host.ok(&["runtime", "rm", "-f", "lazy"]);
-    assert_eq!(host.traces_of("lazy", base, "wv0"), Vec::<String>::new());
+    assert_eq!(
+        host.traces_of("lazy", base, &format!("wv{:x}", base >> 16)),
+        Vec::<String>::new()
+    );
 }
 
 #[test]

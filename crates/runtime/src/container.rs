@@ -46,6 +46,8 @@ pub struct NetworkConfig {
     /// DNS servers given to workspaces; empty means the host's (from `/etc/resolv.conf`,
     /// loopback resolvers left out since a workspace cannot reach them).
     pub nameservers: Vec<Ipv4Addr>,
+    /// Where workspaces may not go (besides the host itself).
+    pub egress: crate::net::EgressPolicy,
 }
 
 impl Default for NetworkConfig {
@@ -54,6 +56,7 @@ impl Default for NetworkConfig {
             bridge: "warren0".into(),
             subnet: Ipv4Net::new(Ipv4Addr::new(10, 88, 0, 0), 16).unwrap_or_default(),
             nameservers: Vec::new(),
+            egress: Default::default(),
         }
     }
 }
@@ -345,6 +348,7 @@ impl Runtime for ContainerRuntime {
                 .map_err(|e| Error::InvalidConfig(e.to_string()))?
                 .trunc(),
             rec.gateway,
+            &self.config.network.egress,
         )?;
         let log = File::options()
             .create(true)
@@ -794,6 +798,10 @@ impl Runtime for ContainerRuntime {
             }),
             RootSource::Dir { .. } => None,
         })
+    }
+
+    fn egress(&self) -> crate::net::EgressPolicy {
+        self.config.network.egress.clone()
     }
 
     fn list(&self) -> Result<Vec<WorkspaceInfo>, Error> {

@@ -17,7 +17,7 @@ mod container;
 mod error;
 mod exec;
 mod init;
-mod net;
+pub mod net;
 mod proto;
 mod record;
 mod shim;
@@ -30,6 +30,7 @@ pub mod vm;
 
 pub use container::{ContainerRuntime, ContainerRuntimeConfig, NetworkConfig};
 pub use error::Error;
+pub use net::EgressPolicy;
 pub use shim::run_shim;
 pub use types::{
     DeleteReport, Exec, ExecIo, ExecRequest, ExitStatus, Limits, Process, RootSource, Stats,
@@ -80,6 +81,11 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
     fn info(&self, id: &WorkspaceId) -> Result<WorkspaceInfo, Error>;
     /// Every workspace this runtime knows, running or not.
     fn list(&self) -> Result<Vec<WorkspaceInfo>, Error>;
+    /// Where this runtime's workspaces may not go; what the host fetches on their behalf
+    /// (`ADD <url>`) is held to the same policy.
+    fn egress(&self) -> net::EgressPolicy {
+        net::EgressPolicy::default()
+    }
     /// The workspace's writable layer as a folder on the host, for storing only what changed
     /// over its image (`None` when the backend has no such folder).
     fn writable_layer(&self, id: &WorkspaceId) -> Result<Option<WritableLayer>, Error> {

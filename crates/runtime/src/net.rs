@@ -1,11 +1,20 @@
-//! Workspace networking: one bridge for the host's workspaces, a veth per workspace, outbound
-//! NAT, and nftables rules that keep workspaces apart.
+//! Workspace networking: a bridge per host (or per runtime, when several share a host), a veth
+//! per workspace, outbound NAT, and nftables rules that keep workspaces apart.
 //!
-//! - Workspaces cannot reach each other: their bridge ports are isolated (no layer-2 path) and
-//!   the `forward` chain drops bridge-to-bridge routing.
+//! Each bridge gets its own table, `inet warren_<bridge>`, replaced whole (in one nftables
+//! transaction) whenever a workspace on it starts, so a second bridge on the same host (another
+//! `warren runtime run --bridge`, an agent, a second server) is held exactly as the first:
+//!
+//! - Workspaces cannot reach each other: their bridge ports are isolated (no layer-2 path), the
+//!   `forward` chain drops routing back into the bridge, and a workspace on another bridge is
+//!   refused by that bridge's own table (nothing new may enter a bridge).
 //! - Workspaces cannot reach the host: the `input` chain drops everything new arriving from the
-//!   bridge, whatever address it is sent to, so no service of the host (Warren's API, the agent)
-//!   is reachable from inside. Only replies to the host's own connections pass.
+//!   bridge, whatever address it is sent to, so no service of the host (Warren's API, the agent,
+//!   anything on the host's LAN addresses) is reachable from inside. Only replies to the host's
+//!   own connections pass.
+//! - Egress policy: link-local addresses (169.254.0.0/16, where clouds serve instance
+//!   credentials) and the networks an admin denies (`--deny-net`) are dropped; networks an admin
+//!   allows (`--allow-net`) pass, also to the host's own addresses.
 //! - Nothing from outside reaches a workspace uninvited; outbound traffic is masqueraded.
 //! - A workspace may only send from its own address (checked per port in the bridge family),
 //!   so it cannot pretend to be another one. IPv6 from workspaces is dropped (not offered yet).
@@ -22,11 +31,81 @@ use crate::sys::{run, run_with_input};
 
 const TABLE: &str = "warren";
 
-/// Creates the bridge and the rules if they are missing (idempotent), and enables forwarding.
+/// Always dropped for workspaces unless allowed: link-local, where cloud metadata services
+/// answer (169.254.169.254) and hand out the host's credentials.
+pub const LINK_LOCAL: Ipv4Net = match Ipv4Net::new(std::net::Ipv4Addr::new(169, 254, 0, 0), 16) {
+    Ok(net) => net,
+    Err(_) => panic!("a valid network"),
+};
+
+/// Where workspaces may not go, and the exceptions an admin makes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EgressPolicy {
+    /// Dropped besides link-local and the host's own addresses.
+    pub denied: Vec<Ipv4Net>,
+    /// Passed even when denied, link-local or the host's own.
+    pub allowed: Vec<Ipv4Net>,
+}
+
+impl EgressPolicy {
+    /// Why a connection to `ip` is refused (`None`: it may go). `host` is the host's own
+    /// addresses ([`host_addresses`]). For what the host fetches on a tenant's behalf
+    /// (`ADD <url>`); workspaces are held by the same rules in nftables.
+    pub fn refuses(&self, ip: std::net::IpAddr, host: &[std::net::IpAddr]) -> Option<&'static str> {
+        use std::net::IpAddr;
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        if let IpAddr::V4(v4) = ip
+            && self.allowed.iter().any(|n| n.contains(&v4))
+        {
+            return None;
+        }
+        if ip.is_loopback() {
+            return Some("a loopback address");
+        }
+        if ip.is_unspecified() || ip.is_multicast() {
+            return Some("not a unicast address");
+        }
+        if host.contains(&ip) {
+            return Some("one of the host's own addresses");
+        }
+        match ip {
+            IpAddr::V4(v4) if LINK_LOCAL.contains(&v4) => Some("link-local"),
+            IpAddr::V4(v4) if v4.is_broadcast() => Some("not a unicast address"),
+            IpAddr::V4(v4) if self.denied.iter().any(|n| n.contains(&v4)) => {
+                Some("in a network the admin denied")
+            }
+            IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80 => Some("link-local"),
+            _ => None,
+        }
+    }
+}
+
+/// Every address of the host's interfaces.
+pub fn host_addresses() -> Vec<std::net::IpAddr> {
+    let Ok(all) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    all.filter_map(|a| {
+        let addr = a.address?;
+        if let Some(v4) = addr.as_sockaddr_in() {
+            Some(std::net::IpAddr::V4(v4.ip()))
+        } else {
+            addr.as_sockaddr_in6()
+                .map(|v6| std::net::IpAddr::V6(v6.ip()))
+        }
+    })
+    .collect()
+}
+
+/// Creates the bridge if missing, (re)writes its rules, and enables forwarding.
 pub(crate) fn ensure_host(
     bridge: &str,
     subnet: Ipv4Net,
     gateway: std::net::Ipv4Addr,
+    egress: &EgressPolicy,
 ) -> Result<(), Error> {
     if run(Command::new("ip").args(["link", "show", "dev", bridge])).is_err() {
         run(Command::new("ip").args(["link", "add", bridge, "type", "bridge"]))?;
@@ -43,24 +122,69 @@ pub(crate) fn ensure_host(
         "cannot enable forwarding in",
         "/proc/sys/net/ipv4/ip_forward",
     ))?;
-    if run(Command::new("nft").args(["list", "table", "inet", TABLE])).is_err() {
-        run_with_input(
-            Command::new("nft").args(["-f", "-"]),
-            Some(&inet_rules(bridge, subnet)),
-        )?;
+    // Before 2026-12 one table, `inet warren`, held the rules of whichever bridge came first.
+    if run(Command::new("nft").args(["list", "table", "inet", TABLE])).is_ok() {
+        run(Command::new("nft").args(["delete", "table", "inet", TABLE]))?;
     }
+    run_with_input(
+        Command::new("nft").args(["-f", "-"]),
+        Some(&inet_rules(bridge, subnet, egress)),
+    )?;
     if run(Command::new("nft").args(["list", "table", "bridge", TABLE])).is_err() {
         run_with_input(Command::new("nft").args(["-f", "-"]), Some(&bridge_rules()))?;
     }
     Ok(())
 }
 
-fn inet_rules(bridge: &str, subnet: Ipv4Net) -> String {
+/// The name of `bridge`'s table: distinct for distinct bridges (`warren_<name>` for a
+/// lowercase alphanumeric name, else `warren_h_<hex of the name>`).
+pub(crate) fn table_of(bridge: &str) -> String {
+    if !bridge.is_empty()
+        && bridge
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    {
+        format!("{TABLE}_{bridge}")
+    } else {
+        let hex: String = bridge.bytes().map(|b| format!("{b:02x}")).collect();
+        format!("{TABLE}_h_{hex}")
+    }
+}
+
+fn nets(list: &[Ipv4Net]) -> String {
+    list.iter()
+        .map(|n| n.trunc().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The table of one bridge, as one nftables transaction that replaces any earlier one.
+fn inet_rules(bridge: &str, subnet: Ipv4Net, egress: &EgressPolicy) -> String {
+    let table = table_of(bridge);
+    let mut denied = vec![LINK_LOCAL];
+    denied.extend(egress.denied.iter().copied());
+    let allowed = if egress.allowed.is_empty() {
+        String::new()
+    } else {
+        format!("elements = {{ {} }}", nets(&egress.allowed))
+    };
+    let denied = nets(&denied);
     format!(
-        r#"table inet {TABLE} {{
+        r#"table inet {table} {{}}
+delete table inet {table}
+table inet {table} {{
+    set allowed {{
+        type ipv4_addr; flags interval; auto-merge
+        {allowed}
+    }}
+    set denied {{
+        type ipv4_addr; flags interval; auto-merge
+        elements = {{ {denied} }}
+    }}
     chain input {{
         type filter hook input priority filter; policy accept;
         iifname "{bridge}" ct state established,related accept
+        iifname "{bridge}" ip daddr @allowed accept
         iifname "{bridge}" drop
     }}
     chain forward {{
@@ -68,6 +192,8 @@ fn inet_rules(bridge: &str, subnet: Ipv4Net) -> String {
         iifname "{bridge}" oifname "{bridge}" drop
         oifname "{bridge}" ct state established,related accept
         oifname "{bridge}" drop
+        iifname "{bridge}" ip daddr @allowed accept
+        iifname "{bridge}" ip daddr @denied drop
     }}
     chain postrouting {{
         type nat hook postrouting priority srcnat; policy accept;
@@ -186,11 +312,73 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rules_name_the_bridge_and_subnet() {
-        let rules = inet_rules("warren0", "10.88.0.0/16".parse().unwrap_or_default());
+    fn each_bridge_has_its_own_table_with_the_egress_policy() {
+        let net = |s: &str| s.parse::<Ipv4Net>().unwrap_or_default();
+        let policy = EgressPolicy {
+            denied: vec![net("10.1.2.0/24")],
+            allowed: vec![net("169.254.9.9/32")],
+        };
+        let rules = inet_rules("warren0", net("10.88.0.0/16"), &policy);
+        assert!(
+            rules.starts_with("table inet warren_warren0 {}\ndelete table inet warren_warren0\n")
+        );
         assert!(rules.contains(r#"iifname "warren0" oifname "warren0" drop"#));
         assert!(rules.contains(r#"ip saddr 10.88.0.0/16 oifname != "warren0" masquerade"#));
         assert!(rules.contains(r#"iifname "warren0" drop"#));
+        assert!(rules.contains("elements = { 169.254.0.0/16, 10.1.2.0/24 }"));
+        assert!(rules.contains("elements = { 169.254.9.9/32 }"));
+        let other = inet_rules("nftbr9", net("10.98.0.0/16"), &EgressPolicy::default());
+        assert!(other.contains("table inet warren_nftbr9 {"));
+        assert!(other.contains(r#"iifname "nftbr9" drop"#));
         assert!(bridge_rules().contains("@addresses"));
+    }
+
+    #[test]
+    fn the_host_fetches_nothing_a_workspace_could_not_reach() {
+        let ip = |s: &str| {
+            s.parse::<std::net::IpAddr>()
+                .unwrap_or(std::net::IpAddr::from([0; 4]))
+        };
+        let policy = EgressPolicy {
+            denied: vec!["10.1.0.0/16".parse().unwrap_or_default()],
+            allowed: vec!["169.254.7.0/24".parse().unwrap_or_default()],
+        };
+        let host = [ip("192.0.2.10")];
+        assert_eq!(
+            policy.refuses(ip("169.254.169.254"), &host),
+            Some("link-local")
+        );
+        assert_eq!(
+            policy.refuses(ip("::ffff:169.254.169.254"), &host),
+            Some("link-local")
+        );
+        assert_eq!(policy.refuses(ip("fe80::1"), &host), Some("link-local"));
+        assert_eq!(
+            policy.refuses(ip("127.0.0.1"), &host),
+            Some("a loopback address")
+        );
+        assert_eq!(policy.refuses(ip("::1"), &host), Some("a loopback address"));
+        assert_eq!(
+            policy.refuses(ip("0.0.0.0"), &host),
+            Some("not a unicast address")
+        );
+        assert_eq!(
+            policy.refuses(ip("192.0.2.10"), &host),
+            Some("one of the host's own addresses")
+        );
+        assert_eq!(
+            policy.refuses(ip("10.1.2.3"), &host),
+            Some("in a network the admin denied")
+        );
+        assert_eq!(policy.refuses(ip("169.254.7.7"), &host), None, "allowed");
+        assert_eq!(policy.refuses(ip("198.51.100.1"), &host), None);
+    }
+
+    #[test]
+    fn distinct_bridges_get_distinct_tables() {
+        assert_eq!(table_of("warren0"), "warren_warren0");
+        assert_eq!(table_of("br-1"), "warren_h_62722d31");
+        assert_ne!(table_of("br-1"), table_of("br_1"));
+        assert_ne!(table_of("h"), table_of("H"));
     }
 }

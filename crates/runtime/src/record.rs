@@ -35,9 +35,11 @@ pub(crate) struct WorkspaceRecord {
 }
 
 impl WorkspaceRecord {
-    /// The host-side veth name: short (at most 15 bytes) and unique per slot.
+    /// The host-side veth name: short (at most 15 bytes) and unique on the host, also among
+    /// several runtimes (each with its own data folder and bridge): it is named by the
+    /// workspace's uid range, which no two workspaces on a host may share.
     pub(crate) fn veth(&self) -> String {
-        format!("wv{:x}", self.slot)
+        format!("wv{:x}", self.uid_base >> 16)
     }
 
     /// libcontainer's id and the cgroup's name.
@@ -45,8 +47,14 @@ impl WorkspaceRecord {
         format!("warren-{}", self.config.id)
     }
 
+    /// Cgroups are host-wide: named by the uid range too, so two runtimes on a host (each with
+    /// its own data folder) never share one for workspaces of the same name.
     pub(crate) fn cgroup_path(&self) -> PathBuf {
-        PathBuf::from("/warren").join(self.config.id.as_str())
+        PathBuf::from("/warren").join(format!(
+            "{}-{:x}",
+            self.config.id.as_str(),
+            self.uid_base >> 16
+        ))
     }
 
     pub(crate) fn load(path: &Path) -> Result<Self, Error> {

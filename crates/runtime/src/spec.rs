@@ -213,7 +213,10 @@ mod tests {
         assert_eq!(c["linux"]["resources"]["memory"]["limit"], 512 << 20);
         assert_eq!(c["linux"]["resources"]["pids"]["limit"], 100);
         assert_eq!(c["linux"]["resources"]["cpu"]["quota"], 150_000);
-        assert_eq!(c["linux"]["cgroupsPath"], "/warren/dev");
+        assert_eq!(
+            c["linux"]["cgroupsPath"], "/warren/dev-3b9d",
+            "named by the uid range too"
+        );
         assert!(c["linux"]["maskedPaths"].is_null(), "nothing is masked");
         assert_eq!(c["root"]["path"], "/w/dev/rootfs");
         assert_eq!(c["hostname"], "dev");

@@ -6,6 +6,7 @@ use std::io::Read;
 use std::path::PathBuf;
 
 use sha2::Digest as _;
+use warren_runtime::EgressPolicy;
 
 use super::{
     BuildRequest, CopySource, Files, Meta, State, context_path, expand_with, is_glob, leaf,
@@ -81,11 +82,57 @@ pub(super) struct Remote {
     bytes: Vec<u8>,
 }
 
-fn fetch(url: &str, checksum: Option<&str>) -> Result<Vec<u8>, String> {
-    let agent = ureq::Agent::new_with_config(
+/// Resolves names for `ADD <url>` and keeps only the addresses the egress policy lets a
+/// workspace reach: the host fetches, so without it a Dockerfile could read the host's own
+/// services (its API on loopback), the cloud's metadata address, or a denied network — on
+/// every redirect too, since each connection is resolved here.
+#[derive(Debug)]
+struct PolicyResolver {
+    policy: EgressPolicy,
+    host: Vec<std::net::IpAddr>,
+}
+
+impl ureq::unversioned::resolver::Resolver for PolicyResolver {
+    fn resolve(
+        &self,
+        uri: &ureq::http::Uri,
+        config: &ureq::config::Config,
+        timeout: ureq::unversioned::transport::NextTimeout,
+    ) -> Result<ureq::unversioned::resolver::ResolvedSocketAddrs, ureq::Error> {
+        let all = ureq::unversioned::resolver::DefaultResolver::default()
+            .resolve(uri, config, timeout)?;
+        let mut kept = self.empty();
+        let mut refused = None;
+        for &addr in all.iter() {
+            match self.policy.refuses(addr.ip(), &self.host) {
+                None => kept.push(addr),
+                Some(why) => refused = Some((addr.ip(), why)),
+            }
+        }
+        match refused {
+            Some((ip, why)) if kept.is_empty() => Err(ureq::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "{ip} is {why}: refused by the egress policy (an admin may open a network with --allow-net)"
+                ),
+            ))),
+            _ => Ok(kept),
+        }
+    }
+}
+
+fn fetch(url: &str, checksum: Option<&str>, egress: &EgressPolicy) -> Result<Vec<u8>, String> {
+    let agent = ureq::Agent::with_parts(
         ureq::Agent::config_builder()
             .timeout_global(Some(REMOTE_TIMEOUT))
+            // A proxy would be resolved instead of the URL's host, and the policy not apply.
+            .proxy(None)
             .build(),
+        ureq::unversioned::transport::DefaultConnector::default(),
+        PolicyResolver {
+            policy: egress.clone(),
+            host: warren_runtime::net::host_addresses(),
+        },
     );
     let mut answer = agent
         .get(url)
@@ -121,6 +168,7 @@ pub(super) fn sort_sources(
     state: &State,
     files: &Files,
     checksum: Option<&str>,
+    egress: &EgressPolicy,
 ) -> Result<(Files, Vec<Remote>, Vec<Archive>), String> {
     let escape = req.dockerfile.escape;
     let mut plain = files.clone();
@@ -147,7 +195,7 @@ pub(super) fn sort_sources(
                 .unwrap_or("download")
                 .to_owned();
             remote.push(Remote {
-                bytes: fetch(&path, checksum)?,
+                bytes: fetch(&path, checksum, egress)?,
                 name,
             });
             continue;
