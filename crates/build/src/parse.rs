@@ -660,6 +660,12 @@ fn instruction(
                     "keep-git-dir",
                 ],
             )?;
+            if fl.iter().any(|(k, _)| k == "exclude") {
+                return Err(
+                    "--exclude: not supported on ADD here; use COPY --exclude, or .dockerignore"
+                        .into(),
+                );
+            }
             if fl.iter().any(|(k, _)| k == "keep-git-dir") {
                 return Err(
                     "--keep-git-dir: ADD does not fetch git repositories here; clone it in a RUN step"

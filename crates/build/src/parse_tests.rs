@@ -250,6 +250,10 @@ fn what_is_not_supported_is_refused_with_its_line() {
             "Dockerfile:3: ADD: --keep-git-dir: ADD does not fetch git repositories",
         ),
         (
+            "FROM a\nADD --exclude=*.md docs /docs/\n",
+            "Dockerfile:2: ADD: --exclude: not supported on ADD here",
+        ),
+        (
             "FROM a\nSTOPSIGNAL SIGINT\n",
             "Dockerfile:2: STOPSIGNAL: STOPSIGNAL is not supported",
         ),

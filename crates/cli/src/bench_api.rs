@@ -259,6 +259,9 @@ pub(crate) fn api(
 /// `rate` requests a second for `seconds`, each timed from when it was due.
 fn open_loop(client: &Arc<Client>, rate: f64, seconds: u64) -> anyhow::Result<RateResult> {
     let total = (rate * seconds as f64) as usize;
+    if total == 0 {
+        bail!("{rate}/s for {seconds} s is no request at all: raise --rates or --seconds");
+    }
     let interval = Duration::from_secs_f64(1.0 / rate);
     const PATHS: [&str; 5] = [
         "/workspaces",

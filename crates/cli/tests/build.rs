@@ -528,7 +528,8 @@ COPY --exclude=**/*.md docs /docs/
 COPY --parents ./src/app/main.txt src/lib/util.txt /p/
 COPY --parents ./src/./app/main.txt /q/
 RUN --network=none { cat /proc/net/dev; timeout 5 bash -c 'exec 3<>/dev/tcp/10.88.0.1/9' 2>&1; true; \
- timeout 5 bash -c 'exec 3<>/dev/tcp/127.0.0.1/9' 2>&1; true; } > /none.txt
+ timeout 5 bash -c 'exec 3<>/dev/tcp/127.0.0.1/9' 2>&1; true; \
+ nsenter -t 1 -n true 2>/dev/null && echo rejoined; true; } > /none.txt
 RUN cat /proc/net/dev > /default.txt && echo "$FROM_BUILD" > /from-build.txt
 ARG TEAM=tools
 LABEL org.example.team=$TEAM "org.example.note"="two words"
@@ -578,6 +579,10 @@ ENTRYPOINT ["/opt/tools/artifact"]
         "only loopback: {none}"
     );
     assert!(none.contains("Network is unreachable"), "{none}");
+    assert!(
+        !none.contains("rejoined"),
+        "a root step cannot rejoin the sandbox's network: {none}"
+    );
     assert!(
         none.contains("Connection refused"),
         "loopback is up: {none}"

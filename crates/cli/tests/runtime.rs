@@ -371,7 +371,9 @@ fn a_data_folder_closed_to_workspaces_is_refused_with_the_folder_named() {
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success());
     assert!(stderr.contains(&expected), "{stderr}");
-    let listed = String::from_utf8_lossy(&warren(&["runtime", "ls"]).stdout).into_owned();
+    let listed = warren(&["runtime", "ls"]);
+    assert!(listed.status.success(), "{listed:?}");
+    let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
     assert!(!listed.contains("shut"), "nothing was created: {listed}");
     let up = warren(&["up", "--listen", "127.0.0.1:0", "--ssh-listen", "off"]);
     let stderr = String::from_utf8_lossy(&up.stderr);

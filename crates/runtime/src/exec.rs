@@ -307,10 +307,25 @@ fn exec_inside(plan: &Plan<'_>) -> String {
     if nix::unistd::setsid().is_err() {
         return "setsid failed".into();
     }
-    if request.no_network
-        && let Err(e) = warren_guest::netif::isolate_with_loopback()
-    {
-        return e;
+    if request.no_network {
+        if let Err(e) = warren_guest::netif::isolate_with_loopback() {
+            return e;
+        }
+        // The workspace's root may join any namespace its user namespace owns, the sandbox's
+        // network included (`nsenter -t 1 -n`): without CAP_SYS_ADMIN in its bounding set,
+        // neither this process nor anything it runs (as root or through setuid) can.
+        // linux/capability.h: CAP_SYS_PTRACE 19, CAP_SYS_ADMIN 21.
+        const CAP_SYS_PTRACE: libc::c_int = 19;
+        const CAP_SYS_ADMIN: libc::c_int = 21;
+        for cap in [CAP_SYS_ADMIN, CAP_SYS_PTRACE] {
+            // SAFETY: prctl with integer arguments only.
+            if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } != 0 {
+                return format!(
+                    "cannot drop capability {cap} for --network=none: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
     }
     let terminal = match request.tty {
         Some(size) => open_terminal(&plan.master_socket, size, account.uid)

@@ -83,8 +83,10 @@ pub(crate) fn run_with_input(cmd: &mut Command, input: Option<&str>) -> Result<S
 /// setuid, then chdir) before it runs `true`.
 pub(crate) fn can_enter_as(dir: &Path, uid: u32) -> bool {
     use std::os::unix::process::CommandExt as _;
-    // As root, std also drops the supplementary groups when it sets the uid.
-    Command::new("/bin/true")
+    // As root, std also drops the supplementary groups when it sets the uid; the chdir then
+    // happens with the workspace's rights. Only a refusal counts as closed: any other failure
+    // (no /bin/true, no process left) says nothing about the folder.
+    match Command::new("/bin/true")
         .uid(uid)
         .gid(uid)
         .current_dir(dir)
@@ -92,7 +94,13 @@ pub(crate) fn can_enter_as(dir: &Path, uid: u32) -> bool {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .status()
-        .is_ok_and(|s| s.success())
+    {
+        Ok(_) => true,
+        Err(e) => !matches!(
+            e.raw_os_error(),
+            Some(libc::EACCES | libc::ENOTDIR | libc::EPERM)
+        ),
+    }
 }
 
 pub(crate) fn mounts_under(path: &Path) -> Vec<std::path::PathBuf> {

@@ -131,7 +131,9 @@ impl Fixture {
 
     /// Makes it unless it is ready. Errors say what failed; the caller retries.
     pub fn prepare(self) -> Result<(), String> {
-        if self.is_ready() {
+        // The guest is always handed to cargo, whose fingerprints (sources, Cargo.lock,
+        // flags) know better than a look at modification times whether it is current.
+        if self != Self::StaticGuest && self.is_ready() {
             return Ok(());
         }
         let dir = fixtures_dir();
@@ -146,6 +148,8 @@ impl Fixture {
             Self::DebianMirror => make_mirror(&partial)?,
         }
         let root = self.path();
+        // Not complete from the moment the old one is touched.
+        let _ = std::fs::remove_file(self.complete_marker());
         let _ = std::fs::remove_dir_all(&root);
         std::fs::rename(&partial, &root)
             .map_err(|e| format!("cannot move {} into place: {e}", partial.display()))?;

@@ -13,7 +13,7 @@ const RETRY_WAITS: [Duration; 2] = [Duration::from_secs(10), Duration::from_secs
 
 fn prepare_with_retries(fixture: Fixture) -> Result<(), String> {
     let name = fixture.name();
-    if fixture.is_ready() {
+    if fixture != Fixture::StaticGuest && fixture.is_ready() {
         eprintln!("fixture {name}: ready");
         return Ok(());
     }
@@ -50,6 +50,18 @@ fn prepare_with_retries(fixture: Fixture) -> Result<(), String> {
 
 fn main() -> ExitCode {
     eprintln!("test fixtures in {}", fixtures_dir().display());
+    // One maker at a time per folder (two checkouts share /var/cache/warren/fixtures).
+    let lock_path = fixtures_dir().join(".lock");
+    let lock = std::fs::create_dir_all(fixtures_dir())
+        .and_then(|()| std::fs::File::create(&lock_path))
+        .and_then(|f| f.lock().map(|()| f));
+    let _lock = match lock {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: cannot lock {}: {e}", lock_path.display());
+            return ExitCode::FAILURE;
+        }
+    };
     // Downloads and bootstraps run side by side (they mostly wait on the mirror); the guest is
     // a build, which has both cores to itself after them.
     let (builds, downloads): (Vec<Fixture>, Vec<Fixture>) = Fixture::all()
