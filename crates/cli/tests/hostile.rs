@@ -369,6 +369,8 @@ fn every_bridge_is_walled_off_and_egress_is_policed() {
         format!("http://127.0.0.1:{host_port}/x"),
         format!("http://10.97.0.1:{host_port}/x"),
         format!("http://{METADATA}:{port}/x"),
+        // Another tenant's workspace, which the host itself could reach.
+        format!("http://{wb_address}:{port}/x"),
     ] {
         let out = build(format!("FROM dev:1\nADD {url} /x\n"));
         let err = String::from_utf8_lossy(&out.stderr);

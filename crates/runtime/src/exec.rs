@@ -170,7 +170,8 @@ pub(crate) fn spawn(
 }
 
 /// How long a new process may take from entering the workspace to its exec.
-const START_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Generous: a first exec may read its binary from a lazily pulled image over a slow link.
+const START_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn set_receive_timeout(channel: &Channel, limit: std::time::Duration) {
     let limit = nix::sys::time::TimeVal::new(limit.as_secs() as _, 0);

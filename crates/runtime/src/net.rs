@@ -14,7 +14,7 @@
 //!   own connections pass.
 //! - Egress policy: link-local addresses (169.254.0.0/16, where clouds serve instance
 //!   credentials) and the networks an admin denies (`--deny-net`) are dropped; networks an admin
-//!   allows (`--allow-net`) pass, also to the host's own addresses.
+//!   allows (`--allow-net`) pass (never to the host itself: the `input` chain has no exception).
 //! - Nothing from outside reaches a workspace uninvited; outbound traffic is masqueraded.
 //! - A workspace may only send from its own address (checked per port in the bridge family),
 //!   so it cannot pretend to be another one. IPv6 from workspaces is dropped (not offered yet).
@@ -43,59 +43,57 @@ pub const LINK_LOCAL: Ipv4Net = match Ipv4Net::new(std::net::Ipv4Addr::new(169, 
 pub struct EgressPolicy {
     /// Dropped besides link-local and the host's own addresses.
     pub denied: Vec<Ipv4Net>,
-    /// Passed even when denied, link-local or the host's own.
+    /// Passed even when denied or link-local (never into the host itself).
     pub allowed: Vec<Ipv4Net>,
 }
 
 impl EgressPolicy {
-    /// Why a connection to `ip` is refused (`None`: it may go). `host` is the host's own
-    /// addresses ([`host_addresses`]). For what the host fetches on a tenant's behalf
-    /// (`ADD <url>`); workspaces are held by the same rules in nftables.
-    pub fn refuses(&self, ip: std::net::IpAddr, host: &[std::net::IpAddr]) -> Option<&'static str> {
+    /// Why the host refuses to connect to `ip` on a tenant's behalf (`ADD <url>`); `None`: it
+    /// may. `host` is the host's own IPv4 networks ([`host_networks`]). Stricter than what a
+    /// workspace may reach, since the connection leaves from the host itself, where no
+    /// bridge's rules apply: besides link-local and denied networks, loopback, the host's own
+    /// addresses and every network directly attached to the host (the workspaces' bridges, the
+    /// LAN) are refused, and IPv6 (workspaces have none) except IPv4-mapped addresses. An
+    /// address an admin allows is fetched.
+    pub fn refuses(&self, ip: std::net::IpAddr, host: &[Ipv4Net]) -> Option<&'static str> {
         use std::net::IpAddr;
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
+        let v4 = match ip {
+            IpAddr::V4(v4) => v4,
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => v4,
+                None => return Some("an IPv6 address (workspaces have no IPv6)"),
+            },
         };
-        if let IpAddr::V4(v4) = ip
-            && self.allowed.iter().any(|n| n.contains(&v4))
-        {
+        if self.allowed.iter().any(|n| n.contains(&v4)) {
             return None;
         }
-        if ip.is_loopback() {
-            return Some("a loopback address");
-        }
-        if ip.is_unspecified() || ip.is_multicast() {
-            return Some("not a unicast address");
-        }
-        if host.contains(&ip) {
-            return Some("one of the host's own addresses");
-        }
-        match ip {
-            IpAddr::V4(v4) if LINK_LOCAL.contains(&v4) => Some("link-local"),
-            IpAddr::V4(v4) if v4.is_broadcast() => Some("not a unicast address"),
-            IpAddr::V4(v4) if self.denied.iter().any(|n| n.contains(&v4)) => {
-                Some("in a network the admin denied")
-            }
-            IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80 => Some("link-local"),
-            _ => None,
+        if v4.is_loopback() {
+            Some("a loopback address")
+        } else if v4.is_unspecified() || v4.is_multicast() || v4.is_broadcast() {
+            Some("not a unicast address")
+        } else if host.iter().any(|n| n.addr() == v4) {
+            Some("one of the host's own addresses")
+        } else if LINK_LOCAL.contains(&v4) {
+            Some("link-local")
+        } else if self.denied.iter().any(|n| n.contains(&v4)) {
+            Some("in a network the admin denied")
+        } else if host.iter().any(|n| n.contains(&v4)) {
+            Some("in a network attached to the host (a workspace bridge or the host's LAN)")
+        } else {
+            None
         }
     }
 }
 
-/// Every address of the host's interfaces.
-pub fn host_addresses() -> Vec<std::net::IpAddr> {
+/// The IPv4 networks of the host's interfaces, each as the host's address with its prefix.
+pub fn host_networks() -> Vec<Ipv4Net> {
     let Ok(all) = nix::ifaddrs::getifaddrs() else {
         return Vec::new();
     };
     all.filter_map(|a| {
-        let addr = a.address?;
-        if let Some(v4) = addr.as_sockaddr_in() {
-            Some(std::net::IpAddr::V4(v4.ip()))
-        } else {
-            addr.as_sockaddr_in6()
-                .map(|v6| std::net::IpAddr::V6(v6.ip()))
-        }
+        let addr = a.address?.as_sockaddr_in()?.ip();
+        let mask = a.netmask?.as_sockaddr_in()?.ip();
+        Ipv4Net::with_netmask(addr, mask).ok()
     })
     .collect()
 }
@@ -122,14 +120,18 @@ pub(crate) fn ensure_host(
         "cannot enable forwarding in",
         "/proc/sys/net/ipv4/ip_forward",
     ))?;
-    // Before 2026-12 one table, `inet warren`, held the rules of whichever bridge came first.
-    if run(Command::new("nft").args(["list", "table", "inet", TABLE])).is_ok() {
-        run(Command::new("nft").args(["delete", "table", "inet", TABLE]))?;
+    // Before 2026-12 one table, `inet warren`, held the rules of whichever bridge came first:
+    // replaced by this bridge's own table in the same transaction, if it is this bridge's.
+    let mut rules = String::new();
+    if run(Command::new("nft").args(["list", "table", "inet", TABLE]))
+        .is_ok_and(|old| old.contains(&format!("iifname \"{bridge}\" drop")))
+    {
+        rules.push_str(&format!(
+            "table inet {TABLE} {{}}\ndelete table inet {TABLE}\n"
+        ));
     }
-    run_with_input(
-        Command::new("nft").args(["-f", "-"]),
-        Some(&inet_rules(bridge, subnet, egress)),
-    )?;
+    rules.push_str(&inet_rules(bridge, subnet, egress));
+    run_with_input(Command::new("nft").args(["-f", "-"]), Some(&rules))?;
     if run(Command::new("nft").args(["list", "table", "bridge", TABLE])).is_err() {
         run_with_input(Command::new("nft").args(["-f", "-"]), Some(&bridge_rules()))?;
     }
@@ -184,7 +186,6 @@ table inet {table} {{
     chain input {{
         type filter hook input priority filter; policy accept;
         iifname "{bridge}" ct state established,related accept
-        iifname "{bridge}" ip daddr @allowed accept
         iifname "{bridge}" drop
     }}
     chain forward {{
@@ -339,39 +340,33 @@ mod tests {
             s.parse::<std::net::IpAddr>()
                 .unwrap_or(std::net::IpAddr::from([0; 4]))
         };
+        let net = |s: &str| s.parse::<Ipv4Net>().unwrap_or_default();
         let policy = EgressPolicy {
-            denied: vec!["10.1.0.0/16".parse().unwrap_or_default()],
-            allowed: vec!["169.254.7.0/24".parse().unwrap_or_default()],
+            denied: vec![net("10.1.0.0/16")],
+            allowed: vec![net("169.254.7.0/24")],
         };
-        let host = [ip("192.0.2.10")];
+        let host = [
+            net("192.0.2.10/24"),
+            net("10.88.0.1/16"),
+            net("127.0.0.1/8"),
+        ];
+        let refused = |s: &str| policy.refuses(ip(s), &host);
+        assert_eq!(refused("169.254.169.254"), Some("link-local"));
+        assert_eq!(refused("::ffff:169.254.169.254"), Some("link-local"));
+        assert!(refused("fe80::1").is_some_and(|w| w.contains("IPv6")));
+        assert!(refused("fd00:ec2::254").is_some_and(|w| w.contains("IPv6")));
+        assert_eq!(refused("127.0.0.1"), Some("a loopback address"));
+        assert!(refused("::1").is_some());
+        assert_eq!(refused("0.0.0.0"), Some("not a unicast address"));
         assert_eq!(
-            policy.refuses(ip("169.254.169.254"), &host),
-            Some("link-local")
-        );
-        assert_eq!(
-            policy.refuses(ip("::ffff:169.254.169.254"), &host),
-            Some("link-local")
-        );
-        assert_eq!(policy.refuses(ip("fe80::1"), &host), Some("link-local"));
-        assert_eq!(
-            policy.refuses(ip("127.0.0.1"), &host),
-            Some("a loopback address")
-        );
-        assert_eq!(policy.refuses(ip("::1"), &host), Some("a loopback address"));
-        assert_eq!(
-            policy.refuses(ip("0.0.0.0"), &host),
-            Some("not a unicast address")
-        );
-        assert_eq!(
-            policy.refuses(ip("192.0.2.10"), &host),
+            refused("192.0.2.10"),
             Some("one of the host's own addresses")
         );
-        assert_eq!(
-            policy.refuses(ip("10.1.2.3"), &host),
-            Some("in a network the admin denied")
-        );
-        assert_eq!(policy.refuses(ip("169.254.7.7"), &host), None, "allowed");
-        assert_eq!(policy.refuses(ip("198.51.100.1"), &host), None);
+        assert!(refused("10.88.0.7").is_some_and(|w| w.contains("attached to the host")));
+        assert!(refused("192.0.2.99").is_some_and(|w| w.contains("attached to the host")));
+        assert_eq!(refused("10.1.2.3"), Some("in a network the admin denied"));
+        assert_eq!(refused("169.254.7.7"), None, "allowed");
+        assert_eq!(refused("198.51.100.1"), None);
     }
 
     #[test]

@@ -66,9 +66,10 @@ impl Channel {
             SockFlag::SOCK_CLOEXEC,
             None,
         )?;
-        connect(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
         let channel = Self(fd);
+        // Before the connect: a shim whose backlog is full makes connect wait, so long.
         channel.set_limit(Some(limit))?;
+        connect(channel.0.as_raw_fd(), &UnixAddr::new(path)?)?;
         Ok(channel)
     }
 

@@ -89,7 +89,7 @@ pub(super) struct Remote {
 #[derive(Debug)]
 struct PolicyResolver {
     policy: EgressPolicy,
-    host: Vec<std::net::IpAddr>,
+    host: Vec<ipnet::Ipv4Net>,
 }
 
 impl ureq::unversioned::resolver::Resolver for PolicyResolver {
@@ -131,7 +131,7 @@ fn fetch(url: &str, checksum: Option<&str>, egress: &EgressPolicy) -> Result<Vec
         ureq::unversioned::transport::DefaultConnector::default(),
         PolicyResolver {
             policy: egress.clone(),
-            host: warren_runtime::net::host_addresses(),
+            host: warren_runtime::net::host_networks(),
         },
     );
     let mut answer = agent
