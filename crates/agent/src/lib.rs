@@ -55,6 +55,9 @@ pub struct WorkspaceJob {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PrebuildJob {
     pub prebuild_id: String,
+    /// The project the prebuild is for: its prebuilds and build caches are its own.
+    #[serde(default)]
+    pub project_id: String,
     pub git_url: String,
     pub commit: String,
     /// The project's root folder or environment file, relative to the repository.

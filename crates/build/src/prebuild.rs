@@ -37,6 +37,9 @@ pub struct PrebuildRequest<'a> {
     pub cancel: Option<&'a AtomicBool>,
     /// Where the builds' `RUN --mount=type=cache` folders are kept.
     pub mount_cache: Option<&'a Path>,
+    /// Whose prebuilds and build caches this one may reuse (the project's id; empty for a
+    /// local `warren prebuild`).
+    pub scope: &'a str,
 }
 
 /// A finished prebuild.
@@ -54,15 +57,29 @@ pub struct Prebuilt {
     pub steps_cached: usize,
 }
 
-/// The key a prebuild is stored and reused by: the repository, the commit, where the
-/// environment is read from, and the environment file's content.
-pub fn prebuild_key(repository: &str, commit: &str, target: &str, env_text: &str) -> String {
+/// The key a prebuild is stored and reused by: whose it is (the project), the repository,
+/// the commit, where the environment is read from, the environment file's content, and the
+/// project's variables (they reach the build).
+pub fn prebuild_key(
+    scope: &str,
+    repository: &str,
+    commit: &str,
+    target: &str,
+    env_text: &str,
+    variables: &[(String, String)],
+) -> String {
     let mut h = blake3::Hasher::new();
-    for part in [repository, commit, target] {
+    for part in [scope, repository, commit, target] {
         h.update(part.as_bytes());
         h.update(b"\0");
     }
     h.update(blake3::hash(env_text.as_bytes()).as_bytes());
+    for (k, v) in variables {
+        for part in [k, v] {
+            h.update(&(part.len() as u64).to_le_bytes());
+            h.update(part.as_bytes());
+        }
+    }
     h.finalize().to_hex()[..32].to_owned()
 }
 
@@ -217,6 +234,7 @@ fn environment_image(
                     sandbox_prefix: &prefix,
                     cancel: req.cancel,
                     mount_cache: req.mount_cache,
+                    cache_scope: req.scope,
                 },
                 log,
             )
@@ -245,7 +263,14 @@ pub fn prebuild(
 ) -> Result<Prebuilt, String> {
     let (spec, env_text) = environment(req)?;
     let env_file = spec.source.path.to_string();
-    let key = prebuild_key(req.repository, req.commit, req.target, &env_text);
+    let key = prebuild_key(
+        req.scope,
+        req.repository,
+        req.commit,
+        req.target,
+        &env_text,
+        req.variables,
+    );
     let image = format!("warren-prebuild:{key}");
     let _ = writeln!(log, "environment file {env_file}; prebuild {image}");
     if let Ok(found) = store.settings(&image) {
@@ -390,14 +415,18 @@ mod tests {
 
     #[test]
     fn the_key_follows_every_part() {
-        let k = prebuild_key("u", "c", "", "env");
+        let vars = |v: &str| vec![("A".to_owned(), v.to_owned())];
+        let k = prebuild_key("p1", "u", "c", "", "env", &vars("1"));
         assert_eq!(k.len(), 32);
-        assert_eq!(k, prebuild_key("u", "c", "", "env"));
+        assert_eq!(k, prebuild_key("p1", "u", "c", "", "env", &vars("1")));
         for other in [
-            prebuild_key("v", "c", "", "env"),
-            prebuild_key("u", "d", "", "env"),
-            prebuild_key("u", "c", "sub", "env"),
-            prebuild_key("u", "c", "", "env2"),
+            prebuild_key("p2", "u", "c", "", "env", &vars("1")),
+            prebuild_key("p1", "v", "c", "", "env", &vars("1")),
+            prebuild_key("p1", "u", "d", "", "env", &vars("1")),
+            prebuild_key("p1", "u", "c", "sub", "env", &vars("1")),
+            prebuild_key("p1", "u", "c", "", "env2", &vars("1")),
+            prebuild_key("p1", "u", "c", "", "env", &vars("2")),
+            prebuild_key("p1", "u", "c", "", "env", &[]),
         ] {
             assert_ne!(k, other);
         }

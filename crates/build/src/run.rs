@@ -85,6 +85,10 @@ pub struct BuildRequest<'a> {
     /// Where `RUN --mount=type=cache` folders are kept between builds (none: such a mount is
     /// refused).
     pub mount_cache: Option<&'a Path>,
+    /// Whose build caches this build may use and fill (a project's id; empty for a local
+    /// `warren build`): step results and cache mounts are never shared across scopes, so one
+    /// tenant's `RUN curl ... | sh` cannot become another's cached step.
+    pub cache_scope: &'a str,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -289,7 +293,17 @@ pub struct Built {
 }
 
 /// The cache image of a step: the image its key names.
-fn cache_tag(key: &blake3::Hash) -> String {
+fn cache_tag(scope: &str, key: &blake3::Hash) -> String {
+    let key = if scope.is_empty() {
+        *key
+    } else {
+        let mut h = blake3::Hasher::new();
+        h.update(b"scope\0");
+        h.update(scope.as_bytes());
+        h.update(b"\0");
+        h.update(key.as_bytes());
+        h.finalize()
+    };
     format!("warren-build-cache:{}", &key.to_hex()[..32])
 }
 
@@ -356,7 +370,7 @@ impl Build<'_> {
         log: &mut dyn Write,
         step: impl FnOnce(&mut Self, &WorkspaceId, &State, &mut dyn Write) -> Result<(), String>,
     ) -> Result<(), String> {
-        let tag = cache_tag(&state.key);
+        let tag = cache_tag(self.req.cache_scope, &state.key);
         if self.store.settings(&tag).is_ok() {
             let _ = writeln!(log, "    cached");
             state.image = tag;
@@ -371,6 +385,11 @@ impl Build<'_> {
         let started = std::time::Instant::now();
         step(self, &id, state, log)?;
         tracing::debug!(ms = started.elapsed().as_millis() as u64, "step run");
+        // What a step left running ends with it (as with Docker, whose RUN container ends):
+        // nothing of the sandbox may change its files while the host reads them.
+        self.runtime
+            .quiesce(&id)
+            .map_err(|e| format!("cannot end what the step left running: {e}"))?;
         commit(
             self.runtime,
             self.store,
@@ -1622,6 +1641,7 @@ mod tests {
             sandbox_prefix: "t",
             cancel: None,
             mount_cache: None,
+            cache_scope: "",
         };
         assert_eq!(
             glob_context(&req, "src/*.rs").unwrap(),

@@ -318,6 +318,7 @@ fn one_file_prebuild(work: &Path, rootfs: &Path) -> anyhow::Result<(u64, u64)> {
     let prebuild = |commit: &str| -> anyhow::Result<String> {
         let job = PrebuildJob {
             prebuild_id: format!("bench{}", &commit[..8]),
+            project_id: "bench".into(),
             git_url: url.clone(),
             commit: commit.to_owned(),
             target: String::new(),

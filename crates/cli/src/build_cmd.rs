@@ -76,6 +76,7 @@ pub fn build(args: BuildArgs, data: &Path) -> anyhow::Result<ExitCode> {
             sandbox_prefix: &prefix,
             cancel: None,
             mount_cache: Some(&data.join("build-mounts")),
+            cache_scope: "",
         },
         &mut std::io::stderr(),
     )?;

@@ -70,6 +70,7 @@ impl Prebuilder for HostPrebuilder {
                     .then(|| Duration::from_secs(job.record_trace_secs)),
                 cancel: Some(cancel),
                 mount_cache: Some(&self.data.join("build-mounts")),
+                scope: &job.project_id,
             },
             log,
         )?;

@@ -2,7 +2,7 @@
 //! a real `warren up`: each example in `examples/` is prebuilt when its project is added,
 //! a workspace started from the prebuild has the prebuild's output, its branch checked out and
 //! its task running; a new commit makes a new prebuild and the older workspace shows it is
-//! behind; the same (repository, commit, environment) is reused, not rebuilt. Failures: a
+//! behind; another project on the same repository gets its own prebuild. Failures: a
 //! failing `RUN` fails the prebuild with its Dockerfile line and the error's tail, a COPY out of
 //! the repository is refused, a running prebuild is cancelled, a failed one retried.
 #![allow(clippy::unwrap_used)]
@@ -199,13 +199,14 @@ fn every_example_prebuilds_and_a_workspace_starts_from_it_on_its_branch() {
     );
     assert_eq!(out, "not in the image\n");
 
-    // Another project on the same repository and folder: the same prebuild, reused.
+    // Another project on the same repository and folder: its own prebuild (a project's
+    // prebuilds and build caches are never another's).
     let url = format!("file://{}", repo.display());
     warren.ok("admin", &["project", "add", "hocus-again", &url]);
     let again = prebuild_of(&warren, "hocus-again", &second);
     assert_eq!(again["state"], "succeeded", "{again}");
-    assert_eq!(again["reused"], true, "{again}");
-    assert_eq!(again["image"], pb["image"]);
+    assert_eq!(again["reused"], false, "{again}");
+    assert_ne!(again["image"], pb["image"]);
 
     // The first prebuild is still needed by pb0; once pb0 goes, it is archived and its image
     // removed from the host.

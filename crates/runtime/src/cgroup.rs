@@ -76,6 +76,29 @@ pub(crate) fn dirs(rec: &WorkspaceRecord) -> Vec<PathBuf> {
     found
 }
 
+/// Every process in the workspace's cgroups, nested cgroups included (a tenant cannot move a
+/// process out of its subtree).
+pub(crate) fn processes(rec: &WorkspaceRecord) -> Vec<i32> {
+    let mut pids = Vec::new();
+    let mut stack = dirs(rec);
+    while let Some(dir) = stack.pop() {
+        if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+            pids.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+        }
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            stack.extend(
+                entries
+                    .flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
 /// Hands the workspace's cgroups to its root (the files a delegated subtree needs), so a nested
 /// engine can create and limit its own children. Limits set on these directories stay out of
 /// reach: the limit files of the directory itself are not given away.

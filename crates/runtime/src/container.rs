@@ -800,6 +800,43 @@ impl Runtime for ContainerRuntime {
         })
     }
 
+    fn quiesce(&self, id: &WorkspaceId) -> Result<(), Error> {
+        let (rec, _, init_pid) = self.running(id)?;
+        if rec.vm.is_some() {
+            return Err(Error::Sys(
+                "a VM workspace cannot be quiesced from the host".into(),
+            ));
+        }
+        // Rounds, since a process may fork while the previous round kills; killed ones are
+        // reaped by init. A process counts until it is gone or a zombie.
+        for _ in 0..200 {
+            let alive: Vec<i32> = cgroup::processes(&rec)
+                .into_iter()
+                .filter(|&pid| pid != init_pid)
+                .filter(|&pid| {
+                    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                        .ok()
+                        .and_then(|s| {
+                            s.rsplit_once(')')
+                                .map(|(_, r)| r.trim_start().starts_with('Z'))
+                        })
+                        == Some(false)
+                })
+                .collect();
+            if alive.is_empty() {
+                return Ok(());
+            }
+            for pid in alive {
+                kill_if_in(&rec, pid);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Err(Error::Shim {
+            id: id.to_string(),
+            message: "its processes would not end".into(),
+        })
+    }
+
     fn egress(&self) -> crate::net::EgressPolicy {
         self.config.network.egress.clone()
     }
@@ -825,6 +862,39 @@ impl Runtime for ContainerRuntime {
         }
         out.sort_by(|a, b| a.config.id.cmp(&b.config.id));
         Ok(out)
+    }
+}
+
+/// SIGKILL to `pid` if it is (still) a process of the workspace: through a pidfd, so a pid
+/// reused by a host process since it was listed is never signalled.
+fn kill_if_in(rec: &WorkspaceRecord, pid: i32) {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if raw < 0 {
+        return;
+    }
+    // SAFETY: the syscall returned a new descriptor that nothing else owns.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
+    // The pidfd pins the process: checked after it is open, the membership is this process's.
+    let ours = rec.cgroup_path().display().to_string();
+    let member = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|text| {
+        text.lines().any(|l| {
+            l.splitn(3, ':').nth(2).is_some_and(|path| {
+                path == ours || path.strip_prefix(&ours).is_some_and(|r| r.starts_with('/'))
+            })
+        })
+    });
+    if member {
+        // SAFETY: pidfd_send_signal with an open pidfd, a signal number and no siginfo.
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                pidfd.as_raw_fd(),
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
     }
 }
 

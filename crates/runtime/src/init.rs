@@ -50,6 +50,11 @@ fn run_init() -> ! {
     // SAFETY: close_range only closes descriptors; no Rust object of this process uses them
     // afterwards (init only calls signal and wait functions below).
     unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    // Not dumpable: it holds a copy of the shim's memory, and the workspace's root (same ids,
+    // CAP_SYS_PTRACE in its namespace) must not attach to it or read it; it never execs, so
+    // the flag stays.
+    // SAFETY: prctl with integer arguments only.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
     let mut signals = SigSet::all();
     signals.remove(Signal::SIGKILL);
     signals.remove(Signal::SIGSTOP);

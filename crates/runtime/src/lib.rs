@@ -81,6 +81,13 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
     fn info(&self, id: &WorkspaceId) -> Result<WorkspaceInfo, Error>;
     /// Every workspace this runtime knows, running or not.
     fn list(&self) -> Result<Vec<WorkspaceInfo>, Error>;
+    /// Kills every process of a running workspace but its init, and returns once none is
+    /// left: nothing of the workspace runs while the host then reads its files (a build step's
+    /// commit), as when Docker ends a RUN step's container.
+    fn quiesce(&self, id: &WorkspaceId) -> Result<(), Error> {
+        let _ = id;
+        Ok(())
+    }
     /// Where this runtime's workspaces may not go; what the host fetches on their behalf
     /// (`ADD <url>`) is held to the same policy.
     fn egress(&self) -> net::EgressPolicy {

@@ -253,6 +253,163 @@ pub(crate) fn bind_idmapped(
     Ok(())
 }
 
+/// Binds `source` (a host folder Warren owns) read-only onto the folder open at `target`: the
+/// target is the descriptor, never a path, so nothing in a tenant's tree can redirect it.
+pub(crate) fn bind_readonly_at(
+    source: &Path,
+    target: std::os::fd::BorrowedFd<'_>,
+) -> Result<(), Error> {
+    let fail = |what: &str, e: std::io::Error| {
+        Error::Sys(format!(
+            "cannot bind {} read-only ({what}: {e})",
+            source.display()
+        ))
+    };
+    let c_source = path_cstring(source)?;
+    // SAFETY: open_tree reads a NUL-terminated path and returns a new descriptor or -1.
+    let tree = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            c_source.as_ptr(),
+            libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC,
+        )
+    };
+    if tree < 0 {
+        return Err(fail("open_tree", std::io::Error::last_os_error()));
+    }
+    // SAFETY: open_tree returned a new descriptor that nothing else owns.
+    let tree = unsafe { OwnedFd::from_raw_fd(tree as i32) };
+    let attr = libc::mount_attr {
+        attr_set: libc::MOUNT_ATTR_RDONLY | libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: mount_setattr reads `attr` (size given) and the empty path; both outlive the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            &attr as *const libc::mount_attr,
+            std::mem::size_of::<libc::mount_attr>(),
+        )
+    };
+    if r < 0 {
+        return Err(fail("mount_setattr", std::io::Error::last_os_error()));
+    }
+    // SAFETY: move_mount attaches the detached tree onto the target descriptor; both are open.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            target.as_raw_fd(),
+            c"".as_ptr(),
+            libc::MOVE_MOUNT_F_EMPTY_PATH | libc::MOVE_MOUNT_T_EMPTY_PATH,
+        )
+    };
+    if r < 0 {
+        return Err(fail("move_mount", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Opens (as an `O_PATH` folder) `path` inside the tenant tree open at `root`, resolved as if
+/// `root` were `/` (an absolute or `..` symlink stays inside), never through `/proc` magic
+/// links or onto another mount; the missing folders on the way are made, owned by `owner`,
+/// also where a symlink leads to nothing yet (inside the tree, as the kernel resolves it).
+pub(crate) fn open_or_make_in_root(
+    root: std::os::fd::BorrowedFd<'_>,
+    path: &str,
+    owner: u32,
+) -> Result<OwnedFd, Error> {
+    open_or_make(root, path, owner, 0)
+}
+
+fn open_or_make(
+    root: std::os::fd::BorrowedFd<'_>,
+    path: &str,
+    owner: u32,
+    hops: u32,
+) -> Result<OwnedFd, Error> {
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
+    if hops > 8 {
+        return Err(Error::Sys(format!(
+            "cannot make {path} in the workspace: too many dangling symlinks on the way"
+        )));
+    }
+    let open = |at: &str| -> nix::Result<OwnedFd> {
+        let how = OpenHow::new()
+            .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
+            .resolve(
+                ResolveFlag::RESOLVE_IN_ROOT
+                    | ResolveFlag::RESOLVE_NO_MAGICLINKS
+                    | ResolveFlag::RESOLVE_NO_XDEV,
+            );
+        // SAFETY: openat2 returns a new descriptor that nothing else owns.
+        openat2(root.as_raw_fd(), at, how).map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+    };
+    let fail =
+        |at: &str, e: nix::Error| Error::Sys(format!("cannot open {at} in the workspace: {e}"));
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    let mut so_far = String::new();
+    let mut dir = open("/").map_err(|e| fail("/", e))?;
+    for (i, part) in parts.iter().enumerate() {
+        let parent = so_far.clone();
+        so_far.push('/');
+        so_far.push_str(part);
+        dir = match open(&so_far) {
+            Ok(fd) => fd,
+            Err(nix::errno::Errno::ENOENT) if *part != "." && *part != ".." => {
+                match nix::sys::stat::mkdirat(
+                    Some(dir.as_raw_fd()),
+                    *part,
+                    nix::sys::stat::Mode::from_bits_truncate(0o755),
+                ) {
+                    Ok(()) => {}
+                    Err(nix::errno::Errno::EEXIST) => {
+                        // A symlink to nothing yet: go on where it leads, inside the tree.
+                        let target = nix::fcntl::readlinkat(Some(dir.as_raw_fd()), *part)
+                            .map_err(|e| fail(&so_far, e))?;
+                        let target = target.to_string_lossy();
+                        let rest = parts[i + 1..].join("/");
+                        let next = if target.starts_with('/') {
+                            format!("{target}/{rest}")
+                        } else {
+                            format!("{parent}/{target}/{rest}")
+                        };
+                        return open_or_make(root, &next, owner, hops + 1);
+                    }
+                    Err(e) => return Err(fail(&so_far, e)),
+                }
+                let made = open(&so_far).map_err(|e| fail(&so_far, e))?;
+                // SAFETY: fchownat on an open descriptor with an empty path and AT_EMPTY_PATH.
+                if unsafe {
+                    libc::fchownat(
+                        made.as_raw_fd(),
+                        c"".as_ptr(),
+                        owner,
+                        owner,
+                        libc::AT_EMPTY_PATH,
+                    )
+                } != 0
+                {
+                    return Err(Error::Sys(format!(
+                        "cannot give {so_far} to the workspace: {}",
+                        std::io::Error::last_os_error()
+                    )));
+                }
+                made
+            }
+            Err(e) => return Err(fail(&so_far, e)),
+        };
+    }
+    Ok(dir)
+}
+
 fn path_cstring(path: &Path) -> Result<std::ffi::CString, Error> {
     std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|_| Error::InvalidConfig(format!("{} contains a NUL byte", path.display())))
@@ -312,6 +469,42 @@ pub(crate) fn unmount_all(path: &Path) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn folders_are_made_inside_the_tree_whatever_its_symlinks_say() {
+        use std::os::fd::AsFd as _;
+        use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+        let Ok(tree) = tempfile::tempdir() else {
+            return;
+        };
+        let t = tree.path();
+        let made = (|| -> std::io::Result<()> {
+            std::fs::create_dir_all(t.join("usr/lib"))?;
+            // Absolute symlinks, as a tenant makes them: one to a folder, one to nothing.
+            std::os::unix::fs::symlink("/usr/lib", t.join("lib"))?;
+            std::os::unix::fs::symlink("/warren-test-nowhere/x", t.join("usr/lib/modules"))
+        })();
+        assert!(made.is_ok(), "{made:?}");
+        let root = std::fs::File::options()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+            .open(t);
+        let Ok(root) = root else {
+            panic!("cannot open the tree")
+        };
+        let opened = open_or_make_in_root(root.as_fd(), "lib/modules/6.1.0", 4242);
+        assert!(opened.is_ok(), "{opened:?}");
+        let inside = t.join("warren-test-nowhere/x/6.1.0");
+        assert!(
+            inside.is_dir(),
+            "made where the symlink leads, inside the tree"
+        );
+        assert!(
+            !Path::new("/warren-test-nowhere").exists(),
+            "nothing made outside the tree"
+        );
+        assert_eq!(std::fs::metadata(&inside).map(|m| m.uid()).ok(), Some(4242));
+    }
 
     #[test]
     fn mountinfo_paths_are_unescaped() {

@@ -1054,6 +1054,16 @@ pub async fn create_workspace(
             "image must be an image reference such as dev:1",
         ));
     }
+    // Prebuilds and build steps are a project's own: reached through the project (whose
+    // access is checked), never by naming their image.
+    if let Some(image) = &req.image {
+        let repository = image.split(['@', ':']).next().unwrap_or_default();
+        if ["warren-prebuild", "warren-env", "warren-build-cache"].contains(&repository) {
+            return Err(ApiError::forbidden(
+                "a prebuild's or a build step's image is its project's: create the workspace with --project (and --branch)",
+            ));
+        }
+    }
     if req.image.is_some() && req.branch.is_some() {
         return Err(ApiError::bad_request(
             "a branch's workspace starts from the branch's prebuild: give a branch or an image, not both",

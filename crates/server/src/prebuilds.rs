@@ -83,6 +83,7 @@ async fn queue(
         tx,
         &PrebuildJob {
             prebuild_id: id.clone(),
+            project_id: project_id.to_owned(),
             git_url: url.to_owned(),
             commit: commit.to_owned(),
             target,

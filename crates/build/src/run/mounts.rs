@@ -90,7 +90,12 @@ impl Build<'_> {
                         .get("id")
                         .cloned()
                         .unwrap_or_else(|| target.clone());
-                    let name = blake3::hash(id.as_bytes()).to_hex();
+                    // Per scope (project): one project's cache is never another's.
+                    let mut h = blake3::Hasher::new();
+                    h.update(self.req.cache_scope.as_bytes());
+                    h.update(b"\0");
+                    h.update(id.as_bytes());
+                    let name = h.finalize().to_hex();
                     Content::Cache(root.join(format!("{}.tar", &name[..32])))
                 }
                 "tmpfs" => Content::Empty,

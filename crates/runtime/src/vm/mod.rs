@@ -684,33 +684,29 @@ fn share_modules(
     kernel: &kernel::GuestKernel,
     layout: &Layout,
 ) -> Result<(), Error> {
-    use nix::mount::{MsFlags, mount};
-    let release = kernel.modules.file_name().unwrap_or_default();
-    let target = layout.rootfs().join("lib/modules").join(release);
-    if !target.is_dir() {
-        std::fs::create_dir_all(&target).map_err(Error::io("cannot create", &target))?;
-        let root = Some(rec.uid_base);
-        for dir in [target.parent().unwrap_or(&target), &target] {
-            std::os::unix::fs::chown(dir, root, root).map_err(Error::io("cannot chown", dir))?;
-        }
-    }
-    let failed = |e: nix::Error| Error::Sys(format!("cannot share the kernel's modules: {e}"));
-    mount(
-        Some(&kernel.modules),
-        &target,
-        None::<&str>,
-        MsFlags::MS_BIND,
-        None::<&str>,
-    )
-    .map_err(failed)?;
-    mount(
-        None::<&str>,
-        &target,
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-        None::<&str>,
-    )
-    .map_err(failed)
+    use std::os::fd::AsFd as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let release = kernel
+        .modules
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| {
+            Error::InvalidConfig(format!("{}: no release name", kernel.modules.display()))
+        })?;
+    // The workspace's tree is the tenant's: `lib`, `lib/modules` may be symlinks anywhere.
+    // Resolved inside it, made where missing, and bound onto by descriptor.
+    let root_path = layout.rootfs();
+    let root = std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+        .open(&root_path)
+        .map_err(Error::io("cannot open", &root_path))?;
+    let target = crate::sys::open_or_make_in_root(
+        root.as_fd(),
+        &format!("lib/modules/{release}"),
+        rec.uid_base,
+    )?;
+    crate::sys::bind_readonly_at(&kernel.modules, target.as_fd())
 }
 
 /// Runs `cmd` as the workspace's root user on the host (with `extra_group` if given).
