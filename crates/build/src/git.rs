@@ -18,12 +18,25 @@ fn git(log: &mut dyn Write, dir: Option<&Path>, args: &[&str]) -> Result<Vec<u8>
     if let Some(dir) = dir {
         cmd.arg("-C").arg(dir);
     }
+    // A user names the URL: git runs with none of the host's configuration and credentials
+    // (no system or global config, so no credential helper, no `insteadOf`; an empty home;
+    // ssh without root's config, keys or agent), so a URL can reach only what it could
+    // without the host's identity.
     let out = cmd
+        .args(["-c", "credential.helper="])
         .args(args)
         .env("GIT_TERMINAL_PROMPT", "0")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("HOME", "/nonexistent")
+        .env("XDG_CONFIG_HOME", "/nonexistent")
+        .env_remove("SSH_AUTH_SOCK")
+        .env_remove("GIT_ASKPASS")
+        .env_remove("SSH_ASKPASS")
         .env(
             "GIT_SSH_COMMAND",
-            "ssh -o BatchMode=yes -o ConnectTimeout=20",
+            "ssh -F /dev/null -o BatchMode=yes -o ConnectTimeout=20 -o IdentityAgent=none \
+             -o IdentitiesOnly=yes -o IdentityFile=/dev/null",
         )
         .output()
         .map_err(|e| format!("cannot run git: {e}"))?;

@@ -88,6 +88,19 @@ pub fn up(args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
         bail!("warren up runs workspaces (namespaces, mounts, cgroups): run it as root");
     }
     std::fs::create_dir_all(data).with_context(|| format!("cannot create {}", data.display()))?;
+    // Others may pass through (the workspaces' uid ranges must reach their folders under
+    // it) but not list or read it: 0711, never more.
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(data)
+            .with_context(|| format!("cannot read {}", data.display()))?
+            .permissions()
+            .mode();
+        if mode & 0o066 != 0 {
+            std::fs::set_permissions(data, std::fs::Permissions::from_mode(mode & 0o711 | 0o700))
+                .with_context(|| format!("cannot make {} 0711", data.display()))?;
+        }
+    }
     let database_url = args
         .database_url
         .unwrap_or_else(|| format!("sqlite://{}", data.join("warren.db").display()));

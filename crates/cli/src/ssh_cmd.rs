@@ -70,6 +70,11 @@ pub struct SshConfigArgs {
     /// Have a stopped workspace started when you connect, instead of refused
     #[arg(long)]
     start: bool,
+    /// Forward your ssh agent into this workspace (repeatable; `NAME` or `NAME.OWNER`). Off
+    /// for every other entry: a forwarded agent lets the workspace's root use your keys while
+    /// you are connected
+    #[arg(long = "forward-agent", value_name = "WORKSPACE")]
+    forward_agent: Vec<String>,
     /// The ssh config file to write
     #[arg(long)]
     file: Option<PathBuf>,
@@ -86,6 +91,7 @@ fn entries(
     workspaces: &[Value],
     known_hosts: &Path,
     start: bool,
+    forward_agent: &[String],
 ) -> String {
     let host = gateway["host"].as_str().unwrap_or("localhost");
     let port = gateway["port"].as_u64().unwrap_or(2222);
@@ -101,8 +107,13 @@ fn entries(
         };
         out.push_str(&format!(
             "Host {login}.warren\n  HostName {host}\n  Port {port}\n  User {login}\n  \
-             UserKnownHostsFile {}\n  ForwardAgent yes\n",
-            known_hosts.display()
+             UserKnownHostsFile {}\n  ForwardAgent {}\n",
+            known_hosts.display(),
+            if forward_agent.contains(&login) {
+                "yes"
+            } else {
+                "no"
+            }
         ));
         if start {
             out.push_str(&format!("  SetEnv {}=1\n", warren_ssh::START_VARIABLE));
@@ -147,6 +158,7 @@ pub fn ssh_config(args: SshConfigArgs) -> anyhow::Result<ExitCode> {
         workspaces.as_array().map(Vec::as_slice).unwrap_or_default(),
         &known_hosts,
         args.start,
+        &args.forward_agent,
     );
     if !args.write {
         print!("{block}");
@@ -234,7 +246,15 @@ mod tests {
             &workspaces,
             Path::new("/h/.ssh/warren_known_hosts"),
             true,
+            &["api.bob".to_owned()],
         );
+        assert!(
+            text.contains("Host web.warren\n") && text.contains("ForwardAgent no\n"),
+            "off unless asked: {text}"
+        );
+        assert!(text.contains(
+            "User api.bob\n  UserKnownHostsFile /h/.ssh/warren_known_hosts\n  ForwardAgent yes\n"
+        ));
         assert!(text.contains("Host web.warren\n  HostName devbox\n  Port 2222\n  User web\n"));
         assert!(text.contains("Host api.bob.warren\n") && text.contains("User api.bob\n"));
         assert!(text.contains("SetEnv WARREN_START=1"));

@@ -382,3 +382,285 @@ fn every_bridge_is_walled_off_and_egress_is_policed() {
     let _ = listening.wait();
     drop(outside);
 }
+
+/// A VM workspace's root makes `/usr/lib/modules` a symlink to a folder of the host. Each
+/// start shares the kernel's modules into the workspace's tree; before, host root followed the
+/// symlink (made a folder there, chowned it, and bound the modules over it, outliving the
+/// stop). Now the path is resolved inside the workspace.
+#[test]
+fn a_vm_workspace_cannot_point_its_modules_folder_at_the_host() {
+    enter_own_network();
+    warren_testkit::require_vm_tools();
+    let kernel = warren_testkit::guest_kernel();
+    let guest = warren_testkit::static_guest();
+    let release = std::fs::read_dir(kernel.join("lib/modules"))
+        .unwrap()
+        .flatten()
+        .next()
+        .unwrap()
+        .file_name()
+        .into_string()
+        .unwrap();
+    let data = tempfile::Builder::new()
+        .prefix("warren-hostile-vm-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let canary = tempfile::Builder::new()
+        .prefix("warren-canary-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let canary_path = canary.path().to_str().unwrap().to_owned();
+    let uid_base = "3500000000";
+    let (kernel, guest) = (kernel.to_str().unwrap(), guest.to_str().unwrap());
+    let env = [
+        ("WARREN_UID_BASE", uid_base),
+        ("WARREN_BRIDGE", "wbrv"),
+        ("WARREN_SUBNET", "10.95.0.0/16"),
+        ("WARREN_VM_KERNEL", kernel),
+        ("WARREN_GUEST", guest),
+    ];
+    let warren = |args: &[&str]| common::warren_at(data.path(), args, &env);
+    let rootfs = debian_rootfs(DebianRootfs::Minbase);
+    ok(warren(&[
+        "image",
+        "import",
+        rootfs.to_str().unwrap(),
+        "dev:1",
+    ]));
+    let _vm = Removed {
+        data: data.path(),
+        uid_base,
+        name: "vmw",
+    };
+    ok(warren(&[
+        "runtime", "run", "vmw", "--image", "dev:1", "--vm",
+    ]));
+    ok(warren(&[
+        "runtime",
+        "exec",
+        "vmw",
+        "--",
+        "sh",
+        "-c",
+        // The modules are bound (read-only) below it while the VM runs: moved aside whole.
+        &format!(
+            "mv /usr/lib/modules /usr/lib/modules.old && ln -s {canary_path} /usr/lib/modules"
+        ),
+    ]));
+    ok(warren(&["runtime", "stop", "vmw"]));
+    ok(warren(&["runtime", "start", "vmw"]));
+    let on_host: Vec<_> = std::fs::read_dir(canary.path())
+        .unwrap()
+        .flatten()
+        .collect();
+    assert!(on_host.is_empty(), "made on the host: {on_host:?}");
+    // (Inside the workspace's tree, the same path is the workspace's own: mounted there.)
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let on_canary: Vec<&str> = mounts
+        .lines()
+        .filter(|l| {
+            l.split(' ')
+                .nth(4)
+                .is_some_and(|m| m.starts_with(&canary_path))
+        })
+        .collect();
+    assert!(
+        on_canary.is_empty(),
+        "a mount on the host's {canary_path}: {on_canary:?}"
+    );
+    // Inside, the modules are where the workspace's own symlink leads, and the VM runs.
+    let listed = ok(warren(&[
+        "runtime",
+        "exec",
+        "vmw",
+        "--",
+        "ls",
+        &format!("/lib/modules/{release}"),
+    ]));
+    assert!(listed.contains("kernel"), "{listed}");
+}
+
+/// Two users add projects on the same repository. Before, the prebuild key and the build
+/// caches were the repository's: the second user's project reused (or a first, hostile one
+/// poisoned) the other's prebuild, `RUN --mount=type=cache` was one folder per `id` for
+/// everybody, and any user could start a workspace from another project's prebuild image.
+#[test]
+fn a_projects_prebuilds_and_caches_are_its_own() {
+    enter_own_network();
+    let repos = tempfile::tempdir().unwrap();
+    let mut warren = Warren::new(41, None);
+    warren.env.push((
+        "WARREN_FILE_REPOS".into(),
+        repos.path().display().to_string(),
+    ));
+    let password = warren.start().unwrap();
+    warren.login("admin", &password);
+    warren.import_dev_image();
+    warren.add_user("alice");
+    warren.add_user("bob");
+    let repo = repos.path().join("shared");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(repo.join("warren.yml"), "image:\n  file: Dockerfile\n").unwrap();
+    // Each build records what the shared cache id held before it, then leaves its own mark.
+    std::fs::write(
+        repo.join("Dockerfile"),
+        "FROM dev:1\nRUN --mount=type=cache,target=/c,id=shared \
+         sh -c 'cat /c/mark > /seen.txt 2>/dev/null; hostname > /c/mark'\n",
+    )
+    .unwrap();
+    warren_testkit::git(&repo, &["init", "-q", "-b", "main"]);
+    warren_testkit::git(&repo, &["add", "."]);
+    warren_testkit::git(&repo, &["commit", "-q", "-m", "first"]);
+    let url = format!("file://{}", repo.display());
+    let prebuild = |user: &str, project: &str| -> Value {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let list: Value =
+                serde_json::from_str(&warren.ok(user, &["prebuild", "ls", project, "--json"]))
+                    .unwrap();
+            if let Some(pb) = list.as_array().and_then(|l| l.first())
+                && !matches!(pb["state"].as_str(), Some("queued" | "running"))
+            {
+                return pb.clone();
+            }
+            assert!(Instant::now() < deadline, "no prebuild ended: {list}");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    };
+    warren.ok("alice", &["project", "add", "alices", &url]);
+    let alices = prebuild("alice", "alices");
+    assert_eq!(alices["state"], "succeeded", "{alices}");
+    warren.ok("bob", &["project", "add", "bobs", &url]);
+    let bobs = prebuild("bob", "bobs");
+    assert_eq!(bobs["state"], "succeeded", "{bobs}");
+    assert_eq!(bobs["reused"], false, "bob got alice's prebuild: {bobs}");
+    assert_ne!(bobs["image"], alices["image"]);
+    // Bob's build did not see what alice's left in the cache.
+    warren.ok("bob", &["ws", "create", "mine", "--project", "bobs"]);
+    let seen = warren.ok("bob", &["ws", "exec", "mine", "--", "cat", "/seen.txt"]);
+    assert_eq!(seen, "", "bob's build saw alice's cache: {seen}");
+    // Alice's prebuild image is not bob's to start.
+    let out = warren.cli(
+        "bob",
+        &[
+            "ws",
+            "create",
+            "stolen",
+            "--image",
+            alices["image"].as_str().unwrap(),
+        ],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("its project's"), "{err}");
+    warren.ok("bob", &["ws", "rm", "mine"]);
+}
+
+/// A build step leaves a process behind that changes the sandbox's files later (here: after
+/// the step's commit began). Before, it ran on while the host walked the sandbox's writable
+/// layer for the commit (so a symlink swapped in mid-walk made host root copy a host file into
+/// the image) and into the next step. Now everything a step started ends with it, as with
+/// Docker, before the host reads anything.
+#[test]
+fn nothing_a_build_step_left_running_outlives_it() {
+    enter_own_network();
+    let data = tempfile::Builder::new()
+        .prefix("warren-hostile-build-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let env = [
+        ("WARREN_UID_BASE", "3600000000"),
+        ("WARREN_BRIDGE", "wbrc"),
+        ("WARREN_SUBNET", "10.94.0.0/16"),
+    ];
+    let warren = |args: &[&str]| common::warren_at(data.path(), args, &env);
+    let rootfs = debian_rootfs(DebianRootfs::Minbase);
+    ok(warren(&[
+        "image",
+        "import",
+        rootfs.to_str().unwrap(),
+        "dev:1",
+    ]));
+    let canary = tempfile::NamedTempFile::new_in("/var/tmp").unwrap();
+    std::fs::write(canary.path(), "HOST SECRET\n").unwrap();
+    let ctx = tempfile::tempdir().unwrap();
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        format!(
+            "FROM dev:1\n\
+             RUN echo inside > /x && (while :; do ln -sfn {} /x.new; mv -T /x.new /x; \
+             echo inside > /x.new; mv -T /x.new /x; done) >/dev/null 2>&1 & \
+             (sleep 2; echo late > /late) >/dev/null 2>&1 & sleep 0.5\n\
+             RUN sleep 3; test ! -e /late\n",
+            canary.path().display()
+        ),
+    )
+    .unwrap();
+    let out = warren(&["build", ctx.path().to_str().unwrap(), "-t", "left:1"]);
+    assert!(
+        out.status.success(),
+        "a process of the first step wrote in the second: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ws = Removed {
+        data: data.path(),
+        uid_base: "3600000000",
+        name: "check",
+    };
+    ok(warren(&["runtime", "run", "check", "--image", "left:1"]));
+    let x = ok(warren(&[
+        "runtime",
+        "exec",
+        "check",
+        "--",
+        "sh",
+        "-c",
+        "cat /x 2>&1; true",
+    ]));
+    assert!(!x.contains("HOST SECRET"), "a host file in the image: {x}");
+}
+
+/// 200 TCP connections to the SSH gateway that never authenticate. Before, each was held for
+/// good (no pre-auth timeout, no cap), each holding a task and a descriptor. Now at most 64 per
+/// address wait, for at most 30 s; the gateway serves the next connection after them.
+#[test]
+fn idle_unauthenticated_ssh_connections_are_dropped() {
+    use std::io::Read as _;
+    enter_own_network();
+    let warren = Warren::up_with_admin(42, None);
+    let addr = ("127.0.0.1", warren.ssh_port);
+    let held: Vec<std::net::TcpStream> = (0..200)
+        .map(|_| std::net::TcpStream::connect(addr).unwrap())
+        .collect();
+    let started = Instant::now();
+    for mut conn in held {
+        conn.set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let mut buf = [0u8; 256];
+        loop {
+            match conn.read(&mut buf) {
+                Ok(0) => break,
+                Ok(_) => continue,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    panic!("a connection still open after {:?}", started.elapsed())
+                }
+                Err(_) => break,
+            }
+        }
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(50),
+        "dropped only after {:?}",
+        started.elapsed()
+    );
+    let mut fresh = std::net::TcpStream::connect(addr).unwrap();
+    fresh
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut banner = [0u8; 14];
+    fresh.read_exact(&mut banner).unwrap();
+    assert_eq!(&banner, b"SSH-2.0-Warren", "the gateway still serves");
+}

@@ -68,6 +68,10 @@ pub async fn login(
     axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
     Body(req): Body<LoginRequest>,
 ) -> ApiResult<Json<LoginResponse>> {
+    // Refused before anything is kept of it (the throttle's records are keyed by name).
+    if req.user.is_empty() || req.user.len() > 64 {
+        return Err(ApiError::bad_request("a user name has 1 to 64 bytes"));
+    }
     let now = std::time::Instant::now();
     let wait = state.logins.wait(&req.user, peer.ip(), now);
     if !wait.is_zero() {
@@ -88,11 +92,20 @@ pub async fn login(
         state.logins.failed(&req.user, peer.ip(), now);
         ApiError::new(StatusCode::UNAUTHORIZED, "wrong user name or password")
     };
-    let row = row.ok_or_else(refused)?;
-    let hash: String = row.try_get("password_hash")?;
-    if !verify_password(&req.password, &hash) {
-        return Err(refused());
-    }
+    // An unknown name costs the same verification as a wrong password; argon2 runs off the
+    // async workers, which must keep serving everybody else.
+    let hash = match &row {
+        Some(row) => row.try_get::<String, _>("password_hash")?,
+        None => crate::auth::unknown_user_hash().to_owned(),
+    };
+    let password = req.password.clone();
+    let verified = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
+        .await
+        .unwrap_or(false);
+    let row = match row {
+        Some(row) if verified => row,
+        _ => return Err(refused()),
+    };
     state.logins.succeeded(&req.user, peer.ip());
     let (token, token_hash) = new_token();
     sqlx::query("INSERT INTO api_tokens (id, user_id, name, token_hash, created_at) VALUES ($1, $2, $3, $4, $5)")
@@ -212,10 +225,14 @@ pub async fn create_user(
         ));
     }
     let id = new_id();
+    let password = req.password.clone();
+    let hash = tokio::task::spawn_blocking(move || hash_password(&password))
+        .await
+        .map_err(|e| ApiError::internal("cannot hash a password", e))??;
     sqlx::query("INSERT INTO users (id, name, password_hash, is_admin, created_at) VALUES ($1, $2, $3, $4, $5)")
         .bind(&id)
         .bind(&req.name)
-        .bind(hash_password(&req.password)?)
+        .bind(hash)
         .bind(i64::from(req.admin))
         .bind(now_ms())
         .execute(&state.db.pool)

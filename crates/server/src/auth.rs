@@ -22,6 +22,14 @@ pub fn hash_password(password: &str) -> Result<String, ApiError> {
         .map_err(|e| ApiError::internal("cannot hash a password", e))
 }
 
+/// A hash of nothing anybody knows, with the same cost as a real one: verified against when a
+/// login names no user, so an unknown name takes as long as a wrong password.
+pub fn unknown_user_hash() -> &'static str {
+    static HASH: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| hash_password("no such user").unwrap_or_default());
+    &HASH
+}
+
 pub fn verify_password(password: &str, hash: &str) -> bool {
     PasswordHash::new(hash).is_ok_and(|h| {
         Argon2::default()
@@ -46,6 +54,10 @@ struct Failures {
 }
 
 pub const FREE_FAILURES: u32 = 5;
+/// Failed logins from one address, whatever names they try, before it is slowed down too.
+pub const FREE_FAILURES_PER_ADDRESS: u32 = 50;
+/// Most records kept: beyond, the oldest go (a flood of names cannot grow memory without end).
+const MOST_RECORDS: usize = 100_000;
 const LONGEST_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
 /// Records older than this are dropped (and with them, the slowing down).
 const FORGET_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
@@ -70,20 +82,41 @@ impl LoginThrottle {
             return std::time::Duration::ZERO;
         };
         map.retain(|_, f| now.duration_since(f.last) < FORGET_AFTER);
-        map.get(&(user.to_owned(), addr))
+        let of_user = map
+            .get(&(user.to_owned(), addr))
             .map_or(std::time::Duration::ZERO, |f| {
                 (f.last + Self::wait_after(f.count)).saturating_duration_since(now)
-            })
+            });
+        // The address as a whole (the empty name), with a larger free budget: trying many
+        // names from one place is slowed down as trying one name is.
+        let of_address = map
+            .get(&(String::new(), addr))
+            .map_or(std::time::Duration::ZERO, |f| {
+                let over = f
+                    .count
+                    .saturating_sub(FREE_FAILURES_PER_ADDRESS - FREE_FAILURES);
+                (f.last + Self::wait_after(over)).saturating_duration_since(now)
+            });
+        of_user.max(of_address)
     }
 
     pub fn failed(&self, user: &str, addr: std::net::IpAddr, now: std::time::Instant) {
         if let Ok(mut map) = self.failures.lock() {
-            let f = map.entry((user.to_owned(), addr)).or_insert(Failures {
-                count: 0,
-                last: now,
-            });
-            f.count = f.count.saturating_add(1);
-            f.last = now;
+            if map.len() >= MOST_RECORDS {
+                let mut by_age: Vec<_> = map.iter().map(|(k, f)| (f.last, k.clone())).collect();
+                by_age.sort_unstable_by_key(|(last, _)| *last);
+                for (_, key) in by_age.into_iter().take(MOST_RECORDS / 10) {
+                    map.remove(&key);
+                }
+            }
+            for key in [(user.to_owned(), addr), (String::new(), addr)] {
+                let f = map.entry(key).or_insert(Failures {
+                    count: 0,
+                    last: now,
+                });
+                f.count = f.count.saturating_add(1);
+                f.last = now;
+            }
         }
     }
 
@@ -184,10 +217,10 @@ impl FromRequestParts<AppState> for Caller {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::{Duration, Instant};
 
     #[test]
     fn failed_logins_slow_down_per_user_and_address() {
-        use std::time::{Duration, Instant};
         let throttle = LoginThrottle::default();
         let (here, there): (std::net::IpAddr, std::net::IpAddr) =
             ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
@@ -216,6 +249,32 @@ mod tests {
         assert_eq!(throttle.wait("alice", here, t1), Duration::from_secs(300));
         throttle.succeeded("alice", here);
         assert_eq!(throttle.wait("alice", here, t1), Duration::ZERO);
+    }
+
+    #[test]
+    fn many_names_from_one_address_are_slowed_too() {
+        let throttle = LoginThrottle::default();
+        let here: std::net::IpAddr = "10.0.0.1".parse().unwrap();
+        let t0 = Instant::now();
+        // Four tries per name stay under each name's budget, not under the address's.
+        for n in 0..FREE_FAILURES_PER_ADDRESS {
+            let name = format!("user{}", n / (FREE_FAILURES - 1));
+            assert_eq!(throttle.wait(&name, here, t0), Duration::ZERO, "try {n}");
+            throttle.failed(&name, here, t0);
+        }
+        assert_eq!(
+            throttle.wait("fresh-name", here, t0),
+            Duration::from_secs(1)
+        );
+        let elsewhere: std::net::IpAddr = "10.0.0.9".parse().unwrap();
+        assert_eq!(throttle.wait("fresh-name", elsewhere, t0), Duration::ZERO);
+    }
+
+    #[test]
+    fn an_unknown_user_costs_a_real_verification() {
+        let hash = unknown_user_hash();
+        assert!(hash.starts_with("$argon2"), "{hash}");
+        assert!(!verify_password("guess", hash));
     }
 
     #[test]

@@ -10,6 +10,8 @@ pub enum DbError {
     Url(String),
     #[error("cannot open the database: {0}")]
     Connect(#[source] sqlx::Error),
+    #[error("cannot make the database {0} private (mode 0600): {1}")]
+    Private(String, #[source] std::io::Error),
     #[error("migration {version} failed: {source}")]
     Migrate {
         version: i64,
@@ -43,6 +45,40 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (10, include_str!("../migrations/0010_workspace_runtime.sql")),
 ];
 
+/// The SQLite file holds every user's password hash, tokens' hashes and sealed secrets: made
+/// (or set) 0600 before SQLite opens it, whose WAL and shared-memory files take its mode.
+fn keep_private(url: &str) -> Result<(), DbError> {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let path = url
+        .trim_start_matches("sqlite:")
+        .trim_start_matches("//")
+        .split('?')
+        .next()
+        .unwrap_or_default();
+    if path.is_empty() || path == ":memory:" {
+        return Ok(());
+    }
+    let private = |e: std::io::Error| DbError::Private(path.to_owned(), e);
+    let file = std::fs::File::options()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(private)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(private)?;
+    // Files an older Warren left with the default mode.
+    for suffix in ["-wal", "-shm"] {
+        let side = format!("{path}{suffix}");
+        if std::path::Path::new(&side).exists() {
+            std::fs::set_permissions(&side, std::fs::Permissions::from_mode(0o600))
+                .map_err(private)?;
+        }
+    }
+    Ok(())
+}
+
 impl Db {
     pub async fn connect(url: &str) -> Result<Self, DbError> {
         install_default_drivers();
@@ -67,6 +103,9 @@ impl Db {
                     Ok(())
                 })
             });
+        }
+        if kind == DbKind::Sqlite {
+            keep_private(url)?;
         }
         let url = if kind == DbKind::Sqlite && !url.contains('?') {
             format!("{url}?mode=rwc")

@@ -152,6 +152,72 @@ pub fn known_hosts_line(key: &PrivateKey, host: &str, port: u16) -> String {
     }
 }
 
+/// How long a connection may take to authenticate (OpenSSH's `LoginGraceTime`).
+pub const LOGIN_GRACE: Duration = Duration::from_secs(30);
+/// Connections not yet authenticated, from one address and from everywhere: beyond, a new
+/// connection is closed at once (OpenSSH's `MaxStartups`, without the random early drop).
+/// Roomy enough for a burst of real logins from one machine (50 sessions at once is tested):
+/// a login leaves this count within milliseconds.
+pub const MOST_UNAUTHENTICATED_PER_ADDRESS: usize = 64;
+pub const MOST_UNAUTHENTICATED: usize = 256;
+
+/// Counts connections that have not authenticated yet.
+#[derive(Debug, Default)]
+struct Unauthenticated(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+/// One unauthenticated connection, counted until it authenticates or ends.
+struct Pending {
+    table: Arc<Unauthenticated>,
+    ip: std::net::IpAddr,
+    counted: std::sync::atomic::AtomicBool,
+}
+
+impl Unauthenticated {
+    /// Counts a new connection from `ip`; `None` when it is one too many.
+    fn admit(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<Arc<Pending>> {
+        let mut table = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let total: usize = table.values().sum();
+        let here = table.get(&ip).copied().unwrap_or(0);
+        if total >= MOST_UNAUTHENTICATED || here >= MOST_UNAUTHENTICATED_PER_ADDRESS {
+            return None;
+        }
+        table.insert(ip, here + 1);
+        Some(Arc::new(Pending {
+            table: self.clone(),
+            ip,
+            counted: std::sync::atomic::AtomicBool::new(true),
+        }))
+    }
+}
+
+impl Pending {
+    /// Authenticated (or ended): no longer counted.
+    fn done(&self) {
+        if self
+            .counted
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            let mut table = self.table.0.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = table.get_mut(&self.ip) {
+                *n -= 1;
+                if *n == 0 {
+                    table.remove(&self.ip);
+                }
+            }
+        }
+    }
+
+    fn authenticated(&self) -> bool {
+        !self.counted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.done();
+    }
+}
+
 /// A gateway listening on `listener` until the returned task is aborted.
 pub fn serve<D: Directory>(
     listener: TcpListener,
@@ -175,6 +241,7 @@ pub fn serve<D: Directory>(
         window_size: 8 << 20,
         ..Default::default()
     });
+    let unauthenticated = Arc::new(Unauthenticated::default());
     tokio::spawn(async move {
         loop {
             let (socket, peer) = match listener.accept().await {
@@ -186,23 +253,44 @@ pub fn serve<D: Directory>(
                     continue;
                 }
             };
+            let Some(pending) = unauthenticated.admit(peer.ip()) else {
+                tracing::info!(%peer, "ssh: too many connections not authenticated yet; closed");
+                drop(socket);
+                continue;
+            };
             let _ = socket.set_nodelay(true);
             let connection = Connection {
                 directory: directory.clone(),
                 peer,
                 user: None,
                 login: String::new(),
+                pending: pending.clone(),
             };
             let config = config.clone();
             tokio::spawn(async move {
-                match russh::server::run_stream(config, socket, connection).await {
-                    Ok(session) => {
-                        if let Err(e) = session.await {
-                            tracing::debug!(%peer, error = %e, "ssh connection ended");
+                let run = async move {
+                    match russh::server::run_stream(config, socket, connection).await {
+                        Ok(session) => {
+                            if let Err(e) = session.await {
+                                tracing::debug!(%peer, error = %e, "ssh connection ended");
+                            }
+                        }
+                        Err(e) => tracing::debug!(%peer, error = %e, "ssh handshake failed"),
+                    }
+                };
+                tokio::pin!(run);
+                tokio::select! {
+                    () = &mut run => {}
+                    () = tokio::time::sleep(LOGIN_GRACE) => {
+                        if pending.authenticated() {
+                            run.await;
+                        } else {
+                            // Dropping the session closes the connection.
+                            tracing::info!(%peer, "ssh: not authenticated within {} s; closed", LOGIN_GRACE.as_secs());
                         }
                     }
-                    Err(e) => tracing::debug!(%peer, error = %e, "ssh handshake failed"),
                 }
+                pending.done();
             });
         }
     })
@@ -231,6 +319,8 @@ struct Connection<D> {
     user: Option<User>,
     /// The SSH user field: which workspace.
     login: String,
+    /// Counted among the unauthenticated until a key is accepted.
+    pending: Arc<Pending>,
 }
 
 impl<D: Directory> Connection<D> {
@@ -282,6 +372,7 @@ impl<D: Directory> russh::server::Handler for Connection<D> {
         tracing::debug!(peer = %self.peer, login, user = user.name, "ssh: key accepted");
         self.user = Some(user);
         self.login = login.to_owned();
+        self.pending.done();
         Ok(Auth::Accept)
     }
 
