@@ -207,6 +207,17 @@ fn reaches(data: &std::path::Path, uid_base: &str, name: &str, address: &str, po
     out.status.success()
 }
 
+/// Imports the Debian minbase fixture as `dev:1` with `warren` (a runtime's own command).
+fn import_dev(warren: &dyn Fn(&[&str]) -> std::process::Output) {
+    let rootfs = debian_rootfs(DebianRootfs::Minbase);
+    ok(warren(&[
+        "image",
+        "import",
+        rootfs.to_str().unwrap(),
+        "dev:1",
+    ]));
+}
+
 /// Removes a runtime's workspace when dropped, also when the test fails half-way (a running
 /// workspace left behind would hold its uid range and cgroup into the next run).
 struct Removed<'a> {
@@ -243,7 +254,6 @@ fn every_bridge_is_walled_off_and_egress_is_policed() {
             let _ = std::io::Write::write_all(&mut &conn, b"hello\n");
         }
     });
-    let rootfs = debian_rootfs(DebianRootfs::Minbase);
     let a = tempfile::Builder::new()
         .prefix("warren-hostile-a-")
         .tempdir_in("/var/tmp")
@@ -276,18 +286,8 @@ fn every_bridge_is_walled_off_and_egress_is_policed() {
             ],
         )
     };
-    ok(in_a(&[
-        "image",
-        "import",
-        rootfs.to_str().unwrap(),
-        "dev:1",
-    ]));
-    ok(in_b(&[
-        "image",
-        "import",
-        rootfs.to_str().unwrap(),
-        "dev:1",
-    ]));
+    import_dev(&in_a);
+    import_dev(&in_b);
     let _wa = Removed {
         data: a.path(),
         uid_base: base_a,
@@ -420,13 +420,7 @@ fn a_vm_workspace_cannot_point_its_modules_folder_at_the_host() {
         ("WARREN_GUEST", guest),
     ];
     let warren = |args: &[&str]| common::warren_at(data.path(), args, &env);
-    let rootfs = debian_rootfs(DebianRootfs::Minbase);
-    ok(warren(&[
-        "image",
-        "import",
-        rootfs.to_str().unwrap(),
-        "dev:1",
-    ]));
+    import_dev(&warren);
     let _vm = Removed {
         data: data.path(),
         uid_base,
@@ -574,13 +568,7 @@ fn nothing_a_build_step_left_running_outlives_it() {
         ("WARREN_SUBNET", "10.94.0.0/16"),
     ];
     let warren = |args: &[&str]| common::warren_at(data.path(), args, &env);
-    let rootfs = debian_rootfs(DebianRootfs::Minbase);
-    ok(warren(&[
-        "image",
-        "import",
-        rootfs.to_str().unwrap(),
-        "dev:1",
-    ]));
+    import_dev(&warren);
     let canary = tempfile::NamedTempFile::new_in("/var/tmp").unwrap();
     std::fs::write(canary.path(), "HOST SECRET\n").unwrap();
     let ctx = tempfile::tempdir().unwrap();
