@@ -120,18 +120,26 @@ pub(crate) fn ensure_host(
         "cannot enable forwarding in",
         "/proc/sys/net/ipv4/ip_forward",
     ))?;
-    // Before 2026-12 one table, `inet warren`, held the rules of whichever bridge came first:
-    // replaced by this bridge's own table in the same transaction, if it is this bridge's.
-    let mut rules = String::new();
-    if run(Command::new("nft").args(["list", "table", "inet", TABLE]))
-        .is_ok_and(|old| old.contains(&format!("iifname \"{bridge}\" drop")))
-    {
-        rules.push_str(&format!(
-            "table inet {TABLE} {{}}\ndelete table inet {TABLE}\n"
-        ));
+    // The table carries a digest of its rules as its comment: a start that wants the same
+    // rules only reads them (one `nft` run, as cheap as the old existence check); any other
+    // rules (a new policy, a new Warren, a flushed ruleset) are rewritten.
+    let wanted = inet_rules(bridge, subnet, egress);
+    let current = run(Command::new("nft").args(["list", "table", "inet", &table_of(bridge)]));
+    if !current.is_ok_and(|t| t.contains(&format!("comment \"{}\"", rules_digest(&wanted)))) {
+        // Before 2026-12 one table, `inet warren`, held the rules of whichever bridge came
+        // first: replaced by this bridge's own table in the same transaction, if it is this
+        // bridge's.
+        let mut rules = String::new();
+        if run(Command::new("nft").args(["list", "table", "inet", TABLE]))
+            .is_ok_and(|old| old.contains(&format!("iifname \"{bridge}\" drop")))
+        {
+            rules.push_str(&format!(
+                "table inet {TABLE} {{}}\ndelete table inet {TABLE}\n"
+            ));
+        }
+        rules.push_str(&wanted);
+        run_with_input(Command::new("nft").args(["-f", "-"]), Some(&rules))?;
     }
-    rules.push_str(&inet_rules(bridge, subnet, egress));
-    run_with_input(Command::new("nft").args(["-f", "-"]), Some(&rules))?;
     if run(Command::new("nft").args(["list", "table", "bridge", TABLE])).is_err() {
         run_with_input(Command::new("nft").args(["-f", "-"]), Some(&bridge_rules()))?;
     }
@@ -160,8 +168,32 @@ fn nets(list: &[Ipv4Net]) -> String {
         .join(", ")
 }
 
+/// The digest a table's comment carries: of the rules after the comment line.
+fn rules_digest(rules: &str) -> String {
+    use std::hash::{Hash as _, Hasher as _};
+    let body = rules.split_once("    comment ").map_or(rules, |(_, rest)| {
+        rest.split_once('\n').map_or(rest, |(_, after)| after)
+    });
+    let mut h = std::hash::DefaultHasher::new();
+    body.hash(&mut h);
+    format!("warren rules {:016x}", h.finish())
+}
+
 /// The table of one bridge, as one nftables transaction that replaces any earlier one.
 fn inet_rules(bridge: &str, subnet: Ipv4Net, egress: &EgressPolicy) -> String {
+    let body = inet_rules_body(bridge, subnet, egress);
+    let table = table_of(bridge);
+    let head = format!("table inet {table} {{\n");
+    match body.split_once(&head) {
+        Some((before, after)) => format!(
+            "{before}{head}    comment \"{}\"\n{after}",
+            rules_digest(after)
+        ),
+        None => body,
+    }
+}
+
+fn inet_rules_body(bridge: &str, subnet: Ipv4Net, egress: &EgressPolicy) -> String {
     let table = table_of(bridge);
     let mut denied = vec![LINK_LOCAL];
     denied.extend(egress.denied.iter().copied());
@@ -332,6 +364,22 @@ mod tests {
         assert!(other.contains("table inet warren_nftbr9 {"));
         assert!(other.contains(r#"iifname "nftbr9" drop"#));
         assert!(bridge_rules().contains("@addresses"));
+        // The comment names these rules: the same rules, the same comment; others, another.
+        let digest = |r: &str| r.split_once("comment \"").map(|(_, c)| c[..30].to_owned());
+        assert!(rules.contains("    comment \"warren rules "), "{rules}");
+        assert_eq!(
+            digest(&rules),
+            digest(&inet_rules("warren0", net("10.88.0.0/16"), &policy))
+        );
+        assert_ne!(
+            digest(&rules),
+            digest(&inet_rules(
+                "warren0",
+                net("10.88.0.0/16"),
+                &EgressPolicy::default()
+            ))
+        );
+        assert_eq!(digest(&rules).map(|d| d.len()), Some(30));
     }
 
     #[test]
