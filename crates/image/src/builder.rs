@@ -295,6 +295,11 @@ impl ImageBuilder {
                     "regular files are added with their content",
                 ));
             }
+            EntryKind::CharDevice | EntryKind::BlockDevice => {
+                if let Err(why) = crate::index::device_allowed(entry.kind, entry.rdev) {
+                    return Err(BuildError::rejected(&entry.path, &why));
+                }
+            }
             EntryKind::Symlink if entry.link.is_empty() || entry.link.contains(&0) => {
                 return Err(BuildError::rejected(
                     &entry.path,

@@ -18,19 +18,6 @@ use crate::index::{Entry, EntryKind};
 /// Extension headers (long names, PAX records) larger than this are refused.
 const MAX_EXTENSION_BYTES: u64 = 1 << 20;
 
-/// Character devices an image may contain: null, zero, full, random, urandom, tty, console,
-/// ptmx (what base images such as mmdebstrap's ship in `/dev`).
-const ALLOWED_CHAR_DEVICES: [(u32, u32); 8] = [
-    (1, 3),
-    (1, 5),
-    (1, 7),
-    (1, 8),
-    (1, 9),
-    (5, 0),
-    (5, 1),
-    (5, 2),
-];
-
 #[derive(Debug, thiserror::Error)]
 pub enum TarImportError {
     #[error("tar entry `{entry}`: {reason}")]
@@ -328,19 +315,8 @@ fn apply_entry(
         EntryKind::CharDevice | EntryKind::BlockDevice => {
             let major = header.device_major().ok().flatten().unwrap_or(0);
             let minor = header.device_minor().ok().flatten().unwrap_or(0);
-            if kind == EntryKind::BlockDevice {
-                return Err(refuse(
-                    &raw_path,
-                    format!("block device {major}:{minor} is not allowed in an image"),
-                ));
-            }
-            if !ALLOWED_CHAR_DEVICES.contains(&(major, minor)) {
-                return Err(refuse(
-                    &raw_path,
-                    format!("character device {major}:{minor} is not allowed in an image"),
-                ));
-            }
-            e.rdev = (u64::from(major) << 8) | u64::from(minor);
+            e.rdev = nix::sys::stat::makedev(u64::from(major), u64::from(minor));
+            crate::index::device_allowed(kind, e.rdev).map_err(|why| refuse(&raw_path, why))?;
         }
         _ => {}
     }

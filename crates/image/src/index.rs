@@ -135,6 +135,35 @@ pub fn is_clean_path(path: &[u8]) -> bool {
                 .all(|c| !c.is_empty() && c != b"." && c != b".."))
 }
 
+/// Character devices an image may contain: null, zero, full, random, urandom, tty, console,
+/// ptmx (what base images such as mmdebstrap's ship in `/dev`).
+pub const ALLOWED_CHAR_DEVICES: [(u64, u64); 8] = [
+    (1, 3),
+    (1, 5),
+    (1, 7),
+    (1, 8),
+    (1, 9),
+    (5, 0),
+    (5, 1),
+    (5, 2),
+];
+
+/// Whether an image may hold this device (`rdev` as Linux encodes it): no block device at
+/// all, and only the standard character devices. Anything else in a workspace's tree could
+/// open a device of the host.
+pub fn device_allowed(kind: EntryKind, rdev: u64) -> Result<(), String> {
+    let (major, minor) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
+    match kind {
+        EntryKind::BlockDevice => Err(format!(
+            "block device {major}:{minor} is not allowed in an image"
+        )),
+        EntryKind::CharDevice if !ALLOWED_CHAR_DEVICES.contains(&(major, minor)) => Err(format!(
+            "character device {major}:{minor} is not allowed in an image"
+        )),
+        _ => Ok(()),
+    }
+}
+
 impl TreeIndex {
     pub fn encode(&self) -> Vec<u8> {
         let raw = postcard::to_stdvec(self).expect("serializing to memory cannot fail");
@@ -160,7 +189,9 @@ impl TreeIndex {
         Ok(index)
     }
 
-    /// Checks every internal reference, so that code serving the index can index without fear.
+    /// Checks every internal reference, so that code serving the index can index without fear,
+    /// and that it holds no device but the standard character devices ([`device_allowed`]),
+    /// wherever the index came from (a registry is a tenant's too).
     pub fn validate(&self) -> Result<(), IndexError> {
         let bad = |m: String| Err(IndexError::Inconsistent(m));
         for (i, c) in self.chunks.iter().enumerate() {
@@ -213,6 +244,11 @@ impl TreeIndex {
                     ));
                 }
                 EntryKind::File => {}
+                EntryKind::CharDevice | EntryKind::BlockDevice
+                    if let Err(why) = device_allowed(e.kind, e.rdev) =>
+                {
+                    return bad(format!("`{name}`: {why}"));
+                }
                 _ if !e.chunks.is_empty() || e.size != 0 => {
                     return bad(format!("`{name}` is not a file but has data"));
                 }
@@ -274,6 +310,25 @@ mod tests {
         assert_eq!(index.entries[2].parent(), Some(&b"etc"[..]));
         assert_eq!(index.entries[1].parent(), Some(&b""[..]));
         assert_eq!(index.entries[2].name(), b"motd");
+    }
+
+    #[test]
+    fn an_index_from_anywhere_holds_no_device_of_the_host() {
+        let with = |kind: EntryKind, major: u64, minor: u64| {
+            let mut index = sample();
+            let mut dev = Entry::new(b"etc/dev".to_vec(), kind, 0o666);
+            dev.rdev = nix::sys::stat::makedev(major, minor);
+            index.entries.insert(2, dev);
+            TreeIndex::decode(&index.encode()).map(|_| ())
+        };
+        let err = with(EntryKind::BlockDevice, 8, 0).unwrap_err().to_string();
+        assert!(err.contains("block device 8:0 is not allowed"), "{err}");
+        let err = with(EntryKind::CharDevice, 1, 1).unwrap_err().to_string();
+        assert!(err.contains("character device 1:1 is not allowed"), "{err}");
+        assert!(
+            with(EntryKind::CharDevice, 1, 3).is_ok(),
+            "/dev/null may be in an image"
+        );
     }
 
     #[test]

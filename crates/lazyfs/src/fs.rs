@@ -430,8 +430,10 @@ pub fn mount(fs: LazyFs, mountpoint: &Path) -> std::io::Result<fuser::Background
         MountOption::FSName("warren".into()),
         MountOption::Subtype("warren-image".into()),
         MountOption::DefaultPermissions,
+        // Never `dev`: a device node in an image (it is a tenant's) must not open a device of
+        // the host. Setuid stays: inside, it raises a process only to the workspace's root.
+        MountOption::NoDev,
         MountOption::Suid,
-        MountOption::Dev,
         MountOption::Exec,
     ];
     config.acl = SessionACL::All;

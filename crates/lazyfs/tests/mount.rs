@@ -189,6 +189,23 @@ fn a_debian_image_from_a_registry_mounts_lazily_runs_through_an_overlay_and_matc
         "listing the tree fetched file data"
     );
 
+    // The image's device nodes are listed as they are, but the mount is `nodev`: none opens
+    // a device of the host, even for root (an image is a tenant's; only the standard
+    // character devices may be in one at all).
+    let null = mnt.join("dev/null");
+    assert!(
+        std::fs::symlink_metadata(&null)
+            .unwrap()
+            .file_type()
+            .is_char_device()
+    );
+    let opened = std::fs::File::open(&null);
+    assert_eq!(
+        opened.map_err(|e| e.kind()).err(),
+        Some(std::io::ErrorKind::PermissionDenied),
+        "a device node of the image opened"
+    );
+
     // The writable layer: an overlay over the lazy mount; run a program from it.
     let (upper, ovl_work, merged) = (
         dir.path().join("upper"),
