@@ -21,5 +21,8 @@ pub use parse::{
 pub use prebuild::{
     PrebuildRequest, Prebuilt, prebuild, prebuild_key, read_options, session_user, workspace_tasks,
 };
-pub use run::{BuildError, BuildRequest, Built, CANCELLED, ImageSettings, ImageStore, build};
+pub use run::{
+    BuildError, BuildRequest, Built, CANCELLED, ImageSettings, ImageStore, RESERVED_REPOSITORIES,
+    build, refuse_reserved,
+};
 pub use words::{ExpandError, expand, split_words};

@@ -184,6 +184,7 @@ fn environment_image(
 ) -> Result<(String, usize, usize), String> {
     match &spec.image {
         ImageSource::Reference { reference } => {
+            crate::run::refuse_reserved(reference).map_err(|e| format!("image {e}"))?;
             store
                 .settings(reference)
                 .map_err(|e| format!("image {reference}: {e}"))?;

@@ -292,6 +292,23 @@ pub struct Built {
     pub steps_cached: usize,
 }
 
+/// Image repositories Warren names itself (prebuilds, environments, cached steps): each a
+/// project's own, so never what a user writes (`FROM`, an environment file's `image:`,
+/// `ws create --image`) — reached only through the build or the project that made it.
+pub const RESERVED_REPOSITORIES: [&str; 3] =
+    ["warren-prebuild", "warren-env", "warren-build-cache"];
+
+/// Refuses a reference a user wrote when it names one of [`RESERVED_REPOSITORIES`].
+pub fn refuse_reserved(reference: &str) -> Result<(), String> {
+    let repository = reference.split(['@', ':']).next().unwrap_or_default();
+    if RESERVED_REPOSITORIES.contains(&repository) {
+        return Err(format!(
+            "{reference}: a prebuild's or a build step's image is its project's, not to be named"
+        ));
+    }
+    Ok(())
+}
+
 /// The cache image of a step: the image its key names.
 fn cache_tag(scope: &str, key: &blake3::Hash) -> String {
     let key = if scope.is_empty() {
@@ -385,11 +402,6 @@ impl Build<'_> {
         let started = std::time::Instant::now();
         step(self, &id, state, log)?;
         tracing::debug!(ms = started.elapsed().as_millis() as u64, "step run");
-        // What a step left running ends with it (as with Docker, whose RUN container ends):
-        // nothing of the sandbox may change its files while the host reads them.
-        self.runtime
-            .quiesce(&id)
-            .map_err(|e| format!("cannot end what the step left running: {e}"))?;
         commit(
             self.runtime,
             self.store,
@@ -450,6 +462,7 @@ pub fn build(
         let mut state = match b.stages.get(&base.to_ascii_lowercase()) {
             Some(&k) => State::over_stage(n, &b.done[k]),
             None => {
+                refuse_reserved(&base).map_err(|e| at(format!("FROM {e}")))?;
                 let settings = store
                     .settings(&base)
                     .map_err(|e| at(format!("FROM {base}: {e}")))?;
@@ -1545,6 +1558,11 @@ pub(crate) fn commit(
     name: &str,
     settings: &ImageSettings,
 ) -> Result<String, String> {
+    // What the steps or tasks left running ends with them (as with Docker, whose RUN
+    // container ends): nothing of the sandbox may change its files while the host reads them.
+    runtime
+        .quiesce(id)
+        .map_err(|e| format!("cannot end what the sandbox left running: {e}"))?;
     let started = std::time::Instant::now();
     if let Ok(Some(layer)) = runtime.writable_layer(id)
         && let Some(digest) = store.store_changes(name, &layer, settings)?

@@ -606,6 +606,16 @@ fn nothing_a_build_step_left_running_outlives_it() {
         "cat /x 2>&1; true",
     ]));
     assert!(!x.contains("HOST SECRET"), "a host file in the image: {x}");
+    // A Dockerfile cannot start from a step cached for another build or project.
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM warren-build-cache:0123456789abcdef0123456789abcdef\nRUN true\n",
+    )
+    .unwrap();
+    let out = warren(&["build", ctx.path().to_str().unwrap(), "-t", "stolen:1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("is its project's, not to be named"), "{err}");
 }
 
 /// 200 TCP connections to the SSH gateway that never authenticate. Before, each was held for
@@ -617,8 +627,16 @@ fn idle_unauthenticated_ssh_connections_are_dropped() {
     enter_own_network();
     let warren = Warren::up_with_admin(42, None);
     let addr = ("127.0.0.1", warren.ssh_port);
+    // Some get as far as the version exchange (russh then runs the session in a task of its
+    // own), the rest say nothing at all.
     let held: Vec<std::net::TcpStream> = (0..200)
-        .map(|_| std::net::TcpStream::connect(addr).unwrap())
+        .map(|i| {
+            let mut conn = std::net::TcpStream::connect(addr).unwrap();
+            if i % 4 == 0 {
+                std::io::Write::write_all(&mut conn, b"SSH-2.0-OpenSSH_9.2p1\r\n").unwrap();
+            }
+            conn
+        })
         .collect();
     let started = Instant::now();
     for mut conn in held {

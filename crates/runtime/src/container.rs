@@ -807,21 +807,19 @@ impl Runtime for ContainerRuntime {
                 "a VM workspace cannot be quiesced from the host".into(),
             ));
         }
+        if cgroup::dirs(&rec).is_empty() {
+            return Err(Error::Shim {
+                id: id.to_string(),
+                message: "its cgroups are not found: cannot tell what runs in it".into(),
+            });
+        }
         // Rounds, since a process may fork while the previous round kills; killed ones are
-        // reaped by init. A process counts until it is gone or a zombie.
+        // reaped by init. A task that has fully exited leaves `cgroup.procs`; one listed is
+        // killed even if its leader shows as a zombie (its other threads may still run).
         for _ in 0..200 {
             let alive: Vec<i32> = cgroup::processes(&rec)
                 .into_iter()
                 .filter(|&pid| pid != init_pid)
-                .filter(|&pid| {
-                    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                        .ok()
-                        .and_then(|s| {
-                            s.rsplit_once(')')
-                                .map(|(_, r)| r.trim_start().starts_with('Z'))
-                        })
-                        == Some(false)
-                })
                 .collect();
             if alive.is_empty() {
                 return Ok(());

@@ -168,11 +168,13 @@ pub(crate) fn mount_overlay(
             "overlay paths may not contain ',' or ':': {data}"
         )));
     }
+    // nodev: no device node of the workspace's tree (its image, its layer) opens a device;
+    // its /dev is a mount of its own.
     mount(
         Some("overlay"),
         target,
         Some("overlay"),
-        MsFlags::empty(),
+        MsFlags::MS_NODEV,
         Some(data.as_str()),
     )
     .map_err(|e| {

@@ -88,16 +88,22 @@ pub async fn login(
         .bind(&req.user)
         .fetch_optional(&state.db.pool)
         .await?;
-    let refused = || {
-        state.logins.failed(&req.user, peer.ip(), now);
-        ApiError::new(StatusCode::UNAUTHORIZED, "wrong user name or password")
-    };
+    let refused = || ApiError::new(StatusCode::UNAUTHORIZED, "wrong user name or password");
     // An unknown name costs the same verification as a wrong password; argon2 runs off the
     // async workers, which must keep serving everybody else.
     let hash = match &row {
         Some(row) => row.try_get::<String, _>("password_hash")?,
         None => crate::auth::unknown_user_hash().to_owned(),
     };
+    // Counted as a failure before it is verified (refunded on success), so parallel guesses
+    // cannot all slip in under the throttle; at most a few verifications at once (each takes
+    // ~19 MiB), whoever asks.
+    state.logins.failed(&req.user, peer.ip(), now);
+    static VERIFYING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+    let _turn = VERIFYING
+        .acquire()
+        .await
+        .map_err(|e| ApiError::internal("cannot verify a password", e))?;
     let password = req.password.clone();
     let verified = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
         .await
@@ -1073,13 +1079,12 @@ pub async fn create_workspace(
     }
     // Prebuilds and build steps are a project's own: reached through the project (whose
     // access is checked), never by naming their image.
-    if let Some(image) = &req.image {
-        let repository = image.split(['@', ':']).next().unwrap_or_default();
-        if ["warren-prebuild", "warren-env", "warren-build-cache"].contains(&repository) {
-            return Err(ApiError::forbidden(
-                "a prebuild's or a build step's image is its project's: create the workspace with --project (and --branch)",
-            ));
-        }
+    if let Some(image) = &req.image
+        && let Err(e) = warren_build::refuse_reserved(image)
+    {
+        return Err(ApiError::forbidden(format!(
+            "{e}: create the workspace with --project (and --branch)"
+        )));
     }
     if req.image.is_some() && req.branch.is_some() {
         return Err(ApiError::bad_request(

@@ -120,9 +120,18 @@ impl LoginThrottle {
         }
     }
 
+    /// A success clears the name's record and refunds the one failure counted for the
+    /// address before the password was verified.
     pub fn succeeded(&self, user: &str, addr: std::net::IpAddr) {
         if let Ok(mut map) = self.failures.lock() {
             map.remove(&(user.to_owned(), addr));
+            let key = (String::new(), addr);
+            if let Some(f) = map.get_mut(&key) {
+                f.count = f.count.saturating_sub(1);
+                if f.count == 0 {
+                    map.remove(&key);
+                }
+            }
         }
     }
 }
@@ -268,6 +277,13 @@ mod tests {
         );
         let elsewhere: std::net::IpAddr = "10.0.0.9".parse().unwrap();
         assert_eq!(throttle.wait("fresh-name", elsewhere, t0), Duration::ZERO);
+        // Each login counts as a failure until verified: successes are refunded, so a machine
+        // that logs in often is never slowed down.
+        for _ in 0..3 * FREE_FAILURES_PER_ADDRESS {
+            assert_eq!(throttle.wait("ci", elsewhere, t0), Duration::ZERO);
+            throttle.failed("ci", elsewhere, t0);
+            throttle.succeeded("ci", elsewhere);
+        }
     }
 
     #[test]

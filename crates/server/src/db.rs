@@ -49,9 +49,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
 /// (or set) 0600 before SQLite opens it, whose WAL and shared-memory files take its mode.
 fn keep_private(url: &str) -> Result<(), DbError> {
     use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
-    let path = url
-        .trim_start_matches("sqlite:")
-        .trim_start_matches("//")
+    let rest = url.strip_prefix("sqlite:").unwrap_or(url);
+    let path = rest
+        .strip_prefix("//")
+        .unwrap_or(rest)
         .split('?')
         .next()
         .unwrap_or_default();

@@ -268,27 +268,51 @@ pub fn serve<D: Directory>(
             };
             let config = config.clone();
             tokio::spawn(async move {
-                let run = async move {
-                    match russh::server::run_stream(config, socket, connection).await {
-                        Ok(session) => {
-                            if let Err(e) = session.await {
-                                tracing::debug!(%peer, error = %e, "ssh connection ended");
-                            }
-                        }
-                        Err(e) => tracing::debug!(%peer, error = %e, "ssh handshake failed"),
+                let deadline = tokio::time::Instant::now() + LOGIN_GRACE;
+                // russh runs an established session in a task of its own, which dropping its
+                // handle does not stop: a session that has not authenticated in time is told
+                // to disconnect, which ends that task and closes the socket.
+                let session = match tokio::time::timeout_at(
+                    deadline,
+                    russh::server::run_stream(config, socket, connection),
+                )
+                .await
+                {
+                    Ok(Ok(session)) => session,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "ssh handshake failed");
+                        pending.done();
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::info!(%peer, "ssh: no handshake within {} s; closed", LOGIN_GRACE.as_secs());
+                        pending.done();
+                        return;
                     }
                 };
-                tokio::pin!(run);
-                tokio::select! {
-                    () = &mut run => {}
-                    () = tokio::time::sleep(LOGIN_GRACE) => {
-                        if pending.authenticated() {
-                            run.await;
-                        } else {
-                            // Dropping the session closes the connection.
-                            tracing::info!(%peer, "ssh: not authenticated within {} s; closed", LOGIN_GRACE.as_secs());
-                        }
+                let handle = session.handle();
+                tokio::pin!(session);
+                let ended = tokio::select! {
+                    ended = &mut session => Some(ended),
+                    () = tokio::time::sleep_until(deadline) => None,
+                };
+                let ended = match ended {
+                    Some(ended) => ended,
+                    None if pending.authenticated() => session.await,
+                    None => {
+                        tracing::info!(%peer, "ssh: not authenticated within {} s; closed", LOGIN_GRACE.as_secs());
+                        let _ = handle
+                            .disconnect(
+                                russh::Disconnect::ByApplication,
+                                "not authenticated in time".into(),
+                                String::new(),
+                            )
+                            .await;
+                        session.await
                     }
+                };
+                if let Err(e) = ended {
+                    tracing::debug!(%peer, error = %e, "ssh connection ended");
                 }
                 pending.done();
             });

@@ -706,6 +706,18 @@ fn share_modules(
         &format!("lib/modules/{release}"),
         rec.uid_base,
     )?;
+    // A symlink may lead the last folder to the tree's root itself: never mounted over.
+    let (at, top) = (
+        nix::sys::stat::fstat(target.as_raw_fd()),
+        nix::sys::stat::fstat(root.as_raw_fd()),
+    );
+    if let (Ok(at), Ok(top)) = (at, top)
+        && (at.st_dev, at.st_ino) == (top.st_dev, top.st_ino)
+    {
+        return Err(Error::Sys(format!(
+            "the workspace's /lib/modules/{release} leads to its root folder; refusing to mount there"
+        )));
+    }
     crate::sys::bind_readonly_at(&kernel.modules, target.as_fd())
 }
 
