@@ -674,11 +674,19 @@ impl Runtime for ContainerRuntime {
                 channel.send(&Request::Stop { grace_ms }, &[])?;
                 // Stopped, or the shim closing the connection as it exits.
                 let _ = channel.recv::<Reply>();
-                // Wait for it to let go of the workspace, so long.
+                // Wait for it to let go of the workspace, so long: a blocking lock (queued
+                // before any new shim's `try_lock`, so a start right after cannot take the
+                // workspace in between), in a thread that hands the lock over only if asked.
                 let lock = Self::lock_file(&layout)?;
-                let deadline = std::time::Instant::now() + limit;
-                while lock.try_lock().is_err() {
-                    if std::time::Instant::now() > deadline {
+                let (tx, rx) = std::sync::mpsc::channel();
+                std::thread::spawn(move || {
+                    let locked = lock.lock().map(|()| lock);
+                    // When nobody waits any more, the lock is dropped (released) here.
+                    let _ = tx.send(locked);
+                });
+                match rx.recv_timeout(limit) {
+                    Ok(locked) => locked.map_err(Error::io("cannot lock", layout.shim_lock()))?,
+                    Err(_) => {
                         return Err(Error::Shim {
                             id: id.to_string(),
                             message: format!(
@@ -688,9 +696,7 @@ impl Runtime for ContainerRuntime {
                             ),
                         });
                     }
-                    std::thread::sleep(Duration::from_millis(50));
                 }
-                lock
             }
             Shim::Absent(lock) => lock,
         };

@@ -269,6 +269,13 @@ pub fn serve<D: Directory>(
             let config = config.clone();
             tokio::spawn(async move {
                 let deadline = tokio::time::Instant::now() + LOGIN_GRACE;
+                // A second descriptor of the socket: shutting it down ends the connection
+                // whatever state the session is in (a disconnect message is not sent before
+                // the key exchange is done).
+                let closer = {
+                    use std::os::fd::AsFd as _;
+                    socket.as_fd().try_clone_to_owned().ok()
+                };
                 // russh runs an established session in a task of its own, which dropping its
                 // handle does not stop: a session that has not authenticated in time is told
                 // to disconnect, which ends that task and closes the socket.
@@ -301,13 +308,24 @@ pub fn serve<D: Directory>(
                     None if pending.authenticated() => session.await,
                     None => {
                         tracing::info!(%peer, "ssh: not authenticated within {} s; closed", LOGIN_GRACE.as_secs());
-                        let _ = handle
-                            .disconnect(
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(1),
+                            handle.disconnect(
                                 russh::Disconnect::ByApplication,
                                 "not authenticated in time".into(),
                                 String::new(),
-                            )
-                            .await;
+                            ),
+                        )
+                        .await;
+                        if let Some(closer) = &closer {
+                            // SAFETY: shutdown on a descriptor this task owns; no memory.
+                            unsafe {
+                                libc::shutdown(
+                                    std::os::fd::AsRawFd::as_raw_fd(closer),
+                                    libc::SHUT_RDWR,
+                                )
+                            };
+                        }
                         session.await
                     }
                 };
