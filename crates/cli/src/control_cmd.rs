@@ -471,9 +471,60 @@ pub fn env(cmd: EnvCommand) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Signs the server's key challenge with `ssh-keygen -Y sign`: with the private key beside
+/// `file` (`~/.ssh/id_ed25519` for `~/.ssh/id_ed25519.pub`), else with the key held by
+/// ssh-agent. ssh-keygen asks for a passphrase or a security key's touch itself.
+fn sign_key_challenge(
+    file: &str,
+    public_key: &str,
+    namespace: &str,
+    message: &str,
+) -> anyhow::Result<String> {
+    use std::io::Write as _;
+    if namespace.is_empty() || message.is_empty() {
+        bail!("the server sent no key challenge");
+    }
+    let scratch = tempfile::tempdir()?;
+    let private = file
+        .strip_suffix(".pub")
+        .map(std::path::Path::new)
+        .filter(|p| p.is_file());
+    let signer = match private {
+        Some(p) => p.to_path_buf(),
+        None => {
+            // A public key alone: ssh-keygen signs with the agent's copy of its private half.
+            let p = scratch.path().join("key.pub");
+            std::fs::write(&p, format!("{public_key}\n"))?;
+            p
+        }
+    };
+    let mut child = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-Y", "sign", "-n", namespace, "-f"])
+        .arg(&signer)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("cannot run ssh-keygen (OpenSSH's client tools) to sign with the key")?;
+    child
+        .stdin
+        .take()
+        .context("ssh-keygen has no stdin")?
+        .write_all(message.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "ssh-keygen could not sign with {} (the private key must be beside the .pub file or in ssh-agent)",
+            signer.display()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 #[derive(Debug, Subcommand)]
 pub enum KeyCommand {
-    /// Add an SSH public key (a file such as ~/.ssh/id_ed25519.pub, or - for stdin)
+    /// Add an SSH public key (a file such as ~/.ssh/id_ed25519.pub, or - for stdin). The key
+    /// signs the server's challenge with `ssh-keygen -Y sign`, from the private key beside the
+    /// .pub file or from ssh-agent, to prove it is yours.
     Add {
         name: String,
         file: String,
@@ -923,9 +974,17 @@ pub fn key(cmd: KeyCommand) -> anyhow::Result<ExitCode> {
             } else {
                 std::fs::read_to_string(&file).with_context(|| format!("cannot read {file}"))?
             };
+            let public_key = public_key.trim();
+            let challenge = client.get("/keys/challenge")?;
+            let signature = sign_key_challenge(
+                &file,
+                public_key,
+                challenge["namespace"].as_str().unwrap_or_default(),
+                challenge["message"].as_str().unwrap_or_default(),
+            )?;
             let key = client.post(
                 "/keys",
-                &json!({"name": name, "public_key": public_key.trim()}),
+                &json!({"name": name, "public_key": public_key, "signature": signature}),
             )?;
             println!(
                 "key {name} added ({})",

@@ -322,12 +322,28 @@ fn every_endpoint_refuses_strangers_and_other_users() {
         .0,
         201
     );
-    let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKpoURYOUvqDe79NUODlAulUiW6t1Hg2A5JCqOEct8Np alice@laptop";
+    let key_file = warren.configs.path().join("alice-key");
+    common::keygen(&key_file);
+    let key = std::fs::read_to_string(key_file.with_extension("pub")).unwrap();
+    let (status, challenge) = warren.http("GET", "/api/v1/keys/challenge", Some(&alice), None);
+    assert_eq!(status, 200, "{challenge}");
+    let signature = common::ssh_sign(
+        &key_file,
+        challenge["namespace"].as_str().unwrap(),
+        challenge["message"].as_str().unwrap(),
+    );
+    // Alice's signature proves the key for her, not for bob.
+    let (status, answer) = post(
+        "/api/v1/keys",
+        &bob,
+        json!({"name": "stolen", "public_key": key, "signature": signature}),
+    );
+    assert_eq!(status, 400, "{answer}");
     assert_eq!(
         post(
             "/api/v1/keys",
             &alice,
-            json!({"name": "laptop", "public_key": key})
+            json!({"name": "laptop", "public_key": key, "signature": signature})
         )
         .0,
         201
@@ -348,6 +364,7 @@ fn every_endpoint_refuses_strangers_and_other_users() {
         ("GET", "/api/v1/tokens"),
         ("GET", "/api/v1/keys"),
         ("POST", "/api/v1/keys"),
+        ("GET", "/api/v1/keys/challenge"),
         ("DELETE", "/api/v1/keys/laptop"),
         ("GET", "/api/v1/projects"),
         ("POST", "/api/v1/projects"),

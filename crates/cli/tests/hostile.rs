@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 mod common;
 
 use common::{Warren, ok};
@@ -669,4 +669,74 @@ fn idle_unauthenticated_ssh_connections_are_dropped() {
     let mut banner = [0u8; 14];
     fresh.read_exact(&mut banner).unwrap();
     assert_eq!(&banner, b"SSH-2.0-Warren", "the gateway still serves");
+}
+
+/// Bob registers alice's public key before she does (key squatting). Before, the first to
+/// register a fingerprint owned it: alice could then never add her key. Now a key is added only
+/// with a signature, made by the key, of the adding user's own challenge.
+#[test]
+fn a_key_is_added_only_by_whoever_holds_it() {
+    enter_own_network();
+    let warren = Warren::up_with_admin(43, None);
+    for user in ["alice", "bob"] {
+        warren.add_user(user);
+    }
+    let alice_key = warren.configs.path().join("alice/id_ed25519");
+    std::fs::create_dir_all(alice_key.parent().unwrap()).unwrap();
+    common::keygen(&alice_key);
+    let public = std::fs::read_to_string(alice_key.with_extension("pub")).unwrap();
+    // Bob has alice's public key (it is public), never her private key.
+    let copied = warren.configs.path().join("bob/alice.pub");
+    std::fs::write(&copied, &public).unwrap();
+    let out = warren.cli("bob", &["key", "add", "hers", copied.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("could not sign"),
+        "{err}"
+    );
+    let bob = warren.token("bob");
+    let post = |body: Value| {
+        warren.http(
+            "POST",
+            "/api/v1/keys",
+            Some(&bob),
+            Some(body.to_string().as_bytes()),
+        )
+    };
+    let (status, answer) = post(json!({"name": "hers", "public_key": public}));
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("prove you hold the key"),
+        "{answer}"
+    );
+    // Bob's own key signing bob's challenge, sent with alice's public key.
+    let bob_key = warren.configs.path().join("bob/id_ed25519");
+    common::keygen(&bob_key);
+    let (_, challenge) = warren.http("GET", "/api/v1/keys/challenge", Some(&bob), None);
+    let namespace = challenge["namespace"].as_str().unwrap();
+    let forged = common::ssh_sign(&bob_key, namespace, challenge["message"].as_str().unwrap());
+    let (status, answer) = post(json!({"name": "hers", "public_key": public, "signature": forged}));
+    assert_eq!(status, 400, "{answer}");
+    // Alice adds her key; her proof replayed by bob proves nothing for him.
+    warren.ok(
+        "alice",
+        &[
+            "key",
+            "add",
+            "laptop",
+            alice_key.with_extension("pub").to_str().unwrap(),
+        ],
+    );
+    let alice = warren.token("alice");
+    let (_, hers) = warren.http("GET", "/api/v1/keys/challenge", Some(&alice), None);
+    let proof = common::ssh_sign(&alice_key, namespace, hers["message"].as_str().unwrap());
+    let (status, answer) = post(json!({"name": "hers", "public_key": public, "signature": proof}));
+    assert_eq!(status, 400, "{answer}");
+    let (_, listed) = warren.http("GET", "/api/v1/keys", Some(&bob), None);
+    assert_eq!(listed.as_array().map(Vec::len), Some(0), "{listed}");
+    let (_, listed) = warren.http("GET", "/api/v1/keys", Some(&alice), None);
+    assert_eq!(listed[0]["name"], "laptop", "{listed}");
 }

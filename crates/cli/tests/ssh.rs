@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::Warren;
+use common::{Warren, keygen};
 use warren_testkit::{DebianRootfs, debian_rootfs, enter_own_network, free_port, require_program};
 
 /// A workspace image with what developers' tools expect: OpenSSH's sftp-server and client
@@ -262,19 +262,6 @@ impl Developer {
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
-}
-
-fn keygen(path: &Path) {
-    let out = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", "test", "-f"])
-        .arg(path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn stderr(out: &Output) -> String {
@@ -696,6 +683,69 @@ fn fifty_sessions_and_ten_copies_at_once() {
         .collect();
     for c in copies {
         c.join().unwrap();
+    }
+}
+
+/// One user opens more sessions than the gateway gives one user (64): each holds a blocking
+/// thread of the gateway while its command runs, so without a cap one user could take them all.
+/// The 65th is refused with the reason; once some end, new ones open again.
+#[test]
+fn a_user_has_at_most_sixty_four_sessions_at_once() {
+    setup();
+    let (warren, alice, _bob, _admin) = with_workspace(46);
+    let mut held: Vec<std::process::Child> = (0..64)
+        .map(|_| {
+            alice
+                .tool("ssh")
+                .args(["web.warren", "sleep 120"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = warren.ok(
+            "alice",
+            &[
+                "ws",
+                "exec",
+                "web",
+                "--",
+                "sh",
+                "-c",
+                "pgrep -c -x sleep || true",
+            ],
+        );
+        if out.trim() == "64" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "only {out} sessions started");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let out = alice.ssh("web.warren", "true");
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("64 sessions open already"),
+        "{}",
+        stderr(&out)
+    );
+    for child in &mut held[..8] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !alice.ssh("web.warren", "true").status.success() {
+        assert!(
+            Instant::now() < deadline,
+            "no session opened after some ended"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    for mut child in held {
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 

@@ -306,6 +306,24 @@ pub async fn delete_token(
 pub struct NewKey {
     name: String,
     public_key: String,
+    /// An SSH signature (`ssh-keygen -Y sign -n warren-key`) of the caller's
+    /// [`KeyChallenge`] message, made with the key: the proof that the caller holds it.
+    #[serde(default)]
+    signature: Option<String>,
+}
+
+/// What a user signs with a key to add it.
+#[derive(Debug, Serialize)]
+pub struct KeyChallenge {
+    namespace: &'static str,
+    message: String,
+}
+
+pub async fn key_challenge(caller: Caller) -> Json<KeyChallenge> {
+    Json(KeyChallenge {
+        namespace: warren_ssh::KEY_PROOF_NAMESPACE,
+        message: warren_ssh::key_proof_message(&caller.user_id),
+    })
 }
 
 #[derive(Debug, Serialize)]
@@ -413,6 +431,17 @@ pub async fn add_key(
     check_name("key", &req.name)?;
     let public_key = req.public_key.trim().to_owned();
     let fingerprint = ssh_fingerprint(&public_key)?;
+    // The gateway knows a developer by their key: whoever registers a key they do not hold
+    // could keep its owner out, so the key must sign the caller's own challenge.
+    let signature = req.signature.as_deref().ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "prove you hold the key: sign the message of GET /api/v1/keys/challenge with it \
+             (`ssh-keygen -Y sign -n {} -f KEY`) and send it as `signature`; `warren key add` does this",
+            warren_ssh::KEY_PROOF_NAMESPACE
+        ))
+    })?;
+    warren_ssh::verify_key_proof(&public_key, signature, &caller.user_id)
+        .map_err(ApiError::bad_request)?;
     let id = new_id();
     sqlx::query(
         "INSERT INTO ssh_keys (id, user_id, name, public_key, fingerprint, created_at) VALUES ($1, $2, $3, $4, $5, $6)",

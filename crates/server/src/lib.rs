@@ -82,7 +82,16 @@ const ROUTES: &[(&str, &str, &str)] = &[
         "Revoke one of the caller's tokens",
     ),
     ("get", "/api/v1/keys", "The caller's SSH public keys"),
-    ("post", "/api/v1/keys", "Add an SSH public key"),
+    (
+        "post",
+        "/api/v1/keys",
+        "Add an SSH public key, with a signature proving the caller holds it",
+    ),
+    (
+        "get",
+        "/api/v1/keys/challenge",
+        "What the caller signs with a key to add it (SSHSIG namespace and message)",
+    ),
     (
         "delete",
         "/api/v1/keys/{key}",
@@ -240,6 +249,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/tokens", get(api::list_tokens))
         .route("/api/v1/tokens/{id}", delete(api::delete_token))
         .route("/api/v1/keys", get(api::list_keys).post(api::add_key))
+        .route("/api/v1/keys/challenge", get(api::key_challenge))
         .route("/api/v1/keys/{key}", delete(api::delete_key))
         .route(
             "/api/v1/projects",

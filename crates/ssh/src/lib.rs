@@ -152,6 +152,34 @@ pub fn known_hosts_line(key: &PrivateKey, host: &str, port: u16) -> String {
     }
 }
 
+/// The SSHSIG namespace of a key's proof of possession (`ssh-keygen -Y sign -n warren-key`).
+pub const KEY_PROOF_NAMESPACE: &str = "warren-key";
+
+/// What a user signs to prove they hold a key's private half before it is theirs: it names the
+/// user, so a signature made for one user proves nothing for another.
+pub fn key_proof_message(user_id: &str) -> String {
+    format!("warren: this key is mine, user {user_id}\n")
+}
+
+/// Checks that `signature` (an armored SSHSIG, as `ssh-keygen -Y sign` prints it) was made by
+/// `public_key` (`type base64 [comment]`) over [`key_proof_message`] of `user_id`.
+pub fn verify_key_proof(public_key: &str, signature: &str, user_id: &str) -> Result<(), String> {
+    let key = ssh_key::PublicKey::from_openssh(public_key)
+        .map_err(|e| format!("the public key cannot be read: {e}"))?;
+    let sig = ssh_key::SshSig::from_pem(signature.trim()).map_err(|e| {
+        format!("the signature is not an SSH signature (`ssh-keygen -Y sign`): {e}")
+    })?;
+    if sig.public_key() != key.key_data() {
+        return Err("the signature was made with another key".into());
+    }
+    key.verify(
+        KEY_PROOF_NAMESPACE,
+        key_proof_message(user_id).as_bytes(),
+        &sig,
+    )
+    .map_err(|e| format!("the signature does not prove this key for this user: {e}"))
+}
+
 /// How long a connection may take to authenticate (OpenSSH's `LoginGraceTime`).
 pub const LOGIN_GRACE: Duration = Duration::from_secs(30);
 /// Connections not yet authenticated, from one address and from everywhere: beyond, a new
@@ -218,6 +246,58 @@ impl Drop for Pending {
     }
 }
 
+/// Sessions (shells, commands, sftp) one user may have open at once, over all their
+/// connections: each holds a blocking thread while its process runs, so one user cannot take
+/// the gateway's whole pool (512 threads) from everybody else.
+pub const MOST_SESSIONS_PER_USER: usize = 64;
+/// Forwarded connections (`ssh -L`, `-D`, VS Code's tunnels) one user may have open at once.
+pub const MOST_FORWARDS_PER_USER: usize = 256;
+
+/// Open channels per user and kind.
+#[derive(Debug, Default)]
+struct Channels(std::sync::Mutex<std::collections::HashMap<(String, bool), usize>>);
+
+/// One open channel, counted until dropped (when its task ends).
+struct ChannelSlot {
+    table: Arc<Channels>,
+    key: (String, bool),
+}
+
+impl Channels {
+    /// Counts a new session (`forward` false) or forwarded connection of `user`; `None` when
+    /// it is one too many.
+    fn admit(self: &Arc<Self>, user: &str, forward: bool) -> Option<ChannelSlot> {
+        let most = if forward {
+            MOST_FORWARDS_PER_USER
+        } else {
+            MOST_SESSIONS_PER_USER
+        };
+        let key = (user.to_owned(), forward);
+        let mut table = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let open = table.entry(key.clone()).or_insert(0);
+        if *open >= most {
+            return None;
+        }
+        *open += 1;
+        Some(ChannelSlot {
+            table: self.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for ChannelSlot {
+    fn drop(&mut self) {
+        let mut table = self.table.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = table.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                table.remove(&self.key);
+            }
+        }
+    }
+}
+
 /// A gateway listening on `listener` until the returned task is aborted.
 pub fn serve<D: Directory>(
     listener: TcpListener,
@@ -242,6 +322,7 @@ pub fn serve<D: Directory>(
         ..Default::default()
     });
     let unauthenticated = Arc::new(Unauthenticated::default());
+    let channels = Arc::new(Channels::default());
     tokio::spawn(async move {
         loop {
             let (socket, peer) = match listener.accept().await {
@@ -265,6 +346,7 @@ pub fn serve<D: Directory>(
                 user: None,
                 login: String::new(),
                 pending: pending.clone(),
+                channels: channels.clone(),
             };
             let config = config.clone();
             tokio::spawn(async move {
@@ -363,6 +445,8 @@ struct Connection<D> {
     login: String,
     /// Counted among the unauthenticated until a key is accepted.
     pending: Arc<Pending>,
+    /// Every connection's open channels, per user.
+    channels: Arc<Channels>,
 }
 
 impl<D: Directory> Connection<D> {
@@ -430,14 +514,32 @@ impl<D: Directory> russh::server::Handler for Connection<D> {
                 .await;
             return Ok(());
         };
+        let Some(slot) = self.channels.admit(&user.id, false) else {
+            tracing::info!(peer = %self.peer, user = user.name, "ssh: too many sessions; refused");
+            reply
+                .reject(ChannelOpenFailure::Other {
+                    // SSH_OPEN_RESOURCE_SHORTAGE
+                    code: 4,
+                    reason: format!(
+                        "{} has {MOST_SESSIONS_PER_USER} sessions open already",
+                        user.name
+                    ),
+                })
+                .await;
+            return Ok(());
+        };
         reply.accept().await;
-        tokio::spawn(session::run(
+        let run = session::run(
             channel,
             session.handle(),
             self.directory.clone(),
             user,
             self.login.clone(),
-        ));
+        );
+        tokio::spawn(async move {
+            run.await;
+            drop(slot);
+        });
         Ok(())
     }
 
@@ -473,10 +575,24 @@ impl<D: Directory> russh::server::Handler for Connection<D> {
             reply.reject(refuse(format!("no port {port}"))).await;
             return Ok(());
         };
+        let user = self.user.clone().map(|u| u.id).unwrap_or_default();
+        let Some(slot) = self.channels.admit(&user, true) else {
+            reply
+                .reject(ChannelOpenFailure::Other {
+                    // SSH_OPEN_RESOURCE_SHORTAGE
+                    code: 4,
+                    reason: format!(
+                        "{MOST_FORWARDS_PER_USER} forwarded connections are open already"
+                    ),
+                })
+                .await;
+            return Ok(());
+        };
         // Connecting may take seconds (a name to resolve, a host that does not answer): done
         // in a task, so the connection's other channels go on meanwhile.
         let host = host.to_owned();
         tokio::spawn(async move {
+            let _slot = slot;
             match session::connect(&target, &host, port).await {
                 Ok(mut stream) => {
                     reply.accept().await;
@@ -511,5 +627,58 @@ impl<D: Directory> russh::server::Handler for Connection<D> {
     ) -> Result<bool, Self::Error> {
         // The session task makes the socket when its process starts.
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(seed: u8) -> PrivateKey {
+        PrivateKey::from(ssh_key::private::Ed25519Keypair::from_seed(&[seed; 32]))
+    }
+
+    fn proof(key: &PrivateKey, namespace: &str, user: &str) -> String {
+        key.sign(
+            namespace,
+            ssh_key::HashAlg::Sha512,
+            key_proof_message(user).as_bytes(),
+        )
+        .unwrap()
+        .to_pem(LineEnding::LF)
+        .unwrap()
+    }
+
+    #[test]
+    fn a_user_has_only_so_many_channels_open() {
+        let channels = Arc::new(Channels::default());
+        let mut held: Vec<ChannelSlot> = (0..MOST_SESSIONS_PER_USER)
+            .map(|_| channels.admit("alice", false).unwrap())
+            .collect();
+        assert!(channels.admit("alice", false).is_none());
+        // Her forwarded connections and bob's sessions are counted apart.
+        assert!(channels.admit("alice", true).is_some());
+        assert!(channels.admit("bob", false).is_some());
+        held.pop();
+        assert!(channels.admit("alice", false).is_some());
+        held.clear();
+        assert!(channels.0.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_key_is_proven_only_by_its_own_signature_for_its_own_user() {
+        let alice = key(1);
+        let public = alice.public_key().to_openssh().unwrap();
+        let good = proof(&alice, KEY_PROOF_NAMESPACE, "u-alice");
+        assert_eq!(verify_key_proof(&public, &good, "u-alice"), Ok(()));
+        // Alice's proof replayed by bob, for bob's account.
+        assert!(verify_key_proof(&public, &good, "u-bob").is_err());
+        // Bob signs with his own key and claims alice's.
+        let forged = proof(&key(2), KEY_PROOF_NAMESPACE, "u-bob");
+        let err = verify_key_proof(&public, &forged, "u-bob").unwrap_err();
+        assert!(err.contains("another key"), "{err}");
+        // A signature made for another purpose (git commit signing).
+        assert!(verify_key_proof(&public, &proof(&alice, "git", "u-alice"), "u-alice").is_err());
+        assert!(verify_key_proof(&public, "not a signature", "u-alice").is_err());
     }
 }

@@ -33,6 +33,41 @@ pub fn ok(out: Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Makes an Ed25519 key pair without a passphrase: `path` and `path.pub`.
+pub fn keygen(path: &std::path::Path) {
+    let out = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "test", "-f"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An SSH signature of `message` in `namespace`, made by OpenSSH with the private key `key`.
+pub fn ssh_sign(key: &std::path::Path, namespace: &str, message: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new("ssh-keygen")
+        .args(["-q", "-Y", "sign", "-n", namespace, "-f"])
+        .arg(key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(message.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// A `warren up` of this test, in the test's own network namespace.
 pub struct Warren {
     pub data: TempDir,
@@ -191,7 +226,8 @@ impl Warren {
             .args(args)
             .env("XDG_CONFIG_HOME", self.configs.path().join(user))
             .env("HOME", self.configs.path().join(user))
-            .env("WARREN_SERVER", self.url());
+            .env("WARREN_SERVER", self.url())
+            .env_remove("SSH_AUTH_SOCK");
         cmd
     }
 
