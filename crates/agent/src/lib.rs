@@ -132,10 +132,13 @@ pub trait ControlPlane: Send + Sync + 'static {
     /// The next job for `host`, leased to it; `None` when there is nothing to do. `report`
     /// comes along every [`REPORT_EVERY`]: the host's images (for placing later workspaces) and
     /// its workspaces' actual states and resource use.
+    /// Claims the host's next job; a prebuild only when `prebuilds` (the host has a prebuild
+    /// slot free).
     fn claim(
         &self,
         host: &str,
         report: Option<HostReport>,
+        prebuilds: bool,
     ) -> impl Future<Output = Result<Option<Job>, String>> + Send;
     /// Adds to a running job's log; `false` when the job was cancelled and should stop.
     fn log(&self, job: &Job, text: Vec<u8>) -> impl Future<Output = Result<bool, String>> + Send;
@@ -164,6 +167,8 @@ pub fn execute(runtime: &dyn Runtime, work: &WorkspaceJob) -> Result<Outcome, St
                 cpus: spec.cpus,
                 memory: spec.memory,
                 pids: spec.pids,
+                // The host's default (`--workspace-disk`).
+                disk: None,
             },
             env: Vec::new(),
             vm: spec.vm.clone(),
@@ -294,6 +299,9 @@ pub struct Agent<C> {
     wake: Arc<Notify>,
     /// Jobs carried out at once (jobs of one workspace are never claimed together).
     parallel: usize,
+    /// Prebuilds made at once. They have slots of their own: long prebuilds never hold up
+    /// workspace jobs, and a host never runs more than this many.
+    prebuild_slots: usize,
 }
 
 impl<C> std::fmt::Debug for Agent<C> {
@@ -324,11 +332,19 @@ impl<C: ControlPlane> Agent<C> {
             images,
             wake,
             parallel: 4,
+            prebuild_slots: 1,
         }
+    }
+
+    /// How many prebuilds this host makes at once (at least one).
+    pub fn with_prebuild_slots(mut self, slots: usize) -> Self {
+        self.prebuild_slots = slots.max(1);
+        self
     }
 
     pub async fn run(self, shutdown: Arc<Notify>) {
         let slots = Arc::new(Semaphore::new(self.parallel));
+        let prebuild_slots = Arc::new(Semaphore::new(self.prebuild_slots));
         let mut reported: Option<std::time::Instant> = None;
         let disk = Arc::new(DiskUse::default());
         // The report is made beside the claims, never in their way: a workspace that answers
@@ -362,9 +378,20 @@ impl<C: ControlPlane> Agent<C> {
                 },
                 None => None,
             };
-            let claimed = self.plane.claim(&self.host, report).await;
+            let may_prebuild = self.prebuilder.is_some() && prebuild_slots.available_permits() > 0;
+            let claimed = self.plane.claim(&self.host, report, may_prebuild).await;
             match claimed {
                 Ok(Some(job)) => {
+                    // A prebuild moves to a prebuild slot (free: only this loop takes them),
+                    // leaving its general slot to workspace jobs.
+                    let mut permit = Some(permit);
+                    let prebuild_permit = match job.work {
+                        Work::Prebuild(_) => prebuild_slots.clone().try_acquire_owned().ok(),
+                        _ => None,
+                    };
+                    if prebuild_permit.is_some() {
+                        permit = None;
+                    }
                     let runtime = self.runtime.clone();
                     let prebuilder = self.prebuilder.clone();
                     let plane = self.plane.clone();
@@ -405,7 +432,7 @@ impl<C: ControlPlane> Agent<C> {
                                 }
                             }
                         }
-                        drop(permit);
+                        drop((permit, prebuild_permit));
                         // A finished job may unblock the next one of the same workspace.
                         wake.notify_one();
                     });

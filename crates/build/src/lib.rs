@@ -23,6 +23,6 @@ pub use prebuild::{
 };
 pub use run::{
     BuildError, BuildRequest, Built, CANCELLED, ImageSettings, ImageStore, RESERVED_REPOSITORIES,
-    build, refuse_reserved,
+    StepLimits, build, refuse_reserved,
 };
 pub use words::{ExpandError, expand, split_words};

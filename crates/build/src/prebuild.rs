@@ -15,7 +15,7 @@ use warren_runtime::Runtime;
 use warren_runtime::tasks::TaskSpec;
 use warren_spec::{EnvSpec, ImageSource, Phase, RepoPath};
 
-use crate::run::{CANCELLED, Sandbox, Step, commit, run};
+use crate::run::{CANCELLED, Sandbox, Step, StepLimits, Stop, commit, run};
 use crate::{BuildRequest, Ignore, ImageStore};
 
 /// What to prebuild.
@@ -40,6 +40,8 @@ pub struct PrebuildRequest<'a> {
     /// Whose prebuilds and build caches this one may reuse (the project's id; empty for a
     /// local `warren prebuild`).
     pub scope: &'a str,
+    /// What each build step and prebuild task may use.
+    pub limits: StepLimits,
 }
 
 /// A finished prebuild.
@@ -236,6 +238,7 @@ fn environment_image(
                     cancel: req.cancel,
                     mount_cache: req.mount_cache,
                     cache_scope: req.scope,
+                    limits: req.limits,
                 },
                 log,
             )
@@ -293,7 +296,17 @@ pub fn prebuild(
     );
     cancelled(req)?;
     let settings = store.settings(&base)?;
-    let sandbox = Sandbox::start(runtime, &format!("{}-pb", req.sandbox_prefix), &base, None)?;
+    let sandbox = Sandbox::start(
+        runtime,
+        &format!("{}-pb", req.sandbox_prefix),
+        &base,
+        None,
+        &req.limits,
+    )?;
+    let stop = Stop {
+        cancel: req.cancel,
+        time: req.limits.time,
+    };
     let folder = spec.workspace_folder.clone();
     let user = session_user(&spec);
     let _ = writeln!(log, "checking out {} into {folder}", req.commit);
@@ -320,7 +333,7 @@ pub fn prebuild(
             no_network: false,
         },
         log,
-        req.cancel,
+        stop,
     )?;
     let mut env = settings.env.clone();
     env.extend(spec.env.iter().map(|(k, v)| format!("{k}={v}")));
@@ -342,7 +355,7 @@ pub fn prebuild(
                 no_network: false,
             },
             log,
-            req.cancel,
+            stop,
         )
         .map_err(|e| format!("prebuild task `{}`: {e}", task.name))?;
     }
@@ -384,6 +397,7 @@ fn record_trace(
         &format!("{}-trace", req.sandbox_prefix),
         image,
         Some(duration.as_secs().max(1)),
+        &req.limits,
     )?;
     if let Err(e) = runtime.start_tasks(&sandbox.id, &workspace_tasks(spec)) {
         let _ = writeln!(log, "warning: the workspace tasks did not start: {e}");

@@ -68,6 +68,57 @@ pub struct ImageSettings {
 /// The `PATH` a Linux image without one gets, as Docker gives it.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
+/// What each build step and prebuild task may use on a shared host. A step still running at
+/// its time limit is killed and the build fails naming the limit; every sandbox runs in a cgroup
+/// with the memory and process limits (past the memory, the kernel kills a process inside).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepLimits {
+    pub time: Duration,
+    /// Bytes; `None`: unlimited.
+    pub memory: Option<u64>,
+    /// Processes and threads at once; `None`: unlimited.
+    pub pids: Option<u64>,
+}
+
+impl StepLimits {
+    /// One hour a step; 4096 processes; memory: half of this host's.
+    pub fn host_default() -> Self {
+        Self {
+            time: Duration::from_secs(3600),
+            memory: host_memory().map(|m| m / 2),
+            pids: Some(4096),
+        }
+    }
+
+    fn sandbox_limits(&self) -> Limits {
+        Limits {
+            cpus: None,
+            memory: self.memory,
+            pids: self.pids,
+            // The host's default (`--workspace-disk`).
+            disk: None,
+        }
+    }
+}
+
+/// This host's memory in bytes.
+fn host_memory() -> Option<u64> {
+    // SAFETY: sysinfo only writes the struct it is given.
+    let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };
+    // SAFETY: `info` is a valid, writable sysinfo struct.
+    if unsafe { libc::sysinfo(&mut info) } != 0 {
+        return None;
+    }
+    Some(info.totalram.saturating_mul(u64::from(info.mem_unit)))
+}
+
+/// What ends a step early: a cancel of the build, and the step's time limit.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Stop<'a> {
+    pub cancel: Option<&'a AtomicBool>,
+    pub time: Duration,
+}
+
 #[derive(Debug)]
 pub struct BuildRequest<'a> {
     pub dockerfile: &'a Dockerfile,
@@ -89,6 +140,16 @@ pub struct BuildRequest<'a> {
     /// `warren build`): step results and cache mounts are never shared across scopes, so one
     /// tenant's `RUN curl ... | sh` cannot become another's cached step.
     pub cache_scope: &'a str,
+    pub limits: StepLimits,
+}
+
+impl BuildRequest<'_> {
+    pub(crate) fn stop(&self) -> Stop<'_> {
+        Stop {
+            cancel: self.cancel,
+            time: self.limits.time,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +175,7 @@ impl<'a> Sandbox<'a> {
         name: &str,
         image: &str,
         record_trace_secs: Option<u64>,
+        limits: &StepLimits,
     ) -> Result<Self, String> {
         let id = WorkspaceId::new(name).map_err(|e| e.to_string())?;
         let _ = runtime.delete(&id);
@@ -126,7 +188,7 @@ impl<'a> Sandbox<'a> {
                     lazy_only: record_trace_secs.is_none(),
                 },
                 hostname: None,
-                limits: Limits::default(),
+                limits: limits.sandbox_limits(),
                 env: Vec::new(),
                 vm: None,
             })
@@ -298,12 +360,19 @@ pub struct Built {
 pub const RESERVED_REPOSITORIES: [&str; 3] =
     ["warren-prebuild", "warren-env", "warren-build-cache"];
 
-/// Refuses a reference a user wrote when it names one of [`RESERVED_REPOSITORIES`].
+/// Refuses a reference a user wrote when it names one of [`RESERVED_REPOSITORIES`], or names an
+/// image by its bare digest (`sha256:...`), which reaches every image in the store, prebuilds
+/// included. Docker takes no bare digest either (`NAME@sha256:...`).
 pub fn refuse_reserved(reference: &str) -> Result<(), String> {
     let repository = reference.split(['@', ':']).next().unwrap_or_default();
     if RESERVED_REPOSITORIES.contains(&repository) {
         return Err(format!(
             "{reference}: a prebuild's or a build step's image is its project's, not to be named"
+        ));
+    }
+    if repository.eq_ignore_ascii_case("sha256") {
+        return Err(format!(
+            "{reference}: name an image by NAME:TAG, not by its bare digest (which could be a prebuild's, reached only through its project)"
         ));
     }
     Ok(())
@@ -350,7 +419,7 @@ impl Build<'_> {
             state.stage,
             self.sandboxes.len()
         );
-        let sandbox = Sandbox::start(self.runtime, &name, &state.image, None)?;
+        let sandbox = Sandbox::start(self.runtime, &name, &state.image, None, &self.req.limits)?;
         let id = sandbox.id.clone();
         self.sandboxes.push(sandbox);
         state.sandbox = Some(id.clone());
@@ -545,7 +614,7 @@ fn run_step(
                     id,
                     state.step(mkdir, Some("root"), None),
                     log,
-                    b.req.cancel,
+                    b.req.stop(),
                 )
             })?;
             state.workdir = dir;
@@ -600,7 +669,7 @@ fn run_step(
                 b.mount(id, &mounts)?;
                 let mut step = state.step(argv, user.as_deref(), stdin);
                 step.no_network = *no_network;
-                run(b.runtime, id, step, log, b.req.cancel)?;
+                run(b.runtime, id, step, log, b.req.stop())?;
                 b.unmount(id, &mounts)
             })?;
         }
@@ -840,13 +909,14 @@ impl State {
 const TAIL_LINES: usize = 5;
 
 /// Runs a process in the sandbox to its end, its output going to `log` as it comes; an error
-/// unless it exits 0. When `cancel` turns true the process is killed and the step fails.
+/// unless it exits 0. When the build is cancelled, or the step reaches its time limit, the
+/// process is killed and the step fails.
 pub(crate) fn run(
     runtime: &dyn Runtime,
     id: &WorkspaceId,
     step: Step,
     log: &mut dyn Write,
-    cancel: Option<&AtomicBool>,
+    stop: Stop<'_>,
 ) -> Result<(), String> {
     let request = ExecRequest {
         argv: step.argv.clone(),
@@ -889,7 +959,9 @@ pub(crate) fn run(
         .collect();
     drop(tx);
     let mut tail: Vec<u8> = Vec::new();
-    let mut cancelled = false;
+    let deadline = std::time::Instant::now() + stop.time;
+    // Why the process was killed, and when.
+    let mut killed: Option<(&str, std::time::Instant)> = None;
     loop {
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok((is_err, bytes)) => {
@@ -900,23 +972,46 @@ pub(crate) fn run(
                     tail.drain(..keep);
                 }
             }
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                if !cancelled && cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
-                    cancelled = true;
-                    let _ = exec.process.signal(libc::SIGKILL);
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => match killed {
+                None => {
+                    let why = if stop.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+                        Some(CANCELLED)
+                    } else if std::time::Instant::now() >= deadline {
+                        Some(TIMED_OUT)
+                    } else {
+                        None
+                    };
+                    if let Some(why) = why {
+                        killed = Some((why, std::time::Instant::now()));
+                        let _ = exec.process.signal(libc::SIGKILL);
+                    }
                 }
-            }
+                // Something the step started in the background still holds its output:
+                // it goes with the sandbox, which the build deletes.
+                Some((_, at)) if at.elapsed() > Duration::from_secs(5) => break,
+                Some(_) => {}
+            },
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
         }
+    }
+    if let Some((why, _)) = killed {
+        // The readers and the feeder end when the sandbox goes; they are not waited for.
+        let _ = exec.process.wait();
+        return Err(if why == TIMED_OUT {
+            format!(
+                "`{}` was still running after the step time limit ({} s) and was stopped",
+                step.argv.join(" "),
+                stop.time.as_secs()
+            )
+        } else {
+            CANCELLED.into()
+        });
     }
     for r in readers {
         let _ = r.join();
     }
     let _ = feeder.join();
     let status = exec.process.wait().map_err(|e| e.to_string())?;
-    if cancelled {
-        return Err(CANCELLED.into());
-    }
     match status {
         ExitStatus::Code(0) => Ok(()),
         status => {
@@ -942,6 +1037,8 @@ pub(crate) fn run(
 
 /// The error of a step stopped by a cancel.
 pub const CANCELLED: &str = "cancelled";
+/// Why a step past its time limit was killed (its error says more).
+const TIMED_OUT: &str = "timed out";
 
 /// Unpacks a tar stream into the folder `into` of the sandbox (as root: owners come from the
 /// stream, names resolved by the image's own users and groups, which must exist).
@@ -973,7 +1070,7 @@ tar -x -f - -C "$1"
     .to_vec();
     let mut step = state.step(argv, Some("root"), None);
     step.stdin = Some(tar);
-    run(b.runtime, id, step, log, b.req.cancel)
+    run(b.runtime, id, step, log, b.req.stop())
 }
 
 /// What a COPY's files are for the step cache: every entry's name, type, mode, owner, link and
@@ -1605,6 +1702,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn no_reference_a_user_writes_reaches_a_projects_images() {
+        for reference in [
+            "warren-prebuild:0123",
+            "warren-env:ab",
+            "warren-build-cache:cd",
+            "warren-prebuild@sha256:00",
+            "sha256:4f0c9d4ab3f1e0d1c3b2a190e1d6c1e0f4f3b1d2a7c6e5f40312a1b0c9d8e7f6",
+            "SHA256:4f0c",
+        ] {
+            assert!(refuse_reserved(reference).is_err(), "{reference}");
+        }
+        for reference in ["dev:1", "debian:bookworm", "127.0.0.1:5000/team/dev:1"] {
+            assert_eq!(refuse_reserved(reference), Ok(()), "{reference}");
+        }
+    }
+
+    #[test]
     fn the_copy_key_ignores_modification_times_only() {
         let tar = |mtime: u64, content: &[u8], mode: u32| {
             let mut b = tar::Builder::new(Vec::new());
@@ -1660,6 +1774,7 @@ mod tests {
             cancel: None,
             mount_cache: None,
             cache_scope: "",
+            limits: StepLimits::host_default(),
         };
         assert_eq!(
             glob_context(&req, "src/*.rs").unwrap(),

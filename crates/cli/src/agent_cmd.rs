@@ -23,14 +23,20 @@ pub struct AgentArgs {
     /// The Warren server
     #[arg(long, env = "WARREN_SERVER")]
     server: String,
-    /// This host's token (printed once by `warren host add`)
-    #[arg(long, env = "WARREN_HOST_TOKEN")]
-    token: String,
+    /// A file (mode 0600) holding this host's token; without it the token is read from
+    /// `WARREN_HOST_TOKEN`. Never an argument: every user of the host sees those (`ps`).
+    #[arg(long)]
+    token_file: Option<std::path::PathBuf>,
     /// Whether this host makes prebuilds
     #[arg(long, env = "WARREN_PREBUILDS", default_value_t = true, action = clap::ArgAction::Set)]
     prebuilds: bool,
+    /// Prebuilds this host makes at once (each in its own slots, beside the workspace jobs)
+    #[arg(long, env = "WARREN_PREBUILD_SLOTS", default_value_t = 1)]
+    prebuild_slots: usize,
     #[command(flatten)]
     host: HostFlags,
+    #[command(flatten)]
+    limits: crate::build_cmd::StepLimitFlags,
 }
 
 /// The control plane over HTTP.
@@ -40,11 +46,19 @@ struct HttpControlPlane {
 }
 
 impl ControlPlane for HttpControlPlane {
-    async fn claim(&self, _host: &str, report: Option<HostReport>) -> Result<Option<Job>, String> {
+    async fn claim(
+        &self,
+        _host: &str,
+        report: Option<HostReport>,
+        prebuilds: bool,
+    ) -> Result<Option<Job>, String> {
         let client = self.client.clone();
         tokio::task::spawn_blocking(move || {
             let answer = client
-                .post("/agent/claim", &json!({"report": report}))
+                .post(
+                    "/agent/claim",
+                    &json!({"report": report, "prebuilds": prebuilds}),
+                )
                 .map_err(|e| format!("{e:#}"))?;
             if answer.is_null() {
                 return Ok(None);
@@ -117,7 +131,7 @@ pub fn image_lister(data: &Path) -> ImageLister {
             let known = indexes.lock().ok().and_then(|m| m.get(&reference).cloned());
             let ids = match known {
                 Some(ids) => ids,
-                None => match crate::image_cmd::chunk_ids(&reference) {
+                None => match crate::image_cmd::chunk_ids(&data, &reference) {
                     Ok(ids) => {
                         let ids = Arc::new(ids);
                         if let Ok(mut m) = indexes.lock() {
@@ -140,13 +154,40 @@ pub fn image_lister(data: &Path) -> ImageLister {
     })
 }
 
+/// This host's token, from `--token-file` (which only root may read) or `WARREN_HOST_TOKEN`.
+fn host_token(file: Option<&Path>) -> anyhow::Result<String> {
+    let token = match file {
+        Some(file) => {
+            use std::os::unix::fs::MetadataExt as _;
+            let meta = std::fs::metadata(file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            if meta.mode() & 0o077 != 0 {
+                anyhow::bail!(
+                    "{} holds a host token but others may read it: chmod 600 it",
+                    file.display()
+                );
+            }
+            std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read {}", file.display()))?
+        }
+        None => std::env::var("WARREN_HOST_TOKEN").map_err(|_| {
+            anyhow::anyhow!(
+                "no host token: set WARREN_HOST_TOKEN or give --token-file (`warren host add` printed it)"
+            )
+        })?,
+    };
+    Ok(token.trim().to_owned())
+}
+
 pub fn agent(args: AgentArgs, data: &Path) -> anyhow::Result<ExitCode> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         anyhow::bail!("warren agent runs workspaces (namespaces, mounts, cgroups): run it as root");
     }
     let runtime = Arc::new(args.host.runtime_for_workspaces(data)?);
-    let client = Arc::new(Client::with_token(&args.server, &args.token));
+    let limits = args.limits.limits()?;
+    let token = host_token(args.token_file.as_deref())?;
+    let client = Arc::new(Client::with_token(&args.server, &token));
     let tokio = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -158,6 +199,7 @@ pub fn agent(args: AgentArgs, data: &Path) -> anyhow::Result<ExitCode> {
             Arc::new(crate::prebuild_cmd::HostPrebuilder {
                 data: data.to_path_buf(),
                 runtime: runtime.clone(),
+                limits,
             }) as Arc<dyn warren_agent::Prebuilder>
         });
         let agent = Agent::new(
@@ -167,7 +209,8 @@ pub fn agent(args: AgentArgs, data: &Path) -> anyhow::Result<ExitCode> {
             Arc::new(HttpControlPlane { client }),
             wake,
             image_lister(data),
-        );
+        )
+        .with_prebuild_slots(args.prebuild_slots);
         println!(
             "agent running for {} (workspaces under {})",
             args.server,

@@ -308,11 +308,13 @@ fn one_file_prebuild(work: &Path, rootfs: &Path) -> anyhow::Result<(u64, u64)> {
         helper: std::env::current_exe()?,
         network: NetworkConfig::default(),
         uid_base: BENCH_UID_BASE,
+        default_disk: None,
         vm: Default::default(),
     })?);
     let prebuilder = crate::prebuild_cmd::HostPrebuilder {
         data: data.clone(),
         runtime,
+        limits: warren_build::StepLimits::host_default(),
     };
     let url = format!("file://{}", repo.display());
     let prebuild = |commit: &str| -> anyhow::Result<String> {

@@ -197,6 +197,7 @@ pub(crate) fn runtime(cycles: usize, work: &Path, json: Option<&Path>) -> anyhow
         helper: exe.clone(),
         network: NetworkConfig::default(),
         uid_base: BENCH_UID_BASE,
+        default_disk: None,
         vm: Default::default(),
     })?;
     let idle = idle_memory(&runtime, 5)?;

@@ -31,6 +31,7 @@ fn vm_runtime(work: &Path) -> anyhow::Result<(ContainerRuntime, PathBuf)> {
         helper: std::env::current_exe()?,
         network: NetworkConfig::default(),
         uid_base: BENCH_UID_BASE,
+        default_disk: None,
         // WARREN_VM_KERNEL, WARREN_GUEST, WARREN_VM_ACCEL, else the host's own (what
         // `./dev vm` prepared under the data folder, not the benchmark's).
         vm: warren_runtime::VmSettings {

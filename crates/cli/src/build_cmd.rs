@@ -9,6 +9,37 @@ use clap::Args;
 
 use crate::runtime_cmd::HostFlags;
 
+/// What each build step and prebuild task may use (`warren build`, `up` and `agent`).
+#[derive(Debug, Clone, Args)]
+pub struct StepLimitFlags {
+    /// Longest a build step or prebuild task may run, in seconds, before it is stopped
+    #[arg(long, env = "WARREN_BUILD_STEP_SECONDS", default_value_t = 3600)]
+    build_step_seconds: u64,
+    /// Memory of each build and prebuild sandbox, such as 8GiB (default: half of this host's)
+    #[arg(long, env = "WARREN_BUILD_MEMORY")]
+    build_memory: Option<String>,
+    /// Most processes and threads at once in each build and prebuild sandbox
+    #[arg(long, env = "WARREN_BUILD_PIDS", default_value_t = 4096)]
+    build_pids: u64,
+}
+
+impl StepLimitFlags {
+    pub fn limits(&self) -> anyhow::Result<warren_build::StepLimits> {
+        if self.build_step_seconds == 0 || self.build_pids == 0 {
+            bail!("--build-step-seconds and --build-pids must be more than 0");
+        }
+        let default = warren_build::StepLimits::host_default();
+        Ok(warren_build::StepLimits {
+            time: std::time::Duration::from_secs(self.build_step_seconds),
+            memory: match &self.build_memory {
+                Some(text) => Some(crate::parse_size(text).context("--build-memory")?),
+                None => default.memory,
+            },
+            pids: Some(self.build_pids),
+        })
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct BuildArgs {
     /// The build context (a folder)
@@ -24,6 +55,8 @@ pub struct BuildArgs {
     build_args: Vec<String>,
     #[command(flatten)]
     host: HostFlags,
+    #[command(flatten)]
+    limits: StepLimitFlags,
 }
 
 pub fn build(args: BuildArgs, data: &Path) -> anyhow::Result<ExitCode> {
@@ -77,6 +110,7 @@ pub fn build(args: BuildArgs, data: &Path) -> anyhow::Result<ExitCode> {
             cancel: None,
             mount_cache: Some(&data.join("build-mounts")),
             cache_scope: "",
+            limits: args.limits.limits()?,
         },
         &mut std::io::stderr(),
     )?;

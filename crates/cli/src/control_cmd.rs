@@ -39,8 +39,13 @@ pub struct UpArgs {
     /// Whether this host makes prebuilds (`false`: leave them to other hosts' agents)
     #[arg(long, env = "WARREN_PREBUILDS", default_value_t = true, action = clap::ArgAction::Set)]
     prebuilds: bool,
+    /// Prebuilds this host makes at once (each in its own slots, beside the workspace jobs)
+    #[arg(long, env = "WARREN_PREBUILD_SLOTS", default_value_t = 1)]
+    prebuild_slots: usize,
     #[command(flatten)]
     host: HostFlags,
+    #[command(flatten)]
+    limits: crate::build_cmd::StepLimitFlags,
     #[command(flatten)]
     ssh: SshFlags,
 }
@@ -76,6 +81,29 @@ impl SshFlags {
     }
 }
 
+/// Refuses a database URL with a password given as an argument (`--database-url`): every user
+/// of the host sees a process's arguments (`ps`). The environment is the owner's alone.
+pub fn refuse_password_in_argv(url: &str) -> anyhow::Result<()> {
+    if url_has_password(url) && std::env::var("WARREN_DATABASE_URL").ok().as_deref() != Some(url) {
+        bail!(
+            "--database-url holds a password, which every user of this host could read from the \
+             process list: give the URL in WARREN_DATABASE_URL instead"
+        );
+    }
+    Ok(())
+}
+
+/// `scheme://user:password@host/...`.
+fn url_has_password(url: &str) -> bool {
+    let authority = url
+        .split_once("://")
+        .map(|(_, rest)| rest.split(['/', '?']).next().unwrap_or(""))
+        .unwrap_or("");
+    authority
+        .rsplit_once('@')
+        .is_some_and(|(user, _)| user.contains(':'))
+}
+
 pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
@@ -104,14 +132,17 @@ pub fn up(args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
     let database_url = args
         .database_url
         .unwrap_or_else(|| format!("sqlite://{}", data.join("warren.db").display()));
+    refuse_password_in_argv(&database_url)?;
     let host_name = args.host_name.unwrap_or_else(hostname);
     let runtime: Arc<dyn warren_runtime::Runtime> =
         Arc::new(args.host.runtime_for_workspaces(data)?);
     let ssh = args.ssh.settings(data)?;
+    let limits = args.limits.limits()?;
     let prebuilder = args.prebuilds.then(|| {
         Arc::new(crate::prebuild_cmd::HostPrebuilder {
             data: data.to_path_buf(),
             runtime: runtime.clone(),
+            limits,
         }) as Arc<dyn warren_agent::Prebuilder>
     });
     let tokio = tokio::runtime::Builder::new_multi_thread()
@@ -131,6 +162,7 @@ pub fn up(args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
             reconcile_every: Duration::from_secs(args.reconcile_seconds.max(1)),
             ssh,
             prebuilder,
+            prebuild_slots: args.prebuild_slots,
             git_mirrors: data.join("git/server"),
             file_repos: args.file_repos,
         })
@@ -1008,7 +1040,7 @@ pub fn key(cmd: KeyCommand) -> anyhow::Result<ExitCode> {
 
 #[derive(Debug, Subcommand)]
 pub enum HostCommand {
-    /// Register a host; run `warren agent --server URL --token TOKEN` there
+    /// Register a host; run `WARREN_HOST_TOKEN=TOKEN warren agent --server URL` there
     Add { name: String },
     Ls {
         #[arg(long)]
@@ -1023,9 +1055,9 @@ pub fn host(cmd: HostCommand) -> anyhow::Result<ExitCode> {
             let host = client.post("/hosts", &json!({"name": name}))?;
             println!("host {name} registered; on it, as root (the token is shown only now):");
             println!(
-                "  warren agent --server {} --token {}",
-                client.server(),
-                host["token"].as_str().unwrap_or("?")
+                "  WARREN_HOST_TOKEN={} warren agent --server {}",
+                host["token"].as_str().unwrap_or("?"),
+                client.server()
             );
             return Ok(ExitCode::SUCCESS);
         }
@@ -1056,6 +1088,17 @@ pub fn job(cmd: ListCommand) -> anyhow::Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_database_password_is_found_where_urls_keep_it() {
+        assert!(url_has_password(
+            "postgres://warren:s3cret@db.example/warren"
+        ));
+        assert!(url_has_password("postgres://warren:p@ss@db/warren"));
+        assert!(!url_has_password("postgres://warren@db.example/warren"));
+        assert!(!url_has_password("sqlite:///var/lib/warren/warren.db"));
+        assert!(!url_has_password("postgres://db.example/warren?user=a:b"));
+    }
 
     #[test]
     fn environment_files_are_named_as_in_their_repository() {

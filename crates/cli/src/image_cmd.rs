@@ -117,16 +117,69 @@ fn local_store(data: &Path) -> anyhow::Result<LocalStore> {
     Ok(LocalStore::open(&data.join("images"))?)
 }
 
-fn credentials() -> Option<(String, String)> {
-    Some((
-        std::env::var("WARREN_REGISTRY_USER").ok()?,
-        std::env::var("WARREN_REGISTRY_PASSWORD").ok()?,
-    ))
+/// Where registry credentials are kept: `WARREN_REGISTRY_AUTH`, else
+/// `<data>/registry-auth.json`.
+fn auth_file(data: &Path) -> PathBuf {
+    std::env::var_os("WARREN_REGISTRY_AUTH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| data.join("registry-auth.json"))
 }
 
-fn registry(r: &RegistryRef) -> RegistryStore {
+/// The credentials for registry `host` from the auth file (Docker's `config.json` form:
+/// `{"auths": {"HOST": {"auth": base64("user:password")}}}`, or `username` and `password`).
+/// Only that host's entry is ever used, so a registry a user names gets no other registry's
+/// password. A file others may read is not used.
+fn credentials(data: &Path, host: &str) -> anyhow::Result<Option<(String, String)>> {
+    use std::os::unix::fs::MetadataExt as _;
+    let path = auth_file(data);
+    let file = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let meta = file.metadata()?;
+    if meta.mode() & 0o077 != 0 {
+        bail!(
+            "{} holds registry passwords but others may read it: chmod 600 it",
+            path.display()
+        );
+    }
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::io::Read::take(file, 1 << 20), &mut text)?;
+    let parsed: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    let Some(entry) = parsed["auths"].get(host) else {
+        return Ok(None);
+    };
+    if let Some(auth) = entry["auth"].as_str() {
+        use base64::Engine as _;
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(auth)
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+            .with_context(|| format!("{}: `auth` of {host} is not base64", path.display()))?;
+        let (user, password) = decoded.split_once(':').with_context(|| {
+            format!("{}: `auth` of {host} is not user:password", path.display())
+        })?;
+        return Ok(Some((user.to_owned(), password.to_owned())));
+    }
+    match (entry["username"].as_str(), entry["password"].as_str()) {
+        (Some(user), Some(password)) => Ok(Some((user.to_owned(), password.to_owned()))),
+        _ => bail!(
+            "{}: the entry of {host} has neither `auth` nor `username` and `password`",
+            path.display()
+        ),
+    }
+}
+
+fn registry(data: &Path, r: &RegistryRef) -> anyhow::Result<RegistryStore> {
     let insecure = std::env::var("WARREN_REGISTRY_INSECURE").is_ok_and(|v| v == "1");
-    RegistryStore::new(&r.host, &r.repository, credentials(), insecure)
+    Ok(RegistryStore::new(
+        &r.host,
+        &r.repository,
+        credentials(data, &r.host)?,
+        insecure,
+    ))
 }
 
 /// The store holding `reference` and the name of the image inside it. Registry reads retry
@@ -137,7 +190,7 @@ fn resolve(data: &Path, reference: &str) -> anyhow::Result<(Arc<dyn BlobStore>, 
         && !local_store(data)?.tags()?.contains_key(reference)
     {
         return Ok((
-            Arc::new(registry(&r).with_retry(Retry::patient())),
+            Arc::new(registry(data, &r)?.with_retry(Retry::patient())),
             r.reference.clone(),
         ));
     }
@@ -146,9 +199,12 @@ fn resolve(data: &Path, reference: &str) -> anyhow::Result<(Arc<dyn BlobStore>, 
 }
 
 /// The chunk ids of a registry image (its tree index, fetched once).
-pub(crate) fn chunk_ids(reference: &str) -> anyhow::Result<Vec<warren_image::ChunkId>> {
+pub(crate) fn chunk_ids(
+    data: &Path,
+    reference: &str,
+) -> anyhow::Result<Vec<warren_image::ChunkId>> {
     let r = RegistryRef::parse(reference)?;
-    let image = warren_store::images::open_image(&registry(&r), &r.reference)?;
+    let image = warren_store::images::open_image(&registry(data, &r)?, &r.reference)?;
     Ok(image.index.chunks.iter().map(|c| c.id).collect())
 }
 
@@ -193,10 +249,16 @@ pub fn run(cmd: ImageCommand, data: &Path) -> anyhow::Result<()> {
             let r = RegistryRef::parse(&destination)?;
             let local = local_store(data)?;
             let bar = bytes_bar(0, "pushing");
-            let digest = copy_image(&local, &registry(&r), &name, &r.reference, |done, total| {
-                bar.set_length(total);
-                bar.set_position(done);
-            })?;
+            let digest = copy_image(
+                &local,
+                &registry(data, &r)?,
+                &name,
+                &r.reference,
+                |done, total| {
+                    bar.set_length(total);
+                    bar.set_position(done);
+                },
+            )?;
             bar.finish_and_clear();
             println!("pushed {name} to {destination} ({digest})");
             Ok(())
@@ -213,10 +275,16 @@ pub fn run(cmd: ImageCommand, data: &Path) -> anyhow::Result<()> {
             check_local_name(&name)?;
             let local = local_store(data)?;
             let bar = bytes_bar(0, "pulling");
-            let digest = copy_image(&registry(&r), &local, &r.reference, &name, |done, total| {
-                bar.set_length(total);
-                bar.set_position(done);
-            })?;
+            let digest = copy_image(
+                &registry(data, &r)?,
+                &local,
+                &r.reference,
+                &name,
+                |done, total| {
+                    bar.set_length(total);
+                    bar.set_position(done);
+                },
+            )?;
             bar.finish_and_clear();
             println!("pulled {source} as {name} ({digest})");
             Ok(())
@@ -353,7 +421,7 @@ impl LocalImages {
     fn fetch_base(&self, reference: &str) -> anyhow::Result<()> {
         let r = RegistryRef::parse(reference)?;
         let local = local_store(&self.data)?;
-        let remote = registry(&r);
+        let remote = registry(&self.data, &r)?;
         if copy_image(&remote, &local, &r.reference, reference, |_, _| {}).is_ok()
             && open_image(&local, reference).is_ok()
         {
@@ -479,7 +547,7 @@ fn import(data: &Path, source: &str, name: &str, base: Option<&str>) -> anyhow::
     let bar = spinner(&format!("importing {source}"));
     let config = if let Some(rest) = source.strip_prefix("docker://") {
         let r = RegistryRef::parse(rest)?;
-        warren_store::oci::import_oci(&registry(&r), &r.reference, &mut builder, |i, n| {
+        warren_store::oci::import_oci(&registry(data, &r)?, &r.reference, &mut builder, |i, n| {
             bar.set_message(format!("importing {source}: layer {i}/{n}"))
         })?
     } else if let Some(rest) = source.strip_prefix("oci:") {

@@ -21,6 +21,7 @@ use crate::image_cmd::LocalImages;
 pub struct HostPrebuilder {
     pub data: PathBuf,
     pub runtime: Arc<dyn Runtime>,
+    pub limits: warren_build::StepLimits,
 }
 
 impl Prebuilder for HostPrebuilder {
@@ -71,6 +72,7 @@ impl Prebuilder for HostPrebuilder {
                 cancel: Some(cancel),
                 mount_cache: Some(&self.data.join("build-mounts")),
                 scope: &job.project_id,
+                limits: self.limits,
             },
             log,
         )?;

@@ -52,6 +52,10 @@ pub struct HostFlags {
     /// First host uid of workspace uid ranges (65536 ids per workspace)
     #[arg(long, global = true, env = "WARREN_UID_BASE", default_value_t = ContainerRuntimeConfig::DEFAULT_UID_BASE)]
     uid_base: u32,
+    /// What each container workspace (and build sandbox) may write, such as 20GiB, unless
+    /// it has its own limit; past it, writes inside fail with "no space left" (default: no limit)
+    #[arg(long, global = true, env = "WARREN_WORKSPACE_DISK")]
+    workspace_disk: Option<String>,
 }
 
 impl HostFlags {
@@ -70,6 +74,12 @@ impl HostFlags {
             uid_base: self.uid_base,
             // WARREN_VM_KERNEL, WARREN_GUEST and WARREN_VM_ACCEL, else the defaults.
             vm: Default::default(),
+            default_disk: self
+                .workspace_disk
+                .as_deref()
+                .map(crate::parse_size)
+                .transpose()
+                .context("--workspace-disk")?,
         })?)
     }
 
@@ -118,6 +128,9 @@ enum RuntimeCommand {
         /// Most processes and threads at once
         #[arg(long)]
         pids: Option<u64>,
+        /// What the workspace may write, e.g. 10GiB (default: --workspace-disk)
+        #[arg(long)]
+        disk: Option<String>,
         #[arg(long)]
         hostname: Option<String>,
         /// KEY=value for every process in the workspace (repeatable)
@@ -210,12 +223,14 @@ pub fn run(args: RuntimeArgs, data: &Path) -> anyhow::Result<ExitCode> {
             memory,
             cpus,
             pids,
+            disk,
             hostname,
             env,
             vm,
             ksm,
         } => {
             let memory = memory.as_deref().map(crate::parse_size).transpose()?;
+            let disk = disk.as_deref().map(crate::parse_size).transpose()?;
             let root = match (image, dir) {
                 (Some(reference), _) => RootSource::Image {
                     reference,
@@ -231,7 +246,12 @@ pub fn run(args: RuntimeArgs, data: &Path) -> anyhow::Result<ExitCode> {
                 id: id(&name)?,
                 root,
                 hostname,
-                limits: Limits { cpus, memory, pids },
+                limits: Limits {
+                    cpus,
+                    memory,
+                    pids,
+                    disk,
+                },
                 env,
                 vm: vm.then_some(VmOptions {
                     ksm,

@@ -35,6 +35,7 @@ pub fn gateway(args: GatewayArgs, data: &Path) -> anyhow::Result<ExitCode> {
     let database_url = args
         .database_url
         .unwrap_or_else(|| format!("sqlite://{}", data.join("warren.db").display()));
+    crate::control_cmd::refuse_password_in_argv(&database_url)?;
     let runtime = Arc::new(args.host.runtime(data)?);
     let tokio = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -87,6 +87,17 @@ fn end_to_end(seed: u32, database_url: Option<String>) {
         .lines()
         .find_map(|l| l.split_once(&warren.url()).map(|(_, path)| path.to_owned()))
         .expect("the webhook is shown once");
+    // The database keeps the secret's digest, never the secret.
+    if warren.database_url.is_none() {
+        let secret = hook.split("secret=").nth(1).unwrap().as_bytes();
+        for file in ["warren.db", "warren.db-wal"] {
+            let bytes = std::fs::read(warren.data.path().join(file)).unwrap_or_default();
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret),
+                "the webhook secret is kept as given in {file}"
+            );
+        }
+    }
     // The branch heads are read at once, and again when the webhook is called.
     let head = |rev: &str| {
         let out = Command::new("git")

@@ -474,6 +474,24 @@ fn a_vm_workspace_cannot_point_its_modules_folder_at_the_host() {
     assert!(listed.contains("kernel"), "{listed}");
 }
 
+/// A `warren up` with these variables, its admin logged in and `dev:1` imported, whose users may
+/// add the git repositories under the returned folder as projects.
+fn up_with_repos(seed: u32, env: &[(&str, &str)]) -> (Warren, tempfile::TempDir) {
+    let repos = tempfile::tempdir().unwrap();
+    let mut warren = Warren::new(seed, None);
+    warren.env.push((
+        "WARREN_FILE_REPOS".into(),
+        repos.path().display().to_string(),
+    ));
+    warren
+        .env
+        .extend(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+    let password = warren.start().unwrap();
+    warren.login("admin", &password);
+    warren.import_dev_image();
+    (warren, repos)
+}
+
 /// Two users add projects on the same repository. Before, the prebuild key and the build
 /// caches were the repository's: the second user's project reused (or a first, hostile one
 /// poisoned) the other's prebuild, `RUN --mount=type=cache` was one folder per `id` for
@@ -481,15 +499,7 @@ fn a_vm_workspace_cannot_point_its_modules_folder_at_the_host() {
 #[test]
 fn a_projects_prebuilds_and_caches_are_its_own() {
     enter_own_network();
-    let repos = tempfile::tempdir().unwrap();
-    let mut warren = Warren::new(41, None);
-    warren.env.push((
-        "WARREN_FILE_REPOS".into(),
-        repos.path().display().to_string(),
-    ));
-    let password = warren.start().unwrap();
-    warren.login("admin", &password);
-    warren.import_dev_image();
+    let (warren, repos) = up_with_repos(41, &[]);
     warren.add_user("alice");
     warren.add_user("bob");
     let repo = repos.path().join("shared");
@@ -547,6 +557,25 @@ fn a_projects_prebuilds_and_caches_are_its_own() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("its project's"), "{err}");
+    // Nor by its digest.
+    let inspected: Value = serde_json::from_str(&ok(common::warren_at(
+        warren.data.path(),
+        &[
+            "image",
+            "inspect",
+            alices["image"].as_str().unwrap(),
+            "--json",
+        ],
+        &[],
+    )))
+    .unwrap();
+    let digest = inspected["digest"].as_str().unwrap();
+    let out = warren.cli("bob", &["ws", "create", "stolen", "--image", digest]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("bare digest"),
+        "{err}"
+    );
     warren.ok("bob", &["ws", "rm", "mine"]);
 }
 
@@ -739,4 +768,275 @@ fn a_key_is_added_only_by_whoever_holds_it() {
     assert_eq!(listed.as_array().map(Vec::len), Some(0), "{listed}");
     let (_, listed) = warren.http("GET", "/api/v1/keys", Some(&alice), None);
     assert_eq!(listed[0]["name"], "laptop", "{listed}");
+}
+
+/// A prebuild task and a build step that never end. Before, each held a job slot for good, and
+/// the agent's four slots were shared with workspace jobs: four such prebuilds stopped every
+/// workspace on the host from starting. Now a step stops at the step time limit with a message
+/// naming it, prebuilds wait for a prebuild slot of their own (one here), and workspace jobs go
+/// on meanwhile.
+#[test]
+fn a_step_past_its_time_limit_fails_and_frees_its_slot() {
+    enter_own_network();
+    let (warren, repos) = up_with_repos(44, &[("WARREN_BUILD_STEP_SECONDS", "8")]);
+    let project = |name: &str, files: &[(&str, &str)]| {
+        let repo = repos.path().join(name);
+        std::fs::create_dir_all(&repo).unwrap();
+        for (file, text) in files {
+            std::fs::write(repo.join(file), text).unwrap();
+        }
+        warren_testkit::git(&repo, &["init", "-q", "-b", "main"]);
+        warren_testkit::git(&repo, &["add", "."]);
+        warren_testkit::git(&repo, &["commit", "-q", "-m", "first"]);
+        warren.ok(
+            "admin",
+            &[
+                "project",
+                "add",
+                name,
+                &format!("file://{}", repo.display()),
+            ],
+        );
+    };
+    project(
+        "task",
+        &[(
+            "warren.yml",
+            "image: dev:1\ntasks:\n  - name: forever\n    prebuild: sleep 600\n",
+        )],
+    );
+    project(
+        "step",
+        &[
+            ("warren.yml", "image:\n  file: Dockerfile\n"),
+            ("Dockerfile", "FROM dev:1\nRUN sleep 600\n"),
+        ],
+    );
+    let latest = |name: &str| -> Value {
+        let list: Value =
+            serde_json::from_str(&warren.ok("admin", &["prebuild", "ls", name, "--json"])).unwrap();
+        list.as_array()
+            .and_then(|l| l.first())
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    // While a prebuild hangs, a workspace is made.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while ![
+        latest("task")["state"].clone(),
+        latest("step")["state"].clone(),
+    ]
+    .contains(&Value::from("running"))
+    {
+        assert!(Instant::now() < deadline, "no prebuild started");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = warren.cli_within(
+        "admin",
+        &["ws", "create", "meanwhile", "--image", "dev:1"],
+        Duration::from_secs(60),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // One prebuild at a time; each stops at the limit and the other then runs.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let ended = loop {
+        let (a, b) = (latest("task"), latest("step"));
+        let states = [a["state"].as_str(), b["state"].as_str()];
+        assert!(
+            states.iter().filter(|s| **s == Some("running")).count() <= 1,
+            "two prebuilds at once: {a} {b}"
+        );
+        if states
+            .iter()
+            .all(|s| matches!(s, Some("failed" | "succeeded" | "cancelled")))
+        {
+            break [a, b];
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the prebuilds never ended: {a} {b}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for pb in ended {
+        assert_eq!(pb["state"], "failed", "{pb}");
+        let error = pb["error"].as_str().unwrap();
+        assert!(
+            error.contains("sleep 600") && error.contains("step time limit (8 s)"),
+            "{error}"
+        );
+    }
+    warren.ok("admin", &["ws", "rm", "meanwhile"]);
+}
+
+/// A registry password given to Warren for the team's registry. Before, it went to every
+/// registry a user named (`FROM evil.example/x`, `image pull`) and to any token service such a
+/// registry pointed at. Now each registry's credentials are its own entry of a 0600 file, sent
+/// to that registry alone.
+#[test]
+fn registry_passwords_go_only_to_their_registry() {
+    use std::io::{BufRead as _, Write as _};
+    use std::os::unix::fs::PermissionsExt as _;
+    enter_own_network();
+    let team = warren_testkit::Registry::start_with_basic_auth("ada", "s3cret");
+    // Another registry, which asks every client for a password and keeps what it is sent.
+    let decoy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let decoy_host = decoy.local_addr().unwrap().to_string();
+    let (seen_tx, seen) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for conn in decoy.incoming() {
+            let Ok(conn) = conn else { return };
+            let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
+            let mut head = String::new();
+            // Up to the blank line that ends the request's head.
+            while reader.read_line(&mut head).is_ok_and(|n| n > 2) {}
+            let _ = seen_tx.send(head);
+            let _ = (&conn).write_all(
+                b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"decoy\"\r\n\
+                  Content-Length: 0\r\nConnection: close\r\n\r\n",
+            );
+        }
+    });
+    let data = tempfile::tempdir().unwrap();
+    let warren = |args: &[&str]| common::warren_at(data.path(), args, &[]);
+    let tree = tempfile::tempdir().unwrap();
+    std::fs::write(tree.path().join("hello"), "hi\n").unwrap();
+    ok(warren(&[
+        "image",
+        "import",
+        tree.path().to_str().unwrap(),
+        "demo:1",
+    ]));
+    let auth = data.path().join("registry-auth.json");
+    std::fs::write(
+        &auth,
+        json!({"auths": {team.host(): {"username": "ada", "password": "s3cret"}}}).to_string(),
+    )
+    .unwrap();
+    // Readable by others: not used.
+    std::fs::set_permissions(&auth, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let pushed = format!("{}/team/demo:1", team.host());
+    let out = warren(&["image", "push", "demo:1", &pushed]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("chmod 600"), "{err}");
+    std::fs::set_permissions(&auth, std::fs::Permissions::from_mode(0o600)).unwrap();
+    ok(warren(&["image", "push", "demo:1", &pushed]));
+    ok(warren(&["image", "pull", &pushed, "again:1"]));
+    // The decoy asks; it gets no password.
+    let out = warren(&[
+        "image",
+        "pull",
+        &format!("{decoy_host}/team/demo:1"),
+        "decoy:1",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("user name and password"),
+        "{err}"
+    );
+    let requests: Vec<String> = seen.try_iter().collect();
+    assert!(!requests.is_empty(), "the decoy was never asked");
+    for request in requests {
+        assert!(
+            !request.to_ascii_lowercase().contains("authorization"),
+            "credentials sent to another registry: {request}"
+        );
+    }
+}
+
+/// Free bytes of the filesystem holding `path`, as an unprivileged user sees them.
+fn free_bytes(path: &std::path::Path) -> u64 {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: statvfs writes only the struct it is given.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid C string and `s` a writable statvfs.
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut s) }, 0);
+    s.f_bavail * s.f_frsize
+}
+
+/// A workspace that writes until its disk is full. Before, its writable layer was a folder on
+/// the host's disk, which it filled for the host, Warren and every other workspace. Now, with
+/// a disk limit (here the host's default, `--workspace-disk`), its writes fail with ENOSPC at
+/// the limit, the host's free space drops by no more than the limit, and another workspace
+/// writes on.
+#[test]
+fn a_workspace_that_fills_its_disk_fills_only_its_own() {
+    enter_own_network();
+    let (warren, _repos) = up_with_repos(45, &[("WARREN_WORKSPACE_DISK", "256MiB")]);
+    for ws in ["full", "other"] {
+        warren.ok("admin", &["ws", "create", ws, "--image", "dev:1"]);
+    }
+    let before = free_bytes(warren.data.path());
+    let out = warren.ok(
+        "admin",
+        &[
+            "ws",
+            "exec",
+            "full",
+            "--",
+            "sh",
+            "-c",
+            "dd if=/dev/zero of=/big bs=1M count=1024 2>&1; echo status=$?; df -m / | tail -1",
+        ],
+    );
+    assert!(
+        out.contains("No space left on device") && !out.contains("status=0"),
+        "{out}"
+    );
+    let used = before.saturating_sub(free_bytes(warren.data.path()));
+    assert!(
+        used < 300 << 20,
+        "the host lost {} MiB to a workspace limited to 256: {out}",
+        used >> 20
+    );
+    // The other workspace, and the full one once it deletes, write on.
+    warren.ok(
+        "admin",
+        &[
+            "ws",
+            "exec",
+            "other",
+            "--",
+            "sh",
+            "-c",
+            "dd if=/dev/zero of=/f bs=1M count=32 && sync",
+        ],
+    );
+    warren.ok(
+        "admin",
+        &[
+            "ws",
+            "exec",
+            "full",
+            "--",
+            "sh",
+            "-c",
+            "rm /big && echo again > /small && sync",
+        ],
+    );
+    // What it wrote is kept across a stop and a start, also when its filesystem was unmounted
+    // meanwhile (as after a reboot of the host).
+    warren.ok("admin", &["ws", "stop", "full"]);
+    for ws in std::fs::read_dir(warren.data.path().join("runtime/workspaces")).unwrap() {
+        let disk = ws.unwrap().path().join("disk");
+        let c = std::ffi::CString::new(disk.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: umount of a path; no memory is shared.
+        unsafe { libc::umount(c.as_ptr()) };
+    }
+    warren.ok("admin", &["ws", "start", "full"]);
+    let kept = warren.ok("admin", &["ws", "exec", "full", "--", "cat", "/small"]);
+    assert_eq!(kept, "again\n");
+    for ws in ["full", "other"] {
+        warren.ok("admin", &["ws", "rm", ws]);
+    }
+    // Nothing of it stays mounted.
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(warren.data.path().to_str().unwrap()),
+        "{mounts}"
+    );
 }

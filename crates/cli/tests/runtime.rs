@@ -71,6 +71,7 @@ impl Host {
             helper: env!("CARGO_BIN_EXE_warren").into(),
             network: NetworkConfig::default(),
             uid_base,
+            default_disk: None,
             vm: VmSettings {
                 kernel: vm.as_ref().map(|v| v.0.clone()),
                 guest: vm.as_ref().map(|v| v.1.clone()),

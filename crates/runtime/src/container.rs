@@ -76,6 +76,9 @@ pub struct ContainerRuntimeConfig {
     pub uid_base: u32,
     /// What VM workspaces boot from (used only by workspaces that ask for a VM).
     pub vm: crate::VmSettings,
+    /// The disk limit of container workspaces created without one of their own (`None`:
+    /// unlimited).
+    pub default_disk: Option<u64>,
 }
 
 impl ContainerRuntimeConfig {
@@ -304,8 +307,12 @@ impl Runtime for ContainerRuntime {
             let slot = self.slots.allocate(&config.id, self.capacity())?;
             let net = self.config.network.subnet;
             let first = u32::from(net.network());
+            let mut config = config.clone();
+            if config.vm.is_none() && config.limits.disk.is_none() {
+                config.limits.disk = self.config.default_disk;
+            }
             let rec = WorkspaceRecord {
-                config: config.clone(),
+                config,
                 slot,
                 uid_base: self.config.uid_base + slot * ID_RANGE,
                 address: Ipv4Addr::from(first + 2 + slot),
@@ -725,6 +732,9 @@ impl Runtime for ContainerRuntime {
         {
             leftovers.push(e.to_string());
         }
+        if let Err(e) = crate::disk::unmount(&layout.dir) {
+            leftovers.push(e.to_string());
+        }
         let mounts = crate::sys::mounts_under(&layout.dir);
         if mounts.is_empty() {
             if let Err(e) = std::fs::remove_dir_all(&layout.dir) {
@@ -796,6 +806,7 @@ impl Runtime for ContainerRuntime {
 
     fn writable_layer(&self, id: &WorkspaceId) -> Result<Option<WritableLayer>, Error> {
         let (rec, layout) = self.record(id)?;
+        crate::disk::ensure_mounted(&layout.dir)?;
         Ok(match &rec.config.root {
             RootSource::Image { reference, .. } => Some(WritableLayer {
                 image: reference.clone(),

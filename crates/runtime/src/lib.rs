@@ -14,6 +14,7 @@
 
 mod cgroup;
 mod container;
+mod disk;
 mod error;
 mod exec;
 mod init;

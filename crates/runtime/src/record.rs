@@ -81,12 +81,21 @@ impl Layout {
     pub(crate) fn record(&self) -> PathBuf {
         self.dir.join("workspace.json")
     }
+    /// Where what the workspace writes is kept: its own filesystem when it has a disk limit
+    /// (see [`crate::disk`]), else its folder.
+    fn writable(&self) -> PathBuf {
+        if crate::disk::limited(&self.dir) {
+            crate::disk::mount_point(&self.dir)
+        } else {
+            self.dir.clone()
+        }
+    }
     /// The writable layer (overlay upper); kept across stop and start.
     pub(crate) fn upper(&self) -> PathBuf {
-        self.dir.join("upper")
+        self.writable().join("upper")
     }
     pub(crate) fn work(&self) -> PathBuf {
-        self.dir.join("work")
+        self.writable().join("work")
     }
     /// Where the read-only tree is mounted (lazy image or idmapped folder).
     pub(crate) fn lower(&self) -> PathBuf {
@@ -105,7 +114,7 @@ impl Layout {
     }
     /// Bind-mounted at `/var/lib/docker`: a nested engine cannot keep its overlays on an overlay.
     pub(crate) fn docker(&self) -> PathBuf {
-        self.dir.join("docker")
+        self.writable().join("docker")
     }
     pub(crate) fn socket(&self) -> PathBuf {
         self.dir.join("shim.sock")

@@ -536,6 +536,7 @@ fn mount_tree(
     mount: &mut Option<LowerMount>,
 ) -> Result<(), Error> {
     *mount = Some(mount_lower(rec, layout)?);
+    crate::disk::ensure_mounted(&layout.dir)?;
     sys::mount_overlay(
         &layout.lower(),
         &layout.upper(),
@@ -654,6 +655,15 @@ pub(crate) fn teardown(
 /// belong to the workspace's root.
 pub(crate) fn create_layout(rec: &WorkspaceRecord, layout: &Layout) -> Result<(), Error> {
     let root = Some(rec.uid_base);
+    if let Some(size) = rec.config.limits.disk {
+        if rec.vm.is_some() {
+            return Err(Error::InvalidConfig(
+                "a disk limit is for container workspaces (a VM's disk is its memory's scratch space)"
+                    .into(),
+            ));
+        }
+        crate::disk::create(&layout.dir, size, rec.uid_base)?;
+    }
     for dir in [layout.upper(), layout.docker()] {
         std::fs::create_dir_all(&dir).map_err(Error::io("cannot create", &dir))?;
         chown(&dir, root, root).map_err(Error::io("cannot chown", &dir))?;

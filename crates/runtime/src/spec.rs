@@ -174,6 +174,7 @@ mod tests {
                     cpus: Some(1.5),
                     memory: Some(512 << 20),
                     pids: Some(100),
+                    disk: None,
                 },
                 env: vec!["LANG=C.UTF-8".into()],
                 vm: None,

@@ -100,6 +100,10 @@ pub struct Limits {
     pub memory: Option<u64>,
     /// Most processes and threads at once.
     pub pids: Option<u64>,
+    /// Bytes the workspace may write (its writable layer and its nested engine's folder
+    /// together); past it, writes inside fail with ENOSPC. Container workspaces only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<u64>,
 }
 
 /// What to create.

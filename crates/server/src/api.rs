@@ -650,7 +650,7 @@ pub async fn create_project(
     .bind(&root_folder)
     .bind(&req.env_file)
     .bind(now_ms())
-    .bind(&secret)
+    .bind(crate::db::webhook_digest(&secret))
     .execute(&state.db.pool)
     .await?;
     // The first branch heads, in the background: a slow or unreachable remote must not hold
@@ -766,11 +766,9 @@ pub async fn git_hook(
     let refused = || ApiError::not_found(format_args!("project `{id}` with that secret"));
     let row = row.ok_or_else(refused)?;
     let secret: Option<String> = row.try_get("webhook_secret")?;
-    let matches = secret.is_some_and(|s| {
-        use sha2::Digest as _;
-        // Compare digests, so the time taken says nothing about the secret.
-        sha2::Sha256::digest(s.as_bytes()) == sha2::Sha256::digest(query.secret.as_bytes())
-    });
+    // Only the secret's digest is kept; comparing digests also keeps the time taken from
+    // saying anything about the secret.
+    let matches = secret.is_some_and(|s| s == crate::db::webhook_digest(&query.secret));
     if !matches {
         return Err(refused());
     }
@@ -1897,6 +1895,13 @@ impl axum::extract::FromRequestParts<AppState> for AgentHost {
 pub struct ClaimRequest {
     #[serde(default)]
     report: Option<warren_agent::HostReport>,
+    /// Whether the agent has a prebuild slot free (older agents do not say: yes).
+    #[serde(default = "yes")]
+    prebuilds: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 pub async fn agent_claim(
@@ -1917,7 +1922,7 @@ pub async fn agent_claim(
     });
     let job = state
         .plane
-        .claim(&host.host_id, req.report)
+        .claim(&host.host_id, req.report, req.prebuilds)
         .await
         .map_err(|e| ApiError::internal("claiming a job", e))?;
     if let Some(actual) = actual {

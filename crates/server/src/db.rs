@@ -152,8 +152,38 @@ impl Db {
             tx.commit().await.map_err(fail(version))?;
             tracing::info!(version, "database migrated");
         }
+        self.hash_webhook_secrets().await.map_err(fail(0))
+    }
+
+    /// Webhook secrets stored as given by earlier versions are replaced by their digests
+    /// (`sha256:<hex>`), as tokens are: the database never holds one a caller could use.
+    async fn hash_webhook_secrets(&self) -> Result<(), sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT id, webhook_secret FROM projects WHERE webhook_secret IS NOT NULL AND webhook_secret NOT LIKE 'sha256:%'",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        for row in rows {
+            let id: String = row.try_get("id")?;
+            let secret: String = row.try_get("webhook_secret")?;
+            sqlx::query("UPDATE projects SET webhook_secret = $1 WHERE id = $2")
+                .bind(webhook_digest(&secret))
+                .bind(&id)
+                .execute(&self.pool)
+                .await?;
+        }
         Ok(())
     }
+}
+
+/// How a project's webhook secret is kept: its SHA-256 digest (the secret is 128 random bits,
+/// so a digest is enough; no salt or slow hash is needed).
+pub fn webhook_digest(secret: &str) -> String {
+    use sha2::Digest as _;
+    format!(
+        "sha256:{}",
+        hex::encode(sha2::Sha256::digest(secret.as_bytes()))
+    )
 }
 
 impl Db {

@@ -221,7 +221,9 @@ impl DbControlPlane {
         }))
     }
 
-    pub async fn claim_job(&self, host: &str) -> Result<Option<Job>, sqlx::Error> {
+    /// Claims `host`'s next job: the oldest it may run, a prebuild only when `prebuilds` (the
+    /// host has a prebuild slot free) and the host makes prebuilds.
+    pub async fn claim_job(&self, host: &str, prebuilds: bool) -> Result<Option<Job>, sqlx::Error> {
         let now = now_ms();
         let lock = if self.db.kind == DbKind::Postgres {
             "FOR UPDATE SKIP LOCKED"
@@ -236,7 +238,7 @@ impl DbControlPlane {
                   AND j.run_at <= $3
                   AND (j.host_id IS NULL OR j.host_id = $1)
                   AND (j.kind <> 'prebuild.run'
-                       OR (SELECT h.prebuilds FROM hosts h WHERE h.id = $1) = 1)
+                       OR $4 = 1 AND (SELECT h.prebuilds FROM hosts h WHERE h.id = $1) = 1)
                   AND (j.kind = 'workspace.kill' OR NOT EXISTS (
                       SELECT 1 FROM jobs o
                       WHERE o.workspace_id = j.workspace_id AND o.id <> j.id
@@ -250,6 +252,7 @@ impl DbControlPlane {
             .bind(host)
             .bind(now + LEASE_MS)
             .bind(now)
+            .bind(i64::from(prebuilds))
             .fetch_optional(&self.db.pool)
             .await?;
         let Some(row) = row else { return Ok(None) };
@@ -452,11 +455,14 @@ impl ControlPlane for DbControlPlane {
         &self,
         host: &str,
         report: Option<warren_agent::HostReport>,
+        prebuilds: bool,
     ) -> Result<Option<Job>, String> {
         self.seen(host, report.as_ref())
             .await
             .map_err(|e| e.to_string())?;
-        self.claim_job(host).await.map_err(|e| e.to_string())
+        self.claim_job(host, prebuilds)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     async fn log(&self, job: &Job, text: Vec<u8>) -> Result<bool, String> {

@@ -381,6 +381,8 @@ pub struct SingleHost {
     pub ssh: Option<SshSettings>,
     /// Makes this host's prebuilds (`None`: other hosts make them).
     pub prebuilder: Option<Arc<dyn warren_agent::Prebuilder>>,
+    /// Prebuilds this host makes at once, in slots of their own.
+    pub prebuild_slots: usize,
     /// Where the server keeps its mirrors of project repositories.
     pub git_mirrors: std::path::PathBuf,
     /// Folders whose repositories any user may add as `file://` projects.
@@ -525,7 +527,8 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
         plane.clone(),
         wake.clone(),
         config.images.clone(),
-    );
+    )
+    .with_prebuild_slots(config.prebuild_slots);
     tokio::spawn(agent.run(shutdown.clone()));
     tokio::spawn(git::poll_forever(
         db.clone(),

@@ -233,7 +233,7 @@ impl RegistryStore {
         });
         let (scheme, params) = challenge.split_once(' ').unwrap_or((challenge, ""));
         let header = if scheme.eq_ignore_ascii_case("basic") {
-            basic.ok_or_else(|| auth_err("the registry wants a user name and password (set WARREN_REGISTRY_USER and WARREN_REGISTRY_PASSWORD)".into()))?
+            basic.ok_or_else(|| auth_err(format!("the registry wants a user name and password (add an entry for {} to the registry auth file, WARREN_REGISTRY_AUTH or <data>/registry-auth.json)", self.host)))?
         } else if scheme.eq_ignore_ascii_case("bearer") {
             let param = |name: &str| {
                 params.split(',').find_map(|kv| {
@@ -244,6 +244,20 @@ impl RegistryStore {
             let realm = param("realm").ok_or_else(|| {
                 auth_err(format!("bearer challenge without a realm: {challenge}"))
             })?;
+            // The registry names its token service; the password goes there only encrypted
+            // (or on this machine).
+            let realm_host = realm
+                .strip_prefix("http://")
+                .map(|rest| rest.split(['/', '?']).next().unwrap_or(""));
+            if basic.is_some()
+                && realm_host.is_some_and(|h| {
+                    !(h.starts_with("localhost") || h.starts_with("127.") || h.starts_with("[::1]"))
+                })
+            {
+                return Err(auth_err(format!(
+                    "the token service {realm} is plain HTTP: the registry's password is not sent there"
+                )));
+            }
             let mut url = realm.clone();
             let mut sep = if realm.contains('?') { '&' } else { '?' };
             for key in ["service", "scope"] {

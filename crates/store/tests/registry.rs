@@ -185,7 +185,7 @@ fn a_registry_with_basic_auth_wants_the_right_credentials() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("authentication failed") && err.contains("WARREN_REGISTRY_USER"),
+        err.contains("authentication failed") && err.contains("registry-auth.json"),
         "{err}"
     );
     let wrong = RegistryStore::new(

@@ -215,7 +215,7 @@ if [ -e "$t.warren-hidden" ] || [ -L "$t.warren-hidden" ]; then mv "$t.warren-hi
                 no_network: false,
             },
             &mut std::io::sink(),
-            self.req.cancel,
+            self.req.stop(),
         )
         .map_err(|e| format!("--mount at {}: {e}", args.first().unwrap_or(&"")))
     }

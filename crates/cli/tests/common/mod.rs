@@ -167,7 +167,7 @@ impl Warren {
                     .unwrap(),
             );
         if let Some(url) = &self.database_url {
-            cmd.args(["--database-url", url]);
+            cmd.env("WARREN_DATABASE_URL", url);
         }
         let mut child = cmd.spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
@@ -411,11 +411,12 @@ impl SecondHost {
         let added = warren.ok("admin", &["host", "add", name]);
         let token = added
             .split_whitespace()
-            .find(|w| w.starts_with("wrh_"))
+            .find_map(|w| w.strip_prefix("WARREN_HOST_TOKEN="))
             .expect("the host token is printed once")
             .to_owned();
         self.agent = Some(
-            self.command(&["agent", "--server", &warren.url(), "--token", &token])
+            self.command(&["agent", "--server", &warren.url()])
+                .env("WARREN_HOST_TOKEN", &token)
                 .env("WARREN_LOG", "info")
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(self.data.path().join("agent.log")).unwrap())
