@@ -441,9 +441,10 @@ impl Build<'_> {
             .ok_or_else(|| format!("{what}={stage}: no earlier stage of that name"))?;
         let mut source = std::mem::replace(&mut self.done[k], placeholder(k));
         let escape = self.req.dockerfile.escape;
+        let stop = self.req.stop();
         let made = self
             .sandbox(&mut source)
-            .and_then(|id| stage_tar(self.runtime, &id, state, files, how, escape));
+            .and_then(|id| stage_tar(self.runtime, &id, state, files, how, escape, stop));
         self.done[k] = source;
         made
     }
@@ -959,7 +960,8 @@ pub(crate) fn run(
         .collect();
     drop(tx);
     let mut tail: Vec<u8> = Vec::new();
-    let deadline = std::time::Instant::now() + stop.time;
+    // A limit too far away to count is no limit.
+    let deadline = std::time::Instant::now().checked_add(stop.time);
     // Why the process was killed, and when.
     let mut killed: Option<(&str, std::time::Instant)> = None;
     loop {
@@ -972,26 +974,28 @@ pub(crate) fn run(
                     tail.drain(..keep);
                 }
             }
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => match killed {
-                None => {
-                    let why = if stop.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
-                        Some(CANCELLED)
-                    } else if std::time::Instant::now() >= deadline {
-                        Some(TIMED_OUT)
-                    } else {
-                        None
-                    };
-                    if let Some(why) = why {
-                        killed = Some((why, std::time::Instant::now()));
-                        let _ = exec.process.signal(libc::SIGKILL);
-                    }
-                }
-                // Something the step started in the background still holds its output:
-                // it goes with the sandbox, which the build deletes.
-                Some((_, at)) if at.elapsed() > Duration::from_secs(5) => break,
-                Some(_) => {}
-            },
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        // Checked on every pass: a step that never stops writing is stopped all the same.
+        match killed {
+            None => {
+                let why = if stop.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+                    Some(CANCELLED)
+                } else if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                    Some(TIMED_OUT)
+                } else {
+                    None
+                };
+                if let Some(why) = why {
+                    killed = Some((why, std::time::Instant::now()));
+                    let _ = exec.process.signal(libc::SIGKILL);
+                }
+            }
+            // Something the step started in the background still holds (or writes to) its
+            // output: it goes with the sandbox, which the build deletes.
+            Some((_, at)) if at.elapsed() > Duration::from_secs(5) => break,
+            Some(_) => {}
         }
     }
     if let Some((why, _)) = killed {
@@ -1466,6 +1470,7 @@ fn stage_tar(
     files: &Files,
     how: &CopyHow,
     escape: char,
+    stop: Stop<'_>,
 ) -> Result<Vec<u8>, String> {
     let dest = expand_with(state, escape, &files.dest)?;
     let into_folder = how.parents || copies_into_folder(&dest, files);
@@ -1488,7 +1493,7 @@ fn stage_tar(
             parent.clone(),
             name.clone(),
         ];
-        let (code, out, err) = capture(runtime, source, argv)?;
+        let (code, out, err) = capture(runtime, source, argv, stop)?;
         if code != 0 {
             return Err(format!(
                 "COPY --from: {}",
@@ -1577,7 +1582,7 @@ fn stage_tar(
 
 /// A process started in a sandbox as root from `/` with no input: its output to read, its
 /// error output being collected, and its control.
-struct Started {
+pub(crate) struct Started {
     stdout: std::fs::File,
     stderr: std::thread::JoinHandle<Vec<u8>>,
     process: Box<dyn warren_runtime::Process>,
@@ -1607,9 +1612,12 @@ impl Started {
             return Err("the sandbox gave a terminal".into());
         };
         drop(stdin);
+        // Error output is kept up to 1 MiB (the rest is read and dropped).
         let stderr = std::thread::spawn(move || {
             let mut bytes = Vec::new();
-            let _ = { stderr }.read_to_end(&mut bytes);
+            let mut stderr = stderr;
+            let _ = (&mut stderr).take(1 << 20).read_to_end(&mut bytes);
+            let _ = std::io::copy(&mut stderr, &mut std::io::sink());
             bytes
         });
         Ok(Self {
@@ -1632,15 +1640,82 @@ impl Started {
     }
 }
 
-/// Runs a process in a sandbox as root; its exit code, stdout and stderr.
+/// Most a `COPY --from` brings (it is held in memory on its way).
+const CAPTURE_LIMIT: u64 = 4 << 30;
+
+/// Copies a started process's output into `into`, killing the process (and whatever it left
+/// in the sandbox) when the build is cancelled, at the step time limit, or past `limit` bytes:
+/// what runs there is the tenant's. An error says which.
+pub(crate) fn read_bounded(
+    runtime: &dyn Runtime,
+    id: &WorkspaceId,
+    started: &Started,
+    stop: Stop<'_>,
+    limit: u64,
+    what: &str,
+    into: &mut dyn Write,
+) -> Result<(), String> {
+    let deadline = std::time::Instant::now().checked_add(stop.time);
+    let (killed, done) = (AtomicBool::new(false), AtomicBool::new(false));
+    let mut copied: std::io::Result<u64> = Ok(0);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !done.load(Ordering::Relaxed) {
+                if stop.cancel.is_some_and(|c| c.load(Ordering::Relaxed))
+                    || deadline.is_some_and(|d| std::time::Instant::now() >= d)
+                {
+                    killed.store(true, Ordering::Relaxed);
+                    let _ = started.process.signal(libc::SIGKILL);
+                    // And whatever it left holding the pipe.
+                    let _ = runtime.quiesce(id);
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        copied = std::io::copy(&mut (&started.stdout).take(limit + 1), into);
+        done.store(true, Ordering::Relaxed);
+    });
+    if killed.load(Ordering::Relaxed) {
+        return Err(if stop.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+            CANCELLED.into()
+        } else {
+            format!(
+                "{what} took longer than the step time limit ({} s)",
+                stop.time.as_secs()
+            )
+        });
+    }
+    match copied {
+        Ok(n) if n > limit => {
+            let _ = started.process.signal(libc::SIGKILL);
+            let _ = runtime.quiesce(id);
+            Err(format!("{what}: more than {} MiB", limit >> 20))
+        }
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!("{what}: {e}")),
+    }
+}
+
+/// Runs a process in a sandbox as root; its exit code, stdout (at most [`CAPTURE_LIMIT`]) and
+/// stderr.
 fn capture(
     runtime: &dyn Runtime,
     id: &WorkspaceId,
     argv: Vec<String>,
+    stop: Stop<'_>,
 ) -> Result<(i32, Vec<u8>, Vec<u8>), String> {
-    let mut started = Started::new(runtime, id, argv)?;
+    let started = Started::new(runtime, id, argv)?;
     let mut out = Vec::new();
-    let _ = started.stdout.read_to_end(&mut out);
+    read_bounded(
+        runtime,
+        id,
+        &started,
+        stop,
+        CAPTURE_LIMIT,
+        "copying from a stage",
+        &mut out,
+    )?;
     let (code, err) = started.finish()?;
     Ok((code, out, err))
 }

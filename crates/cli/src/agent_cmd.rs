@@ -27,6 +27,9 @@ pub struct AgentArgs {
     /// `WARREN_HOST_TOKEN`. Never an argument: every user of the host sees those (`ps`).
     #[arg(long)]
     token_file: Option<std::path::PathBuf>,
+    /// Gone: a token given as an argument is seen by every user of the host
+    #[arg(long, hide = true)]
+    token: Option<String>,
     /// Whether this host makes prebuilds
     #[arg(long, env = "WARREN_PREBUILDS", default_value_t = true, action = clap::ArgAction::Set)]
     prebuilds: bool,
@@ -186,6 +189,12 @@ pub fn agent(args: AgentArgs, data: &Path) -> anyhow::Result<ExitCode> {
     }
     let runtime = Arc::new(args.host.runtime_for_workspaces(data)?);
     let limits = args.limits.limits()?;
+    if args.token.is_some() {
+        anyhow::bail!(
+            "--token is no longer taken (every user of this host could read it from the process list): \
+             set WARREN_HOST_TOKEN, or give --token-file FILE (mode 0600)"
+        );
+    }
     let token = host_token(args.token_file.as_deref())?;
     let client = Arc::new(Client::with_token(&args.server, &token));
     let tokio = tokio::runtime::Builder::new_multi_thread()

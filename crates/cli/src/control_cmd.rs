@@ -84,7 +84,7 @@ impl SshFlags {
 /// Refuses a database URL with a password given as an argument (`--database-url`): every user
 /// of the host sees a process's arguments (`ps`). The environment is the owner's alone.
 pub fn refuse_password_in_argv(url: &str) -> anyhow::Result<()> {
-    if url_has_password(url) && std::env::var("WARREN_DATABASE_URL").ok().as_deref() != Some(url) {
+    if url_has_password(url) && std::env::args().any(|a| a.contains(url)) {
         bail!(
             "--database-url holds a password, which every user of this host could read from the \
              process list: give the URL in WARREN_DATABASE_URL instead"
@@ -513,8 +513,10 @@ fn sign_key_challenge(
     message: &str,
 ) -> anyhow::Result<String> {
     use std::io::Write as _;
-    if namespace.is_empty() || message.is_empty() {
-        bail!("the server sent no key challenge");
+    // Only Warren's own challenge is signed: a signature in another namespace (git, file)
+    // could be used elsewhere by whoever answered as the server.
+    if namespace != "warren-key" || !message.starts_with("warren: this key is mine, user ") {
+        bail!("the server's key challenge is not Warren's (namespace `{namespace}`): not signed");
     }
     let scratch = tempfile::tempdir()?;
     let private = file

@@ -74,12 +74,19 @@ impl HostFlags {
             uid_base: self.uid_base,
             // WARREN_VM_KERNEL, WARREN_GUEST and WARREN_VM_ACCEL, else the defaults.
             vm: Default::default(),
-            default_disk: self
-                .workspace_disk
-                .as_deref()
-                .map(crate::parse_size)
-                .transpose()
-                .context("--workspace-disk")?,
+            default_disk: match self.workspace_disk.as_deref() {
+                None => None,
+                Some(text) => {
+                    let size = crate::parse_size(text).context("--workspace-disk")?;
+                    if size < warren_runtime::MIN_DISK {
+                        bail!(
+                            "--workspace-disk {text}: a workspace's disk is at least {} MiB",
+                            warren_runtime::MIN_DISK >> 20
+                        );
+                    }
+                    Some(size)
+                }
+            },
         })?)
     }
 

@@ -805,13 +805,30 @@ fn a_step_past_its_time_limit_fails_and_frees_its_slot() {
             "image: dev:1\ntasks:\n  - name: forever\n    prebuild: sleep 600\n",
         )],
     );
+    // A step that never stops writing (more often than the build looks at the clock).
     project(
         "step",
         &[
             ("warren.yml", "image:\n  file: Dockerfile\n"),
-            ("Dockerfile", "FROM dev:1\nRUN sleep 600\n"),
+            (
+                "Dockerfile",
+                "FROM dev:1\nRUN while :; do echo still here; sleep 0.05; done\n",
+            ),
         ],
     );
+    // A stage whose own `tar` never ends, read by the host for a COPY --from.
+    project(
+        "copy",
+        &[
+            ("warren.yml", "image:\n  file: Dockerfile\n"),
+            (
+                "Dockerfile",
+                "FROM dev:1 AS a\nRUN printf '#!/bin/sh\\nsleep 600\\n' > /usr/bin/tar && chmod +x /usr/bin/tar\n\
+                 FROM dev:1\nCOPY --from=a /etc/hostname /copied\n",
+            ),
+        ],
+    );
+    let projects = ["task", "step", "copy"];
     let latest = |name: &str| -> Value {
         let list: Value =
             serde_json::from_str(&warren.ok("admin", &["prebuild", "ls", name, "--json"])).unwrap();
@@ -822,12 +839,7 @@ fn a_step_past_its_time_limit_fails_and_frees_its_slot() {
     };
     // While a prebuild hangs, a workspace is made.
     let deadline = Instant::now() + Duration::from_secs(120);
-    while ![
-        latest("task")["state"].clone(),
-        latest("step")["state"].clone(),
-    ]
-    .contains(&Value::from("running"))
-    {
+    while !projects.iter().any(|p| latest(p)["state"] == "running") {
         assert!(Instant::now() < deadline, "no prebuild started");
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -841,32 +853,34 @@ fn a_step_past_its_time_limit_fails_and_frees_its_slot() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // One prebuild at a time; each stops at the limit and the other then runs.
+    // One prebuild at a time; each stops at the limit and the next then runs.
     let deadline = Instant::now() + Duration::from_secs(300);
     let ended = loop {
-        let (a, b) = (latest("task"), latest("step"));
-        let states = [a["state"].as_str(), b["state"].as_str()];
-        assert!(
-            states.iter().filter(|s| **s == Some("running")).count() <= 1,
-            "two prebuilds at once: {a} {b}"
-        );
-        if states
-            .iter()
-            .all(|s| matches!(s, Some("failed" | "succeeded" | "cancelled")))
-        {
-            break [a, b];
+        let all: Vec<Value> = projects.iter().map(|p| latest(p)).collect();
+        let running = all.iter().filter(|p| p["state"] == "running").count();
+        assert!(running <= 1, "two prebuilds at once: {all:?}");
+        if all.iter().all(|p| {
+            matches!(
+                p["state"].as_str(),
+                Some("failed" | "succeeded" | "cancelled")
+            )
+        }) {
+            break all;
         }
         assert!(
             Instant::now() < deadline,
-            "the prebuilds never ended: {a} {b}"
+            "the prebuilds never ended: {all:?}"
         );
         std::thread::sleep(Duration::from_millis(200));
     };
-    for pb in ended {
+    for (pb, what) in ended
+        .iter()
+        .zip(["sleep 600", "still here", "copying from a stage"])
+    {
         assert_eq!(pb["state"], "failed", "{pb}");
         let error = pb["error"].as_str().unwrap();
         assert!(
-            error.contains("sleep 600") && error.contains("step time limit (8 s)"),
+            error.contains(what) && error.contains("step time limit (8 s)"),
             "{error}"
         );
     }

@@ -297,6 +297,7 @@ impl Runtime for ContainerRuntime {
             }
             // A create cut short before its record was written (the record comes last): redo it.
             tracing::warn!(workspace.id = %config.id, "clearing a workspace folder left by an interrupted create");
+            let _ = crate::disk::unmount(&layout.dir);
             if crate::sys::mounts_under(&layout.dir).is_empty() {
                 let _ = std::fs::remove_dir_all(&layout.dir);
             }
@@ -336,7 +337,10 @@ impl Runtime for ContainerRuntime {
             }
             Err(e) => {
                 let _ = self.slots.release(&config.id);
-                let _ = std::fs::remove_dir_all(&layout.dir);
+                // Never delete through the workspace's own filesystem if it was mounted.
+                if crate::disk::unmount(&layout.dir).is_ok() {
+                    let _ = std::fs::remove_dir_all(&layout.dir);
+                }
                 Err(e)
             }
         }

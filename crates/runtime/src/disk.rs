@@ -19,7 +19,7 @@ pub(crate) const IMAGE: &str = "disk.img";
 /// Where that filesystem is mounted, in its folder.
 pub(crate) const MOUNT: &str = "disk";
 /// The smallest limit: ext4 with a journal needs room for its own metadata.
-pub(crate) const MIN_SIZE: u64 = 64 << 20;
+pub const MIN_SIZE: u64 = 64 << 20;
 
 pub(crate) fn image(dir: &Path) -> PathBuf {
     dir.join(IMAGE)
@@ -34,9 +34,9 @@ pub(crate) fn limited(dir: &Path) -> bool {
     image(dir).exists()
 }
 
-/// Makes the workspace's filesystem: `size` bytes, its root folder owned by `owner` (the
-/// workspace's root on the host), then mounts it.
-pub(crate) fn create(dir: &Path, size: u64, owner: u32) -> Result<(), Error> {
+/// Makes the workspace's filesystem (`size` bytes; its root folder the host root's, holding
+/// the folders the workspace writes to, which the caller makes), then mounts it.
+pub(crate) fn create(dir: &Path, size: u64) -> Result<(), Error> {
     if size < MIN_SIZE {
         return Err(Error::InvalidConfig(format!(
             "a disk limit is at least {} MiB, not {size} bytes",
@@ -55,9 +55,7 @@ pub(crate) fn create(dir: &Path, size: u64, owner: u32) -> Result<(), Error> {
     crate::sys::run(
         Command::new("mkfs.ext4")
             .args(["-q", "-F", "-m", "0", "-E"])
-            .arg(format!(
-                "root_owner={owner}:{owner},lazy_itable_init=1,lazy_journal_init=1,nodiscard"
-            ))
+            .arg("root_owner=0:0,lazy_itable_init=1,lazy_journal_init=1,nodiscard")
             .arg(&path),
     )
     .map_err(|e| Error::Sys(format!("cannot make the workspace's filesystem: {e}")))?;
@@ -71,17 +69,25 @@ pub(crate) fn ensure_mounted(dir: &Path) -> Result<(), Error> {
     if !path.exists() {
         return Ok(());
     }
-    let target = mount_point(dir);
-    if crate::sys::is_mounted(&target) {
+    // One mount at a time (the shim at start, the runtime for a commit): two loop devices over
+    // one file, both mounted, would corrupt it.
+    let lock = File::open(&path).map_err(Error::io("cannot open", &path))?;
+    nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| Error::Sys(format!("cannot lock {}: {e}", path.display())))
+        .and_then(|_held| mount_unlocked(&path, &mount_point(dir)))
+}
+
+fn mount_unlocked(path: &Path, target: &Path) -> Result<(), Error> {
+    if crate::sys::is_mounted(target) {
         return Ok(());
     }
-    std::fs::create_dir_all(&target).map_err(Error::io("cannot create", &target))?;
+    std::fs::create_dir_all(target).map_err(Error::io("cannot create", target))?;
     // Held open until mounted: a loop device that detaches itself does so at its last close.
-    let (device, _held) = attach(&path)?;
+    let (device, _held) = attach(path)?;
     // nodev: nothing on it opens a device. The loop device detaches itself when unmounted.
     mount(
         Some(device.as_path()),
-        &target,
+        target,
         Some("ext4"),
         MsFlags::MS_NODEV | MsFlags::MS_NOATIME,
         Some("discard"),

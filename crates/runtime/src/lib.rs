@@ -30,6 +30,7 @@ mod types;
 pub mod vm;
 
 pub use container::{ContainerRuntime, ContainerRuntimeConfig, NetworkConfig};
+pub use disk::MIN_SIZE as MIN_DISK;
 pub use error::Error;
 pub use net::EgressPolicy;
 pub use shim::run_shim;

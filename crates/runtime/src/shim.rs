@@ -662,7 +662,7 @@ pub(crate) fn create_layout(rec: &WorkspaceRecord, layout: &Layout) -> Result<()
                     .into(),
             ));
         }
-        crate::disk::create(&layout.dir, size, rec.uid_base)?;
+        crate::disk::create(&layout.dir, size)?;
     }
     for dir in [layout.upper(), layout.docker()] {
         std::fs::create_dir_all(&dir).map_err(Error::io("cannot create", &dir))?;

@@ -257,8 +257,8 @@ pub const MOST_FORWARDS_PER_USER: usize = 256;
 #[derive(Debug, Default)]
 struct Channels(std::sync::Mutex<std::collections::HashMap<(String, bool), usize>>);
 
-/// One open channel, counted until dropped (when its task ends).
-struct ChannelSlot {
+/// One open channel, counted until dropped (when its task, and any process it started, ends).
+pub(crate) struct ChannelSlot {
     table: Arc<Channels>,
     key: (String, bool),
 }
@@ -529,17 +529,14 @@ impl<D: Directory> russh::server::Handler for Connection<D> {
             return Ok(());
         };
         reply.accept().await;
-        let run = session::run(
+        tokio::spawn(session::run(
             channel,
             session.handle(),
             self.directory.clone(),
             user,
             self.login.clone(),
-        );
-        tokio::spawn(async move {
-            run.await;
-            drop(slot);
-        });
+            slot,
+        ));
         Ok(())
     }
 

@@ -79,7 +79,11 @@ pub(crate) async fn run<D: Directory>(
     directory: Arc<D>,
     user: User,
     login: String,
+    slot: crate::ChannelSlot,
 ) {
+    // Counted as the user's session until the process ends, also when it outlives this
+    // channel (a process that ignores the hang-up holds a blocking thread on).
+    let slot = Arc::new(slot);
     let id = channel.id();
     let mut tty: Option<WinSize> = None;
     let mut term: Option<String> = None;
@@ -148,6 +152,7 @@ pub(crate) async fn run<D: Directory>(
                 env,
                 tty,
                 agent,
+                slot: slot.clone(),
             };
             let ran = match task {
                 Some(task) => attach_task(&session.target, &task, &mut channel).await,
@@ -204,6 +209,7 @@ struct Session {
     env: Vec<String>,
     tty: Option<WinSize>,
     agent: bool,
+    slot: Arc<crate::ChannelSlot>,
 }
 
 impl Session {
@@ -253,7 +259,12 @@ impl Session {
         let (input, input_task) = feed_input(stdin);
         let mut input = Some(input);
         let waiter = process.clone();
-        let mut exited = tokio::task::spawn_blocking(move || waiter.wait());
+        let slot = self.slot.clone();
+        let mut exited = tokio::task::spawn_blocking(move || {
+            let status = waiter.wait();
+            drop(slot);
+            status
+        });
         let status = loop {
             tokio::select! {
                 status = &mut exited => break status,

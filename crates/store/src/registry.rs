@@ -95,6 +95,31 @@ impl Retry {
     }
 }
 
+/// Whether a token service may be sent a password: over HTTPS, or plain HTTP on this machine.
+fn realm_is_safe(realm: &str) -> bool {
+    let Some((scheme, rest)) = realm.split_once("://") else {
+        return false;
+    };
+    if scheme.eq_ignore_ascii_case("https") {
+        return true;
+    }
+    if !scheme.eq_ignore_ascii_case("http") {
+        return false;
+    }
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if authority.contains('@') {
+        return false;
+    }
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 #[derive(Debug)]
 pub struct RegistryStore {
     base: String,
@@ -133,8 +158,8 @@ impl RegistryStore {
         credentials: Option<(String, String)>,
         insecure: bool,
     ) -> RegistryStore {
-        let loopback =
-            host.starts_with("localhost") || host.starts_with("127.") || host.starts_with("[::1]");
+        // Plain HTTP only to this machine (`localhost.example.org` is not it).
+        let loopback = realm_is_safe(&format!("http://{host}/"));
         let scheme = if insecure || loopback {
             "http"
         } else {
@@ -246,14 +271,7 @@ impl RegistryStore {
             })?;
             // The registry names its token service; the password goes there only encrypted
             // (or on this machine).
-            let realm_host = realm
-                .strip_prefix("http://")
-                .map(|rest| rest.split(['/', '?']).next().unwrap_or(""));
-            if basic.is_some()
-                && realm_host.is_some_and(|h| {
-                    !(h.starts_with("localhost") || h.starts_with("127.") || h.starts_with("[::1]"))
-                })
-            {
+            if basic.is_some() && !realm_is_safe(&realm) {
                 return Err(auth_err(format!(
                     "the token service {realm} is plain HTTP: the registry's password is not sent there"
                 )));
@@ -546,6 +564,29 @@ impl BlobStore for RegistryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_password_goes_over_plain_http_only_to_this_machine() {
+        for safe in [
+            "https://auth.example.org/token",
+            "http://127.0.0.1:5000/token",
+            "HTTP://localhost/token",
+            "http://[::1]:80/t",
+        ] {
+            assert!(realm_is_safe(safe), "{safe}");
+        }
+        for unsafe_ in [
+            "http://auth.example.org/token",
+            "http://localhost.evil.example/token",
+            "http://127.0.0.1.evil.example/token",
+            "http://localhost@evil.example/token",
+            "HTTP://evil.example/",
+            "ftp://localhost/x",
+            "localhost/token",
+        ] {
+            assert!(!realm_is_safe(unsafe_), "{unsafe_}");
+        }
+    }
 
     #[test]
     fn references_parse() {

@@ -187,7 +187,7 @@ if [ -e "$t.warren-hidden" ] || [ -L "$t.warren-hidden" ]; then mv "$t.warren-hi
 "#;
         for m in mounts.iter().rev() {
             if let Content::Cache(file) = &m.content {
-                save_cache(self.runtime, id, &m.target, file)?;
+                save_cache(self.runtime, id, &m.target, file, self.req.stop())?;
             }
             self.root_script(id, SCRIPT, &[&m.target], None)?;
         }
@@ -222,11 +222,15 @@ if [ -e "$t.warren-hidden" ] || [ -L "$t.warren-hidden" ]; then mv "$t.warren-hi
 }
 
 /// Packs the cache folder into its tar file on the host (written whole, then renamed).
+/// Most a `RUN --mount=type=cache` folder keeps between builds (a file on the host's disk).
+const CACHE_LIMIT: u64 = 10 << 30;
+
 fn save_cache(
     runtime: &dyn warren_runtime::Runtime,
     id: &WorkspaceId,
     target: &str,
     file: &std::path::Path,
+    stop: super::Stop<'_>,
 ) -> Result<(), String> {
     if let Some(dir) = file.parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -234,13 +238,23 @@ fn save_cache(
     let argv = ["tar", "-c", "-f", "-", "--numeric-owner", "-C", target, "."]
         .map(String::from)
         .to_vec();
-    let mut started = Started::new(runtime, id, argv)?;
+    let started = Started::new(runtime, id, argv)?;
     let partial = file.with_extension(format!("tar.{}", std::process::id()));
     let written = std::fs::File::create(&partial)
+        .map_err(|e| format!("{}: {e}", partial.display()))
         .and_then(|mut out| {
-            std::io::copy(&mut started.stdout, &mut out).and_then(|_| out.sync_all())
-        })
-        .map_err(|e| format!("{}: {e}", partial.display()));
+            super::read_bounded(
+                runtime,
+                id,
+                &started,
+                stop,
+                CACHE_LIMIT,
+                &format!("packing the cache at {target}"),
+                &mut out,
+            )?;
+            out.sync_all()
+                .map_err(|e| format!("{}: {e}", partial.display()))
+        });
     let (code, err) = started.finish()?;
     if let Err(e) = written {
         let _ = std::fs::remove_file(&partial);
