@@ -984,6 +984,13 @@ fn a_workspace_that_fills_its_disk_fills_only_its_own() {
     for ws in ["full", "other"] {
         warren.ok("admin", &["ws", "create", ws, "--image", "dev:1"]);
     }
+    // Each workspace's filesystem is a file only root reads.
+    for ws in std::fs::read_dir(warren.data.path().join("runtime/workspaces")).unwrap() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let image = ws.unwrap().path().join("disk.img");
+        let mode = std::fs::metadata(&image).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "{} is {mode:o}", image.display());
+    }
     let before = free_bytes(warren.data.path());
     let out = warren.ok(
         "admin",

@@ -7,6 +7,7 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd as _;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -44,9 +45,11 @@ pub(crate) fn create(dir: &Path, size: u64) -> Result<(), Error> {
         )));
     }
     let path = image(dir);
+    // Only root reads it: it holds every file of the workspace, whatever their modes inside.
     let file = File::options()
         .write(true)
         .create_new(true)
+        .mode(0o600)
         .open(&path)
         .map_err(Error::io("cannot create", &path))?;
     file.set_len(size)
