@@ -18,6 +18,7 @@ use warren_runtime::{
 use crate::{Command, CopySource, Dockerfile, Files, Ignore, Instruction, expand};
 
 mod add;
+pub use add::egress_filter;
 mod mounts;
 
 /// Where images come from and go.

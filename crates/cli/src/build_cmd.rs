@@ -93,6 +93,7 @@ pub fn build(args: BuildArgs, data: &Path) -> anyhow::Result<ExitCode> {
     let store = crate::image_cmd::LocalImages {
         data: data.to_path_buf(),
         indexes: Default::default(),
+        egress: None,
     };
     let prefix = format!("build-{}", std::process::id());
     let started = std::time::Instant::now();

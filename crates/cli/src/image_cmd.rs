@@ -413,6 +413,9 @@ fn settings_config(settings: &warren_build::ImageSettings) -> ImageConfig {
 pub(crate) struct LocalImages {
     pub data: PathBuf,
     pub indexes: IndexCache,
+    /// For a tenant's build (a prebuild): a registry a Dockerfile or an environment file names
+    /// is reached only under this policy. `None`: the host's own `warren build`.
+    pub egress: Option<warren_runtime::EgressPolicy>,
 }
 
 impl LocalImages {
@@ -421,7 +424,10 @@ impl LocalImages {
     fn fetch_base(&self, reference: &str) -> anyhow::Result<()> {
         let r = RegistryRef::parse(reference)?;
         let local = local_store(&self.data)?;
-        let remote = registry(&self.data, &r)?;
+        let mut remote = registry(&self.data, &r)?;
+        if let Some(policy) = &self.egress {
+            remote = remote.with_address_filter(warren_build::egress_filter(policy));
+        }
         if copy_image(&remote, &local, &r.reference, reference, |_, _| {}).is_ok()
             && open_image(&local, reference).is_ok()
         {

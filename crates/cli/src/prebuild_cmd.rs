@@ -56,6 +56,7 @@ impl Prebuilder for HostPrebuilder {
         let store = LocalImages {
             data: self.data.clone(),
             indexes: Default::default(),
+            egress: Some(self.runtime.egress()),
         };
         let made = warren_build::prebuild(
             self.runtime.as_ref(),

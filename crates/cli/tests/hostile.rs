@@ -492,6 +492,33 @@ fn up_with_repos(seed: u32, env: &[(&str, &str)]) -> (Warren, tempfile::TempDir)
     (warren, repos)
 }
 
+/// A git repository `name` under `repos` holding `files`, added by `user` as project `name`.
+fn add_project(
+    warren: &Warren,
+    repos: &std::path::Path,
+    user: &str,
+    name: &str,
+    files: &[(&str, &str)],
+) {
+    let repo = repos.join(name);
+    std::fs::create_dir_all(&repo).unwrap();
+    for (file, text) in files {
+        std::fs::write(repo.join(file), text).unwrap();
+    }
+    warren_testkit::git(&repo, &["init", "-q", "-b", "main"]);
+    warren_testkit::git(&repo, &["add", "."]);
+    warren_testkit::git(&repo, &["commit", "-q", "-m", "first"]);
+    warren.ok(
+        user,
+        &[
+            "project",
+            "add",
+            name,
+            &format!("file://{}", repo.display()),
+        ],
+    );
+}
+
 /// Two users add projects on the same repository. Before, the prebuild key and the build
 /// caches were the repository's: the second user's project reused (or a first, hostile one
 /// poisoned) the other's prebuild, `RUN --mount=type=cache` was one folder per `id` for
@@ -780,23 +807,7 @@ fn a_step_past_its_time_limit_fails_and_frees_its_slot() {
     enter_own_network();
     let (warren, repos) = up_with_repos(44, &[("WARREN_BUILD_STEP_SECONDS", "8")]);
     let project = |name: &str, files: &[(&str, &str)]| {
-        let repo = repos.path().join(name);
-        std::fs::create_dir_all(&repo).unwrap();
-        for (file, text) in files {
-            std::fs::write(repo.join(file), text).unwrap();
-        }
-        warren_testkit::git(&repo, &["init", "-q", "-b", "main"]);
-        warren_testkit::git(&repo, &["add", "."]);
-        warren_testkit::git(&repo, &["commit", "-q", "-m", "first"]);
-        warren.ok(
-            "admin",
-            &[
-                "project",
-                "add",
-                name,
-                &format!("file://{}", repo.display()),
-            ],
-        );
+        add_project(&warren, repos.path(), "admin", name, files);
     };
     project(
         "task",
@@ -1060,4 +1071,65 @@ fn a_workspace_that_fills_its_disk_fills_only_its_own() {
         !mounts.contains(warren.data.path().to_str().unwrap()),
         "{mounts}"
     );
+}
+
+/// A user names a registry on the host itself (here a real one on loopback; the same holds
+/// for the server's API, the cloud's metadata address or the LAN) in a Dockerfile's `FROM`, in
+/// an environment file's `image:` and in `ws create --image`. Before, the host fetched from it
+/// for them, as it did for `ADD <url>`. Now each is held to the egress policy; an admin may
+/// still name any registry.
+#[test]
+fn a_registry_a_user_names_is_held_to_the_egress_policy() {
+    enter_own_network();
+    let registry = warren_testkit::Registry::start();
+    let (warren, repos) = up_with_repos(47, &[]);
+    warren.add_user("alice");
+    let remote = format!("{}/team/dev:1", registry.host());
+    ok(common::warren_at(
+        warren.data.path(),
+        &["image", "push", "dev:1", &remote],
+        &[],
+    ));
+    let project = |name: &str, files: &[(&str, String)]| {
+        let files: Vec<(&str, &str)> = files.iter().map(|(f, t)| (*f, t.as_str())).collect();
+        add_project(&warren, repos.path(), "alice", name, &files);
+    };
+    project(
+        "from",
+        &[
+            ("warren.yml", "image:\n  file: Dockerfile\n".into()),
+            ("Dockerfile", format!("FROM {remote}\nRUN true\n")),
+        ],
+    );
+    project("env", &[("warren.yml", format!("image: {remote}\n"))]);
+    for name in ["from", "env"] {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let pb = loop {
+            let list: Value =
+                serde_json::from_str(&warren.ok("alice", &["prebuild", "ls", name, "--json"]))
+                    .unwrap();
+            if let Some(pb) = list.as_array().and_then(|l| l.first())
+                && !matches!(pb["state"].as_str(), Some("queued" | "running"))
+            {
+                break pb.clone();
+            }
+            assert!(Instant::now() < deadline, "no prebuild ended: {list}");
+            std::thread::sleep(Duration::from_millis(300));
+        };
+        assert_eq!(pb["state"], "failed", "{pb}");
+        let error = pb["error"].as_str().unwrap();
+        assert!(
+            error.contains("loopback") && error.contains("egress policy"),
+            "{name}: {error}"
+        );
+    }
+    let out = warren.cli("alice", &["ws", "create", "lazy", "--image", &remote]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("egress policy"),
+        "{err}"
+    );
+    // The admin's own registry, named by the admin.
+    warren.ok("admin", &["ws", "create", "mine", "--image", &remote]);
+    warren.ok("admin", &["ws", "rm", "mine"]);
 }

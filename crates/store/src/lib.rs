@@ -18,5 +18,5 @@ pub use blob::{BlobStore, StoreError};
 pub use cache::{CacheError, CacheStats, ChunkCache};
 pub use fetch::{ChunkFetcher, Counters, FetchError};
 pub use local::{GcReport, LocalStore};
-pub use registry::{RegistryRef, RegistryStore, Retry};
+pub use registry::{AddressFilter, FilteringResolver, RegistryRef, RegistryStore, Retry};
 pub mod oci;

@@ -7,7 +7,7 @@
 //! otherwise.
 
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -95,6 +95,50 @@ impl Retry {
     }
 }
 
+/// Decides, for each address a registry's name resolves to, whether the host may connect:
+/// `Some(why)` refuses it. Given to a store whose registry a tenant named, so the host never
+/// fetches from its own services, the cloud's metadata address or a denied network for them.
+pub type AddressFilter = Arc<dyn Fn(std::net::IpAddr) -> Option<String> + Send + Sync>;
+
+/// A resolver keeping only the addresses a filter passes; every connection (every redirect
+/// too) is resolved through it.
+pub struct FilteringResolver(pub AddressFilter);
+
+impl std::fmt::Debug for FilteringResolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FilteringResolver")
+    }
+}
+
+impl ureq::unversioned::resolver::Resolver for FilteringResolver {
+    fn resolve(
+        &self,
+        uri: &ureq::http::Uri,
+        config: &ureq::config::Config,
+        timeout: ureq::unversioned::transport::NextTimeout,
+    ) -> Result<ureq::unversioned::resolver::ResolvedSocketAddrs, ureq::Error> {
+        let all = ureq::unversioned::resolver::DefaultResolver::default()
+            .resolve(uri, config, timeout)?;
+        let mut kept = self.empty();
+        let mut refused = None;
+        for &addr in all.iter() {
+            match (self.0)(addr.ip()) {
+                None => kept.push(addr),
+                Some(why) => refused = Some((addr.ip(), why)),
+            }
+        }
+        match refused {
+            Some((ip, why)) if kept.is_empty() => Err(ureq::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "{ip} is {why}: refused by the egress policy (an admin may open a network with --allow-net)"
+                ),
+            ))),
+            _ => Ok(kept),
+        }
+    }
+}
+
 /// Whether a token service may be sent a password: over HTTPS, or plain HTTP on this machine.
 fn realm_is_safe(realm: &str) -> bool {
     let Some((scheme, rest)) = realm.split_once("://") else {
@@ -131,6 +175,15 @@ pub struct RegistryStore {
     retry: Retry,
 }
 
+/// How every registry request is made.
+fn agent_config() -> ureq::config::ConfigBuilder<ureq::typestate::AgentScope> {
+    Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_connect(Some(Duration::from_secs(10)))
+        .timeout_recv_response(Some(Duration::from_secs(60)))
+        .max_redirects(5)
+}
+
 /// Adds the current `Authorization`, if there is one, to a request.
 fn with_auth<B>(req: ureq::RequestBuilder<B>, auth: Option<&str>) -> ureq::RequestBuilder<B> {
     match auth {
@@ -165,12 +218,7 @@ impl RegistryStore {
         } else {
             "https"
         };
-        let config = Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_connect(Some(Duration::from_secs(10)))
-            .timeout_recv_response(Some(Duration::from_secs(60)))
-            .max_redirects(5)
-            .build();
+        let config = agent_config().build();
         RegistryStore {
             base: format!("{scheme}://{host}"),
             host: host.to_owned(),
@@ -180,6 +228,17 @@ impl RegistryStore {
             authorization: Mutex::new(None),
             retry: Retry::default(),
         }
+    }
+
+    /// Connects only to addresses `filter` passes (and through no proxy, which would be
+    /// resolved instead of the registry).
+    pub fn with_address_filter(mut self, filter: AddressFilter) -> RegistryStore {
+        self.agent = Agent::with_parts(
+            agent_config().proxy(None).build(),
+            ureq::unversioned::transport::DefaultConnector::default(),
+            FilteringResolver(filter),
+        );
+        self
     }
 
     pub fn with_retry(mut self, retry: Retry) -> RegistryStore {

@@ -82,43 +82,14 @@ pub(super) struct Remote {
     bytes: Vec<u8>,
 }
 
-/// Resolves names for `ADD <url>` and keeps only the addresses the egress policy lets a
-/// workspace reach: the host fetches, so without it a Dockerfile could read the host's own
-/// services (its API on loopback), the cloud's metadata address, or a denied network — on
-/// every redirect too, since each connection is resolved here.
-#[derive(Debug)]
-struct PolicyResolver {
-    policy: EgressPolicy,
-    host: Vec<ipnet::Ipv4Net>,
-}
-
-impl ureq::unversioned::resolver::Resolver for PolicyResolver {
-    fn resolve(
-        &self,
-        uri: &ureq::http::Uri,
-        config: &ureq::config::Config,
-        timeout: ureq::unversioned::transport::NextTimeout,
-    ) -> Result<ureq::unversioned::resolver::ResolvedSocketAddrs, ureq::Error> {
-        let all = ureq::unversioned::resolver::DefaultResolver::default()
-            .resolve(uri, config, timeout)?;
-        let mut kept = self.empty();
-        let mut refused = None;
-        for &addr in all.iter() {
-            match self.policy.refuses(addr.ip(), &self.host) {
-                None => kept.push(addr),
-                Some(why) => refused = Some((addr.ip(), why)),
-            }
-        }
-        match refused {
-            Some((ip, why)) if kept.is_empty() => Err(ureq::Error::Io(std::io::Error::new(
-                std::io::ErrorKind::PermissionDenied,
-                format!(
-                    "{ip} is {why}: refused by the egress policy (an admin may open a network with --allow-net)"
-                ),
-            ))),
-            _ => Ok(kept),
-        }
-    }
+/// The addresses the host may connect to for a tenant (`ADD <url>`, a registry a Dockerfile or
+/// an environment file names): those the egress policy lets a workspace reach, and stricter —
+/// the host fetches, so without it a tenant could read the host's own services (its API on
+/// loopback), the cloud's metadata address or a denied network. Applied on every connection,
+/// redirects included.
+pub fn egress_filter(policy: &EgressPolicy) -> warren_store::AddressFilter {
+    let (policy, host) = (policy.clone(), warren_runtime::net::host_networks());
+    std::sync::Arc::new(move |ip| policy.refuses(ip, &host).map(str::to_owned))
 }
 
 fn fetch(url: &str, checksum: Option<&str>, egress: &EgressPolicy) -> Result<Vec<u8>, String> {
@@ -129,10 +100,7 @@ fn fetch(url: &str, checksum: Option<&str>, egress: &EgressPolicy) -> Result<Vec
             .proxy(None)
             .build(),
         ureq::unversioned::transport::DefaultConnector::default(),
-        PolicyResolver {
-            policy: egress.clone(),
-            host: warren_runtime::net::host_networks(),
-        },
+        warren_store::FilteringResolver(egress_filter(egress)),
     );
     let mut answer = agent
         .get(url)
