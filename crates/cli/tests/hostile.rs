@@ -1133,3 +1133,58 @@ fn a_registry_a_user_names_is_held_to_the_egress_policy() {
     warren.ok("admin", &["ws", "create", "mine", "--image", &remote]);
     warren.ok("admin", &["ws", "rm", "mine"]);
 }
+
+/// A user of the host with no part in Warren (here `nobody`) walks into a workspace's folder
+/// under the data folder. Before, its image mount (whose setuid programs run as the
+/// workspace's root on the host), its writable layer and its root were all there to read and
+/// run. Now the workspace's folder is open only to host root and the workspace's own ids.
+#[test]
+fn a_workspaces_tree_is_closed_to_other_users_of_the_host() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    enter_own_network();
+    let warren = Warren::up_with_admin(48, None);
+    warren.import_dev_image();
+    warren.ok("admin", &["ws", "create", "closed", "--image", "dev:1"]);
+    let workspaces: Vec<_> = std::fs::read_dir(warren.data.path().join("runtime/workspaces"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(workspaces.len(), 1);
+    let dir = &workspaces[0];
+    let meta = std::fs::metadata(dir).unwrap();
+    assert_eq!(
+        meta.permissions().mode() & 0o7777,
+        0o710,
+        "{}",
+        dir.display()
+    );
+    for inside in ["rootfs/usr/bin", "lower/usr/bin", "upper"] {
+        let out = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "ls"])
+            .arg(dir.join(inside))
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success()
+                && String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+            "nobody lists {inside}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    // The workspace itself still starts, runs and keeps its files.
+    warren.ok(
+        "admin",
+        &["ws", "exec", "closed", "--", "sh", "-c", "echo kept > /k"],
+    );
+    warren.ok("admin", &["ws", "stop", "closed"]);
+    warren.ok("admin", &["ws", "start", "closed"]);
+    assert_eq!(
+        warren.ok("admin", &["ws", "exec", "closed", "--", "cat", "/k"]),
+        "kept\n"
+    );
+    assert_eq!(
+        meta.gid(),
+        std::fs::metadata(dir.join("upper")).unwrap().uid()
+    );
+    warren.ok("admin", &["ws", "rm", "closed"]);
+}

@@ -655,6 +655,13 @@ pub(crate) fn teardown(
 /// belong to the workspace's root.
 pub(crate) fn create_layout(rec: &WorkspaceRecord, layout: &Layout) -> Result<(), Error> {
     let root = Some(rec.uid_base);
+    // Closed to everybody but host root and the workspace's own ids (its root's group, which
+    // sets its tree up from inside its user namespace): no other user of the host, nor another
+    // workspace, reaches its image mount (setuid programs there run as its root), its layer or
+    // its disk image.
+    chown(&layout.dir, None, root).map_err(Error::io("cannot chown", &layout.dir))?;
+    std::fs::set_permissions(&layout.dir, std::fs::Permissions::from_mode(0o710))
+        .map_err(Error::io("cannot set permissions of", &layout.dir))?;
     if let Some(size) = rec.config.limits.disk {
         if rec.vm.is_some() {
             return Err(Error::InvalidConfig(
