@@ -27,6 +27,9 @@ pub struct WorkspaceSpec {
     pub memory: Option<u64>,
     pub cpus: Option<f64>,
     pub pids: Option<u64>,
+    /// Bytes it may write (`None`: the host's default, `--workspace-disk`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<u64>,
     /// What runs in persistent terminals on each start (the environment's workspace tasks).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tasks: Vec<TaskSpec>,
@@ -167,8 +170,7 @@ pub fn execute(runtime: &dyn Runtime, work: &WorkspaceJob) -> Result<Outcome, St
                 cpus: spec.cpus,
                 memory: spec.memory,
                 pids: spec.pids,
-                // The host's default (`--workspace-disk`).
-                disk: None,
+                disk: spec.disk,
             },
             env: Vec::new(),
             vm: spec.vm.clone(),
@@ -533,6 +535,7 @@ mod tests {
                 memory: Some(1 << 30),
                 cpus: None,
                 pids: None,
+                disk: Some(20 << 30),
                 tasks: vec![TaskSpec {
                     name: "web".into(),
                     argv: vec!["sh".into(), "-c".into(), "npm start".into()],

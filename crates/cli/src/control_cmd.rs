@@ -362,6 +362,9 @@ pub enum WsCommand {
         memory: Option<String>,
         #[arg(long)]
         cpus: Option<f64>,
+        /// What it may write, e.g. 20GiB (default: the environment file's, else the host's)
+        #[arg(long)]
+        disk: Option<String>,
         /// An environment file (warren.yml, hocus.yml, devcontainer.json) whose workspace tasks
         /// run on each start
         #[arg(long)]
@@ -786,6 +789,7 @@ pub fn ws(cmd: WsCommand) -> anyhow::Result<ExitCode> {
             branch,
             memory,
             cpus,
+            disk,
             env_file,
             runtime,
             no_wait,
@@ -803,6 +807,7 @@ pub fn ws(cmd: WsCommand) -> anyhow::Result<ExitCode> {
                 (_, project) => (name, project),
             };
             let memory = memory.as_deref().map(crate::parse_size).transpose()?;
+            let disk = disk.as_deref().map(crate::parse_size).transpose()?;
             let environment = match env_file {
                 Some(path) => {
                     let text = std::fs::read_to_string(&path)
@@ -815,8 +820,8 @@ pub fn ws(cmd: WsCommand) -> anyhow::Result<ExitCode> {
             client.post(
                 "/workspaces",
                 &json!({"name": name, "image": image, "project": project, "branch": branch,
-                        "memory": memory, "cpus": cpus, "environment": environment,
-                        "runtime": runtime}),
+                        "memory": memory, "cpus": cpus, "disk": disk,
+                        "environment": environment, "runtime": runtime}),
             )?;
             if !no_wait {
                 wait_for(&client, &name, "creating", state_is("running"))?;

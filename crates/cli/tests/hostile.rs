@@ -1062,7 +1062,49 @@ fn a_workspace_that_fills_its_disk_fills_only_its_own() {
     warren.ok("admin", &["ws", "start", "full"]);
     let kept = warren.ok("admin", &["ws", "exec", "full", "--", "cat", "/small"]);
     assert_eq!(kept, "again\n");
-    for ws in ["full", "other"] {
+    // A workspace's own limit, from `ws create --disk` or its environment file, wins over the
+    // host's default.
+    let env_file = warren.data.path().join("warren.yml");
+    std::fs::write(&env_file, "image: dev:1\nresources:\n  disk: 96MiB\n").unwrap();
+    warren.ok(
+        "admin",
+        &[
+            "ws", "create", "own", "--image", "dev:1", "--disk", "128MiB",
+        ],
+    );
+    warren.ok(
+        "admin",
+        &[
+            "ws",
+            "create",
+            "file",
+            "--image",
+            "dev:1",
+            "--env-file",
+            env_file.to_str().unwrap(),
+        ],
+    );
+    for (ws, most) in [("own", 128), ("file", 96), ("other", 256)] {
+        let size = warren.ok(
+            "admin",
+            &["ws", "exec", ws, "--", "df", "-m", "--output=size", "/"],
+        );
+        let size: u64 = size.lines().last().unwrap().trim().parse().unwrap();
+        assert!(
+            size <= most && size > most / 2,
+            "{ws}: {size} MiB for a {most} MiB limit"
+        );
+    }
+    let out = warren.cli(
+        "admin",
+        &["ws", "create", "tiny", "--image", "dev:1", "--disk", "1MiB"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("at least 64 MiB"),
+        "{err}"
+    );
+    for ws in ["full", "other", "own", "file"] {
         warren.ok("admin", &["ws", "rm", ws]);
     }
     // Nothing of it stays mounted.

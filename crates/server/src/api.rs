@@ -845,6 +845,10 @@ pub struct NewWorkspace {
     memory: Option<u64>,
     #[serde(default)]
     cpus: Option<f64>,
+    /// Bytes it may write (a container's writable layer and `/var/lib/docker`); when absent,
+    /// the environment file's, else the host's default (`--workspace-disk`).
+    #[serde(default)]
+    disk: Option<u64>,
     /// The environment file whose workspace tasks run on each start.
     #[serde(default)]
     environment: Option<EnvironmentFile>,
@@ -873,8 +877,8 @@ struct Environment {
     folder: String,
     /// What the file asks to run in (`runtime: vm` in warren.yml).
     runtime: warren_spec::RuntimeKind,
-    /// CPUs and memory it asks for (warren.yml's `resources`, devcontainer's
-    /// `hostRequirements`); the request's own values win. `disk` is not enforced.
+    /// CPUs, memory and disk it asks for (warren.yml's `resources`, devcontainer's
+    /// `hostRequirements`); the request's own values win.
     resources: warren_spec::Resources,
 }
 
@@ -983,6 +987,8 @@ pub struct WorkspaceView {
     last_error: Option<String>,
     memory: Option<i64>,
     cpus: Option<f64>,
+    /// Bytes it may write (absent: the host's default).
+    disk: Option<i64>,
     created_at: i64,
     updated_at: i64,
     /// Resource use as its host last reported it (cpu_ns, memory_bytes, pids, disk_bytes, ...),
@@ -1005,7 +1011,7 @@ pub struct WorkspaceView {
 
 pub(crate) const WORKSPACE_COLUMNS: &str =
     "w.id, w.name, w.owner_id, u.name AS owner, w.project_id, p.name AS project, w.image, h.name AS host,
-    w.host_id, w.state, w.desired, w.last_error, w.memory, w.cpus_milli, w.created_at, w.updated_at,
+    w.host_id, w.state, w.desired, w.last_error, w.memory, w.cpus_milli, w.disk, w.created_at, w.updated_at,
     w.tasks, w.stats, w.stats_at, w.run_as, w.prebuild_id, w.branch, pb.commit_sha AS prebuild_commit, p.git_url,
     w.runtime, u.vm_ksm AS owner_ksm, p.vm_ksm AS project_ksm,
     (SELECT b.head FROM branches b WHERE b.project_id = w.project_id AND b.name = w.branch) AS branch_head
@@ -1030,6 +1036,7 @@ fn workspace_view(r: &AnyRow) -> ApiResult<WorkspaceView> {
         cpus: r
             .try_get::<Option<i64>, _>("cpus_milli")?
             .map(|m| m as f64 / 1000.0),
+        disk: r.try_get("disk")?,
         created_at: r.try_get("created_at")?,
         updated_at: r.try_get("updated_at")?,
         stats_at: r.try_get("stats_at")?,
@@ -1083,6 +1090,7 @@ pub(crate) fn workspace_spec(r: &AnyRow) -> ApiResult<WorkspaceSpec> {
             .try_get::<Option<i64>, _>("cpus_milli")?
             .map(|m| m as f64 / 1000.0),
         pids: None,
+        disk: r.try_get::<Option<i64>, _>("disk")?.map(|d| d as u64),
         tasks: match r.try_get::<Option<String>, _>("tasks")? {
             Some(json) => serde_json::from_str(&json)
                 .map_err(|e| ApiError::internal("a workspace's tasks", e))?,
@@ -1260,6 +1268,7 @@ pub async fn create_workspace(
     )?;
     let memory = req.memory.or(resources.memory.map(|m| m.0));
     let cpus = req.cpus.or(resources.cpus.map(f64::from));
+    let disk = req.disk.or(resources.disk.map(|d| d.0));
     let runtime = match req.runtime.as_deref() {
         None => env_runtime.to_string(),
         Some(r @ ("container" | "vm")) => r.to_owned(),
@@ -1269,6 +1278,24 @@ pub async fn create_workspace(
             )));
         }
     };
+    if let Some(disk) = disk {
+        let from = if req.disk.is_some() {
+            ""
+        } else {
+            "the environment file's resources: "
+        };
+        if !(warren_runtime::MIN_DISK..=1 << 50).contains(&disk) {
+            return Err(ApiError::bad_request(format!(
+                "{from}disk must be at least {} MiB",
+                warren_runtime::MIN_DISK >> 20
+            )));
+        }
+        if runtime == "vm" {
+            return Err(ApiError::bad_request(format!(
+                "{from}a disk limit is for container workspaces (a VM's scratch disk is not limited)"
+            )));
+        }
+    }
     if let Some((_, branch, commit, _, _)) = &from_prebuild {
         let (name, email) = git_identity(&state, &caller).await?;
         let git = git_task(
@@ -1304,8 +1331,8 @@ pub async fn create_workspace(
     let now = now_ms();
     let mut tx = state.db.begin_write().await?;
     sqlx::query(
-        "INSERT INTO workspaces (id, owner_id, project_id, name, image, host_id, state, desired, memory, cpus_milli, created_at, updated_at, tasks, run_as, prebuild_id, branch, runtime)
-         VALUES ($1, $2, $3, $4, $5, $6, 'creating', 'running', $7, $8, $9, $9, $10, $11, $12, $13, $14)",
+        "INSERT INTO workspaces (id, owner_id, project_id, name, image, host_id, state, desired, memory, cpus_milli, created_at, updated_at, tasks, run_as, prebuild_id, branch, runtime, disk)
+         VALUES ($1, $2, $3, $4, $5, $6, 'creating', 'running', $7, $8, $9, $9, $10, $11, $12, $13, $14, $15)",
     )
     .bind(&id)
     .bind(&caller.user_id)
@@ -1326,6 +1353,7 @@ pub async fn create_workspace(
     .bind(from_prebuild.as_ref().map(|p| &p.0))
     .bind(from_prebuild.as_ref().map(|p| &p.1))
     .bind(&runtime)
+    .bind(disk.map(|d| d as i64))
     .execute(&mut *tx)
     .await
     .map_err(|e| match ApiError::from(e) {
@@ -1338,6 +1366,7 @@ pub async fn create_workspace(
         memory,
         cpus,
         pids: None,
+        disk,
         tasks,
         vm,
     };

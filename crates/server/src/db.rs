@@ -43,6 +43,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (8, include_str!("../migrations/0008_prebuilds.sql")),
     (9, include_str!("../migrations/0009_host_prebuilds.sql")),
     (10, include_str!("../migrations/0010_workspace_runtime.sql")),
+    (11, include_str!("../migrations/0011_workspace_disk.sql")),
 ];
 
 /// The SQLite file holds every user's password hash, tokens' hashes and sealed secrets: made

@@ -643,7 +643,7 @@ pub(crate) async fn reconcile(
     actual: Actual,
 ) -> Result<usize, ServerError> {
     let rows = sqlx::query(
-        "SELECT w.id, w.image, w.memory, w.cpus_milli, w.tasks, w.state, w.desired, w.runtime,
+        "SELECT w.id, w.image, w.memory, w.cpus_milli, w.disk, w.tasks, w.state, w.desired, w.runtime,
                 u.vm_ksm AS owner_ksm, p.vm_ksm AS project_ksm
          FROM workspaces w JOIN users u ON u.id = w.owner_id LEFT JOIN projects p ON p.id = w.project_id
          WHERE w.host_id = $1 AND w.state IN ('running', 'stopped') AND w.desired IN ('running', 'stopped')
