@@ -1230,3 +1230,40 @@ fn a_workspaces_tree_is_closed_to_other_users_of_the_host() {
     );
     warren.ok("admin", &["ws", "rm", "closed"]);
 }
+
+/// A workspace's root calls into kernel state shared with the host and other tenants: the
+/// keyrings, io_uring, perf events, eBPF, kexec. Before, only the user namespace stood in the
+/// way (and io_uring, keyrings and perf events are reachable from one). Now a seccomp filter
+/// refuses them in every process of the workspace, exec'd ones included, while what a system
+/// container running Docker needs (mount, unshare) still works.
+#[test]
+fn a_workspace_cannot_reach_kernel_state_it_shares_with_others() {
+    if !cfg!(target_arch = "x86_64") {
+        return;
+    }
+    enter_own_network();
+    let warren = Warren::up_with_admin(49, None);
+    warren.import_dev_image();
+    warren.ok("admin", &["ws", "create", "sc", "--image", "dev:1"]);
+    // x86_64 numbers: keyctl 250, io_uring_setup 425, perf_event_open 298, bpf 321,
+    // kexec_load 246. Each is called with zero arguments; the errno is printed.
+    let script = r#"for $n (250, 425, 298, 321, 246) { $r = syscall($n, 0, 0, 0, 0, 0); print "$n=", ($r == -1 ? $!+0 : "ok"), " " }"#;
+    let out = warren.ok("admin", &["ws", "exec", "sc", "--", "perl", "-e", script]);
+    // ENOSYS (38) where programs should fall back, EPERM (1) elsewhere.
+    assert_eq!(out.trim(), "250=38 425=38 298=1 321=1 246=1", "{out}");
+    // The calls a nested engine needs still work.
+    let out = warren.ok(
+        "admin",
+        &[
+            "ws",
+            "exec",
+            "sc",
+            "--",
+            "sh",
+            "-c",
+            "mkdir -p /m && mount -t tmpfs t /m && umount /m && unshare -m true && echo fine",
+        ],
+    );
+    assert_eq!(out, "fine\n");
+    warren.ok("admin", &["ws", "rm", "sc"]);
+}

@@ -328,6 +328,10 @@ fn exec_inside(plan: &Plan<'_>) -> String {
             }
         }
     }
+    // While it still has the capabilities to (as the workspace's root).
+    if let Err(e) = crate::seccomp::install() {
+        return e;
+    }
     let terminal = match request.tty {
         Some(size) => open_terminal(&plan.master_socket, size, account.uid)
             .map_err(|e| format!("cannot open a terminal: {e}")),

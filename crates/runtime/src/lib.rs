@@ -21,6 +21,7 @@ mod init;
 pub mod net;
 mod proto;
 mod record;
+mod seccomp;
 mod shim;
 mod slots;
 mod spec;

@@ -134,6 +134,7 @@ pub(crate) fn oci_config(rec: &WorkspaceRecord, layout: &Layout) -> Value {
             "cgroupsPath": rec.cgroup_path(),
             "resources": resources,
             "devices": [char_dev("/dev/fuse", 10, 229), char_dev("/dev/net/tun", 10, 200)],
+            "seccomp": crate::seccomp::profile(),
         },
     })
 }
