@@ -49,6 +49,15 @@ pub struct HostFlags {
         value_delimiter = ','
     )]
     allow_nets: Vec<ipnet::Ipv4Net>,
+    /// A registry (HOST[:PORT]) this host trusts (repeatable): reached for tenants without the
+    /// egress policy, and the only kind users may start workspaces from
+    #[arg(
+        long = "trusted-registry",
+        global = true,
+        env = "WARREN_TRUSTED_REGISTRIES",
+        value_delimiter = ','
+    )]
+    trusted_registries: Vec<String>,
     /// First host uid of workspace uid ranges (65536 ids per workspace)
     #[arg(long, global = true, env = "WARREN_UID_BASE", default_value_t = ContainerRuntimeConfig::DEFAULT_UID_BASE)]
     uid_base: u32,
@@ -95,6 +104,7 @@ impl HostFlags {
         warren_runtime::EgressPolicy {
             denied: self.deny_nets.clone(),
             allowed: self.allow_nets.clone(),
+            registries: self.trusted_registries.clone(),
         }
     }
 

@@ -309,8 +309,19 @@ impl Runtime for ContainerRuntime {
             let net = self.config.network.subnet;
             let first = u32::from(net.network());
             let mut config = config.clone();
-            if config.vm.is_none() && config.limits.disk.is_none() {
-                config.limits.disk = self.config.default_disk;
+            if config.vm.is_none() {
+                // The host's limit is the most a workspace may write; its own may only be less.
+                match (config.limits.disk, self.config.default_disk) {
+                    (None, host) => config.limits.disk = host,
+                    (Some(own), Some(host)) if own > host => {
+                        return Err(Error::InvalidConfig(format!(
+                            "a disk of {} MiB is more than this host gives a workspace ({} MiB)",
+                            own >> 20,
+                            host >> 20
+                        )));
+                    }
+                    _ => {}
+                }
             }
             let rec = WorkspaceRecord {
                 config,

@@ -45,9 +45,18 @@ pub struct EgressPolicy {
     pub denied: Vec<Ipv4Net>,
     /// Passed even when denied or link-local (never into the host itself).
     pub allowed: Vec<Ipv4Net>,
+    /// Registries (`HOST[:PORT]`) the admin trusts: the host reaches them for a tenant without
+    /// this policy (a team's registry on the LAN or on this machine), and they are the only
+    /// ones a user may start a workspace from.
+    pub registries: Vec<String>,
 }
 
 impl EgressPolicy {
+    /// Whether `host` (`HOST[:PORT]` of an image reference) is a registry the admin trusts.
+    pub fn trusts_registry(&self, host: &str) -> bool {
+        self.registries.iter().any(|r| r.eq_ignore_ascii_case(host))
+    }
+
     /// Why the host refuses to connect to `ip` on a tenant's behalf (`ADD <url>`); `None`: it
     /// may. `host` is the host's own IPv4 networks ([`host_networks`]). Stricter than what a
     /// workspace may reach, since the connection leaves from the host itself, where no
@@ -350,6 +359,7 @@ mod tests {
         let policy = EgressPolicy {
             denied: vec![net("10.1.2.0/24")],
             allowed: vec![net("169.254.9.9/32")],
+            registries: Vec::new(),
         };
         let rules = inet_rules("warren0", net("10.88.0.0/16"), &policy);
         assert!(
@@ -392,6 +402,7 @@ mod tests {
         let policy = EgressPolicy {
             denied: vec![net("10.1.0.0/16")],
             allowed: vec![net("169.254.7.0/24")],
+            registries: Vec::new(),
         };
         let host = [
             net("192.0.2.10/24"),

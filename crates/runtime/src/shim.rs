@@ -535,6 +535,7 @@ fn mount_tree(
     layout: &Layout,
     mount: &mut Option<LowerMount>,
 ) -> Result<(), Error> {
+    close_folder(rec, layout)?;
     *mount = Some(mount_lower(rec, layout)?);
     crate::disk::ensure_mounted(&layout.dir)?;
     sys::mount_overlay(
@@ -651,17 +652,28 @@ pub(crate) fn teardown(
     leftovers
 }
 
+/// Closes the workspace's folder to everybody but host root and the workspace's own ids (its
+/// root's group, which sets its tree up from inside its user namespace): no other user of the
+/// host, nor another workspace, reaches its image mount (setuid programs there run as its
+/// root), its layer or its disk image (0600). Done at create, and at each start for workspaces
+/// made before.
+fn close_folder(rec: &WorkspaceRecord, layout: &Layout) -> Result<(), Error> {
+    chown(&layout.dir, None, Some(rec.uid_base)).map_err(Error::io("cannot chown", &layout.dir))?;
+    std::fs::set_permissions(&layout.dir, std::fs::Permissions::from_mode(0o710))
+        .map_err(Error::io("cannot set permissions of", &layout.dir))?;
+    let image = crate::disk::image(&layout.dir);
+    if image.exists() {
+        std::fs::set_permissions(&image, std::fs::Permissions::from_mode(0o600))
+            .map_err(Error::io("cannot set permissions of", &image))?;
+    }
+    Ok(())
+}
+
 /// Creates the folders of a new workspace: the writable layer and the nested engine's folder
 /// belong to the workspace's root.
 pub(crate) fn create_layout(rec: &WorkspaceRecord, layout: &Layout) -> Result<(), Error> {
     let root = Some(rec.uid_base);
-    // Closed to everybody but host root and the workspace's own ids (its root's group, which
-    // sets its tree up from inside its user namespace): no other user of the host, nor another
-    // workspace, reaches its image mount (setuid programs there run as its root), its layer or
-    // its disk image.
-    chown(&layout.dir, None, root).map_err(Error::io("cannot chown", &layout.dir))?;
-    std::fs::set_permissions(&layout.dir, std::fs::Permissions::from_mode(0o710))
-        .map_err(Error::io("cannot set permissions of", &layout.dir))?;
+    close_folder(rec, layout)?;
     if let Some(size) = rec.config.limits.disk {
         if rec.vm.is_some() {
             return Err(Error::InvalidConfig(

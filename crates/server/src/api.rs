@@ -780,48 +780,21 @@ pub async fn git_hook(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Refuses an image reference whose registry (the first part of `HOST[:PORT]/REPO:TAG`, as
-/// Docker tells a registry from a repository) resolves to an address the egress policy keeps
-/// the host from for a tenant.
-async fn check_registry_reachable(
-    image: &str,
-    policy: &warren_runtime::EgressPolicy,
-) -> ApiResult<()> {
+/// Refuses a user's image reference on a registry (the first part of `HOST[:PORT]/REPO:TAG`, as
+/// Docker tells a registry from a repository) the admin does not trust: the host would mount
+/// it, following whatever redirects and token services that registry names, with no egress
+/// policy in the way.
+fn check_registry_trusted(image: &str, policy: &warren_runtime::EgressPolicy) -> ApiResult<()> {
     let Some((first, _)) = image.split_once('/') else {
         return Ok(());
     };
-    if !(first.contains(['.', ':']) || first == "localhost") {
+    if !(first.contains(['.', ':']) || first == "localhost") || policy.trusts_registry(first) {
         return Ok(());
     }
-    let (host, port) = match first.strip_prefix('[') {
-        // [v6]:port
-        Some(rest) => {
-            let (h, tail) = rest.split_once(']').unwrap_or((rest, ""));
-            (h, tail.strip_prefix(':').and_then(|p| p.parse().ok()))
-        }
-        None => match first.rsplit_once(':') {
-            Some((h, p)) => (h, p.parse().ok()),
-            None => (first, None),
-        },
-    };
-    let port: u16 = port.unwrap_or(443);
-    let addrs = tokio::time::timeout(
-        std::time::Duration::from_secs(10),
-        tokio::net::lookup_host((host, port)),
-    )
-    .await
-    .map_err(|_| ApiError::bad_request(format!("image {image}: {host} did not resolve in 10 s")))?
-    .map_err(|e| ApiError::bad_request(format!("image {image}: cannot resolve {host}: {e}")))?;
-    let networks = warren_runtime::net::host_networks();
-    for addr in addrs {
-        if let Some(why) = policy.refuses(addr.ip(), &networks) {
-            return Err(ApiError::forbidden(format!(
-                "image {image}: its registry {host} is at {} ({why}), which the egress policy keeps the host from for a user",
-                addr.ip()
-            )));
-        }
-    }
-    Ok(())
+    Err(ApiError::forbidden(format!(
+        "image {image}: {first} is not a registry this host trusts (an admin names them with \
+         --trusted-registry); start from a project's prebuild, a local image, or a trusted registry"
+    )))
 }
 
 // ---- workspaces ----
@@ -1165,14 +1138,17 @@ pub async fn create_workspace(
             "{e}: create the workspace with --project (and --branch)"
         )));
     }
-    // A registry image is fetched by the host: a user may name one only where the egress
-    // policy lets the host connect for a tenant (an admin may name any, such as a registry
-    // on this machine).
+    // A registry image is mounted by the host: a user may name one only on a registry the
+    // admin trusts (an admin may name any).
     if let Some(image) = &req.image
         && !caller.is_admin
-        && let Some(runtime) = &state.runtime
     {
-        check_registry_reachable(image, &runtime.egress()).await?;
+        let policy = state
+            .runtime
+            .as_ref()
+            .map(|r| r.egress())
+            .unwrap_or_default();
+        check_registry_trusted(image, &policy)?;
     }
     if req.image.is_some() && req.branch.is_some() {
         return Err(ApiError::bad_request(
