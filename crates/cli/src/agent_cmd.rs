@@ -160,19 +160,8 @@ pub fn image_lister(data: &Path) -> ImageLister {
 /// This host's token, from `--token-file` (which only root may read) or `WARREN_HOST_TOKEN`.
 fn host_token(file: Option<&Path>) -> anyhow::Result<String> {
     let token = match file {
-        Some(file) => {
-            use std::os::unix::fs::MetadataExt as _;
-            let meta = std::fs::metadata(file)
-                .with_context(|| format!("cannot read {}", file.display()))?;
-            if meta.mode() & 0o077 != 0 {
-                anyhow::bail!(
-                    "{} holds a host token but others may read it: chmod 600 it",
-                    file.display()
-                );
-            }
-            std::fs::read_to_string(file)
-                .with_context(|| format!("cannot read {}", file.display()))?
-        }
+        Some(file) => crate::client::read_private(file, "a host token")?
+            .with_context(|| format!("cannot read {}: no such file", file.display()))?,
         None => std::env::var("WARREN_HOST_TOKEN").map_err(|_| {
             anyhow::anyhow!(
                 "no host token: set WARREN_HOST_TOKEN or give --token-file (`warren host add` printed it)"

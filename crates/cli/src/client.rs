@@ -51,6 +51,32 @@ pub fn write_private(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()>
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// Reads a file that holds `what` (a token, passwords): at most 1 MiB, and only if no one but
+/// its owner may read it (the twin of [`write_private`]). `None` when there is no such file.
+pub fn read_private(path: &std::path::Path, what: &str) -> anyhow::Result<Option<String>> {
+    use std::io::Read as _;
+    use std::os::unix::fs::MetadataExt as _;
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let meta = file
+        .metadata()
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    if meta.mode() & 0o077 != 0 {
+        bail!(
+            "{} holds {what} but others may read it: chmod 600 it",
+            path.display()
+        );
+    }
+    let mut text = String::new();
+    file.take(1 << 20)
+        .read_to_string(&mut text)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(Some(text))
+}
+
 #[derive(Debug)]
 pub struct Client {
     server: String,

@@ -130,22 +130,10 @@ fn auth_file(data: &Path) -> PathBuf {
 /// Only that host's entry is ever used, so a registry a user names gets no other registry's
 /// password. A file others may read is not used.
 fn credentials(data: &Path, host: &str) -> anyhow::Result<Option<(String, String)>> {
-    use std::os::unix::fs::MetadataExt as _;
     let path = auth_file(data);
-    let file = match std::fs::File::open(&path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    let Some(text) = crate::client::read_private(&path, "registry passwords")? else {
+        return Ok(None);
     };
-    let meta = file.metadata()?;
-    if meta.mode() & 0o077 != 0 {
-        bail!(
-            "{} holds registry passwords but others may read it: chmod 600 it",
-            path.display()
-        );
-    }
-    let mut text = String::new();
-    std::io::Read::read_to_string(&mut std::io::Read::take(file, 1 << 20), &mut text)?;
     let parsed: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
     let Some(entry) = parsed["auths"].get(host) else {
