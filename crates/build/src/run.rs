@@ -120,6 +120,42 @@ pub(crate) struct Stop<'a> {
     pub time: Duration,
 }
 
+/// Why a step was stopped early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stopped {
+    Cancelled,
+    TimedOut,
+}
+
+impl Stop<'_> {
+    /// When a step started now must end (`None`: a limit too far away to count is none).
+    fn deadline(&self) -> Option<std::time::Instant> {
+        std::time::Instant::now().checked_add(self.time)
+    }
+
+    /// Whether a step with this deadline is to stop now, and why.
+    fn due(&self, deadline: Option<std::time::Instant>) -> Option<Stopped> {
+        if self.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+            Some(Stopped::Cancelled)
+        } else if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            Some(Stopped::TimedOut)
+        } else {
+            None
+        }
+    }
+
+    /// The error of `what`, stopped for `why`.
+    fn error(&self, why: Stopped, what: &str) -> String {
+        match why {
+            Stopped::Cancelled => CANCELLED.into(),
+            Stopped::TimedOut => format!(
+                "{what} was still running after the step time limit ({} s) and was stopped",
+                self.time.as_secs()
+            ),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct BuildRequest<'a> {
     pub dockerfile: &'a Dockerfile,
@@ -962,9 +998,9 @@ pub(crate) fn run(
     drop(tx);
     let mut tail: Vec<u8> = Vec::new();
     // A limit too far away to count is no limit.
-    let deadline = std::time::Instant::now().checked_add(stop.time);
+    let deadline = stop.deadline();
     // Why the process was killed, and when.
-    let mut killed: Option<(&str, std::time::Instant)> = None;
+    let mut killed: Option<(Stopped, std::time::Instant)> = None;
     loop {
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok((is_err, bytes)) => {
@@ -981,14 +1017,7 @@ pub(crate) fn run(
         // Checked on every pass: a step that never stops writing is stopped all the same.
         match killed {
             None => {
-                let why = if stop.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
-                    Some(CANCELLED)
-                } else if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
-                    Some(TIMED_OUT)
-                } else {
-                    None
-                };
-                if let Some(why) = why {
+                if let Some(why) = stop.due(deadline) {
                     killed = Some((why, std::time::Instant::now()));
                     let _ = exec.process.signal(libc::SIGKILL);
                 }
@@ -1002,15 +1031,7 @@ pub(crate) fn run(
     if let Some((why, _)) = killed {
         // The readers and the feeder end when the sandbox goes; they are not waited for.
         let _ = exec.process.wait();
-        return Err(if why == TIMED_OUT {
-            format!(
-                "`{}` was still running after the step time limit ({} s) and was stopped",
-                step.argv.join(" "),
-                stop.time.as_secs()
-            )
-        } else {
-            CANCELLED.into()
-        });
+        return Err(stop.error(why, &format!("`{}`", step.argv.join(" "))));
     }
     for r in readers {
         let _ = r.join();
@@ -1042,8 +1063,6 @@ pub(crate) fn run(
 
 /// The error of a step stopped by a cancel.
 pub const CANCELLED: &str = "cancelled";
-/// Why a step past its time limit was killed (its error says more).
-const TIMED_OUT: &str = "timed out";
 
 /// Unpacks a tar stream into the folder `into` of the sandbox (as root: owners come from the
 /// stream, names resolved by the image's own users and groups, which must exist).
@@ -1656,16 +1675,14 @@ pub(crate) fn read_bounded(
     what: &str,
     into: &mut dyn Write,
 ) -> Result<(), String> {
-    let deadline = std::time::Instant::now().checked_add(stop.time);
-    let (killed, done) = (AtomicBool::new(false), AtomicBool::new(false));
+    let deadline = stop.deadline();
+    let (killed, done) = (std::sync::OnceLock::new(), AtomicBool::new(false));
     let mut copied: std::io::Result<u64> = Ok(0);
     std::thread::scope(|scope| {
         scope.spawn(|| {
             while !done.load(Ordering::Relaxed) {
-                if stop.cancel.is_some_and(|c| c.load(Ordering::Relaxed))
-                    || deadline.is_some_and(|d| std::time::Instant::now() >= d)
-                {
-                    killed.store(true, Ordering::Relaxed);
+                if let Some(why) = stop.due(deadline) {
+                    let _ = killed.set(why);
                     let _ = started.process.signal(libc::SIGKILL);
                     // And whatever it left holding the pipe.
                     let _ = runtime.quiesce(id);
@@ -1677,15 +1694,8 @@ pub(crate) fn read_bounded(
         copied = std::io::copy(&mut (&started.stdout).take(limit + 1), into);
         done.store(true, Ordering::Relaxed);
     });
-    if killed.load(Ordering::Relaxed) {
-        return Err(if stop.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
-            CANCELLED.into()
-        } else {
-            format!(
-                "{what} took longer than the step time limit ({} s)",
-                stop.time.as_secs()
-            )
-        });
+    if let Some(&why) = killed.get() {
+        return Err(stop.error(why, what));
     }
     match copied {
         Ok(n) if n > limit => {
