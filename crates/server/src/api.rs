@@ -785,10 +785,10 @@ pub async fn git_hook(
 /// it, following whatever redirects and token services that registry names, with no egress
 /// policy in the way.
 fn check_registry_trusted(image: &str, policy: &warren_runtime::EgressPolicy) -> ApiResult<()> {
-    let Some((first, _)) = image.split_once('/') else {
+    let Some(first) = warren_store::registry_host(image) else {
         return Ok(());
     };
-    if !(first.contains(['.', ':']) || first == "localhost") || policy.trusts_registry(first) {
+    if policy.trusts_registry(first) {
         return Ok(());
     }
     Err(ApiError::forbidden(format!(

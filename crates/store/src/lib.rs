@@ -18,5 +18,7 @@ pub use blob::{BlobStore, StoreError};
 pub use cache::{CacheError, CacheStats, ChunkCache};
 pub use fetch::{ChunkFetcher, Counters, FetchError};
 pub use local::{GcReport, LocalStore};
-pub use registry::{AddressFilter, FilteringResolver, RegistryRef, RegistryStore, Retry};
+pub use registry::{
+    AddressFilter, FilteringResolver, RegistryRef, RegistryStore, Retry, registry_host,
+};
 pub mod oci;

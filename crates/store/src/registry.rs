@@ -29,6 +29,13 @@ pub struct RegistryRef {
     pub reference: String,
 }
 
+/// The registry of an image reference (`HOST[:PORT]` of `HOST[:PORT]/REPO[:TAG]`), told from a
+/// local name as Docker tells them: the first part contains a `.` or a `:`, or is `localhost`.
+pub fn registry_host(reference: &str) -> Option<&str> {
+    let (host, _) = reference.split_once('/')?;
+    (host.contains(['.', ':']) || host == "localhost").then_some(host)
+}
+
 impl RegistryRef {
     /// Parses `host/repo[:tag|@digest]`. The first component must look like a host (contain a
     /// `.` or a `:`, or be `localhost`).
@@ -37,14 +44,12 @@ impl RegistryRef {
             reference: text.to_owned(),
             reason: reason.to_owned(),
         };
-        let (host, rest) = text
+        let (_, rest) = text
             .split_once('/')
             .ok_or_else(|| bad("expected host/repository[:tag]"))?;
-        if !(host.contains(['.', ':']) || host == "localhost") {
-            return Err(bad(
-                "the first part must be a registry host such as `127.0.0.1:5000`",
-            ));
-        }
+        let host = registry_host(text).ok_or_else(|| {
+            bad("the first part must be a registry host such as `127.0.0.1:5000`")
+        })?;
         let (repository, reference) = if let Some((r, d)) = rest.split_once('@') {
             (r, d.to_owned())
         } else {
