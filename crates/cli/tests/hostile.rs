@@ -79,8 +79,7 @@ fn a_fifo_for_passwd_stalls_neither_the_host_nor_other_users() {
         &["ws", "exec", "trap", "--", "true"],
         Duration::from_secs(60),
     );
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = common::fails(out);
     assert!(
         stderr.contains("/etc/passwd is not a regular file"),
         "{stderr}"
@@ -581,8 +580,7 @@ fn a_projects_prebuilds_and_caches_are_its_own() {
             alices["image"].as_str().unwrap(),
         ],
     );
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = common::fails(out);
     assert!(err.contains("its project's"), "{err}");
     // Nor by its digest.
     let inspected: Value = serde_json::from_str(&ok(common::warren_at(
@@ -597,12 +595,8 @@ fn a_projects_prebuilds_and_caches_are_its_own() {
     )))
     .unwrap();
     let digest = inspected["digest"].as_str().unwrap();
-    let out = warren.cli("bob", &["ws", "create", "stolen", "--image", digest]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("bare digest"),
-        "{err}"
-    );
+    let err = common::fails(warren.cli("bob", &["ws", "create", "stolen", "--image", digest]));
+    assert!(err.contains("bare digest"), "{err}");
     warren.ok("bob", &["ws", "rm", "mine"]);
 }
 
@@ -668,9 +662,12 @@ fn nothing_a_build_step_left_running_outlives_it() {
         "FROM warren-build-cache:0123456789abcdef0123456789abcdef\nRUN true\n",
     )
     .unwrap();
-    let out = warren(&["build", ctx.path().to_str().unwrap(), "-t", "stolen:1"]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let err = common::fails(warren(&[
+        "build",
+        ctx.path().to_str().unwrap(),
+        "-t",
+        "stolen:1",
+    ]));
     assert!(err.contains("is its project's, not to be named"), "{err}");
 }
 
@@ -744,12 +741,8 @@ fn a_key_is_added_only_by_whoever_holds_it() {
     // Bob has alice's public key (it is public), never her private key.
     let copied = warren.configs.path().join("bob/alice.pub");
     std::fs::write(&copied, &public).unwrap();
-    let out = warren.cli("bob", &["key", "add", "hers", copied.to_str().unwrap()]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("could not sign"),
-        "{err}"
-    );
+    let err = common::fails(warren.cli("bob", &["key", "add", "hers", copied.to_str().unwrap()]));
+    assert!(err.contains("could not sign"), "{err}");
     let bob = warren.token("bob");
     let post = |body: Value| {
         warren.http(
@@ -958,24 +951,19 @@ fn registry_passwords_go_only_to_their_registry() {
     // Readable by others: not used.
     std::fs::set_permissions(&auth, std::fs::Permissions::from_mode(0o644)).unwrap();
     let pushed = format!("{}/team/demo:1", team.host());
-    let out = warren(&["image", "push", "demo:1", &pushed]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("chmod 600"), "{err}");
+    let err = common::fails(warren(&["image", "push", "demo:1", &pushed]));
+    assert!(err.contains("chmod 600"), "{err}");
     std::fs::set_permissions(&auth, std::fs::Permissions::from_mode(0o600)).unwrap();
     ok(warren(&["image", "push", "demo:1", &pushed]));
     ok(warren(&["image", "pull", &pushed, "again:1"]));
     // The decoy asks; it gets no password.
-    let out = warren(&[
+    let err = common::fails(warren(&[
         "image",
         "pull",
         &format!("{decoy_host}/team/demo:1"),
         "decoy:1",
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("user name and password"),
-        "{err}"
-    );
+    ]));
+    assert!(err.contains("user name and password"), "{err}");
     let requests: Vec<String> = seen.try_iter().collect();
     assert!(!requests.is_empty(), "the decoy was never asked");
     for request in requests {
@@ -1104,25 +1092,17 @@ fn a_workspace_that_fills_its_disk_fills_only_its_own() {
             "{ws}: {size} MiB for a {most} MiB limit"
         );
     }
-    let out = warren.cli(
+    let err = common::fails(warren.cli(
         "admin",
         &["ws", "create", "tiny", "--image", "dev:1", "--disk", "1MiB"],
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("at least 64 MiB"),
-        "{err}"
-    );
+    ));
+    assert!(err.contains("at least 64 MiB"), "{err}");
     // Nor more than the host gives: the host's limit is a ceiling.
-    let out = warren.cli(
+    let err = common::fails(warren.cli(
         "admin",
         &["ws", "create", "big", "--image", "dev:1", "--disk", "1GiB"],
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("more than this host gives"),
-        "{err}"
-    );
+    ));
+    assert!(err.contains("more than this host gives"), "{err}");
     let _ = warren.cli("admin", &["ws", "rm", "big"]);
     for ws in ["full", "other", "own", "file"] {
         warren.ok("admin", &["ws", "rm", ws]);
@@ -1190,12 +1170,8 @@ fn a_registry_a_user_names_is_held_to_the_egress_policy() {
             "{name}: {error}"
         );
     }
-    let out = warren.cli("alice", &["ws", "create", "lazy", "--image", &remote]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("not a registry this host trusts"),
-        "{err}"
-    );
+    let err = common::fails(warren.cli("alice", &["ws", "create", "lazy", "--image", &remote]));
+    assert!(err.contains("not a registry this host trusts"), "{err}");
     // The team's trusted registry, even on loopback, for her; any registry for the admin.
     warren.ok("alice", &["ws", "create", "team", "--image", &team]);
     warren.ok("alice", &["ws", "rm", "team"]);

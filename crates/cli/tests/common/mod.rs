@@ -33,6 +33,16 @@ pub fn ok(out: Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A command's stderr, once it is known to have failed (the twin of [`ok`]).
+pub fn fails(out: Output) -> String {
+    assert!(
+        !out.status.success(),
+        "warren succeeded where it should have failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// Makes an Ed25519 key pair without a passphrase: `path` and `path.pub`.
 pub fn keygen(path: &std::path::Path) {
     let out = Command::new("ssh-keygen")
