@@ -189,60 +189,72 @@ pub const LOGIN_GRACE: Duration = Duration::from_secs(30);
 pub const MOST_UNAUTHENTICATED_PER_ADDRESS: usize = 64;
 pub const MOST_UNAUTHENTICATED: usize = 256;
 
-/// Counts connections that have not authenticated yet.
-#[derive(Debug, Default)]
-struct Unauthenticated(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+/// Counts what is open per key (connections per address, channels per user), each counted
+/// until its [`Counted`] is dropped.
+struct Counter<K>(std::sync::Mutex<std::collections::HashMap<K, usize>>);
 
-/// One unauthenticated connection, counted until it authenticates or ends.
-struct Pending {
-    table: Arc<Unauthenticated>,
-    ip: std::net::IpAddr,
-    counted: std::sync::atomic::AtomicBool,
-}
-
-impl Unauthenticated {
-    /// Counts a new connection from `ip`; `None` when it is one too many.
-    fn admit(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<Arc<Pending>> {
-        let mut table = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let total: usize = table.values().sum();
-        let here = table.get(&ip).copied().unwrap_or(0);
-        if total >= MOST_UNAUTHENTICATED || here >= MOST_UNAUTHENTICATED_PER_ADDRESS {
-            return None;
-        }
-        table.insert(ip, here + 1);
-        Some(Arc::new(Pending {
-            table: self.clone(),
-            ip,
-            counted: std::sync::atomic::AtomicBool::new(true),
-        }))
+impl<K> Default for Counter<K> {
+    fn default() -> Self {
+        Self(Default::default())
     }
 }
 
-impl Pending {
-    /// Authenticated (or ended): no longer counted.
-    fn done(&self) {
-        if self
-            .counted
-            .swap(false, std::sync::atomic::Ordering::SeqCst)
-        {
-            let mut table = self.table.0.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(n) = table.get_mut(&self.ip) {
-                *n -= 1;
-                if *n == 0 {
-                    table.remove(&self.ip);
-                }
+/// One thing counted under `key` until dropped.
+pub(crate) struct Counted<K: Eq + std::hash::Hash> {
+    table: Arc<Counter<K>>,
+    key: K,
+}
+
+impl<K: Eq + std::hash::Hash + Clone> Counter<K> {
+    /// Counts one more under `key`; `None` when `key` has `most` already, or all keys together
+    /// `most_in_all`.
+    fn admit(self: &Arc<Self>, key: K, most: usize, most_in_all: usize) -> Option<Counted<K>> {
+        let mut table = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let total: usize = table.values().sum();
+        let here = table.get(&key).copied().unwrap_or(0);
+        if total >= most_in_all || here >= most {
+            return None;
+        }
+        table.insert(key.clone(), here + 1);
+        Some(Counted {
+            table: self.clone(),
+            key,
+        })
+    }
+}
+
+impl<K: Eq + std::hash::Hash> Drop for Counted<K> {
+    fn drop(&mut self) {
+        let mut table = self.table.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = table.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                table.remove(&self.key);
             }
         }
     }
-
-    fn authenticated(&self) -> bool {
-        !self.counted.load(std::sync::atomic::Ordering::SeqCst)
-    }
 }
 
-impl Drop for Pending {
-    fn drop(&mut self) {
-        self.done();
+/// Connections not yet authenticated, per address.
+type Unauthenticated = Counter<std::net::IpAddr>;
+
+/// One unauthenticated connection, counted until it authenticates or ends.
+struct Pending(std::sync::Mutex<Option<Counted<std::net::IpAddr>>>);
+
+impl Pending {
+    /// Counts a new connection from `ip`; `None` when it is one too many.
+    fn admit(table: &Arc<Unauthenticated>, ip: std::net::IpAddr) -> Option<Arc<Pending>> {
+        let counted = table.admit(ip, MOST_UNAUTHENTICATED_PER_ADDRESS, MOST_UNAUTHENTICATED)?;
+        Some(Arc::new(Pending(std::sync::Mutex::new(Some(counted)))))
+    }
+
+    /// Authenticated (or ended): no longer counted.
+    fn done(&self) {
+        drop(self.0.lock().unwrap_or_else(|e| e.into_inner()).take());
+    }
+
+    fn authenticated(&self) -> bool {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).is_none()
     }
 }
 
@@ -253,49 +265,20 @@ pub const MOST_SESSIONS_PER_USER: usize = 64;
 /// Forwarded connections (`ssh -L`, `-D`, VS Code's tunnels) one user may have open at once.
 pub const MOST_FORWARDS_PER_USER: usize = 256;
 
-/// Open channels per user and kind.
-#[derive(Debug, Default)]
-struct Channels(std::sync::Mutex<std::collections::HashMap<(String, bool), usize>>);
-
+/// Open channels per user and kind (`true`: forwarded connections).
+type Channels = Counter<(String, bool)>;
 /// One open channel, counted until dropped (when its task, and any process it started, ends).
-pub(crate) struct ChannelSlot {
-    table: Arc<Channels>,
-    key: (String, bool),
-}
+pub(crate) type ChannelSlot = Counted<(String, bool)>;
 
-impl Channels {
-    /// Counts a new session (`forward` false) or forwarded connection of `user`; `None` when
-    /// it is one too many.
-    fn admit(self: &Arc<Self>, user: &str, forward: bool) -> Option<ChannelSlot> {
-        let most = if forward {
-            MOST_FORWARDS_PER_USER
-        } else {
-            MOST_SESSIONS_PER_USER
-        };
-        let key = (user.to_owned(), forward);
-        let mut table = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let open = table.entry(key.clone()).or_insert(0);
-        if *open >= most {
-            return None;
-        }
-        *open += 1;
-        Some(ChannelSlot {
-            table: self.clone(),
-            key,
-        })
-    }
-}
-
-impl Drop for ChannelSlot {
-    fn drop(&mut self) {
-        let mut table = self.table.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = table.get_mut(&self.key) {
-            *n -= 1;
-            if *n == 0 {
-                table.remove(&self.key);
-            }
-        }
-    }
+/// Counts a new session (`forward` false) or forwarded connection of `user`; `None` when it
+/// is one too many.
+fn admit_channel(channels: &Arc<Channels>, user: &str, forward: bool) -> Option<ChannelSlot> {
+    let most = if forward {
+        MOST_FORWARDS_PER_USER
+    } else {
+        MOST_SESSIONS_PER_USER
+    };
+    channels.admit((user.to_owned(), forward), most, usize::MAX)
 }
 
 /// A gateway listening on `listener` until the returned task is aborted.
@@ -334,7 +317,7 @@ pub fn serve<D: Directory>(
                     continue;
                 }
             };
-            let Some(pending) = unauthenticated.admit(peer.ip()) else {
+            let Some(pending) = Pending::admit(&unauthenticated, peer.ip()) else {
                 tracing::info!(%peer, "ssh: too many connections not authenticated yet; closed");
                 drop(socket);
                 continue;
@@ -514,7 +497,7 @@ impl<D: Directory> russh::server::Handler for Connection<D> {
                 .await;
             return Ok(());
         };
-        let Some(slot) = self.channels.admit(&user.id, false) else {
+        let Some(slot) = admit_channel(&self.channels, &user.id, false) else {
             tracing::info!(peer = %self.peer, user = user.name, "ssh: too many sessions; refused");
             reply
                 .reject(ChannelOpenFailure::Other {
@@ -573,7 +556,7 @@ impl<D: Directory> russh::server::Handler for Connection<D> {
             return Ok(());
         };
         let user = self.user.clone().map(|u| u.id).unwrap_or_default();
-        let Some(slot) = self.channels.admit(&user, true) else {
+        let Some(slot) = admit_channel(&self.channels, &user, true) else {
             reply
                 .reject(ChannelOpenFailure::Other {
                     // SSH_OPEN_RESOURCE_SHORTAGE
@@ -650,14 +633,14 @@ mod tests {
     fn a_user_has_only_so_many_channels_open() {
         let channels = Arc::new(Channels::default());
         let mut held: Vec<ChannelSlot> = (0..MOST_SESSIONS_PER_USER)
-            .map(|_| channels.admit("alice", false).unwrap())
+            .map(|_| admit_channel(&channels, "alice", false).unwrap())
             .collect();
-        assert!(channels.admit("alice", false).is_none());
+        assert!(admit_channel(&channels, "alice", false).is_none());
         // Her forwarded connections and bob's sessions are counted apart.
-        assert!(channels.admit("alice", true).is_some());
-        assert!(channels.admit("bob", false).is_some());
+        assert!(admit_channel(&channels, "alice", true).is_some());
+        assert!(admit_channel(&channels, "bob", false).is_some());
         held.pop();
-        assert!(channels.admit("alice", false).is_some());
+        assert!(admit_channel(&channels, "alice", false).is_some());
         held.clear();
         assert!(channels.0.lock().unwrap().is_empty());
     }
