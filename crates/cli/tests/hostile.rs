@@ -1270,3 +1270,105 @@ fn a_workspace_cannot_reach_kernel_state_it_shares_with_others() {
     assert_eq!(out, "fine\n");
     warren.ok("admin", &["ws", "rm", "sc"]);
 }
+
+/// A device node reaches a workspace (bind-mounted in, or a nested engine's `mknod`, or an
+/// image from before import refused them). Its cgroups must refuse it anyway. Before, the
+/// spec listed no device rules: libcgroups' v1 `devices` controller only added allows to a
+/// cgroup that allowed everything, and libcontainer was built without the cgroup-v2 eBPF
+/// filter. Each layer is checked on its own: a host-root process joins one hierarchy's
+/// directory of the workspace (v1 `devices`, and the unified one, whose eBPF filter cgroup-v2
+/// hosts rely on) and opens a node outside the standard set, then `/dev/null`'s twin.
+#[test]
+fn a_device_node_outside_the_standard_set_cannot_be_opened() {
+    enter_own_network();
+    let warren = Warren::up_with_admin(50, None);
+    warren.import_dev_image();
+    warren.ok("admin", &["ws", "create", "dv", "--image", "dev:1"]);
+    let id = std::fs::read_dir(warren.data.path().join("runtime/workspaces"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .next()
+        .unwrap();
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    // The workspace's directory in the v1 `devices` hierarchy and in the unified one.
+    let mut layers = Vec::new();
+    for line in mountinfo.lines() {
+        let (fields, fs) = line.split_once(" - ").unwrap();
+        let mut fs = fs.split(' ');
+        let (fstype, options) = (fs.next().unwrap(), fs.nth(1).unwrap_or(""));
+        let v1_devices = fstype == "cgroup" && options.split(',').any(|o| o == "devices");
+        if !(v1_devices || fstype == "cgroup2") {
+            continue;
+        }
+        let root = std::path::Path::new(fields.split(' ').nth(4).unwrap()).join("warren");
+        for entry in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+            if entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(&format!("{id}-")))
+            {
+                layers.push(entry.path());
+            }
+        }
+    }
+    assert_eq!(layers.len(), 2, "{layers:?}");
+    let nodes = tempfile::tempdir().unwrap();
+    let kmsg = nodes.path().join("kmsg");
+    let null = nodes.path().join("null");
+    run(std::process::Command::new("mknod")
+        .arg(&kmsg)
+        .args(["c", "1", "11"]));
+    run(std::process::Command::new("mknod")
+        .arg(&null)
+        .args(["c", "1", "3"]));
+    let open_in = |dir: &std::path::Path, node: &std::path::Path| {
+        std::process::Command::new("sh")
+            .args([
+                "-c",
+                "echo $$ > \"$1/cgroup.procs\" && exec dd if=\"$2\" of=/dev/null count=0 status=none",
+                "sh",
+            ])
+            .arg(dir)
+            .arg(node)
+            .output()
+            .unwrap()
+    };
+    for dir in &layers {
+        let out = open_in(dir, &kmsg);
+        assert!(
+            !out.status.success()
+                && String::from_utf8_lossy(&out.stderr).contains("Operation not permitted"),
+            "{}: {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // What a workspace may use: the standard set, and FUSE and TUN for a nested engine.
+        for allowed in [&null, std::path::Path::new("/dev/fuse"), "/dev/net/tun".as_ref()] {
+            let out = open_in(dir, allowed);
+            assert!(
+                out.status.success(),
+                "{} {}: {}",
+                dir.display(),
+                allowed.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    let out = warren.ok(
+        "admin",
+        &[
+            "ws",
+            "exec",
+            "dv",
+            "--",
+            "sh",
+            "-c",
+            "head -c1 /dev/urandom >/dev/null && echo x >/dev/null && echo fine",
+        ],
+    );
+    assert_eq!(out, "fine\n");
+    warren.ok("admin", &["ws", "rm", "dv"]);
+    for dir in &layers {
+        assert!(!dir.exists(), "{} outlived its workspace", dir.display());
+    }
+}

@@ -5,9 +5,15 @@
 //! removes every directory, including those made inside.
 
 use std::os::unix::fs::chown;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use libcgroups::common::{AnyCgroupManager, CgroupConfig, CgroupManager, create_cgroup_manager};
+use libcgroups::common::{
+    AnyCgroupManager, CgroupConfig, CgroupManager, CgroupSetup, create_cgroup_manager,
+    get_cgroup_setup,
+};
+use libcontainer::oci_spec::runtime::{
+    LinuxDeviceCgroup, LinuxDeviceCgroupBuilder, LinuxDeviceType,
+};
 use nix::unistd::Pid;
 
 use crate::Error;
@@ -22,6 +28,54 @@ fn manager(rec: &WorkspaceRecord) -> Result<AnyCgroupManager, Error> {
     .map_err(|e| Error::Sys(format!("cgroups of `{}`: {e}", rec.config.id)))
 }
 
+/// The devices a workspace may open: the standard set (`null`, `zero`, `full`, `random`,
+/// `urandom`, `tty`, `console`, `ptmx`, the pseudo-terminals) and the two its spec creates for a
+/// nested engine, FUSE and TUN; and `mknod` of any (a nested engine makes its own `/dev`).
+/// Every other device node — one in an image, or one a tenant's root bind-mounts in — cannot
+/// be opened, whatever its mode. (libcgroups adds the standard set again; the list is whole
+/// here because the unified hierarchy's filter below is built from it alone.)
+pub(crate) fn device_rules() -> Vec<LinuxDeviceCgroup> {
+    use LinuxDeviceType::{A, B, C};
+    let rule = |allow: bool,
+                typ: LinuxDeviceType,
+                major: Option<i64>,
+                minor: Option<i64>,
+                access: &str| {
+        let mut b = LinuxDeviceCgroupBuilder::default()
+            .allow(allow)
+            .typ(typ)
+            .access(access);
+        if let Some(major) = major {
+            b = b.major(major);
+        }
+        if let Some(minor) = minor {
+            b = b.minor(minor);
+        }
+        b.build().expect("a device rule has every field it needs")
+    };
+    let mut rules = vec![
+        rule(false, A, None, None, "rwm"),
+        rule(true, C, None, None, "m"),
+        rule(true, B, None, None, "m"),
+        rule(true, C, Some(136), None, "rwm"),
+    ];
+    for (major, minor) in [
+        (1, 3),
+        (1, 5),
+        (1, 7),
+        (1, 8),
+        (1, 9),
+        (5, 0),
+        (5, 1),
+        (5, 2),
+        (10, 200),
+        (10, 229),
+    ] {
+        rules.push(rule(true, C, Some(major), Some(minor), "rwm"));
+    }
+    rules
+}
+
 /// Moves `pid` into every cgroup of the workspace.
 pub(crate) fn add(rec: &WorkspaceRecord, pid: i32) -> Result<(), Error> {
     manager(rec)?.add_task(Pid::from_raw(pid)).map_err(|e| {
@@ -29,7 +83,67 @@ pub(crate) fn add(rec: &WorkspaceRecord, pid: i32) -> Result<(), Error> {
             "cannot move process {pid} into `{}`: {e}",
             rec.config.id
         ))
-    })
+    })?;
+    fence_unified(rec, pid, false)
+}
+
+/// On a hybrid host (v1 controllers, plus a unified hierarchy with none) libcontainer keeps a
+/// workspace in the v1 hierarchies, where the `devices` controller holds [`device_rules`]. The
+/// same rules are also loaded as an eBPF program on the workspace's directory in the unified
+/// hierarchy, as libcontainer does on a cgroup-v2 host, and `pid` joins it: two layers, and the
+/// eBPF one is the one cgroup-v2 hosts rely on. (`BPF_F_ALLOW_MULTI`: a nested engine's own
+/// programs below can only refuse more.) The program is (re)loaded when `load` is set (a
+/// start) or the directory is new.
+pub(crate) fn fence_unified(rec: &WorkspaceRecord, pid: i32, load: bool) -> Result<(), Error> {
+    if !matches!(get_cgroup_setup(), Ok(CgroupSetup::Hybrid)) {
+        return Ok(());
+    }
+    let Some(root) = hierarchies()
+        .into_iter()
+        .find_map(|(fstype, root)| (fstype == "cgroup2").then_some(root))
+    else {
+        return Ok(());
+    };
+    let dir = root.join(relative(rec));
+    if load || !dir.is_dir() {
+        std::fs::create_dir_all(&dir).map_err(Error::io("cannot create the cgroup", &dir))?;
+        load_device_filter(&dir).map_err(|e| {
+            Error::Sys(format!(
+                "cannot load the device filter of `{}` into {}: {e}",
+                rec.config.id,
+                dir.display()
+            ))
+        })?;
+    }
+    let procs = dir.join("cgroup.procs");
+    std::fs::write(&procs, pid.to_string()).map_err(Error::io("cannot write", &procs))
+}
+
+/// Attaches an eBPF program made of [`device_rules`] to the cgroup `dir`, and detaches the
+/// ones it replaces: libcgroups' own `apply_devices` but for its first step, raising
+/// `RLIMIT_MEMLOCK`, which needs `CAP_SYS_RESOURCE` and has not counted for eBPF since Linux
+/// 5.11 (memory cgroups account it).
+fn load_device_filter(dir: &Path) -> Result<(), String> {
+    use libcgroups::v2::devices::{bpf::prog, emulator::Emulator, program::Program};
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    let mut emulator = Emulator::with_default_allow(false);
+    emulator.add_rules(&device_rules());
+    let program =
+        Program::from_rules(&emulator.rules, emulator.default_allow).map_err(|e| e.to_string())?;
+    let cgroup = std::fs::File::open(dir).map_err(|e| e.to_string())?;
+    let old = prog::query(cgroup.as_raw_fd()).map_err(|e| e.to_string())?;
+    // SAFETY: `load` returns a new descriptor of its own, or an error. (libbpf reads the
+    // licence as a C string: hence the NUL.)
+    let loaded = unsafe {
+        OwnedFd::from_raw_fd(prog::load("Apache\0", program.bytecodes()).map_err(|e| e.to_string())?)
+    };
+    prog::attach(loaded.as_raw_fd(), cgroup.as_raw_fd()).map_err(|e| e.to_string())?;
+    for info in old {
+        // SAFETY: `query` opened each descriptor for the caller.
+        let fd = unsafe { OwnedFd::from_raw_fd(info.fd) };
+        prog::detach2(fd.as_raw_fd(), cgroup.as_raw_fd()).map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 /// cpu, memory and pids counters.
@@ -49,26 +163,26 @@ pub(crate) fn stats(rec: &WorkspaceRecord) -> Result<crate::Stats, Error> {
     })
 }
 
+fn relative(rec: &WorkspaceRecord) -> PathBuf {
+    let path = rec.cgroup_path();
+    path.strip_prefix("/").unwrap_or(&path).to_path_buf()
+}
+
+/// Every mounted cgroup hierarchy: its type (`cgroup`, `cgroup2`) and where it is mounted.
+fn hierarchies() -> Vec<(String, PathBuf)> {
+    crate::sys::mounts()
+        .into_iter()
+        .filter(|m| m.fstype == "cgroup" || m.fstype == "cgroup2")
+        .map(|m| (m.fstype, m.mount_point))
+        .collect()
+}
+
 /// The workspace's cgroup directory in every mounted hierarchy (v1 controllers, v2 unified).
 pub(crate) fn dirs(rec: &WorkspaceRecord) -> Vec<PathBuf> {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
-    let relative = rec.cgroup_path();
-    let relative = relative.strip_prefix("/").unwrap_or(&relative);
+    let relative = relative(rec);
     let mut found = Vec::new();
-    for line in info.lines() {
-        let Some((fields, fs)) = line.split_once(" - ") else {
-            continue;
-        };
-        let fstype = fs.split(' ').next().unwrap_or("");
-        if fstype != "cgroup" && fstype != "cgroup2" {
-            continue;
-        }
-        let Some(mountpoint) = fields.split(' ').nth(4) else {
-            continue;
-        };
-        let dir = PathBuf::from(mountpoint).join(relative);
+    for (_, root) in hierarchies() {
+        let dir = root.join(&relative);
         if dir.is_dir() && !found.contains(&dir) {
             found.push(dir);
         }
@@ -135,7 +249,7 @@ pub(crate) fn remove(rec: &WorkspaceRecord) -> Vec<String> {
     failed
 }
 
-fn remove_tree(dir: &std::path::Path) -> std::io::Result<()> {
+fn remove_tree(dir: &Path) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         if entry.file_type()?.is_dir() {

@@ -505,6 +505,7 @@ fn prepare(
         .ok_or_else(|| start_err("the container has no init process".into()))?
         .as_raw();
     net::attach(rec, init_pid)?;
+    cgroup::fence_unified(rec, init_pid, true)?;
     cgroup::delegate(rec)?;
     container
         .start()

@@ -80,7 +80,7 @@ pub(crate) fn oci_config(rec: &WorkspaceRecord, layout: &Layout) -> Value {
     let etc = layout.etc();
     let bind = |dest: &str, source: std::path::PathBuf| json!({"destination": dest, "type": "bind", "source": source, "options": ["rbind", "rw"]});
     let limits = &rec.config.limits;
-    let mut resources = json!({});
+    let mut resources = json!({ "devices": crate::cgroup::device_rules() });
     if let Some(memory) = limits.memory {
         resources["memory"] = json!({ "limit": memory });
     }

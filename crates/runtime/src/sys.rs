@@ -103,15 +103,32 @@ pub(crate) fn can_enter_as(dir: &Path, uid: u32) -> bool {
     }
 }
 
-pub(crate) fn mounts_under(path: &Path) -> Vec<std::path::PathBuf> {
+/// One line of `/proc/self/mountinfo`: where a filesystem is mounted and its type.
+pub(crate) struct Mount {
+    pub mount_point: std::path::PathBuf,
+    pub fstype: String,
+}
+
+/// This process's mounts, in mount order.
+pub(crate) fn mounts() -> Vec<Mount> {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return Vec::new();
     };
-    let mut found: Vec<std::path::PathBuf> = info
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(unescape_mountinfo)
-        .map(std::path::PathBuf::from)
+    info.lines()
+        .filter_map(|line| {
+            let (fields, fs) = line.split_once(" - ")?;
+            Some(Mount {
+                mount_point: unescape_mountinfo(fields.split(' ').nth(4)?).into(),
+                fstype: fs.split(' ').next()?.to_owned(),
+            })
+        })
+        .collect()
+}
+
+pub(crate) fn mounts_under(path: &Path) -> Vec<std::path::PathBuf> {
+    let mut found: Vec<std::path::PathBuf> = mounts()
+        .into_iter()
+        .map(|m| m.mount_point)
         .filter(|m| m.starts_with(path))
         .collect();
     found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
