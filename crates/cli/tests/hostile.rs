@@ -1343,7 +1343,11 @@ fn a_device_node_outside_the_standard_set_cannot_be_opened() {
             String::from_utf8_lossy(&out.stderr)
         );
         // What a workspace may use: the standard set, and FUSE and TUN for a nested engine.
-        for allowed in [&null, std::path::Path::new("/dev/fuse"), "/dev/net/tun".as_ref()] {
+        for allowed in [
+            &null,
+            std::path::Path::new("/dev/fuse"),
+            "/dev/net/tun".as_ref(),
+        ] {
             let out = open_in(dir, allowed);
             assert!(
                 out.status.success(),
@@ -1370,5 +1374,103 @@ fn a_device_node_outside_the_standard_set_cannot_be_opened() {
     warren.ok("admin", &["ws", "rm", "dv"]);
     for dir in &layers {
         assert!(!dir.exists(), "{} outlived its workspace", dir.display());
+    }
+}
+
+/// A VM workspace with a disk limit fills its tree (over virtiofs, onto the workspace's own
+/// filesystem) and its scratch disk (`/var/lib/docker`, a block device) and gets ENOSPC in
+/// each, while what it takes on the host stays within the limit for each. Before, a VM could
+/// not have a limit, and its scratch disk was a 64 GiB sparse file on the host's disk.
+#[test]
+fn a_vm_that_fills_its_disk_fills_only_its_own() {
+    use std::os::unix::fs::MetadataExt as _;
+    enter_own_network();
+    warren_testkit::require_vm_tools();
+    let kernel = warren_testkit::guest_kernel();
+    let guest = warren_testkit::static_guest();
+    let data = tempfile::Builder::new()
+        .prefix("warren-hostile-vmdisk-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let uid_base = "3600000000";
+    let (kernel, guest) = (kernel.to_str().unwrap(), guest.to_str().unwrap());
+    let env = [
+        ("WARREN_UID_BASE", uid_base),
+        ("WARREN_BRIDGE", "wbrd"),
+        ("WARREN_SUBNET", "10.94.0.0/16"),
+        ("WARREN_VM_KERNEL", kernel),
+        ("WARREN_GUEST", guest),
+    ];
+    let warren = |args: &[&str]| common::warren_at(data.path(), args, &env);
+    import_dev(&warren);
+    let _vm = Removed {
+        data: data.path(),
+        uid_base,
+        name: "vmd",
+    };
+    ok(warren(&[
+        "runtime", "run", "vmd", "--image", "dev:1", "--vm", "--disk", "128MiB",
+    ]));
+    for target in ["/root/big", "/var/lib/docker/big"] {
+        let out = ok(warren(&[
+            "runtime",
+            "exec",
+            "vmd",
+            "--",
+            "sh",
+            "-c",
+            &format!("dd if=/dev/zero of={target} bs=1M count=200 conv=fsync 2>&1; echo rc=$?"),
+        ]));
+        assert!(
+            out.contains("No space left on device") && !out.contains("rc=0"),
+            "{target}: {out}"
+        );
+        ok(warren(&["runtime", "exec", "vmd", "--", "rm", target]));
+    }
+    // The workspace goes on once it deletes what filled it.
+    let out = ok(warren(&[
+        "runtime",
+        "exec",
+        "vmd",
+        "--",
+        "sh",
+        "-c",
+        "echo kept > /root/k && cat /root/k",
+    ]));
+    assert_eq!(out, "kept\n");
+    let dir = std::fs::read_dir(data.path().join("runtime/workspaces"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let mut files = Vec::new();
+    let mut stack = vec![dir];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap().flatten() {
+            let meta = std::fs::symlink_metadata(entry.path()).unwrap();
+            if meta.is_dir()
+                && entry.file_name() != "rootfs"
+                && entry.file_name() != "lower"
+                && entry.file_name() != "disk"
+            {
+                stack.push(entry.path());
+            } else if meta.is_file() {
+                files.push((entry.path(), meta));
+            }
+        }
+    }
+    for name in ["disk.img", "scratch.img"] {
+        let (path, meta) = files
+            .iter()
+            .find(|(p, _)| p.file_name().is_some_and(|n| n == name))
+            .unwrap_or_else(|| panic!("no {name} in {files:?}"));
+        assert_eq!(meta.len(), 128 << 20, "{}", path.display());
+        assert!(
+            meta.blocks() * 512 <= 136 << 20,
+            "{} takes {} bytes",
+            path.display(),
+            meta.blocks() * 512
+        );
     }
 }

@@ -135,7 +135,9 @@ fn load_device_filter(dir: &Path) -> Result<(), String> {
     // SAFETY: `load` returns a new descriptor of its own, or an error. (libbpf reads the
     // licence as a C string: hence the NUL.)
     let loaded = unsafe {
-        OwnedFd::from_raw_fd(prog::load("Apache\0", program.bytecodes()).map_err(|e| e.to_string())?)
+        OwnedFd::from_raw_fd(
+            prog::load("Apache\0", program.bytecodes()).map_err(|e| e.to_string())?,
+        )
     };
     prog::attach(loaded.as_raw_fd(), cgroup.as_raw_fd()).map_err(|e| e.to_string())?;
     for info in old {

@@ -76,7 +76,7 @@ pub struct ContainerRuntimeConfig {
     pub uid_base: u32,
     /// What VM workspaces boot from (used only by workspaces that ask for a VM).
     pub vm: crate::VmSettings,
-    /// The disk limit of container workspaces created without one of their own (`None`:
+    /// The disk limit of workspaces created without one of their own (`None`:
     /// unlimited).
     pub default_disk: Option<u64>,
 }
@@ -309,19 +309,17 @@ impl Runtime for ContainerRuntime {
             let net = self.config.network.subnet;
             let first = u32::from(net.network());
             let mut config = config.clone();
-            if config.vm.is_none() {
-                // The host's limit is the most a workspace may write; its own may only be less.
-                match (config.limits.disk, self.config.default_disk) {
-                    (None, host) => config.limits.disk = host,
-                    (Some(own), Some(host)) if own > host => {
-                        return Err(Error::InvalidConfig(format!(
-                            "a disk of {} MiB is more than this host gives a workspace ({} MiB)",
-                            own >> 20,
-                            host >> 20
-                        )));
-                    }
-                    _ => {}
+            // The host's limit is the most a workspace may write; its own may only be less.
+            match (config.limits.disk, self.config.default_disk) {
+                (None, host) => config.limits.disk = host,
+                (Some(own), Some(host)) if own > host => {
+                    return Err(Error::InvalidConfig(format!(
+                        "a disk of {} MiB is more than this host gives a workspace ({} MiB)",
+                        own >> 20,
+                        host >> 20
+                    )));
                 }
+                _ => {}
             }
             let rec = WorkspaceRecord {
                 config,

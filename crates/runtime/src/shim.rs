@@ -676,12 +676,6 @@ pub(crate) fn create_layout(rec: &WorkspaceRecord, layout: &Layout) -> Result<()
     let root = Some(rec.uid_base);
     close_folder(rec, layout)?;
     if let Some(size) = rec.config.limits.disk {
-        if rec.vm.is_some() {
-            return Err(Error::InvalidConfig(
-                "a disk limit is for container workspaces (a VM's disk is its memory's scratch space)"
-                    .into(),
-            ));
-        }
         crate::disk::create(&layout.dir, size)?;
     }
     for dir in [layout.upper(), layout.docker()] {

@@ -1266,11 +1266,6 @@ pub async fn create_workspace(
                 warren_runtime::MIN_DISK >> 20
             )));
         }
-        if runtime == "vm" {
-            return Err(ApiError::bad_request(format!(
-                "{from}a disk limit is for container workspaces (a VM's scratch disk is not limited)"
-            )));
-        }
     }
     if let Some((_, branch, commit, _, _)) = &from_prebuild {
         let (name, email) = git_identity(&state, &caller).await?;

@@ -200,7 +200,8 @@ impl VmFiles {
     }
 }
 
-/// Size of a new scratch disk (sparse: it takes only what the guest writes).
+/// Size of a new scratch disk of a VM with no disk limit (sparse: it takes only what the guest
+/// writes). With a limit, the scratch disk is that size.
 const SCRATCH_BYTES: u64 = 64 << 30;
 
 /// How long a guest may take to answer after QEMU starts (TCG on a busy host is slow).
@@ -427,12 +428,13 @@ pub(crate) fn start(
     let accel = accel(vm);
     let kernel = kernel::GuestKernel::find(&vm.kernel)?;
 
-    // The scratch disk, made once.
+    // The scratch disk, made once: the limit's size, so the guest's `/var/lib/docker` gets
+    // ENOSPC there, as its tree does on the workspace's own filesystem (`crate::disk`).
     let scratch = files.scratch();
     if !scratch.exists() {
         let tmp = scratch.with_extension("img.new");
         let f = File::create(&tmp).map_err(Error::io("cannot create", &tmp))?;
-        f.set_len(SCRATCH_BYTES)
+        f.set_len(rec.config.limits.disk.unwrap_or(SCRATCH_BYTES))
             .map_err(Error::io("cannot size", &tmp))?;
         drop(f);
         sys::run(
