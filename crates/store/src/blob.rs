@@ -2,9 +2,10 @@
 //! OCI image layouts both provide. Everything above it (images, mounts, the CLI) is written
 //! against this trait; the backends are [`crate::LocalStore`] and [`crate::RegistryStore`].
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use warren_image::Digest;
+use warren_image::{Digest, Hasher};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -55,7 +56,19 @@ pub trait BlobStore: Send + Sync {
     /// Stores the file at `path` (whose content has `digest`) as a blob.
     fn put_blob_file(&self, digest: &Digest, path: &Path) -> Result<(), StoreError>;
     fn put_blob(&self, digest: &Digest, data: &[u8]) -> Result<(), StoreError>;
+    /// Stores the `size` bytes `src` gives (whose content must have `digest`) as a blob, never
+    /// holding them in memory.
+    fn put_blob_stream(
+        &self,
+        digest: &Digest,
+        size: u64,
+        src: &mut dyn Read,
+    ) -> Result<(), StoreError>;
+    /// The whole blob in memory: for the small ones (configs, indexes, traces).
     fn get_blob(&self, digest: &Digest) -> Result<Vec<u8>, StoreError>;
+    /// The blob as a stream, for the large ones (layers, packs): a [`Verified`] reader of
+    /// `size` bytes, whatever the store sends.
+    fn open_blob(&self, digest: &Digest, size: u64) -> Result<Verified<'_>, StoreError>;
     /// `len` bytes of the blob from `offset`: one range request on a registry.
     fn read_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Vec<u8>, StoreError>;
     /// Stores a manifest under `tag`; returns its digest.
@@ -75,4 +88,132 @@ pub(crate) fn write_atomically(dir: &Path, name: &str, data: &[u8]) -> std::io::
     let path = dir.join(name);
     std::fs::rename(&tmp, &path)?;
     Ok(path)
+}
+
+/// A blob read as a stream, checked as it goes: more bytes than its size, fewer, or bytes of
+/// another digest end it with an error (`InvalidData`) at the read that shows it. Whoever stops
+/// reading early (a tar ends before its padding) calls [`Verified::finish`] to read and check the
+/// rest.
+pub struct Verified<'a> {
+    inner: Box<dyn Read + 'a>,
+    digest: Digest,
+    size: u64,
+    read: u64,
+    hasher: Option<Hasher>,
+    store: String,
+}
+
+impl std::fmt::Debug for Verified<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verified")
+            .field("digest", &self.digest)
+            .field("size", &self.size)
+            .field("read", &self.read)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a> Verified<'a> {
+    pub fn new(inner: Box<dyn Read + 'a>, digest: Digest, size: u64, store: String) -> Self {
+        Verified {
+            inner,
+            digest,
+            size,
+            read: 0,
+            hasher: Some(Hasher::default()),
+            store,
+        }
+    }
+
+    /// Reads what is left and checks the whole.
+    pub fn finish(mut self) -> Result<(), StoreError> {
+        std::io::copy(&mut self, &mut std::io::sink())
+            .map(drop)
+            .map_err(|source| StoreError::Io {
+                op: format!("read blob {}", self.digest),
+                store: self.store.clone(),
+                source,
+            })
+    }
+
+    fn bad(&self, what: String) -> std::io::Error {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("blob {} from {}: {what}", self.digest, self.store),
+        )
+    }
+}
+
+impl Read for Verified<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let Some(hasher) = self.hasher.as_mut() else {
+            return Ok(0);
+        };
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        // One byte past the size is asked for, to see a blob that is too long.
+        let room = (self.size - self.read)
+            .saturating_add(1)
+            .min(buf.len() as u64) as usize;
+        let n = self.inner.read(&mut buf[..room])?;
+        self.read += n as u64;
+        if self.read > self.size {
+            return Err(self.bad(format!("more than its {} bytes", self.size)));
+        }
+        hasher.update(&buf[..n]);
+        if n == 0 {
+            if self.read < self.size {
+                return Err(self.bad(format!("{} of its {} bytes", self.read, self.size)));
+            }
+            if self.hasher.take().map(Hasher::finish) != Some(self.digest) {
+                return Err(self.bad("does not match its digest".into()));
+            }
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn read(body: &[u8], digest: Digest, size: u64) -> std::io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        Verified::new(Box::new(body), digest, size, "test".into())
+            .read_to_end(&mut out)
+            .map(|_| out)
+    }
+
+    #[test]
+    fn a_streamed_blob_must_be_its_size_and_its_digest() {
+        let body = b"layer bytes".as_slice();
+        let digest = Digest::of(body);
+        assert_eq!(read(body, digest, body.len() as u64).unwrap(), body);
+        // A registry that sends more, less, or other bytes than the manifest names.
+        let longer = read(b"layer bytes and more", digest, body.len() as u64).unwrap_err();
+        assert!(
+            longer.to_string().contains("more than its 11 bytes"),
+            "{longer}"
+        );
+        let shorter = read(b"layer", digest, body.len() as u64).unwrap_err();
+        assert!(
+            shorter.to_string().contains("5 of its 11 bytes"),
+            "{shorter}"
+        );
+        let other = read(b"LAYER BYTES", digest, body.len() as u64).unwrap_err();
+        assert!(
+            other.to_string().contains("does not match its digest"),
+            "{other}"
+        );
+        // Whoever stops early still gets the whole checked.
+        let mut stopped =
+            Verified::new(Box::new(b"LAYER BYTES".as_slice()), digest, 11, "t".into());
+        stopped.read_exact(&mut [0u8; 4]).unwrap();
+        assert!(stopped.finish().is_err());
+        let mut stopped = Verified::new(Box::new(body), digest, 11, "t".into());
+        stopped.read_exact(&mut [0u8; 4]).unwrap();
+        stopped.finish().unwrap();
+    }
 }

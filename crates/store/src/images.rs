@@ -127,8 +127,8 @@ pub fn copy_image(
     let mut done = 0;
     for blob in blobs {
         if !to.has_blob(&blob.digest)? {
-            let data = from.get_blob(&blob.digest)?;
-            to.put_blob(&blob.digest, &data)?;
+            let mut data = from.open_blob(&blob.digest, blob.size)?;
+            to.put_blob_stream(&blob.digest, blob.size, &mut data)?;
         }
         done += blob.size;
         progress(done, total);

@@ -14,7 +14,7 @@ mod local;
 pub mod manifest;
 mod registry;
 
-pub use blob::{BlobStore, StoreError};
+pub use blob::{BlobStore, StoreError, Verified};
 pub use cache::{CacheError, CacheStats, ChunkCache};
 pub use fetch::{ChunkFetcher, Counters, FetchError};
 pub use local::{GcReport, LocalStore};

@@ -8,9 +8,9 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use warren_image::{Digest, Hasher};
+use warren_image::Digest;
 
-use crate::blob::{BlobStore, StoreError, write_atomically};
+use crate::blob::{BlobStore, StoreError, Verified, write_atomically};
 use crate::manifest::{Descriptor, MANIFEST_MEDIA_TYPE, Manifest, descriptor};
 
 const REF_NAME: &str = "org.opencontainers.image.ref.name";
@@ -204,28 +204,29 @@ impl BlobStore for LocalStore {
         if self.has_blob(digest)? {
             return Ok(());
         }
+        let mut src = File::open(path).map_err(self.io("read a blob file"))?;
+        let size = src.metadata().map_err(self.io("read a blob file"))?.len();
+        self.put_blob_stream(digest, size, &mut src)
+    }
+
+    fn put_blob_stream(
+        &self,
+        digest: &Digest,
+        size: u64,
+        src: &mut dyn Read,
+    ) -> Result<(), StoreError> {
+        if self.has_blob(digest)? {
+            return Ok(());
+        }
         // Hash while copying: what lands under a digest must be that digest.
         let dir = self.root.join("blobs/sha256");
         let tmp = dir.join(format!(".{}.{}.tmp", digest.hex(), std::process::id()));
-        let mut src = File::open(path).map_err(self.io("read a blob file"))?;
         let mut dst = File::create(&tmp).map_err(self.io("write a blob"))?;
-        let mut hasher = Hasher::default();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = src.read(&mut buf).map_err(self.io("read a blob file"))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            std::io::Write::write_all(&mut dst, &buf[..n]).map_err(self.io("write a blob"))?;
-        }
-        dst.sync_all().map_err(self.io("write a blob"))?;
-        if hasher.finish() != *digest {
+        let mut checked = Verified::new(Box::new(src), *digest, size, self.describe());
+        let copied = std::io::copy(&mut checked, &mut dst).and_then(|_| dst.sync_all());
+        if let Err(e) = copied {
             let _ = fs::remove_file(&tmp);
-            return Err(StoreError::DigestMismatch {
-                digest: *digest,
-                store: self.describe(),
-            });
+            return Err(self.io("write a blob")(e));
         }
         fs::rename(&tmp, self.blob_path(digest)).map_err(self.io("write a blob"))?;
         Ok(())
@@ -254,6 +255,22 @@ impl BlobStore for LocalStore {
         };
         verify(self, digest, &data)?;
         Ok(data)
+    }
+
+    fn open_blob(&self, digest: &Digest, size: u64) -> Result<Verified<'_>, StoreError> {
+        let file = File::open(self.blob_path(digest)).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => StoreError::BlobNotFound {
+                digest: *digest,
+                store: self.describe(),
+            },
+            _ => self.io("read a blob")(e),
+        })?;
+        Ok(Verified::new(
+            Box::new(std::io::BufReader::with_capacity(1 << 20, file)),
+            *digest,
+            size,
+            self.describe(),
+        ))
     }
 
     fn read_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Vec<u8>, StoreError> {

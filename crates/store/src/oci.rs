@@ -145,32 +145,36 @@ pub fn import_oci(
         })?;
     for (i, layer) in manifest.layers.iter().enumerate() {
         progress(i, manifest.layers.len());
-        let blob = src.get_blob(&layer.digest)?;
+        // Streamed from the store into the image, checked as it comes: a layer is never held
+        // in memory.
+        let mut blob = src.open_blob(&layer.digest, layer.size)?;
+        let layer_error = |source| OciError::Layer {
+            reference: reference.into(),
+            layer: layer.digest,
+            source,
+        };
         let mt = layer.media_type.as_str();
-        let reader: Box<dyn Read> = if mt.ends_with("gzip") {
-            Box::new(flate2::read::GzDecoder::new(&blob[..]))
+        let reader: Box<dyn Read + '_> = if mt.ends_with("gzip") {
+            Box::new(flate2::read::GzDecoder::new(&mut blob))
         } else if mt.ends_with("zstd") {
-            Box::new(zstd::Decoder::new(&blob[..]).map_err(|e| OciError::Layer {
-                reference: reference.into(),
-                layer: layer.digest,
-                source: TarImportError::Stream {
+            Box::new(zstd::Decoder::new(&mut blob).map_err(|e| {
+                layer_error(TarImportError::Stream {
                     entries: 0,
                     source: e,
-                },
+                })
             })?)
         } else if mt.ends_with(".tar") || mt.ends_with("diff.tar") {
-            Box::new(&blob[..])
+            Box::new(&mut blob)
         } else {
             return Err(OciError::Unsupported {
                 reference: reference.into(),
                 reason: format!("layer media type `{mt}` is not a tar layer"),
             });
         };
-        import_tar(builder, reader).map_err(|source| OciError::Layer {
-            reference: reference.into(),
-            layer: layer.digest,
-            source,
-        })?;
+        import_tar(builder, reader).map_err(layer_error)?;
+        // The tar ends before the blob does (padding, the compressor's trailer): the rest is
+        // read and the whole checked.
+        blob.finish()?;
     }
     progress(manifest.layers.len(), manifest.layers.len());
     let run = config.config;

@@ -6,6 +6,8 @@
 //! Plain HTTP is used for loopback registries (`localhost`, `127.x`) and when asked; HTTPS
 //! otherwise.
 
+use std::io::{Read, Seek as _, SeekFrom};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,7 +17,7 @@ use ureq::Agent;
 use ureq::http::Response;
 use warren_image::Digest;
 
-use crate::blob::{BlobStore, StoreError};
+use crate::blob::{BlobStore, StoreError, Verified};
 use crate::manifest::{
     DOCKER_LIST_MEDIA_TYPE, DOCKER_MANIFEST_MEDIA_TYPE, INDEX_MEDIA_TYPE, MANIFEST_MEDIA_TYPE,
 };
@@ -198,6 +200,10 @@ fn with_auth<B>(req: ureq::RequestBuilder<B>, auth: Option<&str>) -> ureq::Reque
 }
 
 /// Builds and sends one attempt of a request, given the agent and the current Authorization.
+/// The most [`BlobStore::get_blob`] holds in memory from a registry: it is for configs, indexes
+/// and traces (an index of a 100 GiB image is about 100 MiB); layers and packs are streamed.
+const WHOLE_BLOB_LIMIT: u64 = 1 << 30;
+
 type Attempt<'a> = &'a dyn Fn(&Agent, Option<&str>) -> Result<Response<ureq::Body>, ureq::Error>;
 
 /// What one attempt of a request came to.
@@ -427,7 +433,9 @@ impl RegistryStore {
         }
     }
 
-    fn upload(&self, digest: &Digest, data: &[u8]) -> Result<(), StoreError> {
+    /// Uploads `body` (bytes, or a file sent from its start at each attempt) as blob `digest`,
+    /// monolithically: one POST for a location, one PUT of the whole.
+    fn upload(&self, digest: &Digest, body: Upload<'_>) -> Result<(), StoreError> {
         let op = format!("upload blob {digest}");
         let start = self.send(&op, &|agent, auth| {
             with_auth(agent.post(self.url("blobs/uploads/")), auth).send_empty()
@@ -449,19 +457,32 @@ impl RegistryStore {
         url.push(if url.contains('?') { '&' } else { '?' });
         url.push_str(&format!("digest={digest}"));
         let done = self.send(&op, &|agent, auth| {
-            with_auth(
+            let put = with_auth(
                 agent
                     .put(&url)
                     .header("Content-Type", "application/octet-stream"),
                 auth,
-            )
-            .send(data)
+            );
+            match body {
+                Upload::Bytes(data) => put.send(data),
+                Upload::File(mut file) => {
+                    file.seek(SeekFrom::Start(0)).map_err(ureq::Error::Io)?;
+                    put.send(file)
+                }
+            }
         })?;
         if done.status() != 201 {
             return Err(self.http_error(&op, done));
         }
         Ok(())
     }
+}
+
+/// What [`RegistryStore::upload`] sends.
+#[derive(Clone, Copy)]
+enum Upload<'a> {
+    Bytes(&'a [u8]),
+    File(&'a std::fs::File),
 }
 
 impl BlobStore for RegistryStore {
@@ -491,13 +512,46 @@ impl BlobStore for RegistryStore {
         if self.has_blob(digest)? {
             return Ok(());
         }
-        let data = std::fs::read(path).map_err(|source| StoreError::Io {
+        // Checked first, then sent from the file: never held in memory.
+        let io = |source| StoreError::Io {
             store: self.describe(),
             op: format!("read {}", path.display()),
             source,
-        })?;
-        self.check_digest(digest, &data)?;
-        self.upload(digest, &data)
+        };
+        let file = std::fs::File::open(path).map_err(io)?;
+        let size = file.metadata().map_err(io)?.len();
+        Verified::new(Box::new(&file), *digest, size, self.describe()).finish()?;
+        self.upload(digest, Upload::File(&file))
+    }
+
+    fn put_blob_stream(
+        &self,
+        digest: &Digest,
+        size: u64,
+        src: &mut dyn Read,
+    ) -> Result<(), StoreError> {
+        if self.has_blob(digest)? {
+            return Ok(());
+        }
+        // Spooled to a nameless file (each attempt sends it from its start), checked on the way.
+        let io = |op: &str| {
+            let op = op.to_owned();
+            move |source| StoreError::Io {
+                store: self.describe(),
+                op,
+                source,
+            }
+        };
+        let mut spool = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_TMPFILE)
+            .open(std::env::temp_dir())
+            .map_err(io("make a spool file"))?;
+        let mut checked = Verified::new(Box::new(src), *digest, size, self.describe());
+        std::io::copy(&mut checked, &mut spool).map_err(io("spool a blob"))?;
+        self.upload(digest, Upload::File(&spool))
     }
 
     fn put_blob(&self, digest: &Digest, data: &[u8]) -> Result<(), StoreError> {
@@ -505,7 +559,7 @@ impl BlobStore for RegistryStore {
         if self.has_blob(digest)? {
             return Ok(());
         }
-        self.upload(digest, data)
+        self.upload(digest, Upload::Bytes(data))
     }
 
     fn get_blob(&self, digest: &Digest) -> Result<Vec<u8>, StoreError> {
@@ -515,9 +569,37 @@ impl BlobStore for RegistryStore {
         })?;
         match resp.status().as_u16() {
             200 => {
-                let data = self.read_body(&op, resp, 1 << 36)?;
+                let data = self.read_body(&op, resp, WHOLE_BLOB_LIMIT)?;
                 self.check_digest(digest, &data)?;
                 Ok(data)
+            }
+            404 => Err(StoreError::BlobNotFound {
+                digest: *digest,
+                store: self.describe(),
+            }),
+            _ => Err(self.http_error(&op, resp)),
+        }
+    }
+
+    fn open_blob(&self, digest: &Digest, size: u64) -> Result<Verified<'_>, StoreError> {
+        let op = format!("fetch blob {digest}");
+        let resp = self.send(&op, &|agent, auth| {
+            with_auth(agent.get(self.url(&format!("blobs/{digest}"))), auth).call()
+        })?;
+        match resp.status().as_u16() {
+            200 => {
+                // Past its size, `Verified` stops it; ureq's own limit only must not come first.
+                let body = resp
+                    .into_body()
+                    .into_with_config()
+                    .limit(size.saturating_add(1))
+                    .reader();
+                Ok(Verified::new(
+                    Box::new(body),
+                    *digest,
+                    size,
+                    self.describe(),
+                ))
             }
             404 => Err(StoreError::BlobNotFound {
                 digest: *digest,
@@ -544,12 +626,21 @@ impl BlobStore for RegistryStore {
         })?;
         let data = match resp.status().as_u16() {
             206 => self.read_body(&op, resp, len)?,
-            // A registry that ignores Range sends the whole blob.
+            // A registry that ignores Range sends the whole blob: what comes before the range
+            // is read past, never kept.
             200 => {
-                let all = self.read_body(&op, resp, 1 << 36)?;
-                all.get(offset as usize..(offset + len) as usize)
-                    .map(<[u8]>::to_vec)
-                    .unwrap_or_default()
+                let mut body = resp
+                    .into_body()
+                    .into_with_config()
+                    .limit(offset + len)
+                    .reader();
+                std::io::copy(&mut (&mut body).take(offset), &mut std::io::sink())
+                    .map_err(|e| self.transport(&op, e.to_string()))?;
+                let mut data = Vec::with_capacity(len as usize);
+                body.take(len)
+                    .read_to_end(&mut data)
+                    .map_err(|e| self.transport(&op, e.to_string()))?;
+                data
             }
             404 => {
                 return Err(StoreError::BlobNotFound {
