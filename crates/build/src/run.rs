@@ -471,7 +471,7 @@ impl Build<'_> {
         files: &Files,
         how: &CopyHow,
         what: &str,
-    ) -> Result<Vec<u8>, String> {
+    ) -> Result<Spooled, String> {
         let k = *self
             .stages
             .get(&stage.to_ascii_lowercase())
@@ -700,7 +700,11 @@ fn run_step(
                     (argv, None)
                 }
             };
-            let bound: Vec<u8> = mounts.iter().flat_map(|m| m.key()).collect();
+            let bound = mounts
+                .iter()
+                .map(|m| m.key())
+                .collect::<Result<Vec<_>, _>>()?
+                .concat();
             state.chain(instruction, &bound);
             b.change(state, log, |b, id, state, log| {
                 let user = state.user.clone();
@@ -730,18 +734,10 @@ fn run_step(
             } else {
                 parent_of(&inside(&state.workdir, &dest))
             };
-            state.chain(instruction, tar_key(&tar[..])?.as_bytes());
+            state.chain(instruction, tar_key(tar.reader()?)?.as_bytes());
             let meta = Meta::of(files)?;
             b.change(state, log, |b, id, state, log| {
-                unpack(
-                    b,
-                    id,
-                    state,
-                    log,
-                    Box::new(std::io::Cursor::new(tar)),
-                    &into,
-                    &meta,
-                )
+                unpack(b, id, state, log, Box::new(tar.reader()?), &into, &meta)
             })?;
         }
         Instruction::Add { files, checksum } => {
@@ -756,7 +752,7 @@ fn run_step(
             let (plain, remote, archives) =
                 add::sort_sources(req, state, files, checksum.as_deref(), &b.runtime.egress())?;
             let mut key = Vec::new();
-            let mut parts: Vec<(Vec<u8>, String)> = Vec::new();
+            let mut parts: Vec<(Spooled, String)> = Vec::new();
             if !plain.sources.is_empty() {
                 parts.push((
                     context_tar(req, state, &plain, &CopyHow::default())?,
@@ -767,7 +763,7 @@ fn run_step(
                 parts.push((add::remote_tar(&remote, &dest, files, &meta)?, into.clone()));
             }
             for (tar, _) in &parts {
-                key.extend_from_slice(tar_key(&tar[..])?.as_bytes());
+                key.extend_from_slice(tar_key(tar.reader()?)?.as_bytes());
             }
             for archive in &archives {
                 key.extend_from_slice(tar_key(archive.open()?)?.as_bytes());
@@ -775,15 +771,7 @@ fn run_step(
             state.chain(instruction, &key);
             b.change(state, log, |b, id, state, log| {
                 for (tar, to) in parts {
-                    unpack(
-                        b,
-                        id,
-                        state,
-                        log,
-                        Box::new(std::io::Cursor::new(tar)),
-                        &to,
-                        &meta,
-                    )?;
+                    unpack(b, id, state, log, Box::new(tar.reader()?), &to, &meta)?;
                 }
                 // An archive's own owners and modes are kept, as Docker keeps them.
                 for archive in &archives {
@@ -1267,12 +1255,12 @@ fn context_tar(
     state: &State,
     files: &Files,
     how: &CopyHow,
-) -> Result<Vec<u8>, String> {
+) -> Result<Spooled, String> {
     let escape = req.dockerfile.escape;
     let given = Meta::of(files)?;
     let dest = expand_with(state, escape, &files.dest)?;
     let into_folder = how.parents || copies_into_folder(&dest, files);
-    let mut tar = tar::Builder::new(Vec::new());
+    let mut tar = Spooled::builder()?;
     tar.follow_symlinks(false);
     for source in &files.sources {
         match source {
@@ -1342,7 +1330,7 @@ fn context_tar(
             }
         }
     }
-    tar.into_inner().map_err(|e| e.to_string())
+    Spooled::finish(tar)
 }
 
 fn is_glob(source: &str) -> bool {
@@ -1417,7 +1405,7 @@ impl Tree<'_> {
     /// `name`, leaving out what `.dockerignore` or `--exclude` does.
     fn add(
         &self,
-        tar: &mut tar::Builder<Vec<u8>>,
+        tar: &mut tar::Builder<Spooled>,
         dir: &Path,
         rel: &str,
         below: &str,
@@ -1453,7 +1441,7 @@ impl Tree<'_> {
 }
 
 fn add_one(
-    tar: &mut tar::Builder<Vec<u8>>,
+    tar: &mut tar::Builder<Spooled>,
     path: &Path,
     name: &Path,
     given: &Meta,
@@ -1491,7 +1479,7 @@ fn stage_tar(
     how: &CopyHow,
     escape: char,
     stop: Stop<'_>,
-) -> Result<Vec<u8>, String> {
+) -> Result<Spooled, String> {
     let dest = expand_with(state, escape, &files.dest)?;
     let into_folder = how.parents || copies_into_folder(&dest, files);
     let mut all = Vec::new();
@@ -1543,13 +1531,13 @@ fn stage_tar(
         keep_owner: files.chown.is_none(),
         ..Meta::of(files)?
     };
-    let mut joined = tar::Builder::new(Vec::new());
-    for (bytes, rename, prefix, is_dir) in all {
+    let mut joined = Spooled::builder()?;
+    for (spooled, rename, prefix, is_dir) in all {
         let place = |path: &Path| match &prefix {
             Some(prefix) if !prefix.is_empty() => Path::new(prefix).join(path),
             _ => path.to_path_buf(),
         };
-        let mut archive = tar::Archive::new(&bytes[..]);
+        let mut archive = tar::Archive::new(spooled.reader()?);
         for entry in archive.entries().map_err(|e| e.to_string())? {
             let mut entry = entry.map_err(|e| e.to_string())?;
             let mut header = entry.header().clone();
@@ -1589,15 +1577,13 @@ fn stage_tar(
                     .append_link(&mut header, &path, target)
                     .map_err(|e| e.to_string())?;
             } else {
-                let mut data = Vec::new();
-                entry.read_to_end(&mut data).map_err(|e| e.to_string())?;
                 joined
-                    .append_data(&mut header, &path, &data[..])
+                    .append_data(&mut header, &path, &mut entry)
                     .map_err(|e| e.to_string())?;
             }
         }
     }
-    joined.into_inner().map_err(|e| e.to_string())
+    Spooled::finish(joined)
 }
 
 /// A process started in a sandbox as root from `/` with no input: its output to read, its
@@ -1660,7 +1646,57 @@ impl Started {
     }
 }
 
-/// Most a `COPY --from` brings (it is held in memory on its way).
+/// A tar stream on its way into a sandbox: a nameless file (`O_TMPFILE`, 0600, gone when
+/// closed), so what a tenant copies is never held in memory.
+pub(crate) struct Spooled(std::fs::File);
+
+impl Spooled {
+    pub(crate) fn new() -> Result<Self, String> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let dir = std::env::temp_dir();
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_TMPFILE)
+            .open(&dir)
+            .map(Spooled)
+            .map_err(|e| format!("cannot make a spool file in {}: {e}", dir.display()))
+    }
+
+    /// The whole stream from its start, on a descriptor of its own (readers do not share an
+    /// offset).
+    pub(crate) fn reader(&self) -> Result<std::fs::File, String> {
+        use std::os::fd::AsRawFd as _;
+        let path = format!("/proc/self/fd/{}", self.0.as_raw_fd());
+        std::fs::File::open(&path).map_err(|e| format!("cannot read the spool file: {e}"))
+    }
+
+    /// A tar builder writing into a new spool file.
+    pub(crate) fn builder() -> Result<tar::Builder<Spooled>, String> {
+        Ok(tar::Builder::new(Spooled::new()?))
+    }
+
+    /// The spool file a finished builder wrote.
+    pub(crate) fn finish(tar: tar::Builder<Spooled>) -> Result<Spooled, String> {
+        let mut spooled = tar.into_inner().map_err(|e| e.to_string())?;
+        spooled.0.flush().map_err(|e| e.to_string())?;
+        Ok(spooled)
+    }
+}
+
+impl Write for Spooled {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// Most a `COPY --from` brings from one source (spooled to the host's temporary folder on its
+/// way).
 const CAPTURE_LIMIT: u64 = 4 << 30;
 
 /// Copies a started process's output into `into`, killing the process (and whatever it left
@@ -1708,16 +1744,16 @@ pub(crate) fn read_bounded(
     }
 }
 
-/// Runs a process in a sandbox as root; its exit code, stdout (at most [`CAPTURE_LIMIT`]) and
-/// stderr.
+/// Runs a process in a sandbox as root; its exit code, stdout (at most [`CAPTURE_LIMIT`],
+/// spooled) and stderr.
 fn capture(
     runtime: &dyn Runtime,
     id: &WorkspaceId,
     argv: Vec<String>,
     stop: Stop<'_>,
-) -> Result<(i32, Vec<u8>, Vec<u8>), String> {
+) -> Result<(i32, Spooled, Vec<u8>), String> {
     let started = Started::new(runtime, id, argv)?;
-    let mut out = Vec::new();
+    let mut out = Spooled::new()?;
     read_bounded(
         runtime,
         id,

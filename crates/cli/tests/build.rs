@@ -683,3 +683,67 @@ ENTRYPOINT ["/opt/tools/artifact"]
         "{err}"
     );
 }
+
+/// What a Dockerfile copies is tenant-sized: `COPY --from` of a 640 MiB file, and `COPY` of
+/// one from the context, by a build held to 256 MiB of memory. Before, each went through the
+/// host's memory whole (the stage's tar stream, then the joined one), and the build was killed.
+#[test]
+fn what_a_build_copies_never_sits_in_the_hosts_memory() {
+    enter_own_network();
+    require_program("tar", "tar");
+    let data = tempfile::Builder::new()
+        .prefix("warren-build-big-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let rootfs = debian_rootfs(DebianRootfs::Minbase);
+    ok(warren(
+        data.path(),
+        &["image", "import", rootfs.to_str().unwrap(), "base:1"],
+    ));
+    let ctx = tempfile::tempdir_in("/var/tmp").unwrap();
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM base:1 AS big\n\
+         RUN head -c 671088640 /dev/urandom > /big\n\
+         FROM base:1\n\
+         COPY --from=big /big /copied\n\
+         COPY context.bin /context.bin\n\
+         RUN test $(stat -c %s /copied) = 671088640 && test $(stat -c %s /context.bin) = 671088640\n",
+    )
+    .unwrap();
+    let context_file = std::fs::File::create(ctx.path().join("context.bin")).unwrap();
+    context_file.set_len(640 << 20).unwrap();
+    // A memory cgroup of its own for the build (v1 here, v2 on most hosts; no swap).
+    let name = format!("warren-test-build-{}", std::process::id());
+    let (dir, limit_file) = if Path::new("/sys/fs/cgroup/memory").is_dir() {
+        (
+            Path::new("/sys/fs/cgroup/memory").join(&name),
+            "memory.limit_in_bytes",
+        )
+    } else {
+        (Path::new("/sys/fs/cgroup").join(&name), "memory.max")
+    };
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join(limit_file), (256u64 << 20).to_string()).unwrap();
+    let out = std::process::Command::new("sh")
+        .args([
+            "-c",
+            "echo $$ > \"$1/cgroup.procs\" && shift && exec \"$@\"",
+            "sh",
+        ])
+        .arg(&dir)
+        .arg(env!("CARGO_BIN_EXE_warren"))
+        .arg("--data")
+        .arg(data.path())
+        .args(["build", ctx.path().to_str().unwrap(), "-t", "big:1"])
+        .env("WARREN_UID_BASE", "2900000000")
+        .output()
+        .unwrap();
+    let peak = ["memory.max_usage_in_bytes", "memory.peak"]
+        .iter()
+        .find_map(|f| std::fs::read_to_string(dir.join(f)).ok())
+        .unwrap_or_default();
+    let _ = std::fs::remove_dir(&dir);
+    let out = ok(out);
+    assert!(out.starts_with("built big:1"), "{out} (peak {peak})");
+}

@@ -2,7 +2,7 @@
 //! local tar archives (plain, gzip or zstd), which are unpacked into the destination folder —
 //! inside the sandbox, decompressed on the host as a stream (nothing is written on the host).
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::PathBuf;
 
 use sha2::Digest as _;
@@ -76,10 +76,12 @@ fn archive_codec(path: &std::path::Path) -> Result<Option<Codec>, String> {
     })
 }
 
-/// A fetched remote file: its name in the destination and its bytes.
+/// A fetched remote file: its name in the destination and its bytes (spooled, never held in
+/// memory).
 pub(super) struct Remote {
     name: String,
-    bytes: Vec<u8>,
+    body: super::Spooled,
+    len: u64,
 }
 
 /// The addresses the host may connect to for a tenant (`ADD <url>`, a registry a Dockerfile or
@@ -92,7 +94,12 @@ pub fn egress_filter(policy: &EgressPolicy) -> warren_store::AddressFilter {
     std::sync::Arc::new(move |ip| policy.refuses(ip, &host).map(str::to_owned))
 }
 
-fn fetch(url: &str, checksum: Option<&str>, egress: &EgressPolicy) -> Result<Vec<u8>, String> {
+/// The file at `url` and its length, spooled.
+fn fetch(
+    url: &str,
+    checksum: Option<&str>,
+    egress: &EgressPolicy,
+) -> Result<(super::Spooled, u64), String> {
     let agent = ureq::Agent::with_parts(
         ureq::Agent::config_builder()
             .timeout_global(Some(REMOTE_TIMEOUT))
@@ -106,28 +113,54 @@ fn fetch(url: &str, checksum: Option<&str>, egress: &EgressPolicy) -> Result<Vec
         .get(url)
         .call()
         .map_err(|e| format!("ADD {url}: {e}"))?;
-    let mut bytes = Vec::new();
-    answer
-        .body_mut()
-        .as_reader()
-        .take(REMOTE_LIMIT + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| format!("ADD {url}: {e}"))?;
-    if bytes.len() as u64 > REMOTE_LIMIT {
+    let mut body = super::Spooled::new()?;
+    let mut hashing = Hashing {
+        into: &mut body,
+        hasher: sha2::Sha256::new(),
+    };
+    let len = std::io::copy(
+        &mut answer
+            .body_mut()
+            .with_config()
+            .limit(REMOTE_LIMIT + 1)
+            .reader(),
+        &mut hashing,
+    )
+    .map_err(|e| format!("ADD {url}: {e}"))?;
+    if len > REMOTE_LIMIT {
         return Err(format!("ADD {url}: larger than {REMOTE_LIMIT} bytes"));
     }
+    let digest = hashing.hasher.finalize();
     if let Some(want) = checksum {
         let hex = want
             .strip_prefix("sha256:")
             .ok_or_else(|| format!("--checksum={want}: expected sha256:<hex>"))?;
-        let got = hex::encode(sha2::Sha256::digest(&bytes));
+        let got = hex::encode(digest);
         if !got.eq_ignore_ascii_case(hex) {
             return Err(format!(
                 "ADD {url}: the checksum is sha256:{got}, not {want}"
             ));
         }
     }
-    Ok(bytes)
+    Ok((body, len))
+}
+
+/// Hashes what it writes on.
+struct Hashing<'a> {
+    into: &'a mut dyn Write,
+    hasher: sha2::Sha256,
+}
+
+impl Write for Hashing<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.into.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.into.flush()
+    }
 }
 
 /// Sorts `ADD`'s sources: what is copied as `COPY` would, remote files, local archives.
@@ -162,10 +195,8 @@ pub(super) fn sort_sources(
                 .filter(|n| !n.is_empty() && !n.contains(':'))
                 .unwrap_or("download")
                 .to_owned();
-            remote.push(Remote {
-                bytes: fetch(&path, checksum, egress)?,
-                name,
-            });
+            let (body, len) = fetch(&path, checksum, egress)?;
+            remote.push(Remote { name, body, len });
             continue;
         }
         if path.contains("://") || path.starts_with("git@") {
@@ -200,12 +231,12 @@ pub(super) fn remote_tar(
     dest: &str,
     files: &Files,
     meta: &Meta,
-) -> Result<Vec<u8>, String> {
+) -> Result<super::Spooled, String> {
     let into_folder = super::copies_into_folder(dest, files);
-    let mut tar = tar::Builder::new(Vec::new());
+    let mut tar = super::Spooled::builder()?;
     for r in remote {
         let mut header = tar::Header::new_gnu();
-        header.set_size(r.bytes.len() as u64);
+        header.set_size(r.len);
         header.set_mode(0o600);
         header.set_mtime(0);
         meta.apply(&mut header, false)?;
@@ -214,10 +245,10 @@ pub(super) fn remote_tar(
         } else {
             leaf(dest)
         };
-        tar.append_data(&mut header, &name, &r.bytes[..])
+        tar.append_data(&mut header, &name, r.body.reader()?)
             .map_err(|e| e.to_string())?;
     }
-    tar.into_inner().map_err(|e| e.to_string())
+    super::Spooled::finish(tar)
 }
 
 #[cfg(test)]

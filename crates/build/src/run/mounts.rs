@@ -30,21 +30,19 @@ pub(super) struct RunMount {
 enum Content {
     Empty,
     /// A tar of what is bound.
-    Bound(Vec<u8>),
+    Bound(super::Spooled),
     /// The cache's tar file on the host (absent until a first step wrote it).
     Cache(PathBuf),
 }
 
 impl RunMount {
     /// What goes into the step's cache key.
-    pub(super) fn key(&self) -> Vec<u8> {
+    pub(super) fn key(&self) -> Result<Vec<u8>, String> {
         let mut k = self.target.clone().into_bytes();
-        if let Content::Bound(tar) = &self.content
-            && let Ok(h) = super::tar_key(&tar[..])
-        {
-            k.extend_from_slice(h.as_bytes());
+        if let Content::Bound(tar) = &self.content {
+            k.extend_from_slice(super::tar_key(tar.reader()?)?.as_bytes());
         }
-        k
+        Ok(k)
     }
 }
 
@@ -163,7 +161,7 @@ if [ -n "$4" ]; then chown "$4" "$t"; fi
         for m in mounts {
             let stdin: Option<Box<dyn Read + Send>> = match &m.content {
                 Content::Empty => None,
-                Content::Bound(tar) => Some(Box::new(std::io::Cursor::new(tar.clone()))),
+                Content::Bound(tar) => Some(Box::new(tar.reader()?)),
                 Content::Cache(file) => match std::fs::File::open(file) {
                     Ok(f) => Some(Box::new(f)),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
