@@ -13,17 +13,86 @@ pub fn is_commit_id(commit: &str) -> bool {
     matches!(commit.len(), 40 | 64) && commit.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
+/// A repository URL as git is given it. An `http(s)` URL may carry a user and a password
+/// (`https://user:token@host/...`); in git's arguments they would reach every process list
+/// (git's and its remote helper's), the logs and the checkout's `origin`. So git gets the URL
+/// without them, and them through a credential helper reading its environment.
+struct Remote {
+    url: String,
+    login: Option<(String, String)>,
+}
+
+impl Remote {
+    fn of(url: &str) -> Result<Remote, String> {
+        let plain = || Remote {
+            url: url.to_owned(),
+            login: None,
+        };
+        let Ok(mut parsed) = url::Url::parse(url) else {
+            return Ok(plain());
+        };
+        if !matches!(parsed.scheme(), "http" | "https")
+            || (parsed.username().is_empty() && parsed.password().is_none())
+        {
+            return Ok(plain());
+        }
+        let decode = |s: &str| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        };
+        let login = (
+            decode(parsed.username()),
+            decode(parsed.password().unwrap_or("")),
+        );
+        if login.0.contains('\n') || login.1.contains('\n') {
+            return Err("a repository URL's user or password holds a line break".into());
+        }
+        let _ = parsed.set_username("");
+        let _ = parsed.set_password(None);
+        Ok(Remote {
+            url: parsed.into(),
+            login: Some(login),
+        })
+    }
+}
+
+/// `url` as it may be shown: without a user and password it carries.
+pub fn redacted(url: &str) -> String {
+    Remote::of(url).map_or_else(|_| "(a repository URL)".into(), |r| r.url)
+}
+
+/// Answers git's `get` with the login from the environment (never in an argument).
+const CREDENTIAL_HELPER: &str = r#"credential.helper=!f() { test "$1" = get || exit 0; printf 'username=%s\npassword=%s\n' "$WARREN_GIT_USERNAME" "$WARREN_GIT_PASSWORD"; }; f"#;
+
 fn git(log: &mut dyn Write, dir: Option<&Path>, args: &[&str]) -> Result<Vec<u8>, String> {
+    git_as(log, dir, args, None)
+}
+
+/// [`git`], logged in as `login` over http(s) when given.
+fn git_as(
+    log: &mut dyn Write,
+    dir: Option<&Path>,
+    args: &[&str],
+    login: Option<&(String, String)>,
+) -> Result<Vec<u8>, String> {
     let mut cmd = Command::new("git");
     if let Some(dir) = dir {
         cmd.arg("-C").arg(dir);
+    }
+    if let Some((user, password)) = login {
+        cmd.args(["-c", "credential.helper=", "-c", CREDENTIAL_HELPER])
+            .env("WARREN_GIT_USERNAME", user)
+            .env("WARREN_GIT_PASSWORD", password);
     }
     // A user names the URL: git runs with none of the host's configuration and credentials
     // (no system or global config, so no credential helper, no `insteadOf`; an empty home;
     // ssh without root's config, keys or agent), so a URL can reach only what it could
     // without the host's identity.
+    if login.is_none() {
+        cmd.args(["-c", "credential.helper="]);
+    }
     let out = cmd
-        .args(["-c", "credential.helper="])
         .args(args)
         .env("GIT_TERMINAL_PROMPT", "0")
         .env("GIT_CONFIG_NOSYSTEM", "1")
@@ -80,7 +149,8 @@ fn mirror(mirrors: &Path, url: &str) -> Result<(PathBuf, std::fs::File), String>
 }
 
 fn fetch(mirror: &Path, url: &str, log: &mut dyn Write) -> Result<(), String> {
-    git(
+    let remote = Remote::of(url)?;
+    git_as(
         log,
         Some(mirror),
         &[
@@ -90,9 +160,10 @@ fn fetch(mirror: &Path, url: &str, log: &mut dyn Write) -> Result<(), String> {
             "--force",
             "--no-recurse-submodules",
             "--",
-            url,
+            &remote.url,
             "+refs/heads/*:refs/heads/*",
         ],
+        remote.login.as_ref(),
     )
     .map(drop)
 }
@@ -140,7 +211,8 @@ pub fn commits_between(mirrors: &Path, url: &str, from: &str, to: &str) -> Optio
 }
 
 /// Clones `commit` of the repository at `url` into `into` (which must not exist): the work tree
-/// at that commit (detached), with the whole history and `origin` pointing at `url`.
+/// at that commit (detached), with the whole history and `origin` pointing at `url` (without
+/// the user and password it may carry: the checkout goes into an image).
 pub fn checkout(
     mirrors: &Path,
     url: &str,
@@ -161,11 +233,12 @@ pub fn checkout(
         )
         .is_ok()
     };
+    let shown = redacted(url);
     if !present() {
-        let _ = writeln!(log, "fetching {url}");
+        let _ = writeln!(log, "fetching {shown}");
         fetch(&mirror, url, log)?;
         if !present() {
-            return Err(format!("commit {commit} is not on any branch of {url}"));
+            return Err(format!("commit {commit} is not on any branch of {shown}"));
         }
     }
     let from = mirror.to_string_lossy();
@@ -176,7 +249,7 @@ pub fn checkout(
         &["clone", "--quiet", "--no-checkout", "--", &from, &to],
     )?;
     drop(lock);
-    git(log, Some(into), &["remote", "set-url", "origin", url])?;
+    git(log, Some(into), &["remote", "set-url", "origin", &shown])?;
     git(
         log,
         Some(into),
@@ -224,5 +297,155 @@ mod tests {
         assert!(err.unwrap_err().contains("is not on any branch"));
         let err = checkout(&mirrors, &url, "main", &tmp.path().join("d"), &mut log);
         assert!(err.unwrap_err().contains("not a full commit id"));
+    }
+
+    /// Smart HTTP behind basic auth, as a forge serves a private repository: `git http-backend`
+    /// under a small Python server that wants `user:password` and takes half a second per
+    /// request (so a process list is read while git runs). Prints its port.
+    const AUTH_SERVER: &str = r#"
+import base64, http.server, os, subprocess, sys, time
+root, auth = sys.argv[1], sys.argv[2]
+want = "Basic " + base64.b64encode(auth.encode()).decode()
+class H(http.server.BaseHTTPRequestHandler):
+    def serve(self, method):
+        if self.headers.get("Authorization") != want:
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="git"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        time.sleep(0.5)
+        path, _, query = self.path.partition("?")
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        env = dict(os.environ, GIT_PROJECT_ROOT=root, GIT_HTTP_EXPORT_ALL="1", PATH_INFO=path,
+                   QUERY_STRING=query, REQUEST_METHOD=method, REMOTE_USER="u",
+                   CONTENT_TYPE=self.headers.get("Content-Type", ""), CONTENT_LENGTH=str(length),
+                   HTTP_CONTENT_ENCODING=self.headers.get("Content-Encoding", ""),
+                   GIT_PROTOCOL=self.headers.get("Git-Protocol", ""))
+        out = subprocess.run(["/usr/lib/git-core/git-http-backend"], input=body, env=env,
+                             capture_output=True).stdout
+        sep = b"\r\n\r\n" if b"\r\n\r\n" in out else b"\n\n"
+        head, _, rest = out.partition(sep)
+        status, headers = 200, []
+        for line in head.decode().splitlines():
+            k, _, v = line.partition(":")
+            if k.lower() == "status":
+                status = int(v.split()[0])
+            elif k:
+                headers.append((k, v.strip()))
+        self.send_response(status)
+        for k, v in headers:
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(rest)))
+        self.end_headers()
+        self.wfile.write(rest)
+    def do_GET(self):
+        self.serve("GET")
+    def do_POST(self):
+        self.serve("POST")
+    def log_message(self, *args):
+        pass
+s = http.server.HTTPServer(("127.0.0.1", 0), H)
+print(s.server_address[1], flush=True)
+s.serve_forever()
+"#;
+
+    /// A private repository's URL carries a token. Before, git got it in its arguments: every
+    /// local user could read it in the process list (git's and `git-remote-http`'s), and it
+    /// went into the prebuild log and the checkout's `origin`, which is in the image. Now git
+    /// gets it from a credential helper: the fetch works, and the token is nowhere else.
+    #[test]
+    fn a_token_in_a_repository_url_reaches_only_the_server() {
+        use std::io::BufRead as _;
+        let tmp = tempfile::tempdir().unwrap();
+        let repo = tmp.path().join("private.git");
+        let work = tmp.path().join("work");
+        std::fs::create_dir(&work).unwrap();
+        run(&work, &["init", "-q", "-b", "main"]);
+        std::fs::write(work.join("a.txt"), "secret code").unwrap();
+        run(&work, &["add", "."]);
+        run(&work, &["commit", "-q", "-m", "one"]);
+        let commit = run(&work, &["rev-parse", "HEAD"]);
+        run(
+            tmp.path(),
+            &[
+                "clone",
+                "-q",
+                "--bare",
+                work.to_str().unwrap(),
+                repo.to_str().unwrap(),
+            ],
+        );
+        let token = "tok%2Fen-4f9d1c";
+        /// The server, killed however the test ends.
+        struct Server(std::process::Child);
+        impl Drop for Server {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let mut server = std::process::Command::new("python3")
+            .args(["-c", AUTH_SERVER])
+            .arg(tmp.path())
+            .arg("alice:tok/en-4f9d1c")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .map(Server)
+            .unwrap();
+        let mut port = String::new();
+        std::io::BufReader::new(server.0.stdout.take().unwrap())
+            .read_line(&mut port)
+            .unwrap();
+        let url = format!("http://alice:{token}@127.0.0.1:{}/private.git", port.trim());
+        // Every process's arguments, read over and over while git runs.
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let seen = std::thread::scope(|scope| {
+            let watcher = scope.spawn(|| {
+                let mut seen = Vec::new();
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+                        if let Ok(argv) = std::fs::read(entry.path().join("cmdline")) {
+                            let argv = String::from_utf8_lossy(&argv).replace('\0', " ");
+                            if argv.contains("4f9d1c") && !argv.contains("alice:tok/en") {
+                                seen.push(argv);
+                            }
+                        }
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                seen
+            });
+            let mirrors = tmp.path().join("mirrors");
+            let mut log = Vec::new();
+            let into = tmp.path().join("checkout");
+            let made = checkout(&mirrors, &url, &commit, &into, &mut log);
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            made.unwrap();
+            assert_eq!(
+                std::fs::read_to_string(into.join("a.txt")).unwrap(),
+                "secret code"
+            );
+            let origin = run(&into, &["remote", "get-url", "origin"]);
+            assert_eq!(
+                origin,
+                format!("http://127.0.0.1:{}/private.git", port.trim())
+            );
+            let log = String::from_utf8_lossy(&log).into_owned();
+            assert!(log.contains("fetching http://127.0.0.1:"), "{log}");
+            assert!(!log.contains("4f9d1c"), "{log}");
+            let config = std::fs::read_to_string(into.join(".git/config")).unwrap();
+            assert!(!config.contains("4f9d1c"), "{config}");
+            // A wrong token is refused, and says so without showing it.
+            let err = fetch_heads(&mirrors, &url.replace("4f9d1c", "000000")).unwrap_err();
+            assert!(!err.contains("000000"), "{err}");
+            watcher.join().unwrap()
+        });
+        drop(server);
+        assert!(
+            seen.is_empty(),
+            "the token in a process's arguments: {seen:?}"
+        );
     }
 }

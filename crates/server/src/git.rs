@@ -19,7 +19,12 @@ pub async fn fetch_heads(mirrors: &Path, url: &str) -> Result<Vec<(String, Strin
         tokio::task::spawn_blocking(move || warren_build::git::fetch_heads(&mirrors, &url_owned));
     tokio::time::timeout(FETCH_TIMEOUT, run)
         .await
-        .map_err(|_| format!("fetching {url} took longer than {FETCH_TIMEOUT:?}"))?
+        .map_err(|_| {
+            format!(
+                "fetching {} took longer than {FETCH_TIMEOUT:?}",
+                warren_build::git::redacted(url)
+            )
+        })?
         .map_err(|e| e.to_string())?
 }
 
