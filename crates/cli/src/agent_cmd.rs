@@ -176,6 +176,7 @@ pub fn agent(args: AgentArgs, data: &Path) -> anyhow::Result<ExitCode> {
     if unsafe { libc::geteuid() } != 0 {
         anyhow::bail!("warren agent runs workspaces (namespaces, mounts, cgroups): run it as root");
     }
+    crate::control_cmd::close_data_folder(data)?;
     let runtime = Arc::new(args.host.runtime_for_workspaces(data)?);
     let limits = args.limits.limits()?;
     if args.token.is_some() {

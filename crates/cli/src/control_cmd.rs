@@ -104,6 +104,45 @@ fn url_has_password(url: &str) -> bool {
         .is_some_and(|(user, _)| user.contains(':'))
 }
 
+/// Makes the data folder hold nothing for anybody but root, except the way to `runtime/`: the
+/// workspaces' ids set their trees up from inside their user namespaces, so they must pass
+/// through the folder (0711, never more; `vm/`, whose kernel a VM's QEMU reads as the
+/// workspace's root, likewise). Everything else in it — the database, keys, images, the chunk
+/// cache, git mirrors of private repositories, build caches and spool folders — is made 0700
+/// (folders, made now if absent, so what is written later lands closed) or 0600 (files), so a
+/// local user who guesses a path (a blob's digest, a mirror's name) reads nothing.
+pub fn close_data_folder(data: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::create_dir_all(data).with_context(|| format!("cannot create {}", data.display()))?;
+    let set = |path: &Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("cannot make {} {mode:04o}", path.display()))
+    };
+    let mode = std::fs::metadata(data)
+        .with_context(|| format!("cannot read {}", data.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o066 != 0 {
+        set(data, mode & 0o711 | 0o700)?;
+    }
+    for private in ["images", "cache", "tmp", "build-mounts", "git"] {
+        let _ = std::fs::create_dir(data.join(private));
+    }
+    for entry in std::fs::read_dir(data).with_context(|| format!("cannot list {}", data.display()))? {
+        let entry = entry?;
+        if matches!(entry.file_name().to_str(), Some("runtime" | "vm")) {
+            continue;
+        }
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            set(&entry.path(), 0o700)?;
+        } else if kind.is_file() {
+            set(&entry.path(), 0o600)?;
+        }
+    }
+    Ok(())
+}
+
 pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
@@ -115,20 +154,7 @@ pub fn up(args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("warren up runs workspaces (namespaces, mounts, cgroups): run it as root");
     }
-    std::fs::create_dir_all(data).with_context(|| format!("cannot create {}", data.display()))?;
-    // Others may pass through (the workspaces' uid ranges must reach their folders under
-    // it) but not list or read it: 0711, never more.
-    {
-        use std::os::unix::fs::PermissionsExt as _;
-        let mode = std::fs::metadata(data)
-            .with_context(|| format!("cannot read {}", data.display()))?
-            .permissions()
-            .mode();
-        if mode & 0o066 != 0 {
-            std::fs::set_permissions(data, std::fs::Permissions::from_mode(mode & 0o711 | 0o700))
-                .with_context(|| format!("cannot make {} 0711", data.display()))?;
-        }
-    }
+    close_data_folder(data)?;
     let database_url = args
         .database_url
         .unwrap_or_else(|| format!("sqlite://{}", data.join("warren.db").display()));

@@ -1216,6 +1216,30 @@ fn a_workspaces_tree_is_closed_to_other_users_of_the_host() {
             String::from_utf8_lossy(&out.stdout)
         );
     }
+    // Nor anything else of the data folder: the database, the keys, image blobs (named by
+    // their digests), the chunk cache, git mirrors (named by their URLs' hashes).
+    for private in [
+        "warren.db",
+        "secret.key",
+        "ssh_host_ed25519_key",
+        "images/blobs/sha256",
+        "cache",
+        "git",
+    ] {
+        let path = warren.data.path().join(private);
+        let read = if path.is_dir() { "ls" } else { "cat" };
+        let out = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", read])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success()
+                && String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+            "nobody reads {private}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
     // The workspace itself still starts, runs and keeps its files.
     warren.ok(
         "admin",
