@@ -93,15 +93,24 @@ pub fn refuse_password_in_argv(url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `scheme://user:password@host/...`.
+/// `scheme://user:password@host/...`, or a `password=` parameter (libpq's and sqlx's
+/// `?password=...`).
 fn url_has_password(url: &str) -> bool {
     let authority = url
         .split_once("://")
         .map(|(_, rest)| rest.split(['/', '?']).next().unwrap_or(""))
         .unwrap_or("");
-    authority
+    let in_authority = authority
         .rsplit_once('@')
-        .is_some_and(|(user, _)| user.contains(':'))
+        .is_some_and(|(user, _)| user.contains(':'));
+    let in_query = url.split_once('?').is_some_and(|(_, query)| {
+        query.split('&').any(|pair| {
+            pair.split('=')
+                .next()
+                .is_some_and(|k| k.eq_ignore_ascii_case("password"))
+        })
+    });
+    in_authority || in_query
 }
 
 /// Makes the data folder hold nothing for anybody but root, except the way to `runtime/`: the
@@ -128,7 +137,9 @@ pub fn close_data_folder(data: &Path) -> anyhow::Result<()> {
     for private in ["images", "cache", "tmp", "build-mounts", "git"] {
         let _ = std::fs::create_dir(data.join(private));
     }
-    for entry in std::fs::read_dir(data).with_context(|| format!("cannot list {}", data.display()))? {
+    for entry in
+        std::fs::read_dir(data).with_context(|| format!("cannot list {}", data.display()))?
+    {
         let entry = entry?;
         if matches!(entry.file_name().to_str(), Some("runtime" | "vm")) {
             continue;
@@ -176,7 +187,14 @@ pub fn up(args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
         .build()
         .context("cannot start the async runtime")?;
     tokio.block_on(async move {
-        let shown_url = database_url.split('@').next_back().unwrap_or("").to_owned();
+        // Shown without its user and password, and without its parameters (one may be a
+        // password).
+        let shown_url = database_url
+            .split('@')
+            .next_back()
+            .and_then(|rest| rest.split('?').next())
+            .unwrap_or("")
+            .to_owned();
         let started = warren_server::start(warren_server::SingleHost {
             database_url: database_url.clone(),
             listen: args.listen,
@@ -1131,6 +1149,11 @@ mod tests {
         assert!(!url_has_password("postgres://warren@db.example/warren"));
         assert!(!url_has_password("sqlite:///var/lib/warren/warren.db"));
         assert!(!url_has_password("postgres://db.example/warren?user=a:b"));
+        assert!(url_has_password(
+            "postgres://warren@db/warren?sslmode=require&password=hunter2"
+        ));
+        assert!(url_has_password("postgres://db/warren?Password=x"));
+        assert!(!url_has_password("postgres://db/warren?passwordless=1"));
     }
 
     #[test]
