@@ -226,6 +226,10 @@ pub struct HostReport {
     /// Whether the host takes prebuild jobs.
     #[serde(default = "yes")]
     pub makes_prebuilds: bool,
+    /// The most a workspace of the host may write (its `--workspace-disk`; `None`: no limit),
+    /// so the server refuses a larger request at once instead of placing it there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_ceiling: Option<u64>,
 }
 
 fn yes() -> bool {
@@ -287,6 +291,7 @@ pub fn host_report(runtime: &dyn Runtime, images: &ImageLister, disk: &DiskUse) 
         images,
         workspaces,
         makes_prebuilds: true,
+        disk_ceiling: runtime.disk_ceiling(),
     }
 }
 

@@ -869,6 +869,10 @@ impl Runtime for ContainerRuntime {
         self.config.network.egress.clone()
     }
 
+    fn disk_ceiling(&self) -> Option<u64> {
+        self.config.default_disk
+    }
+
     fn list(&self) -> Result<Vec<WorkspaceInfo>, Error> {
         let dir = self.config.root.join("workspaces");
         let mut out = Vec::new();

@@ -96,6 +96,11 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
     fn egress(&self) -> net::EgressPolicy {
         net::EgressPolicy::default()
     }
+    /// The most a workspace of this host may write (`None`: no limit), which a workspace's own
+    /// disk request may not pass.
+    fn disk_ceiling(&self) -> Option<u64> {
+        None
+    }
     /// The workspace's writable layer as a folder on the host, for storing only what changed
     /// over its image (`None` when the backend has no such folder).
     fn writable_layer(&self, id: &WorkspaceId) -> Result<Option<WritableLayer>, Error> {

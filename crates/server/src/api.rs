@@ -1297,7 +1297,7 @@ pub async fn create_workspace(
     .fetch_one(&state.db.pool)
     .await?;
     let vm = vm_options(&runtime, ksm.0, ksm.1);
-    let host_id = place(&state, &image).await?;
+    let host_id = place(&state, &image, disk).await?;
     let id = new_id();
     let now = now_ms();
     let mut tx = state.db.begin_write().await?;
@@ -2045,27 +2045,44 @@ pub async fn agent_log(
     Ok(Json(LogAnswer { go_on }))
 }
 
-/// Where a new workspace goes: a live host that holds its image, else the least loaded live host
-/// (this process's own host is always live).
-/// The host a new workspace goes to: a live host holding the largest share of the image's
-/// chunks, then the least loaded.
-async fn place(state: &AppState, image: &str) -> ApiResult<String> {
+/// The host a new workspace goes to: a live host (this process's own is always live) that
+/// gives a workspace the `disk` it asks for, holding the largest share of the image's chunks,
+/// then the least loaded. A disk request no live host gives is refused at once (a host's
+/// ceiling is its `--workspace-disk`, from its reports).
+async fn place(state: &AppState, image: &str, disk: Option<u64>) -> ApiResult<String> {
     let alive_since = now_ms() - 60_000;
     let rows = sqlx::query(
-        "SELECT h.id, h.images, h.last_seen_at, (SELECT COUNT(*) FROM workspaces w WHERE w.host_id = h.id) AS n FROM hosts h",
+        "SELECT h.id, h.images, h.last_seen_at, h.disk_ceiling, (SELECT COUNT(*) FROM workspaces w WHERE w.host_id = h.id) AS n FROM hosts h",
     )
     .fetch_all(&state.db.pool)
     .await?;
     let mut candidates = Vec::new();
+    let mut most_given: Option<u64> = None;
     for r in rows {
         let id: String = r.try_get("id")?;
         let seen: Option<i64> = r.try_get("last_seen_at")?;
         if id != state.host_id && seen.is_none_or(|t| t < alive_since) {
             continue;
         }
+        let ceiling = r
+            .try_get::<Option<i64>, _>("disk_ceiling")?
+            .map(|c| c as u64);
+        if let (Some(wanted), Some(ceiling)) = (disk, ceiling)
+            && wanted > ceiling
+        {
+            most_given = most_given.max(Some(ceiling));
+            continue;
+        }
         let images: Option<String> = r.try_get("images")?;
         let cached = images.as_deref().map_or(0.0, |j| cached_share(j, image));
         candidates.push((id, cached, r.try_get::<i64, _>("n")?));
+    }
+    if let (true, Some(wanted), Some(most)) = (candidates.is_empty(), disk, most_given) {
+        return Err(ApiError::bad_request(format!(
+            "a disk of {} MiB is more than any host gives a workspace (at most {} MiB)",
+            wanted >> 20,
+            most >> 20
+        )));
     }
     Ok(best_host(&candidates).unwrap_or_else(|| state.host_id.clone()))
 }
