@@ -361,7 +361,7 @@ pub fn prebuild(
     }
     cancelled(req)?;
     let _ = writeln!(log, "storing {image}");
-    let digest = commit(runtime, store, &sandbox.id, &image, &settings)?;
+    let digest = commit(runtime, store, &sandbox.id, &image, &settings, stop)?;
     drop(sandbox);
     if let Some(duration) = req.record_trace {
         record_trace(runtime, req, &spec, &image, duration, log)?;

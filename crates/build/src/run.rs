@@ -515,6 +515,7 @@ impl Build<'_> {
             &id,
             &tag,
             &ImageSettings::default(),
+            self.req.stop(),
         )?;
         state.image = tag;
         self.run += 1;
@@ -1711,28 +1712,9 @@ pub(crate) fn read_bounded(
     what: &str,
     into: &mut dyn Write,
 ) -> Result<(), String> {
-    let deadline = stop.deadline();
-    let (killed, done) = (std::sync::OnceLock::new(), AtomicBool::new(false));
-    let mut copied: std::io::Result<u64> = Ok(0);
-    std::thread::scope(|scope| {
-        scope.spawn(|| {
-            while !done.load(Ordering::Relaxed) {
-                if let Some(why) = stop.due(deadline) {
-                    let _ = killed.set(why);
-                    let _ = started.process.signal(libc::SIGKILL);
-                    // And whatever it left holding the pipe.
-                    let _ = runtime.quiesce(id);
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        });
-        copied = std::io::copy(&mut (&started.stdout).take(limit + 1), into);
-        done.store(true, Ordering::Relaxed);
-    });
-    if let Some(&why) = killed.get() {
-        return Err(stop.error(why, what));
-    }
+    let copied = watched(runtime, id, started, stop, what, || {
+        std::io::copy(&mut (&started.stdout).take(limit + 1), into)
+    })?;
     match copied {
         Ok(n) if n > limit => {
             let _ = started.process.signal(libc::SIGKILL);
@@ -1741,6 +1723,41 @@ pub(crate) fn read_bounded(
         }
         Ok(_) => Ok(()),
         Err(e) => Err(format!("{what}: {e}")),
+    }
+}
+
+/// Runs `read` (which reads the started process's output) while watching the build: when it is
+/// cancelled or reaches the step time limit, the process is killed, with whatever it left in
+/// the sandbox holding the pipe, and the error says which.
+fn watched<T>(
+    runtime: &dyn Runtime,
+    id: &WorkspaceId,
+    started: &Started,
+    stop: Stop<'_>,
+    what: &str,
+    read: impl FnOnce() -> T,
+) -> Result<T, String> {
+    let deadline = stop.deadline();
+    let (killed, done) = (std::sync::OnceLock::new(), AtomicBool::new(false));
+    let read = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !done.load(Ordering::Relaxed) {
+                if let Some(why) = stop.due(deadline) {
+                    let _ = killed.set(why);
+                    let _ = started.process.signal(libc::SIGKILL);
+                    let _ = runtime.quiesce(id);
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        let read = read();
+        done.store(true, Ordering::Relaxed);
+        read
+    });
+    match killed.get() {
+        Some(&why) => Err(stop.error(why, what)),
+        None => Ok(read),
     }
 }
 
@@ -1776,6 +1793,7 @@ pub(crate) fn commit(
     id: &WorkspaceId,
     name: &str,
     settings: &ImageSettings,
+    stop: Stop<'_>,
 ) -> Result<String, String> {
     // What the steps or tasks left running ends with them (as with Docker, whose RUN
     // container ends): nothing of the sandbox may change its files while the host reads them.
@@ -1805,9 +1823,12 @@ pub(crate) fn commit(
         "/",
         ".",
     ];
-    let mut started = Started::new(runtime, id, argv.map(String::from).to_vec())
+    let started = Started::new(runtime, id, argv.map(String::from).to_vec())
         .map_err(|e| format!("cannot read the result: {e}"))?;
-    let stored = store.store(name, &mut started.stdout, settings);
+    // The tenant's own `tar`: held to the step time limit like a step.
+    let stored = watched(runtime, id, &started, stop, "storing the result", || {
+        store.store(name, &mut (&started.stdout), settings)
+    })?;
     let (code, err) = started.finish()?;
     // GNU tar exits 1 when a file changed while it was read (logs, sockets): still an image.
     if code > 1 {
