@@ -1342,7 +1342,49 @@ fn a_device_node_outside_the_standard_set_cannot_be_opened() {
             }
         }
     }
-    assert_eq!(layers.len(), 2, "{layers:?}");
+    // One per hierarchy that holds device rules: v1's `devices` and the unified one (on a
+    // hybrid host both; on a v1 or a v2 host, one).
+    let hierarchies = mountinfo
+        .lines()
+        .filter(|line| {
+            let fs = line.split_once(" - ").unwrap().1;
+            let mut fs = fs.split(' ');
+            let (fstype, options) = (fs.next().unwrap(), fs.nth(1).unwrap_or(""));
+            fstype == "cgroup2"
+                || (fstype == "cgroup" && options.split(',').any(|o| o == "devices"))
+        })
+        .count();
+    assert!(
+        !layers.is_empty() && layers.len() == hierarchies,
+        "{layers:?}"
+    );
+    // The workspace's init is in each, and so is a process exec'd into it (it shares init's
+    // cgroup in every hierarchy that holds device rules).
+    for dir in &layers {
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap();
+        assert!(!procs.trim().is_empty(), "nothing in {}", dir.display());
+    }
+    let both = warren.ok(
+        "admin",
+        &[
+            "ws",
+            "exec",
+            "dv",
+            "--",
+            "sh",
+            "-c",
+            "cat /proc/1/cgroup; echo --; cat /proc/self/cgroup",
+        ],
+    );
+    let (init, exec) = both.split_once("--\n").unwrap();
+    let relevant = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.starts_with("0::") || l.contains(":devices:"))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert!(!relevant(init).is_empty(), "{both}");
+    assert_eq!(relevant(init), relevant(exec), "{both}");
     let nodes = tempfile::tempdir().unwrap();
     let kmsg = nodes.path().join("kmsg");
     let null = nodes.path().join("null");

@@ -120,9 +120,10 @@ pub(crate) fn fence_unified(rec: &WorkspaceRecord, pid: i32, load: bool) -> Resu
 }
 
 /// Attaches an eBPF program made of [`device_rules`] to the cgroup `dir`, and detaches the
-/// ones it replaces: libcgroups' own `apply_devices` but for its first step, raising
-/// `RLIMIT_MEMLOCK`, which needs `CAP_SYS_RESOURCE` and has not counted for eBPF since Linux
-/// 5.11 (memory cgroups account it).
+/// ones it replaces: libcgroups' own `apply_devices`, but where raising `RLIMIT_MEMLOCK` (which
+/// needs `CAP_SYS_RESOURCE`) may fail: since Linux 5.11 eBPF memory is charged to memory
+/// cgroups, not to that limit, so a host without the capability still loads it; before 5.11
+/// the raised limit is what lets many workspaces have one.
 fn load_device_filter(dir: &Path) -> Result<(), String> {
     use libcgroups::v2::devices::{bpf::prog, emulator::Emulator, program::Program};
     use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
@@ -130,8 +131,16 @@ fn load_device_filter(dir: &Path) -> Result<(), String> {
     emulator.add_rules(&device_rules());
     let program =
         Program::from_rules(&emulator.rules, emulator.default_allow).map_err(|e| e.to_string())?;
+    if charged_to_memlock() {
+        let _ = prog::bump_memlock_rlimit();
+    }
     let cgroup = std::fs::File::open(dir).map_err(|e| e.to_string())?;
-    let old = prog::query(cgroup.as_raw_fd()).map_err(|e| e.to_string())?;
+    let old: Vec<OwnedFd> = prog::query(cgroup.as_raw_fd())
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        // SAFETY: `query` opened each descriptor for the caller; each is owned once, here.
+        .map(|info| unsafe { OwnedFd::from_raw_fd(info.fd) })
+        .collect();
     // SAFETY: `load` returns a new descriptor of its own, or an error. (libbpf reads the
     // licence as a C string: hence the NUL.)
     let loaded = unsafe {
@@ -140,12 +149,23 @@ fn load_device_filter(dir: &Path) -> Result<(), String> {
         )
     };
     prog::attach(loaded.as_raw_fd(), cgroup.as_raw_fd()).map_err(|e| e.to_string())?;
-    for info in old {
-        // SAFETY: `query` opened each descriptor for the caller.
-        let fd = unsafe { OwnedFd::from_raw_fd(info.fd) };
+    for fd in &old {
         prog::detach2(fd.as_raw_fd(), cgroup.as_raw_fd()).map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+/// Whether this kernel charges eBPF programs to `RLIMIT_MEMLOCK` (before 5.11). Raising it
+/// only then keeps the limit of what the runtime starts (workspace processes among them) as
+/// the host set it.
+fn charged_to_memlock() -> bool {
+    let Ok(release) = std::fs::read_to_string("/proc/sys/kernel/osrelease") else {
+        return true;
+    };
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse::<u32>().ok());
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) < (5, 11)
 }
 
 /// cpu, memory and pids counters.

@@ -227,11 +227,29 @@ mod tests {
     }
 
     #[test]
-    fn no_limits_means_no_resources() {
+    fn no_limits_means_only_the_device_rules() {
         let mut rec = record();
         rec.config.limits = Limits::default();
         let c = oci_config(&rec, &Layout { dir: "/w".into() });
-        assert_eq!(c["linux"]["resources"], json!({}));
+        assert_eq!(
+            c["linux"]["resources"],
+            json!({ "devices": crate::cgroup::device_rules() })
+        );
+        // Every device is refused first; FUSE and TUN are among those allowed after.
+        let rules = &c["linux"]["resources"]["devices"];
+        assert_eq!(
+            rules[0],
+            json!({"allow": false, "type": "a", "access": "rwm"})
+        );
+        for (major, minor) in [(10, 229), (10, 200)] {
+            assert!(
+                rules.as_array().unwrap().iter().any(|r| r["allow"] == true
+                    && r["type"] == "c"
+                    && r["major"] == major
+                    && r["minor"] == minor),
+                "{rules}"
+            );
+        }
     }
 
     #[test]
