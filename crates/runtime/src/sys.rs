@@ -340,6 +340,67 @@ pub(crate) fn bind_readonly_at(
 /// `root` were `/` (an absolute or `..` symlink stays inside), never through `/proc` magic
 /// links or onto another mount; the missing folders on the way are made, owned by `owner`,
 /// also where a symlink leads to nothing yet (inside the tree, as the kernel resolves it).
+/// A new, empty file `name` in `dir`, a folder the workspace's own ids may write to (a VM's
+/// `vm/`, where its QEMU and daemons make their sockets): what is there is removed first (a
+/// symlink itself, never where it leads), and the file is made with
+/// `O_CREAT|O_EXCL|O_NOFOLLOW`, so host root writes only to a file it has just made (one
+/// planted in between makes this fail, never redirects it). Given to `owner` through its
+/// descriptor.
+pub(crate) fn create_in_tenant_dir(
+    dir: &Path,
+    name: &str,
+    owner: Option<u32>,
+) -> Result<std::fs::File, Error> {
+    use nix::fcntl::{OFlag, openat};
+    use nix::sys::stat::Mode;
+    let path = dir.join(name);
+    let folder = std::fs::File::open(dir).map_err(Error::io("cannot open", dir))?;
+    match nix::unistd::unlinkat(
+        Some(folder.as_raw_fd()),
+        name,
+        nix::unistd::UnlinkatFlags::NoRemoveDir,
+    ) {
+        Ok(()) | Err(nix::errno::Errno::ENOENT) => {}
+        Err(e) => return Err(Error::Sys(format!("cannot remove {}: {e}", path.display()))),
+    }
+    let fd = openat(
+        Some(folder.as_raw_fd()),
+        name,
+        OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_RDWR | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o600),
+    )
+    .map_err(|e| Error::Sys(format!("cannot create {}: {e}", path.display())))?;
+    // SAFETY: openat returned a new descriptor that nothing else owns.
+    let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    if let Some(owner) = owner {
+        std::os::unix::fs::fchown(&file, Some(owner), Some(owner))
+            .map_err(Error::io("cannot chown", &path))?;
+    }
+    Ok(file)
+}
+
+/// The last `limit` bytes of a file in a folder the workspace's own ids may write to (a VM's
+/// console log), read by host root: opened without following a symlink or waiting on a FIFO,
+/// and read only if it is a regular file.
+pub(crate) fn read_tenant_file(path: &Path, limit: u64) -> Option<Vec<u8>> {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .ok()?;
+    let meta = file.metadata().ok()?;
+    if !meta.is_file() {
+        return None;
+    }
+    file.seek(SeekFrom::Start(meta.len().saturating_sub(limit)))
+        .ok()?;
+    let mut bytes = Vec::new();
+    file.take(limit).read_to_end(&mut bytes).ok()?;
+    Some(bytes)
+}
+
 pub(crate) fn open_or_make_in_root(
     root: std::os::fd::BorrowedFd<'_>,
     path: &str,

@@ -422,7 +422,7 @@ pub(crate) fn wait_for_agent(
 ) -> Result<(), String> {
     let deadline = std::time::Instant::now() + limit;
     let listening = || {
-        std::fs::read(console).is_ok_and(|c| {
+        crate::sys::read_tenant_file(console, 1 << 20).is_some_and(|c| {
             c.windows(AGENT_READY.len())
                 .any(|w| w == AGENT_READY.as_bytes())
         })

@@ -187,9 +187,9 @@ impl VmFiles {
     pub(crate) fn console(&self) -> PathBuf {
         self.dir.join("console.log")
     }
-    /// `kvm` or `tcg`, while it runs.
+    /// `kvm` or `tcg`, while it runs (beside `vm/`, where only root writes).
     pub(crate) fn accel(&self) -> PathBuf {
-        self.dir.join("accel")
+        self.dir.with_file_name("vm-accel")
     }
 
     /// How the running VM is accelerated.
@@ -429,23 +429,26 @@ pub(crate) fn start(
     let kernel = kernel::GuestKernel::find(&vm.kernel)?;
 
     // The scratch disk, made once: the limit's size, so the guest's `/var/lib/docker` gets
-    // ENOSPC there, as its tree does on the workspace's own filesystem (`crate::disk`).
+    // ENOSPC there, as its tree does on the workspace's own filesystem (`crate::disk`). `vm/`
+    // is the VM's processes' to write in: root makes its files only through `sys`'s
+    // no-follow helpers, never by a path something there could have pointed elsewhere.
     let scratch = files.scratch();
-    if !scratch.exists() {
+    if !std::fs::symlink_metadata(&scratch).is_ok_and(|m| m.is_file()) {
         let tmp = scratch.with_extension("img.new");
-        let f = File::create(&tmp).map_err(Error::io("cannot create", &tmp))?;
+        let f = sys::create_in_tenant_dir(&files.dir, "scratch.img.new", owner)?;
         f.set_len(rec.config.limits.disk.unwrap_or(SCRATCH_BYTES))
             .map_err(Error::io("cannot size", &tmp))?;
-        drop(f);
+        // mkfs writes through this process's descriptor, not the name.
         sys::run(
             Command::new("mkfs.ext4")
                 .args(["-q", "-F", "-m", "0", "-E"])
                 .arg("nodiscard,lazy_itable_init=1,lazy_journal_init=1")
-                .arg(&tmp),
+                .arg(format!("/proc/{}/fd/{}", std::process::id(), f.as_raw_fd())),
         )?;
+        drop(f);
         std::fs::rename(&tmp, &scratch).map_err(Error::io("cannot rename", &tmp))?;
     }
-    std::os::unix::fs::chown(&scratch, owner, owner)
+    std::os::unix::fs::lchown(&scratch, owner, owner)
         .map_err(Error::io("cannot chown", &scratch))?;
 
     // How the guest's devices reach the host. KSM merges only private memory, and vhost-user
@@ -503,9 +506,11 @@ pub(crate) fn start(
     })?;
     let image = kernel::guest_initramfs(&vm.guest, &modules, Some(&index), &config)?;
     share_modules(rec, &kernel, layout)?;
-    std::fs::write(files.initrd(), image).map_err(Error::io("cannot write", files.initrd()))?;
-    std::os::unix::fs::chown(files.initrd(), owner, owner)
-        .map_err(Error::io("cannot chown", files.initrd()))?;
+    std::io::Write::write_all(
+        &mut sys::create_in_tenant_dir(&files.dir, "initrd.img", owner)?,
+        &image,
+    )
+    .map_err(Error::io("cannot write", files.initrd()))?;
     let agent_file = files.agent_addr_file();
     let tmp = agent_file.with_extension("tmp");
     std::fs::write(
@@ -574,7 +579,7 @@ pub(crate) fn start(
         let result = wait_for_path(&files.vsock_device(), &mut vsock, "vhost-device-vsock");
         started.push(vsock);
         result.map_err(fail)?;
-        std::os::unix::fs::chown(files.fs_socket(), owner, owner)
+        std::os::unix::fs::lchown(files.fs_socket(), owner, owner)
             .map_err(Error::io("cannot chown", files.fs_socket()))?;
     }
     let kernel_file = inherited(&kernel.boot_image(&vm.runtime_root)?)?;
@@ -658,7 +663,8 @@ pub(crate) fn start(
         matches!(qemu.try_wait(), Ok(None))
     });
     if let Err(e) = booted {
-        let console = std::fs::read_to_string(files.console()).unwrap_or_default();
+        let console = sys::read_tenant_file(&files.console(), 64 << 10).unwrap_or_default();
+        let console = String::from_utf8_lossy(&console);
         let tail: Vec<&str> = console.lines().rev().take(5).collect();
         let _ = qemu.kill();
         let _ = qemu.wait();
