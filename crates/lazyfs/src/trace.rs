@@ -80,7 +80,9 @@ pub fn load(store: &dyn BlobStore, image: &Digest) -> Result<Option<Trace>, Stor
     let Some(layer) = manifest.layers.first() else {
         return Ok(None);
     };
-    Ok(Trace::decode(&store.get_blob(&layer.digest)?))
+    Ok(Trace::decode(
+        &store.get_blob(&layer.digest, warren_store::TRACE_LIMIT)?,
+    ))
 }
 
 /// Records first reads during a window (or until stopped).

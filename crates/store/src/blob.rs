@@ -64,8 +64,10 @@ pub trait BlobStore: Send + Sync {
         size: u64,
         src: &mut dyn Read,
     ) -> Result<(), StoreError>;
-    /// The whole blob in memory: for the small ones (configs, indexes, traces).
-    fn get_blob(&self, digest: &Digest) -> Result<Vec<u8>, StoreError>;
+    /// The whole blob in memory, for the small ones (configs, indexes, traces, manifests): an
+    /// error if it is more than `limit` bytes (one of the `*_LIMIT`s below), whatever a
+    /// manifest says of its size.
+    fn get_blob(&self, digest: &Digest, limit: u64) -> Result<Vec<u8>, StoreError>;
     /// The blob as a stream, for the large ones (layers, packs): a [`Verified`] reader of
     /// `size` bytes, whatever the store sends.
     fn open_blob(&self, digest: &Digest, size: u64) -> Result<Verified<'_>, StoreError>;
@@ -76,6 +78,15 @@ pub trait BlobStore: Send + Sync {
     /// The manifest named by a tag or a digest (`sha256:...`), and its digest.
     fn get_manifest(&self, reference: &str) -> Result<(Vec<u8>, Digest), StoreError>;
 }
+
+/// The most [`BlobStore::get_blob`] reads of an image's config.
+pub const CONFIG_LIMIT: u64 = 16 << 20;
+/// Of a manifest.
+pub const MANIFEST_LIMIT: u64 = 4 << 20;
+/// Of a tree index (a 100 GiB image's is about 100 MiB).
+pub const INDEX_LIMIT: u64 = 1 << 30;
+/// Of a start trace.
+pub const TRACE_LIMIT: u64 = 256 << 20;
 
 /// A blob file written next to its final place and renamed into it, so a crash never leaves a
 /// partial blob under a real name.
@@ -101,6 +112,8 @@ pub struct Verified<'a> {
     read: u64,
     hasher: Option<Hasher>,
     store: String,
+    /// Why it failed, once it has.
+    failed: Option<String>,
 }
 
 impl std::fmt::Debug for Verified<'_> {
@@ -122,6 +135,7 @@ impl<'a> Verified<'a> {
             read: 0,
             hasher: Some(Hasher::default()),
             store,
+            failed: None,
         }
     }
 
@@ -146,6 +160,14 @@ impl<'a> Verified<'a> {
 
 impl Read for Verified<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        // Once it has failed it fails on every read: a reader that tries again never sees a
+        // clean end.
+        if let Some(why) = &self.failed {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                why.clone(),
+            ));
+        }
         let Some(hasher) = self.hasher.as_mut() else {
             return Ok(0);
         };
@@ -158,17 +180,20 @@ impl Read for Verified<'_> {
             .min(buf.len() as u64) as usize;
         let n = self.inner.read(&mut buf[..room])?;
         self.read += n as u64;
-        if self.read > self.size {
-            return Err(self.bad(format!("more than its {} bytes", self.size)));
-        }
         hasher.update(&buf[..n]);
-        if n == 0 {
-            if self.read < self.size {
-                return Err(self.bad(format!("{} of its {} bytes", self.read, self.size)));
-            }
-            if self.hasher.take().map(Hasher::finish) != Some(self.digest) {
-                return Err(self.bad("does not match its digest".into()));
-            }
+        let failure = if self.read > self.size {
+            Some(format!("more than its {} bytes", self.size))
+        } else if n == 0 && self.read < self.size {
+            Some(format!("{} of its {} bytes", self.read, self.size))
+        } else if n == 0 && self.hasher.take().map(Hasher::finish) != Some(self.digest) {
+            Some("does not match its digest".to_owned())
+        } else {
+            None
+        };
+        if let Some(what) = failure {
+            let error = self.bad(what);
+            self.failed = Some(error.to_string());
+            return Err(error);
         }
         Ok(n)
     }
@@ -215,5 +240,13 @@ mod tests {
         let mut stopped = Verified::new(Box::new(body), digest, 11, "t".into());
         stopped.read_exact(&mut [0u8; 4]).unwrap();
         stopped.finish().unwrap();
+        // A reader that tries again after an error gets the error again, never an end.
+        for body in [b"LAYER BYTES".as_slice(), b"layer bytes and more", b"layer"] {
+            let mut failed = Verified::new(Box::new(body), digest, 11, "t".into());
+            let mut out = Vec::new();
+            assert!(failed.read_to_end(&mut out).is_err());
+            assert!(failed.read(&mut [0u8; 64]).is_err());
+            assert!(failed.read_to_end(&mut out).is_err());
+        }
     }
 }

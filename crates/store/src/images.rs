@@ -91,15 +91,17 @@ pub fn open_image(store: &dyn BlobStore, reference: &str) -> Result<OpenImage, S
             manifest.config.media_type
         )));
     }
-    let config: ImageConfig = serde_json::from_slice(&store.get_blob(&manifest.config.digest)?)
-        .map_err(|e| StoreError::Invalid(format!("the config of `{reference}` is corrupt: {e}")))?;
+    let config: ImageConfig = serde_json::from_slice(
+        &store.get_blob(&manifest.config.digest, crate::blob::CONFIG_LIMIT)?,
+    )
+    .map_err(|e| StoreError::Invalid(format!("the config of `{reference}` is corrupt: {e}")))?;
     let index_digest = manifest
         .layers
         .first()
         .filter(|l| l.media_type == TREE_INDEX_MEDIA_TYPE)
         .map(|l| l.digest)
         .ok_or_else(|| StoreError::Invalid(format!("`{reference}` has no tree index")))?;
-    let index = TreeIndex::decode(&store.get_blob(&index_digest)?)
+    let index = TreeIndex::decode(&store.get_blob(&index_digest, crate::blob::INDEX_LIMIT)?)
         .map_err(|e| StoreError::Invalid(format!("the tree index of `{reference}`: {e}")))?;
     Ok(OpenImage {
         digest,

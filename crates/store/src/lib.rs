@@ -14,7 +14,9 @@ mod local;
 pub mod manifest;
 mod registry;
 
-pub use blob::{BlobStore, StoreError, Verified};
+pub use blob::{
+    BlobStore, CONFIG_LIMIT, INDEX_LIMIT, MANIFEST_LIMIT, StoreError, TRACE_LIMIT, Verified,
+};
 pub use cache::{CacheError, CacheStats, ChunkCache};
 pub use fetch::{ChunkFetcher, Counters, FetchError};
 pub use local::{GcReport, LocalStore};

@@ -152,7 +152,7 @@ impl LocalStore {
         let mut live: HashSet<Digest> = HashSet::new();
         for d in self.read_index()?.manifests {
             live.insert(d.digest);
-            let bytes = self.get_blob(&d.digest)?;
+            let bytes = self.get_blob(&d.digest, crate::blob::MANIFEST_LIMIT)?;
             if let Ok(m) = serde_json::from_slice::<Manifest>(&bytes) {
                 live.insert(m.config.digest);
                 live.extend(m.layers.iter().map(|l| l.digest));
@@ -242,8 +242,18 @@ impl BlobStore for LocalStore {
         Ok(())
     }
 
-    fn get_blob(&self, digest: &Digest) -> Result<Vec<u8>, StoreError> {
-        let data = match fs::read(self.blob_path(digest)) {
+    fn get_blob(&self, digest: &Digest, limit: u64) -> Result<Vec<u8>, StoreError> {
+        let read = File::open(self.blob_path(digest)).and_then(|f| {
+            let mut data = Vec::new();
+            f.take(limit + 1).read_to_end(&mut data).map(|_| data)
+        });
+        let data = match read {
+            Ok(d) if d.len() as u64 > limit => {
+                return Err(StoreError::Invalid(format!(
+                    "{}: blob {digest} is more than {limit} bytes",
+                    self.describe()
+                )));
+            }
             Ok(d) => d,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(StoreError::BlobNotFound {
@@ -324,6 +334,6 @@ impl BlobStore for LocalStore {
                     store: self.describe(),
                 })?,
         };
-        Ok((self.get_blob(&digest)?, digest))
+        Ok((self.get_blob(&digest, crate::blob::MANIFEST_LIMIT)?, digest))
     }
 }

@@ -138,11 +138,12 @@ pub fn import_oci(
             reason: "it is already a Warren image; use `warren image pull`".into(),
         });
     }
-    let config: OciConfig = serde_json::from_slice(&src.get_blob(&manifest.config.digest)?)
-        .map_err(|e| OciError::Unsupported {
-            reference: reference.into(),
-            reason: format!("unreadable image config: {e}"),
-        })?;
+    let config: OciConfig =
+        serde_json::from_slice(&src.get_blob(&manifest.config.digest, crate::blob::CONFIG_LIMIT)?)
+            .map_err(|e| OciError::Unsupported {
+                reference: reference.into(),
+                reason: format!("unreadable image config: {e}"),
+            })?;
     for (i, layer) in manifest.layers.iter().enumerate() {
         progress(i, manifest.layers.len());
         // Streamed from the store into the image, checked as it comes: a layer is never held

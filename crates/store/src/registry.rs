@@ -7,7 +7,6 @@
 //! otherwise.
 
 use std::io::{Read, Seek as _, SeekFrom};
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -200,10 +199,6 @@ fn with_auth<B>(req: ureq::RequestBuilder<B>, auth: Option<&str>) -> ureq::Reque
 }
 
 /// Builds and sends one attempt of a request, given the agent and the current Authorization.
-/// The most [`BlobStore::get_blob`] holds in memory from a registry: it is for configs, indexes
-/// and traces (an index of a 100 GiB image is about 100 MiB); layers and packs are streamed.
-const WHOLE_BLOB_LIMIT: u64 = 1 << 30;
-
 type Attempt<'a> = &'a dyn Fn(&Agent, Option<&str>) -> Result<Response<ureq::Body>, ureq::Error>;
 
 /// What one attempt of a request came to.
@@ -542,13 +537,7 @@ impl BlobStore for RegistryStore {
                 source,
             }
         };
-        let mut spool = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .mode(0o600)
-            .custom_flags(libc::O_TMPFILE)
-            .open(std::env::temp_dir())
-            .map_err(io("make a spool file"))?;
+        let mut spool = tempfile::tempfile().map_err(io("make a spool file"))?;
         let mut checked = Verified::new(Box::new(src), *digest, size, self.describe());
         std::io::copy(&mut checked, &mut spool).map_err(io("spool a blob"))?;
         self.upload(digest, Upload::File(&spool))
@@ -562,14 +551,14 @@ impl BlobStore for RegistryStore {
         self.upload(digest, Upload::Bytes(data))
     }
 
-    fn get_blob(&self, digest: &Digest) -> Result<Vec<u8>, StoreError> {
+    fn get_blob(&self, digest: &Digest, limit: u64) -> Result<Vec<u8>, StoreError> {
         let op = format!("fetch blob {digest}");
         let resp = self.send(&op, &|agent, auth| {
             with_auth(agent.get(self.url(&format!("blobs/{digest}"))), auth).call()
         })?;
         match resp.status().as_u16() {
             200 => {
-                let data = self.read_body(&op, resp, WHOLE_BLOB_LIMIT)?;
+                let data = self.read_body(&op, resp, limit)?;
                 self.check_digest(digest, &data)?;
                 Ok(data)
             }
