@@ -23,6 +23,6 @@ pub use prebuild::{
 };
 pub use run::{
     BuildError, BuildRequest, Built, CANCELLED, ImageSettings, ImageStore, RESERVED_REPOSITORIES,
-    StepLimits, build, egress_filter, refuse_reserved,
+    Spool, StepLimits, build, egress_filter, refuse_reserved,
 };
 pub use words::{ExpandError, expand, split_words};

@@ -42,6 +42,8 @@ pub struct PrebuildRequest<'a> {
     pub scope: &'a str,
     /// What each build step and prebuild task may use.
     pub limits: StepLimits,
+    /// Where what its build copies is spooled, and how much at once.
+    pub spool: crate::Spool,
 }
 
 /// A finished prebuild.
@@ -239,6 +241,7 @@ fn environment_image(
                     mount_cache: req.mount_cache,
                     cache_scope: req.scope,
                     limits: req.limits,
+                    spool: req.spool.clone(),
                 },
                 log,
             )

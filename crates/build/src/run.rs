@@ -35,6 +35,8 @@ pub trait ImageStore {
     ) -> Result<String, String>;
     /// Names the tree of the image `from` as `name`, with these settings (no tree is read).
     fn retag(&self, name: &str, from: &str, settings: &ImageSettings) -> Result<String, String>;
+    /// Removes the name `name` (an image stored under it that must not be used: cut short).
+    fn untag(&self, name: &str) -> Result<(), String>;
     /// Stores the image a writable layer lies over with the layer applied, reading only what
     /// the layer holds; `None` when this store cannot (the caller streams the whole tree).
     fn store_changes(
@@ -178,6 +180,8 @@ pub struct BuildRequest<'a> {
     /// tenant's `RUN curl ... | sh` cannot become another's cached step.
     pub cache_scope: &'a str,
     pub limits: StepLimits,
+    /// Where what the build copies is spooled, and how much at once.
+    pub spool: Spool,
 }
 
 impl BuildRequest<'_> {
@@ -479,9 +483,18 @@ impl Build<'_> {
         let mut source = std::mem::replace(&mut self.done[k], placeholder(k));
         let escape = self.req.dockerfile.escape;
         let stop = self.req.stop();
-        let made = self
-            .sandbox(&mut source)
-            .and_then(|id| stage_tar(self.runtime, &id, state, files, how, escape, stop));
+        let made = self.sandbox(&mut source).and_then(|id| {
+            stage_tar(
+                self.runtime,
+                &id,
+                state,
+                files,
+                how,
+                escape,
+                stop,
+                &self.req.spool,
+            )
+        });
         self.done[k] = source;
         made
     }
@@ -761,7 +774,10 @@ fn run_step(
                 ));
             }
             if !remote.is_empty() {
-                parts.push((add::remote_tar(&remote, &dest, files, &meta)?, into.clone()));
+                parts.push((
+                    add::remote_tar(&remote, &dest, files, &meta, &req.spool)?,
+                    into.clone(),
+                ));
             }
             for (tar, _) in &parts {
                 key.extend_from_slice(tar_key(tar.reader()?)?.as_bytes());
@@ -1261,7 +1277,7 @@ fn context_tar(
     let given = Meta::of(files)?;
     let dest = expand_with(state, escape, &files.dest)?;
     let into_folder = how.parents || copies_into_folder(&dest, files);
-    let mut tar = Spooled::builder()?;
+    let mut tar = Spooled::builder(&req.spool)?;
     tar.follow_symlinks(false);
     for source in &files.sources {
         match source {
@@ -1472,6 +1488,7 @@ fn add_one(
 }
 
 /// The tar stream of `COPY --from=<stage>` sources, made inside that stage's sandbox.
+#[allow(clippy::too_many_arguments)]
 fn stage_tar(
     runtime: &dyn Runtime,
     source: &WorkspaceId,
@@ -1480,6 +1497,7 @@ fn stage_tar(
     how: &CopyHow,
     escape: char,
     stop: Stop<'_>,
+    spool: &Spool,
 ) -> Result<Spooled, String> {
     let dest = expand_with(state, escape, &files.dest)?;
     let into_folder = how.parents || copies_into_folder(&dest, files);
@@ -1502,7 +1520,7 @@ fn stage_tar(
             parent.clone(),
             name.clone(),
         ];
-        let (code, out, err) = capture(runtime, source, argv, stop)?;
+        let (code, out, err) = capture(runtime, source, argv, stop, spool)?;
         if code != 0 {
             return Err(format!(
                 "COPY --from: {}",
@@ -1532,7 +1550,7 @@ fn stage_tar(
         keep_owner: files.chown.is_none(),
         ..Meta::of(files)?
     };
-    let mut joined = Spooled::builder()?;
+    let mut joined = Spooled::builder(spool)?;
     for (spooled, rename, prefix, is_dir) in all {
         let place = |path: &Path| match &prefix {
             Some(prefix) if !prefix.is_empty() => Path::new(prefix).join(path),
@@ -1647,52 +1665,118 @@ impl Started {
     }
 }
 
-/// A tar stream on its way into a sandbox: a nameless file (`O_TMPFILE`, 0600, gone when
-/// closed), so what a tenant copies is never held in memory.
-pub(crate) struct Spooled(std::fs::File);
+/// Where a build's spool files go, and how much they may hold at once: a folder of the host's
+/// (`<data>/tmp`, 0700, beside the image store), never the host's memory, and a budget shared
+/// by all the build's spool files (their bytes come back when they are closed), so a
+/// Dockerfile copying many large sources cannot fill the host's disk.
+#[derive(Debug, Clone)]
+pub struct Spool {
+    dir: PathBuf,
+    budget: u64,
+    left: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Spool {
+    /// Most a build's spool files hold at once: two copies (a stage's tar stream and the
+    /// joined one) of a `COPY --from` at its 4 GiB limit, and some.
+    pub const DEFAULT_BUDGET: u64 = 10 << 30;
+
+    pub fn new(dir: &Path, budget: u64) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            budget,
+            left: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(budget)),
+        }
+    }
+
+    fn give(&self, n: u64) {
+        self.left.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Takes `n` bytes of the budget, or none when fewer are left.
+    fn take(&self, n: u64) -> bool {
+        self.left
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                left.checked_sub(n)
+            })
+            .is_ok()
+    }
+}
+
+/// A tar stream on its way into a sandbox: a nameless file (`tempfile`'s: `O_TMPFILE`, 0600,
+/// gone when closed) in the build's [`Spool`] folder, counted against its budget.
+pub(crate) struct Spooled {
+    file: std::fs::File,
+    spool: Spool,
+    len: u64,
+}
 
 impl Spooled {
-    pub(crate) fn new() -> Result<Self, String> {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        let dir = std::env::temp_dir();
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .mode(0o600)
-            .custom_flags(libc::O_TMPFILE)
-            .open(&dir)
-            .map(Spooled)
-            .map_err(|e| format!("cannot make a spool file in {}: {e}", dir.display()))
+    pub(crate) fn new(spool: &Spool) -> Result<Self, String> {
+        let _ = std::fs::create_dir_all(&spool.dir);
+        let file = tempfile::tempfile_in(&spool.dir)
+            .map_err(|e| format!("cannot make a spool file in {}: {e}", spool.dir.display()))?;
+        Ok(Spooled {
+            file,
+            spool: spool.clone(),
+            len: 0,
+        })
     }
 
     /// The whole stream from its start, on a descriptor of its own (readers do not share an
     /// offset).
     pub(crate) fn reader(&self) -> Result<std::fs::File, String> {
         use std::os::fd::AsRawFd as _;
-        let path = format!("/proc/self/fd/{}", self.0.as_raw_fd());
+        let path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
         std::fs::File::open(&path).map_err(|e| format!("cannot read the spool file: {e}"))
     }
 
     /// A tar builder writing into a new spool file.
-    pub(crate) fn builder() -> Result<tar::Builder<Spooled>, String> {
-        Ok(tar::Builder::new(Spooled::new()?))
+    pub(crate) fn builder(spool: &Spool) -> Result<tar::Builder<Spooled>, String> {
+        Ok(tar::Builder::new(Spooled::new(spool)?))
     }
 
     /// The spool file a finished builder wrote.
     pub(crate) fn finish(tar: tar::Builder<Spooled>) -> Result<Spooled, String> {
         let mut spooled = tar.into_inner().map_err(|e| e.to_string())?;
-        spooled.0.flush().map_err(|e| e.to_string())?;
+        spooled.file.flush().map_err(|e| e.to_string())?;
         Ok(spooled)
     }
 }
 
 impl Write for Spooled {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.write(buf)
+        if !self.spool.take(buf.len() as u64) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::StorageFull,
+                format!(
+                    "what the build copies is more than {} MiB at once",
+                    self.spool.budget >> 20
+                ),
+            ));
+        }
+        match self.file.write(buf) {
+            Ok(n) => {
+                // What was taken but not written goes back.
+                self.spool.give((buf.len() - n) as u64);
+                self.len += n as u64;
+                Ok(n)
+            }
+            Err(e) => {
+                self.spool.give(buf.len() as u64);
+                Err(e)
+            }
+        }
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        self.0.flush()
+        self.file.flush()
+    }
+}
+
+impl Drop for Spooled {
+    fn drop(&mut self) {
+        self.spool.give(self.len);
     }
 }
 
@@ -1768,9 +1852,10 @@ fn capture(
     id: &WorkspaceId,
     argv: Vec<String>,
     stop: Stop<'_>,
+    spool: &Spool,
 ) -> Result<(i32, Spooled, Vec<u8>), String> {
     let started = Started::new(runtime, id, argv)?;
-    let mut out = Spooled::new()?;
+    let mut out = Spooled::new(spool)?;
     read_bounded(
         runtime,
         id,
@@ -1828,16 +1913,26 @@ pub(crate) fn commit(
     // The tenant's own `tar`: held to the step time limit like a step.
     let stored = watched(runtime, id, &started, stop, "storing the result", || {
         store.store(name, &mut (&started.stdout), settings)
-    })?;
-    let (code, err) = started.finish()?;
-    // GNU tar exits 1 when a file changed while it was read (logs, sockets): still an image.
-    if code > 1 {
-        return Err(format!(
+    });
+    let finished = started.finish();
+    let outcome = match (stored, finished) {
+        (Err(stopped), _) => Err(stopped),
+        (Ok(_), Err(e)) => Err(e),
+        // GNU tar exits 1 when a file changed while it was read (logs, sockets): still an
+        // image.
+        (Ok(_), Ok((code, err))) if code > 1 => Err(format!(
             "reading the result failed: {}",
             String::from_utf8_lossy(&err).trim()
-        ));
+        )),
+        (Ok(stored), Ok(_)) => stored,
+    };
+    // A stream cut short (stopped, or `tar` failing) may still have read as a whole archive
+    // and been stored: it must not stay under the step's key, where the next build would
+    // take it as cached.
+    if outcome.is_err() {
+        let _ = store.untag(name);
     }
-    stored
+    outcome
 }
 
 #[cfg(test)]
@@ -1918,6 +2013,7 @@ mod tests {
             mount_cache: None,
             cache_scope: "",
             limits: StepLimits::host_default(),
+            spool: Spool::new(&std::env::temp_dir(), Spool::DEFAULT_BUDGET),
         };
         assert_eq!(
             glob_context(&req, "src/*.rs").unwrap(),

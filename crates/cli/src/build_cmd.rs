@@ -112,6 +112,7 @@ pub fn build(args: BuildArgs, data: &Path) -> anyhow::Result<ExitCode> {
             mount_cache: Some(&data.join("build-mounts")),
             cache_scope: "",
             limits: args.limits.limits()?,
+            spool: warren_build::Spool::new(&data.join("tmp"), warren_build::Spool::DEFAULT_BUDGET),
         },
         &mut std::io::stderr(),
     )?;

@@ -481,6 +481,13 @@ impl warren_build::ImageStore for LocalImages {
         run().map_err(|e| format!("{e:#}"))
     }
 
+    fn untag(&self, name: &str) -> Result<(), String> {
+        local_store(&self.data)
+            .and_then(|local| Ok(local.remove_tag(name)?))
+            .map(drop)
+            .map_err(|e| format!("{e:#}"))
+    }
+
     fn retag(
         &self,
         name: &str,

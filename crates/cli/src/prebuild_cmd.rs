@@ -74,6 +74,10 @@ impl Prebuilder for HostPrebuilder {
                 mount_cache: Some(&self.data.join("build-mounts")),
                 scope: &job.project_id,
                 limits: self.limits,
+                spool: warren_build::Spool::new(
+                    &self.data.join("tmp"),
+                    warren_build::Spool::DEFAULT_BUDGET,
+                ),
             },
             log,
         )?;

@@ -725,6 +725,15 @@ fn what_a_build_copies_never_sits_in_the_hosts_memory() {
     };
     std::fs::create_dir(&dir).unwrap();
     std::fs::write(dir.join(limit_file), (256u64 << 20).to_string()).unwrap();
+    // And no swap to spill into, where the host has any.
+    for (file, value) in [
+        ("memory.memsw.limit_in_bytes", 256u64 << 20),
+        ("memory.swap.max", 0),
+    ] {
+        if dir.join(file).exists() {
+            std::fs::write(dir.join(file), value.to_string()).unwrap();
+        }
+    }
     let out = std::process::Command::new("sh")
         .args([
             "-c",
@@ -744,6 +753,11 @@ fn what_a_build_copies_never_sits_in_the_hosts_memory() {
         .find_map(|f| std::fs::read_to_string(dir.join(f)).ok())
         .unwrap_or_default();
     let _ = std::fs::remove_dir(&dir);
+    assert!(
+        out.status.success(),
+        "the build, held to 256 MiB (peak {peak}): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = ok(out);
     assert!(out.starts_with("built big:1"), "{out} (peak {peak})");
 }

@@ -99,6 +99,7 @@ fn fetch(
     url: &str,
     checksum: Option<&str>,
     egress: &EgressPolicy,
+    spool: &super::Spool,
 ) -> Result<(super::Spooled, u64), String> {
     let agent = ureq::Agent::with_parts(
         ureq::Agent::config_builder()
@@ -113,7 +114,7 @@ fn fetch(
         .get(url)
         .call()
         .map_err(|e| format!("ADD {url}: {e}"))?;
-    let mut body = super::Spooled::new()?;
+    let mut body = super::Spooled::new(spool)?;
     let mut hashing = Hashing {
         into: &mut body,
         hasher: sha2::Sha256::new(),
@@ -195,7 +196,7 @@ pub(super) fn sort_sources(
                 .filter(|n| !n.is_empty() && !n.contains(':'))
                 .unwrap_or("download")
                 .to_owned();
-            let (body, len) = fetch(&path, checksum, egress)?;
+            let (body, len) = fetch(&path, checksum, egress, &req.spool)?;
             remote.push(Remote { name, body, len });
             continue;
         }
@@ -231,9 +232,10 @@ pub(super) fn remote_tar(
     dest: &str,
     files: &Files,
     meta: &Meta,
+    spool: &super::Spool,
 ) -> Result<super::Spooled, String> {
     let into_folder = super::copies_into_folder(dest, files);
-    let mut tar = super::Spooled::builder()?;
+    let mut tar = super::Spooled::builder(spool)?;
     for r in remote {
         let mut header = tar::Header::new_gnu();
         header.set_size(r.len);
