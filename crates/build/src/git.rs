@@ -16,10 +16,18 @@ pub fn is_commit_id(commit: &str) -> bool {
 /// A repository URL as git is given it. An `http(s)` URL may carry a user and a password
 /// (`https://user:token@host/...`); in git's arguments they would reach every process list
 /// (git's and its remote helper's), the logs and the checkout's `origin`. So git gets the URL
-/// without them, and them through a credential helper reading its environment.
+/// without them, and them through a credential helper reading its environment, for that URL's
+/// host only (a redirect elsewhere, or a proxy, gets nothing).
 struct Remote {
     url: String,
-    login: Option<(String, String)>,
+    login: Option<Login>,
+}
+
+struct Login {
+    /// `scheme://host[:port]`: where the helper answers.
+    origin: String,
+    user: std::ffi::OsString,
+    password: std::ffi::OsString,
 }
 
 impl Remote {
@@ -28,31 +36,44 @@ impl Remote {
             url: url.to_owned(),
             login: None,
         };
+        let lower = url.to_ascii_lowercase();
+        let Some(rest) = ["http://", "https://"]
+            .iter()
+            .find_map(|p| lower.strip_prefix(p))
+        else {
+            return Ok(plain());
+        };
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
         let Ok(mut parsed) = url::Url::parse(url) else {
-            return Ok(plain());
+            // git may read what this parser does not: never hand it a login in the URL.
+            return if authority.contains('@') {
+                Err("a repository URL with a user or password that cannot be read as a URL".into())
+            } else {
+                Ok(plain())
+            };
         };
-        if !matches!(parsed.scheme(), "http" | "https")
-            || (parsed.username().is_empty() && parsed.password().is_none())
-        {
+        if parsed.username().is_empty() && parsed.password().is_none() {
             return Ok(plain());
         }
-        let decode = |s: &str| {
-            percent_encoding::percent_decode_str(s)
-                .decode_utf8_lossy()
-                .into_owned()
+        let decode = |s: &str| -> Result<std::ffi::OsString, String> {
+            let bytes: Vec<u8> = percent_encoding::percent_decode_str(s).collect();
+            if bytes.iter().any(|&b| b == b'\n' || b == 0) {
+                return Err("a repository URL's user or password holds a line break".into());
+            }
+            Ok(std::os::unix::ffi::OsStringExt::from_vec(bytes))
         };
-        let login = (
-            decode(parsed.username()),
-            decode(parsed.password().unwrap_or("")),
-        );
-        if login.0.contains('\n') || login.1.contains('\n') {
-            return Err("a repository URL's user or password holds a line break".into());
-        }
+        let user = decode(parsed.username())?;
+        let password = decode(parsed.password().unwrap_or(""))?;
         let _ = parsed.set_username("");
         let _ = parsed.set_password(None);
+        let origin = parsed.origin().ascii_serialization();
         Ok(Remote {
             url: parsed.into(),
-            login: Some(login),
+            login: Some(Login {
+                origin,
+                user,
+                password,
+            }),
         })
     }
 }
@@ -63,35 +84,37 @@ pub fn redacted(url: &str) -> String {
 }
 
 /// Answers git's `get` with the login from the environment (never in an argument).
-const CREDENTIAL_HELPER: &str = r#"credential.helper=!f() { test "$1" = get || exit 0; printf 'username=%s\npassword=%s\n' "$WARREN_GIT_USERNAME" "$WARREN_GIT_PASSWORD"; }; f"#;
+const CREDENTIAL_HELPER: &str = r#"!f() { test "$1" = get || exit 0; printf 'username=%s\npassword=%s\n' "$WARREN_GIT_USERNAME" "$WARREN_GIT_PASSWORD"; }; f"#;
 
 fn git(log: &mut dyn Write, dir: Option<&Path>, args: &[&str]) -> Result<Vec<u8>, String> {
     git_as(log, dir, args, None)
 }
 
-/// [`git`], logged in as `login` over http(s) when given.
+/// [`git`], logged in as `login` at its origin when given.
 fn git_as(
     log: &mut dyn Write,
     dir: Option<&Path>,
     args: &[&str],
-    login: Option<&(String, String)>,
+    login: Option<&Login>,
 ) -> Result<Vec<u8>, String> {
     let mut cmd = Command::new("git");
     if let Some(dir) = dir {
         cmd.arg("-C").arg(dir);
     }
-    if let Some((user, password)) = login {
-        cmd.args(["-c", "credential.helper=", "-c", CREDENTIAL_HELPER])
-            .env("WARREN_GIT_USERNAME", user)
-            .env("WARREN_GIT_PASSWORD", password);
+    cmd.args(["-c", "credential.helper="]);
+    if let Some(login) = login {
+        cmd.arg("-c")
+            .arg(format!(
+                "credential.{}.helper={CREDENTIAL_HELPER}",
+                login.origin
+            ))
+            .env("WARREN_GIT_USERNAME", &login.user)
+            .env("WARREN_GIT_PASSWORD", &login.password);
     }
     // A user names the URL: git runs with none of the host's configuration and credentials
     // (no system or global config, so no credential helper, no `insteadOf`; an empty home;
     // ssh without root's config, keys or agent), so a URL can reach only what it could
     // without the host's identity.
-    if login.is_none() {
-        cmd.args(["-c", "credential.helper="]);
-    }
     let out = cmd
         .args(args)
         .env("GIT_TERMINAL_PROMPT", "0")
@@ -304,7 +327,7 @@ mod tests {
     /// request (so a process list is read while git runs). Prints its port.
     const AUTH_SERVER: &str = r#"
 import base64, http.server, os, subprocess, sys, time
-root, auth = sys.argv[1], sys.argv[2]
+root, auth = sys.argv[1], os.environ["WANT_LOGIN"]
 want = "Basic " + base64.b64encode(auth.encode()).decode()
 class H(http.server.BaseHTTPRequestHandler):
     def serve(self, method):
@@ -358,6 +381,7 @@ s.serve_forever()
     #[test]
     fn a_token_in_a_repository_url_reaches_only_the_server() {
         use std::io::BufRead as _;
+        use std::os::unix::process::CommandExt as _;
         let tmp = tempfile::tempdir().unwrap();
         let repo = tmp.path().join("private.git");
         let work = tmp.path().join("work");
@@ -378,18 +402,22 @@ s.serve_forever()
             ],
         );
         let token = "tok%2Fen-4f9d1c";
-        /// The server, killed however the test ends.
+        /// The server, killed with all it started (a `python3` that is a wrapper runs the
+        /// interpreter as its child) however the test ends.
         struct Server(std::process::Child);
         impl Drop for Server {
             fn drop(&mut self) {
-                let _ = self.0.kill();
+                // SAFETY: killpg has no memory effects; the group is the server's own.
+                unsafe { libc::killpg(self.0.id() as i32, libc::SIGKILL) };
                 let _ = self.0.wait();
             }
         }
         let mut server = std::process::Command::new("python3")
             .args(["-c", AUTH_SERVER])
             .arg(tmp.path())
-            .arg("alice:tok/en-4f9d1c")
+            // Not an argument: the process list is what the test reads.
+            .env("WANT_LOGIN", "alice:tok/en-4f9d1c")
+            .process_group(0)
             .stdout(std::process::Stdio::piped())
             .spawn()
             .map(Server)
@@ -408,7 +436,7 @@ s.serve_forever()
                     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
                         if let Ok(argv) = std::fs::read(entry.path().join("cmdline")) {
                             let argv = String::from_utf8_lossy(&argv).replace('\0', " ");
-                            if argv.contains("4f9d1c") && !argv.contains("alice:tok/en") {
+                            if argv.contains("4f9d1c") {
                                 seen.push(argv);
                             }
                         }
@@ -440,6 +468,11 @@ s.serve_forever()
             // A wrong token is refused, and says so without showing it.
             let err = fetch_heads(&mirrors, &url.replace("4f9d1c", "000000")).unwrap_err();
             assert!(!err.contains("000000"), "{err}");
+            // A login in a URL this parser cannot read (git might) is refused, not passed on.
+            let odd = "https://u:tok-4f9d1c@[fe80::1%25eth0]/r.git";
+            let err = fetch_heads(&mirrors, odd).unwrap_err();
+            assert!(err.contains("cannot be read as a URL"), "{err}");
+            assert_eq!(redacted(odd), "(a repository URL)");
             watcher.join().unwrap()
         });
         drop(server);
