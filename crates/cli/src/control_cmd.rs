@@ -94,23 +94,33 @@ pub fn refuse_password_in_argv(url: &str) -> anyhow::Result<()> {
 }
 
 /// `scheme://user:password@host/...`, or a `password=` parameter (libpq's and sqlx's
-/// `?password=...`).
+/// `?password=...`, percent-encoded or not).
 fn url_has_password(url: &str) -> bool {
-    let authority = url
-        .split_once("://")
-        .map(|(_, rest)| rest.split(['/', '?']).next().unwrap_or(""))
-        .unwrap_or("");
-    let in_authority = authority
-        .rsplit_once('@')
-        .is_some_and(|(user, _)| user.contains(':'));
-    let in_query = url.split_once('?').is_some_and(|(_, query)| {
-        query.split('&').any(|pair| {
-            pair.split('=')
-                .next()
-                .is_some_and(|k| k.eq_ignore_ascii_case("password"))
-        })
-    });
-    in_authority || in_query
+    match url::Url::parse(url) {
+        Ok(parsed) => {
+            parsed.password().is_some()
+                || parsed
+                    .query_pairs()
+                    .any(|(key, _)| key.eq_ignore_ascii_case("password"))
+        }
+        // Not a URL this parser reads: anything that could hold one counts.
+        Err(_) => url.contains('@') || url.to_ascii_lowercase().contains("password"),
+    }
+}
+
+/// A database URL as `up` shows it: its scheme, host and path only.
+fn shown_database(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(parsed) if parsed.scheme() == "sqlite" => url.split('?').next().unwrap_or("").into(),
+        Ok(parsed) => format!(
+            "{}://{}{}{}",
+            parsed.scheme(),
+            parsed.host_str().unwrap_or(""),
+            parsed.port().map(|p| format!(":{p}")).unwrap_or_default(),
+            parsed.path()
+        ),
+        Err(_) => "(the database URL)".into(),
+    }
 }
 
 /// Makes the data folder hold nothing for anybody but root, except the way to `runtime/`: the
@@ -137,18 +147,33 @@ pub fn close_data_folder(data: &Path) -> anyhow::Result<()> {
     for private in ["images", "cache", "tmp", "build-mounts", "git"] {
         let _ = std::fs::create_dir(data.join(private));
     }
+    // Root's alone: another owner would keep its access whatever the mode, and a symlink would
+    // send what is written there elsewhere.
+    let own = |path: &Path| {
+        std::os::unix::fs::lchown(path, Some(0), Some(0))
+            .with_context(|| format!("cannot give {} to root", path.display()))
+    };
+    own(data)?;
     for entry in
         std::fs::read_dir(data).with_context(|| format!("cannot list {}", data.display()))?
     {
         let entry = entry?;
+        let path = entry.path();
+        let kind = entry.file_type()?;
+        if kind.is_symlink() {
+            bail!(
+                "{} is a symlink: the data folder's entries must be its own (remove it)",
+                path.display()
+            );
+        }
+        own(&path)?;
         if matches!(entry.file_name().to_str(), Some("runtime" | "vm")) {
             continue;
         }
-        let kind = entry.file_type()?;
         if kind.is_dir() {
-            set(&entry.path(), 0o700)?;
+            set(&path, 0o700)?;
         } else if kind.is_file() {
-            set(&entry.path(), 0o600)?;
+            set(&path, 0o600)?;
         }
     }
     Ok(())
@@ -187,14 +212,7 @@ pub fn up(args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
         .build()
         .context("cannot start the async runtime")?;
     tokio.block_on(async move {
-        // Shown without its user and password, and without its parameters (one may be a
-        // password).
-        let shown_url = database_url
-            .split('@')
-            .next_back()
-            .and_then(|rest| rest.split('?').next())
-            .unwrap_or("")
-            .to_owned();
+        let shown_url = shown_database(&database_url);
         let started = warren_server::start(warren_server::SingleHost {
             database_url: database_url.clone(),
             listen: args.listen,
@@ -212,11 +230,7 @@ pub fn up(args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
         })
         .await?;
         let url = format!("http://{}", started.addr);
-        let shown_db = if database_url.starts_with("sqlite") {
-            database_url.as_str()
-        } else {
-            shown_url.as_str()
-        };
+        let shown_db = shown_url.as_str();
         let mut banner = format!(
             "Warren is up at {url}\n  data: {}   database: {shown_db}\n",
             data.display()
@@ -1153,7 +1167,16 @@ mod tests {
             "postgres://warren@db/warren?sslmode=require&password=hunter2"
         ));
         assert!(url_has_password("postgres://db/warren?Password=x"));
+        assert!(url_has_password("postgres://db/warren?%70assword=x"));
         assert!(!url_has_password("postgres://db/warren?passwordless=1"));
+        assert_eq!(
+            shown_database("postgres://warren:p@ss@db:5433/warren?password=p@ss&sslmode=require"),
+            "postgres://db:5433/warren"
+        );
+        assert_eq!(
+            shown_database("sqlite:///var/lib/warren/warren.db?mode=rwc"),
+            "sqlite:///var/lib/warren/warren.db"
+        );
     }
 
     #[test]
