@@ -17,6 +17,25 @@ fn warren(data: &Path, args: &[&str]) -> Output {
     common::warren_at(data, args, &[("WARREN_UID_BASE", "2900000000")])
 }
 
+/// A data folder (under /var/tmp: sandboxes need a real filesystem) holding Debian's minbase
+/// as `tag`, imported by `run`.
+fn data_with_minbase(
+    prefix: &str,
+    run: &dyn Fn(&Path, &[&str]) -> Output,
+    tag: &str,
+) -> tempfile::TempDir {
+    let data = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let rootfs = debian_rootfs(DebianRootfs::Minbase);
+    ok(run(
+        data.path(),
+        &["image", "import", rootfs.to_str().unwrap(), tag],
+    ));
+    data
+}
+
 const DOCKERFILE: &str = r#"ARG GREETING=hello
 FROM base:1 AS tools
 RUN echo tool > /tool.txt
@@ -50,15 +69,7 @@ CMD ["cat", "/app/built.txt"]
 fn a_multi_stage_dockerfile_builds_in_the_sandbox() {
     enter_own_network();
     require_program("tar", "tar");
-    let data = tempfile::Builder::new()
-        .prefix("warren-build-")
-        .tempdir_in("/var/tmp")
-        .unwrap();
-    let rootfs = debian_rootfs(DebianRootfs::Minbase);
-    ok(warren(
-        data.path(),
-        &["image", "import", rootfs.to_str().unwrap(), "base:1"],
-    ));
+    let data = data_with_minbase("warren-build-", &warren, "base:1");
     let ctx = tempfile::tempdir().unwrap();
     std::fs::write(ctx.path().join("Dockerfile"), DOCKERFILE).unwrap();
     std::fs::write(ctx.path().join("app.txt"), "app\n").unwrap();
@@ -247,15 +258,7 @@ fn mounts_add_chown_and_isolation_inside_run_steps() {
             ],
         )
     };
-    let data = tempfile::Builder::new()
-        .prefix("warren-build-")
-        .tempdir_in("/var/tmp")
-        .unwrap();
-    let rootfs = debian_rootfs(DebianRootfs::Minbase);
-    ok(run(
-        data.path(),
-        &["image", "import", rootfs.to_str().unwrap(), "base:1"],
-    ));
+    let data = data_with_minbase("warren-build-", &run, "base:1");
     let ctx = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(ctx.path().join("files")).unwrap();
     std::fs::write(ctx.path().join("files/a.txt"), "bound\n").unwrap();
@@ -407,15 +410,7 @@ fn a_base_image_comes_from_a_registry_when_it_is_not_local() {
         common::warren_at(data, args, &[("WARREN_UID_BASE", "3100000000")])
     };
     let registry = warren_testkit::Registry::start();
-    let source = tempfile::Builder::new()
-        .prefix("warren-build-")
-        .tempdir_in("/var/tmp")
-        .unwrap();
-    let rootfs = debian_rootfs(DebianRootfs::Minbase);
-    ok(run(
-        source.path(),
-        &["image", "import", rootfs.to_str().unwrap(), "base:1"],
-    ));
+    let source = data_with_minbase("warren-build-", &run, "base:1");
     // The same base as a Warren image and as a standard OCI image.
     let warren_ref = format!("{}/team/base:1", registry.host());
     let oci_ref = format!("{}/std/base:1", registry.host());
@@ -488,16 +483,8 @@ fn a_base_image_comes_from_a_registry_when_it_is_not_local() {
 #[test]
 fn dockerfile_options_work_as_docker_or_are_refused() {
     enter_own_network();
-    let data = tempfile::Builder::new()
-        .prefix("warren-build-options-")
-        .tempdir_in("/var/tmp")
-        .unwrap();
     // An image from a folder has no settings at all: no PATH.
-    let rootfs = debian_rootfs(DebianRootfs::Minbase);
-    ok(warren(
-        data.path(),
-        &["image", "import", rootfs.to_str().unwrap(), "bare:1"],
-    ));
+    let data = data_with_minbase("warren-build-options-", &warren, "bare:1");
     let ctx = tempfile::tempdir().unwrap();
     for (path, body) in [
         ("docs/a.md", "a"),
@@ -691,15 +678,7 @@ ENTRYPOINT ["/opt/tools/artifact"]
 fn what_a_build_copies_never_sits_in_the_hosts_memory() {
     enter_own_network();
     require_program("tar", "tar");
-    let data = tempfile::Builder::new()
-        .prefix("warren-build-big-")
-        .tempdir_in("/var/tmp")
-        .unwrap();
-    let rootfs = debian_rootfs(DebianRootfs::Minbase);
-    ok(warren(
-        data.path(),
-        &["image", "import", rootfs.to_str().unwrap(), "base:1"],
-    ));
+    let data = data_with_minbase("warren-build-big-", &warren, "base:1");
     let ctx = tempfile::tempdir_in("/var/tmp").unwrap();
     std::fs::write(
         ctx.path().join("Dockerfile"),

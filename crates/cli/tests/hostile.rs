@@ -235,6 +235,49 @@ impl Drop for Removed<'_> {
     }
 }
 
+/// A runtime of its own for VM workspaces (a fresh data folder under /var/tmp; the fixtures'
+/// kernel and static guest; its own uid range, bridge and subnet), with `dev:1` imported.
+struct VmRuntime {
+    data: tempfile::TempDir,
+    env: Vec<(&'static str, String)>,
+}
+
+impl VmRuntime {
+    fn new(uid_base: &str, bridge: &str, subnet: &str) -> Self {
+        let data = tempfile::Builder::new()
+            .prefix("warren-hostile-vm-")
+            .tempdir_in("/var/tmp")
+            .unwrap();
+        let path = |p: std::path::PathBuf| p.to_str().unwrap().to_owned();
+        let vms = Self {
+            data,
+            env: vec![
+                ("WARREN_UID_BASE", uid_base.to_owned()),
+                ("WARREN_BRIDGE", bridge.to_owned()),
+                ("WARREN_SUBNET", subnet.to_owned()),
+                ("WARREN_VM_KERNEL", path(warren_testkit::guest_kernel())),
+                ("WARREN_GUEST", path(warren_testkit::static_guest())),
+            ],
+        };
+        import_dev(&|args| vms.warren(args));
+        vms
+    }
+
+    fn warren(&self, args: &[&str]) -> std::process::Output {
+        let env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        common::warren_at(self.data.path(), args, &env)
+    }
+
+    /// Removes workspace `name` when dropped, however the test ends.
+    fn removes<'a>(&'a self, name: &'a str) -> Removed<'a> {
+        Removed {
+            data: self.data.path(),
+            uid_base: &self.env[0].1,
+            name,
+        }
+    }
+}
+
 /// Two runtimes on one host, each with its own bridge (as `warren up` and a `warren runtime
 /// run --bridge` or an agent would be): before, the second bridge got no rules at all and its
 /// workspaces reached the host. Now each bridge has its own table, and the egress policy
@@ -390,9 +433,7 @@ fn every_bridge_is_walled_off_and_egress_is_policed() {
 fn a_vm_workspace_cannot_point_its_modules_folder_at_the_host() {
     enter_own_network();
     warren_testkit::require_vm_tools();
-    let kernel = warren_testkit::guest_kernel();
-    let guest = warren_testkit::static_guest();
-    let release = std::fs::read_dir(kernel.join("lib/modules"))
+    let release = std::fs::read_dir(warren_testkit::guest_kernel().join("lib/modules"))
         .unwrap()
         .flatten()
         .next()
@@ -400,31 +441,14 @@ fn a_vm_workspace_cannot_point_its_modules_folder_at_the_host() {
         .file_name()
         .into_string()
         .unwrap();
-    let data = tempfile::Builder::new()
-        .prefix("warren-hostile-vm-")
-        .tempdir_in("/var/tmp")
-        .unwrap();
     let canary = tempfile::Builder::new()
         .prefix("warren-canary-")
         .tempdir_in("/var/tmp")
         .unwrap();
     let canary_path = canary.path().to_str().unwrap().to_owned();
-    let uid_base = "3500000000";
-    let (kernel, guest) = (kernel.to_str().unwrap(), guest.to_str().unwrap());
-    let env = [
-        ("WARREN_UID_BASE", uid_base),
-        ("WARREN_BRIDGE", "wbrv"),
-        ("WARREN_SUBNET", "10.95.0.0/16"),
-        ("WARREN_VM_KERNEL", kernel),
-        ("WARREN_GUEST", guest),
-    ];
-    let warren = |args: &[&str]| common::warren_at(data.path(), args, &env);
-    import_dev(&warren);
-    let _vm = Removed {
-        data: data.path(),
-        uid_base,
-        name: "vmw",
-    };
+    let vms = VmRuntime::new("3500000000", "wbrv", "10.95.0.0/16");
+    let warren = |args: &[&str]| vms.warren(args);
+    let _vm = vms.removes("vmw");
     ok(warren(&[
         "runtime", "run", "vmw", "--image", "dev:1", "--vm",
     ]));
@@ -1364,18 +1388,8 @@ fn a_device_node_outside_the_standard_set_cannot_be_opened() {
         let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap();
         assert!(!procs.trim().is_empty(), "nothing in {}", dir.display());
     }
-    let both = warren.ok(
-        "admin",
-        &[
-            "ws",
-            "exec",
-            "dv",
-            "--",
-            "sh",
-            "-c",
-            "cat /proc/1/cgroup; echo --; cat /proc/self/cgroup",
-        ],
-    );
+    let inside = |script: &str| warren.ok("admin", &["ws", "exec", "dv", "--", "sh", "-c", script]);
+    let both = inside("cat /proc/1/cgroup; echo --; cat /proc/self/cgroup");
     let (init, exec) = both.split_once("--\n").unwrap();
     let relevant = |text: &str| -> Vec<String> {
         text.lines()
@@ -1431,18 +1445,7 @@ fn a_device_node_outside_the_standard_set_cannot_be_opened() {
             );
         }
     }
-    let out = warren.ok(
-        "admin",
-        &[
-            "ws",
-            "exec",
-            "dv",
-            "--",
-            "sh",
-            "-c",
-            "head -c1 /dev/urandom >/dev/null && echo x >/dev/null && echo fine",
-        ],
-    );
+    let out = inside("head -c1 /dev/urandom >/dev/null && echo x >/dev/null && echo fine");
     assert_eq!(out, "fine\n");
     warren.ok("admin", &["ws", "rm", "dv"]);
     for dir in &layers {
@@ -1459,28 +1462,9 @@ fn a_vm_that_fills_its_disk_fills_only_its_own() {
     use std::os::unix::fs::MetadataExt as _;
     enter_own_network();
     warren_testkit::require_vm_tools();
-    let kernel = warren_testkit::guest_kernel();
-    let guest = warren_testkit::static_guest();
-    let data = tempfile::Builder::new()
-        .prefix("warren-hostile-vmdisk-")
-        .tempdir_in("/var/tmp")
-        .unwrap();
-    let uid_base = "3600000000";
-    let (kernel, guest) = (kernel.to_str().unwrap(), guest.to_str().unwrap());
-    let env = [
-        ("WARREN_UID_BASE", uid_base),
-        ("WARREN_BRIDGE", "wbrd"),
-        ("WARREN_SUBNET", "10.94.0.0/16"),
-        ("WARREN_VM_KERNEL", kernel),
-        ("WARREN_GUEST", guest),
-    ];
-    let warren = |args: &[&str]| common::warren_at(data.path(), args, &env);
-    import_dev(&warren);
-    let _vm = Removed {
-        data: data.path(),
-        uid_base,
-        name: "vmd",
-    };
+    let vms = VmRuntime::new("3600000000", "wbrd", "10.94.0.0/16");
+    let warren = |args: &[&str]| vms.warren(args);
+    let _vm = vms.removes("vmd");
     ok(warren(&[
         "runtime", "run", "vmd", "--image", "dev:1", "--vm", "--disk", "128MiB",
     ]));
@@ -1511,7 +1495,7 @@ fn a_vm_that_fills_its_disk_fills_only_its_own() {
         "echo kept > /root/k && cat /root/k",
     ]));
     assert_eq!(out, "kept\n");
-    let dir = std::fs::read_dir(data.path().join("runtime/workspaces"))
+    let dir = std::fs::read_dir(vms.data.path().join("runtime/workspaces"))
         .unwrap()
         .next()
         .unwrap()

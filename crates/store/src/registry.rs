@@ -473,6 +473,25 @@ impl RegistryStore {
     }
 }
 
+impl RegistryStore {
+    /// The response to `GET` of the whole blob, once it is known to be there (200), and the
+    /// operation's name for errors.
+    fn fetch_blob(&self, digest: &Digest) -> Result<(String, Response<ureq::Body>), StoreError> {
+        let op = format!("fetch blob {digest}");
+        let resp = self.send(&op, &|agent, auth| {
+            with_auth(agent.get(self.url(&format!("blobs/{digest}"))), auth).call()
+        })?;
+        match resp.status().as_u16() {
+            200 => Ok((op, resp)),
+            404 => Err(StoreError::BlobNotFound {
+                digest: *digest,
+                store: self.describe(),
+            }),
+            _ => Err(self.http_error(&op, resp)),
+        }
+    }
+}
+
 /// What [`RegistryStore::upload`] sends.
 #[derive(Clone, Copy)]
 enum Upload<'a> {
@@ -552,50 +571,26 @@ impl BlobStore for RegistryStore {
     }
 
     fn get_blob(&self, digest: &Digest, limit: u64) -> Result<Vec<u8>, StoreError> {
-        let op = format!("fetch blob {digest}");
-        let resp = self.send(&op, &|agent, auth| {
-            with_auth(agent.get(self.url(&format!("blobs/{digest}"))), auth).call()
-        })?;
-        match resp.status().as_u16() {
-            200 => {
-                let data = self.read_body(&op, resp, limit)?;
-                self.check_digest(digest, &data)?;
-                Ok(data)
-            }
-            404 => Err(StoreError::BlobNotFound {
-                digest: *digest,
-                store: self.describe(),
-            }),
-            _ => Err(self.http_error(&op, resp)),
-        }
+        let (op, resp) = self.fetch_blob(digest)?;
+        let data = self.read_body(&op, resp, limit)?;
+        self.check_digest(digest, &data)?;
+        Ok(data)
     }
 
     fn open_blob(&self, digest: &Digest, size: u64) -> Result<Verified<'_>, StoreError> {
-        let op = format!("fetch blob {digest}");
-        let resp = self.send(&op, &|agent, auth| {
-            with_auth(agent.get(self.url(&format!("blobs/{digest}"))), auth).call()
-        })?;
-        match resp.status().as_u16() {
-            200 => {
-                // Past its size, `Verified` stops it; ureq's own limit only must not come first.
-                let body = resp
-                    .into_body()
-                    .into_with_config()
-                    .limit(size.saturating_add(1))
-                    .reader();
-                Ok(Verified::new(
-                    Box::new(body),
-                    *digest,
-                    size,
-                    self.describe(),
-                ))
-            }
-            404 => Err(StoreError::BlobNotFound {
-                digest: *digest,
-                store: self.describe(),
-            }),
-            _ => Err(self.http_error(&op, resp)),
-        }
+        let (_, resp) = self.fetch_blob(digest)?;
+        // Past its size, `Verified` stops it; ureq's own limit only must not come first.
+        let body = resp
+            .into_body()
+            .into_with_config()
+            .limit(size.saturating_add(1))
+            .reader();
+        Ok(Verified::new(
+            Box::new(body),
+            *digest,
+            size,
+            self.describe(),
+        ))
     }
 
     fn read_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Vec<u8>, StoreError> {
