@@ -1011,9 +1011,9 @@ fn a_workspace_that_fills_its_disk_fills_only_its_own() {
         warren.ok("admin", &["ws", "create", ws, "--image", "dev:1"]);
     }
     // Each workspace's filesystem is a file only root reads.
-    for ws in std::fs::read_dir(warren.data.path().join("runtime/workspaces")).unwrap() {
+    for ws in common::workspace_folders(warren.data.path()) {
         use std::os::unix::fs::PermissionsExt as _;
-        let image = ws.unwrap().path().join("disk.img");
+        let image = ws.join("disk.img");
         let mode = std::fs::metadata(&image).unwrap().permissions().mode();
         assert_eq!(mode & 0o077, 0, "{} is {mode:o}", image.display());
     }
@@ -1035,9 +1035,9 @@ fn a_workspace_that_fills_its_disk_fills_only_its_own() {
     );
     // What the host pays is the workspaces' disk images' blocks: at most the limit each (the
     // host's free space itself moves with every other test running beside this one).
-    for ws in std::fs::read_dir(warren.data.path().join("runtime/workspaces")).unwrap() {
+    for ws in common::workspace_folders(warren.data.path()) {
         use std::os::unix::fs::MetadataExt as _;
-        let image = ws.unwrap().path().join("disk.img");
+        let image = ws.join("disk.img");
         let used = std::fs::metadata(&image).unwrap().blocks() * 512;
         assert!(
             used <= (256 + 8) << 20,
@@ -1074,8 +1074,8 @@ fn a_workspace_that_fills_its_disk_fills_only_its_own() {
     // What it wrote is kept across a stop and a start, also when its filesystem was unmounted
     // meanwhile (as after a reboot of the host).
     warren.ok("admin", &["ws", "stop", "full"]);
-    for ws in std::fs::read_dir(warren.data.path().join("runtime/workspaces")).unwrap() {
-        let disk = ws.unwrap().path().join("disk");
+    for ws in common::workspace_folders(warren.data.path()) {
+        let disk = ws.join("disk");
         let c = std::ffi::CString::new(disk.as_os_str().as_encoded_bytes()).unwrap();
         // SAFETY: umount of a path; no memory is shared.
         unsafe { libc::umount(c.as_ptr()) };
@@ -1221,10 +1221,7 @@ fn a_workspaces_tree_is_closed_to_other_users_of_the_host() {
     let warren = Warren::up_with_admin(48, None);
     warren.import_dev_image();
     warren.ok("admin", &["ws", "create", "closed", "--image", "dev:1"]);
-    let workspaces: Vec<_> = std::fs::read_dir(warren.data.path().join("runtime/workspaces"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
+    let workspaces = common::workspace_folders(warren.data.path());
     assert_eq!(workspaces.len(), 1);
     let dir = &workspaces[0];
     let meta = std::fs::metadata(dir).unwrap();
@@ -1339,14 +1336,12 @@ fn a_device_node_outside_the_standard_set_cannot_be_opened() {
     let warren = Warren::up_with_admin(50, None);
     warren.import_dev_image();
     warren.ok("admin", &["ws", "create", "dv", "--image", "dev:1"]);
-    let id = std::fs::read_dir(warren.data.path().join("runtime/workspaces"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .next()
-        .unwrap();
+    let folders = common::workspace_folders(warren.data.path());
+    let id = folders[0].file_name().unwrap().to_str().unwrap();
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    // The workspace's directory in the v1 `devices` hierarchy and in the unified one.
-    let mut layers = Vec::new();
+    // The workspace's directory in every hierarchy that holds device rules: v1's `devices`
+    // and the unified one (on a hybrid host both; on a v1 or a v2 host, one).
+    let (mut layers, mut hierarchies) = (Vec::new(), 0);
     for line in mountinfo.lines() {
         let (fields, fs) = line.split_once(" - ").unwrap();
         let mut fs = fs.split(' ');
@@ -1355,6 +1350,7 @@ fn a_device_node_outside_the_standard_set_cannot_be_opened() {
         if !(v1_devices || fstype == "cgroup2") {
             continue;
         }
+        hierarchies += 1;
         let root = std::path::Path::new(fields.split(' ').nth(4).unwrap()).join("warren");
         for entry in std::fs::read_dir(&root).into_iter().flatten().flatten() {
             if entry
@@ -1366,18 +1362,6 @@ fn a_device_node_outside_the_standard_set_cannot_be_opened() {
             }
         }
     }
-    // One per hierarchy that holds device rules: v1's `devices` and the unified one (on a
-    // hybrid host both; on a v1 or a v2 host, one).
-    let hierarchies = mountinfo
-        .lines()
-        .filter(|line| {
-            let fs = line.split_once(" - ").unwrap().1;
-            let mut fs = fs.split(' ');
-            let (fstype, options) = (fs.next().unwrap(), fs.nth(1).unwrap_or(""));
-            fstype == "cgroup2"
-                || (fstype == "cgroup" && options.split(',').any(|o| o == "devices"))
-        })
-        .count();
     assert!(
         !layers.is_empty() && layers.len() == hierarchies,
         "{layers:?}"
@@ -1495,12 +1479,7 @@ fn a_vm_that_fills_its_disk_fills_only_its_own() {
         "echo kept > /root/k && cat /root/k",
     ]));
     assert_eq!(out, "kept\n");
-    let dir = std::fs::read_dir(vms.data.path().join("runtime/workspaces"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let dir = common::workspace_folders(vms.data.path()).remove(0);
     let mut files = Vec::new();
     let mut stack = vec![dir];
     while let Some(d) = stack.pop() {

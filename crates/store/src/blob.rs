@@ -53,8 +53,21 @@ pub trait BlobStore: Send + Sync {
     fn has_blob(&self, digest: &Digest) -> Result<bool, StoreError> {
         Ok(self.blob_size(digest)?.is_some())
     }
-    /// Stores the file at `path` (whose content has `digest`) as a blob.
-    fn put_blob_file(&self, digest: &Digest, path: &Path) -> Result<(), StoreError>;
+    /// Stores the file at `path` (whose content has `digest`) as a blob: streamed from it,
+    /// unless the store has a better way.
+    fn put_blob_file(&self, digest: &Digest, path: &Path) -> Result<(), StoreError> {
+        if self.has_blob(digest)? {
+            return Ok(());
+        }
+        let io = |source| StoreError::Io {
+            store: self.describe(),
+            op: format!("read {}", path.display()),
+            source,
+        };
+        let mut file = std::fs::File::open(path).map_err(io)?;
+        let size = file.metadata().map_err(io)?.len();
+        self.put_blob_stream(digest, size, &mut file)
+    }
     fn put_blob(&self, digest: &Digest, data: &[u8]) -> Result<(), StoreError>;
     /// Stores the `size` bytes `src` gives (whose content must have `digest`) as a blob, never
     /// holding them in memory.

@@ -200,15 +200,6 @@ impl BlobStore for LocalStore {
         }
     }
 
-    fn put_blob_file(&self, digest: &Digest, path: &Path) -> Result<(), StoreError> {
-        if self.has_blob(digest)? {
-            return Ok(());
-        }
-        let mut src = File::open(path).map_err(self.io("read a blob file"))?;
-        let size = src.metadata().map_err(self.io("read a blob file"))?.len();
-        self.put_blob_stream(digest, size, &mut src)
-    }
-
     fn put_blob_stream(
         &self,
         digest: &Digest,

@@ -526,7 +526,7 @@ impl BlobStore for RegistryStore {
         if self.has_blob(digest)? {
             return Ok(());
         }
-        // Checked first, then sent from the file: never held in memory.
+        // Checked first, then sent from the file itself (no spool copy): never held in memory.
         let io = |source| StoreError::Io {
             store: self.describe(),
             op: format!("read {}", path.display()),

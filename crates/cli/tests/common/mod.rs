@@ -363,17 +363,26 @@ impl Warren {
     }
 }
 
+/// The folder of every workspace of the runtime whose data folder is `data` (none when it has
+/// no runtime yet).
+pub fn workspace_folders(data: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(data.join("runtime/workspaces"))
+        .into_iter()
+        .flatten()
+        .map(|entry| entry.unwrap().path())
+        .collect()
+}
+
 impl Drop for Warren {
     fn drop(&mut self) {
         self.kill9();
         // Whatever workspaces a failed test left: remove them with the runtime's own command.
-        let dir = self.data.path().join("runtime/workspaces");
-        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        for folder in workspace_folders(self.data.path()) {
             let _ = Command::new(env!("CARGO_BIN_EXE_warren"))
                 .arg("--data")
                 .arg(self.data.path())
                 .args(["runtime", "rm", "-f"])
-                .arg(entry.file_name())
+                .arg(folder.file_name().unwrap())
                 .env("WARREN_UID_BASE", self.uid_base.to_string())
                 .output();
         }
