@@ -1682,6 +1682,8 @@ impl Spool {
     pub const DEFAULT_BUDGET: u64 = 10 << 30;
 
     pub fn new(dir: &Path, budget: u64) -> Self {
+        // Made once here, not at every spool file (a failure shows when the first is made).
+        let _ = std::fs::create_dir_all(dir);
         Self {
             dir: dir.to_path_buf(),
             budget,
@@ -1713,7 +1715,6 @@ pub(crate) struct Spooled {
 
 impl Spooled {
     pub(crate) fn new(spool: &Spool) -> Result<Self, String> {
-        let _ = std::fs::create_dir_all(&spool.dir);
         let file = tempfile::tempfile_in(&spool.dir)
             .map_err(|e| format!("cannot make a spool file in {}: {e}", spool.dir.display()))?;
         Ok(Spooled {

@@ -95,13 +95,7 @@ pub(crate) fn add(rec: &WorkspaceRecord, pid: i32) -> Result<(), Error> {
 /// programs below can only refuse more.) The program is (re)loaded when `load` is set (a
 /// start) or the directory is new.
 pub(crate) fn fence_unified(rec: &WorkspaceRecord, pid: i32, load: bool) -> Result<(), Error> {
-    if !matches!(get_cgroup_setup(), Ok(CgroupSetup::Hybrid)) {
-        return Ok(());
-    }
-    let Some(root) = hierarchies()
-        .into_iter()
-        .find_map(|(fstype, root)| (fstype == "cgroup2").then_some(root))
-    else {
+    let Some(root) = hybrid_unified_root() else {
         return Ok(());
     };
     let dir = root.join(relative(rec));
@@ -117,6 +111,21 @@ pub(crate) fn fence_unified(rec: &WorkspaceRecord, pid: i32, load: bool) -> Resu
     }
     let procs = dir.join("cgroup.procs");
     std::fs::write(&procs, pid.to_string()).map_err(Error::io("cannot write", &procs))
+}
+
+/// Where the unified hierarchy is mounted, on a hybrid host only; read once (a host's cgroup
+/// layout does not change under a running process), not at every exec.
+fn hybrid_unified_root() -> Option<&'static Path> {
+    static ROOT: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    ROOT.get_or_init(|| {
+        if !matches!(get_cgroup_setup(), Ok(CgroupSetup::Hybrid)) {
+            return None;
+        }
+        hierarchies()
+            .into_iter()
+            .find_map(|(fstype, root)| (fstype == "cgroup2").then_some(root))
+    })
+    .as_deref()
 }
 
 /// Attaches an eBPF program made of [`device_rules`] to the cgroup `dir`, and detaches the
