@@ -435,13 +435,7 @@ struct Mount {
     stats: PathBuf,
 }
 
-fn is_mounted(path: &Path) -> bool {
-    let target = path.to_string_lossy();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(&target))
-}
+use warren_hostfs::is_mounted;
 
 impl Mount {
     fn start(data: &Path, image: &str, mountpoint: &Path, args: &[&str]) -> anyhow::Result<Mount> {

@@ -36,19 +36,8 @@ pub fn save_login(login: &Login) -> anyhow::Result<PathBuf> {
 /// Writes a file only its owner may read (mode 0600), whole or not at all: the bytes go to a
 /// temporary name first and are renamed over `path`.
 pub fn write_private(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("warren-tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+    warren_hostfs::write_private(path, bytes)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Reads a file that holds `what` (a token, passwords): at most 1 MiB, and only if no one but

@@ -76,7 +76,6 @@ pub(crate) fn run_with_input(cmd: &mut Command, input: Option<&str>) -> Result<S
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Mount points currently under (or at) `path`, deepest first, from `/proc/self/mountinfo`.
 /// True if host uid `uid` (with gid `uid` and no other groups, as a workspace's root is) can
 /// enter `dir`: every folder on the way searchable by it, ACLs included. Asked of the kernel
 /// itself, by a child that takes those ids and changes into `dir` (std's spawn does setgid,
@@ -103,66 +102,7 @@ pub(crate) fn can_enter_as(dir: &Path, uid: u32) -> bool {
     }
 }
 
-/// One line of `/proc/self/mountinfo`: where a filesystem is mounted and its type.
-pub(crate) struct Mount {
-    pub mount_point: std::path::PathBuf,
-    pub fstype: String,
-}
-
-/// This process's mounts, in mount order.
-pub(crate) fn mounts() -> Vec<Mount> {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
-    info.lines()
-        .filter_map(|line| {
-            let (fields, fs) = line.split_once(" - ")?;
-            Some(Mount {
-                mount_point: unescape_mountinfo(fields.split(' ').nth(4)?).into(),
-                fstype: fs.split(' ').next()?.to_owned(),
-            })
-        })
-        .collect()
-}
-
-pub(crate) fn mounts_under(path: &Path) -> Vec<std::path::PathBuf> {
-    let mut found: Vec<std::path::PathBuf> = mounts()
-        .into_iter()
-        .map(|m| m.mount_point)
-        .filter(|m| m.starts_with(path))
-        .collect();
-    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    found.dedup();
-    found
-}
-
-/// mountinfo escapes space, tab, newline and backslash as octal.
-fn unescape_mountinfo(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(i) = rest.find('\\') {
-        out.push_str(&rest[..i]);
-        let code = rest
-            .get(i + 1..i + 4)
-            .and_then(|o| u8::from_str_radix(o, 8).ok());
-        match code {
-            Some(c) => {
-                out.push(c as char);
-                rest = &rest[i + 4..];
-            }
-            None => {
-                out.push('\\');
-                rest = &rest[i + 1..];
-            }
-        }
-    }
-    out.push_str(rest);
-    out
-}
-
-pub(crate) fn is_mounted(path: &Path) -> bool {
-    mounts_under(path).iter().any(|m| m == path)
-}
+pub(crate) use warren_hostfs::{is_mounted, mounts, mounts_under};
 
 /// The overlay that is the workspace's root: `lower` read-only, changes to `upper`.
 pub(crate) fn mount_overlay(
@@ -584,11 +524,5 @@ mod tests {
             "nothing made outside the tree"
         );
         assert_eq!(std::fs::metadata(&inside).map(|m| m.uid()).ok(), Some(4242));
-    }
-
-    #[test]
-    fn mountinfo_paths_are_unescaped() {
-        assert_eq!(unescape_mountinfo(r"/a\040b/c\134d"), r"/a b/c\d");
-        assert_eq!(unescape_mountinfo(r"/x\"), r"/x\");
     }
 }

@@ -3,8 +3,6 @@
 //! The variable's scope and name are bound in as associated data, so a sealed value copied to
 //! another variable does not open.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use base64::Engine as _;
@@ -48,19 +46,8 @@ impl SecretBox {
             path: shown.clone(),
             source,
         };
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-        {
-            Ok(mut file) => {
-                file.write_all(&random_bytes::<32>()).map_err(err)?;
-                file.sync_all().map_err(err)?;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(err(e)),
-        }
+        // Created whole or not at all, never over an existing key.
+        warren_hostfs::create_private(path, &random_bytes::<32>()).map_err(err)?;
         let key = std::fs::read(path).map_err(err)?;
         if key.len() != 32 {
             return Err(SecretError::BadKey(shown));

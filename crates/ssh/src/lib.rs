@@ -123,22 +123,7 @@ pub fn load_or_create_host_key(path: &Path) -> Result<PrivateKey, Error> {
         std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
     }
     // Written whole under a temporary name, then renamed: a crash leaves no half key.
-    let tmp = path.with_extension("tmp");
-    {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| fail(e.to_string()))?;
-        f.write_all(text.as_bytes())
-            .and_then(|()| f.sync_all())
-            .map_err(|e| fail(e.to_string()))?;
-    }
-    std::fs::rename(&tmp, path).map_err(|e| fail(e.to_string()))?;
+    warren_hostfs::write_private(path, text.as_bytes()).map_err(|e| fail(e.to_string()))?;
     Ok(key)
 }
 

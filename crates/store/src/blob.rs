@@ -104,13 +104,8 @@ pub const TRACE_LIMIT: u64 = 256 << 20;
 /// A blob file written next to its final place and renamed into it, so a crash never leaves a
 /// partial blob under a real name.
 pub(crate) fn write_atomically(dir: &Path, name: &str, data: &[u8]) -> std::io::Result<PathBuf> {
-    use std::io::Write as _;
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
     let path = dir.join(name);
-    std::fs::rename(&tmp, &path)?;
+    warren_hostfs::write_whole(&path, data, 0o644)?;
     Ok(path)
 }
 

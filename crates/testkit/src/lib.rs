@@ -214,11 +214,7 @@ pub fn run(cmd: &mut Command) -> String {
 
 /// True if `path` is a mount point (listed in /proc/self/mountinfo).
 pub fn is_mounted(path: &Path) -> bool {
-    let target = path.to_string_lossy();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(&target))
+    warren_hostfs::is_mounted(path)
 }
 
 /// Moves the calling test process into a network namespace of its own (loopback up), so that

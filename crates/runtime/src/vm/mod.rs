@@ -512,13 +512,10 @@ pub(crate) fn start(
     )
     .map_err(Error::io("cannot write", files.initrd()))?;
     let agent_file = files.agent_addr_file();
-    let tmp = agent_file.with_extension("tmp");
-    std::fs::write(
-        &tmp,
-        serde_json::to_vec(&agent).map_err(|e| Error::Sys(e.to_string()))?,
+    warren_hostfs::write_private(
+        &agent_file,
+        &serde_json::to_vec(&agent).map_err(|e| Error::Sys(e.to_string()))?,
     )
-    .and_then(|()| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)))
-    .and_then(|()| std::fs::rename(&tmp, &agent_file))
     .map_err(Error::io("cannot write", &agent_file))?;
 
     let log = layout.log();
