@@ -39,7 +39,7 @@ pub struct WorkspaceSpec {
 }
 
 /// The step a job asks for.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "action")]
 pub enum Action {
     Create,

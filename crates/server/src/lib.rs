@@ -12,8 +12,10 @@ pub mod error;
 pub mod gateway;
 pub mod git;
 pub mod jobs;
+pub mod model;
 pub mod prebuilds;
 pub mod secrets;
+pub mod workspaces;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

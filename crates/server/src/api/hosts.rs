@@ -1,0 +1,259 @@
+//! Hosts, their agents' job endpoints, and the job list.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+
+use super::{Body, check_name};
+use crate::AppState;
+use crate::auth::Caller;
+use crate::db::{new_id, now_ms};
+use crate::error::{ApiError, ApiResult};
+
+#[derive(Debug, Serialize)]
+pub struct HostView {
+    id: String,
+    name: String,
+    workspaces: i64,
+    last_seen_at: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewHost {
+    name: String,
+}
+
+/// Registers a host for `warren agent`; its token is shown once.
+pub async fn add_host(
+    State(state): State<AppState>,
+    caller: Caller,
+    Body(req): Body<NewHost>,
+) -> ApiResult<impl IntoResponse> {
+    caller.require_admin()?;
+    check_name("host", &req.name)?;
+    // Host tokens look like user tokens with another prefix, so neither passes for the other.
+    let token = crate::auth::new_token().0.replacen("wrn_", "wrh_", 1);
+    let id = new_id();
+    sqlx::query("INSERT INTO hosts (id, name, token_hash, created_at) VALUES ($1, $2, $3, $4)")
+        .bind(&id)
+        .bind(&req.name)
+        .bind(crate::auth::token_hash(&token))
+        .bind(now_ms())
+        .execute(&state.db.pool)
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({"id": id, "name": req.name, "token": token})),
+    ))
+}
+
+/// An agent on another host, authenticated by its host token.
+#[derive(Debug)]
+pub struct AgentHost {
+    pub host_id: String,
+}
+
+impl axum::extract::FromRequestParts<AppState> for AgentHost {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &AppState,
+    ) -> Result<Self, ApiError> {
+        let token = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .filter(|t| t.starts_with("wrh_"))
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "agents send their host token (warren host add)",
+                )
+            })?;
+        let row = sqlx::query("SELECT id FROM hosts WHERE token_hash = $1")
+            .bind(crate::auth::token_hash(token.trim()))
+            .fetch_optional(&state.db.pool)
+            .await?
+            .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unknown host token"))?;
+        Ok(Self {
+            host_id: row.try_get("id")?,
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimRequest {
+    #[serde(default)]
+    report: Option<warren_agent::HostReport>,
+    /// Whether the agent has a prebuild slot free (older agents do not say: yes).
+    #[serde(default = "yes")]
+    prebuilds: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+pub async fn agent_claim(
+    State(state): State<AppState>,
+    host: AgentHost,
+    Body(req): Body<ClaimRequest>,
+) -> ApiResult<axum::response::Response> {
+    use warren_agent::ControlPlane as _;
+    // A remote host's workspaces are compared with what the owners asked for as it reports
+    // them (the local host's are compared with its runtime directly).
+    let actual = req.report.as_ref().map(|r| {
+        crate::Actual::Reported(
+            r.workspaces
+                .iter()
+                .map(|w| (w.runtime_id.clone(), w.running))
+                .collect(),
+        )
+    });
+    let job = state
+        .plane
+        .claim(&host.host_id, req.report, req.prebuilds)
+        .await
+        .map_err(|e| ApiError::internal("claiming a job", e))?;
+    if let Some(actual) = actual {
+        match crate::reconcile(&state.db, &host.host_id, actual).await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(host = %host.host_id, workspaces = n, "reconciled from the host's report")
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot reconcile a host's report"),
+        }
+    }
+    Ok(match job {
+        Some(job) => Json(job).into_response(),
+        None => StatusCode::NO_CONTENT.into_response(),
+    })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinishRequest {
+    job: String,
+    result: Result<warren_agent::Outcome, String>,
+}
+
+pub async fn agent_finish(
+    State(state): State<AppState>,
+    host: AgentHost,
+    Body(req): Body<FinishRequest>,
+) -> ApiResult<StatusCode> {
+    let job = state
+        .plane
+        .held_job(&host.host_id, &req.job)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format_args!("job `{}` held by this host", req.job)))?;
+    state.plane.finish_job(&job, req.result).await?;
+    state.wake.notify_one();
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogRequest {
+    job: String,
+    text: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LogAnswer {
+    /// `false` once the job was cancelled: the agent stops it.
+    pub go_on: bool,
+}
+
+pub async fn agent_log(
+    State(state): State<AppState>,
+    host: AgentHost,
+    Body(req): Body<LogRequest>,
+) -> ApiResult<Json<LogAnswer>> {
+    state
+        .plane
+        .held_job(&host.host_id, &req.job)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format_args!("job `{}` held by this host", req.job)))?;
+    let go_on = state
+        .plane
+        .append_log(&req.job, req.text.as_bytes())
+        .await?;
+    Ok(Json(LogAnswer { go_on }))
+}
+
+pub async fn list_hosts(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> ApiResult<Json<Vec<HostView>>> {
+    caller.require_admin()?;
+    let rows = sqlx::query(
+        "SELECT h.id, h.name, h.last_seen_at, (SELECT COUNT(*) FROM workspaces w WHERE w.host_id = h.id) AS n
+         FROM hosts h ORDER BY h.name",
+    )
+    .fetch_all(&state.db.pool)
+    .await?;
+    Ok(Json(
+        rows.iter()
+            .map(|r| {
+                Ok(HostView {
+                    id: r.try_get("id")?,
+                    name: r.try_get("name")?,
+                    workspaces: r.try_get("n")?,
+                    last_seen_at: r.try_get("last_seen_at")?,
+                })
+            })
+            .collect::<ApiResult<_>>()?,
+    ))
+}
+
+#[derive(Debug, Serialize)]
+pub struct JobView {
+    id: String,
+    kind: String,
+    workspace: Option<String>,
+    state: String,
+    attempts: i64,
+    last_error: Option<String>,
+    created_at: i64,
+    finished_at: Option<i64>,
+}
+
+pub async fn list_jobs(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> ApiResult<Json<Vec<JobView>>> {
+    let rows = sqlx::query(
+        "SELECT j.id, j.kind, w.name AS workspace, j.state, j.attempts, j.last_error, j.created_at, j.finished_at
+         FROM jobs j LEFT JOIN workspaces w ON w.id = j.workspace_id
+         WHERE $2 = 1 OR w.owner_id = $1
+         ORDER BY j.created_at DESC LIMIT 200",
+    )
+    .bind(&caller.user_id)
+    .bind(i64::from(caller.is_admin))
+    .fetch_all(&state.db.pool)
+    .await?;
+    Ok(Json(
+        rows.iter()
+            .map(|r| {
+                Ok(JobView {
+                    id: r.try_get("id")?,
+                    kind: r.try_get("kind")?,
+                    workspace: r.try_get("workspace")?,
+                    state: r.try_get("state")?,
+                    attempts: r.try_get("attempts")?,
+                    last_error: r.try_get("last_error")?,
+                    created_at: r.try_get("created_at")?,
+                    finished_at: r.try_get("finished_at")?,
+                })
+            })
+            .collect::<ApiResult<_>>()?,
+    ))
+}

@@ -1,0 +1,306 @@
+//! Projects: git repositories whose environments are prebuilt, their branches and webhooks.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+use super::{Body, check_name, pick_owned};
+use crate::AppState;
+use crate::auth::Caller;
+use crate::db::{new_id, now_ms};
+use crate::error::{ApiError, ApiResult};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewProject {
+    name: String,
+    git_url: String,
+    #[serde(default)]
+    root_folder: Option<String>,
+    #[serde(default)]
+    env_file: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ProjectView {
+    id: String,
+    name: String,
+    owner: String,
+    git_url: String,
+    root_folder: String,
+    env_file: Option<String>,
+    /// The webhook's URL path with its secret: shown once, when the project is created.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    webhook: Option<String>,
+}
+
+/// `https://`, `ssh://`, `file://` or scp-like `user@host:path`.
+pub fn check_git_url(url: &str) -> ApiResult<()> {
+    let scp_like = url
+        .split_once(':')
+        .is_some_and(|(host, path)| host.contains('@') && !host.contains('/') && !path.is_empty());
+    let ok = ["https://", "ssh://", "file://"]
+        .iter()
+        .any(|scheme| url.strip_prefix(scheme).is_some_and(|rest| rest.len() > 1))
+        || scp_like;
+    if ok && !url.chars().any(char::is_whitespace) && url.len() <= 2048 {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "`{url}` is not a git URL Warren can fetch (https://, ssh://, file:// or user@host:path)"
+        )))
+    }
+}
+
+/// A `file://` repository is on this host's disk: an admin may name any, other users only one
+/// inside the folders the server allows (`WARREN_FILE_REPOS`) — else a user could have any
+/// repository here, other projects' mirrors among them, cloned into their workspace.
+fn check_file_repo(state: &AppState, caller: &Caller, url: &str) -> ApiResult<()> {
+    let Some(path) = url.strip_prefix("file://") else {
+        return Ok(());
+    };
+    if caller.is_admin {
+        return Ok(());
+    }
+    let real = std::fs::canonicalize(path).ok();
+    let allowed = real.as_ref().is_some_and(|real| {
+        state
+            .file_repos
+            .iter()
+            .filter_map(|d| std::fs::canonicalize(d).ok())
+            .any(|d| real.starts_with(d))
+    });
+    if allowed {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "`{url}` is on the server's own disk: only an admin may add it (or an admin allows its folder with WARREN_FILE_REPOS)"
+            ),
+        ))
+    }
+}
+
+fn project_view(r: &AnyRow) -> ApiResult<ProjectView> {
+    Ok(ProjectView {
+        id: r.try_get("id")?,
+        name: r.try_get("name")?,
+        owner: r.try_get("owner")?,
+        git_url: r.try_get("git_url")?,
+        root_folder: r.try_get("root_folder")?,
+        env_file: r.try_get("env_file")?,
+        webhook: None,
+    })
+}
+
+const PROJECT_COLUMNS: &str = "p.id, p.name, p.owner_id, u.name AS owner, p.git_url, p.root_folder, p.env_file FROM projects p JOIN users u ON u.id = p.owner_id";
+
+pub(crate) async fn find_project(
+    state: &AppState,
+    caller: &Caller,
+    key: &str,
+) -> ApiResult<AnyRow> {
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {PROJECT_COLUMNS} WHERE p.id = $1 OR p.name = $1"
+    )))
+    .bind(key)
+    .fetch_all(&state.db.pool)
+    .await?;
+    pick_owned(rows, caller, key)
+        .ok_or_else(|| ApiError::not_found(format_args!("project `{key}`")))
+}
+
+pub async fn list_projects(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> ApiResult<Json<Vec<ProjectView>>> {
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {PROJECT_COLUMNS} WHERE p.owner_id = $1 OR $2 = 1 ORDER BY p.name"
+    )))
+    .bind(&caller.user_id)
+    .bind(i64::from(caller.is_admin))
+    .fetch_all(&state.db.pool)
+    .await?;
+    Ok(Json(
+        rows.iter().map(project_view).collect::<ApiResult<_>>()?,
+    ))
+}
+
+pub async fn create_project(
+    State(state): State<AppState>,
+    caller: Caller,
+    Body(req): Body<NewProject>,
+) -> ApiResult<impl IntoResponse> {
+    check_name("project", &req.name)?;
+    check_git_url(&req.git_url)?;
+    check_file_repo(&state, &caller, &req.git_url)?;
+    let root_folder = req.root_folder.unwrap_or_default();
+    if root_folder.starts_with('/') || root_folder.split('/').any(|c| c == "..") {
+        return Err(ApiError::bad_request(
+            "root_folder is a relative path inside the repository",
+        ));
+    }
+    let id = new_id();
+    let secret = hex::encode(crate::db::random_bytes::<16>());
+    sqlx::query(
+        "INSERT INTO projects (id, owner_id, name, git_url, root_folder, env_file, created_at, webhook_secret)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(&id)
+    .bind(&caller.user_id)
+    .bind(&req.name)
+    .bind(&req.git_url)
+    .bind(&root_folder)
+    .bind(&req.env_file)
+    .bind(now_ms())
+    .bind(crate::db::webhook_digest(&secret))
+    .execute(&state.db.pool)
+    .await?;
+    // The first branch heads, in the background: a slow or unreachable remote must not hold
+    // up the answer (the poller tries again).
+    let (db, url, project) = (state.db.clone(), req.git_url.clone(), id.clone());
+    let (mirrors, wake) = (state.git_mirrors.clone(), state.wake.clone());
+    tokio::spawn(async move {
+        match crate::git::refresh_project(&db, &mirrors, &project, &url).await {
+            Ok(_) => wake.notify_one(),
+            Err(e) => {
+                tracing::warn!(project.id = %project, error = %e, "cannot read the new project's branches")
+            }
+        }
+    });
+    let row = find_project(&state, &caller, &id).await?;
+    let mut view = project_view(&row)?;
+    view.webhook = Some(format!("/api/v1/hooks/git/{id}?secret={secret}"));
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+pub async fn update_project(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+    Body(req): Body<super::users::TrustChange>,
+) -> ApiResult<StatusCode> {
+    caller.require_admin()?;
+    let id: String = find_project(&state, &caller, &key).await?.try_get("id")?;
+    sqlx::query("UPDATE projects SET vm_ksm = $1 WHERE id = $2")
+        .bind(i64::from(req.vm_ksm))
+        .bind(&id)
+        .execute(&state.db.pool)
+        .await?;
+    tracing::info!(project = %key, vm_ksm = req.vm_ksm, by = %caller.name, "trust domain changed");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn get_project(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+) -> ApiResult<Json<ProjectView>> {
+    Ok(Json(project_view(
+        &find_project(&state, &caller, &key).await?,
+    )?))
+}
+
+pub async fn delete_project(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+) -> ApiResult<StatusCode> {
+    let row = find_project(&state, &caller, &key).await?;
+    let id: String = row.try_get("id")?;
+    sqlx::query("DELETE FROM projects WHERE id = $1")
+        .bind(&id)
+        .execute(&state.db.pool)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Serialize)]
+pub struct BranchView {
+    name: String,
+    head: String,
+    updated_at: i64,
+}
+
+async fn branches_of(state: &AppState, project_id: &str) -> ApiResult<Vec<BranchView>> {
+    let rows = sqlx::query(
+        "SELECT name, head, updated_at FROM branches WHERE project_id = $1 ORDER BY name",
+    )
+    .bind(project_id)
+    .fetch_all(&state.db.pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(BranchView {
+                name: r.try_get("name")?,
+                head: r.try_get("head")?,
+                updated_at: r.try_get("updated_at")?,
+            })
+        })
+        .collect()
+}
+
+pub async fn project_branches(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+) -> ApiResult<Json<Vec<BranchView>>> {
+    let row = find_project(&state, &caller, &key).await?;
+    Ok(Json(
+        branches_of(&state, &row.try_get::<String, _>("id")?).await?,
+    ))
+}
+
+/// Reads the project's branch heads now (what the poller does on its timer).
+pub async fn refresh_project(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+) -> ApiResult<Json<Vec<BranchView>>> {
+    let row = find_project(&state, &caller, &key).await?;
+    let id: String = row.try_get("id")?;
+    let url: String = row.try_get("git_url")?;
+    crate::git::refresh_project(&state.db, &state.git_mirrors, &id, &url)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, e))?;
+    state.wake.notify_one();
+    Ok(Json(branches_of(&state, &id).await?))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct HookQuery {
+    secret: String,
+}
+
+/// The git webhook: a push to the repository makes Warren read its branch heads now. Needs
+/// the project's secret instead of a token (git hosts cannot log in).
+pub async fn git_hook(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    axum::extract::Query(query): axum::extract::Query<HookQuery>,
+) -> ApiResult<StatusCode> {
+    let row = sqlx::query("SELECT git_url, webhook_secret FROM projects WHERE id = $1")
+        .bind(&id)
+        .fetch_optional(&state.db.pool)
+        .await?;
+    let refused = || ApiError::not_found(format_args!("project `{id}` with that secret"));
+    let row = row.ok_or_else(refused)?;
+    let secret: Option<String> = row.try_get("webhook_secret")?;
+    // Only the secret's digest is kept; comparing digests also keeps the time taken from
+    // saying anything about the secret.
+    let matches = secret.is_some_and(|s| s == crate::db::webhook_digest(&query.secret));
+    if !matches {
+        return Err(refused());
+    }
+    let url: String = row.try_get("git_url")?;
+    crate::git::refresh_project(&state.db, &state.git_mirrors, &id, &url)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, e))?;
+    state.wake.notify_one();
+    Ok(StatusCode::NO_CONTENT)
+}

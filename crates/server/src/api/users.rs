@@ -1,0 +1,250 @@
+//! Logging in, users and their API tokens.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+use super::{Body, check_name};
+use crate::AppState;
+use crate::auth::{Caller, hash_password, new_token, verify_password};
+use crate::db::{new_id, now_ms};
+use crate::error::{ApiError, ApiResult};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    user: String,
+    password: String,
+    #[serde(default)]
+    token_name: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LoginResponse {
+    token: String,
+    user: String,
+    admin: bool,
+}
+
+pub async fn login(
+    State(state): State<AppState>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    Body(req): Body<LoginRequest>,
+) -> ApiResult<Json<LoginResponse>> {
+    // Refused before anything is kept of it (the throttle's records are keyed by name).
+    if req.user.is_empty() || req.user.len() > 64 {
+        return Err(ApiError::bad_request("a user name has 1 to 64 bytes"));
+    }
+    let now = std::time::Instant::now();
+    let wait = state.logins.wait(&req.user, peer.ip(), now);
+    if !wait.is_zero() {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "too many failed logins for `{}`: try again in {} s",
+                req.user,
+                wait.as_secs().max(1)
+            ),
+        ));
+    }
+    let row = sqlx::query("SELECT id, password_hash, is_admin FROM users WHERE name = $1")
+        .bind(&req.user)
+        .fetch_optional(&state.db.pool)
+        .await?;
+    let refused = || ApiError::new(StatusCode::UNAUTHORIZED, "wrong user name or password");
+    // An unknown name costs the same verification as a wrong password; argon2 runs off the
+    // async workers, which must keep serving everybody else.
+    let hash = match &row {
+        Some(row) => row.try_get::<String, _>("password_hash")?,
+        None => crate::auth::unknown_user_hash().to_owned(),
+    };
+    // Counted as a failure before it is verified (refunded on success), so parallel guesses
+    // cannot all slip in under the throttle; at most a few verifications at once (each takes
+    // ~19 MiB), whoever asks.
+    state.logins.failed(&req.user, peer.ip(), now);
+    static VERIFYING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+    let _turn = VERIFYING
+        .acquire()
+        .await
+        .map_err(|e| ApiError::internal("cannot verify a password", e))?;
+    let password = req.password.clone();
+    let verified = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
+        .await
+        .unwrap_or(false);
+    let row = match row {
+        Some(row) if verified => row,
+        _ => return Err(refused()),
+    };
+    state.logins.succeeded(&req.user, peer.ip());
+    let (token, token_hash) = new_token();
+    sqlx::query("INSERT INTO api_tokens (id, user_id, name, token_hash, created_at) VALUES ($1, $2, $3, $4, $5)")
+        .bind(new_id())
+        .bind(row.try_get::<String, _>("id")?)
+        .bind(req.token_name.unwrap_or_else(|| "cli".into()))
+        .bind(token_hash)
+        .bind(now_ms())
+        .execute(&state.db.pool)
+        .await?;
+    Ok(Json(LoginResponse {
+        token,
+        user: req.user,
+        admin: row.try_get::<i64, _>("is_admin")? != 0,
+    }))
+}
+
+#[derive(Debug, Serialize)]
+pub struct UserView {
+    id: String,
+    name: String,
+    admin: bool,
+}
+
+fn user_view(row: &AnyRow) -> ApiResult<UserView> {
+    Ok(UserView {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        admin: row.try_get::<i64, _>("is_admin")? != 0,
+    })
+}
+
+/// An admin's change to a trust domain (a user or a project).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustChange {
+    /// Whether the memory of this domain's VM workspaces may be merged by KSM (from their next
+    /// start). Merged pages are a side channel: a tenant can tell, by timing its own writes,
+    /// whether another VM holds the same page — so only for tenants that trust each other.
+    pub(super) vm_ksm: bool,
+}
+
+pub async fn update_user(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    Body(req): Body<TrustChange>,
+) -> ApiResult<StatusCode> {
+    caller.require_admin()?;
+    let done = sqlx::query("UPDATE users SET vm_ksm = $1 WHERE name = $2 OR id = $2")
+        .bind(i64::from(req.vm_ksm))
+        .bind(&name)
+        .execute(&state.db.pool)
+        .await?;
+    if done.rows_affected() == 0 {
+        return Err(ApiError::not_found(format_args!("user `{name}`")));
+    }
+    tracing::info!(user = %name, vm_ksm = req.vm_ksm, by = %caller.name, "trust domain changed");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn me(caller: Caller) -> Json<UserView> {
+    Json(UserView {
+        id: caller.user_id,
+        name: caller.name,
+        admin: caller.is_admin,
+    })
+}
+
+pub async fn list_users(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> ApiResult<Json<Vec<UserView>>> {
+    caller.require_admin()?;
+    let rows = sqlx::query("SELECT id, name, is_admin FROM users ORDER BY name")
+        .fetch_all(&state.db.pool)
+        .await?;
+    Ok(Json(rows.iter().map(user_view).collect::<ApiResult<_>>()?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewUser {
+    name: String,
+    password: String,
+    #[serde(default)]
+    admin: bool,
+}
+
+pub async fn create_user(
+    State(state): State<AppState>,
+    caller: Caller,
+    Body(req): Body<NewUser>,
+) -> ApiResult<impl IntoResponse> {
+    caller.require_admin()?;
+    check_name("user", &req.name)?;
+    if req.password.len() < 8 {
+        return Err(ApiError::bad_request(
+            "a password needs at least 8 characters",
+        ));
+    }
+    let id = new_id();
+    let password = req.password.clone();
+    let hash = tokio::task::spawn_blocking(move || hash_password(&password))
+        .await
+        .map_err(|e| ApiError::internal("cannot hash a password", e))??;
+    sqlx::query("INSERT INTO users (id, name, password_hash, is_admin, created_at) VALUES ($1, $2, $3, $4, $5)")
+        .bind(&id)
+        .bind(&req.name)
+        .bind(hash)
+        .bind(i64::from(req.admin))
+        .bind(now_ms())
+        .execute(&state.db.pool)
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(UserView {
+            id,
+            name: req.name,
+            admin: req.admin,
+        }),
+    ))
+}
+
+#[derive(Debug, Serialize)]
+pub struct TokenView {
+    id: String,
+    name: String,
+    created_at: i64,
+}
+
+pub async fn list_tokens(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> ApiResult<Json<Vec<TokenView>>> {
+    let rows = sqlx::query(
+        "SELECT id, name, created_at FROM api_tokens WHERE user_id = $1 ORDER BY created_at",
+    )
+    .bind(&caller.user_id)
+    .fetch_all(&state.db.pool)
+    .await?;
+    Ok(Json(
+        rows.iter()
+            .map(|r| {
+                Ok(TokenView {
+                    id: r.try_get("id")?,
+                    name: r.try_get("name")?,
+                    created_at: r.try_get("created_at")?,
+                })
+            })
+            .collect::<ApiResult<_>>()?,
+    ))
+}
+
+pub async fn delete_token(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let done = sqlx::query("DELETE FROM api_tokens WHERE id = $1 AND user_id = $2")
+        .bind(&id)
+        .bind(&caller.user_id)
+        .execute(&state.db.pool)
+        .await?;
+    if done.rows_affected() == 0 {
+        return Err(ApiError::not_found(format_args!("token `{id}`")));
+    }
+    Ok(StatusCode::NO_CONTENT)
+}

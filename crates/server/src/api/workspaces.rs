@@ -1,0 +1,932 @@
+//! Workspaces: created from an image or a branch's prebuild, started, stopped, deleted;
+//! commands and task logs.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+use sqlx::any::AnyRow;
+use warren_agent::{Action, WorkspaceJob, WorkspaceSpec};
+use warren_runtime::VmOptions;
+
+use super::projects::find_project;
+use super::variables::workspace_env;
+use super::{Body, check_name, pick_owned};
+use crate::AppState;
+use crate::auth::Caller;
+use crate::db::{new_id, now_ms};
+use crate::error::{ApiError, ApiResult};
+use crate::jobs;
+
+/// Refuses a user's image reference on a registry (the first part of `HOST[:PORT]/REPO:TAG`, as
+/// Docker tells a registry from a repository) the admin does not trust: the host would mount
+/// it, following whatever redirects and token services that registry names, with no egress
+/// policy in the way.
+fn check_registry_trusted(image: &str, policy: &warren_runtime::EgressPolicy) -> ApiResult<()> {
+    let Some(first) = warren_store::registry_host(image) else {
+        return Ok(());
+    };
+    if policy.trusts_registry(first) {
+        return Ok(());
+    }
+    Err(ApiError::forbidden(format!(
+        "image {image}: {first} is not a registry this host trusts (an admin names them with \
+         --trusted-registry); start from a project's prebuild, a local image, or a trusted registry"
+    )))
+}
+
+// ---- workspaces ----
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewWorkspace {
+    name: String,
+    /// The image to start from; when absent, the newest succeeded prebuild of the project's
+    /// branch.
+    #[serde(default)]
+    image: Option<String>,
+    #[serde(default)]
+    project: Option<String>,
+    /// The branch whose prebuild to start from and check out (the project's default branch
+    /// when absent).
+    #[serde(default)]
+    branch: Option<String>,
+    /// Bytes.
+    #[serde(default)]
+    memory: Option<u64>,
+    #[serde(default)]
+    cpus: Option<f64>,
+    /// Bytes it may write (a container's writable layer and `/var/lib/docker`); when absent,
+    /// the environment file's, else the host's default (`--workspace-disk`).
+    #[serde(default)]
+    disk: Option<u64>,
+    /// The environment file whose workspace tasks run on each start.
+    #[serde(default)]
+    environment: Option<EnvironmentFile>,
+    /// `container` or `vm`; when absent, the environment file's `runtime` (else a container).
+    #[serde(default)]
+    runtime: Option<String>,
+}
+
+/// An environment file, as found in a repository.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnvironmentFile {
+    /// Its name in the repository (`hocus.yml`, `.devcontainer/devcontainer.json`, ...).
+    file: String,
+    text: String,
+}
+
+/// What a workspace takes from its environment file.
+struct Environment {
+    /// Devcontainer `postCreateCommand` (once) and `postStartCommand`, Hocus `tasks[].workspace`
+    /// with its `workspaceShell`, warren.yml's `workspace` commands.
+    tasks: Vec<warren_runtime::tasks::TaskSpec>,
+    /// Who sessions, commands and tasks run as (`remoteUser`, else `containerUser`).
+    user: Option<String>,
+    /// Where the repository is checked out.
+    folder: String,
+    /// What the file asks to run in (`runtime: vm` in warren.yml).
+    runtime: warren_spec::RuntimeKind,
+    /// CPUs, memory and disk it asks for (warren.yml's `resources`, devcontainer's
+    /// `hostRequirements`); the request's own values win.
+    resources: warren_spec::Resources,
+}
+
+/// Refuses CPU and memory requests no host could honour; `source` says where they came from.
+fn check_resources(cpus: Option<f64>, memory: Option<u64>, source: &str) -> ApiResult<()> {
+    if let Some(cpus) = cpus
+        && !(cpus > 0.0 && cpus <= 1024.0)
+    {
+        return Err(ApiError::bad_request(format!(
+            "{source}cpus must be between 0 and 1024, not {cpus}"
+        )));
+    }
+    if let Some(memory) = memory
+        && !(4 << 20..=1 << 50).contains(&memory)
+    {
+        return Err(ApiError::bad_request(format!(
+            "{source}memory must be at least 4 MiB"
+        )));
+    }
+    Ok(())
+}
+
+/// Reads an environment file (of the repository at `repository`, when it comes from one);
+/// errors name the file, line and column.
+fn read_environment(env: &EnvironmentFile, repository: Option<&str>) -> ApiResult<Environment> {
+    use warren_spec::RepoPath;
+    let path = RepoPath::resolve(&RepoPath::root(), &env.file)
+        .map_err(|e| ApiError::bad_request(format!("environment file `{}`: {e}", env.file)))?;
+    let name = env.file.rsplit('/').next().unwrap_or_default();
+    let format = warren_spec::format_of(name).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "`{}` is not an environment file (warren.yml, hocus.yml or devcontainer.json)",
+            env.file
+        ))
+    })?;
+    let options = repository
+        .map(warren_build::read_options)
+        .unwrap_or_default();
+    let loaded = warren_spec::parse(&path, format, &env.text, &options)
+        .map_err(|r| ApiError::bad_request(r.render_errors()))?;
+    Ok(Environment {
+        tasks: warren_build::workspace_tasks(&loaded.spec),
+        user: warren_build::session_user(&loaded.spec),
+        runtime: loaded.spec.runtime,
+        folder: loaded.spec.workspace_folder,
+        resources: loaded.spec.resources,
+    })
+}
+
+/// Checks out the workspace's branch at the prebuild's commit and sets the owner's git
+/// identity: the first task of the first start, so every other task sees the branch.
+fn git_task(
+    env: &Environment,
+    branch: &str,
+    commit: &str,
+    name: &str,
+    email: &str,
+) -> warren_runtime::tasks::TaskSpec {
+    const SCRIPT: &str = r#"set -e
+cd "$1"
+if ! command -v git >/dev/null; then
+  echo "warren: git is not installed in the image: branch $2 is not checked out" >&2
+  exit 1
+fi
+git config --global user.name "$4"
+git config --global user.email "$5"
+git checkout -q -B "$2" "$3"
+if git rev-parse -q --verify "refs/remotes/origin/$2" >/dev/null; then
+  git branch -q --set-upstream-to="origin/$2" "$2"
+fi
+echo "on branch $2 at $(git rev-parse --short HEAD), committing as $4 <$5>"
+"#;
+    warren_runtime::tasks::TaskSpec {
+        name: "warren-git".into(),
+        argv: [
+            "/bin/sh",
+            "-c",
+            SCRIPT,
+            "warren-git",
+            &env.folder,
+            branch,
+            commit,
+            name,
+            email,
+        ]
+        .map(String::from)
+        .to_vec(),
+        env: Vec::new(),
+        user: env.user.clone(),
+        cwd: None,
+        once: true,
+        stage: 0,
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct WorkspaceView {
+    id: String,
+    name: String,
+    owner: String,
+    project: Option<String>,
+    image: String,
+    host: String,
+    state: String,
+    desired: String,
+    last_error: Option<String>,
+    memory: Option<i64>,
+    cpus: Option<f64>,
+    /// Bytes it may write (absent: the host's default).
+    disk: Option<i64>,
+    created_at: i64,
+    updated_at: i64,
+    /// Resource use as its host last reported it (cpu_ns, memory_bytes, pids, disk_bytes, ...),
+    /// while it runs.
+    stats: Option<serde_json::Value>,
+    stats_at: Option<i64>,
+    /// Who sessions, commands and tasks run as inside (root when absent).
+    user: Option<String>,
+    /// The prebuild it was made from, and the branch it is on.
+    prebuild: Option<String>,
+    branch: Option<String>,
+    /// Commits the branch's head has that the prebuild lacks.
+    behind: Option<u64>,
+    /// `container` or `vm`.
+    runtime: String,
+    /// How a running VM is accelerated (`kvm`, or `tcg` where the host's KVM cannot run it),
+    /// as its host last reported.
+    accel: Option<String>,
+}
+
+pub(crate) const WORKSPACE_COLUMNS: &str =
+    "w.id, w.name, w.owner_id, u.name AS owner, w.project_id, p.name AS project, w.image, h.name AS host,
+    w.host_id, w.state, w.desired, w.last_error, w.memory, w.cpus_milli, w.disk, w.created_at, w.updated_at,
+    w.tasks, w.stats, w.stats_at, w.run_as, w.prebuild_id, w.branch, pb.commit_sha AS prebuild_commit, p.git_url,
+    w.runtime, u.vm_ksm AS owner_ksm, p.vm_ksm AS project_ksm,
+    (SELECT b.head FROM branches b WHERE b.project_id = w.project_id AND b.name = w.branch) AS branch_head
+    FROM workspaces w JOIN users u ON u.id = w.owner_id JOIN hosts h ON h.id = w.host_id
+    LEFT JOIN projects p ON p.id = w.project_id LEFT JOIN prebuilds pb ON pb.id = w.prebuild_id";
+
+fn workspace_view(r: &AnyRow) -> ApiResult<WorkspaceView> {
+    let stats: Option<serde_json::Value> = r
+        .try_get::<Option<String>, _>("stats")?
+        .and_then(|s| serde_json::from_str(&s).ok());
+    Ok(WorkspaceView {
+        id: r.try_get("id")?,
+        name: r.try_get("name")?,
+        owner: r.try_get("owner")?,
+        project: r.try_get("project")?,
+        image: r.try_get("image")?,
+        host: r.try_get("host")?,
+        state: r.try_get("state")?,
+        desired: r.try_get("desired")?,
+        last_error: r.try_get("last_error")?,
+        memory: r.try_get("memory")?,
+        cpus: r
+            .try_get::<Option<i64>, _>("cpus_milli")?
+            .map(|m| m as f64 / 1000.0),
+        disk: r.try_get("disk")?,
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+        stats_at: r.try_get("stats_at")?,
+        user: r.try_get("run_as")?,
+        prebuild: r.try_get("prebuild_id")?,
+        branch: r.try_get("branch")?,
+        behind: None,
+        runtime: r.try_get("runtime")?,
+        accel: stats
+            .as_ref()
+            .and_then(|s| s.pointer("/vm/accel"))
+            .and_then(|a| a.as_str())
+            .map(str::to_owned),
+        stats,
+    })
+}
+
+/// The view, with how far the workspace's prebuild is behind its branch.
+async fn workspace_view_now(state: &AppState, r: &AnyRow) -> ApiResult<WorkspaceView> {
+    let mut view = workspace_view(r)?;
+    let commit: Option<String> = r.try_get("prebuild_commit")?;
+    let head: Option<String> = r.try_get("branch_head")?;
+    let url: Option<String> = r.try_get("git_url")?;
+    if let (Some(commit), Some(head), Some(url)) = (commit, head, url) {
+        view.behind = crate::prebuilds::behind(state, &url, &commit, &head).await;
+    }
+    Ok(view)
+}
+
+/// A VM workspace's options: KSM merging when its owner's or its project's trust domain has
+/// it on (`None` for a container).
+fn vm_options(runtime: &str, owner_ksm: i64, project_ksm: Option<i64>) -> Option<VmOptions> {
+    (runtime == "vm").then(|| VmOptions {
+        ksm: owner_ksm != 0 || project_ksm.unwrap_or(0) != 0,
+        ..Default::default()
+    })
+}
+
+/// The runtime's name for the workspace with this id.
+pub(crate) fn runtime_id(workspace_id: &str) -> String {
+    format!("ws-{workspace_id}")
+}
+
+/// What the agent needs of a workspace row (`id`, `image`, `memory`, `cpus_milli`, `tasks`).
+pub(crate) fn workspace_spec(r: &AnyRow) -> ApiResult<WorkspaceSpec> {
+    Ok(WorkspaceSpec {
+        runtime_id: runtime_id(&r.try_get::<String, _>("id")?),
+        image: r.try_get("image")?,
+        memory: r.try_get::<Option<i64>, _>("memory")?.map(|m| m as u64),
+        cpus: r
+            .try_get::<Option<i64>, _>("cpus_milli")?
+            .map(|m| m as f64 / 1000.0),
+        pids: None,
+        disk: r.try_get::<Option<i64>, _>("disk")?.map(|d| d as u64),
+        tasks: match r.try_get::<Option<String>, _>("tasks")? {
+            Some(json) => serde_json::from_str(&json)
+                .map_err(|e| ApiError::internal("a workspace's tasks", e))?,
+            None => Vec::new(),
+        },
+        vm: vm_options(
+            &r.try_get::<String, _>("runtime")?,
+            r.try_get("owner_ksm")?,
+            r.try_get("project_ksm")?,
+        ),
+    })
+}
+
+async fn find_workspace(state: &AppState, caller: &Caller, key: &str) -> ApiResult<AnyRow> {
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {WORKSPACE_COLUMNS} WHERE w.id = $1 OR w.name = $1"
+    )))
+    .bind(key)
+    .fetch_all(&state.db.pool)
+    .await?;
+    pick_owned(rows, caller, key)
+        .ok_or_else(|| ApiError::not_found(format_args!("workspace `{key}`")))
+}
+
+pub async fn list_workspaces(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> ApiResult<Json<Vec<WorkspaceView>>> {
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {WORKSPACE_COLUMNS} WHERE w.owner_id = $1 OR $2 = 1 ORDER BY w.name"
+    )))
+    .bind(&caller.user_id)
+    .bind(i64::from(caller.is_admin))
+    .fetch_all(&state.db.pool)
+    .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in &rows {
+        out.push(workspace_view_now(&state, r).await?);
+    }
+    Ok(Json(out))
+}
+
+pub async fn get_workspace(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+) -> ApiResult<Json<WorkspaceView>> {
+    Ok(Json(
+        workspace_view_now(&state, &find_workspace(&state, &caller, &key).await?).await?,
+    ))
+}
+
+pub async fn create_workspace(
+    State(state): State<AppState>,
+    caller: Caller,
+    Body(req): Body<NewWorkspace>,
+) -> ApiResult<impl IntoResponse> {
+    check_name("workspace", &req.name)?;
+    if let Some(image) = &req.image
+        && (image.trim().is_empty() || image.len() > 512 || image.chars().any(char::is_whitespace))
+    {
+        return Err(ApiError::bad_request(
+            "image must be an image reference such as dev:1",
+        ));
+    }
+    // Prebuilds and build steps are a project's own: reached through the project (whose
+    // access is checked), never by naming their image.
+    if let Some(image) = &req.image
+        && let Err(e) = warren_build::refuse_reserved(image)
+    {
+        return Err(ApiError::forbidden(format!(
+            "{e}: create the workspace with --project (and --branch)"
+        )));
+    }
+    // A registry image is mounted by the host: a user may name one only on a registry the
+    // admin trusts (an admin may name any).
+    if let Some(image) = &req.image
+        && !caller.is_admin
+    {
+        let policy = state
+            .runtime
+            .as_ref()
+            .map(|r| r.egress())
+            .unwrap_or_default();
+        check_registry_trusted(image, &policy)?;
+    }
+    if req.image.is_some() && req.branch.is_some() {
+        return Err(ApiError::bad_request(
+            "a branch's workspace starts from the branch's prebuild: give a branch or an image, not both",
+        ));
+    }
+    check_resources(req.cpus, req.memory, "")?;
+    let project = match &req.project {
+        Some(p) => Some(find_project(&state, &caller, p).await?),
+        None => None,
+    };
+    let project_id = project
+        .as_ref()
+        .map(|p| p.try_get::<String, _>("id"))
+        .transpose()?;
+    // Without an image: the newest succeeded prebuild of the branch, its environment file,
+    // and a first task that checks the branch out.
+    let mut from_prebuild = None;
+    let image = match (&req.image, &project_id) {
+        (Some(image), _) => image.clone(),
+        (None, None) => {
+            return Err(ApiError::bad_request(
+                "a workspace needs an image, or a project whose prebuild it starts from",
+            ));
+        }
+        (None, Some(pid)) => {
+            let (branch, head) =
+                crate::prebuilds::branch_head(&state, pid, req.branch.as_deref()).await?;
+            let Some(pb) = crate::prebuilds::for_branch(&state, pid, &branch, &head).await? else {
+                let latest: Option<String> = sqlx::query(
+                    "SELECT state FROM prebuilds WHERE project_id = $1 AND (branch = $2 OR commit_sha = $3) ORDER BY created_at DESC LIMIT 1",
+                )
+                .bind(pid)
+                .bind(&branch)
+                .bind(&head)
+                .fetch_optional(&state.db.pool)
+                .await?
+                .map(|r| r.get(0));
+                return Err(ApiError::conflict(format!(
+                    "branch `{branch}` has no succeeded prebuild yet{} (warren prebuild ls {})",
+                    latest
+                        .map(|s| format!(" (the latest is {s})"))
+                        .unwrap_or_default(),
+                    req.project.as_deref().unwrap_or_default()
+                )));
+            };
+            let image: String = pb
+                .try_get::<Option<String>, _>("image")?
+                .unwrap_or_default();
+            from_prebuild = Some((
+                pb.try_get::<String, _>("id")?,
+                branch,
+                pb.try_get::<String, _>("commit_sha")?,
+                pb.try_get::<Option<String>, _>("env_file")?,
+                pb.try_get::<Option<String>, _>("env_text")?,
+            ));
+            image
+        }
+    };
+    let prebuild_env = from_prebuild.as_ref().and_then(|(_, _, _, file, text)| {
+        Some(EnvironmentFile {
+            file: file.clone()?,
+            text: text.clone()?,
+        })
+    });
+    let Environment {
+        mut tasks,
+        user,
+        folder,
+        runtime: env_runtime,
+        resources,
+    } = match req.environment.as_ref().or(prebuild_env.as_ref()) {
+        Some(env) => read_environment(
+            env,
+            project
+                .as_ref()
+                .map(|p| p.try_get::<String, _>("git_url"))
+                .transpose()?
+                .as_deref(),
+        )?,
+        None => Environment {
+            tasks: Vec::new(),
+            user: None,
+            folder: "/workspace".into(),
+            runtime: Default::default(),
+            resources: Default::default(),
+        },
+    };
+    check_resources(
+        resources.cpus.map(f64::from),
+        resources.memory.map(|m| m.0),
+        "the environment file's resources: ",
+    )?;
+    let memory = req.memory.or(resources.memory.map(|m| m.0));
+    let cpus = req.cpus.or(resources.cpus.map(f64::from));
+    let disk = req.disk.or(resources.disk.map(|d| d.0));
+    let runtime = match req.runtime.as_deref() {
+        None => env_runtime.to_string(),
+        Some(r @ ("container" | "vm")) => r.to_owned(),
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "runtime must be `container` or `vm`, not `{other}`"
+            )));
+        }
+    };
+    if let Some(disk) = disk {
+        let from = if req.disk.is_some() {
+            ""
+        } else {
+            "the environment file's resources: "
+        };
+        if !(warren_runtime::MIN_DISK..=1 << 50).contains(&disk) {
+            return Err(ApiError::bad_request(format!(
+                "{from}disk must be at least {} MiB",
+                warren_runtime::MIN_DISK >> 20
+            )));
+        }
+    }
+    if let Some((_, branch, commit, _, _)) = &from_prebuild {
+        let (name, email) = git_identity(&state, &caller).await?;
+        let git = git_task(
+            &Environment {
+                tasks: Vec::new(),
+                user: user.clone(),
+                folder: folder.clone(),
+                runtime: Default::default(),
+                resources: Default::default(),
+            },
+            branch,
+            commit,
+            &name,
+            &email,
+        );
+        // The tasks run in the checkout, after the branch is checked out.
+        for t in &mut tasks {
+            t.stage += 1;
+            t.cwd = Some(folder.clone());
+        }
+        tasks.insert(0, git);
+    }
+    let ksm: (i64, Option<i64>) = sqlx::query_as(
+        "SELECT (SELECT vm_ksm FROM users WHERE id = $1), (SELECT vm_ksm FROM projects WHERE id = $2)",
+    )
+    .bind(&caller.user_id)
+    .bind(&project_id)
+    .fetch_one(&state.db.pool)
+    .await?;
+    let vm = vm_options(&runtime, ksm.0, ksm.1);
+    let host_id = crate::workspaces::place(&state, &image, disk).await?;
+    let id = new_id();
+    let now = now_ms();
+    let mut tx = state.db.begin_write().await?;
+    sqlx::query(
+        "INSERT INTO workspaces (id, owner_id, project_id, name, image, host_id, state, desired, memory, cpus_milli, created_at, updated_at, tasks, run_as, prebuild_id, branch, runtime, disk)
+         VALUES ($1, $2, $3, $4, $5, $6, 'creating', 'running', $7, $8, $9, $9, $10, $11, $12, $13, $14, $15)",
+    )
+    .bind(&id)
+    .bind(&caller.user_id)
+    .bind(&project_id)
+    .bind(&req.name)
+    .bind(&image)
+    .bind(&host_id)
+    .bind(memory.map(|m| m as i64))
+    .bind(cpus.map(|c| (c * 1000.0).round() as i64))
+    .bind(now)
+    .bind(
+        (!tasks.is_empty())
+            .then(|| serde_json::to_string(&tasks))
+            .transpose()
+            .map_err(|e| ApiError::internal("tasks", e))?,
+    )
+    .bind(&user)
+    .bind(from_prebuild.as_ref().map(|p| &p.0))
+    .bind(from_prebuild.as_ref().map(|p| &p.1))
+    .bind(&runtime)
+    .bind(disk.map(|d| d as i64))
+    .execute(&mut *tx)
+    .await
+    .map_err(|e| match ApiError::from(e) {
+        c if c.status == StatusCode::CONFLICT => ApiError::conflict(format!("you have a workspace `{}` already", req.name)),
+        other => other,
+    })?;
+    let spec = WorkspaceSpec {
+        runtime_id: runtime_id(&id),
+        image: image.clone(),
+        memory,
+        cpus,
+        pids: None,
+        disk,
+        tasks,
+        vm,
+    };
+    jobs::enqueue(
+        &mut tx,
+        &id,
+        &host_id,
+        &WorkspaceJob {
+            action: Action::Create,
+            workspace: spec,
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    state.wake.notify_one();
+    let row = find_workspace(&state, &caller, &id).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(workspace_view_now(&state, &row).await?),
+    ))
+}
+
+/// The name and email the owner commits as in their workspaces: their `GIT_AUTHOR_NAME` and
+/// `GIT_AUTHOR_EMAIL` variables when set, else their Warren name and `<name>@<this host>`.
+async fn git_identity(state: &AppState, caller: &Caller) -> ApiResult<(String, String)> {
+    let vars = crate::secrets::variables(&state.db, &state.secrets, &[("user", &caller.user_id)])
+        .await
+        .map_err(|e| ApiError::internal("reading variables", e))?;
+    let var = |k: &str| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let host = state
+        .ssh
+        .as_ref()
+        .map_or_else(|| "warren.invalid".to_owned(), |s| s.host.clone());
+    Ok((
+        var("GIT_AUTHOR_NAME").unwrap_or_else(|| caller.name.clone()),
+        var("GIT_AUTHOR_EMAIL").unwrap_or_else(|| format!("{}@{host}", caller.name)),
+    ))
+}
+
+/// Records the transition (in-between state and desired state) and queues its job, atomically.
+async fn transition(
+    state: &AppState,
+    row: &AnyRow,
+    action: Action,
+    between: &str,
+    desired: &str,
+    supersede: bool,
+) -> ApiResult<()> {
+    let id: String = row.try_get("id")?;
+    let host: String = row.try_get("host_id")?;
+    let mut tx = state.db.begin_write().await?;
+    if supersede {
+        jobs::cancel_queued(&mut tx, &id).await?;
+    }
+    sqlx::query("UPDATE workspaces SET state = $2, desired = $3, updated_at = $4 WHERE id = $1")
+        .bind(&id)
+        .bind(between)
+        .bind(desired)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+    jobs::enqueue(
+        &mut tx,
+        &id,
+        &host,
+        &WorkspaceJob {
+            action,
+            workspace: workspace_spec(row)?,
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    state.wake.notify_one();
+    Ok(())
+}
+
+/// Asks for a workspace to run (nothing to do if it does).
+pub(crate) async fn start_row(state: &AppState, row: &AnyRow, name: &str) -> ApiResult<()> {
+    let current: String = row.try_get("state")?;
+    if current == "deleting" {
+        return Err(ApiError::conflict(format!(
+            "workspace `{name}` is being deleted"
+        )));
+    }
+    if current != "running" {
+        transition(state, row, Action::Start, "starting", "running", false).await?;
+    }
+    Ok(())
+}
+
+pub async fn start_workspace(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    let row = find_workspace(&state, &caller, &key).await?;
+    start_row(&state, &row, &key).await?;
+    let row = find_workspace(&state, &caller, &key).await?;
+    Ok((StatusCode::ACCEPTED, Json(workspace_view(&row)?)))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StopRequest {
+    /// Kill at once, dropping whatever else was queued for the workspace.
+    #[serde(default)]
+    force: bool,
+    #[serde(default)]
+    grace_seconds: Option<u64>,
+}
+
+pub async fn stop_workspace(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+    body: Result<Json<StopRequest>, JsonRejection>,
+) -> ApiResult<impl IntoResponse> {
+    // An empty body is a plain stop.
+    let req = match body {
+        Ok(Json(r)) => r,
+        Err(JsonRejection::MissingJsonContentType(_)) => StopRequest::default(),
+        Err(e) => return Err(e.into()),
+    };
+    let row = find_workspace(&state, &caller, &key).await?;
+    let current: String = row.try_get("state")?;
+    if current == "deleting" {
+        return Err(ApiError::conflict(format!(
+            "workspace `{key}` is being deleted"
+        )));
+    }
+    let grace_ms = if req.force {
+        0
+    } else {
+        req.grace_seconds.unwrap_or(10).min(3600) * 1000
+    };
+    if current != "stopped" || req.force {
+        transition(
+            &state,
+            &row,
+            Action::Stop { grace_ms },
+            "stopping",
+            "stopped",
+            req.force,
+        )
+        .await?;
+    }
+    let row = find_workspace(&state, &caller, &key).await?;
+    Ok((StatusCode::ACCEPTED, Json(workspace_view(&row)?)))
+}
+
+pub async fn delete_workspace(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    let row = find_workspace(&state, &caller, &key).await?;
+    transition(&state, &row, Action::Delete, "deleting", "deleted", true).await?;
+    let row = find_workspace(&state, &caller, &key).await?;
+    Ok((StatusCode::ACCEPTED, Json(workspace_view(&row)?)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    argv: Vec<String>,
+    #[serde(default)]
+    stdin: Option<String>,
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    cwd: Option<String>,
+    #[serde(default)]
+    env: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ExecResponse {
+    exit_code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+/// Most output an exec returns per stream; the rest is cut (interactive work goes over SSH).
+const EXEC_OUTPUT_LIMIT: u64 = 8 << 20;
+
+pub async fn exec_workspace(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+    Body(req): Body<ExecRequest>,
+) -> ApiResult<Json<ExecResponse>> {
+    let row = find_workspace(&state, &caller, &key).await?;
+    let current: String = row.try_get("state")?;
+    if current != "running" {
+        return Err(ApiError::conflict(format!(
+            "workspace `{key}` is {current}, not running"
+        )));
+    }
+    if req.argv.is_empty() {
+        return Err(ApiError::bad_request("argv must name a command"));
+    }
+    let (runtime, id) = local_runtime(&state, &row)?;
+    // The project's variables, then its owner's, then the request's: later ones win.
+    let mut env = workspace_env(
+        &state,
+        &row.try_get::<String, _>("owner_id")?,
+        row.try_get::<Option<String>, _>("project_id")?.as_deref(),
+    )
+    .await?;
+    env.extend(req.env);
+    let request = warren_runtime::ExecRequest {
+        argv: req.argv,
+        env,
+        cwd: req.cwd,
+        user: req.user.or(row.try_get("run_as")?),
+        tty: None,
+        no_network: false,
+    };
+    let stdin = req.stdin.unwrap_or_default();
+    let out =
+        tokio::task::spawn_blocking(move || run_to_end(runtime.as_ref(), &id, &request, stdin))
+            .await
+            .map_err(|e| ApiError::internal("exec", e))?;
+    out.map(Json)
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))
+}
+
+/// The runtime of a workspace on this server's own host, and the workspace's id in it.
+fn local_runtime(
+    state: &AppState,
+    row: &AnyRow,
+) -> ApiResult<(
+    Arc<dyn warren_runtime::Runtime>,
+    warren_runtime::WorkspaceId,
+)> {
+    if row.try_get::<String, _>("host_id")? != state.host_id {
+        return Err(ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "the workspace runs on another host: reach it through that host's SSH gateway",
+        ));
+    }
+    let runtime = state.runtime.clone().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "this needs the workspace's host agent in this process",
+        )
+    })?;
+    let id = warren_runtime::WorkspaceId::new(&runtime_id(&row.try_get::<String, _>("id")?))
+        .map_err(|e| ApiError::internal("workspace id", e))?;
+    Ok((runtime, id))
+}
+
+pub async fn list_tasks(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+) -> ApiResult<Json<Vec<warren_runtime::tasks::TaskInfo>>> {
+    let row = find_workspace(&state, &caller, &key).await?;
+    let (runtime, id) = local_runtime(&state, &row)?;
+    let dir = runtime
+        .tasks_dir(&id)
+        .map_err(|e| ApiError::internal("tasks", e))?;
+    Ok(Json(warren_runtime::tasks::list(&dir)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogQuery {
+    #[serde(default)]
+    offset: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LogView {
+    /// The bytes, base64 (a terminal's output is not always UTF-8).
+    data_base64: String,
+    next_offset: u64,
+    /// Whether more may come.
+    running: bool,
+}
+
+/// Largest piece of a log one request returns.
+const LOG_PIECE: usize = 256 << 10;
+
+pub async fn task_log(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((key, task)): Path<(String, String)>,
+    axum::extract::Query(query): axum::extract::Query<LogQuery>,
+) -> ApiResult<Json<LogView>> {
+    use base64::Engine as _;
+    let row = find_workspace(&state, &caller, &key).await?;
+    let (runtime, id) = local_runtime(&state, &row)?;
+    let dir = runtime
+        .tasks_dir(&id)
+        .map_err(|e| ApiError::internal("tasks", e))?;
+    let chunk = warren_runtime::tasks::read_log(&dir, &task, query.offset, LOG_PIECE).map_err(
+        |e| match e {
+            warren_runtime::Error::NoTask(_) => {
+                ApiError::not_found(format_args!("task `{task}` in workspace `{key}`"))
+            }
+            other => ApiError::internal("task log", other),
+        },
+    )?;
+    Ok(Json(LogView {
+        data_base64: base64::engine::general_purpose::STANDARD.encode(&chunk.data),
+        next_offset: chunk.next_offset,
+        running: chunk.running,
+    }))
+}
+
+fn run_to_end(
+    runtime: &dyn warren_runtime::Runtime,
+    id: &warren_runtime::WorkspaceId,
+    request: &warren_runtime::ExecRequest,
+    stdin: String,
+) -> Result<ExecResponse, warren_runtime::Error> {
+    use std::io::{Read, Write};
+    let exec = runtime.exec(id, request)?;
+    let warren_runtime::ExecIo::Pipes {
+        stdin: mut input,
+        stdout,
+        stderr,
+    } = exec.io
+    else {
+        return Err(warren_runtime::Error::Sys("expected pipes".into()));
+    };
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(stdin.as_bytes());
+    });
+    let read = |stream: std::fs::File| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let mut limited = stream.take(EXEC_OUTPUT_LIMIT);
+            let _ = limited.read_to_end(&mut buf);
+            // Drain the rest so the process is never blocked on a full pipe.
+            let _ = std::io::copy(&mut limited.into_inner(), &mut std::io::sink());
+            String::from_utf8_lossy(&buf).into_owned()
+        })
+    };
+    let (out, err) = (read(stdout), read(stderr));
+    let status = exec.process.wait()?;
+    let _ = writer.join();
+    Ok(ExecResponse {
+        exit_code: status.as_shell_code(),
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    })
+}

@@ -1,0 +1,507 @@
+//! The control plane's domain model: ids, a workspace's states, and the one function that says
+//! where a workspace goes next — on an owner's request, when its host's job ends, or when the
+//! host's runtime disagrees with what was stored. It holds no SQL and no I/O: the
+//! [`workspaces`](crate::workspaces) service reads rows into these types and writes back what
+//! [`WorkspaceState::next`] decides.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use warren_agent::Action;
+
+/// A workspace's id in the database (its runtime's name is [`WorkspaceId::runtime_id`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct WorkspaceId(pub String);
+
+impl WorkspaceId {
+    /// The runtime's name for the workspace: `ws-<id>`.
+    pub fn runtime_id(&self) -> String {
+        format!("ws-{}", self.0)
+    }
+}
+
+impl fmt::Display for WorkspaceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A host's id (a workspace runs on exactly one).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct HostId(pub String);
+
+impl fmt::Display for HostId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Where a workspace is. The in-between states (`creating`, `starting`, `stopping`,
+/// `deleting`) each have a job queued or running on the workspace's host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkspaceState {
+    Creating,
+    Starting,
+    Running,
+    Stopping,
+    Stopped,
+    Deleting,
+    /// Its last job failed on every attempt; `last_error` says why. A start or delete
+    /// tries again.
+    Failed,
+}
+
+/// What the owner last asked for; jobs and the reconciler bring the workspace there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Desired {
+    Running,
+    Stopped,
+    /// Its row goes once the host has removed it.
+    Deleted,
+}
+
+/// What moves a workspace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// The owner (or a session, or the idle stop) asks for it to run.
+    Start,
+    /// The owner asks for it to stop; `force` kills at once and drops whatever was queued.
+    Stop { grace_ms: u64, force: bool },
+    /// The owner asks for it to go.
+    Delete,
+    /// Its host finished a job: it runs, or it is stopped. `later_jobs`: more of its jobs are
+    /// queued, so the state stays until the last one ends.
+    Reached { running: bool, later_jobs: bool },
+    /// Its host gave up on a job. `final_attempt`: no retry follows.
+    JobFailed {
+        final_attempt: bool,
+        later_jobs: bool,
+    },
+    /// The reconciler asked the host's runtime: it runs or not. Only for a settled workspace
+    /// (no job queued or running).
+    Observed { running: bool },
+}
+
+/// What a workspace does next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// Nothing changes.
+    Stay,
+    /// Only the stored state changes (the host is already there).
+    Record(WorkspaceState),
+    /// The state and desired state change and the host gets a job (`supersede`: queued jobs
+    /// of the workspace are cancelled first).
+    Queue {
+        state: WorkspaceState,
+        desired: Desired,
+        action: Action,
+        supersede: bool,
+    },
+}
+
+/// A request the workspace's state refuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("it is being deleted")]
+    BeingDeleted,
+}
+
+/// How long a stop the reconciler asks for waits for processes to end.
+pub const RECONCILE_GRACE_MS: u64 = 10_000;
+
+impl WorkspaceState {
+    pub const ALL: [Self; 7] = [
+        Self::Creating,
+        Self::Starting,
+        Self::Running,
+        Self::Stopping,
+        Self::Stopped,
+        Self::Deleting,
+        Self::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Creating => "creating",
+            Self::Starting => "starting",
+            Self::Running => "running",
+            Self::Stopping => "stopping",
+            Self::Stopped => "stopped",
+            Self::Deleting => "deleting",
+            Self::Failed => "failed",
+        }
+    }
+
+    /// Whether no job of the workspace should be under way.
+    pub fn is_settled(self) -> bool {
+        matches!(self, Self::Running | Self::Stopped)
+    }
+
+    /// Where a workspace in this state, with this desired state, goes on `event`: the one
+    /// place the lifecycle is written down.
+    pub fn next(self, desired: Desired, event: Event) -> Result<Next, Refusal> {
+        use WorkspaceState as S;
+        Ok(match event {
+            Event::Start => match self {
+                S::Deleting => return Err(Refusal::BeingDeleted),
+                S::Running => Next::Stay,
+                _ => Next::Queue {
+                    state: S::Starting,
+                    desired: Desired::Running,
+                    action: Action::Start,
+                    supersede: false,
+                },
+            },
+            Event::Stop { grace_ms, force } => match self {
+                S::Deleting => return Err(Refusal::BeingDeleted),
+                S::Stopped if !force => Next::Stay,
+                _ => Next::Queue {
+                    state: S::Stopping,
+                    desired: Desired::Stopped,
+                    action: Action::Stop { grace_ms },
+                    supersede: force,
+                },
+            },
+            // Deleting again queues another delete: a delete that failed is tried anew.
+            Event::Delete => Next::Queue {
+                state: S::Deleting,
+                desired: Desired::Deleted,
+                action: Action::Delete,
+                supersede: true,
+            },
+            Event::Reached {
+                later_jobs: true, ..
+            } => Next::Stay,
+            // A delete's own end removes the row; a start or stop that ends after a delete was
+            // asked for leaves the workspace deleting.
+            Event::Reached { .. } if desired == Desired::Deleted => Next::Stay,
+            Event::Reached { running, .. } => {
+                Next::Record(if running { S::Running } else { S::Stopped })
+            }
+            Event::JobFailed {
+                final_attempt: true,
+                later_jobs: false,
+            } => Next::Record(S::Failed),
+            Event::JobFailed { .. } => Next::Stay,
+            Event::Observed { running } => {
+                if !self.is_settled() {
+                    return Ok(Next::Stay);
+                }
+                match (desired, running) {
+                    (Desired::Running, false) => Next::Queue {
+                        state: S::Starting,
+                        desired,
+                        action: Action::Start,
+                        supersede: false,
+                    },
+                    (Desired::Stopped, true) => Next::Queue {
+                        state: S::Stopping,
+                        desired,
+                        action: Action::Stop {
+                            grace_ms: RECONCILE_GRACE_MS,
+                        },
+                        supersede: false,
+                    },
+                    (Desired::Running, true) if self != S::Running => Next::Record(S::Running),
+                    (Desired::Stopped, false) if self != S::Stopped => Next::Record(S::Stopped),
+                    _ => Next::Stay,
+                }
+            }
+        })
+    }
+}
+
+impl fmt::Display for WorkspaceState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A stored value that names no state: the database was written by something else.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not a workspace state")]
+pub struct UnknownState(pub String);
+
+impl FromStr for WorkspaceState {
+    type Err = UnknownState;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|state| state.as_str() == s)
+            .ok_or_else(|| UnknownState(s.to_owned()))
+    }
+}
+
+impl Desired {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Stopped => "stopped",
+            Self::Deleted => "deleted",
+        }
+    }
+}
+
+impl fmt::Display for Desired {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Desired {
+    type Err = UnknownState;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [Self::Running, Self::Stopped, Self::Deleted]
+            .into_iter()
+            .find(|d| d.as_str() == s)
+            .ok_or_else(|| UnknownState(s.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Desired as D;
+    use super::WorkspaceState as S;
+    use super::*;
+
+    fn queue(state: S, desired: D, action: Action, supersede: bool) -> Result<Next, Refusal> {
+        Ok(Next::Queue {
+            state,
+            desired,
+            action,
+            supersede,
+        })
+    }
+
+    const STOP: Event = Event::Stop {
+        grace_ms: 5_000,
+        force: false,
+    };
+    const KILL: Event = Event::Stop {
+        grace_ms: 0,
+        force: true,
+    };
+
+    #[test]
+    fn states_read_back_as_stored() {
+        for state in S::ALL {
+            assert_eq!(state.as_str().parse::<S>(), Ok(state));
+            assert_eq!(
+                serde_json::to_string(&state).ok(),
+                Some(format!("\"{state}\""))
+            );
+        }
+        assert_eq!(
+            "paused".parse::<S>(),
+            Err(UnknownState("paused".to_owned()))
+        );
+        for desired in [D::Running, D::Stopped, D::Deleted] {
+            assert_eq!(desired.as_str().parse::<D>(), Ok(desired));
+        }
+    }
+
+    #[test]
+    fn a_start_runs_whatever_is_not_running_or_going() {
+        for from in [S::Creating, S::Starting, S::Stopping, S::Stopped, S::Failed] {
+            assert_eq!(
+                from.next(D::Stopped, Event::Start),
+                queue(S::Starting, D::Running, Action::Start, false),
+                "from {from}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_start_of_a_running_workspace_does_nothing() {
+        assert_eq!(S::Running.next(D::Running, Event::Start), Ok(Next::Stay));
+    }
+
+    #[test]
+    fn a_deleting_workspace_refuses_start_and_stop() {
+        for event in [Event::Start, STOP, KILL] {
+            assert_eq!(
+                S::Deleting.next(D::Deleted, event),
+                Err(Refusal::BeingDeleted)
+            );
+        }
+    }
+
+    #[test]
+    fn a_stop_stops_whatever_is_not_stopped() {
+        for from in [S::Creating, S::Starting, S::Running, S::Stopping, S::Failed] {
+            assert_eq!(
+                from.next(D::Running, STOP),
+                queue(
+                    S::Stopping,
+                    D::Stopped,
+                    Action::Stop { grace_ms: 5_000 },
+                    false
+                ),
+                "from {from}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_stop_of_a_stopped_workspace_does_nothing_unless_forced() {
+        assert_eq!(S::Stopped.next(D::Stopped, STOP), Ok(Next::Stay));
+        assert_eq!(
+            S::Stopped.next(D::Stopped, KILL),
+            queue(S::Stopping, D::Stopped, Action::Stop { grace_ms: 0 }, true)
+        );
+    }
+
+    #[test]
+    fn a_forced_stop_drops_what_was_queued() {
+        assert_eq!(
+            S::Starting.next(D::Running, KILL),
+            queue(S::Stopping, D::Stopped, Action::Stop { grace_ms: 0 }, true)
+        );
+    }
+
+    #[test]
+    fn a_delete_goes_from_every_state_and_drops_what_was_queued() {
+        for from in S::ALL {
+            assert_eq!(
+                from.next(D::Running, Event::Delete),
+                queue(S::Deleting, D::Deleted, Action::Delete, true),
+                "from {from}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_last_job_to_end_records_where_the_host_is() {
+        for from in [S::Creating, S::Starting, S::Stopping] {
+            assert_eq!(
+                from.next(
+                    D::Running,
+                    Event::Reached {
+                        running: true,
+                        later_jobs: false
+                    }
+                ),
+                Ok(Next::Record(S::Running))
+            );
+            assert_eq!(
+                from.next(
+                    D::Stopped,
+                    Event::Reached {
+                        running: false,
+                        later_jobs: false
+                    }
+                ),
+                Ok(Next::Record(S::Stopped))
+            );
+        }
+    }
+
+    #[test]
+    fn a_job_with_later_jobs_queued_leaves_the_state_to_them() {
+        let reached = Event::Reached {
+            running: true,
+            later_jobs: true,
+        };
+        assert_eq!(S::Starting.next(D::Stopped, reached), Ok(Next::Stay));
+    }
+
+    #[test]
+    fn a_start_that_ends_after_a_delete_leaves_it_deleting() {
+        let reached = Event::Reached {
+            running: true,
+            later_jobs: false,
+        };
+        assert_eq!(S::Deleting.next(D::Deleted, reached), Ok(Next::Stay));
+    }
+
+    #[test]
+    fn only_a_final_failure_with_nothing_queued_fails_the_workspace() {
+        let failed = |final_attempt, later_jobs| Event::JobFailed {
+            final_attempt,
+            later_jobs,
+        };
+        assert_eq!(
+            S::Starting.next(D::Running, failed(true, false)),
+            Ok(Next::Record(S::Failed))
+        );
+        assert_eq!(
+            S::Starting.next(D::Running, failed(false, false)),
+            Ok(Next::Stay)
+        );
+        assert_eq!(
+            S::Starting.next(D::Running, failed(true, true)),
+            Ok(Next::Stay)
+        );
+    }
+
+    #[test]
+    fn a_workspace_that_should_run_but_does_not_is_started_again() {
+        for from in [S::Running, S::Stopped] {
+            assert_eq!(
+                from.next(D::Running, Event::Observed { running: false }),
+                queue(S::Starting, D::Running, Action::Start, false)
+            );
+        }
+    }
+
+    #[test]
+    fn a_workspace_that_should_be_stopped_but_runs_is_stopped_again() {
+        for from in [S::Running, S::Stopped] {
+            assert_eq!(
+                from.next(D::Stopped, Event::Observed { running: true }),
+                queue(
+                    S::Stopping,
+                    D::Stopped,
+                    Action::Stop {
+                        grace_ms: RECONCILE_GRACE_MS
+                    },
+                    false
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn a_host_already_where_the_owner_wants_is_recorded() {
+        assert_eq!(
+            S::Stopped.next(D::Running, Event::Observed { running: true }),
+            Ok(Next::Record(S::Running))
+        );
+        assert_eq!(
+            S::Running.next(D::Stopped, Event::Observed { running: false }),
+            Ok(Next::Record(S::Stopped))
+        );
+        assert_eq!(
+            S::Running.next(D::Running, Event::Observed { running: true }),
+            Ok(Next::Stay)
+        );
+        assert_eq!(
+            S::Stopped.next(D::Stopped, Event::Observed { running: false }),
+            Ok(Next::Stay)
+        );
+    }
+
+    #[test]
+    fn the_reconciler_leaves_workspaces_in_between_to_their_jobs() {
+        for from in [
+            S::Creating,
+            S::Starting,
+            S::Stopping,
+            S::Deleting,
+            S::Failed,
+        ] {
+            for running in [true, false] {
+                assert_eq!(
+                    from.next(D::Running, Event::Observed { running }),
+                    Ok(Next::Stay),
+                    "from {from}"
+                );
+            }
+        }
+    }
+}
