@@ -7,7 +7,9 @@ use sqlx::Row;
 use warren_ssh::{Directory, PublicKey, Target, User};
 
 use crate::AppState;
-use crate::api::{WORKSPACE_COLUMNS, blob_fingerprint, runtime_id, start_row, workspace_env};
+use crate::api::{blob_fingerprint, workspace_env};
+use crate::model::{Event, WorkspaceState};
+use crate::workspaces::{self, Workspace};
 
 /// How long a session waits for a workspace it asked to start.
 const START_TIMEOUT: Duration = Duration::from_secs(300);
@@ -26,7 +28,7 @@ fn parse_login(login: &str) -> (&str, Option<&str>) {
 }
 
 impl GatewayDirectory {
-    async fn row(&self, user: &User, login: &str) -> Result<sqlx::any::AnyRow, String> {
+    async fn row(&self, user: &User, login: &str) -> Result<Workspace, String> {
         let (workspace, owner) = parse_login(login);
         let owner = owner.unwrap_or(&user.name);
         let missing = || {
@@ -39,17 +41,18 @@ impl GatewayDirectory {
             tracing::warn!(error = %e, "ssh gateway: database");
             "the control plane cannot answer right now".to_owned()
         };
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {WORKSPACE_COLUMNS} WHERE w.name = $1 AND u.name = $2"
-        )))
-        .bind(workspace)
-        .bind(owner)
-        .fetch_optional(&self.state.db.pool)
+        let row = workspaces::select(
+            &self.state.db,
+            "WHERE w.name = $1 AND u.name = $2",
+            &[workspace, owner],
+        )
         .await
-        .map_err(internal)?
+        // Logged where it happened; the client learns only that it failed.
+        .map_err(|_| "the control plane cannot answer right now".to_owned())?
+        .into_iter()
+        .next()
         .ok_or_else(missing)?;
-        let owner_id: String = row.try_get("owner_id").map_err(internal)?;
-        if owner_id != user.id {
+        if row.owner_id != user.id {
             let is_admin: i64 = sqlx::query_scalar("SELECT is_admin FROM users WHERE id = $1")
                 .bind(&user.id)
                 .fetch_optional(&self.state.db.pool)
@@ -64,15 +67,11 @@ impl GatewayDirectory {
         Ok(row)
     }
 
-    async fn target(&self, login: &str, row: &sqlx::any::AnyRow) -> Result<Target, String> {
-        let get = |column: &str| -> Result<String, String> {
-            row.try_get::<String, _>(column).map_err(|e| e.to_string())
-        };
-        let host_id = get("host_id")?;
-        if host_id != self.state.host_id {
+    async fn target(&self, login: &str, ws: &Workspace) -> Result<Target, String> {
+        if ws.host_id.0 != self.state.host_id {
             return Err(format!(
                 "workspace `{login}` runs on host `{}`: connect to that host's gateway",
-                get("host")?
+                ws.host
             ));
         }
         let runtime = self
@@ -80,25 +79,16 @@ impl GatewayDirectory {
             .runtime
             .clone()
             .ok_or("this gateway has no workspace runtime")?;
-        let env = workspace_env(
-            &self.state,
-            &get("owner_id")?,
-            row.try_get::<Option<String>, _>("project_id")
-                .map_err(|e| e.to_string())?
-                .as_deref(),
-        )
-        .await
-        .map_err(|e| e.message)?;
+        let env = workspace_env(&self.state, &ws.owner_id, ws.project_id.as_deref())
+            .await
+            .map_err(|e| e.message)?;
         Ok(Target {
             name: login.to_owned(),
-            id: warren_runtime::WorkspaceId::new(&runtime_id(&get("id")?))
-                .map_err(|e| e.to_string())?,
+            id: warren_runtime::WorkspaceId::new(&ws.id.runtime_id()).map_err(|e| e.to_string())?,
             runtime,
-            state: get("state")?,
+            state: ws.state.to_string(),
             env,
-            user: row
-                .try_get::<Option<String>, _>("run_as")
-                .map_err(|e| e.to_string())?,
+            user: ws.run_as.clone(),
         })
     }
 }
@@ -130,21 +120,22 @@ impl Directory for GatewayDirectory {
 
     async fn start(&self, user: &User, login: &str) -> Result<Target, String> {
         let row = self.row(user, login).await?;
-        start_row(&self.state, &row, login)
+        workspaces::request(&self.state, &row, Event::Start)
             .await
             .map_err(|e| e.message)?;
         let deadline = tokio::time::Instant::now() + START_TIMEOUT;
         loop {
             let row = self.row(user, login).await?;
-            let state: String = row.try_get("state").map_err(|e| e.to_string())?;
-            match state.as_str() {
-                "running" => return self.target(login, &row).await,
-                "starting" | "creating" => {}
+            let state = row.state;
+            match state {
+                WorkspaceState::Running => return self.target(login, &row).await,
+                WorkspaceState::Starting | WorkspaceState::Creating => {}
                 other => {
-                    let error: Option<String> = row.try_get("last_error").unwrap_or(None);
                     return Err(format!(
                         "workspace `{login}` did not start: it is {other}{}",
-                        error.map(|e| format!(" ({e})")).unwrap_or_default()
+                        row.last_error
+                            .map(|e| format!(" ({e})"))
+                            .unwrap_or_default()
                     ));
                 }
             }

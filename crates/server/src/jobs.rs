@@ -16,6 +16,7 @@ use tokio::sync::Notify;
 use warren_agent::{Action, ControlPlane, Job, Outcome, PrebuildJob, Work, WorkspaceJob};
 
 use crate::db::{Db, DbKind, new_id, now_ms};
+use crate::model::{Desired, Event, Next, WorkspaceState};
 
 /// How long a claimed job belongs to its agent before another may take it over.
 const LEASE_MS: i64 = 5 * 60 * 1000;
@@ -394,27 +395,19 @@ impl DbControlPlane {
                 if let Some(ws) = &workspace_id {
                     match outcome {
                         Outcome::Deleted { .. } => {
-                            sqlx::query(
-                                "DELETE FROM workspaces WHERE id = $1 AND desired = 'deleted'",
-                            )
-                            .bind(ws)
-                            .execute(&mut *tx)
-                            .await?;
-                        }
-                        Outcome::Running | Outcome::Stopped if later == 0 => {
-                            let state = if outcome == Outcome::Running {
-                                "running"
-                            } else {
-                                "stopped"
-                            };
-                            sqlx::query("UPDATE workspaces SET state = $2, last_error = NULL, updated_at = $3 WHERE id = $1")
+                            sqlx::query("DELETE FROM workspaces WHERE id = $1 AND desired = $2")
                                 .bind(ws)
-                                .bind(state)
-                                .bind(now)
+                                .bind(Desired::Deleted.as_str())
                                 .execute(&mut *tx)
                                 .await?;
                         }
-                        Outcome::Running | Outcome::Stopped => {}
+                        Outcome::Running | Outcome::Stopped => {
+                            let reached = Event::Reached {
+                                running: outcome == Outcome::Running,
+                                later_jobs: later > 0,
+                            };
+                            record(&mut tx, ws, reached, None, now).await?;
+                        }
                         Outcome::Prebuilt { .. } | Outcome::Removed => {}
                     }
                 }
@@ -433,22 +426,60 @@ impl DbControlPlane {
                 .execute(&mut *tx)
                 .await?;
                 if let Some(ws) = &workspace_id {
-                    let state_sql = if final_attempt && later == 0 {
-                        "UPDATE workspaces SET state = 'failed', last_error = $2, updated_at = $3 WHERE id = $1"
-                    } else {
-                        "UPDATE workspaces SET last_error = $2, updated_at = $3 WHERE id = $1"
+                    let failed = Event::JobFailed {
+                        final_attempt,
+                        later_jobs: later > 0,
                     };
-                    sqlx::query(state_sql)
-                        .bind(ws)
-                        .bind(&message)
-                        .bind(now)
-                        .execute(&mut *tx)
-                        .await?;
+                    record(&mut tx, ws, failed, Some(&message), now).await?;
                 }
             }
         }
         tx.commit().await
     }
+}
+
+/// Records where a workspace is after one of its jobs ended, as [`WorkspaceState::next`]
+/// decides; a failure's message becomes its `last_error` (a recorded success clears it).
+async fn record(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    workspace_id: &str,
+    event: Event,
+    error: Option<&str>,
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    let Some(row) = sqlx::query("SELECT state, desired FROM workspaces WHERE id = $1")
+        .bind(workspace_id)
+        .fetch_optional(&mut **tx)
+        .await?
+    else {
+        return Ok(());
+    };
+    let decode = |column: &str, e: crate::model::UnknownState| sqlx::Error::ColumnDecode {
+        index: column.to_owned(),
+        source: Box::new(e),
+    };
+    let current: WorkspaceState = row
+        .try_get::<String, _>("state")?
+        .parse()
+        .map_err(|e| decode("state", e))?;
+    let desired: Desired = row
+        .try_get::<String, _>("desired")?
+        .parse()
+        .map_err(|e| decode("desired", e))?;
+    let state = match current.next(desired, event) {
+        Ok(Next::Record(state)) => state,
+        // Nothing to record but a failure's message.
+        _ if error.is_some() => current,
+        _ => return Ok(()),
+    };
+    sqlx::query("UPDATE workspaces SET state = $2, last_error = $3, updated_at = $4 WHERE id = $1")
+        .bind(workspace_id)
+        .bind(state.as_str())
+        .bind(error)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }
 
 impl ControlPlane for DbControlPlane {

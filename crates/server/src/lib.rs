@@ -25,8 +25,8 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{delete, get, patch, post};
 use sqlx::Row;
 use tokio::sync::Notify;
-use warren_agent::{Action, Agent, WorkspaceJob};
-use warren_runtime::{Runtime, WorkspaceId, WorkspaceState};
+use warren_agent::Agent;
+use warren_runtime::Runtime;
 
 use crate::db::{Db, new_id, now_ms};
 use crate::error::ApiError;
@@ -500,7 +500,12 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
     if resumed > 0 {
         tracing::info!(jobs = resumed, "resuming jobs cut short by the last stop");
     }
-    reconcile(&db, &host_id, Actual::Runtime(config.runtime.clone())).await?;
+    workspaces::reconcile(
+        &db,
+        &host_id,
+        workspaces::Actual::Runtime(config.runtime.clone()),
+    )
+    .await?;
     {
         // Again on a timer: a workspace can stop on its own (`poweroff` inside, a killed shim).
         let (db, host_id, runtime, wake) = (
@@ -513,7 +518,13 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
-                match reconcile(&db, &host_id, Actual::Runtime(runtime.clone())).await {
+                match workspaces::reconcile(
+                    &db,
+                    &host_id,
+                    workspaces::Actual::Runtime(runtime.clone()),
+                )
+                .await
+                {
                     Ok(0) => {}
                     Ok(_) => wake.notify_one(),
                     Err(e) => tracing::warn!(error = %e, "cannot reconcile workspaces"),
@@ -607,107 +618,4 @@ async fn register_host(db: &Db, name: &str) -> Result<String, sqlx::Error> {
         .execute(&db.pool)
         .await?;
     Ok(id)
-}
-
-/// Where the actual state of a host's workspaces comes from.
-#[derive(Clone)]
-pub(crate) enum Actual {
-    /// Asked of the runtime in this process.
-    Runtime(Arc<dyn Runtime>),
-    /// As a remote agent reported it: which runtime ids run.
-    Reported(std::collections::HashMap<String, bool>),
-}
-
-impl Actual {
-    async fn running(&self, runtime_id: &str) -> Result<bool, ServerError> {
-        match self {
-            Self::Reported(states) => Ok(states.get(runtime_id).copied().unwrap_or(false)),
-            Self::Runtime(runtime) => {
-                let (rt, runtime_id) = (runtime.clone(), runtime_id.to_owned());
-                tokio::task::spawn_blocking(move || {
-                    WorkspaceId::new(&runtime_id)
-                        .ok()
-                        .and_then(|w| rt.info(&w).ok())
-                        .is_some_and(|i| i.state == WorkspaceState::Running)
-                })
-                .await
-                .map_err(|e| ServerError::Other(e.to_string()))
-            }
-        }
-    }
-}
-
-/// A settled workspace whose runtime disagrees (the host rebooted, a process died) gets the job
-/// that brings it back to what its owner asked for. Returns how many workspaces got a job.
-pub(crate) async fn reconcile(
-    db: &Db,
-    host_id: &str,
-    actual: Actual,
-) -> Result<usize, ServerError> {
-    let rows = sqlx::query(
-        "SELECT w.id, w.image, w.memory, w.cpus_milli, w.disk, w.tasks, w.state, w.desired, w.runtime,
-                u.vm_ksm AS owner_ksm, p.vm_ksm AS project_ksm
-         FROM workspaces w JOIN users u ON u.id = w.owner_id LEFT JOIN projects p ON p.id = w.project_id
-         WHERE w.host_id = $1 AND w.state IN ('running', 'stopped') AND w.desired IN ('running', 'stopped')
-           AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.workspace_id = w.id AND j.state IN ('queued', 'running'))",
-    )
-    .bind(host_id)
-    .fetch_all(&db.pool)
-    .await?;
-    let mut queued = 0;
-    for row in rows {
-        let id: String = row.try_get("id")?;
-        let stored: String = row.try_get("state")?;
-        let spec = api::workspace_spec(&row).map_err(|e| ServerError::Other(e.message))?;
-        let running = actual.running(&spec.runtime_id).await?;
-        let desired: String = row.try_get("desired")?;
-        // What the owner asked for decides; the stored state only says whether to write.
-        let (action, between) = match (desired.as_str(), running) {
-            ("running", false) => (Action::Start, "starting"),
-            ("stopped", true) => (Action::Stop { grace_ms: 10_000 }, "stopping"),
-            _ if stored == desired => continue,
-            _ => {
-                // The runtime already is where the owner wants it: record that.
-                sqlx::query(
-                    "UPDATE workspaces SET state = desired, updated_at = $2 WHERE id = $1 AND state = $3
-                       AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.workspace_id = $1 AND j.state IN ('queued', 'running'))",
-                )
-                .bind(&id)
-                .bind(now_ms())
-                .bind(&stored)
-                .execute(&db.pool)
-                .await?;
-                continue;
-            }
-        };
-        tracing::info!(workspace.id = %id, stored, running, "reconciling a workspace with its runtime");
-        let mut tx = db.begin_write().await?;
-        // Only if nobody asked for something else while the runtime was being asked.
-        let updated = sqlx::query(
-            "UPDATE workspaces SET state = $2, updated_at = $3 WHERE id = $1 AND state = $4
-               AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.workspace_id = $1 AND j.state IN ('queued', 'running'))",
-        )
-        .bind(&id)
-        .bind(between)
-        .bind(now_ms())
-        .bind(&stored)
-        .execute(&mut *tx)
-        .await?;
-        if updated.rows_affected() == 0 {
-            continue;
-        }
-        jobs::enqueue(
-            &mut tx,
-            &id,
-            host_id,
-            &WorkspaceJob {
-                action,
-                workspace: spec,
-            },
-        )
-        .await?;
-        tx.commit().await?;
-        queued += 1;
-    }
-    Ok(queued)
 }

@@ -3,11 +3,306 @@
 //! job loop call it; [`crate::model`] decides every move, this module stores it and queues the
 //! host's job in one transaction.
 
+use std::sync::Arc;
+
 use sqlx::Row;
+use sqlx::any::AnyRow;
+use warren_agent::{WorkspaceJob, WorkspaceSpec};
+use warren_runtime::VmOptions;
+use warren_runtime::tasks::TaskSpec;
 
 use crate::AppState;
-use crate::db::now_ms;
+use crate::ServerError;
+use crate::db::{Db, now_ms};
 use crate::error::{ApiError, ApiResult};
+use crate::jobs;
+use crate::model::{Desired, Event, HostId, Next, Refusal, WorkspaceId, WorkspaceState};
+
+/// What [`Workspace::from_row`] reads: the workspace and the names of its owner, project, host
+/// and prebuild.
+pub(crate) const COLUMNS: &str =
+    "w.id, w.name, w.owner_id, u.name AS owner, w.project_id, p.name AS project, w.image, h.name AS host,
+    w.host_id, w.state, w.desired, w.last_error, w.memory, w.cpus_milli, w.disk, w.created_at, w.updated_at,
+    w.tasks, w.stats, w.stats_at, w.run_as, w.prebuild_id, w.branch, pb.commit_sha AS prebuild_commit, p.git_url,
+    w.runtime, u.vm_ksm AS owner_ksm, p.vm_ksm AS project_ksm,
+    (SELECT b.head FROM branches b WHERE b.project_id = w.project_id AND b.name = w.branch) AS branch_head
+    FROM workspaces w JOIN users u ON u.id = w.owner_id JOIN hosts h ON h.id = w.host_id
+    LEFT JOIN projects p ON p.id = w.project_id LEFT JOIN prebuilds pb ON pb.id = w.prebuild_id";
+
+/// A workspace as stored.
+#[derive(Debug, Clone)]
+pub struct Workspace {
+    pub id: WorkspaceId,
+    pub name: String,
+    pub owner_id: String,
+    pub owner: String,
+    pub project_id: Option<String>,
+    pub project: Option<String>,
+    pub image: String,
+    pub host_id: HostId,
+    pub host: String,
+    pub state: WorkspaceState,
+    pub desired: Desired,
+    pub last_error: Option<String>,
+    pub memory: Option<u64>,
+    pub cpus: Option<f64>,
+    /// Bytes it may write (`None`: the host's default).
+    pub disk: Option<u64>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    /// What runs in persistent terminals on each start.
+    pub tasks: Vec<TaskSpec>,
+    /// Resource use as its host last reported it, while it runs.
+    pub stats: Option<serde_json::Value>,
+    pub stats_at: Option<i64>,
+    /// Who sessions, commands and tasks run as inside (root when `None`).
+    pub run_as: Option<String>,
+    pub prebuild_id: Option<String>,
+    pub branch: Option<String>,
+    pub prebuild_commit: Option<String>,
+    pub branch_head: Option<String>,
+    pub git_url: Option<String>,
+    /// `container` or `vm`.
+    pub runtime: String,
+    /// Whether its owner's or its project's trust domain lets KSM merge its VM's memory.
+    pub vm_ksm: bool,
+}
+
+fn decode(column: &str, e: impl std::error::Error + Send + Sync + 'static) -> sqlx::Error {
+    sqlx::Error::ColumnDecode {
+        index: column.to_owned(),
+        source: Box::new(e),
+    }
+}
+
+impl Workspace {
+    /// Reads a row of `SELECT {COLUMNS}`.
+    pub fn from_row(r: &AnyRow) -> Result<Self, sqlx::Error> {
+        let state: String = r.try_get("state")?;
+        let desired: String = r.try_get("desired")?;
+        Ok(Self {
+            id: WorkspaceId(r.try_get("id")?),
+            name: r.try_get("name")?,
+            owner_id: r.try_get("owner_id")?,
+            owner: r.try_get("owner")?,
+            project_id: r.try_get("project_id")?,
+            project: r.try_get("project")?,
+            image: r.try_get("image")?,
+            host_id: HostId(r.try_get("host_id")?),
+            host: r.try_get("host")?,
+            state: state.parse().map_err(|e| decode("state", e))?,
+            desired: desired.parse().map_err(|e| decode("desired", e))?,
+            last_error: r.try_get("last_error")?,
+            memory: r.try_get::<Option<i64>, _>("memory")?.map(|m| m as u64),
+            cpus: r
+                .try_get::<Option<i64>, _>("cpus_milli")?
+                .map(|m| m as f64 / 1000.0),
+            disk: r.try_get::<Option<i64>, _>("disk")?.map(|d| d as u64),
+            created_at: r.try_get("created_at")?,
+            updated_at: r.try_get("updated_at")?,
+            tasks: match r.try_get::<Option<String>, _>("tasks")? {
+                Some(json) => serde_json::from_str(&json).map_err(|e| decode("tasks", e))?,
+                None => Vec::new(),
+            },
+            stats: r
+                .try_get::<Option<String>, _>("stats")?
+                .and_then(|s| serde_json::from_str(&s).ok()),
+            stats_at: r.try_get("stats_at")?,
+            run_as: r.try_get("run_as")?,
+            prebuild_id: r.try_get("prebuild_id")?,
+            branch: r.try_get("branch")?,
+            prebuild_commit: r.try_get("prebuild_commit")?,
+            branch_head: r.try_get("branch_head")?,
+            git_url: r.try_get("git_url")?,
+            runtime: r.try_get("runtime")?,
+            vm_ksm: r.try_get::<i64, _>("owner_ksm")? != 0
+                || r.try_get::<Option<i64>, _>("project_ksm")?.unwrap_or(0) != 0,
+        })
+    }
+
+    /// What its host's agent needs to make and run it.
+    pub fn spec(&self) -> WorkspaceSpec {
+        WorkspaceSpec {
+            runtime_id: self.id.runtime_id(),
+            image: self.image.clone(),
+            memory: self.memory,
+            cpus: self.cpus,
+            pids: None,
+            disk: self.disk,
+            tasks: self.tasks.clone(),
+            vm: vm_options(&self.runtime, self.vm_ksm),
+        }
+    }
+}
+
+/// A VM workspace's options: KSM merging when its trust domain has it on (`None` for a
+/// container).
+pub(crate) fn vm_options(runtime: &str, ksm: bool) -> Option<VmOptions> {
+    (runtime == "vm").then(|| VmOptions {
+        ksm,
+        ..Default::default()
+    })
+}
+
+/// Workspaces read with `SELECT {COLUMNS} <filter>`, `$1`.. bound to `binds`.
+pub(crate) async fn select(db: &Db, filter: &str, binds: &[&str]) -> ApiResult<Vec<Workspace>> {
+    let sql = format!("SELECT {COLUMNS} {filter}");
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+    for b in binds {
+        query = query.bind(*b);
+    }
+    let rows = query.fetch_all(&db.pool).await?;
+    rows.iter()
+        .map(|r| Workspace::from_row(r).map_err(|e| ApiError::internal("a stored workspace", e)))
+        .collect()
+}
+
+/// Moves a workspace on an owner's request (`Start`, `Stop`, `Delete`): records its new state
+/// and queues its host's job in one transaction, as [`WorkspaceState::next`] decides.
+pub(crate) async fn request(state: &AppState, ws: &Workspace, event: Event) -> ApiResult<()> {
+    let next = ws.state.next(ws.desired, event).map_err(|e| match e {
+        Refusal::BeingDeleted => {
+            ApiError::conflict(format!("workspace `{}` is being deleted", ws.name))
+        }
+    })?;
+    let Next::Queue {
+        state: between,
+        desired,
+        action,
+        supersede,
+    } = next
+    else {
+        return Ok(());
+    };
+    let mut tx = state.db.begin_write().await?;
+    if supersede {
+        jobs::cancel_queued(&mut tx, &ws.id.0).await?;
+    }
+    sqlx::query("UPDATE workspaces SET state = $2, desired = $3, updated_at = $4 WHERE id = $1")
+        .bind(&ws.id.0)
+        .bind(between.as_str())
+        .bind(desired.as_str())
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+    jobs::enqueue(
+        &mut tx,
+        &ws.id.0,
+        &ws.host_id.0,
+        &WorkspaceJob {
+            action,
+            workspace: ws.spec(),
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    state.wake.notify_one();
+    Ok(())
+}
+
+/// Where the actual state of a host's workspaces comes from.
+#[derive(Clone)]
+pub(crate) enum Actual {
+    /// Asked of the runtime in this process.
+    Runtime(Arc<dyn warren_runtime::Runtime>),
+    /// As a remote agent reported it: which runtime ids run.
+    Reported(std::collections::HashMap<String, bool>),
+}
+
+impl Actual {
+    async fn running(&self, runtime_id: &str) -> Result<bool, ServerError> {
+        match self {
+            Self::Reported(states) => Ok(states.get(runtime_id).copied().unwrap_or(false)),
+            Self::Runtime(runtime) => {
+                let (rt, runtime_id) = (runtime.clone(), runtime_id.to_owned());
+                tokio::task::spawn_blocking(move || {
+                    warren_runtime::WorkspaceId::new(&runtime_id)
+                        .ok()
+                        .and_then(|w| rt.info(&w).ok())
+                        .is_some_and(|i| i.state == warren_runtime::WorkspaceState::Running)
+                })
+                .await
+                .map_err(|e| ServerError::Other(e.to_string()))
+            }
+        }
+    }
+}
+
+/// No job of the workspace `$1` is queued or running.
+const SETTLED: &str = "NOT EXISTS (SELECT 1 FROM jobs j WHERE j.workspace_id = $1 AND j.state IN ('queued', 'running'))";
+
+/// A settled workspace whose runtime disagrees (the host rebooted, a process died) gets the job
+/// that brings it back to what its owner asked for. Returns how many workspaces got a job.
+pub(crate) async fn reconcile(
+    db: &Db,
+    host_id: &str,
+    actual: Actual,
+) -> Result<usize, ServerError> {
+    let settled = select(
+        db,
+        "WHERE w.host_id = $1 AND w.state IN ('running', 'stopped') AND w.desired IN ('running', 'stopped')
+           AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.workspace_id = w.id AND j.state IN ('queued', 'running'))",
+        &[host_id],
+    )
+    .await
+    .map_err(|e| ServerError::Other(e.message))?;
+    let mut queued = 0;
+    for ws in settled {
+        let running = actual.running(&ws.id.runtime_id()).await?;
+        let next = ws
+            .state
+            .next(ws.desired, Event::Observed { running })
+            .map_err(|e| ServerError::Other(e.to_string()))?;
+        // Each write only if nobody asked for something else while the runtime was asked.
+        match next {
+            Next::Stay => {}
+            Next::Record(now) => {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "UPDATE workspaces SET state = $2, updated_at = $3 WHERE id = $1 AND state = $4 AND {SETTLED}"
+                )))
+                .bind(&ws.id.0)
+                .bind(now.as_str())
+                .bind(now_ms())
+                .bind(ws.state.as_str())
+                .execute(&db.pool)
+                .await?;
+            }
+            Next::Queue {
+                state: between,
+                action,
+                ..
+            } => {
+                tracing::info!(workspace.id = %ws.id, stored = %ws.state, running, "reconciling a workspace with its runtime");
+                let mut tx = db.begin_write().await?;
+                let updated = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "UPDATE workspaces SET state = $2, updated_at = $3 WHERE id = $1 AND state = $4 AND {SETTLED}"
+                )))
+                .bind(&ws.id.0)
+                .bind(between.as_str())
+                .bind(now_ms())
+                .bind(ws.state.as_str())
+                .execute(&mut *tx)
+                .await?;
+                if updated.rows_affected() == 0 {
+                    continue;
+                }
+                jobs::enqueue(
+                    &mut tx,
+                    &ws.id.0,
+                    host_id,
+                    &WorkspaceJob {
+                        action,
+                        workspace: ws.spec(),
+                    },
+                )
+                .await?;
+                tx.commit().await?;
+                queued += 1;
+            }
+        }
+    }
+    Ok(queued)
+}
 
 /// The host a new workspace goes to: a live host (this process's own is always live) that
 /// gives a workspace the `disk` it asks for, holding the largest share of the image's chunks,

@@ -110,7 +110,7 @@ pub async fn agent_claim(
     // A remote host's workspaces are compared with what the owners asked for as it reports
     // them (the local host's are compared with its runtime directly).
     let actual = req.report.as_ref().map(|r| {
-        crate::Actual::Reported(
+        crate::workspaces::Actual::Reported(
             r.workspaces
                 .iter()
                 .map(|w| (w.runtime_id.clone(), w.running))
@@ -123,7 +123,7 @@ pub async fn agent_claim(
         .await
         .map_err(|e| ApiError::internal("claiming a job", e))?;
     if let Some(actual) = actual {
-        match crate::reconcile(&state.db, &host.host_id, actual).await {
+        match crate::workspaces::reconcile(&state.db, &host.host_id, actual).await {
             Ok(0) => {}
             Ok(n) => {
                 tracing::info!(host = %host.host_id, workspaces = n, "reconciled from the host's report")

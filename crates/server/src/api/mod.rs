@@ -33,17 +33,39 @@ pub fn check_name(what: &str, name: &str) -> ApiResult<()> {
     }
 }
 
+/// Something a user owns, found by id or name.
+pub(crate) trait Owned {
+    fn id(&self) -> String;
+    fn owner_id(&self) -> String;
+}
+
+impl Owned for AnyRow {
+    fn id(&self) -> String {
+        self.try_get("id").unwrap_or_default()
+    }
+    fn owner_id(&self) -> String {
+        self.try_get("owner_id").unwrap_or_default()
+    }
+}
+
+impl Owned for crate::workspaces::Workspace {
+    fn id(&self) -> String {
+        self.id.0.clone()
+    }
+    fn owner_id(&self) -> String {
+        self.owner_id.clone()
+    }
+}
+
 /// Of the rows matching an id or a name, the one the caller may see: by id first, then the
 /// caller's own by name, then (admins) any.
-pub(crate) fn pick_owned(rows: Vec<AnyRow>, caller: &Caller, key: &str) -> Option<AnyRow> {
-    let owner = |r: &AnyRow| r.try_get::<String, _>("owner_id").unwrap_or_default();
-    let id = |r: &AnyRow| r.try_get::<String, _>("id").unwrap_or_default();
-    let visible: Vec<AnyRow> = rows
+pub(crate) fn pick_owned<T: Owned>(rows: Vec<T>, caller: &Caller, key: &str) -> Option<T> {
+    let visible: Vec<T> = rows
         .into_iter()
-        .filter(|r| caller.may_touch(&owner(r)))
+        .filter(|r| caller.may_touch(&r.owner_id()))
         .collect();
-    let by_id = visible.iter().position(|r| id(r) == key);
-    let own = visible.iter().position(|r| owner(r) == caller.user_id);
+    let by_id = visible.iter().position(|r| r.id() == key);
+    let own = visible.iter().position(|r| r.owner_id() == caller.user_id);
     let at = by_id
         .or(own)
         .or(if visible.len() == 1 { Some(0) } else { None })?;

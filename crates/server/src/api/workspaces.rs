@@ -10,9 +10,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
-use sqlx::any::AnyRow;
 use warren_agent::{Action, WorkspaceJob, WorkspaceSpec};
-use warren_runtime::VmOptions;
 
 use super::projects::find_project;
 use super::variables::workspace_env;
@@ -22,6 +20,8 @@ use crate::auth::Caller;
 use crate::db::{new_id, now_ms};
 use crate::error::{ApiError, ApiResult};
 use crate::jobs;
+use crate::model::{Desired, Event, WorkspaceId, WorkspaceState};
+use crate::workspaces::{self, Workspace};
 
 /// Refuses a user's image reference on a registry (the first part of `HOST[:PORT]/REPO:TAG`, as
 /// Docker tells a registry from a repository) the admin does not trust: the host would mount
@@ -198,13 +198,13 @@ pub struct WorkspaceView {
     project: Option<String>,
     image: String,
     host: String,
-    state: String,
-    desired: String,
+    state: WorkspaceState,
+    desired: Desired,
     last_error: Option<String>,
-    memory: Option<i64>,
+    memory: Option<u64>,
     cpus: Option<f64>,
     /// Bytes it may write (absent: the host's default).
-    disk: Option<i64>,
+    disk: Option<u64>,
     created_at: i64,
     updated_at: i64,
     /// Resource use as its host last reported it (cpu_ns, memory_bytes, pids, disk_bytes, ...),
@@ -225,109 +225,52 @@ pub struct WorkspaceView {
     accel: Option<String>,
 }
 
-pub(crate) const WORKSPACE_COLUMNS: &str =
-    "w.id, w.name, w.owner_id, u.name AS owner, w.project_id, p.name AS project, w.image, h.name AS host,
-    w.host_id, w.state, w.desired, w.last_error, w.memory, w.cpus_milli, w.disk, w.created_at, w.updated_at,
-    w.tasks, w.stats, w.stats_at, w.run_as, w.prebuild_id, w.branch, pb.commit_sha AS prebuild_commit, p.git_url,
-    w.runtime, u.vm_ksm AS owner_ksm, p.vm_ksm AS project_ksm,
-    (SELECT b.head FROM branches b WHERE b.project_id = w.project_id AND b.name = w.branch) AS branch_head
-    FROM workspaces w JOIN users u ON u.id = w.owner_id JOIN hosts h ON h.id = w.host_id
-    LEFT JOIN projects p ON p.id = w.project_id LEFT JOIN prebuilds pb ON pb.id = w.prebuild_id";
-
-fn workspace_view(r: &AnyRow) -> ApiResult<WorkspaceView> {
-    let stats: Option<serde_json::Value> = r
-        .try_get::<Option<String>, _>("stats")?
-        .and_then(|s| serde_json::from_str(&s).ok());
-    Ok(WorkspaceView {
-        id: r.try_get("id")?,
-        name: r.try_get("name")?,
-        owner: r.try_get("owner")?,
-        project: r.try_get("project")?,
-        image: r.try_get("image")?,
-        host: r.try_get("host")?,
-        state: r.try_get("state")?,
-        desired: r.try_get("desired")?,
-        last_error: r.try_get("last_error")?,
-        memory: r.try_get("memory")?,
-        cpus: r
-            .try_get::<Option<i64>, _>("cpus_milli")?
-            .map(|m| m as f64 / 1000.0),
-        disk: r.try_get("disk")?,
-        created_at: r.try_get("created_at")?,
-        updated_at: r.try_get("updated_at")?,
-        stats_at: r.try_get("stats_at")?,
-        user: r.try_get("run_as")?,
-        prebuild: r.try_get("prebuild_id")?,
-        branch: r.try_get("branch")?,
+fn workspace_view(w: &Workspace) -> WorkspaceView {
+    WorkspaceView {
+        id: w.id.0.clone(),
+        name: w.name.clone(),
+        owner: w.owner.clone(),
+        project: w.project.clone(),
+        image: w.image.clone(),
+        host: w.host.clone(),
+        state: w.state,
+        desired: w.desired,
+        last_error: w.last_error.clone(),
+        memory: w.memory,
+        cpus: w.cpus,
+        disk: w.disk,
+        created_at: w.created_at,
+        updated_at: w.updated_at,
+        stats_at: w.stats_at,
+        user: w.run_as.clone(),
+        prebuild: w.prebuild_id.clone(),
+        branch: w.branch.clone(),
         behind: None,
-        runtime: r.try_get("runtime")?,
-        accel: stats
+        runtime: w.runtime.clone(),
+        accel: w
+            .stats
             .as_ref()
             .and_then(|s| s.pointer("/vm/accel"))
             .and_then(|a| a.as_str())
             .map(str::to_owned),
-        stats,
-    })
+        stats: w.stats.clone(),
+    }
 }
 
 /// The view, with how far the workspace's prebuild is behind its branch.
-async fn workspace_view_now(state: &AppState, r: &AnyRow) -> ApiResult<WorkspaceView> {
-    let mut view = workspace_view(r)?;
-    let commit: Option<String> = r.try_get("prebuild_commit")?;
-    let head: Option<String> = r.try_get("branch_head")?;
-    let url: Option<String> = r.try_get("git_url")?;
-    if let (Some(commit), Some(head), Some(url)) = (commit, head, url) {
-        view.behind = crate::prebuilds::behind(state, &url, &commit, &head).await;
+async fn workspace_view_now(state: &AppState, w: &Workspace) -> WorkspaceView {
+    let mut view = workspace_view(w);
+    if let (Some(commit), Some(head), Some(url)) = (&w.prebuild_commit, &w.branch_head, &w.git_url)
+    {
+        view.behind = crate::prebuilds::behind(state, url, commit, head).await;
     }
-    Ok(view)
+    view
 }
 
-/// A VM workspace's options: KSM merging when its owner's or its project's trust domain has
-/// it on (`None` for a container).
-fn vm_options(runtime: &str, owner_ksm: i64, project_ksm: Option<i64>) -> Option<VmOptions> {
-    (runtime == "vm").then(|| VmOptions {
-        ksm: owner_ksm != 0 || project_ksm.unwrap_or(0) != 0,
-        ..Default::default()
-    })
-}
-
-/// The runtime's name for the workspace with this id.
-pub(crate) fn runtime_id(workspace_id: &str) -> String {
-    format!("ws-{workspace_id}")
-}
-
-/// What the agent needs of a workspace row (`id`, `image`, `memory`, `cpus_milli`, `tasks`).
-pub(crate) fn workspace_spec(r: &AnyRow) -> ApiResult<WorkspaceSpec> {
-    Ok(WorkspaceSpec {
-        runtime_id: runtime_id(&r.try_get::<String, _>("id")?),
-        image: r.try_get("image")?,
-        memory: r.try_get::<Option<i64>, _>("memory")?.map(|m| m as u64),
-        cpus: r
-            .try_get::<Option<i64>, _>("cpus_milli")?
-            .map(|m| m as f64 / 1000.0),
-        pids: None,
-        disk: r.try_get::<Option<i64>, _>("disk")?.map(|d| d as u64),
-        tasks: match r.try_get::<Option<String>, _>("tasks")? {
-            Some(json) => serde_json::from_str(&json)
-                .map_err(|e| ApiError::internal("a workspace's tasks", e))?,
-            None => Vec::new(),
-        },
-        vm: vm_options(
-            &r.try_get::<String, _>("runtime")?,
-            r.try_get("owner_ksm")?,
-            r.try_get("project_ksm")?,
-        ),
-    })
-}
-
-async fn find_workspace(state: &AppState, caller: &Caller, key: &str) -> ApiResult<AnyRow> {
-    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT {WORKSPACE_COLUMNS} WHERE w.id = $1 OR w.name = $1"
-    )))
-    .bind(key)
-    .fetch_all(&state.db.pool)
-    .await?;
-    pick_owned(rows, caller, key)
+/// The workspace `key` (an id, or a name) the caller may see.
+async fn find_workspace(state: &AppState, caller: &Caller, key: &str) -> ApiResult<Workspace> {
+    let found = workspaces::select(&state.db, "WHERE w.id = $1 OR w.name = $1", &[key]).await?;
+    pick_owned(found, caller, key)
         .ok_or_else(|| ApiError::not_found(format_args!("workspace `{key}`")))
 }
 
@@ -335,16 +278,16 @@ pub async fn list_workspaces(
     State(state): State<AppState>,
     caller: Caller,
 ) -> ApiResult<Json<Vec<WorkspaceView>>> {
-    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT {WORKSPACE_COLUMNS} WHERE w.owner_id = $1 OR $2 = 1 ORDER BY w.name"
-    )))
-    .bind(&caller.user_id)
-    .bind(i64::from(caller.is_admin))
-    .fetch_all(&state.db.pool)
+    let admin = if caller.is_admin { "1" } else { "0" };
+    let found = workspaces::select(
+        &state.db,
+        "WHERE w.owner_id = $1 OR $2 = '1' ORDER BY w.name",
+        &[&caller.user_id, admin],
+    )
     .await?;
-    let mut out = Vec::with_capacity(rows.len());
-    for r in &rows {
-        out.push(workspace_view_now(&state, r).await?);
+    let mut out = Vec::with_capacity(found.len());
+    for w in &found {
+        out.push(workspace_view_now(&state, w).await);
     }
     Ok(Json(out))
 }
@@ -355,7 +298,7 @@ pub async fn get_workspace(
     Path(key): Path<String>,
 ) -> ApiResult<Json<WorkspaceView>> {
     Ok(Json(
-        workspace_view_now(&state, &find_workspace(&state, &caller, &key).await?).await?,
+        workspace_view_now(&state, &find_workspace(&state, &caller, &key).await?).await,
     ))
 }
 
@@ -539,14 +482,14 @@ pub async fn create_workspace(
     .bind(&project_id)
     .fetch_one(&state.db.pool)
     .await?;
-    let vm = vm_options(&runtime, ksm.0, ksm.1);
-    let host_id = crate::workspaces::place(&state, &image, disk).await?;
+    let vm = workspaces::vm_options(&runtime, ksm.0 != 0 || ksm.1.unwrap_or(0) != 0);
+    let host_id = workspaces::place(&state, &image, disk).await?;
     let id = new_id();
     let now = now_ms();
     let mut tx = state.db.begin_write().await?;
     sqlx::query(
         "INSERT INTO workspaces (id, owner_id, project_id, name, image, host_id, state, desired, memory, cpus_milli, created_at, updated_at, tasks, run_as, prebuild_id, branch, runtime, disk)
-         VALUES ($1, $2, $3, $4, $5, $6, 'creating', 'running', $7, $8, $9, $9, $10, $11, $12, $13, $14, $15)",
+         VALUES ($1, $2, $3, $4, $5, $6, $16, $17, $7, $8, $9, $9, $10, $11, $12, $13, $14, $15)",
     )
     .bind(&id)
     .bind(&caller.user_id)
@@ -568,6 +511,8 @@ pub async fn create_workspace(
     .bind(from_prebuild.as_ref().map(|p| &p.1))
     .bind(&runtime)
     .bind(disk.map(|d| d as i64))
+    .bind(WorkspaceState::Creating.as_str())
+    .bind(Desired::Running.as_str())
     .execute(&mut *tx)
     .await
     .map_err(|e| match ApiError::from(e) {
@@ -575,7 +520,7 @@ pub async fn create_workspace(
         other => other,
     })?;
     let spec = WorkspaceSpec {
-        runtime_id: runtime_id(&id),
+        runtime_id: WorkspaceId(id.clone()).runtime_id(),
         image: image.clone(),
         memory,
         cpus,
@@ -599,7 +544,7 @@ pub async fn create_workspace(
     let row = find_workspace(&state, &caller, &id).await?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(workspace_view_now(&state, &row).await?),
+        Json(workspace_view_now(&state, &row).await),
     ))
 }
 
@@ -620,66 +565,15 @@ async fn git_identity(state: &AppState, caller: &Caller) -> ApiResult<(String, S
     ))
 }
 
-/// Records the transition (in-between state and desired state) and queues its job, atomically.
-async fn transition(
-    state: &AppState,
-    row: &AnyRow,
-    action: Action,
-    between: &str,
-    desired: &str,
-    supersede: bool,
-) -> ApiResult<()> {
-    let id: String = row.try_get("id")?;
-    let host: String = row.try_get("host_id")?;
-    let mut tx = state.db.begin_write().await?;
-    if supersede {
-        jobs::cancel_queued(&mut tx, &id).await?;
-    }
-    sqlx::query("UPDATE workspaces SET state = $2, desired = $3, updated_at = $4 WHERE id = $1")
-        .bind(&id)
-        .bind(between)
-        .bind(desired)
-        .bind(now_ms())
-        .execute(&mut *tx)
-        .await?;
-    jobs::enqueue(
-        &mut tx,
-        &id,
-        &host,
-        &WorkspaceJob {
-            action,
-            workspace: workspace_spec(row)?,
-        },
-    )
-    .await?;
-    tx.commit().await?;
-    state.wake.notify_one();
-    Ok(())
-}
-
-/// Asks for a workspace to run (nothing to do if it does).
-pub(crate) async fn start_row(state: &AppState, row: &AnyRow, name: &str) -> ApiResult<()> {
-    let current: String = row.try_get("state")?;
-    if current == "deleting" {
-        return Err(ApiError::conflict(format!(
-            "workspace `{name}` is being deleted"
-        )));
-    }
-    if current != "running" {
-        transition(state, row, Action::Start, "starting", "running", false).await?;
-    }
-    Ok(())
-}
-
 pub async fn start_workspace(
     State(state): State<AppState>,
     caller: Caller,
     Path(key): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    let row = find_workspace(&state, &caller, &key).await?;
-    start_row(&state, &row, &key).await?;
-    let row = find_workspace(&state, &caller, &key).await?;
-    Ok((StatusCode::ACCEPTED, Json(workspace_view(&row)?)))
+    let ws = find_workspace(&state, &caller, &key).await?;
+    workspaces::request(&state, &ws, Event::Start).await?;
+    let ws = find_workspace(&state, &caller, &key).await?;
+    Ok((StatusCode::ACCEPTED, Json(workspace_view(&ws))))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -704,31 +598,19 @@ pub async fn stop_workspace(
         Err(JsonRejection::MissingJsonContentType(_)) => StopRequest::default(),
         Err(e) => return Err(e.into()),
     };
-    let row = find_workspace(&state, &caller, &key).await?;
-    let current: String = row.try_get("state")?;
-    if current == "deleting" {
-        return Err(ApiError::conflict(format!(
-            "workspace `{key}` is being deleted"
-        )));
-    }
+    let ws = find_workspace(&state, &caller, &key).await?;
     let grace_ms = if req.force {
         0
     } else {
         req.grace_seconds.unwrap_or(10).min(3600) * 1000
     };
-    if current != "stopped" || req.force {
-        transition(
-            &state,
-            &row,
-            Action::Stop { grace_ms },
-            "stopping",
-            "stopped",
-            req.force,
-        )
-        .await?;
-    }
-    let row = find_workspace(&state, &caller, &key).await?;
-    Ok((StatusCode::ACCEPTED, Json(workspace_view(&row)?)))
+    let stop = Event::Stop {
+        grace_ms,
+        force: req.force,
+    };
+    workspaces::request(&state, &ws, stop).await?;
+    let ws = find_workspace(&state, &caller, &key).await?;
+    Ok((StatusCode::ACCEPTED, Json(workspace_view(&ws))))
 }
 
 pub async fn delete_workspace(
@@ -736,10 +618,10 @@ pub async fn delete_workspace(
     caller: Caller,
     Path(key): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    let row = find_workspace(&state, &caller, &key).await?;
-    transition(&state, &row, Action::Delete, "deleting", "deleted", true).await?;
-    let row = find_workspace(&state, &caller, &key).await?;
-    Ok((StatusCode::ACCEPTED, Json(workspace_view(&row)?)))
+    let ws = find_workspace(&state, &caller, &key).await?;
+    workspaces::request(&state, &ws, Event::Delete).await?;
+    let ws = find_workspace(&state, &caller, &key).await?;
+    Ok((StatusCode::ACCEPTED, Json(workspace_view(&ws))))
 }
 
 #[derive(Debug, Deserialize)]
@@ -772,30 +654,25 @@ pub async fn exec_workspace(
     Path(key): Path<String>,
     Body(req): Body<ExecRequest>,
 ) -> ApiResult<Json<ExecResponse>> {
-    let row = find_workspace(&state, &caller, &key).await?;
-    let current: String = row.try_get("state")?;
-    if current != "running" {
+    let ws = find_workspace(&state, &caller, &key).await?;
+    if ws.state != WorkspaceState::Running {
         return Err(ApiError::conflict(format!(
-            "workspace `{key}` is {current}, not running"
+            "workspace `{key}` is {}, not running",
+            ws.state
         )));
     }
     if req.argv.is_empty() {
         return Err(ApiError::bad_request("argv must name a command"));
     }
-    let (runtime, id) = local_runtime(&state, &row)?;
+    let (runtime, id) = local_runtime(&state, &ws)?;
     // The project's variables, then its owner's, then the request's: later ones win.
-    let mut env = workspace_env(
-        &state,
-        &row.try_get::<String, _>("owner_id")?,
-        row.try_get::<Option<String>, _>("project_id")?.as_deref(),
-    )
-    .await?;
+    let mut env = workspace_env(&state, &ws.owner_id, ws.project_id.as_deref()).await?;
     env.extend(req.env);
     let request = warren_runtime::ExecRequest {
         argv: req.argv,
         env,
         cwd: req.cwd,
-        user: req.user.or(row.try_get("run_as")?),
+        user: req.user.or(ws.run_as),
         tty: None,
         no_network: false,
     };
@@ -811,12 +688,12 @@ pub async fn exec_workspace(
 /// The runtime of a workspace on this server's own host, and the workspace's id in it.
 fn local_runtime(
     state: &AppState,
-    row: &AnyRow,
+    ws: &Workspace,
 ) -> ApiResult<(
     Arc<dyn warren_runtime::Runtime>,
     warren_runtime::WorkspaceId,
 )> {
-    if row.try_get::<String, _>("host_id")? != state.host_id {
+    if ws.host_id.0 != state.host_id {
         return Err(ApiError::new(
             StatusCode::NOT_IMPLEMENTED,
             "the workspace runs on another host: reach it through that host's SSH gateway",
@@ -828,7 +705,7 @@ fn local_runtime(
             "this needs the workspace's host agent in this process",
         )
     })?;
-    let id = warren_runtime::WorkspaceId::new(&runtime_id(&row.try_get::<String, _>("id")?))
+    let id = warren_runtime::WorkspaceId::new(&ws.id.runtime_id())
         .map_err(|e| ApiError::internal("workspace id", e))?;
     Ok((runtime, id))
 }
@@ -838,8 +715,8 @@ pub async fn list_tasks(
     caller: Caller,
     Path(key): Path<String>,
 ) -> ApiResult<Json<Vec<warren_runtime::tasks::TaskInfo>>> {
-    let row = find_workspace(&state, &caller, &key).await?;
-    let (runtime, id) = local_runtime(&state, &row)?;
+    let ws = find_workspace(&state, &caller, &key).await?;
+    let (runtime, id) = local_runtime(&state, &ws)?;
     let dir = runtime
         .tasks_dir(&id)
         .map_err(|e| ApiError::internal("tasks", e))?;
@@ -872,8 +749,8 @@ pub async fn task_log(
     axum::extract::Query(query): axum::extract::Query<LogQuery>,
 ) -> ApiResult<Json<LogView>> {
     use base64::Engine as _;
-    let row = find_workspace(&state, &caller, &key).await?;
-    let (runtime, id) = local_runtime(&state, &row)?;
+    let ws = find_workspace(&state, &caller, &key).await?;
+    let (runtime, id) = local_runtime(&state, &ws)?;
     let dir = runtime
         .tasks_dir(&id)
         .map_err(|e| ApiError::internal("tasks", e))?;
