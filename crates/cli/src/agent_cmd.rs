@@ -76,12 +76,15 @@ impl ControlPlane for HttpControlPlane {
 
     async fn log(&self, job: &Job, text: Vec<u8>) -> Result<bool, String> {
         let client = self.client.clone();
-        let body = json!({"job": job.id, "text": String::from_utf8_lossy(&text)});
+        let body = warren_api::LogRequest {
+            job: job.id.clone(),
+            text: String::from_utf8_lossy(&text).into_owned(),
+        };
         tokio::task::spawn_blocking(move || {
-            let answer = client
-                .post("/agent/log", &body)
+            let answer: warren_api::LogAnswer = client
+                .post_as("/agent/log", &body)
                 .map_err(|e| format!("{e:#}"))?;
-            Ok(answer["go_on"].as_bool().unwrap_or(true))
+            Ok(answer.go_on)
         })
         .await
         .map_err(|e| e.to_string())?

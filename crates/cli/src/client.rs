@@ -178,13 +178,33 @@ impl Client {
     pub fn get(&self, path: &str) -> anyhow::Result<Value> {
         self.send("GET", path, None)
     }
-    pub fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
-        self.send("POST", path, Some(body))
+    /// POSTs a request body (a `warren_api` type, or JSON).
+    pub fn post(&self, path: &str, body: &impl serde::Serialize) -> anyhow::Result<Value> {
+        self.send("POST", path, Some(&serde_json::to_value(body)?))
     }
     pub fn delete(&self, path: &str) -> anyhow::Result<Value> {
         self.send("DELETE", path, None)
     }
-    pub fn patch(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
-        self.send("PATCH", path, Some(body))
+    pub fn patch(&self, path: &str, body: &impl serde::Serialize) -> anyhow::Result<Value> {
+        self.send("PATCH", path, Some(&serde_json::to_value(body)?))
     }
+    /// GETs a typed answer (a `warren_api` type).
+    pub fn get_as<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        typed(path, self.get(path)?)
+    }
+    /// POSTs a request body and reads a typed answer.
+    pub fn post_as<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &impl serde::Serialize,
+    ) -> anyhow::Result<T> {
+        typed(path, self.post(path, body)?)
+    }
+}
+
+/// An answer as the API type it should be; a server of another version may answer otherwise.
+fn typed<T: serde::de::DeserializeOwned>(path: &str, answer: Value) -> anyhow::Result<T> {
+    serde_json::from_value(answer).with_context(|| {
+        format!("the server's answer to {path} is not what this warren expects (another version?)")
+    })
 }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
+use warren_api::{WorkspaceState, WorkspaceView};
 
 use crate::client::{Client, Login, save_login};
 use crate::runtime_cmd::HostFlags;
@@ -288,14 +289,15 @@ pub fn login(args: LoginArgs) -> anyhow::Result<ExitCode> {
         Ok(p) => p,
         Err(_) => read_password(args.password_stdin)?,
     };
-    let answer = Client::anonymous(&args.server).post(
+    let answer: warren_api::LoginResponse = Client::anonymous(&args.server).post_as(
         "/login",
-        &json!({"user": args.user, "password": password, "token_name": "cli"}),
+        &warren_api::LoginRequest {
+            user: args.user.clone(),
+            password,
+            token_name: Some("cli".into()),
+        },
     )?;
-    let token = answer["token"]
-        .as_str()
-        .context("the server sent no token")?
-        .to_owned();
+    let token = answer.token;
     let path = save_login(&Login {
         server: args.server.clone(),
         token,
@@ -539,7 +541,12 @@ pub fn env(cmd: EnvCommand) -> anyhow::Result<ExitCode> {
             };
             client.post(
                 "/env",
-                &json!({"name": name, "value": value, "secret": secret, "project": project}),
+                &warren_api::NewVar {
+                    name: name.clone(),
+                    value,
+                    secret,
+                    project,
+                },
             )?;
             println!("{name} set{}", if secret { " (sealed)" } else { "" });
         }
@@ -703,7 +710,11 @@ pub fn user(cmd: UserCommand) -> anyhow::Result<ExitCode> {
             };
             client.post(
                 "/users",
-                &json!({"name": name, "password": password, "admin": admin}),
+                &warren_api::NewUser {
+                    name: name.clone(),
+                    password,
+                    admin,
+                },
             )?;
             println!("user {name} created");
             Ok(ExitCode::SUCCESS)
@@ -716,7 +727,9 @@ pub fn user(cmd: UserCommand) -> anyhow::Result<ExitCode> {
         UserCommand::Ksm { name, setting } => {
             client.patch(
                 &format!("/users/{name}"),
-                &json!({"vm_ksm": setting == "on"}),
+                &warren_api::TrustChange {
+                    vm_ksm: setting == "on",
+                },
             )?;
             println!("KSM for {name}'s VM workspaces: {setting} (from their next start)");
             Ok(ExitCode::SUCCESS)
@@ -733,12 +746,17 @@ pub fn project(cmd: ProjectCommand) -> anyhow::Result<ExitCode> {
             root,
             env_file,
         } => {
-            let project = client.post(
+            let project: warren_api::ProjectView = client.post_as(
                 "/projects",
-                &json!({"name": name, "git_url": git_url, "root_folder": root, "env_file": env_file}),
+                &warren_api::NewProject {
+                    name: name.clone(),
+                    git_url: git_url.clone(),
+                    root_folder: root,
+                    env_file,
+                },
             )?;
             println!("project {name} added ({git_url})");
-            if let Some(hook) = project["webhook"].as_str() {
+            if let Some(hook) = project.webhook {
                 println!(
                     "webhook (shown once; point the repository's push hook here): {}{hook}",
                     client.server()
@@ -776,7 +794,9 @@ pub fn project(cmd: ProjectCommand) -> anyhow::Result<ExitCode> {
         ProjectCommand::Ksm { name, setting } => {
             client.patch(
                 &format!("/projects/{name}"),
-                &json!({"vm_ksm": setting == "on"}),
+                &warren_api::TrustChange {
+                    vm_ksm: setting == "on",
+                },
             )?;
             println!("KSM for project {name}'s VM workspaces: {setting} (from their next start)");
         }
@@ -803,31 +823,31 @@ fn wait_for(
     client: &Client,
     name: &str,
     what: &str,
-    done: impl Fn(&Value) -> bool,
-) -> anyhow::Result<Value> {
+    done: impl Fn(Option<&WorkspaceView>) -> bool,
+) -> anyhow::Result<Option<WorkspaceView>> {
     let bar = indicatif::ProgressBar::new_spinner();
     bar.set_message(format!("{name}: {what}"));
     bar.enable_steady_tick(Duration::from_millis(120));
     let started = Instant::now();
     let result = loop {
-        match client.get(&format!("/workspaces/{name}")) {
+        match client.get_as::<WorkspaceView>(&format!("/workspaces/{name}")) {
             Ok(ws) => {
-                if done(&ws) {
-                    break Ok(ws);
+                if done(Some(&ws)) {
+                    break Ok(Some(ws));
                 }
-                if ws["state"] == "failed" {
+                if ws.state == WorkspaceState::Failed {
                     break Err(anyhow::anyhow!(
                         "{name} failed: {}",
-                        ws["last_error"].as_str().unwrap_or("no reason recorded")
+                        ws.last_error.as_deref().unwrap_or("no reason recorded")
                     ));
                 }
                 bar.set_message(format!(
                     "{name}: {} ({}s)",
-                    ws["state"].as_str().unwrap_or("?"),
+                    ws.state,
                     started.elapsed().as_secs()
                 ));
             }
-            Err(e) if e.to_string().contains("HTTP 404") => break Ok(Value::Null),
+            Err(e) if e.to_string().contains("HTTP 404") && done(None) => break Ok(None),
             Err(e) => break Err(e),
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -838,7 +858,8 @@ fn wait_for(
 
 pub fn ws(cmd: WsCommand) -> anyhow::Result<ExitCode> {
     let client = Client::from_login()?;
-    let state_is = |s: &'static str| move |ws: &Value| ws["state"] == s;
+    let state_is =
+        |s: WorkspaceState| move |ws: Option<&WorkspaceView>| ws.is_some_and(|w| w.state == s);
     match cmd {
         WsCommand::Create {
             name,
@@ -871,18 +892,31 @@ pub fn ws(cmd: WsCommand) -> anyhow::Result<ExitCode> {
                     let text = std::fs::read_to_string(&path)
                         .with_context(|| format!("cannot read {}", path.display()))?;
                     let file = env_file_name(&path);
-                    Some(json!({"file": file, "text": text}))
+                    Some(warren_api::EnvironmentFile { file, text })
                 }
                 None => None,
             };
             client.post(
                 "/workspaces",
-                &json!({"name": name, "image": image, "project": project, "branch": branch,
-                        "memory": memory, "cpus": cpus, "disk": disk,
-                        "environment": environment, "runtime": runtime}),
+                &warren_api::NewWorkspace {
+                    name: name.clone(),
+                    image,
+                    project,
+                    branch,
+                    memory,
+                    cpus,
+                    disk,
+                    environment,
+                    runtime,
+                },
             )?;
             if !no_wait {
-                wait_for(&client, &name, "creating", state_is("running"))?;
+                wait_for(
+                    &client,
+                    &name,
+                    "creating",
+                    state_is(WorkspaceState::Running),
+                )?;
             }
             println!(
                 "{name} {}",
@@ -917,7 +951,12 @@ pub fn ws(cmd: WsCommand) -> anyhow::Result<ExitCode> {
         WsCommand::Start { name, no_wait } => {
             client.post(&format!("/workspaces/{name}/start"), &json!({}))?;
             if !no_wait {
-                wait_for(&client, &name, "starting", state_is("running"))?;
+                wait_for(
+                    &client,
+                    &name,
+                    "starting",
+                    state_is(WorkspaceState::Running),
+                )?;
             }
             println!(
                 "{name} {}",
@@ -931,10 +970,18 @@ pub fn ws(cmd: WsCommand) -> anyhow::Result<ExitCode> {
         } => {
             client.post(
                 &format!("/workspaces/{name}/stop"),
-                &json!({"force": force}),
+                &warren_api::StopRequest {
+                    force,
+                    grace_seconds: None,
+                },
             )?;
             if !no_wait {
-                wait_for(&client, &name, "stopping", state_is("stopped"))?;
+                wait_for(
+                    &client,
+                    &name,
+                    "stopping",
+                    state_is(WorkspaceState::Stopped),
+                )?;
             }
             println!(
                 "{name} {}",
@@ -944,7 +991,7 @@ pub fn ws(cmd: WsCommand) -> anyhow::Result<ExitCode> {
         WsCommand::Rm { name, no_wait } => {
             client.delete(&format!("/workspaces/{name}"))?;
             if !no_wait {
-                wait_for(&client, &name, "deleting", |ws| ws.is_null())?;
+                wait_for(&client, &name, "deleting", |ws| ws.is_none())?;
             }
             println!(
                 "{name} {}",
@@ -1003,14 +1050,20 @@ pub fn ws(cmd: WsCommand) -> anyhow::Result<ExitCode> {
             } else {
                 None
             };
-            let out = client.post(
+            let out: warren_api::ExecResponse = client.post_as(
                 &format!("/workspaces/{name}/exec"),
-                &json!({"argv": command, "stdin": input, "user": user, "cwd": workdir}),
+                &warren_api::ExecRequest {
+                    argv: command,
+                    stdin: input,
+                    user,
+                    cwd: workdir,
+                    env: Vec::new(),
+                },
             )?;
             use std::io::Write;
-            std::io::stdout().write_all(out["stdout"].as_str().unwrap_or("").as_bytes())?;
-            std::io::stderr().write_all(out["stderr"].as_str().unwrap_or("").as_bytes())?;
-            let code = out["exit_code"].as_i64().unwrap_or(1);
+            std::io::stdout().write_all(out.stdout.as_bytes())?;
+            std::io::stderr().write_all(out.stderr.as_bytes())?;
+            let code = out.exit_code;
             return Ok(ExitCode::from(code.clamp(0, 255) as u8));
         }
     }
@@ -1039,16 +1092,15 @@ fn task_logs(client: &Client, name: &str, task: &str, follow: bool) -> anyhow::R
     let mut offset = 0u64;
     let mut out = std::io::stdout();
     loop {
-        let chunk = client.get(&format!(
+        let chunk: warren_api::LogView = client.get_as(&format!(
             "/workspaces/{name}/tasks/{task}/log?offset={offset}"
         ))?;
         let data = base64::engine::general_purpose::STANDARD
-            .decode(chunk["data_base64"].as_str().unwrap_or_default())
+            .decode(&chunk.data_base64)
             .context("the server sent a log that is not base64")?;
         out.write_all(&data)?;
         out.flush()?;
-        let next = chunk["next_offset"].as_u64().unwrap_or(offset);
-        let more = chunk["running"].as_bool().unwrap_or(false);
+        let (next, more) = (chunk.next_offset, chunk.running);
         let caught_up = next == offset || data.is_empty();
         offset = next;
         if caught_up {
@@ -1072,21 +1124,18 @@ pub fn key(cmd: KeyCommand) -> anyhow::Result<ExitCode> {
                 std::fs::read_to_string(&file).with_context(|| format!("cannot read {file}"))?
             };
             let public_key = public_key.trim();
-            let challenge = client.get("/keys/challenge")?;
-            let signature = sign_key_challenge(
-                &file,
-                public_key,
-                challenge["namespace"].as_str().unwrap_or_default(),
-                challenge["message"].as_str().unwrap_or_default(),
-            )?;
-            let key = client.post(
+            let challenge: warren_api::KeyChallenge = client.get_as("/keys/challenge")?;
+            let signature =
+                sign_key_challenge(&file, public_key, &challenge.namespace, &challenge.message)?;
+            let key: warren_api::KeyView = client.post_as(
                 "/keys",
-                &json!({"name": name, "public_key": public_key, "signature": signature}),
+                &warren_api::NewKey {
+                    name: name.clone(),
+                    public_key: public_key.to_owned(),
+                    signature: Some(signature),
+                },
             )?;
-            println!(
-                "key {name} added ({})",
-                key["fingerprint"].as_str().unwrap_or("?")
-            );
+            println!("key {name} added ({})", key.fingerprint);
         }
         KeyCommand::Ls { json } => {
             return print_table(
@@ -1117,11 +1166,12 @@ pub fn host(cmd: HostCommand) -> anyhow::Result<ExitCode> {
     let json = match cmd {
         HostCommand::Add { name } => {
             let client = Client::from_login()?;
-            let host = client.post("/hosts", &json!({"name": name}))?;
+            let host: warren_api::NewHostAnswer =
+                client.post_as("/hosts", &warren_api::NewHost { name: name.clone() })?;
             println!("host {name} registered; on it, as root (the token is shown only now):");
             println!(
                 "  WARREN_HOST_TOKEN={} warren agent --server {}",
-                host["token"].as_str().unwrap_or("?"),
+                host.token,
                 client.server()
             );
             return Ok(ExitCode::SUCCESS);

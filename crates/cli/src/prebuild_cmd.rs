@@ -12,6 +12,7 @@ use anyhow::bail;
 use clap::Subcommand;
 use serde_json::{Value, json};
 use warren_agent::{Outcome, PrebuildJob, Prebuilder};
+use warren_api::{PrebuildState, PrebuildView};
 use warren_runtime::Runtime;
 
 use crate::client::Client;
@@ -176,14 +177,13 @@ pub fn prebuild(cmd: PrebuildCommand) -> anyhow::Result<ExitCode> {
             branch,
             follow,
         } => {
-            let pb = client.post(
+            let pb: PrebuildView = client.post_as(
                 &format!("/projects/{project}/prebuilds"),
-                &json!({ "branch": branch }),
+                &warren_api::NewPrebuild { branch },
             )?;
-            let id = pb["id"].as_str().unwrap_or_default().to_owned();
-            println!("prebuild {id}: {}", pb["state"].as_str().unwrap_or("?"));
+            println!("prebuild {}: {}", pb.id, pb.state);
             if follow {
-                return follow_log(&client, &id, true);
+                return follow_log(&client, &pb.id, true);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -196,20 +196,18 @@ pub fn prebuild(cmd: PrebuildCommand) -> anyhow::Result<ExitCode> {
         }
         PrebuildCommand::Logs { id, follow } => follow_log(&client, &id, follow),
         PrebuildCommand::Cancel { id } => {
-            let pb = client.post(&format!("/prebuilds/{id}/cancel"), &json!({}))?;
-            println!(
-                "prebuild {id}: {}",
-                if pb["state"] == "running" {
-                    "cancelling"
-                } else {
-                    pb["state"].as_str().unwrap_or("?")
-                }
-            );
+            let pb: PrebuildView =
+                client.post_as(&format!("/prebuilds/{id}/cancel"), &json!({}))?;
+            if pb.state == PrebuildState::Running {
+                println!("prebuild {id}: cancelling");
+            } else {
+                println!("prebuild {id}: {}", pb.state);
+            }
             Ok(ExitCode::SUCCESS)
         }
         PrebuildCommand::Retry { id } => {
-            let pb = client.post(&format!("/prebuilds/{id}/retry"), &json!({}))?;
-            println!("prebuild {} queued", pb["id"].as_str().unwrap_or("?"));
+            let pb: PrebuildView = client.post_as(&format!("/prebuilds/{id}/retry"), &json!({}))?;
+            println!("prebuild {} queued", pb.id);
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -221,31 +219,30 @@ fn follow_log(client: &Client, id: &str, follow: bool) -> anyhow::Result<ExitCod
     let mut offset = 0u64;
     let mut out = std::io::stdout();
     loop {
-        let piece = client.get(&format!("/prebuilds/{id}/log?offset={offset}"))?;
-        let text = piece["text"].as_str().unwrap_or_default();
-        out.write_all(text.as_bytes())?;
+        let piece: warren_api::LogPiece =
+            client.get_as(&format!("/prebuilds/{id}/log?offset={offset}"))?;
+        out.write_all(piece.text.as_bytes())?;
         out.flush()?;
-        offset = piece["offset"].as_u64().unwrap_or(offset);
-        if !follow || piece["done"] == true && text.is_empty() {
+        offset = piece.offset;
+        if !follow || piece.done && piece.text.is_empty() {
             break;
         }
-        if piece["done"] != true {
+        if !piece.done {
             std::thread::sleep(Duration::from_millis(500));
         }
     }
     if follow {
-        let pb = client.get(&format!("/prebuilds/{id}"))?;
-        match pb["state"].as_str() {
-            Some("succeeded") => {
+        let pb: PrebuildView = client.get_as(&format!("/prebuilds/{id}"))?;
+        match pb.state {
+            PrebuildState::Succeeded => {
                 eprintln!(
                     "prebuild {id} succeeded: {}",
-                    pb["image"].as_str().unwrap_or("")
+                    pb.image.as_deref().unwrap_or("")
                 );
             }
             state => bail!(
-                "prebuild {id} {}: {}",
-                state.unwrap_or("?"),
-                pb["error"].as_str().unwrap_or("no reason recorded")
+                "prebuild {id} {state}: {}",
+                pb.error.as_deref().unwrap_or("no reason recorded")
             ),
         }
     }

@@ -367,42 +367,48 @@ fn every_endpoint_refuses_strangers_and_other_users() {
     assert_eq!(status, 202, "{ws}");
     let ws_id = ws["id"].as_str().unwrap().to_owned();
 
-    // Without a token (or with a wrong one), every endpoint but login answers 401.
-    let protected = [
-        ("GET", "/api/v1/me"),
-        ("GET", "/api/v1/users"),
-        ("POST", "/api/v1/users"),
-        ("GET", "/api/v1/tokens"),
-        ("GET", "/api/v1/keys"),
-        ("POST", "/api/v1/keys"),
-        ("GET", "/api/v1/keys/challenge"),
-        ("DELETE", "/api/v1/keys/laptop"),
-        ("GET", "/api/v1/projects"),
-        ("POST", "/api/v1/projects"),
-        ("GET", "/api/v1/projects/app"),
-        ("DELETE", "/api/v1/projects/app"),
-        ("GET", "/api/v1/workspaces"),
-        ("POST", "/api/v1/workspaces"),
-        ("GET", "/api/v1/workspaces/mine"),
-        ("POST", "/api/v1/workspaces/mine/start"),
-        ("POST", "/api/v1/workspaces/mine/stop"),
-        ("POST", "/api/v1/workspaces/mine/exec"),
-        ("DELETE", "/api/v1/workspaces/mine"),
-        ("GET", "/api/v1/hosts"),
-        ("GET", "/api/v1/jobs"),
-        ("GET", "/api/v1/env"),
-        ("POST", "/api/v1/env"),
-        ("DELETE", "/api/v1/env/X"),
-        ("GET", "/api/v1/projects/app/branches"),
-        ("POST", "/api/v1/projects/app/refresh"),
-    ];
-    for (method, path) in protected {
-        for token in [None, Some("wrn_not-a-token")] {
-            let (status, body) = warren.http(method, path, token, None);
-            assert_eq!(status, 401, "{method} {path} with {token:?}: {body}");
-            assert!(body["error"].as_str().is_some(), "{body}");
+    // Every route the server documents is routed (no answer is the fallback's "no such
+    // endpoint"), and without a token (or with a wrong one) every one that names a security
+    // scheme answers 401.
+    let (status, doc) = warren.http("GET", "/api/v1/openapi.json", None, None);
+    assert_eq!(status, 200, "{doc}");
+    let paths = doc["paths"].as_object().expect("the document lists paths");
+    let mut protected = 0;
+    for (template, item) in paths {
+        let path = template
+            .replace("{workspace}", "mine")
+            .replace("{project}", "app")
+            .replace("{key}", "laptop")
+            .replace("{user}", "alice")
+            .replace("{id}", "x")
+            .replace("{name}", "X")
+            .replace("{task}", "t");
+        for (method, op) in item.as_object().unwrap() {
+            let method = method.to_uppercase();
+            let secured = op["security"].as_array().is_some_and(|s| {
+                s.iter()
+                    .any(|r| r.as_object().is_some_and(|r| !r.is_empty()))
+            });
+            for token in [None, Some("wrn_not-a-token")] {
+                let (status, body) = warren.http(&method, &path, token, None);
+                assert!(
+                    !body["error"]
+                        .as_str()
+                        .is_some_and(|e| e.contains("no such endpoint")),
+                    "{method} {path} is documented but not routed: {body}"
+                );
+                if secured {
+                    assert_eq!(status, 401, "{method} {path} with {token:?}: {body}");
+                    assert!(body["error"].as_str().is_some(), "{body}");
+                }
+            }
+            protected += usize::from(secured);
         }
     }
+    assert!(
+        protected >= 40,
+        "only {protected} protected operations documented"
+    );
 
     // Bob sees none of Alice's things, by name or by id, and cannot act on them.
     for (method, path) in [

@@ -16,6 +16,7 @@ use tokio::sync::Notify;
 use warren_agent::{Action, ControlPlane, Job, Outcome, PrebuildJob, Work, WorkspaceJob};
 
 use crate::db::{Db, DbKind, new_id, now_ms};
+use crate::model::Lifecycle;
 use crate::model::{Desired, Event, Next, WorkspaceState};
 
 /// How long a claimed job belongs to its agent before another may take it over.

@@ -22,14 +22,17 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{delete, get, patch, post};
 use sqlx::Row;
 use tokio::sync::Notify;
+use utoipa::OpenApi as _;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use warren_agent::Agent;
 use warren_runtime::Runtime;
 
 use crate::db::{Db, new_id, now_ms};
 use crate::error::ApiError;
+use warren_api::SshView;
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -46,7 +49,7 @@ pub struct AppState {
     /// The jobs, as agents see them (in process, or through the agent endpoints).
     pub plane: Arc<jobs::DbControlPlane>,
     /// How developers reach the SSH gateway, when this process runs one.
-    pub ssh: Option<api::SshView>,
+    pub ssh: Option<SshView>,
     /// Failed logins, to slow guessing down.
     pub logins: Arc<auth::LoginThrottle>,
     /// The server's mirrors of project repositories (branch heads, how far behind).
@@ -67,285 +70,102 @@ impl std::fmt::Debug for AppState {
 /// Largest request body (names, keys and exec stdin; not files).
 const BODY_LIMIT: usize = 1 << 20;
 
-/// Every route: the router below and the OpenAPI document are both built from it.
-const ROUTES: &[(&str, &str, &str)] = &[
-    (
-        "post",
-        "/api/v1/login",
-        "Exchange a user name and password for an API token",
-    ),
-    ("get", "/api/v1/me", "The calling user"),
-    ("get", "/api/v1/users", "All users (admin)"),
-    ("post", "/api/v1/users", "Create a user (admin)"),
-    ("get", "/api/v1/tokens", "The caller's API tokens"),
-    (
-        "delete",
-        "/api/v1/tokens/{id}",
-        "Revoke one of the caller's tokens",
-    ),
-    ("get", "/api/v1/keys", "The caller's SSH public keys"),
-    (
-        "post",
-        "/api/v1/keys",
-        "Add an SSH public key, with a signature proving the caller holds it",
-    ),
-    (
-        "get",
-        "/api/v1/keys/challenge",
-        "What the caller signs with a key to add it (SSHSIG namespace and message)",
-    ),
-    (
-        "delete",
-        "/api/v1/keys/{key}",
-        "Remove an SSH public key (by id or name)",
-    ),
-    ("get", "/api/v1/projects", "Projects the caller may see"),
-    (
-        "post",
-        "/api/v1/projects",
-        "Add a project (a git repository)",
-    ),
-    (
-        "get",
-        "/api/v1/projects/{project}",
-        "One project (by id or name)",
-    ),
-    ("delete", "/api/v1/projects/{project}", "Remove a project"),
-    (
-        "get",
-        "/api/v1/projects/{project}/branches",
-        "The project's branches and their head commits",
-    ),
-    (
-        "post",
-        "/api/v1/projects/{project}/refresh",
-        "Read the project's branch heads now",
-    ),
-    (
-        "post",
-        "/api/v1/hooks/git/{id}",
-        "Git webhook (`?secret=` from the project's creation): read branch heads now",
-    ),
-    ("get", "/api/v1/workspaces", "Workspaces the caller may see"),
-    (
-        "post",
-        "/api/v1/workspaces",
-        "Create a workspace from an image (202: it starts in the background)",
-    ),
-    (
-        "get",
-        "/api/v1/workspaces/{workspace}",
-        "One workspace (by id or name)",
-    ),
-    (
-        "delete",
-        "/api/v1/workspaces/{workspace}",
-        "Delete a workspace",
-    ),
-    (
-        "post",
-        "/api/v1/workspaces/{workspace}/start",
-        "Start a workspace",
-    ),
-    (
-        "post",
-        "/api/v1/workspaces/{workspace}/stop",
-        "Stop a workspace (`force` kills at once)",
-    ),
-    (
-        "post",
-        "/api/v1/workspaces/{workspace}/exec",
-        "Run a command to its end and return its output",
-    ),
-    (
-        "get",
-        "/api/v1/workspaces/{workspace}/tasks",
-        "The workspace's tasks and how each is doing",
-    ),
-    (
-        "get",
-        "/api/v1/workspaces/{workspace}/tasks/{task}/log",
-        "A task's output from `?offset=` (base64), where to continue, and whether more may come",
-    ),
-    (
-        "get",
-        "/api/v1/env",
-        "Environment variables of the caller (or of `?project=`); secrets' values are never returned",
-    ),
-    (
-        "post",
-        "/api/v1/env",
-        "Set a variable (`secret: true` seals it at rest)",
-    ),
-    (
-        "delete",
-        "/api/v1/env/{name}",
-        "Remove a variable (of the caller, or of `?project=`)",
-    ),
-    ("get", "/api/v1/hosts", "Hosts (admin)"),
-    (
-        "post",
-        "/api/v1/hosts",
-        "Register a host for `warren agent`; its token is shown once (admin)",
-    ),
-    (
-        "post",
-        "/api/v1/agent/claim",
-        "An agent claims its host's next job (host token)",
-    ),
-    (
-        "post",
-        "/api/v1/agent/finish",
-        "An agent reports how a job went (host token)",
-    ),
-    (
-        "post",
-        "/api/v1/agent/log",
-        "An agent adds to a running prebuild's log; answers whether to go on (host token)",
-    ),
-    (
-        "get",
-        "/api/v1/projects/{project}/prebuilds",
-        "The project's prebuilds, newest first, with how far each is behind its branch",
-    ),
-    (
-        "post",
-        "/api/v1/projects/{project}/prebuilds",
-        "Prebuild a branch's head now ({branch}; the default branch when absent)",
-    ),
-    ("get", "/api/v1/prebuilds/{id}", "One prebuild"),
-    (
-        "get",
-        "/api/v1/prebuilds/{id}/log",
-        "A prebuild's log from ?offset= on; `done` once it ended",
-    ),
-    (
-        "post",
-        "/api/v1/prebuilds/{id}/cancel",
-        "Stop a queued or running prebuild",
-    ),
-    (
-        "post",
-        "/api/v1/prebuilds/{id}/retry",
-        "A new prebuild of a failed or cancelled one's commit",
-    ),
-    (
-        "get",
-        "/api/v1/jobs",
-        "Recent jobs of the caller's workspaces",
-    ),
-    (
-        "get",
-        "/api/v1/ssh",
-        "The SSH gateway's address and host key (for `warren ssh-config`)",
-    ),
-    ("get", "/api/v1/openapi.json", "This document"),
-];
+/// The API's routes with the OpenAPI document made from them: a route is in the document
+/// because it is registered through its `#[utoipa::path]`, never beside it.
+fn api_routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(api::login))
+        .routes(routes!(api::me))
+        .routes(routes!(api::list_users, api::create_user))
+        .routes(routes!(api::update_user))
+        .routes(routes!(api::list_tokens))
+        .routes(routes!(api::delete_token))
+        .routes(routes!(api::list_keys, api::add_key))
+        .routes(routes!(api::key_challenge))
+        .routes(routes!(api::delete_key))
+        .routes(routes!(api::list_projects, api::create_project))
+        .routes(routes!(
+            api::get_project,
+            api::delete_project,
+            api::update_project
+        ))
+        .routes(routes!(api::list_workspaces, api::create_workspace))
+        .routes(routes!(api::get_workspace, api::delete_workspace))
+        .routes(routes!(api::start_workspace))
+        .routes(routes!(api::stop_workspace))
+        .routes(routes!(api::exec_workspace))
+        .routes(routes!(api::list_tasks))
+        .routes(routes!(api::task_log))
+        .routes(routes!(api::project_branches))
+        .routes(routes!(api::refresh_project))
+        .routes(routes!(api::git_hook))
+        .routes(routes!(api::list_vars, api::set_var))
+        .routes(routes!(api::delete_var))
+        .routes(routes!(api::list_hosts, api::add_host))
+        .routes(routes!(api::agent_claim))
+        .routes(routes!(api::agent_finish))
+        .routes(routes!(api::agent_log))
+        .routes(routes!(prebuilds::list, prebuilds::create))
+        .routes(routes!(prebuilds::get))
+        .routes(routes!(prebuilds::log))
+        .routes(routes!(prebuilds::cancel))
+        .routes(routes!(prebuilds::retry))
+        .routes(routes!(api::list_jobs))
+        .routes(routes!(api::ssh_gateway))
+        .routes(routes!(openapi))
+        .split_for_parts()
+}
+
+/// The document's frame: title, version and how callers authenticate.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "Warren", description = "Warren's control plane: users, projects, workspaces, prebuilds and hosts. Errors answer `{\"error\": message}`."),
+    modifiers(&Security)
+)]
+struct ApiDoc;
+
+struct Security;
+
+impl utoipa::Modify for Security {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let bearer = |what: &str| {
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(what))
+                    .build(),
+            )
+        };
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme("token", bearer("a user's API token (wrn_...)"));
+        components.add_security_scheme("host", bearer("a host's agent token (wrh_...)"));
+    }
+}
+
+/// The OpenAPI document of every route ([`router`] serves it at `/api/v1/openapi.json`).
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    api_routes().1
+}
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/api/v1/login", post(api::login))
-        .route("/api/v1/me", get(api::me))
-        .route("/api/v1/users", get(api::list_users).post(api::create_user))
-        .route("/api/v1/users/{user}", patch(api::update_user))
-        .route("/api/v1/tokens", get(api::list_tokens))
-        .route("/api/v1/tokens/{id}", delete(api::delete_token))
-        .route("/api/v1/keys", get(api::list_keys).post(api::add_key))
-        .route("/api/v1/keys/challenge", get(api::key_challenge))
-        .route("/api/v1/keys/{key}", delete(api::delete_key))
-        .route(
-            "/api/v1/projects",
-            get(api::list_projects).post(api::create_project),
-        )
-        .route(
-            "/api/v1/projects/{project}",
-            get(api::get_project)
-                .delete(api::delete_project)
-                .patch(api::update_project),
-        )
-        .route(
-            "/api/v1/workspaces",
-            get(api::list_workspaces).post(api::create_workspace),
-        )
-        .route(
-            "/api/v1/workspaces/{workspace}",
-            get(api::get_workspace).delete(api::delete_workspace),
-        )
-        .route(
-            "/api/v1/workspaces/{workspace}/start",
-            post(api::start_workspace),
-        )
-        .route(
-            "/api/v1/workspaces/{workspace}/stop",
-            post(api::stop_workspace),
-        )
-        .route(
-            "/api/v1/workspaces/{workspace}/exec",
-            post(api::exec_workspace),
-        )
-        .route("/api/v1/workspaces/{workspace}/tasks", get(api::list_tasks))
-        .route(
-            "/api/v1/workspaces/{workspace}/tasks/{task}/log",
-            get(api::task_log),
-        )
-        .route(
-            "/api/v1/projects/{project}/branches",
-            get(api::project_branches),
-        )
-        .route(
-            "/api/v1/projects/{project}/refresh",
-            post(api::refresh_project),
-        )
-        .route("/api/v1/hooks/git/{id}", post(api::git_hook))
-        .route("/api/v1/env", get(api::list_vars).post(api::set_var))
-        .route("/api/v1/env/{name}", delete(api::delete_var))
-        .route("/api/v1/hosts", get(api::list_hosts).post(api::add_host))
-        .route("/api/v1/agent/claim", post(api::agent_claim))
-        .route("/api/v1/agent/finish", post(api::agent_finish))
-        .route("/api/v1/agent/log", post(api::agent_log))
-        .route(
-            "/api/v1/projects/{project}/prebuilds",
-            get(prebuilds::list).post(prebuilds::create),
-        )
-        .route("/api/v1/prebuilds/{id}", get(prebuilds::get))
-        .route("/api/v1/prebuilds/{id}/log", get(prebuilds::log))
-        .route("/api/v1/prebuilds/{id}/cancel", post(prebuilds::cancel))
-        .route("/api/v1/prebuilds/{id}/retry", post(prebuilds::retry))
-        .route("/api/v1/jobs", get(api::list_jobs))
-        .route("/api/v1/ssh", get(api::ssh_gateway))
-        .route("/api/v1/openapi.json", get(openapi))
+    api_routes()
+        .0
         .fallback(|| async { ApiError::not_found("such endpoint (see /api/v1/openapi.json)") })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
 }
 
-async fn openapi() -> axum::Json<serde_json::Value> {
-    let mut paths = serde_json::Map::new();
-    for (method, path, summary) in ROUTES {
-        let entry = paths
-            .entry(path.to_string())
-            .or_insert_with(|| serde_json::json!({}));
-        let mut op = serde_json::json!({
-            "summary": summary,
-            "responses": {"default": {"description": "JSON; errors are {\"error\": message}"}},
-        });
-        if !path.ends_with("/login")
-            && !path.ends_with("/openapi.json")
-            && !path.contains("/hooks/")
-        {
-            op["security"] = serde_json::json!([{"token": []}]);
-        }
-        entry[*method] = op;
-    }
-    axum::Json(serde_json::json!({
-        "openapi": "3.0.3",
-        "info": {"title": "Warren", "version": env!("CARGO_PKG_VERSION")},
-        "components": {"securitySchemes": {
-            "token": {"type": "http", "scheme": "bearer", "description": "a user's API token (wrn_...)"},
-            "host": {"type": "http", "scheme": "bearer", "description": "a host's agent token (wrh_...)"},
-        }},
-        "paths": paths,
-    }))
+#[utoipa::path(
+    get,
+    path = "/api/v1/openapi.json",
+    tag = "meta",
+    summary = "This document",
+    responses((status = OK, description = "This document (OpenAPI 3.1)"), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
+    security(())
+)]
+async fn openapi() -> axum::Json<utoipa::openapi::OpenApi> {
+    axum::Json(openapi_document())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -414,7 +234,7 @@ async fn start_gateway(
     let (addr, task) = warren_ssh::listen(settings.listen, key.clone(), directory)
         .await
         .map_err(|e| ServerError::Other(e.to_string()))?;
-    state.ssh = Some(api::SshView {
+    state.ssh = Some(SshView {
         host: settings.public_host.clone(),
         port: addr.port(),
         known_hosts: warren_ssh::known_hosts_line(&key, &settings.public_host, addr.port()),
@@ -618,4 +438,28 @@ async fn register_host(db: &Db, name: &str) -> Result<String, sqlx::Error> {
         .execute(&db.pool)
         .await?;
     Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    /// The document clients are written against, as checked in: a change to a route or a
+    /// type shows up here, to be looked at and then checked in with
+    /// `WARREN_UPDATE_OPENAPI=1 cargo test -p warren-server openapi`.
+    #[test]
+    fn the_openapi_document_is_the_checked_in_one() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/openapi.json");
+        let generated = super::openapi_document()
+            .to_pretty_json()
+            .expect("the document serializes")
+            + "\n";
+        if std::env::var_os("WARREN_UPDATE_OPENAPI").is_some() {
+            std::fs::write(&path, &generated).expect("docs/openapi.json is writable");
+        }
+        let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            generated == checked_in,
+            "the API changed: review `git diff docs/openapi.json` after \
+             `WARREN_UPDATE_OPENAPI=1 cargo test -p warren-server openapi`"
+        );
+    }
 }

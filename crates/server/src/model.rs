@@ -5,10 +5,10 @@
 //! [`WorkspaceState::next`] decides.
 
 use std::fmt;
-use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 use warren_agent::Action;
+pub use warren_api::{Desired, UnknownState, WorkspaceState};
 
 /// A workspace's id in the database (its runtime's name is [`WorkspaceId::runtime_id`]).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -37,32 +37,6 @@ impl fmt::Display for HostId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
-}
-
-/// Where a workspace is. The in-between states (`creating`, `starting`, `stopping`,
-/// `deleting`) each have a job queued or running on the workspace's host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum WorkspaceState {
-    Creating,
-    Starting,
-    Running,
-    Stopping,
-    Stopped,
-    Deleting,
-    /// Its last job failed on every attempt; `last_error` says why. A start or delete
-    /// tries again.
-    Failed,
-}
-
-/// What the owner last asked for; jobs and the reconciler bring the workspace there.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Desired {
-    Running,
-    Stopped,
-    /// Its row goes once the host has removed it.
-    Deleted,
 }
 
 /// What moves a workspace.
@@ -114,37 +88,15 @@ pub enum Refusal {
 /// How long a stop the reconciler asks for waits for processes to end.
 pub const RECONCILE_GRACE_MS: u64 = 10_000;
 
-impl WorkspaceState {
-    pub const ALL: [Self; 7] = [
-        Self::Creating,
-        Self::Starting,
-        Self::Running,
-        Self::Stopping,
-        Self::Stopped,
-        Self::Deleting,
-        Self::Failed,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Creating => "creating",
-            Self::Starting => "starting",
-            Self::Running => "running",
-            Self::Stopping => "stopping",
-            Self::Stopped => "stopped",
-            Self::Deleting => "deleting",
-            Self::Failed => "failed",
-        }
-    }
-
-    /// Whether no job of the workspace should be under way.
-    pub fn is_settled(self) -> bool {
-        matches!(self, Self::Running | Self::Stopped)
-    }
-
+/// The lifecycle: where a workspace goes next.
+pub trait Lifecycle {
     /// Where a workspace in this state, with this desired state, goes on `event`: the one
     /// place the lifecycle is written down.
-    pub fn next(self, desired: Desired, event: Event) -> Result<Next, Refusal> {
+    fn next(self, desired: Desired, event: Event) -> Result<Next, Refusal>;
+}
+
+impl Lifecycle for WorkspaceState {
+    fn next(self, desired: Desired, event: Event) -> Result<Next, Refusal> {
         use WorkspaceState as S;
         Ok(match event {
             Event::Start => match self {
@@ -216,53 +168,6 @@ impl WorkspaceState {
     }
 }
 
-impl fmt::Display for WorkspaceState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A stored value that names no state: the database was written by something else.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("`{0}` is not a workspace state")]
-pub struct UnknownState(pub String);
-
-impl FromStr for WorkspaceState {
-    type Err = UnknownState;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|state| state.as_str() == s)
-            .ok_or_else(|| UnknownState(s.to_owned()))
-    }
-}
-
-impl Desired {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Running => "running",
-            Self::Stopped => "stopped",
-            Self::Deleted => "deleted",
-        }
-    }
-}
-
-impl fmt::Display for Desired {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Desired {
-    type Err = UnknownState;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        [Self::Running, Self::Stopped, Self::Deleted]
-            .into_iter()
-            .find(|d| d.as_str() == s)
-            .ok_or_else(|| UnknownState(s.to_owned()))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::Desired as D;
@@ -286,24 +191,6 @@ mod tests {
         grace_ms: 0,
         force: true,
     };
-
-    #[test]
-    fn states_read_back_as_stored() {
-        for state in S::ALL {
-            assert_eq!(state.as_str().parse::<S>(), Ok(state));
-            assert_eq!(
-                serde_json::to_string(&state).ok(),
-                Some(format!("\"{state}\""))
-            );
-        }
-        assert_eq!(
-            "paused".parse::<S>(),
-            Err(UnknownState("paused".to_owned()))
-        );
-        for desired in [D::Running, D::Stopped, D::Deleted] {
-            assert_eq!(desired.as_str().parse::<D>(), Ok(desired));
-        }
-    }
 
     #[test]
     fn a_start_runs_whatever_is_not_running_or_going() {

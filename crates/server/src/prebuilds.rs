@@ -9,7 +9,6 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use serde::{Deserialize, Serialize};
 use sqlx::any::AnyRow;
 use sqlx::{Any, Row, Transaction};
 use warren_agent::{Outcome, PrebuildJob};
@@ -20,6 +19,7 @@ use crate::auth::Caller;
 use crate::db::{Db, new_id, now_ms};
 use crate::error::{ApiError, ApiResult};
 use crate::jobs;
+use warren_api::{LogPiece, LogQuery, NewPrebuild, PrebuildView};
 
 /// How long a prebuild's first start is recorded for its access trace.
 pub const TRACE_SECS: u64 = 10;
@@ -218,27 +218,6 @@ pub async fn archive_unneeded(db: &Db) -> Result<usize, sqlx::Error> {
     Ok(rows.len())
 }
 
-#[derive(Debug, Serialize)]
-pub struct PrebuildView {
-    pub id: String,
-    pub project: String,
-    pub branch: Option<String>,
-    pub commit: String,
-    pub state: String,
-    pub image: Option<String>,
-    pub error: Option<String>,
-    /// Made before under the same key and taken as it was.
-    pub reused: bool,
-    pub env_file: Option<String>,
-    /// The host that made it (and holds its image).
-    pub host: Option<String>,
-    pub created_at: i64,
-    pub started_at: Option<i64>,
-    pub finished_at: Option<i64>,
-    /// Commits its branch's head has that it lacks (when the server's mirror knows both).
-    pub behind: Option<u64>,
-}
-
 const COLUMNS: &str = "p.id, p.project_id, pr.name AS project, pr.owner_id, pr.git_url, p.branch, p.commit_sha, p.state, p.image,
     p.error, p.reused, p.env_file, p.env_text, p.created_at, p.started_at, p.finished_at,
     (SELECT b.head FROM branches b WHERE b.project_id = p.project_id AND b.name = p.branch) AS head,
@@ -258,7 +237,10 @@ async fn view(state: &AppState, r: &AnyRow) -> ApiResult<PrebuildView> {
         project: r.try_get("project")?,
         branch: r.try_get("branch")?,
         commit,
-        state: r.try_get("state")?,
+        state: r
+            .try_get::<String, _>("state")?
+            .parse()
+            .map_err(|e| ApiError::internal("a stored prebuild", e))?,
         image: r.try_get("image")?,
         error: r.try_get("error")?,
         reused: r.try_get::<i64, _>("reused")? != 0,
@@ -302,6 +284,15 @@ async fn find(state: &AppState, caller: &Caller, id: &str) -> ApiResult<AnyRow> 
         .ok_or_else(|| ApiError::not_found(format_args!("prebuild `{id}`")))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/projects/{project}/prebuilds",
+    tag = "projects",
+    summary = "The project's prebuilds, newest first, with how far each is behind its branch",
+    params(("project" = String, Path, description = "The project's id or name")),
+    responses((status = OK, body = Vec<PrebuildView>), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
+    security(("token" = []))
+)]
 pub async fn list(
     State(state): State<AppState>,
     caller: Caller,
@@ -321,6 +312,15 @@ pub async fn list(
     Ok(Json(out))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/prebuilds/{id}",
+    tag = "prebuilds",
+    summary = "One prebuild",
+    params(("id" = String, Path, description = "Its id")),
+    responses((status = OK, body = PrebuildView), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
+    security(("token" = []))
+)]
 pub async fn get(
     State(state): State<AppState>,
     caller: Caller,
@@ -330,15 +330,17 @@ pub async fn get(
     Ok(Json(view(&state, &row).await?))
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NewPrebuild {
-    /// The branch whose head to prebuild (the project's default branch when absent).
-    #[serde(default)]
-    branch: Option<String>,
-}
-
 /// Asks for a prebuild of a branch's head now (the one there is when it exists).
+#[utoipa::path(
+    post,
+    path = "/api/v1/projects/{project}/prebuilds",
+    tag = "projects",
+    summary = "Prebuild a branch's head now ({branch}; the default branch when absent)",
+    params(("project" = String, Path, description = "The project's id or name")),
+    request_body = NewPrebuild,
+    responses((status = OK, body = PrebuildView, description = "The prebuild of that commit there already is"), (status = ACCEPTED, body = PrebuildView, description = "Queued"), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
+    security(("token" = []))
+)]
 pub async fn create(
     State(state): State<AppState>,
     caller: Caller,
@@ -415,6 +417,15 @@ pub async fn branch_head(
 }
 
 /// Stops a queued or running prebuild.
+#[utoipa::path(
+    post,
+    path = "/api/v1/prebuilds/{id}/cancel",
+    tag = "prebuilds",
+    summary = "Stop a queued or running prebuild",
+    params(("id" = String, Path, description = "Its id")),
+    responses((status = OK, body = PrebuildView), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
+    security(("token" = []))
+)]
 pub async fn cancel(
     State(state): State<AppState>,
     caller: Caller,
@@ -457,6 +468,15 @@ pub async fn cancel(
 }
 
 /// A new prebuild of a failed or cancelled one's commit.
+#[utoipa::path(
+    post,
+    path = "/api/v1/prebuilds/{id}/retry",
+    tag = "prebuilds",
+    summary = "A new prebuild of a failed or cancelled one's commit",
+    params(("id" = String, Path, description = "Its id")),
+    responses((status = ACCEPTED, body = PrebuildView), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
+    security(("token" = []))
+)]
 pub async fn retry(
     State(state): State<AppState>,
     caller: Caller,
@@ -485,23 +505,17 @@ pub async fn retry(
     Ok((StatusCode::ACCEPTED, Json(view(&state, &row).await?)))
 }
 
-#[derive(Debug, Deserialize)]
-pub struct LogQuery {
-    #[serde(default)]
-    offset: u64,
-}
-
-#[derive(Debug, Serialize)]
-pub struct LogPiece {
-    pub text: String,
-    /// Where the next read starts.
-    pub offset: u64,
-    /// The prebuild has ended: nothing more will come.
-    pub done: bool,
-}
-
 /// The log from `offset` on (`warren prebuild logs -f` reads it again from the returned
 /// offset until `done`).
+#[utoipa::path(
+    get,
+    path = "/api/v1/prebuilds/{id}/log",
+    tag = "prebuilds",
+    summary = "A prebuild's log from ?offset= on; `done` once it ended",
+    params(("id" = String, Path, description = "Its id"), LogQuery),
+    responses((status = OK, body = LogPiece), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
+    security(("token" = []))
+)]
 pub async fn log(
     State(state): State<AppState>,
     caller: Caller,

@@ -16,6 +16,7 @@ use crate::ServerError;
 use crate::db::{Db, now_ms};
 use crate::error::{ApiError, ApiResult};
 use crate::jobs;
+use crate::model::Lifecycle;
 use crate::model::{Desired, Event, HostId, Next, Refusal, WorkspaceId, WorkspaceState};
 
 /// What [`Workspace::from_row`] reads: the workspace and the names of its owner, project, host

@@ -328,7 +328,12 @@ impl Warren {
                 req.call().unwrap()
             }
             _ => {
-                let mut req = agent.post(&url).header("Content-Type", "application/json");
+                let req = if method == "PATCH" {
+                    agent.patch(&url)
+                } else {
+                    agent.post(&url)
+                };
+                let mut req = req.header("Content-Type", "application/json");
                 if let Some(a) = &auth {
                     req = req.header("Authorization", a);
                 }

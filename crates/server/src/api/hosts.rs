@@ -4,7 +4,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use sqlx::Row;
 
 use super::{Body, check_name};
@@ -12,22 +12,18 @@ use crate::AppState;
 use crate::auth::Caller;
 use crate::db::{new_id, now_ms};
 use crate::error::{ApiError, ApiResult};
-
-#[derive(Debug, Serialize)]
-pub struct HostView {
-    id: String,
-    name: String,
-    workspaces: i64,
-    last_seen_at: Option<i64>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NewHost {
-    name: String,
-}
+use warren_api::{HostView, JobView, LogAnswer, LogRequest, NewHost, NewHostAnswer};
 
 /// Registers a host for `warren agent`; its token is shown once.
+#[utoipa::path(
+    post,
+    path = "/api/v1/hosts",
+    tag = "hosts",
+    summary = "Register a host for `warren agent`; its token is shown once (admin)",
+    request_body = NewHost,
+    responses((status = CREATED, body = NewHostAnswer), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
+    security(("token" = []))
+)]
 pub async fn add_host(
     State(state): State<AppState>,
     caller: Caller,
@@ -47,7 +43,11 @@ pub async fn add_host(
         .await?;
     Ok((
         StatusCode::CREATED,
-        Json(serde_json::json!({"id": id, "name": req.name, "token": token})),
+        Json(NewHostAnswer {
+            id,
+            name: req.name,
+            token,
+        }),
     ))
 }
 
@@ -101,6 +101,15 @@ fn yes() -> bool {
     true
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/agent/claim",
+    tag = "agent",
+    summary = "An agent claims its host's next job (host token)",
+    request_body(content = Object, description = "`{\"report\": HostReport?, \"prebuilds\": bool}` (warren-agent's types)"),
+    responses((status = OK, description = "The job (warren-agent's `Job`)"), (status = NO_CONTENT, description = "Nothing to do"), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
+    security(("host" = []))
+)]
 pub async fn agent_claim(
     State(state): State<AppState>,
     host: AgentHost,
@@ -144,6 +153,15 @@ pub struct FinishRequest {
     result: Result<warren_agent::Outcome, String>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/agent/finish",
+    tag = "agent",
+    summary = "An agent reports how a job went (host token)",
+    request_body(content = Object, description = "`{\"job\": id, \"result\": {\"Ok\": Outcome} | {\"Err\": message}}` (warren-agent's types)"),
+    responses((status = NO_CONTENT, description = "Done"), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
+    security(("host" = []))
+)]
 pub async fn agent_finish(
     State(state): State<AppState>,
     host: AgentHost,
@@ -159,19 +177,15 @@ pub async fn agent_finish(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LogRequest {
-    job: String,
-    text: String,
-}
-
-#[derive(Debug, Serialize)]
-pub struct LogAnswer {
-    /// `false` once the job was cancelled: the agent stops it.
-    pub go_on: bool,
-}
-
+#[utoipa::path(
+    post,
+    path = "/api/v1/agent/log",
+    tag = "agent",
+    summary = "An agent adds to a running prebuild's log; answers whether to go on (host token)",
+    request_body = LogRequest,
+    responses((status = OK, body = LogAnswer), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
+    security(("host" = []))
+)]
 pub async fn agent_log(
     State(state): State<AppState>,
     host: AgentHost,
@@ -189,6 +203,14 @@ pub async fn agent_log(
     Ok(Json(LogAnswer { go_on }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/hosts",
+    tag = "hosts",
+    summary = "Hosts (admin)",
+    responses((status = OK, body = Vec<HostView>), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
+    security(("token" = []))
+)]
 pub async fn list_hosts(
     State(state): State<AppState>,
     caller: Caller,
@@ -214,18 +236,14 @@ pub async fn list_hosts(
     ))
 }
 
-#[derive(Debug, Serialize)]
-pub struct JobView {
-    id: String,
-    kind: String,
-    workspace: Option<String>,
-    state: String,
-    attempts: i64,
-    last_error: Option<String>,
-    created_at: i64,
-    finished_at: Option<i64>,
-}
-
+#[utoipa::path(
+    get,
+    path = "/api/v1/jobs",
+    tag = "hosts",
+    summary = "Recent jobs of the caller's workspaces",
+    responses((status = OK, body = Vec<JobView>), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
+    security(("token" = []))
+)]
 pub async fn list_jobs(
     State(state): State<AppState>,
     caller: Caller,

@@ -4,7 +4,6 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
@@ -13,50 +12,31 @@ use crate::AppState;
 use crate::auth::Caller;
 use crate::db::{new_id, now_ms};
 use crate::error::{ApiError, ApiResult};
+use warren_api::{KeyChallenge, KeyView, NewKey, SshView};
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NewKey {
-    name: String,
-    public_key: String,
-    /// An SSH signature (`ssh-keygen -Y sign -n warren-key`) of the caller's
-    /// [`KeyChallenge`] message, made with the key: the proof that the caller holds it.
-    #[serde(default)]
-    signature: Option<String>,
-}
-
-/// What a user signs with a key to add it.
-#[derive(Debug, Serialize)]
-pub struct KeyChallenge {
-    namespace: &'static str,
-    message: String,
-}
-
+#[utoipa::path(
+    get,
+    path = "/api/v1/keys/challenge",
+    tag = "keys",
+    summary = "What the caller signs with a key to add it (SSHSIG namespace and message)",
+    responses((status = OK, body = KeyChallenge), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
+    security(("token" = []))
+)]
 pub async fn key_challenge(caller: Caller) -> Json<KeyChallenge> {
     Json(KeyChallenge {
-        namespace: warren_ssh::KEY_PROOF_NAMESPACE,
+        namespace: warren_ssh::KEY_PROOF_NAMESPACE.to_owned(),
         message: warren_ssh::key_proof_message(&caller.user_id),
     })
 }
 
-#[derive(Debug, Serialize)]
-pub struct KeyView {
-    id: String,
-    name: String,
-    public_key: String,
-    fingerprint: String,
-}
-
-/// How developers reach the SSH gateway.
-#[derive(Debug, Clone, Serialize)]
-pub struct SshView {
-    /// The name developers' machines know this host by.
-    pub host: String,
-    pub port: u16,
-    /// The gateway's host key as a `known_hosts` line.
-    pub known_hosts: String,
-}
-
+#[utoipa::path(
+    get,
+    path = "/api/v1/ssh",
+    tag = "keys",
+    summary = "The SSH gateway's address and host key (for `warren ssh-config`)",
+    responses((status = OK, body = SshView), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
+    security(("token" = []))
+)]
 pub async fn ssh_gateway(
     State(state): State<AppState>,
     _caller: Caller,
@@ -123,6 +103,14 @@ fn key_view(r: &AnyRow) -> ApiResult<KeyView> {
     })
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/keys",
+    tag = "keys",
+    summary = "The caller's SSH public keys",
+    responses((status = OK, body = Vec<KeyView>), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
+    security(("token" = []))
+)]
 pub async fn list_keys(
     State(state): State<AppState>,
     caller: Caller,
@@ -136,6 +124,15 @@ pub async fn list_keys(
     Ok(Json(rows.iter().map(key_view).collect::<ApiResult<_>>()?))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/keys",
+    tag = "keys",
+    summary = "Add an SSH public key, with a signature proving the caller holds it",
+    request_body = NewKey,
+    responses((status = CREATED, body = KeyView), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
+    security(("token" = []))
+)]
 pub async fn add_key(
     State(state): State<AppState>,
     caller: Caller,
@@ -184,6 +181,15 @@ pub async fn add_key(
     ))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/v1/keys/{key}",
+    tag = "keys",
+    summary = "Remove an SSH public key (by id or name)",
+    params(("key" = String, Path, description = "The key's id or name")),
+    responses((status = NO_CONTENT, description = "Done"), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
+    security(("token" = []))
+)]
 pub async fn delete_key(
     State(state): State<AppState>,
     caller: Caller,

@@ -4,7 +4,6 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
@@ -13,30 +12,7 @@ use crate::AppState;
 use crate::auth::Caller;
 use crate::db::{new_id, now_ms};
 use crate::error::{ApiError, ApiResult};
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NewProject {
-    name: String,
-    git_url: String,
-    #[serde(default)]
-    root_folder: Option<String>,
-    #[serde(default)]
-    env_file: Option<String>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct ProjectView {
-    id: String,
-    name: String,
-    owner: String,
-    git_url: String,
-    root_folder: String,
-    env_file: Option<String>,
-    /// The webhook's URL path with its secret: shown once, when the project is created.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    webhook: Option<String>,
-}
+use warren_api::{BranchView, HookQuery, NewProject, ProjectView, TrustChange};
 
 /// `https://`, `ssh://`, `file://` or scp-like `user@host:path`.
 pub fn check_git_url(url: &str) -> ApiResult<()> {
@@ -115,6 +91,14 @@ pub(crate) async fn find_project(
         .ok_or_else(|| ApiError::not_found(format_args!("project `{key}`")))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/projects",
+    tag = "projects",
+    summary = "Projects the caller may see",
+    responses((status = OK, body = Vec<ProjectView>), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
+    security(("token" = []))
+)]
 pub async fn list_projects(
     State(state): State<AppState>,
     caller: Caller,
@@ -131,6 +115,15 @@ pub async fn list_projects(
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/projects",
+    tag = "projects",
+    summary = "Add a project (a git repository)",
+    request_body = NewProject,
+    responses((status = CREATED, body = ProjectView), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
+    security(("token" = []))
+)]
 pub async fn create_project(
     State(state): State<AppState>,
     caller: Caller,
@@ -179,11 +172,21 @@ pub async fn create_project(
     Ok((StatusCode::CREATED, Json(view)))
 }
 
+#[utoipa::path(
+    patch,
+    path = "/api/v1/projects/{project}",
+    tag = "projects",
+    summary = "Change a project's trust domain: whether KSM may merge its VMs' memory (admin)",
+    params(("project" = String, Path, description = "The project's id or name")),
+    request_body = TrustChange,
+    responses((status = NO_CONTENT, description = "Done"), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
+    security(("token" = []))
+)]
 pub async fn update_project(
     State(state): State<AppState>,
     caller: Caller,
     Path(key): Path<String>,
-    Body(req): Body<super::users::TrustChange>,
+    Body(req): Body<TrustChange>,
 ) -> ApiResult<StatusCode> {
     caller.require_admin()?;
     let id: String = find_project(&state, &caller, &key).await?.try_get("id")?;
@@ -196,6 +199,15 @@ pub async fn update_project(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/projects/{project}",
+    tag = "projects",
+    summary = "One project (by id or name)",
+    params(("project" = String, Path, description = "The project's id or name")),
+    responses((status = OK, body = ProjectView), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
+    security(("token" = []))
+)]
 pub async fn get_project(
     State(state): State<AppState>,
     caller: Caller,
@@ -206,6 +218,15 @@ pub async fn get_project(
     )?))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/v1/projects/{project}",
+    tag = "projects",
+    summary = "Remove a project",
+    params(("project" = String, Path, description = "The project's id or name")),
+    responses((status = NO_CONTENT, description = "Done"), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
+    security(("token" = []))
+)]
 pub async fn delete_project(
     State(state): State<AppState>,
     caller: Caller,
@@ -218,13 +239,6 @@ pub async fn delete_project(
         .execute(&state.db.pool)
         .await?;
     Ok(StatusCode::NO_CONTENT)
-}
-
-#[derive(Debug, Serialize)]
-pub struct BranchView {
-    name: String,
-    head: String,
-    updated_at: i64,
 }
 
 async fn branches_of(state: &AppState, project_id: &str) -> ApiResult<Vec<BranchView>> {
@@ -245,6 +259,15 @@ async fn branches_of(state: &AppState, project_id: &str) -> ApiResult<Vec<Branch
         .collect()
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/projects/{project}/branches",
+    tag = "projects",
+    summary = "The project's branches and their head commits",
+    params(("project" = String, Path, description = "The project's id or name")),
+    responses((status = OK, body = Vec<BranchView>), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
+    security(("token" = []))
+)]
 pub async fn project_branches(
     State(state): State<AppState>,
     caller: Caller,
@@ -257,6 +280,15 @@ pub async fn project_branches(
 }
 
 /// Reads the project's branch heads now (what the poller does on its timer).
+#[utoipa::path(
+    post,
+    path = "/api/v1/projects/{project}/refresh",
+    tag = "projects",
+    summary = "Read the project's branch heads now",
+    params(("project" = String, Path, description = "The project's id or name")),
+    responses((status = OK, body = Vec<BranchView>), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
+    security(("token" = []))
+)]
 pub async fn refresh_project(
     State(state): State<AppState>,
     caller: Caller,
@@ -272,13 +304,17 @@ pub async fn refresh_project(
     Ok(Json(branches_of(&state, &id).await?))
 }
 
-#[derive(Debug, Deserialize)]
-pub struct HookQuery {
-    secret: String,
-}
-
 /// The git webhook: a push to the repository makes Warren read its branch heads now. Needs
 /// the project's secret instead of a token (git hosts cannot log in).
+#[utoipa::path(
+    post,
+    path = "/api/v1/hooks/git/{id}",
+    tag = "projects",
+    summary = "Git webhook (`?secret=` from the project's creation): read branch heads now",
+    params(("id" = String, Path, description = "Its id"), HookQuery),
+    responses((status = NO_CONTENT, description = "Done"), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
+    security(())
+)]
 pub async fn git_hook(
     State(state): State<AppState>,
     Path(id): Path<String>,

@@ -4,7 +4,6 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
@@ -13,23 +12,17 @@ use crate::AppState;
 use crate::auth::{Caller, hash_password, new_token, verify_password};
 use crate::db::{new_id, now_ms};
 use crate::error::{ApiError, ApiResult};
+use warren_api::{LoginRequest, LoginResponse, NewUser, TokenView, TrustChange, UserView};
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LoginRequest {
-    user: String,
-    password: String,
-    #[serde(default)]
-    token_name: Option<String>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct LoginResponse {
-    token: String,
-    user: String,
-    admin: bool,
-}
-
+#[utoipa::path(
+    post,
+    path = "/api/v1/login",
+    tag = "users",
+    summary = "Exchange a user name and password for an API token",
+    request_body = LoginRequest,
+    responses((status = OK, body = LoginResponse), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
+    security(())
+)]
 pub async fn login(
     State(state): State<AppState>,
     axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
@@ -96,13 +89,6 @@ pub async fn login(
     }))
 }
 
-#[derive(Debug, Serialize)]
-pub struct UserView {
-    id: String,
-    name: String,
-    admin: bool,
-}
-
 fn user_view(row: &AnyRow) -> ApiResult<UserView> {
     Ok(UserView {
         id: row.try_get("id")?,
@@ -111,16 +97,16 @@ fn user_view(row: &AnyRow) -> ApiResult<UserView> {
     })
 }
 
-/// An admin's change to a trust domain (a user or a project).
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TrustChange {
-    /// Whether the memory of this domain's VM workspaces may be merged by KSM (from their next
-    /// start). Merged pages are a side channel: a tenant can tell, by timing its own writes,
-    /// whether another VM holds the same page — so only for tenants that trust each other.
-    pub(super) vm_ksm: bool,
-}
-
+#[utoipa::path(
+    patch,
+    path = "/api/v1/users/{user}",
+    tag = "users",
+    summary = "Change a user's trust domain: whether KSM may merge their VMs' memory (admin)",
+    params(("user" = String, Path, description = "The user's id or name")),
+    request_body = TrustChange,
+    responses((status = NO_CONTENT, description = "Done"), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
+    security(("token" = []))
+)]
 pub async fn update_user(
     State(state): State<AppState>,
     caller: Caller,
@@ -140,6 +126,14 @@ pub async fn update_user(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/me",
+    tag = "users",
+    summary = "The calling user",
+    responses((status = OK, body = UserView), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
+    security(("token" = []))
+)]
 pub async fn me(caller: Caller) -> Json<UserView> {
     Json(UserView {
         id: caller.user_id,
@@ -148,6 +142,14 @@ pub async fn me(caller: Caller) -> Json<UserView> {
     })
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/users",
+    tag = "users",
+    summary = "All users (admin)",
+    responses((status = OK, body = Vec<UserView>), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
+    security(("token" = []))
+)]
 pub async fn list_users(
     State(state): State<AppState>,
     caller: Caller,
@@ -159,15 +161,15 @@ pub async fn list_users(
     Ok(Json(rows.iter().map(user_view).collect::<ApiResult<_>>()?))
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NewUser {
-    name: String,
-    password: String,
-    #[serde(default)]
-    admin: bool,
-}
-
+#[utoipa::path(
+    post,
+    path = "/api/v1/users",
+    tag = "users",
+    summary = "Create a user (admin)",
+    request_body = NewUser,
+    responses((status = CREATED, body = UserView), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
+    security(("token" = []))
+)]
 pub async fn create_user(
     State(state): State<AppState>,
     caller: Caller,
@@ -203,13 +205,14 @@ pub async fn create_user(
     ))
 }
 
-#[derive(Debug, Serialize)]
-pub struct TokenView {
-    id: String,
-    name: String,
-    created_at: i64,
-}
-
+#[utoipa::path(
+    get,
+    path = "/api/v1/tokens",
+    tag = "users",
+    summary = "The caller's API tokens",
+    responses((status = OK, body = Vec<TokenView>), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
+    security(("token" = []))
+)]
 pub async fn list_tokens(
     State(state): State<AppState>,
     caller: Caller,
@@ -233,6 +236,15 @@ pub async fn list_tokens(
     ))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/v1/tokens/{id}",
+    tag = "users",
+    summary = "Revoke one of the caller's tokens",
+    params(("id" = String, Path, description = "Its id")),
+    responses((status = NO_CONTENT, description = "Done"), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
+    security(("token" = []))
+)]
 pub async fn delete_token(
     State(state): State<AppState>,
     caller: Caller,

@@ -3,7 +3,6 @@
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
 use super::Body;
@@ -12,36 +11,7 @@ use crate::AppState;
 use crate::auth::Caller;
 use crate::db::{new_id, now_ms};
 use crate::error::{ApiError, ApiResult};
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ScopeQuery {
-    #[serde(default)]
-    project: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NewVar {
-    name: String,
-    value: String,
-    #[serde(default)]
-    secret: bool,
-    /// Set on a project (its workspaces and prebuilds) instead of on the caller.
-    #[serde(default)]
-    project: Option<String>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct VarView {
-    name: String,
-    scope: String,
-    secret: bool,
-    /// Plain values only: a secret's value is never sent back.
-    value: Option<String>,
-    /// For a secret: its length, so a person can tell which value is set.
-    hint: Option<String>,
-}
+use warren_api::{NewVar, ScopeQuery, VarView};
 
 fn check_var_name(name: &str) -> ApiResult<()> {
     let mut bytes = name.bytes();
@@ -74,6 +44,15 @@ async fn var_scope(
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/env",
+    tag = "variables",
+    summary = "Environment variables of the caller (or of `?project=`); secrets' values are never returned",
+    params(ScopeQuery),
+    responses((status = OK, body = Vec<VarView>), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
+    security(("token" = []))
+)]
 pub async fn list_vars(
     State(state): State<AppState>,
     caller: Caller,
@@ -131,6 +110,15 @@ pub(crate) async fn workspace_env(
     Ok(vars.into_iter().map(|(k, v)| format!("{k}={v}")).collect())
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/env",
+    tag = "variables",
+    summary = "Set a variable (`secret: true` seals it at rest)",
+    request_body = NewVar,
+    responses((status = NO_CONTENT, description = "Done"), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
+    security(("token" = []))
+)]
 pub async fn set_var(
     State(state): State<AppState>,
     caller: Caller,
@@ -171,6 +159,15 @@ pub async fn set_var(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/v1/env/{name}",
+    tag = "variables",
+    summary = "Remove a variable (of the caller, or of `?project=`)",
+    params(("name" = String, Path, description = "The variable's name"), ScopeQuery),
+    responses((status = NO_CONTENT, description = "Done"), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
+    security(("token" = []))
+)]
 pub async fn delete_var(
     State(state): State<AppState>,
     caller: Caller,

@@ -8,7 +8,6 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use warren_agent::{Action, WorkspaceJob, WorkspaceSpec};
 
@@ -22,6 +21,10 @@ use crate::error::{ApiError, ApiResult};
 use crate::jobs;
 use crate::model::{Desired, Event, WorkspaceId, WorkspaceState};
 use crate::workspaces::{self, Workspace};
+use warren_api::{
+    EnvironmentFile, ExecRequest, ExecResponse, ExitStatus, LogQuery, LogView, NewWorkspace,
+    StopRequest, TaskState, TaskView, WorkspaceView,
+};
 
 /// Refuses a user's image reference on a registry (the first part of `HOST[:PORT]/REPO:TAG`, as
 /// Docker tells a registry from a repository) the admin does not trust: the host would mount
@@ -41,46 +44,6 @@ fn check_registry_trusted(image: &str, policy: &warren_runtime::EgressPolicy) ->
 }
 
 // ---- workspaces ----
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NewWorkspace {
-    name: String,
-    /// The image to start from; when absent, the newest succeeded prebuild of the project's
-    /// branch.
-    #[serde(default)]
-    image: Option<String>,
-    #[serde(default)]
-    project: Option<String>,
-    /// The branch whose prebuild to start from and check out (the project's default branch
-    /// when absent).
-    #[serde(default)]
-    branch: Option<String>,
-    /// Bytes.
-    #[serde(default)]
-    memory: Option<u64>,
-    #[serde(default)]
-    cpus: Option<f64>,
-    /// Bytes it may write (a container's writable layer and `/var/lib/docker`); when absent,
-    /// the environment file's, else the host's default (`--workspace-disk`).
-    #[serde(default)]
-    disk: Option<u64>,
-    /// The environment file whose workspace tasks run on each start.
-    #[serde(default)]
-    environment: Option<EnvironmentFile>,
-    /// `container` or `vm`; when absent, the environment file's `runtime` (else a container).
-    #[serde(default)]
-    runtime: Option<String>,
-}
-
-/// An environment file, as found in a repository.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EnvironmentFile {
-    /// Its name in the repository (`hocus.yml`, `.devcontainer/devcontainer.json`, ...).
-    file: String,
-    text: String,
-}
 
 /// What a workspace takes from its environment file.
 struct Environment {
@@ -190,41 +153,6 @@ echo "on branch $2 at $(git rev-parse --short HEAD), committing as $4 <$5>"
     }
 }
 
-#[derive(Debug, Serialize)]
-pub struct WorkspaceView {
-    id: String,
-    name: String,
-    owner: String,
-    project: Option<String>,
-    image: String,
-    host: String,
-    state: WorkspaceState,
-    desired: Desired,
-    last_error: Option<String>,
-    memory: Option<u64>,
-    cpus: Option<f64>,
-    /// Bytes it may write (absent: the host's default).
-    disk: Option<u64>,
-    created_at: i64,
-    updated_at: i64,
-    /// Resource use as its host last reported it (cpu_ns, memory_bytes, pids, disk_bytes, ...),
-    /// while it runs.
-    stats: Option<serde_json::Value>,
-    stats_at: Option<i64>,
-    /// Who sessions, commands and tasks run as inside (root when absent).
-    user: Option<String>,
-    /// The prebuild it was made from, and the branch it is on.
-    prebuild: Option<String>,
-    branch: Option<String>,
-    /// Commits the branch's head has that the prebuild lacks.
-    behind: Option<u64>,
-    /// `container` or `vm`.
-    runtime: String,
-    /// How a running VM is accelerated (`kvm`, or `tcg` where the host's KVM cannot run it),
-    /// as its host last reported.
-    accel: Option<String>,
-}
-
 fn workspace_view(w: &Workspace) -> WorkspaceView {
     WorkspaceView {
         id: w.id.0.clone(),
@@ -274,6 +202,14 @@ async fn find_workspace(state: &AppState, caller: &Caller, key: &str) -> ApiResu
         .ok_or_else(|| ApiError::not_found(format_args!("workspace `{key}`")))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/workspaces",
+    tag = "workspaces",
+    summary = "Workspaces the caller may see",
+    responses((status = OK, body = Vec<WorkspaceView>), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
+    security(("token" = []))
+)]
 pub async fn list_workspaces(
     State(state): State<AppState>,
     caller: Caller,
@@ -292,6 +228,15 @@ pub async fn list_workspaces(
     Ok(Json(out))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/workspaces/{workspace}",
+    tag = "workspaces",
+    summary = "One workspace (by id or name)",
+    params(("workspace" = String, Path, description = "The workspace's id or name")),
+    responses((status = OK, body = WorkspaceView), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
+    security(("token" = []))
+)]
 pub async fn get_workspace(
     State(state): State<AppState>,
     caller: Caller,
@@ -302,6 +247,15 @@ pub async fn get_workspace(
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/workspaces",
+    tag = "workspaces",
+    summary = "Create a workspace from an image (202: it starts in the background)",
+    request_body = NewWorkspace,
+    responses((status = ACCEPTED, body = WorkspaceView, description = "Created; it starts in the background"), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
+    security(("token" = []))
+)]
 pub async fn create_workspace(
     State(state): State<AppState>,
     caller: Caller,
@@ -565,6 +519,15 @@ async fn git_identity(state: &AppState, caller: &Caller) -> ApiResult<(String, S
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/workspaces/{workspace}/start",
+    tag = "workspaces",
+    summary = "Start a workspace",
+    params(("workspace" = String, Path, description = "The workspace's id or name")),
+    responses((status = ACCEPTED, body = WorkspaceView), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
+    security(("token" = []))
+)]
 pub async fn start_workspace(
     State(state): State<AppState>,
     caller: Caller,
@@ -576,16 +539,16 @@ pub async fn start_workspace(
     Ok((StatusCode::ACCEPTED, Json(workspace_view(&ws))))
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StopRequest {
-    /// Kill at once, dropping whatever else was queued for the workspace.
-    #[serde(default)]
-    force: bool,
-    #[serde(default)]
-    grace_seconds: Option<u64>,
-}
-
+#[utoipa::path(
+    post,
+    path = "/api/v1/workspaces/{workspace}/stop",
+    tag = "workspaces",
+    summary = "Stop a workspace (`force` kills at once)",
+    params(("workspace" = String, Path, description = "The workspace's id or name")),
+    request_body = StopRequest,
+    responses((status = ACCEPTED, body = WorkspaceView), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
+    security(("token" = []))
+)]
 pub async fn stop_workspace(
     State(state): State<AppState>,
     caller: Caller,
@@ -613,6 +576,15 @@ pub async fn stop_workspace(
     Ok((StatusCode::ACCEPTED, Json(workspace_view(&ws))))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/v1/workspaces/{workspace}",
+    tag = "workspaces",
+    summary = "Delete a workspace",
+    params(("workspace" = String, Path, description = "The workspace's id or name")),
+    responses((status = ACCEPTED, body = WorkspaceView, description = "It is being deleted"), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
+    security(("token" = []))
+)]
 pub async fn delete_workspace(
     State(state): State<AppState>,
     caller: Caller,
@@ -624,30 +596,19 @@ pub async fn delete_workspace(
     Ok((StatusCode::ACCEPTED, Json(workspace_view(&ws))))
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ExecRequest {
-    argv: Vec<String>,
-    #[serde(default)]
-    stdin: Option<String>,
-    #[serde(default)]
-    user: Option<String>,
-    #[serde(default)]
-    cwd: Option<String>,
-    #[serde(default)]
-    env: Vec<String>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct ExecResponse {
-    exit_code: i32,
-    stdout: String,
-    stderr: String,
-}
-
 /// Most output an exec returns per stream; the rest is cut (interactive work goes over SSH).
 const EXEC_OUTPUT_LIMIT: u64 = 8 << 20;
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/workspaces/{workspace}/exec",
+    tag = "workspaces",
+    summary = "Run a command to its end and return its output",
+    params(("workspace" = String, Path, description = "The workspace's id or name")),
+    request_body = ExecRequest,
+    responses((status = OK, body = ExecResponse), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
+    security(("token" = []))
+)]
 pub async fn exec_workspace(
     State(state): State<AppState>,
     caller: Caller,
@@ -710,38 +671,65 @@ fn local_runtime(
     Ok((runtime, id))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/workspaces/{workspace}/tasks",
+    tag = "workspaces",
+    summary = "The workspace's tasks and how each is doing",
+    params(("workspace" = String, Path, description = "The workspace's id or name")),
+    responses((status = OK, body = Vec<TaskView>), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
+    security(("token" = []))
+)]
 pub async fn list_tasks(
     State(state): State<AppState>,
     caller: Caller,
     Path(key): Path<String>,
-) -> ApiResult<Json<Vec<warren_runtime::tasks::TaskInfo>>> {
+) -> ApiResult<Json<Vec<TaskView>>> {
     let ws = find_workspace(&state, &caller, &key).await?;
     let (runtime, id) = local_runtime(&state, &ws)?;
     let dir = runtime
         .tasks_dir(&id)
         .map_err(|e| ApiError::internal("tasks", e))?;
-    Ok(Json(warren_runtime::tasks::list(&dir)))
+    Ok(Json(
+        warren_runtime::tasks::list(&dir)
+            .into_iter()
+            .map(task_view)
+            .collect(),
+    ))
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LogQuery {
-    #[serde(default)]
-    offset: u64,
-}
-
-#[derive(Debug, Serialize)]
-pub struct LogView {
-    /// The bytes, base64 (a terminal's output is not always UTF-8).
-    data_base64: String,
-    next_offset: u64,
-    /// Whether more may come.
-    running: bool,
+/// A task as the API shows it.
+fn task_view(info: warren_runtime::tasks::TaskInfo) -> TaskView {
+    use warren_runtime::tasks::TaskState as Runtime;
+    TaskView {
+        name: info.name,
+        state: match info.state {
+            Runtime::Waiting => TaskState::Waiting,
+            Runtime::Running => TaskState::Running,
+            Runtime::Exited { status } => TaskState::Exited {
+                status: match status {
+                    warren_runtime::ExitStatus::Code(c) => ExitStatus::Code(c),
+                    warren_runtime::ExitStatus::Signal(s) => ExitStatus::Signal(s),
+                },
+            },
+            Runtime::Failed { error } => TaskState::Failed { error },
+        },
+        log_bytes: info.log_bytes,
+    }
 }
 
 /// Largest piece of a log one request returns.
 const LOG_PIECE: usize = 256 << 10;
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/workspaces/{workspace}/tasks/{task}/log",
+    tag = "workspaces",
+    summary = "A task's output from `?offset=` (base64), where to continue, and whether more may come",
+    params(("workspace" = String, Path, description = "The workspace's id or name"), ("task" = String, Path, description = "The task's name"), LogQuery),
+    responses((status = OK, body = LogView), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
+    security(("token" = []))
+)]
 pub async fn task_log(
     State(state): State<AppState>,
     caller: Caller,

@@ -1,0 +1,290 @@
+//! Workspaces, their commands and task logs.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewWorkspace {
+    pub name: String,
+    /// The image to start from; when absent, the newest succeeded prebuild of the project's
+    /// branch.
+    #[serde(default)]
+    pub image: Option<String>,
+    #[serde(default)]
+    pub project: Option<String>,
+    /// The branch whose prebuild to start from and check out (the project's default branch
+    /// when absent).
+    #[serde(default)]
+    pub branch: Option<String>,
+    /// Bytes.
+    #[serde(default)]
+    pub memory: Option<u64>,
+    #[serde(default)]
+    pub cpus: Option<f64>,
+    /// Bytes it may write (a container's writable layer and `/var/lib/docker`); when absent,
+    /// the environment file's, else the host's default (`--workspace-disk`).
+    #[serde(default)]
+    pub disk: Option<u64>,
+    /// The environment file whose workspace tasks run on each start.
+    #[serde(default)]
+    pub environment: Option<EnvironmentFile>,
+    /// `container` or `vm`; when absent, the environment file's `runtime` (else a container).
+    #[serde(default)]
+    pub runtime: Option<String>,
+}
+
+/// An environment file, as found in a repository.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EnvironmentFile {
+    /// Its name in the repository (`hocus.yml`, `.devcontainer/devcontainer.json`, ...).
+    pub file: String,
+    pub text: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct WorkspaceView {
+    pub id: String,
+    pub name: String,
+    pub owner: String,
+    pub project: Option<String>,
+    pub image: String,
+    pub host: String,
+    pub state: WorkspaceState,
+    pub desired: Desired,
+    pub last_error: Option<String>,
+    pub memory: Option<u64>,
+    pub cpus: Option<f64>,
+    /// Bytes it may write (absent: the host's default).
+    pub disk: Option<u64>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    /// Resource use as its host last reported it (cpu_ns, memory_bytes, pids, disk_bytes, ...),
+    /// while it runs.
+    pub stats: Option<serde_json::Value>,
+    pub stats_at: Option<i64>,
+    /// Who sessions, commands and tasks run as inside (root when absent).
+    pub user: Option<String>,
+    /// The prebuild it was made from, and the branch it is on.
+    pub prebuild: Option<String>,
+    pub branch: Option<String>,
+    /// Commits the branch's head has that the prebuild lacks.
+    pub behind: Option<u64>,
+    /// `container` or `vm`.
+    pub runtime: String,
+    /// How a running VM is accelerated (`kvm`, or `tcg` where the host's KVM cannot run it),
+    /// as its host last reported.
+    pub accel: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct StopRequest {
+    /// Kill at once, dropping whatever else was queued for the workspace.
+    #[serde(default)]
+    pub force: bool,
+    #[serde(default)]
+    pub grace_seconds: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    pub argv: Vec<String>,
+    #[serde(default)]
+    pub stdin: Option<String>,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub cwd: Option<String>,
+    #[serde(default)]
+    pub env: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ExecResponse {
+    pub exit_code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct LogQuery {
+    #[serde(default)]
+    pub offset: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct LogView {
+    /// The bytes, base64 (a terminal's output is not always UTF-8).
+    pub data_base64: String,
+    pub next_offset: u64,
+    /// Whether more may come.
+    pub running: bool,
+}
+
+/// Where a workspace is. The in-between states (`creating`, `starting`, `stopping`,
+/// `deleting`) each have a job queued or running on the workspace's host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkspaceState {
+    Creating,
+    Starting,
+    Running,
+    Stopping,
+    Stopped,
+    Deleting,
+    /// Its last job failed on every attempt; `last_error` says why. A start or delete
+    /// tries again.
+    Failed,
+}
+
+/// What the owner last asked for; jobs and the reconciler bring the workspace there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Desired {
+    Running,
+    Stopped,
+    /// Its row goes once the host has removed it.
+    Deleted,
+}
+
+impl WorkspaceState {
+    pub const ALL: [Self; 7] = [
+        Self::Creating,
+        Self::Starting,
+        Self::Running,
+        Self::Stopping,
+        Self::Stopped,
+        Self::Deleting,
+        Self::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Creating => "creating",
+            Self::Starting => "starting",
+            Self::Running => "running",
+            Self::Stopping => "stopping",
+            Self::Stopped => "stopped",
+            Self::Deleting => "deleting",
+            Self::Failed => "failed",
+        }
+    }
+
+    /// Whether no job of the workspace should be under way.
+    pub fn is_settled(self) -> bool {
+        matches!(self, Self::Running | Self::Stopped)
+    }
+}
+
+impl fmt::Display for WorkspaceState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A stored value that names no state: the database was written by something else.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not a state Warren knows")]
+pub struct UnknownState(pub String);
+
+impl FromStr for WorkspaceState {
+    type Err = UnknownState;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|state| state.as_str() == s)
+            .ok_or_else(|| UnknownState(s.to_owned()))
+    }
+}
+
+impl Desired {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Stopped => "stopped",
+            Self::Deleted => "deleted",
+        }
+    }
+}
+
+impl fmt::Display for Desired {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Desired {
+    type Err = UnknownState;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [Self::Running, Self::Stopped, Self::Deleted]
+            .into_iter()
+            .find(|d| d.as_str() == s)
+            .ok_or_else(|| UnknownState(s.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Desired as D;
+    use super::WorkspaceState as S;
+    use super::*;
+
+    #[test]
+    fn states_read_back_as_stored() {
+        for state in S::ALL {
+            assert_eq!(state.as_str().parse::<S>(), Ok(state));
+            assert_eq!(
+                serde_json::to_string(&state).ok(),
+                Some(format!("\"{state}\""))
+            );
+        }
+        assert_eq!(
+            "paused".parse::<S>(),
+            Err(UnknownState("paused".to_owned()))
+        );
+        for desired in [D::Running, D::Stopped, D::Deleted] {
+            assert_eq!(desired.as_str().parse::<D>(), Ok(desired));
+        }
+    }
+}
+
+/// One of a workspace's tasks and how it is doing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TaskView {
+    pub name: String,
+    #[serde(flatten)]
+    pub state: TaskState,
+    /// Bytes in its log.
+    pub log_bytes: u64,
+}
+
+/// How a task is doing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum TaskState {
+    /// Its stage has not begun (tasks of an earlier stage still run).
+    Waiting,
+    Running,
+    Exited {
+        status: ExitStatus,
+    },
+    /// It could not be started (the message says why).
+    Failed {
+        error: String,
+    },
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ExitStatus {
+    Code(i32),
+    Signal(i32),
+}
