@@ -130,6 +130,64 @@ pub enum Outcome {
     Removed,
 }
 
+/// Why a job failed, and whether running it again may help: a workspace whose image does not
+/// exist fails at once, where a host that was briefly busy gets the job again later.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Failure {
+    pub message: String,
+    pub retry: bool,
+}
+
+impl Failure {
+    /// A failure a later attempt may not have.
+    pub fn transient(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            retry: true,
+        }
+    }
+
+    /// A failure every attempt would have: the job fails for good at once.
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            retry: false,
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Self::transient(message)
+    }
+}
+
+/// Read from `{"message", "retry"}`, or from a plain message (agents before `retry`).
+impl<'de> Deserialize<'de> for Failure {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Wire {
+            Plain(String),
+            Full { message: String, retry: bool },
+        }
+        Ok(match Wire::deserialize(d)? {
+            Wire::Plain(message) => Self::transient(message),
+            Wire::Full { message, retry } => Self { message, retry },
+        })
+    }
+}
+
+/// Checks, before a workspace is made or started, that its image can be had on this host: in
+/// its store, or in a registry that answers. The error names the image or the registry.
+pub type ImageCheck = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
 /// The agent's view of the control plane.
 pub trait ControlPlane: Send + Sync + 'static {
     /// The next job for `host`, leased to it; `None` when there is nothing to do. `report`
@@ -149,14 +207,20 @@ pub trait ControlPlane: Send + Sync + 'static {
     fn finish(
         &self,
         job: &Job,
-        result: Result<Outcome, String>,
+        result: Result<Outcome, Failure>,
     ) -> impl Future<Output = Result<(), String>> + Send;
 }
 
 /// Carries out one workspace job, blocking (call it on a blocking thread). Safe to repeat.
-pub fn execute(runtime: &dyn Runtime, work: &WorkspaceJob) -> Result<Outcome, String> {
+/// Before a workspace is made or started, `check` says whether its image can be had: if not,
+/// the job fails saying why (a create for good, at once).
+pub fn execute(
+    runtime: &dyn Runtime,
+    check: Option<&ImageCheck>,
+    work: &WorkspaceJob,
+) -> Result<Outcome, Failure> {
     let spec = &work.workspace;
-    let id = WorkspaceId::new(&spec.runtime_id).map_err(|e| e.to_string())?;
+    let id = WorkspaceId::new(&spec.runtime_id).map_err(|e| Failure::permanent(e.to_string()))?;
     let create = || {
         let config = WorkspaceConfig {
             id: id.clone(),
@@ -177,21 +241,31 @@ pub fn execute(runtime: &dyn Runtime, work: &WorkspaceJob) -> Result<Outcome, St
         };
         match runtime.create(&config) {
             Ok(_) | Err(RuntimeError::AlreadyExists(_)) => Ok(()),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(Failure::transient(e.to_string())),
         }
     };
     match &work.action {
         Action::Create | Action::Start => {
+            // A new workspace whose image cannot be had fails at once; a start tries again
+            // later (a registry may be back), its message on the workspace meanwhile.
+            if let Some(check) = check {
+                check(&spec.image).map_err(|why| match work.action {
+                    Action::Create => Failure::permanent(why),
+                    _ => Failure::transient(why),
+                })?;
+            }
             create()?;
-            runtime.start(&id).map_err(|e| e.to_string())?;
+            runtime
+                .start(&id)
+                .map_err(|e| Failure::transient(e.to_string()))?;
             runtime
                 .start_tasks(&id, &spec.tasks)
-                .map_err(|e| format!("workspace tasks: {e}"))?;
+                .map_err(|e| Failure::transient(format!("workspace tasks: {e}")))?;
             Ok(Outcome::Running)
         }
         Action::Stop { grace_ms } => match runtime.stop(&id, Duration::from_millis(*grace_ms)) {
             Ok(()) | Err(RuntimeError::NotFound(_)) => Ok(Outcome::Stopped),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(Failure::transient(e.to_string())),
         },
         Action::Delete => match runtime.delete(&id) {
             Ok(report) => Ok(Outcome::Deleted {
@@ -200,7 +274,7 @@ pub fn execute(runtime: &dyn Runtime, work: &WorkspaceJob) -> Result<Outcome, St
             Err(RuntimeError::NotFound(_)) => Ok(Outcome::Deleted {
                 leftovers: Vec::new(),
             }),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(Failure::transient(e.to_string())),
         },
     }
 }
@@ -302,6 +376,8 @@ pub struct Agent<C> {
     prebuilder: Option<Arc<dyn Prebuilder>>,
     plane: Arc<C>,
     images: ImageLister,
+    /// Whether a workspace's image can be had, before it is made or started.
+    check: Option<ImageCheck>,
     /// Notified by the control plane when it queues a job, so the agent need not poll hard.
     wake: Arc<Notify>,
     /// Jobs carried out at once (jobs of one workspace are never claimed together).
@@ -337,10 +413,17 @@ impl<C: ControlPlane> Agent<C> {
             prebuilder,
             plane,
             images,
+            check: None,
             wake,
             parallel: 4,
             prebuild_slots: 1,
         }
+    }
+
+    /// Checks each workspace's image before it is made or started (see [`ImageCheck`]).
+    pub fn with_image_check(mut self, check: ImageCheck) -> Self {
+        self.check = Some(check);
+        self
     }
 
     /// How many prebuilds this host makes at once (at least one).
@@ -400,27 +483,31 @@ impl<C: ControlPlane> Agent<C> {
                         permit = None;
                     }
                     let runtime = self.runtime.clone();
+                    let check = self.check.clone();
                     let prebuilder = self.prebuilder.clone();
                     let plane = self.plane.clone();
                     let wake = self.wake.clone();
                     tokio::spawn(async move {
                         let result = match job.work.clone() {
                             Work::Workspace(work) => tokio::task::spawn_blocking(move || {
-                                execute(runtime.as_ref(), &work)
+                                execute(runtime.as_ref(), check.as_ref(), &work)
                             })
                             .await
-                            .unwrap_or_else(|e| Err(format!("the job panicked: {e}"))),
+                            .unwrap_or_else(|e| Err(format!("the job panicked: {e}").into())),
                             Work::Prebuild(work) => match prebuilder {
-                                Some(p) => prebuild(p, plane.as_ref(), &job, work).await,
-                                None => Err("this host makes no prebuilds".into()),
+                                Some(p) => prebuild(p, plane.as_ref(), &job, work)
+                                    .await
+                                    .map_err(Failure::from),
+                                None => Err(Failure::permanent("this host makes no prebuilds")),
                             },
                             Work::Archive { images } => match prebuilder {
                                 Some(p) => tokio::task::spawn_blocking(move || {
                                     p.remove_images(&images).map(|()| Outcome::Removed)
                                 })
                                 .await
-                                .unwrap_or_else(|e| Err(format!("the job panicked: {e}"))),
-                                None => Err("this host makes no prebuilds".into()),
+                                .unwrap_or_else(|e| Err(format!("the job panicked: {e}")))
+                                .map_err(Failure::from),
+                                None => Err(Failure::permanent("this host makes no prebuilds")),
                             },
                         };
                         if let Err(e) = &result {
@@ -529,6 +616,19 @@ async fn prebuild<C: ControlPlane>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failures_read_from_either_form() {
+        let plain: Result<Outcome, Failure> =
+            serde_json::from_str(r#"{"Err":"host busy"}"#).unwrap_or(Ok(Outcome::Removed));
+        assert_eq!(plain, Err(Failure::transient("host busy")));
+        let full = Err::<Outcome, _>(Failure::permanent("image x:1 not found"));
+        let text = serde_json::to_string(&full).unwrap_or_default();
+        assert_eq!(
+            serde_json::from_str::<Result<Outcome, Failure>>(&text).ok(),
+            Some(full)
+        );
+    }
 
     #[test]
     fn jobs_read_back_as_written() {

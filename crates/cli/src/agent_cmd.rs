@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context as _;
 use clap::Args;
 use serde_json::json;
-use warren_agent::{Agent, ControlPlane, HostImage, HostReport, ImageLister, Job, Outcome};
+use warren_agent::{
+    Agent, ControlPlane, Failure, HostImage, HostReport, ImageLister, Job, Outcome,
+};
 use warren_image::ChunkId;
 use warren_store::ChunkCache;
 
@@ -90,7 +92,7 @@ impl ControlPlane for HttpControlPlane {
         .map_err(|e| e.to_string())?
     }
 
-    async fn finish(&self, job: &Job, result: Result<Outcome, String>) -> Result<(), String> {
+    async fn finish(&self, job: &Job, result: Result<Outcome, Failure>) -> Result<(), String> {
         let client = self.client.clone();
         let body = json!({"job": job.id, "result": result});
         tokio::task::spawn_blocking(move || {
@@ -212,7 +214,8 @@ pub fn agent(args: AgentArgs, data: &Path) -> anyhow::Result<ExitCode> {
             wake,
             image_lister(data),
         )
-        .with_prebuild_slots(args.prebuild_slots);
+        .with_prebuild_slots(args.prebuild_slots)
+        .with_image_check(crate::image_cmd::image_check(data));
         println!(
             "agent running for {} (workspaces under {})",
             args.server,

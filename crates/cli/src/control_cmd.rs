@@ -222,6 +222,7 @@ pub fn up(args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
             git_poll: Duration::from_secs(args.git_poll_seconds.max(1)),
             secret_key: data.join("secret.key"),
             images: crate::agent_cmd::image_lister(data),
+            image_check: Some(crate::image_cmd::image_check(data)),
             reconcile_every: Duration::from_secs(args.reconcile_seconds.max(1)),
             ssh,
             prebuilder,
@@ -841,10 +842,15 @@ fn wait_for(
                         ws.last_error.as_deref().unwrap_or("no reason recorded")
                     ));
                 }
+                // A step that failed and will be tried again says why meanwhile.
                 bar.set_message(format!(
-                    "{name}: {} ({}s)",
+                    "{name}: {} ({}s){}",
                     ws.state,
-                    started.elapsed().as_secs()
+                    started.elapsed().as_secs(),
+                    ws.last_error
+                        .as_deref()
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
                 ));
             }
             Err(e) if e.to_string().contains("HTTP 404") && done(None) => break Ok(None),

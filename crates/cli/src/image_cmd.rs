@@ -16,11 +16,13 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use warren_image::{ChunkParams, ImageBuilder, Limits, TreeIndex, import_dir, import_tar};
 use warren_lazyfs::{LazyFs, MountOptions, pull, trace};
+use warren_runtime::image_mount::MountSignal;
 use warren_spec::ByteSize;
 use warren_store::images::{commit, copy_image, open_image};
 use warren_store::manifest::ImageConfig;
 use warren_store::{
-    BlobStore, ChunkCache, ChunkFetcher, LocalStore, RegistryRef, RegistryStore, Retry,
+    BlobStore, ChunkCache, ChunkFetcher, LocalStore, RegistryRef, RegistryStore, Retry, StoreError,
+    registry_host,
 };
 
 #[derive(Debug, Subcommand)]
@@ -67,6 +69,10 @@ pub enum ImageCommand {
         /// Add N to every uid and gid (for a user namespace starting at N)
         #[arg(long, default_value_t = 0)]
         id_offset: u32,
+        /// Say on this open fd, as one JSON line, when the tree is served or why it will not be
+        /// (for whoever starts the mount; warren's own shim passes 3)
+        #[arg(long, value_name = "FD")]
+        ready_fd: Option<i32>,
     },
     /// List local images
     Ls {
@@ -170,20 +176,71 @@ fn registry(data: &Path, r: &RegistryRef) -> anyhow::Result<RegistryStore> {
     ))
 }
 
-/// The store holding `reference` and the name of the image inside it. Registry reads retry
-/// patiently: a mount must outlive a registry restart.
-fn resolve(data: &Path, reference: &str) -> anyhow::Result<(Arc<dyn BlobStore>, String)> {
+/// The store holding `reference` and the name of the image inside it; registry reads retry as
+/// `retry` says.
+fn resolve(
+    data: &Path,
+    reference: &str,
+    retry: Retry,
+) -> anyhow::Result<(Arc<dyn BlobStore>, String)> {
     // A registry image a build brought in is read from here.
     if let Ok(r) = RegistryRef::parse(reference)
         && !local_store(data)?.tags()?.contains_key(reference)
     {
         return Ok((
-            Arc::new(registry(data, &r)?.with_retry(Retry::patient())),
+            Arc::new(registry(data, &r)?.with_retry(retry)),
             r.reference.clone(),
         ));
     }
     check_local_name(reference)?;
     Ok((Arc::new(local_store(data)?), reference.to_owned()))
+}
+
+/// Whether workspaces of this host can be made from `reference`: it is in the local store, or
+/// its registry answers for its manifest within seconds. The error names what is missing.
+pub fn image_check(data: &Path) -> warren_agent::ImageCheck {
+    let data = data.to_path_buf();
+    Arc::new(move |reference: &str| check_image(&data, reference))
+}
+
+fn check_image(data: &Path, reference: &str) -> Result<(), String> {
+    let local = local_store(data).map_err(|e| format!("{e:#}"))?;
+    if local
+        .tags()
+        .map_err(|e| e.to_string())?
+        .contains_key(reference)
+    {
+        return Ok(());
+    }
+    let Ok(r) = RegistryRef::parse(reference) else {
+        return Err(format!(
+            "image {reference} not found (`warren image ls` lists this host's images)"
+        ));
+    };
+    let remote = registry(data, &r)
+        .map_err(|e| format!("{e:#}"))?
+        .with_retry(Retry {
+            attempts: 2,
+            first_delay: Duration::from_millis(200),
+            max_delay: Duration::from_secs(1),
+        });
+    match remote.get_manifest(&r.reference) {
+        Ok(_) => Ok(()),
+        Err(StoreError::ManifestNotFound { .. }) => Err(format!(
+            "image {reference} not found: registry {} has no {}:{}",
+            r.host, r.repository, r.reference
+        )),
+        Err(StoreError::Transport { message, .. }) if refused(&message) => Err(format!(
+            "image {reference}: registry {} refused the connection",
+            r.host
+        )),
+        Err(e) => Err(format!("image {reference}: registry {}: {e}", r.host)),
+    }
+}
+
+/// Whether a transport error says nothing listens there.
+fn refused(message: &str) -> bool {
+    message.to_ascii_lowercase().contains("refused")
 }
 
 /// The chunk ids of a registry image (its tree index, fetched once).
@@ -286,21 +343,32 @@ pub fn run(cmd: ImageCommand, data: &Path) -> anyhow::Result<()> {
             stats,
             cache_limit,
             id_offset,
+            ready_fd,
         } => {
-            let limit = cache_limit.as_deref().map(crate::parse_size).transpose()?;
-            mount(
-                data,
-                &image,
-                &mountpoint,
-                MountFlags {
-                    record_trace,
-                    prefetch: !no_prefetch,
-                    background: !no_background,
-                    stats,
-                    limit,
-                    id_offset,
-                },
-            )
+            let mut ready = ready_fd.map(ReadyPipe::open).transpose()?;
+            let limit = cache_limit.as_deref().map(crate::parse_size);
+            let result = limit.transpose().and_then(|limit| {
+                mount(
+                    data,
+                    &image,
+                    &mountpoint,
+                    MountFlags {
+                        record_trace,
+                        prefetch: !no_prefetch,
+                        background: !no_background,
+                        stats,
+                        limit,
+                        id_offset,
+                    },
+                    &mut ready,
+                )
+            });
+            if let (Err(e), Some(pipe)) = (&result, ready.as_mut()) {
+                pipe.say(&MountSignal::Failed {
+                    error: format!("{e:#}"),
+                });
+            }
+            result
         }
         ImageCommand::Ls { json } => list(data, json),
         ImageCommand::Inspect { image, json } => inspect(data, &image, json),
@@ -768,7 +836,41 @@ struct MountFlags {
     id_offset: u32,
 }
 
-fn mount(data: &Path, reference: &str, mountpoint: &Path, flags: MountFlags) -> anyhow::Result<()> {
+/// The readiness pipe of a mount its starter waits on: said to once, then closed.
+struct ReadyPipe(Option<std::fs::File>);
+
+impl ReadyPipe {
+    fn open(fd: i32) -> anyhow::Result<Self> {
+        use std::os::fd::FromRawFd as _;
+        // Only a descriptor the starter gave: not a standard stream, and open.
+        // SAFETY: fcntl(F_GETFD) only reads the descriptor's flags.
+        if fd < 3 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            bail!("--ready-fd {fd} is not an open descriptor above 2");
+        }
+        // SAFETY: the descriptor is open (checked above), given to this process by its starter
+        // for this use alone, and owned from here on by the returned file.
+        let file = unsafe { std::fs::File::from_raw_fd(fd) };
+        // Not passed on to anything this process runs.
+        // SAFETY: as above; FD_CLOEXEC only changes the descriptor's flags.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        Ok(Self(Some(file)))
+    }
+
+    /// Sends the signal and closes the pipe; later signals go nowhere.
+    fn say(&mut self, signal: &MountSignal) {
+        if let Some(mut file) = self.0.take() {
+            let _ = signal.send(&mut file);
+        }
+    }
+}
+
+fn mount(
+    data: &Path,
+    reference: &str,
+    mountpoint: &Path,
+    flags: MountFlags,
+    ready: &mut Option<ReadyPipe>,
+) -> anyhow::Result<()> {
     // A mount lives as long as its workspace, mostly idle. Buffers of 256 KiB and more (fetch
     // batches) come straight from mmap and go back to the kernel when freed, instead of
     // staying in glibc's heap after the prefetch; one arena bounds what the threads keep.
@@ -777,8 +879,23 @@ fn mount(data: &Path, reference: &str, mountpoint: &Path, flags: MountFlags) -> 
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
         libc::mallopt(libc::M_ARENA_MAX, 1);
     }
-    let (store, name) = resolve(data, reference)?;
-    let image = open_image(store.as_ref(), &name)?;
+    // Opening answers soon (a missing image or a registry that refuses ends the mount at
+    // once, saying so); reads of the mounted tree retry patiently, to outlive a registry's
+    // restart.
+    let (first, name) = resolve(data, reference, Retry::default())?;
+    let image = open_image(first.as_ref(), &name).map_err(|e| match e {
+        StoreError::ManifestNotFound { .. } => anyhow::anyhow!("image {reference} not found"),
+        StoreError::Transport { message, .. } if refused(&message) => {
+            match registry_host(reference) {
+                Some(host) => {
+                    anyhow::anyhow!("image {reference}: registry {host} refused the connection")
+                }
+                None => anyhow::anyhow!("image {reference}: {message}"),
+            }
+        }
+        other => anyhow::Error::from(other).context(format!("cannot open image {reference}")),
+    })?;
+    let (store, _) = resolve(data, reference, Retry::patient())?;
     let cache = Arc::new(ChunkCache::open(&data.join("cache"), flags.limit)?);
     cache.pin(image.index.chunks.iter().map(|c| c.id));
     let fetcher = ChunkFetcher::new(store.clone(), cache, image.index.clone(), 8 << 20);
@@ -802,6 +919,12 @@ fn mount(data: &Path, reference: &str, mountpoint: &Path, flags: MountFlags) -> 
         mountpoint,
     )
     .with_context(|| format!("cannot mount `{reference}` at `{}`", mountpoint.display()))?;
+    if let Some(pipe) = ready.as_mut() {
+        pipe.say(&MountSignal::Mounted {
+            entries: image.index.entries.len() as u64,
+            data_bytes: image.index.data_bytes(),
+        });
+    }
     let progress = Arc::new(pull::Progress::default());
     let had_trace = stored_trace.is_some();
     let puller = pull::spawn(
@@ -937,7 +1060,7 @@ fn list(data: &Path, json: bool) -> anyhow::Result<()> {
 }
 
 fn inspect(data: &Path, reference: &str, json: bool) -> anyhow::Result<()> {
-    let (store, name) = resolve(data, reference)?;
+    let (store, name) = resolve(data, reference, Retry::patient())?;
     let image = open_image(store.as_ref(), &name)?;
     let stored: u64 = image.manifest.layers.iter().map(|l| l.size).sum();
     let report = serde_json::json!({
@@ -1001,7 +1124,7 @@ fn export(data: &Path, reference: &str, destination: &str) -> anyhow::Result<()>
         .rsplit_once(':')
         .filter(|(_, t)| !t.contains('/'))
         .unwrap_or((rest, "latest"));
-    let (store, name) = resolve(data, reference)?;
+    let (store, name) = resolve(data, reference, Retry::patient())?;
     let image = open_image(store.as_ref(), &name)?;
     let cache = Arc::new(ChunkCache::open(&data.join("cache"), None)?);
     let fetcher = ChunkFetcher::new(store.clone(), cache, image.index.clone(), 8 << 20);

@@ -957,3 +957,61 @@ fn a_force_stop_does_not_wait_for_a_start_and_everything_settles() {
         warren.ok("admin", &["ws", "rm", &format!("hasty-{round}")]);
     }
 }
+
+/// An image that cannot be had is refused when the workspace is created, naming the image or
+/// its registry; one that goes away later fails the start, which says why.
+#[test]
+fn a_workspace_image_that_cannot_be_had_is_named_at_once() {
+    setup();
+    let warren = Warren::up_with_admin(3, None);
+    let admin = warren.token("admin");
+    let create = |name: &str, image: &str| {
+        let started = std::time::Instant::now();
+        let answer = warren.http(
+            "POST",
+            "/api/v1/workspaces",
+            Some(&admin),
+            Some(json!({"name": name, "image": image}).to_string().as_bytes()),
+        );
+        (answer, started.elapsed())
+    };
+    let ((status, answer), took) = create("gone", "127.0.0.1:9/none:1");
+    assert_eq!(status, 422, "{answer}");
+    assert_eq!(
+        answer["error"],
+        "image 127.0.0.1:9/none:1: registry 127.0.0.1:9 refused the connection"
+    );
+    assert!(took < Duration::from_secs(30), "took {took:?}");
+    let ((status, answer), _) = create("missing", "nosuch:1");
+    assert_eq!(status, 422, "{answer}");
+    assert_eq!(
+        answer["error"],
+        "image nosuch:1 not found (`warren image ls` lists this host's images)"
+    );
+    // Neither was recorded.
+    let (_, list) = warren.http("GET", "/api/v1/workspaces", Some(&admin), None);
+    assert_eq!(list.as_array().map(Vec::len), Some(0), "{list}");
+
+    // An image removed after the workspace was made: its next start says so.
+    warren.import_image(&debian_rootfs(DebianRootfs::Minbase), "short:1");
+    warren.ok("admin", &["ws", "create", "brief", "--image", "short:1"]);
+    warren.ok("admin", &["ws", "stop", "brief"]);
+    warren.ok("admin", &["image", "rm", "short:1"]);
+    warren.ok("admin", &["ws", "start", "brief", "--no-wait"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, ws) = warren.http("GET", "/api/v1/workspaces/brief", Some(&admin), None);
+        if ws["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("image short:1 not found"))
+        {
+            assert_ne!(ws["state"], "running", "{ws}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the start did not say why it failed: {ws}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -17,6 +17,7 @@ mod container;
 mod disk;
 mod error;
 mod exec;
+pub mod image_mount;
 mod init;
 pub mod net;
 mod proto;

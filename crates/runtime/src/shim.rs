@@ -9,11 +9,11 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::{PermissionsExt, chown};
 use std::path::Path;
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use libcontainer::container::Container;
@@ -26,6 +26,7 @@ use nix::sys::socket::{SockFlag, accept4};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid, fork};
 
+use crate::image_mount::{MountSignal, READY_FD};
 use crate::init::WorkspaceExecutor;
 use crate::proto::{Channel, Reply, Request, listen_at};
 use crate::record::{ID_RANGE, Layout, WorkspaceRecord};
@@ -138,11 +139,9 @@ fn supervise(layout: &Layout) -> Result<(), Error> {
 
 /// The read-only tree under the overlay.
 pub(crate) enum LowerMount {
-    /// `warren image mount` serving the image (FUSE); its stdout is kept open so that it never
-    /// writes into a closed pipe.
+    /// `warren image mount` serving the image (FUSE); its output goes to the workspace's log.
     Image {
         child: Child,
-        _stdout: ChildStdout,
     },
     Dir,
 }
@@ -564,13 +563,20 @@ fn mount_lower(rec: &WorkspaceRecord, layout: &Layout) -> Result<LowerMount, Err
                 .append(true)
                 .open(layout.log())
                 .map_err(Error::io("cannot open", layout.log()))?;
-            let mut child = sys::unblock_signals_in_child(&mut Command::new(&rec.helper))
+            // The mount says on a pipe of its own whether it serves the tree, or why not.
+            let (ready_read, ready_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                .map_err(|e| Error::Sys(format!("pipe: {e}")))?;
+            let mut command = Command::new(&rec.helper);
+            sys::unblock_signals_in_child(&mut command);
+            sys::give_fd_to_child(&mut command, ready_write.as_raw_fd(), READY_FD);
+            let mut child = command
                 .arg("--data")
                 .arg(&rec.data)
                 .args(["image", "mount", reference.as_str()])
                 .arg(&lower)
                 .arg("--id-offset")
                 .arg(rec.uid_base.to_string())
+                .args(["--ready-fd", &READY_FD.to_string()])
                 .args(
                     record_trace_secs
                         .iter()
@@ -578,32 +584,35 @@ fn mount_lower(rec: &WorkspaceRecord, layout: &Layout) -> Result<LowerMount, Err
                 )
                 .args(lazy_only.then_some("--no-background"))
                 .stdin(Stdio::null())
-                .stdout(Stdio::piped())
+                .stdout(
+                    log.try_clone()
+                        .map_err(Error::io("cannot open", layout.log()))?,
+                )
                 .stderr(log)
                 .spawn()
                 .map_err(Error::io("cannot run", &rec.helper))?;
-            let stdout = child
-                .stdout
-                .take()
-                .ok_or_else(|| Error::Sys("no stdout".into()))?;
-            let mut reader = BufReader::new(stdout);
-            let mut line = String::new();
-            let _ = reader.read_line(&mut line);
-            if !sys::is_mounted(&lower) {
+            // Only the mount holds the writing end now: its exit ends the read.
+            drop(ready_write);
+            let signal = MountSignal::receive(File::from(ready_read));
+            let mut failed = |why: String| {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(Error::Start {
+                Err(Error::Start {
                     id: rec.config.id.to_string(),
-                    message: format!(
-                        "image `{reference}` could not be mounted (see {})",
+                    message: why,
+                })
+            };
+            match signal {
+                Some(MountSignal::Mounted { .. }) if sys::is_mounted(&lower) => {}
+                Some(MountSignal::Failed { error }) => return failed(error),
+                _ => {
+                    return failed(format!(
+                        "image `{reference}` could not be mounted: the mount ended without a word (see {})",
                         layout.log().display()
-                    ),
-                });
+                    ));
+                }
             }
-            Ok(LowerMount::Image {
-                child,
-                _stdout: reader.into_inner(),
-            })
+            Ok(LowerMount::Image { child })
         }
     }
 }

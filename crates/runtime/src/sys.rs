@@ -15,6 +15,28 @@ pub(crate) fn run(cmd: &mut Command) -> Result<String, Error> {
     run_with_input(cmd, None)
 }
 
+/// Gives the child `fd` (of this process, close-on-exec) as its fd `target`, open across its
+/// exec.
+pub(crate) fn give_fd_to_child(cmd: &mut Command, fd: std::os::fd::RawFd, target: i32) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs between fork and exec and only calls dup2 (or fcntl, when the
+    // fd already has its number), both async-signal-safe; `fd` stays open in the parent until
+    // the child has been spawned.
+    unsafe {
+        cmd.pre_exec(move || {
+            let done = if fd == target {
+                libc::fcntl(fd, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, target)
+            };
+            if done < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Children start with no signal blocked. The shim blocks the signals it reads from a signalfd,
 /// and `std::process::Command` passes the mask on: a helper started from it would never see
 /// SIGTERM.

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use sqlx::{Any, Row, Transaction};
 use tokio::sync::Notify;
-use warren_agent::{Action, ControlPlane, Job, Outcome, PrebuildJob, Work, WorkspaceJob};
+use warren_agent::{Action, ControlPlane, Failure, Job, Outcome, PrebuildJob, Work, WorkspaceJob};
 
 use crate::db::{Db, DbKind, new_id, now_ms};
 use crate::model::Lifecycle;
@@ -353,7 +353,7 @@ impl DbControlPlane {
     pub async fn finish_job(
         &self,
         job: &Job,
-        result: Result<Outcome, String>,
+        result: Result<Outcome, Failure>,
     ) -> Result<(), sqlx::Error> {
         let now = now_ms();
         let mut tx = self.db.begin_write().await?;
@@ -365,6 +365,7 @@ impl DbControlPlane {
         .await?;
         let Some(row) = row else { return Ok(()) };
         if let Some(prebuild) = row.try_get::<Option<String>, _>("prebuild_id")? {
+            let result = result.map_err(|f| f.message);
             crate::prebuilds::finish(&mut tx, &job.id, &prebuild, result).await?;
             return tx.commit().await;
         }
@@ -413,8 +414,9 @@ impl DbControlPlane {
                     }
                 }
             }
-            Err(message) => {
-                let final_attempt = attempts >= max_attempts;
+            Err(Failure { message, retry }) => {
+                // A failure no attempt would escape ends the job (and fails the workspace) now.
+                let final_attempt = !retry || attempts >= max_attempts;
                 sqlx::query(
                     "UPDATE jobs SET state = $2, last_error = $3, run_at = $4, lease_until = NULL, claimed_by = NULL,
                      finished_at = $5 WHERE id = $1",
@@ -504,7 +506,7 @@ impl ControlPlane for DbControlPlane {
             .map_err(|e| e.to_string())
     }
 
-    async fn finish(&self, job: &Job, result: Result<Outcome, String>) -> Result<(), String> {
+    async fn finish(&self, job: &Job, result: Result<Outcome, Failure>) -> Result<(), String> {
         self.finish_job(job, result)
             .await
             .map_err(|e| e.to_string())

@@ -44,6 +44,9 @@ pub struct AppState {
     pub host_id: String,
     /// The local runtime, for exec (single host).
     pub runtime: Option<Arc<dyn Runtime>>,
+    /// Whether an image can be had on this process's host: a workspace's image is resolved
+    /// when it is created.
+    pub image_check: Option<warren_agent::ImageCheck>,
     /// Seals and opens secret values.
     pub secrets: secrets::SecretBox,
     /// The jobs, as agents see them (in process, or through the agent endpoints).
@@ -197,6 +200,9 @@ pub struct SingleHost {
     pub secret_key: std::path::PathBuf,
     /// The images this host holds (for placing workspaces).
     pub images: warren_agent::ImageLister,
+    /// Whether a workspace's image can be had on this host (asked at create and before each
+    /// start).
+    pub image_check: Option<warren_agent::ImageCheck>,
     /// How often settled workspaces are compared with what the runtime reports.
     pub reconcile_every: std::time::Duration,
     /// The SSH gateway, if this process runs one.
@@ -272,6 +278,8 @@ pub async fn serve_gateway(
         wake,
         host_id,
         runtime: Some(config.runtime),
+        // The gateway creates no workspaces.
+        image_check: None,
         secrets,
         ssh: None,
         logins: Arc::default(),
@@ -362,6 +370,10 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
         config.images.clone(),
     )
     .with_prebuild_slots(config.prebuild_slots);
+    let agent = match &config.image_check {
+        Some(check) => agent.with_image_check(check.clone()),
+        None => agent,
+    };
     tokio::spawn(agent.run(shutdown.clone()));
     tokio::spawn(git::poll_forever(
         db.clone(),
@@ -375,6 +387,7 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
         wake,
         host_id,
         runtime: Some(config.runtime),
+        image_check: config.image_check.clone(),
         secrets,
         plane,
         ssh: None,

@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use axum::http::StatusCode;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 use warren_agent::{WorkspaceJob, WorkspaceSpec};
@@ -345,6 +346,46 @@ pub(crate) async fn place(state: &AppState, image: &str, disk: Option<u64>) -> A
         )));
     }
     Ok(best_host(&candidates).unwrap_or_else(|| state.host_id.clone()))
+}
+
+/// How long a workspace's image may take to resolve at create.
+const RESOLVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Refuses at once (422, naming the image or its registry) an image no host can start a
+/// workspace from: one that another live host holds is fine; else this process's host is asked
+/// (its local store, or the image's registry).
+pub(crate) async fn resolve_image(state: &AppState, image: &str) -> ApiResult<()> {
+    let alive_since = now_ms() - 60_000;
+    let reports: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT id, images FROM hosts WHERE id <> $1 AND last_seen_at >= $2")
+            .bind(&state.host_id)
+            .bind(alive_since)
+            .fetch_all(&state.db.pool)
+            .await?;
+    if reports.iter().any(|(_, images)| {
+        images
+            .as_deref()
+            .is_some_and(|j| cached_share(j, image) >= 1.0)
+    }) {
+        return Ok(());
+    }
+    let Some(check) = state.image_check.clone() else {
+        return Ok(());
+    };
+    let reference = image.to_owned();
+    let asked = tokio::task::spawn_blocking(move || check(&reference));
+    match tokio::time::timeout(RESOLVE_TIMEOUT, asked).await {
+        Ok(Ok(Ok(()))) => Ok(()),
+        Ok(Ok(Err(why))) => Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, why)),
+        Ok(Err(e)) => Err(ApiError::internal("resolving an image", e)),
+        Err(_) => Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "image {image}: its registry did not answer within {} s",
+                RESOLVE_TIMEOUT.as_secs()
+            ),
+        )),
+    }
 }
 
 /// How much of `image` a host's reported image list says it holds (lists from before shares

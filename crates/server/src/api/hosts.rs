@@ -150,7 +150,7 @@ pub async fn agent_claim(
 #[serde(deny_unknown_fields)]
 pub struct FinishRequest {
     job: String,
-    result: Result<warren_agent::Outcome, String>,
+    result: Result<warren_agent::Outcome, warren_agent::Failure>,
 }
 
 #[utoipa::path(

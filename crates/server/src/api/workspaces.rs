@@ -437,6 +437,7 @@ pub async fn create_workspace(
     .fetch_one(&state.db.pool)
     .await?;
     let vm = workspaces::vm_options(&runtime, ksm.0 != 0 || ksm.1.unwrap_or(0) != 0);
+    workspaces::resolve_image(&state, &image).await?;
     let host_id = workspaces::place(&state, &image, disk).await?;
     let id = new_id();
     let now = now_ms();

@@ -1,0 +1,89 @@
+//! How an image mount (`warren image mount --ready-fd N`) tells whoever started it that its
+//! tree is served, or why it is not: one JSON line on a pipe of its own, never its human
+//! output. The shim waits for it before it builds a workspace's root on the mount.
+
+use std::io::{BufRead, BufReader, Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+/// The one message of an image mount's readiness pipe.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MountSignal {
+    /// The image's tree is mounted and served.
+    Mounted { entries: u64, data_bytes: u64 },
+    /// It will not be: why (naming the image or its registry).
+    Failed { error: String },
+}
+
+/// The fd number the readiness pipe has in the mount process.
+pub const READY_FD: i32 = 3;
+
+/// The most a signal may take (a failure's message is cut to fit).
+const SIGNAL_LIMIT: u64 = 16 << 10;
+
+impl MountSignal {
+    /// Writes the signal as one line (the mount side).
+    pub fn send(&self, to: &mut impl Write) -> std::io::Result<()> {
+        let mut signal = self.clone();
+        if let Self::Failed { error } = &mut signal {
+            let mut end = error.len().min(SIGNAL_LIMIT as usize / 2);
+            while !error.is_char_boundary(end) {
+                end -= 1;
+            }
+            error.truncate(end);
+        }
+        let mut line = serde_json::to_vec(&signal).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        to.write_all(&line)?;
+        to.flush()
+    }
+
+    /// Reads the signal (the starting side). `None` when the mount ended without one (it
+    /// crashed, or is not a mount that signals).
+    pub fn receive(from: impl Read) -> Option<Self> {
+        let mut line = String::new();
+        BufReader::new(from.take(SIGNAL_LIMIT))
+            .read_line(&mut line)
+            .ok()?;
+        serde_json::from_str(line.trim_end()).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals_read_back_as_sent() {
+        for signal in [
+            MountSignal::Mounted {
+                entries: 3,
+                data_bytes: 10,
+            },
+            MountSignal::Failed {
+                error: "image r:5000/x:1: registry r:5000 refused the connection".into(),
+            },
+        ] {
+            let mut pipe = Vec::new();
+            signal.send(&mut pipe).unwrap_or_default();
+            assert_eq!(MountSignal::receive(&pipe[..]), Some(signal));
+        }
+        assert_eq!(MountSignal::receive(&b""[..]), None);
+        assert_eq!(MountSignal::receive(&b"mounted dev:1 at /x\n"[..]), None);
+    }
+
+    #[test]
+    fn a_long_failure_is_cut_not_lost() {
+        let mut pipe = Vec::new();
+        MountSignal::Failed {
+            error: "é".repeat(20_000),
+        }
+        .send(&mut pipe)
+        .unwrap_or_default();
+        assert!(matches!(
+            MountSignal::receive(&pipe[..]),
+            Some(MountSignal::Failed { error }) if error.starts_with("éé")
+        ));
+    }
+}
