@@ -238,6 +238,7 @@ pub fn execute(
             },
             env: Vec::new(),
             vm: spec.vm.clone(),
+            owner: None,
         };
         match runtime.create(&config) {
             Ok(_) | Err(RuntimeError::AlreadyExists(_)) => Ok(()),
@@ -433,6 +434,10 @@ impl<C: ControlPlane> Agent<C> {
     }
 
     pub async fn run(self, shutdown: Arc<Notify>) {
+        // Sandboxes of builds and prebuilds whose process died (this agent's before a crash)
+        // go before any job runs: a prebuild redone makes its sandboxes anew.
+        let runtime = self.runtime.clone();
+        let _ = tokio::task::spawn_blocking(move || reap(runtime.as_ref())).await;
         let slots = Arc::new(Semaphore::new(self.parallel));
         let prebuild_slots = Arc::new(Semaphore::new(self.prebuild_slots));
         let mut reported: Option<std::time::Instant> = None;
@@ -450,9 +455,13 @@ impl<C: ControlPlane> Agent<C> {
                 let (runtime, lister, disk) =
                     (self.runtime.clone(), self.images.clone(), disk.clone());
                 let makes_prebuilds = self.prebuilder.is_some();
-                making = Some(tokio::task::spawn_blocking(move || HostReport {
-                    makes_prebuilds,
-                    ..host_report(runtime.as_ref(), &lister, &disk)
+                making = Some(tokio::task::spawn_blocking(move || {
+                    // Another process's too (a `warren build` killed on this host).
+                    reap(runtime.as_ref());
+                    HostReport {
+                        makes_prebuilds,
+                        ..host_report(runtime.as_ref(), &lister, &disk)
+                    }
                 }));
                 // A healthy host's report is ready at once and goes with this claim; a slow
                 // one goes with a later claim.
@@ -544,6 +553,13 @@ impl<C: ControlPlane> Agent<C> {
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
         }
+    }
+}
+
+/// Removes the host's orphaned sandboxes, saying which.
+fn reap(runtime: &dyn Runtime) {
+    for name in warren_runtime::reap_orphans(runtime) {
+        tracing::info!(sandbox = %name, "removed a sandbox whose build or prebuild is gone");
     }
 }
 

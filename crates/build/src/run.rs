@@ -232,6 +232,8 @@ impl<'a> Sandbox<'a> {
                 limits: limits.sandbox_limits(),
                 env: Vec::new(),
                 vm: None,
+                // Removed by the host if this process dies before it can.
+                owner: warren_runtime::Owner::this_process(),
             })
             .map_err(|e| e.to_string())?;
         let sandbox = Sandbox { runtime, id };

@@ -498,6 +498,7 @@ fn idle_memory(runtime: &ContainerRuntime, count: usize) -> anyhow::Result<IdleM
             limits: Default::default(),
             env: Vec::new(),
             vm: None,
+            owner: None,
         })?;
         runtime.start(id)?;
     }

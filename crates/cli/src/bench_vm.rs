@@ -88,6 +88,7 @@ fn create_vm(
         },
         env: Vec::new(),
         vm: Some(options),
+        owner: None,
     })?;
     Ok(id)
 }

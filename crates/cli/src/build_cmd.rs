@@ -95,6 +95,10 @@ pub fn build(args: BuildArgs, data: &Path) -> anyhow::Result<ExitCode> {
         indexes: Default::default(),
         egress: None,
     };
+    // What a killed build left behind goes first.
+    for name in warren_runtime::reap_orphans(&runtime) {
+        eprintln!("removed {name}, a sandbox of a build that is gone");
+    }
     let prefix = format!("build-{}", std::process::id());
     let started = std::time::Instant::now();
     let built = warren_build::build(

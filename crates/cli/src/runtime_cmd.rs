@@ -274,6 +274,7 @@ pub fn run(args: RuntimeArgs, data: &Path) -> anyhow::Result<ExitCode> {
                     ksm,
                     ..Default::default()
                 }),
+                owner: None,
             };
             let info = runtime.create(&config)?;
             runtime.start(&config.id).with_context(|| {

@@ -740,3 +740,66 @@ fn what_a_build_copies_never_sits_in_the_hosts_memory() {
     let out = ok(out);
     assert!(out.starts_with("built big:1"), "{out} (peak {peak})");
 }
+
+/// A `warren build` killed (SIGKILL) mid-step leaves its sandbox running, owned by a process
+/// that is gone; the next build on the host removes it before it starts its own.
+#[test]
+fn a_killed_builds_sandbox_goes_with_the_next_build() {
+    enter_own_network();
+    let data = data_with_minbase("warren-build-killed-", &warren, "base:1");
+    let ctx = tempfile::tempdir_in("/var/tmp").unwrap();
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM base:1\nRUN sleep 600\n",
+    )
+    .unwrap();
+    let sandboxes = || -> Vec<String> {
+        let listed: serde_json::Value =
+            serde_json::from_str(&ok(warren(data.path(), &["runtime", "ls", "--json"]))).unwrap();
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|w| w["config"]["id"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let mut build = std::process::Command::new(env!("CARGO_BIN_EXE_warren"))
+        .arg("--data")
+        .arg(data.path())
+        .args(["build", "-t", "slow:1"])
+        .arg(ctx.path())
+        .env("WARREN_UID_BASE", "2900000000")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while sandboxes().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the build made no sandbox"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // Its step runs: the sandbox is there when the build dies.
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    build.kill().unwrap();
+    build.wait().unwrap();
+    let left = sandboxes();
+    assert!(
+        !left.is_empty(),
+        "nothing to clean up: the test proves nothing"
+    );
+
+    std::fs::write(ctx.path().join("Dockerfile"), "FROM base:1\nRUN true\n").unwrap();
+    let out = warren(
+        data.path(),
+        &["build", "-t", "quick:1", ctx.path().to_str().unwrap()],
+    );
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{said}");
+    for name in &left {
+        assert!(said.contains(&format!("removed {name}")), "{name}: {said}");
+    }
+    assert_eq!(sandboxes(), Vec::<String>::new());
+}

@@ -381,3 +381,88 @@ fn a_host_that_makes_no_prebuilds_leaves_them_to_another_agent() {
     assert_eq!(out, "100\n");
     warren.ok("admin", &["ws", "rm", "counter"]);
 }
+
+/// `warren up` killed (SIGKILL) at each step of a prebuild — the fetch, a build step, the
+/// checkout, a prebuild task, the store, the trace's recording — is started again: the
+/// prebuild is redone and succeeds, and no sandbox of the killed run outlives it (the agent
+/// removes sandboxes whose process is gone before it takes a job).
+#[test]
+fn a_prebuild_killed_at_any_step_leaves_no_sandbox_behind() {
+    enter_own_network();
+    let mut warren = Warren::up_with_admin(26, None);
+    warren.import_image(&debian_rootfs(DebianRootfs::Git), "debian:bookworm");
+    let repos = tempfile::tempdir().unwrap();
+    let source = tempfile::tempdir().unwrap();
+    std::fs::write(
+        source.path().join("warren.yml"),
+        "image:\n  file: Dockerfile\ntasks:\n  - name: web\n    prebuild: sleep 3 && echo made > made.txt\n    workspace: sleep 600\n",
+    )
+    .unwrap();
+    let dockerfile =
+        |round: usize| format!("FROM debian:bookworm\nRUN sleep 3 && echo {round} > /round\n");
+    std::fs::write(source.path().join("Dockerfile"), dockerfile(0)).unwrap();
+    let (repo, url) = repository(repos.path(), "app", source.path());
+    warren.ok("admin", &["project", "add", "app", &url]);
+    let steps = [
+        "fetching",
+        "[0] line 2",
+        "checking out",
+        "prebuild task web",
+        "storing",
+        "recording the first start",
+    ];
+    for (round, step) in steps.into_iter().enumerate() {
+        // A new commit with a new build step: nothing of it is cached.
+        if round > 0 {
+            std::fs::write(repo.join("Dockerfile"), dockerfile(round)).unwrap();
+            commit_all(&repo, &format!("round {round}"));
+            warren.ok("admin", &["project", "branches", "app", "--refresh"]);
+        }
+        let commit = git(&repo, &["rev-parse", "HEAD"]);
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let running = prebuilds(&warren, "app")
+                .into_iter()
+                .find(|p| p["commit"] == commit.as_str());
+            if let Some(pb) = running {
+                let id = pb["id"].as_str().unwrap();
+                let log = warren.ok("admin", &["prebuild", "logs", id]);
+                if log.contains(step) {
+                    break;
+                }
+                assert!(
+                    matches!(pb["state"].as_str(), Some("queued" | "running")),
+                    "round {round}: the prebuild ended before `{step}`: {pb}\n{log}"
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: `{step}` never came"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        warren.kill9();
+        assert!(warren.start().is_none(), "the admin is made only once");
+        let pb = prebuild_of(&warren, "app", &commit);
+        assert_eq!(pb["state"], "succeeded", "round {round} (`{step}`): {pb}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let listed = json(&warren.ok("admin", &["runtime", "ls", "--json"]));
+            let left: Vec<String> = listed
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|w| w["config"]["id"].as_str().map(str::to_owned))
+                .collect();
+            if left.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round} (`{step}`): sandboxes outlived their prebuild: {left:?}\n{}",
+                warren.log()
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+}

@@ -37,7 +37,7 @@ pub use error::Error;
 pub use net::EgressPolicy;
 pub use shim::run_shim;
 pub use types::{
-    DeleteReport, Exec, ExecIo, ExecRequest, ExitStatus, Limits, Process, RootSource, Stats,
+    DeleteReport, Exec, ExecIo, ExecRequest, ExitStatus, Limits, Owner, Process, RootSource, Stats,
     VmOptions, VmStats, WinSize, WorkspaceConfig, WorkspaceId, WorkspaceInfo, WorkspaceSocket,
     WorkspaceState, WritableLayer,
 };
@@ -108,4 +108,34 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
         let _ = id;
         Ok(None)
     }
+}
+
+/// Removes every sandbox whose owning process is gone (a build or prebuild killed before it
+/// could clean up); returns their names. Workspaces, which have no owner, are never touched,
+/// nor is a sandbox whose owner still runs.
+pub fn reap_orphans(runtime: &dyn Runtime) -> Vec<String> {
+    let orphaned = |info: &WorkspaceInfo| {
+        info.config
+            .owner
+            .as_ref()
+            .is_some_and(|owner| !owner.is_alive())
+    };
+    let Ok(listed) = runtime.list() else {
+        return Vec::new();
+    };
+    let mut reaped = Vec::new();
+    for info in listed.iter().filter(|i| orphaned(i)) {
+        let id = &info.config.id;
+        // Asked again just before: a sandbox of the same name may have been made anew.
+        if !runtime.info(id).is_ok_and(|now| orphaned(&now)) {
+            continue;
+        }
+        match runtime.delete(id) {
+            Ok(_) | Err(Error::NotFound(_)) => reaped.push(id.to_string()),
+            Err(e) => {
+                tracing::warn!(sandbox = %id, error = %e, "cannot remove an orphaned sandbox")
+            }
+        }
+    }
+    reaped
 }

@@ -119,6 +119,39 @@ pub struct WorkspaceConfig {
     /// Run it as a virtual machine (its own kernel) rather than a system container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm: Option<VmOptions>,
+    /// The process it belongs to, for a sandbox a build or prebuild makes: once that process is
+    /// gone, the sandbox is an orphan the host removes ([`crate::reap_orphans`]). `None` for a
+    /// workspace, which outlives whoever made it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<Owner>,
+}
+
+/// A running process, told apart from a later one with the same pid.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    pub pid: u32,
+    /// When it started, in clock ticks since boot (`/proc/<pid>/stat`).
+    pub started: u64,
+}
+
+impl Owner {
+    /// This process (`None` only if `/proc` cannot be read).
+    pub fn this_process() -> Option<Self> {
+        let me = procfs::process::Process::myself().ok()?;
+        Some(Self {
+            pid: u32::try_from(me.pid).ok()?,
+            started: me.stat().ok()?.starttime,
+        })
+    }
+
+    /// Whether the process still runs (a zombie counts as gone).
+    pub fn is_alive(&self) -> bool {
+        i32::try_from(self.pid)
+            .ok()
+            .and_then(|pid| procfs::process::Process::new(pid).ok())
+            .and_then(|p| p.stat().ok())
+            .is_some_and(|stat| stat.starttime == self.started && stat.state != 'Z')
+    }
 }
 
 /// What a VM workspace has beyond a container's. Its memory is `limits.memory` (default
