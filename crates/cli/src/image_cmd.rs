@@ -94,7 +94,7 @@ pub enum ImageCommand {
 }
 
 #[derive(Debug, clap::Args)]
-pub(crate) struct BootstrapArgs {
+pub struct BootstrapArgs {
     /// `debian:SUITE` (also the image's name, unless --tag)
     image: String,
     /// The mirror to build from

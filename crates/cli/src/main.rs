@@ -3,26 +3,13 @@
 // The terminal is this binary's interface.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
-mod agent_cmd;
-mod bench;
-mod bench_api;
-mod bench_build;
-mod bench_runtime;
-mod bench_ssh;
-mod bench_vm;
-mod build_cmd;
-mod client;
-mod control_cmd;
-mod image_cmd;
-mod prebuild_cmd;
-mod runtime_cmd;
-mod spec_cmd;
-mod ssh_cmd;
-
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use warren_cli::{
+    agent_cmd, build_cmd, control_cmd, image_cmd, prebuild_cmd, runtime_cmd, spec_cmd, ssh_cmd,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -89,16 +76,6 @@ enum Commands {
     Image(image_cmd::ImageCommand),
     /// Container workspaces by hand: run, exec, stop, rm, ls (needs root)
     Runtime(runtime_cmd::RuntimeArgs),
-    /// Benchmarks against real peers (needs root)
-    #[command(subcommand)]
-    Bench(bench::BenchCommand),
-}
-
-/// A size given on the command line, such as `512MiB` or `20GiB`.
-fn parse_size(text: &str) -> anyhow::Result<u64> {
-    warren_spec::ByteSize::parse(text)
-        .map(|b| b.0)
-        .ok_or_else(|| anyhow::anyhow!("`{text}` is not a size such as 512MiB or 20GiB"))
 }
 
 fn main() -> ExitCode {
@@ -129,7 +106,6 @@ fn main() -> ExitCode {
         Commands::Build(args) => build_cmd::build(args, &cli.data),
         Commands::Image(cmd) => image_cmd::run(cmd, &cli.data).map(|()| ExitCode::SUCCESS),
         Commands::Runtime(args) => runtime_cmd::run(args, &cli.data),
-        Commands::Bench(cmd) => bench::run(cmd).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

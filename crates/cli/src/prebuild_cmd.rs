@@ -19,6 +19,7 @@ use crate::client::Client;
 use crate::image_cmd::LocalImages;
 
 /// Makes prebuilds with this host's runtime into its local image store.
+#[derive(Debug)]
 pub struct HostPrebuilder {
     pub data: PathBuf,
     pub runtime: Arc<dyn Runtime>,

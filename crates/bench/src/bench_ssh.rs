@@ -1,4 +1,4 @@
-//! `warren bench ssh`: `scp` throughput through Warren's SSH gateway against OpenSSH's own
+//! `warren-bench ssh`: `scp` throughput through Warren's SSH gateway against OpenSSH's own
 //! `sshd` started inside the same workspace (the peer), both ways, same client, same file.
 
 use std::path::Path;

@@ -1,4 +1,4 @@
-//! `warren bench runtime`: what a workspace's lifecycle costs, against `docker` and `runc` on
+//! `warren-bench runtime`: what a workspace's lifecycle costs, against `docker` and `runc` on
 //! the same Debian root filesystem, in one run, each driven through its own command-line tool
 //! (a new process per step, as a user or a script drives it):
 //!
@@ -108,7 +108,7 @@ pub(crate) fn runtime(cycles: usize, work: &Path, json: Option<&Path>) -> anyhow
     std::fs::create_dir_all(work)?;
     let rootfs = debian_rootfs(work, &[])?;
     let data = work.join("data");
-    let exe = std::env::current_exe()?;
+    let exe = crate::bench::warren_exe()?;
     // Workspaces an interrupted run left behind go first (never delete through their mounts).
     if let Ok(entries) = std::fs::read_dir(data.join("runtime/workspaces")) {
         for entry in entries.flatten() {

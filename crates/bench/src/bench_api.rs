@@ -1,4 +1,4 @@
-//! `warren bench api`: a real `warren up` (SQLite by default) in the benchmark's network
+//! `warren-bench api`: a real `warren up` (SQLite by default) in the benchmark's network
 //! namespace; N workspaces created at once must all reach `running`; then API latency under
 //! fixed rates of mixed reads, open loop: every request has a scheduled send time (one every
 //! 1/rate s), a pool of senders takes them in order, and a request's latency runs from its
@@ -16,7 +16,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::bench::sh;
-use crate::client::Client;
+use warren_cli::client::Client;
 
 #[derive(Debug, Serialize)]
 struct RateResult {
@@ -70,7 +70,7 @@ impl Up {
         args: &[&str],
     ) -> anyhow::Result<Self> {
         let data = work.join(format!("{name}-data"));
-        let exe = std::env::current_exe()?;
+        let exe = crate::bench::warren_exe()?;
         // Workspaces an interrupted run left behind go first (never delete through their mounts).
         if let Ok(entries) = std::fs::read_dir(data.join("runtime/workspaces")) {
             for entry in entries.flatten() {

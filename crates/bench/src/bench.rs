@@ -1,4 +1,4 @@
-//! `warren bench lazy`: lazy image mounts against full pulls, on a shaped link, in one run.
+//! `warren-bench lazy`: lazy image mounts against full pulls, on a shaped link, in one run.
 //!
 //! Everything runs in a network namespace of its own (`warren-bench`), whose loopback is shaped
 //! with `tc ... tbf`: Debian's docker-registry serves there on 127.0.0.1, and the peers
@@ -17,6 +17,22 @@ use anyhow::{Context as _, bail};
 use clap::Subcommand;
 use serde::Serialize;
 use warren_spec::ByteSize;
+
+/// The `warren` binary the benchmarks drive: `WARREN_EXE`, else the one beside this binary
+/// (cargo builds both into the same folder).
+pub fn warren_exe() -> anyhow::Result<PathBuf> {
+    let exe = match std::env::var_os("WARREN_EXE") {
+        Some(path) => PathBuf::from(path),
+        None => std::env::current_exe()?.with_file_name("warren"),
+    };
+    if !exe.is_file() {
+        bail!(
+            "{} is not there: build it too (`cargo build --release -p warren-cli`), or set WARREN_EXE",
+            exe.display()
+        );
+    }
+    Ok(exe)
+}
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -267,6 +283,7 @@ fn reexec_in_netns() -> anyhow::Result<()> {
         sh(Command::new("ip").args(["-n", NETNS, "link", "set", "lo", "up"]))?;
         let status = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{NETNS}"))
+            // This benchmark again, inside.
             .arg(std::env::current_exe()?)
             .args(std::env::args_os().skip(1))
             .env("WARREN_BENCH_INSIDE", "1")
@@ -442,7 +459,7 @@ impl Mount {
         std::fs::create_dir_all(mountpoint)?;
         let stats = data.with_extension("stats.json");
         let _ = std::fs::remove_file(&stats);
-        let child = Command::new(std::env::current_exe()?)
+        let child = Command::new(crate::bench::warren_exe()?)
             .arg("--data")
             .arg(data)
             .args(["image", "mount", image])
@@ -577,7 +594,7 @@ fn lazy(
         ("docker-registry", "docker-registry"),
         ("tc", "iproute2"),
     ])?;
-    let exe = std::env::current_exe()?;
+    let exe = crate::bench::warren_exe()?;
     let warren = |data: &Path, args: &[&str]| -> anyhow::Result<String> {
         sh(Command::new(&exe).arg("--data").arg(data).args(args))
     };

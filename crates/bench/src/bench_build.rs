@@ -1,4 +1,4 @@
-//! `warren bench build`: two Dockerfiles built by `warren build` and by Docker's classic builder
+//! `warren-bench build`: two Dockerfiles built by `warren build` and by Docker's classic builder
 //! (`DOCKER_BUILDKIT=0 docker build`, dockerd in the benchmark's namespace) from the same Debian
 //! base, each cold (nothing cached), cached (nothing changed) and after one source file
 //! changed; and the bytes a prebuild of a commit changing one source file newly stores.
@@ -101,7 +101,7 @@ fn bench_context(work: &Path) -> anyhow::Result<PathBuf> {
 }
 
 fn warren(data: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new(std::env::current_exe().unwrap_or_else(|_| "warren".into()));
+    let mut c = Command::new(crate::bench::warren_exe().unwrap_or_else(|_| "warren".into()));
     c.arg("--data")
         .arg(data)
         .args(args)
@@ -305,13 +305,13 @@ fn one_file_prebuild(work: &Path, rootfs: &Path) -> anyhow::Result<(u64, u64)> {
     let runtime = Arc::new(ContainerRuntime::new(ContainerRuntimeConfig {
         root: data.join("runtime"),
         data: data.clone(),
-        helper: std::env::current_exe()?,
+        helper: crate::bench::warren_exe()?,
         network: NetworkConfig::default(),
         uid_base: BENCH_UID_BASE,
         default_disk: None,
         vm: Default::default(),
     })?);
-    let prebuilder = crate::prebuild_cmd::HostPrebuilder {
+    let prebuilder = warren_cli::prebuild_cmd::HostPrebuilder {
         data: data.clone(),
         runtime,
         limits: warren_build::StepLimits::host_default(),

@@ -1,4 +1,4 @@
-//! `warren bench memory` and `warren bench boot`: VM workspaces measured from the host.
+//! `warren-bench memory` and `warren-bench boot`: VM workspaces measured from the host.
 //!
 //! - memory: a VM with 2 GiB fills 1 GiB of memory (a tmpfs), frees it, and its QEMU process's
 //!   resident memory is sampled every second, with virtio-balloon free page reporting on and
@@ -28,7 +28,7 @@ fn vm_runtime(work: &Path) -> anyhow::Result<(ContainerRuntime, PathBuf)> {
     let runtime = ContainerRuntime::new(ContainerRuntimeConfig {
         root: data.join("runtime"),
         data: data.clone(),
-        helper: std::env::current_exe()?,
+        helper: crate::bench::warren_exe()?,
         network: NetworkConfig::default(),
         uid_base: BENCH_UID_BASE,
         default_disk: None,
