@@ -76,7 +76,7 @@ const BODY_LIMIT: usize = 1 << 20;
 /// The API's routes with the OpenAPI document made from them: a route is in the document
 /// because it is registered through its `#[utoipa::path]`, never beside it.
 fn api_routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
-    OpenApiRouter::with_openapi(ApiDoc::openapi())
+    let (router, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(api::login))
         .routes(routes!(api::me))
         .routes(routes!(api::list_users, api::create_user))
@@ -116,15 +116,17 @@ fn api_routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(api::list_jobs))
         .routes(routes!(api::ssh_gateway))
         .routes(routes!(openapi))
-        .split_for_parts()
+        .split_for_parts();
+    add_error_responses(&mut doc);
+    (router, doc)
 }
 
 /// The document's frame: title, version and how callers authenticate.
 #[derive(utoipa::OpenApi)]
 #[openapi(
+    components(schemas(warren_api::ErrorBody)),
     info(title = "Warren", description = "Warren's control plane: users, projects, workspaces, prebuilds and hosts. Errors answer `{\"error\": message}`."),
-    modifiers(&Security)
-)]
+    modifiers(&Security))]
 struct ApiDoc;
 
 struct Security;
@@ -140,9 +142,47 @@ impl utoipa::Modify for Security {
                     .build(),
             )
         };
+        use utoipa::openapi::security::SecurityRequirement;
         let components = doc.components.get_or_insert_with(Default::default);
         components.add_security_scheme("token", bearer("a user's API token (wrn_...)"));
         components.add_security_scheme("host", bearer("a host's agent token (wrh_...)"));
+        // A user's token unless an operation says otherwise (login, webhooks, agents).
+        doc.security = Some(vec![SecurityRequirement::new(
+            "token",
+            Vec::<String>::new(),
+        )]);
+    }
+}
+
+/// Gives every operation the one shape its errors have (`4XX`: `{"error": message}`).
+fn add_error_responses(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{RefOr, Response, ResponseBuilder};
+    // Every operation's errors have one shape.
+    let error: RefOr<Response> = ResponseBuilder::new()
+        .description("What was wrong: `{\"error\": message}`")
+        .content(
+            "application/json",
+            utoipa::openapi::ContentBuilder::new()
+                .schema(Some(utoipa::openapi::Ref::from_schema_name("ErrorBody")))
+                .build(),
+        )
+        .build()
+        .into();
+    for item in doc.paths.paths.values_mut() {
+        for op in [
+            &mut item.get,
+            &mut item.post,
+            &mut item.put,
+            &mut item.patch,
+            &mut item.delete,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            op.responses
+                .responses
+                .insert("4XX".to_owned(), error.clone());
+        }
     }
 }
 
@@ -159,14 +199,10 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-#[utoipa::path(
-    get,
-    path = "/api/v1/openapi.json",
-    tag = "meta",
-    summary = "This document",
-    responses((status = OK, description = "This document (OpenAPI 3.1)"), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
-    security(())
-)]
+/// This document
+#[utoipa::path(get, path = "/api/v1/openapi.json", tag = "meta",
+    responses((status = OK, description = "This document (OpenAPI 3.1)")),
+    security(()))]
 async fn openapi() -> axum::Json<utoipa::openapi::OpenApi> {
     axum::Json(openapi_document())
 }

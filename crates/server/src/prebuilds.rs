@@ -284,15 +284,10 @@ async fn find(state: &AppState, caller: &Caller, id: &str) -> ApiResult<AnyRow> 
         .ok_or_else(|| ApiError::not_found(format_args!("prebuild `{id}`")))
 }
 
-#[utoipa::path(
-    get,
-    path = "/api/v1/projects/{project}/prebuilds",
-    tag = "projects",
-    summary = "The project's prebuilds, newest first, with how far each is behind its branch",
+/// The project's prebuilds, newest first, with how far each is behind its branch
+#[utoipa::path(get, path = "/api/v1/projects/{project}/prebuilds", tag = "projects",
     params(("project" = String, Path, description = "The project's id or name")),
-    responses((status = OK, body = Vec<PrebuildView>), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
-    security(("token" = []))
-)]
+    responses((status = OK, body = Vec<PrebuildView>)))]
 pub async fn list(
     State(state): State<AppState>,
     caller: Caller,
@@ -312,15 +307,10 @@ pub async fn list(
     Ok(Json(out))
 }
 
-#[utoipa::path(
-    get,
-    path = "/api/v1/prebuilds/{id}",
-    tag = "prebuilds",
-    summary = "One prebuild",
+/// One prebuild
+#[utoipa::path(get, path = "/api/v1/prebuilds/{id}", tag = "prebuilds",
     params(("id" = String, Path, description = "Its id")),
-    responses((status = OK, body = PrebuildView), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
-    security(("token" = []))
-)]
+    responses((status = OK, body = PrebuildView)))]
 pub async fn get(
     State(state): State<AppState>,
     caller: Caller,
@@ -331,16 +321,11 @@ pub async fn get(
 }
 
 /// Asks for a prebuild of a branch's head now (the one there is when it exists).
-#[utoipa::path(
-    post,
-    path = "/api/v1/projects/{project}/prebuilds",
-    tag = "projects",
+#[utoipa::path(post, path = "/api/v1/projects/{project}/prebuilds", tag = "projects",
     summary = "Prebuild a branch's head now ({branch}; the default branch when absent)",
     params(("project" = String, Path, description = "The project's id or name")),
     request_body = NewPrebuild,
-    responses((status = OK, body = PrebuildView, description = "The prebuild of that commit there already is"), (status = ACCEPTED, body = PrebuildView, description = "Queued"), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
-    security(("token" = []))
-)]
+    responses((status = OK, body = PrebuildView, description = "The prebuild of that commit there already is"), (status = ACCEPTED, body = PrebuildView, description = "Queued")))]
 pub async fn create(
     State(state): State<AppState>,
     caller: Caller,
@@ -417,15 +402,10 @@ pub async fn branch_head(
 }
 
 /// Stops a queued or running prebuild.
-#[utoipa::path(
-    post,
-    path = "/api/v1/prebuilds/{id}/cancel",
-    tag = "prebuilds",
+#[utoipa::path(post, path = "/api/v1/prebuilds/{id}/cancel", tag = "prebuilds",
     summary = "Stop a queued or running prebuild",
     params(("id" = String, Path, description = "Its id")),
-    responses((status = OK, body = PrebuildView), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
-    security(("token" = []))
-)]
+    responses((status = OK, body = PrebuildView)))]
 pub async fn cancel(
     State(state): State<AppState>,
     caller: Caller,
@@ -468,15 +448,10 @@ pub async fn cancel(
 }
 
 /// A new prebuild of a failed or cancelled one's commit.
-#[utoipa::path(
-    post,
-    path = "/api/v1/prebuilds/{id}/retry",
-    tag = "prebuilds",
+#[utoipa::path(post, path = "/api/v1/prebuilds/{id}/retry", tag = "prebuilds",
     summary = "A new prebuild of a failed or cancelled one's commit",
     params(("id" = String, Path, description = "Its id")),
-    responses((status = ACCEPTED, body = PrebuildView), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
-    security(("token" = []))
-)]
+    responses((status = ACCEPTED, body = PrebuildView)))]
 pub async fn retry(
     State(state): State<AppState>,
     caller: Caller,
@@ -507,15 +482,10 @@ pub async fn retry(
 
 /// The log from `offset` on (`warren prebuild logs -f` reads it again from the returned
 /// offset until `done`).
-#[utoipa::path(
-    get,
-    path = "/api/v1/prebuilds/{id}/log",
-    tag = "prebuilds",
+#[utoipa::path(get, path = "/api/v1/prebuilds/{id}/log", tag = "prebuilds",
     summary = "A prebuild's log from ?offset= on; `done` once it ended",
     params(("id" = String, Path, description = "Its id"), LogQuery),
-    responses((status = OK, body = LogPiece), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
-    security(("token" = []))
-)]
+    responses((status = OK, body = LogPiece)))]
 pub async fn log(
     State(state): State<AppState>,
     caller: Caller,

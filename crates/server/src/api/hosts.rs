@@ -15,15 +15,10 @@ use crate::error::{ApiError, ApiResult};
 use warren_api::{HostView, JobView, LogAnswer, LogRequest, NewHost, NewHostAnswer};
 
 /// Registers a host for `warren agent`; its token is shown once.
-#[utoipa::path(
-    post,
-    path = "/api/v1/hosts",
-    tag = "hosts",
+#[utoipa::path(post, path = "/api/v1/hosts", tag = "hosts",
     summary = "Register a host for `warren agent`; its token is shown once (admin)",
     request_body = NewHost,
-    responses((status = CREATED, body = NewHostAnswer), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
-    security(("token" = []))
-)]
+    responses((status = CREATED, body = NewHostAnswer)))]
 pub async fn add_host(
     State(state): State<AppState>,
     caller: Caller,
@@ -101,15 +96,11 @@ fn yes() -> bool {
     true
 }
 
-#[utoipa::path(
-    post,
-    path = "/api/v1/agent/claim",
-    tag = "agent",
-    summary = "An agent claims its host's next job (host token)",
+/// An agent claims its host's next job (host token)
+#[utoipa::path(post, path = "/api/v1/agent/claim", tag = "agent",
     request_body(content = Object, description = "`{\"report\": HostReport?, \"prebuilds\": bool}` (warren-agent's types)"),
-    responses((status = OK, description = "The job (warren-agent's `Job`)"), (status = NO_CONTENT, description = "Nothing to do"), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
-    security(("host" = []))
-)]
+    responses((status = OK, description = "The job (warren-agent's `Job`)"), (status = NO_CONTENT, description = "Nothing to do")),
+    security(("host" = [])))]
 pub async fn agent_claim(
     State(state): State<AppState>,
     host: AgentHost,
@@ -153,15 +144,11 @@ pub struct FinishRequest {
     result: Result<warren_agent::Outcome, warren_agent::Failure>,
 }
 
-#[utoipa::path(
-    post,
-    path = "/api/v1/agent/finish",
-    tag = "agent",
-    summary = "An agent reports how a job went (host token)",
+/// An agent reports how a job went (host token)
+#[utoipa::path(post, path = "/api/v1/agent/finish", tag = "agent",
     request_body(content = Object, description = "`{\"job\": id, \"result\": {\"Ok\": Outcome} | {\"Err\": message}}` (warren-agent's types)"),
-    responses((status = NO_CONTENT, description = "Done"), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
-    security(("host" = []))
-)]
+    responses((status = NO_CONTENT, description = "Done")),
+    security(("host" = [])))]
 pub async fn agent_finish(
     State(state): State<AppState>,
     host: AgentHost,
@@ -177,15 +164,11 @@ pub async fn agent_finish(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[utoipa::path(
-    post,
-    path = "/api/v1/agent/log",
-    tag = "agent",
-    summary = "An agent adds to a running prebuild's log; answers whether to go on (host token)",
+/// An agent adds to a running prebuild's log; answers whether to go on (host token)
+#[utoipa::path(post, path = "/api/v1/agent/log", tag = "agent",
     request_body = LogRequest,
-    responses((status = OK, body = LogAnswer), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
-    security(("host" = []))
-)]
+    responses((status = OK, body = LogAnswer)),
+    security(("host" = [])))]
 pub async fn agent_log(
     State(state): State<AppState>,
     host: AgentHost,
@@ -203,14 +186,9 @@ pub async fn agent_log(
     Ok(Json(LogAnswer { go_on }))
 }
 
-#[utoipa::path(
-    get,
-    path = "/api/v1/hosts",
-    tag = "hosts",
-    summary = "Hosts (admin)",
-    responses((status = OK, body = Vec<HostView>), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
-    security(("token" = []))
-)]
+/// Hosts (admin)
+#[utoipa::path(get, path = "/api/v1/hosts", tag = "hosts",
+    responses((status = OK, body = Vec<HostView>)))]
 pub async fn list_hosts(
     State(state): State<AppState>,
     caller: Caller,
@@ -236,14 +214,9 @@ pub async fn list_hosts(
     ))
 }
 
-#[utoipa::path(
-    get,
-    path = "/api/v1/jobs",
-    tag = "hosts",
-    summary = "Recent jobs of the caller's workspaces",
-    responses((status = OK, body = Vec<JobView>), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
-    security(("token" = []))
-)]
+/// Recent jobs of the caller's workspaces
+#[utoipa::path(get, path = "/api/v1/jobs", tag = "hosts",
+    responses((status = OK, body = Vec<JobView>)))]
 pub async fn list_jobs(
     State(state): State<AppState>,
     caller: Caller,

@@ -14,14 +14,9 @@ use crate::db::{new_id, now_ms};
 use crate::error::{ApiError, ApiResult};
 use warren_api::{KeyChallenge, KeyView, NewKey, SshView};
 
-#[utoipa::path(
-    get,
-    path = "/api/v1/keys/challenge",
-    tag = "keys",
-    summary = "What the caller signs with a key to add it (SSHSIG namespace and message)",
-    responses((status = OK, body = KeyChallenge), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
-    security(("token" = []))
-)]
+/// What the caller signs with a key to add it (SSHSIG namespace and message)
+#[utoipa::path(get, path = "/api/v1/keys/challenge", tag = "keys",
+    responses((status = OK, body = KeyChallenge)))]
 pub async fn key_challenge(caller: Caller) -> Json<KeyChallenge> {
     Json(KeyChallenge {
         namespace: warren_ssh::KEY_PROOF_NAMESPACE.to_owned(),
@@ -29,14 +24,8 @@ pub async fn key_challenge(caller: Caller) -> Json<KeyChallenge> {
     })
 }
 
-#[utoipa::path(
-    get,
-    path = "/api/v1/ssh",
-    tag = "keys",
-    summary = "The SSH gateway's address and host key (for `warren ssh-config`)",
-    responses((status = OK, body = SshView), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
-    security(("token" = []))
-)]
+/// The SSH gateway's address and host key (for `warren ssh-config`)
+#[utoipa::path(get, path = "/api/v1/ssh", tag = "keys", responses((status = OK, body = SshView)))]
 pub async fn ssh_gateway(
     State(state): State<AppState>,
     _caller: Caller,
@@ -103,14 +92,9 @@ fn key_view(r: &AnyRow) -> ApiResult<KeyView> {
     })
 }
 
-#[utoipa::path(
-    get,
-    path = "/api/v1/keys",
-    tag = "keys",
-    summary = "The caller's SSH public keys",
-    responses((status = OK, body = Vec<KeyView>), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
-    security(("token" = []))
-)]
+/// The caller's SSH public keys
+#[utoipa::path(get, path = "/api/v1/keys", tag = "keys",
+    responses((status = OK, body = Vec<KeyView>)))]
 pub async fn list_keys(
     State(state): State<AppState>,
     caller: Caller,
@@ -124,15 +108,10 @@ pub async fn list_keys(
     Ok(Json(rows.iter().map(key_view).collect::<ApiResult<_>>()?))
 }
 
-#[utoipa::path(
-    post,
-    path = "/api/v1/keys",
-    tag = "keys",
-    summary = "Add an SSH public key, with a signature proving the caller holds it",
+/// Add an SSH public key, with a signature proving the caller holds it
+#[utoipa::path(post, path = "/api/v1/keys", tag = "keys",
     request_body = NewKey,
-    responses((status = CREATED, body = KeyView), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
-    security(("token" = []))
-)]
+    responses((status = CREATED, body = KeyView)))]
 pub async fn add_key(
     State(state): State<AppState>,
     caller: Caller,
@@ -181,15 +160,10 @@ pub async fn add_key(
     ))
 }
 
-#[utoipa::path(
-    delete,
-    path = "/api/v1/keys/{key}",
-    tag = "keys",
-    summary = "Remove an SSH public key (by id or name)",
+/// Remove an SSH public key (by id or name)
+#[utoipa::path(delete, path = "/api/v1/keys/{key}", tag = "keys",
     params(("key" = String, Path, description = "The key's id or name")),
-    responses((status = NO_CONTENT, description = "Done"), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
-    security(("token" = []))
-)]
+    responses((status = NO_CONTENT, description = "Done")))]
 pub async fn delete_key(
     State(state): State<AppState>,
     caller: Caller,

@@ -91,14 +91,9 @@ pub(crate) async fn find_project(
         .ok_or_else(|| ApiError::not_found(format_args!("project `{key}`")))
 }
 
-#[utoipa::path(
-    get,
-    path = "/api/v1/projects",
-    tag = "projects",
-    summary = "Projects the caller may see",
-    responses((status = OK, body = Vec<ProjectView>), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
-    security(("token" = []))
-)]
+/// Projects the caller may see
+#[utoipa::path(get, path = "/api/v1/projects", tag = "projects",
+    responses((status = OK, body = Vec<ProjectView>)))]
 pub async fn list_projects(
     State(state): State<AppState>,
     caller: Caller,
@@ -115,15 +110,10 @@ pub async fn list_projects(
     ))
 }
 
-#[utoipa::path(
-    post,
-    path = "/api/v1/projects",
-    tag = "projects",
-    summary = "Add a project (a git repository)",
+/// Add a project (a git repository)
+#[utoipa::path(post, path = "/api/v1/projects", tag = "projects",
     request_body = NewProject,
-    responses((status = CREATED, body = ProjectView), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
-    security(("token" = []))
-)]
+    responses((status = CREATED, body = ProjectView)))]
 pub async fn create_project(
     State(state): State<AppState>,
     caller: Caller,
@@ -172,16 +162,11 @@ pub async fn create_project(
     Ok((StatusCode::CREATED, Json(view)))
 }
 
-#[utoipa::path(
-    patch,
-    path = "/api/v1/projects/{project}",
-    tag = "projects",
-    summary = "Change a project's trust domain: whether KSM may merge its VMs' memory (admin)",
+/// Change a project's trust domain: whether KSM may merge its VMs' memory (admin)
+#[utoipa::path(patch, path = "/api/v1/projects/{project}", tag = "projects",
     params(("project" = String, Path, description = "The project's id or name")),
     request_body = TrustChange,
-    responses((status = NO_CONTENT, description = "Done"), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
-    security(("token" = []))
-)]
+    responses((status = NO_CONTENT, description = "Done")))]
 pub async fn update_project(
     State(state): State<AppState>,
     caller: Caller,
@@ -199,15 +184,10 @@ pub async fn update_project(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[utoipa::path(
-    get,
-    path = "/api/v1/projects/{project}",
-    tag = "projects",
-    summary = "One project (by id or name)",
+/// One project (by id or name)
+#[utoipa::path(get, path = "/api/v1/projects/{project}", tag = "projects",
     params(("project" = String, Path, description = "The project's id or name")),
-    responses((status = OK, body = ProjectView), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
-    security(("token" = []))
-)]
+    responses((status = OK, body = ProjectView)))]
 pub async fn get_project(
     State(state): State<AppState>,
     caller: Caller,
@@ -218,15 +198,10 @@ pub async fn get_project(
     )?))
 }
 
-#[utoipa::path(
-    delete,
-    path = "/api/v1/projects/{project}",
-    tag = "projects",
-    summary = "Remove a project",
+/// Remove a project
+#[utoipa::path(delete, path = "/api/v1/projects/{project}", tag = "projects",
     params(("project" = String, Path, description = "The project's id or name")),
-    responses((status = NO_CONTENT, description = "Done"), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
-    security(("token" = []))
-)]
+    responses((status = NO_CONTENT, description = "Done")))]
 pub async fn delete_project(
     State(state): State<AppState>,
     caller: Caller,
@@ -259,15 +234,10 @@ async fn branches_of(state: &AppState, project_id: &str) -> ApiResult<Vec<Branch
         .collect()
 }
 
-#[utoipa::path(
-    get,
-    path = "/api/v1/projects/{project}/branches",
-    tag = "projects",
-    summary = "The project's branches and their head commits",
+/// The project's branches and their head commits
+#[utoipa::path(get, path = "/api/v1/projects/{project}/branches", tag = "projects",
     params(("project" = String, Path, description = "The project's id or name")),
-    responses((status = OK, body = Vec<BranchView>), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
-    security(("token" = []))
-)]
+    responses((status = OK, body = Vec<BranchView>)))]
 pub async fn project_branches(
     State(state): State<AppState>,
     caller: Caller,
@@ -280,15 +250,10 @@ pub async fn project_branches(
 }
 
 /// Reads the project's branch heads now (what the poller does on its timer).
-#[utoipa::path(
-    post,
-    path = "/api/v1/projects/{project}/refresh",
-    tag = "projects",
+#[utoipa::path(post, path = "/api/v1/projects/{project}/refresh", tag = "projects",
     summary = "Read the project's branch heads now",
     params(("project" = String, Path, description = "The project's id or name")),
-    responses((status = OK, body = Vec<BranchView>), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
-    security(("token" = []))
-)]
+    responses((status = OK, body = Vec<BranchView>)))]
 pub async fn refresh_project(
     State(state): State<AppState>,
     caller: Caller,
@@ -306,15 +271,11 @@ pub async fn refresh_project(
 
 /// The git webhook: a push to the repository makes Warren read its branch heads now. Needs
 /// the project's secret instead of a token (git hosts cannot log in).
-#[utoipa::path(
-    post,
-    path = "/api/v1/hooks/git/{id}",
-    tag = "projects",
+#[utoipa::path(post, path = "/api/v1/hooks/git/{id}", tag = "projects",
     summary = "Git webhook (`?secret=` from the project's creation): read branch heads now",
     params(("id" = String, Path, description = "Its id"), HookQuery),
-    responses((status = NO_CONTENT, description = "Done"), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
-    security(())
-)]
+    responses((status = NO_CONTENT, description = "Done")),
+    security(()))]
 pub async fn git_hook(
     State(state): State<AppState>,
     Path(id): Path<String>,

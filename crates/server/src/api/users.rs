@@ -14,15 +14,11 @@ use crate::db::{new_id, now_ms};
 use crate::error::{ApiError, ApiResult};
 use warren_api::{LoginRequest, LoginResponse, NewUser, TokenView, TrustChange, UserView};
 
-#[utoipa::path(
-    post,
-    path = "/api/v1/login",
-    tag = "users",
-    summary = "Exchange a user name and password for an API token",
+/// Exchange a user name and password for an API token
+#[utoipa::path(post, path = "/api/v1/login", tag = "users",
     request_body = LoginRequest,
-    responses((status = OK, body = LoginResponse), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
-    security(())
-)]
+    responses((status = OK, body = LoginResponse)),
+    security(()))]
 pub async fn login(
     State(state): State<AppState>,
     axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
@@ -97,16 +93,11 @@ fn user_view(row: &AnyRow) -> ApiResult<UserView> {
     })
 }
 
-#[utoipa::path(
-    patch,
-    path = "/api/v1/users/{user}",
-    tag = "users",
-    summary = "Change a user's trust domain: whether KSM may merge their VMs' memory (admin)",
+/// Change a user's trust domain: whether KSM may merge their VMs' memory (admin)
+#[utoipa::path(patch, path = "/api/v1/users/{user}", tag = "users",
     params(("user" = String, Path, description = "The user's id or name")),
     request_body = TrustChange,
-    responses((status = NO_CONTENT, description = "Done"), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
-    security(("token" = []))
-)]
+    responses((status = NO_CONTENT, description = "Done")))]
 pub async fn update_user(
     State(state): State<AppState>,
     caller: Caller,
@@ -126,14 +117,8 @@ pub async fn update_user(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[utoipa::path(
-    get,
-    path = "/api/v1/me",
-    tag = "users",
-    summary = "The calling user",
-    responses((status = OK, body = UserView), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
-    security(("token" = []))
-)]
+/// The calling user
+#[utoipa::path(get, path = "/api/v1/me", tag = "users", responses((status = OK, body = UserView)))]
 pub async fn me(caller: Caller) -> Json<UserView> {
     Json(UserView {
         id: caller.user_id,
@@ -142,14 +127,9 @@ pub async fn me(caller: Caller) -> Json<UserView> {
     })
 }
 
-#[utoipa::path(
-    get,
-    path = "/api/v1/users",
-    tag = "users",
-    summary = "All users (admin)",
-    responses((status = OK, body = Vec<UserView>), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
-    security(("token" = []))
-)]
+/// All users (admin)
+#[utoipa::path(get, path = "/api/v1/users", tag = "users",
+    responses((status = OK, body = Vec<UserView>)))]
 pub async fn list_users(
     State(state): State<AppState>,
     caller: Caller,
@@ -161,15 +141,10 @@ pub async fn list_users(
     Ok(Json(rows.iter().map(user_view).collect::<ApiResult<_>>()?))
 }
 
-#[utoipa::path(
-    post,
-    path = "/api/v1/users",
-    tag = "users",
-    summary = "Create a user (admin)",
+/// Create a user (admin)
+#[utoipa::path(post, path = "/api/v1/users", tag = "users",
     request_body = NewUser,
-    responses((status = CREATED, body = UserView), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
-    security(("token" = []))
-)]
+    responses((status = CREATED, body = UserView)))]
 pub async fn create_user(
     State(state): State<AppState>,
     caller: Caller,
@@ -205,14 +180,9 @@ pub async fn create_user(
     ))
 }
 
-#[utoipa::path(
-    get,
-    path = "/api/v1/tokens",
-    tag = "users",
-    summary = "The caller's API tokens",
-    responses((status = OK, body = Vec<TokenView>), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
-    security(("token" = []))
-)]
+/// The caller's API tokens
+#[utoipa::path(get, path = "/api/v1/tokens", tag = "users",
+    responses((status = OK, body = Vec<TokenView>)))]
 pub async fn list_tokens(
     State(state): State<AppState>,
     caller: Caller,
@@ -236,15 +206,10 @@ pub async fn list_tokens(
     ))
 }
 
-#[utoipa::path(
-    delete,
-    path = "/api/v1/tokens/{id}",
-    tag = "users",
-    summary = "Revoke one of the caller's tokens",
+/// Revoke one of the caller's tokens
+#[utoipa::path(delete, path = "/api/v1/tokens/{id}", tag = "users",
     params(("id" = String, Path, description = "Its id")),
-    responses((status = NO_CONTENT, description = "Done"), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
-    security(("token" = []))
-)]
+    responses((status = NO_CONTENT, description = "Done")))]
 pub async fn delete_token(
     State(state): State<AppState>,
     caller: Caller,

@@ -44,15 +44,10 @@ async fn var_scope(
     }
 }
 
-#[utoipa::path(
-    get,
-    path = "/api/v1/env",
-    tag = "variables",
-    summary = "Environment variables of the caller (or of `?project=`); secrets' values are never returned",
+/// Environment variables of the caller (or of `?project=`); secrets' values are never returned
+#[utoipa::path(get, path = "/api/v1/env", tag = "variables",
     params(ScopeQuery),
-    responses((status = OK, body = Vec<VarView>), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
-    security(("token" = []))
-)]
+    responses((status = OK, body = Vec<VarView>)))]
 pub async fn list_vars(
     State(state): State<AppState>,
     caller: Caller,
@@ -110,15 +105,10 @@ pub(crate) async fn workspace_env(
     Ok(vars.into_iter().map(|(k, v)| format!("{k}={v}")).collect())
 }
 
-#[utoipa::path(
-    post,
-    path = "/api/v1/env",
-    tag = "variables",
-    summary = "Set a variable (`secret: true` seals it at rest)",
+/// Set a variable (`secret: true` seals it at rest)
+#[utoipa::path(post, path = "/api/v1/env", tag = "variables",
     request_body = NewVar,
-    responses((status = NO_CONTENT, description = "Done"), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
-    security(("token" = []))
-)]
+    responses((status = NO_CONTENT, description = "Done")))]
 pub async fn set_var(
     State(state): State<AppState>,
     caller: Caller,
@@ -159,15 +149,10 @@ pub async fn set_var(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[utoipa::path(
-    delete,
-    path = "/api/v1/env/{name}",
-    tag = "variables",
-    summary = "Remove a variable (of the caller, or of `?project=`)",
+/// Remove a variable (of the caller, or of `?project=`)
+#[utoipa::path(delete, path = "/api/v1/env/{name}", tag = "variables",
     params(("name" = String, Path, description = "The variable's name"), ScopeQuery),
-    responses((status = NO_CONTENT, description = "Done"), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
-    security(("token" = []))
-)]
+    responses((status = NO_CONTENT, description = "Done")))]
 pub async fn delete_var(
     State(state): State<AppState>,
     caller: Caller,

@@ -202,14 +202,9 @@ async fn find_workspace(state: &AppState, caller: &Caller, key: &str) -> ApiResu
         .ok_or_else(|| ApiError::not_found(format_args!("workspace `{key}`")))
 }
 
-#[utoipa::path(
-    get,
-    path = "/api/v1/workspaces",
-    tag = "workspaces",
-    summary = "Workspaces the caller may see",
-    responses((status = OK, body = Vec<WorkspaceView>), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
-    security(("token" = []))
-)]
+/// Workspaces the caller may see
+#[utoipa::path(get, path = "/api/v1/workspaces", tag = "workspaces",
+    responses((status = OK, body = Vec<WorkspaceView>)))]
 pub async fn list_workspaces(
     State(state): State<AppState>,
     caller: Caller,
@@ -228,15 +223,10 @@ pub async fn list_workspaces(
     Ok(Json(out))
 }
 
-#[utoipa::path(
-    get,
-    path = "/api/v1/workspaces/{workspace}",
-    tag = "workspaces",
-    summary = "One workspace (by id or name)",
+/// One workspace (by id or name)
+#[utoipa::path(get, path = "/api/v1/workspaces/{workspace}", tag = "workspaces",
     params(("workspace" = String, Path, description = "The workspace's id or name")),
-    responses((status = OK, body = WorkspaceView), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
-    security(("token" = []))
-)]
+    responses((status = OK, body = WorkspaceView)))]
 pub async fn get_workspace(
     State(state): State<AppState>,
     caller: Caller,
@@ -247,15 +237,10 @@ pub async fn get_workspace(
     ))
 }
 
-#[utoipa::path(
-    post,
-    path = "/api/v1/workspaces",
-    tag = "workspaces",
-    summary = "Create a workspace from an image (202: it starts in the background)",
+/// Create a workspace from an image (202: it starts in the background)
+#[utoipa::path(post, path = "/api/v1/workspaces", tag = "workspaces",
     request_body = NewWorkspace,
-    responses((status = ACCEPTED, body = WorkspaceView, description = "Created; it starts in the background"), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
-    security(("token" = []))
-)]
+    responses((status = ACCEPTED, body = WorkspaceView, description = "Created; it starts in the background")))]
 pub async fn create_workspace(
     State(state): State<AppState>,
     caller: Caller,
@@ -520,15 +505,10 @@ async fn git_identity(state: &AppState, caller: &Caller) -> ApiResult<(String, S
     ))
 }
 
-#[utoipa::path(
-    post,
-    path = "/api/v1/workspaces/{workspace}/start",
-    tag = "workspaces",
-    summary = "Start a workspace",
+/// Start a workspace
+#[utoipa::path(post, path = "/api/v1/workspaces/{workspace}/start", tag = "workspaces",
     params(("workspace" = String, Path, description = "The workspace's id or name")),
-    responses((status = ACCEPTED, body = WorkspaceView), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
-    security(("token" = []))
-)]
+    responses((status = ACCEPTED, body = WorkspaceView)))]
 pub async fn start_workspace(
     State(state): State<AppState>,
     caller: Caller,
@@ -540,16 +520,11 @@ pub async fn start_workspace(
     Ok((StatusCode::ACCEPTED, Json(workspace_view(&ws))))
 }
 
-#[utoipa::path(
-    post,
-    path = "/api/v1/workspaces/{workspace}/stop",
-    tag = "workspaces",
-    summary = "Stop a workspace (`force` kills at once)",
+/// Stop a workspace (`force` kills at once)
+#[utoipa::path(post, path = "/api/v1/workspaces/{workspace}/stop", tag = "workspaces",
     params(("workspace" = String, Path, description = "The workspace's id or name")),
     request_body = StopRequest,
-    responses((status = ACCEPTED, body = WorkspaceView), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
-    security(("token" = []))
-)]
+    responses((status = ACCEPTED, body = WorkspaceView)))]
 pub async fn stop_workspace(
     State(state): State<AppState>,
     caller: Caller,
@@ -577,15 +552,10 @@ pub async fn stop_workspace(
     Ok((StatusCode::ACCEPTED, Json(workspace_view(&ws))))
 }
 
-#[utoipa::path(
-    delete,
-    path = "/api/v1/workspaces/{workspace}",
-    tag = "workspaces",
-    summary = "Delete a workspace",
+/// Delete a workspace
+#[utoipa::path(delete, path = "/api/v1/workspaces/{workspace}", tag = "workspaces",
     params(("workspace" = String, Path, description = "The workspace's id or name")),
-    responses((status = ACCEPTED, body = WorkspaceView, description = "It is being deleted"), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
-    security(("token" = []))
-)]
+    responses((status = ACCEPTED, body = WorkspaceView, description = "It is being deleted")))]
 pub async fn delete_workspace(
     State(state): State<AppState>,
     caller: Caller,
@@ -600,16 +570,11 @@ pub async fn delete_workspace(
 /// Most output an exec returns per stream; the rest is cut (interactive work goes over SSH).
 const EXEC_OUTPUT_LIMIT: u64 = 8 << 20;
 
-#[utoipa::path(
-    post,
-    path = "/api/v1/workspaces/{workspace}/exec",
-    tag = "workspaces",
-    summary = "Run a command to its end and return its output",
+/// Run a command to its end and return its output
+#[utoipa::path(post, path = "/api/v1/workspaces/{workspace}/exec", tag = "workspaces",
     params(("workspace" = String, Path, description = "The workspace's id or name")),
     request_body = ExecRequest,
-    responses((status = OK, body = ExecResponse), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
-    security(("token" = []))
-)]
+    responses((status = OK, body = ExecResponse)))]
 pub async fn exec_workspace(
     State(state): State<AppState>,
     caller: Caller,
@@ -672,15 +637,10 @@ fn local_runtime(
     Ok((runtime, id))
 }
 
-#[utoipa::path(
-    get,
-    path = "/api/v1/workspaces/{workspace}/tasks",
-    tag = "workspaces",
-    summary = "The workspace's tasks and how each is doing",
+/// The workspace's tasks and how each is doing
+#[utoipa::path(get, path = "/api/v1/workspaces/{workspace}/tasks", tag = "workspaces",
     params(("workspace" = String, Path, description = "The workspace's id or name")),
-    responses((status = OK, body = Vec<TaskView>), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
-    security(("token" = []))
-)]
+    responses((status = OK, body = Vec<TaskView>)))]
 pub async fn list_tasks(
     State(state): State<AppState>,
     caller: Caller,
@@ -722,15 +682,10 @@ fn task_view(info: warren_runtime::tasks::TaskInfo) -> TaskView {
 /// Largest piece of a log one request returns.
 const LOG_PIECE: usize = 256 << 10;
 
-#[utoipa::path(
-    get,
-    path = "/api/v1/workspaces/{workspace}/tasks/{task}/log",
-    tag = "workspaces",
-    summary = "A task's output from `?offset=` (base64), where to continue, and whether more may come",
+/// A task's output from `?offset=` (base64), where to continue, and whether more may come
+#[utoipa::path(get, path = "/api/v1/workspaces/{workspace}/tasks/{task}/log", tag = "workspaces",
     params(("workspace" = String, Path, description = "The workspace's id or name"), ("task" = String, Path, description = "The task's name"), LogQuery),
-    responses((status = OK, body = LogView), (status = "4XX", body = warren_api::ErrorBody, description = "What was wrong")),
-    security(("token" = []))
-)]
+    responses((status = OK, body = LogView)))]
 pub async fn task_log(
     State(state): State<AppState>,
     caller: Caller,
