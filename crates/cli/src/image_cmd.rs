@@ -200,7 +200,9 @@ fn resolve(
 /// its registry answers for its manifest within seconds. The error names what is missing.
 pub fn image_check(data: &Path) -> warren_agent::ImageCheck {
     let data = data.to_path_buf();
-    Arc::new(move |reference: &str| check_image(&data, reference))
+    Arc::new(move |reference: &str| {
+        check_image(&data, reference).map_err(|why| warren_runtime::image_mount::printable(&why))
+    })
 }
 
 fn check_image(data: &Path, reference: &str) -> Result<(), String> {

@@ -22,11 +22,24 @@ pub const READY_FD: i32 = 3;
 /// The most a signal may take (a failure's message is cut to fit).
 const SIGNAL_LIMIT: u64 = 16 << 10;
 
+/// `text` safe to show on a terminal and to keep in one line: a registry's words (an error
+/// body) may hold escape sequences; every control character becomes `?`, a newline a space.
+pub fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| match c {
+            '\n' | '\t' => ' ',
+            c if c.is_control() => '?',
+            c => c,
+        })
+        .collect()
+}
+
 impl MountSignal {
     /// Writes the signal as one line (the mount side).
     pub fn send(&self, to: &mut impl Write) -> std::io::Result<()> {
         let mut signal = self.clone();
         if let Self::Failed { error } = &mut signal {
+            *error = printable(error);
             let mut end = error.len().min(SIGNAL_LIMIT as usize / 2);
             while !error.is_char_boundary(end) {
                 end -= 1;
@@ -71,6 +84,14 @@ mod tests {
         }
         assert_eq!(MountSignal::receive(&b""[..]), None);
         assert_eq!(MountSignal::receive(&b"mounted dev:1 at /x\n"[..]), None);
+    }
+
+    #[test]
+    fn what_a_registry_says_cannot_drive_a_terminal() {
+        assert_eq!(
+            printable("HTTP 500: \u{1b}]0;owned\u{7}\nline\u{9b}2J"),
+            "HTTP 500: ?]0;owned? line?2J"
+        );
     }
 
     #[test]
