@@ -15,14 +15,13 @@ use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use warren_image::{ChunkParams, ImageBuilder, Limits, TreeIndex, import_dir, import_tar};
-use warren_lazyfs::{LazyFs, MountOptions, pull, trace};
+use warren_lazyfs::{pull, trace};
 use warren_runtime::image_mount::MountSignal;
 use warren_spec::ByteSize;
 use warren_store::images::{commit, copy_image, open_image};
 use warren_store::manifest::ImageConfig;
 use warren_store::{
     BlobStore, ChunkCache, ChunkFetcher, LocalStore, RegistryRef, RegistryStore, Retry, StoreError,
-    registry_host,
 };
 
 #[derive(Debug, Subcommand)]
@@ -884,63 +883,38 @@ fn mount(
     // Opening answers soon (a missing image or a registry that refuses ends the mount at
     // once, saying so); reads of the mounted tree retry patiently, to outlive a registry's
     // restart.
-    let (first, name) = resolve(data, reference, Retry::default())?;
-    let image = open_image(first.as_ref(), &name).map_err(|e| match e {
-        StoreError::ManifestNotFound { .. } => anyhow::anyhow!("image {reference} not found"),
-        StoreError::Transport { message, .. } if refused(&message) => {
-            match registry_host(reference) {
-                Some(host) => {
-                    anyhow::anyhow!("image {reference}: registry {host} refused the connection")
-                }
-                None => anyhow::anyhow!("image {reference}: {message}"),
-            }
-        }
-        other => anyhow::Error::from(other).context(format!("cannot open image {reference}")),
-    })?;
+    let (opening, name) = resolve(data, reference, Retry::default())?;
     let (store, _) = resolve(data, reference, Retry::patient())?;
     let cache = Arc::new(ChunkCache::open(&data.join("cache"), flags.limit)?);
-    cache.pin(image.index.chunks.iter().map(|c| c.id));
-    let fetcher = ChunkFetcher::new(store.clone(), cache, image.index.clone(), 8 << 20);
-    let recorder = flags
-        .record_trace
-        .map(|secs| Arc::new(trace::Recorder::new(Duration::from_secs(secs))));
-    let stored_trace = if flags.prefetch {
-        trace::load(store.as_ref(), &image.digest).unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "cannot read the image's trace; mounting without prefetch");
-            None
-        })
-    } else {
-        None
-    };
-    let options = MountOptions {
-        id_offset: flags.id_offset,
-        ..MountOptions::default()
-    };
-    let session = warren_lazyfs::mount(
-        LazyFs::new(fetcher.clone(), options, recorder.clone()),
+    let mut served = warren_lazyfs::serve::serve(warren_lazyfs::serve::ServeRequest {
+        reference,
+        opening: opening.as_ref(),
+        store,
+        name: &name,
+        cache,
         mountpoint,
-    )
-    .with_context(|| format!("cannot mount `{reference}` at `{}`", mountpoint.display()))?;
+        id_offset: flags.id_offset,
+        record_trace: flags.record_trace.map(Duration::from_secs),
+        prefetch: flags.prefetch,
+        background: flags.background,
+    })?;
+    let index = served.image.index.clone();
     if let Some(pipe) = ready.as_mut() {
         pipe.say(&MountSignal::Mounted {
-            entries: image.index.entries.len() as u64,
-            data_bytes: image.index.data_bytes(),
+            entries: index.entries.len() as u64,
+            data_bytes: index.data_bytes(),
         });
     }
-    let progress = Arc::new(pull::Progress::default());
-    let had_trace = stored_trace.is_some();
-    let puller = pull::spawn(
-        fetcher.clone(),
-        stored_trace,
-        flags.background,
-        progress.clone(),
-    );
     println!(
         "mounted {reference} at {} ({} entries, {}; trace {}; background pull {}); SIGTERM or Ctrl-C unmounts",
         mountpoint.display(),
-        image.index.entries.len(),
-        ByteSize(image.index.data_bytes()),
-        if had_trace { "replaying" } else { "none" },
+        index.entries.len(),
+        ByteSize(index.data_bytes()),
+        if served.replaying {
+            "replaying"
+        } else {
+            "none"
+        },
         if flags.background { "on" } else { "off" }
     );
 
@@ -952,30 +926,19 @@ fn mount(
     }
     signal_hook::flag::register(signal_hook::consts::SIGUSR1, save_now.clone())
         .context("cannot install a signal handler")?;
-    let started = Instant::now();
-    let mut trace_saved = false;
     while !term.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(100));
-        if let (Some(rec), Some(secs), false) = (&recorder, flags.record_trace, trace_saved)
-            && (save_now.swap(false, Ordering::Relaxed)
-                || started.elapsed() >= Duration::from_secs(secs))
-        {
-            rec.stop();
-            save_trace(store.as_ref(), &image.digest, &rec.trace(&image.index));
-            trace_saved = true;
+        if let Some(saved) = served.save_trace_when_due(save_now.swap(false, Ordering::Relaxed)) {
+            say_trace(saved);
         }
         if let Some(path) = &flags.stats {
-            write_stats(path, &pull::stats(&fetcher, &progress));
+            write_stats(path, &served.stats());
         }
     }
-    progress.stop.store(true, Ordering::Relaxed);
-    if let (Some(rec), false) = (&recorder, trace_saved) {
-        rec.stop();
-        save_trace(store.as_ref(), &image.digest, &rec.trace(&image.index));
+    let (stats, saved) = served.unmount();
+    if let Some(saved) = saved {
+        say_trace(saved);
     }
-    drop(session);
-    let _ = puller.join();
-    let stats = pull::stats(&fetcher, &progress);
     if let Some(path) = &flags.stats {
         write_stats(path, &stats);
     }
@@ -988,9 +951,9 @@ fn mount(
     Ok(())
 }
 
-fn save_trace(store: &dyn BlobStore, image: &warren_image::Digest, t: &trace::Trace) {
-    match trace::save(store, image, t) {
-        Ok(_) => println!("recorded a trace of {} chunks", t.chunks.len()),
+fn say_trace(saved: Result<trace::Trace, StoreError>) {
+    match saved {
+        Ok(t) => println!("recorded a trace of {} chunks", t.chunks.len()),
         Err(e) => eprintln!("warning: the trace could not be stored: {e}"),
     }
 }

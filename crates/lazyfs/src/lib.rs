@@ -10,6 +10,7 @@
 
 mod fs;
 pub mod pull;
+pub mod serve;
 pub mod trace;
 
 pub use fs::{LazyFs, MountOptions, mount};

@@ -1,0 +1,203 @@
+//! An image served lazily, in one call: the image opened from its store, its chunks pinned in
+//! the host's cache, a fetcher, the FUSE mount, the stored trace replayed and the rest pulled in
+//! the background. `warren image mount` (which the shim and every build sandbox run) is this
+//! function, a readiness line and a signal loop.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use warren_store::images::{OpenImage, open_image};
+use warren_store::{BlobStore, ChunkCache, ChunkFetcher, StoreError};
+
+use crate::{LazyFs, MountOptions, pull, trace};
+
+/// What to serve, from where, and how.
+pub struct ServeRequest<'a> {
+    /// How the user named the image (for messages).
+    pub reference: &'a str,
+    /// Where the image is opened: a store that answers soon (a missing image or a refusing
+    /// registry ends the request at once).
+    pub opening: &'a dyn BlobStore,
+    /// Where its chunks are read once it is served: a store that retries patiently, to outlive
+    /// a registry's restart.
+    pub store: Arc<dyn BlobStore>,
+    /// The image's name in both stores.
+    pub name: &'a str,
+    pub cache: Arc<ChunkCache>,
+    pub mountpoint: &'a Path,
+    /// Added to every uid and gid (a user namespace starting there).
+    pub id_offset: u32,
+    /// Record which chunks the first seconds read, to store as the image's trace.
+    pub record_trace: Option<Duration>,
+    /// Replay the image's stored trace first.
+    pub prefetch: bool,
+    /// Pull the rest of the image in the background.
+    pub background: bool,
+}
+
+impl std::fmt::Debug for ServeRequest<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeRequest")
+            .field("reference", &self.reference)
+            .field("mountpoint", &self.mountpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why an image is not served.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("image {reference} not found")]
+    NotFound { reference: String },
+    #[error("image {reference}: registry {registry} refused the connection")]
+    Refused { reference: String, registry: String },
+    #[error("cannot open image {reference}: {source}")]
+    Open {
+        reference: String,
+        #[source]
+        source: StoreError,
+    },
+    #[error("cannot mount image {reference} at {mountpoint}: {source}")]
+    Mount {
+        reference: String,
+        mountpoint: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// An image being served; [`ServedImage::unmount`] ends it.
+pub struct ServedImage {
+    pub image: OpenImage,
+    /// Whether a stored trace is replayed.
+    pub replaying: bool,
+    store: Arc<dyn BlobStore>,
+    fetcher: Arc<ChunkFetcher>,
+    recorder: Option<(Arc<trace::Recorder>, Duration)>,
+    trace_saved: bool,
+    started: Instant,
+    progress: Arc<pull::Progress>,
+    puller: std::thread::JoinHandle<()>,
+    session: fuser::BackgroundSession,
+}
+
+impl std::fmt::Debug for ServedImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServedImage")
+            .field("digest", &self.image.digest)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Opens `request`'s image and serves it at its mountpoint.
+pub fn serve(request: ServeRequest<'_>) -> Result<ServedImage, ServeError> {
+    let reference = request.reference.to_owned();
+    let image = open_image(request.opening, request.name).map_err(|e| match e {
+        StoreError::ManifestNotFound { .. } => ServeError::NotFound {
+            reference: reference.clone(),
+        },
+        StoreError::Transport { message, .. }
+            if message.to_ascii_lowercase().contains("refused")
+                && warren_store::registry_host(&reference).is_some() =>
+        {
+            ServeError::Refused {
+                registry: warren_store::registry_host(&reference)
+                    .unwrap_or_default()
+                    .to_owned(),
+                reference: reference.clone(),
+            }
+        }
+        source => ServeError::Open {
+            reference: reference.clone(),
+            source,
+        },
+    })?;
+    request.cache.pin(image.index.chunks.iter().map(|c| c.id));
+    let fetcher = ChunkFetcher::new(
+        request.store.clone(),
+        request.cache.clone(),
+        image.index.clone(),
+        8 << 20,
+    );
+    let recorder = request
+        .record_trace
+        .map(|window| (Arc::new(trace::Recorder::new(window)), window));
+    let stored_trace = if request.prefetch {
+        trace::load(request.store.as_ref(), &image.digest).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot read the image's trace; mounting without prefetch");
+            None
+        })
+    } else {
+        None
+    };
+    let options = MountOptions {
+        id_offset: request.id_offset,
+        ..MountOptions::default()
+    };
+    let session = crate::mount(
+        LazyFs::new(
+            fetcher.clone(),
+            options,
+            recorder.as_ref().map(|(r, _)| r.clone()),
+        ),
+        request.mountpoint,
+    )
+    .map_err(|source| ServeError::Mount {
+        reference: reference.clone(),
+        mountpoint: request.mountpoint.display().to_string(),
+        source,
+    })?;
+    let progress = Arc::new(pull::Progress::default());
+    let replaying = stored_trace.is_some();
+    let puller = pull::spawn(
+        fetcher.clone(),
+        stored_trace,
+        request.background,
+        progress.clone(),
+    );
+    Ok(ServedImage {
+        image,
+        replaying,
+        store: request.store,
+        fetcher,
+        recorder,
+        trace_saved: false,
+        started: Instant::now(),
+        progress,
+        puller,
+        session,
+    })
+}
+
+impl ServedImage {
+    /// The mount's counters so far.
+    pub fn stats(&self) -> pull::Stats {
+        pull::stats(&self.fetcher, &self.progress)
+    }
+
+    /// Stores the recorded trace once its window has passed (or `now`); `Some` with what was
+    /// stored, the first time only.
+    pub fn save_trace_when_due(&mut self, now: bool) -> Option<Result<trace::Trace, StoreError>> {
+        let (recorder, window) = self.recorder.as_ref()?;
+        if self.trace_saved || !(now || self.started.elapsed() >= *window) {
+            return None;
+        }
+        self.trace_saved = true;
+        recorder.stop();
+        let recorded = recorder.trace(&self.image.index);
+        Some(trace::save(self.store.as_ref(), &self.image.digest, &recorded).map(|_| recorded))
+    }
+
+    /// Ends the mount (storing the trace if it was not yet); the final counters and what the
+    /// trace's storing gave, if this call stored it.
+    pub fn unmount(mut self) -> (pull::Stats, Option<Result<trace::Trace, StoreError>>) {
+        self.progress
+            .stop
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let saved = self.save_trace_when_due(true);
+        drop(self.session);
+        let _ = self.puller.join();
+        (pull::stats(&self.fetcher, &self.progress), saved)
+    }
+}
