@@ -12,6 +12,7 @@
 //! This crate does not own images (`warren-store`, `warren-lazyfs`) or desired state (the
 //! agent): it turns one workspace record into running processes and back.
 
+mod backend;
 mod cgroup;
 mod container;
 mod disk;
