@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, Semaphore};
+use warren_runtime::image_mount::printable;
 use warren_runtime::tasks::TaskSpec;
 use warren_runtime::{
     Error as RuntimeError, Limits, RootSource, Runtime, WorkspaceConfig, WorkspaceId,
@@ -139,10 +140,11 @@ pub struct Failure {
 }
 
 impl Failure {
-    /// A failure a later attempt may not have.
+    /// A failure a later attempt may not have. Its message is kept printable: it may quote a
+    /// registry, a build step or a workspace, and is shown on users' terminals.
     pub fn transient(message: impl Into<String>) -> Self {
         Self {
-            message: message.into(),
+            message: printable(&message.into()),
             retry: true,
         }
     }
@@ -150,7 +152,7 @@ impl Failure {
     /// A failure every attempt would have: the job fails for good at once.
     pub fn permanent(message: impl Into<String>) -> Self {
         Self {
-            message: message.into(),
+            message: printable(&message.into()),
             retry: false,
         }
     }
@@ -179,7 +181,10 @@ impl<'de> Deserialize<'de> for Failure {
         }
         Ok(match Wire::deserialize(d)? {
             Wire::Plain(message) => Self::transient(message),
-            Wire::Full { message, retry } => Self { message, retry },
+            Wire::Full { message, retry } => Self {
+                message: printable(&message),
+                retry,
+            },
         })
     }
 }

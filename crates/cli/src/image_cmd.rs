@@ -224,7 +224,8 @@ fn check_image(data: &Path, reference: &str) -> Result<(), String> {
             attempts: 2,
             first_delay: Duration::from_millis(200),
             max_delay: Duration::from_secs(1),
-        });
+        })
+        .with_request_limit(Duration::from_secs(8));
     match remote.get_manifest(&r.reference) {
         Ok(_) => Ok(()),
         Err(StoreError::ManifestNotFound { .. }) => Err(format!(
@@ -235,7 +236,22 @@ fn check_image(data: &Path, reference: &str) -> Result<(), String> {
             "image {reference}: registry {} refused the connection",
             r.host
         )),
-        Err(e) => Err(format!("image {reference}: registry {}: {e}", r.host)),
+        // What the registry said stays in the host's log: the user learns its answer's status.
+        Err(StoreError::Http { status, .. }) => Err(format!(
+            "image {reference}: registry {} answered HTTP {status}",
+            r.host
+        )),
+        Err(StoreError::Auth { .. }) => Err(format!(
+            "image {reference}: registry {} refused this host's credentials",
+            r.host
+        )),
+        Err(e) => {
+            tracing::warn!(image = reference, error = %e, "cannot resolve an image");
+            Err(format!(
+                "image {reference}: registry {} cannot be reached",
+                r.host
+            ))
+        }
     }
 }
 

@@ -52,6 +52,9 @@ pub enum ServeError {
     NotFound { reference: String },
     #[error("image {reference}: registry {registry} refused the connection")]
     Refused { reference: String, registry: String },
+    /// The registry's own words stay in the mount's log.
+    #[error("image {reference}: its store answered HTTP {status}")]
+    Answered { reference: String, status: u16 },
     #[error("cannot open image {reference}: {source}")]
     Open {
         reference: String,
@@ -106,6 +109,13 @@ pub fn serve(request: ServeRequest<'_>) -> Result<ServedImage, ServeError> {
                     .unwrap_or_default()
                     .to_owned(),
                 reference: reference.clone(),
+            }
+        }
+        e @ StoreError::Http { status, .. } => {
+            tracing::warn!(image = %reference, error = %e, "cannot open an image");
+            ServeError::Answered {
+                reference: reference.clone(),
+                status,
             }
         }
         source => ServeError::Open {

@@ -22,13 +22,19 @@ pub const READY_FD: i32 = 3;
 /// The most a signal may take (a failure's message is cut to fit).
 const SIGNAL_LIMIT: u64 = 16 << 10;
 
-/// `text` safe to show on a terminal and to keep in one line: a registry's words (an error
-/// body) may hold escape sequences; every control character becomes `?`, a newline a space.
+/// `text` safe to show on a terminal: a registry's words (an error body) or a build step's may
+/// hold escape sequences; every control character but newline and tab becomes `?`, and so do
+/// the marks that reorder how a line reads.
 pub fn printable(text: &str) -> String {
     text.chars()
         .map(|c| match c {
-            '\n' | '\t' => ' ',
-            c if c.is_control() => '?',
+            '\n' | '\t' => c,
+            // Controls, and the marks that reorder how a line reads.
+            c if c.is_control()
+                || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') =>
+            {
+                '?'
+            }
             c => c,
         })
         .collect()
@@ -50,6 +56,30 @@ impl MountSignal {
         line.push(b'\n');
         to.write_all(&line)?;
         to.flush()
+    }
+
+    /// Reads the signal from the mount's pipe, waiting at most `limit`. `None` when the mount
+    /// ended without one (it crashed, or is not a mount that signals) or said nothing in time.
+    pub fn receive_within(from: std::fs::File, limit: std::time::Duration) -> Option<Self> {
+        use std::os::fd::AsFd;
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            let millis = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+            let mut fds = [nix::poll::PollFd::new(
+                from.as_fd(),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(millis)) {
+                // Readable, or its writer gone (EOF): the line is there, or never will be.
+                Ok(n) if n > 0 => return Self::receive(from),
+                Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => return None,
+            }
+        }
     }
 
     /// Reads the signal (the starting side). `None` when the mount ended without one (it
@@ -90,8 +120,9 @@ mod tests {
     fn what_a_registry_says_cannot_drive_a_terminal() {
         assert_eq!(
             printable("HTTP 500: \u{1b}]0;owned\u{7}\nline\u{9b}2J"),
-            "HTTP 500: ?]0;owned? line?2J"
+            "HTTP 500: ?]0;owned?\nline?2J"
         );
+        assert_eq!(printable("abc\u{202e}fed"), "abc?fed");
     }
 
     #[test]

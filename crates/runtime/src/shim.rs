@@ -73,7 +73,8 @@ pub fn run_shim(dir: &Path) -> Result<(), Error> {
 
 fn say(line: &str) {
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{line}");
+    // The starter reads one line.
+    let _ = writeln!(out, "{}", line.replace('\n', " "));
     let _ = out.flush();
 }
 
@@ -546,6 +547,10 @@ fn mount_tree(
     )
 }
 
+/// How long an image mount may take to say it serves the tree (or why not): its open retries
+/// briefly, but a registry that accepts and never answers would hold the start.
+const MOUNT_SIGNAL_LIMIT: Duration = Duration::from_secs(120);
+
 fn mount_lower(rec: &WorkspaceRecord, layout: &Layout) -> Result<LowerMount, Error> {
     let lower = layout.lower();
     match &rec.config.root {
@@ -593,7 +598,7 @@ fn mount_lower(rec: &WorkspaceRecord, layout: &Layout) -> Result<LowerMount, Err
                 .map_err(Error::io("cannot run", &rec.helper))?;
             // Only the mount holds the writing end now: its exit ends the read.
             drop(ready_write);
-            let signal = MountSignal::receive(File::from(ready_read));
+            let signal = MountSignal::receive_within(File::from(ready_read), MOUNT_SIGNAL_LIMIT);
             let mut failed = |why: String| {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -607,7 +612,8 @@ fn mount_lower(rec: &WorkspaceRecord, layout: &Layout) -> Result<LowerMount, Err
                 Some(MountSignal::Failed { error }) => return failed(error),
                 _ => {
                     return failed(format!(
-                        "image `{reference}` could not be mounted: the mount ended without a word (see {})",
+                        "image `{reference}` could not be mounted: the mount said nothing within {} s or ended (see {})",
+                        MOUNT_SIGNAL_LIMIT.as_secs(),
                         layout.log().display()
                     ));
                 }

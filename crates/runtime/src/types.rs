@@ -144,13 +144,19 @@ impl Owner {
         })
     }
 
-    /// Whether the process still runs (a zombie counts as gone).
+    /// Whether the process still runs (a zombie counts as gone). Only a process that is not
+    /// there is gone: when `/proc` cannot be read for another reason, it counts as running.
     pub fn is_alive(&self) -> bool {
-        i32::try_from(self.pid)
-            .ok()
-            .and_then(|pid| procfs::process::Process::new(pid).ok())
-            .and_then(|p| p.stat().ok())
-            .is_some_and(|stat| stat.starttime == self.started && stat.state != 'Z')
+        use procfs::ProcError;
+        let Ok(pid) = i32::try_from(self.pid) else {
+            return false;
+        };
+        let stat = procfs::process::Process::new(pid).and_then(|p| p.stat());
+        match stat {
+            Ok(stat) => stat.starttime == self.started && stat.state != 'Z',
+            Err(ProcError::NotFound(_)) => false,
+            Err(_) => true,
+        }
     }
 }
 

@@ -160,8 +160,28 @@ pub(crate) async fn select(db: &Db, filter: &str, binds: &[&str]) -> ApiResult<V
 }
 
 /// Moves a workspace on an owner's request (`Start`, `Stop`, `Delete`): records its new state
-/// and queues its host's job in one transaction, as [`WorkspaceState::next`] decides.
+/// and queues its host's job in one transaction, as [`Lifecycle::next`] decides. A request
+/// that came in meanwhile is decided again from where it left the workspace.
 pub(crate) async fn request(state: &AppState, ws: &Workspace, event: Event) -> ApiResult<()> {
+    let mut ws = ws.clone();
+    for _ in 0..3 {
+        if try_request(state, &ws, event).await? {
+            return Ok(());
+        }
+        ws = select(&state.db, "WHERE w.id = $1", &[&ws.id.0])
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| ApiError::not_found(format_args!("workspace `{}`", ws.name)))?;
+    }
+    Err(ApiError::conflict(format!(
+        "workspace `{}` keeps changing: look at it again and retry",
+        ws.name
+    )))
+}
+
+/// One attempt of [`request`]: `false` when the workspace was no longer as read.
+async fn try_request(state: &AppState, ws: &Workspace, event: Event) -> ApiResult<bool> {
     let next = ws.state.next(ws.desired, event).map_err(|e| match e {
         Refusal::BeingDeleted => {
             ApiError::conflict(format!("workspace `{}` is being deleted", ws.name))
@@ -174,19 +194,29 @@ pub(crate) async fn request(state: &AppState, ws: &Workspace, event: Event) -> A
         supersede,
     } = next
     else {
-        return Ok(());
+        return Ok(true);
     };
     let mut tx = state.db.begin_write().await?;
+    // Only from the state the decision was made in: a request that came in meanwhile (a
+    // delete) is never overwritten.
+    let moved = sqlx::query(
+        "UPDATE workspaces SET state = $2, desired = $3, updated_at = $4
+         WHERE id = $1 AND state = $5 AND desired = $6",
+    )
+    .bind(&ws.id.0)
+    .bind(between.as_str())
+    .bind(desired.as_str())
+    .bind(now_ms())
+    .bind(ws.state.as_str())
+    .bind(ws.desired.as_str())
+    .execute(&mut *tx)
+    .await?;
+    if moved.rows_affected() == 0 {
+        return Ok(false);
+    }
     if supersede {
         jobs::cancel_queued(&mut tx, &ws.id.0).await?;
     }
-    sqlx::query("UPDATE workspaces SET state = $2, desired = $3, updated_at = $4 WHERE id = $1")
-        .bind(&ws.id.0)
-        .bind(between.as_str())
-        .bind(desired.as_str())
-        .bind(now_ms())
-        .execute(&mut *tx)
-        .await?;
     jobs::enqueue(
         &mut tx,
         &ws.id.0,
@@ -199,7 +229,7 @@ pub(crate) async fn request(state: &AppState, ws: &Workspace, event: Event) -> A
     .await?;
     tx.commit().await?;
     state.wake.notify_one();
-    Ok(())
+    Ok(true)
 }
 
 /// Where the actual state of a host's workspaces comes from.
@@ -372,6 +402,12 @@ pub(crate) async fn resolve_image(state: &AppState, image: &str) -> ApiResult<()
     let Some(check) = state.image_check.clone() else {
         return Ok(());
     };
+    // A few at once: each holds a blocking thread until its registry answers or gives up.
+    static CHECKS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+    let _turn = CHECKS
+        .acquire()
+        .await
+        .map_err(|e| ApiError::internal("resolving an image", e))?;
     let reference = image.to_owned();
     let asked = tokio::task::spawn_blocking(move || check(&reference));
     match tokio::time::timeout(RESOLVE_TIMEOUT, asked).await {

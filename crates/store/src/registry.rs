@@ -62,12 +62,70 @@ impl RegistryRef {
         if repository.is_empty() || reference.is_empty() {
             return Err(bad("the repository and tag may not be empty"));
         }
+        // The distribution spec's grammar, so nothing but a repository name and a tag or digest
+        // reaches the registry's URL (no `..`, `?` or `#`).
+        if !repository.split('/').all(path_component) {
+            return Err(bad(
+                "a repository is lowercase letters and digits, parts joined by `.`, `_`, `__` or `-`, separated by `/`",
+            ));
+        }
+        if !(tag(&reference) || digest(&reference)) {
+            return Err(bad(
+                "a tag is up to 128 letters, digits, `_`, `.` and `-` (not first); a digest is ALGORITHM:HEX",
+            ));
+        }
         Ok(RegistryRef {
             host: host.to_owned(),
             repository: repository.to_owned(),
             reference,
         })
     }
+}
+
+/// `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*`: one part of a repository name.
+fn path_component(part: &str) -> bool {
+    let alnum = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+    let bytes: Vec<char> = part.chars().collect();
+    if bytes.first().is_none_or(|c| !alnum(*c)) || bytes.last().is_none_or(|c| !alnum(*c)) {
+        return false;
+    }
+    let mut i = 0;
+    while i < bytes.len() {
+        if alnum(bytes[i]) {
+            i += 1;
+            continue;
+        }
+        // A separator run: `.`, `_`, `__`, or any number of `-`.
+        let start = i;
+        while i < bytes.len() && !alnum(bytes[i]) {
+            i += 1;
+        }
+        let run: String = bytes[start..i].iter().collect();
+        if !(run == "." || run == "_" || run == "__" || run.chars().all(|c| c == '-')) {
+            return false;
+        }
+    }
+    true
+}
+
+/// `[A-Za-z0-9_][A-Za-z0-9._-]{0,127}`.
+fn tag(text: &str) -> bool {
+    let ok = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    text.len() <= 128 && text.starts_with(ok) && text.chars().all(|c| ok(c) || c == '.' || c == '-')
+}
+
+/// `ALGORITHM:ENCODED` (`sha256:<hex>`, ...).
+fn digest(text: &str) -> bool {
+    text.split_once(':').is_some_and(|(algorithm, encoded)| {
+        !algorithm.is_empty()
+            && algorithm
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+._-".contains(c))
+            && !encoded.is_empty()
+            && encoded
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "=_-".contains(c))
+    })
 }
 
 /// Retry policy for requests.
@@ -244,6 +302,13 @@ impl RegistryStore {
             ureq::unversioned::transport::DefaultConnector::default(),
             FilteringResolver(filter),
         );
+        self
+    }
+
+    /// Ends every request (sending, waiting, reading the answer) after `limit` at the most: for
+    /// a question that must be answered soon (is this image there?), never for a blob read.
+    pub fn with_request_limit(mut self, limit: Duration) -> RegistryStore {
+        self.agent = Agent::new_with_config(agent_config().timeout_global(Some(limit)).build());
         self
     }
 
@@ -740,5 +805,24 @@ mod tests {
         assert_eq!(r.reference, "sha256:abc");
         assert!(RegistryRef::parse("debian:bookworm").is_err());
         assert!(RegistryRef::parse("team/dev").is_err());
+        let r = RegistryRef::parse("r.example/a--b/c__d/e.f_g:v1.0-rc_2").unwrap();
+        assert_eq!(r.repository, "a--b/c__d/e.f_g");
+        // Nothing but a name and a tag or digest reaches the registry's URL.
+        for bad in [
+            "r.example/../../api/x",
+            "r.example/a/..:1",
+            "r.example/a?x=1:1",
+            "r.example/a#frag",
+            "r.example/Upper:1",
+            "r.example/a/:1",
+            "r.example/a:-leading",
+            "r.example/a:t?x",
+            "r.example/a@sha256:ab/../c",
+            "r.example/a@:abc",
+            "r.example/a.:1",
+            "r.example/a___b:1",
+        ] {
+            assert!(RegistryRef::parse(bad).is_err(), "{bad}");
+        }
     }
 }
