@@ -1,5 +1,8 @@
 //! The one place errors become HTTP responses: a status and `{"error": "<what was wrong>"}`.
-//! Database and internal failures are logged once here and answered with a generic 500.
+//! Database and internal failures are logged once here and answered with a generic 500. And
+//! [`ServerError`], why the server could not start or keep running.
+
+use std::net::SocketAddr;
 
 use axum::Json;
 use axum::extract::rejection::JsonRejection;
@@ -76,3 +79,20 @@ impl IntoResponse for ApiError {
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+/// Why the server could not start or keep running (not an HTTP answer: see [`ApiError`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Db(#[from] crate::db::DbError),
+    #[error("database: {0}")]
+    Sql(#[from] sqlx::Error),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Other(String),
+}

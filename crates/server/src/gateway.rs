@@ -6,9 +6,9 @@ use std::time::Duration;
 use sqlx::Row;
 use warren_ssh::{Directory, PublicKey, Target, User};
 
-use crate::AppState;
 use crate::api::{blob_fingerprint, workspace_env};
 use crate::model::{Event, WorkspaceState};
+use crate::state::AppState;
 use crate::workspaces::{self, Workspace};
 
 /// How long a session waits for a workspace it asked to start.

@@ -12,9 +12,12 @@ pub mod error;
 pub mod gateway;
 pub mod git;
 pub mod jobs;
+pub mod logins;
 pub mod model;
+pub mod plane;
 pub mod prebuilds;
 pub mod secrets;
+pub mod state;
 pub mod workspaces;
 
 use std::net::SocketAddr;
@@ -32,43 +35,9 @@ use warren_runtime::Runtime;
 
 use crate::db::{Db, new_id, now_ms};
 use crate::error::ApiError;
+pub use crate::error::ServerError;
+pub use crate::state::AppState;
 use warren_api::SshView;
-
-/// What every handler can reach.
-#[derive(Clone)]
-pub struct AppState {
-    pub db: Db,
-    /// Wakes the agent when a job is queued.
-    pub wake: Arc<Notify>,
-    /// This process's host (where new workspaces go on a single host).
-    pub host_id: String,
-    /// The local runtime, for exec (single host).
-    pub runtime: Option<Arc<dyn Runtime>>,
-    /// Whether an image can be had on this process's host: a workspace's image is resolved
-    /// when it is created.
-    pub image_check: Option<warren_agent::ImageCheck>,
-    /// Seals and opens secret values.
-    pub secrets: secrets::SecretBox,
-    /// The jobs, as agents see them (in process, or through the agent endpoints).
-    pub plane: Arc<jobs::DbControlPlane>,
-    /// How developers reach the SSH gateway, when this process runs one.
-    pub ssh: Option<SshView>,
-    /// Failed logins, to slow guessing down.
-    pub logins: Arc<auth::LoginThrottle>,
-    /// The server's mirrors of project repositories (branch heads, how far behind).
-    pub git_mirrors: std::path::PathBuf,
-    /// Folders of this host whose git repositories any user may name as `file://` projects
-    /// (admins may name any).
-    pub file_repos: Arc<Vec<std::path::PathBuf>>,
-}
-
-impl std::fmt::Debug for AppState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AppState")
-            .field("host_id", &self.host_id)
-            .finish_non_exhaustive()
-    }
-}
 
 /// Largest request body (names, keys and exec stdin; not files).
 const BODY_LIMIT: usize = 1 << 20;
@@ -108,11 +77,11 @@ fn api_routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(api::agent_claim))
         .routes(routes!(api::agent_finish))
         .routes(routes!(api::agent_log))
-        .routes(routes!(prebuilds::list, prebuilds::create))
-        .routes(routes!(prebuilds::get))
-        .routes(routes!(prebuilds::log))
-        .routes(routes!(prebuilds::cancel))
-        .routes(routes!(prebuilds::retry))
+        .routes(routes!(api::list_prebuilds, api::create_prebuild))
+        .routes(routes!(api::get_prebuild))
+        .routes(routes!(api::prebuild_log))
+        .routes(routes!(api::cancel_prebuild))
+        .routes(routes!(api::retry_prebuild))
         .routes(routes!(api::list_jobs))
         .routes(routes!(api::ssh_gateway))
         .routes(routes!(openapi))
@@ -207,22 +176,6 @@ async fn openapi() -> axum::Json<utoipa::openapi::OpenApi> {
     axum::Json(openapi_document())
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ServerError {
-    #[error(transparent)]
-    Db(#[from] db::DbError),
-    #[error("database: {0}")]
-    Sql(#[from] sqlx::Error),
-    #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{0}")]
-    Other(String),
-}
-
 /// A single-host Warren: API, database and the in-process agent.
 #[derive(Clone)]
 pub struct SingleHost {
@@ -305,7 +258,7 @@ pub async fn serve_gateway(
     let host_id = register_host(&db, &config.host_name).await?;
     let wake = Arc::new(Notify::new());
     let mut state = AppState {
-        plane: Arc::new(jobs::DbControlPlane {
+        plane: Arc::new(plane::DbControlPlane {
             db: db.clone(),
             wake: wake.clone(),
             secrets: secrets.clone(),
@@ -355,7 +308,7 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
         .map_err(|e| ServerError::Other(e.message))?;
     let host_id = register_host(&db, &config.host_name).await?;
     let wake = Arc::new(Notify::new());
-    let plane = Arc::new(jobs::DbControlPlane {
+    let plane = Arc::new(plane::DbControlPlane {
         db: db.clone(),
         wake: wake.clone(),
         secrets: secrets.clone(),

@@ -1,5 +1,5 @@
-//! The workspace lifecycle as a service: placement, creation, the moves an owner asks for,
-//! and reconciling a host's runtime with what was stored. The API, the SSH gateway and the
+//! The workspace lifecycle as a service: typed rows, placement, image resolution, the moves an
+//! owner asks for, and reconciling a host's runtime with what was stored. The API, the SSH gateway and the
 //! job loop call it; [`crate::model`] decides every move, this module stores it and queues the
 //! host's job in one transaction.
 
@@ -12,13 +12,12 @@ use warren_agent::{WorkspaceJob, WorkspaceSpec};
 use warren_runtime::VmOptions;
 use warren_runtime::tasks::TaskSpec;
 
-use crate::AppState;
-use crate::ServerError;
 use crate::db::{Db, now_ms};
+use crate::error::ServerError;
 use crate::error::{ApiError, ApiResult};
 use crate::jobs;
-use crate::model::Lifecycle;
-use crate::model::{Desired, Event, HostId, Next, Refusal, WorkspaceId, WorkspaceState};
+use crate::model::{Desired, Event, HostId, Lifecycle, Next, Refusal, WorkspaceId, WorkspaceState};
+use crate::state::AppState;
 
 /// What [`Workspace::from_row`] reads: the workspace and the names of its owner, project, host
 /// and prebuild.
@@ -146,8 +145,13 @@ pub(crate) fn vm_options(runtime: &str, ksm: bool) -> Option<VmOptions> {
     })
 }
 
-/// Workspaces read with `SELECT {COLUMNS} <filter>`, `$1`.. bound to `binds`.
-pub(crate) async fn select(db: &Db, filter: &str, binds: &[&str]) -> ApiResult<Vec<Workspace>> {
+/// Workspaces read with `SELECT {COLUMNS} <filter>`, `$1`.. bound to `binds`. The filter is a
+/// literal: every value goes in `binds`.
+pub(crate) async fn select(
+    db: &Db,
+    filter: &'static str,
+    binds: &[&str],
+) -> ApiResult<Vec<Workspace>> {
     let sql = format!("SELECT {COLUMNS} {filter}");
     let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
     for b in binds {

@@ -8,10 +8,10 @@ use serde::Deserialize;
 use sqlx::Row;
 
 use super::{Body, check_name};
-use crate::AppState;
 use crate::auth::Caller;
 use crate::db::{new_id, now_ms};
 use crate::error::{ApiError, ApiResult};
+use crate::state::AppState;
 use warren_api::{HostView, JobView, LogAnswer, LogRequest, NewHost, NewHostAnswer};
 
 /// Registers a host for `warren agent`; its token is shown once.

@@ -8,10 +8,10 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use super::{Body, check_name};
-use crate::AppState;
 use crate::auth::Caller;
 use crate::db::{new_id, now_ms};
 use crate::error::{ApiError, ApiResult};
+use crate::state::AppState;
 use warren_api::{KeyChallenge, KeyView, NewKey, SshView};
 
 /// What the caller signs with a key to add it (SSHSIG namespace and message)

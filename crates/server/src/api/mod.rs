@@ -74,6 +74,7 @@ pub(crate) fn pick_owned<T: Owned>(rows: Vec<T>, caller: &Caller, key: &str) -> 
 
 mod hosts;
 mod keys;
+mod prebuilds;
 mod projects;
 mod users;
 mod variables;
@@ -81,6 +82,7 @@ mod workspaces;
 
 pub use hosts::*;
 pub use keys::*;
+pub use prebuilds::*;
 pub use projects::*;
 pub use users::*;
 pub use variables::*;

@@ -8,10 +8,10 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use super::{Body, check_name, pick_owned};
-use crate::AppState;
 use crate::auth::Caller;
 use crate::db::{new_id, now_ms};
 use crate::error::{ApiError, ApiResult};
+use crate::state::AppState;
 use warren_api::{BranchView, HookQuery, NewProject, ProjectView, TrustChange};
 
 /// `https://`, `ssh://`, `file://` or scp-like `user@host:path`.

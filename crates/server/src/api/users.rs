@@ -8,10 +8,10 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use super::{Body, check_name};
-use crate::AppState;
 use crate::auth::{Caller, hash_password, new_token, verify_password};
 use crate::db::{new_id, now_ms};
 use crate::error::{ApiError, ApiResult};
+use crate::state::AppState;
 use warren_api::{LoginRequest, LoginResponse, NewUser, TokenView, TrustChange, UserView};
 
 /// Exchange a user name and password for an API token

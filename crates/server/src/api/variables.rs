@@ -7,10 +7,10 @@ use sqlx::Row;
 
 use super::Body;
 use super::projects::find_project;
-use crate::AppState;
 use crate::auth::Caller;
 use crate::db::{new_id, now_ms};
 use crate::error::{ApiError, ApiResult};
+use crate::state::AppState;
 use warren_api::{NewVar, ScopeQuery, VarView};
 
 fn check_var_name(name: &str) -> ApiResult<()> {

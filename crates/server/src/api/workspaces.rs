@@ -14,12 +14,12 @@ use warren_agent::{Action, WorkspaceJob, WorkspaceSpec};
 use super::projects::find_project;
 use super::variables::workspace_env;
 use super::{Body, check_name, pick_owned};
-use crate::AppState;
 use crate::auth::Caller;
 use crate::db::{new_id, now_ms};
 use crate::error::{ApiError, ApiResult};
 use crate::jobs;
 use crate::model::{Desired, Event, WorkspaceId, WorkspaceState};
+use crate::state::AppState;
 use crate::workspaces::{self, Workspace};
 use warren_api::{
     EnvironmentFile, ExecRequest, ExecResponse, ExitStatus, LogQuery, LogView, NewWorkspace,
@@ -190,7 +190,7 @@ async fn workspace_view_now(state: &AppState, w: &Workspace) -> WorkspaceView {
     let mut view = workspace_view(w);
     if let (Some(commit), Some(head), Some(url)) = (&w.prebuild_commit, &w.branch_head, &w.git_url)
     {
-        view.behind = crate::prebuilds::behind(state, url, commit, head).await;
+        view.behind = crate::prebuilds::behind(&state.git_mirrors, url, commit, head).await;
     }
     view
 }
@@ -301,8 +301,9 @@ pub async fn create_workspace(
         }
         (None, Some(pid)) => {
             let (branch, head) =
-                crate::prebuilds::branch_head(&state, pid, req.branch.as_deref()).await?;
-            let Some(pb) = crate::prebuilds::for_branch(&state, pid, &branch, &head).await? else {
+                crate::prebuilds::branch_head(&state.db, pid, req.branch.as_deref()).await?;
+            let Some(pb) = crate::prebuilds::for_branch(&state.db, pid, &branch, &head).await?
+            else {
                 let latest: Option<String> = sqlx::query(
                     "SELECT state FROM prebuilds WHERE project_id = $1 AND (branch = $2 OR commit_sha = $3) ORDER BY created_at DESC LIMIT 1",
                 )

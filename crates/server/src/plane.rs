@@ -1,0 +1,414 @@
+//! The control plane as agents see it ([`ControlPlane`] over the database): claiming a host's
+//! next job under a lease, a running prebuild's log, and a job's end, which moves its
+//! workspace (through [`Lifecycle::next`]) or its prebuild in the same transaction.
+
+use std::sync::Arc;
+
+use sqlx::Row;
+use tokio::sync::Notify;
+use warren_agent::{ControlPlane, Failure, Job, Outcome, Work};
+
+use crate::db::{Db, DbKind, now_ms};
+use crate::model::{Desired, Event, Lifecycle, Next, WorkspaceState};
+
+/// How long a claimed job belongs to its agent before another may take it over.
+const LEASE_MS: i64 = 5 * 60 * 1000;
+
+fn backoff_ms(attempt: i64) -> i64 {
+    (1000i64 << attempt.clamp(0, 6)).min(60_000)
+}
+
+/// The work a stored job asks for.
+fn read_work(kind: &str, payload: &str) -> Result<Work, String> {
+    let err = |e: serde_json::Error| format!("unreadable {kind} job: {e}");
+    match kind {
+        "prebuild.run" => serde_json::from_str(payload)
+            .map(Work::Prebuild)
+            .map_err(err),
+        "prebuild.archive" => serde_json::from_str(payload)
+            .map(|images| Work::Archive { images })
+            .map_err(err),
+        _ => serde_json::from_str(payload)
+            .map(Work::Workspace)
+            .map_err(err),
+    }
+}
+
+/// Largest prebuild log kept; past it, pieces are dropped and the log says so once.
+const LOG_LIMIT: i64 = 32 << 20;
+
+/// The control plane as the in-process agent sees it.
+#[derive(Debug, Clone)]
+pub struct DbControlPlane {
+    pub db: Db,
+    pub wake: Arc<Notify>,
+    /// Opens the project secrets a prebuild gets.
+    pub secrets: crate::secrets::SecretBox,
+}
+
+impl DbControlPlane {
+    /// Jobs this host was running when it went down are queued again (every step is idempotent).
+    pub async fn resume_host(&self, host: &str) -> Result<u64, sqlx::Error> {
+        let done = sqlx::query(
+            "UPDATE jobs SET state = 'queued', lease_until = NULL, claimed_by = NULL WHERE state = 'running' AND claimed_by = $1",
+        )
+        .bind(host)
+        .execute(&self.db.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Notes that `host` is alive and, when it reports, the images it holds and its workspaces'
+    /// resource use.
+    pub async fn seen(
+        &self,
+        host: &str,
+        report: Option<&warren_agent::HostReport>,
+    ) -> Result<(), sqlx::Error> {
+        let now = now_ms();
+        let Some(report) = report else {
+            sqlx::query("UPDATE hosts SET last_seen_at = $2 WHERE id = $1")
+                .bind(host)
+                .bind(now)
+                .execute(&self.db.pool)
+                .await?;
+            return Ok(());
+        };
+        sqlx::query(
+            "UPDATE hosts SET last_seen_at = $2, images = $3, prebuilds = $4, disk_ceiling = $5 WHERE id = $1",
+        )
+        .bind(host)
+        .bind(now)
+        .bind(serde_json::to_string(&report.images).unwrap_or_default())
+        .bind(i64::from(report.makes_prebuilds))
+        .bind(report.disk_ceiling.map(|d| d as i64))
+        .execute(&self.db.pool)
+        .await?;
+        for ws in &report.workspaces {
+            let Some(id) = ws.runtime_id.strip_prefix("ws-") else {
+                continue;
+            };
+            sqlx::query(
+                "UPDATE workspaces SET stats = $3, stats_at = $4 WHERE id = $1 AND host_id = $2",
+            )
+            .bind(id)
+            .bind(host)
+            .bind(
+                ws.stats
+                    .as_ref()
+                    .and_then(|s| serde_json::to_string(s).ok()),
+            )
+            .bind(now)
+            .execute(&self.db.pool)
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// A job this host holds, as stored (for an agent reporting over HTTP: the server does not
+    /// take the job's content from the agent).
+    pub async fn held_job(&self, host: &str, id: &str) -> Result<Option<Job>, sqlx::Error> {
+        let row = sqlx::query("SELECT kind, payload, attempts FROM jobs WHERE id = $1 AND claimed_by = $2 AND state = 'running'")
+            .bind(id)
+            .bind(host)
+            .fetch_optional(&self.db.pool)
+            .await?;
+        Ok(row.and_then(|r| {
+            let work =
+                read_work(&r.get::<String, _>("kind"), &r.get::<String, _>("payload")).ok()?;
+            Some(Job {
+                id: id.to_owned(),
+                attempt: r.get::<i64, _>("attempts") as u32,
+                work,
+            })
+        }))
+    }
+
+    /// Claims `host`'s next job: the oldest it may run, a prebuild only when `prebuilds` (the
+    /// host has a prebuild slot free) and the host makes prebuilds.
+    pub async fn claim_job(&self, host: &str, prebuilds: bool) -> Result<Option<Job>, sqlx::Error> {
+        let now = now_ms();
+        let lock = if self.db.kind == DbKind::Postgres {
+            "FOR UPDATE SKIP LOCKED"
+        } else {
+            ""
+        };
+        let sql = format!(
+            "UPDATE jobs SET state = 'running', claimed_by = $1, lease_until = $2, attempts = attempts + 1
+             WHERE id = (
+                SELECT j.id FROM jobs j
+                WHERE (j.state = 'queued' OR (j.state = 'running' AND j.lease_until < $3))
+                  AND j.run_at <= $3
+                  AND (j.host_id IS NULL OR j.host_id = $1)
+                  AND (j.kind <> 'prebuild.run'
+                       OR $4 = 1 AND (SELECT h.prebuilds FROM hosts h WHERE h.id = $1) = 1)
+                  AND (j.kind = 'workspace.kill' OR NOT EXISTS (
+                      SELECT 1 FROM jobs o
+                      WHERE o.workspace_id = j.workspace_id AND o.id <> j.id
+                        AND (o.state = 'running' AND o.lease_until >= $3
+                             OR o.state = 'queued' AND (o.created_at < j.created_at OR (o.created_at = j.created_at AND o.id < j.id)))))
+                ORDER BY j.created_at, j.id
+                LIMIT 1 {lock})
+             RETURNING id, kind, payload, attempts, prebuild_id"
+        );
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(host)
+            .bind(now + LEASE_MS)
+            .bind(now)
+            .bind(i64::from(prebuilds))
+            .fetch_optional(&self.db.pool)
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let id: String = row.try_get("id")?;
+        let kind: String = row.try_get("kind")?;
+        let payload: String = row.try_get("payload")?;
+        let attempts: i64 = row.try_get("attempts")?;
+        let prebuild_id: Option<String> = row.try_get("prebuild_id")?;
+        let work = match read_work(&kind, &payload) {
+            Ok(Work::Prebuild(mut work)) => {
+                let project: Option<String> =
+                    sqlx::query("UPDATE prebuilds SET state = 'running', started_at = $2, host_id = $3 WHERE id = $1 RETURNING project_id")
+                        .bind(prebuild_id.as_deref().unwrap_or_default())
+                        .bind(now)
+                        .bind(host)
+                        .fetch_optional(&self.db.pool)
+                        .await?
+                        .map(|r| r.get(0));
+                // Opened only now, in memory, for the agent: the queue never holds secrets.
+                work.variables = match project {
+                    Some(p) => crate::secrets::variables(&self.db, &self.secrets, &[("project", &p)])
+                        .await
+                        .unwrap_or_else(|e| {
+                            tracing::error!(error = %e, "cannot read a project's variables for its prebuild");
+                            Vec::new()
+                        }),
+                    None => Vec::new(),
+                };
+                Ok(Work::Prebuild(work))
+            }
+            other => other,
+        };
+        match work {
+            Ok(work) => Ok(Some(Job {
+                id,
+                attempt: attempts as u32,
+                work,
+            })),
+            Err(e) => {
+                sqlx::query("UPDATE jobs SET state = 'failed', last_error = $2, finished_at = $3 WHERE id = $1")
+                    .bind(&id)
+                    .bind(e)
+                    .bind(now)
+                    .execute(&self.db.pool)
+                    .await?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Appends to a running prebuild's log and extends its job's lease (a long build must not
+    /// be taken over); `false` once the prebuild is cancelled.
+    pub async fn append_log(&self, job_id: &str, text: &[u8]) -> Result<bool, sqlx::Error> {
+        let now = now_ms();
+        let mut tx = self.db.begin_write().await?;
+        sqlx::query("UPDATE jobs SET lease_until = $2 WHERE id = $1 AND state = 'running'")
+            .bind(job_id)
+            .bind(now + LEASE_MS)
+            .execute(&mut *tx)
+            .await?;
+        let row = sqlx::query(
+            "SELECT p.id, p.log_size, p.cancel_requested, j.state FROM jobs j JOIN prebuilds p ON p.id = j.prebuild_id WHERE j.id = $1",
+        )
+        .bind(job_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Ok(false);
+        };
+        let prebuild: String = row.try_get("id")?;
+        let size: i64 = row.try_get("log_size")?;
+        let cancelled = row.try_get::<i64, _>("cancel_requested")? != 0
+            || row.try_get::<String, _>("state")? != "running";
+        if !text.is_empty() && size < LOG_LIMIT {
+            let mut piece = String::from_utf8_lossy(text).into_owned();
+            if size + piece.len() as i64 >= LOG_LIMIT {
+                piece.push_str("\n[warren: the log is longer than 32 MiB; the rest is not kept]\n");
+            }
+            sqlx::query("INSERT INTO prebuild_logs (prebuild_id, at, text) VALUES ($1, $2, $3)")
+                .bind(&prebuild)
+                .bind(size)
+                .bind(&piece)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("UPDATE prebuilds SET log_size = $2 WHERE id = $1")
+                .bind(&prebuild)
+                .bind(size + piece.len() as i64)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(!cancelled)
+    }
+
+    pub async fn finish_job(
+        &self,
+        job: &Job,
+        result: Result<Outcome, Failure>,
+    ) -> Result<(), sqlx::Error> {
+        let now = now_ms();
+        let mut tx = self.db.begin_write().await?;
+        let row = sqlx::query(
+            "SELECT workspace_id, prebuild_id, attempts, max_attempts FROM jobs WHERE id = $1",
+        )
+        .bind(&job.id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else { return Ok(()) };
+        if let Some(prebuild) = row.try_get::<Option<String>, _>("prebuild_id")? {
+            let result = result.map_err(|f| f.message);
+            crate::prebuilds::finish(&mut tx, &job.id, &prebuild, result).await?;
+            return tx.commit().await;
+        }
+        let workspace_id: Option<String> = row.try_get("workspace_id")?;
+        let attempts: i64 = row.try_get("attempts")?;
+        let max_attempts: i64 = row.try_get("max_attempts")?;
+        let later: i64 = sqlx::query(
+            "SELECT COUNT(*) FROM jobs WHERE workspace_id = $1 AND id <> $2 AND state IN ('queued', 'running')",
+        )
+        .bind(workspace_id.as_deref().unwrap_or(""))
+        .bind(&job.id)
+        .fetch_one(&mut *tx)
+        .await?
+        .get(0);
+        match result {
+            Ok(outcome) => {
+                let note = match &outcome {
+                    Outcome::Deleted { leftovers } if !leftovers.is_empty() => {
+                        Some(format!("could not remove: {}", leftovers.join(", ")))
+                    }
+                    _ => None,
+                };
+                sqlx::query("UPDATE jobs SET state = 'done', finished_at = $2, last_error = $3 WHERE id = $1")
+                    .bind(&job.id)
+                    .bind(now)
+                    .bind(note)
+                    .execute(&mut *tx)
+                    .await?;
+                if let Some(ws) = &workspace_id {
+                    match outcome {
+                        Outcome::Deleted { .. } => {
+                            sqlx::query("DELETE FROM workspaces WHERE id = $1 AND desired = $2")
+                                .bind(ws)
+                                .bind(Desired::Deleted.as_str())
+                                .execute(&mut *tx)
+                                .await?;
+                        }
+                        Outcome::Running | Outcome::Stopped => {
+                            let reached = Event::Reached {
+                                running: outcome == Outcome::Running,
+                                later_jobs: later > 0,
+                            };
+                            record(&mut tx, ws, reached, None, now).await?;
+                        }
+                        Outcome::Prebuilt { .. } | Outcome::Removed => {}
+                    }
+                }
+            }
+            Err(Failure { message, retry }) => {
+                // A failure no attempt would escape ends the job (and fails the workspace) now.
+                let final_attempt = !retry || attempts >= max_attempts;
+                sqlx::query(
+                    "UPDATE jobs SET state = $2, last_error = $3, run_at = $4, lease_until = NULL, claimed_by = NULL,
+                     finished_at = $5 WHERE id = $1",
+                )
+                .bind(&job.id)
+                .bind(if final_attempt { "failed" } else { "queued" })
+                .bind(&message)
+                .bind(now + backoff_ms(attempts))
+                .bind(final_attempt.then_some(now))
+                .execute(&mut *tx)
+                .await?;
+                if let Some(ws) = &workspace_id {
+                    let failed = Event::JobFailed {
+                        final_attempt,
+                        later_jobs: later > 0,
+                    };
+                    record(&mut tx, ws, failed, Some(&message), now).await?;
+                }
+            }
+        }
+        tx.commit().await
+    }
+}
+
+/// Records where a workspace is after one of its jobs ended, as [`WorkspaceState::next`]
+/// decides; a failure's message becomes its `last_error` (a recorded success clears it).
+async fn record(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    workspace_id: &str,
+    event: Event,
+    error: Option<&str>,
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    let Some(row) = sqlx::query("SELECT state, desired FROM workspaces WHERE id = $1")
+        .bind(workspace_id)
+        .fetch_optional(&mut **tx)
+        .await?
+    else {
+        return Ok(());
+    };
+    let decode = |column: &str, e: crate::model::UnknownState| sqlx::Error::ColumnDecode {
+        index: column.to_owned(),
+        source: Box::new(e),
+    };
+    let current: WorkspaceState = row
+        .try_get::<String, _>("state")?
+        .parse()
+        .map_err(|e| decode("state", e))?;
+    let desired: Desired = row
+        .try_get::<String, _>("desired")?
+        .parse()
+        .map_err(|e| decode("desired", e))?;
+    let state = match current.next(desired, event) {
+        Ok(Next::Record(state)) => state,
+        // Nothing to record but a failure's message.
+        _ if error.is_some() => current,
+        _ => return Ok(()),
+    };
+    sqlx::query("UPDATE workspaces SET state = $2, last_error = $3, updated_at = $4 WHERE id = $1")
+        .bind(workspace_id)
+        .bind(state.as_str())
+        .bind(error)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+impl ControlPlane for DbControlPlane {
+    async fn claim(
+        &self,
+        host: &str,
+        report: Option<warren_agent::HostReport>,
+        prebuilds: bool,
+    ) -> Result<Option<Job>, String> {
+        self.seen(host, report.as_ref())
+            .await
+            .map_err(|e| e.to_string())?;
+        self.claim_job(host, prebuilds)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn log(&self, job: &Job, text: Vec<u8>) -> Result<bool, String> {
+        self.append_log(&job.id, &text)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn finish(&self, job: &Job, result: Result<Outcome, Failure>) -> Result<(), String> {
+        self.finish_job(job, result)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
