@@ -216,6 +216,22 @@ impl ContainerRuntime {
         Ok((rec, layout, pid))
     }
 
+    /// Calls the running workspace's backend (`NotRunning` when it is stopped).
+    fn on_running<T>(
+        &self,
+        id: &WorkspaceId,
+        call: impl FnOnce(&dyn backend::Backend, &Found<'_>) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let (rec, layout, pid) = self.running(id)?;
+        let ws = Found {
+            id,
+            rec: &rec,
+            layout: &layout,
+            pid: Some(pid),
+        };
+        call(backend::of(&rec), &ws)
+    }
+
     fn info_of(rec: WorkspaceRecord, layout: &Layout) -> WorkspaceInfo {
         let init_pid = Self::status(layout);
         WorkspaceInfo {
@@ -420,14 +436,7 @@ impl Runtime for ContainerRuntime {
     }
 
     fn connect(&self, id: &WorkspaceId, to: SocketAddr) -> Result<TcpStream, Error> {
-        let (rec, layout, pid) = self.running(id)?;
-        let ws = Found {
-            id,
-            rec: &rec,
-            layout: &layout,
-            pid: Some(pid),
-        };
-        backend::of(&rec).connect(&ws, to)
+        self.on_running(id, |backend, ws| backend.connect(ws, to))
     }
 
     fn tasks_dir(&self, id: &WorkspaceId) -> Result<PathBuf, Error> {
@@ -473,14 +482,7 @@ impl Runtime for ContainerRuntime {
     }
 
     fn listen_unix(&self, id: &WorkspaceId, user: Option<&str>) -> Result<WorkspaceSocket, Error> {
-        let (rec, layout, pid) = self.running(id)?;
-        let ws = Found {
-            id,
-            rec: &rec,
-            layout: &layout,
-            pid: Some(pid),
-        };
-        backend::of(&rec).listen_unix(&ws, user)
+        self.on_running(id, |backend, ws| backend.listen_unix(ws, user))
     }
 
     fn stop(&self, id: &WorkspaceId, grace: Duration) -> Result<(), Error> {
@@ -584,14 +586,7 @@ impl Runtime for ContainerRuntime {
     }
 
     fn live_stats(&self, id: &WorkspaceId) -> Result<Stats, Error> {
-        let (rec, layout, pid) = self.running(id)?;
-        let ws = Found {
-            id,
-            rec: &rec,
-            layout: &layout,
-            pid: Some(pid),
-        };
-        backend::of(&rec).live_stats(&ws)
+        self.on_running(id, |backend, ws| backend.live_stats(ws))
     }
 
     fn info(&self, id: &WorkspaceId) -> Result<WorkspaceInfo, Error> {
@@ -613,14 +608,7 @@ impl Runtime for ContainerRuntime {
     }
 
     fn quiesce(&self, id: &WorkspaceId) -> Result<(), Error> {
-        let (rec, layout, init_pid) = self.running(id)?;
-        let ws = Found {
-            id,
-            rec: &rec,
-            layout: &layout,
-            pid: Some(init_pid),
-        };
-        backend::of(&rec).quiesce(&ws)
+        self.on_running(id, |backend, ws| backend.quiesce(ws))
     }
 
     fn egress(&self) -> crate::net::EgressPolicy {
