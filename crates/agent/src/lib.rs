@@ -335,8 +335,12 @@ const DISK_EVERY: Duration = Duration::from_secs(300);
 pub struct DiskUse(std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, u64)>>);
 
 /// The host's report: its images and its workspaces' actual states and resource use.
+/// Sandboxes whose build or prebuild is gone (another process's too: a `warren build` killed
+/// on this host) are removed first and left out of it.
 pub fn host_report(runtime: &dyn Runtime, images: &ImageLister, disk: &DiskUse) -> HostReport {
-    let listed = runtime.list().unwrap_or_default();
+    let mut listed = runtime.list().unwrap_or_default();
+    let reaped = reap(warren_runtime::reap_orphans_among(runtime, &listed));
+    listed.retain(|i| !reaped.iter().any(|r| r == i.config.id.as_str()));
     let images = images(&listed);
     let mut measured = disk.0.lock().unwrap_or_else(|e| e.into_inner());
     measured.retain(|id, _| listed.iter().any(|i| i.config.id.as_str() == id));
@@ -442,7 +446,10 @@ impl<C: ControlPlane> Agent<C> {
         // Sandboxes of builds and prebuilds whose process died (this agent's before a crash)
         // go before any job runs: a prebuild redone makes its sandboxes anew.
         let runtime = self.runtime.clone();
-        let _ = tokio::task::spawn_blocking(move || reap(runtime.as_ref())).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            reap(warren_runtime::reap_orphans(runtime.as_ref()))
+        })
+        .await;
         let slots = Arc::new(Semaphore::new(self.parallel));
         let prebuild_slots = Arc::new(Semaphore::new(self.prebuild_slots));
         let mut reported: Option<std::time::Instant> = None;
@@ -460,13 +467,9 @@ impl<C: ControlPlane> Agent<C> {
                 let (runtime, lister, disk) =
                     (self.runtime.clone(), self.images.clone(), disk.clone());
                 let makes_prebuilds = self.prebuilder.is_some();
-                making = Some(tokio::task::spawn_blocking(move || {
-                    // Another process's too (a `warren build` killed on this host).
-                    reap(runtime.as_ref());
-                    HostReport {
-                        makes_prebuilds,
-                        ..host_report(runtime.as_ref(), &lister, &disk)
-                    }
+                making = Some(tokio::task::spawn_blocking(move || HostReport {
+                    makes_prebuilds,
+                    ..host_report(runtime.as_ref(), &lister, &disk)
                 }));
                 // A healthy host's report is ready at once and goes with this claim; a slow
                 // one goes with a later claim.
@@ -561,11 +564,12 @@ impl<C: ControlPlane> Agent<C> {
     }
 }
 
-/// Removes the host's orphaned sandboxes, saying which.
-fn reap(runtime: &dyn Runtime) {
-    for name in warren_runtime::reap_orphans(runtime) {
+/// Says which orphaned sandboxes were removed.
+fn reap(removed: Vec<String>) -> Vec<String> {
+    for name in &removed {
         tracing::info!(sandbox = %name, "removed a sandbox whose build or prebuild is gone");
     }
+    removed
 }
 
 /// Sends a blocking job's log to the channel the agent forwards from.

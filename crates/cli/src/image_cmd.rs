@@ -232,7 +232,7 @@ fn check_image(data: &Path, reference: &str) -> Result<(), String> {
             "image {reference} not found: registry {} has no {}:{}",
             r.host, r.repository, r.reference
         )),
-        Err(StoreError::Transport { message, .. }) if refused(&message) => Err(format!(
+        Err(e) if e.is_connection_refused() => Err(format!(
             "image {reference}: registry {} refused the connection",
             r.host
         )),
@@ -253,11 +253,6 @@ fn check_image(data: &Path, reference: &str) -> Result<(), String> {
             ))
         }
     }
-}
-
-/// Whether a transport error says nothing listens there.
-fn refused(message: &str) -> bool {
-    message.to_ascii_lowercase().contains("refused")
 }
 
 /// The chunk ids of a registry image (its tree index, fetched once).

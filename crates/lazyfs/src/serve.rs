@@ -100,10 +100,7 @@ pub fn serve(request: ServeRequest<'_>) -> Result<ServedImage, ServeError> {
         StoreError::ManifestNotFound { .. } => ServeError::NotFound {
             reference: reference.clone(),
         },
-        StoreError::Transport { message, .. }
-            if message.to_ascii_lowercase().contains("refused")
-                && warren_store::registry_host(&reference).is_some() =>
-        {
+        e if e.is_connection_refused() && warren_store::registry_host(&reference).is_some() => {
             ServeError::Refused {
                 registry: warren_store::registry_host(&reference)
                     .unwrap_or_default()

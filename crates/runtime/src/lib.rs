@@ -115,14 +115,19 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
 /// could clean up); returns their names. Workspaces, which have no owner, are never touched,
 /// nor is a sandbox whose owner still runs.
 pub fn reap_orphans(runtime: &dyn Runtime) -> Vec<String> {
+    match runtime.list() {
+        Ok(listed) => reap_orphans_among(runtime, &listed),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// [`reap_orphans`] over a listing the caller already has.
+pub fn reap_orphans_among(runtime: &dyn Runtime, listed: &[WorkspaceInfo]) -> Vec<String> {
     let orphaned = |info: &WorkspaceInfo| {
         info.config
             .owner
             .as_ref()
             .is_some_and(|owner| !owner.is_alive())
-    };
-    let Ok(listed) = runtime.list() else {
-        return Vec::new();
     };
     let mut reaped = Vec::new();
     for info in listed.iter().filter(|i| orphaned(i)) {

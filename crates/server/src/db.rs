@@ -220,3 +220,14 @@ pub fn random_bytes<const N: usize>() -> [u8; N] {
     }
     buf
 }
+
+/// A stored value that does not read as its type (a state another program wrote).
+pub(crate) fn decode_error(
+    column: &str,
+    e: impl std::error::Error + Send + Sync + 'static,
+) -> sqlx::Error {
+    sqlx::Error::ColumnDecode {
+        index: column.to_owned(),
+        source: Box::new(e),
+    }
+}

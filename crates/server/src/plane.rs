@@ -357,18 +357,14 @@ async fn record(
     else {
         return Ok(());
     };
-    let decode = |column: &str, e: crate::model::UnknownState| sqlx::Error::ColumnDecode {
-        index: column.to_owned(),
-        source: Box::new(e),
-    };
     let current: WorkspaceState = row
         .try_get::<String, _>("state")?
         .parse()
-        .map_err(|e| decode("state", e))?;
+        .map_err(|e| crate::db::decode_error("state", e))?;
     let desired: Desired = row
         .try_get::<String, _>("desired")?
         .parse()
-        .map_err(|e| decode("desired", e))?;
+        .map_err(|e| crate::db::decode_error("desired", e))?;
     let state = match current.next(desired, event) {
         Ok(Next::Record(state)) => state,
         // Nothing to record but a failure's message.

@@ -69,13 +69,6 @@ pub struct Workspace {
     pub vm_ksm: bool,
 }
 
-fn decode(column: &str, e: impl std::error::Error + Send + Sync + 'static) -> sqlx::Error {
-    sqlx::Error::ColumnDecode {
-        index: column.to_owned(),
-        source: Box::new(e),
-    }
-}
-
 impl Workspace {
     /// Reads a row of `SELECT {COLUMNS}`.
     pub fn from_row(r: &AnyRow) -> Result<Self, sqlx::Error> {
@@ -91,8 +84,12 @@ impl Workspace {
             image: r.try_get("image")?,
             host_id: HostId(r.try_get("host_id")?),
             host: r.try_get("host")?,
-            state: state.parse().map_err(|e| decode("state", e))?,
-            desired: desired.parse().map_err(|e| decode("desired", e))?,
+            state: state
+                .parse()
+                .map_err(|e| crate::db::decode_error("state", e))?,
+            desired: desired
+                .parse()
+                .map_err(|e| crate::db::decode_error("desired", e))?,
             last_error: r.try_get("last_error")?,
             memory: r.try_get::<Option<i64>, _>("memory")?.map(|m| m as u64),
             cpus: r
@@ -102,7 +99,9 @@ impl Workspace {
             created_at: r.try_get("created_at")?,
             updated_at: r.try_get("updated_at")?,
             tasks: match r.try_get::<Option<String>, _>("tasks")? {
-                Some(json) => serde_json::from_str(&json).map_err(|e| decode("tasks", e))?,
+                Some(json) => {
+                    serde_json::from_str(&json).map_err(|e| crate::db::decode_error("tasks", e))?
+                }
                 None => Vec::new(),
             },
             stats: r

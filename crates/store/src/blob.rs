@@ -43,6 +43,16 @@ pub enum StoreError {
     Invalid(String),
 }
 
+impl StoreError {
+    /// Whether nothing listened where the store is (a registry that is down, a wrong port).
+    pub fn is_connection_refused(&self) -> bool {
+        match self {
+            Self::Transport { message, .. } => message.to_ascii_lowercase().contains("refused"),
+            _ => false,
+        }
+    }
+}
+
 /// Content-addressed blobs and named manifests.
 pub trait BlobStore: Send + Sync {
     /// How this store is named in messages (`local store /var/lib/warren/images`,
