@@ -7,6 +7,9 @@
 //! The agent does not know how the control plane stores jobs: it talks to it through the
 //! [`ControlPlane`] trait (in process on a single host; over HTTP for remote hosts).
 
+pub mod host_api;
+pub mod tunnel;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;

@@ -1,7 +1,8 @@
 //! `warren agent`: this machine runs workspaces for a Warren server elsewhere. It claims its
 //! host's jobs over HTTP with the host token from `warren host add`, carries them out with the
 //! local container runtime, and reports the images it holds so workspaces land where their image
-//! already is.
+//! already is. It also keeps a tunnel open to the server, through which the server reaches this
+//! host's workspaces (exec, task lists and logs, attach).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -192,6 +193,7 @@ pub fn agent(args: AgentArgs, data: &Path) -> anyhow::Result<ExitCode> {
     }
     let token = host_token(args.token_file.as_deref())?;
     let client = Arc::new(Client::with_token(&args.server, &token));
+    let host_api = warren_agent::host_api::router(runtime.clone());
     let tokio = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -222,13 +224,21 @@ pub fn agent(args: AgentArgs, data: &Path) -> anyhow::Result<ExitCode> {
             data.display()
         );
         let run = tokio::spawn(agent.run(shutdown.clone()));
+        // The control plane reaches this host's workspaces (exec, tasks, logs, attach) through
+        // the tunnel the agent keeps open to it.
+        let tunnel = tokio::spawn(warren_agent::tunnel::hold(
+            args.server.clone(),
+            token,
+            host_api,
+            shutdown.clone(),
+        ));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
         }
         shutdown.notify_waiters();
-        let _ = run.await;
+        let _ = tokio::join!(run, tunnel);
         anyhow::Ok(ExitCode::SUCCESS)
     })
 }

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Warren, keygen};
+use common::{SecondHost, Warren, keygen};
 use warren_testkit::{DebianRootfs, debian_rootfs, enter_own_network, free_port, require_program};
 
 /// A workspace image with what developers' tools expect: OpenSSH's sftp-server and client
@@ -64,6 +64,37 @@ impl Developer {
             home,
             key,
         }
+    }
+
+    /// Attaches to `task` of workspace `host` over SSH, waits for `ready` on its terminal,
+    /// types `line` into it, waits for the task's `got: <line>`, and leaves.
+    fn attach_and_type(&self, host: &str, task: &str, ready: &str, line: &str) {
+        let mut attached = self
+            .tool("ssh")
+            .args(["-tt", "-o", &format!("SetEnv=WARREN_TASK={task}"), host])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut typed = attached.stdin.take().unwrap();
+        let mut screen = BufReader::new(attached.stdout.take().unwrap());
+        let mut seen = String::new();
+        let mut read_until = |want: &str, seen: &mut String| {
+            while !seen.contains(want) {
+                let mut piece = String::new();
+                assert!(
+                    screen.read_line(&mut piece).unwrap() > 0,
+                    "attach ended: {seen}"
+                );
+                seen.push_str(&piece);
+            }
+        };
+        read_until(ready, &mut seen);
+        typed.write_all(format!("{line}\r").as_bytes()).unwrap();
+        read_until(&format!("got: {line}"), &mut seen);
+        let _ = attached.kill();
+        let _ = attached.wait();
     }
 
     fn write_ssh_config(&self, warren: &Warren) {
@@ -786,6 +817,27 @@ fn a_gibibyte_each_way() {
     );
 }
 
+/// `user` creates workspace `name` from `image` with this devcontainer.json.
+fn create_from_devcontainer(warren: &Warren, user: &str, name: &str, image: &str, json: &str) {
+    let folder = warren.configs.path().join(name).join(".devcontainer");
+    std::fs::create_dir_all(&folder).unwrap();
+    let env_file = folder.join("devcontainer.json");
+    std::fs::write(&env_file, json).unwrap();
+    let env_file = env_file.to_str().unwrap();
+    warren.ok(
+        user,
+        &[
+            "ws",
+            "create",
+            name,
+            "--image",
+            image,
+            "--env-file",
+            env_file,
+        ],
+    );
+}
+
 /// Workspace tasks from a devcontainer.json: `postCreateCommand` once, `postStartCommand` on
 /// every start in a persistent terminal whose output `warren ws logs` shows; a developer
 /// attaches over SSH, types into it, leaves, and the task goes on.
@@ -796,11 +848,11 @@ fn workspace_tasks_keep_running_and_take_an_attached_terminal() {
     warren.import_image(&dev_image(), "dev:1");
     warren.add_user("alice");
     let alice = Developer::new(&warren, "alice");
-    let folder = warren.configs.path().join("repo/.devcontainer");
-    std::fs::create_dir_all(&folder).unwrap();
-    let env_file = folder.join("devcontainer.json");
-    std::fs::write(
-        &env_file,
+    create_from_devcontainer(
+        &warren,
+        "alice",
+        "web",
+        "dev:1",
         r#"{
   "image": "dev:1",
   // Sessions, commands and tasks run as this user.
@@ -810,19 +862,6 @@ fn workspace_tasks_keep_running_and_take_an_attached_terminal() {
   // On every start; it keeps running and answers what it is sent.
   "postStartCommand": "echo started >> /tmp/started; echo ready-$(wc -l < /tmp/started)-$(id -un); while read -r line; do echo \"got: $line\"; done"
 }"#,
-    )
-    .unwrap();
-    warren.ok(
-        "alice",
-        &[
-            "ws",
-            "create",
-            "web",
-            "--image",
-            "dev:1",
-            "--env-file",
-            env_file.to_str().unwrap(),
-        ],
     );
     alice.write_ssh_config(&warren);
     let logs = |task: &str| warren.ok("alice", &["ws", "logs", "web", task]);
@@ -841,43 +880,9 @@ fn workspace_tasks_keep_running_and_take_an_attached_terminal() {
         "{listed}"
     );
 
-    // Attach, type a line, leave: the task saw it and still runs.
-    let mut attached = alice
-        .tool("ssh")
-        .args([
-            "-tt",
-            "-o",
-            "SetEnv=WARREN_TASK=postStartCommand",
-            "web.warren",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut typed = attached.stdin.take().unwrap();
-    let mut screen = BufReader::new(attached.stdout.take().unwrap());
-    // The recent past comes first, then what is new.
-    let mut seen = String::new();
-    while !seen.contains("ready-1") {
-        let mut line = String::new();
-        assert!(
-            screen.read_line(&mut line).unwrap() > 0,
-            "attach ended: {seen}"
-        );
-        seen.push_str(&line);
-    }
-    typed.write_all(b"hello task\r").unwrap();
-    while !seen.contains("got: hello task") {
-        let mut line = String::new();
-        assert!(
-            screen.read_line(&mut line).unwrap() > 0,
-            "attach ended: {seen}"
-        );
-        seen.push_str(&line);
-    }
-    let _ = attached.kill();
-    let _ = attached.wait();
+    // Attach, type a line, leave: the task saw it and still runs. The recent past comes
+    // first, then what is new.
+    alice.attach_and_type("web.warren", "postStartCommand", "ready-1", "hello task");
     assert!(logs("postStartCommand").contains("got: hello task"));
     let listed = warren.ok("alice", &["ws", "logs", "web"]);
     assert!(
@@ -1188,4 +1193,96 @@ fn a_vm_workspace_is_reached_like_a_container() {
     let inside = alice.ssh_ok("web.warren", "sha256sum /root/up.bin");
     assert!(inside.starts_with(&sha256(&local)), "{inside}");
     warren.ok("alice", &["ws", "rm", "web"]);
+}
+
+/// A workspace on a second host is reached through that host's agent, which dialled the server
+/// (no address of the host is known to the server): `ws exec` with its streams and exit
+/// status, `ws logs -f` to a task's end, and a task's terminal attached over the server's
+/// SSH gateway; a shell there is refused naming the host, and with the agent gone the server
+/// says so.
+#[test]
+fn a_second_hosts_workspace_is_reached_through_its_agent() {
+    setup();
+    let warren = Warren::up_with_admin(28, None);
+    let mut second = SecondHost::new(&warren);
+    let rootfs = debian_rootfs(DebianRootfs::Minbase);
+    let imported = second.run(&["image", "import", rootfs.to_str().unwrap(), "far:1"]);
+    assert!(imported.status.success(), "{}", stderr(&imported));
+    second.join(&warren, "second");
+    warren.add_user("alice");
+    let alice = Developer::new(&warren, "alice");
+    create_from_devcontainer(
+        &warren,
+        "alice",
+        "far",
+        "far:1",
+        r#"{
+  "image": "far:1",
+  "postCreateCommand": "for i in 1 2 3; do echo line-$i; sleep 1; done",
+  "postStartCommand": "echo ready; while read -r line; do echo \"got: $line\"; done"
+}"#,
+    );
+    let ws: serde_json::Value =
+        serde_json::from_str(&warren.ok("alice", &["ws", "show", "far"])).unwrap();
+    assert_eq!(ws["host"], "second", "{ws}");
+
+    let out = warren.cli(
+        "alice",
+        &[
+            "ws",
+            "exec",
+            "far",
+            "--",
+            "sh",
+            "-c",
+            "echo out; echo err >&2; exit 3",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "out\n");
+    assert_eq!(stderr(&out), "err\n");
+
+    // Followed to the task's end, every line.
+    let followed = warren.ok("alice", &["ws", "logs", "far", "postCreateCommand", "-f"]);
+    let followed = followed.replace("\r\n", "\n");
+    assert!(
+        followed.starts_with("line-1\nline-2\nline-3\n") && followed.contains("ended (exit 0)"),
+        "{followed}"
+    );
+    let listed = warren.ok("alice", &["ws", "logs", "far"]);
+    assert!(
+        listed.contains("postStartCommand") && listed.contains("running"),
+        "{listed}"
+    );
+
+    alice.write_ssh_config(&warren);
+    alice.attach_and_type("far.warren", "postStartCommand", "ready", "from afar");
+    let log = warren.ok("alice", &["ws", "logs", "far", "postStartCommand"]);
+    assert!(log.contains("got: from afar"), "{log}");
+    let listed = warren.ok("alice", &["ws", "logs", "far"]);
+    assert!(
+        listed.contains("running"),
+        "detaching stopped the task: {listed}"
+    );
+
+    let out = alice
+        .tool("ssh")
+        .arg("far.warren")
+        .arg("true")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("runs on host `second`"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Without its agent, the host cannot be reached, and the answer says why.
+    second.stop_agent();
+    let out = warren.cli("alice", &["ws", "exec", "far", "--", "true"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("not connected"), "{}", stderr(&out));
+    // (The second host's workspace goes with it: see `SecondHost`'s drop.)
 }

@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use sqlx::Row;
-use warren_ssh::{Directory, PublicKey, Target, User};
+use std::sync::Arc;
+
+use warren_ssh::{Directory, Opening, PublicKey, Reach, Target, TaskTerminals, Terminal, User};
 
 use crate::api::{blob_fingerprint, workspace_env};
 use crate::model::{Event, WorkspaceState};
@@ -68,27 +70,47 @@ impl GatewayDirectory {
     }
 
     async fn target(&self, login: &str, ws: &Workspace) -> Result<Target, String> {
-        if ws.host_id.0 != self.state.host_id {
-            return Err(format!(
-                "workspace `{login}` runs on host `{}`: connect to that host's gateway",
-                ws.host
-            ));
-        }
-        let runtime = self
-            .state
-            .runtime
-            .clone()
-            .ok_or("this gateway has no workspace runtime")?;
+        let reach = match &self.state.runtime {
+            Some(runtime) if ws.host_id.0 == self.state.host_id => Reach::Local(runtime.clone()),
+            _ => Reach::Remote {
+                host: ws.host.clone(),
+                terminals: Arc::new(RemoteTasks {
+                    state: self.state.clone(),
+                    workspace: ws.clone(),
+                }),
+            },
+        };
         let env = workspace_env(&self.state, &ws.owner_id, ws.project_id.as_deref())
             .await
             .map_err(|e| e.message)?;
         Ok(Target {
             name: login.to_owned(),
             id: warren_runtime::WorkspaceId::new(&ws.id.runtime_id()).map_err(|e| e.to_string())?,
-            runtime,
+            reach,
             state: ws.state.to_string(),
             env,
             user: ws.run_as.clone(),
+        })
+    }
+}
+
+/// The tasks of a workspace on another host, reached through that host's agent.
+struct RemoteTasks {
+    state: AppState,
+    workspace: Workspace,
+}
+
+impl TaskTerminals for RemoteTasks {
+    fn attach(&self, task: &str) -> Opening<'_> {
+        let task = task.to_owned();
+        Box::pin(async move {
+            let terminal = self
+                .state
+                .hosts
+                .attach(&self.workspace, &task)
+                .await
+                .map_err(|e| e.message)?;
+            Ok(Box::new(terminal) as Box<dyn Terminal>)
         })
     }
 }

@@ -12,6 +12,7 @@ pub mod error;
 pub mod gateway;
 pub mod git;
 pub mod jobs;
+pub mod links;
 pub mod logins;
 pub mod model;
 pub mod plane;
@@ -77,6 +78,7 @@ fn api_routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(api::agent_claim))
         .routes(routes!(api::agent_finish))
         .routes(routes!(api::agent_log))
+        .routes(routes!(api::agent_tunnel))
         .routes(routes!(api::list_prebuilds, api::create_prebuild))
         .routes(routes!(api::get_prebuild))
         .routes(routes!(api::prebuild_log))
@@ -266,6 +268,7 @@ pub async fn serve_gateway(
         db,
         wake,
         host_id,
+        hosts: Arc::new(links::HostLinks::new(None)),
         runtime: Some(config.runtime),
         // The gateway creates no workspaces.
         image_check: None,
@@ -374,6 +377,10 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
     let mut state = AppState {
         db,
         wake,
+        hosts: Arc::new(links::HostLinks::new(Some((
+            host_id.clone(),
+            warren_agent::host_api::router(config.runtime.clone()),
+        )))),
         host_id,
         runtime: Some(config.runtime),
         image_check: config.image_check.clone(),

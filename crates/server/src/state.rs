@@ -18,8 +18,10 @@ pub struct AppState {
     pub wake: Arc<Notify>,
     /// This process's host (where new workspaces go on a single host).
     pub host_id: String,
-    /// The local runtime, for exec (single host).
+    /// The local runtime, for the SSH gateway (single host).
     pub runtime: Option<Arc<dyn Runtime>>,
+    /// Every host's API: exec, tasks and their logs go there, whichever host a workspace is on.
+    pub hosts: Arc<crate::links::HostLinks>,
     /// Whether an image can be had on this process's host: a workspace's image is resolved
     /// when it is created.
     pub image_check: Option<warren_agent::ImageCheck>,

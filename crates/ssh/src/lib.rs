@@ -39,8 +39,8 @@ pub struct Target {
     /// The workspace's name, as the user wrote it.
     pub name: String,
     pub id: WorkspaceId,
-    /// The runtime of the host the workspace is on.
-    pub runtime: Arc<dyn Runtime>,
+    /// How the gateway reaches the workspace's host.
+    pub reach: Reach,
     /// Its state in the control plane (`running`, `stopped`, `starting`, ...).
     pub state: String,
     /// Variables every process started through the gateway gets (the project's and the owner's).
@@ -57,6 +57,58 @@ impl std::fmt::Debug for Target {
             .field("state", &self.state)
             .field("user", &self.user)
             .finish_non_exhaustive()
+    }
+}
+
+/// How the gateway reaches the host a workspace is on.
+#[derive(Clone)]
+pub enum Reach {
+    /// The host's runtime, in this process: shells, commands, forwarding, task terminals.
+    Local(Arc<dyn Runtime>),
+    /// Another host, through its agent: its tasks' terminals (shells and forwarding to
+    /// another host's workspaces are not relayed yet).
+    Remote {
+        host: String,
+        terminals: Arc<dyn TaskTerminals>,
+    },
+}
+
+impl std::fmt::Debug for Reach {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Local(_) => f.write_str("Local"),
+            Self::Remote { host, .. } => f.debug_struct("Remote").field("host", host).finish(),
+        }
+    }
+}
+
+/// Both directions of a task's terminal.
+pub trait Terminal: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Terminal for T {}
+
+/// Opens the terminals of a workspace's tasks on another host.
+pub trait TaskTerminals: Send + Sync {
+    /// Task `task`'s terminal, until either side closes it (the task goes on).
+    fn attach(&self, task: &str) -> Opening<'_>;
+}
+
+/// A task's terminal being opened.
+pub type Opening<'a> =
+    std::pin::Pin<Box<dyn Future<Output = Result<Box<dyn Terminal>, String>> + Send + 'a>>;
+
+impl Target {
+    /// The runtime of the workspace's host, when it is this process's; else why the gateway
+    /// cannot do this for it.
+    fn runtime(&self) -> Result<Arc<dyn Runtime>, String> {
+        match &self.reach {
+            Reach::Local(runtime) => Ok(runtime.clone()),
+            Reach::Remote { host, .. } => Err(format!(
+                "workspace `{}` runs on host `{host}`: this gateway reaches only its tasks there \
+                 (`warren ws attach`); for a shell, connect to the gateway of that host",
+                self.name
+            )),
+        }
     }
 }
 

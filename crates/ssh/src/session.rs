@@ -222,7 +222,7 @@ impl Session {
         // Agent forwarding: a socket inside the workspace whose connections go back to the
         // client's agent. It lives as long as the session.
         let _agent = if self.agent {
-            let runtime = self.target.runtime.clone();
+            let runtime = self.target.runtime()?;
             let (id, user) = (self.target.id.clone(), self.target.user.clone());
             let socket =
                 tokio::task::spawn_blocking(move || runtime.listen_unix(&id, user.as_deref()))
@@ -245,7 +245,7 @@ impl Session {
             tty: self.tty,
             no_network: false,
         };
-        let runtime = self.target.runtime.clone();
+        let runtime = self.target.runtime()?;
         let id = self.target.id.clone();
         let Exec { io, process } = tokio::task::spawn_blocking(move || runtime.exec(&id, &request))
             .await
@@ -325,18 +325,23 @@ async fn attach_task(
     task: &str,
     channel: &mut Channel<Msg>,
 ) -> Result<ExitStatus, String> {
-    let runtime = target.runtime.clone();
-    let (id, name) = (target.id.clone(), task.to_owned());
-    let stream = tokio::task::spawn_blocking(move || {
-        let dir = runtime.tasks_dir(&id)?;
-        warren_runtime::tasks::attach(&dir, &name)
-    })
-    .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| e.to_string())?;
-    stream.set_nonblocking(true).map_err(|e| e.to_string())?;
-    let stream = tokio::net::UnixStream::from_std(stream).map_err(|e| e.to_string())?;
-    let (from_task, mut to_task) = stream.into_split();
+    let terminal: Box<dyn crate::Terminal> = match &target.reach {
+        crate::Reach::Local(runtime) => {
+            let runtime = runtime.clone();
+            let (id, name) = (target.id.clone(), task.to_owned());
+            let stream = tokio::task::spawn_blocking(move || {
+                let dir = runtime.tasks_dir(&id)?;
+                warren_runtime::tasks::attach(&dir, &name)
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+            stream.set_nonblocking(true).map_err(|e| e.to_string())?;
+            Box::new(tokio::net::UnixStream::from_std(stream).map_err(|e| e.to_string())?)
+        }
+        crate::Reach::Remote { terminals, .. } => terminals.attach(task).await?,
+    };
+    let (from_task, mut to_task) = tokio::io::split(terminal);
     let mut out = tokio::spawn(copy_out(from_task, channel.make_writer()));
     loop {
         tokio::select! {
@@ -467,7 +472,7 @@ pub(crate) async fn connect(
             .find(SocketAddr::is_ipv4)
             .ok_or_else(|| format!("{host} has no IPv4 address"))?
     };
-    let runtime = target.runtime.clone();
+    let runtime = target.runtime()?;
     let id = target.id.clone();
     let stream = tokio::task::spawn_blocking(move || runtime.connect(&id, address))
         .await

@@ -468,11 +468,23 @@ impl SecondHost {
     }
 }
 
-impl Drop for SecondHost {
-    fn drop(&mut self) {
+impl SecondHost {
+    /// Stops the host's agent (its workspaces go on running).
+    pub fn stop_agent(&mut self) {
         if let Some(mut agent) = self.agent.take() {
             let _ = agent.kill();
             let _ = agent.wait();
+        }
+    }
+}
+
+impl Drop for SecondHost {
+    fn drop(&mut self) {
+        self.stop_agent();
+        // Whatever workspaces a failed test left on this host.
+        for folder in workspace_folders(self.data.path()) {
+            let name = folder.file_name().unwrap().to_string_lossy().into_owned();
+            let _ = self.run(&["runtime", "rm", "-f", &name]);
         }
     }
 }

@@ -82,6 +82,70 @@ impl axum::extract::FromRequestParts<AppState> for AgentHost {
     }
 }
 
+/// An agent opens its host's tunnel (host token)
+///
+/// After `101 Switching Protocols` the connection carries HTTP/2 the other way: the control
+/// plane calls the host's API (exec, tasks, task logs, attach) through it.
+#[utoipa::path(get, path = "/api/v1/agent/tunnel", tag = "agent",
+    responses((status = SWITCHING_PROTOCOLS, description = "The tunnel is open (`Upgrade: warren-host-tunnel`)")),
+    security(("host" = [])))]
+pub async fn agent_tunnel(
+    State(state): State<AppState>,
+    host: AgentHost,
+    mut request: axum::extract::Request,
+) -> ApiResult<axum::response::Response> {
+    use axum::http::header::{CONNECTION, UPGRADE};
+    use hyper_util::rt::{TokioExecutor, TokioTimer};
+    use warren_agent::tunnel::{KEEP_ALIVE, PROTOCOL};
+    let asked = request
+        .headers()
+        .get(UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|p| p.eq_ignore_ascii_case(PROTOCOL));
+    if !asked {
+        return Err(ApiError::bad_request(format!(
+            "the tunnel needs `Connection: upgrade` and `Upgrade: {PROTOCOL}`"
+        )));
+    }
+    let upgrade = hyper::upgrade::on(&mut request);
+    let host_id = host.host_id;
+    tokio::spawn(async move {
+        let upgraded = match upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(e) => {
+                tracing::warn!(host = %host_id, error = %e, "a host's tunnel did not open");
+                return;
+            }
+        };
+        let opened = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(KEEP_ALIVE)
+            .keep_alive_timeout(KEEP_ALIVE)
+            .keep_alive_while_idle(true)
+            .handshake::<_, axum::body::Body>(upgraded)
+            .await;
+        let (sender, connection) = match opened {
+            Ok(opened) => opened,
+            Err(e) => {
+                tracing::warn!(host = %host_id, error = %e, "a host's tunnel did not open");
+                return;
+            }
+        };
+        let number = state.hosts.opened(&host_id, sender);
+        tracing::info!(host = %host_id, "host tunnel open");
+        if let Err(e) = connection.await {
+            tracing::info!(host = %host_id, error = %e, "host tunnel ended");
+        }
+        state.hosts.closed(&host_id, number);
+    });
+    axum::response::Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(CONNECTION, "upgrade")
+        .header(UPGRADE, PROTOCOL)
+        .body(axum::body::Body::empty())
+        .map_err(|e| ApiError::internal("tunnel", e))
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClaimRequest {

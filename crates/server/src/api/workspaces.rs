@@ -1,12 +1,12 @@
 //! Workspaces: created from an image or a branch's prebuild, started, stopped, deleted;
 //! commands and task logs.
 
-use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{Method, StatusCode};
 use axum::response::IntoResponse;
 use sqlx::Row;
 use warren_agent::{Action, WorkspaceJob, WorkspaceSpec};
@@ -22,8 +22,8 @@ use crate::model::{Desired, Event, WorkspaceId, WorkspaceState};
 use crate::state::AppState;
 use crate::workspaces::{self, Workspace};
 use warren_api::{
-    EnvironmentFile, ExecRequest, ExecResponse, ExitStatus, LogQuery, LogView, NewWorkspace,
-    StopRequest, TaskState, TaskView, WorkspaceView,
+    EnvironmentFile, ExecRequest, ExecResponse, LogQuery, LogView, NewWorkspace, StopRequest,
+    TaskView, WorkspaceView,
 };
 
 /// Refuses a user's image reference on a registry (the first part of `HOST[:PORT]/REPO:TAG`, as
@@ -568,8 +568,12 @@ pub async fn delete_workspace(
     Ok((StatusCode::ACCEPTED, Json(workspace_view(&ws))))
 }
 
-/// Most output an exec returns per stream; the rest is cut (interactive work goes over SSH).
-const EXEC_OUTPUT_LIMIT: u64 = 8 << 20;
+/// Longest a command may run through `exec` (a host that is gone is noticed much sooner: its
+/// tunnel's pings stop).
+const EXEC_WITHIN: Duration = Duration::from_secs(24 * 3600);
+
+/// Longest a host may take over a task list or a piece of a log.
+const TASKS_WITHIN: Duration = Duration::from_secs(30);
 
 /// Run a command to its end and return its output
 #[utoipa::path(post, path = "/api/v1/workspaces/{workspace}/exec", tag = "workspaces",
@@ -592,50 +596,19 @@ pub async fn exec_workspace(
     if req.argv.is_empty() {
         return Err(ApiError::bad_request("argv must name a command"));
     }
-    let (runtime, id) = local_runtime(&state, &ws)?;
     // The project's variables, then its owner's, then the request's: later ones win.
     let mut env = workspace_env(&state, &ws.owner_id, ws.project_id.as_deref()).await?;
     env.extend(req.env);
-    let request = warren_runtime::ExecRequest {
-        argv: req.argv,
+    let request = ExecRequest {
         env,
-        cwd: req.cwd,
-        user: req.user.or(ws.run_as),
-        tty: None,
-        no_network: false,
+        user: req.user.or(ws.run_as.clone()),
+        ..req
     };
-    let stdin = req.stdin.unwrap_or_default();
-    let out =
-        tokio::task::spawn_blocking(move || run_to_end(runtime.as_ref(), &id, &request, stdin))
-            .await
-            .map_err(|e| ApiError::internal("exec", e))?;
-    out.map(Json)
-        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))
-}
-
-/// The runtime of a workspace on this server's own host, and the workspace's id in it.
-fn local_runtime(
-    state: &AppState,
-    ws: &Workspace,
-) -> ApiResult<(
-    Arc<dyn warren_runtime::Runtime>,
-    warren_runtime::WorkspaceId,
-)> {
-    if ws.host_id.0 != state.host_id {
-        return Err(ApiError::new(
-            StatusCode::NOT_IMPLEMENTED,
-            "the workspace runs on another host: reach it through that host's SSH gateway",
-        ));
-    }
-    let runtime = state.runtime.clone().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_IMPLEMENTED,
-            "this needs the workspace's host agent in this process",
-        )
-    })?;
-    let id = warren_runtime::WorkspaceId::new(&ws.id.runtime_id())
-        .map_err(|e| ApiError::internal("workspace id", e))?;
-    Ok((runtime, id))
+    let answer = state
+        .hosts
+        .json(&ws, Method::POST, "exec", Some(&request), EXEC_WITHIN)
+        .await;
+    answer.map(Json)
 }
 
 /// The workspace's tasks and how each is doing
@@ -648,40 +621,13 @@ pub async fn list_tasks(
     Path(key): Path<String>,
 ) -> ApiResult<Json<Vec<TaskView>>> {
     let ws = find_workspace(&state, &caller, &key).await?;
-    let (runtime, id) = local_runtime(&state, &ws)?;
-    let dir = runtime
-        .tasks_dir(&id)
-        .map_err(|e| ApiError::internal("tasks", e))?;
-    Ok(Json(
-        warren_runtime::tasks::list(&dir)
-            .into_iter()
-            .map(task_view)
-            .collect(),
-    ))
+    let none: Option<&()> = None;
+    let tasks = state
+        .hosts
+        .json(&ws, Method::GET, "tasks", none, TASKS_WITHIN)
+        .await?;
+    Ok(Json(tasks))
 }
-
-/// A task as the API shows it.
-fn task_view(info: warren_runtime::tasks::TaskInfo) -> TaskView {
-    use warren_runtime::tasks::TaskState as Runtime;
-    TaskView {
-        name: info.name,
-        state: match info.state {
-            Runtime::Waiting => TaskState::Waiting,
-            Runtime::Running => TaskState::Running,
-            Runtime::Exited { status } => TaskState::Exited {
-                status: match status {
-                    warren_runtime::ExitStatus::Code(c) => ExitStatus::Code(c),
-                    warren_runtime::ExitStatus::Signal(s) => ExitStatus::Signal(s),
-                },
-            },
-            Runtime::Failed { error } => TaskState::Failed { error },
-        },
-        log_bytes: info.log_bytes,
-    }
-}
-
-/// Largest piece of a log one request returns.
-const LOG_PIECE: usize = 256 << 10;
 
 /// A task's output from `?offset=` (base64), where to continue, and whether more may come
 #[utoipa::path(get, path = "/api/v1/workspaces/{workspace}/tasks/{task}/log", tag = "workspaces",
@@ -693,62 +639,22 @@ pub async fn task_log(
     Path((key, task)): Path<(String, String)>,
     axum::extract::Query(query): axum::extract::Query<LogQuery>,
 ) -> ApiResult<Json<LogView>> {
-    use base64::Engine as _;
     let ws = find_workspace(&state, &caller, &key).await?;
-    let (runtime, id) = local_runtime(&state, &ws)?;
-    let dir = runtime
-        .tasks_dir(&id)
-        .map_err(|e| ApiError::internal("tasks", e))?;
-    let chunk = warren_runtime::tasks::read_log(&dir, &task, query.offset, LOG_PIECE).map_err(
-        |e| match e {
-            warren_runtime::Error::NoTask(_) => {
+    let path = format!(
+        "tasks/{}/log?offset={}",
+        crate::links::task_segment(&task),
+        query.offset
+    );
+    let none: Option<&()> = None;
+    let log = state
+        .hosts
+        .json(&ws, Method::GET, &path, none, TASKS_WITHIN)
+        .await
+        .map_err(|e| match e.status {
+            StatusCode::NOT_FOUND => {
                 ApiError::not_found(format_args!("task `{task}` in workspace `{key}`"))
             }
-            other => ApiError::internal("task log", other),
-        },
-    )?;
-    Ok(Json(LogView {
-        data_base64: base64::engine::general_purpose::STANDARD.encode(&chunk.data),
-        next_offset: chunk.next_offset,
-        running: chunk.running,
-    }))
-}
-
-fn run_to_end(
-    runtime: &dyn warren_runtime::Runtime,
-    id: &warren_runtime::WorkspaceId,
-    request: &warren_runtime::ExecRequest,
-    stdin: String,
-) -> Result<ExecResponse, warren_runtime::Error> {
-    use std::io::{Read, Write};
-    let exec = runtime.exec(id, request)?;
-    let warren_runtime::ExecIo::Pipes {
-        stdin: mut input,
-        stdout,
-        stderr,
-    } = exec.io
-    else {
-        return Err(warren_runtime::Error::Sys("expected pipes".into()));
-    };
-    let writer = std::thread::spawn(move || {
-        let _ = input.write_all(stdin.as_bytes());
-    });
-    let read = |stream: std::fs::File| {
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            let mut limited = stream.take(EXEC_OUTPUT_LIMIT);
-            let _ = limited.read_to_end(&mut buf);
-            // Drain the rest so the process is never blocked on a full pipe.
-            let _ = std::io::copy(&mut limited.into_inner(), &mut std::io::sink());
-            String::from_utf8_lossy(&buf).into_owned()
-        })
-    };
-    let (out, err) = (read(stdout), read(stderr));
-    let status = exec.process.wait()?;
-    let _ = writer.join();
-    Ok(ExecResponse {
-        exit_code: status.as_shell_code(),
-        stdout: out.join().unwrap_or_default(),
-        stderr: err.join().unwrap_or_default(),
-    })
+            _ => e,
+        })?;
+    Ok(Json(log))
 }

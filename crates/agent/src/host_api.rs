@@ -1,0 +1,237 @@
+//! The host's API: what the control plane asks of a workspace on this host — run a command to
+//! its end, list its tasks, read a task's log, attach to a task's terminal. The control plane
+//! calls it in process on its own host (`warren up`) and through the tunnel each `warren agent`
+//! holds open to it (see [`crate::tunnel`]); either way the same requests and answers.
+//!
+//! Paths name the runtime's workspace id (`ws-<id>`); the control plane has already checked who
+//! asks, and resolved the user and the environment a command runs with.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use warren_api::{
+    ErrorBody, ExecRequest, ExecResponse, ExitStatus, LogQuery, LogView, TaskState, TaskView,
+};
+use warren_runtime::{Error as RuntimeError, Runtime, WorkspaceId, tasks};
+
+/// Most output an exec returns per stream; the rest is cut (interactive work goes over SSH).
+pub const EXEC_OUTPUT_LIMIT: u64 = 8 << 20;
+
+/// Largest piece of a log one request returns.
+const LOG_PIECE: usize = 256 << 10;
+
+/// The routes, over this host's runtime.
+pub fn router(runtime: Arc<dyn Runtime>) -> Router {
+    Router::new()
+        .route("/workspaces/{id}/exec", post(exec))
+        .route("/workspaces/{id}/tasks", get(list_tasks))
+        .route("/workspaces/{id}/tasks/{task}/log", get(task_log))
+        .route("/workspaces/{id}/tasks/{task}/attach", post(attach))
+        .fallback(|| async { refuse(StatusCode::NOT_FOUND, "no such host endpoint") })
+        .with_state(runtime)
+}
+
+/// An answer the control plane passes on: its status and `{"error": ...}`.
+#[derive(Debug)]
+struct Refusal(StatusCode, String);
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        (self.0, Json(ErrorBody { error: self.1 })).into_response()
+    }
+}
+
+fn refuse(status: StatusCode, message: impl Into<String>) -> Refusal {
+    Refusal(status, message.into())
+}
+
+/// A runtime error as an answer: a workspace or task this host does not have is a 404.
+fn runtime_error(e: RuntimeError) -> Refusal {
+    match e {
+        RuntimeError::NotFound(_) | RuntimeError::NoTask(_) => {
+            refuse(StatusCode::NOT_FOUND, e.to_string())
+        }
+        other => refuse(StatusCode::UNPROCESSABLE_ENTITY, other.to_string()),
+    }
+}
+
+/// Runs blocking runtime work off the async threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, RuntimeError> + Send + 'static,
+) -> Result<T, Refusal> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(runtime_error)
+}
+
+fn workspace_id(id: &str) -> Result<WorkspaceId, Refusal> {
+    WorkspaceId::new(id).map_err(|e| refuse(StatusCode::BAD_REQUEST, e.to_string()))
+}
+
+type Runtimes = State<Arc<dyn Runtime>>;
+
+async fn exec(
+    State(runtime): Runtimes,
+    Path(id): Path<String>,
+    Json(req): Json<ExecRequest>,
+) -> Result<Json<ExecResponse>, Refusal> {
+    let id = workspace_id(&id)?;
+    let request = warren_runtime::ExecRequest {
+        argv: req.argv,
+        env: req.env,
+        cwd: req.cwd,
+        user: req.user,
+        tty: None,
+        no_network: false,
+    };
+    let stdin = req.stdin.unwrap_or_default();
+    blocking(move || run_to_end(runtime.as_ref(), &id, &request, stdin))
+        .await
+        .map(Json)
+}
+
+async fn list_tasks(
+    State(runtime): Runtimes,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<TaskView>>, Refusal> {
+    let id = workspace_id(&id)?;
+    let listed = blocking(move || Ok(tasks::list(&runtime.tasks_dir(&id)?))).await?;
+    Ok(Json(listed.into_iter().map(task_view).collect()))
+}
+
+async fn task_log(
+    State(runtime): Runtimes,
+    Path((id, task)): Path<(String, String)>,
+    Query(query): Query<LogQuery>,
+) -> Result<Json<LogView>, Refusal> {
+    use base64::Engine as _;
+    let id = workspace_id(&id)?;
+    let chunk =
+        blocking(move || tasks::read_log(&runtime.tasks_dir(&id)?, &task, query.offset, LOG_PIECE))
+            .await?;
+    Ok(Json(LogView {
+        data_base64: base64::engine::general_purpose::STANDARD.encode(&chunk.data),
+        next_offset: chunk.next_offset,
+        running: chunk.running,
+    }))
+}
+
+/// The task's terminal, both ways: the request's body is typed into it while the answer's
+/// body carries its output, until either side ends (the task goes on: that is a detach).
+async fn attach(
+    State(runtime): Runtimes,
+    Path((id, task)): Path<(String, String)>,
+    body: Body,
+) -> Result<Response, Refusal> {
+    use http_body_util::BodyExt as _;
+    use tokio::io::AsyncWriteExt as _;
+    let id = workspace_id(&id)?;
+    let stream = blocking(move || {
+        let stream = tasks::attach(&runtime.tasks_dir(&id)?, &task)?;
+        stream
+            .set_nonblocking(true)
+            .map_err(|e| RuntimeError::Sys(e.to_string()))?;
+        Ok(stream)
+    })
+    .await?;
+    let stream = tokio::net::UnixStream::from_std(stream)
+        .map_err(|e| refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let (from_task, mut to_task) = stream.into_split();
+    // When the caller stops typing (it left), its terminal's output stops too.
+    let (left, leaving) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let mut body = body;
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Ok(data) = frame.into_data()
+                && to_task.write_all(&data).await.is_err()
+            {
+                break;
+            }
+        }
+        drop(left);
+    });
+    let output = futures_util::StreamExt::take_until(read_chunks(from_task), leaving);
+    Ok(Body::from_stream(output).into_response())
+}
+
+/// What a reader gives, chunk by chunk, until its end (or an error, which ends it too).
+pub fn read_chunks(
+    reader: impl tokio::io::AsyncRead + Send + Unpin + 'static,
+) -> impl futures_util::Stream<Item = std::io::Result<axum::body::Bytes>> + Send + 'static {
+    futures_util::stream::unfold(reader, |mut reader| async move {
+        use tokio::io::AsyncReadExt as _;
+        let mut buf = vec![0u8; 16 << 10];
+        match reader.read(&mut buf).await {
+            Ok(0) | Err(_) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok(buf.into()), reader))
+            }
+        }
+    })
+}
+
+/// A task as the API shows it.
+fn task_view(info: tasks::TaskInfo) -> TaskView {
+    TaskView {
+        name: info.name,
+        state: match info.state {
+            tasks::TaskState::Waiting => TaskState::Waiting,
+            tasks::TaskState::Running => TaskState::Running,
+            tasks::TaskState::Exited { status } => TaskState::Exited {
+                status: match status {
+                    warren_runtime::ExitStatus::Code(c) => ExitStatus::Code(c),
+                    warren_runtime::ExitStatus::Signal(s) => ExitStatus::Signal(s),
+                },
+            },
+            tasks::TaskState::Failed { error } => TaskState::Failed { error },
+        },
+        log_bytes: info.log_bytes,
+    }
+}
+
+fn run_to_end(
+    runtime: &dyn Runtime,
+    id: &WorkspaceId,
+    request: &warren_runtime::ExecRequest,
+    stdin: String,
+) -> Result<ExecResponse, RuntimeError> {
+    use std::io::{Read, Write};
+    let exec = runtime.exec(id, request)?;
+    let warren_runtime::ExecIo::Pipes {
+        stdin: mut input,
+        stdout,
+        stderr,
+    } = exec.io
+    else {
+        return Err(RuntimeError::Sys("expected pipes".into()));
+    };
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(stdin.as_bytes());
+    });
+    let read = |stream: std::fs::File| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let mut limited = stream.take(EXEC_OUTPUT_LIMIT);
+            let _ = limited.read_to_end(&mut buf);
+            // Drain the rest so the process is never blocked on a full pipe.
+            let _ = std::io::copy(&mut limited.into_inner(), &mut std::io::sink());
+            String::from_utf8_lossy(&buf).into_owned()
+        })
+    };
+    let (out, err) = (read(stdout), read(stderr));
+    let status = exec.process.wait()?;
+    let _ = writer.join();
+    Ok(ExecResponse {
+        exit_code: status.as_shell_code(),
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    })
+}

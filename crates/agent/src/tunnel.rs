@@ -1,0 +1,121 @@
+//! The agent's tunnel: one connection the agent opens to the control plane and keeps open, over
+//! which the control plane calls this host's API ([`crate::host_api`]). The agent dials out, so
+//! a host behind NAT or a firewall that only lets it out is reachable all the same.
+//!
+//! The agent asks `GET /api/v1/agent/tunnel` with its host token and
+//! `Upgrade: warren-host-tunnel`; once the server switches protocols, the roles turn: the
+//! control plane speaks HTTP/2 as the client, the agent serves. HTTP/2 carries many calls at
+//! once, each streaming both ways (a `logs -f`, an attached terminal), and its pings notice a
+//! connection gone dead on either side.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::http::{Request, StatusCode, header};
+use http_body_util::{BodyExt as _, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::sync::Notify;
+
+/// The protocol named in `Upgrade`.
+pub const PROTOCOL: &str = "warren-host-tunnel";
+
+/// Where the control plane asks for the tunnel.
+pub const PATH: &str = "/api/v1/agent/tunnel";
+
+/// How often either side pings, and how long it waits for the answer before it gives the
+/// connection up.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// Most a connection attempt (TCP, then the upgrade) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Keeps the tunnel to `server` (`http://HOST:PORT`) open until `shutdown`, serving `api`
+/// over it; reconnects after a failure, waiting longer each time (up to 30 s).
+pub async fn hold(server: String, token: String, api: Router, shutdown: Arc<Notify>) {
+    let mut wait = Duration::from_secs(1);
+    loop {
+        let started = std::time::Instant::now();
+        let result = tokio::select! {
+            r = serve_once(&server, &token, api.clone()) => r,
+            _ = shutdown.notified() => return,
+        };
+        match result {
+            Ok(()) => tracing::info!(server, "the tunnel to the control plane closed"),
+            Err(e) => tracing::warn!(server, error = %e, "no tunnel to the control plane"),
+        }
+        // A tunnel that held a while starts the waits over.
+        if started.elapsed() > Duration::from_secs(60) {
+            wait = Duration::from_secs(1);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.notified() => return,
+        }
+        wait = (wait * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// One tunnel: connects, upgrades, serves until the connection ends.
+async fn serve_once(server: &str, token: &str, api: Router) -> Result<(), String> {
+    let url = url::Url::parse(server).map_err(|e| format!("server address {server}: {e}"))?;
+    if url.scheme() != "http" {
+        return Err(format!(
+            "server address {server}: the tunnel speaks plain http (put the server and its hosts on a private network)"
+        ));
+    }
+    let host = url
+        .host_str()
+        .ok_or_else(|| format!("server address {server} names no host"))?;
+    let port = url.port_or_known_default().unwrap_or(80);
+    let authority = match url.port() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_owned(),
+    };
+    let upgraded = tokio::time::timeout(CONNECT_TIMEOUT, async {
+        let tcp = tokio::net::TcpStream::connect((host.trim_matches(['[', ']']), port))
+            .await
+            .map_err(|e| format!("cannot connect to {authority}: {e}"))?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(connection.with_upgrades());
+        let request = Request::get(PATH)
+            .header(header::HOST, &authority)
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .header(header::CONNECTION, "upgrade")
+            .header(header::UPGRADE, PROTOCOL)
+            .body(Empty::<axum::body::Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let answer = sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        if answer.status() != StatusCode::SWITCHING_PROTOCOLS {
+            let status = answer.status();
+            let body = answer
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            return Err(format!(
+                "the server answered {status}: {}",
+                String::from_utf8_lossy(&body[..body.len().min(512)])
+            ));
+        }
+        hyper::upgrade::on(answer)
+            .await
+            .map_err(|e| format!("upgrade: {e}"))
+    })
+    .await
+    .map_err(|_| format!("{authority} did not answer within {CONNECT_TIMEOUT:?}"))??;
+    tracing::info!(server, "tunnel to the control plane open");
+    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(KEEP_ALIVE)
+        .keep_alive_timeout(KEEP_ALIVE)
+        .serve_connection(upgraded, hyper_util::service::TowerToHyperService::new(api))
+        .await
+        .map_err(|e| e.to_string())
+}

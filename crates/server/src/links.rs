@@ -1,0 +1,243 @@
+//! How the control plane reaches each host's API (`warren_agent::host_api`): its own host's in
+//! process, every other host's through the tunnel that host's agent holds open
+//! (`warren_agent::tunnel`). The same requests either way, so nothing about a workspace depends
+//! on which host it landed on.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Method, Request, Response, StatusCode, header};
+use http_body_util::BodyExt as _;
+use hyper::client::conn::http2::SendRequest;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::{ApiError, ApiResult};
+use crate::workspaces::Workspace;
+
+/// Most an answer read whole may hold: an exec's two streams are 8 MiB each before JSON
+/// escapes them.
+const ANSWER_LIMIT: usize = 128 << 20;
+
+/// Every host the control plane can reach now.
+pub struct HostLinks {
+    /// This process's host and its API, in process.
+    local: Option<(String, Router)>,
+    /// Other hosts' tunnels, by host id, each with the number it was opened under (a host
+    /// that reconnects replaces its old tunnel; only the newest one's end removes it).
+    remote: Mutex<HashMap<String, (u64, SendRequest<Body>)>>,
+    opened: AtomicU64,
+}
+
+impl std::fmt::Debug for HostLinks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostLinks")
+            .field("local", &self.local.as_ref().map(|(id, _)| id))
+            .finish_non_exhaustive()
+    }
+}
+
+/// The route one call takes.
+enum Link {
+    Local(Router),
+    Remote(SendRequest<Body>),
+}
+
+impl HostLinks {
+    /// `local`: this process's host id and its API, when this process runs workspaces.
+    pub fn new(local: Option<(String, Router)>) -> Self {
+        Self {
+            local,
+            remote: Mutex::default(),
+            opened: AtomicU64::new(0),
+        }
+    }
+
+    /// A host's tunnel is open; returns what [`Self::closed`] takes when it ends.
+    pub fn opened(&self, host_id: &str, sender: SendRequest<Body>) -> u64 {
+        let number = self.opened.fetch_add(1, Ordering::Relaxed);
+        self.tunnels().insert(host_id.to_owned(), (number, sender));
+        number
+    }
+
+    /// A host's tunnel ended (unless a newer one replaced it meanwhile).
+    pub fn closed(&self, host_id: &str, number: u64) {
+        let mut tunnels = self.tunnels();
+        if tunnels.get(host_id).is_some_and(|(n, _)| *n == number) {
+            tunnels.remove(host_id);
+        }
+    }
+
+    fn tunnels(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, SendRequest<Body>)>> {
+        self.remote.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn link(&self, ws: &Workspace) -> ApiResult<Link> {
+        if let Some((id, api)) = &self.local
+            && *id == ws.host_id.0
+        {
+            return Ok(Link::Local(api.clone()));
+        }
+        self.tunnels()
+            .get(&ws.host_id.0)
+            .map(|(_, sender)| Link::Remote(sender.clone()))
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "workspace `{}` is on host `{}`, whose agent is not connected now (is `warren agent` running there?)",
+                        ws.name, ws.host
+                    ),
+                )
+            })
+    }
+
+    /// Sends `request` (its path relative to the workspace: `exec`, `tasks`, ...) to the API
+    /// of the workspace's host; the answer's head must come `within`.
+    pub async fn call(
+        &self,
+        ws: &Workspace,
+        method: Method,
+        path: &str,
+        body: Body,
+        within: Duration,
+    ) -> ApiResult<Response<Body>> {
+        let uri = format!("http://host/workspaces/{}/{path}", ws.id.runtime_id());
+        let request = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .map_err(|e| ApiError::internal("host request", e))?;
+        let unreachable = |e: &dyn std::fmt::Display| {
+            tracing::warn!(host = %ws.host, error = %e, "host call failed");
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                format!("host `{}` did not answer: {e}", ws.host),
+            )
+        };
+        let answer = tokio::time::timeout(within, async {
+            match self.link(ws)? {
+                Link::Local(api) => {
+                    use tower::ServiceExt as _;
+                    api.oneshot(request).await.map_err(|e| unreachable(&e))
+                }
+                Link::Remote(mut sender) => {
+                    sender.ready().await.map_err(|e| unreachable(&e))?;
+                    sender
+                        .send_request(request)
+                        .await
+                        .map(|answer| answer.map(Body::new))
+                        .map_err(|e| unreachable(&e))
+                }
+            }
+        })
+        .await
+        .map_err(|_| unreachable(&format_args!("no answer within {} s", within.as_secs())))??;
+        if answer.status().is_success() {
+            return Ok(answer);
+        }
+        // The host's `{"error": ...}`, passed on: a missing task or a command that cannot run
+        // is the caller's to fix; anything else is the host's.
+        let status = answer.status();
+        let text = read_limited(answer.into_body(), 64 << 10)
+            .await
+            .unwrap_or_default();
+        // Shown on users' terminals: kept printable, whatever the host sent.
+        let message = warren_runtime::image_mount::printable(
+            &serde_json::from_slice::<warren_api::ErrorBody>(&text)
+                .map(|b| b.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&text).into_owned()),
+        );
+        Err(match status {
+            StatusCode::BAD_REQUEST | StatusCode::NOT_FOUND | StatusCode::UNPROCESSABLE_ENTITY => {
+                ApiError::new(status, message)
+            }
+            _ => unreachable(&format_args!("{status}: {message}")),
+        })
+    }
+
+    /// [`Self::call`] with a JSON body (or none) and a JSON answer, read whole `within`.
+    pub async fn json<T: DeserializeOwned>(
+        &self,
+        ws: &Workspace,
+        method: Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+        within: Duration,
+    ) -> ApiResult<T> {
+        let body = match body {
+            Some(b) => Body::from(
+                serde_json::to_vec(b).map_err(|e| ApiError::internal("host request", e))?,
+            ),
+            None => Body::empty(),
+        };
+        let deadline = tokio::time::Instant::now() + within;
+        let answer = self.call(ws, method, path, body, within).await?;
+        let bytes =
+            tokio::time::timeout_at(deadline, read_limited(answer.into_body(), ANSWER_LIMIT))
+                .await
+                .map_err(|_| {
+                    ApiError::new(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        format!("host `{}` did not finish answering in time", ws.host),
+                    )
+                })?
+                .map_err(|e| {
+                    ApiError::new(StatusCode::BAD_GATEWAY, format!("host `{}`: {e}", ws.host))
+                })?;
+        serde_json::from_slice(&bytes).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                format!("host `{}` answered something else: {e}", ws.host),
+            )
+        })
+    }
+}
+
+impl HostLinks {
+    /// Task `task`'s terminal in workspace `ws`, both ways, through the workspace's host: what
+    /// is written to it is typed into the task, what the task prints is read from it, until
+    /// either side closes it.
+    pub async fn attach(&self, ws: &Workspace, task: &str) -> ApiResult<tokio::io::DuplexStream> {
+        use tokio::io::AsyncWriteExt as _;
+        let (ours, theirs) = tokio::io::duplex(64 << 10);
+        let (typed, mut shown) = tokio::io::split(theirs);
+        let input = Body::from_stream(warren_agent::host_api::read_chunks(typed));
+        let path = format!("tasks/{}/attach", task_segment(task));
+        let answer = self
+            .call(ws, Method::POST, &path, input, ATTACH_WITHIN)
+            .await?;
+        tokio::spawn(async move {
+            let mut output = answer.into_body().into_data_stream();
+            while let Some(Ok(bytes)) = futures_util::StreamExt::next(&mut output).await {
+                if shown.write_all(&bytes).await.is_err() {
+                    break;
+                }
+            }
+            let _ = shown.shutdown().await;
+        });
+        Ok(ours)
+    }
+}
+
+/// Longest a host may take to open a task's terminal.
+const ATTACH_WITHIN: Duration = Duration::from_secs(30);
+
+/// A task's name as one segment of a host's path.
+pub fn task_segment(task: &str) -> String {
+    percent_encoding::utf8_percent_encode(task, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+/// A body's bytes, refusing more than `limit`.
+async fn read_limited(body: Body, limit: usize) -> Result<axum::body::Bytes, String> {
+    http_body_util::Limited::new(body, limit)
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(|e| e.to_string())
+}
