@@ -157,25 +157,9 @@ async fn attach(
         }
         drop(left);
     });
-    let output = futures_util::StreamExt::take_until(read_chunks(from_task), leaving);
+    let output =
+        futures_util::StreamExt::take_until(tokio_util::io::ReaderStream::new(from_task), leaving);
     Ok(Body::from_stream(output).into_response())
-}
-
-/// What a reader gives, chunk by chunk, until its end (or an error, which ends it too).
-pub fn read_chunks(
-    reader: impl tokio::io::AsyncRead + Send + Unpin + 'static,
-) -> impl futures_util::Stream<Item = std::io::Result<axum::body::Bytes>> + Send + 'static {
-    futures_util::stream::unfold(reader, |mut reader| async move {
-        use tokio::io::AsyncReadExt as _;
-        let mut buf = vec![0u8; 16 << 10];
-        match reader.read(&mut buf).await {
-            Ok(0) | Err(_) => None,
-            Ok(n) => {
-                buf.truncate(n);
-                Some((Ok(buf.into()), reader))
-            }
-        }
-    })
 }
 
 /// A task as the API shows it.

@@ -14,88 +14,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, Semaphore};
-use warren_runtime::image_mount::printable;
-use warren_runtime::tasks::TaskSpec;
+pub use warren_protocol::{
+    Action, ControlPlane, Failure, HostImage, HostReport, ImageCheck, Job, Outcome, PrebuildJob,
+    Work, WorkspaceJob, WorkspaceReport, WorkspaceSpec,
+};
 use warren_runtime::{
     Error as RuntimeError, Limits, RootSource, Runtime, WorkspaceConfig, WorkspaceId,
 };
-
-/// What a workspace is made from, as the control plane recorded it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct WorkspaceSpec {
-    /// The runtime's name for it (`ws-<id>`).
-    pub runtime_id: String,
-    pub image: String,
-    pub memory: Option<u64>,
-    pub cpus: Option<f64>,
-    pub pids: Option<u64>,
-    /// Bytes it may write (`None`: the host's default, `--workspace-disk`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub disk: Option<u64>,
-    /// What runs in persistent terminals on each start (the environment's workspace tasks).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub tasks: Vec<TaskSpec>,
-    /// Run it as a virtual machine rather than a system container.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vm: Option<warren_runtime::VmOptions>,
-}
-
-/// The step a job asks for.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "action")]
-pub enum Action {
-    Create,
-    Start,
-    Stop { grace_ms: u64 },
-    Delete,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct WorkspaceJob {
-    pub action: Action,
-    pub workspace: WorkspaceSpec,
-}
-
-/// A prebuild to make: a project's environment at one commit.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PrebuildJob {
-    pub prebuild_id: String,
-    /// The project the prebuild is for: its prebuilds and build caches are its own.
-    #[serde(default)]
-    pub project_id: String,
-    pub git_url: String,
-    pub commit: String,
-    /// The project's root folder or environment file, relative to the repository.
-    pub target: String,
-    /// The project's environment variables (`KEY`, value); never a user's secrets.
-    #[serde(default)]
-    pub variables: Vec<(String, String)>,
-    /// How long the first start is recorded for the prebuild's access trace (0: not at all).
-    #[serde(default)]
-    pub record_trace_secs: u64,
-}
-
-/// What a job is about.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "kind")]
-pub enum Work {
-    Workspace(WorkspaceJob),
-    Prebuild(PrebuildJob),
-    /// Removes images of archived prebuilds from the host's store.
-    Archive {
-        images: Vec<String>,
-    },
-}
-
-/// A claimed job.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Job {
-    pub id: String,
-    pub attempt: u32,
-    pub work: Work,
-}
 
 /// Makes prebuilds on this host (the build crate with the host's runtime and image store).
 pub trait Prebuilder: Send + Sync {
@@ -108,115 +34,6 @@ pub trait Prebuilder: Send + Sync {
     ) -> Result<Outcome, String>;
     /// Removes these images from the host's store (their chunks go at the next collection).
     fn remove_images(&self, images: &[String]) -> Result<(), String>;
-}
-
-/// Where the workspace ended up.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    Running,
-    Stopped,
-    /// Gone; anything the runtime could not remove is listed.
-    Deleted {
-        leftovers: Vec<String>,
-    },
-    /// A prebuild is made (or was found made before under its key: `reused`).
-    Prebuilt {
-        image: String,
-        digest: String,
-        env_file: String,
-        env_text: String,
-        reused: bool,
-        steps_run: usize,
-        steps_cached: usize,
-    },
-    /// Images of archived prebuilds are removed.
-    Removed,
-}
-
-/// Why a job failed, and whether running it again may help: a workspace whose image does not
-/// exist fails at once, where a host that was briefly busy gets the job again later.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Failure {
-    pub message: String,
-    pub retry: bool,
-}
-
-impl Failure {
-    /// A failure a later attempt may not have. Its message is kept printable: it may quote a
-    /// registry, a build step or a workspace, and is shown on users' terminals.
-    pub fn transient(message: impl Into<String>) -> Self {
-        Self {
-            message: printable(&message.into()),
-            retry: true,
-        }
-    }
-
-    /// A failure every attempt would have: the job fails for good at once.
-    pub fn permanent(message: impl Into<String>) -> Self {
-        Self {
-            message: printable(&message.into()),
-            retry: false,
-        }
-    }
-}
-
-impl std::fmt::Display for Failure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl From<String> for Failure {
-    fn from(message: String) -> Self {
-        Self::transient(message)
-    }
-}
-
-/// Read from `{"message", "retry"}`, or from a plain message (agents before `retry`).
-impl<'de> Deserialize<'de> for Failure {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Wire {
-            Plain(String),
-            Full { message: String, retry: bool },
-        }
-        Ok(match Wire::deserialize(d)? {
-            Wire::Plain(message) => Self::transient(message),
-            Wire::Full { message, retry } => Self {
-                message: printable(&message),
-                retry,
-            },
-        })
-    }
-}
-
-/// Checks, before a workspace is made or started, that its image can be had on this host: in
-/// its store, or in a registry that answers. The error names the image or the registry.
-pub type ImageCheck = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
-
-/// The agent's view of the control plane.
-pub trait ControlPlane: Send + Sync + 'static {
-    /// The next job for `host`, leased to it; `None` when there is nothing to do. `report`
-    /// comes along every [`REPORT_EVERY`]: the host's images (for placing later workspaces) and
-    /// its workspaces' actual states and resource use.
-    /// Claims the host's next job; a prebuild only when `prebuilds` (the host has a prebuild
-    /// slot free).
-    fn claim(
-        &self,
-        host: &str,
-        report: Option<HostReport>,
-        prebuilds: bool,
-    ) -> impl Future<Output = Result<Option<Job>, String>> + Send;
-    /// Adds to a running job's log; `false` when the job was cancelled and should stop.
-    fn log(&self, job: &Job, text: Vec<u8>) -> impl Future<Output = Result<bool, String>> + Send;
-    /// Records how a job went.
-    fn finish(
-        &self,
-        job: &Job,
-        result: Result<Outcome, Failure>,
-    ) -> impl Future<Output = Result<(), String>> + Send;
 }
 
 /// Carries out one workspace job, blocking (call it on a blocking thread). Safe to repeat.
@@ -288,46 +105,9 @@ pub fn execute(
     }
 }
 
-/// An image a host can start workspaces from, and how much of it the host holds.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct HostImage {
-    pub image: String,
-    /// The share of its chunks on this host (1 for an image in the host's own store).
-    pub cached: f64,
-}
-
 /// Lists the images this host holds, wholly or in part, given the workspaces its runtime knows.
 pub type ImageLister =
     Arc<dyn Fn(&[warren_runtime::WorkspaceInfo]) -> Vec<HostImage> + Send + Sync>;
-
-/// What an agent tells the control plane about its host, every [`REPORT_EVERY`].
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct HostReport {
-    pub images: Vec<HostImage>,
-    /// Every workspace the host's runtime knows.
-    pub workspaces: Vec<WorkspaceReport>,
-    /// Whether the host takes prebuild jobs.
-    #[serde(default = "yes")]
-    pub makes_prebuilds: bool,
-    /// The most a workspace of the host may write (its `--workspace-disk`; `None`: no limit),
-    /// so the server refuses a larger request at once instead of placing it there.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub disk_ceiling: Option<u64>,
-}
-
-fn yes() -> bool {
-    true
-}
-
-/// One workspace as its host sees it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct WorkspaceReport {
-    pub runtime_id: String,
-    pub running: bool,
-    /// Resource use, while it runs.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stats: Option<warren_runtime::Stats>,
-}
 
 /// How often a workspace's disk use is measured again (it walks the writable layer; cpu,
 /// memory and pids are read on every report).
@@ -398,6 +178,8 @@ pub struct Agent<C> {
     /// Prebuilds made at once. They have slots of their own: long prebuilds never hold up
     /// workspace jobs, and a host never runs more than this many.
     prebuild_slots: usize,
+    /// How often the host's report goes with a claim (it reconciles the host's workspaces).
+    report_every: Duration,
 }
 
 impl<C> std::fmt::Debug for Agent<C> {
@@ -430,7 +212,14 @@ impl<C: ControlPlane> Agent<C> {
             wake,
             parallel: 4,
             prebuild_slots: 1,
+            report_every: REPORT_EVERY,
         }
+    }
+
+    /// How often the host's report goes with a claim (default [`REPORT_EVERY`]).
+    pub fn with_report_every(mut self, every: Duration) -> Self {
+        self.report_every = every;
+        self
     }
 
     /// Checks each workspace's image before it is made or started (see [`ImageCheck`]).
@@ -465,7 +254,7 @@ impl<C: ControlPlane> Agent<C> {
                 return;
             };
             let mut wait = Duration::ZERO;
-            if making.is_none() && reported.is_none_or(|t| t.elapsed() >= REPORT_EVERY) {
+            if making.is_none() && reported.is_none_or(|t| t.elapsed() >= self.report_every) {
                 reported = Some(std::time::Instant::now());
                 let (runtime, lister, disk) =
                     (self.runtime.clone(), self.images.clone(), disk.clone());
@@ -639,50 +428,4 @@ async fn prebuild<C: ControlPlane>(
         tracing::warn!(job.id = %job.id, error = %e, "cannot send a prebuild's log");
     }
     result
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn failures_read_from_either_form() {
-        let plain: Result<Outcome, Failure> =
-            serde_json::from_str(r#"{"Err":"host busy"}"#).unwrap_or(Ok(Outcome::Removed));
-        assert_eq!(plain, Err(Failure::transient("host busy")));
-        let full = Err::<Outcome, _>(Failure::permanent("image x:1 not found"));
-        let text = serde_json::to_string(&full).unwrap_or_default();
-        assert_eq!(
-            serde_json::from_str::<Result<Outcome, Failure>>(&text).ok(),
-            Some(full)
-        );
-    }
-
-    #[test]
-    fn jobs_read_back_as_written() {
-        let job = WorkspaceJob {
-            action: Action::Stop { grace_ms: 10_000 },
-            workspace: WorkspaceSpec {
-                runtime_id: "ws-1".into(),
-                image: "dev:1".into(),
-                memory: Some(1 << 30),
-                cpus: None,
-                pids: None,
-                disk: Some(20 << 30),
-                tasks: vec![TaskSpec {
-                    name: "web".into(),
-                    argv: vec!["sh".into(), "-c".into(), "npm start".into()],
-                    env: vec![],
-                    user: None,
-                    cwd: None,
-                    once: false,
-                    stage: 0,
-                }],
-                vm: Some(warren_runtime::VmOptions::default()),
-            },
-        };
-        let text = serde_json::to_string(&job).unwrap_or_default();
-        assert!(text.contains(r#""action":"stop""#), "{text}");
-        assert_eq!(serde_json::from_str::<WorkspaceJob>(&text).ok(), Some(job));
-    }
 }

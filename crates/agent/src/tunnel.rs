@@ -17,15 +17,7 @@ use http_body_util::{BodyExt as _, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::sync::Notify;
 
-/// The protocol named in `Upgrade`.
-pub const PROTOCOL: &str = "warren-host-tunnel";
-
-/// Where the control plane asks for the tunnel.
-pub const PATH: &str = "/api/v1/agent/tunnel";
-
-/// How often either side pings, and how long it waits for the answer before it gives the
-/// connection up.
-pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
+pub use warren_protocol::tunnel::{KEEP_ALIVE, PATH, PROTOCOL};
 
 /// Most a connection attempt (TCP, then the upgrade) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -6,7 +6,7 @@
 //! Warren has its own parser because the crates.io one rejects heredocs and `RUN --mount`, both
 //! of which real environments use.
 
-pub mod git;
+pub use warren_git as git;
 mod ignore;
 mod parse;
 mod prebuild;

@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use warren_runtime::Runtime;
-use warren_runtime::tasks::TaskSpec;
 use warren_spec::{EnvSpec, ImageSource, Phase, RepoPath};
+pub use warren_spec::{read_options, session_user, workspace_tasks};
 
 use crate::run::{CANCELLED, Sandbox, Step, StepLimits, Stop, commit, run};
 use crate::{BuildRequest, Ignore, ImageStore};
@@ -85,54 +85,6 @@ pub fn prebuild_key(
         }
     }
     h.finalize().to_hex()[..32].to_owned()
-}
-
-/// The workspace tasks of an environment: what runs on first start (once) and on every start,
-/// as the user sessions run as.
-pub fn workspace_tasks(spec: &EnvSpec) -> Vec<TaskSpec> {
-    let user = session_user(spec);
-    let env: Vec<String> = spec
-        .env
-        .iter()
-        .chain(spec.remote_env.iter())
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
-    spec.tasks
-        .iter()
-        .filter(|t| matches!(t.phase, Phase::FirstStart | Phase::EveryStart))
-        .map(|t| TaskSpec {
-            name: t.name.clone(),
-            argv: t.command.argv(t.shell),
-            env: env.clone(),
-            user: user.clone(),
-            cwd: None,
-            once: t.phase == Phase::FirstStart,
-            stage: t.stage,
-        })
-        .collect()
-}
-
-/// How a repository's environment file is read, the same way by the prebuild and by the
-/// control plane when it makes a workspace of it: `${localWorkspaceFolder}` is
-/// `/src/<repository name>` (so a devcontainer's default folder is `/workspaces/<name>`).
-pub fn read_options(repository: &str) -> warren_spec::ReadOptions {
-    let name = repository
-        .trim_end_matches('/')
-        .trim_end_matches(".git")
-        .rsplit(['/', ':'])
-        .next()
-        .filter(|n| !n.is_empty())
-        .unwrap_or("repository");
-    warren_spec::ReadOptions {
-        local_env: Default::default(),
-        local_workspace_folder: Some(format!("/src/{name}")),
-    }
-}
-
-/// Who developers' sessions, commands and tasks run as (`remoteUser`, else `containerUser`;
-/// the image's user when neither is set).
-pub fn session_user(spec: &EnvSpec) -> Option<String> {
-    spec.user.clone().or_else(|| spec.container_user.clone())
 }
 
 fn cancelled(req: &PrebuildRequest<'_>) -> Result<(), String> {

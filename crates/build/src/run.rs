@@ -397,30 +397,6 @@ pub struct Built {
     pub steps_cached: usize,
 }
 
-/// Image repositories Warren names itself (prebuilds, environments, cached steps): each a
-/// project's own, so never what a user writes (`FROM`, an environment file's `image:`,
-/// `ws create --image`) — reached only through the build or the project that made it.
-pub const RESERVED_REPOSITORIES: [&str; 3] =
-    ["warren-prebuild", "warren-env", "warren-build-cache"];
-
-/// Refuses a reference a user wrote when it names one of [`RESERVED_REPOSITORIES`], or names an
-/// image by its bare digest (`sha256:...`), which reaches every image in the store, prebuilds
-/// included. Docker takes no bare digest either (`NAME@sha256:...`).
-pub fn refuse_reserved(reference: &str) -> Result<(), String> {
-    let repository = reference.split(['@', ':']).next().unwrap_or_default();
-    if RESERVED_REPOSITORIES.contains(&repository) {
-        return Err(format!(
-            "{reference}: a prebuild's or a build step's image is its project's, not to be named"
-        ));
-    }
-    if repository.eq_ignore_ascii_case("sha256") {
-        return Err(format!(
-            "{reference}: name an image by NAME:TAG, not by its bare digest (which could be a prebuild's, reached only through its project)"
-        ));
-    }
-    Ok(())
-}
-
 /// The cache image of a step: the image its key names.
 fn cache_tag(scope: &str, key: &blake3::Hash) -> String {
     let key = if scope.is_empty() {
@@ -1068,8 +1044,7 @@ pub(crate) fn run(
     }
 }
 
-/// The error of a step stopped by a cancel.
-pub const CANCELLED: &str = "cancelled";
+pub use warren_protocol::{CANCELLED, RESERVED_REPOSITORIES, refuse_reserved};
 
 /// Unpacks a tar stream into the folder `into` of the sandbox (as root: owners come from the
 /// stream, names resolved by the image's own users and groups, which must exist).

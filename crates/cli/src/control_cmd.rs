@@ -30,8 +30,9 @@ pub struct UpArgs {
     /// Seconds between readings of every project's branch heads
     #[arg(long, env = "WARREN_GIT_POLL_SECONDS", default_value_t = 60)]
     git_poll_seconds: u64,
-    /// Seconds between comparisons of workspaces with what the runtime reports
-    #[arg(long, env = "WARREN_RECONCILE_SECONDS", default_value_t = 30)]
+    /// Seconds between this host's reports (its images, its workspaces' states and use), each
+    /// compared with what the workspaces' owners asked for
+    #[arg(long, env = "WARREN_RECONCILE_SECONDS", default_value_t = 10)]
     reconcile_seconds: u64,
     /// Folders (`:`-separated) whose git repositories any user may add as file:// projects
     /// (admins may add any)
@@ -208,6 +209,7 @@ pub fn up(args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
             limits,
         }) as Arc<dyn warren_agent::Prebuilder>
     });
+    let image_check = crate::image_cmd::image_check(data);
     let tokio = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -218,19 +220,31 @@ pub fn up(args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
             database_url: database_url.clone(),
             listen: args.listen,
             host_name,
-            runtime,
+            runtime: runtime.clone(),
+            host_api: warren_agent::host_api::router(runtime.clone()),
             git_poll: Duration::from_secs(args.git_poll_seconds.max(1)),
             secret_key: data.join("secret.key"),
-            images: crate::agent_cmd::image_lister(data),
-            image_check: Some(crate::image_cmd::image_check(data)),
-            reconcile_every: Duration::from_secs(args.reconcile_seconds.max(1)),
+            trusted_registries: runtime.egress().registries,
+            image_check: Some(image_check.clone()),
             ssh,
-            prebuilder,
-            prebuild_slots: args.prebuild_slots,
             git_mirrors: data.join("git/server"),
             file_repos: args.file_repos,
         })
         .await?;
+        // This host's agent, in this process: it claims jobs straight from the database, and
+        // each of its reports (every --reconcile-seconds) reconciles the host's workspaces.
+        let agent = warren_agent::Agent::new(
+            started.host_id.clone(),
+            runtime,
+            prebuilder,
+            Arc::new(started.plane.clone()),
+            started.wake.clone(),
+            crate::agent_cmd::image_lister(data),
+        )
+        .with_prebuild_slots(args.prebuild_slots)
+        .with_report_every(Duration::from_secs(args.reconcile_seconds.max(1)))
+        .with_image_check(image_check);
+        tokio::spawn(agent.run(started.shutdown.clone()));
         let url = format!("http://{}", started.addr);
         let shown_db = shown_url.as_str();
         let mut banner = format!(

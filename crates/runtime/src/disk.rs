@@ -20,7 +20,7 @@ pub(crate) const IMAGE: &str = "disk.img";
 /// Where that filesystem is mounted, in its folder.
 pub(crate) const MOUNT: &str = "disk";
 /// The smallest limit: ext4 with a journal needs room for its own metadata.
-pub const MIN_SIZE: u64 = 64 << 20;
+pub const MIN_SIZE: u64 = warren_protocol::MIN_DISK;
 
 pub(crate) fn image(dir: &Path) -> PathBuf {
     dir.join(IMAGE)

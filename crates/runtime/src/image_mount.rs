@@ -19,26 +19,10 @@ pub enum MountSignal {
 /// The fd number the readiness pipe has in the mount process.
 pub const READY_FD: i32 = 3;
 
+pub use warren_protocol::printable;
+
 /// The most a signal may take (a failure's message is cut to fit).
 const SIGNAL_LIMIT: u64 = 16 << 10;
-
-/// `text` safe to show on a terminal: a registry's words (an error body) or a build step's may
-/// hold escape sequences; every control character but newline and tab becomes `?`, and so do
-/// the marks that reorder how a line reads.
-pub fn printable(text: &str) -> String {
-    text.chars()
-        .map(|c| match c {
-            '\n' | '\t' => c,
-            // Controls, and the marks that reorder how a line reads.
-            c if c.is_control()
-                || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') =>
-            {
-                '?'
-            }
-            c => c,
-        })
-        .collect()
-}
 
 impl MountSignal {
     /// Writes the signal as one line (the mount side).

@@ -22,27 +22,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, ExecIo, ExecRequest, ExitStatus, Runtime, WinSize, WorkspaceId};
+pub use warren_protocol::TaskSpec;
 
-/// One task as the runtime runs it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TaskSpec {
-    /// Unique within the workspace; names its log and its terminal.
-    pub name: String,
-    pub argv: Vec<String>,
-    #[serde(default)]
-    pub env: Vec<String>,
-    #[serde(default)]
-    pub user: Option<String>,
-    #[serde(default)]
-    pub cwd: Option<String>,
-    /// Only on the workspace's first start (devcontainer `postCreateCommand`).
-    #[serde(default)]
-    pub once: bool,
-    /// Tasks of a stage start when every task of the stages before has ended.
-    #[serde(default)]
-    pub stage: u32,
-}
+use crate::{Error, ExecIo, ExecRequest, ExitStatus, Runtime, WinSize, WorkspaceId};
 
 /// How a task is doing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::Error;
 
+pub use warren_protocol::{Stats, VmOptions, VmStats};
+
 /// A workspace's name on this host: 1 to 40 characters of `a-z`, `0-9` and `-`, starting with a
 /// letter or digit. It names folders, cgroups and the container, so it is kept that plain.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -160,43 +162,6 @@ impl Owner {
     }
 }
 
-/// What a VM workspace has beyond a container's. Its memory is `limits.memory` (default
-/// [`VmOptions::DEFAULT_MEMORY`]), its CPUs `limits.cpus` rounded up (default 2).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VmOptions {
-    /// Mark the VM's memory mergeable by the host's Kernel Samepage Merging. Off unless the
-    /// admin trusts every tenant whose VMs share the host: merged pages let one VM detect what
-    /// another holds in memory (a timing side channel).
-    #[serde(default)]
-    pub ksm: bool,
-    /// The guest hands pages it frees back to the host (virtio-balloon free page reporting).
-    /// On by default; off only to measure what it saves.
-    #[serde(default = "yes", skip_serializing_if = "is_yes")]
-    pub free_page_reporting: bool,
-}
-
-fn yes() -> bool {
-    true
-}
-
-fn is_yes(b: &bool) -> bool {
-    *b
-}
-
-impl Default for VmOptions {
-    fn default() -> Self {
-        Self {
-            ksm: false,
-            free_page_reporting: true,
-        }
-    }
-}
-
-impl VmOptions {
-    pub const DEFAULT_MEMORY: u64 = 2 << 30;
-    pub const DEFAULT_CPUS: u32 = 2;
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum WorkspaceState {
@@ -297,32 +262,6 @@ pub trait Process: Send + Sync + fmt::Debug {
 pub struct Exec {
     pub io: ExecIo,
     pub process: Box<dyn Process>,
-}
-
-/// Resource use of a running workspace.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Stats {
-    pub cpu_ns: u64,
-    pub memory_bytes: u64,
-    pub memory_limit: Option<u64>,
-    pub pids: u64,
-    pub pids_limit: Option<u64>,
-    /// Bytes used on disk by the writable layer.
-    pub disk_bytes: u64,
-    /// A VM's own figures (`memory_bytes` is then what its QEMU holds on the host).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vm: Option<VmStats>,
-}
-
-/// What a running VM workspace reports beyond a container's.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VmStats {
-    /// `kvm` or `tcg`.
-    pub accel: String,
-    /// The guest's memory as its balloon driver last reported it (every 2 s), bytes.
-    pub guest_total: u64,
-    pub guest_free: u64,
-    pub guest_available: u64,
 }
 
 /// A unix socket listening inside a running workspace, in a private folder under its `/tmp` (a

@@ -15,14 +15,13 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(300);
 /// `(branch, commit)` of every branch at `url`, fetched into the mirror under `mirrors`.
 pub async fn fetch_heads(mirrors: &Path, url: &str) -> Result<Vec<(String, String)>, String> {
     let (mirrors, url_owned) = (mirrors.to_path_buf(), url.to_owned());
-    let run =
-        tokio::task::spawn_blocking(move || warren_build::git::fetch_heads(&mirrors, &url_owned));
+    let run = tokio::task::spawn_blocking(move || warren_git::fetch_heads(&mirrors, &url_owned));
     tokio::time::timeout(FETCH_TIMEOUT, run)
         .await
         .map_err(|_| {
             format!(
                 "fetching {} took longer than {FETCH_TIMEOUT:?}",
-                warren_build::git::redacted(url)
+                warren_git::redacted(url)
             )
         })?
         .map_err(|e| e.to_string())?

@@ -11,7 +11,7 @@
 //! `stopping`, ...) stays while a later job of the workspace is still pending.
 
 use sqlx::{Any, Transaction};
-use warren_agent::{Action, PrebuildJob, WorkspaceJob};
+use warren_protocol::{Action, PrebuildJob, WorkspaceJob};
 
 use crate::db::{new_id, now_ms};
 

@@ -1,10 +1,12 @@
 //! Warren's control plane: the REST API (`/api/v1`), the database, users and tokens, projects,
 //! workspaces as stored state machines, and durable jobs that the host agent carries out.
 //!
-//! On a single host (`warren up`) the agent runs in this process and claims jobs straight from
-//! the database; the runtime it drives is given by the caller. This crate owns no workspace
-//! mechanics (`warren-runtime`) and no job execution (`warren-agent`).
+//! On a single host (`warren up`) the caller runs the host's agent in this process, claiming
+//! jobs straight from the database ([`Started::plane`]), and gives the host's API
+//! ([`SingleHost::host_api`]). This crate owns no workspace mechanics (`warren-runtime`) and
+//! no job execution (`warren-agent`).
 
+pub mod agents;
 pub mod api;
 pub mod auth;
 pub mod db;
@@ -31,7 +33,6 @@ use tokio::sync::Notify;
 use utoipa::OpenApi as _;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
-use warren_agent::Agent;
 use warren_runtime::Runtime;
 
 use crate::db::{Db, new_id, now_ms};
@@ -184,24 +185,21 @@ pub struct SingleHost {
     pub database_url: String,
     pub listen: SocketAddr,
     pub host_name: String,
+    /// This host's runtime, for the SSH gateway's sessions.
     pub runtime: Arc<dyn Runtime>,
+    /// This host's API (`warren_agent::host_api`): exec, tasks and their logs, task terminals.
+    pub host_api: Router,
     /// How often every project's branch heads are read.
     pub git_poll: std::time::Duration,
     /// The key that seals secrets (created at first start, mode 0600).
     pub secret_key: std::path::PathBuf,
-    /// The images this host holds (for placing workspaces).
-    pub images: warren_agent::ImageLister,
+    /// Registries (`HOST[:PORT]`) the admin trusts: the only ones a user may name an image on.
+    pub trusted_registries: Vec<String>,
     /// Whether a workspace's image can be had on this host (asked at create and before each
     /// start).
-    pub image_check: Option<warren_agent::ImageCheck>,
-    /// How often settled workspaces are compared with what the runtime reports.
-    pub reconcile_every: std::time::Duration,
+    pub image_check: Option<warren_protocol::ImageCheck>,
     /// The SSH gateway, if this process runs one.
     pub ssh: Option<SshSettings>,
-    /// Makes this host's prebuilds (`None`: other hosts make them).
-    pub prebuilder: Option<Arc<dyn warren_agent::Prebuilder>>,
-    /// Prebuilds this host makes at once, in slots of their own.
-    pub prebuild_slots: usize,
     /// Where the server keeps its mirrors of project repositories.
     pub git_mirrors: std::path::PathBuf,
     /// Folders whose repositories any user may add as `file://` projects.
@@ -270,6 +268,7 @@ pub async fn serve_gateway(
         host_id,
         hosts: Arc::new(links::HostLinks::new(None)),
         runtime: Some(config.runtime),
+        trusted_registries: Arc::default(),
         // The gateway creates no workspaces.
         image_check: None,
         secrets,
@@ -300,6 +299,12 @@ pub struct Started {
     pub shutdown: Arc<Notify>,
     /// The SSH gateway's address and task, when it runs.
     pub ssh: Option<(SocketAddr, tokio::task::JoinHandle<()>)>,
+    /// The control plane as this host's agent sees it: the caller runs the agent with it.
+    pub plane: agents::InProcess,
+    /// This host's id, for its agent.
+    pub host_id: String,
+    /// Wakes the agent when a job is queued.
+    pub wake: Arc<Notify>,
 }
 
 pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
@@ -320,53 +325,7 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
     if resumed > 0 {
         tracing::info!(jobs = resumed, "resuming jobs cut short by the last stop");
     }
-    workspaces::reconcile(
-        &db,
-        &host_id,
-        workspaces::Actual::Runtime(config.runtime.clone()),
-    )
-    .await?;
-    {
-        // Again on a timer: a workspace can stop on its own (`poweroff` inside, a killed shim).
-        let (db, host_id, runtime, wake) = (
-            db.clone(),
-            host_id.clone(),
-            config.runtime.clone(),
-            wake.clone(),
-        );
-        let every = config.reconcile_every;
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                match workspaces::reconcile(
-                    &db,
-                    &host_id,
-                    workspaces::Actual::Runtime(runtime.clone()),
-                )
-                .await
-                {
-                    Ok(0) => {}
-                    Ok(_) => wake.notify_one(),
-                    Err(e) => tracing::warn!(error = %e, "cannot reconcile workspaces"),
-                }
-            }
-        });
-    }
     let shutdown = Arc::new(Notify::new());
-    let agent = Agent::new(
-        host_id.clone(),
-        config.runtime.clone(),
-        config.prebuilder.clone(),
-        plane.clone(),
-        wake.clone(),
-        config.images.clone(),
-    )
-    .with_prebuild_slots(config.prebuild_slots);
-    let agent = match &config.image_check {
-        Some(check) => agent.with_image_check(check.clone()),
-        None => agent,
-    };
-    tokio::spawn(agent.run(shutdown.clone()));
     tokio::spawn(git::poll_forever(
         db.clone(),
         config.git_mirrors.clone(),
@@ -379,10 +338,11 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
         wake,
         hosts: Arc::new(links::HostLinks::new(Some((
             host_id.clone(),
-            warren_agent::host_api::router(config.runtime.clone()),
+            config.host_api,
         )))),
         host_id,
         runtime: Some(config.runtime),
+        trusted_registries: Arc::new(config.trusted_registries),
         image_check: config.image_check.clone(),
         secrets,
         plane,
@@ -395,6 +355,8 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
         Some(settings) => Some(start_gateway(&mut state, settings).await?),
         None => None,
     };
+    let (plane_state, plane_host, plane_wake) =
+        (state.clone(), state.host_id.clone(), state.wake.clone());
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServerError::Listen {
@@ -422,6 +384,9 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
         serve,
         shutdown,
         ssh,
+        plane: agents::InProcess { state: plane_state },
+        host_id: plane_host,
+        wake: plane_wake,
     })
 }
 

@@ -1,6 +1,6 @@
-//! How the control plane reaches each host's API (`warren_agent::host_api`): its own host's in
+//! How the control plane reaches each host's API (`warren_protocol::host_api`): its own host's in
 //! process, every other host's through the tunnel that host's agent holds open
-//! (`warren_agent::tunnel`). The same requests either way, so nothing about a workspace depends
+//! (`warren_protocol::tunnel`). The same requests either way, so nothing about a workspace depends
 //! on which host it landed on.
 
 use std::collections::HashMap;
@@ -148,7 +148,7 @@ impl HostLinks {
             .await
             .unwrap_or_default();
         // Shown on users' terminals: kept printable, whatever the host sent.
-        let message = warren_runtime::image_mount::printable(
+        let message = warren_protocol::printable(
             &serde_json::from_slice::<warren_api::ErrorBody>(&text)
                 .map(|b| b.error)
                 .unwrap_or_else(|_| String::from_utf8_lossy(&text).into_owned()),
@@ -207,7 +207,7 @@ impl HostLinks {
         use tokio::io::AsyncWriteExt as _;
         let (ours, theirs) = tokio::io::duplex(64 << 10);
         let (typed, mut shown) = tokio::io::split(theirs);
-        let input = Body::from_stream(warren_agent::host_api::read_chunks(typed));
+        let input = Body::from_stream(tokio_util::io::ReaderStream::new(typed));
         let path = format!("tasks/{}/attach", task_segment(task));
         let answer = self
             .call(ws, Method::POST, &path, input, ATTACH_WITHIN)

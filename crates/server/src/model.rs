@@ -7,8 +7,8 @@
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
-use warren_agent::Action;
 pub use warren_api::{Desired, UnknownState, WorkspaceState};
+use warren_protocol::Action;
 
 /// A workspace's id in the database (its runtime's name is [`WorkspaceId::runtime_id`]).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use sqlx::Row;
 use tokio::sync::Notify;
-use warren_agent::{ControlPlane, Failure, Job, Outcome, Work};
+use warren_protocol::{ControlPlane, Failure, Job, Outcome, Work};
 
 use crate::db::{Db, DbKind, now_ms};
 use crate::model::{Desired, Event, Lifecycle, Next, WorkspaceState};
@@ -63,7 +63,7 @@ impl DbControlPlane {
     pub async fn seen(
         &self,
         host: &str,
-        report: Option<&warren_agent::HostReport>,
+        report: Option<&warren_protocol::HostReport>,
     ) -> Result<(), sqlx::Error> {
         let now = now_ms();
         let Some(report) = report else {
@@ -385,7 +385,7 @@ impl ControlPlane for DbControlPlane {
     async fn claim(
         &self,
         host: &str,
-        report: Option<warren_agent::HostReport>,
+        report: Option<warren_protocol::HostReport>,
         prebuilds: bool,
     ) -> Result<Option<Job>, String> {
         self.seen(host, report.as_ref())

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use sqlx::any::AnyRow;
 use sqlx::{Any, Row, Transaction};
-use warren_agent::{Outcome, PrebuildJob};
+use warren_protocol::{Outcome, PrebuildJob};
 
 use crate::db::{Db, new_id, now_ms};
 use crate::error::{ApiError, ApiResult};
@@ -156,7 +156,7 @@ pub async fn finish(
             .bind(prebuild_id)
             .bind(&message)
             .bind(now)
-            .bind(i64::from(message == warren_build::CANCELLED))
+            .bind(i64::from(message == warren_protocol::CANCELLED))
             .execute(&mut **tx)
             .await?;
             tracing::info!(prebuild.id = prebuild_id, error = %message, "prebuild did not succeed");
@@ -231,12 +231,10 @@ pub async fn behind(mirrors: &Path, url: &str, commit: &str, head: &str) -> Opti
         commit.to_owned(),
         head.to_owned(),
     );
-    tokio::task::spawn_blocking(move || {
-        warren_build::git::commits_between(&mirrors, &url, &commit, &head)
-    })
-    .await
-    .ok()
-    .flatten()
+    tokio::task::spawn_blocking(move || warren_git::commits_between(&mirrors, &url, &commit, &head))
+        .await
+        .ok()
+        .flatten()
 }
 
 /// A branch of the project and its head: the one named, else `main`, `master`, or the only one.

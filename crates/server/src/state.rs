@@ -24,7 +24,10 @@ pub struct AppState {
     pub hosts: Arc<crate::links::HostLinks>,
     /// Whether an image can be had on this process's host: a workspace's image is resolved
     /// when it is created.
-    pub image_check: Option<warren_agent::ImageCheck>,
+    pub image_check: Option<warren_protocol::ImageCheck>,
+    /// Registries (`HOST[:PORT]`) the admin trusts: the only ones a user may name an image on
+    /// (`--trusted-registry`).
+    pub trusted_registries: Arc<Vec<String>>,
     /// Seals and opens secret values.
     pub secrets: secrets::SecretBox,
     /// The jobs, as agents see them (in process, or through the agent endpoints).

@@ -3,14 +3,12 @@
 //! job loop call it; [`crate::model`] decides every move, this module stores it and queues the
 //! host's job in one transaction.
 
-use std::sync::Arc;
-
 use axum::http::StatusCode;
 use sqlx::Row;
 use sqlx::any::AnyRow;
-use warren_agent::{WorkspaceJob, WorkspaceSpec};
-use warren_runtime::VmOptions;
-use warren_runtime::tasks::TaskSpec;
+use warren_protocol::TaskSpec;
+use warren_protocol::VmOptions;
+use warren_protocol::{WorkspaceJob, WorkspaceSpec};
 
 use crate::db::{Db, now_ms};
 use crate::error::ServerError;
@@ -235,43 +233,16 @@ async fn try_request(state: &AppState, ws: &Workspace, event: Event) -> ApiResul
     Ok(true)
 }
 
-/// Where the actual state of a host's workspaces comes from.
-#[derive(Clone)]
-pub(crate) enum Actual {
-    /// Asked of the runtime in this process.
-    Runtime(Arc<dyn warren_runtime::Runtime>),
-    /// As a remote agent reported it: which runtime ids run.
-    Reported(std::collections::HashMap<String, bool>),
-}
-
-impl Actual {
-    async fn running(&self, runtime_id: &str) -> Result<bool, ServerError> {
-        match self {
-            Self::Reported(states) => Ok(states.get(runtime_id).copied().unwrap_or(false)),
-            Self::Runtime(runtime) => {
-                let (rt, runtime_id) = (runtime.clone(), runtime_id.to_owned());
-                tokio::task::spawn_blocking(move || {
-                    warren_runtime::WorkspaceId::new(&runtime_id)
-                        .ok()
-                        .and_then(|w| rt.info(&w).ok())
-                        .is_some_and(|i| i.state == warren_runtime::WorkspaceState::Running)
-                })
-                .await
-                .map_err(|e| ServerError::Other(e.to_string()))
-            }
-        }
-    }
-}
-
 /// No job of the workspace `$1` is queued or running.
 const SETTLED: &str = "NOT EXISTS (SELECT 1 FROM jobs j WHERE j.workspace_id = $1 AND j.state IN ('queued', 'running'))";
 
-/// A settled workspace whose runtime disagrees (the host rebooted, a process died) gets the job
-/// that brings it back to what its owner asked for. Returns how many workspaces got a job.
+/// A settled workspace whose host's report disagrees (`running`, by runtime id: the host
+/// rebooted, a process died) gets the job that brings it back to what its owner asked for.
+/// Returns how many workspaces got a job.
 pub(crate) async fn reconcile(
     db: &Db,
     host_id: &str,
-    actual: Actual,
+    running: &std::collections::HashMap<String, bool>,
 ) -> Result<usize, ServerError> {
     let settled = select(
         db,
@@ -283,7 +254,7 @@ pub(crate) async fn reconcile(
     .map_err(|e| ServerError::Other(e.message))?;
     let mut queued = 0;
     for ws in settled {
-        let running = actual.running(&ws.id.runtime_id()).await?;
+        let running = running.get(&ws.id.runtime_id()).copied().unwrap_or(false);
         let next = ws
             .state
             .next(ws.desired, Event::Observed { running })
@@ -430,7 +401,7 @@ pub(crate) async fn resolve_image(state: &AppState, image: &str) -> ApiResult<()
 /// How much of `image` a host's reported image list says it holds (lists from before shares
 /// were reported name whole images).
 fn cached_share(images_json: &str, image: &str) -> f64 {
-    if let Ok(list) = serde_json::from_str::<Vec<warren_agent::HostImage>>(images_json) {
+    if let Ok(list) = serde_json::from_str::<Vec<warren_protocol::HostImage>>(images_json) {
         return list
             .iter()
             .filter(|h| h.image == image)

@@ -21,6 +21,7 @@ mod reader;
 mod tree;
 mod vars;
 mod warren;
+mod workspace;
 mod yaml;
 
 use std::collections::BTreeMap;
@@ -34,6 +35,7 @@ pub use model::{
     Shell, SourceFile, Task,
 };
 pub use vars::expand_container_env;
+pub use workspace::{read_options, session_user, workspace_tasks};
 
 use diag::Diagnostics;
 use fields::{PathKind, PathRef};

@@ -96,7 +96,7 @@ pub async fn agent_tunnel(
 ) -> ApiResult<axum::response::Response> {
     use axum::http::header::{CONNECTION, UPGRADE};
     use hyper_util::rt::{TokioExecutor, TokioTimer};
-    use warren_agent::tunnel::{KEEP_ALIVE, PROTOCOL};
+    use warren_protocol::tunnel::{KEEP_ALIVE, PROTOCOL};
     let asked = request
         .headers()
         .get(UPGRADE)
@@ -150,7 +150,7 @@ pub async fn agent_tunnel(
 #[serde(deny_unknown_fields)]
 pub struct ClaimRequest {
     #[serde(default)]
-    report: Option<warren_agent::HostReport>,
+    report: Option<warren_protocol::HostReport>,
     /// Whether the agent has a prebuild slot free (older agents do not say: yes).
     #[serde(default = "yes")]
     prebuilds: bool,
@@ -170,31 +170,9 @@ pub async fn agent_claim(
     host: AgentHost,
     Body(req): Body<ClaimRequest>,
 ) -> ApiResult<axum::response::Response> {
-    use warren_agent::ControlPlane as _;
-    // A remote host's workspaces are compared with what the owners asked for as it reports
-    // them (the local host's are compared with its runtime directly).
-    let actual = req.report.as_ref().map(|r| {
-        crate::workspaces::Actual::Reported(
-            r.workspaces
-                .iter()
-                .map(|w| (w.runtime_id.clone(), w.running))
-                .collect(),
-        )
-    });
-    let job = state
-        .plane
-        .claim(&host.host_id, req.report, req.prebuilds)
+    let job = crate::agents::claim(&state, &host.host_id, req.report, req.prebuilds)
         .await
         .map_err(|e| ApiError::internal("claiming a job", e))?;
-    if let Some(actual) = actual {
-        match crate::workspaces::reconcile(&state.db, &host.host_id, actual).await {
-            Ok(0) => {}
-            Ok(n) => {
-                tracing::info!(host = %host.host_id, workspaces = n, "reconciled from the host's report")
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot reconcile a host's report"),
-        }
-    }
     Ok(match job {
         Some(job) => Json(job).into_response(),
         None => StatusCode::NO_CONTENT.into_response(),
@@ -205,7 +183,7 @@ pub async fn agent_claim(
 #[serde(deny_unknown_fields)]
 pub struct FinishRequest {
     job: String,
-    result: Result<warren_agent::Outcome, warren_agent::Failure>,
+    result: Result<warren_protocol::Outcome, warren_protocol::Failure>,
 }
 
 /// An agent reports how a job went (host token)

@@ -158,7 +158,7 @@ pub async fn cancel_prebuild(
             sqlx::query("UPDATE prebuilds SET state = 'cancelled', cancel_requested = 1, error = $3, finished_at = $2 WHERE id = $1")
                 .bind(&id)
                 .bind(now)
-                .bind(warren_build::CANCELLED)
+                .bind(warren_protocol::CANCELLED)
                 .execute(&mut *tx)
                 .await?;
         }

@@ -9,7 +9,7 @@ use axum::extract::{Path, State};
 use axum::http::{Method, StatusCode};
 use axum::response::IntoResponse;
 use sqlx::Row;
-use warren_agent::{Action, WorkspaceJob, WorkspaceSpec};
+use warren_protocol::{Action, WorkspaceJob, WorkspaceSpec};
 
 use super::projects::find_project;
 use super::variables::workspace_env;
@@ -30,11 +30,11 @@ use warren_api::{
 /// Docker tells a registry from a repository) the admin does not trust: the host would mount
 /// it, following whatever redirects and token services that registry names, with no egress
 /// policy in the way.
-fn check_registry_trusted(image: &str, policy: &warren_runtime::EgressPolicy) -> ApiResult<()> {
+fn check_registry_trusted(image: &str, trusted: &[String]) -> ApiResult<()> {
     let Some(first) = warren_store::registry_host(image) else {
         return Ok(());
     };
-    if policy.trusts_registry(first) {
+    if trusted.iter().any(|r| r.eq_ignore_ascii_case(first)) {
         return Ok(());
     }
     Err(ApiError::forbidden(format!(
@@ -49,7 +49,7 @@ fn check_registry_trusted(image: &str, policy: &warren_runtime::EgressPolicy) ->
 struct Environment {
     /// Devcontainer `postCreateCommand` (once) and `postStartCommand`, Hocus `tasks[].workspace`
     /// with its `workspaceShell`, warren.yml's `workspace` commands.
-    tasks: Vec<warren_runtime::tasks::TaskSpec>,
+    tasks: Vec<warren_protocol::TaskSpec>,
     /// Who sessions, commands and tasks run as (`remoteUser`, else `containerUser`).
     user: Option<String>,
     /// Where the repository is checked out.
@@ -94,13 +94,13 @@ fn read_environment(env: &EnvironmentFile, repository: Option<&str>) -> ApiResul
         ))
     })?;
     let options = repository
-        .map(warren_build::read_options)
+        .map(warren_spec::read_options)
         .unwrap_or_default();
     let loaded = warren_spec::parse(&path, format, &env.text, &options)
         .map_err(|r| ApiError::bad_request(r.render_errors()))?;
     Ok(Environment {
-        tasks: warren_build::workspace_tasks(&loaded.spec),
-        user: warren_build::session_user(&loaded.spec),
+        tasks: warren_spec::workspace_tasks(&loaded.spec),
+        user: warren_spec::session_user(&loaded.spec),
         runtime: loaded.spec.runtime,
         folder: loaded.spec.workspace_folder,
         resources: loaded.spec.resources,
@@ -115,7 +115,7 @@ fn git_task(
     commit: &str,
     name: &str,
     email: &str,
-) -> warren_runtime::tasks::TaskSpec {
+) -> warren_protocol::TaskSpec {
     const SCRIPT: &str = r#"set -e
 cd "$1"
 if ! command -v git >/dev/null; then
@@ -130,7 +130,7 @@ if git rev-parse -q --verify "refs/remotes/origin/$2" >/dev/null; then
 fi
 echo "on branch $2 at $(git rev-parse --short HEAD), committing as $4 <$5>"
 "#;
-    warren_runtime::tasks::TaskSpec {
+    warren_protocol::TaskSpec {
         name: "warren-git".into(),
         argv: [
             "/bin/sh",
@@ -257,7 +257,7 @@ pub async fn create_workspace(
     // Prebuilds and build steps are a project's own: reached through the project (whose
     // access is checked), never by naming their image.
     if let Some(image) = &req.image
-        && let Err(e) = warren_build::refuse_reserved(image)
+        && let Err(e) = warren_protocol::refuse_reserved(image)
     {
         return Err(ApiError::forbidden(format!(
             "{e}: create the workspace with --project (and --branch)"
@@ -268,12 +268,7 @@ pub async fn create_workspace(
     if let Some(image) = &req.image
         && !caller.is_admin
     {
-        let policy = state
-            .runtime
-            .as_ref()
-            .map(|r| r.egress())
-            .unwrap_or_default();
-        check_registry_trusted(image, &policy)?;
+        check_registry_trusted(image, &state.trusted_registries)?;
     }
     if req.image.is_some() && req.branch.is_some() {
         return Err(ApiError::bad_request(
@@ -386,10 +381,10 @@ pub async fn create_workspace(
         } else {
             "the environment file's resources: "
         };
-        if !(warren_runtime::MIN_DISK..=1 << 50).contains(&disk) {
+        if !(warren_protocol::MIN_DISK..=1 << 50).contains(&disk) {
             return Err(ApiError::bad_request(format!(
                 "{from}disk must be at least {} MiB",
-                warren_runtime::MIN_DISK >> 20
+                warren_protocol::MIN_DISK >> 20
             )));
         }
     }

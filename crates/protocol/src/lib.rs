@@ -1,0 +1,158 @@
+//! What Warren's parts say to each other, with no machinery of their own: the jobs the
+//! control plane gives a host's agent and the reports it gets back, the workspace settings both
+//! sides read (tasks, VM options, resource use), the host tunnel's names, and the image names
+//! reserved to Warren. The server, the agent, the runtime and the build all share these, so
+//! the control plane links none of the host's machinery.
+
+mod jobs;
+
+pub use jobs::*;
+
+use serde::{Deserialize, Serialize};
+
+/// The smallest disk limit a workspace may have: ext4 with a journal needs room for its own
+/// metadata.
+pub const MIN_DISK: u64 = 64 << 20;
+
+/// The host tunnel (see `warren_agent::tunnel`).
+pub mod tunnel {
+    use std::time::Duration;
+
+    /// The protocol named in `Upgrade`.
+    pub const PROTOCOL: &str = "warren-host-tunnel";
+
+    /// Where an agent asks the control plane for its tunnel.
+    pub const PATH: &str = "/api/v1/agent/tunnel";
+
+    /// How often either side pings, and how long it waits for the answer before it gives the
+    /// connection up.
+    pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
+}
+
+/// The error of a step stopped by a cancel.
+pub const CANCELLED: &str = "cancelled";
+
+/// Image repositories Warren names itself (prebuilds, environments, cached steps): each a
+/// project's own, so never what a user writes (`FROM`, an environment file's `image:`,
+/// `ws create --image`) — reached only through the build or the project that made it.
+pub const RESERVED_REPOSITORIES: [&str; 3] =
+    ["warren-prebuild", "warren-env", "warren-build-cache"];
+
+/// Refuses a reference a user wrote when it names one of [`RESERVED_REPOSITORIES`], or names an
+/// image by its bare digest (`sha256:...`), which reaches every image in the store, prebuilds
+/// included. Docker takes no bare digest either (`NAME@sha256:...`).
+pub fn refuse_reserved(reference: &str) -> Result<(), String> {
+    let repository = reference.split(['@', ':']).next().unwrap_or_default();
+    if RESERVED_REPOSITORIES.contains(&repository) {
+        return Err(format!(
+            "{reference}: a prebuild's or a build step's image is its project's, not to be named"
+        ));
+    }
+    if repository.eq_ignore_ascii_case("sha256") {
+        return Err(format!(
+            "{reference}: name an image by NAME:TAG, not by its bare digest (which could be a prebuild's, reached only through its project)"
+        ));
+    }
+    Ok(())
+}
+
+/// One task as the runtime runs it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    /// Unique within the workspace; names its log and its terminal.
+    pub name: String,
+    pub argv: Vec<String>,
+    #[serde(default)]
+    pub env: Vec<String>,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Only on the workspace's first start (devcontainer `postCreateCommand`).
+    #[serde(default)]
+    pub once: bool,
+    /// Tasks of a stage start when every task of the stages before has ended.
+    #[serde(default)]
+    pub stage: u32,
+}
+
+/// What a VM workspace has beyond a container's. Its memory is `limits.memory` (default
+/// [`VmOptions::DEFAULT_MEMORY`]), its CPUs `limits.cpus` rounded up (default 2).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmOptions {
+    /// Mark the VM's memory mergeable by the host's Kernel Samepage Merging. Off unless the
+    /// admin trusts every tenant whose VMs share the host: merged pages let one VM detect what
+    /// another holds in memory (a timing side channel).
+    #[serde(default)]
+    pub ksm: bool,
+    /// The guest hands pages it frees back to the host (virtio-balloon free page reporting).
+    /// On by default; off only to measure what it saves.
+    #[serde(default = "yes", skip_serializing_if = "is_yes")]
+    pub free_page_reporting: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_yes(b: &bool) -> bool {
+    *b
+}
+
+impl Default for VmOptions {
+    fn default() -> Self {
+        Self {
+            ksm: false,
+            free_page_reporting: true,
+        }
+    }
+}
+
+impl VmOptions {
+    pub const DEFAULT_MEMORY: u64 = 2 << 30;
+    pub const DEFAULT_CPUS: u32 = 2;
+}
+
+/// Resource use of a running workspace.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    pub cpu_ns: u64,
+    pub memory_bytes: u64,
+    pub memory_limit: Option<u64>,
+    pub pids: u64,
+    pub pids_limit: Option<u64>,
+    /// Bytes used on disk by the writable layer.
+    pub disk_bytes: u64,
+    /// A VM's own figures (`memory_bytes` is then what its QEMU holds on the host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<VmStats>,
+}
+
+/// What a running VM workspace reports beyond a container's.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStats {
+    /// `kvm` or `tcg`.
+    pub accel: String,
+    /// The guest's memory as its balloon driver last reported it (every 2 s), bytes.
+    pub guest_total: u64,
+    pub guest_free: u64,
+    pub guest_available: u64,
+}
+
+/// `text` safe to show on a terminal: a registry's words (an error body) or a build step's may
+/// hold escape sequences; every control character but newline and tab becomes `?`, and so do
+/// the marks that reorder how a line reads.
+pub fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| match c {
+            '\n' | '\t' => c,
+            // Controls, and the marks that reorder how a line reads.
+            c if c.is_control()
+                || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') =>
+            {
+                '?'
+            }
+            c => c,
+        })
+        .collect()
+}
