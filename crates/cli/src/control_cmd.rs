@@ -65,7 +65,7 @@ pub struct SshFlags {
 }
 
 impl SshFlags {
-    pub fn settings(&self, data: &Path) -> anyhow::Result<Option<warren_server::SshSettings>> {
+    pub fn settings(&self, data: &Path) -> anyhow::Result<Option<warren_ssh::Settings>> {
         if self.ssh_listen == "off" {
             return Ok(None);
         }
@@ -75,7 +75,7 @@ impl SshFlags {
                 self.ssh_listen
             )
         })?;
-        Ok(Some(warren_server::SshSettings {
+        Ok(Some(warren_ssh::Settings {
             listen,
             host_key: data.join("ssh_host_ed25519_key"),
             public_host: self.ssh_host.clone().unwrap_or_else(hostname),
@@ -216,21 +216,39 @@ pub fn up(args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
         .context("cannot start the async runtime")?;
     tokio.block_on(async move {
         let shown_url = shown_database(&database_url);
+        // The gateway's port is bound first: the API tells developers how to reach it.
+        let gateway = match &ssh {
+            Some(settings) => Some((settings.bind().await?, settings.public_host.clone())),
+            None => None,
+        };
+        let ssh_view = gateway.as_ref().map(|(bound, host)| warren_api::SshView {
+            host: host.clone(),
+            port: bound.addr.port(),
+            known_hosts: bound.known_hosts.clone(),
+        });
         let started = warren_server::start(warren_server::SingleHost {
             database_url: database_url.clone(),
             listen: args.listen,
             host_name,
-            runtime: runtime.clone(),
             host_api: warren_agent::host_api::router(runtime.clone()),
             git_poll: Duration::from_secs(args.git_poll_seconds.max(1)),
             secret_key: data.join("secret.key"),
             trusted_registries: runtime.egress().registries,
             image_check: Some(image_check.clone()),
-            ssh,
+            ssh: ssh_view,
             git_mirrors: data.join("git/server"),
             file_repos: args.file_repos,
         })
         .await?;
+        let gateway_addr = gateway.map(|(bound, _)| {
+            let addr = bound.addr;
+            let local = warren_ssh::LocalHost {
+                host_id: started.host_id.clone(),
+                runtime: runtime.clone(),
+            };
+            bound.serve(Arc::new(started.gateway.clone()), local);
+            addr
+        });
         // This host's agent, in this process: it claims jobs straight from the database, and
         // each of its reports (every --reconcile-seconds) reconciles the host's workspaces.
         let agent = warren_agent::Agent::new(
@@ -251,7 +269,7 @@ pub fn up(args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
             "Warren is up at {url}\n  data: {}   database: {shown_db}\n",
             data.display()
         );
-        if let Some((addr, _)) = &started.ssh {
+        if let Some(addr) = &gateway_addr {
             banner.push_str(&format!(
                 "  ssh gateway: {addr} (`ssh -p {} <workspace>@<this host>`)\n",
                 addr.port()

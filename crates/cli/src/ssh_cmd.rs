@@ -42,15 +42,19 @@ pub fn gateway(args: GatewayArgs, data: &Path) -> anyhow::Result<ExitCode> {
         .build()
         .context("cannot start the async runtime")?;
     tokio.block_on(async move {
-        let (addr, task) = warren_server::serve_gateway(warren_server::GatewayOnly {
+        let (directory, host_id) = warren_server::gateway_directory(warren_server::GatewayOnly {
             database_url,
             host_name: args.host_name.unwrap_or_else(hostname),
-            runtime,
             secret_key: data.join("secret.key"),
-            ssh: settings,
             git_mirrors: data.join("git/server"),
         })
         .await?;
+        let bound = settings.bind().await?;
+        let addr = bound.addr;
+        let task = bound.serve(
+            Arc::new(directory),
+            warren_ssh::LocalHost { host_id, runtime },
+        );
         println!("Warren's SSH gateway is listening on {addr}");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {

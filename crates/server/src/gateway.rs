@@ -1,14 +1,14 @@
-//! The control plane's side of the SSH gateway: which key is whose, and which workspace a
-//! login names (see `warren-ssh`).
+//! The control plane's side of the SSH gateway ([`Directory`]): which key is whose, which
+//! workspace a login names and where it runs, and a task's terminal on another host (through
+//! [`crate::links`]).
 
 use std::time::Duration;
 
 use sqlx::Row;
-use std::sync::Arc;
-
-use warren_ssh::{Directory, Opening, PublicKey, Reach, Target, TaskTerminals, Terminal, User};
+use warren_protocol::gateway::{Directory, Found, Opening, Terminal, User};
 
 use crate::api::{blob_fingerprint, workspace_env};
+use crate::links::Place;
 use crate::model::{Event, WorkspaceState};
 use crate::state::AppState;
 use crate::workspaces::{self, Workspace};
@@ -69,24 +69,15 @@ impl GatewayDirectory {
         Ok(row)
     }
 
-    async fn target(&self, login: &str, ws: &Workspace) -> Result<Target, String> {
-        let reach = match &self.state.runtime {
-            Some(runtime) if ws.host_id.0 == self.state.host_id => Reach::Local(runtime.clone()),
-            _ => Reach::Remote {
-                host: ws.host.clone(),
-                terminals: Arc::new(RemoteTasks {
-                    state: self.state.clone(),
-                    workspace: ws.clone(),
-                }),
-            },
-        };
+    async fn found(&self, login: &str, ws: &Workspace) -> Result<Found, String> {
         let env = workspace_env(&self.state, &ws.owner_id, ws.project_id.as_deref())
             .await
             .map_err(|e| e.message)?;
-        Ok(Target {
+        Ok(Found {
             name: login.to_owned(),
-            id: warren_runtime::WorkspaceId::new(&ws.id.runtime_id()).map_err(|e| e.to_string())?,
-            reach,
+            runtime_id: ws.id.runtime_id(),
+            host_id: ws.host_id.0.clone(),
+            host: ws.host.clone(),
             state: ws.state.to_string(),
             env,
             user: ws.run_as.clone(),
@@ -94,34 +85,12 @@ impl GatewayDirectory {
     }
 }
 
-/// The tasks of a workspace on another host, reached through that host's agent.
-struct RemoteTasks {
-    state: AppState,
-    workspace: Workspace,
-}
-
-impl TaskTerminals for RemoteTasks {
-    fn attach(&self, task: &str) -> Opening<'_> {
-        let task = task.to_owned();
-        Box::pin(async move {
-            let terminal = self
-                .state
-                .hosts
-                .attach(&self.workspace, &task)
-                .await
-                .map_err(|e| e.message)?;
-            Ok(Box::new(terminal) as Box<dyn Terminal>)
-        })
-    }
-}
-
 impl Directory for GatewayDirectory {
-    async fn user_for_key(&self, key: &PublicKey) -> Result<Option<User>, String> {
-        let blob = key.to_bytes().map_err(|e| e.to_string())?;
+    async fn user_for_key(&self, blob: &[u8]) -> Result<Option<User>, String> {
         let row = sqlx::query(
             "SELECT u.id, u.name FROM ssh_keys k JOIN users u ON u.id = k.user_id WHERE k.fingerprint = $1",
         )
-        .bind(blob_fingerprint(&blob))
+        .bind(blob_fingerprint(blob))
         .fetch_optional(&self.state.db.pool)
         .await
         .map_err(|e| e.to_string())?;
@@ -135,12 +104,12 @@ impl Directory for GatewayDirectory {
         .map_err(|e: sqlx::Error| e.to_string())
     }
 
-    async fn workspace(&self, user: &User, login: &str) -> Result<Target, String> {
+    async fn workspace(&self, user: &User, login: &str) -> Result<Found, String> {
         let row = self.row(user, login).await?;
-        self.target(login, &row).await
+        self.found(login, &row).await
     }
 
-    async fn start(&self, user: &User, login: &str) -> Result<Target, String> {
+    async fn start(&self, user: &User, login: &str) -> Result<Found, String> {
         let row = self.row(user, login).await?;
         workspaces::request(&self.state, &row, Event::Start)
             .await
@@ -150,7 +119,7 @@ impl Directory for GatewayDirectory {
             let row = self.row(user, login).await?;
             let state = row.state;
             match state {
-                WorkspaceState::Running => return self.target(login, &row).await,
+                WorkspaceState::Running => return self.found(login, &row).await,
                 WorkspaceState::Starting | WorkspaceState::Creating => {}
                 other => {
                     return Err(format!(
@@ -169,6 +138,24 @@ impl Directory for GatewayDirectory {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    fn attach<'a>(&'a self, found: &'a Found, task: &'a str) -> Opening<'a> {
+        Box::pin(async move {
+            let place = Place {
+                host_id: found.host_id.clone(),
+                host: found.host.clone(),
+                workspace: found.name.clone(),
+                runtime_id: found.runtime_id.clone(),
+            };
+            let terminal = self
+                .state
+                .hosts
+                .attach(&place, task)
+                .await
+                .map_err(|e| e.message)?;
+            Ok(Box::new(terminal) as Box<dyn Terminal>)
+        })
     }
 }
 

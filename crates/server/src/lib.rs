@@ -14,6 +14,7 @@ pub mod error;
 pub mod gateway;
 pub mod git;
 pub mod jobs;
+pub mod key_proof;
 pub mod links;
 pub mod logins;
 pub mod model;
@@ -33,7 +34,6 @@ use tokio::sync::Notify;
 use utoipa::OpenApi as _;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
-use warren_runtime::Runtime;
 
 use crate::db::{Db, new_id, now_ms};
 use crate::error::ApiError;
@@ -185,8 +185,6 @@ pub struct SingleHost {
     pub database_url: String,
     pub listen: SocketAddr,
     pub host_name: String,
-    /// This host's runtime, for the SSH gateway's sessions.
-    pub runtime: Arc<dyn Runtime>,
     /// This host's API (`warren_agent::host_api`): exec, tasks and their logs, task terminals.
     pub host_api: Router,
     /// How often every project's branch heads are read.
@@ -198,66 +196,36 @@ pub struct SingleHost {
     /// Whether a workspace's image can be had on this host (asked at create and before each
     /// start).
     pub image_check: Option<warren_protocol::ImageCheck>,
-    /// The SSH gateway, if this process runs one.
-    pub ssh: Option<SshSettings>,
+    /// How developers reach the SSH gateway, when the caller runs one (with
+    /// [`Started::gateway`]).
+    pub ssh: Option<SshView>,
     /// Where the server keeps its mirrors of project repositories.
     pub git_mirrors: std::path::PathBuf,
     /// Folders whose repositories any user may add as `file://` projects.
     pub file_repos: Vec<std::path::PathBuf>,
 }
 
-/// Where the SSH gateway listens and how developers reach it.
-#[derive(Debug, Clone)]
-pub struct SshSettings {
-    pub listen: SocketAddr,
-    /// The gateway's host key (made at first start, mode 0600).
-    pub host_key: std::path::PathBuf,
-    /// The name developers' machines know this host by (for `warren ssh-config`).
-    pub public_host: String,
-}
-
-/// Starts the SSH gateway for `state`'s host; returns what the API tells developers about it.
-async fn start_gateway(
-    state: &mut AppState,
-    settings: &SshSettings,
-) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), ServerError> {
-    let key = warren_ssh::load_or_create_host_key(&settings.host_key)
-        .map_err(|e| ServerError::Other(e.to_string()))?;
-    let directory = Arc::new(gateway::GatewayDirectory {
-        state: state.clone(),
-    });
-    let (addr, task) = warren_ssh::listen(settings.listen, key.clone(), directory)
-        .await
-        .map_err(|e| ServerError::Other(e.to_string()))?;
-    state.ssh = Some(SshView {
-        host: settings.public_host.clone(),
-        port: addr.port(),
-        known_hosts: warren_ssh::known_hosts_line(&key, &settings.public_host, addr.port()),
-    });
-    Ok((addr, task))
-}
-
-/// Only the SSH gateway (`warren gateway`), for a host whose agent runs elsewhere in its own
-/// process, over the same database.
+/// Only the SSH gateway's directory (`warren gateway`), for a host whose agent runs elsewhere
+/// in its own process, over the same database.
 #[derive(Debug, Clone)]
 pub struct GatewayOnly {
     pub database_url: String,
     pub host_name: String,
-    pub runtime: Arc<dyn Runtime>,
     pub secret_key: std::path::PathBuf,
-    pub ssh: SshSettings,
     pub git_mirrors: std::path::PathBuf,
 }
 
-pub async fn serve_gateway(
+/// The directory of a gateway-only process and its host's id. Task terminals on other hosts
+/// are not reached from it (their tunnels go to the API server).
+pub async fn gateway_directory(
     config: GatewayOnly,
-) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), ServerError> {
+) -> Result<(gateway::GatewayDirectory, String), ServerError> {
     let secrets = secrets::SecretBox::open_or_create(&config.secret_key)
         .map_err(|e| ServerError::Other(e.to_string()))?;
     let db = Db::connect(&config.database_url).await?;
     let host_id = register_host(&db, &config.host_name).await?;
     let wake = Arc::new(Notify::new());
-    let mut state = AppState {
+    let state = AppState {
         plane: Arc::new(plane::DbControlPlane {
             db: db.clone(),
             wake: wake.clone(),
@@ -265,9 +233,8 @@ pub async fn serve_gateway(
         }),
         db,
         wake,
-        host_id,
+        host_id: host_id.clone(),
         hosts: Arc::new(links::HostLinks::new(None)),
-        runtime: Some(config.runtime),
         trusted_registries: Arc::default(),
         // The gateway creates no workspaces.
         image_check: None,
@@ -277,7 +244,7 @@ pub async fn serve_gateway(
         git_mirrors: config.git_mirrors,
         file_repos: Arc::default(),
     };
-    start_gateway(&mut state, &config.ssh).await
+    Ok((gateway::GatewayDirectory { state }, host_id))
 }
 
 impl std::fmt::Debug for SingleHost {
@@ -297,8 +264,8 @@ pub struct Started {
     pub admin_password: Option<String>,
     pub serve: tokio::task::JoinHandle<Result<(), std::io::Error>>,
     pub shutdown: Arc<Notify>,
-    /// The SSH gateway's address and task, when it runs.
-    pub ssh: Option<(SocketAddr, tokio::task::JoinHandle<()>)>,
+    /// The SSH gateway's directory, for the caller to serve the gateway with.
+    pub gateway: gateway::GatewayDirectory,
     /// The control plane as this host's agent sees it: the caller runs the agent with it.
     pub plane: agents::InProcess,
     /// This host's id, for its agent.
@@ -333,7 +300,7 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
         wake.clone(),
     ));
 
-    let mut state = AppState {
+    let state = AppState {
         db,
         wake,
         hosts: Arc::new(links::HostLinks::new(Some((
@@ -341,19 +308,14 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
             config.host_api,
         )))),
         host_id,
-        runtime: Some(config.runtime),
         trusted_registries: Arc::new(config.trusted_registries),
         image_check: config.image_check.clone(),
         secrets,
         plane,
-        ssh: None,
+        ssh: config.ssh,
         logins: Arc::default(),
         git_mirrors: config.git_mirrors,
         file_repos: Arc::new(config.file_repos),
-    };
-    let ssh = match &config.ssh {
-        Some(settings) => Some(start_gateway(&mut state, settings).await?),
-        None => None,
     };
     let (plane_state, plane_host, plane_wake) =
         (state.clone(), state.host_id.clone(), state.wake.clone());
@@ -383,7 +345,9 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
         admin_password,
         serve,
         shutdown,
-        ssh,
+        gateway: gateway::GatewayDirectory {
+            state: plane_state.clone(),
+        },
         plane: agents::InProcess { state: plane_state },
         host_id: plane_host,
         wake: plane_wake,

@@ -23,6 +23,29 @@ use crate::workspaces::Workspace;
 /// escapes them.
 const ANSWER_LIMIT: usize = 128 << 20;
 
+/// Where a call goes: a workspace, and the host it is on.
+#[derive(Debug, Clone)]
+pub struct Place {
+    pub host_id: String,
+    /// The host's name, for messages.
+    pub host: String,
+    /// The workspace's name, for messages.
+    pub workspace: String,
+    /// The runtime's name for it (`ws-<id>`), which the host's API takes.
+    pub runtime_id: String,
+}
+
+impl From<&Workspace> for Place {
+    fn from(ws: &Workspace) -> Self {
+        Self {
+            host_id: ws.host_id.0.clone(),
+            host: ws.host.clone(),
+            workspace: ws.name.clone(),
+            runtime_id: ws.id.runtime_id(),
+        }
+    }
+}
+
 /// Every host the control plane can reach now.
 pub struct HostLinks {
     /// This process's host and its API, in process.
@@ -76,21 +99,21 @@ impl HostLinks {
         self.remote.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn link(&self, ws: &Workspace) -> ApiResult<Link> {
+    fn link(&self, ws: &Place) -> ApiResult<Link> {
         if let Some((id, api)) = &self.local
-            && *id == ws.host_id.0
+            && *id == ws.host_id
         {
             return Ok(Link::Local(api.clone()));
         }
         self.tunnels()
-            .get(&ws.host_id.0)
+            .get(&ws.host_id)
             .map(|(_, sender)| Link::Remote(sender.clone()))
             .ok_or_else(|| {
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!(
                         "workspace `{}` is on host `{}`, whose agent is not connected now (is `warren agent` running there?)",
-                        ws.name, ws.host
+                        ws.workspace, ws.host
                     ),
                 )
             })
@@ -100,13 +123,13 @@ impl HostLinks {
     /// of the workspace's host; the answer's head must come `within`.
     pub async fn call(
         &self,
-        ws: &Workspace,
+        ws: &Place,
         method: Method,
         path: &str,
         body: Body,
         within: Duration,
     ) -> ApiResult<Response<Body>> {
-        let uri = format!("http://host/workspaces/{}/{path}", ws.id.runtime_id());
+        let uri = format!("http://host/workspaces/{}/{path}", ws.runtime_id);
         let request = Request::builder()
             .method(method)
             .uri(uri)
@@ -164,7 +187,7 @@ impl HostLinks {
     /// [`Self::call`] with a JSON body (or none) and a JSON answer, read whole `within`.
     pub async fn json<T: DeserializeOwned>(
         &self,
-        ws: &Workspace,
+        ws: &Place,
         method: Method,
         path: &str,
         body: Option<&impl Serialize>,
@@ -203,7 +226,7 @@ impl HostLinks {
     /// Task `task`'s terminal in workspace `ws`, both ways, through the workspace's host: what
     /// is written to it is typed into the task, what the task prints is read from it, until
     /// either side closes it.
-    pub async fn attach(&self, ws: &Workspace, task: &str) -> ApiResult<tokio::io::DuplexStream> {
+    pub async fn attach(&self, ws: &Place, task: &str) -> ApiResult<tokio::io::DuplexStream> {
         use tokio::io::AsyncWriteExt as _;
         let (ours, theirs) = tokio::io::duplex(64 << 10);
         let (typed, mut shown) = tokio::io::split(theirs);

@@ -1,11 +1,10 @@
-//! What every handler and service can reach: the database, the job plane, the host's
-//! runtime (single host), secrets and settings.
+//! What every handler and service can reach: the database, the job plane, the hosts' APIs,
+//! secrets and settings.
 
 use std::sync::Arc;
 
 use tokio::sync::Notify;
 use warren_api::SshView;
-use warren_runtime::Runtime;
 
 use crate::db::Db;
 use crate::{logins, plane, secrets};
@@ -18,8 +17,6 @@ pub struct AppState {
     pub wake: Arc<Notify>,
     /// This process's host (where new workspaces go on a single host).
     pub host_id: String,
-    /// The local runtime, for the SSH gateway (single host).
-    pub runtime: Option<Arc<dyn Runtime>>,
     /// Every host's API: exec, tasks and their logs go there, whichever host a workspace is on.
     pub hosts: Arc<crate::links::HostLinks>,
     /// Whether an image can be had on this process's host: a workspace's image is resolved

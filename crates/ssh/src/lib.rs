@@ -12,7 +12,6 @@
 
 mod session;
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -25,44 +24,28 @@ use tokio::net::TcpListener;
 use warren_runtime::{Runtime, WorkspaceId};
 
 pub use russh::keys::PublicKey;
+pub use warren_protocol::gateway::{Directory, Found, Opening, Terminal, User};
 
-/// A Warren user, as the [`Directory`] knows them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct User {
-    pub id: String,
-    pub name: String,
-}
-
-/// The workspace a login names, resolved for one user.
+/// The workspace a login names, resolved for one user, and how to reach it.
 #[derive(Clone)]
-pub struct Target {
-    /// The workspace's name, as the user wrote it.
-    pub name: String,
+pub(crate) struct Target {
+    pub found: Found,
     pub id: WorkspaceId,
     /// How the gateway reaches the workspace's host.
     pub reach: Reach,
-    /// Its state in the control plane (`running`, `stopped`, `starting`, ...).
-    pub state: String,
-    /// Variables every process started through the gateway gets (the project's and the owner's).
-    pub env: Vec<String>,
-    /// The user inside the workspace that sessions run as (root when absent).
-    pub user: Option<String>,
 }
 
 impl std::fmt::Debug for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Target")
-            .field("name", &self.name)
-            .field("id", &self.id)
-            .field("state", &self.state)
-            .field("user", &self.user)
+            .field("found", &self.found)
             .finish_non_exhaustive()
     }
 }
 
 /// How the gateway reaches the host a workspace is on.
 #[derive(Clone)]
-pub enum Reach {
+pub(crate) enum Reach {
     /// The host's runtime, in this process: shells, commands, forwarding, task terminals.
     Local(Arc<dyn Runtime>),
     /// Another host, through its agent: its tasks' terminals (shells and forwarding to
@@ -82,20 +65,11 @@ impl std::fmt::Debug for Reach {
     }
 }
 
-/// Both directions of a task's terminal.
-pub trait Terminal: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
-
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Terminal for T {}
-
 /// Opens the terminals of a workspace's tasks on another host.
-pub trait TaskTerminals: Send + Sync {
+pub(crate) trait TaskTerminals: Send + Sync {
     /// Task `task`'s terminal, until either side closes it (the task goes on).
     fn attach(&self, task: &str) -> Opening<'_>;
 }
-
-/// A task's terminal being opened.
-pub type Opening<'a> =
-    std::pin::Pin<Box<dyn Future<Output = Result<Box<dyn Terminal>, String>> + Send + 'a>>;
 
 impl Target {
     /// The runtime of the workspace's host, when it is this process's; else why the gateway
@@ -106,31 +80,78 @@ impl Target {
             Reach::Remote { host, .. } => Err(format!(
                 "workspace `{}` runs on host `{host}`: this gateway reaches only its tasks there \
                  (`warren ws attach`); for a shell, connect to the gateway of that host",
-                self.name
+                self.found.name
             )),
         }
     }
 }
 
-/// Who may reach which workspace. Messages in `Err` are shown to the developer as they are.
-pub trait Directory: Send + Sync + 'static {
-    /// The user who registered this public key, if anyone did.
-    fn user_for_key(
-        &self,
-        key: &PublicKey,
-    ) -> impl Future<Output = Result<Option<User>, String>> + Send;
-    /// The workspace `login` (the SSH user field) names for `user`.
-    fn workspace(
-        &self,
-        user: &User,
-        login: &str,
-    ) -> impl Future<Output = Result<Target, String>> + Send;
-    /// Starts a workspace that is not running and returns it once it runs.
-    fn start(
-        &self,
-        user: &User,
-        login: &str,
-    ) -> impl Future<Output = Result<Target, String>> + Send;
+/// The host this gateway runs on: its id in the control plane and its runtime. Workspaces
+/// elsewhere are reached through the [`Directory`] (their hosts' agents).
+#[derive(Clone)]
+pub struct LocalHost {
+    pub host_id: String,
+    pub runtime: Arc<dyn Runtime>,
+}
+
+impl std::fmt::Debug for LocalHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalHost")
+            .field("host_id", &self.host_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The directory and this host together: what a login names, as a [`Target`] sessions reach.
+pub(crate) struct Gateway<D> {
+    directory: Arc<D>,
+    local: LocalHost,
+}
+
+impl<D: Directory> Gateway<D> {
+    fn target(&self, found: Found) -> Result<Target, String> {
+        let id = WorkspaceId::new(&found.runtime_id).map_err(|e| e.to_string())?;
+        let reach = if found.host_id == self.local.host_id {
+            Reach::Local(self.local.runtime.clone())
+        } else {
+            Reach::Remote {
+                host: found.host.clone(),
+                terminals: Arc::new(RemoteTasks {
+                    directory: self.directory.clone(),
+                    found: found.clone(),
+                }),
+            }
+        };
+        Ok(Target { found, id, reach })
+    }
+
+    /// The workspace `login` names for `user`.
+    pub(crate) async fn workspace(&self, user: &User, login: &str) -> Result<Target, String> {
+        self.target(self.directory.workspace(user, login).await?)
+    }
+
+    /// Starts the workspace `login` names and returns it once it runs.
+    pub(crate) async fn start(&self, user: &User, login: &str) -> Result<Target, String> {
+        self.target(self.directory.start(user, login).await?)
+    }
+
+    async fn user_for_key(&self, key: &PublicKey) -> Result<Option<User>, String> {
+        let blob = key.to_bytes().map_err(|e| e.to_string())?;
+        self.directory.user_for_key(&blob).await
+    }
+}
+
+/// The tasks of a workspace on another host, through the directory.
+struct RemoteTasks<D> {
+    directory: Arc<D>,
+    found: Found,
+}
+
+impl<D: Directory> TaskTerminals for RemoteTasks<D> {
+    fn attach(&self, task: &str) -> Opening<'_> {
+        let task = task.to_owned();
+        Box::pin(async move { self.directory.attach(&self.found, &task).await })
+    }
 }
 
 /// The variable a client sends (`ssh -o SetEnv=WARREN_START=1`, or `warren ssh-config --start`)
@@ -187,34 +208,6 @@ pub fn known_hosts_line(key: &PrivateKey, host: &str, port: u16) -> String {
     } else {
         format!("[{host}]:{port} {public}")
     }
-}
-
-/// The SSHSIG namespace of a key's proof of possession (`ssh-keygen -Y sign -n warren-key`).
-pub const KEY_PROOF_NAMESPACE: &str = "warren-key";
-
-/// What a user signs to prove they hold a key's private half before it is theirs: it names the
-/// user, so a signature made for one user proves nothing for another.
-pub fn key_proof_message(user_id: &str) -> String {
-    format!("warren: this key is mine, user {user_id}\n")
-}
-
-/// Checks that `signature` (an armored SSHSIG, as `ssh-keygen -Y sign` prints it) was made by
-/// `public_key` (`type base64 [comment]`) over [`key_proof_message`] of `user_id`.
-pub fn verify_key_proof(public_key: &str, signature: &str, user_id: &str) -> Result<(), String> {
-    let key = ssh_key::PublicKey::from_openssh(public_key)
-        .map_err(|e| format!("the public key cannot be read: {e}"))?;
-    let sig = ssh_key::SshSig::from_pem(signature.trim()).map_err(|e| {
-        format!("the signature is not an SSH signature (`ssh-keygen -Y sign`): {e}")
-    })?;
-    if sig.public_key() != key.key_data() {
-        return Err("the signature was made with another key".into());
-    }
-    key.verify(
-        KEY_PROOF_NAMESPACE,
-        key_proof_message(user_id).as_bytes(),
-        &sig,
-    )
-    .map_err(|e| format!("the signature does not prove this key for this user: {e}"))
 }
 
 /// How long a connection may take to authenticate (OpenSSH's `LoginGraceTime`).
@@ -323,7 +316,9 @@ pub fn serve<D: Directory>(
     listener: TcpListener,
     host_key: PrivateKey,
     directory: Arc<D>,
+    local: LocalHost,
 ) -> tokio::task::JoinHandle<()> {
+    let gateway = Arc::new(Gateway { directory, local });
     let config = Arc::new(russh::server::Config {
         server_id: russh::SshId::Standard(
             concat!("SSH-2.0-Warren_", env!("CARGO_PKG_VERSION")).into(),
@@ -361,7 +356,7 @@ pub fn serve<D: Directory>(
             };
             let _ = socket.set_nodelay(true);
             let connection = Connection {
-                directory: directory.clone(),
+                gateway: gateway.clone(),
                 peer,
                 user: None,
                 login: String::new(),
@@ -440,24 +435,69 @@ pub fn serve<D: Directory>(
     })
 }
 
-/// Binds `addr` and serves on it (see [`serve`]); returns the bound address too.
-pub async fn listen<D: Directory>(
-    addr: SocketAddr,
-    host_key: PrivateKey,
-    directory: Arc<D>,
-) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), Error> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| Error::Listen { addr, source })?;
-    let bound = listener
-        .local_addr()
-        .map_err(|source| Error::Listen { addr, source })?;
-    Ok((bound, serve(listener, host_key, directory)))
+/// Where the gateway listens and how developers reach it.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    /// The gateway's host key (made at first start, mode 0600).
+    pub host_key: std::path::PathBuf,
+    /// The name developers' machines know this host by (for `warren ssh-config`).
+    pub public_host: String,
+}
+
+/// A gateway bound to its port, not serving yet: what developers are told about it can be
+/// known before it serves.
+pub struct Bound {
+    listener: TcpListener,
+    key: PrivateKey,
+    pub addr: SocketAddr,
+    /// The host key as a `known_hosts` line for the public name and the bound port.
+    pub known_hosts: String,
+}
+
+impl std::fmt::Debug for Bound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bound")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Settings {
+    /// Reads (or makes) the host key and binds the port.
+    pub async fn bind(&self) -> Result<Bound, Error> {
+        let key = load_or_create_host_key(&self.host_key)?;
+        let addr = self.listen;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| Error::Listen { addr, source })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| Error::Listen { addr, source })?;
+        let known_hosts = known_hosts_line(&key, &self.public_host, addr.port());
+        Ok(Bound {
+            listener,
+            key,
+            addr,
+            known_hosts,
+        })
+    }
+}
+
+impl Bound {
+    /// Serves until the returned task is aborted (see [`serve`]).
+    pub fn serve<D: Directory>(
+        self,
+        directory: Arc<D>,
+        local: LocalHost,
+    ) -> tokio::task::JoinHandle<()> {
+        serve(self.listener, self.key, directory, local)
+    }
 }
 
 /// One client connection.
 struct Connection<D> {
-    directory: Arc<D>,
+    gateway: Arc<Gateway<D>>,
     peer: SocketAddr,
     /// Set once a key has been verified.
     user: Option<User>,
@@ -471,7 +511,7 @@ struct Connection<D> {
 
 impl<D: Directory> Connection<D> {
     async fn known_user(&self, key: &PublicKey) -> Option<User> {
-        match self.directory.user_for_key(key).await {
+        match self.gateway.user_for_key(key).await {
             Ok(user) => user,
             Err(e) => {
                 tracing::warn!(error = %e, "ssh gateway: cannot look a key up");
@@ -486,7 +526,7 @@ impl<D: Directory> Connection<D> {
             .user
             .clone()
             .ok_or_else(|| "not authenticated".to_owned())?;
-        let target = self.directory.workspace(&user, &self.login).await?;
+        let target = self.gateway.workspace(&user, &self.login).await?;
         Ok((user, target))
     }
 }
@@ -552,7 +592,7 @@ impl<D: Directory> russh::server::Handler for Connection<D> {
         tokio::spawn(session::run(
             channel,
             session.handle(),
-            self.directory.clone(),
+            self.gateway.clone(),
             user,
             self.login.clone(),
             slot,
@@ -576,10 +616,13 @@ impl<D: Directory> russh::server::Handler for Connection<D> {
             reason,
         };
         let target = match self.target().await {
-            Ok((_, t)) if t.state == "running" => t,
+            Ok((_, t)) if t.found.state == "running" => t,
             Ok((_, t)) => {
                 reply
-                    .reject(refuse(format!("workspace `{}` is {}", t.name, t.state)))
+                    .reject(refuse(format!(
+                        "workspace `{}` is {}",
+                        t.found.name, t.found.state
+                    )))
                     .await;
                 return Ok(());
             }
@@ -651,21 +694,6 @@ impl<D: Directory> russh::server::Handler for Connection<D> {
 mod tests {
     use super::*;
 
-    fn key(seed: u8) -> PrivateKey {
-        PrivateKey::from(ssh_key::private::Ed25519Keypair::from_seed(&[seed; 32]))
-    }
-
-    fn proof(key: &PrivateKey, namespace: &str, user: &str) -> String {
-        key.sign(
-            namespace,
-            ssh_key::HashAlg::Sha512,
-            key_proof_message(user).as_bytes(),
-        )
-        .unwrap()
-        .to_pem(LineEnding::LF)
-        .unwrap()
-    }
-
     #[test]
     fn a_user_has_only_so_many_channels_open() {
         let channels = Arc::new(Channels::default());
@@ -680,22 +708,5 @@ mod tests {
         assert!(admit_channel(&channels, "alice", false).is_some());
         held.clear();
         assert!(channels.0.lock().unwrap().is_empty());
-    }
-
-    #[test]
-    fn a_key_is_proven_only_by_its_own_signature_for_its_own_user() {
-        let alice = key(1);
-        let public = alice.public_key().to_openssh().unwrap();
-        let good = proof(&alice, KEY_PROOF_NAMESPACE, "u-alice");
-        assert_eq!(verify_key_proof(&public, &good, "u-alice"), Ok(()));
-        // Alice's proof replayed by bob, for bob's account.
-        assert!(verify_key_proof(&public, &good, "u-bob").is_err());
-        // Bob signs with his own key and claims alice's.
-        let forged = proof(&key(2), KEY_PROOF_NAMESPACE, "u-bob");
-        let err = verify_key_proof(&public, &forged, "u-bob").unwrap_err();
-        assert!(err.contains("another key"), "{err}");
-        // A signature made for another purpose (git commit signing).
-        assert!(verify_key_proof(&public, &proof(&alice, "git", "u-alice"), "u-alice").is_err());
-        assert!(verify_key_proof(&public, "not a signature", "u-alice").is_err());
     }
 }

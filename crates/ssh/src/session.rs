@@ -10,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use warren_runtime::{Exec, ExecIo, ExecRequest, ExitStatus, Process, WinSize};
 
-use crate::{Directory, START_VARIABLE, TASK_VARIABLE, Target, User};
+use crate::{Directory, Gateway, START_VARIABLE, TASK_VARIABLE, Target, User};
 
 /// What a session channel asked to run.
 #[derive(Debug)]
@@ -76,7 +76,7 @@ impl Command {
 pub(crate) async fn run<D: Directory>(
     mut channel: Channel<Msg>,
     handle: Handle,
-    directory: Arc<D>,
+    gateway: Arc<Gateway<D>>,
     user: User,
     login: String,
     slot: crate::ChannelSlot,
@@ -129,7 +129,7 @@ pub(crate) async fn run<D: Directory>(
     let wants_start = client_env
         .iter()
         .any(|v| v == &format!("{START_VARIABLE}=1"));
-    let status = match prepare(&*directory, &user, &login, wants_start).await {
+    let status = match prepare(&gateway, &user, &login, wants_start).await {
         Err(message) => {
             let _ = handle
                 .extended_data(id, 1, format!("warren: {message}\r\n"))
@@ -137,7 +137,7 @@ pub(crate) async fn run<D: Directory>(
             ExitStatus::Code(255)
         }
         Ok(target) => {
-            let mut env = target.env.clone();
+            let mut env = target.found.env.clone();
             env.extend(client_env);
             if let Some(t) = term {
                 env.push(format!("TERM={t}"));
@@ -185,21 +185,21 @@ pub(crate) async fn run<D: Directory>(
 
 /// The workspace, running (started first if the client asked for that).
 async fn prepare<D: Directory>(
-    directory: &D,
+    gateway: &Gateway<D>,
     user: &User,
     login: &str,
     wants_start: bool,
 ) -> Result<Target, String> {
-    let target = directory.workspace(user, login).await?;
-    if target.state == "running" {
+    let target = gateway.workspace(user, login).await?;
+    if target.found.state == "running" {
         return Ok(target);
     }
     if wants_start {
-        return directory.start(user, login).await;
+        return gateway.start(user, login).await;
     }
     Err(format!(
         "workspace `{}` is {}: start it with `warren ws start {}`, or connect with `-o SetEnv={START_VARIABLE}=1` to have it started",
-        target.name, target.state, target.name
+        target.found.name, target.found.state, target.found.name
     ))
 }
 
@@ -223,7 +223,7 @@ impl Session {
         // client's agent. It lives as long as the session.
         let _agent = if self.agent {
             let runtime = self.target.runtime()?;
-            let (id, user) = (self.target.id.clone(), self.target.user.clone());
+            let (id, user) = (self.target.id.clone(), self.target.found.user.clone());
             let socket =
                 tokio::task::spawn_blocking(move || runtime.listen_unix(&id, user.as_deref()))
                     .await
@@ -241,7 +241,7 @@ impl Session {
             argv,
             env: self.env,
             cwd: None,
-            user: self.target.user.clone(),
+            user: self.target.found.user.clone(),
             tty: self.tty,
             no_network: false,
         };

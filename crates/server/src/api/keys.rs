@@ -19,8 +19,8 @@ use warren_api::{KeyChallenge, KeyView, NewKey, SshView};
     responses((status = OK, body = KeyChallenge)))]
 pub async fn key_challenge(caller: Caller) -> Json<KeyChallenge> {
     Json(KeyChallenge {
-        namespace: warren_ssh::KEY_PROOF_NAMESPACE.to_owned(),
-        message: warren_ssh::key_proof_message(&caller.user_id),
+        namespace: crate::key_proof::KEY_PROOF_NAMESPACE.to_owned(),
+        message: crate::key_proof::key_proof_message(&caller.user_id),
     })
 }
 
@@ -126,10 +126,10 @@ pub async fn add_key(
         ApiError::bad_request(format!(
             "prove you hold the key: sign the message of GET /api/v1/keys/challenge with it \
              (`ssh-keygen -Y sign -n {} -f KEY`) and send it as `signature`; `warren key add` does this",
-            warren_ssh::KEY_PROOF_NAMESPACE
+            crate::key_proof::KEY_PROOF_NAMESPACE
         ))
     })?;
-    warren_ssh::verify_key_proof(&public_key, signature, &caller.user_id)
+    crate::key_proof::verify_key_proof(&public_key, signature, &caller.user_id)
         .map_err(ApiError::bad_request)?;
     let id = new_id();
     sqlx::query(

@@ -601,7 +601,13 @@ pub async fn exec_workspace(
     };
     let answer = state
         .hosts
-        .json(&ws, Method::POST, "exec", Some(&request), EXEC_WITHIN)
+        .json(
+            &(&ws).into(),
+            Method::POST,
+            "exec",
+            Some(&request),
+            EXEC_WITHIN,
+        )
         .await;
     answer.map(Json)
 }
@@ -619,7 +625,7 @@ pub async fn list_tasks(
     let none: Option<&()> = None;
     let tasks = state
         .hosts
-        .json(&ws, Method::GET, "tasks", none, TASKS_WITHIN)
+        .json(&(&ws).into(), Method::GET, "tasks", none, TASKS_WITHIN)
         .await?;
     Ok(Json(tasks))
 }
@@ -643,7 +649,7 @@ pub async fn task_log(
     let none: Option<&()> = None;
     let log = state
         .hosts
-        .json(&ws, Method::GET, &path, none, TASKS_WITHIN)
+        .json(&(&ws).into(), Method::GET, &path, none, TASKS_WITHIN)
         .await
         .map_err(|e| match e.status {
             StatusCode::NOT_FOUND => {
