@@ -71,7 +71,15 @@ async fn blocking<T: Send + 'static>(
         .map_err(runtime_error)
 }
 
+/// A workspace's id: only `ws-...`, never a build's or a prebuild's sandbox (which hold other
+/// projects' variables and caches), whoever asks.
 fn workspace_id(id: &str) -> Result<WorkspaceId, Refusal> {
+    if !id.starts_with("ws-") {
+        return Err(refuse(
+            StatusCode::NOT_FOUND,
+            format!("no workspace `{id}`"),
+        ));
+    }
     WorkspaceId::new(id).map_err(|e| refuse(StatusCode::BAD_REQUEST, e.to_string()))
 }
 
@@ -92,9 +100,32 @@ async fn exec(
         no_network: false,
     };
     let stdin = req.stdin.unwrap_or_default();
-    blocking(move || run_to_end(runtime.as_ref(), &id, &request, stdin))
-        .await
-        .map(Json)
+    let exec = blocking(move || runtime.exec(&id, &request)).await?;
+    // A caller that goes away (or gives up) takes the command with it.
+    let process: Arc<dyn warren_runtime::Process> = Arc::from(exec.process);
+    let guard = KillOnDrop(Some(process.clone()));
+    let io = exec.io;
+    let answer = blocking(move || run_to_end(io, process.as_ref(), stdin)).await;
+    guard.disarm();
+    answer.map(Json)
+}
+
+/// Kills the process it holds when dropped, unless disarmed first.
+struct KillOnDrop(Option<Arc<dyn warren_runtime::Process>>);
+
+impl KillOnDrop {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(process) = self.0.take() {
+            // A shim call: off the async threads.
+            tokio::task::spawn_blocking(move || process.signal(libc::SIGKILL));
+        }
+    }
 }
 
 async fn list_tasks(
@@ -181,19 +212,19 @@ fn task_view(info: tasks::TaskInfo) -> TaskView {
     }
 }
 
+/// Feeds `stdin` to a started command and reads its output (each stream up to
+/// [`EXEC_OUTPUT_LIMIT`]) until it ends.
 fn run_to_end(
-    runtime: &dyn Runtime,
-    id: &WorkspaceId,
-    request: &warren_runtime::ExecRequest,
+    io: warren_runtime::ExecIo,
+    process: &dyn warren_runtime::Process,
     stdin: String,
 ) -> Result<ExecResponse, RuntimeError> {
     use std::io::{Read, Write};
-    let exec = runtime.exec(id, request)?;
     let warren_runtime::ExecIo::Pipes {
         stdin: mut input,
         stdout,
         stderr,
-    } = exec.io
+    } = io
     else {
         return Err(RuntimeError::Sys("expected pipes".into()));
     };
@@ -211,7 +242,7 @@ fn run_to_end(
         })
     };
     let (out, err) = (read(stdout), read(stderr));
-    let status = exec.process.wait()?;
+    let status = process.wait()?;
     let _ = writer.join();
     Ok(ExecResponse {
         exit_code: status.as_shell_code(),

@@ -159,6 +159,7 @@ pub fn host_report(runtime: &dyn Runtime, images: &ImageLister, disk: &DiskUse) 
         workspaces,
         makes_prebuilds: true,
         disk_ceiling: runtime.disk_ceiling(),
+        age_ms: 0,
     }
 }
 
@@ -248,30 +249,35 @@ impl<C: ControlPlane> Agent<C> {
         let disk = Arc::new(DiskUse::default());
         // The report is made beside the claims, never in their way: a workspace that answers
         // slowly delays only the report, not other workspaces' jobs.
-        let mut making: Option<tokio::task::JoinHandle<HostReport>> = None;
+        let mut making: Option<(std::time::Instant, tokio::task::JoinHandle<HostReport>)> = None;
         loop {
             let Ok(permit) = slots.clone().acquire_owned().await else {
                 return;
             };
             let mut wait = Duration::ZERO;
             if making.is_none() && reported.is_none_or(|t| t.elapsed() >= self.report_every) {
-                reported = Some(std::time::Instant::now());
+                let begun = std::time::Instant::now();
+                reported = Some(begun);
                 let (runtime, lister, disk) =
                     (self.runtime.clone(), self.images.clone(), disk.clone());
                 let makes_prebuilds = self.prebuilder.is_some();
-                making = Some(tokio::task::spawn_blocking(move || HostReport {
-                    makes_prebuilds,
-                    ..host_report(runtime.as_ref(), &lister, &disk)
-                }));
+                making = Some((
+                    begun,
+                    tokio::task::spawn_blocking(move || HostReport {
+                        makes_prebuilds,
+                        ..host_report(runtime.as_ref(), &lister, &disk)
+                    }),
+                ));
                 // A healthy host's report is ready at once and goes with this claim; a slow
                 // one goes with a later claim.
                 wait = Duration::from_millis(500);
             }
             let report = match making.as_mut() {
-                Some(handle) => match tokio::time::timeout(wait, handle).await {
+                Some((begun, handle)) => match tokio::time::timeout(wait, handle).await {
                     Ok(done) => {
+                        let age_ms = u64::try_from(begun.elapsed().as_millis()).unwrap_or(u64::MAX);
                         making = None;
-                        done.ok()
+                        done.ok().map(|report| HostReport { age_ms, ..report })
                     }
                     Err(_) => None,
                 },

@@ -25,12 +25,16 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Keeps the tunnel to `server` (`http://HOST:PORT`) open until `shutdown`, serving `api`
 /// over it; reconnects after a failure, waiting longer each time (up to 30 s).
 pub async fn hold(server: String, token: String, api: Router, shutdown: Arc<Notify>) {
+    // Waiting from now on, so a shutdown between the two waits below is not missed.
+    let stop = shutdown.notified();
+    tokio::pin!(stop);
+    stop.as_mut().enable();
     let mut wait = Duration::from_secs(1);
     loop {
         let started = std::time::Instant::now();
         let result = tokio::select! {
             r = serve_once(&server, &token, api.clone()) => r,
-            _ = shutdown.notified() => return,
+            _ = &mut stop => return,
         };
         match result {
             Ok(()) => tracing::info!(server, "the tunnel to the control plane closed"),
@@ -42,7 +46,7 @@ pub async fn hold(server: String, token: String, api: Router, shutdown: Arc<Noti
         }
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = shutdown.notified() => return,
+            _ = &mut stop => return,
         }
         wait = (wait * 2).min(Duration::from_secs(30));
     }
@@ -107,6 +111,9 @@ async fn serve_once(server: &str, token: &str, api: Router) -> Result<(), String
         .timer(TokioTimer::new())
         .keep_alive_interval(KEEP_ALIVE)
         .keep_alive_timeout(KEEP_ALIVE)
+        // Calls at once: commands run to their end hold theirs (the server lets each user
+        // hold 16).
+        .max_concurrent_streams(1024)
         .serve_connection(upgraded, hyper_util::service::TowerToHyperService::new(api))
         .await
         .map_err(|e| e.to_string())

@@ -1226,21 +1226,28 @@ fn a_second_hosts_workspace_is_reached_through_its_agent() {
         serde_json::from_str(&warren.ok("alice", &["ws", "show", "far"])).unwrap();
     assert_eq!(ws["host"], "second", "{ws}");
 
-    let out = warren.cli(
-        "alice",
-        &[
-            "ws",
-            "exec",
-            "far",
-            "--",
-            "sh",
-            "-c",
-            "echo out; echo err >&2; exit 3",
-        ],
-    );
+    // `sh -c SCRIPT` in the workspace, through the server and the second host's agent.
+    let sh = |script: &str| warren.cli("alice", &["ws", "exec", "far", "--", "sh", "-c", script]);
+    let out = sh("echo out; echo err >&2; exit 3");
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "out\n");
     assert_eq!(stderr(&out), "err\n");
+
+    // A command whose caller goes away goes with it, on the other host too. (Processes come
+    // and go while `cat` reads: only what it read counts.)
+    let sleeping = || {
+        let all = String::from_utf8_lossy(&sh("cat /proc/[0-9]*/cmdline 2>/dev/null; true").stdout)
+            .into_owned();
+        all.contains("sleep\u{0}4321")
+    };
+    let mut caller = warren
+        .cli_command("alice", &["ws", "exec", "far", "--", "sleep", "4321"])
+        .spawn()
+        .unwrap();
+    eventually("the command runs", || sleeping().then_some(()));
+    let _ = caller.kill();
+    let _ = caller.wait();
+    eventually("the command is killed", || (!sleeping()).then_some(()));
 
     // Followed to the task's end, every line.
     let followed = warren.ok("alice", &["ws", "logs", "far", "postCreateCommand", "-f"]);

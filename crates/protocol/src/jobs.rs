@@ -212,6 +212,10 @@ pub struct HostReport {
     /// so the server refuses a larger request at once instead of placing it there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_ceiling: Option<u64>,
+    /// How long before it was sent the report was begun, in milliseconds: the control plane
+    /// compares with it only the workspaces that settled before then.
+    #[serde(default)]
+    pub age_ms: u64,
 }
 
 fn yes() -> bool {

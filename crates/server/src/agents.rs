@@ -16,13 +16,17 @@ pub async fn claim(
     prebuilds: bool,
 ) -> Result<Option<Job>, String> {
     let running = report.as_ref().map(|r| {
-        r.workspaces
+        let running = r
+            .workspaces
             .iter()
             .map(|w| (w.runtime_id.clone(), w.running))
-            .collect()
+            .collect();
+        let made_at =
+            crate::db::now_ms().saturating_sub(i64::try_from(r.age_ms).unwrap_or(i64::MAX));
+        (running, made_at)
     });
-    if let Some(running) = running {
-        match workspaces::reconcile(&state.db, host, &running).await {
+    if let Some((running, made_at)) = running {
+        match workspaces::reconcile(&state.db, host, &running, made_at).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(host, workspaces = n, "reconciled from the host's report"),
             Err(e) => tracing::warn!(error = %e, "cannot reconcile a host's report"),

@@ -19,9 +19,8 @@ use serde::de::DeserializeOwned;
 use crate::error::{ApiError, ApiResult};
 use crate::workspaces::Workspace;
 
-/// Most an answer read whole may hold: an exec's two streams are 8 MiB each before JSON
-/// escapes them.
-const ANSWER_LIMIT: usize = 128 << 20;
+/// Longest a host may take over the body of an error it answered.
+const ERROR_WITHIN: Duration = Duration::from_secs(5);
 
 /// Where a call goes: a workspace, and the host it is on.
 #[derive(Debug, Clone)]
@@ -50,6 +49,8 @@ impl From<&Workspace> for Place {
 pub struct HostLinks {
     /// This process's host and its API, in process.
     local: Option<(String, Router)>,
+    /// Whether agents' tunnels end in this process (not in a gateway-only one).
+    tunnels: bool,
     /// Other hosts' tunnels, by host id, each with the number it was opened under (a host
     /// that reconnects replaces its old tunnel; only the newest one's end removes it).
     remote: Mutex<HashMap<String, (u64, SendRequest<Body>)>>,
@@ -75,8 +76,17 @@ impl HostLinks {
     pub fn new(local: Option<(String, Router)>) -> Self {
         Self {
             local,
+            tunnels: true,
             remote: Mutex::default(),
             opened: AtomicU64::new(0),
+        }
+    }
+
+    /// For a gateway-only process (`warren gateway`): no host's API is reached from it.
+    pub fn none() -> Self {
+        Self {
+            tunnels: false,
+            ..Self::new(None)
         }
     }
 
@@ -109,6 +119,15 @@ impl HostLinks {
             .get(&ws.host_id)
             .map(|(_, sender)| Link::Remote(sender.clone()))
             .ok_or_else(|| {
+                if !self.tunnels {
+                    return ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!(
+                            "workspace `{}` is on host `{}`: this gateway reaches only its own host's workspaces (connect to the gateway of `warren up`)",
+                            ws.workspace, ws.host
+                        ),
+                    );
+                }
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!(
@@ -167,8 +186,10 @@ impl HostLinks {
         // The host's `{"error": ...}`, passed on: a missing task or a command that cannot run
         // is the caller's to fix; anything else is the host's.
         let status = answer.status();
-        let text = read_limited(answer.into_body(), 64 << 10)
+        let text = tokio::time::timeout(ERROR_WITHIN, read_limited(answer.into_body(), 64 << 10))
             .await
+            .ok()
+            .and_then(Result::ok)
             .unwrap_or_default();
         // Shown on users' terminals: kept printable, whatever the host sent.
         let message = warren_protocol::printable(
@@ -184,14 +205,15 @@ impl HostLinks {
         })
     }
 
-    /// [`Self::call`] with a JSON body (or none) and a JSON answer, read whole `within`.
+    /// [`Self::call`] with a JSON body (or none) and a JSON answer of at most `limit` bytes,
+    /// read whole `within`.
     pub async fn json<T: DeserializeOwned>(
         &self,
         ws: &Place,
         method: Method,
         path: &str,
         body: Option<&impl Serialize>,
-        within: Duration,
+        (within, limit): (Duration, usize),
     ) -> ApiResult<T> {
         let body = match body {
             Some(b) => Body::from(
@@ -201,18 +223,17 @@ impl HostLinks {
         };
         let deadline = tokio::time::Instant::now() + within;
         let answer = self.call(ws, method, path, body, within).await?;
-        let bytes =
-            tokio::time::timeout_at(deadline, read_limited(answer.into_body(), ANSWER_LIMIT))
-                .await
-                .map_err(|_| {
-                    ApiError::new(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        format!("host `{}` did not finish answering in time", ws.host),
-                    )
-                })?
-                .map_err(|e| {
-                    ApiError::new(StatusCode::BAD_GATEWAY, format!("host `{}`: {e}", ws.host))
-                })?;
+        let bytes = tokio::time::timeout_at(deadline, read_limited(answer.into_body(), limit))
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!("host `{}` did not finish answering in time", ws.host),
+                )
+            })?
+            .map_err(|e| {
+                ApiError::new(StatusCode::BAD_GATEWAY, format!("host `{}`: {e}", ws.host))
+            })?;
         serde_json::from_slice(&bytes).map_err(|e| {
             ApiError::new(
                 StatusCode::BAD_GATEWAY,
@@ -226,7 +247,7 @@ impl HostLinks {
     /// Task `task`'s terminal in workspace `ws`, both ways, through the workspace's host: what
     /// is written to it is typed into the task, what the task prints is read from it, until
     /// either side closes it.
-    pub async fn attach(&self, ws: &Place, task: &str) -> ApiResult<tokio::io::DuplexStream> {
+    pub async fn attach(&self, ws: &Place, task: &str) -> ApiResult<Attached> {
         use tokio::io::AsyncWriteExt as _;
         let (ours, theirs) = tokio::io::duplex(64 << 10);
         let (typed, mut shown) = tokio::io::split(theirs);
@@ -235,7 +256,7 @@ impl HostLinks {
         let answer = self
             .call(ws, Method::POST, &path, input, ATTACH_WITHIN)
             .await?;
-        tokio::spawn(async move {
+        let copy = tokio::spawn(async move {
             let mut output = answer.into_body().into_data_stream();
             while let Some(Ok(bytes)) = futures_util::StreamExt::next(&mut output).await {
                 if shown.write_all(&bytes).await.is_err() {
@@ -244,7 +265,57 @@ impl HostLinks {
             }
             let _ = shown.shutdown().await;
         });
-        Ok(ours)
+        Ok(Attached {
+            terminal: ours,
+            copy: copy.abort_handle(),
+        })
+    }
+}
+
+/// A task's terminal on a host; dropping it ends the call (whatever the host does).
+#[derive(Debug)]
+pub struct Attached {
+    terminal: tokio::io::DuplexStream,
+    copy: tokio::task::AbortHandle,
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        self.copy.abort();
+    }
+}
+
+impl tokio::io::AsyncRead for Attached {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.terminal).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Attached {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.terminal).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.terminal).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.terminal).poll_shutdown(cx)
     }
 }
 

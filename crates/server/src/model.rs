@@ -168,6 +168,23 @@ impl Lifecycle for WorkspaceState {
     }
 }
 
+/// Workspace, project and key names: what a person types on a command line.
+pub fn check_name(what: &str, name: &str) -> crate::error::ApiResult<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 40
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(crate::error::ApiError::bad_request(format!(
+            "`{name}` is not a valid {what} name: 1 to 40 of a-z, 0-9 and -, not starting with -"
+        )))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::Desired as D;

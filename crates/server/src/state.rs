@@ -31,6 +31,8 @@ pub struct AppState {
     pub plane: Arc<plane::DbControlPlane>,
     /// How developers reach the SSH gateway, when this process runs one.
     pub ssh: Option<SshView>,
+    /// Commands each user runs through `exec` now.
+    pub execs: Arc<PerUser>,
     /// Failed logins, to slow guessing down.
     pub logins: Arc<logins::LoginThrottle>,
     /// The server's mirrors of project repositories (branch heads, how far behind).
@@ -45,5 +47,45 @@ impl std::fmt::Debug for AppState {
         f.debug_struct("AppState")
             .field("host_id", &self.host_id)
             .finish_non_exhaustive()
+    }
+}
+
+/// How many of something each user holds now (their commands running through `exec`).
+#[derive(Debug, Default)]
+pub struct PerUser(std::sync::Mutex<std::collections::HashMap<String, usize>>);
+
+impl PerUser {
+    /// One more for `user`, unless they hold `most` already; counted until the slot is
+    /// dropped.
+    pub fn admit(self: &Arc<Self>, user: &str, most: usize) -> Option<Slot> {
+        let mut held = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let count = held.entry(user.to_owned()).or_default();
+        if *count >= most {
+            return None;
+        }
+        *count += 1;
+        Some(Slot {
+            counts: self.clone(),
+            user: user.to_owned(),
+        })
+    }
+}
+
+/// One held by a user; given back when dropped.
+#[derive(Debug)]
+pub struct Slot {
+    counts: Arc<PerUser>,
+    user: String,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut held = self.counts.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = held.get_mut(&self.user) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&self.user);
+            }
+        }
     }
 }

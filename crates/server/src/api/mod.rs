@@ -8,7 +8,7 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use crate::auth::Caller;
-use crate::error::{ApiError, ApiResult};
+use crate::error::ApiError;
 
 /// `Json` whose rejections (bad JSON, unknown fields, wrong content type, too large) become
 /// [`ApiError`]s with a message.
@@ -16,22 +16,7 @@ use crate::error::{ApiError, ApiResult};
 #[from_request(via(axum::Json), rejection(ApiError))]
 pub struct Body<T>(pub T);
 
-/// Workspace, project and key names: what a person types on a command line.
-pub fn check_name(what: &str, name: &str) -> ApiResult<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 40
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-');
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::bad_request(format!(
-            "`{name}` is not a valid {what} name: 1 to 40 of a-z, 0-9 and -, not starting with -"
-        )))
-    }
-}
+pub use crate::model::check_name;
 
 /// Something a user owns, found by id or name.
 pub(crate) trait Owned {

@@ -10,6 +10,8 @@ use warren_protocol::TaskSpec;
 use warren_protocol::VmOptions;
 use warren_protocol::{WorkspaceJob, WorkspaceSpec};
 
+pub mod create;
+
 use crate::db::{Db, now_ms};
 use crate::error::ServerError;
 use crate::error::{ApiError, ApiResult};
@@ -238,17 +240,21 @@ const SETTLED: &str = "NOT EXISTS (SELECT 1 FROM jobs j WHERE j.workspace_id = $
 
 /// A settled workspace whose host's report disagrees (`running`, by runtime id: the host
 /// rebooted, a process died) gets the job that brings it back to what its owner asked for.
-/// Returns how many workspaces got a job.
+/// Only workspaces that settled before the report was made (`made_at`, ms) are compared: a
+/// report is a moment's view. Returns how many workspaces got a job.
 pub(crate) async fn reconcile(
     db: &Db,
     host_id: &str,
     running: &std::collections::HashMap<String, bool>,
+    made_at: i64,
 ) -> Result<usize, ServerError> {
+    let made_at = made_at.to_string();
     let settled = select(
         db,
         "WHERE w.host_id = $1 AND w.state IN ('running', 'stopped') AND w.desired IN ('running', 'stopped')
+           AND w.updated_at <= CAST($2 AS BIGINT)
            AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.workspace_id = w.id AND j.state IN ('queued', 'running'))",
-        &[host_id],
+        &[host_id, &made_at],
     )
     .await
     .map_err(|e| ServerError::Other(e.message))?;
