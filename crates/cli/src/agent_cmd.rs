@@ -33,16 +33,56 @@ pub struct AgentArgs {
     /// Gone: a token given as an argument is seen by every user of the host
     #[arg(long, hide = true)]
     token: Option<String>,
-    /// Whether this host makes prebuilds
+    #[command(flatten)]
+    host: HostFlags,
+    #[command(flatten)]
+    agent: HostAgentFlags,
+}
+
+/// What this host's agent takes on (`warren up` and `warren agent`).
+#[derive(Debug, Args)]
+pub struct HostAgentFlags {
+    /// Whether this host makes prebuilds (`false`: leave them to other hosts' agents)
     #[arg(long, env = "WARREN_PREBUILDS", default_value_t = true, action = clap::ArgAction::Set)]
     prebuilds: bool,
     /// Prebuilds this host makes at once (each in its own slots, beside the workspace jobs)
     #[arg(long, env = "WARREN_PREBUILD_SLOTS", default_value_t = 1)]
     prebuild_slots: usize,
     #[command(flatten)]
-    host: HostFlags,
-    #[command(flatten)]
     limits: crate::build_cmd::StepLimitFlags,
+}
+
+impl HostAgentFlags {
+    /// Refuses limits no build could run with.
+    pub fn check(&self) -> anyhow::Result<()> {
+        self.limits.limits().map(drop)
+    }
+
+    /// This host's agent (`host` as the control plane knows it), claiming jobs from `plane`:
+    /// workspace jobs with `runtime`, prebuilds (when it makes them) into the store under
+    /// `data`, each workspace's image checked before it is made or started.
+    pub fn agent<C: ControlPlane>(
+        &self,
+        host: String,
+        runtime: Arc<dyn warren_runtime::Runtime>,
+        plane: Arc<C>,
+        wake: Arc<tokio::sync::Notify>,
+        data: &Path,
+    ) -> anyhow::Result<Agent<C>> {
+        let limits = self.limits.limits()?;
+        let prebuilder = self.prebuilds.then(|| {
+            Arc::new(crate::prebuild_cmd::HostPrebuilder {
+                data: data.to_path_buf(),
+                runtime: runtime.clone(),
+                limits,
+            }) as Arc<dyn warren_agent::Prebuilder>
+        });
+        Ok(
+            Agent::new(host, runtime, prebuilder, plane, wake, image_lister(data))
+                .with_prebuild_slots(self.prebuild_slots)
+                .with_image_check(crate::image_cmd::image_check(data)),
+        )
+    }
 }
 
 /// The control plane over HTTP.
@@ -183,8 +223,8 @@ pub fn agent(args: AgentArgs, data: &Path) -> anyhow::Result<ExitCode> {
         anyhow::bail!("warren agent runs workspaces (namespaces, mounts, cgroups): run it as root");
     }
     crate::control_cmd::close_data_folder(data)?;
-    let runtime = Arc::new(args.host.runtime_for_workspaces(data)?);
-    let limits = args.limits.limits()?;
+    let runtime: Arc<dyn warren_runtime::Runtime> =
+        Arc::new(args.host.runtime_for_workspaces(data)?);
     if args.token.is_some() {
         anyhow::bail!(
             "--token is no longer taken (every user of this host could read it from the process list): \
@@ -194,30 +234,20 @@ pub fn agent(args: AgentArgs, data: &Path) -> anyhow::Result<ExitCode> {
     let token = host_token(args.token_file.as_deref())?;
     let client = Arc::new(Client::with_token(&args.server, &token));
     let host_api = warren_agent::host_api::router(runtime.clone());
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let agent = args.agent.agent(
+        "remote".into(),
+        runtime,
+        Arc::new(HttpControlPlane { client }),
+        wake,
+        data,
+    )?;
     let tokio = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     tokio.block_on(async move {
-        let wake = Arc::new(tokio::sync::Notify::new());
         let shutdown = Arc::new(tokio::sync::Notify::new());
-        let prebuilder = args.prebuilds.then(|| {
-            Arc::new(crate::prebuild_cmd::HostPrebuilder {
-                data: data.to_path_buf(),
-                runtime: runtime.clone(),
-                limits,
-            }) as Arc<dyn warren_agent::Prebuilder>
-        });
-        let agent = Agent::new(
-            "remote".into(),
-            runtime,
-            prebuilder,
-            Arc::new(HttpControlPlane { client }),
-            wake,
-            image_lister(data),
-        )
-        .with_prebuild_slots(args.prebuild_slots)
-        .with_image_check(crate::image_cmd::image_check(data));
         println!(
             "agent running for {} (workspaces under {})",
             args.server,

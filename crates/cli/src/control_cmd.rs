@@ -38,16 +38,10 @@ pub struct UpArgs {
     /// (admins may add any)
     #[arg(long, env = "WARREN_FILE_REPOS", value_delimiter = ':')]
     file_repos: Vec<PathBuf>,
-    /// Whether this host makes prebuilds (`false`: leave them to other hosts' agents)
-    #[arg(long, env = "WARREN_PREBUILDS", default_value_t = true, action = clap::ArgAction::Set)]
-    prebuilds: bool,
-    /// Prebuilds this host makes at once (each in its own slots, beside the workspace jobs)
-    #[arg(long, env = "WARREN_PREBUILD_SLOTS", default_value_t = 1)]
-    prebuild_slots: usize,
     #[command(flatten)]
     host: HostFlags,
     #[command(flatten)]
-    limits: crate::build_cmd::StepLimitFlags,
+    agent: crate::agent_cmd::HostAgentFlags,
     #[command(flatten)]
     ssh: SshFlags,
 }
@@ -201,14 +195,8 @@ pub fn up(args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
     let runtime: Arc<dyn warren_runtime::Runtime> =
         Arc::new(args.host.runtime_for_workspaces(data)?);
     let ssh = args.ssh.settings(data)?;
-    let limits = args.limits.limits()?;
-    let prebuilder = args.prebuilds.then(|| {
-        Arc::new(crate::prebuild_cmd::HostPrebuilder {
-            data: data.to_path_buf(),
-            runtime: runtime.clone(),
-            limits,
-        }) as Arc<dyn warren_agent::Prebuilder>
-    });
+    // Bad limits are refused before anything starts.
+    args.agent.check()?;
     let image_check = crate::image_cmd::image_check(data);
     let tokio = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -234,7 +222,7 @@ pub fn up(args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
             git_poll: Duration::from_secs(args.git_poll_seconds.max(1)),
             secret_key: data.join("secret.key"),
             trusted_registries: runtime.egress().registries,
-            image_check: Some(image_check.clone()),
+            image_check: Some(image_check),
             ssh: ssh_view,
             git_mirrors: data.join("git/server"),
             file_repos: args.file_repos,
@@ -251,17 +239,16 @@ pub fn up(args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
         });
         // This host's agent, in this process: it claims jobs straight from the database, and
         // each of its reports (every --reconcile-seconds) reconciles the host's workspaces.
-        let agent = warren_agent::Agent::new(
-            started.host_id.clone(),
-            runtime,
-            prebuilder,
-            Arc::new(started.plane.clone()),
-            started.wake.clone(),
-            crate::agent_cmd::image_lister(data),
-        )
-        .with_prebuild_slots(args.prebuild_slots)
-        .with_report_every(Duration::from_secs(args.reconcile_seconds.max(1)))
-        .with_image_check(image_check);
+        let agent = args
+            .agent
+            .agent(
+                started.host_id.clone(),
+                runtime,
+                Arc::new(started.plane.clone()),
+                started.wake.clone(),
+                data,
+            )?
+            .with_report_every(Duration::from_secs(args.reconcile_seconds.max(1)));
         tokio::spawn(agent.run(started.shutdown.clone()));
         let url = format!("http://{}", started.addr);
         let shown_db = shown_url.as_str();
