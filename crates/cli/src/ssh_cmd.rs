@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Args;
-use serde_json::Value;
+use warren_api::{SshView, UserView, WorkspaceView};
 
 use crate::client::{Client, write_private};
 use crate::control_cmd::{SshFlags, hostname};
@@ -90,21 +90,18 @@ const END: &str = "# <<< warren";
 
 /// One `Host` entry per workspace: `<workspace>.warren` (yours), `<workspace>.<owner>.warren`
 /// (another user's, for admins).
+/// `workspaces` are (name, owner) pairs.
 fn entries(
     me: &str,
-    gateway: &Value,
-    workspaces: &[Value],
+    gateway: &SshView,
+    workspaces: &[(String, String)],
     known_hosts: &Path,
     start: bool,
     forward_agent: &[String],
 ) -> String {
-    let host = gateway["host"].as_str().unwrap_or("localhost");
-    let port = gateway["port"].as_u64().unwrap_or(2222);
+    let (host, port) = (&gateway.host, gateway.port);
     let mut out = String::new();
-    for ws in workspaces {
-        let (Some(name), Some(owner)) = (ws["name"].as_str(), ws["owner"].as_str()) else {
-            continue;
-        };
+    for (name, owner) in workspaces {
         let login = if owner == me {
             name.to_owned()
         } else {
@@ -151,16 +148,18 @@ fn replace_block(config: &str, block: &str) -> String {
 
 pub fn ssh_config(args: SshConfigArgs) -> anyhow::Result<ExitCode> {
     let client = Client::from_login()?;
-    let gateway = client.get("/ssh")?;
-    let me = client.get("/me")?;
-    let workspaces = client.get("/workspaces")?;
+    let gateway: SshView = client.get_as("/ssh")?;
+    let me: UserView = client.get_as("/me")?;
+    let workspaces: Vec<WorkspaceView> = client.get_as("/workspaces")?;
+    let workspaces: Vec<(String, String)> =
+        workspaces.into_iter().map(|w| (w.name, w.owner)).collect();
     let home = PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?);
     let ssh_dir = home.join(".ssh");
     let known_hosts = ssh_dir.join("warren_known_hosts");
     let block = entries(
-        me["name"].as_str().unwrap_or_default(),
+        &me.name,
         &gateway,
-        workspaces.as_array().map(Vec::as_slice).unwrap_or_default(),
+        &workspaces,
         &known_hosts,
         args.start,
         &args.forward_agent,
@@ -178,10 +177,10 @@ pub fn ssh_config(args: SshConfigArgs) -> anyhow::Result<ExitCode> {
         std::fs::create_dir_all(&ssh_dir)?;
         std::fs::set_permissions(&ssh_dir, std::fs::Permissions::from_mode(0o700))?;
     }
-    let line = gateway["known_hosts"]
-        .as_str()
-        .context("the server sent no host key")?;
-    write_private(&known_hosts, format!("{line}\n").as_bytes())?;
+    write_private(
+        &known_hosts,
+        format!("{}\n", gateway.known_hosts).as_bytes(),
+    )?;
     let current = match std::fs::read_to_string(&config) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
@@ -210,40 +209,37 @@ pub fn open_link(client: &Client, name: &str, folder: &str) -> anyhow::Result<St
 
 /// The `Host` that `warren ssh-config` wrote for a workspace.
 pub fn host_alias(client: &Client, name: &str) -> anyhow::Result<String> {
-    let me = client.get("/me")?;
+    let me: UserView = client.get_as("/me")?;
     // `<workspace>.<owner>` names another user's, as at the gateway.
-    let ws = match name.split_once('.') {
+    let ws: WorkspaceView = match name.split_once('.') {
         Some((ws_name, owner)) => client
-            .get("/workspaces")?
-            .as_array()
-            .and_then(|all| {
-                all.iter()
-                    .find(|w| w["name"] == ws_name && w["owner"] == owner)
-                    .cloned()
-            })
+            .get_as::<Vec<WorkspaceView>>("/workspaces")?
+            .into_iter()
+            .find(|w| w.name == ws_name && w.owner == owner)
             .with_context(|| format!("no workspace `{ws_name}` of `{owner}` that you can see"))?,
-        None => client.get(&format!("/workspaces/{name}"))?,
+        None => client.get_as(&format!("/workspaces/{name}"))?,
     };
-    let owner = ws["owner"].as_str().unwrap_or_default();
-    let ws_name = ws["name"].as_str().unwrap_or(name);
-    Ok(if Some(owner) == me["name"].as_str() {
-        format!("{ws_name}.warren")
+    Ok(if ws.owner == me.name {
+        format!("{}.warren", ws.name)
     } else {
-        format!("{ws_name}.{owner}.warren")
+        format!("{}.{}.warren", ws.name, ws.owner)
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     #[test]
     fn entries_name_own_and_others_workspaces() {
-        let gateway = json!({"host": "devbox", "port": 2222});
+        let gateway = SshView {
+            host: "devbox".into(),
+            port: 2222,
+            known_hosts: String::new(),
+        };
         let workspaces = [
-            json!({"name": "web", "owner": "alice"}),
-            json!({"name": "api", "owner": "bob"}),
+            ("web".to_owned(), "alice".to_owned()),
+            ("api".to_owned(), "bob".to_owned()),
         ];
         let text = entries(
             "alice",
