@@ -5,7 +5,9 @@
 //! prebuild's state.
 //!
 //! The agent does not know how the control plane stores jobs: it talks to it through the
-//! [`ControlPlane`] trait (in process on a single host; over HTTP for remote hosts).
+//! [`ControlPlane`] trait (in process on a single host; over HTTP for remote hosts), whose
+//! types are `warren-protocol`'s. The control plane reaches the host's workspaces through the
+//! host's API ([`host_api`]), in process or through the [`tunnel`] a remote agent keeps open.
 
 pub mod host_api;
 pub mod tunnel;

@@ -22,6 +22,7 @@ pub struct KeyChallenge {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[cfg_attr(feature = "sqlx", derive(sqlx::FromRow))]
 pub struct KeyView {
     pub id: String,
     pub name: String,

@@ -15,6 +15,7 @@ pub struct NewProject {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[cfg_attr(feature = "sqlx", derive(sqlx::FromRow))]
 pub struct ProjectView {
     pub id: String,
     pub name: String,
@@ -24,10 +25,12 @@ pub struct ProjectView {
     pub env_file: Option<String>,
     /// The webhook's URL path with its secret: shown once, when the project is created.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "sqlx", sqlx(default))]
     pub webhook: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[cfg_attr(feature = "sqlx", derive(sqlx::FromRow))]
 pub struct BranchView {
     pub name: String,
     pub head: String,

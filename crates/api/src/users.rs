@@ -46,6 +46,7 @@ pub struct NewUser {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[cfg_attr(feature = "sqlx", derive(sqlx::FromRow))]
 pub struct TokenView {
     pub id: String,
     pub name: String,

@@ -1,6 +1,6 @@
-//! How the control plane reaches each host's API (`warren_protocol::host_api`): its own host's in
+//! How the control plane reaches each host's API (`warren_agent::host_api`): its own host's in
 //! process, every other host's through the tunnel that host's agent holds open
-//! (`warren_protocol::tunnel`). The same requests either way, so nothing about a workspace depends
+//! (`warren_agent::tunnel`). The same requests either way, so nothing about a workspace depends
 //! on which host it landed on.
 
 use std::collections::HashMap;

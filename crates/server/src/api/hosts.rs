@@ -162,8 +162,8 @@ fn yes() -> bool {
 
 /// An agent claims its host's next job (host token)
 #[utoipa::path(post, path = "/api/v1/agent/claim", tag = "agent",
-    request_body(content = Object, description = "`{\"report\": HostReport?, \"prebuilds\": bool}` (warren-agent's types)"),
-    responses((status = OK, description = "The job (warren-agent's `Job`)"), (status = NO_CONTENT, description = "Nothing to do")),
+    request_body(content = Object, description = "`{\"report\": HostReport?, \"prebuilds\": bool}` (warren-protocol's types)"),
+    responses((status = OK, description = "The job (warren-protocol's `Job`)"), (status = NO_CONTENT, description = "Nothing to do")),
     security(("host" = [])))]
 pub async fn agent_claim(
     State(state): State<AppState>,
@@ -188,7 +188,7 @@ pub struct FinishRequest {
 
 /// An agent reports how a job went (host token)
 #[utoipa::path(post, path = "/api/v1/agent/finish", tag = "agent",
-    request_body(content = Object, description = "`{\"job\": id, \"result\": {\"Ok\": Outcome} | {\"Err\": message}}` (warren-agent's types)"),
+    request_body(content = Object, description = "`{\"job\": id, \"result\": {\"Ok\": Outcome} | {\"Err\": message}}` (warren-protocol's types)"),
     responses((status = NO_CONTENT, description = "Done")),
     security(("host" = [])))]
 pub async fn agent_finish(
@@ -236,24 +236,13 @@ pub async fn list_hosts(
     caller: Caller,
 ) -> ApiResult<Json<Vec<HostView>>> {
     caller.require_admin()?;
-    let rows = sqlx::query(
-        "SELECT h.id, h.name, h.last_seen_at, (SELECT COUNT(*) FROM workspaces w WHERE w.host_id = h.id) AS n
+    let hosts = sqlx::query_as::<_, HostView>(
+        "SELECT h.id, h.name, h.last_seen_at, (SELECT COUNT(*) FROM workspaces w WHERE w.host_id = h.id) AS workspaces
          FROM hosts h ORDER BY h.name",
     )
     .fetch_all(&state.db.pool)
     .await?;
-    Ok(Json(
-        rows.iter()
-            .map(|r| {
-                Ok(HostView {
-                    id: r.try_get("id")?,
-                    name: r.try_get("name")?,
-                    workspaces: r.try_get("n")?,
-                    last_seen_at: r.try_get("last_seen_at")?,
-                })
-            })
-            .collect::<ApiResult<_>>()?,
-    ))
+    Ok(Json(hosts))
 }
 
 /// Recent jobs of the caller's workspaces
@@ -263,7 +252,7 @@ pub async fn list_jobs(
     State(state): State<AppState>,
     caller: Caller,
 ) -> ApiResult<Json<Vec<JobView>>> {
-    let rows = sqlx::query(
+    let jobs = sqlx::query_as::<_, JobView>(
         "SELECT j.id, j.kind, w.name AS workspace, j.state, j.attempts, j.last_error, j.created_at, j.finished_at
          FROM jobs j LEFT JOIN workspaces w ON w.id = j.workspace_id
          WHERE $2 = 1 OR w.owner_id = $1
@@ -273,20 +262,5 @@ pub async fn list_jobs(
     .bind(i64::from(caller.is_admin))
     .fetch_all(&state.db.pool)
     .await?;
-    Ok(Json(
-        rows.iter()
-            .map(|r| {
-                Ok(JobView {
-                    id: r.try_get("id")?,
-                    kind: r.try_get("kind")?,
-                    workspace: r.try_get("workspace")?,
-                    state: r.try_get("state")?,
-                    attempts: r.try_get("attempts")?,
-                    last_error: r.try_get("last_error")?,
-                    created_at: r.try_get("created_at")?,
-                    finished_at: r.try_get("finished_at")?,
-                })
-            })
-            .collect::<ApiResult<_>>()?,
-    ))
+    Ok(Json(jobs))
 }

@@ -4,8 +4,6 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use sqlx::Row;
-use sqlx::any::AnyRow;
 
 use super::{Body, check_name};
 use crate::auth::Caller;
@@ -83,15 +81,6 @@ pub fn blob_fingerprint(blob: &[u8]) -> String {
     )
 }
 
-fn key_view(r: &AnyRow) -> ApiResult<KeyView> {
-    Ok(KeyView {
-        id: r.try_get("id")?,
-        name: r.try_get("name")?,
-        public_key: r.try_get("public_key")?,
-        fingerprint: r.try_get("fingerprint")?,
-    })
-}
-
 /// The caller's SSH public keys
 #[utoipa::path(get, path = "/api/v1/keys", tag = "keys",
     responses((status = OK, body = Vec<KeyView>)))]
@@ -99,13 +88,13 @@ pub async fn list_keys(
     State(state): State<AppState>,
     caller: Caller,
 ) -> ApiResult<Json<Vec<KeyView>>> {
-    let rows = sqlx::query(
+    let keys = sqlx::query_as::<_, KeyView>(
         "SELECT id, name, public_key, fingerprint FROM ssh_keys WHERE user_id = $1 ORDER BY name",
     )
     .bind(&caller.user_id)
     .fetch_all(&state.db.pool)
     .await?;
-    Ok(Json(rows.iter().map(key_view).collect::<ApiResult<_>>()?))
+    Ok(Json(keys))
 }
 
 /// Add an SSH public key, with a signature proving the caller holds it

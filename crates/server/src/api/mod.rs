@@ -4,8 +4,6 @@
 //! and bounded.
 
 use axum::extract::FromRequest;
-use sqlx::Row;
-use sqlx::any::AnyRow;
 
 use crate::auth::Caller;
 use crate::error::ApiError;
@@ -22,15 +20,6 @@ pub use crate::model::check_name;
 pub(crate) trait Owned {
     fn id(&self) -> String;
     fn owner_id(&self) -> String;
-}
-
-impl Owned for AnyRow {
-    fn id(&self) -> String {
-        self.try_get("id").unwrap_or_default()
-    }
-    fn owner_id(&self) -> String {
-        self.try_get("owner_id").unwrap_or_default()
-    }
 }
 
 impl Owned for crate::workspaces::Workspace {

@@ -72,7 +72,7 @@ pub async fn list_prebuilds(
     let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
         "SELECT {COLUMNS} WHERE p.project_id = $1 ORDER BY p.created_at DESC, p.id"
     )))
-    .bind(project.try_get::<String, _>("id")?)
+    .bind(&project.id)
     .fetch_all(&state.db.pool)
     .await?;
     let mut out = Vec::with_capacity(rows.len());
@@ -108,8 +108,7 @@ pub async fn create_prebuild(
     Body(req): Body<NewPrebuild>,
 ) -> ApiResult<impl IntoResponse> {
     let project = find_project(&state, &caller, &project).await?;
-    let project_id: String = project.try_get("id")?;
-    let url: String = project.try_get("git_url")?;
+    let (project_id, url) = (project.id, project.git_url);
     let (branch, head) = branch_head(&state.db, &project_id, req.branch.as_deref()).await?;
     let existing: Option<String> = sqlx::query(
         "SELECT id FROM prebuilds WHERE project_id = $1 AND commit_sha = $2 AND state IN ('queued', 'running', 'succeeded')

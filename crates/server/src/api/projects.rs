@@ -5,7 +5,6 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use sqlx::Row;
-use sqlx::any::AnyRow;
 
 use super::{Body, check_name, pick_owned};
 use crate::auth::Caller;
@@ -62,16 +61,37 @@ fn check_file_repo(state: &AppState, caller: &Caller, url: &str) -> ApiResult<()
     }
 }
 
-fn project_view(r: &AnyRow) -> ApiResult<ProjectView> {
-    Ok(ProjectView {
-        id: r.try_get("id")?,
-        name: r.try_get("name")?,
-        owner: r.try_get("owner")?,
-        git_url: r.try_get("git_url")?,
-        root_folder: r.try_get("root_folder")?,
-        env_file: r.try_get("env_file")?,
+/// A project as stored, with its owner's name.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub(crate) struct Project {
+    pub id: String,
+    pub name: String,
+    pub owner_id: String,
+    pub owner: String,
+    pub git_url: String,
+    pub root_folder: String,
+    pub env_file: Option<String>,
+}
+
+impl super::Owned for Project {
+    fn id(&self) -> String {
+        self.id.clone()
+    }
+    fn owner_id(&self) -> String {
+        self.owner_id.clone()
+    }
+}
+
+fn project_view(p: Project) -> ProjectView {
+    ProjectView {
+        id: p.id,
+        name: p.name,
+        owner: p.owner,
+        git_url: p.git_url,
+        root_folder: p.root_folder,
+        env_file: p.env_file,
         webhook: None,
-    })
+    }
 }
 
 const PROJECT_COLUMNS: &str = "p.id, p.name, p.owner_id, u.name AS owner, p.git_url, p.root_folder, p.env_file FROM projects p JOIN users u ON u.id = p.owner_id";
@@ -80,8 +100,8 @@ pub(crate) async fn find_project(
     state: &AppState,
     caller: &Caller,
     key: &str,
-) -> ApiResult<AnyRow> {
-    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+) -> ApiResult<Project> {
+    let rows = sqlx::query_as::<_, Project>(sqlx::AssertSqlSafe(format!(
         "SELECT {PROJECT_COLUMNS} WHERE p.id = $1 OR p.name = $1"
     )))
     .bind(key)
@@ -98,16 +118,14 @@ pub async fn list_projects(
     State(state): State<AppState>,
     caller: Caller,
 ) -> ApiResult<Json<Vec<ProjectView>>> {
-    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+    let projects = sqlx::query_as::<_, Project>(sqlx::AssertSqlSafe(format!(
         "SELECT {PROJECT_COLUMNS} WHERE p.owner_id = $1 OR $2 = 1 ORDER BY p.name"
     )))
     .bind(&caller.user_id)
     .bind(i64::from(caller.is_admin))
     .fetch_all(&state.db.pool)
     .await?;
-    Ok(Json(
-        rows.iter().map(project_view).collect::<ApiResult<_>>()?,
-    ))
+    Ok(Json(projects.into_iter().map(project_view).collect()))
 }
 
 /// Add a project (a git repository)
@@ -156,8 +174,7 @@ pub async fn create_project(
             }
         }
     });
-    let row = find_project(&state, &caller, &id).await?;
-    let mut view = project_view(&row)?;
+    let mut view = project_view(find_project(&state, &caller, &id).await?);
     view.webhook = Some(format!("/api/v1/hooks/git/{id}?secret={secret}"));
     Ok((StatusCode::CREATED, Json(view)))
 }
@@ -174,7 +191,7 @@ pub async fn update_project(
     Body(req): Body<TrustChange>,
 ) -> ApiResult<StatusCode> {
     caller.require_admin()?;
-    let id: String = find_project(&state, &caller, &key).await?.try_get("id")?;
+    let id = find_project(&state, &caller, &key).await?.id;
     sqlx::query("UPDATE projects SET vm_ksm = $1 WHERE id = $2")
         .bind(i64::from(req.vm_ksm))
         .bind(&id)
@@ -194,8 +211,8 @@ pub async fn get_project(
     Path(key): Path<String>,
 ) -> ApiResult<Json<ProjectView>> {
     Ok(Json(project_view(
-        &find_project(&state, &caller, &key).await?,
-    )?))
+        find_project(&state, &caller, &key).await?,
+    )))
 }
 
 /// Remove a project
@@ -207,8 +224,7 @@ pub async fn delete_project(
     caller: Caller,
     Path(key): Path<String>,
 ) -> ApiResult<StatusCode> {
-    let row = find_project(&state, &caller, &key).await?;
-    let id: String = row.try_get("id")?;
+    let id = find_project(&state, &caller, &key).await?.id;
     sqlx::query("DELETE FROM projects WHERE id = $1")
         .bind(&id)
         .execute(&state.db.pool)
@@ -217,21 +233,12 @@ pub async fn delete_project(
 }
 
 async fn branches_of(state: &AppState, project_id: &str) -> ApiResult<Vec<BranchView>> {
-    let rows = sqlx::query(
+    Ok(sqlx::query_as::<_, BranchView>(
         "SELECT name, head, updated_at FROM branches WHERE project_id = $1 ORDER BY name",
     )
     .bind(project_id)
     .fetch_all(&state.db.pool)
-    .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(BranchView {
-                name: r.try_get("name")?,
-                head: r.try_get("head")?,
-                updated_at: r.try_get("updated_at")?,
-            })
-        })
-        .collect()
+    .await?)
 }
 
 /// The project's branches and their head commits
@@ -243,10 +250,8 @@ pub async fn project_branches(
     caller: Caller,
     Path(key): Path<String>,
 ) -> ApiResult<Json<Vec<BranchView>>> {
-    let row = find_project(&state, &caller, &key).await?;
-    Ok(Json(
-        branches_of(&state, &row.try_get::<String, _>("id")?).await?,
-    ))
+    let project = find_project(&state, &caller, &key).await?;
+    Ok(Json(branches_of(&state, &project.id).await?))
 }
 
 /// Reads the project's branch heads now (what the poller does on its timer).
@@ -259,9 +264,9 @@ pub async fn refresh_project(
     caller: Caller,
     Path(key): Path<String>,
 ) -> ApiResult<Json<Vec<BranchView>>> {
-    let row = find_project(&state, &caller, &key).await?;
-    let id: String = row.try_get("id")?;
-    let url: String = row.try_get("git_url")?;
+    let Project {
+        id, git_url: url, ..
+    } = find_project(&state, &caller, &key).await?;
     crate::git::refresh_project(&state.db, &state.git_mirrors, &id, &url)
         .await
         .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, e))?;

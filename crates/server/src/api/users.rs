@@ -187,23 +187,13 @@ pub async fn list_tokens(
     State(state): State<AppState>,
     caller: Caller,
 ) -> ApiResult<Json<Vec<TokenView>>> {
-    let rows = sqlx::query(
+    let tokens = sqlx::query_as::<_, TokenView>(
         "SELECT id, name, created_at FROM api_tokens WHERE user_id = $1 ORDER BY created_at",
     )
     .bind(&caller.user_id)
     .fetch_all(&state.db.pool)
     .await?;
-    Ok(Json(
-        rows.iter()
-            .map(|r| {
-                Ok(TokenView {
-                    id: r.try_get("id")?,
-                    name: r.try_get("name")?,
-                    created_at: r.try_get("created_at")?,
-                })
-            })
-            .collect::<ApiResult<_>>()?,
-    ))
+    Ok(Json(tokens))
 }
 
 /// Revoke one of the caller's tokens

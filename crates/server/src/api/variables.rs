@@ -36,10 +36,7 @@ async fn var_scope(
     project: Option<&str>,
 ) -> ApiResult<(&'static str, String)> {
     match project {
-        Some(p) => Ok((
-            "project",
-            find_project(state, caller, p).await?.try_get("id")?,
-        )),
+        Some(p) => Ok(("project", find_project(state, caller, p).await?.id)),
         None => Ok(("user", caller.user_id.clone())),
     }
 }

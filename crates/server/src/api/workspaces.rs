@@ -8,7 +8,6 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::{Method, StatusCode};
 use axum::response::IntoResponse;
-use sqlx::Row;
 
 use super::projects::find_project;
 use super::variables::workspace_env;
@@ -121,10 +120,10 @@ pub async fn create_workspace(
     let req = create::check(&state, &caller, req)?;
     let project = match &req.project() {
         Some(p) => {
-            let row = find_project(&state, &caller, p).await?;
+            let project = find_project(&state, &caller, p).await?;
             Some(create::Project {
-                id: row.try_get("id")?,
-                git_url: row.try_get("git_url")?,
+                id: project.id,
+                git_url: project.git_url,
             })
         }
         None => None,
