@@ -161,8 +161,9 @@ struct Shim {
     layout: Layout,
     init_pid: i32,
     mount: Option<LowerMount>,
-    /// A VM workspace's QEMU (its `init_pid`) and helpers.
-    vm: Option<crate::vm::RunningVm>,
+    /// What runs the workspace (chosen once, at start): a container's init, or a VM's QEMU
+    /// (its `init_pid`) and device daemons.
+    machine: Box<dyn Machine>,
     /// Exec'd processes by pid, with the connection waiting for their exit.
     execs: HashMap<i32, Channel>,
 }
@@ -197,18 +198,22 @@ impl Shim {
                 &mut partial.mount,
                 &mut partial.helpers,
             )
-            .map(|running| (running.qemu.id() as i32, Some(running))),
-            None => {
-                prepare(&partial.rec, &partial.layout, &mut partial.mount).map(|pid| (pid, None))
-            }
+            .map(|running| {
+                (
+                    running.qemu.id() as i32,
+                    Box::new(Vm(running)) as Box<dyn Machine>,
+                )
+            }),
+            None => prepare(&partial.rec, &partial.layout, &mut partial.mount)
+                .map(|pid| (pid, Box::new(SystemContainer) as Box<dyn Machine>)),
         };
         match prepared {
-            Ok((init_pid, vm)) => Ok(Self {
+            Ok((init_pid, machine)) => Ok(Self {
                 rec: partial.rec,
                 layout: partial.layout,
                 init_pid,
                 mount: partial.mount,
-                vm,
+                machine,
                 execs: HashMap::new(),
             }),
             Err(e) => Err((e, partial)),
@@ -312,26 +317,22 @@ impl Shim {
                     &[],
                 );
             }
-            Request::Exec(_) if self.vm.is_some() => {
-                let _ = channel.send(
-                    &Reply::Error("a VM workspace runs processes through its guest agent".into()),
-                    &[],
-                );
-            }
-            Request::Exec(request) => match exec::spawn(&self.rec, self.init_pid, &request, fds) {
-                Ok(started) => {
-                    let fds: Vec<_> = started.master.iter().map(|m| m.as_fd()).collect();
-                    if channel
-                        .send(&Reply::Started { pid: started.pid }, &fds)
-                        .is_ok()
-                    {
-                        self.execs.insert(started.pid, channel);
+            Request::Exec(request) => {
+                match self.machine.exec(&self.rec, self.init_pid, &request, fds) {
+                    Ok(started) => {
+                        let fds: Vec<_> = started.master.iter().map(|m| m.as_fd()).collect();
+                        if channel
+                            .send(&Reply::Started { pid: started.pid }, &fds)
+                            .is_ok()
+                        {
+                            self.execs.insert(started.pid, channel);
+                        }
+                    }
+                    Err(e) => {
+                        let _ = channel.send(&Reply::Error(e.to_string()), &[]);
                     }
                 }
-                Err(e) => {
-                    let _ = channel.send(&Reply::Error(e.to_string()), &[]);
-                }
-            },
+            }
             Request::Stop { grace_ms } => {
                 self.stop(Duration::from_millis(grace_ms));
                 let _ = channel.send(&Reply::Stopped, &[]);
@@ -365,75 +366,30 @@ impl Shim {
                 && child.id() as i32 == pid
             {
                 tracing::error!(workspace.id = %self.rec.config.id, ?exit, "the image mount exited; the workspace's files are gone");
-            } else if let Some(vm) = &mut self.vm
-                && let Some(at) = vm.helpers.iter().position(|c| c.id() as i32 == pid)
-            {
-                // Reaped by the waitpid above: forgotten, so a later stop never signals its
-                // (reusable) pid.
-                #[allow(clippy::zombie_processes)]
-                let _reaped = vm.helpers.remove(at);
+            } else if self.machine.reaped(pid) {
                 tracing::warn!(workspace.id = %self.rec.config.id, ?exit, "a VM device process exited");
             }
         }
     }
 
-    /// SIGTERM to init (which passes it to every process), SIGKILL after `grace`, then teardown.
+    /// Asks the workspace to stop (see [`Machine::ask_stop`]), kills its init if it has not
+    /// ended by the deadline, then tears down.
     fn stop(&mut self, grace: Duration) {
-        if self.vm.is_some() {
-            return self.stop_vm(grace);
-        }
-        let init = Pid::from_raw(self.init_pid);
-        let _ = kill(init, Signal::SIGTERM);
-        let deadline = Instant::now() + grace;
+        let asked = self.machine.ask_stop(&self.layout, self.init_pid, grace);
         let mut killed = false;
         while !self.reap() {
-            if !killed && Instant::now() >= deadline {
-                // Killing a pid namespace's init kills everything in it.
-                let _ = kill(init, Signal::SIGKILL);
-                killed = true;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        self.finish(if killed {
-            "stopped (killed after the grace period)"
-        } else {
-            "stopped"
-        });
-    }
-
-    /// A clean shutdown by the guest (its processes get SIGTERM, then SIGKILL after `grace`),
-    /// and QEMU killed if the guest has not powered off a while after that.
-    fn stop_vm(&mut self, grace: Duration) {
-        let asked = crate::vm::VmFiles::of(&self.layout)
-            .agent_addr()
-            .and_then(|agent| crate::vm::client::poweroff(&agent, grace))
-            .is_ok();
-        let deadline = Instant::now()
-            + if asked {
-                grace + VM_POWEROFF_SLACK
-            } else {
-                Duration::ZERO
-            };
-        let mut killed = false;
-        while !self.reap() {
-            if !killed && Instant::now() >= deadline {
+            if !killed && Instant::now() >= asked.deadline {
+                // Killing a pid namespace's init kills everything in it; killing QEMU, the VM.
                 let _ = kill(Pid::from_raw(self.init_pid), Signal::SIGKILL);
                 killed = true;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        self.finish(if killed {
-            "stopped (the VM was killed)"
-        } else {
-            "stopped (the guest powered off)"
-        });
+        self.finish(if killed { asked.killed } else { asked.ended });
     }
 
     fn finish(&mut self, why: &str) {
-        if let Some(mut vm) = self.vm.take() {
-            crate::vm::stop_helpers(&mut vm.helpers);
-            let _ = std::fs::remove_file(crate::vm::VmFiles::of(&self.layout).accel());
-        }
+        self.machine.finish(&self.layout);
         // Exec'd processes die with the pid namespace; collect them.
         let deadline = Instant::now() + Duration::from_secs(2);
         while !self.execs.is_empty() && Instant::now() < deadline {
@@ -446,6 +402,117 @@ impl Shim {
         } else {
             tracing::error!(workspace.id = %self.rec.config.id, ?leftovers, "workspace {why}, but some of it could not be removed");
         }
+    }
+}
+
+/// How a stop was asked for: when init is killed if it has not ended, and the words for each
+/// ending.
+struct StopAsked {
+    deadline: Instant,
+    ended: &'static str,
+    killed: &'static str,
+}
+
+/// What runs a workspace under its shim, chosen once at start: the shim's loop, its exec
+/// requests, its stop and its reaping never ask which.
+trait Machine {
+    /// Starts a process for an exec request.
+    fn exec(
+        &mut self,
+        rec: &WorkspaceRecord,
+        init_pid: i32,
+        request: &crate::ExecRequest,
+        stdio: Vec<OwnedFd>,
+    ) -> Result<exec::Started, Error>;
+    /// Asks the workspace to stop within `grace`.
+    fn ask_stop(&mut self, layout: &Layout, init_pid: i32, grace: Duration) -> StopAsked;
+    /// Whether the exited child `pid` was one of the machine's own (it is forgotten).
+    fn reaped(&mut self, pid: i32) -> bool;
+    /// Ends what the machine runs beside init.
+    fn finish(&mut self, layout: &Layout);
+}
+
+/// A system container: init in its namespaces, processes exec'd beside it.
+struct SystemContainer;
+
+impl Machine for SystemContainer {
+    fn exec(
+        &mut self,
+        rec: &WorkspaceRecord,
+        init_pid: i32,
+        request: &crate::ExecRequest,
+        stdio: Vec<OwnedFd>,
+    ) -> Result<exec::Started, Error> {
+        exec::spawn(rec, init_pid, request, stdio)
+    }
+
+    /// SIGTERM to init (which passes it to every process); SIGKILL after `grace`.
+    fn ask_stop(&mut self, _layout: &Layout, init_pid: i32, grace: Duration) -> StopAsked {
+        let _ = kill(Pid::from_raw(init_pid), Signal::SIGTERM);
+        StopAsked {
+            deadline: Instant::now() + grace,
+            ended: "stopped",
+            killed: "stopped (killed after the grace period)",
+        }
+    }
+
+    fn reaped(&mut self, _pid: i32) -> bool {
+        false
+    }
+
+    fn finish(&mut self, _layout: &Layout) {}
+}
+
+/// A VM: QEMU (the shim's `init_pid`) and its device daemons.
+struct Vm(crate::vm::RunningVm);
+
+impl Machine for Vm {
+    fn exec(
+        &mut self,
+        rec: &WorkspaceRecord,
+        _init_pid: i32,
+        _request: &crate::ExecRequest,
+        _stdio: Vec<OwnedFd>,
+    ) -> Result<exec::Started, Error> {
+        Err(Error::Shim {
+            id: rec.config.id.to_string(),
+            message: "a VM workspace runs processes through its guest agent".into(),
+        })
+    }
+
+    /// A clean shutdown by the guest (its processes get SIGTERM, then SIGKILL after `grace`),
+    /// and QEMU killed if the guest has not powered off a while after that.
+    fn ask_stop(&mut self, layout: &Layout, _init_pid: i32, grace: Duration) -> StopAsked {
+        let asked = crate::vm::VmFiles::of(layout)
+            .agent_addr()
+            .and_then(|agent| crate::vm::client::poweroff(&agent, grace))
+            .is_ok();
+        StopAsked {
+            deadline: Instant::now()
+                + if asked {
+                    grace + VM_POWEROFF_SLACK
+                } else {
+                    Duration::ZERO
+                },
+            ended: "stopped (the guest powered off)",
+            killed: "stopped (the VM was killed)",
+        }
+    }
+
+    fn reaped(&mut self, pid: i32) -> bool {
+        let Some(at) = self.0.helpers.iter().position(|c| c.id() as i32 == pid) else {
+            return false;
+        };
+        // Reaped by the shim's waitpid: forgotten, so a later stop never signals its
+        // (reusable) pid.
+        #[allow(clippy::zombie_processes)]
+        let _reaped = self.0.helpers.remove(at);
+        true
+    }
+
+    fn finish(&mut self, layout: &Layout) {
+        crate::vm::stop_helpers(&mut self.0.helpers);
+        let _ = std::fs::remove_file(crate::vm::VmFiles::of(layout).accel());
     }
 }
 
