@@ -46,7 +46,8 @@ impl Prebuilder for HostPrebuilder {
             &job.commit,
             &checkout,
             log,
-        )?;
+        )
+        .map_err(|e| e.to_string())?;
         let id: String = job
             .prebuild_id
             .chars()

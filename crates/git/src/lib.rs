@@ -8,6 +8,29 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// Why a repository could not be had; each names what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum GitError {
+    /// A repository URL whose login git could be handed in the URL itself.
+    #[error("{0}")]
+    Url(&'static str),
+    #[error("cannot run git: {0}")]
+    Spawn(#[source] std::io::Error),
+    /// git ran and failed: its subcommand and what it said.
+    #[error("git {command}: {said}")]
+    Failed { command: String, said: String },
+    #[error("{}: {source}", path.display())]
+    Mirror {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{0}` is not a full commit id")]
+    NotACommit(String),
+    #[error("commit {commit} is not on any branch of {url}")]
+    NotOnABranch { commit: String, url: String },
+}
+
 /// Whether `commit` is a full commit id (SHA-1 or SHA-256).
 pub fn is_commit_id(commit: &str) -> bool {
     matches!(commit.len(), 40 | 64) && commit.bytes().all(|b| b.is_ascii_hexdigit())
@@ -31,7 +54,7 @@ struct Login {
 }
 
 impl Remote {
-    fn of(url: &str) -> Result<Remote, String> {
+    fn of(url: &str) -> Result<Remote, GitError> {
         let plain = || Remote {
             url: url.to_owned(),
             login: None,
@@ -47,7 +70,9 @@ impl Remote {
         let Ok(mut parsed) = url::Url::parse(url) else {
             // git may read what this parser does not: never hand it a login in the URL.
             return if authority.contains('@') {
-                Err("a repository URL with a user or password that cannot be read as a URL".into())
+                Err(GitError::Url(
+                    "a repository URL with a user or password that cannot be read as a URL",
+                ))
             } else {
                 Ok(plain())
             };
@@ -55,10 +80,12 @@ impl Remote {
         if parsed.username().is_empty() && parsed.password().is_none() {
             return Ok(plain());
         }
-        let decode = |s: &str| -> Result<std::ffi::OsString, String> {
+        let decode = |s: &str| -> Result<std::ffi::OsString, GitError> {
             let bytes: Vec<u8> = percent_encoding::percent_decode_str(s).collect();
             if bytes.iter().any(|&b| b == b'\n' || b == 0) {
-                return Err("a repository URL's user or password holds a line break".into());
+                return Err(GitError::Url(
+                    "a repository URL's user or password holds a line break",
+                ));
             }
             Ok(std::os::unix::ffi::OsStringExt::from_vec(bytes))
         };
@@ -86,7 +113,7 @@ pub fn redacted(url: &str) -> String {
 /// Answers git's `get` with the login from the environment (never in an argument).
 const CREDENTIAL_HELPER: &str = r#"!f() { test "$1" = get || exit 0; printf 'username=%s\npassword=%s\n' "$WARREN_GIT_USERNAME" "$WARREN_GIT_PASSWORD"; }; f"#;
 
-fn git(log: &mut dyn Write, dir: Option<&Path>, args: &[&str]) -> Result<Vec<u8>, String> {
+fn git(log: &mut dyn Write, dir: Option<&Path>, args: &[&str]) -> Result<Vec<u8>, GitError> {
     git_as(log, dir, args, None)
 }
 
@@ -96,7 +123,7 @@ fn git_as(
     dir: Option<&Path>,
     args: &[&str],
     login: Option<&Login>,
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, GitError> {
     let mut cmd = Command::new("git");
     if let Some(dir) = dir {
         cmd.arg("-C").arg(dir);
@@ -131,16 +158,15 @@ fn git_as(
              -o IdentitiesOnly=yes -o IdentityFile=/dev/null",
         )
         .output()
-        .map_err(|e| format!("cannot run git: {e}"))?;
+        .map_err(GitError::Spawn)?;
     let _ = log.write_all(&out.stderr);
     if out.status.success() {
         Ok(out.stdout)
     } else {
-        Err(format!(
-            "git {}: {}",
-            args.first().copied().unwrap_or_default(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
+        Err(GitError::Failed {
+            command: args.first().copied().unwrap_or_default().to_owned(),
+            said: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
     }
 }
 
@@ -151,14 +177,17 @@ fn mirror_of(mirrors: &Path, url: &str) -> PathBuf {
 }
 
 /// The mirror of `url`, created when absent, locked while the caller holds the lock file.
-fn mirror(mirrors: &Path, url: &str) -> Result<(PathBuf, std::fs::File), String> {
-    std::fs::create_dir_all(mirrors).map_err(|e| format!("{}: {e}", mirrors.display()))?;
+fn mirror(mirrors: &Path, url: &str) -> Result<(PathBuf, std::fs::File), GitError> {
+    let failed = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| GitError::Mirror { path, source }
+    };
+    std::fs::create_dir_all(mirrors).map_err(failed(mirrors))?;
     let mirror = mirror_of(mirrors, url);
     // One fetch of a repository at a time (two prebuilds of one project may run together).
-    let lock = std::fs::File::create(mirror.with_extension("lock"))
-        .map_err(|e| format!("{}: {e}", mirror.display()))?;
-    lock.lock()
-        .map_err(|e| format!("cannot lock the mirror: {e}"))?;
+    let lock_path = mirror.with_extension("lock");
+    let lock = std::fs::File::create(&lock_path).map_err(failed(&lock_path))?;
+    lock.lock().map_err(failed(&lock_path))?;
     if !mirror.join("HEAD").exists() {
         let _ = std::fs::remove_dir_all(&mirror);
         let path = mirror.to_string_lossy();
@@ -171,7 +200,7 @@ fn mirror(mirrors: &Path, url: &str) -> Result<(PathBuf, std::fs::File), String>
     Ok((mirror, lock))
 }
 
-fn fetch(mirror: &Path, url: &str, log: &mut dyn Write) -> Result<(), String> {
+fn fetch(mirror: &Path, url: &str, log: &mut dyn Write) -> Result<(), GitError> {
     let remote = Remote::of(url)?;
     git_as(
         log,
@@ -192,7 +221,7 @@ fn fetch(mirror: &Path, url: &str, log: &mut dyn Write) -> Result<(), String> {
 }
 
 /// Brings the mirror of `url` up to date; every branch and its head commit.
-pub fn fetch_heads(mirrors: &Path, url: &str) -> Result<Vec<(String, String)>, String> {
+pub fn fetch_heads(mirrors: &Path, url: &str) -> Result<Vec<(String, String)>, GitError> {
     let (mirror, _lock) = mirror(mirrors, url)?;
     fetch(&mirror, url, &mut std::io::sink())?;
     let out = git(
@@ -242,9 +271,9 @@ pub fn checkout(
     commit: &str,
     into: &Path,
     log: &mut dyn Write,
-) -> Result<(), String> {
+) -> Result<(), GitError> {
     if !is_commit_id(commit) {
-        return Err(format!("`{commit}` is not a full commit id"));
+        return Err(GitError::NotACommit(commit.to_owned()));
     }
     let (mirror, lock) = mirror(mirrors, url)?;
     let wanted = format!("{commit}^{{commit}}");
@@ -261,7 +290,10 @@ pub fn checkout(
         let _ = writeln!(log, "fetching {shown}");
         fetch(&mirror, url, log)?;
         if !present() {
-            return Err(format!("commit {commit} is not on any branch of {shown}"));
+            return Err(GitError::NotOnABranch {
+                commit: commit.to_owned(),
+                url: shown,
+            });
         }
     }
     let from = mirror.to_string_lossy();
@@ -317,9 +349,9 @@ mod tests {
         // A commit on no branch, and no commit id at all.
         let missing = "0".repeat(40);
         let err = checkout(&mirrors, &url, &missing, &tmp.path().join("c"), &mut log);
-        assert!(err.unwrap_err().contains("is not on any branch"));
+        assert!(matches!(err, Err(GitError::NotOnABranch { .. })), "{err:?}");
         let err = checkout(&mirrors, &url, "main", &tmp.path().join("d"), &mut log);
-        assert!(err.unwrap_err().contains("not a full commit id"));
+        assert!(matches!(err, Err(GitError::NotACommit(_))), "{err:?}");
     }
 
     /// Smart HTTP behind basic auth, as a forge serves a private repository: `git http-backend`
@@ -466,12 +498,15 @@ s.serve_forever()
             let config = std::fs::read_to_string(into.join(".git/config")).unwrap();
             assert!(!config.contains("4f9d1c"), "{config}");
             // A wrong token is refused, and says so without showing it.
-            let err = fetch_heads(&mirrors, &url.replace("4f9d1c", "000000")).unwrap_err();
+            let err = fetch_heads(&mirrors, &url.replace("4f9d1c", "000000"))
+                .unwrap_err()
+                .to_string();
             assert!(!err.contains("000000"), "{err}");
             // A login in a URL this parser cannot read (git might) is refused, not passed on.
             let odd = "https://u:tok-4f9d1c@[fe80::1%25eth0]/r.git";
             let err = fetch_heads(&mirrors, odd).unwrap_err();
-            assert!(err.contains("cannot be read as a URL"), "{err}");
+            assert!(matches!(err, GitError::Url(_)), "{err}");
+            assert!(err.to_string().contains("cannot be read as a URL"), "{err}");
             assert_eq!(redacted(odd), "(a repository URL)");
             watcher.join().unwrap()
         });

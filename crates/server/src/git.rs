@@ -25,6 +25,7 @@ pub async fn fetch_heads(mirrors: &Path, url: &str) -> Result<Vec<(String, Strin
             )
         })?
         .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
 }
 
 /// Brings `branches` of one project up to date; returns how many heads changed.
