@@ -82,6 +82,14 @@ impl std::fmt::Display for PrebuildState {
     }
 }
 
+/// As stored (rows read with `sqlx(try_from = "String")`).
+impl TryFrom<String> for PrebuildState {
+    type Error = crate::UnknownState;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
 impl std::str::FromStr for PrebuildState {
     type Err = crate::UnknownState;
     fn from_str(s: &str) -> Result<Self, Self::Err> {

@@ -7,7 +7,6 @@
 
 use std::path::Path;
 
-use sqlx::any::AnyRow;
 use sqlx::{Any, Row, Transaction};
 use warren_protocol::{Outcome, PrebuildJob};
 
@@ -212,8 +211,33 @@ pub async fn archive_unneeded(db: &Db) -> Result<usize, sqlx::Error> {
     Ok(rows.len())
 }
 
-/// What a prebuild's view reads, with its project's name and owner, its branch's head and
-/// the host that made it.
+/// A prebuild as stored ([`COLUMNS`]), with its project's name, owner and URL, its branch's
+/// head and the host that made it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub(crate) struct Prebuild {
+    pub id: String,
+    pub project_id: String,
+    pub project: String,
+    pub owner_id: String,
+    pub git_url: String,
+    pub branch: Option<String>,
+    pub commit_sha: String,
+    #[sqlx(try_from = "String")]
+    pub state: warren_api::PrebuildState,
+    pub image: Option<String>,
+    pub error: Option<String>,
+    /// 0 or 1: found made before under its key.
+    pub reused: i64,
+    pub env_file: Option<String>,
+    pub env_text: Option<String>,
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+    pub head: Option<String>,
+    pub host: Option<String>,
+}
+
+/// What a [`Prebuild`] is read from.
 pub(crate) const COLUMNS: &str = "p.id, p.project_id, pr.name AS project, pr.owner_id, pr.git_url, p.branch, p.commit_sha, p.state, p.image,
     p.error, p.reused, p.env_file, p.env_text, p.created_at, p.started_at, p.finished_at,
     (SELECT b.head FROM branches b WHERE b.project_id = p.project_id AND b.name = p.branch) AS head,
@@ -281,13 +305,13 @@ pub async fn branch_head(
 
 /// The newest succeeded prebuild for a branch: the one of its head's commit first, else the
 /// newest made for the branch.
-pub async fn for_branch(
+pub(crate) async fn for_branch(
     db: &Db,
     project_id: &str,
     branch: &str,
     head: &str,
-) -> ApiResult<Option<AnyRow>> {
-    Ok(sqlx::query(sqlx::AssertSqlSafe(format!(
+) -> ApiResult<Option<Prebuild>> {
+    Ok(sqlx::query_as::<_, Prebuild>(sqlx::AssertSqlSafe(format!(
         "SELECT {COLUMNS} WHERE p.project_id = $1 AND p.state = 'succeeded' AND (p.branch = $2 OR p.commit_sha = $3)
          ORDER BY CASE WHEN p.commit_sha = $3 THEN 0 ELSE 1 END, p.created_at DESC LIMIT 1"
     )))

@@ -7,55 +7,48 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use sqlx::Row;
-use sqlx::any::AnyRow;
-use warren_api::{LogPiece, LogQuery, NewPrebuild, PrebuildView};
+use warren_api::{LogPiece, LogQuery, NewPrebuild, PrebuildState, PrebuildView};
 
 use super::Body;
 use super::projects::find_project;
 use crate::auth::Caller;
 use crate::db::now_ms;
 use crate::error::{ApiError, ApiResult};
-use crate::prebuilds::{COLUMNS, behind, branch_head, queue};
+use crate::prebuilds::{COLUMNS, Prebuild, behind, branch_head, queue};
 use crate::state::AppState;
 
-async fn view(state: &AppState, r: &AnyRow) -> ApiResult<PrebuildView> {
-    let commit: String = r.try_get("commit_sha")?;
-    let head: Option<String> = r.try_get("head")?;
-    let url: String = r.try_get("git_url")?;
-    let behind = match head {
-        Some(head) => behind(&state.git_mirrors, &url, &commit, &head).await,
+async fn view(state: &AppState, p: Prebuild) -> PrebuildView {
+    let behind = match &p.head {
+        Some(head) => behind(&state.git_mirrors, &p.git_url, &p.commit_sha, head).await,
         None => None,
     };
-    Ok(PrebuildView {
-        id: r.try_get("id")?,
-        project: r.try_get("project")?,
-        branch: r.try_get("branch")?,
-        commit,
-        state: r
-            .try_get::<String, _>("state")?
-            .parse()
-            .map_err(|e| ApiError::internal("a stored prebuild", e))?,
-        image: r.try_get("image")?,
-        error: r.try_get("error")?,
-        reused: r.try_get::<i64, _>("reused")? != 0,
-        env_file: r.try_get("env_file")?,
-        host: r.try_get("host")?,
-        created_at: r.try_get("created_at")?,
-        started_at: r.try_get("started_at")?,
-        finished_at: r.try_get("finished_at")?,
+    PrebuildView {
+        id: p.id,
+        project: p.project,
+        branch: p.branch,
+        commit: p.commit_sha,
+        state: p.state,
+        image: p.image,
+        error: p.error,
+        reused: p.reused != 0,
+        env_file: p.env_file,
+        host: p.host,
+        created_at: p.created_at,
+        started_at: p.started_at,
+        finished_at: p.finished_at,
         behind,
-    })
+    }
 }
 
 /// A prebuild the caller may see (its project's owner, or an admin).
-async fn find(state: &AppState, caller: &Caller, id: &str) -> ApiResult<AnyRow> {
-    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+async fn find(state: &AppState, caller: &Caller, id: &str) -> ApiResult<Prebuild> {
+    let row = sqlx::query_as::<_, Prebuild>(sqlx::AssertSqlSafe(format!(
         "SELECT {COLUMNS} WHERE p.id = $1"
     )))
     .bind(id)
     .fetch_optional(&state.db.pool)
     .await?;
-    row.filter(|r| caller.may_touch(&r.try_get::<String, _>("owner_id").unwrap_or_default()))
+    row.filter(|p| caller.may_touch(&p.owner_id))
         .ok_or_else(|| ApiError::not_found(format_args!("prebuild `{id}`")))
 }
 
@@ -69,15 +62,15 @@ pub async fn list_prebuilds(
     Path(project): Path<String>,
 ) -> ApiResult<Json<Vec<PrebuildView>>> {
     let project = find_project(&state, &caller, &project).await?;
-    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+    let rows = sqlx::query_as::<_, Prebuild>(sqlx::AssertSqlSafe(format!(
         "SELECT {COLUMNS} WHERE p.project_id = $1 ORDER BY p.created_at DESC, p.id"
     )))
     .bind(&project.id)
     .fetch_all(&state.db.pool)
     .await?;
     let mut out = Vec::with_capacity(rows.len());
-    for r in &rows {
-        out.push(view(&state, r).await?);
+    for p in rows {
+        out.push(view(&state, p).await);
     }
     Ok(Json(out))
 }
@@ -91,8 +84,8 @@ pub async fn get_prebuild(
     caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Json<PrebuildView>> {
-    let row = find(&state, &caller, &id).await?;
-    Ok(Json(view(&state, &row).await?))
+    let prebuild = find(&state, &caller, &id).await?;
+    Ok(Json(view(&state, prebuild).await))
 }
 
 /// Asks for a prebuild of a branch's head now (the one there is when it exists).
@@ -130,7 +123,7 @@ pub async fn create_prebuild(
         }
     };
     let row = find(&state, &caller, &id).await?;
-    Ok((status, Json(view(&state, &row).await?)))
+    Ok((status, Json(view(&state, row).await)))
 }
 
 /// Stops a queued or running prebuild.
@@ -143,12 +136,11 @@ pub async fn cancel_prebuild(
     caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Json<PrebuildView>> {
-    let row = find(&state, &caller, &id).await?;
-    let current: String = row.try_get("state")?;
+    let current = find(&state, &caller, &id).await?.state;
     let now = now_ms();
     let mut tx = state.db.begin_write().await?;
-    match current.as_str() {
-        "queued" => {
+    match current {
+        PrebuildState::Queued => {
             sqlx::query("UPDATE jobs SET state = 'cancelled', finished_at = $2 WHERE prebuild_id = $1 AND state = 'queued'")
                 .bind(&id)
                 .bind(now)
@@ -162,7 +154,7 @@ pub async fn cancel_prebuild(
                 .await?;
         }
         // The agent hears of it when it next sends the log, kills the step and reports.
-        "running" => {
+        PrebuildState::Running => {
             sqlx::query("UPDATE prebuilds SET cancel_requested = 1 WHERE id = $1")
                 .bind(&id)
                 .execute(&mut *tx)
@@ -175,8 +167,8 @@ pub async fn cancel_prebuild(
         }
     }
     tx.commit().await?;
-    let row = find(&state, &caller, &id).await?;
-    Ok(Json(view(&state, &row).await?))
+    let prebuild = find(&state, &caller, &id).await?;
+    Ok(Json(view(&state, prebuild).await))
 }
 
 /// A new prebuild of a failed or cancelled one's commit.
@@ -189,27 +181,26 @@ pub async fn retry_prebuild(
     caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    let row = find(&state, &caller, &id).await?;
-    let current: String = row.try_get("state")?;
-    if !matches!(current.as_str(), "failed" | "cancelled") {
+    let old = find(&state, &caller, &id).await?;
+    if !matches!(old.state, PrebuildState::Failed | PrebuildState::Cancelled) {
         return Err(ApiError::conflict(format!(
-            "prebuild `{id}` is {current}: only a failed or cancelled one is retried"
+            "prebuild `{id}` is {}: only a failed or cancelled one is retried",
+            old.state
         )));
     }
     let mut tx = state.db.begin_write().await?;
     let new = queue(
         &mut tx,
-        &row.try_get::<String, _>("project_id")?,
-        &row.try_get::<String, _>("git_url")?,
-        &row.try_get::<Option<String>, _>("branch")?
-            .unwrap_or_default(),
-        &row.try_get::<String, _>("commit_sha")?,
+        &old.project_id,
+        &old.git_url,
+        old.branch.as_deref().unwrap_or_default(),
+        &old.commit_sha,
     )
     .await?;
     tx.commit().await?;
     state.wake.notify_one();
-    let row = find(&state, &caller, &new).await?;
-    Ok((StatusCode::ACCEPTED, Json(view(&state, &row).await?)))
+    let prebuild = find(&state, &caller, &new).await?;
+    Ok((StatusCode::ACCEPTED, Json(view(&state, prebuild).await)))
 }
 
 /// The log from `offset` on (`warren prebuild logs -f` reads it again from the returned
@@ -224,10 +215,9 @@ pub async fn prebuild_log(
     Path(id): Path<String>,
     Query(query): Query<LogQuery>,
 ) -> ApiResult<Json<LogPiece>> {
-    let row = find(&state, &caller, &id).await?;
     let done = !matches!(
-        row.try_get::<String, _>("state")?.as_str(),
-        "queued" | "running"
+        find(&state, &caller, &id).await?.state,
+        PrebuildState::Queued | PrebuildState::Running
     );
     let offset = i64::try_from(query.offset).unwrap_or(i64::MAX);
     let pieces = sqlx::query(

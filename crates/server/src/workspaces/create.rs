@@ -226,19 +226,15 @@ async fn branch_prebuild(
             req.project.as_deref().unwrap_or_default()
         )));
     };
-    let image: String = pb
-        .try_get::<Option<String>, _>("image")?
-        .unwrap_or_default();
-    let file: Option<String> = pb.try_get("env_file")?;
-    let text: Option<String> = pb.try_get("env_text")?;
     Ok((
-        image,
+        pb.image.unwrap_or_default(),
         Prebuilt {
-            id: pb.try_get("id")?,
+            id: pb.id,
             branch,
-            commit: pb.try_get("commit_sha")?,
-            environment: file
-                .zip(text)
+            commit: pb.commit_sha,
+            environment: pb
+                .env_file
+                .zip(pb.env_text)
                 .map(|(file, text)| EnvironmentFile { file, text }),
         },
     ))
