@@ -100,6 +100,15 @@ impl Caller {
     }
 }
 
+/// A user as stored (`id, name, is_admin`).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub(crate) struct User {
+    pub id: String,
+    pub name: String,
+    #[sqlx(try_from = "i64")]
+    pub is_admin: crate::db::Flag,
+}
+
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
@@ -110,7 +119,7 @@ impl FromRequestParts<AppState> for Caller {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .ok_or_else(ApiError::unauthorized)?;
-        let row = sqlx::query(
+        let user = sqlx::query_as::<_, User>(
             "SELECT u.id, u.name, u.is_admin FROM api_tokens t JOIN users u ON u.id = t.user_id WHERE t.token_hash = $1",
         )
         .bind(token_hash(token.trim()))
@@ -118,9 +127,9 @@ impl FromRequestParts<AppState> for Caller {
         .await?
         .ok_or_else(|| ApiError::new(axum::http::StatusCode::UNAUTHORIZED, "unknown or revoked token: log in again"))?;
         Ok(Self {
-            user_id: row.try_get("id")?,
-            name: row.try_get("name")?,
-            is_admin: row.try_get::<i64, _>("is_admin")? != 0,
+            user_id: user.id,
+            name: user.name,
+            is_admin: user.is_admin.0,
         })
     }
 }

@@ -201,6 +201,17 @@ impl Db {
     }
 }
 
+/// A 0/1 flag as stored (the same on SQLite and PostgreSQL); read into a row's field with
+/// `#[sqlx(try_from = "i64")]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Flag(pub bool);
+
+impl From<i64> for Flag {
+    fn from(stored: i64) -> Self {
+        Self(stored != 0)
+    }
+}
+
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

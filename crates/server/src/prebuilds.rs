@@ -226,8 +226,9 @@ pub(crate) struct Prebuild {
     pub state: warren_api::PrebuildState,
     pub image: Option<String>,
     pub error: Option<String>,
-    /// 0 or 1: found made before under its key.
-    pub reused: i64,
+    /// Found made before under its key.
+    #[sqlx(try_from = "i64")]
+    pub reused: crate::db::Flag,
     pub env_file: Option<String>,
     pub env_text: Option<String>,
     pub created_at: i64,

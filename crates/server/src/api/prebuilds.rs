@@ -30,7 +30,7 @@ async fn view(state: &AppState, p: Prebuild) -> PrebuildView {
         state: p.state,
         image: p.image,
         error: p.error,
-        reused: p.reused != 0,
+        reused: p.reused.0,
         env_file: p.env_file,
         host: p.host,
         created_at: p.created_at,

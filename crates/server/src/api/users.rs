@@ -5,10 +5,9 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use sqlx::Row;
-use sqlx::any::AnyRow;
 
 use super::{Body, check_name};
-use crate::auth::{Caller, hash_password, new_token, verify_password};
+use crate::auth::{Caller, User, hash_password, new_token, verify_password};
 use crate::db::{new_id, now_ms};
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
@@ -85,12 +84,12 @@ pub async fn login(
     }))
 }
 
-fn user_view(row: &AnyRow) -> ApiResult<UserView> {
-    Ok(UserView {
-        id: row.try_get("id")?,
-        name: row.try_get("name")?,
-        admin: row.try_get::<i64, _>("is_admin")? != 0,
-    })
+fn user_view(user: User) -> UserView {
+    UserView {
+        id: user.id,
+        name: user.name,
+        admin: user.is_admin.0,
+    }
 }
 
 /// Change a user's trust domain: whether KSM may merge their VMs' memory (admin)
@@ -135,10 +134,10 @@ pub async fn list_users(
     caller: Caller,
 ) -> ApiResult<Json<Vec<UserView>>> {
     caller.require_admin()?;
-    let rows = sqlx::query("SELECT id, name, is_admin FROM users ORDER BY name")
+    let users = sqlx::query_as::<_, User>("SELECT id, name, is_admin FROM users ORDER BY name")
         .fetch_all(&state.db.pool)
         .await?;
-    Ok(Json(rows.iter().map(user_view).collect::<ApiResult<_>>()?))
+    Ok(Json(users.into_iter().map(user_view).collect()))
 }
 
 /// Create a user (admin)
