@@ -7,7 +7,6 @@ use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use base64::Engine as _;
 use sha2::{Digest, Sha256};
-use sqlx::Row;
 
 use crate::db::{Db, new_id, now_ms, random_bytes};
 use crate::error::ApiError;
@@ -59,10 +58,9 @@ pub fn new_password() -> String {
 
 /// Creates the `admin` user if there is no user at all; returns its password (shown once).
 pub async fn bootstrap_admin(db: &Db) -> Result<Option<String>, ApiError> {
-    let count: i64 = sqlx::query("SELECT COUNT(*) FROM users")
+    let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users")
         .fetch_one(&db.pool)
-        .await?
-        .get(0);
+        .await?;
     if count > 0 {
         return Ok(None);
     }

@@ -132,12 +132,11 @@ impl Db {
         for &(version, sql) in MIGRATIONS {
             let mut tx = self.begin_write().await.map_err(fail(version))?;
             let applied: Option<i64> =
-                sqlx::query("SELECT version FROM warren_migrations WHERE version = $1")
+                sqlx::query_scalar("SELECT version FROM warren_migrations WHERE version = $1")
                     .bind(version)
                     .fetch_optional(&mut *tx)
                     .await
-                    .map_err(fail(version))?
-                    .map(|r| r.get(0));
+                    .map_err(fail(version))?;
             if applied.is_some() {
                 continue;
             }

@@ -5,8 +5,6 @@
 use std::path::Path;
 use std::time::Duration;
 
-use sqlx::Row;
-
 use crate::db::{Db, now_ms};
 
 /// How long one fetch may take.
@@ -39,14 +37,11 @@ pub async fn refresh_project(
     let now = now_ms();
     let mut tx = db.begin_write().await.map_err(|e| e.to_string())?;
     let known: Vec<(String, String, i64)> =
-        sqlx::query("SELECT name, head, updated_at FROM branches WHERE project_id = $1")
+        sqlx::query_as("SELECT name, head, updated_at FROM branches WHERE project_id = $1")
             .bind(project_id)
             .fetch_all(&mut *tx)
             .await
-            .map_err(|e| e.to_string())?
-            .iter()
-            .map(|r| (r.get("name"), r.get("head"), r.get("updated_at")))
-            .collect();
+            .map_err(|e| e.to_string())?;
     let gone = known
         .iter()
         .filter(|(n, _, _)| !heads.iter().any(|(h, _)| h == n))
@@ -103,18 +98,18 @@ pub async fn poll_forever(
 ) {
     loop {
         tokio::time::sleep(interval).await;
-        let projects = match sqlx::query("SELECT id, git_url FROM projects")
-            .fetch_all(&db.pool)
-            .await
-        {
-            Ok(rows) => rows,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot list projects to poll");
-                continue;
-            }
-        };
-        for row in projects {
-            let (id, url): (String, String) = (row.get("id"), row.get("git_url"));
+        let projects: Vec<(String, String)> =
+            match sqlx::query_as("SELECT id, git_url FROM projects")
+                .fetch_all(&db.pool)
+                .await
+            {
+                Ok(rows) => rows,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot list projects to poll");
+                    continue;
+                }
+            };
+        for (id, url) in projects {
             match refresh_project(&db, &mirrors, &id, &url).await {
                 Ok(0) => {}
                 Ok(_) => wake.notify_one(),

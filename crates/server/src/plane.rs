@@ -34,6 +34,30 @@ fn read_work(kind: &str, payload: &str) -> Result<Work, String> {
     }
 }
 
+/// A job as stored, as far as its agent needs it.
+#[derive(Debug, sqlx::FromRow)]
+struct StoredJob {
+    id: String,
+    kind: String,
+    payload: String,
+    attempts: i64,
+    prebuild_id: Option<String>,
+}
+
+impl StoredJob {
+    /// The job as its agent gets it (an unreadable payload is the job's failure).
+    fn job(self, work: Result<Work, String>) -> Result<Job, (String, String)> {
+        match work {
+            Ok(work) => Ok(Job {
+                id: self.id,
+                attempt: u32::try_from(self.attempts).unwrap_or(u32::MAX),
+                work,
+            }),
+            Err(e) => Err((self.id, e)),
+        }
+    }
+}
+
 /// Largest prebuild log kept; past it, pieces are dropped and the log says so once.
 const LOG_LIMIT: i64 = 32 << 20;
 
@@ -108,19 +132,14 @@ impl DbControlPlane {
     /// A job this host holds, as stored (for an agent reporting over HTTP: the server does not
     /// take the job's content from the agent).
     pub async fn held_job(&self, host: &str, id: &str) -> Result<Option<Job>, sqlx::Error> {
-        let row = sqlx::query("SELECT kind, payload, attempts FROM jobs WHERE id = $1 AND claimed_by = $2 AND state = 'running'")
+        let row = sqlx::query_as::<_, StoredJob>("SELECT id, kind, payload, attempts, prebuild_id FROM jobs WHERE id = $1 AND claimed_by = $2 AND state = 'running'")
             .bind(id)
             .bind(host)
             .fetch_optional(&self.db.pool)
             .await?;
-        Ok(row.and_then(|r| {
-            let work =
-                read_work(&r.get::<String, _>("kind"), &r.get::<String, _>("payload")).ok()?;
-            Some(Job {
-                id: id.to_owned(),
-                attempt: r.get::<i64, _>("attempts") as u32,
-                work,
-            })
+        Ok(row.and_then(|stored| {
+            let work = read_work(&stored.kind, &stored.payload);
+            stored.job(work).ok()
         }))
     }
 
@@ -151,29 +170,25 @@ impl DbControlPlane {
                 LIMIT 1 {lock})
              RETURNING id, kind, payload, attempts, prebuild_id"
         );
-        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        let stored = sqlx::query_as::<_, StoredJob>(sqlx::AssertSqlSafe(sql))
             .bind(host)
             .bind(now + LEASE_MS)
             .bind(now)
             .bind(i64::from(prebuilds))
             .fetch_optional(&self.db.pool)
             .await?;
-        let Some(row) = row else { return Ok(None) };
-        let id: String = row.try_get("id")?;
-        let kind: String = row.try_get("kind")?;
-        let payload: String = row.try_get("payload")?;
-        let attempts: i64 = row.try_get("attempts")?;
-        let prebuild_id: Option<String> = row.try_get("prebuild_id")?;
-        let work = match read_work(&kind, &payload) {
+        let Some(stored) = stored else {
+            return Ok(None);
+        };
+        let work = match read_work(&stored.kind, &stored.payload) {
             Ok(Work::Prebuild(mut work)) => {
                 let project: Option<String> =
-                    sqlx::query("UPDATE prebuilds SET state = 'running', started_at = $2, host_id = $3 WHERE id = $1 RETURNING project_id")
-                        .bind(prebuild_id.as_deref().unwrap_or_default())
+                    sqlx::query_scalar("UPDATE prebuilds SET state = 'running', started_at = $2, host_id = $3 WHERE id = $1 RETURNING project_id")
+                        .bind(stored.prebuild_id.as_deref().unwrap_or_default())
                         .bind(now)
                         .bind(host)
                         .fetch_optional(&self.db.pool)
-                        .await?
-                        .map(|r| r.get(0));
+                        .await?;
                 // Opened only now, in memory, for the agent: the queue never holds secrets.
                 work.variables = match project {
                     Some(p) => crate::secrets::variables(&self.db, &self.secrets, &[("project", &p)])
@@ -188,13 +203,9 @@ impl DbControlPlane {
             }
             other => other,
         };
-        match work {
-            Ok(work) => Ok(Some(Job {
-                id,
-                attempt: attempts as u32,
-                work,
-            })),
-            Err(e) => {
+        match stored.job(work) {
+            Ok(job) => Ok(Some(job)),
+            Err((id, e)) => {
                 sqlx::query("UPDATE jobs SET state = 'failed', last_error = $2, finished_at = $3 WHERE id = $1")
                     .bind(&id)
                     .bind(e)
@@ -272,14 +283,13 @@ impl DbControlPlane {
         let workspace_id: Option<String> = row.try_get("workspace_id")?;
         let attempts: i64 = row.try_get("attempts")?;
         let max_attempts: i64 = row.try_get("max_attempts")?;
-        let later: i64 = sqlx::query(
+        let later: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM jobs WHERE workspace_id = $1 AND id <> $2 AND state IN ('queued', 'running')",
         )
         .bind(workspace_id.as_deref().unwrap_or(""))
         .bind(&job.id)
         .fetch_one(&mut *tx)
-        .await?
-        .get(0);
+        .await?;
         match result {
             Ok(outcome) => {
                 let note = match &outcome {

@@ -26,14 +26,13 @@ pub async fn queue_for_heads(
     heads: &[(String, String)],
 ) -> Result<(), sqlx::Error> {
     for (branch, commit) in heads {
-        let known: i64 = sqlx::query(
+        let known: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM prebuilds WHERE project_id = $1 AND commit_sha = $2 AND state <> 'archived'",
         )
         .bind(project_id)
         .bind(commit)
         .fetch_one(&mut **tx)
-        .await?
-        .get(0);
+        .await?;
         if known == 0 {
             queue(tx, project_id, url, branch, commit).await?;
         }
@@ -48,19 +47,16 @@ pub(crate) async fn queue(
     branch: &str,
     commit: &str,
 ) -> Result<String, sqlx::Error> {
-    let target: String = sqlx::query("SELECT root_folder, env_file FROM projects WHERE id = $1")
-        .bind(project_id)
-        .fetch_one(&mut **tx)
-        .await
-        .map(|r| {
-            let root: String = r.get("root_folder");
-            let file: Option<String> = r.get("env_file");
-            match file {
-                Some(f) if root.is_empty() => f,
-                Some(f) => format!("{root}/{f}"),
-                None => root,
-            }
-        })?;
+    let (root, file): (String, Option<String>) =
+        sqlx::query_as("SELECT root_folder, env_file FROM projects WHERE id = $1")
+            .bind(project_id)
+            .fetch_one(&mut **tx)
+            .await?;
+    let target = match file {
+        Some(f) if root.is_empty() => f,
+        Some(f) => format!("{root}/{f}"),
+        None => root,
+    };
     let id = new_id();
     sqlx::query(
         "INSERT INTO prebuilds (id, project_id, commit_sha, state, branch, created_at) VALUES ($1, $2, $3, 'queued', $4, $5)",
@@ -192,14 +188,13 @@ pub async fn archive_unneeded(db: &Db) -> Result<usize, sqlx::Error> {
         let (Some(image), Some(host)) = (image, host) else {
             continue;
         };
-        let shared: i64 = sqlx::query(
+        let shared: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM prebuilds WHERE image = $1 AND state = 'succeeded' AND id <> $2",
         )
         .bind(&image)
         .bind(&id)
         .fetch_one(&mut *tx)
-        .await?
-        .get(0);
+        .await?;
         if shared == 0 {
             // The environment image built on the way has the same key.
             let env = image.replacen("warren-prebuild:", "warren-env:", 1);

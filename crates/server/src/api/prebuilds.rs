@@ -103,15 +103,14 @@ pub async fn create_prebuild(
     let project = find_project(&state, &caller, &project).await?;
     let (project_id, url) = (project.id, project.git_url);
     let (branch, head) = branch_head(&state.db, &project_id, req.branch.as_deref()).await?;
-    let existing: Option<String> = sqlx::query(
+    let existing: Option<String> = sqlx::query_scalar(
         "SELECT id FROM prebuilds WHERE project_id = $1 AND commit_sha = $2 AND state IN ('queued', 'running', 'succeeded')
          ORDER BY created_at DESC LIMIT 1",
     )
     .bind(&project_id)
     .bind(&head)
     .fetch_optional(&state.db.pool)
-    .await?
-    .map(|r| r.get(0));
+    .await?;
     let (id, status) = match existing {
         Some(id) => (id, StatusCode::OK),
         None => {

@@ -4,7 +4,6 @@
 //! create job in one transaction.
 
 use axum::http::StatusCode;
-use sqlx::Row;
 use warren_api::{EnvironmentFile, NewWorkspace};
 use warren_protocol::{Action, TaskSpec, WorkspaceJob, WorkspaceSpec};
 
@@ -209,15 +208,14 @@ async fn branch_prebuild(
         crate::prebuilds::branch_head(&state.db, &project.id, req.branch.as_deref()).await?;
     let Some(pb) = crate::prebuilds::for_branch(&state.db, &project.id, &branch, &head).await?
     else {
-        let latest: Option<String> = sqlx::query(
+        let latest: Option<String> = sqlx::query_scalar(
             "SELECT state FROM prebuilds WHERE project_id = $1 AND (branch = $2 OR commit_sha = $3) ORDER BY created_at DESC LIMIT 1",
         )
         .bind(&project.id)
         .bind(&branch)
         .bind(&head)
         .fetch_optional(&state.db.pool)
-        .await?
-        .map(|r| r.get(0));
+        .await?;
         return Err(ApiError::conflict(format!(
             "branch `{branch}` has no succeeded prebuild yet{} (warren prebuild ls {})",
             latest
