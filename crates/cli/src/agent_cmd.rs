@@ -225,6 +225,7 @@ pub fn agent(args: AgentArgs, data: &Path) -> anyhow::Result<ExitCode> {
     crate::control_cmd::close_data_folder(data)?;
     let runtime: Arc<dyn warren_runtime::Runtime> =
         Arc::new(args.host.runtime_for_workspaces(data)?);
+    args.agent.check()?;
     if args.token.is_some() {
         anyhow::bail!(
             "--token is no longer taken (every user of this host could read it from the process list): \

@@ -19,6 +19,8 @@ pub enum GitError {
     /// git ran and failed: its subcommand and what it said.
     #[error("git {command}: {said}")]
     Failed { command: String, said: String },
+    #[error("cannot lock the mirror: {0}")]
+    Lock(#[source] std::io::Error),
     #[error("{}: {source}", path.display())]
     Mirror {
         path: PathBuf,
@@ -187,7 +189,7 @@ fn mirror(mirrors: &Path, url: &str) -> Result<(PathBuf, std::fs::File), GitErro
     // One fetch of a repository at a time (two prebuilds of one project may run together).
     let lock_path = mirror.with_extension("lock");
     let lock = std::fs::File::create(&lock_path).map_err(failed(&lock_path))?;
-    lock.lock().map_err(failed(&lock_path))?;
+    lock.lock().map_err(GitError::Lock)?;
     if !mirror.join("HEAD").exists() {
         let _ = std::fs::remove_dir_all(&mirror);
         let path = mirror.to_string_lossy();

@@ -469,15 +469,15 @@ struct Vm(crate::vm::RunningVm);
 impl Machine for Vm {
     fn exec(
         &mut self,
-        rec: &WorkspaceRecord,
+        _rec: &WorkspaceRecord,
         _init_pid: i32,
         _request: &crate::ExecRequest,
         _stdio: Vec<OwnedFd>,
     ) -> Result<exec::Started, Error> {
-        Err(Error::Shim {
-            id: rec.config.id.to_string(),
-            message: "a VM workspace runs processes through its guest agent".into(),
-        })
+        // The caller names the workspace.
+        Err(Error::Sys(
+            "a VM workspace runs processes through its guest agent".into(),
+        ))
     }
 
     /// A clean shutdown by the guest (its processes get SIGTERM, then SIGKILL after `grace`),
