@@ -1256,11 +1256,14 @@ fn a_second_hosts_workspace_is_reached_through_its_agent() {
         followed.starts_with("line-1\nline-2\nline-3\n") && followed.contains("ended (exit 0)"),
         "{followed}"
     );
-    let listed = warren.ok("alice", &["ws", "logs", "far"]);
-    assert!(
-        listed.contains("postStartCommand") && listed.contains("running"),
-        "{listed}"
-    );
+    // postStartCommand starts once postCreateCommand has ended.
+    eventually("the list shows postStartCommand running", || {
+        let listed = warren.ok("alice", &["ws", "logs", "far"]);
+        listed
+            .lines()
+            .any(|l| l.starts_with("postStartCommand") && l.contains("running"))
+            .then_some(())
+    });
 
     alice.write_ssh_config(&warren);
     alice.attach_and_type("far.warren", "postStartCommand", "ready", "from afar");
