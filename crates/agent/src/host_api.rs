@@ -168,7 +168,10 @@ async fn attach(
         let stream = tasks::attach(&runtime.tasks_dir(&id)?, &task)?;
         stream
             .set_nonblocking(true)
-            .map_err(|e| RuntimeError::Sys(e.to_string()))?;
+            .map_err(|cause| RuntimeError::Os {
+                call: "O_NONBLOCK on a task's terminal",
+                cause,
+            })?;
         Ok(stream)
     })
     .await?;
@@ -226,7 +229,10 @@ fn run_to_end(
         stderr,
     } = io
     else {
-        return Err(RuntimeError::Sys("expected pipes".into()));
+        return Err(RuntimeError::Os {
+            call: "exec",
+            cause: std::io::Error::other("the command was given a terminal, not pipes"),
+        });
     };
     let writer = std::thread::spawn(move || {
         let _ = input.write_all(stdin.as_bytes());

@@ -25,7 +25,11 @@ fn manager(rec: &WorkspaceRecord) -> Result<AnyCgroupManager, Error> {
         systemd_cgroup: false,
         container_name: rec.container_id(),
     })
-    .map_err(|e| Error::Sys(format!("cgroups of `{}`: {e}", rec.config.id)))
+    .map_err(|e| Error::Cgroup {
+        id: rec.config.id.to_string(),
+        action: "open them".into(),
+        cause: e.to_string(),
+    })
 }
 
 /// The devices a workspace may open: the standard set (`null`, `zero`, `full`, `random`,
@@ -78,12 +82,13 @@ pub(crate) fn device_rules() -> Vec<LinuxDeviceCgroup> {
 
 /// Moves `pid` into every cgroup of the workspace.
 pub(crate) fn add(rec: &WorkspaceRecord, pid: i32) -> Result<(), Error> {
-    manager(rec)?.add_task(Pid::from_raw(pid)).map_err(|e| {
-        Error::Sys(format!(
-            "cannot move process {pid} into `{}`: {e}",
-            rec.config.id
-        ))
-    })?;
+    manager(rec)?
+        .add_task(Pid::from_raw(pid))
+        .map_err(|e| Error::Cgroup {
+            id: rec.config.id.to_string(),
+            action: format!("move process {pid} in"),
+            cause: e.to_string(),
+        })?;
     fence_unified(rec, pid, false)
 }
 
@@ -101,12 +106,10 @@ pub(crate) fn fence_unified(rec: &WorkspaceRecord, pid: i32, load: bool) -> Resu
     let dir = root.join(relative(rec));
     if load || !dir.is_dir() {
         std::fs::create_dir_all(&dir).map_err(Error::io("cannot create the cgroup", &dir))?;
-        load_device_filter(&dir).map_err(|e| {
-            Error::Sys(format!(
-                "cannot load the device filter of `{}` into {}: {e}",
-                rec.config.id,
-                dir.display()
-            ))
+        load_device_filter(&dir).map_err(|cause| Error::Cgroup {
+            id: rec.config.id.to_string(),
+            action: format!("load the device filter into {}", dir.display()),
+            cause,
         })?;
     }
     let procs = dir.join("cgroup.procs");
@@ -179,9 +182,11 @@ fn charged_to_memlock() -> bool {
 
 /// cpu, memory and pids counters.
 pub(crate) fn stats(rec: &WorkspaceRecord) -> Result<crate::Stats, Error> {
-    let s = manager(rec)?
-        .stats()
-        .map_err(|e| Error::Sys(format!("cgroup counters of `{}`: {e}", rec.config.id)))?;
+    let s = manager(rec)?.stats().map_err(|e| Error::Cgroup {
+        id: rec.config.id.to_string(),
+        action: "read the counters".into(),
+        cause: e.to_string(),
+    })?;
     let limit = |l: u64| (l != 0 && l < i64::MAX as u64 / 2).then_some(l);
     Ok(crate::Stats {
         cpu_ns: s.cpu.usage.usage_total,

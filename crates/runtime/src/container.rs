@@ -493,7 +493,10 @@ impl Runtime for ContainerRuntime {
                 let limit = grace.saturating_add(ANSWER_LIMIT);
                 channel
                     .set_limit(Some(limit))
-                    .map_err(|e| Error::Sys(e.to_string()))?;
+                    .map_err(|cause| Error::SupervisorLink {
+                        action: "set a timeout on",
+                        cause,
+                    })?;
                 channel.send(&Request::Stop { grace_ms }, &[])?;
                 // Stopped, or the shim closing the connection as it exits.
                 let _ = channel.recv::<Reply>();

@@ -60,8 +60,7 @@ pub(crate) fn create(dir: &Path, size: u64) -> Result<(), Error> {
             .args(["-q", "-F", "-m", "0", "-E"])
             .arg("root_owner=0:0,lazy_itable_init=1,lazy_journal_init=1,nodiscard")
             .arg(&path),
-    )
-    .map_err(|e| Error::Sys(format!("cannot make the workspace's filesystem: {e}")))?;
+    )?;
     ensure_mounted(dir)
 }
 
@@ -76,7 +75,11 @@ pub(crate) fn ensure_mounted(dir: &Path) -> Result<(), Error> {
     // one file, both mounted, would corrupt it.
     let lock = File::open(&path).map_err(Error::io("cannot open", &path))?;
     nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, e)| Error::Sys(format!("cannot lock {}: {e}", path.display())))
+        .map_err(|(_, e)| Error::Io {
+            what: "cannot lock",
+            path: path.clone(),
+            cause: e.into(),
+        })
         .and_then(|_held| mount_unlocked(&path, &mount_point(dir)))
 }
 
@@ -95,12 +98,10 @@ fn mount_unlocked(path: &Path, target: &Path) -> Result<(), Error> {
         MsFlags::MS_NODEV | MsFlags::MS_NOATIME,
         Some("discard"),
     )
-    .map_err(|e| {
-        Error::Sys(format!(
-            "cannot mount the workspace's filesystem {} at {}: {e}",
-            path.display(),
-            target.display()
-        ))
+    .map_err(|e| Error::Io {
+        what: "cannot mount the workspace's filesystem at",
+        path: target.to_owned(),
+        cause: e.into(),
     })
 }
 
@@ -110,11 +111,10 @@ pub(crate) fn unmount(dir: &Path) -> Result<(), Error> {
     if !crate::sys::is_mounted(&target) {
         return Ok(());
     }
-    umount2(&target, MntFlags::empty()).map_err(|e| {
-        Error::Sys(format!(
-            "cannot unmount the workspace's filesystem at {}: {e}",
-            target.display()
-        ))
+    umount2(&target, MntFlags::empty()).map_err(|e| Error::Io {
+        what: "cannot unmount the workspace's filesystem at",
+        path: target,
+        cause: e.into(),
     })
 }
 
@@ -166,10 +166,10 @@ fn attach(file: &Path) -> Result<(PathBuf, File), Error> {
         // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a device number.
         let n = unsafe { libc::ioctl(control.as_raw_fd(), LOOP_CTL_GET_FREE) };
         if n < 0 {
-            return Err(Error::Sys(format!(
-                "no free loop device: {}",
-                std::io::Error::last_os_error()
-            )));
+            return Err(Error::LoopDevice {
+                file: file.to_owned(),
+                cause: std::io::Error::last_os_error(),
+            });
         }
         let device = PathBuf::from(format!("/dev/loop{n}"));
         let loop_file = File::options()
@@ -207,17 +207,16 @@ fn attach(file: &Path) -> Result<(PathBuf, File), Error> {
         }
         let err = std::io::Error::last_os_error();
         if err.raw_os_error() != Some(libc::EBUSY) {
-            return Err(Error::Sys(format!(
-                "cannot attach {} to {}: {err}",
-                file.display(),
-                device.display()
-            )));
+            return Err(Error::LoopDevice {
+                file: file.to_owned(),
+                cause: err,
+            });
         }
     }
-    Err(Error::Sys(format!(
-        "cannot attach {}: every free loop device was taken first",
-        file.display()
-    )))
+    Err(Error::LoopDevice {
+        file: file.to_owned(),
+        cause: std::io::Error::other("every free loop device was taken first"),
+    })
 }
 
 #[cfg(test)]

@@ -84,19 +84,19 @@ pub(crate) fn spawn(
     }
     // SAFETY: the syscall returned a new descriptor that nothing else owns.
     let pidfd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
-    let (go_read, go_write) = std::io::pipe().map_err(|e| Error::Sys(e.to_string()))?;
-    let (report_read, report_write) = std::io::pipe().map_err(|e| Error::Sys(e.to_string()))?;
+    let (go_read, go_write) = std::io::pipe().map_err(Error::os("pipe"))?;
+    let (report_read, report_write) = std::io::pipe().map_err(Error::os("pipe"))?;
     let (master_here, master_there) = socketpair(
         AddressFamily::Unix,
         SockType::SeqPacket,
         None,
         SockFlag::SOCK_CLOEXEC,
     )
-    .map_err(|e| Error::Sys(e.to_string()))?;
+    .map_err(Error::os("socketpair"))?;
     let env = merge_env(&[&[DEFAULT_PATH.to_owned()], &rec.config.env, &request.env]);
 
     // SAFETY: the shim is single-threaded, so the child may run any code before exec.
-    match unsafe { fork() }.map_err(|e| Error::Sys(format!("fork: {e}")))? {
+    match unsafe { fork() }.map_err(Error::os("fork"))? {
         ForkResult::Child => {
             drop((go_write, report_read, master_here));
             let plan = Plan {
@@ -115,7 +115,7 @@ pub(crate) fn spawn(
             let released = cgroup::add(rec, child.as_raw()).and_then(|()| {
                 (&go_write)
                     .write_all(b"g")
-                    .map_err(|e| Error::Sys(e.to_string()))
+                    .map_err(Error::os("write to the new process's start pipe"))
             });
             drop(go_write);
             let mut report = Vec::new();

@@ -87,7 +87,7 @@ impl Channel {
         message: &T,
         fds: &[BorrowedFd<'_>],
     ) -> Result<(), Error> {
-        let bytes = serde_json::to_vec(message).map_err(|e| Error::Sys(e.to_string()))?;
+        let bytes = serde_json::to_vec(message).map_err(Error::encode("a supervisor message"))?;
         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
         let cmsg = [ControlMessage::ScmRights(&raw)];
         let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsg };
@@ -98,7 +98,10 @@ impl Channel {
             MsgFlags::MSG_NOSIGNAL,
             None,
         )
-        .map_err(|e| Error::Sys(format!("cannot send to the shim: {e}")))?;
+        .map_err(|e| Error::SupervisorLink {
+            action: "send to",
+            cause: e.into(),
+        })?;
         Ok(())
     }
 
@@ -117,13 +120,18 @@ impl Channel {
                 MsgFlags::MSG_CMSG_CLOEXEC,
             )
             .map_err(|e| match e {
-                nix::errno::Errno::EAGAIN => {
-                    Error::Sys("the workspace's supervisor did not answer in time".into())
-                }
-                e => Error::Sys(format!("cannot read from the shim socket: {e}")),
+                nix::errno::Errno::EAGAIN => Error::SupervisorSilent,
+                e => Error::SupervisorLink {
+                    action: "read from",
+                    cause: e.into(),
+                },
             })?;
             let mut fds = Vec::new();
-            for cmsg in msg.cmsgs().map_err(|e| Error::Sys(e.to_string()))? {
+            let cmsgs = msg.cmsgs().map_err(|e| Error::SupervisorLink {
+                action: "read descriptors from",
+                cause: e.into(),
+            })?;
+            for cmsg in cmsgs {
                 if let ControlMessageOwned::ScmRights(raw) = cmsg {
                     // SAFETY: the kernel just installed these descriptors in this process for
                     // us; nothing else owns them.
@@ -138,8 +146,7 @@ impl Channel {
         if len == 0 {
             return Ok(None);
         }
-        let message = serde_json::from_slice(&buf[..len])
-            .map_err(|e| Error::Sys(format!("malformed shim message: {e}")))?;
+        let message = serde_json::from_slice(&buf[..len]).map_err(Error::SupervisorMessage)?;
         Ok(Some((message, fds)))
     }
 }
@@ -159,14 +166,19 @@ pub(crate) fn listen_at(path: &Path) -> Result<OwnedFd, Error> {
         SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
         None,
     )
-    .map_err(|e| Error::Sys(format!("socket: {e}")))?;
-    let addr = UnixAddr::new(path).map_err(|e| Error::Sys(format!("{}: {e}", path.display())))?;
-    bind(fd.as_raw_fd(), &addr).map_err(|e| Error::Sys(format!("bind {}: {e}", path.display())))?;
+    .map_err(Error::os("socket"))?;
+    let bind_error = |e: nix::Error| Error::Io {
+        what: "cannot listen at",
+        path: path.to_owned(),
+        cause: e.into(),
+    };
+    let addr = UnixAddr::new(path).map_err(bind_error)?;
+    bind(fd.as_raw_fd(), &addr).map_err(bind_error)?;
     listen(
         &fd,
-        nix::sys::socket::Backlog::new(64).map_err(|e| Error::Sys(e.to_string()))?,
+        nix::sys::socket::Backlog::new(64).map_err(Error::os("listen"))?,
     )
-    .map_err(|e| Error::Sys(format!("listen: {e}")))?;
+    .map_err(Error::os("listen"))?;
     Ok(fd)
 }
 

@@ -59,13 +59,16 @@ impl WorkspaceRecord {
 
     pub(crate) fn load(path: &Path) -> Result<Self, Error> {
         let bytes = std::fs::read(path).map_err(Error::io("cannot read", path))?;
-        serde_json::from_slice(&bytes)
-            .map_err(|e| Error::InvalidConfig(format!("{} is damaged: {e}", path.display())))
+        serde_json::from_slice(&bytes).map_err(|cause| Error::Damaged {
+            path: path.to_owned(),
+            cause,
+        })
     }
 
     pub(crate) fn save(&self, path: &Path) -> Result<(), Error> {
         let tmp = path.with_extension("json.tmp");
-        let bytes = serde_json::to_vec_pretty(self).map_err(|e| Error::Sys(e.to_string()))?;
+        let bytes =
+            serde_json::to_vec_pretty(self).map_err(Error::encode("the workspace record"))?;
         std::fs::write(&tmp, bytes).map_err(Error::io("cannot write", &tmp))?;
         std::fs::rename(&tmp, path).map_err(Error::io("cannot replace", path))
     }

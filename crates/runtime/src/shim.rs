@@ -41,16 +41,17 @@ const SIGNAL_STOP_GRACE: Duration = Duration::from_secs(10);
 /// Entry point of `warren runtime shim <folder>`. Returns once the workspace has stopped.
 pub fn run_shim(dir: &Path) -> Result<(), Error> {
     if thread_count() != 1 {
-        return Err(Error::Sys(
-            "the shim must start single-threaded (it forks)".into(),
-        ));
+        return Err(Error::Os {
+            call: "fork",
+            cause: std::io::Error::other("the shim must start single-threaded"),
+        });
     }
     // Nothing but stdin, stdout and stderr is the shim's: descriptors its starter leaked
     // (without close-on-exec) would otherwise live as long as the workspace.
     // SAFETY: close_range only closes descriptors; this process has opened none it still uses.
     unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
     // SAFETY: single-threaded (checked above).
-    match unsafe { fork() }.map_err(|e| Error::Sys(format!("fork: {e}")))? {
+    match unsafe { fork() }.map_err(Error::os("fork"))? {
         ForkResult::Parent { .. } => return Ok(()),
         ForkResult::Child => {}
     }
@@ -93,12 +94,10 @@ fn supervise(layout: &Layout) -> Result<(), Error> {
     let lock_path = layout.shim_lock();
     let lock = File::create(&lock_path).map_err(Error::io("cannot create", &lock_path))?;
     if lock.try_lock().is_err() {
-        return Err(Error::Sys(
-            "another supervisor runs this workspace already".into(),
-        ));
+        return Err(Error::SupervisorBusy);
     }
     let rec = WorkspaceRecord::load(&layout.record())?;
-    nix::sys::prctl::set_child_subreaper(true).map_err(|e| Error::Sys(e.to_string()))?;
+    nix::sys::prctl::set_child_subreaper(true).map_err(Error::os("PR_SET_CHILD_SUBREAPER"))?;
     let mut signals = SigSet::empty();
     for s in [
         Signal::SIGCHLD,
@@ -110,9 +109,9 @@ fn supervise(layout: &Layout) -> Result<(), Error> {
     }
     signals
         .thread_block()
-        .map_err(|e| Error::Sys(e.to_string()))?;
+        .map_err(Error::os("pthread_sigmask"))?;
     let sigfd = SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
-        .map_err(|e| Error::Sys(e.to_string()))?;
+        .map_err(Error::os("signalfd"))?;
 
     let mut shim = match Shim::start(rec, layout.clone()) {
         Ok(shim) => shim,
@@ -475,8 +474,8 @@ impl Machine for Vm {
         _stdio: Vec<OwnedFd>,
     ) -> Result<exec::Started, Error> {
         // The caller names the workspace.
-        Err(Error::Sys(
-            "a VM workspace runs processes through its guest agent".into(),
+        Err(Error::NotForBackend(
+            "a VM workspace runs processes through its guest agent",
         ))
     }
 
@@ -636,8 +635,8 @@ fn mount_lower(rec: &WorkspaceRecord, layout: &Layout) -> Result<LowerMount, Err
                 .open(layout.log())
                 .map_err(Error::io("cannot open", layout.log()))?;
             // The mount says on a pipe of its own whether it serves the tree, or why not.
-            let (ready_read, ready_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-                .map_err(|e| Error::Sys(format!("pipe: {e}")))?;
+            let (ready_read, ready_write) =
+                nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(Error::os("pipe"))?;
             let mut command = Command::new(&rec.helper);
             sys::unblock_signals_in_child(&mut command);
             sys::give_fd_to_child(&mut command, ready_write.as_raw_fd(), READY_FD);

@@ -34,8 +34,9 @@ impl Slots {
         let lock = File::create(&self.lock).map_err(Error::io("cannot create", &self.lock))?;
         lock.lock().map_err(Error::io("cannot lock", &self.lock))?;
         let mut table: Table = match std::fs::read(&self.table) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                Error::InvalidConfig(format!("{} is damaged: {e}", self.table.display()))
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|cause| Error::Damaged {
+                path: self.table.clone(),
+                cause,
             })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Table::new(),
             Err(e) => return Err(Error::io("cannot read", &self.table)(e)),
@@ -43,7 +44,8 @@ impl Slots {
         let (out, changed) = f(&mut table)?;
         if changed {
             let tmp = self.table.with_extension("json.tmp");
-            let bytes = serde_json::to_vec_pretty(&table).map_err(|e| Error::Sys(e.to_string()))?;
+            let bytes =
+                serde_json::to_vec_pretty(&table).map_err(Error::encode("the slot table"))?;
             std::fs::write(&tmp, bytes).map_err(Error::io("cannot write", &tmp))?;
             File::open(&tmp)
                 .and_then(|f| f.sync_all())

@@ -156,11 +156,10 @@ pub(crate) fn mount_overlay(
         MsFlags::MS_NODEV,
         Some(data.as_str()),
     )
-    .map_err(|e| {
-        Error::Sys(format!(
-            "cannot mount the overlay at {}: {e}",
-            target.display()
-        ))
+    .map_err(|e| Error::Io {
+        what: "cannot mount the overlay at",
+        path: target.to_owned(),
+        cause: e.into(),
     })
 }
 
@@ -173,12 +172,11 @@ pub(crate) fn bind_idmapped(
     base: u32,
     count: u32,
 ) -> Result<(), Error> {
-    let fail = |what: &str, e: std::io::Error| {
-        Error::Sys(format!(
-            "cannot bind {} at {} with shifted ids ({what}: {e})",
-            source.display(),
-            target.display()
-        ))
+    let fail = |step: &'static str, cause: std::io::Error| Error::Bind {
+        from: source.to_owned(),
+        how: format!("at {} with shifted ids", target.display()),
+        step,
+        cause,
     };
     let userns = mapping_namespace(base, count).map_err(|e| fail("user namespace", e))?;
     let c_source = path_cstring(source)?;
@@ -240,11 +238,11 @@ pub(crate) fn bind_readonly_at(
     source: &Path,
     target: std::os::fd::BorrowedFd<'_>,
 ) -> Result<(), Error> {
-    let fail = |what: &str, e: std::io::Error| {
-        Error::Sys(format!(
-            "cannot bind {} read-only ({what}: {e})",
-            source.display()
-        ))
+    let fail = |step: &'static str, cause: std::io::Error| Error::Bind {
+        from: source.to_owned(),
+        how: "read-only".to_owned(),
+        step,
+        cause,
     };
     let c_source = path_cstring(source)?;
     // SAFETY: open_tree reads a NUL-terminated path and returns a new descriptor or -1.
@@ -323,7 +321,13 @@ pub(crate) fn create_in_tenant_dir(
         nix::unistd::UnlinkatFlags::NoRemoveDir,
     ) {
         Ok(()) | Err(nix::errno::Errno::ENOENT) => {}
-        Err(e) => return Err(Error::Sys(format!("cannot remove {}: {e}", path.display()))),
+        Err(e) => {
+            return Err(Error::Io {
+                what: "cannot remove",
+                path,
+                cause: e.into(),
+            });
+        }
     }
     let fd = openat(
         Some(folder.as_raw_fd()),
@@ -331,7 +335,11 @@ pub(crate) fn create_in_tenant_dir(
         OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_RDWR | OFlag::O_CLOEXEC,
         Mode::from_bits_truncate(0o600),
     )
-    .map_err(|e| Error::Sys(format!("cannot create {}: {e}", path.display())))?;
+    .map_err(|e| Error::Io {
+        what: "cannot create",
+        path: path.clone(),
+        cause: e.into(),
+    })?;
     // SAFETY: openat returned a new descriptor that nothing else owns.
     let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
     if let Some(owner) = owner {
@@ -379,9 +387,11 @@ fn open_or_make(
 ) -> Result<OwnedFd, Error> {
     use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
     if hops > 8 {
-        return Err(Error::Sys(format!(
-            "cannot make {path} in the workspace: too many dangling symlinks on the way"
-        )));
+        return Err(Error::InWorkspace {
+            action: "make",
+            path: path.to_owned(),
+            cause: nix::errno::Errno::ELOOP.into(),
+        });
     }
     let open = |at: &str| -> nix::Result<OwnedFd> {
         let how = OpenHow::new()
@@ -394,8 +404,11 @@ fn open_or_make(
         // SAFETY: openat2 returns a new descriptor that nothing else owns.
         openat2(root.as_raw_fd(), at, how).map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
     };
-    let fail =
-        |at: &str, e: nix::Error| Error::Sys(format!("cannot open {at} in the workspace: {e}"));
+    let fail = |at: &str, e: nix::Error| Error::InWorkspace {
+        action: "open",
+        path: at.to_owned(),
+        cause: e.into(),
+    };
     let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
     let mut so_far = String::new();
     let mut dir = open("/").map_err(|e| fail("/", e))?;
@@ -439,10 +452,11 @@ fn open_or_make(
                     )
                 } != 0
                 {
-                    return Err(Error::Sys(format!(
-                        "cannot give {so_far} to the workspace: {}",
-                        std::io::Error::last_os_error()
-                    )));
+                    return Err(Error::InWorkspace {
+                        action: "chown",
+                        path: so_far,
+                        cause: std::io::Error::last_os_error(),
+                    });
                 }
                 made
             }

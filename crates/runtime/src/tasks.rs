@@ -120,7 +120,7 @@ pub fn save_tasks(dir: &Path, tasks: &[TaskSpec]) -> Result<(), Error> {
     std::fs::create_dir_all(dir).map_err(Error::io("cannot create", dir))?;
     let path = dir.join(TASKS_FILE);
     let tmp = dir.join(format!("{TASKS_FILE}.tmp"));
-    let bytes = serde_json::to_vec_pretty(tasks).map_err(|e| Error::Sys(e.to_string()))?;
+    let bytes = serde_json::to_vec_pretty(tasks).map_err(Error::encode("the task list"))?;
     std::fs::write(&tmp, bytes).map_err(Error::io("cannot write", &tmp))?;
     std::fs::rename(&tmp, &path).map_err(Error::io("cannot write", &path))
 }
@@ -193,11 +193,7 @@ pub fn attach(dir: &Path, name: &str) -> Result<UnixStream, Error> {
     if !valid_name(name) || !load_tasks(dir).iter().any(|t| t.name == name) {
         return Err(Error::NoTask(name.to_owned()));
     }
-    UnixStream::connect(socket_path(dir, name)).map_err(|_| {
-        Error::Sys(format!(
-            "task `{name}` is not running (`warren ws logs` shows how it ended)"
-        ))
-    })
+    UnixStream::connect(socket_path(dir, name)).map_err(|_| Error::TaskNotRunning(name.into()))
 }
 
 fn supervisor_running(dir: &Path) -> bool {

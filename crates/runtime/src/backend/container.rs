@@ -32,7 +32,7 @@ impl Backend for Container {
         let (id, layout) = (ws.id, ws.layout);
         let channel = Channel::connect(&layout.socket(), ANSWER_LIMIT)
             .map_err(|_| Error::NotRunning(id.to_string()))?;
-        let pipe = || std::io::pipe().map_err(|e| Error::Sys(format!("pipe: {e}")));
+        let pipe = || std::io::pipe().map_err(Error::os("pipe"));
         let (io, theirs): (Option<ExecIo>, Vec<OwnedFd>) = if request.tty.is_some() {
             (None, Vec::new())
         } else {
@@ -57,7 +57,10 @@ impl Backend for Container {
                 // From here the connection waits for the process's exit, however long it runs.
                 channel
                     .set_limit(None)
-                    .map_err(|e| Error::Sys(e.to_string()))?;
+                    .map_err(|cause| Error::SupervisorLink {
+                        action: "wait without a limit on",
+                        cause,
+                    })?;
                 let (io, master) = match io {
                     Some(io) => (io, None),
                     None => {
@@ -65,7 +68,7 @@ impl Backend for Container {
                             argv0: argv0.clone(),
                             message: "the terminal did not arrive".into(),
                         })?;
-                        let copy = master.try_clone().map_err(|e| Error::Sys(e.to_string()))?;
+                        let copy = master.try_clone().map_err(Error::os("dup"))?;
                         (
                             ExecIo::Pty {
                                 master: File::from(master),
@@ -100,16 +103,18 @@ impl Backend for Container {
         // workspace's network, connects, and the socket stays in that network.
         std::thread::scope(|s| {
             s.spawn(|| {
-                nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(
-                    |e| Error::Sys(format!("cannot enter the workspace's network: {e}")),
-                )?;
+                nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(Error::os("setns into the workspace's network"))?;
                 TcpStream::connect_timeout(&to, CONNECT_TIMEOUT).map_err(|e| Error::Shim {
                     id: id.to_string(),
                     message: format!("cannot connect to {to} ({e})"),
                 })
             })
             .join()
-            .map_err(|_| Error::Sys("the connecting thread panicked".into()))?
+            .map_err(|_| Error::Shim {
+                id: id.to_string(),
+                message: format!("connecting to {to} failed (the thread panicked)"),
+            })?
         })
     }
 
@@ -123,8 +128,13 @@ impl Backend for Container {
             let how = OpenHow::new()
                 .flags(flags | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW)
                 .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-            let fd = nix::fcntl::openat2(root.as_raw_fd(), path, how)
-                .map_err(|e| Error::Sys(format!("cannot open {path} in the workspace: {e}")))?;
+            let fd = nix::fcntl::openat2(root.as_raw_fd(), path, how).map_err(|e| {
+                Error::InWorkspace {
+                    action: "open",
+                    path: path.to_owned(),
+                    cause: e.into(),
+                }
+            })?;
             // SAFETY: openat2 returned a new descriptor that nothing else owns.
             Ok(unsafe { OwnedFd::from_raw_fd(fd) })
         };
@@ -138,18 +148,20 @@ impl Backend for Container {
             )?),
             "/etc/passwd",
         )
-        .map_err(Error::Sys)?;
+        .map_err(|e| Error::InWorkspace {
+            action: "read",
+            path: "/etc/passwd".into(),
+            cause: std::io::Error::other(e),
+        })?;
         let (uid, gid) = match warren_guest::accounts::parse_passwd(&passwd, user) {
             Some(account) => (account.uid, account.gid),
             None => match user.parse::<u32>() {
                 Ok(uid) => (uid, uid),
-                Err(_) => return Err(Error::Sys(format!("no user `{user}` in the workspace"))),
+                Err(_) => return Err(Error::NoUser(user.to_owned())),
             },
         };
         if uid >= ID_RANGE || gid >= ID_RANGE {
-            return Err(Error::Sys(format!(
-                "user `{user}` is outside the workspace's id range"
-            )));
+            return Err(Error::UserOutOfRange(user.to_owned()));
         }
         let owner = Some(nix::unistd::Uid::from_raw(rec.uid_base + uid));
         let group = Some(nix::unistd::Gid::from_raw(rec.uid_base + gid));
@@ -160,9 +172,11 @@ impl Backend for Container {
                 Ok(()) => break name,
                 Err(nix::errno::Errno::EEXIST) => continue,
                 Err(e) => {
-                    return Err(Error::Sys(format!(
-                        "cannot make a folder in the workspace's /tmp: {e}"
-                    )));
+                    return Err(Error::InWorkspace {
+                        action: "make a folder in",
+                        path: "/tmp".into(),
+                        cause: e.into(),
+                    });
                 }
             }
         };
@@ -172,10 +186,10 @@ impl Backend for Container {
             OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_RDONLY,
             Mode::empty(),
         )
-        .map_err(|e| {
-            Error::Sys(format!(
-                "cannot open /tmp/{folder_name} in the workspace: {e}"
-            ))
+        .map_err(|e| Error::InWorkspace {
+            action: "open",
+            path: format!("/tmp/{folder_name}"),
+            cause: e.into(),
         })?;
         // SAFETY: openat returned a new descriptor that nothing else owns.
         let folder = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -193,9 +207,11 @@ impl Backend for Container {
                     folder_name.as_str(),
                     nix::unistd::UnlinkatFlags::RemoveDir,
                 );
-                return Err(Error::Sys(format!(
-                    "cannot listen on {path} in the workspace: {e}"
-                )));
+                return Err(Error::InWorkspace {
+                    action: "listen on",
+                    path,
+                    cause: e,
+                });
             }
         };
         // Stays open as long as `socket`, which owns it.
@@ -217,7 +233,11 @@ impl Backend for Container {
             nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
         )
         .and_then(|()| nix::unistd::fchown(folder_fd, owner, group))
-        .map_err(|e| Error::Sys(format!("cannot give {} to `{user}`: {e}", socket.path)))?;
+        .map_err(|e| Error::InWorkspace {
+            action: "chown",
+            path: socket.path.clone(),
+            cause: e.into(),
+        })?;
         Ok(socket)
     }
 
@@ -323,11 +343,6 @@ impl Process for ShimProcess {
             argv0: format!("pid {}", self.pid),
             message: "the process has no terminal to resize".into(),
         })?;
-        set_window_size(master.as_fd(), size).map_err(|e| {
-            Error::Sys(format!(
-                "cannot resize the terminal (fd {}): {e}",
-                master.as_raw_fd()
-            ))
-        })
+        set_window_size(master.as_fd(), size).map_err(Error::os("TIOCSWINSZ"))
     }
 }

@@ -79,8 +79,8 @@ impl Backend for Vm {
     }
 
     fn quiesce(&self, _ws: &Found<'_>) -> Result<(), Error> {
-        Err(Error::Sys(
-            "a VM workspace cannot be quiesced from the host".into(),
+        Err(Error::NotForBackend(
+            "a VM workspace cannot be quiesced from the host",
         ))
     }
 }

@@ -38,7 +38,7 @@ pub(crate) type AgentConn = socket2::Socket;
 /// Opens a connection to the guest agent and sends `request`; returns the connection and the
 /// first reply.
 pub(crate) fn request(agent: &AgentAddr, request: &Request) -> Result<(AgentConn, Reply), Error> {
-    let gone = |e: std::io::Error| Error::Sys(format!("the guest agent does not answer: {e}"));
+    let gone = Error::GuestSilent;
     let (mut stream, hello): (AgentConn, String) = match agent {
         AgentAddr::Vsock(uds) => (
             OwnedFd::from(UnixStream::connect(uds).map_err(gone)?).into(),
@@ -57,16 +57,16 @@ pub(crate) fn request(agent: &AgentAddr, request: &Request) -> Result<(AgentConn
     // `OK ...` comes back (from the device, or the guest).
     let line = read_line(&mut stream, 256).map_err(|e| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            Error::Sys(
-                "the guest agent does not answer (the VM is not up yet, or its agent died)".into(),
-            )
+            Error::GuestSilent(std::io::Error::other(
+                "the VM is not up yet, or its agent died",
+            ))
         } else {
             gone(e)
         }
     })?;
     if !line.starts_with(b"OK") {
-        return Err(Error::Sys(format!(
-            "the guest agent's transport refused: {}",
+        return Err(Error::GuestAnswer(format!(
+            "its transport refused: {}",
             String::from_utf8_lossy(&line).trim()
         )));
     }
@@ -84,7 +84,7 @@ pub(crate) fn ping(agent: &AgentAddr) -> bool {
 pub(crate) fn stats(agent: &AgentAddr) -> Result<GuestStats, Error> {
     match request(agent, &Request::Stats)? {
         (_, Reply::Stats(stats)) => Ok(stats),
-        (_, other) => Err(Error::Sys(format!("unexpected answer {other:?}"))),
+        (_, other) => Err(Error::GuestAnswer(format!("{other:?}"))),
     }
 }
 
@@ -104,20 +104,19 @@ pub(crate) fn connect(agent: &AgentAddr, to: SocketAddr) -> Result<TcpStream, Er
         },
     )?;
     if let Reply::Error { message } = reply {
-        return Err(Error::Sys(message));
+        return Err(Error::Guest(message));
     }
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| Error::Sys(e.to_string()))?;
-    let theirs = TcpStream::connect(
-        listener
-            .local_addr()
-            .map_err(|e| Error::Sys(e.to_string()))?,
-    )
-    .map_err(|e| Error::Sys(e.to_string()))?;
-    let expected = theirs.local_addr().map_err(|e| Error::Sys(e.to_string()))?;
+    let relay = Error::os("make a loopback relay");
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(relay)?;
+    let theirs = TcpStream::connect(listener.local_addr().map_err(Error::os("getsockname"))?)
+        .map_err(Error::os("connect a loopback relay"))?;
+    let expected = theirs.local_addr().map_err(Error::os("getsockname"))?;
     // Only the socket just connected is accepted: another local process racing to the port
     // gets nothing.
     let ours = loop {
-        let (conn, from) = listener.accept().map_err(|e| Error::Sys(e.to_string()))?;
+        let (conn, from) = listener
+            .accept()
+            .map_err(Error::os("accept a loopback relay"))?;
         if from == expected {
             break conn;
         }
@@ -145,10 +144,14 @@ pub(crate) fn listen_unix(
     )?;
     let path = match reply {
         Reply::Listening { path } => path,
-        Reply::Error { message } => return Err(Error::Sys(message)),
-        other => return Err(Error::Sys(format!("unexpected answer {other:?}"))),
+        Reply::Error { message } => return Err(Error::Guest(message)),
+        other => return Err(Error::GuestAnswer(format!("{other:?}"))),
     };
-    let sys = |e: std::io::Error| Error::Sys(format!("{}: {e}", relay_at.display()));
+    let sys = |cause| Error::Io {
+        what: "cannot make the forwarding socket",
+        path: relay_at.to_owned(),
+        cause,
+    };
     let _ = std::fs::remove_file(relay_at);
     let listener = UnixListener::bind(relay_at).map_err(sys)?;
     // From here on, dropping the socket ends the guest's listening and removes `relay_at`.
@@ -156,7 +159,7 @@ pub(crate) fn listen_unix(
         listener,
         path,
         made: MadeSocket::InGuest {
-            announcements: announcements.try_clone().map_err(sys)?,
+            announcements: announcements.try_clone().map_err(Error::os("dup"))?,
             relay: relay_at.to_owned(),
         },
     };
@@ -168,9 +171,10 @@ pub(crate) fn listen_unix(
         while let Ok(Reply::Accepted { id }) = read_json(&mut announcements, Kind::Reply) {
             let attached = request(&agent, &Request::Attach { id }).and_then(|(guest, reply)| {
                 if reply != Reply::Started {
-                    return Err(Error::Sys(format!("unexpected answer {reply:?}")));
+                    return Err(Error::GuestAnswer(format!("{reply:?}")));
                 }
-                let host = UnixStream::connect(&relay_at).map_err(|e| Error::Sys(e.to_string()))?;
+                let host = UnixStream::connect(&relay_at)
+                    .map_err(Error::io("cannot connect to", &relay_at))?;
                 Ok((guest, host))
             });
             match attached {
@@ -222,8 +226,8 @@ impl Process for VmProcess {
         }
         match slot.clone() {
             Some(Ok(status)) => Ok(status),
-            Some(Err(message)) => Err(Error::Sys(message)),
-            None => Err(Error::Sys("no exit status".into())),
+            Some(Err(message)) => Err(Error::Guest(message)),
+            None => Err(Error::GuestAnswer("no exit status".into())),
         }
     }
 
@@ -245,8 +249,7 @@ impl VmProcess {
             .control
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        write_json(&mut *stream, Kind::Control, control)
-            .map_err(|e| Error::Sys(format!("the process's connection is gone: {e}")))
+        write_json(&mut *stream, Kind::Control, control).map_err(Error::GuestSilent)
     }
 }
 
@@ -276,33 +279,31 @@ pub(crate) fn exec(
     match reply {
         Reply::Started => {}
         Reply::Error { message } => return Err(Error::Exec { argv0, message }),
-        other => return Err(Error::Sys(format!("unexpected answer {other:?}"))),
+        other => return Err(Error::GuestAnswer(format!("{other:?}"))),
     }
-    let sys = |e: std::io::Error| Error::Sys(e.to_string());
     let exit = Arc::new(ExitSlot::default());
-    let control = stream.try_clone().map_err(sys)?;
+    let control = stream.try_clone().map_err(Error::os("dup"))?;
     // (caller's io, where guest output goes, where caller input comes from)
     let (io, out, err, input): (ExecIo, File, Option<File>, File) = if request.tty.is_some() {
         // A real terminal for the caller; its slave side, raw, is this end of the relay.
-        let pty = nix::pty::openpty(None, None).map_err(|e| Error::Sys(format!("openpty: {e}")))?;
+        let pty = nix::pty::openpty(None, None).map_err(Error::os("openpty"))?;
         let slave = File::from(pty.slave);
-        let mut raw = nix::sys::termios::tcgetattr(&slave)
-            .map_err(|e| Error::Sys(format!("tcgetattr: {e}")))?;
+        let mut raw = nix::sys::termios::tcgetattr(&slave).map_err(Error::os("tcgetattr"))?;
         nix::sys::termios::cfmakeraw(&mut raw);
         nix::sys::termios::tcsetattr(&slave, nix::sys::termios::SetArg::TCSANOW, &raw)
-            .map_err(|e| Error::Sys(format!("tcsetattr: {e}")))?;
+            .map_err(Error::os("tcsetattr"))?;
         (
             ExecIo::Pty {
                 master: File::from(pty.master),
             },
-            slave.try_clone().map_err(sys)?,
+            slave.try_clone().map_err(Error::os("dup"))?,
             None,
             slave,
         )
     } else {
-        let (in_r, in_w) = std::io::pipe().map_err(sys)?;
-        let (out_r, out_w) = std::io::pipe().map_err(sys)?;
-        let (err_r, err_w) = std::io::pipe().map_err(sys)?;
+        let (in_r, in_w) = std::io::pipe().map_err(Error::os("pipe"))?;
+        let (out_r, out_w) = std::io::pipe().map_err(Error::os("pipe"))?;
+        let (err_r, err_w) = std::io::pipe().map_err(Error::os("pipe"))?;
         (
             ExecIo::Pipes {
                 stdin: File::from(OwnedFd::from(in_w)),
@@ -316,7 +317,7 @@ pub(crate) fn exec(
     };
     let tty = request.tty.is_some();
     // Caller input -> guest.
-    let mut to_guest = stream.try_clone().map_err(sys)?;
+    let mut to_guest = stream.try_clone().map_err(Error::os("dup"))?;
     let ended = exit.clone();
     std::thread::spawn(move || {
         use std::os::fd::AsFd;

@@ -116,14 +116,14 @@ impl GuestKernel {
             .stdout(out)
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| Error::Sys(format!("cannot run `xz` (install xz-utils): {e}")))?;
+            .map_err(Error::io("cannot run (install xz-utils)", "xz"))?;
         let mut stdin = xz.stdin.take().expect("piped");
         // xz stops reading at the end of the stream; what follows in the image is not its.
         let _ = stdin.write_all(&bytes[payload..]);
         drop(stdin);
         let done = xz
             .wait_with_output()
-            .map_err(|e| Error::Sys(e.to_string()))?;
+            .map_err(Error::io("cannot run", "xz"))?;
         let mut head = [0u8; 4];
         let is_elf = File::open(&tmp)
             .and_then(|mut f| f.read_exact(&mut head))
@@ -131,11 +131,10 @@ impl GuestKernel {
             && head == *b"\x7fELF";
         if !done.status.success() || !is_elf {
             let _ = std::fs::remove_file(&tmp);
-            return Err(Error::Sys(format!(
-                "cannot unpack {}: {}",
-                self.vmlinuz.display(),
-                String::from_utf8_lossy(&done.stderr).trim()
-            )));
+            return Err(Error::Command {
+                command: format!("xz -d {}", self.vmlinuz.display()),
+                stderr: String::from_utf8_lossy(&done.stderr).trim().to_owned(),
+            });
         }
         std::fs::rename(&tmp, &unpacked).map_err(Error::io("cannot rename", &tmp))?;
         Ok(unpacked)
@@ -280,7 +279,7 @@ pub fn guest_initramfs(
     files.push((
         CONFIG_PATH.trim_start_matches('/').into(),
         0o600,
-        serde_json::to_vec(config).map_err(|e| Error::Sys(e.to_string()))?,
+        serde_json::to_vec(config).map_err(Error::encode("the guest's settings"))?,
     ));
     Ok(newc_archive(&files))
 }

@@ -178,8 +178,7 @@ impl VmFiles {
     pub(crate) fn agent_addr(&self) -> Result<client::AgentAddr, Error> {
         let path = self.agent_addr_file();
         let text = std::fs::read(&path).map_err(Error::io("cannot read", &path))?;
-        serde_json::from_slice(&text)
-            .map_err(|e| Error::Sys(format!("{} is damaged: {e}", path.display())))
+        serde_json::from_slice(&text).map_err(|cause| Error::Damaged { path, cause })
     }
     pub(crate) fn qmp(&self) -> PathBuf {
         self.dir.join("qmp.sock")
@@ -514,7 +513,7 @@ pub(crate) fn start(
     let agent_file = files.agent_addr_file();
     warren_hostfs::write_private(
         &agent_file,
-        &serde_json::to_vec(&agent).map_err(|e| Error::Sys(e.to_string()))?,
+        &serde_json::to_vec(&agent).map_err(Error::encode("the guest agent's address"))?,
     )
     .map_err(Error::io("cannot write", &agent_file))?;
 
@@ -719,9 +718,11 @@ fn share_modules(
     if let (Ok(at), Ok(top)) = (at, top)
         && (at.st_dev, at.st_ino) == (top.st_dev, top.st_ino)
     {
-        return Err(Error::Sys(format!(
-            "the workspace's /lib/modules/{release} leads to its root folder; refusing to mount there"
-        )));
+        return Err(Error::InWorkspace {
+            action: "mount the kernel's modules at",
+            path: format!("/lib/modules/{release}"),
+            cause: std::io::Error::other("it leads to the workspace's root folder"),
+        });
     }
     crate::sys::bind_readonly_at(&kernel.modules, target.as_fd())
 }
@@ -784,10 +785,10 @@ fn random_token() -> Result<String, Error> {
     // SAFETY: getrandom writes at most `bytes.len()` bytes into the local buffer.
     let got = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
     if got != bytes.len() as isize {
-        return Err(Error::Sys(format!(
-            "getrandom: {}",
-            std::io::Error::last_os_error()
-        )));
+        return Err(Error::Os {
+            call: "getrandom",
+            cause: std::io::Error::last_os_error(),
+        });
     }
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
@@ -825,10 +826,11 @@ fn open_tap(name: &str) -> Result<std::os::fd::OwnedFd, Error> {
         (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
     // SAFETY: `req` is a valid ifreq for TUNSETIFF, alive for the call.
     if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF as _, &mut req) } < 0 {
-        return Err(Error::Sys(format!(
-            "cannot open tap {name}: {}",
-            std::io::Error::last_os_error()
-        )));
+        return Err(Error::Io {
+            what: "cannot open the tap device",
+            path: name.into(),
+            cause: std::io::Error::last_os_error(),
+        });
     }
     let fd = std::os::fd::OwnedFd::from(tun);
     keep_across_exec(&fd);

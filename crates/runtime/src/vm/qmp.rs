@@ -16,7 +16,7 @@ pub(crate) struct Qmp {
 }
 
 fn qmp_error(e: impl std::fmt::Display) -> Error {
-    Error::Sys(format!("QMP: {e}"))
+    Error::Qmp(e.to_string())
 }
 
 impl Qmp {
