@@ -2,7 +2,7 @@
 //! Any driver, one set of migrations (embedded, applied in order at start, each in a transaction).
 
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
-use sqlx::{AnyPool, Executor, Row};
+use sqlx::{AnyPool, Executor};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -159,14 +159,12 @@ impl Db {
     /// Webhook secrets stored as given by earlier versions are replaced by their digests
     /// (`sha256:<hex>`), as tokens are: the database never holds one a caller could use.
     async fn hash_webhook_secrets(&self) -> Result<(), sqlx::Error> {
-        let rows = sqlx::query(
+        let rows: Vec<(String, String)> = sqlx::query_as(
             "SELECT id, webhook_secret FROM projects WHERE webhook_secret IS NOT NULL AND webhook_secret NOT LIKE 'sha256:%'",
         )
         .fetch_all(&self.pool)
         .await?;
-        for row in rows {
-            let id: String = row.try_get("id")?;
-            let secret: String = row.try_get("webhook_secret")?;
+        for (id, secret) in rows {
             sqlx::query("UPDATE projects SET webhook_secret = $1 WHERE id = $2")
                 .bind(webhook_digest(&secret))
                 .bind(&id)

@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use sqlx::Row;
 use warren_protocol::gateway::{Directory, Found, Opening, Terminal, User};
 
 use crate::api::{blob_fingerprint, workspace_env};
@@ -87,21 +86,14 @@ impl GatewayDirectory {
 
 impl Directory for GatewayDirectory {
     async fn user_for_key(&self, blob: &[u8]) -> Result<Option<User>, String> {
-        let row = sqlx::query(
+        let row: Option<(String, String)> = sqlx::query_as(
             "SELECT u.id, u.name FROM ssh_keys k JOIN users u ON u.id = k.user_id WHERE k.fingerprint = $1",
         )
         .bind(blob_fingerprint(blob))
         .fetch_optional(&self.state.db.pool)
         .await
         .map_err(|e| e.to_string())?;
-        row.map(|r| {
-            Ok(User {
-                id: r.try_get("id")?,
-                name: r.try_get("name")?,
-            })
-        })
-        .transpose()
-        .map_err(|e: sqlx::Error| e.to_string())
+        Ok(row.map(|(id, name)| User { id, name }))
     }
 
     async fn workspace(&self, user: &User, login: &str) -> Result<Found, String> {

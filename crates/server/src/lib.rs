@@ -29,7 +29,6 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use sqlx::Row;
 use tokio::sync::Notify;
 use utoipa::OpenApi as _;
 use utoipa_axum::router::OpenApiRouter;
@@ -357,12 +356,11 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
 }
 
 async fn register_host(db: &Db, name: &str) -> Result<String, sqlx::Error> {
-    if let Some(row) = sqlx::query("SELECT id FROM hosts WHERE name = $1")
+    if let Some(id) = sqlx::query_scalar::<_, String>("SELECT id FROM hosts WHERE name = $1")
         .bind(name)
         .fetch_optional(&db.pool)
         .await?
     {
-        let id: String = row.try_get("id")?;
         sqlx::query("UPDATE hosts SET last_seen_at = $2 WHERE id = $1")
             .bind(&id)
             .bind(now_ms())

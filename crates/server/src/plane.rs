@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 
-use sqlx::Row;
 use tokio::sync::Notify;
 use warren_protocol::{ControlPlane, Failure, Job, Outcome, Work};
 
@@ -227,19 +226,16 @@ impl DbControlPlane {
             .bind(now + LEASE_MS)
             .execute(&mut *tx)
             .await?;
-        let row = sqlx::query(
+        let row: Option<(String, i64, i64, String)> = sqlx::query_as(
             "SELECT p.id, p.log_size, p.cancel_requested, j.state FROM jobs j JOIN prebuilds p ON p.id = j.prebuild_id WHERE j.id = $1",
         )
         .bind(job_id)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some(row) = row else {
+        let Some((prebuild, size, cancel_requested, job_state)) = row else {
             return Ok(false);
         };
-        let prebuild: String = row.try_get("id")?;
-        let size: i64 = row.try_get("log_size")?;
-        let cancelled = row.try_get::<i64, _>("cancel_requested")? != 0
-            || row.try_get::<String, _>("state")? != "running";
+        let cancelled = cancel_requested != 0 || job_state != "running";
         if !text.is_empty() && size < LOG_LIMIT {
             let mut piece = String::from_utf8_lossy(text).into_owned();
             if size + piece.len() as i64 >= LOG_LIMIT {
@@ -268,21 +264,20 @@ impl DbControlPlane {
     ) -> Result<(), sqlx::Error> {
         let now = now_ms();
         let mut tx = self.db.begin_write().await?;
-        let row = sqlx::query(
+        let row: Option<(Option<String>, Option<String>, i64, i64)> = sqlx::query_as(
             "SELECT workspace_id, prebuild_id, attempts, max_attempts FROM jobs WHERE id = $1",
         )
         .bind(&job.id)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some(row) = row else { return Ok(()) };
-        if let Some(prebuild) = row.try_get::<Option<String>, _>("prebuild_id")? {
+        let Some((workspace_id, prebuild_id, attempts, max_attempts)) = row else {
+            return Ok(());
+        };
+        if let Some(prebuild) = prebuild_id {
             let result = result.map_err(|f| f.message);
             crate::prebuilds::finish(&mut tx, &job.id, &prebuild, result).await?;
             return tx.commit().await;
         }
-        let workspace_id: Option<String> = row.try_get("workspace_id")?;
-        let attempts: i64 = row.try_get("attempts")?;
-        let max_attempts: i64 = row.try_get("max_attempts")?;
         let later: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM jobs WHERE workspace_id = $1 AND id <> $2 AND state IN ('queued', 'running')",
         )
@@ -360,19 +355,19 @@ async fn record(
     error: Option<&str>,
     now: i64,
 ) -> Result<(), sqlx::Error> {
-    let Some(row) = sqlx::query("SELECT state, desired FROM workspaces WHERE id = $1")
-        .bind(workspace_id)
-        .fetch_optional(&mut **tx)
-        .await?
+    let Some((current, desired)) = sqlx::query_as::<_, (String, String)>(
+        "SELECT state, desired FROM workspaces WHERE id = $1",
+    )
+    .bind(workspace_id)
+    .fetch_optional(&mut **tx)
+    .await?
     else {
         return Ok(());
     };
-    let current: WorkspaceState = row
-        .try_get::<String, _>("state")?
+    let current: WorkspaceState = current
         .parse()
         .map_err(|e| crate::db::decode_error("state", e))?;
-    let desired: Desired = row
-        .try_get::<String, _>("desired")?
+    let desired: Desired = desired
         .parse()
         .map_err(|e| crate::db::decode_error("desired", e))?;
     let state = match current.next(desired, event) {

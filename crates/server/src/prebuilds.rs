@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use sqlx::{Any, Row, Transaction};
+use sqlx::{Any, Transaction};
 use warren_protocol::{Outcome, PrebuildJob};
 
 use crate::db::{Db, new_id, now_ms};
@@ -165,7 +165,7 @@ pub async fn finish(
 /// holds them (unless another prebuild shares the image, as equal keys do).
 pub async fn archive_unneeded(db: &Db) -> Result<usize, sqlx::Error> {
     let mut tx = db.begin_write().await?;
-    let rows = sqlx::query(
+    let rows: Vec<(String, Option<String>, Option<String>)> = sqlx::query_as(
         "SELECT p.id, p.image, p.host_id FROM prebuilds p
          WHERE p.state = 'succeeded'
            AND NOT EXISTS (SELECT 1 FROM branches b WHERE b.project_id = p.project_id AND b.head = p.commit_sha)
@@ -176,10 +176,8 @@ pub async fn archive_unneeded(db: &Db) -> Result<usize, sqlx::Error> {
     .fetch_all(&mut *tx)
     .await?;
     let now = now_ms();
-    for r in &rows {
-        let id: String = r.try_get("id")?;
-        let image: Option<String> = r.try_get("image")?;
-        let host: Option<String> = r.try_get("host_id")?;
+    let archived = rows.len();
+    for (id, image, host) in rows {
         sqlx::query("UPDATE prebuilds SET state = 'archived', finished_at = COALESCE(finished_at, $2) WHERE id = $1")
             .bind(&id)
             .bind(now)
@@ -203,7 +201,7 @@ pub async fn archive_unneeded(db: &Db) -> Result<usize, sqlx::Error> {
         tracing::info!(prebuild.id = %id, "prebuild archived");
     }
     tx.commit().await?;
-    Ok(rows.len())
+    Ok(archived)
 }
 
 /// A prebuild as stored ([`COLUMNS`]), with its project's name, owner and URL, its branch's
@@ -263,14 +261,11 @@ pub async fn branch_head(
     project_id: &str,
     branch: Option<&str>,
 ) -> ApiResult<(String, String)> {
-    let rows = sqlx::query("SELECT name, head FROM branches WHERE project_id = $1 ORDER BY name")
-        .bind(project_id)
-        .fetch_all(&db.pool)
-        .await?;
-    let heads: Vec<(String, String)> = rows
-        .iter()
-        .map(|r| Ok((r.try_get("name")?, r.try_get("head")?)))
-        .collect::<ApiResult<_>>()?;
+    let heads: Vec<(String, String)> =
+        sqlx::query_as("SELECT name, head FROM branches WHERE project_id = $1 ORDER BY name")
+            .bind(project_id)
+            .fetch_all(&db.pool)
+            .await?;
     let found = match branch {
         Some(b) => heads.iter().find(|(n, _)| n == b),
         None => heads

@@ -104,29 +104,60 @@ pub(crate) async fn variables(
     secrets: &SecretBox,
     scopes: &[(&str, &str)],
 ) -> Result<Vec<(String, String)>, String> {
-    use sqlx::Row as _;
     let mut out = Vec::new();
     for (scope, scope_id) in scopes {
-        let rows = sqlx::query("SELECT name, secret, value FROM env_vars WHERE scope = $1 AND scope_id = $2 ORDER BY name")
-            .bind(scope)
-            .bind(scope_id)
-            .fetch_all(&db.pool)
+        let rows = StoredVariable::of(db, scope, scope_id)
             .await
             .map_err(|e| e.to_string())?;
-        for r in rows {
-            let name: String = r.try_get("name").map_err(|e| e.to_string())?;
-            let stored: String = r.try_get("value").map_err(|e| e.to_string())?;
-            let value = if r.try_get::<i64, _>("secret").map_err(|e| e.to_string())? != 0 {
+        for row in rows {
+            let value = if row.secret.0 {
                 secrets
-                    .open(&format!("{scope}/{scope_id}/{name}"), &stored)
-                    .map_err(|e| format!("variable {name}: {e}"))?
+                    .open(&row.context(scope, scope_id), &row.value)
+                    .map_err(|e| format!("variable {}: {e}", row.name))?
             } else {
-                stored
+                row.value
             };
-            out.push((name, value));
+            out.push((row.name, value));
         }
     }
     Ok(out)
+}
+
+/// A variable as stored: a secret's value is sealed.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct StoredVariable {
+    pub name: String,
+    #[sqlx(try_from = "i64")]
+    pub secret: crate::db::Flag,
+    pub value: String,
+}
+
+impl StoredVariable {
+    /// The variables of one scope (`user` or `project` and its id), by name.
+    pub(crate) async fn of(
+        db: &crate::db::Db,
+        scope: &str,
+        scope_id: &str,
+    ) -> Result<Vec<Self>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT name, secret, value FROM env_vars WHERE scope = $1 AND scope_id = $2 ORDER BY name",
+        )
+        .bind(scope)
+        .bind(scope_id)
+        .fetch_all(&db.pool)
+        .await
+    }
+
+    /// What its secret is sealed with.
+    pub(crate) fn context(&self, scope: &str, scope_id: &str) -> String {
+        sealed_as(scope, scope_id, &self.name)
+    }
+}
+
+/// The context a variable's secret is sealed with: it opens only under the scope and name it
+/// was set as, so a sealed value copied to another row does not open.
+pub(crate) fn sealed_as(scope: &str, scope_id: &str, name: &str) -> String {
+    format!("{scope}/{scope_id}/{name}")
 }
 
 #[cfg(test)]

@@ -5,7 +5,6 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use serde::Deserialize;
-use sqlx::Row;
 
 use super::{Body, check_name};
 use crate::auth::Caller;
@@ -71,14 +70,12 @@ impl axum::extract::FromRequestParts<AppState> for AgentHost {
                     "agents send their host token (warren host add)",
                 )
             })?;
-        let row = sqlx::query("SELECT id FROM hosts WHERE token_hash = $1")
+        let host_id = sqlx::query_scalar("SELECT id FROM hosts WHERE token_hash = $1")
             .bind(crate::auth::token_hash(token.trim()))
             .fetch_optional(&state.db.pool)
             .await?
             .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unknown host token"))?;
-        Ok(Self {
-            host_id: row.try_get("id")?,
-        })
+        Ok(Self { host_id })
     }
 }
 

@@ -6,7 +6,6 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use sqlx::Row;
 use warren_api::{LogPiece, LogQuery, NewPrebuild, PrebuildState, PrebuildView};
 
 use super::Body;
@@ -219,7 +218,7 @@ pub async fn prebuild_log(
         PrebuildState::Queued | PrebuildState::Running
     );
     let offset = i64::try_from(query.offset).unwrap_or(i64::MAX);
-    let pieces = sqlx::query(
+    let pieces: Vec<(i64, String)> = sqlx::query_as(
         "SELECT at, text FROM prebuild_logs WHERE prebuild_id = $1
          AND at >= COALESCE((SELECT MAX(at) FROM prebuild_logs WHERE prebuild_id = $1 AND at <= $2), 0) ORDER BY at",
     )
@@ -231,9 +230,7 @@ pub async fn prebuild_log(
     let mut next = offset;
     // Offsets are bytes of the stored text; a read from inside a piece starts at the next
     // character.
-    for p in &pieces {
-        let at: i64 = p.try_get("at")?;
-        let piece: String = p.try_get("text")?;
+    for (at, piece) in pieces {
         let skip = usize::try_from(offset - at).unwrap_or(0);
         let mut from = skip.min(piece.len());
         while !piece.is_char_boundary(from) {

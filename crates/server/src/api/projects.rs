@@ -4,7 +4,6 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use sqlx::Row;
 
 use super::{Body, check_name, pick_owned};
 use crate::auth::Caller;
@@ -286,20 +285,19 @@ pub async fn git_hook(
     Path(id): Path<String>,
     axum::extract::Query(query): axum::extract::Query<HookQuery>,
 ) -> ApiResult<StatusCode> {
-    let row = sqlx::query("SELECT git_url, webhook_secret FROM projects WHERE id = $1")
-        .bind(&id)
-        .fetch_optional(&state.db.pool)
-        .await?;
+    let row: Option<(String, Option<String>)> =
+        sqlx::query_as("SELECT git_url, webhook_secret FROM projects WHERE id = $1")
+            .bind(&id)
+            .fetch_optional(&state.db.pool)
+            .await?;
     let refused = || ApiError::not_found(format_args!("project `{id}` with that secret"));
-    let row = row.ok_or_else(refused)?;
-    let secret: Option<String> = row.try_get("webhook_secret")?;
+    let (url, secret) = row.ok_or_else(refused)?;
     // Only the secret's digest is kept; comparing digests also keeps the time taken from
     // saying anything about the secret.
     let matches = secret.is_some_and(|s| s == crate::db::webhook_digest(&query.secret));
     if !matches {
         return Err(refused());
     }
-    let url: String = row.try_get("git_url")?;
     crate::git::refresh_project(&state.db, &state.git_mirrors, &id, &url)
         .await
         .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, e))?;

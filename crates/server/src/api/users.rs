@@ -4,7 +4,6 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use sqlx::Row;
 
 use super::{Body, check_name};
 use crate::auth::{Caller, User, hash_password, new_token, verify_password};
@@ -39,15 +38,16 @@ pub async fn login(
             ),
         ));
     }
-    let row = sqlx::query("SELECT id, password_hash, is_admin FROM users WHERE name = $1")
-        .bind(&req.user)
-        .fetch_optional(&state.db.pool)
-        .await?;
+    let row: Option<(String, String, i64)> =
+        sqlx::query_as("SELECT id, password_hash, is_admin FROM users WHERE name = $1")
+            .bind(&req.user)
+            .fetch_optional(&state.db.pool)
+            .await?;
     let refused = || ApiError::new(StatusCode::UNAUTHORIZED, "wrong user name or password");
     // An unknown name costs the same verification as a wrong password; argon2 runs off the
     // async workers, which must keep serving everybody else.
     let hash = match &row {
-        Some(row) => row.try_get::<String, _>("password_hash")?,
+        Some((_, hash, _)) => hash.clone(),
         None => crate::auth::unknown_user_hash().to_owned(),
     };
     // Counted as a failure before it is verified (refunded on success), so parallel guesses
@@ -63,15 +63,14 @@ pub async fn login(
     let verified = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
         .await
         .unwrap_or(false);
-    let row = match row {
-        Some(row) if verified => row,
-        _ => return Err(refused()),
+    let Some((user_id, _, is_admin)) = row.filter(|_| verified) else {
+        return Err(refused());
     };
     state.logins.succeeded(&req.user, peer.ip());
     let (token, token_hash) = new_token();
     sqlx::query("INSERT INTO api_tokens (id, user_id, name, token_hash, created_at) VALUES ($1, $2, $3, $4, $5)")
         .bind(new_id())
-        .bind(row.try_get::<String, _>("id")?)
+        .bind(user_id)
         .bind(req.token_name.unwrap_or_else(|| "cli".into()))
         .bind(token_hash)
         .bind(now_ms())
@@ -80,7 +79,7 @@ pub async fn login(
     Ok(Json(LoginResponse {
         token,
         user: req.user,
-        admin: row.try_get::<i64, _>("is_admin")? != 0,
+        admin: is_admin != 0,
     }))
 }
 

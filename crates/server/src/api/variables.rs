@@ -3,13 +3,13 @@
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use sqlx::Row;
 
 use super::Body;
 use super::projects::find_project;
 use crate::auth::Caller;
 use crate::db::{new_id, now_ms};
 use crate::error::{ApiError, ApiResult};
+use crate::secrets::{StoredVariable, sealed_as};
 use crate::state::AppState;
 use warren_api::{NewVar, ScopeQuery, VarView};
 
@@ -51,32 +51,25 @@ pub async fn list_vars(
     axum::extract::Query(query): axum::extract::Query<ScopeQuery>,
 ) -> ApiResult<Json<Vec<VarView>>> {
     let (scope, scope_id) = var_scope(&state, &caller, query.project.as_deref()).await?;
-    let rows = sqlx::query(
-        "SELECT name, secret, value FROM env_vars WHERE scope = $1 AND scope_id = $2 ORDER BY name",
-    )
-    .bind(scope)
-    .bind(&scope_id)
-    .fetch_all(&state.db.pool)
-    .await?;
+    let rows = StoredVariable::of(&state.db, scope, &scope_id).await?;
     let mut out = Vec::new();
-    for r in &rows {
-        let name: String = r.try_get("name")?;
-        let secret = r.try_get::<i64, _>("secret")? != 0;
-        let stored: String = r.try_get("value")?;
-        let (value, hint) = if secret {
-            let context = format!("{scope}/{scope_id}/{name}");
-            let hint = match state.secrets.open(&context, &stored) {
+    for row in rows {
+        let (value, hint) = if row.secret.0 {
+            let hint = match state
+                .secrets
+                .open(&row.context(scope, &scope_id), &row.value)
+            {
                 Ok(plain) => format!("{} characters", plain.chars().count()),
                 Err(e) => e.to_string(),
             };
             (None, Some(hint))
         } else {
-            (Some(stored), None)
+            (Some(row.value), None)
         };
         out.push(VarView {
-            name,
+            name: row.name,
             scope: scope.into(),
-            secret,
+            secret: row.secret.0,
             value,
             hint,
         });
@@ -119,7 +112,7 @@ pub async fn set_var(
     let stored = if req.secret {
         state
             .secrets
-            .seal(&format!("{scope}/{scope_id}/{}", req.name), &req.value)
+            .seal(&sealed_as(scope, &scope_id, &req.name), &req.value)
     } else {
         req.value
     };

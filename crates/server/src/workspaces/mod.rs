@@ -316,37 +316,50 @@ pub(crate) async fn reconcile(
     Ok(queued)
 }
 
+/// What placement reads of a host: its image chunk shares and disk ceiling (from its reports),
+/// when it last reported, and how many workspaces it holds.
+#[derive(sqlx::FromRow)]
+struct PlacementRow {
+    id: String,
+    images: Option<String>,
+    last_seen_at: Option<i64>,
+    disk_ceiling: Option<i64>,
+    workspaces: i64,
+}
+
 /// The host a new workspace goes to: a live host (this process's own is always live) that
 /// gives a workspace the `disk` it asks for, holding the largest share of the image's chunks,
 /// then the least loaded. A disk request no live host gives is refused at once (a host's
 /// ceiling is its `--workspace-disk`, from its reports).
 pub(crate) async fn place(state: &AppState, image: &str, disk: Option<u64>) -> ApiResult<String> {
     let alive_since = now_ms() - 60_000;
-    let rows = sqlx::query(
-        "SELECT h.id, h.images, h.last_seen_at, h.disk_ceiling, (SELECT COUNT(*) FROM workspaces w WHERE w.host_id = h.id) AS n FROM hosts h",
+    let rows: Vec<PlacementRow> = sqlx::query_as(
+        "SELECT h.id, h.images, h.last_seen_at, h.disk_ceiling, (SELECT COUNT(*) FROM workspaces w WHERE w.host_id = h.id) AS workspaces FROM hosts h",
     )
     .fetch_all(&state.db.pool)
     .await?;
     let mut candidates = Vec::new();
     let mut most_given: Option<u64> = None;
-    for r in rows {
-        let id: String = r.try_get("id")?;
-        let seen: Option<i64> = r.try_get("last_seen_at")?;
-        if id != state.host_id && seen.is_none_or(|t| t < alive_since) {
+    for PlacementRow {
+        id,
+        images,
+        last_seen_at,
+        disk_ceiling,
+        workspaces,
+    } in rows
+    {
+        if id != state.host_id && last_seen_at.is_none_or(|t| t < alive_since) {
             continue;
         }
-        let ceiling = r
-            .try_get::<Option<i64>, _>("disk_ceiling")?
-            .map(|c| c as u64);
+        let ceiling = disk_ceiling.map(|c| c as u64);
         if let (Some(wanted), Some(ceiling)) = (disk, ceiling)
             && wanted > ceiling
         {
             most_given = most_given.max(Some(ceiling));
             continue;
         }
-        let images: Option<String> = r.try_get("images")?;
         let cached = images.as_deref().map_or(0.0, |j| cached_share(j, image));
-        candidates.push((id, cached, r.try_get::<i64, _>("n")?));
+        candidates.push((id, cached, workspaces));
     }
     if let (true, Some(wanted), Some(most)) = (candidates.is_empty(), disk, most_given) {
         return Err(ApiError::bad_request(format!(
