@@ -33,7 +33,7 @@ pub trait Prebuilder: Send + Sync {
         job: &PrebuildJob,
         log: &mut dyn std::io::Write,
         cancel: &AtomicBool,
-    ) -> Result<Outcome, String>;
+    ) -> Result<Outcome, Failure>;
     /// Removes these images from the host's store (their chunks go at the next collection).
     fn remove_images(&self, images: &[String]) -> Result<(), String>;
 }
@@ -312,9 +312,7 @@ impl<C: ControlPlane> Agent<C> {
                             .await
                             .unwrap_or_else(|e| Err(format!("the job panicked: {e}").into())),
                             Work::Prebuild(work) => match prebuilder {
-                                Some(p) => prebuild(p, plane.as_ref(), &job, work)
-                                    .await
-                                    .map_err(Failure::from),
+                                Some(p) => prebuild(p, plane.as_ref(), &job, work).await,
                                 None => Err(Failure::permanent("this host makes no prebuilds")),
                             },
                             Work::Archive { images } => match prebuilder {
@@ -397,7 +395,7 @@ async fn prebuild<C: ControlPlane>(
     plane: &C,
     job: &Job,
     work: PrebuildJob,
-) -> Result<Outcome, String> {
+) -> Result<Outcome, Failure> {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let cancel = Arc::new(AtomicBool::new(false));
     let flag = cancel.clone();
@@ -410,7 +408,7 @@ async fn prebuild<C: ControlPlane>(
     let result = loop {
         tokio::select! {
             done = &mut run => {
-                break done.unwrap_or_else(|e| Err(format!("the prebuild panicked: {e}")));
+                break done.unwrap_or_else(|e| Err(Failure::transient(format!("the prebuild panicked: {e}"))));
             }
             Some(bytes) = rx.recv() => pending.extend_from_slice(&bytes),
             _ = tick.tick() => {

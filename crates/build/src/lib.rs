@@ -7,12 +7,14 @@
 //! of which real environments use.
 
 pub use warren_git as git;
+mod error;
 mod ignore;
 mod parse;
 mod prebuild;
 mod run;
 mod words;
 
+pub use error::BuildError;
 pub use ignore::Ignore;
 pub use parse::{
     ArgDecl, Command, CopySource, Dockerfile, Files, Heredoc, Instruction, Mount, ParseError,
@@ -22,7 +24,7 @@ pub use prebuild::{
     PrebuildRequest, Prebuilt, prebuild, prebuild_key, read_options, session_user, workspace_tasks,
 };
 pub use run::{
-    BuildError, BuildRequest, Built, CANCELLED, ImageSettings, ImageStore, RESERVED_REPOSITORIES,
-    Spool, StepLimits, build, egress_filter, refuse_reserved,
+    BuildRequest, Built, CANCELLED, ImageSettings, ImageStore, RESERVED_REPOSITORIES, Spool,
+    StepLimits, build, egress_filter, refuse_reserved,
 };
 pub use words::{ExpandError, expand, split_words};

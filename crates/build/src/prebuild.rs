@@ -15,8 +15,8 @@ use warren_runtime::Runtime;
 use warren_spec::{EnvSpec, ImageSource, Phase, RepoPath};
 pub use warren_spec::{read_options, session_user, workspace_tasks};
 
-use crate::run::{CANCELLED, Sandbox, Step, StepLimits, Stop, commit, run};
-use crate::{BuildRequest, Ignore, ImageStore};
+use crate::run::{Sandbox, Step, StepLimits, Stop, commit, run};
+use crate::{BuildError, BuildRequest, Ignore, ImageStore};
 
 /// What to prebuild.
 #[derive(Debug)]
@@ -87,9 +87,9 @@ pub fn prebuild_key(
     h.finalize().to_hex()[..32].to_owned()
 }
 
-fn cancelled(req: &PrebuildRequest<'_>) -> Result<(), String> {
+fn cancelled(req: &PrebuildRequest<'_>) -> Result<(), BuildError> {
     if req.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
-        Err(CANCELLED.into())
+        Err(BuildError::Cancelled)
     } else {
         Ok(())
     }
@@ -97,35 +97,39 @@ fn cancelled(req: &PrebuildRequest<'_>) -> Result<(), String> {
 
 /// The environment file of the checkout, read and checked; errors name the file, line and
 /// column.
-fn environment(req: &PrebuildRequest<'_>) -> Result<(EnvSpec, String), String> {
+fn environment(req: &PrebuildRequest<'_>) -> Result<(EnvSpec, String), BuildError> {
     let target = if req.target.is_empty() {
         RepoPath::root()
     } else {
         RepoPath::resolve(&RepoPath::root(), req.target)
-            .map_err(|e| format!("`{}`: {e}", req.target))?
+            .map_err(|e| BuildError::refused(format!("`{}`: {e}", req.target)))?
     };
     match warren_spec::load(req.checkout, &target, &read_options(req.repository)) {
         Ok(loaded) => {
             let text = std::fs::read_to_string(loaded.spec.source.path.on_disk(req.checkout))
-                .map_err(|e| format!("{}: {e}", loaded.spec.source.path))?;
+                .map_err(BuildError::io(&loaded.spec.source.path))?;
             Ok((loaded.spec, text))
         }
-        Err(warren_spec::SpecError::Rejected(r)) => Err(r.render_errors()),
-        Err(e) => Err(e.to_string()),
+        Err(warren_spec::SpecError::Rejected(r)) => Err(BuildError::Refused(r.render_errors())),
+        Err(e) => Err(BuildError::refused(e.to_string())),
     }
 }
 
 /// A path of the checkout named by the environment file, which must stay inside it.
-fn in_checkout(checkout: &Path, path: &RepoPath) -> Result<PathBuf, String> {
-    let root = checkout.canonicalize().map_err(|e| e.to_string())?;
+fn in_checkout(checkout: &Path, path: &RepoPath) -> Result<PathBuf, BuildError> {
+    let root = checkout
+        .canonicalize()
+        .map_err(BuildError::io(checkout.display()))?;
     let real = path
         .on_disk(&root)
         .canonicalize()
-        .map_err(|e| format!("{path}: {e}"))?;
+        .map_err(BuildError::io(path))?;
     if real.starts_with(&root) {
         Ok(real)
     } else {
-        Err(format!("{path} leads out of the repository"))
+        Err(BuildError::refused(format!(
+            "{path} leads out of the repository"
+        )))
     }
 }
 
@@ -137,13 +141,14 @@ fn environment_image(
     spec: &EnvSpec,
     key: &str,
     log: &mut dyn Write,
-) -> Result<(String, usize, usize), String> {
+) -> Result<(String, usize, usize), BuildError> {
     match &spec.image {
         ImageSource::Reference { reference } => {
-            crate::run::refuse_reserved(reference).map_err(|e| format!("image {e}"))?;
+            crate::run::refuse_reserved(reference)
+                .map_err(|e| BuildError::Refused(format!("image {e}")))?;
             store
                 .settings(reference)
-                .map_err(|e| format!("image {reference}: {e}"))?;
+                .map_err(|e| BuildError::Store(format!("image {reference}: {e}")))?;
             Ok((reference.clone(), 0, 0))
         }
         ImageSource::Dockerfile {
@@ -154,9 +159,10 @@ fn environment_image(
         } => {
             let file = in_checkout(req.checkout, dockerfile)?;
             let context_dir = in_checkout(req.checkout, context)?;
-            let text = std::fs::read_to_string(&file).map_err(|e| format!("{dockerfile}: {e}"))?;
+            let text = std::fs::read_to_string(&file).map_err(BuildError::io(dockerfile))?;
             let shown = dockerfile.to_string();
-            let mut parsed = crate::parse(&shown, &text).map_err(|e| e.to_string())?;
+            let mut parsed =
+                crate::parse(&shown, &text).map_err(|e| BuildError::refused(e.to_string()))?;
             if let Some(target) = target {
                 let at = parsed
                     .stages
@@ -166,13 +172,17 @@ fn environment_image(
                             .as_deref()
                             .is_some_and(|n| n.eq_ignore_ascii_case(target))
                     })
-                    .ok_or_else(|| format!("{shown} has no stage named `{target}`"))?;
+                    .ok_or_else(|| {
+                        BuildError::Refused(format!("{shown} has no stage named `{target}`"))
+                    })?;
                 parsed.stages.truncate(at + 1);
             }
             let ignore = match std::fs::read_to_string(context_dir.join(".dockerignore")) {
-                Ok(text) => Ignore::parse(&text)?,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ignore::parse("")?,
-                Err(e) => return Err(format!("{context}/.dockerignore: {e}")),
+                Ok(text) => Ignore::parse(&text).map_err(BuildError::Refused)?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    Ignore::parse("").map_err(BuildError::Refused)?
+                }
+                Err(e) => return Err(BuildError::refused(format!("{context}/.dockerignore: {e}"))),
             };
             let tag = format!("warren-env:{key}");
             let prefix = format!("{}-env", req.sandbox_prefix);
@@ -196,21 +206,21 @@ fn environment_image(
                     spool: req.spool.clone(),
                 },
                 log,
-            )
-            .map_err(|e| e.to_string())?;
+            )?;
             Ok((tag, built.steps_run, built.steps_cached))
         }
     }
 }
 
 /// The checkout as a tar stream (symlinks as symlinks, never followed).
-fn checkout_tar(checkout: &Path) -> Result<Vec<u8>, String> {
+fn checkout_tar(checkout: &Path) -> Result<Vec<u8>, BuildError> {
     let mut tar = tar::Builder::new(Vec::new());
     tar.follow_symlinks(false);
     tar.mode(tar::HeaderMode::Complete);
     tar.append_dir_all(".", checkout)
-        .map_err(|e| format!("cannot pack the checkout: {e}"))?;
-    tar.into_inner().map_err(|e| e.to_string())
+        .map_err(BuildError::io("cannot pack the checkout"))?;
+    tar.into_inner()
+        .map_err(BuildError::io("cannot pack the checkout"))
 }
 
 /// Makes the prebuild (or finds it made before under the same key).
@@ -219,7 +229,7 @@ pub fn prebuild(
     store: &dyn ImageStore,
     req: &PrebuildRequest<'_>,
     log: &mut dyn Write,
-) -> Result<Prebuilt, String> {
+) -> Result<Prebuilt, BuildError> {
     let (spec, env_text) = environment(req)?;
     let env_file = spec.source.path.to_string();
     let key = prebuild_key(
@@ -312,7 +322,7 @@ pub fn prebuild(
             log,
             stop,
         )
-        .map_err(|e| format!("prebuild task `{}`: {e}", task.name))?;
+        .map_err(|e| e.at(format_args!("prebuild task `{}`", task.name)))?;
     }
     cancelled(req)?;
     let _ = writeln!(log, "storing {image}");
@@ -341,7 +351,7 @@ fn record_trace(
     image: &str,
     duration: Duration,
     log: &mut dyn Write,
-) -> Result<(), String> {
+) -> Result<(), BuildError> {
     let _ = writeln!(
         log,
         "recording the first start's reads for {}s",

@@ -15,6 +15,7 @@ use warren_runtime::{
     ExecIo, ExecRequest, ExitStatus, Limits, RootSource, Runtime, WorkspaceConfig, WorkspaceId,
 };
 
+use crate::BuildError;
 use crate::{Command, CopySource, Dockerfile, Files, Ignore, Instruction, expand};
 
 mod add;
@@ -25,18 +26,19 @@ mod mounts;
 pub trait ImageStore {
     /// The environment, user, folder, command and digest of an image (an error if there is no
     /// such image: the step cache asks this to know whether a step's image exists).
-    fn settings(&self, reference: &str) -> Result<ImageSettings, String>;
+    fn settings(&self, reference: &str) -> Result<ImageSettings, BuildError>;
     /// Stores a root filesystem (a tar stream) as `name`; returns its digest.
     fn store(
         &self,
         name: &str,
         tar: &mut dyn Read,
         settings: &ImageSettings,
-    ) -> Result<String, String>;
+    ) -> Result<String, BuildError>;
     /// Names the tree of the image `from` as `name`, with these settings (no tree is read).
-    fn retag(&self, name: &str, from: &str, settings: &ImageSettings) -> Result<String, String>;
+    fn retag(&self, name: &str, from: &str, settings: &ImageSettings)
+    -> Result<String, BuildError>;
     /// Removes the name `name` (an image stored under it that must not be used: cut short).
-    fn untag(&self, name: &str) -> Result<(), String>;
+    fn untag(&self, name: &str) -> Result<(), BuildError>;
     /// Stores the image a writable layer lies over with the layer applied, reading only what
     /// the layer holds; `None` when this store cannot (the caller streams the whole tree).
     fn store_changes(
@@ -44,7 +46,7 @@ pub trait ImageStore {
         name: &str,
         layer: &warren_runtime::WritableLayer,
         settings: &ImageSettings,
-    ) -> Result<Option<String>, String> {
+    ) -> Result<Option<String>, BuildError> {
         let _ = (name, layer, settings);
         Ok(None)
     }
@@ -147,13 +149,13 @@ impl Stop<'_> {
     }
 
     /// The error of `what`, stopped for `why`.
-    fn error(&self, why: Stopped, what: &str) -> String {
+    fn error(&self, why: Stopped, what: &str) -> BuildError {
         match why {
-            Stopped::Cancelled => CANCELLED.into(),
-            Stopped::TimedOut => format!(
-                "{what} was still running after the step time limit ({} s) and was stopped",
-                self.time.as_secs()
-            ),
+            Stopped::Cancelled => BuildError::Cancelled,
+            Stopped::TimedOut => BuildError::TimedOut {
+                what: what.to_owned(),
+                limit: self.time,
+            },
         }
     }
 }
@@ -193,14 +195,6 @@ impl BuildRequest<'_> {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("{file}:{line}: {message}")]
-pub struct BuildError {
-    pub file: String,
-    pub line: usize,
-    pub message: String,
-}
-
 /// A started sandbox of a build or prebuild, deleted when dropped, whatever happens.
 pub(crate) struct Sandbox<'a> {
     runtime: &'a dyn Runtime,
@@ -217,27 +211,25 @@ impl<'a> Sandbox<'a> {
         image: &str,
         record_trace_secs: Option<u64>,
         limits: &StepLimits,
-    ) -> Result<Self, String> {
-        let id = WorkspaceId::new(name).map_err(|e| e.to_string())?;
+    ) -> Result<Self, BuildError> {
+        let id = WorkspaceId::new(name)?;
         let _ = runtime.delete(&id);
-        runtime
-            .create(&WorkspaceConfig {
-                id: id.clone(),
-                root: RootSource::Image {
-                    reference: image.to_owned(),
-                    record_trace_secs,
-                    lazy_only: record_trace_secs.is_none(),
-                },
-                hostname: None,
-                limits: limits.sandbox_limits(),
-                env: Vec::new(),
-                vm: None,
-                // Removed by the host if this process dies before it can.
-                owner: warren_runtime::Owner::this_process(),
-            })
-            .map_err(|e| e.to_string())?;
+        runtime.create(&WorkspaceConfig {
+            id: id.clone(),
+            root: RootSource::Image {
+                reference: image.to_owned(),
+                record_trace_secs,
+                lazy_only: record_trace_secs.is_none(),
+            },
+            hostname: None,
+            limits: limits.sandbox_limits(),
+            env: Vec::new(),
+            vm: None,
+            // Removed by the host if this process dies before it can.
+            owner: warren_runtime::Owner::this_process(),
+        })?;
         let sandbox = Sandbox { runtime, id };
-        runtime.start(&sandbox.id).map_err(|e| e.to_string())?;
+        runtime.start(&sandbox.id)?;
         Ok(sandbox)
     }
 }
@@ -428,7 +420,7 @@ struct Build<'a> {
 
 impl Build<'_> {
     /// A sandbox at `state.image`, started when first needed.
-    fn sandbox(&mut self, state: &mut State) -> Result<WorkspaceId, String> {
+    fn sandbox(&mut self, state: &mut State) -> Result<WorkspaceId, BuildError> {
         if let Some(id) = &state.sandbox {
             return Ok(id.clone());
         }
@@ -453,11 +445,13 @@ impl Build<'_> {
         files: &Files,
         how: &CopyHow,
         what: &str,
-    ) -> Result<Spooled, String> {
+    ) -> Result<Spooled, BuildError> {
         let k = *self
             .stages
             .get(&stage.to_ascii_lowercase())
-            .ok_or_else(|| format!("{what}={stage}: no earlier stage of that name"))?;
+            .ok_or_else(|| {
+                BuildError::Refused(format!("{what}={stage}: no earlier stage of that name"))
+            })?;
         let mut source = std::mem::replace(&mut self.done[k], placeholder(k));
         let escape = self.req.dockerfile.escape;
         let stop = self.req.stop();
@@ -483,8 +477,8 @@ impl Build<'_> {
         &mut self,
         state: &mut State,
         log: &mut dyn Write,
-        step: impl FnOnce(&mut Self, &WorkspaceId, &State, &mut dyn Write) -> Result<(), String>,
-    ) -> Result<(), String> {
+        step: impl FnOnce(&mut Self, &WorkspaceId, &State, &mut dyn Write) -> Result<(), BuildError>,
+    ) -> Result<(), BuildError> {
         let tag = cache_tag(self.req.cache_scope, &state.key);
         if self.store.settings(&tag).is_ok() {
             let _ = writeln!(log, "    cached");
@@ -525,11 +519,7 @@ pub fn build(
     log: &mut dyn Write,
 ) -> Result<Built, BuildError> {
     let escape = req.dockerfile.escape;
-    let fail = |line: usize, message: String| BuildError {
-        file: req.file.to_owned(),
-        line,
-        message,
-    };
+    let fail = |line: usize, e: BuildError| e.at(format_args!("{}:{line}", req.file));
     let global: BTreeMap<String, String> = req
         .dockerfile
         .global_args
@@ -554,24 +544,24 @@ pub fn build(
     };
     let stages = &req.dockerfile.stages;
     for (n, stage) in stages.iter().enumerate() {
-        let at = |m: String| fail(stage.line, m);
+        let at = |e: BuildError| fail(stage.line, e);
         let base = expand(&stage.base, escape, &|k| global.get(k).cloned())
-            .map_err(|e| at(format!("FROM: {e}")))?;
+            .map_err(|e| at(BuildError::Refused(format!("FROM: {e}"))))?;
         let _ = writeln!(log, "[{n}] FROM {base}");
         let mut state = match b.stages.get(&base.to_ascii_lowercase()) {
             Some(&k) => State::over_stage(n, &b.done[k]),
             None => {
-                refuse_reserved(&base).map_err(|e| at(format!("FROM {e}")))?;
+                refuse_reserved(&base).map_err(|e| at(BuildError::Refused(format!("FROM {e}"))))?;
                 let settings = store
                     .settings(&base)
-                    .map_err(|e| at(format!("FROM {base}: {e}")))?;
+                    .map_err(|e| at(e.at(format_args!("FROM {base}"))))?;
                 let key = blake3::hash(settings.digest.as_bytes());
                 State::over_image(n, base.clone(), key, &settings)
             }
         };
         for step in &stage.steps {
             if req.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
-                return Err(fail(step.line, CANCELLED.into()));
+                return Err(fail(step.line, BuildError::Cancelled));
             }
             let _ = writeln!(log, "[{n}] line {}", step.line);
             run_step(&mut b, &mut state, &step.instruction, log, &global)
@@ -584,7 +574,10 @@ pub fn build(
         b.done.push(state);
     }
     let line = stages.last().map_or(1, |s| s.line);
-    let state = b.done.pop().ok_or_else(|| fail(1, "no stage".into()))?;
+    let state = b
+        .done
+        .pop()
+        .ok_or_else(|| fail(1, BuildError::refused("no stage")))?;
     let settings = state.settings();
     // The last stage's tree is its last step's image (or its base): only the settings change.
     let digest = store
@@ -597,8 +590,8 @@ pub fn build(
     })
 }
 
-fn expand_with(state: &State, escape: char, word: &str) -> Result<String, String> {
-    expand(word, escape, &|k| state.lookup(k)).map_err(|e| e.to_string())
+fn expand_with(state: &State, escape: char, word: &str) -> Result<String, BuildError> {
+    expand(word, escape, &|k| state.lookup(k)).map_err(|e| BuildError::refused(e.to_string()))
 }
 
 fn run_step(
@@ -607,7 +600,7 @@ fn run_step(
     instruction: &Instruction,
     log: &mut dyn Write,
     global: &BTreeMap<String, String>,
-) -> Result<(), String> {
+) -> Result<(), BuildError> {
     let req = b.req;
     let escape = req.dockerfile.escape;
     match instruction {
@@ -714,7 +707,8 @@ fn run_step(
         } => {
             let how = CopyHow {
                 parents: *parents,
-                exclude: Ignore::patterns(&files.exclude, "--exclude")?,
+                exclude: Ignore::patterns(&files.exclude, "--exclude")
+                    .map_err(BuildError::Refused)?,
             };
             let tar = match from {
                 None => context_tar(req, state, files, &how)?,
@@ -838,15 +832,19 @@ fn placeholder(stage: usize) -> State {
 
 /// An `EXPOSE` port as Docker keeps it: `8080` is `8080/tcp`; a range is refused, as Docker
 /// keeps each port of one.
-fn exposed_port(word: &str) -> Result<String, String> {
+fn exposed_port(word: &str) -> Result<String, BuildError> {
     let (port, protocol) = word.split_once('/').unwrap_or((word, "tcp"));
     let protocol = protocol.to_ascii_lowercase();
     if !matches!(protocol.as_str(), "tcp" | "udp" | "sctp") {
-        return Err(format!("EXPOSE {word}: the protocol is tcp, udp or sctp"));
+        return Err(BuildError::refused(format!(
+            "EXPOSE {word}: the protocol is tcp, udp or sctp"
+        )));
     }
     match port.parse::<u16>() {
         Ok(p) if p > 0 => Ok(format!("{p}/{protocol}")),
-        _ => Err(format!("EXPOSE {word}: expected a port from 1 to 65535")),
+        _ => Err(BuildError::refused(format!(
+            "EXPOSE {word}: expected a port from 1 to 65535"
+        ))),
     }
 }
 
@@ -938,7 +936,7 @@ pub(crate) fn run(
     step: Step,
     log: &mut dyn Write,
     stop: Stop<'_>,
-) -> Result<(), String> {
+) -> Result<(), BuildError> {
     let request = ExecRequest {
         argv: step.argv.clone(),
         env: step.env,
@@ -947,14 +945,14 @@ pub(crate) fn run(
         tty: None,
         no_network: step.no_network,
     };
-    let exec = runtime.exec(id, &request).map_err(|e| e.to_string())?;
+    let exec = runtime.exec(id, &request)?;
     let ExecIo::Pipes {
         stdin: mut input,
         stdout,
         stderr,
     } = exec.io
     else {
-        return Err("the sandbox gave a terminal".into());
+        return Err(BuildError::refused("the sandbox gave a terminal"));
     };
     let stdin = step.stdin;
     let feeder = std::thread::spawn(move || {
@@ -1020,14 +1018,14 @@ pub(crate) fn run(
         let _ = r.join();
     }
     let _ = feeder.join();
-    let status = exec.process.wait().map_err(|e| e.to_string())?;
+    let status = exec.process.wait()?;
     match status {
         ExitStatus::Code(0) => Ok(()),
         status => {
             let tail = String::from_utf8_lossy(&tail);
             let lines: Vec<&str> = tail.lines().collect();
             let tail = lines[lines.len().saturating_sub(TAIL_LINES)..].join("\n");
-            Err(format!(
+            Err(BuildError::refused(format!(
                 "`{}` ended with {} {}",
                 step.argv.join(" "),
                 match status {
@@ -1039,7 +1037,7 @@ pub(crate) fn run(
                 } else {
                     format!(":\n{tail}")
                 }
-            ))
+            )))
         }
     }
 }
@@ -1056,7 +1054,7 @@ fn unpack(
     tar: Box<dyn Read + Send>,
     into: &str,
     meta: &Meta,
-) -> Result<(), String> {
+) -> Result<(), BuildError> {
     const SCRIPT: &str = r#"set -e
 if [ -n "$2" ] && ! getent passwd "$2" >/dev/null; then echo "--chown: the image has no user $2" >&2; exit 1; fi
 if [ -n "$3" ] && ! getent group "$3" >/dev/null; then echo "--chown: the image has no group $3" >&2; exit 1; fi
@@ -1081,11 +1079,12 @@ tar -x -f - -C "$1"
 
 /// What a COPY's files are for the step cache: every entry's name, type, mode, owner, link and
 /// content, but not its modification time — a fresh checkout of the same files hits the cache.
-fn tar_key(tar: impl Read) -> Result<blake3::Hash, String> {
+fn tar_key(tar: impl Read) -> Result<blake3::Hash, BuildError> {
     let mut h = blake3::Hasher::new();
     let mut archive = tar::Archive::new(tar);
-    for entry in archive.entries().map_err(|e| e.to_string())? {
-        let mut entry = entry.map_err(|e| e.to_string())?;
+    let unreadable = BuildError::io("the files to copy");
+    for entry in archive.entries().map_err(unreadable)? {
+        let mut entry = entry.map_err(BuildError::io("the files to copy"))?;
         let header = entry.header().clone();
         h.update(&entry.path_bytes());
         for name in [header.username_bytes(), header.groupname_bytes()] {
@@ -1105,13 +1104,13 @@ fn tar_key(tar: impl Read) -> Result<blake3::Hash, String> {
             h.update(&link);
         }
         h.update(&[0]);
-        std::io::copy(&mut entry, &mut h).map_err(|e| e.to_string())?;
+        std::io::copy(&mut entry, &mut h).map_err(BuildError::io("the files to copy"))?;
     }
     Ok(h.finalize())
 }
 
 /// A context path, checked: inside the context, through no symlink.
-fn context_path(context: &Path, source: &str) -> Result<(PathBuf, String), String> {
+fn context_path(context: &Path, source: &str) -> Result<(PathBuf, String), BuildError> {
     let mut rel = PathBuf::new();
     for c in Path::new(source).components() {
         match c {
@@ -1119,20 +1118,27 @@ fn context_path(context: &Path, source: &str) -> Result<(PathBuf, String), Strin
             Component::CurDir | Component::RootDir => {}
             Component::ParentDir => {
                 if !rel.pop() {
-                    return Err(format!("`{source}` is outside the build context"));
+                    return Err(BuildError::refused(format!(
+                        "`{source}` is outside the build context"
+                    )));
                 }
             }
-            Component::Prefix(_) => return Err(format!("`{source}` is not a path")),
+            Component::Prefix(_) => {
+                return Err(BuildError::refused(format!("`{source}` is not a path")));
+            }
         }
     }
     // No folder on the way may be a symlink: it could lead out of the context.
     let mut at = context.to_path_buf();
     for c in rel.components() {
         at.push(c);
-        let meta = std::fs::symlink_metadata(&at)
-            .map_err(|e| format!("`{source}`: {e} (in the build context)"))?;
+        let meta = std::fs::symlink_metadata(&at).map_err(BuildError::io(format_args!(
+            "`{source}` (in the build context)"
+        )))?;
         if meta.file_type().is_symlink() && at != context.join(&rel) {
-            return Err(format!("`{source}` goes through a symlink"));
+            return Err(BuildError::refused(format!(
+                "`{source}` goes through a symlink"
+            )));
         }
     }
     let rel_text = rel.to_string_lossy().into_owned();
@@ -1154,12 +1160,13 @@ struct Meta {
 }
 
 impl Meta {
-    fn of(files: &Files) -> Result<Meta, String> {
+    fn of(files: &Files) -> Result<Meta, BuildError> {
         let mode = files
             .chmod
             .as_deref()
             .map(|m| {
-                u32::from_str_radix(m, 8).map_err(|_| format!("--chmod={m}: not an octal mode"))
+                u32::from_str_radix(m, 8)
+                    .map_err(|_| BuildError::Refused(format!("--chmod={m}: not an octal mode")))
             })
             .transpose()?;
         let Some(spec) = files.chown.as_deref() else {
@@ -1183,17 +1190,25 @@ impl Meta {
         match u.parse() {
             Ok(n) => meta.uid = n,
             Err(_) if name_ok(u) => meta.user = Some(u.to_owned()),
-            Err(_) => return Err(format!("--chown={spec}: `{u}` is not a user name or id")),
+            Err(_) => {
+                return Err(BuildError::refused(format!(
+                    "--chown={spec}: `{u}` is not a user name or id"
+                )));
+            }
         }
         match g.parse() {
             Ok(n) => meta.gid = n,
             Err(_) if name_ok(g) => meta.group = Some(g.to_owned()),
-            Err(_) => return Err(format!("--chown={spec}: `{g}` is not a group name or id")),
+            Err(_) => {
+                return Err(BuildError::refused(format!(
+                    "--chown={spec}: `{g}` is not a group name or id"
+                )));
+            }
         }
         Ok(meta)
     }
 
-    fn apply(&self, header: &mut tar::Header, is_symlink: bool) -> Result<(), String> {
+    fn apply(&self, header: &mut tar::Header, is_symlink: bool) -> Result<(), BuildError> {
         if !self.keep_owner {
             header.set_uid(self.uid);
             header.set_gid(self.gid);
@@ -1201,10 +1216,10 @@ impl Meta {
             // names in the image): the given name, or none.
             header
                 .set_username(self.user.as_deref().unwrap_or(""))
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| BuildError::refused(format!("--chown: {e}")))?;
             header
                 .set_groupname(self.group.as_deref().unwrap_or(""))
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| BuildError::refused(format!("--chown: {e}")))?;
         }
         if let Some(m) = self.mode
             && !is_symlink
@@ -1249,7 +1264,7 @@ fn context_tar(
     state: &State,
     files: &Files,
     how: &CopyHow,
-) -> Result<Spooled, String> {
+) -> Result<Spooled, BuildError> {
     let escape = req.dockerfile.escape;
     let given = Meta::of(files)?;
     let dest = expand_with(state, escape, &files.dest)?;
@@ -1279,7 +1294,7 @@ fn context_tar(
                 given.apply(&mut header, false)?;
                 header.set_mtime(0);
                 tar.append_data(&mut header, &name, body.as_bytes())
-                    .map_err(|e| e.to_string())?;
+                    .map_err(BuildError::io("a spool file"))?;
             }
             CopySource::Path(raw) => {
                 let written = expand_with(state, escape, raw)?;
@@ -1291,10 +1306,12 @@ fn context_tar(
                 for source in sources {
                     let (path, rel) = context_path(req.context, &source)?;
                     if !rel.is_empty() && req.ignore.excludes(&rel) {
-                        return Err(format!("`{source}` is left out by .dockerignore"));
+                        return Err(BuildError::refused(format!(
+                            "`{source}` is left out by .dockerignore"
+                        )));
                     }
-                    let meta =
-                        std::fs::symlink_metadata(&path).map_err(|e| format!("`{source}`: {e}"))?;
+                    let meta = std::fs::symlink_metadata(&path)
+                        .map_err(BuildError::io(format!("`{source}`")))?;
                     let kept = if how.parents {
                         kept_path(&written, &rel)
                     } else {
@@ -1333,18 +1350,20 @@ fn is_glob(source: &str) -> bool {
 
 /// The context paths a `COPY` pattern matches (`*`, `?`, `[...]` within a folder, `**` across
 /// them), in order; an error if none does.
-fn glob_context(req: &BuildRequest<'_>, pattern: &str) -> Result<Vec<String>, String> {
+fn glob_context(req: &BuildRequest<'_>, pattern: &str) -> Result<Vec<String>, BuildError> {
     let cleaned: Vec<&str> = pattern
         .split('/')
         .filter(|p| !p.is_empty() && *p != ".")
         .collect();
     if cleaned.contains(&"..") {
-        return Err(format!("`{pattern}` is outside the build context"));
+        return Err(BuildError::refused(format!(
+            "`{pattern}` is outside the build context"
+        )));
     }
     let matcher = globset::GlobBuilder::new(&cleaned.join("/"))
         .literal_separator(true)
         .build()
-        .map_err(|e| format!("`{pattern}`: {e}"))?
+        .map_err(|e| BuildError::Refused(format!("`{pattern}`: {e}")))?
         .compile_matcher();
     let mut found = Vec::new();
     let mut stack = vec![String::new()];
@@ -1373,7 +1392,9 @@ fn glob_context(req: &BuildRequest<'_>, pattern: &str) -> Result<Vec<String>, St
         }
     }
     if found.is_empty() {
-        return Err(format!("`{pattern}` matches nothing in the build context"));
+        return Err(BuildError::refused(format!(
+            "`{pattern}` matches nothing in the build context"
+        )));
     }
     found.sort();
     Ok(found)
@@ -1404,9 +1425,9 @@ impl Tree<'_> {
         rel: &str,
         below: &str,
         name: &Path,
-    ) -> Result<(), String> {
+    ) -> Result<(), BuildError> {
         let mut entries: Vec<_> = std::fs::read_dir(dir)
-            .map_err(|e| format!("{}: {e}", dir.display()))?
+            .map_err(BuildError::io(dir.display()))?
             .flatten()
             .collect();
         entries.sort_by_key(|e| e.file_name());
@@ -1439,28 +1460,28 @@ fn add_one(
     path: &Path,
     name: &Path,
     given: &Meta,
-) -> Result<(), String> {
-    let meta = std::fs::symlink_metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+) -> Result<(), BuildError> {
+    let meta = std::fs::symlink_metadata(path).map_err(BuildError::io(path.display()))?;
     let mut header = tar::Header::new_gnu();
     header.set_metadata(&meta);
     given.apply(&mut header, meta.file_type().is_symlink())?;
     if meta.file_type().is_symlink() {
-        let target = std::fs::read_link(path).map_err(|e| e.to_string())?;
+        let target = std::fs::read_link(path).map_err(BuildError::io(path.display()))?;
         tar.append_link(&mut header, name, target)
-            .map_err(|e| e.to_string())
+            .map_err(BuildError::io("a spool file"))
     } else if meta.is_dir() {
         header.set_size(0);
         tar.append_data(&mut header, name, std::io::empty())
-            .map_err(|e| e.to_string())
+            .map_err(BuildError::io("a spool file"))
     } else if meta.is_file() {
-        let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+        let file = std::fs::File::open(path).map_err(BuildError::io(path.display()))?;
         tar.append_data(&mut header, name, file)
-            .map_err(|e| e.to_string())
+            .map_err(BuildError::io("a spool file"))
     } else {
-        Err(format!(
+        Err(BuildError::refused(format!(
             "{}: only files, folders and symlinks are copied",
             path.display()
-        ))
+        )))
     }
 }
 
@@ -1475,13 +1496,15 @@ fn stage_tar(
     escape: char,
     stop: Stop<'_>,
     spool: &Spool,
-) -> Result<Spooled, String> {
+) -> Result<Spooled, BuildError> {
     let dest = expand_with(state, escape, &files.dest)?;
     let into_folder = how.parents || copies_into_folder(&dest, files);
     let mut all = Vec::new();
     for s in &files.sources {
         let CopySource::Path(raw) = s else {
-            return Err("a here-document cannot come --from a stage".into());
+            return Err(BuildError::refused(
+                "a here-document cannot come --from a stage",
+            ));
         };
         let written = expand_with(state, escape, raw)?;
         let path = inside("/", &written);
@@ -1499,10 +1522,10 @@ fn stage_tar(
         ];
         let (code, out, err) = capture(runtime, source, argv, stop, spool)?;
         if code != 0 {
-            return Err(format!(
+            return Err(BuildError::refused(format!(
                 "COPY --from: {}",
                 String::from_utf8_lossy(&err).trim()
-            ));
+            )));
         }
         let is_dir = err.starts_with(b"d\n");
         // `--parents`: a folder's contents go under its own path, a file under its parent's
@@ -1534,10 +1557,16 @@ fn stage_tar(
             _ => path.to_path_buf(),
         };
         let mut archive = tar::Archive::new(spooled.reader()?);
-        for entry in archive.entries().map_err(|e| e.to_string())? {
-            let mut entry = entry.map_err(|e| e.to_string())?;
+        for entry in archive
+            .entries()
+            .map_err(BuildError::io("the copied files"))?
+        {
+            let mut entry = entry.map_err(BuildError::io("the copied files"))?;
             let mut header = entry.header().clone();
-            let mut path = entry.path().map_err(|e| e.to_string())?.into_owned();
+            let mut path = entry
+                .path()
+                .map_err(BuildError::io("the copied files"))?
+                .into_owned();
             // `--exclude`: a folder's entries by their path in it, a file by its name.
             let within = path.to_string_lossy().into_owned();
             let within = within.trim_start_matches("./");
@@ -1560,7 +1589,7 @@ fn stage_tar(
             if header.entry_type().is_symlink() || header.entry_type().is_hard_link() {
                 let target = entry
                     .link_name()
-                    .map_err(|e| e.to_string())?
+                    .map_err(BuildError::io("the copied files"))?
                     .map(|t| t.into_owned())
                     .unwrap_or_default();
                 // A hard link names another entry of this archive, which moved too.
@@ -1571,11 +1600,11 @@ fn stage_tar(
                 };
                 joined
                     .append_link(&mut header, &path, target)
-                    .map_err(|e| e.to_string())?;
+                    .map_err(BuildError::io("a spool file"))?;
             } else {
                 joined
                     .append_data(&mut header, &path, &mut entry)
-                    .map_err(|e| e.to_string())?;
+                    .map_err(BuildError::io("a spool file"))?;
             }
         }
     }
@@ -1591,27 +1620,25 @@ pub(crate) struct Started {
 }
 
 impl Started {
-    fn new(runtime: &dyn Runtime, id: &WorkspaceId, argv: Vec<String>) -> Result<Self, String> {
-        let exec = runtime
-            .exec(
-                id,
-                &ExecRequest {
-                    argv,
-                    env: Vec::new(),
-                    cwd: Some("/".into()),
-                    user: Some("root".into()),
-                    tty: None,
-                    no_network: false,
-                },
-            )
-            .map_err(|e| e.to_string())?;
+    fn new(runtime: &dyn Runtime, id: &WorkspaceId, argv: Vec<String>) -> Result<Self, BuildError> {
+        let exec = runtime.exec(
+            id,
+            &ExecRequest {
+                argv,
+                env: Vec::new(),
+                cwd: Some("/".into()),
+                user: Some("root".into()),
+                tty: None,
+                no_network: false,
+            },
+        )?;
         let ExecIo::Pipes {
             stdin,
             stdout,
             stderr,
         } = exec.io
         else {
-            return Err("the sandbox gave a terminal".into());
+            return Err(BuildError::refused("the sandbox gave a terminal"));
         };
         drop(stdin);
         // Error output is kept up to 1 MiB (the rest is read and dropped).
@@ -1630,14 +1657,10 @@ impl Started {
     }
 
     /// Its exit code and error output, once it ends (its output read or dropped first).
-    fn finish(self) -> Result<(i32, Vec<u8>), String> {
+    fn finish(self) -> Result<(i32, Vec<u8>), BuildError> {
         drop(self.stdout);
         let err = self.stderr.join().unwrap_or_default();
-        let code = self
-            .process
-            .wait()
-            .map_err(|e| e.to_string())?
-            .as_shell_code();
+        let code = self.process.wait()?.as_shell_code();
         Ok((code, err))
     }
 }
@@ -1691,9 +1714,11 @@ pub(crate) struct Spooled {
 }
 
 impl Spooled {
-    pub(crate) fn new(spool: &Spool) -> Result<Self, String> {
-        let file = tempfile::tempfile_in(&spool.dir)
-            .map_err(|e| format!("cannot make a spool file in {}: {e}", spool.dir.display()))?;
+    pub(crate) fn new(spool: &Spool) -> Result<Self, BuildError> {
+        let file = tempfile::tempfile_in(&spool.dir).map_err(BuildError::io(format_args!(
+            "cannot make a spool file in {}",
+            spool.dir.display()
+        )))?;
         Ok(Spooled {
             file,
             spool: spool.clone(),
@@ -1703,21 +1728,26 @@ impl Spooled {
 
     /// The whole stream from its start, on a descriptor of its own (readers do not share an
     /// offset).
-    pub(crate) fn reader(&self) -> Result<std::fs::File, String> {
+    pub(crate) fn reader(&self) -> Result<std::fs::File, BuildError> {
         use std::os::fd::AsRawFd as _;
         let path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
-        std::fs::File::open(&path).map_err(|e| format!("cannot read the spool file: {e}"))
+        std::fs::File::open(&path).map_err(BuildError::io("cannot read the spool file"))
     }
 
     /// A tar builder writing into a new spool file.
-    pub(crate) fn builder(spool: &Spool) -> Result<tar::Builder<Spooled>, String> {
+    pub(crate) fn builder(spool: &Spool) -> Result<tar::Builder<Spooled>, BuildError> {
         Ok(tar::Builder::new(Spooled::new(spool)?))
     }
 
     /// The spool file a finished builder wrote.
-    pub(crate) fn finish(tar: tar::Builder<Spooled>) -> Result<Spooled, String> {
-        let mut spooled = tar.into_inner().map_err(|e| e.to_string())?;
-        spooled.file.flush().map_err(|e| e.to_string())?;
+    pub(crate) fn finish(tar: tar::Builder<Spooled>) -> Result<Spooled, BuildError> {
+        let mut spooled = tar
+            .into_inner()
+            .map_err(BuildError::io("cannot write a spool file"))?;
+        spooled
+            .file
+            .flush()
+            .map_err(BuildError::io("cannot write a spool file"))?;
         Ok(spooled)
     }
 }
@@ -1773,7 +1803,7 @@ pub(crate) fn read_bounded(
     limit: u64,
     what: &str,
     into: &mut dyn Write,
-) -> Result<(), String> {
+) -> Result<(), BuildError> {
     let copied = watched(runtime, id, started, stop, what, || {
         std::io::copy(&mut (&started.stdout).take(limit + 1), into)
     })?;
@@ -1781,10 +1811,13 @@ pub(crate) fn read_bounded(
         Ok(n) if n > limit => {
             let _ = started.process.signal(libc::SIGKILL);
             let _ = runtime.quiesce(id);
-            Err(format!("{what}: more than {} MiB", limit >> 20))
+            Err(BuildError::refused(format!(
+                "{what}: more than {} MiB",
+                limit >> 20
+            )))
         }
         Ok(_) => Ok(()),
-        Err(e) => Err(format!("{what}: {e}")),
+        Err(e) => Err(BuildError::refused(format!("{what}: {e}"))),
     }
 }
 
@@ -1798,7 +1831,7 @@ fn watched<T>(
     stop: Stop<'_>,
     what: &str,
     read: impl FnOnce() -> T,
-) -> Result<T, String> {
+) -> Result<T, BuildError> {
     let deadline = stop.deadline();
     let (killed, done) = (std::sync::OnceLock::new(), AtomicBool::new(false));
     let read = std::thread::scope(|scope| {
@@ -1831,7 +1864,7 @@ fn capture(
     argv: Vec<String>,
     stop: Stop<'_>,
     spool: &Spool,
-) -> Result<(i32, Spooled, Vec<u8>), String> {
+) -> Result<(i32, Spooled, Vec<u8>), BuildError> {
     let started = Started::new(runtime, id, argv)?;
     let mut out = Spooled::new(spool)?;
     read_bounded(
@@ -1857,12 +1890,12 @@ pub(crate) fn commit(
     name: &str,
     settings: &ImageSettings,
     stop: Stop<'_>,
-) -> Result<String, String> {
+) -> Result<String, BuildError> {
     // What the steps or tasks left running ends with them (as with Docker, whose RUN
     // container ends): nothing of the sandbox may change its files while the host reads them.
     runtime
         .quiesce(id)
-        .map_err(|e| format!("cannot end what the sandbox left running: {e}"))?;
+        .map_err(|e| BuildError::from(e).at("cannot end what the sandbox left running"))?;
     let started = std::time::Instant::now();
     if let Ok(Some(layer)) = runtime.writable_layer(id)
         && let Some(digest) = store.store_changes(name, &layer, settings)?
@@ -1887,7 +1920,7 @@ pub(crate) fn commit(
         ".",
     ];
     let started = Started::new(runtime, id, argv.map(String::from).to_vec())
-        .map_err(|e| format!("cannot read the result: {e}"))?;
+        .map_err(|e| e.at("cannot read the result"))?;
     // The tenant's own `tar`: held to the step time limit like a step.
     let stored = watched(runtime, id, &started, stop, "storing the result", || {
         store.store(name, &mut (&started.stdout), settings)
@@ -1898,10 +1931,10 @@ pub(crate) fn commit(
         (Ok(_), Err(e)) => Err(e),
         // GNU tar exits 1 when a file changed while it was read (logs, sockets): still an
         // image.
-        (Ok(_), Ok((code, err))) if code > 1 => Err(format!(
+        (Ok(_), Ok((code, err))) if code > 1 => Err(BuildError::refused(format!(
             "reading the result failed: {}",
             String::from_utf8_lossy(&err).trim()
-        )),
+        ))),
         (Ok(stored), Ok(_)) => stored,
     };
     // A stream cut short (stopped, or `tar` failing) may still have read as a whole archive
@@ -2004,9 +2037,15 @@ mod tests {
         assert!(
             glob_context(&req, "*.rs")
                 .unwrap_err()
+                .to_string()
                 .contains("matches nothing")
         );
-        assert!(glob_context(&req, "../*").unwrap_err().contains("outside"));
+        assert!(
+            glob_context(&req, "../*")
+                .unwrap_err()
+                .to_string()
+                .contains("outside")
+        );
     }
 
     #[test]
@@ -2019,16 +2058,19 @@ mod tests {
         assert!(
             context_path(ctx.path(), "../x")
                 .unwrap_err()
+                .to_string()
                 .contains("outside")
         );
         assert!(
             context_path(ctx.path(), "src/../../x")
                 .unwrap_err()
+                .to_string()
                 .contains("outside")
         );
         assert!(
             context_path(ctx.path(), "escape/shadow")
                 .unwrap_err()
+                .to_string()
                 .contains("symlink")
         );
         // The symlink itself is copied as a link, not followed.

@@ -14,6 +14,7 @@ use anyhow::{Context as _, bail};
 use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
+use warren_build::BuildError;
 use warren_image::{ChunkParams, ImageBuilder, Limits, TreeIndex, import_dir, import_tar};
 use warren_lazyfs::{pull, trace};
 use warren_runtime::image_mount::MountSignal;
@@ -513,19 +514,20 @@ impl LocalImages {
 }
 
 impl warren_build::ImageStore for LocalImages {
-    fn settings(&self, reference: &str) -> Result<warren_build::ImageSettings, String> {
-        let local = local_store(&self.data).map_err(|e| e.to_string())?;
+    fn settings(&self, reference: &str) -> Result<warren_build::ImageSettings, BuildError> {
+        let local = local_store(&self.data).map_err(|e| BuildError::Store(format!("{e:#}")))?;
         let image = match open_image(&local, reference) {
             Ok(image) => image,
             // A registry image is brought into the local store under its reference.
             Err(_) if RegistryRef::parse(reference).is_ok() => {
-                self.fetch_base(reference).map_err(|e| format!("{e:#}"))?;
-                open_image(&local, reference).map_err(|e| e.to_string())?
+                self.fetch_base(reference)
+                    .map_err(|e| BuildError::Store(format!("{e:#}")))?;
+                open_image(&local, reference).map_err(|e| BuildError::Store(e.to_string()))?
             }
             Err(e) => {
-                return Err(format!(
+                return Err(BuildError::Store(format!(
                     "{e} (a base is a local image — `warren image pull`, `import` or `bootstrap` it — or a registry image, HOST/REPOSITORY:TAG)"
-                ));
+                )));
             }
         };
         let c = image.config;
@@ -547,7 +549,7 @@ impl warren_build::ImageStore for LocalImages {
         name: &str,
         tar: &mut dyn Read,
         settings: &warren_build::ImageSettings,
-    ) -> Result<String, String> {
+    ) -> Result<String, BuildError> {
         let run = || -> anyhow::Result<String> {
             check_local_name(name)?;
             let local = local_store(&self.data)?;
@@ -558,14 +560,14 @@ impl warren_build::ImageStore for LocalImages {
             let config = settings_config(settings);
             Ok(commit(&local, &built, config, name)?.to_string())
         };
-        run().map_err(|e| format!("{e:#}"))
+        run().map_err(|e| BuildError::Store(format!("{e:#}")))
     }
 
-    fn untag(&self, name: &str) -> Result<(), String> {
+    fn untag(&self, name: &str) -> Result<(), BuildError> {
         local_store(&self.data)
             .and_then(|local| Ok(local.remove_tag(name)?))
             .map(drop)
-            .map_err(|e| format!("{e:#}"))
+            .map_err(|e| BuildError::Store(format!("{e:#}")))
     }
 
     fn retag(
@@ -573,7 +575,7 @@ impl warren_build::ImageStore for LocalImages {
         name: &str,
         from: &str,
         settings: &warren_build::ImageSettings,
-    ) -> Result<String, String> {
+    ) -> Result<String, BuildError> {
         let run = || -> anyhow::Result<String> {
             check_local_name(name)?;
             let local = local_store(&self.data)?;
@@ -585,7 +587,7 @@ impl warren_build::ImageStore for LocalImages {
             };
             Ok(commit(&local, &built, settings_config(settings), name)?.to_string())
         };
-        run().map_err(|e| format!("{e:#}"))
+        run().map_err(|e| BuildError::Store(format!("{e:#}")))
     }
 
     fn store_changes(
@@ -593,7 +595,7 @@ impl warren_build::ImageStore for LocalImages {
         name: &str,
         layer: &warren_runtime::WritableLayer,
         settings: &warren_build::ImageSettings,
-    ) -> Result<Option<String>, String> {
+    ) -> Result<Option<String>, BuildError> {
         let run = || -> anyhow::Result<Option<String>> {
             check_local_name(name)?;
             let local = local_store(&self.data)?;
@@ -617,7 +619,7 @@ impl warren_build::ImageStore for LocalImages {
             let config = settings_config(settings);
             Ok(Some(commit(&local, &built, config, name)?.to_string()))
         };
-        run().map_err(|e| format!("{e:#}"))
+        run().map_err(|e| BuildError::Store(format!("{e:#}")))
     }
 }
 

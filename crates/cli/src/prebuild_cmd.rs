@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::bail;
 use clap::Subcommand;
 use serde_json::{Value, json};
-use warren_agent::{Outcome, PrebuildJob, Prebuilder};
+use warren_agent::{Failure, Outcome, PrebuildJob, Prebuilder};
 use warren_api::{PrebuildState, PrebuildView};
 use warren_runtime::Runtime;
 
@@ -32,13 +32,15 @@ impl Prebuilder for HostPrebuilder {
         job: &PrebuildJob,
         log: &mut dyn Write,
         cancel: &AtomicBool,
-    ) -> Result<Outcome, String> {
+    ) -> Result<Outcome, Failure> {
         let tmp = self.data.join("tmp");
-        std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        let host_trouble =
+            |e: std::io::Error| Failure::transient(format!("{}: {e}", tmp.display()));
+        std::fs::create_dir_all(&tmp).map_err(host_trouble)?;
         let work = tempfile::Builder::new()
             .prefix("prebuild-")
             .tempdir_in(&tmp)
-            .map_err(|e| e.to_string())?;
+            .map_err(host_trouble)?;
         let checkout = work.path().join("repo");
         warren_build::git::checkout(
             &self.data.join("git/agent"),
@@ -47,7 +49,7 @@ impl Prebuilder for HostPrebuilder {
             &checkout,
             log,
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Failure::transient(e.to_string()))?;
         let id: String = job
             .prebuild_id
             .chars()

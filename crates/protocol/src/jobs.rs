@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{TaskSpec, printable};
+use crate::{CANCELLED, TaskSpec, printable};
 
 /// What a workspace is made from, as the control plane recorded it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -107,11 +107,13 @@ pub enum Outcome {
 }
 
 /// Why a job failed, and whether running it again may help: a workspace whose image does not
-/// exist fails at once, where a host that was briefly busy gets the job again later.
+/// exist fails at once, where a host that was briefly busy gets the job again later. A job
+/// that was cancelled (a prebuild whose user cancelled it) did not fail: `cancelled` says so.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Failure {
     pub message: String,
     pub retry: bool,
+    pub cancelled: bool,
 }
 
 impl Failure {
@@ -121,6 +123,7 @@ impl Failure {
         Self {
             message: printable(&message.into()),
             retry: true,
+            cancelled: false,
         }
     }
 
@@ -129,6 +132,16 @@ impl Failure {
         Self {
             message: printable(&message.into()),
             retry: false,
+            cancelled: false,
+        }
+    }
+
+    /// The job was cancelled: it ends at once, not as a failure.
+    pub fn cancelled() -> Self {
+        Self {
+            message: CANCELLED.into(),
+            retry: false,
+            cancelled: true,
         }
     }
 }
@@ -152,13 +165,23 @@ impl<'de> Deserialize<'de> for Failure {
         #[serde(untagged)]
         enum Wire {
             Plain(String),
-            Full { message: String, retry: bool },
+            Full {
+                message: String,
+                retry: bool,
+                #[serde(default)]
+                cancelled: bool,
+            },
         }
         Ok(match Wire::deserialize(d)? {
             Wire::Plain(message) => Self::transient(message),
-            Wire::Full { message, retry } => Self {
+            Wire::Full {
+                message,
+                retry,
+                cancelled,
+            } => Self {
                 message: printable(&message),
                 retry,
+                cancelled,
             },
         })
     }
@@ -247,6 +270,17 @@ mod tests {
             serde_json::from_str::<Result<Outcome, Failure>>(&text).ok(),
             Some(full)
         );
+        let cancelled = Err::<Outcome, _>(Failure::cancelled());
+        let text = serde_json::to_string(&cancelled).unwrap_or_default();
+        assert_eq!(
+            serde_json::from_str::<Result<Outcome, Failure>>(&text).ok(),
+            Some(cancelled)
+        );
+        // From an agent that does not say: not cancelled.
+        let older: Result<Outcome, Failure> =
+            serde_json::from_str(r#"{"Err":{"message":"cancelled","retry":false}}"#)
+                .unwrap_or(Ok(Outcome::Removed));
+        assert_eq!(older.map_err(|f| f.cancelled), Err(false));
     }
 
     #[test]

@@ -274,7 +274,6 @@ impl DbControlPlane {
             return Ok(());
         };
         if let Some(prebuild) = prebuild_id {
-            let result = result.map_err(|f| f.message);
             crate::prebuilds::finish(&mut tx, &job.id, &prebuild, result).await?;
             return tx.commit().await;
         }
@@ -319,7 +318,7 @@ impl DbControlPlane {
                     }
                 }
             }
-            Err(Failure { message, retry }) => {
+            Err(Failure { message, retry, .. }) => {
                 // A failure no attempt would escape ends the job (and fails the workspace) now.
                 let final_attempt = !retry || attempts >= max_attempts;
                 sqlx::query(

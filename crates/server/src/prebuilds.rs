@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use sqlx::{Any, Transaction};
-use warren_protocol::{Outcome, PrebuildJob};
+use warren_protocol::{Failure, Outcome, PrebuildJob};
 
 use crate::db::{Db, new_id, now_ms};
 use crate::error::{ApiError, ApiResult};
@@ -90,12 +90,12 @@ pub async fn finish(
     tx: &mut Transaction<'static, Any>,
     job_id: &str,
     prebuild_id: &str,
-    result: Result<Outcome, String>,
+    result: Result<Outcome, Failure>,
 ) -> Result<(), sqlx::Error> {
     let now = now_ms();
     let (job_state, error) = match &result {
         Ok(_) => ("done", None),
-        Err(e) => ("failed", Some(e.clone())),
+        Err(failure) => ("failed", Some(failure.message.clone())),
     };
     sqlx::query("UPDATE jobs SET state = $2, last_error = $3, finished_at = $4, lease_until = NULL WHERE id = $1")
         .bind(job_id)
@@ -143,7 +143,9 @@ pub async fn finish(
             .execute(&mut **tx)
             .await?;
         }
-        Err(message) => {
+        Err(Failure {
+            message, cancelled, ..
+        }) => {
             sqlx::query(
                 "UPDATE prebuilds SET state = CASE WHEN cancel_requested = 1 OR $4 = 1 THEN 'cancelled' ELSE 'failed' END,
                  error = $2, finished_at = $3 WHERE id = $1",
@@ -151,7 +153,7 @@ pub async fn finish(
             .bind(prebuild_id)
             .bind(&message)
             .bind(now)
-            .bind(i64::from(message == warren_protocol::CANCELLED))
+            .bind(i64::from(cancelled))
             .execute(&mut **tx)
             .await?;
             tracing::info!(prebuild.id = prebuild_id, error = %message, "prebuild did not succeed");

@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use sha2::Digest as _;
 use warren_runtime::EgressPolicy;
 
+use crate::BuildError;
+
 use super::{
     BuildRequest, CopySource, Files, Meta, State, context_path, expand_with, is_glob, leaf,
 };
@@ -33,30 +35,29 @@ pub(super) struct Archive {
 
 impl Archive {
     /// The archive as a plain tar stream.
-    pub(super) fn open(&self) -> Result<Box<dyn Read + Send>, String> {
-        let file =
-            std::fs::File::open(&self.path).map_err(|e| format!("{}: {e}", self.path.display()))?;
+    pub(super) fn open(&self) -> Result<Box<dyn Read + Send>, BuildError> {
+        let file = std::fs::File::open(&self.path).map_err(BuildError::io(self.path.display()))?;
         Ok(match self.codec {
             Codec::Plain => Box::new(file),
             Codec::Gzip => Box::new(flate2::read::MultiGzDecoder::new(file)),
             Codec::Zstd => Box::new(
                 zstd::stream::read::Decoder::new(file)
-                    .map_err(|e| format!("{}: {e}", self.path.display()))?,
+                    .map_err(BuildError::io(self.path.display()))?,
             ),
         })
     }
 }
 
 /// What kind of archive a file is, by its first bytes; `None` for any other file.
-fn archive_codec(path: &std::path::Path) -> Result<Option<Codec>, String> {
+fn archive_codec(path: &std::path::Path) -> Result<Option<Codec>, BuildError> {
     let mut head = [0u8; 512];
-    let mut file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut file = std::fs::File::open(path).map_err(BuildError::io(path.display()))?;
     let mut n = 0;
     while n < head.len() {
         match file.read(&mut head[n..]) {
             Ok(0) => break,
             Ok(k) => n += k,
-            Err(e) => return Err(format!("{}: {e}", path.display())),
+            Err(e) => return Err(BuildError::refused(format!("{}: {e}", path.display()))),
         }
     }
     let head = &head[..n];
@@ -67,10 +68,10 @@ fn archive_codec(path: &std::path::Path) -> Result<Option<Codec>, String> {
     } else if head.len() >= 262 && &head[257..262] == b"ustar" {
         Some(Codec::Plain)
     } else if head.starts_with(b"BZh") || head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
-        return Err(format!(
+        return Err(BuildError::refused(format!(
             "{}: bzip2 and xz archives are not unpacked by ADD; unpack it with RUN tar",
             path.display()
-        ));
+        )));
     } else {
         None
     })
@@ -100,7 +101,7 @@ fn fetch(
     checksum: Option<&str>,
     egress: &EgressPolicy,
     spool: &super::Spool,
-) -> Result<(super::Spooled, u64), String> {
+) -> Result<(super::Spooled, u64), BuildError> {
     let agent = ureq::Agent::with_parts(
         ureq::Agent::config_builder()
             .timeout_global(Some(REMOTE_TIMEOUT))
@@ -113,7 +114,7 @@ fn fetch(
     let mut answer = agent
         .get(url)
         .call()
-        .map_err(|e| format!("ADD {url}: {e}"))?;
+        .map_err(|e| BuildError::Refused(format!("ADD {url}: {e}")))?;
     let mut body = super::Spooled::new(spool)?;
     let mut hashing = Hashing {
         into: &mut body,
@@ -127,20 +128,22 @@ fn fetch(
             .reader(),
         &mut hashing,
     )
-    .map_err(|e| format!("ADD {url}: {e}"))?;
+    .map_err(BuildError::io(format_args!("ADD {url}")))?;
     if len > REMOTE_LIMIT {
-        return Err(format!("ADD {url}: larger than {REMOTE_LIMIT} bytes"));
+        return Err(BuildError::refused(format!(
+            "ADD {url}: larger than {REMOTE_LIMIT} bytes"
+        )));
     }
     let digest = hashing.hasher.finalize();
     if let Some(want) = checksum {
-        let hex = want
-            .strip_prefix("sha256:")
-            .ok_or_else(|| format!("--checksum={want}: expected sha256:<hex>"))?;
+        let hex = want.strip_prefix("sha256:").ok_or_else(|| {
+            BuildError::Refused(format!("--checksum={want}: expected sha256:<hex>"))
+        })?;
         let got = hex::encode(digest);
         if !got.eq_ignore_ascii_case(hex) {
-            return Err(format!(
+            return Err(BuildError::refused(format!(
                 "ADD {url}: the checksum is sha256:{got}, not {want}"
-            ));
+            )));
         }
     }
     Ok((body, len))
@@ -171,7 +174,7 @@ pub(super) fn sort_sources(
     files: &Files,
     checksum: Option<&str>,
     egress: &EgressPolicy,
-) -> Result<(Files, Vec<Remote>, Vec<Archive>), String> {
+) -> Result<(Files, Vec<Remote>, Vec<Archive>), BuildError> {
     let escape = req.dockerfile.escape;
     let mut plain = files.clone();
     plain.sources.clear();
@@ -185,9 +188,9 @@ pub(super) fn sort_sources(
         let path = expand_with(state, escape, raw)?;
         if path.starts_with("http://") || path.starts_with("https://") {
             if path.ends_with(".git") {
-                return Err(format!(
+                return Err(BuildError::refused(format!(
                     "ADD {path}: git repositories are not fetched by ADD"
-                ));
+                )));
             }
             let name = path
                 .split(['?', '#'])
@@ -201,11 +204,14 @@ pub(super) fn sort_sources(
             continue;
         }
         if path.contains("://") || path.starts_with("git@") {
-            return Err(format!("ADD {path}: only http(s) URLs are fetched"));
+            return Err(BuildError::refused(format!(
+                "ADD {path}: only http(s) URLs are fetched"
+            )));
         }
         if !is_glob(&path) {
             let (on_disk, rel) = context_path(req.context, &path)?;
-            let meta = std::fs::symlink_metadata(&on_disk).map_err(|e| format!("`{path}`: {e}"))?;
+            let meta =
+                std::fs::symlink_metadata(&on_disk).map_err(BuildError::io(format!("`{path}`")))?;
             if meta.is_file()
                 && !req.ignore.excludes(&rel)
                 && let Some(codec) = archive_codec(&on_disk)?
@@ -220,7 +226,9 @@ pub(super) fn sort_sources(
         plain.sources.push(source.clone());
     }
     if checksum.is_some() && remote.is_empty() {
-        return Err("ADD --checksum is for remote (http/https) sources".into());
+        return Err(BuildError::refused(
+            "ADD --checksum is for remote (http/https) sources",
+        ));
     }
     Ok((plain, remote, archives))
 }
@@ -233,7 +241,7 @@ pub(super) fn remote_tar(
     files: &Files,
     meta: &Meta,
     spool: &super::Spool,
-) -> Result<super::Spooled, String> {
+) -> Result<super::Spooled, BuildError> {
     let into_folder = super::copies_into_folder(dest, files);
     let mut tar = super::Spooled::builder(spool)?;
     for r in remote {
@@ -248,7 +256,7 @@ pub(super) fn remote_tar(
             leaf(dest)
         };
         tar.append_data(&mut header, &name, r.body.reader()?)
-            .map_err(|e| e.to_string())?;
+            .map_err(BuildError::io("a spool file"))?;
     }
     super::Spooled::finish(tar)
 }

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use warren_runtime::WorkspaceId;
 
 use super::{Build, CopySource, Files, Started, State, Step, expand_with, inside, run};
-use crate::Mount;
+use crate::{BuildError, Mount};
 
 /// A prepared mount.
 pub(super) struct RunMount {
@@ -37,7 +37,7 @@ enum Content {
 
 impl RunMount {
     /// What goes into the step's cache key.
-    pub(super) fn key(&self) -> Result<Vec<u8>, String> {
+    pub(super) fn key(&self) -> Result<Vec<u8>, BuildError> {
         let mut k = self.target.clone().into_bytes();
         if let Content::Bound(tar) = &self.content {
             k.extend_from_slice(super::tar_key(tar.reader()?)?.as_bytes());
@@ -46,7 +46,7 @@ impl RunMount {
     }
 }
 
-fn number(m: &Mount, option: &str) -> Result<Option<u32>, String> {
+fn number(m: &Mount, option: &str) -> Result<Option<u32>, BuildError> {
     m.options
         .get(option)
         .map(|v| {
@@ -55,7 +55,7 @@ fn number(m: &Mount, option: &str) -> Result<Option<u32>, String> {
             } else {
                 v.parse()
             };
-            parsed.map_err(|_| format!("--mount {option}={v}: not a number"))
+            parsed.map_err(|_| BuildError::Refused(format!("--mount {option}={v}: not a number")))
         })
         .transpose()
 }
@@ -66,23 +66,24 @@ impl Build<'_> {
         &mut self,
         state: &State,
         mounts: &[Mount],
-    ) -> Result<Vec<RunMount>, String> {
+    ) -> Result<Vec<RunMount>, BuildError> {
         let escape = self.req.dockerfile.escape;
         let mut out = Vec::new();
         for m in mounts {
-            let raw = m
-                .target
-                .as_deref()
-                .ok_or_else(|| format!("--mount type={}: which target?", m.kind))?;
+            let raw = m.target.as_deref().ok_or_else(|| {
+                BuildError::Refused(format!("--mount type={}: which target?", m.kind))
+            })?;
             let target = inside(&state.workdir, &expand_with(state, escape, raw)?);
             if target == "/" {
-                return Err("--mount: the target cannot be /".into());
+                return Err(BuildError::refused("--mount: the target cannot be /"));
             }
             let content = match m.kind.as_str() {
                 "cache" => {
-                    let root = self.req.mount_cache.ok_or(
-                        "RUN --mount=type=cache: this build has no folder for caches".to_owned(),
-                    )?;
+                    let root = self.req.mount_cache.ok_or_else(|| {
+                        BuildError::refused(
+                            "RUN --mount=type=cache: this build has no folder for caches",
+                        )
+                    })?;
                     let id = m
                         .options
                         .get("id")
@@ -111,9 +112,9 @@ impl Build<'_> {
                         None => {
                             let (path, _) = super::context_path(self.req.context, source)?;
                             if !path.is_dir() {
-                                return Err(format!(
+                                return Err(BuildError::refused(format!(
                                     "--mount=type=bind,source={source}: only folders are bound"
-                                ));
+                                )));
                             }
                             super::context_tar(self.req, state, &files, &Default::default())?
                         }
@@ -128,11 +129,15 @@ impl Build<'_> {
                     Content::Bound(tar)
                 }
                 kind @ ("secret" | "ssh") => {
-                    return Err(format!(
+                    return Err(BuildError::refused(format!(
                         "RUN --mount=type={kind}: builds run without secrets or keys"
-                    ));
+                    )));
                 }
-                other => return Err(format!("RUN --mount=type={other}: no such mount type")),
+                other => {
+                    return Err(BuildError::refused(format!(
+                        "RUN --mount=type={other}: no such mount type"
+                    )));
+                }
             };
             let owner = match (number(m, "uid")?, number(m, "gid")?) {
                 (None, None) => None,
@@ -149,7 +154,7 @@ impl Build<'_> {
     }
 
     /// Puts the mounts' content in place before the step.
-    pub(super) fn mount(&self, id: &WorkspaceId, mounts: &[RunMount]) -> Result<(), String> {
+    pub(super) fn mount(&self, id: &WorkspaceId, mounts: &[RunMount]) -> Result<(), BuildError> {
         const SCRIPT: &str = r#"set -e
 t="$1"
 if [ -e "$t" ] || [ -L "$t" ]; then rm -rf "$t.warren-hidden"; mv "$t" "$t.warren-hidden"; fi
@@ -165,7 +170,7 @@ if [ -n "$4" ]; then chown "$4" "$t"; fi
                 Content::Cache(file) => match std::fs::File::open(file) {
                     Ok(f) => Some(Box::new(f)),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-                    Err(e) => return Err(format!("{}: {e}", file.display())),
+                    Err(e) => return Err(BuildError::refused(format!("{}: {e}", file.display()))),
                 },
             };
             let has = if stdin.is_some() { "1" } else { "0" };
@@ -177,7 +182,7 @@ if [ -n "$4" ]; then chown "$4" "$t"; fi
     }
 
     /// After the step: caches packed back to the host, every target as it was.
-    pub(super) fn unmount(&self, id: &WorkspaceId, mounts: &[RunMount]) -> Result<(), String> {
+    pub(super) fn unmount(&self, id: &WorkspaceId, mounts: &[RunMount]) -> Result<(), BuildError> {
         const SCRIPT: &str = r#"set -e
 t="$1"
 rm -rf "$t"
@@ -198,7 +203,7 @@ if [ -e "$t.warren-hidden" ] || [ -L "$t.warren-hidden" ]; then mv "$t.warren-hi
         script: &str,
         args: &[&str],
         stdin: Option<Box<dyn Read + Send>>,
-    ) -> Result<(), String> {
+    ) -> Result<(), BuildError> {
         let mut argv: Vec<String> = vec!["/bin/sh".into(), "-c".into(), script.into(), "sh".into()];
         argv.extend(args.iter().map(|a| (*a).to_owned()));
         run(
@@ -215,7 +220,7 @@ if [ -e "$t.warren-hidden" ] || [ -L "$t.warren-hidden" ]; then mv "$t.warren-hi
             &mut std::io::sink(),
             self.req.stop(),
         )
-        .map_err(|e| format!("--mount at {}: {e}", args.first().unwrap_or(&"")))
+        .map_err(|e| e.at(format_args!("--mount at {}", args.first().unwrap_or(&""))))
     }
 }
 
@@ -229,9 +234,9 @@ fn save_cache(
     target: &str,
     file: &std::path::Path,
     stop: super::Stop<'_>,
-) -> Result<(), String> {
+) -> Result<(), BuildError> {
     if let Some(dir) = file.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(BuildError::io(dir.display()))?;
     }
     let argv = ["tar", "-c", "-f", "-", "--numeric-owner", "-C", target, "."]
         .map(String::from)
@@ -239,7 +244,7 @@ fn save_cache(
     let started = Started::new(runtime, id, argv)?;
     let partial = file.with_extension(format!("tar.{}", std::process::id()));
     let written = std::fs::File::create(&partial)
-        .map_err(|e| format!("{}: {e}", partial.display()))
+        .map_err(BuildError::io(partial.display()))
         .and_then(|mut out| {
             super::read_bounded(
                 runtime,
@@ -250,8 +255,7 @@ fn save_cache(
                 &format!("packing the cache at {target}"),
                 &mut out,
             )?;
-            out.sync_all()
-                .map_err(|e| format!("{}: {e}", partial.display()))
+            out.sync_all().map_err(BuildError::io(partial.display()))
         });
     let (code, err) = started.finish()?;
     if let Err(e) = written {
@@ -260,10 +264,10 @@ fn save_cache(
     }
     if code > 1 {
         let _ = std::fs::remove_file(&partial);
-        return Err(format!(
+        return Err(BuildError::refused(format!(
             "cannot pack the cache at {target}: {}",
             String::from_utf8_lossy(&err).trim()
-        ));
+        )));
     }
-    std::fs::rename(&partial, file).map_err(|e| format!("{}: {e}", file.display()))
+    std::fs::rename(&partial, file).map_err(BuildError::io(file.display()))
 }
