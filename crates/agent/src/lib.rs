@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, Semaphore};
 pub use warren_protocol::{
-    Action, ControlPlane, Failure, HostImage, HostReport, ImageCheck, Job, Outcome, PrebuildJob,
-    Work, WorkspaceJob, WorkspaceReport, WorkspaceSpec,
+    Action, ControlPlane, Failure, HostImage, HostReport, ImageCheck, Job, Outcome, PlaneError,
+    PrebuildJob, Work, WorkspaceJob, WorkspaceReport, WorkspaceSpec,
 };
 use warren_runtime::{
     Error as RuntimeError, Limits, RootSource, Runtime, WorkspaceConfig, WorkspaceId,

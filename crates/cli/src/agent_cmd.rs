@@ -13,7 +13,7 @@ use anyhow::Context as _;
 use clap::Args;
 use serde_json::json;
 use warren_agent::{
-    Agent, ControlPlane, Failure, HostImage, HostReport, ImageLister, Job, Outcome,
+    Agent, ControlPlane, Failure, HostImage, HostReport, ImageLister, Job, Outcome, PlaneError,
 };
 use warren_image::ChunkId;
 use warren_store::ChunkCache;
@@ -97,7 +97,7 @@ impl ControlPlane for HttpControlPlane {
         _host: &str,
         report: Option<HostReport>,
         prebuilds: bool,
-    ) -> Result<Option<Job>, String> {
+    ) -> Result<Option<Job>, PlaneError> {
         let client = self.client.clone();
         tokio::task::spawn_blocking(move || {
             let answer = client
@@ -105,46 +105,55 @@ impl ControlPlane for HttpControlPlane {
                     "/agent/claim",
                     &json!({"report": report, "prebuilds": prebuilds}),
                 )
-                .map_err(|e| format!("{e:#}"))?;
+                .map_err(unreachable)?;
             if answer.is_null() {
                 return Ok(None);
             }
             serde_json::from_value(answer)
                 .map(Some)
-                .map_err(|e| e.to_string())
+                .map_err(|e| PlaneError::Answer(e.to_string()))
         })
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(unfinished)?
     }
 
-    async fn log(&self, job: &Job, text: Vec<u8>) -> Result<bool, String> {
+    async fn log(&self, job: &Job, text: Vec<u8>) -> Result<bool, PlaneError> {
         let client = self.client.clone();
         let body = warren_api::LogRequest {
             job: job.id.clone(),
             text: String::from_utf8_lossy(&text).into_owned(),
         };
         tokio::task::spawn_blocking(move || {
-            let answer: warren_api::LogAnswer = client
-                .post_as("/agent/log", &body)
-                .map_err(|e| format!("{e:#}"))?;
+            let answer: warren_api::LogAnswer =
+                client.post_as("/agent/log", &body).map_err(unreachable)?;
             Ok(answer.go_on)
         })
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(unfinished)?
     }
 
-    async fn finish(&self, job: &Job, result: Result<Outcome, Failure>) -> Result<(), String> {
+    async fn finish(&self, job: &Job, result: Result<Outcome, Failure>) -> Result<(), PlaneError> {
         let client = self.client.clone();
         let body = json!({"job": job.id, "result": result});
         tokio::task::spawn_blocking(move || {
             client
                 .post("/agent/finish", &body)
                 .map(drop)
-                .map_err(|e| format!("{e:#}"))
+                .map_err(unreachable)
         })
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(unfinished)?
     }
+}
+
+/// A call to the control plane that failed on the way or was answered with an error.
+fn unreachable(e: anyhow::Error) -> PlaneError {
+    PlaneError::Unreachable(format!("{e:#}"))
+}
+
+/// A call whose thread ended before it did (it panicked).
+fn unfinished(e: tokio::task::JoinError) -> PlaneError {
+    PlaneError::Unreachable(format!("the call did not finish: {e}"))
 }
 
 /// The names of the images in the local store under `data`.

@@ -203,15 +203,34 @@ pub trait ControlPlane: Send + Sync + 'static {
         host: &str,
         report: Option<HostReport>,
         prebuilds: bool,
-    ) -> impl Future<Output = Result<Option<Job>, String>> + Send;
+    ) -> impl Future<Output = Result<Option<Job>, PlaneError>> + Send;
     /// Adds to a running job's log; `false` when the job was cancelled and should stop.
-    fn log(&self, job: &Job, text: Vec<u8>) -> impl Future<Output = Result<bool, String>> + Send;
+    fn log(
+        &self,
+        job: &Job,
+        text: Vec<u8>,
+    ) -> impl Future<Output = Result<bool, PlaneError>> + Send;
     /// Records how a job went.
     fn finish(
         &self,
         job: &Job,
         result: Result<Outcome, Failure>,
-    ) -> impl Future<Output = Result<(), String>> + Send;
+    ) -> impl Future<Output = Result<(), PlaneError>> + Send;
+}
+
+/// Why a call to the control plane did not go through; the agent says so in its log and
+/// calls again later.
+#[derive(Debug, thiserror::Error)]
+pub enum PlaneError {
+    /// It could not be reached, or answered with an error (over HTTP).
+    #[error("the control plane: {0}")]
+    Unreachable(String),
+    /// Its database failed (the control plane in this process).
+    #[error("the control plane's database: {0}")]
+    Database(String),
+    /// Its answer could not be read.
+    #[error("the control plane's answer: {0}")]
+    Answer(String),
 }
 
 /// An image a host can start workspaces from, and how much of it the host holds.

@@ -3,7 +3,7 @@
 //! its workspaces are compared with what their owners asked for (a workspace that stopped on
 //! its own gets the job that brings it back) before the host gets its next job.
 
-use warren_protocol::{ControlPlane, Failure, HostReport, Job, Outcome};
+use warren_protocol::{ControlPlane, Failure, HostReport, Job, Outcome, PlaneError};
 
 use crate::state::AppState;
 use crate::workspaces;
@@ -14,7 +14,7 @@ pub async fn claim(
     host: &str,
     report: Option<HostReport>,
     prebuilds: bool,
-) -> Result<Option<Job>, String> {
+) -> Result<Option<Job>, PlaneError> {
     let running = report.as_ref().map(|r| {
         let running = r
             .workspaces
@@ -47,15 +47,15 @@ impl ControlPlane for InProcess {
         host: &str,
         report: Option<HostReport>,
         prebuilds: bool,
-    ) -> Result<Option<Job>, String> {
+    ) -> Result<Option<Job>, PlaneError> {
         claim(&self.state, host, report, prebuilds).await
     }
 
-    async fn log(&self, job: &Job, text: Vec<u8>) -> Result<bool, String> {
+    async fn log(&self, job: &Job, text: Vec<u8>) -> Result<bool, PlaneError> {
         self.state.plane.log(job, text).await
     }
 
-    async fn finish(&self, job: &Job, result: Result<Outcome, Failure>) -> Result<(), String> {
+    async fn finish(&self, job: &Job, result: Result<Outcome, Failure>) -> Result<(), PlaneError> {
         self.state.plane.finish(job, result).await
     }
 }

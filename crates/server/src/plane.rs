@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use tokio::sync::Notify;
-use warren_protocol::{ControlPlane, Failure, Job, Outcome, Work};
+use warren_protocol::{ControlPlane, Failure, Job, Outcome, PlaneError, Work};
 
 use crate::db::{Db, DbKind, now_ms};
 use crate::model::{Desired, Event, Lifecycle, Next, WorkspaceState};
@@ -391,24 +391,20 @@ impl ControlPlane for DbControlPlane {
         host: &str,
         report: Option<warren_protocol::HostReport>,
         prebuilds: bool,
-    ) -> Result<Option<Job>, String> {
-        self.seen(host, report.as_ref())
-            .await
-            .map_err(|e| e.to_string())?;
-        self.claim_job(host, prebuilds)
-            .await
-            .map_err(|e| e.to_string())
+    ) -> Result<Option<Job>, PlaneError> {
+        self.seen(host, report.as_ref()).await.map_err(database)?;
+        self.claim_job(host, prebuilds).await.map_err(database)
     }
 
-    async fn log(&self, job: &Job, text: Vec<u8>) -> Result<bool, String> {
-        self.append_log(&job.id, &text)
-            .await
-            .map_err(|e| e.to_string())
+    async fn log(&self, job: &Job, text: Vec<u8>) -> Result<bool, PlaneError> {
+        self.append_log(&job.id, &text).await.map_err(database)
     }
 
-    async fn finish(&self, job: &Job, result: Result<Outcome, Failure>) -> Result<(), String> {
-        self.finish_job(job, result)
-            .await
-            .map_err(|e| e.to_string())
+    async fn finish(&self, job: &Job, result: Result<Outcome, Failure>) -> Result<(), PlaneError> {
+        self.finish_job(job, result).await.map_err(database)
     }
+}
+
+fn database(e: sqlx::Error) -> PlaneError {
+    PlaneError::Database(e.to_string())
 }
