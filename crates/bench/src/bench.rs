@@ -34,6 +34,23 @@ pub fn warren_exe() -> anyhow::Result<PathBuf> {
     Ok(exe)
 }
 
+/// A benchmark's own runtime: its folders under `data`, workspace ids from `uid_base` (far
+/// from the default ranges and from the other benchmarks'), the default network, containers.
+pub fn runtime_config(
+    data: &Path,
+    uid_base: u32,
+) -> anyhow::Result<warren_runtime::ContainerRuntimeConfig> {
+    Ok(warren_runtime::ContainerRuntimeConfig {
+        root: data.join("runtime"),
+        data: data.to_path_buf(),
+        helper: warren_exe()?,
+        network: warren_runtime::NetworkConfig::default(),
+        uid_base,
+        default_disk: None,
+        vm: Default::default(),
+    })
+}
+
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// Lazy mounts (with and without a trace) against full pulls on shaped links

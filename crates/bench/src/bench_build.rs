@@ -15,7 +15,7 @@ use std::time::Instant;
 use anyhow::{Context as _, bail};
 use serde::Serialize;
 use warren_agent::{Outcome, PrebuildJob, Prebuilder as _};
-use warren_runtime::{ContainerRuntime, ContainerRuntimeConfig, NetworkConfig};
+use warren_runtime::ContainerRuntime;
 
 use crate::bench::sh;
 use crate::bench_runtime::{Dockerd, debian_rootfs};
@@ -302,15 +302,10 @@ fn one_file_prebuild(work: &Path, rootfs: &Path) -> anyhow::Result<(u64, u64)> {
     git(&["commit", "-q", "-am", "one file"])?;
     let second = git(&["rev-parse", "HEAD"])?.trim().to_owned();
 
-    let runtime = Arc::new(ContainerRuntime::new(ContainerRuntimeConfig {
-        root: data.join("runtime"),
-        data: data.clone(),
-        helper: crate::bench::warren_exe()?,
-        network: NetworkConfig::default(),
-        uid_base: BENCH_UID_BASE,
-        default_disk: None,
-        vm: Default::default(),
-    })?);
+    let runtime = Arc::new(ContainerRuntime::new(crate::bench::runtime_config(
+        &data,
+        BENCH_UID_BASE,
+    )?)?);
     let prebuilder = warren_cli::prebuild_cmd::HostPrebuilder {
         data: data.clone(),
         runtime,

@@ -21,10 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use serde::Serialize;
-use warren_runtime::{
-    ContainerRuntime, ContainerRuntimeConfig, NetworkConfig, RootSource, Runtime, WorkspaceConfig,
-    WorkspaceId,
-};
+use warren_runtime::{ContainerRuntime, RootSource, Runtime, WorkspaceConfig, WorkspaceId};
 
 use crate::bench::sh;
 
@@ -191,15 +188,7 @@ pub(crate) fn runtime(cycles: usize, work: &Path, json: Option<&Path>) -> anyhow
     docker(&["rm", "-f", "warm"])?;
     drop(dockerd);
 
-    let runtime = ContainerRuntime::new(ContainerRuntimeConfig {
-        root: data.join("runtime"),
-        data: data.clone(),
-        helper: exe.clone(),
-        network: NetworkConfig::default(),
-        uid_base: BENCH_UID_BASE,
-        default_disk: None,
-        vm: Default::default(),
-    })?;
+    let runtime = ContainerRuntime::new(crate::bench::runtime_config(&data, BENCH_UID_BASE)?)?;
     let idle = idle_memory(&runtime, 5)?;
 
     let p50 = |rows: &[Series], name: &str| {

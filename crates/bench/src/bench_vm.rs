@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use serde::Serialize;
 use warren_runtime::{
-    ContainerRuntime, ContainerRuntimeConfig, ExecIo, ExecRequest, Limits, NetworkConfig,
-    RootSource, Runtime, VmOptions, WorkspaceConfig, WorkspaceId,
+    ContainerRuntime, ContainerRuntimeConfig, ExecIo, ExecRequest, Limits, RootSource, Runtime,
+    VmOptions, WorkspaceConfig, WorkspaceId,
 };
 
 /// Far from the default workspace ranges and from the other benchmarks'.
@@ -26,12 +26,6 @@ fn vm_runtime(work: &Path) -> anyhow::Result<(ContainerRuntime, PathBuf)> {
     let rootfs = crate::bench_runtime::debian_rootfs(work, &[])?;
     let data = work.join("vm-data");
     let runtime = ContainerRuntime::new(ContainerRuntimeConfig {
-        root: data.join("runtime"),
-        data: data.clone(),
-        helper: crate::bench::warren_exe()?,
-        network: NetworkConfig::default(),
-        uid_base: BENCH_UID_BASE,
-        default_disk: None,
         // WARREN_VM_KERNEL, WARREN_GUEST, WARREN_VM_ACCEL, else the host's own (what
         // `./dev vm` prepared under the data folder, not the benchmark's).
         vm: warren_runtime::VmSettings {
@@ -47,6 +41,7 @@ fn vm_runtime(work: &Path) -> anyhow::Result<(ContainerRuntime, PathBuf)> {
             ),
             ..Default::default()
         },
+        ..crate::bench::runtime_config(&data, BENCH_UID_BASE)?
     })?;
     remove_all(&runtime)?;
     Ok((runtime, rootfs))

@@ -126,11 +126,10 @@ fn a_multi_stage_dockerfile_builds_in_the_sandbox() {
         inside("ls /globbed | sort | tr '\\n' ' '"),
         "run.sh x.conf "
     );
-    let shown: serde_json::Value = serde_json::from_str(&ok(warren(
+    let shown: serde_json::Value = common::json(warren(
         data.path(),
         &["image", "inspect", "app:1", "--json"],
-    )))
-    .unwrap();
+    ));
     assert_eq!(
         shown["config"]["cmd"],
         serde_json::json!(["cat", "/app/built.txt"])
@@ -582,11 +581,10 @@ ENTRYPOINT ["/opt/tools/artifact"]
     );
     ok(warren(data.path(), &["runtime", "rm", "-f", "opts"]));
 
-    let shown: serde_json::Value = serde_json::from_str(&ok(warren(
+    let shown: serde_json::Value = common::json(warren(
         data.path(),
         &["image", "inspect", "opts:1", "--json"],
-    )))
-    .unwrap();
+    ));
     let config = &shown["config"];
     assert_eq!(
         config["labels"],
@@ -644,11 +642,10 @@ ENTRYPOINT ["/opt/tools/artifact"]
             data.path(),
             &["build", ctx.path().to_str().unwrap(), "-t", "run:1"],
         ));
-        let shown: serde_json::Value = serde_json::from_str(&ok(warren(
+        let shown: serde_json::Value = common::json(warren(
             data.path(),
             &["image", "inspect", "run:1", "--json"],
-        )))
-        .unwrap();
+        ));
         assert_eq!(shown["config"]["entrypoint"], entrypoint, "{tail}");
         assert_eq!(shown["config"]["cmd"], cmd, "{tail}");
     }
@@ -755,7 +752,7 @@ fn a_killed_builds_sandbox_goes_with_the_next_build() {
     .unwrap();
     let sandboxes = || -> Vec<String> {
         let listed: serde_json::Value =
-            serde_json::from_str(&ok(warren(data.path(), &["runtime", "ls", "--json"]))).unwrap();
+            common::json(warren(data.path(), &["runtime", "ls", "--json"]));
         listed
             .as_array()
             .unwrap()

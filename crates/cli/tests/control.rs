@@ -50,11 +50,7 @@ fn end_to_end(seed: u32, database_url: Option<String>) {
         .env("WARREN_PASSWORD", "alice-secret-1")
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::ok(out);
     warren.login("alice", "alice-secret-1");
 
     let repo = git_repo(repos.path());
@@ -112,7 +108,7 @@ fn end_to_end(seed: u32, database_url: Option<String>) {
         if refresh {
             args.push("--refresh");
         }
-        serde_json::from_str(&warren.ok("alice", &args)).unwrap()
+        warren.json("alice", &args)
     };
     let deadline = Instant::now() + Duration::from_secs(20);
     while branches(false).as_array().unwrap().is_empty() {
@@ -144,9 +140,7 @@ fn end_to_end(seed: u32, database_url: Option<String>) {
     // Each head's commit is prebuilt (the project's environment is `image: dev:1`).
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        let list: Value =
-            serde_json::from_str(&warren.ok("alice", &["prebuild", "ls", "app", "--json"]))
-                .unwrap();
+        let list: Value = warren.json("alice", &["prebuild", "ls", "app", "--json"]);
         let list = list.as_array().unwrap();
         if list.len() == 2 && list.iter().all(|p| p["state"] == "succeeded") {
             break;
@@ -171,7 +165,7 @@ fn end_to_end(seed: u32, database_url: Option<String>) {
             "DEPLOY_TOKEN=hunter2-very-secret",
         ],
     );
-    let mine: Value = serde_json::from_str(&warren.ok("alice", &["env", "ls", "--json"])).unwrap();
+    let mine: Value = warren.json("alice", &["env", "ls", "--json"]);
     assert_eq!(mine[0]["value"], "https://api.example.com");
     let project_vars = warren.ok("alice", &["env", "ls", "--project", "app", "--json"]);
     assert!(!project_vars.contains("hunter2"), "{project_vars}");
@@ -221,7 +215,7 @@ fn end_to_end(seed: u32, database_url: Option<String>) {
             "512MiB",
         ],
     );
-    let list: Value = serde_json::from_str(&warren.ok("alice", &["ws", "ls", "--json"])).unwrap();
+    let list: Value = warren.json("alice", &["ws", "ls", "--json"]);
     assert_eq!(list[0]["name"], "dev");
     assert_eq!(list[0]["state"], "running");
     assert_eq!(list[0]["project"], "app");
@@ -233,8 +227,7 @@ fn end_to_end(seed: u32, database_url: Option<String>) {
     // The host reports the workspace's resource use (every 10 s).
     let deadline = Instant::now() + Duration::from_secs(30);
     let stats = loop {
-        let shown: Value =
-            serde_json::from_str(&warren.ok("alice", &["ws", "show", "dev"])).unwrap();
+        let shown: Value = warren.json("alice", &["ws", "show", "dev"]);
         if !shown["stats"].is_null() {
             break shown["stats"].clone();
         }
@@ -277,7 +270,7 @@ fn end_to_end(seed: u32, database_url: Option<String>) {
         .unwrap()
         .collect();
     assert!(left.is_empty(), "nothing left of the workspace: {left:?}");
-    let jobs: Value = serde_json::from_str(&warren.ok("admin", &["job", "ls", "--json"])).unwrap();
+    let jobs: Value = warren.json("admin", &["job", "ls", "--json"]);
     assert!(
         jobs.as_array()
             .unwrap()
@@ -797,9 +790,7 @@ fn a_second_host_runs_the_workspaces_whose_image_it_holds() {
         &["ws", "create", "far", "--image", "only-second:1"],
     );
     warren.ok("admin", &["ws", "create", "near", "--image", "dev:1"]);
-    let show = |name: &str| -> Value {
-        serde_json::from_str(&warren.ok("admin", &["ws", "show", name])).unwrap()
-    };
+    let show = |name: &str| -> Value { warren.json("admin", &["ws", "show", name]) };
     assert_eq!(show("far")["host"], "second");
     assert_ne!(show("near")["host"], "second");
     let listed =
@@ -892,7 +883,7 @@ fn a_workspace_that_stops_by_itself_is_brought_back() {
             "echo mine > /root/mine",
         ],
     );
-    let ws: Value = serde_json::from_str(&warren.ok("admin", &["ws", "show", "solo"])).unwrap();
+    let ws: Value = warren.json("admin", &["ws", "show", "solo"]);
     let runtime_id = format!("ws-{}", ws["id"].as_str().unwrap());
     // Stopped behind Warren's back (as `poweroff` inside or a killed shim would).
     let out = Command::new(env!("CARGO_BIN_EXE_warren"))

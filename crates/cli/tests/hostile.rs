@@ -47,7 +47,7 @@ fn host_root_inside_workspaces(warren: &Warren) -> Vec<String> {
 }
 
 fn state(warren: &Warren, user: &str, name: &str) -> Value {
-    let shown: Value = serde_json::from_str(&warren.ok(user, &["ws", "show", name])).unwrap();
+    let shown: Value = warren.json(user, &["ws", "show", name]);
     shown["state"].clone()
 }
 
@@ -365,7 +365,7 @@ fn every_bridge_is_walled_off_and_egress_is_policed() {
     assert!(reaches(a.path(), base_a, "wa", DENIED, port));
     assert!(!reaches(b.path(), base_b, "wb", DENIED, port));
     // No workspace reaches one on the other bridge.
-    let wb_address: Value = serde_json::from_str(&ok(in_b(&["runtime", "ls", "--json"]))).unwrap();
+    let wb_address: Value = common::json(in_b(&["runtime", "ls", "--json"]));
     let wb_address = wb_address[0]["address"].as_str().unwrap().to_owned();
     let mut listening = std::process::Command::new(env!("CARGO_BIN_EXE_warren"))
         .arg("--data")
@@ -569,9 +569,7 @@ fn a_projects_prebuilds_and_caches_are_its_own() {
     let prebuild = |user: &str, project: &str| -> Value {
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {
-            let list: Value =
-                serde_json::from_str(&warren.ok(user, &["prebuild", "ls", project, "--json"]))
-                    .unwrap();
+            let list: Value = warren.json(user, &["prebuild", "ls", project, "--json"]);
             if let Some(pb) = list.as_array().and_then(|l| l.first())
                 && !matches!(pb["state"].as_str(), Some("queued" | "running"))
             {
@@ -607,7 +605,7 @@ fn a_projects_prebuilds_and_caches_are_its_own() {
     let err = common::fails(out);
     assert!(err.contains("its project's"), "{err}");
     // Nor by its digest.
-    let inspected: Value = serde_json::from_str(&ok(common::warren_at(
+    let inspected: Value = common::json(common::warren_at(
         warren.data.path(),
         &[
             "image",
@@ -616,8 +614,7 @@ fn a_projects_prebuilds_and_caches_are_its_own() {
             "--json",
         ],
         &[],
-    )))
-    .unwrap();
+    ));
     let digest = inspected["digest"].as_str().unwrap();
     let err = common::fails(warren.cli("bob", &["ws", "create", "stolen", "--image", digest]));
     assert!(err.contains("bare digest"), "{err}");
@@ -858,8 +855,7 @@ fn a_step_past_its_time_limit_fails_and_frees_its_slot() {
     );
     let projects = ["task", "step", "copy"];
     let latest = |name: &str| -> Value {
-        let list: Value =
-            serde_json::from_str(&warren.ok("admin", &["prebuild", "ls", name, "--json"])).unwrap();
+        let list: Value = warren.json("admin", &["prebuild", "ls", name, "--json"]);
         list.as_array()
             .and_then(|l| l.first())
             .cloned()
@@ -1183,9 +1179,7 @@ fn a_registry_a_user_names_is_held_to_the_egress_policy() {
     for name in ["from", "env"] {
         let deadline = Instant::now() + Duration::from_secs(120);
         let pb = loop {
-            let list: Value =
-                serde_json::from_str(&warren.ok("alice", &["prebuild", "ls", name, "--json"]))
-                    .unwrap();
+            let list: Value = warren.json("alice", &["prebuild", "ls", name, "--json"]);
             if let Some(pb) = list.as_array().and_then(|l| l.first())
                 && !matches!(pb["state"].as_str(), Some("queued" | "running"))
             {

@@ -119,8 +119,7 @@ fn import_push_mount_lazily_trace_export_and_reimport() {
         ],
     ));
     assert!(out.contains("imported debian:minbase"), "{out}");
-    let listed: serde_json::Value =
-        serde_json::from_str(&ok(warren(&host_a, &["image", "ls", "--json"]))).unwrap();
+    let listed: serde_json::Value = common::json(warren(&host_a, &["image", "ls", "--json"]));
     assert_eq!(listed[0]["name"], "debian:minbase");
     assert!(listed[0]["entries"].as_u64().unwrap() > 5000);
     ok(warren(
@@ -162,11 +161,8 @@ fn import_push_mount_lazily_trace_export_and_reimport() {
     let out = stop(child, &mnt);
     assert!(out.contains("recorded a trace of"), "{out}");
     let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&stats).unwrap()).unwrap();
-    let image: serde_json::Value = serde_json::from_str(&ok(warren(
-        &host_b,
-        &["image", "inspect", &remote, "--json"],
-    )))
-    .unwrap();
+    let image: serde_json::Value =
+        common::json(warren(&host_b, &["image", "inspect", &remote, "--json"]));
     let fetched = s["bytes_fetched"].as_u64().unwrap();
     assert!(
         fetched > 0 && fetched < image["storedBytes"].as_u64().unwrap() / 2,
@@ -344,11 +340,10 @@ fn bootstrap_builds_a_debian_base_image() {
     assert!(refused.contains("mmdebstrap could not build"), "{refused}");
     let out = ok(bootstrap(&keyring));
     assert!(out.contains("imported base:1"), "{out}");
-    let shown: serde_json::Value = serde_json::from_str(&ok(warren(
+    let shown: serde_json::Value = common::json(warren(
         data.path(),
         &["image", "inspect", "base:1", "--json"],
-    )))
-    .unwrap();
+    ));
     assert!(shown["entries"].as_u64().unwrap() > 5000, "{shown}");
     for (args, expected) in [
         (

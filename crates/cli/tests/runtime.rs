@@ -397,15 +397,24 @@ fn a_data_folder_closed_to_workspaces_is_refused_with_the_folder_named() {
     assert!(warren(&["runtime", "rm", "-f", "shut"]).status.success());
 }
 
-#[test]
-fn lifecycle_exec_pty_stop_start_and_clean_delete() {
-    lifecycle(Host::with_backend(1, Backend::Container));
+/// Two tests of one body: on a system container and on a VM, each host with its own seed.
+macro_rules! on_each_backend {
+    ($body:ident: $container:ident($c:literal), $vm:ident($v:literal)) => {
+        #[test]
+        fn $container() {
+            $body(Host::with_backend($c, Backend::Container));
+        }
+
+        #[test]
+        fn $vm() {
+            $body(Host::with_backend($v, Backend::Vm));
+        }
+    };
 }
 
-#[test]
-fn lifecycle_exec_pty_stop_start_and_clean_delete_of_a_vm() {
-    lifecycle(Host::with_backend(5, Backend::Vm));
-}
+on_each_backend!(lifecycle:
+    lifecycle_exec_pty_stop_start_and_clean_delete(1),
+    lifecycle_exec_pty_stop_start_and_clean_delete_of_a_vm(5));
 
 fn lifecycle(host: Host) {
     let vm = host.backend == Backend::Vm;
@@ -680,15 +689,7 @@ fn memory_and_pids_limits_stop_at_the_workspace() {
     host.ok(&["runtime", "rm", "-f", "lim-b"]);
 }
 
-#[test]
-fn isolation_holds() {
-    isolation(Host::with_backend(4, Backend::Container));
-}
-
-#[test]
-fn isolation_holds_for_a_vm() {
-    isolation(Host::with_backend(6, Backend::Vm));
-}
+on_each_backend!(isolation: isolation_holds(4), isolation_holds_for_a_vm(6));
 
 fn isolation(host: Host) {
     let vm = host.backend == Backend::Vm;

@@ -142,6 +142,16 @@ impl Developer {
         std::fs::remove_file(&back).unwrap();
     }
 
+    /// A 16 MiB file of random bytes put into the workspace with `scp` (as /root/up.bin) and
+    /// back: the same bytes. Returns the scratch folder and the file, for more round trips.
+    fn scp_a_new_file(&self) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let local = dir.path().join("data.bin");
+        random_file(&local, 16);
+        self.scp_round_trip(&local, dir.path());
+        (dir, local)
+    }
+
     /// `scp` puts `local` into the workspace as /root/up.bin and gets it back: the same bytes.
     fn scp_round_trip(&self, local: &Path, scratch: &Path) {
         let out = self
@@ -471,10 +481,7 @@ fn ssh_reaches_the_workspace_with_every_channel() {
     drop(tmux);
 
     // scp and sftp, both ways, the same bytes.
-    let dir = tempfile::tempdir().unwrap();
-    let local = dir.path().join("data.bin");
-    random_file(&local, 16);
-    alice.scp_round_trip(&local, dir.path());
+    let (dir, local) = alice.scp_a_new_file();
     let inside = alice.ssh_ok("web.warren", "sha256sum /root/up.bin");
     assert!(inside.starts_with(&sha256(&local)), "{inside}");
     alice.sftp_round_trip(&local, dir.path());
@@ -1059,8 +1066,7 @@ fn a_vm_workspace_is_reached_like_a_container() {
         ],
     );
     alice.write_ssh_config(&warren);
-    let shown: serde_json::Value =
-        serde_json::from_str(&warren.ok("alice", &["ws", "show", "web"])).unwrap();
+    let shown: serde_json::Value = warren.json("alice", &["ws", "show", "web"]);
     assert_eq!(shown["runtime"], "vm", "{shown}");
     // The environment file's resources size the VM.
     assert_eq!(shown["memory"], 1 << 30, "{shown}");
@@ -1142,10 +1148,7 @@ fn a_vm_workspace_is_reached_like_a_container() {
     drop(tmux);
 
     // Copies both ways, the same bytes.
-    let dir = tempfile::tempdir().unwrap();
-    let local = dir.path().join("data.bin");
-    random_file(&local, 16);
-    alice.scp_round_trip(&local, dir.path());
+    let (dir, local) = alice.scp_a_new_file();
     // What the guest's root wrote (over 9p here) is in the writable layer, owned on the host by
     // the workspace's root id, not by root.
     let upper = warren
@@ -1174,8 +1177,7 @@ fn a_vm_workspace_is_reached_like_a_container() {
     });
     // The host reports how it runs.
     let accel = eventually("the host's report", || {
-        let shown: serde_json::Value =
-            serde_json::from_str(&warren.ok("alice", &["ws", "show", "web"])).unwrap();
+        let shown: serde_json::Value = warren.json("alice", &["ws", "show", "web"]);
         shown["accel"].as_str().map(str::to_owned)
     });
     // The accelerator Warren detected on this host (this machine's nested KVM cannot boot
@@ -1222,8 +1224,7 @@ fn a_second_hosts_workspace_is_reached_through_its_agent() {
   "postStartCommand": "echo ready; while read -r line; do echo \"got: $line\"; done"
 }"#,
     );
-    let ws: serde_json::Value =
-        serde_json::from_str(&warren.ok("alice", &["ws", "show", "far"])).unwrap();
+    let ws: serde_json::Value = warren.json("alice", &["ws", "show", "far"]);
     assert_eq!(ws["host"], "second", "{ws}");
 
     // `sh -c SCRIPT` in the workspace, through the server and the second host's agent.

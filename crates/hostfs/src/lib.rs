@@ -9,6 +9,21 @@ use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// The character devices (major, minor) every workspace may have and open: null, zero, full,
+/// random, urandom, tty, console, ptmx (what base images such as mmdebstrap's ship in `/dev`).
+/// Images may hold no other device; a workspace's cgroups let it open no other (but for the
+/// pseudo-terminals and the FUSE and TUN devices its own engine needs).
+pub const STANDARD_CHAR_DEVICES: [(u64, u64); 8] = [
+    (1, 3),
+    (1, 5),
+    (1, 7),
+    (1, 8),
+    (1, 9),
+    (5, 0),
+    (5, 1),
+    (5, 2),
+];
+
 /// A name beside `path` that no other writer (thread or process) uses at the same time.
 fn temporary_beside(path: &Path) -> PathBuf {
     static NEXT: AtomicU64 = AtomicU64::new(0);

@@ -135,19 +135,6 @@ pub fn is_clean_path(path: &[u8]) -> bool {
                 .all(|c| !c.is_empty() && c != b"." && c != b".."))
 }
 
-/// Character devices an image may contain: null, zero, full, random, urandom, tty, console,
-/// ptmx (what base images such as mmdebstrap's ship in `/dev`).
-pub const ALLOWED_CHAR_DEVICES: [(u64, u64); 8] = [
-    (1, 3),
-    (1, 5),
-    (1, 7),
-    (1, 8),
-    (1, 9),
-    (5, 0),
-    (5, 1),
-    (5, 2),
-];
-
 /// Whether an image may hold this device (`rdev` as Linux encodes it): no block device at
 /// all, and only the standard character devices. Anything else in a workspace's tree could
 /// open a device of the host.
@@ -157,9 +144,13 @@ pub fn device_allowed(kind: EntryKind, rdev: u64) -> Result<(), String> {
         EntryKind::BlockDevice => Err(format!(
             "block device {major}:{minor} is not allowed in an image"
         )),
-        EntryKind::CharDevice if !ALLOWED_CHAR_DEVICES.contains(&(major, minor)) => Err(format!(
-            "character device {major}:{minor} is not allowed in an image"
-        )),
+        EntryKind::CharDevice
+            if !warren_hostfs::STANDARD_CHAR_DEVICES.contains(&(major, minor)) =>
+        {
+            Err(format!(
+                "character device {major}:{minor} is not allowed in an image"
+            ))
+        }
         _ => Ok(()),
     }
 }

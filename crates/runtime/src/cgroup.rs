@@ -63,19 +63,13 @@ pub(crate) fn device_rules() -> Vec<LinuxDeviceCgroup> {
         rule(true, B, None, None, "m"),
         rule(true, C, Some(136), None, "rwm"),
     ];
-    for (major, minor) in [
-        (1, 3),
-        (1, 5),
-        (1, 7),
-        (1, 8),
-        (1, 9),
-        (5, 0),
-        (5, 1),
-        (5, 2),
-        (10, 200),
-        (10, 229),
-    ] {
-        rules.push(rule(true, C, Some(major), Some(minor), "rwm"));
+    let fuse_and_tun = [(10, 229), (10, 200)];
+    for (major, minor) in warren_hostfs::STANDARD_CHAR_DEVICES
+        .into_iter()
+        .chain(fuse_and_tun)
+    {
+        // Device numbers are small: they fit the rule's signed fields.
+        rules.push(rule(true, C, Some(major as i64), Some(minor as i64), "rwm"));
     }
     rules
 }

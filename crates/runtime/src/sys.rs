@@ -179,57 +179,14 @@ pub(crate) fn bind_idmapped(
         cause,
     };
     let userns = mapping_namespace(base, count).map_err(|e| fail("user namespace", e))?;
-    let c_source = path_cstring(source)?;
     let c_target = path_cstring(target)?;
-    // SAFETY: open_tree reads a NUL-terminated path and returns a new descriptor or -1.
-    let tree = unsafe {
-        libc::syscall(
-            libc::SYS_open_tree,
-            libc::AT_FDCWD,
-            c_source.as_ptr(),
-            libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC | libc::AT_RECURSIVE as libc::c_uint,
-        )
-    };
-    if tree < 0 {
-        return Err(fail("open_tree", std::io::Error::last_os_error()));
-    }
-    // SAFETY: open_tree returned a new descriptor that nothing else owns.
-    let tree = unsafe { OwnedFd::from_raw_fd(tree as i32) };
     let attr = libc::mount_attr {
         attr_set: libc::MOUNT_ATTR_IDMAP,
         attr_clr: 0,
         propagation: 0,
         userns_fd: userns.as_raw_fd() as u64,
     };
-    // SAFETY: mount_setattr reads `attr` (size given) and the empty path; both outlive the call.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_mount_setattr,
-            tree.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH | libc::AT_RECURSIVE,
-            &attr as *const libc::mount_attr,
-            std::mem::size_of::<libc::mount_attr>(),
-        )
-    };
-    if r < 0 {
-        return Err(fail("mount_setattr", std::io::Error::last_os_error()));
-    }
-    // SAFETY: move_mount attaches the detached tree at the NUL-terminated target path.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_move_mount,
-            tree.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_FDCWD,
-            c_target.as_ptr(),
-            libc::MOVE_MOUNT_F_EMPTY_PATH,
-        )
-    };
-    if r < 0 {
-        return Err(fail("move_mount", std::io::Error::last_os_error()));
-    }
-    Ok(())
+    bind_with(source, true, &attr, MountTarget::Path(&c_target), fail)
 }
 
 /// Binds `source` (a host folder Warren owns) read-only onto the folder open at `target`: the
@@ -244,14 +201,50 @@ pub(crate) fn bind_readonly_at(
         step,
         cause,
     };
+    let attr = libc::mount_attr {
+        attr_set: libc::MOUNT_ATTR_RDONLY | libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    bind_with(source, false, &attr, MountTarget::Fd(target), fail)
+}
+
+/// Where a bind mount is attached: a path (of a folder Warren made), or a folder open as a
+/// descriptor (one inside a tenant's tree).
+enum MountTarget<'a> {
+    Path(&'a std::ffi::CStr),
+    Fd(std::os::fd::BorrowedFd<'a>),
+}
+
+/// Clones the tree at `source` (with its submounts when `recursive`), gives the clone `attr`
+/// and attaches it at `target`; `fail` names the step that failed.
+fn bind_with(
+    source: &Path,
+    recursive: bool,
+    attr: &libc::mount_attr,
+    target: MountTarget<'_>,
+    fail: impl Fn(&'static str, std::io::Error) -> Error,
+) -> Result<(), Error> {
     let c_source = path_cstring(source)?;
+    let (clone, set) = if recursive {
+        (
+            libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC | libc::AT_RECURSIVE as libc::c_uint,
+            libc::AT_EMPTY_PATH | libc::AT_RECURSIVE,
+        )
+    } else {
+        (
+            libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC,
+            libc::AT_EMPTY_PATH,
+        )
+    };
     // SAFETY: open_tree reads a NUL-terminated path and returns a new descriptor or -1.
     let tree = unsafe {
         libc::syscall(
             libc::SYS_open_tree,
             libc::AT_FDCWD,
             c_source.as_ptr(),
-            libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC,
+            clone,
         )
     };
     if tree < 0 {
@@ -259,35 +252,38 @@ pub(crate) fn bind_readonly_at(
     }
     // SAFETY: open_tree returned a new descriptor that nothing else owns.
     let tree = unsafe { OwnedFd::from_raw_fd(tree as i32) };
-    let attr = libc::mount_attr {
-        attr_set: libc::MOUNT_ATTR_RDONLY | libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV,
-        attr_clr: 0,
-        propagation: 0,
-        userns_fd: 0,
-    };
     // SAFETY: mount_setattr reads `attr` (size given) and the empty path; both outlive the call.
     let r = unsafe {
         libc::syscall(
             libc::SYS_mount_setattr,
             tree.as_raw_fd(),
             c"".as_ptr(),
-            libc::AT_EMPTY_PATH,
-            &attr as *const libc::mount_attr,
+            set,
+            attr as *const libc::mount_attr,
             std::mem::size_of::<libc::mount_attr>(),
         )
     };
     if r < 0 {
         return Err(fail("mount_setattr", std::io::Error::last_os_error()));
     }
-    // SAFETY: move_mount attaches the detached tree onto the target descriptor; both are open.
+    let (to_dir, to_path, flags) = match target {
+        MountTarget::Path(path) => (libc::AT_FDCWD, path, libc::MOVE_MOUNT_F_EMPTY_PATH),
+        MountTarget::Fd(fd) => (
+            fd.as_raw_fd(),
+            c"",
+            libc::MOVE_MOUNT_F_EMPTY_PATH | libc::MOVE_MOUNT_T_EMPTY_PATH,
+        ),
+    };
+    // SAFETY: move_mount attaches the detached tree at the target (a NUL-terminated path, or
+    // the open folder with an empty path); every descriptor and string outlives the call.
     let r = unsafe {
         libc::syscall(
             libc::SYS_move_mount,
             tree.as_raw_fd(),
             c"".as_ptr(),
-            target.as_raw_fd(),
-            c"".as_ptr(),
-            libc::MOVE_MOUNT_F_EMPTY_PATH | libc::MOVE_MOUNT_T_EMPTY_PATH,
+            to_dir,
+            to_path.as_ptr(),
+            flags,
         )
     };
     if r < 0 {

@@ -18,7 +18,7 @@
 
 use crate::fields::{self, PathKind};
 use crate::model::{Command, ImageSource, Phase, Shell, Task};
-use crate::reader::{Draft, TaskNames};
+use crate::reader::{Draft, each_task};
 use crate::tree::{Cx, Fields, Node};
 use crate::warren::shell;
 
@@ -75,19 +75,8 @@ fn warn_unknown(cx: &mut Cx<'_>, fields: &Fields<'_>) {
 }
 
 fn tasks(cx: &mut Cx<'_>, node: &Node) -> Vec<Task> {
-    let Some(items) = cx.seq(node, "tasks") else {
-        return Vec::new();
-    };
-    let mut names = TaskNames::default();
     let mut out = Vec::new();
-    for (i, item) in items.iter().enumerate() {
-        let field = format!("tasks[{i}]");
-        let Some(mut f) = cx.map(item, &field) else {
-            continue;
-        };
-        let name = f
-            .require(cx, "name", "a name for the task")
-            .and_then(|n| names.check(cx, n, &format!("{field}.name")));
+    each_task(cx, node, |cx, field, item, mut f, name| {
         let prebuild = f
             .take("prebuild")
             .and_then(|n| cx.string(n, &format!("{field}.prebuild")));
@@ -106,7 +95,7 @@ fn tasks(cx: &mut Cx<'_>, node: &Node) -> Vec<Task> {
         }
         warn_unknown(cx, &f);
         let (Some(name), Some(workspace_shell)) = (name, workspace_shell) else {
-            continue;
+            return;
         };
         if let Some(script) = prebuild {
             out.push(Task {
@@ -126,6 +115,6 @@ fn tasks(cx: &mut Cx<'_>, node: &Node) -> Vec<Task> {
                 command: Command::Script(script),
             });
         }
-    }
+    });
     out
 }

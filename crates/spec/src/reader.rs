@@ -7,7 +7,7 @@ use crate::fields::PathRef;
 use crate::model::{
     Command, EnvSpec, Format, ImageSource, RepoPath, Resources, RuntimeKind, SourceFile,
 };
-use crate::tree::{Cx, Node, Value};
+use crate::tree::{Cx, Fields, Node, Value};
 
 /// An environment being read: the spec so far and the repository paths it refers to.
 #[derive(Debug)]
@@ -83,6 +83,30 @@ pub(crate) fn command(cx: &mut Cx<'_>, node: &Node, field: &str) -> Option<Comma
             cx.mismatch(node, field, &expected);
             None
         }
+    }
+}
+
+/// Each entry of the `tasks` list under `node` that is a map, with its field (`tasks[3]`) and
+/// its name checked as [`TaskNames`] does (`None` after an error was said): the part every
+/// dialect with a task list reads the same way.
+pub(crate) fn each_task<'n>(
+    cx: &mut Cx<'_>,
+    node: &'n Node,
+    mut each: impl FnMut(&mut Cx<'_>, &str, &'n Node, Fields<'n>, Option<String>),
+) {
+    let Some(items) = cx.seq(node, "tasks") else {
+        return;
+    };
+    let mut names = TaskNames::default();
+    for (i, item) in items.iter().enumerate() {
+        let field = format!("tasks[{i}]");
+        let Some(mut f) = cx.map(item, &field) else {
+            continue;
+        };
+        let name = f
+            .require(cx, "name", "a name for the task")
+            .and_then(|n| names.check(cx, n, &format!("{field}.name")));
+        each(cx, &field, item, f, name);
     }
 }
 

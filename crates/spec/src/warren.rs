@@ -5,7 +5,7 @@
 
 use crate::fields::{self, PathKind};
 use crate::model::{Command, ImageSource, Phase, Port, Resources, RuntimeKind, Shell, Task};
-use crate::reader::{Draft, TaskNames, command};
+use crate::reader::{Draft, command, each_task};
 use crate::tree::{Cx, Node, Value};
 
 const TOP: &[&str] = &[
@@ -166,20 +166,9 @@ fn ports(cx: &mut Cx<'_>, node: &Node) -> Vec<Port> {
 }
 
 fn tasks(cx: &mut Cx<'_>, node: &Node) -> Vec<Task> {
-    let Some(items) = cx.seq(node, "tasks") else {
-        return Vec::new();
-    };
-    let mut names = TaskNames::default();
     let mut out = Vec::new();
     let (mut prebuild_stage, mut init_stage) = (0, 0);
-    for (i, item) in items.iter().enumerate() {
-        let field = format!("tasks[{i}]");
-        let Some(mut f) = cx.map(item, &field) else {
-            continue;
-        };
-        let name = f
-            .require(cx, "name", "a name for the task")
-            .and_then(|n| names.check(cx, n, &format!("{field}.name")));
+    each_task(cx, node, |cx, field, item, mut f, name| {
         let shell = match f.take("shell") {
             None => Some(Shell::Bash),
             Some(n) => shell(cx, n, &format!("{field}.shell"), &Shell::NAMES),
@@ -221,7 +210,7 @@ fn tasks(cx: &mut Cx<'_>, node: &Node) -> Vec<Task> {
                 command,
             }));
         }
-    }
+    });
     out
 }
 

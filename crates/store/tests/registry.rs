@@ -180,33 +180,23 @@ fn local_store_tags_and_garbage_collection() {
 fn a_registry_with_basic_auth_wants_the_right_credentials() {
     let registry = Registry::start_with_basic_auth("ada", "s3cret");
     let (_dir, local, _) = local_image();
-    let anonymous = RegistryStore::new(&registry.host(), "team/demo", None, false);
-    let err = copy_image(&local, &anonymous, "demo:1", "1", |_, _| {})
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("authentication failed") && err.contains("registry-auth.json"),
-        "{err}"
-    );
-    let wrong = RegistryStore::new(
-        &registry.host(),
-        "team/demo",
-        Some(("ada".into(), "nope".into())),
-        false,
-    );
-    let err = copy_image(&local, &wrong, "demo:1", "1", |_, _| {})
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("authentication failed") && err.contains("401"),
-        "{err}"
-    );
-    let ada = RegistryStore::new(
-        &registry.host(),
-        "team/demo",
-        Some(("ada".into(), "s3cret".into())),
-        false,
-    );
+    let as_user = |password: Option<&str>| {
+        let credentials = password.map(|p| ("ada".to_owned(), p.to_owned()));
+        RegistryStore::new(&registry.host(), "team/demo", credentials, false)
+    };
+    let refused = |store: &RegistryStore, hint: &str| {
+        let err = copy_image(&local, store, "demo:1", "1", |_, _| {})
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("authentication failed") && err.contains(hint),
+            "{err}"
+        );
+    };
+    // No credentials: the error says where they go; wrong ones: what the registry said.
+    refused(&as_user(None), "registry-auth.json");
+    refused(&as_user(Some("nope")), "401");
+    let ada = as_user(Some("s3cret"));
     let digest = copy_image(&local, &ada, "demo:1", "1", |_, _| {}).unwrap();
     assert_eq!(open_image(&ada, "1").unwrap().digest, digest);
 }

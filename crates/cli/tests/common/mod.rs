@@ -26,11 +26,17 @@ pub fn warren_at(data: &std::path::Path, args: &[&str], env: &[(&str, &str)]) ->
 pub fn ok(out: Output) -> String {
     assert!(
         out.status.success(),
-        "warren failed: {}{}",
+        "the command failed: {}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A command's stdout, once it is known to have succeeded, read as JSON.
+pub fn json(out: Output) -> Value {
+    let text = ok(out);
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
 }
 
 /// A command's stderr, once it is known to have failed (the twin of [`ok`]).
@@ -50,11 +56,7 @@ pub fn keygen(path: &std::path::Path) {
         .arg(path)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(out);
 }
 
 /// An SSH signature of `message` in `namespace`, made by OpenSSH with the private key `key`.
@@ -276,6 +278,12 @@ impl Warren {
             self.log()
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// What `warren ARGS` (a `--json` listing, a `show`) prints as `user`, read as JSON.
+    pub fn json(&self, user: &str, args: &[&str]) -> Value {
+        let out = self.ok(user, args);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("warren {args:?}: {e}: {out}"))
     }
 
     pub fn login(&self, user: &str, password: &str) {
