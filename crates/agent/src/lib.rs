@@ -25,7 +25,7 @@ use warren_runtime::{
     Error as RuntimeError, Limits, RootSource, Runtime, WorkspaceConfig, WorkspaceId,
 };
 
-/// Makes prebuilds on this host (the build crate with the host's runtime and image store).
+/// Makes prebuilds on this host (the builder crate with the host's runtime and image store).
 pub trait Prebuilder: Send + Sync {
     /// Makes the prebuild, its log going to `log`; stops soon after `cancel` turns true.
     fn prebuild(

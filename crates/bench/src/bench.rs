@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use clap::Subcommand;
 use serde::Serialize;
-use warren_spec::ByteSize;
+use warren_envfile::ByteSize;
 
 /// The `warren` binary the benchmarks drive: `WARREN_EXE`, else the one beside this binary
 /// (cargo builds both into the same folder).

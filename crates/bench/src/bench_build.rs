@@ -309,7 +309,7 @@ fn one_file_prebuild(work: &Path, rootfs: &Path) -> anyhow::Result<(u64, u64)> {
     let prebuilder = warren_cli::prebuild_cmd::HostPrebuilder {
         data: data.clone(),
         runtime,
-        limits: warren_build::StepLimits::host_default(),
+        limits: warren_builder::StepLimits::host_default(),
     };
     let url = format!("file://{}", repo.display());
     let prebuild = |commit: &str| -> anyhow::Result<String> {

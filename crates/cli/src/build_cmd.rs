@@ -24,12 +24,12 @@ pub struct StepLimitFlags {
 }
 
 impl StepLimitFlags {
-    pub fn limits(&self) -> anyhow::Result<warren_build::StepLimits> {
+    pub fn limits(&self) -> anyhow::Result<warren_builder::StepLimits> {
         if self.build_step_seconds == 0 || self.build_pids == 0 {
             bail!("--build-step-seconds and --build-pids must be more than 0");
         }
-        let default = warren_build::StepLimits::host_default();
-        Ok(warren_build::StepLimits {
+        let default = warren_builder::StepLimits::host_default();
+        Ok(warren_builder::StepLimits {
             time: std::time::Duration::from_secs(self.build_step_seconds),
             memory: match &self.build_memory {
                 Some(text) => Some(crate::parse_size(text).context("--build-memory")?),
@@ -74,11 +74,11 @@ pub fn build(args: BuildArgs, data: &Path) -> anyhow::Result<ExitCode> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "Dockerfile".into());
-    let dockerfile = warren_build::parse(&shown, &text)?;
+    let dockerfile = warren_builder::parse(&shown, &text)?;
     let ignore = match std::fs::read_to_string(args.context.join(".dockerignore")) {
-        Ok(text) => warren_build::Ignore::parse(&text).map_err(anyhow::Error::msg)?,
+        Ok(text) => warren_builder::Ignore::parse(&text).map_err(anyhow::Error::msg)?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            warren_build::Ignore::parse("").map_err(anyhow::Error::msg)?
+            warren_builder::Ignore::parse("").map_err(anyhow::Error::msg)?
         }
         Err(e) => return Err(e).context("cannot read .dockerignore"),
     };
@@ -101,10 +101,10 @@ pub fn build(args: BuildArgs, data: &Path) -> anyhow::Result<ExitCode> {
     }
     let prefix = format!("build-{}", std::process::id());
     let started = std::time::Instant::now();
-    let built = warren_build::build(
+    let built = warren_builder::build(
         &runtime,
         &store,
-        &warren_build::BuildRequest {
+        &warren_builder::BuildRequest {
             dockerfile: &dockerfile,
             file: &shown,
             context: &args.context,
@@ -116,7 +116,10 @@ pub fn build(args: BuildArgs, data: &Path) -> anyhow::Result<ExitCode> {
             mount_cache: Some(&data.join("build-mounts")),
             cache_scope: "",
             limits: args.limits.limits()?,
-            spool: warren_build::Spool::new(&data.join("tmp"), warren_build::Spool::DEFAULT_BUDGET),
+            spool: warren_builder::Spool::new(
+                &data.join("tmp"),
+                warren_builder::Spool::DEFAULT_BUDGET,
+            ),
         },
         &mut std::io::stderr(),
     )?;

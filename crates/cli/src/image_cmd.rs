@@ -14,11 +14,11 @@ use anyhow::{Context as _, bail};
 use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use warren_build::BuildError;
+use warren_builder::BuildError;
+use warren_envfile::ByteSize;
 use warren_image::{ChunkParams, ImageBuilder, Limits, TreeIndex, import_dir, import_tar};
 use warren_lazyfs::{pull, trace};
 use warren_runtime::image_mount::MountSignal;
-use warren_spec::ByteSize;
 use warren_store::images::{commit, copy_image, open_image};
 use warren_store::manifest::ImageConfig;
 use warren_store::{
@@ -270,7 +270,7 @@ fn check_local_name(name: &str) -> anyhow::Result<()> {
     let Some((repo, tag)) = name.rsplit_once(':') else {
         bail!("`{name}` is not a local image name: expected NAME:TAG, such as `debian:bookworm`");
     };
-    if warren_spec::check_image_reference(name).is_err() || repo.is_empty() || tag.is_empty() {
+    if warren_envfile::check_image_reference(name).is_err() || repo.is_empty() || tag.is_empty() {
         bail!(
             "`{name}` is not a local image name: expected NAME:TAG with a lowercase name, such as `debian:bookworm`"
         );
@@ -464,7 +464,7 @@ fn builder_reusing_cached(
 }
 
 /// An image's settings as its stored config.
-fn settings_config(settings: &warren_build::ImageSettings) -> ImageConfig {
+fn settings_config(settings: &warren_builder::ImageSettings) -> ImageConfig {
     ImageConfig {
         env: settings.env.clone(),
         user: settings.user.clone(),
@@ -497,7 +497,7 @@ impl LocalImages {
         if let Some(policy) = &self.egress
             && !policy.trusts_registry(&r.host)
         {
-            remote = remote.with_address_filter(warren_build::egress_filter(policy));
+            remote = remote.with_address_filter(warren_builder::egress_filter(policy));
         }
         if copy_image(&remote, &local, &r.reference, reference, |_, _| {}).is_ok()
             && open_image(&local, reference).is_ok()
@@ -513,8 +513,8 @@ impl LocalImages {
     }
 }
 
-impl warren_build::ImageStore for LocalImages {
-    fn settings(&self, reference: &str) -> Result<warren_build::ImageSettings, BuildError> {
+impl warren_builder::ImageStore for LocalImages {
+    fn settings(&self, reference: &str) -> Result<warren_builder::ImageSettings, BuildError> {
         let local = local_store(&self.data).map_err(|e| BuildError::Store(format!("{e:#}")))?;
         let image = match open_image(&local, reference) {
             Ok(image) => image,
@@ -531,7 +531,7 @@ impl warren_build::ImageStore for LocalImages {
             }
         };
         let c = image.config;
-        Ok(warren_build::ImageSettings {
+        Ok(warren_builder::ImageSettings {
             env: c.env,
             user: c.user,
             workdir: c.workdir,
@@ -548,7 +548,7 @@ impl warren_build::ImageStore for LocalImages {
         &self,
         name: &str,
         tar: &mut dyn Read,
-        settings: &warren_build::ImageSettings,
+        settings: &warren_builder::ImageSettings,
     ) -> Result<String, BuildError> {
         let run = || -> anyhow::Result<String> {
             check_local_name(name)?;
@@ -574,7 +574,7 @@ impl warren_build::ImageStore for LocalImages {
         &self,
         name: &str,
         from: &str,
-        settings: &warren_build::ImageSettings,
+        settings: &warren_builder::ImageSettings,
     ) -> Result<String, BuildError> {
         let run = || -> anyhow::Result<String> {
             check_local_name(name)?;
@@ -594,7 +594,7 @@ impl warren_build::ImageStore for LocalImages {
         &self,
         name: &str,
         layer: &warren_runtime::WritableLayer,
-        settings: &warren_build::ImageSettings,
+        settings: &warren_builder::ImageSettings,
     ) -> Result<Option<String>, BuildError> {
         let run = || -> anyhow::Result<Option<String>> {
             check_local_name(name)?;

@@ -16,7 +16,7 @@ pub mod ssh_cmd;
 
 /// A size given on the command line, such as `512MiB` or `20GiB`.
 pub fn parse_size(text: &str) -> anyhow::Result<u64> {
-    warren_spec::ByteSize::parse(text)
+    warren_envfile::ByteSize::parse(text)
         .map(|b| b.0)
         .ok_or_else(|| anyhow::anyhow!("`{text}` is not a size such as 512MiB or 20GiB"))
 }

@@ -23,7 +23,7 @@ use crate::image_cmd::LocalImages;
 pub struct HostPrebuilder {
     pub data: PathBuf,
     pub runtime: Arc<dyn Runtime>,
-    pub limits: warren_build::StepLimits,
+    pub limits: warren_builder::StepLimits,
 }
 
 impl Prebuilder for HostPrebuilder {
@@ -42,7 +42,7 @@ impl Prebuilder for HostPrebuilder {
             .tempdir_in(&tmp)
             .map_err(host_trouble)?;
         let checkout = work.path().join("repo");
-        warren_build::git::checkout(
+        warren_builder::git::checkout(
             &self.data.join("git/agent"),
             &job.git_url,
             &job.commit,
@@ -63,10 +63,10 @@ impl Prebuilder for HostPrebuilder {
             indexes: Default::default(),
             egress: Some(self.runtime.egress()),
         };
-        let made = warren_build::prebuild(
+        let made = warren_builder::prebuild(
             self.runtime.as_ref(),
             &store,
-            &warren_build::PrebuildRequest {
+            &warren_builder::PrebuildRequest {
                 checkout: &checkout,
                 repository: &job.git_url,
                 commit: &job.commit,
@@ -79,9 +79,9 @@ impl Prebuilder for HostPrebuilder {
                 mount_cache: Some(&self.data.join("build-mounts")),
                 scope: &job.project_id,
                 limits: self.limits,
-                spool: warren_build::Spool::new(
+                spool: warren_builder::Spool::new(
                     &self.data.join("tmp"),
-                    warren_build::Spool::DEFAULT_BUDGET,
+                    warren_builder::Spool::DEFAULT_BUDGET,
                 ),
             },
             log,

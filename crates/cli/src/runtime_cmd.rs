@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
+use warren_envfile::ByteSize;
 use warren_runtime::{
     ContainerRuntime, ContainerRuntimeConfig, ExecIo, ExecRequest, Limits, NetworkConfig,
     RootSource, Runtime, VmOptions, WinSize, WorkspaceConfig, WorkspaceId, WorkspaceState,
 };
-use warren_spec::ByteSize;
 
 /// How container workspaces are wired on this host (used by `runtime` and `up`).
 #[derive(Debug, Args)]

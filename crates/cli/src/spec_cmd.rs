@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Subcommand;
 use serde::Serialize;
-use warren_spec::{
+use warren_envfile::{
     Diagnostic, EnvSpec, ImageSource, Loaded, Phase, ReadOptions, RepoPath, SpecError,
 };
 
@@ -73,7 +73,7 @@ fn check(path: &Path, repo: Option<&Path>, json: bool) -> anyhow::Result<ExitCod
         local_env: std::env::vars().collect(),
         local_workspace_folder: Some(repo_root.display().to_string()),
     };
-    match warren_spec::load(&repo_root, &target, &options) {
+    match warren_envfile::load(&repo_root, &target, &options) {
         Ok(Loaded { spec, warnings }) => {
             if json {
                 let report = JsonReport {
@@ -236,7 +236,7 @@ fn describe(spec: &EnvSpec) -> String {
         let _ = writeln!(w, "  tasks on {phase}:");
         for t in tasks {
             let summary = match &t.command {
-                warren_spec::Command::Script(s) => {
+                warren_envfile::Command::Script(s) => {
                     let mut lines = s.lines();
                     let head = lines.next().unwrap_or_default().to_owned();
                     let more = lines.filter(|l| !l.trim().is_empty()).count();
@@ -246,7 +246,7 @@ fn describe(spec: &EnvSpec) -> String {
                         head
                     }
                 }
-                warren_spec::Command::Exec(argv) => format!("exec {argv:?}"),
+                warren_envfile::Command::Exec(argv) => format!("exec {argv:?}"),
             };
             let _ = writeln!(
                 w,

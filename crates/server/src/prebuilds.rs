@@ -1,5 +1,5 @@
 //! Prebuilds: one per (project, commit), queued when a branch head moves, made by an agent
-//! (see `warren_build::prebuild`), their logs kept, cancelled and retried on request, and
+//! (see `warren_builder::prebuild`), their logs kept, cancelled and retried on request, and
 //! archived once no branch head and no workspace needs them.
 //!
 //! States: `queued` → `running` → `succeeded` | `failed` | `cancelled`; a succeeded one becomes

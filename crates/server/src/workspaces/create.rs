@@ -314,10 +314,10 @@ struct Environment {
     /// Where the repository is checked out.
     folder: String,
     /// What the file asks to run in (`runtime: vm` in warren.yml).
-    runtime: warren_spec::RuntimeKind,
+    runtime: warren_envfile::RuntimeKind,
     /// CPUs, memory and disk it asks for (warren.yml's `resources`, devcontainer's
     /// `hostRequirements`); the request's own values win.
-    resources: warren_spec::Resources,
+    resources: warren_envfile::Resources,
 }
 
 impl Default for Environment {
@@ -355,24 +355,24 @@ fn check_resources(cpus: Option<f64>, memory: Option<u64>, source: &str) -> ApiR
 /// Reads an environment file (of the repository at `repository`, when it comes from one);
 /// errors name the file, line and column.
 fn read_environment(env: &EnvironmentFile, repository: Option<&str>) -> ApiResult<Environment> {
-    use warren_spec::RepoPath;
+    use warren_envfile::RepoPath;
     let path = RepoPath::resolve(&RepoPath::root(), &env.file)
         .map_err(|e| ApiError::bad_request(format!("environment file `{}`: {e}", env.file)))?;
     let name = env.file.rsplit('/').next().unwrap_or_default();
-    let format = warren_spec::format_of(name).ok_or_else(|| {
+    let format = warren_envfile::format_of(name).ok_or_else(|| {
         ApiError::bad_request(format!(
             "`{}` is not an environment file (warren.yml, hocus.yml or devcontainer.json)",
             env.file
         ))
     })?;
     let options = repository
-        .map(warren_spec::read_options)
+        .map(warren_envfile::read_options)
         .unwrap_or_default();
-    let loaded = warren_spec::parse(&path, format, &env.text, &options)
+    let loaded = warren_envfile::parse(&path, format, &env.text, &options)
         .map_err(|r| ApiError::bad_request(r.render_errors()))?;
     Ok(Environment {
-        tasks: warren_spec::workspace_tasks(&loaded.spec),
-        user: warren_spec::session_user(&loaded.spec),
+        tasks: warren_envfile::workspace_tasks(&loaded.spec),
+        user: warren_envfile::session_user(&loaded.spec),
         runtime: loaded.spec.runtime,
         folder: loaded.spec.workspace_folder,
         resources: loaded.spec.resources,
