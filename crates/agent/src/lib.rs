@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, Semaphore};
 pub use warren_protocol::{
-    Action, ControlPlane, Failure, HostImage, HostReport, ImageCheck, Job, Outcome, PlaneError,
-    PrebuildJob, Work, WorkspaceJob, WorkspaceReport, WorkspaceSpec,
+    Action, ControlPlane, Failure, HostImage, HostReport, ImageCheck, ImageUnavailable, Job,
+    Outcome, PlaneError, PrebuildJob, Work, WorkspaceJob, WorkspaceReport, WorkspaceSpec,
 };
 use warren_runtime::{
     Error as RuntimeError, Limits, RootSource, Runtime, WorkspaceConfig, WorkspaceId,
@@ -78,8 +78,8 @@ pub fn execute(
             // later (a registry may be back), its message on the workspace meanwhile.
             if let Some(check) = check {
                 check(&spec.image).map_err(|why| match work.action {
-                    Action::Create => Failure::permanent(why),
-                    _ => Failure::transient(why),
+                    Action::Create if why.is_the_requests() => Failure::permanent(why.to_string()),
+                    _ => Failure::transient(why.to_string()),
                 })?;
             }
             create()?;

@@ -14,6 +14,7 @@ use anyhow::{Context as _, bail};
 use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
+use warren_agent::ImageUnavailable;
 use warren_builder::BuildError;
 use warren_envfile::ByteSize;
 use warren_image::{ChunkParams, ImageBuilder, Limits, TreeIndex, import_dir, import_tar};
@@ -200,27 +201,25 @@ fn resolve(
 /// its registry answers for its manifest within seconds. The error names what is missing.
 pub fn image_check(data: &Path) -> warren_agent::ImageCheck {
     let data = data.to_path_buf();
-    Arc::new(move |reference: &str| {
-        check_image(&data, reference).map_err(|why| warren_runtime::image_mount::printable(&why))
-    })
+    Arc::new(move |reference: &str| check_image(&data, reference))
 }
 
-fn check_image(data: &Path, reference: &str) -> Result<(), String> {
-    let local = local_store(data).map_err(|e| format!("{e:#}"))?;
-    if local
-        .tags()
-        .map_err(|e| e.to_string())?
-        .contains_key(reference)
-    {
+fn check_image(data: &Path, reference: &str) -> Result<(), ImageUnavailable> {
+    use warren_runtime::image_mount::printable;
+    let host = |e: &dyn std::fmt::Display| ImageUnavailable::Host(printable(&format!("{e:#}")));
+    let local = local_store(data).map_err(|e| host(&e))?;
+    if local.tags().map_err(|e| host(&e))?.contains_key(reference) {
         return Ok(());
     }
+    let not_found = |why: String| ImageUnavailable::NotFound(printable(&why));
+    let registry_says = |why: String| ImageUnavailable::Registry(printable(&why));
     let Ok(r) = RegistryRef::parse(reference) else {
-        return Err(format!(
+        return Err(not_found(format!(
             "image {reference} not found (`warren image ls` lists this host's images)"
-        ));
+        )));
     };
     let remote = registry(data, &r)
-        .map_err(|e| format!("{e:#}"))?
+        .map_err(|e| host(&e))?
         .with_retry(Retry {
             attempts: 2,
             first_delay: Duration::from_millis(200),
@@ -229,29 +228,29 @@ fn check_image(data: &Path, reference: &str) -> Result<(), String> {
         .with_request_limit(Duration::from_secs(8));
     match remote.get_manifest(&r.reference) {
         Ok(_) => Ok(()),
-        Err(StoreError::ManifestNotFound { .. }) => Err(format!(
+        Err(StoreError::ManifestNotFound { .. }) => Err(not_found(format!(
             "image {reference} not found: registry {} has no {}:{}",
             r.host, r.repository, r.reference
-        )),
-        Err(e) if e.is_connection_refused() => Err(format!(
+        ))),
+        Err(e) if e.is_connection_refused() => Err(registry_says(format!(
             "image {reference}: registry {} refused the connection",
             r.host
-        )),
+        ))),
         // What the registry said stays in the host's log: the user learns its answer's status.
-        Err(StoreError::Http { status, .. }) => Err(format!(
+        Err(StoreError::Http { status, .. }) => Err(registry_says(format!(
             "image {reference}: registry {} answered HTTP {status}",
             r.host
-        )),
-        Err(StoreError::Auth { .. }) => Err(format!(
+        ))),
+        Err(StoreError::Auth { .. }) => Err(registry_says(format!(
             "image {reference}: registry {} refused this host's credentials",
             r.host
-        )),
+        ))),
         Err(e) => {
             tracing::warn!(image = reference, error = %e, "cannot resolve an image");
-            Err(format!(
+            Err(registry_says(format!(
                 "image {reference}: registry {} cannot be reached",
                 r.host
-            ))
+            )))
         }
     }
 }

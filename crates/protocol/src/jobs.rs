@@ -189,7 +189,31 @@ impl<'de> Deserialize<'de> for Failure {
 
 /// Checks, before a workspace is made or started, that its image can be had on this host: in
 /// its store, or in a registry that answers. The error names the image or the registry.
-pub type ImageCheck = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+pub type ImageCheck = Arc<dyn Fn(&str) -> Result<(), ImageUnavailable> + Send + Sync>;
+
+/// Why a workspace's image cannot be had on a host; each message names the image and where it
+/// was looked for.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ImageUnavailable {
+    /// No such image: not in the host's store, nor in the registry its name points to.
+    #[error("{0}")]
+    NotFound(String),
+    /// Its registry refused the connection or the host's credentials, answered an error, or
+    /// could not be reached.
+    #[error("{0}")]
+    Registry(String),
+    /// The host's own image store failed: the host's trouble, not the request's.
+    #[error("{0}")]
+    Host(String),
+}
+
+impl ImageUnavailable {
+    /// Whether asking again with the same image cannot help (the image or its registry is
+    /// wrong, as far as this host can tell), rather than the host being in trouble.
+    pub fn is_the_requests(&self) -> bool {
+        !matches!(self, Self::Host(_))
+    }
+}
 
 /// The agent's view of the control plane.
 pub trait ControlPlane: Send + Sync + 'static {

@@ -405,7 +405,11 @@ pub(crate) async fn resolve_image(state: &AppState, image: &str) -> ApiResult<()
     let asked = tokio::task::spawn_blocking(move || check(&reference));
     match tokio::time::timeout(RESOLVE_TIMEOUT, asked).await {
         Ok(Ok(Ok(()))) => Ok(()),
-        Ok(Ok(Err(why))) => Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, why)),
+        Ok(Ok(Err(why))) if why.is_the_requests() => Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            why.to_string(),
+        )),
+        Ok(Ok(Err(why))) => Err(ApiError::internal("resolving an image", why)),
         Ok(Err(e)) => Err(ApiError::internal("resolving an image", e)),
         Err(_) => Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
