@@ -119,7 +119,7 @@ fn environment(req: &PrebuildRequest<'_>) -> Result<(EnvSpec, String), BuildErro
 fn in_checkout(checkout: &Path, path: &RepoPath) -> Result<PathBuf, BuildError> {
     let root = checkout
         .canonicalize()
-        .map_err(BuildError::io(checkout.display()))?;
+        .map_err(BuildError::io("the checkout"))?;
     let real = path
         .on_disk(&root)
         .canonicalize()
@@ -182,7 +182,7 @@ fn environment_image(
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     Ignore::parse("").map_err(BuildError::Refused)?
                 }
-                Err(e) => return Err(BuildError::refused(format!("{context}/.dockerignore: {e}"))),
+                Err(e) => return Err(BuildError::io(format_args!("{context}/.dockerignore"))(e)),
             };
             let tag = format!("warren-env:{key}");
             let prefix = format!("{}-env", req.sandbox_prefix);

@@ -1466,7 +1466,7 @@ fn add_one(
     header.set_metadata(&meta);
     given.apply(&mut header, meta.file_type().is_symlink())?;
     if meta.file_type().is_symlink() {
-        let target = std::fs::read_link(path).map_err(BuildError::io(path.display()))?;
+        let target = std::fs::read_link(path).map_err(BuildError::io(name.display()))?;
         tar.append_link(&mut header, name, target)
             .map_err(BuildError::io("a spool file"))
     } else if meta.is_dir() {
@@ -1474,7 +1474,7 @@ fn add_one(
         tar.append_data(&mut header, name, std::io::empty())
             .map_err(BuildError::io("a spool file"))
     } else if meta.is_file() {
-        let file = std::fs::File::open(path).map_err(BuildError::io(path.display()))?;
+        let file = std::fs::File::open(path).map_err(BuildError::io(name.display()))?;
         tar.append_data(&mut header, name, file)
             .map_err(BuildError::io("a spool file"))
     } else {
@@ -1817,7 +1817,7 @@ pub(crate) fn read_bounded(
             )))
         }
         Ok(_) => Ok(()),
-        Err(e) => Err(BuildError::refused(format!("{what}: {e}"))),
+        Err(e) => Err(BuildError::io(what)(e)),
     }
 }
 

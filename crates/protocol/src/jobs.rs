@@ -169,19 +169,21 @@ impl<'de> Deserialize<'de> for Failure {
                 message: String,
                 retry: bool,
                 #[serde(default)]
-                cancelled: bool,
+                cancelled: Option<bool>,
             },
         }
         Ok(match Wire::deserialize(d)? {
+            Wire::Plain(message) if message == CANCELLED => Self::cancelled(),
             Wire::Plain(message) => Self::transient(message),
             Wire::Full {
                 message,
                 retry,
                 cancelled,
             } => Self {
+                // Agents from before the flag said it only in words.
+                cancelled: cancelled.unwrap_or(message == CANCELLED),
                 message: printable(&message),
                 retry,
-                cancelled,
             },
         })
     }
@@ -319,11 +321,21 @@ mod tests {
             serde_json::from_str::<Result<Outcome, Failure>>(&text).ok(),
             Some(cancelled)
         );
-        // From an agent that does not say: not cancelled.
-        let older: Result<Outcome, Failure> =
-            serde_json::from_str(r#"{"Err":{"message":"cancelled","retry":false}}"#)
-                .unwrap_or(Ok(Outcome::Removed));
-        assert_eq!(older.map_err(|f| f.cancelled), Err(false));
+        // From agents before the flag: cancelled when their words say so, and only then.
+        let older = |text: &str| {
+            serde_json::from_str::<Result<Outcome, Failure>>(text)
+                .unwrap_or(Ok(Outcome::Removed))
+                .map_err(|f| f.cancelled)
+        };
+        assert_eq!(
+            older(r#"{"Err":{"message":"cancelled","retry":false}}"#),
+            Err(true)
+        );
+        assert_eq!(older(r#"{"Err":"cancelled"}"#), Err(true));
+        assert_eq!(
+            older(r#"{"Err":{"message":"Dockerfile:3: exit 1","retry":true}}"#),
+            Err(false)
+        );
     }
 
     #[test]

@@ -166,8 +166,8 @@ fn attach(file: &Path) -> Result<(PathBuf, File), Error> {
         // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a device number.
         let n = unsafe { libc::ioctl(control.as_raw_fd(), LOOP_CTL_GET_FREE) };
         if n < 0 {
-            return Err(Error::LoopDevice {
-                file: file.to_owned(),
+            return Err(Error::Os {
+                call: "LOOP_CTL_GET_FREE (no free loop device)",
                 cause: std::io::Error::last_os_error(),
             });
         }

@@ -54,6 +54,10 @@ pub enum Error {
     },
     #[error("no user `{0}` in the workspace")]
     NoUser(String),
+    /// The workspace's account files cannot be used (not a small regular file, unreadable);
+    /// the message names the file.
+    #[error("{0}")]
+    Account(String),
     #[error("user `{0}` is outside the workspace's id range")]
     UserOutOfRange(String),
     #[error("task `{0}` is not running (`warren ws logs` shows how it ended)")]

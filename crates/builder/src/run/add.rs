@@ -57,7 +57,7 @@ fn archive_codec(path: &std::path::Path) -> Result<Option<Codec>, BuildError> {
         match file.read(&mut head[n..]) {
             Ok(0) => break,
             Ok(k) => n += k,
-            Err(e) => return Err(BuildError::refused(format!("{}: {e}", path.display()))),
+            Err(e) => return Err(BuildError::io(path.display())(e)),
         }
     }
     let head = &head[..n];

@@ -170,7 +170,7 @@ if [ -n "$4" ]; then chown "$4" "$t"; fi
                 Content::Cache(file) => match std::fs::File::open(file) {
                     Ok(f) => Some(Box::new(f)),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-                    Err(e) => return Err(BuildError::refused(format!("{}: {e}", file.display()))),
+                    Err(e) => return Err(BuildError::io("the build's cache")(e)),
                 },
             };
             let has = if stdin.is_some() { "1" } else { "0" };

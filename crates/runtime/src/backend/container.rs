@@ -148,11 +148,7 @@ impl Backend for Container {
             )?),
             "/etc/passwd",
         )
-        .map_err(|e| Error::InWorkspace {
-            action: "read",
-            path: "/etc/passwd".into(),
-            cause: std::io::Error::other(e),
-        })?;
+        .map_err(Error::Account)?;
         let (uid, gid) = match warren_guest::accounts::parse_passwd(&passwd, user) {
             Some(account) => (account.uid, account.gid),
             None => match user.parse::<u32>() {
@@ -234,8 +230,8 @@ impl Backend for Container {
         )
         .and_then(|()| nix::unistd::fchown(folder_fd, owner, group))
         .map_err(|e| Error::InWorkspace {
-            action: "chown",
-            path: socket.path.clone(),
+            action: "give to its user",
+            path: format!("{} (`{user}`)", socket.path),
             cause: e.into(),
         })?;
         Ok(socket)
