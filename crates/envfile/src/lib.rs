@@ -96,11 +96,10 @@ pub enum SpecError {
     UnknownName { file: String },
     #[error("`{path}` is outside the repository `{}`", repo.display())]
     OutsideRepository { path: String, repo: PathBuf },
-    #[error("cannot read `{}`", path.display())]
+    #[error("cannot read `{}`: {cause}", path.display())]
     Read {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error(transparent)]
     Rejected(#[from] Rejected),
@@ -202,9 +201,9 @@ pub fn load(
     target: &RepoPath,
     options: &ReadOptions,
 ) -> Result<Loaded, SpecError> {
-    let root = repo_root.canonicalize().map_err(|source| SpecError::Read {
+    let root = repo_root.canonicalize().map_err(|cause| SpecError::Read {
         path: repo_root.to_path_buf(),
-        source,
+        cause,
     })?;
     let on_disk = target.on_disk(&root);
     let (file, mut extra_warnings) = if on_disk.is_dir() {
@@ -218,9 +217,9 @@ pub fn load(
         file: file.to_string(),
     })?;
     let path = file.on_disk(&root);
-    let real = path.canonicalize().map_err(|source| SpecError::Read {
+    let real = path.canonicalize().map_err(|cause| SpecError::Read {
         path: path.clone(),
-        source,
+        cause,
     })?;
     if !real.starts_with(&root) {
         return Err(SpecError::OutsideRepository {
@@ -228,9 +227,9 @@ pub fn load(
             repo: root,
         });
     }
-    let bytes = std::fs::read(&real).map_err(|source| SpecError::Read {
+    let bytes = std::fs::read(&real).map_err(|cause| SpecError::Read {
         path: path.clone(),
-        source,
+        cause,
     })?;
     let text = match String::from_utf8(bytes) {
         Ok(t) => t,

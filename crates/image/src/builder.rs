@@ -58,18 +58,10 @@ const OPEN_PACK: u32 = u32::MAX;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    #[error("cannot write a pack in `{}`", dir.display())]
-    Pack {
-        dir: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("cannot read the content of `{path}`")]
-    Content {
-        path: String,
-        #[source]
-        source: io::Error,
-    },
+    #[error("cannot write a pack in `{}`: {cause}", dir.display())]
+    Pack { dir: PathBuf, cause: io::Error },
+    #[error("cannot read the content of `{path}`: {cause}")]
+    Content { path: String, cause: io::Error },
     #[error("`{path}`: {reason}")]
     Rejected { path: String, reason: String },
 }
@@ -360,7 +352,7 @@ impl ImageBuilder {
         for chunk in cdc {
             let chunk = chunk.map_err(|e| BuildError::Content {
                 path: String::from_utf8_lossy(&path_for_errors).into_owned(),
-                source: match e {
+                cause: match e {
                     fastcdc::v2020::Error::IoError(io) => io,
                     other => io::Error::other(other.to_string()),
                 },
@@ -415,7 +407,7 @@ impl ImageBuilder {
             .write_all(&compressed)
             .map_err(|e| BuildError::Pack {
                 dir: pack.path.clone(),
-                source: e,
+                cause: e,
             })?;
         pack.hasher.update(&compressed);
         pack.len += compressed.len() as u64;
@@ -437,10 +429,10 @@ impl ImageBuilder {
         Ok(i)
     }
 
-    fn pack_error(&self, source: io::Error) -> BuildError {
+    fn pack_error(&self, cause: io::Error) -> BuildError {
         BuildError::Pack {
             dir: self.work_dir.clone(),
-            source,
+            cause,
         }
     }
 
@@ -466,7 +458,7 @@ impl ImageBuilder {
         };
         let file = pack.file.into_inner().map_err(|e| BuildError::Pack {
             dir: self.work_dir.clone(),
-            source: e.into_error(),
+            cause: e.into_error(),
         })?;
         file.sync_all().map_err(|e| self.pack_error(e))?;
         let digest = pack.hasher.finish();

@@ -12,20 +12,19 @@ use crate::index::{Entry, EntryKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DirImportError {
-    #[error("cannot read `{}`", path.display())]
+    #[error("cannot read `{}`: {cause}", path.display())]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error(transparent)]
     Build(#[from] BuildError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DirImportError + '_ {
-    move |source| DirImportError::Io {
+    move |cause| DirImportError::Io {
         path: path.to_path_buf(),
-        source,
+        cause,
     }
 }
 

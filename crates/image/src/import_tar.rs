@@ -22,12 +22,8 @@ const MAX_EXTENSION_BYTES: u64 = 1 << 20;
 pub enum TarImportError {
     #[error("tar entry `{entry}`: {reason}")]
     Entry { entry: String, reason: String },
-    #[error("the tar stream is unreadable after {entries} entries")]
-    Stream {
-        entries: u64,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("the tar stream is unreadable after {entries} entries: {cause}")]
+    Stream { entries: u64, cause: std::io::Error },
     #[error(transparent)]
     Build(#[from] BuildError),
 }
@@ -97,7 +93,7 @@ fn read_extension(
 ) -> Result<Vec<u8>, TarImportError> {
     let size = entry.header().size().map_err(|e| TarImportError::Stream {
         entries: count,
-        source: e,
+        cause: e,
     })?;
     if size > MAX_EXTENSION_BYTES {
         return Err(refuse(
@@ -110,12 +106,12 @@ fn read_extension(
         .read_to_end(&mut buf)
         .map_err(|e| TarImportError::Stream {
             entries: count,
-            source: e,
+            cause: e,
         })?;
     if buf.len() as u64 != size {
         return Err(TarImportError::Stream {
             entries: count,
-            source: std::io::ErrorKind::UnexpectedEof.into(),
+            cause: std::io::ErrorKind::UnexpectedEof.into(),
         });
     }
     Ok(buf)
@@ -139,14 +135,14 @@ pub fn import_tar(builder: &mut ImageBuilder, input: impl Read) -> Result<u64, T
     let mut archive = tar::Archive::new(input);
     let entries = archive.entries().map_err(|e| TarImportError::Stream {
         entries: 0,
-        source: e,
+        cause: e,
     })?;
     let mut pending = Pending::default();
     let mut count = 0u64;
     for entry in entries.raw(true) {
         let mut entry = entry.map_err(|e| TarImportError::Stream {
             entries: count,
-            source: e,
+            cause: e,
         })?;
         let kind = entry.header().entry_type();
         match kind {
@@ -327,16 +323,16 @@ fn apply_entry(
             read: 0,
         };
         builder.add_file(e, &mut counted).map_err(|err| match err {
-            BuildError::Content { source, .. } => TarImportError::Stream {
+            BuildError::Content { cause, .. } => TarImportError::Stream {
                 entries: count,
-                source,
+                cause,
             },
             other => other.into(),
         })?;
         if counted.read != size {
             return Err(TarImportError::Stream {
                 entries: count,
-                source: std::io::Error::new(
+                cause: std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,
                     format!(
                         "`{}` ends after {} of {size} bytes",

@@ -116,12 +116,12 @@ impl Entry {
 pub enum IndexError {
     #[error("not a Warren tree index (bad magic)")]
     BadMagic,
-    #[error("the tree index is corrupt")]
-    Decompress(#[source] std::io::Error),
+    #[error("the tree index is corrupt: {0}")]
+    Decompress(std::io::Error),
     #[error("the tree index is larger than {MAX_DECODED_BYTES} bytes when decompressed")]
     TooLarge,
-    #[error("the tree index cannot be decoded")]
-    Decode(#[source] postcard::Error),
+    #[error("the tree index cannot be decoded: {0}")]
+    Decode(postcard::Error),
     #[error("the tree index is inconsistent: {0}")]
     Inconsistent(String),
 }

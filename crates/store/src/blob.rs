@@ -15,12 +15,11 @@ pub enum StoreError {
     ManifestNotFound { reference: String, store: String },
     #[error("blob {digest} from {store} does not match its digest")]
     DigestMismatch { digest: Digest, store: String },
-    #[error("{store}: {op} failed")]
+    #[error("{store}: {op} failed: {cause}")]
     Io {
         store: String,
         op: String,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{store}: {op}: HTTP {status}: {body}")]
     Http {
@@ -53,6 +52,18 @@ impl StoreError {
     }
 }
 
+/// The file at `path`, open for reading, and its size; errors name `store`.
+pub(crate) fn open_sized(store: &str, path: &Path) -> Result<(std::fs::File, u64), StoreError> {
+    let io = |cause| StoreError::Io {
+        store: store.to_owned(),
+        op: format!("read {}", path.display()),
+        cause,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let size = file.metadata().map_err(io)?.len();
+    Ok((file, size))
+}
+
 /// Content-addressed blobs and named manifests.
 pub trait BlobStore: Send + Sync {
     /// How this store is named in messages (`local store /var/lib/warren/images`,
@@ -69,13 +80,7 @@ pub trait BlobStore: Send + Sync {
         if self.has_blob(digest)? {
             return Ok(());
         }
-        let io = |source| StoreError::Io {
-            store: self.describe(),
-            op: format!("read {}", path.display()),
-            source,
-        };
-        let mut file = std::fs::File::open(path).map_err(io)?;
-        let size = file.metadata().map_err(io)?.len();
+        let (mut file, size) = open_sized(&self.describe(), path)?;
         self.put_blob_stream(digest, size, &mut file)
     }
     fn put_blob(&self, digest: &Digest, data: &[u8]) -> Result<(), StoreError>;
@@ -161,10 +166,10 @@ impl<'a> Verified<'a> {
     pub fn finish(mut self) -> Result<(), StoreError> {
         std::io::copy(&mut self, &mut std::io::sink())
             .map(drop)
-            .map_err(|source| StoreError::Io {
+            .map_err(|cause| StoreError::Io {
                 op: format!("read blob {}", self.digest),
                 store: self.store.clone(),
-                source,
+                cause,
             })
     }
 

@@ -43,10 +43,10 @@ impl LocalStore {
         let store = LocalStore {
             root: root.to_path_buf(),
         };
-        let io = |source| StoreError::Io {
+        let io = |cause| StoreError::Io {
             store: store.describe(),
             op: "create the layout".into(),
-            source,
+            cause,
         };
         fs::create_dir_all(store.root.join("blobs/sha256")).map_err(io)?;
         if !store.root.join("oci-layout").exists() {
@@ -77,10 +77,10 @@ impl LocalStore {
 
     fn io(&self, op: &str) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
         let op = op.to_owned();
-        move |source| StoreError::Io {
+        move |cause| StoreError::Io {
             store: self.describe(),
             op,
-            source,
+            cause,
         }
     }
 

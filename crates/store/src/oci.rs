@@ -29,19 +29,18 @@ pub const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 pub enum OciError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("layer {layer} of `{reference}`")]
+    #[error("layer {layer} of `{reference}`: {cause}")]
     Layer {
         reference: String,
         layer: Digest,
-        #[source]
-        source: TarImportError,
+        cause: TarImportError,
     },
     #[error("`{reference}`: {reason}")]
     Unsupported { reference: String, reason: String },
     #[error(transparent)]
     Fetch(#[from] FetchError),
-    #[error("writing the exported layer failed")]
-    Write(#[source] std::io::Error),
+    #[error("writing the exported layer failed: {0}")]
+    Write(std::io::Error),
 }
 
 #[derive(Debug, Deserialize)]
@@ -149,10 +148,10 @@ pub fn import_oci(
         // Streamed from the store into the image, checked as it comes: a layer is never held
         // in memory.
         let mut blob = src.open_blob(&layer.digest, layer.size)?;
-        let layer_error = |source| OciError::Layer {
+        let layer_error = |cause| OciError::Layer {
             reference: reference.into(),
             layer: layer.digest,
-            source,
+            cause,
         };
         let mt = layer.media_type.as_str();
         let reader: Box<dyn Read + '_> = if mt.ends_with("gzip") {
@@ -161,7 +160,7 @@ pub fn import_oci(
             Box::new(zstd::Decoder::new(&mut blob).map_err(|e| {
                 layer_error(TarImportError::Stream {
                     entries: 0,
-                    source: e,
+                    cause: e,
                 })
             })?)
         } else if mt.ends_with(".tar") || mt.ends_with("diff.tar") {

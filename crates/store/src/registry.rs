@@ -592,13 +592,7 @@ impl BlobStore for RegistryStore {
             return Ok(());
         }
         // Checked first, then sent from the file itself (no spool copy): never held in memory.
-        let io = |source| StoreError::Io {
-            store: self.describe(),
-            op: format!("read {}", path.display()),
-            source,
-        };
-        let file = std::fs::File::open(path).map_err(io)?;
-        let size = file.metadata().map_err(io)?.len();
+        let (file, size) = crate::blob::open_sized(&self.describe(), path)?;
         Verified::new(Box::new(&file), *digest, size, self.describe()).finish()?;
         self.upload(digest, Upload::File(&file))
     }
@@ -615,10 +609,10 @@ impl BlobStore for RegistryStore {
         // Spooled to a nameless file (each attempt sends it from its start), checked on the way.
         let io = |op: &str| {
             let op = op.to_owned();
-            move |source| StoreError::Io {
+            move |cause| StoreError::Io {
                 store: self.describe(),
                 op,
-                source,
+                cause,
             }
         };
         let mut spool = tempfile::tempfile().map_err(io("make a spool file"))?;
