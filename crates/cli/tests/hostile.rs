@@ -1211,10 +1211,7 @@ fn a_registry_a_user_names_is_held_to_the_egress_policy() {
 #[test]
 fn a_workspaces_tree_is_closed_to_other_users_of_the_host() {
     use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
-    enter_own_network();
-    let warren = Warren::up_with_admin(48, None);
-    warren.import_dev_image();
-    warren.ok("admin", &["ws", "create", "closed", "--image", "dev:1"]);
+    let warren = admin_with_a_workspace(48, "closed");
     let workspaces = common::workspace_folders(warren.data.path());
     assert_eq!(workspaces.len(), 1);
     let dir = &workspaces[0];
@@ -1290,10 +1287,7 @@ fn a_workspace_cannot_reach_kernel_state_it_shares_with_others() {
     if !cfg!(target_arch = "x86_64") {
         return;
     }
-    enter_own_network();
-    let warren = Warren::up_with_admin(49, None);
-    warren.import_dev_image();
-    warren.ok("admin", &["ws", "create", "sc", "--image", "dev:1"]);
+    let warren = admin_with_a_workspace(49, "sc");
     // x86_64 numbers: keyctl 250, io_uring_setup 425, perf_event_open 298, bpf 321,
     // kexec_load 246. Each is called with zero arguments; the errno is printed.
     let script = r#"for $n (250, 425, 298, 321, 246) { $r = syscall($n, 0, 0, 0, 0, 0); print "$n=", ($r == -1 ? $!+0 : "ok"), " " }"#;
@@ -1326,10 +1320,7 @@ fn a_workspace_cannot_reach_kernel_state_it_shares_with_others() {
 /// hosts rely on) and opens a node outside the standard set, then `/dev/null`'s twin.
 #[test]
 fn a_device_node_outside_the_standard_set_cannot_be_opened() {
-    enter_own_network();
-    let warren = Warren::up_with_admin(50, None);
-    warren.import_dev_image();
-    warren.ok("admin", &["ws", "create", "dv", "--image", "dev:1"]);
+    let warren = admin_with_a_workspace(50, "dv");
     let folders = common::workspace_folders(warren.data.path());
     let id = folders[0].file_name().unwrap().to_str().unwrap();
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
@@ -1503,4 +1494,14 @@ fn a_vm_that_fills_its_disk_fills_only_its_own() {
             meta.blocks() * 512
         );
     }
+}
+
+/// In a network namespace of its own, a Warren whose admin has one workspace `name` of the dev
+/// image.
+fn admin_with_a_workspace(seed: u32, name: &str) -> Warren {
+    enter_own_network();
+    let warren = Warren::up_with_admin(seed, None);
+    warren.import_dev_image();
+    warren.ok("admin", &["ws", "create", name, "--image", "dev:1"]);
+    warren
 }

@@ -176,18 +176,24 @@ impl Host {
         (status, out, err.join().unwrap())
     }
 
+    /// Starts `argv` in the workspace as root, with pipes.
+    fn start(
+        &self,
+        ws: &str,
+        argv: &[&str],
+    ) -> Result<warren_runtime::Exec, warren_runtime::Error> {
+        self.runtime.exec(
+            &id(ws),
+            &ExecRequest {
+                argv: argv.iter().map(|a| a.to_string()).collect(),
+                ..Default::default()
+            },
+        )
+    }
+
     /// Runs `argv` with `input` on its stdin; returns its status and stdout.
     fn feed(&self, ws: &str, argv: &[&str], input: Vec<u8>) -> (ExitStatus, String) {
-        let exec = self
-            .runtime
-            .exec(
-                &id(ws),
-                &ExecRequest {
-                    argv: argv.iter().map(|a| a.to_string()).collect(),
-                    ..Default::default()
-                },
-            )
-            .unwrap();
+        let exec = self.start(ws, argv).unwrap();
         let ExecIo::Pipes {
             mut stdin,
             mut stdout,
@@ -568,17 +574,7 @@ fn lifecycle(host: Host) {
         processes_in_range(base).is_empty(),
         "stop leaves no process"
     );
-    assert!(
-        host.runtime
-            .exec(
-                &id("life"),
-                &ExecRequest {
-                    argv: vec!["true".into()],
-                    ..Default::default()
-                }
-            )
-            .is_err()
-    );
+    assert!(host.start("life", &["true"]).is_err());
     host.ok(&["runtime", "start", "life"]);
     assert!(host.ok(&["runtime", "ls"]).contains("running"));
     assert_eq!(host.sh("life", "cat /root/kept").1, "kept\n");
@@ -986,14 +982,7 @@ fn bad_requests_get_clear_errors() {
     host.run_dir("dup", &[]);
     assert!(err(&["runtime", "run", "dup", "--dir", "/"]).contains("exists already"));
     let e = host
-        .runtime
-        .exec(
-            &id("dup"),
-            &ExecRequest {
-                argv: vec!["/no/such/program".into()],
-                ..Default::default()
-            },
-        )
+        .start("dup", &["/no/such/program"])
         .unwrap_err()
         .to_string();
     assert!(e.contains("not found"), "{e}");

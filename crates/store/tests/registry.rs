@@ -41,6 +41,15 @@ fn local_image() -> (tempfile::TempDir, LocalStore, Vec<u8>) {
     (dir, store, big)
 }
 
+/// The image of [`local_image`] pushed to `registry` as `team/demo:1`: the local store's
+/// folder, the registry as a store, and the big file's bytes.
+fn pushed_image(registry: &Registry) -> (tempfile::TempDir, RegistryStore, Vec<u8>) {
+    let (dir, local, big) = local_image();
+    let remote = RegistryStore::new(&registry.host(), "team/demo", None, false);
+    copy_image(&local, &remote, "demo:1", "1", |_, _| {}).unwrap();
+    (dir, remote, big)
+}
+
 fn file_content(fetcher: &ChunkFetcher, path: &str) -> Vec<u8> {
     let index = fetcher.index();
     let e = &index.entries[index.find(path.as_bytes()).unwrap()];
@@ -54,10 +63,7 @@ fn file_content(fetcher: &ChunkFetcher, path: &str) -> Vec<u8> {
 #[test]
 fn an_image_pushed_to_a_registry_reads_back_lazily_into_an_empty_cache() {
     let registry = Registry::start();
-    let (dir, local, big) = local_image();
-    let remote = RegistryStore::new(&registry.host(), "team/demo", None, false);
-    copy_image(&local, &remote, "demo:1", "1", |_, _| {}).unwrap();
-
+    let (dir, remote, big) = pushed_image(&registry);
     let image = open_image(&remote, "1").unwrap();
     assert_eq!(image.config.env, ["PATH=/usr/bin"]);
     assert_eq!(image.config.data_bytes, (2 << 20) + 6);
@@ -108,9 +114,7 @@ fn an_image_pushed_to_a_registry_reads_back_lazily_into_an_empty_cache() {
 #[test]
 fn a_corrupted_chunk_in_the_registry_is_reported_never_served() {
     let registry = Registry::start();
-    let (dir, local, _) = local_image();
-    let remote = RegistryStore::new(&registry.host(), "team/demo", None, false);
-    copy_image(&local, &remote, "demo:1", "1", |_, _| {}).unwrap();
+    let (dir, remote, _) = pushed_image(&registry);
     let image = open_image(&remote, "1").unwrap();
     // Flip bytes inside the first chunk of `data/big`, in the registry's own storage.
     let e = &image.index.entries[image.index.find(b"data/big").unwrap()];
