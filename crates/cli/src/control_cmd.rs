@@ -38,6 +38,10 @@ pub struct UpArgs {
     /// (admins may add any)
     #[arg(long, env = "WARREN_FILE_REPOS", value_delimiter = ':')]
     file_repos: Vec<PathBuf>,
+    /// A reverse proxy (address or CIDR; repeatable, `,`-separated in the variable) whose
+    /// `X-Forwarded-For` names the client, for the login throttle; no other caller's is read
+    #[arg(long = "trusted-proxy", env = "WARREN_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_proxy)]
+    trusted_proxies: Vec<ipnet::IpNet>,
     #[command(flatten)]
     host: HostFlags,
     #[command(flatten)]
@@ -91,6 +95,14 @@ pub fn refuse_password_in_argv(url: &str) -> anyhow::Result<()> {
 
 /// `scheme://user:password@host/...`, or a `password=` parameter (libpq's and sqlx's
 /// `?password=...`, percent-encoded or not).
+/// A trusted proxy as given: a network (`10.0.0.0/24`) or one address (`10.0.0.2`).
+fn parse_proxy(text: &str) -> Result<ipnet::IpNet, String> {
+    let text = text.trim();
+    text.parse::<ipnet::IpNet>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("`{text}` is not an address or a network (CIDR)"))
+}
+
 fn url_has_password(url: &str) -> bool {
     match url::Url::parse(url) {
         Ok(parsed) => {
@@ -226,6 +238,7 @@ pub fn up(args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
             ssh: ssh_view,
             git_mirrors: data.join("git/server"),
             file_repos: args.file_repos,
+            trusted_proxies: args.trusted_proxies,
         })
         .await?;
         let gateway_addr = gateway.map(|(bound, _)| {

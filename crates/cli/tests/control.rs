@@ -644,6 +644,47 @@ fn bad_input_gets_a_4xx_with_a_message() {
     assert_eq!(login("guess").0, 401, "a success starts the count again");
 }
 
+/// Behind a reverse proxy every connection comes from the proxy. With the proxy trusted
+/// (`--trusted-proxy`), the login throttle keys on the client the proxy names, so one client
+/// guessing a password slows down only itself, not everyone behind the proxy.
+#[test]
+fn behind_a_trusted_proxy_a_guesser_slows_down_only_itself() {
+    setup();
+    let mut warren = Warren::new(52, None);
+    warren
+        .env
+        .push(("WARREN_TRUSTED_PROXIES".into(), "127.0.0.0/8".into()));
+    let password = warren.start().expect("a first start creates the admin");
+    warren.login("admin", &password);
+    warren.add_user("carol");
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let login_from = |client: &str, password: &str| {
+        agent
+            .post(&format!("{}/api/v1/login", warren.url()))
+            .header("X-Forwarded-For", client)
+            .header("Content-Type", "application/json")
+            .send(json!({"user": "carol", "password": password}).to_string())
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    for _ in 0..5 {
+        assert_eq!(login_from("198.51.100.7", "guess"), 401);
+    }
+    assert_eq!(login_from("198.51.100.7", "carol-password"), 429);
+    // Carol herself, elsewhere behind the same proxy, is not slowed down.
+    assert_eq!(login_from("203.0.113.20", "carol-password"), 200);
+    // A guesser cannot pass for another client by writing the header itself: what the proxy
+    // appended (the right end) is the client.
+    assert_eq!(
+        login_from("203.0.113.20, 198.51.100.7", "carol-password"),
+        429
+    );
+}
+
 /// Polls until every workspace has settled in the state its owner asked for (or is gone).
 fn settled(warren: &Warren, token: &str, within: Duration) -> Value {
     let deadline = Instant::now() + within;

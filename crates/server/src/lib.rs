@@ -9,6 +9,7 @@
 pub mod agents;
 pub mod api;
 pub mod auth;
+pub mod client;
 pub mod db;
 pub mod error;
 pub mod gateway;
@@ -202,6 +203,8 @@ pub struct SingleHost {
     pub git_mirrors: std::path::PathBuf,
     /// Folders whose repositories any user may add as `file://` projects.
     pub file_repos: Vec<std::path::PathBuf>,
+    /// Reverse proxies whose `X-Forwarded-For` names the client (see [`client`]).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 /// Only the SSH gateway's directory (`warren gateway`), for a host whose agent runs elsewhere
@@ -243,6 +246,7 @@ pub async fn gateway_directory(
         logins: Arc::default(),
         git_mirrors: config.git_mirrors,
         file_repos: Arc::default(),
+        trusted_proxies: Arc::default(),
     };
     Ok((gateway::GatewayDirectory { state }, host_id))
 }
@@ -317,6 +321,7 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
         logins: Arc::default(),
         git_mirrors: config.git_mirrors,
         file_repos: Arc::new(config.file_repos),
+        trusted_proxies: Arc::new(config.trusted_proxies),
     };
     let (plane_state, plane_host, plane_wake) =
         (state.clone(), state.host_id.clone(), state.wake.clone());

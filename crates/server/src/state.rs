@@ -40,6 +40,8 @@ pub struct AppState {
     /// Folders of this host whose git repositories any user may name as `file://` projects
     /// (admins may name any).
     pub file_repos: Arc<Vec<std::path::PathBuf>>,
+    /// Reverse proxies whose `X-Forwarded-For` names the client (`--trusted-proxy`).
+    pub trusted_proxies: Arc<Vec<ipnet::IpNet>>,
 }
 
 impl std::fmt::Debug for AppState {

@@ -19,7 +19,7 @@ use warren_api::{LoginRequest, LoginResponse, NewUser, TokenView, TrustChange, U
     security(()))]
 pub async fn login(
     State(state): State<AppState>,
-    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    crate::client::ClientAddr(client): crate::client::ClientAddr,
     Body(req): Body<LoginRequest>,
 ) -> ApiResult<Json<LoginResponse>> {
     // Refused before anything is kept of it (the throttle's records are keyed by name).
@@ -27,7 +27,7 @@ pub async fn login(
         return Err(ApiError::bad_request("a user name has 1 to 64 bytes"));
     }
     let now = std::time::Instant::now();
-    let wait = state.logins.wait(&req.user, peer.ip(), now);
+    let wait = state.logins.wait(&req.user, client, now);
     if !wait.is_zero() {
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
@@ -53,7 +53,7 @@ pub async fn login(
     // Counted as a failure before it is verified (refunded on success), so parallel guesses
     // cannot all slip in under the throttle; at most a few verifications at once (each takes
     // ~19 MiB), whoever asks.
-    state.logins.failed(&req.user, peer.ip(), now);
+    state.logins.failed(&req.user, client, now);
     static VERIFYING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
     let _turn = VERIFYING
         .acquire()
@@ -66,7 +66,7 @@ pub async fn login(
     let Some((user_id, _, is_admin)) = row.filter(|_| verified) else {
         return Err(refused());
     };
-    state.logins.succeeded(&req.user, peer.ip());
+    state.logins.succeeded(&req.user, client);
     let (token, token_hash) = new_token();
     sqlx::query("INSERT INTO api_tokens (id, user_id, name, token_hash, created_at) VALUES ($1, $2, $3, $4, $5)")
         .bind(new_id())

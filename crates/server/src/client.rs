@@ -1,0 +1,121 @@
+//! Who is calling, by address: the connection's peer, or, behind a reverse proxy the admin
+//! trusts (`--trusted-proxy`), the client that proxy names in `X-Forwarded-For`.
+
+use std::net::{IpAddr, SocketAddr};
+
+use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::request::Parts;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// The caller's address. Behind trusted proxies, the login throttle keys on it, so one
+/// client guessing passwords slows down only itself, not everyone behind the same proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr(pub IpAddr);
+
+impl FromRequestParts<AppState> for ClientAddr {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let ConnectInfo(peer) = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .copied()
+            .ok_or_else(|| ApiError::internal("reading the caller's address", "no peer"))?;
+        let forwarded: Vec<&str> = parts
+            .headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        Ok(Self(client_addr(
+            peer.ip(),
+            &forwarded,
+            &state.trusted_proxies,
+        )))
+    }
+}
+
+/// The client behind `peer`: `peer` itself unless it is a trusted proxy; then, reading the
+/// `X-Forwarded-For` chain (every header's entries, in order) from its right end, the first
+/// address that is not a trusted proxy. A client cannot choose it: each trusted proxy appends
+/// what connected to it, and whatever a client wrote stands further left, where the walk stops
+/// at the first entry that is not an address (the nearest hop known so far answers then).
+pub fn client_addr(peer: IpAddr, forwarded: &[&str], trusted: &[ipnet::IpNet]) -> IpAddr {
+    let trusts = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
+    if !trusts(&peer) {
+        return peer;
+    }
+    let hops: Vec<&str> = forwarded
+        .iter()
+        .flat_map(|header| header.split(','))
+        .collect();
+    let mut nearest = peer;
+    for hop in hops.iter().rev() {
+        let Ok(ip) = hop.trim().parse::<IpAddr>() else {
+            break;
+        };
+        if !trusts(&ip) {
+            return ip;
+        }
+        nearest = ip;
+    }
+    nearest
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn only_a_trusted_proxy_names_the_client() {
+        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/24".parse().unwrap()];
+        // A caller that is not a proxy we trust cannot name another address.
+        assert_eq!(
+            client_addr(ip("203.0.113.9"), &["198.51.100.1"], &trusted),
+            ip("203.0.113.9")
+        );
+        // Through a trusted proxy: the address it appended.
+        assert_eq!(
+            client_addr(ip("10.0.0.2"), &["198.51.100.1"], &trusted),
+            ip("198.51.100.1")
+        );
+        // A client's own forged entries stand left of what the proxy appended.
+        assert_eq!(
+            client_addr(ip("10.0.0.2"), &["1.2.3.4, 198.51.100.1"], &trusted),
+            ip("198.51.100.1")
+        );
+        // Two trusted proxies in a row, over two headers.
+        assert_eq!(
+            client_addr(ip("10.0.0.2"), &["198.51.100.1", "10.0.0.3"], &trusted),
+            ip("198.51.100.1")
+        );
+        // Nothing but proxies: the farthest one.
+        assert_eq!(
+            client_addr(ip("10.0.0.2"), &["10.0.0.5, 10.0.0.3"], &trusted),
+            ip("10.0.0.5")
+        );
+        // No header: the proxy itself. Junk a client wrote does not hide what the proxy
+        // appended; junk where the proxies write stops the walk at the nearest hop known.
+        assert_eq!(client_addr(ip("10.0.0.2"), &[], &trusted), ip("10.0.0.2"));
+        assert_eq!(
+            client_addr(ip("10.0.0.2"), &["unknown, 198.51.100.1"], &trusted),
+            ip("198.51.100.1")
+        );
+        assert_eq!(
+            client_addr(ip("10.0.0.2"), &["198.51.100.1, junk, 10.0.0.3"], &trusted),
+            ip("10.0.0.3")
+        );
+        // With no proxy trusted, the header is never read.
+        assert_eq!(
+            client_addr(ip("10.0.0.2"), &["198.51.100.1"], &[]),
+            ip("10.0.0.2")
+        );
+    }
+}
