@@ -95,14 +95,6 @@ pub fn refuse_password_in_argv(url: &str) -> anyhow::Result<()> {
 
 /// `scheme://user:password@host/...`, or a `password=` parameter (libpq's and sqlx's
 /// `?password=...`, percent-encoded or not).
-/// A trusted proxy as given: a network (`10.0.0.0/24`) or one address (`10.0.0.2`).
-fn parse_proxy(text: &str) -> Result<ipnet::IpNet, String> {
-    let text = text.trim();
-    text.parse::<ipnet::IpNet>()
-        .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-        .map_err(|_| format!("`{text}` is not an address or a network (CIDR)"))
-}
-
 fn url_has_password(url: &str) -> bool {
     match url::Url::parse(url) {
         Ok(parsed) => {
@@ -129,6 +121,22 @@ fn shown_database(url: &str) -> String {
         ),
         Err(_) => "(the database URL)".into(),
     }
+}
+
+/// A trusted proxy as given: a network (`10.0.0.0/24`) or one address (`10.0.0.2`); a `/0`
+/// would trust every caller, and is refused.
+fn parse_proxy(text: &str) -> Result<ipnet::IpNet, String> {
+    let text = text.trim();
+    let net = text
+        .parse::<ipnet::IpNet>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("`{text}` is not an address or a network (CIDR)"))?;
+    if net.prefix_len() == 0 {
+        return Err(format!(
+            "`{text}` would trust every caller's X-Forwarded-For: name the proxies"
+        ));
+    }
+    Ok(net)
 }
 
 /// Makes the data folder hold nothing for anybody but root, except the way to `runtime/`: the

@@ -24,6 +24,17 @@ const LONGEST_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
 /// Records older than this are dropped (and with them, the slowing down).
 const FORGET_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
 
+/// The address a record is kept under: an IPv4 address itself, an IPv6 one's /64 (one
+/// client commonly holds a whole /64 and could otherwise take a new address per guess).
+fn throttled_as(addr: std::net::IpAddr) -> std::net::IpAddr {
+    match addr.to_canonical() {
+        std::net::IpAddr::V6(v6) => {
+            std::net::IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into())
+        }
+        v4 => v4,
+    }
+}
+
 impl LoginThrottle {
     fn wait_after(count: u32) -> std::time::Duration {
         if count < FREE_FAILURES {
@@ -40,6 +51,7 @@ impl LoginThrottle {
         addr: std::net::IpAddr,
         now: std::time::Instant,
     ) -> std::time::Duration {
+        let addr = throttled_as(addr);
         let Ok(mut map) = self.failures.lock() else {
             return std::time::Duration::ZERO;
         };
@@ -63,6 +75,7 @@ impl LoginThrottle {
     }
 
     pub fn failed(&self, user: &str, addr: std::net::IpAddr, now: std::time::Instant) {
+        let addr = throttled_as(addr);
         if let Ok(mut map) = self.failures.lock() {
             if map.len() >= MOST_RECORDS {
                 let mut by_age: Vec<_> = map.iter().map(|(k, f)| (f.last, k.clone())).collect();
@@ -85,6 +98,7 @@ impl LoginThrottle {
     /// A success clears the name's record and refunds the one failure counted for the
     /// address before the password was verified.
     pub fn succeeded(&self, user: &str, addr: std::net::IpAddr) {
+        let addr = throttled_as(addr);
         if let Ok(mut map) = self.failures.lock() {
             map.remove(&(user.to_owned(), addr));
             let key = (String::new(), addr);
@@ -134,6 +148,27 @@ mod tests {
         assert_eq!(throttle.wait("alice", here, t1), Duration::from_secs(300));
         throttle.succeeded("alice", here);
         assert_eq!(throttle.wait("alice", here, t1), Duration::ZERO);
+    }
+
+    #[test]
+    fn an_ipv6_client_is_one_address_across_its_64() {
+        let throttle = LoginThrottle::default();
+        let t0 = Instant::now();
+        for n in 0..FREE_FAILURES {
+            let addr: std::net::IpAddr = format!("2001:db8:1:2::{n:x}").parse().unwrap();
+            throttle.failed("alice", addr, t0);
+        }
+        let rotated: std::net::IpAddr = "2001:db8:1:2:ffff::1".parse().unwrap();
+        assert_eq!(throttle.wait("alice", rotated, t0), Duration::from_secs(1));
+        let next_64: std::net::IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(throttle.wait("alice", next_64, t0), Duration::ZERO);
+        // An IPv4 address is the same whether it came as IPv4 or IPv4-mapped IPv6.
+        let v4: std::net::IpAddr = "192.0.2.1".parse().unwrap();
+        let mapped: std::net::IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        for _ in 0..FREE_FAILURES {
+            throttle.failed("bob", mapped, t0);
+        }
+        assert_eq!(throttle.wait("bob", v4, t0), Duration::from_secs(1));
     }
 
     #[test]
