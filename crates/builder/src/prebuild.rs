@@ -102,7 +102,7 @@ fn environment(req: &PrebuildRequest<'_>) -> Result<(EnvSpec, String), BuildErro
         RepoPath::root()
     } else {
         RepoPath::resolve(&RepoPath::root(), req.target)
-            .map_err(|e| BuildError::refused(format!("`{}`: {e}", req.target)))?
+            .map_err(|e| BuildError::Refused(format!("`{}`: {e}", req.target)))?
     };
     match warren_envfile::load(req.checkout, &target, &read_options(req.repository)) {
         Ok(loaded) => {
@@ -111,7 +111,7 @@ fn environment(req: &PrebuildRequest<'_>) -> Result<(EnvSpec, String), BuildErro
             Ok((loaded.spec, text))
         }
         Err(warren_envfile::SpecError::Rejected(r)) => Err(BuildError::Refused(r.render_errors())),
-        Err(e) => Err(BuildError::refused(e.to_string())),
+        Err(e) => Err(BuildError::Refused(e.to_string())),
     }
 }
 
@@ -127,7 +127,7 @@ fn in_checkout(checkout: &Path, path: &RepoPath) -> Result<PathBuf, BuildError> 
     if real.starts_with(&root) {
         Ok(real)
     } else {
-        Err(BuildError::refused(format!(
+        Err(BuildError::Refused(format!(
             "{path} leads out of the repository"
         )))
     }
@@ -162,7 +162,7 @@ fn environment_image(
             let text = std::fs::read_to_string(&file).map_err(BuildError::io(dockerfile))?;
             let shown = dockerfile.to_string();
             let mut parsed =
-                crate::parse(&shown, &text).map_err(|e| BuildError::refused(e.to_string()))?;
+                crate::parse(&shown, &text).map_err(|e| BuildError::Refused(e.to_string()))?;
             if let Some(target) = target {
                 let at = parsed
                     .stages

@@ -591,7 +591,7 @@ pub fn build(
 }
 
 fn expand_with(state: &State, escape: char, word: &str) -> Result<String, BuildError> {
-    expand(word, escape, &|k| state.lookup(k)).map_err(|e| BuildError::refused(e.to_string()))
+    expand(word, escape, &|k| state.lookup(k)).map_err(|e| BuildError::Refused(e.to_string()))
 }
 
 fn run_step(
@@ -836,13 +836,13 @@ fn exposed_port(word: &str) -> Result<String, BuildError> {
     let (port, protocol) = word.split_once('/').unwrap_or((word, "tcp"));
     let protocol = protocol.to_ascii_lowercase();
     if !matches!(protocol.as_str(), "tcp" | "udp" | "sctp") {
-        return Err(BuildError::refused(format!(
+        return Err(BuildError::Refused(format!(
             "EXPOSE {word}: the protocol is tcp, udp or sctp"
         )));
     }
     match port.parse::<u16>() {
         Ok(p) if p > 0 => Ok(format!("{p}/{protocol}")),
-        _ => Err(BuildError::refused(format!(
+        _ => Err(BuildError::Refused(format!(
             "EXPOSE {word}: expected a port from 1 to 65535"
         ))),
     }
@@ -1025,7 +1025,7 @@ pub(crate) fn run(
             let tail = String::from_utf8_lossy(&tail);
             let lines: Vec<&str> = tail.lines().collect();
             let tail = lines[lines.len().saturating_sub(TAIL_LINES)..].join("\n");
-            Err(BuildError::refused(format!(
+            Err(BuildError::Refused(format!(
                 "`{}` ended with {} {}",
                 step.argv.join(" "),
                 match status {
@@ -1118,13 +1118,13 @@ fn context_path(context: &Path, source: &str) -> Result<(PathBuf, String), Build
             Component::CurDir | Component::RootDir => {}
             Component::ParentDir => {
                 if !rel.pop() {
-                    return Err(BuildError::refused(format!(
+                    return Err(BuildError::Refused(format!(
                         "`{source}` is outside the build context"
                     )));
                 }
             }
             Component::Prefix(_) => {
-                return Err(BuildError::refused(format!("`{source}` is not a path")));
+                return Err(BuildError::Refused(format!("`{source}` is not a path")));
             }
         }
     }
@@ -1136,7 +1136,7 @@ fn context_path(context: &Path, source: &str) -> Result<(PathBuf, String), Build
             "`{source}` (in the build context)"
         )))?;
         if meta.file_type().is_symlink() && at != context.join(&rel) {
-            return Err(BuildError::refused(format!(
+            return Err(BuildError::Refused(format!(
                 "`{source}` goes through a symlink"
             )));
         }
@@ -1191,7 +1191,7 @@ impl Meta {
             Ok(n) => meta.uid = n,
             Err(_) if name_ok(u) => meta.user = Some(u.to_owned()),
             Err(_) => {
-                return Err(BuildError::refused(format!(
+                return Err(BuildError::Refused(format!(
                     "--chown={spec}: `{u}` is not a user name or id"
                 )));
             }
@@ -1200,7 +1200,7 @@ impl Meta {
             Ok(n) => meta.gid = n,
             Err(_) if name_ok(g) => meta.group = Some(g.to_owned()),
             Err(_) => {
-                return Err(BuildError::refused(format!(
+                return Err(BuildError::Refused(format!(
                     "--chown={spec}: `{g}` is not a group name or id"
                 )));
             }
@@ -1216,10 +1216,10 @@ impl Meta {
             // names in the image): the given name, or none.
             header
                 .set_username(self.user.as_deref().unwrap_or(""))
-                .map_err(|e| BuildError::refused(format!("--chown: {e}")))?;
+                .map_err(|e| BuildError::Refused(format!("--chown: {e}")))?;
             header
                 .set_groupname(self.group.as_deref().unwrap_or(""))
-                .map_err(|e| BuildError::refused(format!("--chown: {e}")))?;
+                .map_err(|e| BuildError::Refused(format!("--chown: {e}")))?;
         }
         if let Some(m) = self.mode
             && !is_symlink
@@ -1306,7 +1306,7 @@ fn context_tar(
                 for source in sources {
                     let (path, rel) = context_path(req.context, &source)?;
                     if !rel.is_empty() && req.ignore.excludes(&rel) {
-                        return Err(BuildError::refused(format!(
+                        return Err(BuildError::Refused(format!(
                             "`{source}` is left out by .dockerignore"
                         )));
                     }
@@ -1356,7 +1356,7 @@ fn glob_context(req: &BuildRequest<'_>, pattern: &str) -> Result<Vec<String>, Bu
         .filter(|p| !p.is_empty() && *p != ".")
         .collect();
     if cleaned.contains(&"..") {
-        return Err(BuildError::refused(format!(
+        return Err(BuildError::Refused(format!(
             "`{pattern}` is outside the build context"
         )));
     }
@@ -1392,7 +1392,7 @@ fn glob_context(req: &BuildRequest<'_>, pattern: &str) -> Result<Vec<String>, Bu
         }
     }
     if found.is_empty() {
-        return Err(BuildError::refused(format!(
+        return Err(BuildError::Refused(format!(
             "`{pattern}` matches nothing in the build context"
         )));
     }
@@ -1478,7 +1478,7 @@ fn add_one(
         tar.append_data(&mut header, name, file)
             .map_err(BuildError::io("a spool file"))
     } else {
-        Err(BuildError::refused(format!(
+        Err(BuildError::Refused(format!(
             "{}: only files, folders and symlinks are copied",
             path.display()
         )))
@@ -1522,7 +1522,7 @@ fn stage_tar(
         ];
         let (code, out, err) = capture(runtime, source, argv, stop, spool)?;
         if code != 0 {
-            return Err(BuildError::refused(format!(
+            return Err(BuildError::Refused(format!(
                 "COPY --from: {}",
                 String::from_utf8_lossy(&err).trim()
             )));
@@ -1811,7 +1811,7 @@ pub(crate) fn read_bounded(
         Ok(n) if n > limit => {
             let _ = started.process.signal(libc::SIGKILL);
             let _ = runtime.quiesce(id);
-            Err(BuildError::refused(format!(
+            Err(BuildError::Refused(format!(
                 "{what}: more than {} MiB",
                 limit >> 20
             )))
@@ -1931,7 +1931,7 @@ pub(crate) fn commit(
         (Ok(_), Err(e)) => Err(e),
         // GNU tar exits 1 when a file changed while it was read (logs, sockets): still an
         // image.
-        (Ok(_), Ok((code, err))) if code > 1 => Err(BuildError::refused(format!(
+        (Ok(_), Ok((code, err))) if code > 1 => Err(BuildError::Refused(format!(
             "reading the result failed: {}",
             String::from_utf8_lossy(&err).trim()
         ))),

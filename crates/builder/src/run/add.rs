@@ -68,7 +68,7 @@ fn archive_codec(path: &std::path::Path) -> Result<Option<Codec>, BuildError> {
     } else if head.len() >= 262 && &head[257..262] == b"ustar" {
         Some(Codec::Plain)
     } else if head.starts_with(b"BZh") || head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
-        return Err(BuildError::refused(format!(
+        return Err(BuildError::Refused(format!(
             "{}: bzip2 and xz archives are not unpacked by ADD; unpack it with RUN tar",
             path.display()
         )));
@@ -130,7 +130,7 @@ fn fetch(
     )
     .map_err(BuildError::io(format_args!("ADD {url}")))?;
     if len > REMOTE_LIMIT {
-        return Err(BuildError::refused(format!(
+        return Err(BuildError::Refused(format!(
             "ADD {url}: larger than {REMOTE_LIMIT} bytes"
         )));
     }
@@ -141,7 +141,7 @@ fn fetch(
         })?;
         let got = hex::encode(digest);
         if !got.eq_ignore_ascii_case(hex) {
-            return Err(BuildError::refused(format!(
+            return Err(BuildError::Refused(format!(
                 "ADD {url}: the checksum is sha256:{got}, not {want}"
             )));
         }
@@ -188,7 +188,7 @@ pub(super) fn sort_sources(
         let path = expand_with(state, escape, raw)?;
         if path.starts_with("http://") || path.starts_with("https://") {
             if path.ends_with(".git") {
-                return Err(BuildError::refused(format!(
+                return Err(BuildError::Refused(format!(
                     "ADD {path}: git repositories are not fetched by ADD"
                 )));
             }
@@ -204,7 +204,7 @@ pub(super) fn sort_sources(
             continue;
         }
         if path.contains("://") || path.starts_with("git@") {
-            return Err(BuildError::refused(format!(
+            return Err(BuildError::Refused(format!(
                 "ADD {path}: only http(s) URLs are fetched"
             )));
         }

@@ -112,7 +112,7 @@ impl Build<'_> {
                         None => {
                             let (path, _) = super::context_path(self.req.context, source)?;
                             if !path.is_dir() {
-                                return Err(BuildError::refused(format!(
+                                return Err(BuildError::Refused(format!(
                                     "--mount=type=bind,source={source}: only folders are bound"
                                 )));
                             }
@@ -129,12 +129,12 @@ impl Build<'_> {
                     Content::Bound(tar)
                 }
                 kind @ ("secret" | "ssh") => {
-                    return Err(BuildError::refused(format!(
+                    return Err(BuildError::Refused(format!(
                         "RUN --mount=type={kind}: builds run without secrets or keys"
                     )));
                 }
                 other => {
-                    return Err(BuildError::refused(format!(
+                    return Err(BuildError::Refused(format!(
                         "RUN --mount=type={other}: no such mount type"
                     )));
                 }
@@ -264,7 +264,7 @@ fn save_cache(
     }
     if code > 1 {
         let _ = std::fs::remove_file(&partial);
-        return Err(BuildError::refused(format!(
+        return Err(BuildError::Refused(format!(
             "cannot pack the cache at {target}: {}",
             String::from_utf8_lossy(&err).trim()
         )));
