@@ -45,6 +45,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (10, include_str!("../migrations/0010_workspace_runtime.sql")),
     (11, include_str!("../migrations/0011_workspace_disk.sql")),
     (12, include_str!("../migrations/0012_host_disk_ceiling.sql")),
+    (13, include_str!("../migrations/0013_sessions.sql")),
 ];
 
 /// The SQLite file holds every user's password hash, tokens' hashes and sealed secrets: made

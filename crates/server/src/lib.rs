@@ -23,6 +23,7 @@ pub mod plane;
 pub mod prebuilds;
 pub mod secrets;
 pub mod state;
+mod ui;
 pub mod workspaces;
 
 use std::net::SocketAddr;
@@ -166,7 +167,16 @@ pub fn openapi_document() -> utoipa::openapi::OpenApi {
 pub fn router(state: AppState) -> Router {
     api_routes()
         .0
-        .fallback(|| async { ApiError::not_found("such endpoint (see /api/v1/openapi.json)") })
+        .merge(ui::routes())
+        .fallback(|uri: axum::http::Uri| async move {
+            if uri.path().starts_with("/api/") {
+                axum::response::IntoResponse::into_response(ApiError::not_found(
+                    "such endpoint (see /api/v1/openapi.json)",
+                ))
+            } else {
+                ui::not_found()
+            }
+        })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
 }

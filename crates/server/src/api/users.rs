@@ -22,51 +22,7 @@ pub async fn login(
     crate::client::ClientAddr(client): crate::client::ClientAddr,
     Body(req): Body<LoginRequest>,
 ) -> ApiResult<Json<LoginResponse>> {
-    // Refused before anything is kept of it (the throttle's records are keyed by name).
-    if req.user.is_empty() || req.user.len() > 64 {
-        return Err(ApiError::bad_request("a user name has 1 to 64 bytes"));
-    }
-    let now = std::time::Instant::now();
-    let wait = state.logins.wait(&req.user, client, now);
-    if !wait.is_zero() {
-        return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            format!(
-                "too many failed logins for `{}`: try again in {} s",
-                req.user,
-                wait.as_secs().max(1)
-            ),
-        ));
-    }
-    let row: Option<(String, String, i64)> =
-        sqlx::query_as("SELECT id, password_hash, is_admin FROM users WHERE name = $1")
-            .bind(&req.user)
-            .fetch_optional(&state.db.pool)
-            .await?;
-    let refused = || ApiError::new(StatusCode::UNAUTHORIZED, "wrong user name or password");
-    // An unknown name costs the same verification as a wrong password; argon2 runs off the
-    // async workers, which must keep serving everybody else.
-    let hash = match &row {
-        Some((_, hash, _)) => hash.clone(),
-        None => crate::auth::unknown_user_hash().to_owned(),
-    };
-    // Counted as a failure before it is verified (refunded on success), so parallel guesses
-    // cannot all slip in under the throttle; at most a few verifications at once (each takes
-    // ~19 MiB), whoever asks.
-    state.logins.failed(&req.user, client, now);
-    static VERIFYING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
-    let _turn = VERIFYING
-        .acquire()
-        .await
-        .map_err(|e| ApiError::internal("cannot verify a password", e))?;
-    let password = req.password.clone();
-    let verified = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
-        .await
-        .unwrap_or(false);
-    let Some((user_id, _, is_admin)) = row.filter(|_| verified) else {
-        return Err(refused());
-    };
-    state.logins.succeeded(&req.user, client);
+    let (user_id, is_admin) = check_password(&state, client, &req.user, &req.password).await?;
     let (token, token_hash) = new_token();
     sqlx::query("INSERT INTO api_tokens (id, user_id, name, token_hash, created_at) VALUES ($1, $2, $3, $4, $5)")
         .bind(new_id())
@@ -79,8 +35,63 @@ pub async fn login(
     Ok(Json(LoginResponse {
         token,
         user: req.user,
-        admin: is_admin != 0,
+        admin: is_admin,
     }))
+}
+
+/// The user `name` with this password, as `(id, is_admin)`: what the API's login and the web
+/// UI's sign-in both ask, under one throttle.
+pub(crate) async fn check_password(
+    state: &AppState,
+    client: std::net::IpAddr,
+    name: &str,
+    password: &str,
+) -> ApiResult<(String, bool)> {
+    // Refused before anything is kept of it (the throttle's records are keyed by name).
+    if name.is_empty() || name.len() > 64 {
+        return Err(ApiError::bad_request("a user name has 1 to 64 bytes"));
+    }
+    let now = std::time::Instant::now();
+    let wait = state.logins.wait(name, client, now);
+    if !wait.is_zero() {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "too many failed logins for `{name}`: try again in {} s",
+                wait.as_secs().max(1)
+            ),
+        ));
+    }
+    let row: Option<(String, String, i64)> =
+        sqlx::query_as("SELECT id, password_hash, is_admin FROM users WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&state.db.pool)
+            .await?;
+    let refused = || ApiError::new(StatusCode::UNAUTHORIZED, "wrong user name or password");
+    // An unknown name costs the same verification as a wrong password; argon2 runs off the
+    // async workers, which must keep serving everybody else.
+    let hash = match &row {
+        Some((_, hash, _)) => hash.clone(),
+        None => crate::auth::unknown_user_hash().to_owned(),
+    };
+    // Counted as a failure before it is verified (refunded on success), so parallel guesses
+    // cannot all slip in under the throttle; at most a few verifications at once (each takes
+    // ~19 MiB), whoever asks.
+    state.logins.failed(name, client, now);
+    static VERIFYING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+    let _turn = VERIFYING
+        .acquire()
+        .await
+        .map_err(|e| ApiError::internal("cannot verify a password", e))?;
+    let password = password.to_owned();
+    let verified = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
+        .await
+        .unwrap_or(false);
+    let Some((user_id, _, is_admin)) = row.filter(|_| verified) else {
+        return Err(refused());
+    };
+    state.logins.succeeded(name, client);
+    Ok((user_id, is_admin != 0))
 }
 
 fn user_view(user: User) -> UserView {

@@ -24,7 +24,7 @@ use warren_api::{
 
 // ---- workspaces ----
 
-fn workspace_view(w: &Workspace) -> WorkspaceView {
+pub(crate) fn workspace_view(w: &Workspace) -> WorkspaceView {
     WorkspaceView {
         id: w.id.0.clone(),
         name: w.name.clone(),
@@ -57,7 +57,7 @@ fn workspace_view(w: &Workspace) -> WorkspaceView {
 }
 
 /// The view, with how far the workspace's prebuild is behind its branch.
-async fn workspace_view_now(state: &AppState, w: &Workspace) -> WorkspaceView {
+pub(crate) async fn workspace_view_now(state: &AppState, w: &Workspace) -> WorkspaceView {
     let mut view = workspace_view(w);
     if let (Some(commit), Some(head), Some(url)) = (&w.prebuild_commit, &w.branch_head, &w.git_url)
     {
@@ -67,7 +67,11 @@ async fn workspace_view_now(state: &AppState, w: &Workspace) -> WorkspaceView {
 }
 
 /// The workspace `key` (an id, or a name) the caller may see.
-async fn find_workspace(state: &AppState, caller: &Caller, key: &str) -> ApiResult<Workspace> {
+pub(crate) async fn find_workspace(
+    state: &AppState,
+    caller: &Caller,
+    key: &str,
+) -> ApiResult<Workspace> {
     let found = workspaces::select(&state.db, "WHERE w.id = $1 OR w.name = $1", &[key]).await?;
     pick_owned(found, caller, key)
         .ok_or_else(|| ApiError::not_found(format_args!("workspace `{key}`")))
@@ -80,18 +84,27 @@ pub async fn list_workspaces(
     State(state): State<AppState>,
     caller: Caller,
 ) -> ApiResult<Json<Vec<WorkspaceView>>> {
-    let admin = if caller.is_admin { "1" } else { "0" };
-    let found = workspaces::select(
-        &state.db,
-        "WHERE w.owner_id = $1 OR $2 = '1' ORDER BY w.name",
-        &[&caller.user_id, admin],
-    )
-    .await?;
+    let found = visible_workspaces(&state, &caller).await?;
     let mut out = Vec::with_capacity(found.len());
     for w in &found {
         out.push(workspace_view_now(&state, w).await);
     }
     Ok(Json(out))
+}
+
+/// The workspaces the caller may see (admins: everybody's), by name.
+pub(crate) async fn visible_workspaces(
+    state: &AppState,
+    caller: &Caller,
+) -> ApiResult<Vec<Workspace>> {
+    let admin = if caller.is_admin { "1" } else { "0" };
+    let found = workspaces::select(
+        &state.db,
+        "WHERE w.owner_id = $1 OR $2 = '1' ORDER BY w.name, w.id",
+        &[&caller.user_id, admin],
+    )
+    .await?;
+    Ok(found)
 }
 
 /// One workspace (by id or name)
@@ -117,10 +130,23 @@ pub async fn create_workspace(
     caller: Caller,
     Body(req): Body<NewWorkspace>,
 ) -> ApiResult<impl IntoResponse> {
-    let req = create::check(&state, &caller, req)?;
+    let row = create_as(&state, &caller, req).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(workspace_view_now(&state, &row).await),
+    ))
+}
+
+/// Creates a workspace as `caller` (the API's and the UI's one way), which then starts.
+pub(crate) async fn create_as(
+    state: &AppState,
+    caller: &Caller,
+    req: NewWorkspace,
+) -> ApiResult<Workspace> {
+    let req = create::check(state, caller, req)?;
     let project = match &req.project() {
         Some(p) => {
-            let project = find_project(&state, &caller, p).await?;
+            let project = find_project(state, caller, p).await?;
             Some(create::Project {
                 id: project.id,
                 git_url: project.git_url,
@@ -128,12 +154,8 @@ pub async fn create_workspace(
         }
         None => None,
     };
-    let id = create::create(&state, &caller, project, req).await?;
-    let row = find_workspace(&state, &caller, &id.0).await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(workspace_view_now(&state, &row).await),
-    ))
+    let id = create::create(state, caller, project, req).await?;
+    find_workspace(state, caller, &id.0).await
 }
 
 /// Start a workspace
@@ -150,6 +172,9 @@ pub async fn start_workspace(
     let ws = find_workspace(&state, &caller, &key).await?;
     Ok((StatusCode::ACCEPTED, Json(workspace_view(&ws))))
 }
+
+/// How long a stop waits for the workspace's processes to end before killing them.
+pub(crate) const STOP_GRACE_S: u64 = 10;
 
 /// Stop a workspace (`force` kills at once)
 #[utoipa::path(post, path = "/api/v1/workspaces/{workspace}/stop", tag = "workspaces",
@@ -172,7 +197,7 @@ pub async fn stop_workspace(
     let grace_ms = if req.force {
         0
     } else {
-        req.grace_seconds.unwrap_or(10).min(3600) * 1000
+        req.grace_seconds.unwrap_or(STOP_GRACE_S).min(3600) * 1000
     };
     let stop = Event::Stop {
         grace_ms,

@@ -1,0 +1,304 @@
+//! Server-sent events: rows of the workspace list as they change, and a task's output as it
+//! is written. Each stream looks as the signed-in user, through the API's functions.
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use base64::Engine as _;
+use futures_util::stream::{self, Stream};
+use serde::Deserialize;
+
+use super::pages::{RowFragment, row_now};
+use super::{Session, UiError};
+use crate::api;
+use crate::auth::Caller;
+use crate::state::AppState;
+use crate::workspaces::Workspace;
+use warren_api::LogQuery;
+
+/// How often a stream looks again.
+const LIST_TICK: Duration = Duration::from_secs(1);
+const LOG_TICK: Duration = Duration::from_millis(500);
+
+#[derive(Deserialize)]
+pub(crate) struct ListQuery {
+    /// Only this workspace (its page).
+    #[serde(default)]
+    id: Option<String>,
+}
+
+/// `row` events (a workspace's row, rendered) when a workspace the user may see changes, and
+/// `gone` (the row's element id) when one goes. The first look sends every row, then `synced`.
+pub(crate) async fn workspaces(
+    State(state): State<AppState>,
+    session: Session,
+    Query(query): Query<ListQuery>,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let watch = ListWatch {
+        state,
+        caller: session.caller,
+        only: query.id,
+        seen: HashMap::new(),
+        pending: VecDeque::new(),
+        first: true,
+    };
+    let events = stream::unfold(watch, |mut watch| async move {
+        loop {
+            if let Some(event) = watch.pending.pop_front() {
+                return Some((Ok(event), watch));
+            }
+            if watch.first {
+                watch.look().await;
+                watch.first = false;
+                watch
+                    .pending
+                    .push_back(Event::default().event("synced").data("all rows sent"));
+                continue;
+            }
+            tokio::time::sleep(LIST_TICK).await;
+            watch.look().await;
+        }
+    });
+    Sse::new(events).keep_alive(KeepAlive::default())
+}
+
+struct ListWatch {
+    state: AppState,
+    caller: Caller,
+    only: Option<String>,
+    /// What each row showed when it was last sent.
+    seen: HashMap<String, String>,
+    pending: VecDeque<Event>,
+    first: bool,
+}
+
+impl ListWatch {
+    async fn look(&mut self) {
+        // A database that fails now is asked again at the next tick.
+        let Ok(found) = api::visible_workspaces(&self.state, &self.caller).await else {
+            return;
+        };
+        let mut now = HashMap::new();
+        for w in found
+            .iter()
+            .filter(|w| self.only.as_ref().is_none_or(|id| *id == w.id.0))
+        {
+            let shown = shown(w);
+            if self.seen.get(&w.id.0) != Some(&shown) {
+                let row = RowFragment {
+                    row: row_now(&self.state, &self.caller, w).await,
+                };
+                if let Ok(html) = askama::Template::render(&row) {
+                    self.pending
+                        .push_back(Event::default().event("row").data(html));
+                }
+            }
+            now.insert(w.id.0.clone(), shown);
+        }
+        for gone in self.seen.keys().filter(|id| !now.contains_key(*id)) {
+            self.pending
+                .push_back(Event::default().event("gone").data(format!("ws-{gone}")));
+        }
+        self.seen = now;
+    }
+}
+
+/// What a row shows that can change.
+fn shown(w: &Workspace) -> String {
+    format!(
+        "{}|{}|{:?}|{}|{:?}|{}",
+        w.state, w.desired, w.last_error, w.updated_at, w.stats_at, w.host
+    )
+}
+
+#[derive(Deserialize)]
+pub(crate) struct FollowQuery {
+    #[serde(default)]
+    offset: u64,
+}
+
+/// A task's output from `?offset=`: `log` events (the text as a JSON string, with the offset
+/// after it as the event's id), then `end` once the task has ended and all was sent, or
+/// `problem` (a JSON string) when its host cannot be asked.
+pub(crate) async fn task_log(
+    State(state): State<AppState>,
+    session: Session,
+    Path((key, task)): Path<(String, String)>,
+    Query(query): Query<FollowQuery>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, UiError> {
+    // Another user's workspace is 404 here, not a stream of problems.
+    let ws = api::find_workspace(&state, &session.caller, &key).await?;
+    let follow = Follow {
+        state,
+        caller: session.caller,
+        key: ws.id.0,
+        task,
+        offset: query.offset,
+        done: false,
+    };
+    let events = stream::unfold(follow, |mut f| async move {
+        if f.done {
+            return None;
+        }
+        let event = f.next().await;
+        Some((Ok(event), f))
+    });
+    Ok(Sse::new(events).keep_alive(KeepAlive::default()))
+}
+
+struct Follow {
+    state: AppState,
+    caller: Caller,
+    key: String,
+    task: String,
+    offset: u64,
+    done: bool,
+}
+
+impl Follow {
+    async fn next(&mut self) -> Event {
+        let problem = |message: String| Event::default().event("problem").data(json(&message));
+        loop {
+            let piece = api::task_log(
+                State(self.state.clone()),
+                self.caller.clone(),
+                Path((self.key.clone(), self.task.clone())),
+                Query(LogQuery {
+                    offset: self.offset,
+                }),
+            )
+            .await;
+            let log = match piece {
+                Ok(Json(log)) => log,
+                Err(e) => {
+                    self.done = true;
+                    return problem(e.message);
+                }
+            };
+            let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(&log.data_base64)
+            else {
+                self.done = true;
+                return problem("the host answered a log that is not base64".to_owned());
+            };
+            // A character cut at the end of this piece is sent whole with the next.
+            let keep = if log.running {
+                bytes.len() - incomplete_tail(&bytes)
+            } else {
+                bytes.len()
+            };
+            if keep > 0 {
+                self.offset += keep as u64;
+                let text = terminal_text(&String::from_utf8_lossy(&bytes[..keep]));
+                return Event::default()
+                    .event("log")
+                    .id(self.offset.to_string())
+                    .data(json(&text));
+            }
+            if !log.running {
+                self.done = true;
+                return Event::default().event("end").data("the task has ended");
+            }
+            tokio::time::sleep(LOG_TICK).await;
+        }
+    }
+}
+
+/// An event's text, as JSON. (An event must carry some data: a browser drops one without.)
+fn json(text: &str) -> String {
+    serde_json::Value::from(text).to_string()
+}
+
+/// How many bytes at the end of `bytes` begin a UTF-8 character that is not complete yet.
+fn incomplete_tail(bytes: &[u8]) -> usize {
+    for back in 1..=bytes.len().min(4) {
+        let b = bytes[bytes.len() - back];
+        if b & 0xC0 == 0x80 {
+            continue;
+        }
+        let needs = match b {
+            0xC0..=0xDF => 2,
+            0xE0..=0xEF => 3,
+            0xF0..=0xF7 => 4,
+            _ => 1,
+        };
+        return if needs > back { back } else { 0 };
+    }
+    0
+}
+
+/// A terminal's output as plain text for a page: escape sequences (colours, cursor moves,
+/// titles) and other control characters dropped; a carriage return ends a line.
+fn terminal_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\u{1b}' => match chars.next() {
+                // CSI: parameters, then one final byte in @..~.
+                Some('[') => {
+                    for c in chars.by_ref() {
+                        if ('@'..='~').contains(&c) {
+                            break;
+                        }
+                    }
+                }
+                // OSC: up to BEL or ESC \.
+                Some(']') => {
+                    while let Some(c) = chars.next() {
+                        if c == '\u{7}' {
+                            break;
+                        }
+                        if c == '\u{1b}' {
+                            chars.next_if_eq(&'\\');
+                            break;
+                        }
+                    }
+                }
+                _ => {}
+            },
+            '\r' => {
+                if chars.peek() != Some(&'\n') {
+                    out.push('\n');
+                }
+            }
+            '\n' | '\t' => out.push(c),
+            c if c.is_control() => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cut_character_waits_for_its_end() {
+        let e_acute = "é".as_bytes();
+        let euro = "€".as_bytes();
+        assert_eq!(incomplete_tail(b"abc"), 0);
+        assert_eq!(incomplete_tail(&[b'a', e_acute[0]]), 1);
+        assert_eq!(incomplete_tail(e_acute), 0);
+        assert_eq!(incomplete_tail(&euro[..2]), 2);
+        assert_eq!(incomplete_tail(euro), 0);
+        assert_eq!(incomplete_tail(&"🦀".as_bytes()[..3]), 3);
+        assert_eq!(incomplete_tail(b""), 0);
+        // Bytes that are no character at all are not waited for.
+        assert_eq!(incomplete_tail(&[0x80, 0x80, 0x80, 0x80, 0x80]), 0);
+    }
+
+    #[test]
+    fn terminal_output_reads_as_text() {
+        assert_eq!(
+            terminal_text("\u{1b}[1;32mok\u{1b}[0m\r\nnext\u{7}\u{1b}]0;title\u{7}!"),
+            "ok\nnext!"
+        );
+        assert_eq!(terminal_text("10%\r20%\rdone\n"), "10%\n20%\ndone\n");
+        assert_eq!(terminal_text("a\u{1b}]2;t\u{1b}\\b\tc"), "ab\tc");
+    }
+}

@@ -1,0 +1,533 @@
+//! The pages and the actions on them. Each calls the API's own functions as the signed-in
+//! user; what it adds is only how things look.
+
+use askama::Template;
+use axum::Json;
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use serde::Deserialize;
+
+use super::{Acting, Session, UiError, check_origin, end_session, new_session, over_https};
+use crate::api;
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::model::{Desired, Event, WorkspaceState};
+use crate::state::AppState;
+use crate::workspaces::{self, Workspace};
+use warren_api::{NewWorkspace, PrebuildState, TaskState, WorkspaceView};
+
+pub(crate) fn html(page: &impl Template) -> Response {
+    match page.render() {
+        Ok(text) => Html(text).into_response(),
+        Err(e) => ApiError::internal("cannot render a page", e).into_response(),
+    }
+}
+
+#[derive(Template)]
+#[template(path = "error.html")]
+pub(crate) struct ErrorPage {
+    pub status: u16,
+    pub message: String,
+    /// The frame's: an error page shows no user.
+    pub csrf: Option<String>,
+    pub user: Option<String>,
+}
+
+// ---- signing in and out ----
+
+#[derive(Template)]
+#[template(path = "login.html")]
+struct LoginPage {
+    problem: Option<String>,
+    user_name: String,
+    csrf: Option<String>,
+    user: Option<String>,
+}
+
+pub(crate) async fn login_page() -> Response {
+    html(&LoginPage {
+        problem: None,
+        user_name: String::new(),
+        csrf: None,
+        user: None,
+    })
+}
+
+#[derive(Deserialize)]
+pub(crate) struct LoginForm {
+    user: String,
+    password: String,
+}
+
+pub(crate) async fn login(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    crate::client::ClientAddr(client): crate::client::ClientAddr,
+    headers: HeaderMap,
+    axum::Form(form): axum::Form<LoginForm>,
+) -> Response {
+    // Signing a browser in as somebody else from another site's page is refused too.
+    if let Err(e) = check_origin(&headers) {
+        return e.into_response();
+    }
+    let signed_in = match api::check_password(&state, client, &form.user, &form.password).await {
+        Ok((user_id, _)) => {
+            new_session(&state, &user_id, over_https(peer.ip(), &headers, &state)).await
+        }
+        Err(e) => Err(e),
+    };
+    match signed_in {
+        Ok(cookie) => ([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response(),
+        Err(e) => (
+            e.status,
+            html(&LoginPage {
+                problem: Some(e.message),
+                user_name: form.user,
+                csrf: None,
+                user: None,
+            }),
+        )
+            .into_response(),
+    }
+}
+
+pub(crate) async fn logout(
+    State(state): State<AppState>,
+    _: Acting,
+    headers: HeaderMap,
+) -> Result<Response, UiError> {
+    let cookie = end_session(&headers, &state).await?;
+    Ok((
+        [(header::SET_COOKIE, cookie)],
+        [("hx-redirect", "/login")],
+        Redirect::to("/login"),
+    )
+        .into_response())
+}
+
+// ---- workspaces ----
+
+/// One workspace as a row of the list.
+pub(crate) struct Row {
+    id: String,
+    name: String,
+    owner: String,
+    mine: bool,
+    source: String,
+    behind: u64,
+    state: &'static str,
+    busy: bool,
+    error: Option<String>,
+    runtime: String,
+    host: String,
+    resources: String,
+    changed: String,
+    changed_ms: i64,
+    ssh: Option<String>,
+    alias: String,
+    vscode: String,
+    can_start: bool,
+    can_stop: bool,
+}
+
+pub(crate) fn row(state: &AppState, caller: &Caller, w: &Workspace, view: &WorkspaceView) -> Row {
+    let mine = w.owner_id == caller.user_id;
+    // As at the gateway and in `warren ssh-config`: another user's is `<workspace>.<owner>`.
+    let login = if mine {
+        w.name.clone()
+    } else {
+        format!("{}.{}", w.name, w.owner)
+    };
+    let source = match (&w.project, &w.branch) {
+        (Some(project), branch) => {
+            let mut text = project.clone();
+            if let Some(branch) = branch {
+                text.push_str(&format!(" / {branch}"));
+            }
+            if let Some(commit) = &w.prebuild_commit {
+                text.push_str(&format!(" @ {}", &commit[..commit.len().min(8)]));
+            }
+            text
+        }
+        (None, _) => w.image.clone(),
+    };
+    let runtime = match (w.runtime.as_str(), &view.accel) {
+        ("vm", Some(accel)) => format!("VM · {accel}"),
+        ("vm", None) => "VM".to_owned(),
+        (other, _) => other.to_owned(),
+    };
+    let used = w
+        .stats
+        .as_ref()
+        .and_then(|s| s.get("memory_bytes"))
+        .and_then(serde_json::Value::as_u64);
+    let memory = match (used, w.memory) {
+        (Some(used), Some(limit)) => format!("{} of {}", gib(used), gib(limit)),
+        (Some(used), None) => gib(used),
+        (None, Some(limit)) => format!("≤ {}", gib(limit)),
+        (None, None) => "—".to_owned(),
+    };
+    let resources = match w.cpus {
+        Some(cpus) => format!(
+            "{memory} · {cpus} CPU{}",
+            if cpus == 1.0 { "" } else { "s" }
+        ),
+        None => memory,
+    };
+    let ssh = state
+        .ssh
+        .as_ref()
+        .map(|g| format!("ssh -p {} {login}@{}", g.port, g.host));
+    let alias = format!("{login}.warren");
+    Row {
+        id: w.id.0.clone(),
+        name: w.name.clone(),
+        owner: w.owner.clone(),
+        mine,
+        source,
+        behind: view.behind.unwrap_or(0),
+        state: w.state.as_str(),
+        busy: !w.state.is_settled() && w.state != WorkspaceState::Failed,
+        error: w
+            .last_error
+            .clone()
+            .filter(|_| w.state == WorkspaceState::Failed),
+        runtime,
+        host: w.host.clone(),
+        resources,
+        changed: ago(crate::db::now_ms() - w.updated_at),
+        changed_ms: w.updated_at,
+        ssh,
+        vscode: format!("vscode://vscode-remote/ssh-remote+{alias}/root"),
+        alias,
+        can_start: w.desired != Desired::Running
+            && matches!(w.state, WorkspaceState::Stopped | WorkspaceState::Failed),
+        can_stop: w.desired == Desired::Running && w.state != WorkspaceState::Failed,
+    }
+}
+
+fn gib(bytes: u64) -> String {
+    let gib = bytes as f64 / f64::from(1u32 << 30);
+    if gib >= 10.0 {
+        format!("{gib:.0} GiB")
+    } else if gib >= 1.0 {
+        format!("{gib:.1} GiB")
+    } else {
+        format!("{:.0} MiB", bytes as f64 / f64::from(1u32 << 20))
+    }
+}
+
+fn ago(ms: i64) -> String {
+    let s = ms.max(0) / 1000;
+    match s {
+        0..60 => "just now".to_owned(),
+        60..3600 => format!("{} min ago", s / 60),
+        3600..86400 => format!("{} h ago", s / 3600),
+        _ => format!("{} days ago", s / 86400),
+    }
+}
+
+#[derive(Template)]
+#[template(path = "workspace_row.html")]
+pub(crate) struct RowFragment {
+    pub row: Row,
+}
+
+/// The row of workspace `w` as it is now (with how far behind its branch it is).
+pub(crate) async fn row_now(state: &AppState, caller: &Caller, w: &Workspace) -> Row {
+    let view = api::workspace_view_now(state, w).await;
+    row(state, caller, w, &view)
+}
+
+/// A branch (or not) to make a workspace from, as the "New workspace" dialog offers it.
+struct Source {
+    value: String,
+    label: String,
+    usable: bool,
+}
+
+#[derive(Template)]
+#[template(path = "workspaces.html")]
+struct WorkspacesPage {
+    csrf: Option<String>,
+    user: Option<String>,
+    rows: Vec<Row>,
+    sources: Vec<Source>,
+}
+
+pub(crate) async fn workspaces(
+    State(state): State<AppState>,
+    session: Session,
+) -> Result<Response, UiError> {
+    let caller = &session.caller;
+    let mut rows = Vec::new();
+    for w in api::visible_workspaces(&state, caller).await? {
+        rows.push(row_now(&state, caller, &w).await);
+    }
+    let sources = sources(&state, caller).await?;
+    Ok(html(&WorkspacesPage {
+        csrf: Some(session.csrf),
+        user: Some(session.caller.name),
+        rows,
+        sources,
+    }))
+}
+
+/// Every branch of the caller's projects, with where its prebuild is: a workspace starts from
+/// the newest prebuild of its branch that succeeded.
+async fn sources(state: &AppState, caller: &Caller) -> Result<Vec<Source>, ApiError> {
+    let Json(projects) = api::list_projects(State(state.clone()), caller.clone()).await?;
+    let mut out = Vec::new();
+    for project in projects {
+        let key = || Path(project.id.clone());
+        let Json(branches) =
+            api::project_branches(State(state.clone()), caller.clone(), key()).await?;
+        let Json(prebuilds) =
+            api::list_prebuilds(State(state.clone()), caller.clone(), key()).await?;
+        for branch in branches {
+            let of_branch = || {
+                prebuilds
+                    .iter()
+                    .filter(|p| p.branch.as_deref() == Some(branch.name.as_str()))
+            };
+            let usable = of_branch().any(|p| p.state == PrebuildState::Succeeded);
+            let word = match of_branch().next().map(|p| p.state) {
+                Some(PrebuildState::Succeeded) => "ready",
+                Some(PrebuildState::Queued | PrebuildState::Running) if usable => {
+                    "building (an older one is ready)"
+                }
+                Some(PrebuildState::Queued | PrebuildState::Running) => "building",
+                Some(PrebuildState::Failed) if usable => "failed (an older one is ready)",
+                Some(PrebuildState::Failed) => "failed",
+                Some(PrebuildState::Cancelled | PrebuildState::Archived) if usable => "ready",
+                Some(PrebuildState::Cancelled | PrebuildState::Archived) | None => "no prebuild",
+            };
+            let owner = if project.owner == caller.name {
+                String::new()
+            } else {
+                format!(" ({})", project.owner)
+            };
+            out.push(Source {
+                value: format!("project:{}:{}", project.id, branch.name),
+                label: format!("{}{owner} / {} — {word}", project.name, branch.name),
+                usable,
+            });
+        }
+    }
+    Ok(out)
+}
+
+#[derive(Deserialize)]
+pub(crate) struct NewForm {
+    name: String,
+    source: String,
+    #[serde(default)]
+    image: String,
+    #[serde(default)]
+    runtime: String,
+    #[serde(default)]
+    memory_gib: String,
+    #[serde(default)]
+    cpus: String,
+}
+
+impl NewForm {
+    fn request(self) -> Result<NewWorkspace, ApiError> {
+        let number = |field: &str, text: &str| -> Result<Option<f64>, ApiError> {
+            let text = text.trim();
+            if text.is_empty() {
+                return Ok(None);
+            }
+            match text.parse::<f64>() {
+                Ok(n) if n.is_finite() && n > 0.0 => Ok(Some(n)),
+                _ => Err(ApiError::bad_request(format!(
+                    "{field} must be a positive number, not `{text}`"
+                ))),
+            }
+        };
+        let memory =
+            number("memory", &self.memory_gib)?.map(|gib| (gib * f64::from(1u32 << 30)) as u64);
+        let cpus = number("CPUs", &self.cpus)?;
+        let (image, project, branch) = match self.source.splitn(3, ':').collect::<Vec<_>>()[..] {
+            ["image"] if !self.image.trim().is_empty() => {
+                (Some(self.image.trim().to_owned()), None, None)
+            }
+            ["image"] => return Err(ApiError::bad_request("name the image to start from")),
+            ["project", project, branch] => {
+                (None, Some(project.to_owned()), Some(branch.to_owned()))
+            }
+            _ => {
+                return Err(ApiError::bad_request(
+                    "choose what to make the workspace from",
+                ));
+            }
+        };
+        Ok(NewWorkspace {
+            name: self.name.trim().to_owned(),
+            image,
+            project,
+            branch,
+            memory,
+            cpus,
+            disk: None,
+            environment: None,
+            runtime: Some(self.runtime).filter(|r| !r.is_empty()),
+        })
+    }
+}
+
+pub(crate) async fn create_workspace(
+    State(state): State<AppState>,
+    Acting(session): Acting,
+    axum::Form(form): axum::Form<NewForm>,
+) -> Result<Response, UiError> {
+    api::create_as(&state, &session.caller, form.request()?).await?;
+    // The list shows it, and its state as it changes.
+    Ok([("hx-redirect", "/")].into_response())
+}
+
+/// Start, stop, force-stop or delete; answers the workspace's row as it now is.
+pub(crate) async fn workspace_action(
+    State(state): State<AppState>,
+    Acting(session): Acting,
+    Path((key, action)): Path<(String, String)>,
+) -> Result<Response, UiError> {
+    let caller = &session.caller;
+    let ws = api::find_workspace(&state, caller, &key).await?;
+    let event = match action.as_str() {
+        "start" => Event::Start,
+        "stop" => Event::Stop {
+            grace_ms: api::STOP_GRACE_S * 1000,
+            force: false,
+        },
+        "force-stop" => Event::Stop {
+            grace_ms: 0,
+            force: true,
+        },
+        "delete" => Event::Delete,
+        _ => return Err(UiError(ApiError::not_found("such action"))),
+    };
+    workspaces::request(&state, &ws, event).await?;
+    match api::find_workspace(&state, caller, &key).await {
+        Ok(ws) => Ok(html(&RowFragment {
+            row: row_now(&state, caller, &ws).await,
+        })),
+        // Deleted already: its row goes.
+        Err(e) if e.status == StatusCode::NOT_FOUND => Ok(Html("").into_response()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+struct TaskRow {
+    name: String,
+    state: &'static str,
+    segment: String,
+}
+
+#[derive(Template)]
+#[template(path = "workspace.html")]
+struct WorkspacePage {
+    csrf: Option<String>,
+    user: Option<String>,
+    row: Row,
+    tasks: Vec<TaskRow>,
+    tasks_problem: Option<String>,
+}
+
+pub(crate) async fn workspace(
+    State(state): State<AppState>,
+    session: Session,
+    Path(key): Path<String>,
+) -> Result<Response, UiError> {
+    let caller = &session.caller;
+    let ws = api::find_workspace(&state, caller, &key).await?;
+    let row = row_now(&state, caller, &ws).await;
+    let (tasks, tasks_problem) = if ws.state == WorkspaceState::Running {
+        match api::list_tasks(State(state.clone()), caller.clone(), Path(ws.id.0.clone())).await {
+            Ok(Json(tasks)) if tasks.is_empty() => {
+                (Vec::new(), Some("Its environment has no tasks.".to_owned()))
+            }
+            Ok(Json(tasks)) => (
+                tasks
+                    .into_iter()
+                    .map(|t| TaskRow {
+                        segment: crate::links::task_segment(&t.name),
+                        state: match t.state {
+                            TaskState::Waiting => "waiting",
+                            TaskState::Running => "running",
+                            TaskState::Exited { .. } => "exited",
+                            TaskState::Failed { .. } => "failed",
+                        },
+                        name: t.name,
+                    })
+                    .collect(),
+                None,
+            ),
+            Err(e) => (Vec::new(), Some(e.message)),
+        }
+    } else {
+        (
+            Vec::new(),
+            Some(format!("It is {}: its tasks show while it runs.", ws.state)),
+        )
+    };
+    Ok(html(&WorkspacePage {
+        csrf: Some(session.csrf),
+        user: Some(session.caller.name),
+        row,
+        tasks,
+        tasks_problem,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn form(source: &str, image: &str, memory: &str) -> NewForm {
+        NewForm {
+            name: " dev ".into(),
+            source: source.into(),
+            image: image.into(),
+            runtime: String::new(),
+            memory_gib: memory.into(),
+            cpus: "2".into(),
+        }
+    }
+
+    #[test]
+    fn the_new_workspace_form_becomes_the_apis_request() {
+        let req = form("project:p1:feature:x", "", "1.5").request().ok();
+        let req = req.as_ref();
+        assert_eq!(req.map(|r| r.name.as_str()), Some("dev"));
+        assert_eq!(req.and_then(|r| r.project.as_deref()), Some("p1"));
+        assert_eq!(req.and_then(|r| r.branch.as_deref()), Some("feature:x"));
+        assert_eq!(req.and_then(|r| r.memory), Some(3 << 29));
+        assert_eq!(req.and_then(|r| r.cpus), Some(2.0));
+        assert_eq!(req.and_then(|r| r.runtime.clone()), None);
+        let image = form("image", "reg/x:1", "").request().ok();
+        assert_eq!(image.and_then(|r| r.image), Some("reg/x:1".to_owned()));
+        for (source, image, memory) in [
+            ("image", " ", ""),
+            ("", "", ""),
+            ("project:p1:main", "", "-1"),
+            ("project:p1:main", "", "lots"),
+        ] {
+            assert!(
+                form(source, image, memory).request().is_err(),
+                "{source} {memory}"
+            );
+        }
+    }
+
+    #[test]
+    fn sizes_and_ages_read_as_people_say_them() {
+        assert_eq!(gib(512 << 20), "512 MiB");
+        assert_eq!(gib(3 << 29), "1.5 GiB");
+        assert_eq!(gib(16 << 30), "16 GiB");
+        assert_eq!(ago(5_000), "just now");
+        assert_eq!(ago(125_000), "2 min ago");
+        assert_eq!(ago(3 * 86_400_000), "3 days ago");
+    }
+}
