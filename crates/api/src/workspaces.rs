@@ -35,6 +35,19 @@ pub struct NewWorkspace {
     /// `container` or `vm`; when absent, the environment file's `runtime` (else a container).
     #[serde(default)]
     pub runtime: Option<String>,
+    /// Seconds without use after which it is stopped (0: never); when absent, its project's,
+    /// else its owner's, else the server's.
+    #[serde(default)]
+    pub idle_timeout: Option<u64>,
+}
+
+/// An idle timeout to set on a workspace, a project or yourself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IdleTimeout {
+    /// Seconds without use after which a workspace is stopped: 0 is never; `null` leaves it to
+    /// the next level (workspace, then project, then user, then the server).
+    pub seconds: Option<u64>,
 }
 
 /// An environment file, as found in a repository.
@@ -79,6 +92,14 @@ pub struct WorkspaceView {
     /// How a running VM is accelerated (`kvm`, or `tcg` where the host's KVM cannot run it),
     /// as its host last reported.
     pub accel: Option<String>,
+    /// Seconds without use after which it is stopped (0: never), and where that was set:
+    /// `workspace`, `project`, `user` or `server`.
+    pub idle_timeout: u64,
+    pub idle_timeout_from: String,
+    /// When it was last used (ms): an SSH channel, a command, a preview.
+    pub last_active_at: Option<i64>,
+    /// Why Warren stopped it by itself (an idle stop); cleared by the next start or stop.
+    pub stop_reason: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, Default)]

@@ -127,10 +127,10 @@ impl Client {
                 req.call()
             }
             (method, body) => {
-                let mut req = if method == "PATCH" {
-                    self.agent.patch(&url)
-                } else {
-                    self.agent.post(&url)
+                let mut req = match method {
+                    "PATCH" => self.agent.patch(&url),
+                    "PUT" => self.agent.put(&url),
+                    _ => self.agent.post(&url),
                 };
                 if let Some(a) = &auth {
                     req = req.header("Authorization", a);
@@ -187,6 +187,9 @@ impl Client {
     }
     pub fn patch(&self, path: &str, body: &impl serde::Serialize) -> anyhow::Result<Value> {
         self.send("PATCH", path, Some(&serde_json::to_value(body)?))
+    }
+    pub fn put(&self, path: &str, body: &impl serde::Serialize) -> anyhow::Result<Value> {
+        self.send("PUT", path, Some(&serde_json::to_value(body)?))
     }
     /// GETs a typed answer (a `warren_api` type).
     pub fn get_as<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {

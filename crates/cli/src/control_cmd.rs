@@ -42,6 +42,13 @@ pub struct UpArgs {
     /// `X-Forwarded-For` names the client, for the login throttle; no other caller's is read
     #[arg(long = "trusted-proxy", env = "WARREN_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_proxy)]
     trusted_proxies: Vec<ipnet::IpNet>,
+    /// How long a workspace may go unused (no SSH channel, command or preview) before it is
+    /// stopped, when neither it, its project nor its owner sets one: 90m, 2h, ... (0: never)
+    #[arg(long, env = "WARREN_IDLE_TIMEOUT", default_value = "2h", value_parser = crate::parse_duration)]
+    idle_timeout: u64,
+    /// Delete workspaces that have been stopped this long: 30d, ... (default: never)
+    #[arg(long, env = "WARREN_DELETE_STOPPED_AFTER", value_parser = crate::parse_duration)]
+    delete_stopped_after: Option<u64>,
     #[command(flatten)]
     host: HostFlags,
     #[command(flatten)]
@@ -247,6 +254,13 @@ pub fn up(args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
             git_mirrors: data.join("git/server"),
             file_repos: args.file_repos,
             trusted_proxies: args.trusted_proxies,
+            idle: warren_server::idle::IdlePolicy {
+                default_timeout_s: args.idle_timeout,
+                delete_stopped_after: args
+                    .delete_stopped_after
+                    .filter(|&s| s > 0)
+                    .map(Duration::from_secs),
+            },
         })
         .await?;
         let gateway_addr = gateway.map(|(bound, _)| {
@@ -400,6 +414,12 @@ pub enum UserCommand {
         #[arg(value_parser = ["on", "off"])]
         setting: String,
     },
+    /// How long your workspaces may go unused before they are stopped, where neither the
+    /// workspace nor its project sets it: 90m, 2h, 0 (never), or `default` (the server's)
+    Idle {
+        #[arg(value_parser = crate::parse_idle_timeout)]
+        timeout: crate::IdleTimeoutArg,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -429,6 +449,13 @@ pub enum ProjectCommand {
         name: String,
         #[arg(value_parser = ["on", "off"])]
         setting: String,
+    },
+    /// How long the project's workspaces may go unused before they are stopped, where a
+    /// workspace sets none: 90m, 2h, 0 (never), or `default` (its owner's, else the server's)
+    Idle {
+        name: String,
+        #[arg(value_parser = crate::parse_idle_timeout)]
+        timeout: crate::IdleTimeoutArg,
     },
     /// The project's branches and head commits
     Branches {
@@ -473,9 +500,20 @@ pub enum WsCommand {
         /// `container` or `vm` (default: the environment file's `runtime`, else container)
         #[arg(long, value_parser = ["container", "vm"])]
         runtime: Option<String>,
+        /// Stop it after this long unused (no SSH channel, command or preview): 90m, 2h, 0
+        /// (never); default: its project's, else yours, else the server's
+        #[arg(long, value_parser = crate::parse_duration)]
+        idle_timeout: Option<u64>,
         /// Return at once instead of waiting
         #[arg(long)]
         no_wait: bool,
+    },
+    /// How long the workspace may go unused before it is stopped: 90m, 2h, 0 (never), or
+    /// `default` (its project's, else yours, else the server's)
+    Idle {
+        name: String,
+        #[arg(value_parser = crate::parse_idle_timeout)]
+        timeout: crate::IdleTimeoutArg,
     },
     Ls {
         #[arg(long)]
@@ -775,6 +813,27 @@ pub fn user(cmd: UserCommand) -> anyhow::Result<ExitCode> {
             println!("KSM for {name}'s VM workspaces: {setting} (from their next start)");
             Ok(ExitCode::SUCCESS)
         }
+        UserCommand::Idle {
+            timeout: crate::IdleTimeoutArg(timeout),
+        } => {
+            client.put(
+                "/me/idle-timeout",
+                &warren_api::IdleTimeout { seconds: timeout },
+            )?;
+            println!(
+                "your workspaces' idle timeout: {}",
+                idle_words(timeout, "the server's")
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// An idle timeout as set, for a message.
+fn idle_words(timeout: Option<u64>, otherwise: &str) -> String {
+    match timeout {
+        None => otherwise.to_owned(),
+        Some(s) => warren_server::idle::spoken(s),
     }
 }
 
@@ -840,6 +899,19 @@ pub fn project(cmd: ProjectCommand) -> anyhow::Result<ExitCode> {
                 },
             )?;
             println!("KSM for project {name}'s VM workspaces: {setting} (from their next start)");
+        }
+        ProjectCommand::Idle {
+            name,
+            timeout: crate::IdleTimeoutArg(timeout),
+        } => {
+            client.put(
+                &format!("/projects/{name}/idle-timeout"),
+                &warren_api::IdleTimeout { seconds: timeout },
+            )?;
+            println!(
+                "project {name}'s idle timeout: {}",
+                idle_words(timeout, "its owners'")
+            );
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -917,6 +989,7 @@ pub fn ws(cmd: WsCommand) -> anyhow::Result<ExitCode> {
             disk,
             env_file,
             runtime,
+            idle_timeout,
             no_wait,
         } => {
             // `ws create PROJECT [--branch B]`: a workspace of the project's prebuild, named
@@ -954,6 +1027,7 @@ pub fn ws(cmd: WsCommand) -> anyhow::Result<ExitCode> {
                     disk,
                     environment,
                     runtime,
+                    idle_timeout,
                 },
             )?;
             if !no_wait {
@@ -985,7 +1059,22 @@ pub fn ws(cmd: WsCommand) -> anyhow::Result<ExitCode> {
                     ("image", "IMAGE"),
                     ("host", "HOST"),
                     ("last_error", "LAST ERROR"),
+                    ("stop_reason", "STOPPED BECAUSE"),
                 ],
+            );
+        }
+        WsCommand::Idle {
+            name,
+            timeout: crate::IdleTimeoutArg(timeout),
+        } => {
+            let ws: WorkspaceView = serde_json::from_value(client.put(
+                &format!("/workspaces/{name}/idle-timeout"),
+                &warren_api::IdleTimeout { seconds: timeout },
+            )?)?;
+            println!(
+                "{name}'s idle timeout: {} (set on its {})",
+                idle_words(Some(ws.idle_timeout), ""),
+                ws.idle_timeout_from
             );
         }
         WsCommand::Show { name } => {

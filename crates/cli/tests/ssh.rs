@@ -1297,3 +1297,71 @@ fn a_second_hosts_workspace_is_reached_through_its_agent() {
     assert!(stderr(&out).contains("not connected"), "{}", stderr(&out));
     // (The second host's workspace goes with it: see `SecondHost`'s drop.)
 }
+
+/// A workspace nobody uses for its idle timeout is stopped, and says why; one with an open SSH
+/// session stays up although the session sends nothing for the whole time.
+#[test]
+fn an_idle_workspace_stops_and_one_with_an_open_session_keeps_running() {
+    setup();
+    let (warren, alice, _bob, _admin) = with_workspace(54);
+    warren.ok(
+        "alice",
+        &[
+            "ws",
+            "create",
+            "quiet",
+            "--image",
+            "dev:1",
+            "--idle-timeout",
+            "60s",
+        ],
+    );
+    let shown = warren.json("alice", &["ws", "show", "quiet"]);
+    assert_eq!(shown["idle_timeout"], 60, "{shown}");
+    // Timeouts below a minute would stop a workspace between two records of a lasting use.
+    let refused = warren.cli("alice", &["ws", "idle", "web", "30s"]);
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("60 s to 30 days"),
+        "{}",
+        stderr(&refused)
+    );
+    let _session = Background(
+        alice
+            .tool("ssh")
+            .args(["web.warren", "sleep 600"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let set = warren.ok("alice", &["ws", "idle", "web", "1m"]);
+    assert!(set.contains("1 min (set on its workspace)"), "{set}");
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let stopped = loop {
+        let quiet = warren.json("alice", &["ws", "show", "quiet"]);
+        if quiet["state"] == "stopped" {
+            break quiet;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "quiet was never stopped: {quiet}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    let reason = stopped["stop_reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("idle") && reason.contains("1 min"),
+        "{stopped}"
+    );
+    let listed = warren.ok("alice", &["ws", "ls"]);
+    assert!(listed.contains("nobody used it for 1 min"), "{listed}");
+    let web = warren.json("alice", &["ws", "show", "web"]);
+    assert_eq!(web["state"], "running", "{web}");
+    assert!(web["last_active_at"].as_i64().is_some(), "{web}");
+    // A start clears the reason.
+    warren.ok("alice", &["ws", "start", "quiet"]);
+    let quiet = warren.json("alice", &["ws", "show", "quiet"]);
+    assert!(quiet["stop_reason"].is_null(), "{quiet}");
+}

@@ -142,7 +142,7 @@ fn state_is(name: &str, state: &str) -> String {
 #[test]
 fn a_user_works_with_a_workspace_in_the_browser_and_another_sees_none_of_it() {
     enter_own_network();
-    let mut warren = Warren::new(31, None);
+    let mut warren = Warren::new(53, None);
     let admin_password = warren.start().expect("a first start creates the admin");
     warren.login("admin", &admin_password);
     warren.import_image(&debian_rootfs(DebianRootfs::Git), "debian:bookworm");

@@ -58,4 +58,24 @@ pub trait Directory: Send + Sync + 'static {
     /// Task `task`'s terminal in a workspace on another host than the gateway's, through that
     /// host's agent.
     fn attach<'a>(&'a self, workspace: &'a Found, task: &'a str) -> Opening<'a>;
+    /// Marks the workspace in use (an SSH channel is open to it) until the answer is dropped:
+    /// the idle stop leaves it running meanwhile.
+    fn in_use(&self, workspace: &Found) -> InUse;
+}
+
+/// Keeps a workspace marked in use for as long as it lives ([`Directory::in_use`]).
+pub struct InUse(
+    #[allow(dead_code, reason = "held for its Drop")] Box<dyn std::any::Any + Send + Sync>,
+);
+
+impl InUse {
+    pub fn new(guard: impl std::any::Any + Send + Sync) -> Self {
+        Self(Box::new(guard))
+    }
+}
+
+impl std::fmt::Debug for InUse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InUse")
+    }
 }

@@ -46,6 +46,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (11, include_str!("../migrations/0011_workspace_disk.sql")),
     (12, include_str!("../migrations/0012_host_disk_ceiling.sql")),
     (13, include_str!("../migrations/0013_sessions.sql")),
+    (14, include_str!("../migrations/0014_idle_stop.sql")),
 ];
 
 /// The SQLite file holds every user's password hash, tokens' hashes and sealed secrets: made

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use warren_protocol::gateway::{Directory, Found, Opening, Terminal, User};
+use warren_protocol::gateway::{Directory, Found, InUse, Opening, Terminal, User};
 
 use crate::api::{blob_fingerprint, workspace_env};
 use crate::links::Place;
@@ -148,6 +148,14 @@ impl Directory for GatewayDirectory {
                 .map_err(|e| e.message)?;
             Ok(Box::new(terminal) as Box<dyn Terminal>)
         })
+    }
+
+    fn in_use(&self, workspace: &Found) -> InUse {
+        let id = workspace
+            .runtime_id
+            .strip_prefix(crate::model::WorkspaceId::RUNTIME_PREFIX)
+            .unwrap_or(&workspace.runtime_id);
+        InUse::new(self.state.presence.in_use(id))
     }
 }
 

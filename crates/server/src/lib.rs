@@ -14,6 +14,7 @@ pub mod db;
 pub mod error;
 pub mod gateway;
 pub mod git;
+pub mod idle;
 pub mod jobs;
 pub mod key_proof;
 pub mod links;
@@ -51,6 +52,7 @@ fn api_routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
     let (router, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(api::login))
         .routes(routes!(api::me))
+        .routes(routes!(api::set_my_idle_timeout))
         .routes(routes!(api::list_users, api::create_user))
         .routes(routes!(api::update_user))
         .routes(routes!(api::list_tokens))
@@ -67,11 +69,13 @@ fn api_routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(api::list_workspaces, api::create_workspace))
         .routes(routes!(api::get_workspace, api::delete_workspace))
         .routes(routes!(api::start_workspace))
+        .routes(routes!(api::set_workspace_idle_timeout))
         .routes(routes!(api::stop_workspace))
         .routes(routes!(api::exec_workspace))
         .routes(routes!(api::list_tasks))
         .routes(routes!(api::task_log))
         .routes(routes!(api::project_branches))
+        .routes(routes!(api::set_project_idle_timeout))
         .routes(routes!(api::refresh_project))
         .routes(routes!(api::git_hook))
         .routes(routes!(api::list_vars, api::set_var))
@@ -215,6 +219,8 @@ pub struct SingleHost {
     pub file_repos: Vec<std::path::PathBuf>,
     /// Reverse proxies whose `X-Forwarded-For` names the client (see [`client`]).
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// When idle workspaces stop (and stopped ones go).
+    pub idle: idle::IdlePolicy,
 }
 
 /// Only the SSH gateway's directory (`warren gateway`), for a host whose agent runs elsewhere
@@ -238,6 +244,7 @@ pub async fn gateway_directory(
     let host_id = register_host(&db, &config.host_name).await?;
     let wake = Arc::new(Notify::new());
     let state = AppState {
+        presence: idle::Presence::new(db.clone()),
         plane: Arc::new(plane::DbControlPlane {
             db: db.clone(),
             wake: wake.clone(),
@@ -257,6 +264,8 @@ pub async fn gateway_directory(
         git_mirrors: config.git_mirrors,
         file_repos: Arc::default(),
         trusted_proxies: Arc::default(),
+        // Idle workspaces are stopped by the API server's loop.
+        idle: idle::IdlePolicy::default(),
     };
     Ok((gateway::GatewayDirectory { state }, host_id))
 }
@@ -315,6 +324,8 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
     ));
 
     let state = AppState {
+        presence: idle::Presence::new(db.clone()),
+        idle: config.idle,
         db,
         wake,
         hosts: Arc::new(links::HostLinks::new(Some((
@@ -333,6 +344,7 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
         file_repos: Arc::new(config.file_repos),
         trusted_proxies: Arc::new(config.trusted_proxies),
     };
+    tokio::spawn(idle::stop_idle_forever(state.clone()));
     let (plane_state, plane_host, plane_wake) =
         (state.clone(), state.host_id.clone(), state.wake.clone());
     let listener = tokio::net::TcpListener::bind(config.listen)

@@ -17,8 +17,11 @@ pub struct WorkspaceId(pub String);
 
 impl WorkspaceId {
     /// The runtime's name for the workspace: `ws-<id>`.
+    /// What the runtime's name of a workspace starts with.
+    pub const RUNTIME_PREFIX: &str = "ws-";
+
     pub fn runtime_id(&self) -> String {
-        format!("ws-{}", self.0)
+        format!("{}{}", Self::RUNTIME_PREFIX, self.0)
     }
 }
 

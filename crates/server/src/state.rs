@@ -42,6 +42,10 @@ pub struct AppState {
     pub file_repos: Arc<Vec<std::path::PathBuf>>,
     /// Reverse proxies whose `X-Forwarded-For` names the client (`--trusted-proxy`).
     pub trusted_proxies: Arc<Vec<ipnet::IpNet>>,
+    /// The workspaces this process serves a use of now (SSH channels, commands, previews).
+    pub presence: Arc<crate::idle::Presence>,
+    /// When idle workspaces stop (and stopped ones go).
+    pub idle: crate::idle::IdlePolicy,
 }
 
 impl std::fmt::Debug for AppState {

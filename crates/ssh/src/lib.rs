@@ -135,6 +135,11 @@ impl<D: Directory> Gateway<D> {
         self.target(self.directory.start(user, login).await?)
     }
 
+    /// Marks the workspace in use until the answer is dropped (see [`Directory::in_use`]).
+    pub(crate) fn in_use(&self, target: &Target) -> warren_protocol::gateway::InUse {
+        self.directory.in_use(&target.found)
+    }
+
     async fn user_for_key(&self, key: &PublicKey) -> Result<Option<User>, String> {
         let blob = key.to_bytes().map_err(|e| e.to_string())?;
         self.directory.user_for_key(&blob).await
@@ -651,8 +656,10 @@ impl<D: Directory> russh::server::Handler for Connection<D> {
         // Connecting may take seconds (a name to resolve, a host that does not answer): done
         // in a task, so the connection's other channels go on meanwhile.
         let host = host.to_owned();
+        let in_use = self.gateway.in_use(&target);
         tokio::spawn(async move {
             let _slot = slot;
+            let _in_use = in_use;
             match session::connect(&target, &host, port).await {
                 Ok(mut stream) => {
                     reply.accept().await;

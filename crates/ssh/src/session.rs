@@ -137,6 +137,8 @@ pub(crate) async fn run<D: Directory>(
             ExitStatus::Code(255)
         }
         Ok(target) => {
+            // The workspace is in use until the session's process ends.
+            let _in_use = gateway.in_use(&target);
             let mut env = target.found.env.clone();
             env.extend(client_env);
             if let Some(t) = term {

@@ -200,6 +200,28 @@ pub async fn update_project(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Set how long the project's workspaces may stay unused before they are stopped (those that
+/// set none of their own)
+#[utoipa::path(put, path = "/api/v1/projects/{project}/idle-timeout", tag = "projects",
+    params(("project" = String, Path, description = "The project's id or name")),
+    request_body = warren_api::IdleTimeout,
+    responses((status = NO_CONTENT, description = "Done")))]
+pub async fn set_project_idle_timeout(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+    Body(req): Body<warren_api::IdleTimeout>,
+) -> ApiResult<StatusCode> {
+    let seconds = crate::idle::check_timeout(req.seconds)?;
+    let id = find_project(&state, &caller, &key).await?.id;
+    sqlx::query("UPDATE projects SET idle_timeout_s = $2 WHERE id = $1")
+        .bind(&id)
+        .bind(seconds)
+        .execute(&state.db.pool)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 /// One project (by id or name)
 #[utoipa::path(get, path = "/api/v1/projects/{project}", tag = "projects",
     params(("project" = String, Path, description = "The project's id or name")),

@@ -136,6 +136,25 @@ pub async fn me(caller: Caller) -> Json<UserView> {
     })
 }
 
+/// Set how long your workspaces may stay unused before they are stopped (those whose workspace
+/// and project set none)
+#[utoipa::path(put, path = "/api/v1/me/idle-timeout", tag = "users",
+    request_body = warren_api::IdleTimeout,
+    responses((status = NO_CONTENT, description = "Done")))]
+pub async fn set_my_idle_timeout(
+    State(state): State<AppState>,
+    caller: Caller,
+    Body(req): Body<warren_api::IdleTimeout>,
+) -> ApiResult<StatusCode> {
+    let seconds = crate::idle::check_timeout(req.seconds)?;
+    sqlx::query("UPDATE users SET idle_timeout_s = $2 WHERE id = $1")
+        .bind(&caller.user_id)
+        .bind(seconds)
+        .execute(&state.db.pool)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 /// All users (admin)
 #[utoipa::path(get, path = "/api/v1/users", tag = "users",
     responses((status = OK, body = Vec<UserView>)))]

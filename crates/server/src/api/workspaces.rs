@@ -18,14 +18,19 @@ use crate::model::{Event, WorkspaceState};
 use crate::state::AppState;
 use crate::workspaces::{self, Workspace, create};
 use warren_api::{
-    ExecRequest, ExecResponse, LogQuery, LogView, NewWorkspace, StopRequest, TaskState, TaskView,
-    WorkspaceView,
+    ExecRequest, ExecResponse, IdleTimeout, LogQuery, LogView, NewWorkspace, StopRequest,
+    TaskState, TaskView, WorkspaceView,
 };
 
 // ---- workspaces ----
 
-pub(crate) fn workspace_view(w: &Workspace) -> WorkspaceView {
+pub(crate) fn workspace_view(state: &AppState, w: &Workspace) -> WorkspaceView {
+    let (idle_timeout, whence) = crate::idle::timeout_of(w, &state.idle);
     WorkspaceView {
+        idle_timeout,
+        idle_timeout_from: whence.to_owned(),
+        last_active_at: w.last_active_at,
+        stop_reason: w.stop_reason.clone(),
         id: w.id.0.clone(),
         name: w.name.clone(),
         owner: w.owner.clone(),
@@ -58,7 +63,7 @@ pub(crate) fn workspace_view(w: &Workspace) -> WorkspaceView {
 
 /// The view, with how far the workspace's prebuild is behind its branch.
 pub(crate) async fn workspace_view_now(state: &AppState, w: &Workspace) -> WorkspaceView {
-    let mut view = workspace_view(w);
+    let mut view = workspace_view(state, w);
     if let (Some(commit), Some(head), Some(url)) = (&w.prebuild_commit, &w.branch_head, &w.git_url)
     {
         view.behind = crate::prebuilds::behind(&state.git_mirrors, url, commit, head).await;
@@ -170,7 +175,7 @@ pub async fn start_workspace(
     let ws = find_workspace(&state, &caller, &key).await?;
     workspaces::request(&state, &ws, Event::Start).await?;
     let ws = find_workspace(&state, &caller, &key).await?;
-    Ok((StatusCode::ACCEPTED, Json(workspace_view(&ws))))
+    Ok((StatusCode::ACCEPTED, Json(workspace_view(&state, &ws))))
 }
 
 /// How long a stop waits for the workspace's processes to end before killing them.
@@ -205,7 +210,7 @@ pub async fn stop_workspace(
     };
     workspaces::request(&state, &ws, stop).await?;
     let ws = find_workspace(&state, &caller, &key).await?;
-    Ok((StatusCode::ACCEPTED, Json(workspace_view(&ws))))
+    Ok((StatusCode::ACCEPTED, Json(workspace_view(&state, &ws))))
 }
 
 /// Delete a workspace
@@ -220,7 +225,29 @@ pub async fn delete_workspace(
     let ws = find_workspace(&state, &caller, &key).await?;
     workspaces::request(&state, &ws, Event::Delete).await?;
     let ws = find_workspace(&state, &caller, &key).await?;
-    Ok((StatusCode::ACCEPTED, Json(workspace_view(&ws))))
+    Ok((StatusCode::ACCEPTED, Json(workspace_view(&state, &ws))))
+}
+
+/// Set how long it may stay unused before it is stopped
+#[utoipa::path(put, path = "/api/v1/workspaces/{workspace}/idle-timeout", tag = "workspaces",
+    params(("workspace" = String, Path, description = "The workspace's id or name")),
+    request_body = IdleTimeout,
+    responses((status = OK, body = WorkspaceView)))]
+pub async fn set_workspace_idle_timeout(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+    Body(req): Body<IdleTimeout>,
+) -> ApiResult<Json<WorkspaceView>> {
+    let seconds = crate::idle::check_timeout(req.seconds)?;
+    let ws = find_workspace(&state, &caller, &key).await?;
+    sqlx::query("UPDATE workspaces SET idle_timeout_s = $2 WHERE id = $1")
+        .bind(&ws.id.0)
+        .bind(seconds)
+        .execute(&state.db.pool)
+        .await?;
+    let ws = find_workspace(&state, &caller, &ws.id.0).await?;
+    Ok(Json(workspace_view(&state, &ws)))
 }
 
 /// Longest a command may run through `exec` (a host that is gone is noticed much sooner: its
@@ -264,6 +291,8 @@ pub async fn exec_workspace(
                 format!("you have {EXECS_PER_USER} commands running already: wait for one to end"),
             )
         })?;
+    // A command is a use: the workspace is not idle while one runs.
+    let _use = state.presence.in_use(&ws.id.0);
     // The project's variables, then its owner's, then the request's: later ones win.
     let mut env = workspace_env(&state, &ws.owner_id, ws.project_id.as_deref()).await?;
     env.extend(req.env);

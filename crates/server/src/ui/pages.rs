@@ -119,6 +119,10 @@ pub(crate) struct Row {
     state: &'static str,
     busy: bool,
     error: Option<String>,
+    /// Why Warren stopped it by itself.
+    stop_reason: Option<String>,
+    /// Its idle timeout, for people.
+    idle: String,
     runtime: String,
     host: String,
     resources: String,
@@ -193,6 +197,20 @@ pub(crate) fn row(state: &AppState, caller: &Caller, w: &Workspace, view: &Works
             .last_error
             .clone()
             .filter(|_| w.state == WorkspaceState::Failed),
+        stop_reason: w
+            .stop_reason
+            .clone()
+            .filter(|_| w.state == WorkspaceState::Stopped),
+        idle: {
+            let (seconds, whence) = crate::idle::timeout_of(w, &state.idle);
+            match seconds {
+                0 => "never stopped when idle".to_owned(),
+                s => format!(
+                    "stopped after {} unused ({whence}'s setting)",
+                    crate::idle::spoken(s)
+                ),
+            }
+        },
         runtime,
         host: w.host.clone(),
         resources,
@@ -373,6 +391,7 @@ impl NewForm {
             disk: None,
             environment: None,
             runtime: Some(self.runtime).filter(|r| !r.is_empty()),
+            idle_timeout: None,
         })
     }
 }

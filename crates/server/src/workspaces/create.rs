@@ -102,8 +102,8 @@ pub async fn create(
     let now = now_ms();
     let mut tx = state.db.begin_write().await?;
     sqlx::query(
-        "INSERT INTO workspaces (id, owner_id, project_id, name, image, host_id, state, desired, memory, cpus_milli, created_at, updated_at, tasks, run_as, prebuild_id, branch, runtime, disk)
-         VALUES ($1, $2, $3, $4, $5, $6, $16, $17, $7, $8, $9, $9, $10, $11, $12, $13, $14, $15)",
+        "INSERT INTO workspaces (id, owner_id, project_id, name, image, host_id, state, desired, memory, cpus_milli, created_at, updated_at, tasks, run_as, prebuild_id, branch, runtime, disk, idle_timeout_s)
+         VALUES ($1, $2, $3, $4, $5, $6, $16, $17, $7, $8, $9, $9, $10, $11, $12, $13, $14, $15, $18)",
     )
     .bind(&id.0)
     .bind(&caller.user_id)
@@ -127,6 +127,7 @@ pub async fn create(
     .bind(asked.disk.map(|d| d as i64))
     .bind(WorkspaceState::Creating.as_str())
     .bind(Desired::Running.as_str())
+    .bind(crate::idle::check_timeout(req.idle_timeout)?)
     .execute(&mut *tx)
     .await
     .map_err(|e| match ApiError::from(e) {
@@ -194,6 +195,7 @@ fn check_request(state: &AppState, caller: &Caller, req: &NewWorkspace) -> ApiRe
             ));
         }
     }
+    crate::idle::check_timeout(req.idle_timeout)?;
     check_resources(req.cpus, req.memory, "")
 }
 

@@ -26,6 +26,8 @@ pub(crate) const COLUMNS: &str =
     w.host_id, w.state, w.desired, w.last_error, w.memory, w.cpus_milli, w.disk, w.created_at, w.updated_at,
     w.tasks, w.stats, w.stats_at, w.run_as, w.prebuild_id, w.branch, pb.commit_sha AS prebuild_commit, p.git_url,
     w.runtime, u.vm_ksm AS owner_ksm, p.vm_ksm AS project_ksm,
+    w.idle_timeout_s, p.idle_timeout_s AS project_idle_timeout_s, u.idle_timeout_s AS owner_idle_timeout_s,
+    w.last_active_at, w.stop_reason,
     (SELECT b.head FROM branches b WHERE b.project_id = w.project_id AND b.name = w.branch) AS branch_head
     FROM workspaces w JOIN users u ON u.id = w.owner_id JOIN hosts h ON h.id = w.host_id
     LEFT JOIN projects p ON p.id = w.project_id LEFT JOIN prebuilds pb ON pb.id = w.prebuild_id";
@@ -67,6 +69,21 @@ pub struct Workspace {
     pub runtime: String,
     /// Whether its owner's or its project's trust domain lets KSM merge its VM's memory.
     pub vm_ksm: bool,
+    /// Idle timeouts (seconds, 0: never) set on it, its project and its owner
+    /// ([`crate::idle::timeout_of`]).
+    pub idle_timeout_s: Option<u64>,
+    pub project_idle_timeout_s: Option<u64>,
+    pub owner_idle_timeout_s: Option<u64>,
+    /// When it was last used (ms): an SSH channel, `exec`, a preview.
+    pub last_active_at: Option<i64>,
+    /// Why Warren stopped it by itself.
+    pub stop_reason: Option<String>,
+}
+
+/// A column of seconds that may be unset.
+fn seconds(r: &AnyRow, column: &str) -> Result<Option<u64>, sqlx::Error> {
+    Ok(r.try_get::<Option<i64>, _>(column)?
+        .map(|s| s.max(0) as u64))
 }
 
 impl Workspace {
@@ -117,6 +134,11 @@ impl Workspace {
             runtime: r.try_get("runtime")?,
             vm_ksm: r.try_get::<i64, _>("owner_ksm")? != 0
                 || r.try_get::<Option<i64>, _>("project_ksm")?.unwrap_or(0) != 0,
+            idle_timeout_s: seconds(r, "idle_timeout_s")?,
+            project_idle_timeout_s: seconds(r, "project_idle_timeout_s")?,
+            owner_idle_timeout_s: seconds(r, "owner_idle_timeout_s")?,
+            last_active_at: r.try_get("last_active_at")?,
+            stop_reason: r.try_get("stop_reason")?,
         })
     }
 
@@ -202,8 +224,9 @@ async fn try_request(state: &AppState, ws: &Workspace, event: Event) -> ApiResul
     let mut tx = state.db.begin_write().await?;
     // Only from the state the decision was made in: a request that came in meanwhile (a
     // delete) is never overwritten.
+    // An owner's request replaces whatever Warren did by itself (and why).
     let moved = sqlx::query(
-        "UPDATE workspaces SET state = $2, desired = $3, updated_at = $4
+        "UPDATE workspaces SET state = $2, desired = $3, updated_at = $4, stop_reason = NULL
          WHERE id = $1 AND state = $5 AND desired = $6",
     )
     .bind(&ws.id.0)
