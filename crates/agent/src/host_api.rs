@@ -33,6 +33,7 @@ pub fn router(runtime: Arc<dyn Runtime>) -> Router {
         .route("/workspaces/{id}/tasks", get(list_tasks))
         .route("/workspaces/{id}/tasks/{task}/log", get(task_log))
         .route("/workspaces/{id}/tasks/{task}/attach", post(attach))
+        .route("/workspaces/{id}/ports/{port}/connect", post(connect_port))
         .fallback(|| async { refuse(StatusCode::NOT_FOUND, "no such host endpoint") })
         .with_state(runtime)
 }
@@ -161,8 +162,6 @@ async fn attach(
     Path((id, task)): Path<(String, String)>,
     body: Body,
 ) -> Result<Response, Refusal> {
-    use http_body_util::BodyExt as _;
-    use tokio::io::AsyncWriteExt as _;
     let id = workspace_id(&id)?;
     let stream = blocking(move || {
         let stream = tasks::attach(&runtime.tasks_dir(&id)?, &task)?;
@@ -177,23 +176,75 @@ async fn attach(
     .await?;
     let stream = tokio::net::UnixStream::from_std(stream)
         .map_err(|e| refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    let (from_task, mut to_task) = stream.into_split();
-    // When the caller stops typing (it left), its terminal's output stops too.
+    let (from_task, to_task) = stream.into_split();
+    Ok(both_ways(from_task, to_task, body))
+}
+
+/// Longest a connection to a workspace's port may take to open.
+const CONNECT_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A TCP connection to `port` on the workspace's own loopback (what its preview URL shows),
+/// both ways: the request's body is written to it, what it sends is the answer's body.
+async fn connect_port(
+    State(runtime): Runtimes,
+    Path((id, port)): Path<(String, u16)>,
+    body: Body,
+) -> Result<Response, Refusal> {
+    let id = workspace_id(&id)?;
+    let to = std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port));
+    let connecting = blocking(move || {
+        let stream = runtime.connect(&id, to)?;
+        stream
+            .set_nonblocking(true)
+            .map_err(|cause| RuntimeError::Os {
+                call: "O_NONBLOCK on a workspace's connection",
+                cause,
+            })?;
+        Ok(stream)
+    });
+    let stream = tokio::time::timeout(CONNECT_WITHIN, connecting)
+        .await
+        .map_err(|_| {
+            refuse(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!(
+                    "port {port} did not answer within {} s",
+                    CONNECT_WITHIN.as_secs()
+                ),
+            )
+        })??;
+    let stream = tokio::net::TcpStream::from_std(stream)
+        .map_err(|e| refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let _ = stream.set_nodelay(true);
+    let (from, to) = stream.into_split();
+    Ok(both_ways(from, to, body))
+}
+
+/// The answer whose body is what `from` yields, while the request's `body` is written to
+/// `to`; when the caller stops sending (it left), the answer ends too.
+fn both_ways(
+    from: impl tokio::io::AsyncRead + Send + 'static,
+    mut to: impl tokio::io::AsyncWrite + Send + Unpin + 'static,
+    body: Body,
+) -> Response {
+    use http_body_util::BodyExt as _;
+    use tokio::io::AsyncWriteExt as _;
     let (left, leaving) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
         let mut body = body;
         while let Some(Ok(frame)) = body.frame().await {
             if let Ok(data) = frame.into_data()
-                && to_task.write_all(&data).await.is_err()
+                && to.write_all(&data).await.is_err()
             {
                 break;
             }
         }
+        let _ = to.shutdown().await;
         drop(left);
     });
     let output =
-        futures_util::StreamExt::take_until(tokio_util::io::ReaderStream::new(from_task), leaving);
-    Ok(Body::from_stream(output).into_response())
+        futures_util::StreamExt::take_until(tokio_util::io::ReaderStream::new(from), leaving);
+    Body::from_stream(output).into_response()
 }
 
 /// A task as the API shows it.

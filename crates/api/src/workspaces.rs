@@ -41,6 +41,56 @@ pub struct NewWorkspace {
     pub idle_timeout: Option<u64>,
 }
 
+/// Who may reach a workspace's port through its preview URL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PortAccess {
+    /// Its owner only (signed in to the web UI): the default.
+    Private,
+    /// Anyone signed in to the web UI.
+    Users,
+    /// Anyone who has the URL.
+    Public,
+}
+
+impl PortAccess {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Private => "private",
+            Self::Users => "users",
+            Self::Public => "public",
+        }
+    }
+}
+
+impl FromStr for PortAccess {
+    type Err = UnknownState;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [Self::Private, Self::Users, Self::Public]
+            .into_iter()
+            .find(|a| a.as_str() == s)
+            .ok_or_else(|| UnknownState(s.to_owned()))
+    }
+}
+
+/// A port of a workspace, as its preview URL serves it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PortView {
+    pub port: u16,
+    /// From the environment file (`ports`, devcontainer `portsAttributes`, Hocus ports).
+    pub label: Option<String>,
+    pub access: PortAccess,
+    /// Its preview URL, when the server serves previews.
+    pub url: Option<String>,
+}
+
+/// Who may reach a port (`PUT .../ports/{port}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PortChange {
+    pub access: PortAccess,
+}
+
 /// An idle timeout to set on a workspace, a project or yourself.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -100,6 +100,7 @@ impl Up {
             .arg("--data")
             .arg(&data)
             .args(["up", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--preview-listen", "off"])
             .args(args)
             .env("WARREN_UID_BASE", UID_BASE)
             .stdout(Stdio::piped())

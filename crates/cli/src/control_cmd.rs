@@ -49,6 +49,15 @@ pub struct UpArgs {
     /// Delete workspaces that have been stopped this long: 30d, ... (default: never)
     #[arg(long, env = "WARREN_DELETE_STOPPED_AFTER", value_parser = crate::parse_duration)]
     delete_stopped_after: Option<u64>,
+    /// Where preview URLs of workspaces' ports are served (`off`: nowhere). A listener of its
+    /// own, so a workspace's pages never run on the web UI's origin (default: the API's
+    /// address, next port)
+    #[arg(long, env = "WARREN_PREVIEW_LISTEN")]
+    preview_listen: Option<String>,
+    /// The start of preview URLs as browsers reach them, e.g. https://previews.example.com
+    /// behind a proxy (default: http://<the host the UI was reached by>:<preview port>)
+    #[arg(long, env = "WARREN_PREVIEW_URL")]
+    preview_url: Option<String>,
     #[command(flatten)]
     host: HostFlags,
     #[command(flatten)]
@@ -261,6 +270,22 @@ pub fn up(args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
                     .filter(|&s| s > 0)
                     .map(Duration::from_secs),
             },
+            preview_listen: match args.preview_listen.as_deref() {
+                Some("off") => None,
+                Some(addr) => Some(
+                    addr.parse()
+                        .with_context(|| format!("--preview-listen {addr}: not ADDRESS:PORT or off"))?,
+                ),
+                // The next port (any free one when the API's is chosen by the system).
+                None => Some(SocketAddr::new(
+                    args.listen.ip(),
+                    match args.listen.port() {
+                        0 => 0,
+                        port => port.checked_add(1).unwrap_or(0),
+                    },
+                )),
+            },
+            preview_url: args.preview_url,
         })
         .await?;
         let gateway_addr = gateway.map(|(bound, _)| {
@@ -291,6 +316,11 @@ pub fn up(args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
             "Warren is up at {url}\n  data: {}   database: {shown_db}\n",
             data.display()
         );
+        if let Some(addr) = &started.preview_addr {
+            banner.push_str(&format!(
+                "  previews: http://{addr}/preview/<owner>/<workspace>/<port>/\n"
+            ));
+        }
         if let Some(addr) = &gateway_addr {
             banner.push_str(&format!(
                 "  ssh gateway: {addr} (`ssh -p {} <workspace>@<this host>`)\n",
@@ -507,6 +537,20 @@ pub enum WsCommand {
         /// Return at once instead of waiting
         #[arg(long)]
         no_wait: bool,
+    },
+    /// The workspace's ports reached through preview URLs, with who may open each
+    Ports {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Open a port through a preview URL, or change who may: `private` (only you),
+    /// `users` (anyone signed in) or `public` (anyone with the link)
+    Port {
+        name: String,
+        port: u16,
+        #[arg(value_parser = ["private", "users", "public"])]
+        access: String,
     },
     /// How long the workspace may go unused before it is stopped: 90m, 2h, 0 (never), or
     /// `default` (its project's, else yours, else the server's)
@@ -1076,6 +1120,33 @@ pub fn ws(cmd: WsCommand) -> anyhow::Result<ExitCode> {
                 idle_words(Some(ws.idle_timeout), ""),
                 ws.idle_timeout_from
             );
+        }
+        WsCommand::Ports { name, json } => {
+            return print_table(
+                json,
+                &client.get(&format!("/workspaces/{name}/ports"))?,
+                &[
+                    ("port", "PORT"),
+                    ("label", "LABEL"),
+                    ("access", "ACCESS"),
+                    ("url", "URL"),
+                ],
+            );
+        }
+        WsCommand::Port { name, port, access } => {
+            let access: warren_api::PortAccess = access
+                .parse()
+                .map_err(|_| anyhow::anyhow!("`{access}`: private, users or public"))?;
+            let ports: Vec<warren_api::PortView> = serde_json::from_value(client.put(
+                &format!("/workspaces/{name}/ports/{port}"),
+                &warren_api::PortChange { access },
+            )?)?;
+            let url = ports
+                .iter()
+                .find(|p| p.port == port)
+                .and_then(|p| p.url.clone())
+                .unwrap_or_else(|| "no preview URL: the server serves none".into());
+            println!("{name}:{port} is {}: {url}", access.as_str());
         }
         WsCommand::Show { name } => {
             println!(

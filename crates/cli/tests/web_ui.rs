@@ -127,6 +127,121 @@ async fn sign_in(browser: &Client, url: &str, user: &str, password: &str) {
         .unwrap();
 }
 
+/// A task serving HTTP on port 8000 inside the workspace (one process per connection): a
+/// page naming the path it was asked for, or, for a request that asks to upgrade, `101` and
+/// then `echo: ` before whatever it reads.
+const SITE: &str = r#"  - name: site
+    workspace: |
+      exec perl -MIO::Socket::INET -e '
+        $SIG{CHLD} = "IGNORE";
+        my $s = IO::Socket::INET->new(LocalAddr => "127.0.0.1:8000", Listen => 16, ReuseAddr => 1) or die "listen: $!";
+        print "site listens on 8000\n";
+        while (my $c = $s->accept) {
+          next if fork();
+          my ($path) = <$c> =~ m{^\S+ (\S+)};
+          my ($up, $cookie) = (0, "");
+          while (my $h = <$c>) { last if $h =~ /^\r?\n$/; $up = 1 if $h =~ /^upgrade:/i; $cookie .= $h if $h =~ /^cookie:/i; }
+          if ($up) {
+            print $c "HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n";
+            while (sysread($c, my $piece, 4096)) { syswrite($c, "echo: $piece"); }
+            exit 0;
+          }
+          my $body = "<h1>hello from the workspace</h1><p>path $path</p><p>$cookie</p>";
+          print $c "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: " . length($body) . "\r\nConnection: close\r\n\r\n$body";
+          exit 0;
+        }'
+ports:
+  - port: 8000
+    label: site
+"#;
+
+/// Chooses who may open port 8000 on the workspace's page, and waits for the answer.
+async fn choose_access(browser: &Client, access: &str) {
+    browser
+        .execute(
+            "document.getElementById('ports').dataset.before = 'yes'; return true;",
+            vec![],
+        )
+        .await
+        .unwrap();
+    let select = browser
+        .find(Locator::Css("tr[data-port='8000'] select"))
+        .await
+        .unwrap();
+    select.select_by_value(access).await.unwrap();
+    let swapped = format!(
+        "const ports = document.getElementById('ports'); \
+         return !ports.dataset.before && ports.querySelector('select').value === '{access}';"
+    );
+    until(
+        browser,
+        "the port's new access",
+        Duration::from_secs(10),
+        &swapped,
+    )
+    .await;
+}
+
+/// `GET url` without any cookie: the status and the body.
+fn http_get(url: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_at(rest.find('/').unwrap());
+    let mut stream = std::net::TcpStream::connect(host).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Asks `path` on the preview listener to upgrade, writes `line` into the upgraded
+/// connection and returns what came back.
+fn upgraded_echo(port: u16, path: &str, line: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            stream.read(&mut byte).unwrap(),
+            1,
+            "the upgrade's head ended early: {}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    stream.write_all(line.as_bytes()).unwrap();
+    let mut echoed = vec![0u8; 64];
+    let n = stream.read(&mut echoed).unwrap();
+    String::from_utf8_lossy(&echoed[..n]).into_owned()
+}
+
 /// Whether the list's live rows have had their first events (until then a row may be
 /// replaced by the same row, which WebDriver sees as a stale element).
 const SYNCED: &str = "return document.getElementById('workspace-rows').dataset.synced === 'true';";
@@ -161,6 +276,11 @@ fn a_user_works_with_a_workspace_in_the_browser_and_another_sees_none_of_it() {
             .unwrap()
             .success()
     );
+    // A second task serves HTTP on the workspace's loopback (and echoes an upgraded
+    // connection), for its preview URL.
+    let env_file = repo.join("warren.yml");
+    let env = std::fs::read_to_string(&env_file).unwrap();
+    std::fs::write(&env_file, format!("{env}{SITE}")).unwrap();
     git(&repo, &["init", "-q", "-b", "main"]);
     git(&repo, &["add", "-A"]);
     git(&repo, &["commit", "-q", "-m", "first"]);
@@ -199,7 +319,11 @@ fn a_user_works_with_a_workspace_in_the_browser_and_another_sees_none_of_it() {
         form.find(Locator::Css("input[name=user]")).await.unwrap().send_keys("admin").await.unwrap();
         form.find(Locator::Css("input[name=password]")).await.unwrap().send_keys("wrong").await.unwrap();
         form.find(Locator::Css("button[type=submit]")).await.unwrap().click().await.unwrap();
-        let refused = browser.find(Locator::Css("form.signin .error")).await.unwrap();
+        let refused = browser
+            .wait()
+            .for_element(Locator::Css("form.signin .error"))
+            .await
+            .unwrap();
         assert!(refused.text().await.unwrap().contains("wrong user name or password"));
         sign_in(&browser, &site, "admin", &admin_password).await;
         let cookie = browser.get_named_cookie("warren_session").await.unwrap();
@@ -260,6 +384,37 @@ fn a_user_works_with_a_workspace_in_the_browser_and_another_sees_none_of_it() {
              return !!log && log.textContent.includes('counter starts at 100');").await;
         screenshot(&browser, "workspace").await;
 
+        // Its port, private: its owner opens the preview; nobody else gets anything.
+        let link = browser
+            .wait()
+            .for_element(Locator::Css("tr[data-port='8000'] a"))
+            .await
+            .unwrap();
+        let preview = link.attr("href").await.unwrap().unwrap();
+        assert_eq!(
+            preview,
+            format!("http://127.0.0.1:{}/preview/admin/web/8000/", warren.preview_port)
+        );
+        let label = browser.find(Locator::Css("tr[data-port='8000']")).await.unwrap();
+        assert!(label.text().await.unwrap().contains("site"));
+        browser.goto(&format!("{preview}hello?x=1")).await.unwrap();
+        let shown = browser.find(Locator::Css("body")).await.unwrap().text().await.unwrap();
+        assert!(shown.contains("hello from the workspace") && shown.contains("path /hello?x=1"), "{shown}");
+        assert!(!shown.contains("warren_session"), "the workspace saw the session: {shown}");
+        assert_eq!(http_get(&format!("{preview}hello")).0, 404);
+        browser.goto(&format!("{preview}a%20b/")).await.unwrap();
+        let shown = browser.find(Locator::Css("body")).await.unwrap().text().await.unwrap();
+        assert!(shown.contains("path /a%20b/"), "the path was not passed as sent: {shown}");
+        // Anyone signed in: still not the anonymous; public: anyone.
+        browser.goto(&format!("{site}{page}")).await.unwrap();
+        choose_access(&browser, "users").await;
+        assert_eq!(http_get(&format!("{preview}hello")).0, 404);
+        choose_access(&browser, "public").await;
+        let (status, body) = http_get(&format!("{preview}hello"));
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("hello from the workspace"), "{body}");
+        assert_eq!(upgraded_echo(warren.preview_port, "/preview/admin/web/8000/socket", "ping"), "echo: ping");
+
         // A request without the page's CSRF token changes nothing.
         let id = page.trim_start_matches("/workspaces/").to_owned();
         let status = browser
@@ -302,8 +457,14 @@ fn a_user_works_with_a_workspace_in_the_browser_and_another_sees_none_of_it() {
         browser.goto(&format!("{site}{page}")).await.unwrap();
         browser.wait().for_element(Locator::Css("form.signin")).await.unwrap();
 
-        // Another user sees none of it, and its page is 404 for them.
+        // Another user sees none of it, and its page is 404 for them; so is the preview again
+        // once it is private.
+        warren.ok("admin", &["ws", "port", "web", "8000", "private"]);
         sign_in(&browser, &site, "bob", "bob-password").await;
+        browser.goto(&format!("{preview}hello")).await.unwrap();
+        let shown = browser.find(Locator::Css("body")).await.unwrap().text().await.unwrap();
+        assert!(shown.contains("no preview here"), "{shown}");
+        browser.goto(&format!("{site}/")).await.unwrap();
         let rows = browser.find_all(Locator::Css("#workspace-rows tr")).await.unwrap();
         assert!(rows.is_empty(), "bob sees {} rows", rows.len());
         browser.goto(&format!("{site}{page}")).await.unwrap();

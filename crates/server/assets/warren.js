@@ -34,7 +34,11 @@ document.addEventListener("click", (e) => {
     for (const tab of t.parentElement.children) tab.removeAttribute("aria-selected");
     t.setAttribute("aria-selected", "true");
     const shown = document.getElementById(t.dataset.tab);
-    for (const log of shown.parentElement.querySelectorAll("pre.log")) log.hidden = log !== shown;
+    for (const log of shown.parentElement.querySelectorAll("pre.log")) {
+      log.hidden = log !== shown;
+      if (log.hidden) unfollow(log);
+      else follow(log);
+    }
   }
 });
 
@@ -68,31 +72,47 @@ for (const rows of document.querySelectorAll("[data-live]")) {
   events.addEventListener("gone", (e) => document.getElementById(e.data)?.remove());
 }
 
-// A task's output, followed from where it was left: after a dropped connection it goes on
-// from the last byte received, so no line is lost or shown twice.
-for (const log of document.querySelectorAll("pre[data-follow]")) {
-  let offset = 0;
+// A task's output, followed while its tab is shown (a browser holds only six connections
+// to a server over HTTP/1.1), from where it was left: after a dropped connection or a switch
+// of tabs it goes on from the last byte received, so no line is lost or shown twice.
+const following = new Map();
+function follow(log) {
+  if (following.has(log) || log.dataset.ended) return;
+  const state = { offset: Number(log.dataset.offset || 0), events: null, retry: null };
+  following.set(log, state);
   const open = () => {
-    const events = new EventSource(`${log.dataset.follow}?offset=${offset}`);
+    const events = new EventSource(`${log.dataset.follow}?offset=${state.offset}`);
+    state.events = events;
     events.addEventListener("log", (e) => {
       const stick = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
       log.append(JSON.parse(e.data));
-      offset = Number(e.lastEventId);
+      state.offset = Number(e.lastEventId);
+      log.dataset.offset = String(state.offset);
       if (stick) log.scrollTop = log.scrollHeight;
     });
     events.addEventListener("end", () => {
-      events.close();
       log.dataset.ended = "true";
+      unfollow(log);
     });
     events.addEventListener("problem", (e) => {
       events.close();
       log.dataset.problem = JSON.parse(e.data);
-      setTimeout(open, 5000);
+      state.retry = setTimeout(open, 5000);
     });
     events.onerror = () => {
       events.close();
-      setTimeout(open, 1000);
+      state.retry = setTimeout(open, 1000);
     };
   };
   open();
+}
+function unfollow(log) {
+  const state = following.get(log);
+  if (!state) return;
+  clearTimeout(state.retry);
+  state.events?.close();
+  following.delete(log);
+}
+for (const log of document.querySelectorAll("pre[data-follow]")) {
+  if (!log.hidden) follow(log);
 }

@@ -47,6 +47,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (12, include_str!("../migrations/0012_host_disk_ceiling.sql")),
     (13, include_str!("../migrations/0013_sessions.sql")),
     (14, include_str!("../migrations/0014_idle_stop.sql")),
+    (15, include_str!("../migrations/0015_workspace_ports.sql")),
 ];
 
 /// The SQLite file holds every user's password hash, tokens' hashes and sealed secrets: made

@@ -22,6 +22,7 @@ pub mod logins;
 pub mod model;
 pub mod plane;
 pub mod prebuilds;
+pub mod preview;
 pub mod secrets;
 pub mod state;
 mod ui;
@@ -70,6 +71,8 @@ fn api_routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(api::get_workspace, api::delete_workspace))
         .routes(routes!(api::start_workspace))
         .routes(routes!(api::set_workspace_idle_timeout))
+        .routes(routes!(api::list_ports))
+        .routes(routes!(api::set_port_access))
         .routes(routes!(api::stop_workspace))
         .routes(routes!(api::exec_workspace))
         .routes(routes!(api::list_tasks))
@@ -221,6 +224,9 @@ pub struct SingleHost {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// When idle workspaces stop (and stopped ones go).
     pub idle: idle::IdlePolicy,
+    /// Where preview URLs are served (`None`: nowhere), and the start of their URLs when set.
+    pub preview_listen: Option<SocketAddr>,
+    pub preview_url: Option<String>,
 }
 
 /// Only the SSH gateway's directory (`warren gateway`), for a host whose agent runs elsewhere
@@ -266,6 +272,7 @@ pub async fn gateway_directory(
         trusted_proxies: Arc::default(),
         // Idle workspaces are stopped by the API server's loop.
         idle: idle::IdlePolicy::default(),
+        previews: preview::PreviewConfig::default(),
     };
     Ok((gateway::GatewayDirectory { state }, host_id))
 }
@@ -283,6 +290,8 @@ impl std::fmt::Debug for SingleHost {
 #[derive(Debug)]
 pub struct Started {
     pub addr: SocketAddr,
+    /// Where preview URLs are served, when they are.
+    pub preview_addr: Option<SocketAddr>,
     /// The first admin's password, when this start created it (shown once).
     pub admin_password: Option<String>,
     pub serve: tokio::task::JoinHandle<Result<(), std::io::Error>>,
@@ -323,9 +332,22 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
         wake.clone(),
     ));
 
+    let preview_listener = match config.preview_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::Listen { addr, source })?,
+        ),
+        None => None,
+    };
+    let preview_addr = preview_listener.as_ref().and_then(|l| l.local_addr().ok());
     let state = AppState {
         presence: idle::Presence::new(db.clone()),
         idle: config.idle,
+        previews: preview::PreviewConfig {
+            url: config.preview_url,
+            port: preview_addr.map(|a| a.port()),
+        },
         db,
         wake,
         hosts: Arc::new(links::HostLinks::new(Some((
@@ -359,6 +381,20 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
             addr: config.listen,
             source,
         })?;
+    if let Some(listener) = preview_listener {
+        let (previews, stop) = (preview::router(state.clone()), shutdown.clone());
+        tokio::spawn(async move {
+            let served = axum::serve(
+                listener,
+                previews.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move { stop.notified().await })
+            .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "the preview listener stopped");
+            }
+        });
+    }
     let stop = shutdown.clone();
     let serve = tokio::spawn(async move {
         axum::serve(
@@ -370,6 +406,7 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
     });
     Ok(Started {
         addr,
+        preview_addr,
         admin_password,
         serve,
         shutdown,

@@ -247,14 +247,26 @@ impl HostLinks {
     /// Task `task`'s terminal in workspace `ws`, both ways, through the workspace's host: what
     /// is written to it is typed into the task, what the task prints is read from it, until
     /// either side closes it.
-    pub async fn attach(&self, ws: &Place, task: &str) -> ApiResult<Attached> {
+    pub async fn attach(&self, ws: &Place, task: &str) -> ApiResult<HostStream> {
+        let path = format!("tasks/{}/attach", task_segment(task));
+        self.both_ways(ws, &path).await
+    }
+
+    /// A TCP connection to `port` on the workspace's own loopback, through its host, until
+    /// either side closes it.
+    pub async fn connect_port(&self, ws: &Place, port: u16) -> ApiResult<HostStream> {
+        self.both_ways(ws, &format!("ports/{port}/connect")).await
+    }
+
+    /// A call whose request body (what is written to the answer) and answer body (what is
+    /// read from it) both stream, as one byte stream.
+    async fn both_ways(&self, ws: &Place, path: &str) -> ApiResult<HostStream> {
         use tokio::io::AsyncWriteExt as _;
         let (ours, theirs) = tokio::io::duplex(64 << 10);
         let (typed, mut shown) = tokio::io::split(theirs);
         let input = Body::from_stream(tokio_util::io::ReaderStream::new(typed));
-        let path = format!("tasks/{}/attach", task_segment(task));
         let answer = self
-            .call(ws, Method::POST, &path, input, ATTACH_WITHIN)
+            .call(ws, Method::POST, path, input, OPEN_WITHIN)
             .await?;
         let copy = tokio::spawn(async move {
             let mut output = answer.into_body().into_data_stream();
@@ -265,27 +277,28 @@ impl HostLinks {
             }
             let _ = shown.shutdown().await;
         });
-        Ok(Attached {
+        Ok(HostStream {
             terminal: ours,
             copy: copy.abort_handle(),
         })
     }
 }
 
-/// A task's terminal on a host; dropping it ends the call (whatever the host does).
+/// Bytes both ways with something on a host (a task's terminal, a workspace's port);
+/// dropping it ends the call (whatever the host does).
 #[derive(Debug)]
-pub struct Attached {
+pub struct HostStream {
     terminal: tokio::io::DuplexStream,
     copy: tokio::task::AbortHandle,
 }
 
-impl Drop for Attached {
+impl Drop for HostStream {
     fn drop(&mut self) {
         self.copy.abort();
     }
 }
 
-impl tokio::io::AsyncRead for Attached {
+impl tokio::io::AsyncRead for HostStream {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -295,7 +308,7 @@ impl tokio::io::AsyncRead for Attached {
     }
 }
 
-impl tokio::io::AsyncWrite for Attached {
+impl tokio::io::AsyncWrite for HostStream {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -319,8 +332,8 @@ impl tokio::io::AsyncWrite for Attached {
     }
 }
 
-/// Longest a host may take to open a task's terminal.
-const ATTACH_WITHIN: Duration = Duration::from_secs(30);
+/// Longest a host may take to open a task's terminal or a connection to a port.
+const OPEN_WITHIN: Duration = Duration::from_secs(30);
 
 /// A task's name as one segment of a host's path.
 pub fn task_segment(task: &str) -> String {

@@ -46,6 +46,8 @@ pub struct AppState {
     pub presence: Arc<crate::idle::Presence>,
     /// When idle workspaces stop (and stopped ones go).
     pub idle: crate::idle::IdlePolicy,
+    /// Where preview URLs are served.
+    pub previews: crate::preview::PreviewConfig,
 }
 
 impl std::fmt::Debug for AppState {

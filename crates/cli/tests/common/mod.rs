@@ -88,6 +88,8 @@ pub struct Warren {
     pub port: u16,
     /// Where its SSH gateway listens (0: `warren up` runs none).
     pub ssh_port: u16,
+    /// Where preview URLs are served.
+    pub preview_port: u16,
     pub child: Option<Child>,
     /// Where each logged-in user keeps its CLI token.
     pub configs: TempDir,
@@ -107,6 +109,7 @@ impl Warren {
             uid_base: 2_000_000_000 + seed * 64 * 65536,
             port: free_port(),
             ssh_port: free_port(),
+            preview_port: free_port(),
             child: None,
             configs: tempfile::tempdir().unwrap(),
             env: Vec::new(),
@@ -166,6 +169,10 @@ impl Warren {
                 },
             ])
             .args(["--ssh-host", "127.0.0.1"])
+            .args([
+                "--preview-listen",
+                &format!("127.0.0.1:{}", self.preview_port),
+            ])
             .env("WARREN_UID_BASE", self.uid_base.to_string())
             .env("WARREN_RECONCILE_SECONDS", "1")
             .env("WARREN_LOG", "info")

@@ -6,7 +6,7 @@ use std::time::Duration;
 use axum::Json;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
-use axum::http::{Method, StatusCode};
+use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::IntoResponse;
 
 use super::projects::find_project;
@@ -18,8 +18,8 @@ use crate::model::{Event, WorkspaceState};
 use crate::state::AppState;
 use crate::workspaces::{self, Workspace, create};
 use warren_api::{
-    ExecRequest, ExecResponse, IdleTimeout, LogQuery, LogView, NewWorkspace, StopRequest,
-    TaskState, TaskView, WorkspaceView,
+    ExecRequest, ExecResponse, IdleTimeout, LogQuery, LogView, NewWorkspace, PortChange, PortView,
+    StopRequest, TaskState, TaskView, WorkspaceView,
 };
 
 // ---- workspaces ----
@@ -248,6 +248,74 @@ pub async fn set_workspace_idle_timeout(
         .await?;
     let ws = find_workspace(&state, &caller, &ws.id.0).await?;
     Ok(Json(workspace_view(&state, &ws)))
+}
+
+/// The workspace's ports reached through preview URLs: those its environment names and those
+/// its owner opened, with who may reach each
+#[utoipa::path(get, path = "/api/v1/workspaces/{workspace}/ports", tag = "workspaces",
+    params(("workspace" = String, Path, description = "The workspace's id or name")),
+    responses((status = OK, body = Vec<PortView>)))]
+pub async fn list_ports(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Vec<PortView>>> {
+    let ws = find_workspace(&state, &caller, &key).await?;
+    let rows: Vec<(i64, Option<String>, String)> = sqlx::query_as(
+        "SELECT port, label, access FROM workspace_ports WHERE workspace_id = $1 ORDER BY port",
+    )
+    .bind(&ws.id.0)
+    .fetch_all(&state.db.pool)
+    .await?;
+    let mut ports = Vec::with_capacity(rows.len());
+    for (port, label, access) in rows {
+        let port = u16::try_from(port).map_err(|e| ApiError::internal("a stored port", e))?;
+        ports.push(PortView {
+            port,
+            label,
+            access: access
+                .parse()
+                .map_err(|e| ApiError::internal("a stored port's access", e))?,
+            url: crate::preview::url_of(&state, &headers, &ws.owner, &ws.name, port),
+        });
+    }
+    Ok(Json(ports))
+}
+
+/// Set who may reach a port through its preview URL (private, users, public)
+#[utoipa::path(put, path = "/api/v1/workspaces/{workspace}/ports/{port}", tag = "workspaces",
+    params(("workspace" = String, Path, description = "The workspace's id or name"), ("port" = u16, Path, description = "A TCP port on the workspace's loopback")),
+    request_body = PortChange,
+    responses((status = OK, body = Vec<PortView>, description = "The workspace's ports now")))]
+pub async fn set_port_access(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((key, port)): Path<(String, u16)>,
+    headers: HeaderMap,
+    Body(req): Body<PortChange>,
+) -> ApiResult<Json<Vec<PortView>>> {
+    if port == 0 {
+        return Err(ApiError::bad_request("port 0 is no port"));
+    }
+    let ws = find_workspace(&state, &caller, &key).await?;
+    // Only its owner decides who reaches it (an admin sees it, but does not open it up).
+    if ws.owner_id != caller.user_id {
+        return Err(ApiError::forbidden(format!(
+            "only {} decides who reaches workspace `{}`'s ports",
+            ws.owner, ws.name
+        )));
+    }
+    sqlx::query(
+        "INSERT INTO workspace_ports (workspace_id, port, access) VALUES ($1, $2, $3)
+         ON CONFLICT (workspace_id, port) DO UPDATE SET access = excluded.access",
+    )
+    .bind(&ws.id.0)
+    .bind(i64::from(port))
+    .bind(req.access.as_str())
+    .execute(&state.db.pool)
+    .await?;
+    list_ports(State(state), caller, Path(ws.id.0), headers).await
 }
 
 /// Longest a command may run through `exec` (a host that is gone is noticed much sooner: its

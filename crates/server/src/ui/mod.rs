@@ -24,7 +24,7 @@ use crate::error::ApiError;
 use crate::state::AppState;
 
 /// The session cookie's name.
-const COOKIE: &str = "warren_session";
+pub(crate) const COOKIE: &str = "warren_session";
 /// How long a sign-in lasts.
 const SESSION_MS: i64 = 7 * 24 * 3600 * 1000;
 /// The header that carries the CSRF token.
@@ -38,6 +38,7 @@ pub fn routes() -> Router<AppState> {
         .route("/workspaces", post(pages::create_workspace))
         .route("/workspaces/{key}", get(pages::workspace))
         .route("/workspaces/{key}/{action}", post(pages::workspace_action))
+        .route("/workspaces/{key}/ports", post(pages::set_port_access))
         .route("/workspaces/{key}/tasks/{task}/events", get(live::task_log))
         .route("/events/workspaces", get(live::workspaces))
         .route("/assets/{file}", get(asset))

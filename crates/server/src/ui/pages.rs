@@ -452,15 +452,105 @@ struct WorkspacePage {
     row: Row,
     tasks: Vec<TaskRow>,
     tasks_problem: Option<String>,
+    ports: PortsFragment,
+}
+
+/// The workspace page's ports: each with its label, who may reach it, and its preview link.
+#[derive(Template)]
+#[template(path = "ports.html")]
+pub(crate) struct PortsFragment {
+    id: String,
+    ports: Vec<PortRow>,
+    /// Whether the viewer may open its ports up (its owner).
+    owner: bool,
+    /// Whether this server serves previews at all.
+    served: bool,
+}
+
+struct PortRow {
+    port: u16,
+    label: String,
+    access: &'static str,
+    url: Option<String>,
+}
+
+async fn ports_of(
+    state: &AppState,
+    caller: &Caller,
+    ws: &Workspace,
+    headers: HeaderMap,
+) -> Result<PortsFragment, ApiError> {
+    let Json(ports) = api::list_ports(
+        State(state.clone()),
+        caller.clone(),
+        Path(ws.id.0.clone()),
+        headers,
+    )
+    .await?;
+    Ok(PortsFragment {
+        id: ws.id.0.clone(),
+        owner: ws.owner_id == caller.user_id,
+        served: state.previews.port.is_some() || state.previews.url.is_some(),
+        ports: ports
+            .into_iter()
+            .map(|p| PortRow {
+                port: p.port,
+                label: p.label.unwrap_or_default(),
+                access: p.access.as_str(),
+                url: p.url,
+            })
+            .collect(),
+    })
+}
+
+#[derive(Deserialize)]
+pub(crate) struct PortForm {
+    port: String,
+    access: String,
+}
+
+/// Opens a port, or changes who may reach it; answers the ports as they now are.
+pub(crate) async fn set_port_access(
+    State(state): State<AppState>,
+    Acting(session): Acting,
+    Path(key): Path<String>,
+    headers: HeaderMap,
+    axum::Form(form): axum::Form<PortForm>,
+) -> Result<Response, UiError> {
+    let port: u16 = form
+        .port
+        .trim()
+        .parse()
+        .ok()
+        .filter(|&p| p > 0)
+        .ok_or_else(|| {
+            ApiError::bad_request(format!("`{}` is not a port (1 to 65535)", form.port))
+        })?;
+    let access = form.access.parse().map_err(|_| {
+        ApiError::bad_request(format!("`{}`: private, users or public", form.access))
+    })?;
+    let caller = &session.caller;
+    let ws = api::find_workspace(&state, caller, &key).await?;
+    let _now = api::set_port_access(
+        State(state.clone()),
+        caller.clone(),
+        Path((ws.id.0.clone(), port)),
+        headers.clone(),
+        api::Body(warren_api::PortChange { access }),
+    )
+    .await?;
+    Ok(html(&ports_of(&state, caller, &ws, headers).await?))
 }
 
 pub(crate) async fn workspace(
     State(state): State<AppState>,
     session: Session,
     Path(key): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Response, UiError> {
     let caller = &session.caller;
     let ws = api::find_workspace(&state, caller, &key).await?;
+    let ports = ports_of(&state, caller, &ws, headers).await?;
     let row = row_now(&state, caller, &ws).await;
     let (tasks, tasks_problem) = if ws.state == WorkspaceState::Running {
         match api::list_tasks(State(state.clone()), caller.clone(), Path(ws.id.0.clone())).await {
@@ -497,6 +587,7 @@ pub(crate) async fn workspace(
         row,
         tasks,
         tasks_problem,
+        ports,
     }))
 }
 

@@ -136,6 +136,18 @@ pub async fn create(
         }
         other => other,
     })?;
+    // The ports its environment names, private until its owner says otherwise.
+    for port in &environment.ports {
+        sqlx::query(
+            "INSERT INTO workspace_ports (workspace_id, port, label, access) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(&id.0)
+        .bind(i64::from(port.port))
+        .bind(&port.label)
+        .bind(warren_api::PortAccess::Private.as_str())
+        .execute(&mut *tx)
+        .await?;
+    }
     let spec = WorkspaceSpec {
         runtime_id: id.runtime_id(),
         image,
@@ -320,6 +332,8 @@ struct Environment {
     /// CPUs, memory and disk it asks for (warren.yml's `resources`, devcontainer's
     /// `hostRequirements`); the request's own values win.
     resources: warren_envfile::Resources,
+    /// Ports developers reach, with their labels.
+    ports: Vec<warren_envfile::Port>,
 }
 
 impl Default for Environment {
@@ -331,6 +345,7 @@ impl Default for Environment {
             folder: "/workspace".into(),
             runtime: Default::default(),
             resources: Default::default(),
+            ports: Vec::new(),
         }
     }
 }
@@ -378,6 +393,7 @@ fn read_environment(env: &EnvironmentFile, repository: Option<&str>) -> ApiResul
         runtime: loaded.spec.runtime,
         folder: loaded.spec.workspace_folder,
         resources: loaded.spec.resources,
+        ports: loaded.spec.ports,
     })
 }
 
