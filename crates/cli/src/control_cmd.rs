@@ -58,6 +58,13 @@ pub struct UpArgs {
     /// behind a proxy (default: http://<the host the UI was reached by>:<preview port>)
     #[arg(long, env = "WARREN_PREVIEW_URL")]
     preview_url: Option<String>,
+    /// Serve HTTPS (HTTP/2 and HTTP/1.1) with this certificate chain (PEM), on the API's and the
+    /// previews' listeners; with --tls-key
+    #[arg(long, env = "WARREN_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM)
+    #[arg(long, env = "WARREN_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     #[command(flatten)]
     host: HostFlags,
     #[command(flatten)]
@@ -250,6 +257,7 @@ pub fn up(args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
             port: bound.addr.port(),
             known_hosts: bound.known_hosts.clone(),
         });
+        let tls = args.tls_cert.is_some();
         let started = warren_server::start(warren_server::SingleHost {
             database_url: database_url.clone(),
             listen: args.listen,
@@ -286,6 +294,10 @@ pub fn up(args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
                 )),
             },
             preview_url: args.preview_url,
+            tls: match (args.tls_cert, args.tls_key) {
+                (Some(cert), Some(key)) => Some(warren_server::tls::TlsFiles { cert, key }),
+                _ => None,
+            },
         })
         .await?;
         let gateway_addr = gateway.map(|(bound, _)| {
@@ -310,7 +322,8 @@ pub fn up(args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
             )?
             .with_report_every(Duration::from_secs(args.reconcile_seconds.max(1)));
         tokio::spawn(agent.run(started.shutdown.clone()));
-        let url = format!("http://{}", started.addr);
+        let scheme = if tls { "https" } else { "http" };
+        let url = format!("{scheme}://{}", started.addr);
         let shown_db = shown_url.as_str();
         let mut banner = format!(
             "Warren is up at {url}\n  data: {}   database: {shown_db}\n",
@@ -318,7 +331,7 @@ pub fn up(args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
         );
         if let Some(addr) = &started.preview_addr {
             banner.push_str(&format!(
-                "  previews: http://{addr}/preview/<owner>/<workspace>/<port>/\n"
+                "  previews: {scheme}://{addr}/preview/<owner>/<workspace>/<port>/\n"
             ));
         }
         if let Some(addr) = &gateway_addr {

@@ -1051,3 +1051,108 @@ fn a_workspace_image_that_cannot_be_had_is_named_at_once() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// `warren up --tls-cert --tls-key`: the API, the web UI and the previews over HTTPS (HTTP/2
+/// offered), and the sign-in cookie marked Secure.
+#[test]
+fn warren_serves_https_itself_and_its_cookie_is_secure() {
+    let mut warren = Warren::new(55, None);
+    warren.ssh_port = 0;
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    warren
+        .env
+        .push(("WARREN_TLS_CERT".into(), cert.display().to_string()));
+    warren
+        .env
+        .push(("WARREN_TLS_KEY".into(), key.display().to_string()));
+    let password = warren.start().expect("a first start creates the admin");
+    let curl = |args: &[&str]| {
+        let out = Command::new("curl")
+            .args(["-s", "--max-time", "20", "--cacert"])
+            .arg(&cert)
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let https = format!("https://127.0.0.1:{}", warren.port);
+    let page = curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %{http_version}",
+        &format!("{https}/login"),
+    ]);
+    assert_eq!(page, "200 2", "the sign-in page over HTTP/2");
+    let signed_in = curl(&[
+        "-D",
+        "-",
+        "-o",
+        "/dev/null",
+        "-d",
+        &format!("user=admin&password={password}"),
+        &format!("{https}/login"),
+    ]);
+    let cookie = signed_in
+        .lines()
+        .find(|l| {
+            l.to_ascii_lowercase()
+                .starts_with("set-cookie: warren_session=")
+        })
+        .unwrap_or_else(|| panic!("no session cookie: {signed_in}"));
+    for part in ["HttpOnly", "SameSite=Strict", "Secure"] {
+        assert!(cookie.contains(part), "{cookie}");
+    }
+    // The API answers there too; plain HTTP to the same port does not.
+    let me = curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &format!("{https}/api/v1/me"),
+    ]);
+    assert_eq!(me, "401");
+    let plain = curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &format!("http://127.0.0.1:{}/login", warren.port),
+    ]);
+    assert_ne!(plain, "200");
+    // The previews' listener speaks HTTPS as well.
+    let preview = curl(&[
+        "-w",
+        " %{http_code}",
+        &format!(
+            "https://127.0.0.1:{}/preview/admin/nothing/8000/",
+            warren.preview_port
+        ),
+    ]);
+    assert!(
+        preview.starts_with("no preview here") && preview.ends_with(" 404"),
+        "{preview}"
+    );
+}

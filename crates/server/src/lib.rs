@@ -25,6 +25,7 @@ pub mod prebuilds;
 pub mod preview;
 pub mod secrets;
 pub mod state;
+pub mod tls;
 mod ui;
 pub mod workspaces;
 
@@ -227,6 +228,8 @@ pub struct SingleHost {
     /// Where preview URLs are served (`None`: nowhere), and the start of their URLs when set.
     pub preview_listen: Option<SocketAddr>,
     pub preview_url: Option<String>,
+    /// Serve HTTPS with this certificate and key (both listeners); else plain HTTP.
+    pub tls: Option<tls::TlsFiles>,
 }
 
 /// Only the SSH gateway's directory (`warren gateway`), for a host whose agent runs elsewhere
@@ -273,6 +276,7 @@ pub async fn gateway_directory(
         // Idle workspaces are stopped by the API server's loop.
         idle: idle::IdlePolicy::default(),
         previews: preview::PreviewConfig::default(),
+        https: false,
     };
     Ok((gateway::GatewayDirectory { state }, host_id))
 }
@@ -332,6 +336,10 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
         wake.clone(),
     ));
 
+    let acceptor = match &config.tls {
+        Some(files) => Some(tls::acceptor(files).map_err(ServerError::Other)?),
+        None => None,
+    };
     let preview_listener = match config.preview_listen {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -347,7 +355,9 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
         previews: preview::PreviewConfig {
             url: config.preview_url,
             port: preview_addr.map(|a| a.port()),
+            https: acceptor.is_some(),
         },
+        https: acceptor.is_some(),
         db,
         wake,
         hosts: Arc::new(links::HostLinks::new(Some((
@@ -382,28 +392,14 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
             source,
         })?;
     if let Some(listener) = preview_listener {
-        let (previews, stop) = (preview::router(state.clone()), shutdown.clone());
-        tokio::spawn(async move {
-            let served = axum::serve(
-                listener,
-                previews.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(async move { stop.notified().await })
-            .await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "the preview listener stopped");
-            }
-        });
-    }
-    let stop = shutdown.clone();
-    let serve = tokio::spawn(async move {
-        axum::serve(
+        tokio::spawn(serve(
             listener,
-            router(state).into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move { stop.notified().await })
-        .await
-    });
+            preview::router(state.clone()),
+            acceptor.clone(),
+            shutdown.clone(),
+        ));
+    }
+    let serve = tokio::spawn(serve(listener, router(state), acceptor, shutdown.clone()));
     Ok(Started {
         addr,
         preview_addr,
@@ -417,6 +413,29 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
         host_id: plane_host,
         wake: plane_wake,
     })
+}
+
+/// Serves `app` on `listener` (over TLS when there is an acceptor) until `stop` is notified.
+async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    stop: Arc<Notify>,
+) -> Result<(), std::io::Error> {
+    match acceptor {
+        Some(acceptor) => {
+            tls::serve(listener, acceptor, app, stop).await;
+            Ok(())
+        }
+        None => {
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move { stop.notified().await })
+            .await
+        }
+    }
 }
 
 async fn register_host(db: &Db, name: &str) -> Result<String, sqlx::Error> {

@@ -37,6 +37,8 @@ pub struct PreviewConfig {
     /// The preview listener's port: without a URL, previews are linked on the host name the
     /// browser used for the UI, at this port.
     pub port: Option<u16>,
+    /// Whether the listener serves HTTPS.
+    pub https: bool,
 }
 
 /// Longest a workspace's server may take to answer a request's head (long polls included).
@@ -76,7 +78,12 @@ pub fn url_of(
                 }
                 _ => host,
             };
-            Some(format!("http://{name}:{listener}{tail}"))
+            let scheme = if state.previews.https {
+                "https"
+            } else {
+                "http"
+            };
+            Some(format!("{scheme}://{name}:{listener}{tail}"))
         }
         (None, None) => None,
     }

@@ -48,6 +48,8 @@ pub struct AppState {
     pub idle: crate::idle::IdlePolicy,
     /// Where preview URLs are served.
     pub previews: crate::preview::PreviewConfig,
+    /// Whether this process serves HTTPS itself (`--tls-cert`).
+    pub https: bool,
 }
 
 impl std::fmt::Debug for AppState {

@@ -200,9 +200,12 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Whether the browser reached this server over https: through a proxy the config trusts
-/// that says so (`X-Forwarded-Proto`).
+/// Whether the browser reached this server over https: served by Warren itself, or through a
+/// proxy the config trusts that says so (`X-Forwarded-Proto`).
 fn over_https(peer: std::net::IpAddr, headers: &HeaderMap, state: &AppState) -> bool {
+    if state.https {
+        return true;
+    }
     let from_trusted = state.trusted_proxies.iter().any(|p| p.contains(&peer));
     from_trusted
         && headers
