@@ -58,6 +58,11 @@ pub struct UpArgs {
     /// behind a proxy (default: http://<the host the UI was reached by>:<preview port>)
     #[arg(long, env = "WARREN_PREVIEW_URL")]
     preview_url: Option<String>,
+    /// A wildcard DNS name for previews: each port gets a host (and a browser origin) of its
+    /// own, `<port>-<workspace id>.<domain>`, and private ports can be shared safely. Without
+    /// one, previews are path-based on one origin, and only public ports are served
+    #[arg(long, env = "WARREN_PREVIEW_DOMAIN")]
+    preview_domain: Option<String>,
     /// Serve HTTPS (HTTP/2 and HTTP/1.1) with this certificate chain (PEM), on the API's and the
     /// previews' listeners; with --tls-key
     #[arg(long, env = "WARREN_TLS_CERT", requires = "tls_key")]
@@ -294,6 +299,10 @@ pub fn up(args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
                 )),
             },
             preview_url: args.preview_url,
+            preview_domain: args
+                .preview_domain
+                .map(|d| d.trim_matches('.').to_ascii_lowercase())
+                .filter(|d| !d.is_empty()),
             tls: match (args.tls_cert, args.tls_key) {
                 (Some(cert), Some(key)) => Some(warren_server::tls::TlsFiles { cert, key }),
                 _ => None,

@@ -1119,12 +1119,16 @@ fn warren_serves_https_itself_and_its_cookie_is_secure() {
         .lines()
         .find(|l| {
             l.to_ascii_lowercase()
-                .starts_with("set-cookie: warren_session=")
+                .starts_with("set-cookie: __host-warren_session=")
         })
         .unwrap_or_else(|| panic!("no session cookie: {signed_in}"));
-    for part in ["HttpOnly", "SameSite=Strict", "Secure"] {
+    for part in ["HttpOnly", "SameSite=Strict", "Secure", "Path=/"] {
         assert!(cookie.contains(part), "{cookie}");
     }
+    // No page of the UI may be framed by another (a preview, say).
+    let lower = signed_in.to_ascii_lowercase();
+    assert!(lower.contains("x-frame-options: deny"), "{signed_in}");
+    assert!(lower.contains("frame-ancestors 'none'"), "{signed_in}");
     // The API answers there too; plain HTTP to the same port does not.
     let me = curl(&[
         "-o",

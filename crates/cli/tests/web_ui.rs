@@ -187,7 +187,7 @@ fn http_get(url: &str) -> (u16, String) {
     use std::io::{Read, Write};
     let rest = url.strip_prefix("http://").unwrap();
     let (host, path) = rest.split_at(rest.find('/').unwrap());
-    let mut stream = std::net::TcpStream::connect(host).unwrap();
+    let mut stream = std::net::TcpStream::connect(loopback(host)).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
@@ -210,17 +210,28 @@ fn http_get(url: &str) -> (u16, String) {
     (status, body)
 }
 
-/// Asks `path` on the preview listener to upgrade, writes `line` into the upgraded
-/// connection and returns what came back.
-fn upgraded_echo(port: u16, path: &str, line: &str) -> String {
+/// `name.localhost:port` as this process reaches it (browsers resolve every `*.localhost`
+/// to loopback; the C library need not).
+fn loopback(host: &str) -> String {
+    match host.rsplit_once(':') {
+        Some((name, port)) if name.ends_with(".localhost") => format!("127.0.0.1:{port}"),
+        _ => host.to_owned(),
+    }
+}
+
+/// Asks `url` to upgrade, writes `line` into the upgraded connection and returns what came
+/// back.
+fn upgraded_echo(url: &str, line: &str) -> String {
     use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_at(rest.find('/').unwrap());
+    let mut stream = std::net::TcpStream::connect(loopback(host)).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n"
     )
     .unwrap();
     let mut head = Vec::new();
@@ -258,6 +269,10 @@ fn state_is(name: &str, state: &str) -> String {
 fn a_user_works_with_a_workspace_in_the_browser_and_another_sees_none_of_it() {
     enter_own_network();
     let mut warren = Warren::new(53, None);
+    // Host-based previews: Chromium resolves every `*.localhost` to loopback.
+    warren
+        .env
+        .push(("WARREN_PREVIEW_DOMAIN".into(), "localhost".into()));
     let admin_password = warren.start().expect("a first start creates the admin");
     warren.login("admin", &admin_password);
     warren.import_image(&debian_rootfs(DebianRootfs::Git), "debian:bookworm");
@@ -384,23 +399,34 @@ fn a_user_works_with_a_workspace_in_the_browser_and_another_sees_none_of_it() {
              return !!log && log.textContent.includes('counter starts at 100');").await;
         screenshot(&browser, "workspace").await;
 
-        // Its port, private: its owner opens the preview; nobody else gets anything.
+        // Its port, private: its owner opens the preview on a host (an origin) of its own;
+        // nobody else gets anything.
+        let id = page.trim_start_matches("/workspaces/").to_owned();
         let link = browser
             .wait()
             .for_element(Locator::Css("tr[data-port='8000'] a"))
             .await
             .unwrap();
-        let preview = link.attr("href").await.unwrap().unwrap();
+        let opener = link.attr("href").await.unwrap().unwrap();
+        assert_eq!(opener, format!("/previews/{id}/8000"));
+        let preview = link.attr("data-url").await.unwrap().unwrap();
         assert_eq!(
             preview,
-            format!("http://127.0.0.1:{}/preview/admin/web/8000/", warren.preview_port)
+            format!("http://8000-{id}.localhost:{}/", warren.preview_port)
         );
         let label = browser.find(Locator::Css("tr[data-port='8000']")).await.unwrap();
         assert!(label.text().await.unwrap().contains("site"));
+        // Without the ticket the UI hands out, not even its owner's browser is let in.
+        browser.goto(&format!("{preview}hello")).await.unwrap();
+        let shown = browser.find(Locator::Css("body")).await.unwrap().text().await.unwrap();
+        assert!(shown.contains("no preview here"), "{shown}");
+        browser.goto(&format!("{site}{opener}")).await.unwrap();
+        let shown = browser.find(Locator::Css("body")).await.unwrap().text().await.unwrap();
+        assert!(shown.contains("hello from the workspace") && shown.contains("path /"), "{shown}");
         browser.goto(&format!("{preview}hello?x=1")).await.unwrap();
         let shown = browser.find(Locator::Css("body")).await.unwrap().text().await.unwrap();
         assert!(shown.contains("hello from the workspace") && shown.contains("path /hello?x=1"), "{shown}");
-        assert!(!shown.contains("warren_session"), "the workspace saw the session: {shown}");
+        assert!(!shown.contains("warren_"), "the workspace saw a cookie of Warren's: {shown}");
         assert_eq!(http_get(&format!("{preview}hello")).0, 404);
         browser.goto(&format!("{preview}a%20b/")).await.unwrap();
         let shown = browser.find(Locator::Css("body")).await.unwrap().text().await.unwrap();
@@ -413,10 +439,15 @@ fn a_user_works_with_a_workspace_in_the_browser_and_another_sees_none_of_it() {
         let (status, body) = http_get(&format!("{preview}hello"));
         assert_eq!(status, 200, "{body}");
         assert!(body.contains("hello from the workspace"), "{body}");
-        assert_eq!(upgraded_echo(warren.preview_port, "/preview/admin/web/8000/socket", "ping"), "echo: ping");
+        assert_eq!(upgraded_echo(&format!("{preview}socket"), "ping"), "echo: ping");
+        // A public port is also served path-based (one origin for all, so public ones only).
+        let by_path = format!("http://127.0.0.1:{}/preview/admin/web/8000/", warren.preview_port);
+        let (status, body) = http_get(&format!("{by_path}there"));
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("path /there"), "{body}");
+        assert_eq!(upgraded_echo(&format!("{by_path}socket"), "pong"), "echo: pong");
 
         // A request without the page's CSRF token changes nothing.
-        let id = page.trim_start_matches("/workspaces/").to_owned();
         let status = browser
             .execute_async(
                 "const done = arguments[arguments.length - 1]; \
@@ -458,12 +489,17 @@ fn a_user_works_with_a_workspace_in_the_browser_and_another_sees_none_of_it() {
         browser.wait().for_element(Locator::Css("form.signin")).await.unwrap();
 
         // Another user sees none of it, and its page is 404 for them; so is the preview again
-        // once it is private.
+        // once it is private (in this same browser: signing out ended the owner's grant), and
+        // the path-based one.
         warren.ok("admin", &["ws", "port", "web", "8000", "private"]);
+        assert_eq!(http_get(&format!("{by_path}there")).0, 404);
         sign_in(&browser, &site, "bob", "bob-password").await;
         browser.goto(&format!("{preview}hello")).await.unwrap();
         let shown = browser.find(Locator::Css("body")).await.unwrap().text().await.unwrap();
         assert!(shown.contains("no preview here"), "{shown}");
+        browser.goto(&format!("{site}{opener}")).await.unwrap();
+        let shown = browser.find(Locator::Css("main")).await.unwrap().text().await.unwrap();
+        assert!(shown.contains("404"), "{shown}");
         browser.goto(&format!("{site}/")).await.unwrap();
         let rows = browser.find_all(Locator::Css("#workspace-rows tr")).await.unwrap();
         assert!(rows.is_empty(), "bob sees {} rows", rows.len());

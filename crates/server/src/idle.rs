@@ -35,6 +35,9 @@ pub const LONGEST_S: u64 = 30 * 24 * 3600;
 pub struct Presence {
     db: Db,
     open: Mutex<HashMap<String, usize>>,
+    /// When each workspace's use was last written: a use that begins or ends is written at
+    /// most once per [`FLUSH`] (a page with many requests is one write, not one per request).
+    written: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 impl std::fmt::Debug for Presence {
@@ -49,6 +52,7 @@ impl Presence {
         let presence = Arc::new(Self {
             db,
             open: Mutex::default(),
+            written: Mutex::default(),
         });
         let weak = Arc::downgrade(&presence);
         tokio::spawn(flush_forever(weak));
@@ -63,11 +67,28 @@ impl Presence {
             .unwrap_or_else(|e| e.into_inner())
             .entry(id.to_owned())
             .or_default() += 1;
-        touch_soon(self.db.clone(), vec![id.to_owned()]);
+        self.touch_unless_recent(id);
         Use {
             presence: self.clone(),
             id: id.to_owned(),
         }
+    }
+
+    /// Writes `id`'s use now, unless it was written within the last [`FLUSH`].
+    fn touch_unless_recent(&self, id: &str) {
+        let now = std::time::Instant::now();
+        let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        if written
+            .get(id)
+            .is_some_and(|at| now.duration_since(*at) < FLUSH)
+        {
+            return;
+        }
+        written.insert(id.to_owned(), now);
+        // Forget workspaces not used for a while (the map stays as small as the busy set).
+        written.retain(|_, at| now.duration_since(*at) < FLUSH * 4);
+        drop(written);
+        touch_soon(self.db.clone(), vec![id.to_owned()]);
     }
 
     fn open_ids(&self) -> Vec<String> {
@@ -97,7 +118,7 @@ impl Drop for Use {
             }
         }
         drop(open);
-        touch_soon(self.presence.db.clone(), vec![self.id.clone()]);
+        self.presence.touch_unless_recent(&self.id);
     }
 }
 
@@ -109,6 +130,13 @@ async fn flush_forever(presence: Weak<Presence>) {
         };
         let ids = presence.open_ids();
         if !ids.is_empty() {
+            {
+                let now = std::time::Instant::now();
+                let mut written = presence.written.lock().unwrap_or_else(|e| e.into_inner());
+                for id in &ids {
+                    written.insert(id.clone(), now);
+                }
+            }
             touch(&presence.db, &ids).await;
         }
     }
@@ -216,8 +244,12 @@ pub async fn stop_idle(state: &AppState, now: i64) -> ApiResult<Vec<String>> {
             };
             if now - w.updated_at >= after.as_millis() as i64 {
                 tracing::info!(workspace = %w.name, owner = %w.owner, "deleting a workspace stopped for long");
-                workspaces::request(state, &w, Event::Delete).await?;
-                acted.push(w.name.clone());
+                // One that cannot be moved now (it changed meanwhile) waits for the next look;
+                // the others go on.
+                match workspaces::request(state, &w, Event::Delete).await {
+                    Ok(()) => acted.push(w.name.clone()),
+                    Err(e) => tracing::warn!(workspace = %w.name, error = %e.message, "idle delete"),
+                }
             }
             continue;
         }
@@ -227,8 +259,10 @@ pub async fn stop_idle(state: &AppState, now: i64) -> ApiResult<Vec<String>> {
             continue;
         }
         tracing::info!(workspace = %w.name, owner = %w.owner, timeout, whence, "stopping an idle workspace");
-        stop_as_idle(state, &w, timeout, whence).await?;
-        acted.push(w.name.clone());
+        match stop_as_idle(state, &w, timeout, whence).await {
+            Ok(()) => acted.push(w.name.clone()),
+            Err(e) => tracing::warn!(workspace = %w.name, error = %e.message, "idle stop"),
+        }
     }
     Ok(acted)
 }

@@ -228,6 +228,8 @@ pub struct SingleHost {
     /// Where preview URLs are served (`None`: nowhere), and the start of their URLs when set.
     pub preview_listen: Option<SocketAddr>,
     pub preview_url: Option<String>,
+    /// Host-based previews under this domain (`<port>-<workspace id>.<domain>`).
+    pub preview_domain: Option<String>,
     /// Serve HTTPS with this certificate and key (both listeners); else plain HTTP.
     pub tls: Option<tls::TlsFiles>,
 }
@@ -277,6 +279,8 @@ pub async fn gateway_directory(
         idle: idle::IdlePolicy::default(),
         previews: preview::PreviewConfig::default(),
         https: false,
+        preview_slots: Arc::default(),
+        streams: Arc::default(),
     };
     Ok((gateway::GatewayDirectory { state }, host_id))
 }
@@ -356,8 +360,11 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
             url: config.preview_url,
             port: preview_addr.map(|a| a.port()),
             https: acceptor.is_some(),
+            domain: config.preview_domain,
         },
         https: acceptor.is_some(),
+        preview_slots: Arc::default(),
+        streams: Arc::default(),
         db,
         wake,
         hosts: Arc::new(links::HostLinks::new(Some((

@@ -1,28 +1,37 @@
-//! Preview URLs: HTTP and WebSocket traffic to a port on a workspace's own loopback,
-//! `/preview/<owner>/<workspace>/<port>/...`, through the workspace's host (in process, or its
-//! agent's tunnel), streamed both ways.
+//! Preview URLs: HTTP and WebSocket traffic to a port on a workspace's own loopback, through
+//! the workspace's host (in process, or its agent's tunnel), streamed both ways. Served on a
+//! listener of their own (`warren up --preview-listen`), never on the web UI's origin: a
+//! preview's page is the workspace's code, and on the UI's origin it could read the UI's pages
+//! (and their CSRF token) as whoever views it.
 //!
-//! Previews are served on a listener of their own (`warren up --preview-listen`), never on the
-//! web UI's: a preview's page is the workspace's code, and on the UI's origin it could read the
-//! UI's pages (and their CSRF token) as whoever views it. On another port it is another
-//! origin; the browser still sends the UI's session cookie (cookies ignore ports), which is how
-//! a private preview knows its owner. That cookie is taken out of what the workspace is sent,
-//! and a workspace cannot set it back.
+//! Two forms:
+//! - Host-based, with a preview domain (`--preview-domain D`, a wildcard DNS name):
+//!   `<port>-<workspace id>.D`. Each port is an origin of its own, so one preview's page cannot
+//!   read another's. A port that is not public needs a grant for its host: the UI hands a
+//!   signed-in user's browser a single-use ticket (`/previews/<id>/<port>` on the UI), which
+//!   the preview host exchanges for a cookie of its own (`/__warren/enter`). The UI's session
+//!   never authorizes a preview.
+//! - Path-based, without a domain: `/preview/<owner>/<workspace>/<port>/`. Every such preview
+//!   shares one origin, where a page of one could read another as its viewer, so only public
+//!   ports are served this way.
 //!
-//! Who may reach a port is its owner's choice (`private`, the default: the owner's session;
-//! `users`: anyone signed in; `public`). Anything else answers 404, the same as a preview that
-//! does not exist.
+//! Who may reach a port is its owner's choice: `private` (the default: its owner), `users`
+//! (anyone signed in) or `public`. Any refusal is the same 404 as a preview that does not exist.
+//! Warren's cookies never reach the workspace, and the workspace cannot set them.
 
+use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{FromRequestParts, Path, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
-use axum::routing::any;
+use axum::response::{IntoResponse, Redirect, Response};
 use hyper_util::rt::TokioIo;
 
+use crate::auth::token_hash;
+use crate::db::{now_ms, random_bytes};
 use crate::error::{ApiError, ApiResult};
 use crate::model::WorkspaceState;
 use crate::state::AppState;
@@ -32,128 +41,411 @@ use warren_api::PortAccess;
 /// Where preview URLs are served.
 #[derive(Debug, Clone, Default)]
 pub struct PreviewConfig {
-    /// The start of every preview URL, when set (`--preview-url`, e.g. behind a proxy).
+    /// Path-based: the start of every preview URL, when set (`--preview-url`, behind a proxy).
+    /// Host-based: its scheme and port are the previews' (its host is not used).
     pub url: Option<String>,
-    /// The preview listener's port: without a URL, previews are linked on the host name the
-    /// browser used for the UI, at this port.
+    /// The preview listener's port.
     pub port: Option<u16>,
     /// Whether the listener serves HTTPS.
     pub https: bool,
+    /// Host-based previews under this domain (`--preview-domain`).
+    pub domain: Option<String>,
 }
 
 /// Longest a workspace's server may take to answer a request's head (long polls included).
 const HEAD_WITHIN: Duration = Duration::from_secs(300);
 /// Longest the HTTP handshake over a new connection to a port may take.
 const HANDSHAKE_WITHIN: Duration = Duration::from_secs(10);
+/// An upgraded connection (a WebSocket) with no byte either way for this long is closed.
+const UPGRADED_IDLE: Duration = Duration::from_secs(600);
+/// Preview connections at once per workspace, and in all (each holds a stream to its host).
+const PER_WORKSPACE: usize = 64;
+const IN_ALL: usize = 512;
+/// How long a ticket and a preview cookie are good for.
+const TICKET_MS: i64 = 2 * 60 * 1000;
+const GRANT_MS: i64 = 12 * 3600 * 1000;
+/// The preview host's own cookie, and where a ticket is exchanged for it.
+const PREVIEW_COOKIE: &str = "warren_preview";
+const ENTER: &str = "/__warren/enter";
 
-/// The preview listener's routes.
+/// The preview listener: every request, host-based or path-based.
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/preview/{owner}/{workspace}/{port}", any(without_slash))
-        .route("/preview/{owner}/{workspace}/{port}/", any(root))
-        .route("/preview/{owner}/{workspace}/{port}/{*rest}", any(path))
-        .fallback(|| async { refused() })
-        .with_state(state)
+    Router::new().fallback(dispatch).with_state(state)
 }
 
-/// A preview's URL, or `None` when this server serves none.
+/// The connections previews hold now.
+#[derive(Debug, Default)]
+pub struct PreviewSlots {
+    per_workspace: Arc<crate::state::PerUser>,
+    all: Arc<crate::state::PerUser>,
+}
+
+async fn dispatch(State(state): State<AppState>, request: Request) -> Response {
+    if let Some(target) = host_target(&state, &request) {
+        return match target {
+            Some((id, port)) => by_host(&state, &id, port, request).await,
+            None => refused(),
+        };
+    }
+    by_path(&state, request).await
+}
+
+/// Whether the request names a host-based preview (`Some`), and which: `(workspace id,
+/// port)`, or `None` for a name under the domain that names none.
+fn host_target(state: &AppState, request: &Request) -> Option<Option<(String, u16)>> {
+    let domain = state.previews.domain.as_deref()?;
+    let host = request
+        .uri()
+        .host()
+        .map(str::to_owned)
+        .or_else(|| {
+            let value = request.headers().get(header::HOST)?.to_str().ok()?;
+            Some(value.rsplit_once(':').map_or(value, |(h, _)| h).to_owned())
+        })?
+        .to_ascii_lowercase();
+    let label = host.strip_suffix(domain)?.strip_suffix('.')?;
+    Some(parse_label(label))
+}
+
+/// `<port>-<workspace id>`.
+fn parse_label(label: &str) -> Option<(String, u16)> {
+    let (port, id) = label.split_once('-')?;
+    let port: u16 = port.parse().ok().filter(|&p| p > 0)?;
+    let is_id = !id.is_empty() && id.len() <= 32 && id.bytes().all(|b| b.is_ascii_hexdigit());
+    is_id.then(|| (id.to_owned(), port))
+}
+
+/// A port's host label.
+fn label_of(id: &str, port: u16) -> String {
+    format!("{port}-{id}")
+}
+
+/// The preview's URL: host-based with a domain, else path-based; `None` when this server
+/// serves no previews.
 pub fn url_of(
     state: &AppState,
     ui_headers: &HeaderMap,
-    owner: &str,
-    workspace: &str,
+    ws: &Workspace,
     port: u16,
 ) -> Option<String> {
-    let tail = format!("/preview/{owner}/{workspace}/{port}/");
-    match (&state.previews.url, state.previews.port) {
-        (Some(base), _) => Some(format!("{}{tail}", base.trim_end_matches('/'))),
-        (None, Some(listener)) => {
-            let host = ui_headers.get(header::HOST)?.to_str().ok()?;
-            // `name:port`, `[v6]:port`, or a name alone.
-            let name = match host.rsplit_once(':') {
-                Some((name, digits))
-                    if digits.chars().all(|c| c.is_ascii_digit()) && !name.ends_with(':') =>
-                {
-                    name
-                }
-                _ => host,
+    let listener = state.previews.port?;
+    let scheme = if state.previews.https {
+        "https"
+    } else {
+        "http"
+    };
+    // The preview URL's scheme and port: `--preview-url`'s when set, else the listener's.
+    let (scheme, port_part) = match &state.previews.url {
+        Some(url) => {
+            let (scheme, rest) = url.split_once("://").unwrap_or((scheme, url));
+            let authority = rest.split('/').next().unwrap_or_default();
+            let port_part = match authority.rsplit_once(':') {
+                Some((_, p)) if p.bytes().all(|b| b.is_ascii_digit()) => format!(":{p}"),
+                _ => String::new(),
             };
-            let scheme = if state.previews.https {
-                "https"
-            } else {
-                "http"
-            };
-            Some(format!("{scheme}://{name}:{listener}{tail}"))
+            (scheme.to_owned(), port_part)
         }
-        (None, None) => None,
+        None => (scheme.to_owned(), format!(":{listener}")),
+    };
+    if let Some(domain) = &state.previews.domain {
+        return Some(format!(
+            "{scheme}://{}.{domain}{port_part}/",
+            label_of(&ws.id.0, port)
+        ));
     }
+    let tail = format!("/preview/{}/{}/{port}/", ws.owner, ws.name);
+    if let Some(base) = &state.previews.url {
+        return Some(format!("{}{tail}", base.trim_end_matches('/')));
+    }
+    let host = ui_headers.get(header::HOST)?.to_str().ok()?;
+    // `name:port`, `[v6]:port`, or a name alone.
+    let name = match host.rsplit_once(':') {
+        Some((name, digits))
+            if digits.bytes().all(|b| b.is_ascii_digit()) && !name.ends_with(':') =>
+        {
+            name
+        }
+        _ => host,
+    };
+    Some(format!("{scheme}://{name}{port_part}{tail}"))
+}
+
+/// A single-use ticket that lets `user_id`'s browser into port `port` of workspace `ws` (the
+/// UI checked that they may), and the URL that spends it; `None` without a preview domain.
+pub(crate) async fn ticket_url(
+    state: &AppState,
+    ws: &Workspace,
+    port: u16,
+    session: &crate::ui::Session,
+) -> ApiResult<Option<String>> {
+    let Some(domain) = &state.previews.domain else {
+        return Ok(None);
+    };
+    let Some(url) = url_of(state, &HeaderMap::new(), ws, port) else {
+        return Ok(None);
+    };
+    let ticket = hex::encode(random_bytes::<32>());
+    let host = format!("{}.{domain}", label_of(&ws.id.0, port));
+    let from = Grant {
+        user_id: session.caller.user_id.clone(),
+        session_hash: session.token_hash.clone(),
+    };
+    grant(state, &ticket, "ticket", &from, &host, TICKET_MS).await?;
+    Ok(Some(format!(
+        "{}{}?ticket={ticket}",
+        url.trim_end_matches('/'),
+        ENTER
+    )))
+}
+
+/// Who a grant is for: a user, while one UI session of theirs lasts.
+#[derive(Debug, Clone, sqlx::FromRow)]
+struct Grant {
+    user_id: String,
+    session_hash: String,
+}
+
+async fn grant(
+    state: &AppState,
+    token: &str,
+    kind: &str,
+    to: &Grant,
+    host: &str,
+    lasts_ms: i64,
+) -> ApiResult<()> {
+    let now = now_ms();
+    sqlx::query("DELETE FROM preview_grants WHERE expires_at <= $1")
+        .bind(now)
+        .execute(&state.db.pool)
+        .await?;
+    sqlx::query(
+        "INSERT INTO preview_grants (token_hash, kind, user_id, session_hash, host, expires_at) VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(token_hash(token))
+    .bind(kind)
+    .bind(&to.user_id)
+    .bind(&to.session_hash)
+    .bind(host)
+    .bind(now + lasts_ms)
+    .execute(&state.db.pool)
+    .await?;
+    Ok(())
+}
+
+/// Who a grant of `kind` for `host` is for, while it and its UI session hold.
+async fn granted(
+    state: &AppState,
+    token: &str,
+    kind: &str,
+    host: &str,
+) -> ApiResult<Option<Grant>> {
+    Ok(sqlx::query_as::<_, Grant>(
+        "SELECT g.user_id, g.session_hash FROM preview_grants g JOIN sessions s ON s.token_hash = g.session_hash
+         WHERE g.token_hash = $1 AND g.kind = $2 AND g.host = $3 AND g.expires_at > $4 AND s.expires_at > $4",
+    )
+    .bind(token_hash(token))
+    .bind(kind)
+    .bind(host)
+    .bind(now_ms())
+    .fetch_optional(&state.db.pool)
+    .await?)
 }
 
 fn refused() -> Response {
     (
         StatusCode::NOT_FOUND,
-        "no preview here (a private preview needs its owner signed in to Warren in this browser)\n",
+        "no preview here (a port that is not public opens from its workspace's page in Warren)\n",
     )
         .into_response()
 }
 
-async fn without_slash(Path((owner, workspace, port)): Path<(String, String, String)>) -> Response {
-    axum::response::Redirect::permanent(&format!("/preview/{owner}/{workspace}/{port}/"))
-        .into_response()
+fn failed(e: &ApiError) -> Response {
+    (e.status, format!("{}\n", e.message)).into_response()
 }
 
-async fn root(
-    State(state): State<AppState>,
-    Path((owner, workspace, port)): Path<(String, String, u16)>,
-    request: Request,
-) -> Response {
-    proxy(&state, &owner, &workspace, port, "", request).await
+/// `<port>-<id>.<domain>`: the ticket exchange, or the port, for whoever its grant names.
+async fn by_host(state: &AppState, id: &str, port: u16, request: Request) -> Response {
+    let Some(domain) = &state.previews.domain else {
+        return refused();
+    };
+    let host = format!("{}.{domain}", label_of(id, port));
+    if request.uri().path() == ENTER {
+        let query = request.uri().query().unwrap_or_default().to_owned();
+        return enter(state, &host, &query).await;
+    }
+    let ws = match workspaces::select(&state.db, "WHERE w.id = $1", &[id]).await {
+        Ok(found) => match found.into_iter().next() {
+            Some(ws) => ws,
+            None => return refused(),
+        },
+        Err(e) => return failed(&e),
+    };
+    let access = match port_access(state, &ws.id.0, port).await {
+        Ok(access) => access,
+        Err(e) => return failed(&e),
+    };
+    if access != PortAccess::Public {
+        let token = crate::ui::cookie_value(request.headers(), PREVIEW_COOKIE).map(str::to_owned);
+        let viewer = match token {
+            Some(token) => granted(state, &token, "cookie", &host).await,
+            None => Ok(None),
+        };
+        let may = match viewer {
+            Ok(Some(viewer)) => access == PortAccess::Users || viewer.user_id == ws.owner_id,
+            Ok(None) => false,
+            Err(e) => return failed(&e),
+        };
+        if !may {
+            return refused();
+        }
+    }
+    proxy(state, &ws, port, "", request).await
 }
 
-async fn path(
-    State(state): State<AppState>,
-    Path((owner, workspace, port, rest)): Path<(String, String, u16, String)>,
-    request: Request,
-) -> Response {
-    proxy(&state, &owner, &workspace, port, &rest, request).await
+/// `/__warren/enter?ticket=T[&to=/path]`: spends the ticket and gives the browser this host's
+/// cookie, then goes to the path.
+async fn enter(state: &AppState, host: &str, query: &str) -> Response {
+    let field = |name: &str| {
+        query.split('&').find_map(|pair| {
+            let (k, v) = pair.split_once('=')?;
+            (k == name).then(|| {
+                percent_encoding::percent_decode_str(v)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            })
+        })
+    };
+    let Some(ticket) = field("ticket") else {
+        return refused();
+    };
+    // Only a path of this host: never another site.
+    let to = field("to")
+        .filter(|p| p.starts_with('/') && !p.starts_with("//") && !p.contains('\\'))
+        .unwrap_or_else(|| "/".to_owned());
+    let from = match granted(state, &ticket, "ticket", host).await {
+        Ok(Some(from)) => from,
+        Ok(None) => return refused(),
+        Err(e) => return failed(&e),
+    };
+    // Single use.
+    if let Err(e) = sqlx::query("DELETE FROM preview_grants WHERE token_hash = $1")
+        .bind(token_hash(&ticket))
+        .execute(&state.db.pool)
+        .await
+    {
+        return failed(&e.into());
+    }
+    let token = hex::encode(random_bytes::<32>());
+    if let Err(e) = grant(state, &token, "cookie", &from, host, GRANT_MS).await {
+        return failed(&e);
+    }
+    // Lax: the browser comes here from the UI, another site.
+    let cookie = cookie::Cookie::build((PREVIEW_COOKIE, token))
+        .path("/")
+        .http_only(true)
+        .same_site(cookie::SameSite::Lax)
+        .secure(state.previews.https)
+        .max_age(cookie::time::Duration::seconds(GRANT_MS / 1000))
+        .build();
+    match HeaderValue::from_str(&cookie.to_string()) {
+        Ok(value) => ([(header::SET_COOKIE, value)], Redirect::to(&to)).into_response(),
+        Err(_) => refused(),
+    }
 }
 
+/// `/preview/<owner>/<workspace>/<port>/...`: public ports only.
+async fn by_path(state: &AppState, request: Request) -> Response {
+    let path = request.uri().path().to_owned();
+    let Some(rest) = path.strip_prefix("/preview/") else {
+        return refused();
+    };
+    let mut parts = rest.splitn(4, '/');
+    let (Some(owner), Some(workspace), Some(port)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return refused();
+    };
+    let Ok(port) = port.parse::<u16>() else {
+        return refused();
+    };
+    let Some(tail) = parts.next() else {
+        return Redirect::permanent(&format!("/preview/{owner}/{workspace}/{port}/"))
+            .into_response();
+    };
+    let found = workspaces::select(
+        &state.db,
+        "WHERE w.name = $1 AND u.name = $2",
+        &[workspace, owner],
+    )
+    .await;
+    let ws = match found {
+        Ok(found) => match found.into_iter().next() {
+            Some(ws) => ws,
+            None => return refused(),
+        },
+        Err(e) => return failed(&e),
+    };
+    match port_access(state, &ws.id.0, port).await {
+        Ok(PortAccess::Public) => {}
+        Ok(_) => return refused(),
+        Err(e) => return failed(&e),
+    }
+    let prefix = format!("/preview/{owner}/{workspace}/{port}");
+    // What the workspace's server is asked: the path under the prefix, as the browser sent it.
+    let mut request = request;
+    let query = request
+        .uri()
+        .query()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
+    match format!("/{tail}{query}").parse() {
+        Ok(uri) => *request.uri_mut() = uri,
+        Err(_) => return refused(),
+    }
+    proxy(state, &ws, port, &prefix, request).await
+}
+
+/// Sends the request to the workspace's port and streams the answer back. `prefix`: the
+/// path the browser sees the preview under (path-based), for `X-Forwarded-Prefix`.
 async fn proxy(
     state: &AppState,
-    owner: &str,
-    workspace: &str,
+    ws: &Workspace,
     port: u16,
-    rest: &str,
+    prefix: &str,
     request: Request,
 ) -> Response {
-    let (mut parts, body) = request.into_parts();
-    let viewer = crate::ui::Session::from_request_parts(&mut parts, state)
-        .await
-        .ok();
-    let ws = match allowed(state, owner, workspace, port, viewer.as_ref()).await {
-        Ok(Some(ws)) => ws,
-        Ok(None) => return refused(),
-        Err(e) => return (e.status, e.message).into_response(),
-    };
     if ws.state != WorkspaceState::Running {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
-                "workspace `{workspace}` is {}: start it to see its preview\n",
-                ws.state
+                "workspace `{}` is {}: start it to see its preview\n",
+                ws.name, ws.state
             ),
         )
             .into_response();
     }
+    let Some(slot) = state
+        .preview_slots
+        .per_workspace
+        .admit(&ws.id.0, PER_WORKSPACE)
+    else {
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            "this workspace's previews are busy: try again\n",
+        )
+            .into_response();
+    };
+    let Some(all) = state.preview_slots.all.admit("", IN_ALL) else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "previews are busy: try again\n",
+        )
+            .into_response();
+    };
+    let slots = (slot, all);
     // Preview traffic is use: the workspace is not idle while a request or a socket lasts.
     let in_use = state.presence.in_use(&ws.id.0);
+    let (mut parts, body) = request.into_parts();
     let on_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
-    let query = parts
-        .uri
-        .query()
-        .map(|q| format!("?{q}"))
-        .unwrap_or_default();
-    let prefix = format!("/preview/{owner}/{workspace}/{port}");
     let peer = parts
         .extensions
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
@@ -165,16 +457,9 @@ async fn proxy(
         .map(|v| v.as_bytes())
         .collect();
     let client = crate::client::client_addr(peer, &chain, &state.trusted_proxies);
-    // The path as the browser sent it (still percent-encoded), without the preview's prefix.
-    let path = parts
-        .uri
-        .path()
-        .strip_prefix(prefix.as_str())
-        .filter(|p| p.starts_with('/'))
-        .map_or_else(|| format!("/{rest}"), str::to_owned);
     let Ok(mut upstream) = axum::http::Request::builder()
         .method(parts.method.clone())
-        .uri(format!("{path}{query}"))
+        .uri(parts.uri.path_and_query().map_or("/", |p| p.as_str()))
         .body(body)
     else {
         return (
@@ -183,72 +468,72 @@ async fn proxy(
         )
             .into_response();
     };
-    *upstream.headers_mut() = forwarded_headers(&parts.headers, port, &prefix, client);
-    let mut answer = match send(state, &ws, port, upstream).await {
+    *upstream.headers_mut() =
+        forwarded_headers(&parts.headers, port, prefix, client, state.previews.https);
+    let mut answer = match send(state, ws, port, upstream).await {
         Ok(answer) => answer,
         Err(e) => return (StatusCode::BAD_GATEWAY, format!("{}\n", e.message)).into_response(),
     };
     let theirs = hyper::upgrade::on(&mut answer);
     let (mut head, incoming) = answer.into_parts();
-    strip_hop_by_hop(
-        &mut head.headers,
-        head.status == StatusCode::SWITCHING_PROTOCOLS,
-    );
-    keep_warren_cookies_out(&mut head.headers);
-    if head.status == StatusCode::SWITCHING_PROTOCOLS {
-        // A WebSocket (or another upgrade): both sides' connections, joined, for as long as
-        // either keeps it.
+    let upgrading = head.status == StatusCode::SWITCHING_PROTOCOLS;
+    answer_headers(&mut head.headers, upgrading);
+    if upgrading {
+        // A WebSocket (or another upgrade): both sides joined, until either ends it or it
+        // stays silent both ways for UPGRADED_IDLE.
         drop(incoming);
         if let Some(ours) = on_upgrade {
             tokio::spawn(async move {
-                let _in_use = in_use;
+                let _held = (in_use, slots);
                 if let (Ok(ours), Ok(theirs)) = (ours.await, theirs.await) {
-                    let _ = tokio::io::copy_bidirectional(
-                        &mut TokioIo::new(ours),
-                        &mut TokioIo::new(theirs),
-                    )
-                    .await;
+                    join_until_idle(TokioIo::new(ours), TokioIo::new(theirs), UPGRADED_IDLE).await;
                 }
             });
         }
         return Response::from_parts(head, Body::empty());
     }
-    // The body streams as it comes; the use lasts as long as it does.
+    // The body streams as it comes; the use (and the slots) last as long as it does.
+    let held = (in_use, slots);
     let stream = futures_util::StreamExt::map(
         http_body_util::BodyExt::into_data_stream(incoming),
         move |piece| {
-            let _in_use = &in_use;
+            let _held = &held;
             piece
         },
     );
     Response::from_parts(head, Body::from_stream(stream))
 }
 
-/// The workspace `owner`/`workspace` when `viewer` may reach its `port`, else `None`.
-async fn allowed(
-    state: &AppState,
-    owner: &str,
-    workspace: &str,
-    port: u16,
-    viewer: Option<&crate::ui::Session>,
-) -> ApiResult<Option<Workspace>> {
-    let Some(ws) = workspaces::select(
-        &state.db,
-        "WHERE w.name = $1 AND u.name = $2",
-        &[workspace, owner],
-    )
-    .await?
-    .into_iter()
-    .next() else {
-        return Ok(None);
-    };
-    let access = port_access(state, &ws.id.0, port).await?;
-    let may = match access {
-        PortAccess::Public => true,
-        PortAccess::Users => viewer.is_some(),
-        PortAccess::Private => viewer.is_some_and(|v| v.caller.user_id == ws.owner_id),
-    };
-    Ok(may.then_some(ws))
+/// Copies both ways until either side ends, or nothing moves either way for `idle`.
+async fn join_until_idle<A, B>(a: A, b: B, idle: Duration)
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let (mut a_read, mut a_write) = tokio::io::split(a);
+    let (mut b_read, mut b_write) = tokio::io::split(b);
+    let (mut from_a, mut from_b) = (vec![0u8; 16 << 10], vec![0u8; 16 << 10]);
+    loop {
+        let moved = tokio::time::timeout(idle, async {
+            tokio::select! {
+                n = a_read.read(&mut from_a) => match n {
+                    Ok(0) | Err(_) => false,
+                    Ok(n) => b_write.write_all(&from_a[..n]).await.is_ok(),
+                },
+                n = b_read.read(&mut from_b) => match n {
+                    Ok(0) | Err(_) => false,
+                    Ok(n) => a_write.write_all(&from_b[..n]).await.is_ok(),
+                },
+            }
+        })
+        .await;
+        if !matches!(moved, Ok(true)) {
+            let _ = a_write.shutdown().await;
+            let _ = b_write.shutdown().await;
+            return;
+        }
+    }
 }
 
 /// Who may reach `port` of workspace `id` (private unless its owner said otherwise).
@@ -305,7 +590,19 @@ const HOP_BY_HOP: [&str; 8] = [
     "transfer-encoding",
 ];
 
+/// Removes the hop's headers, and those `Connection` names.
 fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|n| n.trim().to_ascii_lowercase())
+        .filter(|n| !n.is_empty() && n != "upgrade")
+        .collect();
+    for name in named {
+        headers.remove(name.as_str());
+    }
     for name in HOP_BY_HOP {
         if upgrading && name == "connection" {
             continue;
@@ -318,13 +615,14 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
 }
 
 /// What the workspace's server is sent: the browser's headers without the hop's, without
-/// Warren's cookies, with `Host: localhost:<port>` (what dev servers accept) and where the
-/// request came from.
+/// Warren's cookies and without what only Warren may say about the request, with
+/// `Host: localhost:<port>` (what dev servers accept) and where the request came from.
 fn forwarded_headers(
     from: &HeaderMap,
     port: u16,
     prefix: &str,
-    client: std::net::IpAddr,
+    client: IpAddr,
+    https: bool,
 ) -> HeaderMap {
     let upgrading = from.contains_key(header::UPGRADE);
     let mut headers = from.clone();
@@ -333,6 +631,15 @@ fn forwarded_headers(
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
     let original_host = headers.remove(header::HOST);
+    for name in [
+        "forwarded",
+        "x-real-ip",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-forwarded-prefix",
+    ] {
+        headers.remove(name);
+    }
     let cookies: Vec<String> = from
         .get_all(header::COOKIE)
         .iter()
@@ -354,9 +661,15 @@ fn forwarded_headers(
     if let Some(host) = original_host {
         headers.insert("x-forwarded-host", host);
     }
-    if let Ok(prefix) = HeaderValue::from_str(prefix) {
+    if !prefix.is_empty()
+        && let Ok(prefix) = HeaderValue::from_str(prefix)
+    {
         headers.insert("x-forwarded-prefix", prefix);
     }
+    headers.insert(
+        "x-forwarded-proto",
+        HeaderValue::from_static(if https { "https" } else { "http" }),
+    );
     if let Ok(client) = HeaderValue::from_str(&client.to_string()) {
         headers.insert("x-forwarded-for", client);
     }
@@ -364,17 +677,37 @@ fn forwarded_headers(
 }
 
 fn is_warren_cookie(name: &str) -> bool {
-    name.trim().eq_ignore_ascii_case(crate::ui::COOKIE)
+    let name = name.trim();
+    name.is_empty()
+        || name.eq_ignore_ascii_case(crate::ui::COOKIE)
+        || name.eq_ignore_ascii_case(PREVIEW_COOKIE)
+        || name.to_ascii_lowercase().starts_with("__host-")
 }
 
-/// A workspace's server may set its own cookies, never Warren's.
-fn keep_warren_cookies_out(headers: &mut HeaderMap) {
+/// What the browser is sent of the workspace's answer: not the hop's headers, no cookie of
+/// Warren's (nor one for another host, nor a nameless one), and nothing that would reach
+/// beyond this preview (a service worker's wider scope, clearing the site's data, HSTS for
+/// every port of the host).
+fn answer_headers(headers: &mut HeaderMap, upgrading: bool) {
+    strip_hop_by_hop(headers, upgrading);
+    for name in [
+        "service-worker-allowed",
+        "clear-site-data",
+        "strict-transport-security",
+    ] {
+        headers.remove(name);
+    }
     let kept: Vec<HeaderValue> = headers
         .get_all(header::SET_COOKIE)
         .iter()
         .filter(|v| {
             let text = String::from_utf8_lossy(v.as_bytes());
-            !is_warren_cookie(text.split('=').next().unwrap_or_default())
+            let name = text.split_once('=').map_or("", |(n, _)| n);
+            let names_a_domain = text
+                .split(';')
+                .skip(1)
+                .any(|attr| attr.trim().to_ascii_lowercase().starts_with("domain"));
+            text.contains('=') && !is_warren_cookie(name) && !names_a_domain
         })
         .cloned()
         .collect();
@@ -399,23 +732,31 @@ mod tests {
         map
     }
 
-    #[test]
-    fn the_workspace_never_sees_the_viewers_session() {
-        let sent = forwarded_headers(
-            &headers(&[
-                ("host", "devbox:7071"),
-                (
-                    "cookie",
-                    "theme=dark; warren_session=secret; WARREN_SESSION=x",
-                ),
-                ("cookie", "b=2"),
-                ("connection", "keep-alive"),
-                ("accept", "text/html"),
-            ]),
+    fn forwarded(pairs: &[(&str, &str)]) -> HeaderMap {
+        forwarded_headers(
+            &headers(pairs),
             8000,
             "/preview/alice/web/8000",
             std::net::Ipv4Addr::LOCALHOST.into(),
-        );
+            false,
+        )
+    }
+
+    #[test]
+    fn the_workspace_never_sees_the_viewers_session() {
+        let sent = forwarded(&[
+            ("host", "devbox:7071"),
+            (
+                "cookie",
+                "theme=dark; warren_session=secret; WARREN_SESSION=x; warren_preview=p; __Host-warren_session=h",
+            ),
+            ("cookie", "b=2"),
+            ("connection", "keep-alive, x-secret"),
+            ("x-secret", "hop"),
+            ("x-forwarded-proto", "https"),
+            ("forwarded", "for=1.2.3.4"),
+            ("accept", "text/html"),
+        ]);
         assert_eq!(
             sent.get("cookie").map(|v| v.as_bytes()),
             Some(&b"theme=dark; b=2"[..])
@@ -428,28 +769,27 @@ mod tests {
             sent.get("x-forwarded-host").map(|v| v.as_bytes()),
             Some(&b"devbox:7071"[..])
         );
-        assert!(sent.get("connection").is_none());
+        assert_eq!(
+            sent.get("x-forwarded-proto").map(|v| v.as_bytes()),
+            Some(&b"http"[..])
+        );
+        for gone in ["connection", "x-secret", "forwarded"] {
+            assert!(sent.get(gone).is_none(), "{gone}");
+        }
         assert_eq!(
             sent.get("accept").map(|v| v.as_bytes()),
             Some(&b"text/html"[..])
         );
-        let only_ours = forwarded_headers(
-            &headers(&[("cookie", "warren_session=secret")]),
-            1,
-            "/p",
-            std::net::Ipv4Addr::LOCALHOST.into(),
+        assert!(
+            forwarded(&[("cookie", "warren_session=secret")])
+                .get("cookie")
+                .is_none()
         );
-        assert!(only_ours.get("cookie").is_none());
     }
 
     #[test]
     fn a_websocket_keeps_its_upgrade() {
-        let sent = forwarded_headers(
-            &headers(&[("connection", "Upgrade"), ("upgrade", "websocket")]),
-            1,
-            "/p",
-            std::net::Ipv4Addr::LOCALHOST.into(),
-        );
+        let sent = forwarded(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
         assert_eq!(
             sent.get("upgrade").map(|v| v.as_bytes()),
             Some(&b"websocket"[..])
@@ -461,13 +801,45 @@ mod tests {
     }
 
     #[test]
-    fn the_workspace_cannot_set_warrens_cookie() {
+    fn the_workspace_cannot_set_warrens_cookies_or_reach_beyond_its_preview() {
         let mut answer = headers(&[
             ("set-cookie", "warren_session=attacker; Path=/"),
+            ("set-cookie", "=warren_session=x; Path=/workspaces"),
+            ("set-cookie", "warren_preview=x"),
+            ("set-cookie", "app=1; Domain=devbox; Path=/"),
             ("set-cookie", "app=1; Path=/"),
+            ("service-worker-allowed", "/"),
+            ("clear-site-data", "\"cookies\""),
+            ("strict-transport-security", "max-age=1"),
         ]);
-        keep_warren_cookies_out(&mut answer);
+        answer_headers(&mut answer, false);
         let left: Vec<_> = answer.get_all("set-cookie").iter().collect();
         assert_eq!(left, [HeaderValue::from_static("app=1; Path=/")]);
+        for gone in [
+            "service-worker-allowed",
+            "clear-site-data",
+            "strict-transport-security",
+        ] {
+            assert!(answer.get(gone).is_none(), "{gone}");
+        }
+    }
+
+    #[test]
+    fn a_preview_host_names_a_port_and_a_workspace_id() {
+        assert_eq!(
+            parse_label("8000-0123abcd"),
+            Some(("0123abcd".to_owned(), 8000))
+        );
+        for bad in [
+            "8000",
+            "x-0123",
+            "0-0123",
+            "70000-0123",
+            "8000-",
+            "8000-web-alice",
+            "8000-01.2",
+        ] {
+            assert_eq!(parse_label(bad), None, "{bad}");
+        }
     }
 }

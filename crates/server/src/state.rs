@@ -50,6 +50,10 @@ pub struct AppState {
     pub previews: crate::preview::PreviewConfig,
     /// Whether this process serves HTTPS itself (`--tls-cert`).
     pub https: bool,
+    /// Connections previews hold now.
+    pub preview_slots: Arc<crate::preview::PreviewSlots>,
+    /// Event streams each user holds open now.
+    pub streams: Arc<PerUser>,
 }
 
 impl std::fmt::Debug for AppState {

@@ -277,7 +277,7 @@ pub async fn list_ports(
             access: access
                 .parse()
                 .map_err(|e| ApiError::internal("a stored port's access", e))?,
-            url: crate::preview::url_of(&state, &headers, &ws.owner, &ws.name, port),
+            url: crate::preview::url_of(&state, &headers, &ws, port),
         });
     }
     Ok(Json(ports))

@@ -12,10 +12,9 @@ use base64::Engine as _;
 use futures_util::stream::{self, Stream};
 use serde::Deserialize;
 
-use super::pages::{RowFragment, row_now};
+use super::pages::{RowFragment, row};
 use super::{Session, UiError};
 use crate::api;
-use crate::auth::Caller;
 use crate::state::AppState;
 use crate::workspaces::Workspace;
 use warren_api::LogQuery;
@@ -37,19 +36,26 @@ pub(crate) async fn workspaces(
     State(state): State<AppState>,
     session: Session,
     Query(query): Query<ListQuery>,
-) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, UiError> {
+    let slot = stream_slot(&state, &session)?;
     let watch = ListWatch {
         state,
-        caller: session.caller,
+        session,
         only: query.id,
         seen: HashMap::new(),
+        behind: HashMap::new(),
         pending: VecDeque::new(),
         first: true,
+        _slot: slot,
     };
     let events = stream::unfold(watch, |mut watch| async move {
         loop {
             if let Some(event) = watch.pending.pop_front() {
                 return Some((Ok(event), watch));
+            }
+            // A stream ends with its sign-in (signed out, expired).
+            if !watch.first && !watch.session.holds(&watch.state).await {
+                return None;
             }
             if watch.first {
                 watch.look().await;
@@ -63,23 +69,41 @@ pub(crate) async fn workspaces(
             watch.look().await;
         }
     });
-    Sse::new(events).keep_alive(KeepAlive::default())
+    Ok(Sse::new(events).keep_alive(KeepAlive::default()))
+}
+
+/// Event streams one user may hold open at once (a few tabs' worth).
+const STREAMS_PER_USER: usize = 8;
+
+fn stream_slot(state: &AppState, session: &Session) -> Result<crate::state::Slot, UiError> {
+    state
+        .streams
+        .admit(&session.caller.user_id, STREAMS_PER_USER)
+        .ok_or_else(|| {
+            UiError(crate::error::ApiError::new(
+                axum::http::StatusCode::TOO_MANY_REQUESTS,
+                format!("you have {STREAMS_PER_USER} live pages open already: close one"),
+            ))
+        })
 }
 
 struct ListWatch {
     state: AppState,
-    caller: Caller,
+    session: Session,
     only: Option<String>,
     /// What each row showed when it was last sent.
     seen: HashMap<String, String>,
+    /// How far behind its branch each (prebuild commit, branch head) is: asked of git once.
+    behind: HashMap<(String, String), Option<u64>>,
     pending: VecDeque<Event>,
     first: bool,
+    _slot: crate::state::Slot,
 }
 
 impl ListWatch {
     async fn look(&mut self) {
         // A database that fails now is asked again at the next tick.
-        let Ok(found) = api::visible_workspaces(&self.state, &self.caller).await else {
+        let Ok(found) = api::visible_workspaces(&self.state, &self.session.caller).await else {
             return;
         };
         let mut now = HashMap::new();
@@ -89,8 +113,28 @@ impl ListWatch {
         {
             let shown = shown(w);
             if self.seen.get(&w.id.0) != Some(&shown) {
+                let mut view = api::workspace_view(&self.state, w);
+                if let (Some(commit), Some(head), Some(url)) =
+                    (&w.prebuild_commit, &w.branch_head, &w.git_url)
+                {
+                    let key = (commit.clone(), head.clone());
+                    view.behind = match self.behind.get(&key) {
+                        Some(known) => *known,
+                        None => {
+                            let asked = crate::prebuilds::behind(
+                                &self.state.git_mirrors,
+                                url,
+                                commit,
+                                head,
+                            )
+                            .await;
+                            self.behind.insert(key, asked);
+                            asked
+                        }
+                    };
+                }
                 let row = RowFragment {
-                    row: row_now(&self.state, &self.caller, w).await,
+                    row: row(&self.state, &self.session.caller, w, &view),
                 };
                 if let Ok(html) = askama::Template::render(&row) {
                     self.pending
@@ -132,13 +176,15 @@ pub(crate) async fn task_log(
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, UiError> {
     // Another user's workspace is 404 here, not a stream of problems.
     let ws = api::find_workspace(&state, &session.caller, &key).await?;
+    let slot = stream_slot(&state, &session)?;
     let follow = Follow {
         state,
-        caller: session.caller,
+        session,
         key: ws.id.0,
         task,
         offset: query.offset,
         done: false,
+        _slot: slot,
     };
     let events = stream::unfold(follow, |mut f| async move {
         if f.done {
@@ -152,20 +198,26 @@ pub(crate) async fn task_log(
 
 struct Follow {
     state: AppState,
-    caller: Caller,
+    session: Session,
     key: String,
     task: String,
     offset: u64,
     done: bool,
+    _slot: crate::state::Slot,
 }
 
 impl Follow {
     async fn next(&mut self) -> Event {
         let problem = |message: String| Event::default().event("problem").data(json(&message));
         loop {
+            // A stream ends with its sign-in (signed out, expired).
+            if !self.session.holds(&self.state).await {
+                self.done = true;
+                return Event::default().event("end").data("signed out");
+            }
             let piece = api::task_log(
                 State(self.state.clone()),
-                self.caller.clone(),
+                self.session.caller.clone(),
                 Path((self.key.clone(), self.task.clone())),
                 Query(LogQuery {
                     offset: self.offset,

@@ -25,6 +25,9 @@ use crate::state::AppState;
 
 /// The session cookie's name.
 pub(crate) const COOKIE: &str = "warren_session";
+/// Its name over HTTPS: the `__Host-` prefix makes a browser refuse it from anything but
+/// this host, with `Secure` and `Path=/` (no other page can plant one beside it).
+const SECURE_COOKIE: &str = "__Host-warren_session";
 /// How long a sign-in lasts.
 const SESSION_MS: i64 = 7 * 24 * 3600 * 1000;
 /// The header that carries the CSRF token.
@@ -41,7 +44,20 @@ pub fn routes() -> Router<AppState> {
         .route("/workspaces/{key}/ports", post(pages::set_port_access))
         .route("/workspaces/{key}/tasks/{task}/events", get(live::task_log))
         .route("/events/workspaces", get(live::workspaces))
+        .route("/previews/{id}/{port}", get(pages::open_preview))
         .route("/assets/{file}", get(asset))
+        .layer(axum::middleware::map_response(not_in_frames))
+}
+
+/// No page of the UI may be shown in another page's frame (clicks tricked through it).
+async fn not_in_frames(mut answer: Response) -> Response {
+    let headers = answer.headers_mut();
+    headers.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("frame-ancestors 'none'"),
+    );
+    answer
 }
 
 /// The UI's answer to a path it does not have: its 404 page (the API answers its own).
@@ -74,6 +90,22 @@ async fn asset(axum::extract::Path(file): axum::extract::Path<String>) -> Respon
 pub(crate) struct Session {
     pub caller: Caller,
     pub csrf: String,
+    /// The stored form of its token, to ask later whether it still holds.
+    pub token_hash: String,
+}
+
+impl Session {
+    /// Whether the sign-in still holds (not signed out, not expired).
+    pub async fn holds(&self, state: &AppState) -> bool {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT 1 FROM sessions WHERE token_hash = $1 AND expires_at > $2",
+        )
+        .bind(&self.token_hash)
+        .bind(now_ms())
+        .fetch_optional(&state.db.pool)
+        .await
+        .is_ok_and(|found| found.is_some())
+    }
 }
 
 /// The session of a request that changes something: its CSRF token was checked.
@@ -114,26 +146,40 @@ impl IntoResponse for UiError {
     }
 }
 
-fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers
+/// The cookie `name`'s value, when the request carries it exactly once: two of one name mean
+/// another page planted one (a longer path is sent first), and neither is believed.
+pub(crate) fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    let mut found = headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(cookie::Cookie::split_parse)
         .filter_map(Result::ok)
-        .find(|c| c.name() == name)
-        .and_then(|c| {
-            // `split_parse` borrows from the header's text, which outlives this call.
-            let value = c.value_raw()?;
-            Some(value)
-        })
+        .filter(|c| c.name() == name)
+        // `split_parse` borrows from the header's text, which outlives this call.
+        .filter_map(|c| c.value_raw());
+    let value = found.next()?;
+    found.next().is_none().then_some(value)
+}
+
+/// The session token a request carries: the `__Host-` cookie over HTTPS, else the plain one.
+fn session_token(headers: &HeaderMap, https: bool) -> Option<&str> {
+    if https {
+        cookie_value(headers, SECURE_COOKIE)
+    } else {
+        cookie_value(headers, COOKIE)
+    }
 }
 
 impl FromRequestParts<AppState> for Session {
     type Rejection = UiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, UiError> {
-        let token = cookie_value(&parts.headers, COOKIE)
+        let peer = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |c| c.0.ip());
+        let token = session_token(&parts.headers, over_https(peer, &parts.headers, state))
             .ok_or_else(|| UiError(ApiError::unauthorized()))?;
         let found: Option<(String, String, i64, String)> = sqlx::query_as(
             "SELECT u.id, u.name, u.is_admin, s.csrf FROM sessions s JOIN users u ON u.id = s.user_id \
@@ -152,6 +198,7 @@ impl FromRequestParts<AppState> for Session {
                 is_admin: is_admin != 0,
             },
             csrf,
+            token_hash: token_hash(token),
         })
     }
 }
@@ -242,7 +289,8 @@ async fn new_session(
 }
 
 fn set_cookie(value: String, max_age_s: i64, https: bool) -> Result<HeaderValue, ApiError> {
-    let cookie = cookie::Cookie::build((COOKIE, value))
+    let name = if https { SECURE_COOKIE } else { COOKIE };
+    let cookie = cookie::Cookie::build((name, value))
         .path("/")
         .http_only(true)
         .same_site(cookie::SameSite::Strict)
@@ -253,15 +301,17 @@ fn set_cookie(value: String, max_age_s: i64, https: bool) -> Result<HeaderValue,
         .map_err(|e| ApiError::internal("cannot make the session cookie", e))
 }
 
-/// Ends the request's session, if it has one, and the cookie that clears it in the browser.
-async fn end_session(headers: &HeaderMap, state: &AppState) -> Result<HeaderValue, ApiError> {
-    if let Some(token) = cookie_value(headers, COOKIE) {
-        sqlx::query("DELETE FROM sessions WHERE token_hash = $1")
-            .bind(token_hash(token))
-            .execute(&state.db.pool)
-            .await?;
-    }
-    set_cookie(String::new(), 0, false)
+/// Ends the session, and the cookie that clears it in the browser.
+async fn end_session(
+    session: &Session,
+    state: &AppState,
+    https: bool,
+) -> Result<HeaderValue, ApiError> {
+    sqlx::query("DELETE FROM sessions WHERE token_hash = $1")
+        .bind(&session.token_hash)
+        .execute(&state.db.pool)
+        .await?;
+    set_cookie(String::new(), 0, https)
 }
 
 #[cfg(test)]
@@ -296,6 +346,13 @@ mod tests {
     fn the_session_cookie_is_read_among_others() {
         let headers = parts(&[("cookie", "a=1; warren_session=tok; b=2")]).headers;
         assert_eq!(cookie_value(&headers, COOKIE), Some("tok"));
+        // A second one of the name (planted with a longer path by another page): neither.
+        let planted = parts(&[("cookie", "warren_session=planted; warren_session=tok")]).headers;
+        assert_eq!(cookie_value(&planted, COOKIE), None);
+        // Over HTTPS only the `__Host-` cookie counts.
+        let both = parts(&[("cookie", "warren_session=plain; __Host-warren_session=tok")]).headers;
+        assert_eq!(session_token(&both, true), Some("tok"));
+        assert_eq!(session_token(&both, false), Some("plain"));
         assert_eq!(
             cookie_value(&parts(&[("cookie", "a=1")]).headers, COOKIE),
             None

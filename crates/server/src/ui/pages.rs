@@ -94,10 +94,12 @@ pub(crate) async fn login(
 
 pub(crate) async fn logout(
     State(state): State<AppState>,
-    _: Acting,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    Acting(session): Acting,
     headers: HeaderMap,
 ) -> Result<Response, UiError> {
-    let cookie = end_session(&headers, &state).await?;
+    let https = over_https(peer.ip(), &headers, &state);
+    let cookie = end_session(&session, &state, https).await?;
     Ok((
         [(header::SET_COOKIE, cookie)],
         [("hx-redirect", "/login")],
@@ -540,6 +542,46 @@ pub(crate) async fn set_port_access(
     )
     .await?;
     Ok(html(&ports_of(&state, caller, &ws, headers).await?))
+}
+
+/// Opens a port's preview for the signed-in user, when they may see it: on a preview domain,
+/// through a single-use ticket its host exchanges for a cookie of its own; without one, only
+/// a public port (path-based previews share one origin).
+pub(crate) async fn open_preview(
+    State(state): State<AppState>,
+    session: Session,
+    Path((id, port)): Path<(String, u16)>,
+) -> Result<Response, UiError> {
+    let refused = || {
+        UiError(ApiError::not_found(format_args!(
+            "preview of port {port} you may open"
+        )))
+    };
+    let ws = workspaces::select(&state.db, "WHERE w.id = $1", &[&id])
+        .await?
+        .into_iter()
+        .next()
+        .ok_or_else(refused)?;
+    let access = crate::preview::port_access(&state, &ws.id.0, port).await?;
+    let may = match access {
+        warren_api::PortAccess::Private => ws.owner_id == session.caller.user_id,
+        warren_api::PortAccess::Users | warren_api::PortAccess::Public => true,
+    };
+    if !may {
+        return Err(refused());
+    }
+    if let Some(url) = crate::preview::ticket_url(&state, &ws, port, &session).await? {
+        return Ok(Redirect::to(&url).into_response());
+    }
+    if access != warren_api::PortAccess::Public {
+        return Err(UiError(ApiError::not_found(format_args!(
+            "way to open a port that is not public here: this server has no preview domain \
+             (warren up --preview-domain); make the port public, or use `ssh -L`"
+        ))));
+    }
+    let url = crate::preview::url_of(&state, &HeaderMap::new(), &ws, port)
+        .ok_or_else(|| UiError(ApiError::not_found("preview listener on this server")))?;
+    Ok(Redirect::to(&url).into_response())
 }
 
 pub(crate) async fn workspace(
