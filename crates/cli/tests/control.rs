@@ -375,7 +375,8 @@ fn every_endpoint_refuses_strangers_and_other_users() {
             .replace("{user}", "alice")
             .replace("{id}", "x")
             .replace("{name}", "X")
-            .replace("{task}", "t");
+            .replace("{task}", "t")
+            .replace("{port}", "8000");
         for (method, op) in item.as_object().unwrap() {
             let method = method.to_uppercase();
             // An operation's own requirements, else the document's.
@@ -423,9 +424,17 @@ fn every_endpoint_refuses_strangers_and_other_users() {
         ("DELETE", "/api/v1/env/X?project=app".to_owned()),
         ("GET", "/api/v1/projects/app/branches".to_owned()),
         ("POST", "/api/v1/projects/app/refresh".to_owned()),
+        ("GET", format!("/api/v1/workspaces/{ws_id}/ports")),
+        ("PUT", format!("/api/v1/workspaces/{ws_id}/ports/8000")),
+        ("PUT", format!("/api/v1/workspaces/{ws_id}/idle-timeout")),
+        ("PUT", "/api/v1/projects/app/idle-timeout".to_owned()),
     ] {
         let body = if path.ends_with("/exec") {
             json!({"argv": ["true"]})
+        } else if path.ends_with("/8000") {
+            json!({"access": "public"})
+        } else if path.ends_with("/idle-timeout") {
+            json!({"seconds": 3600})
         } else {
             json!({})
         }

@@ -48,6 +48,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (13, include_str!("../migrations/0013_sessions.sql")),
     (14, include_str!("../migrations/0014_idle_stop.sql")),
     (15, include_str!("../migrations/0015_workspace_ports.sql")),
+    (16, include_str!("../migrations/0016_preview_grants.sql")),
 ];
 
 /// The SQLite file holds every user's password hash, tokens' hashes and sealed secrets: made

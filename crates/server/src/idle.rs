@@ -38,6 +38,8 @@ pub struct Presence {
     /// When each workspace's use was last written: a use that begins or ends is written at
     /// most once per [`FLUSH`] (a page with many requests is one write, not one per request).
     written: Mutex<HashMap<String, std::time::Instant>>,
+    /// Uses that ended while a write was too recent: written at the next flush.
+    unwritten: Mutex<std::collections::HashSet<String>>,
 }
 
 impl std::fmt::Debug for Presence {
@@ -53,6 +55,7 @@ impl Presence {
             db,
             open: Mutex::default(),
             written: Mutex::default(),
+            unwritten: Mutex::default(),
         });
         let weak = Arc::downgrade(&presence);
         tokio::spawn(flush_forever(weak));
@@ -82,6 +85,10 @@ impl Presence {
             .get(id)
             .is_some_and(|at| now.duration_since(*at) < FLUSH)
         {
+            self.unwritten
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id.to_owned());
             return;
         }
         written.insert(id.to_owned(), now);
@@ -128,7 +135,18 @@ async fn flush_forever(presence: Weak<Presence>) {
         let Some(presence) = presence.upgrade() else {
             return;
         };
-        let ids = presence.open_ids();
+        let mut ids = presence.open_ids();
+        let ended: Vec<String> = presence
+            .unwritten
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .collect();
+        for id in ended {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
         if !ids.is_empty() {
             {
                 let now = std::time::Instant::now();

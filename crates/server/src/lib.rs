@@ -357,9 +357,15 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
         presence: idle::Presence::new(db.clone()),
         idle: config.idle,
         previews: preview::PreviewConfig {
-            url: config.preview_url,
             port: preview_addr.map(|a| a.port()),
-            https: acceptor.is_some(),
+            // Whether browsers reach previews over HTTPS: served so, or behind a proxy whose
+            // URL says so.
+            https: acceptor.is_some()
+                || config
+                    .preview_url
+                    .as_deref()
+                    .is_some_and(|u| u.starts_with("https://")),
+            url: config.preview_url,
             domain: config.preview_domain,
         },
         https: acceptor.is_some(),

@@ -64,8 +64,12 @@ const IN_ALL: usize = 512;
 /// How long a ticket and a preview cookie are good for.
 const TICKET_MS: i64 = 2 * 60 * 1000;
 const GRANT_MS: i64 = 12 * 3600 * 1000;
-/// The preview host's own cookie, and where a ticket is exchanged for it.
+/// The preview host's own cookie (with `__Host-` over HTTPS: only that host may set it), and
+/// where a ticket is exchanged for it.
 const PREVIEW_COOKIE: &str = "warren_preview";
+const SECURE_PREVIEW_COOKIE: &str = "__Host-warren_preview";
+/// How often a connection that lasts is checked against who may still reach the port.
+const RECHECK: Duration = Duration::from_secs(60);
 const ENTER: &str = "/__warren/enter";
 
 /// The preview listener: every request, host-based or path-based.
@@ -110,9 +114,15 @@ fn host_target(state: &AppState, request: &Request) -> Option<Option<(String, u1
 /// `<port>-<workspace id>`.
 fn parse_label(label: &str) -> Option<(String, u16)> {
     let (port, id) = label.split_once('-')?;
-    let port: u16 = port.parse().ok().filter(|&p| p > 0)?;
+    let port = port_number(port)?;
     let is_id = !id.is_empty() && id.len() <= 32 && id.bytes().all(|b| b.is_ascii_hexdigit());
     is_id.then(|| (id.to_owned(), port))
+}
+
+/// A port as written in a preview's name: digits only, no leading zero (one name per port).
+fn port_number(text: &str) -> Option<u16> {
+    let port: u16 = text.parse().ok().filter(|&p| p > 0)?;
+    (port.to_string() == text).then_some(port)
 }
 
 /// A port's host label.
@@ -284,26 +294,89 @@ async fn by_host(state: &AppState, id: &str, port: u16, request: Request) -> Res
         Ok(access) => access,
         Err(e) => return failed(&e),
     };
-    if access != PortAccess::Public {
-        let token = crate::ui::cookie_value(request.headers(), PREVIEW_COOKIE).map(str::to_owned);
-        let viewer = match token {
-            Some(token) => granted(state, &token, "cookie", &host).await,
-            None => Ok(None),
+    let pass = if access == PortAccess::Public {
+        Pass::Public
+    } else {
+        // Every value the browser sent is tried (a page under the domain may have planted
+        // another cookie of the name): a grant holds only for its own host.
+        let name = if state.previews.https {
+            SECURE_PREVIEW_COOKIE
+        } else {
+            PREVIEW_COOKIE
         };
-        let may = match viewer {
-            Ok(Some(viewer)) => access == PortAccess::Users || viewer.user_id == ws.owner_id,
-            Ok(None) => false,
-            Err(e) => return failed(&e),
-        };
-        if !may {
-            return refused();
+        let mut found = None;
+        for token in cookie_values(request.headers(), name) {
+            let pass = Pass::Grant {
+                token,
+                host: host.clone(),
+            };
+            match passes(state, &ws, port, &pass).await {
+                Ok(true) => {
+                    found = Some(pass);
+                    break;
+                }
+                Ok(false) => {}
+                Err(e) => return failed(&e),
+            }
         }
-    }
-    proxy(state, &ws, port, "", request).await
+        match found {
+            Some(pass) => pass,
+            None => return refused(),
+        }
+    };
+    proxy(state, &ws, port, "", request, pass).await
 }
 
-/// `/__warren/enter?ticket=T[&to=/path]`: spends the ticket and gives the browser this host's
-/// cookie, then goes to the path.
+/// How a request was let in, to ask again while its connection lasts.
+#[derive(Debug, Clone)]
+enum Pass {
+    /// The port is public.
+    Public,
+    /// A grant (the cookie's token) for this host.
+    Grant { token: String, host: String },
+}
+
+/// Whether `pass` still lets its holder reach `port` of `ws`.
+async fn passes(state: &AppState, ws: &Workspace, port: u16, pass: &Pass) -> ApiResult<bool> {
+    let access = port_access(state, &ws.id.0, port).await?;
+    Ok(match pass {
+        Pass::Public => access == PortAccess::Public,
+        Pass::Grant { token, host } => {
+            access == PortAccess::Public
+                || match granted(state, token, "cookie", host).await? {
+                    Some(grant) => access == PortAccess::Users || grant.user_id == ws.owner_id,
+                    None => false,
+                }
+        }
+    })
+}
+
+/// Completes when `pass` no longer holds (the port closed, the grant or its session ended),
+/// looking every [`RECHECK`]; a database that cannot answer is asked again later.
+async fn revoked(state: AppState, ws: Workspace, port: u16, pass: Pass) {
+    loop {
+        tokio::time::sleep(RECHECK).await;
+        if let Ok(false) = passes(&state, &ws, port, &pass).await {
+            return;
+        }
+    }
+}
+
+/// Every value of the cookie `name` the request carries.
+fn cookie_values(headers: &HeaderMap, name: &str) -> Vec<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(cookie::Cookie::split_parse)
+        .filter_map(Result::ok)
+        .filter(|c| c.name() == name)
+        .map(|c| c.value().to_owned())
+        .collect()
+}
+
+/// `/__warren/enter?ticket=T`: spends the ticket and gives the browser this host's cookie,
+/// then goes to the preview's front page.
 async fn enter(state: &AppState, host: &str, query: &str) -> Response {
     let field = |name: &str| {
         query.split('&').find_map(|pair| {
@@ -318,29 +391,32 @@ async fn enter(state: &AppState, host: &str, query: &str) -> Response {
     let Some(ticket) = field("ticket") else {
         return refused();
     };
-    // Only a path of this host: never another site.
-    let to = field("to")
-        .filter(|p| p.starts_with('/') && !p.starts_with("//") && !p.contains('\\'))
-        .unwrap_or_else(|| "/".to_owned());
-    let from = match granted(state, &ticket, "ticket", host).await {
+    // Spent as it is read: of two requests with one ticket, one gets it.
+    let spent = sqlx::query_as::<_, Grant>(
+        "DELETE FROM preview_grants WHERE token_hash = $1 AND kind = 'ticket' AND host = $2 AND expires_at > $3
+         RETURNING user_id, session_hash",
+    )
+    .bind(token_hash(&ticket))
+    .bind(host)
+    .bind(now_ms())
+    .fetch_optional(&state.db.pool)
+    .await;
+    let from = match spent {
         Ok(Some(from)) => from,
         Ok(None) => return refused(),
-        Err(e) => return failed(&e),
+        Err(e) => return failed(&e.into()),
     };
-    // Single use.
-    if let Err(e) = sqlx::query("DELETE FROM preview_grants WHERE token_hash = $1")
-        .bind(token_hash(&ticket))
-        .execute(&state.db.pool)
-        .await
-    {
-        return failed(&e.into());
-    }
     let token = hex::encode(random_bytes::<32>());
     if let Err(e) = grant(state, &token, "cookie", &from, host, GRANT_MS).await {
         return failed(&e);
     }
     // Lax: the browser comes here from the UI, another site.
-    let cookie = cookie::Cookie::build((PREVIEW_COOKIE, token))
+    let name = if state.previews.https {
+        SECURE_PREVIEW_COOKIE
+    } else {
+        PREVIEW_COOKIE
+    };
+    let cookie = cookie::Cookie::build((name, token))
         .path("/")
         .http_only(true)
         .same_site(cookie::SameSite::Lax)
@@ -348,7 +424,7 @@ async fn enter(state: &AppState, host: &str, query: &str) -> Response {
         .max_age(cookie::time::Duration::seconds(GRANT_MS / 1000))
         .build();
     match HeaderValue::from_str(&cookie.to_string()) {
-        Ok(value) => ([(header::SET_COOKIE, value)], Redirect::to(&to)).into_response(),
+        Ok(value) => ([(header::SET_COOKIE, value)], Redirect::to("/")).into_response(),
         Err(_) => refused(),
     }
 }
@@ -364,11 +440,16 @@ async fn by_path(state: &AppState, request: Request) -> Response {
     else {
         return refused();
     };
-    let Ok(port) = port.parse::<u16>() else {
+    let Some(port) = port_number(port) else {
         return refused();
     };
     let Some(tail) = parts.next() else {
-        return Redirect::permanent(&format!("/preview/{owner}/{workspace}/{port}/"))
+        let query = request
+            .uri()
+            .query()
+            .map(|q| format!("?{q}"))
+            .unwrap_or_default();
+        return Redirect::permanent(&format!("/preview/{owner}/{workspace}/{port}/{query}"))
             .into_response();
     };
     let found = workspaces::select(
@@ -401,7 +482,7 @@ async fn by_path(state: &AppState, request: Request) -> Response {
         Ok(uri) => *request.uri_mut() = uri,
         Err(_) => return refused(),
     }
-    proxy(state, &ws, port, &prefix, request).await
+    proxy(state, &ws, port, &prefix, request, Pass::Public).await
 }
 
 /// Sends the request to the workspace's port and streams the answer back. `prefix`: the
@@ -412,6 +493,7 @@ async fn proxy(
     port: u16,
     prefix: &str,
     request: Request,
+    pass: Pass,
 ) -> Response {
     if ws.state != WorkspaceState::Running {
         return (
@@ -478,24 +560,46 @@ async fn proxy(
     let (mut head, incoming) = answer.into_parts();
     let upgrading = head.status == StatusCode::SWITCHING_PROTOCOLS;
     answer_headers(&mut head.headers, upgrading);
+    if !prefix.is_empty() {
+        // Path-based previews share one origin: each page gets an opaque one of its own, with
+        // no cookies or storage, and sets none.
+        head.headers.remove(header::SET_COOKIE);
+        head.headers.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(
+                "sandbox allow-scripts allow-forms allow-popups allow-modals allow-downloads",
+            ),
+        );
+    }
+    // Until who may reach the port changes (it is closed, the grant or its session ends).
+    let revoked = revoked(state.clone(), ws.clone(), port, pass);
     if upgrading {
-        // A WebSocket (or another upgrade): both sides joined, until either ends it or it
-        // stays silent both ways for UPGRADED_IDLE.
+        // A WebSocket (or another upgrade): both sides joined, until either ends it, it
+        // stays silent both ways for UPGRADED_IDLE, or the pass no longer holds.
         drop(incoming);
         if let Some(ours) = on_upgrade {
             tokio::spawn(async move {
                 let _held = (in_use, slots);
                 if let (Ok(ours), Ok(theirs)) = (ours.await, theirs.await) {
-                    join_until_idle(TokioIo::new(ours), TokioIo::new(theirs), UPGRADED_IDLE).await;
+                    let joined =
+                        join_until_idle(TokioIo::new(ours), TokioIo::new(theirs), UPGRADED_IDLE);
+                    tokio::select! {
+                        () = joined => {}
+                        () = revoked => {}
+                    }
                 }
             });
         }
         return Response::from_parts(head, Body::empty());
     }
-    // The body streams as it comes; the use (and the slots) last as long as it does.
+    // The body streams as it comes (until the pass no longer holds); the use (and the slots)
+    // last as long as it does.
     let held = (in_use, slots);
     let stream = futures_util::StreamExt::map(
-        http_body_util::BodyExt::into_data_stream(incoming),
+        futures_util::StreamExt::take_until(
+            http_body_util::BodyExt::into_data_stream(incoming),
+            Box::pin(revoked),
+        ),
         move |piece| {
             let _held = &held;
             piece
@@ -504,36 +608,51 @@ async fn proxy(
     Response::from_parts(head, Body::from_stream(stream))
 }
 
-/// Copies both ways until either side ends, or nothing moves either way for `idle`.
+/// Copies both ways at once until either side ends, or nothing moves either way for `idle`.
 async fn join_until_idle<A, B>(a: A, b: B, idle: Duration)
 where
     A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let (mut a_read, mut a_write) = tokio::io::split(a);
-    let (mut b_read, mut b_write) = tokio::io::split(b);
-    let (mut from_a, mut from_b) = (vec![0u8; 16 << 10], vec![0u8; 16 << 10]);
-    loop {
-        let moved = tokio::time::timeout(idle, async {
-            tokio::select! {
-                n = a_read.read(&mut from_a) => match n {
-                    Ok(0) | Err(_) => false,
-                    Ok(n) => b_write.write_all(&from_a[..n]).await.is_ok(),
-                },
-                n = b_read.read(&mut from_b) => match n {
-                    Ok(0) | Err(_) => false,
-                    Ok(n) => a_write.write_all(&from_b[..n]).await.is_ok(),
-                },
+    let started = tokio::time::Instant::now();
+    let moved_at = std::sync::atomic::AtomicU64::new(0);
+    let (a_read, a_write) = tokio::io::split(a);
+    let (b_read, b_write) = tokio::io::split(b);
+    let quiet = async {
+        loop {
+            tokio::time::sleep(idle / 10).await;
+            let last = moved_at.load(std::sync::atomic::Ordering::Relaxed);
+            if started.elapsed().as_millis() as u64 - last >= idle.as_millis() as u64 {
+                return;
             }
-        })
-        .await;
-        if !matches!(moved, Ok(true)) {
-            let _ = a_write.shutdown().await;
-            let _ = b_write.shutdown().await;
-            return;
         }
+    };
+    tokio::select! {
+        () = pump(a_read, b_write, started, &moved_at) => {}
+        () = pump(b_read, a_write, started, &moved_at) => {}
+        () = quiet => {}
     }
+}
+
+/// Copies `from` to `to` until either ends, noting when bytes last moved (ms since `started`).
+async fn pump(
+    mut from: impl tokio::io::AsyncRead + Unpin,
+    mut to: impl tokio::io::AsyncWrite + Unpin,
+    started: tokio::time::Instant,
+    moved_at: &std::sync::atomic::AtomicU64,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut piece = vec![0u8; 16 << 10];
+    while let Ok(n @ 1..) = from.read(&mut piece).await {
+        if to.write_all(&piece[..n]).await.is_err() {
+            break;
+        }
+        moved_at.store(
+            started.elapsed().as_millis() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+    let _ = to.shutdown().await;
 }
 
 /// Who may reach `port` of workspace `id` (private unless its owner said otherwise).
@@ -838,6 +957,9 @@ mod tests {
             "8000-",
             "8000-web-alice",
             "8000-01.2",
+            // One spelling per port: no sign, no leading zero.
+            "+8000-0123",
+            "08000-0123",
         ] {
             assert_eq!(parse_label(bad), None, "{bad}");
         }

@@ -343,10 +343,10 @@ impl Warren {
                 req.call().unwrap()
             }
             _ => {
-                let req = if method == "PATCH" {
-                    agent.patch(&url)
-                } else {
-                    agent.post(&url)
+                let req = match method {
+                    "PATCH" => agent.patch(&url),
+                    "PUT" => agent.put(&url),
+                    _ => agent.post(&url),
                 };
                 let mut req = req.header("Content-Type", "application/json");
                 if let Some(a) = &auth {

@@ -22,6 +22,8 @@ use warren_api::LogQuery;
 /// How often a stream looks again.
 const LIST_TICK: Duration = Duration::from_secs(1);
 const LOG_TICK: Duration = Duration::from_millis(500);
+/// How often a stream asks whether its sign-in still holds.
+const SESSION_TICK: Duration = Duration::from_secs(15);
 
 #[derive(Deserialize)]
 pub(crate) struct ListQuery {
@@ -46,6 +48,7 @@ pub(crate) async fn workspaces(
         behind: HashMap::new(),
         pending: VecDeque::new(),
         first: true,
+        checked: std::time::Instant::now(),
         _slot: slot,
     };
     let events = stream::unfold(watch, |mut watch| async move {
@@ -53,9 +56,12 @@ pub(crate) async fn workspaces(
             if let Some(event) = watch.pending.pop_front() {
                 return Some((Ok(event), watch));
             }
-            // A stream ends with its sign-in (signed out, expired).
-            if !watch.first && !watch.session.holds(&watch.state).await {
-                return None;
+            // A stream ends with its sign-in (signed out, expired), asked every SESSION_TICK.
+            if watch.checked.elapsed() >= SESSION_TICK {
+                watch.checked = std::time::Instant::now();
+                if !watch.session.holds(&watch.state).await {
+                    return None;
+                }
             }
             if watch.first {
                 watch.look().await;
@@ -97,6 +103,8 @@ struct ListWatch {
     behind: HashMap<(String, String), Option<u64>>,
     pending: VecDeque<Event>,
     first: bool,
+    /// When the sign-in was last asked about.
+    checked: std::time::Instant,
     _slot: crate::state::Slot,
 }
 
@@ -154,8 +162,15 @@ impl ListWatch {
 /// What a row shows that can change.
 fn shown(w: &Workspace) -> String {
     format!(
-        "{}|{}|{:?}|{}|{:?}|{}",
-        w.state, w.desired, w.last_error, w.updated_at, w.stats_at, w.host
+        "{}|{}|{:?}|{}|{:?}|{}|{:?}|{:?}",
+        w.state,
+        w.desired,
+        w.last_error,
+        w.updated_at,
+        w.stats_at,
+        w.host,
+        w.last_active_at,
+        w.stop_reason
     )
 }
 
@@ -184,6 +199,7 @@ pub(crate) async fn task_log(
         task,
         offset: query.offset,
         done: false,
+        checked: std::time::Instant::now(),
         _slot: slot,
     };
     let events = stream::unfold(follow, |mut f| async move {
@@ -203,6 +219,7 @@ struct Follow {
     task: String,
     offset: u64,
     done: bool,
+    checked: std::time::Instant,
     _slot: crate::state::Slot,
 }
 
@@ -211,9 +228,12 @@ impl Follow {
         let problem = |message: String| Event::default().event("problem").data(json(&message));
         loop {
             // A stream ends with its sign-in (signed out, expired).
-            if !self.session.holds(&self.state).await {
-                self.done = true;
-                return Event::default().event("end").data("signed out");
+            if self.checked.elapsed() >= SESSION_TICK {
+                self.checked = std::time::Instant::now();
+                if !self.session.holds(&self.state).await {
+                    self.done = true;
+                    return Event::default().event("end").data("signed out");
+                }
             }
             let piece = api::task_log(
                 State(self.state.clone()),

@@ -95,7 +95,8 @@ pub(crate) struct Session {
 }
 
 impl Session {
-    /// Whether the sign-in still holds (not signed out, not expired).
+    /// Whether the sign-in still holds (not signed out, not expired); a database that cannot
+    /// answer now is not a sign-out.
     pub async fn holds(&self, state: &AppState) -> bool {
         sqlx::query_scalar::<_, i64>(
             "SELECT 1 FROM sessions WHERE token_hash = $1 AND expires_at > $2",
@@ -104,7 +105,7 @@ impl Session {
         .bind(now_ms())
         .fetch_optional(&state.db.pool)
         .await
-        .is_ok_and(|found| found.is_some())
+        .map_or(true, |found| found.is_some())
     }
 }
 

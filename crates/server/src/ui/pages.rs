@@ -128,8 +128,8 @@ pub(crate) struct Row {
     runtime: String,
     host: String,
     resources: String,
-    changed: String,
-    changed_ms: i64,
+    /// When it was last used (an SSH channel, a command, a preview), for people.
+    used: String,
     ssh: Option<String>,
     alias: String,
     vscode: String,
@@ -216,8 +216,9 @@ pub(crate) fn row(state: &AppState, caller: &Caller, w: &Workspace, view: &Works
         runtime,
         host: w.host.clone(),
         resources,
-        changed: ago(crate::db::now_ms() - w.updated_at),
-        changed_ms: w.updated_at,
+        used: w
+            .last_active_at
+            .map_or_else(|| "not yet".to_owned(), |at| ago(crate::db::now_ms() - at)),
         ssh,
         vscode: format!("vscode://vscode-remote/ssh-remote+{alias}/root"),
         alias,
