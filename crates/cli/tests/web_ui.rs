@@ -98,27 +98,26 @@ async fn until(browser: &Client, what: &str, limit: Duration, script: &str) {
     }
 }
 
-async fn sign_in(browser: &Client, url: &str, user: &str, password: &str) {
+/// Fills the sign-in form and sends it (the answer may refuse).
+async fn send_sign_in(browser: &Client, url: &str, user: &str, password: &str) {
     browser.goto(&format!("{url}/login")).await.unwrap();
     let form = browser.find(Locator::Css("form.signin")).await.unwrap();
-    form.find(Locator::Css("input[name=user]"))
-        .await
-        .unwrap()
-        .send_keys(user)
-        .await
-        .unwrap();
-    form.find(Locator::Css("input[name=password]"))
-        .await
-        .unwrap()
-        .send_keys(password)
-        .await
-        .unwrap();
-    form.find(Locator::Css("button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
+    for (field, value) in [("user", user), ("password", password)] {
+        let input = form
+            .find(Locator::Css(&format!("input[name={field}]")))
+            .await
+            .unwrap();
+        input.send_keys(value).await.unwrap();
+    }
+    let submit = form
+        .find(Locator::Css("button[type=submit]"))
         .await
         .unwrap();
+    submit.click().await.unwrap();
+}
+
+async fn sign_in(browser: &Client, url: &str, user: &str, password: &str) {
+    send_sign_in(browser, url, user, password).await;
     browser
         .wait()
         .at_most(Duration::from_secs(30))
@@ -329,11 +328,7 @@ fn a_user_works_with_a_workspace_in_the_browser_and_another_sees_none_of_it() {
             .await
             .unwrap();
         screenshot(&browser, "sign-in").await;
-        browser.goto(&format!("{site}/login")).await.unwrap();
-        let form = browser.find(Locator::Css("form.signin")).await.unwrap();
-        form.find(Locator::Css("input[name=user]")).await.unwrap().send_keys("admin").await.unwrap();
-        form.find(Locator::Css("input[name=password]")).await.unwrap().send_keys("wrong").await.unwrap();
-        form.find(Locator::Css("button[type=submit]")).await.unwrap().click().await.unwrap();
+        send_sign_in(&browser, &site, "admin", "wrong").await;
         let refused = browser
             .wait()
             .for_element(Locator::Css("form.signin .error"))
