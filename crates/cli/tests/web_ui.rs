@@ -19,14 +19,17 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{Value, json};
 use warren_testkit::{DebianRootfs, debian_rootfs, enter_own_network, free_port, git};
 
-/// chromedriver on a port of its own, killed at the end.
+/// chromedriver on a port of its own, killed at the end with every browser it started (its
+/// process group: a test that fails midway leaves no Chromium behind).
 struct Driver(Child, u16);
 
 impl Driver {
     fn start() -> Self {
+        use std::os::unix::process::CommandExt as _;
         let port = free_port();
         let child = Command::new("chromedriver")
             .arg(format!("--port={port}"))
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -59,7 +62,10 @@ impl Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
-        let _ = self.0.kill();
+        if let Ok(group) = i32::try_from(self.0.id()) {
+            // SAFETY: a signal to the process group this test made; no memory is involved.
+            unsafe { libc::kill(-group, libc::SIGKILL) };
+        }
         let _ = self.0.wait();
     }
 }
