@@ -189,18 +189,8 @@ async fn choose_access(browser: &Client, access: &str) {
 
 /// `GET url` without any cookie: the status and the body.
 fn http_get(url: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let rest = url.strip_prefix("http://").unwrap();
-    let (host, path) = rest.split_at(rest.find('/').unwrap());
-    let mut stream = std::net::TcpStream::connect(loopback(host)).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
+    use std::io::Read;
+    let mut stream = send_get(url, "Connection: close");
     let mut answer = String::new();
     stream.read_to_string(&mut answer).unwrap();
     let status = answer
@@ -213,6 +203,24 @@ fn http_get(url: &str) -> (u16, String) {
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     (status, body)
+}
+
+/// Connects to `url`'s host and sends `GET` for its path with `Host` and `headers` (CRLF
+/// separated, without the last one); the answer is the caller's to read.
+fn send_get(url: &str, headers: &str) -> std::net::TcpStream {
+    use std::io::Write;
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_at(rest.find('/').unwrap());
+    let mut stream = std::net::TcpStream::connect(loopback(host)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\n{headers}\r\n\r\n"
+    )
+    .unwrap();
+    stream
 }
 
 /// `name.localhost:port` as this process reaches it (browsers resolve every `*.localhost`
@@ -228,17 +236,7 @@ fn loopback(host: &str) -> String {
 /// back.
 fn upgraded_echo(url: &str, line: &str) -> String {
     use std::io::{Read, Write};
-    let rest = url.strip_prefix("http://").unwrap();
-    let (host, path) = rest.split_at(rest.find('/').unwrap());
-    let mut stream = std::net::TcpStream::connect(loopback(host)).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n"
-    )
-    .unwrap();
+    let mut stream = send_get(url, "Connection: Upgrade\r\nUpgrade: echo");
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {

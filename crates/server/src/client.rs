@@ -18,23 +18,29 @@ impl FromRequestParts<AppState> for ClientAddr {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let ConnectInfo(peer) = parts
-            .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .copied()
-            .ok_or_else(|| ApiError::internal("reading the caller's address", "no peer"))?;
-        let forwarded: Vec<&[u8]> = parts
-            .headers
-            .get_all("x-forwarded-for")
-            .iter()
-            .map(|v| v.as_bytes())
-            .collect();
-        Ok(Self(client_addr(
-            peer.ip(),
-            &forwarded,
-            &state.trusted_proxies,
-        )))
+        client_of(parts, &state.trusted_proxies)
+            .map(Self)
+            .ok_or_else(|| ApiError::internal("reading the caller's address", "no peer"))
     }
+}
+
+/// The address that connected (`None` when the server was not given connection info).
+pub fn peer_of(parts: &Parts) -> Option<IpAddr> {
+    parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(peer)| peer.ip())
+}
+
+/// The client of a request: its peer, or the one trusted proxies name ([`client_addr`]).
+pub fn client_of(parts: &Parts, trusted: &[ipnet::IpNet]) -> Option<IpAddr> {
+    let forwarded: Vec<&[u8]> = parts
+        .headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .map(|v| v.as_bytes())
+        .collect();
+    Some(client_addr(peer_of(parts)?, &forwarded, trusted))
 }
 
 /// The client behind `peer`: `peer` itself unless it is a trusted proxy; then, reading the

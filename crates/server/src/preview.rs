@@ -305,7 +305,10 @@ async fn by_host(state: &AppState, id: &str, port: u16, request: Request) -> Res
             PREVIEW_COOKIE
         };
         let mut found = None;
-        for token in cookie_values(request.headers(), name) {
+        let tokens: Vec<String> = crate::ui::cookies_named(request.headers(), name)
+            .map(str::to_owned)
+            .collect();
+        for token in tokens {
             let pass = Pass::Grant {
                 token,
                 host: host.clone(),
@@ -360,19 +363,6 @@ async fn revoked(state: AppState, ws: Workspace, port: u16, pass: Pass) {
             return;
         }
     }
-}
-
-/// Every value of the cookie `name` the request carries.
-fn cookie_values(headers: &HeaderMap, name: &str) -> Vec<String> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(cookie::Cookie::split_parse)
-        .filter_map(Result::ok)
-        .filter(|c| c.name() == name)
-        .map(|c| c.value().to_owned())
-        .collect()
 }
 
 /// `/__warren/enter?ticket=T`: spends the ticket and gives the browser this host's cookie,
@@ -528,17 +518,8 @@ async fn proxy(
     let in_use = state.presence.in_use(&ws.id.0);
     let (mut parts, body) = request.into_parts();
     let on_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
-    let peer = parts
-        .extensions
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |c| c.0.ip());
-    let chain: Vec<&[u8]> = parts
-        .headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .map(|v| v.as_bytes())
-        .collect();
-    let client = crate::client::client_addr(peer, &chain, &state.trusted_proxies);
+    let client = crate::client::client_of(&parts, &state.trusted_proxies)
+        .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
     let Ok(mut upstream) = axum::http::Request::builder()
         .method(parts.method.clone())
         .uri(parts.uri.path_and_query().map_or("/", |p| p.as_str()))

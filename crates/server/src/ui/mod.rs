@@ -150,17 +150,25 @@ impl IntoResponse for UiError {
 /// The cookie `name`'s value, when the request carries it exactly once: two of one name mean
 /// another page planted one (a longer path is sent first), and neither is believed.
 pub(crate) fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    let mut found = headers
+    let mut found = cookies_named(headers, name);
+    let value = found.next()?;
+    found.next().is_none().then_some(value)
+}
+
+/// Every value of the cookie `name` a request carries, in the order sent.
+pub(crate) fn cookies_named<'a>(
+    headers: &'a HeaderMap,
+    name: &str,
+) -> impl Iterator<Item = &'a str> {
+    headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(cookie::Cookie::split_parse)
         .filter_map(Result::ok)
-        .filter(|c| c.name() == name)
+        .filter(move |c| c.name() == name)
         // `split_parse` borrows from the header's text, which outlives this call.
-        .filter_map(|c| c.value_raw());
-    let value = found.next()?;
-    found.next().is_none().then_some(value)
+        .filter_map(|c| c.value_raw())
 }
 
 /// The session token a request carries: the `__Host-` cookie over HTTPS, else the plain one.
@@ -176,10 +184,7 @@ impl FromRequestParts<AppState> for Session {
     type Rejection = UiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, UiError> {
-        let peer = parts
-            .extensions
-            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-            .map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |c| c.0.ip());
+        let peer = crate::client::peer_of(parts).unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
         let token = session_token(&parts.headers, over_https(peer, &parts.headers, state))
             .ok_or_else(|| UiError(ApiError::unauthorized()))?;
         let found: Option<(String, String, i64, String)> = sqlx::query_as(
