@@ -162,7 +162,21 @@ pub fn host_report(runtime: &dyn Runtime, images: &ImageLister, disk: &DiskUse) 
         makes_prebuilds: true,
         disk_ceiling: runtime.disk_ceiling(),
         age_ms: 0,
+        load: host_load(),
     }
+}
+
+/// The host's load average, CPUs and memory, from `/proc`.
+fn host_load() -> Option<warren_protocol::HostLoad> {
+    use procfs::Current as _;
+    let load = procfs::LoadAverage::current().ok()?;
+    let memory = procfs::Meminfo::current().ok()?;
+    Some(warren_protocol::HostLoad {
+        load1: (f64::from(load.one) * 100.0).round() / 100.0,
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+        memory_total: memory.mem_total,
+        memory_available: memory.mem_available.unwrap_or(memory.mem_free),
+    })
 }
 
 pub struct Agent<C> {

@@ -4,12 +4,20 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-#[cfg_attr(feature = "sqlx", derive(sqlx::FromRow))]
 pub struct HostView {
     pub id: String,
     pub name: String,
     pub workspaces: i64,
     pub last_seen_at: Option<i64>,
+    /// Its 1-minute load average, CPUs and memory at its last report (absent before one).
+    #[serde(default)]
+    pub load1: Option<f64>,
+    #[serde(default)]
+    pub cpus: Option<u32>,
+    #[serde(default)]
+    pub memory_total: Option<u64>,
+    #[serde(default)]
+    pub memory_available: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

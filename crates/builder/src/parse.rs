@@ -137,6 +137,61 @@ pub enum Instruction {
     Maintainer(String),
 }
 
+impl Instruction {
+    /// The instruction in a few words, for a log's step line: its keyword and the first
+    /// line of what it does, cut at 100 characters.
+    pub fn summary(&self) -> String {
+        let command = |c: &Command| match c {
+            Command::Shell(text) => text.clone(),
+            Command::Exec(argv) => argv.join(" "),
+        };
+        let sources = |f: &Files| {
+            let names: Vec<&str> = f
+                .sources
+                .iter()
+                .map(|s| match s {
+                    CopySource::Path(p) => p.as_str(),
+                    CopySource::Heredoc(h) => h.delimiter.as_str(),
+                })
+                .collect();
+            format!("{} {}", names.join(" "), f.dest)
+        };
+        let pairs = |kv: &[(String, String)]| {
+            kv.iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let text = match self {
+            Self::Run { command: c, .. } => format!("RUN {}", command(c)),
+            Self::Copy { files, .. } => format!("COPY {}", sources(files)),
+            Self::Add { files, .. } => format!("ADD {}", sources(files)),
+            Self::Arg(decls) => {
+                let names: Vec<&str> = decls.iter().map(|d| d.name.as_str()).collect();
+                format!("ARG {}", names.join(" "))
+            }
+            Self::Env(kv) => format!("ENV {}", pairs(kv)),
+            Self::Label(kv) => format!("LABEL {}", pairs(kv)),
+            Self::Workdir(dir) => format!("WORKDIR {dir}"),
+            Self::User(user) => format!("USER {user}"),
+            Self::Shell(argv) => format!("SHELL {}", argv.join(" ")),
+            Self::Expose(ports) => format!("EXPOSE {}", ports.join(" ")),
+            Self::Entrypoint(c) => format!("ENTRYPOINT {}", command(c)),
+            Self::Cmd(c) => format!("CMD {}", command(c)),
+            Self::HealthcheckNone => "HEALTHCHECK NONE".to_owned(),
+            Self::Maintainer(who) => format!("MAINTAINER {who}"),
+        };
+        // Its first line, with runs of blanks (a continuation's indent) as one space.
+        let first = text.lines().next().unwrap_or_default();
+        let words = first.split_whitespace().collect::<Vec<_>>().join(" ");
+        let mut cut: String = words.chars().take(100).collect();
+        if cut.len() < words.len() || text.lines().nth(1).is_some() {
+            cut.push('…');
+        }
+        cut
+    }
+}
+
 const INSTRUCTIONS: &[&str] = &[
     "FROM",
     "RUN",

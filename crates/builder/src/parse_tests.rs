@@ -299,3 +299,23 @@ proptest::proptest! {
         let _ = parse("Dockerfile", &text);
     }
 }
+
+#[test]
+fn a_step_reads_in_a_few_words_in_the_log() {
+    let text = "FROM debian\nRUN apt-get update && \\\n    apt-get install -y git\nCOPY --chown=1:1 a b /dst/\nRUN [\"/bin/echo\", \"hi\"]\nENV A=1 B=2\nWORKDIR /src\nRUN echo ".to_owned()
+        + &"x".repeat(200)
+        + "\n";
+    let parsed = parse("Dockerfile", &text).unwrap();
+    let summaries: Vec<String> = parsed.stages[0]
+        .steps
+        .iter()
+        .map(|s| s.instruction.summary())
+        .collect();
+    assert_eq!(summaries[0], "RUN apt-get update && apt-get install -y git");
+    assert_eq!(summaries[1], "COPY a b /dst/");
+    assert_eq!(summaries[2], "RUN /bin/echo hi");
+    assert_eq!(summaries[3], "ENV A=1 B=2");
+    assert_eq!(summaries[4], "WORKDIR /src");
+    assert_eq!(summaries[5].chars().count(), 101, "{}", summaries[5]);
+    assert!(summaries[5].ends_with("xx…"), "{}", summaries[5]);
+}

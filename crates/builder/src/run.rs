@@ -481,7 +481,7 @@ impl Build<'_> {
     ) -> Result<(), BuildError> {
         let tag = cache_tag(self.req.cache_scope, &state.key);
         if self.store.settings(&tag).is_ok() {
-            let _ = writeln!(log, "    cached");
+            let _ = writeln!(log, "{}", warren_protocol::build_log::CACHED);
             state.image = tag;
             // Its filesystem is now behind the image: a later step starts a fresh one.
             if let Some(old) = state.sandbox.take() {
@@ -563,7 +563,11 @@ pub fn build(
             if req.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
                 return Err(fail(step.line, BuildError::Cancelled));
             }
-            let _ = writeln!(log, "[{n}] line {}", step.line);
+            let _ = writeln!(
+                log,
+                "{}",
+                warren_protocol::build_log::step_line(n, step.line, &step.instruction.summary())
+            );
             run_step(&mut b, &mut state, &step.instruction, log, &global)
                 .map_err(|m| fail(step.line, m))?;
         }

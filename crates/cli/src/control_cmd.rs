@@ -1409,7 +1409,12 @@ pub fn host(cmd: HostCommand) -> anyhow::Result<ExitCode> {
     print_table(
         json,
         &Client::from_login()?.get("/hosts")?,
-        &[("name", "NAME"), ("workspaces", "WORKSPACES")],
+        &[
+            ("name", "NAME"),
+            ("workspaces", "WORKSPACES"),
+            ("load1", "LOAD"),
+            ("cpus", "CPUS"),
+        ],
     )
 }
 

@@ -428,6 +428,8 @@ fn every_endpoint_refuses_strangers_and_other_users() {
         ("PUT", format!("/api/v1/workspaces/{ws_id}/ports/8000")),
         ("PUT", format!("/api/v1/workspaces/{ws_id}/idle-timeout")),
         ("PUT", "/api/v1/projects/app/idle-timeout".to_owned()),
+        ("GET", format!("/api/v1/workspaces/{ws_id}/jobs")),
+        ("POST", format!("/api/v1/workspaces/{ws_id}/retry")),
     ] {
         let body = if path.ends_with("/exec") {
             json!({"argv": ["true"]})

@@ -523,3 +523,350 @@ fn a_user_works_with_a_workspace_in_the_browser_and_another_sees_none_of_it() {
         "{listed}"
     );
 }
+
+/// Clicks the element `css` finds (again, if a live part of the page replaced it meanwhile).
+async fn click(browser: &Client, css: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let clicked = match browser.find(Locator::Css(css)).await {
+            Ok(element) => element.click().await,
+            Err(e) => Err(e),
+        };
+        match clicked {
+            Ok(()) => return,
+            Err(e) => assert!(Instant::now() < deadline, "cannot click {css}: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Clicks `css`, whose `hx-confirm` asks first, and says yes.
+async fn click_and_confirm(browser: &Client, css: &str) {
+    click(browser, css).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while browser.accept_alert().await.is_err() {
+        assert!(Instant::now() < deadline, "{css} asked nothing");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Types `value` into the field `name` of the form `css` finds.
+async fn fill(browser: &Client, form: &str, name: &str, value: &str) {
+    let Ok(field) = browser
+        .find(Locator::Css(&format!("{form} [name={name}]")))
+        .await
+    else {
+        let page = browser
+            .execute("return document.body.innerText", vec![])
+            .await
+            .unwrap();
+        panic!("no field {name} in {form}: {page}");
+    };
+    field.send_keys(value).await.unwrap();
+}
+
+async fn text_of(browser: &Client, css: &str) -> String {
+    browser
+        .find(Locator::Css(css))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// `true` once the page's text holds `text`.
+fn page_has(text: &str) -> String {
+    format!("return document.body.innerText.includes({});", json!(text))
+}
+
+/// A project's prebuilds as `warren prebuild ls --json` lists them.
+fn prebuilds(warren: &Warren) -> Vec<Value> {
+    let listed = warren.ok("admin", &["prebuild", "ls", "app", "--json"]);
+    serde_json::from_str::<Value>(&listed)
+        .unwrap()
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// The rest of the UI in the browser: a project added by clicking (its webhook URL shown
+/// once and working), its branches with their latest prebuilds, a prebuild's steps (run and
+/// cached) and live log, Cancel and Retry; settings (an SSH key proven and removed, a secret
+/// that is never shown, an API token shown once that works until revoked); the admin page
+/// (users, hosts with their load, jobs with failures first; 404 for anyone else); and a
+/// workspace's job timeline with its error and Retry.
+#[test]
+fn projects_prebuilds_settings_and_admin_work_in_the_browser() {
+    enter_own_network();
+    let mut warren = Warren::new(56, None);
+    let admin_password = warren.start().expect("a first start creates the admin");
+    warren.login("admin", &admin_password);
+    let rootfs = debian_rootfs(DebianRootfs::Git);
+    warren.import_image(&rootfs, "debian:bookworm");
+    warren.add_user("bob");
+    // `main` prebuilds in a few seconds; `broken` fails to build; `slow` (pushed later) has a
+    // prebuild task that waits, to be cancelled.
+    let repos = tempfile::tempdir().unwrap();
+    let repo = repos.path().join("app");
+    std::fs::create_dir_all(&repo).unwrap();
+    let env = |task: &str| {
+        format!(
+            "image:\n  file: Dockerfile\ntasks:\n  - name: web\n    prebuild: {task}\n    workspace: sleep 600\n"
+        )
+    };
+    std::fs::write(
+        repo.join("Dockerfile"),
+        "FROM debian:bookworm\nRUN echo one > /one\n",
+    )
+    .unwrap();
+    std::fs::write(repo.join("warren.yml"), env("echo prebuild-says-hello")).unwrap();
+    git(&repo, &["init", "-q", "-b", "main"]);
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "-q", "-m", "first"]);
+    git(&repo, &["checkout", "-q", "-b", "broken"]);
+    std::fs::write(
+        repo.join("Dockerfile"),
+        "FROM debian:bookworm\nRUN echo broken-step && exit 3\n",
+    )
+    .unwrap();
+    git(&repo, &["commit", "-q", "-am", "broken"]);
+    git(&repo, &["checkout", "-q", "main"]);
+    let url = format!("file://{}", repo.display());
+
+    // A workspace whose start fails: its image is gone (every try says so, then it fails).
+    warren.import_image(&rootfs, "short:1");
+    warren.ok("admin", &["ws", "create", "brief", "--image", "short:1"]);
+    warren.ok("admin", &["ws", "stop", "brief"]);
+    warren.ok("admin", &["image", "rm", "short:1"]);
+    warren.ok("admin", &["ws", "start", "brief", "--no-wait"]);
+
+    let driver = Driver::start();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let site = warren.url();
+        let browser = driver.browser().await;
+        sign_in(&browser, &site, "admin", &admin_password).await;
+
+        // A project, by clicking: its webhook URL is shown once, and works.
+        browser.goto(&format!("{site}/projects")).await.unwrap();
+        click(&browser, "#add-project").await;
+        let form = "dialog#add form";
+        fill(&browser, form, "name", "app").await;
+        fill(&browser, form, "git_url", &url).await;
+        click(&browser, &format!("{form} button[type=submit]")).await;
+        let webhook = browser
+            .wait()
+            .for_element(Locator::Css("#webhook"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(webhook.starts_with(&format!("{site}/api/v1/hooks/git/")) && webhook.contains("?secret="), "{webhook}");
+        let (status, answer) = warren.http("POST", webhook.strip_prefix(&site).unwrap(), None, None);
+        assert_eq!(status, 204, "{answer}");
+        click(&browser, ".added a.button").await;
+        until(&browser, "the two branches", Duration::from_secs(60),
+            "return document.querySelectorAll('#branches tr[data-branch]').length === 2;").await;
+        let shown = browser.execute("return document.documentElement.outerHTML;", vec![]).await.unwrap();
+        assert!(!shown.as_str().unwrap().contains("secret="), "the webhook's secret is shown again");
+
+        // `main`'s prebuild: its steps as they run, then the one that ran; its log, live.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let main = loop {
+            if let Some(p) = prebuilds(&warren).into_iter().find(|p| p["branch"] == "main") {
+                break p["id"].as_str().unwrap().to_owned();
+            }
+            assert!(Instant::now() < deadline, "main was never prebuilt");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        browser.goto(&format!("{site}/prebuilds/{main}")).await.unwrap();
+        browser.execute("window.stayed = true; return true;", vec![]).await.unwrap();
+        until(&browser, "main's prebuild succeeded", Duration::from_secs(600),
+            "return document.getElementById('prebuild-state').textContent === 'succeeded';").await;
+        until(&browser, "its steps' end", Duration::from_secs(30),
+            "return document.getElementById('steps').dataset.state === 'succeeded';").await;
+        let stayed = browser.execute("return window.stayed === true;", vec![]).await.unwrap();
+        assert_eq!(stayed, Value::Bool(true), "the page was reloaded");
+        let log = text_of(&browser, "#prebuild-log").await;
+        assert!(log.contains("prebuild-says-hello"), "{log}");
+        let steps: Value = browser
+            .execute("return [...document.querySelectorAll('#steps li')].map(li => [li.textContent, li.classList.contains('cached')]);", vec![])
+            .await
+            .unwrap();
+        let steps = steps.as_array().unwrap();
+        let step = |title: &str| steps.iter().find(|s| s[0].as_str().unwrap().starts_with(title)).cloned();
+        assert_eq!(step("[0] line 2: RUN echo one"), Some(json!(["[0] line 2: RUN echo one > /one", false])), "{steps:?}");
+        assert!(step("prebuild task web").is_some() && step("storing ").is_some(), "{steps:?}");
+        screenshot(&browser, "prebuild").await;
+
+        // A branch pushed now is read at once from the project's page, and prebuilt.
+        git(&repo, &["checkout", "-q", "-b", "slow", "main"]);
+        std::fs::write(repo.join("warren.yml"), env("echo slow-starts && sleep 600")).unwrap();
+        git(&repo, &["commit", "-q", "-am", "slow"]);
+        browser.goto(&format!("{site}/projects/app")).await.unwrap();
+        click(&browser, "button[hx-post$='/refresh']").await;
+        until(&browser, "the new branch", Duration::from_secs(60),
+            "return !!document.querySelector('#branches tr[data-branch=slow] .pill');").await;
+
+        // `slow`'s: cancelled while its task runs, then retried; the build step that `main`
+        // ran comes from the cache.
+        click(&browser, "tr[data-branch=slow] a.prebuild-link").await;
+        let slow = prebuilds(&warren).into_iter().find(|p| p["branch"] == "slow").unwrap();
+        let slow = slow["id"].as_str().unwrap().to_owned();
+        until(&browser, "slow's page", Duration::from_secs(10),
+            &format!("return location.pathname === '/prebuilds/{slow}';")).await;
+        until(&browser, "slow's task", Duration::from_secs(600), &page_has("slow-starts")).await;
+        click_and_confirm(&browser, "#summary button[hx-post$='/cancel']").await;
+        until(&browser, "slow cancelled", Duration::from_secs(60),
+            "return document.getElementById('prebuild-state').textContent === 'cancelled';").await;
+        until(&browser, "its steps' end", Duration::from_secs(30),
+            "return document.getElementById('steps').dataset.state === 'cancelled';").await;
+        click(&browser, "#summary button[hx-post$='/retry']").await;
+        until(&browser, "the new prebuild's page", Duration::from_secs(30),
+            &format!("return !location.pathname.endsWith({}) && !!document.getElementById('prebuild-state');", json!(slow))).await;
+        until(&browser, "the retry's task", Duration::from_secs(600), &page_has("slow-starts")).await;
+        let cached: Value = browser
+            .execute("return [...document.querySelectorAll('#steps li.cached')].map(li => li.textContent);", vec![])
+            .await
+            .unwrap();
+        assert!(cached.as_array().unwrap().iter().any(|s| s.as_str().unwrap().starts_with("[0] line 2:")), "{cached}");
+        click_and_confirm(&browser, "#summary button[hx-post$='/cancel']").await;
+        until(&browser, "the retry cancelled", Duration::from_secs(60),
+            "return document.getElementById('prebuild-state').textContent === 'cancelled';").await;
+
+        // The project's page: each branch with its latest prebuild (`broken`'s failed).
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while !prebuilds(&warren).iter().any(|p| p["branch"] == "broken" && p["state"] == "failed") {
+            assert!(Instant::now() < deadline, "broken never failed: {:?}", prebuilds(&warren));
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        browser.goto(&format!("{site}/projects/app")).await.unwrap();
+        let broken_row = text_of(&browser, "tr[data-branch=broken]").await;
+        assert!(broken_row.contains("failed"), "{broken_row}");
+        let main_row = text_of(&browser, "tr[data-branch=main]").await;
+        assert!(main_row.contains("succeeded"), "{main_row}");
+        let slow_row = text_of(&browser, "tr[data-branch=slow]").await;
+        assert!(slow_row.contains("cancelled"), "{slow_row}");
+        screenshot(&browser, "project").await;
+
+        // Settings: a variable, a secret whose value is never shown, an API token shown
+        // once that works until it is revoked, and an SSH key proven and removed.
+        browser.goto(&format!("{site}/settings")).await.unwrap();
+        let vars = "#variables form";
+        fill(&browser, vars, "name", "GREETING").await;
+        fill(&browser, vars, "value", "hello").await;
+        click(&browser, &format!("{vars} button")).await;
+        until(&browser, "the variable", Duration::from_secs(10), "return !!document.querySelector('tr[data-var=GREETING]');").await;
+        fill(&browser, vars, "name", "API_KEY").await;
+        fill(&browser, vars, "value", "s3cret-value").await;
+        click(&browser, &format!("{vars} input[name=secret]")).await;
+        click(&browser, &format!("{vars} button")).await;
+        until(&browser, "the secret", Duration::from_secs(10), "return !!document.querySelector('tr[data-var=API_KEY]');").await;
+        let secret = text_of(&browser, "tr[data-var=API_KEY]").await;
+        assert!(secret.contains("secret · 12 characters"), "{secret}");
+        let listed = warren.ok("admin", &["env", "ls", "--json"]);
+        assert!(listed.contains("GREETING") && listed.contains("hello") && !listed.contains("s3cret"), "{listed}");
+
+        let tokens = "#tokens form";
+        fill(&browser, tokens, "name", "ci").await;
+        click(&browser, &format!("{tokens} button")).await;
+        let token = browser.wait().for_element(Locator::Css("#new-token")).await.unwrap().text().await.unwrap();
+        assert!(token.starts_with("wrn_"), "{token}");
+        let (status, me) = warren.http("GET", "/api/v1/me", Some(&token), None);
+        assert_eq!((status, me["name"].as_str()), (200, Some("admin")), "{me}");
+
+        // A key: a wrong proof is refused; the right one adds it, with its fingerprint.
+        let keys = tempfile::tempdir().unwrap();
+        let key = keys.path().join("id_ed25519");
+        assert!(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&key).status().unwrap().success());
+        let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+        let form = "#keys form";
+        fill(&browser, form, "name", "laptop").await;
+        fill(&browser, form, "public_key", public.trim()).await;
+        fill(&browser, form, "signature", "-----BEGIN SSH SIGNATURE-----\nnope\n-----END SSH SIGNATURE-----").await;
+        click(&browser, &format!("{form} button[type=submit]")).await;
+        until(&browser, "the refusal", Duration::from_secs(10),
+            "const slot = document.querySelector('#keys [data-errors]'); return !!slot && slot.textContent.includes('signature');").await;
+        let sign = text_of(&browser, "code.command").await;
+        let sign = sign.replace("~/.ssh/id_ed25519", key.to_str().unwrap());
+        let signed = Command::new("sh").args(["-c", &sign]).output().unwrap();
+        assert!(signed.status.success(), "{}", String::from_utf8_lossy(&signed.stderr));
+        let signature = String::from_utf8(signed.stdout).unwrap();
+        browser.find(Locator::Css(&format!("{form} [name=signature]"))).await.unwrap().clear().await.unwrap();
+        fill(&browser, form, "signature", &signature).await;
+        click(&browser, &format!("{form} button[type=submit]")).await;
+        until(&browser, "the key", Duration::from_secs(10), "return !!document.querySelector('tr[data-key=laptop]');").await;
+        let fingerprint = Command::new("ssh-keygen").arg("-lf").arg(key.with_extension("pub")).output().unwrap();
+        let fingerprint = String::from_utf8(fingerprint.stdout).unwrap();
+        let fingerprint = fingerprint.split_whitespace().nth(1).unwrap();
+        let row = text_of(&browser, "tr[data-key=laptop]").await;
+        assert!(row.contains(fingerprint), "{row} lacks {fingerprint}");
+        screenshot(&browser, "settings").await;
+        // Reloaded, the token is not shown again; revoked, it stops working.
+        browser.refresh().await.unwrap();
+        let shown = browser.execute("return document.documentElement.outerHTML;", vec![]).await.unwrap();
+        assert!(!shown.as_str().unwrap().contains(&token), "the token is shown again");
+        assert!(!shown.as_str().unwrap().contains("s3cret-value"), "the secret is shown");
+        click_and_confirm(&browser, "#tokens tr[data-name=ci] button.danger").await;
+        until(&browser, "the token revoked", Duration::from_secs(10), "return !document.querySelector('#tokens tr[data-name=ci]');").await;
+        assert_eq!(warren.http("GET", "/api/v1/me", Some(&token), None).0, 401);
+        click_and_confirm(&browser, "tr[data-key=laptop] button.danger").await;
+        until(&browser, "the key removed", Duration::from_secs(10), "return !document.querySelector('tr[data-key=laptop]');").await;
+        assert!(!warren.ok("admin", &["key", "ls"]).contains("laptop"));
+
+        // The workspace whose start failed: its timeline says why, and Retry (its image back)
+        // starts it.
+        browser.goto(&format!("{site}/workspaces/brief")).await.unwrap();
+        until(&browser, "brief failed", Duration::from_secs(180),
+            "return !!document.querySelector('#jobs button.retry');").await;
+        let timeline = text_of(&browser, "#jobs").await;
+        assert!(timeline.contains("start") && timeline.contains("image short:1 not found"), "{timeline}");
+        warren.import_image(&rootfs, "short:1");
+        click(&browser, "#jobs button.retry").await;
+        until(&browser, "brief running", Duration::from_secs(180), &state_is("brief", "running")).await;
+        until(&browser, "the retried start in the timeline", Duration::from_secs(30),
+            "return [...document.querySelectorAll('#jobs tr.job')].some(r => r.textContent.includes('start') && r.textContent.includes('done'));").await;
+
+        // The admin page: users (one added here), the host with its load, and the failed
+        // jobs first.
+        let hosts = warren.ok("admin", &["host", "ls"]);
+        assert!(hosts.contains("LOAD") && hosts.contains("CPUS"), "{hosts}");
+        warren.ok("admin", &["job", "ls"]);
+        browser.goto(&format!("{site}/admin")).await.unwrap();
+        let users = "#users form";
+        fill(&browser, users, "name", "carol").await;
+        fill(&browser, users, "password", "carol-password").await;
+        click(&browser, &format!("{users} button")).await;
+        until(&browser, "carol", Duration::from_secs(10), "return !!document.querySelector('tr[data-user=carol]');").await;
+        assert!(text_of(&browser, "#users").await.contains("bob"));
+        let host = text_of(&browser, "#hosts tbody tr").await;
+        assert!(host.contains("just now") && host.contains(" CPUs") && host.contains("free of"), "{host}");
+        let first = text_of(&browser, "#jobs tbody tr").await;
+        assert!(first.contains("failed"), "{first}");
+        screenshot(&browser, "admin").await;
+
+        // Anyone else: no admin page, and none of these projects or prebuilds.
+        browser.find(Locator::Css("header button")).await.unwrap().click().await.unwrap();
+        browser.wait().for_element(Locator::Css("form.signin")).await.unwrap();
+        sign_in(&browser, &site, "bob", "bob-password").await;
+        assert!(text_of(&browser, "header").await.contains("Settings"));
+        assert!(!text_of(&browser, "header").await.contains("Admin"));
+        for page in ["/admin".to_owned(), "/projects/app".to_owned(), format!("/prebuilds/{main}")] {
+            browser.goto(&format!("{site}{page}")).await.unwrap();
+            let body = text_of(&browser, "main").await;
+            assert!(body.contains("404"), "{page}: {body}");
+        }
+        browser.goto(&format!("{site}/projects")).await.unwrap();
+        assert!(browser.find_all(Locator::Css("tr[data-name]")).await.unwrap().is_empty());
+        browser.close().await.unwrap();
+    });
+    // What the browser did went through the API's own rules.
+    assert!(warren.ok("admin", &["user", "ls"]).contains("carol"));
+    let listed = warren.ok("admin", &["ws", "ls"]);
+    assert!(
+        listed.contains("brief") && listed.contains("running"),
+        "{listed}"
+    );
+}

@@ -284,6 +284,20 @@ pub struct HostReport {
     /// compares with it only the workspaces that settled before then.
     #[serde(default)]
     pub age_ms: u64,
+    /// How busy the host is (absent when its kernel could not say, or from an older agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load: Option<HostLoad>,
+}
+
+/// How busy a host is, as its kernel says.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct HostLoad {
+    /// The 1-minute load average.
+    pub load1: f64,
+    /// The CPUs it may use.
+    pub cpus: u32,
+    pub memory_total: u64,
+    pub memory_available: u64,
 }
 
 fn yes() -> bool {

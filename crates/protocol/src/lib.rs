@@ -4,6 +4,7 @@
 //! reserved to Warren. The server, the agent, the runtime and the build all share these, so
 //! the control plane links none of the host's machinery.
 
+pub mod build_log;
 pub mod gateway;
 mod jobs;
 

@@ -10,12 +10,13 @@ document.body.addEventListener("htmx:beforeSwap", (e) => {
   e.detail.shouldSwap = false;
   const page = new DOMParser().parseFromString(e.detail.xhr.responseText, "text/html");
   const message = page.querySelector(".error")?.textContent || `${status} ${e.detail.xhr.statusText}`;
-  const form = e.detail.elt.closest("form");
+  // The element that asked (the swap's `elt` is its target).
+  const form = (e.detail.requestConfig?.elt || e.detail.elt).closest("form");
   const slot = form?.querySelector("[data-errors]") || document.getElementById("flash");
   slot.textContent = message;
 });
 document.body.addEventListener("htmx:beforeRequest", (e) => {
-  const form = e.detail.elt.closest("form");
+  const form = (e.detail.requestConfig?.elt || e.detail.elt).closest("form");
   const slot = form?.querySelector("[data-errors]") || document.getElementById("flash");
   if (slot) slot.textContent = "";
 });
@@ -90,8 +91,20 @@ function follow(log) {
       log.dataset.offset = String(state.offset);
       if (stick) log.scrollTop = log.scrollHeight;
     });
-    events.addEventListener("end", () => {
+    // A prebuild's log also names its steps: each `step` adds one to its list, `cached` says
+    // the last came from the cache, and `end` says how the prebuild ended.
+    const steps = log.dataset.steps && document.getElementById(log.dataset.steps);
+    if (steps) {
+      events.addEventListener("step", (e) => {
+        const step = document.createElement("li");
+        step.textContent = JSON.parse(e.data);
+        steps.append(step);
+      });
+      events.addEventListener("cached", () => steps.lastElementChild?.classList.add("cached"));
+    }
+    events.addEventListener("end", (e) => {
       log.dataset.ended = "true";
+      if (steps) steps.dataset.state = JSON.parse(e.data);
       unfollow(log);
     });
     events.addEventListener("problem", (e) => {

@@ -49,6 +49,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (14, include_str!("../migrations/0014_idle_stop.sql")),
     (15, include_str!("../migrations/0015_workspace_ports.sql")),
     (16, include_str!("../migrations/0016_preview_grants.sql")),
+    (17, include_str!("../migrations/0017_host_load.sql")),
 ];
 
 /// The SQLite file holds every user's password hash, tokens' hashes and sealed secrets: made

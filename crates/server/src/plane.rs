@@ -98,13 +98,14 @@ impl DbControlPlane {
             return Ok(());
         };
         sqlx::query(
-            "UPDATE hosts SET last_seen_at = $2, images = $3, prebuilds = $4, disk_ceiling = $5 WHERE id = $1",
+            "UPDATE hosts SET last_seen_at = $2, images = $3, prebuilds = $4, disk_ceiling = $5, load_report = $6 WHERE id = $1",
         )
         .bind(host)
         .bind(now)
         .bind(serde_json::to_string(&report.images).unwrap_or_default())
         .bind(i64::from(report.makes_prebuilds))
         .bind(report.disk_ceiling.map(|d| d as i64))
+        .bind(report.load.and_then(|l| serde_json::to_string(&l).ok()))
         .execute(&self.db.pool)
         .await?;
         for ws in &report.workspaces {

@@ -225,6 +225,16 @@ pub async fn agent_log(
     Ok(Json(LogAnswer { go_on }))
 }
 
+#[derive(sqlx::FromRow)]
+struct HostRow {
+    id: String,
+    name: String,
+    last_seen_at: Option<i64>,
+    workspaces: i64,
+    /// JSON of its agent's last `HostLoad`.
+    load_report: Option<String>,
+}
+
 /// Hosts (admin)
 #[utoipa::path(get, path = "/api/v1/hosts", tag = "hosts",
     responses((status = OK, body = Vec<HostView>)))]
@@ -233,28 +243,46 @@ pub async fn list_hosts(
     caller: Caller,
 ) -> ApiResult<Json<Vec<HostView>>> {
     caller.require_admin()?;
-    let hosts = sqlx::query_as::<_, HostView>(
-        "SELECT h.id, h.name, h.last_seen_at, (SELECT COUNT(*) FROM workspaces w WHERE w.host_id = h.id) AS workspaces
+    let rows = sqlx::query_as::<_, HostRow>(
+        "SELECT h.id, h.name, h.last_seen_at, (SELECT COUNT(*) FROM workspaces w WHERE w.host_id = h.id) AS workspaces, h.load_report
          FROM hosts h ORDER BY h.name",
     )
     .fetch_all(&state.db.pool)
     .await?;
+    let hosts = rows
+        .into_iter()
+        .map(|h| {
+            let load: Option<warren_protocol::HostLoad> = h
+                .load_report
+                .and_then(|text| serde_json::from_str(&text).ok());
+            HostView {
+                id: h.id,
+                name: h.name,
+                workspaces: h.workspaces,
+                last_seen_at: h.last_seen_at,
+                load1: load.map(|l| l.load1),
+                cpus: load.map(|l| l.cpus),
+                memory_total: load.map(|l| l.memory_total),
+                memory_available: load.map(|l| l.memory_available),
+            }
+        })
+        .collect();
     Ok(Json(hosts))
 }
 
-/// Recent jobs of the caller's workspaces
+pub(crate) const JOB_COLUMNS: &str = "j.id, j.kind, w.name AS workspace, j.state, j.attempts, j.last_error, j.created_at, j.finished_at
+    FROM jobs j LEFT JOIN workspaces w ON w.id = j.workspace_id";
+
+/// Recent jobs of the caller's workspaces (all jobs, for an admin)
 #[utoipa::path(get, path = "/api/v1/jobs", tag = "hosts",
     responses((status = OK, body = Vec<JobView>)))]
 pub async fn list_jobs(
     State(state): State<AppState>,
     caller: Caller,
 ) -> ApiResult<Json<Vec<JobView>>> {
-    let jobs = sqlx::query_as::<_, JobView>(
-        "SELECT j.id, j.kind, w.name AS workspace, j.state, j.attempts, j.last_error, j.created_at, j.finished_at
-         FROM jobs j LEFT JOIN workspaces w ON w.id = j.workspace_id
-         WHERE $2 = 1 OR w.owner_id = $1
-         ORDER BY j.created_at DESC LIMIT 200",
-    )
+    let jobs = sqlx::query_as::<_, JobView>(sqlx::AssertSqlSafe(format!(
+        "SELECT {JOB_COLUMNS} WHERE $2 = 1 OR w.owner_id = $1 ORDER BY j.created_at DESC LIMIT 200"
+    )))
     .bind(&caller.user_id)
     .bind(i64::from(caller.is_admin))
     .fetch_all(&state.db.pool)

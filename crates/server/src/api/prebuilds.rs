@@ -99,9 +99,26 @@ pub async fn create_prebuild(
     Path(project): Path<String>,
     Body(req): Body<NewPrebuild>,
 ) -> ApiResult<impl IntoResponse> {
-    let project = find_project(&state, &caller, &project).await?;
+    let (view, queued) = request_prebuild(&state, &caller, &project, req.branch.as_deref()).await?;
+    let status = if queued {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(view)))
+}
+
+/// The prebuild of `branch`'s head (the default branch's when `None`): the one there is, or
+/// a new one queued (`true`).
+pub(crate) async fn request_prebuild(
+    state: &AppState,
+    caller: &Caller,
+    project: &str,
+    branch: Option<&str>,
+) -> ApiResult<(PrebuildView, bool)> {
+    let project = find_project(state, caller, project).await?;
     let (project_id, url) = (project.id, project.git_url);
-    let (branch, head) = branch_head(&state.db, &project_id, req.branch.as_deref()).await?;
+    let (branch, head) = branch_head(&state.db, &project_id, branch).await?;
     let existing: Option<String> = sqlx::query_scalar(
         "SELECT id FROM prebuilds WHERE project_id = $1 AND commit_sha = $2 AND state IN ('queued', 'running', 'succeeded')
          ORDER BY created_at DESC LIMIT 1",
@@ -110,18 +127,18 @@ pub async fn create_prebuild(
     .bind(&head)
     .fetch_optional(&state.db.pool)
     .await?;
-    let (id, status) = match existing {
-        Some(id) => (id, StatusCode::OK),
+    let (id, queued) = match existing {
+        Some(id) => (id, false),
         None => {
             let mut tx = state.db.begin_write().await?;
             let id = queue(&mut tx, &project_id, &url, &branch, &head).await?;
             tx.commit().await?;
             state.wake.notify_one();
-            (id, StatusCode::ACCEPTED)
+            (id, true)
         }
     };
-    let row = find(&state, &caller, &id).await?;
-    Ok((status, Json(view(&state, row).await)))
+    let row = find(state, caller, &id).await?;
+    Ok((view(state, row).await, queued))
 }
 
 /// Stops a queued or running prebuild.
@@ -179,7 +196,13 @@ pub async fn retry_prebuild(
     caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    let old = find(&state, &caller, &id).await?;
+    let view = retry(&state, &caller, &id).await?;
+    Ok((StatusCode::ACCEPTED, Json(view)))
+}
+
+/// A new prebuild of a failed or cancelled one's commit.
+pub(crate) async fn retry(state: &AppState, caller: &Caller, id: &str) -> ApiResult<PrebuildView> {
+    let old = find(state, caller, id).await?;
     if !matches!(old.state, PrebuildState::Failed | PrebuildState::Cancelled) {
         return Err(ApiError::conflict(format!(
             "prebuild `{id}` is {}: only a failed or cancelled one is retried",
@@ -197,8 +220,8 @@ pub async fn retry_prebuild(
     .await?;
     tx.commit().await?;
     state.wake.notify_one();
-    let prebuild = find(&state, &caller, &new).await?;
-    Ok((StatusCode::ACCEPTED, Json(view(&state, prebuild).await)))
+    let prebuild = find(state, caller, &new).await?;
+    Ok(view(state, prebuild).await)
 }
 
 /// The log from `offset` on (`warren prebuild logs -f` reads it again from the returned

@@ -136,9 +136,19 @@ pub async fn create_project(
     caller: Caller,
     Body(req): Body<NewProject>,
 ) -> ApiResult<impl IntoResponse> {
+    let view = add_project(&state, &caller, req).await?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+/// Adds a project of the caller's; its view carries the webhook URL's path, this once.
+pub(crate) async fn add_project(
+    state: &AppState,
+    caller: &Caller,
+    req: NewProject,
+) -> ApiResult<ProjectView> {
     check_name("project", &req.name)?;
     check_git_url(&req.git_url)?;
-    check_file_repo(&state, &caller, &req.git_url)?;
+    check_file_repo(state, caller, &req.git_url)?;
     let root_folder = req.root_folder.unwrap_or_default();
     if root_folder.starts_with('/') || root_folder.split('/').any(|c| c == "..") {
         return Err(ApiError::bad_request(
@@ -173,9 +183,9 @@ pub async fn create_project(
             }
         }
     });
-    let mut view = project_view(find_project(&state, &caller, &id).await?);
+    let mut view = project_view(find_project(state, caller, &id).await?);
     view.webhook = Some(format!("/api/v1/hooks/git/{id}?secret={secret}"));
-    Ok((StatusCode::CREATED, Json(view)))
+    Ok(view)
 }
 
 /// Change a project's trust domain: whether KSM may merge its VMs' memory (admin)

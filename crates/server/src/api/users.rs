@@ -10,7 +10,10 @@ use crate::auth::{Caller, User, hash_password, new_token, verify_password};
 use crate::db::{new_id, now_ms};
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
-use warren_api::{LoginRequest, LoginResponse, NewUser, TokenView, TrustChange, UserView};
+use warren_api::{
+    LoginRequest, LoginResponse, NewToken, NewTokenAnswer, NewUser, TokenView, TrustChange,
+    UserView,
+};
 
 /// Exchange a user name and password for an API token
 #[utoipa::path(post, path = "/api/v1/login", tag = "users",
@@ -23,15 +26,8 @@ pub async fn login(
     Body(req): Body<LoginRequest>,
 ) -> ApiResult<Json<LoginResponse>> {
     let (user_id, is_admin) = check_password(&state, client, &req.user, &req.password).await?;
-    let (token, token_hash) = new_token();
-    sqlx::query("INSERT INTO api_tokens (id, user_id, name, token_hash, created_at) VALUES ($1, $2, $3, $4, $5)")
-        .bind(new_id())
-        .bind(user_id)
-        .bind(req.token_name.unwrap_or_else(|| "cli".into()))
-        .bind(token_hash)
-        .bind(now_ms())
-        .execute(&state.db.pool)
-        .await?;
+    let name = req.token_name.unwrap_or_else(|| "cli".into());
+    let (_, token) = insert_token(&state, &user_id, &name).await?;
     Ok(Json(LoginResponse {
         token,
         user: req.user,
@@ -206,6 +202,55 @@ pub async fn create_user(
             admin: req.admin,
         }),
     ))
+}
+
+/// A new API token of `user_id`'s: its id and the token (stored only as its digest).
+async fn insert_token(state: &AppState, user_id: &str, name: &str) -> ApiResult<(String, String)> {
+    let (token, token_hash) = new_token();
+    let id = new_id();
+    sqlx::query("INSERT INTO api_tokens (id, user_id, name, token_hash, created_at) VALUES ($1, $2, $3, $4, $5)")
+        .bind(&id)
+        .bind(user_id)
+        .bind(name)
+        .bind(token_hash)
+        .bind(now_ms())
+        .execute(&state.db.pool)
+        .await?;
+    Ok((id, token))
+}
+
+/// Make an API token for the caller (for a script or another machine); it is shown only in
+/// this answer
+#[utoipa::path(post, path = "/api/v1/tokens", tag = "users",
+    request_body = NewToken,
+    responses((status = CREATED, body = NewTokenAnswer)))]
+pub async fn create_token(
+    State(state): State<AppState>,
+    caller: Caller,
+    Body(req): Body<NewToken>,
+) -> ApiResult<impl IntoResponse> {
+    let made = make_token(&state, &caller, &req.name).await?;
+    Ok((StatusCode::CREATED, Json(made)))
+}
+
+/// A new API token of the caller's, named `name`.
+pub(crate) async fn make_token(
+    state: &AppState,
+    caller: &Caller,
+    name: &str,
+) -> ApiResult<NewTokenAnswer> {
+    let name = name.trim();
+    if name.is_empty() || name.len() > 100 || name.chars().any(char::is_control) {
+        return Err(ApiError::bad_request(
+            "name the token: 1 to 100 characters, no control characters",
+        ));
+    }
+    let (id, token) = insert_token(state, &caller.user_id, name).await?;
+    Ok(NewTokenAnswer {
+        id,
+        name: name.to_owned(),
+        token,
+    })
 }
 
 /// The caller's API tokens

@@ -14,12 +14,12 @@ use super::variables::workspace_env;
 use super::{Body, pick_owned};
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
-use crate::model::{Event, WorkspaceState};
+use crate::model::{Desired, Event, WorkspaceState};
 use crate::state::AppState;
 use crate::workspaces::{self, Workspace, create};
 use warren_api::{
-    ExecRequest, ExecResponse, IdleTimeout, LogQuery, LogView, NewWorkspace, PortChange, PortView,
-    StopRequest, TaskState, TaskView, WorkspaceView,
+    ExecRequest, ExecResponse, IdleTimeout, JobView, LogQuery, LogView, NewWorkspace, PortChange,
+    PortView, StopRequest, TaskState, TaskView, WorkspaceView,
 };
 
 // ---- workspaces ----
@@ -176,6 +176,56 @@ pub async fn start_workspace(
     workspaces::request(&state, &ws, Event::Start).await?;
     let ws = find_workspace(&state, &caller, &key).await?;
     Ok((StatusCode::ACCEPTED, Json(workspace_view(&state, &ws))))
+}
+
+/// Ask again for what a failed workspace was asked last (to run, to stop, to go)
+#[utoipa::path(post, path = "/api/v1/workspaces/{workspace}/retry", tag = "workspaces",
+    params(("workspace" = String, Path, description = "The workspace's id or name")),
+    responses((status = ACCEPTED, body = WorkspaceView)))]
+pub async fn retry_workspace(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    let ws = find_workspace(&state, &caller, &key).await?;
+    if ws.state != WorkspaceState::Failed {
+        return Err(ApiError::conflict(format!(
+            "workspace `{}` is {}: only a failed one is retried",
+            ws.name, ws.state
+        )));
+    }
+    let event = match ws.desired {
+        Desired::Running => Event::Start,
+        Desired::Stopped => Event::Stop {
+            grace_ms: STOP_GRACE_S * 1000,
+            force: false,
+        },
+        Desired::Deleted => Event::Delete,
+    };
+    workspaces::request(&state, &ws, event).await?;
+    let ws = find_workspace(&state, &caller, &key).await?;
+    Ok((StatusCode::ACCEPTED, Json(workspace_view(&state, &ws))))
+}
+
+/// The workspace's jobs, newest first: what was asked of its host, how often it was tried and
+/// why it failed
+#[utoipa::path(get, path = "/api/v1/workspaces/{workspace}/jobs", tag = "workspaces",
+    params(("workspace" = String, Path, description = "The workspace's id or name")),
+    responses((status = OK, body = Vec<JobView>)))]
+pub async fn workspace_jobs(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+) -> ApiResult<Json<Vec<JobView>>> {
+    let ws = find_workspace(&state, &caller, &key).await?;
+    let jobs = sqlx::query_as::<_, JobView>(sqlx::AssertSqlSafe(format!(
+        "SELECT {} WHERE j.workspace_id = $1 ORDER BY j.created_at DESC, j.id LIMIT 100",
+        super::hosts::JOB_COLUMNS
+    )))
+    .bind(&ws.id.0)
+    .fetch_all(&state.db.pool)
+    .await?;
+    Ok(Json(jobs))
 }
 
 /// How long a stop waits for the workspace's processes to end before killing them.

@@ -18,6 +18,7 @@ use crate::api;
 use crate::state::AppState;
 use crate::workspaces::Workspace;
 use warren_api::LogQuery;
+use warren_protocol::build_log::Mark;
 
 /// How often a stream looks again.
 const LIST_TICK: Duration = Duration::from_secs(1);
@@ -273,6 +274,123 @@ impl Follow {
             if !log.running {
                 self.done = true;
                 return Event::default().event("end").data("the task has ended");
+            }
+            tokio::time::sleep(LOG_TICK).await;
+        }
+    }
+}
+
+/// A prebuild's log from `?offset=`, whole lines at a time (so a stream resumed at an offset
+/// begins at a line's start): `log` events as a task's, a `step` event (its title, a JSON
+/// string) for each line that begins a step and `cached` for one that says the step came from
+/// the cache, then `end` (the prebuild's final state, a JSON string) once it ended and all
+/// was sent.
+pub(crate) async fn prebuild_log(
+    State(state): State<AppState>,
+    session: Session,
+    Path(id): Path<String>,
+    Query(query): Query<FollowQuery>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, UiError> {
+    // Another user's prebuild is 404 here, not a stream of problems.
+    let Json(prebuild) =
+        api::get_prebuild(State(state.clone()), session.caller.clone(), Path(id)).await?;
+    let slot = stream_slot(&state, &session)?;
+    let follow = BuildFollow {
+        state,
+        session,
+        id: prebuild.id,
+        offset: query.offset,
+        pending: VecDeque::new(),
+        done: false,
+        checked: std::time::Instant::now(),
+        _slot: slot,
+    };
+    let events = stream::unfold(follow, |mut f| async move {
+        let event = f.next().await?;
+        Some((Ok(event), f))
+    });
+    Ok(Sse::new(events).keep_alive(KeepAlive::default()))
+}
+
+struct BuildFollow {
+    state: AppState,
+    session: Session,
+    id: String,
+    offset: u64,
+    pending: VecDeque<Event>,
+    done: bool,
+    checked: std::time::Instant,
+    _slot: crate::state::Slot,
+}
+
+impl BuildFollow {
+    async fn next(&mut self) -> Option<Event> {
+        loop {
+            if let Some(event) = self.pending.pop_front() {
+                return Some(event);
+            }
+            if self.done {
+                return None;
+            }
+            if self.checked.elapsed() >= SESSION_TICK {
+                self.checked = std::time::Instant::now();
+                if !self.session.holds(&self.state).await {
+                    self.done = true;
+                    return Some(Event::default().event("end").data(json("signed out")));
+                }
+            }
+            let caller = || self.session.caller.clone();
+            let piece = api::prebuild_log(
+                State(self.state.clone()),
+                caller(),
+                Path(self.id.clone()),
+                Query(LogQuery {
+                    offset: self.offset,
+                }),
+            )
+            .await;
+            let log = match piece {
+                Ok(Json(log)) => log,
+                Err(e) => {
+                    self.done = true;
+                    return Some(Event::default().event("problem").data(json(&e.message)));
+                }
+            };
+            let text = log.text.as_str();
+            let keep = if log.done {
+                text.len()
+            } else {
+                text.rfind('\n').map_or(0, |end| end + 1)
+            };
+            if keep > 0 {
+                self.offset = log.offset - (text.len() - keep) as u64;
+                let lines = &text[..keep];
+                self.pending.push_back(
+                    Event::default()
+                        .event("log")
+                        .id(self.offset.to_string())
+                        .data(json(&terminal_text(lines))),
+                );
+                for line in lines.lines() {
+                    match warren_protocol::build_log::mark(line) {
+                        Some(Mark::Step) => self
+                            .pending
+                            .push_back(Event::default().event("step").data(json(line))),
+                        Some(Mark::Cached) => self
+                            .pending
+                            .push_back(Event::default().event("cached").data("1")),
+                        None => {}
+                    }
+                }
+                continue;
+            }
+            if log.done {
+                self.done = true;
+                let ended =
+                    api::get_prebuild(State(self.state.clone()), caller(), Path(self.id.clone()))
+                        .await
+                        .map_or_else(|e| e.message, |Json(p)| p.state.to_string());
+                return Some(Event::default().event("end").data(json(&ended)));
             }
             tokio::time::sleep(LOG_TICK).await;
         }

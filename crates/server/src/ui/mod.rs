@@ -10,6 +10,8 @@
 
 mod live;
 mod pages;
+mod projects;
+mod settings;
 
 use axum::Router;
 use axum::extract::FromRequestParts;
@@ -44,7 +46,32 @@ pub fn routes() -> Router<AppState> {
         .route("/workspaces/{key}/ports", post(pages::set_port_access))
         .route("/workspaces/{key}/tasks/{task}/events", get(live::task_log))
         .route("/events/workspaces", get(live::workspaces))
+        .route("/workspaces/{key}/jobs", get(pages::workspace_jobs))
         .route("/previews/{id}/{port}", get(pages::open_preview))
+        .route(
+            "/projects",
+            get(projects::projects).post(projects::add_project),
+        )
+        .route("/projects/{key}", get(projects::project))
+        .route("/projects/{key}/refresh", post(projects::refresh_project))
+        .route("/projects/{key}/delete", post(projects::delete_project))
+        .route("/projects/{key}/prebuilds", post(projects::prebuild_branch))
+        .route("/prebuilds/{id}", get(projects::prebuild))
+        .route("/prebuilds/{id}/summary", get(projects::prebuild_summary))
+        .route("/prebuilds/{id}/events", get(live::prebuild_log))
+        .route("/prebuilds/{id}/{action}", post(projects::prebuild_action))
+        .route("/settings", get(settings::settings))
+        .route("/settings/keys", post(settings::add_key))
+        .route("/settings/keys/{id}/delete", post(settings::delete_key))
+        .route("/settings/variables", post(settings::set_variable))
+        .route(
+            "/settings/variables/{name}/delete",
+            post(settings::delete_variable),
+        )
+        .route("/settings/tokens", post(settings::create_token))
+        .route("/settings/tokens/{id}/delete", post(settings::delete_token))
+        .route("/admin", get(settings::admin))
+        .route("/admin/users", post(settings::add_user))
         .route("/assets/{file}", get(asset))
         .layer(axum::middleware::map_response(not_in_frames))
 }
@@ -140,8 +167,7 @@ impl IntoResponse for UiError {
         let page = pages::ErrorPage {
             status: self.0.status.as_u16(),
             message: self.0.message,
-            csrf: None,
-            user: None,
+            frame: pages::Frame::nobody(),
         };
         (self.0.status, pages::html(&page)).into_response()
     }
@@ -264,6 +290,21 @@ fn over_https(peer: std::net::IpAddr, headers: &HeaderMap, state: &AppState) -> 
         && headers
             .get("x-forwarded-proto")
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"))
+}
+
+/// This server's address as the browser reached it, for a URL to be used elsewhere (a
+/// webhook's).
+fn site_of(peer: std::net::IpAddr, headers: &HeaderMap, state: &AppState) -> String {
+    let scheme = if over_https(peer, headers, state) {
+        "https"
+    } else {
+        "http"
+    };
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("localhost");
+    format!("{scheme}://{host}")
 }
 
 /// A new session for `user_id`, and the `Set-Cookie` that hands it to the browser.

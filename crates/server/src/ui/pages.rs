@@ -29,9 +29,33 @@ pub(crate) fn html(page: &impl Template) -> Response {
 pub(crate) struct ErrorPage {
     pub status: u16,
     pub message: String,
-    /// The frame's: an error page shows no user.
+    pub frame: Frame,
+}
+
+/// What every page's frame shows: who is signed in (with the token its requests carry).
+pub(crate) struct Frame {
     pub csrf: Option<String>,
     pub user: Option<String>,
+    pub admin: bool,
+}
+
+impl Frame {
+    pub fn of(session: &Session) -> Self {
+        Self {
+            csrf: Some(session.csrf.clone()),
+            user: Some(session.caller.name.clone()),
+            admin: session.caller.is_admin,
+        }
+    }
+
+    /// The frame of a page shown to nobody in particular (signing in, an error).
+    pub fn nobody() -> Self {
+        Self {
+            csrf: None,
+            user: None,
+            admin: false,
+        }
+    }
 }
 
 // ---- signing in and out ----
@@ -41,16 +65,14 @@ pub(crate) struct ErrorPage {
 struct LoginPage {
     problem: Option<String>,
     user_name: String,
-    csrf: Option<String>,
-    user: Option<String>,
+    frame: Frame,
 }
 
 pub(crate) async fn login_page() -> Response {
     html(&LoginPage {
         problem: None,
         user_name: String::new(),
-        csrf: None,
-        user: None,
+        frame: Frame::nobody(),
     })
 }
 
@@ -84,8 +106,7 @@ pub(crate) async fn login(
             html(&LoginPage {
                 problem: Some(e.message),
                 user_name: form.user,
-                csrf: None,
-                user: None,
+                frame: Frame::nobody(),
             }),
         )
             .into_response(),
@@ -135,6 +156,8 @@ pub(crate) struct Row {
     vscode: String,
     can_start: bool,
     can_stop: bool,
+    /// Failed: its last request can be asked again.
+    can_retry: bool,
 }
 
 pub(crate) fn row(state: &AppState, caller: &Caller, w: &Workspace, view: &WorkspaceView) -> Row {
@@ -225,10 +248,11 @@ pub(crate) fn row(state: &AppState, caller: &Caller, w: &Workspace, view: &Works
         can_start: w.desired != Desired::Running
             && matches!(w.state, WorkspaceState::Stopped | WorkspaceState::Failed),
         can_stop: w.desired == Desired::Running && w.state != WorkspaceState::Failed,
+        can_retry: w.state == WorkspaceState::Failed,
     }
 }
 
-fn gib(bytes: u64) -> String {
+pub(crate) fn gib(bytes: u64) -> String {
     let gib = bytes as f64 / f64::from(1u32 << 30);
     if gib >= 10.0 {
         format!("{gib:.0} GiB")
@@ -239,7 +263,7 @@ fn gib(bytes: u64) -> String {
     }
 }
 
-fn ago(ms: i64) -> String {
+pub(crate) fn ago(ms: i64) -> String {
     let s = ms.max(0) / 1000;
     match s {
         0..60 => "just now".to_owned(),
@@ -266,13 +290,14 @@ struct Source {
     value: String,
     label: String,
     usable: bool,
+    /// Its latest prebuild, when that one is building or failed: its page shows the log.
+    log: Option<String>,
 }
 
 #[derive(Template)]
 #[template(path = "workspaces.html")]
 struct WorkspacesPage {
-    csrf: Option<String>,
-    user: Option<String>,
+    frame: Frame,
     rows: Vec<Row>,
     sources: Vec<Source>,
 }
@@ -288,8 +313,7 @@ pub(crate) async fn workspaces(
     }
     let sources = sources(&state, caller).await?;
     Ok(html(&WorkspacesPage {
-        csrf: Some(session.csrf),
-        user: Some(session.caller.name),
+        frame: Frame::of(&session),
         rows,
         sources,
     }))
@@ -333,6 +357,15 @@ async fn sources(state: &AppState, caller: &Caller) -> Result<Vec<Source>, ApiEr
                 value: format!("project:{}:{}", project.id, branch.name),
                 label: format!("{}{owner} / {} — {word}", project.name, branch.name),
                 usable,
+                log: of_branch()
+                    .next()
+                    .filter(|p| {
+                        matches!(
+                            p.state,
+                            PrebuildState::Queued | PrebuildState::Running | PrebuildState::Failed
+                        )
+                    })
+                    .map(|p| p.id.clone()),
             });
         }
     }
@@ -418,6 +451,13 @@ pub(crate) async fn workspace_action(
     let caller = &session.caller;
     let ws = api::find_workspace(&state, caller, &key).await?;
     let event = match action.as_str() {
+        "retry" => {
+            api::retry_workspace(State(state.clone()), caller.clone(), Path(ws.id.0.clone()))
+                .await?;
+            return Ok(html(&RowFragment {
+                row: row_now(&state, caller, &ws).await,
+            }));
+        }
         "start" => Event::Start,
         "stop" => Event::Stop {
             grace_ms: api::STOP_GRACE_S * 1000,
@@ -450,12 +490,69 @@ struct TaskRow {
 #[derive(Template)]
 #[template(path = "workspace.html")]
 struct WorkspacePage {
-    csrf: Option<String>,
-    user: Option<String>,
+    frame: Frame,
     row: Row,
     tasks: Vec<TaskRow>,
     tasks_problem: Option<String>,
     ports: PortsFragment,
+    jobs: JobsFragment,
+}
+
+/// The workspace's job timeline: what was asked of its host, how it went, and why it failed;
+/// it asks for itself again every 3 s.
+#[derive(Template)]
+#[template(path = "jobs.html")]
+pub(crate) struct JobsFragment {
+    id: String,
+    failed: bool,
+    jobs: Vec<JobRow>,
+}
+
+struct JobRow {
+    kind: String,
+    state: String,
+    attempts: i64,
+    asked: String,
+    ended: String,
+    error: String,
+}
+
+async fn jobs_of(
+    state: &AppState,
+    caller: &Caller,
+    ws: &Workspace,
+) -> Result<JobsFragment, ApiError> {
+    let Json(jobs) =
+        api::workspace_jobs(State(state.clone()), caller.clone(), Path(ws.id.0.clone())).await?;
+    let now = crate::db::now_ms();
+    Ok(JobsFragment {
+        id: ws.id.0.clone(),
+        failed: ws.state == WorkspaceState::Failed,
+        jobs: jobs
+            .into_iter()
+            .map(|j| JobRow {
+                kind: j
+                    .kind
+                    .strip_prefix("workspace.")
+                    .unwrap_or(&j.kind)
+                    .to_owned(),
+                asked: ago(now - j.created_at),
+                ended: j.finished_at.map(|at| ago(now - at)).unwrap_or_default(),
+                error: j.last_error.unwrap_or_default(),
+                state: j.state,
+                attempts: j.attempts,
+            })
+            .collect(),
+    })
+}
+
+pub(crate) async fn workspace_jobs(
+    State(state): State<AppState>,
+    session: Session,
+    Path(key): Path<String>,
+) -> Result<Response, UiError> {
+    let ws = api::find_workspace(&state, &session.caller, &key).await?;
+    Ok(html(&jobs_of(&state, &session.caller, &ws).await?))
 }
 
 /// The workspace page's ports: each with its label, who may reach it, and its preview link.
@@ -594,6 +691,7 @@ pub(crate) async fn workspace(
     let caller = &session.caller;
     let ws = api::find_workspace(&state, caller, &key).await?;
     let ports = ports_of(&state, caller, &ws, headers).await?;
+    let jobs = jobs_of(&state, caller, &ws).await?;
     let row = row_now(&state, caller, &ws).await;
     let (tasks, tasks_problem) = if ws.state == WorkspaceState::Running {
         match api::list_tasks(State(state.clone()), caller.clone(), Path(ws.id.0.clone())).await {
@@ -625,12 +723,12 @@ pub(crate) async fn workspace(
         )
     };
     Ok(html(&WorkspacePage {
-        csrf: Some(session.csrf),
-        user: Some(session.caller.name),
+        frame: Frame::of(&session),
         row,
         tasks,
         tasks_problem,
         ports,
+        jobs,
     }))
 }
 
