@@ -134,6 +134,31 @@ pub enum BenchCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// The web UI's workspaces page with many workspaces under many live viewers, against the
+    /// API's JSON list; a preview URL's throughput against `ssh -L` to the same server
+    Ui {
+        /// Workspaces listed on the page
+        #[arg(long, default_value_t = 200)]
+        workspaces: usize,
+        /// Viewers, each holding the page's live stream and loading the page once a second
+        #[arg(long, default_value_t = 50)]
+        viewers: usize,
+        /// How long the page (then the JSON list) is loaded
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// Size of the file downloaded through each path, in MiB
+        #[arg(long, default_value_t = 1024)]
+        mib: u64,
+        /// Downloads per path (the median is reported)
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Where to keep the root filesystem and Warren's data
+        #[arg(long, default_value = "/var/tmp/warren-bench-runtime")]
+        work: PathBuf,
+        /// Write the results as JSON here as well
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// VM memory: freed memory back to the host with free page reporting on and off; KSM
     /// across four VMs
     Memory {
@@ -217,6 +242,28 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                 return Ok(());
             }
             crate::bench_ssh::ssh(mib, runs, &work, json.as_deref())
+        }
+        BenchCommand::Ui {
+            workspaces,
+            viewers,
+            seconds,
+            mib,
+            runs,
+            work,
+            json,
+        } => {
+            if !inside_netns(&work, crate::bench_ui::PACKAGES)? {
+                return Ok(());
+            }
+            crate::bench_ui::ui(
+                workspaces,
+                viewers,
+                seconds,
+                mib,
+                runs,
+                &work,
+                json.as_deref(),
+            )
         }
         BenchCommand::Memory {
             seconds,

@@ -100,7 +100,12 @@ impl Up {
             .arg("--data")
             .arg(&data)
             .args(["up", "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--preview-listen", "off"])
+            // No previews unless the benchmark asks for them.
+            .args(if args.contains(&"--preview-listen") {
+                &[][..]
+            } else {
+                &["--preview-listen", "off"][..]
+            })
             .args(args)
             .env("WARREN_UID_BASE", UID_BASE)
             .stdout(Stdio::piped())
@@ -134,6 +139,11 @@ impl Up {
             .to_owned();
         up.client = Arc::new(Client::with_token(&url, &token));
         Ok(up)
+    }
+
+    /// The server's process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Deletes every workspace and waits (up to `within`) until they are gone.

@@ -57,40 +57,12 @@ pub(crate) fn ssh(
         &["--ssh-listen", &format!("127.0.0.1:{gateway_port}")],
     )?;
     let key = work.join("ssh-bench-key");
-    let _ = std::fs::remove_file(&key);
-    let _ = std::fs::remove_file(key.with_extension("pub"));
-    sh(Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(&key))?;
-    let public_key = std::fs::read_to_string(key.with_extension("pub"))?;
-    up.client.post(
-        "/keys",
-        &json!({"name": "bench", "public_key": public_key.trim()}),
-    )?;
+    let public_key = register_key(&up, &key)?;
     up.client
         .post("/workspaces", &json!({"name": "ssh", "image": "bench:1"}))?;
     up.wait_running(1, Duration::from_secs(300))?;
 
-    let client = |program: &str, port: u16| {
-        let mut cmd = Command::new(program);
-        cmd.arg("-i").arg(&key).args([
-            "-F",
-            "/dev/null",
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "LogLevel=ERROR",
-        ]);
-        cmd.arg(if program == "scp" { "-P" } else { "-p" })
-            .arg(port.to_string());
-        cmd
-    };
+    let client = |program: &str, port: u16| ssh_client(program, &key, port);
     // The peer: OpenSSH's sshd in the workspace, with the same key, on the workspace's address.
     let address = sh(client("ssh", gateway_port)
         .arg("ssh@127.0.0.1")
@@ -179,6 +151,70 @@ pub(crate) fn ssh(
         std::fs::write(path, serde_json::to_vec_pretty(&results)?)?;
     }
     Ok(())
+}
+
+/// A new key pair at `key` (and `key.pub`), registered as the admin's with the proof the
+/// server asks for (`ssh-keygen -Y sign` of its challenge); the public key.
+pub(crate) fn register_key(up: &Up, key: &Path) -> anyhow::Result<String> {
+    let _ = std::fs::remove_file(key);
+    let _ = std::fs::remove_file(key.with_extension("pub"));
+    sh(Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(key))?;
+    let public_key = std::fs::read_to_string(key.with_extension("pub"))?;
+    let challenge = up.client.get("/keys/challenge")?;
+    let message = challenge["message"].as_str().context("no challenge")?;
+    let mut signer = Command::new("ssh-keygen")
+        .args(["-Y", "sign", "-n"])
+        .arg(challenge["namespace"].as_str().context("no namespace")?)
+        .arg("-f")
+        .arg(key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(
+        &mut signer.stdin.take().context("no stdin")?,
+        message.as_bytes(),
+    )?;
+    let signed = signer.wait_with_output()?;
+    if !signed.status.success() {
+        bail!(
+            "ssh-keygen -Y sign: {}",
+            String::from_utf8_lossy(&signed.stderr)
+        );
+    }
+    up.client.post(
+        "/keys",
+        &json!({
+            "name": "bench",
+            "public_key": public_key.trim(),
+            "signature": String::from_utf8_lossy(&signed.stdout),
+        }),
+    )?;
+    Ok(public_key)
+}
+
+/// `ssh` or `scp` with `key` alone, to `port`, asking nothing and remembering no host.
+pub(crate) fn ssh_client(program: &str, key: &Path, port: u16) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.arg("-i").arg(key).args([
+        "-F",
+        "/dev/null",
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "LogLevel=ERROR",
+    ]);
+    cmd.arg(if program == "scp" { "-P" } else { "-p" })
+        .arg(port.to_string());
+    cmd
 }
 
 fn sha256(path: &Path) -> anyhow::Result<String> {

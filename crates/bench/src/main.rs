@@ -10,6 +10,7 @@ mod bench_api;
 mod bench_build;
 mod bench_runtime;
 mod bench_ssh;
+mod bench_ui;
 mod bench_vm;
 
 use std::process::ExitCode;

@@ -374,7 +374,12 @@ pub fn up(args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
         }
         eprintln!("stopping (workspaces keep running)");
         started.shutdown.notify_waiters();
-        let _ = started.serve.await;
+        // Requests in flight finish; what would last (a browser's live list, a preview's
+        // WebSocket, a long exec) is cut after the grace: a stop must not wait on a client.
+        const GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+        if tokio::time::timeout(GRACE, started.serve).await.is_err() {
+            eprintln!("connections still open after {} s: closing them", GRACE.as_secs());
+        }
         anyhow::Ok(ExitCode::SUCCESS)
     })
 }
