@@ -6,6 +6,7 @@ use utoipa::ToSchema;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct PrebuildView {
     pub id: String,
+    pub project_id: String,
     pub project: String,
     pub branch: Option<String>,
     pub commit: String,

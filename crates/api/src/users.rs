@@ -46,21 +46,6 @@ pub struct NewUser {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct NewToken {
-    /// What it is for (a machine, a script).
-    pub name: String,
-}
-
-/// A new API token: shown this once, stored only as its digest.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct NewTokenAnswer {
-    pub id: String,
-    pub name: String,
-    pub token: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[cfg_attr(feature = "sqlx", derive(sqlx::FromRow))]
 pub struct TokenView {
     pub id: String,

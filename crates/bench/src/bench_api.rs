@@ -167,6 +167,35 @@ impl Up {
         Ok(())
     }
 
+    /// Creates workspaces `<prefix>-0` .. `<prefix>-<count - 1>` from `bench:1`, `at_once` of
+    /// them at a time, and waits (up to `within`) until all run; how long that took.
+    pub(crate) fn create_all(
+        &self,
+        prefix: &str,
+        count: usize,
+        at_once: usize,
+        within: Duration,
+    ) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        for batch in (0..count).collect::<Vec<_>>().chunks(at_once.max(1)) {
+            let handles: Vec<_> = batch
+                .iter()
+                .map(|&i| {
+                    let (client, name) = (self.client.clone(), format!("{prefix}-{i}"));
+                    std::thread::spawn(move || {
+                        client.post("/workspaces", &json!({"name": name, "image": "bench:1"}))
+                    })
+                })
+                .collect();
+            for h in handles {
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("a create thread panicked"))??;
+            }
+        }
+        self.wait_running(count, within)?;
+        Ok(started.elapsed())
+    }
+
     /// Waits until every workspace runs (an error as soon as one failed).
     pub(crate) fn wait_running(&self, count: usize, within: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + within;
@@ -209,24 +238,7 @@ pub(crate) fn api(
     let client = up.client.clone();
 
     // N creates at once.
-    let started = Instant::now();
-    let handles: Vec<_> = (0..workspaces)
-        .map(|i| {
-            let client = client.clone();
-            std::thread::spawn(move || {
-                client.post(
-                    "/workspaces",
-                    &json!({"name": format!("load-{i}"), "image": "bench:1"}),
-                )
-            })
-        })
-        .collect();
-    for h in handles {
-        h.join()
-            .map_err(|_| anyhow::anyhow!("a create thread panicked"))??;
-    }
-    up.wait_running(workspaces, Duration::from_secs(600))?;
-    let all_running = started.elapsed();
+    let all_running = up.create_all("load", workspaces, workspaces, Duration::from_secs(600))?;
     eprintln!(
         "{workspaces} workspaces running after {:.1}s",
         all_running.as_secs_f64()

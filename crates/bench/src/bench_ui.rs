@@ -121,27 +121,7 @@ pub(crate) fn ui(
     let site = client.server().to_owned();
 
     // The workspaces, twenty at a time.
-    let started = Instant::now();
-    for batch in (0..workspaces).collect::<Vec<_>>().chunks(20) {
-        let handles: Vec<_> = batch
-            .iter()
-            .map(|&i| {
-                let client = client.clone();
-                std::thread::spawn(move || {
-                    client.post(
-                        "/workspaces",
-                        &json!({"name": format!("ui-{i}"), "image": "bench:1"}),
-                    )
-                })
-            })
-            .collect();
-        for h in handles {
-            h.join()
-                .map_err(|_| anyhow::anyhow!("a create thread panicked"))??;
-        }
-    }
-    up.wait_running(workspaces, Duration::from_secs(1800))?;
-    let all_running = started.elapsed();
+    let all_running = up.create_all("ui", workspaces, 20, Duration::from_secs(1800))?;
     eprintln!(
         "{workspaces} workspaces running after {:.0} s",
         all_running.as_secs_f64()

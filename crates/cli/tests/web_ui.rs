@@ -666,11 +666,19 @@ fn projects_prebuilds_settings_and_admin_work_in_the_browser() {
         assert!(webhook.starts_with(&format!("{site}/api/v1/hooks/git/")) && webhook.contains("?secret="), "{webhook}");
         let (status, answer) = warren.http("POST", webhook.strip_prefix(&site).unwrap(), None, None);
         assert_eq!(status, 204, "{answer}");
-        click(&browser, ".added a.button").await;
+        click(&browser, ".added a.button[href^='/projects/']").await;
         until(&browser, "the two branches", Duration::from_secs(60),
             "return document.querySelectorAll('#branches tr[data-branch]').length === 2;").await;
         let shown = browser.execute("return document.documentElement.outerHTML;", vec![]).await.unwrap();
         assert!(!shown.as_str().unwrap().contains("secret="), "the webhook's secret is shown again");
+        // A URL's login is never shown back, on a page or by the API.
+        warren.ok("admin", &["project", "add", "creds", "https://bob:hunter2@127.0.0.1:9/r.git"]);
+        browser.goto(&format!("{site}/projects")).await.unwrap();
+        let shown = browser.execute("return document.documentElement.outerHTML;", vec![]).await.unwrap();
+        assert!(shown.as_str().unwrap().contains("127.0.0.1:9/r.git"), "{shown}");
+        assert!(!shown.as_str().unwrap().contains("hunter2"), "a URL's password is shown");
+        assert!(!warren.ok("admin", &["project", "ls", "--json"]).contains("hunter2"));
+        browser.goto(&format!("{site}/projects/app")).await.unwrap();
 
         // `main`'s prebuild: its steps as they run, then the one that ran; its log, live.
         let deadline = Instant::now() + Duration::from_secs(60);

@@ -57,7 +57,7 @@ fn api_routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(api::set_my_idle_timeout))
         .routes(routes!(api::list_users, api::create_user))
         .routes(routes!(api::update_user))
-        .routes(routes!(api::list_tokens, api::create_token))
+        .routes(routes!(api::list_tokens))
         .routes(routes!(api::delete_token))
         .routes(routes!(api::list_keys, api::add_key))
         .routes(routes!(api::key_challenge))

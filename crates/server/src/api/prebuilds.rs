@@ -16,13 +16,15 @@ use crate::error::{ApiError, ApiResult};
 use crate::prebuilds::{COLUMNS, Prebuild, behind, branch_head, queue};
 use crate::state::AppState;
 
-async fn view(state: &AppState, p: Prebuild) -> PrebuildView {
+/// A prebuild as the API shows it, with how far behind its branch it is (asked of git).
+pub(crate) async fn view(state: &AppState, p: Prebuild) -> PrebuildView {
     let behind = match &p.head {
         Some(head) => behind(&state.git_mirrors, &p.git_url, &p.commit_sha, head).await,
         None => None,
     };
     PrebuildView {
         id: p.id,
+        project_id: p.project_id,
         project: p.project,
         branch: p.branch,
         commit: p.commit_sha,
@@ -60,18 +62,28 @@ pub async fn list_prebuilds(
     caller: Caller,
     Path(project): Path<String>,
 ) -> ApiResult<Json<Vec<PrebuildView>>> {
-    let project = find_project(&state, &caller, &project).await?;
-    let rows = sqlx::query_as::<_, Prebuild>(sqlx::AssertSqlSafe(format!(
-        "SELECT {COLUMNS} WHERE p.project_id = $1 ORDER BY p.created_at DESC, p.id"
-    )))
-    .bind(&project.id)
-    .fetch_all(&state.db.pool)
-    .await?;
+    let rows = prebuilds_of(&state, &caller, &project).await?;
     let mut out = Vec::with_capacity(rows.len());
     for p in rows {
         out.push(view(&state, p).await);
     }
     Ok(Json(out))
+}
+
+/// The project's prebuilds, newest first, as stored (nothing asked of git: a page that shows a
+/// few makes the views of those alone).
+pub(crate) async fn prebuilds_of(
+    state: &AppState,
+    caller: &Caller,
+    project: &str,
+) -> ApiResult<Vec<Prebuild>> {
+    let project = find_project(state, caller, project).await?;
+    Ok(sqlx::query_as::<_, Prebuild>(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} WHERE p.project_id = $1 ORDER BY p.created_at DESC, p.id"
+    )))
+    .bind(&project.id)
+    .fetch_all(&state.db.pool)
+    .await?)
 }
 
 /// One prebuild
@@ -210,16 +222,31 @@ pub(crate) async fn retry(state: &AppState, caller: &Caller, id: &str) -> ApiRes
         )));
     }
     let mut tx = state.db.begin_write().await?;
-    let new = queue(
-        &mut tx,
-        &old.project_id,
-        &old.git_url,
-        old.branch.as_deref().unwrap_or_default(),
-        &old.commit_sha,
+    // Retried twice (a double click): the one the first asked for is the answer.
+    let again: Option<String> = sqlx::query_scalar(
+        "SELECT id FROM prebuilds WHERE project_id = $1 AND commit_sha = $2 AND state IN ('queued', 'running', 'succeeded')
+         ORDER BY created_at DESC LIMIT 1",
     )
+    .bind(&old.project_id)
+    .bind(&old.commit_sha)
+    .fetch_optional(&mut *tx)
     .await?;
-    tx.commit().await?;
-    state.wake.notify_one();
+    let new = match again {
+        Some(id) => id,
+        None => {
+            let id = queue(
+                &mut tx,
+                &old.project_id,
+                &old.git_url,
+                old.branch.as_deref().unwrap_or_default(),
+                &old.commit_sha,
+            )
+            .await?;
+            tx.commit().await?;
+            state.wake.notify_one();
+            id
+        }
+    };
     let prebuild = find(state, caller, &new).await?;
     Ok(view(state, prebuild).await)
 }
@@ -236,24 +263,45 @@ pub async fn prebuild_log(
     Path(id): Path<String>,
     Query(query): Query<LogQuery>,
 ) -> ApiResult<Json<LogPiece>> {
-    let done = !matches!(
-        find(&state, &caller, &id).await?.state,
+    Ok(Json(
+        read_log(&state, &caller, &id, query.offset, None).await?.0,
+    ))
+}
+
+/// The log from `offset` on: all of it, or only its next `pieces` stored pieces (a live page
+/// reads it a bounded piece at a time). `true` beside it when more is stored than was read
+/// (then the answer is not `done`).
+pub(crate) async fn read_log(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+    offset: u64,
+    pieces: Option<usize>,
+) -> ApiResult<(LogPiece, bool)> {
+    let ended = !matches!(
+        find(state, caller, id).await?.state,
         PrebuildState::Queued | PrebuildState::Running
     );
-    let offset = i64::try_from(query.offset).unwrap_or(i64::MAX);
-    let pieces: Vec<(i64, String)> = sqlx::query_as(
+    let offset = i64::try_from(offset).unwrap_or(i64::MAX);
+    let limit = pieces.map_or(i64::MAX, |n| i64::try_from(n).unwrap_or(i64::MAX - 1) + 1);
+    let mut pieces_read: Vec<(i64, String)> = sqlx::query_as(
         "SELECT at, text FROM prebuild_logs WHERE prebuild_id = $1
-         AND at >= COALESCE((SELECT MAX(at) FROM prebuild_logs WHERE prebuild_id = $1 AND at <= $2), 0) ORDER BY at",
+         AND at >= COALESCE((SELECT MAX(at) FROM prebuild_logs WHERE prebuild_id = $1 AND at <= $2), 0) ORDER BY at LIMIT $3",
     )
-    .bind(&id)
+    .bind(id)
     .bind(offset)
+    .bind(limit)
     .fetch_all(&state.db.pool)
     .await?;
+    let more = pieces.is_some_and(|n| pieces_read.len() > n);
+    if let Some(n) = pieces {
+        pieces_read.truncate(n);
+    }
     let mut text = String::new();
     let mut next = offset;
     // Offsets are bytes of the stored text; a read from inside a piece starts at the next
     // character.
-    for (at, piece) in pieces {
+    for (at, piece) in pieces_read {
         let skip = usize::try_from(offset - at).unwrap_or(0);
         let mut from = skip.min(piece.len());
         while !piece.is_char_boundary(from) {
@@ -262,9 +310,12 @@ pub async fn prebuild_log(
         text.push_str(&piece[from..]);
         next = next.max(at + piece.len() as i64);
     }
-    Ok(Json(LogPiece {
-        text,
-        offset: u64::try_from(next).unwrap_or(0),
-        done,
-    }))
+    Ok((
+        LogPiece {
+            text,
+            offset: u64::try_from(next).unwrap_or(0),
+            done: ended && !more,
+        },
+        more,
+    ))
 }

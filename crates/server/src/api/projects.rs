@@ -86,7 +86,8 @@ fn project_view(p: Project) -> ProjectView {
         id: p.id,
         name: p.name,
         owner: p.owner,
-        git_url: p.git_url,
+        // A URL may carry a login (`https://user:token@...`): never shown back.
+        git_url: warren_git::redacted(&p.git_url),
         root_folder: p.root_folder,
         env_file: p.env_file,
         webhook: None,

@@ -10,10 +10,7 @@ use crate::auth::{Caller, User, hash_password, new_token, verify_password};
 use crate::db::{new_id, now_ms};
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
-use warren_api::{
-    LoginRequest, LoginResponse, NewToken, NewTokenAnswer, NewUser, TokenView, TrustChange,
-    UserView,
-};
+use warren_api::{LoginRequest, LoginResponse, NewUser, TokenView, TrustChange, UserView};
 
 /// Exchange a user name and password for an API token
 #[utoipa::path(post, path = "/api/v1/login", tag = "users",
@@ -219,38 +216,21 @@ async fn insert_token(state: &AppState, user_id: &str, name: &str) -> ApiResult<
     Ok((id, token))
 }
 
-/// Make an API token for the caller (for a script or another machine); it is shown only in
-/// this answer
-#[utoipa::path(post, path = "/api/v1/tokens", tag = "users",
-    request_body = NewToken,
-    responses((status = CREATED, body = NewTokenAnswer)))]
-pub async fn create_token(
-    State(state): State<AppState>,
-    caller: Caller,
-    Body(req): Body<NewToken>,
-) -> ApiResult<impl IntoResponse> {
-    let made = make_token(&state, &caller, &req.name).await?;
-    Ok((StatusCode::CREATED, Json(made)))
-}
-
-/// A new API token of the caller's, named `name`.
+/// A new API token of the caller's, named `name`: its id and the token, shown once. Only the
+/// web UI makes one this way, for a signed-in user (a token cannot make another: one that
+/// leaked could otherwise outlive its revocation).
 pub(crate) async fn make_token(
     state: &AppState,
     caller: &Caller,
     name: &str,
-) -> ApiResult<NewTokenAnswer> {
+) -> ApiResult<(String, String)> {
     let name = name.trim();
     if name.is_empty() || name.len() > 100 || name.chars().any(char::is_control) {
         return Err(ApiError::bad_request(
             "name the token: 1 to 100 characters, no control characters",
         ));
     }
-    let (id, token) = insert_token(state, &caller.user_id, name).await?;
-    Ok(NewTokenAnswer {
-        id,
-        name: name.to_owned(),
-        token,
-    })
+    insert_token(state, &caller.user_id, name).await
 }
 
 /// The caller's API tokens

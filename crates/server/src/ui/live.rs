@@ -160,15 +160,16 @@ impl ListWatch {
     }
 }
 
-/// What a row shows that can change.
+/// What a row shows that can change (its memory as shown: a host's report that changes no
+/// figure on the page sends no row).
 fn shown(w: &Workspace) -> String {
     format!(
-        "{}|{}|{:?}|{}|{:?}|{}|{:?}|{:?}",
+        "{}|{}|{:?}|{}|{}|{}|{:?}|{:?}",
         w.state,
         w.desired,
         w.last_error,
         w.updated_at,
-        w.stats_at,
+        super::pages::memory_shown(w),
         w.host,
         w.last_active_at,
         w.stop_reason
@@ -301,6 +302,7 @@ pub(crate) async fn prebuild_log(
         id: prebuild.id,
         offset: query.offset,
         pending: VecDeque::new(),
+        steps: 0,
         done: false,
         checked: std::time::Instant::now(),
         _slot: slot,
@@ -312,12 +314,23 @@ pub(crate) async fn prebuild_log(
     Ok(Sse::new(events).keep_alive(KeepAlive::default()))
 }
 
+/// Stored pieces of a prebuild's log one look reads (each at most the API's body limit).
+const PIECES_PER_LOOK: usize = 8;
+/// A line this long is sent before its end comes.
+const LONG_LINE: usize = 64 << 10;
+/// Steps a stream names, and the characters of each step's title.
+const STEPS_SHOWN: usize = 500;
+const STEP_TITLE: usize = 200;
+
 struct BuildFollow {
     state: AppState,
     session: Session,
     id: String,
     offset: u64,
+    /// Events of the last look, not sent yet (at most one look's worth).
     pending: VecDeque<Event>,
+    /// Step events sent.
+    steps: usize,
     done: bool,
     checked: std::time::Instant,
     _slot: crate::state::Slot,
@@ -340,24 +353,25 @@ impl BuildFollow {
                 }
             }
             let caller = || self.session.caller.clone();
-            let piece = api::prebuild_log(
-                State(self.state.clone()),
-                caller(),
-                Path(self.id.clone()),
-                Query(LogQuery {
-                    offset: self.offset,
-                }),
+            let piece = api::read_log(
+                &self.state,
+                &self.session.caller,
+                &self.id,
+                self.offset,
+                Some(PIECES_PER_LOOK),
             )
             .await;
-            let log = match piece {
-                Ok(Json(log)) => log,
+            let (log, more) = match piece {
+                Ok(read) => read,
                 Err(e) => {
                     self.done = true;
                     return Some(Event::default().event("problem").data(json(&e.message)));
                 }
             };
             let text = log.text.as_str();
-            let keep = if log.done {
+            // Whole lines, but not forever: a line longer than LONG_LINE, or one that goes on
+            // past what one look reads, is sent as it is.
+            let keep = if log.done || more || text.len() >= LONG_LINE {
                 text.len()
             } else {
                 text.rfind('\n').map_or(0, |end| end + 1)
@@ -372,10 +386,17 @@ impl BuildFollow {
                         .data(json(&terminal_text(lines))),
                 );
                 for line in lines.lines() {
+                    // A build's output can print step lines too: the list stays a list.
+                    if self.steps >= STEPS_SHOWN {
+                        break;
+                    }
                     match warren_protocol::build_log::mark(line) {
-                        Some(Mark::Step) => self
-                            .pending
-                            .push_back(Event::default().event("step").data(json(line))),
+                        Some(Mark::Step) => {
+                            self.steps += 1;
+                            let title: String = line.chars().take(STEP_TITLE).collect();
+                            self.pending
+                                .push_back(Event::default().event("step").data(json(&title)));
+                        }
                         Some(Mark::Cached) => self
                             .pending
                             .push_back(Event::default().event("cached").data("1")),

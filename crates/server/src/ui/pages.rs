@@ -186,17 +186,7 @@ pub(crate) fn row(state: &AppState, caller: &Caller, w: &Workspace, view: &Works
         ("vm", None) => "VM".to_owned(),
         (other, _) => other.to_owned(),
     };
-    let used = w
-        .stats
-        .as_ref()
-        .and_then(|s| s.get("memory_bytes"))
-        .and_then(serde_json::Value::as_u64);
-    let memory = match (used, w.memory) {
-        (Some(used), Some(limit)) => format!("{} of {}", gib(used), gib(limit)),
-        (Some(used), None) => gib(used),
-        (None, Some(limit)) => format!("≤ {}", gib(limit)),
-        (None, None) => "—".to_owned(),
-    };
+    let memory = memory_shown(w);
     let resources = match w.cpus {
         Some(cpus) => format!(
             "{memory} · {cpus} CPU{}",
@@ -249,6 +239,21 @@ pub(crate) fn row(state: &AppState, caller: &Caller, w: &Workspace, view: &Works
             && matches!(w.state, WorkspaceState::Stopped | WorkspaceState::Failed),
         can_stop: w.desired == Desired::Running && w.state != WorkspaceState::Failed,
         can_retry: w.state == WorkspaceState::Failed,
+    }
+}
+
+/// Its memory as its row shows it: used (as its host last said) of its limit.
+pub(crate) fn memory_shown(w: &Workspace) -> String {
+    let used = w
+        .stats
+        .as_ref()
+        .and_then(|s| s.get("memory_bytes"))
+        .and_then(serde_json::Value::as_u64);
+    match (used, w.memory) {
+        (Some(used), Some(limit)) => format!("{} of {}", gib(used), gib(limit)),
+        (Some(used), None) => gib(used),
+        (None, Some(limit)) => format!("≤ {}", gib(limit)),
+        (None, None) => "—".to_owned(),
     }
 }
 
@@ -328,8 +333,7 @@ async fn sources(state: &AppState, caller: &Caller) -> Result<Vec<Source>, ApiEr
         let key = || Path(project.id.clone());
         let Json(branches) =
             api::project_branches(State(state.clone()), caller.clone(), key()).await?;
-        let Json(prebuilds) =
-            api::list_prebuilds(State(state.clone()), caller.clone(), key()).await?;
+        let prebuilds = api::prebuilds_of(state, caller, &project.id).await?;
         for branch in branches {
             let of_branch = || {
                 prebuilds
@@ -454,6 +458,7 @@ pub(crate) async fn workspace_action(
         "retry" => {
             api::retry_workspace(State(state.clone()), caller.clone(), Path(ws.id.0.clone()))
                 .await?;
+            let ws = api::find_workspace(&state, caller, &key).await?;
             return Ok(html(&RowFragment {
                 row: row_now(&state, caller, &ws).await,
             }));

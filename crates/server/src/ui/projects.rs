@@ -72,11 +72,17 @@ pub(crate) async fn projects(
         let key = || Path(p.id.clone());
         let Json(branches) =
             api::project_branches(State(state.clone()), caller.clone(), key()).await?;
-        let Json(prebuilds) =
-            api::list_prebuilds(State(state.clone()), caller.clone(), key()).await?;
+        let latest = match api::prebuilds_of(&state, caller, &p.id)
+            .await?
+            .into_iter()
+            .next()
+        {
+            Some(row) => Some(cell(&api::view(&state, row).await)),
+            None => None,
+        };
         projects.push(ProjectRow {
             mine: p.owner == caller.name,
-            latest: prebuilds.first().map(cell),
+            latest,
             branches: branches.len(),
             id: p.id,
             name: p.name,
@@ -163,27 +169,35 @@ async fn branches_of(
     state: &AppState,
     caller: &Caller,
     project: &str,
-) -> Result<(BranchesFragment, Vec<PrebuildView>), ApiError> {
+) -> Result<(BranchesFragment, Vec<PrebuildCell>), ApiError> {
     let key = || Path(project.to_owned());
     let Json(branches) = api::project_branches(State(state.clone()), caller.clone(), key()).await?;
-    let Json(prebuilds) = api::list_prebuilds(State(state.clone()), caller.clone(), key()).await?;
-    let branches = branches
-        .into_iter()
-        .map(|b| BranchRow {
-            latest: prebuilds
-                .iter()
-                .find(|p| p.branch.as_deref() == Some(b.name.as_str()))
-                .map(cell),
+    let prebuilds = api::prebuilds_of(state, caller, project).await?;
+    // Git is asked how far behind only about the prebuilds shown.
+    let mut rows = Vec::with_capacity(branches.len());
+    for b in branches {
+        let latest = prebuilds
+            .iter()
+            .find(|p| p.branch.as_deref() == Some(b.name.as_str()));
+        rows.push(BranchRow {
+            latest: match latest {
+                Some(p) => Some(cell(&api::view(state, p.clone()).await)),
+                None => None,
+            },
             head: short(&b.head),
             name: b.name,
-        })
-        .collect();
+        });
+    }
+    let mut newest = Vec::new();
+    for p in prebuilds.into_iter().take(PREBUILDS_SHOWN) {
+        newest.push(cell(&api::view(state, p).await));
+    }
     Ok((
         BranchesFragment {
             id: project.to_owned(),
-            branches,
+            branches: rows,
         },
-        prebuilds,
+        newest,
     ))
 }
 
@@ -202,7 +216,7 @@ pub(crate) async fn project(
     Ok(html(&ProjectPage {
         frame: Frame::of(&session),
         branches,
-        prebuilds: prebuilds.iter().take(PREBUILDS_SHOWN).map(cell).collect(),
+        prebuilds,
         project,
     }))
 }
@@ -295,6 +309,7 @@ fn summary(p: PrebuildView) -> SummaryFragment {
 struct PrebuildPage {
     frame: Frame,
     id: String,
+    project_id: String,
     project: String,
     branch: String,
     state: &'static str,
@@ -310,6 +325,7 @@ pub(crate) async fn prebuild(
     Ok(html(&PrebuildPage {
         frame: Frame::of(&session),
         id: p.id.clone(),
+        project_id: p.project_id.clone(),
         project: p.project.clone(),
         branch: p.branch.clone().unwrap_or_default(),
         state: p.state.as_str(),

@@ -202,8 +202,8 @@ pub(crate) async fn create_token(
     axum::Form(form): axum::Form<TokenForm>,
 ) -> Result<Response, UiError> {
     let caller = &session.caller;
-    let made = api::make_token(&state, caller, &form.name).await?;
-    Ok(html(&tokens_of(&state, caller, Some(made.token)).await?))
+    let (_, token) = api::make_token(&state, caller, &form.name).await?;
+    Ok(html(&tokens_of(&state, caller, Some(token)).await?))
 }
 
 pub(crate) async fn delete_token(
@@ -322,6 +322,10 @@ pub(crate) async fn add_user(
     axum::Form(form): axum::Form<UserForm>,
 ) -> Result<Response, UiError> {
     let caller = &session.caller;
+    // As the page: nothing here for anyone else.
+    if !caller.is_admin {
+        return Err(UiError(ApiError::not_found("such page")));
+    }
     api::create_user(
         State(state.clone()),
         caller.clone(),
