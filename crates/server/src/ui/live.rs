@@ -48,6 +48,7 @@ pub(crate) async fn workspaces(
         seen: HashMap::new(),
         behind: HashMap::new(),
         pending: VecDeque::new(),
+        fingerprint: None,
         first: true,
         checked: std::time::Instant::now(),
         _slot: slot,
@@ -103,18 +104,40 @@ struct ListWatch {
     /// How far behind its branch each (prebuild commit, branch head) is: asked of git once.
     behind: HashMap<(String, String), Option<u64>>,
     pending: VecDeque<Event>,
+    /// The workspaces' fingerprint at the last full look.
+    fingerprint: Option<Fingerprint>,
     first: bool,
     /// When the sign-in was last asked about.
     checked: std::time::Instant,
     _slot: crate::state::Slot,
 }
 
+/// What changes when anything a row shows changes: how many workspaces there are, the latest
+/// state change, report, use and stop reason. One small query; when it is as it was, a
+/// stream does not read the rows again.
+type Fingerprint = (i64, Option<i64>, Option<i64>, Option<i64>, i64);
+
+async fn fingerprint(state: &AppState) -> Result<Fingerprint, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT COUNT(*), MAX(updated_at), MAX(stats_at), MAX(last_active_at), COUNT(stop_reason) FROM workspaces",
+    )
+    .fetch_one(&state.db.pool)
+    .await
+}
+
 impl ListWatch {
     async fn look(&mut self) {
         // A database that fails now is asked again at the next tick.
+        let Ok(print) = fingerprint(&self.state).await else {
+            return;
+        };
+        if self.fingerprint == Some(print) {
+            return;
+        }
         let Ok(found) = api::visible_workspaces(&self.state, &self.session.caller).await else {
             return;
         };
+        self.fingerprint = Some(print);
         let mut now = HashMap::new();
         for w in found
             .iter()
