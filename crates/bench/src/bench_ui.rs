@@ -70,8 +70,10 @@ struct Results {
     page: Latency,
     /// `GET /api/v1/workspaces` (the same workspaces as JSON) on the same schedule.
     json: Latency,
-    /// The server's CPU (cores) with only the streams open (nothing changing, then workspaces
-    /// stopped and started), while pages load, while JSON loads (changes going on).
+    /// The server's CPU (cores) with no viewer, with only the streams open (nothing changing,
+    /// then workspaces stopped and started), while pages load, while JSON loads (changes
+    /// going on).
+    cpu_no_viewers: f64,
     cpu_streams_quiet: f64,
     cpu_streams_changing: f64,
     cpu_page: f64,
@@ -129,6 +131,14 @@ pub(crate) fn ui(
         all_running.as_secs_f64()
     );
 
+    // What the server does with no viewer (its own agent reports the 200 workspaces' use).
+    let pid = up.pid();
+    let cpu_no_viewers = cpu_over(pid, || {
+        std::thread::sleep(STREAMS_ONLY);
+        Ok(())
+    })?
+    .1;
+
     // The viewers: admins (who see every workspace), each signed in to the UI, each with an
     // API token for the JSON rows.
     let mut sessions = Vec::new();
@@ -162,7 +172,6 @@ pub(crate) fn ui(
             .collect(),
     );
 
-    let pid = up.pid();
     // The streams alone, nothing changing (each looks once a second and finds nothing new).
     let cpu_streams_quiet = cpu_over(pid, || {
         std::thread::sleep(STREAMS_ONLY);
@@ -211,6 +220,7 @@ pub(crate) fn ui(
         first_sync,
         page,
         json: json_rows,
+        cpu_no_viewers,
         cpu_streams_quiet,
         cpu_streams_changing,
         cpu_page,
@@ -243,8 +253,8 @@ fn print(r: &Results) {
     row("GET / (the page, every row), 1/s per viewer", &r.page);
     row("GET /api/v1/workspaces (JSON), same schedule", &r.json);
     println!(
-        "  server CPU, cores: streams only {:.2} (nothing changing), {:.2} (workspaces stopped and started); {:.2} serving pages, {:.2} serving JSON",
-        r.cpu_streams_quiet, r.cpu_streams_changing, r.cpu_page, r.cpu_json
+        "  server CPU, cores: {:.2} with no viewer; streams only {:.2} (nothing changing), {:.2} (workspaces stopped and started); {:.2} serving pages, {:.2} serving JSON",
+        r.cpu_no_viewers, r.cpu_streams_quiet, r.cpu_streams_changing, r.cpu_page, r.cpu_json
     );
     println!(
         "  live updates: {} stops and starts asked, {} row updates delivered to the viewers",
