@@ -330,9 +330,12 @@ async fn sources(state: &AppState, caller: &Caller) -> Result<Vec<Source>, ApiEr
     let Json(projects) = api::list_projects(State(state.clone()), caller.clone()).await?;
     let mut out = Vec::new();
     for project in projects {
-        let key = || Path(project.id.clone());
-        let Json(branches) =
-            api::project_branches(State(state.clone()), caller.clone(), key()).await?;
+        let Json(branches) = api::project_branches(
+            State(state.clone()),
+            caller.clone(),
+            Path(project.id.clone()),
+        )
+        .await?;
         let prebuilds = api::prebuilds_of(state, caller, &project.id).await?;
         for branch in branches {
             let of_branch = || {

@@ -32,6 +32,14 @@ fn short(commit: &str) -> String {
     commit.chars().take(8).collect()
 }
 
+/// The cell of a stored prebuild, when there is one (git is asked how far behind it is).
+async fn cell_of(state: &AppState, p: Option<crate::prebuilds::Prebuild>) -> Option<PrebuildCell> {
+    match p {
+        Some(p) => Some(cell(&api::view(state, p).await)),
+        None => None,
+    }
+}
+
 fn cell(p: &PrebuildView) -> PrebuildCell {
     PrebuildCell {
         id: p.id.clone(),
@@ -69,17 +77,13 @@ pub(crate) async fn projects(
     let Json(found) = api::list_projects(State(state.clone()), caller.clone()).await?;
     let mut projects = Vec::new();
     for p in found {
-        let key = || Path(p.id.clone());
         let Json(branches) =
-            api::project_branches(State(state.clone()), caller.clone(), key()).await?;
-        let latest = match api::prebuilds_of(&state, caller, &p.id)
+            api::project_branches(State(state.clone()), caller.clone(), Path(p.id.clone())).await?;
+        let newest = api::prebuilds_of(&state, caller, &p.id)
             .await?
             .into_iter()
-            .next()
-        {
-            Some(row) => Some(cell(&api::view(&state, row).await)),
-            None => None,
-        };
+            .next();
+        let latest = cell_of(&state, newest).await;
         projects.push(ProjectRow {
             mine: p.owner == caller.name,
             latest,
@@ -170,20 +174,22 @@ async fn branches_of(
     caller: &Caller,
     project: &str,
 ) -> Result<(BranchesFragment, Vec<PrebuildCell>), ApiError> {
-    let key = || Path(project.to_owned());
-    let Json(branches) = api::project_branches(State(state.clone()), caller.clone(), key()).await?;
+    let Json(branches) = api::project_branches(
+        State(state.clone()),
+        caller.clone(),
+        Path(project.to_owned()),
+    )
+    .await?;
     let prebuilds = api::prebuilds_of(state, caller, project).await?;
     // Git is asked how far behind only about the prebuilds shown.
     let mut rows = Vec::with_capacity(branches.len());
     for b in branches {
         let latest = prebuilds
             .iter()
-            .find(|p| p.branch.as_deref() == Some(b.name.as_str()));
+            .find(|p| p.branch.as_deref() == Some(b.name.as_str()))
+            .cloned();
         rows.push(BranchRow {
-            latest: match latest {
-                Some(p) => Some(cell(&api::view(state, p.clone()).await)),
-                None => None,
-            },
+            latest: cell_of(state, latest).await,
             head: short(&b.head),
             name: b.name,
         });
