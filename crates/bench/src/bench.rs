@@ -284,6 +284,34 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     }
 }
 
+/// Request latencies: how many, p50, p99, the slowest, and how many failed.
+#[derive(Debug, Serialize)]
+pub(crate) struct Latency {
+    pub requests: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    pub errors: usize,
+}
+
+/// The [`Latency`] of `samples` (each a time and whether it succeeded).
+pub(crate) fn latency(mut samples: Vec<(Duration, bool)>) -> Latency {
+    let errors = samples.iter().filter(|(_, ok)| !ok).count();
+    samples.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let at = |q: f64| {
+        let i = ((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len().max(1)) - 1;
+        samples.get(i).map_or(0.0, |(d, _)| ms(*d))
+    };
+    Latency {
+        requests: samples.len(),
+        p50_ms: at(0.5),
+        p99_ms: at(0.99),
+        max_ms: at(1.0),
+        errors,
+    }
+}
+
 /// A `/proc/<pid>/status` or `smaps_rollup` figure in kB, as bytes.
 pub(crate) fn proc_kb(path: &str, field: &str) -> u64 {
     std::fs::read_to_string(path)

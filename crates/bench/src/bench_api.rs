@@ -15,7 +15,7 @@ use anyhow::{Context as _, bail};
 use serde::Serialize;
 use serde_json::json;
 
-use crate::bench::sh;
+use crate::bench::{latency, sh};
 use warren_cli::client::Client;
 
 #[derive(Debug, Serialize)]
@@ -23,11 +23,8 @@ struct RateResult {
     /// Requests per second asked for, and the rate their schedule was kept at.
     rate_per_s: f64,
     achieved_per_s: f64,
-    requests: usize,
-    p50_ms: f64,
-    p99_ms: f64,
-    max_ms: f64,
-    errors: usize,
+    #[serde(flatten)]
+    latency: crate::bench::Latency,
 }
 
 #[derive(Debug, Serialize)]
@@ -254,7 +251,7 @@ pub(crate) fn api(
         let r = open_loop(&client, rate, seconds)?;
         eprintln!(
             "{rate}/s: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-            r.p50_ms, r.p99_ms, r.max_ms
+            r.latency.p50_ms, r.latency.p99_ms, r.latency.max_ms
         );
         results.rates.push(r);
     }
@@ -270,7 +267,13 @@ pub(crate) fn api(
     for r in &results.rates {
         println!(
             "  {:>5.0}/s (kept {:>5.0}/s, {} requests): p50 {:>6.1} ms   p99 {:>6.1} ms   max {:>6.1} ms   {} errors",
-            r.rate_per_s, r.achieved_per_s, r.requests, r.p50_ms, r.p99_ms, r.max_ms, r.errors
+            r.rate_per_s,
+            r.achieved_per_s,
+            r.latency.requests,
+            r.latency.p50_ms,
+            r.latency.p99_ms,
+            r.latency.max_ms,
+            r.latency.errors
         );
     }
     if let Some(path) = json_out {
@@ -315,30 +318,18 @@ fn open_loop(client: &Arc<Client>, rate: f64, seconds: u64) -> anyhow::Result<Ra
             })
         })
         .collect();
-    let mut latencies = Vec::with_capacity(total);
-    let mut errors = 0;
+    let mut samples = Vec::with_capacity(total);
     for sender in senders {
-        for (latency, ok) in sender
-            .join()
-            .map_err(|_| anyhow::anyhow!("a sender panicked"))?
-        {
-            latencies.push(latency);
-            errors += usize::from(!ok);
-        }
+        samples.extend(
+            sender
+                .join()
+                .map_err(|_| anyhow::anyhow!("a sender panicked"))?,
+        );
     }
     let achieved = total as f64 / t0.elapsed().as_secs_f64();
-    latencies.sort();
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    let at = |q: f64| {
-        ms(latencies[((q * latencies.len() as f64).ceil() as usize).clamp(1, latencies.len()) - 1])
-    };
     Ok(RateResult {
         rate_per_s: rate,
         achieved_per_s: achieved,
-        requests: total,
-        p50_ms: at(0.5),
-        p99_ms: at(0.99),
-        max_ms: at(1.0),
-        errors,
+        latency: latency(samples),
     })
 }

@@ -15,7 +15,7 @@ use anyhow::{Context as _, bail};
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::bench::sh;
+use crate::bench::{Latency, latency, sh};
 use crate::bench_api::Up;
 
 /// What the workspace image holds: the HTTP server (busybox httpd) and the `ssh -L` peer.
@@ -27,15 +27,6 @@ const HTTP_PORT: u16 = 8000;
 
 /// How long the server is watched with only the live streams open.
 const STREAMS_ONLY: Duration = Duration::from_secs(10);
-
-#[derive(Debug, Serialize)]
-struct Latency {
-    requests: usize,
-    p50_ms: f64,
-    p99_ms: f64,
-    max_ms: f64,
-    errors: usize,
-}
 
 #[derive(Debug, Serialize)]
 struct Throughput {
@@ -415,23 +406,6 @@ fn load(
         anyhow::Ok(all)
     })?;
     Ok(latency(all))
-}
-
-fn latency(mut samples: Vec<(Duration, bool)>) -> Latency {
-    let errors = samples.iter().filter(|(_, ok)| !ok).count();
-    samples.sort();
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    let at = |q: f64| {
-        let i = ((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len().max(1)) - 1;
-        samples.get(i).map_or(0.0, |(d, _)| ms(*d))
-    };
-    Latency {
-        requests: samples.len(),
-        p50_ms: at(0.5),
-        p99_ms: at(0.99),
-        max_ms: at(1.0),
-        errors,
-    }
 }
 
 /// Runs `work` and says how many of the server's cores it used meanwhile.
