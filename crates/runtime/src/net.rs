@@ -114,8 +114,15 @@ pub(crate) fn ensure_host(
     gateway: std::net::Ipv4Addr,
     egress: &EgressPolicy,
 ) -> Result<(), Error> {
-    if run(Command::new("ip").args(["link", "show", "dev", bridge])).is_err() {
-        run(Command::new("ip").args(["link", "add", bridge, "type", "bridge"]))?;
+    let exists = || run(Command::new("ip").args(["link", "show", "dev", bridge])).is_ok();
+    if !exists() {
+        // Workspaces made at once may all find it missing: whoever loses the race to add it
+        // finds it there (it failed their first try before: `File exists`).
+        if let Err(e) = run(Command::new("ip").args(["link", "add", bridge, "type", "bridge"]))
+            && !exists()
+        {
+            return Err(e);
+        }
     }
     run(Command::new("ip").args([
         "addr",
