@@ -150,6 +150,9 @@ pub struct WorkspaceView {
     pub last_active_at: Option<i64>,
     /// Why Warren stopped it by itself (an idle stop); cleared by the next start or stop.
     pub stop_reason: Option<String>,
+    /// Why it was placed on its host (the share of its image each host holds, then how busy).
+    #[serde(default)]
+    pub placement: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, Default)]

@@ -321,6 +321,7 @@ fn one_file_prebuild(work: &Path, rootfs: &Path) -> anyhow::Result<(u64, u64)> {
             target: String::new(),
             variables: Vec::new(),
             record_trace_secs: 0,
+            registry: None,
         };
         match prebuilder
             .prebuild(&job, &mut std::io::sink(), &AtomicBool::new(false))

@@ -70,6 +70,11 @@ pub struct UpArgs {
     /// The certificate's private key (PEM)
     #[arg(long, env = "WARREN_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Push every succeeded prebuild to this registry (HOST[:PORT]/REPO), so that any host
+    /// starts its workspaces lazily from there; the registry is trusted as --trusted-registry
+    /// is (give each other host `--trusted-registry HOST[:PORT]` too)
+    #[arg(long, env = "WARREN_REGISTRY")]
+    registry: Option<String>,
     #[command(flatten)]
     host: HostFlags,
     #[command(flatten)]
@@ -223,13 +228,26 @@ pub fn close_data_folder(data: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The host of `--registry HOST[:PORT]/REPO`, after checking it is that: a repository (no tag
+/// or digest) that image names can be put under.
+fn prebuild_registry(registry: &str) -> anyhow::Result<String> {
+    let parsed = warren_store::RegistryRef::parse(&format!("{registry}/warren-prebuild:x"))
+        .map_err(|e| anyhow::anyhow!("--registry {registry}: {e}"))?;
+    if !registry.contains('/') || registry.contains(['@', '?', '#']) || registry.ends_with('/') {
+        bail!(
+            "--registry {registry}: expected HOST[:PORT]/REPO, such as registry.example.com/warren"
+        );
+    }
+    Ok(parsed.host)
+}
+
 pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "local".into())
 }
 
-pub fn up(args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
+pub fn up(mut args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("warren up runs workspaces (namespaces, mounts, cgroups): run it as root");
@@ -240,6 +258,9 @@ pub fn up(args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
         .unwrap_or_else(|| format!("sqlite://{}", data.join("warren.db").display()));
     refuse_password_in_argv(&database_url)?;
     let host_name = args.host_name.unwrap_or_else(hostname);
+    if let Some(registry) = &args.registry {
+        args.host.trust_registry(prebuild_registry(registry)?);
+    }
     let runtime: Arc<dyn warren_runtime::Runtime> =
         Arc::new(args.host.runtime_for_workspaces(data)?);
     let ssh = args.ssh.settings(data)?;
@@ -271,6 +292,7 @@ pub fn up(args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
             git_poll: Duration::from_secs(args.git_poll_seconds.max(1)),
             secret_key: data.join("secret.key"),
             trusted_registries: runtime.egress().registries,
+            registry: args.registry,
             image_check: Some(image_check),
             ssh: ssh_view,
             git_mirrors: data.join("git/server"),

@@ -17,7 +17,7 @@ use serde::Serialize;
 use warren_agent::ImageUnavailable;
 use warren_builder::BuildError;
 use warren_envfile::ByteSize;
-use warren_image::{ChunkParams, ImageBuilder, Limits, TreeIndex, import_dir, import_tar};
+use warren_image::{ChunkParams, Digest, ImageBuilder, Limits, TreeIndex, import_dir, import_tar};
 use warren_lazyfs::{pull, trace};
 use warren_runtime::image_mount::MountSignal;
 use warren_store::images::{commit, copy_image, open_image};
@@ -167,6 +167,25 @@ fn credentials(data: &Path, host: &str) -> anyhow::Result<Option<(String, String
     }
 }
 
+/// Copies local image `name` to `destination` (`HOST/REPO:TAG`), only the blobs the registry
+/// lacks, and its startup trace with it, so a cold mount from the registry replays it.
+pub fn push(
+    data: &Path,
+    name: &str,
+    destination: &str,
+    progress: impl FnMut(u64, u64),
+) -> anyhow::Result<Digest> {
+    check_local_name(name)?;
+    let r = RegistryRef::parse(destination)?;
+    let local = local_store(data)?;
+    let remote = registry(data, &r)?;
+    let digest = copy_image(&local, &remote, name, &r.reference, progress)?;
+    if let Some(recorded) = trace::load(&local, &digest)? {
+        trace::save(&remote, &digest, &recorded)?;
+    }
+    Ok(digest)
+}
+
 fn registry(data: &Path, r: &RegistryRef) -> anyhow::Result<RegistryStore> {
     let insecure = std::env::var("WARREN_REGISTRY_INSECURE").is_ok_and(|v| v == "1");
     Ok(RegistryStore::new(
@@ -302,20 +321,11 @@ pub fn run(cmd: ImageCommand, data: &Path) -> anyhow::Result<()> {
         }
         ImageCommand::Bootstrap(args) => bootstrap(data, &args),
         ImageCommand::Push { name, destination } => {
-            check_local_name(&name)?;
-            let r = RegistryRef::parse(&destination)?;
-            let local = local_store(data)?;
             let bar = bytes_bar(0, "pushing");
-            let digest = copy_image(
-                &local,
-                &registry(data, &r)?,
-                &name,
-                &r.reference,
-                |done, total| {
-                    bar.set_length(total);
-                    bar.set_position(done);
-                },
-            )?;
+            let digest = push(data, &name, &destination, |done, total| {
+                bar.set_length(total);
+                bar.set_position(done);
+            })?;
             bar.finish_and_clear();
             println!("pushed {name} to {destination} ({digest})");
             Ok(())

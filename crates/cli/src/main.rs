@@ -33,7 +33,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Commands {
     /// Bring Warren up on this machine: API, database and agent (needs root)
-    Up(control_cmd::UpArgs),
+    Up(Box<control_cmd::UpArgs>),
     /// Log in to a Warren server and keep the token for the other commands
     Login(control_cmd::LoginArgs),
     /// Users (admin)
@@ -89,7 +89,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Commands::Up(args) => control_cmd::up(args, &cli.data),
+        Commands::Up(args) => control_cmd::up(*args, &cli.data),
         Commands::Login(args) => control_cmd::login(args),
         Commands::User(cmd) => control_cmd::user(cmd),
         Commands::Project(cmd) => control_cmd::project(cmd),

@@ -26,6 +26,28 @@ pub struct HostPrebuilder {
     pub limits: warren_builder::StepLimits,
 }
 
+impl HostPrebuilder {
+    /// Pushes the made image to `registry` (`HOST[:PORT]/REPO`) under its own name, with its
+    /// trace; answers the registry reference. A registry that cannot take it fails the
+    /// prebuild (its workspaces could start only on this host).
+    fn push(&self, image: &str, registry: &str, log: &mut dyn Write) -> Result<String, Failure> {
+        let destination = format!("{registry}/{image}");
+        let _ = writeln!(log, "pushing {image} to {destination}");
+        let started = std::time::Instant::now();
+        let mut size = 0;
+        crate::image_cmd::push(&self.data, image, &destination, |_, total| size = total).map_err(
+            |e| Failure::transient(format!("cannot push {image} to {destination}: {e:#}")),
+        )?;
+        let _ = writeln!(
+            log,
+            "pushed {destination} (an image of {} MiB, only what the registry lacked sent; {:.1} s)",
+            size >> 20,
+            started.elapsed().as_secs_f64()
+        );
+        Ok(destination)
+    }
+}
+
 impl Prebuilder for HostPrebuilder {
     fn prebuild(
         &self,
@@ -93,6 +115,10 @@ impl Prebuilder for HostPrebuilder {
             made.digest,
             if made.reused { ", reused" } else { "" }
         );
+        let pushed = match &job.registry {
+            Some(registry) => Some(self.push(&made.image, registry, log)?),
+            None => None,
+        };
         Ok(Outcome::Prebuilt {
             image: made.image,
             digest: made.digest,
@@ -101,6 +127,7 @@ impl Prebuilder for HostPrebuilder {
             reused: made.reused,
             steps_run: made.steps_run,
             steps_cached: made.steps_cached,
+            pushed,
         })
     }
 

@@ -99,6 +99,13 @@ impl HostFlags {
         })?)
     }
 
+    /// Trusts `host` (`HOST[:PORT]`) as `--trusted-registry` does.
+    pub fn trust_registry(&mut self, host: String) {
+        if !self.trusted_registries.contains(&host) {
+            self.trusted_registries.push(host);
+        }
+    }
+
     /// Where workspaces, build steps and `ADD <url>` may not go.
     pub fn egress(&self) -> warren_runtime::EgressPolicy {
         warren_runtime::EgressPolicy {

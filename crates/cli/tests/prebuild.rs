@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::{SecondHost, Warren, ok};
 use serde_json::Value;
-use warren_testkit::{DebianRootfs, debian_rootfs, enter_own_network, git};
+use warren_testkit::{DebianRootfs, Registry, debian_rootfs, enter_own_network, git};
 
 /// This crate's folder, as the test runner gives it (not as compiled in: the target folder is
 /// shared between checkouts, and a binary built for another may be reused).
@@ -380,6 +380,114 @@ fn a_host_that_makes_no_prebuilds_leaves_them_to_another_agent() {
     ]));
     assert_eq!(out, "100\n");
     warren.ok("admin", &["ws", "rm", "counter"]);
+}
+
+/// With `--registry`, a succeeded prebuild is pushed there (with its trace), and a host that never
+/// saw it starts its workspace lazily from the registry into its own chunk cache; `ws show`
+/// says why that host was chosen.
+#[test]
+fn a_prebuild_in_the_registry_starts_on_a_host_that_never_saw_it() {
+    enter_own_network();
+    let registry = Registry::start();
+    let mut warren = Warren::new(57, None);
+    warren.env.push((
+        "WARREN_REGISTRY".into(),
+        format!("{}/team", registry.host()),
+    ));
+    let password = warren.start().expect("a first start creates the admin");
+    warren.login("admin", &password);
+    warren.import_image(&debian_rootfs(DebianRootfs::Git), "debian:bookworm");
+    warren.import_dev_image();
+    let mut second = SecondHost::new(&warren);
+    second
+        .env
+        .push(("WARREN_TRUSTED_REGISTRIES".into(), registry.host()));
+    second.env.push(("WARREN_PREBUILDS".into(), "false".into()));
+    second.join(&warren, "second");
+
+    let repos = tempfile::tempdir().unwrap();
+    let (repo, url) = repository(repos.path(), "counter", &examples().join("warren-app"));
+    let commit = git(&repo, &["rev-parse", "HEAD"]);
+    warren.ok("admin", &["project", "add", "counter", &url]);
+    let pb = prebuild_of(&warren, "counter", &commit);
+    let log = warren.ok("admin", &["prebuild", "logs", pb["id"].as_str().unwrap()]);
+    assert_eq!(pb["state"], "succeeded", "{pb}\n{log}");
+    assert_ne!(pb["host"], "second", "{pb}");
+    let image = pb["image"].as_str().unwrap();
+    let pushed_to = format!("{}/team/warren-prebuild:", registry.host());
+    assert!(image.starts_with(&pushed_to), "{pb}");
+    assert!(log.contains(&format!("pushed {image}")), "{log}");
+    // The registry holds the image and its startup trace.
+    let tags = ureq::get(format!(
+        "http://{}/v2/team/warren-prebuild/tags/list",
+        registry.host()
+    ))
+    .call()
+    .unwrap()
+    .body_mut()
+    .read_to_string()
+    .unwrap();
+    let tag = image.rsplit(':').next().unwrap();
+    assert!(tags.contains(&format!("\"{tag}\"")), "{tags}");
+    assert!(tags.contains(".trace\""), "{tags}");
+
+    // The server's host is the busier one; the second holds none of the image either.
+    warren.ok("admin", &["ws", "create", "busy", "--image", "dev:1"]);
+    warren.ok("admin", &["ws", "create", "counter"]);
+    let shown = json(&warren.ok("admin", &["ws", "show", "counter"]));
+    assert_eq!(shown["host"], "second", "{shown}");
+    assert_eq!(shown["image"], image, "{shown}");
+    let why = shown["placement"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("none holds any of the image: the least busy (0 workspaces)"),
+        "{shown}"
+    );
+    // It runs the prebuild's content (the prebuild task's output), reached through the agent.
+    let out = warren.ok(
+        "admin",
+        &["ws", "exec", "counter", "--", "cat", "/var/tmp/counter"],
+    );
+    assert_eq!(out, "100\n");
+    // From the registry into the second host's cache: nothing in its image store.
+    assert_eq!(ok(second.run(&["image", "ls", "--json"])).trim(), "[]");
+    let cached = walkdir_bytes(&second.data.path().join("cache"));
+    assert!(
+        cached > 0,
+        "nothing came into the second host's chunk cache"
+    );
+    // Placed there again, the next one is where the image is cached now (the agent reports
+    // every 10 s).
+    std::thread::sleep(Duration::from_secs(12));
+    warren.ok(
+        "admin",
+        &["ws", "create", "counter2", "--project", "counter"],
+    );
+    let shown = json(&warren.ok("admin", &["ws", "show", "counter2"]));
+    assert_eq!(shown["host"], "second", "{shown}");
+    assert!(
+        shown["placement"]
+            .as_str()
+            .is_some_and(|w| w.contains("the one holding most of the image")),
+        "{shown}"
+    );
+    for ws in ["counter", "counter2", "busy"] {
+        warren.ok("admin", &["ws", "rm", ws]);
+    }
+}
+
+/// Bytes of the files under `dir`.
+fn walkdir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => walkdir_bytes(&e.path()),
+            Ok(_) => e.metadata().map_or(0, |m| m.len()),
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 /// `warren up` killed (SIGKILL) at each step of a prebuild — the fetch, a build step, the

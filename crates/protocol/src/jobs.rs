@@ -60,6 +60,10 @@ pub struct PrebuildJob {
     /// How long the first start is recorded for the prebuild's access trace (0: not at all).
     #[serde(default)]
     pub record_trace_secs: u64,
+    /// Where a succeeded prebuild is pushed (`HOST[:PORT]/REPO`, the server's `--registry`):
+    /// every host then starts its workspaces lazily from there. `None`: it stays on this host.
+    #[serde(default)]
+    pub registry: Option<String>,
 }
 
 /// What a job is about.
@@ -101,6 +105,10 @@ pub enum Outcome {
         reused: bool,
         steps_run: usize,
         steps_cached: usize,
+        /// Where it was pushed (`HOST/REPO/NAME:TAG`), when the job named a registry: the
+        /// image workspaces start from. `image` stays the name in the making host's store.
+        #[serde(default)]
+        pushed: Option<String>,
     },
     /// Images of archived prebuilds are removed.
     Removed,

@@ -50,6 +50,11 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (15, include_str!("../migrations/0015_workspace_ports.sql")),
     (16, include_str!("../migrations/0016_preview_grants.sql")),
     (17, include_str!("../migrations/0017_host_load.sql")),
+    (18, include_str!("../migrations/0018_prebuild_registry.sql")),
+    (
+        19,
+        include_str!("../migrations/0019_workspace_placement.sql"),
+    ),
 ];
 
 /// The SQLite file holds every user's password hash, tokens' hashes and sealed secrets: made

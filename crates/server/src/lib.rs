@@ -213,6 +213,9 @@ pub struct SingleHost {
     pub secret_key: std::path::PathBuf,
     /// Registries (`HOST[:PORT]`) the admin trusts: the only ones a user may name an image on.
     pub trusted_registries: Vec<String>,
+    /// Where succeeded prebuilds are pushed (`HOST[:PORT]/REPO`), so that every host starts
+    /// their workspaces lazily from there; `None`: a prebuild stays on the host that made it.
+    pub registry: Option<String>,
     /// Whether a workspace's image can be had on this host (asked at create and before each
     /// start).
     pub image_check: Option<warren_protocol::ImageCheck>,
@@ -262,6 +265,8 @@ pub async fn gateway_directory(
             db: db.clone(),
             wake: wake.clone(),
             secrets: secrets.clone(),
+            // The gateway claims no jobs.
+            registry: None,
         }),
         db,
         wake,
@@ -329,6 +334,7 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
         db: db.clone(),
         wake: wake.clone(),
         secrets: secrets.clone(),
+        registry: config.registry.clone(),
     });
     let resumed = plane.resume_host(&host_id).await?;
     if resumed > 0 {

@@ -67,6 +67,9 @@ pub struct DbControlPlane {
     pub wake: Arc<Notify>,
     /// Opens the project secrets a prebuild gets.
     pub secrets: crate::secrets::SecretBox,
+    /// Where succeeded prebuilds are pushed (`HOST[:PORT]/REPO`), told to the agent that
+    /// claims one.
+    pub registry: Option<String>,
 }
 
 impl DbControlPlane {
@@ -199,6 +202,7 @@ impl DbControlPlane {
                         }),
                     None => Vec::new(),
                 };
+                work.registry = self.registry.clone();
                 Ok(Work::Prebuild(work))
             }
             other => other,

@@ -78,6 +78,8 @@ pub(crate) async fn queue(
             target,
             variables: Vec::new(),
             record_trace_secs: TRACE_SECS,
+            // Told at claim: the registry the server is configured with then.
+            registry: None,
         },
     )
     .await?;
@@ -111,11 +113,18 @@ pub async fn finish(
             env_file,
             env_text,
             reused,
+            pushed,
             ..
         }) => {
+            // Workspaces start from the registry's copy when there is one; the local name is
+            // what archiving removes from the host that made it.
+            let (image, local_image) = match pushed {
+                Some(pushed) => (pushed, Some(image)),
+                None => (image, None),
+            };
             sqlx::query(
                 "UPDATE prebuilds SET state = 'succeeded', image = $2, digest = $3, env_file = $4, env_text = $5,
-                 reused = $6, error = NULL, finished_at = $7 WHERE id = $1",
+                 reused = $6, error = NULL, finished_at = $7, local_image = $8 WHERE id = $1",
             )
             .bind(prebuild_id)
             .bind(&image)
@@ -124,6 +133,7 @@ pub async fn finish(
             .bind(&env_text)
             .bind(i64::from(reused))
             .bind(now)
+            .bind(&local_image)
             .execute(&mut **tx)
             .await?;
             tracing::info!(
@@ -168,7 +178,7 @@ pub async fn finish(
 pub async fn archive_unneeded(db: &Db) -> Result<usize, sqlx::Error> {
     let mut tx = db.begin_write().await?;
     let rows: Vec<(String, Option<String>, Option<String>)> = sqlx::query_as(
-        "SELECT p.id, p.image, p.host_id FROM prebuilds p
+        "SELECT p.id, COALESCE(p.local_image, p.image), p.host_id FROM prebuilds p
          WHERE p.state = 'succeeded'
            AND NOT EXISTS (SELECT 1 FROM branches b WHERE b.project_id = p.project_id AND b.head = p.commit_sha)
            AND NOT EXISTS (SELECT 1 FROM workspaces w WHERE w.prebuild_id = p.id)
@@ -189,7 +199,7 @@ pub async fn archive_unneeded(db: &Db) -> Result<usize, sqlx::Error> {
             continue;
         };
         let shared: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM prebuilds WHERE image = $1 AND state = 'succeeded' AND id <> $2",
+            "SELECT COUNT(*) FROM prebuilds WHERE COALESCE(local_image, image) = $1 AND state = 'succeeded' AND id <> $2",
         )
         .bind(&image)
         .bind(&id)

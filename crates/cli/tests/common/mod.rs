@@ -414,6 +414,8 @@ impl Drop for Warren {
 pub struct SecondHost {
     pub data: TempDir,
     pub uid_base: u32,
+    /// More variables for its commands and its agent.
+    pub env: Vec<(String, String)>,
     agent: Option<Child>,
 }
 
@@ -425,6 +427,7 @@ impl SecondHost {
                 .tempdir_in("/var/tmp")
                 .unwrap(),
             uid_base: warren.uid_base + 32 * 65536,
+            env: Vec::new(),
             agent: None,
         }
     }
@@ -436,7 +439,8 @@ impl SecondHost {
             .args(args)
             .env("WARREN_UID_BASE", self.uid_base.to_string())
             .env("WARREN_BRIDGE", "warren1")
-            .env("WARREN_SUBNET", "10.89.0.0/16");
+            .env("WARREN_SUBNET", "10.89.0.0/16")
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd
     }
 

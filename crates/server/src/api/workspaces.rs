@@ -31,6 +31,7 @@ pub(crate) fn workspace_view(state: &AppState, w: &Workspace) -> WorkspaceView {
         idle_timeout_from: whence.to_owned(),
         last_active_at: w.last_active_at,
         stop_reason: w.stop_reason.clone(),
+        placement: w.placement.clone(),
         id: w.id.0.clone(),
         name: w.name.clone(),
         owner: w.owner.clone(),

@@ -148,6 +148,8 @@ pub(crate) struct Row {
     idle: String,
     runtime: String,
     host: String,
+    /// Why it was placed there (shown when pointing at the host).
+    placement: String,
     resources: String,
     /// When it was last used (an SSH channel, a command, a preview), for people.
     used: String,
@@ -228,6 +230,7 @@ pub(crate) fn row(state: &AppState, caller: &Caller, w: &Workspace, view: &Works
         },
         runtime,
         host: w.host.clone(),
+        placement: w.placement.clone().unwrap_or_default(),
         resources,
         used: w
             .last_active_at

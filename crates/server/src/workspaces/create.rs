@@ -97,13 +97,13 @@ pub async fn create(
     .await?;
     let vm = super::vm_options(&asked.runtime, ksm.0 != 0 || ksm.1.unwrap_or(0) != 0);
     super::resolve_image(state, &image).await?;
-    let host_id = super::place(state, &image, asked.disk).await?;
+    let (host_id, placement) = super::place(state, &image, asked.disk).await?;
     let id = WorkspaceId(new_id());
     let now = now_ms();
     let mut tx = state.db.begin_write().await?;
     sqlx::query(
-        "INSERT INTO workspaces (id, owner_id, project_id, name, image, host_id, state, desired, memory, cpus_milli, created_at, updated_at, tasks, run_as, prebuild_id, branch, runtime, disk, idle_timeout_s)
-         VALUES ($1, $2, $3, $4, $5, $6, $16, $17, $7, $8, $9, $9, $10, $11, $12, $13, $14, $15, $18)",
+        "INSERT INTO workspaces (id, owner_id, project_id, name, image, host_id, state, desired, memory, cpus_milli, created_at, updated_at, tasks, run_as, prebuild_id, branch, runtime, disk, idle_timeout_s, placement)
+         VALUES ($1, $2, $3, $4, $5, $6, $16, $17, $7, $8, $9, $9, $10, $11, $12, $13, $14, $15, $18, $19)",
     )
     .bind(&id.0)
     .bind(&caller.user_id)
@@ -128,6 +128,7 @@ pub async fn create(
     .bind(WorkspaceState::Creating.as_str())
     .bind(Desired::Running.as_str())
     .bind(crate::idle::check_timeout(req.idle_timeout)?)
+    .bind(&placement)
     .execute(&mut *tx)
     .await
     .map_err(|e| match ApiError::from(e) {

@@ -27,7 +27,7 @@ pub(crate) const COLUMNS: &str =
     w.tasks, w.stats, w.stats_at, w.run_as, w.prebuild_id, w.branch, pb.commit_sha AS prebuild_commit, p.git_url,
     w.runtime, u.vm_ksm AS owner_ksm, p.vm_ksm AS project_ksm,
     w.idle_timeout_s, p.idle_timeout_s AS project_idle_timeout_s, u.idle_timeout_s AS owner_idle_timeout_s,
-    w.last_active_at, w.stop_reason,
+    w.last_active_at, w.stop_reason, w.placement,
     (SELECT b.head FROM branches b WHERE b.project_id = w.project_id AND b.name = w.branch) AS branch_head
     FROM workspaces w JOIN users u ON u.id = w.owner_id JOIN hosts h ON h.id = w.host_id
     LEFT JOIN projects p ON p.id = w.project_id LEFT JOIN prebuilds pb ON pb.id = w.prebuild_id";
@@ -78,6 +78,8 @@ pub struct Workspace {
     pub last_active_at: Option<i64>,
     /// Why Warren stopped it by itself.
     pub stop_reason: Option<String>,
+    /// Why it was placed on its host.
+    pub placement: Option<String>,
 }
 
 /// A column of seconds that may be unset.
@@ -139,6 +141,7 @@ impl Workspace {
             owner_idle_timeout_s: seconds(r, "owner_idle_timeout_s")?,
             last_active_at: r.try_get("last_active_at")?,
             stop_reason: r.try_get("stop_reason")?,
+            placement: r.try_get("placement")?,
         })
     }
 
@@ -354,7 +357,11 @@ struct PlacementRow {
 /// gives a workspace the `disk` it asks for, holding the largest share of the image's chunks,
 /// then the least loaded. A disk request no live host gives is refused at once (a host's
 /// ceiling is its `--workspace-disk`, from its reports).
-pub(crate) async fn place(state: &AppState, image: &str, disk: Option<u64>) -> ApiResult<String> {
+pub(crate) async fn place(
+    state: &AppState,
+    image: &str,
+    disk: Option<u64>,
+) -> ApiResult<(String, String)> {
     let alive_since = now_ms() - 60_000;
     let rows: Vec<PlacementRow> = sqlx::query_as(
         "SELECT h.id, h.images, h.last_seen_at, h.disk_ceiling, (SELECT COUNT(*) FROM workspaces w WHERE w.host_id = h.id) AS workspaces FROM hosts h",
@@ -391,7 +398,12 @@ pub(crate) async fn place(state: &AppState, image: &str, disk: Option<u64>) -> A
             most >> 20
         )));
     }
-    Ok(best_host(&candidates).unwrap_or_else(|| state.host_id.clone()))
+    Ok(best_host(&candidates).unwrap_or_else(|| {
+        (
+            state.host_id.clone(),
+            "no host reported lately: the server's own".to_owned(),
+        )
+    }))
 }
 
 /// How long a workspace's image may take to resolve at create.
@@ -461,13 +473,32 @@ fn cached_share(images_json: &str, image: &str) -> f64 {
 
 /// The most of the image first, then the fewest workspaces; shares within 5% count as equal, so
 /// a nearly full host does not take every workspace from an idle one that holds as much.
-fn best_host(candidates: &[(String, f64, i64)]) -> Option<String> {
+fn best_host(candidates: &[(String, f64, i64)]) -> Option<(String, String)> {
     let top = candidates.iter().map(|c| c.1).fold(0.0, f64::max);
-    candidates
+    let near_top = candidates.iter().filter(|c| c.1 >= top - 0.05).count();
+    let (id, cached, workspaces) = candidates
         .iter()
         .filter(|c| c.1 >= top - 0.05)
-        .min_by_key(|c| c.2)
-        .map(|c| c.0.clone())
+        .min_by_key(|c| c.2)?;
+    let hosts = match candidates.len() {
+        1 => "the only host that could take it".to_owned(),
+        n => format!("of {n} hosts that could take it"),
+    };
+    let share = (cached * 100.0).floor();
+    let workspaces = match workspaces {
+        1 => "1 workspace".to_owned(),
+        n => format!("{n} workspaces"),
+    };
+    let why = match (candidates.len(), near_top) {
+        (1, _) if top > 0.0 => format!("{hosts}; it holds {share}% of the image"),
+        (1, _) => hosts,
+        (_, 1) => format!("{hosts}, the one holding most of the image ({share}%)"),
+        _ if top > 0.0 => format!(
+            "{hosts}, {near_top} hold about as much of the image ({share}%): the least busy ({workspaces})"
+        ),
+        _ => format!("{hosts}, none holds any of the image: the least busy ({workspaces})"),
+    };
+    Some((id.clone(), why))
 }
 
 #[cfg(test)]
@@ -481,13 +512,31 @@ mod tests {
         assert_eq!(cached_share(list, "other:1"), 0.0);
         assert_eq!(cached_share(r#"["dev:1"]"#, "dev:1"), 1.0);
         assert_eq!(cached_share("not json", "dev:1"), 0.0);
-        let hosts = |c: &[(&str, f64, i64)]| {
+        let placed = |c: &[(&str, f64, i64)]| {
             best_host(
                 &c.iter()
                     .map(|(h, s, n)| (h.to_string(), *s, *n))
                     .collect::<Vec<_>>(),
             )
         };
+        let hosts = |c: &[(&str, f64, i64)]| placed(c).map(|(h, _)| h);
+        let why = |c: &[(&str, f64, i64)]| placed(c).map(|(_, w)| w).unwrap();
+        assert_eq!(
+            why(&[("a", 0.2, 0), ("b", 0.9, 5)]),
+            "of 2 hosts that could take it, the one holding most of the image (90%)"
+        );
+        assert_eq!(
+            why(&[("a", 0.9, 3), ("b", 0.92, 5)]),
+            "of 2 hosts that could take it, 2 hold about as much of the image (90%): the least busy (3 workspaces)"
+        );
+        assert_eq!(
+            why(&[("a", 0.0, 3), ("b", 0.0, 1)]),
+            "of 2 hosts that could take it, none holds any of the image: the least busy (1 workspace)"
+        );
+        assert_eq!(
+            why(&[("a", 1.0, 3)]),
+            "the only host that could take it; it holds 100% of the image"
+        );
         assert_eq!(hosts(&[("a", 0.2, 0), ("b", 0.9, 5)]).as_deref(), Some("b"));
         assert_eq!(
             hosts(&[("a", 0.9, 3), ("b", 0.92, 5)]).as_deref(),
