@@ -17,14 +17,17 @@ use http_body_util::{BodyExt as _, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::sync::Notify;
 
+use crate::server_link::ServerLink;
+
 pub use warren_protocol::tunnel::{KEEP_ALIVE, PATH, PROTOCOL};
 
-/// Most a connection attempt (TCP, then the upgrade) may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most the upgrade may take once connected.
+const UPGRADE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Keeps the tunnel to `server` (`http://HOST:PORT`) open until `shutdown`, serving `api`
-/// over it; reconnects after a failure, waiting longer each time (up to 30 s).
-pub async fn hold(server: String, token: String, api: Router, shutdown: Arc<Notify>) {
+/// Keeps the tunnel to the server open until `shutdown`, serving `api` over it; reconnects
+/// after a failure, waiting longer each time (up to 30 s).
+pub async fn hold(link: Arc<ServerLink>, api: Router, shutdown: Arc<Notify>) {
+    let server = link.server.clone();
     // Waiting from now on, so a shutdown between the two waits below is not missed.
     let stop = shutdown.notified();
     tokio::pin!(stop);
@@ -33,7 +36,7 @@ pub async fn hold(server: String, token: String, api: Router, shutdown: Arc<Noti
     loop {
         let started = std::time::Instant::now();
         let result = tokio::select! {
-            r = serve_once(&server, &token, api.clone()) => r,
+            r = serve_once(&link, api.clone()) => r,
             _ = &mut stop => return,
         };
         match result {
@@ -52,33 +55,19 @@ pub async fn hold(server: String, token: String, api: Router, shutdown: Arc<Noti
     }
 }
 
-/// One tunnel: connects, upgrades, serves until the connection ends.
-async fn serve_once(server: &str, token: &str, api: Router) -> Result<(), String> {
-    let url = url::Url::parse(server).map_err(|e| format!("server address {server}: {e}"))?;
-    if url.scheme() != "http" {
-        return Err(format!(
-            "server address {server}: the tunnel speaks plain http (put the server and its hosts on a private network)"
-        ));
-    }
-    let host = url
-        .host_str()
-        .ok_or_else(|| format!("server address {server} names no host"))?;
-    let port = url.port_or_known_default().unwrap_or(80);
-    let authority = match url.port() {
-        Some(port) => format!("{host}:{port}"),
-        None => host.to_owned(),
-    };
-    let upgraded = tokio::time::timeout(CONNECT_TIMEOUT, async {
-        let tcp = tokio::net::TcpStream::connect((host.trim_matches(['[', ']']), port))
-            .await
-            .map_err(|e| format!("cannot connect to {authority}: {e}"))?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+/// One tunnel: connects (over TLS to an `https` server), upgrades, serves until the
+/// connection ends.
+async fn serve_once(link: &ServerLink, api: Router) -> Result<(), String> {
+    let stream = link.connect(false).await.map_err(|e| e.to_string())?;
+    let authority = &link.authority;
+    let upgraded = tokio::time::timeout(UPGRADE_TIMEOUT, async {
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| e.to_string())?;
         tokio::spawn(connection.with_upgrades());
         let request = Request::get(PATH)
-            .header(header::HOST, &authority)
-            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .header(header::HOST, authority)
+            .header(header::AUTHORIZATION, format!("Bearer {}", link.token()))
             .header(header::CONNECTION, "upgrade")
             .header(header::UPGRADE, PROTOCOL)
             .body(Empty::<axum::body::Bytes>::new())
@@ -105,8 +94,8 @@ async fn serve_once(server: &str, token: &str, api: Router) -> Result<(), String
             .map_err(|e| format!("upgrade: {e}"))
     })
     .await
-    .map_err(|_| format!("{authority} did not answer within {CONNECT_TIMEOUT:?}"))??;
-    tracing::info!(server, "tunnel to the control plane open");
+    .map_err(|_| format!("{authority} did not answer within {UPGRADE_TIMEOUT:?}"))??;
+    tracing::info!(server = link.server, "tunnel to the control plane open");
     hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .keep_alive_interval(KEEP_ALIVE)

@@ -57,6 +57,10 @@ pub struct JobView {
 pub struct NewHostAnswer {
     pub id: String,
     pub name: String,
-    /// The agent's token (`wrh_...`): `warren agent --token`.
+    /// The agent's token (`wrh_...`): `WARREN_HOST_TOKEN` for `warren agent`.
     pub token: String,
+    /// The fingerprint of the certificate the server serves HTTPS with, when it does itself:
+    /// `warren agent --server-fingerprint`.
+    #[serde(default)]
+    pub server_fingerprint: Option<String>,
 }

@@ -18,14 +18,21 @@ use warren_agent::{
 use warren_image::ChunkId;
 use warren_store::ChunkCache;
 
-use crate::client::Client;
 use crate::runtime_cmd::HostFlags;
+use warren_agent::server_link::{ServerLink, Trust};
 
 #[derive(Debug, Args)]
 pub struct AgentArgs {
-    /// The Warren server
+    /// The Warren server: https://HOST[:PORT] (plain http:// only on this machine)
     #[arg(long, env = "WARREN_SERVER")]
     server: String,
+    /// The CA (PEM) that signed the server's certificate (default: the public CAs)
+    #[arg(long, env = "WARREN_SERVER_CA")]
+    server_ca: Option<std::path::PathBuf>,
+    /// The SHA-256 fingerprint of the server's own certificate, as `warren host add` prints it
+    /// (sha256:HEX): that certificate and no other, whatever CA signed it
+    #[arg(long, env = "WARREN_SERVER_FINGERPRINT", conflicts_with = "server_ca")]
+    server_fingerprint: Option<String>,
     /// A file (mode 0600) holding this host's token; without it the token is read from
     /// `WARREN_HOST_TOKEN`. Never an argument: every user of the host sees those (`ps`).
     #[arg(long)]
@@ -85,10 +92,10 @@ impl HostAgentFlags {
     }
 }
 
-/// The control plane over HTTP.
+/// The control plane over HTTP(S), through the agent's link to its server.
 #[derive(Debug)]
 struct HttpControlPlane {
-    client: Arc<Client>,
+    link: Arc<ServerLink>,
 }
 
 impl ControlPlane for HttpControlPlane {
@@ -98,62 +105,44 @@ impl ControlPlane for HttpControlPlane {
         report: Option<HostReport>,
         prebuilds: bool,
     ) -> Result<Option<Job>, PlaneError> {
-        let client = self.client.clone();
-        tokio::task::spawn_blocking(move || {
-            let answer = client
-                .post(
-                    "/agent/claim",
-                    &json!({"report": report, "prebuilds": prebuilds}),
-                )
-                .map_err(unreachable)?;
-            if answer.is_null() {
-                return Ok(None);
-            }
-            serde_json::from_value(answer)
-                .map(Some)
-                .map_err(|e| PlaneError::Answer(e.to_string()))
-        })
-        .await
-        .map_err(unfinished)?
+        let answer = self
+            .link
+            .call(
+                "/agent/claim",
+                &json!({"report": report, "prebuilds": prebuilds}),
+            )
+            .await
+            .map_err(PlaneError::Unreachable)?;
+        if answer.is_null() {
+            return Ok(None);
+        }
+        serde_json::from_value(answer)
+            .map(Some)
+            .map_err(|e| PlaneError::Answer(e.to_string()))
     }
 
     async fn log(&self, job: &Job, text: Vec<u8>) -> Result<bool, PlaneError> {
-        let client = self.client.clone();
         let body = warren_api::LogRequest {
             job: job.id.clone(),
             text: String::from_utf8_lossy(&text).into_owned(),
         };
-        tokio::task::spawn_blocking(move || {
-            let answer: warren_api::LogAnswer =
-                client.post_as("/agent/log", &body).map_err(unreachable)?;
-            Ok(answer.go_on)
-        })
-        .await
-        .map_err(unfinished)?
+        let answer = self
+            .link
+            .call("/agent/log", &json!(body))
+            .await
+            .map_err(PlaneError::Unreachable)?;
+        let answer: warren_api::LogAnswer =
+            serde_json::from_value(answer).map_err(|e| PlaneError::Answer(e.to_string()))?;
+        Ok(answer.go_on)
     }
 
     async fn finish(&self, job: &Job, result: Result<Outcome, Failure>) -> Result<(), PlaneError> {
-        let client = self.client.clone();
-        let body = json!({"job": job.id, "result": result});
-        tokio::task::spawn_blocking(move || {
-            client
-                .post("/agent/finish", &body)
-                .map(drop)
-                .map_err(unreachable)
-        })
-        .await
-        .map_err(unfinished)?
+        self.link
+            .call("/agent/finish", &json!({"job": job.id, "result": result}))
+            .await
+            .map(drop)
+            .map_err(PlaneError::Unreachable)
     }
-}
-
-/// A call to the control plane that failed on the way or was answered with an error.
-fn unreachable(e: anyhow::Error) -> PlaneError {
-    PlaneError::Unreachable(format!("{e:#}"))
-}
-
-/// A call whose thread ended before it did (it panicked).
-fn unfinished(e: tokio::task::JoinError) -> PlaneError {
-    PlaneError::Unreachable(format!("the call did not finish: {e}"))
 }
 
 /// The names of the images in the local store under `data`.
@@ -242,13 +231,18 @@ pub fn agent(args: AgentArgs, data: &Path) -> anyhow::Result<ExitCode> {
         );
     }
     let token = host_token(args.token_file.as_deref())?;
-    let client = Arc::new(Client::with_token(&args.server, &token));
+    let trust = Trust::from_options(
+        args.server_ca.as_deref(),
+        args.server_fingerprint.as_deref(),
+    )
+    .map_err(anyhow::Error::msg)?;
+    let link = Arc::new(ServerLink::new(&args.server, token, trust).map_err(anyhow::Error::msg)?);
     let host_api = warren_agent::host_api::router(runtime.clone());
     let wake = Arc::new(tokio::sync::Notify::new());
     let agent = args.agent.agent(
         "remote".into(),
         runtime,
-        Arc::new(HttpControlPlane { client }),
+        Arc::new(HttpControlPlane { link: link.clone() }),
         wake,
         data,
     )?;
@@ -257,6 +251,8 @@ pub fn agent(args: AgentArgs, data: &Path) -> anyhow::Result<ExitCode> {
         .build()
         .context("cannot start the async runtime")?;
     tokio.block_on(async move {
+        // A certificate that is not the one trusted is a setting to fix, said at once.
+        link.check().await.map_err(anyhow::Error::msg)?;
         let shutdown = Arc::new(tokio::sync::Notify::new());
         println!(
             "agent running for {} (workspaces under {})",
@@ -266,12 +262,7 @@ pub fn agent(args: AgentArgs, data: &Path) -> anyhow::Result<ExitCode> {
         let run = tokio::spawn(agent.run(shutdown.clone()));
         // The control plane reaches this host's workspaces (exec, tasks, logs, attach) through
         // the tunnel the agent keeps open to it.
-        let tunnel = tokio::spawn(warren_agent::tunnel::hold(
-            args.server.clone(),
-            token,
-            host_api,
-            shutdown.clone(),
-        ));
+        let tunnel = tokio::spawn(warren_agent::tunnel::hold(link, host_api, shutdown.clone()));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}

@@ -66,6 +66,38 @@ pub fn read_private(path: &std::path::Path, what: &str) -> anyhow::Result<Option
     Ok(Some(text))
 }
 
+/// The CAs in `WARREN_SERVER_CA` (a PEM file), for a server whose certificate no public CA
+/// signed. A file that cannot be read is said and left out (the call then fails naming the
+/// certificate).
+fn server_ca() -> Option<Vec<ureq::tls::Certificate<'static>>> {
+    let path = std::env::var_os("WARREN_SERVER_CA")?;
+    let read = std::fs::read(&path)
+        .map_err(|e| e.to_string())
+        .and_then(|pem| {
+            ureq::tls::parse_pem(&pem)
+                .filter_map(|item| match item {
+                    Ok(ureq::tls::PemItem::Certificate(c)) => Some(Ok(c)),
+                    Ok(_) => None,
+                    Err(e) => Some(Err(e.to_string())),
+                })
+                .collect::<Result<Vec<_>, _>>()
+        });
+    match read {
+        Ok(certs) if !certs.is_empty() => Some(certs),
+        Ok(_) => {
+            eprintln!(
+                "warning: WARREN_SERVER_CA {}: no certificate in it",
+                path.display()
+            );
+            None
+        }
+        Err(e) => {
+            eprintln!("warning: WARREN_SERVER_CA {}: {e}", path.display());
+            None
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Client {
     server: String,
@@ -75,14 +107,20 @@ pub struct Client {
 
 impl Client {
     pub fn anonymous(server: &str) -> Self {
+        let mut config = Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(Duration::from_secs(10)));
+        if let Some(roots) = server_ca() {
+            config = config.tls_config(
+                ureq::tls::TlsConfig::builder()
+                    .root_certs(ureq::tls::RootCerts::new_with_certs(&roots))
+                    .build(),
+            );
+        }
         Self {
             server: server.trim_end_matches('/').to_owned(),
             token: None,
-            agent: Agent::config_builder()
-                .http_status_as_error(false)
-                .timeout_connect(Some(Duration::from_secs(10)))
-                .build()
-                .into(),
+            agent: config.build().into(),
         }
     }
 

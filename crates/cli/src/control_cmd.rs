@@ -1424,11 +1424,22 @@ pub fn host(cmd: HostCommand) -> anyhow::Result<ExitCode> {
             let host: warren_api::NewHostAnswer =
                 client.post_as("/hosts", &warren_api::NewHost { name: name.clone() })?;
             println!("host {name} registered; on it, as root (the token is shown only now):");
+            let trust = host
+                .server_fingerprint
+                .map(|f| format!(" --server-fingerprint {f}"))
+                .unwrap_or_default();
             println!(
-                "  WARREN_HOST_TOKEN={} warren agent --server {}",
+                "  WARREN_HOST_TOKEN={} warren agent --server {}{trust}",
                 host.token,
                 client.server()
             );
+            if client.server().starts_with("http://") {
+                println!(
+                    "(an agent takes plain http:// only on this machine: for other hosts, serve \
+                     HTTPS with `warren up --tls-cert --tls-key`, or give the https:// address \
+                     of a proxy in front, and --server-ca FILE if its CA is not a public one)"
+                );
+            }
             return Ok(ExitCode::SUCCESS);
         }
         HostCommand::Ls { json } => json,

@@ -1065,6 +1065,185 @@ fn a_workspace_image_that_cannot_be_had_is_named_at_once() {
 
 /// `warren up --tls-cert --tls-key`: the API, the web UI and the previews over HTTPS (HTTP/2
 /// offered), and the sign-in cookie marked Secure.
+/// A CA, and a certificate it signed for 127.0.0.1 with its key: (CA, certificate, key).
+fn signed_certificate(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    openssl(
+        &[
+            &["req", "-x509"],
+            &ec[..],
+            &["-days", "1", "-subj", "/CN=warren test CA"],
+            &["-keyout", "ca.key", "-out", "ca.pem"],
+        ]
+        .concat(),
+    );
+    openssl(
+        &[
+            &["req"],
+            &ec[..],
+            &[
+                "-subj",
+                "/CN=127.0.0.1",
+                "-keyout",
+                "key.pem",
+                "-out",
+                "cert.csr",
+            ],
+        ]
+        .concat(),
+    );
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "cert.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "cert.pem",
+    ]);
+    (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    )
+}
+
+/// Agents talk to a server off their machine only over HTTPS, with its certificate checked by
+/// the fingerprint `host add` prints or by the CA given; a wrong one stops the agent at once.
+#[test]
+fn agents_reach_an_https_server_only_with_its_certificate_trusted() {
+    setup();
+    let certs = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = signed_certificate(certs.path());
+    let mut warren = Warren::new(58, None);
+    warren
+        .env
+        .push(("WARREN_TLS_CERT".into(), cert.display().to_string()));
+    warren
+        .env
+        .push(("WARREN_TLS_KEY".into(), key.display().to_string()));
+    warren.tls_ca = Some(ca.clone());
+    let password = warren.start().expect("a first start creates the admin");
+    warren.login("admin", &password);
+    // As OpenSSL names the certificate: "sha256 Fingerprint=AB:CD:...".
+    let openssl = Command::new("openssl")
+        .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+        .arg(&cert)
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&openssl.stdout);
+    let expected = format!(
+        "sha256:{}",
+        printed
+            .trim()
+            .rsplit('=')
+            .next()
+            .unwrap()
+            .replace(':', "")
+            .to_ascii_lowercase()
+    );
+
+    let rootfs = debian_rootfs(DebianRootfs::Minbase);
+    let mut second = SecondHost::new(&warren);
+    assert!(
+        second
+            .run(&["image", "import", rootfs.to_str().unwrap(), "only-second:1"])
+            .status
+            .success()
+    );
+    second
+        .env
+        .push(("WARREN_SERVER_FINGERPRINT".into(), expected.clone()));
+    let added = second.join(&warren, "second");
+    assert!(
+        added.contains(&format!("--server-fingerprint {expected}")),
+        "{added}"
+    );
+    // Jobs over HTTPS, and the tunnel too: a command reaches the workspace through it.
+    warren.ok(
+        "admin",
+        &["ws", "create", "far", "--image", "only-second:1"],
+    );
+    assert_eq!(
+        warren.json("admin", &["ws", "show", "far"])["host"],
+        "second"
+    );
+    let out = warren.ok("admin", &["ws", "exec", "far", "--", "echo", "reached"]);
+    assert_eq!(out, "reached\n");
+
+    second.stop_agent();
+    second.env.clear();
+    let https = warren.url();
+    let refused = |args: &[&str], why: &str| {
+        let out = second.agent_once(args);
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "warren agent {args:?} started");
+        assert!(said.contains(why), "warren agent {args:?}: {said}");
+    };
+    // A token never goes in the clear off this machine.
+    refused(&["--server", "http://10.0.0.1:7070"], "in the clear");
+    // Another certificate than the pinned one; a CA no public list holds.
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    refused(
+        &["--server", &https, "--server-fingerprint", &wrong],
+        "not the pinned one",
+    );
+    refused(&["--server", &https], "is not the server this agent trusts");
+    refused(
+        &["--server", &https, "--server-fingerprint", "sha256:abc"],
+        "64 hex digits",
+    );
+
+    // The same host with the CA instead of the fingerprint.
+    second
+        .env
+        .push(("WARREN_SERVER_CA".into(), ca.display().to_string()));
+    second.start_agent(&warren);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = warren.cli("admin", &["ws", "exec", "far", "--", "echo", "again"]);
+        if out.status.success() {
+            assert_eq!(String::from_utf8_lossy(&out.stdout), "again\n");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent with the CA never came back: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    warren.ok("admin", &["ws", "rm", "far"]);
+}
+
 #[test]
 fn warren_serves_https_itself_and_its_cookie_is_secure() {
     let mut warren = Warren::new(55, None);

@@ -29,6 +29,60 @@ pub mod tunnel {
     /// How often either side pings, and how long it waits for the answer before it gives the
     /// connection up.
     pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+    /// How a server's certificate is named to its agents (`warren host add` prints it, an
+    /// agent pins it): `sha256:` and the lowercase hex of the SHA-256 of its DER form.
+    pub fn fingerprint(cert_der: &[u8]) -> String {
+        use sha2::Digest as _;
+        let hex: String = sha2::Sha256::digest(cert_der)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        format!("sha256:{hex}")
+    }
+
+    /// A fingerprint as [`fingerprint`] prints it, or the bare hex (colons allowed, any case,
+    /// as `openssl x509 -fingerprint -sha256` prints it after its `=`).
+    pub fn parse_fingerprint(text: &str) -> Result<[u8; 32], String> {
+        let bad = || {
+            format!(
+                "server fingerprint {text:?}: expected sha256: and 64 hex digits, as `warren host add` prints it"
+            )
+        };
+        let text = text.trim();
+        let hex: String = text
+            .strip_prefix("sha256:")
+            .or_else(|| text.strip_prefix("SHA256:"))
+            .unwrap_or(text)
+            .chars()
+            .filter(|&c| c != ':')
+            .collect();
+        if hex.len() != 64 || !hex.is_ascii() {
+            return Err(bad());
+        }
+        let mut out = [0u8; 32];
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+        }
+        Ok(out)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn fingerprints_read_as_printed_and_as_openssl_prints_them() {
+            let printed = fingerprint(b"a certificate");
+            assert!(printed.starts_with("sha256:") && printed.len() == 7 + 64);
+            let bytes = parse_fingerprint(&printed).unwrap();
+            let openssl: Vec<String> = bytes.iter().map(|b| format!("{b:02X}")).collect();
+            assert_eq!(parse_fingerprint(&openssl.join(":")).unwrap(), bytes);
+            assert!(parse_fingerprint("sha256:abc").is_err());
+            assert!(parse_fingerprint(&format!("sha256:{}", "zz".repeat(32))).is_err());
+            assert!(parse_fingerprint(&format!("sha256:{}", "é".repeat(32))).is_err());
+        }
+    }
 }
 
 /// The error of a step stopped by a cancel.

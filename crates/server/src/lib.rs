@@ -286,6 +286,7 @@ pub async fn gateway_directory(
         idle: idle::IdlePolicy::default(),
         previews: preview::PreviewConfig::default(),
         https: false,
+        server_fingerprint: None,
         preview_slots: Arc::default(),
         streams: Arc::default(),
     };
@@ -348,9 +349,12 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
         wake.clone(),
     ));
 
-    let acceptor = match &config.tls {
-        Some(files) => Some(tls::acceptor(files).map_err(ServerError::Other)?),
-        None => None,
+    let (acceptor, server_fingerprint) = match &config.tls {
+        Some(files) => {
+            let (acceptor, fingerprint) = tls::acceptor(files).map_err(ServerError::Other)?;
+            (Some(acceptor), Some(fingerprint))
+        }
+        None => (None, None),
     };
     let preview_listener = match config.preview_listen {
         Some(addr) => Some(
@@ -377,6 +381,7 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
             domain: config.preview_domain,
         },
         https: acceptor.is_some(),
+        server_fingerprint,
         preview_slots: Arc::default(),
         streams: Arc::default(),
         db,

@@ -50,6 +50,8 @@ pub struct AppState {
     pub previews: crate::preview::PreviewConfig,
     /// Whether this process serves HTTPS itself (`--tls-cert`).
     pub https: bool,
+    /// The fingerprint of the certificate it serves HTTPS with, for agents to pin.
+    pub server_fingerprint: Option<String>,
     /// Connections previews hold now.
     pub preview_slots: Arc<crate::preview::PreviewSlots>,
     /// Event streams each user holds open now.

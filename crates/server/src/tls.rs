@@ -27,8 +27,9 @@ pub struct TlsFiles {
 /// Longest a client may take over its TLS handshake.
 const HANDSHAKE_WITHIN: Duration = Duration::from_secs(10);
 
-/// Reads the files into an acceptor; errors name the file and what is wrong with it.
-pub fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, String> {
+/// Reads the files into an acceptor, and the fingerprint of the certificate it serves (for
+/// agents to pin); errors name the file and what is wrong with it.
+pub fn acceptor(files: &TlsFiles) -> Result<(TlsAcceptor, String), String> {
     let named = |path: &Path, e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
         .map_err(|e| named(&files.cert, &e))?
@@ -37,6 +38,7 @@ pub fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, String> {
     if certs.is_empty() {
         return Err(named(&files.cert, &"no certificate (PEM) in it"));
     }
+    let fingerprint = warren_protocol::tunnel::fingerprint(certs[0].as_ref());
     let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| named(&files.key, &e))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
@@ -46,7 +48,7 @@ pub fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, String> {
         .with_single_cert(certs, key)
         .map_err(|e| format!("{} and {}: {e}", files.cert.display(), files.key.display()))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    Ok((TlsAcceptor::from(Arc::new(config)), fingerprint))
 }
 
 /// Serves `app` over TLS on `listener` until `stop` is notified (connections under way finish

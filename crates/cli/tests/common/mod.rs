@@ -95,6 +95,8 @@ pub struct Warren {
     pub configs: TempDir,
     /// More variables for `warren up`.
     pub env: Vec<(String, String)>,
+    /// The CA of the certificate it serves HTTPS with (its URL is then `https://`).
+    pub tls_ca: Option<std::path::PathBuf>,
 }
 
 impl Warren {
@@ -113,6 +115,7 @@ impl Warren {
             child: None,
             configs: tempfile::tempdir().unwrap(),
             env: Vec::new(),
+            tls_ca: None,
         }
     }
 
@@ -152,7 +155,20 @@ impl Warren {
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls_ca.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// The CLI's variables: where the server's CA is, when it has one.
+    fn cli_env(&self) -> Vec<(&'static str, std::path::PathBuf)> {
+        self.tls_ca
+            .iter()
+            .map(|ca| ("WARREN_SERVER_CA", ca.clone()))
+            .collect()
     }
 
     /// Starts `warren up`; returns the admin password when this start created the admin.
@@ -246,6 +262,7 @@ impl Warren {
             .env("XDG_CONFIG_HOME", self.configs.path().join(user))
             .env("HOME", self.configs.path().join(user))
             .env("WARREN_SERVER", self.url())
+            .envs(self.cli_env())
             .env_remove("SSH_AUTH_SOCK");
         cmd
     }
@@ -298,6 +315,7 @@ impl Warren {
             .args(["login", "--server", &self.url(), "--user", user])
             .env("XDG_CONFIG_HOME", self.configs.path().join(user))
             .env("WARREN_PASSWORD", password)
+            .envs(self.cli_env())
             .output()
             .unwrap();
         assert!(
@@ -324,10 +342,17 @@ impl Warren {
         token: Option<&str>,
         body: Option<&[u8]>,
     ) -> (u16, Value) {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .into();
+        let mut config = ureq::Agent::config_builder().http_status_as_error(false);
+        if let Some(ca) = &self.tls_ca {
+            let pem = std::fs::read(ca).unwrap();
+            let cert = ureq::tls::Certificate::from_pem(&pem).unwrap();
+            config = config.tls_config(
+                ureq::tls::TlsConfig::builder()
+                    .root_certs(ureq::tls::RootCerts::new_with_certs(&[cert]))
+                    .build(),
+            );
+        }
+        let agent: ureq::Agent = config.build().into();
         let url = format!("{}{path}", self.url());
         let auth = token.map(|t| format!("Bearer {t}"));
         let mut resp = match method {
@@ -417,6 +442,8 @@ pub struct SecondHost {
     /// More variables for its commands and its agent.
     pub env: Vec<(String, String)>,
     agent: Option<Child>,
+    /// Its host token, once joined.
+    token: String,
 }
 
 impl SecondHost {
@@ -429,6 +456,7 @@ impl SecondHost {
             uid_base: warren.uid_base + 32 * 65536,
             env: Vec::new(),
             agent: None,
+            token: String::new(),
         }
     }
 
@@ -449,23 +477,16 @@ impl SecondHost {
         self.command(args).output().unwrap()
     }
 
-    /// Registers the host as `name` and starts its agent; returns once it called in.
-    pub fn join(&mut self, warren: &Warren, name: &str) {
+    /// Registers the host as `name` and starts its agent; returns once it called in, with what
+    /// `host add` printed.
+    pub fn join(&mut self, warren: &Warren, name: &str) -> String {
         let added = warren.ok("admin", &["host", "add", name]);
-        let token = added
+        self.token = added
             .split_whitespace()
             .find_map(|w| w.strip_prefix("WARREN_HOST_TOKEN="))
             .expect("the host token is printed once")
             .to_owned();
-        self.agent = Some(
-            self.command(&["agent", "--server", &warren.url()])
-                .env("WARREN_HOST_TOKEN", &token)
-                .env("WARREN_LOG", "info")
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(self.data.path().join("agent.log")).unwrap())
-                .spawn()
-                .unwrap(),
-        );
+        self.start_agent(warren);
         let admin = warren.token("admin");
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -476,11 +497,12 @@ impl SecondHost {
                 .iter()
                 .any(|h| h["name"] == name && !h["last_seen_at"].is_null())
             {
-                return;
+                return added;
             }
             assert!(
                 Instant::now() < deadline,
-                "the agent never called in: {hosts}"
+                "the agent never called in: {hosts}\n{}",
+                std::fs::read_to_string(self.data.path().join("agent.log")).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -488,6 +510,36 @@ impl SecondHost {
 }
 
 impl SecondHost {
+    /// Starts the host's agent (with this host's `env`), once joined.
+    pub fn start_agent(&mut self, warren: &Warren) {
+        self.agent = Some(
+            self.command(&["agent", "--server", &warren.url()])
+                .env("WARREN_HOST_TOKEN", &self.token)
+                .env("WARREN_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(
+                    std::fs::File::options()
+                        .create(true)
+                        .append(true)
+                        .open(self.data.path().join("agent.log"))
+                        .unwrap(),
+                )
+                .spawn()
+                .unwrap(),
+        );
+    }
+
+    /// `warren agent ARGS` with this host's token, run to its end (for agents that must
+    /// refuse to start).
+    pub fn agent_once(&self, args: &[&str]) -> Output {
+        let mut all = vec!["agent"];
+        all.extend_from_slice(args);
+        self.command(&all)
+            .env("WARREN_HOST_TOKEN", &self.token)
+            .output()
+            .unwrap()
+    }
+
     /// Stops the host's agent (its workspaces go on running).
     pub fn stop_agent(&mut self) {
         if let Some(mut agent) = self.agent.take() {

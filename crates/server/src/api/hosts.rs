@@ -41,6 +41,7 @@ pub async fn add_host(
             id,
             name: req.name,
             token,
+            server_fingerprint: state.server_fingerprint.clone(),
         }),
     ))
 }
