@@ -34,6 +34,8 @@ pub fn router(runtime: Arc<dyn Runtime>) -> Router {
         .route("/workspaces/{id}/tasks/{task}/log", get(task_log))
         .route("/workspaces/{id}/tasks/{task}/attach", post(attach))
         .route("/workspaces/{id}/ports/{port}/connect", post(connect_port))
+        .route("/workspaces/{id}/connect", post(connect))
+        .route("/workspaces/{id}/sessions", post(session))
         .fallback(|| async { refuse(StatusCode::NOT_FOUND, "no such host endpoint") })
         .with_state(runtime)
 }
@@ -180,8 +182,41 @@ async fn attach(
     Ok(both_ways(from_task, to_task, body))
 }
 
+/// A relayed SSH session (a shell, a command, sftp): the request's body carries the gateway's
+/// frames, the answer's this host's ([`warren_protocol::relay`]).
+async fn session(
+    State(runtime): Runtimes,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Response, Refusal> {
+    let id = workspace_id(&id)?;
+    Ok(crate::relay::serve(runtime, id, body).await)
+}
+
 /// Longest a connection to a workspace's port may take to open.
 const CONNECT_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Where a forwarded connection goes (`ssh -L`, `-D`).
+#[derive(Debug, serde::Deserialize)]
+struct ConnectTo {
+    host: String,
+    port: u16,
+}
+
+/// A TCP connection from inside the workspace to `host:port` (a name resolved by this host's
+/// resolver, as the workspace's own lookups are), both ways.
+async fn connect(
+    State(runtime): Runtimes,
+    Path(id): Path<String>,
+    Query(to): Query<ConnectTo>,
+    body: Body,
+) -> Result<Response, Refusal> {
+    let id = workspace_id(&id)?;
+    let address = warren_protocol::gateway::forward_address(&to.host, to.port)
+        .await
+        .map_err(|e| refuse(StatusCode::UNPROCESSABLE_ENTITY, e))?;
+    connect_to(runtime, id, address, body).await
+}
 
 /// A TCP connection to `port` on the workspace's own loopback (what its preview URL shows),
 /// both ways: the request's body is written to it, what it sends is the answer's body.
@@ -192,6 +227,16 @@ async fn connect_port(
 ) -> Result<Response, Refusal> {
     let id = workspace_id(&id)?;
     let to = std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port));
+    connect_to(runtime, id, to, body).await
+}
+
+async fn connect_to(
+    runtime: Arc<dyn Runtime>,
+    id: WorkspaceId,
+    to: std::net::SocketAddr,
+    body: Body,
+) -> Result<Response, Refusal> {
+    let port = to.port();
     let connecting = blocking(move || {
         let stream = runtime.connect(&id, to)?;
         stream

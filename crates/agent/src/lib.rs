@@ -10,6 +10,7 @@
 //! host's API ([`host_api`]), in process or through the [`tunnel`] a remote agent keeps open.
 
 pub mod host_api;
+mod relay;
 pub mod server_link;
 pub mod tunnel;
 

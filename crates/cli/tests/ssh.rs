@@ -1199,16 +1199,15 @@ fn a_vm_workspace_is_reached_like_a_container() {
 
 /// A workspace on a second host is reached through that host's agent, which dialled the server
 /// (no address of the host is known to the server): `ws exec` with its streams and exit
-/// status, `ws logs -f` to a task's end, and a task's terminal attached over the server's
-/// SSH gateway; a shell there is refused naming the host, and with the agent gone the server
-/// says so.
+/// status, `ws logs -f` to a task's end, a task's terminal attached over the server's
+/// SSH gateway, and sessions relayed there by the gateway (commands, terminals, scp, sftp,
+/// `-L`, `-A`); with the agent gone the server says so.
 #[test]
 fn a_second_hosts_workspace_is_reached_through_its_agent() {
     setup();
     let warren = Warren::up_with_admin(28, None);
     let mut second = SecondHost::new(&warren);
-    let rootfs = debian_rootfs(DebianRootfs::Minbase);
-    let imported = second.run(&["image", "import", rootfs.to_str().unwrap(), "far:1"]);
+    let imported = second.run(&["image", "import", dev_image().to_str().unwrap(), "far:1"]);
     assert!(imported.status.success(), "{}", stderr(&imported));
     second.join(&warren, "second");
     warren.add_user("alice");
@@ -1216,7 +1215,7 @@ fn a_second_hosts_workspace_is_reached_through_its_agent() {
     create_from_devcontainer(
         &warren,
         "alice",
-        "far",
+        "web",
         "far:1",
         r#"{
   "image": "far:1",
@@ -1224,11 +1223,11 @@ fn a_second_hosts_workspace_is_reached_through_its_agent() {
   "postStartCommand": "echo ready; while read -r line; do echo \"got: $line\"; done"
 }"#,
     );
-    let ws: serde_json::Value = warren.json("alice", &["ws", "show", "far"]);
+    let ws: serde_json::Value = warren.json("alice", &["ws", "show", "web"]);
     assert_eq!(ws["host"], "second", "{ws}");
 
     // `sh -c SCRIPT` in the workspace, through the server and the second host's agent.
-    let sh = |script: &str| warren.cli("alice", &["ws", "exec", "far", "--", "sh", "-c", script]);
+    let sh = |script: &str| warren.cli("alice", &["ws", "exec", "web", "--", "sh", "-c", script]);
     let out = sh("echo out; echo err >&2; exit 3");
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "out\n");
@@ -1242,7 +1241,7 @@ fn a_second_hosts_workspace_is_reached_through_its_agent() {
         all.contains("sleep\u{0}4321")
     };
     let mut caller = warren
-        .cli_command("alice", &["ws", "exec", "far", "--", "sleep", "4321"])
+        .cli_command("alice", &["ws", "exec", "web", "--", "sleep", "4321"])
         .spawn()
         .unwrap();
     eventually("the command runs", || sleeping().then_some(()));
@@ -1251,7 +1250,7 @@ fn a_second_hosts_workspace_is_reached_through_its_agent() {
     eventually("the command is killed", || (!sleeping()).then_some(()));
 
     // Followed to the task's end, every line.
-    let followed = warren.ok("alice", &["ws", "logs", "far", "postCreateCommand", "-f"]);
+    let followed = warren.ok("alice", &["ws", "logs", "web", "postCreateCommand", "-f"]);
     let followed = followed.replace("\r\n", "\n");
     assert!(
         followed.starts_with("line-1\nline-2\nline-3\n") && followed.contains("ended (exit 0)"),
@@ -1259,7 +1258,7 @@ fn a_second_hosts_workspace_is_reached_through_its_agent() {
     );
     // postStartCommand starts once postCreateCommand has ended.
     eventually("the list shows postStartCommand running", || {
-        let listed = warren.ok("alice", &["ws", "logs", "far"]);
+        let listed = warren.ok("alice", &["ws", "logs", "web"]);
         listed
             .lines()
             .any(|l| l.starts_with("postStartCommand") && l.contains("running"))
@@ -1267,32 +1266,42 @@ fn a_second_hosts_workspace_is_reached_through_its_agent() {
     });
 
     alice.write_ssh_config(&warren);
-    alice.attach_and_type("far.warren", "postStartCommand", "ready", "from afar");
-    let log = warren.ok("alice", &["ws", "logs", "far", "postStartCommand"]);
+    alice.attach_and_type("web.warren", "postStartCommand", "ready", "from afar");
+    let log = warren.ok("alice", &["ws", "logs", "web", "postStartCommand"]);
     assert!(log.contains("got: from afar"), "{log}");
-    let listed = warren.ok("alice", &["ws", "logs", "far"]);
+    let listed = warren.ok("alice", &["ws", "logs", "web"]);
     assert!(
         listed.contains("running"),
         "detaching stopped the task: {listed}"
     );
 
+    // The server's SSH gateway relays sessions there through the agent: a command's streams
+    // and exit status, a terminal, scp, -L to a server on the workspace's loopback, and -A.
+    let out = alice.ssh("web.warren", "echo out; echo err >&2; exit 3");
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "out\n");
+    assert_eq!(stderr(&out), "err\n");
     let out = alice
         .tool("ssh")
-        .arg("far.warren")
-        .arg("true")
+        .args(["-tt", "web.warren", "test -t 0 && stty size"])
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    assert!(!out.status.success());
+    assert!(out.status.success(), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("runs on host `second`"),
-        "{}",
-        stderr(&out)
+        String::from_utf8_lossy(&out.stdout).trim().contains(' '),
+        "a terminal with a size: {:?}",
+        String::from_utf8_lossy(&out.stdout)
     );
+    let (dir, _) = alice.scp_a_new_file();
+    alice.sftp_round_trip(&dir.path().join("data.bin"), dir.path());
+    let forward = alice.forward_to_a_server_inside("from-the-second-host");
+    drop(forward);
+    alice.forwards_the_agent(dir.path());
 
     // Without its agent, the host cannot be reached, and the answer says why.
     second.stop_agent();
-    let out = warren.cli("alice", &["ws", "exec", "far", "--", "true"]);
+    let out = warren.cli("alice", &["ws", "exec", "web", "--", "true"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("not connected"), "{}", stderr(&out));
     // (The second host's workspace goes with it: see `SecondHost`'s drop.)

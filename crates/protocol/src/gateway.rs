@@ -31,12 +31,13 @@ pub struct Found {
     pub user: Option<String>,
 }
 
-/// Both directions of a task's terminal.
+/// Both directions of a byte stream to something on another host: a task's terminal, a relayed
+/// session ([`crate::relay`]), a forwarded connection.
 pub trait Terminal: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
 
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Terminal for T {}
 
-/// A task's terminal being opened.
+/// A stream to another host being opened.
 pub type Opening<'a> = Pin<Box<dyn Future<Output = Result<Box<dyn Terminal>, String>> + Send + 'a>>;
 
 /// Who may reach which workspace. Messages in `Err` are shown to the developer as they are.
@@ -58,9 +59,34 @@ pub trait Directory: Send + Sync + 'static {
     /// Task `task`'s terminal in a workspace on another host than the gateway's, through that
     /// host's agent.
     fn attach<'a>(&'a self, workspace: &'a Found, task: &'a str) -> Opening<'a>;
+    /// A relayed session ([`crate::relay`]) with a workspace on another host, through that
+    /// host's agent.
+    fn session<'a>(&'a self, workspace: &'a Found) -> Opening<'a>;
+    /// A TCP connection from inside a workspace on another host to `host:port` (resolved
+    /// there), through that host's agent.
+    fn connect<'a>(&'a self, workspace: &'a Found, host: &'a str, port: u16) -> Opening<'a>;
     /// Marks the workspace in use (an SSH channel is open to it) until the answer is dropped:
     /// the idle stop leaves it running meanwhile.
     fn in_use(&self, workspace: &Found) -> InUse;
+}
+
+/// The address a forwarded connection (`ssh -L`, `-D`) to `host:port` goes to, from inside a
+/// workspace: `localhost` (or nothing) is its own loopback, an IP itself, a name resolved by
+/// the resolver of the host the workspace runs on (workspaces use the host's DNS servers), to
+/// an IPv4 address (workspaces have no IPv6 route).
+pub async fn forward_address(host: &str, port: u16) -> Result<std::net::SocketAddr, String> {
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+    if host == "localhost" || host.is_empty() {
+        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
+    }
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, port));
+    }
+    tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| format!("cannot resolve {host}: {e}"))?
+        .find(SocketAddr::is_ipv4)
+        .ok_or_else(|| format!("{host} has no IPv4 address"))
 }
 
 /// Keeps a workspace marked in use for as long as it lives ([`Directory::in_use`]).

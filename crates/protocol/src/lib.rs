@@ -7,6 +7,7 @@
 pub mod build_log;
 pub mod gateway;
 mod jobs;
+pub mod relay;
 
 pub use jobs::*;
 

@@ -248,6 +248,40 @@ pub enum ExecIo {
     Pty { master: File },
 }
 
+/// A process's input, output, and error output (none for a terminal), non-blocking for tokio.
+pub type AsyncStreams = (
+    tokio::net::unix::pipe::Sender,
+    tokio::net::unix::pipe::Receiver,
+    Option<tokio::net::unix::pipe::Receiver>,
+);
+
+impl ExecIo {
+    /// The streams as async ends (a terminal's master serves both ways); within a tokio
+    /// runtime.
+    pub fn into_async(self) -> std::io::Result<AsyncStreams> {
+        use tokio::net::unix::pipe;
+        match self {
+            ExecIo::Pipes {
+                stdin,
+                stdout,
+                stderr,
+            } => Ok((
+                pipe::Sender::from_file(stdin)?,
+                pipe::Receiver::from_file(stdout)?,
+                Some(pipe::Receiver::from_file(stderr)?),
+            )),
+            ExecIo::Pty { master } => {
+                let reader = master.try_clone()?;
+                Ok((
+                    pipe::Sender::from_file_unchecked(master)?,
+                    pipe::Receiver::from_file_unchecked(reader)?,
+                    None,
+                ))
+            }
+        }
+    }
+}
+
 /// Control of a running process: wait for it, signal it, resize its terminal.
 pub trait Process: Send + Sync + fmt::Debug {
     /// Blocks until the process exits.

@@ -134,19 +134,37 @@ impl Directory for GatewayDirectory {
 
     fn attach<'a>(&'a self, found: &'a Found, task: &'a str) -> Opening<'a> {
         Box::pin(async move {
-            let place = Place {
-                host_id: found.host_id.clone(),
-                host: found.host.clone(),
-                workspace: found.name.clone(),
-                runtime_id: found.runtime_id.clone(),
-            };
             let terminal = self
                 .state
                 .hosts
-                .attach(&place, task)
+                .attach(&place(found), task)
                 .await
                 .map_err(|e| e.message)?;
             Ok(Box::new(terminal) as Box<dyn Terminal>)
+        })
+    }
+
+    fn session<'a>(&'a self, found: &'a Found) -> Opening<'a> {
+        Box::pin(async move {
+            let stream = self
+                .state
+                .hosts
+                .session(&place(found))
+                .await
+                .map_err(|e| e.message)?;
+            Ok(Box::new(stream) as Box<dyn Terminal>)
+        })
+    }
+
+    fn connect<'a>(&'a self, found: &'a Found, host: &'a str, port: u16) -> Opening<'a> {
+        Box::pin(async move {
+            let stream = self
+                .state
+                .hosts
+                .connect(&place(found), host, port)
+                .await
+                .map_err(|e| e.message)?;
+            Ok(Box::new(stream) as Box<dyn Terminal>)
         })
     }
 
@@ -156,6 +174,16 @@ impl Directory for GatewayDirectory {
             .strip_prefix(crate::model::WorkspaceId::RUNTIME_PREFIX)
             .unwrap_or(&workspace.runtime_id);
         InUse::new(self.state.presence.in_use(id))
+    }
+}
+
+/// Where a workspace the gateway found is, for its host's links.
+fn place(found: &Found) -> Place {
+    Place {
+        host_id: found.host_id.clone(),
+        host: found.host.clone(),
+        workspace: found.name.clone(),
+        runtime_id: found.runtime_id.clone(),
     }
 }
 

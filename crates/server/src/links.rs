@@ -258,6 +258,19 @@ impl HostLinks {
         self.both_ways(ws, &format!("ports/{port}/connect")).await
     }
 
+    /// A TCP connection from inside the workspace to `host:port` (a name resolved by its host),
+    /// until either side closes it.
+    pub async fn connect(&self, ws: &Place, host: &str, port: u16) -> ApiResult<HostStream> {
+        let host = percent_encoding::utf8_percent_encode(host, percent_encoding::NON_ALPHANUMERIC);
+        self.both_ways(ws, &format!("connect?host={host}&port={port}"))
+            .await
+    }
+
+    /// A relayed SSH session with the workspace ([`warren_protocol::relay`]).
+    pub async fn session(&self, ws: &Place) -> ApiResult<HostStream> {
+        self.both_ways(ws, "sessions").await
+    }
+
     /// A call whose request body (what is written to the answer) and answer body (what is
     /// read from it) both stream, as one byte stream.
     async fn both_ways(&self, ws: &Place, path: &str) -> ApiResult<HostStream> {

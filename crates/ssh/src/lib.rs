@@ -10,6 +10,7 @@
 //! Who may reach what is the [`Directory`]'s business (the control plane implements it over its
 //! database); this crate only speaks SSH and moves bytes.
 
+mod relayed;
 mod session;
 
 use std::net::SocketAddr;
@@ -48,42 +49,28 @@ impl std::fmt::Debug for Target {
 pub(crate) enum Reach {
     /// The host's runtime, in this process: shells, commands, forwarding, task terminals.
     Local(Arc<dyn Runtime>),
-    /// Another host, through its agent: its tasks' terminals (shells and forwarding to
-    /// another host's workspaces are not relayed yet).
-    Remote {
-        host: String,
-        terminals: Arc<dyn TaskTerminals>,
-    },
+    /// Another host, through its agent: sessions relayed to it, forwarded connections made
+    /// from there, its tasks' terminals.
+    Remote(Arc<dyn RemoteHost>),
 }
 
 impl std::fmt::Debug for Reach {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Local(_) => f.write_str("Local"),
-            Self::Remote { host, .. } => f.debug_struct("Remote").field("host", host).finish(),
+            Self::Remote(_) => f.write_str("Remote"),
         }
     }
 }
 
-/// Opens the terminals of a workspace's tasks on another host.
-pub(crate) trait TaskTerminals: Send + Sync {
+/// A workspace on another host, reached through that host's agent.
+pub(crate) trait RemoteHost: Send + Sync {
     /// Task `task`'s terminal, until either side closes it (the task goes on).
     fn attach(&self, task: &str) -> Opening<'_>;
-}
-
-impl Target {
-    /// The runtime of the workspace's host, when it is this process's; else why the gateway
-    /// cannot do this for it.
-    fn runtime(&self) -> Result<Arc<dyn Runtime>, String> {
-        match &self.reach {
-            Reach::Local(runtime) => Ok(runtime.clone()),
-            Reach::Remote { host, .. } => Err(format!(
-                "workspace `{}` runs on host `{host}`: this gateway reaches only its tasks there \
-                 (`warren ws attach`); for a shell, connect to the gateway of that host",
-                self.found.name
-            )),
-        }
-    }
+    /// A relayed session ([`warren_protocol::relay`]).
+    fn session(&self) -> Opening<'_>;
+    /// A TCP connection from inside the workspace to `host:port`.
+    fn connect<'a>(&'a self, host: &'a str, port: u16) -> Opening<'a>;
 }
 
 /// The host this gateway runs on: its id in the control plane and its runtime. Workspaces
@@ -114,13 +101,10 @@ impl<D: Directory> Gateway<D> {
         let reach = if found.host_id == self.local.host_id {
             Reach::Local(self.local.runtime.clone())
         } else {
-            Reach::Remote {
-                host: found.host.clone(),
-                terminals: Arc::new(RemoteTasks {
-                    directory: self.directory.clone(),
-                    found: found.clone(),
-                }),
-            }
+            Reach::Remote(Arc::new(Remote {
+                directory: self.directory.clone(),
+                found: found.clone(),
+            }))
         };
         Ok(Target { found, id, reach })
     }
@@ -146,16 +130,24 @@ impl<D: Directory> Gateway<D> {
     }
 }
 
-/// The tasks of a workspace on another host, through the directory.
-struct RemoteTasks<D> {
+/// A workspace on another host, through the directory.
+struct Remote<D> {
     directory: Arc<D>,
     found: Found,
 }
 
-impl<D: Directory> TaskTerminals for RemoteTasks<D> {
+impl<D: Directory> RemoteHost for Remote<D> {
     fn attach(&self, task: &str) -> Opening<'_> {
         let task = task.to_owned();
         Box::pin(async move { self.directory.attach(&self.found, &task).await })
+    }
+
+    fn session(&self) -> Opening<'_> {
+        self.directory.session(&self.found)
+    }
+
+    fn connect<'a>(&'a self, host: &'a str, port: u16) -> Opening<'a> {
+        self.directory.connect(&self.found, host, port)
     }
 }
 

@@ -1,6 +1,5 @@
 //! Session channels (shell, exec, sftp) and forwarded connections, routed into a workspace.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,6 +7,7 @@ use russh::server::{Handle, Msg};
 use russh::{Channel, ChannelMsg, Sig};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::unix::pipe;
+use tokio_util::task::AbortOnDropHandle;
 use warren_runtime::{Exec, ExecIo, ExecRequest, ExitStatus, Process, WinSize};
 
 use crate::{Directory, Gateway, START_VARIABLE, TASK_VARIABLE, Target, User};
@@ -221,10 +221,25 @@ impl Session {
         handle: &Handle,
     ) -> Result<ExitStatus, String> {
         let argv = self.command.argv()?;
+        let runtime = match &self.target.reach {
+            crate::Reach::Local(runtime) => runtime.clone(),
+            // Run by the workspace's host, through its agent.
+            crate::Reach::Remote(remote) => {
+                let start = warren_protocol::relay::SessionStart {
+                    argv,
+                    env: self.env,
+                    user: self.target.found.user.clone(),
+                    tty: self.tty.map(|w| (w.rows, w.cols)),
+                    agent: self.agent,
+                };
+                let stream = remote.session().await?;
+                return crate::relayed::run(stream, start, channel, handle, self.slot).await;
+            }
+        };
         // Agent forwarding: a socket inside the workspace whose connections go back to the
         // client's agent. It lives as long as the session.
         let _agent = if self.agent {
-            let runtime = self.target.runtime()?;
+            let runtime = runtime.clone();
             let (id, user) = (self.target.id.clone(), self.target.found.user.clone());
             let socket =
                 tokio::task::spawn_blocking(move || runtime.listen_unix(&id, user.as_deref()))
@@ -232,7 +247,7 @@ impl Session {
                     .map_err(|e| e.to_string())?
                     .map_err(|e| format!("agent forwarding: {e}"))?;
             self.env.push(format!("SSH_AUTH_SOCK={}", socket.path));
-            Some(AbortOnDrop(tokio::spawn(forward_agent(
+            Some(AbortOnDropHandle::new(tokio::spawn(forward_agent(
                 socket,
                 handle.clone(),
             ))))
@@ -247,7 +262,6 @@ impl Session {
             tty: self.tty,
             no_network: false,
         };
-        let runtime = self.target.runtime()?;
         let id = self.target.id.clone();
         let Exec { io, process } = tokio::task::spawn_blocking(move || runtime.exec(&id, &request))
             .await
@@ -255,7 +269,9 @@ impl Session {
             .map_err(|e| e.to_string())?;
         let process: Arc<dyn Process> = Arc::from(process);
         let is_pty = matches!(io, ExecIo::Pty { .. });
-        let (stdin, stdout, stderr) = streams(io).map_err(|e| format!("process streams: {e}"))?;
+        let (stdin, stdout, stderr) = io
+            .into_async()
+            .map_err(|e| format!("process streams: {e}"))?;
         let out = tokio::spawn(copy_out(stdout, channel.make_writer()));
         let err = stderr.map(|e| tokio::spawn(copy_out(e, channel.make_writer_ext(Some(1)))));
         let (input, input_task) = feed_input(stdin);
@@ -341,7 +357,7 @@ async fn attach_task(
             stream.set_nonblocking(true).map_err(|e| e.to_string())?;
             Box::new(tokio::net::UnixStream::from_std(stream).map_err(|e| e.to_string())?)
         }
-        crate::Reach::Remote { terminals, .. } => terminals.attach(task).await?,
+        crate::Reach::Remote(remote) => remote.attach(task).await?,
     };
     let (from_task, mut to_task) = tokio::io::split(terminal);
     let mut out = tokio::spawn(copy_out(from_task, channel.make_writer()));
@@ -364,40 +380,7 @@ async fn attach_task(
     Ok(ExitStatus::Code(0))
 }
 
-/// A task aborted when its handle goes.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 type Input = pipe::Sender;
-type Output = pipe::Receiver;
-
-/// Non-blocking async ends of a process's streams (a terminal's master serves both ways).
-fn streams(io: ExecIo) -> std::io::Result<(Input, Output, Option<Output>)> {
-    match io {
-        ExecIo::Pipes {
-            stdin,
-            stdout,
-            stderr,
-        } => Ok((
-            pipe::Sender::from_file(stdin)?,
-            pipe::Receiver::from_file(stdout)?,
-            Some(pipe::Receiver::from_file(stderr)?),
-        )),
-        ExecIo::Pty { master } => {
-            let reader = master.try_clone()?;
-            Ok((
-                pipe::Sender::from_file_unchecked(master)?,
-                pipe::Receiver::from_file_unchecked(reader)?,
-                None,
-            ))
-        }
-    }
-}
 
 /// Input goes through a small queue to its own task, so a process that stops reading never
 /// blocks the session from noticing its exit; the queue's bound is the back-pressure.
@@ -456,25 +439,18 @@ async fn forward_agent(socket: warren_runtime::WorkspaceSocket, handle: Handle) 
     }
 }
 
-/// Opens a TCP connection from inside the workspace (`ssh -L`, `ssh -D`, VS Code's tunnel).
+/// Opens a TCP connection from inside the workspace (`ssh -L`, `ssh -D`, VS Code's tunnel);
+/// on another host, that host makes it (and resolves the name).
 pub(crate) async fn connect(
     target: &Target,
     host: &str,
     port: u16,
-) -> Result<tokio::net::TcpStream, String> {
-    let address = if host == "localhost" || host.is_empty() {
-        SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)
-    } else if let Ok(ip) = host.parse::<IpAddr>() {
-        SocketAddr::new(ip, port)
-    } else {
-        // A name: resolved with the host's resolver (workspaces use the host's DNS servers).
-        tokio::net::lookup_host((host, port))
-            .await
-            .map_err(|e| format!("cannot resolve {host}: {e}"))?
-            .find(SocketAddr::is_ipv4)
-            .ok_or_else(|| format!("{host} has no IPv4 address"))?
+) -> Result<Box<dyn crate::Terminal>, String> {
+    let runtime = match &target.reach {
+        crate::Reach::Local(runtime) => runtime.clone(),
+        crate::Reach::Remote(remote) => return remote.connect(host, port).await,
     };
-    let runtime = target.runtime()?;
+    let address = warren_protocol::gateway::forward_address(host, port).await?;
     let id = target.id.clone();
     let stream = tokio::task::spawn_blocking(move || runtime.connect(&id, address))
         .await
@@ -482,10 +458,12 @@ pub(crate) async fn connect(
         .map_err(|e| e.to_string())?;
     stream.set_nonblocking(true).map_err(|e| e.to_string())?;
     let _ = stream.set_nodelay(true);
-    tokio::net::TcpStream::from_std(stream).map_err(|e| e.to_string())
+    Ok(Box::new(
+        tokio::net::TcpStream::from_std(stream).map_err(|e| e.to_string())?,
+    ))
 }
 
-fn win_size(cols: u32, rows: u32) -> WinSize {
+pub(crate) fn win_size(cols: u32, rows: u32) -> WinSize {
     WinSize {
         rows: u16::try_from(rows).unwrap_or(u16::MAX).max(1),
         cols: u16::try_from(cols).unwrap_or(u16::MAX).max(1),
@@ -536,7 +514,7 @@ fn sig_name(sig: &Sig) -> &str {
     }
 }
 
-fn signal_number(sig: &Sig) -> Option<i32> {
+pub(crate) fn signal_number(sig: &Sig) -> Option<i32> {
     let name = sig_name(sig);
     SIGNALS.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
 }

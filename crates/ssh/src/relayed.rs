@@ -1,0 +1,213 @@
+//! A session channel relayed to a workspace on another host ([`warren_protocol::relay`]): the
+//! client's channel on one side, the host's frames on the other, through the tunnel of that
+//! host's agent. The host runs the process; this moves the client's input, signals and window
+//! sizes there and the process's output and exit back, and opens an agent channel to the client
+//! for each connection to the session's agent socket there.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use russh::server::{Handle, Msg};
+use russh::{Channel, ChannelMsg};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::task::AbortOnDropHandle;
+use warren_protocol::relay::{Exit, Frame, MAX_DATA, SessionStart};
+use warren_runtime::ExitStatus;
+
+use crate::Terminal;
+
+/// How long the host may take to end the process after the client left.
+const HANGUP_WAIT: Duration = Duration::from_secs(5);
+/// Agent connections one session may hold open at once.
+const MOST_AGENT_CONNECTIONS: usize = 16;
+
+/// Runs `start` through `stream` (a relayed session opened on the workspace's host) to its
+/// end, with the client on `channel`; answers how the process ended.
+pub(crate) async fn run(
+    stream: Box<dyn Terminal>,
+    start: SessionStart,
+    channel: &mut Channel<Msg>,
+    handle: &Handle,
+    slot: Arc<crate::ChannelSlot>,
+) -> Result<ExitStatus, String> {
+    let is_pty = start.tty.is_some();
+    let (from_host, mut to_host) = tokio::io::split(stream);
+    let (frames, mut sending) = mpsc::channel::<Vec<u8>>(32);
+    let writer = AbortOnDropHandle::new(tokio::spawn(async move {
+        while let Some(bytes) = sending.recv().await {
+            if to_host.write_all(&bytes).await.is_err() {
+                return;
+            }
+        }
+        let _ = to_host.shutdown().await;
+    }));
+    let send = |frame: Frame| {
+        let frames = frames.clone();
+        async move { frames.send(frame.encode()).await.is_ok() }
+    };
+    send(Frame::Start(start)).await;
+    let (ended, mut ending) = oneshot::channel();
+    let reader = AbortOnDropHandle::new(tokio::spawn(read_host(
+        from_host,
+        channel.make_writer(),
+        channel.make_writer_ext(Some(1)),
+        handle.clone(),
+        frames.clone(),
+        ended,
+    )));
+    let gone = || "the workspace's host ended the session without its exit status".to_owned();
+    loop {
+        tokio::select! {
+            status = &mut ending => return status.unwrap_or_else(|_| Err(gone())),
+            msg = channel.wait() => match msg {
+                Some(ChannelMsg::Data { data }) => {
+                    for piece in data.chunks(MAX_DATA) {
+                        send(Frame::Input(piece.to_vec())).await;
+                    }
+                }
+                // The client's end of input; a terminal has none of its own.
+                Some(ChannelMsg::Eof) if !is_pty => {
+                    send(Frame::InputEnd).await;
+                }
+                Some(ChannelMsg::Signal { signal }) => {
+                    if let Some(n) = crate::session::signal_number(&signal) {
+                        send(Frame::Signal(n)).await;
+                    }
+                }
+                Some(ChannelMsg::WindowChange { col_width, row_height, .. }) => {
+                    let size = crate::session::win_size(col_width, row_height);
+                    send(Frame::Resize { rows: size.rows, cols: size.cols }).await;
+                }
+                None | Some(ChannelMsg::Close) => {
+                    // The client is gone: the host hangs up on the process, which may run on;
+                    // it counts as the user's session until it ends there.
+                    send(Frame::Signal(libc::SIGHUP)).await;
+                    return match tokio::time::timeout(HANGUP_WAIT, &mut ending).await {
+                        Ok(Ok(status)) => status,
+                        Ok(Err(_)) => Err(gone()),
+                        Err(_) => {
+                            tokio::spawn(async move {
+                                let _held = (slot, writer, reader);
+                                let _ = ending.await;
+                            });
+                            Ok(ExitStatus::Signal(libc::SIGHUP))
+                        }
+                    };
+                }
+                Some(_) => {}
+            },
+        }
+    }
+}
+
+/// Reads the host's frames: output to the client (all of it before the exit), agent
+/// connections opened to the client, and at last how the process ended, sent to `ended`.
+async fn read_host(
+    mut from: impl AsyncRead + Unpin,
+    mut out: impl AsyncWrite + Unpin,
+    mut err: impl AsyncWrite + Unpin,
+    handle: Handle,
+    frames: mpsc::Sender<Vec<u8>>,
+    ended: oneshot::Sender<Result<ExitStatus, String>>,
+) {
+    let mut agents: HashMap<u32, mpsc::Sender<Vec<u8>>> = HashMap::new();
+    // Aborted with this task: the session's agent connections end with it.
+    let mut connections = tokio::task::JoinSet::new();
+    let result = loop {
+        match Frame::read(&mut from).await {
+            // A client that stopped reading loses output, not the session.
+            Ok(Some(Frame::Output(data))) => {
+                let _ = out.write_all(&data).await;
+            }
+            Ok(Some(Frame::ErrorOutput(data))) => {
+                let _ = err.write_all(&data).await;
+            }
+            Ok(Some(Frame::Exited(Exit::Code(code)))) => break Ok(ExitStatus::Code(code)),
+            Ok(Some(Frame::Exited(Exit::Signal(signal)))) => break Ok(ExitStatus::Signal(signal)),
+            Ok(Some(Frame::Failed(why))) => break Err(printable(&why)),
+            Ok(Some(Frame::AgentOpen(n))) => {
+                if agents.len() >= MOST_AGENT_CONNECTIONS || agents.contains_key(&n) {
+                    let _ = frames.send(Frame::AgentClose(n).encode()).await;
+                    continue;
+                }
+                let (to_agent, for_agent) = mpsc::channel(16);
+                agents.insert(n, to_agent);
+                connections.spawn(agent_connection(
+                    n,
+                    handle.clone(),
+                    for_agent,
+                    frames.clone(),
+                ));
+            }
+            Ok(Some(Frame::AgentData(n, data))) => {
+                if let Some(to_agent) = agents.get(&n) {
+                    let _ = to_agent.send(data).await;
+                }
+            }
+            Ok(Some(Frame::AgentClose(n))) => {
+                agents.remove(&n);
+            }
+            // What only a gateway sends.
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                break Err("the workspace's host ended the session without its exit status".into());
+            }
+            Err(e) => break Err(format!("the workspace's host: {e}")),
+        }
+    };
+    let _ = out.flush().await;
+    let _ = err.flush().await;
+    let _ = ended.send(result);
+}
+
+/// One connection to the agent socket on the host, carried to a new agent channel of the
+/// client's: `for_agent` is what the host's side sent, what the client's agent answers goes
+/// back as frames.
+async fn agent_connection(
+    n: u32,
+    handle: Handle,
+    mut for_agent: mpsc::Receiver<Vec<u8>>,
+    frames: mpsc::Sender<Vec<u8>>,
+) {
+    let channel = match handle.channel_open_agent().await {
+        Ok(channel) => channel,
+        Err(e) => {
+            tracing::debug!(error = %e, "the client refused an agent channel");
+            let _ = frames.send(Frame::AgentClose(n).encode()).await;
+            return;
+        }
+    };
+    let (mut reading, mut writing) = tokio::io::split(channel.into_stream());
+    let write = async {
+        while let Some(data) = for_agent.recv().await {
+            if writing.write_all(&data).await.is_err() {
+                break;
+            }
+        }
+        let _ = writing.shutdown().await;
+    };
+    let read = async {
+        let mut buf = vec![0u8; 64 << 10];
+        while let Ok(got @ 1..) = reading.read(&mut buf).await {
+            if frames
+                .send(Frame::AgentData(n, buf[..got].to_vec()).encode())
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        let _ = frames.send(Frame::AgentClose(n).encode()).await;
+    };
+    tokio::join!(write, read);
+}
+
+/// What a host says, fit for a terminal: no control characters but line ends, at most 1 KiB.
+fn printable(text: &str) -> String {
+    text.chars()
+        .filter(|&c| c == '\n' || !c.is_control())
+        .take(1024)
+        .collect()
+}
