@@ -12,6 +12,7 @@
 pub mod host_api;
 mod relay;
 pub mod server_link;
+pub mod servers;
 pub mod tunnel;
 
 use std::sync::Arc;

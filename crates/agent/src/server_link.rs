@@ -27,7 +27,7 @@ use tokio_rustls::rustls::crypto::CryptoProvider;
 use tokio_rustls::rustls::pki_types::pem::PemObject as _;
 use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use tokio_rustls::rustls::{self, ClientConfig, DigitallySignedStruct, RootCertStore};
-use warren_protocol::tunnel::{fingerprint, parse_fingerprint};
+pub use warren_protocol::tunnel::{fingerprint, parse_fingerprint};
 
 /// Most a connection (TCP, then TLS) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -82,6 +82,17 @@ pub enum ConnectError {
     /// It answered, but not with the certificate this agent trusts: a setting to fix.
     #[error("{0}")]
     Untrusted(String),
+}
+
+/// Why a call got no answer to use.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CallError {
+    /// The server was not reached, or went away mid-call: another replica may do.
+    #[error("{0}")]
+    Unreachable(String),
+    /// It answered, with an error (or something that is no answer).
+    #[error("{0}")]
+    Answered(String),
 }
 
 /// The server an agent works for, and its token.
@@ -207,43 +218,57 @@ impl ServerLink {
             })?
     }
 
-    /// POSTs `body` as JSON to `/api/v1{path}` with the host token; answers the JSON answer, or
-    /// why there is none (the server's own error message when it gave one).
+    /// Calls `/api/v1{path}` with the host token (POSTing `body` as JSON when there is one);
+    /// answers the JSON answer, or why there is none (the server's own error message when it
+    /// gave one).
     pub async fn call(
         &self,
         path: &str,
-        body: &serde_json::Value,
-    ) -> Result<serde_json::Value, String> {
+        body: Option<&serde_json::Value>,
+    ) -> Result<serde_json::Value, CallError> {
+        let unreachable = |e: String| CallError::Unreachable(format!("{}: {e}", self.server));
+        let answered = |e: String| CallError::Answered(format!("{}: {e}", self.server));
         let call = async {
-            let mut sender = self.sender().await?;
-            let request = Request::post(format!("/api/v1{path}"))
-                .header(header::HOST, &self.authority)
-                .header(header::AUTHORIZATION, format!("Bearer {}", self.token))
-                .header(header::CONTENT_TYPE, "application/json")
-                .body(Full::new(Bytes::from(
-                    serde_json::to_vec(body).map_err(|e| e.to_string())?,
-                )))
-                .map_err(|e| e.to_string())?;
+            let mut sender = self.sender().await.map_err(CallError::Unreachable)?;
+            let request = match body {
+                Some(body) => Request::post(format!("/api/v1{path}"))
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .body(Full::new(Bytes::from(
+                        serde_json::to_vec(body).map_err(|e| answered(e.to_string()))?,
+                    ))),
+                None => Request::get(format!("/api/v1{path}")).body(Full::default()),
+            };
+            let mut request = request.map_err(|e| answered(e.to_string()))?;
+            let headers = request.headers_mut();
+            headers.insert(
+                header::HOST,
+                header::HeaderValue::from_str(&self.authority)
+                    .map_err(|e| answered(e.to_string()))?,
+            );
+            headers.insert(
+                header::AUTHORIZATION,
+                header::HeaderValue::from_str(&format!("Bearer {}", self.token))
+                    .map_err(|e| answered(e.to_string()))?,
+            );
             let answer = match sender.send_request(request).await {
                 Ok(answer) => answer,
                 Err(e) => {
                     // The connection is gone: the next call makes another.
                     *self.calls.lock().await = None;
-                    return Err(format!("{}: {e}", self.server));
+                    return Err(unreachable(e.to_string()));
                 }
             };
             let status = answer.status();
             let bytes = Limited::new(answer.into_body(), ANSWER_LIMIT)
                 .collect()
                 .await
-                .map_err(|e| format!("{}: the answer to {path}: {e}", self.server))?
+                .map_err(|e| unreachable(format!("the answer to {path}: {e}")))?
                 .to_bytes();
             let value: serde_json::Value = if bytes.is_empty() {
                 serde_json::Value::Null
             } else {
-                serde_json::from_slice(&bytes).map_err(|e| {
-                    format!("{}: the answer to {path} is not JSON: {e}", self.server)
-                })?
+                serde_json::from_slice(&bytes)
+                    .map_err(|e| answered(format!("the answer to {path} is not JSON: {e}")))?
             };
             if status.is_success() {
                 Ok(value)
@@ -251,17 +276,12 @@ impl ServerLink {
                 let said = value["error"]
                     .as_str()
                     .unwrap_or_else(|| status.canonical_reason().unwrap_or("an error"));
-                Err(format!("{} answered {status}: {said}", self.server))
+                Err(answered(format!("answered {status}: {said}")))
             }
         };
         tokio::time::timeout(CALL_TIMEOUT, call)
             .await
-            .map_err(|_| {
-                format!(
-                    "{} did not answer {path} within {CALL_TIMEOUT:?}",
-                    self.server
-                )
-            })?
+            .map_err(|_| unreachable(format!("did not answer {path} within {CALL_TIMEOUT:?}")))?
     }
 
     /// The job calls' connection, made when there is none or it closed.

@@ -18,6 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::sync::Notify;
 
 use crate::server_link::ServerLink;
+use crate::servers::Servers;
 
 pub use warren_protocol::tunnel::{KEEP_ALIVE, PATH, PROTOCOL};
 
@@ -52,6 +53,54 @@ pub async fn hold(link: Arc<ServerLink>, api: Router, shutdown: Arc<Notify>) {
             _ = &mut stop => return,
         }
         wait = (wait * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// How often the list of replicas is asked for again.
+const REFRESH_SERVERS: Duration = Duration::from_secs(10);
+
+/// Keeps a tunnel open to every replica of `servers` but `except` (this process's own, for a
+/// replica's host) until `shutdown`, asking every [`REFRESH_SERVERS`] which replicas there are.
+pub async fn hold_all(
+    servers: Arc<Servers>,
+    except: Option<String>,
+    api: Router,
+    shutdown: Arc<Notify>,
+) {
+    let stop = shutdown.notified();
+    tokio::pin!(stop);
+    stop.as_mut().enable();
+    let mut held: std::collections::HashMap<String, Arc<Notify>> = Default::default();
+    loop {
+        if let Err(e) = servers.refresh().await {
+            tracing::debug!(error = %e, "cannot ask which replicas there are");
+        }
+        let links = servers.links();
+        for link in links
+            .iter()
+            .filter(|l| except.as_deref() != Some(l.server.as_str()))
+        {
+            if !held.contains_key(&link.server) {
+                let stop = Arc::new(Notify::new());
+                tokio::spawn(hold(link.clone(), api.clone(), stop.clone()));
+                held.insert(link.server.clone(), stop);
+            }
+        }
+        held.retain(|server, stop| {
+            let named = links.iter().any(|l| &l.server == server);
+            if !named {
+                tracing::info!(server, "a replica went away: its tunnel closes");
+                stop.notify_one();
+            }
+            named
+        });
+        tokio::select! {
+            () = tokio::time::sleep(REFRESH_SERVERS) => {}
+            () = &mut stop => break,
+        }
+    }
+    for stop in held.values() {
+        stop.notify_one();
     }
 }
 

@@ -33,6 +33,13 @@ pub struct LogRequest {
     pub text: String,
 }
 
+/// The server replicas a host keeps a tunnel to (besides the one it was given).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct AgentServers {
+    /// Their URLs (`--advertise-url`), the newest first.
+    pub servers: Vec<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct LogAnswer {
     /// `false` once the job was cancelled: the agent stops it.

@@ -19,7 +19,8 @@ use warren_image::ChunkId;
 use warren_store::ChunkCache;
 
 use crate::runtime_cmd::HostFlags;
-use warren_agent::server_link::{ServerLink, Trust};
+use warren_agent::server_link::{CallError, ServerLink, Trust};
+use warren_agent::servers::Servers;
 
 #[derive(Debug, Args)]
 pub struct AgentArgs {
@@ -92,10 +93,10 @@ impl HostAgentFlags {
     }
 }
 
-/// The control plane over HTTP(S), through the agent's link to its server.
+/// The control plane over HTTP(S), through the replicas the agent knows.
 #[derive(Debug)]
 struct HttpControlPlane {
-    link: Arc<ServerLink>,
+    servers: Arc<Servers>,
 }
 
 impl ControlPlane for HttpControlPlane {
@@ -105,14 +106,12 @@ impl ControlPlane for HttpControlPlane {
         report: Option<HostReport>,
         prebuilds: bool,
     ) -> Result<Option<Job>, PlaneError> {
+        let body = json!({"report": report, "prebuilds": prebuilds});
         let answer = self
-            .link
-            .call(
-                "/agent/claim",
-                &json!({"report": report, "prebuilds": prebuilds}),
-            )
+            .servers
+            .call("/agent/claim", Some(&body))
             .await
-            .map_err(PlaneError::Unreachable)?;
+            .map_err(unreachable)?;
         if answer.is_null() {
             return Ok(None);
         }
@@ -122,27 +121,33 @@ impl ControlPlane for HttpControlPlane {
     }
 
     async fn log(&self, job: &Job, text: Vec<u8>) -> Result<bool, PlaneError> {
-        let body = warren_api::LogRequest {
+        let body = json!(warren_api::LogRequest {
             job: job.id.clone(),
             text: String::from_utf8_lossy(&text).into_owned(),
-        };
+        });
         let answer = self
-            .link
-            .call("/agent/log", &json!(body))
+            .servers
+            .call("/agent/log", Some(&body))
             .await
-            .map_err(PlaneError::Unreachable)?;
+            .map_err(unreachable)?;
         let answer: warren_api::LogAnswer =
             serde_json::from_value(answer).map_err(|e| PlaneError::Answer(e.to_string()))?;
         Ok(answer.go_on)
     }
 
     async fn finish(&self, job: &Job, result: Result<Outcome, Failure>) -> Result<(), PlaneError> {
-        self.link
-            .call("/agent/finish", &json!({"job": job.id, "result": result}))
+        let body = json!({"job": job.id, "result": result});
+        self.servers
+            .call("/agent/finish", Some(&body))
             .await
             .map(drop)
-            .map_err(PlaneError::Unreachable)
+            .map_err(unreachable)
     }
+}
+
+/// A job call no replica answered, or answered with an error.
+fn unreachable(e: CallError) -> PlaneError {
+    PlaneError::Unreachable(e.to_string())
 }
 
 /// The names of the images in the local store under `data`.
@@ -236,13 +241,18 @@ pub fn agent(args: AgentArgs, data: &Path) -> anyhow::Result<ExitCode> {
         args.server_fingerprint.as_deref(),
     )
     .map_err(anyhow::Error::msg)?;
-    let link = Arc::new(ServerLink::new(&args.server, token, trust).map_err(anyhow::Error::msg)?);
+    let link = Arc::new(
+        ServerLink::new(&args.server, token.clone(), trust.clone()).map_err(anyhow::Error::msg)?,
+    );
+    let servers = Arc::new(Servers::new(link.clone(), token, trust));
     let host_api = warren_agent::host_api::router(runtime.clone());
     let wake = Arc::new(tokio::sync::Notify::new());
     let agent = args.agent.agent(
         "remote".into(),
         runtime,
-        Arc::new(HttpControlPlane { link: link.clone() }),
+        Arc::new(HttpControlPlane {
+            servers: servers.clone(),
+        }),
         wake,
         data,
     )?;
@@ -260,9 +270,14 @@ pub fn agent(args: AgentArgs, data: &Path) -> anyhow::Result<ExitCode> {
             data.display()
         );
         let run = tokio::spawn(agent.run(shutdown.clone()));
-        // The control plane reaches this host's workspaces (exec, tasks, logs, attach) through
-        // the tunnel the agent keeps open to it.
-        let tunnel = tokio::spawn(warren_agent::tunnel::hold(link, host_api, shutdown.clone()));
+        // The control plane reaches this host's workspaces (exec, tasks, logs, attach, SSH)
+        // through the tunnels the agent keeps open to each of its replicas.
+        let tunnel = tokio::spawn(warren_agent::tunnel::hold_all(
+            servers,
+            None,
+            host_api,
+            shutdown.clone(),
+        ));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}

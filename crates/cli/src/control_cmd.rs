@@ -15,6 +15,8 @@ use warren_api::{WorkspaceState, WorkspaceView};
 
 use crate::client::{Client, Login, save_login};
 use crate::runtime_cmd::HostFlags;
+use warren_agent::server_link::{ServerLink, Trust};
+use warren_agent::servers::Servers;
 
 #[derive(Debug, Args)]
 pub struct UpArgs {
@@ -70,6 +72,11 @@ pub struct UpArgs {
     /// The certificate's private key (PEM)
     #[arg(long, env = "WARREN_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Where agents (and the other replicas' hosts) reach this server, when several servers
+    /// share one PostgreSQL database: every host keeps a tunnel to each replica, so any of them
+    /// serves any request (https://HOST:PORT; replicas serve one certificate)
+    #[arg(long, env = "WARREN_ADVERTISE_URL")]
+    advertise_url: Option<String>,
     /// Push every succeeded prebuild to this registry (HOST[:PORT]/REPO), so that any host
     /// starts its workspaces lazily from there; the registry is trusted as --trusted-registry
     /// is (give each other host `--trusted-registry HOST[:PORT]` too)
@@ -261,6 +268,22 @@ pub fn up(mut args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
     if let Some(registry) = &args.registry {
         args.host.trust_registry(prebuild_registry(registry)?);
     }
+    let advertise_url = args
+        .advertise_url
+        .as_deref()
+        .map(|url| {
+            let url = url.trim_end_matches('/').to_owned();
+            // The same checks an agent makes (no token in the clear off this machine).
+            ServerLink::new(&url, String::new(), Trust::PublicCas)
+                .map(|_| url)
+                .map_err(|e| anyhow::anyhow!("--advertise-url: {e}"))
+        })
+        .transpose()?;
+    if advertise_url.is_some() && database_url.starts_with("sqlite:") {
+        bail!(
+            "--advertise-url is for replicas sharing a PostgreSQL database (--database-url postgres://...)"
+        );
+    }
     let runtime: Arc<dyn warren_runtime::Runtime> =
         Arc::new(args.host.runtime_for_workspaces(data)?);
     let ssh = args.ssh.settings(data)?;
@@ -293,6 +316,7 @@ pub fn up(mut args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
             secret_key: data.join("secret.key"),
             trusted_registries: runtime.egress().registries,
             registry: args.registry,
+            advertise_url: advertise_url.clone(),
             image_check: Some(image_check),
             ssh: ssh_view,
             git_mirrors: data.join("git/server"),
@@ -340,6 +364,25 @@ pub fn up(mut args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
             bound.serve(Arc::new(started.gateway.clone()), local);
             addr
         });
+        // One of several replicas: this host keeps a tunnel to each other one, as agents do.
+        if let (Some(url), Some(token)) = (&advertise_url, &started.replica_token) {
+            let trust = match &started.server_fingerprint {
+                // Replicas serve one certificate.
+                Some(own) => Trust::Pinned(
+                    warren_agent::server_link::parse_fingerprint(own).map_err(anyhow::Error::msg)?,
+                ),
+                None => Trust::PublicCas,
+            };
+            let own = ServerLink::new(url, token.clone(), trust.clone())
+                .map_err(anyhow::Error::msg)?;
+            let servers = Arc::new(Servers::new(Arc::new(own), token.clone(), trust));
+            tokio::spawn(warren_agent::tunnel::hold_all(
+                servers,
+                Some(url.clone()),
+                warren_agent::host_api::router(runtime.clone()),
+                started.shutdown.clone(),
+            ));
+        }
         // This host's agent, in this process: it claims jobs straight from the database, and
         // each of its reports (every --reconcile-seconds) reconciles the host's workspaces.
         let agent = args

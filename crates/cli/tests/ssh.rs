@@ -1374,3 +1374,110 @@ fn an_idle_workspace_stops_and_one_with_an_open_session_keeps_running() {
     let quiet = warren.json("alice", &["ws", "show", "quiet"]);
     assert!(quiet["stop_reason"].is_null(), "{quiet}");
 }
+
+/// Two `warren up` replicas on one PostgreSQL database and a third host's agent: every host
+/// keeps a tunnel to each replica, so either replica reaches any workspace (commands, SSH with
+/// scp and -L, a workspace on the other replica's own host); with replica 1 killed, the agent's
+/// jobs go on through replica 2 and replica 2 takes the git poller over.
+#[test]
+fn replicas_on_one_database_reach_every_host_and_take_over_from_each_other() {
+    setup();
+    let pg = warren_testkit::Postgres::start();
+    let mut r1 = Warren::new(59, Some(pg.url()));
+    let url1 = r1.url();
+    r1.env.extend([
+        ("WARREN_HOST_NAME".into(), "r1".into()),
+        ("WARREN_ADVERTISE_URL".into(), url1),
+        ("WARREN_GIT_POLL_SECONDS".into(), "2".into()),
+    ]);
+    let password = r1.start().expect("a first start creates the admin");
+    r1.login("admin", &password);
+    let mut r2 = Warren::new(60, Some(pg.url()));
+    let url2 = r2.url();
+    r2.env.extend([
+        ("WARREN_HOST_NAME".into(), "r2".into()),
+        ("WARREN_ADVERTISE_URL".into(), url2),
+        ("WARREN_GIT_POLL_SECONDS".into(), "2".into()),
+        ("WARREN_BRIDGE".into(), "warren2".into()),
+        ("WARREN_SUBNET".into(), "10.90.0.0/16".into()),
+    ]);
+    // Replicas share the key that seals secrets and the gateway's host key.
+    for file in ["secret.key", "ssh_host_ed25519_key"] {
+        std::fs::copy(r1.data.path().join(file), r2.data.path().join(file)).unwrap();
+    }
+    assert!(r2.start().is_none(), "the admin exists already");
+    r2.login("admin", &password);
+
+    let mut second = SecondHost::new(&r1);
+    let imported = second.run(&["image", "import", dev_image().to_str().unwrap(), "far:1"]);
+    assert!(imported.status.success(), "{}", stderr(&imported));
+    second.join(&r1, "second");
+    r1.import_dev_image();
+    // Made through replica 2, on the host that holds its image.
+    r2.ok("admin", &["ws", "create", "web", "--image", "far:1"]);
+    assert_eq!(r2.json("admin", &["ws", "show", "web"])["host"], "second");
+    // Replica 2 reaches it through the tunnel the agent opened to it (the agent was given
+    // replica 1 and learned of replica 2).
+    let out = eventually("a command through replica 2", || {
+        let out = r2.cli("admin", &["ws", "exec", "web", "--", "echo", "via r2"]);
+        out.status.success().then_some(out)
+    });
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "via r2\n");
+    let admin = Developer::new(&r2, "admin");
+    admin.write_ssh_config(&r2);
+    assert_eq!(admin.ssh_ok("web.warren", "echo relayed"), "relayed\n");
+    let (_dir, _) = admin.scp_a_new_file();
+    drop(admin.forward_to_a_server_inside("through-replica-2"));
+    // A workspace on replica 1's own host, reached through replica 2.
+    r1.ok("admin", &["ws", "create", "near", "--image", "dev:1"]);
+    assert_eq!(r1.json("admin", &["ws", "show", "near"])["host"], "r1");
+    let out = eventually("replica 1's host through replica 2", || {
+        let out = r2.cli("admin", &["ws", "exec", "near", "--", "echo", "near"]);
+        out.status.success().then_some(out)
+    });
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "near\n");
+    r2.ok("admin", &["ws", "rm", "near"]);
+
+    // A project whose branches replica 1 polls now.
+    let repos = tempfile::tempdir().unwrap();
+    let repo = repos.path().join("app");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(repo.join("README"), "one\n").unwrap();
+    let git = |args: &[&str]| warren_testkit::git(&repo, args);
+    git(&["init", "-q", "-b", "main"]);
+    git(&["add", "-A"]);
+    git(&["commit", "-q", "-m", "one"]);
+    r2.ok(
+        "admin",
+        &["project", "add", "app", &format!("file://{}", repo.display())],
+    );
+
+    r1.kill9();
+    let killed = Instant::now();
+    // The agent's jobs go on through replica 2.
+    r2.ok("admin", &["ws", "stop", "web"]);
+    r2.ok("admin", &["ws", "start", "web"]);
+    assert_eq!(
+        r2.json("admin", &["ws", "show", "web"])["state"],
+        "running"
+    );
+    // Replica 2 polls the branches now.
+    std::fs::write(repo.join("README"), "two\n").unwrap();
+    git(&["commit", "-q", "-am", "two"]);
+    let head = git(&["rev-parse", "HEAD"]);
+    let token = r2.token("admin");
+    eventually("replica 2 reads the new head", || {
+        let (_, branches) = r2.http("GET", "/api/v1/projects/app/branches", Some(&token), None);
+        branches.to_string().contains(head.trim()).then_some(())
+    });
+    let took = killed.elapsed();
+    let took_over = |log: String| {
+        log.lines()
+            .any(|l| l.contains("this replica does this work now") && l.contains("git poller"))
+    };
+    assert!(took_over(r1.log()), "replica 1 polled first");
+    assert!(took_over(r2.log()), "replica 2 took the poller over");
+    eprintln!("stop, start and the new head through replica 2 in {took:?} after the kill");
+    assert_eq!(admin.ssh_ok("web.warren", "echo still"), "still\n");
+    r2.ok("admin", &["ws", "rm", "web"]);
+}

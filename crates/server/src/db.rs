@@ -55,7 +55,11 @@ const MIGRATIONS: &[(i64, &str)] = &[
         19,
         include_str!("../migrations/0019_workspace_placement.sql"),
     ),
+    (20, include_str!("../migrations/0020_replicas.sql")),
 ];
+
+/// The advisory lock PostgreSQL migrations are made under ("warren-m").
+const MIGRATION_LOCK: i64 = 0x7761_7272_656e_2d6d;
 
 /// The SQLite file holds every user's password hash, tokens' hashes and sealed secrets: made
 /// (or set) 0600 before SQLite opens it, whose WAL and shared-memory files take its mode.
@@ -133,6 +137,19 @@ impl Db {
 
     async fn migrate(&self) -> Result<(), DbError> {
         let fail = |version| move |source| DbError::Migrate { version, source };
+        // Replicas started at once migrate one after the other: the lock is held by a
+        // connection of its own, released when it closes.
+        let _migrating = if self.kind == DbKind::Postgres {
+            let mut conn = self.pool.acquire().await.map_err(fail(0))?.detach();
+            sqlx::query("SELECT pg_advisory_lock($1)")
+                .bind(MIGRATION_LOCK)
+                .execute(&mut conn)
+                .await
+                .map_err(fail(0))?;
+            Some(conn)
+        } else {
+            None
+        };
         sqlx::raw_sql(
             "CREATE TABLE IF NOT EXISTS warren_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
         )

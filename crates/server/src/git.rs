@@ -96,8 +96,14 @@ pub async fn poll_forever(
     interval: Duration,
     wake: std::sync::Arc<tokio::sync::Notify>,
 ) {
+    // One replica polls at a time.
+    let mut poller = crate::replicas::Singleton::new(db.clone(), "git poller");
+    let mut first = true;
     loop {
-        tokio::time::sleep(interval).await;
+        if !std::mem::take(&mut first) {
+            tokio::time::sleep(interval).await;
+        }
+        poller.lead().await;
         let projects: Vec<(String, String)> =
             match sqlx::query_as("SELECT id, git_url FROM projects")
                 .fetch_all(&db.pool)

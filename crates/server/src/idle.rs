@@ -237,8 +237,11 @@ pub fn spoken(seconds: u64) -> String {
 /// Looks for idle workspaces every [`FLUSH`] and stops them; deletes long-stopped ones when
 /// the policy says so.
 pub async fn stop_idle_forever(state: AppState) {
+    // One replica stops idle workspaces at a time.
+    let mut stopper = crate::replicas::Singleton::new(state.db.clone(), "idle stop");
     loop {
         tokio::time::sleep(FLUSH).await;
+        stopper.lead().await;
         if let Err(e) = stop_idle(&state, now_ms()).await {
             tracing::warn!(error = %e.message, "idle stop");
         }

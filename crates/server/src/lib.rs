@@ -23,6 +23,7 @@ pub mod model;
 pub mod plane;
 pub mod prebuilds;
 pub mod preview;
+pub mod replicas;
 pub mod secrets;
 pub mod state;
 pub mod tls;
@@ -91,6 +92,7 @@ fn api_routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(api::agent_finish))
         .routes(routes!(api::agent_log))
         .routes(routes!(api::agent_tunnel))
+        .routes(routes!(api::agent_servers))
         .routes(routes!(api::list_prebuilds, api::create_prebuild))
         .routes(routes!(api::get_prebuild))
         .routes(routes!(api::prebuild_log))
@@ -237,6 +239,9 @@ pub struct SingleHost {
     pub preview_domain: Option<String>,
     /// Serve HTTPS with this certificate and key (both listeners); else plain HTTP.
     pub tls: Option<tls::TlsFiles>,
+    /// Where agents reach this server, when it is one of several replicas on one database:
+    /// every host then keeps a tunnel to each replica.
+    pub advertise_url: Option<String>,
 }
 
 /// Only the SSH gateway's directory (`warren gateway`), for a host whose agent runs elsewhere
@@ -318,6 +323,11 @@ pub struct Started {
     pub plane: agents::InProcess,
     /// This host's id, for its agent.
     pub host_id: String,
+    /// With `advertise_url`: a token for this host, made at this start, with which it opens
+    /// tunnels to the other replicas (so they reach its workspaces).
+    pub replica_token: Option<String>,
+    /// The fingerprint of the certificate it serves HTTPS with (see `warren host add`).
+    pub server_fingerprint: Option<String>,
     /// Wakes the agent when a job is queued.
     pub wake: Arc<Notify>,
 }
@@ -326,6 +336,9 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
     let secrets = secrets::SecretBox::open_or_create(&config.secret_key)
         .map_err(|e| ServerError::Other(e.to_string()))?;
     let db = Db::connect(&config.database_url).await?;
+    secrets::check_key(&db, &secrets, &config.secret_key)
+        .await
+        .map_err(ServerError::Other)?;
     let admin_password = auth::bootstrap_admin(&db)
         .await
         .map_err(|e| ServerError::Other(e.message))?;
@@ -403,8 +416,12 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
         trusted_proxies: Arc::new(config.trusted_proxies),
     };
     tokio::spawn(idle::stop_idle_forever(state.clone()));
-    let (plane_state, plane_host, plane_wake) =
-        (state.clone(), state.host_id.clone(), state.wake.clone());
+    let (plane_state, plane_host, plane_wake, plane_fingerprint) = (
+        state.clone(),
+        state.host_id.clone(),
+        state.wake.clone(),
+        state.server_fingerprint.clone(),
+    );
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServerError::Listen {
@@ -425,6 +442,26 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
             shutdown.clone(),
         ));
     }
+    // One of several replicas: said where it is reached, and its host gets a token for its
+    // tunnels to the others.
+    let replica_token = match &config.advertise_url {
+        Some(url) => {
+            tokio::spawn(replicas::advertise(
+                state.db.clone(),
+                url.clone(),
+                state.host_id.clone(),
+                shutdown.clone(),
+            ));
+            let token = auth::new_token().0.replacen("wrn_", "wrh_", 1);
+            sqlx::query("UPDATE hosts SET token_hash = $2 WHERE id = $1")
+                .bind(&state.host_id)
+                .bind(auth::token_hash(&token))
+                .execute(&state.db.pool)
+                .await?;
+            Some(token)
+        }
+        None => None,
+    };
     let serve = tokio::spawn(serve(listener, router(state), acceptor, shutdown.clone()));
     Ok(Started {
         addr,
@@ -438,6 +475,8 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
         plane: agents::InProcess { state: plane_state },
         host_id: plane_host,
         wake: plane_wake,
+        replica_token,
+        server_fingerprint: plane_fingerprint,
     })
 }
 

@@ -154,6 +154,29 @@ impl StoredVariable {
     }
 }
 
+/// Refuses a key that cannot open the secrets already sealed in the database (a replica started
+/// with a `secret.key` of its own, not the first server's): one would be sealed under two keys.
+pub async fn check_key(db: &crate::db::Db, key: &SecretBox, path: &Path) -> Result<(), String> {
+    let row: Option<(String, String, String, String)> = sqlx::query_as(
+        "SELECT scope, scope_id, name, value FROM env_vars WHERE secret = 1 LIMIT 1",
+    )
+    .fetch_optional(&db.pool)
+    .await
+    .map_err(|e| format!("database: {e}"))?;
+    let Some((scope, scope_id, name, value)) = row else {
+        return Ok(());
+    };
+    key.open(&sealed_as(&scope, &scope_id, &name), &value)
+        .map(drop)
+        .map_err(|_| {
+            format!(
+                "{} does not open the secrets in the database: another server sealed them; \
+                 give every replica that server's secret.key (mode 0600)",
+                path.display()
+            )
+        })
+}
+
 /// The context a variable's secret is sealed with: it opens only under the scope and name it
 /// was set as, so a sealed value copied to another row does not open.
 pub(crate) fn sealed_as(scope: &str, scope_id: &str, name: &str) -> String {

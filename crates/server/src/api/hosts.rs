@@ -11,7 +11,7 @@ use crate::auth::Caller;
 use crate::db::{new_id, now_ms};
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
-use warren_api::{HostView, JobView, LogAnswer, LogRequest, NewHost, NewHostAnswer};
+use warren_api::{AgentServers, HostView, JobView, LogAnswer, LogRequest, NewHost, NewHostAnswer};
 
 /// Registers a host for `warren agent`; its token is shown once.
 #[utoipa::path(post, path = "/api/v1/hosts", tag = "hosts",
@@ -78,6 +78,23 @@ impl axum::extract::FromRequestParts<AppState> for AgentHost {
             .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unknown host token"))?;
         Ok(Self { host_id })
     }
+}
+
+/// The server replicas an agent keeps tunnels to (host token)
+///
+/// Every replica that says where agents reach it (`--advertise-url`) and was alive in the last
+/// 20 s: each host keeps a tunnel to each, so any replica reaches any workspace, and an agent
+/// whose server went away goes on with another.
+#[utoipa::path(get, path = "/api/v1/agent/servers", tag = "agent",
+    responses((status = OK, body = AgentServers)),
+    security(("host" = [])))]
+pub async fn agent_servers(
+    State(state): State<AppState>,
+    _host: AgentHost,
+) -> ApiResult<Json<AgentServers>> {
+    Ok(Json(AgentServers {
+        servers: crate::replicas::live(&state.db).await?,
+    }))
 }
 
 /// An agent opens its host's tunnel (host token)
