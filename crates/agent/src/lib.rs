@@ -47,6 +47,7 @@ pub trait Prebuilder: Send + Sync {
 pub fn execute(
     runtime: &dyn Runtime,
     check: Option<&ImageCheck>,
+    saver: Option<&LayerSaver>,
     work: &WorkspaceJob,
 ) -> Result<Outcome, Failure> {
     let spec = &work.workspace;
@@ -98,6 +99,33 @@ pub fn execute(
             Ok(()) | Err(RuntimeError::NotFound(_)) => Ok(Outcome::Stopped),
             Err(e) => Err(Failure::transient(e.to_string())),
         },
+        Action::Save { destination } => {
+            let saver = saver.ok_or_else(|| Failure::permanent("this host saves no layers"))?;
+            // Only a stopped workspace's layer is one consistent copy.
+            match runtime.info(&id) {
+                Ok(info) if info.state == warren_runtime::WorkspaceState::Stopped => {}
+                Ok(info) => {
+                    return Err(Failure::transient(format!(
+                        "a layer is saved from a stopped workspace; this one is {}",
+                        info.state
+                    )));
+                }
+                Err(e) => return Err(Failure::permanent(e.to_string())),
+            }
+            let layer = match runtime.writable_layer(&id) {
+                Ok(Some(layer)) => layer,
+                Ok(None) => {
+                    return Err(Failure::permanent(
+                        "this workspace keeps no writable layer the host can read (a VM's disk, a folder)",
+                    ));
+                }
+                Err(e) => return Err(Failure::permanent(e.to_string())),
+            };
+            saver(&layer, destination).map_err(Failure::transient)?;
+            Ok(Outcome::Saved {
+                image: destination.clone(),
+            })
+        }
         Action::Delete => match runtime.delete(&id) {
             Ok(report) => Ok(Outcome::Deleted {
                 leftovers: report.leftovers,
@@ -109,6 +137,11 @@ pub fn execute(
         },
     }
 }
+
+/// Saves a workspace's writable layer over its image as the image named second (a registry
+/// reference), sending only what the registry lacks.
+pub type LayerSaver =
+    Arc<dyn Fn(&warren_runtime::WritableLayer, &str) -> Result<(), String> + Send + Sync>;
 
 /// Lists the images this host holds, wholly or in part, given the workspaces its runtime knows.
 pub type ImageLister =
@@ -191,6 +224,7 @@ pub struct Agent<C> {
     images: ImageLister,
     /// Whether a workspace's image can be had, before it is made or started.
     check: Option<ImageCheck>,
+    saver: Option<LayerSaver>,
     /// Notified by the control plane when it queues a job, so the agent need not poll hard.
     wake: Arc<Notify>,
     /// Jobs carried out at once (jobs of one workspace are never claimed together).
@@ -229,6 +263,7 @@ impl<C: ControlPlane> Agent<C> {
             plane,
             images,
             check: None,
+            saver: None,
             wake,
             parallel: 4,
             prebuild_slots: 1,
@@ -245,6 +280,12 @@ impl<C: ControlPlane> Agent<C> {
     /// Checks each workspace's image before it is made or started (see [`ImageCheck`]).
     pub fn with_image_check(mut self, check: ImageCheck) -> Self {
         self.check = Some(check);
+        self
+    }
+
+    /// Saves workspaces' layers to the registry (see [`LayerSaver`]).
+    pub fn with_layer_saver(mut self, saver: LayerSaver) -> Self {
+        self.saver = Some(saver);
         self
     }
 
@@ -318,13 +359,14 @@ impl<C: ControlPlane> Agent<C> {
                     }
                     let runtime = self.runtime.clone();
                     let check = self.check.clone();
+                    let saver = self.saver.clone();
                     let prebuilder = self.prebuilder.clone();
                     let plane = self.plane.clone();
                     let wake = self.wake.clone();
                     tokio::spawn(async move {
                         let result = match job.work.clone() {
                             Work::Workspace(work) => tokio::task::spawn_blocking(move || {
-                                execute(runtime.as_ref(), check.as_ref(), &work)
+                                execute(runtime.as_ref(), check.as_ref(), saver.as_ref(), &work)
                             })
                             .await
                             .unwrap_or_else(|e| Err(format!("the job panicked: {e}").into())),

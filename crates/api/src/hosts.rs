@@ -18,6 +18,36 @@ pub struct HostView {
     pub memory_total: Option<u64>,
     #[serde(default)]
     pub memory_available: Option<u64>,
+    /// It takes no new workspaces (`host drain`).
+    #[serde(default)]
+    pub draining: bool,
+}
+
+/// Where a workspace is to move.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MoveRequest {
+    /// The host's name.
+    pub host: String,
+}
+
+/// A drained host's workspaces: those on their way elsewhere, and those that could not go.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DrainAnswer {
+    pub moving: Vec<DrainMove>,
+    pub refused: Vec<DrainRefusal>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DrainMove {
+    pub workspace: String,
+    pub host: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DrainRefusal {
+    pub workspace: String,
+    pub error: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

@@ -150,6 +150,12 @@ pub struct WorkspaceView {
     pub last_active_at: Option<i64>,
     /// Why Warren stopped it by itself (an idle stop); cleared by the next start or stop.
     pub stop_reason: Option<String>,
+    /// Its writable layer as last saved to the server's registry (an image), and when (ms):
+    /// what a start on another host restores.
+    #[serde(default)]
+    pub saved_layer: Option<String>,
+    #[serde(default)]
+    pub saved_at: Option<i64>,
     /// Why it was placed on its host (the share of its image each host holds, then how busy).
     #[serde(default)]
     pub placement: Option<String>,
@@ -216,6 +222,9 @@ pub enum WorkspaceState {
     /// Its last job failed on every attempt; `last_error` says why. A start or delete
     /// tries again.
     Failed,
+    /// Its host stopped reporting. A start makes it anew on another host from its last saved
+    /// layer (`saved_layer`), else from its image; a delete forgets it.
+    Lost,
 }
 
 /// What the owner last asked for; jobs and the reconciler bring the workspace there.
@@ -229,7 +238,7 @@ pub enum Desired {
 }
 
 impl WorkspaceState {
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::Creating,
         Self::Starting,
         Self::Running,
@@ -237,6 +246,7 @@ impl WorkspaceState {
         Self::Stopped,
         Self::Deleting,
         Self::Failed,
+        Self::Lost,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -248,6 +258,7 @@ impl WorkspaceState {
             Self::Stopped => "stopped",
             Self::Deleting => "deleting",
             Self::Failed => "failed",
+            Self::Lost => "lost",
         }
     }
 

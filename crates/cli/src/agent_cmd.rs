@@ -88,7 +88,8 @@ impl HostAgentFlags {
         Ok(
             Agent::new(host, runtime, prebuilder, plane, wake, image_lister(data))
                 .with_prebuild_slots(self.prebuild_slots)
-                .with_image_check(crate::image_cmd::image_check(data)),
+                .with_image_check(crate::image_cmd::image_check(data))
+                .with_layer_saver(crate::image_cmd::layer_saver(data)),
         )
     }
 }

@@ -77,6 +77,10 @@ pub struct UpArgs {
     /// serves any request (https://HOST:PORT; replicas serve one certificate)
     #[arg(long, env = "WARREN_ADVERTISE_URL")]
     advertise_url: Option<String>,
+    /// Seconds a host may go without reporting before its workspaces are marked lost (and can
+    /// be started on another host from their last saved layer)
+    #[arg(long, env = "WARREN_HOST_LOST_SECONDS", default_value_t = 60)]
+    host_lost_seconds: u64,
     /// Push every succeeded prebuild to this registry (HOST[:PORT]/REPO), so that any host
     /// starts its workspaces lazily from there; the registry is trusted as --trusted-registry
     /// is (give each other host `--trusted-registry HOST[:PORT]` too)
@@ -317,6 +321,7 @@ pub fn up(mut args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
             trusted_registries: runtime.egress().registries,
             registry: args.registry,
             advertise_url: advertise_url.clone(),
+            host_lost_after: Duration::from_secs(args.host_lost_seconds.max(5)),
             image_check: Some(image_check),
             ssh: ssh_view,
             git_mirrors: data.join("git/server"),
@@ -660,6 +665,15 @@ pub enum WsCommand {
     },
     Start {
         name: String,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Move a workspace to another host: stopped, its layer saved to the registry, made anew
+    /// there (running again if it ran); a lost one starts there from its last saved layer (admin)
+    Move {
+        name: String,
+        #[arg(long)]
+        host: String,
         #[arg(long)]
         no_wait: bool,
     },
@@ -1068,6 +1082,23 @@ fn workspace_name_part(branch: &str) -> String {
 }
 
 /// Polls a workspace until `done` says so (or it fails), with a spinner on a terminal.
+/// Milliseconds since the epoch, as the server stamps times.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// An age in seconds, for people: `40 s`, `12 min`, `3 h`, `2 days`.
+fn spoken_age(seconds: i64) -> String {
+    match seconds {
+        ..120 => format!("{} s", seconds.max(0)),
+        120..7200 => format!("{} min", seconds / 60),
+        7200..172_800 => format!("{} h", seconds / 3600),
+        _ => format!("{} days", seconds / 86400),
+    }
+}
+
 fn wait_for(
     client: &Client,
     name: &str,
@@ -1246,7 +1277,53 @@ pub fn ws(cmd: WsCommand) -> anyhow::Result<ExitCode> {
                 serde_json::to_string_pretty(&client.get(&format!("/workspaces/{name}"))?)?
             );
         }
+        WsCommand::Move {
+            name,
+            host,
+            no_wait,
+        } => {
+            let asked: WorkspaceView = client.post_as(
+                &format!("/workspaces/{name}/move"),
+                &warren_api::MoveRequest { host: host.clone() },
+            )?;
+            let was_running = asked.desired == warren_api::Desired::Running;
+            if !no_wait {
+                wait_for(&client, &name, &format!("moving to {host}"), |ws| {
+                    ws.is_some_and(|ws| {
+                        ws.host == host
+                            && ws.state
+                                == if was_running {
+                                    WorkspaceState::Running
+                                } else {
+                                    WorkspaceState::Stopped
+                                }
+                    })
+                })?;
+            }
+            println!(
+                "{name} {} {host}",
+                if no_wait { "is moving to" } else { "is on" }
+            );
+        }
         WsCommand::Start { name, no_wait } => {
+            let before: WorkspaceView = client.get_as(&format!("/workspaces/{name}"))?;
+            if before.state == WorkspaceState::Lost {
+                match before.saved_at {
+                    Some(at) => {
+                        let age = (now_ms() - at).max(0) / 1000;
+                        println!(
+                            "{name}'s host {} is lost: starting it on another host from its layer saved {} ago ({})",
+                            before.host,
+                            spoken_age(age),
+                            before.saved_layer.as_deref().unwrap_or("")
+                        );
+                    }
+                    None => println!(
+                        "{name}'s host {} is lost and no layer of it was saved: starting it on another host from its image, without its files",
+                        before.host
+                    ),
+                }
+            }
             client.post(&format!("/workspaces/{name}/start"), &json!({}))?;
             if !no_wait {
                 wait_for(
@@ -1458,6 +1535,10 @@ pub enum HostCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Take no new workspaces there, and move each of its workspaces to another host
+    Drain { name: String },
+    /// Take new workspaces there again
+    Resume { name: String },
 }
 
 pub fn host(cmd: HostCommand) -> anyhow::Result<ExitCode> {
@@ -1486,6 +1567,27 @@ pub fn host(cmd: HostCommand) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         HostCommand::Ls { json } => json,
+        HostCommand::Drain { name } => {
+            let drained: warren_api::DrainAnswer =
+                Client::from_login()?.post_as(&format!("/hosts/{name}/drain"), &json!({}))?;
+            println!("host {name} takes no new workspaces");
+            for moving in &drained.moving {
+                println!("  {} is moving to {}", moving.workspace, moving.host);
+            }
+            for refused in &drained.refused {
+                println!("  {} stays: {}", refused.workspace, refused.error);
+            }
+            return Ok(if drained.refused.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+        HostCommand::Resume { name } => {
+            Client::from_login()?.post(&format!("/hosts/{name}/resume"), &json!({}))?;
+            println!("host {name} takes new workspaces again");
+            return Ok(ExitCode::SUCCESS);
+        }
     };
     print_table(
         json,
@@ -1495,6 +1597,7 @@ pub fn host(cmd: HostCommand) -> anyhow::Result<ExitCode> {
             ("workspaces", "WORKSPACES"),
             ("load1", "LOAD"),
             ("cpus", "CPUS"),
+            ("draining", "DRAINING"),
         ],
     )
 }

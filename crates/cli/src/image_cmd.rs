@@ -186,6 +186,55 @@ pub fn push(
     Ok(digest)
 }
 
+/// Saves a workspace's writable layer over its image as the registry image `destination`: the
+/// merged tree's index and packs of the chunks it wrote. The image's own blobs are copied into
+/// the destination's repository first where it lacks them (none when the image is there
+/// already, as a prebuild pushed to the same repository is).
+pub fn save_layer(
+    data: &Path,
+    layer: &warren_runtime::WritableLayer,
+    destination: &str,
+) -> anyhow::Result<Digest> {
+    let dest = RegistryRef::parse(destination)?;
+    let target = registry(data, &dest)?;
+    let (base_store, base_name) = resolve(data, &layer.image, Retry::patient())?;
+    let parent = open_image(base_store.as_ref(), &base_name)
+        .with_context(|| format!("the workspace's image {}", layer.image))?;
+    // The image the layer lies over, whole, in the destination's repository (a tag keeps it
+    // there for as long as layers need it).
+    copy_image(
+        base_store.as_ref(),
+        &target,
+        &base_name,
+        &format!("base-{}", &parent.digest.hex()[..16]),
+        |_, _| {},
+    )?;
+    // Only the parent's chunks are reused: every pack the result names is then in the
+    // destination's repository.
+    let work = tempfile_dir(data)?;
+    let mut builder = ImageBuilder::new(work.path(), ChunkParams::default(), Limits::default());
+    builder.start_from(&parent.index);
+    warren_image::apply_overlay_upper(&mut builder, &layer.upper, layer.id_offset)?;
+    let built = builder.finish()?;
+    let digest = commit(&target, &built, parent.config.clone(), &dest.reference)?;
+    // The image's startup trace names chunks the layer shares with it: a cold start of the
+    // layer elsewhere replays it.
+    if let Ok(Some(recorded)) = trace::load(base_store.as_ref(), &parent.digest) {
+        trace::save(&target, &digest, &recorded)?;
+    }
+    Ok(digest)
+}
+
+/// [`save_layer`] for the agent.
+pub fn layer_saver(data: &Path) -> warren_agent::LayerSaver {
+    let data = data.to_path_buf();
+    Arc::new(move |layer, destination| {
+        save_layer(&data, layer, destination)
+            .map(drop)
+            .map_err(|e| format!("cannot save the layer to {destination}: {e:#}"))
+    })
+}
+
 fn registry(data: &Path, r: &RegistryRef) -> anyhow::Result<RegistryStore> {
     let insecure = std::env::var("WARREN_REGISTRY_INSECURE").is_ok_and(|v| v == "1");
     Ok(RegistryStore::new(

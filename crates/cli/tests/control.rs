@@ -464,6 +464,17 @@ fn every_endpoint_refuses_strangers_and_other_users() {
             "{path} is for admins"
         );
     }
+    // Where workspaces run is the admins' to say, even for the owner's own.
+    for (path, body) in [
+        (
+            format!("/api/v1/workspaces/{ws_id}/move"),
+            json!({"host": "elsewhere"}),
+        ),
+        ("/api/v1/hosts/elsewhere/drain".to_owned(), json!({})),
+        ("/api/v1/hosts/elsewhere/resume".to_owned(), json!({})),
+    ] {
+        assert_eq!(post(&path, &alice, body).0, 403, "{path} is for admins");
+    }
     assert_eq!(
         post(
             "/api/v1/users",
@@ -1349,4 +1360,143 @@ fn warren_serves_https_itself_and_its_cookie_is_secure() {
         preview.starts_with("no preview here") && preview.ends_with(" 404"),
         "{preview}"
     );
+}
+
+/// With a registry, a workspace's writable layer is saved at each stop: `ws move` carries a file
+/// written on one host to another; when that host dies (its agent and shims killed) the
+/// workspace is `lost`, and a start makes it anew elsewhere from its last saved layer; `host
+/// drain` empties a host.
+#[test]
+fn workspaces_move_between_hosts_with_their_files_and_outlive_a_lost_host() {
+    setup();
+    let registry = Registry::start();
+    let mut warren = Warren::new(61, None);
+    warren.env.extend([
+        (
+            "WARREN_REGISTRY".into(),
+            format!("{}/team", registry.host()),
+        ),
+        ("WARREN_HOST_LOST_SECONDS".into(), "5".into()),
+    ]);
+    let password = warren.start().expect("a first start creates the admin");
+    warren.login("admin", &password);
+    warren.import_dev_image();
+    let image = format!("{}/team/dev:1", registry.host());
+    warren.ok("admin", &["image", "push", "dev:1", &image]);
+    let mut hosts = Vec::new();
+    for (n, name) in [(1, "b"), (2, "c")] {
+        let mut host = SecondHost::nth(&warren, n);
+        host.env
+            .push(("WARREN_TRUSTED_REGISTRIES".into(), registry.host()));
+        host.join(&warren, name);
+        hosts.push(host);
+    }
+    let show = || warren.json("admin", &["ws", "show", "web"]);
+    let exec = |script: &str| warren.ok("admin", &["ws", "exec", "web", "--", "sh", "-c", script]);
+
+    warren.ok("admin", &["ws", "create", "web", "--image", &image]);
+    if show()["host"] != "b" {
+        warren.ok("admin", &["ws", "move", "web", "--host", "b"]);
+    }
+    assert_eq!(show()["host"], "b");
+    exec("echo written on b > /root/note");
+    // Moved: stopped, its layer saved beside its image in the registry, made anew on c.
+    let moved = warren.ok("admin", &["ws", "move", "web", "--host", "c"]);
+    assert!(moved.contains("web is on c"), "{moved}");
+    let ws = show();
+    assert_eq!(
+        (ws["host"].as_str(), ws["state"].as_str()),
+        (Some("c"), Some("running")),
+        "{ws}"
+    );
+    let saved = ws["saved_layer"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        saved.starts_with(&format!("{}/team/dev:layer-", registry.host())),
+        "{ws}"
+    );
+    assert!(
+        ws["placement"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("moved from b"),
+        "{ws}"
+    );
+    assert_eq!(exec("cat /root/note"), "written on b\n");
+    // Nothing of it is left on b.
+    let left = |host: &SecondHost| -> usize {
+        let listed = host.run(&["runtime", "ls", "--json"]);
+        let listed: Value = serde_json::from_slice(&listed.stdout).unwrap_or(json!([]));
+        listed.as_array().map_or(0, Vec::len)
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while left(&hosts[0]) > 0 {
+        assert!(Instant::now() < deadline, "b still has the workspace");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // Written on c after the move: not in any saved layer.
+    exec("echo written on c > /root/late");
+
+    // Host c dies.
+    hosts[1].kill9_everything();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while show()["state"] != "lost" {
+        assert!(Instant::now() < deadline, "never lost: {}", show());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let started = warren.ok("admin", &["ws", "start", "web"]);
+    assert!(
+        started.contains("from its layer saved") && started.contains(&saved),
+        "{started}"
+    );
+    let ws = show();
+    assert_ne!(ws["host"], "c", "{ws}");
+    assert_eq!(ws["state"], "running", "{ws}");
+    assert!(
+        ws["placement"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("was lost"),
+        "{ws}"
+    );
+    assert_eq!(exec("cat /root/note"), "written on b\n");
+    assert_eq!(
+        exec("cat /root/late 2>&1 || true"),
+        "cat: /root/late: No such file or directory\n"
+    );
+
+    // Drained, b gives its workspaces to the only other live host, the server's own.
+    if show()["host"] != "b" {
+        warren.ok("admin", &["ws", "move", "web", "--host", "b"]);
+    }
+    let drained = warren.ok("admin", &["host", "drain", "b"]);
+    assert!(drained.contains("web is moving to"), "{drained}");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let ws = show();
+        if ws["host"] != "b" && ws["state"] == "running" && left(&hosts[0]) == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "b never emptied: {ws}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(exec("cat /root/note"), "written on b\n");
+    let listed = warren.json("admin", &["host", "ls", "--json"]);
+    let b = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == "b")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (b["workspaces"].as_i64(), b["draining"].as_bool()),
+        (Some(0), Some(true)),
+        "{b}"
+    );
+    // A drained host takes no new workspace.
+    let refused = warren.cli("admin", &["ws", "move", "web", "--host", "b"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("draining"));
+    warren.ok("admin", &["host", "resume", "b"]);
+    warren.ok("admin", &["ws", "rm", "web"]);
 }

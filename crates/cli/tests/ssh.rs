@@ -1449,7 +1449,12 @@ fn replicas_on_one_database_reach_every_host_and_take_over_from_each_other() {
     git(&["commit", "-q", "-m", "one"]);
     r2.ok(
         "admin",
-        &["project", "add", "app", &format!("file://{}", repo.display())],
+        &[
+            "project",
+            "add",
+            "app",
+            &format!("file://{}", repo.display()),
+        ],
     );
 
     r1.kill9();
@@ -1457,10 +1462,7 @@ fn replicas_on_one_database_reach_every_host_and_take_over_from_each_other() {
     // The agent's jobs go on through replica 2.
     r2.ok("admin", &["ws", "stop", "web"]);
     r2.ok("admin", &["ws", "start", "web"]);
-    assert_eq!(
-        r2.json("admin", &["ws", "show", "web"])["state"],
-        "running"
-    );
+    assert_eq!(r2.json("admin", &["ws", "show", "web"])["state"], "running");
     // Replica 2 polls the branches now.
     std::fs::write(repo.join("README"), "two\n").unwrap();
     git(&["commit", "-q", "-am", "two"]);

@@ -98,7 +98,21 @@ pub(crate) fn add_entry(
         }
         links.0.insert(key, entry.path.clone());
     }
-    let file = File::open(path).map_err(io_err(path))?;
+    // The same file as looked at: not a link or a FIFO put in its place meanwhile.
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        File::options()
+            .read(true)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+            .open(path)
+            .map_err(io_err(path))?
+    };
+    let opened = file.metadata().map_err(io_err(path))?;
+    if !opened.is_file() || (opened.dev(), opened.ino()) != key {
+        return Err(io_err(path)(std::io::Error::other(
+            "the file changed while it was read",
+        )));
+    }
     Ok(builder.add_file(entry, std::io::BufReader::with_capacity(1 << 20, file))?)
 }
 

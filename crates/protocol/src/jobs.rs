@@ -33,8 +33,16 @@ pub struct WorkspaceSpec {
 pub enum Action {
     Create,
     Start,
-    Stop { grace_ms: u64 },
+    Stop {
+        grace_ms: u64,
+    },
     Delete,
+    /// Store the stopped workspace's writable layer over its image, as an image of its own at
+    /// `destination` (`HOST/REPO:TAG` in the server's registry): only the chunks the registry
+    /// lacks are sent. Another host can then start the workspace from it.
+    Save {
+        destination: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -112,6 +120,10 @@ pub enum Outcome {
     },
     /// Images of archived prebuilds are removed.
     Removed,
+    /// The writable layer is saved, as this image.
+    Saved {
+        image: String,
+    },
 }
 
 /// Why a job failed, and whether running it again may help: a workspace whose image does not

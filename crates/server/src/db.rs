@@ -56,6 +56,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
         include_str!("../migrations/0019_workspace_placement.sql"),
     ),
     (20, include_str!("../migrations/0020_replicas.sql")),
+    (21, include_str!("../migrations/0021_workspace_layers.sql")),
 ];
 
 /// The advisory lock PostgreSQL migrations are made under ("warren-m").

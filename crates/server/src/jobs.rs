@@ -32,6 +32,7 @@ pub async fn enqueue(
         Action::Stop { grace_ms: 0 } => "workspace.kill",
         Action::Stop { .. } => "workspace.stop",
         Action::Delete => "workspace.delete",
+        Action::Save { .. } => "workspace.save",
     };
     let now = now_ms();
     sqlx::query(
@@ -43,6 +44,34 @@ pub async fn enqueue(
     .bind(workspace_id)
     .bind(host_id)
     .bind(serde_json::to_string(work).unwrap_or_default())
+    .bind(MAX_ATTEMPTS)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    Ok(id)
+}
+
+/// Queues the removal of what is left of a workspace on a host it left (moved, or lost and
+/// started elsewhere). It belongs to no workspace: it never holds back the workspace's own
+/// jobs, and a host that never comes back leaves it queued, harming nothing.
+pub async fn enqueue_cleanup(
+    tx: &mut Transaction<'static, Any>,
+    host_id: &str,
+    spec: &warren_protocol::WorkspaceSpec,
+) -> Result<String, sqlx::Error> {
+    let id = new_id();
+    let now = now_ms();
+    let work = WorkspaceJob {
+        action: Action::Delete,
+        workspace: spec.clone(),
+    };
+    sqlx::query(
+        "INSERT INTO jobs (id, kind, host_id, payload, state, attempts, max_attempts, run_at, created_at)
+         VALUES ($1, 'workspace.cleanup', $2, $3, 'queued', 0, $4, $5, $5)",
+    )
+    .bind(&id)
+    .bind(host_id)
+    .bind(serde_json::to_string(&work).unwrap_or_default())
     .bind(MAX_ATTEMPTS)
     .bind(now)
     .execute(&mut **tx)

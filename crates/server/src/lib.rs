@@ -73,6 +73,9 @@ fn api_routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(api::get_workspace, api::delete_workspace))
         .routes(routes!(api::start_workspace))
         .routes(routes!(api::retry_workspace))
+        .routes(routes!(api::move_workspace))
+        .routes(routes!(api::drain_host))
+        .routes(routes!(api::resume_host))
         .routes(routes!(api::workspace_jobs))
         .routes(routes!(api::set_workspace_idle_timeout))
         .routes(routes!(api::list_ports))
@@ -242,6 +245,8 @@ pub struct SingleHost {
     /// Where agents reach this server, when it is one of several replicas on one database:
     /// every host then keeps a tunnel to each replica.
     pub advertise_url: Option<String>,
+    /// How long a host may go without reporting before its workspaces are marked lost.
+    pub host_lost_after: std::time::Duration,
 }
 
 /// Only the SSH gateway's directory (`warren gateway`), for a host whose agent runs elsewhere
@@ -292,6 +297,7 @@ pub async fn gateway_directory(
         previews: preview::PreviewConfig::default(),
         https: false,
         server_fingerprint: None,
+        registry: None,
         preview_slots: Arc::default(),
         streams: Arc::default(),
     };
@@ -395,6 +401,7 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
         },
         https: acceptor.is_some(),
         server_fingerprint,
+        registry: config.registry.clone(),
         preview_slots: Arc::default(),
         streams: Arc::default(),
         db,
@@ -416,6 +423,10 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
         trusted_proxies: Arc::new(config.trusted_proxies),
     };
     tokio::spawn(idle::stop_idle_forever(state.clone()));
+    tokio::spawn(workspaces::moves::mark_lost_forever(
+        state.clone(),
+        config.host_lost_after,
+    ));
     let (plane_state, plane_host, plane_wake, plane_fingerprint) = (
         state.clone(),
         state.host_id.clone(),

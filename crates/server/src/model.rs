@@ -60,8 +60,10 @@ pub enum Event {
         later_jobs: bool,
     },
     /// The reconciler asked the host's runtime: it runs or not. Only for a settled workspace
-    /// (no job queued or running).
+    /// (no job queued or running), or a lost one whose host came back.
     Observed { running: bool },
+    /// Its host stopped reporting.
+    HostLost,
 }
 
 /// What a workspace does next.
@@ -79,6 +81,10 @@ pub enum Next {
         action: Action,
         supersede: bool,
     },
+    /// Made anew on another host (from its last saved layer), to run.
+    Relocate,
+    /// The row goes now: its host is gone, and with it whatever a job would remove.
+    Forget,
 }
 
 /// A request the workspace's state refuses.
@@ -102,6 +108,19 @@ impl Lifecycle for WorkspaceState {
     fn next(self, desired: Desired, event: Event) -> Result<Next, Refusal> {
         use WorkspaceState as S;
         Ok(match event {
+            Event::HostLost => match self {
+                S::Lost => Next::Stay,
+                S::Deleting => Next::Forget,
+                _ => Next::Record(S::Lost),
+            },
+            Event::Start if self == S::Lost => Next::Relocate,
+            Event::Stop { .. } if self == S::Lost => Next::Stay,
+            Event::Delete if self == S::Lost => Next::Forget,
+            // Its host is back, and has it.
+            Event::Observed { running } if self == S::Lost => {
+                Next::Record(if running { S::Running } else { S::Stopped })
+            }
+            Event::Reached { .. } | Event::JobFailed { .. } if self == S::Lost => Next::Stay,
             Event::Start => match self {
                 S::Deleting => return Err(Refusal::BeingDeleted),
                 S::Running => Next::Stay,
@@ -273,7 +292,8 @@ mod tests {
 
     #[test]
     fn a_delete_goes_from_every_state_and_drops_what_was_queued() {
-        for from in S::ALL {
+        // (A lost one is forgotten: see below.)
+        for from in S::ALL.into_iter().filter(|s| *s != S::Lost) {
             assert_eq!(
                 from.next(D::Running, Event::Delete),
                 queue(S::Deleting, D::Deleted, Action::Delete, true),
@@ -410,5 +430,47 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_workspace_whose_host_is_gone_is_lost_until_started_elsewhere_or_forgotten() {
+        for from in [
+            S::Creating,
+            S::Starting,
+            S::Running,
+            S::Stopping,
+            S::Stopped,
+            S::Failed,
+        ] {
+            assert_eq!(
+                from.next(D::Running, Event::HostLost),
+                Ok(Next::Record(S::Lost)),
+                "from {from}"
+            );
+        }
+        // A delete its host never carried out is done now.
+        assert_eq!(
+            S::Deleting.next(D::Deleted, Event::HostLost),
+            Ok(Next::Forget)
+        );
+        assert_eq!(S::Lost.next(D::Running, Event::HostLost), Ok(Next::Stay));
+        assert_eq!(S::Lost.next(D::Stopped, Event::Start), Ok(Next::Relocate));
+        assert_eq!(S::Lost.next(D::Running, Event::Delete), Ok(Next::Forget));
+        assert_eq!(S::Lost.next(D::Running, STOP), Ok(Next::Stay));
+        // A job of the host that went away ends without moving it.
+        let reached = Event::Reached {
+            running: true,
+            later_jobs: false,
+        };
+        assert_eq!(S::Lost.next(D::Running, reached), Ok(Next::Stay));
+        // The host came back with it.
+        assert_eq!(
+            S::Lost.next(D::Running, Event::Observed { running: true }),
+            Ok(Next::Record(S::Running))
+        );
+        assert_eq!(
+            S::Lost.next(D::Running, Event::Observed { running: false }),
+            Ok(Next::Record(S::Stopped))
+        );
     }
 }

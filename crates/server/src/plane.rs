@@ -5,9 +5,12 @@
 use std::sync::Arc;
 
 use tokio::sync::Notify;
-use warren_protocol::{ControlPlane, Failure, Job, Outcome, PlaneError, Work};
+use warren_protocol::{
+    Action, ControlPlane, Failure, Job, Outcome, PlaneError, Work, WorkspaceJob,
+};
 
 use crate::db::{Db, DbKind, now_ms};
+use crate::jobs;
 use crate::model::{Desired, Event, Lifecycle, Next, WorkspaceState};
 
 /// How long a claimed job belongs to its agent before another may take it over.
@@ -31,6 +34,16 @@ fn read_work(kind: &str, payload: &str) -> Result<Work, String> {
             .map(Work::Workspace)
             .map_err(err),
     }
+}
+
+/// A job that ends, as far as its end is recorded.
+#[derive(Debug, sqlx::FromRow)]
+struct EndingJob {
+    workspace_id: Option<String>,
+    prebuild_id: Option<String>,
+    attempts: i64,
+    max_attempts: i64,
+    kind: String,
 }
 
 /// A job as stored, as far as its agent needs it.
@@ -269,13 +282,20 @@ impl DbControlPlane {
     ) -> Result<(), sqlx::Error> {
         let now = now_ms();
         let mut tx = self.db.begin_write().await?;
-        let row: Option<(Option<String>, Option<String>, i64, i64)> = sqlx::query_as(
-            "SELECT workspace_id, prebuild_id, attempts, max_attempts FROM jobs WHERE id = $1",
+        let row: Option<EndingJob> = sqlx::query_as(
+            "SELECT workspace_id, prebuild_id, attempts, max_attempts, kind FROM jobs WHERE id = $1",
         )
         .bind(&job.id)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some((workspace_id, prebuild_id, attempts, max_attempts)) = row else {
+        let Some(EndingJob {
+            workspace_id,
+            prebuild_id,
+            attempts,
+            max_attempts,
+            kind,
+        }) = row
+        else {
             return Ok(());
         };
         if let Some(prebuild) = prebuild_id {
@@ -318,6 +338,12 @@ impl DbControlPlane {
                                 later_jobs: later > 0,
                             };
                             record(&mut tx, ws, reached, None, now).await?;
+                            if outcome == Outcome::Stopped && kind != "workspace.create" {
+                                self.save_after_stop(&mut tx, ws, later > 0, now).await?;
+                            }
+                        }
+                        Outcome::Saved { image } => {
+                            self.saved(&mut tx, ws, &image, now).await?;
                         }
                         Outcome::Prebuilt { .. } | Outcome::Removed => {}
                     }
@@ -337,16 +363,103 @@ impl DbControlPlane {
                 .bind(final_attempt.then_some(now))
                 .execute(&mut *tx)
                 .await?;
-                if let Some(ws) = &workspace_id {
-                    let failed = Event::JobFailed {
-                        final_attempt,
-                        later_jobs: later > 0,
-                    };
-                    record(&mut tx, ws, failed, Some(&message), now).await?;
+                match &workspace_id {
+                    // A layer that could not be saved leaves the workspace as it is; a move
+                    // waiting for it is called off, saying why.
+                    Some(ws) if kind == "workspace.save" && final_attempt => {
+                        sqlx::query(
+                            "UPDATE workspaces SET last_error = $2, moving_to = NULL WHERE id = $1",
+                        )
+                        .bind(ws)
+                        .bind(format!("its layer was not saved: {message}"))
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    // Tried again later; the workspace stays as it is meanwhile.
+                    Some(_) if kind == "workspace.save" => {}
+                    Some(ws) => {
+                        let failed = Event::JobFailed {
+                            final_attempt,
+                            later_jobs: later > 0,
+                        };
+                        record(&mut tx, ws, failed, Some(&message), now).await?;
+                    }
+                    None => {}
                 }
             }
         }
         tx.commit().await
+    }
+}
+
+impl DbControlPlane {
+    /// After a stop: with a registry, the writable layer of a container workspace is saved
+    /// (unless the owner asked for more meanwhile and no move waits for it).
+    async fn save_after_stop(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        ws_id: &str,
+        later_jobs: bool,
+        now: i64,
+    ) -> Result<(), sqlx::Error> {
+        let Some(registry) = &self.registry else {
+            return Ok(());
+        };
+        let Some(ws) = self.workspace(ws_id).await? else {
+            return Ok(());
+        };
+        if ws.runtime != "container" || (later_jobs && ws.moving_to.is_none()) {
+            return Ok(());
+        }
+        let destination = crate::workspaces::layer_destination(registry, &ws, now);
+        jobs::enqueue(
+            tx,
+            &ws.id.0,
+            &ws.host_id.0,
+            &WorkspaceJob {
+                action: Action::Save { destination },
+                workspace: ws.spec(),
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// A layer saved: recorded, and a move waiting for it goes on to its new host.
+    async fn saved(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        ws_id: &str,
+        image: &str,
+        now: i64,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE workspaces SET saved_layer = $2, saved_at = $3 WHERE id = $1")
+            .bind(ws_id)
+            .bind(image)
+            .bind(now)
+            .execute(&mut **tx)
+            .await?;
+        let Some(ws) = self.workspace(ws_id).await? else {
+            return Ok(());
+        };
+        let Some(to) = &ws.moving_to else {
+            return Ok(());
+        };
+        let why = format!("moved from {} with its layer saved on the way", ws.host);
+        crate::workspaces::relocate_in(tx, &ws, to, Some(image), ws.desired, &why).await?;
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// The workspace as stored (outside the caller's transaction: what it wrote is not seen).
+    async fn workspace(
+        &self,
+        id: &str,
+    ) -> Result<Option<crate::workspaces::Workspace>, sqlx::Error> {
+        crate::workspaces::select(&self.db, "WHERE w.id = $1", &[id])
+            .await
+            .map(|found| found.into_iter().next())
+            .map_err(|e| sqlx::Error::Protocol(e.message))
     }
 }
 

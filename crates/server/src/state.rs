@@ -52,6 +52,8 @@ pub struct AppState {
     pub https: bool,
     /// The fingerprint of the certificate it serves HTTPS with, for agents to pin.
     pub server_fingerprint: Option<String>,
+    /// Where prebuilds and workspace layers are pushed (`HOST/REPO`), when there is a registry.
+    pub registry: Option<String>,
     /// Connections previews hold now.
     pub preview_slots: Arc<crate::preview::PreviewSlots>,
     /// Event streams each user holds open now.

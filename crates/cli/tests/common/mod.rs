@@ -441,6 +441,9 @@ pub struct SecondHost {
     pub uid_base: u32,
     /// More variables for its commands and its agent.
     pub env: Vec<(String, String)>,
+    /// Its bridge and the addresses on it.
+    bridge: String,
+    subnet: String,
     agent: Option<Child>,
     /// Its host token, once joined.
     token: String,
@@ -448,12 +451,21 @@ pub struct SecondHost {
 
 impl SecondHost {
     pub fn new(warren: &Warren) -> Self {
+        Self::nth(warren, 1)
+    }
+
+    /// The `n`th other host (1 or 2) of `warren`: each its own uid ranges (within the test's),
+    /// bridge and subnet.
+    pub fn nth(warren: &Warren, n: u32) -> Self {
+        assert!((1..=2).contains(&n));
         Self {
             data: tempfile::Builder::new()
                 .prefix("warren-agent-")
                 .tempdir_in("/var/tmp")
                 .unwrap(),
-            uid_base: warren.uid_base + 32 * 65536,
+            uid_base: warren.uid_base + (16 + 16 * n) * 65536,
+            bridge: format!("warren{n}"),
+            subnet: format!("10.{}.0.0/16", 88 + n),
             env: Vec::new(),
             agent: None,
             token: String::new(),
@@ -466,8 +478,8 @@ impl SecondHost {
             .arg(self.data.path())
             .args(args)
             .env("WARREN_UID_BASE", self.uid_base.to_string())
-            .env("WARREN_BRIDGE", "warren1")
-            .env("WARREN_SUBNET", "10.89.0.0/16")
+            .env("WARREN_BRIDGE", &self.bridge)
+            .env("WARREN_SUBNET", &self.subnet)
             .envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd
     }
@@ -538,6 +550,27 @@ impl SecondHost {
             .env("WARREN_HOST_TOKEN", &self.token)
             .output()
             .unwrap()
+    }
+
+    /// The host dies: its agent and every process of its runtime (shims, image mounts) are
+    /// killed at once (`kill -9`).
+    pub fn kill9_everything(&mut self) {
+        if let Some(mut agent) = self.agent.take() {
+            let _ = agent.kill();
+            let _ = agent.wait();
+        }
+        let data = self.data.path().to_string_lossy().into_owned();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            if String::from_utf8_lossy(&cmdline).contains(&data) {
+                let _ = Command::new("kill")
+                    .arg("-9")
+                    .arg(entry.file_name())
+                    .status();
+            }
+        }
     }
 
     /// Stops the host's agent (its workspaces go on running).

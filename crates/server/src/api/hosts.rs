@@ -11,7 +11,10 @@ use crate::auth::Caller;
 use crate::db::{new_id, now_ms};
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
-use warren_api::{AgentServers, HostView, JobView, LogAnswer, LogRequest, NewHost, NewHostAnswer};
+use warren_api::{
+    AgentServers, DrainAnswer, DrainMove, DrainRefusal, HostView, JobView, LogAnswer, LogRequest,
+    NewHost, NewHostAnswer,
+};
 
 /// Registers a host for `warren agent`; its token is shown once.
 #[utoipa::path(post, path = "/api/v1/hosts", tag = "hosts",
@@ -78,6 +81,63 @@ impl axum::extract::FromRequestParts<AppState> for AgentHost {
             .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unknown host token"))?;
         Ok(Self { host_id })
     }
+}
+
+/// Drain a host: it takes no new workspaces, and each of its workspaces moves to another (admin)
+///
+/// Each move stops the workspace, saves its writable layer to the server's registry and makes
+/// it anew on the best other host over that layer; a running one runs again there.
+#[utoipa::path(post, path = "/api/v1/hosts/{host}/drain", tag = "hosts",
+    params(("host" = String, Path, description = "The host's name")),
+    responses((status = ACCEPTED, body = DrainAnswer)))]
+pub async fn drain_host(
+    State(state): State<AppState>,
+    caller: Caller,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    caller.require_admin()?;
+    let id = host_id(&state, &name).await?;
+    let (moving, refused) = crate::workspaces::moves::drain(&state, &id).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(DrainAnswer {
+            moving: moving
+                .into_iter()
+                .map(|(workspace, host)| DrainMove { workspace, host })
+                .collect(),
+            refused: refused
+                .into_iter()
+                .map(|(workspace, error)| DrainRefusal { workspace, error })
+                .collect(),
+        }),
+    ))
+}
+
+/// A drained host takes new workspaces again (admin)
+#[utoipa::path(post, path = "/api/v1/hosts/{host}/resume", tag = "hosts",
+    params(("host" = String, Path, description = "The host's name")),
+    responses((status = NO_CONTENT)))]
+pub async fn resume_host(
+    State(state): State<AppState>,
+    caller: Caller,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> ApiResult<StatusCode> {
+    caller.require_admin()?;
+    let id = host_id(&state, &name).await?;
+    sqlx::query("UPDATE hosts SET draining = 0 WHERE id = $1")
+        .bind(&id)
+        .execute(&state.db.pool)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The id of the host named `name`.
+async fn host_id(state: &AppState, name: &str) -> ApiResult<String> {
+    sqlx::query_scalar("SELECT id FROM hosts WHERE name = $1")
+        .bind(name)
+        .fetch_optional(&state.db.pool)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format_args!("host `{name}`")))
 }
 
 /// The server replicas an agent keeps tunnels to (host token)
@@ -251,6 +311,7 @@ struct HostRow {
     workspaces: i64,
     /// JSON of its agent's last `HostLoad`.
     load_report: Option<String>,
+    draining: i64,
 }
 
 /// Hosts (admin)
@@ -262,8 +323,8 @@ pub async fn list_hosts(
 ) -> ApiResult<Json<Vec<HostView>>> {
     caller.require_admin()?;
     let rows = sqlx::query_as::<_, HostRow>(
-        "SELECT h.id, h.name, h.last_seen_at, (SELECT COUNT(*) FROM workspaces w WHERE w.host_id = h.id) AS workspaces, h.load_report
-         FROM hosts h ORDER BY h.name",
+        "SELECT h.id, h.name, h.last_seen_at, (SELECT COUNT(*) FROM workspaces w WHERE w.host_id = h.id) AS workspaces, h.load_report,
+         h.draining FROM hosts h ORDER BY h.name",
     )
     .fetch_all(&state.db.pool)
     .await?;
@@ -282,6 +343,7 @@ pub async fn list_hosts(
                 cpus: load.map(|l| l.cpus),
                 memory_total: load.map(|l| l.memory_total),
                 memory_available: load.map(|l| l.memory_available),
+                draining: h.draining != 0,
             }
         })
         .collect();

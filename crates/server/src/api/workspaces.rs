@@ -18,8 +18,8 @@ use crate::model::{Desired, Event, WorkspaceState};
 use crate::state::AppState;
 use crate::workspaces::{self, Workspace, create};
 use warren_api::{
-    ExecRequest, ExecResponse, IdleTimeout, JobView, LogQuery, LogView, NewWorkspace, PortChange,
-    PortView, StopRequest, TaskState, TaskView, WorkspaceView,
+    ExecRequest, ExecResponse, IdleTimeout, JobView, LogQuery, LogView, MoveRequest, NewWorkspace,
+    PortChange, PortView, StopRequest, TaskState, TaskView, WorkspaceView,
 };
 
 // ---- workspaces ----
@@ -32,6 +32,8 @@ pub(crate) fn workspace_view(state: &AppState, w: &Workspace) -> WorkspaceView {
         last_active_at: w.last_active_at,
         stop_reason: w.stop_reason.clone(),
         placement: w.placement.clone(),
+        saved_layer: w.saved_layer.clone(),
+        saved_at: w.saved_at,
         id: w.id.0.clone(),
         name: w.name.clone(),
         owner: w.owner.clone(),
@@ -175,6 +177,29 @@ pub async fn start_workspace(
 ) -> ApiResult<impl IntoResponse> {
     let ws = find_workspace(&state, &caller, &key).await?;
     workspaces::request(&state, &ws, Event::Start).await?;
+    let ws = find_workspace(&state, &caller, &key).await?;
+    Ok((StatusCode::ACCEPTED, Json(workspace_view(&state, &ws))))
+}
+
+/// Move a workspace to another host (admin)
+///
+/// It is stopped, its writable layer saved to the server's registry, and made anew on `host`
+/// over that layer, running again if it ran. A lost workspace starts there from its last
+/// saved layer.
+#[utoipa::path(post, path = "/api/v1/workspaces/{workspace}/move", tag = "workspaces",
+    params(("workspace" = String, Path, description = "The workspace's id or name")),
+    request_body = MoveRequest,
+    responses((status = ACCEPTED, body = WorkspaceView)))]
+pub async fn move_workspace(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+    Body(req): Body<MoveRequest>,
+) -> ApiResult<impl IntoResponse> {
+    caller.require_admin()?;
+    let ws = find_workspace(&state, &caller, &key).await?;
+    let to = workspaces::moves::target_host(&state, &req.host).await?;
+    workspaces::moves::start_move(&state, &ws, &to).await?;
     let ws = find_workspace(&state, &caller, &key).await?;
     Ok((StatusCode::ACCEPTED, Json(workspace_view(&state, &ws))))
 }

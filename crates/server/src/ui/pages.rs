@@ -238,9 +238,12 @@ pub(crate) fn row(state: &AppState, caller: &Caller, w: &Workspace, view: &Works
         ssh,
         vscode: format!("vscode://vscode-remote/ssh-remote+{alias}/root"),
         alias,
-        can_start: w.desired != Desired::Running
-            && matches!(w.state, WorkspaceState::Stopped | WorkspaceState::Failed),
-        can_stop: w.desired == Desired::Running && w.state != WorkspaceState::Failed,
+        // A lost one starts on another host, from its last saved layer.
+        can_start: w.state == WorkspaceState::Lost
+            || w.desired != Desired::Running
+                && matches!(w.state, WorkspaceState::Stopped | WorkspaceState::Failed),
+        can_stop: w.desired == Desired::Running
+            && !matches!(w.state, WorkspaceState::Failed | WorkspaceState::Lost),
         can_retry: w.state == WorkspaceState::Failed,
     }
 }

@@ -8,9 +8,10 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 use warren_protocol::TaskSpec;
 use warren_protocol::VmOptions;
-use warren_protocol::{WorkspaceJob, WorkspaceSpec};
+use warren_protocol::{Action, WorkspaceJob, WorkspaceSpec};
 
 pub mod create;
+pub mod moves;
 
 use crate::db::{Db, now_ms};
 use crate::error::ServerError;
@@ -27,7 +28,7 @@ pub(crate) const COLUMNS: &str =
     w.tasks, w.stats, w.stats_at, w.run_as, w.prebuild_id, w.branch, pb.commit_sha AS prebuild_commit, p.git_url,
     w.runtime, u.vm_ksm AS owner_ksm, p.vm_ksm AS project_ksm,
     w.idle_timeout_s, p.idle_timeout_s AS project_idle_timeout_s, u.idle_timeout_s AS owner_idle_timeout_s,
-    w.last_active_at, w.stop_reason, w.placement,
+    w.last_active_at, w.stop_reason, w.placement, w.saved_layer, w.saved_at, w.base_image, w.moving_to,
     (SELECT b.head FROM branches b WHERE b.project_id = w.project_id AND b.name = w.branch) AS branch_head
     FROM workspaces w JOIN users u ON u.id = w.owner_id JOIN hosts h ON h.id = w.host_id
     LEFT JOIN projects p ON p.id = w.project_id LEFT JOIN prebuilds pb ON pb.id = w.prebuild_id";
@@ -80,6 +81,14 @@ pub struct Workspace {
     pub stop_reason: Option<String>,
     /// Why it was placed on its host.
     pub placement: Option<String>,
+    /// Its writable layer as last saved to the registry (an image reference), and when.
+    pub saved_layer: Option<String>,
+    pub saved_at: Option<i64>,
+    /// The image its writable layer lies over, when not `image` (it was started from a saved
+    /// layer on another host).
+    pub base_image: Option<String>,
+    /// The host a move is taking it to.
+    pub moving_to: Option<String>,
 }
 
 /// A column of seconds that may be unset.
@@ -142,6 +151,10 @@ impl Workspace {
             last_active_at: r.try_get("last_active_at")?,
             stop_reason: r.try_get("stop_reason")?,
             placement: r.try_get("placement")?,
+            saved_layer: r.try_get("saved_layer")?,
+            saved_at: r.try_get("saved_at")?,
+            base_image: r.try_get("base_image")?,
+            moving_to: r.try_get("moving_to")?,
         })
     }
 
@@ -149,7 +162,10 @@ impl Workspace {
     pub fn spec(&self) -> WorkspaceSpec {
         WorkspaceSpec {
             runtime_id: self.id.runtime_id(),
-            image: self.image.clone(),
+            image: self
+                .base_image
+                .clone()
+                .unwrap_or_else(|| self.image.clone()),
             memory: self.memory,
             cpus: self.cpus,
             pids: None,
@@ -215,14 +231,16 @@ async fn try_request(state: &AppState, ws: &Workspace, event: Event) -> ApiResul
             ApiError::conflict(format!("workspace `{}` is being deleted", ws.name))
         }
     })?;
-    let Next::Queue {
-        state: between,
-        desired,
-        action,
-        supersede,
-    } = next
-    else {
-        return Ok(true);
+    let (between, desired, action, supersede) = match next {
+        Next::Queue {
+            state,
+            desired,
+            action,
+            supersede,
+        } => (state, desired, action, supersede),
+        Next::Relocate => return relocate(state, ws).await,
+        Next::Forget => return forget(state, ws).await,
+        Next::Stay | Next::Record(_) => return Ok(true),
     };
     let mut tx = state.db.begin_write().await?;
     // Only from the state the decision was made in: a request that came in meanwhile (a
@@ -277,7 +295,7 @@ pub(crate) async fn reconcile(
     let made_at = made_at.to_string();
     let settled = select(
         db,
-        "WHERE w.host_id = $1 AND w.state IN ('running', 'stopped') AND w.desired IN ('running', 'stopped')
+        "WHERE w.host_id = $1 AND w.state IN ('running', 'stopped', 'lost') AND w.desired IN ('running', 'stopped')
            AND w.updated_at <= CAST($2 AS BIGINT)
            AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.workspace_id = w.id AND j.state IN ('queued', 'running'))",
         &[host_id, &made_at],
@@ -286,14 +304,19 @@ pub(crate) async fn reconcile(
     .map_err(|e| ServerError::Other(e.message))?;
     let mut queued = 0;
     for ws in settled {
-        let running = running.get(&ws.id.runtime_id()).copied().unwrap_or(false);
+        let listed = running.get(&ws.id.runtime_id()).copied();
+        // A lost workspace is found again only if its host (back) still has it.
+        if ws.state == WorkspaceState::Lost && listed.is_none() {
+            continue;
+        }
+        let running = listed.unwrap_or(false);
         let next = ws
             .state
             .next(ws.desired, Event::Observed { running })
             .map_err(|e| ServerError::Other(e.to_string()))?;
         // Each write only if nobody asked for something else while the runtime was asked.
         match next {
-            Next::Stay => {}
+            Next::Stay | Next::Relocate | Next::Forget => {}
             Next::Record(now) => {
                 sqlx::query(sqlx::AssertSqlSafe(format!(
                     "UPDATE workspaces SET state = $2, updated_at = $3 WHERE id = $1 AND state = $4 AND {SETTLED}"
@@ -362,10 +385,22 @@ pub(crate) async fn place(
     image: &str,
     disk: Option<u64>,
 ) -> ApiResult<(String, String)> {
+    place_except(state, image, disk, None).await
+}
+
+/// [`place`], never on `except` (the host a workspace leaves) nor on a draining host.
+pub(crate) async fn place_except(
+    state: &AppState,
+    image: &str,
+    disk: Option<u64>,
+    except: Option<&str>,
+) -> ApiResult<(String, String)> {
     let alive_since = now_ms() - 60_000;
     let rows: Vec<PlacementRow> = sqlx::query_as(
-        "SELECT h.id, h.images, h.last_seen_at, h.disk_ceiling, (SELECT COUNT(*) FROM workspaces w WHERE w.host_id = h.id) AS workspaces FROM hosts h",
+        "SELECT h.id, h.images, h.last_seen_at, h.disk_ceiling, (SELECT COUNT(*) FROM workspaces w WHERE w.host_id = h.id) AS workspaces
+         FROM hosts h WHERE h.draining = 0 AND h.id <> $1",
     )
+    .bind(except.unwrap_or(""))
     .fetch_all(&state.db.pool)
     .await?;
     let mut candidates = Vec::new();
@@ -398,12 +433,143 @@ pub(crate) async fn place(
             most >> 20
         )));
     }
-    Ok(best_host(&candidates).unwrap_or_else(|| {
-        (
-            state.host_id.clone(),
-            "no host reported lately: the server's own".to_owned(),
+    if let Some(chosen) = best_host(&candidates) {
+        return Ok(chosen);
+    }
+    // The server's own host, unless it is the one to avoid.
+    let own_draining: i64 = sqlx::query_scalar("SELECT draining FROM hosts WHERE id = $1")
+        .bind(&state.host_id)
+        .fetch_optional(&state.db.pool)
+        .await?
+        .unwrap_or(0);
+    if except == Some(state.host_id.as_str()) || own_draining != 0 {
+        return Err(ApiError::conflict(
+            "no other live host can take it (hosts seen in the last minute, not draining)",
+        ));
+    }
+    Ok((
+        state.host_id.clone(),
+        "no host reported lately: the server's own".to_owned(),
+    ))
+}
+
+/// Where a workspace's layer is saved: beside its image when that is in the server's registry
+/// (`HOST/REPO/...`: their chunks are shared, nothing of the image is copied), else in the
+/// registry's `workspace-layers` repository; tagged with the workspace and the time.
+pub(crate) fn layer_destination(registry: &str, ws: &Workspace, now: i64) -> String {
+    let base = ws.base_image.as_deref().unwrap_or(&ws.image);
+    let tag = format!("layer-{}-{now}", ws.id.0);
+    match base.strip_prefix(&format!("{registry}/")) {
+        Some(rest) => {
+            let repository = rest.split(['@', ':']).next().unwrap_or(rest);
+            format!("{registry}/{repository}:{tag}")
+        }
+        None => format!("{registry}/workspace-layers:{tag}"),
+    }
+}
+
+/// Makes the workspace anew on host `to` over `base` (its saved layer, or its image when it
+/// has none), to be `desired`, in the caller's transaction: its queued jobs go, the new host
+/// gets a create (and a stop when it is to stay stopped), the host it leaves a cleanup of
+/// whatever is left there (which never holds back the workspace's own jobs). `false` when the
+/// workspace was no longer in `ws.state`.
+pub(crate) async fn relocate_in(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    ws: &Workspace,
+    to: &str,
+    base: Option<&str>,
+    desired: Desired,
+    why: &str,
+) -> Result<bool, sqlx::Error> {
+    let moved = sqlx::query(
+        "UPDATE workspaces SET host_id = $2, base_image = $3, state = $4, desired = $5, placement = $6,
+         moving_to = NULL, last_error = NULL, stop_reason = NULL, updated_at = $7 WHERE id = $1 AND state = $8",
+    )
+    .bind(&ws.id.0)
+    .bind(to)
+    .bind(base)
+    .bind(WorkspaceState::Starting.as_str())
+    .bind(desired.as_str())
+    .bind(why)
+    .bind(now_ms())
+    .bind(ws.state.as_str())
+    .execute(&mut **tx)
+    .await?;
+    if moved.rows_affected() == 0 {
+        return Ok(false);
+    }
+    jobs::cancel_queued(tx, &ws.id.0).await?;
+    let mut spec = ws.spec();
+    spec.image = base.unwrap_or(&ws.image).to_owned();
+    jobs::enqueue(
+        tx,
+        &ws.id.0,
+        to,
+        &WorkspaceJob {
+            action: Action::Create,
+            workspace: spec.clone(),
+        },
+    )
+    .await?;
+    if desired == Desired::Stopped {
+        jobs::enqueue(
+            tx,
+            &ws.id.0,
+            to,
+            &WorkspaceJob {
+                action: Action::Stop {
+                    grace_ms: crate::api::STOP_GRACE_S * 1000,
+                },
+                workspace: spec,
+            },
         )
-    }))
+        .await?;
+    }
+    jobs::enqueue_cleanup(tx, &ws.host_id.0, &ws.spec()).await?;
+    Ok(true)
+}
+
+/// A lost workspace started again: on the best other host, from its last saved layer.
+async fn relocate(state: &AppState, ws: &Workspace) -> ApiResult<bool> {
+    let base = ws.saved_layer.as_deref().or(ws.base_image.as_deref());
+    let image = base.unwrap_or(&ws.image);
+    let (to, placed) = place_except(state, image, ws.disk, Some(&ws.host_id.0)).await?;
+    let why = match (&ws.saved_layer, ws.saved_at) {
+        (Some(_), Some(at)) => format!(
+            "its host {} was lost: started here from its layer saved {} ago ({placed})",
+            ws.host,
+            crate::idle::spoken(((now_ms() - at) / 1000).max(1) as u64)
+        ),
+        _ => format!(
+            "its host {} was lost and it had no saved layer: started here from its image, without its files ({placed})",
+            ws.host
+        ),
+    };
+    let mut tx = state.db.begin_write().await?;
+    if !relocate_in(&mut tx, ws, &to, base, Desired::Running, &why).await? {
+        return Ok(false);
+    }
+    tx.commit().await?;
+    state.wake.notify_one();
+    Ok(true)
+}
+
+/// A workspace whose host is gone, deleted: its row goes now; the host, should it come back,
+/// removes what it has of it.
+async fn forget(state: &AppState, ws: &Workspace) -> ApiResult<bool> {
+    let mut tx = state.db.begin_write().await?;
+    let gone = sqlx::query("DELETE FROM workspaces WHERE id = $1 AND state = $2")
+        .bind(&ws.id.0)
+        .bind(ws.state.as_str())
+        .execute(&mut *tx)
+        .await?;
+    if gone.rows_affected() == 0 {
+        return Ok(false);
+    }
+    jobs::cancel_queued(&mut tx, &ws.id.0).await?;
+    jobs::enqueue_cleanup(&mut tx, &ws.host_id.0, &ws.spec()).await?;
+    tx.commit().await?;
+    Ok(true)
 }
 
 /// How long a workspace's image may take to resolve at create.
