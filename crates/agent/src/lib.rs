@@ -138,6 +138,9 @@ pub fn execute(
     }
 }
 
+/// How often a running workspace job renews its lease (5 minutes on the server).
+const KEEPALIVE: Duration = Duration::from_secs(30);
+
 /// Saves a workspace's writable layer over its image as the image named second (a registry
 /// reference), sending only what the registry lacks.
 pub type LayerSaver =
@@ -365,11 +368,29 @@ impl<C: ControlPlane> Agent<C> {
                     let wake = self.wake.clone();
                     tokio::spawn(async move {
                         let result = match job.work.clone() {
-                            Work::Workspace(work) => tokio::task::spawn_blocking(move || {
-                                execute(runtime.as_ref(), check.as_ref(), saver.as_ref(), &work)
-                            })
-                            .await
-                            .unwrap_or_else(|e| Err(format!("the job panicked: {e}").into())),
+                            Work::Workspace(work) => {
+                                // A long step (a layer saved, an image pulled) keeps its lease,
+                                // so no later step of the workspace starts meanwhile, and keeps
+                                // the host seen while every slot is busy.
+                                let keepalive = {
+                                    let (plane, job) = (plane.clone(), job.clone());
+                                    tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
+                                        async move {
+                                            loop {
+                                                tokio::time::sleep(KEEPALIVE).await;
+                                                let _ = plane.log(&job, Vec::new()).await;
+                                            }
+                                        },
+                                    ))
+                                };
+                                let done = tokio::task::spawn_blocking(move || {
+                                    execute(runtime.as_ref(), check.as_ref(), saver.as_ref(), &work)
+                                })
+                                .await
+                                .unwrap_or_else(|e| Err(format!("the job panicked: {e}").into()));
+                                drop(keepalive);
+                                done
+                            }
                             Work::Prebuild(work) => match prebuilder {
                                 Some(p) => prebuild(p, plane.as_ref(), &job, work).await,
                                 None => Err(Failure::permanent("this host makes no prebuilds")),

@@ -66,7 +66,7 @@ async fn run(
 ) -> Result<(), String> {
     let mut env = start.env;
     // Agent forwarding: a socket inside the workspace for as long as the session.
-    let agents: Arc<std::sync::Mutex<HashMap<u32, mpsc::Sender<Vec<u8>>>>> = Arc::default();
+    let agents: AgentConnections = Arc::default();
     let _agent = if start.agent {
         let (rt, ws, user) = (runtime.clone(), id.clone(), start.user.clone());
         let socket = tokio::task::spawn_blocking(move || rt.listen_unix(&ws, user.as_deref()))
@@ -134,14 +134,16 @@ async fn run(
                     let _ = process.resize(WinSize { rows: rows.max(1), cols: cols.max(1) });
                 }
                 Ok(Some(Frame::AgentData(n, data))) => {
-                    let to = agents.lock().ok().and_then(|a| a.get(&n).cloned());
+                    let to = agents.lock().ok().and_then(|a| a.get(&n).map(|c| c.to.clone()));
                     if let Some(to) = to {
                         let _ = to.send(data).await;
                     }
                 }
+                // The client closed it (or refused it): the connection ends here too.
                 Ok(Some(Frame::AgentClose(n))) => {
-                    if let Ok(mut a) = agents.lock() {
-                        a.remove(&n);
+                    let gone = agents.lock().ok().and_then(|mut a| a.remove(&n));
+                    if let Some(connection) = gone {
+                        connection.task.abort();
                     }
                 }
                 Ok(Some(_)) => {}
@@ -198,11 +200,19 @@ async fn send_output(
     }
 }
 
+/// A session's open agent connections, by number: what the gateway sends each, and its task.
+type AgentConnections = Arc<std::sync::Mutex<HashMap<u32, AgentConnection>>>;
+
+struct AgentConnection {
+    to: mpsc::Sender<Vec<u8>>,
+    task: tokio::task::AbortHandle,
+}
+
 /// Numbers each connection to the session's agent socket, tells the gateway, and carries its
-/// bytes both ways.
+/// bytes both ways; at most [`MOST_AGENT_CONNECTIONS`] at once (one more is closed at once).
 async fn accept_agents(
     socket: warren_runtime::WorkspaceSocket,
-    agents: Arc<std::sync::Mutex<HashMap<u32, mpsc::Sender<Vec<u8>>>>>,
+    agents: AgentConnections,
     out: mpsc::Sender<Vec<u8>>,
 ) {
     let listener = match socket.listener.try_clone().and_then(|l| {
@@ -217,25 +227,21 @@ async fn accept_agents(
     };
     // `socket` stays alive (and its file in place) as long as this task.
     let _socket = socket;
+    let slots = Arc::new(tokio::sync::Semaphore::new(MOST_AGENT_CONNECTIONS));
     let mut next = 0u32;
+    // Aborted with this task: the connections end with the session.
     let mut connections = tokio::task::JoinSet::new();
     while let Ok((stream, _)) = listener.accept().await {
-        let open = agents.lock().map(|a| a.len()).unwrap_or(usize::MAX);
-        if open >= MOST_AGENT_CONNECTIONS {
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
             continue;
-        }
+        };
         next = next.wrapping_add(1);
         let n = next;
         let (to_agent, mut for_agent) = mpsc::channel::<Vec<u8>>(16);
-        if let Ok(mut a) = agents.lock() {
-            a.insert(n, to_agent);
-        }
-        if out.send(Frame::AgentOpen(n).encode()).await.is_err() {
-            return;
-        }
         let (mut reading, mut writing) = stream.into_split();
-        let (out, agents) = (out.clone(), agents.clone());
-        connections.spawn(async move {
+        let (out_here, agents_here) = (out.clone(), agents.clone());
+        let task = connections.spawn(async move {
+            let _slot = slot;
             let write = async {
                 while let Some(data) = for_agent.recv().await {
                     if writing.write_all(&data).await.is_err() {
@@ -247,7 +253,7 @@ async fn accept_agents(
             let read = async {
                 let mut buf = vec![0u8; 64 << 10];
                 while let Ok(got @ 1..) = reading.read(&mut buf).await {
-                    if out
+                    if out_here
                         .send(Frame::AgentData(n, buf[..got].to_vec()).encode())
                         .await
                         .is_err()
@@ -255,12 +261,18 @@ async fn accept_agents(
                         return;
                     }
                 }
-                let _ = out.send(Frame::AgentClose(n).encode()).await;
+                let _ = out_here.send(Frame::AgentClose(n).encode()).await;
             };
             tokio::join!(write, read);
-            if let Ok(mut a) = agents.lock() {
+            if let Ok(mut a) = agents_here.lock() {
                 a.remove(&n);
             }
         });
+        if let Ok(mut a) = agents.lock() {
+            a.insert(n, AgentConnection { to: to_agent, task });
+        }
+        if out.send(Frame::AgentOpen(n).encode()).await.is_err() {
+            return;
+        }
     }
 }

@@ -57,6 +57,12 @@ impl Servers {
                 next.push(known.clone());
                 continue;
             }
+            // A replica named over plain http is taken only when the given server is too (all
+            // of them on this machine): never a token in the clear to a port named by another.
+            if url.starts_with("http://") && !given.server.starts_with("http://") {
+                tracing::warn!(server = url, "a replica named without https: not used");
+                continue;
+            }
             match ServerLink::new(url, self.token.clone(), self.trust.clone()) {
                 Ok(link) => next.push(Arc::new(link)),
                 Err(e) => {

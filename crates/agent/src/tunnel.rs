@@ -150,8 +150,9 @@ async fn serve_once(link: &ServerLink, api: Router) -> Result<(), String> {
         .keep_alive_interval(KEEP_ALIVE)
         .keep_alive_timeout(KEEP_ALIVE)
         // Calls at once: commands run to their end hold theirs (the server lets each user
-        // hold 16).
-        .max_concurrent_streams(1024)
+        // hold 16), and each relayed SSH session or forwarded connection one (the gateway lets
+        // each user hold 64 and 256): room for many users before one crowds out the others.
+        .max_concurrent_streams(16_384)
         .serve_connection(upgraded, hyper_util::service::TowerToHyperService::new(api))
         .await
         .map_err(|e| e.to_string())

@@ -172,6 +172,19 @@ pub enum BenchCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Three hosts (the server's and two agents), one image in a registry: workspaces created
+    /// at once, time to running, placement, and what each host pulled; then a second round
+    Cluster {
+        /// Workspaces per round
+        #[arg(long, default_value_t = 30)]
+        workspaces: usize,
+        /// Where to keep the root filesystem, the registry and the hosts' data
+        #[arg(long, default_value = "/var/tmp/warren-bench-runtime")]
+        work: PathBuf,
+        /// Write the results as JSON here as well
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// VM boot: start request to the guest agent answering
     Boot {
         /// Boots measured (the median is reported)
@@ -222,6 +235,16 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                 return Ok(());
             }
             crate::bench_runtime::runtime(cycles, &work, json.as_deref())
+        }
+        BenchCommand::Cluster {
+            workspaces,
+            work,
+            json,
+        } => {
+            if !inside_netns(&work, &[])? {
+                return Ok(());
+            }
+            crate::bench_cluster::cluster(workspaces, &work, json.as_deref())
         }
         BenchCommand::Build { runs, work, json } => {
             if !inside_netns(&work, &[])? {
@@ -657,7 +680,57 @@ struct Results {
     dedup_budget_bytes: u64,
 }
 
-fn dir_bytes(dir: &Path) -> u64 {
+/// Debian's docker-registry on `127.0.0.1:port`, keeping its blobs under `dir` (cleared
+/// first); stopped when dropped.
+pub(crate) struct LocalRegistry {
+    child: std::process::Child,
+    /// `127.0.0.1:PORT`.
+    pub host: String,
+}
+
+impl LocalRegistry {
+    pub(crate) fn start(dir: &Path, port: u16) -> anyhow::Result<Self> {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(
+            dir.join("config.yml"),
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                dir.join("data").display()
+            ),
+        )?;
+        let registry = LocalRegistry {
+            child: Command::new("docker-registry")
+                .arg("serve")
+                .arg(dir.join("config.yml"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("cannot start docker-registry (apt install docker-registry)")?,
+            host: format!("127.0.0.1:{port}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while ureq::get(format!("http://{}/v2/", registry.host))
+            .call()
+            .is_err()
+        {
+            if Instant::now() > deadline {
+                bail!("docker-registry did not start");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(registry)
+    }
+}
+
+impl Drop for LocalRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub(crate) fn dir_bytes(dir: &Path) -> u64 {
     let mut total = 0;
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -715,30 +788,8 @@ fn lazy(
     }
 
     shape(None)?;
-    let reg_dir = work.join("registry");
-    let _ = std::fs::remove_dir_all(&reg_dir);
-    std::fs::create_dir_all(&reg_dir)?;
-    std::fs::write(
-        reg_dir.join("config.yml"),
-        format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:5000\n",
-            reg_dir.join("data").display()
-        ),
-    )?;
-    let mut registry = Command::new("docker-registry")
-        .arg("serve")
-        .arg(reg_dir.join("config.yml"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
+    let registry = LocalRegistry::start(&work.join("registry"), 5000)?;
     let result = (|| -> anyhow::Result<Results> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while ureq::get("http://127.0.0.1:5000/v2/").call().is_err() {
-            if Instant::now() > deadline {
-                bail!("docker-registry did not start");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
         let remote = "127.0.0.1:5000/bench/warren:1";
         warren(&base, &["image", "push", "bench:1", remote])?;
         if only_lazy {
@@ -985,8 +1036,7 @@ fn lazy(
         })
     })();
     let _ = shape(None);
-    let _ = registry.kill();
-    let _ = registry.wait();
+    drop(registry);
     let results = result?;
     report(&results);
     if let Some(path) = json {

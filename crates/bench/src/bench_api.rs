@@ -45,6 +45,8 @@ const UID_BASE: &str = "3500000000";
 pub(crate) struct Up {
     child: Child,
     pub client: Arc<Client>,
+    /// Its data folder.
+    pub data: std::path::PathBuf,
 }
 
 impl Drop for Up {
@@ -113,6 +115,7 @@ impl Up {
         let mut up = Up {
             child,
             client: Arc::new(Client::anonymous("http://invalid")),
+            data: data.clone(),
         };
         let mut password = None;
         let mut lines = std::io::BufReader::new(stdout).lines();
@@ -141,6 +144,15 @@ impl Up {
     /// The server's process id.
     pub(crate) fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// `warren ARGS` on the server's own host (its data folder).
+    pub(crate) fn warren(&self, args: &[&str]) -> anyhow::Result<String> {
+        sh(Command::new(crate::bench::warren_exe()?)
+            .arg("--data")
+            .arg(&self.data)
+            .args(args)
+            .env("WARREN_UID_BASE", UID_BASE))
     }
 
     /// Deletes every workspace and waits (up to `within`) until they are gone.
@@ -213,6 +225,110 @@ impl Up {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+}
+
+/// Another host of a benchmark's `warren up`: `warren agent` with its own data folder, uid
+/// ranges, bridge and addresses, registered with the server; stopped (and its workspaces
+/// removed) when dropped.
+pub(crate) struct AgentHost {
+    child: Child,
+    pub data: std::path::PathBuf,
+    uid_base: String,
+    bridge: String,
+    subnet: String,
+}
+
+impl AgentHost {
+    /// Host `n` (1 or 2) named `name`: `image` (a root filesystem) imported as `tag` first when
+    /// given, `env` for its agent; returns once the agent called in.
+    pub(crate) fn start(
+        up: &Up,
+        work: &Path,
+        name: &str,
+        n: u32,
+        image: Option<(&Path, &str)>,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        let data = work.join(format!("{name}-data"));
+        let mut host = AgentHost {
+            child: Command::new("true").spawn()?,
+            uid_base: (3_500_000_000u64 + u64::from(n) * 100_000_000).to_string(),
+            bridge: format!("wbench{n}"),
+            subnet: format!("10.{}.0.0/16", 100 + n),
+            data,
+        };
+        host.clear()?;
+        if let Some((rootfs, tag)) = image {
+            sh(host.command(&["image", "import"]).arg(rootfs).arg(tag))?;
+        }
+        let added = up.client.post("/hosts", &json!({"name": name}))?;
+        let token = added["token"].as_str().context("no host token")?;
+        host.child = host
+            .command(&["agent", "--server", up.client.server()])
+            .env("WARREN_HOST_TOKEN", token)
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(
+                work.join(format!("{name}-agent.log")),
+            )?)
+            .spawn()
+            .context("cannot start warren agent")?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let hosts = up.client.get("/hosts")?;
+            if hosts
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|h| h["name"] == name && !h["last_seen_at"].is_null())
+            {
+                return Ok(host);
+            }
+            if Instant::now() > deadline {
+                bail!("the agent of {name} never called in");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(crate::bench::warren_exe().unwrap_or_else(|_| "warren".into()));
+        cmd.arg("--data")
+            .arg(&self.data)
+            .args(args)
+            .env("WARREN_UID_BASE", &self.uid_base)
+            .env("WARREN_BRIDGE", &self.bridge)
+            .env("WARREN_SUBNET", &self.subnet);
+        cmd
+    }
+
+    /// Its workspaces and data folder from an earlier run (or this one) removed.
+    fn clear(&self) -> anyhow::Result<()> {
+        if let Ok(entries) = std::fs::read_dir(self.data.join("runtime/workspaces")) {
+            for entry in entries.flatten() {
+                let _ = self
+                    .command(&["runtime", "rm", "-f"])
+                    .arg(entry.file_name())
+                    .output();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.data);
+        if self.data.exists() {
+            bail!("cannot clear {} from an earlier run", self.data.display());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for AgentHost {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+        let _ = self.clear();
     }
 }
 

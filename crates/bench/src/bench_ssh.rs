@@ -22,10 +22,17 @@ struct Throughput {
 struct Results {
     file_mib: u64,
     runs: usize,
+    /// A workspace on the gateway's own host.
     gateway: Throughput,
     sshd: Throughput,
     upload_ratio: f64,
     download_ratio: f64,
+    /// A workspace on another host (a `warren agent`), relayed through its tunnel, against
+    /// sshd in that workspace.
+    relayed: Throughput,
+    relayed_sshd: Throughput,
+    relayed_upload_ratio: f64,
+    relayed_download_ratio: f64,
 }
 
 /// What the workspace image holds: the peer.
@@ -62,21 +69,32 @@ pub(crate) fn ssh(
         .post("/workspaces", &json!({"name": "ssh", "image": "bench:1"}))?;
     up.wait_running(1, Duration::from_secs(300))?;
 
+    // Another host, whose workspace the gateway reaches through that host's agent.
+    let far_host =
+        crate::bench_api::AgentHost::start(&up, work, "ssh-far", 1, Some((&rootfs, "far:1")), &[])?;
+    up.client
+        .post("/workspaces", &json!({"name": "far", "image": "far:1"}))?;
+    up.wait_running(2, Duration::from_secs(300))?;
+
     let client = |program: &str, port: u16| ssh_client(program, &key, port);
     // The peer: OpenSSH's sshd in the workspace, with the same key, on the workspace's address.
-    let address = sh(client("ssh", gateway_port)
-        .arg("ssh@127.0.0.1")
-        .arg(format!(
-            "mkdir -p /root/.ssh /run/sshd && chmod 700 /root/.ssh && echo '{}' > /root/.ssh/authorized_keys \
-             && ssh-keygen -A >/dev/null && /usr/sbin/sshd -p {SSHD_PORT} && hostname -I",
-            public_key.trim()
-        ))
-        .stdin(Stdio::null()))?;
-    let address = address
-        .split_whitespace()
-        .next()
-        .context("the workspace has no address")?
-        .to_owned();
+    let start_sshd = |login: &str| -> anyhow::Result<String> {
+        let address = sh(client("ssh", gateway_port)
+            .arg(login)
+            .arg(format!(
+                "mkdir -p /root/.ssh /run/sshd && chmod 700 /root/.ssh && echo '{}' > /root/.ssh/authorized_keys \
+                 && ssh-keygen -A >/dev/null && /usr/sbin/sshd -p {SSHD_PORT} && hostname -I",
+                public_key.trim()
+            ))
+            .stdin(Stdio::null()))?;
+        Ok(address
+            .split_whitespace()
+            .next()
+            .context("the workspace has no address")?
+            .to_owned())
+    };
+    let address = start_sshd("ssh@127.0.0.1")?;
+    let far_address = start_sshd("far@127.0.0.1")?;
 
     let payload = work.join("ssh-payload");
     let back = work.join("ssh-payload.back");
@@ -118,6 +136,12 @@ pub(crate) fn ssh(
         SSHD_PORT,
         &format!("root@{address}"),
     )?;
+    let relayed = measure("gateway, relayed", gateway_port, "far@127.0.0.1")?;
+    let relayed_sshd = measure(
+        "sshd in the far workspace",
+        SSHD_PORT,
+        &format!("root@{far_address}"),
+    )?;
     let _ = std::fs::remove_file(&back);
     let _ = std::fs::remove_file(&payload);
     let results = Results {
@@ -127,26 +151,45 @@ pub(crate) fn ssh(
         download_ratio: gateway.download_mib_s / sshd.download_mib_s,
         gateway,
         sshd,
+        relayed_upload_ratio: relayed.upload_mib_s / relayed_sshd.upload_mib_s,
+        relayed_download_ratio: relayed.download_mib_s / relayed_sshd.download_mib_s,
+        relayed,
+        relayed_sshd,
     };
     up.delete_all(Duration::from_secs(120))?;
+    drop(far_host);
     drop(up);
-    println!(
-        "scp of {mib} MiB (median of {runs}), MiB/s:\n  \
-         {:<24}{:>8}{:>8}\n  {:<24}{:>8.0}{:>8.0}\n  {:<24}{:>8.0}{:>8.0}\n  \
-         {:<24}{:>7.0}%{:>7.0}%",
-        "",
-        "up",
-        "down",
-        "warren gateway",
-        results.gateway.upload_mib_s,
-        results.gateway.download_mib_s,
-        "sshd in the workspace",
-        results.sshd.upload_mib_s,
-        results.sshd.download_mib_s,
-        "gateway / sshd",
-        results.upload_ratio * 100.0,
-        results.download_ratio * 100.0,
-    );
+    println!("scp of {mib} MiB (median of {runs}), MiB/s:");
+    println!("  {:<34}{:>8}{:>8}", "", "up", "down");
+    for (label, t) in [
+        ("warren gateway", &results.gateway),
+        ("sshd in the workspace", &results.sshd),
+        ("gateway, relayed to another host", &results.relayed),
+        ("sshd in that workspace", &results.relayed_sshd),
+    ] {
+        println!(
+            "  {label:<34}{:>8.0}{:>8.0}",
+            t.upload_mib_s, t.download_mib_s
+        );
+    }
+    for (label, up_ratio, down_ratio) in [
+        (
+            "gateway / sshd",
+            results.upload_ratio,
+            results.download_ratio,
+        ),
+        (
+            "relayed / sshd there",
+            results.relayed_upload_ratio,
+            results.relayed_download_ratio,
+        ),
+    ] {
+        println!(
+            "  {label:<34}{:>7.0}%{:>7.0}%",
+            up_ratio * 100.0,
+            down_ratio * 100.0
+        );
+    }
     if let Some(path) = json_out {
         std::fs::write(path, serde_json::to_vec_pretty(&results)?)?;
     }

@@ -8,6 +8,7 @@
 mod bench;
 mod bench_api;
 mod bench_build;
+mod bench_cluster;
 mod bench_runtime;
 mod bench_ssh;
 mod bench_ui;

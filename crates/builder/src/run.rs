@@ -1963,10 +1963,19 @@ mod tests {
             "warren-prebuild@sha256:00",
             "sha256:4f0c9d4ab3f1e0d1c3b2a190e1d6c1e0f4f3b1d2a7c6e5f40312a1b0c9d8e7f6",
             "SHA256:4f0c",
+            // Pushed to the server's registry: still a project's or a workspace's own.
+            "127.0.0.1:5000/team/warren-prebuild:0123",
+            "registry.example.com/warren/warren-layers:layer-1-2",
+            "registry.example.com/warren/Warren-Prebuild@sha256:00",
         ] {
             assert!(refuse_reserved(reference).is_err(), "{reference}");
         }
-        for reference in ["dev:1", "debian:bookworm", "127.0.0.1:5000/team/dev:1"] {
+        for reference in [
+            "dev:1",
+            "debian:bookworm",
+            "127.0.0.1:5000/team/dev:1",
+            "127.0.0.1:5000/team/warren-prebuild-tools:1",
+        ] {
             assert_eq!(refuse_reserved(reference), Ok(()), "{reference}");
         }
     }

@@ -1400,7 +1400,8 @@ fn workspaces_move_between_hosts_with_their_files_and_outlive_a_lost_host() {
     }
     assert_eq!(show()["host"], "b");
     exec("echo written on b > /root/note");
-    // Moved: stopped, its layer saved beside its image in the registry, made anew on c.
+    // Moved: stopped, its layer saved to the registry (where no user may name it), made anew
+    // on c.
     let moved = warren.ok("admin", &["ws", "move", "web", "--host", "c"]);
     assert!(moved.contains("web is on c"), "{moved}");
     let ws = show();
@@ -1411,7 +1412,7 @@ fn workspaces_move_between_hosts_with_their_files_and_outlive_a_lost_host() {
     );
     let saved = ws["saved_layer"].as_str().unwrap_or_default().to_owned();
     assert!(
-        saved.starts_with(&format!("{}/team/dev:layer-", registry.host())),
+        saved.starts_with(&format!("{}/team/warren-layers:layer-", registry.host())),
         "{ws}"
     );
     assert!(
@@ -1492,6 +1493,14 @@ fn workspaces_move_between_hosts_with_their_files_and_outlive_a_lost_host() {
         (b["workspaces"].as_i64(), b["draining"].as_bool()),
         (Some(0), Some(true)),
         "{b}"
+    );
+    // Nobody names a saved layer to start from it, not even an admin: it is the workspace's.
+    let named = warren.cli("admin", &["ws", "create", "thief", "--image", &saved]);
+    assert!(!named.status.success());
+    assert!(
+        String::from_utf8_lossy(&named.stderr).contains("not to be named"),
+        "{}",
+        String::from_utf8_lossy(&named.stderr)
     );
     // A drained host takes no new workspace.
     let refused = warren.cli("admin", &["ws", "move", "web", "--host", "b"]);

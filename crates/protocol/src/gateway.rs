@@ -82,8 +82,12 @@ pub async fn forward_address(host: &str, port: u16) -> Result<std::net::SocketAd
     if let Ok(ip) = host.parse::<IpAddr>() {
         return Ok(SocketAddr::new(ip, port));
     }
-    tokio::net::lookup_host((host, port))
+    // A name server that never answers must not hold the caller (or a blocking thread) for
+    // longer than this.
+    const RESOLVE_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+    tokio::time::timeout(RESOLVE_WITHIN, tokio::net::lookup_host((host, port)))
         .await
+        .map_err(|_| format!("cannot resolve {host}: no answer within 10 s"))?
         .map_err(|e| format!("cannot resolve {host}: {e}"))?
         .find(SocketAddr::is_ipv4)
         .ok_or_else(|| format!("{host} has no IPv4 address"))

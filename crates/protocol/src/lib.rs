@@ -89,18 +89,33 @@ pub mod tunnel {
 /// The error of a step stopped by a cancel.
 pub const CANCELLED: &str = "cancelled";
 
-/// Image repositories Warren names itself (prebuilds, environments, cached steps): each a
-/// project's own, so never what a user writes (`FROM`, an environment file's `image:`,
-/// `ws create --image`) — reached only through the build or the project that made it.
-pub const RESERVED_REPOSITORIES: [&str; 3] =
-    ["warren-prebuild", "warren-env", "warren-build-cache"];
+/// Image repositories Warren names itself (prebuilds, environments, cached steps, workspaces'
+/// saved layers): each a project's or a workspace's own, so never what a user writes (`FROM`,
+/// an environment file's `image:`, `ws create --image`) — reached only through the build, the
+/// project or the workspace that made it. In a registry too: `HOST/REPO/warren-prebuild:KEY`.
+pub const RESERVED_REPOSITORIES: [&str; 4] = [
+    "warren-prebuild",
+    "warren-env",
+    "warren-build-cache",
+    "warren-layers",
+];
 
-/// Refuses a reference a user wrote when it names one of [`RESERVED_REPOSITORIES`], or names an
-/// image by its bare digest (`sha256:...`), which reaches every image in the store, prebuilds
-/// included. Docker takes no bare digest either (`NAME@sha256:...`).
+/// Refuses a reference a user wrote when it names one of [`RESERVED_REPOSITORIES`] (as its
+/// last path part, on a registry or not), or names an image by its bare digest (`sha256:...`),
+/// which reaches every image in the store, prebuilds included. Docker takes no bare digest
+/// either (`NAME@sha256:...`).
 pub fn refuse_reserved(reference: &str) -> Result<(), String> {
-    let repository = reference.split(['@', ':']).next().unwrap_or_default();
-    if RESERVED_REPOSITORIES.contains(&repository) {
+    let name = reference.split('@').next().unwrap_or_default();
+    // The tag is what follows the last `:` after the last `/` (a registry's port is not one).
+    let name = match name.rsplit_once(':') {
+        Some((name, tag)) if !tag.contains('/') => name,
+        _ => name,
+    };
+    let repository = name.rsplit('/').next().unwrap_or(name);
+    if RESERVED_REPOSITORIES
+        .iter()
+        .any(|r| r.eq_ignore_ascii_case(repository))
+    {
         return Err(format!(
             "{reference}: a prebuild's or a build step's image is its project's, not to be named"
         ));

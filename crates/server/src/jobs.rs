@@ -66,17 +66,37 @@ pub async fn enqueue_cleanup(
         workspace: spec.clone(),
     };
     sqlx::query(
-        "INSERT INTO jobs (id, kind, host_id, payload, state, attempts, max_attempts, run_at, created_at)
-         VALUES ($1, 'workspace.cleanup', $2, $3, 'queued', 0, $4, $5, $5)",
+        "INSERT INTO jobs (id, kind, host_id, payload, state, attempts, max_attempts, run_at, created_at, runtime_id)
+         VALUES ($1, 'workspace.cleanup', $2, $3, 'queued', 0, $4, $5, $5, $6)",
     )
     .bind(&id)
     .bind(host_id)
     .bind(serde_json::to_string(&work).unwrap_or_default())
     .bind(MAX_ATTEMPTS)
     .bind(now)
+    .bind(&spec.runtime_id)
     .execute(&mut **tx)
     .await?;
     Ok(id)
+}
+
+/// Cancels the cleanups of workspace `runtime_id` still queued for `host_id`: it is coming
+/// back there.
+pub async fn cancel_cleanup(
+    tx: &mut Transaction<'static, Any>,
+    host_id: &str,
+    runtime_id: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE jobs SET state = 'cancelled', finished_at = $3
+         WHERE kind = 'workspace.cleanup' AND host_id = $1 AND runtime_id = $2 AND state = 'queued'",
+    )
+    .bind(host_id)
+    .bind(runtime_id)
+    .bind(now_ms())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// Queues a prebuild: any host may take it, and it is tried once (a failed build fails the

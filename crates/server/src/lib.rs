@@ -457,14 +457,20 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
     // tunnels to the others.
     let replica_token = match &config.advertise_url {
         Some(url) => {
+            let replica = replicas::local_id(&config.secret_key.with_file_name("replica.id"))
+                .map_err(ServerError::Other)?;
+            replicas::claim_host(&state.db, &state.host_id, &config.host_name, &replica)
+                .await
+                .map_err(ServerError::Other)?;
             tokio::spawn(replicas::advertise(
                 state.db.clone(),
+                replica,
                 url.clone(),
                 state.host_id.clone(),
                 shutdown.clone(),
             ));
             let token = auth::new_token().0.replacen("wrn_", "wrh_", 1);
-            sqlx::query("UPDATE hosts SET token_hash = $2 WHERE id = $1")
+            sqlx::query("UPDATE hosts SET token_hash = $2, replica = 1 WHERE id = $1")
                 .bind(&state.host_id)
                 .bind(auth::token_hash(&token))
                 .execute(&state.db.pool)

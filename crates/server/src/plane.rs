@@ -343,7 +343,7 @@ impl DbControlPlane {
                             }
                         }
                         Outcome::Saved { image } => {
-                            self.saved(&mut tx, ws, &image, now).await?;
+                            self.saved(&mut tx, ws, &job.id, &image, now).await?;
                         }
                         Outcome::Prebuilt { .. } | Outcome::Removed => {}
                     }
@@ -383,6 +383,13 @@ impl DbControlPlane {
                             later_jobs: later > 0,
                         };
                         record(&mut tx, ws, failed, Some(&message), now).await?;
+                        // A move waiting on this step is called off.
+                        if final_attempt {
+                            sqlx::query("UPDATE workspaces SET moving_to = NULL WHERE id = $1")
+                                .bind(ws)
+                                .execute(&mut *tx)
+                                .await?;
+                        }
                     }
                     None => {}
                 }
@@ -425,14 +432,37 @@ impl DbControlPlane {
         Ok(())
     }
 
-    /// A layer saved: recorded, and a move waiting for it goes on to its new host.
+    /// A layer saved: recorded, and a move waiting for it goes on to its new host. Only the
+    /// destination the job named is taken, whatever the host says it saved.
     async fn saved(
         &self,
         tx: &mut sqlx::Transaction<'static, sqlx::Any>,
         ws_id: &str,
-        image: &str,
+        job_id: &str,
+        said: &str,
         now: i64,
     ) -> Result<(), sqlx::Error> {
+        let payload: String = sqlx::query_scalar("SELECT payload FROM jobs WHERE id = $1")
+            .bind(job_id)
+            .fetch_one(&mut **tx)
+            .await?;
+        let asked = match serde_json::from_str::<WorkspaceJob>(&payload) {
+            Ok(WorkspaceJob {
+                action: Action::Save { destination },
+                ..
+            }) => destination,
+            _ => return Ok(()),
+        };
+        if said != asked {
+            tracing::warn!(
+                workspace.id = ws_id,
+                said,
+                asked,
+                "a host reported another layer than it was asked to save"
+            );
+            return Ok(());
+        }
+        let image = asked.as_str();
         sqlx::query("UPDATE workspaces SET saved_layer = $2, saved_at = $3 WHERE id = $1")
             .bind(ws_id)
             .bind(image)

@@ -93,11 +93,11 @@ async fn try_take(db: &Db, key: i64) -> Result<Option<sqlx::AnyConnection>, sqlx
 /// agents, and by the other replicas' hosts); gone from the list once stopped.
 pub async fn advertise(
     db: Db,
+    id: String,
     url: String,
     host_id: String,
     stop: std::sync::Arc<tokio::sync::Notify>,
 ) {
-    let id = new_id();
     let stopped = stop.notified();
     tokio::pin!(stopped);
     stopped.as_mut().enable();
@@ -130,6 +130,53 @@ pub async fn advertise(
         .bind(&id)
         .execute(&db.pool)
         .await;
+}
+
+/// Refuses to run a replica as a host that is an agent's (its token would be replaced, and two
+/// runtimes would take its jobs) or that another live replica runs as.
+pub async fn claim_host(db: &Db, host_id: &str, name: &str, replica: &str) -> Result<(), String> {
+    let db_error = |e: sqlx::Error| format!("database: {e}");
+    let (has_token, is_replica): (i64, i64) = sqlx::query_as(
+        "SELECT CASE WHEN token_hash IS NULL THEN 0 ELSE 1 END, replica FROM hosts WHERE id = $1",
+    )
+    .bind(host_id)
+    .fetch_one(&db.pool)
+    .await
+    .map_err(db_error)?;
+    if has_token != 0 && is_replica == 0 {
+        return Err(format!(
+            "host name `{name}` is an agent's host (warren host add): give this server its own --host-name"
+        ));
+    }
+    let running: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM replicas WHERE host_id = $1 AND last_seen_at >= $2 AND id <> $3",
+    )
+    .bind(host_id)
+    .bind(now_ms() - ALIVE_WITHIN_MS)
+    .bind(replica)
+    .fetch_one(&db.pool)
+    .await
+    .map_err(db_error)?;
+    if running > 0 {
+        return Err(format!(
+            "another server runs as host `{name}`: give each replica its own --host-name"
+        ));
+    }
+    Ok(())
+}
+
+/// This server's replica id, kept in `file` (beside its data) so that the same server started
+/// again is known as itself.
+pub fn local_id(file: &std::path::Path) -> Result<String, String> {
+    match std::fs::read_to_string(file) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("{}: {e}", file.display())),
+    }
+    let id = new_id();
+    std::fs::write(file, &id).map_err(|e| format!("{}: {e}", file.display()))?;
+    Ok(id)
 }
 
 /// Where the live replicas are reached, the newest first.

@@ -22,6 +22,12 @@ use crate::Terminal;
 const HANGUP_WAIT: Duration = Duration::from_secs(5);
 /// Agent connections one session may hold open at once.
 const MOST_AGENT_CONNECTIONS: usize = 16;
+/// The most an agent frame may carry (the host reads 64 KiB at a time), and how many of them
+/// wait for one agent channel: a host cannot make the gateway hold more.
+const MOST_AGENT_DATA: usize = 64 << 10;
+const AGENT_QUEUE: usize = 4;
+/// How long a frame may wait for the host to read.
+const SEND_WITHIN: Duration = Duration::from_secs(60);
 
 /// Runs `start` through `stream` (a relayed session opened on the workspace's host) to its
 /// end, with the client on `channel`; answers how the process ended.
@@ -43,11 +49,21 @@ pub(crate) async fn run(
         }
         let _ = to_host.shutdown().await;
     }));
+    // A host that stops reading gets no more of the session than its queue: past a while, the
+    // session ends.
     let send = |frame: Frame| {
         let frames = frames.clone();
-        async move { frames.send(frame.encode()).await.is_ok() }
+        async move {
+            matches!(
+                tokio::time::timeout(SEND_WITHIN, frames.send(frame.encode())).await,
+                Ok(Ok(()))
+            )
+        }
     };
-    send(Frame::Start(start)).await;
+    let stalled = || "the workspace's host stopped reading the session".to_owned();
+    if !send(Frame::Start(start)).await {
+        return Err(stalled());
+    }
     let (ended, mut ending) = oneshot::channel();
     let reader = AbortOnDropHandle::new(tokio::spawn(read_host(
         from_host,
@@ -64,7 +80,9 @@ pub(crate) async fn run(
             msg = channel.wait() => match msg {
                 Some(ChannelMsg::Data { data }) => {
                     for piece in data.chunks(MAX_DATA) {
-                        send(Frame::Input(piece.to_vec())).await;
+                        if !send(Frame::Input(piece.to_vec())).await {
+                            return Err(stalled());
+                        }
                     }
                 }
                 // The client's end of input; a terminal has none of its own.
@@ -132,7 +150,7 @@ async fn read_host(
                     let _ = frames.send(Frame::AgentClose(n).encode()).await;
                     continue;
                 }
-                let (to_agent, for_agent) = mpsc::channel(16);
+                let (to_agent, for_agent) = mpsc::channel(AGENT_QUEUE);
                 agents.insert(n, to_agent);
                 connections.spawn(agent_connection(
                     n,
@@ -140,6 +158,10 @@ async fn read_host(
                     for_agent,
                     frames.clone(),
                 ));
+            }
+            Ok(Some(Frame::AgentData(n, data))) if data.len() > MOST_AGENT_DATA => {
+                agents.remove(&n);
+                let _ = frames.send(Frame::AgentClose(n).encode()).await;
             }
             Ok(Some(Frame::AgentData(n, data))) => {
                 if let Some(to_agent) = agents.get(&n) {

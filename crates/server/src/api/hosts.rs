@@ -296,6 +296,8 @@ pub async fn agent_log(
         .held_job(&host.host_id, &req.job)
         .await?
         .ok_or_else(|| ApiError::not_found(format_args!("job `{}` held by this host", req.job)))?;
+    // A host busy with long jobs claims nothing for a while: this says it is alive.
+    state.plane.seen(&host.host_id, None).await?;
     let go_on = state
         .plane
         .append_log(&req.job, req.text.as_bytes())

@@ -453,18 +453,22 @@ pub(crate) async fn place_except(
     ))
 }
 
-/// Where a workspace's layer is saved: beside its image when that is in the server's registry
-/// (`HOST/REPO/...`: their chunks are shared, nothing of the image is copied), else in the
-/// registry's `workspace-layers` repository; tagged with the workspace and the time.
+/// Where a workspace's layer is saved, in a repository no user may name (see
+/// `warren_protocol::refuse_reserved`): beside its image when that is a prebuild in the
+/// server's registry (their chunks are shared, nothing of the image is copied), else in the
+/// registry's `warren-layers` (the image copied there once); tagged with the workspace and the
+/// time.
 pub(crate) fn layer_destination(registry: &str, ws: &Workspace, now: i64) -> String {
     let base = ws.base_image.as_deref().unwrap_or(&ws.image);
     let tag = format!("layer-{}-{now}", ws.id.0);
-    match base.strip_prefix(&format!("{registry}/")) {
-        Some(rest) => {
-            let repository = rest.split(['@', ':']).next().unwrap_or(rest);
+    let in_registry = base
+        .strip_prefix(&format!("{registry}/"))
+        .map(|rest| rest.split(['@', ':']).next().unwrap_or(rest));
+    match in_registry {
+        Some(repository) if repository == "warren-prebuild" || repository == "warren-layers" => {
             format!("{registry}/{repository}:{tag}")
         }
-        None => format!("{registry}/workspace-layers:{tag}"),
+        _ => format!("{registry}/warren-layers:{tag}"),
     }
 }
 
@@ -499,6 +503,7 @@ pub(crate) async fn relocate_in(
         return Ok(false);
     }
     jobs::cancel_queued(tx, &ws.id.0).await?;
+    jobs::cancel_cleanup(tx, to, &ws.id.runtime_id()).await?;
     let mut spec = ws.spec();
     spec.image = base.unwrap_or(&ws.image).to_owned();
     jobs::enqueue(

@@ -226,6 +226,10 @@ pub(crate) async fn mark_lost(state: &AppState, after: Duration) -> ApiResult<Ve
         }
         // Whatever was queued for the host that is gone.
         jobs::cancel_queued(&mut tx, &ws.id.0).await?;
+        if next == Next::Forget {
+            // Should the host come back, it removes what it has of it.
+            jobs::enqueue_cleanup(&mut tx, &ws.host_id.0, &ws.spec()).await?;
+        }
         sqlx::query("UPDATE jobs SET state = 'cancelled', finished_at = $2 WHERE workspace_id = $1 AND state = 'running'")
             .bind(&ws.id.0)
             .bind(now_ms())
