@@ -63,7 +63,7 @@ pub(crate) fn cluster(
     up.warren(&["image", "push", "bench:1", &image])?;
     let inspected: serde_json::Value =
         serde_json::from_str(&up.warren(&["image", "inspect", "bench:1", "--json"])?)?;
-    let image_bytes = inspected["config"]["data_bytes"]
+    let image_bytes = inspected["dataBytes"]
         .as_u64()
         .context("the image's size")?;
     let trusted = [("WARREN_TRUSTED_REGISTRIES", registry.host.as_str())];

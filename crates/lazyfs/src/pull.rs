@@ -71,10 +71,15 @@ pub fn stats(fetcher: &ChunkFetcher, progress: &Progress) -> Stats {
 
 /// Replays `trace` (if any), then, with `background`, pulls every other chunk. Runs on its own
 /// thread; failures are counted and logged, and the chunks are left to on-demand reads.
+///
+/// The background pull of one image is one process's at a time on a host (`image_key` names
+/// the image for [`warren_store::ChunkCache::pull_lock`]): a mount started while another pulls
+/// it waits, then finds the chunks cached.
 pub fn spawn(
     fetcher: Arc<ChunkFetcher>,
     trace: Option<Trace>,
     background: bool,
+    image_key: String,
     progress: Arc<Progress>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
@@ -110,6 +115,11 @@ pub fn spawn(
                 }
             }
             if background {
+                let stop = || progress.stop.load(Ordering::Relaxed);
+                let _pulling = fetcher.cache().pull_lock(&image_key, &stop);
+                if stop() {
+                    return;
+                }
                 let mut all: Vec<u32> = (0..index.chunks.len() as u32).collect();
                 all.sort_by_key(|&c| {
                     (

@@ -161,6 +161,7 @@ pub fn serve(request: ServeRequest<'_>) -> Result<ServedImage, ServeError> {
         fetcher.clone(),
         stored_trace,
         request.background,
+        image.digest.hex(),
         progress.clone(),
     );
     Ok(ServedImage {

@@ -294,9 +294,15 @@ fn a_recorded_trace_is_replayed_and_the_background_pull_fills_the_cache() {
     assert_eq!(loaded, recorded);
     let fetcher = fetcher_into(store.clone(), &dir.path().join("cache2"), &image.index);
     let progress = Arc::new(pull::Progress::default());
-    pull::spawn(fetcher.clone(), Some(loaded), true, progress.clone())
-        .join()
-        .unwrap();
+    pull::spawn(
+        fetcher.clone(),
+        Some(loaded),
+        true,
+        "test-image".into(),
+        progress.clone(),
+    )
+    .join()
+    .unwrap();
     let stats = pull::stats(&fetcher, &progress);
     assert_eq!(stats.trace_done, noise_chunks.len() as u64);
     assert!(stats.pull_finished && stats.pull_failures == 0, "{stats:?}");
@@ -357,4 +363,45 @@ fn a_mount_survives_the_registry_going_away_and_coming_back() {
         "wrong content after the registry came back"
     );
     drop(session);
+}
+
+/// Mounts of one image started at once on a host (each its own process, its own fetcher over
+/// the host's one cache) pull it once between them: the background pulls take turns, and the
+/// later ones find the chunks cached.
+#[test]
+fn mounts_of_one_image_at_once_pull_it_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("noise"), pseudo_random(8 << 20, 5)).unwrap();
+    let (store, _) = local_image(dir.path(), &src, "p:1");
+    let store = Arc::new(store);
+    let image = open_image(store.as_ref(), "p:1").unwrap();
+    let cache = dir.path().join("cache");
+    let pulls: Vec<_> = (0..4)
+        .map(|_| {
+            let fetcher = fetcher_into(store.clone(), &cache, &image.index);
+            let progress = Arc::new(pull::Progress::default());
+            let puller = pull::spawn(
+                fetcher.clone(),
+                None,
+                true,
+                image.digest.hex(),
+                progress.clone(),
+            );
+            (fetcher, progress, puller)
+        })
+        .collect();
+    let mut fetched = 0;
+    for (fetcher, progress, puller) in pulls {
+        puller.join().unwrap();
+        let stats = pull::stats(&fetcher, &progress);
+        assert!(stats.pull_finished && stats.pull_failures == 0, "{stats:?}");
+        fetched += stats.bytes_fetched;
+    }
+    let image_bytes = image.index.data_bytes();
+    assert!(
+        fetched <= image_bytes + image_bytes / 10,
+        "4 mounts fetched {fetched} bytes of a {image_bytes}-byte image"
+    );
 }

@@ -195,6 +195,34 @@ fn segment_file(dir: &Path, name: &str, kind: &str) -> PathBuf {
     segments_dir(dir).join(format!("{name}.{kind}"))
 }
 
+impl ChunkCache {
+    /// Takes, for as long as the answer lives, the host-wide lock on pulling the image with
+    /// `key` into this cache; waits while another process holds it (checking `give_up` every
+    /// 200 ms: `None` once it says so). Concurrent mounts of one image then pull it once, one
+    /// after the other, the later ones finding the chunks there: each process stores what it
+    /// fetches in segments of its own, so two pulling at once would store the image twice.
+    pub fn pull_lock(&self, key: &str, give_up: &dyn Fn() -> bool) -> Option<File> {
+        let dir = self.dir.join("pulls");
+        fs::create_dir_all(&dir).ok()?;
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(dir.join(format!("{key}.lock")))
+            .ok()?;
+        loop {
+            if try_lock(&file) {
+                return Some(file);
+            }
+            if give_up() {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
 /// Takes `flock(LOCK_EX | LOCK_NB)` on `file`: true if no other process holds it.
 fn try_lock(file: &File) -> bool {
     // SAFETY: flock on a descriptor that is open for the whole call.
