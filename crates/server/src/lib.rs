@@ -510,6 +510,12 @@ async fn serve(
             Ok(())
         }
         None => {
+            use axum::serve::ListenerExt as _;
+            // Small writes go out at once: an agent's tunnel carries request-answer traffic
+            // (an sftp client's reads, typed keys) that Nagle's algorithm would hold back.
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             axum::serve(
                 listener,
                 app.into_make_service_with_connect_info::<SocketAddr>(),

@@ -70,6 +70,8 @@ pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, app: Router, st
             () = stop.notified() => return,
         };
         let Ok(service) = make.call(peer).await;
+        // As over plain HTTP: small writes (a tunnel's request-answer traffic) go out at once.
+        let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
             let Ok(Ok(stream)) = tokio::time::timeout(HANDSHAKE_WITHIN, acceptor.accept(tcp)).await
