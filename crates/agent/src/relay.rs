@@ -14,7 +14,7 @@ use futures_util::StreamExt as _;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::mpsc;
 use tokio_util::task::AbortOnDropHandle;
-use warren_protocol::relay::{Exit, Frame, MAX_DATA, SessionStart};
+use warren_protocol::relay::{Exit, Frame, MAX_DATA, SessionStart, carry_agent_connection};
 use warren_runtime::{ExecIo, ExecRequest, ExitStatus, Process, Runtime, WinSize, WorkspaceId};
 
 /// How long the gateway may take to say what to run.
@@ -215,10 +215,7 @@ async fn accept_agents(
     agents: AgentConnections,
     out: mpsc::Sender<Vec<u8>>,
 ) {
-    let listener = match socket.listener.try_clone().and_then(|l| {
-        l.set_nonblocking(true)?;
-        tokio::net::UnixListener::from_std(l)
-    }) {
+    let listener = match socket.tokio_listener() {
         Ok(l) => l,
         Err(e) => {
             tracing::warn!(error = %e, "agent forwarding: cannot listen");
@@ -237,33 +234,12 @@ async fn accept_agents(
         };
         next = next.wrapping_add(1);
         let n = next;
-        let (to_agent, mut for_agent) = mpsc::channel::<Vec<u8>>(16);
-        let (mut reading, mut writing) = stream.into_split();
+        let (to_agent, for_agent) = mpsc::channel::<Vec<u8>>(16);
+        let (reading, writing) = stream.into_split();
         let (out_here, agents_here) = (out.clone(), agents.clone());
         let task = connections.spawn(async move {
             let _slot = slot;
-            let write = async {
-                while let Some(data) = for_agent.recv().await {
-                    if writing.write_all(&data).await.is_err() {
-                        break;
-                    }
-                }
-                let _ = writing.shutdown().await;
-            };
-            let read = async {
-                let mut buf = vec![0u8; 64 << 10];
-                while let Ok(got @ 1..) = reading.read(&mut buf).await {
-                    if out_here
-                        .send(Frame::AgentData(n, buf[..got].to_vec()).encode())
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-                let _ = out_here.send(Frame::AgentClose(n).encode()).await;
-            };
-            tokio::join!(write, read);
+            carry_agent_connection(n, reading, writing, for_agent, out_here).await;
             if let Ok(mut a) = agents_here.lock() {
                 a.remove(&n);
             }

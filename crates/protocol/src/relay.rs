@@ -156,6 +156,46 @@ impl Frame {
     }
 }
 
+/// Carries agent connection `n` both ways until either side ends it: what arrives in
+/// `for_agent` (the other side's [`Frame::AgentData`]) is written to `writing`, what `reading`
+/// yields goes out as frames on `frames`, ended by [`Frame::AgentClose`]. The host runs it for
+/// a connection to the session's agent socket, the gateway for the client's agent channel.
+pub async fn carry_agent_connection(
+    n: u32,
+    mut reading: impl AsyncRead + Unpin,
+    mut writing: impl tokio::io::AsyncWrite + Unpin,
+    mut for_agent: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    frames: tokio::sync::mpsc::Sender<Vec<u8>>,
+) {
+    use tokio::io::AsyncWriteExt as _;
+    let write = async {
+        while let Some(data) = for_agent.recv().await {
+            if writing.write_all(&data).await.is_err() {
+                break;
+            }
+        }
+        let _ = writing.shutdown().await;
+    };
+    let read = async {
+        let mut buf = vec![0u8; AGENT_READ];
+        while let Ok(got @ 1..) = reading.read(&mut buf).await {
+            if frames
+                .send(Frame::AgentData(n, buf[..got].to_vec()).encode())
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        let _ = frames.send(Frame::AgentClose(n).encode()).await;
+    };
+    tokio::join!(write, read);
+}
+
+/// How much of an agent connection one [`Frame::AgentData`] carries: the most either side
+/// accepts in one.
+pub const AGENT_READ: usize = 64 << 10;
+
 /// The most data one frame carries (the rest of [`MAX_FRAME`] is room for a header).
 pub const MAX_DATA: usize = MAX_FRAME - 16;
 

@@ -310,6 +310,15 @@ pub struct WorkspaceSocket {
     pub(crate) made: MadeSocket,
 }
 
+impl WorkspaceSocket {
+    /// Its listener for tokio (within a tokio runtime); the socket stays while `self` lives.
+    pub fn tokio_listener(&self) -> std::io::Result<tokio::net::UnixListener> {
+        let listener = self.listener.try_clone()?;
+        listener.set_nonblocking(true)?;
+        tokio::net::UnixListener::from_std(listener)
+    }
+}
+
 /// What a [`WorkspaceSocket`] removes when dropped.
 #[derive(Debug)]
 pub(crate) enum MadeSocket {

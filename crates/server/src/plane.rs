@@ -423,10 +423,7 @@ impl DbControlPlane {
             tx,
             &ws.id.0,
             &ws.host_id.0,
-            &WorkspaceJob {
-                action: Action::Save { destination },
-                workspace: ws.spec(),
-            },
+            &ws.job(Action::Save { destination }),
         )
         .await?;
         Ok(())

@@ -10,10 +10,12 @@ use std::time::Duration;
 
 use russh::server::{Handle, Msg};
 use russh::{Channel, ChannelMsg};
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::AbortOnDropHandle;
-use warren_protocol::relay::{Exit, Frame, MAX_DATA, SessionStart};
+use warren_protocol::relay::{
+    AGENT_READ, Exit, Frame, MAX_DATA, SessionStart, carry_agent_connection,
+};
 use warren_runtime::ExitStatus;
 
 use crate::Terminal;
@@ -22,9 +24,8 @@ use crate::Terminal;
 const HANGUP_WAIT: Duration = Duration::from_secs(5);
 /// Agent connections one session may hold open at once.
 const MOST_AGENT_CONNECTIONS: usize = 16;
-/// The most an agent frame may carry (the host reads 64 KiB at a time), and how many of them
-/// wait for one agent channel: a host cannot make the gateway hold more.
-const MOST_AGENT_DATA: usize = 64 << 10;
+/// How many agent frames (each at most [`AGENT_READ`]) wait for one agent channel: a host
+/// cannot make the gateway hold more.
 const AGENT_QUEUE: usize = 4;
 /// How long a frame may wait for the host to read.
 const SEND_WITHIN: Duration = Duration::from_secs(60);
@@ -159,7 +160,7 @@ async fn read_host(
                     frames.clone(),
                 ));
             }
-            Ok(Some(Frame::AgentData(n, data))) if data.len() > MOST_AGENT_DATA => {
+            Ok(Some(Frame::AgentData(n, data))) if data.len() > AGENT_READ => {
                 agents.remove(&n);
                 let _ = frames.send(Frame::AgentClose(n).encode()).await;
             }
@@ -190,7 +191,7 @@ async fn read_host(
 async fn agent_connection(
     n: u32,
     handle: Handle,
-    mut for_agent: mpsc::Receiver<Vec<u8>>,
+    for_agent: mpsc::Receiver<Vec<u8>>,
     frames: mpsc::Sender<Vec<u8>>,
 ) {
     let channel = match handle.channel_open_agent().await {
@@ -201,29 +202,8 @@ async fn agent_connection(
             return;
         }
     };
-    let (mut reading, mut writing) = tokio::io::split(channel.into_stream());
-    let write = async {
-        while let Some(data) = for_agent.recv().await {
-            if writing.write_all(&data).await.is_err() {
-                break;
-            }
-        }
-        let _ = writing.shutdown().await;
-    };
-    let read = async {
-        let mut buf = vec![0u8; 64 << 10];
-        while let Ok(got @ 1..) = reading.read(&mut buf).await {
-            if frames
-                .send(Frame::AgentData(n, buf[..got].to_vec()).encode())
-                .await
-                .is_err()
-            {
-                return;
-            }
-        }
-        let _ = frames.send(Frame::AgentClose(n).encode()).await;
-    };
-    tokio::join!(write, read);
+    let (reading, writing) = tokio::io::split(channel.into_stream());
+    carry_agent_connection(n, reading, writing, for_agent, frames).await;
 }
 
 /// What a host says, fit for a terminal: no control characters but line ends, at most 1 KiB.

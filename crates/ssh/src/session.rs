@@ -413,10 +413,7 @@ async fn copy_out(from: impl AsyncRead + Unpin, mut to: impl AsyncWrite + Unpin)
 
 /// Forwards each connection to the workspace's agent socket over a new agent channel.
 async fn forward_agent(socket: warren_runtime::WorkspaceSocket, handle: Handle) {
-    let listener = match socket.listener.try_clone().and_then(|l| {
-        l.set_nonblocking(true)?;
-        tokio::net::UnixListener::from_std(l)
-    }) {
+    let listener = match socket.tokio_listener() {
         Ok(l) => l,
         Err(e) => {
             tracing::warn!(error = %e, "agent forwarding: cannot listen");

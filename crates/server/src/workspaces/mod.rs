@@ -158,6 +158,14 @@ impl Workspace {
         })
     }
 
+    /// Job `action` for its host's agent.
+    pub fn job(&self, action: Action) -> WorkspaceJob {
+        WorkspaceJob {
+            action,
+            workspace: self.spec(),
+        }
+    }
+
     /// What its host's agent needs to make and run it.
     pub fn spec(&self) -> WorkspaceSpec {
         WorkspaceSpec {
@@ -264,16 +272,7 @@ async fn try_request(state: &AppState, ws: &Workspace, event: Event) -> ApiResul
     if supersede {
         jobs::cancel_queued(&mut tx, &ws.id.0).await?;
     }
-    jobs::enqueue(
-        &mut tx,
-        &ws.id.0,
-        &ws.host_id.0,
-        &WorkspaceJob {
-            action,
-            workspace: ws.spec(),
-        },
-    )
-    .await?;
+    jobs::enqueue(&mut tx, &ws.id.0, &ws.host_id.0, &ws.job(action)).await?;
     tx.commit().await?;
     state.wake.notify_one();
     Ok(true)
@@ -347,16 +346,7 @@ pub(crate) async fn reconcile(
                 if updated.rows_affected() == 0 {
                     continue;
                 }
-                jobs::enqueue(
-                    &mut tx,
-                    &ws.id.0,
-                    host_id,
-                    &WorkspaceJob {
-                        action,
-                        workspace: ws.spec(),
-                    },
-                )
-                .await?;
+                jobs::enqueue(&mut tx, &ws.id.0, host_id, &ws.job(action)).await?;
                 tx.commit().await?;
                 queued += 1;
             }

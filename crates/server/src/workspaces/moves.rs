@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use warren_protocol::{Action, WorkspaceJob};
+use warren_protocol::Action;
 
 use super::{Workspace, layer_destination, select};
 use crate::db::now_ms;
@@ -88,16 +88,7 @@ pub(crate) async fn start_move(state: &AppState, ws: &Workspace, to: &str) -> Ap
     if moved.rows_affected() == 0 {
         return Err(changed(ws));
     }
-    jobs::enqueue(
-        &mut tx,
-        &ws.id.0,
-        &ws.host_id.0,
-        &WorkspaceJob {
-            action,
-            workspace: ws.spec(),
-        },
-    )
-    .await?;
+    jobs::enqueue(&mut tx, &ws.id.0, &ws.host_id.0, &ws.job(action)).await?;
     tx.commit().await?;
     state.wake.notify_one();
     Ok(())
