@@ -156,6 +156,9 @@ pub struct WorkspaceView {
     pub saved_layer: Option<String>,
     #[serde(default)]
     pub saved_at: Option<i64>,
+    /// The host a move is taking it to, while it moves.
+    #[serde(default)]
+    pub moving_to: Option<String>,
     /// Why it was placed on its host (the share of its image each host holds, then how busy).
     #[serde(default)]
     pub placement: Option<String>,

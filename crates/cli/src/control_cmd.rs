@@ -1288,17 +1288,26 @@ pub fn ws(cmd: WsCommand) -> anyhow::Result<ExitCode> {
             )?;
             let was_running = asked.desired == warren_api::Desired::Running;
             if !no_wait {
-                wait_for(&client, &name, &format!("moving to {host}"), |ws| {
+                let settled = if was_running {
+                    WorkspaceState::Running
+                } else {
+                    WorkspaceState::Stopped
+                };
+                // Done there, or called off (a step failed): still here, no longer moving.
+                let ended = wait_for(&client, &name, &format!("moving to {host}"), |ws| {
                     ws.is_some_and(|ws| {
-                        ws.host == host
-                            && ws.state
-                                == if was_running {
-                                    WorkspaceState::Running
-                                } else {
-                                    WorkspaceState::Stopped
-                                }
+                        ws.host == host && ws.state == settled
+                            || ws.host != host && ws.moving_to.is_none()
                     })
                 })?;
+                if let Some(ws) = ended.filter(|ws| ws.host != host) {
+                    bail!(
+                        "{name} did not move: {}",
+                        ws.last_error
+                            .as_deref()
+                            .unwrap_or("the move was called off")
+                    );
+                }
             }
             println!(
                 "{name} {} {host}",

@@ -34,6 +34,7 @@ pub(crate) fn workspace_view(state: &AppState, w: &Workspace) -> WorkspaceView {
         placement: w.placement.clone(),
         saved_layer: w.saved_layer.clone(),
         saved_at: w.saved_at,
+        moving_to: w.moving_to_host.clone(),
         id: w.id.0.clone(),
         name: w.name.clone(),
         owner: w.owner.clone(),

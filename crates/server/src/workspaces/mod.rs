@@ -29,6 +29,7 @@ pub(crate) const COLUMNS: &str =
     w.runtime, u.vm_ksm AS owner_ksm, p.vm_ksm AS project_ksm,
     w.idle_timeout_s, p.idle_timeout_s AS project_idle_timeout_s, u.idle_timeout_s AS owner_idle_timeout_s,
     w.last_active_at, w.stop_reason, w.placement, w.saved_layer, w.saved_at, w.base_image, w.moving_to,
+    (SELECT m.name FROM hosts m WHERE m.id = w.moving_to) AS moving_to_host,
     (SELECT b.head FROM branches b WHERE b.project_id = w.project_id AND b.name = w.branch) AS branch_head
     FROM workspaces w JOIN users u ON u.id = w.owner_id JOIN hosts h ON h.id = w.host_id
     LEFT JOIN projects p ON p.id = w.project_id LEFT JOIN prebuilds pb ON pb.id = w.prebuild_id";
@@ -87,8 +88,9 @@ pub struct Workspace {
     /// The image its writable layer lies over, when not `image` (it was started from a saved
     /// layer on another host).
     pub base_image: Option<String>,
-    /// The host a move is taking it to.
+    /// The host a move is taking it to (its id, and its name).
     pub moving_to: Option<String>,
+    pub moving_to_host: Option<String>,
 }
 
 /// A column of seconds that may be unset.
@@ -155,6 +157,7 @@ impl Workspace {
             saved_at: r.try_get("saved_at")?,
             base_image: r.try_get("base_image")?,
             moving_to: r.try_get("moving_to")?,
+            moving_to_host: r.try_get("moving_to_host")?,
         })
     }
 
