@@ -14,9 +14,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod fixtures;
+pub mod link;
 pub use fixtures::{
     DebianRootfs, Fixture, debian_mirror, debian_rootfs, fixtures_dir, guest_kernel, static_guest,
 };
+pub use link::{DelayLine, LinkShape};
 
 /// Panics with a clear message unless `program` is on the PATH.
 pub fn require_program(program: &str, package: &str) {
@@ -170,6 +172,10 @@ impl Registry {
     /// `127.0.0.1:<port>`
     pub fn host(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
     }
 
     /// The file holding a blob in the registry's storage (to corrupt it in tests).
