@@ -101,17 +101,10 @@ pub fn execute(
         },
         Action::Save { destination } => {
             let saver = saver.ok_or_else(|| Failure::permanent("this host saves no layers"))?;
-            // Only a stopped workspace's layer is one consistent copy.
-            match runtime.info(&id) {
-                Ok(info) if info.state == warren_runtime::WorkspaceState::Stopped => {}
-                Ok(info) => {
-                    return Err(Failure::transient(format!(
-                        "a layer is saved from a stopped workspace; this one is {}",
-                        info.state
-                    )));
-                }
+            let running = match runtime.info(&id) {
+                Ok(info) => info.state == warren_runtime::WorkspaceState::Running,
                 Err(e) => return Err(Failure::permanent(e.to_string())),
-            }
+            };
             let layer = match runtime.writable_layer(&id) {
                 Ok(Some(layer)) => layer,
                 Ok(None) => {
@@ -121,7 +114,9 @@ pub fn execute(
                 }
                 Err(e) => return Err(Failure::permanent(e.to_string())),
             };
-            saver(&layer, destination).map_err(Failure::transient)?;
+            // A running workspace is frozen while its layer is read: one consistent copy.
+            let hold = running.then_some((runtime, &id));
+            saver(&layer, destination, hold).map_err(Failure::transient)?;
             Ok(Outcome::Saved {
                 image: destination.clone(),
             })
@@ -138,13 +133,36 @@ pub fn execute(
     }
 }
 
+/// Thaws every running workspace (one left frozen by a save this agent did not finish).
+fn thaw_all(runtime: &dyn Runtime) {
+    let Ok(listed) = runtime.list() else {
+        return;
+    };
+    for info in listed
+        .iter()
+        .filter(|i| i.state == warren_runtime::WorkspaceState::Running)
+    {
+        if let Err(e) = runtime.freeze(&info.config.id, false) {
+            tracing::debug!(workspace = %info.config.id, error = %e, "cannot thaw");
+        }
+    }
+}
+
 /// How often a running workspace job renews its lease (5 minutes on the server).
 const KEEPALIVE: Duration = Duration::from_secs(30);
 
 /// Saves a workspace's writable layer over its image as the image named second (a registry
-/// reference), sending only what the registry lacks.
-pub type LayerSaver =
-    Arc<dyn Fn(&warren_runtime::WritableLayer, &str) -> Result<(), String> + Send + Sync>;
+/// reference), sending only what the registry lacks. With a workspace (third), it runs: it is
+/// held frozen ([`warren_runtime::Frozen`]) while its layer is read.
+pub type LayerSaver = Arc<
+    dyn Fn(
+            &warren_runtime::WritableLayer,
+            &str,
+            Option<(&dyn Runtime, &WorkspaceId)>,
+        ) -> Result<(), String>
+        + Send
+        + Sync,
+>;
 
 /// Lists the images this host holds, wholly or in part, given the workspaces its runtime knows.
 pub type ImageLister =
@@ -301,9 +319,11 @@ impl<C: ControlPlane> Agent<C> {
     pub async fn run(self, shutdown: Arc<Notify>) {
         // Sandboxes of builds and prebuilds whose process died (this agent's before a crash)
         // go before any job runs: a prebuild redone makes its sandboxes anew.
+        // A workspace frozen while its layer was read when this agent died is thawed.
         let runtime = self.runtime.clone();
         let _ = tokio::task::spawn_blocking(move || {
-            reap(warren_runtime::reap_orphans(runtime.as_ref()))
+            reap(warren_runtime::reap_orphans(runtime.as_ref()));
+            thaw_all(runtime.as_ref());
         })
         .await;
         let slots = Arc::new(Semaphore::new(self.parallel));

@@ -86,6 +86,11 @@ pub struct UpArgs {
     /// is (give each other host `--trusted-registry HOST[:PORT]` too)
     #[arg(long, env = "WARREN_REGISTRY")]
     registry: Option<String>,
+    /// Also save each running workspace's layer to the registry this often (`30m`; each is
+    /// frozen while its host reads the layer), so that a host lost costs at most this much of
+    /// its work; without it (or with 0), layers are saved when workspaces stop. Needs --registry
+    #[arg(long, env = "WARREN_SAVE_RUNNING_EVERY", value_parser = crate::parse_duration, requires = "registry")]
+    save_running_every: Option<u64>,
     #[command(flatten)]
     host: HostFlags,
     #[command(flatten)]
@@ -322,6 +327,10 @@ pub fn up(mut args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
             registry: args.registry,
             advertise_url: advertise_url.clone(),
             host_lost_after: Duration::from_secs(args.host_lost_seconds.max(5)),
+            save_running_every: args
+                .save_running_every
+                .filter(|&s| s > 0)
+                .map(|s| Duration::from_secs(s.max(5))),
             image_check: Some(image_check),
             ssh: ssh_view,
             git_mirrors: data.join("git/server"),

@@ -189,11 +189,13 @@ pub fn push(
 /// Saves a workspace's writable layer over its image as the registry image `destination`: the
 /// merged tree's index and packs of the chunks it wrote. The image's own blobs are copied into
 /// the destination's repository first where it lacks them (none when the image is there
-/// already, as a prebuild pushed to the same repository is).
+/// already, as a prebuild pushed to the same repository is). A `running` workspace is frozen
+/// while its layer is read, and thawed before anything is pushed.
 pub fn save_layer(
     data: &Path,
     layer: &warren_runtime::WritableLayer,
     destination: &str,
+    running: Option<(&dyn warren_runtime::Runtime, &warren_runtime::WorkspaceId)>,
 ) -> anyhow::Result<Digest> {
     let dest = RegistryRef::parse(destination)?;
     let target = registry(data, &dest)?;
@@ -214,8 +216,25 @@ pub fn save_layer(
     let work = tempfile_dir(data)?;
     let mut builder = ImageBuilder::new(work.path(), ChunkParams::default(), Limits::default());
     builder.start_from(&parent.index);
-    warren_image::apply_overlay_upper(&mut builder, &layer.upper, layer.id_offset)?;
-    let built = builder.finish()?;
+    // Read frozen when it runs (the chunks are made here meanwhile); pushed once thawed.
+    let built = {
+        let frozen = running
+            .map(|(runtime, id)| warren_runtime::Frozen::hold(runtime, id))
+            .transpose()
+            .context("cannot freeze the workspace to read its layer")?;
+        let started = Instant::now();
+        warren_image::apply_overlay_upper(&mut builder, &layer.upper, layer.id_offset)?;
+        let built = builder.finish()?;
+        if let Some(frozen) = frozen {
+            drop(frozen);
+            tracing::info!(
+                destination,
+                frozen_ms = started.elapsed().as_millis() as u64,
+                "read a running workspace's layer while it was frozen"
+            );
+        }
+        built
+    };
     let digest = commit(&target, &built, parent.config.clone(), &dest.reference)?;
     // The image's startup trace names chunks the layer shares with it: a cold start of the
     // layer elsewhere replays it.
@@ -228,8 +247,8 @@ pub fn save_layer(
 /// [`save_layer`] for the agent.
 pub fn layer_saver(data: &Path) -> warren_agent::LayerSaver {
     let data = data.to_path_buf();
-    Arc::new(move |layer, destination| {
-        save_layer(&data, layer, destination)
+    Arc::new(move |layer, destination, running| {
+        save_layer(&data, layer, destination, running)
             .map(drop)
             .map_err(|e| format!("cannot save the layer to {destination}: {e:#}"))
     })

@@ -1377,6 +1377,7 @@ fn workspaces_move_between_hosts_with_their_files_and_outlive_a_lost_host() {
             format!("{}/team", registry.host()),
         ),
         ("WARREN_HOST_LOST_SECONDS".into(), "5".into()),
+        ("WARREN_SAVE_RUNNING_EVERY".into(), "10s".into()),
     ]);
     let password = warren.start().expect("a first start creates the admin");
     warren.login("admin", &password);
@@ -1434,8 +1435,27 @@ fn workspaces_move_between_hosts_with_their_files_and_outlive_a_lost_host() {
         assert!(Instant::now() < deadline, "b still has the workspace");
         std::thread::sleep(Duration::from_millis(500));
     }
-    // Written on c after the move: not in any saved layer.
+    // Written on c while it runs: in the next periodic save (made frozen, then thawed).
     exec("echo written on c > /root/late");
+    let saved_at = |ws: &Value| ws["saved_at"].as_i64().unwrap_or(0);
+    let moved_at = saved_at(&ws);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let saved = loop {
+        let ws = show();
+        if saved_at(&ws) > moved_at {
+            break ws["saved_layer"].as_str().unwrap_or_default().to_owned();
+        }
+        assert!(Instant::now() < deadline, "never saved while running: {ws}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(show()["state"], "running");
+    let log = std::fs::read_to_string(hosts[1].data.path().join("agent.log")).unwrap();
+    assert!(
+        log.contains("read a running workspace's layer while it was frozen"),
+        "{log}"
+    );
+    // Thawed: it runs commands again (and the next save is 10 s away).
+    exec("echo written on c after its last save > /root/later");
 
     // Host c dies.
     hosts[1].kill9_everything();
@@ -1460,9 +1480,10 @@ fn workspaces_move_between_hosts_with_their_files_and_outlive_a_lost_host() {
         "{ws}"
     );
     assert_eq!(exec("cat /root/note"), "written on b\n");
+    assert_eq!(exec("cat /root/late"), "written on c\n");
     assert_eq!(
-        exec("cat /root/late 2>&1 || true"),
-        "cat: /root/late: No such file or directory\n"
+        exec("cat /root/later 2>&1 || true"),
+        "cat: /root/later: No such file or directory\n"
     );
 
     // Drained, b gives its workspaces to the only other live host, the server's own.

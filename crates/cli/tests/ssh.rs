@@ -1022,13 +1022,20 @@ fn qemu_process(name: &str) -> (String, String) {
 
 /// A VM workspace (its environment file says `runtime: vm`) is used exactly like a container:
 /// commands with their status and streams, a terminal, copies, port forwarding, its tasks, and
-/// its files kept across a stop and start — through the same gateway.
+/// its files kept across a stop and start — through the same gateway; its layer is saved to
+/// the registry, at a stop and (paused) while it runs.
 #[test]
 fn a_vm_workspace_is_reached_like_a_container() {
     setup();
     warren_testkit::require_vm_tools();
+    let registry = warren_testkit::Registry::start();
     let mut warren = Warren::new(17, None);
     warren.env = vec![
+        (
+            "WARREN_REGISTRY".into(),
+            format!("{}/team", registry.host()),
+        ),
+        ("WARREN_SAVE_RUNNING_EVERY".into(), "10s".into()),
         (
             "WARREN_VM_KERNEL".into(),
             warren_testkit::guest_kernel().display().to_string(),
@@ -1194,6 +1201,48 @@ fn a_vm_workspace_is_reached_like_a_container() {
     warren.ok("alice", &["ws", "start", "web"]);
     let inside = alice.ssh_ok("web.warren", "sha256sum /root/up.bin");
     assert!(inside.starts_with(&sha256(&local)), "{inside}");
+
+    // Saved while it runs: the guest writes its page cache through and pauses while the host
+    // reads the layer, then goes on; the saved layer holds what it wrote.
+    let saved_at = || -> i64 {
+        let shown: serde_json::Value = warren.json("alice", &["ws", "show", "web"]);
+        shown["saved_at"].as_i64().unwrap_or(0)
+    };
+    let stopped_save = saved_at();
+    assert!(stopped_save > 0, "the stop saved no layer");
+    alice.ssh_ok(
+        "web.warren",
+        "echo written while running > /root/running-note",
+    );
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while saved_at() <= stopped_save {
+        assert!(Instant::now() < deadline, "never saved while running");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        warren
+            .log()
+            .contains("read a running workspace's layer while it was frozen")
+    );
+    assert_eq!(alice.ssh_ok("web.warren", "echo on"), "on\n");
+    let shown: serde_json::Value = warren.json("admin", &["ws", "show", "web"]);
+    let layer = shown["saved_layer"].as_str().unwrap().to_owned();
+    let tree = tempfile::tempdir().unwrap();
+    let mut mount = warren
+        .cli_command(
+            "admin",
+            &["image", "mount", &layer, tree.path().to_str().unwrap()],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let note = eventually("the saved layer mounted", || {
+        std::fs::read_to_string(tree.path().join("root/running-note")).ok()
+    });
+    let _ = Command::new("kill").arg(mount.id().to_string()).status();
+    let _ = mount.wait();
+    assert_eq!(note, "written while running\n");
     warren.ok("alice", &["ws", "rm", "web"]);
 }
 

@@ -8,8 +8,8 @@ use std::os::unix::fs::chown;
 use std::path::{Path, PathBuf};
 
 use libcgroups::common::{
-    AnyCgroupManager, CgroupConfig, CgroupManager, CgroupSetup, create_cgroup_manager,
-    get_cgroup_setup,
+    AnyCgroupManager, CgroupConfig, CgroupManager, CgroupSetup, FreezerState,
+    create_cgroup_manager, get_cgroup_setup,
 };
 use libcontainer::oci_spec::runtime::{
     LinuxDeviceCgroup, LinuxDeviceCgroupBuilder, LinuxDeviceType,
@@ -172,6 +172,22 @@ fn charged_to_memlock() -> bool {
         .split(|c: char| !c.is_ascii_digit())
         .filter_map(|p| p.parse::<u32>().ok());
     (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) < (5, 11)
+}
+
+/// Freezes every process of the workspace (its nested cgroups too), or thaws them: frozen, none
+/// runs until thawed, so its files hold still while the host reads them. Returns once the
+/// kernel says all are frozen.
+pub(crate) fn freeze(rec: &WorkspaceRecord, frozen: bool) -> Result<(), Error> {
+    let state = if frozen {
+        FreezerState::Frozen
+    } else {
+        FreezerState::Thawed
+    };
+    manager(rec)?.freeze(state).map_err(|e| Error::Cgroup {
+        id: rec.config.id.to_string(),
+        action: if frozen { "freeze them" } else { "thaw them" }.into(),
+        cause: e.to_string(),
+    })
 }
 
 /// cpu, memory and pids counters.

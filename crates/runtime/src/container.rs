@@ -614,6 +614,10 @@ impl Runtime for ContainerRuntime {
         self.on_running(id, |backend, ws| backend.quiesce(ws))
     }
 
+    fn freeze(&self, id: &WorkspaceId, frozen: bool) -> Result<(), Error> {
+        self.on_running(id, |backend, ws| backend.freeze(ws, frozen))
+    }
+
     fn egress(&self) -> crate::net::EgressPolicy {
         self.config.network.egress.clone()
     }

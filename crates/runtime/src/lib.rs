@@ -93,6 +93,14 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
         let _ = id;
         Ok(())
     }
+    /// Freezes every process of a running workspace (`true`: none runs, its files hold still)
+    /// or thaws them; see [`Frozen`].
+    fn freeze(&self, id: &WorkspaceId, frozen: bool) -> Result<(), Error> {
+        let _ = (id, frozen);
+        Err(Error::NotForBackend(
+            "this runtime does not freeze workspaces",
+        ))
+    }
     /// Where this runtime's workspaces may not go; what the host fetches on their behalf
     /// (`ADD <url>`) is held to the same policy.
     fn egress(&self) -> net::EgressPolicy {
@@ -108,6 +116,34 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
     fn writable_layer(&self, id: &WorkspaceId) -> Result<Option<WritableLayer>, Error> {
         let _ = id;
         Ok(None)
+    }
+}
+
+/// A running workspace held frozen until this is dropped (then thawed): a consistent copy of
+/// its writable layer is read meanwhile.
+pub struct Frozen<'a> {
+    runtime: &'a dyn Runtime,
+    id: &'a WorkspaceId,
+}
+
+impl<'a> Frozen<'a> {
+    pub fn hold(runtime: &'a dyn Runtime, id: &'a WorkspaceId) -> Result<Self, Error> {
+        runtime.freeze(id, true)?;
+        Ok(Self { runtime, id })
+    }
+}
+
+impl std::fmt::Debug for Frozen<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Frozen").field("id", &self.id).finish()
+    }
+}
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.runtime.freeze(self.id, false) {
+            tracing::warn!(workspace = %self.id, error = %e, "cannot thaw a workspace");
+        }
     }
 }
 

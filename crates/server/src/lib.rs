@@ -247,6 +247,8 @@ pub struct SingleHost {
     pub advertise_url: Option<String>,
     /// How long a host may go without reporting before its workspaces are marked lost.
     pub host_lost_after: std::time::Duration,
+    /// How often running workspaces' layers are saved to the registry (`None`: only on stop).
+    pub save_running_every: Option<std::time::Duration>,
 }
 
 /// Only the SSH gateway's directory (`warren gateway`), for a host whose agent runs elsewhere
@@ -427,6 +429,12 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
         state.clone(),
         config.host_lost_after,
     ));
+    if let Some(every) = config.save_running_every {
+        tokio::spawn(workspaces::moves::save_running_forever(
+            state.clone(),
+            every,
+        ));
+    }
     let (plane_state, plane_host, plane_wake, plane_fingerprint) = (
         state.clone(),
         state.host_id.clone(),

@@ -415,7 +415,7 @@ impl DbControlPlane {
         let Some(ws) = self.workspace(ws_id).await? else {
             return Ok(());
         };
-        if ws.runtime != "container" || (later_jobs && ws.moving_to.is_none()) {
+        if later_jobs && ws.moving_to.is_none() {
             return Ok(());
         }
         let destination = crate::workspaces::layer_destination(registry, &ws, now);
@@ -469,7 +469,9 @@ impl DbControlPlane {
         let Some(ws) = self.workspace(ws_id).await? else {
             return Ok(());
         };
-        let Some(to) = &ws.moving_to else {
+        // Only the save made after the move's stop carries the workspace over: one made while
+        // it ran (a periodic save the move found under way) is just recorded.
+        let (Some(to), WorkspaceState::Stopped) = (&ws.moving_to, &ws.state) else {
             return Ok(());
         };
         let why = format!("moved from {} with its layer saved on the way", ws.host);

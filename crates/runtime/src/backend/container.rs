@@ -270,6 +270,10 @@ impl Backend for Container {
             message: "its processes would not end".into(),
         })
     }
+
+    fn freeze(&self, ws: &Found<'_>, frozen: bool) -> Result<(), Error> {
+        cgroup::freeze(ws.rec, frozen)
+    }
 }
 
 /// SIGKILL to `pid` if it is (still) a process of the workspace: through a pidfd, so a pid

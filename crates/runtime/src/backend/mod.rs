@@ -39,6 +39,8 @@ pub(crate) trait Backend: Sync {
     fn live_stats(&self, ws: &Found<'_>) -> Result<Stats, Error>;
     /// Ends every process but init.
     fn quiesce(&self, ws: &Found<'_>) -> Result<(), Error>;
+    /// Freezes every process (`true`) or thaws them.
+    fn freeze(&self, ws: &Found<'_>, frozen: bool) -> Result<(), Error>;
 }
 
 /// The backend of a workspace.

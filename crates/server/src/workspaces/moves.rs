@@ -22,12 +22,6 @@ pub(crate) async fn start_move(state: &AppState, ws: &Workspace, to: &str) -> Ap
             "a move carries the workspace's layer through a registry: start the server with --registry",
         ));
     };
-    if ws.runtime != "container" {
-        return Err(ApiError::conflict(format!(
-            "workspace `{}` is a {}: only a container's layer is saved (a VM's disk is not yet)",
-            ws.name, ws.runtime
-        )));
-    }
     if ws.host_id.0 == to {
         return Err(ApiError::conflict(format!(
             "workspace `{}` is on that host already",
@@ -76,7 +70,8 @@ pub(crate) async fn start_move(state: &AppState, ws: &Workspace, to: &str) -> Ap
     };
     let moved = sqlx::query(
         "UPDATE workspaces SET moving_to = $2, state = $3, updated_at = $4 WHERE id = $1 AND state = $5
-           AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.workspace_id = $1 AND j.state IN ('queued', 'running'))",
+           AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.workspace_id = $1 AND j.state IN ('queued', 'running')
+             AND j.kind <> 'workspace.save')",
     )
     .bind(&ws.id.0)
     .bind(to)
@@ -164,6 +159,60 @@ pub(crate) async fn drain(
         }
     }
     Ok((moved, refused))
+}
+
+/// Saves, every `every`, the writable layer of each running workspace whose last save (or
+/// start) is older than that, so that a host lost costs at most `every` of work. The host
+/// freezes the workspace (pauses a VM) while it reads the layer. One replica at a time.
+pub async fn save_running_forever(state: AppState, every: Duration) {
+    let mut saver = crate::replicas::Singleton::new(state.db.clone(), "layer saves");
+    loop {
+        tokio::time::sleep(every.min(Duration::from_secs(60))).await;
+        saver.lead().await;
+        if let Err(e) = save_running(&state, every, now_ms()).await {
+            tracing::warn!(error = %e.message, "cannot queue the saves of running workspaces");
+        }
+    }
+}
+
+/// One look of [`save_running_forever`]; answers the workspaces whose save it queued. One
+/// with a step under way, or whose save was tried within `every` (it may have failed), waits.
+pub(crate) async fn save_running(
+    state: &AppState,
+    every: Duration,
+    now: i64,
+) -> ApiResult<Vec<String>> {
+    let Some(registry) = &state.registry else {
+        return Ok(Vec::new());
+    };
+    let due = (now - every.as_millis() as i64).to_string();
+    let found = select(
+        &state.db,
+        "WHERE w.state = 'running' AND w.desired = 'running' AND w.moving_to IS NULL AND COALESCE(w.saved_at, w.updated_at) < CAST($1 AS BIGINT)
+           AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.workspace_id = w.id
+             AND (j.state IN ('queued', 'running')
+                  OR (j.kind = 'workspace.save' AND j.created_at >= CAST($1 AS BIGINT))))",
+        &[&due],
+    )
+    .await?;
+    let mut queued = Vec::new();
+    for ws in found {
+        let destination = layer_destination(registry, &ws, now);
+        let mut tx = state.db.begin_write().await?;
+        jobs::enqueue(
+            &mut tx,
+            &ws.id.0,
+            &ws.host_id.0,
+            &ws.job(Action::Save { destination }),
+        )
+        .await?;
+        tx.commit().await?;
+        queued.push(ws.name);
+    }
+    if !queued.is_empty() {
+        state.wake.notify_one();
+    }
+    Ok(queued)
 }
 
 /// Marks lost, every few seconds, the workspaces of hosts not heard from for `after` (not this
