@@ -176,8 +176,16 @@ pub fn image_lister(data: &Path) -> ImageLister {
                 warren_runtime::RootSource::Image { reference, .. } => Some(reference.clone()),
                 warren_runtime::RootSource::Dir { .. } => None,
             })
-            .filter(|r| !local.contains(r))
             .collect();
+        // Images its workspaces ran before (moved away, deleted) while this agent ran: their
+        // chunks may still be cached, and a workspace of them is best placed here.
+        let ran_before: Vec<String> = indexes
+            .lock()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
+        let now_running = remote.clone();
+        remote.extend(ran_before);
+        remote.retain(|r| !local.contains(r));
         remote.sort();
         remote.dedup();
         for reference in remote {
@@ -198,10 +206,13 @@ pub fn image_lister(data: &Path) -> ImageLister {
                     }
                 },
             };
-            out.push(HostImage {
-                cached: ChunkCache::share_on_disk(&data.join("cache"), &ids),
-                image: reference,
-            });
+            let cached = ChunkCache::share_on_disk(&data.join("cache"), &ids);
+            if cached > 0.0 || now_running.contains(&reference) {
+                out.push(HostImage {
+                    cached,
+                    image: reference,
+                });
+            }
         }
         out
     })

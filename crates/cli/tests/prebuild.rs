@@ -9,11 +9,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{SecondHost, Warren, ok};
+use common::{
+    SecondHost, Warren, commit_all, ended, examples, ok, prebuild_of, prebuilds, repository,
+    walkdir_bytes,
+};
 use serde_json::Value;
 use warren_testkit::{
     DebianRootfs, DelayLine, LinkShape, Registry, debian_rootfs, enter_own_network, git,
@@ -21,68 +22,8 @@ use warren_testkit::{
 
 /// This crate's folder, as the test runner gives it (not as compiled in: the target folder is
 /// shared between checkouts, and a binary built for another may be reused).
-fn manifest_dir() -> std::ffi::OsString {
-    std::env::var_os("CARGO_MANIFEST_DIR").expect("tests run under cargo test or nextest")
-}
-
-fn examples() -> PathBuf {
-    Path::new(&manifest_dir()).join("../../examples")
-}
-
-/// A repository on `main` holding a copy of `source`; its URL.
-fn repository(root: &Path, name: &str, source: &Path) -> (PathBuf, String) {
-    let repo = root.join(name);
-    std::fs::create_dir_all(&repo).unwrap();
-    let copied = Command::new("cp")
-        .arg("-a")
-        .arg(format!("{}/.", source.display()))
-        .arg(&repo)
-        .status()
-        .unwrap();
-    assert!(copied.success());
-    git(&repo, &["init", "-q", "-b", "main"]);
-    commit_all(&repo, "first");
-    let url = format!("file://{}", repo.display());
-    (repo, url)
-}
-
-fn commit_all(repo: &Path, message: &str) -> String {
-    git(repo, &["add", "-A"]);
-    git(repo, &["commit", "-q", "-m", message]);
-    git(repo, &["rev-parse", "HEAD"])
-}
-
 fn json(text: &str) -> Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
-}
-
-/// The project's prebuilds, newest first.
-fn prebuilds(warren: &Warren, project: &str) -> Vec<Value> {
-    let list = json(&warren.ok("admin", &["prebuild", "ls", project, "--json"]));
-    list.as_array().unwrap().clone()
-}
-
-/// Waits for the prebuild `pick` chooses to show up and end; returns it.
-fn ended(warren: &Warren, project: &str, pick: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        if let Some(pb) = prebuilds(warren, project).into_iter().find(&pick)
-            && !matches!(pb["state"].as_str(), Some("queued" | "running"))
-        {
-            return pb;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no prebuild ended: {:?}",
-            prebuilds(warren, project)
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
-/// The prebuild of `commit`, once it ended.
-fn prebuild_of(warren: &Warren, project: &str, commit: &str) -> Value {
-    ended(warren, project, |p| p["commit"] == commit)
 }
 
 fn wait_for_log(warren: &Warren, ws: &str, task: &str, expected: &str) {
@@ -500,21 +441,6 @@ fn a_prebuild_in_the_registry_starts_on_a_host_that_never_saw_it() {
     for ws in ["counter", "counter2", "busy"] {
         warren.ok("admin", &["ws", "rm", ws]);
     }
-}
-
-/// Bytes of the files under `dir`.
-fn walkdir_bytes(dir: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|e| match e.file_type() {
-            Ok(t) if t.is_dir() => walkdir_bytes(&e.path()),
-            Ok(_) => e.metadata().map_or(0, |m| m.len()),
-            Err(_) => 0,
-        })
-        .sum()
 }
 
 /// `warren up` killed (SIGKILL) at each step of a prebuild — the fetch, a build step, the

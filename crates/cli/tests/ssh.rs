@@ -1532,3 +1532,167 @@ fn replicas_on_one_database_reach_every_host_and_take_over_from_each_other() {
     assert_eq!(admin.ssh_ok("web.warren", "echo still"), "still\n");
     r2.ok("admin", &["ws", "rm", "web"]);
 }
+
+/// The several-hosts story in one cluster: PostgreSQL; docker-registry 20 ms and 100 Mbit/s
+/// away; two replicas, r1 the only host that makes prebuilds; two agent hosts, b and c. The
+/// prebuild made on r1's host starts on b, which never saw it, with under half of it fetched;
+/// SSH through replica 2 reaches it there (exit status, scp, -L); it moves to c with its
+/// files; replica 1 dies and replica 2 carries the jobs and the git poller on; c dies, and the
+/// workspace, lost, starts on b from its last saved layer; draining b empties it.
+#[test]
+fn a_cluster_outlives_a_replica_and_a_host() {
+    setup();
+    let pg = warren_testkit::Postgres::start();
+    let registry = warren_testkit::Registry::start();
+    let link = warren_testkit::DelayLine::start(
+        registry.addr(),
+        warren_testkit::LinkShape {
+            rtt: Duration::from_millis(20),
+            down_bits: Some(100e6),
+            up_bits: None,
+        },
+    );
+    let replica = |seed: u32, name: &str| {
+        let mut replica = Warren::new(seed, Some(pg.url()));
+        let url = replica.url();
+        replica.env.extend([
+            ("WARREN_HOST_NAME".into(), name.into()),
+            ("WARREN_ADVERTISE_URL".into(), url),
+            ("WARREN_GIT_POLL_SECONDS".into(), "2".into()),
+            ("WARREN_REGISTRY".into(), format!("{}/team", link.host())),
+            ("WARREN_HOST_LOST_SECONDS".into(), "5".into()),
+        ]);
+        replica
+    };
+    let mut r1 = replica(62, "r1");
+    let password = r1.start().expect("a first start creates the admin");
+    r1.login("admin", &password);
+    let mut r2 = replica(63, "r2");
+    r2.env.extend([
+        ("WARREN_BRIDGE".into(), "warren3".into()),
+        ("WARREN_SUBNET".into(), "10.91.0.0/16".into()),
+        ("WARREN_PREBUILDS".into(), "false".into()),
+    ]);
+    for file in ["secret.key", "ssh_host_ed25519_key"] {
+        std::fs::copy(r1.data.path().join(file), r2.data.path().join(file)).unwrap();
+    }
+    assert!(r2.start().is_none(), "the admin exists already");
+    r2.login("admin", &password);
+    // The project's Dockerfile starts from the image with sftp-server and busybox.
+    r1.import_image(&dev_image(), "debian:bookworm");
+    let mut hosts = Vec::new();
+    for (n, name) in [(1, "b"), (2, "c")] {
+        let mut host = SecondHost::nth(&r1, n);
+        host.env.extend([
+            ("WARREN_TRUSTED_REGISTRIES".into(), link.host()),
+            ("WARREN_PREBUILDS".into(), "false".into()),
+        ]);
+        host.join(&r1, name);
+        hosts.push(host);
+    }
+
+    // Prebuilt on r1's host and pushed to the registry.
+    let repos = tempfile::tempdir().unwrap();
+    let (repo, url) = common::repository(
+        repos.path(),
+        "counter",
+        &common::examples().join("warren-app"),
+    );
+    r1.ok("admin", &["project", "add", "counter", &url]);
+    let commit = warren_testkit::git(&repo, &["rev-parse", "HEAD"]);
+    let pb = common::prebuild_of(&r1, "counter", &commit);
+    assert_eq!(pb["state"], "succeeded", "{pb}");
+    assert_eq!(pb["host"], "r1", "{pb}");
+
+    // Placed through replica 2 on b, the one host left to take it (the others drain).
+    for host in ["r1", "r2", "c"] {
+        r2.ok("admin", &["host", "drain", host]);
+    }
+    r2.ok("admin", &["ws", "create", "web", "--project", "counter"]);
+    let show = || r2.json("admin", &["ws", "show", "web"]);
+    assert_eq!(show()["host"], "b", "{}", show());
+    let exec = |script: &str| r2.ok("admin", &["ws", "exec", "web", "--", "sh", "-c", script]);
+    assert_eq!(exec("cat /var/tmp/counter"), "100\n");
+    let cache = hosts[0].data.path().join("cache");
+    let at_first_command = common::walkdir_bytes(&cache);
+    for host in ["r2", "c"] {
+        r2.ok("admin", &["host", "resume", host]);
+    }
+
+    // SSH through replica 2 to b.
+    let admin = Developer::new(&r2, "admin");
+    admin.write_ssh_config(&r2);
+    let out = admin.ssh("web.warren", "exit 3");
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let (_dir, _) = admin.scp_a_new_file();
+    drop(admin.forward_to_a_server_inside("on-b-through-r2"));
+    // Meanwhile the rest of the image came in the background: the first command had needed
+    // less than half of it.
+    let mut whole = common::walkdir_bytes(&cache);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        std::thread::sleep(Duration::from_secs(3));
+        let now = common::walkdir_bytes(&cache);
+        if now == whole {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the background pull never ended");
+        whole = now;
+    }
+    assert!(
+        at_first_command > 0 && at_first_command * 2 < whole,
+        "the first command ran with {at_first_command} of {whole} bytes of the image cached"
+    );
+
+    // Moved to c with its files.
+    exec("echo written on b > /root/note");
+    let moved = r2.ok("admin", &["ws", "move", "web", "--host", "c"]);
+    assert!(moved.contains("web is on c"), "{moved}");
+    assert_eq!(exec("cat /root/note"), "written on b\n");
+
+    // Replica 1 dies: jobs and the git poller go on through replica 2.
+    r1.kill9();
+    r2.ok("admin", &["ws", "stop", "web"]);
+    r2.ok("admin", &["ws", "start", "web"]);
+    assert_eq!(show()["state"], "running");
+    std::fs::write(repo.join("README"), "two\n").unwrap();
+    let head = common::commit_all(&repo, "two");
+    let token = r2.token("admin");
+    eventually("replica 2 reads the new head", || {
+        let (_, branches) = r2.http(
+            "GET",
+            "/api/v1/projects/counter/branches",
+            Some(&token),
+            None,
+        );
+        branches.to_string().contains(head.trim()).then_some(())
+    });
+
+    // c dies: the workspace is lost, then starts on b from the layer its stop saved.
+    exec("echo written on c > /root/late");
+    r2.ok("admin", &["ws", "stop", "web"]);
+    r2.ok("admin", &["ws", "start", "web"]);
+    hosts[1].kill9_everything();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while show()["state"] != "lost" {
+        assert!(Instant::now() < deadline, "never lost: {}", show());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let started = r2.ok("admin", &["ws", "start", "web"]);
+    assert!(started.contains("from its layer saved"), "{started}");
+    assert_eq!(show()["host"], "b", "{}", show());
+    assert_eq!(
+        exec("cat /root/note /root/late"),
+        "written on b\nwritten on c\n"
+    );
+
+    // Drained, b gives it to the only other live host, replica 2's.
+    r2.ok("admin", &["host", "drain", "b"]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while show()["host"] != "r2" || show()["state"] != "running" {
+        assert!(Instant::now() < deadline, "b never emptied: {}", show());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(exec("cat /root/note"), "written on b\n");
+    r2.ok("admin", &["ws", "rm", "web"]);
+}

@@ -300,6 +300,7 @@ pub async fn gateway_directory(
         https: false,
         server_fingerprint: None,
         registry: None,
+        host_lost_after: std::time::Duration::from_secs(60),
         preview_slots: Arc::default(),
         streams: Arc::default(),
     };
@@ -404,6 +405,7 @@ pub async fn start(config: SingleHost) -> Result<Started, ServerError> {
         https: acceptor.is_some(),
         server_fingerprint,
         registry: config.registry.clone(),
+        host_lost_after: config.host_lost_after,
         preview_slots: Arc::default(),
         streams: Arc::default(),
         db,

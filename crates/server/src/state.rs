@@ -54,10 +54,20 @@ pub struct AppState {
     pub server_fingerprint: Option<String>,
     /// Where prebuilds and workspace layers are pushed (`HOST/REPO`), when there is a registry.
     pub registry: Option<String>,
+    /// How long a host may go unheard before it is lost: only hosts heard from within it
+    /// are live (take workspaces, count as holding images).
+    pub host_lost_after: std::time::Duration,
     /// Connections previews hold now.
     pub preview_slots: Arc<crate::preview::PreviewSlots>,
     /// Event streams each user holds open now.
     pub streams: Arc<PerUser>,
+}
+
+impl AppState {
+    /// Hosts last heard from before this (ms) are not live.
+    pub fn live_since(&self) -> i64 {
+        crate::db::now_ms() - self.host_lost_after.as_millis() as i64
+    }
 }
 
 impl std::fmt::Debug for AppState {

@@ -8,8 +8,9 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use std::path::{Path, PathBuf};
 use tempfile::TempDir;
-use warren_testkit::{DebianRootfs, debian_rootfs, free_port};
+use warren_testkit::{DebianRootfs, debian_rootfs, free_port, git};
 
 /// `warren --data DATA ARGS...` with these variables set, without a server.
 pub fn warren_at(data: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Output {
@@ -591,4 +592,80 @@ impl Drop for SecondHost {
             let _ = self.run(&["runtime", "rm", "-f", &name]);
         }
     }
+}
+
+pub fn manifest_dir() -> std::ffi::OsString {
+    std::env::var_os("CARGO_MANIFEST_DIR").expect("tests run under cargo test or nextest")
+}
+
+pub fn examples() -> PathBuf {
+    Path::new(&manifest_dir()).join("../../examples")
+}
+
+/// A repository on `main` holding a copy of `source`; its URL.
+pub fn repository(root: &Path, name: &str, source: &Path) -> (PathBuf, String) {
+    let repo = root.join(name);
+    std::fs::create_dir_all(&repo).unwrap();
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", source.display()))
+        .arg(&repo)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    git(&repo, &["init", "-q", "-b", "main"]);
+    commit_all(&repo, "first");
+    let url = format!("file://{}", repo.display());
+    (repo, url)
+}
+
+pub fn commit_all(repo: &Path, message: &str) -> String {
+    git(repo, &["add", "-A"]);
+    git(repo, &["commit", "-q", "-m", message]);
+    git(repo, &["rev-parse", "HEAD"])
+}
+
+/// The project's prebuilds, newest first.
+pub fn prebuilds(warren: &Warren, project: &str) -> Vec<Value> {
+    let text = warren.ok("admin", &["prebuild", "ls", project, "--json"]);
+    let list: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    list.as_array().unwrap().clone()
+}
+
+/// Waits for the prebuild `pick` chooses to show up and end; returns it.
+pub fn ended(warren: &Warren, project: &str, pick: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        if let Some(pb) = prebuilds(warren, project).into_iter().find(&pick)
+            && !matches!(pb["state"].as_str(), Some("queued" | "running"))
+        {
+            return pb;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no prebuild ended: {:?}",
+            prebuilds(warren, project)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The prebuild of `commit`, once it ended.
+pub fn prebuild_of(warren: &Warren, project: &str, commit: &str) -> Value {
+    ended(warren, project, |p| p["commit"] == commit)
+}
+
+/// Bytes of the files under `dir`.
+pub fn walkdir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => walkdir_bytes(&e.path()),
+            Ok(_) => e.metadata().map_or(0, |m| m.len()),
+            Err(_) => 0,
+        })
+        .sum()
 }

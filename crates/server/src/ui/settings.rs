@@ -228,7 +228,7 @@ struct UsersFragment {
 struct HostRow {
     name: String,
     seen: String,
-    /// Seen within the last minute.
+    /// Heard from within `--host-lost-seconds`.
     alive: bool,
     load: String,
     memory: String,
@@ -271,6 +271,7 @@ pub(crate) async fn admin(
     // Failures first, then the newest.
     jobs.sort_by_key(|j| (j.state != "failed", std::cmp::Reverse(j.created_at)));
     let now = crate::db::now_ms();
+    let live_since = state.live_since();
     Ok(html(&AdminPage {
         frame: Frame::of(&session),
         users: UsersFragment { users },
@@ -280,7 +281,7 @@ pub(crate) async fn admin(
                 seen: h
                     .last_seen_at
                     .map_or_else(|| "never".to_owned(), |at| ago(now - at)),
-                alive: h.last_seen_at.is_some_and(|at| now - at < 60_000),
+                alive: h.last_seen_at.is_some_and(|at| at >= live_since),
                 load: match (h.load1, h.cpus) {
                     (Some(load), Some(cpus)) => format!("{load:.2} on {cpus} CPUs"),
                     _ => "—".to_owned(),

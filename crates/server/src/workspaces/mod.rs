@@ -378,17 +378,19 @@ pub(crate) async fn place(
     image: &str,
     disk: Option<u64>,
 ) -> ApiResult<(String, String)> {
-    place_except(state, image, disk, None).await
+    place_except(state, &[image], disk, None).await
 }
 
-/// [`place`], never on `except` (the host a workspace leaves) nor on a draining host.
+/// [`place`], never on `except` (the host a workspace leaves) nor on a draining host. The
+/// share a host holds is its largest of `images` (a saved layer and the image it lies over:
+/// most of a layer's chunks are its image's).
 pub(crate) async fn place_except(
     state: &AppState,
-    image: &str,
+    images_of: &[&str],
     disk: Option<u64>,
     except: Option<&str>,
 ) -> ApiResult<(String, String)> {
-    let alive_since = now_ms() - 60_000;
+    let alive_since = state.live_since();
     let rows: Vec<PlacementRow> = sqlx::query_as(
         "SELECT h.id, h.images, h.last_seen_at, h.disk_ceiling, (SELECT COUNT(*) FROM workspaces w WHERE w.host_id = h.id) AS workspaces
          FROM hosts h WHERE h.draining = 0 AND h.id <> $1",
@@ -416,7 +418,12 @@ pub(crate) async fn place_except(
             most_given = most_given.max(Some(ceiling));
             continue;
         }
-        let cached = images.as_deref().map_or(0.0, |j| cached_share(j, image));
+        let cached = images.as_deref().map_or(0.0, |j| {
+            images_of
+                .iter()
+                .map(|image| cached_share(j, image))
+                .fold(0.0, f64::max)
+        });
         candidates.push((id, cached, workspaces));
     }
     if let (true, Some(wanted), Some(most)) = (candidates.is_empty(), disk, most_given) {
@@ -437,7 +444,7 @@ pub(crate) async fn place_except(
         .unwrap_or(0);
     if except == Some(state.host_id.as_str()) || own_draining != 0 {
         return Err(ApiError::conflict(
-            "no other live host can take it (hosts seen in the last minute, not draining)",
+            "no other live host can take it (hosts heard from lately, not draining)",
         ));
     }
     Ok((
@@ -531,7 +538,8 @@ pub(crate) async fn relocate_in(
 async fn relocate(state: &AppState, ws: &Workspace) -> ApiResult<bool> {
     let base = ws.saved_layer.as_deref().or(ws.base_image.as_deref());
     let image = base.unwrap_or(&ws.image);
-    let (to, placed) = place_except(state, image, ws.disk, Some(&ws.host_id.0)).await?;
+    let (to, placed) =
+        place_except(state, &[image, &ws.image], ws.disk, Some(&ws.host_id.0)).await?;
     let why = match (&ws.saved_layer, ws.saved_at) {
         (Some(_), Some(at)) => format!(
             "its host {} was lost: started here from its layer saved {} ago ({placed})",
@@ -577,7 +585,7 @@ const RESOLVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 /// workspace from: one that another live host holds is fine; else this process's host is asked
 /// (its local store, or the image's registry).
 pub(crate) async fn resolve_image(state: &AppState, image: &str) -> ApiResult<()> {
-    let alive_since = now_ms() - 60_000;
+    let alive_since = state.live_since();
     let reports: Vec<(String, Option<String>)> =
         sqlx::query_as("SELECT id, images FROM hosts WHERE id <> $1 AND last_seen_at >= $2")
             .bind(&state.host_id)
