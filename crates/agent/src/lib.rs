@@ -133,15 +133,13 @@ pub fn execute(
     }
 }
 
-/// Thaws every running workspace (one left frozen by a save this agent did not finish).
+/// Thaws every workspace left frozen by a save this agent did not finish (the runtime knows
+/// which by their marker).
 fn thaw_all(runtime: &dyn Runtime) {
     let Ok(listed) = runtime.list() else {
         return;
     };
-    for info in listed
-        .iter()
-        .filter(|i| i.state == warren_runtime::WorkspaceState::Running)
-    {
+    for info in &listed {
         if let Err(e) = runtime.freeze(&info.config.id, false) {
             tracing::debug!(workspace = %info.config.id, error = %e, "cannot thaw");
         }

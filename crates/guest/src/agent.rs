@@ -147,6 +147,11 @@ fn handle(mut conn: File) -> std::io::Result<()> {
     match request {
         Request::Ping => write_json(&mut conn, Kind::Reply, &Reply::Pong),
         Request::Stats => write_json(&mut conn, Kind::Reply, &Reply::Stats(stats())),
+        Request::Sync => {
+            // SAFETY: sync(2) takes no arguments and cannot fail.
+            unsafe { libc::sync() };
+            write_json(&mut conn, Kind::Reply, &Reply::Synced)
+        }
         Request::Poweroff { grace_ms } => {
             write_json(&mut conn, Kind::Reply, &Reply::PoweringOff)?;
             drop(conn);

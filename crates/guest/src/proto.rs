@@ -86,6 +86,9 @@ pub enum Request {
     Attach {
         id: u64,
     },
+    /// Writes what the guest's page cache holds through to its filesystems (`sync`); answered
+    /// once done.
+    Sync,
     /// Stops every process (SIGTERM, SIGKILL after `grace_ms`), syncs and powers off.
     Poweroff {
         grace_ms: u64,
@@ -106,6 +109,7 @@ pub enum Reply {
         signal: Option<i32>,
     },
     Stats(GuestStats),
+    Synced,
     PoweringOff,
     /// The socket a [`Request::ListenUnix`] made, as the guest's processes see it.
     Listening {

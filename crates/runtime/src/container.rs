@@ -106,6 +106,24 @@ pub(crate) fn status(layout: &Layout) -> Option<i32> {
     }
 }
 
+/// How long an exec waits for a frozen workspace (its layer being read) to go on.
+const FROZEN_WAIT: Duration = Duration::from_secs(120);
+
+/// Returns once the workspace is not frozen; an error after [`FROZEN_WAIT`].
+fn wait_until_thawed(id: &WorkspaceId, layout: &Layout) -> Result<(), Error> {
+    let deadline = std::time::Instant::now() + FROZEN_WAIT;
+    while layout.frozen().exists() {
+        if std::time::Instant::now() > deadline {
+            return Err(Error::Shim {
+                id: id.to_string(),
+                message: "it is held still while its layer is saved: try again shortly".into(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
 impl ContainerRuntime {
     pub fn new(config: ContainerRuntimeConfig) -> Result<Self, Error> {
         if config.network.subnet.prefix_len() > 29 {
@@ -426,6 +444,7 @@ impl Runtime for ContainerRuntime {
 
     fn exec(&self, id: &WorkspaceId, request: &ExecRequest) -> Result<Exec, Error> {
         let (rec, layout) = self.record(id)?;
+        wait_until_thawed(id, &layout)?;
         let ws = Found {
             id,
             rec: &rec,
@@ -487,6 +506,12 @@ impl Runtime for ContainerRuntime {
 
     fn stop(&self, id: &WorkspaceId, grace: Duration) -> Result<(), Error> {
         let (rec, layout) = self.record(id)?;
+        // A frozen process does not die of SIGKILL (cgroup v1) and a paused guest cannot
+        // power off: a stop goes first (a save reading the layer meanwhile reads it by
+        // descriptors and checks what it opens).
+        if layout.frozen().exists() {
+            let _ = self.freeze(id, false);
+        }
         let lock = match Self::find_shim(id, &layout)? {
             Shim::Serving(channel) => {
                 let grace_ms = grace.as_millis().min(u128::from(u64::MAX)) as u64;
@@ -614,8 +639,37 @@ impl Runtime for ContainerRuntime {
         self.on_running(id, |backend, ws| backend.quiesce(ws))
     }
 
+    /// Straight from the record, never through the shim: a process exec'd while the
+    /// workspace is frozen would hold the (single-threaded) shim, and the thaw must not wait
+    /// on it. The `frozen` marker beside the record makes new execs wait for the thaw instead,
+    /// and a thaw always clears it.
     fn freeze(&self, id: &WorkspaceId, frozen: bool) -> Result<(), Error> {
-        self.on_running(id, |backend, ws| backend.freeze(ws, frozen))
+        let (rec, layout) = self.record(id)?;
+        let ws = Found {
+            id,
+            rec: &rec,
+            layout: &layout,
+            pid: None,
+        };
+        let backend = backend::of(&rec);
+        let marker = layout.frozen();
+        if !frozen {
+            // Only what this runtime froze is thawed (nothing else made its cgroups frozen).
+            if !marker.exists() {
+                return Ok(());
+            }
+            let thawed = backend.freeze(&ws, false);
+            let _ = std::fs::remove_file(&marker);
+            return thawed;
+        }
+        std::fs::write(&marker, b"").map_err(Error::io("cannot write", &marker))?;
+        let done = backend.freeze(&ws, true);
+        if done.is_err() {
+            // Half frozen is worse than not frozen.
+            let _ = backend.freeze(&ws, false);
+            let _ = std::fs::remove_file(&marker);
+        }
+        done
     }
 
     fn egress(&self) -> crate::net::EgressPolicy {

@@ -127,6 +127,7 @@ pub struct Frozen<'a> {
 }
 
 impl<'a> Frozen<'a> {
+    /// Freezes the workspace; a freeze that fails part way is undone by the runtime.
     pub fn hold(runtime: &'a dyn Runtime, id: &'a WorkspaceId) -> Result<Self, Error> {
         runtime.freeze(id, true)?;
         Ok(Self { runtime, id })

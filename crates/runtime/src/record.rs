@@ -125,6 +125,10 @@ impl Layout {
     pub(crate) fn shim_lock(&self) -> PathBuf {
         self.dir.join("shim.lock")
     }
+    /// There while the workspace is frozen for a save (`Runtime::freeze`).
+    pub(crate) fn frozen(&self) -> PathBuf {
+        self.dir.join("frozen")
+    }
     pub(crate) fn log(&self) -> PathBuf {
         self.dir.join("shim.log")
     }

@@ -283,7 +283,7 @@ impl DbControlPlane {
         let now = now_ms();
         let mut tx = self.db.begin_write().await?;
         let row: Option<EndingJob> = sqlx::query_as(
-            "SELECT workspace_id, prebuild_id, attempts, max_attempts, kind FROM jobs WHERE id = $1",
+            "SELECT workspace_id, prebuild_id, attempts, max_attempts, kind FROM jobs WHERE id = $1 AND state = 'running'",
         )
         .bind(&job.id)
         .fetch_optional(&mut *tx)
@@ -296,14 +296,19 @@ impl DbControlPlane {
             kind,
         }) = row
         else {
+            // Gone, or no longer this host's to finish (cancelled when its host was lost, or
+            // its lease ran out and it was handed out again): what it says is stale.
             return Ok(());
         };
         if let Some(prebuild) = prebuild_id {
             crate::prebuilds::finish(&mut tx, &job.id, &prebuild, result).await?;
             return tx.commit().await;
         }
+        // Lifecycle steps still to come (a save does not settle the state: a stop that ends
+        // while one runs is recorded now).
         let later: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM jobs WHERE workspace_id = $1 AND id <> $2 AND state IN ('queued', 'running')",
+            "SELECT COUNT(*) FROM jobs WHERE workspace_id = $1 AND id <> $2 AND state IN ('queued', 'running')
+               AND kind <> 'workspace.save'",
         )
         .bind(workspace_id.as_deref().unwrap_or(""))
         .bind(&job.id)
@@ -367,8 +372,11 @@ impl DbControlPlane {
                     // A layer that could not be saved leaves the workspace as it is; a move
                     // waiting for it is called off, saying why.
                     Some(ws) if kind == "workspace.save" && final_attempt => {
+                        // A move is called off only when this was its save (made once stopped).
                         sqlx::query(
-                            "UPDATE workspaces SET last_error = $2, moving_to = NULL WHERE id = $1",
+                            "UPDATE workspaces SET last_error = $2,
+                               moving_to = CASE WHEN state = 'stopped' THEN NULL ELSE moving_to END
+                             WHERE id = $1",
                         )
                         .bind(ws)
                         .bind(format!("its layer was not saved: {message}"))

@@ -3,7 +3,6 @@
 //! the guest's as its agent reports.
 
 use std::net::{SocketAddr, TcpStream};
-use std::time::Duration;
 
 use serde_json::json;
 
@@ -11,42 +10,8 @@ use super::{Backend, Found};
 use crate::vm::{self, VmFiles};
 use crate::{Error, Exec, ExecRequest, Stats, WorkspaceSocket};
 
-/// How long a guest's `sync` may take before the guest is paused anyway.
-const SYNC_LIMIT: Duration = Duration::from_secs(30);
-
 #[derive(Debug)]
 pub(crate) struct Vm;
-
-impl Vm {
-    /// Runs `sync` in the guest, waiting at most [`SYNC_LIMIT`] (then it is killed).
-    fn sync(&self, ws: &Found<'_>) {
-        let request = ExecRequest {
-            argv: vec!["sync".into()],
-            env: Vec::new(),
-            cwd: None,
-            user: None,
-            tty: None,
-            no_network: false,
-        };
-        let exec = match self.exec(ws, &request) {
-            Ok(exec) => exec,
-            Err(e) => {
-                tracing::warn!(workspace = %ws.id, error = %e, "cannot sync the guest before pausing it");
-                return;
-            }
-        };
-        let process = std::sync::Arc::new(exec.process);
-        let (done_tx, done) = std::sync::mpsc::channel();
-        let waited = process.clone();
-        std::thread::spawn(move || {
-            let _ = done_tx.send(waited.wait());
-        });
-        if done.recv_timeout(SYNC_LIMIT).is_err() {
-            tracing::warn!(workspace = %ws.id, "the guest's sync did not end: pausing it as it is");
-            let _ = process.signal(libc::SIGKILL);
-        }
-    }
-}
 
 impl Backend for Vm {
     fn exec(&self, ws: &Found<'_>, request: &ExecRequest) -> Result<Exec, Error> {
@@ -122,12 +87,16 @@ impl Backend for Vm {
     }
 
     /// Pauses the guest's CPUs (QMP `stop`) or resumes them; before a pause, what the guest's
-    /// page cache holds is written through to the shared tree (`sync` inside). A guest whose
-    /// `sync` does not end within [`SYNC_LIMIT`] is paused as it is: a copy as a power cut
-    /// would leave the tree.
+    /// page cache holds is written through to the shared tree (its agent's `Sync`). A guest
+    /// that does not answer that within 30 s is paused as it is: the tree is then as a power
+    /// cut would leave it.
     fn freeze(&self, ws: &Found<'_>, frozen: bool) -> Result<(), Error> {
-        if frozen {
-            self.sync(ws);
+        if frozen
+            && let Err(e) = VmFiles::of(ws.layout)
+                .agent_addr()
+                .and_then(|agent| vm::client::sync(&agent))
+        {
+            tracing::warn!(workspace = %ws.id, error = %e, "the guest did not sync: pausing it as it is");
         }
         let command = if frozen { "stop" } else { "cont" };
         vm::qmp::Qmp::connect(&VmFiles::of(ws.layout).qmp())?.execute(command, json!({}))?;

@@ -88,6 +88,15 @@ pub(crate) fn stats(agent: &AgentAddr) -> Result<GuestStats, Error> {
     }
 }
 
+/// Has the guest write its page cache through to its filesystems (the shared root among
+/// them); an answer later than the request's read limit (30 s) is an error.
+pub(crate) fn sync(agent: &AgentAddr) -> Result<(), Error> {
+    match request(agent, &Request::Sync)? {
+        (_, Reply::Synced) => Ok(()),
+        (_, other) => Err(Error::GuestAnswer(format!("{other:?}"))),
+    }
+}
+
 /// Asks the guest to stop its processes and power off.
 pub(crate) fn poweroff(agent: &AgentAddr, grace: Duration) -> Result<(), Error> {
     let grace_ms = grace.as_millis().min(u128::from(u64::MAX)) as u64;

@@ -99,7 +99,8 @@ fn changed(ws: &Workspace) -> ApiError {
 /// A host is its id, its name, when it was last seen, whether it drains.
 type HostRow = (String, String, Option<i64>, i64);
 
-/// The host named `name`, which must be live (seen in the last minute, or this server's own)
+/// The host named `name`, which must be live (heard from within `--host-lost-seconds`, or this
+/// server's own)
 /// and not draining, to take a workspace.
 pub(crate) async fn target_host(state: &AppState, name: &str) -> ApiResult<String> {
     let row: Option<HostRow> =
@@ -113,9 +114,10 @@ pub(crate) async fn target_host(state: &AppState, name: &str) -> ApiResult<Strin
     if draining != 0 {
         return Err(ApiError::conflict(format!("host `{name}` is draining")));
     }
-    if id != state.host_id && seen.is_none_or(|t| t < now_ms() - 60_000) {
+    if id != state.host_id && seen.is_none_or(|t| t < state.live_since()) {
         return Err(ApiError::conflict(format!(
-            "host `{name}` has not reported in the last minute"
+            "host `{name}` has not reported in the last {}",
+            crate::idle::spoken(state.host_lost_after.as_secs())
         )));
     }
     Ok(id)
@@ -141,7 +143,7 @@ pub(crate) async fn drain(
     .await?
     {
         let image = ws.base_image.as_deref().unwrap_or(&ws.image);
-        let placed = super::place_except(state, image, ws.disk, Some(host_id)).await;
+        let placed = super::place_except(state, &[image, &ws.image], ws.disk, Some(host_id)).await;
         let result = match placed {
             Ok((to, _)) => start_move(state, &ws, &to).await.map(|()| to),
             Err(e) => Err(e),
@@ -176,7 +178,9 @@ pub async fn save_running_forever(state: AppState, every: Duration) {
 }
 
 /// One look of [`save_running_forever`]; answers the workspaces whose save it queued. One
-/// with a step under way, or whose save was tried within `every` (it may have failed), waits.
+/// with a step under way, or whose save was tried within `every` (it may have failed), waits;
+/// so does one whose host has a save under way (a host saves one running workspace at a time,
+/// and its job slots stay free for other steps).
 pub(crate) async fn save_running(
     state: &AppState,
     every: Duration,
@@ -191,12 +195,19 @@ pub(crate) async fn save_running(
         "WHERE w.state = 'running' AND w.desired = 'running' AND w.moving_to IS NULL AND COALESCE(w.saved_at, w.updated_at) < CAST($1 AS BIGINT)
            AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.workspace_id = w.id
              AND (j.state IN ('queued', 'running')
-                  OR (j.kind = 'workspace.save' AND j.created_at >= CAST($1 AS BIGINT))))",
+                  OR (j.kind = 'workspace.save' AND j.created_at >= CAST($1 AS BIGINT))))
+           AND NOT EXISTS (SELECT 1 FROM jobs s WHERE s.host_id = w.host_id
+             AND s.kind = 'workspace.save' AND s.state IN ('queued', 'running'))
+         ORDER BY COALESCE(w.saved_at, w.updated_at)",
         &[&due],
     )
     .await?;
     let mut queued = Vec::new();
+    let mut hosts = std::collections::HashSet::new();
     for ws in found {
+        if !hosts.insert(ws.host_id.0.clone()) {
+            continue;
+        }
         let destination = layer_destination(registry, &ws, now);
         let mut tx = state.db.begin_write().await?;
         jobs::enqueue(
