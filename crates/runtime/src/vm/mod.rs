@@ -878,6 +878,12 @@ pub(crate) fn stop_helpers(helpers: &mut Vec<Child>) {
         let _ = child.kill();
         let _ = child.wait();
     }
+    // Killed members of a group outlive its reaped leader for a moment (their new parent
+    // reaps them): the caller says nothing of the VM is left only once they are gone.
+    let gone_by = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < gone_by && helpers.iter().any(|c| killpg(group(c), None).is_ok()) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     helpers.clear();
 }
 
