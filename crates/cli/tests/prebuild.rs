@@ -404,17 +404,7 @@ fn a_prebuild_in_the_registry_starts_on_a_host_that_never_saw_it() {
     // From the registry into the second host's cache: nothing in its image store.
     assert_eq!(ok(second.run(&["image", "ls", "--json"])).trim(), "[]");
     // The rest comes in the background; the first command needed less than half of it.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let mut whole = walkdir_bytes(&cache);
-    loop {
-        std::thread::sleep(Duration::from_secs(3));
-        let now = walkdir_bytes(&cache);
-        if now == whole {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the background pull never ended");
-        whole = now;
-    }
+    let whole = common::cache_once_pulled(&cache);
     eprintln!(
         "first command with {at_first_command} of {whole} bytes of the image cached ({:.0}%)",
         at_first_command as f64 * 100.0 / whole as f64

@@ -1628,17 +1628,7 @@ fn a_cluster_outlives_a_replica_and_a_host() {
     drop(admin.forward_to_a_server_inside("on-b-through-r2"));
     // Meanwhile the rest of the image came in the background: the first command had needed
     // less than half of it.
-    let mut whole = common::walkdir_bytes(&cache);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        std::thread::sleep(Duration::from_secs(3));
-        let now = common::walkdir_bytes(&cache);
-        if now == whole {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the background pull never ended");
-        whole = now;
-    }
+    let whole = common::cache_once_pulled(&cache);
     assert!(
         at_first_command > 0 && at_first_command * 2 < whole,
         "the first command ran with {at_first_command} of {whole} bytes of the image cached"

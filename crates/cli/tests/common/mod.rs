@@ -669,3 +669,19 @@ pub fn walkdir_bytes(dir: &Path) -> u64 {
         })
         .sum()
 }
+
+/// The bytes in a host's chunk cache once its background pulls have ended (nothing came in
+/// for 3 s; two minutes at most).
+pub fn cache_once_pulled(cache: &Path) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut whole = walkdir_bytes(cache);
+    loop {
+        std::thread::sleep(Duration::from_secs(3));
+        let now = walkdir_bytes(cache);
+        if now == whole {
+            return whole;
+        }
+        assert!(Instant::now() < deadline, "the background pull never ended");
+        whole = now;
+    }
+}
