@@ -47,17 +47,9 @@ pub(crate) async fn serve(runtime: Arc<dyn Runtime>, id: WorkspaceId, body: Body
         }
         let _ = out.send(Vec::new()).await;
     });
-    // Frames queued meanwhile go out as one piece of the answer (fewer, larger tunnel frames);
-    // the empty frame that ends it is never gathered.
-    let frames = futures_util::stream::unfold((queued, false), |(mut queued, ended)| async move {
-        if ended {
-            return None;
-        }
+    let frames = futures_util::stream::unfold(queued, |mut queued| async move {
         match queued.recv().await {
-            Some(mut frame) if !frame.is_empty() => {
-                let ended = warren_protocol::relay::gather(&mut frame, &mut queued);
-                Some((Ok::<_, std::io::Error>(frame), (queued, ended)))
-            }
+            Some(frame) if !frame.is_empty() => Some((Ok::<_, std::io::Error>(frame), queued)),
             _ => None,
         }
     });

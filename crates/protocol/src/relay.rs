@@ -199,23 +199,6 @@ pub const AGENT_READ: usize = 64 << 10;
 /// The most data one frame carries (the rest of [`MAX_FRAME`] is room for a header).
 pub const MAX_DATA: usize = MAX_FRAME - 16;
 
-/// The most encoded frames [`gather`] puts in one write.
-const GATHER: usize = 256 << 10;
-
-/// Appends to `first` the encoded frames already waiting in `queue`, up to [`GATHER`] bytes,
-/// so that they go out in one write. An empty one (a sender's end mark) is not appended:
-/// answers `true` when it was taken, and the caller ends after this write.
-pub fn gather(first: &mut Vec<u8>, queue: &mut tokio::sync::mpsc::Receiver<Vec<u8>>) -> bool {
-    while first.len() < GATHER {
-        match queue.try_recv() {
-            Ok(next) if next.is_empty() => return true,
-            Ok(next) => first.extend_from_slice(&next),
-            Err(_) => break,
-        }
-    }
-    false
-}
-
 fn invalid(what: String) -> std::io::Error {
     std::io::Error::new(
         std::io::ErrorKind::InvalidData,
@@ -226,30 +209,6 @@ fn invalid(what: String) -> std::io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[tokio::test]
-    async fn queued_frames_go_out_in_one_write_and_the_end_mark_is_kept() {
-        let (tx, mut rx) = tokio::sync::mpsc::channel(8);
-        for frame in [Frame::Input(b"a".to_vec()), Frame::Input(b"b".to_vec())] {
-            tx.send(frame.encode()).await.unwrap();
-        }
-        tx.send(Vec::new()).await.unwrap();
-        let mut write = Frame::Signal(1).encode();
-        assert!(gather(&mut write, &mut rx), "the end mark was taken");
-        let mut read = &write[..];
-        for expected in [
-            Frame::Signal(1),
-            Frame::Input(b"a".to_vec()),
-            Frame::Input(b"b".to_vec()),
-        ] {
-            assert_eq!(Frame::read(&mut read).await.unwrap(), Some(expected));
-        }
-        assert_eq!(Frame::read(&mut read).await.unwrap(), None);
-        // Nothing waiting: the write is the first frame alone.
-        let mut alone = Frame::InputEnd.encode();
-        assert!(!gather(&mut alone, &mut rx));
-        assert_eq!(alone, Frame::InputEnd.encode());
-    }
 
     #[tokio::test]
     async fn frames_read_back_as_written_and_oversized_ones_are_refused() {

@@ -43,9 +43,7 @@ pub(crate) async fn run(
     let (from_host, mut to_host) = tokio::io::split(stream);
     let (frames, mut sending) = mpsc::channel::<Vec<u8>>(32);
     let writer = AbortOnDropHandle::new(tokio::spawn(async move {
-        // Frames queued meanwhile go out in one write (fewer, larger tunnel frames).
-        while let Some(mut bytes) = sending.recv().await {
-            let _ = warren_protocol::relay::gather(&mut bytes, &mut sending);
+        while let Some(bytes) = sending.recv().await {
             if to_host.write_all(&bytes).await.is_err() {
                 return;
             }
