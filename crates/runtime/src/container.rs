@@ -124,6 +124,40 @@ fn wait_until_thawed(id: &WorkspaceId, layout: &Layout) -> Result<(), Error> {
     Ok(())
 }
 
+/// [`Runtime::freeze`] on a record already read.
+fn set_frozen(
+    id: &WorkspaceId,
+    rec: &WorkspaceRecord,
+    layout: &Layout,
+    frozen: bool,
+) -> Result<(), Error> {
+    let ws = Found {
+        id,
+        rec,
+        layout,
+        pid: None,
+    };
+    let backend = backend::of(rec);
+    let marker = layout.frozen();
+    if !frozen {
+        // Only what this runtime froze is thawed (nothing else made its cgroups frozen).
+        if !marker.exists() {
+            return Ok(());
+        }
+        let thawed = backend.freeze(&ws, false);
+        let _ = std::fs::remove_file(&marker);
+        return thawed;
+    }
+    std::fs::write(&marker, b"").map_err(Error::io("cannot write", &marker))?;
+    let done = backend.freeze(&ws, true);
+    if done.is_err() {
+        // Half frozen is worse than not frozen.
+        let _ = backend.freeze(&ws, false);
+        let _ = std::fs::remove_file(&marker);
+    }
+    done
+}
+
 impl ContainerRuntime {
     pub fn new(config: ContainerRuntimeConfig) -> Result<Self, Error> {
         if config.network.subnet.prefix_len() > 29 {
@@ -507,11 +541,9 @@ impl Runtime for ContainerRuntime {
     fn stop(&self, id: &WorkspaceId, grace: Duration) -> Result<(), Error> {
         let (rec, layout) = self.record(id)?;
         // A frozen process does not die of SIGKILL (cgroup v1) and a paused guest cannot
-        // power off: a stop goes first (a save reading the layer meanwhile reads it by
+        // power off: a stop thaws it first (a save reading the layer meanwhile reads it by
         // descriptors and checks what it opens).
-        if layout.frozen().exists() {
-            let _ = self.freeze(id, false);
-        }
+        let _ = set_frozen(id, &rec, &layout, false);
         let lock = match Self::find_shim(id, &layout)? {
             Shim::Serving(channel) => {
                 let grace_ms = grace.as_millis().min(u128::from(u64::MAX)) as u64;
@@ -645,31 +677,7 @@ impl Runtime for ContainerRuntime {
     /// and a thaw always clears it.
     fn freeze(&self, id: &WorkspaceId, frozen: bool) -> Result<(), Error> {
         let (rec, layout) = self.record(id)?;
-        let ws = Found {
-            id,
-            rec: &rec,
-            layout: &layout,
-            pid: None,
-        };
-        let backend = backend::of(&rec);
-        let marker = layout.frozen();
-        if !frozen {
-            // Only what this runtime froze is thawed (nothing else made its cgroups frozen).
-            if !marker.exists() {
-                return Ok(());
-            }
-            let thawed = backend.freeze(&ws, false);
-            let _ = std::fs::remove_file(&marker);
-            return thawed;
-        }
-        std::fs::write(&marker, b"").map_err(Error::io("cannot write", &marker))?;
-        let done = backend.freeze(&ws, true);
-        if done.is_err() {
-            // Half frozen is worse than not frozen.
-            let _ = backend.freeze(&ws, false);
-            let _ = std::fs::remove_file(&marker);
-        }
-        done
+        set_frozen(id, &rec, &layout, frozen)
     }
 
     fn egress(&self) -> crate::net::EgressPolicy {

@@ -91,15 +91,16 @@ impl Backend for Vm {
     /// that does not answer that within 30 s is paused as it is: the tree is then as a power
     /// cut would leave it.
     fn freeze(&self, ws: &Found<'_>, frozen: bool) -> Result<(), Error> {
+        let files = VmFiles::of(ws.layout);
         if frozen
-            && let Err(e) = VmFiles::of(ws.layout)
+            && let Err(e) = files
                 .agent_addr()
                 .and_then(|agent| vm::client::sync(&agent))
         {
             tracing::warn!(workspace = %ws.id, error = %e, "the guest did not sync: pausing it as it is");
         }
         let command = if frozen { "stop" } else { "cont" };
-        vm::qmp::Qmp::connect(&VmFiles::of(ws.layout).qmp())?.execute(command, json!({}))?;
+        vm::qmp::Qmp::connect(&files.qmp())?.execute(command, json!({}))?;
         Ok(())
     }
 }
