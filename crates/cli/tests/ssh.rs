@@ -1424,6 +1424,32 @@ fn an_idle_workspace_stops_and_one_with_an_open_session_keeps_running() {
     assert!(quiet["stop_reason"].is_null(), "{quiet}");
 }
 
+/// A server replica named `name` on `pg` (it advertises its own URL; git polled every 2 s),
+/// with `more` variables; not started.
+fn replica(seed: u32, pg: &warren_testkit::Postgres, name: &str, more: &[(&str, &str)]) -> Warren {
+    let mut replica = Warren::new(seed, Some(pg.url()));
+    let url = replica.url();
+    replica.env.extend([
+        ("WARREN_HOST_NAME".into(), name.into()),
+        ("WARREN_ADVERTISE_URL".into(), url),
+        ("WARREN_GIT_POLL_SECONDS".into(), "2".into()),
+    ]);
+    replica
+        .env
+        .extend(more.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+    replica
+}
+
+/// Starts `r2` as another replica beside the running `first` and logs the admin in there:
+/// replicas share the key that seals secrets and the gateway's host key.
+fn start_beside(first: &Warren, r2: &mut Warren, password: &str) {
+    for file in ["secret.key", "ssh_host_ed25519_key"] {
+        std::fs::copy(first.data.path().join(file), r2.data.path().join(file)).unwrap();
+    }
+    assert!(r2.start().is_none(), "the admin exists already");
+    r2.login("admin", password);
+}
+
 /// Two `warren up` replicas on one PostgreSQL database and a third host's agent: every host
 /// keeps a tunnel to each replica, so either replica reaches any workspace (commands, SSH with
 /// scp and -L, a workspace on the other replica's own host); with replica 1 killed, the agent's
@@ -1432,30 +1458,19 @@ fn an_idle_workspace_stops_and_one_with_an_open_session_keeps_running() {
 fn replicas_on_one_database_reach_every_host_and_take_over_from_each_other() {
     setup();
     let pg = warren_testkit::Postgres::start();
-    let mut r1 = Warren::new(59, Some(pg.url()));
-    let url1 = r1.url();
-    r1.env.extend([
-        ("WARREN_HOST_NAME".into(), "r1".into()),
-        ("WARREN_ADVERTISE_URL".into(), url1),
-        ("WARREN_GIT_POLL_SECONDS".into(), "2".into()),
-    ]);
+    let mut r1 = replica(59, &pg, "r1", &[]);
     let password = r1.start().expect("a first start creates the admin");
     r1.login("admin", &password);
-    let mut r2 = Warren::new(60, Some(pg.url()));
-    let url2 = r2.url();
-    r2.env.extend([
-        ("WARREN_HOST_NAME".into(), "r2".into()),
-        ("WARREN_ADVERTISE_URL".into(), url2),
-        ("WARREN_GIT_POLL_SECONDS".into(), "2".into()),
-        ("WARREN_BRIDGE".into(), "warren2".into()),
-        ("WARREN_SUBNET".into(), "10.90.0.0/16".into()),
-    ]);
-    // Replicas share the key that seals secrets and the gateway's host key.
-    for file in ["secret.key", "ssh_host_ed25519_key"] {
-        std::fs::copy(r1.data.path().join(file), r2.data.path().join(file)).unwrap();
-    }
-    assert!(r2.start().is_none(), "the admin exists already");
-    r2.login("admin", &password);
+    let mut r2 = replica(
+        60,
+        &pg,
+        "r2",
+        &[
+            ("WARREN_BRIDGE", "warren2"),
+            ("WARREN_SUBNET", "10.90.0.0/16"),
+        ],
+    );
+    start_beside(&r1, &mut r2, &password);
 
     let mut second = SecondHost::new(&r1);
     let imported = second.run(&["image", "import", dev_image().to_str().unwrap(), "far:1"]);
@@ -1552,32 +1567,21 @@ fn a_cluster_outlives_a_replica_and_a_host() {
             up_bits: None,
         },
     );
-    let replica = |seed: u32, name: &str| {
-        let mut replica = Warren::new(seed, Some(pg.url()));
-        let url = replica.url();
-        replica.env.extend([
-            ("WARREN_HOST_NAME".into(), name.into()),
-            ("WARREN_ADVERTISE_URL".into(), url),
-            ("WARREN_GIT_POLL_SECONDS".into(), "2".into()),
-            ("WARREN_REGISTRY".into(), format!("{}/team", link.host())),
-            ("WARREN_HOST_LOST_SECONDS".into(), "5".into()),
-        ]);
-        replica
-    };
-    let mut r1 = replica(62, "r1");
+    let shared = format!("{}/team", link.host());
+    let cluster = [
+        ("WARREN_REGISTRY", shared.as_str()),
+        ("WARREN_HOST_LOST_SECONDS", "5"),
+    ];
+    let mut r1 = replica(62, &pg, "r1", &cluster);
     let password = r1.start().expect("a first start creates the admin");
     r1.login("admin", &password);
-    let mut r2 = replica(63, "r2");
+    let mut r2 = replica(63, &pg, "r2", &cluster);
     r2.env.extend([
         ("WARREN_BRIDGE".into(), "warren3".into()),
         ("WARREN_SUBNET".into(), "10.91.0.0/16".into()),
         ("WARREN_PREBUILDS".into(), "false".into()),
     ]);
-    for file in ["secret.key", "ssh_host_ed25519_key"] {
-        std::fs::copy(r1.data.path().join(file), r2.data.path().join(file)).unwrap();
-    }
-    assert!(r2.start().is_none(), "the admin exists already");
-    r2.login("admin", &password);
+    start_beside(&r1, &mut r2, &password);
     // The project's Dockerfile starts from the image with sftp-server and busybox.
     r1.import_image(&dev_image(), "debian:bookworm");
     let mut hosts = Vec::new();
