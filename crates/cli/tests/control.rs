@@ -1459,11 +1459,7 @@ fn workspaces_move_between_hosts_with_their_files_and_outlive_a_lost_host() {
 
     // Host c dies.
     hosts[1].kill9_everything();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while show()["state"] != "lost" {
-        assert!(Instant::now() < deadline, "never lost: {}", show());
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    common::wait_until_lost(show);
     let started = warren.ok("admin", &["ws", "start", "web"]);
     assert!(
         started.contains("from its layer saved") && started.contains(&saved),

@@ -1667,11 +1667,7 @@ fn a_cluster_outlives_a_replica_and_a_host() {
     r2.ok("admin", &["ws", "stop", "web"]);
     r2.ok("admin", &["ws", "start", "web"]);
     hosts[1].kill9_everything();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while show()["state"] != "lost" {
-        assert!(Instant::now() < deadline, "never lost: {}", show());
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    common::wait_until_lost(show);
     let started = r2.ok("admin", &["ws", "start", "web"]);
     assert!(started.contains("from its layer saved"), "{started}");
     assert_eq!(show()["host"], "b", "{}", show());

@@ -685,3 +685,13 @@ pub fn cache_once_pulled(cache: &Path) -> u64 {
         whole = now;
     }
 }
+
+/// Waits (a minute at most) until the workspace `show` shows is `lost`: its host stopped
+/// reporting.
+pub fn wait_until_lost(show: impl Fn() -> Value) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while show()["state"] != "lost" {
+        assert!(Instant::now() < deadline, "never lost: {}", show());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
