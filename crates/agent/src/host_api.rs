@@ -287,8 +287,10 @@ fn both_ways(
         let _ = to.shutdown().await;
         drop(left);
     });
-    let output =
-        futures_util::StreamExt::take_until(tokio_util::io::ReaderStream::new(from), leaving);
+    let output = futures_util::StreamExt::take_until(
+        tokio_util::io::ReaderStream::with_capacity(from, warren_protocol::tunnel::STREAM_BUFFER),
+        leaving,
+    );
     Body::from_stream(output).into_response()
 }
 

@@ -101,8 +101,8 @@ async fn run(
         .io
         .into_async()
         .map_err(|e| format!("process streams: {e}"))?;
-    let output = tokio::spawn(send_output(stdout, out.clone(), Frame::Output));
-    let errors = stderr.map(|e| tokio::spawn(send_output(e, out.clone(), Frame::ErrorOutput)));
+    let output = tokio::spawn(send_output(stdout, out.clone(), Frame::output));
+    let errors = stderr.map(|e| tokio::spawn(send_output(e, out.clone(), Frame::error_output)));
     let (typed, mut typing) = mpsc::channel::<Vec<u8>>(16);
     let input_task = AbortOnDropHandle::new(tokio::spawn(async move {
         let mut stdin = stdin;
@@ -183,7 +183,7 @@ async fn run(
 async fn send_output(
     mut from: impl AsyncRead + Unpin,
     out: mpsc::Sender<Vec<u8>>,
-    frame: fn(Vec<u8>) -> Frame,
+    frame: fn(&[u8]) -> Vec<u8>,
 ) {
     let mut buf = vec![0u8; 256 << 10];
     loop {
@@ -191,7 +191,7 @@ async fn send_output(
             Ok(0) | Err(_) => return,
             Ok(n) => {
                 for piece in buf[..n].chunks(MAX_DATA) {
-                    if out.send(frame(piece.to_vec()).encode()).await.is_err() {
+                    if out.send(frame(piece)).await.is_err() {
                         return;
                     }
                 }

@@ -153,6 +153,7 @@ async fn serve_once(link: &ServerLink, api: Router) -> Result<(), String> {
         // hold 16), and each relayed SSH session or forwarded connection one (the gateway lets
         // each user hold 64 and 256): room for many users before one crowds out the others.
         .max_concurrent_streams(16_384)
+        .max_frame_size(warren_protocol::tunnel::MAX_FRAME_SIZE)
         .serve_connection(upgraded, hyper_util::service::TowerToHyperService::new(api))
         .await
         .map_err(|e| e.to_string())

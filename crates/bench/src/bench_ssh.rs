@@ -100,48 +100,67 @@ pub(crate) fn ssh(
     let back = work.join("ssh-payload.back");
     crate::bench::write_random(&payload, mib << 20)?;
     let want = sha256(&payload)?;
-    let measure = |label: &str, port: u16, login: &str| -> anyhow::Result<Throughput> {
-        let remote = format!("{login}:/root/payload");
-        let mut up_times = Vec::new();
-        let mut down_times = Vec::new();
+    // Each run copies through Warren and through the peer back to back, each way, so what
+    // the machine does meanwhile weighs on both alike.
+    let measure = |sides: [(&str, u16, &str); 2]| -> anyhow::Result<[Throughput; 2]> {
+        let mut up_times = [Vec::new(), Vec::new()];
+        let mut down_times = [Vec::new(), Vec::new()];
         for _ in 0..runs {
-            let t = Instant::now();
-            sh(client("scp", port).arg(&payload).arg(&remote))?;
-            up_times.push(t.elapsed());
-            let _ = std::fs::remove_file(&back);
-            let t = Instant::now();
-            sh(client("scp", port).arg(&remote).arg(&back))?;
-            down_times.push(t.elapsed());
-            if sha256(&back)? != want {
-                bail!("{label}: the file came back different");
+            for (i, (_, port, login)) in sides.iter().enumerate() {
+                let t = Instant::now();
+                sh(client("scp", *port)
+                    .arg(&payload)
+                    .arg(format!("{login}:/root/payload")))?;
+                up_times[i].push(t.elapsed());
+            }
+            for (i, (label, port, login)) in sides.iter().enumerate() {
+                let _ = std::fs::remove_file(&back);
+                let t = Instant::now();
+                sh(client("scp", *port)
+                    .arg(format!("{login}:/root/payload"))
+                    .arg(&back))?;
+                down_times[i].push(t.elapsed());
+                if sha256(&back)? != want {
+                    bail!("{label}: the file came back different");
+                }
             }
         }
         let rate = |times: &mut Vec<Duration>| {
             times.sort();
             mib as f64 / times[times.len() / 2].as_secs_f64()
         };
-        let result = Throughput {
-            upload_mib_s: rate(&mut up_times),
-            download_mib_s: rate(&mut down_times),
-        };
-        eprintln!(
-            "{label}: up {:.0} MiB/s, down {:.0} MiB/s",
-            result.upload_mib_s, result.download_mib_s
-        );
-        Ok(result)
+        let [(a, ..), (b, ..)] = sides;
+        let [mut up_a, mut up_b] = up_times;
+        let [mut down_a, mut down_b] = down_times;
+        let results = [
+            (a, rate(&mut up_a), rate(&mut down_a)),
+            (b, rate(&mut up_b), rate(&mut down_b)),
+        ]
+        .map(|(label, up, down)| {
+            eprintln!("{label}: up {up:.0} MiB/s, down {down:.0} MiB/s");
+            Throughput {
+                upload_mib_s: up,
+                download_mib_s: down,
+            }
+        });
+        Ok(results)
     };
-    let gateway = measure("gateway", gateway_port, "ssh@127.0.0.1")?;
-    let sshd = measure(
-        "sshd in the workspace",
-        SSHD_PORT,
-        &format!("root@{address}"),
-    )?;
-    let relayed = measure("gateway, relayed", gateway_port, "far@127.0.0.1")?;
-    let relayed_sshd = measure(
-        "sshd in the far workspace",
-        SSHD_PORT,
-        &format!("root@{far_address}"),
-    )?;
+    let [gateway, sshd] = measure([
+        ("gateway", gateway_port, "ssh@127.0.0.1"),
+        (
+            "sshd in the workspace",
+            SSHD_PORT,
+            &format!("root@{address}"),
+        ),
+    ])?;
+    let [relayed, relayed_sshd] = measure([
+        ("gateway, relayed", gateway_port, "far@127.0.0.1"),
+        (
+            "sshd in the far workspace",
+            SSHD_PORT,
+            &format!("root@{far_address}"),
+        ),
+    ])?;
     let _ = std::fs::remove_file(&back);
     let _ = std::fs::remove_file(&payload);
     let results = Results {

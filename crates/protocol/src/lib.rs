@@ -31,6 +31,16 @@ pub mod tunnel {
     /// connection up.
     pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
+    /// The largest HTTP/2 DATA frame either side of a tunnel accepts (HTTP/2's default is
+    /// 16 KiB): a relayed `scp` moves its bytes in a sixteenth of the frames, each a wake-up
+    /// and a write on both sides.
+    pub const MAX_FRAME_SIZE: u32 = 256 << 10;
+
+    /// How much of a call's body a tunnel's side buffers on its way to or from HTTP/2, and so
+    /// the largest piece it hands on at once (sixteen times tokio's default for a byte stream,
+    /// and what each open stream may hold: a forwarded connection that sits idle keeps it).
+    pub const STREAM_BUFFER: usize = 64 << 10;
+
     /// How a server's certificate is named to its agents (`warren host add` prints it, an
     /// agent pins it): `sha256:` and the lowercase hex of the SHA-256 of its DER form.
     pub fn fingerprint(cert_der: &[u8]) -> String {

@@ -80,23 +80,44 @@ impl Frame {
     /// The frame as sent. A payload over [`MAX_FRAME`] is the sender's bug: callers split data
     /// into pieces of at most [`MAX_DATA`].
     pub fn encode(&self) -> Vec<u8> {
-        let payload: Vec<u8> = match self {
-            Frame::Start(start) => serde_json::to_vec(start).unwrap_or_default(),
-            Frame::Input(data) | Frame::Output(data) | Frame::ErrorOutput(data) => data.clone(),
-            Frame::InputEnd => Vec::new(),
-            Frame::Signal(n) => n.to_be_bytes().to_vec(),
-            Frame::Resize { rows, cols } => [rows.to_be_bytes(), cols.to_be_bytes()].concat(),
-            Frame::Exited(Exit::Code(c)) => [&[0u8][..], &c.to_be_bytes()].concat(),
-            Frame::Exited(Exit::Signal(s)) => [&[1u8][..], &s.to_be_bytes()].concat(),
-            Frame::Failed(why) => why.as_bytes().to_vec(),
-            Frame::AgentOpen(n) | Frame::AgentClose(n) => n.to_be_bytes().to_vec(),
-            Frame::AgentData(n, data) => [&n.to_be_bytes()[..], data].concat(),
+        let small: Vec<u8>;
+        let payload: &[u8] = match self {
+            // The bulk of a session: copied once, from where it is.
+            Frame::Input(data) | Frame::Output(data) | Frame::ErrorOutput(data) => data,
+            Frame::Failed(why) => why.as_bytes(),
+            other => {
+                small = match other {
+                    Frame::Start(start) => serde_json::to_vec(start).unwrap_or_default(),
+                    Frame::Signal(n) => n.to_be_bytes().to_vec(),
+                    Frame::Resize { rows, cols } => {
+                        [rows.to_be_bytes(), cols.to_be_bytes()].concat()
+                    }
+                    Frame::Exited(Exit::Code(c)) => [&[0u8][..], &c.to_be_bytes()].concat(),
+                    Frame::Exited(Exit::Signal(s)) => [&[1u8][..], &s.to_be_bytes()].concat(),
+                    Frame::AgentOpen(n) | Frame::AgentClose(n) => n.to_be_bytes().to_vec(),
+                    Frame::AgentData(n, data) => [&n.to_be_bytes()[..], data].concat(),
+                    _ => Vec::new(),
+                };
+                &small
+            }
         };
-        let mut out = Vec::with_capacity(5 + payload.len());
-        out.push(self.kind());
-        out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-        out.extend_from_slice(&payload);
-        out
+        encoded(self.kind(), payload)
+    }
+
+    /// [`Frame::Input`] of `data`, encoded from the slice (one copy, where building the frame
+    /// first makes two).
+    pub fn input(data: &[u8]) -> Vec<u8> {
+        encoded(2, data)
+    }
+
+    /// [`Frame::Output`] of `data`, encoded from the slice.
+    pub fn output(data: &[u8]) -> Vec<u8> {
+        encoded(10, data)
+    }
+
+    /// [`Frame::ErrorOutput`] of `data`, encoded from the slice.
+    pub fn error_output(data: &[u8]) -> Vec<u8> {
+        encoded(11, data)
     }
 
     /// The next frame from `from`; `None` at a clean end of the stream (between frames).
@@ -112,8 +133,15 @@ impl Frame {
         if len > MAX_FRAME {
             return Err(invalid(format!("a frame of {len} bytes")));
         }
-        let mut payload = vec![0u8; len];
-        from.read_exact(&mut payload).await?;
+        // Filled as it arrives, never zeroed first: a session's bulk passes through here.
+        let mut payload = Vec::with_capacity(len);
+        (&mut *from)
+            .take(len as u64)
+            .read_to_end(&mut payload)
+            .await?;
+        if payload.len() < len {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
         Frame::decode(head[0], payload).map(Some)
     }
 
@@ -199,6 +227,15 @@ pub const AGENT_READ: usize = 64 << 10;
 /// The most data one frame carries (the rest of [`MAX_FRAME`] is room for a header).
 pub const MAX_DATA: usize = MAX_FRAME - 16;
 
+/// A frame of `kind` carrying `payload`: kind, length, payload.
+fn encoded(kind: u8, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(5 + payload.len());
+    out.push(kind);
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
 fn invalid(what: String) -> std::io::Error {
     std::io::Error::new(
         std::io::ErrorKind::InvalidData,
@@ -244,6 +281,14 @@ mod tests {
             read.push(frame);
         }
         assert_eq!(read, frames);
+        // The bulk's encoders, from a slice, make the same frames.
+        let data = b"from a slice";
+        assert_eq!(Frame::input(data), Frame::Input(data.to_vec()).encode());
+        assert_eq!(Frame::output(data), Frame::Output(data.to_vec()).encode());
+        assert_eq!(
+            Frame::error_output(data),
+            Frame::ErrorOutput(data.to_vec()).encode()
+        );
 
         let mut huge = vec![2u8];
         huge.extend_from_slice(&((MAX_FRAME as u32) + 1).to_be_bytes());

@@ -275,9 +275,13 @@ impl HostLinks {
     /// read from it) both stream, as one byte stream.
     async fn both_ways(&self, ws: &Place, path: &str) -> ApiResult<HostStream> {
         use tokio::io::AsyncWriteExt as _;
-        let (ours, theirs) = tokio::io::duplex(64 << 10);
+        use warren_protocol::tunnel::STREAM_BUFFER;
+        let (ours, theirs) = tokio::io::duplex(STREAM_BUFFER);
         let (typed, mut shown) = tokio::io::split(theirs);
-        let input = Body::from_stream(tokio_util::io::ReaderStream::new(typed));
+        let input = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
+            typed,
+            STREAM_BUFFER,
+        ));
         let answer = self
             .call(ws, Method::POST, path, input, OPEN_WITHIN)
             .await?;

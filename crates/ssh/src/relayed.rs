@@ -52,17 +52,17 @@ pub(crate) async fn run(
     }));
     // A host that stops reading gets no more of the session than its queue: past a while, the
     // session ends.
-    let send = |frame: Frame| {
+    let send = |frame: Vec<u8>| {
         let frames = frames.clone();
         async move {
             matches!(
-                tokio::time::timeout(SEND_WITHIN, frames.send(frame.encode())).await,
+                tokio::time::timeout(SEND_WITHIN, frames.send(frame)).await,
                 Ok(Ok(()))
             )
         }
     };
     let stalled = || "the workspace's host stopped reading the session".to_owned();
-    if !send(Frame::Start(start)).await {
+    if !send(Frame::Start(start).encode()).await {
         return Err(stalled());
     }
     let (ended, mut ending) = oneshot::channel();
@@ -81,28 +81,28 @@ pub(crate) async fn run(
             msg = channel.wait() => match msg {
                 Some(ChannelMsg::Data { data }) => {
                     for piece in data.chunks(MAX_DATA) {
-                        if !send(Frame::Input(piece.to_vec())).await {
+                        if !send(Frame::input(piece)).await {
                             return Err(stalled());
                         }
                     }
                 }
                 // The client's end of input; a terminal has none of its own.
                 Some(ChannelMsg::Eof) if !is_pty => {
-                    send(Frame::InputEnd).await;
+                    send(Frame::InputEnd.encode()).await;
                 }
                 Some(ChannelMsg::Signal { signal }) => {
                     if let Some(n) = crate::session::signal_number(&signal) {
-                        send(Frame::Signal(n)).await;
+                        send(Frame::Signal(n).encode()).await;
                     }
                 }
                 Some(ChannelMsg::WindowChange { col_width, row_height, .. }) => {
                     let size = crate::session::win_size(col_width, row_height);
-                    send(Frame::Resize { rows: size.rows, cols: size.cols }).await;
+                    send(Frame::Resize { rows: size.rows, cols: size.cols }.encode()).await;
                 }
                 None | Some(ChannelMsg::Close) => {
                     // The client is gone: the host hangs up on the process, which may run on;
                     // it counts as the user's session until it ends there.
-                    send(Frame::Signal(libc::SIGHUP)).await;
+                    send(Frame::Signal(libc::SIGHUP).encode()).await;
                     return match tokio::time::timeout(HANGUP_WAIT, &mut ending).await {
                         Ok(Ok(status)) => status,
                         Ok(Err(_)) => Err(gone()),

@@ -197,6 +197,7 @@ pub async fn agent_tunnel(
             .keep_alive_interval(KEEP_ALIVE)
             .keep_alive_timeout(KEEP_ALIVE)
             .keep_alive_while_idle(true)
+            .max_frame_size(warren_protocol::tunnel::MAX_FRAME_SIZE)
             .handshake::<_, axum::body::Body>(upgraded)
             .await;
         let (sender, connection) = match opened {
