@@ -17,6 +17,7 @@ use anyhow::{Context as _, bail};
 use clap::Subcommand;
 use serde::Serialize;
 use warren_envfile::ByteSize;
+use warren_testkit::{DelayLine, LinkShape};
 
 /// The `warren` binary the benchmarks drive: `WARREN_EXE`, else the one beside this binary
 /// (cargo builds both into the same folder).
@@ -55,12 +56,21 @@ pub fn runtime_config(
 pub enum BenchCommand {
     /// Lazy mounts (with and without a trace) against full pulls on shaped links
     Lazy {
-        /// Image size
-        #[arg(long, default_value = "4GiB")]
-        size: String,
-        /// Link rates to measure, as tc understands them
+        /// Image sizes, each measured in turn and compared side by side (4GiB,100GiB)
+        #[arg(long, value_delimiter = ',', default_value = "4GiB")]
+        size: Vec<String>,
+        /// Link rates to measure (1gbit, 100mbit, ...)
         #[arg(long, value_delimiter = ',', default_value = "1gbit,100mbit")]
         rates: Vec<String>,
+        /// The link's round trip (each direction delays by half; a new connection's first
+        /// bytes by one more, its handshake)
+        #[arg(long, default_value = "20ms")]
+        rtt: String,
+        /// What the image's bulk (all but the startup set and the sequential-read file) is made
+        /// of: `random` data, or `compressible` chunks, all different, that compress to almost
+        /// nothing (a 100 GiB image in a few GB of registry and disk)
+        #[arg(long, value_enum, default_value = "random")]
+        filler: Filler,
         /// Where to build the image and keep the stores (needs about 4 × size free; 2 × with
         /// --only-lazy)
         #[arg(long, default_value = "/var/tmp/warren-bench")]
@@ -206,17 +216,29 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Lazy {
             size,
             rates,
+            rtt,
+            filler,
             work,
             json,
             only_lazy,
         } => {
-            let size = ByteSize::parse(&size)
-                .with_context(|| format!("`{size}` is not a size"))?
-                .0;
+            let sizes = size
+                .iter()
+                .map(|s| {
+                    ByteSize::parse(s)
+                        .map(|b| b.0)
+                        .with_context(|| format!("`{s}` is not a size"))
+                })
+                .collect::<anyhow::Result<Vec<u64>>>()?;
+            let rtt = parse_rtt(&rtt)?;
+            for rate in &rates {
+                rate_bits(rate)?;
+            }
             if std::env::var_os("WARREN_BENCH_INSIDE").is_none() {
                 return reexec_in_netns();
             }
-            lazy(size, &rates, &work, json.as_deref(), only_lazy)
+            let link = Link { rates, rtt };
+            lazy(&sizes, &link, filler, &work, json.as_deref(), only_lazy)
         }
         BenchCommand::Api {
             workspaces,
@@ -413,21 +435,6 @@ fn reexec_in_netns() -> anyhow::Result<()> {
     result
 }
 
-fn shape(rate: Option<&str>) -> anyhow::Result<()> {
-    let _ = Command::new("tc")
-        .args(["qdisc", "del", "dev", "lo", "root"])
-        .stderr(Stdio::null())
-        .status();
-    if let Some(rate) = rate {
-        // burst must hold at least one loopback frame (64 KiB); the queue holds ~50 ms.
-        sh(Command::new("tc").args([
-            "qdisc", "add", "dev", "lo", "root", "tbf", "rate", rate, "burst", "256kb", "latency",
-            "50ms",
-        ]))?;
-    }
-    Ok(())
-}
-
 fn rate_bits(rate: &str) -> anyhow::Result<f64> {
     let r = rate.to_ascii_lowercase();
     let (num, mult) = if let Some(n) = r.strip_suffix("gbit") {
@@ -459,10 +466,10 @@ pub(crate) fn write_random(path: &Path, len: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-struct Xorshift(u64);
+pub(crate) struct Xorshift(pub(crate) u64);
 
 impl Xorshift {
-    fn fill(&mut self, buf: &mut [u8]) {
+    pub(crate) fn fill(&mut self, buf: &mut [u8]) {
         for chunk in buf.chunks_mut(8) {
             self.0 ^= self.0 << 13;
             self.0 ^= self.0 >> 7;
@@ -482,8 +489,12 @@ struct Sets {
     written: u64,
 }
 
-/// Writes the synthetic tree.
-fn generate(src: &Path, size: u64) -> anyhow::Result<Sets> {
+/// Writes the synthetic tree; its bulk from `filler` when given, else random.
+fn generate(
+    src: &Path,
+    size: u64,
+    mut filler: Option<&mut crate::filler::CompressibleChunks>,
+) -> anyhow::Result<Sets> {
     let _ = std::fs::remove_dir_all(src);
     let mut rng = Xorshift(0x9E37_79B9_7F4A_7C15);
     let mut startup = Vec::new();
@@ -533,8 +544,14 @@ fn generate(src: &Path, size: u64) -> anyhow::Result<Sets> {
     let mut i = 0;
     while written < size {
         let len = (64u64 << 20).min(size - written);
-        write(&src.join(format!("data/blob{i:04}")), len, &mut rng)?;
-        written += len;
+        let path = src.join(format!("data/blob{i:05}"));
+        match filler.as_deref_mut() {
+            Some(filler) => written += filler.write(&path, len)?,
+            None => {
+                write(&path, len, &mut rng)?;
+                written += len;
+            }
+        }
         i += 1;
     }
     Ok(Sets {
@@ -565,6 +582,8 @@ struct Mount {
     child: std::process::Child,
     mountpoint: PathBuf,
     stats: PathBuf,
+    /// From the mount command to the mount in place (its image's index fetched and read).
+    ready: Duration,
 }
 
 use warren_hostfs::is_mounted;
@@ -584,18 +603,25 @@ impl Mount {
             .args(args)
             .stdout(Stdio::null())
             .spawn()?;
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(60);
         while !is_mounted(mountpoint) {
             if Instant::now() > deadline {
                 bail!("{image} was not mounted within 60 s");
             }
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(Duration::from_millis(2));
         }
         Ok(Mount {
             child,
             mountpoint: mountpoint.to_path_buf(),
             stats,
+            ready: started.elapsed(),
         })
+    }
+
+    /// The mount process's largest resident set so far, in bytes.
+    fn peak_rss(&self) -> u64 {
+        proc_kb(&format!("/proc/{}/status", self.child.id()), "VmHWM:")
     }
 
     fn stats(&self) -> serde_json::Value {
@@ -653,12 +679,16 @@ struct RateResult {
     ideal_startup_s: f64,
     skopeo_umoci_full_s: f64,
     warren_full_pull_s: f64,
+    lazy_no_trace_ready_s: f64,
     lazy_no_trace_s: f64,
     lazy_no_trace_fetched: u64,
     lazy_no_trace_requests: u64,
+    lazy_trace_ready_s: f64,
     lazy_trace_s: f64,
     lazy_trace_fetched: u64,
     lazy_trace_requests: u64,
+    /// The larger of the two lazy mount processes' peak resident sets, in bytes.
+    lazy_peak_rss_bytes: u64,
     background_pull_s: f64,
     background_rate_of_link: f64,
 }
@@ -666,6 +696,10 @@ struct RateResult {
 #[derive(Debug, Serialize)]
 struct Results {
     image_bytes: u64,
+    /// Chunks in the image (its index's chunk table).
+    image_chunks: u64,
+    filler: Filler,
+    rtt_ms: f64,
     startup_files: usize,
     /// Files only the recording start read.
     recording_extra_files: usize,
@@ -678,6 +712,56 @@ struct Results {
     dedup_first_bytes: u64,
     dedup_total_bytes: u64,
     dedup_budget_bytes: u64,
+}
+
+/// What the image's bulk is made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Filler {
+    Random,
+    Compressible,
+}
+
+/// The link between the registry and everything that pulls from it: a [`DelayLine`] per rate.
+struct Link {
+    rates: Vec<String>,
+    rtt: Duration,
+}
+
+impl Link {
+    /// The registry at `registry`, `rate` and the round trip away.
+    fn to(&self, registry: std::net::SocketAddr, rate: &str) -> anyhow::Result<DelayLine> {
+        let bits = rate_bits(rate)?;
+        Ok(DelayLine::start(
+            registry,
+            LinkShape {
+                rtt: self.rtt,
+                down_bits: Some(bits),
+                up_bits: Some(bits),
+            },
+        ))
+    }
+}
+
+/// A round trip on the command line: `20ms`, `0.5s`, `0`.
+fn parse_rtt(text: &str) -> anyhow::Result<Duration> {
+    let t = text.trim();
+    let (number, scale) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1.0)
+    } else if t == "0" {
+        (t, 1.0)
+    } else {
+        bail!("`{text}` is not a round trip such as 20ms");
+    };
+    let secs = number
+        .parse::<f64>()
+        .ok()
+        .map(|n| n * scale)
+        .filter(|s| s.is_finite() && (0.0..=10.0).contains(s))
+        .with_context(|| format!("`{text}` is not a round trip such as 20ms (10 s at most)"))?;
+    Ok(Duration::from_secs_f64(secs))
 }
 
 /// Debian's docker-registry on `127.0.0.1:port`, keeping its blobs under `dir` (cleared
@@ -746,9 +830,12 @@ pub(crate) fn dir_bytes(dir: &Path) -> u64 {
     total
 }
 
+/// Measures each of `sizes` in turn (each its own image, registry and trace), then prints
+/// them side by side.
 fn lazy(
-    size: u64,
-    rates: &[String],
+    sizes: &[u64],
+    link: &Link,
+    filler: Filler,
     work: &Path,
     json: Option<&Path>,
     only_lazy: bool,
@@ -757,21 +844,50 @@ fn lazy(
         ("skopeo", "skopeo"),
         ("umoci", "umoci"),
         ("docker-registry", "docker-registry"),
-        ("tc", "iproute2"),
     ])?;
+    let mut all = Vec::new();
+    for &size in sizes {
+        let results = lazy_one(size, link, filler, work, only_lazy)?;
+        report(&results);
+        all.push(results);
+    }
+    if all.len() > 1 {
+        compare(&all);
+    }
+    if let Some(path) = json {
+        std::fs::write(path, serde_json::to_vec_pretty(&all)?)?;
+    }
+    Ok(())
+}
+
+fn lazy_one(
+    size: u64,
+    link: &Link,
+    filler: Filler,
+    work: &Path,
+    only_lazy: bool,
+) -> anyhow::Result<Results> {
     let exe = crate::bench::warren_exe()?;
     let warren = |data: &Path, args: &[&str]| -> anyhow::Result<String> {
         sh(Command::new(&exe).arg("--data").arg(data).args(args))
     };
     std::fs::create_dir_all(work)?;
     let src = work.join("src");
-    eprintln!("generating a {} image", ByteSize(size));
+    eprintln!("generating a {} image ({filler:?} bulk)", ByteSize(size));
+    let mut chunks_filler = match filler {
+        Filler::Random => None,
+        Filler::Compressible => {
+            let mut f = crate::filler::CompressibleChunks::new()?;
+            f.check(work)?;
+            Some(f)
+        }
+    };
     let Sets {
         startup,
         startup_bytes,
         recording_extra,
         written: size,
-    } = generate(&src, size)?;
+    } = generate(&src, size, chunks_filler.as_mut())?;
     eprintln!("importing");
     let base = work.join("base");
     let _ = std::fs::remove_dir_all(&base);
@@ -782,16 +898,20 @@ fn lazy(
     )?;
     let import_s = started.elapsed().as_secs_f64();
     let stored_bytes = dir_bytes(&base.join("images/blobs"));
+    let inspected: serde_json::Value =
+        serde_json::from_str(&warren(&base, &["image", "inspect", "--json", "bench:1"])?)?;
+    let image_chunks = inspected["chunks"].as_u64().unwrap_or(0);
     if only_lazy {
         // Only the registry's copy is read from here on: room for a large image.
         std::fs::remove_dir_all(&src)?;
     }
 
-    shape(None)?;
     let registry = LocalRegistry::start(&work.join("registry"), 5000)?;
+    let registry_addr: std::net::SocketAddr = registry.host.parse()?;
     let result = (|| -> anyhow::Result<Results> {
-        let remote = "127.0.0.1:5000/bench/warren:1";
-        warren(&base, &["image", "push", "bench:1", remote])?;
+        // Pushed and traced straight to the registry; every timed start goes through the link.
+        let pushed = format!("{}/bench/warren:1", registry.host);
+        warren(&base, &["image", "push", "bench:1", &pushed])?;
         if only_lazy {
             std::fs::remove_dir_all(&base)?;
         }
@@ -810,7 +930,7 @@ fn lazy(
             sh(Command::new("skopeo")
                 .args(["copy", "--quiet", "--dest-tls-verify=false"])
                 .arg(format!("oci:{}:1", layout.display()))
-                .arg("docker://127.0.0.1:5000/bench/oci:1"))?;
+                .arg(format!("docker://{}/bench/oci:1", registry.host)))?;
         }
 
         // Record the startup trace once (unshaped), as a prebuild's first start would: not
@@ -821,7 +941,7 @@ fn lazy(
         let _ = std::fs::remove_dir_all(&rec);
         let m = Mount::start(
             &rec,
-            remote,
+            &pushed,
             &mnt,
             &["--record-trace", "3600", "--no-prefetch", "--no-background"],
         )?;
@@ -833,14 +953,16 @@ fn lazy(
         m.stop()?;
 
         let mut rate_results = Vec::new();
-        for rate in rates {
+        for rate in &link.rates {
             let bits = rate_bits(rate)?;
             let ideal = startup_bytes as f64 * 8.0 / bits;
             eprintln!(
-                "link {rate}: startup set {} (ideal {ideal:.1}s)",
+                "link {rate}, {:?} round trip: startup set {} (ideal {ideal:.1}s)",
+                link.rtt,
                 ByteSize(startup_bytes)
             );
-            shape(Some(rate))?;
+            let line = link.to(registry_addr, rate)?;
+            let remote = format!("{}/bench/warren:1", line.host());
 
             let (mut skopeo_s, mut full_s) = (f64::NAN, f64::NAN);
             if !only_lazy {
@@ -852,12 +974,8 @@ fn lazy(
                 drop_caches();
                 let t = Instant::now();
                 sh(Command::new("skopeo")
-                    .args([
-                        "copy",
-                        "--quiet",
-                        "--src-tls-verify=false",
-                        "docker://127.0.0.1:5000/bench/oci:1",
-                    ])
+                    .args(["copy", "--quiet", "--src-tls-verify=false"])
+                    .arg(format!("docker://{}/bench/oci:1", line.host()))
                     .arg(format!("oci:{}:1", peer.join("layout").display())))?;
                 sh(Command::new("umoci")
                     .args(["unpack", "--image"])
@@ -873,7 +991,7 @@ fn lazy(
                 let _ = std::fs::remove_dir_all(&full);
                 drop_caches();
                 let t = Instant::now();
-                warren(&full, &["image", "pull", remote, "bench:1"])?;
+                warren(&full, &["image", "pull", &remote, "bench:1"])?;
                 let m = Mount::start(
                     &full,
                     "bench:1",
@@ -894,12 +1012,14 @@ fn lazy(
             let t = Instant::now();
             let m = Mount::start(
                 &lazy_dir,
-                remote,
+                &remote,
                 &mnt,
                 &["--no-prefetch", "--no-background"],
             )?;
             read_set(&mnt, &startup)?;
             let lazy_s = t.elapsed().as_secs_f64();
+            let lazy_ready = m.ready.as_secs_f64();
+            let mut peak_rss = m.peak_rss();
             let s = m.stop()?;
             let lazy_fetched = s["bytes_fetched"].as_u64().unwrap_or(0);
             let lazy_requests = s["requests"].as_u64().unwrap_or(0);
@@ -908,9 +1028,11 @@ fn lazy(
             // Lazy with the trace replayed.
             drop_caches();
             let t = Instant::now();
-            let m = Mount::start(&lazy_dir, remote, &mnt, &["--no-background"])?;
+            let m = Mount::start(&lazy_dir, &remote, &mnt, &["--no-background"])?;
             read_set(&mnt, &startup)?;
             let trace_s = t.elapsed().as_secs_f64();
+            let trace_ready = m.ready.as_secs_f64();
+            peak_rss = peak_rss.max(m.peak_rss());
             let s = m.stop()?;
             let trace_fetched = s["bytes_fetched"].as_u64().unwrap_or(0);
             let trace_requests = s["requests"].as_u64().unwrap_or(0);
@@ -921,7 +1043,7 @@ fn lazy(
                 eprintln!("  background pull");
                 // Background pull of the whole image.
                 let t = Instant::now();
-                let m = Mount::start(&lazy_dir, remote, &mnt, &["--no-prefetch"])?;
+                let m = Mount::start(&lazy_dir, &remote, &mnt, &["--no-prefetch"])?;
                 let s = m.wait_stat("pull_finished")?;
                 bg_s = t.elapsed().as_secs_f64();
                 m.stop()?;
@@ -933,39 +1055,43 @@ fn lazy(
                 ideal_startup_s: ideal,
                 skopeo_umoci_full_s: skopeo_s,
                 warren_full_pull_s: full_s,
+                lazy_no_trace_ready_s: lazy_ready,
                 lazy_no_trace_s: lazy_s,
                 lazy_no_trace_fetched: lazy_fetched,
                 lazy_no_trace_requests: lazy_requests,
+                lazy_trace_ready_s: trace_ready,
                 lazy_trace_s: trace_s,
                 lazy_trace_fetched: trace_fetched,
                 lazy_trace_requests: trace_requests,
+                lazy_peak_rss_bytes: peak_rss,
                 background_pull_s: bg_s,
                 background_rate_of_link: bg_rate,
             });
         }
-        shape(None)?;
+        let mut results = Results {
+            image_bytes: size,
+            image_chunks,
+            filler,
+            rtt_ms: link.rtt.as_secs_f64() * 1e3,
+            startup_files: startup.len(),
+            recording_extra_files: recording_extra.len(),
+            startup_bytes,
+            import_s,
+            stored_bytes,
+            rates: rate_results,
+            local_read_mib_s: f64::NAN,
+            mount_read_mib_s: f64::NAN,
+            dedup_first_bytes: 0,
+            dedup_total_bytes: 0,
+            dedup_budget_bytes: 0,
+        };
         if only_lazy {
-            return Ok(Results {
-                image_bytes: size,
-                startup_files: startup.len(),
-                recording_extra_files: recording_extra.len(),
-                startup_bytes,
-                import_s,
-                stored_bytes,
-                rates: rate_results,
-                local_read_mib_s: f64::NAN,
-                mount_read_mib_s: f64::NAN,
-                dedup_first_bytes: 0,
-                dedup_total_bytes: 0,
-                dedup_budget_bytes: 0,
-            });
+            return Ok(results);
         }
 
         // Sequential read of a large file once local: through the mount vs the source on disk.
         eprintln!("sequential reads once local");
         let big = PathBuf::from("data/seq");
-        let local_mib_s;
-        let mount_mib_s;
         {
             let m = Mount::start(
                 &base,
@@ -989,8 +1115,8 @@ fn lazy(
             }
             mount.sort_by(f64::total_cmp);
             local.sort_by(f64::total_cmp);
-            mount_mib_s = mount[2];
-            local_mib_s = local[2];
+            results.mount_read_mib_s = mount[2];
+            results.local_read_mib_s = local[2];
             m.stop()?;
         }
 
@@ -1019,57 +1145,45 @@ fn lazy(
                 ],
             )?;
         }
-        let total = dir_bytes(&dd.join("images/blobs"));
-        Ok(Results {
-            image_bytes: size,
-            startup_files: startup.len(),
-            recording_extra_files: recording_extra.len(),
-            startup_bytes,
-            import_s,
-            stored_bytes,
-            rates: rate_results,
-            local_read_mib_s: local_mib_s,
-            mount_read_mib_s: mount_mib_s,
-            dedup_first_bytes: first,
-            dedup_total_bytes: total,
-            dedup_budget_bytes: ((first + 10 * (10 << 20)) as f64 * 1.1) as u64,
-        })
+        results.dedup_first_bytes = first;
+        results.dedup_total_bytes = dir_bytes(&dd.join("images/blobs"));
+        results.dedup_budget_bytes = ((first + 10 * (10 << 20)) as f64 * 1.1) as u64;
+        Ok(results)
     })();
-    let _ = shape(None);
     drop(registry);
-    let results = result?;
-    report(&results);
-    if let Some(path) = json {
-        std::fs::write(path, serde_json::to_vec_pretty(&results)?)?;
-    }
-    Ok(())
+    result
 }
 
 fn report(r: &Results) {
     println!(
-        "image {} ({} stored), imported in {:.1}s; startup set {} files, {}",
+        "image {} ({} chunks, {:?} bulk; {} stored), imported in {:.1}s; startup set {} files, {}; round trip {:.0} ms",
         ByteSize(r.image_bytes),
+        r.image_chunks,
+        r.filler,
         ByteSize(r.stored_bytes),
         r.import_s,
         r.startup_files,
-        ByteSize(r.startup_bytes)
+        ByteSize(r.startup_bytes),
+        r.rtt_ms,
     );
     println!(
         "the trace replayed was recorded by another start: the startup set read backwards, interleaved with {} files the timed starts never read",
         r.recording_extra_files
     );
     println!(
-        "| link | ideal | skopeo+umoci full | warren full pull | lazy, no trace (of 1.5×ideal+1s) | lazy, trace (of 1.5×ideal+1s; speed-up) | requests no trace / trace | fetched no trace / trace | background pull (of link) |"
+        "| link | ideal | skopeo+umoci full | warren full pull | mount ready no trace / trace | lazy, no trace (of 1.5×ideal+1s) | lazy, trace (of 1.5×ideal+1s; speed-up) | requests no trace / trace | fetched no trace / trace | mount peak RSS | background pull (of link) |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for x in &r.rates {
         let budget = 1.5 * x.ideal_startup_s + 1.0;
         println!(
-            "| {} | {:.1}s | {:.1}s | {:.1}s | {:.1}s ({:.2}×) | {:.1}s ({:.2}×; {:.2}×) | {} / {} | {} / {} ({:.2}× / {:.2}× the set) | {:.1}s ({:.0}%) |",
+            "| {} | {:.1}s | {:.1}s | {:.1}s | {:.2}s / {:.2}s | {:.1}s ({:.2}×) | {:.1}s ({:.2}×; {:.2}×) | {} / {} | {} / {} ({:.2}× / {:.2}× the set) | {} MiB | {:.1}s ({:.0}%) |",
             x.rate,
             x.ideal_startup_s,
             x.skopeo_umoci_full_s,
             x.warren_full_pull_s,
+            x.lazy_no_trace_ready_s,
+            x.lazy_trace_ready_s,
             x.lazy_no_trace_s,
             x.lazy_no_trace_s / budget,
             x.lazy_trace_s,
@@ -1081,6 +1195,7 @@ fn report(r: &Results) {
             ByteSize(x.lazy_trace_fetched),
             x.lazy_no_trace_fetched as f64 / r.startup_bytes as f64,
             x.lazy_trace_fetched as f64 / r.startup_bytes as f64,
+            x.lazy_peak_rss_bytes >> 20,
             x.background_pull_s,
             x.background_rate_of_link * 100.0
         );
@@ -1105,4 +1220,65 @@ fn report(r: &Results) {
             "missed"
         }
     );
+}
+
+/// The lazy figures of every size beside the first's, each as a multiple of the first's.
+fn compare(all: &[Results]) {
+    let first = &all[0];
+    println!(
+        "side by side ({} round trip), each as a multiple of {}:",
+        format_args!("{:.0} ms", first.rtt_ms),
+        ByteSize(first.image_bytes)
+    );
+    let sizes: Vec<String> = all
+        .iter()
+        .map(|r| ByteSize(r.image_bytes).to_string())
+        .collect();
+    println!("| link | figure | {} |", sizes.join(" | "));
+    println!("|---|---|{}", "---|".repeat(sizes.len()));
+    type Figure = (&'static str, fn(&RateResult) -> f64, &'static str);
+    let figures: [Figure; 6] = [
+        ("mount ready, no trace", |x| x.lazy_no_trace_ready_s, "s"),
+        ("mount ready, trace", |x| x.lazy_trace_ready_s, "s"),
+        ("startup set, no trace", |x| x.lazy_no_trace_s, "s"),
+        ("startup set, trace", |x| x.lazy_trace_s, "s"),
+        (
+            "mount peak RSS",
+            |x| x.lazy_peak_rss_bytes as f64 / (1 << 20) as f64,
+            " MiB",
+        ),
+        (
+            "bytes fetched with trace",
+            |x| x.lazy_trace_fetched as f64 / (1 << 20) as f64,
+            " MiB",
+        ),
+    ];
+    for (i, x) in first.rates.iter().enumerate() {
+        for (name, value, unit) in &figures {
+            let base = value(x);
+            let cells: Vec<String> = all
+                .iter()
+                .map(|r| {
+                    let v = value(&r.rates[i]);
+                    format!("{v:.2}{unit} ({:.2}×)", v / base)
+                })
+                .collect();
+            println!("| {} | {name} | {} |", x.rate, cells.join(" | "));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_parse_and_nonsense_is_refused() {
+        assert_eq!(parse_rtt("20ms").unwrap(), Duration::from_millis(20));
+        assert_eq!(parse_rtt("0.5s").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_rtt("0").unwrap(), Duration::ZERO);
+        for bad in ["20", "-1ms", "11s", "fast", "NaNms"] {
+            assert!(parse_rtt(bad).is_err(), "{bad} was taken");
+        }
+    }
 }

@@ -13,6 +13,7 @@ mod bench_runtime;
 mod bench_ssh;
 mod bench_ui;
 mod bench_vm;
+mod filler;
 
 use std::process::ExitCode;
 
