@@ -155,7 +155,7 @@ impl ChunkFetcher {
                 // On a reader's behalf: the background pull waits for it too.
                 me.counters.demand_in_flight.fetch_add(1, Ordering::SeqCst);
                 // A failure is the reader's to meet, if it gets that far.
-                if let Err(e) = me.fetch_claimed(&mine) {
+                if let Err(e) = me.fetch_claimed(&mine, &[]) {
                     tracing::debug!(error = %e, "readahead failed");
                 }
                 me.release(&mine);
@@ -241,7 +241,7 @@ impl ChunkFetcher {
         {
             missing.extend(ahead);
         }
-        let fetched = self.fetch(&missing)?;
+        let fetched = self.fetch(&missing, rest)?;
         for &c in rest {
             if let Some((_, d)) = fetched.iter().find(|(i, _)| *i == c) {
                 self.counters.cache_misses.fetch_add(1, Ordering::Relaxed);
@@ -254,7 +254,7 @@ impl ChunkFetcher {
             }
             // Another reader was fetching it and failed, or it was evicted since: fetch it here.
             self.counters.cache_misses.fetch_add(1, Ordering::Relaxed);
-            match self.fetch(&[c])?.into_iter().next() {
+            match self.fetch(&[c], &[c])?.into_iter().next() {
                 Some((_, d)) => out.extend_from_slice(&d),
                 None if self.cache.read_into(&self.loc(c).id, out) => {}
                 None => {
@@ -365,7 +365,7 @@ impl ChunkFetcher {
             .copied()
             .filter(|c| !self.cache.contains(&self.loc(*c).id))
             .collect();
-        self.fetch(&missing).map(|_| ())
+        self.fetch(&missing, &[]).map(|_| ())
     }
 
     fn loc(&self, c: u32) -> ChunkLoc {
@@ -396,10 +396,10 @@ impl ChunkFetcher {
     }
 
     /// Fetches `chunks` (claiming them so concurrent readers wait instead of fetching them too)
-    /// and returns the ones this call fetched.
-    fn fetch(&self, chunks: &[u32]) -> Result<Vec<(u32, Vec<u8>)>, FetchError> {
+    /// into the cache, and returns those of `keep` this call fetched.
+    fn fetch(&self, chunks: &[u32], keep: &[u32]) -> Result<Vec<(u32, Vec<u8>)>, FetchError> {
         let mine = self.claim(chunks);
-        let result = self.fetch_claimed(&mine);
+        let result = self.fetch_claimed(&mine, keep);
         self.release(&mine);
         // Wait for the chunks other readers were fetching.
         let mut in_flight = self.in_flight.lock().expect("fetch lock");
@@ -409,14 +409,21 @@ impl ChunkFetcher {
         result
     }
 
-    fn fetch_claimed(&self, chunks: &[u32]) -> Result<Vec<(u32, Vec<u8>)>, FetchError> {
+    /// Fetches `chunks` into the cache; the content of those of `keep` back. The rest is not
+    /// held: a readahead of 8 MiB, several at once, would otherwise be held whole until its
+    /// last chunk landed.
+    fn fetch_claimed(
+        &self,
+        chunks: &[u32],
+        keep: &[u32],
+    ) -> Result<Vec<(u32, Vec<u8>)>, FetchError> {
         let mut sorted: Vec<u32> = chunks.to_vec();
         sorted.sort_by_key(|&c| {
             let l = self.loc(c);
             (l.blob, l.offset)
         });
         sorted.dedup();
-        let mut out = Vec::with_capacity(sorted.len());
+        let mut out = Vec::with_capacity(keep.len());
         for run in self.runs(&sorted) {
             let first = self.loc(run[0]);
             let last = self.loc(*run.last().expect("runs are not empty"));
@@ -437,7 +444,9 @@ impl ChunkFetcher {
                     Err(_) => self.refetch_one(&loc)?,
                 };
                 self.cache.insert(&loc.id, &data)?;
-                out.push((c, data));
+                if keep.contains(&c) {
+                    out.push((c, data));
+                }
             }
         }
         Ok(out)
