@@ -72,7 +72,7 @@ pub enum BenchCommand {
         #[arg(long, value_enum, default_value = "random")]
         filler: Filler,
         /// Where to build the image and keep the stores (needs about 4 × size free; 2 × with
-        /// --only-lazy)
+        /// --only-lazy; about 10 GB for 100 GiB with --filler compressible)
         #[arg(long, default_value = "/var/tmp/warren-bench")]
         work: PathBuf,
         /// Write the results as JSON here as well

@@ -100,24 +100,28 @@ pub(crate) fn ssh(
     let back = work.join("ssh-payload.back");
     crate::bench::write_random(&payload, mib << 20)?;
     let want = sha256(&payload)?;
-    // Each run copies through Warren and through the peer back to back, each way, so what
-    // the machine does meanwhile weighs on both alike.
+    // Each run copies through Warren and through the peer back to back, each way, which one
+    // first in turn, so what the machine does meanwhile weighs on both alike. Each side has a
+    // file of its own: what comes back down is what that side took up.
     let measure = |sides: [(&str, u16, &str); 2]| -> anyhow::Result<[Throughput; 2]> {
         let mut up_times = [Vec::new(), Vec::new()];
         let mut down_times = [Vec::new(), Vec::new()];
-        for _ in 0..runs {
-            for (i, (_, port, login)) in sides.iter().enumerate() {
+        for run in 0..runs {
+            let order = if run % 2 == 0 { [0, 1] } else { [1, 0] };
+            for i in order {
+                let (_, port, login) = sides[i];
                 let t = Instant::now();
-                sh(client("scp", *port)
+                sh(client("scp", port)
                     .arg(&payload)
-                    .arg(format!("{login}:/root/payload")))?;
+                    .arg(format!("{login}:/root/payload-{i}")))?;
                 up_times[i].push(t.elapsed());
             }
-            for (i, (label, port, login)) in sides.iter().enumerate() {
+            for i in order {
+                let (label, port, login) = sides[i];
                 let _ = std::fs::remove_file(&back);
                 let t = Instant::now();
-                sh(client("scp", *port)
-                    .arg(format!("{login}:/root/payload"))
+                sh(client("scp", port)
+                    .arg(format!("{login}:/root/payload-{i}"))
                     .arg(&back))?;
                 down_times[i].push(t.elapsed());
                 if sha256(&back)? != want {

@@ -261,7 +261,7 @@ impl Host {
             found.push(format!("nft element for {veth}"));
         }
         for pid in processes_in_range(uid_base) {
-            found.push(format!("process {pid}"));
+            found.push(format!("process {pid} ({})", describe_process(pid)));
         }
         if self
             .data
@@ -324,6 +324,29 @@ fn processes_in_range(base: u32) -> Vec<u32> {
         }
     }
     pids
+}
+
+/// A process as a failure should show it: its name, state and parent (name and state too), so
+/// that a leftover tells whose it was and whether it is only unreaped.
+fn describe_process(pid: u32) -> String {
+    let field = |pid: &str, name: &str| -> String {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_owned()))
+            })
+            .unwrap_or_else(|| "?".into())
+    };
+    let pid = pid.to_string();
+    let parent = field(&pid, "PPid:");
+    format!(
+        "{}, {}, parent {parent} {}, {}",
+        field(&pid, "Name:"),
+        field(&pid, "State:"),
+        field(&parent, "Name:"),
+        field(&parent, "State:")
+    )
 }
 
 /// Reads from a terminal until `needle` shows up (or panics after `limit`).

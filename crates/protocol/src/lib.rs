@@ -32,8 +32,8 @@ pub mod tunnel {
     pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
     /// The largest HTTP/2 DATA frame either side of a tunnel accepts (HTTP/2's default is
-    /// 16 KiB): a relayed `scp` moves its bytes in a sixteenth of the frames, each a wake-up
-    /// and a write on both sides.
+    /// 16 KiB): a body piece of [`STREAM_BUFFER`] (or a relayed session's frame) goes as one
+    /// DATA frame, not four or more, each a wake-up and a write on both sides.
     pub const MAX_FRAME_SIZE: u32 = 256 << 10;
 
     /// How much of a call's body a tunnel's side buffers on its way to or from HTTP/2, and so

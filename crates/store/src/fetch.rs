@@ -6,7 +6,7 @@
 //! The layers are nydus's: backend ([`BlobStore`]) -> cache ([`ChunkCache`]) -> this fetcher,
 //! which is what the filesystem reads.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 
@@ -241,9 +241,9 @@ impl ChunkFetcher {
         {
             missing.extend(ahead);
         }
-        let fetched = self.fetch(&missing, rest)?;
+        let fetched: HashMap<u32, Vec<u8>> = self.fetch(&missing, rest)?.into_iter().collect();
         for &c in rest {
-            if let Some((_, d)) = fetched.iter().find(|(i, _)| *i == c) {
+            if let Some(d) = fetched.get(&c) {
                 self.counters.cache_misses.fetch_add(1, Ordering::Relaxed);
                 out.extend_from_slice(d);
                 continue;
@@ -423,6 +423,7 @@ impl ChunkFetcher {
             (l.blob, l.offset)
         });
         sorted.dedup();
+        let keep: HashSet<u32> = keep.iter().copied().collect();
         let mut out = Vec::with_capacity(keep.len());
         for run in self.runs(&sorted) {
             let first = self.loc(run[0]);

@@ -133,7 +133,9 @@ fn carry(
                     return;
                 }
                 Ok(n) => {
-                    let at = wire.send(Instant::now().max(not_before), n) + delay;
+                    // The handshake holds this connection's bytes only: the wire is taken
+                    // when they arrived, as other connections' bytes meanwhile go on.
+                    let at = wire.send(Instant::now(), n).max(not_before) + delay;
                     if tx.send(Some((at, buf[..n].to_vec()))).is_err() {
                         return;
                     }
