@@ -506,11 +506,14 @@ impl Machine for Vm {
         // (reusable) pid.
         #[allow(clippy::zombie_processes)]
         let _reaped = self.0.helpers.remove(at);
+        // Its group may outlive it a moment: the stop waits for that too.
+        self.0.reaped_groups.push((pid, Instant::now()));
         true
     }
 
     fn finish(&mut self, layout: &Layout) {
         crate::vm::stop_helpers(&mut self.0.helpers);
+        crate::vm::wait_groups_gone(&std::mem::take(&mut self.0.reaped_groups));
         let _ = std::fs::remove_file(crate::vm::VmFiles::of(layout).accel());
     }
 }

@@ -210,6 +210,9 @@ const BOOT_LIMIT: Duration = Duration::from_secs(120);
 pub(crate) struct RunningVm {
     pub qemu: Child,
     pub helpers: Vec<Child>,
+    /// Process groups of helpers the shim reaped before the stop, and when: their leader is
+    /// gone, other members (virtiofsd's sandboxed child) may not be yet.
+    pub reaped_groups: Vec<(i32, Instant)>,
 }
 
 /// The memory a VM workspace gets: `limits.memory`, at least 256 MiB, in whole MiB.
@@ -678,6 +681,7 @@ pub(crate) fn start(
     Ok(RunningVm {
         qemu,
         helpers: std::mem::take(started),
+        reaped_groups: Vec::new(),
     })
 }
 
@@ -885,6 +889,25 @@ pub(crate) fn stop_helpers(helpers: &mut Vec<Child>) {
         std::thread::sleep(Duration::from_millis(10));
     }
     helpers.clear();
+}
+
+/// Waits (5 s at most) until the process groups `groups`, whose leaders were reaped lately,
+/// have no member left, so that a stop says nothing of the VM is left only once nothing is.
+/// Only looks (signal 0): a leader's pid may be reused once its group is empty, so it is never
+/// signalled, and a group reaped more than 30 s ago is not waited for (its members were gone
+/// long since; its number may belong to another group by now).
+pub(crate) fn wait_groups_gone(groups: &[(i32, Instant)]) {
+    use nix::sys::signal::killpg;
+    use nix::unistd::Pid;
+    let recent: Vec<Pid> = groups
+        .iter()
+        .filter(|(_, at)| at.elapsed() < Duration::from_secs(30))
+        .map(|&(g, _)| Pid::from_raw(g))
+        .collect();
+    let gone_by = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < gone_by && recent.iter().any(|&g| killpg(g, None).is_ok()) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// The QEMU process's resident memory, bytes.
