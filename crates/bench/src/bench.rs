@@ -1,13 +1,14 @@
 //! `warren-bench lazy`: lazy image mounts against full pulls, on a shaped link, in one run.
 //!
-//! Everything runs in a network namespace of its own (`warren-bench`), whose loopback is shaped
-//! with `tc ... tbf`: Debian's docker-registry serves there on 127.0.0.1, and the peers
-//! (`skopeo copy` + `umoci unpack`, Warren's own full pull) and Warren's lazy mounts fetch
-//! through the same link. The host's own loopback is never shaped.
+//! Everything runs in a network namespace of its own (`warren-bench`): Debian's docker-registry
+//! serves there on 127.0.0.1, behind a user-space link (`warren_testkit::DelayLine`: a round
+//! trip and a rate) that the peers (`skopeo copy` + `umoci unpack`, Warren's own full pull) and
+//! Warren's lazy mounts all fetch through.
 //!
-//! The synthetic image is incompressible data of the requested size; its startup set (about
-//! 200 MB: many small files and some whole medium files, interleaved with files nobody reads at
-//! startup, as in a real root filesystem) is read after each kind of start.
+//! The synthetic image is data of the requested size (random, or chunks that compress away:
+//! [`crate::filler`]); its startup set (about 200 MB of random data: many small files and some
+//! whole medium files, interleaved with files nobody reads at startup, as in a real root
+//! filesystem) is read after each kind of start.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -830,6 +831,42 @@ pub(crate) fn dir_bytes(dir: &Path) -> u64 {
     total
 }
 
+/// One cold lazy start: `remote` mounted with `args` over an empty `dir` and an empty page
+/// cache, the startup set read through it; the mount is stopped and `dir` removed after.
+struct LazyStart {
+    /// From the mount command to the last file of the set read.
+    secs: f64,
+    ready_s: f64,
+    peak_rss: u64,
+    fetched: u64,
+    requests: u64,
+}
+
+fn lazy_start(
+    dir: &Path,
+    remote: &str,
+    mnt: &Path,
+    args: &[&str],
+    startup: &[PathBuf],
+) -> anyhow::Result<LazyStart> {
+    let _ = std::fs::remove_dir_all(dir);
+    drop_caches();
+    let t = Instant::now();
+    let m = Mount::start(dir, remote, mnt, args)?;
+    read_set(mnt, startup)?;
+    let secs = t.elapsed().as_secs_f64();
+    let (ready_s, peak_rss) = (m.ready.as_secs_f64(), m.peak_rss());
+    let s = m.stop()?;
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(LazyStart {
+        secs,
+        ready_s,
+        peak_rss,
+        fetched: s["bytes_fetched"].as_u64().unwrap_or(0),
+        requests: s["requests"].as_u64().unwrap_or(0),
+    })
+}
+
 /// Measures each of `sizes` in turn (each its own image, registry and trace), then prints
 /// them side by side.
 fn lazy(
@@ -1005,38 +1042,11 @@ fn lazy_one(
             }
 
             eprintln!("  lazy mounts");
-            // Lazy, no trace.
+            // Lazy, no trace; then with the trace replayed.
             let lazy_dir = work.join("lazy");
-            let _ = std::fs::remove_dir_all(&lazy_dir);
-            drop_caches();
-            let t = Instant::now();
-            let m = Mount::start(
-                &lazy_dir,
-                &remote,
-                &mnt,
-                &["--no-prefetch", "--no-background"],
-            )?;
-            read_set(&mnt, &startup)?;
-            let lazy_s = t.elapsed().as_secs_f64();
-            let lazy_ready = m.ready.as_secs_f64();
-            let mut peak_rss = m.peak_rss();
-            let s = m.stop()?;
-            let lazy_fetched = s["bytes_fetched"].as_u64().unwrap_or(0);
-            let lazy_requests = s["requests"].as_u64().unwrap_or(0);
-            let _ = std::fs::remove_dir_all(&lazy_dir);
-
-            // Lazy with the trace replayed.
-            drop_caches();
-            let t = Instant::now();
-            let m = Mount::start(&lazy_dir, &remote, &mnt, &["--no-background"])?;
-            read_set(&mnt, &startup)?;
-            let trace_s = t.elapsed().as_secs_f64();
-            let trace_ready = m.ready.as_secs_f64();
-            peak_rss = peak_rss.max(m.peak_rss());
-            let s = m.stop()?;
-            let trace_fetched = s["bytes_fetched"].as_u64().unwrap_or(0);
-            let trace_requests = s["requests"].as_u64().unwrap_or(0);
-            let _ = std::fs::remove_dir_all(&lazy_dir);
+            let cold = |args: &[&str]| lazy_start(&lazy_dir, &remote, &mnt, args, &startup);
+            let no_trace = cold(&["--no-prefetch", "--no-background"])?;
+            let trace = cold(&["--no-background"])?;
 
             let (mut bg_s, mut bg_rate) = (f64::NAN, f64::NAN);
             if !only_lazy {
@@ -1055,15 +1065,15 @@ fn lazy_one(
                 ideal_startup_s: ideal,
                 skopeo_umoci_full_s: skopeo_s,
                 warren_full_pull_s: full_s,
-                lazy_no_trace_ready_s: lazy_ready,
-                lazy_no_trace_s: lazy_s,
-                lazy_no_trace_fetched: lazy_fetched,
-                lazy_no_trace_requests: lazy_requests,
-                lazy_trace_ready_s: trace_ready,
-                lazy_trace_s: trace_s,
-                lazy_trace_fetched: trace_fetched,
-                lazy_trace_requests: trace_requests,
-                lazy_peak_rss_bytes: peak_rss,
+                lazy_no_trace_ready_s: no_trace.ready_s,
+                lazy_no_trace_s: no_trace.secs,
+                lazy_no_trace_fetched: no_trace.fetched,
+                lazy_no_trace_requests: no_trace.requests,
+                lazy_trace_ready_s: trace.ready_s,
+                lazy_trace_s: trace.secs,
+                lazy_trace_fetched: trace.fetched,
+                lazy_trace_requests: trace.requests,
+                lazy_peak_rss_bytes: no_trace.peak_rss.max(trace.peak_rss),
                 background_pull_s: bg_s,
                 background_rate_of_link: bg_rate,
             });
