@@ -684,10 +684,13 @@ struct RateResult {
     lazy_no_trace_s: f64,
     lazy_no_trace_fetched: u64,
     lazy_no_trace_requests: u64,
+    /// Connections the lazy start made to the registry.
+    lazy_no_trace_connections: u64,
     lazy_trace_ready_s: f64,
     lazy_trace_s: f64,
     lazy_trace_fetched: u64,
     lazy_trace_requests: u64,
+    lazy_trace_connections: u64,
     /// The larger of the two lazy mount processes' peak resident sets, in bytes.
     lazy_peak_rss_bytes: u64,
     background_pull_s: f64,
@@ -840,6 +843,8 @@ struct LazyStart {
     peak_rss: u64,
     fetched: u64,
     requests: u64,
+    /// Connections made to the registry (filled in by whoever holds the link).
+    connections: u64,
 }
 
 fn lazy_start(
@@ -864,6 +869,7 @@ fn lazy_start(
         peak_rss,
         fetched: s["bytes_fetched"].as_u64().unwrap_or(0),
         requests: s["requests"].as_u64().unwrap_or(0),
+        connections: 0,
     })
 }
 
@@ -1044,7 +1050,14 @@ fn lazy_one(
             eprintln!("  lazy mounts");
             // Lazy, no trace; then with the trace replayed.
             let lazy_dir = work.join("lazy");
-            let cold = |args: &[&str]| lazy_start(&lazy_dir, &remote, &mnt, args, &startup);
+            let cold = |args: &[&str]| {
+                let before = line.connections();
+                let start = lazy_start(&lazy_dir, &remote, &mnt, args, &startup)?;
+                anyhow::Ok(LazyStart {
+                    connections: line.connections() - before,
+                    ..start
+                })
+            };
             let no_trace = cold(&["--no-prefetch", "--no-background"])?;
             let trace = cold(&["--no-background"])?;
 
@@ -1069,10 +1082,12 @@ fn lazy_one(
                 lazy_no_trace_s: no_trace.secs,
                 lazy_no_trace_fetched: no_trace.fetched,
                 lazy_no_trace_requests: no_trace.requests,
+                lazy_no_trace_connections: no_trace.connections,
                 lazy_trace_ready_s: trace.ready_s,
                 lazy_trace_s: trace.secs,
                 lazy_trace_fetched: trace.fetched,
                 lazy_trace_requests: trace.requests,
+                lazy_trace_connections: trace.connections,
                 lazy_peak_rss_bytes: no_trace.peak_rss.max(trace.peak_rss),
                 background_pull_s: bg_s,
                 background_rate_of_link: bg_rate,
@@ -1181,13 +1196,13 @@ fn report(r: &Results) {
         r.recording_extra_files
     );
     println!(
-        "| link | ideal | skopeo+umoci full | warren full pull | mount ready no trace / trace | lazy, no trace (of 1.5×ideal+1s) | lazy, trace (of 1.5×ideal+1s; speed-up) | requests no trace / trace | fetched no trace / trace | mount peak RSS | background pull (of link) |"
+        "| link | ideal | skopeo+umoci full | warren full pull | mount ready no trace / trace | lazy, no trace (of 1.5×ideal+1s) | lazy, trace (of 1.5×ideal+1s; speed-up) | requests (connections) no trace / trace | fetched no trace / trace | mount peak RSS | background pull (of link) |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for x in &r.rates {
         let budget = 1.5 * x.ideal_startup_s + 1.0;
         println!(
-            "| {} | {:.1}s | {:.1}s | {:.1}s | {:.2}s / {:.2}s | {:.1}s ({:.2}×) | {:.1}s ({:.2}×; {:.2}×) | {} / {} | {} / {} ({:.2}× / {:.2}× the set) | {} MiB | {:.1}s ({:.0}%) |",
+            "| {} | {:.1}s | {:.1}s | {:.1}s | {:.2}s / {:.2}s | {:.1}s ({:.2}×) | {:.1}s ({:.2}×; {:.2}×) | {} ({}) / {} ({}) | {} / {} ({:.2}× / {:.2}× the set) | {} MiB | {:.1}s ({:.0}%) |",
             x.rate,
             x.ideal_startup_s,
             x.skopeo_umoci_full_s,
@@ -1200,7 +1215,9 @@ fn report(r: &Results) {
             x.lazy_trace_s / budget,
             x.lazy_no_trace_s / x.lazy_trace_s,
             x.lazy_no_trace_requests,
+            x.lazy_no_trace_connections,
             x.lazy_trace_requests,
+            x.lazy_trace_connections,
             ByteSize(x.lazy_no_trace_fetched),
             ByteSize(x.lazy_trace_fetched),
             x.lazy_no_trace_fetched as f64 / r.startup_bytes as f64,

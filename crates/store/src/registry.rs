@@ -239,9 +239,17 @@ pub struct RegistryStore {
     retry: Retry,
 }
 
+/// Connections kept open per registry between requests. A mount has up to 20 requests in flight
+/// (eight trace batches, four readahead fetches, its FUSE threads' misses, pages of the chunk
+/// table); with fewer kept (ureq's default is 3) each burst opens new connections, a round trip
+/// each before the first byte.
+const IDLE_CONNECTIONS: usize = 32;
+
 /// How every registry request is made.
 fn agent_config() -> ureq::config::ConfigBuilder<ureq::typestate::AgentScope> {
     Agent::config_builder()
+        .max_idle_connections(IDLE_CONNECTIONS)
+        .max_idle_connections_per_host(IDLE_CONNECTIONS)
         .http_status_as_error(false)
         .timeout_connect(Some(Duration::from_secs(10)))
         .timeout_recv_response(Some(Duration::from_secs(60)))

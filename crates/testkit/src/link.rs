@@ -7,7 +7,7 @@
 
 use std::io::{Read as _, Write as _};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -55,6 +55,7 @@ impl Wire {
 pub struct DelayLine {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
+    connections: Arc<AtomicU64>,
 }
 
 /// Bytes read at once from either side.
@@ -70,12 +71,15 @@ impl DelayLine {
         let (down, up) = (Wire::new(shape.down_bits), Wire::new(shape.up_bits));
         let half = shape.rtt / 2;
         let stopped = stop.clone();
+        let connections = Arc::new(AtomicU64::new(0));
+        let opened_count = connections.clone();
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 if stopped.load(Ordering::Relaxed) {
                     return;
                 }
                 let Ok(client) = client else { continue };
+                opened_count.fetch_add(1, Ordering::Relaxed);
                 let opened = Instant::now();
                 let Ok(server) = TcpStream::connect_timeout(&peer, Duration::from_secs(10)) else {
                     continue;
@@ -88,7 +92,17 @@ impl DelayLine {
                 carry(s2, c2, down.clone(), half, opened);
             }
         });
-        DelayLine { addr, stop }
+        DelayLine {
+            addr,
+            stop,
+            connections,
+        }
+    }
+
+    /// Connections made through the line so far (each paid a round trip before its first
+    /// bytes).
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -207,6 +221,7 @@ mod tests {
             );
             started = Instant::now();
         }
+        assert_eq!(line.connections(), 1, "one connection, counted once");
     }
 
     #[test]
