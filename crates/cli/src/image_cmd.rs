@@ -1043,7 +1043,7 @@ fn mount(
 
 fn say_trace(saved: Result<trace::Trace, StoreError>) {
     match saved {
-        Ok(t) => println!("recorded a trace of {} chunks", t.chunks.len()),
+        Ok(t) => println!("recorded a trace of {} chunks", t.len()),
         Err(e) => eprintln!("warning: the trace could not be stored: {e}"),
     }
 }
@@ -1180,9 +1180,9 @@ fn export(data: &Path, reference: &str, destination: &str) -> anyhow::Result<()>
         .filter(|(_, t)| !t.contains('/'))
         .unwrap_or((rest, "latest"));
     let (store, name) = resolve(data, reference, Retry::patient())?;
-    let image = open_image(store.as_ref(), &name)?;
+    let (image, table) = warren_store::images::open_image_lazily(store.as_ref(), &name)?;
     let cache = Arc::new(ChunkCache::open(&data.join("cache"), None)?);
-    let fetcher = ChunkFetcher::new(store.clone(), cache, image.index.clone(), 8 << 20);
+    let fetcher = ChunkFetcher::new(store.clone(), cache, image.index.clone(), table, 8 << 20);
     let dest = LocalStore::open(Path::new(dir))?;
     let work = tempfile_dir(data)?;
     let bar = spinner(&format!("exporting {reference}"));

@@ -1,9 +1,18 @@
 //! The tree index: every entry of an image's filesystem tree, and where each chunk of file data
-//! lives. It is small, fetched whole before a mount, and the only thing a mount needs to answer
-//! `stat` and `readdir` without touching file data.
+//! lives. The entries are all a mount needs to answer `stat` and `readdir` without touching file
+//! data; the chunk table is most of the bytes (a 100 GiB image has 1.6 M chunks, 60 MB of
+//! locations), and a read needs only the part for its file.
 //!
-//! Encoding: the magic `WRNIDX01`, then a zstd frame of the postcard encoding of [`TreeIndex`].
-//! An index from a registry is untrusted: [`TreeIndex::decode`] checks every reference in it.
+//! Two encodings, both untrusted when they come from a registry (every reference is checked):
+//! - paged (what images are stored as): the *tree* — magic `WRNIDX02`, then a zstd frame of the
+//!   postcard encoding of the pack blobs, the entries (each file's chunk list delta-coded, so a
+//!   run of new chunks costs a byte each before compression) and a [`PageTable`] — plus a
+//!   *chunk table* blob of pages of [`PAGE_CHUNKS`] locations, each its own zstd frame, named in
+//!   the tree by its BLAKE3 hash ([`TreeIndex::encode_paged`], [`TreeIndex::decode_tree`],
+//!   [`PageTable::decode_page`]). A mount fetches the tree, then a page when a reader first
+//!   needs one;
+//! - whole (the first format, still read): the magic `WRNIDX01`, then a zstd frame of the
+//!   postcard encoding of [`TreeIndex`].
 
 use std::collections::HashMap;
 
@@ -12,6 +21,12 @@ use serde::{Deserialize, Serialize};
 use crate::digest::{ChunkId, Digest};
 
 const MAGIC: &[u8; 8] = b"WRNIDX01";
+const PAGED_MAGIC: &[u8; 8] = b"WRNIDX02";
+/// Chunk locations per page of a paged index's chunk table (about 190 KiB compressed: the ids
+/// are random bytes).
+pub const PAGE_CHUNKS: usize = 4096;
+/// Refuse a page longer than this, compressed or not (a full page decodes to ~210 KiB).
+pub const MAX_PAGE_BYTES: usize = 1 << 20;
 /// Refuse to decode an index whose decompressed form is larger than this.
 const MAX_DECODED_BYTES: u64 = 4 << 30;
 
@@ -33,6 +48,30 @@ pub struct ChunkLoc {
     pub offset: u64,
     pub compressed_len: u32,
     pub len: u32,
+}
+
+/// Where one page of a chunk table lies in its blob, and the BLAKE3 hash of its bytes there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageRef {
+    pub id: ChunkId,
+    pub offset: u64,
+    pub len: u32,
+}
+
+/// A paged index's chunk table as its tree describes it: `chunks` locations, in pages of
+/// [`PAGE_CHUNKS`] (the last may hold fewer).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageTable {
+    pub chunks: u32,
+    pub pages: Vec<PageRef>,
+}
+
+/// The tree of a paged index, as encoded.
+#[derive(Serialize, Deserialize)]
+struct PagedTree {
+    blobs: Vec<Digest>,
+    entries: Vec<Entry>,
+    table: PageTable,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,7 +194,192 @@ pub fn device_allowed(kind: EntryKind, rdev: u64) -> Result<(), String> {
     }
 }
 
+/// Decompresses a zstd frame of at most `limit` bytes (one more is an error).
+fn decompress(body: &[u8], limit: u64) -> Result<Vec<u8>, IndexError> {
+    let mut raw = Vec::new();
+    let decoder = zstd::Decoder::new(body).map_err(IndexError::Decompress)?;
+    use std::io::Read as _;
+    decoder
+        .take(limit + 1)
+        .read_to_end(&mut raw)
+        .map_err(IndexError::Decompress)?;
+    if raw.len() as u64 > limit {
+        return Err(IndexError::TooLarge);
+    }
+    Ok(raw)
+}
+
+/// A file's chunk list as differences from the chunk before (the first from 0): new chunks are
+/// numbered in file order, so most differences are 1.
+fn delta_code(chunks: &mut [u32]) {
+    let mut prev = 0u32;
+    for c in chunks {
+        (*c, prev) = (c.wrapping_sub(prev), *c);
+    }
+}
+
+fn delta_decode(chunks: &mut [u32]) {
+    let mut prev = 0u32;
+    for c in chunks {
+        *c = c.wrapping_add(prev);
+        prev = *c;
+    }
+}
+
+impl PageTable {
+    /// The chunk positions page `page` holds.
+    pub fn span(&self, page: usize) -> std::ops::Range<u32> {
+        let start = page * PAGE_CHUNKS;
+        start as u32..((start + PAGE_CHUNKS).min(self.chunks as usize)) as u32
+    }
+
+    /// Decodes page `page` from its bytes, checking them against the page's hash and every
+    /// location against the image's `blobs` pack count.
+    pub fn decode_page(
+        &self,
+        page: usize,
+        bytes: &[u8],
+        blobs: usize,
+    ) -> Result<Vec<ChunkLoc>, IndexError> {
+        let bad = |m: String| Err(IndexError::Inconsistent(m));
+        let Some(r) = self.pages.get(page) else {
+            return bad(format!("page {page} of {}", self.pages.len()));
+        };
+        if ChunkId::of(bytes) != r.id {
+            return bad(format!(
+                "page {page} of the chunk table does not match its hash"
+            ));
+        }
+        let raw = decompress(bytes, MAX_PAGE_BYTES as u64)?;
+        let locs: Vec<ChunkLoc> = postcard::from_bytes(&raw).map_err(IndexError::Decode)?;
+        if locs.len() != self.span(page).len() {
+            return bad(format!(
+                "page {page} holds {} chunks, not {}",
+                locs.len(),
+                self.span(page).len()
+            ));
+        }
+        if let Some(c) = locs.iter().find(|c| c.blob as usize >= blobs) {
+            return bad(format!("a chunk refers to blob {} of {blobs}", c.blob));
+        }
+        Ok(locs)
+    }
+
+    fn validate(&self) -> Result<(), IndexError> {
+        let pages = (self.chunks as usize).div_ceil(PAGE_CHUNKS);
+        if self.pages.len() != pages {
+            return Err(IndexError::Inconsistent(format!(
+                "{} chunks need {pages} pages, not {}",
+                self.chunks,
+                self.pages.len()
+            )));
+        }
+        if let Some(p) = self.pages.iter().find(|p| p.len as usize > MAX_PAGE_BYTES) {
+            return Err(IndexError::Inconsistent(format!(
+                "a page of {} bytes (at most {MAX_PAGE_BYTES})",
+                p.len
+            )));
+        }
+        Ok(())
+    }
+}
+
 impl TreeIndex {
+    /// The paged encoding: the tree, and the chunk table blob (empty when there are no chunks).
+    pub fn encode_paged(&self) -> (Vec<u8>, Vec<u8>) {
+        let mut table = Vec::new();
+        let mut pages = Vec::new();
+        for page in self.chunks.chunks(PAGE_CHUNKS) {
+            let raw = postcard::to_stdvec(page).expect("serializing to memory cannot fail");
+            let bytes = zstd::encode_all(&raw[..], 3).expect("compressing to memory cannot fail");
+            pages.push(PageRef {
+                id: ChunkId::of(&bytes),
+                offset: table.len() as u64,
+                len: bytes.len() as u32,
+            });
+            table.extend(bytes);
+        }
+        let mut entries = self.entries.clone();
+        for e in &mut entries {
+            delta_code(&mut e.chunks);
+        }
+        let tree = PagedTree {
+            blobs: self.blobs.clone(),
+            entries,
+            table: PageTable {
+                chunks: u32::try_from(self.chunks.len()).expect("under 4 G chunks"),
+                pages,
+            },
+        };
+        let raw = postcard::to_stdvec(&tree).expect("serializing to memory cannot fail");
+        let mut out = PAGED_MAGIC.to_vec();
+        out.extend(zstd::encode_all(&raw[..], 3).expect("compressing to memory cannot fail"));
+        (out, table)
+    }
+
+    /// Whether `bytes` begin like a paged index's tree.
+    pub fn is_paged(bytes: &[u8]) -> bool {
+        bytes.starts_with(PAGED_MAGIC)
+    }
+
+    /// Decodes a paged index's tree: the index without its chunk table (`chunks` empty), and
+    /// where the table's pages are. Every entry is checked but the sum of a file's chunk
+    /// lengths, which needs the table: whoever loads a file's pages checks it
+    /// ([`TreeIndex::check_file`]).
+    pub fn decode_tree(bytes: &[u8]) -> Result<(TreeIndex, PageTable), IndexError> {
+        let body = bytes
+            .strip_prefix(PAGED_MAGIC)
+            .ok_or(IndexError::BadMagic)?;
+        let raw = decompress(body, MAX_DECODED_BYTES)?;
+        let mut tree: PagedTree = postcard::from_bytes(&raw).map_err(IndexError::Decode)?;
+        for e in &mut tree.entries {
+            delta_decode(&mut e.chunks);
+        }
+        tree.table.validate()?;
+        let index = TreeIndex {
+            blobs: tree.blobs,
+            chunks: Vec::new(),
+            entries: tree.entries,
+        };
+        index.validate_entries(tree.table.chunks as usize, None)?;
+        Ok((index, tree.table))
+    }
+
+    /// The whole index from a paged index's tree and its chunk table blob.
+    pub fn from_pages(
+        mut index: TreeIndex,
+        table: &PageTable,
+        blob: &[u8],
+    ) -> Result<TreeIndex, IndexError> {
+        index.chunks.reserve(table.chunks as usize);
+        for (p, r) in table.pages.iter().enumerate() {
+            let bytes = usize::try_from(r.offset)
+                .ok()
+                .and_then(|start| blob.get(start..start.checked_add(r.len as usize)?))
+                .ok_or_else(|| {
+                    IndexError::Inconsistent(format!("page {p} lies beyond the chunk table"))
+                })?;
+            index
+                .chunks
+                .extend(table.decode_page(p, bytes, index.blobs.len())?);
+        }
+        index.validate()?;
+        Ok(index)
+    }
+
+    /// Checks that a file's chunks (`lens`, in file order) hold its size.
+    pub fn check_file(entry: &Entry, lens: impl Iterator<Item = u32>) -> Result<(), IndexError> {
+        let size: u64 = lens.map(u64::from).sum();
+        if entry.kind == EntryKind::File && size != entry.size {
+            return Err(IndexError::Inconsistent(format!(
+                "`{}` is {} bytes but its chunks hold {size}",
+                entry.path_str(),
+                entry.size
+            )));
+        }
+        Ok(())
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let raw = postcard::to_stdvec(self).expect("serializing to memory cannot fail");
         let mut out = MAGIC.to_vec();
@@ -165,16 +389,7 @@ impl TreeIndex {
 
     pub fn decode(bytes: &[u8]) -> Result<TreeIndex, IndexError> {
         let body = bytes.strip_prefix(MAGIC).ok_or(IndexError::BadMagic)?;
-        let mut raw = Vec::new();
-        let decoder = zstd::Decoder::new(body).map_err(IndexError::Decompress)?;
-        use std::io::Read as _;
-        decoder
-            .take(MAX_DECODED_BYTES + 1)
-            .read_to_end(&mut raw)
-            .map_err(IndexError::Decompress)?;
-        if raw.len() as u64 > MAX_DECODED_BYTES {
-            return Err(IndexError::TooLarge);
-        }
+        let raw = decompress(body, MAX_DECODED_BYTES)?;
         let index: TreeIndex = postcard::from_bytes(&raw).map_err(IndexError::Decode)?;
         index.validate()?;
         Ok(index)
@@ -194,6 +409,17 @@ impl TreeIndex {
                 ));
             }
         }
+        self.validate_entries(self.chunks.len(), Some(&self.chunks))
+    }
+
+    /// Checks the entries against a chunk table of `count` chunks, and each file's size against
+    /// its chunks' lengths when the table is at hand.
+    fn validate_entries(
+        &self,
+        count: usize,
+        chunks: Option<&[ChunkLoc]>,
+    ) -> Result<(), IndexError> {
+        let bad = |m: String| Err(IndexError::Inconsistent(m));
         match self.entries.first() {
             Some(root) if root.path.is_empty() && root.kind == EntryKind::Dir => {}
             _ => return bad("the first entry is not the root folder".into()),
@@ -212,23 +438,13 @@ impl TreeIndex {
             {
                 return bad(format!("the parent of `{name}` is not a folder"));
             }
-            let mut size = 0u64;
-            for &c in &e.chunks {
-                let Some(loc) = self.chunks.get(c as usize) else {
-                    return bad(format!(
-                        "`{name}` refers to chunk {c} of {}",
-                        self.chunks.len()
-                    ));
-                };
-                size += u64::from(loc.len);
+            if let Some(&c) = e.chunks.iter().find(|&&c| c as usize >= count) {
+                return bad(format!("`{name}` refers to chunk {c} of {count}"));
+            }
+            if let Some(chunks) = chunks {
+                Self::check_file(e, e.chunks.iter().map(|&c| chunks[c as usize].len))?;
             }
             match e.kind {
-                EntryKind::File if size != e.size => {
-                    return bad(format!(
-                        "`{name}` is {} bytes but its chunks hold {size}",
-                        e.size
-                    ));
-                }
                 EntryKind::Hardlink if kinds.get(&e.link[..]) != Some(&EntryKind::File) => {
                     return bad(format!(
                         "hard link `{name}` does not point to an earlier file"
@@ -354,6 +570,99 @@ mod tests {
             Err(IndexError::BadMagic)
         ));
         assert!(TreeIndex::decode(b"WRNIDX01garbage").is_err());
+    }
+
+    /// An index of `files` files of `per_file` chunks each, in `blobs` packs.
+    fn big(files: usize, per_file: usize) -> TreeIndex {
+        let mut index = sample();
+        index.entries.truncate(2);
+        index.chunks.clear();
+        for f in 0..files {
+            let mut e = Entry::new(format!("etc/f{f:05}").into_bytes(), EntryKind::File, 0o644);
+            for _ in 0..per_file {
+                let n = index.chunks.len() as u32;
+                e.chunks.push(n);
+                e.size += 100;
+                index.chunks.push(ChunkLoc {
+                    id: ChunkId::of(&n.to_le_bytes()),
+                    blob: 0,
+                    offset: u64::from(n) * 50,
+                    compressed_len: 50,
+                    len: 100,
+                });
+            }
+            index.entries.push(e);
+        }
+        // A file made of chunks seen before, out of order (dedup).
+        let mut again = Entry::new(b"etc/g".to_vec(), EntryKind::File, 0o644);
+        again.chunks = vec![7, 3, 3, 5000];
+        again.size = 400;
+        index.entries.push(again);
+        index
+    }
+
+    #[test]
+    fn a_paged_index_round_trips_through_its_tree_and_pages() {
+        let index = big(100, 90);
+        let (tree, blob) = index.encode_paged();
+        assert!(TreeIndex::is_paged(&tree));
+        let (bare, table) = TreeIndex::decode_tree(&tree).unwrap();
+        assert_eq!(
+            bare.entries, index.entries,
+            "chunk lists survive the delta code"
+        );
+        assert!(bare.chunks.is_empty());
+        assert_eq!(table.chunks, 9000);
+        assert_eq!(table.pages.len(), 3);
+        assert_eq!(table.span(2), 8192..9000);
+        let third = &blob[table.pages[2].offset as usize..][..table.pages[2].len as usize];
+        assert_eq!(
+            table.decode_page(2, third, 1).unwrap(),
+            index.chunks[8192..9000]
+        );
+        assert_eq!(
+            TreeIndex::from_pages(bare.clone(), &table, &blob).unwrap(),
+            index
+        );
+        // The tree is small: a run of new chunks costs about nothing in it.
+        assert!(tree.len() < 4096, "tree of {} bytes", tree.len());
+        // Tampering is found: a page that is not its hash, one given as another, a blob out
+        // of range, a chunk out of range, a file whose chunks do not hold its size.
+        let mut flipped = third.to_vec();
+        flipped[10] ^= 1;
+        let err = table.decode_page(2, &flipped, 1).unwrap_err().to_string();
+        assert!(err.contains("does not match its hash"), "{err}");
+        assert!(table.decode_page(1, third, 1).is_err());
+        let err = table.decode_page(2, third, 0).unwrap_err().to_string();
+        assert!(err.contains("refers to blob 0 of 0"), "{err}");
+        let mut far = index.clone();
+        far.entries.last_mut().unwrap().chunks[0] = 9000;
+        let err = TreeIndex::decode_tree(&far.encode_paged().0)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`etc/g` refers to chunk 9000 of 9000"),
+            "{err}"
+        );
+        let mut long = index.clone();
+        long.entries.last_mut().unwrap().size = 401;
+        let (tree, blob) = long.encode_paged();
+        let (bare, table) = TreeIndex::decode_tree(&tree).unwrap();
+        let err = TreeIndex::from_pages(bare, &table, &blob)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`etc/g` is 401 bytes but its chunks hold 400"),
+            "{err}"
+        );
+        assert!(
+            TreeIndex::from_pages(
+                TreeIndex::decode_tree(&tree).unwrap().0,
+                &table,
+                &blob[..100]
+            )
+            .is_err()
+        );
     }
 
     #[test]

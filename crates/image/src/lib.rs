@@ -21,7 +21,10 @@ pub use digest::{BadDigest, ChunkId, Digest, Hasher};
 pub use import_dir::{DirImportError, import_dir};
 pub use import_overlay::{OverlayImportError, apply_overlay_upper};
 pub use import_tar::{TarImportError, import_tar};
-pub use index::{ChunkLoc, Entry, EntryKind, IndexError, TreeIndex, is_clean_path};
+pub use index::{
+    ChunkLoc, Entry, EntryKind, IndexError, MAX_PAGE_BYTES, PAGE_CHUNKS, PageRef, PageTable,
+    TreeIndex, is_clean_path,
+};
 
 /// Decompresses one chunk frame and checks it against its id. A mismatch means the bytes were
 /// corrupted somewhere between the pack writer and here; they must not be served.

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{
@@ -12,8 +12,8 @@ use fuser::{
     KernelConfig, LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
     ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request, SessionACL,
 };
-use warren_image::{EntryKind, TreeIndex};
-use warren_store::ChunkFetcher;
+use warren_image::{Entry, EntryKind, TreeIndex};
+use warren_store::{ChunkFetcher, FetchError, StoreError};
 
 use crate::trace::Recorder;
 
@@ -47,8 +47,9 @@ struct Node {
     nlink: u32,
     /// Directories: children as (name, inode), sorted by name.
     children: Vec<(Vec<u8>, u64)>,
-    /// Regular files: the end offset of each chunk, for finding the chunks of a range.
-    chunk_ends: Vec<u64>,
+    /// Regular files: the end offset of each chunk, for finding the chunks of a range; known
+    /// once the file's part of the chunk table is (its first read).
+    chunk_ends: OnceLock<Vec<u64>>,
 }
 
 pub struct LazyFs {
@@ -93,7 +94,7 @@ impl LazyFs {
                 parent: 1,
                 nlink: 1,
                 children: Vec::new(),
-                chunk_ends: Vec::new(),
+                chunk_ends: OnceLock::new(),
             })
             .collect();
         let mut by_path: HashMap<&[u8], usize> = HashMap::with_capacity(entries.len());
@@ -101,17 +102,6 @@ impl LazyFs {
             by_path.insert(&e.path, i);
             if e.kind == EntryKind::Dir {
                 nodes[i].nlink = 2;
-            }
-            if e.kind == EntryKind::File {
-                let mut end = 0;
-                nodes[i].chunk_ends = e
-                    .chunks
-                    .iter()
-                    .map(|&c| {
-                        end += u64::from(index.chunks[c as usize].len);
-                        end
-                    })
-                    .collect();
             }
         }
         for (i, e) in entries.iter().enumerate().skip(1) {
@@ -190,11 +180,31 @@ impl LazyFs {
         }
     }
 
+    /// The end offset of each chunk of the file `node` shows (`entry`), from the chunk table,
+    /// checked against the file's size the first time.
+    fn chunk_ends<'a>(&self, node: &'a Node, entry: &Entry) -> Result<&'a [u64], FetchError> {
+        if let Some(ends) = node.chunk_ends.get() {
+            return Ok(ends);
+        }
+        let locs = self.fetcher.table().locs(&entry.chunks)?;
+        TreeIndex::check_file(entry, locs.iter().map(|l| l.len))
+            .map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let mut end = 0;
+        let ends = locs
+            .iter()
+            .map(|l| {
+                end += u64::from(l.len);
+                end
+            })
+            .collect();
+        Ok(node.chunk_ends.get_or_init(|| ends))
+    }
+
     /// Chunk positions (within the file's chunk list) covering `[offset, offset + len)`.
-    fn chunk_span(node: &Node, offset: u64, len: u64) -> std::ops::Range<usize> {
-        let first = node.chunk_ends.partition_point(|&end| end <= offset);
-        let last = node.chunk_ends.partition_point(|&end| end < offset + len);
-        first..(last + 1).min(node.chunk_ends.len())
+    fn chunk_span(ends: &[u64], offset: u64, len: u64) -> std::ops::Range<usize> {
+        let first = ends.partition_point(|&end| end <= offset);
+        let last = ends.partition_point(|&end| end < offset + len);
+        first..(last + 1).min(ends.len())
     }
 }
 
@@ -261,30 +271,28 @@ impl Filesystem for LazyFs {
             return reply.data(&[]);
         }
         let len = u64::from(size).min(entry.size - offset);
-        let span = Self::chunk_span(node, offset, len);
+        let ends = match self.chunk_ends(node, entry) {
+            Ok(ends) => ends,
+            Err(err) => {
+                tracing::error!(path = %entry.path_str(), error = %err, "cannot locate the file's chunks");
+                return reply.error(Errno::EIO);
+            }
+        };
+        let span = Self::chunk_span(ends, offset, len);
         let wanted: Vec<u32> = entry.chunks[span.clone()].to_vec();
         // Readahead: the following chunks of this file up to `readahead` bytes, fetched in the
         // same request if they are missing.
-        let mut extra = Vec::new();
-        let mut ahead = 0;
-        for (&c, _) in entry.chunks[span.end..]
-            .iter()
-            .zip(&node.chunk_ends[span.end..])
-        {
-            if ahead >= self.options.readahead {
-                break;
-            }
-            ahead += u64::from(self.index().chunks[c as usize].len);
-            extra.push(c);
-        }
-        if let Some(rec) = &self.recorder {
-            rec.record(&wanted);
-        }
         let start_of_span = if span.start == 0 {
             0
         } else {
-            node.chunk_ends[span.start - 1]
+            ends[span.start - 1]
         };
+        let until = ends[span.end - 1].saturating_add(self.options.readahead);
+        let more = ends[span.end..].partition_point(|&end| end < until);
+        let extra = &entry.chunks[span.end..(span.end + more + 1).min(entry.chunks.len())];
+        if let Some(rec) = &self.recorder {
+            rec.record(&wanted);
+        }
         let from = (offset - start_of_span) as usize;
         // One buffer per FUSE thread, reused: a read of 1 MiB allocates nothing.
         thread_local! {
@@ -292,7 +300,7 @@ impl Filesystem for LazyFs {
         }
         SPAN.with_borrow_mut(|data| {
             data.clear();
-            match self.fetcher.read_into(&wanted, &extra, data) {
+            match self.fetcher.read_into(&wanted, extra, data) {
                 Ok(()) => {
                     let to = (from + len as usize).min(data.len());
                     reply.data(&data[from.min(to)..to]);

@@ -2,13 +2,12 @@
 //! merged requests), then everything else in pack order, yielding whenever an on-demand read is
 //! in flight so that the developer's reads never queue behind background work.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
-use warren_store::ChunkFetcher;
+use warren_store::{ChunkFetcher, FetchError, Located};
 
 use crate::trace::Trace;
 
@@ -50,12 +49,15 @@ pub struct Stats {
     pub pull_failures: u64,
 }
 
+/// A mount's counters; bytes and requests count the chunk table's pages too.
 pub fn stats(fetcher: &ChunkFetcher, progress: &Progress) -> Stats {
     let c = &fetcher.counters;
+    let t = fetcher.table();
     let cache = fetcher.cache().stats();
     Stats {
-        bytes_fetched: c.bytes_fetched.load(Ordering::Relaxed),
-        requests: c.requests.load(Ordering::Relaxed),
+        bytes_fetched: c.bytes_fetched.load(Ordering::Relaxed)
+            + t.bytes_fetched.load(Ordering::Relaxed),
+        requests: c.requests.load(Ordering::Relaxed) + t.requests.load(Ordering::Relaxed),
         cache_hits: c.cache_hits.load(Ordering::Relaxed),
         cache_misses: c.cache_misses.load(Ordering::Relaxed),
         cached_chunks: cache.chunks,
@@ -85,19 +87,16 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("warren-pull".into())
         .spawn(move || {
-            let index = fetcher.index();
-            let position: HashMap<_, u32> = index
-                .chunks
-                .iter()
-                .enumerate()
-                .map(|(i, c)| (c.id, i as u32))
-                .collect();
+            let table = fetcher.table();
             if let Some(trace) = trace {
-                let order: Vec<u32> = trace
-                    .chunks
-                    .iter()
-                    .filter_map(|id| position.get(id).copied())
-                    .collect();
+                let order = match fetcher.locate(&trace.positions(table)) {
+                    Ok(order) => order,
+                    Err(err) => {
+                        progress.failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(error = %err, "cannot locate the trace's chunks; not replaying it");
+                        Vec::new()
+                    }
+                };
                 progress
                     .trace_chunks
                     .store(order.len() as u64, Ordering::Relaxed);
@@ -105,7 +104,7 @@ pub fn spawn(
                 run_batches(
                     &fetcher,
                     &progress,
-                    &batches(&fetcher, &order),
+                    &batches(&order),
                     &progress.trace_done,
                     TRACE_WORKERS,
                     false,
@@ -120,26 +119,36 @@ pub fn spawn(
                 if stop() {
                     return;
                 }
-                let mut all: Vec<u32> = (0..index.chunks.len() as u32).collect();
-                all.sort_by_key(|&c| {
-                    (
-                        index.chunks[c as usize].blob,
-                        index.chunks[c as usize].offset,
-                    )
-                });
                 progress
                     .all_chunks
-                    .store(all.len() as u64, Ordering::Relaxed);
-                run_batches(
-                    &fetcher,
-                    &progress,
-                    &batches(&fetcher, &all),
-                    &progress.all_done,
-                    PULL_WORKERS,
-                    true,
-                );
-                if progress.stop.load(Ordering::Relaxed) {
-                    return;
+                    .store(u64::from(table.len()), Ordering::Relaxed);
+                // A page of the table at a time, each in pack order: a 100 GiB image's whole
+                // table is never held.
+                for page in 0..table.pages() {
+                    let mut all = match page_located(&fetcher, page) {
+                        Ok(all) => all,
+                        Err(err) => {
+                            progress.failures.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(error = %err, page, "cannot read a page of the chunk table; its chunks will be fetched when read");
+                            progress.all_done.fetch_add(
+                                table.page_span(page).len() as u64,
+                                Ordering::Relaxed,
+                            );
+                            continue;
+                        }
+                    };
+                    all.sort_by_key(|(_, l)| (l.blob, l.offset));
+                    run_batches(
+                        &fetcher,
+                        &progress,
+                        &batches(&all),
+                        &progress.all_done,
+                        PULL_WORKERS,
+                        true,
+                    );
+                    if progress.stop.load(Ordering::Relaxed) {
+                        return;
+                    }
                 }
             }
             progress.finished.store(true, Ordering::Relaxed);
@@ -153,7 +162,7 @@ pub fn spawn(
 fn run_batches(
     fetcher: &ChunkFetcher,
     progress: &Progress,
-    work: &[Vec<u32>],
+    work: &[Vec<Located>],
     done: &AtomicU64,
     workers: usize,
     yield_to_demand: bool,
@@ -182,7 +191,7 @@ fn run_batches(
     });
 }
 
-fn run_batch(fetcher: &ChunkFetcher, progress: &Progress, batch: &[u32], done: &AtomicU64) {
+fn run_batch(fetcher: &ChunkFetcher, progress: &Progress, batch: &[Located], done: &AtomicU64) {
     if let Err(err) = fetcher.prefetch(batch) {
         progress.failures.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(error = %err, chunks = batch.len(), "prefetch failed; these chunks will be fetched when read");
@@ -190,17 +199,23 @@ fn run_batch(fetcher: &ChunkFetcher, progress: &Progress, batch: &[u32], done: &
     done.fetch_add(batch.len() as u64, Ordering::Relaxed);
 }
 
-fn batches(fetcher: &ChunkFetcher, order: &[u32]) -> Vec<Vec<u32>> {
-    let index = fetcher.index();
-    let mut out: Vec<Vec<u32>> = Vec::new();
+/// The chunks of page `page` of the fetcher's table, located.
+fn page_located(fetcher: &ChunkFetcher, page: usize) -> Result<Vec<Located>, FetchError> {
+    let locs = fetcher.table().page(page)?;
+    let first = fetcher.table().page_span(page).start;
+    Ok((first..).zip(locs.iter().copied()).collect())
+}
+
+fn batches(order: &[Located]) -> Vec<Vec<Located>> {
+    let mut out: Vec<Vec<Located>> = Vec::new();
     let mut bytes = 0;
-    for &c in order {
-        let len = u64::from(index.chunks[c as usize].len);
+    for &(c, loc) in order {
+        let len = u64::from(loc.len);
         if out.is_empty() || bytes + len > BATCH_BYTES {
             out.push(Vec::new());
             bytes = 0;
         }
-        out.last_mut().expect("just pushed").push(c);
+        out.last_mut().expect("just pushed").push((c, loc));
         bytes += len;
     }
     out

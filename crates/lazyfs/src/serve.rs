@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use warren_store::images::{OpenImage, open_image};
+use warren_store::images::{OpenImage, open_image_lazily};
 use warren_store::{BlobStore, ChunkCache, ChunkFetcher, StoreError};
 
 use crate::{LazyFs, MountOptions, pull, trace};
@@ -96,7 +96,7 @@ impl std::fmt::Debug for ServedImage {
 /// Opens `request`'s image and serves it at its mountpoint.
 pub fn serve(request: ServeRequest<'_>) -> Result<ServedImage, ServeError> {
     let reference = request.reference.to_owned();
-    let image = open_image(request.opening, request.name).map_err(|e| match e {
+    let (image, table) = open_image_lazily(request.opening, request.name).map_err(|e| match e {
         StoreError::ManifestNotFound { .. } => ServeError::NotFound {
             reference: reference.clone(),
         },
@@ -120,11 +120,11 @@ pub fn serve(request: ServeRequest<'_>) -> Result<ServedImage, ServeError> {
             source,
         },
     })?;
-    request.cache.pin(image.index.chunks.iter().map(|c| c.id));
     let fetcher = ChunkFetcher::new(
         request.store.clone(),
         request.cache.clone(),
         image.index.clone(),
+        table,
         8 << 20,
     );
     let recorder = request
@@ -193,7 +193,7 @@ impl ServedImage {
         }
         self.trace_saved = true;
         recorder.stop();
-        let recorded = recorder.trace(&self.image.index);
+        let recorded = recorder.trace();
         Some(trace::save(self.store.as_ref(), &self.image.digest, &recorded).map(|_| recorded))
     }
 

@@ -2,45 +2,107 @@
 //! A trace is saved with the image (as a small OCI artifact tagged `sha256-<image hex>.trace`
 //! in the image's own store, the tag scheme OCI uses for referrers) and replayed on the next cold
 //! mount, so the startup set arrives in a few large requests before it is asked for.
+//!
+//! A trace names chunks by their position in the image's chunk table (`WRNTRC02`, 4 bytes
+//! each), so replaying it needs only the pages it touches; traces of the first format named them
+//! by id (`WRNTRC01`, 32 bytes each) and are still replayed for the images of the first format
+//! they were recorded for (whose whole table is at hand).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use warren_image::{ChunkId, Digest};
+use warren_image::{ChunkId, Digest, PAGE_CHUNKS};
 use warren_store::manifest::{MANIFEST_MEDIA_TYPE, Manifest, descriptor};
-use warren_store::{BlobStore, StoreError};
+use warren_store::{BlobStore, ChunkTable, StoreError};
 
-const MAGIC: &[u8; 8] = b"WRNTRC01";
+const MAGIC: &[u8; 8] = b"WRNTRC02";
+const ID_MAGIC: &[u8; 8] = b"WRNTRC01";
 pub const TRACE_CONFIG_MEDIA_TYPE: &str = "application/vnd.warren.trace.config.v1+json";
 pub const TRACE_MEDIA_TYPE: &str = "application/vnd.warren.trace.v1";
 
-/// Chunk ids in the order they were first read.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Trace {
-    pub chunks: Vec<ChunkId>,
+/// Chunks in the order they were first read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trace {
+    /// Positions in the image's chunk table.
+    Positions(Vec<u32>),
+    /// Chunk ids (the first format).
+    Ids(Vec<ChunkId>),
 }
 
 impl Trace {
-    pub fn encode(&self) -> Vec<u8> {
-        let mut out = MAGIC.to_vec();
-        for id in &self.chunks {
-            out.extend_from_slice(&id.0);
+    pub fn len(&self) -> usize {
+        match self {
+            Trace::Positions(p) => p.len(),
+            Trace::Ids(ids) => ids.len(),
         }
-        out
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Trace::Positions(positions) => {
+                let mut out = MAGIC.to_vec();
+                for p in positions {
+                    out.extend_from_slice(&p.to_le_bytes());
+                }
+                out
+            }
+            Trace::Ids(ids) => {
+                let mut out = ID_MAGIC.to_vec();
+                for id in ids {
+                    out.extend_from_slice(&id.0);
+                }
+                out
+            }
+        }
     }
 
     pub fn decode(bytes: &[u8]) -> Option<Trace> {
-        let body = bytes.strip_prefix(MAGIC)?;
-        if body.len() % 32 != 0 {
-            return None;
+        if let Some(body) = bytes.strip_prefix(MAGIC) {
+            return (body.len() % 4 == 0).then(|| {
+                Trace::Positions(
+                    body.chunks_exact(4)
+                        .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
+                        .collect(),
+                )
+            });
         }
-        Some(Trace {
-            chunks: body
-                .chunks_exact(32)
-                .map(|c| ChunkId(c.try_into().expect("32 bytes")))
-                .collect(),
+        let body = bytes.strip_prefix(ID_MAGIC)?;
+        (body.len() % 32 == 0).then(|| {
+            Trace::Ids(
+                body.chunks_exact(32)
+                    .map(|c| ChunkId(c.try_into().expect("32 bytes")))
+                    .collect(),
+            )
         })
+    }
+
+    /// The traced chunks that are in `table`, as positions in it, in trace order (a trace
+    /// comes from a store: a position beyond the table is dropped, not trusted). Ids are looked
+    /// up in the pages at hand: all of a whole table, which an image of the first format (the
+    /// only kind id traces were recorded for) has.
+    pub fn positions(&self, table: &ChunkTable) -> Vec<u32> {
+        match self {
+            Trace::Positions(p) => p.iter().copied().filter(|&c| c < table.len()).collect(),
+            Trace::Ids(ids) => {
+                let mut position = HashMap::new();
+                for p in 0..table.pages() {
+                    let Some(locs) = table.page_at_hand(p) else {
+                        continue;
+                    };
+                    for (i, loc) in locs.iter().enumerate() {
+                        position.insert(loc.id, (p * PAGE_CHUNKS + i) as u32);
+                    }
+                }
+                ids.iter()
+                    .filter_map(|id| position.get(id).copied())
+                    .collect()
+            }
+        }
     }
 }
 
@@ -126,15 +188,8 @@ impl Recorder {
         self.state.lock().expect("recorder lock").stopped = true;
     }
 
-    /// The recorded trace, as chunk ids of `index`.
-    pub fn trace(&self, index: &warren_image::TreeIndex) -> Trace {
-        let s = self.state.lock().expect("recorder lock");
-        Trace {
-            chunks: s
-                .order
-                .iter()
-                .map(|&c| index.chunks[c as usize].id)
-                .collect(),
-        }
+    /// The recorded trace.
+    pub fn trace(&self) -> Trace {
+        Trace::Positions(self.state.lock().expect("recorder lock").order.clone())
     }
 }

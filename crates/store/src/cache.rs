@@ -166,18 +166,28 @@ struct Pins {
 const PIN_PROBES: u64 = 7;
 
 impl Pins {
-    fn of(ids: impl ExactSizeIterator<Item = ChunkId>) -> Pins {
-        // At least ten bits per id (under 1% false positives with seven probes).
-        let words = (ids.len() * 10).div_ceil(64).next_power_of_two().max(1);
-        let mut pins = Pins {
+    /// Room for `capacity` ids at under 1% false positives: at least ten bits per id, seven
+    /// probes.
+    fn with_capacity(capacity: usize) -> Pins {
+        let words = (capacity * 10).div_ceil(64).next_power_of_two().max(1);
+        Pins {
             bits: vec![0; words],
-        };
+        }
+    }
+
+    #[cfg(test)]
+    fn of(ids: impl ExactSizeIterator<Item = ChunkId>) -> Pins {
+        let mut pins = Pins::with_capacity(ids.len());
+        pins.add(ids);
+        pins
+    }
+
+    fn add(&mut self, ids: impl Iterator<Item = ChunkId>) {
         for id in ids {
-            for bit in pins.probes(&id) {
-                pins.bits[(bit / 64) as usize] |= 1 << (bit % 64);
+            for bit in self.probes(&id) {
+                self.bits[(bit / 64) as usize] |= 1 << (bit % 64);
             }
         }
-        pins
     }
 
     fn probes(&self, id: &ChunkId) -> impl Iterator<Item = u64> + use<> {
@@ -193,6 +203,10 @@ impl Pins {
     }
 }
 
+/// A set of pinned chunks that grows ([`ChunkCache::pin_set`]).
+#[derive(Debug)]
+pub struct PinSet(u64);
+
 #[derive(Debug, Default)]
 struct State {
     slots: HashMap<ChunkId, Slot>,
@@ -200,7 +214,9 @@ struct State {
     segments: Vec<Option<Segment>>,
     bytes: u64,
     clock: u64,
-    pinned: Vec<Pins>,
+    /// By [`PinSet`] number.
+    pinned: Vec<(u64, Pins)>,
+    pin_sets: u64,
     evicted: u64,
     refreshed: Option<Instant>,
     /// When eviction last stopped short of its target: every chunk left was pinned or leased.
@@ -777,7 +793,7 @@ impl ChunkCache {
         let mut victims: Vec<(u64, ChunkId)> = state
             .slots
             .iter()
-            .filter(|(id, _)| !state.pinned.iter().any(|p| p.may_hold(id)))
+            .filter(|(id, _)| !state.pinned.iter().any(|(_, p)| p.may_hold(id)))
             .map(|(id, s)| (s.used, *id))
             .collect();
         victims.sort_unstable();
@@ -847,8 +863,27 @@ impl ChunkCache {
         I: IntoIterator<Item = ChunkId>,
         I::IntoIter: ExactSizeIterator,
     {
-        let pins = Pins::of(ids.into_iter());
-        self.state.lock().expect("cache lock").pinned.push(pins);
+        let ids = ids.into_iter();
+        let set = self.pin_set(ids.len());
+        self.pin_more(&set, ids);
+    }
+
+    /// An empty set of pins for up to about `capacity` chunks, to be added as they become
+    /// known (a paged index's chunks, page by page).
+    pub fn pin_set(&self, capacity: usize) -> PinSet {
+        let mut state = self.state.lock().expect("cache lock");
+        state.pin_sets += 1;
+        let number = state.pin_sets;
+        state.pinned.push((number, Pins::with_capacity(capacity)));
+        PinSet(number)
+    }
+
+    /// Keeps these chunks from eviction too, as long as `set` is (until [`ChunkCache::unpin_all`]).
+    pub fn pin_more(&self, set: &PinSet, ids: impl IntoIterator<Item = ChunkId>) {
+        let mut state = self.state.lock().expect("cache lock");
+        if let Some((_, pins)) = state.pinned.iter_mut().find(|(n, _)| *n == set.0) {
+            pins.add(ids.into_iter());
+        }
     }
 
     pub fn unpin_all(&self) {

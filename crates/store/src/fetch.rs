@@ -8,12 +8,16 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 
-use warren_image::{ChunkLoc, TreeIndex, open_chunk};
+use warren_image::{ChunkLoc, PAGE_CHUNKS, TreeIndex, open_chunk};
 
 use crate::blob::{BlobStore, StoreError};
 use crate::cache::{CacheError, ChunkCache};
+use crate::table::{ChunkTable, TableSource};
+
+/// A chunk (its position in the image's chunk table) and where it lives.
+pub type Located = (u32, ChunkLoc);
 
 /// Gaps up to this size between wanted chunks are read through (one request beats two).
 const MAX_GAP: u64 = 64 << 10;
@@ -28,6 +32,8 @@ const PACK_STREAMS: usize = 32;
 /// Readahead is fetched behind the reader's back, on threads of its own, this many at once; the
 /// reader waits only for the chunks it asked for.
 const AHEAD_THREADS: usize = 4;
+/// Pack readahead looks this far along the chunk table for chunks that follow in the pack.
+const AHEAD_SCAN: usize = PAGE_CHUNKS;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -45,6 +51,8 @@ pub enum FetchError {
         chunk: warren_image::ChunkId,
         store: String,
     },
+    #[error("chunk {chunk} is not in the image's table of {chunks}")]
+    NoChunk { chunk: u32, chunks: u32 },
 }
 
 /// Counters, readable while the fetcher runs.
@@ -60,7 +68,8 @@ pub struct Counters {
 }
 
 /// A place in a pack a reader is going through: where the window before the last began
-/// (`prev`), the last readahead window asked for (`[start, end)`), and its size.
+/// (`prev`), the last readahead window asked for (`[start, end)`), its size, and the chunk
+/// table position to look on from for the next.
 #[derive(Debug, Clone, Copy)]
 struct PackStream {
     blob: u32,
@@ -68,6 +77,7 @@ struct PackStream {
     start: u64,
     end: u64,
     window: u64,
+    next: u32,
 }
 
 #[derive(Debug)]
@@ -75,10 +85,9 @@ pub struct ChunkFetcher {
     store: Arc<dyn BlobStore>,
     cache: Arc<ChunkCache>,
     index: Arc<TreeIndex>,
+    table: ChunkTable,
     in_flight: Mutex<HashSet<u32>>,
     landed: Condvar,
-    /// Each pack's chunks in pack order, built on the first miss.
-    pack_order: OnceLock<Vec<Vec<u32>>>,
     /// The places readers are going through, the most recently used last.
     ahead: Mutex<Vec<PackStream>>,
     max_request: u64,
@@ -96,20 +105,24 @@ impl std::fmt::Debug for dyn BlobStore {
 }
 
 impl ChunkFetcher {
-    /// `max_request` bounds the bytes of one range request.
+    /// Reads the chunks of `index` from `store` through `cache`, located by `table` (as
+    /// [`crate::images::open_image_lazily`] gives them); `max_request` bounds the bytes of one
+    /// range request.
     pub fn new(
         store: Arc<dyn BlobStore>,
         cache: Arc<ChunkCache>,
         index: Arc<TreeIndex>,
+        table: TableSource,
         max_request: u64,
     ) -> Arc<ChunkFetcher> {
+        let table = ChunkTable::new(table, index.blobs.len(), store.clone(), cache.clone());
         Arc::new_cyclic(|me| ChunkFetcher {
             store,
             cache,
             index,
+            table,
             in_flight: Mutex::new(HashSet::new()),
             landed: Condvar::new(),
-            pack_order: OnceLock::new(),
             ahead: Mutex::new(Vec::new()),
             max_request,
             behind: Mutex::new(0),
@@ -129,7 +142,7 @@ impl ChunkFetcher {
 
     /// Fetches `chunks` on a thread of its own, while the reader that asked goes on with the
     /// chunks it needs; the chunks back if [`AHEAD_THREADS`] already run.
-    fn fetch_behind(&self, chunks: Vec<u32>) -> Result<(), Vec<u32>> {
+    fn fetch_behind(&self, chunks: Vec<Located>) -> Result<(), Vec<Located>> {
         {
             let mut running = self.behind.lock().expect("readahead lock");
             if *running >= AHEAD_THREADS {
@@ -174,6 +187,16 @@ impl ChunkFetcher {
         &self.index
     }
 
+    pub fn table(&self) -> &ChunkTable {
+        &self.table
+    }
+
+    /// Where each of `chunks` lives.
+    pub fn locate(&self, chunks: &[u32]) -> Result<Vec<Located>, FetchError> {
+        let locs = self.table.locs(chunks)?;
+        Ok(chunks.iter().copied().zip(locs).collect())
+    }
+
     pub fn cache(&self) -> &ChunkCache {
         &self.cache
     }
@@ -197,7 +220,12 @@ impl ChunkFetcher {
         self.counters
             .demand_in_flight
             .fetch_add(1, Ordering::SeqCst);
-        let result = self.read_inner(wanted, extra, out);
+        let result = self.locate(wanted).and_then(|wanted| {
+            // Readahead is a guess: a page of the table that cannot be had now is no reason
+            // to fail the read.
+            let extra = self.locate(extra).unwrap_or_default();
+            self.read_inner(&wanted, &extra, out)
+        });
         self.counters
             .demand_in_flight
             .fetch_sub(1, Ordering::SeqCst);
@@ -206,15 +234,15 @@ impl ChunkFetcher {
 
     fn read_inner(
         &self,
-        wanted: &[u32],
-        extra: &[u32],
+        wanted: &[Located],
+        extra: &[Located],
         out: &mut Vec<u8>,
     ) -> Result<(), FetchError> {
         let start = out.len();
         // The common case: everything local, read straight into `out`.
         let mut hits = 0;
-        for &c in wanted {
-            if !self.cache.read_into(&self.loc(c).id, out) {
+        for (_, loc) in wanted {
+            if !self.cache.read_into(&loc.id, out) {
                 break;
             }
             hits += 1;
@@ -223,18 +251,18 @@ impl ChunkFetcher {
             .cache_hits
             .fetch_add(hits as u64, Ordering::Relaxed);
         if hits == wanted.len() {
-            let ahead: Vec<_> = extra.iter().map(|&c| self.loc(c).id).collect();
+            let ahead: Vec<_> = extra.iter().map(|(_, loc)| loc.id).collect();
             self.cache.advise_willneed(&ahead);
             return Ok(());
         }
         // Another process may have stored them since.
         self.cache.refresh();
         let rest = &wanted[hits..];
-        let absent = |c: &u32| !self.cache.contains(&self.loc(*c).id);
-        let mut missing: Vec<u32> = rest.iter().copied().filter(absent).collect();
+        let absent = |(_, loc): &Located| !self.cache.contains(&loc.id);
+        let mut missing: Vec<Located> = rest.iter().copied().filter(absent).collect();
         // Readahead (the rest of the file, the pack after it) comes behind the reader's back;
         // when no thread is free for it, with the chunks wanted.
-        let mut ahead: Vec<u32> = extra.iter().copied().filter(absent).collect();
+        let mut ahead: Vec<Located> = extra.iter().copied().filter(absent).collect();
         ahead.extend(self.pack_ahead(&missing));
         if !ahead.is_empty()
             && let Err(ahead) = self.fetch_behind(ahead)
@@ -242,25 +270,25 @@ impl ChunkFetcher {
             missing.extend(ahead);
         }
         let fetched: HashMap<u32, Vec<u8>> = self.fetch(&missing, rest)?.into_iter().collect();
-        for &c in rest {
+        for &(c, loc) in rest {
             if let Some(d) = fetched.get(&c) {
                 self.counters.cache_misses.fetch_add(1, Ordering::Relaxed);
                 out.extend_from_slice(d);
                 continue;
             }
-            if self.cache.read_into(&self.loc(c).id, out) {
+            if self.cache.read_into(&loc.id, out) {
                 self.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             // Another reader was fetching it and failed, or it was evicted since: fetch it here.
             self.counters.cache_misses.fetch_add(1, Ordering::Relaxed);
-            match self.fetch(&[c], &[c])?.into_iter().next() {
+            match self.fetch(&[(c, loc)], &[(c, loc)])?.into_iter().next() {
                 Some((_, d)) => out.extend_from_slice(&d),
-                None if self.cache.read_into(&self.loc(c).id, out) => {}
+                None if self.cache.read_into(&loc.id, out) => {}
                 None => {
                     out.truncate(start);
                     return Err(FetchError::Unavailable {
-                        chunk: self.loc(c).id,
+                        chunk: loc.id,
                         store: self.store.describe(),
                     });
                 }
@@ -277,25 +305,13 @@ impl ChunkFetcher {
     /// next window is asked for as soon as the reader gets into the last one (it then waits for
     /// chunks still on their way), so one window is always coming. Several such places are
     /// followed at once.
-    fn pack_ahead(&self, missing: &[u32]) -> Vec<u32> {
-        let (Some(&first), Some(&last)) = (missing.first(), missing.last()) else {
-            return Vec::new();
-        };
-        let (first, last) = (self.loc(first), self.loc(last));
-        let order = self.pack_order.get_or_init(|| {
-            let mut order = vec![Vec::new(); self.index.blobs.len()];
-            for (c, loc) in self.index.chunks.iter().enumerate() {
-                if let Some(o) = order.get_mut(loc.blob as usize) {
-                    o.push(c as u32);
-                }
-            }
-            for o in &mut order {
-                o.sort_by_key(|&c| self.loc(c).offset);
-                o.dedup_by_key(|c| self.loc(*c).offset);
-            }
-            order
-        });
-        let Some(pack) = order.get(last.blob as usize) else {
+    ///
+    /// What follows in the pack is found along the chunk table, which a builder fills in pack
+    /// order: the chunks after the last one missed, of the same pack, beyond the window's start
+    /// (a chunk met before in the table, or from an older pack, is passed over). Only pages of
+    /// the table at hand are looked at: the reader does not wait for a page for a guess.
+    fn pack_ahead(&self, missing: &[Located]) -> Vec<Located> {
+        let (Some(&(_, first)), Some(&(last_c, last))) = (missing.first(), missing.last()) else {
             return Vec::new();
         };
         let mut streams = self.ahead.lock().expect("readahead lock");
@@ -306,7 +322,7 @@ impl ChunkFetcher {
             s.blob == first.blob && first.offset >= s.prev && first.offset <= s.end + MAX_GAP
         };
         let last_end = last.offset + u64::from(last.compressed_len);
-        let (from, window) = match streams.iter().position(on) {
+        let (from, window, next) = match streams.iter().position(on) {
             Some(i) => {
                 let s = streams.remove(i);
                 streams.push(s);
@@ -315,7 +331,11 @@ impl ChunkFetcher {
                     return Vec::new();
                 }
                 // Into the last window, or past it: the next one.
-                (s.end.max(last_end), (s.window * 2).min(PACK_AHEAD_MAX))
+                (
+                    s.end.max(last_end),
+                    (s.window * 2).min(PACK_AHEAD_MAX),
+                    s.next.max(last_c + 1),
+                )
             }
             None => {
                 if streams.len() >= PACK_STREAMS {
@@ -327,24 +347,38 @@ impl ChunkFetcher {
                     start: first.offset,
                     end: last_end,
                     window: PACK_AHEAD_MIN,
+                    next: last_c + 1,
                 });
-                (last_end, PACK_AHEAD_MIN)
+                (last_end, PACK_AHEAD_MIN, last_c + 1)
             }
         };
         let stream = streams.last_mut().expect("just pushed");
-        let after = pack.partition_point(|&c| self.loc(c).offset < from);
         let mut out = Vec::new();
         let mut taken = 0;
         let mut end = from;
-        for &c in &pack[after..] {
-            if taken >= window {
-                break;
+        let mut c = next;
+        let mut passed = 0;
+        let mut page: Option<(usize, Arc<[ChunkLoc]>)> = None;
+        while c < self.table.len() && taken < window && passed < AHEAD_SCAN {
+            let p = c as usize / PAGE_CHUNKS;
+            let locs = match &page {
+                Some((q, locs)) if *q == p => locs,
+                _ => match self.table.page_at_hand(p) {
+                    Some(locs) => &page.insert((p, locs)).1,
+                    None => break,
+                },
+            };
+            let loc = locs[c as usize % PAGE_CHUNKS];
+            c += 1;
+            if loc.blob != last.blob || loc.offset < end {
+                passed += 1;
+                continue;
             }
-            let loc = self.loc(c);
+            passed = 0;
             taken += u64::from(loc.compressed_len);
             end = loc.offset + u64::from(loc.compressed_len);
             if !self.cache.contains(&loc.id) {
-                out.push(c);
+                out.push((c - 1, loc));
             }
         }
         *stream = PackStream {
@@ -353,43 +387,39 @@ impl ChunkFetcher {
             start: from,
             end,
             window,
+            next: c,
         };
         out
     }
 
     /// Makes sure the chunks are in the cache (prefetch and background pull).
-    pub fn prefetch(&self, chunks: &[u32]) -> Result<(), FetchError> {
+    pub fn prefetch(&self, chunks: &[Located]) -> Result<(), FetchError> {
         self.cache.refresh();
-        let missing: Vec<u32> = chunks
+        let missing: Vec<Located> = chunks
             .iter()
             .copied()
-            .filter(|c| !self.cache.contains(&self.loc(*c).id))
+            .filter(|(_, loc)| !self.cache.contains(&loc.id))
             .collect();
         self.fetch(&missing, &[]).map(|_| ())
     }
 
-    fn loc(&self, c: u32) -> ChunkLoc {
-        self.index.chunks[c as usize]
-    }
-
     /// Marks those of `chunks` nobody is fetching as being fetched by the caller, and returns
     /// them.
-    fn claim(&self, chunks: &[u32]) -> Vec<u32> {
-        let mut mine: Vec<u32> = Vec::new();
+    fn claim(&self, chunks: &[Located]) -> Vec<Located> {
+        let mut mine: Vec<Located> = Vec::new();
         let mut in_flight = self.in_flight.lock().expect("fetch lock");
-        for &c in chunks {
-            if !in_flight.contains(&c) && !mine.contains(&c) {
-                in_flight.insert(c);
-                mine.push(c);
+        for &(c, loc) in chunks {
+            if in_flight.insert(c) {
+                mine.push((c, loc));
             }
         }
         mine
     }
 
     /// Ends a claim: the chunks landed (or failed), and those waiting for them look again.
-    fn release(&self, mine: &[u32]) {
+    fn release(&self, mine: &[Located]) {
         let mut in_flight = self.in_flight.lock().expect("fetch lock");
-        for c in mine {
+        for (c, _) in mine {
             in_flight.remove(c);
         }
         self.landed.notify_all();
@@ -397,13 +427,17 @@ impl ChunkFetcher {
 
     /// Fetches `chunks` (claiming them so concurrent readers wait instead of fetching them too)
     /// into the cache, and returns those of `keep` this call fetched.
-    fn fetch(&self, chunks: &[u32], keep: &[u32]) -> Result<Vec<(u32, Vec<u8>)>, FetchError> {
+    fn fetch(
+        &self,
+        chunks: &[Located],
+        keep: &[Located],
+    ) -> Result<Vec<(u32, Vec<u8>)>, FetchError> {
         let mine = self.claim(chunks);
         let result = self.fetch_claimed(&mine, keep);
         self.release(&mine);
         // Wait for the chunks other readers were fetching.
         let mut in_flight = self.in_flight.lock().expect("fetch lock");
-        while chunks.iter().any(|c| in_flight.contains(c)) {
+        while chunks.iter().any(|(c, _)| in_flight.contains(c)) {
             in_flight = self.landed.wait(in_flight).expect("fetch lock");
         }
         result
@@ -414,20 +448,17 @@ impl ChunkFetcher {
     /// last chunk landed.
     fn fetch_claimed(
         &self,
-        chunks: &[u32],
-        keep: &[u32],
+        chunks: &[Located],
+        keep: &[Located],
     ) -> Result<Vec<(u32, Vec<u8>)>, FetchError> {
-        let mut sorted: Vec<u32> = chunks.to_vec();
-        sorted.sort_by_key(|&c| {
-            let l = self.loc(c);
-            (l.blob, l.offset)
-        });
-        sorted.dedup();
-        let keep: HashSet<u32> = keep.iter().copied().collect();
+        let mut sorted: Vec<Located> = chunks.to_vec();
+        sorted.sort_by_key(|(c, l)| (l.blob, l.offset, *c));
+        sorted.dedup_by_key(|(c, _)| *c);
+        let keep: HashSet<u32> = keep.iter().map(|(c, _)| *c).collect();
         let mut out = Vec::with_capacity(keep.len());
         for run in self.runs(&sorted) {
-            let first = self.loc(run[0]);
-            let last = self.loc(*run.last().expect("runs are not empty"));
+            let first = run[0].1;
+            let last = run.last().expect("runs are not empty").1;
             let start = first.offset;
             let end = last.offset + u64::from(last.compressed_len);
             let digest = self.index.blobs[first.blob as usize];
@@ -436,8 +467,7 @@ impl ChunkFetcher {
             self.counters
                 .bytes_fetched
                 .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-            for &c in &run {
-                let loc = self.loc(c);
+            for &(c, loc) in &run {
                 let at = (loc.offset - start) as usize;
                 let frame = &bytes[at..at + loc.compressed_len as usize];
                 let data = match open_chunk(&loc, frame) {
@@ -469,13 +499,12 @@ impl ChunkFetcher {
     }
 
     /// Splits chunks sorted by (blob, offset) into runs one request each can cover.
-    fn runs(&self, sorted: &[u32]) -> Vec<Vec<u32>> {
-        let mut runs: Vec<Vec<u32>> = Vec::new();
-        for &c in sorted {
-            let loc = self.loc(c);
+    fn runs(&self, sorted: &[Located]) -> Vec<Vec<Located>> {
+        let mut runs: Vec<Vec<Located>> = Vec::new();
+        for &(c, loc) in sorted {
             if let Some(run) = runs.last_mut() {
-                let first = self.loc(run[0]);
-                let prev = self.loc(*run.last().expect("runs are not empty"));
+                let first = run[0].1;
+                let prev = run.last().expect("runs are not empty").1;
                 let prev_end = prev.offset + u64::from(prev.compressed_len);
                 let joins = prev.blob == loc.blob
                     && loc.offset >= prev_end
@@ -483,11 +512,11 @@ impl ChunkFetcher {
                     && loc.offset + u64::from(loc.compressed_len) - first.offset
                         <= self.max_request;
                 if joins {
-                    run.push(c);
+                    run.push((c, loc));
                     continue;
                 }
             }
-            runs.push(vec![c]);
+            runs.push(vec![(c, loc)]);
         }
         runs
     }

@@ -3,13 +3,14 @@
 
 use std::sync::Arc;
 
-use warren_image::{Built, Digest, TreeIndex};
+use warren_image::{Built, Digest, MAX_PAGE_BYTES, TreeIndex};
 
 use crate::blob::{BlobStore, StoreError};
 use crate::manifest::{
-    ARTIFACT_TYPE, CONFIG_MEDIA_TYPE, ImageConfig, MANIFEST_MEDIA_TYPE, Manifest, PACK_MEDIA_TYPE,
-    TREE_INDEX_MEDIA_TYPE, descriptor,
+    ARTIFACT_TYPE, CHUNK_TABLE_MEDIA_TYPE, CONFIG_MEDIA_TYPE, ImageConfig, MANIFEST_MEDIA_TYPE,
+    Manifest, PACK_MEDIA_TYPE, PAGED_TREE_MEDIA_TYPE, TREE_INDEX_MEDIA_TYPE, descriptor,
 };
+use crate::table::TableSource;
 
 /// An image read from a store, ready to serve.
 #[derive(Debug, Clone)]
@@ -20,8 +21,9 @@ pub struct OpenImage {
     pub index: Arc<TreeIndex>,
 }
 
-/// Stores the packs, the index, the config and the manifest of `built`, tagged `tag`.
-/// Returns the manifest digest. Blobs the store already holds are not sent again.
+/// Stores the packs, the index (paged: its tree and chunk table), the config and the manifest
+/// of `built`, tagged `tag`. Returns the manifest digest. Blobs the store already holds are not
+/// sent again.
 pub fn commit(
     store: &dyn BlobStore,
     built: &Built,
@@ -33,7 +35,7 @@ pub fn commit(
             store.put_blob_file(&pack.digest, &pack.path)?;
         }
     }
-    let index_bytes = built.index.encode();
+    let (index_bytes, table_bytes) = built.index.encode_paged();
     let index_digest = Digest::of(&index_bytes);
     store.put_blob(&index_digest, &index_bytes)?;
     config.tree_index = Some(index_digest);
@@ -43,10 +45,19 @@ pub fn commit(
     let config_digest = Digest::of(&config_bytes);
     store.put_blob(&config_digest, &config_bytes)?;
     let mut layers = vec![descriptor(
-        TREE_INDEX_MEDIA_TYPE,
+        PAGED_TREE_MEDIA_TYPE,
         index_digest,
         index_bytes.len() as u64,
     )];
+    if !table_bytes.is_empty() {
+        let table_digest = Digest::of(&table_bytes);
+        store.put_blob(&table_digest, &table_bytes)?;
+        layers.push(descriptor(
+            CHUNK_TABLE_MEDIA_TYPE,
+            table_digest,
+            table_bytes.len() as u64,
+        ));
+    }
     for blob in &built.index.blobs {
         let size = store
             .blob_size(blob)?
@@ -80,8 +91,36 @@ pub fn parse_manifest(
     })
 }
 
-/// Reads the manifest, config and tree index of a Warren image (not its packs).
+/// Reads the manifest, config and whole tree index of a Warren image (not its packs).
 pub fn open_image(store: &dyn BlobStore, reference: &str) -> Result<OpenImage, StoreError> {
+    let (image, table) = open_image_lazily(store, reference)?;
+    let mut index = Arc::into_inner(image.index).expect("not shared yet");
+    match table {
+        TableSource::Whole(chunks) => index.chunks = chunks,
+        TableSource::Paged { blob, table } => {
+            let bytes = if table.pages.is_empty() {
+                Vec::new()
+            } else {
+                store.get_blob(&blob, table.pages.len() as u64 * MAX_PAGE_BYTES as u64)?
+            };
+            index = TreeIndex::from_pages(index, &table, &bytes).map_err(|e| {
+                StoreError::Invalid(format!("the tree index of `{reference}`: {e}"))
+            })?;
+        }
+    }
+    Ok(OpenImage {
+        index: Arc::new(index),
+        ..image
+    })
+}
+
+/// Reads the manifest, config and tree of a Warren image, for a mount: the index comes without
+/// its chunk table (`chunks` empty), which is returned apart — whole for an index of the first
+/// format, where its pages are for a paged one.
+pub fn open_image_lazily(
+    store: &dyn BlobStore,
+    reference: &str,
+) -> Result<(OpenImage, TableSource), StoreError> {
     let (bytes, digest) = store.get_manifest(reference)?;
     let manifest = parse_manifest(store, reference, &bytes)?;
     if !manifest.is_warren_image() {
@@ -95,20 +134,46 @@ pub fn open_image(store: &dyn BlobStore, reference: &str) -> Result<OpenImage, S
         &store.get_blob(&manifest.config.digest, crate::blob::CONFIG_LIMIT)?,
     )
     .map_err(|e| StoreError::Invalid(format!("the config of `{reference}` is corrupt: {e}")))?;
-    let index_digest = manifest
-        .layers
-        .first()
-        .filter(|l| l.media_type == TREE_INDEX_MEDIA_TYPE)
-        .map(|l| l.digest)
-        .ok_or_else(|| StoreError::Invalid(format!("`{reference}` has no tree index")))?;
-    let index = TreeIndex::decode(&store.get_blob(&index_digest, crate::blob::INDEX_LIMIT)?)
-        .map_err(|e| StoreError::Invalid(format!("the tree index of `{reference}`: {e}")))?;
-    Ok(OpenImage {
-        digest,
-        manifest,
-        config,
-        index: Arc::new(index),
-    })
+    let invalid = |e| StoreError::Invalid(format!("the tree index of `{reference}`: {e}"));
+    let (index, table) = match manifest.layers.first() {
+        Some(l) if l.media_type == TREE_INDEX_MEDIA_TYPE => {
+            let mut index =
+                TreeIndex::decode(&store.get_blob(&l.digest, crate::blob::INDEX_LIMIT)?)
+                    .map_err(invalid)?;
+            let chunks = std::mem::take(&mut index.chunks);
+            (index, TableSource::Whole(chunks))
+        }
+        Some(l) if l.media_type == PAGED_TREE_MEDIA_TYPE => {
+            let (index, table) =
+                TreeIndex::decode_tree(&store.get_blob(&l.digest, crate::blob::INDEX_LIMIT)?)
+                    .map_err(invalid)?;
+            let blob = match manifest.layers.get(1) {
+                Some(t) if t.media_type == CHUNK_TABLE_MEDIA_TYPE => t.digest,
+                // No chunks, no table (its pages are checked against the tree anyway).
+                _ if table.chunks == 0 => Digest::of(b""),
+                _ => {
+                    return Err(StoreError::Invalid(format!(
+                        "`{reference}` has a paged index but no chunk table"
+                    )));
+                }
+            };
+            (index, TableSource::Paged { blob, table })
+        }
+        _ => {
+            return Err(StoreError::Invalid(format!(
+                "`{reference}` has no tree index"
+            )));
+        }
+    };
+    Ok((
+        OpenImage {
+            digest,
+            manifest,
+            config,
+            index: Arc::new(index),
+        },
+        table,
+    ))
 }
 
 /// Copies an image's manifest and the blobs `to` lacks (push and full pull); `progress(done,

@@ -13,14 +13,16 @@ pub mod images;
 mod local;
 pub mod manifest;
 mod registry;
+mod table;
 
 pub use blob::{
     BlobStore, CONFIG_LIMIT, INDEX_LIMIT, MANIFEST_LIMIT, StoreError, TRACE_LIMIT, Verified,
 };
-pub use cache::{CacheError, CacheStats, ChunkCache};
-pub use fetch::{ChunkFetcher, Counters, FetchError};
+pub use cache::{CacheError, CacheStats, ChunkCache, PinSet};
+pub use fetch::{ChunkFetcher, Counters, FetchError, Located};
 pub use local::{GcReport, LocalStore};
 pub use registry::{
     AddressFilter, FilteringResolver, RegistryRef, RegistryStore, Retry, registry_host,
 };
+pub use table::{ChunkTable, TableSource};
 pub mod oci;

@@ -14,7 +14,12 @@ pub const DOCKER_LIST_MEDIA_TYPE: &str =
     "application/vnd.docker.distribution.manifest.list.v2+json";
 pub const ARTIFACT_TYPE: &str = "application/vnd.warren.image.v1";
 pub const CONFIG_MEDIA_TYPE: &str = "application/vnd.warren.image.config.v1+json";
+/// The first format's index, one blob ([`warren_image::TreeIndex::encode`]).
 pub const TREE_INDEX_MEDIA_TYPE: &str = "application/vnd.warren.image.index.v1";
+/// A paged index's tree ([`warren_image::TreeIndex::encode_paged`]) ...
+pub const PAGED_TREE_MEDIA_TYPE: &str = "application/vnd.warren.image.index.v2";
+/// ... and its chunk table, the second layer (absent when the image has no chunks).
+pub const CHUNK_TABLE_MEDIA_TYPE: &str = "application/vnd.warren.image.chunks.v1";
 pub const PACK_MEDIA_TYPE: &str = "application/vnd.warren.image.pack.v1";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -3,13 +3,14 @@
 // A test that meets an unexpected error should stop right there.
 #![allow(clippy::unwrap_used)]
 
+use std::path::Path;
 use std::sync::Arc;
 
 use warren_image::{ChunkParams, EntryKind, ImageBuilder, Limits, import_dir};
-use warren_store::images::{commit, copy_image, open_image};
-use warren_store::manifest::ImageConfig;
+use warren_store::images::{commit, copy_image, open_image, open_image_lazily};
+use warren_store::manifest::{ImageConfig, PACK_MEDIA_TYPE, TREE_INDEX_MEDIA_TYPE, descriptor};
 use warren_store::{
-    BlobStore, ChunkCache, ChunkFetcher, FetchError, LocalStore, RegistryStore, Retry,
+    BlobStore, ChunkCache, ChunkFetcher, FetchError, LocalStore, RegistryStore, Retry, TableSource,
 };
 use warren_testkit::Registry;
 
@@ -64,7 +65,8 @@ fn file_content(fetcher: &ChunkFetcher, path: &str) -> Vec<u8> {
 fn an_image_pushed_to_a_registry_reads_back_lazily_into_an_empty_cache() {
     let registry = Registry::start();
     let (dir, remote, big) = pushed_image(&registry);
-    let image = open_image(&remote, "1").unwrap();
+    let (image, table) = open_image_lazily(&remote, "1").unwrap();
+    assert!(matches!(table, TableSource::Paged { .. }));
     assert_eq!(image.config.env, ["PATH=/usr/bin"]);
     assert_eq!(image.config.data_bytes, (2 << 20) + 6);
     let cache = Arc::new(ChunkCache::open(&dir.path().join("cache"), None).unwrap());
@@ -72,6 +74,7 @@ fn an_image_pushed_to_a_registry_reads_back_lazily_into_an_empty_cache() {
         Arc::new(remote),
         cache.clone(),
         image.index.clone(),
+        table,
         8 << 20,
     );
     assert_eq!(file_content(&fetcher, "hello"), b"hello\n");
@@ -108,7 +111,18 @@ fn an_image_pushed_to_a_registry_reads_back_lazily_into_an_empty_cache() {
     let remote = RegistryStore::new(&registry.host(), "team/demo", None, false);
     let digest = copy_image(&remote, &pulled, "1", "demo:1", |_, _| {}).unwrap();
     assert_eq!(digest, image.digest);
-    assert_eq!(open_image(&pulled, "demo:1").unwrap().index, image.index);
+    assert_eq!(
+        open_image(&pulled, "demo:1").unwrap().index,
+        open_image(&remote, "1").unwrap().index
+    );
+}
+
+/// A fetcher of image `reference` in `store` into a new chunk cache at `cache`, opened as a
+/// mount opens it.
+fn lazily(store: impl BlobStore + 'static, cache: &Path, reference: &str) -> Arc<ChunkFetcher> {
+    let (image, table) = open_image_lazily(&store, reference).unwrap();
+    let cache = Arc::new(ChunkCache::open(cache, None).unwrap());
+    ChunkFetcher::new(Arc::new(store), cache, image.index, table, 8 << 20)
 }
 
 #[test]
@@ -126,13 +140,7 @@ fn a_corrupted_chunk_in_the_registry_is_reported_never_served() {
     }
     std::fs::write(&pack, bytes).unwrap();
 
-    let cache = Arc::new(ChunkCache::open(&dir.path().join("cache"), None).unwrap());
-    let fetcher = ChunkFetcher::new(
-        Arc::new(remote),
-        cache.clone(),
-        image.index.clone(),
-        8 << 20,
-    );
+    let fetcher = lazily(remote, &dir.path().join("cache"), "1");
     let err = fetcher.read(&e.chunks[..1], &[]).unwrap_err();
     assert!(matches!(err, FetchError::Corrupt { .. }), "{err}");
     assert!(
@@ -141,7 +149,7 @@ fn a_corrupted_chunk_in_the_registry_is_reported_never_served() {
         "{err}"
     );
     assert!(
-        !cache.contains(&loc.id),
+        !fetcher.cache().contains(&loc.id),
         "a corrupt chunk reached the cache"
     );
     // The other chunks are fine and served.
@@ -227,8 +235,7 @@ fn reads_bring_their_neighbours_in_the_pack_and_little_else() {
     }
     let store = commit_tree(dir.path(), ImageConfig::default(), "n:1");
     let image = open_image(&store, "n:1").unwrap();
-    let cache = Arc::new(ChunkCache::open(&dir.path().join("cache"), None).unwrap());
-    let fetcher = ChunkFetcher::new(Arc::new(store), cache, image.index.clone(), 8 << 20);
+    let fetcher = lazily(store, &dir.path().join("cache"), "n:1");
     let counter = |f: &ChunkFetcher| {
         (
             f.counters
@@ -250,7 +257,7 @@ fn reads_bring_their_neighbours_in_the_pack_and_little_else() {
     let (requests, fetched) = counter(&fetcher);
     // Compressed, as fetched.
     let stored = |folder: &str| -> u64 {
-        let index = fetcher.index();
+        let index = &image.index;
         index
             .entries
             .iter()
@@ -282,4 +289,87 @@ fn reads_bring_their_neighbours_in_the_pack_and_little_else() {
         fetched2 - fetched,
         stored("scattered") / 40
     );
+}
+
+/// The chunk table's requests and bytes so far.
+fn table_fetched(fetcher: &ChunkFetcher) -> (u64, u64) {
+    let t = fetcher.table();
+    (
+        t.requests.load(std::sync::atomic::Ordering::Relaxed),
+        t.bytes_fetched.load(std::sync::atomic::Ordering::Relaxed),
+    )
+}
+
+#[test]
+fn a_mount_fetches_the_chunk_table_a_page_at_a_time_checks_it_and_keeps_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src/d");
+    std::fs::create_dir_all(&src).unwrap();
+    // 9,000 files of a chunk each: a table of three pages.
+    let content = |i: usize| format!("file {i}\n").into_bytes();
+    for i in 0..9000 {
+        std::fs::write(src.join(format!("f{i:05}")), content(i)).unwrap();
+    }
+    let local = commit_tree(dir.path(), ImageConfig::default(), "p:1");
+    let registry = Registry::start();
+    let remote = || RegistryStore::new(&registry.host(), "team/paged", None, false);
+    copy_image(&local, &remote(), "p:1", "1", |_, _| {}).unwrap();
+    let (_, table) = open_image_lazily(&remote(), "1").unwrap();
+    let TableSource::Paged { blob, table } = table else {
+        panic!("a new image's index is not paged");
+    };
+    assert_eq!((table.chunks, table.pages.len()), (9000, 3));
+    let page_len = |p: usize| u64::from(table.pages[p].len);
+
+    // A file in the last page: that page only.
+    let fetcher = lazily(remote(), &dir.path().join("cache"), "1");
+    assert_eq!(file_content(&fetcher, "d/f08500"), content(8500));
+    assert_eq!(table_fetched(&fetcher), (1, page_len(2)));
+    assert_eq!(file_content(&fetcher, "d/f00001"), content(1));
+    assert_eq!(table_fetched(&fetcher), (2, page_len(2) + page_len(0)));
+
+    // The next mount on this host finds the pages in the cache.
+    let again = lazily(remote(), &dir.path().join("cache"), "1");
+    assert_eq!(file_content(&again, "d/f08500"), content(8500));
+    assert_eq!(file_content(&again, "d/f00001"), content(1));
+    assert_eq!(table_fetched(&again), (0, 0));
+
+    // A page altered in the registry is refused, not served; the other pages still are.
+    let path = registry.blob_file(&blob.hex());
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[table.pages[1].offset as usize + 30] ^= 0xFF;
+    std::fs::write(&path, bytes).unwrap();
+    let fresh = lazily(remote(), &dir.path().join("cache2"), "1");
+    let index = fresh.index();
+    let e = &index.entries[index.find(b"d/f05000").unwrap()];
+    let err = fresh.read(&e.chunks, &[]).unwrap_err().to_string();
+    assert!(
+        err.contains("page 1 of the chunk table does not match its hash"),
+        "{err}"
+    );
+    assert_eq!(file_content(&fresh, "d/f00002"), content(2));
+}
+
+#[test]
+fn an_image_with_an_index_of_the_first_format_still_opens_and_reads() {
+    let (dir, local, big) = local_image();
+    // The image as the first format stored it: one index blob, then the packs.
+    let whole = open_image(&local, "demo:1").unwrap();
+    let bytes = whole.index.encode();
+    let digest = warren_image::Digest::of(&bytes);
+    local.put_blob(&digest, &bytes).unwrap();
+    let mut manifest = whole.manifest.clone();
+    manifest.layers.retain(|l| l.media_type == PACK_MEDIA_TYPE);
+    manifest.layers.insert(
+        0,
+        descriptor(TREE_INDEX_MEDIA_TYPE, digest, bytes.len() as u64),
+    );
+    local.put_manifest("demo:old", &manifest.to_json()).unwrap();
+
+    assert_eq!(open_image(&local, "demo:old").unwrap().index, whole.index);
+    let (_, table) = open_image_lazily(&local, "demo:old").unwrap();
+    assert!(matches!(table, TableSource::Whole(_)));
+    let fetcher = lazily(local, &dir.path().join("cache"), "demo:old");
+    assert_eq!(file_content(&fetcher, "data/big"), big);
+    assert_eq!(table_fetched(&fetcher), (0, 0));
 }

@@ -1,0 +1,277 @@
+//! A mounted image's chunk table: where each chunk lives. A paged index's table comes a page of
+//! 4,096 locations at a time, the first time a reader needs one: one range request into the
+//! chunk-table blob, checked against the page's hash in the tree, kept in the chunk cache (the
+//! next mount on the host reads it from disk) and, the most recently used few, in memory. An
+//! index of the first format has its whole table at hand.
+//!
+//! A 100 GiB image's table is 60 MB; a mount that reads a 200 MB startup set fetches the pages
+//! of the files in it, and holds at most [`HELD_PAGES`] of them decoded (7 MiB).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use warren_image::{ChunkLoc, Digest, PAGE_CHUNKS, PageTable};
+
+use crate::blob::{BlobStore, StoreError};
+use crate::cache::{ChunkCache, PinSet};
+use crate::fetch::FetchError;
+
+/// Decoded pages held in memory at once, the least recently used dropped first.
+const HELD_PAGES: usize = 32;
+/// Pages fetched at once when a read needs several.
+const PAGE_LOADERS: usize = 8;
+/// Page loads are serialized per stripe (page number modulo this): two readers that need the
+/// same page fetch it once, readers of different pages do not wait for each other.
+const LOAD_STRIPES: usize = 16;
+
+/// Where an opened image's chunk locations come from.
+#[derive(Debug)]
+pub enum TableSource {
+    /// All of them, from an index of the first format.
+    Whole(Vec<ChunkLoc>),
+    /// Pages of blob `blob`, as the tree's page table says.
+    Paged { blob: Digest, table: PageTable },
+}
+
+#[derive(Debug)]
+pub struct ChunkTable {
+    count: u32,
+    blobs: usize,
+    source: Source,
+    /// Bytes and requests of pages fetched from the store.
+    pub bytes_fetched: AtomicU64,
+    pub requests: AtomicU64,
+}
+
+#[derive(Debug)]
+enum Source {
+    Whole(Vec<Arc<[ChunkLoc]>>),
+    Paged(Paged),
+}
+
+#[derive(Debug)]
+struct Paged {
+    store: Arc<dyn BlobStore>,
+    cache: Arc<ChunkCache>,
+    blob: Digest,
+    table: PageTable,
+    pins: PinSet,
+    held: Mutex<Held>,
+    loading: Vec<Mutex<()>>,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    pages: HashMap<usize, (Arc<[ChunkLoc]>, u64)>,
+    clock: u64,
+}
+
+impl ChunkTable {
+    /// The table of an image with `blobs` packs. Its chunks are pinned in `cache` from now on
+    /// (a paged table's as each page arrives, before any of its chunks is fetched), and the
+    /// pages themselves too.
+    pub fn new(
+        source: TableSource,
+        blobs: usize,
+        store: Arc<dyn BlobStore>,
+        cache: Arc<ChunkCache>,
+    ) -> ChunkTable {
+        let (count, source) = match source {
+            TableSource::Whole(chunks) => {
+                cache.pin(chunks.iter().map(|c| c.id));
+                let count = u32::try_from(chunks.len()).expect("under 4 G chunks");
+                let pages = chunks.chunks(PAGE_CHUNKS).map(Arc::from).collect();
+                (count, Source::Whole(pages))
+            }
+            TableSource::Paged { blob, table } => {
+                let pins = cache.pin_set(table.chunks as usize + table.pages.len());
+                (
+                    table.chunks,
+                    Source::Paged(Paged {
+                        store,
+                        cache,
+                        blob,
+                        table,
+                        pins,
+                        held: Mutex::new(Held::default()),
+                        loading: (0..LOAD_STRIPES).map(|_| Mutex::new(())).collect(),
+                    }),
+                )
+            }
+        };
+        ChunkTable {
+            count,
+            blobs,
+            source,
+            bytes_fetched: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+        }
+    }
+
+    /// How many chunks the image has.
+    pub fn len(&self) -> u32 {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    pub fn pages(&self) -> usize {
+        (self.count as usize).div_ceil(PAGE_CHUNKS)
+    }
+
+    /// The chunk positions page `page` holds.
+    pub fn page_span(&self, page: usize) -> std::ops::Range<u32> {
+        let start = (page * PAGE_CHUNKS).min(self.count as usize);
+        start as u32..(start + PAGE_CHUNKS).min(self.count as usize) as u32
+    }
+
+    /// The locations of page `page` (chunks `page * PAGE_CHUNKS ..`).
+    pub fn page(&self, page: usize) -> Result<Arc<[ChunkLoc]>, FetchError> {
+        match &self.source {
+            Source::Whole(pages) => pages.get(page).cloned().ok_or(FetchError::NoChunk {
+                chunk: (page * PAGE_CHUNKS) as u32,
+                chunks: self.count,
+            }),
+            Source::Paged(paged) => paged.page(page, self),
+        }
+    }
+
+    /// Page `page` if it is at hand without a request (always, for a whole table).
+    pub fn page_at_hand(&self, page: usize) -> Option<Arc<[ChunkLoc]>> {
+        match &self.source {
+            Source::Whole(pages) => pages.get(page).cloned(),
+            Source::Paged(paged) => paged.held(page),
+        }
+    }
+
+    /// Where chunk `c` lives.
+    pub fn loc(&self, c: u32) -> Result<ChunkLoc, FetchError> {
+        Ok(self.locs(&[c])?[0])
+    }
+
+    /// Where each of `chunks` lives, in their order.
+    pub fn locs(&self, chunks: &[u32]) -> Result<Vec<ChunkLoc>, FetchError> {
+        self.load_pages(chunks)?;
+        let mut out = Vec::with_capacity(chunks.len());
+        let mut at: Option<(usize, Arc<[ChunkLoc]>)> = None;
+        for &c in chunks {
+            if c >= self.count {
+                return Err(FetchError::NoChunk {
+                    chunk: c,
+                    chunks: self.count,
+                });
+            }
+            let (p, i) = (c as usize / PAGE_CHUNKS, c as usize % PAGE_CHUNKS);
+            let locs = match &at {
+                Some((q, locs)) if *q == p => locs,
+                _ => &at.insert((p, self.page(p)?)).1,
+            };
+            out.push(locs[i]);
+        }
+        Ok(out)
+    }
+}
+
+impl ChunkTable {
+    /// Brings in the pages of `chunks` not at hand, [`PAGE_LOADERS`] at once: the first read of
+    /// a 10 GiB file needs 40 pages, which one after the other would cost 40 round trips.
+    fn load_pages(&self, chunks: &[u32]) -> Result<(), FetchError> {
+        let Source::Paged(paged) = &self.source else {
+            return Ok(());
+        };
+        let mut pages: Vec<usize> = chunks.iter().map(|&c| c as usize / PAGE_CHUNKS).collect();
+        pages.sort_unstable();
+        pages.dedup();
+        pages.retain(|&p| p < self.pages() && paged.held(p).is_none());
+        if pages.len() < 2 {
+            return Ok(());
+        }
+        let next = AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            let loaders: Vec<_> = (0..PAGE_LOADERS.min(pages.len()))
+                .map(|_| {
+                    scope.spawn(|| -> Result<(), FetchError> {
+                        while let Some(&p) = pages.get(next.fetch_add(1, Ordering::Relaxed)) {
+                            paged.page(p, self)?;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            loaders
+                .into_iter()
+                .try_for_each(|l| l.join().expect("a page loader panicked"))
+        })
+    }
+}
+
+impl Paged {
+    fn held(&self, page: usize) -> Option<Arc<[ChunkLoc]>> {
+        let mut held = self.held.lock().expect("page lock");
+        held.clock += 1;
+        let clock = held.clock;
+        held.pages.get_mut(&page).map(|(locs, used)| {
+            *used = clock;
+            locs.clone()
+        })
+    }
+
+    fn page(&self, page: usize, of: &ChunkTable) -> Result<Arc<[ChunkLoc]>, FetchError> {
+        if let Some(locs) = self.held(page) {
+            return Ok(locs);
+        }
+        let _loading = self.loading[page % LOAD_STRIPES]
+            .lock()
+            .expect("page load lock");
+        if let Some(locs) = self.held(page) {
+            return Ok(locs);
+        }
+        let r = *self.table.pages.get(page).ok_or(FetchError::NoChunk {
+            chunk: (page * PAGE_CHUNKS) as u32,
+            chunks: of.count,
+        })?;
+        let invalid =
+            |e: warren_image::IndexError| StoreError::Invalid(format!("the chunk table: {e}"));
+        let (bytes, cached) = match self.cache.get(&r.id) {
+            Some(bytes) => (bytes, true),
+            None => {
+                let bytes = self
+                    .store
+                    .read_range(&self.blob, r.offset, u64::from(r.len))?;
+                of.requests.fetch_add(1, Ordering::Relaxed);
+                of.bytes_fetched
+                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                (bytes, false)
+            }
+        };
+        let locs: Arc<[ChunkLoc]> = self
+            .table
+            .decode_page(page, &bytes, of.blobs)
+            .map_err(invalid)?
+            .into();
+        // Pinned before any of its chunks can be fetched, and the page with them.
+        self.cache.pin_more(
+            &self.pins,
+            std::iter::once(r.id).chain(locs.iter().map(|l| l.id)),
+        );
+        if !cached && let Err(e) = self.cache.insert(&r.id, &bytes) {
+            tracing::debug!(error = %e, "cannot keep a page of the chunk table");
+        }
+        let mut held = self.held.lock().expect("page lock");
+        if held.pages.len() >= HELD_PAGES
+            && let Some(oldest) = held
+                .pages
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(p, _)| *p)
+        {
+            held.pages.remove(&oldest);
+        }
+        let clock = held.clock;
+        held.pages.insert(page, (locs.clone(), clock));
+        Ok(locs)
+    }
+}
