@@ -533,32 +533,37 @@ impl ChunkCache {
         state.segments[s] = None;
     }
 
-    /// The share of `ids` present in the cache at `dir`, read from its index files without
-    /// opening the cache. Long lists are sampled: one id at a pseudo-random place in each of 4096
-    /// equal stretches (a fixed stride could fall in step with a pattern in the list), enough for
-    /// placing workspaces.
-    pub fn share_on_disk(dir: &Path, ids: &[ChunkId]) -> f64 {
+    /// A sample of a long list of ids, enough to tell the share of them a cache holds: one id at
+    /// a pseudo-random place in each of 4096 equal stretches (a fixed stride could fall in step
+    /// with a pattern in the list); a short list whole.
+    pub fn sample(ids: &[ChunkId]) -> Vec<ChunkId> {
         const SAMPLE: usize = 4096;
+        let n = ids.len();
+        if n <= SAMPLE {
+            return ids.to_vec();
+        }
+        (0..SAMPLE)
+            .filter_map(|k| {
+                let (lo, hi) = (k * n / SAMPLE, (k + 1) * n / SAMPLE);
+                // splitmix64 of the stretch number: the same picks every time.
+                let mut z = (k as u64).wrapping_add(0x9E37_79B9_7F4A_7C15);
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                z ^= z >> 31;
+                (hi > lo).then(|| ids[lo + (z % (hi - lo) as u64) as usize])
+            })
+            .collect()
+    }
+
+    /// The share of `ids` present in the cache at `dir`, read from its index files without
+    /// opening the cache; a long list is [`ChunkCache::sample`]d, enough for placing
+    /// workspaces.
+    pub fn share_on_disk(dir: &Path, ids: &[ChunkId]) -> f64 {
         if ids.is_empty() {
             return 0.0;
         }
-        let n = ids.len();
-        let picks: Vec<usize> = if n <= SAMPLE {
-            (0..n).collect()
-        } else {
-            (0..SAMPLE)
-                .filter_map(|k| {
-                    let (lo, hi) = (k * n / SAMPLE, (k + 1) * n / SAMPLE);
-                    // splitmix64 of the stretch number: the same picks every time.
-                    let mut z = (k as u64).wrapping_add(0x9E37_79B9_7F4A_7C15);
-                    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-                    z ^= z >> 31;
-                    (hi > lo).then(|| lo + (z % (hi - lo) as u64) as usize)
-                })
-                .collect()
-        };
-        let wanted: HashSet<ChunkId> = picks.iter().map(|&i| ids[i]).collect();
+        let picks = Self::sample(ids);
+        let wanted: HashSet<ChunkId> = picks.iter().copied().collect();
         // Where each wanted chunk is stored: (segment, offset), so a tombstone takes out the
         // copy it names.
         let mut found: HashMap<ChunkId, (usize, u64)> = HashMap::new();
@@ -582,10 +587,7 @@ impl ChunkCache {
                 }
             }
         }
-        let present = picks
-            .iter()
-            .filter(|&&i| found.contains_key(&ids[i]))
-            .count();
+        let present = picks.iter().filter(|id| found.contains_key(id)).count();
         present as f64 / picks.len() as f64
     }
 
