@@ -343,15 +343,17 @@ fn check_image(data: &Path, reference: &str) -> Result<(), ImageUnavailable> {
 }
 
 /// A sample of the chunk ids of a registry image, enough to tell how much of it a cache holds
-/// (its whole index is fetched once; a 100 GiB image's 1.6 M ids would be 52 MB to keep).
+/// (its chunk table is read once, a page at a time; a 100 GiB image's 1.6 M ids would be 52 MB
+/// to keep).
 pub(crate) fn chunk_ids(
     data: &Path,
     reference: &str,
 ) -> anyhow::Result<Vec<warren_image::ChunkId>> {
     let r = RegistryRef::parse(reference)?;
-    let image = warren_store::images::open_image(&registry(data, &r)?, &r.reference)?;
-    let ids: Vec<_> = image.index.chunks.iter().map(|c| c.id).collect();
-    Ok(ChunkCache::sample(&ids))
+    Ok(warren_store::images::sample_chunk_ids(
+        &registry(data, &r)?,
+        &r.reference,
+    )?)
 }
 
 fn check_local_name(name: &str) -> anyhow::Result<()> {

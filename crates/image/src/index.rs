@@ -27,6 +27,10 @@ const PAGED_MAGIC: &[u8; 8] = b"WRNIDX02";
 pub const PAGE_CHUNKS: usize = 4096;
 /// Refuse a page longer than this, compressed or not (a full page decodes to ~210 KiB).
 pub const MAX_PAGE_BYTES: usize = 1 << 20;
+/// Refuse an index of more chunks than this: 4 TiB at the 64 KiB average (a 100 GiB image has
+/// 1.6 M). A tree claims its table's size before any page is seen; this bounds what anything
+/// sized from that claim takes.
+pub const MAX_CHUNKS: u32 = 1 << 26;
 /// Refuse to decode an index whose decompressed form is larger than this.
 const MAX_DECODED_BYTES: u64 = 4 << 30;
 
@@ -265,20 +269,39 @@ impl PageTable {
         Ok(locs)
     }
 
+    /// The chunk table blob's size: its pages lie one after the other, from 0.
+    pub fn blob_len(&self) -> u64 {
+        self.pages.iter().map(|p| u64::from(p.len)).sum()
+    }
+
     fn validate(&self) -> Result<(), IndexError> {
+        let bad = |m: String| Err(IndexError::Inconsistent(m));
+        if self.chunks > MAX_CHUNKS {
+            return bad(format!("{} chunks (at most {MAX_CHUNKS})", self.chunks));
+        }
         let pages = (self.chunks as usize).div_ceil(PAGE_CHUNKS);
         if self.pages.len() != pages {
-            return Err(IndexError::Inconsistent(format!(
+            return bad(format!(
                 "{} chunks need {pages} pages, not {}",
                 self.chunks,
                 self.pages.len()
-            )));
+            ));
         }
-        if let Some(p) = self.pages.iter().find(|p| p.len as usize > MAX_PAGE_BYTES) {
-            return Err(IndexError::Inconsistent(format!(
-                "a page of {} bytes (at most {MAX_PAGE_BYTES})",
-                p.len
-            )));
+        let mut at = 0u64;
+        for (i, p) in self.pages.iter().enumerate() {
+            if p.len == 0 || p.len as usize > MAX_PAGE_BYTES {
+                return bad(format!(
+                    "page {i} is {} bytes (1 to {MAX_PAGE_BYTES})",
+                    p.len
+                ));
+            }
+            if p.offset != at {
+                return bad(format!(
+                    "page {i} is at {}, not right after the page before ({at})",
+                    p.offset
+                ));
+            }
+            at += u64::from(p.len);
         }
         Ok(())
     }
@@ -351,7 +374,13 @@ impl TreeIndex {
         table: &PageTable,
         blob: &[u8],
     ) -> Result<TreeIndex, IndexError> {
-        index.chunks.reserve(table.chunks as usize);
+        if blob.len() as u64 != table.blob_len() {
+            return Err(IndexError::Inconsistent(format!(
+                "the chunk table is {} bytes, its pages {}",
+                blob.len(),
+                table.blob_len()
+            )));
+        }
         for (p, r) in table.pages.iter().enumerate() {
             let bytes = usize::try_from(r.offset)
                 .ok()
@@ -663,6 +692,53 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    /// A tree as a registry could serve it, its page table given.
+    fn tree_with(index: &TreeIndex, table: PageTable) -> Vec<u8> {
+        let mut entries = index.entries.clone();
+        for e in &mut entries {
+            delta_code(&mut e.chunks);
+        }
+        let tree = PagedTree {
+            blobs: index.blobs.clone(),
+            entries,
+            table,
+        };
+        let mut out = PAGED_MAGIC.to_vec();
+        out.extend(zstd::encode_all(&postcard::to_stdvec(&tree).unwrap()[..], 3).unwrap());
+        out
+    }
+
+    #[test]
+    fn a_tree_whose_page_table_does_not_add_up_is_refused() {
+        let index = big(100, 90);
+        let (tree, _) = index.encode_paged();
+        let (_, table) = TreeIndex::decode_tree(&tree).unwrap();
+        let refused = |table: PageTable| {
+            TreeIndex::decode_tree(&tree_with(&index, table))
+                .unwrap_err()
+                .to_string()
+        };
+        // A table claimed far larger than any image, from a few repeated page entries.
+        let mut huge = table.clone();
+        huge.chunks = MAX_CHUNKS + 1;
+        huge.pages = vec![table.pages[0]; (MAX_CHUNKS as usize + 1).div_ceil(PAGE_CHUNKS)];
+        assert!(refused(huge).contains("at most"));
+        let mut short = table.clone();
+        short.pages.pop();
+        assert!(refused(short).contains("9000 chunks need 3 pages, not 2"));
+        // Pages that are not laid one after the other (one page's bytes given twice).
+        let mut reused = table.clone();
+        reused.pages[1] = reused.pages[0];
+        assert!(refused(reused).contains("not right after the page before"));
+        let mut far = table.clone();
+        far.pages[2].offset = u64::MAX - 1;
+        assert!(refused(far).contains("not right after"));
+        let mut empty = table.clone();
+        empty.pages[2].len = 0;
+        assert!(refused(empty).contains("page 2 is 0 bytes"));
+        assert!(TreeIndex::decode_tree(&tree_with(&index, table)).is_ok());
     }
 
     #[test]

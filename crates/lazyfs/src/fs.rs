@@ -271,7 +271,7 @@ impl Filesystem for LazyFs {
             return reply.data(&[]);
         }
         let len = u64::from(size).min(entry.size - offset);
-        let ends = match self.chunk_ends(node, entry) {
+        let ends = match self.fetcher.on_demand(|| self.chunk_ends(node, entry)) {
             Ok(ends) => ends,
             Err(err) => {
                 tracing::error!(path = %entry.path_str(), error = %err, "cannot locate the file's chunks");

@@ -88,15 +88,10 @@ pub fn spawn(
         .name("warren-pull".into())
         .spawn(move || {
             let table = fetcher.table();
+            // What an earlier mount left of the image in the host's cache stays for this one.
+            table.pin_cached_pages();
             if let Some(trace) = trace {
-                let order = match fetcher.locate(&trace.positions(table)) {
-                    Ok(order) => order,
-                    Err(err) => {
-                        progress.failures.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(error = %err, "cannot locate the trace's chunks; not replaying it");
-                        Vec::new()
-                    }
-                };
+                let order = table.locs_available(&trace.positions(table));
                 progress
                     .trace_chunks
                     .store(order.len() as u64, Ordering::Relaxed);

@@ -18,6 +18,8 @@ use warren_store::{BlobStore, ChunkTable, StoreError};
 
 const MAGIC: &[u8; 8] = b"WRNTRC02";
 const ID_MAGIC: &[u8; 8] = b"WRNTRC01";
+/// The most chunks a trace replays: 64 GiB at the 64 KiB average, far beyond any startup set.
+pub const MAX_TRACE_CHUNKS: usize = 1 << 20;
 pub const TRACE_CONFIG_MEDIA_TYPE: &str = "application/vnd.warren.trace.config.v1+json";
 pub const TRACE_MEDIA_TYPE: &str = "application/vnd.warren.trace.v1";
 
@@ -81,13 +83,21 @@ impl Trace {
         })
     }
 
-    /// The traced chunks that are in `table`, as positions in it, in trace order (a trace
-    /// comes from a store: a position beyond the table is dropped, not trusted). Ids are looked
+    /// The traced chunks that are in `table`, as positions in it, in trace order, each once and
+    /// at most [`MAX_TRACE_CHUNKS`] (a trace comes from a store: a position beyond the table
+    /// or met before is dropped, not trusted). Ids are looked
     /// up in the pages at hand: all of a whole table, which an image of the first format (the
     /// only kind id traces were recorded for) has.
     pub fn positions(&self, table: &ChunkTable) -> Vec<u32> {
+        let mut seen = HashSet::new();
+        let mut keep = |c: &u32| *c < table.len() && seen.insert(*c);
         match self {
-            Trace::Positions(p) => p.iter().copied().filter(|&c| c < table.len()).collect(),
+            Trace::Positions(p) => p
+                .iter()
+                .copied()
+                .filter(&mut keep)
+                .take(MAX_TRACE_CHUNKS)
+                .collect(),
             Trace::Ids(ids) => {
                 let mut position = HashMap::new();
                 for p in 0..table.pages() {
@@ -100,6 +110,8 @@ impl Trace {
                 }
                 ids.iter()
                     .filter_map(|id| position.get(id).copied())
+                    .filter(&mut keep)
+                    .take(MAX_TRACE_CHUNKS)
                     .collect()
             }
         }

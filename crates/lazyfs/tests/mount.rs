@@ -16,7 +16,7 @@ use std::time::Duration;
 use warren_image::{ChunkParams, Digest, ImageBuilder, Limits, import_dir};
 use warren_lazyfs::{LazyFs, MountOptions, mount, pull, trace};
 use warren_store::images::{commit, copy_image, open_image, open_image_lazily};
-use warren_store::manifest::ImageConfig;
+use warren_store::manifest::{ImageConfig, PAGED_TREE_MEDIA_TYPE, descriptor};
 use warren_store::{BlobStore, ChunkCache, ChunkFetcher, LocalStore, RegistryStore, TableSource};
 use warren_testkit::{
     DebianRootfs, Registry, debian_rootfs, is_mounted, pseudo_random, require_root, run,
@@ -408,4 +408,35 @@ fn mounts_of_one_image_at_once_pull_it_once() {
         fetched <= image_bytes + image_bytes / 10,
         "4 mounts fetched {fetched} bytes of a {image_bytes}-byte image"
     );
+}
+
+#[test]
+fn a_file_whose_chunks_do_not_hold_its_size_is_an_io_error_not_served() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("good"), b"good\n").unwrap();
+    std::fs::write(src.join("long"), pseudo_random(200_000, 64)).unwrap();
+    let (store, _) = local_image(dir.path(), &src, "s:1");
+    // The same image, but its tree says `long` is 1,000 bytes: the check needs the chunk
+    // table, which a mount reads only when the file is.
+    let image = open_image(&store, "s:1").unwrap();
+    let mut index = (*image.index).clone();
+    let i = index.find(b"long").unwrap();
+    index.entries[i].size = 1000;
+    let (tree, _) = index.encode_paged();
+    let tree_digest = Digest::of(&tree);
+    store.put_blob(&tree_digest, &tree).unwrap();
+    let mut manifest = image.manifest.clone();
+    manifest.layers[0] = descriptor(PAGED_TREE_MEDIA_TYPE, tree_digest, tree.len() as u64);
+    store.put_manifest("s:bad", &manifest.to_json()).unwrap();
+
+    let fetcher = fetcher_into(Arc::new(store), &dir.path().join("cache"), "s:bad");
+    let mnt = dir.path().join("mnt");
+    let _session = mount_at(&fetcher, &mnt, None);
+    assert_eq!(std::fs::metadata(mnt.join("long")).unwrap().len(), 1000);
+    let err = std::fs::read(mnt.join("long")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert_eq!(std::fs::read(mnt.join("good")).unwrap(), b"good\n");
 }

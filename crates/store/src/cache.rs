@@ -537,22 +537,25 @@ impl ChunkCache {
     /// a pseudo-random place in each of 4096 equal stretches (a fixed stride could fall in step
     /// with a pattern in the list); a short list whole.
     pub fn sample(ids: &[ChunkId]) -> Vec<ChunkId> {
+        Self::sample_positions(ids.len()).map(|i| ids[i]).collect()
+    }
+
+    /// The positions [`ChunkCache::sample`] takes from a list of `n`, in order.
+    pub fn sample_positions(n: usize) -> impl Iterator<Item = usize> {
         const SAMPLE: usize = 4096;
-        let n = ids.len();
-        if n <= SAMPLE {
-            return ids.to_vec();
-        }
-        (0..SAMPLE)
-            .filter_map(|k| {
-                let (lo, hi) = (k * n / SAMPLE, (k + 1) * n / SAMPLE);
-                // splitmix64 of the stretch number: the same picks every time.
-                let mut z = (k as u64).wrapping_add(0x9E37_79B9_7F4A_7C15);
-                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-                z ^= z >> 31;
-                (hi > lo).then(|| ids[lo + (z % (hi - lo) as u64) as usize])
-            })
-            .collect()
+        let stretches = if n <= SAMPLE { n } else { SAMPLE };
+        (0..stretches).filter_map(move |k| {
+            if n <= SAMPLE {
+                return Some(k);
+            }
+            let (lo, hi) = (k * n / SAMPLE, (k + 1) * n / SAMPLE);
+            // splitmix64 of the stretch number: the same picks every time.
+            let mut z = (k as u64).wrapping_add(0x9E37_79B9_7F4A_7C15);
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            (hi > lo).then(|| lo + (z % (hi - lo) as u64) as usize)
+        })
     }
 
     /// The share of `ids` present in the cache at `dir`, read from its index files without

@@ -217,15 +217,22 @@ impl ChunkFetcher {
         extra: &[u32],
         out: &mut Vec<u8>,
     ) -> Result<(), FetchError> {
+        self.on_demand(|| {
+            self.locate(wanted).and_then(|wanted| {
+                // Readahead is a guess: a page of the table that cannot be had now is no
+                // reason to fail the read.
+                let extra = self.locate(extra).unwrap_or_default();
+                self.read_inner(&wanted, &extra, out)
+            })
+        })
+    }
+
+    /// Runs `work` as an on-demand read: background work yields until it is done.
+    pub fn on_demand<T>(&self, work: impl FnOnce() -> T) -> T {
         self.counters
             .demand_in_flight
             .fetch_add(1, Ordering::SeqCst);
-        let result = self.locate(wanted).and_then(|wanted| {
-            // Readahead is a guess: a page of the table that cannot be had now is no reason
-            // to fail the read.
-            let extra = self.locate(extra).unwrap_or_default();
-            self.read_inner(&wanted, &extra, out)
-        });
+        let result = work();
         self.counters
             .demand_in_flight
             .fetch_sub(1, Ordering::SeqCst);

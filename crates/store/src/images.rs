@@ -3,9 +3,10 @@
 
 use std::sync::Arc;
 
-use warren_image::{Built, Digest, MAX_PAGE_BYTES, TreeIndex};
+use warren_image::{Built, ChunkId, Digest, TreeIndex};
 
 use crate::blob::{BlobStore, StoreError};
+use crate::cache::ChunkCache;
 use crate::manifest::{
     ARTIFACT_TYPE, CHUNK_TABLE_MEDIA_TYPE, CONFIG_MEDIA_TYPE, ImageConfig, MANIFEST_MEDIA_TYPE,
     Manifest, PACK_MEDIA_TYPE, PAGED_TREE_MEDIA_TYPE, TREE_INDEX_MEDIA_TYPE, descriptor,
@@ -101,7 +102,7 @@ pub fn open_image(store: &dyn BlobStore, reference: &str) -> Result<OpenImage, S
             let bytes = if table.pages.is_empty() {
                 Vec::new()
             } else {
-                store.get_blob(&blob, table.pages.len() as u64 * MAX_PAGE_BYTES as u64)?
+                store.get_blob(&blob, crate::blob::INDEX_LIMIT)?
             };
             index = TreeIndex::from_pages(index, &table, &bytes).map_err(|e| {
                 StoreError::Invalid(format!("the tree index of `{reference}`: {e}"))
@@ -112,6 +113,50 @@ pub fn open_image(store: &dyn BlobStore, reference: &str) -> Result<OpenImage, S
         index: Arc::new(index),
         ..image
     })
+}
+
+/// A sample of the chunk ids of image `reference` ([`ChunkCache::sample`]), its chunk table read
+/// a page at a time: what a host reports of an image it may not hold, without holding a large
+/// image's whole table.
+pub fn sample_chunk_ids(
+    store: &dyn BlobStore,
+    reference: &str,
+) -> Result<Vec<ChunkId>, StoreError> {
+    let (image, table) = open_image_lazily(store, reference)?;
+    let (blob, table) = match table {
+        TableSource::Whole(chunks) => {
+            return Ok(ChunkCache::sample(
+                &chunks.iter().map(|c| c.id).collect::<Vec<_>>(),
+            ));
+        }
+        TableSource::Paged { blob, table } => (blob, table),
+    };
+    if table.pages.is_empty() {
+        return Ok(Vec::new());
+    }
+    let bytes = store.get_blob(&blob, crate::blob::INDEX_LIMIT)?;
+    let invalid = |e| StoreError::Invalid(format!("the chunk table of `{reference}`: {e}"));
+    if bytes.len() as u64 != table.blob_len() {
+        return Err(invalid(warren_image::IndexError::Inconsistent(
+            "its size is not its pages'".into(),
+        )));
+    }
+    let mut picks = ChunkCache::sample_positions(table.chunks as usize).peekable();
+    let mut ids = Vec::new();
+    for (p, r) in table.pages.iter().enumerate() {
+        let span = table.span(p);
+        if picks.peek().is_none_or(|&i| i >= span.end as usize) {
+            continue;
+        }
+        let page = &bytes[r.offset as usize..][..r.len as usize];
+        let locs = table
+            .decode_page(p, page, image.index.blobs.len())
+            .map_err(invalid)?;
+        while let Some(i) = picks.next_if(|&i| i < span.end as usize) {
+            ids.push(locs[i - span.start as usize].id);
+        }
+    }
+    Ok(ids)
 }
 
 /// Reads the manifest, config and tree of a Warren image, for a mount: the index comes without

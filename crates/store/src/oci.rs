@@ -262,6 +262,18 @@ pub fn export_oci(
                 h.set_entry_type(tar::EntryType::Regular);
                 h.set_size(e.size);
                 let data = fetcher.read(&e.chunks, &[])?;
+                // A tar entry is its header's size: an index whose chunks hold more or less
+                // than the file's size would put bytes of its choosing where the next header
+                // is read.
+                if data.len() as u64 != e.size {
+                    return Err(StoreError::Invalid(format!(
+                        "`{}` is {} bytes but its chunks hold {}",
+                        e.path_str(),
+                        e.size,
+                        data.len()
+                    ))
+                    .into());
+                }
                 tar.append_data(&mut h, path, &data[..])
             }
             EntryKind::Symlink => {

@@ -23,7 +23,10 @@ const HELD_PAGES: usize = 32;
 const PAGE_LOADERS: usize = 8;
 /// Page loads are serialized per stripe (page number modulo this): two readers that need the
 /// same page fetch it once, readers of different pages do not wait for each other.
-const LOAD_STRIPES: usize = 16;
+const LOAD_STRIPES: usize = 64;
+
+/// A page of a chunk table, decoded.
+type Page = Arc<[ChunkLoc]>;
 
 /// Where an opened image's chunk locations come from.
 #[derive(Debug)]
@@ -85,7 +88,9 @@ impl ChunkTable {
                 (count, Source::Whole(pages))
             }
             TableSource::Paged { blob, table } => {
-                let pins = cache.pin_set(table.chunks as usize + table.pages.len());
+                // Sized for the table, up to 8 M ids (10 MiB); a larger table's pins hold as
+                // well, keeping a few more other chunks than 1% with them.
+                let pins = cache.pin_set((table.chunks as usize + table.pages.len()).min(1 << 23));
                 (
                     table.chunks,
                     Source::Paged(Paged {
@@ -154,57 +159,108 @@ impl ChunkTable {
 
     /// Where each of `chunks` lives, in their order.
     pub fn locs(&self, chunks: &[u32]) -> Result<Vec<ChunkLoc>, FetchError> {
-        self.load_pages(chunks)?;
-        let mut out = Vec::with_capacity(chunks.len());
-        let mut at: Option<(usize, Arc<[ChunkLoc]>)> = None;
-        for &c in chunks {
-            if c >= self.count {
-                return Err(FetchError::NoChunk {
-                    chunk: c,
-                    chunks: self.count,
-                });
-            }
-            let (p, i) = (c as usize / PAGE_CHUNKS, c as usize % PAGE_CHUNKS);
-            let locs = match &at {
-                Some((q, locs)) if *q == p => locs,
-                _ => &at.insert((p, self.page(p)?)).1,
-            };
-            out.push(locs[i]);
+        if let Some(&c) = chunks.iter().find(|&&c| c >= self.count) {
+            return Err(FetchError::NoChunk {
+                chunk: c,
+                chunks: self.count,
+            });
         }
-        Ok(out)
+        let mut pages = HashMap::new();
+        for (p, page) in self.load(chunks) {
+            pages.insert(p, page?);
+        }
+        Ok(chunks
+            .iter()
+            .map(|&c| pages[&(c as usize / PAGE_CHUNKS)][c as usize % PAGE_CHUNKS])
+            .collect())
     }
-}
 
-impl ChunkTable {
-    /// Brings in the pages of `chunks` not at hand, [`PAGE_LOADERS`] at once: the first read of
-    /// a 10 GiB file needs 40 pages, which one after the other would cost 40 round trips.
-    fn load_pages(&self, chunks: &[u32]) -> Result<(), FetchError> {
-        let Source::Paged(paged) = &self.source else {
-            return Ok(());
-        };
+    /// Those of `chunks` that are in the table and whose page can be had, located, in their
+    /// order: a trace replay goes on without a page that cannot.
+    pub fn locs_available(&self, chunks: &[u32]) -> Vec<(u32, ChunkLoc)> {
+        let chunks: Vec<u32> = chunks.iter().copied().filter(|&c| c < self.count).collect();
+        let mut pages = HashMap::new();
+        for (p, page) in self.load(&chunks) {
+            match page {
+                Ok(page) => {
+                    pages.insert(p, page);
+                }
+                Err(e) => {
+                    tracing::warn!(page = p, error = %e, "cannot read a page of the chunk table")
+                }
+            }
+        }
+        chunks
+            .iter()
+            .filter_map(|&c| {
+                let page = pages.get(&(c as usize / PAGE_CHUNKS))?;
+                Some((c, page[c as usize % PAGE_CHUNKS]))
+            })
+            .collect()
+    }
+
+    /// Brings in the pages of `chunks` (all in the table), those not at hand [`PAGE_LOADERS`]
+    /// at once: the first read of a 10 GiB file needs 40 pages, which one after the other
+    /// would cost 40 round trips. Each page as it came, or why it did not.
+    fn load(&self, chunks: &[u32]) -> Vec<(usize, Result<Page, FetchError>)> {
         let mut pages: Vec<usize> = chunks.iter().map(|&c| c as usize / PAGE_CHUNKS).collect();
         pages.sort_unstable();
         pages.dedup();
-        pages.retain(|&p| p < self.pages() && paged.held(p).is_none());
-        if pages.len() < 2 {
-            return Ok(());
+        let mut out = Vec::with_capacity(pages.len());
+        let mut missing = Vec::new();
+        for p in pages {
+            match self.page_at_hand(p) {
+                Some(page) => out.push((p, Ok(page))),
+                None => missing.push(p),
+            }
+        }
+        if missing.len() < 2 {
+            out.extend(missing.into_iter().map(|p| (p, self.page(p))));
+            return out;
         }
         let next = AtomicUsize::new(0);
+        let loaded = Mutex::new(Vec::with_capacity(missing.len()));
+        let load_on = || {
+            while let Some(&p) = missing.get(next.fetch_add(1, Ordering::Relaxed)) {
+                let page = self.page(p);
+                loaded.lock().expect("loaded pages").push((p, page));
+            }
+        };
         std::thread::scope(|scope| {
-            let loaders: Vec<_> = (0..PAGE_LOADERS.min(pages.len()))
-                .map(|_| {
-                    scope.spawn(|| -> Result<(), FetchError> {
-                        while let Some(&p) = pages.get(next.fetch_add(1, Ordering::Relaxed)) {
-                            paged.page(p, self)?;
-                        }
-                        Ok(())
-                    })
-                })
-                .collect();
-            loaders
-                .into_iter()
-                .try_for_each(|l| l.join().expect("a page loader panicked"))
-        })
+            for _ in 1..PAGE_LOADERS.min(missing.len()) {
+                let spawned = std::thread::Builder::new()
+                    .name("page-loader".into())
+                    .spawn_scoped(scope, load_on);
+                if let Err(e) = spawned {
+                    // This thread loads what no other one does.
+                    tracing::debug!(error = %e, "cannot start a page loader");
+                    break;
+                }
+            }
+            load_on();
+        });
+        out.extend(loaded.into_inner().expect("loaded pages"));
+        out
+    }
+
+    /// Pins the chunks of the pages the host's cache already holds (an earlier mount of the
+    /// image fetched them), so that what is cached of the image stays while this mount runs.
+    /// Nothing is fetched.
+    pub fn pin_cached_pages(&self) {
+        let Source::Paged(paged) = &self.source else {
+            return;
+        };
+        for (p, r) in paged.table.pages.iter().enumerate() {
+            if paged.cache.contains(&r.id)
+                && let Some(bytes) = paged.cache.get(&r.id)
+                && let Ok(locs) = paged.table.decode_page(p, &bytes, self.blobs)
+            {
+                paged.cache.pin_more(
+                    &paged.pins,
+                    std::iter::once(r.id).chain(locs.iter().map(|l| l.id)),
+                );
+            }
+        }
     }
 }
 
