@@ -183,6 +183,30 @@ pub enum BenchCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// A workspace from a large image in a registry a link away, on a host with an empty
+    /// cache: create request to running, to its first command's output and to the startup set
+    /// read inside, without the image's trace and with it
+    Start {
+        /// The image's size (a Debian root and `bench lazy`'s tree)
+        #[arg(long, default_value = "100GiB")]
+        size: String,
+        /// The link's rate
+        #[arg(long, default_value = "1gbit")]
+        rate: String,
+        /// The link's round trip
+        #[arg(long, default_value = "20ms")]
+        rtt: String,
+        /// What the image's bulk is made of (see `lazy`)
+        #[arg(long, value_enum, default_value = "compressible")]
+        filler: Filler,
+        /// Where to build the image and keep the registry and Warren's data (about 3 GB for
+        /// 100 GiB compressible)
+        #[arg(long, default_value = "/var/tmp/warren-bench-runtime")]
+        work: PathBuf,
+        /// Write the results as JSON here as well
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Three hosts (the server's and two agents), one image in a registry: workspaces created
     /// at once, time to running, placement, and what each host pulled; then a second round
     Cluster {
@@ -258,6 +282,24 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                 return Ok(());
             }
             crate::bench_runtime::runtime(cycles, &work, json.as_deref())
+        }
+        BenchCommand::Start {
+            size,
+            rate,
+            rtt,
+            filler,
+            work,
+            json,
+        } => {
+            let size = ByteSize::parse(&size)
+                .map(|b| b.0)
+                .with_context(|| format!("`{size}` is not a size"))?;
+            let rtt = parse_rtt(&rtt)?;
+            rate_bits(&rate)?;
+            if !inside_netns(&work, &[])? {
+                return Ok(());
+            }
+            crate::bench_start::start(size, &rate, rtt, filler, &work, json.as_deref())
         }
         BenchCommand::Cluster {
             workspaces,
@@ -483,15 +525,15 @@ impl Xorshift {
 
 /// The synthetic tree's files that matter: the startup set the timed starts read, and files
 /// only the recording start reads (a prebuild's first start reads more than a later one).
-struct Sets {
-    startup: Vec<PathBuf>,
-    startup_bytes: u64,
-    recording_extra: Vec<PathBuf>,
-    written: u64,
+pub(crate) struct Sets {
+    pub startup: Vec<PathBuf>,
+    pub startup_bytes: u64,
+    pub recording_extra: Vec<PathBuf>,
+    pub written: u64,
 }
 
 /// Writes the synthetic tree; its bulk from `filler` when given, else random.
-fn generate(
+pub(crate) fn generate(
     src: &Path,
     size: u64,
     mut filler: Option<&mut crate::filler::CompressibleChunks>,
@@ -563,7 +605,7 @@ fn generate(
     })
 }
 
-fn read_set(root: &Path, set: &[PathBuf]) -> anyhow::Result<Duration> {
+pub(crate) fn read_set(root: &Path, set: &[PathBuf]) -> anyhow::Result<Duration> {
     let started = Instant::now();
     for rel in set {
         std::fs::read(root.join(rel)).with_context(|| format!("reading {}", rel.display()))?;
@@ -573,13 +615,13 @@ fn read_set(root: &Path, set: &[PathBuf]) -> anyhow::Result<Duration> {
 
 /// Empties the page cache. Dirty pages are written first: they cannot be dropped, and their
 /// writeback would compete with the next measurement.
-fn drop_caches() {
+pub(crate) fn drop_caches() {
     // SAFETY: sync has no preconditions.
     unsafe { libc::sync() };
     let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
 }
 
-struct Mount {
+pub(crate) struct Mount {
     child: std::process::Child,
     mountpoint: PathBuf,
     stats: PathBuf,
@@ -590,7 +632,12 @@ struct Mount {
 use warren_hostfs::is_mounted;
 
 impl Mount {
-    fn start(data: &Path, image: &str, mountpoint: &Path, args: &[&str]) -> anyhow::Result<Mount> {
+    pub(crate) fn start(
+        data: &Path,
+        image: &str,
+        mountpoint: &Path,
+        args: &[&str],
+    ) -> anyhow::Result<Mount> {
         std::fs::create_dir_all(mountpoint)?;
         let stats = data.with_extension("stats.json");
         let _ = std::fs::remove_file(&stats);
@@ -646,7 +693,7 @@ impl Mount {
         }
     }
 
-    fn stop(mut self) -> anyhow::Result<serde_json::Value> {
+    pub(crate) fn stop(mut self) -> anyhow::Result<serde_json::Value> {
         sh(Command::new("kill")
             .arg("-TERM")
             .arg(self.child.id().to_string()))?;
@@ -727,14 +774,18 @@ pub enum Filler {
 }
 
 /// The link between the registry and everything that pulls from it: a [`DelayLine`] per rate.
-struct Link {
-    rates: Vec<String>,
-    rtt: Duration,
+pub(crate) struct Link {
+    pub rates: Vec<String>,
+    pub rtt: Duration,
 }
 
 impl Link {
     /// The registry at `registry`, `rate` and the round trip away.
-    fn to(&self, registry: std::net::SocketAddr, rate: &str) -> anyhow::Result<DelayLine> {
+    pub(crate) fn to(
+        &self,
+        registry: std::net::SocketAddr,
+        rate: &str,
+    ) -> anyhow::Result<DelayLine> {
         let bits = rate_bits(rate)?;
         Ok(DelayLine::start(
             registry,

@@ -11,6 +11,7 @@ mod bench_build;
 mod bench_cluster;
 mod bench_runtime;
 mod bench_ssh;
+mod bench_start;
 mod bench_ui;
 mod bench_vm;
 mod filler;
