@@ -16,6 +16,11 @@ const BATCH_BYTES: u64 = 8 << 20;
 /// Background batches in flight at once: enough to keep a link busy while a finished batch is
 /// verified and written.
 const PULL_WORKERS: usize = 3;
+/// The first trace batch's bytes; each next is twice the one before, up to [`BATCH_BYTES`]. What
+/// a workspace reads first comes first in its trace, and its first command waits for it: in one
+/// 8 MiB batch sharing the link with seven others, the first command of `bench start` took
+/// 1.4 s against 0.9 s with no trace at all.
+const TRACE_FIRST_BATCH: u64 = 256 << 10;
 /// Trace batches in flight at once. A startup set is scattered (small files between files
 /// nobody reads at startup), so its batches are many small requests; parallel requests hide the
 /// registry's per-request latency (about 3.5 ms for docker-registry here).
@@ -99,7 +104,7 @@ pub fn spawn(
                 run_batches(
                     &fetcher,
                     &progress,
-                    &batches(&order),
+                    &batches(&order, TRACE_FIRST_BATCH),
                     &progress.trace_done,
                     TRACE_WORKERS,
                     false,
@@ -136,7 +141,7 @@ pub fn spawn(
                     run_batches(
                         &fetcher,
                         &progress,
-                        &batches(&all),
+                        &batches(&all, BATCH_BYTES),
                         &progress.all_done,
                         PULL_WORKERS,
                         true,
@@ -201,12 +206,18 @@ fn page_located(fetcher: &ChunkFetcher, page: usize) -> Result<Vec<Located>, Fet
     Ok((first..).zip(locs.iter().copied()).collect())
 }
 
-fn batches(order: &[Located]) -> Vec<Vec<Located>> {
+/// `order` in batches of up to [`BATCH_BYTES`], the first of `first` bytes and each next twice
+/// the one before until then.
+fn batches(order: &[Located], first: u64) -> Vec<Vec<Located>> {
     let mut out: Vec<Vec<Located>> = Vec::new();
     let mut bytes = 0;
+    let mut limit = first.min(BATCH_BYTES);
     for &(c, loc) in order {
         let len = u64::from(loc.len);
-        if out.is_empty() || bytes + len > BATCH_BYTES {
+        if out.is_empty() || bytes + len > limit {
+            if !out.is_empty() {
+                limit = (limit * 2).min(BATCH_BYTES);
+            }
             out.push(Vec::new());
             bytes = 0;
         }
