@@ -156,7 +156,8 @@ fn unreachable(e: CallError) -> PlaneError {
 /// its workspaces were made from, with the share of their chunks in the host's chunk cache.
 pub fn image_lister(data: &Path) -> ImageLister {
     let data = data.to_path_buf();
-    // A registry image's chunk list, fetched once per reference (its tree index).
+    // A sample of a registry image's chunk ids, fetched once per reference (a few pages of its
+    // chunk table).
     let indexes: Mutex<HashMap<String, Arc<Vec<ChunkId>>>> = Mutex::default();
     Arc::new(move |workspaces: &[warren_runtime::WorkspaceInfo]| {
         let local: Vec<String> = warren_store::LocalStore::open(&data.join("images"))

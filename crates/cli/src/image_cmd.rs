@@ -343,8 +343,7 @@ fn check_image(data: &Path, reference: &str) -> Result<(), ImageUnavailable> {
 }
 
 /// A sample of the chunk ids of a registry image, enough to tell how much of it a cache holds
-/// (its chunk table is read once, a page at a time; a 100 GiB image's 1.6 M ids would be 52 MB
-/// to keep).
+/// (a few pages of its chunk table; a 100 GiB image's 1.6 M ids would be 52 MB to keep).
 pub(crate) fn chunk_ids(
     data: &Path,
     reference: &str,

@@ -27,10 +27,10 @@ const PAGED_MAGIC: &[u8; 8] = b"WRNIDX02";
 pub const PAGE_CHUNKS: usize = 4096;
 /// Refuse a page longer than this, compressed or not (a full page decodes to ~210 KiB).
 pub const MAX_PAGE_BYTES: usize = 1 << 20;
-/// Refuse an index of more chunks than this: 4 TiB at the 64 KiB average (a 100 GiB image has
+/// Refuse an index of more chunks than this: 1 TiB at the 64 KiB average (a 100 GiB image has
 /// 1.6 M). A tree claims its table's size before any page is seen; this bounds what anything
-/// sized from that claim takes.
-pub const MAX_CHUNKS: u32 = 1 << 26;
+/// sized from that claim takes, and what a mount's pins may be asked to hold.
+pub const MAX_CHUNKS: u32 = 1 << 24;
 /// Refuse to decode an index whose decompressed form is larger than this.
 const MAX_DECODED_BYTES: u64 = 4 << 30;
 

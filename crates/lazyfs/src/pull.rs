@@ -96,7 +96,8 @@ pub fn spawn(
             // What an earlier mount left of the image in the host's cache stays for this one.
             table.pin_cached_pages();
             if let Some(trace) = trace {
-                let order = table.locs_available(&trace.positions(table));
+                let (order, failed) = table.locs_available(&trace.positions(table));
+                progress.failures.fetch_add(failed, Ordering::Relaxed);
                 progress
                     .trace_chunks
                     .store(order.len() as u64, Ordering::Relaxed);

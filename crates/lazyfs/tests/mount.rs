@@ -440,3 +440,18 @@ fn a_file_whose_chunks_do_not_hold_its_size_is_an_io_error_not_served() {
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
     assert_eq!(std::fs::read(mnt.join("good")).unwrap(), b"good\n");
 }
+
+#[test]
+fn a_trace_names_each_chunk_of_the_table_once_and_nothing_beyond_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("f"), pseudo_random(1 << 20, 65)).unwrap();
+    let (store, _) = local_image(dir.path(), &src, "q:1");
+    let fetcher = fetcher_into(Arc::new(store), &dir.path().join("cache"), "q:1");
+    let n = fetcher.table().len();
+    assert!(n > 3, "{n} chunks");
+    // As a store could hold it: repeats, and positions past the table.
+    let trace = trace::Trace::Positions(vec![3, 3, n, u32::MAX, 1, 3, 0]);
+    assert_eq!(trace.positions(fetcher.table()), [3, 1, 0]);
+}

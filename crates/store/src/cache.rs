@@ -541,7 +541,7 @@ impl ChunkCache {
     }
 
     /// The positions [`ChunkCache::sample`] takes from a list of `n`, in order.
-    pub fn sample_positions(n: usize) -> impl Iterator<Item = usize> {
+    fn sample_positions(n: usize) -> impl Iterator<Item = usize> {
         const SAMPLE: usize = 4096;
         let stretches = if n <= SAMPLE { n } else { SAMPLE };
         (0..stretches).filter_map(move |k| {

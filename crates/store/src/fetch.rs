@@ -227,16 +227,20 @@ impl ChunkFetcher {
         })
     }
 
-    /// Runs `work` as an on-demand read: background work yields until it is done.
+    /// Runs `work` as an on-demand read: background work yields until it is done (or
+    /// panicked).
     pub fn on_demand<T>(&self, work: impl FnOnce() -> T) -> T {
+        struct Demand<'a>(&'a AtomicU64);
+        impl Drop for Demand<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
         self.counters
             .demand_in_flight
             .fetch_add(1, Ordering::SeqCst);
-        let result = work();
-        self.counters
-            .demand_in_flight
-            .fetch_sub(1, Ordering::SeqCst);
-        result
+        let _demand = Demand(&self.counters.demand_in_flight);
+        work()
     }
 
     fn read_inner(

@@ -115,9 +115,13 @@ pub fn open_image(store: &dyn BlobStore, reference: &str) -> Result<OpenImage, S
     })
 }
 
-/// A sample of the chunk ids of image `reference` ([`ChunkCache::sample`]), its chunk table read
-/// a page at a time: what a host reports of an image it may not hold, without holding a large
-/// image's whole table.
+/// Pages of a paged image's chunk table [`sample_chunk_ids`] reads.
+const SAMPLE_PAGES: usize = 64;
+
+/// A sample of about 4,096 chunk ids of image `reference`: what a host reports of an image it
+/// may not hold. An index of the first format is sampled whole ([`ChunkCache::sample`]); of a
+/// paged one, [`SAMPLE_PAGES`] pages spread evenly over the table are fetched (9 MB of a
+/// 100 GiB image's 58 MB), every 64th id of each taken.
 pub fn sample_chunk_ids(
     store: &dyn BlobStore,
     reference: &str,
@@ -131,30 +135,19 @@ pub fn sample_chunk_ids(
         }
         TableSource::Paged { blob, table } => (blob, table),
     };
-    if table.pages.is_empty() {
-        return Ok(Vec::new());
-    }
-    let bytes = store.get_blob(&blob, crate::blob::INDEX_LIMIT)?;
-    let invalid = |e| StoreError::Invalid(format!("the chunk table of `{reference}`: {e}"));
-    if bytes.len() as u64 != table.blob_len() {
-        return Err(invalid(warren_image::IndexError::Inconsistent(
-            "its size is not its pages'".into(),
-        )));
-    }
-    let mut picks = ChunkCache::sample_positions(table.chunks as usize).peekable();
+    let pages = table.pages.len();
+    let mut picked: Vec<usize> = (0..SAMPLE_PAGES.min(pages))
+        .map(|k| k * pages / SAMPLE_PAGES.min(pages))
+        .collect();
+    picked.dedup();
     let mut ids = Vec::new();
-    for (p, r) in table.pages.iter().enumerate() {
-        let span = table.span(p);
-        if picks.peek().is_none_or(|&i| i >= span.end as usize) {
-            continue;
-        }
-        let page = &bytes[r.offset as usize..][..r.len as usize];
+    for p in picked {
+        let r = table.pages[p];
+        let bytes = store.read_range(&blob, r.offset, u64::from(r.len))?;
         let locs = table
-            .decode_page(p, page, image.index.blobs.len())
-            .map_err(invalid)?;
-        while let Some(i) = picks.next_if(|&i| i < span.end as usize) {
-            ids.push(locs[i - span.start as usize].id);
-        }
+            .decode_page(p, &bytes, image.index.blobs.len())
+            .map_err(|e| StoreError::Invalid(format!("the chunk table of `{reference}`: {e}")))?;
+        ids.extend(locs.iter().step_by(64).map(|l| l.id));
     }
     Ok(ids)
 }

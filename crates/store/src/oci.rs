@@ -261,19 +261,14 @@ pub fn export_oci(
             EntryKind::File => {
                 h.set_entry_type(tar::EntryType::Regular);
                 h.set_size(e.size);
-                let data = fetcher.read(&e.chunks, &[])?;
                 // A tar entry is its header's size: an index whose chunks hold more or less
                 // than the file's size would put bytes of its choosing where the next header
-                // is read.
-                if data.len() as u64 != e.size {
-                    return Err(StoreError::Invalid(format!(
-                        "`{}` is {} bytes but its chunks hold {}",
-                        e.path_str(),
-                        e.size,
-                        data.len()
-                    ))
-                    .into());
-                }
+                // is read (and a list repeating one chunk could fill memory). Checked before
+                // any of it is read.
+                let locs = fetcher.table().locs(&e.chunks)?;
+                warren_image::TreeIndex::check_file(e, locs.iter().map(|l| l.len))
+                    .map_err(|err| StoreError::Invalid(err.to_string()))?;
+                let data = fetcher.read(&e.chunks, &[])?;
                 tar.append_data(&mut h, path, &data[..])
             }
             EntryKind::Symlink => {

@@ -21,6 +21,8 @@ use crate::fetch::FetchError;
 const HELD_PAGES: usize = 32;
 /// Pages fetched at once when a read needs several.
 const PAGE_LOADERS: usize = 8;
+/// Pages one call holds at once (16 decoded pages: 3.5 MiB).
+const WINDOW_PAGES: usize = 16;
 /// Page loads are serialized per stripe (page number modulo this): two readers that need the
 /// same page fetch it once, readers of different pages do not wait for each other.
 const LOAD_STRIPES: usize = 64;
@@ -88,8 +90,9 @@ impl ChunkTable {
                 (count, Source::Whole(pages))
             }
             TableSource::Paged { blob, table } => {
-                // Sized for the table, up to 8 M ids (10 MiB); a larger table's pins hold as
-                // well, keeping a few more other chunks than 1% with them.
+                // Sized for the table, up to 8 M ids (a 16 MiB filter); a larger table's pins
+                // hold as well, keeping more other chunks with them: about 2% at 16 M ids, the
+                // most a tree may claim.
                 let pins = cache.pin_set((table.chunks as usize + table.pages.len()).min(1 << 23));
                 (
                     table.chunks,
@@ -165,38 +168,68 @@ impl ChunkTable {
                 chunks: self.count,
             });
         }
-        let mut pages = HashMap::new();
-        for (p, page) in self.load(chunks) {
-            pages.insert(p, page?);
+        let mut out = Vec::with_capacity(chunks.len());
+        for window in self.windows(chunks) {
+            let mut pages = HashMap::new();
+            for (p, page) in self.load(window) {
+                pages.insert(p, page?);
+            }
+            out.extend(
+                window
+                    .iter()
+                    .map(|&c| pages[&(c as usize / PAGE_CHUNKS)][c as usize % PAGE_CHUNKS]),
+            );
         }
-        Ok(chunks
-            .iter()
-            .map(|&c| pages[&(c as usize / PAGE_CHUNKS)][c as usize % PAGE_CHUNKS])
-            .collect())
+        Ok(out)
     }
 
     /// Those of `chunks` that are in the table and whose page can be had, located, in their
-    /// order: a trace replay goes on without a page that cannot.
-    pub fn locs_available(&self, chunks: &[u32]) -> Vec<(u32, ChunkLoc)> {
+    /// order (a trace replay goes on without a page that cannot), and how many pages could not.
+    pub fn locs_available(&self, chunks: &[u32]) -> (Vec<(u32, ChunkLoc)>, u64) {
         let chunks: Vec<u32> = chunks.iter().copied().filter(|&c| c < self.count).collect();
-        let mut pages = HashMap::new();
-        for (p, page) in self.load(&chunks) {
-            match page {
-                Ok(page) => {
-                    pages.insert(p, page);
-                }
-                Err(e) => {
-                    tracing::warn!(page = p, error = %e, "cannot read a page of the chunk table")
+        let (mut out, mut failed) = (Vec::with_capacity(chunks.len()), 0);
+        for window in self.windows(&chunks) {
+            let mut pages = HashMap::new();
+            for (p, page) in self.load(window) {
+                match page {
+                    Ok(page) => {
+                        pages.insert(p, page);
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        tracing::warn!(page = p, error = %e, "cannot read a page of the chunk table")
+                    }
                 }
             }
-        }
-        chunks
-            .iter()
-            .filter_map(|&c| {
+            out.extend(window.iter().filter_map(|&c| {
                 let page = pages.get(&(c as usize / PAGE_CHUNKS))?;
                 Some((c, page[c as usize % PAGE_CHUNKS]))
-            })
-            .collect()
+            }));
+        }
+        (out, failed)
+    }
+
+    /// `chunks` cut where they have come to [`WINDOW_PAGES`] pages: what one call holds of the
+    /// table at once, whatever a file's or a trace's list spans.
+    fn windows<'a>(&self, chunks: &'a [u32]) -> Vec<&'a [u32]> {
+        let mut out = Vec::new();
+        let mut pages: Vec<usize> = Vec::new();
+        let mut start = 0;
+        for (i, &c) in chunks.iter().enumerate() {
+            let p = c as usize / PAGE_CHUNKS;
+            if !pages.contains(&p) {
+                if pages.len() == WINDOW_PAGES {
+                    out.push(&chunks[start..i]);
+                    start = i;
+                    pages.clear();
+                }
+                pages.push(p);
+            }
+        }
+        if start < chunks.len() {
+            out.push(&chunks[start..]);
+        }
+        out
     }
 
     /// Brings in the pages of `chunks` (all in the table), those not at hand [`PAGE_LOADERS`]

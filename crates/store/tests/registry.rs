@@ -328,6 +328,18 @@ fn a_mount_fetches_the_chunk_table_a_page_at_a_time_checks_it_and_keeps_it() {
     assert_eq!(file_content(&fetcher, "d/f00001"), content(1));
     assert_eq!(table_fetched(&fetcher), (2, page_len(2) + page_len(0)));
 
+    // What a host reports of the image: ids from pages spread over the table, all its own.
+    let sample = warren_store::images::sample_chunk_ids(&remote(), "1").unwrap();
+    let all: std::collections::HashSet<_> = open_image(&local, "p:1")
+        .unwrap()
+        .index
+        .chunks
+        .iter()
+        .map(|c| c.id)
+        .collect();
+    assert_eq!(sample.len(), 64 + 64 + 13, "every 64th id of each page");
+    assert!(sample.iter().all(|id| all.contains(id)));
+
     // The next mount on this host finds the pages in the cache.
     let again = lazily(remote(), &dir.path().join("cache"), "1");
     assert_eq!(file_content(&again, "d/f08500"), content(8500));
