@@ -605,7 +605,37 @@ pub(crate) fn generate(
     })
 }
 
-pub(crate) fn read_set(root: &Path, set: &[PathBuf]) -> anyhow::Result<Duration> {
+/// Records `image`'s startup trace (straight to its registry, through a mount of its own at
+/// `mnt` with its data in `data`), as a prebuild's first start would: not the timed starts'
+/// reads replayed, but `first`, then the startup set in another order (backwards) interleaved
+/// with `extra` files the timed starts never read.
+pub(crate) fn record_trace(
+    data: &Path,
+    image: &str,
+    mnt: &Path,
+    first: &[PathBuf],
+    startup: &[PathBuf],
+    extra: &[PathBuf],
+) -> anyhow::Result<()> {
+    let _ = std::fs::remove_dir_all(data);
+    let m = Mount::start(
+        data,
+        image,
+        mnt,
+        &["--record-trace", "3600", "--no-prefetch", "--no-background"],
+    )?;
+    let mut recording: Vec<PathBuf> = startup.iter().rev().cloned().collect();
+    for (n, e) in extra.iter().enumerate() {
+        recording.insert((n * 7) % recording.len(), e.clone());
+    }
+    recording.splice(0..0, first.iter().cloned());
+    read_set(mnt, &recording)?;
+    m.stop()?;
+    let _ = std::fs::remove_dir_all(data);
+    Ok(())
+}
+
+fn read_set(root: &Path, set: &[PathBuf]) -> anyhow::Result<Duration> {
     let started = Instant::now();
     for rel in set {
         std::fs::read(root.join(rel)).with_context(|| format!("reading {}", rel.display()))?;
@@ -621,7 +651,7 @@ pub(crate) fn drop_caches() {
     let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
 }
 
-pub(crate) struct Mount {
+struct Mount {
     child: std::process::Child,
     mountpoint: PathBuf,
     stats: PathBuf,
@@ -632,12 +662,7 @@ pub(crate) struct Mount {
 use warren_hostfs::is_mounted;
 
 impl Mount {
-    pub(crate) fn start(
-        data: &Path,
-        image: &str,
-        mountpoint: &Path,
-        args: &[&str],
-    ) -> anyhow::Result<Mount> {
+    fn start(data: &Path, image: &str, mountpoint: &Path, args: &[&str]) -> anyhow::Result<Mount> {
         std::fs::create_dir_all(mountpoint)?;
         let stats = data.with_extension("stats.json");
         let _ = std::fs::remove_file(&stats);
@@ -693,7 +718,7 @@ impl Mount {
         }
     }
 
-    pub(crate) fn stop(mut self) -> anyhow::Result<serde_json::Value> {
+    fn stop(mut self) -> anyhow::Result<serde_json::Value> {
         sh(Command::new("kill")
             .arg("-TERM")
             .arg(self.child.id().to_string()))?;
@@ -1027,24 +1052,15 @@ fn lazy_one(
                 .arg(format!("docker://{}/bench/oci:1", registry.host)))?;
         }
 
-        // Record the startup trace once (unshaped), as a prebuild's first start would: not
-        // the timed starts' reads replayed, but the startup set in another order (backwards,
-        // interleaved) with files the timed starts never read.
         let mnt = work.join("mnt");
-        let rec = work.join("rec");
-        let _ = std::fs::remove_dir_all(&rec);
-        let m = Mount::start(
-            &rec,
+        record_trace(
+            &work.join("rec"),
             &pushed,
             &mnt,
-            &["--record-trace", "3600", "--no-prefetch", "--no-background"],
+            &[],
+            &startup,
+            &recording_extra,
         )?;
-        let mut recording: Vec<PathBuf> = startup.iter().rev().cloned().collect();
-        for (n, extra) in recording_extra.iter().enumerate() {
-            recording.insert((n * 7) % recording.len(), extra.clone());
-        }
-        read_set(&mnt, &recording)?;
-        m.stop()?;
 
         let mut rate_results = Vec::new();
         for rate in &link.rates {
