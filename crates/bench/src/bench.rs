@@ -798,6 +798,24 @@ pub enum Filler {
     Compressible,
 }
 
+impl Filler {
+    /// What writes the compressible bulk (checked against Warren's chunker in `work` first);
+    /// `None` for random bulk.
+    pub(crate) fn chunks(
+        self,
+        work: &Path,
+    ) -> anyhow::Result<Option<crate::filler::CompressibleChunks>> {
+        Ok(match self {
+            Filler::Random => None,
+            Filler::Compressible => {
+                let mut f = crate::filler::CompressibleChunks::new()?;
+                f.check(work)?;
+                Some(f)
+            }
+        })
+    }
+}
+
 /// The link between the registry and everything that pulls from it: a [`DelayLine`] per rate.
 pub(crate) struct Link {
     pub rates: Vec<String>,
@@ -993,14 +1011,7 @@ fn lazy_one(
     std::fs::create_dir_all(work)?;
     let src = work.join("src");
     eprintln!("generating a {} image ({filler:?} bulk)", ByteSize(size));
-    let mut chunks_filler = match filler {
-        Filler::Random => None,
-        Filler::Compressible => {
-            let mut f = crate::filler::CompressibleChunks::new()?;
-            f.check(work)?;
-            Some(f)
-        }
-    };
+    let mut chunks_filler = filler.chunks(work)?;
     let Sets {
         startup,
         startup_bytes,

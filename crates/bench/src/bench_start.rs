@@ -79,14 +79,7 @@ pub(crate) fn start(
     let _ = std::fs::remove_dir_all(&src);
     sh(Command::new("cp").arg("-a").arg(&rootfs).arg(&src))?;
     eprintln!("generating a {} image ({filler:?} bulk)", ByteSize(size));
-    let mut chunks_filler = match filler {
-        Filler::Random => None,
-        Filler::Compressible => {
-            let mut f = crate::filler::CompressibleChunks::new()?;
-            f.check(work)?;
-            Some(f)
-        }
-    };
+    let mut chunks_filler = filler.chunks(work)?;
     let tree = src.join("srv/bench");
     let sets = generate(&tree, size, chunks_filler.as_mut())?;
     let list: String = sets
