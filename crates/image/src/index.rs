@@ -230,11 +230,34 @@ fn delta_decode(chunks: &mut [u32]) {
     }
 }
 
+/// The chunk positions page `page` of a table of `chunks` holds (empty past its end).
+pub fn page_span(chunks: u32, page: usize) -> std::ops::Range<u32> {
+    let start = (page * PAGE_CHUNKS).min(chunks as usize);
+    start as u32..(start + PAGE_CHUNKS).min(chunks as usize) as u32
+}
+
+/// A paged index's tree as encoded: magic, then a zstd frame of its postcard encoding; each
+/// file's chunk list delta-coded.
+fn encode_tree(blobs: &[Digest], entries: &[Entry], table: PageTable) -> Vec<u8> {
+    let mut entries = entries.to_vec();
+    for e in &mut entries {
+        delta_code(&mut e.chunks);
+    }
+    let tree = PagedTree {
+        blobs: blobs.to_vec(),
+        entries,
+        table,
+    };
+    let raw = postcard::to_stdvec(&tree).expect("serializing to memory cannot fail");
+    let mut out = PAGED_MAGIC.to_vec();
+    out.extend(zstd::encode_all(&raw[..], 3).expect("compressing to memory cannot fail"));
+    out
+}
+
 impl PageTable {
     /// The chunk positions page `page` holds.
     pub fn span(&self, page: usize) -> std::ops::Range<u32> {
-        let start = page * PAGE_CHUNKS;
-        start as u32..((start + PAGE_CHUNKS).min(self.chunks as usize)) as u32
+        page_span(self.chunks, page)
     }
 
     /// Decodes page `page` from its bytes, checking them against the page's hash and every
@@ -322,22 +345,15 @@ impl TreeIndex {
             });
             table.extend(bytes);
         }
-        let mut entries = self.entries.clone();
-        for e in &mut entries {
-            delta_code(&mut e.chunks);
-        }
-        let tree = PagedTree {
-            blobs: self.blobs.clone(),
-            entries,
-            table: PageTable {
+        let tree = encode_tree(
+            &self.blobs,
+            &self.entries,
+            PageTable {
                 chunks: u32::try_from(self.chunks.len()).expect("under 4 G chunks"),
                 pages,
             },
-        };
-        let raw = postcard::to_stdvec(&tree).expect("serializing to memory cannot fail");
-        let mut out = PAGED_MAGIC.to_vec();
-        out.extend(zstd::encode_all(&raw[..], 3).expect("compressing to memory cannot fail"));
-        (out, table)
+        );
+        (tree, table)
     }
 
     /// Whether `bytes` begin like a paged index's tree.
@@ -696,18 +712,7 @@ mod tests {
 
     /// A tree as a registry could serve it, its page table given.
     fn tree_with(index: &TreeIndex, table: PageTable) -> Vec<u8> {
-        let mut entries = index.entries.clone();
-        for e in &mut entries {
-            delta_code(&mut e.chunks);
-        }
-        let tree = PagedTree {
-            blobs: index.blobs.clone(),
-            entries,
-            table,
-        };
-        let mut out = PAGED_MAGIC.to_vec();
-        out.extend(zstd::encode_all(&postcard::to_stdvec(&tree).unwrap()[..], 3).unwrap());
-        out
+        encode_tree(&index.blobs, &index.entries, table)
     }
 
     #[test]

@@ -23,7 +23,7 @@ pub use import_overlay::{OverlayImportError, apply_overlay_upper};
 pub use import_tar::{TarImportError, import_tar};
 pub use index::{
     ChunkLoc, Entry, EntryKind, IndexError, MAX_PAGE_BYTES, PAGE_CHUNKS, PageRef, PageTable,
-    TreeIndex, is_clean_path,
+    TreeIndex, is_clean_path, page_span,
 };
 
 /// Decompresses one chunk frame and checks it against its id. A mismatch means the bytes were

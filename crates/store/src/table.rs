@@ -132,8 +132,7 @@ impl ChunkTable {
 
     /// The chunk positions page `page` holds.
     pub fn page_span(&self, page: usize) -> std::ops::Range<u32> {
-        let start = (page * PAGE_CHUNKS).min(self.count as usize);
-        start as u32..(start + PAGE_CHUNKS).min(self.count as usize) as u32
+        warren_image::page_span(self.count, page)
     }
 
     /// The locations of page `page` (chunks `page * PAGE_CHUNKS ..`).
@@ -153,11 +152,6 @@ impl ChunkTable {
             Source::Whole(pages) => pages.get(page).cloned(),
             Source::Paged(paged) => paged.held(page),
         }
-    }
-
-    /// Where chunk `c` lives.
-    pub fn loc(&self, c: u32) -> Result<ChunkLoc, FetchError> {
-        Ok(self.locs(&[c])?[0])
     }
 
     /// Where each of `chunks` lives, in their order.
