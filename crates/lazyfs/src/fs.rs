@@ -13,7 +13,7 @@ use fuser::{
     ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request, SessionACL,
 };
 use warren_image::{Entry, EntryKind, TreeIndex};
-use warren_store::{ChunkFetcher, FetchError, StoreError};
+use warren_store::{ChunkFetcher, FetchError};
 
 use crate::trace::Recorder;
 
@@ -186,9 +186,7 @@ impl LazyFs {
         if let Some(ends) = node.chunk_ends.get() {
             return Ok(ends);
         }
-        let locs = self.fetcher.table().locs(&entry.chunks)?;
-        TreeIndex::check_file(entry, locs.iter().map(|l| l.len))
-            .map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let locs = self.fetcher.file_locs(entry)?;
         let mut end = 0;
         let ends = locs
             .iter()

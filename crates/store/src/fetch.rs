@@ -191,6 +191,15 @@ impl ChunkFetcher {
         &self.table
     }
 
+    /// Where each chunk of file `entry` lives, checked to hold the file's size (an index from a
+    /// store is only checked this far when a file's pages arrive).
+    pub fn file_locs(&self, entry: &warren_image::Entry) -> Result<Vec<ChunkLoc>, FetchError> {
+        let locs = self.table.locs(&entry.chunks)?;
+        TreeIndex::check_file(entry, locs.iter().map(|l| l.len))
+            .map_err(|e| StoreError::Invalid(e.to_string()))?;
+        Ok(locs)
+    }
+
     /// Where each of `chunks` lives.
     pub fn locate(&self, chunks: &[u32]) -> Result<Vec<Located>, FetchError> {
         let locs = self.table.locs(chunks)?;

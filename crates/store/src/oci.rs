@@ -265,9 +265,7 @@ pub fn export_oci(
                 // than the file's size would put bytes of its choosing where the next header
                 // is read (and a list repeating one chunk could fill memory). Checked before
                 // any of it is read.
-                let locs = fetcher.table().locs(&e.chunks)?;
-                warren_image::TreeIndex::check_file(e, locs.iter().map(|l| l.len))
-                    .map_err(|err| StoreError::Invalid(err.to_string()))?;
+                fetcher.file_locs(e)?;
                 let data = fetcher.read(&e.chunks, &[])?;
                 tar.append_data(&mut h, path, &data[..])
             }
