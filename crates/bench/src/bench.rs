@@ -50,6 +50,7 @@ pub fn runtime_config(
         uid_base,
         default_disk: None,
         vm: Default::default(),
+        share_image_mounts: true,
     })
 }
 

@@ -74,6 +74,9 @@ impl Series {
 #[derive(Debug, Serialize)]
 struct IdleMemory {
     workspaces: usize,
+    /// How the host mounted the image: one mount per image shared by its workspaces, or one per
+    /// workspace (and why).
+    image_mounts: String,
     /// Proportional set size per workspace, MiB: what each adds to the host.
     shim_mib: f64,
     image_mount_mib: f64,
@@ -89,7 +92,8 @@ struct Results {
     /// Warren's p50 (lazy image) over docker's, per row kind.
     lifecycle_p50_over_docker: f64,
     warm_restart_p50_over_docker: f64,
-    idle: IdleMemory,
+    /// As the host mounts images, then (where it shares them) with a mount per workspace.
+    idle: Vec<IdleMemory>,
 }
 
 pub(crate) fn runtime(cycles: usize, work: &Path, json: Option<&Path>) -> anyhow::Result<()> {
@@ -189,7 +193,15 @@ pub(crate) fn runtime(cycles: usize, work: &Path, json: Option<&Path>) -> anyhow
     drop(dockerd);
 
     let runtime = ContainerRuntime::new(crate::bench::runtime_config(&data, BENCH_UID_BASE)?)?;
-    let idle = idle_memory(&runtime, 5)?;
+    // Ten idle workspaces of one image, as the host mounts images, then with a mount each.
+    let mut idle = vec![idle_memory(&runtime, &data, 10)?];
+    if runtime.image_sharing() == &warren_runtime::image_sharing::ImageSharing::Shared {
+        let own_mounts = ContainerRuntime::new(warren_runtime::ContainerRuntimeConfig {
+            share_image_mounts: false,
+            ..crate::bench::runtime_config(&data, BENCH_UID_BASE)?
+        })?;
+        idle.push(idle_memory(&own_mounts, &data, 10)?);
+    }
 
     let p50 = |rows: &[Series], name: &str| {
         rows.iter()
@@ -219,11 +231,12 @@ pub(crate) fn runtime(cycles: usize, work: &Path, json: Option<&Path>) -> anyhow
         "  warren (lazy image) p50 over docker's: full lifecycle {:.2}, warm restart {:.2} (target ≤ 1)",
         results.lifecycle_p50_over_docker, results.warm_restart_p50_over_docker
     );
-    let m = &results.idle;
-    println!(
-        "idle workspace on the host (PSS, mean of {}): shim {:.2} MiB + image mount {:.2} MiB + init {:.2} MiB = {:.2} MiB",
-        m.workspaces, m.shim_mib, m.image_mount_mib, m.init_mib, m.total_mib
-    );
+    for m in &results.idle {
+        println!(
+            "idle workspace on the host (PSS, mean of {} of one image; image mounts: {}): shim {:.2} MiB + image mount {:.2} MiB + init {:.2} MiB = {:.2} MiB",
+            m.workspaces, m.image_mounts, m.shim_mib, m.image_mount_mib, m.init_mib, m.total_mib
+        );
+    }
     if let Some(path) = json {
         std::fs::write(path, serde_json::to_vec_pretty(&results)?)?;
     }
@@ -470,8 +483,13 @@ impl Dockerd {
 }
 
 /// Starts `count` idle workspaces from the image and measures what their processes add to the
-/// host (proportional set size: shared pages split between the processes sharing them).
-fn idle_memory(runtime: &ContainerRuntime, count: usize) -> anyhow::Result<IdleMemory> {
+/// host (proportional set size: shared pages split between the processes sharing them; a mount
+/// the host shares between them, split between them too).
+fn idle_memory(
+    runtime: &ContainerRuntime,
+    data: &Path,
+    count: usize,
+) -> anyhow::Result<IdleMemory> {
     let ids: Vec<WorkspaceId> = (0..count)
         .map(|i| WorkspaceId::new(&format!("idle-{i}")))
         .collect::<Result<_, _>>()?;
@@ -493,26 +511,32 @@ fn idle_memory(runtime: &ContainerRuntime, count: usize) -> anyhow::Result<IdleM
     }
     std::thread::sleep(Duration::from_secs(2));
     let (mut shim, mut mount, mut init) = (0u64, 0u64, 0u64);
-    for id in &ids {
-        let marker = format!("workspaces/{id}");
-        let init_pid = runtime.info(id)?.init_pid.unwrap_or(0);
-        for entry in std::fs::read_dir("/proc")?.flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            if !cmdline.contains(&marker) {
-                continue;
-            }
-            let pss = pss_bytes(pid);
-            if pid == init_pid {
-                init += pss;
-            } else if cmdline.contains("image mount") {
-                mount += pss;
-            } else if cmdline.contains("runtime shim") {
-                shim += pss;
-            }
+    let init_pids = ids
+        .iter()
+        .map(|id| Ok(runtime.info(id)?.init_pid.unwrap_or(0)))
+        .collect::<anyhow::Result<Vec<i32>>>()?;
+    let markers: Vec<String> = ids.iter().map(|id| format!("workspaces/{id}")).collect();
+    let shared_marker = format!(
+        "--shared-lease {}/",
+        warren_runtime::image_sharing::mounts_dir(data).display()
+    );
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        let shared = cmdline.contains("image mount") && cmdline.contains(&shared_marker);
+        if !shared && !markers.iter().any(|m| cmdline.contains(m)) {
+            continue;
+        }
+        let pss = pss_bytes(pid);
+        if init_pids.contains(&pid) {
+            init += pss;
+        } else if cmdline.contains("image mount") {
+            mount += pss;
+        } else if cmdline.contains("runtime shim") {
+            shim += pss;
         }
     }
     for id in &ids {
@@ -521,6 +545,7 @@ fn idle_memory(runtime: &ContainerRuntime, count: usize) -> anyhow::Result<IdleM
     let per = |b: u64| b as f64 / count as f64 / (1 << 20) as f64;
     Ok(IdleMemory {
         workspaces: count,
+        image_mounts: runtime.image_sharing().to_string(),
         shim_mib: per(shim),
         image_mount_mib: per(mount),
         init_mib: per(init),

@@ -239,8 +239,9 @@ pub fn agent(args: AgentArgs, data: &Path) -> anyhow::Result<ExitCode> {
         anyhow::bail!("warren agent runs workspaces (namespaces, mounts, cgroups): run it as root");
     }
     crate::control_cmd::close_data_folder(data)?;
-    let runtime: Arc<dyn warren_runtime::Runtime> =
-        Arc::new(args.host.runtime_for_workspaces(data)?);
+    let runtime = args.host.runtime_for_workspaces(data)?;
+    let image_mounts = runtime.image_sharing().to_string();
+    let runtime: Arc<dyn warren_runtime::Runtime> = Arc::new(runtime);
     args.agent.check()?;
     if args.token.is_some() {
         anyhow::bail!(
@@ -278,7 +279,7 @@ pub fn agent(args: AgentArgs, data: &Path) -> anyhow::Result<ExitCode> {
         link.check().await.map_err(anyhow::Error::msg)?;
         let shutdown = Arc::new(tokio::sync::Notify::new());
         println!(
-            "agent running for {} (workspaces under {})",
+            "agent running for {} (workspaces under {}; image mounts: {image_mounts})",
             args.server,
             data.display()
         );

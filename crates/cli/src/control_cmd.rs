@@ -293,8 +293,9 @@ pub fn up(mut args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
             "--advertise-url is for replicas sharing a PostgreSQL database (--database-url postgres://...)"
         );
     }
-    let runtime: Arc<dyn warren_runtime::Runtime> =
-        Arc::new(args.host.runtime_for_workspaces(data)?);
+    let runtime = args.host.runtime_for_workspaces(data)?;
+    let image_mounts = runtime.image_sharing().to_string();
+    let runtime: Arc<dyn warren_runtime::Runtime> = Arc::new(runtime);
     let ssh = args.ssh.settings(data)?;
     // Bad limits are refused before anything starts.
     args.agent.check()?;
@@ -414,7 +415,7 @@ pub fn up(mut args: UpArgs, data: &Path) -> anyhow::Result<ExitCode> {
         let url = format!("{scheme}://{}", started.addr);
         let shown_db = shown_url.as_str();
         let mut banner = format!(
-            "Warren is up at {url}\n  data: {}   database: {shown_db}\n",
+            "Warren is up at {url}\n  data: {}   database: {shown_db}\n  image mounts: {image_mounts}\n",
             data.display()
         );
         if let Some(addr) = &started.preview_addr {

@@ -20,6 +20,7 @@ use warren_envfile::ByteSize;
 use warren_image::{ChunkParams, Digest, ImageBuilder, Limits, TreeIndex, import_dir, import_tar};
 use warren_lazyfs::{pull, trace};
 use warren_runtime::image_mount::MountSignal;
+use warren_runtime::image_sharing::WholeLease;
 use warren_store::images::{commit, copy_image, open_image};
 use warren_store::manifest::ImageConfig;
 use warren_store::{
@@ -72,6 +73,24 @@ pub enum ImageCommand {
         id_offset: u32,
         /// Say on this open fd, as one JSON line, when the tree is served or why it will not be
         /// (for whoever starts the mount; warren's own shim passes 3)
+        #[arg(long, value_name = "FD")]
+        ready_fd: Option<i32>,
+        /// Serve every workspace holding FILE (a shared flock): setuid bits are ignored here
+        /// (each workspace's idmapped view honors them); ends when nobody has held it for 10 s
+        #[arg(long, value_name = "FILE", hide = true, conflicts_with_all = ["record_trace", "id_offset"])]
+        shared_lease: Option<PathBuf>,
+        /// Refuse to serve unless IMAGE is this manifest digest (sha256:...)
+        #[arg(long, hide = true)]
+        digest: Option<String>,
+    },
+    /// Find or start the host's one mount of an image, shared by its workspaces, and say
+    /// where it is on --ready-fd (run by a workspace's supervisor)
+    #[command(hide = true)]
+    Share {
+        image: String,
+        /// The host's folder of shared mounts
+        #[arg(long)]
+        under: PathBuf,
         #[arg(long, value_name = "FD")]
         ready_fd: Option<i32>,
     },
@@ -437,6 +456,8 @@ pub fn run(cmd: ImageCommand, data: &Path) -> anyhow::Result<()> {
             cache_limit,
             id_offset,
             ready_fd,
+            shared_lease,
+            digest,
         } => {
             let mut ready = ready_fd.map(ReadyPipe::open).transpose()?;
             let limit = cache_limit.as_deref().map(crate::parse_size);
@@ -452,6 +473,8 @@ pub fn run(cmd: ImageCommand, data: &Path) -> anyhow::Result<()> {
                         stats,
                         limit,
                         id_offset,
+                        shared_lease,
+                        digest,
                     },
                     &mut ready,
                 )
@@ -462,6 +485,31 @@ pub fn run(cmd: ImageCommand, data: &Path) -> anyhow::Result<()> {
                 });
             }
             result
+        }
+        ImageCommand::Share {
+            image,
+            under,
+            ready_fd,
+        } => {
+            let mut ready = ready_fd.map(ReadyPipe::open).transpose()?;
+            let result = share(data, &image, &under);
+            if let Some(pipe) = ready.as_mut() {
+                pipe.say(&match &result {
+                    Ok((tree, lease)) => MountSignal::Shared {
+                        tree: tree.clone(),
+                        lease: lease.clone(),
+                    },
+                    Err(e) => MountSignal::Failed {
+                        error: format!("{e:#}"),
+                    },
+                });
+            }
+            let (tree, _) = result?;
+            println!(
+                "image {image}: the host's shared mount at {}",
+                tree.display()
+            );
+            Ok(())
         }
         ImageCommand::Ls { json } => list(data, json),
         ImageCommand::Inspect { image, json } => inspect(data, &image, json),
@@ -928,7 +976,36 @@ struct MountFlags {
     stats: Option<PathBuf>,
     limit: Option<u64>,
     id_offset: u32,
+    shared_lease: Option<PathBuf>,
+    digest: Option<String>,
 }
+
+/// The host's one mount of `reference` under `under` (see
+/// `warren_runtime::image_sharing::find_or_start`): its tree and lease.
+fn share(data: &Path, reference: &str, under: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let (opening, name) = resolve(data, reference, Retry::default())?;
+    let (_, digest) = opening
+        .get_manifest(&name)
+        .map_err(|e| warren_lazyfs::serve::ServeError::opening(reference, e))?;
+    let exe = std::env::current_exe().context("cannot find this program")?;
+    warren_runtime::image_sharing::find_or_start(under, &digest.hex(), |tree, lease| {
+        let mut server = std::process::Command::new(&exe);
+        server
+            .arg("--data")
+            .arg(data)
+            .args(["image", "mount", reference])
+            .arg(tree)
+            .arg("--shared-lease")
+            .arg(lease)
+            .args(["--digest", &digest.to_string()]);
+        server
+    })
+    .map_err(anyhow::Error::msg)
+}
+
+/// How long a shared mount stays with nobody holding its lease (a workspace's supervisor that
+/// crashed; the last one out ends it at once).
+const UNHELD_LIMIT: Duration = Duration::from_secs(10);
 
 /// The readiness pipe of a mount its starter waits on: said to once, then closed.
 struct ReadyPipe(Option<std::fs::File>);
@@ -990,6 +1067,8 @@ fn mount(
         record_trace: flags.record_trace.map(Duration::from_secs),
         prefetch: flags.prefetch,
         background: flags.background,
+        setuid: flags.shared_lease.is_none(),
+        digest: flags.digest.as_deref(),
     })?;
     let index = served.image.index.clone();
     if let Some(pipe) = ready.as_mut() {
@@ -1019,8 +1098,32 @@ fn mount(
     }
     signal_hook::flag::register(signal_hook::consts::SIGUSR1, save_now.clone())
         .context("cannot install a signal handler")?;
+    let mut unheld_since = Some(Instant::now());
+    let mut last_lease_check = Instant::now();
+    // Kept while the mount ends, so that no workspace takes it meanwhile.
+    let mut _whole_lease = None;
     while !term.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(100));
+        if served.ended() {
+            break;
+        }
+        if let Some(lease) = &flags.shared_lease
+            && last_lease_check.elapsed() >= Duration::from_secs(1)
+        {
+            last_lease_check = Instant::now();
+            match WholeLease::try_take(lease) {
+                Ok(Some(whole)) => {
+                    let since = *unheld_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= UNHELD_LIMIT {
+                        _whole_lease = Some(whole);
+                        break;
+                    }
+                }
+                Ok(None) => unheld_since = None,
+                // Its folder was removed: nobody can take it any more.
+                Err(_) => break,
+            }
+        }
         if let Some(saved) = served.save_trace_when_due(save_now.swap(false, Ordering::Relaxed)) {
             say_trace(saved);
         }

@@ -65,6 +65,11 @@ pub struct HostFlags {
     /// it has its own limit; past it, writes inside fail with "no space left" (default: no limit)
     #[arg(long, global = true, env = "WARREN_WORKSPACE_DISK")]
     workspace_disk: Option<String>,
+    /// Give each workspace an image mount of its own, even where the kernel lets the host
+    /// serve an image once for all its workspaces (about 8 MiB more per idle workspace; a
+    /// mount's crash then reaches one workspace, not every workspace of its image)
+    #[arg(long, global = true, env = "WARREN_NO_SHARED_IMAGE_MOUNTS")]
+    no_shared_image_mounts: bool,
 }
 
 impl HostFlags {
@@ -81,6 +86,7 @@ impl HostFlags {
                 egress: self.egress(),
             },
             uid_base: self.uid_base,
+            share_image_mounts: !self.no_shared_image_mounts,
             // WARREN_VM_KERNEL, WARREN_GUEST and WARREN_VM_ACCEL, else the defaults.
             vm: Default::default(),
             default_disk: match self.workspace_disk.as_deref() {
@@ -218,7 +224,12 @@ enum RuntimeCommand {
     },
     /// The per-workspace supervisor (started by the commands above)
     #[command(hide = true)]
-    Shim { dir: PathBuf },
+    Shim {
+        dir: PathBuf,
+        /// Where the host's shared image mounts live (when its kernel allows sharing)
+        #[arg(long)]
+        shared_mounts: Option<PathBuf>,
+    },
     /// The supervisor of a workspace's tasks (started with the workspace)
     #[command(hide = true)]
     Tasks { name: String },
@@ -229,8 +240,8 @@ fn id(name: &str) -> anyhow::Result<WorkspaceId> {
 }
 
 pub fn run(args: RuntimeArgs, data: &Path) -> anyhow::Result<ExitCode> {
-    if let RuntimeCommand::Shim { dir } = &args.command {
-        warren_runtime::run_shim(dir)?;
+    if let RuntimeCommand::Shim { dir, shared_mounts } = &args.command {
+        warren_runtime::run_shim(dir, shared_mounts.as_deref())?;
         return Ok(ExitCode::SUCCESS);
     }
     let runtime = match args.command {

@@ -41,6 +41,18 @@ fn end_to_end(seed: u32, database_url: Option<String>) {
         repos.path().display().to_string(),
     ));
     let password = warren.start().expect("a first start creates the admin");
+    // How the host mounts images, as detected for this kernel.
+    let detected =
+        std::fs::read_to_string(warren.data.path().join("runtime/image-sharing.json")).unwrap();
+    let said = warren.image_mounts.clone().unwrap_or_default();
+    if detected.contains(r#""mode":"shared""#) {
+        assert_eq!(
+            said,
+            "one per image, shared by its workspaces (idmapped FUSE)"
+        );
+    } else {
+        assert!(said.starts_with("one per workspace (this kernel"), "{said}");
+    }
     warren.login("admin", &password);
     warren.import_dev_image();
     let out = Command::new(env!("CARGO_BIN_EXE_warren"))

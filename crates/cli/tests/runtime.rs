@@ -72,6 +72,7 @@ impl Host {
             network: NetworkConfig::default(),
             uid_base,
             default_disk: None,
+            share_image_mounts: true,
             vm: VmSettings {
                 kernel: vm.as_ref().map(|v| v.0.clone()),
                 guest: vm.as_ref().map(|v| v.1.clone()),
@@ -283,12 +284,24 @@ impl Drop for Host {
         if std::thread::panicking() {
             // What the supervisors said is the first thing a failure needs.
             let dir = self.data.path().join("runtime/workspaces");
-            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-                let log =
-                    std::fs::read_to_string(entry.path().join("shim.log")).unwrap_or_default();
+            let shared = self.data.path().join("mounts");
+            for (entry, name) in std::fs::read_dir(&dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| (e, "shim.log"))
+                .chain(
+                    std::fs::read_dir(&shared)
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                        .map(|e| (e, "log")),
+                )
+            {
+                let log = std::fs::read_to_string(entry.path().join(name)).unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(20).collect();
                 eprintln!(
-                    "--- {} shim.log (last lines):\n{}",
+                    "--- {} {name} (last lines):\n{}",
                     entry.file_name().to_string_lossy(),
                     tail.into_iter().rev().collect::<Vec<_>>().join("\n")
                 );
@@ -632,7 +645,12 @@ fn a_lazy_image_is_the_lower_layer_with_its_ownership_shifted() {
     let host = Host::new(2);
     let rootfs = debian_rootfs(DebianRootfs::Minbase);
     host.ok(&["image", "import", rootfs.to_str().unwrap(), "base:1"]);
-    host.ok(&["runtime", "run", "lazy", "--image", "base:1"]);
+    // A mount of its own (the host's shared ones: the next test), serving its ids shifted.
+    let own = "--no-shared-image-mounts";
+    host.ok(&["runtime", "run", "lazy", "--image", "base:1", own]);
+    let mounts = image_mounts_of(host.data.path());
+    assert_eq!(mounts.len(), 1, "{mounts:?}");
+    assert!(mounts[0].1.contains("--id-offset"), "{mounts:?}");
     let base = host.uid_base("lazy");
     let (status, out, err) = host.sh(
         "lazy",
@@ -657,13 +675,147 @@ fn a_lazy_image_is_the_lower_layer_with_its_ownership_shifted() {
     );
     assert_eq!(host.sh("lazy", "test -e /etc/issue").0, ExitStatus::Code(1));
     host.ok(&["runtime", "stop", "lazy"]);
-    host.ok(&["runtime", "start", "lazy"]);
+    host.ok(&["runtime", "start", "lazy", own]);
+    assert!(!host.data.path().join("mounts").exists());
     assert_eq!(host.sh("lazy", "cat /etc/motd").1, "new\n");
     host.ok(&["runtime", "rm", "-f", "lazy"]);
     assert_eq!(
         host.traces_of("lazy", base, &format!("wv{:x}", base >> 16)),
         Vec::<String>::new()
     );
+}
+
+/// The image mounts serving workspaces of the data folder `data`: (pid, command line).
+fn image_mounts_of(data: &Path) -> Vec<(u32, String)> {
+    let marker = format!("--data {} image mount ", data.display());
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_string_lossy().parse::<u32>().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            cmdline.contains(&marker).then_some((pid, cmdline))
+        })
+        .collect()
+}
+
+/// The mount options of whatever is mounted at `path`, as /proc/mounts lists them.
+fn mount_options(path: &Path) -> Option<String> {
+    std::fs::read_to_string("/proc/mounts")
+        .unwrap()
+        .lines()
+        .find(|l| l.split(' ').nth(1) == Some(path.to_str().unwrap()))
+        .and_then(|l| l.split(' ').nth(3).map(str::to_owned))
+}
+
+#[test]
+fn workspaces_of_one_image_share_one_mount_each_with_its_own_ids() {
+    let host = Host::new(66);
+    let rootfs = debian_rootfs(DebianRootfs::Minbase);
+    host.ok(&["image", "import", rootfs.to_str().unwrap(), "base:1"]);
+    for ws in ["sa", "sb"] {
+        host.ok(&["runtime", "run", ws, "--image", "base:1"]);
+    }
+    let mounts = image_mounts_of(host.data.path());
+    if let warren_runtime::image_sharing::ImageSharing::PerWorkspace { why } =
+        host.runtime.image_sharing()
+    {
+        // A kernel that cannot idmap FUSE mounts: each workspace keeps a mount of its own.
+        assert!(why.contains("6.12"), "{why}");
+        assert_eq!(mounts.len(), 2, "{mounts:?}");
+        return;
+    }
+    // One process serves the image, at a tree only host root reaches, setuid ignored there.
+    assert_eq!(mounts.len(), 1, "{mounts:?}");
+    assert!(mounts[0].1.contains("--shared-lease"), "{mounts:?}");
+    let shared = host.data.path().join("mounts");
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&shared).unwrap().permissions())
+            & 0o777,
+        0o700
+    );
+    let tree = std::fs::read_dir(&shared)
+        .unwrap()
+        .flatten()
+        .find_map(|image| {
+            let current = std::fs::read_to_string(image.path().join("current")).ok()?;
+            Some(image.path().join(current.trim()).join("tree"))
+        })
+        .unwrap();
+    assert!(mount_options(&tree).unwrap().contains("nosuid"));
+    // Each workspace sees the image with its own ids, setuid honored, its changes its own.
+    for ws in ["sa", "sb"] {
+        let lower = host
+            .data
+            .path()
+            .join("runtime/workspaces")
+            .join(ws)
+            .join("lower");
+        let options = mount_options(&lower).unwrap();
+        assert!(
+            options.contains("idmapped") && !options.contains("nosuid"),
+            "{options}"
+        );
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::uid(
+                &std::fs::metadata(lower.join("usr/bin/passwd")).unwrap()
+            ),
+            host.uid_base(ws)
+        );
+        let (status, out, err) = host.sh(ws, "stat -c '%u %g %a' /usr/bin/passwd /etc/shadow");
+        assert_eq!(status, ExitStatus::Code(0), "{err}");
+        assert_eq!(out, "0 0 4755\n0 42 640\n");
+    }
+    // passwd reads /etc/shadow (root's only) for a user because it is setuid root.
+    let (status, out, err) = host.sh(
+        "sa",
+        "useradd -u 1000 u1 && setpriv --reuid 1000 --regid 1000 --clear-groups passwd -S u1",
+    );
+    assert_eq!(status, ExitStatus::Code(0), "{err}");
+    assert!(out.starts_with("u1 "), "{out}");
+    assert_eq!(
+        host.sh("sa", "echo mine > /etc/motd").0,
+        ExitStatus::Code(0)
+    );
+    assert_ne!(host.sh("sb", "cat /etc/motd").1, "mine\n");
+
+    // One stops: the other reads on from the same mount.
+    host.ok(&["runtime", "stop", "sa"]);
+    assert_eq!(image_mounts_of(host.data.path()).len(), 1);
+    let version = std::fs::read_to_string(rootfs.join("etc/debian_version")).unwrap();
+    assert_eq!(host.sh("sb", "cat /etc/debian_version").1, version);
+
+    // Its server killed, the next start serves the image anew.
+    let _ = Command::new("kill")
+        .arg("-9")
+        .arg(mounts[0].0.to_string())
+        .status();
+    host.wait_for("the killed mount is gone", Duration::from_secs(10), || {
+        image_mounts_of(host.data.path()).is_empty()
+    });
+    assert!(
+        !host
+            .warren(&["runtime", "exec", "sb", "--", "cat", "/etc/debian_version"])
+            .status
+            .success()
+    );
+    host.ok(&["runtime", "start", "sa"]);
+    assert_eq!(host.sh("sa", "cat /etc/motd").1, "mine\n");
+    assert_eq!(image_mounts_of(host.data.path()).len(), 1);
+
+    // The last one out ends the mount.
+    for ws in ["sb", "sa"] {
+        host.ok(&["runtime", "stop", ws]);
+    }
+    host.wait_for("the shared mount ends", Duration::from_secs(10), || {
+        image_mounts_of(host.data.path()).is_empty()
+    });
+    let left: Vec<String> = warren_hostfs::mounts_under(&shared)
+        .iter()
+        .map(|m| m.display().to_string())
+        .collect();
+    assert_eq!(left, Vec::<String>::new());
 }
 
 #[test]

@@ -28,6 +28,8 @@ pub struct MountOptions {
     pub readahead: u64,
     /// FUSE worker threads (several requests in flight).
     pub threads: usize,
+    /// Honor setuid bits (`suid`); see [`crate::serve::ServeRequest::setuid`].
+    pub setuid: bool,
 }
 
 impl Default for MountOptions {
@@ -36,6 +38,7 @@ impl Default for MountOptions {
             id_offset: 0,
             readahead: 1 << 20,
             threads: 4,
+            setuid: true,
         }
     }
 }
@@ -209,6 +212,9 @@ impl LazyFs {
 impl Filesystem for LazyFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_readahead(1 << 20);
+        // Lets host root give each workspace an idmapped view of one shared mount (Linux
+        // 6.12+; with `default_permissions`, which every mount has). Older kernels lack it.
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_ALLOW_IDMAP);
         Ok(())
     }
 
@@ -437,9 +443,14 @@ pub fn mount(fs: LazyFs, mountpoint: &Path) -> std::io::Result<fuser::Background
         MountOption::Subtype("warren-image".into()),
         MountOption::DefaultPermissions,
         // Never `dev`: a device node in an image (it is a tenant's) must not open a device of
-        // the host. Setuid stays: inside, it raises a process only to the workspace's root.
+        // the host. Setuid stays where ids are shifted (inside, it raises a process only to
+        // the workspace's root), not on a host's shared mount (its root is host root).
         MountOption::NoDev,
-        MountOption::Suid,
+        if fs.options.setuid {
+            MountOption::Suid
+        } else {
+            MountOption::NoSuid
+        },
         MountOption::Exec,
     ];
     config.acl = SessionACL::All;

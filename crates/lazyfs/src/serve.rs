@@ -34,6 +34,11 @@ pub struct ServeRequest<'a> {
     pub prefetch: bool,
     /// Pull the rest of the image in the background.
     pub background: bool,
+    /// Honor setuid bits (not on a mount the host shares between workspaces: there the
+    /// image's root is host root).
+    pub setuid: bool,
+    /// Refuse to serve unless the reference names this manifest digest.
+    pub digest: Option<&'a str>,
 }
 
 impl std::fmt::Debug for ServeRequest<'_> {
@@ -60,6 +65,14 @@ pub enum ServeError {
         reference: String,
         #[source]
         source: StoreError,
+    },
+    #[error(
+        "image {reference} changed while it was being mounted (it is {found}, not {expected}); start again"
+    )]
+    Moved {
+        reference: String,
+        expected: String,
+        found: String,
     },
     #[error("cannot mount image {reference} at {mountpoint}: {source}")]
     Mount {
@@ -93,33 +106,43 @@ impl std::fmt::Debug for ServedImage {
     }
 }
 
+impl ServeError {
+    /// What opening the image `reference` (its manifest, config or index) failing means.
+    pub fn opening(reference: &str, e: StoreError) -> Self {
+        let reference = reference.to_owned();
+        match e {
+            StoreError::ManifestNotFound { .. } => ServeError::NotFound { reference },
+            e if e.is_connection_refused() && warren_store::registry_host(&reference).is_some() => {
+                ServeError::Refused {
+                    registry: warren_store::registry_host(&reference)
+                        .unwrap_or_default()
+                        .to_owned(),
+                    reference,
+                }
+            }
+            e @ StoreError::Http { status, .. } => {
+                tracing::warn!(image = %reference, error = %e, "cannot open an image");
+                ServeError::Answered { reference, status }
+            }
+            source => ServeError::Open { reference, source },
+        }
+    }
+}
+
 /// Opens `request`'s image and serves it at its mountpoint.
 pub fn serve(request: ServeRequest<'_>) -> Result<ServedImage, ServeError> {
     let reference = request.reference.to_owned();
-    let (image, table) = open_image_lazily(request.opening, request.name).map_err(|e| match e {
-        StoreError::ManifestNotFound { .. } => ServeError::NotFound {
-            reference: reference.clone(),
-        },
-        e if e.is_connection_refused() && warren_store::registry_host(&reference).is_some() => {
-            ServeError::Refused {
-                registry: warren_store::registry_host(&reference)
-                    .unwrap_or_default()
-                    .to_owned(),
-                reference: reference.clone(),
-            }
-        }
-        e @ StoreError::Http { status, .. } => {
-            tracing::warn!(image = %reference, error = %e, "cannot open an image");
-            ServeError::Answered {
-                reference: reference.clone(),
-                status,
-            }
-        }
-        source => ServeError::Open {
-            reference: reference.clone(),
-            source,
-        },
-    })?;
+    let (image, table) = open_image_lazily(request.opening, request.name)
+        .map_err(|e| ServeError::opening(&reference, e))?;
+    if let Some(expected) = request.digest
+        && image.digest.to_string() != expected
+    {
+        return Err(ServeError::Moved {
+            reference,
+            expected: expected.to_owned(),
+            found: image.digest.to_string(),
+        });
+    }
     let fetcher = ChunkFetcher::new(
         request.store.clone(),
         request.cache.clone(),
@@ -140,6 +163,7 @@ pub fn serve(request: ServeRequest<'_>) -> Result<ServedImage, ServeError> {
     };
     let options = MountOptions {
         id_offset: request.id_offset,
+        setuid: request.setuid,
         ..MountOptions::default()
     };
     let session = crate::mount(
@@ -179,6 +203,11 @@ pub fn serve(request: ServeRequest<'_>) -> Result<ServedImage, ServeError> {
 }
 
 impl ServedImage {
+    /// Whether the file system has gone (unmounted, and no view of it left anywhere).
+    pub fn ended(&self) -> bool {
+        self.session.guard.is_finished()
+    }
+
     /// The mount's counters so far.
     pub fn stats(&self) -> pull::Stats {
         pull::stats(&self.fetcher, &self.progress)

@@ -15,6 +15,7 @@ use std::time::Duration;
 use ipnet::Ipv4Net;
 
 use crate::backend::{self, Found};
+use crate::image_sharing::{self, ImageSharing};
 use crate::proto::{ANSWER_LIMIT, Channel, Reply, Request};
 use crate::record::{ID_RANGE, Layout, WorkspaceRecord};
 use crate::shim::{create_layout, teardown};
@@ -71,6 +72,9 @@ pub struct ContainerRuntimeConfig {
     /// The disk limit of workspaces created without one of their own (`None`:
     /// unlimited).
     pub default_disk: Option<u64>,
+    /// Serve each image once for all its workspaces where the kernel allows it (see
+    /// [`image_sharing`]); `false` gives each workspace a mount of its own.
+    pub share_image_mounts: bool,
 }
 
 impl ContainerRuntimeConfig {
@@ -89,6 +93,7 @@ enum Shim {
 pub struct ContainerRuntime {
     config: ContainerRuntimeConfig,
     slots: Slots,
+    image_sharing: ImageSharing,
 }
 
 /// The running shim's init pid, or `None` when the workspace is stopped (or its shim does not
@@ -169,7 +174,23 @@ impl ContainerRuntime {
         let workspaces = config.root.join("workspaces");
         std::fs::create_dir_all(&workspaces).map_err(Error::io("cannot create", &workspaces))?;
         let slots = Slots::new(&config.root);
-        Ok(Self { config, slots })
+        let image_sharing = if config.share_image_mounts {
+            image_sharing::detect(&config.root)
+        } else {
+            ImageSharing::PerWorkspace {
+                why: "sharing turned off: --no-shared-image-mounts".into(),
+            }
+        };
+        Ok(Self {
+            config,
+            slots,
+            image_sharing,
+        })
+    }
+
+    /// How this host mounts images for workspaces (detected once per boot).
+    pub fn image_sharing(&self) -> &ImageSharing {
+        &self.image_sharing
     }
 
     /// Refuses a data folder the workspaces' ids cannot reach: a container's root filesystem
@@ -400,6 +421,7 @@ impl Runtime for ContainerRuntime {
                 helper: self.config.helper.clone(),
                 containers: self.config.root.join("containers"),
                 vm: vm.clone(),
+                shared_mounts: None,
             };
             create_layout(&rec, &layout)?;
             rec.save(&layout.record())?;
@@ -442,11 +464,12 @@ impl Runtime for ContainerRuntime {
             .open(layout.log())
             .map_err(Error::io("cannot open", layout.log()))?;
         let mut cmd = Command::new(&self.config.helper);
-        cmd.args(["runtime", "shim"])
-            .arg(&layout.dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log);
+        cmd.args(["runtime", "shim"]).arg(&layout.dir);
+        if self.image_sharing == ImageSharing::Shared {
+            cmd.arg("--shared-mounts")
+                .arg(image_sharing::mounts_dir(&self.config.data));
+        }
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log);
         // The shim is its own session, so a terminal closing does not reach it.
         cmd.process_group(0);
         let mut child = cmd

@@ -12,6 +12,12 @@ use serde::{Deserialize, Serialize};
 pub enum MountSignal {
     /// The image's tree is mounted and served.
     Mounted { entries: u64, data_bytes: u64 },
+    /// The host's one mount of the image is served at `tree` (the image's own ids, setuid
+    /// ignored): a workspace holds `lease` while it uses it (see [`crate::image_sharing`]).
+    Shared {
+        tree: std::path::PathBuf,
+        lease: std::path::PathBuf,
+    },
     /// It will not be: why (naming the image or its registry).
     Failed { error: String },
 }

@@ -19,6 +19,7 @@ mod disk;
 mod error;
 mod exec;
 pub mod image_mount;
+pub mod image_sharing;
 mod init;
 pub mod net;
 mod proto;

@@ -32,6 +32,10 @@ pub(crate) struct WorkspaceRecord {
     /// What a VM workspace boots from; `None` for a container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm: Option<crate::vm::VmRecord>,
+    /// Where the host's shared image mounts live, when this start shares one (decided by the
+    /// runtime at each start, never stored).
+    #[serde(skip)]
+    pub shared_mounts: Option<PathBuf>,
 }
 
 impl WorkspaceRecord {

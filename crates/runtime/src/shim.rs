@@ -8,11 +8,12 @@
 //! the running shim is nobody's zombie.
 
 use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::{PermissionsExt, chown};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,7 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid, fork};
 
 use crate::image_mount::{MountSignal, READY_FD};
+use crate::image_sharing::{self, Lease};
 use crate::init::WorkspaceExecutor;
 use crate::proto::{Channel, Reply, Request, listen_at};
 use crate::record::{ID_RANGE, Layout, WorkspaceRecord};
@@ -39,7 +41,9 @@ const VM_POWEROFF_SLACK: Duration = Duration::from_secs(15);
 const SIGNAL_STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// Entry point of `warren runtime shim <folder>`. Returns once the workspace has stopped.
-pub fn run_shim(dir: &Path) -> Result<(), Error> {
+/// `shared_mounts`: where the host's shared image mounts live, when its kernel allows them
+/// (see [`image_sharing`]).
+pub fn run_shim(dir: &Path, shared_mounts: Option<&Path>) -> Result<(), Error> {
     if thread_count() != 1 {
         return Err(Error::Os {
             call: "fork",
@@ -59,7 +63,7 @@ pub fn run_shim(dir: &Path) -> Result<(), Error> {
     let layout = Layout {
         dir: dir.to_path_buf(),
     };
-    let result = supervise(&layout);
+    let result = supervise(&layout, shared_mounts);
     if let Err(e) = &result {
         tracing::error!(workspace.dir = %dir.display(), error = %e, "supervisor failed");
         // The starter wraps this in its own "did not start".
@@ -90,13 +94,14 @@ fn thread_count() -> usize {
         .unwrap_or(0)
 }
 
-fn supervise(layout: &Layout) -> Result<(), Error> {
+fn supervise(layout: &Layout, shared_mounts: Option<&Path>) -> Result<(), Error> {
     let lock_path = layout.shim_lock();
     let lock = File::create(&lock_path).map_err(Error::io("cannot create", &lock_path))?;
     if lock.try_lock().is_err() {
         return Err(Error::SupervisorBusy);
     }
-    let rec = WorkspaceRecord::load(&layout.record())?;
+    let mut rec = WorkspaceRecord::load(&layout.record())?;
+    rec.shared_mounts = shared_mounts.map(Path::to_path_buf);
     nix::sys::prctl::set_child_subreaper(true).map_err(Error::os("PR_SET_CHILD_SUBREAPER"))?;
     let mut signals = SigSet::empty();
     for s in [
@@ -143,7 +148,28 @@ pub(crate) enum LowerMount {
     Image {
         child: Child,
     },
+    /// The host's one mount of the image (see [`image_sharing`]), held while this workspace
+    /// uses it.
+    Shared {
+        lease: Lease,
+        tree: PathBuf,
+    },
     Dir,
+}
+
+impl LowerMount {
+    /// Gives a shared mount back, ending it when this workspace was its last user; the
+    /// workspace's own view of it must be unmounted first.
+    fn release(self) {
+        if let Self::Shared { lease, tree } = self
+            && let Some(whole) = lease.release()
+        {
+            // Its server ends when the file system goes; the kernel keeps it while a view is
+            // left anywhere (a workspace whose supervisor was killed).
+            let _ = nix::mount::umount2(&tree, nix::mount::MntFlags::MNT_DETACH);
+            drop(whole);
+        }
+    }
 }
 
 /// What a failed start leaves for `teardown`.
@@ -620,75 +646,156 @@ fn mount_tree(
 /// briefly, but a registry that accepts and never answers would hold the start.
 const MOUNT_SIGNAL_LIMIT: Duration = Duration::from_secs(120);
 
+/// How many times a start looks for a shared mount that ended just as it was found.
+const SHARED_MOUNT_TRIES: usize = 3;
+
+/// How long a start waits for a shared mount that is ending to be gone.
+const LEASE_WAIT: Duration = Duration::from_secs(30);
+
 fn mount_lower(rec: &WorkspaceRecord, layout: &Layout) -> Result<LowerMount, Error> {
     let lower = layout.lower();
     match &rec.config.root {
         RootSource::Dir { path } => {
-            sys::bind_idmapped(path, &lower, rec.uid_base, ID_RANGE)?;
+            sys::bind_idmapped(path, &lower, rec.uid_base, ID_RANGE, false)?;
             Ok(LowerMount::Dir)
+        }
+        // A trace is recorded, or the background pull left out, for this workspace alone.
+        RootSource::Image {
+            reference,
+            record_trace_secs: None,
+            lazy_only: false,
+        } if let Some(mounts) = &rec.shared_mounts => {
+            for _ in 0..SHARED_MOUNT_TRIES {
+                let (mut child, signal) = run_image_mount(
+                    rec,
+                    layout,
+                    reference,
+                    &[
+                        OsStr::new("share"),
+                        reference.as_ref(),
+                        "--under".as_ref(),
+                        mounts.as_os_str(),
+                    ],
+                )?;
+                let _ = child.wait();
+                let (tree, lease) = match signal {
+                    Ok(MountSignal::Shared { tree, lease }) => (tree, lease),
+                    Ok(_) => return Err(mount_failed(rec, layout, reference)),
+                    Err(e) => return Err(e),
+                };
+                let lease =
+                    Lease::take(&lease, LEASE_WAIT).map_err(Error::io("cannot hold", &lease))?;
+                // Held, it cannot end; found ending, it is made again.
+                if !image_sharing::is_served(&tree) {
+                    drop(lease);
+                    continue;
+                }
+                if let Err(e) = sys::bind_idmapped(&tree, &lower, rec.uid_base, ID_RANGE, true) {
+                    LowerMount::Shared { lease, tree }.release();
+                    return Err(e);
+                }
+                return Ok(LowerMount::Shared { lease, tree });
+            }
+            Err(Error::Start {
+                id: rec.config.id.to_string(),
+                message: format!(
+                    "the shared mount of image `{reference}` kept ending as it was found"
+                ),
+            })
         }
         RootSource::Image {
             reference,
             record_trace_secs,
             lazy_only,
         } => {
-            let log = File::options()
-                .create(true)
-                .append(true)
-                .open(layout.log())
-                .map_err(Error::io("cannot open", layout.log()))?;
-            // The mount says on a pipe of its own whether it serves the tree, or why not.
-            let (ready_read, ready_write) =
-                nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(Error::os("pipe"))?;
-            let mut command = Command::new(&rec.helper);
-            sys::unblock_signals_in_child(&mut command);
-            sys::give_fd_to_child(&mut command, ready_write.as_raw_fd(), READY_FD);
-            let mut child = command
-                .arg("--data")
-                .arg(&rec.data)
-                .args(["image", "mount", reference.as_str()])
-                .arg(&lower)
-                .arg("--id-offset")
-                .arg(rec.uid_base.to_string())
-                .args(["--ready-fd", &READY_FD.to_string()])
-                .args(
-                    record_trace_secs
-                        .iter()
-                        .flat_map(|s| ["--record-trace".to_owned(), s.to_string()]),
-                )
-                .args(lazy_only.then_some("--no-background"))
-                .stdin(Stdio::null())
-                .stdout(
-                    log.try_clone()
-                        .map_err(Error::io("cannot open", layout.log()))?,
-                )
-                .stderr(log)
-                .spawn()
-                .map_err(Error::io("cannot run", &rec.helper))?;
-            // Only the mount holds the writing end now: its exit ends the read.
-            drop(ready_write);
-            let signal = MountSignal::receive_within(File::from(ready_read), MOUNT_SIGNAL_LIMIT);
-            let mut failed = |why: String| {
-                let _ = child.kill();
-                let _ = child.wait();
-                Err(Error::Start {
-                    id: rec.config.id.to_string(),
-                    message: why,
-                })
-            };
+            let mut args = vec![
+                OsString::from("mount"),
+                reference.into(),
+                lower.clone().into(),
+                "--id-offset".into(),
+                rec.uid_base.to_string().into(),
+            ];
+            if let Some(secs) = record_trace_secs {
+                args.extend(["--record-trace".into(), secs.to_string().into()]);
+            }
+            if *lazy_only {
+                args.push("--no-background".into());
+            }
+            let (mut child, signal) = run_image_mount(rec, layout, reference, &args)?;
             match signal {
-                Some(MountSignal::Mounted { .. }) if sys::is_mounted(&lower) => {}
-                Some(MountSignal::Failed { error }) => return failed(error),
-                _ => {
-                    return failed(format!(
-                        "image `{reference}` could not be mounted: the mount said nothing within {} s or ended (see {})",
-                        MOUNT_SIGNAL_LIMIT.as_secs(),
-                        layout.log().display()
-                    ));
+                Ok(MountSignal::Mounted { .. }) if sys::is_mounted(&lower) => {
+                    Ok(LowerMount::Image { child })
+                }
+                other => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    Err(other
+                        .err()
+                        .unwrap_or_else(|| mount_failed(rec, layout, reference)))
                 }
             }
-            Ok(LowerMount::Image { child })
         }
+    }
+}
+
+/// Runs `warren image ARGS` with a readiness pipe and waits for its signal: a failure it
+/// reports is an error naming the image; `Ok` is whatever else it said.
+fn run_image_mount(
+    rec: &WorkspaceRecord,
+    layout: &Layout,
+    reference: &str,
+    args: &[impl AsRef<std::ffi::OsStr>],
+) -> Result<(Child, Result<MountSignal, Error>), Error> {
+    let log = File::options()
+        .create(true)
+        .append(true)
+        .open(layout.log())
+        .map_err(Error::io("cannot open", layout.log()))?;
+    // The mount says on a pipe of its own whether it serves the tree, or why not.
+    let (ready_read, ready_write) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(Error::os("pipe"))?;
+    let mut command = Command::new(&rec.helper);
+    sys::unblock_signals_in_child(&mut command);
+    sys::give_fd_to_child(&mut command, ready_write.as_raw_fd(), READY_FD);
+    let mut child = command
+        .arg("--data")
+        .arg(&rec.data)
+        .arg("image")
+        .args(args)
+        .args(["--ready-fd", &READY_FD.to_string()])
+        .stdin(Stdio::null())
+        .stdout(
+            log.try_clone()
+                .map_err(Error::io("cannot open", layout.log()))?,
+        )
+        .stderr(log)
+        .spawn()
+        .map_err(Error::io("cannot run", &rec.helper))?;
+    // Only the mount holds the writing end now: its exit ends the read.
+    drop(ready_write);
+    let signal = match MountSignal::receive_within(File::from(ready_read), MOUNT_SIGNAL_LIMIT) {
+        Some(MountSignal::Failed { error }) => Err(Error::Start {
+            id: rec.config.id.to_string(),
+            message: error,
+        }),
+        Some(signal) => Ok(signal),
+        None => Err(mount_failed(rec, layout, reference)),
+    };
+    if signal.is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    Ok((child, signal))
+}
+
+fn mount_failed(rec: &WorkspaceRecord, layout: &Layout, reference: &str) -> Error {
+    Error::Start {
+        id: rec.config.id.to_string(),
+        message: format!(
+            "image `{reference}` could not be mounted: the mount said nothing within {} s or ended (see {})",
+            MOUNT_SIGNAL_LIMIT.as_secs(),
+            layout.log().display()
+        ),
     }
 }
 
@@ -720,14 +827,18 @@ pub(crate) fn teardown(
     // Unmounting first lets the image mount's FUSE session end at once; its process then exits
     // on SIGTERM (killed if it does not).
     leftovers.extend(sys::unmount_all(&layout.lower()));
-    if let Some(LowerMount::Image { mut child, .. }) = mount {
-        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
-            std::thread::sleep(Duration::from_millis(10));
+    match mount {
+        Some(LowerMount::Image { mut child, .. }) => {
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
         }
-        let _ = child.kill();
-        let _ = child.wait();
+        Some(shared @ LowerMount::Shared { .. }) => shared.release(),
+        Some(LowerMount::Dir) | None => {}
     }
     // A VM has no cgroup of its own (its QEMU's memory is its size); its name may be a
     // container's of another runtime on the host.

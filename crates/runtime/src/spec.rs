@@ -192,6 +192,7 @@ mod tests {
             helper: "/usr/bin/warren".into(),
             containers: "/var/lib/warren/runtime/containers".into(),
             vm: None,
+            shared_mounts: None,
         }
     }
 

@@ -165,12 +165,14 @@ pub(crate) fn mount_overlay(
 
 /// Binds `source` at `target` with every id shifted by `base` (an idmapped mount), so files
 /// owned by root on the host belong to the workspace's root inside. Forks (for the user
-/// namespace that describes the mapping): call it from the single-threaded shim only.
+/// namespace that describes the mapping). `honor_setuid` clears `nosuid` on the clone (a
+/// shared image mount has it; each workspace's view of it does not).
 pub(crate) fn bind_idmapped(
     source: &Path,
     target: &Path,
     base: u32,
     count: u32,
+    honor_setuid: bool,
 ) -> Result<(), Error> {
     let fail = |step: &'static str, cause: std::io::Error| Error::Bind {
         from: source.to_owned(),
@@ -182,7 +184,11 @@ pub(crate) fn bind_idmapped(
     let c_target = path_cstring(target)?;
     let attr = libc::mount_attr {
         attr_set: libc::MOUNT_ATTR_IDMAP,
-        attr_clr: 0,
+        attr_clr: if honor_setuid {
+            libc::MOUNT_ATTR_NOSUID
+        } else {
+            0
+        },
         propagation: 0,
         userns_fd: userns.as_raw_fd() as u64,
     };

@@ -92,6 +92,8 @@ pub struct Warren {
     /// Where preview URLs are served.
     pub preview_port: u16,
     pub child: Option<Child>,
+    /// How `warren up` said it mounts images (`one per image, ...`, `one per workspace (...)`).
+    pub image_mounts: Option<String>,
     /// Where each logged-in user keeps its CLI token.
     pub configs: TempDir,
     /// More variables for `warren up`.
@@ -114,6 +116,7 @@ impl Warren {
             ssh_port: free_port(),
             preview_port: free_port(),
             child: None,
+            image_mounts: None,
             configs: tempfile::tempdir().unwrap(),
             env: Vec::new(),
             tls_ca: None,
@@ -229,6 +232,9 @@ impl Warren {
         // A first start prints the admin's password next; a later one prints nothing more.
         let mut password = None;
         while let Ok(line) = rx.recv_timeout(Duration::from_millis(500)) {
+            if let Some(rest) = line.trim().strip_prefix("image mounts: ") {
+                self.image_mounts = Some(rest.to_owned());
+            }
             if let Some(rest) = line.trim().strip_prefix("user: admin   password: ") {
                 password = Some(rest.trim().to_owned());
             }
