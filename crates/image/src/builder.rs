@@ -10,6 +10,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
+use crate::chunk_list::ChunkList;
 use crate::digest::{ChunkId, Digest, Hasher};
 use crate::index::{ChunkLoc, Entry, EntryKind, TreeIndex, is_clean_path};
 
@@ -172,7 +173,7 @@ impl ImageBuilder {
             e.chunks = e
                 .chunks
                 .iter()
-                .filter_map(|&c| {
+                .filter_map(|c| {
                     let id = base.chunks.get(c as usize)?.id;
                     self.chunk_ref(id)
                 })
@@ -338,7 +339,7 @@ impl ImageBuilder {
         entry.kind = EntryKind::File;
         self.check_path(&entry.path)?;
         let limit = self.limits.max_file_bytes;
-        let mut chunks = Vec::new();
+        let mut chunks = ChunkList::new();
         let mut size = 0u64;
         let params = self.params;
         let mut limited = content.take(limit + 1);
@@ -526,18 +527,21 @@ impl ImageBuilder {
         let mut chunks = Vec::new();
         let mut entries = Vec::with_capacity(self.entries.len());
         for (_, mut e) in self.entries {
-            for c in &mut e.chunks {
-                let new = *chunk_map.entry(*c).or_insert_with(|| {
-                    let mut loc = self.chunks[*c as usize];
-                    loc.blob = *blob_map.entry(loc.blob).or_insert_with(|| {
-                        blobs.push(self.blobs[loc.blob as usize]);
-                        u32::try_from(blobs.len() - 1).expect("fewer than 2^32 blobs")
-                    });
-                    chunks.push(loc);
-                    u32::try_from(chunks.len() - 1).expect("fewer than 2^32 chunks")
-                });
-                *c = new;
-            }
+            e.chunks = e
+                .chunks
+                .iter()
+                .map(|c| {
+                    *chunk_map.entry(c).or_insert_with(|| {
+                        let mut loc = self.chunks[c as usize];
+                        loc.blob = *blob_map.entry(loc.blob).or_insert_with(|| {
+                            blobs.push(self.blobs[loc.blob as usize]);
+                            u32::try_from(blobs.len() - 1).expect("fewer than 2^32 blobs")
+                        });
+                        chunks.push(loc);
+                        u32::try_from(chunks.len() - 1).expect("fewer than 2^32 chunks")
+                    })
+                })
+                .collect();
             entries.push(e);
         }
         let index = TreeIndex {

@@ -5,8 +5,9 @@
 //!
 //! Two encodings, both untrusted when they come from a registry (every reference is checked):
 //! - paged (what images are stored as): the *tree* — magic `WRNIDX02`, then a zstd frame of the
-//!   postcard encoding of the pack blobs, the entries (each file's chunk list delta-coded, so a
-//!   run of new chunks costs a byte each before compression) and a [`PageTable`] — plus a
+//!   postcard encoding of the pack blobs, the entries (each file's chunk list delta-coded,
+//!   [`DeltaCoded`], so a run of new chunks costs a byte each before compression) and a
+//!   [`PageTable`] — plus a
 //!   *chunk table* blob of pages of [`PAGE_CHUNKS`] locations, each its own zstd frame, named in
 //!   the tree by its BLAKE3 hash ([`TreeIndex::encode_paged`], [`TreeIndex::decode_tree`],
 //!   [`PageTable::decode_page`]). A mount fetches the tree, then a page when a reader first
@@ -18,6 +19,7 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::chunk_list::{ChunkList, DeltaCoded};
 use crate::digest::{ChunkId, Digest};
 
 const MAGIC: &[u8; 8] = b"WRNIDX01";
@@ -74,7 +76,7 @@ pub struct PageTable {
 #[derive(Serialize, Deserialize)]
 struct PagedTree {
     blobs: Vec<Digest>,
-    entries: Vec<Entry>,
+    entries: Vec<Entry<DeltaCoded>>,
     table: PageTable,
 }
 
@@ -91,8 +93,10 @@ pub enum EntryKind {
     Socket,
 }
 
+/// One entry of the tree; `C` is how its chunk list is held (encoded differently in a paged
+/// index's tree).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Entry {
+pub struct Entry<C = ChunkList> {
     /// Relative to the image root, `/`-separated, no `.` or `..`; empty for the root.
     pub path: Vec<u8>,
     pub kind: EntryKind,
@@ -110,8 +114,28 @@ pub struct Entry {
     pub link: Vec<u8>,
     /// Extended attributes, sorted by name (`security.capability` among them).
     pub xattrs: Vec<(String, Vec<u8>)>,
-    /// For regular files: indices into [`TreeIndex::chunks`], in file order.
-    pub chunks: Vec<u32>,
+    /// For regular files: positions in [`TreeIndex::chunks`], in file order.
+    pub chunks: C,
+}
+
+impl<C> Entry<C> {
+    /// The same entry with its chunk list held as `f` makes it.
+    fn with_chunks<D>(self, f: impl FnOnce(C) -> D) -> Entry<D> {
+        Entry {
+            path: self.path,
+            kind: self.kind,
+            mode: self.mode,
+            uid: self.uid,
+            gid: self.gid,
+            mtime: self.mtime,
+            mtime_nsec: self.mtime_nsec,
+            size: self.size,
+            rdev: self.rdev,
+            link: self.link,
+            xattrs: self.xattrs,
+            chunks: f(self.chunks),
+        }
+    }
 }
 
 impl Entry {
@@ -128,7 +152,7 @@ impl Entry {
             rdev: 0,
             link: Vec::new(),
             xattrs: Vec::new(),
-            chunks: Vec::new(),
+            chunks: ChunkList::new(),
         }
     }
 
@@ -213,23 +237,6 @@ fn decompress(body: &[u8], limit: u64) -> Result<Vec<u8>, IndexError> {
     Ok(raw)
 }
 
-/// A file's chunk list as differences from the chunk before (the first from 0): new chunks are
-/// numbered in file order, so most differences are 1.
-fn delta_code(chunks: &mut [u32]) {
-    let mut prev = 0u32;
-    for c in chunks {
-        (*c, prev) = (c.wrapping_sub(prev), *c);
-    }
-}
-
-fn delta_decode(chunks: &mut [u32]) {
-    let mut prev = 0u32;
-    for c in chunks {
-        *c = c.wrapping_add(prev);
-        prev = *c;
-    }
-}
-
 /// The chunk positions page `page` of a table of `chunks` holds (empty past its end).
 pub fn page_span(chunks: u32, page: usize) -> std::ops::Range<u32> {
     let start = (page * PAGE_CHUNKS).min(chunks as usize);
@@ -239,13 +246,12 @@ pub fn page_span(chunks: u32, page: usize) -> std::ops::Range<u32> {
 /// A paged index's tree as encoded: magic, then a zstd frame of its postcard encoding; each
 /// file's chunk list delta-coded.
 fn encode_tree(blobs: &[Digest], entries: &[Entry], table: PageTable) -> Vec<u8> {
-    let mut entries = entries.to_vec();
-    for e in &mut entries {
-        delta_code(&mut e.chunks);
-    }
     let tree = PagedTree {
         blobs: blobs.to_vec(),
-        entries,
+        entries: entries
+            .iter()
+            .map(|e| e.clone().with_chunks(DeltaCoded))
+            .collect(),
         table,
     };
     let raw = postcard::to_stdvec(&tree).expect("serializing to memory cannot fail");
@@ -370,15 +376,17 @@ impl TreeIndex {
             .strip_prefix(PAGED_MAGIC)
             .ok_or(IndexError::BadMagic)?;
         let raw = decompress(body, MAX_DECODED_BYTES)?;
-        let mut tree: PagedTree = postcard::from_bytes(&raw).map_err(IndexError::Decode)?;
-        for e in &mut tree.entries {
-            delta_decode(&mut e.chunks);
-        }
+        let tree: PagedTree = postcard::from_bytes(&raw).map_err(IndexError::Decode)?;
+        drop(raw);
         tree.table.validate()?;
         let index = TreeIndex {
             blobs: tree.blobs,
             chunks: Vec::new(),
-            entries: tree.entries,
+            entries: tree
+                .entries
+                .into_iter()
+                .map(|e| e.with_chunks(|d| d.0))
+                .collect(),
         };
         index.validate_entries(tree.table.chunks as usize, None)?;
         Ok((index, tree.table))
@@ -483,11 +491,13 @@ impl TreeIndex {
             {
                 return bad(format!("the parent of `{name}` is not a folder"));
             }
-            if let Some(&c) = e.chunks.iter().find(|&&c| c as usize >= count) {
+            if let Some(c) = e.chunks.max()
+                && c as usize >= count
+            {
                 return bad(format!("`{name}` refers to chunk {c} of {count}"));
             }
             if let Some(chunks) = chunks {
-                Self::check_file(e, e.chunks.iter().map(|&c| chunks[c as usize].len))?;
+                Self::check_file(e, e.chunks.iter().map(|c| chunks[c as usize].len))?;
             }
             match e.kind {
                 EntryKind::Hardlink if kinds.get(&e.link[..]) != Some(&EntryKind::File) => {
@@ -533,7 +543,7 @@ mod tests {
     fn sample() -> TreeIndex {
         let mut file = Entry::new(b"etc/motd".to_vec(), EntryKind::File, 0o644);
         file.size = 5;
-        file.chunks = vec![0];
+        file.chunks = [0].into();
         let mut link = Entry::new(b"etc/motd2".to_vec(), EntryKind::Hardlink, 0o644);
         link.link = b"etc/motd".to_vec();
         TreeIndex {
@@ -640,7 +650,7 @@ mod tests {
         }
         // A file made of chunks seen before, out of order (dedup).
         let mut again = Entry::new(b"etc/g".to_vec(), EntryKind::File, 0o644);
-        again.chunks = vec![7, 3, 3, 5000];
+        again.chunks = [7, 3, 3, 5000].into();
         again.size = 400;
         index.entries.push(again);
         index
@@ -681,7 +691,7 @@ mod tests {
         let err = table.decode_page(2, third, 0).unwrap_err().to_string();
         assert!(err.contains("refers to blob 0 of 0"), "{err}");
         let mut far = index.clone();
-        far.entries.last_mut().unwrap().chunks[0] = 9000;
+        far.entries.last_mut().unwrap().chunks = [9000, 3, 3, 5000].into();
         let err = TreeIndex::decode_tree(&far.encode_paged().0)
             .unwrap_err()
             .to_string();

@@ -10,6 +10,7 @@
 //! index. Where the blobs are kept is the `store` crate's business; serving them is `lazyfs`'s.
 
 mod builder;
+mod chunk_list;
 mod digest;
 mod import_dir;
 mod import_overlay;
@@ -17,6 +18,7 @@ mod import_tar;
 mod index;
 
 pub use builder::{BuildError, BuildStats, Built, ChunkParams, ImageBuilder, Limits, NewPack};
+pub use chunk_list::ChunkList;
 pub use digest::{BadDigest, ChunkId, Digest, Hasher};
 pub use import_dir::{DirImportError, import_dir};
 pub use import_overlay::{OverlayImportError, apply_overlay_upper};

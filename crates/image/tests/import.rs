@@ -22,7 +22,7 @@ fn read_back(index: &TreeIndex, packs_dir: &Path, path: &str) -> Vec<u8> {
     }
     let mut out = Vec::new();
     let mut packs: HashMap<u32, Vec<u8>> = HashMap::new();
-    for &c in &entry.chunks {
+    for c in entry.chunks.iter() {
         let loc = index.chunks[c as usize];
         let pack = packs.entry(loc.blob).or_insert_with(|| {
             std::fs::read(packs_dir.join(index.blobs[loc.blob as usize].hex())).unwrap()

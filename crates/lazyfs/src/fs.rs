@@ -283,7 +283,7 @@ impl Filesystem for LazyFs {
             }
         };
         let span = Self::chunk_span(ends, offset, len);
-        let wanted: Vec<u32> = entry.chunks[span.clone()].to_vec();
+        let wanted: Vec<u32> = entry.chunks.range(span.clone()).collect();
         // Readahead: the following chunks of this file up to `readahead` bytes, fetched in the
         // same request if they are missing.
         let start_of_span = if span.start == 0 {
@@ -293,7 +293,7 @@ impl Filesystem for LazyFs {
         };
         let until = ends[span.end - 1].saturating_add(self.options.readahead);
         let more = ends[span.end..].partition_point(|&end| end < until);
-        let extra = &entry.chunks[span.end..(span.end + more + 1).min(entry.chunks.len())];
+        let extra: Vec<u32> = entry.chunks.range(span.end..span.end + more + 1).collect();
         if let Some(rec) = &self.recorder {
             rec.record(&wanted);
         }
@@ -304,7 +304,7 @@ impl Filesystem for LazyFs {
         }
         SPAN.with_borrow_mut(|data| {
             data.clear();
-            match self.fetcher.read_into(&wanted, extra, data) {
+            match self.fetcher.read_into(&wanted, &extra, data) {
                 Ok(()) => {
                     let to = (from + len as usize).min(data.len());
                     reply.data(&data[from.min(to)..to]);

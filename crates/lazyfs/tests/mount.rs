@@ -290,7 +290,7 @@ fn a_recorded_trace_is_replayed_and_the_background_pull_fills_the_cache() {
         panic!("a trace of chunk ids recorded")
     };
     positions.sort();
-    assert_eq!(&positions, noise_chunks);
+    assert_eq!(positions, noise_chunks.to_vec());
     trace::save(store.as_ref(), &digest, &recorded).unwrap();
 
     // Second mount on an empty cache: the trace is replayed, then everything else pulled.

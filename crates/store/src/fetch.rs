@@ -194,7 +194,7 @@ impl ChunkFetcher {
     /// Where each chunk of file `entry` lives, checked to hold the file's size (an index from a
     /// store is only checked this far when a file's pages arrive).
     pub fn file_locs(&self, entry: &warren_image::Entry) -> Result<Vec<ChunkLoc>, FetchError> {
-        let locs = self.table.locs(&entry.chunks)?;
+        let locs = self.table.locs(&entry.chunks.to_vec())?;
         TreeIndex::check_file(entry, locs.iter().map(|l| l.len))
             .map_err(|e| StoreError::Invalid(e.to_string()))?;
         Ok(locs)

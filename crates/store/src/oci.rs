@@ -266,7 +266,7 @@ pub fn export_oci(
                 // is read (and a list repeating one chunk could fill memory). Checked before
                 // any of it is read.
                 fetcher.file_locs(e)?;
-                let data = fetcher.read(&e.chunks, &[])?;
+                let data = fetcher.read(&e.chunks.to_vec(), &[])?;
                 tar.append_data(&mut h, path, &data[..])
             }
             EntryKind::Symlink => {
