@@ -70,6 +70,7 @@ pub fn execute(
             env: Vec::new(),
             vm: spec.vm.clone(),
             owner: None,
+            tenant: spec.tenant.clone(),
         };
         match runtime.create(&config) {
             Ok(_) | Err(RuntimeError::AlreadyExists(_)) => Ok(()),

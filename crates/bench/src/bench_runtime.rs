@@ -506,6 +506,7 @@ fn idle_memory(
             env: Vec::new(),
             vm: None,
             owner: None,
+            tenant: None,
         })?;
         runtime.start(id)?;
     }

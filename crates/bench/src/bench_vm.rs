@@ -84,6 +84,7 @@ fn create_vm(
         env: Vec::new(),
         vm: Some(options),
         owner: None,
+        tenant: None,
     })?;
     Ok(id)
 }

@@ -227,6 +227,7 @@ impl<'a> Sandbox<'a> {
             vm: None,
             // Removed by the host if this process dies before it can.
             owner: warren_runtime::Owner::this_process(),
+            tenant: None,
         })?;
         let sandbox = Sandbox { runtime, id };
         runtime.start(&sandbox.id)?;

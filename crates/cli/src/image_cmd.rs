@@ -91,6 +91,9 @@ pub enum ImageCommand {
         /// The host's folder of shared mounts
         #[arg(long)]
         under: PathBuf,
+        /// Whose workspace it is for: a mount is shared only between one tenant's workspaces
+        #[arg(long, default_value = "")]
+        tenant: String,
         #[arg(long, value_name = "FD")]
         ready_fd: Option<i32>,
     },
@@ -489,10 +492,11 @@ pub fn run(cmd: ImageCommand, data: &Path) -> anyhow::Result<()> {
         ImageCommand::Share {
             image,
             under,
+            tenant,
             ready_fd,
         } => {
             let mut ready = ready_fd.map(ReadyPipe::open).transpose()?;
-            let result = share(data, &image, &under);
+            let result = share(data, &image, &under, &tenant);
             if let Some(pipe) = ready.as_mut() {
                 pipe.say(&match &result {
                     Ok((tree, lease)) => MountSignal::Shared {
@@ -980,15 +984,22 @@ struct MountFlags {
     digest: Option<String>,
 }
 
-/// The host's one mount of `reference` under `under` (see
-/// `warren_runtime::image_sharing::find_or_start`): its tree and lease.
-fn share(data: &Path, reference: &str, under: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+/// The host's one mount of `reference` for `tenant` under `under` (see
+/// `warren_runtime::image_sharing::find_or_start`): its tree and lease. One per tenant, image
+/// and store the image comes from (its chunks are read from there).
+fn share(
+    data: &Path,
+    reference: &str,
+    under: &Path,
+    tenant: &str,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
     let (opening, name) = resolve(data, reference, Retry::default())?;
     let (_, digest) = opening
         .get_manifest(&name)
         .map_err(|e| warren_lazyfs::serve::ServeError::opening(reference, e))?;
+    let key = Digest::of(format!("{tenant}\0{}\0{digest}", opening.describe()).as_bytes());
     let exe = std::env::current_exe().context("cannot find this program")?;
-    warren_runtime::image_sharing::find_or_start(under, &digest.hex(), |tree, lease| {
+    warren_runtime::image_sharing::find_or_start(under, &key.hex(), |tree, lease| {
         let mut server = std::process::Command::new(&exe);
         server
             .arg("--data")
@@ -1067,7 +1078,7 @@ fn mount(
         record_trace: flags.record_trace.map(Duration::from_secs),
         prefetch: flags.prefetch,
         background: flags.background,
-        setuid: flags.shared_lease.is_none(),
+        shared: flags.shared_lease.is_some(),
         digest: flags.digest.as_deref(),
     })?;
     let index = served.image.index.clone();
@@ -1121,7 +1132,8 @@ fn mount(
                 }
                 Ok(None) => unheld_since = None,
                 // Its folder was removed: nobody can take it any more.
-                Err(_) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                Err(e) => tracing::warn!(error = %e, "cannot check the shared mount's lease"),
             }
         }
         if let Some(saved) = served.save_trace_when_due(save_now.swap(false, Ordering::Relaxed)) {
@@ -1132,6 +1144,10 @@ fn mount(
         }
     }
     let (stats, saved) = served.unmount();
+    if let Some(generation) = flags.shared_lease.as_deref().and_then(Path::parent) {
+        // Its folder's name is never used again.
+        warren_runtime::image_sharing::remove_generation(generation);
+    }
     if let Some(saved) = saved {
         say_trace(saved);
     }

@@ -293,6 +293,7 @@ pub fn run(args: RuntimeArgs, data: &Path) -> anyhow::Result<ExitCode> {
                     ..Default::default()
                 }),
                 owner: None,
+                tenant: None,
             };
             let info = runtime.create(&config)?;
             runtime.start(&config.id).with_context(|| {

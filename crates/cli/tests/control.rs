@@ -45,7 +45,8 @@ fn end_to_end(seed: u32, database_url: Option<String>) {
     let detected =
         std::fs::read_to_string(warren.data.path().join("runtime/image-sharing.json")).unwrap();
     let said = warren.image_mounts.clone().unwrap_or_default();
-    if detected.contains(r#""mode":"shared""#) {
+    let shared = detected.contains(r#""mode":"shared""#);
+    if shared {
         assert_eq!(
             said,
             "one per image, shared by its workspaces (idmapped FUSE)"
@@ -236,6 +237,13 @@ fn end_to_end(seed: u32, database_url: Option<String>) {
         "https://api.example.com hunter2-very-secret\n",
         "the workspace's processes get the project's and the owner's variables"
     );
+    // One owner's workspaces of an image share the host's mount of it; another owner's have
+    // their own (where the kernel lets the host share mounts at all).
+    warren.ok("alice", &["ws", "create", "dev2", "--image", "dev:1"]);
+    warren.ok("admin", &["ws", "create", "admins", "--image", "dev:1"]);
+    assert_eq!(warren.image_mounts(), if shared { 2 } else { 3 });
+    warren.ok("alice", &["ws", "rm", "dev2"]);
+    warren.ok("admin", &["ws", "rm", "admins"]);
     // The host reports the workspace's resource use (every 10 s).
     let deadline = Instant::now() + Duration::from_secs(30);
     let stats = loop {

@@ -780,11 +780,64 @@ fn workspaces_of_one_image_share_one_mount_each_with_its_own_ids() {
     );
     assert_ne!(host.sh("sb", "cat /etc/motd").1, "mine\n");
 
-    // One stops: the other reads on from the same mount.
+    // One stops: the other reads on from the same mount, which a third start joins.
     host.ok(&["runtime", "stop", "sa"]);
-    assert_eq!(image_mounts_of(host.data.path()).len(), 1);
+    assert_eq!(image_mounts_of(host.data.path()), mounts);
+    assert!(
+        mount_options(&tree).is_some(),
+        "the shared tree is still mounted"
+    );
     let version = std::fs::read_to_string(rootfs.join("etc/debian_version")).unwrap();
     assert_eq!(host.sh("sb", "cat /etc/debian_version").1, version);
+    host.ok(&["runtime", "start", "sa"]);
+    assert_eq!(image_mounts_of(host.data.path()), mounts);
+    host.ok(&["runtime", "stop", "sa"]);
+
+    // Another tenant's workspace of the same image has a mount of its own: no tenant sees
+    // another's reads in a shared page cache.
+    let bobs = id("sbob");
+    host.runtime
+        .create(&warren_runtime::WorkspaceConfig {
+            id: bobs.clone(),
+            root: warren_runtime::RootSource::Image {
+                reference: "base:1".into(),
+                record_trace_secs: None,
+                lazy_only: false,
+            },
+            hostname: None,
+            limits: Default::default(),
+            env: Vec::new(),
+            vm: None,
+            owner: None,
+            tenant: Some("bob".into()),
+        })
+        .unwrap();
+    host.runtime.start(&bobs).unwrap();
+    assert_eq!(image_mounts_of(host.data.path()).len(), 2);
+    assert_eq!(host.sh("sbob", "cat /etc/debian_version").1, version);
+    host.runtime.delete(&bobs).unwrap();
+    host.wait_for(
+        "the other tenant's mount ends",
+        Duration::from_secs(10),
+        || image_mounts_of(host.data.path()) == mounts,
+    );
+
+    // A mount nobody takes (its starter died before it held the lease) ends by itself and
+    // leaves nothing.
+    let unheld = host.ok(&[
+        "image",
+        "share",
+        "base:1",
+        "--under",
+        shared.to_str().unwrap(),
+        "--tenant",
+        "nobody",
+    ]);
+    assert!(unheld.contains("shared mount at"), "{unheld}");
+    assert_eq!(image_mounts_of(host.data.path()).len(), 2);
+    host.wait_for("an unheld mount ends", Duration::from_secs(30), || {
+        image_mounts_of(host.data.path()) == mounts
+    });
 
     // Its server killed, the next start serves the image anew.
     let _ = Command::new("kill")
@@ -794,6 +847,17 @@ fn workspaces_of_one_image_share_one_mount_each_with_its_own_ids() {
     host.wait_for("the killed mount is gone", Duration::from_secs(10), || {
         image_mounts_of(host.data.path()).is_empty()
     });
+    // Its workspace's supervisor says so.
+    let sb_log = host.data.path().join("runtime/workspaces/sb/shim.log");
+    host.wait_for(
+        "the supervisor logs the end",
+        Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(&sb_log)
+                .unwrap_or_default()
+                .contains("the image's shared mount ended")
+        },
+    );
     assert!(
         !host
             .warren(&["runtime", "exec", "sb", "--", "cat", "/etc/debian_version"])
@@ -816,6 +880,15 @@ fn workspaces_of_one_image_share_one_mount_each_with_its_own_ids() {
         .map(|m| m.display().to_string())
         .collect();
     assert_eq!(left, Vec::<String>::new());
+    // Each mount removed its folder as it ended (the killed one's went at the next start).
+    let generations: Vec<PathBuf> = std::fs::read_dir(&shared)
+        .unwrap()
+        .flatten()
+        .flat_map(|image| std::fs::read_dir(image.path()).unwrap().flatten())
+        .filter(|e| e.file_type().unwrap().is_dir())
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(generations, Vec::<PathBuf>::new());
 }
 
 #[test]

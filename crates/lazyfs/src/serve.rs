@@ -34,9 +34,10 @@ pub struct ServeRequest<'a> {
     pub prefetch: bool,
     /// Pull the rest of the image in the background.
     pub background: bool,
-    /// Honor setuid bits (not on a mount the host shares between workspaces: there the
-    /// image's root is host root).
-    pub setuid: bool,
+    /// Served for several workspaces (the host's shared mount of the image): setuid bits are
+    /// ignored (its root is host root), and it has more FUSE threads, so that one workspace's
+    /// reads waiting on a slow registry do not hold the others'.
+    pub shared: bool,
     /// Refuse to serve unless the reference names this manifest digest.
     pub digest: Option<&'a str>,
 }
@@ -161,10 +162,16 @@ pub fn serve(request: ServeRequest<'_>) -> Result<ServedImage, ServeError> {
     } else {
         None
     };
+    let defaults = MountOptions::default();
     let options = MountOptions {
         id_offset: request.id_offset,
-        setuid: request.setuid,
-        ..MountOptions::default()
+        setuid: !request.shared,
+        threads: if request.shared {
+            2 * defaults.threads
+        } else {
+            defaults.threads
+        },
+        ..defaults
     };
     let session = crate::mount(
         LazyFs::new(

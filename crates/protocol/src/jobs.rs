@@ -25,6 +25,10 @@ pub struct WorkspaceSpec {
     /// Run it as a virtual machine rather than a system container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm: Option<crate::VmOptions>,
+    /// Whose it is (its owner's id): a host shares what it may share (an image's mount) only
+    /// between workspaces of one tenant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 /// The step a job asks for.
@@ -393,6 +397,7 @@ mod tests {
                     stage: 0,
                 }],
                 vm: Some(crate::VmOptions::default()),
+                tenant: Some("u-1".into()),
             },
         };
         let text = serde_json::to_string(&job).unwrap_or_default();

@@ -18,7 +18,7 @@
 
 use std::ffi::CString;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use nix::sys::signal::{SigSet, SigmaskHow, sigprocmask};
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
@@ -77,13 +77,8 @@ pub(crate) fn spawn(
         .map(|a| CString::new(a.as_str()))
         .collect::<Result<_, _>>()
         .map_err(|_| fail("an argument contains a NUL byte".into()))?;
-    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
-    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, init_pid, 0) };
-    if raw < 0 {
-        return Err(Error::NotRunning(rec.config.id.to_string()));
-    }
-    // SAFETY: the syscall returned a new descriptor that nothing else owns.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
+    let pidfd = crate::sys::pidfd_open(init_pid)
+        .ok_or_else(|| Error::NotRunning(rec.config.id.to_string()))?;
     let (go_read, go_write) = std::io::pipe().map_err(Error::os("pipe"))?;
     let (report_read, report_write) = std::io::pipe().map_err(Error::os("pipe"))?;
     let (master_here, master_there) = socketpair(

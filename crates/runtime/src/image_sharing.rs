@@ -2,10 +2,11 @@
 //!
 //! An image mount costs a process of several MiB for as long as its workspace runs. Where the
 //! kernel lets FUSE mounts be idmapped (Linux 6.12 and later, for a server that opts in), the
-//! host serves each image once, at `<data>/mounts/<digest>/tree`, with the image's own ids and
-//! setuid bits ignored there; every workspace sees it through an idmapped clone of that mount
-//! (its ids shifted to the workspace's range, setuid honored) under its own overlay. Elsewhere
-//! each workspace keeps a mount of its own, as before. [`detect`] decides, once per boot.
+//! host serves each image once per tenant (see [`find_or_start`] for where), with the image's
+//! own ids and setuid bits ignored there; every workspace of that tenant sees it through an
+//! idmapped clone of that mount (its ids shifted to the workspace's range, setuid honored)
+//! under its own overlay. Elsewhere each workspace keeps a mount of its own, as before.
+//! [`detect`] decides, once per boot.
 //!
 //! A workspace holds a [`Lease`] (a shared `flock` on the mount's lease file) while it uses
 //! the mount. The last one out ends the mount ([`Lease::release`]); the mount also ends by
@@ -98,10 +99,28 @@ impl WholeLease {
     }
 }
 
-/// Whether `tree` is a live FUSE mount (a mount whose server died answers ENOTCONN).
+/// Whether the generation whose tree is `tree` is served: its tree is a mount, and the server
+/// named in its `pid` file is alive and serves that tree. Asked of mountinfo and `/proc`, never
+/// of the server (a request could wait behind reads stuck on a slow registry).
 pub fn is_served(tree: &Path) -> bool {
-    use nix::sys::statfs::{FUSE_SUPER_MAGIC, statfs};
-    statfs(tree).is_ok_and(|s| s.filesystem_type() == FUSE_SUPER_MAGIC)
+    crate::sys::is_mounted(tree) && server_pid(tree).is_some()
+}
+
+/// The live server of the generation whose tree is `tree`.
+pub fn server_pid(tree: &Path) -> Option<i32> {
+    let pid_file = tree.parent()?.join("pid");
+    let pid: i32 = std::fs::read_to_string(pid_file)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let tree = tree.as_os_str().as_encoded_bytes();
+    // The tree is one of its arguments (a pid reused by another process is not it).
+    cmdline
+        .split(|&b| b == 0)
+        .any(|arg| arg == tree)
+        .then_some(pid)
 }
 
 /// Where the shared mounts of a data folder live.
@@ -109,43 +128,66 @@ pub fn mounts_dir(data: &Path) -> PathBuf {
     data.join("mounts")
 }
 
-/// How long a new shared mount may take to say it serves the image: less than a supervisor
-/// waits for `warren image share`, so that the reason reaches it.
-const SERVER_SIGNAL_LIMIT: Duration = Duration::from_secs(100);
+/// How long `warren image share` may take in all (waiting for another start of the image,
+/// then for a new mount to say it serves it): less than a supervisor waits for it, so that
+/// the reason reaches the supervisor.
+const SHARE_LIMIT: Duration = Duration::from_secs(110);
 
-/// The host's mount of the image with digest `hex` under `mounts`: the one being served, or a
-/// new one, started by `server(tree, lease)` (a `warren image mount` given the readiness pipe
-/// as fd [`READY_FD`](crate::image_mount::READY_FD)). Returns its tree and lease.
+/// The shared mount's log is set aside past this size.
+const LOG_LIMIT: u64 = 1 << 20;
+
+/// The host's mount of one image for one tenant, named `key` (hex) under `mounts`: the one
+/// being served, or a new one, started by `server(tree, lease)` (a `warren image mount` given
+/// the readiness pipe as fd [`READY_FD`](crate::image_mount::READY_FD)). Returns its tree
+/// and lease.
 ///
-/// Layout: `<mounts>/<hex>/lock` (held while one is found or started), `current` (the
+/// Layout: `<mounts>/<key>/lock` (held while one is found or started), `current` (the
 /// generation served), `log` (every generation's output), and a folder per generation with
-/// its `tree` and `lease`. A generation is never mounted at another's path, so a server that
-/// ends late never unmounts its successor.
+/// its `tree`, `lease` and the server's `pid`. A generation is never mounted at another's
+/// path, so a server that ends late never unmounts its successor; each removes its own folder
+/// when it ends.
 pub fn find_or_start(
     mounts: &Path,
-    hex: &str,
+    key: &str,
     server: impl FnOnce(&Path, &Path) -> std::process::Command,
 ) -> Result<(PathBuf, PathBuf), String> {
-    if hex.is_empty() || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(format!("`{hex}` is not an image digest"));
+    let deadline = Instant::now() + SHARE_LIMIT;
+    if key.is_empty() || !key.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!("`{key}` is not a shared mount's name"));
     }
     let fail = |what: &str, path: &Path, e: std::io::Error| {
         format!("cannot {what} {}: {e}", path.display())
     };
-    let image = mounts.join(hex);
+    let image = mounts.join(key);
     for dir in [mounts, &image] {
         private_folder(dir).map_err(|e| fail("make", dir, e))?;
     }
     let lock_path = image.join("lock");
-    let lock = Flock::lock(
-        open_lease(&lock_path).map_err(|e| fail("open", &lock_path, e))?,
-        FlockArg::LockExclusive,
-    )
-    .map_err(|(_, e)| fail("lock", &lock_path, e.into()))?;
+    let mut lock_file = open_lease(&lock_path).map_err(|e| fail("open", &lock_path, e))?;
+    let lock = loop {
+        match Flock::lock(lock_file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => break lock,
+            Err((back, nix::errno::Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
+                lock_file = back;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                return Err(format!(
+                    "another start of this image was still starting its shared mount after {} s (see {})",
+                    SHARE_LIMIT.as_secs(),
+                    image.join("log").display()
+                ));
+            }
+            Err((_, e)) => return Err(fail("lock", &lock_path, e.into())),
+        }
+    };
     let current = image.join("current");
     if let Ok(name) = std::fs::read_to_string(&current) {
-        let generation = image.join(name.trim());
-        if name.trim().bytes().all(|b| b.is_ascii_hexdigit()) && is_served(&generation.join("tree"))
+        let name = name.trim();
+        let generation = image.join(name);
+        if !name.is_empty()
+            && name.bytes().all(|b| b.is_ascii_hexdigit())
+            && is_served(&generation.join("tree"))
         {
             return Ok((generation.join("tree"), generation.join("lease")));
         }
@@ -162,6 +204,9 @@ pub fn find_or_start(
         private_folder(dir).map_err(|e| fail("make", dir, e))?;
     }
     let log_path = image.join("log");
+    if std::fs::metadata(&log_path).is_ok_and(|m| m.len() > LOG_LIMIT) {
+        let _ = std::fs::rename(&log_path, image.join("log.1"));
+    }
     let log = File::options()
         .create(true)
         .append(true)
@@ -185,8 +230,11 @@ pub fn find_or_start(
         .spawn()
         .map_err(|e| format!("cannot start the image's shared mount: {e}"))?;
     drop(ready_write);
+    let pid_file = generation.join("pid");
+    std::fs::write(&pid_file, child.id().to_string()).map_err(|e| fail("write", &pid_file, e))?;
     use crate::image_mount::MountSignal;
-    match MountSignal::receive_within(File::from(ready_read), SERVER_SIGNAL_LIMIT) {
+    let left = deadline.saturating_duration_since(Instant::now());
+    match MountSignal::receive_within(File::from(ready_read), left) {
         Some(MountSignal::Mounted { .. }) if is_served(&tree) => {}
         other => {
             let _ = child.kill();
@@ -195,7 +243,7 @@ pub fn find_or_start(
                 Some(MountSignal::Failed { error }) => error,
                 _ => format!(
                     "the image's shared mount said nothing within {} s or ended (see {})",
-                    SERVER_SIGNAL_LIMIT.as_secs(),
+                    left.as_secs(),
                     log_path.display()
                 ),
             });
@@ -209,9 +257,9 @@ pub fn find_or_start(
     Ok((tree, lease))
 }
 
-/// Removes the generations of an image's mount that nobody can use any more: a tree whose
-/// server died is unmounted; one still served (only views of crashed workspaces hold it, or
-/// its last user is ending it) is left to end by itself.
+/// Removes what is left of the generations of an image's mount that are no longer served: a
+/// tree whose server died is unmounted. A server still alive (only views of crashed
+/// workspaces hold its file system) ends once its lease is gone.
 fn clear_generations(image: &Path) {
     let Ok(entries) = std::fs::read_dir(image) else {
         return;
@@ -228,10 +276,17 @@ fn clear_generations(image: &Path) {
         if crate::sys::is_mounted(&tree) {
             let _ = nix::mount::umount2(&tree, nix::mount::MntFlags::MNT_DETACH);
         }
-        let _ = std::fs::remove_dir(&tree);
-        let _ = std::fs::remove_file(generation.join("lease"));
-        let _ = std::fs::remove_dir(&generation);
+        remove_generation(&generation);
     }
+}
+
+/// Removes a generation's folder (its tree no longer mounted).
+pub fn remove_generation(generation: &Path) {
+    let _ = std::fs::remove_dir(generation.join("tree"));
+    for file in ["lease", "pid"] {
+        let _ = std::fs::remove_file(generation.join(file));
+    }
+    let _ = std::fs::remove_dir(generation);
 }
 
 /// A folder only host root may enter: the shared tree shows the image's own ids (root's files

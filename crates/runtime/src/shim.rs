@@ -148,11 +148,12 @@ pub(crate) enum LowerMount {
     Image {
         child: Child,
     },
-    /// The host's one mount of the image (see [`image_sharing`]), held while this workspace
-    /// uses it.
+    /// The host's one mount of the image for the workspace's tenant (see [`image_sharing`]),
+    /// held while this workspace uses it; `server` is readable once its server has ended.
     Shared {
         lease: Lease,
         tree: PathBuf,
+        server: Option<OwnedFd>,
     },
     Dir,
 }
@@ -161,7 +162,7 @@ impl LowerMount {
     /// Gives a shared mount back, ending it when this workspace was its last user; the
     /// workspace's own view of it must be unmounted first.
     fn release(self) {
-        if let Self::Shared { lease, tree } = self
+        if let Self::Shared { lease, tree, .. } = self
             && let Some(whole) = lease.release()
         {
             // Its server ends when the file system goes; the kernel keeps it while a view is
@@ -191,6 +192,8 @@ struct Shim {
     machine: Box<dyn Machine>,
     /// Exec'd processes by pid, with the connection waiting for their exit.
     execs: HashMap<i32, Channel>,
+    /// Readable once the server of the shared image mount under the workspace has ended.
+    shared_server: Option<OwnedFd>,
 }
 
 impl Shim {
@@ -234,6 +237,10 @@ impl Shim {
         };
         match prepared {
             Ok((init_pid, machine)) => Ok(Self {
+                shared_server: match &mut partial.mount {
+                    Some(LowerMount::Shared { server, .. }) => server.take(),
+                    _ => None,
+                },
                 rec: partial.rec,
                 layout: partial.layout,
                 init_pid,
@@ -263,6 +270,9 @@ impl Shim {
                     .iter()
                     .map(|p| PollFd::new(self.execs[p].as_fd(), PollFlags::POLLIN)),
             );
+            if let Some(server) = &self.shared_server {
+                fds.push(PollFd::new(server.as_fd(), PollFlags::POLLIN));
+            }
             if poll(&mut fds, PollTimeout::NONE).is_err() {
                 continue;
             }
@@ -271,6 +281,10 @@ impl Shim {
                 .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
                 .collect();
             drop(fds);
+            if self.shared_server.is_some() && ready.last() == Some(&true) {
+                self.shared_server = None;
+                tracing::error!(workspace.id = %self.rec.config.id, "the image's shared mount ended; the workspace's files are gone until it starts again");
+            }
             if ready[1] {
                 while let Ok(Some(info)) = sigfd.read_signal() {
                     let signal = Signal::try_from(info.ssi_signo as i32).ok();
@@ -675,6 +689,8 @@ fn mount_lower(rec: &WorkspaceRecord, layout: &Layout) -> Result<LowerMount, Err
                         reference.as_ref(),
                         "--under".as_ref(),
                         mounts.as_os_str(),
+                        "--tenant".as_ref(),
+                        rec.config.tenant.as_deref().unwrap_or("").as_ref(),
                     ],
                 )?;
                 let _ = child.wait();
@@ -683,18 +699,43 @@ fn mount_lower(rec: &WorkspaceRecord, layout: &Layout) -> Result<LowerMount, Err
                     Ok(_) => return Err(mount_failed(rec, layout, reference)),
                     Err(e) => return Err(e),
                 };
-                let lease =
-                    Lease::take(&lease, LEASE_WAIT).map_err(Error::io("cannot hold", &lease))?;
+                let lease = match Lease::take(&lease, LEASE_WAIT) {
+                    Ok(lease) => lease,
+                    // Its generation ended and was cleared meanwhile: ask again.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        return Err(Error::Start {
+                            id: rec.config.id.to_string(),
+                            message: format!(
+                                "the shared mount of image `{reference}` was still ending after {} s",
+                                LEASE_WAIT.as_secs()
+                            ),
+                        });
+                    }
+                    Err(e) => return Err(Error::io("cannot hold", &lease)(e)),
+                };
                 // Held, it cannot end; found ending, it is made again.
-                if !image_sharing::is_served(&tree) {
+                let Some(server) = image_sharing::server_pid(&tree)
+                    .filter(|_| image_sharing::is_served(&tree))
+                    .and_then(sys::pidfd_open)
+                else {
                     drop(lease);
                     continue;
-                }
+                };
                 if let Err(e) = sys::bind_idmapped(&tree, &lower, rec.uid_base, ID_RANGE, true) {
-                    LowerMount::Shared { lease, tree }.release();
+                    LowerMount::Shared {
+                        lease,
+                        tree,
+                        server: None,
+                    }
+                    .release();
                     return Err(e);
                 }
-                return Ok(LowerMount::Shared { lease, tree });
+                return Ok(LowerMount::Shared {
+                    lease,
+                    tree,
+                    server: Some(server),
+                });
             }
             Err(Error::Start {
                 id: rec.config.id.to_string(),

@@ -180,6 +180,7 @@ mod tests {
                 env: vec!["LANG=C.UTF-8".into()],
                 vm: None,
                 owner: None,
+                tenant: None,
             },
             slot: 3,
             uid_base: 1_000_196_608,

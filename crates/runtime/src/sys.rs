@@ -37,6 +37,15 @@ pub(crate) fn give_fd_to_child(cmd: &mut Command, fd: std::os::fd::RawFd, target
     }
 }
 
+/// A descriptor that becomes readable when process `pid` ends (close-on-exec); `None` if it
+/// is gone.
+pub(crate) fn pidfd_open(pid: i32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    // SAFETY: the syscall returned a new descriptor that nothing else owns.
+    (raw >= 0).then(|| unsafe { OwnedFd::from_raw_fd(raw as i32) })
+}
+
 /// Children start with no signal blocked. The shim blocks the signals it reads from a signalfd,
 /// and `std::process::Command` passes the mask on: a helper started from it would never see
 /// SIGTERM.

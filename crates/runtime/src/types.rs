@@ -126,6 +126,11 @@ pub struct WorkspaceConfig {
     /// workspace, which outlives whoever made it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<Owner>,
+    /// Whose it is (the control plane's owner id): the host shares an image's mount only
+    /// between workspaces of one tenant, so that no tenant sees another's reads in it (its
+    /// page cache). `None`: the host's own (made with `warren runtime`, benchmarks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 /// A running process, told apart from a later one with the same pid.

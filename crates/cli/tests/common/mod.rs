@@ -395,6 +395,22 @@ impl Warren {
         )
     }
 
+    /// How many image mounts serve this server's workspaces (a mount the host shares between
+    /// workspaces counts once).
+    pub fn image_mounts(&self) -> usize {
+        let marker = format!("--data {} image mount ", self.data.path().display());
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|entry| {
+                let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+                String::from_utf8_lossy(&cmdline)
+                    .replace('\0', " ")
+                    .contains(&marker)
+            })
+            .count()
+    }
+
     pub fn workspace_processes(&self) -> usize {
         let mut n = 0;
         for entry in std::fs::read_dir("/proc").unwrap().flatten() {

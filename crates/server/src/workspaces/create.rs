@@ -158,6 +158,7 @@ pub async fn create(
         disk: asked.disk,
         tasks,
         vm,
+        tenant: Some(caller.user_id.clone()),
     };
     jobs::enqueue(
         &mut tx,

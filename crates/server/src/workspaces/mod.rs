@@ -183,6 +183,7 @@ impl Workspace {
             disk: self.disk,
             tasks: self.tasks.clone(),
             vm: vm_options(&self.runtime, self.vm_ksm),
+            tenant: Some(self.owner_id.clone()),
         }
     }
 }
