@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use serde::Serialize;
-use warren_runtime::{ContainerRuntime, RootSource, Runtime, WorkspaceConfig, WorkspaceId};
+use warren_runtime::{ContainerRuntime, Runtime, WorkspaceConfig, WorkspaceId};
 
 use crate::bench::sh;
 
@@ -494,20 +494,7 @@ fn idle_memory(
         .map(|i| WorkspaceId::new(&format!("idle-{i}")))
         .collect::<Result<_, _>>()?;
     for id in &ids {
-        runtime.create(&WorkspaceConfig {
-            id: id.clone(),
-            root: RootSource::Image {
-                reference: "bench:1".into(),
-                record_trace_secs: None,
-                lazy_only: false,
-            },
-            hostname: None,
-            limits: Default::default(),
-            env: Vec::new(),
-            vm: None,
-            owner: None,
-            tenant: None,
-        })?;
+        runtime.create(&WorkspaceConfig::of_image(id.clone(), "bench:1"))?;
         runtime.start(id)?;
     }
     std::thread::sleep(Duration::from_secs(2));

@@ -798,18 +798,8 @@ fn workspaces_of_one_image_share_one_mount_each_with_its_own_ids() {
     let bobs = id("sbob");
     host.runtime
         .create(&warren_runtime::WorkspaceConfig {
-            id: bobs.clone(),
-            root: warren_runtime::RootSource::Image {
-                reference: "base:1".into(),
-                record_trace_secs: None,
-                lazy_only: false,
-            },
-            hostname: None,
-            limits: Default::default(),
-            env: Vec::new(),
-            vm: None,
-            owner: None,
             tenant: Some("bob".into()),
+            ..warren_runtime::WorkspaceConfig::of_image(bobs.clone(), "base:1")
         })
         .unwrap();
     host.runtime.start(&bobs).unwrap();

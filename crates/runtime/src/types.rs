@@ -133,6 +133,27 @@ pub struct WorkspaceConfig {
     pub tenant: Option<String>,
 }
 
+impl WorkspaceConfig {
+    /// A workspace of image `reference`, mounted lazily and pulled in the background, with no
+    /// limits, variables, tenant or owner of its own.
+    pub fn of_image(id: WorkspaceId, reference: &str) -> Self {
+        Self {
+            id,
+            root: RootSource::Image {
+                reference: reference.to_owned(),
+                record_trace_secs: None,
+                lazy_only: false,
+            },
+            hostname: None,
+            limits: Limits::default(),
+            env: Vec::new(),
+            vm: None,
+            owner: None,
+            tenant: None,
+        }
+    }
+}
+
 /// A running process, told apart from a later one with the same pid.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Owner {
