@@ -993,13 +993,14 @@ fn share(
     under: &Path,
     tenant: &str,
 ) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let deadline = Instant::now() + warren_runtime::image_sharing::SHARE_LIMIT;
     let (opening, name) = resolve(data, reference, Retry::default())?;
     let (_, digest) = opening
         .get_manifest(&name)
         .map_err(|e| warren_lazyfs::serve::ServeError::opening(reference, e))?;
     let key = Digest::of(format!("{tenant}\0{}\0{digest}", opening.describe()).as_bytes());
     let exe = std::env::current_exe().context("cannot find this program")?;
-    warren_runtime::image_sharing::find_or_start(under, &key.hex(), |tree, lease| {
+    warren_runtime::image_sharing::find_or_start(under, &key.hex(), deadline, |tree, lease| {
         let mut server = std::process::Command::new(&exe);
         server
             .arg("--data")

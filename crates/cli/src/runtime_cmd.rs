@@ -293,7 +293,7 @@ pub fn run(args: RuntimeArgs, data: &Path) -> anyhow::Result<ExitCode> {
                     ..Default::default()
                 }),
                 owner: None,
-                tenant: None,
+                tenant: Some(warren_runtime::HOST_TENANT.to_owned()),
             };
             let info = runtime.create(&config)?;
             runtime.start(&config.id).with_context(|| {

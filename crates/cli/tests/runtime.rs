@@ -811,18 +811,39 @@ fn workspaces_of_one_image_share_one_mount_each_with_its_own_ids() {
         Duration::from_secs(10),
         || image_mounts_of(host.data.path()) == mounts,
     );
+    // A workspace of no known tenant (recorded before tenants were) shares with nobody.
+    let unknown = id("snone");
+    host.runtime
+        .create(&warren_runtime::WorkspaceConfig {
+            tenant: None,
+            ..warren_runtime::WorkspaceConfig::of_image(unknown.clone(), "base:1")
+        })
+        .unwrap();
+    host.runtime.start(&unknown).unwrap();
+    let with_own = image_mounts_of(host.data.path());
+    assert_eq!(with_own.len(), 2, "{with_own:?}");
+    assert!(
+        with_own
+            .iter()
+            .any(|(_, cmdline)| cmdline.contains("--id-offset")),
+        "{with_own:?}"
+    );
+    host.runtime.delete(&unknown).unwrap();
 
     // A mount nobody takes (its starter died before it held the lease) ends by itself and
-    // leaves nothing.
+    // leaves nothing; a data folder reached through a symlink is found as mountinfo names it.
+    let link = host.data.path().with_extension("link");
+    std::os::unix::fs::symlink(host.data.path(), &link).unwrap();
     let unheld = host.ok(&[
         "image",
         "share",
         "base:1",
         "--under",
-        shared.to_str().unwrap(),
+        link.join("mounts").to_str().unwrap(),
         "--tenant",
         "nobody",
     ]);
+    std::fs::remove_file(&link).unwrap();
     assert!(unheld.contains("shared mount at"), "{unheld}");
     assert_eq!(image_mounts_of(host.data.path()).len(), 2);
     host.wait_for("an unheld mount ends", Duration::from_secs(30), || {

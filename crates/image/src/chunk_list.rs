@@ -1,11 +1,14 @@
 //! A file's chunks: positions in its image's chunk table, in file order, kept as runs of
 //! consecutive positions. A file's new chunks are numbered in the order they are cut, so a
 //! file is mostly one run: a 100 GiB image's 1.6 M chunk positions are a few thousand runs
-//! (16 bytes of memory per file instead of 4 bytes per chunk). A list of scattered positions
-//! (chunks shared with other files, out of order) costs 8 bytes per chunk.
+//! (8 bytes a run instead of 4 a chunk). A list of scattered or repeated positions (chunks
+//! shared with other files, out of order; a file of zeros) costs 8 bytes per chunk. Decoding
+//! may be held to a budget of positions ([`with_budget`]): an index is a tenant's.
 //!
 //! Encoded as the plain sequence of positions, or, in a paged index's tree, as differences
 //! from the position before ([`DeltaCoded`]); both decode straight into runs.
+
+use std::cell::Cell;
 
 use serde::de::{SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -80,7 +83,7 @@ impl ChunkList {
         let end = range.end.min(self.len());
         let start = range.start.min(end);
         let run = self.runs.partition_point(|r| (r.end as usize) <= start);
-        let mut skip = start - self.start_of(run.min(self.runs.len())) as usize;
+        let mut skip = start - self.start_of(run) as usize;
         self.runs[run..]
             .iter()
             .enumerate()
@@ -195,6 +198,20 @@ struct ListVisitor {
     delta: bool,
 }
 
+thread_local! {
+    /// The chunk positions lists decoded on this thread may still hold (`None`: no limit).
+    static BUDGET: Cell<Option<u64>> = const { Cell::new(None) };
+}
+
+/// Runs `decode` allowing at most `positions` chunk positions in all the lists it decodes on
+/// this thread: a small compressed index must not make its reader allocate without bound.
+pub(crate) fn with_budget<T>(positions: u64, decode: impl FnOnce() -> T) -> T {
+    let before = BUDGET.replace(Some(positions));
+    let out = decode();
+    BUDGET.set(before);
+    out
+}
+
 impl<'de> Visitor<'de> for ListVisitor {
     type Value = ChunkList;
 
@@ -206,6 +223,12 @@ impl<'de> Visitor<'de> for ListVisitor {
         let mut list = ChunkList::new();
         let mut prev = 0u32;
         while let Some(c) = seq.next_element::<u32>()? {
+            if let Some(left) = BUDGET.get() {
+                let Some(left) = left.checked_sub(1) else {
+                    return Err(serde::de::Error::custom("too many chunk positions"));
+                };
+                BUDGET.set(Some(left));
+            }
             let c = if self.delta { c.wrapping_add(prev) } else { c };
             prev = c;
             if list.len() == u32::MAX as usize {
@@ -265,6 +288,13 @@ mod tests {
         assert_eq!(plain, postcard::to_stdvec(&list.to_vec()).unwrap());
         let delta = postcard::to_stdvec(&DeltaCoded(list.clone())).unwrap();
         assert_eq!(postcard::from_bytes::<DeltaCoded>(&delta).unwrap().0, list);
+        // Held to a budget of positions across lists, both encodings.
+        let three: ChunkList = [1, 2, 3].into();
+        let pair = postcard::to_stdvec(&(three.clone(), three.clone())).unwrap();
+        assert!(with_budget(5, || postcard::from_bytes::<(ChunkList, ChunkList)>(&pair)).is_err());
+        assert!(with_budget(6, || postcard::from_bytes::<(ChunkList, ChunkList)>(&pair)).is_ok());
+        let delta = postcard::to_stdvec(&DeltaCoded(three)).unwrap();
+        assert!(with_budget(2, || postcard::from_bytes::<DeltaCoded>(&delta)).is_err());
         let run: ChunkList = (1000..2000).collect();
         // A run of new chunks: a byte each (the count's two bytes and the first's two).
         assert_eq!(

@@ -19,7 +19,7 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::chunk_list::{ChunkList, DeltaCoded};
+use crate::chunk_list::{ChunkList, DeltaCoded, with_budget};
 use crate::digest::{ChunkId, Digest};
 
 const MAGIC: &[u8; 8] = b"WRNIDX01";
@@ -33,6 +33,9 @@ pub const MAX_PAGE_BYTES: usize = 1 << 20;
 /// 1.6 M). A tree claims its table's size before any page is seen; this bounds what anything
 /// sized from that claim takes, and what a mount's pins may be asked to hold.
 pub const MAX_CHUNKS: u32 = 1 << 24;
+/// Refuse an index whose files name more chunk positions than this in all (64 M: 4 TiB of file
+/// data at the 64 KiB average chunk), while it is decoded: at most 512 MiB of lists.
+pub const MAX_POSITIONS: u64 = 4 * MAX_CHUNKS as u64;
 /// Refuse to decode an index whose decompressed form is larger than this.
 const MAX_DECODED_BYTES: u64 = 4 << 30;
 
@@ -376,7 +379,8 @@ impl TreeIndex {
             .strip_prefix(PAGED_MAGIC)
             .ok_or(IndexError::BadMagic)?;
         let raw = decompress(body, MAX_DECODED_BYTES)?;
-        let tree: PagedTree = postcard::from_bytes(&raw).map_err(IndexError::Decode)?;
+        let tree: PagedTree = with_budget(MAX_POSITIONS, || postcard::from_bytes(&raw))
+            .map_err(IndexError::Decode)?;
         drop(raw);
         tree.table.validate()?;
         let index = TreeIndex {
@@ -443,7 +447,8 @@ impl TreeIndex {
     pub fn decode(bytes: &[u8]) -> Result<TreeIndex, IndexError> {
         let body = bytes.strip_prefix(MAGIC).ok_or(IndexError::BadMagic)?;
         let raw = decompress(body, MAX_DECODED_BYTES)?;
-        let index: TreeIndex = postcard::from_bytes(&raw).map_err(IndexError::Decode)?;
+        let index: TreeIndex = with_budget(MAX_POSITIONS, || postcard::from_bytes(&raw))
+            .map_err(IndexError::Decode)?;
         index.validate()?;
         Ok(index)
     }

@@ -128,10 +128,10 @@ pub fn mounts_dir(data: &Path) -> PathBuf {
     data.join("mounts")
 }
 
-/// How long `warren image share` may take in all (waiting for another start of the image,
-/// then for a new mount to say it serves it): less than a supervisor waits for it, so that
-/// the reason reaches the supervisor.
-const SHARE_LIMIT: Duration = Duration::from_secs(110);
+/// How long `warren image share` may take in all (resolving the image, waiting for another
+/// start of it, then for a new mount to say it serves it): less than a supervisor waits for
+/// it, so that the reason reaches the supervisor.
+pub const SHARE_LIMIT: Duration = Duration::from_secs(110);
 
 /// The shared mount's log is set aside past this size.
 const LOG_LIMIT: u64 = 1 << 20;
@@ -139,7 +139,7 @@ const LOG_LIMIT: u64 = 1 << 20;
 /// The host's mount of one image for one tenant, named `key` (hex) under `mounts`: the one
 /// being served, or a new one, started by `server(tree, lease)` (a `warren image mount` given
 /// the readiness pipe as fd [`READY_FD`](crate::image_mount::READY_FD)). Returns its tree
-/// and lease.
+/// and lease; gives up at `deadline`.
 ///
 /// Layout: `<mounts>/<key>/lock` (held while one is found or started), `current` (the
 /// generation served), `log` (every generation's output), and a folder per generation with
@@ -149,19 +149,20 @@ const LOG_LIMIT: u64 = 1 << 20;
 pub fn find_or_start(
     mounts: &Path,
     key: &str,
+    deadline: Instant,
     server: impl FnOnce(&Path, &Path) -> std::process::Command,
 ) -> Result<(PathBuf, PathBuf), String> {
-    let deadline = Instant::now() + SHARE_LIMIT;
     if key.is_empty() || !key.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(format!("`{key}` is not a shared mount's name"));
     }
     let fail = |what: &str, path: &Path, e: std::io::Error| {
         format!("cannot {what} {}: {e}", path.display())
     };
+    private_folder(mounts).map_err(|e| fail("make", mounts, e))?;
+    // As mountinfo names it (the data folder may be reached through a symlink).
+    let mounts = &std::fs::canonicalize(mounts).map_err(|e| fail("resolve", mounts, e))?;
     let image = mounts.join(key);
-    for dir in [mounts, &image] {
-        private_folder(dir).map_err(|e| fail("make", dir, e))?;
-    }
+    private_folder(&image).map_err(|e| fail("make", &image, e))?;
     let lock_path = image.join("lock");
     let mut lock_file = open_lease(&lock_path).map_err(|e| fail("open", &lock_path, e))?;
     let lock = loop {
@@ -230,23 +231,33 @@ pub fn find_or_start(
         .spawn()
         .map_err(|e| format!("cannot start the image's shared mount: {e}"))?;
     drop(ready_write);
+    let server_pid = child.id();
+    let mut give_up = |why: String| {
+        let _ = child.kill();
+        let _ = child.wait();
+        if crate::sys::is_mounted(&tree) {
+            let _ = nix::mount::umount2(&tree, nix::mount::MntFlags::MNT_DETACH);
+        }
+        remove_generation(&generation);
+        why
+    };
     let pid_file = generation.join("pid");
-    std::fs::write(&pid_file, child.id().to_string()).map_err(|e| fail("write", &pid_file, e))?;
+    if let Err(e) = std::fs::write(&pid_file, server_pid.to_string()) {
+        return Err(give_up(fail("write", &pid_file, e)));
+    }
     use crate::image_mount::MountSignal;
     let left = deadline.saturating_duration_since(Instant::now());
     match MountSignal::receive_within(File::from(ready_read), left) {
         Some(MountSignal::Mounted { .. }) if is_served(&tree) => {}
         other => {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(match other {
+            return Err(give_up(match other {
                 Some(MountSignal::Failed { error }) => error,
                 _ => format!(
                     "the image's shared mount said nothing within {} s or ended (see {})",
                     left.as_secs(),
                     log_path.display()
                 ),
-            });
+            }));
         }
     }
     let tmp = image.join("current.tmp");

@@ -39,9 +39,9 @@ pub use error::Error;
 pub use net::EgressPolicy;
 pub use shim::run_shim;
 pub use types::{
-    DeleteReport, Exec, ExecIo, ExecRequest, ExitStatus, Limits, Owner, Process, RootSource, Stats,
-    VmOptions, VmStats, WinSize, WorkspaceConfig, WorkspaceId, WorkspaceInfo, WorkspaceSocket,
-    WorkspaceState, WritableLayer,
+    DeleteReport, Exec, ExecIo, ExecRequest, ExitStatus, HOST_TENANT, Limits, Owner, Process,
+    RootSource, Stats, VmOptions, VmStats, WinSize, WorkspaceConfig, WorkspaceId, WorkspaceInfo,
+    WorkspaceSocket, WorkspaceState, WritableLayer,
 };
 pub use vm::{Accel, VmSettings};
 

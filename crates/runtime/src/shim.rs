@@ -673,12 +673,15 @@ fn mount_lower(rec: &WorkspaceRecord, layout: &Layout) -> Result<LowerMount, Err
             sys::bind_idmapped(path, &lower, rec.uid_base, ID_RANGE, false)?;
             Ok(LowerMount::Dir)
         }
-        // A trace is recorded, or the background pull left out, for this workspace alone.
+        // A trace is recorded, or the background pull left out, for this workspace alone; a
+        // workspace of no known tenant (made before tenants were recorded) shares nothing.
         RootSource::Image {
             reference,
             record_trace_secs: None,
             lazy_only: false,
-        } if let Some(mounts) = &rec.shared_mounts => {
+        } if let Some(mounts) = &rec.shared_mounts
+            && let Some(tenant) = &rec.config.tenant =>
+        {
             for _ in 0..SHARED_MOUNT_TRIES {
                 let (mut child, signal) = run_image_mount(
                     rec,
@@ -690,7 +693,7 @@ fn mount_lower(rec: &WorkspaceRecord, layout: &Layout) -> Result<LowerMount, Err
                         "--under".as_ref(),
                         mounts.as_os_str(),
                         "--tenant".as_ref(),
-                        rec.config.tenant.as_deref().unwrap_or("").as_ref(),
+                        tenant.as_ref(),
                     ],
                 )?;
                 let _ = child.wait();
@@ -715,9 +718,13 @@ fn mount_lower(rec: &WorkspaceRecord, layout: &Layout) -> Result<LowerMount, Err
                     Err(e) => return Err(Error::io("cannot hold", &lease)(e)),
                 };
                 // Held, it cannot end; found ending, it is made again.
+                // The pid checked again once its pidfd is open: then it cannot be reused.
                 let Some(server) = image_sharing::server_pid(&tree)
                     .filter(|_| image_sharing::is_served(&tree))
-                    .and_then(sys::pidfd_open)
+                    .and_then(|pid| {
+                        sys::pidfd_open(pid)
+                            .filter(|_| image_sharing::server_pid(&tree) == Some(pid))
+                    })
                 else {
                     drop(lease);
                     continue;

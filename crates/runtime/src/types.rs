@@ -126,16 +126,21 @@ pub struct WorkspaceConfig {
     /// workspace, which outlives whoever made it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<Owner>,
-    /// Whose it is (the control plane's owner id): the host shares an image's mount only
-    /// between workspaces of one tenant, so that no tenant sees another's reads in it (its
-    /// page cache). `None`: the host's own (made with `warren runtime`, benchmarks).
+    /// Whose it is (the control plane's owner id, or [`HOST_TENANT`]): the host shares an
+    /// image's mount only between workspaces of one tenant, so that no tenant sees another's
+    /// reads in it (its page cache). `None` (a build's sandbox, a workspace recorded before
+    /// tenants were): shared with nobody.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
 }
 
+/// The tenant of workspaces the host's root makes itself (`warren runtime`), apart from every
+/// control-plane owner (whose ids never start with `@`).
+pub const HOST_TENANT: &str = "@host";
+
 impl WorkspaceConfig {
-    /// A workspace of image `reference`, mounted lazily and pulled in the background, with no
-    /// limits, variables, tenant or owner of its own.
+    /// A workspace of image `reference`, mounted lazily and pulled in the background, the
+    /// host's own ([`HOST_TENANT`]), with no limits, variables or owner of its own.
     pub fn of_image(id: WorkspaceId, reference: &str) -> Self {
         Self {
             id,
@@ -149,7 +154,7 @@ impl WorkspaceConfig {
             env: Vec::new(),
             vm: None,
             owner: None,
-            tenant: None,
+            tenant: Some(HOST_TENANT.to_owned()),
         }
     }
 }
