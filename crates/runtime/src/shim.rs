@@ -682,74 +682,7 @@ fn mount_lower(rec: &WorkspaceRecord, layout: &Layout) -> Result<LowerMount, Err
         } if let Some(mounts) = &rec.shared_mounts
             && let Some(tenant) = &rec.config.tenant =>
         {
-            for _ in 0..SHARED_MOUNT_TRIES {
-                let (mut child, signal) = run_image_mount(
-                    rec,
-                    layout,
-                    reference,
-                    &[
-                        OsStr::new("share"),
-                        reference.as_ref(),
-                        "--under".as_ref(),
-                        mounts.as_os_str(),
-                        "--tenant".as_ref(),
-                        tenant.as_ref(),
-                    ],
-                )?;
-                let _ = child.wait();
-                let (tree, lease) = match signal {
-                    Ok(MountSignal::Shared { tree, lease }) => (tree, lease),
-                    Ok(_) => return Err(mount_failed(rec, layout, reference)),
-                    Err(e) => return Err(e),
-                };
-                let lease = match Lease::take(&lease, LEASE_WAIT) {
-                    Ok(lease) => lease,
-                    // Its generation ended and was cleared meanwhile: ask again.
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        return Err(Error::Start {
-                            id: rec.config.id.to_string(),
-                            message: format!(
-                                "the shared mount of image `{reference}` was still ending after {} s",
-                                LEASE_WAIT.as_secs()
-                            ),
-                        });
-                    }
-                    Err(e) => return Err(Error::io("cannot hold", &lease)(e)),
-                };
-                // Held, it cannot end; found ending, it is made again.
-                // The pid checked again once its pidfd is open: then it cannot be reused.
-                let Some(server) = image_sharing::server_pid(&tree)
-                    .filter(|_| image_sharing::is_served(&tree))
-                    .and_then(|pid| {
-                        sys::pidfd_open(pid)
-                            .filter(|_| image_sharing::server_pid(&tree) == Some(pid))
-                    })
-                else {
-                    drop(lease);
-                    continue;
-                };
-                if let Err(e) = sys::bind_idmapped(&tree, &lower, rec.uid_base, ID_RANGE, true) {
-                    LowerMount::Shared {
-                        lease,
-                        tree,
-                        server: None,
-                    }
-                    .release();
-                    return Err(e);
-                }
-                return Ok(LowerMount::Shared {
-                    lease,
-                    tree,
-                    server: Some(server),
-                });
-            }
-            Err(Error::Start {
-                id: rec.config.id.to_string(),
-                message: format!(
-                    "the shared mount of image `{reference}` kept ending as it was found"
-                ),
-            })
+            mount_shared(rec, layout, reference, mounts, tenant)
         }
         RootSource::Image {
             reference,
@@ -784,6 +717,84 @@ fn mount_lower(rec: &WorkspaceRecord, layout: &Layout) -> Result<LowerMount, Err
             }
         }
     }
+}
+
+/// The workspace's view of the host's shared mount of `reference` for `tenant` (see
+/// [`image_sharing`]): found or started by `warren image share`, held by a lease, bound with
+/// the workspace's ids.
+fn mount_shared(
+    rec: &WorkspaceRecord,
+    layout: &Layout,
+    reference: &str,
+    mounts: &Path,
+    tenant: &str,
+) -> Result<LowerMount, Error> {
+    let lower = layout.lower();
+    for _ in 0..SHARED_MOUNT_TRIES {
+        let (mut child, signal) = run_image_mount(
+            rec,
+            layout,
+            reference,
+            &[
+                OsStr::new("share"),
+                reference.as_ref(),
+                "--under".as_ref(),
+                mounts.as_os_str(),
+                "--tenant".as_ref(),
+                tenant.as_ref(),
+            ],
+        )?;
+        let _ = child.wait();
+        let (tree, lease) = match signal {
+            Ok(MountSignal::Shared { tree, lease }) => (tree, lease),
+            Ok(_) => return Err(mount_failed(rec, layout, reference)),
+            Err(e) => return Err(e),
+        };
+        let lease = match Lease::take(&lease, LEASE_WAIT) {
+            Ok(lease) => lease,
+            // Its generation ended and was cleared meanwhile: ask again.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(Error::Start {
+                    id: rec.config.id.to_string(),
+                    message: format!(
+                        "the shared mount of image `{reference}` was still ending after {} s",
+                        LEASE_WAIT.as_secs()
+                    ),
+                });
+            }
+            Err(e) => return Err(Error::io("cannot hold", &lease)(e)),
+        };
+        // Held, it cannot end; found ending, it is made again.
+        // The pid checked again once its pidfd is open: then it cannot be reused.
+        let Some(server) = image_sharing::server_pid(&tree)
+            .filter(|_| image_sharing::is_served(&tree))
+            .and_then(|pid| {
+                sys::pidfd_open(pid).filter(|_| image_sharing::server_pid(&tree) == Some(pid))
+            })
+        else {
+            drop(lease);
+            continue;
+        };
+        if let Err(e) = sys::bind_idmapped(&tree, &lower, rec.uid_base, ID_RANGE, true) {
+            LowerMount::Shared {
+                lease,
+                tree,
+                server: None,
+            }
+            .release();
+            return Err(e);
+        }
+        return Ok(LowerMount::Shared {
+            lease,
+            tree,
+            server: Some(server),
+        });
+    }
+    Err(Error::Start {
+        id: rec.config.id.to_string(),
+        message: format!("the shared mount of image `{reference}` kept ending as it was found"),
+    })
 }
 
 /// Runs `warren image ARGS` with a readiness pipe and waits for its signal: a failure it
