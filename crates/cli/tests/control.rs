@@ -49,7 +49,7 @@ fn end_to_end(seed: u32, database_url: Option<String>) {
     if shared {
         assert_eq!(
             said,
-            "one per image, shared by its workspaces (idmapped FUSE)"
+            "one per image and tenant, shared by its workspaces (idmapped FUSE)"
         );
     } else {
         assert!(said.starts_with("one per workspace (this kernel"), "{said}");

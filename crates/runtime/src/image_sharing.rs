@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "mode", rename_all = "snake_case")]
 pub enum ImageSharing {
-    /// One mount per image, shared by its workspaces through idmapped mounts.
+    /// One mount per image and tenant, shared by its workspaces through idmapped mounts.
     Shared,
     /// One mount per workspace: why sharing is not possible here.
     PerWorkspace { why: String },
@@ -32,7 +32,9 @@ pub enum ImageSharing {
 impl std::fmt::Display for ImageSharing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Shared => f.write_str("one per image, shared by its workspaces (idmapped FUSE)"),
+            Self::Shared => {
+                f.write_str("one per image and tenant, shared by its workspaces (idmapped FUSE)")
+            }
             Self::PerWorkspace { why } => write!(f, "one per workspace ({why})"),
         }
     }
