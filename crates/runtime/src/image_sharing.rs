@@ -62,21 +62,26 @@ fn open_lease(path: &Path) -> std::io::Result<File> {
         .open(path)
 }
 
+/// Takes `arg` (a non-blocking kind) on `file`, trying again until `deadline`; past it, a
+/// `WouldBlock` error.
+fn lock_by(mut file: File, arg: FlockArg, deadline: Instant) -> std::io::Result<Flock<File>> {
+    loop {
+        match Flock::lock(file, arg) {
+            Ok(lock) => return Ok(lock),
+            Err((back, nix::errno::Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
+                file = back;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err((_, e)) => return Err(e.into()),
+        }
+    }
+}
+
 impl Lease {
     /// Holds the lease at `path`, waiting up to `within` while its mount is ending.
     pub fn take(path: &Path, within: Duration) -> std::io::Result<Self> {
         let deadline = Instant::now() + within;
-        let mut file = open_lease(path)?;
-        loop {
-            match Flock::lock(file, FlockArg::LockSharedNonblock) {
-                Ok(lock) => return Ok(Self(lock)),
-                Err((back, nix::errno::Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
-                    file = back;
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err((_, e)) => return Err(e.into()),
-            }
-        }
+        lock_by(open_lease(path)?, FlockArg::LockSharedNonblock, deadline).map(Self)
     }
 
     /// Gives the hold back; `Some` when it was the last one (the mount is then the caller's to
@@ -101,15 +106,22 @@ impl WholeLease {
     }
 }
 
-/// Whether the generation whose tree is `tree` is served: its tree is a mount, and the server
-/// named in its `pid` file is alive and serves that tree. Asked of mountinfo and `/proc`, never
-/// of the server (a request could wait behind reads stuck on a slow registry).
-pub fn is_served(tree: &Path) -> bool {
-    crate::sys::is_mounted(tree) && server_pid(tree).is_some()
+/// The server of the generation whose tree is `tree`, while it serves it: its tree is a
+/// mount, and the server named in its `pid` file is alive and serves that tree. Asked of
+/// mountinfo and `/proc`, never of the server (a request could wait behind reads stuck on a
+/// slow registry).
+pub fn server_of(tree: &Path) -> Option<i32> {
+    crate::sys::is_mounted(tree)
+        .then(|| server_pid(tree))
+        .flatten()
 }
 
-/// The live server of the generation whose tree is `tree`.
-pub fn server_pid(tree: &Path) -> Option<i32> {
+fn is_served(tree: &Path) -> bool {
+    server_of(tree).is_some()
+}
+
+/// The live process named in the `pid` file beside `tree`, if it serves `tree`.
+fn server_pid(tree: &Path) -> Option<i32> {
     let pid_file = tree.parent()?.join("pid");
     let pid: i32 = std::fs::read_to_string(pid_file)
         .ok()?
@@ -166,23 +178,17 @@ pub fn find_or_start(
     let image = mounts.join(key);
     private_folder(&image).map_err(|e| fail("make", &image, e))?;
     let lock_path = image.join("lock");
-    let mut lock_file = open_lease(&lock_path).map_err(|e| fail("open", &lock_path, e))?;
-    let lock = loop {
-        match Flock::lock(lock_file, FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => break lock,
-            Err((back, nix::errno::Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
-                lock_file = back;
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
-                return Err(format!(
-                    "another start of this image was still starting its shared mount after {} s (see {})",
-                    SHARE_LIMIT.as_secs(),
-                    image.join("log").display()
-                ));
-            }
-            Err((_, e)) => return Err(fail("lock", &lock_path, e.into())),
+    let lock_file = open_lease(&lock_path).map_err(|e| fail("open", &lock_path, e))?;
+    let lock = match lock_by(lock_file, FlockArg::LockExclusiveNonblock, deadline) {
+        Ok(lock) => lock,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            return Err(format!(
+                "another start of this image was still starting its shared mount after {} s (see {})",
+                SHARE_LIMIT.as_secs(),
+                image.join("log").display()
+            ));
         }
+        Err(e) => return Err(fail("lock", &lock_path, e)),
     };
     let current = image.join("current");
     if let Ok(name) = std::fs::read_to_string(&current) {

@@ -767,12 +767,9 @@ fn mount_shared(
         };
         // Held, it cannot end; found ending, it is made again.
         // The pid checked again once its pidfd is open: then it cannot be reused.
-        let Some(server) = image_sharing::server_pid(&tree)
-            .filter(|_| image_sharing::is_served(&tree))
-            .and_then(|pid| {
-                sys::pidfd_open(pid).filter(|_| image_sharing::server_pid(&tree) == Some(pid))
-            })
-        else {
+        let Some(server) = image_sharing::server_of(&tree).and_then(|pid| {
+            sys::pidfd_open(pid).filter(|_| image_sharing::server_of(&tree) == Some(pid))
+        }) else {
             drop(lease);
             continue;
         };
