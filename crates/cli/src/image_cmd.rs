@@ -82,6 +82,10 @@ pub enum ImageCommand {
         /// Refuse to serve unless IMAGE is this manifest digest (sha256:...)
         #[arg(long, hide = true)]
         digest: Option<String>,
+        /// Read every file through the mount, never from a whole-file copy (FUSE
+        /// passthrough, which costs overlays on the tree one of the kernel's two stacking levels)
+        #[arg(long, env = "WARREN_NO_PASSTHROUGH")]
+        no_passthrough: bool,
     },
     /// Find or start the host's one mount of an image, shared by its workspaces, and say
     /// where it is on --ready-fd (run by a workspace's supervisor)
@@ -96,6 +100,9 @@ pub enum ImageCommand {
         tenant: String,
         #[arg(long, value_name = "FD")]
         ready_fd: Option<i32>,
+        /// Serve it with `image mount --no-passthrough`
+        #[arg(long)]
+        no_passthrough: bool,
     },
     /// List local images
     Ls {
@@ -461,6 +468,7 @@ pub fn run(cmd: ImageCommand, data: &Path) -> anyhow::Result<()> {
             ready_fd,
             shared_lease,
             digest,
+            no_passthrough,
         } => {
             let mut ready = ready_fd.map(ReadyPipe::open).transpose()?;
             let limit = cache_limit.as_deref().map(crate::parse_size);
@@ -478,6 +486,7 @@ pub fn run(cmd: ImageCommand, data: &Path) -> anyhow::Result<()> {
                         id_offset,
                         shared_lease,
                         digest,
+                        passthrough: !no_passthrough,
                     },
                     &mut ready,
                 )
@@ -494,9 +503,10 @@ pub fn run(cmd: ImageCommand, data: &Path) -> anyhow::Result<()> {
             under,
             tenant,
             ready_fd,
+            no_passthrough,
         } => {
             let mut ready = ready_fd.map(ReadyPipe::open).transpose()?;
-            let result = share(data, &image, &under, &tenant);
+            let result = share(data, &image, &under, &tenant, !no_passthrough);
             if let Some(pipe) = ready.as_mut() {
                 pipe.say(&match &result {
                     Ok((tree, lease)) => MountSignal::Shared {
@@ -982,23 +992,26 @@ struct MountFlags {
     id_offset: u32,
     shared_lease: Option<PathBuf>,
     digest: Option<String>,
+    passthrough: bool,
 }
 
 /// The host's one mount of `reference` for `tenant` under `under` (see
 /// `warren_runtime::image_sharing::find_or_start`): its tree and lease. One per tenant, image
-/// and store the image comes from (its chunks are read from there).
+/// and store the image comes from (its chunks are read from there), and way of reading.
 fn share(
     data: &Path,
     reference: &str,
     under: &Path,
     tenant: &str,
+    passthrough: bool,
 ) -> anyhow::Result<(PathBuf, PathBuf)> {
     let deadline = Instant::now() + warren_runtime::image_sharing::SHARE_LIMIT;
     let (opening, name) = resolve(data, reference, Retry::default())?;
     let (_, digest) = opening
         .get_manifest(&name)
         .map_err(|e| warren_lazyfs::serve::ServeError::opening(reference, e))?;
-    let key = Digest::of(format!("{tenant}\0{}\0{digest}", opening.describe()).as_bytes());
+    let reads = if passthrough { "" } else { "\0no-passthrough" };
+    let key = Digest::of(format!("{tenant}\0{}\0{digest}{reads}", opening.describe()).as_bytes());
     let exe = std::env::current_exe().context("cannot find this program")?;
     warren_runtime::image_sharing::find_or_start(under, &key.hex(), deadline, |tree, lease| {
         let mut server = std::process::Command::new(&exe);
@@ -1009,7 +1022,8 @@ fn share(
             .arg(tree)
             .arg("--shared-lease")
             .arg(lease)
-            .args(["--digest", &digest.to_string()]);
+            .args(["--digest", &digest.to_string()])
+            .args((!passthrough).then_some("--no-passthrough"));
         server
     })
     .map_err(anyhow::Error::msg)
@@ -1081,6 +1095,7 @@ fn mount(
         background: flags.background,
         shared: flags.shared_lease.is_some(),
         digest: flags.digest.as_deref(),
+        passthrough: flags.passthrough,
     })?;
     let index = served.image.index.clone();
     if let Some(pipe) = ready.as_mut() {

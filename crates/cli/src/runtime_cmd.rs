@@ -70,6 +70,12 @@ pub struct HostFlags {
     /// mount's crash then reaches one workspace, not every workspace of its image)
     #[arg(long, global = true, env = "WARREN_NO_SHARED_IMAGE_MOUNTS")]
     no_shared_image_mounts: bool,
+    /// Read every file of an image through its mount, never from a whole-file copy beside
+    /// the chunk cache (FUSE passthrough, Linux 6.9+: warm reads of large files at the disk's
+    /// speed, at the cost of one of the kernel's two levels of overlay stacking, so an
+    /// overlay mounted inside a workspace on its root file system is refused)
+    #[arg(long, global = true, env = "WARREN_NO_PASSTHROUGH")]
+    no_passthrough: bool,
 }
 
 impl HostFlags {
@@ -87,6 +93,7 @@ impl HostFlags {
             },
             uid_base: self.uid_base,
             share_image_mounts: !self.no_shared_image_mounts,
+            passthrough: !self.no_passthrough,
             // WARREN_VM_KERNEL, WARREN_GUEST and WARREN_VM_ACCEL, else the defaults.
             vm: Default::default(),
             default_disk: match self.workspace_disk.as_deref() {
@@ -229,6 +236,9 @@ enum RuntimeCommand {
         /// Where the host's shared image mounts live (when its kernel allows sharing)
         #[arg(long)]
         shared_mounts: Option<PathBuf>,
+        /// Read every file of the image through its mount
+        #[arg(long)]
+        no_passthrough: bool,
     },
     /// The supervisor of a workspace's tasks (started with the workspace)
     #[command(hide = true)]
@@ -240,8 +250,13 @@ fn id(name: &str) -> anyhow::Result<WorkspaceId> {
 }
 
 pub fn run(args: RuntimeArgs, data: &Path) -> anyhow::Result<ExitCode> {
-    if let RuntimeCommand::Shim { dir, shared_mounts } = &args.command {
-        warren_runtime::run_shim(dir, shared_mounts.as_deref())?;
+    if let RuntimeCommand::Shim {
+        dir,
+        shared_mounts,
+        no_passthrough,
+    } = &args.command
+    {
+        warren_runtime::run_shim(dir, shared_mounts.as_deref(), !no_passthrough)?;
         return Ok(ExitCode::SUCCESS);
     }
     let runtime = match args.command {

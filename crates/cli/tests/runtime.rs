@@ -73,6 +73,7 @@ impl Host {
             uid_base,
             default_disk: None,
             share_image_mounts: true,
+            passthrough: true,
             vm: VmSettings {
                 kernel: vm.as_ref().map(|v| v.0.clone()),
                 guest: vm.as_ref().map(|v| v.1.clone()),

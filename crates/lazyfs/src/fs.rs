@@ -1,10 +1,12 @@
 //! The FUSE operations.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
+use std::io::Write as _;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{
@@ -13,7 +15,7 @@ use fuser::{
     ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request, SessionACL,
 };
 use warren_image::{Entry, EntryKind, TreeIndex};
-use warren_store::{ChunkFetcher, FetchError};
+use warren_store::{ChunkFetcher, FetchError, WHOLE_FILE_MIN, WholeFiles};
 
 use crate::trace::Recorder;
 
@@ -30,6 +32,9 @@ pub struct MountOptions {
     pub threads: usize,
     /// Honor setuid bits (`suid`); see [`crate::serve::ServeRequest::setuid`].
     pub setuid: bool,
+    /// Let the kernel read large files from their whole-file copies ([`WholeFiles`]) where it
+    /// can (FUSE passthrough, Linux 6.9+), and make the copies.
+    pub passthrough: bool,
 }
 
 impl Default for MountOptions {
@@ -39,6 +44,7 @@ impl Default for MountOptions {
             readahead: 1 << 20,
             threads: 4,
             setuid: true,
+            passthrough: true,
         }
     }
 }
@@ -53,6 +59,20 @@ struct Node {
     /// Regular files: the end offset of each chunk, for finding the chunks of a range; known
     /// once the file's part of the chunk table is (its first read).
     chunk_ends: OnceLock<Vec<u64>>,
+    /// Regular files of [`WHOLE_FILE_MIN`] bytes or more: the name of their whole-file copy.
+    whole_key: OnceLock<String>,
+}
+
+/// How the kernel reads an open large file. It refuses to mix the two on one inode (the open
+/// fails with EIO), so while an inode has open files every new one is opened as they were.
+enum FileIo {
+    /// Through this server, by chunks: `opens` files open.
+    Served { opens: u32 },
+    /// From the file's whole-file copy, registered with the kernel as `backing`.
+    Copy {
+        backing: fuser::BackingId,
+        opens: u32,
+    },
 }
 
 pub struct LazyFs {
@@ -60,6 +80,15 @@ pub struct LazyFs {
     nodes: Vec<Node>,
     options: MountOptions,
     recorder: Option<Arc<Recorder>>,
+    /// Where whole-file copies are kept; `None` when the kernel does not read through to them
+    /// (passthrough off, unsupported, or reads recorded for a trace).
+    whole: Option<Arc<WholeFiles>>,
+    /// Large files open now, by inode.
+    file_io: Mutex<HashMap<u64, FileIo>>,
+    /// Files (entries) to make whole-file copies of, for one thread that makes them.
+    copier: OnceLock<mpsc::Sender<usize>>,
+    /// Entries queued for the copier or being copied.
+    queued: Arc<Mutex<HashSet<usize>>>,
 }
 
 impl std::fmt::Debug for LazyFs {
@@ -98,6 +127,7 @@ impl LazyFs {
                 nlink: 1,
                 children: Vec::new(),
                 chunk_ends: OnceLock::new(),
+                whole_key: OnceLock::new(),
             })
             .collect();
         let mut by_path: HashMap<&[u8], usize> = HashMap::with_capacity(entries.len());
@@ -125,11 +155,18 @@ impl LazyFs {
             }
         }
         // Entries are sorted by path, so children are already sorted by name within a folder.
+        // A recorded trace must see every read.
+        let whole = (options.passthrough && recorder.is_none())
+            .then(|| Arc::new(fetcher.cache().whole_files()));
         LazyFs {
             fetcher,
             nodes,
             options,
             recorder,
+            whole,
+            file_io: Mutex::new(HashMap::new()),
+            copier: OnceLock::new(),
+            queued: Arc::default(),
         }
     }
 
@@ -201,6 +238,110 @@ impl LazyFs {
         Ok(node.chunk_ends.get_or_init(|| ends))
     }
 
+    /// The name of the whole-file copy of the file `node` shows.
+    fn whole_key<'a>(&self, node: &'a Node, entry: &Entry) -> Result<&'a str, FetchError> {
+        if let Some(key) = node.whole_key.get() {
+            return Ok(key);
+        }
+        let locs = self.fetcher.on_demand(|| self.fetcher.file_locs(entry))?;
+        let key = WholeFiles::key(entry.size, locs.iter().map(|l| &l.id));
+        Ok(node.whole_key.get_or_init(|| key))
+    }
+
+    /// Asks the copier thread (started on the first call) to make the whole-file copy of
+    /// `entry` if all its chunks are local by then.
+    fn queue_copy(&self, whole: &Arc<WholeFiles>, entry: usize) {
+        if !self.queued.lock().expect("queue lock").insert(entry) {
+            return;
+        }
+        let copier = self.copier.get_or_init(|| {
+            let (send, receive) = mpsc::channel::<usize>();
+            let (fetcher, whole, queued) =
+                (self.fetcher.clone(), whole.clone(), self.queued.clone());
+            std::thread::Builder::new()
+                .name("whole-files".into())
+                .spawn(move || {
+                    // Copies wait for every other reader of the disk: idle I/O priority
+                    // (IOPRIO_WHO_PROCESS of this thread, IOPRIO_CLASS_IDLE).
+                    // SAFETY: ioprio_set only changes this thread's I/O priority.
+                    unsafe { libc::syscall(libc::SYS_ioprio_set, 1, 0, 3 << 13) };
+                    // Ends when the file system is dropped (its sender with it).
+                    for entry in receive {
+                        let e = &fetcher.index().entries[entry];
+                        match make_whole_copy(&fetcher, &whole, e) {
+                            Ok(true) => {
+                                fetcher
+                                    .counters
+                                    .whole_files_made
+                                    .fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok(false) => {}
+                            Err(err) => {
+                                tracing::info!(path = %e.path_str(), error = %err, "cannot make a whole-file copy");
+                            }
+                        }
+                        queued.lock().expect("queue lock").remove(&entry);
+                    }
+                })
+                .expect("spawn the whole-file copier");
+            send
+        });
+        if copier.send(entry).is_err() {
+            self.queued.lock().expect("queue lock").remove(&entry);
+        }
+    }
+
+    /// Opens a large file: from its whole-file copy when it has one and no file of its inode
+    /// is open through the mount, else through the mount (and its copy is asked for).
+    fn open_large(
+        &self,
+        whole: &Arc<WholeFiles>,
+        ino: u64,
+        node: &Node,
+        entry: &Entry,
+        reply: ReplyOpen,
+    ) {
+        let key = match self.whole_key(node, entry) {
+            Ok(key) => key,
+            Err(err) => {
+                tracing::debug!(path = %entry.path_str(), error = %err, "no whole-file copy: cannot locate the file's chunks");
+                return reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+            }
+        };
+        let mut io = self.file_io.lock().expect("file io lock");
+        match io.get_mut(&ino) {
+            Some(FileIo::Copy { backing, opens }) => {
+                *opens += 1;
+                return reply.opened_passthrough(FileHandle(0), FopenFlags::empty(), backing);
+            }
+            Some(FileIo::Served { opens }) => *opens += 1,
+            None => {
+                if let Some(copy) = whole.open(key, entry.size) {
+                    match reply.open_backing(&copy) {
+                        Ok(backing) => {
+                            self.fetcher
+                                .counters
+                                .whole_file_opens
+                                .fetch_add(1, Ordering::Relaxed);
+                            // Answered under the lock: no other open of the inode meanwhile.
+                            reply.opened_passthrough(FileHandle(0), FopenFlags::empty(), &backing);
+                            io.insert(ino, FileIo::Copy { backing, opens: 1 });
+                            return;
+                        }
+                        Err(err) => {
+                            tracing::info!(path = %entry.path_str(), error = %err, "the kernel refused a whole-file copy; reading through the mount");
+                        }
+                    }
+                }
+                io.insert(ino, FileIo::Served { opens: 1 });
+            }
+        }
+        drop(io);
+        // Read through the mount: its copy is made once every chunk is local.
+        self.queue_copy(whole, node.entry);
+        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+    }
+
     /// Chunk positions (within the file's chunk list) covering `[offset, offset + len)`.
     fn chunk_span(ends: &[u64], offset: u64, len: u64) -> std::ops::Range<usize> {
         let first = ends.partition_point(|&end| end <= offset);
@@ -215,6 +356,19 @@ impl Filesystem for LazyFs {
         // Lets host root give each workspace an idmapped view of one shared mount (Linux
         // 6.12+; with `default_permissions`, which every mount has). Older kernels lack it.
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_ALLOW_IDMAP);
+        // Passthrough makes this a stacked file system (depth 1, as overlayfs on a disk): a
+        // workspace's overlay on it is at the kernel's limit of two.
+        if self.whole.is_some()
+            && (config
+                .add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH)
+                .is_err()
+                || config.set_max_stack_depth(1).is_err())
+        {
+            tracing::info!(
+                "this kernel cannot read files from their whole copies (FUSE passthrough, Linux 6.9+): every read goes through the mount"
+            );
+            self.whole = None;
+        }
         Ok(())
     }
 
@@ -247,13 +401,48 @@ impl Filesystem for LazyFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if self.node(ino).is_none() {
+        let Some(node) = self.node(ino) else {
             return reply.error(Errno::ENOENT);
-        }
+        };
         if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
             return reply.error(Errno::EROFS);
         }
+        let entry = &self.index().entries[node.entry];
+        if let Some(whole) = &self.whole
+            && entry.kind == EntryKind::File
+            && entry.size >= WHOLE_FILE_MIN
+        {
+            return self.open_large(whole, ino.into(), node, entry, reply);
+        }
         reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: fuser::ReplyEmpty,
+    ) {
+        reply.ok();
+        let mut io = self.file_io.lock().expect("file io lock");
+        let Some(FileIo::Served { opens } | FileIo::Copy { opens, .. }) = io.get_mut(&ino.into())
+        else {
+            return;
+        };
+        *opens -= 1;
+        if *opens > 0 {
+            return;
+        }
+        // The last one closed: the next open may use a copy; one read whole may now be made.
+        let served = matches!(io.remove(&ino.into()), Some(FileIo::Served { .. }));
+        drop(io);
+        if served && let (Some(whole), Some(node)) = (&self.whole, self.node(ino)) {
+            self.queue_copy(whole, node.entry);
+        }
     }
 
     fn read(
@@ -431,6 +620,38 @@ impl Filesystem for LazyFs {
             reply.error(Errno::ERANGE);
         }
     }
+}
+
+/// Makes the whole-file copy of `entry` if all its chunks are in the cache and there is no copy
+/// yet; true if it made one.
+fn make_whole_copy(
+    fetcher: &ChunkFetcher,
+    whole: &WholeFiles,
+    entry: &Entry,
+) -> Result<bool, String> {
+    let locs = fetcher.file_locs(entry).map_err(|e| e.to_string())?;
+    let cache = fetcher.cache();
+    let key = WholeFiles::key(entry.size, locs.iter().map(|l| &l.id));
+    if !locs.iter().all(|l| cache.contains(&l.id)) || whole.exists(&key) {
+        return Ok(false);
+    }
+    let mut chunk = Vec::new();
+    whole
+        .make(&key, entry.size, |file| {
+            let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+            for l in &locs {
+                chunk.clear();
+                if !cache.read_into(&l.id, &mut chunk) {
+                    return Err(std::io::Error::other(format!(
+                        "chunk {} left the cache",
+                        l.id
+                    )));
+                }
+                out.write_all(&chunk)?;
+            }
+            out.flush()
+        })
+        .map_err(|e| e.to_string())
 }
 
 /// Mounts `fs` read-only at `mountpoint` in the background; unmounted when the session drops.

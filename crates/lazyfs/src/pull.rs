@@ -52,6 +52,8 @@ pub struct Stats {
     pub all_done: u64,
     pub pull_finished: bool,
     pub pull_failures: u64,
+    pub whole_file_opens: u64,
+    pub whole_files_made: u64,
 }
 
 /// A mount's counters; bytes and requests count the chunk table's pages too.
@@ -73,6 +75,8 @@ pub fn stats(fetcher: &ChunkFetcher, progress: &Progress) -> Stats {
         all_done: progress.all_done.load(Ordering::Relaxed),
         pull_finished: progress.finished.load(Ordering::Relaxed),
         pull_failures: progress.failures.load(Ordering::Relaxed),
+        whole_file_opens: c.whole_file_opens.load(Ordering::Relaxed),
+        whole_files_made: c.whole_files_made.load(Ordering::Relaxed),
     }
 }
 

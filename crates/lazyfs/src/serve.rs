@@ -40,6 +40,8 @@ pub struct ServeRequest<'a> {
     pub shared: bool,
     /// Refuse to serve unless the reference names this manifest digest.
     pub digest: Option<&'a str>,
+    /// Let the kernel read large files from whole-file copies (see [`MountOptions`]).
+    pub passthrough: bool,
 }
 
 impl std::fmt::Debug for ServeRequest<'_> {
@@ -166,6 +168,7 @@ pub fn serve(request: ServeRequest<'_>) -> Result<ServedImage, ServeError> {
     let options = MountOptions {
         id_offset: request.id_offset,
         setuid: !request.shared,
+        passthrough: request.passthrough,
         threads: if request.shared {
             2 * defaults.threads
         } else {

@@ -455,3 +455,139 @@ fn a_trace_names_each_chunk_of_the_table_once_and_nothing_beyond_it() {
     let trace = trace::Trace::Positions(vec![3, 3, n, u32::MAX, 1, 3, 0]);
     assert_eq!(trace.positions(fetcher.table()), [3, 1, 0]);
 }
+
+/// Whether this kernel has FUSE passthrough (Linux 6.9 and later).
+fn kernel_has_passthrough() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut parts = release.trim().split(['.', '-']).map(|p| p.parse::<u32>());
+    let (major, minor) = (parts.next(), parts.next());
+    matches!((major, minor), (Some(Ok(major)), Some(Ok(minor))) if (major, minor) >= (6, 9))
+}
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "waited a minute for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_large_file_read_whole_is_then_read_by_the_kernel_from_its_copy_and_modes_never_mix() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let big = pseudo_random(3 << 20, 67);
+    std::fs::write(src.join("big"), &big).unwrap();
+    std::fs::write(src.join("small"), pseudo_random(100_000, 68)).unwrap();
+    let (store, _) = local_image(dir.path(), &src, "w:1");
+    let cache_dir = dir.path().join("cache");
+    let fetcher = fetcher_into(Arc::new(store), &cache_dir, "w:1");
+    let mnt = dir.path().join("mnt");
+    let session = mount_at(&fetcher, &mnt, None);
+    let counters = &fetcher.counters;
+    let read_all = |f: &mut std::fs::File| {
+        use std::io::{Read as _, Seek as _};
+        f.rewind().unwrap();
+        let mut out = Vec::new();
+        f.read_to_end(&mut out).unwrap();
+        assert!(out == big, "the file's content");
+    };
+
+    // Read through the mount, and still open when its copy is made (the second open asks
+    // for it: by then every chunk is local).
+    let mut first = std::fs::File::open(mnt.join("big")).unwrap();
+    read_all(&mut first);
+    let mut second = std::fs::File::open(mnt.join("big")).unwrap();
+    std::fs::read(mnt.join("small")).unwrap();
+    if !kernel_has_passthrough() {
+        read_all(&mut second);
+        assert_eq!(counters.whole_files_made.load(Ordering::Relaxed), 0);
+        return;
+    }
+    wait_for("the copy", || {
+        counters.whole_files_made.load(Ordering::Relaxed) == 1
+    });
+    let copies: Vec<_> = std::fs::read_dir(cache_dir.join("files"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(
+        copies.len(),
+        1,
+        "one copy, of the large file only: {copies:?}"
+    );
+    assert!(
+        std::fs::read(&copies[0]).unwrap() == big,
+        "the copy's content"
+    );
+    // The kernel fails an open that mixes reads through the mount and from a copy on one
+    // inode (EIO): while files are open through the mount, new ones are too.
+    let mut third = std::fs::File::open(mnt.join("big")).unwrap();
+    read_all(&mut third);
+    read_all(&mut second);
+    assert_eq!(counters.whole_file_opens.load(Ordering::Relaxed), 0);
+    drop((first, second, third));
+    // All closed: the next opens read from the copy, twice at once, and by mmap.
+    let hits = counters.cache_hits.load(Ordering::Relaxed);
+    let mut fourth = std::fs::File::open(mnt.join("big")).unwrap();
+    let mut fifth = std::fs::File::open(mnt.join("big")).unwrap();
+    read_all(&mut fifth);
+    read_all(&mut fourth);
+    assert_eq!(counters.whole_file_opens.load(Ordering::Relaxed), 1);
+    {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: a private read-only mapping of an open file's first 3 MiB (its size),
+        // read and unmapped before the file is closed.
+        unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                big.len(),
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                fourth.as_raw_fd(),
+                0,
+            );
+            assert_ne!(p, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+            let mapped = std::slice::from_raw_parts(p as *const u8, big.len());
+            assert!(mapped == &big[..], "the mapped content");
+            libc::munmap(p, big.len());
+        }
+    }
+    drop((fourth, fifth));
+    // As the lower layer of an overlay, as a workspace sees it.
+    let (upper, work, merged) = (
+        dir.path().join("upper"),
+        dir.path().join("work"),
+        dir.path().join("merged"),
+    );
+    for d in [&upper, &work, &merged] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    run(Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o"])
+        .arg(format!(
+            "lowerdir={},upperdir={},workdir={}",
+            mnt.display(),
+            upper.display(),
+            work.display()
+        ))
+        .arg(&merged));
+    let _overlay = Overlay(merged.clone());
+    assert!(
+        std::fs::read(merged.join("big")).unwrap() == big,
+        "through the overlay"
+    );
+    assert_eq!(counters.whole_file_opens.load(Ordering::Relaxed), 2);
+    assert_eq!(
+        counters.cache_hits.load(Ordering::Relaxed),
+        hits,
+        "reads from the copy never reach the mount"
+    );
+    drop(_overlay);
+    drop(session);
+}

@@ -75,6 +75,10 @@ pub struct ContainerRuntimeConfig {
     /// Serve each image once for all its workspaces where the kernel allows it (see
     /// [`image_sharing`]); `false` gives each workspace a mount of its own.
     pub share_image_mounts: bool,
+    /// Let the kernel read an image's large files from whole-file copies (FUSE passthrough,
+    /// Linux 6.9+) instead of through its mount. `false` keeps one more level of overlay
+    /// stacking for mounts made inside workspaces.
+    pub passthrough: bool,
 }
 
 impl ContainerRuntimeConfig {
@@ -422,6 +426,7 @@ impl Runtime for ContainerRuntime {
                 containers: self.config.root.join("containers"),
                 vm: vm.clone(),
                 shared_mounts: None,
+                no_passthrough: false,
             };
             create_layout(&rec, &layout)?;
             rec.save(&layout.record())?;
@@ -468,6 +473,9 @@ impl Runtime for ContainerRuntime {
         if self.image_sharing == ImageSharing::Shared {
             cmd.arg("--shared-mounts")
                 .arg(image_sharing::mounts_dir(&self.config.data));
+        }
+        if !self.config.passthrough {
+            cmd.arg("--no-passthrough");
         }
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log);
         // The shim is its own session, so a terminal closing does not reach it.

@@ -36,6 +36,10 @@ pub(crate) struct WorkspaceRecord {
     /// runtime at each start, never stored).
     #[serde(skip)]
     pub shared_mounts: Option<PathBuf>,
+    /// Every file of its image read through the mount, never from a whole-file copy
+    /// (`--no-passthrough`; decided by the runtime at each start, never stored).
+    #[serde(skip)]
+    pub no_passthrough: bool,
 }
 
 impl WorkspaceRecord {

@@ -42,8 +42,8 @@ const SIGNAL_STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// Entry point of `warren runtime shim <folder>`. Returns once the workspace has stopped.
 /// `shared_mounts`: where the host's shared image mounts live, when its kernel allows them
-/// (see [`image_sharing`]).
-pub fn run_shim(dir: &Path, shared_mounts: Option<&Path>) -> Result<(), Error> {
+/// (see [`image_sharing`]); `passthrough`: see [`crate::ContainerRuntimeConfig::passthrough`].
+pub fn run_shim(dir: &Path, shared_mounts: Option<&Path>, passthrough: bool) -> Result<(), Error> {
     if thread_count() != 1 {
         return Err(Error::Os {
             call: "fork",
@@ -63,7 +63,7 @@ pub fn run_shim(dir: &Path, shared_mounts: Option<&Path>) -> Result<(), Error> {
     let layout = Layout {
         dir: dir.to_path_buf(),
     };
-    let result = supervise(&layout, shared_mounts);
+    let result = supervise(&layout, shared_mounts, passthrough);
     if let Err(e) = &result {
         tracing::error!(workspace.dir = %dir.display(), error = %e, "supervisor failed");
         // The starter wraps this in its own "did not start".
@@ -94,7 +94,11 @@ fn thread_count() -> usize {
         .unwrap_or(0)
 }
 
-fn supervise(layout: &Layout, shared_mounts: Option<&Path>) -> Result<(), Error> {
+fn supervise(
+    layout: &Layout,
+    shared_mounts: Option<&Path>,
+    passthrough: bool,
+) -> Result<(), Error> {
     let lock_path = layout.shim_lock();
     let lock = File::create(&lock_path).map_err(Error::io("cannot create", &lock_path))?;
     if lock.try_lock().is_err() {
@@ -102,6 +106,7 @@ fn supervise(layout: &Layout, shared_mounts: Option<&Path>) -> Result<(), Error>
     }
     let mut rec = WorkspaceRecord::load(&layout.record())?;
     rec.shared_mounts = shared_mounts.map(Path::to_path_buf);
+    rec.no_passthrough = !passthrough;
     nix::sys::prctl::set_child_subreaper(true).map_err(Error::os("PR_SET_CHILD_SUBREAPER"))?;
     let mut signals = SigSet::empty();
     for s in [
@@ -818,6 +823,7 @@ fn run_image_mount(
         .arg(&rec.data)
         .arg("image")
         .args(args)
+        .args(rec.no_passthrough.then_some("--no-passthrough"))
         .args(["--ready-fd", &READY_FD.to_string()])
         .stdin(Stdio::null())
         .stdout(

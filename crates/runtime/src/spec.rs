@@ -194,6 +194,7 @@ mod tests {
             containers: "/var/lib/warren/runtime/containers".into(),
             vm: None,
             shared_mounts: None,
+            no_passthrough: false,
         }
     }
 

@@ -895,6 +895,11 @@ impl ChunkCache {
         self.state.lock().expect("cache lock").pinned.clear();
     }
 
+    /// The whole-file copies kept beside this cache, within its limit.
+    pub fn whole_files(&self) -> crate::WholeFiles {
+        crate::WholeFiles::new(&self.dir, self.limit)
+    }
+
     pub fn stats(&self) -> CacheStats {
         let state = self.state.lock().expect("cache lock");
         CacheStats {

@@ -65,6 +65,11 @@ pub struct Counters {
     pub cache_misses: AtomicU64,
     /// On-demand reads in progress: background work yields while this is not zero.
     pub demand_in_flight: AtomicU64,
+    /// Opens the kernel reads from a whole-file copy ([`crate::WholeFiles`]), not through
+    /// the mount.
+    pub whole_file_opens: AtomicU64,
+    /// Whole-file copies this mount made.
+    pub whole_files_made: AtomicU64,
 }
 
 /// A place in a pack a reader is going through: where the window before the last began

@@ -5,6 +5,7 @@
 //! - [`images`]: a Warren image as an OCI artifact (commit, open, copy).
 //! - [`ChunkCache`]: the host's verified chunk cache, shared by every image.
 //! - [`ChunkFetcher`]: cache first, then merged range requests to the store.
+//! - [`WholeFiles`]: large files kept whole beside the cache, for the kernel to read directly.
 
 mod blob;
 mod cache;
@@ -14,6 +15,7 @@ mod local;
 pub mod manifest;
 mod registry;
 mod table;
+mod whole;
 
 pub use blob::{
     BlobStore, CONFIG_LIMIT, INDEX_LIMIT, MANIFEST_LIMIT, StoreError, TRACE_LIMIT, Verified,
@@ -25,4 +27,5 @@ pub use registry::{
     AddressFilter, FilteringResolver, RegistryRef, RegistryStore, Retry, registry_host,
 };
 pub use table::{ChunkTable, TableSource};
+pub use whole::{WHOLE_FILE_MIN, WholeFiles};
 pub mod oci;
