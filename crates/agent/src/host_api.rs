@@ -98,6 +98,7 @@ async fn exec(
         argv: req.argv,
         env: req.env,
         cwd: req.cwd,
+        land_in: req.land_in,
         user: req.user,
         tty: None,
         no_network: false,

@@ -86,6 +86,7 @@ async fn run(
         argv: start.argv,
         env,
         cwd: None,
+        land_in: start.land_in,
         user: start.user,
         tty: start.tty.map(|(rows, cols)| WinSize { rows, cols }),
         no_network: false,

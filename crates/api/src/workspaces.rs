@@ -132,6 +132,10 @@ pub struct WorkspaceView {
     pub stats_at: Option<i64>,
     /// Who sessions, commands and tasks run as inside (root when absent).
     pub user: Option<String>,
+    /// Where sessions, commands and editors land: the project's checkout (absent: the user's
+    /// home).
+    #[serde(default)]
+    pub folder: Option<String>,
     /// The prebuild it was made from, and the branch it is on.
     pub prebuild: Option<String>,
     pub branch: Option<String>,
@@ -182,8 +186,13 @@ pub struct ExecRequest {
     pub stdin: Option<String>,
     #[serde(default)]
     pub user: Option<String>,
+    /// Where the command runs; it fails if the workspace has no such folder.
     #[serde(default)]
     pub cwd: Option<String>,
+    /// Where it runs without `cwd`, if the workspace has that folder (else the user's home).
+    /// The server sets it to the project's checkout when the request does not.
+    #[serde(default)]
+    pub land_in: Option<String>,
     #[serde(default)]
     pub env: Vec<String>,
 }

@@ -715,9 +715,10 @@ pub enum WsCommand {
     /// Print the link that opens the workspace in VS Code (Remote-SSH)
     Open {
         name: String,
-        /// The folder to open
-        #[arg(long, default_value = "/root")]
-        folder: String,
+        /// The folder to open (default: where its sessions land, the project's checkout or
+        /// root's home)
+        #[arg(long)]
+        folder: Option<String>,
     },
     /// Run a command to its end; exits with its status
     Exec {
@@ -1427,7 +1428,10 @@ pub fn ws(cmd: WsCommand) -> anyhow::Result<ExitCode> {
             );
         }
         WsCommand::Open { name, folder } => {
-            println!("{}", crate::ssh_cmd::open_link(&client, &name, &folder)?);
+            println!(
+                "{}",
+                crate::ssh_cmd::open_link(&client, &name, folder.as_deref())?
+            );
             eprintln!("(needs the entries of `warren ssh-config --write`)");
         }
         WsCommand::Exec {
@@ -1451,6 +1455,7 @@ pub fn ws(cmd: WsCommand) -> anyhow::Result<ExitCode> {
                     stdin: input,
                     user,
                     cwd: workdir,
+                    land_in: None,
                     env: Vec::new(),
                 },
             )?;

@@ -445,6 +445,7 @@ fn exec(
             argv,
             env,
             cwd,
+            land_in: None,
             user,
             tty: size,
             no_network: false,

@@ -196,9 +196,11 @@ pub fn ssh_config(args: SshConfigArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The `vscode://` link that opens a workspace through VS Code's Remote-SSH extension.
-pub fn open_link(client: &Client, name: &str, folder: &str) -> anyhow::Result<String> {
-    let alias = host_alias(client, name)?;
+/// The `vscode://` link that opens a workspace through VS Code's Remote-SSH extension, in
+/// `folder` or else where its sessions land (the project's checkout, or root's home).
+pub fn open_link(client: &Client, name: &str, folder: Option<&str>) -> anyhow::Result<String> {
+    let (ws, alias) = with_host_alias(client, name)?;
+    let folder = folder.or(ws.folder.as_deref()).unwrap_or("/root");
     let folder = if folder.starts_with('/') {
         folder.to_owned()
     } else {
@@ -209,6 +211,11 @@ pub fn open_link(client: &Client, name: &str, folder: &str) -> anyhow::Result<St
 
 /// The `Host` that `warren ssh-config` wrote for a workspace.
 pub fn host_alias(client: &Client, name: &str) -> anyhow::Result<String> {
+    Ok(with_host_alias(client, name)?.1)
+}
+
+/// The workspace `name` names and its `Host` in `warren ssh-config`'s entries.
+fn with_host_alias(client: &Client, name: &str) -> anyhow::Result<(WorkspaceView, String)> {
     let me: UserView = client.get_as("/me")?;
     // `<workspace>.<owner>` names another user's, as at the gateway.
     let ws: WorkspaceView = match name.split_once('.') {
@@ -219,11 +226,12 @@ pub fn host_alias(client: &Client, name: &str) -> anyhow::Result<String> {
             .with_context(|| format!("no workspace `{ws_name}` of `{owner}` that you can see"))?,
         None => client.get_as(&format!("/workspaces/{name}"))?,
     };
-    Ok(if ws.owner == me.name {
+    let alias = if ws.owner == me.name {
         format!("{}.warren", ws.name)
     } else {
         format!("{}.{}.warren", ws.name, ws.owner)
-    })
+    };
+    Ok((ws, alias))
 }
 
 #[cfg(test)]

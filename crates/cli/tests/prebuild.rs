@@ -115,6 +115,37 @@ fn every_example_prebuilds_and_a_workspace_starts_from_it_on_its_branch() {
     );
     assert_eq!(out, "main\nadmin\n0\n", "{out}");
 
+    // Commands, sessions and VS Code land in the checkout (the devcontainer's default
+    // workspaceFolder, warren.yml's and hocus.yml's /workspace); in the home folder once it
+    // is gone, and an explicit folder must exist.
+    for ws in ["pb0", "pb1", "pb2"] {
+        let folder = json(&warren.ok("admin", &["ws", "show", ws]))["folder"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!(
+            warren.ok("admin", &["ws", "exec", ws, "--", "pwd"]),
+            format!("{folder}\n")
+        );
+        let link = warren.ok("admin", &["ws", "open", ws]);
+        assert!(link.trim().ends_with(&format!(".warren{folder}")), "{link}");
+    }
+    assert!(
+        json(&warren.ok("admin", &["ws", "show", "pb1"]))["folder"]
+            .as_str()
+            .unwrap()
+            .starts_with("/workspaces/"),
+    );
+    let exec = |script: &str| warren.ok("admin", &["ws", "exec", "pb0", "--", "sh", "-c", script]);
+    exec("mv /workspace /workspace.away");
+    assert_eq!(exec("pwd"), "/root\n");
+    let missing = warren.cli(
+        "admin",
+        &["ws", "exec", "pb0", "--workdir", "/workspace", "--", "pwd"],
+    );
+    assert!(!missing.status.success());
+    exec("mv /workspace.away /workspace");
+
     // A new commit is prebuilt; the earlier workspace is one commit behind.
     let repo = repos.path().join("hocus-app");
     std::fs::write(repo.join("NOTES.md"), "not in the image\n").unwrap();

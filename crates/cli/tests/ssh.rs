@@ -1628,6 +1628,15 @@ fn a_cluster_outlives_a_replica_and_a_host() {
     admin.write_ssh_config(&r2);
     let out = admin.ssh("web.warren", "exit 3");
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    // A session lands in the project's checkout, on b as anywhere.
+    let folder = show()["folder"].as_str().unwrap().to_owned();
+    let out = admin.ssh("web.warren", "pwd");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{folder}\n"),
+        "{}",
+        stderr(&out)
+    );
     let (_dir, _) = admin.scp_a_new_file();
     drop(admin.forward_to_a_server_inside("on-b-through-r2"));
     // Meanwhile the rest of the image came in the background: the first command had needed

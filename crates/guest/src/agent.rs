@@ -184,9 +184,10 @@ fn handle(mut conn: File) -> std::io::Result<()> {
             argv,
             env,
             cwd,
+            land_in,
             user,
             tty,
-        } => exec(conn, &argv, env, cwd, user.as_deref(), tty),
+        } => exec(conn, &argv, env, (cwd, land_in), user.as_deref(), tty),
     }
 }
 
@@ -393,7 +394,7 @@ fn exec(
     mut conn: File,
     argv: &[String],
     env: Vec<String>,
-    cwd: Option<String>,
+    (cwd, land_in): (Option<String>, Option<String>),
     user: Option<&str>,
     tty: Option<(u16, u16)>,
 ) -> std::io::Result<()> {
@@ -426,13 +427,14 @@ fn exec(
     if tty.is_some() && !env.iter().any(|(k, _)| k == "TERM") {
         env.push(("TERM".into(), "xterm-256color".into()));
     }
-    let dir = cwd.clone().unwrap_or_else(|| account.home.clone());
-    let dir = if std::path::Path::new(&dir).is_dir() {
-        dir
-    } else if cwd.is_some() {
-        return fail(&mut conn, format!("no folder `{dir}` in the workspace"));
-    } else {
-        "/".into()
+    let is_dir = |d: &String| std::path::Path::new(d).is_dir();
+    let dir = match cwd {
+        Some(dir) if is_dir(&dir) => dir,
+        Some(dir) => return fail(&mut conn, format!("no folder `{dir}` in the workspace")),
+        None => land_in
+            .filter(is_dir)
+            .or_else(|| Some(account.home.clone()).filter(is_dir))
+            .unwrap_or_else(|| "/".into()),
     };
     let mut command = Command::new(program);
     command

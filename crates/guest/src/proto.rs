@@ -66,7 +66,11 @@ pub enum Request {
     Exec {
         argv: Vec<String>,
         env: Vec<String>,
+        /// Where it starts (an error if there is no such folder); without it, `land_in` if
+        /// that is a folder, else the user's home (or `/`).
         cwd: Option<String>,
+        #[serde(default)]
+        land_in: Option<String>,
         /// A name or numeric uid from the guest's `/etc/passwd`; root when absent.
         user: Option<String>,
         /// A terminal of (rows, cols); without, three pipes.

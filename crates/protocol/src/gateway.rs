@@ -29,6 +29,9 @@ pub struct Found {
     pub env: Vec<String>,
     /// The user inside the workspace that sessions run as (root when absent).
     pub user: Option<String>,
+    /// Where sessions land: the project's checkout, if the workspace still has it (else the
+    /// user's home).
+    pub folder: Option<String>,
 }
 
 /// Both directions of a byte stream to something on another host: a task's terminal, a relayed

@@ -21,6 +21,9 @@ pub struct SessionStart {
     pub env: Vec<String>,
     /// The user inside the workspace (root when absent).
     pub user: Option<String>,
+    /// Where the session lands if the workspace has that folder (else the user's home).
+    #[serde(default)]
+    pub land_in: Option<String>,
     /// A terminal of this size (rows, columns), or pipes.
     pub tty: Option<(u16, u16)>,
     /// Whether to make an agent socket (`SSH_AUTH_SOCK`) forwarded to the client.
@@ -254,6 +257,7 @@ mod tests {
                 argv: vec!["sh".into(), "-c".into(), "exit 3".into()],
                 env: vec!["A=b".into()],
                 user: Some("dev".into()),
+                land_in: Some("/workspace".into()),
                 tty: Some((24, 80)),
                 agent: true,
             }),

@@ -362,12 +362,18 @@ fn exec_inside(plan: &Plan<'_>) -> String {
     if request.tty.is_some() && !env.iter().any(|(k, _)| k == "TERM") {
         env.push(("TERM".into(), "xterm-256color".into()));
     }
-    let cwd = request.cwd.clone().unwrap_or_else(|| account.home.clone());
-    if std::env::set_current_dir(&cwd).is_err() {
-        if request.cwd.is_some() {
+    if let Some(cwd) = &request.cwd {
+        if std::env::set_current_dir(cwd).is_err() {
             return format!("no folder `{cwd}` in the workspace");
         }
-        let _ = std::env::set_current_dir("/");
+    } else {
+        let landed = [request.land_in.as_deref(), Some(account.home.as_str())]
+            .into_iter()
+            .flatten()
+            .any(|folder| std::env::set_current_dir(folder).is_ok());
+        if !landed {
+            let _ = std::env::set_current_dir("/");
+        }
     }
     for (k, _) in std::env::vars_os() {
         // SAFETY: this forked child is single-threaded; nothing reads the environment concurrently.

@@ -284,6 +284,7 @@ fn run_to_end(
         argv: task.argv.clone(),
         env: task.env.clone(),
         cwd: task.cwd.clone(),
+        land_in: None,
         user: task.user.clone(),
         tty: Some(WinSize {
             rows: 40,

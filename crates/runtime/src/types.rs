@@ -237,8 +237,12 @@ pub struct ExecRequest {
     pub argv: Vec<String>,
     /// `KEY=value`, on top of the workspace's environment.
     pub env: Vec<String>,
-    /// Defaults to the user's home folder (or `/`).
+    /// Where the process starts; it fails if the workspace has no such folder. Without it,
+    /// `land_in` if that is a folder there, else the user's home folder (or `/`).
     pub cwd: Option<String>,
+    /// Where a session lands when it names no `cwd`: the project's checkout.
+    #[serde(default)]
+    pub land_in: Option<String>,
     /// A user name or numeric uid inside the workspace; defaults to root.
     pub user: Option<String>,
     /// With a terminal of this size; without, stdin, stdout and stderr are separate pipes.

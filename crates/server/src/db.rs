@@ -58,6 +58,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (20, include_str!("../migrations/0020_replicas.sql")),
     (21, include_str!("../migrations/0021_workspace_layers.sql")),
     (22, include_str!("../migrations/0022_replica_hosts.sql")),
+    (23, include_str!("../migrations/0023_workspace_folder.sql")),
 ];
 
 /// The advisory lock PostgreSQL migrations are made under ("warren-m").

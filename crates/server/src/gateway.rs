@@ -80,6 +80,7 @@ impl GatewayDirectory {
             state: ws.state.to_string(),
             env,
             user: ws.run_as.clone(),
+            folder: ws.folder.clone(),
         })
     }
 }

@@ -229,6 +229,7 @@ impl Session {
                     argv,
                     env: self.env,
                     user: self.target.found.user.clone(),
+                    land_in: self.target.found.folder.clone(),
                     tty: self.tty.map(|w| (w.rows, w.cols)),
                     agent: self.agent,
                 };
@@ -258,6 +259,7 @@ impl Session {
             argv,
             env: self.env,
             cwd: None,
+            land_in: self.target.found.folder.clone(),
             user: self.target.found.user.clone(),
             tty: self.tty,
             no_network: false,

@@ -281,6 +281,7 @@ pub(crate) fn exec(
             argv: request.argv.clone(),
             env,
             cwd: request.cwd.clone(),
+            land_in: request.land_in.clone(),
             user: request.user.clone(),
             tty: request.tty.map(|t| (t.rows, t.cols)),
         },

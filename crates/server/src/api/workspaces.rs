@@ -51,6 +51,7 @@ pub(crate) fn workspace_view(state: &AppState, w: &Workspace) -> WorkspaceView {
         updated_at: w.updated_at,
         stats_at: w.stats_at,
         user: w.run_as.clone(),
+        folder: w.folder.clone(),
         prebuild: w.prebuild_id.clone(),
         branch: w.branch.clone(),
         behind: None,
@@ -444,6 +445,7 @@ pub async fn exec_workspace(
     let request = ExecRequest {
         env,
         user: req.user.or(ws.run_as.clone()),
+        land_in: req.land_in.or(ws.folder.clone()),
         ..req
     };
     let answer = state

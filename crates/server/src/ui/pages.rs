@@ -236,7 +236,11 @@ pub(crate) fn row(state: &AppState, caller: &Caller, w: &Workspace, view: &Works
             .last_active_at
             .map_or_else(|| "not yet".to_owned(), |at| ago(crate::db::now_ms() - at)),
         ssh,
-        vscode: format!("vscode://vscode-remote/ssh-remote+{alias}/root"),
+        // VS Code opens the project's checkout, or root's home.
+        vscode: format!(
+            "vscode://vscode-remote/ssh-remote+{alias}{}",
+            w.folder.as_deref().unwrap_or("/root")
+        ),
         alias,
         // A lost one starts on another host, from its last saved layer.
         can_start: w.state == WorkspaceState::Lost

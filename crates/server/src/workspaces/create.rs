@@ -102,8 +102,8 @@ pub async fn create(
     let now = now_ms();
     let mut tx = state.db.begin_write().await?;
     sqlx::query(
-        "INSERT INTO workspaces (id, owner_id, project_id, name, image, host_id, state, desired, memory, cpus_milli, created_at, updated_at, tasks, run_as, prebuild_id, branch, runtime, disk, idle_timeout_s, placement)
-         VALUES ($1, $2, $3, $4, $5, $6, $16, $17, $7, $8, $9, $9, $10, $11, $12, $13, $14, $15, $18, $19)",
+        "INSERT INTO workspaces (id, owner_id, project_id, name, image, host_id, state, desired, memory, cpus_milli, created_at, updated_at, tasks, run_as, prebuild_id, branch, runtime, disk, idle_timeout_s, placement, folder)
+         VALUES ($1, $2, $3, $4, $5, $6, $16, $17, $7, $8, $9, $9, $10, $11, $12, $13, $14, $15, $18, $19, $20)",
     )
     .bind(&id.0)
     .bind(&caller.user_id)
@@ -129,6 +129,8 @@ pub async fn create(
     .bind(Desired::Running.as_str())
     .bind(crate::idle::check_timeout(req.idle_timeout)?)
     .bind(&placement)
+    // The checkout, made by the first start's git task; none without a prebuild.
+    .bind(prebuilt.as_ref().map(|_| &environment.folder))
     .execute(&mut *tx)
     .await
     .map_err(|e| match ApiError::from(e) {

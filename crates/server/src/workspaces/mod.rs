@@ -25,7 +25,7 @@ use crate::state::AppState;
 pub(crate) const COLUMNS: &str =
     "w.id, w.name, w.owner_id, u.name AS owner, w.project_id, p.name AS project, w.image, h.name AS host,
     w.host_id, w.state, w.desired, w.last_error, w.memory, w.cpus_milli, w.disk, w.created_at, w.updated_at,
-    w.tasks, w.stats, w.stats_at, w.run_as, w.prebuild_id, w.branch, pb.commit_sha AS prebuild_commit, p.git_url,
+    w.tasks, w.stats, w.stats_at, w.run_as, w.folder, w.prebuild_id, w.branch, pb.commit_sha AS prebuild_commit, p.git_url,
     w.runtime, u.vm_ksm AS owner_ksm, p.vm_ksm AS project_ksm,
     w.idle_timeout_s, p.idle_timeout_s AS project_idle_timeout_s, u.idle_timeout_s AS owner_idle_timeout_s,
     w.last_active_at, w.stop_reason, w.placement, w.saved_layer, w.saved_at, w.base_image, w.moving_to,
@@ -62,6 +62,9 @@ pub struct Workspace {
     pub stats_at: Option<i64>,
     /// Who sessions, commands and tasks run as inside (root when `None`).
     pub run_as: Option<String>,
+    /// Where sessions, commands and editors land: the project's checkout (the user's home when
+    /// `None`, or when the workspace no longer has the folder).
+    pub folder: Option<String>,
     pub prebuild_id: Option<String>,
     pub branch: Option<String>,
     pub prebuild_commit: Option<String>,
@@ -139,6 +142,7 @@ impl Workspace {
                 .and_then(|s| serde_json::from_str(&s).ok()),
             stats_at: r.try_get("stats_at")?,
             run_as: r.try_get("run_as")?,
+            folder: r.try_get("folder")?,
             prebuild_id: r.try_get("prebuild_id")?,
             branch: r.try_get("branch")?,
             prebuild_commit: r.try_get("prebuild_commit")?,
