@@ -153,7 +153,28 @@ fn local_image(dir: &Path, src: &Path, tag: &str) -> (LocalStore, Digest) {
     (store, digest)
 }
 
+/// An overlay mounted at `<dir>/merged` over `lower` (its upper and work folders beside it), as
+/// a workspace's root is; unmounted when dropped.
 struct Overlay(PathBuf);
+
+impl Overlay {
+    fn over(lower: &Path, dir: &Path) -> Overlay {
+        let (upper, work, merged) = (dir.join("upper"), dir.join("ovl-work"), dir.join("merged"));
+        for d in [&upper, &work, &merged] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        run(Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o"])
+            .arg(format!(
+                "lowerdir={},upperdir={},workdir={}",
+                lower.display(),
+                upper.display(),
+                work.display()
+            ))
+            .arg(&merged));
+        Overlay(merged)
+    }
+}
 
 impl Drop for Overlay {
     fn drop(&mut self) {
@@ -206,24 +227,8 @@ fn a_debian_image_from_a_registry_mounts_lazily_runs_through_an_overlay_and_matc
     );
 
     // The writable layer: an overlay over the lazy mount; run a program from it.
-    let (upper, ovl_work, merged) = (
-        dir.path().join("upper"),
-        dir.path().join("ovl-work"),
-        dir.path().join("merged"),
-    );
-    for d in [&upper, &ovl_work, &merged] {
-        std::fs::create_dir_all(d).unwrap();
-    }
-    run(Command::new("mount")
-        .args(["-t", "overlay", "overlay", "-o"])
-        .arg(format!(
-            "lowerdir={},upperdir={},workdir={}",
-            mnt.display(),
-            upper.display(),
-            ovl_work.display()
-        ))
-        .arg(&merged));
-    let overlay = Overlay(merged.clone());
+    let overlay = Overlay::over(&mnt, dir.path());
+    let (merged, upper) = (overlay.0.clone(), dir.path().join("upper"));
     let out = run(Command::new("chroot").arg(&merged).args(["/bin/sh", "-c", "echo written > /root/note && cat /etc/debian_version && /usr/bin/env -i /bin/ls /usr/bin | wc -l"]));
     let mut lines = out.lines();
     assert!(lines.next().unwrap().starts_with("12."), "{out}");
@@ -560,26 +565,9 @@ fn a_large_file_read_whole_is_then_read_by_the_kernel_from_its_copy_and_modes_ne
     }
     drop((fourth, fifth));
     // As the lower layer of an overlay, as a workspace sees it.
-    let (upper, work, merged) = (
-        dir.path().join("upper"),
-        dir.path().join("work"),
-        dir.path().join("merged"),
-    );
-    for d in [&upper, &work, &merged] {
-        std::fs::create_dir_all(d).unwrap();
-    }
-    run(Command::new("mount")
-        .args(["-t", "overlay", "overlay", "-o"])
-        .arg(format!(
-            "lowerdir={},upperdir={},workdir={}",
-            mnt.display(),
-            upper.display(),
-            work.display()
-        ))
-        .arg(&merged));
-    let _overlay = Overlay(merged.clone());
+    let overlay = Overlay::over(&mnt, dir.path());
     assert!(
-        std::fs::read(merged.join("big")).unwrap() == big,
+        std::fs::read(overlay.0.join("big")).unwrap() == big,
         "through the overlay"
     );
     assert_eq!(counters.whole_file_opens.load(Ordering::Relaxed), 2);
@@ -588,6 +576,6 @@ fn a_large_file_read_whole_is_then_read_by_the_kernel_from_its_copy_and_modes_ne
         hits,
         "reads from the copy never reach the mount"
     );
-    drop(_overlay);
+    drop(overlay);
     drop(session);
 }
