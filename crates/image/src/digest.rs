@@ -16,6 +16,15 @@ impl ChunkId {
         ChunkId(*blake3::hash(data).as_bytes())
     }
 
+    /// The hash of `parts` one after the other, as [`ChunkId::of`] their concatenation.
+    pub fn of_parts<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> ChunkId {
+        let mut hasher = blake3::Hasher::new();
+        for part in parts {
+            hasher.update(part);
+        }
+        ChunkId(*hasher.finalize().as_bytes())
+    }
+
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)
     }

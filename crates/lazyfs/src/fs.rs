@@ -5,7 +5,7 @@ use std::ffi::OsStr;
 use std::io::Write as _;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -15,7 +15,7 @@ use fuser::{
     ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request, SessionACL,
 };
 use warren_image::{Entry, EntryKind, TreeIndex};
-use warren_store::{ChunkFetcher, FetchError, WHOLE_FILE_MIN, WholeFiles};
+use warren_store::{ChunkFetcher, FetchError, HeldCopy, WHOLE_FILE_MIN, WholeFiles};
 
 use crate::trace::Recorder;
 
@@ -59,8 +59,12 @@ struct Node {
     /// Regular files: the end offset of each chunk, for finding the chunks of a range; known
     /// once the file's part of the chunk table is (its first read).
     chunk_ends: OnceLock<Vec<u64>>,
-    /// Regular files of [`WHOLE_FILE_MIN`] bytes or more: the name of their whole-file copy.
+    /// Regular files of [`WHOLE_FILE_MIN`] bytes or more: the name of their whole-file copy,
+    /// and whether they were read through the mount to their end (then a copy is asked for
+    /// at that read and whenever a file of theirs closes: the readahead still under way at
+    /// the last read may not have landed yet).
     whole_key: OnceLock<String>,
+    read_to_end: AtomicBool,
 }
 
 /// How the kernel reads an open large file. It refuses to mix the two on one inode (the open
@@ -68,10 +72,12 @@ struct Node {
 enum FileIo {
     /// Through this server, by chunks: `opens` files open.
     Served { opens: u32 },
-    /// From the file's whole-file copy, registered with the kernel as `backing`.
+    /// From the file's whole-file copy, registered with the kernel as `backing`; held open
+    /// (and so never dropped to make room) while the kernel reads from it.
     Copy {
         backing: fuser::BackingId,
         opens: u32,
+        _held: HeldCopy,
     },
 }
 
@@ -85,6 +91,9 @@ pub struct LazyFs {
     whole: Option<Arc<WholeFiles>>,
     /// Large files open now, by inode.
     file_io: Mutex<HashMap<u64, FileIo>>,
+    /// The kernel refused a copy (its file system is itself stacked, say): every file is read
+    /// through the mount, and no more copies are made.
+    refused: AtomicBool,
     /// Files (entries) to make whole-file copies of, for one thread that makes them.
     copier: OnceLock<mpsc::Sender<usize>>,
     /// Entries queued for the copier or being copied.
@@ -128,6 +137,7 @@ impl LazyFs {
                 children: Vec::new(),
                 chunk_ends: OnceLock::new(),
                 whole_key: OnceLock::new(),
+                read_to_end: AtomicBool::new(false),
             })
             .collect();
         let mut by_path: HashMap<&[u8], usize> = HashMap::with_capacity(entries.len());
@@ -165,6 +175,7 @@ impl LazyFs {
             recorder,
             whole,
             file_io: Mutex::new(HashMap::new()),
+            refused: AtomicBool::new(false),
             copier: OnceLock::new(),
             queued: Arc::default(),
         }
@@ -248,6 +259,15 @@ impl LazyFs {
         Ok(node.whole_key.get_or_init(|| key))
     }
 
+    /// Asks for the whole-file copy of the file `node` shows, if this mount makes copies.
+    fn ask_for_copy(&self, node: &Node) {
+        if let Some(whole) = &self.whole
+            && !self.refused.load(Ordering::Relaxed)
+        {
+            self.queue_copy(whole, node.entry);
+        }
+    }
+
     /// Asks the copier thread (started on the first call) to make the whole-file copy of
     /// `entry` if all its chunks are local by then.
     fn queue_copy(&self, whole: &Arc<WholeFiles>, entry: usize) {
@@ -292,7 +312,8 @@ impl LazyFs {
     }
 
     /// Opens a large file: from its whole-file copy when it has one and no file of its inode
-    /// is open through the mount, else through the mount (and its copy is asked for).
+    /// is open through the mount, else through the mount. Every open is counted, whichever
+    /// way it goes, so that the next one goes the same way while any is open.
     fn open_large(
         &self,
         whole: &Arc<WholeFiles>,
@@ -301,23 +322,23 @@ impl LazyFs {
         entry: &Entry,
         reply: ReplyOpen,
     ) {
-        let key = match self.whole_key(node, entry) {
-            Ok(key) => key,
-            Err(err) => {
-                tracing::debug!(path = %entry.path_str(), error = %err, "no whole-file copy: cannot locate the file's chunks");
-                return reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
-            }
-        };
+        let key = self
+            .whole_key(node, entry)
+            .inspect_err(|err| tracing::debug!(path = %entry.path_str(), error = %err, "no whole-file copy: cannot locate the file's chunks"))
+            .ok();
         let mut io = self.file_io.lock().expect("file io lock");
         match io.get_mut(&ino) {
-            Some(FileIo::Copy { backing, opens }) => {
+            Some(FileIo::Copy { backing, opens, .. }) => {
                 *opens += 1;
                 return reply.opened_passthrough(FileHandle(0), FopenFlags::empty(), backing);
             }
             Some(FileIo::Served { opens }) => *opens += 1,
             None => {
-                if let Some(copy) = whole.open(key, entry.size) {
-                    match reply.open_backing(&copy) {
+                let copy = key
+                    .filter(|_| !self.refused.load(Ordering::Relaxed))
+                    .and_then(|key| whole.open(key, entry.size));
+                if let Some(copy) = copy {
+                    match reply.open_backing(&copy.0) {
                         Ok(backing) => {
                             self.fetcher
                                 .counters
@@ -325,11 +346,20 @@ impl LazyFs {
                                 .fetch_add(1, Ordering::Relaxed);
                             // Answered under the lock: no other open of the inode meanwhile.
                             reply.opened_passthrough(FileHandle(0), FopenFlags::empty(), &backing);
-                            io.insert(ino, FileIo::Copy { backing, opens: 1 });
+                            io.insert(
+                                ino,
+                                FileIo::Copy {
+                                    backing,
+                                    opens: 1,
+                                    _held: copy,
+                                },
+                            );
                             return;
                         }
                         Err(err) => {
-                            tracing::info!(path = %entry.path_str(), error = %err, "the kernel refused a whole-file copy; reading through the mount");
+                            if !self.refused.swap(true, Ordering::Relaxed) {
+                                tracing::warn!(error = %err, "the kernel refused a whole-file copy: this mount reads every file through itself");
+                            }
                         }
                     }
                 }
@@ -337,8 +367,6 @@ impl LazyFs {
             }
         }
         drop(io);
-        // Read through the mount: its copy is made once every chunk is local.
-        self.queue_copy(whole, node.entry);
         reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
     }
 
@@ -369,6 +397,10 @@ impl Filesystem for LazyFs {
             );
             self.whole = None;
         }
+        self.fetcher
+            .counters
+            .passthrough
+            .store(self.whole.is_some(), Ordering::Relaxed);
         Ok(())
     }
 
@@ -429,19 +461,23 @@ impl Filesystem for LazyFs {
     ) {
         reply.ok();
         let mut io = self.file_io.lock().expect("file io lock");
-        let Some(FileIo::Served { opens } | FileIo::Copy { opens, .. }) = io.get_mut(&ino.into())
-        else {
-            return;
+        let (opens, served) = match io.get_mut(&ino.into()) {
+            Some(FileIo::Served { opens }) => (opens, true),
+            Some(FileIo::Copy { opens, .. }) => (opens, false),
+            None => return,
         };
         *opens -= 1;
-        if *opens > 0 {
-            return;
+        // The last one closed: the next open may use a copy (the kernel has let go of this
+        // one's backing file before telling us).
+        if *opens == 0 {
+            io.remove(&ino.into());
         }
-        // The last one closed: the next open may use a copy; one read whole may now be made.
-        let served = matches!(io.remove(&ino.into()), Some(FileIo::Served { .. }));
         drop(io);
-        if served && let (Some(whole), Some(node)) = (&self.whole, self.node(ino)) {
-            self.queue_copy(whole, node.entry);
+        if served
+            && let Some(node) = self.node(ino)
+            && node.read_to_end.load(Ordering::Relaxed)
+        {
+            self.ask_for_copy(node);
         }
     }
 
@@ -497,6 +533,11 @@ impl Filesystem for LazyFs {
                 Ok(()) => {
                     let to = (from + len as usize).min(data.len());
                     reply.data(&data[from.min(to)..to]);
+                    // Read to its end through the mount: a copy once every chunk is local.
+                    if offset + len == entry.size && entry.size >= WHOLE_FILE_MIN {
+                        node.read_to_end.store(true, Ordering::Relaxed);
+                        self.ask_for_copy(node);
+                    }
                 }
                 Err(err) => {
                     tracing::error!(path = %entry.path_str(), offset, error = %err, "read failed");
@@ -633,6 +674,17 @@ fn make_whole_copy(
     let cache = fetcher.cache();
     let key = WholeFiles::key(entry.size, locs.iter().map(|l| &l.id));
     if !locs.iter().all(|l| cache.contains(&l.id)) || whole.exists(&key) {
+        return Ok(false);
+    }
+    // A file mostly of repeated chunks (zeros, a sparse disk image) costs the cache little and
+    // its copy its whole size: not worth it, and not a lever for writing the host's disk.
+    let mut seen = HashSet::new();
+    let distinct: u64 = locs
+        .iter()
+        .filter(|l| seen.insert(l.id))
+        .map(|l| u64::from(l.len))
+        .sum();
+    if distinct < entry.size / 2 {
         return Ok(false);
     }
     let mut chunk = Vec::new();

@@ -52,6 +52,7 @@ pub struct Stats {
     pub all_done: u64,
     pub pull_finished: bool,
     pub pull_failures: u64,
+    pub passthrough: bool,
     pub whole_file_opens: u64,
     pub whole_files_made: u64,
 }
@@ -75,6 +76,7 @@ pub fn stats(fetcher: &ChunkFetcher, progress: &Progress) -> Stats {
         all_done: progress.all_done.load(Ordering::Relaxed),
         pull_finished: progress.finished.load(Ordering::Relaxed),
         pull_failures: progress.failures.load(Ordering::Relaxed),
+        passthrough: c.passthrough.load(Ordering::Relaxed),
         whole_file_opens: c.whole_file_opens.load(Ordering::Relaxed),
         whole_files_made: c.whole_files_made.load(Ordering::Relaxed),
     }

@@ -7,7 +7,7 @@
 //! which is what the filesystem reads.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 
 use warren_image::{ChunkLoc, PAGE_CHUNKS, TreeIndex, open_chunk};
@@ -70,6 +70,8 @@ pub struct Counters {
     pub whole_file_opens: AtomicU64,
     /// Whole-file copies this mount made.
     pub whole_files_made: AtomicU64,
+    /// Whether the kernel agreed to read from whole-file copies (set when the mount starts).
+    pub passthrough: AtomicBool,
 }
 
 /// A place in a pack a reader is going through: where the window before the last began

@@ -27,5 +27,5 @@ pub use registry::{
     AddressFilter, FilteringResolver, RegistryRef, RegistryStore, Retry, registry_host,
 };
 pub use table::{ChunkTable, TableSource};
-pub use whole::{WHOLE_FILE_MIN, WholeFiles};
+pub use whole::{HeldCopy, WHOLE_FILE_MIN, WholeFiles};
 pub mod oci;

@@ -1,31 +1,35 @@
-//! Whole-file copies: a large file of an image, once all its chunks are in the host cache, is
-//! also kept as one plain file, `files/<key>` beside the cache's segments, so that the kernel
-//! can read it straight from the host's disk (FUSE passthrough) instead of asking the image's
-//! mount for every MiB. Through the mount a read costs two copies of every byte in the server
-//! (segment to buffer, buffer to the kernel); from a copy, none.
+//! Whole-file copies: a large file of an image, once all its chunks are in the host cache and
+//! it has been read to its end, is also kept as one plain file, `files/<key>` beside the
+//! cache's segments, so that the kernel can read it straight from the host's disk (FUSE
+//! passthrough) instead of asking the image's mount for every MiB. Through the mount a read
+//! costs two copies of every byte in the server (segment to buffer, buffer to the kernel);
+//! from a copy, none.
 //!
 //! - The key is the hash of the file's size and chunk ids: identical files of different images
 //!   (a library every version of a prebuild has) share one copy.
-//! - A copy is written to a temporary file, synced, and renamed into place without replacing
-//!   one another process made meanwhile; a crash leaves a temporary file, never a short copy
-//!   under a key. Its bytes come from verified chunks.
+//! - Copies are made one at a time on the host, under `files/.lock`: each is written to a
+//!   temporary file, synced, and renamed into place without replacing one made meanwhile. A
+//!   crash leaves a temporary file (removed by the next maker, as nobody else can be writing
+//!   one), never a short copy under a key. Its bytes come from verified chunks.
 //! - Copies take at most a quarter of the cache's limit, or without a limit a quarter of what
-//!   they use plus the disk's free space; the least recently opened go first. A copy deleted
-//!   while open stays readable until closed.
+//!   they use plus the disk's free space, and one copy at most an eighth of that. A copy the
+//!   kernel reads from is held with a shared `flock` and never dropped; of the others the least
+//!   recently opened go first. Copies open on several hosts' worth of workspaces can therefore
+//!   hold more than the budget, but only while they are open.
 //! - Only the mount processes (host root) open or write them; the folder is root's alone.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use warren_image::ChunkId;
 
 /// Files smaller than this are not worth a copy: a read of one is a request or two.
 pub const WHOLE_FILE_MIN: u64 = 1 << 20;
-/// A temporary file older than this was left by a crash.
-const STALE_TEMPORARY: Duration = Duration::from_secs(3600);
+/// Names of temporary copies begin with this.
+const MAKING: &str = ".making-";
+const LOCK: &str = ".lock";
 
 #[derive(Debug)]
 pub struct WholeFiles {
@@ -33,6 +37,10 @@ pub struct WholeFiles {
     /// The cache's limit, if it has one.
     cache_limit: Option<u64>,
 }
+
+/// A copy open for reading, held (a shared `flock`) so that no maker drops it meanwhile.
+#[derive(Debug)]
+pub struct HeldCopy(pub File);
 
 impl WholeFiles {
     /// The copies of the chunk cache at `cache_dir`, whose size is capped at `cache_limit`.
@@ -45,27 +53,27 @@ impl WholeFiles {
 
     /// The name of a copy of a file of `size` bytes made of `chunks`.
     pub fn key<'a>(size: u64, chunks: impl IntoIterator<Item = &'a ChunkId>) -> String {
-        let mut bytes = size.to_le_bytes().to_vec();
-        for id in chunks {
-            bytes.extend_from_slice(&id.0);
-        }
-        ChunkId::of(&bytes).to_hex()
+        let size = size.to_le_bytes();
+        let parts = std::iter::once(&size[..]).chain(chunks.into_iter().map(|id| &id.0[..]));
+        ChunkId::of_parts(parts).to_hex()
     }
 
-    /// The copy named `key`, open for reading, if there is one of `size` bytes; its time is
-    /// touched (copies are dropped least recently opened first).
-    pub fn open(&self, key: &str, size: u64) -> Option<File> {
+    /// The copy named `key`, open for reading and held, if there is one of `size` bytes; its
+    /// time is touched (copies are dropped least recently opened first).
+    pub fn open(&self, key: &str, size: u64) -> Option<HeldCopy> {
         let file = OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(self.dir.join(key))
             .ok()?;
+        // A maker dropping it holds it exclusively, and unlinks it before letting go.
+        file.try_lock_shared().ok()?;
         let meta = file.metadata().ok()?;
-        if !meta.is_file() || meta.len() != size {
+        if !meta.is_file() || meta.len() != size || meta.nlink() == 0 {
             return None;
         }
         let _ = file.set_modified(SystemTime::now());
-        Some(file)
+        Some(HeldCopy(file))
     }
 
     pub fn exists(&self, key: &str) -> bool {
@@ -73,7 +81,7 @@ impl WholeFiles {
     }
 
     /// Makes the copy `key` of `size` bytes, which `fill` writes; false if it would not fit.
-    /// Another process making the same copy at the same time is no error.
+    /// Waits while another process makes one.
     pub fn make(
         &self,
         key: &str,
@@ -84,14 +92,24 @@ impl WholeFiles {
             .recursive(true)
             .mode(0o700)
             .create(&self.dir)?;
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(self.dir.join(LOCK))?;
+        lock.lock()?;
+        if self.exists(key) {
+            return Ok(false);
+        }
         if !self.make_room(size)? {
             return Ok(false);
         }
         let mut temporary = tempfile::Builder::new()
-            .prefix(".making-")
+            .prefix(MAKING)
             .tempfile_in(&self.dir)?;
         fill(temporary.as_file_mut())?;
-        temporary.as_file_mut().flush()?;
         let written = temporary.as_file().metadata()?.len();
         if written != size {
             return Err(std::io::Error::other(format!(
@@ -101,36 +119,40 @@ impl WholeFiles {
         temporary.as_file().sync_all()?;
         match temporary.persist_noclobber(self.dir.join(key)) {
             Ok(_) => Ok(true),
-            Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => Ok(true),
+            Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
             Err(e) => Err(e.error),
         }
     }
 
-    /// Drops the least recently opened copies until `need` more bytes fit the budget; false
-    /// if they never could. Removes temporary files a crash left.
+    /// With the makers' lock held: drops the least recently opened copies nobody reads from
+    /// until `need` more bytes fit the budget; false if they never could. Removes temporary
+    /// files (a crashed maker's: only the lock's holder writes one).
     fn make_room(&self, need: u64) -> std::io::Result<bool> {
         let mut copies = Vec::new();
         let mut used = 0;
         for entry in fs::read_dir(&self.dir)? {
             let entry = entry?;
+            let name = entry.file_name();
+            if name.as_encoded_bytes().starts_with(MAKING.as_bytes()) {
+                let _ = fs::remove_file(entry.path());
+                continue;
+            }
             let Ok(meta) = entry.metadata() else {
                 continue;
             };
-            let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-            if entry.file_name().as_encoded_bytes().starts_with(b".") {
-                if modified.elapsed().is_ok_and(|age| age > STALE_TEMPORARY) {
-                    let _ = fs::remove_file(entry.path());
-                }
+            if name == LOCK || !meta.is_file() {
                 continue;
             }
-            used += meta.blocks() * 512;
-            copies.push((modified, meta.blocks() * 512, entry.path()));
+            let bytes = meta.blocks() * 512;
+            used += bytes;
+            let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+            copies.push((modified, bytes, entry.path()));
         }
         let budget = match self.cache_limit {
             Some(limit) => limit / 4,
             None => (used + free_bytes(&self.dir)?) / 4,
         };
-        if need > budget {
+        if need > budget / 8 {
             return Ok(false);
         }
         copies.sort();
@@ -139,13 +161,34 @@ impl WholeFiles {
             let Some((_, bytes, path)) = oldest.next() else {
                 return Ok(false);
             };
-            match fs::remove_file(&path) {
-                Ok(()) => used -= bytes,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => used -= bytes,
-                Err(e) => return Err(e),
+            if drop_unheld(&path)? {
+                used -= bytes;
             }
         }
         Ok(true)
+    }
+}
+
+/// Deletes the copy at `path` unless the kernel reads from it (someone holds it); true if it
+/// went.
+fn drop_unheld(path: &Path) -> std::io::Result<bool> {
+    let file = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+    {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(true),
+        Err(e) => return Err(e),
+    };
+    if file.try_lock().is_err() {
+        return Ok(false);
+    }
+    // Unlinked while held: an opener that gets its shared lock after this sees no links.
+    match fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(e),
     }
 }
 
@@ -165,6 +208,9 @@ fn free_bytes(dir: &Path) -> std::io::Result<u64> {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write as _;
+    use std::time::Duration;
+
     use super::*;
 
     fn copy_of(files: &WholeFiles, key: &str, bytes: &[u8]) -> bool {
@@ -173,35 +219,51 @@ mod tests {
             .unwrap()
     }
 
+    fn names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir.join("files"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n != LOCK)
+            .collect();
+        names.sort();
+        names
+    }
+
     #[test]
-    fn a_copy_is_found_by_key_and_size_and_the_oldest_make_room() {
+    fn a_copy_is_found_by_key_and_size_and_the_oldest_unheld_make_room() {
         let dir = tempfile::tempdir().unwrap();
-        // A limit of 64 KiB: copies get 16 KiB.
-        let files = WholeFiles::new(dir.path(), Some(64 << 10));
+        // A limit of 256 KiB: copies get 64 KiB, one at most 8 KiB.
+        let files = WholeFiles::new(dir.path(), Some(256 << 10));
         let a = vec![1u8; 8 << 10];
         assert!(copy_of(&files, "a", &a));
         let mut read = Vec::new();
-        std::io::Read::read_to_end(&mut files.open("a", a.len() as u64).unwrap(), &mut read)
-            .unwrap();
+        let held = files.open("a", a.len() as u64).unwrap();
+        std::io::Read::read_to_end(&mut &held.0, &mut read).unwrap();
         assert_eq!(read, a);
         assert!(
             files.open("a", 1).is_none(),
             "a copy of another size is not it"
         );
         assert!(files.open("b", a.len() as u64).is_none());
-        // Two more of 8 KiB: the first goes.
+        assert!(
+            !copy_of(&files, "big", &vec![0u8; 9 << 10]),
+            "over an eighth"
+        );
+        // Eight fill the budget; each one more drops the oldest not held: `a` is held.
+        for n in 0..8 {
+            std::thread::sleep(Duration::from_millis(20));
+            assert!(copy_of(&files, &format!("{n}"), &a));
+        }
+        assert_eq!(names(dir.path()), ["1", "2", "3", "4", "5", "6", "7", "a"]);
+        drop(held);
         std::thread::sleep(Duration::from_millis(20));
-        assert!(copy_of(&files, "b", &a));
-        std::thread::sleep(Duration::from_millis(20));
-        assert!(copy_of(&files, "c", &a));
-        assert!(!files.exists("a") && files.exists("b") && files.exists("c"));
-        // Larger than the whole budget: never made.
-        assert!(!copy_of(&files, "d", &vec![0u8; 20 << 10]));
-        assert!(!files.exists("d"));
+        assert!(copy_of(&files, "8", &a));
+        assert_eq!(names(dir.path()), ["1", "2", "3", "4", "5", "6", "7", "8"]);
+        assert!(!copy_of(&files, "8", &a), "made once");
     }
 
     #[test]
-    fn a_failed_or_short_copy_leaves_nothing_under_its_key() {
+    fn a_failed_or_short_copy_leaves_nothing_under_its_key_nor_a_crash_its_temporary() {
         let dir = tempfile::tempdir().unwrap();
         let files = WholeFiles::new(dir.path(), None);
         let failed = files.make("k", 10, |f| {
@@ -211,8 +273,11 @@ mod tests {
         assert!(failed.is_err());
         assert!(files.make("k", 10, |f| f.write_all(b"12345")).is_err());
         assert!(!files.exists("k"));
-        let names: Vec<_> = fs::read_dir(dir.path().join("files")).unwrap().collect();
-        assert!(names.is_empty(), "temporary files are removed: {names:?}");
+        assert!(names(dir.path()).is_empty());
+        // A maker that died mid-copy: the next one removes its temporary.
+        fs::write(dir.path().join("files/.making-dead"), b"half").unwrap();
+        assert!(copy_of(&files, "k", b"1234567890"));
+        assert_eq!(names(dir.path()), ["k"]);
     }
 
     #[test]
