@@ -191,7 +191,7 @@ pub struct ExecRequest {
     pub cwd: Option<String>,
     /// Where it runs without `cwd`, if the workspace has that folder (else the user's home).
     /// The server sets it to the project's checkout when the request does not.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub land_in: Option<String>,
     #[serde(default)]
     pub env: Vec<String>,

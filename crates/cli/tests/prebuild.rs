@@ -130,11 +130,13 @@ fn every_example_prebuilds_and_a_workspace_starts_from_it_on_its_branch() {
         let link = warren.ok("admin", &["ws", "open", ws]);
         assert!(link.trim().ends_with(&format!(".warren{folder}")), "{link}");
     }
+    let folder_of = |ws: &str| json(&warren.ok("admin", &["ws", "show", ws]))["folder"].clone();
+    assert_eq!(folder_of("pb0"), "/workspace");
     assert!(
-        json(&warren.ok("admin", &["ws", "show", "pb1"]))["folder"]
+        folder_of("pb1")
             .as_str()
             .unwrap()
-            .starts_with("/workspaces/"),
+            .starts_with("/workspaces/")
     );
     let exec = |script: &str| warren.ok("admin", &["ws", "exec", "pb0", "--", "sh", "-c", script]);
     exec("mv /workspace /workspace.away");

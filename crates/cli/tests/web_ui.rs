@@ -380,7 +380,8 @@ fn a_user_works_with_a_workspace_in_the_browser_and_another_sees_none_of_it() {
         let expected = format!("ssh -p {} web@", warren.ssh_port);
         assert!(ssh.starts_with(&expected), "{ssh}");
         let vscode = row.find(Locator::Css("a.button")).await.unwrap().attr("href").await.unwrap();
-        assert_eq!(vscode.as_deref(), Some("vscode://vscode-remote/ssh-remote+web.warren/root"));
+        // VS Code opens the project's checkout.
+        assert_eq!(vscode.as_deref(), Some("vscode://vscode-remote/ssh-remote+web.warren/workspace"));
         screenshot(&browser, "workspaces").await;
 
         // Its page: the task's output, live.

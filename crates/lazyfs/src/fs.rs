@@ -322,10 +322,13 @@ impl LazyFs {
         entry: &Entry,
         reply: ReplyOpen,
     ) {
-        let key = self
-            .whole_key(node, entry)
-            .inspect_err(|err| tracing::debug!(path = %entry.path_str(), error = %err, "no whole-file copy: cannot locate the file's chunks"))
-            .ok();
+        let key = if self.refused.load(Ordering::Relaxed) {
+            None
+        } else {
+            self.whole_key(node, entry)
+                .inspect_err(|err| tracing::debug!(path = %entry.path_str(), error = %err, "no whole-file copy: cannot locate the file's chunks"))
+                .ok()
+        };
         let mut io = self.file_io.lock().expect("file io lock");
         match io.get_mut(&ino) {
             Some(FileIo::Copy { backing, opens, .. }) => {
@@ -334,9 +337,7 @@ impl LazyFs {
             }
             Some(FileIo::Served { opens }) => *opens += 1,
             None => {
-                let copy = key
-                    .filter(|_| !self.refused.load(Ordering::Relaxed))
-                    .and_then(|key| whole.open(key, entry.size));
+                let copy = key.and_then(|key| whole.open(key, entry.size));
                 if let Some(copy) = copy {
                     match reply.open_backing(&copy.0) {
                         Ok(backing) => {
@@ -356,10 +357,25 @@ impl LazyFs {
                             );
                             return;
                         }
-                        Err(err) => {
+                        // The copy's file system is itself stacked (ELOOP), or passthrough is
+                        // not allowed here: for good. Anything else (out of descriptors) is
+                        // for this open only.
+                        Err(err)
+                            if matches!(
+                                err.raw_os_error(),
+                                Some(libc::ELOOP | libc::EPERM | libc::EOPNOTSUPP | libc::EINVAL)
+                            ) =>
+                        {
                             if !self.refused.swap(true, Ordering::Relaxed) {
+                                self.fetcher
+                                    .counters
+                                    .passthrough
+                                    .store(false, Ordering::Relaxed);
                                 tracing::warn!(error = %err, "the kernel refused a whole-file copy: this mount reads every file through itself");
                             }
+                        }
+                        Err(err) => {
+                            tracing::info!(path = %entry.path_str(), error = %err, "cannot hand a whole-file copy to the kernel; reading through the mount");
                         }
                     }
                 }

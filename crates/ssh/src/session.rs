@@ -221,6 +221,12 @@ impl Session {
         handle: &Handle,
     ) -> Result<ExitStatus, String> {
         let argv = self.command.argv()?;
+        // Shells and commands start in the project's checkout; sftp in the home folder, as
+        // with sshd, so that `scp f ws.warren:` and relative paths mean what they always did.
+        let land_in = match self.command {
+            Command::Subsystem(_) => None,
+            _ => self.target.found.folder.clone(),
+        };
         let runtime = match &self.target.reach {
             crate::Reach::Local(runtime) => runtime.clone(),
             // Run by the workspace's host, through its agent.
@@ -229,7 +235,7 @@ impl Session {
                     argv,
                     env: self.env,
                     user: self.target.found.user.clone(),
-                    land_in: self.target.found.folder.clone(),
+                    land_in,
                     tty: self.tty.map(|w| (w.rows, w.cols)),
                     agent: self.agent,
                 };
@@ -259,7 +265,7 @@ impl Session {
             argv,
             env: self.env,
             cwd: None,
-            land_in: self.target.found.folder.clone(),
+            land_in,
             user: self.target.found.user.clone(),
             tty: self.tty,
             no_network: false,

@@ -12,10 +12,12 @@
 //!   crash leaves a temporary file (removed by the next maker, as nobody else can be writing
 //!   one), never a short copy under a key. Its bytes come from verified chunks.
 //! - Copies take at most a quarter of the cache's limit, or without a limit a quarter of what
-//!   they use plus the disk's free space, and one copy at most an eighth of that. A copy the
-//!   kernel reads from is held with a shared `flock` and never dropped; of the others the least
-//!   recently opened go first. Copies open on several hosts' worth of workspaces can therefore
-//!   hold more than the budget, but only while they are open.
+//!   they use plus the disk's free space, and one copy at most an eighth of that; none is made
+//!   that would leave the disk under a tenth free. A copy a file of a mount has open is held
+//!   with a shared `flock` and never dropped; of the others the least recently opened go
+//!   first. Open copies can therefore hold more than the budget, but only while they are open;
+//!   a copy dropped while still mapped into memory (its file closed) keeps its blocks until
+//!   unmapped, which the free-space floor bounds.
 //! - Only the mount processes (host root) open or write them; the folder is root's alone.
 
 use std::fs::{self, File, OpenOptions};
@@ -148,11 +150,14 @@ impl WholeFiles {
             let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
             copies.push((modified, bytes, entry.path()));
         }
+        let (free, disk) = free_bytes(&self.dir)?;
         let budget = match self.cache_limit {
             Some(limit) => limit / 4,
-            None => (used + free_bytes(&self.dir)?) / 4,
+            None => (used + free) / 4,
         };
-        if need > budget / 8 {
+        // Whatever the budget, a copy never takes the disk under a tenth free: copies dropped
+        // while a mapping still reads them keep their blocks until it goes.
+        if need > budget / 8 || free.saturating_sub(need) < disk / 10 {
             return Ok(false);
         }
         copies.sort();
@@ -192,8 +197,8 @@ fn drop_unheld(path: &Path) -> std::io::Result<bool> {
     }
 }
 
-/// Bytes an unprivileged writer may still use on the file system holding `dir`.
-fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+/// Bytes an unprivileged writer may still use on the file system holding `dir`, and its size.
+fn free_bytes(dir: &Path) -> std::io::Result<(u64, u64)> {
     let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
         .map_err(std::io::Error::other)?;
     let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
@@ -203,7 +208,10 @@ fn free_bytes(dir: &Path) -> std::io::Result<u64> {
     }
     // SAFETY: statvfs returned 0, so it filled the struct.
     let st = unsafe { st.assume_init() };
-    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+    Ok((
+        st.f_bavail.saturating_mul(st.f_frsize),
+        st.f_blocks.saturating_mul(st.f_frsize),
+    ))
 }
 
 #[cfg(test)]
