@@ -334,6 +334,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_vscode_link_escapes_what_a_uri_path_cannot_hold() {
+        assert_eq!(
+            vscode_link("web.warren", "/workspaces/app"),
+            "vscode://vscode-remote/ssh-remote+web.warren/workspaces/app"
+        );
+        assert_eq!(
+            vscode_link("web.warren", "srv/My App #2?"),
+            "vscode://vscode-remote/ssh-remote+web.warren/srv/My%20App%20%232%3F"
+        );
+    }
+
+    #[test]
     fn states_read_back_as_stored() {
         for state in S::ALL {
             assert_eq!(state.as_str().parse::<S>(), Ok(state));
@@ -384,4 +396,28 @@ pub enum TaskState {
 pub enum ExitStatus {
     Code(i32),
     Signal(i32),
+}
+
+/// The characters of a folder's path a URI must escape (space, `#`, `?`, `%` and the like);
+/// slashes stay.
+const URI_PATH: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'<')
+    .add(b'>')
+    .add(b'?')
+    .add(b'`')
+    .add(b'{')
+    .add(b'}');
+
+/// The `vscode://` link that opens `folder` on the SSH host `alias` (an entry `warren
+/// ssh-config` wrote) through VS Code's Remote-SSH extension.
+pub fn vscode_link(alias: &str, folder: &str) -> String {
+    let folder = folder.strip_prefix('/').unwrap_or(folder);
+    format!(
+        "vscode://vscode-remote/ssh-remote+{alias}/{}",
+        percent_encoding::utf8_percent_encode(folder, URI_PATH)
+    )
 }

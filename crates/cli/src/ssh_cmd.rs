@@ -201,12 +201,7 @@ pub fn ssh_config(args: SshConfigArgs) -> anyhow::Result<ExitCode> {
 pub fn open_link(client: &Client, name: &str, folder: Option<&str>) -> anyhow::Result<String> {
     let (ws, alias) = with_host_alias(client, name)?;
     let folder = folder.or(ws.folder.as_deref()).unwrap_or("/root");
-    let folder = if folder.starts_with('/') {
-        folder.to_owned()
-    } else {
-        format!("/{folder}")
-    };
-    Ok(format!("vscode://vscode-remote/ssh-remote+{alias}{folder}"))
+    Ok(warren_api::vscode_link(&alias, folder))
 }
 
 /// The `Host` that `warren ssh-config` wrote for a workspace.

@@ -237,10 +237,7 @@ pub(crate) fn row(state: &AppState, caller: &Caller, w: &Workspace, view: &Works
             .map_or_else(|| "not yet".to_owned(), |at| ago(crate::db::now_ms() - at)),
         ssh,
         // VS Code opens the project's checkout, or root's home.
-        vscode: format!(
-            "vscode://vscode-remote/ssh-remote+{alias}{}",
-            w.folder.as_deref().unwrap_or("/root")
-        ),
+        vscode: warren_api::vscode_link(&alias, w.folder.as_deref().unwrap_or("/root")),
         alias,
         // A lost one starts on another host, from its last saved layer.
         can_start: w.state == WorkspaceState::Lost
