@@ -57,7 +57,7 @@ struct Node {
     /// Directories: children as (name, inode), sorted by name.
     children: Vec<(Vec<u8>, u64)>,
     /// Regular files: the end offset of each chunk, for finding the chunks of a range; known
-    /// once the file's part of the chunk table is (its first read).
+    /// once the file is located (its first read, or a large file's first open).
     chunk_ends: OnceLock<Vec<u64>>,
     /// Regular files of [`WHOLE_FILE_MIN`] bytes or more: the name of their whole-file copy,
     /// and whether they were read through the mount to their end (then a copy is asked for
@@ -231,13 +231,19 @@ impl LazyFs {
         }
     }
 
-    /// The end offset of each chunk of the file `node` shows (`entry`), from the chunk table,
-    /// checked against the file's size the first time.
-    fn chunk_ends<'a>(&self, node: &'a Node, entry: &Entry) -> Result<&'a [u64], FetchError> {
+    /// Looks up the chunks of the file `node` shows (`entry`) in the chunk table once, checked
+    /// against the file's size: the end offset of each chunk and, for a file that may have a
+    /// whole-file copy, the copy's name (set first, so it is there once the ends are).
+    fn locate<'a>(&self, node: &'a Node, entry: &Entry) -> Result<&'a [u64], FetchError> {
         if let Some(ends) = node.chunk_ends.get() {
             return Ok(ends);
         }
         let locs = self.fetcher.file_locs(entry)?;
+        if self.whole.is_some() && entry.size >= WHOLE_FILE_MIN {
+            let _ = node
+                .whole_key
+                .set(WholeFiles::key(entry.size, locs.iter().map(|l| &l.id)));
+        }
         let mut end = 0;
         let ends = locs
             .iter()
@@ -249,29 +255,22 @@ impl LazyFs {
         Ok(node.chunk_ends.get_or_init(|| ends))
     }
 
-    /// The name of the whole-file copy of the file `node` shows.
-    fn whole_key<'a>(&self, node: &'a Node, entry: &Entry) -> Result<&'a str, FetchError> {
-        if let Some(key) = node.whole_key.get() {
-            return Ok(key);
-        }
-        let locs = self.fetcher.on_demand(|| self.fetcher.file_locs(entry))?;
-        let key = WholeFiles::key(entry.size, locs.iter().map(|l| &l.id));
-        Ok(node.whole_key.get_or_init(|| key))
+    /// The name of the whole-file copy of the large file `node` shows.
+    fn whole_key<'a>(&self, node: &'a Node, entry: &Entry) -> Result<Option<&'a str>, FetchError> {
+        self.fetcher.on_demand(|| self.locate(node, entry))?;
+        Ok(node.whole_key.get().map(String::as_str))
     }
 
-    /// Asks for the whole-file copy of the file `node` shows, if this mount makes copies.
+    /// Asks the copier thread (started on the first call), if this mount makes copies, to make
+    /// the whole-file copy of the file `node` shows if all its chunks are local by then.
     fn ask_for_copy(&self, node: &Node) {
-        if let Some(whole) = &self.whole
-            && !self.refused.load(Ordering::Relaxed)
+        let Some(whole) = &self.whole else {
+            return;
+        };
+        let entry = node.entry;
+        if self.refused.load(Ordering::Relaxed)
+            || !self.queued.lock().expect("queue lock").insert(entry)
         {
-            self.queue_copy(whole, node.entry);
-        }
-    }
-
-    /// Asks the copier thread (started on the first call) to make the whole-file copy of
-    /// `entry` if all its chunks are local by then.
-    fn queue_copy(&self, whole: &Arc<WholeFiles>, entry: usize) {
-        if !self.queued.lock().expect("queue lock").insert(entry) {
             return;
         }
         let copier = self.copier.get_or_init(|| {
@@ -328,6 +327,7 @@ impl LazyFs {
             self.whole_key(node, entry)
                 .inspect_err(|err| tracing::debug!(path = %entry.path_str(), error = %err, "no whole-file copy: cannot locate the file's chunks"))
                 .ok()
+                .flatten()
         };
         let mut io = self.file_io.lock().expect("file io lock");
         match io.get_mut(&ino) {
@@ -516,7 +516,7 @@ impl Filesystem for LazyFs {
             return reply.data(&[]);
         }
         let len = u64::from(size).min(entry.size - offset);
-        let ends = match self.fetcher.on_demand(|| self.chunk_ends(node, entry)) {
+        let ends = match self.fetcher.on_demand(|| self.locate(node, entry)) {
             Ok(ends) => ends,
             Err(err) => {
                 tracing::error!(path = %entry.path_str(), error = %err, "cannot locate the file's chunks");
