@@ -706,30 +706,28 @@ impl Mount {
             .unwrap_or_default()
     }
 
-    fn wait_stat(&self, key: &str) -> anyhow::Result<serde_json::Value> {
-        let deadline = Instant::now() + Duration::from_secs(3600);
+    /// The mount's counters once `done` says so, or `None` after `limit`.
+    fn wait_until(
+        &self,
+        limit: Duration,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> Option<serde_json::Value> {
+        let deadline = Instant::now() + limit;
         loop {
             let s = self.stats();
-            if s[key] == true {
-                return Ok(s);
+            if done(&s) {
+                return Some(s);
             }
             if Instant::now() > deadline {
-                bail!("{key} did not become true");
+                return None;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 
-    /// Whether the counter `key` reached `at_least` within `limit`.
-    fn wait_count(&self, key: &str, at_least: u64, limit: Duration) -> bool {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if self.stats()[key].as_u64().is_some_and(|n| n >= at_least) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
+    fn wait_stat(&self, key: &str) -> anyhow::Result<serde_json::Value> {
+        self.wait_until(Duration::from_secs(3600), |s| s[key] == true)
+            .with_context(|| format!("{key} did not become true"))
     }
 
     fn stop(mut self) -> anyhow::Result<serde_json::Value> {
@@ -1233,7 +1231,11 @@ fn lazy_one(
                 &["--no-prefetch", "--no-background"],
             )?;
             std::fs::read(mnt.join(&big))?; // warm the chunk cache: "once local"
-            results.whole_copy = m.wait_count("whole_files_made", 1, Duration::from_secs(60));
+            results.whole_copy = m
+                .wait_until(Duration::from_secs(60), |s| {
+                    s["whole_files_made"].as_u64().is_some_and(|n| n >= 1)
+                })
+                .is_some();
             // Each way five times, in turn (this disk's speed varies by 2× from one read to
             // the next); the medians.
             let read_mib_s = |path: &Path| -> anyhow::Result<f64> {
